@@ -1,0 +1,70 @@
+"""The one error hierarchy of thinpool.
+
+Every error names the pool, volume or value at fault.  Library callers catch
+:class:`ThinpoolError` (or one of its subclasses); the CLI maps each class to an
+exit status and prints ``str(error)`` as one line.
+"""
+
+from __future__ import annotations
+
+import errno
+
+
+class ThinpoolError(Exception):
+    """Base class of every error raised by thinpool."""
+
+
+class InvalidArgument(ThinpoolError, ValueError):
+    """A value is malformed or out of range (bad size, I/O past a volume's end, bad block size...)."""
+
+
+class NotFound(ThinpoolError, LookupError):
+    """A named volume, snapshot, device id or pool does not exist."""
+
+
+class AlreadyExists(ThinpoolError):
+    """A name or device id is already in use."""
+
+
+class FailedPrecondition(ThinpoolError):
+    """The operation is valid but the current state forbids it (containerd's FailedPrecondition)."""
+
+
+class NoSpace(ThinpoolError, OSError):
+    """The pool has no free data block for a write that needs one (ENOSPC)."""
+
+    def __init__(self, message: str) -> None:
+        OSError.__init__(self, errno.ENOSPC, message)
+
+    def __str__(self) -> str:  # OSError would print "[Errno 28] ..."
+        return self.strerror
+
+
+class ReadOnly(ThinpoolError):
+    """The pool (or a volume) is read-only, or metadata space is exhausted."""
+
+
+class PoolLocked(ThinpoolError):
+    """Another process holds the pool's lock."""
+
+
+class MetadataCorrupt(ThinpoolError):
+    """Metadata failed a checksum or structural check; names the structure and block at fault."""
+
+    def __init__(self, message: str, *, structure: str | None = None, block: int | None = None) -> None:
+        super().__init__(message)
+        self.structure = structure
+        self.block = block
+
+
+__all__ = [
+    "ThinpoolError",
+    "InvalidArgument",
+    "NotFound",
+    "AlreadyExists",
+    "FailedPrecondition",
+    "NoSpace",
+    "ReadOnly",
+    "PoolLocked",
+    "MetadataCorrupt",
+]

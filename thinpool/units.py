@@ -1,0 +1,71 @@
+"""Parsing and printing sizes (binary units, as LVM)."""
+
+from __future__ import annotations
+
+import re
+
+from .errors import InvalidArgument
+
+_UNITS = {
+    "": 1, "b": 1,
+    "s": 512,
+    "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10,
+    "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20,
+    "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30,
+    "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40,
+    "p": 1 << 50, "pb": 1 << 50, "pib": 1 << 50,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(value: int | str, what: str = "size") -> int:
+    """Return a byte count from an int or a string such as ``"64K"``, ``"64KiB"``, ``"10G"``, ``"8s"``.
+
+    Units are binary (K = KiB = 1024), as in LVM; ``s`` is a 512-byte sector.
+    Raises :class:`InvalidArgument` naming *what* and the bad value.
+    """
+    if isinstance(value, bool):
+        raise InvalidArgument(f"{what}: expected a size, got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise InvalidArgument(f"{what} must not be negative: {value}")
+        return value
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{what}: expected an int or a size string, got {type(value).__name__}")
+    m = _SIZE_RE.match(value)
+    if not m:
+        raise InvalidArgument(f"{what}: malformed size {value!r} (examples: 4096, 64K, 64KiB, 10G)")
+    number, unit = m.groups()
+    mult = _UNITS.get(unit.lower())
+    if mult is None:
+        raise InvalidArgument(f"{what}: unknown unit {unit!r} in {value!r} (use K, M, G, T, P or KiB, MiB, ...)")
+    if "." in number:
+        result = float(number) * mult
+        if result != int(result):
+            raise InvalidArgument(f"{what}: {value!r} is not a whole number of bytes")
+        return int(result)
+    return int(number) * mult
+
+
+def format_size(nbytes: int) -> str:
+    """Human size with binary units, e.g. ``64.0KiB``, ``1.5GiB`` (``0B`` for zero)."""
+    n = float(nbytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{int(n)}B" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return f"{n:.1f}PiB"
+
+
+def format_docker_size(nbytes: int) -> str:
+    """Size as Docker prints it (decimal units, 3 significant digits): ``103MB``, ``2.78kB``, ``0B``."""
+    n = float(nbytes)
+    units = ["B", "kB", "MB", "GB", "TB", "PB"]
+    i = 0
+    while n >= 1000 and i < len(units) - 1:
+        n /= 1000
+        i += 1
+    text = f"{n:.3g}"
+    if "e" in text:
+        text = str(int(round(n)))
+    return f"{text}{units[i]}"
