@@ -366,9 +366,6 @@ class Session:
                          f"is beyond the export's {self.export.size} bytes")
         if req.type == P.CMD_READ and req.length > P.MAX_PAYLOAD:
             return P.EINVAL, f"READ of {req.length} bytes exceeds the {P.MAX_PAYLOAD}-byte maximum"
-        if (req.type == P.CMD_WRITE_ZEROES and req.length > P.MAX_PAYLOAD
-                and not req.flags & P.CMD_FLAG_FAST_ZERO):
-            return P.EINVAL, f"WRITE_ZEROES of {req.length} bytes exceeds the {P.MAX_PAYLOAD}-byte maximum"
         if req.type == P.CMD_BLOCK_STATUS:
             if not self.structured or self.contexts_export is None:
                 return P.EINVAL, "BLOCK_STATUS needs a negotiated metadata context"
