@@ -1,0 +1,143 @@
+"""The data device: a sparse file where data block n lives at byte n x block size.
+
+The file is memory-mapped so the JIT kernels copy data with no system call per block.  Freed
+blocks are hole-punched (``fallocate(PUNCH_HOLE)``) once the commit that frees them is durable, so
+the file stays sparse and a reused block always reads back zeroes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import mmap
+import os
+
+import numpy as np
+
+from .errors import InvalidArgument
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+SEEK_DATA = getattr(os, "SEEK_DATA", 3)
+SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
+
+
+def runs(blocks: np.ndarray) -> list[tuple[int, int]]:
+    """Sorted block numbers -> (first, count) runs of consecutive blocks."""
+    if len(blocks) == 0:
+        return []
+    b = np.sort(np.asarray(blocks, np.int64))
+    breaks = np.flatnonzero(np.diff(b) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [len(b)]))
+    return [(int(b[s]), int(e - s)) for s, e in zip(starts, ends)]
+
+
+class DataDevice:
+    """A sparse data file of ``nr_blocks`` blocks of ``block_size`` bytes, mapped into memory."""
+
+    def __init__(self, path: str, block_size: int, nr_blocks: int, *, read_only: bool = False) -> None:
+        self.path = path
+        self.block_size = block_size
+        self.nr_blocks = nr_blocks
+        self.read_only = read_only
+        self.fd = os.open(path, os.O_RDONLY if read_only else os.O_RDWR)
+        size = os.fstat(self.fd).st_size
+        if size < nr_blocks * block_size:
+            if read_only:
+                raise InvalidArgument(f"data file {path} is {size} bytes, smaller than the pool's "
+                                      f"{nr_blocks} blocks of {block_size} bytes")
+            os.ftruncate(self.fd, nr_blocks * block_size)
+        self._map()
+
+    @staticmethod
+    def create(path: str, size: int) -> None:
+        """Create (or extend) a sparse data file of ``size`` bytes with truncate."""
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            if os.fstat(fd).st_size < size:
+                os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+
+    def _map(self) -> None:
+        length = self.nr_blocks * self.block_size
+        if length == 0:
+            self._mm = None
+            self.array = np.zeros(0, np.uint8)
+            return
+        prot = mmap.PROT_READ if self.read_only else mmap.PROT_READ | mmap.PROT_WRITE
+        self._mm = mmap.mmap(self.fd, length, mmap.MAP_SHARED, prot)
+        self.array = np.frombuffer(self._mm, np.uint8) if not self.read_only else \
+            np.frombuffer(self._mm, np.uint8)
+
+    def _unmap(self) -> None:
+        self.array = np.zeros(0, np.uint8)
+        if self._mm is not None:
+            self._mm.close()
+            self._mm = None
+
+    def resize(self, nr_blocks: int) -> None:
+        """Grow the file (sparse) to ``nr_blocks`` blocks and remap it."""
+        self._unmap()
+        os.ftruncate(self.fd, nr_blocks * self.block_size)
+        self.nr_blocks = nr_blocks
+        self._map()
+
+    def sync(self) -> None:
+        """Make every write so far durable (dm-thin flushes the data device before committing)."""
+        if not self.read_only:
+            os.fdatasync(self.fd)
+
+    def punch(self, blocks: np.ndarray) -> int:
+        """Hole-punch the given data blocks; returns the number of runs punched."""
+        bs = self.block_size
+        todo = runs(blocks)
+        for first, count in todo:
+            r = _libc.fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, first * bs, count * bs)
+            if r != 0:
+                err = ctypes.get_errno()
+                if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise OSError(err, f"punching blocks {first}..{first + count - 1} of {self.path}")
+                self.array[first * bs:(first + count) * bs] = 0
+        return len(todo)
+
+    def allocated_blocks(self) -> np.ndarray:
+        """Blocks that hold data on the host filesystem (found with SEEK_DATA / SEEK_HOLE)."""
+        bs = self.block_size
+        end = self.nr_blocks * bs
+        out = []
+        pos = 0
+        while pos < end:
+            try:
+                start = os.lseek(self.fd, pos, SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:
+                    break
+                raise
+            if start >= end:
+                break
+            stop = min(os.lseek(self.fd, start, SEEK_HOLE), end)
+            out.append(np.arange(start // bs, (stop + bs - 1) // bs, dtype=np.int64))
+            pos = stop
+        return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+    def scrub(self, data_rc: np.ndarray) -> int:
+        """After a crash: punch blocks that are free in the metadata but hold data on disk (written
+        after the last commit, or freed by it before the punch ran).  Returns blocks punched."""
+        held = self.allocated_blocks()
+        if len(held) == 0:
+            return 0
+        held = held[held < len(data_rc)]
+        stale = held[data_rc[held] == 0]
+        self.punch(stale)
+        return len(stale)
+
+    def close(self) -> None:
+        self._unmap()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

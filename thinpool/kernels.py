@@ -1,0 +1,640 @@
+"""Numba kernels: the per-block work of the I/O path, as pure functions over numpy arrays.
+
+Nothing here knows about files, names or transactions on disk.  The caller (``pool.py``) passes
+the block map (node store), the data space map and the mmap'd data device as arrays; kernels
+look blocks up, unshare nodes (shadowing), allocate data blocks, copy/zero, and keep reference
+counts and dirty flags exact.
+
+Block map shape (a 3-level radix tree of fixed fan-out, shared by reference like dm-thin's btrees)::
+
+    device root  (inner node, 1024 x int32 child slots)      virtual block bits 28..19
+      -> mid     (inner node, 1024 x int32 child slots)      bits 18..9
+        -> leaf  (512 x uint64 mappings)                     bits 8..0
+
+A mapping is ``(data_block << 24) | (time & 0xFFFFFF)`` exactly as dm-thin packs it; ``UNMAPPED``
+(all ones) marks a hole.  Reference counts: ``inner_rc`` / ``leaf_rc`` count parent references
+(device roots count one per device), ``data_rc`` counts *distinct leaves* referencing a data block
+(dm-thin's rule, §1.8 of the reference).  A node with count > 1 is copied before it is modified
+(shadowing) and its children gain one reference each.
+
+State scalars live in ``st`` (an int64 array) at the ``ST_*`` indices below.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+LEAF_BITS = 9
+INNER_BITS = 10
+LEAF_ENTRIES = 1 << LEAF_BITS          # 512 mappings per leaf (4 KiB)
+INNER_ENTRIES = 1 << INNER_BITS        # 1024 children per inner node (4 KiB)
+MAX_VBLOCKS = 1 << (LEAF_BITS + 2 * INNER_BITS)   # 2^29 virtual blocks per device
+RC_PAGE_BITS = 10                       # 1024 uint32 counts per 4 KiB page
+
+UNMAPPED = np.uint64(0xFFFFFFFFFFFFFFFF)
+NONE = -1
+TIME_MASK = 0xFFFFFF
+
+# indices into the int64 state vector ``st``
+ST_CURSOR = 0        # data allocation cursor (next block to try)
+ST_NR_FREE = 1       # data blocks with count 0 (including those freed in this transaction)
+ST_NR_ALLOCATABLE = 2  # free and not freed in this transaction
+ST_LEAF_FREE = 3     # entries on the leaf free stack
+ST_INNER_FREE = 4    # entries on the inner free stack
+ST_TIME = 5          # pool time (snapshot counter)
+ST_BLOCK_SIZE = 6    # data block size in bytes
+ST_NR_BLOCKS = 7     # data blocks in the pool
+ST_LEAVES_LIVE = 8   # leaves with count > 0
+ST_INNERS_LIVE = 9   # inner nodes with count > 0
+ST_SIZE = 10
+
+# indices into the per-device int64 vector ``dev``
+DEV_ROOT = 0
+DEV_SNAP_TIME = 1
+DEV_MAPPED_DELTA = 2
+DEV_SIZE = 3
+
+# return codes
+OK = 0
+NEED_NODES = -1
+NO_SPACE = -2
+
+
+# --------------------------------------------------------------------------- allocation
+
+@njit(cache=True)
+def find_free_data_block(data_rc, freed_txn, st):
+    """Linear search from the cursor (wrapping) for a block free now *and* not freed in this transaction."""
+    n = st[ST_NR_BLOCKS]
+    c = st[ST_CURSOR]
+    if c >= n:
+        c = 0
+    for i in range(n):
+        b = c + i
+        if b >= n:
+            b -= n
+        if data_rc[b] == 0 and freed_txn[b] == 0:
+            return b
+    return -1
+
+
+@njit(cache=True)
+def alloc_data_block(data_rc, freed_txn, rc_dirty, st):
+    """Allocate one data block (count 1); -1 if none is allocatable."""
+    b = find_free_data_block(data_rc, freed_txn, st)
+    if b < 0:
+        return -1
+    data_rc[b] = 1
+    rc_dirty[b >> RC_PAGE_BITS] = 1
+    st[ST_CURSOR] = b + 1
+    st[ST_NR_FREE] -= 1
+    st[ST_NR_ALLOCATABLE] -= 1
+    return b
+
+
+@njit(cache=True)
+def allocate_many(data_rc, freed_txn, rc_dirty, st, count, out):
+    """Allocate ``count`` blocks into ``out``; returns how many were allocated (the JIT allocator benchmark)."""
+    for i in range(count):
+        b = alloc_data_block(data_rc, freed_txn, rc_dirty, st)
+        if b < 0:
+            return i
+        out[i] = b
+    return count
+
+
+@njit(cache=True)
+def inc_data(data_rc, rc_dirty, d):
+    data_rc[d] += 1
+    rc_dirty[d >> RC_PAGE_BITS] = 1
+
+
+@njit(cache=True)
+def dec_data(data_rc, freed_txn, rc_dirty, st, d):
+    """Drop one reference; a block reaching 0 is free but not allocatable until the next commit."""
+    c = data_rc[d] - 1
+    data_rc[d] = c
+    rc_dirty[d >> RC_PAGE_BITS] = 1
+    if c == 0:
+        freed_txn[d] = 1
+        st[ST_NR_FREE] += 1
+
+
+# --------------------------------------------------------------------------- node store
+
+@njit(cache=True)
+def new_inner(inners, inner_rc, inner_dirty, inner_rc_dirty, inner_free, st):
+    n = st[ST_INNER_FREE]
+    if n == 0:
+        return NONE
+    n -= 1
+    st[ST_INNER_FREE] = n
+    s = inner_free[n]
+    inners[s, :] = NONE
+    inner_rc[s] = 1
+    inner_dirty[s] = 1
+    inner_rc_dirty[s >> RC_PAGE_BITS] = 1
+    st[ST_INNERS_LIVE] += 1
+    return s
+
+
+@njit(cache=True)
+def new_leaf(leaves, leaf_rc, leaf_dirty, leaf_rc_dirty, leaf_free, st):
+    n = st[ST_LEAF_FREE]
+    if n == 0:
+        return NONE
+    n -= 1
+    st[ST_LEAF_FREE] = n
+    s = leaf_free[n]
+    leaves[s, :] = UNMAPPED
+    leaf_rc[s] = 1
+    leaf_dirty[s] = 1
+    leaf_rc_dirty[s >> RC_PAGE_BITS] = 1
+    st[ST_LEAVES_LIVE] += 1
+    return s
+
+
+class NodeArrays:  # documentation only: the tuple layout passed to kernels
+    """``nodes`` tuple: (leaves, inners, leaf_rc, inner_rc, leaf_dirty, inner_dirty,
+    leaf_rc_dirty, inner_rc_dirty, leaf_free, inner_free)."""
+
+
+@njit(cache=True)
+def release_leaf(nodes, data_rc, freed_txn, rc_dirty, st, leaf):
+    """Drop one reference to a leaf; at zero, drop its data references and free the slot."""
+    leaves, inners, leaf_rc, inner_rc, leaf_dirty, inner_dirty, leaf_rc_dirty, inner_rc_dirty, leaf_free, inner_free = nodes
+    c = leaf_rc[leaf] - 1
+    leaf_rc[leaf] = c
+    leaf_rc_dirty[leaf >> RC_PAGE_BITS] = 1
+    if c == 0:
+        row = leaves[leaf]
+        for i in range(LEAF_ENTRIES):
+            v = row[i]
+            if v != UNMAPPED:
+                dec_data(data_rc, freed_txn, rc_dirty, st, np.int64(v >> np.uint64(24)))
+        leaf_dirty[leaf] = 1
+        leaf_free[st[ST_LEAF_FREE]] = leaf
+        st[ST_LEAF_FREE] += 1
+        st[ST_LEAVES_LIVE] -= 1
+
+
+@njit(cache=True)
+def release_inner(nodes, data_rc, freed_txn, rc_dirty, st, node, level):
+    """Drop one reference to an inner node (level 0 = device root, 1 = mid); recurse at zero."""
+    leaves, inners, leaf_rc, inner_rc, leaf_dirty, inner_dirty, leaf_rc_dirty, inner_rc_dirty, leaf_free, inner_free = nodes
+    c = inner_rc[node] - 1
+    inner_rc[node] = c
+    inner_rc_dirty[node >> RC_PAGE_BITS] = 1
+    if c == 0:
+        for i in range(INNER_ENTRIES):
+            ch = inners[node, i]
+            if ch != NONE:
+                if level == 0:
+                    release_inner(nodes, data_rc, freed_txn, rc_dirty, st, ch, 1)
+                else:
+                    release_leaf(nodes, data_rc, freed_txn, rc_dirty, st, ch)
+        inner_dirty[node] = 1
+        inner_free[st[ST_INNER_FREE]] = node
+        st[ST_INNER_FREE] += 1
+        st[ST_INNERS_LIVE] -= 1
+
+
+@njit(cache=True)
+def shadow_inner(nodes, st, node, level):
+    """Copy a shared inner node; children gain a reference. Returns the new slot or NONE."""
+    leaves, inners, leaf_rc, inner_rc, leaf_dirty, inner_dirty, leaf_rc_dirty, inner_rc_dirty, leaf_free, inner_free = nodes
+    new = new_inner(inners, inner_rc, inner_dirty, inner_rc_dirty, inner_free, st)
+    if new == NONE:
+        return NONE
+    inners[new, :] = inners[node, :]
+    for i in range(INNER_ENTRIES):
+        ch = inners[new, i]
+        if ch != NONE:
+            if level == 0:
+                inner_rc[ch] += 1
+                inner_rc_dirty[ch >> RC_PAGE_BITS] = 1
+            else:
+                leaf_rc[ch] += 1
+                leaf_rc_dirty[ch >> RC_PAGE_BITS] = 1
+    inner_rc[node] -= 1
+    inner_rc_dirty[node >> RC_PAGE_BITS] = 1
+    return new
+
+
+@njit(cache=True)
+def shadow_leaf(nodes, data_rc, rc_dirty, st, leaf):
+    """Copy a shared leaf; every data block it maps gains a reference (dm-thin's leaf rule)."""
+    leaves, inners, leaf_rc, inner_rc, leaf_dirty, inner_dirty, leaf_rc_dirty, inner_rc_dirty, leaf_free, inner_free = nodes
+    new = new_leaf(leaves, leaf_rc, leaf_dirty, leaf_rc_dirty, leaf_free, st)
+    if new == NONE:
+        return NONE
+    leaves[new, :] = leaves[leaf, :]
+    row = leaves[new]
+    for i in range(LEAF_ENTRIES):
+        v = row[i]
+        if v != UNMAPPED:
+            inc_data(data_rc, rc_dirty, np.int64(v >> np.uint64(24)))
+    leaf_rc[leaf] -= 1
+    leaf_rc_dirty[leaf >> RC_PAGE_BITS] = 1
+    return new
+
+
+@njit(cache=True)
+def lookup(nodes, root, vb):
+    """Mapping of virtual block ``vb`` under ``root`` (UNMAPPED if none); also returns whether any
+    node on the path is shared (count > 1)."""
+    leaves, inners, leaf_rc, inner_rc, leaf_dirty, inner_dirty, leaf_rc_dirty, inner_rc_dirty, leaf_free, inner_free = nodes
+    shared = inner_rc[root] > 1
+    mid = inners[root, vb >> (LEAF_BITS + INNER_BITS)]
+    if mid == NONE:
+        return UNMAPPED, shared
+    shared = shared or inner_rc[mid] > 1
+    leaf = inners[mid, (vb >> LEAF_BITS) & (INNER_ENTRIES - 1)]
+    if leaf == NONE:
+        return UNMAPPED, shared
+    shared = shared or leaf_rc[leaf] > 1
+    return leaves[leaf, vb & (LEAF_ENTRIES - 1)], shared
+
+
+@njit(cache=True)
+def writable_leaf(nodes, data_rc, rc_dirty, st, dev, vb):
+    """Make the path to ``vb`` exclusive to this device (shadowing shared nodes, creating missing
+    ones) and return the leaf slot, or NONE when the node store needs to grow."""
+    leaves, inners, leaf_rc, inner_rc, leaf_dirty, inner_dirty, leaf_rc_dirty, inner_rc_dirty, leaf_free, inner_free = nodes
+    root = dev[DEV_ROOT]
+    if inner_rc[root] > 1:
+        root = shadow_inner(nodes, st, root, 0)
+        if root == NONE:
+            return NONE
+        dev[DEV_ROOT] = root
+    ri = vb >> (LEAF_BITS + INNER_BITS)
+    mid = inners[root, ri]
+    if mid == NONE:
+        mid = new_inner(inners, inner_rc, inner_dirty, inner_rc_dirty, inner_free, st)
+        if mid == NONE:
+            return NONE
+        inners[root, ri] = mid
+        inner_dirty[root] = 1
+    elif inner_rc[mid] > 1:
+        mid = shadow_inner(nodes, st, mid, 1)
+        if mid == NONE:
+            return NONE
+        inners[root, ri] = mid
+        inner_dirty[root] = 1
+    mi = (vb >> LEAF_BITS) & (INNER_ENTRIES - 1)
+    leaf = inners[mid, mi]
+    if leaf == NONE:
+        leaf = new_leaf(leaves, leaf_rc, leaf_dirty, leaf_rc_dirty, leaf_free, st)
+        if leaf == NONE:
+            return NONE
+        inners[mid, mi] = leaf
+        inner_dirty[mid] = 1
+    elif leaf_rc[leaf] > 1:
+        leaf = shadow_leaf(nodes, data_rc, rc_dirty, st, leaf)
+        if leaf == NONE:
+            return NONE
+        inners[mid, mi] = leaf
+        inner_dirty[mid] = 1
+    return leaf
+
+
+# --------------------------------------------------------------------------- I/O batches
+
+@njit(cache=True)
+def count_segments(offsets, lengths, bs):
+    n = 0
+    for i in range(offsets.shape[0]):
+        if lengths[i] > 0:
+            n += (offsets[i] + lengths[i] - 1) // bs - offsets[i] // bs + 1
+    return n
+
+
+@njit(cache=True)
+def blocks_needed(nodes, dev, offsets, lengths, bs):
+    """Distinct virtual blocks of a write batch that need a new data block (unmapped, or shared by
+    the time rule).  Computed before anything changes so a batch that cannot fit changes nothing."""
+    nseg = count_segments(offsets, lengths, bs)
+    need = np.empty(nseg, np.int64)
+    k = 0
+    root = dev[DEV_ROOT]
+    snap_time = dev[DEV_SNAP_TIME]
+    for i in range(offsets.shape[0]):
+        if lengths[i] <= 0:
+            continue
+        first = offsets[i] // bs
+        last = (offsets[i] + lengths[i] - 1) // bs
+        for vb in range(first, last + 1):
+            v, path_shared = lookup(nodes, root, vb)
+            if v == UNMAPPED or np.int64(v & np.uint64(TIME_MASK)) < snap_time or path_shared:
+                need[k] = vb
+                k += 1
+    if k <= 1:
+        return k
+    s = np.sort(need[:k])
+    distinct = 1
+    for i in range(1, k):
+        if s[i] != s[i - 1]:
+            distinct += 1
+    return distinct
+
+
+@njit(cache=True)
+def write_batch(nodes, data_rc, freed_txn, rc_dirty, st, dev, data, offsets, lengths, buf, buf_starts, start):
+    """Write I/Os ``start..`` of a batch.  Returns (code, next_io).
+
+    code OK: all done; NEED_NODES: the node store must grow before I/O ``next_io`` is retried (the
+    I/Os before it are complete).  Data space must have been checked with :func:`blocks_needed`.
+    Per block: mapped and unshared -> write in place; unmapped -> allocate (the new block is a hole,
+    so the rest reads zero); shared (time rule) -> allocate, copy the whole old block unless the
+    write covers it, then write; the old block loses one reference.
+    """
+    leaves = nodes[0]
+    bs = st[ST_BLOCK_SIZE]
+    snap_time = dev[DEV_SNAP_TIME]
+    time24 = np.uint64(st[ST_TIME] & TIME_MASK)
+    for i in range(start, offsets.shape[0]):
+        off = offsets[i]
+        remaining = lengths[i]
+        if remaining <= 0:
+            continue
+        nblk = (off + remaining - 1) // bs - off // bs + 1
+        if st[ST_INNER_FREE] < 2 * nblk + 1 or st[ST_LEAF_FREE] < nblk:
+            return NEED_NODES, i
+        src = buf_starts[i]
+        while remaining > 0:
+            vb = off // bs
+            inblk = off - vb * bs
+            seg = min(remaining, bs - inblk)
+            v, path_shared = lookup(nodes, dev[DEV_ROOT], vb)
+            if v != UNMAPPED and not path_shared and np.int64(v & np.uint64(TIME_MASK)) >= snap_time:
+                d = np.int64(v >> np.uint64(24))
+                base = d * bs + inblk
+                data[base:base + seg] = buf[src:src + seg]
+            else:
+                leaf = writable_leaf(nodes, data_rc, rc_dirty, st, dev, vb)
+                li = vb & (LEAF_ENTRIES - 1)
+                v = leaves[leaf, li]  # re-read: shadowing may have moved the path
+                d = alloc_data_block(data_rc, freed_txn, rc_dirty, st)
+                nb = d * bs
+                if v != UNMAPPED:
+                    old = np.int64(v >> np.uint64(24))
+                    if seg != bs:
+                        ob = old * bs
+                        data[nb:nb + bs] = data[ob:ob + bs]
+                    dec_data(data_rc, freed_txn, rc_dirty, st, old)
+                else:
+                    dev[DEV_MAPPED_DELTA] += 1
+                data[nb + inblk:nb + inblk + seg] = buf[src:src + seg]
+                leaves[leaf, li] = (np.uint64(d) << np.uint64(24)) | time24
+                nodes[4][leaf] = 1  # leaf_dirty
+            off += seg
+            src += seg
+            remaining -= seg
+    return OK, offsets.shape[0]
+
+
+@njit(cache=True)
+def read_batch(nodes, root, data, bs, offsets, lengths, out, out_starts):
+    """Read a batch: mapped blocks are copied from the data device, holes read as zeroes."""
+    for i in range(offsets.shape[0]):
+        off = offsets[i]
+        remaining = lengths[i]
+        dst = out_starts[i]
+        while remaining > 0:
+            vb = off // bs
+            inblk = off - vb * bs
+            seg = min(remaining, bs - inblk)
+            v, _ = lookup(nodes, root, vb)
+            if v == UNMAPPED:
+                out[dst:dst + seg] = 0
+            else:
+                base = np.int64(v >> np.uint64(24)) * bs + inblk
+                out[dst:dst + seg] = data[base:base + seg]
+            off += seg
+            dst += seg
+            remaining -= seg
+
+
+@njit(cache=True)
+def discard_range(nodes, data_rc, freed_txn, rc_dirty, st, dev, first, last):
+    """Unmap virtual blocks ``first..last-1`` (whole blocks only).  Returns (code, next_vb)."""
+    leaves, inners, leaf_rc, inner_rc, leaf_dirty, inner_dirty, leaf_rc_dirty, inner_rc_dirty, leaf_free, inner_free = nodes
+    vb = first
+    span_mid = 1 << (LEAF_BITS + INNER_BITS)
+    span_leaf = 1 << LEAF_BITS
+    while vb < last:
+        root = dev[DEV_ROOT]
+        mid = inners[root, vb >> (LEAF_BITS + INNER_BITS)]
+        if mid == NONE:
+            vb = (vb // span_mid + 1) * span_mid
+            continue
+        leaf = inners[mid, (vb >> LEAF_BITS) & (INNER_ENTRIES - 1)]
+        if leaf == NONE:
+            vb = (vb // span_leaf + 1) * span_leaf
+            continue
+        # any mapping left in this leaf inside the range?
+        end = min(last, (vb // span_leaf + 1) * span_leaf)
+        found = False
+        for x in range(vb, end):
+            if leaves[leaf, x & (span_leaf - 1)] != UNMAPPED:
+                found = True
+                break
+        if not found:
+            vb = end
+            continue
+        if st[ST_INNER_FREE] < 3 or st[ST_LEAF_FREE] < 1:
+            return NEED_NODES, vb
+        leaf = writable_leaf(nodes, data_rc, rc_dirty, st, dev, vb)
+        for x in range(vb, end):
+            li = x & (span_leaf - 1)
+            v = leaves[leaf, li]
+            if v != UNMAPPED:
+                leaves[leaf, li] = UNMAPPED
+                dec_data(data_rc, freed_txn, rc_dirty, st, np.int64(v >> np.uint64(24)))
+                dev[DEV_MAPPED_DELTA] -= 1
+        leaf_dirty[leaf] = 1
+        vb = end
+    return OK, last
+
+
+# --------------------------------------------------------------------------- whole-tree walks
+
+@njit(cache=True)
+def count_mappings(nodes, root):
+    """Number of mapped virtual blocks and the highest mapped block (-1 if none)."""
+    leaves, inners = nodes[0], nodes[1]
+    n = 0
+    highest = -1
+    for r in range(INNER_ENTRIES):
+        mid = inners[root, r]
+        if mid == NONE:
+            continue
+        for m in range(INNER_ENTRIES):
+            leaf = inners[mid, m]
+            if leaf == NONE:
+                continue
+            base = (r << (LEAF_BITS + INNER_BITS)) | (m << LEAF_BITS)
+            for i in range(LEAF_ENTRIES):
+                if leaves[leaf, i] != UNMAPPED:
+                    n += 1
+                    highest = base + i
+    return n, highest
+
+
+@njit(cache=True)
+def collect_mappings(nodes, root, vblocks, values):
+    """Fill ``vblocks``/``values`` (sized by :func:`count_mappings`) in virtual-block order."""
+    leaves, inners = nodes[0], nodes[1]
+    k = 0
+    for r in range(INNER_ENTRIES):
+        mid = inners[root, r]
+        if mid == NONE:
+            continue
+        for m in range(INNER_ENTRIES):
+            leaf = inners[mid, m]
+            if leaf == NONE:
+                continue
+            base = (r << (LEAF_BITS + INNER_BITS)) | (m << LEAF_BITS)
+            for i in range(LEAF_ENTRIES):
+                v = leaves[leaf, i]
+                if v != UNMAPPED:
+                    vblocks[k] = base + i
+                    values[k] = v
+                    k += 1
+    return k
+
+
+@njit(cache=True)
+def logical_counts(nodes, roots, nr_data_blocks):
+    """How many mapping entries, over all devices' trees, reference each data block (thin_ls's
+    notion behind EXCLUSIVE/SHARED).  Linear in distinct nodes: multiplicities propagate down."""
+    leaves, inners = nodes[0], nodes[1]
+    mult_inner = np.zeros(inners.shape[0], np.int64)
+    mult_leaf = np.zeros(leaves.shape[0], np.int64)
+    for r in roots:
+        mult_inner[r] += 1
+    seen = np.zeros(inners.shape[0], np.uint8)
+    for r in roots:
+        if seen[r]:
+            continue
+        seen[r] = 1
+        for i in range(INNER_ENTRIES):
+            mid = inners[r, i]
+            if mid != NONE:
+                mult_inner[mid] += mult_inner[r]
+    mids_seen = np.zeros(inners.shape[0], np.uint8)
+    for r in roots:
+        if seen[r] != 1:
+            continue
+        seen[r] = 2
+        for i in range(INNER_ENTRIES):
+            mid = inners[r, i]
+            if mid == NONE or mids_seen[mid]:
+                continue
+            mids_seen[mid] = 1
+            for j in range(INNER_ENTRIES):
+                leaf = inners[mid, j]
+                if leaf != NONE:
+                    mult_leaf[leaf] += mult_inner[mid]
+    counts = np.zeros(nr_data_blocks, np.int64)
+    for leaf in range(leaves.shape[0]):
+        m = mult_leaf[leaf]
+        if m == 0:
+            continue
+        for i in range(LEAF_ENTRIES):
+            v = leaves[leaf, i]
+            if v != UNMAPPED:
+                counts[np.int64(v >> np.uint64(24))] += m
+    return counts
+
+
+@njit(cache=True)
+def device_usage(nodes, root, counts):
+    """(mapped, exclusive, highest) for one device given :func:`logical_counts`."""
+    leaves, inners = nodes[0], nodes[1]
+    mapped = 0
+    exclusive = 0
+    highest = -1
+    for r in range(INNER_ENTRIES):
+        mid = inners[root, r]
+        if mid == NONE:
+            continue
+        for m in range(INNER_ENTRIES):
+            leaf = inners[mid, m]
+            if leaf == NONE:
+                continue
+            base = (r << (LEAF_BITS + INNER_BITS)) | (m << LEAF_BITS)
+            for i in range(LEAF_ENTRIES):
+                v = leaves[leaf, i]
+                if v != UNMAPPED:
+                    mapped += 1
+                    highest = base + i
+                    if counts[np.int64(v >> np.uint64(24))] == 1:
+                        exclusive += 1
+    return mapped, exclusive, highest
+
+
+@njit(cache=True)
+def expected_counts(nodes, roots, nr_data_blocks):
+    """Reference counts recomputed from the trees: (inner, leaf, data) -- for check()."""
+    leaves, inners, leaf_rc, inner_rc = nodes[0], nodes[1], nodes[2], nodes[3]
+    exp_inner = np.zeros(inners.shape[0], np.int64)
+    exp_leaf = np.zeros(leaves.shape[0], np.int64)
+    exp_data = np.zeros(nr_data_blocks, np.int64)
+    for r in roots:
+        exp_inner[r] += 1
+    seen_root = np.zeros(inners.shape[0], np.uint8)
+    seen_mid = np.zeros(inners.shape[0], np.uint8)
+    seen_leaf = np.zeros(leaves.shape[0], np.uint8)
+    bad = 0
+    for r in roots:
+        if seen_root[r]:
+            continue
+        seen_root[r] = 1
+        for i in range(INNER_ENTRIES):
+            mid = inners[r, i]
+            if mid == NONE:
+                continue
+            if mid < 0 or mid >= inners.shape[0]:
+                bad += 1
+                continue
+            exp_inner[mid] += 1
+            if seen_mid[mid]:
+                continue
+            seen_mid[mid] = 1
+            for j in range(INNER_ENTRIES):
+                leaf = inners[mid, j]
+                if leaf == NONE:
+                    continue
+                if leaf < 0 or leaf >= leaves.shape[0]:
+                    bad += 1
+                    continue
+                exp_leaf[leaf] += 1
+                if seen_leaf[leaf]:
+                    continue
+                seen_leaf[leaf] = 1
+                for k in range(LEAF_ENTRIES):
+                    v = leaves[leaf, k]
+                    if v != UNMAPPED:
+                        d = np.int64(v >> np.uint64(24))
+                        if d >= nr_data_blocks:
+                            bad += 1
+                        else:
+                            exp_data[d] += 1
+    return exp_inner, exp_leaf, exp_data, bad
+
+
+@njit(cache=True)
+def build_device(nodes, data_rc, rc_dirty, st, dev, vblocks, values, start):
+    """Insert sorted mappings ``start..`` into an empty device (restore/import).  Data counts are
+    incremented per leaf entry.  Returns (code, next_index) like :func:`write_batch`."""
+    leaves = nodes[0]
+    for k in range(start, vblocks.shape[0]):
+        if st[ST_INNER_FREE] < 3 or st[ST_LEAF_FREE] < 1:
+            return NEED_NODES, k
+        vb = vblocks[k]
+        leaf = writable_leaf(nodes, data_rc, rc_dirty, st, dev, vb)
+        leaves[leaf, vb & (LEAF_ENTRIES - 1)] = values[k]
+        inc_data(data_rc, rc_dirty, np.int64(values[k] >> np.uint64(24)))
+    return OK, vblocks.shape[0]

@@ -1,0 +1,704 @@
+"""The thin pool: devices, snapshots, transactions, modes and accounting (dm-thin's target layer).
+
+A pool is a directory holding ``data`` (the sparse data device), ``metadata`` (see
+:mod:`thinpool.mdstore`) and ``lock``.  This module wires the layers together: the block map and
+data space map in memory, the JIT kernels for per-block work, the metadata store for commits and
+the data device for bytes.  I/O lives in :mod:`thinpool.thin`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import threading
+import time as _time
+import uuid as _uuid
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from . import kernels as K
+from .blockmap import BlockMap
+from .datadev import DataDevice
+from .errors import (AlreadyExists, InvalidArgument, MetadataCorrupt, NoSpace, NotFound, PoolLocked,
+                     ReadOnly, ThinpoolError)
+from .mdstore import BLOCK, MetadataSpaceExhausted, MetadataStore, PagedArray
+from .spacemap import DataSpaceMap
+from .units import parse_size
+
+MAX_DEV_ID = (1 << 24) - 1
+MIN_BLOCK_SIZE = 64 * 1024
+MAX_BLOCK_SIZE = 1 << 30
+DEFAULT_MAX_THINS = 1000
+DEV_DTYPE = np.dtype([("dev_id", "<i8"), ("root", "<i8"), ("mapped", "<i8"), ("transaction", "<i8"),
+                      ("creation_time", "<i8"), ("snap_time", "<i8"), ("size", "<i8"), ("flags", "<i8")])
+DEVS_PER_PAGE = BLOCK // DEV_DTYPE.itemsize
+F_IN_USE = 1
+F_READ_ONLY = 2
+MODES = ("write", "out-of-data-space", "read-only", "fail")
+_NAME_RE = re.compile(r"^[^\x00-\x1f\x7f]{1,1024}$")
+
+
+def check_block_size(block_size: int | str) -> int:
+    """Validate a data block size: a multiple of 64 KiB within 64 KiB .. 1 GiB (dm-thin's rule)."""
+    bs = parse_size(block_size, "block size")
+    if bs < MIN_BLOCK_SIZE or bs > MAX_BLOCK_SIZE or bs % MIN_BLOCK_SIZE:
+        raise InvalidArgument(f"block size {bs} bytes is invalid: it must be a multiple of 64KiB "
+                              f"between 64KiB and 1GiB")
+    return bs
+
+
+def default_metadata_blocks(nr_data_blocks: int, max_thins: int = DEFAULT_MAX_THINS) -> int:
+    """Metadata size in 4 KiB blocks: thin_metadata_size's formula (reference §3.7), doubled for
+    copy-on-write headroom, plus two pages per thin device, at least 2 MiB."""
+    formula = 1 + (2 * nr_data_blocks) // 252 + max_thins
+    return max(512, 2 * formula + 2 * max_thins + 64)
+
+
+@dataclass(frozen=True)
+class PoolStatus:
+    """What ``dmsetup status`` reports for a thin-pool, plus a few derived values."""
+
+    transaction_id: int
+    time: int
+    data_block_size: int
+    used_data_blocks: int
+    total_data_blocks: int
+    used_metadata_blocks: int
+    total_metadata_blocks: int
+    mode: str
+    low_water_mark: int
+    held_root: int | None
+    needs_check: bool
+    error_if_no_space: bool
+    zero_new_blocks: bool
+    nr_thins: int
+
+    @property
+    def free_data_blocks(self) -> int:
+        return self.total_data_blocks - self.used_data_blocks
+
+    @property
+    def metadata_low_water_mark(self) -> int:
+        return min(1024, self.total_metadata_blocks // 4)
+
+    def dmsetup_line(self) -> str:
+        """The thin-pool status line exactly as dm-thin formats it (reference §1.4)."""
+        mode = {"write": "rw", "out-of-data-space": "out_of_data_space"}.get(self.mode, "ro")
+        if self.mode == "fail":
+            return "Fail"
+        held = str(self.held_root) if self.held_root is not None else "-"
+        return (f"{self.transaction_id} {self.used_metadata_blocks}/{self.total_metadata_blocks} "
+                f"{self.used_data_blocks}/{self.total_data_blocks} {held} {mode} discard_passdown "
+                f"{'error_if_no_space' if self.error_if_no_space else 'queue_if_no_space'} "
+                f"{'needs_check' if self.needs_check else '-'} {self.metadata_low_water_mark} ")
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["free_data_blocks"] = self.free_data_blocks
+        d["metadata_low_water_mark"] = self.metadata_low_water_mark
+        return d
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Block accounting of one thin device (thin_ls's MAPPED/EXCLUSIVE/SHARED)."""
+
+    name: str
+    dev_id: int
+    block_size: int
+    mapped_blocks: int
+    exclusive_blocks: int
+    shared_blocks: int
+    highest_mapped_block: int | None
+
+    @property
+    def mapped_bytes(self) -> int:
+        return self.mapped_blocks * self.block_size
+
+    @property
+    def exclusive_bytes(self) -> int:
+        return self.exclusive_blocks * self.block_size
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(mapped_bytes=self.mapped_bytes, exclusive_bytes=self.exclusive_bytes,
+                 shared_bytes=self.shared_blocks * self.block_size)
+        return d
+
+
+def _locked(fn):
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return fn(self, *args, **kwargs)
+    wrapper.__name__ = fn.__name__
+    wrapper.__qualname__ = fn.__qualname__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
+
+
+class Pool:
+    """A thin pool in a directory.  Use :meth:`create` or :meth:`open`; a context manager (close commits)."""
+
+    DATA = "data"
+    METADATA = "metadata"
+    LOCK = "lock"
+
+    # ------------------------------------------------------------------ construction
+    def __init__(self, path: str, *, read_only: bool = False,
+                 on_low_water: Callable[["Pool"], None] | None = None) -> None:
+        """Open an existing pool (prefer :meth:`open`)."""
+        self.path = os.path.abspath(os.fspath(path))
+        self.read_only = read_only
+        self.on_low_water = on_low_water
+        self._lock = threading.RLock()
+        self._lock_fd = -1
+        self._closed = True
+        md_path = os.path.join(self.path, self.METADATA)
+        if not os.path.isdir(self.path):
+            raise NotFound(f"pool {self.path} does not exist")
+        if not os.path.isfile(md_path):
+            raise InvalidArgument(f"{self.path} is not a thin pool (no metadata file)")
+        self._take_lock()
+        try:
+            self.store = MetadataStore(md_path, read_only=read_only)
+            self._load()
+            hdr = self.store.header
+            data_path = hdr.get("data_file") or os.path.join(self.path, self.DATA)
+            self.data = DataDevice(data_path, self.block_size, self.space.nr_blocks, read_only=read_only)
+            self.scrubbed_blocks = 0 if read_only else self.data.scrub(self.space.data_rc)
+        except BaseException:
+            self._release_lock()
+            raise
+        self._closed = False
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, data_size: int | str = "1GiB", block_size: int | str = "64KiB", *,
+               metadata_size: int | str | None = None, low_water_mark: int = 0,
+               error_if_no_space: bool = True, zero_new_blocks: bool = True,
+               data_file: str | os.PathLike | None = None, max_thins: int = DEFAULT_MAX_THINS,
+               on_low_water: Callable[["Pool"], None] | None = None) -> "Pool":
+        """Create a pool: a sparse data file of ``data_size`` bytes cut into ``block_size`` blocks.
+
+        ``low_water_mark`` is in data blocks (the callback fires once when free blocks fall to it);
+        ``metadata_size`` defaults to thin_metadata_size's formula (see :func:`default_metadata_blocks`).
+        Nothing is created if any argument is invalid.
+        """
+        path = os.path.abspath(os.fspath(path))
+        bs = check_block_size(block_size)
+        size = parse_size(data_size, "data size")
+        nr_blocks = size // bs
+        if nr_blocks < 1:
+            raise InvalidArgument(f"data size {size} bytes is smaller than one {bs}-byte block")
+        if not isinstance(low_water_mark, int) or low_water_mark < 0:
+            raise InvalidArgument(f"low water mark must be a non-negative number of blocks, got {low_water_mark!r}")
+        if metadata_size is None:
+            md_blocks = default_metadata_blocks(nr_blocks, max_thins)
+        else:
+            md_blocks = parse_size(metadata_size, "metadata size") // BLOCK
+            if md_blocks < 64:
+                raise InvalidArgument(f"metadata size {metadata_size!r} is too small (at least 256KiB)")
+        if md_blocks > 4161600:
+            raise InvalidArgument(f"metadata size {md_blocks * BLOCK} bytes exceeds dm-thin's 15.87GiB limit")
+        if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+            raise AlreadyExists(f"cannot create pool {path}: path exists and is not an empty directory")
+        os.makedirs(path, exist_ok=True)
+        data_path = os.path.abspath(os.fspath(data_file)) if data_file else os.path.join(path, cls.DATA)
+        DataDevice.create(data_path, nr_blocks * bs)
+        store = MetadataStore.format(os.path.join(path, cls.METADATA), md_blocks)
+        header = dict(block_size=bs, nr_data_blocks=nr_blocks, time=0, transaction_id=0,
+                      low_water_mark=low_water_mark, error_if_no_space=bool(error_if_no_space),
+                      zero_new_blocks=bool(zero_new_blocks), needs_check=False, cursor=0,
+                      uuid=str(_uuid.uuid4()), created=_time.time(),
+                      data_file=data_path if data_file else None)
+        catalog = {"volumes": {}, "next_dev_id": 1, "records": {}}
+        cat = _pad(json.dumps(catalog).encode())
+        arrays = {
+            "leaves": PagedArray(np.zeros(0, np.uint8), np.zeros(0, np.int64)),
+            "inners": PagedArray(np.zeros(0, np.uint8), np.zeros(0, np.int64)),
+            "leaf_rc": PagedArray(np.zeros(0, np.uint8), np.zeros(0, np.int64)),
+            "inner_rc": PagedArray(np.zeros(0, np.uint8), np.zeros(0, np.int64)),
+            "data_rc": PagedArray(np.zeros(_round_up(nr_blocks, 1024) * 4, np.uint8), np.zeros(0, np.int64)),
+            "devs": PagedArray(np.zeros(0, np.uint8), np.zeros(0, np.int64)),
+            "catalog": PagedArray(cat, np.arange(len(cat) // BLOCK)),
+        }
+        header["catalog_bytes"] = len(json.dumps(catalog).encode())
+        store.commit(arrays, header)
+        store.close()
+        return cls(path, on_low_water=on_low_water)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, read_only: bool = False,
+             on_low_water: Callable[["Pool"], None] | None = None) -> "Pool":
+        """Open an existing pool.  Raises PoolLocked if another process holds it, MetadataCorrupt if
+        no committed state verifies, NotFound/InvalidArgument if ``path`` is not a pool."""
+        return cls(os.fspath(path), read_only=read_only, on_low_water=on_low_water)
+
+    def _take_lock(self) -> None:
+        lock_path = os.path.join(self.path, self.LOCK)
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except PermissionError:
+            fd = os.open(lock_path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if self.read_only else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise PoolLocked(f"pool {self.path} is locked by another process (pid {holder})") from None
+        if not self.read_only:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    def _load(self) -> None:
+        """(Re)build the in-memory state from the last committed metadata."""
+        arrays = self.store.load()
+        self._install(arrays, self.store.header)
+        self._lwm_fired = False
+        self.mode = "write"
+        if self.header.get("needs_check") or self.read_only:
+            self.mode = "read-only"
+        elif self.st[K.ST_NR_ALLOCATABLE] == 0:
+            self.mode = "out-of-data-space"
+
+    def _install(self, arrays: dict[str, np.ndarray], header: dict[str, Any]) -> None:
+        self.header = {k: v for k, v in header.items()
+                       if k not in ("directory", "directory_bytes", "pages", "held", "recovered_from")}
+        st = np.zeros(K.ST_SIZE, np.int64)
+        st[K.ST_BLOCK_SIZE] = header["block_size"]
+        st[K.ST_TIME] = header["time"]
+        st[K.ST_CURSOR] = header.get("cursor", 0)
+        self.st = st
+        self.nodes_map = BlockMap.from_arrays(st, arrays["leaves"].view(np.uint64), arrays["inners"].view(np.int32),
+                                              arrays["leaf_rc"].view(np.uint32), arrays["inner_rc"].view(np.uint32))
+        self.space = DataSpaceMap(st, header["nr_data_blocks"], arrays["data_rc"].view(np.uint32))
+        self.devs = arrays["devs"].view(DEV_DTYPE).copy()
+        self.devs_dirty: set[int] = set()
+        raw = arrays["catalog"].tobytes()[: header["catalog_bytes"]]
+        try:
+            self.catalog = json.loads(raw)
+        except ValueError:
+            raise MetadataCorrupt(f"pool {self.path}: catalog is not valid JSON", structure="catalog") from None
+        self.catalog_dirty = False
+        self._by_name: dict[str, int] = {n: v["slot"] for n, v in self.catalog["volumes"].items()}
+        self._by_dev_id: dict[int, str] = {v["dev_id"]: n for n, v in self.catalog["volumes"].items()}
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def block_size(self) -> int:
+        """Data block size in bytes."""
+        return int(self.st[K.ST_BLOCK_SIZE])
+
+    @property
+    def nr_data_blocks(self) -> int:
+        return self.space.nr_blocks
+
+    @property
+    def time(self) -> int:
+        return int(self.st[K.ST_TIME])
+
+    @property
+    def transaction_id(self) -> int:
+        return int(self.header["transaction_id"])
+
+    @property
+    def uuid(self) -> str:
+        return self.header.get("uuid", "")
+
+    # ------------------------------------------------------------------ context manager
+    def __enter__(self) -> "Pool":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(commit=True)
+
+    def __repr__(self) -> str:
+        return f"<Pool {self.path} {self.nr_data_blocks}x{self.block_size}B mode={self.mode}>"
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise InvalidArgument(f"pool {self.path} is closed")
+
+    def _check_writable(self) -> None:
+        self._check_open()
+        if self.mode in ("read-only", "fail"):
+            raise ReadOnly(f"pool {self.path} is {self.mode}" +
+                           (" (opened read-only)" if self.read_only else " (needs check/repair)"
+                            if self.header.get("needs_check") else ""))
+
+    # ------------------------------------------------------------------ devices
+    def _slot(self, name: str) -> int:
+        try:
+            return self._by_name[name]
+        except (KeyError, TypeError):
+            raise NotFound(f"pool {self.path}: no thin volume named {name!r}") from None
+
+    def _name_ok(self, name: str) -> None:
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise InvalidArgument(f"invalid volume name {name!r}: 1-1024 printable characters")
+        if name in self._by_name:
+            raise AlreadyExists(f"pool {self.path}: a thin volume named {name!r} already exists")
+
+    def _pick_dev_id(self, dev_id: int | None) -> int:
+        if dev_id is not None:
+            if isinstance(dev_id, bool) or not isinstance(dev_id, (int, np.integer)) or not 0 <= dev_id <= MAX_DEV_ID:
+                raise InvalidArgument(f"device id {dev_id!r} is out of range (0..{MAX_DEV_ID}, 24 bits)")
+            if int(dev_id) in self._by_dev_id:
+                raise AlreadyExists(f"pool {self.path}: device id {dev_id} is in use by "
+                                    f"{self._by_dev_id[int(dev_id)]!r}")
+            return int(dev_id)
+        start = int(self.catalog.get("next_dev_id", 1))
+        for i in range(MAX_DEV_ID + 1):
+            cand = (start + i) & MAX_DEV_ID
+            if cand not in self._by_dev_id:
+                return cand
+        raise NoSpace(f"pool {self.path}: all 2^24 device ids are in use")
+
+    def _new_slot(self) -> int:
+        free = np.flatnonzero((self.devs["flags"] & F_IN_USE) == 0)
+        if len(free):
+            return int(free[0])
+        old = len(self.devs)
+        self.devs = np.concatenate([self.devs, np.zeros(DEVS_PER_PAGE, DEV_DTYPE)])
+        self.devs_dirty.update(range(old, len(self.devs)))
+        return old
+
+    def _register(self, name: str, dev_id: int, root: int, mapped: int, creation_time: int,
+                  snap_time: int, size: int, flags: int = 0) -> int:
+        slot = self._new_slot()
+        self.devs[slot] = (dev_id, root, mapped, self.transaction_id, creation_time, snap_time, size,
+                           F_IN_USE | flags)
+        self.devs_dirty.add(slot)
+        self.catalog["volumes"][name] = {"dev_id": dev_id, "slot": slot}
+        self.catalog["next_dev_id"] = (dev_id + 1) & MAX_DEV_ID
+        self.catalog_dirty = True
+        self._by_name[name] = slot
+        self._by_dev_id[dev_id] = name
+        return slot
+
+    def _check_size(self, size: int | str) -> int:
+        nbytes = parse_size(size, "volume size")
+        if nbytes <= 0 or nbytes % 512:
+            raise InvalidArgument(f"volume size {nbytes} bytes must be a positive multiple of 512 (a sector)")
+        limit = K.MAX_VBLOCKS * self.block_size
+        if nbytes > limit:
+            raise InvalidArgument(f"volume size {nbytes} bytes exceeds the limit of {limit} bytes "
+                                  f"({K.MAX_VBLOCKS} blocks of {self.block_size})")
+        return nbytes
+
+    @_locked
+    def create_thin(self, name: str, size: int | str, *, dev_id: int | None = None,
+                    read_only: bool = False) -> "Thin":
+        """Create an empty thin volume of virtual ``size`` bytes (dm-thin's ``create_thin``)."""
+        self._check_writable()
+        self._name_ok(name)
+        nbytes = self._check_size(size)
+        dev_id = self._pick_dev_id(dev_id)
+        root = self.nodes_map.new_root()
+        self._register(name, dev_id, root, 0, self.time, self.time, nbytes, F_READ_ONLY if read_only else 0)
+        return self.thin(name)
+
+    @_locked
+    def snapshot(self, origin: str, name: str, *, dev_id: int | None = None, read_only: bool = False) -> "Thin":
+        """Snapshot ``origin`` as ``name`` (dm-thin's ``create_snap``): O(1) whatever the origin maps.
+
+        The pool time increments; origin and snapshot are stamped with it, so every existing mapping
+        becomes shared and the next write to it on either side breaks sharing by copy-on-write.
+        """
+        self._check_writable()
+        oslot = self._slot(origin)
+        self._name_ok(name)
+        dev_id = self._pick_dev_id(dev_id)
+        o = self.devs[oslot]
+        self.st[K.ST_TIME] += 1
+        t = self.time
+        self.devs[oslot]["snap_time"] = t
+        self.devs_dirty.add(oslot)
+        self.nodes_map.share_root(int(o["root"]))
+        self._register(name, dev_id, int(o["root"]), int(o["mapped"]), t, t, int(o["size"]),
+                       F_READ_ONLY if read_only else 0)
+        return self.thin(name)
+
+    @_locked
+    def delete(self, name: str) -> None:
+        """Delete a thin volume (dm-thin's ``delete``).  Blocks only it maps become free after the
+        next commit; the volume's snapshots and origin are unaffected."""
+        self._check_writable()
+        slot = self._slot(name)
+        root = int(self.devs[slot]["root"])
+        K.release_inner(self.nodes_map.nodes, self.space.data_rc, self.space.freed_txn, self.space.rc_dirty,
+                        self.st, root, 0)
+        dev_id = int(self.devs[slot]["dev_id"])
+        self.devs[slot] = np.zeros(1, DEV_DTYPE)[0]
+        self.devs_dirty.add(slot)
+        del self.catalog["volumes"][name]
+        del self._by_name[name]
+        del self._by_dev_id[dev_id]
+        self.catalog_dirty = True
+
+    @_locked
+    def rename(self, old: str, new: str) -> None:
+        """Rename a thin volume (names are thinpool's; dm-thin only knows device ids)."""
+        self._check_writable()
+        slot = self._slot(old)
+        self._name_ok(new)
+        entry = self.catalog["volumes"].pop(old)
+        self.catalog["volumes"][new] = entry
+        del self._by_name[old]
+        self._by_name[new] = slot
+        self._by_dev_id[entry["dev_id"]] = new
+        self.catalog_dirty = True
+
+    def thin(self, name: str) -> "Thin":
+        """The thin volume called ``name`` (NotFound if none)."""
+        from .thin import Thin
+        self._check_open()
+        self._slot(name)
+        return Thin(self, name)
+
+    def thins(self) -> list["Thin"]:
+        """All thin volumes, in device-id order."""
+        from .thin import Thin
+        self._check_open()
+        return [Thin(self, self._by_dev_id[d]) for d in sorted(self._by_dev_id)]
+
+    def by_dev_id(self, dev_id: int) -> "Thin":
+        """The thin volume with device id ``dev_id``."""
+        from .thin import Thin
+        if dev_id not in self._by_dev_id:
+            raise NotFound(f"pool {self.path}: no thin device with id {dev_id}")
+        return Thin(self, self._by_dev_id[dev_id])
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._by_name
+
+    # ------------------------------------------------------------------ records (snapshotter etc.)
+    def get_records(self, namespace: str) -> dict[str, Any]:
+        """A copy of the records stored under ``namespace`` in the pool's own metadata."""
+        return json.loads(json.dumps(self.catalog["records"].get(namespace, {})))
+
+    @_locked
+    def put_records(self, namespace: str, records: dict[str, Any]) -> None:
+        """Replace the records under ``namespace``; committed in the same transaction as the devices."""
+        self._check_writable()
+        self.catalog["records"][namespace] = json.loads(json.dumps(records))
+        self.catalog_dirty = True
+
+    # ------------------------------------------------------------------ accounting
+    def _roots(self) -> np.ndarray:
+        used = (self.devs["flags"] & F_IN_USE) != 0
+        return self.devs["root"][used].astype(np.int64)
+
+    @_locked
+    def usage(self, name: str | None = None) -> "Usage | list[Usage]":
+        """Mapped / exclusive / shared blocks of one volume (or of all, in dev-id order).
+
+        Exclusive = mapped blocks whose data block no other mapping entry in the pool references
+        (thin_ls's definition); shared = mapped - exclusive.
+        """
+        self._check_open()
+        counts = K.logical_counts(self.nodes_map.nodes, self._roots(), self.space.nr_blocks)
+        names = [name] if name is not None else [self._by_dev_id[d] for d in sorted(self._by_dev_id)]
+        out = []
+        for n in names:
+            d = self.devs[self._slot(n)]
+            mapped, excl, highest = K.device_usage(self.nodes_map.nodes, int(d["root"]), counts)
+            out.append(Usage(n, int(d["dev_id"]), self.block_size, int(mapped), int(excl), int(mapped - excl),
+                             None if highest < 0 else int(highest)))
+        return out[0] if name is not None else out
+
+    @_locked
+    def status(self) -> PoolStatus:
+        """Pool status (dm-thin's status line fields); does not commit."""
+        self._check_open()
+        held = self.store.header.get("held")
+        return PoolStatus(
+            transaction_id=self.transaction_id, time=self.time, data_block_size=self.block_size,
+            used_data_blocks=self.space.used(), total_data_blocks=self.space.nr_blocks,
+            used_metadata_blocks=min(self.store.nr_blocks, self.store.used_blocks() + self._dirty_page_estimate()),
+            total_metadata_blocks=self.store.nr_blocks, mode=self.mode,
+            low_water_mark=int(self.header["low_water_mark"]),
+            held_root=int(held["root_block"]) if held else None,
+            needs_check=bool(self.header.get("needs_check")),
+            error_if_no_space=bool(self.header.get("error_if_no_space", True)),
+            zero_new_blocks=bool(self.header.get("zero_new_blocks", True)), nr_thins=len(self._by_name))
+
+    def _dirty_page_estimate(self) -> int:
+        bm = self.nodes_map
+        return int(np.count_nonzero(bm.leaf_dirty) + np.count_nonzero(bm.inner_dirty))
+
+    # ------------------------------------------------------------------ transactions
+    def _paged(self) -> dict[str, PagedArray]:
+        bm, sp = self.nodes_map, self.space
+        ld = np.flatnonzero(bm.leaf_dirty)
+        idn = np.flatnonzero(bm.inner_dirty)
+        arrays = {
+            "leaves": PagedArray(bm.leaves.reshape(-1).view(np.uint8), ld, ld[bm.leaf_rc[ld] == 0]),
+            "inners": PagedArray(bm.inners.reshape(-1).view(np.uint8), idn, idn[bm.inner_rc[idn] == 0]),
+            "leaf_rc": PagedArray(bm.leaf_rc.view(np.uint8), np.flatnonzero(bm.leaf_rc_dirty)),
+            "inner_rc": PagedArray(bm.inner_rc.view(np.uint8), np.flatnonzero(bm.inner_rc_dirty)),
+            "data_rc": PagedArray(sp.data_rc.view(np.uint8), np.flatnonzero(sp.rc_dirty)),
+            "devs": PagedArray(self.devs.view(np.uint8),
+                               np.unique(np.array(sorted(self.devs_dirty), np.int64) // DEVS_PER_PAGE)),
+        }
+        if self.catalog_dirty:
+            raw = json.dumps(self.catalog).encode()
+            self.header["catalog_bytes"] = len(raw)
+            cat = _pad(raw)
+            arrays["catalog"] = PagedArray(cat, np.arange(len(cat) // BLOCK))
+        return arrays
+
+    @_locked
+    def commit(self) -> None:
+        """Make everything done so far durable, atomically (data is flushed before metadata).
+
+        Blocks freed in this transaction are hole-punched and become allocatable afterwards.
+        """
+        self._check_open()
+        if self.read_only or self.mode in ("read-only", "fail"):
+            return
+        freed = self.space.freed_blocks()
+        arrays = self._paged()
+        self.header.update(time=self.time, cursor=int(self.st[K.ST_CURSOR]), nr_data_blocks=self.space.nr_blocks)
+        self.data.sync()
+        try:
+            self.store.commit(arrays, self.header)
+        except MetadataSpaceExhausted as exc:
+            self._abort_to_read_only(str(exc))
+            raise ReadOnly(f"pool {self.path}: out of metadata space; the transaction was aborted and the "
+                           f"pool is read-only ({exc})") from None
+        bm = self.nodes_map
+        bm.leaf_dirty[:] = 0
+        bm.inner_dirty[:] = 0
+        bm.leaf_rc_dirty[:] = 0
+        bm.inner_rc_dirty[:] = 0
+        self.space.rc_dirty[:] = 0
+        self.devs_dirty.clear()
+        self.catalog_dirty = False
+        self.space.release(freed)
+        self.data.punch(freed)
+        if self.mode == "out-of-data-space" and self.st[K.ST_NR_ALLOCATABLE] > 0:
+            self.mode = "write"
+
+    @_locked
+    def abort(self) -> None:
+        """Drop everything since the last commit (dm-thin's transaction abort)."""
+        self._check_open()
+        self._load()
+        self.data.resize(self.space.nr_blocks) if self.data.nr_blocks != self.space.nr_blocks else None
+        if not self.read_only:
+            self.data.scrub(self.space.data_rc)
+
+    def _abort_to_read_only(self, reason: str) -> None:
+        self._load()
+        self.mode = "read-only"
+        self.read_only_reason = reason
+
+    @_locked
+    def set_transaction_id(self, old: int, new: int) -> None:
+        """dm-thin's ``set_transaction_id <old> <new>``: compare-and-swap of the userspace id."""
+        self._check_writable()
+        if old != self.transaction_id:
+            raise InvalidArgument(f"pool {self.path}: mismatched transaction id (pool has "
+                                  f"{self.transaction_id}, caller said {old})")
+        if not isinstance(new, int) or not 0 <= new < 1 << 64:
+            raise InvalidArgument(f"transaction id {new!r} must be an unsigned 64-bit integer")
+        self.header["transaction_id"] = new
+
+    @_locked
+    def resize(self, data_size: int | str) -> None:
+        """Grow the data device (dm-thin cannot shrink); leaves out-of-data-space mode; commits."""
+        self._check_open()
+        if self.read_only:
+            raise ReadOnly(f"pool {self.path} is opened read-only")
+        if self.header.get("needs_check"):
+            raise ReadOnly(f"pool {self.path} needs check: it cannot be resized until repaired")
+        nbytes = parse_size(data_size, "data size")
+        nr = nbytes // self.block_size
+        if nr < self.space.nr_blocks:
+            raise InvalidArgument(f"pool {self.path}: cannot shrink the data device from "
+                                  f"{self.space.nr_blocks} to {nr} blocks (dm-thin does not support shrinking)")
+        if nr == self.space.nr_blocks:
+            return
+        if (nr >> K.RC_PAGE_BITS) > 4161600:
+            raise InvalidArgument(f"data size {nbytes} is too large")
+        self.data.resize(nr)
+        self.space.resize(nr)
+        self.header["nr_data_blocks"] = nr
+        self._lwm_fired = False
+        if self.mode == "out-of-data-space" and self.st[K.ST_NR_ALLOCATABLE] > 0:
+            self.mode = "write"
+        self.commit()
+
+    def _after_alloc(self) -> None:
+        lwm = int(self.header["low_water_mark"])
+        if not self._lwm_fired and self.st[K.ST_NR_FREE] <= lwm:
+            self._lwm_fired = True
+            if self.on_low_water is not None:
+                self.on_low_water(self)
+        bm = self.nodes_map
+        live = int(self.st[K.ST_LEAVES_LIVE] + self.st[K.ST_INNERS_LIVE]) + \
+            (len(bm.leaf_rc) + len(bm.inner_rc) + len(self.space.data_rc)) // 1024 + len(self.devs) // DEVS_PER_PAGE + 8
+        if 2 * live + 16 > self.store.nr_blocks:
+            needed = self.store.estimate_commit_blocks(self._paged())
+            if needed > self.store.free_blocks():
+                self.commit()  # frees the previous versions of rewritten pages, or goes read-only
+
+    # ------------------------------------------------------------------ metadata snapshot
+    @_locked
+    def reserve_metadata_snap(self) -> None:
+        """Commit and hold a read-only view of the metadata (dm-thin's ``reserve_metadata_snap``)."""
+        self._check_writable()
+        if self.store.header.get("held"):
+            raise AlreadyExists(f"pool {self.path}: a metadata snapshot is already held")
+        self.commit()
+        self.store.hold()
+        self.catalog_dirty = True
+        self.commit()
+
+    @_locked
+    def release_metadata_snap(self) -> None:
+        """Release the held metadata snapshot (dm-thin's ``release_metadata_snap``)."""
+        self._check_writable()
+        if not self.store.header.get("held"):
+            raise InvalidArgument(f"pool {self.path}: no metadata snapshot is held")
+        self.store.release_hold()
+        self.catalog_dirty = True
+        self.commit()
+
+    # ------------------------------------------------------------------ closing
+    @_locked
+    def close(self, commit: bool = True) -> None:
+        """Commit (unless ``commit=False``, which drops uncommitted changes like a crash) and release."""
+        if self._closed:
+            return
+        try:
+            if commit:
+                self.commit()
+        finally:
+            self._closed = True
+            self.data.close()
+            self.store.close()
+            self._release_lock()
+
+
+def _round_up(n: int, m: int) -> int:
+    return (n + m - 1) // m * m
+
+
+def _pad(raw: bytes) -> np.ndarray:
+    out = np.zeros(max(1, _round_up(len(raw), BLOCK) // BLOCK) * BLOCK, np.uint8)
+    out[: len(raw)] = np.frombuffer(raw, np.uint8)
+    return out
+
+
+

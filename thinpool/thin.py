@@ -1,0 +1,253 @@
+"""Thin volumes: byte-addressed I/O over the pool's JIT kernels.
+
+Every method validates its arguments first (offsets, lengths, the volume's end) so bad input
+changes nothing, then hands the whole batch to one kernel call.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from . import kernels as K
+from .errors import InvalidArgument, NoSpace, ReadOnly
+
+
+def _as_offsets(values, what: str) -> np.ndarray:
+    arr = np.asarray(values)
+    if arr.ndim == 0:
+        arr = arr.reshape(1)
+    if arr.dtype.kind not in "iu":
+        raise InvalidArgument(f"{what} must be integers, got dtype {arr.dtype}")
+    if arr.dtype.kind == "u" and arr.size and arr.max() > np.iinfo(np.int64).max:
+        raise InvalidArgument(f"{what} out of range")
+    return np.ascontiguousarray(arr, dtype=np.int64)
+
+
+class Thin:
+    """A thin volume of a :class:`~thinpool.pool.Pool` (a cheap handle; look it up by name)."""
+
+    __slots__ = ("pool", "name")
+
+    def __init__(self, pool, name: str) -> None:
+        self.pool = pool
+        self.name = name
+
+    # ------------------------------------------------------------------ attributes
+    @property
+    def _rec(self):
+        return self.pool.devs[self.pool._slot(self.name)]
+
+    @property
+    def dev_id(self) -> int:
+        """dm-thin device id (24 bits)."""
+        return int(self._rec["dev_id"])
+
+    @property
+    def size(self) -> int:
+        """Virtual size in bytes."""
+        return int(self._rec["size"])
+
+    @property
+    def read_only(self) -> bool:
+        return bool(self._rec["flags"] & 2)
+
+    @property
+    def mapped_blocks(self) -> int:
+        return int(self._rec["mapped"])
+
+    @property
+    def creation_time(self) -> int:
+        return int(self._rec["creation_time"])
+
+    @property
+    def snap_time(self) -> int:
+        """dm-thin's ``snapshotted_time``: mappings older than this are shared."""
+        return int(self._rec["snap_time"])
+
+    @property
+    def transaction(self) -> int:
+        return int(self._rec["transaction"])
+
+    def __repr__(self) -> str:
+        return f"<Thin {self.name!r} dev_id={self.dev_id} size={self.size}>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Thin) and other.pool is self.pool and other.name == self.name
+
+    def __hash__(self) -> int:
+        return hash((id(self.pool), self.name))
+
+    def usage(self):
+        """This volume's :class:`~thinpool.pool.Usage`."""
+        return self.pool.usage(self.name)
+
+    # ------------------------------------------------------------------ validation
+    def _check_range(self, offsets: np.ndarray, lengths: np.ndarray) -> None:
+        size = self.size
+        if offsets.size == 0:
+            return
+        if (offsets < 0).any():
+            raise InvalidArgument(f"volume {self.name!r}: negative offset {int(offsets[offsets < 0][0])}")
+        if (lengths < 0).any():
+            raise InvalidArgument(f"volume {self.name!r}: negative length {int(lengths[lengths < 0][0])}")
+        ends = offsets + lengths
+        bad = (ends > size) | (ends < offsets)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise InvalidArgument(f"volume {self.name!r}: I/O at offset {int(offsets[i])} length {int(lengths[i])} "
+                                  f"goes past the end of the volume ({size} bytes)")
+
+    def _check_write(self) -> None:
+        self.pool._check_writable()
+        if self.read_only:
+            raise ReadOnly(f"volume {self.name!r} is read-only")
+
+    # ------------------------------------------------------------------ writes
+    def write(self, offset: int, data: bytes | bytearray | memoryview | np.ndarray) -> int:
+        """Write ``data`` at byte ``offset``; returns the bytes written.  Provisions on first write,
+        breaks sharing by copy-on-write, raises NoSpace (changing nothing) when the pool is full."""
+        buf = np.frombuffer(data, np.uint8) if not isinstance(data, np.ndarray) else \
+            np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+        if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)):
+            raise InvalidArgument(f"volume {self.name!r}: offset must be an integer, got {offset!r}")
+        offsets = np.array([offset], np.int64) if 0 <= offset < 1 << 62 else np.array([-1], np.int64)
+        lengths = np.array([len(buf)], np.int64)
+        self._submit(offsets, lengths, buf, np.zeros(1, np.int64))
+        return len(buf)
+
+    def write_many(self, offsets: Sequence[int] | np.ndarray,
+                   buffers: np.ndarray | Sequence[bytes]) -> int:
+        """Write a batch in one kernel call: ``buffers`` is a 2-D uint8 array (one row per offset)
+        or a sequence of bytes-like objects.  Returns the total bytes written.  All-or-nothing with
+        respect to data space: if the batch cannot be provisioned, NoSpace and nothing changes."""
+        offs = _as_offsets(offsets, "offsets")
+        if isinstance(buffers, np.ndarray) and buffers.ndim == 2:
+            if len(buffers) != len(offs):
+                raise InvalidArgument(f"volume {self.name!r}: {len(offs)} offsets but {len(buffers)} buffers")
+            buf = np.ascontiguousarray(buffers, dtype=np.uint8).reshape(-1)
+            lengths = np.full(len(offs), buffers.shape[1], np.int64)
+        else:
+            parts = [np.frombuffer(b, np.uint8) if not isinstance(b, np.ndarray) else b.reshape(-1).view(np.uint8)
+                     for b in buffers]
+            if len(parts) != len(offs):
+                raise InvalidArgument(f"volume {self.name!r}: {len(offs)} offsets but {len(parts)} buffers")
+            lengths = np.array([len(p) for p in parts], np.int64)
+            buf = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+        starts = np.zeros(len(offs), np.int64)
+        if len(offs) > 1:
+            np.cumsum(lengths[:-1], out=starts[1:])
+        self._submit(offs, lengths, buf, starts)
+        return int(lengths.sum())
+
+    def _submit(self, offsets: np.ndarray, lengths: np.ndarray, buf: np.ndarray, starts: np.ndarray) -> None:
+        pool = self.pool
+        with pool._lock:
+            self._check_write()
+            self._check_range(offsets, lengths)
+            slot = pool._slot(self.name)
+            rec = pool.devs[slot]
+            st = pool.st
+            dev = np.array([rec["root"], rec["snap_time"], 0, rec["size"]], np.int64)
+            bs = pool.block_size
+            need = K.blocks_needed(pool.nodes_map.nodes, dev, offsets, lengths, bs)
+            if need > st[K.ST_NR_ALLOCATABLE]:
+                if need <= st[K.ST_NR_FREE]:
+                    pool.commit()  # blocks freed in this transaction become allocatable
+                    dev[0] = pool.devs[slot]["root"]
+                if need > st[K.ST_NR_ALLOCATABLE]:
+                    pool.mode = "out-of-data-space"
+                    raise NoSpace(f"pool {pool.path}: no free data space for volume {self.name!r} "
+                                  f"({need} blocks needed, {int(st[K.ST_NR_ALLOCATABLE])} free)")
+            start = 0
+            while True:
+                code, start = K.write_batch(pool.nodes_map.nodes, pool.space.data_rc, pool.space.freed_txn,
+                                            pool.space.rc_dirty, st, dev, pool.data.array, offsets, lengths,
+                                            buf, starts, start)
+                if code == K.OK:
+                    break
+                nblk = int((offsets[start] + lengths[start] - 1) // bs - offsets[start] // bs + 1)
+                pool.nodes_map.ensure(2 * nblk + 1, nblk)
+            rec = pool.devs[slot]
+            if rec["root"] != dev[0] or dev[2]:
+                rec["root"] = dev[0]
+                rec["mapped"] += dev[2]
+                pool.devs_dirty.add(slot)
+            if need:
+                pool._after_alloc()
+
+    def discard(self, offset: int, length: int) -> int:
+        """Unmap the whole blocks inside ``[offset, offset+length)``; partial blocks are untouched
+        (dm-thin's rule).  Returns the number of blocks unmapped.  Freed blocks are hole-punched at
+        the next commit."""
+        offs = _as_offsets(offset, "offset")
+        lens = _as_offsets(length, "length")
+        pool = self.pool
+        with pool._lock:
+            self._check_write()
+            self._check_range(offs, lens)
+            bs = pool.block_size
+            first = -(-int(offs[0]) // bs)
+            last = (int(offs[0]) + int(lens[0])) // bs
+            if last <= first:
+                return 0
+            slot = pool._slot(self.name)
+            rec = pool.devs[slot]
+            dev = np.array([rec["root"], rec["snap_time"], 0, rec["size"]], np.int64)
+            vb = first
+            while True:
+                code, vb = K.discard_range(pool.nodes_map.nodes, pool.space.data_rc, pool.space.freed_txn,
+                                           pool.space.rc_dirty, pool.st, dev, vb, last)
+                if code == K.OK:
+                    break
+                pool.nodes_map.ensure(3, 1)
+            rec = pool.devs[slot]
+            rec["root"] = dev[0]
+            rec["mapped"] += dev[2]
+            pool.devs_dirty.add(slot)
+            return int(-dev[2])
+
+    # ------------------------------------------------------------------ reads
+    def read(self, offset: int, length: int) -> bytes:
+        """Read ``length`` bytes at ``offset`` (unmapped blocks read as zeroes)."""
+        offs = _as_offsets(offset, "offset")
+        lens = _as_offsets(length, "length")
+        out = np.empty(int(lens[0]) if lens[0] > 0 else 0, np.uint8)
+        self._read(offs, lens, out, np.zeros(1, np.int64))
+        return out.tobytes()
+
+    def read_into(self, offset: int, out: np.ndarray) -> None:
+        """Read ``len(out)`` bytes at ``offset`` into a uint8 array."""
+        offs = _as_offsets(offset, "offset")
+        self._read(offs, np.array([len(out)], np.int64), out.reshape(-1).view(np.uint8), np.zeros(1, np.int64))
+
+    def read_many(self, offsets: Sequence[int] | np.ndarray, length: int) -> np.ndarray:
+        """Read ``length`` bytes at each offset in one kernel call; returns a (n, length) uint8 array."""
+        offs = _as_offsets(offsets, "offsets")
+        if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 0:
+            raise InvalidArgument(f"volume {self.name!r}: length must be a non-negative integer, got {length!r}")
+        out = np.empty((len(offs), int(length)), np.uint8)
+        starts = np.arange(len(offs), dtype=np.int64) * int(length)
+        self._read(offs, np.full(len(offs), length, np.int64), out.reshape(-1), starts)
+        return out
+
+    def _read(self, offsets: np.ndarray, lengths: np.ndarray, out: np.ndarray, starts: np.ndarray) -> None:
+        pool = self.pool
+        with pool._lock:
+            pool._check_open()
+            self._check_range(offsets, lengths)
+            root = int(pool.devs[pool._slot(self.name)]["root"])
+            K.read_batch(pool.nodes_map.nodes, root, pool.data.array, pool.block_size, offsets, lengths, out, starts)
+
+    # ------------------------------------------------------------------ mappings
+    def mappings(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(virtual blocks, data blocks, times) of every mapping, sorted by virtual block."""
+        pool = self.pool
+        with pool._lock:
+            root = int(pool.devs[pool._slot(self.name)]["root"])
+            n, _ = K.count_mappings(pool.nodes_map.nodes, root)
+            vb = np.empty(n, np.int64)
+            vals = np.empty(n, np.uint64)
+            K.collect_mappings(pool.nodes_map.nodes, root, vb, vals)
+        return vb, (vals >> np.uint64(24)).astype(np.int64), (vals & np.uint64(0xFFFFFF)).astype(np.int64)
