@@ -675,6 +675,27 @@ class Pool:
         self.catalog_dirty = True
         self.commit()
 
+    # ------------------------------------------------------------------ check and interop
+    @_locked
+    def check(self):
+        """Structural check of the metadata (:class:`~thinpool.check.CheckReport`; ``.ok``)."""
+        from .check import check_pool
+        self._check_open()
+        return check_pool(self)
+
+    def to_metadata(self, *, held: bool = False):
+        """The pool as interop IR (:class:`~thinpool.interop.ir.Metadata`); ``held`` reads the held
+        metadata snapshot instead of the live state."""
+        from .interop.pool_ir import pool_to_metadata
+        self._check_open()
+        return pool_to_metadata(self, held=held)
+
+    @classmethod
+    def from_metadata(cls, path: str | os.PathLike, md, **kwargs) -> "Pool":
+        """Create a new pool holding exactly the devices and mappings of IR ``md`` (restore/import)."""
+        from .interop.pool_ir import pool_from_metadata
+        return pool_from_metadata(path, md, **kwargs)
+
     # ------------------------------------------------------------------ closing
     @_locked
     def close(self, commit: bool = True) -> None:
