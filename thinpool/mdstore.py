@@ -60,12 +60,23 @@ class PagedArray:
     dead: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
 
+class FileIO:
+    """The system calls the store writes through; tests substitute a fault-injecting layer
+    (torn writes, lost unflushed writes, a stop at the N-th write)."""
+
+    pwrite = staticmethod(os.pwrite)
+    fdatasync = staticmethod(os.fdatasync)
+
+
 class MetadataSpaceExhausted(ReadOnly):
     """No free metadata block for a commit."""
 
 
 class MetadataStore:
     """A metadata file of ``nr_blocks`` 4 KiB blocks holding paged arrays, committed atomically."""
+
+    #: the write path (class-level so a test can swap it for every store it opens)
+    io: FileIO = FileIO()
 
     def __init__(self, path: str, *, read_only: bool = False) -> None:
         self.path = path
@@ -277,7 +288,7 @@ class MetadataStore:
             end = start + 1
             while end < n and b[end] == b[end - 1] + 1:
                 end += 1
-            os.pwrite(self.fd, pages[order[start:end]].tobytes(), int(b[start]) * BLOCK)
+            self.io.pwrite(self.fd, pages[order[start:end]].tobytes(), int(b[start]) * BLOCK)
             start = end
         return crcs
 
@@ -358,7 +369,7 @@ class MetadataStore:
             blocks = self._allocate(ndir)
             crcs = self._write_pages(dir_pages, blocks)
             dir_locs = [int(b) << 32 | int(c) for b, c in zip(blocks, crcs)]
-            os.fdatasync(self.fd)
+            self.io.fdatasync(self.fd)
             header = dict(header)
             if "held" in self.header:
                 header["held"] = self.header["held"]
@@ -382,8 +393,8 @@ class MetadataStore:
         _SB_HEADER.pack_into(raw, 0, 0, MAGIC, FORMAT_VERSION, generation, len(body))
         raw[_SB_HEADER.size:_SB_HEADER.size + len(body)] = body
         struct.pack_into("<I", raw, 0, checksum(bytes(raw[4:])))
-        os.pwrite(self.fd, bytes(raw), (generation % SUPERBLOCKS) * BLOCK)
-        os.fdatasync(self.fd)
+        self.io.pwrite(self.fd, bytes(raw), (generation % SUPERBLOCKS) * BLOCK)
+        self.io.fdatasync(self.fd)
 
     # ------------------------------------------------------------------ held metadata snapshot
     def hold(self) -> None:
