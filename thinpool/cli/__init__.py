@@ -1,0 +1,163 @@
+"""The ``thinpool`` command line: a thin shell over the library.
+
+Structure
+---------
+* :data:`main` is the click group (entry point ``thinpool = "thinpool.cli:main"``).
+* Commands live in *command modules* listed in :data:`COMMAND_MODULES`.  Each module defines
+
+  - ``SECTION: str`` -- the heading its commands appear under in ``thinpool --help``;
+  - ``COMMANDS: list[click.Command]`` -- its commands, in the order ``--help`` lists them.
+
+  Adding a module is one line in :data:`COMMAND_MODULES`.  A listed module that does not exist (yet) is
+  skipped; any other import error in a module is a real error and propagates.
+* Every pool-touching command goes through :func:`thinpool.cli.ops.run_op`, which routes it to a serving
+  process's control socket when the pool is being served (see :mod:`thinpool.cli.ops`).
+
+Error handling (here, once, for every command): a :class:`~thinpool.errors.ThinpoolError` (or an
+``OSError`` such as a missing input file) prints one line ``thinpool: error: <message>`` on stderr and
+exits 1; usage errors exit 2 (click); a closed stdout pipe (``thinpool dump POOL | head``) is silent.
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib
+import os
+import sys
+from typing import Any
+
+import click
+
+from thinpool.errors import ThinpoolError
+
+#: Command modules, in the order their sections appear in ``thinpool --help``.
+COMMAND_MODULES: list[str] = [
+    "thinpool.cli.pool_cmds",
+    "thinpool.cli.volume_cmds",
+    "thinpool.cli.containers_cmds",
+    "thinpool.cli.interop_cmds",
+    "thinpool.cli.serve_cmds",
+    "thinpool.cli.repair_cmds",
+]
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def error_line(exc: BaseException) -> str:
+    """The one-line message printed for ``exc`` (newlines folded, never empty)."""
+    if isinstance(exc, OSError) and not isinstance(exc, ThinpoolError) and exc.strerror:
+        text = f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
+def _silence_stdout() -> None:
+    """After a broken pipe: point stdout at /dev/null so the interpreter's final flush stays quiet."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+class SectionedGroup(click.Group):
+    """A click group that lists its commands under per-module sections, in registration order,
+    and turns library errors into one-line messages."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sections: list[tuple[str, list[str]]] = []
+
+    def add_section(self, title: str, commands: list[click.Command]) -> None:
+        """Register ``commands`` under the help heading ``title`` (merged if the heading exists)."""
+        for section_title, names in self.sections:
+            if section_title == title:
+                break
+        else:
+            names = []
+            self.sections.append((title, names))
+        for cmd in commands:
+            if cmd.name in self.commands:
+                raise RuntimeError(f"thinpool CLI: command {cmd.name!r} is registered twice")
+            self.add_command(cmd)
+            names.append(cmd.name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        ordered = [n for _, names in self.sections for n in names]
+        return ordered + sorted(n for n in self.commands if n not in ordered)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        listed: set[str] = set()
+        for title, names in self.sections:
+            rows = []
+            for name in names:
+                cmd = self.get_command(ctx, name)
+                if cmd is None or cmd.hidden:
+                    continue
+                rows.append((name, cmd.get_short_help_str(limit=formatter.width - 6 - 22)))
+                listed.add(name)
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows, col_max=22)
+        rest = [(n, c.get_short_help_str()) for n, c in sorted(self.commands.items())
+                if n not in listed and not c.hidden]
+        if rest:
+            with formatter.section("Other commands"):
+                formatter.write_dl(rest)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            result = super().invoke(ctx)
+            sys.stdout.flush()
+            return result
+        except BrokenPipeError:
+            _silence_stdout()
+            raise click.exceptions.Exit(1) from None
+        except ThinpoolError as exc:
+            click.echo(f"thinpool: error: {error_line(exc)}", err=True)
+            raise click.exceptions.Exit(1) from None
+        except OSError as exc:
+            if exc.errno == errno.EPIPE:
+                _silence_stdout()
+                raise click.exceptions.Exit(1) from None
+            click.echo(f"thinpool: error: {error_line(exc)}", err=True)
+            raise click.exceptions.Exit(1) from None
+
+
+@click.group(cls=SectionedGroup, context_settings=CONTEXT_SETTINGS)
+@click.version_option(package_name="thinpool", prog_name="thinpool")
+def main() -> None:
+    """Simulate Linux dm-thin thin pools: sparse data, O(1) snapshots, copy-on-write, real metadata.
+
+    A pool is a directory (data file + metadata).  Sizes take binary units: 4096, 64K, 64KiB, 10G.
+
+    \b
+    Quick start:
+      thinpool create /tmp/pool --data-size 10G
+      thinpool create-thin /tmp/pool base 1G
+      echo hello | thinpool write /tmp/pool base
+      thinpool snapshot /tmp/pool base snap1
+      thinpool ls /tmp/pool
+      thinpool status /tmp/pool
+
+    While a pool is served (`thinpool serve`), the pool commands are sent to the serving process
+    over <pool>/control.sock; streaming commands (write/read/import/export) then need the NBD export.
+    Every reporting command has --json.  Errors: one line on stderr, exit 1 (usage errors exit 2).
+    """
+
+
+def _load_command_modules() -> None:
+    for modname in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(modname)
+        except ModuleNotFoundError as exc:
+            if exc.name == modname:
+                continue  # listed but not written yet
+            raise
+        main.add_section(module.SECTION, list(module.COMMANDS))
+
+
+_load_command_modules()
+
+__all__ = ["main", "COMMAND_MODULES", "error_line"]

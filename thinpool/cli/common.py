@@ -1,0 +1,92 @@
+"""Helpers shared by the command modules: option types, ``--json`` output, progress bars."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import click
+
+from thinpool.errors import ThinpoolError
+from thinpool.units import parse_size
+
+
+class SizeType(click.ParamType):
+    """A click parameter type for sizes with binary units (``4096``, ``64K``, ``64KiB``, ``10G``, ``8s``)."""
+
+    name = "SIZE"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(value, param.human_readable_name if param else "size")
+        except ThinpoolError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+SIZE = SizeType()
+
+#: ``POOL`` argument: a pool directory (existence is checked by the library, with its own error).
+pool_argument = click.argument("pool", metavar="POOL", type=click.Path(file_okay=False, path_type=str))
+
+#: ``--json`` flag for reporting commands.
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object/array on stdout.")
+
+
+def abspath(path: str) -> str:
+    """An absolute path (ops sent to a serving process must not depend on the client's cwd)."""
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def emit(result: Any, as_json: bool, render: Callable[[Any], str] | None = None) -> None:
+    """Print ``result``: as one JSON document with ``--json``, else through ``render`` (or nothing if
+    ``render`` is None or returns an empty string)."""
+    if as_json:
+        click.echo(json.dumps(result, indent=2, sort_keys=False))
+        return
+    if render is None:
+        return
+    text = render(result)
+    if text:
+        click.echo(text, nl=not text.endswith("\n"))
+
+
+def stderr_is_tty() -> bool:
+    """True when stderr is a terminal (progress bars are shown only then)."""
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+@contextmanager
+def progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A byte-count progress bar on stderr when it is a terminal; yields ``advance(nbytes)``.
+
+    When stderr is not a terminal, ``advance`` does nothing (no output at all).
+    """
+    if not stderr_is_tty() or total <= 0:
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                               TransferSpeedColumn)
+    cols = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
+            TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress(*cols, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def human_size(nbytes: int) -> str:
+    """Binary human size (``64.0KiB``)."""
+    from thinpool.units import format_size
+    return format_size(nbytes)
+
+
+__all__ = ["SIZE", "SizeType", "pool_argument", "json_option", "abspath", "emit", "progress",
+           "stderr_is_tty", "human_size"]
