@@ -1,0 +1,635 @@
+"""A containerd-style snapshotter on a thin pool (containerd's ``Snapshotter`` interface, block-level).
+
+Model (containerd ``core/snapshots``; see shared/reference/containers.md §2.1-2.2)
+-----------------------------------------------------------------------------------
+* A snapshot is **active** (writable, from :meth:`Snapshotter.prepare`), a **view** (read-only, from
+  :meth:`Snapshotter.view`) or **committed** (from :meth:`Snapshotter.commit`; read-only; the only kind
+  that can be a parent).  Active and view snapshots are addressed by *key*, committed ones by *name*;
+  keys and names share one key space per namespace.
+* Each snapshot is one thin volume of the pool.  A snapshot with a parent is a dm-thin snapshot
+  (``create_snap``) of the parent's volume; a parentless one is an empty thin volume of ``base_size``.
+  Commit turns the active volume into a read-only volume *under the same volume name* (an O(1)
+  read-only snapshot of it replaces it), so children snapshot exactly the committed blocks.
+* Volume names are ``snap/<namespace>/<id>`` where ``<id>`` is a per-namespace number that never
+  changes for the life of the snapshot (commit keeps it, as containerd's devmapper snapshotter does).
+  :meth:`Snapshotter.parse_volume_name` and :meth:`Snapshotter.key_for_volume` reverse the mapping.
+* Records (kind, parent, labels, timestamps, id) live in the pool's own metadata under the records
+  namespace ``snapshots/<namespace>`` (:meth:`thinpool.pool.Pool.put_records`), so they are committed in
+  the **same transaction** as the thin devices they describe: after a crash at any point there is never
+  a record without its device nor a device without its record (containerd keeps two journals and has
+  had exactly that bug, containerd#5646).  By default every mutation commits the pool, as dm-thin
+  commits after each pool message; ``autocommit=False`` leaves committing to the caller.
+
+Errors (containerd ``errdefs`` kinds mapped onto :mod:`thinpool.errors`)
+--------------------------------------------------------------------------
+=================  ====================================================================================
+AlreadyExists      prepare/view with a key that exists (any kind); commit to a name that exists
+NotFound           any method on a missing key; prepare/view with a missing parent
+InvalidArgument    prepare/view with a parent that is not committed; update of a field other than
+                   labels; malformed key, labels or filter
+FailedPrecondition commit of a key that is not active; commit whose parent is not committed;
+                   remove of a snapshot that has children; mounts of a committed snapshot
+=================  ====================================================================================
+
+Usage is block-level and exact: a snapshot *owns* the mapped blocks whose data block differs from its
+parent's mapping at the same virtual block (newly provisioned or copy-on-write broken).  containerd's
+devmapper snapshotter reports the growth of mapped sectors instead, which misses overwrites of
+inherited blocks; :class:`SnapshotUsage` carries that figure too (``mapped_growth_blocks``) for comparison.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from .units import parse_size
+
+KINDS = ("view", "active", "committed")
+VOLUME_PREFIX = "snap/"
+RECORDS_PREFIX = "snapshots/"
+DEFAULT_BASE_SIZE = 10 << 30  # Docker's dm.basesize default
+MAX_LABEL_BYTES = 4096  # containerd: len(key) + len(value) per label
+_NAMESPACE_RE = re.compile(r"^[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*$")  # containerd's namespace rule
+_VOLUME_RE = re.compile(r"^snap/([^/]+)/([0-9]+)$")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+# ------------------------------------------------------------------------------------------------ values
+@dataclass(frozen=True)
+class Info:
+    """containerd's ``snapshots.Info``: what :meth:`Snapshotter.stat` returns.
+
+    ``parent`` is ``""`` for a snapshot without a parent (as in containerd).  ``labels`` is the only
+    field :meth:`Snapshotter.update` changes.
+    """
+
+    kind: str
+    name: str
+    parent: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    created: datetime | None = None
+    updated: datetime | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-able form (timestamps as ISO 8601 strings)."""
+        return {"kind": self.kind, "name": self.name, "parent": self.parent, "labels": dict(self.labels),
+                "created": self.created.isoformat() if self.created else None,
+                "updated": self.updated.isoformat() if self.updated else None}
+
+
+@dataclass(frozen=True)
+class Mount:
+    """Where a snapshot's content lives: thin volume ``source`` of the pool at ``pool``.
+
+    containerd returns a list of mounts; a thin-pool snapshot is always exactly one volume, so the
+    snapshotter returns this one mount.  ``thin`` is the live :class:`~thinpool.thin.Thin` handle.
+    """
+
+    type: str
+    source: str
+    options: tuple[str, ...]
+    dev_id: int
+    pool: str
+    thin: Any = field(default=None, compare=False, repr=False)
+
+    @property
+    def read_only(self) -> bool:
+        return "ro" in self.options
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"type": self.type, "source": self.source, "options": list(self.options),
+                "dev_id": self.dev_id, "pool": self.pool}
+
+
+@dataclass(frozen=True)
+class SnapshotUsage:
+    """Resource use of one snapshot, excluding its parents (containerd's ``Usage``, block-level).
+
+    * ``size_bytes`` = ``owned_blocks`` x ``block_size``;
+    * ``owned_blocks``: mapped blocks whose data block differs from the parent's mapping at the same
+      virtual block (new or copy-on-write broken); all mapped blocks for a parentless snapshot;
+    * ``mapped_blocks`` / ``exclusive_blocks`` / ``shared_blocks``: thin_ls's view of the volume
+      (exclusive = referenced by no other mapping in the pool);
+    * ``mapped_growth_blocks``: mapped(snapshot) - mapped(parent), which is what containerd's devmapper
+      snapshotter reports (it misses overwrites of inherited blocks and can go negative);
+    * ``inodes`` is -1: a block device has no inode count to report.
+    """
+
+    size_bytes: int
+    inodes: int
+    block_size: int
+    owned_blocks: int
+    mapped_blocks: int
+    exclusive_blocks: int
+    shared_blocks: int
+    mapped_growth_blocks: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"size_bytes": self.size_bytes, "inodes": self.inodes, "block_size": self.block_size,
+                "owned_blocks": self.owned_blocks, "mapped_blocks": self.mapped_blocks,
+                "exclusive_blocks": self.exclusive_blocks, "shared_blocks": self.shared_blocks,
+                "mapped_growth_blocks": self.mapped_growth_blocks}
+
+
+def owned_blocks(vblocks: np.ndarray, dblocks: np.ndarray,
+                 parent_vblocks: np.ndarray | None, parent_dblocks: np.ndarray | None) -> int:
+    """Count the mappings ``(vblocks[i] -> dblocks[i])`` that the parent does not have identically.
+
+    Both mapping lists must be sorted by virtual block (as :meth:`~thinpool.thin.Thin.mappings` returns
+    them).  Vectorized: one ``np.searchsorted`` of the child's virtual blocks into the parent's.
+    """
+    n = len(vblocks)
+    if parent_vblocks is None or len(parent_vblocks) == 0 or n == 0:
+        return int(n)
+    idx = np.searchsorted(parent_vblocks, vblocks)
+    inside = idx < len(parent_vblocks)
+    idx_c = np.where(inside, idx, 0)
+    inherited = inside & (parent_vblocks[idx_c] == vblocks) & (parent_dblocks[idx_c] == dblocks)
+    return int(n - np.count_nonzero(inherited))
+
+
+# ------------------------------------------------------------------------------------------------ filters
+_FIELDS = ("kind", "name", "parent", "labels")
+_TOKEN_RE = re.compile(r'\s*(?:(?P<quoted>"(?:[^"\\]|\\.)*")|(?P<ident>[A-Za-z0-9_\-/:]+)|(?P<op>==|!=|~=)'
+                       r'|(?P<dot>\.)|(?P<comma>,))')
+
+
+def _unquote(text: str) -> str:
+    body = text[1:-1]
+    return re.sub(r"\\(.)", lambda m: {"n": "\n", "t": "\t"}.get(m.group(1), m.group(1)), body)
+
+
+@dataclass(frozen=True)
+class _Selector:
+    path: tuple[str, ...]
+    op: str | None
+    value: str | None
+
+    def matches(self, info: Info) -> bool:
+        if self.path[0] == "labels":
+            key = ".".join(self.path[1:])
+            present = key in info.labels
+            actual = info.labels.get(key, "")
+        else:
+            actual = getattr(info, self.path[0])
+            present = actual != ""
+        if self.op is None:
+            return present
+        if self.op == "==":
+            return present and actual == self.value
+        if self.op == "!=":
+            return not present or actual != self.value
+        return present and re.search(self.value or "", actual) is not None
+
+
+def parse_filter(text: str) -> list[_Selector]:
+    """Parse one containerd filter string into its AND-ed selectors.
+
+    Supported subset of containerd's filter syntax:
+
+    * ``field==value``, ``field!=value``, ``field~=regex`` (Python ``re.search``), or a bare ``field``
+      (present / non-empty);
+    * fields ``kind`` (view|active|committed), ``name``, ``parent`` and ``labels.<key>``; a label key
+      with dots or other characters is quoted: ``labels."containerd.io/gc.root"``;
+    * values are bare words (up to the next comma) or double-quoted strings with backslash escapes;
+    * a comma ANDs selectors.  The empty string matches everything.
+    """
+    if not isinstance(text, str):
+        raise InvalidArgument(f"snapshot filter must be a string, got {type(text).__name__}")
+    selectors: list[_Selector] = []
+    pos = 0
+    n = len(text)
+
+    def fail(msg: str) -> InvalidArgument:
+        return InvalidArgument(f"snapshot filter {text!r}: {msg} at position {pos}")
+
+    while pos < n:
+        if text[pos:].strip() == "":
+            break
+        # field path
+        path: list[str] = []
+        while True:
+            m = _TOKEN_RE.match(text, pos)
+            if not m or not (m.group("ident") or m.group("quoted")):
+                raise fail("expected a field name")
+            path.append(m.group("ident") or _unquote(m.group("quoted")))
+            pos = m.end()
+            m = _TOKEN_RE.match(text, pos)
+            if m and m.group("dot"):
+                pos = m.end()
+                continue
+            break
+        if path[0] not in _FIELDS:
+            raise InvalidArgument(f"snapshot filter {text!r}: unknown field {path[0]!r} "
+                                  f"(supported: kind, name, parent, labels.<key>)")
+        if path[0] == "labels" and len(path) < 2:
+            raise InvalidArgument(f"snapshot filter {text!r}: 'labels' needs a key, e.g. labels.\"k\"==v")
+        if path[0] != "labels" and len(path) > 1:
+            raise InvalidArgument(f"snapshot filter {text!r}: field {path[0]!r} has no sub-fields")
+        op = value = None
+        m = _TOKEN_RE.match(text, pos)
+        if m and m.group("op"):
+            op = m.group("op")
+            pos = m.end()
+            rest = text[pos:]
+            stripped = rest.lstrip()
+            pos += len(rest) - len(stripped)
+            if stripped.startswith('"'):
+                qm = re.match(r'"(?:[^"\\]|\\.)*"', stripped)
+                if not qm:
+                    raise fail("unterminated quoted value")
+                value = _unquote(qm.group(0))
+                pos += qm.end()
+            else:
+                end = text.find(",", pos)
+                end = n if end < 0 else end
+                value = text[pos:end].strip()
+                if not value:
+                    raise fail("expected a value")
+                pos = end
+            if op == "~=":
+                try:
+                    re.compile(value)
+                except re.error as exc:
+                    raise InvalidArgument(f"snapshot filter {text!r}: bad regular expression {value!r}: {exc}") \
+                        from None
+            if path[0] == "kind" and op == "==" and value not in KINDS:
+                raise InvalidArgument(f"snapshot filter {text!r}: kind must be one of {', '.join(KINDS)}")
+        selectors.append(_Selector(tuple(path), op, value))
+        m = _TOKEN_RE.match(text, pos)
+        if m and m.group("comma"):
+            pos = m.end()
+            continue
+        if text[pos:].strip():
+            raise fail("expected ',' or the end of the filter")
+        break
+    return selectors
+
+
+# ------------------------------------------------------------------------------------------------ snapshotter
+class Snapshotter:
+    """containerd's Snapshotter on a :class:`~thinpool.pool.Pool` (see the module docstring).
+
+    ``namespace`` separates snapshot key spaces (containerd namespaces); ``base_size`` is the virtual
+    size of parentless snapshots (children inherit their parent's size); with ``autocommit`` (default)
+    every mutation commits the pool, records and devices together.
+    """
+
+    def __init__(self, pool, namespace: str = "default", *, base_size: int | str = DEFAULT_BASE_SIZE,
+                 autocommit: bool = True) -> None:
+        if not isinstance(namespace, str) or len(namespace) > 76 or not _NAMESPACE_RE.match(namespace):
+            raise InvalidArgument(f"invalid snapshotter namespace {namespace!r}: letters, digits and single "
+                                  f"'.', '_' or '-' between them, at most 76 characters")
+        self.pool = pool
+        self.namespace = namespace
+        self.base_size = parse_size(base_size, "base size")
+        self.autocommit = bool(autocommit)
+        self.records_key = RECORDS_PREFIX + namespace
+        self._lock: threading.RLock = getattr(pool, "_lock", None) or threading.RLock()
+
+    def __repr__(self) -> str:
+        return f"<Snapshotter {self.pool.path} namespace={self.namespace!r}>"
+
+    def __enter__(self) -> "Snapshotter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release nothing: the snapshotter holds no resources of its own (idempotent, like containerd's)."""
+
+    # ------------------------------------------------------------------ naming
+    def volume_name_for_id(self, snap_id: int) -> str:
+        """The thin volume name of snapshot id ``snap_id`` in this namespace: ``snap/<namespace>/<id>``."""
+        return f"{VOLUME_PREFIX}{self.namespace}/{int(snap_id)}"
+
+    @staticmethod
+    def parse_volume_name(volume: str) -> tuple[str, int] | None:
+        """``(namespace, id)`` for a snapshotter volume name ``snap/<namespace>/<id>``, else None."""
+        m = _VOLUME_RE.match(volume) if isinstance(volume, str) else None
+        return (m.group(1), int(m.group(2))) if m else None
+
+    def volume_name(self, key: str) -> str:
+        """The thin volume that holds snapshot ``key`` (NotFound if no such snapshot)."""
+        with self._lock:
+            return self.volume_name_for_id(self._get(self._load(), key)["id"])
+
+    def key_for_volume(self, volume: str) -> str:
+        """The snapshot key/name whose volume is ``volume`` (NotFound if it is not one of ours)."""
+        parsed = self.parse_volume_name(volume)
+        if parsed is None or parsed[0] != self.namespace:
+            raise NotFound(f"volume {volume!r} is not a snapshot volume of namespace {self.namespace!r}")
+        with self._lock:
+            for key, rec in self._load()["snapshots"].items():
+                if rec["id"] == parsed[1]:
+                    return key
+        raise NotFound(f"volume {volume!r}: no snapshot record in namespace {self.namespace!r}")
+
+    # ------------------------------------------------------------------ records
+    def _load(self) -> dict[str, Any]:
+        recs = self.pool.get_records(self.records_key)
+        recs.setdefault("next_id", 1)
+        recs.setdefault("snapshots", {})
+        return recs
+
+    def _get(self, recs: dict[str, Any], key: str) -> dict[str, Any]:
+        self._check_key(key, "key")
+        try:
+            return recs["snapshots"][key]
+        except KeyError:
+            raise NotFound(f"snapshot {key!r} does not exist (namespace {self.namespace!r})") from None
+
+    @staticmethod
+    def _check_key(key: Any, what: str) -> None:
+        if not isinstance(key, str) or not key:
+            raise InvalidArgument(f"snapshot {what} must be a non-empty string, got {key!r}")
+        if any(ord(c) < 0x20 or ord(c) == 0x7f for c in key):
+            raise InvalidArgument(f"snapshot {what} {key!r} contains control characters")
+
+    @staticmethod
+    def _check_labels(labels: Any, key: str) -> dict[str, str]:
+        if labels is None:
+            return {}
+        if not isinstance(labels, dict):
+            raise InvalidArgument(f"snapshot {key!r}: labels must be a mapping of strings, got "
+                                  f"{type(labels).__name__}")
+        for k, v in labels.items():
+            if not isinstance(k, str) or not k or not isinstance(v, str):
+                raise InvalidArgument(f"snapshot {key!r}: label {k!r}={v!r} must map a non-empty string "
+                                      f"to a string")
+            if len(k.encode()) + len(v.encode()) > MAX_LABEL_BYTES:
+                raise InvalidArgument(f"snapshot {key!r}: label {k!r} is longer than {MAX_LABEL_BYTES} bytes "
+                                      f"(key + value)")
+        return dict(labels)
+
+    def _info(self, key: str, rec: dict[str, Any]) -> Info:
+        return Info(kind=rec["kind"], name=key, parent=rec.get("parent", ""), labels=dict(rec.get("labels", {})),
+                    created=datetime.fromisoformat(rec["created"]), updated=datetime.fromisoformat(rec["updated"]))
+
+    def _mount(self, rec: dict[str, Any]) -> Mount:
+        vol = self.pool.thin(self.volume_name_for_id(rec["id"]))
+        return Mount(type="thin", source=vol.name, options=("rw",) if rec["kind"] == "active" else ("ro",),
+                     dev_id=vol.dev_id, pool=self.pool.path, thin=vol)
+
+    def _alloc_id(self, recs: dict[str, Any]) -> int:
+        snap_id = int(recs["next_id"])
+        while self.volume_name_for_id(snap_id) in self.pool:  # a stray volume (not ours): skip its id
+            snap_id += 1
+        recs["next_id"] = snap_id + 1
+        return snap_id
+
+    def _store(self, recs: dict[str, Any], undo: list[Callable[[], None]]) -> None:
+        """Write the records (same transaction as the device changes already made) and commit if
+        autocommit; on failure run ``undo`` so the pool is left as it was."""
+        try:
+            self.pool.put_records(self.records_key, recs)
+        except BaseException:
+            self._rollback(undo)
+            raise
+        if self.autocommit:
+            self.pool.commit()
+
+    @staticmethod
+    def _rollback(undo: list[Callable[[], None]]) -> None:
+        for fn in reversed(undo):
+            try:
+                fn()
+            except Exception:  # best effort; the pool's own commit keeps records and devices together
+                pass
+
+    # ------------------------------------------------------------------ containerd API
+    def stat(self, key: str) -> Info:
+        """Info of an active, view or committed snapshot (NotFound if missing)."""
+        with self._lock:
+            return self._info(key, self._get(self._load(), key))
+
+    def update(self, info: Info, fieldpaths: Iterable[str] | None = None) -> Info:
+        """Update the labels of snapshot ``info.name``; returns the new Info (``updated`` bumped).
+
+        ``fieldpaths``: ``"labels"`` replaces all labels with ``info.labels``; ``"labels.<k>"`` sets label
+        ``k`` from ``info.labels`` (or deletes it when ``info.labels`` lacks ``k``); none given replaces all
+        labels.  Any other path is InvalidArgument; a missing snapshot is NotFound.
+        """
+        name = getattr(info, "name", None)
+        new_labels = self._check_labels(getattr(info, "labels", None) or {}, str(name))
+        paths = list(fieldpaths or [])
+        with self._lock:
+            recs = self._load()
+            rec = self._get(recs, name)
+            labels = dict(rec.get("labels", {}))
+            if not paths:
+                labels = new_labels
+            for path in paths:
+                if path == "labels":
+                    labels = dict(new_labels)
+                elif isinstance(path, str) and path.startswith("labels.") and len(path) > len("labels."):
+                    k = path[len("labels."):]
+                    if k in new_labels:
+                        labels[k] = new_labels[k]
+                    else:
+                        labels.pop(k, None)
+                else:
+                    raise InvalidArgument(f"cannot update {path!r} field on snapshot {name!r}: only labels "
+                                          f"(\"labels\" or \"labels.<key>\") can be updated")
+            rec["labels"] = labels
+            rec["updated"] = _now()
+            self._store(recs, [])
+            return self._info(name, rec)
+
+    def prepare(self, key: str, parent: str | None = None, labels: dict[str, str] | None = None) -> Mount:
+        """Create an active (writable) snapshot ``key`` of committed snapshot ``parent`` (or an empty
+        volume of ``base_size`` when ``parent`` is None/"") and return its mount.
+
+        AlreadyExists if ``key`` exists; NotFound if ``parent`` does not; InvalidArgument if ``parent`` is
+        not committed.
+        """
+        return self._create("active", key, parent, labels)
+
+    def view(self, key: str, parent: str | None = None, labels: dict[str, str] | None = None) -> Mount:
+        """Create a read-only view ``key`` of committed snapshot ``parent`` (errors as :meth:`prepare`).
+        A view cannot be committed; it must still be removed."""
+        return self._create("view", key, parent, labels)
+
+    def _create(self, kind: str, key: str, parent: str | None, labels: dict[str, str] | None) -> Mount:
+        self._check_key(key, "key")
+        parent = parent or ""
+        labels = self._check_labels(labels, key)
+        with self._lock:
+            recs = self._load()
+            if key in recs["snapshots"]:
+                raise AlreadyExists(f"snapshot {key!r} already exists (namespace {self.namespace!r}, kind "
+                                    f"{recs['snapshots'][key]['kind']})")
+            if parent:
+                prec = recs["snapshots"].get(parent)
+                if prec is None:
+                    raise NotFound(f"cannot prepare {key!r}: parent snapshot {parent!r} does not exist")
+                if prec["kind"] != "committed":
+                    raise InvalidArgument(f"cannot prepare {key!r}: parent {parent!r} is {prec['kind']}, "
+                                          f"only committed snapshots can be parents")
+            snap_id = self._alloc_id(recs)
+            volume = self.volume_name_for_id(snap_id)
+            ro = kind == "view"
+            if parent:
+                self.pool.snapshot(self.volume_name_for_id(prec["id"]), volume, read_only=ro)
+            else:
+                self.pool.create_thin(volume, self.base_size, read_only=ro)
+            now = _now()
+            rec = {"id": snap_id, "kind": kind, "parent": parent, "labels": labels, "created": now, "updated": now}
+            recs["snapshots"][key] = rec
+            self._store(recs, [lambda: self.pool.delete(volume)])
+            return self._mount(rec)
+
+    def commit(self, name: str, key: str, labels: dict[str, str] | None = None) -> Info:
+        """Commit active snapshot ``key`` as ``name`` (``key`` goes away; the labels become ``labels``).
+
+        The volume keeps its name and becomes read-only.  AlreadyExists if ``name`` exists; NotFound if
+        ``key`` does not; FailedPrecondition if ``key`` is not active or its parent is not committed.
+        """
+        self._check_key(name, "name")
+        self._check_key(key, "key")
+        labels = self._check_labels(labels, name)
+        with self._lock:
+            recs = self._load()
+            snaps = recs["snapshots"]
+            if name in snaps:
+                raise AlreadyExists(f"cannot commit {key!r} as {name!r}: snapshot {name!r} already exists")
+            rec = self._get(recs, key)
+            if rec["kind"] != "active":
+                raise FailedPrecondition(f"cannot commit snapshot {key!r}: it is {rec['kind']}, not active")
+            parent = rec.get("parent", "")
+            if parent and snaps.get(parent, {}).get("kind") != "committed":
+                raise FailedPrecondition(f"cannot commit snapshot {key!r}: its parent {parent!r} is not committed")
+            volume = self.volume_name_for_id(rec["id"])
+            tmp = f"{volume}~committing"
+            pool = self.pool
+            undo: list[Callable[[], None]] = []
+            try:
+                pool.rename(volume, tmp)
+                undo.append(lambda: pool.rename(tmp, volume))
+                pool.snapshot(tmp, volume, read_only=True)
+                undo.append(lambda: pool.delete(volume))
+                pool.delete(tmp)
+            except BaseException:
+                self._rollback(undo)
+                raise
+            now = _now()
+            del snaps[key]
+            snaps[name] = {"id": rec["id"], "kind": "committed", "parent": parent, "labels": labels,
+                           "created": now, "updated": now}
+            self._store(recs, [])
+            return self._info(name, snaps[name])
+
+    def remove(self, key: str) -> None:
+        """Remove snapshot ``key`` (any kind) and its volume.  NotFound if missing; FailedPrecondition if
+        another snapshot has it as parent."""
+        with self._lock:
+            recs = self._load()
+            rec = self._get(recs, key)
+            children = sorted(k for k, r in recs["snapshots"].items() if r.get("parent") == key)
+            if children:
+                shown = ", ".join(repr(c) for c in children[:5]) + (" ..." if len(children) > 5 else "")
+                raise FailedPrecondition(f"cannot remove snapshot {key!r} with child: {len(children)} "
+                                         f"snapshot(s) depend on it ({shown})")
+            self.pool.delete(self.volume_name_for_id(rec["id"]))
+            del recs["snapshots"][key]
+            self._store(recs, [])
+
+    def mounts(self, key: str) -> Mount:
+        """The mount (thin volume) of an active or view snapshot.  FailedPrecondition for a committed
+        snapshot (containerd: "not active or view"), NotFound if missing."""
+        with self._lock:
+            rec = self._get(self._load(), key)
+            if rec["kind"] == "committed":
+                raise FailedPrecondition(f"snapshot {key!r} is committed, not active or view: it has no mounts")
+            return self._mount(rec)
+
+    def volume(self, key: str):
+        """The :class:`~thinpool.thin.Thin` volume of any snapshot (committed ones included)."""
+        with self._lock:
+            return self.pool.thin(self.volume_name_for_id(self._get(self._load(), key)["id"]))
+
+    def usage(self, key: str) -> SnapshotUsage:
+        """Block-level usage of ``key`` excluding its parents (see :class:`SnapshotUsage`)."""
+        with self._lock:
+            recs = self._load()
+            rec = self._get(recs, key)
+            volume = self.volume_name_for_id(rec["id"])
+            vb, db, _ = self.pool.thin(volume).mappings()
+            parent = rec.get("parent", "")
+            if parent:
+                pvol = self.pool.thin(self.volume_name_for_id(recs["snapshots"][parent]["id"]))
+                pvb, pdb, _ = pvol.mappings()
+            else:
+                pvb = pdb = None
+            owned = owned_blocks(vb, db, pvb, pdb)
+            u = self.pool.usage(volume)
+            bs = self.pool.block_size
+            return SnapshotUsage(size_bytes=owned * bs, inodes=-1, block_size=bs, owned_blocks=owned,
+                                 mapped_blocks=u.mapped_blocks, exclusive_blocks=u.exclusive_blocks,
+                                 shared_blocks=u.shared_blocks,
+                                 mapped_growth_blocks=u.mapped_blocks - (len(pvb) if pvb is not None else 0))
+
+    def walk(self, filters: str | Iterable[str] | None = None,
+             fn: Callable[[Info], None] | None = None) -> list[Info]:
+        """Snapshots matching ``filters`` (sorted by name); ``fn`` is also called on each.
+
+        ``filters`` is one containerd filter string or a list of them; a snapshot matches if it matches
+        **any** of the filters (OR), and a filter matches if **all** its comma-separated selectors match
+        (AND).  See :func:`parse_filter` for the supported syntax.  No filters: every snapshot.
+        """
+        if filters is None:
+            flist: list[str] = []
+        elif isinstance(filters, str):
+            flist = [filters]
+        else:
+            flist = list(filters)
+        parsed = [parse_filter(f) for f in flist]
+        with self._lock:
+            recs = self._load()
+            infos = [self._info(k, r) for k, r in sorted(recs["snapshots"].items())]
+        out = [i for i in infos if not parsed or any(all(s.matches(i) for s in sel) for sel in parsed)]
+        if fn is not None:
+            for info in out:
+                fn(info)
+        return out
+
+    # ------------------------------------------------------------------ consistency
+    def check(self) -> list[str]:
+        """Problems between records and volumes of this namespace (empty when consistent): a record
+        without its volume, a ``snap/<namespace>/*`` volume without a record, a parent that is missing or
+        not committed, a volume whose read-only flag does not match the snapshot's kind."""
+        problems: list[str] = []
+        with self._lock:
+            recs = self._load()
+            by_id = {}
+            for key, rec in recs["snapshots"].items():
+                by_id[rec["id"]] = key
+                vol = self.volume_name_for_id(rec["id"])
+                if vol not in self.pool:
+                    problems.append(f"snapshot {key!r}: record without its volume {vol!r}")
+                    continue
+                ro = self.pool.thin(vol).read_only
+                if ro != (rec["kind"] != "active"):
+                    problems.append(f"snapshot {key!r} ({rec['kind']}): volume {vol!r} read_only={ro}")
+                parent = rec.get("parent", "")
+                if parent and recs["snapshots"].get(parent, {}).get("kind") != "committed":
+                    problems.append(f"snapshot {key!r}: parent {parent!r} is missing or not committed")
+            for thin in self.pool.thins():
+                parsed = self.parse_volume_name(thin.name)
+                if thin.name.startswith(f"{VOLUME_PREFIX}{self.namespace}/") and (
+                        parsed is None or parsed[1] not in by_id):
+                    problems.append(f"volume {thin.name!r}: no snapshot record in namespace {self.namespace!r}")
+        return problems
+
+
+__all__ = ["Snapshotter", "Info", "Mount", "SnapshotUsage", "owned_blocks", "parse_filter", "KINDS"]
