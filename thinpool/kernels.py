@@ -180,24 +180,49 @@ def release_leaf(nodes, data_rc, freed_txn, rc_dirty, st, leaf):
 
 
 @njit(cache=True)
-def release_inner(nodes, data_rc, freed_txn, rc_dirty, st, node, level):
-    """Drop one reference to an inner node (level 0 = device root, 1 = mid); recurse at zero."""
-    leaves, inners, leaf_rc, inner_rc, leaf_dirty, inner_dirty, leaf_rc_dirty, inner_rc_dirty, leaf_free, inner_free = nodes
+def _drop_inner(nodes, st, node):
+    """Drop one reference to an inner node; True when it reached zero (the caller releases its
+    children, then the slot is pushed back on the free stack)."""
+    inner_rc, inner_rc_dirty = nodes[3], nodes[7]
     c = inner_rc[node] - 1
     inner_rc[node] = c
     inner_rc_dirty[node >> RC_PAGE_BITS] = 1
-    if c == 0:
-        for i in range(INNER_ENTRIES):
-            ch = inners[node, i]
-            if ch != NONE:
-                if level == 0:
-                    release_inner(nodes, data_rc, freed_txn, rc_dirty, st, ch, 1)
-                else:
-                    release_leaf(nodes, data_rc, freed_txn, rc_dirty, st, ch)
-        inner_dirty[node] = 1
-        inner_free[st[ST_INNER_FREE]] = node
-        st[ST_INNER_FREE] += 1
-        st[ST_INNERS_LIVE] -= 1
+    return c == 0
+
+
+@njit(cache=True)
+def _free_inner(nodes, st, node):
+    inner_dirty, inner_free = nodes[5], nodes[9]
+    inner_dirty[node] = 1
+    inner_free[st[ST_INNER_FREE]] = node
+    st[ST_INNER_FREE] += 1
+    st[ST_INNERS_LIVE] -= 1
+
+
+@njit(cache=True)
+def release_inner(nodes, data_rc, freed_txn, rc_dirty, st, node, level):
+    """Drop one reference to an inner node (level 0 = device root, 1 = mid) and release whatever
+    reaches zero below it: dm-thin's recursive delete, stopping at nodes still shared."""
+    inners = nodes[1]
+    if not _drop_inner(nodes, st, node):
+        return
+    if level == 1:
+        for j in range(INNER_ENTRIES):
+            leaf = inners[node, j]
+            if leaf != NONE:
+                release_leaf(nodes, data_rc, freed_txn, rc_dirty, st, leaf)
+        _free_inner(nodes, st, node)
+        return
+    for i in range(INNER_ENTRIES):
+        mid = inners[node, i]
+        if mid == NONE or not _drop_inner(nodes, st, mid):
+            continue
+        for j in range(INNER_ENTRIES):
+            leaf = inners[mid, j]
+            if leaf != NONE:
+                release_leaf(nodes, data_rc, freed_txn, rc_dirty, st, leaf)
+        _free_inner(nodes, st, mid)
+    _free_inner(nodes, st, node)
 
 
 @njit(cache=True)
