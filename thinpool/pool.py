@@ -149,8 +149,10 @@ class Pool:
 
     # ------------------------------------------------------------------ construction
     def __init__(self, path: str, *, read_only: bool = False,
-                 on_low_water: Callable[["Pool"], None] | None = None) -> None:
-        """Open an existing pool (prefer :meth:`open`)."""
+                 on_low_water: Callable[["Pool"], None] | None = None, _scrub: bool = True) -> None:
+        """Open an existing pool (prefer :meth:`open`).  ``_scrub=False`` (used by :meth:`create`)
+        skips the crash-recovery punch of free blocks holding data: a new pool may sit on a data
+        file whose blocks an import is about to map."""
         self.path = os.path.abspath(os.fspath(path))
         self.read_only = read_only
         self.on_low_water = on_low_water
@@ -169,7 +171,7 @@ class Pool:
             hdr = self.store.header
             data_path = hdr.get("data_file") or os.path.join(self.path, self.DATA)
             self.data = DataDevice(data_path, self.block_size, self.space.nr_blocks, read_only=read_only)
-            self.scrubbed_blocks = 0 if read_only else self.data.scrub(self.space.data_rc)
+            self.scrubbed_blocks = 0 if read_only or not _scrub else self.data.scrub(self.space.data_rc)
         except BaseException:
             self._release_lock()
             raise
@@ -228,7 +230,7 @@ class Pool:
         header["catalog_bytes"] = len(json.dumps(catalog).encode())
         store.commit(arrays, header)
         store.close()
-        return cls(path, on_low_water=on_low_water)
+        return cls(path, on_low_water=on_low_water, _scrub=False)
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, read_only: bool = False,
