@@ -22,6 +22,7 @@ user to go through the volume's NBD export instead (e.g. ``nbdcopy``).
 
 from __future__ import annotations
 
+import gc
 import inspect
 import json
 import os
@@ -181,10 +182,17 @@ def run_op(pool_path: str, name: str, kwargs: dict[str, Any] | None = None, writ
         if write:
             pool.commit()
     except BaseException:
-        pool.close(commit=False)
+        _close(pool)
         raise
-    pool.close(commit=False)
+    _close(pool)
     return result
+
+
+def _close(pool: Any) -> None:
+    # A first-time JIT compile leaves a reference cycle holding a view of the mmap'd data file, and
+    # closing the mmap then fails with BufferError; collect cycles first.
+    gc.collect()
+    pool.close(commit=False)
 
 
 # ---------------------------------------------------------------------------------------------- server side
@@ -226,6 +234,648 @@ def handle_control_request(pool: Any, line: bytes) -> bytes:
     except Exception as exc:  # a bug must not kill the serving process
         return _reply({"ok": False, "error": "ThinpoolError",
                        "message": f"internal error in op: {type(exc).__name__}: {exc}"})
+
+
+
+# ============================================================================================== the ops
+# Pool-level reporting and messages.
+
+def _thin_info(thin: Any) -> dict[str, Any]:
+    return {"name": thin.name, "dev_id": thin.dev_id, "size": thin.size, "read_only": bool(thin.read_only),
+            "mapped_blocks": thin.mapped_blocks, "transaction": thin.transaction,
+            "creation_time": thin.creation_time, "snap_time": thin.snap_time}
+
+
+def _go_human_size(nbytes: int, precision: int = 4) -> str:
+    """go-units ``HumanSize`` (what ``docker info`` prints): SI units, 4 significant digits, no space."""
+    units = ["B", "kB", "MB", "GB", "TB", "PB", "EB", "ZB", "YB"]
+    n = float(nbytes)
+    i = 0
+    while n >= 1000 and i < len(units) - 1:
+        n /= 1000
+        i += 1
+    return f"{n:.{precision}g}{units[i]}"
+
+
+def _host_free_bytes(path: str) -> int | None:
+    try:
+        st = os.statvfs(os.path.dirname(os.path.abspath(path)) or ".")
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def op_status(pool: Any) -> dict[str, Any]:
+    """Pool status: the dmsetup status fields, the status line, and docker-info-style space figures."""
+    from dataclasses import replace
+    st = pool.status()
+    if is_reporting_handle(pool) and st.mode == "read-only" and not st.needs_check:
+        # a read-only handle reports "read-only"; show the mode the pool itself is in
+        st = replace(st, mode="out-of-data-space" if st.free_data_blocks == 0 else "write")
+    data_file = pool.data.path
+    metadata_file = os.path.join(pool.path, pool.METADATA)
+    bs = st.data_block_size
+    data_total = st.total_data_blocks * bs
+    data_used = st.used_data_blocks * bs
+    meta_total = st.total_metadata_blocks * 4096
+    meta_used = st.used_metadata_blocks * 4096
+    host_free = _host_free_bytes(data_file)
+    data_avail = data_total - data_used
+    meta_avail = meta_total - meta_used
+    if host_free is not None:  # docker's loopback rule: capped by the host filesystem's free space
+        data_avail = min(data_avail, host_free)
+        meta_avail = min(meta_avail, host_free)
+    out = {"pool": pool.path, "dmsetup_line": st.dmsetup_line(), **st.as_dict(),
+           "data_file": data_file, "metadata_file": metadata_file,
+           "data_space": {"used": data_used, "total": data_total, "available": data_avail},
+           "metadata_space": {"used": meta_used, "total": meta_total, "available": meta_avail}}
+    return out
+
+
+def render_status_human(r: dict[str, Any]) -> str:
+    """The ``docker info``-like block for a status result."""
+    rows = [
+        ("Pool Name", r["pool"]),
+        ("Pool Blocksize", _go_human_size(r["data_block_size"])),
+        ("Data file", r["data_file"]),
+        ("Metadata file", r["metadata_file"]),
+        ("Data Space Used", _go_human_size(r["data_space"]["used"])),
+        ("Data Space Total", _go_human_size(r["data_space"]["total"])),
+        ("Data Space Available", _go_human_size(r["data_space"]["available"])),
+        ("Metadata Space Used", _go_human_size(r["metadata_space"]["used"])),
+        ("Metadata Space Total", _go_human_size(r["metadata_space"]["total"])),
+        ("Metadata Space Available", _go_human_size(r["metadata_space"]["available"])),
+        ("Data Blocks Used/Total", f"{r['used_data_blocks']}/{r['total_data_blocks']}"),
+        ("Metadata Blocks Used/Total", f"{r['used_metadata_blocks']}/{r['total_metadata_blocks']}"),
+        ("Mode", r["mode"]),
+        ("Thin Volumes", str(r["nr_thins"])),
+        ("Transaction Id", str(r["transaction_id"])),
+        ("Time", str(r["time"])),
+        ("Held Metadata Root", "-" if r["held_root"] is None else str(r["held_root"])),
+        ("Low Water Mark", f"{r['low_water_mark']} blocks"),
+        ("Needs Check", "yes" if r["needs_check"] else "no"),
+    ]
+    return "\n".join(f"{k}: {v}" for k, v in rows)
+
+
+def render_status(r: dict[str, Any]) -> str:
+    """Status line, blank line, human block."""
+    return r["dmsetup_line"] + "\n\n" + render_status_human(r)
+
+
+register_op("status", op_status, write=False, render=render_status)
+
+
+def op_commit(pool: Any) -> dict[str, Any]:
+    """Commit (the commit itself is done by run_op / handle_control_request, as for every write op)."""
+    return {"transaction_id": pool.transaction_id, "time": pool.time}
+
+
+register_op("commit", op_commit, write=True)
+
+
+def op_resize(pool: Any, data_size: int) -> dict[str, Any]:
+    """Grow the data device to ``data_size`` bytes (never shrinks)."""
+    pool.resize(data_size)
+    return {"total_data_blocks": pool.nr_data_blocks, "data_size": pool.nr_data_blocks * pool.block_size}
+
+
+register_op("resize", op_resize, write=True)
+
+
+def op_set_transaction_id(pool: Any, old: int, new: int) -> dict[str, Any]:
+    """dm-thin's ``set_transaction_id OLD NEW`` (compare-and-swap)."""
+    pool.set_transaction_id(old, new)
+    return {"transaction_id": new}
+
+
+register_op("set-transaction-id", op_set_transaction_id, write=True)
+
+
+def op_reserve_metadata_snap(pool: Any) -> dict[str, Any]:
+    """Hold a metadata snapshot; returns its root block."""
+    pool.reserve_metadata_snap()
+    return {"held_root": pool.status().held_root}
+
+
+register_op("reserve-metadata-snap", op_reserve_metadata_snap, write=True,
+            render=lambda r: f"held metadata root: {r['held_root']}")
+
+
+def op_release_metadata_snap(pool: Any) -> dict[str, Any]:
+    """Release the held metadata snapshot."""
+    pool.release_metadata_snap()
+    return {"held_root": None}
+
+
+register_op("release-metadata-snap", op_release_metadata_snap, write=True)
+
+
+def op_check(pool: Any) -> dict[str, Any]:
+    """Structural check of the pool's metadata (CheckReport as a dict)."""
+    return pool.check().as_dict()
+
+
+def render_check(r: dict[str, Any]) -> str:
+    """Check report text: the problems, one per line, or a one-line summary when clean."""
+    if r["ok"]:
+        return (f"ok: {r['devices']} devices, {r['mappings']} mappings, "
+                f"{r['data_blocks_used']} data blocks in use")
+    return "\n".join(r["errors"])
+
+
+register_op("check", op_check, write=False, render=render_check)
+
+
+# ---------------------------------------------------------------------------------------------- volumes
+def op_create_thin(pool: Any, name: str, size: int, dev_id: int | None = None,
+                   read_only: bool = False) -> dict[str, Any]:
+    """Create an empty thin volume."""
+    return _thin_info(pool.create_thin(name, size, dev_id=dev_id, read_only=read_only))
+
+
+register_op("create-thin", op_create_thin, write=True)
+
+
+def op_snapshot(pool: Any, origin: str, name: str, dev_id: int | None = None,
+                read_only: bool = False) -> dict[str, Any]:
+    """Snapshot ``origin`` as ``name`` (O(1))."""
+    return _thin_info(pool.snapshot(origin, name, dev_id=dev_id, read_only=read_only))
+
+
+register_op("snapshot", op_snapshot, write=True)
+
+
+def op_delete(pool: Any, names: list[str]) -> dict[str, Any]:
+    """Delete volumes; all names are checked first, so either all go or none does."""
+    if len(set(names)) != len(names):
+        raise InvalidArgument(f"volume named twice in {names!r}")
+    for name in names:
+        pool.thin(name)  # NotFound before anything changes
+    for name in names:
+        pool.delete(name)
+    return {"deleted": list(names)}
+
+
+register_op("delete", op_delete, write=True)
+
+
+def op_rename(pool: Any, old: str, new: str) -> dict[str, Any]:
+    """Rename a volume."""
+    pool.rename(old, new)
+    return _thin_info(pool.thin(new))
+
+
+register_op("rename", op_rename, write=True)
+
+
+def _volume_rows(pool: Any) -> list[dict[str, Any]]:
+    usage = {u.name: u for u in pool.usage()}
+    rows = []
+    for thin in pool.thins():
+        row = _thin_info(thin)
+        u = usage[thin.name]
+        row.update(exclusive_blocks=u.exclusive_blocks, shared_blocks=u.shared_blocks,
+                   highest_mapped_block=u.highest_mapped_block, block_size=u.block_size,
+                   mapped_bytes=u.mapped_bytes, exclusive_bytes=u.exclusive_bytes,
+                   shared_bytes=u.shared_blocks * u.block_size)
+        rows.append(row)
+    return rows
+
+
+def op_ls(pool: Any, fields: list[str] | None = None, headers: bool = True,
+          metadata_snap: bool = False, as_json: bool = False) -> dict[str, Any]:
+    """List volumes.
+
+    Without ``fields``: thinpool's view (``volumes``: name, dev id, size, mapped/exclusive/shared blocks
+    and bytes, times).  With ``fields`` (thin_ls field names) or ``metadata_snap``: exactly thin_ls's
+    output for the pool's (or its held snapshot's) metadata as ``text``, plus ``rows`` when ``as_json``.
+    """
+    if fields is None and not metadata_snap:
+        return {"volumes": _volume_rows(pool)}
+    from thinpool.interop import tools
+    md = pool.to_metadata(held=metadata_snap)
+    result: dict[str, Any] = {}
+    if as_json:
+        result["rows"] = tools.ls_rows(md, fields)
+    else:
+        result["text"] = tools.format_ls(md, fields, headers=headers)
+    return result
+
+
+def _table(header: list[str], rows: list[list[str]], left: int = 1, headers: bool = True) -> str:
+    """Columns right-justified (the first ``left`` left-justified), separated by two spaces."""
+    allrows = ([header] if headers else []) + rows
+    if not allrows:
+        return ""
+    widths = [max(len(r[i]) for r in allrows) for i in range(len(header))]
+    lines = []
+    for r in allrows:
+        cells = [c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def render_volumes(rows: list[dict[str, Any]], headers: bool = True) -> str:
+    """thinpool's default volume table: NAME DEV SIZE MAPPED EXCLUSIVE SHARED CREATE_TIME SNAP_TIME."""
+    from thinpool.units import format_size
+    header = ["NAME", "DEV", "SIZE", "MAPPED", "EXCLUSIVE", "SHARED", "CREATE_TIME", "SNAP_TIME"]
+    body = [[r["name"] + (" (ro)" if r["read_only"] else ""), str(r["dev_id"]), format_size(r["size"]),
+             format_size(r["mapped_bytes"]), format_size(r["exclusive_bytes"]), format_size(r["shared_bytes"]),
+             str(r["creation_time"]), str(r["snap_time"])] for r in rows]
+    return _table(header, body, headers=headers)
+
+
+def render_ls(r: dict[str, Any]) -> str:
+    """Text of an ls result: thin_ls's text when it was asked for, else thinpool's table."""
+    if "text" in r:
+        return r["text"]
+    return render_volumes(r["volumes"])
+
+
+register_op("ls", op_ls, write=False, render=render_ls)
+
+
+def op_usage(pool: Any, name: str | None = None) -> Any:
+    """Block usage of one volume (a dict) or of all (a list), from Pool.usage."""
+    if name is not None:
+        return pool.usage(name).as_dict()
+    return [u.as_dict() for u in pool.usage()]
+
+
+def render_usage(r: Any) -> str:
+    """Usage as a table in blocks (NAME DEV MAPPED EXCLUSIVE SHARED HIGHEST, in blocks)."""
+    rows = r if isinstance(r, list) else [r]
+    header = ["NAME", "DEV", "MAPPED_BLOCKS", "EXCLUSIVE_BLOCKS", "SHARED_BLOCKS", "HIGHEST_BLOCK", "MAPPED_BYTES"]
+    body = [[u["name"], str(u["dev_id"]), str(u["mapped_blocks"]), str(u["exclusive_blocks"]),
+             str(u["shared_blocks"]), "-" if u["highest_mapped_block"] is None else str(u["highest_mapped_block"]),
+             str(u["mapped_bytes"])] for u in rows]
+    return _table(header, body)
+
+
+register_op("usage", op_usage, write=False, render=render_usage)
+
+
+def _range(thin: Any, offset: int, length: int | None, what: str) -> tuple[int, int]:
+    if offset < 0 or offset > thin.size:
+        raise InvalidArgument(f"volume {thin.name!r}: {what} offset {offset} is outside the volume "
+                              f"({thin.size} bytes)")
+    if length is None:
+        length = thin.size - offset
+    if length < 0 or offset + length > thin.size:
+        raise InvalidArgument(f"volume {thin.name!r}: {what} of {length} bytes at offset {offset} goes past "
+                              f"the end of the volume ({thin.size} bytes)")
+    return offset, length
+
+
+def op_discard(pool: Any, name: str, offset: int = 0, length: int | None = None) -> dict[str, Any]:
+    """Unmap the whole blocks inside [offset, offset+length) (default: the whole volume)."""
+    thin = pool.thin(name)
+    offset, length = _range(thin, offset, length, "discard")
+    n = thin.discard(offset, length) if length else 0
+    return {"name": name, "offset": offset, "length": length, "blocks_unmapped": n}
+
+
+register_op("discard", op_discard, write=True,
+            render=lambda r: f"{r['name']}: {r['blocks_unmapped']} blocks unmapped")
+
+
+# ---------------------------------------------------------------------------------------------- streaming (local only)
+CHUNK = 8 << 20
+
+
+def _chunk_bytes(block_size: int) -> int:
+    return max(block_size, CHUNK // block_size * block_size)
+
+
+def _open_input(path: str) -> tuple[Any, bool]:
+    """(binary file object, close_it) for ``path`` or ``-`` (stdin)."""
+    import sys
+    if path == "-":
+        return sys.stdin.buffer, False
+    return open(path, "rb"), True
+
+
+def _open_output(path: str) -> tuple[Any, bool]:
+    import sys
+    if path == "-":
+        return sys.stdout.buffer, False
+    return open(path, "wb"), True
+
+
+def op_write(pool: Any, name: str, input: str = "-", offset: int = 0, length: int | None = None) -> dict[str, Any]:
+    """Write the bytes of file ``input`` (``-``: stdin) into volume ``name`` at ``offset`` (at most
+    ``length`` bytes).  Every byte is written, zeros included (use ``import`` for sparse images)."""
+    thin = pool.thin(name)
+    if offset < 0 or offset > thin.size:
+        raise InvalidArgument(f"volume {name!r}: write offset {offset} is outside the volume ({thin.size} bytes)")
+    f, close = _open_input(input)
+    total = 0
+    try:
+        chunk = _chunk_bytes(pool.block_size)
+        while length is None or total < length:
+            want = chunk if length is None else min(chunk, length - total)
+            data = f.read(want)
+            if not data:
+                break
+            thin.write(offset + total, data)
+            total += len(data)
+    finally:
+        if close:
+            f.close()
+    return {"name": name, "offset": offset, "bytes_written": total}
+
+
+register_op("write", op_write, write=True, local_only=True)
+
+
+def op_read(pool: Any, name: str, output: str = "-", offset: int = 0, length: int | None = None) -> dict[str, Any]:
+    """Copy ``length`` bytes (default: to the end) of volume ``name`` from ``offset`` to file ``output``
+    (``-``: stdout)."""
+    import numpy as np
+    thin = pool.thin(name)
+    offset, length = _range(thin, offset, length, "read")
+    f, close = _open_output(output)
+    try:
+        chunk = _chunk_bytes(pool.block_size)
+        buf = np.empty(min(chunk, length), np.uint8)
+        done = 0
+        while done < length:
+            n = min(chunk, length - done)
+            view = buf[:n]
+            thin.read_into(offset + done, view)
+            f.write(memoryview(view))
+            done += n
+        f.flush()
+    finally:
+        if close:
+            f.close()
+    return {"name": name, "offset": offset, "bytes_read": length}
+
+
+register_op("read", op_read, write=False, local_only=True)
+
+
+def _data_extents(fd: int, size: int, bs: int) -> list[tuple[int, int]]:
+    """Block-aligned (start, end) byte ranges of a file that may hold data (SEEK_DATA/SEEK_HOLE);
+    the whole file if the filesystem cannot tell."""
+    seek_data = getattr(os, "SEEK_DATA", 3)
+    seek_hole = getattr(os, "SEEK_HOLE", 4)
+    out: list[tuple[int, int]] = []
+    pos = 0
+    try:
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, seek_data)
+            except OSError as exc:
+                if exc.errno == 6:  # ENXIO: no data after pos
+                    break
+                raise
+            if start >= size:
+                break
+            end = min(os.lseek(fd, start, seek_hole), size)
+            start = start // bs * bs
+            end = min(size, -(-end // bs) * bs)
+            if out and start <= out[-1][1]:
+                out[-1] = (out[-1][0], max(out[-1][1], end))
+            else:
+                out.append((start, end))
+            pos = end
+    except OSError:
+        return [(0, size)] if size else []
+    return out
+
+
+class _Importer:
+    """Writes block-sized chunks of an image into a volume: non-zero blocks are written, zero blocks
+    that the volume maps are unmapped (or zeroed, for a partial block), other zero blocks skipped."""
+
+    def __init__(self, thin: Any, block_size: int) -> None:
+        self.thin = thin
+        self.bs = block_size
+        self.mapped_set = thin.mappings()[0]  # virtual blocks mapped before the import
+        self.blocks_written = 0
+        self.blocks_unmapped = 0
+
+    def _is_mapped(self, vblocks: Any) -> Any:
+        import numpy as np
+        if len(self.mapped_set) == 0:
+            return np.zeros(len(vblocks), bool)
+        return np.isin(vblocks, self.mapped_set)
+
+    def feed(self, offset: int, data: Any) -> None:
+        """Import ``data`` (a uint8 array) at byte ``offset`` (a multiple of the block size)."""
+        import numpy as np
+        bs = self.bs
+        nfull = len(data) // bs
+        if nfull:
+            rows = data[: nfull * bs].reshape(nfull, bs)
+            nonzero = rows.any(axis=1)
+            vblocks = offset // bs + np.arange(nfull, dtype=np.int64)
+            idx = np.flatnonzero(nonzero)
+            if len(idx):
+                self.thin.write_many(vblocks[idx] * bs, rows[idx])
+                self.blocks_written += len(idx)
+            zero_mapped = np.flatnonzero(~nonzero & self._is_mapped(vblocks))
+            for i in zero_mapped:
+                self.blocks_unmapped += self.thin.discard(int(vblocks[i]) * bs, bs)
+        tail = data[nfull * bs:]
+        if len(tail):
+            off = offset + nfull * bs
+            if tail.any() or self._is_mapped(np.array([off // bs]))[0]:
+                self.thin.write(off, tail)
+                self.blocks_written += 1
+
+
+def op_import(pool: Any, name: str, image: str, size: int | None = None) -> dict[str, Any]:
+    """Import raw image file ``image`` (``-``: stdin) into volume ``name``, sparse-aware: only non-zero
+    blocks are written; holes are skipped with SEEK_DATA/SEEK_HOLE.  Creates the volume (size: the
+    image's, rounded up to 512 bytes, or ``size``) if it does not exist; in an existing volume, blocks
+    that are zero in the image are unmapped, so afterwards the volume reads exactly as the image."""
+    import stat
+    import sys
+
+    import numpy as np
+
+    from .common import progress
+    bs = pool.block_size
+    if image == "-":
+        fd, close, img_size, regular = sys.stdin.buffer.fileno(), False, None, False
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode):
+                img_size, regular = st.st_size - os.lseek(fd, 0, os.SEEK_CUR), False
+        except OSError:
+            pass
+    else:
+        fd = os.open(image, os.O_RDONLY)
+        close = True
+        st = os.fstat(fd)
+        regular = stat.S_ISREG(st.st_mode)
+        img_size = st.st_size if regular else os.lseek(fd, 0, os.SEEK_END)
+    try:
+        created = False
+        if name in pool:
+            thin = pool.thin(name)
+            if size is not None and size != thin.size:
+                raise InvalidArgument(f"volume {name!r} exists with size {thin.size}; --size {size} does not match")
+        else:
+            vsize = size if size is not None else (-(-img_size // 512) * 512 if img_size else None)
+            if not vsize:
+                raise InvalidArgument(f"cannot create volume {name!r} from {'stdin' if image == '-' else image}: "
+                                      f"its size is unknown or zero (pass --size)")
+            thin = pool.create_thin(name, vsize)
+            created = True
+        if img_size is not None and img_size > thin.size:
+            raise InvalidArgument(f"image {image} is {img_size} bytes, larger than volume {name!r} "
+                                  f"({thin.size} bytes)")
+        imp = _Importer(thin, bs)
+        chunk = _chunk_bytes(bs)
+        total = 0
+        if regular:
+            extents = _data_extents(fd, img_size, bs)
+            with progress(f"import {name}", sum(e - s for s, e in extents)) as advance:
+                pos = 0
+                for start, end in extents:
+                    if start > pos and not created:
+                        _unmap_hole(thin, imp, pos, start, bs)
+                    off = start
+                    while off < end:
+                        n = min(chunk, end - off)
+                        data = np.frombuffer(os.pread(fd, n, off), np.uint8)
+                        if len(data) != n:
+                            raise InvalidArgument(f"image {image} shrank while being imported")
+                        imp.feed(off, data)
+                        off += n
+                        advance(n)
+                    pos = end
+                if pos < img_size and not created:
+                    _unmap_hole(thin, imp, pos, img_size, bs)
+            total = img_size
+        else:
+            f = sys.stdin.buffer if image == "-" else os.fdopen(os.dup(fd), "rb")
+            with progress(f"import {name}", img_size or 0) as advance:
+                while True:
+                    data = _read_full(f, chunk)
+                    if not data:
+                        break
+                    if total + len(data) > thin.size:
+                        raise InvalidArgument(f"input is larger than volume {name!r} ({thin.size} bytes)")
+                    imp.feed(total, np.frombuffer(data, np.uint8))
+                    total += len(data)
+                    advance(len(data))
+            if f is not sys.stdin.buffer:
+                f.close()
+    finally:
+        if close:
+            os.close(fd)
+    return {"name": name, "created": created, "size": thin.size, "bytes": total,
+            "blocks_written": imp.blocks_written, "blocks_unmapped": imp.blocks_unmapped,
+            "mapped_blocks": thin.mapped_blocks}
+
+
+def _read_full(f: Any, n: int) -> bytes:
+    parts = []
+    got = 0
+    while got < n:
+        b = f.read(n - got)
+        if not b:
+            break
+        parts.append(b)
+        got += len(b)
+    return b"".join(parts)
+
+
+def _unmap_hole(thin: Any, imp: _Importer, start: int, end: int, bs: int) -> None:
+    """A hole of the image in [start, end) (block-aligned start): make the volume read zeros there."""
+    import numpy as np
+    vb = imp.mapped_set
+    if len(vb) == 0:
+        return
+    first, last = start // bs, -(-end // bs)
+    inside = vb[(vb >= first) & (vb < last)]
+    for b in inside:
+        lo, hi = max(int(b) * bs, start), min((int(b) + 1) * bs, end)
+        if hi - lo == bs:
+            imp.blocks_unmapped += thin.discard(lo, bs)
+        else:
+            thin.write(lo, np.zeros(hi - lo, np.uint8))
+
+
+register_op("import", op_import, write=True, local_only=True,
+            render=lambda r: (f"{r['name']}: imported {r['bytes']} bytes, {r['blocks_written']} blocks written"
+                              + (f", {r['blocks_unmapped']} unmapped" if r["blocks_unmapped"] else "")
+                              + f" ({r['mapped_blocks']} mapped)"))
+
+
+def op_export(pool: Any, name: str, output: str = "-") -> dict[str, Any]:
+    """Export volume ``name`` as a raw image to ``output`` (``-``: stdout).  A regular output file is
+    written sparse: truncated to the volume size, then only mapped non-zero blocks are written (seeking
+    over unmapped and zero blocks).  Other outputs (stdout, pipes, devices) get every byte."""
+    import stat
+    import sys
+
+    import numpy as np
+
+    from .common import progress
+    thin = pool.thin(name)
+    bs = pool.block_size
+    size = thin.size
+    regular = False
+    if output != "-":
+        regular = not os.path.exists(output) or stat.S_ISREG(os.stat(output).st_mode)
+    written = 0
+    if regular:
+        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.ftruncate(fd, size)
+            vb, _, _ = thin.mappings()
+            full = vb[(vb + 1) * bs <= size]
+            partial = vb[(vb + 1) * bs > size]
+            batch = max(1, _chunk_bytes(bs) // bs)
+            with progress(f"export {name}", len(vb) * bs) as advance:
+                for i in range(0, len(full), batch):
+                    blocks = full[i:i + batch]
+                    rows = thin.read_many(blocks * bs, bs)
+                    nz = rows.any(axis=1)
+                    for j in np.flatnonzero(nz):
+                        os.pwrite(fd, memoryview(rows[j]), int(blocks[j]) * bs)
+                        written += 1
+                    advance(len(blocks) * bs)
+                for b in partial:
+                    data = thin.read(int(b) * bs, size - int(b) * bs)
+                    if any(data):
+                        os.pwrite(fd, data, int(b) * bs)
+                        written += 1
+                    advance(bs)
+        finally:
+            os.close(fd)
+    else:
+        f = sys.stdout.buffer if output == "-" else open(output, "wb")
+        try:
+            chunk = _chunk_bytes(bs)
+            buf = np.empty(min(chunk, size), np.uint8)
+            with progress(f"export {name}", size) as advance:
+                done = 0
+                while done < size:
+                    n = min(chunk, size - done)
+                    view = buf[:n]
+                    thin.read_into(done, view)
+                    f.write(memoryview(view))
+                    done += n
+                    advance(n)
+            f.flush()
+            written = thin.mapped_blocks
+        finally:
+            if f is not sys.stdout.buffer:
+                f.close()
+    return {"name": name, "output": output, "size": size, "sparse": regular, "blocks_written": written}
+
+
+register_op("export", op_export, write=False, local_only=True,
+            render=lambda r: "" if r["output"] == "-" else
+            f"{r['name']}: exported {r['size']} bytes to {r['output']} ({r['blocks_written']} data blocks"
+            f"{', sparse' if r['sparse'] else ''})")
 
 
 __all__ = ["OPS", "OpSpec", "op", "register_op", "get_op", "run_op", "handle_control_request",

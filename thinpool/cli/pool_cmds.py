@@ -1,0 +1,156 @@
+"""Pool commands: create, status, resize, commit, set-transaction-id, metadata snapshots, check."""
+
+from __future__ import annotations
+
+import click
+
+from .common import SIZE, abspath, emit, json_option, pool_argument
+from .ops import OPS, render_status_human, run_op
+
+SECTION = "Pool commands"
+
+
+@click.command("create")
+@pool_argument
+@click.option("-s", "--data-size", type=SIZE, default="1GiB", show_default=True,
+              help="Size of the data device (a sparse file).")
+@click.option("-b", "--block-size", type=SIZE, default="64KiB", show_default=True,
+              help="Data block size: a multiple of 64KiB up to 1GiB.")
+@click.option("--metadata-size", type=SIZE, default=None,
+              help="Metadata size (default: thin_metadata_size's estimate with headroom).")
+@click.option("--low-water-mark", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Free data blocks at which the low-water event fires.")
+@click.option("--error-if-no-space/--queue-if-no-space", default=True, show_default=True,
+              help="dm-thin's no-space policy (reported in the status line).")
+@click.option("--zero/--no-zero", "zero_new_blocks", default=True, show_default=True,
+              help="Zero newly provisioned blocks (dm-thin's skip_block_zeroing when off).")
+@click.option("--data-file", type=click.Path(dir_okay=False), default=None,
+              help="Put the data device at this path instead of <POOL>/data.")
+@click.option("--max-thins", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Expected number of thin volumes (sizes the default metadata).")
+@json_option
+def create_cmd(pool: str, data_size: int, block_size: int, metadata_size: int | None, low_water_mark: int,
+               error_if_no_space: bool, zero_new_blocks: bool, data_file: str | None, max_thins: int,
+               as_json: bool) -> None:
+    """Create a new pool in directory POOL (which must not exist or be empty).
+
+    \b
+    Examples:
+      thinpool create /tmp/pool
+      thinpool create /tmp/pool --data-size 100G --block-size 512K
+    """
+    from thinpool.pool import Pool
+    p = Pool.create(abspath(pool), data_size=data_size, block_size=block_size, metadata_size=metadata_size,
+                    low_water_mark=low_water_mark, error_if_no_space=error_if_no_space,
+                    zero_new_blocks=zero_new_blocks, data_file=abspath(data_file) if data_file else None,
+                    max_thins=max_thins)
+    p.close()
+    if as_json:
+        emit(run_op(pool, "status", {}), True)
+
+
+@click.command("status")
+@pool_argument
+@click.option("-l", "--line", "line_only", is_flag=True, help="Print only the dmsetup status line.")
+@click.option("-H", "--human", "human_only", is_flag=True,
+              help="Print only the docker-info-like block (Data/Metadata Space Used/Total/Available...).")
+@json_option
+def status_cmd(pool: str, line_only: bool, human_only: bool, as_json: bool) -> None:
+    """Show pool status: dmsetup's thin-pool status line, then a docker-info-like summary.
+
+    The line is exactly what `dmsetup status` prints after `0 <len> thin-pool` (dm-thin.md §1.4):
+
+    \b
+      <transaction id> <used meta>/<total meta> <used data>/<total data> <held root|-> <rw|ro|out_of_data_space>
+      discard_passdown <error_if_no_space|queue_if_no_space> <needs_check|-> <metadata low watermark>
+
+    Sizes in the summary are printed as docker info prints them (SI units, 4 significant digits);
+    Available is capped by the free space of the host filesystem, as Docker does for loop files.
+
+    \b
+    Examples:
+      thinpool status /tmp/pool
+      thinpool status --line /tmp/pool
+      thinpool status --json /tmp/pool | jq .data_space
+    """
+    if line_only and human_only:
+        raise click.UsageError("--line and --human are mutually exclusive")
+    result = run_op(pool, "status", {})
+    if line_only:
+        emit(result, as_json, lambda r: r["dmsetup_line"])
+    elif human_only:
+        emit(result, as_json, render_status_human)
+    else:
+        emit(result, as_json, OPS["status"].render)
+
+
+@click.command("resize")
+@pool_argument
+@click.argument("data_size", metavar="SIZE", type=SIZE)
+@json_option
+def resize_cmd(pool: str, data_size: int, as_json: bool) -> None:
+    """Grow the pool's data device to SIZE (dm-thin cannot shrink).
+
+    A pool that ran out of data space returns to write mode.  Example: thinpool resize /tmp/pool 20G
+    """
+    emit(run_op(pool, "resize", {"data_size": data_size}), as_json)
+
+
+@click.command("commit")
+@pool_argument
+@json_option
+def commit_cmd(pool: str, as_json: bool) -> None:
+    """Commit the pool's metadata (a no-op for an idle pool; flushes a served pool's writes)."""
+    emit(run_op(pool, "commit", {}), as_json)
+
+
+@click.command("set-transaction-id")
+@pool_argument
+@click.argument("old", type=click.IntRange(min=0))
+@click.argument("new", type=click.IntRange(min=0))
+@json_option
+def set_transaction_id_cmd(pool: str, old: int, new: int, as_json: bool) -> None:
+    """Set the pool's userspace transaction id from OLD to NEW (fails if it is not OLD).
+
+    Like `dmsetup message POOL 0 set_transaction_id OLD NEW`.  Example:
+    thinpool set-transaction-id /tmp/pool 0 1
+    """
+    emit(run_op(pool, "set-transaction-id", {"old": old, "new": new}), as_json)
+
+
+@click.command("reserve-metadata-snap")
+@pool_argument
+@json_option
+def reserve_metadata_snap_cmd(pool: str, as_json: bool) -> None:
+    """Hold a consistent snapshot of the metadata (for dump/ls/delta --metadata-snap)."""
+    emit(run_op(pool, "reserve-metadata-snap", {}), as_json, OPS["reserve-metadata-snap"].render)
+
+
+@click.command("release-metadata-snap")
+@pool_argument
+@json_option
+def release_metadata_snap_cmd(pool: str, as_json: bool) -> None:
+    """Release the held metadata snapshot."""
+    emit(run_op(pool, "release-metadata-snap", {}), as_json)
+
+
+@click.command("check")
+@pool_argument
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing; only the exit status tells.")
+@json_option
+@click.pass_context
+def check_cmd(ctx: click.Context, pool: str, quiet: bool, as_json: bool) -> None:
+    """Check the pool's metadata structure (reference counts vs mappings, mapped blocks, space map).
+
+    Exit status 0 when clean, 1 when problems were found (like thin_check); the problems are printed
+    one per line.
+    """
+    result = run_op(pool, "check", {})
+    if not quiet:
+        emit(result, as_json, OPS["check"].render)
+    if not result["ok"]:
+        ctx.exit(1)
+
+
+COMMANDS: list[click.Command] = [create_cmd, status_cmd, resize_cmd, commit_cmd, set_transaction_id_cmd,
+                                 reserve_metadata_snap_cmd, release_metadata_snap_cmd, check_cmd]

@@ -1,0 +1,239 @@
+"""Volume commands: create-thin, snapshot, delete, rename, ls, usage, write/read/discard, import/export."""
+
+from __future__ import annotations
+
+import click
+
+from .common import SIZE, abspath, emit, json_option, pool_argument
+from .ops import OPS, render_volumes, run_op
+
+SECTION = "Volume commands"
+
+_served_note = ("Runs in this process only: on a pool that is being served, use the volume's NBD export "
+                "(e.g. nbdcopy) instead.")
+
+
+def _dev_id_option(f):  # type: ignore[no-untyped-def]
+    return click.option("--dev-id", type=click.IntRange(0, (1 << 24) - 1), default=None,
+                        help="dm-thin device id (default: the next free one).")(f)
+
+
+@click.command("create-thin")
+@pool_argument
+@click.argument("name")
+@click.argument("size", type=SIZE)
+@_dev_id_option
+@click.option("--read-only", is_flag=True, help="Create the volume read-only.")
+@json_option
+def create_thin_cmd(pool: str, name: str, size: int, dev_id: int | None, read_only: bool, as_json: bool) -> None:
+    """Create an empty thin volume NAME of virtual size SIZE (a multiple of 512 bytes).
+
+    Example: thinpool create-thin /tmp/pool base 10G
+    """
+    emit(run_op(pool, "create-thin", {"name": name, "size": size, "dev_id": dev_id, "read_only": read_only}),
+         as_json)
+
+
+@click.command("snapshot")
+@pool_argument
+@click.argument("origin")
+@click.argument("name")
+@_dev_id_option
+@click.option("--read-only", is_flag=True, help="Make the snapshot read-only.")
+@json_option
+def snapshot_cmd(pool: str, origin: str, name: str, dev_id: int | None, read_only: bool, as_json: bool) -> None:
+    """Snapshot volume ORIGIN as NAME, in O(1): blocks are shared until either side writes them.
+
+    Snapshots of snapshots work the same way.  Example: thinpool snapshot /tmp/pool base snap1
+    """
+    emit(run_op(pool, "snapshot", {"origin": origin, "name": name, "dev_id": dev_id, "read_only": read_only}),
+         as_json)
+
+
+@click.command("delete")
+@pool_argument
+@click.argument("names", metavar="NAME...", nargs=-1, required=True)
+@json_option
+def delete_cmd(pool: str, names: tuple[str, ...], as_json: bool) -> None:
+    """Delete the thin volumes NAME... (all or none).  Their snapshots and origins are unaffected.
+
+    Example: thinpool delete /tmp/pool snap1 snap2
+    """
+    emit(run_op(pool, "delete", {"names": list(names)}), as_json)
+
+
+@click.command("rename")
+@pool_argument
+@click.argument("old")
+@click.argument("new")
+@json_option
+def rename_cmd(pool: str, old: str, new: str, as_json: bool) -> None:
+    """Rename volume OLD to NEW (names are thinpool's; the dm-thin device id does not change)."""
+    emit(run_op(pool, "rename", {"old": old, "new": new}), as_json)
+
+
+@click.command("ls")
+@pool_argument
+@click.option("-o", "--format", "fields", metavar="FIELDS", default=None,
+              help="Comma-separated thin_ls fields; prints exactly what thin_ls prints.")
+@click.option("--no-headers", is_flag=True, help="Omit the header row.")
+@click.option("-m", "--metadata-snap", is_flag=True,
+              help="Report the held metadata snapshot (thin_ls -m; see reserve-metadata-snap).")
+@json_option
+def ls_cmd(pool: str, fields: str | None, no_headers: bool, metadata_snap: bool, as_json: bool) -> None:
+    """List thin volumes with mapped, exclusive and shared space.
+
+    By default: NAME, DEV, SIZE (virtual), MAPPED, EXCLUSIVE, SHARED, CREATE_TIME, SNAP_TIME.
+    EXCLUSIVE counts blocks no other volume maps; SHARED = MAPPED - EXCLUSIVE (thin_ls's definitions).
+
+    With -o FIELDS (or --metadata-snap) the output is thin_ls's, byte for byte, using thin_ls's field
+    names: DEV, MAPPED_BLOCKS, EXCLUSIVE_BLOCKS, SHARED_BLOCKS, MAPPED_SECTORS, EXCLUSIVE_SECTORS,
+    SHARED_SECTORS, MAPPED_BYTES, EXCLUSIVE_BYTES, SHARED_BYTES, MAPPED, EXCLUSIVE, SHARED, TRANSACTION,
+    CREATE_TIME, SNAP_TIME (thin_ls's default set is DEV,MAPPED,CREATE_TIME,SNAP_TIME).
+
+    \b
+    Examples:
+      thinpool ls /tmp/pool
+      thinpool ls /tmp/pool -o DEV,MAPPED_BLOCKS,EXCLUSIVE_BLOCKS --no-headers
+      thinpool ls /tmp/pool --json
+    """
+    field_list = None
+    if fields is not None:
+        field_list = [f.strip() for f in fields.split(",") if f.strip()]
+        if not field_list:
+            raise click.BadParameter("no fields given", param_hint="-o/--format")
+    if field_list is None and not metadata_snap:
+        result = run_op(pool, "ls", {})
+        if as_json:
+            emit(result["volumes"], True)
+        else:
+            emit(result["volumes"], False, lambda rows: render_volumes(rows, headers=not no_headers))
+        return
+    result = run_op(pool, "ls", {"fields": field_list, "headers": not no_headers,
+                                 "metadata_snap": metadata_snap, "as_json": as_json})
+    if as_json:
+        emit(result["rows"], True)
+    else:
+        click.echo(result["text"], nl=False)
+
+
+@click.command("usage")
+@pool_argument
+@click.argument("name", required=False)
+@json_option
+def usage_cmd(pool: str, name: str | None, as_json: bool) -> None:
+    """Block usage of volume NAME (or of every volume): mapped, exclusive, shared and highest block."""
+    emit(run_op(pool, "usage", {"name": name}), as_json, OPS["usage"].render)
+
+
+_offset_option = click.option("--offset", type=SIZE, default=0, show_default=True,
+                              help="Byte offset in the volume (units allowed: 4K, 1M...).")
+
+
+@click.command("write")
+@pool_argument
+@click.argument("name")
+@click.argument("input_file", metavar="[FILE]", required=False, default="-",
+                type=click.Path(dir_okay=False, allow_dash=True))
+@_offset_option
+@click.option("--length", type=SIZE, default=None, help="Write at most this many bytes.")
+@json_option
+def write_cmd(pool: str, name: str, input_file: str, offset: int, length: int | None, as_json: bool) -> None:
+    """Write FILE (default: stdin) into volume NAME at --offset.
+
+    Every byte is written, zeros included; use `import` for sparse images.  The write is atomic:
+    if it fails (e.g. the pool runs out of space) nothing is committed.
+
+    \b
+    Examples:
+      echo hello | thinpool write /tmp/pool base --offset 1M
+      thinpool write /tmp/pool base blob.bin
+
+    """
+    args = {"name": name, "input": "-" if input_file == "-" else abspath(input_file), "offset": offset,
+            "length": length}
+    emit(run_op(pool, "write", args), as_json)
+
+
+@click.command("read")
+@pool_argument
+@click.argument("name")
+@_offset_option
+@click.option("--length", type=SIZE, default=None, help="Bytes to read (default: to the end of the volume).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, allow_dash=True), default="-",
+              help="Write to this file instead of stdout.")
+def read_cmd(pool: str, name: str, offset: int, length: int | None, output: str) -> None:
+    """Read volume NAME (from --offset, --length bytes) to stdout or --output.
+
+    Unmapped blocks read as zeros.  Example: thinpool read /tmp/pool base --length 4K | xxd | head
+    """
+    args = {"name": name, "output": "-" if output == "-" else abspath(output), "offset": offset, "length": length}
+    run_op(pool, "read", args)
+
+
+@click.command("discard")
+@pool_argument
+@click.argument("name")
+@_offset_option
+@click.option("--length", type=SIZE, default=None, help="Bytes to discard (default: to the end of the volume).")
+@json_option
+def discard_cmd(pool: str, name: str, offset: int, length: int | None, as_json: bool) -> None:
+    """Unmap the whole blocks of volume NAME inside [offset, offset+length) (like blkdiscard).
+
+    Partial blocks at either end are left alone (dm-thin's rule); freed blocks return to the pool.
+    Example: thinpool discard /tmp/pool base --offset 1M --length 64M
+    """
+    emit(run_op(pool, "discard", {"name": name, "offset": offset, "length": length}), as_json,
+         OPS["discard"].render)
+
+
+@click.command("import")
+@pool_argument
+@click.argument("name")
+@click.argument("image", type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("--size", type=SIZE, default=None,
+              help="Size of the volume to create (default: the image's, rounded up to 512 bytes).")
+@json_option
+def import_cmd(pool: str, name: str, image: str, size: int | None, as_json: bool) -> None:
+    """Import raw disk image IMAGE (or - for stdin) into volume NAME, sparse-aware.
+
+    Only blocks holding non-zero bytes are written: holes and zero blocks allocate nothing.  NAME is
+    created if it does not exist; in an existing volume, blocks that are zero in the image are unmapped,
+    so the volume then reads exactly like the image.  Shows a progress bar when stderr is a terminal.
+
+    \b
+    Examples:
+      thinpool import /tmp/pool vm disk.raw
+      qemu-img convert -O raw disk.qcow2 /dev/stdout | thinpool import /tmp/pool vm - --size 20G
+    """
+    args = {"name": name, "image": "-" if image == "-" else abspath(image), "size": size}
+    emit(run_op(pool, "import", args), as_json, OPS["import"].render)
+
+
+@click.command("export")
+@pool_argument
+@click.argument("name")
+@click.argument("output", type=click.Path(dir_okay=False, allow_dash=True), default="-", required=False)
+@json_option
+def export_cmd(pool: str, name: str, output: str, as_json: bool) -> None:
+    """Export volume NAME as a raw image to OUTPUT (default: stdout).
+
+    A regular OUTPUT file is written sparse: unmapped and all-zero blocks are seeked over, so the
+    file only takes the space of the data.  Shows a progress bar when stderr is a terminal.
+
+    \b
+    Examples:
+      thinpool export /tmp/pool vm vm.raw
+      thinpool export /tmp/pool vm | gzip > vm.raw.gz
+    """
+    if as_json and output == "-":
+        raise click.UsageError("--json needs an OUTPUT file (stdout carries the image)")
+    args = {"name": name, "output": "-" if output == "-" else abspath(output)}
+    emit(run_op(pool, "export", args), as_json, OPS["export"].render)
+
+
+for _cmd in (write_cmd, read_cmd, import_cmd, export_cmd):
+    _cmd.help = (_cmd.help or "") + "\n\n" + _served_note
+
+COMMANDS: list[click.Command] = [create_thin_cmd, snapshot_cmd, delete_cmd, rename_cmd, ls_cmd, usage_cmd,
+                                 write_cmd, read_cmd, discard_cmd, import_cmd, export_cmd]

@@ -1,0 +1,277 @@
+"""``thinpool demo``: the "About storage drivers" walkthrough on a thin pool (issue 3 §3, containers.md §4).
+
+Scenario (version A of Docker's page, the one the seed document follows), on a fresh pool:
+
+1. the base device (empty thin volume, 10 GiB);
+2. ``ubuntu:16.10`` as layers of one file each: 103,000,000 / 745 / 2,780 / 7 bytes, with the 0-byte
+   ``rm -rf`` and ``CMD`` rows as history only (no layer);
+3. ``acme/my-base-image:1.0`` = ubuntu + ``COPY . /app`` (one 100-byte file);
+   ``acme/my-final-image:1.0`` = that + ``CMD`` (history row, no layer);
+4. five containers ``my_container_1..5`` (``-init`` + writable device each);
+5. ``printf hello > /out.txt`` (5 bytes) in containers 1-3;
+6. 4 KiB changed in the middle of the 103 MB file in container 4, with the whole-file copy-up an overlay
+   driver would do reported beside the block-level cost.
+
+Every number in the result is measured from the pool (``pool.status().used_data_blocks``, snapshot
+usage), never computed from the file sizes.  :func:`run_demo` returns a JSON-able dict;
+:func:`render_demo` prints it the way Docker users know it (``docker images``, ``docker history``,
+``docker ps -s``, ``docker info``), block-level figures first with Docker's file-level ones beside them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+from .layers import FileSpec, LayerStore, Step, file_content
+from .pool import Pool
+from .units import format_docker_size, parse_size
+
+UBUNTU = "ubuntu:16.10"
+BASE_IMAGE = "acme/my-base-image:1.0"
+FINAL_IMAGE = "acme/my-final-image:1.0"
+ROOTFS = "/ubuntu-rootfs.tar"
+CONTAINERS = tuple(f"my_container_{i}" for i in range(1, 6))
+
+#: The ubuntu image's history, bottom to top (containers.md §4.1 version A): one file per non-empty row.
+UBUNTU_STEPS = (
+    Step("/bin/sh -c #(nop) ADD file:eef57983bd66e3a0d2cb4b5c1c57dd4ab9ee1dc14c4ae5a8d5bb6a1d7d2ad3a0 in / ",
+         (FileSpec(ROOTFS, 103_000_000),)),
+    Step("/bin/sh -c set -xe && echo '#!/bin/sh' > /usr/sbin/policy-rc.d && echo 'exit 101' >> ...",
+         (FileSpec("/usr/sbin/policy-rc.d", 745),)),
+    Step("/bin/sh -c rm -rf /var/lib/apt/lists/*"),
+    Step("/bin/sh -c sed -i 's/^#\\s*\\(deb.*universe\\)$/\\1/g' /etc/apt/sources.list",
+         (FileSpec("/etc/apt/sources.list", 2_780),)),
+    Step("/bin/sh -c mkdir -p /run/systemd && echo 'docker' > /run/systemd/container",
+         (FileSpec("/run/systemd/container", 7),)),
+    Step('/bin/sh -c #(nop)  CMD ["/bin/bash"]'),
+)
+BASE_STEPS = (Step("/bin/sh -c #(nop) COPY dir:35a7eb158c1504e8e6d8a4c7c3e1e8ea6ca5d59a8d55ab6fa8d5b0e4a1f2c3d4 in /app ",
+                   (FileSpec("/app/hello.sh", 100),)),)
+FINAL_STEPS = (Step('/bin/sh -c #(nop)  CMD ["/bin/sh" "-c" "/app/hello.sh"]'),)
+
+
+def run_demo(path: str | os.PathLike | None = None, block_size: int | str = "64KiB", *,
+             data_size: int | str = "100GiB", base_size: int | str = "10GiB", seed: int = 0) -> dict[str, Any]:
+    """Run the walkthrough and return its measured results (see the module docstring).
+
+    ``path``: the pool directory to create (must not exist or be empty; kept afterwards), or None for a
+    temporary directory that is removed at the end.  ``data_size`` defaults to Docker's loop-lvm 100 GiB
+    (a sparse file).  Keys include ``block_size``, ``image_blocks``, ``pool_used_blocks_after_start``,
+    ``pool_used_blocks_after_writes``, ``containers`` (final ``docker ps -s`` rows: ``name``,
+    ``size_bytes``, ``virtual_size_bytes``, ``file_level_size_bytes``, ...), ``containers_at_start``,
+    ``containers_after_writes``, ``copy_up`` (``block_level_bytes``, ``file_level_bytes``, ...),
+    ``images``, ``history``, ``writes``, ``info``.
+    """
+    t0 = time.perf_counter()
+    tmp = None
+    if path is None:
+        tmp = tempfile.mkdtemp(prefix="thinpool-demo-")
+        pool_path = os.path.join(tmp, "pool")
+    else:
+        pool_path = os.path.abspath(os.fspath(path))
+    try:
+        pool = Pool.create(pool_path, data_size=data_size, block_size=block_size)
+        try:
+            result = _scenario(pool, base_size=base_size, seed=seed)
+        finally:
+            pool.close()
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    result["pool"] = None if tmp is not None else pool_path
+    result["elapsed_seconds"] = round(time.perf_counter() - t0, 3)
+    return result
+
+
+def _by_name(rows: list) -> list[dict[str, Any]]:
+    return sorted((r.as_dict() for r in rows), key=lambda d: d["name"])
+
+
+def _scenario(pool: Pool, *, base_size: int | str, seed: int) -> dict[str, Any]:
+    used = lambda: pool.status().used_data_blocks  # noqa: E731 -- measured every time
+    bs = pool.block_size
+    store = LayerStore(pool, base_size=base_size, seed=seed)
+    used_base = used()
+
+    store.build(UBUNTU, UBUNTU_STEPS)
+    store.build(BASE_IMAGE, BASE_STEPS, base=UBUNTU)
+    store.build(FINAL_IMAGE, FINAL_STEPS, base=BASE_IMAGE)
+    used_images = used()
+    images = [r.as_dict() for r in store.images()]
+    history = {ref: [r.as_dict() for r in store.history(ref)] for ref in (BASE_IMAGE, FINAL_IMAGE)}
+    final_top = store.image_top_layer(FINAL_IMAGE)
+    top_usage = store.snapshotter.usage(final_top)
+
+    for name in CONTAINERS:
+        store.run(FINAL_IMAGE, name)
+    used_start = used()
+    at_start = store.ps(size=True)
+
+    writes = [store.write_file(name, "/out.txt", 0, b"hello").as_dict() for name in CONTAINERS[:3]]
+    used_writes = used()
+    after_writes = store.ps(size=True)
+
+    fsize = store.image_files(FINAL_IMAGE)[ROOTFS]["size"]
+    offset = fsize // 2 // 4096 * 4096
+    new = file_content(seed + 0x4B1D, 4096).tobytes()
+    old = store.read_file(CONTAINERS[4], ROOTFS, offset, 4096)
+    change = store.write_file(CONTAINERS[3], ROOTFS, offset, new)
+    used_change = used()
+    final = store.ps(size=True)
+    isolated = (store.read_file(CONTAINERS[3], ROOTFS, offset, 4096) == new
+                and store.read_file(CONTAINERS[4], ROOTFS, offset, 4096) == old and old != new)
+
+    return {
+        "block_size": bs,
+        "data_size": pool.nr_data_blocks * bs,
+        "base_device_size": store.base_size,
+        "pool_used_blocks_after_base": used_base,
+        "image_blocks": used_images - used_base,
+        "image_bytes": (used_images - used_base) * bs,
+        "image_top_layer_mapped_blocks": top_usage.mapped_blocks,
+        "pool_used_blocks_after_images": used_images,
+        "pool_used_blocks_after_start": used_start,
+        "containers_added_blocks": used_start - used_images,
+        "pool_used_blocks_after_writes": used_writes,
+        "writes_added_blocks": used_writes - used_start,
+        "pool_used_blocks_after_change": used_change,
+        "thin_devices": pool.status().nr_thins,
+        "images": images,
+        "history": history,
+        "containers_at_start": _by_name(at_start),
+        "containers_after_writes": _by_name(after_writes),
+        "containers": _by_name(final),
+        "writes": writes,
+        "copy_up": {
+            "container": CONTAINERS[3], "path": ROOTFS, "offset": offset, "bytes_changed": len(new),
+            "block_level_bytes": change.block_level_bytes, "owned_blocks_added": change.owned_blocks_added,
+            "pool_blocks_added": change.pool_blocks_added, "file_level_bytes": change.copy_up_bytes,
+            "other_containers_unchanged": isolated,
+        },
+        "info": store.info(),
+        "_ps_order": [r.name for r in final],
+    }
+
+
+# ------------------------------------------------------------------------------------------------ text
+def human_size_4(nbytes: int) -> str:
+    """go-units ``HumanSize`` (SI units, 4 significant digits), as ``docker info`` prints: ``65.54 kB``."""
+    n = float(nbytes)
+    units = ["B", "kB", "MB", "GB", "TB", "PB"]
+    i = 0
+    while n >= 1000 and i < len(units) - 1:
+        n /= 1000
+        i += 1
+    return f"{n:.4g} {units[i]}"
+
+
+def _ago(iso: str) -> str:
+    try:
+        secs = (datetime.now(timezone.utc) - datetime.fromisoformat(iso)).total_seconds()
+    except (TypeError, ValueError):
+        return "-"
+    if secs < 1:
+        return "Less than a second ago"
+    if secs < 60:
+        return f"{int(secs)} seconds ago"
+    return f"{int(secs // 60)} minutes ago"
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    lines = ["   ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    lines += ["   ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def _blocks(nbytes: int, bs: int) -> str:
+    return f"{format_docker_size(nbytes)} ({nbytes // bs:,} blk)"
+
+
+def _ps(rows: list[dict[str, Any]], order: list[str], bs: int) -> str:
+    by = {r["name"]: r for r in rows}
+    out = []
+    for name in order:
+        r = by[name]
+        out.append([r["container_id"], r["image"], f'"{r["command"]}"', name,
+                    f'{_blocks(r["size_bytes"], bs)} (virtual {format_docker_size(r["virtual_size_bytes"])})',
+                    f'{format_docker_size(r["file_level_size_bytes"])} '
+                    f'(virtual {format_docker_size(r["file_level_virtual_size_bytes"])})'])
+    return _table(["CONTAINER ID", "IMAGE", "COMMAND", "NAMES", "SIZE block-level", "SIZE docker (file-level)"],
+                  out)
+
+
+def render_demo(res: dict[str, Any]) -> str:
+    """The demo result as text: ``docker images``, ``docker history``, ``docker ps -s``, ``docker info``."""
+    bs = res["block_size"]
+    order = res.get("_ps_order") or [c["name"] for c in res["containers"]][::-1]
+    out = [f"thinpool demo: Docker's \"About storage drivers\" walkthrough on a thin pool",
+           f"pool: {res['pool'] or '(temporary directory, removed)'}   block size {bs:,} B "
+           f"({human_size_4(bs)})   base device {format_docker_size(res['base_device_size'])}",
+           "Block-level sizes are measured from the pool (owned/mapped blocks x block size); Docker's",
+           "own file-level numbers (sums of file bytes) are shown beside them.", ""]
+
+    out.append(f"$ docker images")
+    out.append(_table(["REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE", "BLOCK-LEVEL"],
+                      [[i["repository"], i["tag"], i["image_id"], _ago(i["created"]), format_docker_size(i["size_bytes"]),
+                        _blocks(i["block_level_bytes"], bs)] for i in res["images"]]))
+    out.append(f"image chain: {res['image_blocks']:,} data blocks = {res['image_bytes']:,} bytes "
+               f"(pool used {res['pool_used_blocks_after_base']:,} -> {res['pool_used_blocks_after_images']:,})")
+    for ref, rows in res["history"].items():
+        out += ["", f"$ docker history {ref}"]
+        out.append(_table(["IMAGE", "CREATED", "CREATED BY", "SIZE", "BLOCK-LEVEL"],
+                          [[r["image"], _ago(r["created"]),
+                            (r["created_by"][:45] + "...") if len(r["created_by"]) > 48 else r["created_by"],
+                            format_docker_size(r["size_bytes"]), _blocks(r["block_level_bytes"], bs)] for r in rows]))
+
+    out += ["", f"$ for i in 1 2 3 4 5; do docker run -dit --name my_container_$i {FINAL_IMAGE} bash; done",
+            f"pool used data blocks: {res['pool_used_blocks_after_images']:,} -> "
+            f"{res['pool_used_blocks_after_start']:,} (+{res['containers_added_blocks']:,}); "
+            f"{res['thin_devices']} thin devices (base, 5 layers, 5 x -init + container)",
+            "", "$ docker ps -s", _ps(res["containers_at_start"], order, bs)]
+
+    w = res["writes"]
+    out += ["", "$ docker exec my_container_{1,2,3} sh -c 'printf hello > /out.txt'",
+            f"pool used data blocks: {res['pool_used_blocks_after_start']:,} -> "
+            f"{res['pool_used_blocks_after_writes']:,} (+{res['writes_added_blocks']:,}); each 5-byte write costs "
+            + ", ".join(f"{x['block_level_bytes']:,} B" for x in w),
+            "", "$ docker ps -s", _ps(res["containers_after_writes"], order, bs)]
+
+    cu = res["copy_up"]
+    out += ["", f"$ # change {cu['bytes_changed']:,} bytes at offset {cu['offset']:,} of {cu['path']} "
+                f"in {cu['container']}",
+            f"block-level copy-on-write: {cu['owned_blocks_added']} block(s) = {cu['block_level_bytes']:,} bytes "
+            f"(pool +{cu['pool_blocks_added']} block)",
+            f"overlay-style copy-up:     {cu['file_level_bytes']:,} bytes (the whole file)"
+            + (f"  -> {cu['file_level_bytes'] / cu['block_level_bytes']:,.0f}x more"
+               if cu["block_level_bytes"] else ""),
+            "other containers still read the original bytes: " + ("yes" if cu["other_containers_unchanged"] else "NO"),
+            "", "$ docker ps -s", _ps(res["containers"], order, bs)]
+
+    info = res["info"]
+    out += ["", "$ docker info   (storage part)",
+            f" Storage Driver: {info['storage_driver']}",
+            f"  Pool Name: {info['pool_name']}",
+            f"  Pool Blocksize: {human_size_4(info['pool_blocksize'])}",
+            f"  Base Device Size: {human_size_4(info['base_device_size'])}",
+            f"  Backing Filesystem: {info['backing_filesystem']}",
+            f"  Data file: {info['data_file']}",
+            f"  Metadata file: {info['metadata_file']}",
+            f"  Data Space Used: {human_size_4(info['data_space_used'])}",
+            f"  Data Space Total: {human_size_4(info['data_space_total'])}",
+            f"  Data Space Available: {human_size_4(info['data_space_available'])}",
+            f"  Metadata Space Used: {human_size_4(info['metadata_space_used'])}",
+            f"  Metadata Space Total: {human_size_4(info['metadata_space_total'])}",
+            f"  Metadata Space Available: {human_size_4(info['metadata_space_available'])}",
+            f"  Thin Pool Minimum Free Space: {human_size_4(info['thin_pool_minimum_free_space'])}",
+            f"  dmsetup status: {info['dmsetup_status'].strip()}",
+            "", f"(finished in {res.get('elapsed_seconds', 0):.2f} s)"]
+    return "\n".join(out) + "\n"
+
+
+__all__ = ["run_demo", "render_demo", "human_size_4", "UBUNTU_STEPS", "BASE_STEPS", "FINAL_STEPS", "CONTAINERS"]
