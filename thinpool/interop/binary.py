@@ -35,6 +35,8 @@ from __future__ import annotations
 import os
 import stat
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -58,13 +60,22 @@ from thinpool.interop.spacemap import (
     MAX_METADATA_BITMAPS,
     MAX_METADATA_BLOCKS,
     SpaceMapContent,
-    SpaceMapOnDisk,
     SpaceMapRoot,
     build_space_map,
     nr_bitmaps,
     read_data_space_map,
     read_metadata_space_map,
 )
+
+__all__ = [
+    "write_binary_metadata",
+    "read_binary_metadata",
+    "read_data_refcounts",
+    "read_metadata_refcounts",
+    "check_binary_metadata",
+    "default_metadata_blocks",
+    "RawSuperblock",
+]
 
 THIN_MAGIC = 27022010
 THIN_VERSION = 2
@@ -199,7 +210,8 @@ def _prepare(md: Metadata, label: str) -> _View:
     return _View(sb, devices, dev_ids, details.view(np.uint32).reshape(-1, 6), counts, vblocks, values, dblocks)
 
 
-def _check_mappings(label, devices, counts, vblocks, dblocks, times, nr_data_blocks) -> None:
+def _check_mappings(label: str, devices: list[Device], counts: np.ndarray, vblocks: np.ndarray,
+                    dblocks: np.ndarray, times: np.ndarray, nr_data_blocks: int) -> None:
     def fail(entry: int, problem: str) -> None:
         dev = devices[int(np.searchsorted(np.cumsum(counts), entry, side="right"))]
         raise InvalidArgument(f"{label}: device {dev.dev_id}: {problem}")
@@ -405,7 +417,8 @@ def _build_image(plan: _Plan, lay: _Layout, meta_counts: np.ndarray) -> np.ndarr
 
     data_sm = plan.data_sm
     data_rows = _pack_space_map_bitmaps(img, xor, lay.data_bitmaps, data_sm)
-    pack_forest(img, plan.index_forest, lay.data_index, np.arange(len(data_rows), dtype=np.uint64), data_sm.index_entries(data_rows))
+    pack_forest(img, plan.index_forest, lay.data_index, np.arange(len(data_rows), dtype=np.uint64),
+                data_sm.index_entries(data_rows))
     pack_forest(img, plan.data_rc_forest, lay.data_rc, data_sm.rc_blocks, data_sm.rc_counts[:, None])
     details_roots, top_roots = _pack_trees(img, plan, lay)
 
@@ -416,7 +429,8 @@ def _build_image(plan: _Plan, lay: _Layout, meta_counts: np.ndarray) -> np.ndarr
         data_sm=SpaceMapRoot(data_sm.nr_blocks, data_sm.nr_allocated,
                              lay.data_index + int(plan.index_forest.roots[0]),
                              lay.data_rc + int(plan.data_rc_forest.roots[0])),
-        metadata_sm=SpaceMapRoot(lay.nr_blocks, meta_sm.nr_allocated, lay.meta_index, lay.meta_rc + int(meta_rc.roots[0])),
+        metadata_sm=SpaceMapRoot(lay.nr_blocks, meta_sm.nr_allocated, lay.meta_index,
+                                 lay.meta_rc + int(meta_rc.roots[0])),
         data_mapping_root=top_roots[0], device_details_root=details_roots[0],
         data_block_size=sb.data_block_size, metadata_block_size=METADATA_BLOCK_SECTORS,
         metadata_nr_blocks=lay.nr_blocks)
@@ -479,36 +493,33 @@ def write_binary_metadata(md: Metadata, path: str | os.PathLike[str], *, nr_meta
 # Reading
 
 
-@dataclass
-class _Loaded:
-    """A verified metadata file: superblock, both space maps and the selected view's trees."""
-
-    sb: RawSuperblock
-    view: RawSuperblock
-    data_sm: SpaceMapOnDisk
-    metadata_sm: SpaceMapOnDisk
-    metadata: Metadata
-    #: per walked view: metadata blocks referenced by trees and data blocks by fresh leaf entries
-    metadata_refs: list[np.ndarray]
-    data_refs: list[np.ndarray]
-
-
-def _open(path: str | os.PathLike[str]) -> tuple[BlockSource, RawSuperblock]:
+@contextmanager
+def _opened(path: str | os.PathLike[str]) -> Iterator[tuple[BlockSource, RawSuperblock]]:
+    """The block source and verified superblock of a metadata file, closed on exit."""
     src = BlockSource(path)
-    sb = _read_superblock(src, 0, "superblock")
-    if src.nr_blocks < sb.metadata_nr_blocks:
+    try:
+        sb = _read_superblock(src, 0, "superblock")
+        if src.nr_blocks < sb.metadata_nr_blocks:
+            raise corrupt("superblock", 0, f"metadata file has {src.nr_blocks} blocks but the superblock says "
+                                           f"{sb.metadata_nr_blocks} (truncated?)")
+        if sb.data_sm is None or sb.metadata_sm is None:
+            raise corrupt("superblock", 0, "space map root is empty")
+        src.limit = sb.metadata_nr_blocks
+        yield src, sb
+    finally:
         src.close()
-        raise corrupt("superblock", 0, f"metadata file has {src.nr_blocks} blocks but the superblock says "
-                                       f"{sb.metadata_nr_blocks} (truncated?)")
-    src.limit = sb.metadata_nr_blocks
-    if sb.data_sm is None or sb.metadata_sm is None:
-        src.close()
-        raise corrupt("superblock", 0, "space map root is empty")
-    return src, sb
 
 
-def _read_view(src: BlockSource, view: RawSuperblock, nr_data_blocks: int) -> tuple[list[Device], np.ndarray, np.ndarray]:
-    """The devices of one superblock view, plus (metadata refs, data refs) made by its trees."""
+@dataclass
+class _ViewRefs:
+    """One superblock view's devices and the references its trees make."""
+
+    devices: list[Device]
+    metadata_refs: np.ndarray  # one entry per reference to a metadata block
+    data_refs: np.ndarray  # data blocks of entries in leaves seen for the first time
+
+
+def _read_view(src: BlockSource, view: RawSuperblock, nr_data_blocks: int) -> _ViewRefs:
     details = walk_forest(src, np.array([view.device_details_root]), 24, lambda t: "details tree")
     top = walk_forest(src, np.array([view.data_mapping_root]), 8, lambda t: "mapping tree (top level)")
     if not np.array_equal(details.keys, top.keys):
@@ -531,50 +542,21 @@ def _read_view(src: BlockSource, view: RawSuperblock, nr_data_blocks: int) -> tu
                       f"data block {int(dblocks[e])} beyond the end of the data device ({nr_data_blocks} blocks)")
     times = (values & np.uint64(TIME_MASK)).astype(np.uint32)
     info = details.values.copy().view(_DETAILS).reshape(-1)
-    offsets = maps.offsets
+    at = maps.offsets
     devices = [Device(int(dev_ids[t]), int(info["mapped_blocks"][t]), int(info["transaction"][t]),
                       int(info["creation_time"][t]), int(info["snap_time"][t]),
-                      maps.keys[offsets[t] : offsets[t + 1]], dblocks[offsets[t] : offsets[t + 1]],
-                      times[offsets[t] : offsets[t + 1]])
+                      maps.keys[at[t] : at[t + 1]], dblocks[at[t] : at[t + 1]], times[at[t] : at[t + 1]])
                for t in range(len(dev_ids))]
     meta_refs = np.concatenate(([view.device_details_root, view.data_mapping_root], details.child_refs,
                                 top.child_refs, roots[top.fresh], maps.child_refs)).astype(np.int64)
-    return devices, meta_refs, dblocks[maps.fresh].astype(np.int64)
+    return _ViewRefs(devices, meta_refs, dblocks[maps.fresh].astype(np.int64))
 
 
-def _load(path: str | os.PathLike[str], metadata_snap: bool, both_views: bool = False) -> _Loaded:
-    src, sb = _open(path)
-    try:
-        data_sm = read_data_space_map(src, sb.data_sm)
-        metadata_sm = read_metadata_space_map(src, sb.metadata_sm)
-        nr_data_blocks = sb.data_sm.nr_blocks
-        held = None
-        if sb.held_root:
-            held = _read_superblock(src, sb.held_root, "metadata snapshot superblock copy")
-        elif metadata_snap:
-            raise InvalidArgument(f"{os.fspath(path)}: no metadata snapshot is held")
-        views = [(sb, False)] if not metadata_snap or both_views else []
-        if held is not None and (metadata_snap or both_views):
-            views.append((held, True))
-        meta_refs = [np.array([0]), data_sm.metadata_refs, metadata_sm.metadata_refs]
-        data_refs = []
-        chosen = None
-        for view, is_held in views:
-            devices, mrefs, drefs = _read_view(src, view, nr_data_blocks)
-            meta_refs.append(mrefs)
-            data_refs.append(drefs)
-            if is_held == metadata_snap:
-                chosen = (view, devices)
-        if held is not None:
-            meta_refs.append(np.array([sb.held_root]))
-        view, devices = chosen
-        superblock = Superblock(time=view.time, transaction=view.trans_id, data_block_size=view.data_block_size,
-                                nr_data_blocks=nr_data_blocks, flags=view.flags, version=view.version,
-                                uuid=view.uuid.rstrip(b"\0").decode("utf-8", "replace"),
-                                metadata_snap=view.held_root or None)
-        return _Loaded(sb, view, data_sm, metadata_sm, Metadata(superblock, devices), meta_refs, data_refs)
-    finally:
-        src.close()
+def _to_ir(view: RawSuperblock, devices: list[Device], nr_data_blocks: int) -> Metadata:
+    sb = Superblock(time=view.time, transaction=view.trans_id, data_block_size=view.data_block_size,
+                    nr_data_blocks=nr_data_blocks, flags=view.flags, version=view.version,
+                    uuid=view.uuid.rstrip(b"\0").decode("utf-8", "replace"), metadata_snap=view.held_root or None)
+    return Metadata(sb, devices)
 
 
 def read_binary_metadata(path: str | os.PathLike[str], *, metadata_snap: bool = False) -> Metadata:
@@ -582,36 +564,42 @@ def read_binary_metadata(path: str | os.PathLike[str], *, metadata_snap: bool = 
 
     Verifies every block read (checksum, stored block number), every btree node header (flags,
     value size for its tree, max_entries, nr_entries ≤ max_entries) and key order, the superblock
-    (magic, version 1 or 2, metadata block size) and the structure of both space maps; raises
-    :class:`~thinpool.errors.MetadataCorrupt` naming the structure and block at fault.  Devices
-    come back sorted by dev_id, mappings by vblock; ``superblock.metadata_snap`` is the held
-    root's block, or None.  ``metadata_snap=True`` returns the held metadata snapshot's view
-    instead (its superblock copy's time/transaction/flags/devices; ``nr_data_blocks`` from the
-    live data space map, ``metadata_snap`` None); :class:`~thinpool.errors.InvalidArgument` if
-    none is held.  Reference counts are not compared (see :func:`check_binary_metadata`).
+    (magic, version 1 or 2, metadata block size) and the structure of both space maps (index,
+    every bitmap, ref-count trees); raises :class:`~thinpool.errors.MetadataCorrupt` naming the
+    structure and block at fault.  Devices come back sorted by dev_id, mappings by vblock;
+    ``superblock.metadata_snap`` is the held root's block, or None.  ``metadata_snap=True``
+    returns the held metadata snapshot's view instead (its superblock copy's time, transaction,
+    flags and trees; ``nr_data_blocks`` from the live data space map; ``metadata_snap`` None),
+    and raises :class:`~thinpool.errors.InvalidArgument` if none is held.  Reference counts are
+    not compared with the references (see :func:`check_binary_metadata`).
     """
-    return _load(path, metadata_snap).metadata
+    with _opened(path) as (src, sb):
+        read_data_space_map(src, sb.data_sm)
+        read_metadata_space_map(src, sb.metadata_sm)
+        view = sb
+        if metadata_snap:
+            if not sb.held_root:
+                raise InvalidArgument(f"{os.fspath(path)}: no metadata snapshot is held")
+            view = _read_superblock(src, sb.held_root, "metadata snapshot superblock copy")
+        return _to_ir(view, _read_view(src, view, sb.data_sm.nr_blocks).devices, sb.data_sm.nr_blocks)
 
 
 def read_data_refcounts(path: str | os.PathLike[str]) -> np.ndarray:
     """Every data block's reference count as recorded in the data space map (uint32 array)."""
-    src, sb = _open(path)
-    try:
+    with _opened(path) as (src, sb):
         return read_data_space_map(src, sb.data_sm).ref_counts(src)
-    finally:
-        src.close()
 
 
 def read_metadata_refcounts(path: str | os.PathLike[str]) -> np.ndarray:
     """Every metadata block's reference count as recorded in the metadata space map (uint32 array)."""
-    src, sb = _open(path)
-    try:
+    with _opened(path) as (src, sb):
         return read_metadata_space_map(src, sb.metadata_sm).ref_counts(src)
-    finally:
-        src.close()
 
 
-def _compare_counts(what: str, recorded: np.ndarray, expected: np.ndarray, limit: int = 10) -> list[str]:
+def _compare_counts(what: str, recorded: np.ndarray, refs: np.ndarray, limit: int = 10) -> list[str]:
+    expected = np.bincount(refs, minlength=recorded.size)
+    if expected.size > recorded.size:
+        return [f"{what} block {int(refs.max())} is referenced but lies beyond the space map"]
     bad = np.flatnonzero(recorded != expected)
     problems = [f"{what} reference counts differ for block {int(b)}: expected {int(expected[b])}, "
                 f"space map has {int(recorded[b])}" for b in bad[:limit]]
@@ -626,26 +614,30 @@ def check_binary_metadata(path: str | os.PathLike[str]) -> list[str]:
     Structural damage raises :class:`~thinpool.errors.MetadataCorrupt` as in
     :func:`read_binary_metadata`.  The result lists every metadata block whose recorded count
     differs from the number of references to it (superblock, space-map blocks, every tree node
-    once per parent, held-root copy), every data block whose count differs from the number of
-    distinct-leaf mapping entries referencing it, and wrong ``nr_allocated`` totals; an empty list
-    means the counts are exact (what the kernel and the Rust thin_check expect).
+    once per parent, the held-root copy), every data block whose count differs from the number
+    of mapping entries referencing it across distinct leaves (live and held views), and wrong
+    ``nr_allocated`` totals.  An empty list means the counts are exact, as the kernel and the
+    Rust thin_check require (0.9.0 ``thin_restore`` output shows one: its nr_allocated counts a
+    temporary block it freed).
     """
-    loaded = _load(path, metadata_snap=False, both_views=True)
-    src, sb = _open(path)
-    try:
-        meta_counts = loaded.metadata_sm.ref_counts(src)
-        data_counts = loaded.data_sm.ref_counts(src)
-    finally:
-        src.close()
-    problems: list[str] = []
-    refs = np.concatenate(loaded.metadata_refs)
-    expected = np.bincount(refs, minlength=meta_counts.size)[: meta_counts.size]
-    problems += _compare_counts("metadata", meta_counts, expected)
-    drefs = np.concatenate(loaded.data_refs) if loaded.data_refs else np.zeros(0, np.int64)
-    expected = np.bincount(drefs, minlength=data_counts.size)[: data_counts.size]
-    problems += _compare_counts("data", data_counts, expected)
-    for sm, counts in ((loaded.metadata_sm, meta_counts), (loaded.data_sm, data_counts)):
-        actual = int(np.count_nonzero(counts))
-        if sm.root.nr_allocated != actual:
-            problems.append(f"{sm.name}: nr_allocated is {sm.root.nr_allocated} but {actual} blocks are in use")
-    return problems
+    with _opened(path) as (src, sb):
+        data_sm = read_data_space_map(src, sb.data_sm)
+        meta_sm = read_metadata_space_map(src, sb.metadata_sm)
+        meta_refs = [np.array([0]), data_sm.metadata_refs, meta_sm.metadata_refs]
+        views = [sb]
+        if sb.held_root:
+            meta_refs.append(np.array([sb.held_root]))
+            views.append(_read_superblock(src, sb.held_root, "metadata snapshot superblock copy"))
+        data_refs = []
+        for view in views:
+            walked = _read_view(src, view, sb.data_sm.nr_blocks)
+            meta_refs.append(walked.metadata_refs)
+            data_refs.append(walked.data_refs)
+        problems: list[str] = []
+        for sm, refs in ((meta_sm, meta_refs), (data_sm, data_refs)):
+            counts = sm.ref_counts(src)
+            problems += _compare_counts(sm.name.split()[0], counts, np.concatenate(refs))
+            if sm.root.nr_allocated != np.count_nonzero(counts):
+                problems.append(f"{sm.name}: nr_allocated is {sm.root.nr_allocated} but "
+                                f"{np.count_nonzero(counts)} blocks are in use")
+        return problems

@@ -173,6 +173,8 @@ class Forest:
 
     @property
     def nr_nodes(self) -> int:
+        if not self.levels:  # a forest of no trees
+            return 0
         last = self.levels[-1]
         return last.first + len(last.item_start)
 
@@ -383,7 +385,9 @@ def walk_forest(src: BlockSource, roots: np.ndarray, leaf_vsize: int, name_of: C
     return _assemble(out, refs, n_trees, leaf_vsize, name_of)
 
 
-def _gather_leaves(nodes, is_leaf, inv, visits, nr, node_entry0, keys, vsize, blocks, tree, fresh_visit):
+def _gather_leaves(nodes: np.ndarray, is_leaf: np.ndarray, inv: np.ndarray, visits: np.ndarray, nr: np.ndarray,
+                   node_entry0: np.ndarray, keys: np.ndarray, vsize: int, blocks: np.ndarray, tree: np.ndarray,
+                   fresh_visit: np.ndarray) -> tuple[np.ndarray, ...]:
     """Entries of the leaf visits ``visits``: (tree, keys, values, leaf block, fresh) arrays."""
     cap = max_entries(vsize)
     leaf_u = np.flatnonzero(is_leaf)
@@ -401,7 +405,8 @@ def _gather_leaves(nodes, is_leaf, inv, visits, nr, node_entry0, keys, vsize, bl
             np.repeat(fresh_visit[visits], cnt))
 
 
-def _gather_children(u64, is_leaf, inv, visits, nr, node_entry0, keys):
+def _gather_children(u64: np.ndarray, is_leaf: np.ndarray, inv: np.ndarray, visits: np.ndarray, nr: np.ndarray,
+                     node_entry0: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Children of the internal-node visits ``visits``: (child blocks, their keys, owning visit)."""
     int_u = np.flatnonzero(~is_leaf)
     ipos = np.full(len(is_leaf), -1)
@@ -417,7 +422,9 @@ def _gather_children(u64, is_leaf, inv, visits, nr, node_entry0, keys):
     return children, keys[k_index], np.repeat(visits, cnt)
 
 
-def _assemble(out, refs, n_trees, vsize, name_of) -> ForestContents:
+def _assemble(out: list[tuple[np.ndarray, ...]], refs: list[np.ndarray], n_trees: int, vsize: int,
+              name_of: Callable[[int], str]) -> ForestContents:
+    """Concatenate the per-level leaf entries, group them by tree and check cross-leaf key order."""
     if out:
         tree, keys, vals, leaf_blocks, fresh = (np.concatenate(parts) for parts in zip(*out))
     else:

@@ -22,11 +22,20 @@ partial bitmap included) and is decremented per allocated block.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
-from thinpool.interop.btree import BITMAP_CSUM_XOR, BLOCK_SIZE, INDEX_CSUM_XOR, BlockSource, corrupt, walk_forest
+from thinpool.interop.btree import (
+    BITMAP_CSUM_XOR,
+    BLOCK_SIZE,
+    INDEX_CSUM_XOR,
+    BlockSource,
+    ForestContents,
+    corrupt,
+    walk_forest,
+)
 
 ENTRIES_PER_BITMAP = (BLOCK_SIZE - 16) * 4  # 16320
 BITMAP_BYTES = BLOCK_SIZE - 16
@@ -180,14 +189,14 @@ class SpaceMapOnDisk:
         return counts
 
 
-def _read_bitmaps(src: BlockSource, blocks: np.ndarray, name: str, chunk: int = 4096):
+def _read_bitmaps(src: BlockSource, blocks: np.ndarray, name: str, chunk: int = 4096) -> Iterator[np.ndarray]:
     """Yield the bitmap blocks (verified) ``chunk`` at a time."""
     for i in range(0, len(blocks), chunk):
         part = blocks[i : i + chunk]
         yield src.read(part, BITMAP_CSUM_XOR, lambda j: name, "space map bitmap")
 
 
-def _read_ref_count_tree(src: BlockSource, root: int, name: str):
+def _read_ref_count_tree(src: BlockSource, root: int, name: str) -> tuple[ForestContents, np.ndarray]:
     tree = walk_forest(src, np.array([root]), 4, lambda t: name + " ref-count tree")
     return tree, tree.values.view(np.uint32).reshape(-1)
 
@@ -197,7 +206,8 @@ def read_data_space_map(src: BlockSource, root: SpaceMapRoot, name: str = "data 
     index = walk_forest(src, np.array([root.bitmap_root]), 16, lambda t: name + " index tree")
     n_bm = nr_bitmaps(root.nr_blocks)
     if not np.array_equal(index.keys, np.arange(n_bm, dtype=np.uint64)):
-        raise corrupt(name, root.bitmap_root, f"index tree has keys for {index.keys.size} bitmaps, expected 0..{n_bm - 1}")
+        raise corrupt(name + " index tree", root.bitmap_root,
+                      f"keys for {index.keys.size} bitmaps, expected 0..{n_bm - 1}")
     blocks, nr_free, hint = unpack_index_entries(index.values)
     for _ in _read_bitmaps(src, blocks, name):
         pass
