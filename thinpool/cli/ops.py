@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from thinpool import errors as _errors
-from thinpool.errors import FailedPrecondition, InvalidArgument, ThinpoolError
+from thinpool.errors import FailedPrecondition, InvalidArgument, NotFound, ThinpoolError
 
 CONTROL_SOCKET = "control.sock"
 MAX_LINE = 1 << 31
@@ -876,6 +876,54 @@ register_op("export", op_export, write=False, local_only=True,
             render=lambda r: "" if r["output"] == "-" else
             f"{r['name']}: exported {r['size']} bytes to {r['output']} ({r['blocks_written']} data blocks"
             f"{', sparse' if r['sparse'] else ''})")
+
+
+
+# ---------------------------------------------------------------------------------------------- interop
+def _metadata(pool: Any, metadata_snap: bool) -> Any:
+    """The pool's metadata as IR (its held metadata snapshot's with ``metadata_snap``)."""
+    return pool.to_metadata(held=metadata_snap)
+
+
+def op_dump(pool: Any, metadata_snap: bool = False) -> str:
+    """thin_dump's XML for the pool (or its held metadata snapshot), as text."""
+    from thinpool.interop.xml import dump_xml
+    return dump_xml(_metadata(pool, metadata_snap))
+
+
+register_op("dump", op_dump, write=False, render=lambda text: text)
+
+
+def op_export_metadata(pool: Any, path: str, nr_metadata_blocks: int | None = None) -> dict[str, Any]:
+    """Write real dm-thin binary metadata for the pool to ``path`` (with the held metadata snapshot,
+    if one is held).  Returns the blocks used and the file's size in blocks."""
+    from thinpool.interop.binary import write_binary_metadata
+    if not pool.read_only:
+        pool.commit()  # dm-thin's metadata device holds the committed state
+    md = pool.to_metadata()
+    held = pool.to_metadata(held=True) if pool.status().held_root is not None else None
+    used = write_binary_metadata(md, path, nr_metadata_blocks=nr_metadata_blocks, held=held)
+    return {"path": path, "used_blocks": used, "nr_blocks": os.path.getsize(path) // 4096,
+            "held": held is not None, "data_file": pool.data.path,
+            "data_block_size": pool.block_size, "nr_data_blocks": pool.nr_data_blocks}
+
+
+register_op("export-metadata", op_export_metadata, write=False,
+            render=lambda r: f"wrote {r['path']}: {r['used_blocks']} of {r['nr_blocks']} metadata blocks used"
+                             f"{' (with the held metadata snapshot)' if r['held'] else ''}")
+
+
+def _dev_id(pool: Any, md: Any, ref: str | int) -> int:
+    """A device id from a volume name or a decimal dev id (names win)."""
+    if isinstance(ref, str) and ref in pool:
+        return pool.thin(ref).dev_id
+    try:
+        dev_id = int(ref)
+    except (TypeError, ValueError):
+        raise NotFound(f"pool {pool.path}: no thin volume named {ref!r}") from None
+    if not any(d.dev_id == dev_id for d in md.devices):
+        raise NotFound(f"pool {pool.path}: no thin device with id {dev_id}")
+    return dev_id
 
 
 __all__ = ["OPS", "OpSpec", "op", "register_op", "get_op", "run_op", "handle_control_request",
