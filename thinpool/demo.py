@@ -65,7 +65,8 @@ def run_demo(path: str | os.PathLike | None = None, block_size: int | str = "64K
     ``pool_used_blocks_after_writes``, ``containers`` (final ``docker ps -s`` rows: ``name``,
     ``size_bytes``, ``virtual_size_bytes``, ``file_level_size_bytes``, ...), ``containers_at_start``,
     ``containers_after_writes``, ``copy_up`` (``block_level_bytes``, ``file_level_bytes``, ...),
-    ``images``, ``history``, ``writes``, ``info``.
+    ``images``, ``history``, ``writes``, ``info``, ``ps_order`` (container names in
+    ``docker ps`` order, newest first).
     """
     t0 = time.perf_counter()
     tmp = None
@@ -154,7 +155,7 @@ def _scenario(pool: Pool, *, base_size: int | str, seed: int) -> dict[str, Any]:
             "other_containers_unchanged": isolated,
         },
         "info": store.info(),
-        "_ps_order": [r.name for r in final],
+        "ps_order": [r.name for r in final],
     }
 
 
@@ -209,7 +210,7 @@ def _ps(rows: list[dict[str, Any]], order: list[str], bs: int) -> str:
 def render_demo(res: dict[str, Any]) -> str:
     """The demo result as text: ``docker images``, ``docker history``, ``docker ps -s``, ``docker info``."""
     bs = res["block_size"]
-    order = res.get("_ps_order") or [c["name"] for c in res["containers"]][::-1]
+    order = res.get("ps_order") or [c["name"] for c in res["containers"]][::-1]
     out = [f"thinpool demo: Docker's \"About storage drivers\" walkthrough on a thin pool",
            f"pool: {res['pool'] or '(temporary directory, removed)'}   block size {bs:,} B "
            f"({human_size_4(bs)})   base device {format_docker_size(res['base_device_size'])}",
