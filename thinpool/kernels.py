@@ -366,16 +366,23 @@ def blocks_needed(nodes, dev, offsets, lengths, bs):
 
 @njit(cache=True)
 def write_batch(nodes, data_rc, freed_txn, rc_dirty, st, dev, data, offsets, lengths, buf, buf_starts, start):
-    """Write I/Os ``start..`` of a batch.  Returns (code, next_io).
+    """Write I/Os ``start..`` of a batch.  Returns (code, next_io, blocks_needed).
 
-    code OK: all done; NEED_NODES: the node store must grow before I/O ``next_io`` is retried (the
-    I/Os before it are complete).  Data space must have been checked with :func:`blocks_needed`.
+    When ``start`` is 0 the batch's data-block need is counted first (:func:`blocks_needed`); if
+    fewer blocks are allocatable the code is NO_SPACE and nothing has changed.  code OK: all done;
+    NEED_NODES: the node store must grow before I/O ``next_io`` is retried (the I/Os before it
+    are complete).
     Per block: mapped and unshared -> write in place; unmapped -> allocate (the new block is a hole,
     so the rest reads zero); shared (time rule) -> allocate, copy the whole old block unless the
     write covers it, then write; the old block loses one reference.
     """
     leaves = nodes[0]
     bs = st[ST_BLOCK_SIZE]
+    need = 0
+    if start == 0:
+        need = blocks_needed(nodes, dev, offsets, lengths, bs)
+        if need > st[ST_NR_ALLOCATABLE]:
+            return NO_SPACE, 0, need
     snap_time = dev[DEV_SNAP_TIME]
     time24 = np.uint64(st[ST_TIME] & TIME_MASK)
     for i in range(start, offsets.shape[0]):
@@ -385,7 +392,7 @@ def write_batch(nodes, data_rc, freed_txn, rc_dirty, st, dev, data, offsets, len
             continue
         nblk = (off + remaining - 1) // bs - off // bs + 1
         if st[ST_INNER_FREE] < 2 * nblk + 1 or st[ST_LEAF_FREE] < nblk:
-            return NEED_NODES, i
+            return NEED_NODES, i, need
         src = buf_starts[i]
         while remaining > 0:
             vb = off // bs
@@ -416,7 +423,7 @@ def write_batch(nodes, data_rc, freed_txn, rc_dirty, st, dev, data, offsets, len
             off += seg
             src += seg
             remaining -= seg
-    return OK, offsets.shape[0]
+    return OK, offsets.shape[0], need
 
 
 @njit(cache=True)

@@ -86,6 +86,10 @@ class Thin:
     # ------------------------------------------------------------------ validation
     def _check_range(self, offsets: np.ndarray, lengths: np.ndarray) -> None:
         size = self.size
+        if offsets.size == 1:
+            off, length = int(offsets[0]), int(lengths[0])
+            if off >= 0 and length >= 0 and off + length <= size:
+                return
         if offsets.size == 0:
             return
         if (offsets < 0).any():
@@ -150,24 +154,24 @@ class Thin:
             rec = pool.devs[slot]
             st = pool.st
             dev = np.array([rec["root"], rec["snap_time"], 0, rec["size"]], np.int64)
-            bs = pool.block_size
-            need = K.blocks_needed(pool.nodes_map.nodes, dev, offsets, lengths, bs)
-            if need > st[K.ST_NR_ALLOCATABLE]:
-                if need <= st[K.ST_NR_FREE]:
-                    pool.commit()  # blocks freed in this transaction become allocatable
-                    dev[0] = pool.devs[slot]["root"]
-                if need > st[K.ST_NR_ALLOCATABLE]:
+            space = pool.space
+            start = 0
+            while True:
+                code, start, need = K.write_batch(pool.nodes_map.nodes, space.data_rc, space.freed_txn,
+                                                  space.rc_dirty, st, dev, pool.data.array, offsets, lengths,
+                                                  buf, starts, start)
+                if code == K.OK:
+                    break
+                if code == K.NO_SPACE:
+                    if need <= st[K.ST_NR_FREE]:
+                        pool.commit()  # blocks freed in this transaction become allocatable (dm-thin does this)
+                        dev[0] = pool.devs[slot]["root"]
+                        if need <= st[K.ST_NR_ALLOCATABLE]:
+                            continue
                     pool.mode = "out-of-data-space"
                     raise NoSpace(f"pool {pool.path}: no free data space for volume {self.name!r} "
                                   f"({need} blocks needed, {int(st[K.ST_NR_ALLOCATABLE])} free)")
-            start = 0
-            while True:
-                code, start = K.write_batch(pool.nodes_map.nodes, pool.space.data_rc, pool.space.freed_txn,
-                                            pool.space.rc_dirty, st, dev, pool.data.array, offsets, lengths,
-                                            buf, starts, start)
-                if code == K.OK:
-                    break
-                nblk = int((offsets[start] + lengths[start] - 1) // bs - offsets[start] // bs + 1)
+                nblk = int((offsets[start] + lengths[start] - 1) // pool.block_size - offsets[start] // pool.block_size + 1)
                 pool.nodes_map.ensure(2 * nblk + 1, nblk)
             rec = pool.devs[slot]
             if rec["root"] != dev[0] or dev[2]:
