@@ -4,13 +4,32 @@
 >>> pool = Pool.create("/tmp/pool", data_size="1GiB")          # doctest: +SKIP
 >>> base = pool.create_thin("base", size="10GiB")               # doctest: +SKIP
 >>> snap = pool.snapshot("base", "snap1")                       # O(1), copies nothing
+
+Names are imported lazily so that ``import thinpool`` (and the CLI) stays fast; numba is only
+loaded when a kernel first runs.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 from .errors import (AlreadyExists, FailedPrecondition, InvalidArgument, MetadataCorrupt, NoSpace, NotFound,
                      PoolLocked, ReadOnly, ThinpoolError)
-from .pool import Pool, PoolStatus, Usage
-from .thin import Thin
 from .units import parse_size
+
+_LAZY = {"Pool": "pool", "PoolStatus": "pool", "Usage": "pool", "Thin": "thin"}
+
+if TYPE_CHECKING:
+    from .pool import Pool, PoolStatus, Usage
+    from .thin import Thin
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'thinpool' has no attribute {name!r}")
+
 
 __all__ = ["Pool", "Thin", "PoolStatus", "Usage", "parse_size", "ThinpoolError", "InvalidArgument", "NotFound",
            "AlreadyExists", "FailedPrecondition", "NoSpace", "ReadOnly", "PoolLocked", "MetadataCorrupt"]

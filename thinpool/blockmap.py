@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import kernels as K
+from . import layout as K
 
 _GROW_MIN = 1024  # slots; capacities stay multiples of 1024 so rc arrays fill whole pages
 
@@ -113,8 +113,15 @@ class BlockMap:
     def new_root(self) -> int:
         """An empty device root (one reference)."""
         self.ensure(1, 0)
-        return int(K.new_inner(self.inners, self.inner_rc, self.inner_dirty, self.inner_rc_dirty,
-                               self.inner_free, self.st))
+        n = int(self.st[K.ST_INNER_FREE]) - 1
+        slot = int(self.inner_free[n])
+        self.st[K.ST_INNER_FREE] = n
+        self.inners[slot] = K.NONE
+        self.inner_rc[slot] = 1
+        self.inner_dirty[slot] = 1
+        self.inner_rc_dirty[slot >> K.RC_PAGE_BITS] = 1
+        self.st[K.ST_INNERS_LIVE] += 1
+        return slot
 
     def share_root(self, root: int) -> None:
         """One more device references ``root`` (a snapshot): O(1), nothing else is touched."""

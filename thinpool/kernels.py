@@ -25,40 +25,11 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-LEAF_BITS = 9
-INNER_BITS = 10
-LEAF_ENTRIES = 1 << LEAF_BITS          # 512 mappings per leaf (4 KiB)
-INNER_ENTRIES = 1 << INNER_BITS        # 1024 children per inner node (4 KiB)
-MAX_VBLOCKS = 1 << (LEAF_BITS + 2 * INNER_BITS)   # 2^29 virtual blocks per device
-RC_PAGE_BITS = 10                       # 1024 uint32 counts per 4 KiB page
-
-UNMAPPED = np.uint64(0xFFFFFFFFFFFFFFFF)
-NONE = -1
-TIME_MASK = 0xFFFFFF
-
-# indices into the int64 state vector ``st``
-ST_CURSOR = 0        # data allocation cursor (next block to try)
-ST_NR_FREE = 1       # data blocks with count 0 (including those freed in this transaction)
-ST_NR_ALLOCATABLE = 2  # free and not freed in this transaction
-ST_LEAF_FREE = 3     # entries on the leaf free stack
-ST_INNER_FREE = 4    # entries on the inner free stack
-ST_TIME = 5          # pool time (snapshot counter)
-ST_BLOCK_SIZE = 6    # data block size in bytes
-ST_NR_BLOCKS = 7     # data blocks in the pool
-ST_LEAVES_LIVE = 8   # leaves with count > 0
-ST_INNERS_LIVE = 9   # inner nodes with count > 0
-ST_SIZE = 10
-
-# indices into the per-device int64 vector ``dev``
-DEV_ROOT = 0
-DEV_SNAP_TIME = 1
-DEV_MAPPED_DELTA = 2
-DEV_SIZE = 3
-
-# return codes
-OK = 0
-NEED_NODES = -1
-NO_SPACE = -2
+from .layout import *  # noqa: F401,F403  (the constants are part of the kernels' interface)
+from .layout import (DEV_MAPPED_DELTA, DEV_ROOT, DEV_SNAP_TIME, INNER_BITS, INNER_ENTRIES, LEAF_BITS,
+                     LEAF_ENTRIES, NEED_NODES, NO_SPACE, NONE, OK, RC_PAGE_BITS, ST_BLOCK_SIZE, ST_CURSOR,
+                     ST_INNER_FREE, ST_INNERS_LIVE, ST_LEAF_FREE, ST_LEAVES_LIVE, ST_NR_ALLOCATABLE, ST_NR_BLOCKS,
+                     ST_NR_FREE, ST_TIME, TIME_MASK, UNMAPPED)
 
 
 # --------------------------------------------------------------------------- allocation

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import kernels as K
+from . import layout as K
 from .blockmap import BlockMap
 from .datadev import DataDevice
 from .errors import (AlreadyExists, InvalidArgument, MetadataCorrupt, NoSpace, NotFound, PoolLocked,
@@ -40,6 +40,11 @@ F_IN_USE = 1
 F_READ_ONLY = 2
 MODES = ("write", "out-of-data-space", "read-only", "fail")
 _NAME_RE = re.compile(r"^[^\x00-\x1f\x7f]{1,1024}$")
+
+
+def _kernels():
+    from . import kernels  # imported on first use: opening a pool does not need numba
+    return kernels
 
 
 def check_block_size(block_size: int | str) -> int:
@@ -437,7 +442,7 @@ class Pool:
         self._check_writable()
         slot = self._slot(name)
         root = int(self.devs[slot]["root"])
-        K.release_inner(self.nodes_map.nodes, self.space.data_rc, self.space.freed_txn, self.space.rc_dirty,
+        _kernels().release_inner(self.nodes_map.nodes, self.space.data_rc, self.space.freed_txn, self.space.rc_dirty,
                         self.st, root, 0)
         dev_id = int(self.devs[slot]["dev_id"])
         self.devs[slot] = np.zeros(1, DEV_DTYPE)[0]
@@ -508,12 +513,12 @@ class Pool:
         (thin_ls's definition); shared = mapped - exclusive.
         """
         self._check_open()
-        counts = K.logical_counts(self.nodes_map.nodes, self._roots(), self.space.nr_blocks)
+        counts = _kernels().logical_counts(self.nodes_map.nodes, self._roots(), self.space.nr_blocks)
         names = [name] if name is not None else [self._by_dev_id[d] for d in sorted(self._by_dev_id)]
         out = []
         for n in names:
             d = self.devs[self._slot(n)]
-            mapped, excl, highest = K.device_usage(self.nodes_map.nodes, int(d["root"]), counts)
+            mapped, excl, highest = _kernels().device_usage(self.nodes_map.nodes, int(d["root"]), counts)
             out.append(Usage(n, int(d["dev_id"]), self.block_size, int(mapped), int(excl), int(mapped - excl),
                              None if highest < 0 else int(highest)))
         return out[0] if name is not None else out

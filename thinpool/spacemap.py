@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import kernels as K
+from . import layout as K
 
 
 def _round_up(n: int, m: int) -> int:
