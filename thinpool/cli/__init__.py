@@ -95,7 +95,7 @@ class SectionedGroup(click.Group):
                 cmd = self.get_command(ctx, name)
                 if cmd is None or cmd.hidden:
                     continue
-                rows.append((name, cmd.get_short_help_str(limit=formatter.width - 6 - 22)))
+                rows.append((name, cmd.get_short_help_str(limit=max(30, formatter.width - 28))))
                 listed.add(name)
             if rows:
                 with formatter.section(title):

@@ -51,7 +51,9 @@ def _finish_new_pool(p: object, data_size: int | None) -> None:
 @click.option("-m", "--metadata-snap", is_flag=True, help="Dump the held metadata snapshot (thin_dump -m).")
 @json_option
 def dump_cmd(pool: str, output: str | None, metadata_snap: bool, as_json: bool) -> None:
-    """Print the pool's metadata as thin_dump XML, byte-identical to thin_dump 0.9.0.
+    """Print the metadata as thin_dump XML.
+
+    Byte-identical to what thin_dump 0.9.0 prints for the same metadata.
 
     \b
     Examples:
@@ -79,7 +81,9 @@ def dump_cmd(pool: str, output: str | None, metadata_snap: bool, as_json: bool) 
 @json_option
 def restore_cmd(pool: str, input_file: str, data_size: int | None, data_file: str | None,
                 metadata_size: int | None, as_json: bool) -> None:
-    """Create pool POOL from thin_dump XML (like thin_restore).
+    """Create pool POOL from thin_dump XML.
+
+    Like thin_restore.
 
     Malformed input is refused with an error naming the line and the problem (unknown tag, missing
     attribute, data block beyond the data device, duplicate device or mapping, unsorted keys, bad block
@@ -108,7 +112,7 @@ def restore_cmd(pool: str, input_file: str, data_size: int | None, data_file: st
               help="Size of the metadata file in 4KiB blocks (default: thin_metadata_size's estimate).")
 @json_option
 def export_metadata_cmd(pool: str, file: str, metadata_blocks: int | None, as_json: bool) -> None:
-    """Write the pool's metadata to FILE as real dm-thin binary metadata.
+    """Write real dm-thin binary metadata to FILE.
 
     FILE passes thin_check and thin_dump reads it; with the pool's data file (already laid out like a
     dm-thin data device) it forms a pool the kernel can activate (see docs/).  A held metadata snapshot
@@ -130,7 +134,9 @@ def export_metadata_cmd(pool: str, file: str, metadata_blocks: int | None, as_js
 @json_option
 def import_metadata_cmd(file: str, data_file: str | None, metadata_size: int | None, metadata_snap: bool,
                         pool: str, as_json: bool) -> None:
-    """Create pool POOL from real dm-thin binary metadata FILE (the kernel's, thin_restore's or ours).
+    """Create pool POOL from binary dm-thin metadata.
+
+    FILE is real dm-thin metadata: the kernel's, thin_restore's or ours.
 
     Every block is verified (checksums, block numbers, btree structure, space maps); corrupt input is
     refused naming the structure and block at fault, and nothing is created.  Volumes are named dev<ID>.

@@ -98,7 +98,10 @@ def control_socket_path(pool_path: str) -> str:
 
 def connect_control(pool_path: str) -> socket.socket | None:
     """A connection to the pool's live control socket, or None if the pool is not being served
-    (no socket, or a stale one left by a process that died)."""
+    (no socket, or a stale one left by a process that died).
+
+    Note for servers: a client may connect only to learn that the pool is served (before refusing a
+    streaming op) and close without sending anything; treat EOF before a request line as a no-op."""
     path = control_socket_path(pool_path)
     if not os.path.exists(path):
         return None
@@ -556,6 +559,16 @@ def _open_input(path: str) -> tuple[Any, bool]:
     return open(path, "rb"), True
 
 
+def _write_all(f: Any, data: memoryview) -> None:
+    """Write all of ``data`` (a buffered write to a pipe whose reader went away can return short)."""
+    data = data.cast("B")
+    while len(data):
+        n = f.write(data)
+        if n is None or n <= 0:
+            raise BrokenPipeError(32, "short write")
+        data = data[n:]
+
+
 def _open_output(path: str) -> tuple[Any, bool]:
     import sys
     if path == "-":
@@ -604,7 +617,7 @@ def op_read(pool: Any, name: str, output: str = "-", offset: int = 0, length: in
             n = min(chunk, length - done)
             view = buf[:n]
             thin.read_into(offset + done, view)
-            f.write(memoryview(view))
+            _write_all(f, memoryview(view))
             done += n
         f.flush()
     finally:
@@ -700,12 +713,13 @@ def op_import(pool: Any, name: str, image: str, size: int | None = None) -> dict
     from .common import progress
     bs = pool.block_size
     if image == "-":
-        fd, close, img_size, regular = sys.stdin.buffer.fileno(), False, None, False
-        try:
-            st = os.fstat(fd)
+        fd, close, img_size, regular = -1, False, None, False
+        try:  # stdin redirected from a regular file: its size is known
+            sfd = sys.stdin.buffer.fileno()
+            st = os.fstat(sfd)
             if stat.S_ISREG(st.st_mode):
-                img_size, regular = st.st_size - os.lseek(fd, 0, os.SEEK_CUR), False
-        except OSError:
+                img_size = st.st_size - os.lseek(sfd, 0, os.SEEK_CUR)
+        except (OSError, ValueError, AttributeError):
             pass
     else:
         fd = os.open(image, os.O_RDONLY)
@@ -861,7 +875,7 @@ def op_export(pool: Any, name: str, output: str = "-") -> dict[str, Any]:
                     n = min(chunk, size - done)
                     view = buf[:n]
                     thin.read_into(done, view)
-                    f.write(memoryview(view))
+                    _write_all(f, memoryview(view))
                     done += n
                     advance(n)
             f.flush()

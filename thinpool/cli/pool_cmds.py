@@ -32,7 +32,9 @@ SECTION = "Pool commands"
 def create_cmd(pool: str, data_size: int, block_size: int, metadata_size: int | None, low_water_mark: int,
                error_if_no_space: bool, zero_new_blocks: bool, data_file: str | None, max_thins: int,
                as_json: bool) -> None:
-    """Create a new pool in directory POOL (which must not exist or be empty).
+    """Create a new pool in directory POOL.
+
+    POOL must not exist or must be an empty directory.
 
     \b
     Examples:
@@ -56,7 +58,9 @@ def create_cmd(pool: str, data_size: int, block_size: int, metadata_size: int | 
               help="Print only the docker-info-like block (Data/Metadata Space Used/Total/Available...).")
 @json_option
 def status_cmd(pool: str, line_only: bool, human_only: bool, as_json: bool) -> None:
-    """Show pool status: dmsetup's thin-pool status line, then a docker-info-like summary.
+    """Show the dmsetup status line and space summary.
+
+    Prints dmsetup's thin-pool status line, then Data/Metadata Space Used/Total/Available etc.
 
     The line is exactly what `dmsetup status` prints after `0 <len> thin-pool` (dm-thin.md §1.4):
 
@@ -89,7 +93,7 @@ def status_cmd(pool: str, line_only: bool, human_only: bool, as_json: bool) -> N
 @click.argument("data_size", metavar="SIZE", type=SIZE)
 @json_option
 def resize_cmd(pool: str, data_size: int, as_json: bool) -> None:
-    """Grow the pool's data device to SIZE (dm-thin cannot shrink).
+    """Grow the data device to SIZE (never shrinks).
 
     A pool that ran out of data space returns to write mode.  Example: thinpool resize /tmp/pool 20G
     """
@@ -100,7 +104,9 @@ def resize_cmd(pool: str, data_size: int, as_json: bool) -> None:
 @pool_argument
 @json_option
 def commit_cmd(pool: str, as_json: bool) -> None:
-    """Commit the pool's metadata (a no-op for an idle pool; flushes a served pool's writes)."""
+    """Commit the pool's metadata.
+
+    A no-op for an idle pool; on a served pool it makes the clients' writes durable."""
     emit(run_op(pool, "commit", {}), as_json)
 
 
@@ -110,7 +116,9 @@ def commit_cmd(pool: str, as_json: bool) -> None:
 @click.argument("new", type=click.IntRange(min=0))
 @json_option
 def set_transaction_id_cmd(pool: str, old: int, new: int, as_json: bool) -> None:
-    """Set the pool's userspace transaction id from OLD to NEW (fails if it is not OLD).
+    """Change the userspace transaction id OLD -> NEW.
+
+    Fails unless the current id is OLD.
 
     Like `dmsetup message POOL 0 set_transaction_id OLD NEW`.  Example:
     thinpool set-transaction-id /tmp/pool 0 1
@@ -122,7 +130,9 @@ def set_transaction_id_cmd(pool: str, old: int, new: int, as_json: bool) -> None
 @pool_argument
 @json_option
 def reserve_metadata_snap_cmd(pool: str, as_json: bool) -> None:
-    """Hold a consistent snapshot of the metadata (for dump/ls/delta --metadata-snap)."""
+    """Hold a metadata snapshot (for --metadata-snap).
+
+    dump/ls/delta/rmap with --metadata-snap then read a consistent view while volumes change."""
     emit(run_op(pool, "reserve-metadata-snap", {}), as_json, OPS["reserve-metadata-snap"].render)
 
 
@@ -140,7 +150,9 @@ def release_metadata_snap_cmd(pool: str, as_json: bool) -> None:
 @json_option
 @click.pass_context
 def check_cmd(ctx: click.Context, pool: str, quiet: bool, as_json: bool) -> None:
-    """Check the pool's metadata structure (reference counts vs mappings, mapped blocks, space map).
+    """Check the metadata structure (exit 1 on errors).
+
+    Recomputes reference counts from the mappings and compares mapped blocks and the space map.
 
     Exit status 0 when clean, 1 when problems were found (like thin_check); the problems are printed
     one per line.

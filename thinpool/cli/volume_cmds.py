@@ -26,7 +26,9 @@ def _dev_id_option(f):  # type: ignore[no-untyped-def]
 @click.option("--read-only", is_flag=True, help="Create the volume read-only.")
 @json_option
 def create_thin_cmd(pool: str, name: str, size: int, dev_id: int | None, read_only: bool, as_json: bool) -> None:
-    """Create an empty thin volume NAME of virtual size SIZE (a multiple of 512 bytes).
+    """Create an empty thin volume NAME of SIZE bytes.
+
+    SIZE is the virtual size (a multiple of 512 bytes); no space is used until written.
 
     Example: thinpool create-thin /tmp/pool base 10G
     """
@@ -42,7 +44,9 @@ def create_thin_cmd(pool: str, name: str, size: int, dev_id: int | None, read_on
 @click.option("--read-only", is_flag=True, help="Make the snapshot read-only.")
 @json_option
 def snapshot_cmd(pool: str, origin: str, name: str, dev_id: int | None, read_only: bool, as_json: bool) -> None:
-    """Snapshot volume ORIGIN as NAME, in O(1): blocks are shared until either side writes them.
+    """Snapshot volume ORIGIN as NAME (O(1)).
+
+    Blocks are shared until either side writes them (copy-on-write).
 
     Snapshots of snapshots work the same way.  Example: thinpool snapshot /tmp/pool base snap1
     """
@@ -55,7 +59,9 @@ def snapshot_cmd(pool: str, origin: str, name: str, dev_id: int | None, read_onl
 @click.argument("names", metavar="NAME...", nargs=-1, required=True)
 @json_option
 def delete_cmd(pool: str, names: tuple[str, ...], as_json: bool) -> None:
-    """Delete the thin volumes NAME... (all or none).  Their snapshots and origins are unaffected.
+    """Delete thin volumes (all or none).
+
+    Their snapshots and origins are unaffected.
 
     Example: thinpool delete /tmp/pool snap1 snap2
     """
@@ -68,7 +74,9 @@ def delete_cmd(pool: str, names: tuple[str, ...], as_json: bool) -> None:
 @click.argument("new")
 @json_option
 def rename_cmd(pool: str, old: str, new: str, as_json: bool) -> None:
-    """Rename volume OLD to NEW (names are thinpool's; the dm-thin device id does not change)."""
+    """Rename volume OLD to NEW.
+
+    Names are thinpool's; the dm-thin device id does not change."""
     emit(run_op(pool, "rename", {"old": old, "new": new}), as_json)
 
 
@@ -81,7 +89,7 @@ def rename_cmd(pool: str, old: str, new: str, as_json: bool) -> None:
               help="Report the held metadata snapshot (thin_ls -m; see reserve-metadata-snap).")
 @json_option
 def ls_cmd(pool: str, fields: str | None, no_headers: bool, metadata_snap: bool, as_json: bool) -> None:
-    """List thin volumes with mapped, exclusive and shared space.
+    """List volumes: mapped, exclusive, shared space.
 
     By default: NAME, DEV, SIZE (virtual), MAPPED, EXCLUSIVE, SHARED, CREATE_TIME, SNAP_TIME.
     EXCLUSIVE counts blocks no other volume maps; SHARED = MAPPED - EXCLUSIVE (thin_ls's definitions).
@@ -122,7 +130,9 @@ def ls_cmd(pool: str, fields: str | None, no_headers: bool, metadata_snap: bool,
 @click.argument("name", required=False)
 @json_option
 def usage_cmd(pool: str, name: str | None, as_json: bool) -> None:
-    """Block usage of volume NAME (or of every volume): mapped, exclusive, shared and highest block."""
+    """Block usage of one volume or of all.
+
+    Mapped, exclusive and shared blocks and the highest mapped block of NAME (default: every volume)."""
     emit(run_op(pool, "usage", {"name": name}), as_json, OPS["usage"].render)
 
 
@@ -139,7 +149,9 @@ _offset_option = click.option("--offset", type=SIZE, default=0, show_default=Tru
 @click.option("--length", type=SIZE, default=None, help="Write at most this many bytes.")
 @json_option
 def write_cmd(pool: str, name: str, input_file: str, offset: int, length: int | None, as_json: bool) -> None:
-    """Write FILE (default: stdin) into volume NAME at --offset.
+    """Write FILE or stdin into volume NAME.
+
+    The data goes at --offset.
 
     Every byte is written, zeros included; use `import` for sparse images.  The write is atomic:
     if it fails (e.g. the pool runs out of space) nothing is committed.
@@ -163,7 +175,9 @@ def write_cmd(pool: str, name: str, input_file: str, offset: int, length: int | 
 @click.option("-o", "--output", type=click.Path(dir_okay=False, allow_dash=True), default="-",
               help="Write to this file instead of stdout.")
 def read_cmd(pool: str, name: str, offset: int, length: int | None, output: str) -> None:
-    """Read volume NAME (from --offset, --length bytes) to stdout or --output.
+    """Read volume NAME to stdout or a file.
+
+    Reads --length bytes (default: to the end) from --offset.
 
     Unmapped blocks read as zeros.  Example: thinpool read /tmp/pool base --length 4K | xxd | head
     """
@@ -178,7 +192,9 @@ def read_cmd(pool: str, name: str, offset: int, length: int | None, output: str)
 @click.option("--length", type=SIZE, default=None, help="Bytes to discard (default: to the end of the volume).")
 @json_option
 def discard_cmd(pool: str, name: str, offset: int, length: int | None, as_json: bool) -> None:
-    """Unmap the whole blocks of volume NAME inside [offset, offset+length) (like blkdiscard).
+    """Unmap blocks of volume NAME (like blkdiscard).
+
+    Unmaps the whole blocks inside [offset, offset+length).
 
     Partial blocks at either end are left alone (dm-thin's rule); freed blocks return to the pool.
     Example: thinpool discard /tmp/pool base --offset 1M --length 64M
@@ -195,7 +211,9 @@ def discard_cmd(pool: str, name: str, offset: int, length: int | None, as_json: 
               help="Size of the volume to create (default: the image's, rounded up to 512 bytes).")
 @json_option
 def import_cmd(pool: str, name: str, image: str, size: int | None, as_json: bool) -> None:
-    """Import raw disk image IMAGE (or - for stdin) into volume NAME, sparse-aware.
+    """Import a raw image into volume NAME (sparse).
+
+    IMAGE is a raw disk image file, or - for stdin.
 
     Only blocks holding non-zero bytes are written: holes and zero blocks allocate nothing.  NAME is
     created if it does not exist; in an existing volume, blocks that are zero in the image are unmapped,
@@ -216,7 +234,9 @@ def import_cmd(pool: str, name: str, image: str, size: int | None, as_json: bool
 @click.argument("output", type=click.Path(dir_okay=False, allow_dash=True), default="-", required=False)
 @json_option
 def export_cmd(pool: str, name: str, output: str, as_json: bool) -> None:
-    """Export volume NAME as a raw image to OUTPUT (default: stdout).
+    """Export volume NAME as a raw image (sparse).
+
+    OUTPUT is a file (default: stdout).
 
     A regular OUTPUT file is written sparse: unmapped and all-zero blocks are seeked over, so the
     file only takes the space of the data.  Shows a progress bar when stderr is a terminal.
