@@ -141,6 +141,8 @@ def format_ls(md: Metadata, fields: str | Sequence[str] | None = None, headers: 
         return ""
     grid = [names] if headers else []
     grid += [[str(row[f]) for f in names] for row in ls_rows(md, names)]
+    if not grid:
+        return ""
     widths = [max(len(r[i]) for r in grid) for i in range(len(names))]
     return "".join("".join(c.rjust(w) + " " for c, w in zip(r, widths)) + "\n" for r in grid)
 
