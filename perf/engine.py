@@ -234,7 +234,7 @@ def bench_commit(sc: Scratch, big: int, small: int, repeats: int, key: str = "en
         p = Pool.open(path)
         v = p.thin("v")
         mapped = md.devices[0].vblocks.astype(np.int64)
-        cand = np.setdiff1d(np.arange(max(2 * count, 4096), dtype=np.int64), mapped)
+        cand = np.setdiff1d(np.arange(min(max(2 * count, 4096), v.size // BS), dtype=np.int64), mapped)
         free_vb[label] = np.random.default_rng(6).permutation(cand)
         pools[label] = (path, p, v)
     buf = np.full(IO, 7, np.uint8)
