@@ -200,7 +200,8 @@ def _ps(rows: list[dict[str, Any]], order: list[str], bs: int) -> str:
     for name in order:
         r = by[name]
         out.append([r["container_id"], r["image"], f'"{r["command"]}"', name,
-                    f'{_blocks(r["size_bytes"], bs)} (virtual {format_docker_size(r["virtual_size_bytes"])})',
+                    f'{format_docker_size(r["size_bytes"])} (virtual {format_docker_size(r["virtual_size_bytes"])}) '
+                    f'[{r["owned_blocks"]:,} blk]',
                     f'{format_docker_size(r["file_level_size_bytes"])} '
                     f'(virtual {format_docker_size(r["file_level_virtual_size_bytes"])})'])
     return _table(["CONTAINER ID", "IMAGE", "COMMAND", "NAMES", "SIZE block-level", "SIZE docker (file-level)"],
