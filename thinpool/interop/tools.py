@@ -20,7 +20,7 @@ from .ir import SECTOR, Device, Metadata
 from .xml import mapping_runs
 
 __all__ = [
-    "LS_FIELDS", "DEFAULT_LS_FIELDS", "ls_rows", "format_ls", "human_size",
+    "LS_FIELDS", "DEFAULT_LS_FIELDS", "ls_rows", "format_ls", "human_size", "exclusive_blocks",
     "delta", "format_delta", "rmap", "format_rmap", "parse_region",
     "metadata_size_blocks", "format_metadata_size",
 ]

@@ -23,8 +23,7 @@ ref.  The reader's expat callbacks are those events; the writer produces them fr
 from __future__ import annotations
 
 import os
-from array import array
-from typing import TextIO
+from typing import NoReturn, TextIO
 
 import numpy as np
 from xml.parsers import expat
@@ -211,7 +210,7 @@ class _Reader:
         self.texts: set[str] = set()
 
     # -- errors -----------------------------------------------------------------------------
-    def fail(self, msg: str, line: int | None = None, cls: type[InvalidArgument] = InvalidArgument) -> None:
+    def fail(self, msg: str, line: int | None = None, cls: type[InvalidArgument] = InvalidArgument) -> NoReturn:
         if line is None:
             line = self.p.CurrentLineNumber if self.p is not None else 0
         raise cls(f"{self.label}line {line}: {msg}")
@@ -371,7 +370,7 @@ class _Reader:
             if not text.isspace():
                 self._fail_text(text)
 
-    def _fail_text(self, bad: str) -> None:
+    def _fail_text(self, bad: str) -> NoReturn:
         p = self._new_parser()
 
         def text(data: str) -> None:
@@ -408,7 +407,7 @@ class _Reader:
             return int(e.args[0])
         return 0  # pragma: no cover
 
-    def fail_row(self, row: int, msg: str) -> None:
+    def fail_row(self, row: int, msg: str) -> NoReturn:
         self.fail(msg, self._row_line(row))
 
     # -- finishing ----------------------------------------------------------------------------
