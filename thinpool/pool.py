@@ -465,6 +465,19 @@ class Pool:
         self._by_dev_id[entry["dev_id"]] = new
         self.catalog_dirty = True
 
+    @_locked
+    def set_read_only(self, name: str, read_only: bool = True) -> None:
+        """Make a volume read-only (writes and discards raise ReadOnly) or writable again."""
+        self._check_writable()
+        slot = self._slot(name)
+        flags = int(self.devs[slot]["flags"])
+        self.devs[slot]["flags"] = (flags | F_READ_ONLY) if read_only else (flags & ~F_READ_ONLY)
+        self.devs_dirty.add(slot)
+
+    def record_namespaces(self) -> list[str]:
+        """Namespaces that hold records (see :meth:`get_records`)."""
+        return sorted(self.catalog["records"])
+
     def thin(self, name: str) -> "Thin":
         """The thin volume called ``name`` (NotFound if none)."""
         from .thin import Thin

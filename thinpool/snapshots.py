@@ -509,19 +509,7 @@ class Snapshotter:
             parent = rec.get("parent", "")
             if parent and snaps.get(parent, {}).get("kind") != "committed":
                 raise FailedPrecondition(f"cannot commit snapshot {key!r}: its parent {parent!r} is not committed")
-            volume = self.volume_name_for_id(rec["id"])
-            tmp = f"{volume}~committing"
-            pool = self.pool
-            undo: list[Callable[[], None]] = []
-            try:
-                pool.rename(volume, tmp)
-                undo.append(lambda: pool.rename(tmp, volume))
-                pool.snapshot(tmp, volume, read_only=True)
-                undo.append(lambda: pool.delete(volume))
-                pool.delete(tmp)
-            except BaseException:
-                self._rollback(undo)
-                raise
+            self.pool.set_read_only(self.volume_name_for_id(rec["id"]), True)
             now = _now()
             del snaps[key]
             snaps[name] = {"id": rec["id"], "kind": "committed", "parent": parent, "labels": labels,
