@@ -422,3 +422,56 @@ def test_export_metadata_passes_thin_check(pool: str, tmp_path: Path) -> None:
     corrupt.write_bytes(raw)
     assert "superblock" in error_of(invoke("import-metadata", str(corrupt), str(tmp_path / "x"), code=1))
     assert not (tmp_path / "x").exists()
+
+
+ALL_LS_FIELDS = ("DEV,MAPPED_BLOCKS,EXCLUSIVE_BLOCKS,SHARED_BLOCKS,MAPPED_SECTORS,EXCLUSIVE_SECTORS,SHARED_SECTORS,"
+                 "MAPPED_BYTES,EXCLUSIVE_BYTES,SHARED_BYTES,MAPPED,EXCLUSIVE,SHARED,TRANSACTION,CREATE_TIME,SNAP_TIME")
+
+
+def test_ls_delta_rmap_metadata_size_match_real_tools(tmp_path: Path) -> None:
+    require_tool("thin_ls", "thin_delta", "thin_rmap", "thin_metadata_size")
+    path = str(tmp_path / "pool")
+    rng = np.random.default_rng(7)
+    with Pool.create(path, data_size="64M") as p:
+        base = p.create_thin("base", "16M")
+        base.write_many(rng.choice(256, 60, replace=False) * BS, [bytes([i + 1]) * BS for i in range(60)])
+        p.snapshot("base", "s1")
+        p.thin("s1").write_many(rng.choice(256, 10, replace=False) * BS, [b"s" * BS] * 10)
+        p.snapshot("s1", "s2")
+        p.thin("base").discard(0, 4 << 20)
+        p.create_thin("empty", "1M")
+    meta = tmp_path / "meta.bin"
+    invoke("export-metadata", path, str(meta))
+
+    def tool(*args: str) -> str:
+        proc = subprocess.run(list(args), capture_output=True, text=True)
+        assert proc.returncode == 0, (args, proc.stderr)
+        return proc.stdout
+
+    assert invoke("ls", path, "-o", ALL_LS_FIELDS).stdout == tool("thin_ls", "-o", ALL_LS_FIELDS, str(meta))
+    assert invoke("ls", path, "-o", "DEV,MAPPED,SHARED", "--no-headers").stdout == \
+        tool("thin_ls", "--no-headers", "-o", "DEV,MAPPED,SHARED", str(meta))
+    rows = json.loads(invoke("ls", path, "-o", "DEV,EXCLUSIVE_BLOCKS", "--json").stdout)
+    assert [r["DEV"] for r in rows] == [1, 2, 3, 4]
+    for a, b in (("base", "s1"), ("s1", "s2"), ("1", "3")):
+        ids = {"base": "1", "s1": "2", "s2": "3"}
+        left, right = ids.get(a, a), ids.get(b, b)
+        assert invoke("delta", path, a, b).stdout == \
+            tool("thin_delta", "--thin1", left, "--thin2", right, str(meta))
+        assert invoke("delta", path, a, b, "--verbose").stdout == \
+            tool("thin_delta", "--verbose", "--thin1", left, "--thin2", right, str(meta))
+    kinds = {r["kind"] for r in json.loads(invoke("delta", path, "base", "s1", "--json").stdout)["ranges"]}
+    assert kinds <= {"same", "different", "left_only", "right_only"} and "same" in kinds
+    regions = ["0..40", "50..51", "60..200"]
+    assert invoke("rmap", path, *[x for r in regions for x in ("--region", r)]).stdout == \
+        tool("thin_rmap", *[f"--region={r}" for r in regions], str(meta))
+    assert all(r["name"] in ("base", "s1", "s2") for r in json.loads(invoke("rmap", path, "-r", "0..300", "--json").stdout))
+    assert "end <= begin" in error_of(invoke("rmap", path, "-r", "5..5", code=1))
+    assert "unknown field" in error_of(invoke("ls", path, "-o", "DEV,BOGUS", code=1))
+    assert "no thin volume named 'zz'" in error_of(invoke("delta", path, "base", "zz", code=1))
+    for args in (["-b64k", "-s1t", "-m1000"], ["-b", "128", "-s", "2097152", "-m", "10", "-u", "k"],
+                 ["-b64k", "-s1t", "-m1000", "-um", "-nshort"], ["-b64k", "-s1t", "-m1000", "-n"]):
+        assert invoke("metadata-size", *args).stdout == tool("thin_metadata_size", *args)
+    size = json.loads(invoke("metadata-size", "-b64k", "-s1t", "-m1000", "--json").stdout)
+    assert size["blocks"] == 1 + 133152 + 1000 and size["bytes"] == size["blocks"] * 4096
+    assert "2^^N" in error_of(invoke("metadata-size", "-b64K", "-s1t", "-m1000", code=1))

@@ -154,4 +154,98 @@ def import_metadata_cmd(file: str, data_file: str | None, metadata_size: int | N
         emit(run_op(pool, "status", {}), True)
 
 
-COMMANDS: list[click.Command] = [dump_cmd, restore_cmd, export_metadata_cmd, import_metadata_cmd]
+
+@click.command("delta")
+@pool_argument
+@click.argument("left", metavar="A")
+@click.argument("right", metavar="B")
+@click.option("-v", "--verbose", is_flag=True, help="One <range> per record, with data blocks (thin_delta --verbose).")
+@click.option("-m", "--metadata-snap", is_flag=True, help="Compare in the held metadata snapshot.")
+@json_option
+def delta_cmd(pool: str, left: str, right: str, verbose: bool, metadata_snap: bool, as_json: bool) -> None:
+    """Show how volumes A and B differ (thin_delta XML).
+
+    A and B are volume names or dm-thin device ids.  Mappings are compared by data block (times are
+    ignored); units are blocks.  The output is what `thin_delta --thin1 A --thin2 B` prints.
+
+    \b
+    Examples:
+      thinpool delta /tmp/pool base snap1
+      thinpool delta /tmp/pool 1 2 --verbose
+    """
+    result = run_op(pool, "delta", {"left": left, "right": right, "verbose": verbose,
+                                    "metadata_snap": metadata_snap, "as_json": as_json})
+    emit(result, as_json, OPS["delta"].render)
+
+
+@click.command("rmap")
+@pool_argument
+@click.option("-r", "--region", "regions", metavar="B..E", multiple=True, required=True,
+              help="Data blocks B (inclusive) to E (exclusive); repeatable.")
+@click.option("-m", "--metadata-snap", is_flag=True, help="Map in the held metadata snapshot.")
+@json_option
+def rmap_cmd(pool: str, regions: tuple[str, ...], metadata_snap: bool, as_json: bool) -> None:
+    """Show which volumes map data blocks (thin_rmap).
+
+    Prints `data B..E -> thin(DEV) V..W` lines (half-open ranges, in blocks), as thin_rmap does.
+
+    Example: thinpool rmap /tmp/pool --region 0..100 --region 200..210
+    """
+    result = run_op(pool, "rmap", {"regions": list(regions), "metadata_snap": metadata_snap, "as_json": as_json})
+    emit(result, as_json, OPS["rmap"].render)
+
+
+_NUMERIC_FLAG = "\0flag"
+
+
+class _GetoptNumeric(click.Command):
+    """thin_metadata_size's ``-n`` takes an optional *attached* argument (getopt): ``-n`` alone is
+    number-only, ``-nshort``/``-nlong`` (or ``--numeric-only=short``) add the unit; ``-n short`` does not
+    consume ``short``."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        rewritten = []
+        for arg in args:
+            if arg in ("-n", "--numeric-only"):
+                rewritten.append("--numeric-only=" + _NUMERIC_FLAG)
+            elif arg.startswith("-n") and not arg.startswith("--"):
+                rewritten.append("--numeric-only=" + arg[2:])
+            else:
+                rewritten.append(arg)
+        return super().parse_args(ctx, rewritten)
+
+
+@click.command("metadata-size", cls=_GetoptNumeric)
+@click.option("-b", "--block-size", required=True, metavar="SIZE",
+              help="Data block size (a power of two).")
+@click.option("-s", "--pool-size", required=True, metavar="SIZE", help="Data device size.")
+@click.option("-m", "--max-thins", required=True, metavar="N", help="Maximum number of thin volumes.")
+@click.option("-u", "--unit", default=None, metavar="UNIT", help="Output unit (default: sectors).")
+@click.option("-n", "--numeric-only", "numeric", default=None, metavar="[short|long]",
+              help="Print only the number; -nshort / -nlong add the unit (getopt style, attached).")
+@json_option
+def metadata_size_cmd(block_size: str, pool_size: str, max_thins: str, unit: str | None, numeric: str | None,
+                      as_json: bool) -> None:
+    """Estimate metadata size (thin_metadata_size).
+
+    Same formula and output as thin_metadata_size 0.9.0, and the tool's units: a number alone is in
+    sectors; suffixes b, s, k, m, g, t, p (binary: k = KiB) and K, M, G, T, P (decimal: K = 1000), or
+    long forms such as 64kibi or 1tera.
+
+    \b
+    Examples:
+      thinpool metadata-size -b 64k -s 1t -m 1000
+      thinpool metadata-size -b 64k -s 1t -m 1000 -u m -n short
+    """
+    from thinpool.interop.tools import format_metadata_size
+    flag: bool | str = False if numeric is None else (True if numeric == _NUMERIC_FLAG else numeric)
+    text = format_metadata_size(block_size, pool_size, max_thins, unit=unit, numeric=flag)
+    if as_json:
+        nbytes = int(format_metadata_size(block_size, pool_size, max_thins, unit="b", numeric=True))
+        emit({"bytes": nbytes, "blocks": nbytes // 4096, "text": text.rstrip("\n")}, True)
+        return
+    click.echo(text, nl=False)
+
+
+COMMANDS: list[click.Command] = [dump_cmd, restore_cmd, export_metadata_cmd, import_metadata_cmd, delta_cmd,
+                                 rmap_cmd, metadata_size_cmd]

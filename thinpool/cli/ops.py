@@ -940,6 +940,36 @@ def _dev_id(pool: Any, md: Any, ref: str | int) -> int:
     return dev_id
 
 
+
+def op_delta(pool: Any, left: str | int, right: str | int, verbose: bool = False, metadata_snap: bool = False,
+             as_json: bool = False) -> Any:
+    """thin_delta between two volumes (names or dev ids): its XML as text, or its records with ``as_json``."""
+    from thinpool.interop import tools
+    md = _metadata(pool, metadata_snap)
+    a, b = _dev_id(pool, md, left), _dev_id(pool, md, right)
+    if as_json:
+        return {"left": a, "right": b, "ranges": tools.delta(md, a, b)}
+    return tools.format_delta(md, a, b, verbose=verbose)
+
+
+register_op("delta", op_delta, write=False, render=lambda text: text)
+
+
+def op_rmap(pool: Any, regions: list[str], metadata_snap: bool = False, as_json: bool = False) -> Any:
+    """thin_rmap for data-block regions ``"B..E"``: its text, or its records with ``as_json``
+    (each record also names the volume)."""
+    from thinpool.interop import tools
+    md = _metadata(pool, metadata_snap)
+    if as_json:
+        records = tools.rmap(md, regions)
+        names = {t.dev_id: t.name for t in pool.thins()}
+        return [{**r, "name": names.get(r["dev_id"])} for r in records]
+    return tools.format_rmap(md, regions)
+
+
+register_op("rmap", op_rmap, write=False, render=lambda text: text)
+
+
 __all__ = ["OPS", "OpSpec", "op", "register_op", "get_op", "run_op", "handle_control_request",
            "control_socket_path", "connect_control", "call_server", "error_class", "is_reporting_handle",
            "CONTROL_SOCKET"]

@@ -105,19 +105,14 @@ def ls_cmd(pool: str, fields: str | None, no_headers: bool, metadata_snap: bool,
       thinpool ls /tmp/pool -o DEV,MAPPED_BLOCKS,EXCLUSIVE_BLOCKS --no-headers
       thinpool ls /tmp/pool --json
     """
-    field_list = None
-    if fields is not None:
-        field_list = [f.strip() for f in fields.split(",") if f.strip()]
-        if not field_list:
-            raise click.BadParameter("no fields given", param_hint="-o/--format")
-    if field_list is None and not metadata_snap:
+    if fields is None and not metadata_snap:
         result = run_op(pool, "ls", {})
         if as_json:
             emit(result["volumes"], True)
         else:
             emit(result["volumes"], False, lambda rows: render_volumes(rows, headers=not no_headers))
         return
-    result = run_op(pool, "ls", {"fields": field_list, "headers": not no_headers,
+    result = run_op(pool, "ls", {"fields": fields, "headers": not no_headers,
                                  "metadata_snap": metadata_snap, "as_json": as_json})
     if as_json:
         emit(result["rows"], True)
