@@ -509,12 +509,13 @@ class Snapshotter:
             parent = rec.get("parent", "")
             if parent and snaps.get(parent, {}).get("kind") != "committed":
                 raise FailedPrecondition(f"cannot commit snapshot {key!r}: its parent {parent!r} is not committed")
-            self.pool.set_read_only(self.volume_name_for_id(rec["id"]), True)
+            volume = self.volume_name_for_id(rec["id"])
+            self.pool.set_read_only(volume, True)
             now = _now()
             del snaps[key]
             snaps[name] = {"id": rec["id"], "kind": "committed", "parent": parent, "labels": labels,
                            "created": now, "updated": now}
-            self._store(recs, [])
+            self._store(recs, [lambda: self.pool.set_read_only(volume, False)])
             return self._info(name, snaps[name])
 
     def remove(self, key: str) -> None:
