@@ -354,7 +354,8 @@ def test_handle_control_request_never_raises(pool: str) -> None:
             reply = handle_control_request(p, raw)
             assert reply.endswith(b"\n") and reply.count(b"\n") == 1
             return json.loads(reply)
-        assert ask(b"not json") == {"ok": False, "error": "InvalidArgument", "message": "control request is not valid JSON"}
+        assert ask(b"not json") == {"ok": False, "error": "InvalidArgument",
+                                    "message": "control request is not valid JSON"}
         assert ask(b"[1]")["error"] == "InvalidArgument"
         assert ask(b'{"op": "frobnicate"}')["error"] == "InvalidArgument"
         assert "bad arguments" in ask(b'{"op": "create-thin", "args": {"nme": "x"}}')["message"]
@@ -465,7 +466,8 @@ def test_ls_delta_rmap_metadata_size_match_real_tools(tmp_path: Path) -> None:
     regions = ["0..40", "50..51", "60..200"]
     assert invoke("rmap", path, *[x for r in regions for x in ("--region", r)]).stdout == \
         tool("thin_rmap", *[f"--region={r}" for r in regions], str(meta))
-    assert all(r["name"] in ("base", "s1", "s2") for r in json.loads(invoke("rmap", path, "-r", "0..300", "--json").stdout))
+    records = json.loads(invoke("rmap", path, "-r", "0..300", "--json").stdout)
+    assert records and all(r["name"] in ("base", "s1", "s2") for r in records)
     assert "end <= begin" in error_of(invoke("rmap", path, "-r", "5..5", code=1))
     assert "unknown field" in error_of(invoke("ls", path, "-o", "DEV,BOGUS", code=1))
     assert "no thin volume named 'zz'" in error_of(invoke("delta", path, "base", "zz", code=1))
@@ -475,3 +477,22 @@ def test_ls_delta_rmap_metadata_size_match_real_tools(tmp_path: Path) -> None:
     size = json.loads(invoke("metadata-size", "-b64k", "-s1t", "-m1000", "--json").stdout)
     assert size["blocks"] == 1 + 133152 + 1000 and size["bytes"] == size["blocks"] * 4096
     assert "2^^N" in error_of(invoke("metadata-size", "-b64K", "-s1t", "-m1000", code=1))
+
+
+def test_progress_bar_only_on_a_terminal(pool: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from thinpool.cli import common
+    image = tmp_path / "img"
+    image.write_bytes(b"q" * (3 * BS))
+    assert invoke("import", pool, "quiet", str(image)).stderr == ""
+    monkeypatch.setattr(common, "stderr_is_tty", lambda: True)
+    seen = []
+    real = common.progress
+
+    def spy(description: str, total: int):
+        seen.append((description, total))
+        return real(description, total)
+    monkeypatch.setattr(common, "progress", spy)
+    invoke("import", pool, "loud", str(image))
+    invoke("export", pool, "loud", str(tmp_path / "out"))
+    assert seen == [("import loud", 3 * BS), ("export loud", 3 * BS)]
+    assert (tmp_path / "out").read_bytes() == image.read_bytes()

@@ -212,7 +212,8 @@ def import_cmd(pool: str, name: str, image: str, size: int | None, as_json: bool
 
     Only blocks holding non-zero bytes are written: holes and zero blocks allocate nothing.  NAME is
     created if it does not exist; in an existing volume, blocks that are zero in the image are unmapped,
-    so the volume then reads exactly like the image.  Shows a progress bar when stderr is a terminal.
+    so its first len(IMAGE) bytes then read exactly like the image.  Shows a progress bar when stderr
+    is a terminal.
 
     \b
     Examples:
