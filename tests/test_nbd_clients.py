@@ -105,6 +105,19 @@ def test_nbdinfo_map_equals_backend_allocation(env: Env) -> None:
     assert totals == {0: env.vol.allocated_blocks * BS, 3: 32 * MiB - env.vol.allocated_blocks * BS}
 
 
+def test_nbdinfo_over_tcp() -> None:
+    require_tool("nbdinfo")
+    provider = MemoryProvider(block_size=BS)
+    provider.create("t", 3 * MiB).pwrite(MiB, b"tcp")
+    with NBDServer(provider, tcp=(None, 0)) as server:
+        host, port = server.tcp_address
+        assert host == "127.0.0.1" and server.unix_path is None
+        assert int(ok("nbdinfo", "--size", f"nbd://{host}:{port}/t").strip()) == 3 * MiB
+        got = json.loads(ok("nbdinfo", "--map", "--json", server.export_uri("t")))
+        assert [(e["offset"], e["length"], e["type"]) for e in got] == [(0, MiB, 3), (MiB, BS, 0),
+                                                                          (MiB + BS, 2 * MiB - BS, 3)]
+
+
 # =========================================================================== nbdcopy
 def _sparse_source(path: str, size: int, seed: int) -> list[tuple[int, int]]:
     """A fully written (not sparse on disk) image that is mostly zeroes; returns its data runs."""

@@ -11,6 +11,7 @@ import logging
 import os
 import random
 import shutil
+import signal
 import socket
 import struct
 import tempfile
@@ -717,6 +718,9 @@ class FaultyExport:
         self._maybe_fail()
         self.inner.write_zeroes(offset, length, may_trim)
 
+    def close(self) -> None:
+        self.owner.released += 1
+
     def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
         self._maybe_fail()
         if self.owner.extents_fault is not None:
@@ -731,6 +735,8 @@ class FaultyProvider:
         self.extents_fault: BaseException | None = None
         self.delay = 0.0
         self.closed = 0
+        self.opened = 0
+        self.released = 0
         self.mem = MemoryExport("f", MiB, BS)
 
     def list_exports(self) -> list[str]:
@@ -739,6 +745,7 @@ class FaultyProvider:
     def open_export(self, name: str, read_only: bool) -> FaultyExport:
         if name != "f":
             raise NotFound(name)
+        self.opened += 1
         return FaultyExport(self.mem, self)
 
     def close(self) -> None:
@@ -780,6 +787,52 @@ def test_failing_allocation_query() -> None:
         r = c.cmd(P.CMD_READ, 0, 4 * BS)
         assert P.REPLY_TYPE_OFFSET_HOLE in r.chunk_types and r.data == prov.mem.pread(0, 4 * BS)
         c.disconnect()
+
+
+def test_export_close_hook_balances_opens() -> None:
+    prov = FaultyProvider()
+    with serve(prov) as server:
+        c = RawClient(server.unix_path)
+        c.greet()
+        c.option(P.OPT_INFO, P.encode_go_request("f"))
+        c.option(P.OPT_STRUCTURED_REPLY)
+        c.option(P.OPT_LIST_META_CONTEXT, P.encode_meta_context_request("f", []))
+        c.go("f")  # SET_META_CONTEXT + GO
+        assert prov.opened == 4 and prov.released == 3
+        c.disconnect()
+        assert_serving_f = RawClient.connect(server.unix_path, "f", structured=False)
+        assert_serving_f.sock.close()  # vanished without NBD_CMD_DISC
+        deadline = time.monotonic() + 5
+        while server.active_clients and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert prov.opened == prov.released == 5
+
+
+def test_signal_handler_shutdown_in_serving_thread() -> None:
+    """The caller's SIGTERM-style handler may call shutdown() in the thread running serve_forever."""
+    prov = make_provider()
+    d = tempfile.mkdtemp(prefix="nbdt", dir="/tmp")
+    server = NBDServer(prov, unix_path=os.path.join(d, "s"))
+    old = signal.signal(signal.SIGUSR1, lambda *_: server.shutdown())
+    results: list[bool] = []
+
+    def client() -> None:
+        c = RawClient.connect(server.unix_path, "disk")
+        results.append(c.cmd(P.CMD_WRITE, 0, data=b"sig").error == 0)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        results.append(c.at_eof())
+
+    t = threading.Thread(target=client)
+    try:
+        t.start()
+        server.serve_forever()  # returns once the handler has shut the server down
+        t.join(10)
+        assert results == [True, True] and prov.closed and not os.path.exists(os.path.join(d, "s"))
+        assert prov.volume("disk").pread(0, 3) == b"sig"
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+        server.shutdown()
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def test_real_nospace_from_exhausted_provider() -> None:

@@ -35,6 +35,10 @@ class Export(Protocol):
     Offsets and lengths are bytes.  The server checks bounds and read-only
     before calling, but implementations must still refuse bad requests with
     :class:`~thinpool.errors.InvalidArgument` / :class:`~thinpool.errors.ReadOnly`.
+    An optional ``close()`` method, if present, is called (under the provider's
+    lock) when the connection that opened the export ends, or right after an
+    ``NBD_OPT_INFO``/metadata-context query that only needed to look at it.
+    An optional ``description`` string is sent as ``NBD_INFO_DESCRIPTION``.
     """
 
     name: str

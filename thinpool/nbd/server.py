@@ -264,8 +264,9 @@ class NBDServer:
             deadline = time.monotonic() + 5.0
             while self._serving.is_set() and time.monotonic() < deadline:
                 time.sleep(0.01)
-        if not self._serving.is_set():
-            self._close_listeners()
+        # In the serving thread (a signal handler interrupted its poll) closing is safe too:
+        # the retried poll sees the wake pipe, and closed listeners only report POLLNVAL.
+        self._close_listeners()
         # Let sessions finish what they already received.
         deadline = time.monotonic() + self.shutdown_grace
         for thread in self._session_threads():

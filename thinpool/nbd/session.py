@@ -106,6 +106,8 @@ class Session:
         except Exception:  # a bug in the server: log it, keep the server alive
             log.exception("nbd %s: internal error, disconnecting", self.peer)
         finally:
+            self._release(self.export)
+            self.export = None
             self.close()
 
     def close(self) -> None:
@@ -206,6 +208,17 @@ class Session:
         with self.ctx.provider.lock:
             return self.ctx.provider.open_export(name, self.ctx.read_only)
 
+    def _release(self, export: Export | None) -> None:
+        """Call the export's optional ``close()`` hook (errors are logged, not raised)."""
+        close = getattr(export, "close", None)
+        if not callable(close):
+            return
+        try:
+            with self.ctx.provider.lock:
+                close()
+        except Exception:
+            log.exception("nbd %s: closing export %r failed", self.peer, getattr(export, "name", "?"))
+
     def _transmission_flags(self, export: Export) -> int:
         flags = P.FLAG_HAS_FLAGS | P.FLAG_SEND_FLUSH | P.FLAG_SEND_FUA | P.FLAG_CAN_MULTI_CONN
         if self.ctx.read_only or export.read_only:
@@ -287,6 +300,7 @@ class Session:
         if option == P.OPT_GO:
             self._enter(export, name)
             return True
+        self._release(export)
         return False
 
     def _opt_meta_context(self, option: int, data: bytes) -> bool:
@@ -302,7 +316,7 @@ class Session:
             self._error(option, P.REP_ERR_INVALID, str(exc))
             return False
         try:
-            self._open(name)
+            self._release(self._open(name))
         except Exception as exc:
             self._error(option, P.REP_ERR_UNKNOWN, str(exc))
             return False
