@@ -110,6 +110,7 @@ def test_nbdinfo_over_tcp() -> None:
     provider = MemoryProvider(block_size=BS)
     provider.create("t", 3 * MiB).pwrite(MiB, b"tcp")
     with NBDServer(provider, tcp=(None, 0)) as server:
+        assert server.tcp_address is not None
         host, port = server.tcp_address
         assert host == "127.0.0.1" and server.unix_path is None
         assert int(ok("nbdinfo", "--size", f"nbd://{host}:{port}/t").strip()) == 3 * MiB

@@ -55,12 +55,14 @@ class Reply:
     extents: list[tuple[int, int]] = field(default_factory=list)
     chunk_types: list[int] = field(default_factory=list)
     structured: bool = False
+    context: int = -1
 
 
 class RawClient:
     """A deliberately literal NBD client built on the protocol module's encoders/decoders."""
 
-    def __init__(self, path: str, timeout: float = 10.0) -> None:
+    def __init__(self, path: str | None, timeout: float = 10.0) -> None:
+        assert path is not None
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         self.sock.connect(path)
@@ -127,7 +129,7 @@ class RawClient:
                 self.size, self.tflags = value  # type: ignore[misc]
 
     @classmethod
-    def connect(cls, path: str, name: str, **kw: Any) -> RawClient:
+    def connect(cls, path: str | None, name: str, **kw: Any) -> RawClient:
         c = cls(path)
         c.greet()
         c.go(name, **kw)
@@ -170,7 +172,7 @@ class RawClient:
                 assert req.offset <= off and off + n <= req.offset + req.length
                 pieces.append((off - req.offset, bytes(n)))
             elif hdr.type == P.REPLY_TYPE_BLOCK_STATUS:
-                ctx, out.extents = P.decode_block_status(payload)
+                out.context, out.extents = P.decode_block_status(payload)
             elif hdr.type & 0x8000:
                 out.error, out.message = P.decode_error_chunk(payload)
             else:
@@ -256,7 +258,7 @@ def fresh() -> Iterator[tuple[NBDServer, MemoryProvider]]:
         yield server, prov
 
 
-def assert_serving(path: str, name: str = "scratch") -> None:
+def assert_serving(path: str | None, name: str = "scratch") -> None:
     """A well-behaved client still gets correct service, and no session died of a server bug."""
     assert not INTERNAL_ERRORS.records, INTERNAL_ERRORS.records
     c = RawClient.connect(path, name)
@@ -513,7 +515,7 @@ def test_list_info_go(live: tuple[NBDServer, MemoryProvider]) -> None:
     assert c.option(P.OPT_LIST, b"junk")[-1][0] == P.REP_ERR_INVALID
     infos = c.option(P.OPT_INFO, P.encode_go_request("disk", [P.INFO_NAME, P.INFO_DESCRIPTION, P.INFO_BLOCK_SIZE]))
     assert infos[-1][0] == P.REP_ACK
-    got = dict(P.decode_info(p) for t, p in infos[:-1])
+    got: dict[int, Any] = dict(P.decode_info(p) for t, p in infos[:-1])
     assert got[P.INFO_EXPORT][0] == 8 * MiB and got[P.INFO_NAME] == "disk"
     assert got[P.INFO_DESCRIPTION] == "fuzz target" and got[P.INFO_BLOCK_SIZE] == (1, BS, 32 * MiB)
     assert c.option(P.OPT_GO, P.encode_go_request("nope"))[-1][0] == P.REP_ERR_UNKNOWN
@@ -555,8 +557,8 @@ def test_meta_context_negotiation(live: tuple[NBDServer, MemoryProvider]) -> Non
     ctx_id = P.decode_rep_meta_context(r[0][1])[0]
     c.go("disk", structured=False)  # already negotiated above
     c.structured = True
-    r = c.cmd(P.CMD_BLOCK_STATUS, 0, 4096)
-    assert r.error == 0 and r.extents and ctx_id != 0
+    status = c.cmd(P.CMD_BLOCK_STATUS, 0, 4096)
+    assert status.error == 0 and status.extents and status.context == ctx_id != 0
     c.disconnect()
     # contexts negotiated for another export do not carry over to GO
     c = RawClient(server.unix_path)
@@ -963,7 +965,8 @@ def test_listening_sockets(tmp_path: Any) -> None:
         assert_serving(server.unix_path)
     assert not os.path.exists(tmpdir)
     with NBDServer(prov, tcp=("", 0)) as server:
-        assert server.unix_path is None and server.tcp_address[0] == "127.0.0.1"
+        assert server.unix_path is None and server.tcp_address is not None
+        assert server.tcp_address[0] == "127.0.0.1"
         s = socket.create_connection(server.tcp_address, timeout=5)
         assert P.decode_greeting(s.recv(18)) & P.FLAG_FIXED_NEWSTYLE
         s.close()
@@ -1009,8 +1012,9 @@ def _report(name: str, capsys: Any) -> None:
         print(f"\n[nbd fuzz] {name}: {FUZZ_COUNTS.get(name, 0)} cases")
 
 
-def _blast(path: str, data: bytes, read_greeting: bool = True) -> None:
+def _blast(path: str | None, data: bytes, read_greeting: bool = True) -> None:
     """Send ``data`` after the greeting, half-close, and require the server to hang up."""
+    assert path is not None
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(10)
     s.connect(path)

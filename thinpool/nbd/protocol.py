@@ -183,7 +183,7 @@ def decode_greeting(data: bytes) -> int:
     magic, opt_magic, flags = _GREETING.unpack(data)
     if magic != NBDMAGIC or opt_magic != IHAVEOPT:
         raise ProtocolError(f"not a newstyle NBD greeting: {magic:#x} {opt_magic:#x}")
-    return flags
+    return int(flags)
 
 
 def encode_client_flags(flags: int) -> bytes:
@@ -200,7 +200,7 @@ def decode_client_flags(data: bytes, handshake_flags: int = FLAG_FIXED_NEWSTYLE 
         raise ProtocolError(f"client sent unknown flags {flags:#x}")
     if flags & FLAG_C_NO_ZEROES and not handshake_flags & FLAG_NO_ZEROES:
         raise ProtocolError("client set NO_ZEROES which the server did not offer")
-    return flags
+    return int(flags)
 
 
 @dataclass(frozen=True)
