@@ -837,6 +837,32 @@ def test_signal_handler_shutdown_in_serving_thread() -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
+def test_keyboard_interrupt_in_serve_forever_shuts_down() -> None:
+    prov = make_provider()
+    d = tempfile.mkdtemp(prefix="nbdt", dir="/tmp")
+    server = NBDServer(prov, unix_path=os.path.join(d, "s"))
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    seen: list[bool] = []
+
+    def client() -> None:
+        c = RawClient.connect(server.unix_path, "disk")
+        seen.append(c.cmd(P.CMD_READ, 0, 10).error == 0)
+        os.kill(os.getpid(), signal.SIGINT)
+        seen.append(c.at_eof())
+
+    t = threading.Thread(target=client)
+    try:
+        t.start()
+        with pytest.raises(KeyboardInterrupt):
+            server.serve_forever()
+        t.join(10)
+        assert seen == [True, True] and prov.closed and not os.path.exists(os.path.join(d, "s"))
+    finally:
+        signal.signal(signal.SIGINT, old)
+        server.shutdown()
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def test_real_nospace_from_exhausted_provider() -> None:
     prov = MemoryProvider(block_size=BS, data_blocks=3)
     prov.create("v", MiB)

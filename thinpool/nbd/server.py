@@ -67,7 +67,7 @@ class NBDServer:
         self._stopped = threading.Event()
         self._serving = threading.Event()
         self._serve_thread: threading.Thread | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: shutdown() may run in a signal handler
         self._sessions: dict[Session, threading.Thread] = {}
         self._listeners: list[socket.socket] = []
         self._shutdown_started = False
@@ -180,6 +180,9 @@ class NBDServer:
                     listener = by_fd.get(fd)
                     if listener is not None:
                         self._accept(listener)
+        except KeyboardInterrupt:  # default SIGINT handling: still shut down cleanly
+            self.shutdown()
+            raise
         finally:
             self._serving.clear()
             if self._shutdown_started:
@@ -210,6 +213,11 @@ class NBDServer:
             session = Session(conn, self._ctx, peer)
             thread = threading.Thread(target=self._run_session, args=(session,), name=f"nbd-{peer}", daemon=True)
             self._sessions[session] = thread
+        if self._stopping.is_set():  # shutdown() ran (e.g. from a signal handler) meanwhile
+            with self._lock:
+                self._sessions.pop(session, None)
+            conn.close()
+            return
         log.debug("nbd: client %s connected", peer)
         thread.start()
 
@@ -291,7 +299,7 @@ class NBDServer:
 
     def _session_threads(self) -> list[threading.Thread]:
         with self._lock:
-            return [t for t in self._sessions.values() if t is not threading.current_thread()]
+            return [t for t in self._sessions.values() if t.is_alive() and t is not threading.current_thread()]
 
     def _close_listeners(self) -> None:
         with self._lock:
