@@ -313,6 +313,10 @@ class FakeServer:
                     conn.sendall(handle_control_request(self.pool, line))
 
     def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept(); close() alone does not
+        except OSError:
+            pass
         self.sock.close()
         self.thread.join(5)
         self.pool.close()

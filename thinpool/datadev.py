@@ -77,7 +77,17 @@ class DataDevice:
     def _unmap(self) -> None:
         self.array = np.zeros(0, np.uint8)
         if self._mm is not None:
-            self._mm.close()
+            try:
+                self._mm.close()
+            except BufferError:
+                # a view is still referenced (e.g. a reference cycle left by numba's first compile):
+                # collect and retry; failing that, the map is closed when the last view goes away
+                import gc
+                gc.collect()
+                try:
+                    self._mm.close()
+                except BufferError:
+                    pass
             self._mm = None
 
     def resize(self, nr_blocks: int) -> None:

@@ -16,7 +16,7 @@ import threading
 import time as _time
 import uuid as _uuid
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -24,10 +24,13 @@ from . import layout as K
 from .blockmap import BlockMap
 from .datadev import DataDevice
 from .errors import (AlreadyExists, InvalidArgument, MetadataCorrupt, NoSpace, NotFound, PoolLocked,
-                     ReadOnly, ThinpoolError)
+                     ReadOnly)
 from .mdstore import BLOCK, MetadataSpaceExhausted, MetadataStore, PagedArray
 from .spacemap import DataSpaceMap
 from .units import parse_size
+
+if TYPE_CHECKING:
+    from .thin import Thin
 
 MAX_DEV_ID = (1 << 24) - 1
 MIN_BLOCK_SIZE = 64 * 1024
@@ -272,7 +275,7 @@ class Pool:
         self._install(arrays, self.store.header)
         self._lwm_fired = False
         self.mode = "write"
-        if self.header.get("needs_check") or self.read_only:
+        if self.header.get("needs_check"):
             self.mode = "read-only"
         elif self.st[K.ST_NR_ALLOCATABLE] == 0:
             self.mode = "out-of-data-space"
@@ -337,10 +340,12 @@ class Pool:
 
     def _check_writable(self) -> None:
         self._check_open()
+        if self.read_only:
+            raise ReadOnly(f"pool {self.path} is opened read-only")
         if self.mode in ("read-only", "fail"):
             raise ReadOnly(f"pool {self.path} is {self.mode}" +
-                           (" (opened read-only)" if self.read_only else " (needs check/repair)"
-                            if self.header.get("needs_check") else ""))
+                           (" (needs check/repair)" if self.header.get("needs_check") else
+                            f" ({self.read_only_reason})" if getattr(self, "read_only_reason", "") else ""))
 
     # ------------------------------------------------------------------ devices
     def _slot(self, name: str) -> int:

@@ -27,7 +27,6 @@ import inspect
 import json
 import os
 import socket
-import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -52,10 +51,6 @@ class OpSpec:
 
 #: All ops by name.
 OPS: dict[str, OpSpec] = {}
-
-# Pools opened read-only by run_op only to report on them: their status shows the pool's own mode,
-# not the "read-only" that the library reports for a read-only handle.
-_REPORTING_HANDLES: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
 
 def register_op(name: str, func: Callable[..., Any], *, write: bool,
@@ -83,11 +78,6 @@ def get_op(name: str) -> OpSpec:
         return OPS[name]
     except KeyError:
         raise InvalidArgument(f"unknown op {name!r} (known: {', '.join(sorted(OPS))})") from None
-
-
-def is_reporting_handle(pool: Any) -> bool:
-    """True if ``pool`` was opened read-only by :func:`run_op` just to run a reporting op."""
-    return pool in _REPORTING_HANDLES
 
 
 # ---------------------------------------------------------------------------------------------- client side
@@ -178,8 +168,6 @@ def run_op(pool_path: str, name: str, kwargs: dict[str, Any] | None = None, writ
                 f"a pool that is not served -- use the volume's NBD export instead (e.g. nbdcopy)")
         return call_server(sock, name, kwargs, os.path.abspath(pool_path))
     pool = Pool.open(pool_path, read_only=not write)
-    if not write:
-        _REPORTING_HANDLES.add(pool)
     try:
         result = spec.func(pool, **kwargs)
         if write:
@@ -270,11 +258,7 @@ def _host_free_bytes(path: str) -> int | None:
 
 def op_status(pool: Any) -> dict[str, Any]:
     """Pool status: the dmsetup status fields, the status line, and docker-info-style space figures."""
-    from dataclasses import replace
     st = pool.status()
-    if is_reporting_handle(pool) and st.mode == "read-only" and not st.needs_check:
-        # a read-only handle reports "read-only"; show the mode the pool itself is in
-        st = replace(st, mode="out-of-data-space" if st.free_data_blocks == 0 else "write")
     data_file = pool.data.path
     metadata_file = os.path.join(pool.path, pool.METADATA)
     bs = st.data_block_size
@@ -971,5 +955,5 @@ register_op("rmap", op_rmap, write=False, render=lambda text: text)
 
 
 __all__ = ["OPS", "OpSpec", "op", "register_op", "get_op", "run_op", "handle_control_request",
-           "control_socket_path", "connect_control", "call_server", "error_class", "is_reporting_handle",
+           "control_socket_path", "connect_control", "call_server", "error_class",
            "CONTROL_SOCKET"]

@@ -115,7 +115,6 @@ def pool_from_metadata(path: str | os.PathLike, md: Metadata, *, data_file: str 
 
 
 def _fill(pool, md: Metadata, names: dict[int, str]) -> None:
-    from ..pool import F_READ_ONLY  # noqa: F401
     bm = pool.nodes_map
     size = pool.space.nr_blocks * pool.block_size
     for dev in md.devices:
