@@ -641,3 +641,29 @@ def build_device(nodes, data_rc, rc_dirty, st, dev, vblocks, values, start):
         leaves[leaf, vb & (LEAF_ENTRIES - 1)] = values[k]
         inc_data(data_rc, rc_dirty, np.int64(values[k] >> np.uint64(24)))
     return OK, vblocks.shape[0]
+
+
+@njit(cache=True)
+def mapped_flags(nodes, root, first, out):
+    """out[i] = 1 if virtual block ``first + i`` is mapped (for BLOCK_STATUS / sparse export)."""
+    leaves, inners = nodes[0], nodes[1]
+    n = out.shape[0]
+    i = 0
+    while i < n:
+        vb = first + i
+        mid = inners[root, vb >> (LEAF_BITS + INNER_BITS)]
+        if mid == NONE:
+            step = ((vb >> (LEAF_BITS + INNER_BITS)) + 1 << (LEAF_BITS + INNER_BITS)) - vb
+            for k in range(i, min(n, i + step)):
+                out[k] = 0
+            i += step
+            continue
+        leaf = inners[mid, (vb >> LEAF_BITS) & (INNER_ENTRIES - 1)]
+        if leaf == NONE:
+            step = ((vb >> LEAF_BITS) + 1 << LEAF_BITS) - vb
+            for k in range(i, min(n, i + step)):
+                out[k] = 0
+            i += step
+            continue
+        out[i] = 1 if leaves[leaf, vb & (LEAF_ENTRIES - 1)] != UNMAPPED else 0
+        i += 1

@@ -245,6 +245,31 @@ class Thin:
             K.read_batch(pool.nodes_map.nodes, root, pool.data.array, pool.block_size, offsets, lengths, out, starts)
 
     # ------------------------------------------------------------------ mappings
+    def mapped_ranges(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        """Cover ``[offset, offset+length)`` with (offset, length, mapped) extents at block granularity
+        (clipped to the range): what NBD BLOCK_STATUS and sparse export need."""
+        offs = _as_offsets(offset, "offset")
+        lens = _as_offsets(length, "length")
+        pool = self.pool
+        with pool._lock:
+            self._check_range(offs, lens)
+            off, end = int(offs[0]), int(offs[0] + lens[0])
+            if end <= off:
+                return []
+            bs = pool.block_size
+            first, last = off // bs, (end - 1) // bs
+            flags = np.empty(last - first + 1, np.uint8)
+            K.mapped_flags(pool.nodes_map.nodes, int(pool.devs[pool._slot(self.name)]["root"]), first, flags)
+        cuts = np.flatnonzero(np.diff(flags)) + 1
+        starts = np.concatenate(([0], cuts))
+        ends = np.concatenate((cuts, [len(flags)]))
+        out = []
+        for s, e in zip(starts.tolist(), ends.tolist()):
+            a = max(off, (first + s) * bs)
+            b = min(end, (first + e) * bs)
+            out.append((a, b - a, bool(flags[s])))
+        return out
+
     def mappings(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(virtual blocks, data blocks, times) of every mapping, sorted by virtual block."""
         pool = self.pool
