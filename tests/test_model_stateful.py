@@ -1,0 +1,589 @@
+"""Model-based stateful test of the public Pool/Thin API (issue 5, part 1).
+
+A hypothesis ``RuleBasedStateMachine`` drives a tiny pool (a handful of 64 KiB blocks, volumes of a
+few blocks) through create/snapshot/write/read/discard/delete/commit/abort/close-reopen/crash/
+resize (and the snapshotter, when ``thinpool.snapshots`` exists) and compares it after every step
+with a pure-Python reference model:
+
+* **bytes**: every volume is kept as a dict ``virtual block -> 64 KiB of bytes`` (absent = zeroes);
+* **sharing**: every mapped virtual block carries a *token* naming the data block that backs it.
+  A snapshot copies tokens; a write to a block whose token is referenced elsewhere must get a new
+  token (copy-on-write); a whole-block discard drops it.  The engine may additionally copy an
+  exclusive block (dm-thin's conservative time rule); the model then gives it a new token too, so
+  the token <-> data-block relation stays a bijection that the invariant checks against
+  ``Thin.mappings()``.  From tokens alone the model computes used data blocks and each volume's
+  mapped/exclusive/shared counts (exclusive = referenced by exactly one mapping entry in the pool).
+* **crash model** (docs/reliability.md): after ``close(commit=False)`` + reopen (or ``abort()``),
+  the metadata is the last commit's.  A block that was mapped and exclusive at that commit and was
+  overwritten in place since (same volume, same virtual block, same data block) may read back as
+  the committed bytes or as any version written to it since; every other byte must be exactly the
+  committed byte.  Nothing else is tolerated.
+* **no space**: a write raises NoSpace exactly when it must (it needs more blocks than are free:
+  at least its unmapped/shared blocks, at most all its blocks) and then changes nothing.
+
+Counts (examples, steps, crashes...) are written to ``.reliability/stateful.json``.
+``THINPOOL_SOAK=1`` runs far more examples.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition, rule,
+                                 run_state_machine_as_test)
+
+from thinpool import Pool
+from thinpool.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NoSpace, NotFound, ReadOnly
+
+SOAK = os.environ.get("THINPOOL_SOAK", "") not in ("", "0")
+MAX_EXAMPLES = int(os.environ.get("THINPOOL_STATEFUL_EXAMPLES", 30000 if SOAK else 2000))
+STEPS = int(os.environ.get("THINPOOL_STATEFUL_STEPS", 60 if SOAK else 30))
+
+BS = 64 * 1024
+ZERO = bytes(BS)
+NAMES = [f"v{i}" for i in range(7)]
+SKEYS = ["k0", "k1", "k2", "c0", "c1"]    # snapshotter keys and names share one key space
+SNAP_BASE = 2 * BS
+MAX_VOLUMES = 6
+REPORT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".reliability")
+
+try:  # the snapshotter is written by another engineer; its rules run once it exists
+    from thinpool.snapshots import Snapshotter  # type: ignore
+except ImportError:  # pragma: no cover - depends on the tree
+    Snapshotter = None
+
+STATS: Counter = Counter()
+
+
+def _scratch_root() -> str:
+    return "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+
+
+class Vol:
+    """Model of one thin volume: size, bytes per virtual block, and a token per mapped block."""
+
+    __slots__ = ("uid", "size", "ro", "blocks", "tok")
+
+    def __init__(self, uid: int, size: int, ro: bool, blocks: dict | None = None, tok: dict | None = None):
+        self.uid = uid
+        self.size = size
+        self.ro = ro
+        self.blocks: dict[int, bytes] = dict(blocks or {})
+        self.tok: dict[int, int] = dict(tok or {})
+
+    def copy(self) -> "Vol":
+        return Vol(self.uid, self.size, self.ro, self.blocks, self.tok)
+
+    @property
+    def nblocks(self) -> int:
+        return -(-self.size // BS)
+
+    def content(self) -> bytes:
+        return b"".join(self.blocks.get(vb, ZERO) for vb in range(self.nblocks))[: self.size]
+
+
+def _payload(seed: int, n: int, kind: int) -> bytes:
+    if kind == 0:
+        return bytes(n)                      # zeroes still provision blocks
+    if kind == 1:
+        return bytes([seed & 0xFF]) * n
+    return random.Random(seed).randbytes(n)
+
+
+class PoolMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        STATS["examples"] += 1
+        self.dir = tempfile.mkdtemp(prefix="tp-model-", dir=_scratch_root())
+        self.path = os.path.join(self.dir, "pool")
+        self.pool: Pool | None = None
+        self.vols: dict[str, Vol] = {}
+        self.nr_blocks = 0
+        self.next_uid = 1
+        self.next_tok = 1
+        self.dblock_of: dict[int, int] = {}   # token -> data block (fixed for the token's lifetime)
+        self.commit_events: list[str] = []
+        self.snap_model: dict[str, dict] = {}    # snapshotter key -> {"kind", "parent", "volume"}
+
+    # ------------------------------------------------------------------ model helpers
+    def _new_tok(self) -> int:
+        self.next_tok += 1
+        return self.next_tok
+
+    def _refcounts(self) -> Counter:
+        c: Counter = Counter()
+        for v in self.vols.values():
+            c.update(v.tok.values())
+        return c
+
+    def _free_blocks(self) -> int:
+        return self.nr_blocks - len(self._refcounts())
+
+    def _mark_committed(self) -> None:
+        """The current model state is now the durable one (explicit or implicit commit)."""
+        self.committed = {n: v.copy() for n, v in self.vols.items()}
+        self.committed_nr = self.nr_blocks
+        refs = self._refcounts()
+        self.owner: dict[int, tuple[int, int]] = {}
+        self.candidates: dict[int, list[bytes]] = {}
+        for v in self.vols.values():
+            for vb, t in v.tok.items():
+                if refs[t] == 1:
+                    self.owner[t] = (v.uid, vb)
+                    self.candidates[t] = [v.blocks[vb]]
+        self.committed_snap = json.loads(json.dumps(self.snap_model))
+
+    def _hook_commits(self) -> None:
+        """Record every commit the engine makes, and who asked (implicit commits happen inside
+        writes: before the write when blocks freed in this transaction are needed)."""
+        pool = self.pool
+        orig = Pool.commit.__get__(pool)
+
+        def commit() -> None:
+            self.commit_events.append(sys._getframe(1).f_code.co_name)
+            return orig()
+        pool.commit = commit
+
+    def _open(self) -> None:
+        self.pool = Pool.open(self.path)
+        self._hook_commits()
+
+    def _engine_dblock(self, name: str, vb: int) -> int | None:
+        vbs, dbs, _ = self.pool.thin(name).mappings()
+        i = np.searchsorted(vbs, vb)
+        return int(dbs[i]) if i < len(vbs) and vbs[i] == vb else None
+
+    # ------------------------------------------------------------------ setup
+    @initialize(nr=st.integers(3, 14))
+    def setup(self, nr: int) -> None:
+        self.pool = Pool.create(self.path, data_size=nr * BS, block_size=BS)
+        self._hook_commits()
+        self.nr_blocks = nr
+        self._mark_committed()
+
+    def teardown(self) -> None:
+        if self.pool is not None:
+            try:
+                self.pool.close(commit=False)
+            except Exception:
+                pass
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    # ------------------------------------------------------------------ rules: devices
+    @rule(name=st.sampled_from(NAMES), nblocks=st.integers(1, 4), tail=st.sampled_from([0, 0, 512, BS // 2]),
+          ro=st.sampled_from([False, False, False, True]))
+    def create_thin(self, name: str, nblocks: int, tail: int, ro: bool) -> None:
+        size = (nblocks - 1) * BS + tail if tail else nblocks * BS
+        if name in self.vols:
+            with pytest.raises(AlreadyExists, match=name):
+                self.pool.create_thin(name, size)
+            return
+        if len(self.vols) >= MAX_VOLUMES:
+            return
+        self.pool.create_thin(name, size, read_only=ro)
+        self.vols[name] = Vol(self.next_uid, size, ro)
+        self.next_uid += 1
+        STATS["create"] += 1
+
+    @precondition(lambda self: self.vols)
+    @rule(data=st.data(), name=st.sampled_from(NAMES), ro=st.sampled_from([False, False, True]))
+    def snapshot(self, data, name: str, ro: bool) -> None:
+        origin = data.draw(st.sampled_from(sorted(self.vols)), label="origin")
+        if name in self.vols:
+            with pytest.raises(AlreadyExists):
+                self.pool.snapshot(origin, name)
+            return
+        if len(self.vols) >= MAX_VOLUMES:
+            return
+        self.pool.snapshot(origin, name, read_only=ro)
+        o = self.vols[origin]
+        self.vols[name] = Vol(self.next_uid, o.size, ro, o.blocks, o.tok)
+        self.next_uid += 1
+        STATS["snapshot"] += 1
+
+    @rule(name=st.sampled_from(NAMES))
+    def delete(self, name: str) -> None:
+        if name not in self.vols:
+            with pytest.raises(NotFound, match=name):
+                self.pool.delete(name)
+            return
+        self.pool.delete(name)
+        del self.vols[name]
+        STATS["delete"] += 1
+
+    # ------------------------------------------------------------------ rules: I/O
+    # Writes are the interesting operation: three entries in hypothesis's uniform choice of rules.
+    @precondition(lambda self: self.vols)
+    @rule(data=st.data(), shape=st.sampled_from(["aligned", "small", "crossing", "tail", "whole", "past_end"]),
+          seed=st.integers(0, 2**32 - 1), kind=st.sampled_from([0, 1, 2, 2]))
+    def write(self, data, shape: str, seed: int, kind: int) -> None:
+        self._write(data, shape, seed, kind)
+
+    @precondition(lambda self: self.vols)
+    @rule(data=st.data(), shape=st.sampled_from(["aligned", "small", "crossing"]), seed=st.integers(0, 2**32 - 1))
+    def write_more(self, data, shape: str, seed: int) -> None:
+        self._write(data, shape, seed, 2)
+
+    @precondition(lambda self: self.vols)
+    @rule(data=st.data(), shape=st.sampled_from(["aligned", "small", "crossing", "tail", "whole"]),
+          seed=st.integers(0, 2**32 - 1))
+    def write_yet_more(self, data, shape: str, seed: int) -> None:
+        self._write(data, shape, seed, 1)
+
+    def _write(self, data, shape: str, seed: int, kind: int) -> None:
+        name = data.draw(st.sampled_from(sorted(self.vols)), label="volume")
+        v = self.vols[name]
+        if shape == "aligned":
+            vb = data.draw(st.integers(0, v.nblocks - 1), label="vb")
+            off, n = vb * BS, min(BS * data.draw(st.integers(1, 2), label="nblk"), v.size - vb * BS)
+        elif shape == "whole":
+            off, n = 0, v.size
+        elif shape == "small":
+            off = data.draw(st.integers(0, v.size - 1), label="off")
+            n = data.draw(st.integers(1, min(600, v.size - off)), label="len")
+        elif shape == "crossing":
+            if v.nblocks < 2:
+                return
+            vb = data.draw(st.integers(1, v.nblocks - 1), label="vb")
+            back = data.draw(st.integers(1, 3000), label="back")
+            off = max(0, vb * BS - back)
+            n = data.draw(st.integers(back + 1, min(v.size - off, back + BS + 100)), label="len")
+        elif shape == "tail":
+            n = data.draw(st.integers(1, min(v.size, 2 * BS)), label="len")
+            off = v.size - n
+        else:  # past the end: InvalidArgument and nothing changes
+            off = data.draw(st.integers(max(0, v.size - 100), v.size), label="off")
+            n = v.size - off + data.draw(st.integers(1, 100), label="over")
+        payload = _payload(seed, n, kind)
+        if v.ro:
+            with pytest.raises(ReadOnly, match=name):
+                self.pool.thin(name).write(off, payload)
+            return
+        if shape == "past_end":
+            with pytest.raises(InvalidArgument, match="past the end"):
+                self.pool.thin(name).write(off, payload)
+            STATS["bad_write"] += 1
+            return
+        self._do_write(name, off, payload)
+
+    def _do_write(self, name: str, off: int, payload: bytes) -> None:
+        v = self.vols[name]
+        n = len(payload)
+        touched = list(range(off // BS, (off + n - 1) // BS + 1)) if n else []
+        refs = self._refcounts()
+        lower = sum(1 for vb in touched if vb not in v.tok or refs[v.tok[vb]] > 1)
+        free = self._free_blocks()
+        self.commit_events.clear()
+        try:
+            self.pool.thin(name).write(off, payload)
+        except NoSpace as exc:
+            assert len(touched) > free, (
+                f"NoSpace although the write needs at most {len(touched)} blocks and {free} are free: {exc}")
+            assert self.pool.mode == "out-of-data-space"
+            STATS["nospace"] += 1
+            for ev in self.commit_events:
+                assert ev == "_submit", ev
+                self._mark_committed()
+            return
+        assert lower <= free, f"write needing {lower} new blocks succeeded with only {free} free"
+        for ev in self.commit_events:
+            STATS["implicit_commit"] += 1
+        if "_submit" in self.commit_events:   # committed before the write touched anything
+            self._mark_committed()
+        exclusive_before = {vb: v.tok[vb] for vb in touched if vb in v.tok and refs[v.tok[vb]] == 1}
+        pos = 0
+        for vb in touched:
+            start = off + pos - vb * BS
+            seg = min(n - pos, BS - start)
+            blk = bytearray(v.blocks.get(vb, ZERO))
+            blk[start:start + seg] = payload[pos:pos + seg]
+            v.blocks[vb] = bytes(blk)
+            pos += seg
+            if vb in exclusive_before:
+                t = exclusive_before[vb]
+                if self._engine_dblock(name, vb) != self.dblock_of[t]:
+                    v.tok[vb] = self._new_tok()          # time-rule copy of an exclusive block
+                    STATS["cow_exclusive"] += 1
+                else:
+                    STATS["in_place"] += 1
+                    if self.owner.get(t) == (v.uid, vb):
+                        self.candidates[t].append(v.blocks[vb])
+            else:
+                v.tok[vb] = self._new_tok()
+        STATS["write"] += 1
+        if any(ev != "_submit" for ev in self.commit_events):   # committed after the write
+            self._mark_committed()
+
+    @precondition(lambda self: self.vols)
+    @rule(data=st.data())
+    def read(self, data) -> None:
+        name = data.draw(st.sampled_from(sorted(self.vols)), label="volume")
+        v = self.vols[name]
+        off = data.draw(st.integers(0, v.size), label="off")
+        n = data.draw(st.integers(0, v.size - off), label="len")
+        assert self.pool.thin(name).read(off, n) == v.content()[off:off + n]
+        offs = [data.draw(st.integers(0, v.size - 1), label="o") for _ in range(3)]
+        ln = min(v.size - max(offs), 777)
+        got = self.pool.thin(name).read_many(offs, ln)
+        whole = v.content()
+        for i, o in enumerate(offs):
+            assert got[i].tobytes() == whole[o:o + ln]
+
+    @precondition(lambda self: self.vols)
+    @rule(data=st.data(), mode=st.sampled_from(["partial", "whole", "all", "unaligned"]))
+    def discard(self, data, mode: str) -> None:
+        name = data.draw(st.sampled_from(sorted(self.vols)), label="volume")
+        v = self.vols[name]
+        if mode == "partial":
+            off = data.draw(st.integers(0, v.size - 1), label="off")
+            n = data.draw(st.integers(1, min(BS - 1, v.size - off)), label="len")
+        elif mode == "whole":
+            vb = data.draw(st.integers(0, v.nblocks - 1), label="vb")
+            off, n = vb * BS, min(BS, v.size - vb * BS)
+        elif mode == "all":
+            off, n = 0, v.size
+        else:
+            off = data.draw(st.integers(0, v.size - 1), label="off")
+            n = data.draw(st.integers(0, v.size - off), label="len")
+        if v.ro:
+            with pytest.raises(ReadOnly):
+                self.pool.thin(name).discard(off, n)
+            return
+        got = self.pool.thin(name).discard(off, n)
+        first, last = -(-off // BS), (off + n) // BS
+        expect = 0
+        for vb in range(first, last):
+            if vb in v.tok:
+                del v.tok[vb]
+                del v.blocks[vb]
+                expect += 1
+        assert got == expect
+        STATS["discard"] += 1
+
+    # ------------------------------------------------------------------ rules: transactions
+    @rule(op=st.sampled_from(["commit", "commit", "reopen", "crash", "crash", "abort", "resize", "shrink"]),
+          extra=st.integers(1, 6))
+    def lifecycle(self, op: str, extra: int) -> None:
+        if op == "commit":
+            self.commit()
+        elif op == "reopen":
+            self.close_reopen()
+        elif op in ("crash", "abort"):
+            self.crash(op)
+        elif op == "resize":
+            self.resize(extra)
+        else:
+            self.shrink_refused()
+
+    def commit(self) -> None:
+        self.pool.commit()
+        self._mark_committed()
+        if self._free_blocks() > 0:
+            assert self.pool.mode == "write"
+        STATS["commit"] += 1
+
+    def close_reopen(self) -> None:
+        self.pool.close()
+        self._mark_committed()
+        self._open()
+        self._check_open_mode()
+        STATS["reopen"] += 1
+
+    def crash(self, how: str) -> None:
+        if how == "crash":
+            self.pool.close(commit=False)
+            self._open()
+        else:
+            self.pool.abort()
+        self.vols = {n: v.copy() for n, v in self.committed.items()}
+        self.nr_blocks = self.committed_nr
+        self.snap_model = json.loads(json.dumps(self.committed_snap))
+        # blocks overwritten in place since the commit: any version written to them is allowed
+        for name, v in self.vols.items():
+            for vb, t in v.tok.items():
+                cands = self.candidates.get(t)
+                if cands and len(cands) > 1:
+                    lo = vb * BS
+                    n = min(BS, v.size - lo)
+                    got = self.pool.thin(name).read(lo, n)
+                    assert any(got == c[:n] for c in cands), (
+                        f"after a crash, {name} block {vb} holds bytes never written to it "
+                        f"({len(cands)} candidate versions)")
+                    if got != cands[0][:n]:
+                        STATS["crash_kept_new_bytes"] += 1
+                    v.blocks[vb] = got + cands[0][n:]
+        self._mark_committed()
+        self._check_open_mode()
+        STATS[how] += 1
+
+    def _check_open_mode(self) -> None:
+        assert self.pool.mode == ("write" if self._free_blocks() > 0 else "out-of-data-space")
+
+    def resize(self, extra: int) -> None:
+        self.pool.resize((self.nr_blocks + extra) * BS)
+        self.nr_blocks += extra
+        self._mark_committed()
+        assert self.pool.mode == "write"
+        STATS["resize"] += 1
+
+    def shrink_refused(self) -> None:
+        with pytest.raises(InvalidArgument, match="shrink"):
+            self.pool.resize((self.nr_blocks - 1) * BS)
+
+    # ------------------------------------------------------------------ rules: the snapshotter
+    def _sn(self):
+        return Snapshotter(self.pool, base_size=SNAP_BASE)
+
+    def _after_snapshotter_op(self) -> None:
+        if self.commit_events:       # autocommit: records and devices committed together
+            self._mark_committed()
+        self.commit_events.clear()
+
+    @precondition(lambda self: Snapshotter is not None)
+    @rule(key=st.sampled_from(SKEYS), parent=st.sampled_from([None, None] + SKEYS), view=st.booleans())
+    def snap_prepare(self, key: str, parent: str | None, view: bool) -> None:
+        sn, recs = self._sn(), self.snap_model
+        create = sn.view if view else sn.prepare
+        self.commit_events.clear()
+        if key in recs:
+            with pytest.raises(AlreadyExists, match=key):
+                create(key, parent)
+        elif parent and parent not in recs:
+            with pytest.raises(NotFound, match=parent):
+                create(key, parent)
+        elif parent and recs[parent]["kind"] != "committed":
+            with pytest.raises(InvalidArgument, match=parent):
+                create(key, parent)
+        elif len(self.vols) < MAX_VOLUMES:
+            mount = create(key, parent)
+            vol = mount.source
+            assert vol not in self.vols
+            if parent:
+                p = self.vols[recs[parent]["volume"]]
+                self.vols[vol] = Vol(self.next_uid, p.size, view, p.blocks, p.tok)
+            else:
+                self.vols[vol] = Vol(self.next_uid, SNAP_BASE, view)
+            self.next_uid += 1
+            recs[key] = {"kind": "view" if view else "active", "parent": parent or "", "volume": vol}
+            STATS["snapshotter_prepare"] += 1
+        self._after_snapshotter_op()
+
+    @precondition(lambda self: Snapshotter is not None)
+    @rule(name=st.sampled_from(["c0", "c1", "c0", "k0"]), key=st.sampled_from(["k0", "k1", "k2", "c0"]))
+    def snap_commit(self, name: str, key: str) -> None:
+        sn, recs = self._sn(), self.snap_model
+        self.commit_events.clear()
+        if name in recs:
+            with pytest.raises(AlreadyExists, match=name):
+                sn.commit(name, key)
+        elif key not in recs:
+            with pytest.raises(NotFound, match=key):
+                sn.commit(name, key)
+        elif recs[key]["kind"] != "active":
+            with pytest.raises(FailedPrecondition, match=key):
+                sn.commit(name, key)
+        else:
+            sn.commit(name, key)
+            rec = recs.pop(key)
+            recs[name] = dict(rec, kind="committed")
+            v = self.vols[rec["volume"]]
+            v.ro = True
+            v.uid = self.next_uid          # a new device (an O(1) read-only snapshot replaced it)
+            self.next_uid += 1
+            STATS["snapshotter_commit"] += 1
+        self._after_snapshotter_op()
+
+    @precondition(lambda self: Snapshotter is not None)
+    @rule(key=st.sampled_from(SKEYS))
+    def snap_remove(self, key: str) -> None:
+        sn, recs = self._sn(), self.snap_model
+        self.commit_events.clear()
+        if key not in recs:
+            with pytest.raises(NotFound, match=key):
+                sn.remove(key)
+        elif any(r["parent"] == key for r in recs.values()):
+            with pytest.raises(FailedPrecondition, match=key):
+                sn.remove(key)
+            STATS["snapshotter_remove_refused"] += 1
+        else:
+            sn.remove(key)
+            del self.vols[recs.pop(key)["volume"]]
+            STATS["snapshotter_remove"] += 1
+        self._after_snapshotter_op()
+
+    # ------------------------------------------------------------------ the invariant
+    @invariant()
+    def matches_model(self) -> None:
+        if self.pool is None:
+            return
+        pool = self.pool
+        assert sorted(t.name for t in pool.thins()) == sorted(self.vols)
+        refs = self._refcounts()
+        seen_d: dict[int, int] = {}
+        live: dict[int, int] = {}
+        for name, v in self.vols.items():
+            t = pool.thin(name)
+            assert t.size == v.size and t.read_only == v.ro, name
+            assert t.read(0, v.size) == v.content(), f"volume {name} differs from the model"
+            vbs, dbs, _ = t.mappings()
+            assert vbs.tolist() == sorted(v.tok), f"{name}: mapped blocks {vbs.tolist()} != model {sorted(v.tok)}"
+            for vb, d in zip(vbs.tolist(), dbs.tolist()):
+                tok = v.tok[vb]
+                if tok in live:
+                    assert live[tok] == d, f"{name} block {vb}: shares with the model's token but maps {d}"
+                else:
+                    assert d not in seen_d, (f"{name} block {vb}: data block {d} is shared in the pool "
+                                             f"but not in the model")
+                    live[tok] = d
+                    seen_d[d] = tok
+                if tok in self.dblock_of:
+                    assert self.dblock_of[tok] == d, f"{name} block {vb}: data block moved"
+                self.dblock_of[tok] = d
+            u = t.usage()
+            excl = sum(1 for x in v.tok.values() if refs[x] == 1)
+            assert (u.mapped_blocks, u.exclusive_blocks, u.shared_blocks) == (len(v.tok), excl, len(v.tok) - excl)
+            assert u.highest_mapped_block == (max(v.tok) if v.tok else None)
+            assert t.mapped_blocks == len(v.tok)
+        s = pool.status()
+        assert s.used_data_blocks == len(refs) == len(seen_d)
+        assert s.total_data_blocks == self.nr_blocks
+        assert s.nr_thins == len(self.vols)
+        rep = pool.check()
+        assert rep.ok, rep.errors
+        if Snapshotter is not None:
+            sn = self._sn()
+            assert sn.check() == []
+            assert {i.name: i.kind for i in sn.walk()} == {k: r["kind"] for k, r in self.snap_model.items()}
+            for k, r in self.snap_model.items():
+                assert sn.volume_name(k) == r["volume"]
+                assert (sn.stat(k).parent or "") == r["parent"]
+        STATS["steps_checked"] += 1
+
+
+def test_model_stateful():
+    t0 = time.time()
+    STATS.clear()
+    run_state_machine_as_test(
+        PoolMachine,
+        settings=settings(max_examples=MAX_EXAMPLES, stateful_step_count=STEPS, deadline=None,
+                          suppress_health_check=list(HealthCheck), print_blob=True))
+    elapsed = time.time() - t0
+    report = {"examples": STATS["examples"], "max_examples": MAX_EXAMPLES, "steps_per_example": STEPS,
+              "seconds": round(elapsed, 1), "soak": SOAK, "counts": dict(sorted(STATS.items()))}
+    os.makedirs(REPORT_DIR, exist_ok=True)
+    with open(os.path.join(REPORT_DIR, "stateful.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"\nstateful model test: {STATS['examples']} examples, {STATS['steps_checked']} checked steps, "
+          f"{elapsed:.0f}s: {dict(STATS)}")
+    assert STATS["examples"] >= MAX_EXAMPLES
