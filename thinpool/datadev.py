@@ -45,6 +45,7 @@ class DataDevice:
         self.nr_blocks = nr_blocks
         self.read_only = read_only
         self.fd = os.open(path, os.O_RDONLY if read_only else os.O_RDWR)
+        self.scratch = np.empty(block_size, np.uint8)  # one block, for copy-on-write merges
         size = os.fstat(self.fd).st_size
         if size < nr_blocks * block_size:
             if read_only:

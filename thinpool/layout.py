@@ -30,13 +30,19 @@ ST_LEAVES_LIVE = 8   # leaves with count > 0
 ST_INNERS_LIVE = 9   # inner nodes with count > 0
 ST_SIZE = 10
 
-# indices into the per-device int64 vector ``dev``
-DEV_ROOT = 0
-DEV_SNAP_TIME = 1
-DEV_MAPPED_DELTA = 2
-DEV_SIZE = 3
+# columns of a device record (the pool's device table viewed as int64[n, 8]); kernels take one row
+DEV_ID = 0
+DEV_ROOT = 1
+DEV_MAPPED = 2
+DEV_TRANSACTION = 3
+DEV_CREATION_TIME = 4
+DEV_SNAP_TIME = 5
+DEV_SIZE = 6
+DEV_FLAGS = 7
+DEV_COLUMNS = 8
 
 # return codes
 OK = 0
 NEED_NODES = -1
 NO_SPACE = -2
+IO_ERROR = -3

@@ -292,6 +292,7 @@ class Pool:
                                               arrays["leaf_rc"].view(np.uint32), arrays["inner_rc"].view(np.uint32))
         self.space = DataSpaceMap(st, header["nr_data_blocks"], arrays["data_rc"].view(np.uint32))
         self.devs = arrays["devs"].view(DEV_DTYPE).copy()
+        self.devs_i = self.devs.view(np.int64).reshape(-1, K.DEV_COLUMNS)  # the kernels' view (layout.DEV_*)
         self.devs_dirty: set[int] = set()
         raw = arrays["catalog"].tobytes()[: header["catalog_bytes"]]
         try:
@@ -381,6 +382,7 @@ class Pool:
             return int(free[0])
         old = len(self.devs)
         self.devs = np.concatenate([self.devs, np.zeros(DEVS_PER_PAGE, DEV_DTYPE)])
+        self.devs_i = self.devs.view(np.int64).reshape(-1, K.DEV_COLUMNS)
         self.devs_dirty.update(range(old, len(self.devs)))
         return old
 

@@ -11,7 +11,14 @@ from typing import Sequence
 import numpy as np
 
 from . import kernels as K
-from .errors import InvalidArgument, NoSpace, ReadOnly
+from .errors import InvalidArgument, NoSpace, ReadOnly, ThinpoolError
+from .layout import DEV_CREATION_TIME, DEV_FLAGS, DEV_ID, DEV_MAPPED, DEV_SIZE, DEV_SNAP_TIME, DEV_TRANSACTION
+
+_ZERO1 = np.zeros(1, np.int64)
+
+
+class DataDeviceError(ThinpoolError, OSError):
+    """A write to the data file failed (e.g. the host filesystem is full); the block is not mapped."""
 
 
 def _as_offsets(values, what: str) -> np.ndarray:
@@ -36,39 +43,40 @@ class Thin:
 
     # ------------------------------------------------------------------ attributes
     @property
-    def _rec(self):
-        return self.pool.devs[self.pool._slot(self.name)]
+    def _row(self) -> np.ndarray:
+        pool = self.pool
+        return pool.devs_i[pool._slot(self.name)]
 
     @property
     def dev_id(self) -> int:
         """dm-thin device id (24 bits)."""
-        return int(self._rec["dev_id"])
+        return int(self._row[DEV_ID])
 
     @property
     def size(self) -> int:
         """Virtual size in bytes."""
-        return int(self._rec["size"])
+        return int(self._row[DEV_SIZE])
 
     @property
     def read_only(self) -> bool:
-        return bool(self._rec["flags"] & 2)
+        return bool(self._row[DEV_FLAGS] & 2)
 
     @property
     def mapped_blocks(self) -> int:
-        return int(self._rec["mapped"])
+        return int(self._row[DEV_MAPPED])
 
     @property
     def creation_time(self) -> int:
-        return int(self._rec["creation_time"])
+        return int(self._row[DEV_CREATION_TIME])
 
     @property
     def snap_time(self) -> int:
         """dm-thin's ``snapshotted_time``: mappings older than this are shared."""
-        return int(self._rec["snap_time"])
+        return int(self._row[DEV_SNAP_TIME])
 
     @property
     def transaction(self) -> int:
-        return int(self._rec["transaction"])
+        return int(self._row[DEV_TRANSACTION])
 
     def __repr__(self) -> str:
         return f"<Thin {self.name!r} dev_id={self.dev_id} size={self.size}>"
@@ -116,9 +124,9 @@ class Thin:
             np.ascontiguousarray(data).reshape(-1).view(np.uint8)
         if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)):
             raise InvalidArgument(f"volume {self.name!r}: offset must be an integer, got {offset!r}")
-        offsets = np.array([offset], np.int64) if 0 <= offset < 1 << 62 else np.array([-1], np.int64)
+        offsets = np.array([offset if 0 <= offset < 1 << 62 else -1], np.int64)
         lengths = np.array([len(buf)], np.int64)
-        self._submit(offsets, lengths, buf, np.zeros(1, np.int64))
+        self._submit(offsets, lengths, buf, _ZERO1)
         return len(buf)
 
     def write_many(self, offsets: Sequence[int] | np.ndarray,
@@ -151,32 +159,33 @@ class Thin:
             self._check_write()
             self._check_range(offsets, lengths)
             slot = pool._slot(self.name)
-            rec = pool.devs[slot]
             st = pool.st
-            dev = np.array([rec["root"], rec["snap_time"], 0, rec["size"]], np.int64)
             space = pool.space
             start = 0
-            while True:
-                code, start, need = K.write_batch(pool.nodes_map.nodes, space.data_rc, space.freed_txn,
-                                                  space.rc_dirty, st, dev, pool.data.array, offsets, lengths,
-                                                  buf, starts, start)
-                if code == K.OK:
-                    break
-                if code == K.NO_SPACE:
-                    if need <= st[K.ST_NR_FREE]:
-                        pool.commit()  # blocks freed in this transaction become allocatable (dm-thin does this)
-                        dev[0] = pool.devs[slot]["root"]
-                        if need <= st[K.ST_NR_ALLOCATABLE]:
-                            continue
-                    pool.mode = "out-of-data-space"
-                    raise NoSpace(f"pool {pool.path}: no free data space for volume {self.name!r} "
-                                  f"({need} blocks needed, {int(st[K.ST_NR_ALLOCATABLE])} free)")
-                nblk = int((offsets[start] + lengths[start] - 1) // pool.block_size - offsets[start] // pool.block_size + 1)
-                pool.nodes_map.ensure(2 * nblk + 1, nblk)
-            rec = pool.devs[slot]
-            if rec["root"] != dev[0] or dev[2]:
-                rec["root"] = dev[0]
-                rec["mapped"] += dev[2]
+            try:
+                while True:
+                    dev = pool.devs_i[slot]
+                    code, start, need = K.write_batch(pool.nodes_map.nodes, space.data_rc, space.freed_txn,
+                                                      space.rc_dirty, st, dev, pool.data.fd, pool.data.scratch,
+                                                      offsets, lengths, buf, starts, start)
+                    if code == K.OK:
+                        break
+                    if code == K.NO_SPACE:
+                        if need <= st[K.ST_NR_FREE]:
+                            pool.commit()  # blocks freed in this transaction become allocatable (as dm-thin)
+                            if need <= st[K.ST_NR_ALLOCATABLE]:
+                                continue
+                        pool.mode = "out-of-data-space"
+                        raise NoSpace(f"pool {pool.path}: no free data space for volume {self.name!r} "
+                                      f"({need} blocks needed, {int(st[K.ST_NR_ALLOCATABLE])} free)")
+                    if code == K.IO_ERROR:
+                        raise DataDeviceError(f"pool {pool.path}: writing volume {self.name!r} at offset "
+                                              f"{int(offsets[start])} to the data file {pool.data.path} failed "
+                                              f"(host filesystem full or I/O error)")
+                    bs = pool.block_size
+                    nblk = int((offsets[start] + lengths[start] - 1) // bs - offsets[start] // bs + 1)
+                    pool.nodes_map.ensure(2 * nblk + 1, nblk)
+            finally:
                 pool.devs_dirty.add(slot)
             if need:
                 pool._after_alloc()
@@ -197,20 +206,16 @@ class Thin:
             if last <= first:
                 return 0
             slot = pool._slot(self.name)
-            rec = pool.devs[slot]
-            dev = np.array([rec["root"], rec["snap_time"], 0, rec["size"]], np.int64)
+            before = int(pool.devs_i[slot, DEV_MAPPED])
             vb = first
             while True:
                 code, vb = K.discard_range(pool.nodes_map.nodes, pool.space.data_rc, pool.space.freed_txn,
-                                           pool.space.rc_dirty, pool.st, dev, vb, last)
+                                           pool.space.rc_dirty, pool.st, pool.devs_i[slot], vb, last)
                 if code == K.OK:
                     break
                 pool.nodes_map.ensure(3, 1)
-            rec = pool.devs[slot]
-            rec["root"] = dev[0]
-            rec["mapped"] += dev[2]
             pool.devs_dirty.add(slot)
-            return int(-dev[2])
+            return before - int(pool.devs_i[slot, DEV_MAPPED])
 
     # ------------------------------------------------------------------ reads
     def read(self, offset: int, length: int) -> bytes:
@@ -218,7 +223,7 @@ class Thin:
         offs = _as_offsets(offset, "offset")
         lens = _as_offsets(length, "length")
         out = np.empty(int(lens[0]) if lens[0] > 0 else 0, np.uint8)
-        self._read(offs, lens, out, np.zeros(1, np.int64))
+        self._read(offs, lens, out, _ZERO1)
         return out.tobytes()
 
     def read_into(self, offset: int, out: np.ndarray) -> None:

@@ -121,7 +121,9 @@ def _fill(pool, md: Metadata, names: dict[int, str]) -> None:
         name = names.get(dev.dev_id, f"dev{dev.dev_id}")
         root = bm.new_root()
         vals = (dev.dblocks.astype(np.uint64) << np.uint64(24)) | (dev.times.astype(np.uint64) & np.uint64(TIME_MASK))
-        state = np.array([root, dev.snap_time, 0, size], np.int64)
+        state = np.zeros(K.DEV_COLUMNS, np.int64)
+        state[K.DEV_ROOT] = root
+        state[K.DEV_SNAP_TIME] = dev.snap_time
         start = 0
         vb = dev.vblocks.astype(np.int64)
         while True:
@@ -132,7 +134,7 @@ def _fill(pool, md: Metadata, names: dict[int, str]) -> None:
             bm.ensure(max(64, len(vb) // K.LEAF_ENTRIES // 8 + 3), max(64, (len(vb) - start) // K.LEAF_ENTRIES + 2))
         hi = int(vb[-1]) + 1 if len(vb) else 0
         vsize = max(size, hi * pool.block_size)
-        slot = pool._register(name, dev.dev_id, int(state[0]), len(vb), dev.creation_time, dev.snap_time, vsize)
+        slot = pool._register(name, dev.dev_id, int(state[K.DEV_ROOT]), len(vb), dev.creation_time, dev.snap_time, vsize)
         pool.devs[slot]["transaction"] = dev.transaction
     pool.st[K.ST_TIME] = md.superblock.time
     pool.header["transaction_id"] = md.superblock.transaction
