@@ -165,6 +165,7 @@ class Pool:
         self.read_only = read_only
         self.on_low_water = on_low_water
         self._lock = threading.RLock()
+        self._one_io = np.zeros((2, 1), np.int64)  # Thin.write's [offset], [length] (used under _lock)
         self._lock_fd = -1
         self._closed = True
         md_path = os.path.join(self.path, self.METADATA)

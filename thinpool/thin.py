@@ -12,7 +12,8 @@ import numpy as np
 
 from . import kernels as K
 from .errors import InvalidArgument, NoSpace, ReadOnly, ThinpoolError
-from .layout import DEV_CREATION_TIME, DEV_FLAGS, DEV_ID, DEV_MAPPED, DEV_SIZE, DEV_SNAP_TIME, DEV_TRANSACTION
+from .layout import (DEV_CREATION_TIME, DEV_FLAGS, DEV_ID, DEV_MAPPED, DEV_ROOT, DEV_SIZE, DEV_SNAP_TIME,
+                     DEV_TRANSACTION)
 
 _ZERO1 = np.zeros(1, np.int64)
 
@@ -93,7 +94,8 @@ class Thin:
 
     # ------------------------------------------------------------------ validation
     def _check_range(self, offsets: np.ndarray, lengths: np.ndarray) -> None:
-        size = self.size
+        pool = self.pool
+        size = int(pool.devs_i[pool._slot(self.name), DEV_SIZE])
         if offsets.size == 1:
             off, length = int(offsets[0]), int(lengths[0])
             if off >= 0 and length >= 0 and off + length <= size:
@@ -112,21 +114,30 @@ class Thin:
                                   f"goes past the end of the volume ({size} bytes)")
 
     def _check_write(self) -> None:
-        self.pool._check_writable()
-        if self.read_only:
+        pool = self.pool
+        if pool._closed or pool.read_only or pool.mode in ("read-only", "fail"):
+            pool._check_writable()
+        if pool.devs_i[pool._slot(self.name), DEV_FLAGS] & 2:
             raise ReadOnly(f"volume {self.name!r} is read-only")
 
     # ------------------------------------------------------------------ writes
     def write(self, offset: int, data: bytes | bytearray | memoryview | np.ndarray) -> int:
         """Write ``data`` at byte ``offset``; returns the bytes written.  Provisions on first write,
         breaks sharing by copy-on-write, raises NoSpace (changing nothing) when the pool is full."""
-        buf = np.frombuffer(data, np.uint8) if not isinstance(data, np.ndarray) else \
-            np.ascontiguousarray(data).reshape(-1).view(np.uint8)
-        if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)):
+        if type(data) is np.ndarray and data.dtype == np.uint8 and data.ndim == 1 and data.flags.c_contiguous:
+            buf = data
+        elif isinstance(data, np.ndarray):
+            buf = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+        else:
+            buf = np.frombuffer(data, np.uint8)
+        if type(offset) is not int and (isinstance(offset, bool) or not isinstance(offset, (int, np.integer))):
             raise InvalidArgument(f"volume {self.name!r}: offset must be an integer, got {offset!r}")
-        offsets = np.array([offset if 0 <= offset < 1 << 62 else -1], np.int64)
-        lengths = np.array([len(buf)], np.int64)
-        self._submit(offsets, lengths, buf, _ZERO1)
+        pool = self.pool
+        with pool._lock:
+            one = pool._one_io  # preallocated [offset, length] scratch, used under the lock
+            one[0, 0] = offset if 0 <= offset < 1 << 62 else -1
+            one[1, 0] = len(buf)
+            self._submit(one[0], one[1], buf, _ZERO1)
         return len(buf)
 
     def write_many(self, offsets: Sequence[int] | np.ndarray,
@@ -220,10 +231,16 @@ class Thin:
     # ------------------------------------------------------------------ reads
     def read(self, offset: int, length: int) -> bytes:
         """Read ``length`` bytes at ``offset`` (unmapped blocks read as zeroes)."""
-        offs = _as_offsets(offset, "offset")
-        lens = _as_offsets(length, "length")
-        out = np.empty(int(lens[0]) if lens[0] > 0 else 0, np.uint8)
-        self._read(offs, lens, out, _ZERO1)
+        for what, v in (("offset", offset), ("length", length)):
+            if type(v) is not int and (isinstance(v, bool) or not isinstance(v, (int, np.integer))):
+                raise InvalidArgument(f"volume {self.name!r}: {what} must be an integer, got {v!r}")
+        out = np.empty(max(0, int(length)), np.uint8)
+        pool = self.pool
+        with pool._lock:
+            one = pool._one_io
+            one[0, 0] = offset if -(1 << 62) < offset < 1 << 62 else -1
+            one[1, 0] = length if -(1 << 62) < length < 1 << 62 else -1
+            self._read(one[0], one[1], out, _ZERO1)
         return out.tobytes()
 
     def read_into(self, offset: int, out: np.ndarray) -> None:
@@ -244,9 +261,10 @@ class Thin:
     def _read(self, offsets: np.ndarray, lengths: np.ndarray, out: np.ndarray, starts: np.ndarray) -> None:
         pool = self.pool
         with pool._lock:
-            pool._check_open()
+            if pool._closed:
+                pool._check_open()
             self._check_range(offsets, lengths)
-            root = int(pool.devs[pool._slot(self.name)]["root"])
+            root = int(pool.devs_i[pool._slot(self.name), DEV_ROOT])
             K.read_batch(pool.nodes_map.nodes, root, pool.data.array, pool.block_size, offsets, lengths, out, starts)
 
     # ------------------------------------------------------------------ mappings
