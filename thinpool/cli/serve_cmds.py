@@ -1,0 +1,391 @@
+"""``thinpool serve``: serve a pool's thin volumes over NBD, and its control socket for the CLI.
+
+While a pool is served, the serving process holds the pool (its exclusive lock); other ``thinpool``
+commands reach it through ``<pool>/control.sock`` (see :mod:`thinpool.cli.ops`): one JSON request line
+per connection, answered by :func:`~thinpool.cli.ops.handle_control_request` under the pool's lock.
+NBD requests run under the same lock, so a ``thinpool snapshot`` taken while a client writes is a
+point-in-time image of every request completed before it (of every flushed one after a crash).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+import threading
+from typing import Any
+
+import click
+
+from .common import abspath, pool_argument
+
+SECTION = "Serving (NBD block devices)"
+
+NBD_SOCKET = "nbd.sock"
+#: AF_UNIX path limit (sun_path is 108 bytes including the NUL)
+MAX_UNIX_PATH = 107
+#: seconds a control client may take to send its request line
+CONTROL_TIMEOUT = 30.0
+#: control ops that delete volumes: refused for volumes a client has open (dm-thin's EBUSY)
+_DELETING_OPS = ("delete", "remove-snapshot")
+
+log = logging.getLogger("thinpool.serve")
+
+
+# ============================================================================================== control
+class ControlServer:
+    """``<pool>/control.sock``: one JSON request line per connection, one reply line, then close.
+
+    Each connection is handled in its own thread (a client that connects and sends nothing -- a
+    liveness probe -- costs nothing and blocks no one).  :meth:`stop` closes the listener, waits for
+    requests in progress and removes the socket file.
+    """
+
+    def __init__(self, pool: Any, provider: Any, path: str) -> None:
+        self.pool = pool
+        self.provider = provider
+        self.path = path
+        self._stopping = threading.Event()
+        self._threads: set[threading.Thread] = set()
+        self._tlock = threading.Lock()
+        self.requests = 0
+        _claim_unix_path(path, "control socket")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.sock.bind(path)
+            os.chmod(path, 0o600)
+            self.sock.listen(64)
+        except BaseException:
+            self.sock.close()
+            raise
+        self._thread = threading.Thread(target=self._accept_loop, name="thinpool-control", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _accept_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                if self._stopping.is_set():
+                    return
+                continue
+            if self._stopping.is_set():
+                conn.close()
+                return
+            t = threading.Thread(target=self._serve_one, args=(conn,), name="thinpool-control-req", daemon=True)
+            with self._tlock:
+                self._threads.add(t)
+            t.start()
+
+    def _serve_one(self, conn: socket.socket) -> None:
+        try:
+            conn.settimeout(CONTROL_TIMEOUT)
+            line = _recv_line(conn)
+            if line is None or not line.strip():
+                return  # a liveness probe (connect and close), or nothing useful: no-op
+            if self._stopping.is_set():
+                reply = _error_reply("FailedPrecondition", f"pool {self.pool.path}: the serving process is "
+                                                           f"shutting down")
+            else:
+                reply = self.handle(line)
+            conn.sendall(reply)
+        except OSError as exc:
+            log.debug("control: client error: %s", exc)
+        except Exception:  # never let a request kill the serving process
+            log.exception("control: internal error")
+        finally:
+            try:
+                conn.close()
+            except OSError:
+                pass
+            with self._tlock:
+                self._threads.discard(threading.current_thread())
+
+    def handle(self, line: bytes) -> bytes:
+        """Answer one request line (refuses to delete volumes that NBD clients have open)."""
+        from thinpool.cli.ops import handle_control_request
+        from thinpool.errors import ThinpoolError
+        from thinpool.nbd.pool_backend import check_not_open
+        with self.pool._lock:
+            self.requests += 1
+            try:
+                names = _volumes_deleted_by(self.pool, line)
+                if names:
+                    check_not_open(self.provider, names)
+            except ThinpoolError as exc:
+                return _error_reply(type(exc).__name__, str(exc))
+            return handle_control_request(self.pool, line)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop accepting, let requests in progress finish, remove the socket file (idempotent)."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+        except OSError:
+            pass
+        self.sock.close()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+        with self._tlock:
+            pending = list(self._threads)
+        for t in pending:
+            t.join(timeout)
+        try:
+            if stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                os.unlink(self.path)
+        except OSError:
+            pass
+
+
+def _recv_line(conn: socket.socket, limit: int = 1 << 24) -> bytes | None:
+    """One request line (without the newline); None on EOF before any byte."""
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return b"".join(chunks) if chunks else None
+        nl = chunk.find(b"\n")
+        if nl >= 0:
+            chunks.append(chunk[:nl])
+            return b"".join(chunks)
+        chunks.append(chunk)
+        total += len(chunk)
+        if total > limit:
+            return b"".join(chunks)  # handle_control_request rejects it as invalid JSON
+
+
+def _error_reply(error: str, message: str) -> bytes:
+    return json.dumps({"ok": False, "error": error, "message": message}, separators=(",", ":")).encode() + b"\n"
+
+
+def _volumes_deleted_by(pool: Any, line: bytes) -> list[str]:
+    """Volume names a control request would delete (empty if none or if the request is malformed:
+    handle_control_request then reports the problem)."""
+    try:
+        req = json.loads(line)
+    except (ValueError, UnicodeDecodeError):
+        return []
+    if not isinstance(req, dict) or req.get("op") not in _DELETING_OPS or not isinstance(req.get("args"), dict):
+        return []
+    args = req["args"]
+    if req["op"] == "delete":
+        names = args.get("names")
+        return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
+    key, namespace = args.get("key"), args.get("namespace", "default")
+    if not isinstance(key, str) or not isinstance(namespace, str):
+        return []
+    from thinpool.snapshots import Snapshotter
+    try:
+        return [Snapshotter(pool, namespace, autocommit=False).volume_name(key)]
+    except Exception:
+        return []
+
+
+def _claim_unix_path(path: str, what: str) -> None:
+    """Refuse an over-long path or a live socket; remove a stale socket left by a dead process."""
+    from thinpool.errors import AlreadyExists, InvalidArgument
+    if len(os.fsencode(path)) > MAX_UNIX_PATH:
+        raise InvalidArgument(f"{what} path {path} is longer than the {MAX_UNIX_PATH} bytes a unix socket "
+                              f"path may have; use a shorter pool path" +
+                              (" or --socket PATH" if what == "NBD socket" else ""))
+    if not os.path.lexists(path):
+        return
+    if not stat.S_ISSOCK(os.lstat(path).st_mode):
+        raise InvalidArgument(f"{what} {path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)  # stale: its process is gone
+    else:
+        raise AlreadyExists(f"{what} {path} is live: the pool is already being served")
+    finally:
+        probe.close()
+
+
+# ============================================================================================== serve
+def parse_tcp(value: str) -> tuple[str | None, int]:
+    """``PORT``, ``HOST:PORT`` or ``[IPv6]:PORT`` -> (host or None for 127.0.0.1, port)."""
+    from thinpool.errors import InvalidArgument
+    text = value.strip()
+    host: str | None = None
+    port_text = text
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0 or text[end + 1 : end + 2] != ":":
+            raise InvalidArgument(f"--tcp {value!r}: expected [IPv6]:PORT")
+        host, port_text = text[1:end], text[end + 2 :]
+    elif ":" in text:
+        host, _, port_text = text.rpartition(":")
+        if ":" in host:
+            raise InvalidArgument(f"--tcp {value!r}: put IPv6 addresses in brackets, e.g. [::1]:10809")
+        host = host or None
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise InvalidArgument(f"--tcp {value!r}: {port_text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise InvalidArgument(f"--tcp {value!r}: port {port} is out of range")
+    return host, port
+
+
+class Served:
+    """A running ``thinpool serve``: the pool, the NBD server and the control server.
+
+    Used by the CLI command and by :mod:`thinpool.realfs` (which serves a pool from a background
+    thread).  :meth:`stop` stops the control server first (so no op runs on a closing pool), then the
+    NBD server, which lets in-flight requests finish and then commits and closes the pool.
+    """
+
+    def __init__(self, pool_path: str, *, socket_path: str | None = None, tcp: tuple[str | None, int] | None = None,
+                 read_only: bool = False) -> None:
+        from thinpool.errors import ReadOnly
+        from thinpool.nbd.pool_backend import PoolProvider
+        from thinpool.nbd.server import NBDServer
+        from thinpool.pool import Pool
+        from .ops import control_socket_path
+
+        self.pool_path = os.path.abspath(pool_path)
+        control_path = control_socket_path(self.pool_path)
+        if socket_path is None:
+            socket_path = os.path.join(self.pool_path, NBD_SOCKET)
+        _claim_unix_path(control_path, "control socket")
+        _claim_unix_path(socket_path, "NBD socket")
+        try:
+            self.pool = Pool.open(self.pool_path)
+        except (PermissionError, ReadOnly):
+            if not read_only:
+                raise
+            self.pool = Pool.open(self.pool_path, read_only=True)
+        try:
+            _warm_up(self.pool)
+            self.provider = PoolProvider(self.pool, read_only=read_only)
+            self.control = ControlServer(self.pool, self.provider, control_path)
+            try:
+                self.nbd = NBDServer(self.provider, unix_path=socket_path, tcp=tcp, read_only=read_only)
+            except BaseException:
+                self.control.stop()
+                raise
+        except BaseException:
+            self.pool.close(commit=False)
+            raise
+        self._stop_lock = threading.RLock()
+        self._stopped = False
+        self.control.start()
+
+    def uris(self) -> list[tuple[str, str]]:
+        """(volume, URI) for every volume being served right now."""
+        return [(name, self.nbd.export_uri(name)) for name in self.provider.list_exports()]
+
+    def tcp_uri(self, name: str) -> str | None:
+        if self.nbd.tcp_address is None:
+            return None
+        host, port = self.nbd.tcp_address
+        host = f"[{host}]" if ":" in host else host
+        return f"nbd://{host}:{port}/{name}"
+
+    def serve_forever(self) -> None:
+        self.nbd.serve_forever()
+
+    def start(self) -> None:
+        """Serve from a background thread."""
+        self.nbd.start()
+
+    def stop(self) -> None:
+        """Control server, then NBD server (which commits and closes the pool); idempotent."""
+        with self._stop_lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        self.control.stop()
+        self.nbd.shutdown()
+        self.provider.close()  # normally done by the NBD server's shutdown already
+
+
+def _warm_up(pool: Any) -> None:
+    """Run the I/O kernels once (numba compiles or loads them on first use) so the first client does not
+    wait for it: a read of the first volume, a mapping query, nothing written."""
+    thins = pool.thins()
+    if thins:
+        t = thins[0]
+        t.read(0, min(4096, t.size))
+        t.mapped_ranges(0, min(t.size, pool.block_size))
+
+
+@click.command("serve")
+@pool_argument
+@click.option("--socket", "socket_path", type=click.Path(dir_okay=False), default=None,
+              help="Unix socket to listen on (default: <POOL>/nbd.sock).")
+@click.option("--tcp", "tcp", metavar="[HOST:]PORT", default=None,
+              help="Also listen on TCP (HOST defaults to 127.0.0.1; give 0.0.0.0 or [::] explicitly "
+                   "to listen on every address).  No authentication: keep it on trusted networks.")
+@click.option("--read-only", is_flag=True, help="Serve every export read-only (the CLI can still snapshot).")
+@click.option("-v", "--verbose", count=True, help="Log connections (-v) and requests (-vv) on stderr.")
+def serve_cmd(pool: str, socket_path: str | None, tcp: str | None, read_only: bool, verbose: int) -> None:
+    """Serve the pool's thin volumes as NBD block devices until SIGTERM/SIGINT.
+
+    Every volume is an export named after it (volumes created while serving appear as new exports).
+    FLUSH and FUA commit the pool, as dm-thin commits on flush; TRIM and zeroing unmap whole blocks;
+    BLOCK_STATUS reports unmapped blocks as holes.  While served, the other pool commands (snapshot,
+    create-thin, delete, ls, status, commit, the snapshotter verbs...) are sent to this process over
+    <POOL>/control.sock; deleting a volume a client has open is refused.  SIGTERM/SIGINT commit, close
+    the pool and remove the sockets.
+
+    \b
+    Examples:
+      thinpool serve /tmp/pool &
+      nbdinfo --list 'nbd+unix:///?socket=/tmp/pool/nbd.sock'
+      nbdcopy disk.img 'nbd+unix:///base?socket=/tmp/pool/nbd.sock'
+      qemu-io -f raw -c 'read 0 64k' 'nbd+unix:///base?socket=/tmp/pool/nbd.sock'
+      thinpool snapshot /tmp/pool base snap1      # through the control socket
+      thinpool serve /tmp/pool --tcp 10809        # also nbd://127.0.0.1:10809/<volume>
+    """
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, stream=sys.stderr, format="thinpool serve: %(message)s")
+    tcp_addr = parse_tcp(tcp) if tcp is not None else None
+    served = Served(abspath(pool), socket_path=abspath(socket_path) if socket_path else None, tcp=tcp_addr,
+                    read_only=read_only)
+
+    def on_signal(signum: int, frame: Any) -> None:
+        served.stop()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        uris = served.uris()
+        out = [f"thinpool serve: pool {served.pool_path}: {len(uris)} volume(s)"
+               f"{', read-only' if read_only else ''}",
+               f"  nbd socket:     {served.nbd.unix_path}"]
+        if served.nbd.tcp_address is not None:
+            out.append(f"  tcp:            {served.nbd.tcp_address[0]}:{served.nbd.tcp_address[1]}")
+        out.append(f"  control socket: {served.control.path}")
+        out.append(f"  list exports:   nbdinfo --list '{served.nbd.uri}'")
+        for name, uri in uris:
+            out.append(f"  {name}: {uri}" + (f"  {served.tcp_uri(name)}" if served.nbd.tcp_address else ""))
+        out.append("serving (SIGTERM or Ctrl-C to stop)")
+        click.echo("\n".join(out))
+        sys.stdout.flush()
+        served.serve_forever()
+    finally:
+        served.stop()
+        for s, h in old.items():
+            signal.signal(s, h)
+    click.echo(f"thinpool serve: stopped; pool committed (transaction {_committed_txn(served)})")
+
+
+def _committed_txn(served: Served) -> str:
+    try:
+        return str(served.pool.transaction_id)
+    except Exception:
+        return "?"
+
+
+COMMANDS: list[click.Command] = [serve_cmd]

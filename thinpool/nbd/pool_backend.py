@@ -1,0 +1,253 @@
+"""The NBD server's backend over a live :class:`~thinpool.pool.Pool`: every thin volume is an export.
+
+Wiring (the :class:`~thinpool.nbd.backend.Export` interface onto the library):
+
+* export name = volume name; size = the volume's virtual size; ``block_size`` = the pool's data block
+  size (advertised as the preferred block size);
+* ``pread``/``pwrite`` -> :meth:`Thin.read` / :meth:`Thin.write` (first writes provision blocks, writes
+  to shared blocks break sharing by copy-on-write; a full pool raises NoSpace -> ``ENOSPC``);
+* ``flush`` (and every FUA write) -> :meth:`Pool.commit` -- dm-thin commits its metadata on FLUSH/FUA,
+  so a flushed write survives a crash of the serving process;
+* ``trim`` -> :meth:`Thin.discard`: the whole blocks the range covers are unmapped (dm-thin's rule,
+  partial blocks keep their data); freed data blocks are punched out of the data file at the next commit;
+* ``write_zeroes`` with ``may_trim`` (no ``NO_HOLE``): whole blocks are discarded and only the partial
+  edges are zeroed, and only where they are mapped (an unmapped edge already reads as zeroes) -- so
+  ``nbdcopy`` of a mostly empty image allocates almost nothing; with ``NO_HOLE`` real zeroes are written
+  and the range stays provisioned;
+* ``extents`` -> :meth:`Thin.mapped_ranges`: unmapped blocks are ``HOLE|ZERO``, mapped ones data.
+
+The provider's ``lock`` *is* the pool's re-entrant lock, so every NBD request, every control-socket op
+(``thinpool snapshot`` while served) and every library call are serialised: a snapshot taken through the
+control socket is a point-in-time image of all requests completed before it.
+
+Exports are bound to the volume's device id, not its name: renaming a volume that a client has open
+keeps the connection working; if the volume is deleted the connection's requests fail with ``EIO``.
+Read-only: the provider-wide flag, a pool opened read-only, and the volume's own read-only flag
+(committed containerd snapshots, snapshotter views) all make the export read-only.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from thinpool.errors import FailedPrecondition, NotFound, ReadOnly
+from thinpool.nbd.backend import MAPPED, UNMAPPED, check_range, split_by_blocks
+
+#: The most bytes one ``extents`` call looks at; the server accepts shorter answers (BLOCK_STATUS may
+#: describe less than was asked; a READ falls back to one data chunk), and 1 GiB is more than any READ.
+MAX_EXTENTS_SPAN = 1 << 30
+#: Chunk size for writing real zeroes (``NO_HOLE``).
+ZERO_CHUNK = 4 * 1024 * 1024
+
+
+class PoolExport:
+    """One thin volume of a served pool, as an NBD export (see the module docstring).
+
+    Not thread-safe on its own: the NBD session calls it while holding the provider's lock (the
+    pool's lock).  Thin's methods take the same re-entrant lock again, so direct calls are safe too.
+    """
+
+    def __init__(self, provider: "PoolProvider", name: str, read_only: bool) -> None:
+        pool = provider.pool
+        thin = pool.thin(name)
+        self.provider = provider
+        self.pool = pool
+        self.dev_id = thin.dev_id
+        self.name = name
+        self.size = thin.size
+        self.block_size = pool.block_size
+        self.read_only = bool(read_only or provider.read_only or pool.read_only or thin.read_only)
+        self.description = f"thin volume {name!r} (dev id {self.dev_id}) of pool {pool.path}"
+        self._closed = False
+
+    # ------------------------------------------------------------------ helpers
+    def _thin(self) -> Any:
+        """The volume's current Thin handle (looked up by device id, so renames do not matter)."""
+        try:
+            return self.pool.by_dev_id(self.dev_id)
+        except NotFound:
+            raise NotFound(f"export {self.name!r}: thin device {self.dev_id} was deleted while it was "
+                           f"being served") from None
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise ReadOnly(f"export {self.name!r} is read-only")
+
+    # ------------------------------------------------------------------ Export API
+    def pread(self, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset`` (unmapped blocks read as zeroes)."""
+        check_range(self, offset, length)
+        return self._thin().read(offset, length)
+
+    def pwrite(self, offset: int, data: bytes) -> None:
+        """Write ``data`` at ``offset``: provisions / copies-on-write as needed; NoSpace changes nothing."""
+        self._check_writable()
+        check_range(self, offset, len(data))
+        if data:
+            self._thin().write(offset, data)
+
+    def flush(self) -> None:
+        """Commit the pool: every completed write becomes durable (dm-thin commits on FLUSH)."""
+        self.pool.commit()
+
+    def trim(self, offset: int, length: int) -> None:
+        """Unmap the whole blocks inside the range; partial blocks keep their data."""
+        self._check_writable()
+        check_range(self, offset, length)
+        if length:
+            self._thin().discard(offset, length)
+
+    def write_zeroes(self, offset: int, length: int, may_trim: bool) -> None:
+        """Make the range read as zeroes (see the module docstring for what gets unmapped)."""
+        self._check_writable()
+        check_range(self, offset, length)
+        if not length:
+            return
+        thin = self._thin()
+        if not may_trim:
+            self._write_zeroes(thin, offset, length)
+            return
+        split = split_by_blocks(offset, length, self.block_size)
+        # Edges first: if one of them fails (NoSpace for a copy-on-write), nothing has been unmapped yet.
+        for off, n in ((split.head_offset, split.head_length), (split.tail_offset, split.tail_length)):
+            if n > 0:
+                for start, run, mapped in thin.mapped_ranges(off, n):
+                    if mapped:
+                        self._write_zeroes(thin, start, run)
+        if split.block_count:
+            thin.discard(split.first_block * self.block_size, split.block_count * self.block_size)
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """``(length, flags)`` runs from the range's start: mapped blocks 0, unmapped ``HOLE|ZERO``.
+
+        At most :data:`MAX_EXTENTS_SPAN` bytes are described (the server handles a shorter answer)."""
+        check_range(self, offset, length)
+        if not length:
+            return []
+        ranges = self._thin().mapped_ranges(offset, min(length, MAX_EXTENTS_SPAN))
+        return [(n, MAPPED if mapped else UNMAPPED) for _off, n, mapped in ranges]
+
+    def close(self) -> None:
+        """Called by the server when the connection that opened this export ends."""
+        if not self._closed:
+            self._closed = True
+            self.provider._release(self)
+
+    # ------------------------------------------------------------------ internals
+    def _write_zeroes(self, thin: Any, offset: int, length: int) -> None:
+        zeros = self.provider._zeros(min(length, ZERO_CHUNK))
+        end = offset + length
+        pos = offset
+        while pos < end:
+            n = min(ZERO_CHUNK, end - pos)
+            thin.write(pos, zeros[:n])
+            pos += n
+
+    def __repr__(self) -> str:
+        return (f"<PoolExport {self.name!r} dev_id={self.dev_id} size={self.size}"
+                f"{' ro' if self.read_only else ''}>")
+
+
+class PoolProvider:
+    """Serve the thin volumes of an open pool (see the module docstring).
+
+    ``read_only`` makes every export read-only.  Volumes created, renamed or deleted while serving are
+    seen at once (``NBD_OPT_LIST`` and opening query the pool each time).  The empty export name means
+    the pool's only volume when it has exactly one (so ``nbd+unix:///?socket=...`` works for it).
+    :meth:`close` (called by :meth:`NBDServer.shutdown` once every client is gone) commits and closes
+    the pool unless ``close_pool=False``.
+    """
+
+    def __init__(self, pool: Any, read_only: bool = False, *, close_pool: bool = True) -> None:
+        self.pool = pool
+        self.lock: threading.RLock = pool._lock
+        self.read_only = bool(read_only)
+        self.close_pool = close_pool
+        self.closed = False
+        self._open: Counter[int] = Counter()  # dev id -> open exports (connections)
+        self._zero_buf = np.zeros(0, np.uint8)
+
+    # ------------------------------------------------------------------ ExportProvider API
+    def list_exports(self) -> list[str]:
+        """Every volume's name, in device-id order."""
+        with self.lock:
+            return [t.name for t in self.pool.thins()]
+
+    def open_export(self, name: str, read_only: bool) -> PoolExport:
+        """Open volume ``name``; NotFound if the pool has no such volume."""
+        with self.lock:
+            if self.closed:
+                raise NotFound(f"pool {self.pool.path} is no longer served")
+            if name == "":
+                names = self.list_exports()
+                if len(names) != 1:
+                    raise NotFound(f"pool {self.pool.path} has {len(names)} volumes; name the export "
+                                   f"(one of: {', '.join(names[:20]) or 'none'})")
+                name = names[0]
+            if not isinstance(name, str) or name not in self.pool:
+                raise NotFound(f"pool {self.pool.path}: no thin volume named {name!r}")
+            export = PoolExport(self, name, read_only)
+            self._open[export.dev_id] += 1
+            return export
+
+    def close(self) -> None:
+        """Commit and close the pool (once; later calls do nothing)."""
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            if self.close_pool:
+                self.pool.close(commit=True)
+
+    # ------------------------------------------------------------------ bookkeeping
+    def open_count(self, name: str) -> int:
+        """How many connections have volume ``name`` open right now (0 if there is no such volume)."""
+        with self.lock:
+            if name not in self.pool:
+                return 0
+            return self._open.get(self.pool.thin(name).dev_id, 0)
+
+    def open_volumes(self) -> dict[str, int]:
+        """Volume name -> open connections, for the volumes some connection has open."""
+        with self.lock:
+            out = {}
+            for dev_id, n in self._open.items():
+                if n > 0:
+                    try:
+                        out[self.pool.by_dev_id(dev_id).name] = n
+                    except NotFound:
+                        continue
+            return out
+
+    def _release(self, export: PoolExport) -> None:
+        with self.lock:
+            n = self._open.get(export.dev_id, 0) - 1
+            if n > 0:
+                self._open[export.dev_id] = n
+            else:
+                self._open.pop(export.dev_id, None)
+
+    def _zeros(self, n: int) -> np.ndarray:
+        if len(self._zero_buf) < n:
+            self._zero_buf = np.zeros(max(n, 64 * 1024), np.uint8)
+        return self._zero_buf
+
+    def __repr__(self) -> str:
+        return f"<PoolProvider {self.pool.path}{' ro' if self.read_only else ''}>"
+
+
+def check_not_open(provider: PoolProvider, names: list[str]) -> None:
+    """Raise FailedPrecondition if a connection has any of ``names`` open (dm-thin refuses to delete an
+    open thin device with EBUSY)."""
+    busy = [f"{n} ({provider.open_count(n)} connection{'s' if provider.open_count(n) != 1 else ''})"
+            for n in names if isinstance(n, str) and provider.open_count(n)]
+    if busy:
+        raise FailedPrecondition(f"pool {provider.pool.path}: cannot delete {', '.join(busy)}: the volume is "
+                                 f"open over NBD (disconnect the client first; dm-thin refuses with EBUSY)")
+
+
+__all__ = ["PoolExport", "PoolProvider", "check_not_open", "MAX_EXTENTS_SPAN"]
