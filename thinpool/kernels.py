@@ -575,7 +575,7 @@ def logical_counts(nodes, roots, nr_data_blocks):
                 leaf = inners[mid, j]
                 if leaf != NONE:
                     mult_leaf[leaf] += mult_inner[mid]
-    counts = np.zeros(nr_data_blocks, np.int64)
+    counts = np.zeros(nr_data_blocks, np.int32)
     for leaf in range(leaves.shape[0]):
         m = mult_leaf[leaf]
         if m == 0:

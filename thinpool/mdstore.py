@@ -22,7 +22,6 @@ newest older one that still verifies).  Every block read is checked; a mismatch 
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import struct
 from dataclasses import dataclass, field
@@ -164,15 +163,30 @@ class MetadataStore:
             b = int(blocks[present][bad][0])
             raise MetadataCorrupt(f"{structure}: page at metadata block {b} lies beyond the end of the "
                                   f"metadata file ({self.nr_blocks} blocks; truncated?)", structure=structure, block=b)
-        with mmap.mmap(self.fd, self.nr_blocks * BLOCK, prot=mmap.PROT_READ) as mm:
-            view = np.frombuffer(mm, np.uint8).reshape(self.nr_blocks, BLOCK)
-            out[present] = view[blocks[present]]
-            del view
+        self._read_runs(blocks[present], present, out)
         for i in present:
             if checksum(out[i]) != crcs[i]:
                 raise MetadataCorrupt(f"{structure}: bad checksum in metadata block {int(blocks[i])}",
                                       structure=structure, block=int(blocks[i]))
         return out
+
+    def _read_runs(self, blocks: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
+        """Read metadata ``blocks`` into ``out[rows]`` with one preadv per run of consecutive blocks
+        that land in consecutive rows (pages are mostly allocated in order, so runs are long)."""
+        order = np.argsort(blocks, kind="stable")
+        b, r = blocks[order], rows[order]
+        breaks = np.flatnonzero((np.diff(b) != 1) | (np.diff(r) != 1)) + 1
+        starts = np.concatenate(([0], breaks)).tolist()
+        ends = np.concatenate((breaks, [len(b)])).tolist()
+        flat = out.reshape(-1)
+        for s0, e0 in zip(starts, ends):
+            first_row = int(r[s0])
+            n = e0 - s0
+            want = n * BLOCK
+            got = os.preadv(self.fd, [memoryview(flat[first_row * BLOCK:(first_row + n) * BLOCK])], int(b[s0]) * BLOCK)
+            if got != want:
+                raise MetadataCorrupt(f"{self.path}: short read at metadata block {int(b[s0])} (file truncated?)",
+                                      structure="file", block=int(b[s0]))
 
     def _load_directory(self, header: dict[str, Any]) -> tuple[dict[str, np.ndarray], list[int]]:
         dir_locs = [int(x) for x in header["directory"]]
@@ -327,8 +341,10 @@ class MetadataStore:
                         self._release(locs[npages:])
                     locs = grown
                 dirty = np.unique(pa.dirty[pa.dirty < npages]).astype(np.int64)
-                dead = np.intersect1d(dirty, pa.dead)
-                live = np.setdiff1d(dirty, dead, assume_unique=True)
+                is_dead = np.zeros(npages, bool)
+                is_dead[pa.dead[pa.dead < npages]] = True
+                dead = dirty[is_dead[dirty]]
+                live = dirty[~is_dead[dirty]]
                 self._release(locs[dirty])
                 locs[dead] = 0
                 if len(live):
@@ -348,9 +364,9 @@ class MetadataStore:
                     if len(pml) > npm:
                         self._release(pml[npm:])
                     pml = grown
-                changed_pm = np.unique(dirty // PM_ENTRIES) if len(dirty) else np.zeros(0, np.int64)
-                changed_pm = np.union1d(changed_pm, np.flatnonzero(pml == 0)).astype(np.int64)
-                changed_pm = changed_pm[changed_pm < npm]
+                pm_mask = pml == 0
+                pm_mask[dirty // PM_ENTRIES] = True
+                changed_pm = np.flatnonzero(pm_mask)
                 if len(changed_pm):
                     padded = np.zeros(npm * PM_ENTRIES, np.uint64)
                     padded[:npages] = locs

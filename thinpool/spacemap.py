@@ -22,10 +22,13 @@ class DataSpaceMap:
     def __init__(self, st: np.ndarray, nr_blocks: int, data_rc: np.ndarray | None = None) -> None:
         self.st = st
         cap = _round_up(max(nr_blocks, 1), 1 << K.RC_PAGE_BITS)
-        self.data_rc = np.zeros(cap, np.uint32)
-        if data_rc is not None:
-            n = min(len(data_rc), cap)
-            self.data_rc[:n] = data_rc[:n]
+        if data_rc is not None and len(data_rc) == cap and data_rc.flags.writeable:
+            self.data_rc = data_rc  # the loaded pages, used in place
+        else:
+            self.data_rc = np.zeros(cap, np.uint32)
+            if data_rc is not None:
+                n = min(len(data_rc), cap)
+                self.data_rc[:n] = data_rc[:n]
         self.freed_txn = np.zeros(cap, np.uint8)
         self.rc_dirty = np.zeros(cap >> K.RC_PAGE_BITS, np.uint8)
         st[K.ST_NR_BLOCKS] = nr_blocks

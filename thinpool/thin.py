@@ -10,12 +10,18 @@ from typing import Sequence
 
 import numpy as np
 
-from . import kernels as K
+from . import layout as L
 from .errors import InvalidArgument, NoSpace, ReadOnly, ThinpoolError
 from .layout import (DEV_CREATION_TIME, DEV_FLAGS, DEV_ID, DEV_MAPPED, DEV_ROOT, DEV_SIZE, DEV_SNAP_TIME,
                      DEV_TRANSACTION)
 
 _ZERO1 = np.zeros(1, np.int64)
+
+
+def _k():
+    """The JIT kernels, imported on first I/O (handles and metadata operations don't need numba)."""
+    from . import kernels
+    return kernels
 
 
 class DataDeviceError(ThinpoolError, OSError):
@@ -176,20 +182,20 @@ class Thin:
             try:
                 while True:
                     dev = pool.devs_i[slot]
-                    code, start, need = K.write_batch(pool.nodes_map.nodes, space.data_rc, space.freed_txn,
+                    code, start, need = _k().write_batch(pool.nodes_map.nodes, space.data_rc, space.freed_txn,
                                                       space.rc_dirty, st, dev, pool.data.fd, pool.data.scratch,
                                                       offsets, lengths, buf, starts, start)
-                    if code == K.OK:
+                    if code == L.OK:
                         break
-                    if code == K.NO_SPACE:
-                        if need <= st[K.ST_NR_FREE]:
+                    if code == L.NO_SPACE:
+                        if need <= st[L.ST_NR_FREE]:
                             pool.commit()  # blocks freed in this transaction become allocatable (as dm-thin)
-                            if need <= st[K.ST_NR_ALLOCATABLE]:
+                            if need <= st[L.ST_NR_ALLOCATABLE]:
                                 continue
                         pool.mode = "out-of-data-space"
                         raise NoSpace(f"pool {pool.path}: no free data space for volume {self.name!r} "
-                                      f"({need} blocks needed, {int(st[K.ST_NR_ALLOCATABLE])} free)")
-                    if code == K.IO_ERROR:
+                                      f"({need} blocks needed, {int(st[L.ST_NR_ALLOCATABLE])} free)")
+                    if code == L.IO_ERROR:
                         raise DataDeviceError(f"pool {pool.path}: writing volume {self.name!r} at offset "
                                               f"{int(offsets[start])} to the data file {pool.data.path} failed "
                                               f"(host filesystem full or I/O error)")
@@ -220,9 +226,9 @@ class Thin:
             before = int(pool.devs_i[slot, DEV_MAPPED])
             vb = first
             while True:
-                code, vb = K.discard_range(pool.nodes_map.nodes, pool.space.data_rc, pool.space.freed_txn,
+                code, vb = _k().discard_range(pool.nodes_map.nodes, pool.space.data_rc, pool.space.freed_txn,
                                            pool.space.rc_dirty, pool.st, pool.devs_i[slot], vb, last)
-                if code == K.OK:
+                if code == L.OK:
                     break
                 pool.nodes_map.ensure(3, 1)
             pool.devs_dirty.add(slot)
@@ -265,7 +271,7 @@ class Thin:
                 pool._check_open()
             self._check_range(offsets, lengths)
             root = int(pool.devs_i[pool._slot(self.name), DEV_ROOT])
-            K.read_batch(pool.nodes_map.nodes, root, pool.data.array, pool.block_size, offsets, lengths, out, starts)
+            _k().read_batch(pool.nodes_map.nodes, root, pool.data.array, pool.block_size, offsets, lengths, out, starts)
 
     # ------------------------------------------------------------------ mappings
     def mapped_ranges(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
@@ -282,7 +288,7 @@ class Thin:
             bs = pool.block_size
             first, last = off // bs, (end - 1) // bs
             flags = np.empty(last - first + 1, np.uint8)
-            K.mapped_flags(pool.nodes_map.nodes, int(pool.devs[pool._slot(self.name)]["root"]), first, flags)
+            _k().mapped_flags(pool.nodes_map.nodes, int(pool.devs[pool._slot(self.name)]["root"]), first, flags)
         cuts = np.flatnonzero(np.diff(flags)) + 1
         starts = np.concatenate(([0], cuts))
         ends = np.concatenate((cuts, [len(flags)]))
@@ -298,8 +304,8 @@ class Thin:
         pool = self.pool
         with pool._lock:
             root = int(pool.devs[pool._slot(self.name)]["root"])
-            n, _ = K.count_mappings(pool.nodes_map.nodes, root)
+            n, _ = _k().count_mappings(pool.nodes_map.nodes, root)
             vb = np.empty(n, np.int64)
             vals = np.empty(n, np.uint64)
-            K.collect_mappings(pool.nodes_map.nodes, root, vb, vals)
+            _k().collect_mappings(pool.nodes_map.nodes, root, vb, vals)
         return vb, (vals >> np.uint64(24)).astype(np.int64), (vals & np.uint64(0xFFFFFF)).astype(np.int64)
