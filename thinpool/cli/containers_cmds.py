@@ -13,7 +13,9 @@ from typing import Any
 
 import click
 
-from thinpool.snapshots import DEFAULT_BASE_SIZE, Snapshotter
+from thinpool.units import parse_size
+
+DEFAULT_BASE_SIZE = parse_size("10GiB")  # thinpool.snapshots' default; imported lazily (numpy)
 
 from .common import SIZE, abspath, emit, json_option, pool_argument
 from .ops import register_op, run_op
@@ -26,12 +28,13 @@ _NAMING = ("Snapshot KEYs (active/view) and NAMEs (committed) share one key spac
 
 
 # ============================================================================================== ops
-def _snap(pool: Any, namespace: str, base_size: int = DEFAULT_BASE_SIZE) -> Snapshotter:
+def _snap(pool: Any, namespace: str, base_size: int = DEFAULT_BASE_SIZE) -> Any:
     # run_op / the serving process commit after a write op: records and devices in one transaction
+    from thinpool.snapshots import Snapshotter
     return Snapshotter(pool, namespace, base_size=base_size, autocommit=False)
 
 
-def _snapshot_dict(s: Snapshotter, key: str) -> dict[str, Any]:
+def _snapshot_dict(s: Any, key: str) -> dict[str, Any]:
     info = s.stat(key).as_dict()
     vol = s.volume(key)
     info.update(namespace=s.namespace, volume=vol.name, dev_id=vol.dev_id, size=vol.size,
