@@ -211,8 +211,9 @@ class MetadataStore:
         """Load the newest committed state that verifies; returns the arrays' bytes by name."""
         candidates = self.superblocks()
         if not candidates:
-            raise MetadataCorrupt(f"{self.path}: no valid superblock (not a thinpool metadata file, or both "
-                                  f"superblocks are corrupt)", structure="superblock", block=0)
+            raise MetadataCorrupt(f"{self.path}: superblock: no valid superblock in metadata blocks 0 and 1 "
+                                  f"(not a thinpool metadata file, truncated, or both corrupt)",
+                                  structure="superblock", block=0)
         first_error: MetadataCorrupt | None = None
         for generation, _slot, header in candidates:
             try:
