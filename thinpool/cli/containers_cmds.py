@@ -302,8 +302,11 @@ def snapshot_usage_cmd(pool: str, key: str, namespace: str, as_json: bool) -> No
 @click.option("--data-size", type=SIZE, default="100GiB", show_default=True,
               help="Pool data device size (a sparse file; Docker's loop-lvm default).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the pseudo-random file content.")
+@click.option("--real-fs", "real_fs", is_flag=True,
+              help="Root only: run it with ext4 on the thin devices (served over NBD, nbdfuse + loop devices, "
+                   "mkfs.ext4, real files) and report what ext4 really wrote beside the idealized numbers.")
 @json_option
-def demo_cmd(directory: str | None, block_size: int, data_size: int, seed: int, as_json: bool) -> None:
+def demo_cmd(directory: str | None, block_size: int, data_size: int, seed: int, real_fs: bool, as_json: bool) -> None:
     """Run Docker's "About storage drivers" walkthrough on a thin pool and show it Docker-style.
 
     Builds ubuntu (files of 103,000,000 / 745 / 2,780 / 7 bytes), acme/my-base-image:1.0 (COPY, 100 bytes)
@@ -319,7 +322,16 @@ def demo_cmd(directory: str | None, block_size: int, data_size: int, seed: int, 
       thinpool demo --block-size 512K
       thinpool demo --json | jq '.image_blocks, .copy_up'
       thinpool demo --dir /tmp/demo-pool && thinpool ls /tmp/demo-pool
+      sudo thinpool demo --real-fs        # ext4 on the thin devices: superblocks, journal, inodes included
     """
+    if real_fs:
+        from thinpool.realfs import render_realfs, run_realfs_demo
+        from .common import stderr_is_tty
+        say = (lambda msg: click.echo(f"thinpool demo --real-fs: {msg}", err=True)) if stderr_is_tty() else None
+        result = run_realfs_demo(abspath(directory) if directory else None, block_size, data_size=data_size,
+                                 seed=seed, progress=say)
+        emit(result, as_json, render_realfs)
+        return
     from thinpool.demo import render_demo, run_demo
     result = run_demo(abspath(directory) if directory else None, block_size, data_size=data_size, seed=seed)
     emit(result, as_json, render_demo)

@@ -63,15 +63,24 @@ class PoolExport:
         self.read_only = bool(read_only or provider.read_only or pool.read_only or thin.read_only)
         self.description = f"thin volume {name!r} (dev id {self.dev_id}) of pool {pool.path}"
         self._closed = False
+        self._handle = thin
+        self._just_read: tuple[int, int] | None = None  # see extents()
 
     # ------------------------------------------------------------------ helpers
     def _thin(self) -> Any:
-        """The volume's current Thin handle (looked up by device id, so renames do not matter)."""
+        """The volume's current Thin handle, bound by device id (a rename does not matter)."""
+        thin = self._handle
         try:
-            return self.pool.by_dev_id(self.dev_id)
+            if thin.dev_id == self.dev_id:  # the cached handle still names our device
+                return thin
+        except NotFound:
+            pass
+        try:
+            self._handle = thin = self.pool.by_dev_id(self.dev_id)
         except NotFound:
             raise NotFound(f"export {self.name!r}: thin device {self.dev_id} was deleted while it was "
                            f"being served") from None
+        return thin
 
     def _check_writable(self) -> None:
         if self.read_only:
@@ -80,11 +89,15 @@ class PoolExport:
     # ------------------------------------------------------------------ Export API
     def pread(self, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset`` (unmapped blocks read as zeroes)."""
+        self._just_read = None
         check_range(self, offset, length)
-        return self._thin().read(offset, length)
+        data = self._thin().read(offset, length)
+        self._just_read = (offset, length)
+        return data
 
     def pwrite(self, offset: int, data: bytes) -> None:
         """Write ``data`` at ``offset``: provisions / copies-on-write as needed; NoSpace changes nothing."""
+        self._just_read = None
         self._check_writable()
         check_range(self, offset, len(data))
         if data:
@@ -92,10 +105,12 @@ class PoolExport:
 
     def flush(self) -> None:
         """Commit the pool: every completed write becomes durable (dm-thin commits on FLUSH)."""
+        self._just_read = None
         self.pool.commit()
 
     def trim(self, offset: int, length: int) -> None:
         """Unmap the whole blocks inside the range; partial blocks keep their data."""
+        self._just_read = None
         self._check_writable()
         check_range(self, offset, length)
         if length:
@@ -103,6 +118,7 @@ class PoolExport:
 
     def write_zeroes(self, offset: int, length: int, may_trim: bool) -> None:
         """Make the range read as zeroes (see the module docstring for what gets unmapped)."""
+        self._just_read = None
         self._check_writable()
         check_range(self, offset, length)
         if not length:
@@ -124,10 +140,21 @@ class PoolExport:
     def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
         """``(length, flags)`` runs from the range's start: mapped blocks 0, unmapped ``HOLE|ZERO``.
 
-        At most :data:`MAX_EXTENTS_SPAN` bytes are described (the server handles a shorter answer)."""
+        At most :data:`MAX_EXTENTS_SPAN` bytes are described (the server handles a shorter answer).
+
+        Small reads: the server asks for the extents of every structured READ right after ``pread`` to
+        send holes as hole chunks.  For a READ of at most one block that saves nothing on the wire and
+        the allocation query would cost more than the read itself, so a call for exactly the range just
+        read (at most ``block_size`` bytes) answers "allocated" without a lookup -- always a valid answer
+        in ``base:allocation`` (a clear HOLE bit means "allocated or unknown"), and the bytes sent are
+        the volume's real bytes either way.  Every other call looks the mapping up.
+        """
         check_range(self, offset, length)
+        just_read, self._just_read = self._just_read, None
         if not length:
             return []
+        if just_read == (offset, length) and length <= self.block_size:
+            return [(length, MAPPED)]
         ranges = self._thin().mapped_ranges(offset, min(length, MAX_EXTENTS_SPAN))
         return [(n, MAPPED if mapped else UNMAPPED) for _off, n, mapped in ranges]
 

@@ -1,0 +1,259 @@
+"""I7 (issue 7): fio over NBD -- `thinpool serve` vs `qemu-nbd` + qcow2 (64 KiB clusters) vs `nbdkit file`.
+
+    python -m perf.nbd [--full] [--docs]     (also run by `python -m perf --only I7`)
+
+fio's nbd engine (libnbd) drives 4 KiB random reads and random writes at iodepth 1 and 16 against three
+servers listening on unix sockets in the same scratch directory, all started once and measured in
+interleaved, rotated repeats (medians):
+
+* ``thinpool serve`` on a pool with 64 KiB blocks, one volume;
+* ``qemu-nbd -f qcow2`` (cache=writeback, aio=threads: its defaults) on a qcow2 image with 64 KiB clusters;
+* ``nbdkit file`` (C, the raw file; an upper bound).
+
+Each target is filled over the tested region first (sequential 1 MiB writes through its own server), so
+reads return real data and writes are overwrites of provisioned blocks/clusters on every side.  The
+ratio is thinpool IOPS / qemu-nbd IOPS; the target is >= 1.0 at both depths.  ``--docs`` rewrites the
+issue-7 section of docs/performance.md (between its markers), nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+from .common import MiB, Row, Scratch, find_tool, interleave, log, machine, med, missing_msg, tool_version
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TITLE = "fio over NBD: thinpool serve vs qemu-nbd+qcow2 vs nbdkit file"
+SECTION_BEGIN = "<!-- issue-7 nbd: begin (written by `python -m perf.nbd --docs`) -->"
+SECTION_END = "<!-- issue-7 nbd: end -->"
+WORKLOADS = [("randread", 1), ("randread", 16), ("randwrite", 1), ("randwrite", 16)]
+SIDES = ("thinpool", "qemu-nbd", "nbdkit")
+
+
+# ----------------------------------------------------------------------------- servers
+def _wait_socket(path: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+            raise RuntimeError(f"server exited with {proc.returncode}: {err[-500:]}")
+        if os.path.exists(path):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(path)
+                return
+            except OSError:
+                pass
+            finally:
+                s.close()
+        time.sleep(0.05)
+    raise RuntimeError(f"server socket {path} did not come up in {timeout} s")
+
+
+class Server:
+    """A server subprocess listening on a unix socket, serving one export."""
+
+    def __init__(self, name: str, cmd: list[str], sock: str, export: str) -> None:
+        self.name = name
+        self.sock = sock
+        self.uri = f"nbd+unix:///{export}?socket={sock}"
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            _wait_socket(sock, self.proc)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stderr:
+            self.proc.stderr.close()
+
+
+def fio(uri: str, rw: str, iodepth: int, size: int, runtime: float, *, bs: str = "4k",
+        cwd: str | None = None, extra: list[str] | None = None) -> dict[str, Any]:
+    """One fio run with the nbd engine; returns the job's JSON (raises on failure)."""
+    cmd = [find_tool("fio") or "fio", "--name=nbd", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}",
+           f"--size={size}", f"--iodepth={iodepth}", "--output-format=json", "--randrepeat=0"]
+    if runtime:
+        cmd += [f"--runtime={runtime}", "--time_based"]
+    cmd += extra or []
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=max(120, 10 * runtime))
+    if r.returncode != 0:
+        raise RuntimeError(f"fio {rw} qd{iodepth} on {uri} failed: {(r.stderr or r.stdout)[-500:]}")
+    out = r.stdout
+    (job,) = json.loads(out[out.index("{"):])["jobs"]
+    if job.get("error"):
+        raise RuntimeError(f"fio {rw} qd{iodepth} on {uri}: error {job['error']}")
+    return job
+
+
+def iops(job: dict[str, Any], rw: str) -> float:
+    return float(job["read" if "read" in rw else "write"]["iops"])
+
+
+def start_servers(sc: Scratch, size: int) -> dict[str, Server]:
+    """Create the three targets of ``size`` bytes and start their servers (missing peers are skipped)."""
+    from thinpool import Pool
+    servers: dict[str, Server] = {}
+    try:
+        pool_dir = sc.path("nbd-pool")
+        with Pool.create(pool_dir, data_size=size + 64 * MiB, block_size="64KiB") as p:
+            p.create_thin("vol", size)
+        tsock = os.path.join(sc.dir, "t.sock")
+        servers["thinpool"] = Server("thinpool", [sys.executable, "-m", "thinpool", "serve", pool_dir,
+                                                  "--socket", tsock], tsock, "vol")
+        if find_tool("qemu-nbd") and find_tool("qemu-img"):
+            img = sc.path("nbd.qcow2")
+            subprocess.run([find_tool("qemu-img") or "qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", img,
+                            str(size)], check=True)
+            qsock = os.path.join(sc.dir, "q.sock")
+            servers["qemu-nbd"] = Server("qemu-nbd", [find_tool("qemu-nbd") or "qemu-nbd", "-f", "qcow2", "-k", qsock, "-x", "vol",
+                                                      "-t", "--cache=writeback", img], qsock, "vol")
+        if find_tool("nbdkit"):
+            raw = sc.path("nbd.raw")
+            with open(raw, "wb") as f:
+                f.truncate(size)
+            ksock = os.path.join(sc.dir, "k.sock")
+            servers["nbdkit"] = Server("nbdkit", [find_tool("nbdkit") or "nbdkit", "-f", "-U", ksock, "-e", "vol", "file", raw],
+                                       ksock, "vol")
+        for s in servers.values():  # provision the tested region on every side
+            fio(s.uri, "write", 4, size, 0, bs="1M", cwd=sc.dir)
+    except BaseException:
+        for s in servers.values():
+            s.stop()
+        raise
+    return servers
+
+
+# ----------------------------------------------------------------------------- the measurement
+def measure(sc: Scratch, full: bool) -> dict[str, Any]:
+    size = (512 if full else 256) * MiB
+    runtime = 5 if full else 2
+    reps = 5 if full else 3
+    servers = start_servers(sc, size)
+    results: dict[str, dict[str, list[float]]] = {}
+    lat: dict[str, dict[str, list[float]]] = {}
+    try:
+        for rw, qd in WORKLOADS:
+            key = f"{rw}-qd{qd}"
+            log(f"perf.nbd: {key} ...")
+            lat[key] = {n: [] for n in servers}
+
+            def side(s: Server, rw: str = rw, qd: int = qd, key: str = key):
+                def run(_r: int) -> float:
+                    job = fio(s.uri, rw, qd, size, runtime, cwd=sc.dir)
+                    part = job["read" if "read" in rw else "write"]
+                    lat[key][s.name].append(part["clat_ns"]["mean"] / 1000)
+                    return iops(job, rw)
+                return run
+            results[key] = interleave({n: side(s) for n, s in servers.items()}, reps)
+    finally:
+        for s in servers.values():
+            s.stop()
+    return {"size": size, "runtime_s": runtime, "repeats": reps, "sides": list(servers), "iops": results,
+            "clat_us": lat}
+
+
+def rows_from(d: dict[str, Any]) -> list[Row]:
+    rows = []
+    for i, (rw, qd) in enumerate(WORKLOADS):
+        key = f"{rw}-qd{qd}"
+        m = {n: med(v) for n, v in d["iops"][key].items()}
+        lat = {n: med(v) for n, v in d["clat_us"][key].items()}
+        values = {f"{n}_iops": m[n] for n in SIDES if n in m}
+        values.update({f"{n}_clat_us": lat[n] for n in SIDES if n in lat})
+        title = f"fio nbd 4 KiB {rw} iodepth {qd}: thinpool serve / qemu-nbd+qcow2"
+        if "qemu-nbd" not in m:
+            rows.append(Row(f"I7{'abcd'[i]}", title, values, None, ">= 1.0", "missing", note=missing_msg("qemu-nbd")))
+            continue
+        note = f"vs nbdkit file {m['thinpool'] / m['nbdkit']:.2f}x" if "nbdkit" in m else missing_msg("nbdkit")
+        rows.append(Row(f"I7{'abcd'[i]}", title, values, m["thinpool"] / m["qemu-nbd"], ">= 1.0", note=note).judge())
+    return rows
+
+
+def run(sc: Scratch, full: bool) -> tuple[list[Row], dict[str, Any]]:
+    """The perf suite's hook (perf/run.py step I7)."""
+    if not find_tool("fio"):
+        return [Row("I7", TITLE, {}, None, ">= 1.0", "missing", note=missing_msg("fio"))], {}
+    d = measure(sc, full)
+    return rows_from(d), d
+
+
+# ----------------------------------------------------------------------------- docs section
+def table_md(rows: list[Row], d: dict[str, Any]) -> str:
+    out = ["| workload | thinpool serve IOPS | qemu-nbd + qcow2 IOPS | nbdkit file IOPS | thinpool / qemu-nbd "
+           "| thinpool / nbdkit | target | status |", "|---|---|---|---|---|---|---|---|"]
+    for r, (rw, qd) in zip(rows, WORKLOADS):
+        v = r.values
+        ratio_k = (f"{v['thinpool_iops'] / v['nbdkit_iops']:.2f}" if "nbdkit_iops" in v else "-")
+        status = f"**{r.status}**" if r.status == "short" else r.status
+        out.append(f"| 4 KiB {rw}, iodepth {qd} | {v.get('thinpool_iops', 0):,.0f} "
+                   f"({v.get('thinpool_clat_us', 0):.0f} us) | {v.get('qemu-nbd_iops', 0):,.0f} "
+                   f"({v.get('qemu-nbd_clat_us', 0):.0f} us) | {v.get('nbdkit_iops', 0):,.0f} "
+                   f"({v.get('nbdkit_clat_us', 0):.0f} us) | "
+                   f"{(f'{r.ratio:.2f}' if r.ratio is not None else '-')} | {ratio_k} | {r.target} | {status} |")
+    return "\n".join(out)
+
+
+def write_section(path: str, body: str) -> None:
+    """Replace (or append) the text between this module's markers in ``path``; nothing else changes."""
+    text = open(path).read() if os.path.exists(path) else ""
+    block = f"{SECTION_BEGIN}\n{body.rstrip()}\n{SECTION_END}\n"
+    if SECTION_BEGIN in text and SECTION_END in text:
+        a = text.index(SECTION_BEGIN)
+        b = text.index(SECTION_END) + len(SECTION_END)
+        text = text[:a] + block.rstrip("\n") + text[b:]
+    else:
+        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + block
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m perf.nbd", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--full", action="store_true", help="512 MiB region, 5 s runs, 5 repeats (quick: 256 MiB, 2 s, 3)")
+    ap.add_argument("--docs", action="store_true", help="rewrite the issue-7 section of docs/performance.md")
+    ap.add_argument("--json", help="also write the raw figures to this file")
+    a = ap.parse_args(argv)
+    m = machine()
+    with Scratch() as sc:
+        rows, d = run(sc, a.full)
+    for r in rows:
+        print(r.line(), flush=True)
+    if d:
+        print()
+        print(table_md(rows, d))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"machine": m, "rows": [r.as_dict() for r in rows], "detail": d}, f, indent=1)
+    if a.docs and d:
+        versions = "; ".join(f"{t}: {tool_version(t)}" for t in ("fio", "qemu-nbd", "nbdkit"))
+        body = (f"## fio over NBD (issue 7, `python -m perf.nbd{' --full' if a.full else ''}`)\n\n"
+                f"Measured {time.strftime('%Y-%m-%d')} on {m['cpu']} ({m['cores']} cores), kernel {m['kernel']}, "
+                f"Python {m['python']}; {versions}.  fio's nbd engine (libnbd) over unix sockets, "
+                f"{d['size'] // MiB} MiB region provisioned first on every side, {d['runtime_s']} s per run, "
+                f"{d['repeats']} interleaved repeats (medians; mean completion latency in brackets).  "
+                f"Ratio = thinpool / qemu-nbd; target >= 1.0.\n\n" + table_md(rows, d) + "\n")
+        write_section(os.path.join(REPO, "docs", "performance.md"), body)
+        print("docs: docs/performance.md (issue-7 section)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
