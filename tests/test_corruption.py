@@ -334,9 +334,6 @@ def test_nothing_salvageable():
         shutil.rmtree(d)
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug (reported to the engine owner in notes/requests.txt): when the "
-                   "newest commit is unreadable, open silently falls back to the previous commit although the "
-                   "data blocks the newest commit freed were already hole-punched/reusable")
 def test_fallback_after_bit_rot_must_not_return_freed_blocks(tmp_path):
     path = str(tmp_path / "p")
     pool = Pool.create(path, data_size=8 * BS, block_size=BS)

@@ -136,14 +136,18 @@ class DataDevice:
             pos = stop
         return np.concatenate(out) if out else np.zeros(0, np.int64)
 
-    def scrub(self, data_rc: np.ndarray) -> int:
+    def scrub(self, data_rc: np.ndarray, keep: np.ndarray | None = None) -> int:
         """After a crash: punch blocks that are free in the metadata but hold data on disk (written
-        after the last commit, or freed by it before the punch ran).  Returns blocks punched."""
+        after the last commit, or freed by an earlier one before the punch ran), except ``keep``
+        (blocks the previous commit still maps).  Returns blocks punched."""
         held = self.allocated_blocks()
         if len(held) == 0:
             return 0
         held = held[held < len(data_rc)]
-        stale = held[data_rc[held] == 0]
+        free = data_rc[held] == 0
+        if keep is not None and len(keep):
+            free &= ~np.isin(held, keep)
+        stale = held[free]
         self.punch(stale)
         return len(stale)
 

@@ -180,7 +180,8 @@ class Pool:
             hdr = self.store.header
             data_path = hdr.get("data_file") or os.path.join(self.path, self.DATA)
             self.data = DataDevice(data_path, self.block_size, self.space.nr_blocks, read_only=read_only)
-            self.scrubbed_blocks = 0 if read_only or not _scrub else self.data.scrub(self.space.data_rc)
+            self.scrubbed_blocks = 0 if read_only or not _scrub else \
+                self.data.scrub(self.space.data_rc, keep=self.space.pending)
         except BaseException:
             self._release_lock()
             raise
@@ -301,6 +302,9 @@ class Pool:
         except ValueError:
             raise MetadataCorrupt(f"pool {self.path}: catalog is not valid JSON", structure="catalog") from None
         self.catalog_dirty = False
+        if header.get("pending_blocks") and "pending" in arrays:
+            self.space.set_pending(arrays["pending"].view(np.uint64)[: header["pending_blocks"]].astype(np.int64))
+            self.space.recount()
         self._by_name: dict[str, int] = {n: v["slot"] for n, v in self.catalog["volumes"].items()}
         self._by_dev_id: dict[int, str] = {v["dev_id"]: n for n, v in self.catalog["volumes"].items()}
 
@@ -596,6 +600,10 @@ class Pool:
             return
         freed = self.space.freed_blocks()
         arrays = self._paged()
+        if len(freed) or len(self.space.pending):
+            arrays["pending"] = PagedArray(_pad(freed.astype(np.uint64).tobytes()),
+                                           np.arange(max(1, _round_up(len(freed) * 8, BLOCK) // BLOCK)))
+            self.header["pending_blocks"] = len(freed)
         self.header.update(time=self.time, cursor=int(self.st[K.ST_CURSOR]), nr_data_blocks=self.space.nr_blocks)
         self.data.sync()
         try:
@@ -612,8 +620,10 @@ class Pool:
         self.space.rc_dirty[:] = 0
         self.devs_dirty.clear()
         self.catalog_dirty = False
-        self.space.release(freed)
-        self.data.punch(freed)
+        released = self.space.pending  # freed by the previous commit: no superblock maps them any more
+        self.space.release(released)
+        self.space.set_pending(freed)
+        self.data.punch(released)
         if self.mode == "out-of-data-space" and self.st[K.ST_NR_ALLOCATABLE] > 0:
             self.mode = "write"
 
@@ -624,7 +634,7 @@ class Pool:
         self._load()
         self.data.resize(self.space.nr_blocks) if self.data.nr_blocks != self.space.nr_blocks else None
         if not self.read_only:
-            self.data.scrub(self.space.data_rc)
+            self.data.scrub(self.space.data_rc, keep=self.space.pending)
 
     def _abort_to_read_only(self, reason: str) -> None:
         self._load()

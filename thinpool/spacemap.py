@@ -1,8 +1,11 @@
 """The data space map: one reference count per data block, and the allocator's bookkeeping.
 
 ``data_rc[b]`` counts the distinct leaves that map block ``b`` (dm-thin's rule).  A block whose
-count drops to zero is marked in ``freed_txn`` and is not allocatable until the next commit
-(reference §1.11), so a crash can never expose a block the last commit still maps.
+count drops to zero is marked in ``freed_txn`` (1) and is not allocatable in this transaction
+(reference §1.11), so a crash can never expose a block the last commit still maps.  One step
+stricter than the kernel, the commit that frees it keeps it reserved (2, "pending") until the
+*next* commit is durable: the previous commit -- the one a damaged newest superblock falls back
+to -- still maps it, so it must be neither punched nor reused before then.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ class DataSpaceMap:
                 self.data_rc[:n] = data_rc[:n]
         self.freed_txn = np.zeros(cap, np.uint8)
         self.rc_dirty = np.zeros(cap >> K.RC_PAGE_BITS, np.uint8)
+        self.pending = np.zeros(0, np.int64)  # freed by the last commit, released by the next
         st[K.ST_NR_BLOCKS] = nr_blocks
         self.recount()
 
@@ -55,7 +59,12 @@ class DataSpaceMap:
             return np.zeros(0, np.int64)
         per = 1 << K.RC_PAGE_BITS
         idx = (pages[:, None] * per + np.arange(per)[None, :]).reshape(-1)
-        return idx[self.freed_txn[idx] != 0]
+        return idx[self.freed_txn[idx] == 1]
+
+    def set_pending(self, blocks: np.ndarray) -> None:
+        """Blocks freed by the commit just made: reserved until the next commit is durable."""
+        self.pending = np.asarray(blocks, np.int64)
+        self.freed_txn[self.pending] = 2
 
     def release(self, freed: np.ndarray) -> None:
         """After a commit: blocks freed in the committed transaction become allocatable."""

@@ -189,7 +189,11 @@ class Thin:
                         break
                     if code == L.NO_SPACE:
                         if need <= st[L.ST_NR_FREE]:
-                            pool.commit()  # blocks freed in this transaction become allocatable (as dm-thin)
+                            # blocks freed earlier become allocatable once the commits that free them
+                            # are durable (dm-thin commits when allocation finds no free block)
+                            pool.commit()
+                            if need > st[L.ST_NR_ALLOCATABLE]:
+                                pool.commit()
                             if need <= st[L.ST_NR_ALLOCATABLE]:
                                 continue
                         pool.mode = "out-of-data-space"
