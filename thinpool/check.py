@@ -25,6 +25,8 @@ class CheckReport:
     """Outcome of :func:`check_pool`: ``ok`` and the list of problems found (empty when ok)."""
 
     errors: list[str] = field(default_factory=list)
+    #: non-fatal findings (e.g. the newest commit was unreadable and the previous one was used)
+    warnings: list[str] = field(default_factory=list)
     devices: int = 0
     mappings: int = 0
     data_blocks_used: int = 0
@@ -34,7 +36,7 @@ class CheckReport:
         return not self.errors
 
     def as_dict(self) -> dict:
-        return {"ok": self.ok, "errors": self.errors, "devices": self.devices, "mappings": self.mappings,
+        return {"ok": self.ok, "errors": self.errors, "warnings": self.warnings, "devices": self.devices, "mappings": self.mappings,
                 "data_blocks_used": self.data_blocks_used}
 
 
@@ -50,6 +52,8 @@ def _compare(errors: list[str], what: str, expected: np.ndarray, actual: np.ndar
 def check_pool(pool) -> CheckReport:
     """Check the in-memory state of an open pool (call after open to check what is on disk)."""
     rep = CheckReport()
+    if getattr(pool, "recovered_from", None):
+        rep.warnings.append(f"the newest commit could not be read and the previous one was used: {pool.recovered_from}")
     bm, sp, st = pool.nodes_map, pool.space, pool.st
     used = (pool.devs["flags"] & 1) != 0
     devs = pool.devs[used]

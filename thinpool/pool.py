@@ -283,6 +283,7 @@ class Pool:
             self.mode = "out-of-data-space"
 
     def _install(self, arrays: dict[str, np.ndarray], header: dict[str, Any]) -> None:
+        self.recovered_from = header.get("recovered_from")
         self.header = {k: v for k, v in header.items()
                        if k not in ("directory", "directory_bytes", "pages", "held", "recovered_from")}
         st = np.zeros(K.ST_SIZE, np.int64)

@@ -365,10 +365,11 @@ def op_check(pool: Any) -> dict[str, Any]:
 
 def render_check(r: dict[str, Any]) -> str:
     """Check report text: the problems, one per line, or a one-line summary when clean."""
+    notes = [f"warning: {w}" for w in r.get("warnings", [])]
     if r["ok"]:
-        return (f"ok: {r['devices']} devices, {r['mappings']} mappings, "
-                f"{r['data_blocks_used']} data blocks in use")
-    return "\n".join(r["errors"])
+        return "\n".join(notes + [f"ok: {r['devices']} devices, {r['mappings']} mappings, "
+                                  f"{r['data_blocks_used']} data blocks in use"])
+    return "\n".join(notes + r["errors"])
 
 
 register_op("check", op_check, write=False, render=render_check)
