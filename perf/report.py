@@ -49,6 +49,11 @@ def write_docs(result: dict, docs: str) -> None:
                  "S1/S2 first writes/overwrites, S3 CoW after snapshot, S4 snapshot depth, S5 snapshot creation vs "
                  "mapped size, S6 commit/delete cost, S7 JIT vs Python, S8 CLI latency, S9 scale, I4 dump vs "
                  "thin_dump, I7 fio over NBD.\n\n" + _table(secs["suite"]) + "\n")
+    full = result.get("latest_full_scale")
+    if full:
+        text += (f"\n### Scale rows from the latest `--full` run ({full['date']})\n\n"
+                 "Quick mode builds the S9 pool with 200 mappings per volume (2,000,000); `--full` uses 1,000 "
+                 "(10,000,000, the issue's size).\n\n" + _table(full["rows"]) + "\n")
     plots = _plots(result, docs)
     if plots:
         text += "\n## Plots\n\n" + "\n".join(f"![{t}]({os.path.basename(p)})" for t, p in plots) + "\n"
