@@ -394,3 +394,26 @@ def test_data_file_layout_is_a_dm_thin_data_device(pool):
     with open(os.path.join(pool.path, "data"), "rb") as f:
         f.seek(int(db) * BS)
         assert f.read(BS) == b"Z" * BS
+
+
+def test_pending_release_list_never_outlives_its_commit(tmp_path):
+    """Regression: a commit that frees nothing must clear the persisted pending list, or a reopen
+    would re-reserve (and later punch) a block that has since been reused."""
+    path = tmp_path / "p"
+    p = Pool.create(path, data_size=2 * BS)
+    p.create_thin("a", 4 * BS).write(0, b"A" * BS)  # block 0
+    p.commit()
+    p.delete("a")
+    p.commit()   # block 0 pending
+    p.commit()   # block 0 released
+    b = p.create_thin("b", 4 * BS)
+    b.write(0, b"B" * (2 * BS))  # blocks 1 and 0
+    assert sorted(b.mappings()[1].tolist()) == [0, 1]
+    p.commit()   # frees nothing
+    p.close()
+    p = Pool.open(path)
+    p.commit()
+    p.commit()
+    assert p.thin("b").read(0, 2 * BS) == b"B" * (2 * BS)
+    assert p.check().ok
+    p.close()

@@ -304,7 +304,9 @@ class Pool:
             raise MetadataCorrupt(f"pool {self.path}: catalog is not valid JSON", structure="catalog") from None
         self.catalog_dirty = False
         if header.get("pending_blocks") and "pending" in arrays:
-            self.space.set_pending(arrays["pending"].view(np.uint64)[: header["pending_blocks"]].astype(np.int64))
+            pending = arrays["pending"].view(np.uint64)[: header["pending_blocks"]].astype(np.int64)
+            pending = pending[pending < self.space.nr_blocks]
+            self.space.set_pending(pending[self.space.data_rc[pending] == 0])  # never a block in use
             self.space.recount()
         self._by_name: dict[str, int] = {n: v["slot"] for n, v in self.catalog["volumes"].items()}
         self._by_dev_id: dict[int, str] = {v["dev_id"]: n for n, v in self.catalog["volumes"].items()}
@@ -604,7 +606,7 @@ class Pool:
         if len(freed) or len(self.space.pending):
             arrays["pending"] = PagedArray(_pad(freed.astype(np.uint64).tobytes()),
                                            np.arange(max(1, _round_up(len(freed) * 8, BLOCK) // BLOCK)))
-            self.header["pending_blocks"] = len(freed)
+        self.header["pending_blocks"] = len(freed)  # always: a stale count would resurrect an old list
         self.header.update(time=self.time, cursor=int(self.st[K.ST_CURSOR]), nr_data_blocks=self.space.nr_blocks)
         self.data.sync()
         try:
@@ -622,6 +624,7 @@ class Pool:
         self.devs_dirty.clear()
         self.catalog_dirty = False
         released = self.space.pending  # freed by the previous commit: no superblock maps them any more
+        released = released[self.space.data_rc[released] == 0]
         self.space.release(released)
         self.space.set_pending(freed)
         self.data.punch(released)
