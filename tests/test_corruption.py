@@ -10,10 +10,10 @@ metadata blocks the newest and the previous commit use:
 * damage in blocks both use -> MetadataCorrupt whose ``structure``/``block`` (and message) name the
   damaged structure and block.
 
-The fixture's last transaction frees no data block, so the previous commit's data is intact on
-disk when it is recovered.  (When the newest commit *did* free blocks, falling back to the previous
-commit exposes them: see ``test_fallback_after_bit_rot_must_not_return_freed_blocks``, an open
-engine bug.)  ``thinpool check`` reports MetadataCorrupt with exit status 1; ``thinpool repair`` /
+The fixture's last transaction frees data blocks (a delete, a discard, copy-on-write of a
+snapshot's only reference), so recovering the previous commit is exact only because blocks a
+commit frees stay reserved until the next commit (reliability bug R1, fixed; see also
+``test_fallback_after_bit_rot_must_not_return_freed_blocks``).  ``thinpool check`` reports MetadataCorrupt with exit status 1; ``thinpool repair`` /
 :func:`thinpool.repair.repair` salvages into a pool that passes ``check()`` and whose every
 salvaged byte is the committed byte.  Counts go to ``.reliability/corruption.json``.
 """
@@ -65,11 +65,18 @@ def build(path: str) -> tuple[dict, dict]:
     pool.thin("base").discard(5 * BS, BS)
     pool.put_records("snapshots/default", {"snapshots": {"k": {"id": 1}}, "next_id": 2})
     pool.commit()
-    prev = state_of(pool)
-    # the newest transaction frees nothing: a new volume, a snapshot, CoW writes into fresh blocks
+    # the newest transaction also frees blocks the previous commit maps
     pool.create_thin("new", 2 * BS + 512).write(100, rng.randbytes(BS))
     pool.snapshot("s2", "s3")
     pool.thin("s3").write(0, rng.randbytes(700))
+    pool.create_thin("doomed", 2 * BS).write(0, rng.randbytes(2 * BS))
+    pool.commit()
+    prev = state_of(pool)
+    pool.delete("doomed")
+    pool.thin("base").discard(0, BS)
+    pool.snapshot("new", "s4")
+    pool.delete("new")                                 # s4 keeps the blocks
+    pool.thin("s4").write(0, rng.randbytes(2 * BS))    # CoW of s4's now-exclusive blocks frees them
     pool.commit()
     last = state_of(pool)
     pool.close(commit=False)
