@@ -115,6 +115,8 @@ class PoolMachine(RuleBasedStateMachine):
         self.dblock_of: dict[int, int] = {}   # token -> data block (fixed for the token's lifetime)
         self.commit_events: list[str] = []
         self.snap_model: dict[str, dict] = {}    # snapshotter key -> {"kind", "parent", "volume"}
+        self.txid = 0
+        self.held: dict[int, list] | None = None  # held metadata snapshot: dev_id -> [(vb, dblock)]
 
     # ------------------------------------------------------------------ model helpers
     def _new_tok(self) -> int:
@@ -134,6 +136,7 @@ class PoolMachine(RuleBasedStateMachine):
         """The current model state is now the durable one (explicit or implicit commit)."""
         self.committed = {n: v.copy() for n, v in self.vols.items()}
         self.committed_nr = self.nr_blocks
+        self.committed_txid = self.txid
         refs = self._refcounts()
         self.owner: dict[int, tuple[int, int]] = {}
         self.candidates: dict[int, list[bytes]] = {}
@@ -372,11 +375,18 @@ class PoolMachine(RuleBasedStateMachine):
         STATS["discard"] += 1
 
     # ------------------------------------------------------------------ rules: transactions
-    @rule(op=st.sampled_from(["commit", "commit", "reopen", "crash", "crash", "abort", "resize", "shrink"]),
+    @rule(op=st.sampled_from(["commit", "commit", "reopen", "crash", "crash", "abort", "resize", "shrink",
+                              "txid", "txid_mismatch"]),
           extra=st.integers(1, 6))
     def lifecycle(self, op: str, extra: int) -> None:
         if op == "commit":
             self.commit()
+        elif op == "txid":
+            self.pool.set_transaction_id(self.txid, self.txid + extra)
+            self.txid += extra
+        elif op == "txid_mismatch":
+            with pytest.raises(InvalidArgument, match="mismatched"):
+                self.pool.set_transaction_id(self.txid + extra, 0)
         elif op == "reopen":
             self.close_reopen()
         elif op in ("crash", "abort"):
@@ -408,6 +418,7 @@ class PoolMachine(RuleBasedStateMachine):
         self.vols = {n: v.copy() for n, v in self.committed.items()}
         self.nr_blocks = self.committed_nr
         self.snap_model = json.loads(json.dumps(self.committed_snap))
+        self.txid = self.committed_txid
         # blocks overwritten in place since the commit: any version written to them is allowed
         for name, v in self.vols.items():
             for vb, t in v.tok.items():
@@ -443,6 +454,43 @@ class PoolMachine(RuleBasedStateMachine):
     def shrink_refused(self) -> None:
         with pytest.raises(InvalidArgument, match="shrink"):
             self.pool.resize((self.nr_blocks - 1) * BS)
+
+    @precondition(lambda self: any(n in NAMES for n in self.vols))
+    @rule(data=st.data(), new=st.sampled_from(NAMES))
+    def rename(self, data, new: str) -> None:
+        old = data.draw(st.sampled_from(sorted(n for n in self.vols if n in NAMES)), label="old")
+        if new in self.vols:
+            with pytest.raises(AlreadyExists, match=new):
+                self.pool.rename(old, new)
+            return
+        self.pool.rename(old, new)
+        self.vols[new] = self.vols.pop(old)
+        STATS["rename"] += 1
+
+    @rule(op=st.sampled_from(["reserve", "release"]))
+    def metadata_snap(self, op: str) -> None:
+        """dm-thin's reserve/release_metadata_snap: the held view's mappings never change."""
+        self.commit_events.clear()
+        if op == "reserve":
+            if self.held is not None:
+                with pytest.raises(AlreadyExists):
+                    self.pool.reserve_metadata_snap()
+                return
+            self.pool.reserve_metadata_snap()
+            held = {}
+            for t in self.pool.thins():
+                vbs, dbs, _ = t.mappings()
+                held[t.dev_id] = list(zip(vbs.tolist(), dbs.tolist()))
+            self.held = held
+        else:
+            if self.held is None:
+                with pytest.raises(InvalidArgument, match="metadata snapshot"):
+                    self.pool.release_metadata_snap()
+                return
+            self.pool.release_metadata_snap()
+            self.held = None
+        self._mark_committed()
+        STATS[f"metadata_snap_{op}"] += 1
 
     # ------------------------------------------------------------------ rules: the snapshotter
     def _sn(self):
@@ -564,6 +612,12 @@ class PoolMachine(RuleBasedStateMachine):
         assert s.nr_thins == len(self.vols)
         rep = pool.check()
         assert rep.ok, rep.errors
+        assert pool.transaction_id == self.txid
+        assert (s.held_root is not None) == (self.held is not None)
+        if self.held is not None:
+            md = pool.to_metadata(held=True)
+            got = {d.dev_id: list(zip(d.vblocks.tolist(), d.dblocks.tolist())) for d in md.devices}
+            assert got == self.held, "the held metadata snapshot changed"
         if Snapshotter is not None:
             sn = self._sn()
             assert sn.check() == []
