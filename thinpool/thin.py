@@ -18,10 +18,16 @@ from .layout import (DEV_CREATION_TIME, DEV_FLAGS, DEV_ID, DEV_MAPPED, DEV_ROOT,
 _ZERO1 = np.zeros(1, np.int64)
 
 
+_KERNELS = None
+
+
 def _k():
     """The JIT kernels, imported on first I/O (handles and metadata operations don't need numba)."""
-    from . import kernels
-    return kernels
+    global _KERNELS
+    if _KERNELS is None:
+        from . import kernels
+        _KERNELS = kernels
+    return _KERNELS
 
 
 class DataDeviceError(ThinpoolError, OSError):
@@ -139,12 +145,27 @@ class Thin:
         if type(offset) is not int and (isinstance(offset, bool) or not isinstance(offset, (int, np.integer))):
             raise InvalidArgument(f"volume {self.name!r}: offset must be an integer, got {offset!r}")
         pool = self.pool
+        n = len(buf)
         with pool._lock:
             one = pool._one_io  # preallocated [offset, length] scratch, used under the lock
             one[0, 0] = offset if 0 <= offset < 1 << 62 else -1
-            one[1, 0] = len(buf)
+            one[1, 0] = n
+            slot = pool._by_name.get(self.name)
+            if slot is not None and pool.mode == "write" and not pool.read_only and not pool._closed:
+                row = pool.devs_i[slot]
+                if 0 <= offset and offset + n <= row[L.DEV_SIZE] and not row[L.DEV_FLAGS] & 2:
+                    # fast path: one kernel call; anything unusual falls through to _submit
+                    space = pool.space
+                    code, _, need = (_KERNELS or _k()).write_batch(
+                        pool.nodes_map.nodes, space.data_rc, space.freed_txn, space.rc_dirty, pool.st, row,
+                        pool.data.fd, pool.data.scratch, one[0], one[1], buf, _ZERO1, 0)
+                    if code == L.OK:
+                        pool.devs_dirty.add(slot)
+                        if need:
+                            pool._after_alloc()
+                        return n
             self._submit(one[0], one[1], buf, _ZERO1)
-        return len(buf)
+        return n
 
     def write_many(self, offsets: Sequence[int] | np.ndarray,
                    buffers: np.ndarray | Sequence[bytes]) -> int:
