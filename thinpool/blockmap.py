@@ -86,6 +86,7 @@ class BlockMap:
         return out
 
     def _grow_leaves(self, extra: int) -> None:
+        self.st[K.ST_EPOCH] += 1
         old = len(self.leaf_rc)
         self.leaves = self._extend(self.leaves, extra, K.UNMAPPED)
         self.leaf_rc = self._extend(self.leaf_rc, extra)
@@ -94,6 +95,7 @@ class BlockMap:
         self.leaf_free = self._push(self.leaf_free, K.ST_LEAF_FREE, old, extra)
 
     def _grow_inners(self, extra: int) -> None:
+        self.st[K.ST_EPOCH] += 1
         old = len(self.inner_rc)
         self.inners = self._extend(self.inners, extra, K.NONE)
         self.inner_rc = self._extend(self.inner_rc, extra)

@@ -28,7 +28,8 @@ ST_BLOCK_SIZE = 6    # data block size in bytes
 ST_NR_BLOCKS = 7     # data blocks in the pool
 ST_LEAVES_LIVE = 8   # leaves with count > 0
 ST_INNERS_LIVE = 9   # inner nodes with count > 0
-ST_SIZE = 10
+ST_EPOCH = 10        # bumped whenever an array the kernels use is reallocated (see Pool._kernel_table)
+ST_SIZE = 11
 
 # columns of a device record (the pool's device table viewed as int64[n, 8]); kernels take one row
 DEV_ID = 0

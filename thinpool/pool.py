@@ -166,6 +166,8 @@ class Pool:
         self.on_low_water = on_low_water
         self._lock = threading.RLock()
         self._one_io = np.zeros((2, 1), np.int64)  # Thin.write's [offset], [length] (used under _lock)
+        self._ktab_st: np.ndarray | None = None
+        self._ktab_epoch = -1
         self._lock_fd = -1
         self._closed = True
         md_path = os.path.join(self.path, self.METADATA)
@@ -310,6 +312,19 @@ class Pool:
             self.space.recount()
         self._by_name: dict[str, int] = {n: v["slot"] for n, v in self.catalog["volumes"].items()}
         self._by_dev_id: dict[int, str] = {v["dev_id"]: n for n, v in self.catalog["volumes"].items()}
+
+    def _kernel_table(self) -> np.ndarray:
+        """(address, length) rows of the arrays :func:`kernels.write_one` uses, rebuilt whenever
+        one of them was reallocated (``st[ST_EPOCH]``) or the state was reloaded (a new ``st``)."""
+        st = self.st
+        if self._ktab_st is not st or self._ktab_epoch != st[K.ST_EPOCH]:
+            sp = self.space
+            arrays = self.nodes_map.nodes + (sp.data_rc, sp.freed_txn, sp.rc_dirty, st, self.data.scratch)
+            assert all(a.flags.c_contiguous and a.flags.writeable for a in arrays)
+            self._ktab = np.array([[a.ctypes.data, a.shape[0]] for a in arrays], np.int64)
+            self._ktab_arrays = arrays  # keeps every address in the table valid
+            self._ktab_st, self._ktab_epoch = st, int(st[K.ST_EPOCH])
+        return self._ktab
 
     # ------------------------------------------------------------------ properties
     @property

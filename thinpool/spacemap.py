@@ -74,6 +74,7 @@ class DataSpaceMap:
     def resize(self, nr_blocks: int) -> None:
         """Grow to ``nr_blocks`` (shrinking is not supported, as in dm-thin)."""
         cap = _round_up(nr_blocks, 1 << K.RC_PAGE_BITS)
+        self.st[K.ST_EPOCH] += 1
         if cap > len(self.data_rc):
             extra = cap - len(self.data_rc)
             self.data_rc = np.concatenate([self.data_rc, np.zeros(extra, np.uint32)])

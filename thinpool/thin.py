@@ -155,10 +155,7 @@ class Thin:
                 row = pool.devs_i[slot]
                 if 0 <= offset and offset + n <= row[L.DEV_SIZE] and not row[L.DEV_FLAGS] & 2:
                     # fast path: one kernel call; anything unusual falls through to _submit
-                    space = pool.space
-                    code, _, need = (_KERNELS or _k()).write_batch(
-                        pool.nodes_map.nodes, space.data_rc, space.freed_txn, space.rc_dirty, pool.st, row,
-                        pool.data.fd, pool.data.scratch, one[0], one[1], buf, _ZERO1, 0)
+                    code, need = (_KERNELS or _k()).write_one(pool._kernel_table(), row, buf, pool.data.fd, offset)
                     if code == L.OK:
                         pool.devs_dirty.add(slot)
                         if need:
