@@ -43,6 +43,11 @@ from thinpool.datadev import DataDevice
 from thinpool.errors import MetadataCorrupt
 from thinpool.mdstore import BLOCK, MetadataStore
 
+try:
+    from thinpool.snapshots import Snapshotter
+except ImportError:  # pragma: no cover
+    Snapshotter = None
+
 SOAK = os.environ.get("THINPOOL_SOAK", "") not in ("", "0")
 BS = 64 * 1024
 SECTOR = 512
@@ -108,16 +113,42 @@ class FaultIO:
 
 
 # ---------------------------------------------------------------------------- the workload
-def make_ops(seed: int = 5, n: int = 70) -> list[tuple]:
+def make_ops(seed: int = 5, n: int = 80) -> list[tuple]:
     """A fixed workload over a 40-block pool: enough churn that the allocator wraps and reuses
     blocks freed by earlier commits; never so full that a write commits implicitly."""
     rng = random.Random(seed)
     ops: list[tuple] = []
     sizes: dict[str, int] = {}
     fresh = 0
+    skinds: dict[str, str] = {}        # snapshotter key -> kind ("active" | "committed")
+    sparent: dict[str, str] = {}
     for i in range(n):
         r = rng.random()
         names = sorted(sizes)
+        if Snapshotter is not None and 0.9 < r:    # snapshotter verbs (each commits by itself)
+            active = sorted(k for k, v in skinds.items() if v == "active")
+            committed = sorted(k for k, v in skinds.items() if v == "committed")
+            leaves = sorted(k for k in skinds if k not in sparent.values())
+            q = rng.random()
+            if q < 0.35 or not skinds:
+                fresh += 1
+                parent = rng.choice(committed + [""])
+                skinds[f"k{fresh}"], sparent[f"k{fresh}"] = "active", parent
+                ops.append(("sprepare", f"k{fresh}", parent))
+            elif q < 0.55 and active:
+                key = rng.choice(active)
+                fresh += 1
+                skinds[f"c{fresh}"], sparent[f"c{fresh}"] = "committed", sparent.pop(key)
+                del skinds[key]
+                ops.append(("scommit", f"c{fresh}", key))
+            elif q < 0.7 and leaves:
+                key = rng.choice(leaves)
+                del skinds[key], sparent[key]
+                ops.append(("sremove", key))
+            elif active:
+                ops.append(("swrite", rng.choice(active), rng.randrange(2 * BS), rng.choice([10, BS, BS + 10]),
+                            rng.getrandbits(32)))
+            continue
         if not names or (r < 0.08 and len(names) < 5):
             fresh += 1
             name, size = f"v{fresh}", rng.choice([4 * BS, 3 * BS + SECTOR, 2 * BS])
@@ -161,6 +192,16 @@ def do_op(pool: Pool, op: tuple) -> None:
         pool.thin(op[1]).write(op[2], random.Random(op[4]).randbytes(op[3]))
     elif kind == "commit":
         pool.commit()
+    elif kind == "sprepare":
+        Snapshotter(pool, base_size=2 * BS).prepare(op[1], op[2] or None)
+    elif kind == "scommit":
+        Snapshotter(pool, base_size=2 * BS).commit(op[1], op[2])
+    elif kind == "sremove":
+        Snapshotter(pool, base_size=2 * BS).remove(op[1])
+    elif kind == "swrite":
+        vol = Snapshotter(pool).volume(op[1])
+        off = min(op[2], vol.size - 1)
+        vol.write(off, random.Random(op[4]).randbytes(min(op[3], vol.size - off)))
 
 
 def snapshot_state(pool: Pool) -> dict:
@@ -171,7 +212,16 @@ def snapshot_state(pool: Pool) -> dict:
         vols[t.name] = (t.size, t.read(0, t.size), dict(zip(vbs.tolist(), dbs.tolist())))
     count: Counter = Counter(d for _, _, m in vols.values() for d in m.values())
     excl = {(n, vb): d for n, (_, _, m) in vols.items() for vb, d in m.items() if count[d] == 1}
-    return {"vols": vols, "excl": excl}
+    return {"vols": vols, "excl": excl, "records": _records(pool)}
+
+
+def _records(pool: Pool) -> str:
+    """The pool's stored records without wall-clock timestamps (they differ between runs)."""
+    def strip(x):
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in x.items() if k not in ("created", "updated")}
+        return x
+    return json.dumps(strip(pool.catalog["records"]), sort_keys=True)
 
 
 class Reference:
@@ -190,17 +240,21 @@ class Reference:
             self.commit_events: list[tuple[int, int]] = []   # (first event, last event) of commit c+1
             gen0 = pool.store.generation
             for op in ops:
-                if op[0] == "commit":
-                    first = io.events + 1
-                    pool.commit()
+                first = io.events + 1
+                do_op(pool, op)
+                commits = pool.store.generation - gen0 - len(self.commit_events)
+                assert commits == (1 if op[0] in ("commit", "sprepare", "scommit", "sremove") else 0), \
+                    f"{op[0]} made {commits} commits: the reference cannot see intermediate states"
+                if commits:
                     self.commit_events.append((first, io.events))
                     self.states.append(snapshot_state(pool))
                     self.versions.append({})
-                    continue
-                do_op(pool, op)
-                assert pool.store.generation == gen0 + len(self.commit_events), "implicit commit in the workload"
-                if op[0] == "write":
+                elif op[0] == "write":
                     self._record_in_place(pool, op)
+                elif op[0] == "swrite":
+                    vol = Snapshotter(pool).volume(op[1])
+                    off = min(op[2], vol.size - 1)
+                    self._record_in_place(pool, ("write", vol.name, off, min(op[3], vol.size - off), 0))
             self.total_events = io.events
             self.event_log = list(io.log)
         finally:
@@ -232,6 +286,10 @@ def compare(pool: Pool, ref: Reference, c: int, *, sectors: bool = False) -> lis
     """Problems of the reopened pool against commit ``c`` under the crash model."""
     want = ref.states[c]
     problems = []
+    if _records(pool) != want["records"]:
+        return [f"stored records differ from commit {c}'s"]
+    if Snapshotter is not None and Snapshotter(pool).check():
+        return [f"snapshotter records and volumes disagree: {Snapshotter(pool).check()}"]
     names = sorted(t.name for t in pool.thins())
     if names != sorted(want["vols"]):
         return [f"volumes {names} != commit {c}'s {sorted(want['vols'])}"]
@@ -295,15 +353,14 @@ def _run_until_fault(path: str, ops: list[tuple], io: FaultIO) -> int:
     """Run the workload with ``io`` under the store; returns the number of commits completed."""
     pool = Pool.create(path, data_size=NR_BLOCKS * BS, block_size=BS)
     saved, MetadataStore.io = MetadataStore.io, io
-    done = 0
+    gen0 = pool.store.generation
     try:
         for op in ops:
             do_op(pool, op)
-            if op[0] == "commit":
-                done += 1
     except PowerLoss:
         pass
     finally:
+        done = pool.store.generation - gen0
         MetadataStore.io = saved
         pool.close(commit=False)    # the process is gone: nothing else reaches the disk
     assert io.fired, "the fault never fired"
@@ -357,17 +414,17 @@ def test_data_cache_loss_after_every_op(reference, scratch, monkeypatch, variant
     monkeypatch.setattr(DataDevice, "sync", sync)
     rng = random.Random(7)
     for j in range(1, len(ref.ops)):
-        if ref.ops[j - 1][0] == "commit":
+        if ref.ops[j - 1][0] in ("commit", "sprepare", "scommit", "sremove"):
             continue
         path = os.path.join(scratch, f"data-{variant}-{j}")
         pool = Pool.create(path, data_size=NR_BLOCKS * BS, block_size=BS)
         data_path = pool.data.path
         with open(data_path, "rb") as f:
             images[data_path] = f.read()
-        done = 0
+        gen0 = pool.store.generation
         for op in ref.ops[:j]:
             do_op(pool, op)
-            done += op[0] == "commit"
+        done = pool.store.generation - gen0
         pool.close(commit=False)
         with open(data_path, "r+b") as f:
             now = f.read()
