@@ -127,6 +127,7 @@ class PoolMachine(RuleBasedStateMachine):
         self.commit_events: list[str] = []
         self.snap_model: dict[str, dict] = {}    # snapshotter key -> {"kind", "parent", "volume"}
         self.txid = 0
+        self.handles: dict[str, object] = {}     # Thin handles kept across operations (looked up by name)
         self.held: dict[int, list] | None = None  # held metadata snapshot: dev_id -> [(vb, dblock)]
 
     # ------------------------------------------------------------------ model helpers
@@ -447,6 +448,11 @@ class PoolMachine(RuleBasedStateMachine):
         else:
             self.shrink_refused()
 
+    @rule(how=st.sampled_from(["crash", "crash", "abort"]))
+    def crash_now(self, how: str) -> None:
+        """Crashes are the point of this test: a rule of their own besides ``lifecycle``."""
+        self.crash(how)
+
     def commit(self) -> None:
         self.pool.commit()
         self._mark_committed()
@@ -505,6 +511,28 @@ class PoolMachine(RuleBasedStateMachine):
     def shrink_refused(self) -> None:
         with pytest.raises(InvalidArgument, match="shrink"):
             self.pool.resize((self.nr_blocks - 1) * BS)
+
+    @precondition(lambda self: self.vols)
+    @rule(data=st.data())
+    def old_handle(self, data) -> None:
+        """A Thin handle taken earlier, used after renames, deletes, re-creations, aborts, crashes."""
+        name = data.draw(st.sampled_from(sorted(self.vols)), label="volume")
+        if name not in self.handles or data.draw(st.booleans(), label="refresh"):
+            self.handles[name] = self.pool.thin(name)
+        old = data.draw(st.sampled_from(sorted(self.handles)), label="handle")
+        h = self.handles[old]
+        if h.pool is not self.pool:
+            with pytest.raises(InvalidArgument, match="closed"):
+                h.read(0, 1)
+            del self.handles[old]
+        elif old not in self.vols:
+            with pytest.raises(NotFound, match=old):
+                h.read(0, 1)
+        else:
+            v = self.vols[old]
+            n = min(v.size, 2 * BS)
+            assert h.read(0, n) == v.expected(0, n) and h.size == v.size
+        STATS["old_handle"] += 1
 
     @precondition(lambda self: any(n in NAMES for n in self.vols))
     @rule(data=st.data(), new=st.sampled_from(NAMES))
@@ -701,3 +729,59 @@ def test_model_stateful():
     print(f"\nstateful model test: {STATS['examples']} examples, {STATS['steps_checked']} checked steps, "
           f"{elapsed:.0f}s: {dict(STATS)}")
     assert STATS["examples"] >= MAX_EXAMPLES
+
+
+def test_node_store_growth_against_the_model(tmp_path):
+    """More than 1024 leaves (the node store's growth step) in one write_many batch, then through
+    single writes, then by shadowing them all behind a snapshot; crash and reopen in between.  The
+    kernels keep raw addresses of the node arrays, so every growth must be seen by the next call."""
+    path = str(tmp_path / "pool")
+    n_leaves = 1100
+    pool = Pool.create(path, data_size=4 * n_leaves * BS, block_size=BS)
+    size = (n_leaves * 2 + 1) * 512 * BS
+    a = pool.create_thin("a", size)
+    model: dict[int, bytes] = {}
+    rng = random.Random(3)
+
+    def put(vb: int, off: int, data: bytes) -> None:
+        blk = bytearray(model.get(vb, ZERO))
+        blk[off:off + len(data)] = data
+        model[vb] = bytes(blk)
+
+    def verify(p: Pool, name: str, m: dict[int, bytes]) -> None:
+        t = p.thin(name)
+        assert t.mappings()[0].tolist() == sorted(m)
+        for vb, blk in m.items():
+            assert t.read(vb * BS, BS) == blk, f"{name} block {vb}"
+        assert p.check().ok
+
+    offs, bufs = [], []
+    for i in range(n_leaves):              # one batch: NEED_NODES mid-batch, grow, resume
+        vb, off = i * 512, rng.randrange(BS - 8)
+        data = rng.randbytes(8)
+        offs.append(vb * BS + off)
+        bufs.append(data)
+        put(vb, off, data)
+    a.write_many(offs, bufs)
+    verify(pool, "a", model)
+    for i in range(n_leaves):              # single writes into new leaves: the fast path grows too
+        vb = (n_leaves + i) * 512 + 7
+        data = rng.randbytes(16)
+        a.write(vb * BS + 100, data)
+        put(vb, 100, data)
+    verify(pool, "a", model)
+    pool.commit()
+    pool.snapshot("a", "s")
+    snap_model = dict(model)
+    for vb in sorted(model)[::2]:          # copy-on-write behind the snapshot: shadow ~1100 leaves
+        data = rng.randbytes(32)
+        a.write(vb * BS + 5, data)
+        put(vb, 5, data)
+    verify(pool, "a", model)
+    verify(pool, "s", snap_model)
+    pool.close(commit=False)               # crash: back to the commit before the snapshot
+    pool = Pool.open(path)
+    committed = {vb: blk for vb, blk in snap_model.items()}
+    verify(pool, "a", committed)
+    assert [t.name for t in pool.thins()] == ["a"]
+    pool.close()
