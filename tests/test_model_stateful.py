@@ -427,7 +427,7 @@ class PoolMachine(RuleBasedStateMachine):
         STATS["discard"] += 1
 
     # ------------------------------------------------------------------ rules: transactions
-    @rule(op=st.sampled_from(["commit", "commit", "reopen", "crash", "crash", "abort", "resize", "shrink",
+    @rule(op=st.sampled_from(["commit", "commit", "reopen", "crash", "crash", "crash", "abort", "resize", "shrink",
                               "txid", "txid_mismatch"]),
           extra=st.integers(1, 6))
     def lifecycle(self, op: str, extra: int) -> None:
@@ -447,11 +447,6 @@ class PoolMachine(RuleBasedStateMachine):
             self.resize(extra)
         else:
             self.shrink_refused()
-
-    @rule(how=st.sampled_from(["crash", "crash", "abort"]))
-    def crash_now(self, how: str) -> None:
-        """Crashes are the point of this test: a rule of their own besides ``lifecycle``."""
-        self.crash(how)
 
     def commit(self) -> None:
         self.pool.commit()
