@@ -48,7 +48,7 @@ from thinpool.errors import AlreadyExists, FailedPrecondition, InvalidArgument, 
 
 SOAK = os.environ.get("THINPOOL_SOAK", "") not in ("", "0")
 MAX_EXAMPLES = int(os.environ.get("THINPOOL_STATEFUL_EXAMPLES", 30000 if SOAK else 2000))
-STEPS = int(os.environ.get("THINPOOL_STATEFUL_STEPS", 60 if SOAK else 30))
+STEPS = int(os.environ.get("THINPOOL_STATEFUL_STEPS", 60 if SOAK else 25))
 
 BS = 64 * 1024
 ZERO = bytes(BS)

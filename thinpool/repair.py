@@ -227,7 +227,7 @@ def _choose(r: _Reader, report: RepairReport) -> _Salvage:
     for gen, slot, header in sorted(found, key=lambda x: x[0], reverse=True):
         try:
             return _salvage_state(r, gen, header)
-        except MetadataCorrupt as exc:
+        except (MetadataCorrupt, ValueError, TypeError, KeyError, AttributeError) as exc:
             errors.append(str(exc))
             report.problems.append(f"generation {gen} unusable: {exc}")
     raise MetadataCorrupt(f"{r.path}: cannot repair: no superblock leads to a readable directory "
@@ -402,7 +402,10 @@ def _build(out_dir: str, md: Metadata, names: dict[int, str], attrs: dict[int, t
            records: dict[str, Any], hdr: dict[str, Any], data_file: str | None) -> None:
     from .pool import F_READ_ONLY
     from .interop.pool_ir import pool_from_metadata
-    pool = pool_from_metadata(out_dir, md, names=names)
+    from .pool import default_metadata_blocks
+    md_blocks = max(int(hdr.get("metadata_blocks_hint", 0)),
+                    default_metadata_blocks(md.superblock.nr_data_blocks, max(1000, 2 * len(md.devices))))
+    pool = pool_from_metadata(out_dir, md, names=names, metadata_size=md_blocks * BLOCK)
     try:
         for dev in md.devices:
             slot = pool._slot(names[dev.dev_id])
@@ -446,6 +449,7 @@ def repair(pool_path: str | os.PathLike, out_path: str | os.PathLike | None = No
     lock_fd = _lock(pool_path, exclusive=out_path is None)
     try:
         md, names, attrs, records, hdr = salvage(pool_path, report)
+        hdr = dict(hdr, metadata_blocks_hint=os.path.getsize(os.path.join(pool_path, "metadata")) // BLOCK)
         bs = int(hdr["block_size"])
         data_path = hdr.get("data_file") or os.path.join(pool_path, "data")
         referenced = np.concatenate([d.dblocks.astype(np.int64) for d in md.devices]) if md.devices \
