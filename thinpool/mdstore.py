@@ -131,8 +131,8 @@ class MetadataStore:
         if magic != MAGIC or crc != checksum(raw[4:]) or length > BLOCK - _SB_HEADER.size:
             return None
         if version != FORMAT_VERSION:
-            raise MetadataCorrupt(f"{self.path}: unsupported metadata format version {version}",
-                                  structure="superblock", block=slot)
+            raise MetadataCorrupt(f"{self.path}: superblock in metadata block {slot}: unsupported metadata "
+                                  f"format version {version}", structure="superblock", block=slot)
         try:
             header = json.loads(raw[_SB_HEADER.size:_SB_HEADER.size + length])
         except ValueError:
@@ -195,8 +195,9 @@ class MetadataStore:
         try:
             directory = json.loads(raw)
         except ValueError:
-            raise MetadataCorrupt(f"{self.path}: directory is not valid", structure="directory",
-                                  block=dir_locs[0] >> 32 if dir_locs else None) from None
+            first = dir_locs[0] >> 32 if dir_locs else None
+            raise MetadataCorrupt(f"{self.path}: directory: not valid JSON (first page at metadata block {first})",
+                                  structure="directory", block=first) from None
         pm_locs = {name: np.array(v, np.uint64) for name, v in directory.items()}
         return pm_locs, dir_locs
 
