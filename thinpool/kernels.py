@@ -748,3 +748,24 @@ def write_one(tab, dev, buf, fd, offset):
     code, _, need = write_batch(nodes, data_rc, freed_txn, rc_dirty, st, dev, fd, tmp, io[0:1], io[1:2], buf,
                                 io[2:3], 0)
     return code, need
+
+
+@njit(cache=True)
+def read_one(tab, root, data, out, offset):
+    """:func:`read_batch` for one read of ``len(out)`` bytes at ``offset`` (arrays from ``tab``)."""
+    nodes = (carray(_address(tab[0, 0]), (tab[0, 1], LEAF_ENTRIES), np.uint64),
+             carray(_address(tab[1, 0]), (tab[1, 1], INNER_ENTRIES), np.int32),
+             carray(_address(tab[2, 0]), (tab[2, 1],), np.uint32),
+             carray(_address(tab[3, 0]), (tab[3, 1],), np.uint32),
+             carray(_address(tab[4, 0]), (tab[4, 1],), np.uint8),
+             carray(_address(tab[5, 0]), (tab[5, 1],), np.uint8),
+             carray(_address(tab[6, 0]), (tab[6, 1],), np.uint8),
+             carray(_address(tab[7, 0]), (tab[7, 1],), np.uint8),
+             carray(_address(tab[8, 0]), (tab[8, 1],), np.int32),
+             carray(_address(tab[9, 0]), (tab[9, 1],), np.int32))
+    st = carray(_address(tab[13, 0]), (ST_SIZE,), np.int64)
+    io = np.empty(3, np.int64)
+    io[0] = offset
+    io[1] = out.shape[0]
+    io[2] = 0
+    read_batch(nodes, root, data, st[ST_BLOCK_SIZE], io[0:1], io[1:2], out, io[2:3])

@@ -265,6 +265,12 @@ class Thin:
         out = np.empty(max(0, int(length)), np.uint8)
         pool = self.pool
         with pool._lock:
+            slot = pool._by_name.get(self.name)
+            if slot is not None and not pool._closed and 0 <= offset and offset + length <= \
+                    pool.devs_i[slot, L.DEV_SIZE]:
+                (_KERNELS or _k()).read_one(pool._kernel_table(), pool.devs_i[slot, L.DEV_ROOT], pool.data.array,
+                                            out, offset)
+                return out.tobytes()
             one = pool._one_io
             one[0, 0] = offset if -(1 << 62) < offset < 1 << 62 else -1
             one[1, 0] = length if -(1 << 62) < length < 1 << 62 else -1
