@@ -232,6 +232,7 @@ KNOWN = {
     "write offset 2**62": "R3: offsets >= 2**62 are reported as 'negative offset -1'",
     "write offset 2**70": "R3: offsets >= 2**62 are reported as 'negative offset -1'",
     "write str data": "R5: Thin.write of a str raises TypeError, not InvalidArgument",
+    "read negative length": "R10: Thin.read's fast path (a2cb307) returns b'' for a negative length",
     "read huge length": "R2: Thin.read allocates the output before validating the length (MemoryError)",
     "read length 2**70": "R2: Thin.read allocates the output before validating the length (ValueError)",
     "read_many huge length": "R2: Thin.read_many allocates before validating the length (MemoryError)",
