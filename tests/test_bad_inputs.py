@@ -229,19 +229,6 @@ def _lib_cases() -> list[Case]:
 #: Rows that fail today because of open engine bugs (notes/requests.txt, "[reliability]" R2..R8).
 #: xfail(strict=True): each turns into a failure the moment it is fixed, so the mark is removed then.
 KNOWN = {
-    "write offset 2**62": "R3: offsets >= 2**62 are reported as 'negative offset -1'",
-    "write offset 2**70": "R3: offsets >= 2**62 are reported as 'negative offset -1'",
-    "write str data": "R5: Thin.write of a str raises TypeError, not InvalidArgument",
-    "read negative length": "R10: Thin.read's fast path (a2cb307) returns b'' for a negative length",
-    "read huge length": "R2: Thin.read allocates the output before validating the length (MemoryError)",
-    "read length 2**70": "R2: Thin.read allocates the output before validating the length (ValueError)",
-    "read_many huge length": "R2: Thin.read_many allocates before validating the length (MemoryError)",
-    "discard length 2**70": "R4: discard of a length >= 2**63: 'length must be integers, got dtype object', "
-                            "no volume, no value",
-    "records not JSON": "R6: put_records of a non-JSON value raises TypeError, not InvalidArgument",
-    "size " + repr("\u0663"): "R7: parse_size accepts non-ASCII digits",
-    "size '1.00000000000000001K'": "R7: parse_size rounds through float",
-    "open a file": "R8: Pool.open of a regular file says 'does not exist'",
     "cli write more than fits (two chunks, in place)": "C1: thinpool write writes 8 MiB chunks in place before "
                                                        "finding that the input does not fit",
 }
@@ -327,7 +314,6 @@ def test_not_a_pool(tmp_path):
     assert os.listdir(tmp_path / "dir") == []
 
 
-@pytest.mark.xfail(strict=True, reason=KNOWN["open a file"])
 def test_open_a_file(tmp_path):
     (tmp_path / "file").write_bytes(b"x")
     with pytest.raises(InvalidArgument, match="not a directory|not a thin pool"):

@@ -171,8 +171,10 @@ class Pool:
         self._lock_fd = -1
         self._closed = True
         md_path = os.path.join(self.path, self.METADATA)
-        if not os.path.isdir(self.path):
+        if not os.path.exists(self.path):
             raise NotFound(f"pool {self.path} does not exist")
+        if not os.path.isdir(self.path):
+            raise InvalidArgument(f"{self.path} is not a thin pool (not a directory)")
         if not os.path.isfile(md_path):
             raise InvalidArgument(f"{self.path} is not a thin pool (no metadata file)")
         self._take_lock()
@@ -540,7 +542,14 @@ class Pool:
     def put_records(self, namespace: str, records: dict[str, Any]) -> None:
         """Replace the records under ``namespace``; committed in the same transaction as the devices."""
         self._check_writable()
-        self.catalog["records"][namespace] = json.loads(json.dumps(records))
+        if not isinstance(namespace, str) or not namespace:
+            raise InvalidArgument(f"pool {self.path}: record namespace must be a non-empty string, got {namespace!r}")
+        try:
+            copy = json.loads(json.dumps(records))
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgument(f"pool {self.path}: records for {namespace!r} are not JSON-serialisable ({exc})") \
+                from None
+        self.catalog["records"][namespace] = copy
         self.catalog_dirty = True
 
     # ------------------------------------------------------------------ accounting

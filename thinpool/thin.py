@@ -34,6 +34,15 @@ class DataDeviceError(ThinpoolError, OSError):
     """A write to the data file failed (e.g. the host filesystem is full); the block is not mapped."""
 
 
+def _scalar(name: str, what: str, value) -> int:
+    """An I/O offset or length as a Python int (InvalidArgument naming the volume otherwise)."""
+    if type(value) is int:
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise InvalidArgument(f"volume {name!r}: {what} must be an integer, got {value!r}")
+    return int(value)
+
+
 def _as_offsets(values, what: str) -> np.ndarray:
     arr = np.asarray(values)
     if arr.ndim == 0:
@@ -43,6 +52,16 @@ def _as_offsets(values, what: str) -> np.ndarray:
     if arr.dtype.kind == "u" and arr.size and arr.max() > np.iinfo(np.int64).max:
         raise InvalidArgument(f"{what} out of range")
     return np.ascontiguousarray(arr, dtype=np.int64)
+
+
+def _check_span(name: str, size: int, offset: int, length: int) -> None:
+    if offset < 0:
+        raise InvalidArgument(f"volume {name!r}: negative offset {offset}")
+    if length < 0:
+        raise InvalidArgument(f"volume {name!r}: negative length {length}")
+    if offset + length > size:
+        raise InvalidArgument(f"volume {name!r}: I/O at offset {offset} length {length} goes past the end of "
+                              f"the volume ({size} bytes)")
 
 
 class Thin:
@@ -141,14 +160,19 @@ class Thin:
         elif isinstance(data, np.ndarray):
             buf = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
         else:
-            buf = np.frombuffer(data, np.uint8)
-        if type(offset) is not int and (isinstance(offset, bool) or not isinstance(offset, (int, np.integer))):
-            raise InvalidArgument(f"volume {self.name!r}: offset must be an integer, got {offset!r}")
+            try:
+                buf = np.frombuffer(data, np.uint8)
+            except TypeError:
+                raise InvalidArgument(f"volume {self.name!r}: data must be bytes-like, got "
+                                      f"{type(data).__name__}") from None
+        offset = _scalar(self.name, "offset", offset)
         pool = self.pool
         n = len(buf)
         with pool._lock:
+            slot = pool._slot(self.name)
+            _check_span(self.name, int(pool.devs_i[slot, DEV_SIZE]), offset, n)
             one = pool._one_io  # preallocated [offset, length] scratch, used under the lock
-            one[0, 0] = offset if 0 <= offset < 1 << 62 else -1
+            one[0, 0] = offset
             one[1, 0] = n
             slot = pool._by_name.get(self.name)
             if slot is not None and pool.mode == "write" and not pool.read_only and not pool._closed:
@@ -233,15 +257,15 @@ class Thin:
         """Unmap the whole blocks inside ``[offset, offset+length)``; partial blocks are untouched
         (dm-thin's rule).  Returns the number of blocks unmapped.  Freed blocks are hole-punched at
         the next commit."""
-        offs = _as_offsets(offset, "offset")
-        lens = _as_offsets(length, "length")
+        offset = _scalar(self.name, "offset", offset)
+        length = _scalar(self.name, "length", length)
         pool = self.pool
         with pool._lock:
             self._check_write()
-            self._check_range(offs, lens)
+            _check_span(self.name, self.size, offset, length)
             bs = pool.block_size
-            first = -(-int(offs[0]) // bs)
-            last = (int(offs[0]) + int(lens[0])) // bs
+            first = -(-offset // bs)
+            last = (offset + length) // bs
             if last <= first:
                 return 0
             slot = pool._slot(self.name)
@@ -259,14 +283,14 @@ class Thin:
     # ------------------------------------------------------------------ reads
     def read(self, offset: int, length: int) -> bytes:
         """Read ``length`` bytes at ``offset`` (unmapped blocks read as zeroes)."""
-        for what, v in (("offset", offset), ("length", length)):
-            if type(v) is not int and (isinstance(v, bool) or not isinstance(v, (int, np.integer))):
-                raise InvalidArgument(f"volume {self.name!r}: {what} must be an integer, got {v!r}")
-        out = np.empty(max(0, int(length)), np.uint8)
+        offset = _scalar(self.name, "offset", offset)
+        length = _scalar(self.name, "length", length)
         pool = self.pool
         with pool._lock:
+            _check_span(self.name, self.size, offset, length)  # before allocating the output
+            out = np.empty(length, np.uint8)
             slot = pool._by_name.get(self.name)
-            if slot is not None and not pool._closed and 0 <= offset and offset + length <= \
+            if slot is not None and not pool._closed and 0 <= offset and 0 <= length and offset + length <= \
                     pool.devs_i[slot, L.DEV_SIZE]:
                 (_KERNELS or _k()).read_one(pool._kernel_table(), pool.devs_i[slot, L.DEV_ROOT], pool.data.array,
                                             out, offset)
@@ -285,9 +309,12 @@ class Thin:
     def read_many(self, offsets: Sequence[int] | np.ndarray, length: int) -> np.ndarray:
         """Read ``length`` bytes at each offset in one kernel call; returns a (n, length) uint8 array."""
         offs = _as_offsets(offsets, "offsets")
-        if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 0:
-            raise InvalidArgument(f"volume {self.name!r}: length must be a non-negative integer, got {length!r}")
-        out = np.empty((len(offs), int(length)), np.uint8)
+        length = _scalar(self.name, "length", length)
+        if length < 0 or length > self.size:
+            raise InvalidArgument(f"volume {self.name!r}: length {length} is negative or larger than the volume "
+                                  f"({self.size} bytes)")
+        self._check_range(offs, np.full(len(offs), length, np.int64))  # before allocating the output
+        out = np.empty((len(offs), length), np.uint8)
         starts = np.arange(len(offs), dtype=np.int64) * int(length)
         self._read(offs, np.full(len(offs), length, np.int64), out.reshape(-1), starts)
         return out

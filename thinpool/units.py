@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
 from .errors import InvalidArgument
 
@@ -15,7 +16,7 @@ _UNITS = {
     "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40,
     "p": 1 << 50, "pb": 1 << 50, "pib": 1 << 50,
 }
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$", re.ASCII)
 
 
 def parse_size(value: int | str, what: str = "size") -> int:
@@ -40,8 +41,8 @@ def parse_size(value: int | str, what: str = "size") -> int:
     if mult is None:
         raise InvalidArgument(f"{what}: unknown unit {unit!r} in {value!r} (use K, M, G, T, P or KiB, MiB, ...)")
     if "." in number:
-        result = float(number) * mult
-        if result != int(result):
+        result = Fraction(number) * mult  # exact: no rounding through float
+        if result.denominator != 1:
             raise InvalidArgument(f"{what}: {value!r} is not a whole number of bytes")
         return int(result)
     return int(number) * mult
