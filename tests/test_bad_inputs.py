@@ -228,10 +228,7 @@ def _lib_cases() -> list[Case]:
 
 #: Rows that fail today because of open engine bugs (notes/requests.txt, "[reliability]" R2..R8).
 #: xfail(strict=True): each turns into a failure the moment it is fixed, so the mark is removed then.
-KNOWN = {
-    "cli write more than fits (two chunks, in place)": "C1: thinpool write writes 8 MiB chunks in place before "
-                                                       "finding that the input does not fit",
-}
+KNOWN: dict[str, str] = {}
 
 
 def _params(cases, prefix=""):

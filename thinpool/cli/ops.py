@@ -561,15 +561,52 @@ def _open_output(path: str) -> tuple[Any, bool]:
     return open(path, "wb"), True
 
 
+def _checked_input(f: Any, name: str, room: int, length: int | None) -> Any:
+    """Make sure the input fits in ``room`` bytes before anything is written: a regular file is
+    measured; a pipe is spooled (in memory up to 64 MiB, then a temporary file) up to room + 1 bytes."""
+    import stat
+    import tempfile
+    want = room + 1 if length is None else length
+    try:
+        st = os.fstat(f.fileno())
+        regular = stat.S_ISREG(st.st_mode)
+    except (OSError, ValueError, AttributeError):
+        regular = False
+    if regular:
+        avail = st.st_size - f.tell()
+        if min(avail, want) > room:
+            raise InvalidArgument(f"volume {name!r}: the input ({avail} bytes) goes past the end of the volume: "
+                                  f"only {room} bytes from the offset to the end")
+        return f
+    spool = tempfile.SpooledTemporaryFile(max_size=64 << 20)
+    copied = 0
+    while copied < want:
+        data = f.read(min(8 << 20, want - copied))
+        if not data:
+            break
+        spool.write(data)
+        copied += len(data)
+    if copied > room:
+        spool.close()
+        raise InvalidArgument(f"volume {name!r}: the input goes past the end of the volume (only {room} bytes "
+                              f"from the offset to the end)")
+    spool.seek(0)
+    return spool
+
+
 def op_write(pool: Any, name: str, input: str = "-", offset: int = 0, length: int | None = None) -> dict[str, Any]:
     """Write the bytes of file ``input`` (``-``: stdin) into volume ``name`` at ``offset`` (at most
     ``length`` bytes).  Every byte is written, zeros included (use ``import`` for sparse images)."""
     thin = pool.thin(name)
     if offset < 0 or offset > thin.size:
         raise InvalidArgument(f"volume {name!r}: write offset {offset} is outside the volume ({thin.size} bytes)")
+    if length is not None and length > thin.size - offset:
+        raise InvalidArgument(f"volume {name!r}: {length} bytes at offset {offset} go past the end of the volume "
+                              f"({thin.size} bytes)")
     f, close = _open_input(input)
     total = 0
     try:
+        f = _checked_input(f, name, thin.size - offset, length)  # all or nothing: size known before writing
         chunk = _chunk_bytes(pool.block_size)
         while length is None or total < length:
             want = chunk if length is None else min(chunk, length - total)
