@@ -603,10 +603,11 @@ def op_write(pool: Any, name: str, input: str = "-", offset: int = 0, length: in
     if length is not None and length > thin.size - offset:
         raise InvalidArgument(f"volume {name!r}: {length} bytes at offset {offset} go past the end of the volume "
                               f"({thin.size} bytes)")
-    f, close = _open_input(input)
+    source, close = _open_input(input)
     total = 0
+    f = source
     try:
-        f = _checked_input(f, name, thin.size - offset, length)  # all or nothing: size known before writing
+        f = _checked_input(source, name, thin.size - offset, length)  # all or nothing: size known first
         chunk = _chunk_bytes(pool.block_size)
         while length is None or total < length:
             want = chunk if length is None else min(chunk, length - total)
@@ -616,8 +617,10 @@ def op_write(pool: Any, name: str, input: str = "-", offset: int = 0, length: in
             thin.write(offset + total, data)
             total += len(data)
     finally:
-        if close:
+        if f is not source:
             f.close()
+        if close:
+            source.close()
     return {"name": name, "offset": offset, "bytes_written": total}
 
 
