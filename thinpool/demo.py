@@ -29,7 +29,7 @@ from typing import Any
 
 from .layers import FileSpec, LayerStore, Step, file_content
 from .pool import Pool
-from .units import format_docker_size, parse_size
+from .units import format_docker_size, format_go_human_size, parse_size
 
 UBUNTU = "ubuntu:16.10"
 BASE_IMAGE = "acme/my-base-image:1.0"
@@ -160,15 +160,7 @@ def _scenario(pool: Pool, *, base_size: int | str, seed: int) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ text
-def human_size_4(nbytes: int) -> str:
-    """go-units ``HumanSize`` (SI units, 4 significant digits), as ``docker info`` prints: ``65.54 kB``."""
-    n = float(nbytes)
-    units = ["B", "kB", "MB", "GB", "TB", "PB"]
-    i = 0
-    while n >= 1000 and i < len(units) - 1:
-        n /= 1000
-        i += 1
-    return f"{n:.4g} {units[i]}"
+human_size_4 = format_go_human_size  # go-units HumanSize, as ``docker info`` prints: ``65.54 kB``
 
 
 def _ago(iso: str) -> str:

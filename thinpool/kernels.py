@@ -720,22 +720,28 @@ def _address(typingctx, addr):
     return sig, codegen
 
 
+@njit(cache=True, inline="always")
+def _table_nodes(tab):
+    """The node-store tuple (see :class:`NodeArrays`) from the first ten rows of a kernel table."""
+    return (carray(_address(tab[0, 0]), (tab[0, 1], LEAF_ENTRIES), np.uint64),
+            carray(_address(tab[1, 0]), (tab[1, 1], INNER_ENTRIES), np.int32),
+            carray(_address(tab[2, 0]), (tab[2, 1],), np.uint32),
+            carray(_address(tab[3, 0]), (tab[3, 1],), np.uint32),
+            carray(_address(tab[4, 0]), (tab[4, 1],), np.uint8),
+            carray(_address(tab[5, 0]), (tab[5, 1],), np.uint8),
+            carray(_address(tab[6, 0]), (tab[6, 1],), np.uint8),
+            carray(_address(tab[7, 0]), (tab[7, 1],), np.uint8),
+            carray(_address(tab[8, 0]), (tab[8, 1],), np.int32),
+            carray(_address(tab[9, 0]), (tab[9, 1],), np.int32))
+
+
 @njit(cache=True)
 def write_one(tab, dev, buf, fd, offset):
     """:func:`write_batch` for one I/O of ``len(buf)`` bytes at ``offset``; the pool's arrays come
     from ``tab`` (rows: leaves, inners, leaf_rc, inner_rc, leaf_dirty, inner_dirty, leaf_rc_dirty,
     inner_rc_dirty, leaf_free, inner_free, data_rc, freed_txn, rc_dirty, st, scratch).
     Returns (code, need)."""
-    nodes = (carray(_address(tab[0, 0]), (tab[0, 1], LEAF_ENTRIES), np.uint64),
-             carray(_address(tab[1, 0]), (tab[1, 1], INNER_ENTRIES), np.int32),
-             carray(_address(tab[2, 0]), (tab[2, 1],), np.uint32),
-             carray(_address(tab[3, 0]), (tab[3, 1],), np.uint32),
-             carray(_address(tab[4, 0]), (tab[4, 1],), np.uint8),
-             carray(_address(tab[5, 0]), (tab[5, 1],), np.uint8),
-             carray(_address(tab[6, 0]), (tab[6, 1],), np.uint8),
-             carray(_address(tab[7, 0]), (tab[7, 1],), np.uint8),
-             carray(_address(tab[8, 0]), (tab[8, 1],), np.int32),
-             carray(_address(tab[9, 0]), (tab[9, 1],), np.int32))
+    nodes = _table_nodes(tab)
     data_rc = carray(_address(tab[10, 0]), (tab[10, 1],), np.uint32)
     freed_txn = carray(_address(tab[11, 0]), (tab[11, 1],), np.uint8)
     rc_dirty = carray(_address(tab[12, 0]), (tab[12, 1],), np.uint8)
@@ -753,16 +759,7 @@ def write_one(tab, dev, buf, fd, offset):
 @njit(cache=True)
 def read_one(tab, root, data, out, offset):
     """:func:`read_batch` for one read of ``len(out)`` bytes at ``offset`` (arrays from ``tab``)."""
-    nodes = (carray(_address(tab[0, 0]), (tab[0, 1], LEAF_ENTRIES), np.uint64),
-             carray(_address(tab[1, 0]), (tab[1, 1], INNER_ENTRIES), np.int32),
-             carray(_address(tab[2, 0]), (tab[2, 1],), np.uint32),
-             carray(_address(tab[3, 0]), (tab[3, 1],), np.uint32),
-             carray(_address(tab[4, 0]), (tab[4, 1],), np.uint8),
-             carray(_address(tab[5, 0]), (tab[5, 1],), np.uint8),
-             carray(_address(tab[6, 0]), (tab[6, 1],), np.uint8),
-             carray(_address(tab[7, 0]), (tab[7, 1],), np.uint8),
-             carray(_address(tab[8, 0]), (tab[8, 1],), np.int32),
-             carray(_address(tab[9, 0]), (tab[9, 1],), np.int32))
+    nodes = _table_nodes(tab)
     st = carray(_address(tab[13, 0]), (ST_SIZE,), np.int64)
     io = np.empty(3, np.int64)
     io[0] = offset

@@ -308,6 +308,18 @@ class MetadataStore:
             start = end
         return crcs
 
+    def _resized(self, locs: np.ndarray | None, n: int) -> np.ndarray:
+        """A location array grown (zeros) or shrunk (releasing the dropped pages' blocks) to ``n``."""
+        locs = np.zeros(0, np.uint64) if locs is None else locs
+        if len(locs) == n:
+            return locs
+        if len(locs) > n:
+            self._release(locs[n:])
+        grown = np.zeros(n, np.uint64)
+        keep = min(n, len(locs))
+        grown[:keep] = locs[:keep]
+        return grown
+
     def _release(self, locs: np.ndarray) -> None:
         b = (locs >> np.uint64(32)).astype(np.int64)
         self.used[b[b > 0]] = 0
@@ -334,14 +346,7 @@ class MetadataStore:
             for name, pa in arrays.items():
                 npages = len(pa.data) // BLOCK
                 pages_count[name] = npages
-                locs = new_locs.get(name, np.zeros(0, np.uint64))
-                if len(locs) != npages:
-                    grown = np.zeros(npages, np.uint64)
-                    keep = min(npages, len(locs))
-                    grown[:keep] = locs[:keep]
-                    if len(locs) > npages:
-                        self._release(locs[npages:])
-                    locs = grown
+                locs = self._resized(new_locs.get(name), npages)
                 dirty = np.unique(pa.dirty[pa.dirty < npages]).astype(np.int64)
                 is_dead = np.zeros(npages, bool)
                 is_dead[pa.dead[pa.dead < npages]] = True
@@ -358,14 +363,7 @@ class MetadataStore:
                 new_locs[name] = locs
                 # page-map pages that point at changed pages
                 npm = (npages + PM_ENTRIES - 1) // PM_ENTRIES
-                pml = new_pm.get(name, np.zeros(0, np.uint64))
-                if len(pml) != npm:
-                    grown = np.zeros(npm, np.uint64)
-                    keep = min(npm, len(pml))
-                    grown[:keep] = pml[:keep]
-                    if len(pml) > npm:
-                        self._release(pml[npm:])
-                    pml = grown
+                pml = self._resized(new_pm.get(name), npm)
                 pm_mask = pml == 0
                 pm_mask[dirty // PM_ENTRIES] = True
                 changed_pm = np.flatnonzero(pm_mask)

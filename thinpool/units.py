@@ -58,15 +58,26 @@ def format_size(nbytes: int) -> str:
     return f"{n:.1f}PiB"
 
 
-def format_docker_size(nbytes: int) -> str:
-    """Size as Docker prints it (decimal units, 3 significant digits): ``103MB``, ``2.78kB``, ``0B``."""
+def _decimal_units(nbytes: int) -> tuple[float, str]:
     n = float(nbytes)
     units = ["B", "kB", "MB", "GB", "TB", "PB"]
     i = 0
     while n >= 1000 and i < len(units) - 1:
         n /= 1000
         i += 1
+    return n, units[i]
+
+
+def format_go_human_size(nbytes: int) -> str:
+    """go-units ``HumanSize`` (SI units, 4 significant digits), as ``docker info`` prints: ``65.54 kB``."""
+    n, unit = _decimal_units(nbytes)
+    return f"{n:.4g} {unit}"
+
+
+def format_docker_size(nbytes: int) -> str:
+    """Size as Docker prints it (decimal units, 3 significant digits): ``103MB``, ``2.78kB``, ``0B``."""
+    n, unit = _decimal_units(nbytes)
     text = f"{n:.3g}"
     if "e" in text:
         text = str(int(round(n)))
-    return f"{text}{units[i]}"
+    return f"{text}{unit}"
