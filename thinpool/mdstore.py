@@ -224,11 +224,27 @@ class MetadataStore:
                 continue
             self.generation = generation
             self.header = header
+            if first_error is None:
+                first_error = self._newer_damaged_superblock(generation)
             if first_error is not None:
                 self.header["recovered_from"] = str(first_error)
             return arrays
         assert first_error is not None
         raise first_error
+
+    def _newer_damaged_superblock(self, generation: int) -> MetadataCorrupt | None:
+        """A superblock slot with our magic and a *newer* (unverified) generation whose checksum fails:
+        either a torn write of a commit that never completed or a damaged completed one -- the two
+        look alike, so it is reported (as a warning) rather than treated as fatal."""
+        for slot in range(SUPERBLOCKS):
+            raw = os.pread(self.fd, BLOCK, slot * BLOCK)
+            if len(raw) != BLOCK:
+                continue
+            crc, magic, _version, gen, _length = _SB_HEADER.unpack_from(raw)
+            if magic == MAGIC and gen > generation and crc != checksum(raw[4:]):
+                return MetadataCorrupt(f"superblock: bad checksum in metadata block {slot} (generation {gen}); "
+                                       f"generation {generation} was used", structure="superblock", block=slot)
+        return None
 
     def _load_state(self, header: dict[str, Any]) -> dict[str, np.ndarray]:
         pm_locs, dir_locs = self._load_directory(header)
