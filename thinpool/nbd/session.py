@@ -73,6 +73,10 @@ def nbd_error_for(exc: BaseException) -> int:
     return P.EIO
 
 
+_RECV_CHUNK = 256 * 1024
+_SEND_CHUNK = 256 * 1024
+
+
 class Session:
     """Serve one connected client until it disconnects or the server stops."""
 
@@ -90,6 +94,11 @@ class Session:
         self._idle_poll.register(ctx.wake_fd, select.POLLIN)
         self._busy_poll = select.poll()
         self._busy_poll.register(sock, select.POLLIN)
+        # batched socket I/O: one recv takes many pipelined requests; replies are queued and sent
+        # with one sendall before the session would block for input (so it can never deadlock)
+        self._inbuf = bytearray()
+        self._out: list[bytes] = []
+        self._outlen = 0
 
     # ================================================================= lifecycle
     def run(self) -> None:
@@ -111,7 +120,11 @@ class Session:
             self.close()
 
     def close(self) -> None:
-        """Close the socket (idempotent)."""
+        """Send any queued replies, then close the socket (idempotent)."""
+        try:
+            self._flush_out()
+        except OSError:
+            pass
         try:
             self.sock.close()
         except OSError:
@@ -149,25 +162,36 @@ class Session:
 
     def _recv(self, n: int, idle: bool = False) -> bytes:
         """Receive exactly ``n`` bytes; Disconnect on EOF or shutdown."""
-        buf = bytearray(n)
-        view = memoryview(buf)
-        got = 0
+        inbuf = self._inbuf
         deadline: list[float] = []
-        while got < n:
-            if not self._wait_readable(idle and got == 0, deadline):
+        while len(inbuf) < n:
+            self._flush_out()  # never wait for input with replies held back
+            if not self._wait_readable(idle and not inbuf, deadline):
                 raise Disconnect("server shutting down")
-            k = self.sock.recv_into(view[got:])
-            if k == 0:
-                raise Disconnect("peer closed the connection" + (" mid-message" if got else ""))
-            got += k
-        return bytes(buf)
+            chunk = self.sock.recv(max(_RECV_CHUNK, n - len(inbuf)))
+            if not chunk:
+                raise Disconnect("peer closed the connection" + (" mid-message" if inbuf else ""))
+            inbuf += chunk
+        data = bytes(inbuf[:n])
+        del inbuf[:n]
+        return data
 
     def _send(self, *parts: bytes) -> None:
-        if len(parts) == 1 or sum(len(p) for p in parts) <= 65536:
-            self.sock.sendall(b"".join(parts))
+        """Queue a reply in the transmission phase (sent before the next wait for input, or at 256 KiB);
+        send at once during the handshake."""
+        self._out.extend(parts)
+        self._outlen += sum(len(p) for p in parts)
+        if self.export is None or self._outlen >= _SEND_CHUNK:
+            self._flush_out()
+
+    def _flush_out(self) -> None:
+        if not self._out:
+            return
+        out, self._out, self._outlen = self._out, [], 0
+        if len(out) == 1:
+            self.sock.sendall(out[0])
         else:
-            for part in parts:
-                self.sock.sendall(part)
+            self.sock.sendall(b"".join(out))
 
     # ================================================================= handshake
     def _reply(self, option: int, reply_type: int, payload: bytes = b"") -> None:
@@ -345,7 +369,7 @@ class Session:
             if self.ctx.stopping.is_set():
                 # Answer requests the client already sent with ESHUTDOWN, then hang up.
                 deadline = deadline or time.monotonic() + self.ctx.grace
-                if time.monotonic() > deadline or not self._busy_poll.poll(0):
+                if time.monotonic() > deadline or (not self._inbuf and not self._busy_poll.poll(0)):
                     raise Disconnect("server shutting down")
             request = P.decode_request(self._recv(P.REQUEST_HEADER_SIZE, idle=not self.ctx.stopping.is_set()))
             payload = b""
