@@ -243,10 +243,13 @@ def test_serve_exports_every_volume_and_stops_cleanly(env: Env) -> None:
     with Pool.create(env.pool, data_size="1GiB", block_size=BS) as p:
         p.create_thin("vol", 32 * MiB)
         p.create_thin("ro", 4 * MiB, read_only=True)
+        p.create_thin("odd name?#", MiB)
     srv = env.serve()
     listing = json.loads(ok("nbdinfo", "--list", "--json", f"nbd+unix:///?socket={srv.sock}"))
     by = {e["export-name"]: e for e in listing["exports"]}
-    assert set(by) == {"vol", "ro"}
+    assert set(by) == {"vol", "ro", "odd name?#"}
+    (odd_uri,) = [ln.split(": ", 1)[1] for ln in srv.output().splitlines() if ln.strip().startswith("odd name")]
+    assert int(ok("nbdinfo", "--size", odd_uri).strip()) == MiB  # printed URIs are percent-encoded
     assert by["vol"]["export-size"] == 32 * MiB and not by["vol"]["is_read_only"]
     assert by["vol"]["can_trim"] and by["vol"]["can_zero"] and by["vol"]["can_flush"] and by["vol"]["can_fua"]
     assert by["vol"]["block_size_preferred"] == BS and by["vol"]["contexts"] == ["base:allocation"]
@@ -256,7 +259,7 @@ def test_serve_exports_every_volume_and_stops_cleanly(env: Env) -> None:
     assert int(ok("nbdinfo", "--size", srv.uri("vol")).strip()) == 32 * MiB
     r = run("nbdinfo", srv.uri("missing"))
     assert r.returncode != 0 and "missing" in r.stderr
-    # the empty export name is ambiguous with two volumes
+    # the empty export name is ambiguous with several volumes
     assert run("nbdinfo", f"nbd+unix:///?socket={srv.sock}").returncode != 0
     # a second server on the same pool is refused (the socket is live; the pool is locked)
     r = cli("serve", env.pool)

@@ -201,8 +201,7 @@ def run_realfs_demo(path: str | os.PathLike | None = None, block_size: int | str
     """Run the walkthrough with ext4 on the thin devices (see the module docstring); returns a JSON-able
     dict (:func:`render_realfs` prints it).  ``path``: the pool directory to create (kept), or None for
     a temporary one that is removed.  FailedPrecondition when not root or a tool is missing."""
-    from .demo import BASE_STEPS, CONTAINERS, FINAL_IMAGE, UBUNTU_STEPS, run_demo
-    from .layers import file_content
+    from .demo import run_demo
     from .pool import Pool
     from .cli.serve_cmds import Served
 
@@ -216,20 +215,37 @@ def run_realfs_demo(path: str | os.PathLike | None = None, block_size: int | str
     tmp = tempfile.mkdtemp(prefix="thinpool-realfs-")
     pool_path = os.path.abspath(os.fspath(path)) if path is not None else os.path.join(tmp, "pool")
     work = os.path.join(tmp, "w")  # short paths: unix sockets, FUSE dirs, mount points
-    os.mkdir(work)
-
-    say("idealized model (thinpool demo) for comparison ...")
-    ideal = run_demo(None, bs, data_size=data_size, base_size=base_bytes, seed=seed)
-    ideal_rows = {r["created_by"]: r for r in ideal["history"][FINAL_IMAGE]}
-
-    Pool.create(pool_path, data_size=data_size, block_size=bs).close()
-    served = Served(pool_path, socket_path=os.path.join(work, "nbd.sock"))
-    served.start()
-    pool = served.pool
     attached: list[Attached] = []
+    served: Served | None = None
+    try:
+        os.mkdir(work)
+        Pool.create(pool_path, data_size=data_size, block_size=bs).close()
+        say("idealized model (thinpool demo) for comparison ...")
+        ideal = run_demo(None, bs, data_size=data_size, base_size=base_bytes, seed=seed)
+        served = Served(pool_path, socket_path=os.path.join(work, "nbd.sock"))
+        served.start()
+        result = _scenario(served, attached, work, ideal, bs, base_bytes, parse_size(data_size), seed, say)
+    finally:
+        for a in reversed(attached):
+            a.close()
+        if served is not None:
+            served.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    result["pool"] = None if path is None else pool_path
+    result["elapsed_seconds"] = round(time.perf_counter() - t0, 3)
+    return result
+
+
+def _scenario(served: Any, attached: list[Attached], work: str, ideal: dict[str, Any], bs: int, base_bytes: int,
+              data_size: int, seed: int, say: Callable[[str], None]) -> dict[str, Any]:
+    from .demo import BASE_STEPS, CONTAINERS, FINAL_IMAGE, UBUNTU_STEPS
+    from .layers import file_content
+
+    ideal_rows = {r["created_by"]: r for r in ideal["history"][FINAL_IMAGE]}
+    pool = served.pool
 
     def attach(name: str, read_only: bool = False) -> Attached:
-        a = Attached(served.nbd.export_uri(name), work, name.replace("/", "_")[:20], read_only=read_only)
+        a = Attached(served.export_uri(name), work, name.replace("/", "_")[:20], read_only=read_only)
         attached.append(a)
         return a
 
@@ -253,157 +269,149 @@ def run_realfs_demo(path: str | os.PathLike | None = None, block_size: int | str
                     "mapped_blocks": u.mapped_blocks, "exclusive_blocks": u.exclusive_blocks,
                     "shared_blocks": u.shared_blocks}
 
-    result: dict[str, Any] = {"block_size": bs, "base_device_size": base_bytes, "data_size": parse_size(data_size),
+    result: dict[str, Any] = {"block_size": bs, "base_device_size": base_bytes, "data_size": data_size,
                               "filesystem": "ext4", "mkfs": " ".join(MKFS_EXT4) + " && tune2fs -c -1 -i 0"}
-    try:
-        # ---------------------------------------------------------------- base device
-        say(f"base device: {format_docker_size(base_bytes)} thin volume, mkfs.ext4 over NBD ...")
-        with pool._lock:
-            pool.create_thin("base", base_bytes)
-            pool.commit()
-        a = attach("base")
-        assert a.device is not None
-        run(*MKFS_EXT4, a.device)
-        run("tune2fs", "-c", "-1", "-i", "0", a.device)
+    # ---------------------------------------------------------------- base device
+    say(f"base device: {format_docker_size(base_bytes)} thin volume, mkfs.ext4 over NBD ...")
+    with pool._lock:
+        pool.create_thin("base", base_bytes)
+        pool.commit()
+    a = attach("base")
+    assert a.device is not None
+    run(*MKFS_EXT4, a.device)
+    run("tune2fs", "-c", "-1", "-i", "0", a.device)
+    detach(a)
+    result["base"] = {**usage("base", None), "ideal_blocks": 0}
+    result["pool_used_blocks_after_base"] = used()
+
+    # ---------------------------------------------------------------- image layers
+    layers: list[dict[str, Any]] = []
+    prev = "base"
+    n = 0
+    for step in list(UBUNTU_STEPS) + list(BASE_STEPS):
+        if not step.files:
+            layers.append({"created_by": step.created_by, "layer": None, "file_bytes": 0, "owned_blocks": 0,
+                           "ideal_blocks": 0, "files": []})
+            continue
+        n += 1
+        name = f"layer{n}"
+        say(f"layer {n}: snapshot of {prev}, mount, add {', '.join(f.path for f in step.files)} ...")
+        snapshot(prev, name)
+        a = attach(name)
+        mnt = a.mount(os.path.join(work, "m-" + name))
+        for spec in step.files:
+            _write_file(mnt, spec.path, file_content((seed << 8) + n, spec.size).tobytes())
+        a.umount()
         detach(a)
-        result["base"] = {**usage("base", None), "ideal_blocks": 0}
-        result["pool_used_blocks_after_base"] = used()
+        row = usage(name, prev)
+        ideal_row = ideal_rows.get(step.created_by, {})
+        row.update(created_by=step.created_by, layer=name, file_bytes=sum(f.size for f in step.files),
+                   files=[{"path": f.path, "size": f.size} for f in step.files],
+                   ideal_blocks=int(ideal_row.get("owned_blocks", 0)))
+        layers.append(row)
+        prev = name
+    top = prev
+    result["layers"] = layers
+    result["image_top_layer"] = top
+    result["pool_used_blocks_after_images"] = used()
+    result["image_file_bytes"] = sum(r["file_bytes"] for r in layers)
+    result["image_blocks"] = result["pool_used_blocks_after_images"] - result["pool_used_blocks_after_base"]
+    result["ideal_image_blocks"] = int(ideal["image_blocks"])
+    top_mapped = usage(top, None)["mapped_blocks"]
 
-        # ---------------------------------------------------------------- image layers
-        layers: list[dict[str, Any]] = []
-        prev = "base"
-        n = 0
-        for step in list(UBUNTU_STEPS) + list(BASE_STEPS):
-            if not step.files:
-                layers.append({"created_by": step.created_by, "layer": None, "file_bytes": 0, "owned_blocks": 0,
-                               "ideal_blocks": 0, "files": []})
-                continue
-            n += 1
-            name = f"layer{n}"
-            say(f"layer {n}: snapshot of {prev}, mount, add {', '.join(f.path for f in step.files)} ...")
-            snapshot(prev, name)
-            a = attach(name)
-            mnt = a.mount(os.path.join(work, "m-" + name))
-            for spec in step.files:
-                _write_file(mnt, spec.path, file_content((seed << 8) + n, spec.size).tobytes())
-            a.umount()
-            detach(a)
-            row = usage(name, prev)
-            ideal_row = ideal_rows.get(step.created_by, {})
-            row.update(created_by=step.created_by, layer=name, file_bytes=sum(f.size for f in step.files),
-                       files=[{"path": f.path, "size": f.size} for f in step.files],
-                       ideal_blocks=int(ideal_row.get("owned_blocks", 0)))
-            layers.append(row)
-            prev = name
-        top = prev
-        result["layers"] = layers
-        result["image_top_layer"] = top
-        result["pool_used_blocks_after_images"] = used()
-        result["image_file_bytes"] = sum(r["file_bytes"] for r in layers)
-        result["image_blocks"] = result["pool_used_blocks_after_images"] - result["pool_used_blocks_after_base"]
-        result["ideal_image_blocks"] = int(ideal["image_blocks"])
-        top_mapped = usage(top, None)["mapped_blocks"]
+    # ---------------------------------------------------------------- containers: -init + rw, started
+    running: dict[str, Attached] = {}
+    for cname in CONTAINERS:
+        say(f"{cname}: -init snapshot with Docker's init files, writable snapshot, mount (start) ...")
+        snapshot(top, f"{cname}-init")
+        a = attach(f"{cname}-init")
+        mnt = a.mount(os.path.join(work, "m-" + cname + "-init"))
+        _populate_init(mnt)
+        a.umount()
+        detach(a)
+        snapshot(f"{cname}-init", cname)
+        a = attach(cname)
+        a.mount(os.path.join(work, "m-" + cname))
+        a.syncfs()
+        running[cname] = a
+    result["pool_used_blocks_after_start"] = used()
 
-        # ---------------------------------------------------------------- containers: -init + rw, started
-        running: dict[str, Attached] = {}
+    def containers() -> list[dict[str, Any]]:
+        rows = []
         for cname in CONTAINERS:
-            say(f"{cname}: -init snapshot with Docker's init files, writable snapshot, mount (start) ...")
-            snapshot(top, f"{cname}-init")
-            a = attach(f"{cname}-init")
-            mnt = a.mount(os.path.join(work, "m-" + cname + "-init"))
-            _populate_init(mnt)
-            a.umount()
-            detach(a)
-            snapshot(f"{cname}-init", cname)
-            a = attach(cname)
-            a.mount(os.path.join(work, "m-" + cname))
-            a.syncfs()
-            running[cname] = a
-        result["pool_used_blocks_after_start"] = used()
+            init = usage(f"{cname}-init", top)
+            rw = usage(cname, f"{cname}-init")
+            rows.append({"name": cname, "init_owned_blocks": init["owned_blocks"],
+                         "owned_blocks": rw["owned_blocks"], "mapped_blocks": rw["mapped_blocks"],
+                         "exclusive_blocks": rw["exclusive_blocks"], "shared_blocks": rw["shared_blocks"],
+                         "size_bytes": rw["owned_blocks"] * bs,
+                         "virtual_size_bytes": (rw["owned_blocks"] + top_mapped) * bs})
+        return rows
+    result["containers_at_start"] = containers()
 
-        def containers() -> list[dict[str, Any]]:
-            rows = []
-            for cname in CONTAINERS:
-                init = usage(f"{cname}-init", top)
-                rw = usage(cname, f"{cname}-init")
-                rows.append({"name": cname, "init_owned_blocks": init["owned_blocks"],
-                             "owned_blocks": rw["owned_blocks"], "mapped_blocks": rw["mapped_blocks"],
-                             "exclusive_blocks": rw["exclusive_blocks"], "shared_blocks": rw["shared_blocks"],
-                             "size_bytes": rw["owned_blocks"] * bs,
-                             "virtual_size_bytes": (rw["owned_blocks"] + top_mapped) * bs})
-            return rows
-        result["containers_at_start"] = containers()
+    # ---------------------------------------------------------------- writes
+    say("printf hello > /out.txt in my_container_1..3, syncfs ...")
+    writes = []
+    for cname in CONTAINERS[:3]:
+        before, pool_before = usage(cname, f"{cname}-init")["owned_blocks"], used()
+        _write_file(running[cname].mountpoint or "", "/out.txt", b"hello")
+        running[cname].syncfs()
+        after = usage(cname, f"{cname}-init")["owned_blocks"]
+        writes.append({"container": cname, "path": "/out.txt", "bytes_written": 5,
+                       "owned_blocks_added": after - before, "block_level_bytes": (after - before) * bs,
+                       "pool_blocks_added": used() - pool_before})
+    result["writes"] = writes
+    result["pool_used_blocks_after_writes"] = used()
+    result["containers_after_writes"] = containers()
 
-        # ---------------------------------------------------------------- writes
-        say("printf hello > /out.txt in my_container_1..3, syncfs ...")
-        writes = []
-        for cname in CONTAINERS[:3]:
-            before, pool_before = usage(cname, f"{cname}-init")["owned_blocks"], used()
-            _write_file(running[cname].mountpoint or "", "/out.txt", b"hello")
-            running[cname].syncfs()
-            after = usage(cname, f"{cname}-init")["owned_blocks"]
-            writes.append({"container": cname, "path": "/out.txt", "bytes_written": 5,
-                           "owned_blocks_added": after - before, "block_level_bytes": (after - before) * bs,
-                           "pool_blocks_added": used() - pool_before})
-        result["writes"] = writes
-        result["pool_used_blocks_after_writes"] = used()
-        result["containers_after_writes"] = containers()
+    say("4 KiB changed in the middle of the 103 MB file in my_container_4, syncfs ...")
+    c4 = CONTAINERS[3]
+    rootfs = UBUNTU_STEPS[0].files[0]
+    offset = rootfs.size // 2 // 4096 * 4096
+    new = file_content(seed + 0x4B1D, 4096).tobytes()
+    before, pool_before = usage(c4, f"{c4}-init")["owned_blocks"], used()
+    full = os.path.join(running[c4].mountpoint or "", rootfs.path.lstrip("/"))
+    with open(full, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(new)
+    running[c4].syncfs()
+    after = usage(c4, f"{c4}-init")["owned_blocks"]
+    with open(os.path.join(running[CONTAINERS[4]].mountpoint or "", rootfs.path.lstrip("/")), "rb") as rh:
+        rh.seek(offset)
+        other = rh.read(4096)
+    result["copy_up"] = {"container": c4, "path": rootfs.path, "offset": offset, "bytes_changed": 4096,
+                         "owned_blocks_added": after - before, "block_level_bytes": (after - before) * bs,
+                         "pool_blocks_added": used() - pool_before, "file_level_bytes": rootfs.size,
+                         "other_containers_unchanged": other != new,
+                         "ideal_block_level_bytes": int(ideal["copy_up"]["block_level_bytes"])}
 
-        say("4 KiB changed in the middle of the 103 MB file in my_container_4, syncfs ...")
-        c4 = CONTAINERS[3]
-        rootfs = UBUNTU_STEPS[0].files[0]
-        offset = rootfs.size // 2 // 4096 * 4096
-        new = file_content(seed + 0x4B1D, 4096).tobytes()
-        before, pool_before = usage(c4, f"{c4}-init")["owned_blocks"], used()
-        full = os.path.join(running[c4].mountpoint or "", rootfs.path.lstrip("/"))
-        with open(full, "r+b") as fh:
-            fh.seek(offset)
-            fh.write(new)
-        running[c4].syncfs()
-        after = usage(c4, f"{c4}-init")["owned_blocks"]
-        with open(os.path.join(running[CONTAINERS[4]].mountpoint or "", rootfs.path.lstrip("/")), "rb") as fh:
-            fh.seek(offset)
-            other = fh.read(4096)
-        result["copy_up"] = {"container": c4, "path": rootfs.path, "offset": offset, "bytes_changed": 4096,
-                             "owned_blocks_added": after - before, "block_level_bytes": (after - before) * bs,
-                             "pool_blocks_added": used() - pool_before, "file_level_bytes": rootfs.size,
-                             "other_containers_unchanged": other != new,
-                             "ideal_block_level_bytes": int(ideal["copy_up"]["block_level_bytes"])}
-
-        # ---------------------------------------------------------------- stop
-        say("stop: unmount the five containers ...")
-        for cname in CONTAINERS:
-            a = running.pop(cname)
-            a.umount()
-            detach(a)
-        result["pool_used_blocks_after_stop"] = used()
-        result["containers"] = containers()
-        result["ideal"] = {
-            "pool_used_blocks_after_base": int(ideal["pool_used_blocks_after_base"]),
-            "pool_used_blocks_after_images": int(ideal["pool_used_blocks_after_images"]),
-            "pool_used_blocks_after_start": int(ideal["pool_used_blocks_after_start"]),
-            "pool_used_blocks_after_writes": int(ideal["pool_used_blocks_after_writes"]),
-            "pool_used_blocks_after_change": int(ideal["pool_used_blocks_after_change"]),
-            "container_owned_blocks_at_start": {r["name"]: r["owned_blocks"] for r in ideal["containers_at_start"]},
-            "container_owned_blocks_after_writes": {r["name"]: r["owned_blocks"]
-                                                    for r in ideal["containers_after_writes"]},
-            "container_owned_blocks": {r["name"]: r["owned_blocks"] for r in ideal["containers"]},
-            "writes_added_blocks": int(ideal["writes_added_blocks"]),
-        }
-        with pool._lock:
-            pool.commit()
-            result["thin_devices"] = pool.status().nr_thins
-            result["check_ok"] = bool(pool.check().ok)
-            result["volumes"] = [{"name": u.name, "dev_id": u.dev_id, "mapped_blocks": u.mapped_blocks,
-                                  "exclusive_blocks": u.exclusive_blocks, "shared_blocks": u.shared_blocks}
-                                 for u in pool.usage()]
-    finally:
-        for a in reversed(attached):
-            a.close()
-        served.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
-    result["pool"] = None if path is None else pool_path
-    result["elapsed_seconds"] = round(time.perf_counter() - t0, 3)
+    # ---------------------------------------------------------------- stop
+    say("stop: unmount the five containers ...")
+    for cname in CONTAINERS:
+        a = running.pop(cname)
+        a.umount()
+        detach(a)
+    result["pool_used_blocks_after_stop"] = used()
+    result["containers"] = containers()
+    result["ideal"] = {
+        "pool_used_blocks_after_base": int(ideal["pool_used_blocks_after_base"]),
+        "pool_used_blocks_after_images": int(ideal["pool_used_blocks_after_images"]),
+        "pool_used_blocks_after_start": int(ideal["pool_used_blocks_after_start"]),
+        "pool_used_blocks_after_writes": int(ideal["pool_used_blocks_after_writes"]),
+        "pool_used_blocks_after_change": int(ideal["pool_used_blocks_after_change"]),
+        "container_owned_blocks_at_start": {r["name"]: r["owned_blocks"] for r in ideal["containers_at_start"]},
+        "container_owned_blocks_after_writes": {r["name"]: r["owned_blocks"]
+                                                for r in ideal["containers_after_writes"]},
+        "container_owned_blocks": {r["name"]: r["owned_blocks"] for r in ideal["containers"]},
+        "writes_added_blocks": int(ideal["writes_added_blocks"]),
+    }
+    with pool._lock:
+        pool.commit()
+        result["thin_devices"] = pool.status().nr_thins
+        result["check_ok"] = bool(pool.check().ok)
+        result["volumes"] = [{"name": u.name, "dev_id": u.dev_id, "mapped_blocks": u.mapped_blocks,
+                              "exclusive_blocks": u.exclusive_blocks, "shared_blocks": u.shared_blocks}
+                             for u in pool.usage()]
     return result
 
 

@@ -30,6 +30,9 @@ NBD_SOCKET = "nbd.sock"
 MAX_UNIX_PATH = 107
 #: seconds a control client may take to send its request line
 CONTROL_TIMEOUT = 30.0
+#: control connections handled at once (more are closed at once: the CLI retries nothing, so this is a
+#: guard against a runaway client, not a limit a user meets)
+MAX_CONTROL_CLIENTS = 64
 #: control ops that delete volumes: refused for volumes a client has open (dm-thin's EBUSY)
 _DELETING_OPS = ("delete", "remove-snapshot")
 
@@ -80,6 +83,10 @@ class ControlServer:
                 return
             t = threading.Thread(target=self._serve_one, args=(conn,), name="thinpool-control-req", daemon=True)
             with self._tlock:
+                if len(self._threads) >= MAX_CONTROL_CLIENTS:
+                    log.warning("control: %d requests in progress, refusing a connection", len(self._threads))
+                    conn.close()
+                    continue
                 self._threads.add(t)
             t.start()
 
@@ -284,14 +291,21 @@ class Served:
 
     def uris(self) -> list[tuple[str, str]]:
         """(volume, URI) for every volume being served right now."""
-        return [(name, self.nbd.export_uri(name)) for name in self.provider.list_exports()]
+        return [(name, self.export_uri(name)) for name in self.provider.list_exports()]
+
+    def export_uri(self, name: str) -> str:
+        """The NBD URI of volume ``name`` on the unix socket (name and path percent-encoded)."""
+        from urllib.parse import quote
+        return f"nbd+unix:///{quote(name, safe='/')}?socket={quote(self.nbd.unix_path or '', safe='/')}"
 
     def tcp_uri(self, name: str) -> str | None:
+        """The NBD URI of volume ``name`` over TCP, if serving on TCP."""
+        from urllib.parse import quote
         if self.nbd.tcp_address is None:
             return None
         host, port = self.nbd.tcp_address
         host = f"[{host}]" if ":" in host else host
-        return f"nbd://{host}:{port}/{name}"
+        return f"nbd://{host}:{port}/{quote(name, safe='/')}"
 
     def serve_forever(self) -> None:
         self.nbd.serve_forever()
@@ -308,7 +322,10 @@ class Served:
             self._stopped = True
         self.control.stop()
         self.nbd.shutdown()
-        self.provider.close()  # normally done by the NBD server's shutdown already
+        try:
+            self.provider.close()  # normally done by the NBD server's shutdown already
+        except Exception:
+            log.exception("closing the pool failed")  # kept in provider.close_error
 
 
 def _warm_up(pool: Any) -> None:
@@ -375,17 +392,16 @@ def serve_cmd(pool: str, socket_path: str | None, tcp: str | None, read_only: bo
         sys.stdout.flush()
         served.serve_forever()
     finally:
-        served.stop()
-        for s, h in old.items():
-            signal.signal(s, h)
-    click.echo(f"thinpool serve: stopped; pool committed (transaction {_committed_txn(served)})")
-
-
-def _committed_txn(served: Served) -> str:
-    try:
-        return str(served.pool.transaction_id)
-    except Exception:
-        return "?"
+        try:
+            served.stop()
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+    if served.provider.close_error is not None:
+        from thinpool.errors import ThinpoolError
+        exc = served.provider.close_error
+        raise exc if isinstance(exc, ThinpoolError) else ThinpoolError(f"closing the pool failed: {exc}")
+    click.echo(f"thinpool serve: stopped; pool committed and closed (time {served.pool.time})")
 
 
 COMMANDS: list[click.Command] = [serve_cmd]

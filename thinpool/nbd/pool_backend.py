@@ -195,6 +195,7 @@ class PoolProvider:
         self.read_only = bool(read_only)
         self.close_pool = close_pool
         self.closed = False
+        self.close_error: BaseException | None = None
         self._open: Counter[int] = Counter()  # dev id -> open exports (connections)
         self._zero_buf = np.zeros(0, np.uint8)
 
@@ -222,13 +223,18 @@ class PoolProvider:
             return export
 
     def close(self) -> None:
-        """Commit and close the pool (once; later calls do nothing)."""
+        """Commit and close the pool (once; later calls do nothing).  A failure is re-raised and kept in
+        :attr:`close_error` (the server only logs what ``close()`` raises)."""
         with self.lock:
             if self.closed:
                 return
             self.closed = True
             if self.close_pool:
-                self.pool.close(commit=True)
+                try:
+                    self.pool.close(commit=True)
+                except BaseException as exc:
+                    self.close_error = exc
+                    raise
 
     # ------------------------------------------------------------------ bookkeeping
     def open_count(self, name: str) -> int:
