@@ -15,9 +15,10 @@ import numpy as np
 from . import layout as K
 
 
-def _kernels():
-    from . import kernels
-    return kernels
+def _walks():
+    from . import walks
+    return walks
+
 
 
 @dataclass
@@ -64,7 +65,7 @@ def check_pool(pool) -> CheckReport:
         rep.errors.append(f"device root {int(r)} is not a valid inner node")
     if bad_root.any():
         return rep
-    exp_inner, exp_leaf, exp_data, bad = _kernels().expected_counts(bm.nodes, roots, sp.nr_blocks)
+    exp_inner, exp_leaf, exp_data, bad = _walks().expected_counts(bm.nodes, roots, sp.nr_blocks)
     if bad:
         rep.errors.append(f"{bad} tree entries point outside the node store or beyond the data device "
                           f"({sp.nr_blocks} blocks)")
@@ -89,7 +90,7 @@ def check_pool(pool) -> CheckReport:
         if dev_id in seen_ids:
             rep.errors.append(f"device id {dev_id} is used twice")
         seen_ids.add(dev_id)
-        mapped, _ = _kernels().count_mappings(bm.nodes, int(d["root"]))
+        mapped, _ = _walks().count_mappings(bm.nodes, int(d["root"]))
         rep.mappings += int(mapped)
         if mapped != d["mapped"]:
             rep.errors.append(f"device {dev_id}: mapped_blocks is {int(d['mapped'])} but it maps {int(mapped)} blocks")

@@ -45,6 +45,11 @@ MODES = ("write", "out-of-data-space", "read-only", "fail")
 _NAME_RE = re.compile(r"^[^\x00-\x1f\x7f]{1,1024}$")
 
 
+def _walks():
+    from . import walks
+    return walks
+
+
 def _kernels():
     from . import kernels  # imported on first use: opening a pool does not need numba
     return kernels
@@ -565,12 +570,12 @@ class Pool:
         (thin_ls's definition); shared = mapped - exclusive.
         """
         self._check_open()
-        counts = _kernels().logical_counts(self.nodes_map.nodes, self._roots(), self.space.nr_blocks)
+        counts = _walks().logical_counts(self.nodes_map.nodes, self._roots(), self.space.nr_blocks)
         names = [name] if name is not None else [self._by_dev_id[d] for d in sorted(self._by_dev_id)]
         out = []
         for n in names:
             d = self.devs[self._slot(n)]
-            mapped, excl, highest = _kernels().device_usage(self.nodes_map.nodes, int(d["root"]), counts)
+            mapped, excl, highest = _walks().device_usage(self.nodes_map.nodes, int(d["root"]), counts)
             out.append(Usage(n, int(d["dev_id"]), self.block_size, int(mapped), int(excl), int(mapped - excl),
                              None if highest < 0 else int(highest)))
         return out[0] if name is not None else out

@@ -21,6 +21,11 @@ _ZERO1 = np.zeros(1, np.int64)
 _KERNELS = None
 
 
+def _walks():
+    from . import walks
+    return walks
+
+
 def _k():
     """The JIT kernels, imported on first I/O (handles and metadata operations don't need numba)."""
     global _KERNELS
@@ -343,7 +348,7 @@ class Thin:
             bs = pool.block_size
             first, last = off // bs, (end - 1) // bs
             flags = np.empty(last - first + 1, np.uint8)
-            _k().mapped_flags(pool.nodes_map.nodes, int(pool.devs[pool._slot(self.name)]["root"]), first, flags)
+            _walks().mapped_flags(pool.nodes_map.nodes, int(pool.devs[pool._slot(self.name)]["root"]), first, flags)
         cuts = np.flatnonzero(np.diff(flags)) + 1
         starts = np.concatenate(([0], cuts))
         ends = np.concatenate((cuts, [len(flags)]))
@@ -359,8 +364,8 @@ class Thin:
         pool = self.pool
         with pool._lock:
             root = int(pool.devs[pool._slot(self.name)]["root"])
-            n, _ = _k().count_mappings(pool.nodes_map.nodes, root)
+            n, _ = _walks().count_mappings(pool.nodes_map.nodes, root)
             vb = np.empty(n, np.int64)
             vals = np.empty(n, np.uint64)
-            _k().collect_mappings(pool.nodes_map.nodes, root, vb, vals)
+            _walks().collect_mappings(pool.nodes_map.nodes, root, vb, vals)
         return vb, (vals >> np.uint64(24)).astype(np.int64), (vals & np.uint64(0xFFFFFF)).astype(np.int64)

@@ -15,16 +15,17 @@ from ..errors import InvalidArgument
 from .ir import MAX_DEV_ID, SECTOR, TIME_MASK, Device, Metadata, Superblock
 
 
-def _k():
-    from .. import kernels
-    return kernels
+def _walks():
+    from .. import walks
+    return walks
+
 
 
 def _device_mappings(nodes: tuple, root: int) -> tuple[np.ndarray, np.ndarray]:
-    n, _ = _k().count_mappings(nodes, root)
+    n, _ = _walks().count_mappings(nodes, root)
     vb = np.empty(n, np.int64)
     vals = np.empty(n, np.uint64)
-    _k().collect_mappings(nodes, root, vb, vals)
+    _walks().collect_mappings(nodes, root, vb, vals)
     return vb, vals
 
 
@@ -127,7 +128,7 @@ def _fill(pool, md: Metadata, names: dict[int, str]) -> None:
         start = 0
         vb = dev.vblocks.astype(np.int64)
         while True:
-            code, start = _k().build_device(bm.nodes, pool.space.data_rc, pool.space.rc_dirty, pool.st, state, vb,
+            code, start = _walks().build_device(bm.nodes, pool.space.data_rc, pool.space.rc_dirty, pool.st, state, vb,
                                          vals, start)
             if code == K.OK:
                 break

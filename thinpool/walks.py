@@ -1,0 +1,221 @@
+"""Numba kernels that walk whole trees: mapping lists, accounting, reference-count checks, bulk
+builds.  Pure functions over the block-map arrays, like :mod:`thinpool.kernels` (whose per-block
+I/O path they share: ``writable_leaf``, ``inc_data``); kept apart so each module stays small.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from .kernels import inc_data, writable_leaf
+from .layout import (INNER_BITS, INNER_ENTRIES, LEAF_BITS, LEAF_ENTRIES, NEED_NODES, NONE, OK, ST_INNER_FREE,
+                     ST_LEAF_FREE, UNMAPPED)
+
+
+@njit(cache=True)
+def count_mappings(nodes, root):
+    """Number of mapped virtual blocks and the highest mapped block (-1 if none)."""
+    leaves, inners = nodes[0], nodes[1]
+    n = 0
+    highest = -1
+    for r in range(INNER_ENTRIES):
+        mid = inners[root, r]
+        if mid == NONE:
+            continue
+        for m in range(INNER_ENTRIES):
+            leaf = inners[mid, m]
+            if leaf == NONE:
+                continue
+            base = (r << (LEAF_BITS + INNER_BITS)) | (m << LEAF_BITS)
+            for i in range(LEAF_ENTRIES):
+                if leaves[leaf, i] != UNMAPPED:
+                    n += 1
+                    highest = base + i
+    return n, highest
+
+
+@njit(cache=True)
+def collect_mappings(nodes, root, vblocks, values):
+    """Fill ``vblocks``/``values`` (sized by :func:`count_mappings`) in virtual-block order."""
+    leaves, inners = nodes[0], nodes[1]
+    k = 0
+    for r in range(INNER_ENTRIES):
+        mid = inners[root, r]
+        if mid == NONE:
+            continue
+        for m in range(INNER_ENTRIES):
+            leaf = inners[mid, m]
+            if leaf == NONE:
+                continue
+            base = (r << (LEAF_BITS + INNER_BITS)) | (m << LEAF_BITS)
+            for i in range(LEAF_ENTRIES):
+                v = leaves[leaf, i]
+                if v != UNMAPPED:
+                    vblocks[k] = base + i
+                    values[k] = v
+                    k += 1
+    return k
+
+
+@njit(cache=True)
+def logical_counts(nodes, roots, nr_data_blocks):
+    """How many mapping entries, over all devices' trees, reference each data block (thin_ls's
+    notion behind EXCLUSIVE/SHARED).  Linear in distinct nodes: multiplicities propagate down."""
+    leaves, inners = nodes[0], nodes[1]
+    mult_inner = np.zeros(inners.shape[0], np.int64)
+    mult_leaf = np.zeros(leaves.shape[0], np.int64)
+    for r in roots:
+        mult_inner[r] += 1
+    seen = np.zeros(inners.shape[0], np.uint8)
+    for r in roots:
+        if seen[r]:
+            continue
+        seen[r] = 1
+        for i in range(INNER_ENTRIES):
+            mid = inners[r, i]
+            if mid != NONE:
+                mult_inner[mid] += mult_inner[r]
+    mids_seen = np.zeros(inners.shape[0], np.uint8)
+    for r in roots:
+        if seen[r] != 1:
+            continue
+        seen[r] = 2
+        for i in range(INNER_ENTRIES):
+            mid = inners[r, i]
+            if mid == NONE or mids_seen[mid]:
+                continue
+            mids_seen[mid] = 1
+            for j in range(INNER_ENTRIES):
+                leaf = inners[mid, j]
+                if leaf != NONE:
+                    mult_leaf[leaf] += mult_inner[mid]
+    counts = np.zeros(nr_data_blocks, np.int32)
+    for leaf in range(leaves.shape[0]):
+        m = mult_leaf[leaf]
+        if m == 0:
+            continue
+        for i in range(LEAF_ENTRIES):
+            v = leaves[leaf, i]
+            if v != UNMAPPED:
+                counts[np.int64(v >> np.uint64(24))] += m
+    return counts
+
+
+@njit(cache=True)
+def device_usage(nodes, root, counts):
+    """(mapped, exclusive, highest) for one device given :func:`logical_counts`."""
+    leaves, inners = nodes[0], nodes[1]
+    mapped = 0
+    exclusive = 0
+    highest = -1
+    for r in range(INNER_ENTRIES):
+        mid = inners[root, r]
+        if mid == NONE:
+            continue
+        for m in range(INNER_ENTRIES):
+            leaf = inners[mid, m]
+            if leaf == NONE:
+                continue
+            base = (r << (LEAF_BITS + INNER_BITS)) | (m << LEAF_BITS)
+            for i in range(LEAF_ENTRIES):
+                v = leaves[leaf, i]
+                if v != UNMAPPED:
+                    mapped += 1
+                    highest = base + i
+                    if counts[np.int64(v >> np.uint64(24))] == 1:
+                        exclusive += 1
+    return mapped, exclusive, highest
+
+
+@njit(cache=True)
+def expected_counts(nodes, roots, nr_data_blocks):
+    """Reference counts recomputed from the trees: (inner, leaf, data) -- for check()."""
+    leaves, inners = nodes[0], nodes[1]
+    exp_inner = np.zeros(inners.shape[0], np.int64)
+    exp_leaf = np.zeros(leaves.shape[0], np.int64)
+    exp_data = np.zeros(nr_data_blocks, np.int64)
+    for r in roots:
+        exp_inner[r] += 1
+    seen_root = np.zeros(inners.shape[0], np.uint8)
+    seen_mid = np.zeros(inners.shape[0], np.uint8)
+    seen_leaf = np.zeros(leaves.shape[0], np.uint8)
+    bad = 0
+    for r in roots:
+        if seen_root[r]:
+            continue
+        seen_root[r] = 1
+        for i in range(INNER_ENTRIES):
+            mid = inners[r, i]
+            if mid == NONE:
+                continue
+            if mid < 0 or mid >= inners.shape[0]:
+                bad += 1
+                continue
+            exp_inner[mid] += 1
+            if seen_mid[mid]:
+                continue
+            seen_mid[mid] = 1
+            for j in range(INNER_ENTRIES):
+                leaf = inners[mid, j]
+                if leaf == NONE:
+                    continue
+                if leaf < 0 or leaf >= leaves.shape[0]:
+                    bad += 1
+                    continue
+                exp_leaf[leaf] += 1
+                if seen_leaf[leaf]:
+                    continue
+                seen_leaf[leaf] = 1
+                for k in range(LEAF_ENTRIES):
+                    v = leaves[leaf, k]
+                    if v != UNMAPPED:
+                        d = np.int64(v >> np.uint64(24))
+                        if d >= nr_data_blocks:
+                            bad += 1
+                        else:
+                            exp_data[d] += 1
+    return exp_inner, exp_leaf, exp_data, bad
+
+
+@njit(cache=True)
+def build_device(nodes, data_rc, rc_dirty, st, dev, vblocks, values, start):
+    """Insert sorted mappings ``start..`` into an empty device (restore/import).  Data counts are
+    incremented per leaf entry.  Returns (code, next_index) like :func:`write_batch`."""
+    leaves = nodes[0]
+    for k in range(start, vblocks.shape[0]):
+        if st[ST_INNER_FREE] < 3 or st[ST_LEAF_FREE] < 1:
+            return NEED_NODES, k
+        vb = vblocks[k]
+        leaf = writable_leaf(nodes, data_rc, rc_dirty, st, dev, vb)
+        leaves[leaf, vb & (LEAF_ENTRIES - 1)] = values[k]
+        inc_data(data_rc, rc_dirty, np.int64(values[k] >> np.uint64(24)))
+    return OK, vblocks.shape[0]
+
+
+@njit(cache=True)
+def mapped_flags(nodes, root, first, out):
+    """out[i] = 1 if virtual block ``first + i`` is mapped (for BLOCK_STATUS / sparse export)."""
+    leaves, inners = nodes[0], nodes[1]
+    n = out.shape[0]
+    i = 0
+    while i < n:
+        vb = first + i
+        mid = inners[root, vb >> (LEAF_BITS + INNER_BITS)]
+        if mid == NONE:
+            step = ((vb >> (LEAF_BITS + INNER_BITS)) + 1 << (LEAF_BITS + INNER_BITS)) - vb
+            for k in range(i, min(n, i + step)):
+                out[k] = 0
+            i += step
+            continue
+        leaf = inners[mid, (vb >> LEAF_BITS) & (INNER_ENTRIES - 1)]
+        if leaf == NONE:
+            step = ((vb >> LEAF_BITS) + 1 << LEAF_BITS) - vb
+            for k in range(i, min(n, i + step)):
+                out[k] = 0
+            i += step
+            continue
+        out[i] = 1 if leaves[leaf, vb & (LEAF_ENTRIES - 1)] != UNMAPPED else 0
+        i += 1
+
+
