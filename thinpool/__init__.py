@@ -18,10 +18,11 @@ from .errors import (AlreadyExists, FailedPrecondition, InvalidArgument, Metadat
                      PoolLocked, ReadOnly, ThinpoolError)
 from .units import parse_size
 
-_LAZY = {"Pool": "pool", "PoolStatus": "pool", "Usage": "pool", "Thin": "thin"}
+_LAZY = {"Pool": "pool", "PoolStatus": "status", "Usage": "status", "Thin": "thin"}
 
 if TYPE_CHECKING:
-    from .pool import Pool, PoolStatus, Usage
+    from .pool import Pool
+    from .status import PoolStatus, Usage
     from .thin import Thin
 
 

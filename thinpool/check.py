@@ -20,7 +20,6 @@ def _walks():
     return walks
 
 
-
 @dataclass
 class CheckReport:
     """Outcome of :func:`check_pool`: ``ok`` and the list of problems found (empty when ok)."""

@@ -20,7 +20,6 @@ def _walks():
     return walks
 
 
-
 def _device_mappings(nodes: tuple, root: int) -> tuple[np.ndarray, np.ndarray]:
     n, _ = _walks().count_mappings(nodes, root)
     vb = np.empty(n, np.int64)

@@ -1,0 +1,79 @@
+"""What a pool reports: dm-thin's status fields (:class:`PoolStatus`) and per-volume block
+accounting (:class:`Usage`)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class PoolStatus:
+    """What ``dmsetup status`` reports for a thin-pool, plus a few derived values."""
+
+    transaction_id: int
+    time: int
+    data_block_size: int
+    used_data_blocks: int
+    total_data_blocks: int
+    used_metadata_blocks: int
+    total_metadata_blocks: int
+    mode: str
+    low_water_mark: int
+    held_root: int | None
+    needs_check: bool
+    error_if_no_space: bool
+    zero_new_blocks: bool
+    nr_thins: int
+
+    @property
+    def free_data_blocks(self) -> int:
+        return self.total_data_blocks - self.used_data_blocks
+
+    @property
+    def metadata_low_water_mark(self) -> int:
+        return min(1024, self.total_metadata_blocks // 4)
+
+    def dmsetup_line(self) -> str:
+        """The thin-pool status line exactly as dm-thin formats it (reference §1.4)."""
+        mode = {"write": "rw", "out-of-data-space": "out_of_data_space"}.get(self.mode, "ro")
+        if self.mode == "fail":
+            return "Fail"
+        held = str(self.held_root) if self.held_root is not None else "-"
+        return (f"{self.transaction_id} {self.used_metadata_blocks}/{self.total_metadata_blocks} "
+                f"{self.used_data_blocks}/{self.total_data_blocks} {held} {mode} discard_passdown "
+                f"{'error_if_no_space' if self.error_if_no_space else 'queue_if_no_space'} "
+                f"{'needs_check' if self.needs_check else '-'} {self.metadata_low_water_mark} ")
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["free_data_blocks"] = self.free_data_blocks
+        d["metadata_low_water_mark"] = self.metadata_low_water_mark
+        return d
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Block accounting of one thin device (thin_ls's MAPPED/EXCLUSIVE/SHARED)."""
+
+    name: str
+    dev_id: int
+    block_size: int
+    mapped_blocks: int
+    exclusive_blocks: int
+    shared_blocks: int
+    highest_mapped_block: int | None
+
+    @property
+    def mapped_bytes(self) -> int:
+        return self.mapped_blocks * self.block_size
+
+    @property
+    def exclusive_bytes(self) -> int:
+        return self.exclusive_blocks * self.block_size
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(mapped_bytes=self.mapped_bytes, exclusive_bytes=self.exclusive_bytes,
+                 shared_bytes=self.shared_blocks * self.block_size)
+        return d
