@@ -313,7 +313,9 @@ def bench_cow(sc: Scratch, nblocks: int, repeats: int, key: str = "engine.6") ->
     from thinpool import Pool
     rng = np.random.default_rng(8)
     path = sc.path("cow")
-    p = Pool.create(path, data_size=(2 * nblocks + 1024) * BS, block_size=BS)
+    # room for the origin, this repeat's copies and the previous repeat's (blocks freed by a commit
+    # stay reserved until the next one): no implicit commit inside the timed writes
+    p = Pool.create(path, data_size=(3 * nblocks + 1024) * BS, block_size=BS)
     o = p.create_thin("o", nblocks * BS)
     hand_path = sc.path("cow-hand")
     fd = sparse_file(hand_path, 2 * nblocks * BS)

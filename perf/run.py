@@ -167,7 +167,9 @@ def s3(sc: Scratch, full: bool) -> tuple[list[Row], dict]:
     rng = np.random.default_rng(13)
     size = nblocks * BS
     path = sc.path("s3")
-    p = Pool.create(path, data_size=(2 * nblocks + 1024) * BS, block_size=BS)
+    # room for this repeat's copies and the previous repeat's (freed blocks stay reserved for one
+    # more commit): no implicit commit inside the timed writes
+    p = Pool.create(path, data_size=(3 * nblocks + 1024) * BS, block_size=BS)
     o = p.create_thin("o", size)
     for i in range(0, nblocks, 256):
         o.write_many(np.arange(i, i + 256, dtype=np.int64) * BS, rand_bytes(rng, 256, BS))
