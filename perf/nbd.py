@@ -196,27 +196,32 @@ def run(sc: Scratch, full: bool) -> tuple[list[Row], dict[str, Any]]:
 
 # ----------------------------------------------------------------------------- docs section
 ANALYSIS = """\
-**Where the time goes** (py-spy on the serving process under fio; per-call loops of 20,000 random 4 KiB
-calls).  This 2-core VM was shared with other test suites while these ran: the same side moves by up to
-2x between runs (a quick run the same day gave 1.42x / 0.75x / 1.27x / 0.80x in the table's order, another
-full run 0.80x / 0.58x / 0.78x / 0.64x under heavier load), so read the ratios, not the IOPS, and expect
-+-25 %.
+**Reading these numbers.**  This 2-core VM is shared with other test suites; a side moves by up to 2x
+between runs (QD1 especially: it is pure latency), so read the ratios, and compare runs.  Full runs the
+same day, in the table's order (read QD1, read QD16, write QD1, write QD16): before the session's batched
+socket I/O (7389b76) 0.86 / 0.73 / 1.30 / 0.76 and 0.80 / 0.58 / 0.78 / 0.64; after it 1.53 / 1.10 / 1.07
+/ 1.27 and the table above.  So: iodepth 16 passes since the session change (1.10-1.32x), 4 KiB writes at
+iodepth 1 pass (1.07-1.30x in three of four runs), **4 KiB reads at iodepth 1 are short in quiet
+conditions (0.67-0.88x in most rounds; one run 1.5x when qemu-nbd had a bad period).**
 
-* iodepth 1 is a round trip per request.  `thinpool serve` spends ~50 us of Python per request in the NBD
-  session (a `poll` + `recv` for the 28-byte header, another pair for a write payload, decoding and
-  checks, one `sendall` per reply) plus ~10 us in the pool backend (`Thin.read` / `Thin.write`), against
-  qemu-nbd's C.  Writes beat qemu-nbd+qcow2 (whose writes go through its thread pool); reads are at
-  0.8-1.4x.  A structured READ used to add a block-map query for its hole chunks (`Thin.mapped_ranges`,
-  35-48 us per 4 KiB): the backend now answers "allocated" for a READ of at most one block (always valid
-  in `base:allocation`; BLOCK_STATUS still queries).  With that and the engine's faster per-call paths,
-  4 KiB reads went from 0.25-0.5x (first runs today) to 0.8-1.4x.
-* iodepth 16: the session serves pipelined requests one by one, 3-5 system calls each; 37-69 % of the
-  session thread is in `Session._send` and 10-25 % in `poll`/`recv`, the backend ~15 %.  A prototype
-  session that reads every pipelined request with one `recv` into a 256 KiB buffer and sends the queued
-  replies with one `sendall` just before it would block for input (flushing before any blocking wait keeps
-  it deadlock-free) went from 11.8-12.2k to 13.8-20.7k read and from 15.2-18.8k to 21.0-21.5k write IOPS,
-  side by side: that is the missing ~1.3x.  It belongs in `thinpool/nbd/session.py` (requested in
-  `/work/notes/requests.txt`, item N5), with the engine's per-call cost (N1, N2) next.
+**Where the time goes** (py-spy on the serving process under fio, a timing wrapper around the session's
+request handler, and per-call loops of 20,000 random 4 KiB calls):
+
+* iodepth 1 is one round trip per request.  Measured inside `thinpool serve` during fio QD1 reads: 46 us
+  handling a request (of which 28 us in `PoolExport.pread` -> `Thin.read`, 11 us in a tight loop: cold
+  caches after every context switch) plus 56 us between requests (poll wake-up, recv, decoding), about
+  100 us, against 57-75 us for qemu-nbd+qcow2 in C.  Writes do better relative to qemu-nbd, whose writes go
+  through its thread pool.  A structured READ used to add a block-map query for its hole chunks
+  (`Thin.mapped_ranges`, 35-48 us per 4 KiB, more than the read): the backend answers "allocated" for a
+  READ of at most one block (always valid in `base:allocation`; BLOCK_STATUS still queries), which
+  together with the engine's faster per-call paths took QD1 reads from 0.25-0.5x to where they are.  The
+  rest is the engine's fixed per-call cost (requests N1, N2 in `/work/notes/requests.txt`) and the
+  session's per-request Python.
+* iodepth 16: the session used to serve pipelined requests one by one with 3-5 system calls each (37-69 %
+  of the session thread in `sendall`, 10-25 % in `poll`/`recv`; the backend ~15 %).  Reading every
+  pipelined request with one `recv` and sending the queued replies with one `sendall` before the next wait
+  for input (prototyped here: 12k -> 14-21k read, 15-19k -> 21k write IOPS side by side; request N5) is now
+  in `thinpool/nbd/session.py`, and both depth-16 rows pass.
 """
 
 def table_md(rows: list[Row], d: dict[str, Any]) -> str:
