@@ -711,8 +711,6 @@ def test_ext4_snapshot_while_mounted(env: Env) -> None:
 
     make_pool(env, {"fs": 256 * MiB})
     srv = env.serve()
-    mounts_before = open("/proc/mounts").read().count(env.root)
-    loops_before = ok("losetup", "-a")
     attached: list[Attached] = []
     try:
         origin = Attached(srv.uri("fs"), env.root, "o")
@@ -761,8 +759,8 @@ def test_ext4_snapshot_while_mounted(env: Env) -> None:
         for a in reversed(attached):
             a.close()  # umount (ext4 writes its last journal and superblock blocks), loop, fuse
     rows = {r["name"]: r for r in cli_json("ls", env.pool)}  # still served: through the control socket
-    assert open("/proc/mounts").read().count(env.root) == mounts_before
-    assert ok("losetup", "-a") == loops_before
+    # nothing of ours is left mounted or attached (other processes may use loop devices meanwhile)
+    assert env.root not in open("/proc/mounts").read() and env.root not in ok("losetup", "-a")
     p = stopped_and_checked(srv)
     try:
         vo, do, _ = p.thin("fs").mappings()

@@ -24,10 +24,13 @@ pytestmark = pytest.mark.realtools
 FILES = [103_000_000, 745, 2_780, 7, 100]
 
 
-def _leftovers() -> tuple[str, int]:
-    loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+def _leftovers(root: str) -> list[str]:
+    """Loop devices and mounts that still refer to ``root`` (the run's private temporary directory; other
+    processes may attach loop devices meanwhile, so only ours count)."""
+    loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout.splitlines()
     with open("/proc/mounts") as f:
-        return loops, sum(1 for line in f if "thinpool-realfs-" in line)
+        mounts = f.read().splitlines()
+    return [x for x in loops + mounts if root in x]
 
 
 def _check_result(r: dict, bs: int) -> None:
@@ -82,12 +85,16 @@ def _check_result(r: dict, bs: int) -> None:
 def test_demo_real_fs_cli_64k() -> None:
     require_root()
     require_tool("nbdfuse", "fusermount3", "losetup", "mkfs.ext4", "tune2fs", "fsfreeze")
-    before = _leftovers()
-    r = subprocess.run([sys.executable, "-m", "thinpool", "demo", "--real-fs", "--json"], capture_output=True,
-                       text=True, timeout=240)
-    assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads(r.stdout)
-    assert _leftovers() == before
+    root = tempfile.mkdtemp(prefix="tprfs", dir="/tmp")
+    try:
+        env = {**os.environ, "TMPDIR": root}  # the demo's temporary directory goes in here
+        r = subprocess.run([sys.executable, "-m", "thinpool", "demo", "--real-fs", "--json"], capture_output=True,
+                           text=True, timeout=240, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+        res = json.loads(r.stdout)
+        assert not _leftovers(root) and os.listdir(root) == []  # unmounted, detached, removed
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
     assert res["pool"] is None and res["elapsed_seconds"] < 120
     _check_result(res, 64 * 1024)
     from thinpool.realfs import render_realfs
@@ -97,16 +104,16 @@ def test_demo_real_fs_cli_64k() -> None:
     assert "other containers still read the original bytes: yes" in text
 
 
-def test_demo_real_fs_512k_keeps_the_pool() -> None:
+def test_demo_real_fs_512k_keeps_the_pool(monkeypatch: pytest.MonkeyPatch) -> None:
     require_root()
     require_tool("nbdfuse", "fusermount3", "losetup", "mkfs.ext4", "tune2fs", "fsfreeze")
     from thinpool import Pool
     from thinpool.realfs import run_realfs_demo
     root = tempfile.mkdtemp(prefix="tprfs", dir="/tmp")
-    before = _leftovers()
+    monkeypatch.setattr(tempfile, "tempdir", root)  # the demo's scratch directory goes in here
     try:
         res = run_realfs_demo(os.path.join(root, "pool"), "512KiB", base_size="2GiB")
-        assert _leftovers() == before
+        assert not _leftovers(root) and os.listdir(root) == ["pool"]
         assert res["pool"] == os.path.join(root, "pool") and res["base_device_size"] == 2 << 30
         _check_result(res, 512 * 1024)
         with Pool.open(res["pool"], read_only=True) as p:  # kept, closed cleanly, consistent
