@@ -876,10 +876,11 @@ def diff_env() -> Iterator[dict[str, Any]]:
     server.start()
     try:
         yield {"pool": pool, "server": server, "root": root}
-    finally:
         server.shutdown()  # the pool provider commits and closes the pool
         assert pool._closed
         with Pool.open(os.path.join(root, "pool"), read_only=True) as p:
             assert p.check().ok and not p.thins()
         print(f"\n[nbd pool diff-fuzz] {DIFF_COUNTS['sequences']} sequences, {DIFF_COUNTS['requests']} requests")
+    finally:
+        server.shutdown()
         shutil.rmtree(root, ignore_errors=True)
