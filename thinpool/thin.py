@@ -174,6 +174,7 @@ class Thin:
         pool = self.pool
         n = len(buf)
         with pool._lock:
+            self._check_write()  # closed or read-only first, then the range (as the batch path)
             slot = pool._slot(self.name)
             _check_span(self.name, int(pool.devs_i[slot, DEV_SIZE]), offset, n)
             one = pool._one_io  # preallocated [offset, length] scratch, used under the lock
@@ -292,6 +293,8 @@ class Thin:
         length = _scalar(self.name, "length", length)
         pool = self.pool
         with pool._lock:
+            if pool._closed:
+                pool._check_open()
             _check_span(self.name, self.size, offset, length)  # before allocating the output
             out = np.empty(length, np.uint8)
             slot = pool._by_name.get(self.name)
@@ -315,6 +318,7 @@ class Thin:
         """Read ``length`` bytes at each offset in one kernel call; returns a (n, length) uint8 array."""
         offs = _as_offsets(offsets, "offsets")
         length = _scalar(self.name, "length", length)
+        self.pool._check_open()
         if length < 0 or length > self.size:
             raise InvalidArgument(f"volume {self.name!r}: length {length} is negative or larger than the volume "
                                   f"({self.size} bytes)")
