@@ -213,6 +213,7 @@ class Pool:
         arrays = self.store.load()
         self._install(arrays, self.store.header)
         self._lwm_fired = False
+        self._set_md_check()
         self.mode = "write"
         if self.header.get("needs_check"):
             self.mode = "read-only"
@@ -587,6 +588,7 @@ class Pool:
         self.data.punch(released)
         if self.mode == "out-of-data-space" and self.st[K.ST_NR_ALLOCATABLE] > 0:
             self.mode = "write"
+        self._set_md_check()
 
     @_locked
     def abort(self) -> None:
@@ -638,12 +640,22 @@ class Pool:
             self.mode = "write"
         self.commit()
 
+    def _set_md_check(self) -> None:
+        """Live node count below which a commit surely fits in the metadata file (see _after_alloc);
+        refreshed at every load and commit (the other pages only grow between them)."""
+        bm = self.nodes_map
+        fixed = (len(bm.leaf_rc) + len(bm.inner_rc) + len(self.space.data_rc)) // 1024 + \
+            len(self.devs) // DEVS_PER_PAGE + 8
+        self._md_check_below = (self.store.nr_blocks - 16) // 2 - fixed - 64
+
     def _after_alloc(self) -> None:
-        lwm = int(self.header["low_water_mark"])
-        if not self._lwm_fired and self.st[K.ST_NR_FREE] <= lwm:
+        st = self.st
+        if not self._lwm_fired and st[K.ST_NR_FREE] <= self.header["low_water_mark"]:
             self._lwm_fired = True
             if self.on_low_water is not None:
                 self.on_low_water(self)
+        if st[K.ST_LEAVES_LIVE] + st[K.ST_INNERS_LIVE] < self._md_check_below:
+            return  # far from the metadata limit: skip the estimate
         bm = self.nodes_map
         live = int(self.st[K.ST_LEAVES_LIVE] + self.st[K.ST_INNERS_LIVE]) + \
             (len(bm.leaf_rc) + len(bm.inner_rc) + len(self.space.data_rc)) // 1024 + len(self.devs) // DEVS_PER_PAGE + 8

@@ -174,23 +174,24 @@ class Thin:
         pool = self.pool
         n = len(buf)
         with pool._lock:
-            self._check_write()  # closed or read-only first, then the range (as the batch path)
-            slot = pool._slot(self.name)
-            _check_span(self.name, int(pool.devs_i[slot, DEV_SIZE]), offset, n)
-            one = pool._one_io  # preallocated [offset, length] scratch, used under the lock
-            one[0, 0] = offset
-            one[1, 0] = n
             slot = pool._by_name.get(self.name)
             if slot is not None and pool.mode == "write" and not pool.read_only and not pool._closed:
                 row = pool.devs_i[slot]
                 if 0 <= offset and offset + n <= row[L.DEV_SIZE] and not row[L.DEV_FLAGS] & 2:
-                    # fast path: one kernel call; anything unusual falls through to _submit
+                    # fast path (writable pool and volume, in range): one kernel call; anything
+                    # unusual (no space, node growth, an I/O error) is redone by the general path
                     code, need = (_KERNELS or _k()).write_one(pool._kernel_table(), row, buf, pool.data.fd, offset)
                     if code == L.OK:
                         pool.devs_dirty.add(slot)
                         if need:
                             pool._after_alloc()
                         return n
+            self._check_write()  # closed or read-only first, then the range (as the batch path)
+            slot = pool._slot(self.name)
+            _check_span(self.name, int(pool.devs_i[slot, DEV_SIZE]), offset, n)
+            one = pool._one_io  # preallocated [offset, length] scratch, used under the lock
+            one[0, 0] = offset
+            one[1, 0] = n
             self._submit(one[0], one[1], buf, _ZERO1)
         return n
 
