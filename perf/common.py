@@ -99,6 +99,31 @@ def timed(fn: Callable[[], Any]) -> float:
         gc.enable()
 
 
+def cow_sampler(pool: Any, origin: str, offs: Any, bufs: Any, batch: bool) -> Callable[[int], float]:
+    """An :func:`interleave` side: snapshot ``origin``, time the 4 KiB writes into its shared blocks
+    (one ``write_many`` or a ``write`` per I/O), then delete the snapshot and commit (untimed)."""
+    offs_l = offs.tolist()
+    rows = [bufs[i] for i in range(len(bufs))]
+    counter = {"i": 0}
+
+    def run(_r: int) -> float:
+        counter["i"] += 1
+        s = pool.snapshot(origin, f"cow{'b' if batch else 'c'}{counter['i']}")
+        if batch:
+            t = timed(lambda: s.write_many(offs, bufs))
+        else:
+            w = s.write
+
+            def go() -> None:
+                for off, b in zip(offs_l, rows):
+                    w(off, b)
+            t = timed(go)
+        pool.delete(s.name)
+        pool.commit()
+        return t
+    return run
+
+
 def interleave(sides: dict[str, Callable[[int], float]], repeats: int) -> dict[str, list[float]]:
     """Run each side ``repeats`` times, alternating sides and rotating their order each round.
 

@@ -28,7 +28,7 @@ import tempfile
 import numpy as np
 
 from .common import (GiB, KiB, MiB, Row, Scratch, drop_file, interleave, log, machine, med, rand_bytes,
-                     ratio_row, sparse_file, synthetic_metadata, timed)
+                     ratio_row, sparse_file, synthetic_metadata, timed, cow_sampler)
 
 BS = 64 * KiB
 IO = 4 * KiB
@@ -331,26 +331,10 @@ def bench_cow(sc: Scratch, nblocks: int, repeats: int, key: str = "engine.6") ->
     offs = order * BS + inblk
     bufs = rand_bytes(rng, nblocks, IO)
     rows = [bufs[i] for i in range(nblocks)]
-    offs_l, order_l, inblk_l = offs.tolist(), order.tolist(), inblk.tolist()
-    n = {"i": 0}
+    order_l, inblk_l = order.tolist(), inblk.tolist()
 
     def thin(batch):
-        def run(_r):
-            n["i"] += 1
-            s = p.snapshot("o", f"s{n['i']}")
-            if batch:
-                t = timed(lambda: s.write_many(offs, bufs))
-            else:
-                w = s.write
-
-                def go():
-                    for off, b in zip(offs_l, rows):
-                        w(off, b)
-                t = timed(go)
-            p.delete(s.name)
-            p.commit()
-            return t
-        return run
+        return cow_sampler(p, "o", offs, bufs, batch)
 
     def hand(_r):
         pr, pw = os.pread, os.pwrite

@@ -34,7 +34,7 @@ import numpy as np
 from . import engine
 from . import qemu
 from .common import (GiB, KiB, MiB, TiB, Row, Scratch, clock, drop_file, find_tool, interleave, log, machine,
-                     med, missing_msg, rand_bytes, ratio_row, save_json, sparse_file, synthetic_metadata, timed,
+                     med, missing_msg, rand_bytes, ratio_row, save_json, sparse_file, synthetic_metadata, timed, cow_sampler,
                      tool_version)
 
 BS = 64 * KiB
@@ -178,31 +178,14 @@ def s3(sc: Scratch, full: bool) -> tuple[list[Row], dict]:
     offs = order * BS + rng.integers(0, BS // IO, nblocks) * IO
     bufs = rand_bytes(rng, nblocks, IO)
     offs_l = offs.tolist()
-    rows_b = [bufs[i] for i in range(nblocks)]
     have_q = qemu.available()
     base_q = sc.path("s3-base.qcow2")
     if have_q:
         qemu.create(base_q, size)
         qemu.fill(base_q, size)
-    k = {"i": 0}
 
     def thin(batch):
-        def run(_r):
-            k["i"] += 1
-            s = p.snapshot("o", f"s{k['i']}")
-            if batch:
-                t = timed(lambda: s.write_many(offs, bufs))
-            else:
-                w = s.write
-
-                def go():
-                    for off, b in zip(offs_l, rows_b):
-                        w(off, b)
-                t = timed(go)
-            p.delete(s.name)
-            p.commit()
-            return t
-        return run
+        return cow_sampler(p, "o", offs, bufs, batch)
 
     def q_internal(_r):
         img = sc.path("s3-int.qcow2")

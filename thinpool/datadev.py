@@ -72,8 +72,7 @@ class DataDevice:
             return
         prot = mmap.PROT_READ if self.read_only else mmap.PROT_READ | mmap.PROT_WRITE
         self._mm = mmap.mmap(self.fd, length, mmap.MAP_SHARED, prot)
-        self.array = np.frombuffer(self._mm, np.uint8) if not self.read_only else \
-            np.frombuffer(self._mm, np.uint8)
+        self.array = np.frombuffer(self._mm, np.uint8)
 
     def _unmap(self) -> None:
         self.array = np.zeros(0, np.uint8)

@@ -595,7 +595,8 @@ class Pool:
         """Drop everything since the last commit (dm-thin's transaction abort)."""
         self._check_open()
         self._load()
-        self.data.resize(self.space.nr_blocks) if self.data.nr_blocks != self.space.nr_blocks else None
+        if self.data.nr_blocks != self.space.nr_blocks:  # a resize since the last commit is undone too
+            self.data.resize(self.space.nr_blocks)
         if not self.read_only:
             self.data.scrub(self.space.data_rc, keep=self.space.pending)
 
