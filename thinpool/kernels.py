@@ -45,14 +45,19 @@ from .layout import (ST_SIZE, DEV_MAPPED, DEV_ROOT, DEV_SNAP_TIME, INNER_BITS, I
 
 @njit(cache=True, inline="always")
 def copy_bytes(dst, d0, src, s0, n):
-    for k in range(n):
-        dst[d0 + k] = src[s0 + k]
+    # unsigned indices: no negative-index wraparound check per element, so LLVM vectorises the
+    # loop (a signed-index byte loop copies ~1.5 bytes/ns: 2.7 us per 4 KiB, now ~0.1 us + misses)
+    d = np.uint64(d0)
+    s = np.uint64(s0)
+    for k in range(np.uint64(n)):
+        dst[d + k] = src[s + k]
 
 
 @njit(cache=True, inline="always")
 def fill_bytes(dst, d0, n, value):
-    for k in range(n):
-        dst[d0 + k] = value
+    d = np.uint64(d0)
+    for k in range(np.uint64(n)):
+        dst[d + k] = value
 
 
 # --------------------------------------------------------------------------- allocation
@@ -435,25 +440,28 @@ def write_batch(nodes, data_rc, freed_txn, rc_dirty, st, dev, fd, tmp, offsets, 
     return OK, offsets.shape[0], need
 
 
+@njit(cache=True, inline="always")
+def read_span(nodes, root, data, bs, off, remaining, out, dst):
+    """Copy ``remaining`` bytes at virtual byte ``off`` into ``out[dst:]`` (holes read as zeroes)."""
+    while remaining > 0:
+        vb = off // bs
+        inblk = off - vb * bs
+        seg = min(remaining, bs - inblk)
+        v, _ = lookup(nodes, root, vb)
+        if v == UNMAPPED:
+            fill_bytes(out, dst, seg, 0)
+        else:
+            copy_bytes(out, dst, data, np.int64(v >> np.uint64(24)) * bs + inblk, seg)
+        off += seg
+        dst += seg
+        remaining -= seg
+
+
 @njit(cache=True)
 def read_batch(nodes, root, data, bs, offsets, lengths, out, out_starts):
     """Read a batch: mapped blocks are copied from the data device, holes read as zeroes."""
     for i in range(offsets.shape[0]):
-        off = offsets[i]
-        remaining = lengths[i]
-        dst = out_starts[i]
-        while remaining > 0:
-            vb = off // bs
-            inblk = off - vb * bs
-            seg = min(remaining, bs - inblk)
-            v, _ = lookup(nodes, root, vb)
-            if v == UNMAPPED:
-                fill_bytes(out, dst, seg, 0)
-            else:
-                copy_bytes(out, dst, data, np.int64(v >> np.uint64(24)) * bs + inblk, seg)
-            off += seg
-            dst += seg
-            remaining -= seg
+        read_span(nodes, root, data, bs, offsets[i], lengths[i], out, out_starts[i])
 
 
 @njit(cache=True)
@@ -549,12 +557,9 @@ def write_one(tab, dev, buf, fd, offset):
 
 
 @njit(cache=True)
-def read_one(tab, root, data, out, offset):
-    """:func:`read_batch` for one read of ``len(out)`` bytes at ``offset`` (arrays from ``tab``)."""
+def read_one(tab, dev, data, out, offset):
+    """:func:`read_batch` for one read of ``len(out)`` bytes at ``offset`` of the device whose record
+    is ``dev`` (node arrays from ``tab``)."""
     nodes = _table_nodes(tab)
     st = carray(_address(tab[13, 0]), (ST_SIZE,), np.int64)
-    io = np.empty(3, np.int64)
-    io[0] = offset
-    io[1] = out.shape[0]
-    io[2] = 0
-    read_batch(nodes, root, data, st[ST_BLOCK_SIZE], io[0:1], io[1:2], out, io[2:3])
+    read_span(nodes, dev[DEV_ROOT], data, st[ST_BLOCK_SIZE], offset, out.shape[0], out, 0)

@@ -290,24 +290,26 @@ class Thin:
     # ------------------------------------------------------------------ reads
     def read(self, offset: int, length: int) -> bytes:
         """Read ``length`` bytes at ``offset`` (unmapped blocks read as zeroes)."""
+        pool = self.pool
+        if type(offset) is int and type(length) is int:
+            # fast path (open pool, in range): one kernel call, no checks beyond these
+            with pool._lock:
+                slot = pool._by_name.get(self.name)
+                if slot is not None and not pool._closed:
+                    row = pool.devs_i[slot]
+                    if 0 <= offset and 0 <= length and offset + length <= int(row[L.DEV_SIZE]):
+                        out = np.empty(length, np.uint8)
+                        (_KERNELS or _k()).read_one(pool._kernel_table(), row, pool.data.array, out, offset)
+                        return out.tobytes()
         offset = _scalar(self.name, "offset", offset)
         length = _scalar(self.name, "length", length)
-        pool = self.pool
         with pool._lock:
             if pool._closed:
                 pool._check_open()
             _check_span(self.name, self.size, offset, length)  # before allocating the output
             out = np.empty(length, np.uint8)
-            slot = pool._by_name.get(self.name)
-            if slot is not None and not pool._closed and 0 <= offset and 0 <= length and offset + length <= \
-                    pool.devs_i[slot, L.DEV_SIZE]:
-                (_KERNELS or _k()).read_one(pool._kernel_table(), pool.devs_i[slot, L.DEV_ROOT], pool.data.array,
-                                            out, offset)
-                return out.tobytes()
-            one = pool._one_io
-            one[0, 0] = offset if -(1 << 62) < offset < 1 << 62 else -1
-            one[1, 0] = length if -(1 << 62) < length < 1 << 62 else -1
-            self._read(one[0], one[1], out, _ZERO1)
+            (_KERNELS or _k()).read_one(pool._kernel_table(), pool.devs_i[pool._slot(self.name)], pool.data.array,
+                                        out, offset)
         return out.tobytes()
 
     def read_into(self, offset: int, out: np.ndarray) -> None:
