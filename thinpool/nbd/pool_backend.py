@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from thinpool.errors import FailedPrecondition, NotFound, ReadOnly
+from thinpool.layout import DEV_ID
 from thinpool.nbd.backend import MAPPED, UNMAPPED, check_range, split_by_blocks
 
 #: The most bytes one ``extents`` call looks at; the server accepts shorter answers (BLOCK_STATUS may
@@ -65,16 +66,18 @@ class PoolExport:
         self._closed = False
         self._handle = thin
         self._just_read: tuple[int, int] | None = None  # see extents()
+        #: the session may send a READ of at most this many bytes as one data chunk without asking
+        #: for its extents (the answer would be "allocated", see extents())
+        self.dense_read_max = self.block_size
 
     # ------------------------------------------------------------------ helpers
     def _thin(self) -> Any:
         """The volume's current Thin handle, bound by device id (a rename does not matter)."""
         thin = self._handle
-        try:
-            if thin.dev_id == self.dev_id:  # the cached handle still names our device
-                return thin
-        except NotFound:
-            pass
+        pool = self.pool
+        slot = pool._by_name.get(thin.name)
+        if slot is not None and pool.devs_i[slot, DEV_ID] == self.dev_id:
+            return thin  # the cached handle still names our device
         try:
             self._handle = thin = self.pool.by_dev_id(self.dev_id)
         except NotFound:
@@ -90,7 +93,8 @@ class PoolExport:
     def pread(self, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset`` (unmapped blocks read as zeroes)."""
         self._just_read = None
-        check_range(self, offset, length)
+        if offset < 0 or length < 0 or offset + length > self.size:
+            check_range(self, offset, length)
         data = self._thin().read(offset, length)
         self._just_read = (offset, length)
         return data
@@ -98,9 +102,12 @@ class PoolExport:
     def pwrite(self, offset: int, data: bytes) -> None:
         """Write ``data`` at ``offset``: provisions / copies-on-write as needed; NoSpace changes nothing."""
         self._just_read = None
-        self._check_writable()
-        check_range(self, offset, len(data))
-        if data:
+        if self.read_only:
+            self._check_writable()
+        n = len(data)
+        if offset < 0 or offset + n > self.size:
+            check_range(self, offset, n)
+        if n:
             self._thin().write(offset, data)
 
     def flush(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import select
 import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -75,6 +76,26 @@ def nbd_error_for(exc: BaseException) -> int:
 
 _RECV_CHUNK = 256 * 1024
 _SEND_CHUNK = 256 * 1024
+#: messages longer than this are received into their own buffer instead of the session's ring
+_LARGE = _RECV_CHUNK // 2
+_IOV_MAX = 1024
+
+# transmission fast path: header layouts and constants, bound once
+_REQUEST = struct.Struct(">IHHQQI")
+_SIMPLE_REPLY = struct.Struct(">IIQ")
+_DATA_CHUNK_HEADER = struct.Struct(">IHHQIQ")  # structured header + the OFFSET_DATA chunk's offset
+_REQUEST_MAGIC = P.REQUEST_MAGIC
+_SIMPLE_REPLY_MAGIC = P.SIMPLE_REPLY_MAGIC
+_STRUCTURED_REPLY_MAGIC = P.STRUCTURED_REPLY_MAGIC
+_DONE = P.REPLY_FLAG_DONE
+_OFFSET_DATA = P.REPLY_TYPE_OFFSET_DATA
+_CMD_READ = P.CMD_READ
+_CMD_WRITE = P.CMD_WRITE
+_CMD_DISC = P.CMD_DISC
+_FUA = P.CMD_FLAG_FUA
+_DF = P.CMD_FLAG_DF
+_HDR = P.REQUEST_HEADER_SIZE
+_MAX_PAYLOAD = P.MAX_PAYLOAD
 
 
 class Session:
@@ -95,8 +116,12 @@ class Session:
         self._busy_poll = select.poll()
         self._busy_poll.register(sock, select.POLLIN)
         # batched socket I/O: one recv takes many pipelined requests; replies are queued and sent
-        # with one sendall before the session would block for input (so it can never deadlock)
-        self._inbuf = bytearray()
+        # with one sendmsg before the session would block for input (so it can never deadlock).
+        # Received bytes not consumed yet are _rbuf[_rpos:_rend].
+        self._rbuf = bytearray(_RECV_CHUNK)
+        self._rview = memoryview(self._rbuf)
+        self._rpos = 0
+        self._rend = 0
         self._out: list[bytes] = []
         self._outlen = 0
 
@@ -146,9 +171,10 @@ class Session:
         """
         while True:
             if not self.ctx.stopping.is_set():
-                events = self._idle_poll.poll()
-                if any(fd == self.sock.fileno() for fd, _ in events):
-                    return True
+                sock_fd = self.sock.fileno()
+                for fd, _ in self._idle_poll.poll():
+                    if fd == sock_fd:
+                        return True
                 continue
             if idle:
                 return False
@@ -160,21 +186,51 @@ class Session:
             if self._busy_poll.poll(remaining * 1000):
                 return True
 
-    def _recv(self, n: int, idle: bool = False) -> bytes:
-        """Receive exactly ``n`` bytes; Disconnect on EOF or shutdown."""
-        inbuf = self._inbuf
+    def _fill(self, n: int, idle: bool = False) -> None:
+        """Receive until at least ``n`` (<= the buffer size) unread bytes are buffered; Disconnect on
+        EOF or shutdown.  Queued replies are sent before any wait for input."""
         deadline: list[float] = []
-        while len(inbuf) < n:
+        while self._rend - self._rpos < n:
             self._flush_out()  # never wait for input with replies held back
-            if not self._wait_readable(idle and not inbuf, deadline):
+            have = self._rend - self._rpos
+            if not self._wait_readable(idle and not have, deadline):
                 raise Disconnect("server shutting down")
-            chunk = self.sock.recv(max(_RECV_CHUNK, n - len(inbuf)))
-            if not chunk:
-                raise Disconnect("peer closed the connection" + (" mid-message" if inbuf else ""))
-            inbuf += chunk
-        data = bytes(inbuf[:n])
-        del inbuf[:n]
-        return data
+            if self._rpos + n > len(self._rbuf) or self._rend == len(self._rbuf):
+                # move the unread bytes to the front to make room
+                self._rbuf[:have] = self._rview[self._rpos:self._rend]
+                self._rpos, self._rend = 0, have
+            got = self.sock.recv_into(self._rview[self._rend:])
+            if not got:
+                raise Disconnect("peer closed the connection" + (" mid-message" if have else ""))
+            self._rend += got
+
+    def _recv(self, n: int, idle: bool = False) -> bytes | bytearray:
+        """Receive exactly ``n`` bytes; Disconnect on EOF or shutdown.  Long messages (WRITE payloads
+        over 128 KiB) come back as a bytearray of their own."""
+        if n > _LARGE:
+            return self._recv_large(n)
+        if self._rend - self._rpos < n:
+            self._fill(n, idle)
+        p = self._rpos
+        self._rpos = p + n
+        return bytes(self._rview[p:p + n])
+
+    def _recv_large(self, n: int) -> bytearray:
+        out = bytearray(n)
+        view = memoryview(out)
+        got = min(n, self._rend - self._rpos)
+        view[:got] = self._rview[self._rpos:self._rpos + got]
+        self._rpos += got
+        deadline: list[float] = []
+        while got < n:
+            self._flush_out()
+            if not self._wait_readable(False, deadline):
+                raise Disconnect("server shutting down")
+            k = self.sock.recv_into(view[got:])
+            if not k:
+                raise Disconnect("peer closed the connection mid-message")
+            got += k
+        return out
 
     def _send(self, *parts: bytes) -> None:
         """Queue a reply in the transmission phase (sent before the next wait for input, or at 256 KiB);
@@ -185,13 +241,29 @@ class Session:
             self._flush_out()
 
     def _flush_out(self) -> None:
-        if not self._out:
+        out = self._out
+        if not out:
             return
-        out, self._out, self._outlen = self._out, [], 0
+        total = self._outlen
+        self._out = []
+        self._outlen = 0
         if len(out) == 1:
             self.sock.sendall(out[0])
-        else:
-            self.sock.sendall(b"".join(out))
+            return
+        sendmsg = self.sock.sendmsg
+        sent = sendmsg(out[:_IOV_MAX])
+        while sent != total:
+            # partial send (or more than _IOV_MAX parts): drop what went out, resume inside the
+            # first part not fully sent
+            total -= sent
+            i = 0
+            while sent and sent >= len(out[i]):
+                sent -= len(out[i])
+                i += 1
+            out = out[i:]
+            if sent:
+                out[0] = memoryview(out[0])[sent:]
+            sent = sendmsg(out[:_IOV_MAX])
 
     # ================================================================= handshake
     def _reply(self, option: int, reply_type: int, payload: bytes = b"") -> None:
@@ -364,25 +436,84 @@ class Session:
 
     # ================================================================= transmission
     def _transmission(self) -> None:
+        export = self.export
+        assert export is not None
+        stopping = self.ctx.stopping
+        lock = self.ctx.provider.lock
+        size = export.size
+        structured = self.structured
+        read_flags = _FUA | (_DF if structured else 0)
+        # READs up to this length go out as one data chunk (see _read_extents): the backend says so,
+        # or there is no structured reply to put holes in
+        dense = (_MAX_PAYLOAD if not structured else
+                 max(MIN_HOLE_CHUNK - 1, min(int(getattr(export, "dense_read_max", 0) or 0), _MAX_PAYLOAD)))
+        writable = not self.export_read_only
+        unpack = _REQUEST.unpack_from
+        pack_simple = _SIMPLE_REPLY.pack
+        pack_data = _DATA_CHUNK_HEADER.pack
         deadline: float | None = None
         while True:
-            if self.ctx.stopping.is_set():
+            if stopping.is_set():
                 # Answer requests the client already sent with ESHUTDOWN, then hang up.
                 deadline = deadline or time.monotonic() + self.ctx.grace
-                if time.monotonic() > deadline or (not self._inbuf and not self._busy_poll.poll(0)):
+                if time.monotonic() > deadline or (self._rend == self._rpos and not self._busy_poll.poll(0)):
                     raise Disconnect("server shutting down")
-            request = P.decode_request(self._recv(P.REQUEST_HEADER_SIZE, idle=not self.ctx.stopping.is_set()))
-            payload = b""
-            if request.type == P.CMD_WRITE:
-                if request.length > P.MAX_PAYLOAD:
-                    raise Disconnect(f"WRITE of {request.length} bytes exceeds {P.MAX_PAYLOAD}")
-                payload = self._recv(request.length) if request.length else b""
-            if request.type == P.CMD_DISC:
-                raise Disconnect("client sent NBD_CMD_DISC")
-            if self.ctx.stopping.is_set():
+            if self._rend - self._rpos < _HDR:
+                self._fill(_HDR, idle=not stopping.is_set())
+            magic, flags, type_, handle, offset, length = unpack(self._rbuf, self._rpos)
+            if magic != _REQUEST_MAGIC:
+                raise P.ProtocolError(f"bad request magic {magic:#x}")
+            self._rpos += _HDR
+            # fast paths: plain in-range READ and WRITE (everything else, and every error, goes
+            # through _serve); the bytes on the wire are the same either way
+            if type_ == _CMD_READ:
+                if (0 < length <= dense and not flags & ~read_flags and offset + length <= size
+                        and not stopping.is_set()):
+                    try:
+                        with lock:
+                            data = export.pread(offset, length)
+                    except Exception as exc:
+                        self._failed(P.Request(flags, type_, handle, offset, length), exc)
+                        continue
+                    if structured:
+                        self._out.append(pack_data(_STRUCTURED_REPLY_MAGIC, _DONE, _OFFSET_DATA, handle,
+                                                   8 + length, offset))
+                    else:
+                        self._out.append(pack_simple(_SIMPLE_REPLY_MAGIC, 0, handle))
+                    self._out.append(data)
+                    self._outlen += length + (28 if structured else 16)
+                    if self._outlen >= _SEND_CHUNK:
+                        self._flush_out()
+                    continue
+                payload = b""
+            elif type_ == _CMD_WRITE:
+                if length > _MAX_PAYLOAD:
+                    raise Disconnect(f"WRITE of {length} bytes exceeds {_MAX_PAYLOAD}")
+                payload = self._recv(length) if length else b""
+                if (writable and 0 < length and not flags & ~_FUA and offset + length <= size
+                        and not stopping.is_set()):
+                    try:
+                        with lock:
+                            export.pwrite(offset, payload)
+                            if flags & _FUA:
+                                export.flush()
+                    except Exception as exc:
+                        self._failed(P.Request(flags, type_, handle, offset, length), exc)
+                        continue
+                    self._out.append(pack_simple(_SIMPLE_REPLY_MAGIC, 0, handle))
+                    self._outlen += 16
+                    if self._outlen >= _SEND_CHUNK:
+                        self._flush_out()
+                    continue
+            else:
+                if type_ == _CMD_DISC:
+                    raise Disconnect("client sent NBD_CMD_DISC")
+                payload = b""
+            request = P.Request(flags, type_, handle, offset, length)
+            if stopping.is_set():
                 self._reply_error(request, P.ESHUTDOWN, "server is shutting down")
-                continue
-            self._serve(request, payload)
+            else:
+                self._serve(request, payload)
 
     def _check(self, req: P.Request) -> tuple[int, str] | None:
         """Validate a request before touching the backend; (error, message) if it must fail."""
@@ -446,13 +577,7 @@ class Session:
                 if fua:
                     export.flush()
         except Exception as exc:
-            err = nbd_error_for(exc)
-            if err == P.EIO:
-                log.exception("nbd %s: %s offset=%d length=%d failed", self.peer, req.name, req.offset, req.length)
-            else:
-                log.warning("nbd %s: %s offset=%d length=%d failed: %s", self.peer, req.name,
-                            req.offset, req.length, exc)
-            self._reply_error(req, err, str(exc) or type(exc).__name__)
+            self._failed(req, exc)
             return
         if req.type == P.CMD_READ:
             self._reply_read(req, data, extents)
@@ -461,6 +586,16 @@ class Session:
             self._send(P.encode_block_status(req.handle, BASE_ALLOCATION_ID, descriptors))
         else:
             self._send(P.encode_simple_reply(req.handle))
+
+    def _failed(self, req: P.Request, exc: Exception) -> None:
+        """Log a backend failure and send the error reply (called from inside an ``except``)."""
+        err = nbd_error_for(exc)
+        if err == P.EIO:
+            log.exception("nbd %s: %s offset=%d length=%d failed", self.peer, req.name, req.offset, req.length)
+        else:
+            log.warning("nbd %s: %s offset=%d length=%d failed: %s", self.peer, req.name,
+                        req.offset, req.length, exc)
+        self._reply_error(req, err, str(exc) or type(exc).__name__)
 
     def _read_extents(self, export: Export, req: P.Request) -> list[tuple[int, int]] | None:
         """Zero/data runs for a structured READ, or None to send one plain data chunk."""
