@@ -43,9 +43,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def cli_cmd() -> list[str]:
-    """How to run the thinpool CLI: the installed `thinpool` script, else `python -m thinpool`."""
-    exe = find_tool("thinpool")
-    return [exe] if exe else [sys.executable, "-m", "thinpool"]
+    """How to run the thinpool CLI: the `thinpool` script installed beside this interpreter (not a
+    version manager's shim on PATH, which adds its own start-up), else `python -m thinpool`."""
+    exe = os.path.join(os.path.dirname(sys.executable), "thinpool")
+    return [exe] if os.access(exe, os.X_OK) else [sys.executable, "-m", "thinpool"]
+
+
+def byte_compile() -> None:
+    """Byte-compile the package as `pip install` does for a regular install (an editable checkout run
+    with PYTHONDONTWRITEBYTECODE=1 would otherwise recompile every module in every CLI process)."""
+    subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.join(REPO, "thinpool")],
+                   stdout=subprocess.DEVNULL, check=True)
 
 
 def cli_available() -> bool:
@@ -601,6 +609,7 @@ def main(argv: list[str] | None = None) -> int:
     for t in ("qemu-img", "qemu-io", "thin_dump"):
         if not find_tool(t):
             print("WARNING: " + missing_msg(t), flush=True)
+    byte_compile()
     start = clock()
     sections: dict[str, list[Row]] = {}
     detail: dict = {}

@@ -102,7 +102,8 @@ def test_session_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "snap.raw"
     jobs = {
         "ls": py + ["ls", pool],
-        "ls-json": py + ["ls", pool, "--json"],
+        "ls-json": py + ["ls", pool, "--usage", "--json"],
+        "ls-usage": py + ["ls", pool, "-u"],
         "status": [sys.executable, "-m", "thinpool", "status", pool],
         "export-file": py + ["export", pool, "snap", str(out)],
         "export-stdout": ([script] if script else py) + ["export", pool, "base"],
@@ -121,12 +122,18 @@ def test_session_end_to_end(tmp_path: Path) -> None:
     for k, p in procs.items():
         stdout, stderr = p.communicate(timeout=120)
         res[k] = (p.returncode, stdout, stderr.decode())
-    for k in ("ls", "ls-json", "status", "export-file", "export-stdout", "help"):
+    for k in ("ls", "ls-json", "ls-usage", "status", "export-file", "export-stdout", "help"):
         assert res[k][0] == 0 and res[k][2] == "", (k, res[k])  # no progress bar: stderr is not a terminal
 
     ls = res["ls"][1].decode().splitlines()
-    assert ls[0].split() == ["NAME", "DEV", "SIZE", "MAPPED", "EXCLUSIVE", "SHARED", "CREATE_TIME", "SNAP_TIME"]
+    assert ls[0].split() == ["NAME", "DEV", "SIZE", "MAPPED", "CREATE_TIME", "SNAP_TIME"]
     assert [line.split()[0] for line in ls[1:]] == ["base", "snap", "disk"]
+    ls_usage = res["ls-usage"][1].decode().splitlines()
+    assert ls_usage[0].split() == ["NAME", "DEV", "SIZE", "MAPPED", "EXCLUSIVE", "SHARED", "CREATE_TIME",
+                                   "SNAP_TIME"]
+    assert [line.split()[:6] for line in ls_usage[1:]] == \
+        [["base", "1", "4.0MiB", "192.0KiB", "0B", "192.0KiB"], ["snap", "2", "4.0MiB", "192.0KiB", "0B", "192.0KiB"],
+         ["disk", "3", "8.0MiB", "128.0KiB", "128.0KiB", "0B"]]
     rows = {r["name"]: r for r in json.loads(res["ls-json"][1])}
     # blob covers blocks 1 and 2, stdin wrote block 16: 3 mapped blocks each, all shared
     assert [(rows[n]["mapped_blocks"], rows[n]["shared_blocks"]) for n in ("base", "snap")] == [(3, 3), (3, 3)]
@@ -178,6 +185,9 @@ def test_every_reporting_command_has_json(pool: str, tmp_path: Path) -> None:
     assert status["used_data_blocks"] == 3 and status["data_space"]["used"] == 3 * BS
     assert status["metadata_space"]["total"] == status["total_metadata_blocks"] * 4096
     ls = json.loads(invoke("ls", pool, "--json").stdout)
+    assert [(r["name"], r["mapped_blocks"], r["mapped_bytes"]) for r in ls] == [("base", 2, 2 * BS), ("snap", 2, 2 * BS)]
+    assert all("exclusive_blocks" not in r for r in ls)  # the usage columns walk the mappings: --usage
+    ls = json.loads(invoke("ls", pool, "--usage", "--json").stdout)
     assert [(r["name"], r["mapped_blocks"], r["exclusive_blocks"], r["shared_blocks"]) for r in ls] == \
         [("base", 2, 1, 1), ("snap", 2, 1, 1)]
     usage = json.loads(invoke("usage", pool, "snap", "--json").stdout)

@@ -92,7 +92,7 @@ def used_blocks(md_path: str) -> tuple[set[int], set[int], int]:
         out = []
         for gen, slot, header in sbs:
             store._load_state(header)
-            used = set(np.flatnonzero(store.used).tolist()) - {0, 1}
+            used = set(store.blocks_in_use()) - {0, 1}
             out.append(used | {slot})
         return out[0], out[1], sbs[0][1]
     finally:

@@ -430,7 +430,7 @@ def test_cli_while_served_goes_through_the_control_socket(env: Env) -> None:
     names = {e["export-name"] for e in json.loads(ok("nbdinfo", "--list", "--json",
                                                      f"nbd+unix:///?socket={srv.sock}"))["exports"]}
     assert names == {"base", "snap1", "late"}  # volumes created while serving are exports at once
-    rows = {r["name"]: r for r in cli_json("ls", env.pool)}
+    rows = {r["name"]: r for r in cli_json("ls", env.pool, "--usage")}
     assert rows["base"]["mapped_blocks"] == 16 and rows["snap1"]["mapped_blocks"] == 16
     assert rows["base"]["exclusive_blocks"] == 1 and rows["snap1"]["exclusive_blocks"] == 1
     assert rows["base"]["shared_blocks"] == 15 and rows["late"]["mapped_blocks"] == 0
@@ -758,7 +758,7 @@ def test_ext4_snapshot_while_mounted(env: Env) -> None:
     finally:
         for a in reversed(attached):
             a.close()  # umount (ext4 writes its last journal and superblock blocks), loop, fuse
-    rows = {r["name"]: r for r in cli_json("ls", env.pool)}  # still served: through the control socket
+    rows = {r["name"]: r for r in cli_json("ls", env.pool, "--usage")}  # still served: through the control socket
     # nothing of ours is left mounted or attached (other processes may use loop devices meanwhile)
     assert env.root not in open("/proc/mounts").read() and env.root not in ok("losetup", "-a")
     p = stopped_and_checked(srv)

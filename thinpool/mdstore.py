@@ -17,6 +17,12 @@ superblock slot and syncs again.  A crash at any instant leaves the previous sup
 everything it reaches intact, so :meth:`MetadataStore.load` yields exactly the last commit (or the
 newest older one that still verifies).  Every block read is checked; a mismatch raises
 :class:`~thinpool.errors.MetadataCorrupt` naming the structure and block.
+
+The store is plain Python (``array``, ``bytearray``, ``memoryview``; no numpy) so that a command which
+touches only a few pages -- ``status``, ``ls``, ``snapshot`` through :mod:`thinpool.devtable` -- loads
+only those: :meth:`MetadataStore.load` takes the names of the arrays to read, and
+:meth:`MetadataStore.read_pages` reads single pages.  Arrays come back as ``bytearray`` (the pool
+wraps them with ``numpy.frombuffer``, no copy).
 """
 
 from __future__ import annotations
@@ -24,13 +30,41 @@ from __future__ import annotations
 import json
 import os
 import struct
-from dataclasses import dataclass, field
-from typing import Any
-
-import crc32c
-import numpy as np
+import sys
+from array import array
+from typing import Any, Iterable, Sequence
 
 from .errors import MetadataCorrupt, ReadOnly
+
+
+def _crc32c_function() -> Any:
+    """The ``crc32c`` package's C function (hardware CRC-32C).
+
+    ``import crc32c`` runs the package's ``__init__``, which imports ``importlib.metadata`` (and with it
+    email, zipfile, argparse...) only to set ``__version__``: about 25 ms, a sixth of what a whole
+    ``thinpool status`` costs.  So the extension module is loaded by itself when it is where that
+    package keeps it; anything unexpected falls back to the plain import."""
+    import importlib.machinery
+    import importlib.util
+    try:
+        spec = importlib.util.find_spec("crc32c")  # locates the package without running it
+        for folder in (spec.submodule_search_locations or []) if spec else []:
+            for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+                path = os.path.join(folder, "_crc32c" + suffix)
+                if os.path.isfile(path):
+                    ext = importlib.util.spec_from_file_location("crc32c._crc32c", path)
+                    if ext is None or ext.loader is None:
+                        continue
+                    module = importlib.util.module_from_spec(ext)
+                    ext.loader.exec_module(module)
+                    return module.crc32c
+    except (ImportError, OSError, AttributeError):
+        pass
+    import crc32c
+    return crc32c.crc32c
+
+
+_crc32c = _crc32c_function()
 
 BLOCK = 4096
 MAGIC = b"TPOOLMD1"
@@ -38,25 +72,61 @@ FORMAT_VERSION = 1
 PM_ENTRIES = BLOCK // 8
 _SB_HEADER = struct.Struct("<I8sIQI")  # crc, magic, version, generation, json length
 SUPERBLOCKS = 2
+_USED = 1       # state bit: reachable from the current (uncommitted) state
+_PROTECTED = 2  # state bit: reachable from the last commit or from the held metadata snapshot
+_PROTECT_USED = bytes(3 if x & _USED else 0 for x in range(256))  # after a commit: protected := used
+_IOV_MAX = 1024
 
 
-def checksum(page: bytes | memoryview | np.ndarray) -> int:
+def checksum(page: Any) -> int:
     """CRC-32C of a 4 KiB page (the metadata's only checksum)."""
-    return crc32c.crc32c(page)
+    return _crc32c(page)
 
 
-@dataclass
+def _ints(xs: Any) -> list[int]:
+    """A list of Python ints from a list, range or numpy array."""
+    return xs.tolist() if hasattr(xs, "tolist") else [int(x) for x in xs]
+
+
+def _mark(state: bytearray, blocks: Iterable[int], bits: int) -> None:
+    n = len(state)
+    for b in blocks:
+        if 0 < b < n:
+            state[b] |= bits
+
+
 class PagedArray:
     """How the pool hands one array to the store.
 
-    ``data`` is the array's bytes (a contiguous uint8 view whose length is a multiple of 4 KiB);
-    ``dirty`` the page indices changed since the last commit; ``dead`` the subset of those pages
-    that are no longer used (their blocks are released instead of written).
+    ``data`` is the array's bytes (any C-contiguous buffer -- a numpy array, a bytearray -- whose
+    length is a multiple of 4 KiB); ``dirty`` the page indices changed since the last commit; ``dead``
+    the subset of those pages that are no longer used (their blocks are released instead of written).
     """
 
-    data: np.ndarray
-    dirty: np.ndarray
-    dead: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    def __init__(self, data: Any, dirty: Any, dead: Any = ()) -> None:
+        self.data = memoryview(data).cast("B")
+        self.npages = len(self.data) // BLOCK
+        self.dirty = _ints(dirty)
+        self.dead = _ints(dead)
+
+    def page(self, i: int) -> memoryview:
+        return self.data[i * BLOCK:(i + 1) * BLOCK]
+
+
+class PageUpdates:
+    """A few changed pages of an array whose other pages stay as committed (the array is not
+    loaded whole; see :class:`thinpool.devtable.DeviceTable`)."""
+
+    def __init__(self, npages: int, pages: dict[int, bytes | bytearray]) -> None:
+        if any(len(p) != BLOCK for p in pages.values()):
+            raise ValueError("a page update must be exactly one 4 KiB page")
+        self.npages = npages
+        self._pages = dict(pages)
+        self.dirty = sorted(pages)
+        self.dead: list[int] = []
+
+    def page(self, i: int) -> bytes | bytearray:
+        return self._pages[i]
 
 
 class FileIO:
@@ -88,14 +158,16 @@ class MetadataStore:
         self.nr_blocks = os.fstat(self.fd).st_size // BLOCK
         self.generation = 0
         self.header: dict[str, Any] = {}
-        self.locs: dict[str, np.ndarray] = {}      # per array: page -> block<<32|crc
-        self.pm_locs: dict[str, np.ndarray] = {}   # per array: page-map page -> block<<32|crc
+        self.locs: dict[str, array] = {}      # per array: page -> block<<32|crc
+        self.pm_locs: dict[str, array] = {}   # per array: page-map page -> block<<32|crc
         self.dir_locs: list[int] = []
-        self.used = np.zeros(self.nr_blocks, np.uint8)       # reachable from the current state
-        self.protected = np.zeros(self.nr_blocks, np.uint8)  # reachable from the last commit / held root
-        self.used[:SUPERBLOCKS] = 1
-        self.protected[:SUPERBLOCKS] = 1
-        self.held_blocks = np.zeros(0, np.int64)
+        # per metadata block: _USED | _PROTECTED bits; a block is free for a commit only at 0.  Built
+        # on first use after a load (see `state`): a reader that only reports does not need it.
+        self._state: bytearray | None = bytearray(self.nr_blocks)
+        self._state[:SUPERBLOCKS] = bytes([_USED | _PROTECTED]) * SUPERBLOCKS
+        self.held_blocks: list[int] = []
+        self._tail: int | None = None  # in a tail commit: the next block to allocate (see commit)
+        self._tail_released = 0
 
     # ------------------------------------------------------------------ formatting
     @classmethod
@@ -146,70 +218,72 @@ class MetadataStore:
             sb = self._read_superblock(slot)
             if sb is not None:
                 found.append((sb[0], slot, sb[1]))
-        return sorted(found, reverse=True)
+        return sorted(found, reverse=True, key=lambda s: (s[0], s[1]))
 
-    def _gather(self, locs: np.ndarray, structure: str) -> np.ndarray:
+    def _gather(self, locs: Sequence[int], structure: str) -> bytearray:
         """Read and verify the pages at ``locs`` (0 = absent page, read as zeroes)."""
-        out = np.zeros((len(locs), BLOCK), np.uint8)
-        if len(locs) == 0:
+        out = bytearray(len(locs) * BLOCK)
+        present = [(loc >> 32, row) for row, loc in enumerate(locs) if loc >> 32]
+        if not present:
             return out
-        blocks = (locs >> np.uint64(32)).astype(np.int64)
-        crcs = (locs & np.uint64(0xFFFFFFFF)).astype(np.int64)
-        present = np.flatnonzero(blocks)
-        if len(present) == 0:
-            return out
-        bad = blocks[present] >= self.nr_blocks
-        if bad.any():
-            b = int(blocks[present][bad][0])
-            raise MetadataCorrupt(f"{structure}: page at metadata block {b} lies beyond the end of the "
-                                  f"metadata file ({self.nr_blocks} blocks; truncated?)", structure=structure, block=b)
-        self._read_runs(blocks[present], present, out)
-        for i in present:
-            if checksum(out[i]) != crcs[i]:
-                raise MetadataCorrupt(f"{structure}: bad checksum in metadata block {int(blocks[i])}",
-                                      structure=structure, block=int(blocks[i]))
+        for b, _row in present:
+            if b >= self.nr_blocks:
+                raise MetadataCorrupt(f"{structure}: page at metadata block {b} lies beyond the end of the "
+                                      f"metadata file ({self.nr_blocks} blocks; truncated?)", structure=structure,
+                                      block=b)
+        self._read_runs(present, out)
+        view = memoryview(out)
+        for b, row in present:
+            if checksum(view[row * BLOCK:(row + 1) * BLOCK]) != locs[row] & 0xFFFFFFFF:
+                raise MetadataCorrupt(f"{structure}: bad checksum in metadata block {b}",
+                                      structure=structure, block=b)
         return out
 
-    def _read_runs(self, blocks: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
-        """Read metadata ``blocks`` into ``out[rows]`` with one preadv per run of consecutive blocks
+    def _read_runs(self, present: list[tuple[int, int]], out: bytearray) -> None:
+        """Read metadata blocks into rows of ``out`` with one preadv per run of consecutive blocks
         that land in consecutive rows (pages are mostly allocated in order, so runs are long)."""
-        order = np.argsort(blocks, kind="stable")
-        b, r = blocks[order], rows[order]
-        breaks = np.flatnonzero((np.diff(b) != 1) | (np.diff(r) != 1)) + 1
-        starts = np.concatenate(([0], breaks)).tolist()
-        ends = np.concatenate((breaks, [len(b)])).tolist()
-        flat = out.reshape(-1)
-        for s0, e0 in zip(starts, ends):
-            first_row = int(r[s0])
-            n = e0 - s0
-            want = n * BLOCK
-            got = os.preadv(self.fd, [memoryview(flat[first_row * BLOCK:(first_row + n) * BLOCK])], int(b[s0]) * BLOCK)
+        present = sorted(present)
+        view = memoryview(out)
+        i, n = 0, len(present)
+        while i < n:
+            b0, r0 = present[i]
+            j = i + 1
+            while j < n and j - i < _IOV_MAX and present[j][0] == b0 + (j - i) and present[j][1] == r0 + (j - i):
+                j += 1
+            want = (j - i) * BLOCK
+            got = os.preadv(self.fd, [view[r0 * BLOCK:r0 * BLOCK + want]], b0 * BLOCK)
             if got != want:
-                raise MetadataCorrupt(f"{self.path}: short read at metadata block {int(b[s0])} (file truncated?)",
-                                      structure="file", block=int(b[s0]))
+                raise MetadataCorrupt(f"{self.path}: short read at metadata block {b0} (file truncated?)",
+                                      structure="file", block=b0)
+            i = j
 
-    def _load_directory(self, header: dict[str, Any]) -> tuple[dict[str, np.ndarray], list[int]]:
+    def _load_directory(self, header: dict[str, Any]) -> tuple[dict[str, array], list[int]]:
         dir_locs = [int(x) for x in header["directory"]]
-        pages = self._gather(np.array(dir_locs, np.uint64), "directory")
-        raw = pages.tobytes()[: header["directory_bytes"]]
+        pages = self._gather(dir_locs, "directory")
+        raw = bytes(pages[: header["directory_bytes"]])
         try:
             directory = json.loads(raw)
         except ValueError:
             first = dir_locs[0] >> 32 if dir_locs else None
             raise MetadataCorrupt(f"{self.path}: directory: not valid JSON (first page at metadata block {first})",
                                   structure="directory", block=first) from None
-        pm_locs = {name: np.array(v, np.uint64) for name, v in directory.items()}
+        pm_locs = {name: array("Q", v) for name, v in directory.items()}
         return pm_locs, dir_locs
 
-    def _load_locs(self, pm_locs: dict[str, np.ndarray], npages: dict[str, int]) -> dict[str, np.ndarray]:
+    def _load_locs(self, pm_locs: dict[str, array], npages: dict[str, int]) -> dict[str, array]:
         locs = {}
         for name, pml in pm_locs.items():
             pages = self._gather(pml, f"page map of {name}")
-            locs[name] = pages.view(np.uint64).reshape(-1)[: npages[name]].copy()
+            locs[name] = array("Q", bytes(pages[: npages[name] * 8]))
         return locs
 
-    def load(self) -> dict[str, np.ndarray]:
-        """Load the newest committed state that verifies; returns the arrays' bytes by name."""
+    def load(self, only: Iterable[str] | None = None) -> dict[str, bytearray]:
+        """Load the newest committed state that verifies; returns the arrays' bytes by name.
+
+        With ``only``, just those arrays are read (every page map is still read, so the store knows
+        which blocks are in use and can commit); the others' pages can be read later with
+        :meth:`read_pages`.  A damaged page of an array that is not read is not noticed."""
+        names = None if only is None else set(only)
         candidates = self.superblocks()
         if not candidates:
             raise MetadataCorrupt(f"{self.path}: superblock: no valid superblock in metadata blocks 0 and 1 "
@@ -218,7 +292,7 @@ class MetadataStore:
         first_error: MetadataCorrupt | None = None
         for generation, _slot, header in candidates:
             try:
-                arrays = self._load_state(header)
+                arrays = self._load_state(header, names)
             except MetadataCorrupt as exc:
                 first_error = first_error or exc
                 continue
@@ -246,32 +320,46 @@ class MetadataStore:
                                        f"generation {generation} was used", structure="superblock", block=slot)
         return None
 
-    def _load_state(self, header: dict[str, Any]) -> dict[str, np.ndarray]:
+    def _load_state(self, header: dict[str, Any], names: set[str] | None = None) -> dict[str, bytearray]:
         pm_locs, dir_locs = self._load_directory(header)
         npages = {k: int(v) for k, v in header["pages"].items()}
         locs = self._load_locs(pm_locs, npages)
-        arrays = {}
-        for name, l in locs.items():
-            arrays[name] = self._gather(l, name).reshape(-1)
-        held_blocks = np.zeros(0, np.int64)
+        arrays = {name: self._gather(l, name) for name, l in locs.items() if names is None or name in names}
+        held_blocks: list[int] = []
         if header.get("held"):
             held_blocks = self._blocks_of(header["held"])
         # commit the in-memory bookkeeping only once everything verified
         self.pm_locs, self.locs, self.dir_locs = pm_locs, locs, dir_locs
         self.held_blocks = held_blocks
-        self._rebuild_used()
+        self._state = None
         return arrays
 
-    def _blocks_of(self, held: dict[str, Any]) -> np.ndarray:
+    def read_pages(self, name: str, pages: Iterable[int]) -> dict[int, bytearray]:
+        """Verified copies of single pages of array ``name`` as last committed (page -> 4 KiB)."""
+        locs = self.locs.get(name, array("Q"))
+        want = sorted(set(pages))
+        for p in want:
+            if not 0 <= p < len(locs):
+                raise MetadataCorrupt(f"{self.path}: {name}: page {p} is beyond the array's {len(locs)} pages",
+                                      structure=name)
+        data = self._gather([locs[p] for p in want], name)
+        return {p: data[i * BLOCK:(i + 1) * BLOCK] for i, p in enumerate(want)}
+
+    def npages(self, name: str) -> int:
+        """Pages of array ``name`` in the current state."""
+        return len(self.locs.get(name, ()))
+
+    def _blocks_of(self, held: dict[str, Any]) -> list[int]:
         """All blocks reachable from a held directory (so they are never reused while held)."""
         pm_locs, dir_locs = self._load_directory(held)
         npages = {k: int(v) for k, v in held["pages"].items()}
         locs = self._load_locs(pm_locs, npages)
-        parts = [np.array(dir_locs, np.uint64)] + list(pm_locs.values()) + list(locs.values())
-        allb = (np.concatenate(parts) >> np.uint64(32)).astype(np.int64)
-        return allb[allb > 0]
+        out = [loc >> 32 for loc in dir_locs]
+        for arr in list(pm_locs.values()) + list(locs.values()):
+            out.extend(loc >> 32 for loc in arr)
+        return [b for b in out if b > 0]
 
-    def load_held(self) -> dict[str, np.ndarray]:
+    def load_held(self) -> dict[str, bytearray]:
         """Arrays of the held metadata snapshot (see :meth:`hold`)."""
         held = self.header.get("held")
         if not held:
@@ -279,143 +367,197 @@ class MetadataStore:
         pm_locs, _ = self._load_directory(held)
         npages = {k: int(v) for k, v in held["pages"].items()}
         locs = self._load_locs(pm_locs, npages)
-        return {name: self._gather(l, f"held {name}").reshape(-1) for name, l in locs.items()}
+        return {name: self._gather(l, f"held {name}") for name, l in locs.items()}
 
-    def _rebuild_used(self) -> None:
-        self.used[:] = 0
-        self.used[:SUPERBLOCKS] = 1
-        for arr in list(self.locs.values()) + list(self.pm_locs.values()) + [np.array(self.dir_locs, np.uint64)]:
-            b = (arr >> np.uint64(32)).astype(np.int64)
-            self.used[b[b > 0]] = 1
-        self.protected = self.used.copy()
-        if len(self.held_blocks):
-            self.protected[self.held_blocks] = 1
+    @property
+    def state(self) -> bytearray:
+        """Per metadata block, whether the current state (_USED) or the last commit or the held
+        snapshot (_PROTECTED) uses it."""
+        if self._state is None:
+            state = bytearray(self.nr_blocks)
+            state[:SUPERBLOCKS] = bytes([_USED]) * SUPERBLOCKS
+            for arr in list(self.locs.values()) + list(self.pm_locs.values()) + [self.dir_locs]:
+                _mark(state, (loc >> 32 for loc in arr), _USED)
+            self._state = self._protected(state)
+        return self._state
+
+    def _protected(self, state: bytearray) -> bytearray:
+        """``state`` after a commit: what is used is what the committed state (and the held one) uses."""
+        out = bytearray(state.translate(_PROTECT_USED))
+        _mark(out, self.held_blocks, _PROTECTED)
+        return out
+
+    def blocks_in_use(self) -> list[int]:
+        """Metadata blocks reachable from the current state (superblocks included)."""
+        return [b for b, s in enumerate(self.state) if s & _USED]
 
     # ------------------------------------------------------------------ writing
     def used_blocks(self) -> int:
         """Metadata blocks in use by the current state (including superblocks and held blocks)."""
-        return int(np.count_nonzero(self.used | self.protected))
+        if self._state is None and "metadata_used_blocks" in self.header:
+            return int(self.header["metadata_used_blocks"])  # counted by the commit that wrote it
+        return self.nr_blocks - self.state.count(0)
 
-    def _allocate(self, count: int) -> np.ndarray:
+    def free_blocks(self) -> int:
+        return self.state.count(0)
+
+    def _allocate(self, count: int) -> list[int]:
         """``count`` blocks free now and unused by the last commit (never overwrite committed state)."""
-        if count == 0:
-            return np.zeros(0, np.int64)
-        free = np.flatnonzero((self.used | self.protected) == 0)
-        if len(free) < count:
+        if self._tail is not None:
+            out = list(range(self._tail, self._tail + count))
+            self._tail += count
+            return out
+        state = self.state
+        if count > state.count(0):
             raise MetadataSpaceExhausted(
-                f"{self.path}: out of metadata space ({self.nr_blocks} blocks, {len(free)} free, "
+                f"{self.path}: out of metadata space ({self.nr_blocks} blocks, {state.count(0)} free, "
                 f"{count} needed for this commit)")
-        blocks = free[:count]
-        self.used[blocks] = 1
-        return blocks
+        out = []
+        pos = 0
+        for _ in range(count):
+            pos = state.find(0, pos)
+            state[pos] = _USED
+            out.append(pos)
+        return out
 
-    def _write_pages(self, pages: np.ndarray, blocks: np.ndarray) -> np.ndarray:
-        """Write 4 KiB pages (rows) to blocks; return their CRCs."""
-        crcs = np.fromiter((checksum(p) for p in pages), np.uint64, len(pages))
-        order = np.argsort(blocks, kind="stable")
-        b = blocks[order]
-        start = 0
-        n = len(b)
-        while start < n:
-            end = start + 1
-            while end < n and b[end] == b[end - 1] + 1:
-                end += 1
-            self.io.pwrite(self.fd, pages[order[start:end]].tobytes(), int(b[start]) * BLOCK)
-            start = end
+    def _write_pages(self, pages: list[Any], blocks: list[int]) -> list[int]:
+        """Write 4 KiB pages to blocks (one pwrite per run of consecutive blocks); return their CRCs."""
+        crcs = [checksum(p) for p in pages]
+        order = sorted(range(len(blocks)), key=blocks.__getitem__)
+        i, n = 0, len(order)
+        while i < n:
+            j = i + 1
+            while j < n and j - i < _IOV_MAX and blocks[order[j]] == blocks[order[j - 1]] + 1:
+                j += 1
+            self.io.pwrite(self.fd, b"".join(pages[k] for k in order[i:j]), blocks[order[i]] * BLOCK)
+            i = j
         return crcs
 
-    def _resized(self, locs: np.ndarray | None, n: int) -> np.ndarray:
+    def _resized(self, locs: array | None, n: int) -> array:
         """A location array grown (zeros) or shrunk (releasing the dropped pages' blocks) to ``n``."""
-        locs = np.zeros(0, np.uint64) if locs is None else locs
+        locs = array("Q") if locs is None else locs
         if len(locs) == n:
             return locs
         if len(locs) > n:
             self._release(locs[n:])
-        grown = np.zeros(n, np.uint64)
-        keep = min(n, len(locs))
-        grown[:keep] = locs[:keep]
-        return grown
+            return locs[:n]
+        return locs + array("Q", bytes(8 * (n - len(locs))))
 
-    def _release(self, locs: np.ndarray) -> None:
-        b = (locs >> np.uint64(32)).astype(np.int64)
-        self.used[b[b > 0]] = 0
+    def _release(self, locs: Iterable[int]) -> None:
+        if self._tail is not None:  # a tail commit: released blocks only need counting
+            self._tail_released += sum(1 for loc in locs if loc >> 32)
+            return
+        state = self.state
+        for loc in locs:
+            b = loc >> 32
+            if b:
+                state[b] &= ~_USED
 
-    def estimate_commit_blocks(self, arrays: dict[str, PagedArray]) -> int:
+    def estimate_commit_blocks(self, arrays: dict[str, Any]) -> int:
         """Upper bound of fresh blocks a commit of ``arrays`` needs."""
         n = 0
         for pa in arrays.values():
             n += len(pa.dirty) + len(pa.dirty) // PM_ENTRIES + 2
         return n + 4
 
-    def free_blocks(self) -> int:
-        return int(self.nr_blocks - np.count_nonzero(self.used | self.protected))
+    def commit(self, arrays: dict[str, Any], header: dict[str, Any], *, tail: bool = False) -> None:
+        """Write the dirty pages of ``arrays`` (:class:`PagedArray` or :class:`PageUpdates`; arrays not
+        named keep their committed pages) and a new superblock carrying ``header``; atomic.
 
-    def commit(self, arrays: dict[str, PagedArray], header: dict[str, Any]) -> None:
-        """Write the dirty pages of ``arrays`` and a new superblock carrying ``header``; atomic."""
+        ``tail=True`` allows a *tail commit* (see :meth:`_tail_start`) for a caller that commits a few
+        pages once and goes: it skips building the block-state map of the whole file."""
         if self.read_only:
             raise ReadOnly(f"{self.path}: metadata is read-only")
-        new_locs = {k: v.copy() for k, v in self.locs.items()}
-        new_pm = {k: v.copy() for k, v in self.pm_locs.items()}
-        used_before = self.used.copy()
+        new_locs = {k: v[:] for k, v in self.locs.items()}
+        new_pm = {k: v[:] for k, v in self.pm_locs.items()}
+        self._tail, self._tail_released = (self._tail_start(arrays) if tail else None), 0
+        state_before = bytes(self.state) if self._tail is None else b""
         try:
             pages_count = {k: int(v) for k, v in self.header.get("pages", {}).items()}
             for name, pa in arrays.items():
-                npages = len(pa.data) // BLOCK
+                npages = pa.npages
                 pages_count[name] = npages
                 locs = self._resized(new_locs.get(name), npages)
-                dirty = np.unique(pa.dirty[pa.dirty < npages]).astype(np.int64)
-                is_dead = np.zeros(npages, bool)
-                is_dead[pa.dead[pa.dead < npages]] = True
-                dead = dirty[is_dead[dirty]]
-                live = dirty[~is_dead[dirty]]
-                self._release(locs[dirty])
-                locs[dead] = 0
-                if len(live):
-                    view = pa.data.reshape(npages, BLOCK)
+                dirty = sorted({d for d in pa.dirty if 0 <= d < npages})
+                dead_set = set(pa.dead)
+                live = [d for d in dirty if d not in dead_set]
+                self._release(locs[d] for d in dirty)
+                for d in dirty:
+                    locs[d] = 0
+                if live:
                     blocks = self._allocate(len(live))
-                    pages = view[live]
-                    crcs = self._write_pages(pages, blocks)
-                    locs[live] = (blocks.astype(np.uint64) << np.uint64(32)) | crcs
+                    crcs = self._write_pages([pa.page(d) for d in live], blocks)
+                    for d, b, c in zip(live, blocks, crcs):
+                        locs[d] = b << 32 | c
                 new_locs[name] = locs
                 # page-map pages that point at changed pages
                 npm = (npages + PM_ENTRIES - 1) // PM_ENTRIES
                 pml = self._resized(new_pm.get(name), npm)
-                pm_mask = pml == 0
-                pm_mask[dirty // PM_ENTRIES] = True
-                changed_pm = np.flatnonzero(pm_mask)
-                if len(changed_pm):
-                    padded = np.zeros(npm * PM_ENTRIES, np.uint64)
-                    padded[:npages] = locs
-                    pm_pages = padded.view(np.uint8).reshape(npm, BLOCK)[changed_pm]
-                    self._release(pml[changed_pm])
+                changed_pm = sorted({i for i in range(npm) if pml[i] == 0} | {d // PM_ENTRIES for d in dirty})
+                if changed_pm:
+                    pm_pages = [locs[i * PM_ENTRIES:(i + 1) * PM_ENTRIES].tobytes().ljust(BLOCK, b"\0")
+                                for i in changed_pm]
+                    self._release(pml[i] for i in changed_pm)
                     blocks = self._allocate(len(changed_pm))
                     crcs = self._write_pages(pm_pages, blocks)
-                    pml[changed_pm] = (blocks.astype(np.uint64) << np.uint64(32)) | crcs
+                    for i, b, c in zip(changed_pm, blocks, crcs):
+                        pml[i] = b << 32 | c
                 new_pm[name] = pml
             # directory
-            directory = json.dumps({k: [int(x) for x in v] for k, v in new_pm.items()}).encode()
+            directory = json.dumps({k: v.tolist() for k, v in new_pm.items()}).encode()
             ndir = (len(directory) + BLOCK - 1) // BLOCK
-            dir_pages = np.zeros((ndir, BLOCK), np.uint8)
-            dir_pages.reshape(-1)[: len(directory)] = np.frombuffer(directory, np.uint8)
-            self._release(np.array(self.dir_locs, np.uint64))
+            dir_pages = [directory[i * BLOCK:(i + 1) * BLOCK].ljust(BLOCK, b"\0") for i in range(ndir)]
+            self._release(self.dir_locs)
             blocks = self._allocate(ndir)
             crcs = self._write_pages(dir_pages, blocks)
-            dir_locs = [int(b) << 32 | int(c) for b, c in zip(blocks, crcs)]
+            dir_locs = [b << 32 | c for b, c in zip(blocks, crcs)]
             self.io.fdatasync(self.fd)
             header = dict(header)
             if "held" in self.header:
                 header["held"] = self.header["held"]
-            header.update(directory=dir_locs, directory_bytes=len(directory), pages=pages_count)
+            if self._tail is None:
+                committed: bytearray | None = self._protected(self.state)
+                used = self.nr_blocks - committed.count(0)
+            else:
+                committed = None  # rebuilt from the new locations if it is ever needed
+                used = int(self.header["metadata_used_blocks"]) + (self._tail - self._tail_first) - \
+                    self._tail_released
+            header.update(directory=dir_locs, directory_bytes=len(directory), pages=pages_count,
+                          metadata_used_blocks=used)
             self._write_superblock(self.generation + 1, header)
         except BaseException:
-            self.used = used_before
+            if self._tail is None:
+                self._state = bytearray(state_before)
+            self._tail = None
             raise
+        self._tail = None
         self.generation += 1
         self.header = header
         self.locs, self.pm_locs, self.dir_locs = new_locs, new_pm, dir_locs
-        self.protected = self.used.copy()
-        if len(self.held_blocks):
-            self.protected[self.held_blocks] = 1
+        self._state = committed
+
+    def _tail_start(self, arrays: dict[str, Any]) -> int | None:
+        """Where a *tail commit* starts, or None for an ordinary one.
+
+        A store that has not built its block-state map (a :class:`~thinpool.devtable.DeviceTable`
+        committing a snapshot: a few pages) need not build it -- about one Python step per page of the
+        whole pool -- when the file has room past the highest block the committed state uses: every
+        block there is free.  The new pages go there; released blocks are only counted (a later
+        ordinary commit reuses them).  Not with a held metadata snapshot (its blocks are not in the
+        locations) or without the committed count of used blocks."""
+        if self._state is not None or self.held_blocks or "metadata_used_blocks" not in self.header:
+            return None
+        hi = 1 if sys.byteorder == "little" else 0  # the block half of each block<<32|crc
+        top = SUPERBLOCKS - 1
+        for arr in list(self.locs.values()) + list(self.pm_locs.values()):
+            if len(arr):
+                top = max(top, max(memoryview(arr).cast("B").cast("I")[hi::2]))
+        top = max([top] + [loc >> 32 for loc in self.dir_locs])
+        need = self.estimate_commit_blocks(arrays) + len(self.dir_locs) + 8
+        if top + 1 + need > self.nr_blocks:
+            return None
+        self._tail_first = top + 1
+        return top + 1
 
     def _write_superblock(self, generation: int, header: dict[str, Any]) -> None:
         body = json.dumps(header, separators=(",", ":")).encode()
@@ -436,9 +578,9 @@ class MetadataStore:
         held["root_block"] = int(self.dir_locs[0] >> 32) if self.dir_locs else 0
         self.header["held"] = held
         self.held_blocks = self._blocks_of(held)
-        self.protected[self.held_blocks] = 1
+        _mark(self.state, self.held_blocks, _PROTECTED)
 
     def release_hold(self) -> None:
         self.header.pop("held", None)
-        self.held_blocks = np.zeros(0, np.int64)
-        self.protected = self.used.copy()
+        self.held_blocks = []
+        self._state = self._protected(self.state)

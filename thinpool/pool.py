@@ -8,10 +8,8 @@ the data device for bytes.  I/O lives in :mod:`thinpool.thin`.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-import re
 import threading
 import time as _time
 import uuid as _uuid
@@ -20,10 +18,12 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from . import layout as K
+from . import pooldir
 from .blockmap import BlockMap
 from .datadev import DataDevice
-from .errors import (AlreadyExists, InvalidArgument, MetadataCorrupt, NoSpace, NotFound, PoolLocked,
-                     ReadOnly)
+from .devtable import (DEV_FIELDS, DEV_RECORD, DEVS_PER_PAGE, F_IN_USE, F_READ_ONLY,  # noqa: F401 (API)
+                       MAX_DEV_ID, check_new_name, pad_pages, pick_dev_id)
+from .errors import AlreadyExists, InvalidArgument, MetadataCorrupt, NotFound, ReadOnly
 from .mdstore import BLOCK, MetadataSpaceExhausted, MetadataStore, PagedArray
 from .spacemap import DataSpaceMap
 from .status import PoolStatus, Usage  # noqa: F401  (part of this module's API)
@@ -32,17 +32,12 @@ from .units import parse_size
 if TYPE_CHECKING:
     from .thin import Thin
 
-MAX_DEV_ID = (1 << 24) - 1
 MIN_BLOCK_SIZE = 64 * 1024
 MAX_BLOCK_SIZE = 1 << 30
 DEFAULT_MAX_THINS = 1000
-DEV_DTYPE = np.dtype([("dev_id", "<i8"), ("root", "<i8"), ("mapped", "<i8"), ("transaction", "<i8"),
-                      ("creation_time", "<i8"), ("snap_time", "<i8"), ("size", "<i8"), ("flags", "<i8")])
-DEVS_PER_PAGE = BLOCK // DEV_DTYPE.itemsize
-F_IN_USE = 1
-F_READ_ONLY = 2
+DEV_DTYPE = np.dtype([(f, "<i8") for f in DEV_FIELDS])  # the device record (thinpool.devtable.DEV_RECORD)
+assert DEV_DTYPE.itemsize == DEV_RECORD.size
 MODES = ("write", "out-of-data-space", "read-only", "fail")
-_NAME_RE = re.compile(r"^[^\x00-\x1f\x7f]{1,1024}$")
 
 
 def _walks():
@@ -84,9 +79,9 @@ def _locked(fn):
 class Pool:
     """A thin pool in a directory.  Use :meth:`create` or :meth:`open`; a context manager (close commits)."""
 
-    DATA = "data"
-    METADATA = "metadata"
-    LOCK = "lock"
+    DATA = pooldir.DATA
+    METADATA = pooldir.METADATA
+    LOCK = pooldir.LOCK
 
     # ------------------------------------------------------------------ construction
     def __init__(self, path: str, *, read_only: bool = False,
@@ -103,14 +98,9 @@ class Pool:
         self._ktab_epoch = -1
         self._lock_fd = -1
         self._closed = True
+        self.path = pooldir.resolve(self.path)
         md_path = os.path.join(self.path, self.METADATA)
-        if not os.path.exists(self.path):
-            raise NotFound(f"pool {self.path} does not exist")
-        if not os.path.isdir(self.path):
-            raise InvalidArgument(f"{self.path} is not a thin pool (not a directory)")
-        if not os.path.isfile(md_path):
-            raise InvalidArgument(f"{self.path} is not a thin pool (no metadata file)")
-        self._take_lock()
+        self._lock_fd = pooldir.lock(self.path, read_only)
         try:
             self.store = MetadataStore(md_path, read_only=read_only)
             self._load()
@@ -161,10 +151,10 @@ class Pool:
         header = dict(block_size=bs, nr_data_blocks=nr_blocks, time=0, transaction_id=0,
                       low_water_mark=low_water_mark, error_if_no_space=bool(error_if_no_space),
                       zero_new_blocks=bool(zero_new_blocks), needs_check=False, cursor=0,
-                      uuid=str(_uuid.uuid4()), created=_time.time(),
+                      uuid=str(_uuid.uuid4()), created=_time.time(), used_data_blocks=0, pending_blocks=0,
                       data_file=data_path if data_file else None)
         catalog = {"volumes": {}, "next_dev_id": 1, "records": {}}
-        cat = _pad(json.dumps(catalog).encode())
+        cat = pad_pages(json.dumps(catalog).encode())
         arrays = {
             "leaves": PagedArray(np.zeros(0, np.uint8), np.zeros(0, np.int64)),
             "inners": PagedArray(np.zeros(0, np.uint8), np.zeros(0, np.int64)),
@@ -186,31 +176,13 @@ class Pool:
         no committed state verifies, NotFound/InvalidArgument if ``path`` is not a pool."""
         return cls(os.fspath(path), read_only=read_only, on_low_water=on_low_water)
 
-    def _take_lock(self) -> None:
-        lock_path = os.path.join(self.path, self.LOCK)
-        try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        except PermissionError:
-            fd = os.open(lock_path, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, (fcntl.LOCK_SH if self.read_only else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise PoolLocked(f"pool {self.path} is locked by another process (pid {holder})") from None
-        if not self.read_only:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
-
     def _release_lock(self) -> None:
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)
-            self._lock_fd = -1
+        pooldir.unlock(self._lock_fd)
+        self._lock_fd = -1
 
     def _load(self) -> None:
         """(Re)build the in-memory state from the last committed metadata."""
-        arrays = self.store.load()
+        arrays = {k: np.frombuffer(v, np.uint8) for k, v in self.store.load().items()}
         self._install(arrays, self.store.header)
         self._lwm_fired = False
         self._set_md_check()
@@ -269,6 +241,11 @@ class Pool:
         return int(self.st[K.ST_BLOCK_SIZE])
 
     @property
+    def data_path(self) -> str:
+        """The data device's file."""
+        return self.data.path
+
+    @property
     def nr_data_blocks(self) -> int:
         return self.space.nr_blocks
 
@@ -315,25 +292,10 @@ class Pool:
             raise NotFound(f"pool {self.path}: no thin volume named {name!r}") from None
 
     def _name_ok(self, name: str) -> None:
-        if not isinstance(name, str) or not _NAME_RE.match(name):
-            raise InvalidArgument(f"invalid volume name {name!r}: 1-1024 printable characters")
-        if name in self._by_name:
-            raise AlreadyExists(f"pool {self.path}: a thin volume named {name!r} already exists")
+        check_new_name(self.path, name, self._by_name)
 
     def _pick_dev_id(self, dev_id: int | None) -> int:
-        if dev_id is not None:
-            if isinstance(dev_id, bool) or not isinstance(dev_id, (int, np.integer)) or not 0 <= dev_id <= MAX_DEV_ID:
-                raise InvalidArgument(f"device id {dev_id!r} is out of range (0..{MAX_DEV_ID}, 24 bits)")
-            if int(dev_id) in self._by_dev_id:
-                raise AlreadyExists(f"pool {self.path}: device id {dev_id} is in use by "
-                                    f"{self._by_dev_id[int(dev_id)]!r}")
-            return int(dev_id)
-        start = int(self.catalog.get("next_dev_id", 1))
-        for i in range(MAX_DEV_ID + 1):
-            cand = (start + i) & MAX_DEV_ID
-            if cand not in self._by_dev_id:
-                return cand
-        raise NoSpace(f"pool {self.path}: all 2^24 device ids are in use")
+        return pick_dev_id(self.path, dev_id, self._by_dev_id, int(self.catalog.get("next_dev_id", 1)))
 
     def _new_slot(self) -> int:
         free = np.flatnonzero((self.devs["flags"] & F_IN_USE) == 0)
@@ -546,7 +508,7 @@ class Pool:
         if self.catalog_dirty:
             raw = json.dumps(self.catalog).encode()
             self.header["catalog_bytes"] = len(raw)
-            cat = _pad(raw)
+            cat = pad_pages(raw)
             arrays["catalog"] = PagedArray(cat, np.arange(len(cat) // BLOCK))
         return arrays
 
@@ -562,10 +524,11 @@ class Pool:
         freed = self.space.freed_blocks()
         arrays = self._paged()
         if len(freed) or len(self.space.pending):
-            arrays["pending"] = PagedArray(_pad(freed.astype(np.uint64).tobytes()),
+            arrays["pending"] = PagedArray(pad_pages(freed.astype(np.uint64).tobytes()),
                                            np.arange(max(1, _round_up(len(freed) * 8, BLOCK) // BLOCK)))
         self.header["pending_blocks"] = len(freed)  # always: a stale count would resurrect an old list
-        self.header.update(time=self.time, cursor=int(self.st[K.ST_CURSOR]), nr_data_blocks=self.space.nr_blocks)
+        self.header.update(time=self.time, cursor=int(self.st[K.ST_CURSOR]), nr_data_blocks=self.space.nr_blocks,
+                           used_data_blocks=self.space.used())  # for readers that skip the space map
         self.data.sync()
         try:
             self.store.commit(arrays, self.header)
@@ -728,10 +691,6 @@ def _round_up(n: int, m: int) -> int:
     return (n + m - 1) // m * m
 
 
-def _pad(raw: bytes) -> np.ndarray:
-    out = np.zeros(max(1, _round_up(len(raw), BLOCK) // BLOCK) * BLOCK, np.uint8)
-    out[: len(raw)] = np.frombuffer(raw, np.uint8)
-    return out
 
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import functools
 import re
-from fractions import Fraction
 
 from .errors import InvalidArgument
 
@@ -41,6 +41,7 @@ def parse_size(value: int | str, what: str = "size") -> int:
     if mult is None:
         raise InvalidArgument(f"{what}: unknown unit {unit!r} in {value!r} (use K, M, G, T, P or KiB, MiB, ...)")
     if "." in number:
+        from fractions import Fraction  # only here: importing it costs every CLI start ~4 ms
         result = Fraction(number) * mult  # exact: no rounding through float
         if result.denominator != 1:
             raise InvalidArgument(f"{what}: {value!r} is not a whole number of bytes")
@@ -48,6 +49,7 @@ def parse_size(value: int | str, what: str = "size") -> int:
     return int(number) * mult
 
 
+@functools.lru_cache(maxsize=4096)  # listings repeat a handful of sizes thousands of times
 def format_size(nbytes: int) -> str:
     """Human size with binary units, e.g. ``64.0KiB``, ``1.5GiB`` (``0B`` for zero)."""
     n = float(nbytes)

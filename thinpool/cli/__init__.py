@@ -9,7 +9,9 @@ Structure
   - ``COMMANDS: list[click.Command]`` -- its commands, in the order ``--help`` lists them.
 
   Adding a module is one line in :data:`COMMAND_MODULES`.  A listed module that does not exist (yet) is
-  skipped; any other import error in a module is a real error and propagates.
+  skipped; any other import error in a module is a real error and propagates.  Modules are imported
+  on demand, in order, until the invoked command is found (``thinpool status`` imports only the pool
+  commands); ``--help`` and :func:`load_all_commands` import them all.
 * Every pool-touching command goes through :func:`thinpool.cli.ops.run_op`, which routes it to a serving
   process's control socket when the pool is being served (see :mod:`thinpool.cli.ops`).
 
@@ -83,11 +85,18 @@ class SectionedGroup(click.Group):
             self.add_command(cmd)
             names.append(cmd.name)
 
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        while cmd_name not in self.commands and _load_next_module():
+            pass
+        return self.commands.get(cmd_name)
+
     def list_commands(self, ctx: click.Context) -> list[str]:
+        load_all_commands()
         ordered = [n for _, names in self.sections for n in names]
         return ordered + sorted(n for n in self.commands if n not in ordered)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        load_all_commands()
         listed: set[str] = set()
         for title, names in self.sections:
             rows = []
@@ -147,8 +156,13 @@ def main() -> None:
     """
 
 
-def _load_command_modules() -> None:
-    for modname in COMMAND_MODULES:
+_UNLOADED: list[str] = list(COMMAND_MODULES)
+
+
+def _load_next_module() -> bool:
+    """Import the next command module not imported yet and add its commands; False if none is left."""
+    while _UNLOADED:
+        modname = _UNLOADED.pop(0)
         try:
             module = importlib.import_module(modname)
         except ModuleNotFoundError as exc:
@@ -156,8 +170,14 @@ def _load_command_modules() -> None:
                 continue  # listed but not written yet
             raise
         main.add_section(module.SECTION, list(module.COMMANDS))
+        return True
+    return False
 
 
-_load_command_modules()
+def load_all_commands() -> None:
+    """Import every command module (and so register every op: a serving process answers them all)."""
+    while _load_next_module():
+        pass
 
-__all__ = ["main", "COMMAND_MODULES", "error_line"]
+
+__all__ = ["main", "COMMAND_MODULES", "error_line", "load_all_commands"]

@@ -13,7 +13,9 @@ Routing (:func:`run_op`)
   with :func:`handle_control_request` (it runs the op under the pool's lock and, for write ops, commits --
   dm-thin commits after every pool message).
 * Otherwise the pool is opened locally (read-only for reporting ops), the op runs, write ops commit, and
-  the pool is closed.  A failed op commits nothing.
+  the pool is closed.  A failed op commits nothing.  Ops registered with ``light`` (``status``, plain
+  ``ls``, ``snapshot``) open only the pool's device table (:class:`thinpool.devtable.DeviceTable`), so
+  the command never imports numpy or reads the block map.
 
 Streaming ops (``write``, ``read``, ``import``, ``export``) are registered with ``local_only=True``: they run
 only on a pool that is not being served; on a served pool they fail with FailedPrecondition telling the
@@ -23,15 +25,18 @@ user to go through the volume's NBD export instead (e.g. ``nbdcopy``).
 from __future__ import annotations
 
 import gc
-import inspect
 import json
 import os
-import socket
+from itertools import repeat
+from operator import itemgetter
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from thinpool import errors as _errors
 from thinpool.errors import FailedPrecondition, InvalidArgument, NotFound, ThinpoolError
+
+if TYPE_CHECKING:
+    import socket
 
 CONTROL_SOCKET = "control.sock"
 MAX_LINE = 1 << 31
@@ -47,6 +52,9 @@ class OpSpec:
     write: bool
     render: Callable[[Any], str] | None = None
     local_only: bool = False
+    #: true for arguments with which the op needs only the device table (it then runs on a
+    #: :class:`thinpool.devtable.DeviceTable`: no numpy, no block map)
+    light: Callable[[dict[str, Any]], bool] | None = None
 
 
 #: All ops by name.
@@ -54,11 +62,12 @@ OPS: dict[str, OpSpec] = {}
 
 
 def register_op(name: str, func: Callable[..., Any], *, write: bool,
-                render: Callable[[Any], str] | None = None, local_only: bool = False) -> OpSpec:
-    """Register ``func`` as op ``name`` (ValueError if the name is taken)."""
+                render: Callable[[Any], str] | None = None, local_only: bool = False,
+                light: Callable[[dict[str, Any]], bool] | None = None) -> OpSpec:
+    """Register ``func`` as op ``name`` (ValueError if the name is taken); see :class:`OpSpec`."""
     if name in OPS:
         raise ValueError(f"op {name!r} is registered twice")
-    spec = OpSpec(name, func, write, render, local_only)
+    spec = OpSpec(name, func, write, render, local_only, light)
     OPS[name] = spec
     return spec
 
@@ -73,7 +82,11 @@ def op(name: str, *, write: bool, render: Callable[[Any], str] | None = None,
 
 
 def get_op(name: str) -> OpSpec:
-    """The op called ``name`` (InvalidArgument if none)."""
+    """The op called ``name`` (InvalidArgument if none).  Command modules register ops too and are
+    imported on demand (see :mod:`thinpool.cli`), so an unknown name first imports them all."""
+    if name not in OPS:
+        from thinpool.cli import load_all_commands
+        load_all_commands()
     try:
         return OPS[name]
     except KeyError:
@@ -95,6 +108,7 @@ def connect_control(pool_path: str) -> socket.socket | None:
     path = control_socket_path(pool_path)
     if not os.path.exists(path):
         return None
+    import socket  # here: most commands run on a pool that is not served
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(path)
@@ -154,8 +168,6 @@ def call_server(sock: socket.socket, name: str, args: dict[str, Any], pool_path:
 def run_op(pool_path: str, name: str, kwargs: dict[str, Any] | None = None, write: bool | None = None) -> Any:
     """Run op ``name`` on the pool at ``pool_path``: through its serving process if it is served,
     else in-process (see the module docstring).  ``write`` overrides the op's registered mode."""
-    from thinpool.pool import Pool
-
     spec = get_op(name)
     kwargs = dict(kwargs or {})
     write = spec.write if write is None else write
@@ -167,6 +179,21 @@ def run_op(pool_path: str, name: str, kwargs: dict[str, Any] | None = None, writ
                 f"pool {os.path.abspath(pool_path)} is being served; '{name}' streams data and runs only on "
                 f"a pool that is not served -- use the volume's NBD export instead (e.g. nbdcopy)")
         return call_server(sock, name, kwargs, os.path.abspath(pool_path))
+    if spec.light is not None and spec.light(kwargs):
+        from thinpool.devtable import DeviceTable, FullOpenRequired
+        try:
+            table = DeviceTable.open(pool_path, read_only=not write)
+        except FullOpenRequired:
+            pass
+        else:
+            try:
+                result = spec.func(table, **kwargs)
+                if write:
+                    table.commit()
+            finally:
+                table.close(commit=False)
+            return result
+    from thinpool.pool import Pool
     pool = Pool.open(pool_path, read_only=not write)
     try:
         result = spec.func(pool, **kwargs)
@@ -212,6 +239,7 @@ def handle_control_request(pool: Any, line: bytes) -> bytes:
             raise FailedPrecondition(f"'{spec.name}' streams data and is not available while the pool is "
                                      f"served; use the volume's NBD export")
         try:
+            import inspect
             inspect.signature(spec.func).bind(pool, **args)
         except TypeError as exc:
             raise InvalidArgument(f"bad arguments for op {spec.name!r}: {exc}") from None
@@ -259,7 +287,7 @@ def _host_free_bytes(path: str) -> int | None:
 def op_status(pool: Any) -> dict[str, Any]:
     """Pool status: the dmsetup status fields, the status line, and docker-info-style space figures."""
     st = pool.status()
-    data_file = pool.data.path
+    data_file = pool.data_path
     metadata_file = os.path.join(pool.path, pool.METADATA)
     bs = st.data_block_size
     data_total = st.total_data_blocks * bs
@@ -310,7 +338,7 @@ def render_status(r: dict[str, Any]) -> str:
     return r["dmsetup_line"] + "\n\n" + render_status_human(r)
 
 
-register_op("status", op_status, write=False, render=render_status)
+register_op("status", op_status, write=False, render=render_status, light=lambda kw: True)
 
 
 def op_commit(pool: Any) -> dict[str, Any]:
@@ -391,7 +419,7 @@ def op_snapshot(pool: Any, origin: str, name: str, dev_id: int | None = None,
     return _thin_info(pool.snapshot(origin, name, dev_id=dev_id, read_only=read_only))
 
 
-register_op("snapshot", op_snapshot, write=True)
+register_op("snapshot", op_snapshot, write=True, light=lambda kw: True)
 
 
 def op_delete(pool: Any, names: list[str]) -> dict[str, Any]:
@@ -417,30 +445,35 @@ def op_rename(pool: Any, old: str, new: str) -> dict[str, Any]:
 register_op("rename", op_rename, write=True)
 
 
-def _volume_rows(pool: Any) -> list[dict[str, Any]]:
-    usage = {u.name: u for u in pool.usage()}
+def _volume_rows(pool: Any, usage: bool) -> list[dict[str, Any]]:
+    counts = {u.name: u for u in pool.usage()} if usage else {}
+    bs = pool.block_size
     rows = []
-    for thin in pool.thins():
-        row = _thin_info(thin)
-        u = usage[thin.name]
-        row.update(exclusive_blocks=u.exclusive_blocks, shared_blocks=u.shared_blocks,
-                   highest_mapped_block=u.highest_mapped_block, block_size=u.block_size,
-                   mapped_bytes=u.mapped_bytes, exclusive_bytes=u.exclusive_bytes,
-                   shared_bytes=u.shared_blocks * u.block_size)
+    for t in pool.thins():  # one dict literal per volume: `ls` of 10,000 volumes stays fast
+        row = {"name": t.name, "dev_id": t.dev_id, "size": t.size, "read_only": bool(t.read_only),
+               "mapped_blocks": t.mapped_blocks, "transaction": t.transaction, "creation_time": t.creation_time,
+               "snap_time": t.snap_time, "block_size": bs, "mapped_bytes": t.mapped_blocks * bs}
+        if usage:
+            u = counts[t.name]
+            row.update(exclusive_blocks=u.exclusive_blocks, shared_blocks=u.shared_blocks,
+                       highest_mapped_block=u.highest_mapped_block, exclusive_bytes=u.exclusive_bytes,
+                       shared_bytes=u.shared_blocks * u.block_size)
         rows.append(row)
     return rows
 
 
 def op_ls(pool: Any, fields: list[str] | None = None, headers: bool = True,
-          metadata_snap: bool = False, as_json: bool = False) -> dict[str, Any]:
+          metadata_snap: bool = False, as_json: bool = False, usage: bool = False) -> dict[str, Any]:
     """List volumes.
 
-    Without ``fields``: thinpool's view (``volumes``: name, dev id, size, mapped/exclusive/shared blocks
-    and bytes, times).  With ``fields`` (thin_ls field names) or ``metadata_snap``: exactly thin_ls's
-    output for the pool's (or its held snapshot's) metadata as ``text``, plus ``rows`` when ``as_json``.
+    Without ``fields``: thinpool's view (``volumes``: name, dev id, size, mapped blocks and bytes,
+    times -- all from the device table; with ``usage`` also exclusive/shared blocks and bytes and the
+    highest mapped block, which walk every volume's mappings).  With ``fields`` (thin_ls field names)
+    or ``metadata_snap``: exactly thin_ls's output for the pool's (or its held snapshot's) metadata as
+    ``text``, plus ``rows`` when ``as_json``.
     """
     if fields is None and not metadata_snap:
-        return {"volumes": _volume_rows(pool)}
+        return {"volumes": _volume_rows(pool, usage)}
     from thinpool.interop import tools
     md = pool.to_metadata(held=metadata_snap)
     result: dict[str, Any] = {}
@@ -453,25 +486,37 @@ def op_ls(pool: Any, fields: list[str] | None = None, headers: bool = True,
 
 def _table(header: list[str], rows: list[list[str]], left: int = 1, headers: bool = True) -> str:
     """Columns right-justified (the first ``left`` left-justified), separated by two spaces."""
-    allrows = ([header] if headers else []) + rows
-    if not allrows:
+    return _columns_table(header, [list(col) for col in zip(*rows)] if rows else [[] for _ in header], left, headers)
+
+
+def _columns_table(header: list[str], cols: list[list[str]], left: int = 1, headers: bool = True) -> str:
+    """:func:`_table` from columns (each a list of cells); every step is a C loop over a column."""
+    if headers:
+        cols = [[h] + col for h, col in zip(header, cols)]
+    if not cols or not cols[0]:
         return ""
-    widths = [max(len(r[i]) for r in allrows) for i in range(len(header))]
-    lines = []
-    for r in allrows:
-        cells = [c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))]
-        lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines)
+    padded = [list(map(str.ljust if i < left else str.rjust, col, repeat(max(map(len, col)))))
+              for i, col in enumerate(cols)]
+    return "\n".join(map(str.rstrip, map("  ".join, zip(*padded))))
 
 
 def render_volumes(rows: list[dict[str, Any]], headers: bool = True) -> str:
-    """thinpool's default volume table: NAME DEV SIZE MAPPED EXCLUSIVE SHARED CREATE_TIME SNAP_TIME."""
+    """thinpool's volume table: NAME DEV SIZE MAPPED [EXCLUSIVE SHARED] CREATE_TIME SNAP_TIME (the
+    usage columns when the rows carry them)."""
     from thinpool.units import format_size
-    header = ["NAME", "DEV", "SIZE", "MAPPED", "EXCLUSIVE", "SHARED", "CREATE_TIME", "SNAP_TIME"]
-    body = [[r["name"] + (" (ro)" if r["read_only"] else ""), str(r["dev_id"]), format_size(r["size"]),
-             format_size(r["mapped_bytes"]), format_size(r["exclusive_bytes"]), format_size(r["shared_bytes"]),
-             str(r["creation_time"]), str(r["snap_time"])] for r in rows]
-    return _table(header, body, headers=headers)
+    usage = bool(rows) and "exclusive_bytes" in rows[0]
+    header = ["NAME", "DEV", "SIZE", "MAPPED"] + (["EXCLUSIVE", "SHARED"] if usage else []) + \
+        ["CREATE_TIME", "SNAP_TIME"]
+
+    def col(key: str, fmt: Callable[[Any], str] = str) -> list[str]:
+        return list(map(fmt, map(itemgetter(key), rows)))
+
+    cols = [[r["name"] + " (ro)" if r["read_only"] else r["name"] for r in rows], col("dev_id"),
+            col("size", format_size), col("mapped_bytes", format_size)]
+    if usage:
+        cols += [col("exclusive_bytes", format_size), col("shared_bytes", format_size)]
+    cols += [col("creation_time"), col("snap_time")]
+    return _columns_table(header, cols, headers=headers)
 
 
 def render_ls(r: dict[str, Any]) -> str:
@@ -481,7 +526,8 @@ def render_ls(r: dict[str, Any]) -> str:
     return render_volumes(r["volumes"])
 
 
-register_op("ls", op_ls, write=False, render=render_ls)
+register_op("ls", op_ls, write=False, render=render_ls,
+            light=lambda kw: kw.get("fields") is None and not kw.get("metadata_snap") and not kw.get("usage"))
 
 
 def op_usage(pool: Any, name: str | None = None) -> Any:

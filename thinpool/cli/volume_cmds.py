@@ -87,12 +87,17 @@ def rename_cmd(pool: str, old: str, new: str, as_json: bool) -> None:
 @click.option("--no-headers", is_flag=True, help="Omit the header row.")
 @click.option("-m", "--metadata-snap", is_flag=True,
               help="Report the held metadata snapshot (thin_ls -m; see reserve-metadata-snap).")
+@click.option("-u", "--usage", is_flag=True,
+              help="Add EXCLUSIVE and SHARED (walks every volume's mappings).")
 @json_option
-def ls_cmd(pool: str, fields: str | None, no_headers: bool, metadata_snap: bool, as_json: bool) -> None:
-    """List volumes: mapped, exclusive, shared space.
+def ls_cmd(pool: str, fields: str | None, no_headers: bool, metadata_snap: bool, usage: bool,
+           as_json: bool) -> None:
+    """List volumes: size and mapped space; with --usage, exclusive and shared space too.
 
-    By default: NAME, DEV, SIZE (virtual), MAPPED, EXCLUSIVE, SHARED, CREATE_TIME, SNAP_TIME.
-    EXCLUSIVE counts blocks no other volume maps; SHARED = MAPPED - EXCLUSIVE (thin_ls's definitions).
+    By default: NAME, DEV, SIZE (virtual), MAPPED, CREATE_TIME, SNAP_TIME -- read from the device
+    table alone, so this is fast on any pool.  --usage adds EXCLUSIVE (blocks no other volume maps)
+    and SHARED = MAPPED - EXCLUSIVE (thin_ls's definitions); like thin_ls, that walks every volume's
+    mappings.
 
     With -o FIELDS (or --metadata-snap) the output is thin_ls's, byte for byte, using thin_ls's field
     names: DEV, MAPPED_BLOCKS, EXCLUSIVE_BLOCKS, SHARED_BLOCKS, MAPPED_SECTORS, EXCLUSIVE_SECTORS,
@@ -102,11 +107,12 @@ def ls_cmd(pool: str, fields: str | None, no_headers: bool, metadata_snap: bool,
     \b
     Examples:
       thinpool ls /tmp/pool
+      thinpool ls /tmp/pool --usage
       thinpool ls /tmp/pool -o DEV,MAPPED_BLOCKS,EXCLUSIVE_BLOCKS --no-headers
       thinpool ls /tmp/pool --json
     """
     if fields is None and not metadata_snap:
-        result = run_op(pool, "ls", {})
+        result = run_op(pool, "ls", {"usage": True} if usage else {})
         if as_json:
             emit(result["volumes"], True)
         else:

@@ -62,7 +62,7 @@ def _held_metadata(pool) -> Metadata:
     held = pool.store.header.get("held")
     if not held:
         raise InvalidArgument(f"pool {pool.path}: no metadata snapshot is held (reserve one first)")
-    arrays = pool.store.load_held()
+    arrays = {k: np.frombuffer(v, np.uint8) for k, v in pool.store.load_held().items()}
     st = np.zeros(K.ST_SIZE, np.int64)
     bm = BlockMap.from_arrays(st, arrays["leaves"].view(np.uint64), arrays["inners"].view(np.int32),
                               arrays["leaf_rc"].view(np.uint32), arrays["inner_rc"].view(np.uint32))

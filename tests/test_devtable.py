@@ -1,0 +1,214 @@
+"""thinpool.devtable.DeviceTable: status, volumes and snapshots from the device table alone.
+
+The claim (module docstring): a snapshot committed by a DeviceTable is the same pool state as one
+committed by Pool.snapshot + Pool.commit -- device records, catalog, counts, time and mappings --
+and the pool stays fully usable afterwards.  Plus: the CLI's status / ls / snapshot take this path
+without importing numpy, errors leave the pool unchanged, a crash at any write of its commit leaves
+either the old or the new state, and the pool lock is honoured.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from thinpool import AlreadyExists, InvalidArgument, NotFound, Pool, PoolLocked, ReadOnly
+from thinpool.devtable import DeviceTable
+from thinpool.interop.xml import dump_xml
+from thinpool.mdstore import MetadataStore
+
+BS = 64 * 1024
+
+
+def _build(path: Path) -> str:
+    """A pool with shared and exclusive blocks, a deleted volume (blocks pending release) and a
+    recorded namespace, committed."""
+    p = Pool.create(path, data_size="32MiB")
+    rng = np.random.default_rng(7)
+    a = p.create_thin("a", "8MiB")
+    a.write(0, rng.integers(0, 256, 5 * BS, dtype=np.uint8).tobytes())
+    p.snapshot("a", "a-old")
+    a.write(BS, b"new" * 1000)
+    p.create_thin("gone", "1MiB").write(0, b"x" * BS)
+    p.create_thin("b", "2MiB", read_only=True)
+    p.commit()
+    p.delete("gone")
+    p.commit()
+    p.close()
+    return str(path)
+
+
+def _state(path: str) -> dict:
+    with Pool.open(path, read_only=True) as p:
+        live = np.flatnonzero(p.devs["flags"] & 1)
+        return {
+            "devs": p.devs[live].tobytes(), "catalog": p.catalog, "time": p.time,
+            "transaction": p.transaction_id, "inner_rc": p.nodes_map.inner_rc.tobytes(),
+            "leaf_rc": p.nodes_map.leaf_rc.tobytes(), "data_rc": p.space.data_rc.tobytes(),
+            "metadata": dump_xml(p.to_metadata()), "status": p.status().as_dict() | {"used_metadata_blocks": 0},
+            "data": {t.name: t.read(0, t.size) for t in p.thins()},
+        }
+
+
+def test_snapshot_matches_pool_snapshot(tmp_path: Path) -> None:
+    base = _build(tmp_path / "base")
+    via_pool, via_table = str(tmp_path / "pool"), str(tmp_path / "table")
+    shutil.copytree(base, via_pool)
+    shutil.copytree(base, via_table)
+    with Pool.open(via_pool) as p:
+        p.snapshot("a", "s1")
+        p.snapshot("a-old", "s2", dev_id=77, read_only=True)
+    with DeviceTable.open(via_table, read_only=False) as t:
+        t.snapshot("a", "s1")
+        info = t.snapshot("a-old", "s2", dev_id=77, read_only=True)
+    assert (info.name, info.dev_id, info.read_only, info.mapped_blocks) == ("s2", 77, True, 5)
+    assert _state(via_pool) == _state(via_table)
+
+
+def test_status_and_volumes_match_pool(tmp_path: Path) -> None:
+    path = _build(tmp_path / "p")
+    with Pool.open(path, read_only=True) as p:
+        want = p.status()
+        thins = [(t.name, t.dev_id, t.size, t.mapped_blocks, t.transaction, t.creation_time, t.snap_time,
+                  bool(t.read_only)) for t in p.thins()]
+    with DeviceTable.open(path) as t:
+        assert t.status() == want
+        assert [tuple(v) for v in t.thins()] == thins
+
+
+def test_pool_is_usable_after_a_table_snapshot(tmp_path: Path) -> None:
+    path = _build(tmp_path / "p")
+    with Pool.open(path, read_only=True) as p:
+        before = p.thin("a").read(0, 5 * BS)
+    with DeviceTable.open(path, read_only=False) as t:
+        t.snapshot("a", "snap")
+    with Pool.open(path) as p:
+        used = p.status().used_data_blocks
+        p.thin("a").write(0, b"\xff" * 4096)  # breaks sharing with the table's snapshot
+        assert p.status().used_data_blocks == used + 1
+        assert p.thin("snap").read(0, 5 * BS) == before
+        assert p.check().ok
+    with Pool.open(path) as p:
+        p.delete("snap")
+        p.delete("a-old")
+        p.commit()
+        assert p.check().ok
+
+
+def test_errors_name_the_problem_and_change_nothing(tmp_path: Path) -> None:
+    path = _build(tmp_path / "p")
+    md = Path(path, "metadata").read_bytes()
+    with DeviceTable.open(path, read_only=False) as t:
+        with pytest.raises(NotFound, match="'nope'"):
+            t.snapshot("nope", "x")
+        with pytest.raises(AlreadyExists, match="'b'"):
+            t.snapshot("a", "b")
+        with pytest.raises(InvalidArgument, match="out of range"):
+            t.snapshot("a", "x", dev_id=1 << 24)
+        with pytest.raises(AlreadyExists, match="device id 1 is in use"):
+            t.snapshot("a", "x", dev_id=1)
+        with pytest.raises(InvalidArgument, match="invalid volume name"):
+            t.snapshot("a", "bad\nname")
+    assert Path(path, "metadata").read_bytes() == md  # nothing to commit: nothing written
+    with DeviceTable.open(path) as t:
+        with pytest.raises(ReadOnly, match="read-only"):
+            t.snapshot("a", "x")
+
+
+def test_lock_is_shared_with_pool(tmp_path: Path) -> None:
+    path = _build(tmp_path / "p")
+    with Pool.open(path):
+        with pytest.raises(PoolLocked):
+            DeviceTable.open(path, read_only=False)
+        with pytest.raises(PoolLocked):
+            DeviceTable.open(path)
+    with DeviceTable.open(path, read_only=False):
+        with pytest.raises(PoolLocked):
+            Pool.open(path, read_only=True)
+
+
+class _StopAt:
+    """Metadata writes that stop (as a crash would) at the n-th write or sync."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def _tick(self) -> None:
+        self.n -= 1
+        if self.n < 0:
+            raise KeyboardInterrupt("simulated crash")
+
+    def pwrite(self, fd: int, data: bytes, offset: int) -> int:
+        self._tick()
+        return os.pwrite(fd, data, offset)
+
+    def fdatasync(self, fd: int) -> None:
+        self._tick()
+        os.fdatasync(fd)
+
+
+def test_crash_at_every_write_of_a_table_commit(tmp_path: Path) -> None:
+    base = _build(tmp_path / "base")
+    old = _state(base)
+    seen = set()
+    for n in range(40):
+        path = str(tmp_path / f"c{n}")
+        shutil.copytree(base, path)
+        saved, MetadataStore.io = MetadataStore.io, _StopAt(n)
+        try:
+            t = DeviceTable.open(path, read_only=False)
+            t.snapshot("a", "s")
+            crashed = False
+            try:
+                t.commit()
+            except KeyboardInterrupt:
+                crashed = True
+            t.close(commit=False)
+        finally:
+            MetadataStore.io = saved
+        with Pool.open(path) as p:
+            names = {x.name for x in p.thins()}
+            assert p.check().ok
+        assert names in ({"a", "a-old", "b"}, {"a", "a-old", "b", "s"})
+        if names == {"a", "a-old", "b"}:
+            assert _state(path)["metadata"] == old["metadata"]
+        seen.add(crashed)
+        if not crashed:
+            break
+    assert seen == {True, False}  # crashed at every write, then one run got through
+
+
+def test_cli_status_ls_snapshot_do_not_import_numpy(tmp_path: Path) -> None:
+    path = _build(tmp_path / "p")
+    probe = ("import sys, runpy; sys.argv = ['thinpool'] + sys.argv[1:]\n"
+             "try:\n    runpy.run_module('thinpool', run_name='__main__')\n"
+             "except SystemExit as e:\n    assert not e.code, e.code\n"
+             "print('NUMPY' if 'numpy' in sys.modules else 'NO-NUMPY', file=sys.stderr)")
+    for args in (["status", path], ["ls", path], ["snapshot", path, "a", "cli-snap"], ["ls", path, "--json"]):
+        r = subprocess.run([sys.executable, "-c", probe] + args, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert r.stderr.strip().endswith("NO-NUMPY"), (args, r.stderr)
+    r = subprocess.run([sys.executable, "-m", "thinpool", "ls", path, "--usage"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and "EXCLUSIVE" in r.stdout and "cli-snap" in r.stdout
+    with Pool.open(path, read_only=True) as p:
+        assert p.thin("cli-snap").read(0, 5 * BS) == p.thin("a").read(0, 5 * BS)
+
+
+def test_metadata_checksum_is_crc32c() -> None:
+    """The store loads crc32c's C function without the package's __init__ (import time); it must be
+    CRC-32C itself: the standard check value, and the package's own function on random pages."""
+    import crc32c
+
+    from thinpool.mdstore import checksum
+    assert checksum(b"123456789") == 0xE3069283
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        page = rng.integers(0, 256, 4096, dtype=np.uint8).tobytes()
+        assert checksum(page) == crc32c.crc32c(page)

@@ -1,0 +1,306 @@
+"""The device table, the catalog and the superblock's fields, without the block map.
+
+What ``status``, ``ls`` and ``snapshot`` need of a pool is small: the superblock's scalar fields,
+the device table (one 64-byte record per thin device: dev id, root, mapped blocks, transaction,
+creation time, snap time, size, flags), the catalog (names), and -- for a snapshot -- one page of
+inner-node reference counts.  dm-thin's ``create_snap`` is O(1) for the same reason: it shares the
+origin's root and touches nothing else.  :class:`DeviceTable` reads just those pages through the
+pool's one transaction manager (:class:`~thinpool.mdstore.MetadataStore`) and commits a snapshot
+the way :meth:`thinpool.pool.Pool.snapshot` + :meth:`~thinpool.pool.Pool.commit` do -- byte for
+byte the same device record, catalog and counts (``tests/test_devtable.py`` checks this) -- in plain
+Python: no numpy, no numba, no node pages.  The CLI uses it for those commands on a pool that is
+not being served, so they cost about as much as starting Python.
+
+What it does not do: anything that touches mappings or data (the block map lives in
+:mod:`thinpool.pool`).  Blocks freed by the previous commit stay reserved one more commit (the next
+full :class:`~thinpool.pool.Pool` commit releases and punches them), so no data block is ever
+written, punched or reused here.  The record format and the name / device-id rules are defined
+here and used by :class:`~thinpool.pool.Pool` too.
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+import os
+import re
+import struct
+from typing import Any, NamedTuple
+
+from . import pooldir
+from .errors import AlreadyExists, InvalidArgument, NoSpace, NotFound, ReadOnly
+from .mdstore import BLOCK, MetadataSpaceExhausted, MetadataStore, PagedArray, PageUpdates
+from .status import PoolStatus
+
+#: one device record: dev_id, root, mapped, transaction, creation_time, snap_time, size, flags
+DEV_FIELDS = ("dev_id", "root", "mapped", "transaction", "creation_time", "snap_time", "size", "flags")
+DEV_RECORD = struct.Struct("<8q")
+DEVS_PER_PAGE = BLOCK // DEV_RECORD.size
+F_IN_USE = 1
+F_READ_ONLY = 2
+MAX_DEV_ID = (1 << 24) - 1
+RC_PER_PAGE = BLOCK // 4
+_NAME_RE = re.compile(r"^[^\x00-\x1f\x7f]{1,1024}$")
+_STORE_KEYS = ("directory", "directory_bytes", "pages", "held", "recovered_from")
+
+
+class FullOpenRequired(Exception):
+    """This pool's metadata lacks a field the device table needs (written by an older thinpool
+    before its next commit); open it as a :class:`~thinpool.pool.Pool` instead."""
+
+
+def check_new_name(pool_path: str, name: Any, by_name: dict[str, Any]) -> None:
+    """A new volume name: 1-1024 printable characters, not in use."""
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise InvalidArgument(f"invalid volume name {name!r}: 1-1024 printable characters")
+    if name in by_name:
+        raise AlreadyExists(f"pool {pool_path}: a thin volume named {name!r} already exists")
+
+
+def pick_dev_id(pool_path: str, dev_id: Any, by_dev_id: dict[int, str], next_dev_id: int) -> int:
+    """``dev_id`` if given and free (24 bits, as dm-thin), else the first free id from ``next_dev_id``."""
+    if dev_id is not None:
+        try:
+            value = operator.index(dev_id) if not isinstance(dev_id, bool) else -1
+        except TypeError:
+            value = -1
+        if not 0 <= value <= MAX_DEV_ID:
+            raise InvalidArgument(f"device id {dev_id!r} is out of range (0..{MAX_DEV_ID}, 24 bits)")
+        if value in by_dev_id:
+            raise AlreadyExists(f"pool {pool_path}: device id {value} is in use by {by_dev_id[value]!r}")
+        return value
+    for i in range(MAX_DEV_ID + 1):
+        cand = (next_dev_id + i) & MAX_DEV_ID
+        if cand not in by_dev_id:
+            return cand
+    raise NoSpace(f"pool {pool_path}: all 2^24 device ids are in use")
+
+
+def pad_pages(raw: bytes) -> bytes:
+    """``raw`` zero-padded to whole 4 KiB pages (at least one)."""
+    return raw.ljust(max(1, -(-len(raw) // BLOCK)) * BLOCK, b"\0")
+
+
+class VolumeRecord(NamedTuple):
+    """One thin volume as the device table records it (the fields of :class:`thinpool.thin.Thin`
+    that need no block map)."""
+
+    name: str
+    dev_id: int
+    size: int
+    mapped_blocks: int
+    transaction: int
+    creation_time: int
+    snap_time: int
+    read_only: bool
+
+
+class DeviceTable:
+    """A pool opened for its device table only (see the module docstring); a context manager.
+
+    ``read_only=True`` takes the pool's shared lock, else the exclusive one, exactly like
+    :meth:`thinpool.pool.Pool.open`."""
+
+    METADATA = pooldir.METADATA
+
+    def __init__(self, path: str | os.PathLike, *, read_only: bool = True) -> None:
+        self.path = pooldir.resolve(path)
+        self.read_only = read_only
+        self._lock_fd = pooldir.lock(self.path, read_only)
+        try:
+            self.store = MetadataStore(os.path.join(self.path, self.METADATA), read_only=read_only)
+            try:
+                self._load()
+            except BaseException:
+                self.store.close()
+                raise
+        except BaseException:
+            pooldir.unlock(self._lock_fd)
+            raise
+        self._closed = False
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, read_only: bool = True) -> "DeviceTable":
+        """Open the pool at ``path`` (same errors as :meth:`thinpool.pool.Pool.open`, plus
+        :class:`FullOpenRequired`)."""
+        return cls(path, read_only=read_only)
+
+    def _load(self) -> None:
+        arrays = self.store.load(only=("devs", "catalog"))
+        hdr = self.store.header
+        if "used_data_blocks" not in hdr or "pending_blocks" not in hdr:
+            raise FullOpenRequired(f"pool {self.path}: metadata predates the device table's fields")
+        self.recovered_from = hdr.get("recovered_from")
+        self.header = {k: v for k, v in hdr.items() if k not in _STORE_KEYS}
+        self._devs = bytearray(arrays["devs"])
+        self.catalog = json.loads(bytes(arrays["catalog"][: hdr["catalog_bytes"]]))
+        self._volumes: dict[str, dict[str, int]] = self.catalog["volumes"]  # name -> dev_id, slot
+        self._devs_dirty: set[int] = set()
+        self._rc_pages: dict[int, bytearray] = {}
+        self._dirty = False
+        if hdr.get("needs_check"):
+            self.mode = "read-only"
+        elif hdr["nr_data_blocks"] - hdr["used_data_blocks"] - hdr["pending_blocks"] <= 0:
+            self.mode = "out-of-data-space"
+        else:
+            self.mode = "write"
+
+    # ------------------------------------------------------------------ reading
+    @property
+    def block_size(self) -> int:
+        return int(self.header["block_size"])
+
+    @property
+    def time(self) -> int:
+        return int(self.header["time"])
+
+    @property
+    def transaction_id(self) -> int:
+        return int(self.header["transaction_id"])
+
+    @property
+    def data_path(self) -> str:
+        """The data device's file."""
+        return self.header.get("data_file") or os.path.join(self.path, pooldir.DATA)
+
+    def _record(self, slot: int) -> dict[str, int]:
+        return dict(zip(DEV_FIELDS, DEV_RECORD.unpack_from(self._devs, slot * DEV_RECORD.size)))
+
+    def _slot(self, name: str) -> int:
+        try:
+            return self._volumes[name]["slot"]
+        except (KeyError, TypeError):
+            raise NotFound(f"pool {self.path}: no thin volume named {name!r}") from None
+
+    def thin(self, name: str) -> VolumeRecord:
+        """The volume called ``name`` (NotFound if none)."""
+        self._check_open()
+        r = self._record(self._slot(name))
+        return VolumeRecord(name, r["dev_id"], r["size"], r["mapped"], r["transaction"], r["creation_time"],
+                            r["snap_time"], bool(r["flags"] & F_READ_ONLY))
+
+    def thins(self) -> list[VolumeRecord]:
+        """All volumes, in device-id order."""
+        self._check_open()
+        recs = list(DEV_RECORD.iter_unpack(self._devs))
+        rows = sorted((recs[v["slot"]], name) for name, v in self.catalog["volumes"].items())  # dev_id first
+        return [VolumeRecord(name, r[0], r[6], r[2], r[3], r[4], r[5], bool(r[7] & F_READ_ONLY)) for r, name in rows]
+
+    def status(self) -> PoolStatus:
+        """The pool's status, as :meth:`thinpool.pool.Pool.status` reports it just after opening."""
+        self._check_open()
+        hdr, held = self.header, self.store.header.get("held")
+        return PoolStatus(
+            transaction_id=self.transaction_id, time=self.time, data_block_size=self.block_size,
+            used_data_blocks=int(hdr["used_data_blocks"]), total_data_blocks=int(hdr["nr_data_blocks"]),
+            used_metadata_blocks=self.store.used_blocks(), total_metadata_blocks=self.store.nr_blocks,
+            mode=self.mode, low_water_mark=int(hdr["low_water_mark"]),
+            held_root=int(held["root_block"]) if held else None, needs_check=bool(hdr.get("needs_check")),
+            error_if_no_space=bool(hdr.get("error_if_no_space", True)),
+            zero_new_blocks=bool(hdr.get("zero_new_blocks", True)), nr_thins=len(self._volumes))
+
+    # ------------------------------------------------------------------ the one change: a snapshot
+    def snapshot(self, origin: str, name: str, *, dev_id: int | None = None,
+                 read_only: bool = False) -> VolumeRecord:
+        """Snapshot ``origin`` as ``name``: what :meth:`thinpool.pool.Pool.snapshot` does (the pool
+        time increments; origin and snapshot are stamped with it; the origin's root gains a
+        reference).  Visible to others after :meth:`commit`."""
+        self._check_writable()
+        oslot = self._slot(origin)
+        check_new_name(self.path, name, self._volumes)
+        by_dev_id = {v["dev_id"]: n for n, v in self._volumes.items()}
+        dev_id = pick_dev_id(self.path, dev_id, by_dev_id, int(self.catalog.get("next_dev_id", 1)))
+        o = self._record(oslot)
+        root = o["root"]
+        page = self._rc_page(root // RC_PER_PAGE)
+        off = (root % RC_PER_PAGE) * 4
+        struct.pack_into("<I", page, off, struct.unpack_from("<I", page, off)[0] + 1)
+        t = self.time + 1
+        self.header["time"] = t
+        o["snap_time"] = t
+        self._put(oslot, o)
+        slot = self._new_slot()
+        self._put(slot, dict(dev_id=dev_id, root=root, mapped=o["mapped"], transaction=self.transaction_id,
+                             creation_time=t, snap_time=t, size=o["size"],
+                             flags=F_IN_USE | (F_READ_ONLY if read_only else 0)))
+        self._volumes[name] = {"dev_id": dev_id, "slot": slot}
+        self.catalog["next_dev_id"] = (dev_id + 1) & MAX_DEV_ID
+        self._dirty = True
+        return self.thin(name)
+
+    def _rc_page(self, index: int) -> bytearray:
+        if index not in self._rc_pages:
+            self._rc_pages[index] = bytearray(self.store.read_pages("inner_rc", [index])[index])
+        return self._rc_pages[index]
+
+    def _put(self, slot: int, rec: dict[str, int]) -> None:
+        DEV_RECORD.pack_into(self._devs, slot * DEV_RECORD.size, *(rec[f] for f in DEV_FIELDS))
+        self._devs_dirty.add(slot)
+
+    def _new_slot(self) -> int:
+        """The first unused slot, or a new page of slots (as Pool._new_slot)."""
+        n = len(self._devs) // DEV_RECORD.size
+        for slot in range(n):
+            if not DEV_RECORD.unpack_from(self._devs, slot * DEV_RECORD.size)[7] & F_IN_USE:
+                return slot
+        self._devs.extend(bytes(BLOCK))
+        self._devs_dirty.update(range(n, n + DEVS_PER_PAGE))
+        return n
+
+    def commit(self) -> None:
+        """Commit the snapshots taken so far, atomically (nothing is written if there are none)."""
+        self._check_open()
+        if not self._dirty:
+            return
+        raw = json.dumps(self.catalog).encode()
+        self.header["catalog_bytes"] = len(raw)
+        cat = pad_pages(raw)
+        arrays: dict[str, Any] = {
+            "devs": PagedArray(self._devs, sorted({s // DEVS_PER_PAGE for s in self._devs_dirty})),
+            "inner_rc": PageUpdates(self.store.npages("inner_rc"), self._rc_pages),
+            "catalog": PagedArray(cat, range(len(cat) // BLOCK)),
+        }
+        try:
+            self.store.commit(arrays, self.header, tail=True)
+        except MetadataSpaceExhausted as exc:
+            self._load()
+            raise ReadOnly(f"pool {self.path}: out of metadata space; the snapshot was not committed "
+                           f"({exc})") from None
+        self._devs_dirty.clear()
+        self._rc_pages.clear()
+        self._dirty = False
+
+    def abort(self) -> None:
+        """Drop the snapshots not yet committed."""
+        self._check_open()
+        self._load()
+
+    # ------------------------------------------------------------------ lifetime
+    def _check_open(self) -> None:
+        if self._closed:
+            raise InvalidArgument(f"pool {self.path} is closed")
+
+    def _check_writable(self) -> None:
+        self._check_open()
+        if self.read_only:
+            raise ReadOnly(f"pool {self.path} is opened read-only")
+        if self.mode == "read-only":
+            raise ReadOnly(f"pool {self.path} is read-only (needs check/repair)")
+
+    def close(self, commit: bool = True) -> None:
+        """Commit (unless ``commit=False``) and release the pool."""
+        if self._closed:
+            return
+        try:
+            if commit and not self.read_only:
+                self.commit()
+        finally:
+            self._closed = True
+            self.store.close()
+            pooldir.unlock(self._lock_fd)
+
+    def __enter__(self) -> "DeviceTable":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(commit=exc_type is None)
