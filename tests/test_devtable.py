@@ -88,7 +88,12 @@ def test_pool_is_usable_after_a_table_snapshot(tmp_path: Path) -> None:
         before = p.thin("a").read(0, 5 * BS)
     with DeviceTable.open(path, read_only=False) as t:
         t.snapshot("a", "snap")
+        t.commit()
+        t.snapshot("snap", "snap-of-snap")  # a second tail commit on the same store
     with Pool.open(path) as p:
+        counted = p.store.used_blocks()  # the tail commits' count, from the header
+        assert counted == p.store.nr_blocks - p.store.state.count(0)  # ... equals a recount of every location
+        p.delete("snap-of-snap")
         used = p.status().used_data_blocks
         p.thin("a").write(0, b"\xff" * 4096)  # breaks sharing with the table's snapshot
         assert p.status().used_data_blocks == used + 1
