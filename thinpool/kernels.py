@@ -32,8 +32,11 @@ from numba.extending import intrinsic
 c_pwrite = types.ExternalFunction("pwrite", types.intp(types.int32, types.voidptr, types.uintp, types.int64))
 c_pread = types.ExternalFunction("pread", types.intp(types.int32, types.voidptr, types.uintp, types.int64))
 
+#: write_one's answer for an I/O it leaves to the caller's general path (out of range, read-only)
+NOT_HANDLED = -100
+
 from .layout import *  # noqa: F401,F403  (the constants are part of the kernels' interface)
-from .layout import (ST_SIZE, DEV_MAPPED, DEV_ROOT, DEV_SNAP_TIME, INNER_BITS, INNER_ENTRIES, IO_ERROR, LEAF_BITS,
+from .layout import (ST_SIZE, DEV_FLAGS, DEV_MAPPED, DEV_ROOT, DEV_SIZE, DEV_SNAP_TIME, INNER_BITS, INNER_ENTRIES, IO_ERROR, LEAF_BITS,
                      LEAF_ENTRIES, NEED_NODES, NO_SPACE, NONE, OK, RC_PAGE_BITS, ST_BLOCK_SIZE, ST_CURSOR,
                      ST_INNER_FREE, ST_INNERS_LIVE, ST_LEAF_FREE, ST_LEAVES_LIVE, ST_NR_ALLOCATABLE, ST_NR_BLOCKS,
                      ST_NR_FREE, ST_TIME, TIME_MASK, UNMAPPED)
@@ -381,15 +384,12 @@ def write_batch(nodes, data_rc, freed_txn, rc_dirty, st, dev, fd, tmp, offsets, 
     so the rest reads zero); shared (time rule) -> allocate, copy the whole old block unless the
     write covers it, then write; the old block loses one reference.
     """
-    leaves = nodes[0]
     bs = st[ST_BLOCK_SIZE]
     need = 0
     if start == 0:
         need = blocks_needed(nodes, dev, offsets, lengths, bs)
         if need > st[ST_NR_ALLOCATABLE]:
             return NO_SPACE, 0, need
-    snap_time = dev[DEV_SNAP_TIME]
-    time24 = np.uint64(st[ST_TIME] & TIME_MASK)
     for i in range(start, offsets.shape[0]):
         off = offsets[i]
         remaining = lengths[i]
@@ -398,46 +398,59 @@ def write_batch(nodes, data_rc, freed_txn, rc_dirty, st, dev, fd, tmp, offsets, 
         nblk = (off + remaining - 1) // bs - off // bs + 1
         if st[ST_INNER_FREE] < 2 * nblk + 1 or st[ST_LEAF_FREE] < nblk:
             return NEED_NODES, i, need
-        src = buf_starts[i]
-        while remaining > 0:
-            vb = off // bs
-            inblk = off - vb * bs
-            seg = min(remaining, bs - inblk)
-            v, path_shared = lookup(nodes, dev[DEV_ROOT], vb)
-            if v != UNMAPPED and not path_shared and np.int64(v & np.uint64(TIME_MASK)) >= snap_time:
-                d = np.int64(v >> np.uint64(24))
-                if c_pwrite(fd, buf[src:].ctypes.data, seg, d * bs + inblk) != seg:
-                    return IO_ERROR, i, need
-            else:
-                leaf = writable_leaf(nodes, data_rc, rc_dirty, st, dev, vb)
-                li = vb & (LEAF_ENTRIES - 1)
-                v = leaves[leaf, li]  # re-read: shadowing may have moved the path
-                d = alloc_data_block(data_rc, freed_txn, rc_dirty, st)
-                ok = True
-                if v != UNMAPPED and seg != bs:
-                    # break sharing: old block + this write merged in memory, one block-sized write
-                    old = np.int64(v >> np.uint64(24))
-                    ok = c_pread(fd, tmp.ctypes.data, bs, old * bs) == bs
-                    if ok:
-                        copy_bytes(tmp, inblk, buf, src, seg)
-                        ok = c_pwrite(fd, tmp.ctypes.data, bs, d * bs) == bs
-                else:
-                    ok = c_pwrite(fd, buf[src:].ctypes.data, seg, d * bs + inblk) == seg
-                if not ok:  # undo the allocation: the block is not mapped
-                    data_rc[d] = 0
-                    st[ST_NR_FREE] += 1
-                    st[ST_NR_ALLOCATABLE] += 1
-                    return IO_ERROR, i, need
-                if v != UNMAPPED:
-                    dec_data(data_rc, freed_txn, rc_dirty, st, np.int64(v >> np.uint64(24)))
-                else:
-                    dev[DEV_MAPPED] += 1
-                leaves[leaf, li] = (np.uint64(d) << np.uint64(24)) | time24
-                nodes[4][leaf] = 1  # leaf_dirty
-            off += seg
-            src += seg
-            remaining -= seg
+        if write_span(nodes, data_rc, freed_txn, rc_dirty, st, dev, fd, tmp, off, remaining, buf,
+                      buf_starts[i], bs) != OK:
+            return IO_ERROR, i, need
     return OK, offsets.shape[0], need
+
+
+@njit(cache=True, inline="always")
+def write_span(nodes, data_rc, freed_txn, rc_dirty, st, dev, fd, tmp, off, remaining, buf, src, bs):
+    """Write ``remaining`` bytes of ``buf[src:]`` at virtual byte ``off``, block by block (see
+    :func:`write_batch`; node room must have been checked).  Returns OK or IO_ERROR (blocks before the
+    failed one are complete, the failed block is not mapped)."""
+    leaves = nodes[0]
+    snap_time = dev[DEV_SNAP_TIME]
+    time24 = np.uint64(st[ST_TIME] & TIME_MASK)
+    while remaining > 0:
+        vb = off // bs
+        inblk = off - vb * bs
+        seg = min(remaining, bs - inblk)
+        v, path_shared = lookup(nodes, dev[DEV_ROOT], vb)
+        if v != UNMAPPED and not path_shared and np.int64(v & np.uint64(TIME_MASK)) >= snap_time:
+            d = np.int64(v >> np.uint64(24))
+            if c_pwrite(fd, buf[src:].ctypes.data, seg, d * bs + inblk) != seg:
+                return IO_ERROR
+        else:
+            leaf = writable_leaf(nodes, data_rc, rc_dirty, st, dev, vb)
+            li = vb & (LEAF_ENTRIES - 1)
+            v = leaves[leaf, li]  # re-read: shadowing may have moved the path
+            d = alloc_data_block(data_rc, freed_txn, rc_dirty, st)
+            ok = True
+            if v != UNMAPPED and seg != bs:
+                # break sharing: old block + this write merged in memory, one block-sized write
+                old = np.int64(v >> np.uint64(24))
+                ok = c_pread(fd, tmp.ctypes.data, bs, old * bs) == bs
+                if ok:
+                    copy_bytes(tmp, inblk, buf, src, seg)
+                    ok = c_pwrite(fd, tmp.ctypes.data, bs, d * bs) == bs
+            else:
+                ok = c_pwrite(fd, buf[src:].ctypes.data, seg, d * bs + inblk) == seg
+            if not ok:  # undo the allocation: the block is not mapped
+                data_rc[d] = 0
+                st[ST_NR_FREE] += 1
+                st[ST_NR_ALLOCATABLE] += 1
+                return IO_ERROR
+            if v != UNMAPPED:
+                dec_data(data_rc, freed_txn, rc_dirty, st, np.int64(v >> np.uint64(24)))
+            else:
+                dev[DEV_MAPPED] += 1
+            leaves[leaf, li] = (np.uint64(d) << np.uint64(24)) | time24
+            nodes[4][leaf] = 1  # leaf_dirty
+        off += seg
+        src += seg
+        remaining -= seg
+    return OK
 
 
 @njit(cache=True, inline="always")
@@ -537,23 +550,37 @@ def _table_nodes(tab):
 
 @njit(cache=True)
 def write_one(tab, dev, buf, fd, offset):
-    """:func:`write_batch` for one I/O of ``len(buf)`` bytes at ``offset``; the pool's arrays come
-    from ``tab`` (rows: leaves, inners, leaf_rc, inner_rc, leaf_dirty, inner_dirty, leaf_rc_dirty,
+    """:func:`write_batch` for one I/O of ``len(buf)`` bytes at ``offset`` (>= 0); the pool's arrays
+    come from ``tab`` (rows: leaves, inners, leaf_rc, inner_rc, leaf_dirty, inner_dirty, leaf_rc_dirty,
     inner_rc_dirty, leaf_free, inner_free, data_rc, freed_txn, rc_dirty, st, scratch).
-    Returns (code, need)."""
+    Returns (code, need); code NOT_HANDLED (nothing done) when the I/O goes past the device's end or
+    the device is read-only -- the caller's general path reports those."""
+    n = buf.shape[0]
+    if offset + n > dev[DEV_SIZE] or dev[DEV_FLAGS] & 2:
+        return NOT_HANDLED, 0
+    if n <= 0:
+        return OK, 0
     nodes = _table_nodes(tab)
+    st = carray(_address(tab[13, 0]), (ST_SIZE,), np.int64)
+    bs = st[ST_BLOCK_SIZE]
+    first = offset // bs
+    nblk = (offset + n - 1) // bs - first + 1
+    root = dev[DEV_ROOT]
+    snap_time = dev[DEV_SNAP_TIME]
+    need = 0
+    for vb in range(first, first + nblk):
+        v, path_shared = lookup(nodes, root, vb)
+        if v == UNMAPPED or np.int64(v & np.uint64(TIME_MASK)) < snap_time or path_shared:
+            need += 1
+    if need > st[ST_NR_ALLOCATABLE]:
+        return NO_SPACE, need
+    if st[ST_INNER_FREE] < 2 * nblk + 1 or st[ST_LEAF_FREE] < nblk:
+        return NEED_NODES, need
     data_rc = carray(_address(tab[10, 0]), (tab[10, 1],), np.uint32)
     freed_txn = carray(_address(tab[11, 0]), (tab[11, 1],), np.uint8)
     rc_dirty = carray(_address(tab[12, 0]), (tab[12, 1],), np.uint8)
-    st = carray(_address(tab[13, 0]), (ST_SIZE,), np.int64)
     tmp = carray(_address(tab[14, 0]), (tab[14, 1],), np.uint8)
-    io = np.empty(3, np.int64)
-    io[0] = offset
-    io[1] = buf.shape[0]
-    io[2] = 0
-    code, _, need = write_batch(nodes, data_rc, freed_txn, rc_dirty, st, dev, fd, tmp, io[0:1], io[1:2], buf,
-                                io[2:3], 0)
-    return code, need
+    return write_span(nodes, data_rc, freed_txn, rc_dirty, st, dev, fd, tmp, offset, n, buf, 0, bs), need
 
 
 @njit(cache=True)

@@ -16,6 +16,8 @@ from .layout import (DEV_CREATION_TIME, DEV_FLAGS, DEV_ID, DEV_MAPPED, DEV_ROOT,
                      DEV_TRANSACTION)
 
 _ZERO1 = np.zeros(1, np.int64)
+_U8 = np.dtype(np.uint8)
+_FAST_LIMIT = 1 << 62  # offsets below this (and any buffer length) cannot overflow int64 in a kernel
 
 
 _KERNELS = None
@@ -160,7 +162,9 @@ class Thin:
     def write(self, offset: int, data: bytes | bytearray | memoryview | np.ndarray) -> int:
         """Write ``data`` at byte ``offset``; returns the bytes written.  Provisions on first write,
         breaks sharing by copy-on-write, raises NoSpace (changing nothing) when the pool is full."""
-        if type(data) is np.ndarray and data.dtype == np.uint8 and data.ndim == 1 and data.flags.c_contiguous:
+        if type(data) is bytes:
+            buf = np.frombuffer(data, np.uint8)
+        elif type(data) is np.ndarray and data.dtype is _U8 and data.ndim == 1 and data.flags.c_contiguous:
             buf = data
         elif isinstance(data, np.ndarray):
             buf = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
@@ -170,22 +174,24 @@ class Thin:
             except TypeError:
                 raise InvalidArgument(f"volume {self.name!r}: data must be bytes-like, got "
                                       f"{type(data).__name__}") from None
-        offset = _scalar(self.name, "offset", offset)
+        if type(offset) is not int:
+            offset = _scalar(self.name, "offset", offset)
         pool = self.pool
         n = len(buf)
         with pool._lock:
             slot = pool._by_name.get(self.name)
-            if slot is not None and pool.mode == "write" and not pool.read_only and not pool._closed:
-                row = pool.devs_i[slot]
-                if 0 <= offset and offset + n <= row[L.DEV_SIZE] and not row[L.DEV_FLAGS] & 2:
-                    # fast path (writable pool and volume, in range): one kernel call; anything
-                    # unusual (no space, node growth, an I/O error) is redone by the general path
-                    code, need = (_KERNELS or _k()).write_one(pool._kernel_table(), row, buf, pool.data.fd, offset)
-                    if code == L.OK:
-                        pool.devs_dirty.add(slot)
-                        if need:
-                            pool._after_alloc()
-                        return n
+            if (slot is not None and 0 <= offset < _FAST_LIMIT and pool.mode == "write" and not pool.read_only
+                    and not pool._closed):
+                # fast path (writable pool): one kernel call, which also checks the range and the
+                # volume's read-only flag; anything unusual (out of range, read-only volume, no space,
+                # node growth, an I/O error) is redone or reported by the general path
+                code, need = (_KERNELS or _k()).write_one(pool._kernel_table(), pool.devs_i[slot], buf,
+                                                          pool.data.fd, offset)
+                if code == 0:  # OK
+                    pool.devs_dirty.add(slot)
+                    if need:
+                        pool._after_alloc()
+                    return n
             self._check_write()  # closed or read-only first, then the range (as the batch path)
             slot = pool._slot(self.name)
             _check_span(self.name, int(pool.devs_i[slot, DEV_SIZE]), offset, n)
