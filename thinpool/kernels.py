@@ -549,12 +549,14 @@ def _table_nodes(tab):
 
 
 @njit(cache=True)
-def write_one(tab, dev, buf, fd, offset):
+def write_one(tab, devs, slot, buf, fd, offset):
     """:func:`write_batch` for one I/O of ``len(buf)`` bytes at ``offset`` (>= 0); the pool's arrays
     come from ``tab`` (rows: leaves, inners, leaf_rc, inner_rc, leaf_dirty, inner_dirty, leaf_rc_dirty,
     inner_rc_dirty, leaf_free, inner_free, data_rc, freed_txn, rc_dirty, st, scratch).
-    Returns (code, need); code NOT_HANDLED (nothing done) when the I/O goes past the device's end or
-    the device is read-only -- the caller's general path reports those."""
+    The device is row ``slot`` of the device records ``devs`` (indexing here is cheaper than passing
+    the row).  Returns (code, need); code NOT_HANDLED (nothing done) when the I/O goes past the device's
+    end or the device is read-only -- the caller's general path reports those."""
+    dev = devs[slot]
     n = buf.shape[0]
     if offset + n > dev[DEV_SIZE] or dev[DEV_FLAGS] & 2:
         return NOT_HANDLED, 0
@@ -584,9 +586,9 @@ def write_one(tab, dev, buf, fd, offset):
 
 
 @njit(cache=True)
-def read_one(tab, dev, data, out, offset):
-    """:func:`read_batch` for one read of ``len(out)`` bytes at ``offset`` of the device whose record
-    is ``dev`` (node arrays from ``tab``)."""
+def read_one(tab, devs, slot, data, out, offset):
+    """:func:`read_batch` for one read of ``len(out)`` bytes at ``offset`` of the device in row
+    ``slot`` of ``devs`` (node arrays from ``tab``)."""
     nodes = _table_nodes(tab)
     st = carray(_address(tab[13, 0]), (ST_SIZE,), np.int64)
-    read_span(nodes, dev[DEV_ROOT], data, st[ST_BLOCK_SIZE], offset, out.shape[0], out, 0)
+    read_span(nodes, devs[slot, DEV_ROOT], data, st[ST_BLOCK_SIZE], offset, out.shape[0], out, 0)

@@ -185,7 +185,7 @@ class Thin:
                 # fast path (writable pool): one kernel call, which also checks the range and the
                 # volume's read-only flag; anything unusual (out of range, read-only volume, no space,
                 # node growth, an I/O error) is redone or reported by the general path
-                code, need = (_KERNELS or _k()).write_one(pool._kernel_table(), pool.devs_i[slot], buf,
+                code, need = (_KERNELS or _k()).write_one(pool._kernel_table(), pool.devs_i, slot, buf,
                                                           pool.data.fd, offset)
                 if code == 0:  # OK
                     pool.devs_dirty.add(slot)
@@ -302,10 +302,10 @@ class Thin:
             with pool._lock:
                 slot = pool._by_name.get(self.name)
                 if slot is not None and not pool._closed:
-                    row = pool.devs_i[slot]
-                    if 0 <= offset and 0 <= length and offset + length <= int(row[L.DEV_SIZE]):
+                    devs = pool.devs_i
+                    if 0 <= offset and 0 <= length and offset + length <= int(devs[slot, L.DEV_SIZE]):
                         out = np.empty(length, np.uint8)
-                        (_KERNELS or _k()).read_one(pool._kernel_table(), row, pool.data.array, out, offset)
+                        (_KERNELS or _k()).read_one(pool._kernel_table(), devs, slot, pool.data.array, out, offset)
                         return out.tobytes()
         offset = _scalar(self.name, "offset", offset)
         length = _scalar(self.name, "length", length)
@@ -314,7 +314,7 @@ class Thin:
                 pool._check_open()
             _check_span(self.name, self.size, offset, length)  # before allocating the output
             out = np.empty(length, np.uint8)
-            (_KERNELS or _k()).read_one(pool._kernel_table(), pool.devs_i[pool._slot(self.name)], pool.data.array,
+            (_KERNELS or _k()).read_one(pool._kernel_table(), pool.devs_i, pool._slot(self.name), pool.data.array,
                                         out, offset)
         return out.tobytes()
 
