@@ -21,13 +21,15 @@ newest older one that still verifies).  Every block read is checked; a mismatch 
 The store is plain Python (``array``, ``bytearray``, ``memoryview``; no numpy) so that a command which
 touches only a few pages -- ``status``, ``ls``, ``snapshot`` through :mod:`thinpool.devtable` -- loads
 only those: :meth:`MetadataStore.load` takes the names of the arrays to read, and
-:meth:`MetadataStore.read_pages` reads single pages.  Arrays come back as ``bytearray`` (the pool
-wraps them with ``numpy.frombuffer``, no copy).
+:meth:`MetadataStore.read_pages` reads single pages.  Arrays come back as writable buffers
+(``bytearray``, or an anonymous ``mmap`` when large; the pool wraps them with ``numpy.frombuffer``,
+no copy).
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 import sys
@@ -86,6 +88,18 @@ def checksum(page: Any) -> int:
 def _ints(xs: Any) -> list[int]:
     """A list of Python ints from a list, range or numpy array."""
     return xs.tolist() if hasattr(xs, "tolist") else [int(x) for x in xs]
+
+
+#: what the store returns for an array: a writable buffer of its bytes
+Buffer = bytearray | mmap.mmap
+
+
+def _zeroed(n: int) -> Buffer:
+    """A writable zero-filled buffer of ``n`` bytes.  Big ones are anonymous memory maps: their pages
+    are zero until touched, so reading 100 MB of pages into one costs no memset beforehand."""
+    if n < 1 << 20:
+        return bytearray(n)
+    return mmap.mmap(-1, n)
 
 
 def _mark(state: bytearray, blocks: Iterable[int], bits: int) -> None:
@@ -220,9 +234,9 @@ class MetadataStore:
                 found.append((sb[0], slot, sb[1]))
         return sorted(found, reverse=True, key=lambda s: (s[0], s[1]))
 
-    def _gather(self, locs: Sequence[int], structure: str) -> bytearray:
+    def _gather(self, locs: Sequence[int], structure: str) -> Buffer:
         """Read and verify the pages at ``locs`` (0 = absent page, read as zeroes)."""
-        out = bytearray(len(locs) * BLOCK)
+        out = _zeroed(len(locs) * BLOCK)
         present = [(loc >> 32, row) for row, loc in enumerate(locs) if loc >> 32]
         if not present:
             return out
@@ -239,7 +253,7 @@ class MetadataStore:
                                       structure=structure, block=b)
         return out
 
-    def _read_runs(self, present: list[tuple[int, int]], out: bytearray) -> None:
+    def _read_runs(self, present: list[tuple[int, int]], out: Buffer) -> None:
         """Read metadata blocks into rows of ``out`` with one preadv per run of consecutive blocks
         that land in consecutive rows (pages are mostly allocated in order, so runs are long)."""
         present = sorted(present)
@@ -277,7 +291,7 @@ class MetadataStore:
             locs[name] = array("Q", bytes(pages[: npages[name] * 8]))
         return locs
 
-    def load(self, only: Iterable[str] | None = None) -> dict[str, bytearray]:
+    def load(self, only: Iterable[str] | None = None) -> dict[str, Buffer]:
         """Load the newest committed state that verifies; returns the arrays' bytes by name.
 
         With ``only``, just those arrays are read (every page map is still read, so the store knows
@@ -320,7 +334,7 @@ class MetadataStore:
                                        f"generation {generation} was used", structure="superblock", block=slot)
         return None
 
-    def _load_state(self, header: dict[str, Any], names: set[str] | None = None) -> dict[str, bytearray]:
+    def _load_state(self, header: dict[str, Any], names: set[str] | None = None) -> dict[str, Buffer]:
         pm_locs, dir_locs = self._load_directory(header)
         npages = {k: int(v) for k, v in header["pages"].items()}
         locs = self._load_locs(pm_locs, npages)
@@ -334,7 +348,7 @@ class MetadataStore:
         self._state = None
         return arrays
 
-    def read_pages(self, name: str, pages: Iterable[int]) -> dict[int, bytearray]:
+    def read_pages(self, name: str, pages: Iterable[int]) -> dict[int, bytes]:
         """Verified copies of single pages of array ``name`` as last committed (page -> 4 KiB)."""
         locs = self.locs.get(name, array("Q"))
         want = sorted(set(pages))
@@ -359,7 +373,7 @@ class MetadataStore:
             out.extend(loc >> 32 for loc in arr)
         return [b for b in out if b > 0]
 
-    def load_held(self) -> dict[str, bytearray]:
+    def load_held(self) -> dict[str, Buffer]:
         """Arrays of the held metadata snapshot (see :meth:`hold`)."""
         held = self.header.get("held")
         if not held:
