@@ -225,7 +225,7 @@ class Pool:
         """(address, length) rows of the arrays :func:`kernels.write_one` uses, rebuilt whenever
         one of them was reallocated (``st[ST_EPOCH]``) or the state was reloaded (a new ``st``)."""
         st = self.st
-        if self._ktab_st is not st or self._ktab_epoch != st[K.ST_EPOCH]:
+        if self._ktab_st is not st or self._ktab_epoch != st.item(K.ST_EPOCH):  # item(): a Python int, fast
             sp = self.space
             arrays = self.nodes_map.nodes + (sp.data_rc, sp.freed_txn, sp.rc_dirty, st, self.data.scratch)
             assert all(a.flags.c_contiguous and a.flags.writeable for a in arrays)
@@ -613,12 +613,12 @@ class Pool:
         self._md_check_below = (self.store.nr_blocks - 16) // 2 - fixed - 64
 
     def _after_alloc(self) -> None:
-        st = self.st
-        if not self._lwm_fired and st[K.ST_NR_FREE] <= self.header["low_water_mark"]:
+        item = self.st.item  # Python ints: this runs after every allocating write
+        if not self._lwm_fired and item(K.ST_NR_FREE) <= self.header["low_water_mark"]:
             self._lwm_fired = True
             if self.on_low_water is not None:
                 self.on_low_water(self)
-        if st[K.ST_LEAVES_LIVE] + st[K.ST_INNERS_LIVE] < self._md_check_below:
+        if item(K.ST_LEAVES_LIVE) + item(K.ST_INNERS_LIVE) < self._md_check_below:
             return  # far from the metadata limit: skip the estimate
         bm = self.nodes_map
         live = int(self.st[K.ST_LEAVES_LIVE] + self.st[K.ST_INNERS_LIVE]) + \
