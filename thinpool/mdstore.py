@@ -78,6 +78,7 @@ _USED = 1       # state bit: reachable from the current (uncommitted) state
 _PROTECTED = 2  # state bit: reachable from the last commit or from the held metadata snapshot
 _PROTECT_USED = bytes(3 if x & _USED else 0 for x in range(256))  # after a commit: protected := used
 _IOV_MAX = 1024
+_HI, _LO = (1, 0) if sys.byteorder == "little" else (0, 1)  # uint32 halves of a block<<32|crc location
 
 
 def checksum(page: Any) -> int:
@@ -235,41 +236,40 @@ class MetadataStore:
         return sorted(found, reverse=True, key=lambda s: (s[0], s[1]))
 
     def _gather(self, locs: Sequence[int], structure: str) -> Buffer:
-        """Read and verify the pages at ``locs`` (0 = absent page, read as zeroes)."""
-        out = _zeroed(len(locs) * BLOCK)
-        present = [(loc >> 32, row) for row, loc in enumerate(locs) if loc >> 32]
-        if not present:
-            return out
-        for b, _row in present:
-            if b >= self.nr_blocks:
-                raise MetadataCorrupt(f"{structure}: page at metadata block {b} lies beyond the end of the "
-                                      f"metadata file ({self.nr_blocks} blocks; truncated?)", structure=structure,
-                                      block=b)
-        self._read_runs(present, out)
-        view = memoryview(out)
-        for b, row in present:
-            if checksum(view[row * BLOCK:(row + 1) * BLOCK]) != locs[row] & 0xFFFFFFFF:
-                raise MetadataCorrupt(f"{structure}: bad checksum in metadata block {b}",
-                                      structure=structure, block=b)
-        return out
+        """Read and verify the pages at ``locs`` (0 = absent page, read as zeroes).
 
-    def _read_runs(self, present: list[tuple[int, int]], out: Buffer) -> None:
-        """Read metadata blocks into rows of ``out`` with one preadv per run of consecutive blocks
-        that land in consecutive rows (pages are mostly allocated in order, so runs are long)."""
-        present = sorted(present)
+        One ``preadv`` per run of consecutive blocks in consecutive pages (pages are mostly written
+        in order, so runs are long); the per-page work is the checksum."""
+        n = len(locs)
+        out = _zeroed(n * BLOCK)
+        halves = memoryview(locs if isinstance(locs, array) else array("Q", locs)).cast("B").cast("I")
+        blocks, crcs = halves[_HI::2].tolist(), halves[_LO::2].tolist()  # C loops: block and crc of each page
+        if not any(blocks):
+            return out
+        if max(blocks) >= self.nr_blocks:
+            b = next(b for b in blocks if b >= self.nr_blocks)
+            raise MetadataCorrupt(f"{structure}: page at metadata block {b} lies beyond the end of the "
+                                  f"metadata file ({self.nr_blocks} blocks; truncated?)", structure=structure, block=b)
         view = memoryview(out)
-        i, n = 0, len(present)
+        fd, i = self.fd, 0
         while i < n:
-            b0, r0 = present[i]
+            b0 = blocks[i]
+            if not b0:
+                i += 1
+                continue
             j = i + 1
-            while j < n and j - i < _IOV_MAX and present[j][0] == b0 + (j - i) and present[j][1] == r0 + (j - i):
+            while j < n and blocks[j] == b0 + j - i:
                 j += 1
             want = (j - i) * BLOCK
-            got = os.preadv(self.fd, [view[r0 * BLOCK:r0 * BLOCK + want]], b0 * BLOCK)
-            if got != want:
+            if os.preadv(fd, [view[i * BLOCK:j * BLOCK]], b0 * BLOCK) != want:
                 raise MetadataCorrupt(f"{self.path}: short read at metadata block {b0} (file truncated?)",
                                       structure="file", block=b0)
             i = j
+        crc = _crc32c
+        for row, b in enumerate(blocks):
+            if b and crc(view[row * BLOCK:(row + 1) * BLOCK]) != crcs[row]:
+                raise MetadataCorrupt(f"{structure}: bad checksum in metadata block {b}", structure=structure, block=b)
+        return out
 
     def _load_directory(self, header: dict[str, Any]) -> tuple[dict[str, array], list[int]]:
         dir_locs = [int(x) for x in header["directory"]]
@@ -561,11 +561,10 @@ class MetadataStore:
         locations) or without the committed count of used blocks."""
         if self._state is not None or self.held_blocks or "metadata_used_blocks" not in self.header:
             return None
-        hi = 1 if sys.byteorder == "little" else 0  # the block half of each block<<32|crc
         top = SUPERBLOCKS - 1
         for arr in list(self.locs.values()) + list(self.pm_locs.values()):
             if len(arr):
-                top = max(top, max(memoryview(arr).cast("B").cast("I")[hi::2]))
+                top = max(top, max(memoryview(arr).cast("B").cast("I")[_HI::2]))
         top = max([top] + [loc >> 32 for loc in self.dir_locs])
         need = self.estimate_commit_blocks(arrays) + len(self.dir_locs) + 8
         if top + 1 + need > self.nr_blocks:
