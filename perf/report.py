@@ -48,7 +48,10 @@ def write_docs(result: dict, docs: str) -> None:
         text += ("\n## Suite (issue 6 rows S1-S9, issue 4 row I4, issue 7 hook I7)\n\n"
                  "S1/S2 first writes/overwrites, S3 CoW after snapshot, S4 snapshot depth, S5 snapshot creation vs "
                  "mapped size, S6 commit/delete cost, S7 JIT vs Python, S8 CLI latency, S9 scale, I4 dump vs "
-                 "thin_dump, I7 fio over NBD.\n\n" + _table(secs["suite"]) + "\n")
+                 "thin_dump, I7 fio over NBD.  S8 runs the installed `thinpool` script with the package "
+                 "byte-compiled (as `pip install` leaves it); `status`, `ls` and `snapshot` there read only the "
+                 "device table (docs/design.md), `ls --usage` (S8d) walks every volume's mappings.\n\n"
+                 + _table(secs["suite"]) + "\n")
     full = result.get("latest_full_scale")
     if full:
         text += (f"\n### Scale rows from the latest `--full` run ({full['date']})\n\n"
@@ -57,8 +60,24 @@ def write_docs(result: dict, docs: str) -> None:
     plots = _plots(result, docs)
     if plots:
         text += "\n## Plots\n\n" + "\n".join(f"![{t}]({os.path.basename(p)})" for t, p in plots) + "\n"
-    with open(os.path.join(docs, "performance.md"), "w") as f:
+    path = os.path.join(docs, "performance.md")
+    text += _kept_nbd_section(path)
+    with open(path, "w") as f:
         f.write(text)
+
+
+def _kept_nbd_section(path: str) -> str:
+    """The issue-7 section that `python -m perf.nbd --docs` wrote into the page (kept as it is)."""
+    from .nbd import SECTION_BEGIN, SECTION_END
+    try:
+        with open(path) as f:
+            old = f.read()
+    except OSError:
+        return ""
+    start, end = old.find(SECTION_BEGIN), old.find(SECTION_END)
+    if start < 0 or end < start:
+        return ""
+    return "\n" + old[start:end + len(SECTION_END)] + "\n"
 
 
 def _plots(result: dict, docs: str) -> list[tuple[str, str]]:
