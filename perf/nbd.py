@@ -197,31 +197,29 @@ def run(sc: Scratch, full: bool) -> tuple[list[Row], dict[str, Any]]:
 # ----------------------------------------------------------------------------- docs section
 ANALYSIS = """\
 **Reading these numbers.**  This 2-core VM is shared with other test suites; a side moves by up to 2x
-between runs (QD1 especially: it is pure latency), so read the ratios, and compare runs.  Full runs the
-same day, in the table's order (read QD1, read QD16, write QD1, write QD16): before the session's batched
-socket I/O (7389b76) 0.86 / 0.73 / 1.30 / 0.76 and 0.80 / 0.58 / 0.78 / 0.64; after it 1.53 / 1.10 / 1.07
-/ 1.27 and the table above.  So: iodepth 16 passes since the session change (1.10-1.32x), 4 KiB writes at
-iodepth 1 pass (1.07-1.30x in three of four runs), **4 KiB reads at iodepth 1 are short in quiet
-conditions (0.67-0.88x in most rounds; one run 1.5x when qemu-nbd had a bad period).**
+between runs (iodepth 1 especially: it is pure latency), so read the ratios, and compare runs.  Iodepth 1
+also depends on where the scheduler puts the server and fio: on the same CPU a round trip costs ~50 us, on
+two CPUs a cross-CPU wake-up from idle adds tens of microseconds per message (both servers pinned to one
+CPU with fio: ~20k vs ~16k IOPS; on separate CPUs 2-6k each), and an unpinned run lands on either.
 
-**Where the time goes** (py-spy on the serving process under fio, a timing wrapper around the session's
-request handler, and per-call loops of 20,000 random 4 KiB calls):
+**History.**  Before the session's batched socket I/O (7389b76) full runs gave 0.86 / 0.73 / 1.30 / 0.76
+(read QD1, read QD16, write QD1, write QD16); after it 1.53 / 1.10 / 1.07 / 1.27, with QD1 reads short in
+quiet conditions (0.67-0.88x).  Then (session 2 of the NBD performance work):
 
-* iodepth 1 is one round trip per request.  Measured inside `thinpool serve` during fio QD1 reads: 46 us
-  handling a request (of which 28 us in `PoolExport.pread` -> `Thin.read`, 11 us in a tight loop: cold
-  caches after every context switch) plus 56 us between requests (poll wake-up, recv, decoding), about
-  100 us, against 57-75 us for qemu-nbd+qcow2 in C.  Writes do better relative to qemu-nbd, whose writes go
-  through its thread pool.  A structured READ used to add a block-map query for its hole chunks
-  (`Thin.mapped_ranges`, 35-48 us per 4 KiB, more than the read): the backend answers "allocated" for a
-  READ of at most one block (always valid in `base:allocation`; BLOCK_STATUS still queries), which
-  together with the engine's faster per-call paths took QD1 reads from 0.25-0.5x to where they are.  The
-  rest is the engine's fixed per-call cost (requests N1, N2 in `/work/notes/requests.txt`) and the
-  session's per-request Python.
-* iodepth 16: the session used to serve pipelined requests one by one with 3-5 system calls each (37-69 %
-  of the session thread in `sendall`, 10-25 % in `poll`/`recv`; the backend ~15 %).  Reading every
-  pipelined request with one `recv` and sending the queued replies with one `sendall` before the next wait
-  for input (prototyped here: 12k -> 14-21k read, 15-19k -> 21k write IOPS side by side; request N5) is now
-  in `thinpool/nbd/session.py`, and both depth-16 rows pass.
+* the kernels' byte copies used signed indices, so every element paid a negative-index wrap check and
+  the loop did not vectorise: 2.7 us per 4 KiB copy, most of `read_one`'s 6-8 us.  Unsigned indices:
+  ~0.3 us (this also speeds up copy-on-write merges);
+* the session receives into one reusable buffer (`recv_into`), decodes a header with one `unpack_from`,
+  serves plain in-range READ/WRITE without building request objects, and sends queued replies with one
+  `sendmsg` (header and data, no join copy); reads of at most one block skip the extents query (answered
+  "allocated" anyway);
+* before blocking for the next request a session busy-polls its socket for up to 100 us (adaptive: only
+  while the client answers within about that; one session at a time; yielding each round), as QEMU's
+  AioContext polling does, so a request arriving meanwhile costs no wake-up from idle.
+
+Quick and full runs after these: 2.96 / 2.81 / 1.58 / 1.92, 1.22 / 2.65 / 1.67 / 2.14 (full) and
+1.16 / 3.48 / 2.01 / 1.29 on a busy box.  py-spy on the server under QD1 reads now: ~25 % in `sendmsg`
+(the wake-up of fio is paid by the sender), ~30 % spinning, ~20 % in `PoolExport.pread` -> `Thin.read`.
 """
 
 def table_md(rows: list[Row], d: dict[str, Any]) -> str:
