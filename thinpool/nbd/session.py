@@ -287,11 +287,11 @@ class Session:
         sendmsg = self.sock.sendmsg
         sent = sendmsg(out[:_IOV_MAX])
         while sent != total:
-            # partial send (or more than _IOV_MAX parts): drop what went out, resume inside the
-            # first part not fully sent
+            # partial send (or more than _IOV_MAX parts): drop what went out (and empty parts),
+            # resume inside the first part not fully sent (one exists: total > 0)
             total -= sent
             i = 0
-            while sent and sent >= len(out[i]):
+            while sent >= len(out[i]):
                 sent -= len(out[i])
                 i += 1
             out = out[i:]
