@@ -485,6 +485,7 @@ class MetadataStore:
         new_locs = {k: v[:] for k, v in self.locs.items()}
         new_pm = {k: v[:] for k, v in self.pm_locs.items()}
         self._tail, self._tail_released = (self._tail_start(arrays) if tail else None), 0
+        tail_first = self._tail
         state_before = bytes(self.state) if self._tail is None else b""
         try:
             pages_count = {k: int(v) for k, v in self.header.get("pages", {}).items()}
@@ -534,7 +535,7 @@ class MetadataStore:
                 used = self.nr_blocks - committed.count(0)
             else:
                 committed = None  # rebuilt from the new locations if it is ever needed
-                used = int(self.header["metadata_used_blocks"]) + (self._tail - self._tail_first) - \
+                used = int(self.header["metadata_used_blocks"]) + (self._tail - tail_first) - \
                     self._tail_released
             header.update(directory=dir_locs, directory_bytes=len(directory), pages=pages_count,
                           metadata_used_blocks=used)
@@ -569,7 +570,6 @@ class MetadataStore:
         need = self.estimate_commit_blocks(arrays) + len(self.dir_locs) + 8
         if top + 1 + need > self.nr_blocks:
             return None
-        self._tail_first = top + 1
         return top + 1
 
     def _write_superblock(self, generation: int, header: dict[str, Any]) -> None:
