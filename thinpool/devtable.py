@@ -27,7 +27,7 @@ import re
 import struct
 from typing import Any, NamedTuple
 
-from . import pooldir
+from . import pooldir, safe_output
 from .errors import AlreadyExists, InvalidArgument, NoSpace, NotFound, ReadOnly
 from .mdstore import BLOCK, MetadataSpaceExhausted, MetadataStore, PagedArray, PageUpdates
 from .status import PoolStatus
@@ -118,6 +118,7 @@ class DeviceTable:
             pooldir.unlock(self._lock_fd)
             raise
         self._closed = False
+        safe_output.register_pool(self)  # no output is ever written onto its files
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, read_only: bool = True) -> "DeviceTable":

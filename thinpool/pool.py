@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from . import layout as K
-from . import pooldir
+from . import pooldir, safe_output
 from .blockmap import BlockMap
 from .datadev import DataDevice
 from .devtable import (DEV_FIELDS, DEV_RECORD, DEVS_PER_PAGE, F_IN_USE, F_READ_ONLY,  # noqa: F401 (API)
@@ -113,6 +113,7 @@ class Pool:
             self._release_lock()
             raise
         self._closed = False
+        safe_output.register_pool(self)  # no output is ever written onto its files
 
     @classmethod
     def create(cls, path: str | os.PathLike, data_size: int | str = "1GiB", block_size: int | str = "64KiB", *,

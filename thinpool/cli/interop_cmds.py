@@ -13,12 +13,14 @@ from .ops import OPS, run_op
 SECTION = "dm-thin interoperability"
 
 
-def _write_text(text: str, output: str | None) -> None:
+def _write_text(text: str, output: str | None, pool: str | None = None) -> None:
+    """Print ``text``, or write it to file ``output`` atomically, never onto a file of ``pool`` or of any
+    other pool (:mod:`thinpool.safe_output`)."""
     if output is None or output == "-":
         click.echo(text, nl=False)
         return
-    with open(output, "w") as f:
-        f.write(text)
+    from thinpool.safe_output import write_output
+    write_output(output, text, pools=[abspath(pool)] if pool else [])
 
 
 def _check_new_pool_path(pool: str) -> None:
@@ -60,13 +62,16 @@ def dump_cmd(pool: str, output: str | None, metadata_snap: bool, as_json: bool) 
       thinpool dump /tmp/pool > pool.xml
       thinpool reserve-metadata-snap /tmp/pool && thinpool dump -m /tmp/pool -o snap.xml
     """
+    if output not in (None, "-"):
+        from thinpool.safe_output import guard_output
+        guard_output(output, pools=[abspath(pool)])  # refused before the dump runs
     text = run_op(pool, "dump", {"metadata_snap": metadata_snap})
     if as_json:
         if output not in (None, "-"):
-            _write_text(text, output)
+            _write_text(text, output, pool)
         emit({"xml": text} if output in (None, "-") else {"output": abspath(output), "bytes": len(text)}, True)
         return
-    _write_text(text, output)
+    _write_text(text, output, pool)
 
 
 @click.command("restore")

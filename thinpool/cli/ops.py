@@ -593,11 +593,13 @@ def op_export_metadata(pool: Any, path: str, nr_metadata_blocks: int | None = No
     """Write real dm-thin binary metadata for the pool to ``path`` (with the held metadata snapshot,
     if one is held).  Returns the blocks used and the file's size in blocks."""
     from thinpool.interop.binary import write_binary_metadata
+    from thinpool.safe_output import guard_output
+    path = guard_output(path, pools=[pool], what="metadata output")  # a str, never a file of a pool
     if not pool.read_only:
         pool.commit()  # dm-thin's metadata device holds the committed state
     md = pool.to_metadata()
     held = pool.to_metadata(held=True) if pool.status().held_root is not None else None
-    used = write_binary_metadata(md, path, nr_metadata_blocks=nr_metadata_blocks, held=held)
+    used = write_binary_metadata(md, path, nr_metadata_blocks=nr_metadata_blocks, held=held, pools=[pool])
     return {"path": path, "used_blocks": used, "nr_blocks": os.path.getsize(path) // 4096,
             "held": held is not None, "data_file": pool.data.path,
             "data_block_size": pool.block_size, "nr_data_blocks": pool.nr_data_blocks}

@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 from thinpool.errors import InvalidArgument
+from thinpool.safe_output import atomic_output, check_path
 
 from .ops import _range, register_op
 
@@ -36,11 +37,14 @@ def _write_all(f: Any, data: memoryview) -> None:
         data = data[n:]
 
 
-def _open_output(path: str) -> tuple[Any, bool]:
-    import sys
-    if path == "-":
-        return sys.stdout.buffer, False
-    return open(path, "wb"), True
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """pwrite all of ``data`` at ``offset`` (a short count is retried, never ignored)."""
+    data = data.cast("B")
+    while len(data):
+        n = os.pwrite(fd, data, offset)
+        if n <= 0:
+            raise OSError(f"pwrite returned {n}")
+        data, offset = data[n:], offset + n
 
 
 def _checked_input(f: Any, name: str, room: int, length: int | None) -> Any:
@@ -79,6 +83,7 @@ def _checked_input(f: Any, name: str, room: int, length: int | None) -> Any:
 def op_write(pool: Any, name: str, input: str = "-", offset: int = 0, length: int | None = None) -> dict[str, Any]:
     """Write the bytes of file ``input`` (``-``: stdin) into volume ``name`` at ``offset`` (at most
     ``length`` bytes).  Every byte is written, zeros included (use ``import`` for sparse images)."""
+    input = check_path(input, "input")
     thin = pool.thin(name)
     if offset < 0 or offset > thin.size:
         raise InvalidArgument(f"volume {name!r}: write offset {offset} is outside the volume ({thin.size} bytes)")
@@ -113,10 +118,11 @@ def op_read(pool: Any, name: str, output: str = "-", offset: int = 0, length: in
     """Copy ``length`` bytes (default: to the end) of volume ``name`` from ``offset`` to file ``output``
     (``-``: stdout)."""
     import numpy as np
+    output = check_path(output, "output")
     thin = pool.thin(name)
     offset, length = _range(thin, offset, length, "read")
-    f, close = _open_output(output)
-    try:
+    with atomic_output(output, pools=[pool]) as out:
+        f = out.file
         chunk = _chunk_bytes(pool.block_size)
         buf = np.empty(min(chunk, length), np.uint8)
         done = 0
@@ -127,9 +133,6 @@ def op_read(pool: Any, name: str, output: str = "-", offset: int = 0, length: in
             _write_all(f, memoryview(view))
             done += n
         f.flush()
-    finally:
-        if close:
-            f.close()
     return {"name": name, "offset": offset, "bytes_read": length}
 
 
@@ -218,6 +221,7 @@ def op_import(pool: Any, name: str, image: str, size: int | None = None) -> dict
     import numpy as np
 
     from .common import progress
+    image = check_path(image, "image")
     bs = pool.block_size
     if image == "-":
         fd, close, img_size, regular = -1, False, None, False
@@ -229,11 +233,21 @@ def op_import(pool: Any, name: str, image: str, size: int | None = None) -> dict
         except (OSError, ValueError, AttributeError):
             pass
     else:
-        fd = os.open(image, os.O_RDONLY)
+        try:
+            fd = os.open(image, os.O_RDONLY)
+        except OSError as exc:
+            raise InvalidArgument(f"cannot read image {image}: {exc.strerror}") from None
         close = True
         st = os.fstat(fd)
         regular = stat.S_ISREG(st.st_mode)
-        img_size = st.st_size if regular else os.lseek(fd, 0, os.SEEK_END)
+        img_size = st.st_size if regular else _seekable_size(fd)  # a pipe (/dev/stdin): unknown
+    if not regular and img_size is None and size is None and name not in pool:
+        # a new volume from a pipe: spool the stream to a temporary file to learn its size
+        spool_fd = _spool(sys.stdin.buffer if image == "-" else None, fd)
+        if close:
+            os.close(fd)
+        fd, close, regular = spool_fd, True, True
+        img_size = os.fstat(fd).st_size
     try:
         created = False
         if name in pool:
@@ -295,6 +309,30 @@ def op_import(pool: Any, name: str, image: str, size: int | None = None) -> dict
             "mapped_blocks": thin.mapped_blocks}
 
 
+def _seekable_size(fd: int) -> int | None:
+    """The size of a seekable non-regular file (a block device), None for a pipe or socket."""
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    except OSError:
+        return None
+
+
+def _spool(f: Any, fd: int) -> int:
+    """Copy a stream (file object ``f``, else ``fd``) to an unlinked temporary file; its fd, at 0."""
+    import tempfile
+    tmp = tempfile.TemporaryFile()
+    try:
+        while True:
+            data = f.read(CHUNK) if f is not None else os.read(fd, CHUNK)
+            if not data:
+                break
+            tmp.write(data)
+        tmp.flush()
+        return os.dup(tmp.fileno())
+    finally:
+        tmp.close()
+
+
 def _read_full(f: Any, n: int) -> bytes:
     parts = []
     got = 0
@@ -333,22 +371,18 @@ def op_export(pool: Any, name: str, output: str = "-") -> dict[str, Any]:
     """Export volume ``name`` as a raw image to ``output`` (``-``: stdout).  A regular output file is
     written sparse: truncated to the volume size, then only mapped non-zero blocks are written (seeking
     over unmapped and zero blocks).  Other outputs (stdout, pipes, devices) get every byte."""
-    import stat
-    import sys
-
     import numpy as np
 
     from .common import progress
+    output = check_path(output, "output")
     thin = pool.thin(name)
     bs = pool.block_size
     size = thin.size
-    regular = False
-    if output != "-":
-        regular = not os.path.exists(output) or stat.S_ISREG(os.stat(output).st_mode)
     written = 0
-    if regular:
-        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
+    with atomic_output(output, pools=[pool]) as out:
+        regular = out.regular
+        if regular:
+            fd = out.fd
             os.ftruncate(fd, size)
             vb, _, _ = thin.mappings()
             full = vb[(vb + 1) * bs <= size]
@@ -360,20 +394,17 @@ def op_export(pool: Any, name: str, output: str = "-") -> dict[str, Any]:
                     rows = thin.read_many(blocks * bs, bs)
                     nz = rows.any(axis=1)
                     for j in np.flatnonzero(nz):
-                        os.pwrite(fd, memoryview(rows[j]), int(blocks[j]) * bs)
+                        _pwrite_all(fd, memoryview(rows[j]), int(blocks[j]) * bs)
                         written += 1
                     advance(len(blocks) * bs)
                 for b in partial:
                     data = thin.read(int(b) * bs, size - int(b) * bs)
                     if any(data):
-                        os.pwrite(fd, data, int(b) * bs)
+                        _pwrite_all(fd, memoryview(data), int(b) * bs)
                         written += 1
                     advance(bs)
-        finally:
-            os.close(fd)
-    else:
-        f = sys.stdout.buffer if output == "-" else open(output, "wb")
-        try:
+        else:
+            f = out.file
             chunk = _chunk_bytes(bs)
             buf = np.empty(min(chunk, size), np.uint8)
             with progress(f"export {name}", size) as advance:
@@ -387,9 +418,6 @@ def op_export(pool: Any, name: str, output: str = "-") -> dict[str, Any]:
                     advance(n)
             f.flush()
             written = thin.mapped_blocks
-        finally:
-            if f is not sys.stdout.buffer:
-                f.close()
     return {"name": name, "output": output, "size": size, "sparse": regular, "blocks_written": written}
 
 

@@ -218,8 +218,9 @@ def import_cmd(pool: str, name: str, image: str, size: int | None, as_json: bool
 
     Only blocks holding non-zero bytes are written: holes and zero blocks allocate nothing.  NAME is
     created if it does not exist; in an existing volume, blocks that are zero in the image are unmapped,
-    so its first len(IMAGE) bytes then read exactly like the image.  Shows a progress bar when stderr
-    is a terminal.
+    so its first len(IMAGE) bytes then read exactly like the image.  From a pipe (- or /dev/stdin)
+    without --size, a new volume's size is learnt by first copying the stream to a temporary file
+    ($TMPDIR).  Shows a progress bar when stderr is a terminal.
 
     \b
     Examples:

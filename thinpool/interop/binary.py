@@ -35,13 +35,15 @@ from __future__ import annotations
 import os
 import stat
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
 from thinpool.errors import InvalidArgument
+from thinpool.safe_output import atomic_output, check_path, guard_output
 from thinpool.interop.btree import (
     BITMAP_CSUM_XOR,
     BLOCK_SIZE,
@@ -447,26 +449,26 @@ def _build_image(plan: _Plan, lay: _Layout, meta_counts: np.ndarray) -> np.ndarr
     return img
 
 
-def _write_image(path: str | os.PathLike[str], img: np.ndarray, nr_blocks: int) -> None:
-    try:
-        is_device = stat.S_ISBLK(os.stat(path).st_mode)
-    except FileNotFoundError:
-        is_device = False
-    with open(path, "r+b" if is_device else "wb") as f:
+def _write_image(path: str, img: np.ndarray, nr_blocks: int, pools: Iterable[Any] = ()) -> None:
+    """Write the image through :func:`thinpool.safe_output.atomic_output` (never onto a pool's file; a
+    regular file is replaced atomically, a block device written in place)."""
+    with atomic_output(path, pools=pools, what="metadata output") as out:
+        f = out.file
+        is_device = not out.regular and stat.S_ISBLK(os.fstat(out.fd).st_mode)
         if is_device:
             size = f.seek(0, os.SEEK_END)
             if size < nr_blocks * BLOCK_SIZE:
-                raise InvalidArgument(f"{os.fspath(path)}: device has {size} bytes, metadata needs {nr_blocks} blocks")
+                raise InvalidArgument(f"{path}: device has {size} bytes, metadata needs {nr_blocks} blocks")
             f.seek(0)
         f.write(memoryview(img).cast("B"))
-        if not is_device:
+        if out.regular:
             f.truncate(nr_blocks * BLOCK_SIZE)
         f.flush()
         os.fsync(f.fileno())
 
 
 def write_binary_metadata(md: Metadata, path: str | os.PathLike[str], *, nr_metadata_blocks: int | None = None,
-                          held: Metadata | None = None) -> int:
+                          held: Metadata | None = None, pools: Iterable[Any] = ()) -> int:
     """Write real dm-thin metadata for ``md`` to ``path`` and return the number of blocks used.
 
     ``path`` (a regular file, created or truncated, or a block device at least that large) gets
@@ -480,12 +482,16 @@ def write_binary_metadata(md: Metadata, path: str | os.PathLike[str], *, nr_meta
 
     Raises :class:`~thinpool.errors.InvalidArgument` for an inconsistent IR (unsorted or
     duplicate vblocks, mapped_blocks ≠ number of mappings, data block beyond
-    ``nr_data_blocks``, time ≥ 2^24, out-of-range fields) or metadata that does not fit.
+    ``nr_data_blocks``, time ≥ 2^24, out-of-range fields) or metadata that does not fit, and for a
+    ``path`` that is not a string path or is a file of a pool (``pools``, or any pool open in this
+    process: see :mod:`thinpool.safe_output`); the file is replaced atomically.
     """
+    path = check_path(path, "metadata output")
+    guard_output(path, pools=pools, what="metadata output")
     plan = _plan(md, held)
     lay, meta_counts = _choose_layout(plan, nr_metadata_blocks)
     img = _build_image(plan, lay, meta_counts)
-    _write_image(path, img, lay.nr_blocks)
+    _write_image(path, img, lay.nr_blocks, pools)
     return lay.used
 
 

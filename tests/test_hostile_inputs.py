@@ -1,0 +1,227 @@
+"""Hostile and careless input: outputs aimed at a pool's own files, XML and binary metadata bombs, no
+writable HOME, imports from pipes, snapshotter records against plain volume commands.
+
+Every case must end in a one-line error from :mod:`thinpool.errors` (no traceback, no giant
+allocation) and leave every pool byte-for-byte as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from thinpool import Pool
+from thinpool.cli import main
+from thinpool.cli.ops import OPS
+from thinpool.errors import InvalidArgument
+from thinpool.safe_output import atomic_output, check_path, guard_output
+
+BS = 64 << 10
+
+
+def invoke(*args: str, input: bytes | str | None = None, code: int = 0):
+    result = CliRunner().invoke(main, list(args), input=input, catch_exceptions=False)
+    assert result.exit_code == code, (args, result.exit_code, result.stdout, result.stderr)
+    return result
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ============================================================================ outputs onto a pool's files
+@pytest.fixture()
+def pools(tmp_path: Path) -> dict[str, Path]:
+    """Pool ``p`` (data file inside), pool ``q`` (data file outside its directory), one volume each."""
+    p, q = tmp_path / "p", tmp_path / "q"
+    ext = tmp_path / "elsewhere" / "q.data"
+    ext.parent.mkdir()
+    with Pool.create(p, data_size="4MiB") as pool:
+        pool.create_thin("v", "1MiB").write(0, b"\x5a" * (3 * BS))
+    with Pool.create(q, data_size="4MiB", data_file=ext) as pool:
+        pool.create_thin("v", "1MiB").write(0, b"\xa5" * (2 * BS))
+    return {"p": p, "q": q, "ext": ext, "tmp": tmp_path}
+
+
+def _pool_files(d: dict[str, Path]) -> list[Path]:
+    return [d["p"] / "metadata", d["p"] / "data", d["p"] / "lock", d["q"] / "metadata", d["q"] / "lock", d["ext"]]
+
+
+def _targets(d: dict[str, Path]) -> list[tuple[str, str, str]]:
+    """(pool, target path, how) for every pool file: by path, via a symlink, via a hard link."""
+    links = d["tmp"] / "links"
+    links.mkdir(exist_ok=True)
+    out = []
+    for pool_name, pool_dir, files in (("p", d["p"], ["metadata", "data", "lock"]),
+                                       ("q", d["q"], ["metadata", "lock", str(d["ext"])])):
+        for f in files:
+            real = Path(f) if os.path.isabs(f) else pool_dir / f
+            sym = links / f"sym-{pool_name}-{real.name}"
+            hard = links / f"hard-{pool_name}-{real.name}"
+            if not sym.is_symlink():
+                sym.symlink_to(real)
+            if not hard.exists():
+                os.link(real, hard)
+            out += [(pool_name, str(real), "path"), (pool_name, str(sym), "symlink"), (pool_name, str(hard), "hard link")]
+    return out
+
+
+def _stamped(path: str) -> bool:
+    """Whether ``path`` carries a data-file owner stamp (then every output onto it is refused)."""
+    try:
+        from thinpool.ownership import read_stamp
+    except ImportError:
+        return False
+    return read_stamp(path) is not None
+
+
+OUTPUT_COMMANDS = {
+    "export-metadata": lambda pool, out: ["export-metadata", pool, out],
+    "export": lambda pool, out: ["export", pool, "v", out],
+    "read -o": lambda pool, out: ["read", pool, "v", "-o", out],
+    "dump -o": lambda pool, out: ["dump", pool, "-o", out],
+}
+
+
+@pytest.mark.parametrize("command", sorted(OUTPUT_COMMANDS))
+def test_output_onto_any_pool_file_is_refused(pools: dict[str, Path], command: str) -> None:
+    """Each output command, pointed at each file of the pool it works on and of another pool (by path,
+    through a symlink, through a hard link), is refused naming the pool; no pool file changes."""
+    before = {f: digest(f) for f in _pool_files(pools)}
+    cases = replaced = 0
+    for pool_name, target, how in _targets(pools):
+        for on in (pool_name, "q" if pool_name == "p" else "p"):  # its own pool first, then the other
+            argv = OUTPUT_COMMANDS[command](str(pools[on]), target)
+            if how == "hard link" and on != pool_name and not _stamped(target):
+                # a hard link to the metadata or lock of a pool that is neither named nor open: nothing
+                # tells it from any other file with two names, but the output is renamed over the
+                # link, so the pool's inode is never written
+                invoke(*argv)
+                assert os.stat(target).st_nlink == 1
+                replaced += 1
+            else:
+                res = invoke(*argv, code=1)
+                assert "thinpool: error:" in res.stderr and "of pool" in res.stderr, (command, target, how, res.stderr)
+                assert "Traceback" not in res.stderr
+            cases += 1
+    assert (cases, replaced) == (36, 4 if _stamped(str(pools["ext"])) else 6)
+    assert {f: digest(f) for f in _pool_files(pools)} == before
+    invoke("check", str(pools["p"]))
+    invoke("check", str(pools["q"]))
+
+
+def test_output_into_a_pool_directory_is_refused(pools: dict[str, Path]) -> None:
+    """A new file inside any pool directory (locked or not) is refused: a pool directory holds only
+    the pool's files."""
+    for on in ("p", "q"):
+        for where in ("p", "q"):
+            res = invoke("export", str(pools[on]), "v", str(pools[where] / "new.img"), code=1)
+            assert "lies in the directory of pool" in res.stderr
+            assert not (pools[where] / "new.img").exists()
+
+
+def test_output_onto_a_pool_open_in_this_process(pools: dict[str, Path]) -> None:
+    """The data file of a pool open in this process (outside its directory) is protected even when the
+    command works on another pool."""
+    other = Pool.open(pools["q"], read_only=True)
+    try:
+        with pytest.raises(InvalidArgument, match="a file of pool"):
+            guard_output(str(pools["ext"]))
+        with Pool.open(pools["p"]) as pool:
+            with pytest.raises(InvalidArgument, match="q.data"):
+                OPS["export"].func(pool, "v", str(pools["ext"]))
+            with pytest.raises(InvalidArgument, match="a file of pool"):
+                OPS["read"].func(pool, "v", str(pools["ext"]))
+    finally:
+        other.close()
+    guard_output(str(pools["tmp"] / "fine.img"))  # an ordinary new file is fine
+
+
+@pytest.mark.parametrize("bad", [4, 4.0, b"/tmp/x", None, ["/tmp/x"], {"a": 1}, True, "", "a\0b"])
+def test_output_path_type_checked(pools: dict[str, Path], bad: object) -> None:
+    """A path argument that is not a string (an int would be a file descriptor: the served pool's own
+    metadata file) is InvalidArgument before anything is opened."""
+    files = [pools["p"] / "metadata", pools["p"] / "data"]
+    before = [digest(f) for f in files]
+    with Pool.open(pools["p"], read_only=True) as pool:
+        if bad == 4:
+            bad = pool.store.fd  # the open metadata file's descriptor, as a served pool would have it
+        for op in ("export-metadata", "export", "read", "write", "import"):
+            args = {"export-metadata": {"path": bad}, "export": {"name": "v", "output": bad},
+                    "read": {"name": "v", "output": bad}, "write": {"name": "v", "input": bad},
+                    "import": {"name": "v", "image": bad}}[op]
+            with pytest.raises(InvalidArgument):
+                OPS[op].func(pool, **args)
+    assert [digest(f) for f in files] == before
+    with pytest.raises(InvalidArgument):
+        check_path(bad)
+
+
+def test_export_replaces_target_atomically(pools: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """export, read -o and export-metadata write a temporary file and rename it: a failure mid-write
+    leaves the old target byte-identical and no temporary file behind; success replaces it whole."""
+    from thinpool.thin import Thin
+    out_dir = pools["tmp"] / "out"
+    out_dir.mkdir()
+    target = out_dir / "v.img"
+    target.write_bytes(b"old contents" * 1000)
+    os.chmod(target, 0o640)
+    old = digest(target)
+    calls = {"n": 0}
+    real_read_many, real_read_into = Thin.read_many, Thin.read_into
+
+    def failing(*a, **k):
+        calls["n"] += 1
+        raise OSError(5, "injected EIO mid-export")
+    monkeypatch.setattr(Thin, "read_many", failing)
+    monkeypatch.setattr(Thin, "read_into", failing)
+    with Pool.open(pools["p"]) as pool:
+        with pytest.raises(OSError, match="injected"):
+            OPS["export"].func(pool, "v", str(target))
+        with pytest.raises(OSError, match="injected"):
+            OPS["read"].func(pool, "v", str(target))
+    assert calls["n"] == 2
+    assert digest(target) == old and sorted(os.listdir(out_dir)) == ["v.img"]
+    monkeypatch.setattr(Thin, "read_many", real_read_many)
+    monkeypatch.setattr(Thin, "read_into", real_read_into)
+    with Pool.open(pools["p"]) as pool:
+        OPS["export"].func(pool, "v", str(target))
+    data = target.read_bytes()
+    assert data[:3 * BS] == b"\x5a" * (3 * BS) and len(data) == 1 << 20 and not data[3 * BS:].strip(b"\0")
+    assert oct(os.stat(target).st_mode & 0o777) == oct(0o640)  # the old target's mode is kept
+    assert sorted(os.listdir(out_dir)) == ["v.img"]
+
+
+def test_atomic_output_failure_keeps_old_target(tmp_path: Path) -> None:
+    target = tmp_path / "t"
+    target.write_bytes(b"keep me")
+    with pytest.raises(RuntimeError):
+        with atomic_output(str(target)) as out:
+            out.file.write(b"partial")
+            raise RuntimeError("boom")
+    assert target.read_bytes() == b"keep me" and os.listdir(tmp_path) == ["t"]
+    with atomic_output(str(target)) as out:
+        assert out.regular
+        out.file.write(b"new")
+    assert target.read_bytes() == b"new" and os.listdir(tmp_path) == ["t"]
+    with atomic_output("/dev/null") as out:  # a device: written in place, never renamed over
+        assert not out.regular
+        out.file.write(b"x")
+    assert os.path.exists("/dev/null") and not os.path.isfile("/dev/null")
+
+
+def test_export_metadata_failure_keeps_old_target(pools: dict[str, Path]) -> None:
+    """export-metadata that cannot fit (too few metadata blocks) leaves an existing FILE untouched."""
+    target = pools["tmp"] / "meta.bin"
+    target.write_bytes(b"previous metadata")
+    res = invoke("export-metadata", str(pools["p"]), str(target), "--metadata-blocks", "8", code=1)
+    assert "Traceback" not in res.stderr
+    assert target.read_bytes() == b"previous metadata"
+    assert sorted(os.listdir(pools["tmp"])) == sorted(["p", "q", "elsewhere", "meta.bin"])
