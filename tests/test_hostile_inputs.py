@@ -225,3 +225,56 @@ def test_export_metadata_failure_keeps_old_target(pools: dict[str, Path]) -> Non
     assert "Traceback" not in res.stderr
     assert target.read_bytes() == b"previous metadata"
     assert sorted(os.listdir(pools["tmp"])) == sorted(["p", "q", "elsewhere", "meta.bin"])
+
+
+# ============================================================================ snapshotter records vs volumes
+def test_delete_and_rename_of_snapshot_volume_refused(tmp_path: Path) -> None:
+    """Plain `delete`/`rename` of a volume a snapshotter record owns is refused, naming the snapshot
+    key and remove-snapshot; the pool and the records are unchanged."""
+    from thinpool.snapshots import Snapshotter
+    pool_dir = tmp_path / "pool"
+    with Pool.create(pool_dir, data_size="8MiB") as pool:
+        sn = Snapshotter(pool, base_size="1MiB")
+        vol = sn.prepare("layer-1").source
+        pool.create_thin("plain", "1MiB")
+    before = digest(pool_dir / "metadata")
+    res = invoke("delete", str(pool_dir), vol, code=1)
+    assert "'layer-1'" in res.stderr and "remove-snapshot" in res.stderr, res.stderr
+    res = invoke("delete", str(pool_dir), "plain", vol, code=1)  # all or nothing
+    assert "'layer-1'" in res.stderr
+    res = invoke("rename", str(pool_dir), vol, "stolen", code=1)
+    assert "'layer-1'" in res.stderr
+    assert digest(pool_dir / "metadata") == before
+    invoke("remove-snapshot", str(pool_dir), "layer-1")
+    with Pool.open(pool_dir, read_only=True) as pool:
+        assert vol not in pool and "plain" in pool
+
+
+def test_remove_snapshot_never_deletes_a_volume_reusing_its_name(tmp_path: Path) -> None:
+    """A record is bound to its volume's device id: after the snapshot's volume was deleted behind the
+    snapshotter's back and a user volume took its name, remove-snapshot drops only the record, and
+    mounts/commit refuse to use the impostor."""
+    from thinpool.errors import FailedPrecondition
+    from thinpool.snapshots import Snapshotter
+    pool_dir = tmp_path / "pool"
+    with Pool.create(pool_dir, data_size="8MiB") as pool:
+        sn = Snapshotter(pool, base_size="1MiB")
+        vol = sn.prepare("a").source
+        sn.prepare("b")
+        pool.delete(vol)                      # behind the snapshotter's back (library call)
+        user = pool.create_thin(vol, "1MiB")  # a user volume that merely reuses the name
+        user.write(0, b"\x77" * BS)
+        with pytest.raises(FailedPrecondition, match="outside the snapshotter"):
+            sn.mounts("a")
+        with pytest.raises(FailedPrecondition, match="outside the snapshotter"):
+            sn.commit("a-done", "a")
+        assert not pool.thin(vol).read_only
+        assert any("not the device the record is bound" in p for p in sn.check())
+    invoke("delete", str(pool_dir), vol)  # not the snapshot's volume any more: a plain delete works...
+    with Pool.open(pool_dir) as pool:
+        pool.create_thin(vol, "1MiB").write(0, b"\x78" * BS)
+    invoke("remove-snapshot", str(pool_dir), "a")  # ...and remove-snapshot leaves the user's volume alone
+    with Pool.open(pool_dir, read_only=True) as pool:
+        assert pool.thin(vol).read(0, BS) == b"\x78" * BS
+        sn = Snapshotter(pool)
+        assert [i.name for i in sn.walk()] == ["b"]

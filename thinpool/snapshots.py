@@ -13,6 +13,11 @@ Model (containerd ``core/snapshots``; see shared/reference/containers.md §2.1-2
 * Volume names are ``snap/<namespace>/<id>`` where ``<id>`` is a per-namespace number that never
   changes for the life of the snapshot (commit keeps it, as containerd's devmapper snapshotter does).
   :meth:`Snapshotter.parse_volume_name` and :meth:`Snapshotter.key_for_volume` reverse the mapping.
+* A record is bound to its volume's identity -- the device id and, where the pool keeps one, the
+  volume's creation generation -- not to the name alone: a volume that merely carries a snapshot's
+  name (the snapshot's volume was deleted or renamed away outside the snapshotter) is never removed,
+  made read-only or mounted as that snapshot.  Plain volume commands refuse to delete or rename a
+  volume that a record owns (:func:`snapshot_owner`), naming the snapshot and ``remove-snapshot``.
 * Records (kind, parent, labels, timestamps, id) live in the pool's own metadata under the records
   namespace ``snapshots/<namespace>`` (:meth:`thinpool.pool.Pool.put_records`), so they are committed in
   the **same transaction** as the thin devices they describe: after a crash at any point there is never
@@ -275,6 +280,57 @@ def parse_filter(text: str) -> list[_Selector]:
     return selectors
 
 
+def _identity(pool: Any, volume: str) -> dict[str, int] | None:
+    """``{"dev_id": .., "gen": ..}`` of volume ``volume`` (``gen`` only when the pool's catalog keeps
+    creation generations), or None if no such volume."""
+    if volume not in pool:
+        return None
+    ident = {"dev_id": int(pool.thin(volume).dev_id)}
+    entry = getattr(pool, "catalog", {}).get("volumes", {}).get(volume)
+    if isinstance(entry, dict) and entry.get("gen") is not None:
+        ident["gen"] = int(entry["gen"])
+    return ident
+
+
+def _bound(rec: dict[str, Any], ident: dict[str, int] | None) -> bool:
+    """Whether record ``rec`` describes the volume of identity ``ident`` (records from before binding
+    carry no dev_id and match by name, as they always did)."""
+    if ident is None:
+        return False
+    if "dev_id" in rec and rec["dev_id"] != ident["dev_id"]:
+        return False
+    return not ("gen" in rec and "gen" in ident and rec["gen"] != ident["gen"])
+
+
+def snapshot_owner(pool: Any, volume: Any) -> tuple[str, str] | None:
+    """``(namespace, key)`` of the snapshotter record that owns volume ``volume`` (bound to its device
+    id and creation generation), or None when no record does -- plain volume commands use it to refuse
+    deleting or renaming a snapshot's volume behind the snapshotter's back."""
+    parsed = Snapshotter.parse_volume_name(volume)
+    if parsed is None or not hasattr(pool, "get_records"):
+        return None
+    namespace, snap_id = parsed
+    recs = pool.get_records(RECORDS_PREFIX + namespace) or {}
+    ident = _identity(pool, volume)
+    for key, rec in (recs.get("snapshots") or {}).items():
+        if isinstance(rec, dict) and rec.get("id") == snap_id and _bound(rec, ident):
+            return namespace, key
+    return None
+
+
+def refuse_snapshot_volumes(pool: Any, names: Iterable[Any], verb: str = "delete") -> None:
+    """FailedPrecondition if any of ``names`` is the volume of a snapshotter record, naming the
+    snapshot key and the command to use instead."""
+    for name in names:
+        owner = snapshot_owner(pool, name)
+        if owner is not None:
+            namespace, key = owner
+            raise FailedPrecondition(
+                f"cannot {verb} volume {name!r}: it holds snapshot {key!r} of snapshotter namespace "
+                f"{namespace!r}; use `thinpool remove-snapshot POOL {key} --namespace {namespace}` "
+                f"(or the snapshotter API) so the record goes with it")
+
+
 # ------------------------------------------------------------------------------------------------ snapshotter
 class Snapshotter:
     """containerd's Snapshotter on a :class:`~thinpool.pool.Pool` (see the module docstring).
@@ -376,8 +432,25 @@ class Snapshotter:
         return Info(kind=rec["kind"], name=key, parent=rec.get("parent", ""), labels=dict(rec.get("labels", {})),
                     created=datetime.fromisoformat(rec["created"]), updated=datetime.fromisoformat(rec["updated"]))
 
-    def _mount(self, rec: dict[str, Any]) -> Mount:
-        vol = self.pool.thin(self.volume_name_for_id(rec["id"]))
+    def _volume_of(self, key: str, rec: dict[str, Any]) -> str:
+        """The volume name of record ``rec`` after checking the volume there is still the snapshot's
+        (same device id / generation): FailedPrecondition otherwise."""
+        volume = self.volume_name_for_id(rec["id"])
+        if not _bound(rec, _identity(self.pool, volume)):
+            what = "is missing" if volume not in self.pool else "is another volume now (its device id differs)"
+            raise FailedPrecondition(f"snapshot {key!r} (namespace {self.namespace!r}): its volume {volume!r} "
+                                     f"{what}; it was deleted or replaced outside the snapshotter "
+                                     f"(remove-snapshot drops the record and leaves the volume alone)")
+        return volume
+
+    def _bind(self, rec: dict[str, Any], volume: str) -> dict[str, Any]:
+        ident = _identity(self.pool, volume)
+        if ident is not None:
+            rec.update(ident)
+        return rec
+
+    def _mount(self, rec: dict[str, Any], key: str = "") -> Mount:
+        vol = self.pool.thin(self._volume_of(key, rec))
         return Mount(type="thin", source=vol.name, options=("rw",) if rec["kind"] == "active" else ("ro",),
                      dev_id=vol.dev_id, pool=self.pool.path, thin=vol)
 
@@ -480,14 +553,15 @@ class Snapshotter:
             volume = self.volume_name_for_id(snap_id)
             ro = kind == "view"
             if parent:
-                self.pool.snapshot(self.volume_name_for_id(prec["id"]), volume, read_only=ro)
+                self.pool.snapshot(self._volume_of(parent, prec), volume, read_only=ro)
             else:
                 self.pool.create_thin(volume, self.base_size, read_only=ro)
             now = _now()
-            rec = {"id": snap_id, "kind": kind, "parent": parent, "labels": labels, "created": now, "updated": now}
+            rec = self._bind({"id": snap_id, "kind": kind, "parent": parent, "labels": labels, "created": now,
+                              "updated": now}, volume)
             recs["snapshots"][key] = rec
             self._store(recs, [lambda: self.pool.delete(volume)])
-            return self._mount(rec)
+            return self._mount(rec, key)
 
     def commit(self, name: str, key: str, labels: dict[str, str] | None = None) -> Info:
         """Commit active snapshot ``key`` as ``name`` (``key`` goes away; the labels become ``labels``).
@@ -509,18 +583,19 @@ class Snapshotter:
             parent = rec.get("parent", "")
             if parent and snaps.get(parent, {}).get("kind") != "committed":
                 raise FailedPrecondition(f"cannot commit snapshot {key!r}: its parent {parent!r} is not committed")
-            volume = self.volume_name_for_id(rec["id"])
+            volume = self._volume_of(key, rec)
             self.pool.set_read_only(volume, True)
             now = _now()
             del snaps[key]
-            snaps[name] = {"id": rec["id"], "kind": "committed", "parent": parent, "labels": labels,
-                           "created": now, "updated": now}
+            snaps[name] = self._bind({"id": rec["id"], "kind": "committed", "parent": parent, "labels": labels,
+                                      "created": now, "updated": now}, volume)
             self._store(recs, [lambda: self.pool.set_read_only(volume, False)])
             return self._info(name, snaps[name])
 
     def remove(self, key: str) -> None:
         """Remove snapshot ``key`` (any kind) and its volume.  NotFound if missing; FailedPrecondition if
-        another snapshot has it as parent."""
+        another snapshot has it as parent.  A volume that merely carries the snapshot's name (not the
+        device the record is bound to) is left alone: only the stale record goes."""
         with self._lock:
             recs = self._load()
             rec = self._get(recs, key)
@@ -529,7 +604,9 @@ class Snapshotter:
                 shown = ", ".join(repr(c) for c in children[:5]) + (" ..." if len(children) > 5 else "")
                 raise FailedPrecondition(f"cannot remove snapshot {key!r} with child: {len(children)} "
                                          f"snapshot(s) depend on it ({shown})")
-            self.pool.delete(self.volume_name_for_id(rec["id"]))
+            volume = self.volume_name_for_id(rec["id"])
+            if _bound(rec, _identity(self.pool, volume)):
+                self.pool.delete(volume)
             del recs["snapshots"][key]
             self._store(recs, [])
 
@@ -540,23 +617,23 @@ class Snapshotter:
             rec = self._get(self._load(), key)
             if rec["kind"] == "committed":
                 raise FailedPrecondition(f"snapshot {key!r} is committed, not active or view: it has no mounts")
-            return self._mount(rec)
+            return self._mount(rec, key)
 
     def volume(self, key: str):
         """The :class:`~thinpool.thin.Thin` volume of any snapshot (committed ones included)."""
         with self._lock:
-            return self.pool.thin(self.volume_name_for_id(self._get(self._load(), key)["id"]))
+            return self.pool.thin(self._volume_of(key, self._get(self._load(), key)))
 
     def usage(self, key: str) -> SnapshotUsage:
         """Block-level usage of ``key`` excluding its parents (see :class:`SnapshotUsage`)."""
         with self._lock:
             recs = self._load()
             rec = self._get(recs, key)
-            volume = self.volume_name_for_id(rec["id"])
+            volume = self._volume_of(key, rec)
             vb, db, _ = self.pool.thin(volume).mappings()
             parent = rec.get("parent", "")
             if parent:
-                pvol = self.pool.thin(self.volume_name_for_id(recs["snapshots"][parent]["id"]))
+                pvol = self.pool.thin(self._volume_of(parent, recs["snapshots"][parent]))
                 pvb, pdb, _ = pvol.mappings()
             else:
                 pvb = pdb = None
@@ -607,6 +684,10 @@ class Snapshotter:
                 if vol not in self.pool:
                     problems.append(f"snapshot {key!r}: record without its volume {vol!r}")
                     continue
+                if not _bound(rec, _identity(self.pool, vol)):
+                    problems.append(f"snapshot {key!r}: volume {vol!r} is not the device the record is bound "
+                                    f"to (dev_id {rec.get('dev_id')})")
+                    continue
                 ro = self.pool.thin(vol).read_only
                 if ro != (rec["kind"] != "active"):
                     problems.append(f"snapshot {key!r} ({rec['kind']}): volume {vol!r} read_only={ro}")
@@ -621,4 +702,5 @@ class Snapshotter:
         return problems
 
 
-__all__ = ["Snapshotter", "Info", "Mount", "SnapshotUsage", "owned_blocks", "parse_filter", "KINDS"]
+__all__ = ["Snapshotter", "Info", "Mount", "SnapshotUsage", "owned_blocks", "parse_filter", "KINDS",
+           "snapshot_owner", "refuse_snapshot_volumes"]
