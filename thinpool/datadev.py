@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from .errors import InvalidArgument
+from .errors import FailedPrecondition
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -36,23 +36,67 @@ def runs(blocks: np.ndarray) -> list[tuple[int, int]]:
     return [(int(b[s]), int(e - s)) for s, e in zip(starts, ends)]
 
 
+def short_file_mapped(data_rc: np.ndarray | None, first: int) -> np.ndarray:
+    """Mapped blocks (``data_rc`` > 0) at or after block ``first``: those a data file of
+    ``first`` whole blocks has lost."""
+    if data_rc is None:
+        return np.zeros(0, np.int64)
+    return np.flatnonzero(np.asarray(data_rc)[first:] > 0).astype(np.int64) + first
+
+
+def short_file_error(path: str, size: int, block_size: int, nr_blocks: int, past: np.ndarray,
+                     read_only: bool) -> FailedPrecondition:
+    """The error for a data file of ``size`` bytes shorter than the pool (see DataDevice)."""
+    expected = nr_blocks * block_size
+    msg = f"data file {path} is {size} bytes, shorter than the pool's {nr_blocks} blocks of {block_size} bytes " \
+          f"({expected} bytes)"
+    if len(past):
+        first = ", ".join(str(int(b)) for b in past[:8]) + (", ..." if len(past) > 8 else "")
+        msg += (f": {len(past)} mapped data blocks lie past its end (blocks {first}); their data is gone. "
+                f"Run `thinpool repair` to drop those mappings and re-extend the file")
+    else:
+        msg += ": no mapped block lies past its end; a read-write open re-extends it"
+    return FailedPrecondition(msg)
+
+
 class DataDevice:
     """A sparse data file of ``nr_blocks`` blocks of ``block_size`` bytes, mapped into memory."""
 
-    def __init__(self, path: str, block_size: int, nr_blocks: int, *, read_only: bool = False) -> None:
+    def __init__(self, path: str, block_size: int, nr_blocks: int, *, read_only: bool = False,
+                 owner: str | None = None, pool_path: str | None = None,
+                 data_rc: np.ndarray | None = None) -> None:
+        """Open the data file of pool ``owner`` (its uuid) at ``pool_path``.
+
+        Takes the file's flock (exclusive read-write, shared read-only) and checks its owner stamp
+        (:mod:`thinpool.ownership`; a read-write open adopts an unstamped file).  A file shorter than
+        the pool is refused when any block at or past its end is mapped (``data_rc`` > 0) or the
+        open is read-only; a read-write open re-extends a file whose missing tail maps nothing.
+        """
+        from . import ownership
         self.path = path
         self.block_size = block_size
         self.nr_blocks = nr_blocks
         self.read_only = read_only
+        self.owner = owner or None
+        self.pool_path = pool_path or os.path.dirname(path)
+        self._mm = None
         self.fd = os.open(path, os.O_RDONLY if read_only else os.O_RDWR)
-        self.scratch = np.empty(block_size, np.uint8)  # one block, for copy-on-write merges
-        size = os.fstat(self.fd).st_size
-        if size < nr_blocks * block_size:
-            if read_only:
-                raise InvalidArgument(f"data file {path} is {size} bytes, smaller than the pool's "
-                                      f"{nr_blocks} blocks of {block_size} bytes")
-            os.ftruncate(self.fd, nr_blocks * block_size)
-        self._map()
+        try:
+            ownership.lock(self.fd, path, read_only)
+            if self.owner:
+                ownership.check_owner(path, self.owner, self.pool_path, fd=self.fd, adopt=not read_only)
+            self.scratch = np.empty(block_size, np.uint8)  # one block, for copy-on-write merges
+            size = os.fstat(self.fd).st_size
+            if size < nr_blocks * block_size:
+                past = short_file_mapped(data_rc, size // block_size)
+                if read_only or len(past):
+                    raise short_file_error(path, size, block_size, nr_blocks, past, read_only)
+                os.ftruncate(self.fd, nr_blocks * block_size)
+            self._map()
+        except BaseException:
+            os.close(self.fd)
+            self.fd = -1
+            raise
 
     @staticmethod
     def create(path: str, size: int) -> None:
@@ -139,6 +183,9 @@ class DataDevice:
         """After a crash: punch blocks that are free in the metadata but hold data on disk (written
         after the last commit, or freed by an earlier one before the punch ran), except ``keep``
         (blocks the previous commit still maps).  Returns blocks punched."""
+        if self.owner:  # never punch a file another pool has taken over
+            from . import ownership
+            ownership.check_owner(self.path, self.owner, self.pool_path, fd=self.fd)
         held = self.allocated_blocks()
         if len(held) == 0:
             return 0

@@ -111,6 +111,7 @@ class DeviceTable:
             self.store = MetadataStore(os.path.join(self.path, self.METADATA), read_only=read_only)
             try:
                 self._load()
+                self._check_data_owner()
             except BaseException:
                 self.store.close()
                 raise
@@ -125,6 +126,14 @@ class DeviceTable:
         """Open the pool at ``path`` (same errors as :meth:`thinpool.pool.Pool.open`, plus
         :class:`FullOpenRequired`)."""
         return cls(path, read_only=read_only)
+
+    def _check_data_owner(self) -> None:
+        """Refuse a pool whose data file another pool has taken over (:mod:`thinpool.ownership`)."""
+        from .ownership import check_owner
+        try:
+            check_owner(self.data_path, self.header.get("uuid", ""), self.path)
+        except FileNotFoundError:
+            pass  # a missing data file is the full open's to report
 
     def _load(self) -> None:
         arrays = self.store.load(only=("devs", "catalog"))

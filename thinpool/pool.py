@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from . import layout as K
-from . import pooldir, safe_output
+from . import ownership, pooldir, safe_output
 from .blockmap import BlockMap
 from .datadev import DataDevice
 from .devtable import (DEV_FIELDS, DEV_RECORD, DEVS_PER_PAGE, F_IN_USE, F_READ_ONLY,  # noqa: F401 (API)
@@ -106,10 +106,13 @@ class Pool:
             self._load()
             hdr = self.store.header
             data_path = hdr.get("data_file") or os.path.join(self.path, self.DATA)
-            self.data = DataDevice(data_path, self.block_size, self.space.nr_blocks, read_only=read_only)
+            self.data = DataDevice(data_path, self.block_size, self.space.nr_blocks, read_only=read_only,
+                                   owner=self.uuid, pool_path=self.path, data_rc=self.space.data_rc)
             self.scrubbed_blocks = 0 if read_only or not _scrub else \
                 self.data.scrub(self.space.data_rc, keep=self.space.pending)
         except BaseException:
+            if getattr(self, "store", None) is not None:
+                self.store.close()
             self._release_lock()
             raise
         self._closed = False
@@ -120,12 +123,16 @@ class Pool:
                metadata_size: int | str | None = None, low_water_mark: int = 0,
                error_if_no_space: bool = True, zero_new_blocks: bool = True,
                data_file: str | os.PathLike | None = None, max_thins: int = DEFAULT_MAX_THINS,
-               on_low_water: Callable[["Pool"], None] | None = None) -> "Pool":
+               on_low_water: Callable[["Pool"], None] | None = None, force: bool = False,
+               take_over_data: bool = False) -> "Pool":
         """Create a pool: a sparse data file of ``data_size`` bytes cut into ``block_size`` blocks.
 
         ``low_water_mark`` is in data blocks (the callback fires once when free blocks fall to it);
         ``metadata_size`` defaults to thin_metadata_size's formula (see :func:`default_metadata_blocks`).
-        Nothing is created if any argument is invalid.
+        An existing non-empty ``data_file`` is refused unless ``force`` (its blocks would be punched);
+        one another pool owns (:mod:`thinpool.ownership`) unless ``take_over_data`` (that pool then
+        refuses to open).  Nothing is created if any argument is invalid, and a failed creation
+        removes what it made.
         """
         path = os.path.abspath(os.fspath(path))
         bs = check_block_size(block_size)
@@ -145,15 +152,31 @@ class Pool:
             raise InvalidArgument(f"metadata size {md_blocks * BLOCK} bytes exceeds dm-thin's 15.87GiB limit")
         if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
             raise AlreadyExists(f"cannot create pool {path}: path exists and is not an empty directory")
-        os.makedirs(path, exist_ok=True)
         data_path = os.path.abspath(os.fspath(data_file)) if data_file else os.path.join(path, cls.DATA)
+        if data_file:
+            ownership.check_new_data_file(data_path, force=force, take_over=take_over_data)
+        made = ownership.NewPoolFiles.before(path, data_path)
+        try:
+            pool = cls._create_files(path, data_path, bs, nr_blocks, md_blocks, made, low_water_mark,
+                                     error_if_no_space, zero_new_blocks, bool(data_file), on_low_water)
+        except BaseException:
+            made.undo()
+            raise
+        pool._new_files = made  # pool_from_metadata undoes the creation if filling it fails
+        return pool
+
+    @classmethod
+    def _create_files(cls, path: str, data_path: str, bs: int, nr_blocks: int, md_blocks: int,
+                      made: "ownership.NewPoolFiles", low_water_mark: int, error_if_no_space: bool,
+                      zero_new_blocks: bool, explicit_data: bool, on_low_water) -> "Pool":
+        os.makedirs(path, exist_ok=True)
         DataDevice.create(data_path, nr_blocks * bs)
         store = MetadataStore.format(os.path.join(path, cls.METADATA), md_blocks)
         header = dict(block_size=bs, nr_data_blocks=nr_blocks, time=0, transaction_id=0,
                       low_water_mark=low_water_mark, error_if_no_space=bool(error_if_no_space),
                       zero_new_blocks=bool(zero_new_blocks), needs_check=False, cursor=0,
                       uuid=str(_uuid.uuid4()), created=_time.time(), used_data_blocks=0, pending_blocks=0,
-                      data_file=data_path if data_file else None)
+                      data_file=data_path if explicit_data else None)
         catalog = {"volumes": {}, "next_dev_id": 1, "records": {}}
         cat = pad_pages(json.dumps(catalog).encode())
         arrays = {
@@ -166,8 +189,11 @@ class Pool:
             "catalog": PagedArray(cat, np.arange(len(cat) // BLOCK)),
         }
         header["catalog_bytes"] = len(json.dumps(catalog).encode())
-        store.commit(arrays, header)
-        store.close()
+        try:
+            store.commit(arrays, header)
+        finally:
+            store.close()
+        made.claim(header["uuid"])
         return cls(path, on_low_water=on_low_water, _scrub=False)
 
     @classmethod

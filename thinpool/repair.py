@@ -31,7 +31,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -66,6 +66,7 @@ class RepairReport:
     records_lost: bool = False
     held_snapshot_dropped: bool = False
     suspect_blocks: int = 0                   # mapped blocks that are holes in the data file
+    data_file_short: dict[str, Any] | None = None  # a truncated data file: sizes and mappings dropped
     backup: str | None = None
     problems: list[str] = field(default_factory=list)
 
@@ -94,6 +95,11 @@ class RepairReport:
                      f"tree nodes lost: {self.nodes_lost}")
         for d in self.devices_dropped:
             lines.append(f"  dropped device {d.get('dev_id')} ({d.get('name') or '?'}): {d['reason']}")
+        if self.data_file_short:
+            d = self.data_file_short
+            lines.append(f"data file {d['path']} was truncated to {d['size']} bytes ({d['expected']} expected): "
+                         f"{d['mappings_dropped']} mappings of {d['blocks_lost']} data blocks past its end dropped "
+                         f"(their data is lost)" + ("; the file was re-extended" if self.in_place else ""))
         if self.suspect_blocks:
             lines.append(f"suspect: {self.suspect_blocks} mapped data blocks are holes in the data file "
                          f"(freed by a lost commit?); they read as zeroes")
@@ -399,7 +405,10 @@ def _lock(pool_path: str, exclusive: bool) -> int:
 
 
 def _build(out_dir: str, md: Metadata, names: dict[int, str], attrs: dict[int, tuple[int, bool]],
-           records: dict[str, Any], hdr: dict[str, Any], data_file: str | None) -> None:
+           records: dict[str, Any], hdr: dict[str, Any], data_file: str | None, *, keep_uuid: bool) -> None:
+    """Write the salvage as a new pool at ``out_dir``; ``keep_uuid`` keeps the damaged pool's identity
+    (in place: the data file's owner stamp names it), else the new pool keeps its own (``-o``: a new
+    pool with its own data file)."""
     from .pool import F_READ_ONLY
     from .interop.pool_ir import pool_from_metadata
     from .pool import default_metadata_blocks
@@ -418,7 +427,7 @@ def _build(out_dir: str, md: Metadata, names: dict[int, str], attrs: dict[int, t
         for ns, recs in records.items():
             pool.put_records(ns, recs)
         for key in ("low_water_mark", "error_if_no_space", "zero_new_blocks", "uuid", "created"):
-            if key in hdr:
+            if key in hdr and (keep_uuid or key != "uuid"):
                 pool.header[key] = hdr[key]
         pool.catalog["next_dev_id"] = max([d.dev_id for d in md.devices], default=0) + 1
         pool.header["data_file"] = data_file
@@ -447,23 +456,33 @@ def repair(pool_path: str | os.PathLike, out_path: str | os.PathLike | None = No
             raise InvalidArgument("repair output must differ from the pool (omit -o to repair in place)")
     report = RepairReport(pool=pool_path, output=out_path or pool_path, in_place=out_path is None)
     lock_fd = _lock(pool_path, exclusive=out_path is None)
+    data_fd = -1
     try:
         md, names, attrs, records, hdr = salvage(pool_path, report)
         hdr = dict(hdr, metadata_blocks_hint=os.path.getsize(os.path.join(pool_path, "metadata")) // BLOCK)
         bs = int(hdr["block_size"])
         data_path = hdr.get("data_file") or os.path.join(pool_path, "data")
+        data_fd = _open_data(data_path, hdr, pool_path, in_place=out_path is None)
+        if data_fd >= 0:
+            md = _drop_past_end(md, data_path, os.fstat(data_fd).st_size, bs, report)
         referenced = np.concatenate([d.dblocks.astype(np.int64) for d in md.devices]) if md.devices \
             else np.zeros(0, np.int64)
         report.suspect_blocks = _holes(data_path, bs, referenced)
         if report.suspect_blocks:
             report.problems.append(f"{report.suspect_blocks} mapped data blocks are holes in the data file")
         if out_path is not None:
-            _build(out_path, md, names, attrs, records, hdr, None)
-            _copy_blocks(data_path, os.path.join(out_path, "data"), bs, referenced)
+            made_dir = not os.path.exists(out_path)
+            try:
+                _build(out_path, md, names, attrs, records, hdr, None, keep_uuid=False)
+                _copy_blocks(data_path, os.path.join(out_path, "data"), bs, referenced)
+            except BaseException:
+                _remove_new_pool(out_path, made_dir)  # a failed repair -o leaves nothing behind
+                raise
         else:
             tmp = tempfile.mkdtemp(prefix=".repair-", dir=pool_path)
             try:
-                _build(os.path.join(tmp, "pool"), md, names, attrs, records, hdr, hdr.get("data_file"))
+                _build(os.path.join(tmp, "pool"), md, names, attrs, records, hdr, hdr.get("data_file"),
+                       keep_uuid=True)
                 md_path = os.path.join(pool_path, "metadata")
                 backup = md_path + ".damaged"
                 n = 1
@@ -474,11 +493,80 @@ def repair(pool_path: str | os.PathLike, out_path: str | os.PathLike | None = No
                 os.rename(os.path.join(tmp, "pool", "metadata"), md_path)
                 _fsync_dir(pool_path)
                 report.backup = backup
+                if report.data_file_short:  # nothing maps past the end any more: re-extend
+                    os.ftruncate(data_fd, int(hdr["nr_data_blocks"]) * bs)
+                    os.fsync(data_fd)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
     finally:
+        if data_fd >= 0:
+            os.close(data_fd)
         os.close(lock_fd)
     return report
+
+
+def _open_data(data_path: str, hdr: dict[str, Any], pool_path: str, *, in_place: bool) -> int:
+    """Open the damaged pool's data file for the repair (-1 if it is missing): its flock is taken
+    (exclusive in place) and its owner stamp must name this pool (:mod:`thinpool.ownership`)."""
+    from . import ownership
+    try:
+        fd = os.open(data_path, (os.O_RDWR if in_place else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return -1
+    try:
+        ownership.lock(fd, data_path, read_only=not in_place)
+        ownership.check_owner(data_path, str(hdr.get("uuid", "")), pool_path, fd=fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _drop_past_end(md: Metadata, data_path: str, size: int, bs: int, report: RepairReport) -> Metadata:
+    """A data file truncated below the pool's size has lost every block past its end: drop the
+    mappings to them (recorded in ``report``); the rest is kept."""
+    nr_data = md.superblock.nr_data_blocks
+    valid = size // bs
+    if valid >= nr_data:
+        return md
+    devices = []
+    dropped = 0
+    lost: set[int] = set()
+    for dev in md.devices:
+        keep = dev.dblocks < np.uint64(valid)
+        n = int((~keep).sum())
+        if n:
+            dropped += n
+            lost.update(dev.dblocks[~keep].astype(np.int64).tolist())
+            report.problems.append(f"device {dev.dev_id}: {n} mappings point past the end of the truncated data "
+                                   f"file: dropped")
+            for d in report.devices_kept:
+                if d["dev_id"] == dev.dev_id:
+                    d["mappings"] -= n
+            dev = replace(dev, mapped_blocks=int(keep.sum()), vblocks=dev.vblocks[keep], dblocks=dev.dblocks[keep],
+                          times=dev.times[keep])
+        devices.append(dev)
+    report.mappings_dropped += dropped
+    report.mappings_kept -= dropped
+    report.data_file_short = {"path": data_path, "size": size, "expected": nr_data * bs,
+                              "mappings_dropped": dropped, "blocks_lost": len(lost)}
+    return Metadata(md.superblock, devices)
+
+
+def _remove_new_pool(out_path: str, made_dir: bool) -> None:
+    """Remove the pool a failed ``repair -o`` was writing (the directory was empty or absent)."""
+    if made_dir:
+        shutil.rmtree(out_path, ignore_errors=True)
+        return
+    for name in os.listdir(out_path) if os.path.isdir(out_path) else []:
+        p = os.path.join(out_path, name)
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
 
 
 def _copy_blocks(src: str, dst: str, bs: int, blocks: np.ndarray) -> None:

@@ -42,6 +42,7 @@ def _finish_new_pool(p: object, data_size: int | None) -> None:
             p.resize(data_size)  # type: ignore[attr-defined]
     except BaseException:
         p.close(commit=False)  # type: ignore[attr-defined]
+        p._new_files.undo()  # type: ignore[attr-defined]  # a failed restore leaves nothing behind
         raise
     p.close()  # type: ignore[attr-defined]
 
@@ -83,9 +84,12 @@ def dump_cmd(pool: str, output: str | None, metadata_snap: bool, as_json: bool) 
 @click.option("--data-file", type=click.Path(dir_okay=False), default=None,
               help="Use this existing data device file (in place) instead of a new empty <POOL>/data.")
 @click.option("--metadata-size", type=SIZE, default=None, help="Metadata size of the new pool.")
+@click.option("--take-over-data", is_flag=True,
+              help="The --data-file belongs to another pool that is gone: make it this pool's (the old pool "
+                   "then refuses to open).")
 @json_option
 def restore_cmd(pool: str, input_file: str, data_size: int | None, data_file: str | None,
-                metadata_size: int | None, as_json: bool) -> None:
+                metadata_size: int | None, take_over_data: bool, as_json: bool) -> None:
     """Create pool POOL from thin_dump XML.
 
     Like thin_restore.
@@ -93,6 +97,9 @@ def restore_cmd(pool: str, input_file: str, data_size: int | None, data_file: st
     Malformed input is refused with an error naming the line and the problem (unknown tag, missing
     attribute, data block beyond the data device, duplicate device or mapping, unsorted keys, bad block
     size), and nothing is created.  Volumes are named dev<ID>.
+
+    A data file belongs to exactly one pool: --data-file naming another pool's data is refused
+    unless --take-over-data.  A failed restore removes everything it created.
 
     \b
     Examples:
@@ -104,7 +111,7 @@ def restore_cmd(pool: str, input_file: str, data_size: int | None, data_file: st
     _check_new_pool_path(pool)
     md = load_xml(sys.stdin.read() if input_file == "-" else abspath(input_file))
     p = Pool.from_metadata(abspath(pool), md, data_file=abspath(data_file) if data_file else None,
-                           metadata_size=metadata_size)
+                           metadata_size=metadata_size, take_over_data=take_over_data)
     _finish_new_pool(p, data_size)
     if as_json:
         emit(run_op(pool, "status", {}), True)
@@ -135,16 +142,21 @@ def export_metadata_cmd(pool: str, file: str, metadata_blocks: int | None, as_js
               help="The data device file the metadata describes, used in place (default: a new empty one).")
 @click.option("--metadata-size", type=SIZE, default=None, help="Metadata size of the new pool.")
 @click.option("-m", "--metadata-snap", is_flag=True, help="Import the held metadata snapshot's view instead.")
+@click.option("--take-over-data", is_flag=True,
+              help="The --data file belongs to another pool that is gone: make it this pool's (the old pool "
+                   "then refuses to open).")
 @pool_argument
 @json_option
 def import_metadata_cmd(file: str, data_file: str | None, metadata_size: int | None, metadata_snap: bool,
-                        pool: str, as_json: bool) -> None:
+                        take_over_data: bool, pool: str, as_json: bool) -> None:
     """Create pool POOL from binary dm-thin metadata.
 
     FILE is real dm-thin metadata: the kernel's, thin_restore's or ours.
 
     Every block is verified (checksums, block numbers, btree structure, space maps); corrupt input is
     refused naming the structure and block at fault, and nothing is created.  Volumes are named dev<ID>.
+    A data file belongs to exactly one pool: --data naming another pool's data is refused unless
+    --take-over-data.  A failed import removes everything it created.
 
     Example: thinpool import-metadata meta.bin --data data.img /tmp/pool2
     """
@@ -153,7 +165,7 @@ def import_metadata_cmd(file: str, data_file: str | None, metadata_size: int | N
     _check_new_pool_path(pool)
     md = read_binary_metadata(abspath(file), metadata_snap=metadata_snap)
     p = Pool.from_metadata(abspath(pool), md, data_file=abspath(data_file) if data_file else None,
-                           metadata_size=metadata_size)
+                           metadata_size=metadata_size, take_over_data=take_over_data)
     _finish_new_pool(p, None)
     if as_json:
         emit(run_op(pool, "status", {}), True)

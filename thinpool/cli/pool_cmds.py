@@ -28,13 +28,20 @@ SECTION = "Pool commands"
               help="Put the data device at this path instead of <POOL>/data.")
 @click.option("--max-thins", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Expected number of thin volumes (sizes the default metadata).")
+@click.option("--force", is_flag=True,
+              help="Use a non-empty existing --data-file anyway (the new pool maps none of it: its contents "
+                   "are punched).")
+@click.option("--take-over-data", is_flag=True,
+              help="The --data-file belongs to another pool that is gone: make it this pool's (the old pool "
+                   "then refuses to open).")
 @json_option
 def create_cmd(pool: str, data_size: int, block_size: int, metadata_size: int | None, low_water_mark: int,
                error_if_no_space: bool, zero_new_blocks: bool, data_file: str | None, max_thins: int,
-               as_json: bool) -> None:
+               force: bool, take_over_data: bool, as_json: bool) -> None:
     """Create a new pool in directory POOL.
 
-    POOL must not exist or must be an empty directory.
+    POOL must not exist or must be an empty directory.  An existing --data-file must be empty
+    (else --force) and belong to no other pool (else --take-over-data, when that pool is gone).
 
     \b
     Examples:
@@ -45,7 +52,7 @@ def create_cmd(pool: str, data_size: int, block_size: int, metadata_size: int | 
     p = Pool.create(abspath(pool), data_size=data_size, block_size=block_size, metadata_size=metadata_size,
                     low_water_mark=low_water_mark, error_if_no_space=error_if_no_space,
                     zero_new_blocks=zero_new_blocks, data_file=abspath(data_file) if data_file else None,
-                    max_thins=max_thins)
+                    max_thins=max_thins, force=force, take_over_data=take_over_data)
     p.close()
     if as_json:
         emit(run_op(pool, "status", {}), True)

@@ -11,7 +11,7 @@ import os
 import numpy as np
 
 from .. import layout as K
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, ReadOnly
 from .ir import MAX_DEV_ID, SECTOR, TIME_MASK, Device, Metadata, Superblock
 
 
@@ -75,11 +75,15 @@ def _held_metadata(pool) -> Metadata:
 
 def pool_from_metadata(path: str | os.PathLike, md: Metadata, *, data_file: str | os.PathLike | None = None,
                        metadata_size: int | str | None = None, names: dict[int, str] | None = None,
-                       **create_kwargs):
+                       take_over_data: bool = False, **create_kwargs):
     """Create a new pool at ``path`` holding exactly the devices and mappings of ``md``.
 
     Volume names default to ``dev<ID>``; sizes to the data device size (dm-thin stores none).
-    Everything is validated before anything is created.
+    ``data_file`` is an existing data device used in place (its contents are expected); one that
+    another pool owns is refused unless ``take_over_data`` (see :mod:`thinpool.ownership`).
+    Everything is validated before anything is created, and a failure (e.g. metadata space too
+    small) removes everything created: the new pool, and the data file's former owner stamp is put
+    back.
     """
     from ..pool import Pool, check_block_size
     sb = md.superblock
@@ -104,12 +108,16 @@ def pool_from_metadata(path: str | os.PathLike, md: Metadata, *, data_file: str 
                 raise InvalidArgument(f"device {dev.dev_id}: mapping beyond end of data device "
                                       f"({int(dev.dblocks.max())} >= {sb.nr_data_blocks})")
     pool = Pool.create(path, data_size=sb.nr_data_blocks * bs, block_size=bs, metadata_size=metadata_size,
-                       data_file=data_file, **create_kwargs)
+                       data_file=data_file, force=True, take_over_data=take_over_data, **create_kwargs)
     try:
         _fill(pool, md, names or {})
         pool.commit()
+        if pool.mode != "write" and pool.mode != "out-of-data-space":
+            raise ReadOnly(f"pool {pool.path}: could not commit the imported metadata "
+                           f"({getattr(pool, 'read_only_reason', pool.mode)})")
     except BaseException:
         pool.close(commit=False)
+        pool._new_files.undo()
         raise
     return pool
 
