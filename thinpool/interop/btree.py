@@ -122,12 +122,16 @@ class BlockSource:
         ``name_of(i)`` names the structure that referenced ``blocks[i]`` (for error messages);
         ``what`` is a short description of the block type.
         """
-        blocks = np.asarray(blocks, dtype=np.int64)
-        out_of_range = np.flatnonzero((blocks < 0) | (blocks >= self.limit))
+        given = np.asarray(blocks)
+        if given.dtype.kind == "u":  # a block number of 2^63 or more must not wrap to a negative int64
+            out_of_range = np.flatnonzero(given >= np.uint64(self.limit))
+        else:
+            out_of_range = np.flatnonzero((given < 0) | (given >= self.limit))
         if out_of_range.size:
             i = int(out_of_range[0])
-            raise corrupt(name_of(i), int(blocks[i]),
+            raise corrupt(name_of(i), int(given[i]) & 0xFFFFFFFFFFFFFFFF,  # as stored: unsigned 64-bit
                           f"{what or 'block'} lies beyond the end of the metadata ({self.limit} blocks)")
+        blocks = given.astype(np.int64)
         data = np.array(self._map[blocks])
         stored_nr = data.view(np.uint64)[:, 1]
         bad = np.flatnonzero(stored_nr != blocks.astype(np.uint64))
@@ -315,7 +319,10 @@ def walk_forest(src: BlockSource, roots: np.ndarray, leaf_vsize: int, name_of: C
     increasing across each tree.  ``name_of(t)`` names tree ``t`` for errors.  Shared subtrees are
     read once per level and their entries repeated for every tree that reaches them.
     """
-    roots = np.asarray(roots, dtype=np.int64)
+    roots = np.asarray(roots)
+    if roots.dtype.kind == "u":
+        src.read(roots[roots >= np.uint64(src.limit)][:1], BTREE_CSUM_XOR, lambda i: name_of(0), "btree node")
+    roots = roots.astype(np.int64)
     n_trees = len(roots)
     blocks, tree = roots, np.arange(n_trees)
     lo = np.zeros(n_trees, np.uint64)

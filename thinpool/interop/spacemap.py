@@ -41,6 +41,7 @@ ENTRIES_PER_BITMAP = (BLOCK_SIZE - 16) * 4  # 16320
 BITMAP_BYTES = BLOCK_SIZE - 16
 MAX_METADATA_BITMAPS = 255
 MAX_METADATA_BLOCKS = MAX_METADATA_BITMAPS * ENTRIES_PER_BITMAP  # 4,161,600
+MAX_DATA_BLOCKS = 1 << 40  # a mapping value holds the data block in 40 bits (above a 24-bit time)
 SM_ROOT_SIZE = 32
 SM_ROOT_AREA = 128
 
@@ -203,9 +204,15 @@ def _read_ref_count_tree(src: BlockSource, root: int, name: str) -> tuple[Forest
 
 def read_data_space_map(src: BlockSource, root: SpaceMapRoot, name: str = "data space map") -> SpaceMapOnDisk:
     """Read and verify the data space map: index btree, bitmaps and ref-count tree."""
-    index = walk_forest(src, np.array([root.bitmap_root]), 16, lambda t: name + " index tree")
     n_bm = nr_bitmaps(root.nr_blocks)
-    if not np.array_equal(index.keys, np.arange(n_bm, dtype=np.uint64)):
+    if root.nr_blocks == 0 or root.nr_blocks > MAX_DATA_BLOCKS or n_bm > src.limit:
+        # checked before anything is sized by it: a hostile 2^63 must not become a 4 PiB array
+        raise corrupt(name, 0, f"nr_blocks {root.nr_blocks} is out of range: "
+                               + ("a data device has at least one block" if root.nr_blocks == 0 else
+                                  f"dm-thin addresses at most 2^40 data blocks" if root.nr_blocks > MAX_DATA_BLOCKS
+                                  else f"it needs {n_bm} bitmap blocks, the metadata has only {src.limit} blocks"))
+    index = walk_forest(src, np.array([root.bitmap_root], np.uint64), 16, lambda t: name + " index tree")
+    if index.keys.size != n_bm or not np.array_equal(index.keys, np.arange(n_bm, dtype=np.uint64)):
         raise corrupt(name + " index tree", root.bitmap_root,
                       f"keys for {index.keys.size} bitmaps, expected 0..{n_bm - 1}")
     blocks, nr_free, hint = unpack_index_entries(index.values)
