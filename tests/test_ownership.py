@@ -487,3 +487,27 @@ def test_truncation_points(cut, tmp_path):
         v = pool.thin("v")
         assert v.mapped_blocks == whole and pool.check().ok
         assert v.read(0, 8 * BS) == payload[: whole * BS] + bytes((8 - whole) * BS)
+
+
+def test_a_pool_open_in_another_process_is_never_taken_over(src, tmp_path):
+    """The flock across processes: `serve`-like holder in a subprocess; `restore --take-over-data`
+    and `create --data-file --force --take-over-data` are refused while it runs."""
+    import subprocess
+    import sys
+    path, payload = src
+    invoke("dump", path, "-o", tmp_path / "x.xml")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from thinpool import Pool; "
+                               f"p = Pool.open({str(path)!r}); print('ready', flush=True); sys.stdin.read(); "
+                               "p.close()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        for args in (["restore", tmp_path / "NEW", "-i", tmp_path / "x.xml", "--data-file", path / "data"],
+                     ["create", tmp_path / "NEW", "--data-file", path / "data", "--force", "-s", "64M"]):
+            r = invoke(*args, "--take-over-data", code=1)
+            assert f"data file {path / 'data'} is in use by pool" in r.stderr and "which has it open" in r.stderr
+            assert not (tmp_path / "NEW").exists()
+    finally:
+        holder.communicate("", timeout=60)
+    assert holder.returncode == 0
+    with Pool.open(path) as pool:
+        assert pool.thin("v").read(0, 4 * MB) == payload
