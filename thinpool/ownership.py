@@ -112,11 +112,20 @@ def write_raw(data_path: str, raw: bytes | None, fd: int | None = None) -> None:
     st = os.fstat(fd) if fd is not None else os.stat(data_path)
     rec = dict(_parse(raw).__dict__, dev=st.st_dev, ino=st.st_ino)
     tmp = f"{rec_path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(json.dumps(rec))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, rec_path)
+    # readable by whoever can read the data file, no more; never through a symlink
+    fd_rec = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, st.st_mode & 0o666)
+    try:
+        with os.fdopen(fd_rec, "w") as f:
+            f.write(json.dumps(rec))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, rec_path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def stamp_bytes(uuid: str, pool_path: str) -> bytes:
