@@ -14,9 +14,12 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+from . import jit_cache as _jit_cache
 from .errors import (AlreadyExists, FailedPrecondition, InvalidArgument, MetadataCorrupt, NoSpace, NotFound,
                      PoolLocked, ReadOnly, ThinpoolError)
 from .units import parse_size
+
+_jit_cache.configure()  # before numba is imported: a usable kernel cache even without a writable HOME
 
 _LAZY = {"Pool": "pool", "PoolStatus": "status", "Usage": "status", "Thin": "thin"}
 
