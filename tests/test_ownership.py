@@ -25,7 +25,7 @@ from thinpool import ownership
 from thinpool.cli import main
 from thinpool.devtable import DeviceTable
 from thinpool.errors import AlreadyExists, FailedPrecondition
-from thinpool.interop.xml import dump_xml, load_xml
+from thinpool.interop.xml import dump_xml
 from thinpool.repair import repair
 
 KB = 1024

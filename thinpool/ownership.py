@@ -42,6 +42,7 @@ class Stamp:
     pool: str
 
     def describe(self) -> str:
+        """``pool <uuid> at <directory>``, for error messages."""
         return f"pool {self.uuid or '?'} at {self.pool or '?'}"
 
 
