@@ -521,3 +521,39 @@ def test_import_from_a_pipe(tmp_path: Path, source: str) -> None:
         old = p.thin("old")
         assert old.read(0, len(image)) == bytes(image)  # past the image: the volume keeps its bytes
         assert old.mapped_blocks == 2
+
+
+def test_output_streams_and_fd_links(pools: dict[str, Path]) -> None:
+    """/dev/stdout on a pipe is still a stream; a /proc/self/fd link to a pool file is refused."""
+    proc = subprocess.run([sys.executable, "-m", "thinpool.cli", "read", str(pools["p"]), "v", "-o", "/dev/stdout",
+                           "--length", "100"], capture_output=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout == b"\x5a" * 100, proc.stderr
+    before = digest(pools["p"] / "data")
+    fd = os.open(pools["p"] / "data", os.O_RDONLY)
+    try:
+        with Pool.open(pools["p"]) as pool:
+            for link in (f"/proc/self/fd/{fd}", f"/dev/fd/{fd}"):
+                with pytest.raises(InvalidArgument, match="a file of pool|hard link"):
+                    OPS["export"].func(pool, "v", link)
+    finally:
+        os.close(fd)
+    assert digest(pools["p"] / "data") == before
+
+
+def test_control_socket_export_metadata_path_checked(pools: dict[str, Path]) -> None:
+    """Over the control socket, export-metadata's path is type-checked ({"path": <the metadata fd>} used
+    to truncate the serving process's own metadata file) and never a file of the served pool."""
+    import json
+
+    from thinpool.cli.ops import handle_control_request
+    with Pool.open(pools["p"]) as pool:
+        pool.commit()
+        before = digest(pools["p"] / "metadata")
+        for path in (pool.store.fd, str(pools["p"] / "metadata"), str(pools["p"] / "data"), str(pools["p"] / "x.bin")):
+            reply = json.loads(handle_control_request(pool, json.dumps(
+                {"op": "export-metadata", "args": {"path": path}}).encode() + b"\n"))
+            assert reply["ok"] is False and reply["error"] == "InvalidArgument", reply
+        assert digest(pools["p"] / "metadata") == before
+        reply = json.loads(handle_control_request(pool, json.dumps(
+            {"op": "export-metadata", "args": {"path": str(pools["tmp"] / "ok.bin")}}).encode() + b"\n"))
+        assert reply["ok"] is True, reply

@@ -15,7 +15,8 @@ import os
 
 import numpy as np
 
-from .errors import FailedPrecondition
+from .errors import FailedPrecondition, HostIOError
+from .hostio import DataIO, sync_or_fail
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -141,22 +142,39 @@ class DataDevice:
         self.nr_blocks = nr_blocks
         self._map()
 
+    #: the flush and hole-punch calls (class-level so a test can swap them for every device)
+    io: DataIO = DataIO()
+
     def sync(self) -> None:
-        """Make every write so far durable (dm-thin flushes the data device before committing)."""
+        """Make every write so far durable (dm-thin flushes the data device before committing).
+        A failed flush raises :class:`~thinpool.errors.HostIOError` (the writes may be lost)."""
         if not self.read_only:
-            os.fdatasync(self.fd)
+            sync_or_fail(self.io.fdatasync, self.fd, self.path)
 
     def punch(self, blocks: np.ndarray) -> int:
-        """Hole-punch the given data blocks; returns the number of runs punched."""
+        """Hole-punch the given data blocks; returns the number of runs punched.
+
+        Every run is tried; if any punch fails (other than "not supported", where the blocks are
+        zeroed through the map instead) :class:`~thinpool.errors.HostIOError` is raised afterwards
+        with ``blocks`` = the data blocks that were *not* punched (they still hold their old bytes)."""
         bs = self.block_size
         todo = runs(blocks)
+        failed: list[np.ndarray] = []
+        first_err = 0
         for first, count in todo:
-            r = _libc.fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, first * bs, count * bs)
-            if r != 0:
-                err = ctypes.get_errno()
-                if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
-                    raise OSError(err, f"punching blocks {first}..{first + count - 1} of {self.path}")
-                self.array[first * bs:(first + count) * bs] = 0
+            try:
+                self.io.punch_hole(self.fd, first * bs, count * bs)
+            except OSError as exc:
+                err = exc.errno or errno.EIO
+                if err in (errno.EOPNOTSUPP, errno.ENOSYS):
+                    self.array[first * bs:(first + count) * bs] = 0
+                    continue
+                first_err = first_err or err
+                failed.append(np.arange(first, first + count, dtype=np.int64))
+        if failed:
+            bad = np.concatenate(failed)
+            raise HostIOError(f"punching {len(bad)} data blocks of {self.path} failed ({os.strerror(first_err)}; "
+                              f"first block {int(bad[0])})", first_err, self.path, blocks=bad)
         return len(todo)
 
     def allocated_blocks(self) -> np.ndarray:

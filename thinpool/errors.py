@@ -8,6 +8,7 @@ exit status and prints ``str(error)`` as one line.
 from __future__ import annotations
 
 import errno
+from typing import Any
 
 
 class ThinpoolError(Exception):
@@ -57,6 +58,26 @@ class MetadataCorrupt(ThinpoolError):
         self.block = block
 
 
+class HostIOError(ThinpoolError, OSError):
+    """The host filesystem refused a write, flush or hole punch of a pool file (ENOSPC, EIO, a short
+    write that could not be completed).  ``errno`` is the system's error number, ``filename`` the file;
+    ``blocks`` (a hole punch) the data blocks that were not punched."""
+
+    def __init__(self, message: str, err: int = errno.EIO, path: str | None = None,
+                 blocks: Any = None) -> None:
+        OSError.__init__(self, err, message)
+        self.filename = path
+        self.blocks = blocks
+
+    def __str__(self) -> str:  # OSError would print "[Errno 5] ..."
+        return self.strerror
+
+
+class ThinpoolWarning(UserWarning):
+    """Something went wrong that did not lose data or fail the operation (e.g. a freed block's hole punch
+    failed: the block stays unallocatable until a later punch succeeds)."""
+
+
 __all__ = [
     "ThinpoolError",
     "InvalidArgument",
@@ -67,4 +88,6 @@ __all__ = [
     "ReadOnly",
     "PoolLocked",
     "MetadataCorrupt",
+    "HostIOError",
+    "ThinpoolWarning",
 ]

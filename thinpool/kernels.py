@@ -63,6 +63,35 @@ def fill_bytes(dst, d0, n, value):
         dst[d + k] = value
 
 
+@njit(cache=True)
+def pwrite_all(fd, arr, start, n, off):
+    """Write ``arr[start:start+n]`` at file offset ``off``: a short count continues with the rest; a
+    count of 0 or -1 (errno left set for the caller) returns False.  True when all ``n`` are written.
+    A write that took more than one call is read back and compared, and written again once if it
+    differs (a layer that reports bytes it did not store); a second mismatch returns False."""
+    for attempt in range(2):
+        done = 0
+        calls = 0
+        while done < n:
+            w = c_pwrite(fd, arr[start + done:].ctypes.data, n - done, off + done)
+            if w <= 0:
+                return False
+            done += w
+            calls += 1
+        if calls <= 1:
+            return True
+        back = np.empty(n, np.uint8)
+        if c_pread(fd, back.ctypes.data, n, off) == n:
+            same = True
+            for i in range(n):
+                if back[i] != arr[start + i]:
+                    same = False
+                    break
+            if same:
+                return True
+    return False
+
+
 # --------------------------------------------------------------------------- allocation
 
 @njit(cache=True, inline="always")
@@ -419,7 +448,7 @@ def write_span(nodes, data_rc, freed_txn, rc_dirty, st, dev, fd, tmp, off, remai
         v, path_shared = lookup(nodes, dev[DEV_ROOT], vb)
         if v != UNMAPPED and not path_shared and np.int64(v & np.uint64(TIME_MASK)) >= snap_time:
             d = np.int64(v >> np.uint64(24))
-            if c_pwrite(fd, buf[src:].ctypes.data, seg, d * bs + inblk) != seg:
+            if not pwrite_all(fd, buf, src, seg, d * bs + inblk):
                 return IO_ERROR
         else:
             leaf = writable_leaf(nodes, data_rc, rc_dirty, st, dev, vb)
@@ -433,13 +462,16 @@ def write_span(nodes, data_rc, freed_txn, rc_dirty, st, dev, fd, tmp, off, remai
                 ok = c_pread(fd, tmp.ctypes.data, bs, old * bs) == bs
                 if ok:
                     copy_bytes(tmp, inblk, buf, src, seg)
-                    ok = c_pwrite(fd, tmp.ctypes.data, bs, d * bs) == bs
+                    ok = pwrite_all(fd, tmp, 0, bs, d * bs)
             else:
-                ok = c_pwrite(fd, buf[src:].ctypes.data, seg, d * bs + inblk) == seg
-            if not ok:  # undo the allocation: the block is not mapped
+                ok = pwrite_all(fd, buf, src, seg, d * bs + inblk)
+            if not ok:
+                # undo the allocation: the block is not mapped.  Part of the write may have reached
+                # it, so it is freed like a discarded block (not allocatable again until the commits
+                # after this transaction have punched it): never handed out holding these bytes.
                 data_rc[d] = 0
+                freed_txn[d] = 1
                 st[ST_NR_FREE] += 1
-                st[ST_NR_ALLOCATABLE] += 1
                 return IO_ERROR
             if v != UNMAPPED:
                 dec_data(data_rc, freed_txn, rc_dirty, st, np.int64(v >> np.uint64(24)))

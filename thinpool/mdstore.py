@@ -28,6 +28,7 @@ no copy).
 
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
@@ -36,7 +37,8 @@ import sys
 from array import array
 from typing import Any, Iterable, Sequence
 
-from .errors import MetadataCorrupt, ReadOnly
+from .errors import HostIOError, MetadataCorrupt, ReadOnly
+from .hostio import sync_or_fail, write_all
 
 
 def _crc32c_function() -> Any:
@@ -146,7 +148,7 @@ class PageUpdates:
 
 class FileIO:
     """The system calls the store writes through; tests substitute a fault-injecting layer
-    (torn writes, lost unflushed writes, a stop at the N-th write)."""
+    (torn writes, lost unflushed writes, short counts, EIO/ENOSPC, a stop at the N-th write)."""
 
     pwrite = staticmethod(os.pwrite)
     fdatasync = staticmethod(os.fdatasync)
@@ -183,6 +185,8 @@ class MetadataStore:
         self.held_blocks: list[int] = []
         self._tail: int | None = None  # in a tail commit: the next block to allocate (see commit)
         self._tail_released = 0
+        #: why this store must be reopened before it commits again (a flush failed), or None
+        self.failed: str | None = None
 
     # ------------------------------------------------------------------ formatting
     @classmethod
@@ -443,7 +447,8 @@ class MetadataStore:
             j = i + 1
             while j < n and j - i < _IOV_MAX and blocks[order[j]] == blocks[order[j - 1]] + 1:
                 j += 1
-            self.io.pwrite(self.fd, b"".join(pages[k] for k in order[i:j]), blocks[order[i]] * BLOCK)
+            write_all(self.io.pwrite, self.fd, b"".join(pages[k] for k in order[i:j]), blocks[order[i]] * BLOCK,
+                      self.path)
             i = j
         return crcs
 
@@ -482,6 +487,9 @@ class MetadataStore:
         pages once and goes: it skips building the block-state map of the whole file."""
         if self.read_only:
             raise ReadOnly(f"{self.path}: metadata is read-only")
+        if self.failed:
+            raise HostIOError(f"{self.path}: no commit is possible until the pool is reopened ({self.failed})",
+                              errno.EIO, self.path)
         new_locs = {k: v[:] for k, v in self.locs.items()}
         new_pm = {k: v[:] for k, v in self.pm_locs.items()}
         self._tail, self._tail_released = (self._tail_start(arrays) if tail else None), 0
@@ -526,7 +534,7 @@ class MetadataStore:
             blocks = self._allocate(ndir)
             crcs = self._write_pages(dir_pages, blocks)
             dir_locs = [b << 32 | c for b, c in zip(blocks, crcs)]
-            self.io.fdatasync(self.fd)
+            self.sync()
             header = dict(header)
             if "held" in self.header:
                 header["held"] = self.header["held"]
@@ -580,8 +588,55 @@ class MetadataStore:
         _SB_HEADER.pack_into(raw, 0, 0, MAGIC, FORMAT_VERSION, generation, len(body))
         raw[_SB_HEADER.size:_SB_HEADER.size + len(body)] = body
         struct.pack_into("<I", raw, 0, checksum(bytes(raw[4:])))
-        self.io.pwrite(self.fd, bytes(raw), (generation % SUPERBLOCKS) * BLOCK)
-        self.io.fdatasync(self.fd)
+        where = (generation % SUPERBLOCKS) * BLOCK
+        old = os.pread(self.fd, BLOCK, where)
+        try:
+            write_all(self.io.pwrite, self.fd, bytes(raw), where, self.path)
+        except HostIOError:
+            # part of it may be stored (and a prefix can verify): put the slot back as it was, so the
+            # failed commit cannot surface later; if even that fails, only a reopen may commit again
+            try:
+                write_all(self.io.pwrite, self.fd, old, where, self.path)
+            except HostIOError as exc:
+                self.failed = f"a superblock write failed and could not be undone: {exc}"
+            raise
+        self.sync()
+
+    def sync(self) -> None:
+        """Flush the metadata file; HostIOError if the flush fails.
+
+        Linux reports a writeback error to one fsync and then forgets it: a retried flush may succeed
+        without the lost pages ever reaching the disk.  So a failed flush ends this store's commits
+        (``failed``; :meth:`commit` raises): reopening reads whichever superblock is durable -- the
+        previous commit or, if the failed flush of a superblock wrote it anyway, the new one.  A failed
+        *write* (before any flush of that commit failed) leaves the store usable: nothing refers to the
+        blocks it wrote, and a retry writes them again."""
+        try:
+            sync_or_fail(self.io.fdatasync, self.fd, self.path)
+        except HostIOError as exc:
+            self.failed = f"a flush failed: {exc}"
+            raise
+
+    def resize(self, nr_blocks: int) -> None:
+        """Make the file ``nr_blocks`` blocks long (sparse).  Growing is always safe: the committed state
+        is untouched and the new blocks are free.  Shrinking is only for undoing a growth: every
+        dropped block must be unused (else :class:`~thinpool.errors.ReadOnly`)."""
+        if self.read_only:
+            raise ReadOnly(f"{self.path}: metadata is read-only")
+        if nr_blocks < self.nr_blocks and any(self.state[nr_blocks:]):
+            raise ReadOnly(f"{self.path}: cannot shrink the metadata to {nr_blocks} blocks: blocks past it are in use")
+        try:
+            os.ftruncate(self.fd, nr_blocks * BLOCK)
+        except OSError as exc:
+            err = exc.errno or errno.EIO
+            raise HostIOError(f"resizing {self.path} to {nr_blocks * BLOCK} bytes failed: {os.strerror(err)}",
+                              err, self.path) from None
+        if self._state is not None:
+            if nr_blocks > self.nr_blocks:
+                self._state.extend(bytes(nr_blocks - self.nr_blocks))
+            else:
+                del self._state[nr_blocks:]
+        self.nr_blocks = nr_blocks
 
     # ------------------------------------------------------------------ held metadata snapshot
     def hold(self) -> None:

@@ -8,6 +8,7 @@ the data device for bytes.  I/O lives in :mod:`thinpool.thin`.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import threading
@@ -23,7 +24,7 @@ from .blockmap import BlockMap
 from .datadev import DataDevice
 from .devtable import (DEV_FIELDS, DEV_RECORD, DEVS_PER_PAGE, F_IN_USE, F_READ_ONLY,  # noqa: F401 (API)
                        MAX_DEV_ID, check_new_name, pad_pages, pick_dev_id)
-from .errors import AlreadyExists, InvalidArgument, MetadataCorrupt, NotFound, ReadOnly
+from .errors import AlreadyExists, HostIOError, InvalidArgument, MetadataCorrupt, NotFound, ReadOnly
 from .mdstore import BLOCK, MetadataSpaceExhausted, MetadataStore, PagedArray
 from .spacemap import DataSpaceMap
 from .status import PoolStatus, Usage  # noqa: F401  (part of this module's API)
@@ -48,6 +49,11 @@ def _walks():
 def _kernels():
     from . import kernels  # imported on first use: opening a pool does not need numba
     return kernels
+
+
+def _poolspace():
+    from . import poolspace
+    return poolspace
 
 
 def check_block_size(block_size: int | str) -> int:
@@ -109,7 +115,7 @@ class Pool:
             self.data = DataDevice(data_path, self.block_size, self.space.nr_blocks, read_only=read_only,
                                    owner=self.uuid, pool_path=self.path, data_rc=self.space.data_rc)
             self.scrubbed_blocks = 0 if read_only or not _scrub else \
-                self.data.scrub(self.space.data_rc, keep=self.space.pending)
+                _poolspace().scrub_on_open(self)
         except BaseException:
             if getattr(self, "store", None) is not None:
                 self.store.close()
@@ -211,6 +217,7 @@ class Pool:
         """(Re)build the in-memory state from the last committed metadata."""
         arrays = {k: np.frombuffer(v, np.uint8) for k, v in self.store.load().items()}
         self._install(arrays, self.store.header)
+        self._unpunched = np.zeros(0, np.int64)  # released blocks whose hole punch failed (still pending)
         self._lwm_fired = False
         self._set_md_check()
         self.mode = "write"
@@ -543,26 +550,51 @@ class Pool:
     def commit(self) -> None:
         """Make everything done so far durable, atomically (data is flushed before metadata).
 
-        Blocks freed in this transaction are hole-punched and become allocatable afterwards.
+        Blocks freed in this transaction are hole-punched and become allocatable afterwards (a block
+        whose punch fails stays unallocatable, with a :class:`~thinpool.errors.ThinpoolWarning`, until
+        a later punch succeeds).  If the host filesystem refuses a write (ENOSPC, EIO, a short write
+        that cannot be completed) the commit raises :class:`~thinpool.errors.HostIOError` and nothing
+        of it is durable: the pool keeps its changes and a later commit may retry.  If a *flush* fails
+        the pool goes to ``fail`` mode (Linux may report a lost write to one flush only, so no retry
+        can be trusted): every further commit raises until the pool is reopened, which finds the
+        last durable commit.  A pool in ``fail`` mode never reports a commit as done.
         """
         self._check_open()
-        if self.read_only or self.mode in ("read-only", "fail"):
+        if self.mode == "fail":
+            raise HostIOError(f"pool {self.path} has failed and must be reopened; nothing since its last "
+                              f"durable commit was committed ({getattr(self, 'read_only_reason', '')})")
+        if self.read_only or self.mode == "read-only":
             return
         freed = self.space.freed_blocks()
+        record = np.union1d(freed, self._unpunched) if len(self._unpunched) else freed
         arrays = self._paged()
-        if len(freed) or len(self.space.pending):
-            arrays["pending"] = PagedArray(pad_pages(freed.astype(np.uint64).tobytes()),
-                                           np.arange(max(1, _round_up(len(freed) * 8, BLOCK) // BLOCK)))
-        self.header["pending_blocks"] = len(freed)  # always: a stale count would resurrect an old list
+        if len(record) or len(self.space.pending):
+            arrays["pending"] = PagedArray(pad_pages(record.astype(np.uint64).tobytes()),
+                                           np.arange(max(1, _round_up(len(record) * 8, BLOCK) // BLOCK)))
+        self.header["pending_blocks"] = len(record)  # always: a stale count would resurrect an old list
         self.header.update(time=self.time, cursor=int(self.st[K.ST_CURSOR]), nr_data_blocks=self.space.nr_blocks,
                            used_data_blocks=self.space.used())  # for readers that skip the space map
-        self.data.sync()
         try:
+            try:
+                self.data.sync()
+            except HostIOError:
+                self.store.failed = self.store.failed or "the data file's flush failed"
+                raise
             self.store.commit(arrays, self.header)
         except MetadataSpaceExhausted as exc:
             self._abort_to_read_only(str(exc))
             raise ReadOnly(f"pool {self.path}: out of metadata space; the transaction was aborted and the "
-                           f"pool is read-only ({exc})") from None
+                           f"pool is read-only ({exc}); grow the metadata (thinpool resize --metadata-size) "
+                           f"to write again") from None
+        except HostIOError as exc:
+            flushed = bool(self.store.failed)
+            if flushed:
+                self.mode = "fail"
+                self.read_only_reason = str(exc)
+            raise HostIOError(f"pool {self.path}: commit failed, nothing of it is durable" +
+                              (" (the pool has failed: reopen it; the last durable commit is kept)" if flushed
+                               else " (the changes are kept; a later commit retries)") + f": {exc}",
+                              exc.errno or errno.EIO, exc.filename) from None
         bm = self.nodes_map
         bm.leaf_dirty[:] = 0
         bm.inner_dirty[:] = 0
@@ -573,9 +605,9 @@ class Pool:
         self.catalog_dirty = False
         released = self.space.pending  # freed by the previous commit: no superblock maps them any more
         released = released[self.space.data_rc[released] == 0]
-        self.space.release(released)
-        self.space.set_pending(freed)
-        self.data.punch(released)
+        self._unpunched = _poolspace().punch_released(self, released)  # "needs zeroing": not handed out
+        self.space.release(np.setdiff1d(released, self._unpunched) if len(self._unpunched) else released)
+        self.space.set_pending(np.union1d(freed, self._unpunched) if len(self._unpunched) else freed)
         if self.mode == "out-of-data-space" and self.st[K.ST_NR_ALLOCATABLE] > 0:
             self.mode = "write"
         self._set_md_check()
@@ -588,7 +620,7 @@ class Pool:
         if self.data.nr_blocks != self.space.nr_blocks:  # a resize since the last commit is undone too
             self.data.resize(self.space.nr_blocks)
         if not self.read_only:
-            self.data.scrub(self.space.data_rc, keep=self.space.pending)
+            _poolspace().scrub_on_open(self)
 
     def _abort_to_read_only(self, reason: str) -> None:
         self._load()
@@ -607,29 +639,26 @@ class Pool:
         self.header["transaction_id"] = new
 
     @_locked
-    def resize(self, data_size: int | str) -> None:
-        """Grow the data device (dm-thin cannot shrink); leaves out-of-data-space mode; commits."""
-        self._check_open()
-        if self.read_only:
-            raise ReadOnly(f"pool {self.path} is opened read-only")
-        if self.header.get("needs_check"):
-            raise ReadOnly(f"pool {self.path} needs check: it cannot be resized until repaired")
-        nbytes = parse_size(data_size, "data size")
-        nr = nbytes // self.block_size
-        if nr < self.space.nr_blocks:
-            raise InvalidArgument(f"pool {self.path}: cannot shrink the data device from "
-                                  f"{self.space.nr_blocks} to {nr} blocks (dm-thin does not support shrinking)")
-        if nr == self.space.nr_blocks:
-            return
-        if (nr >> K.RC_PAGE_BITS) > 4161600:
-            raise InvalidArgument(f"data size {nbytes} is too large")
-        self.data.resize(nr)
-        self.space.resize(nr)
-        self.header["nr_data_blocks"] = nr
-        self._lwm_fired = False
-        if self.mode == "out-of-data-space" and self.st[K.ST_NR_ALLOCATABLE] > 0:
-            self.mode = "write"
-        self.commit()
+    def resize(self, data_size: int | str | None, metadata_size: int | str | None = None) -> None:
+        """Grow the data device (dm-thin cannot shrink) and/or the metadata file; leaves
+        out-of-data-space mode; commits.
+
+        Before anything changes, the metadata's room for the bigger data space map is checked: if the
+        metadata file cannot hold it, it is grown first (to ``metadata_size`` if given, else to the
+        default size for the new data size), and if no allowed size can hold it the resize is refused
+        (InvalidArgument) with both files unchanged.  A resize whose commit fails is rolled back (the
+        data file keeps its old size).  ``data_size=None`` grows only the metadata
+        (:meth:`resize_metadata`)."""
+        _poolspace().resize(self, data_size, metadata_size)
+
+    @_locked
+    def resize_metadata(self, metadata_size: int | str) -> None:
+        """Grow the metadata file to ``metadata_size`` bytes (never shrinks; at most 15.87 GiB).
+
+        The way out of metadata space: a pool that went read-only because a commit found no free
+        metadata block returns to write mode (then e.g. ``delete`` frees space).  Nothing else changes;
+        the next commit uses the new room.  ``thinpool resize POOL --metadata-size SIZE``."""
+        _poolspace().resize_metadata(self, metadata_size)
 
     def _set_md_check(self) -> None:
         """Live node count below which a commit surely fits in the metadata file (see _after_alloc);

@@ -115,13 +115,19 @@ def _is_pool_dir(directory: str) -> bool:
 
 def guard_output(path: Any, *, pools: Iterable[Any] = (), what: str = "output") -> str:
     """Type-check an output path and refuse one that is (or lands inside) a pool: returns the resolved
-    absolute target (``-`` is returned as is).  ``pools``: pool objects or directories the command
-    works on, on top of every open pool of this process."""
+    absolute target to write (``-`` is returned as is; an existing non-regular file such as
+    ``/dev/stdout`` on a pipe keeps its given absolute path, which the kernel resolves).  ``pools``:
+    pool objects or directories the command works on, on top of every open pool of this process."""
     path = check_path(path, what)
     if path == "-":
         return path
-    target = os.path.realpath(os.path.abspath(path))
-    if os.path.isdir(target):
+    given = os.path.abspath(path)
+    target = os.path.realpath(given)
+    try:  # the file the kernel would open (follows /proc/self/fd-style links realpath cannot name)
+        st: os.stat_result | None = os.stat(given)
+    except OSError:
+        st = None
+    if st is not None and stat.S_ISDIR(st.st_mode):
         raise InvalidArgument(f"{what} {path}: is a directory")
     ids: dict[tuple[int, int], tuple[str, str]] = {}
     for pool_dir, files in _known_pools(pools):
@@ -131,23 +137,24 @@ def guard_output(path: Any, *, pools: Iterable[Any] = (), what: str = "output") 
                 shown = f"{path} is {real}," if real != os.path.abspath(path) else f"{path} is"
                 raise InvalidArgument(f"{what} {shown} a file of pool {pool_dir}: refusing to overwrite it")
             try:
-                st = os.stat(real)
+                pst = os.stat(real)
             except OSError:
                 continue
-            ids[(st.st_dev, st.st_ino)] = (real, pool_dir)
+            ids[(pst.st_dev, pst.st_ino)] = (real, pool_dir)
     parent = os.path.dirname(target)
     if _is_pool_dir(parent):
         raise InvalidArgument(f"{what} {path} lies in the directory of pool {parent}: refusing to write into a pool")
-    try:
-        st = os.stat(target)
-    except OSError:
+    if st is None:
         return target
     hit = ids.get((st.st_dev, st.st_ino))
     if hit is not None:
         raise InvalidArgument(f"{what} {path} is a hard link to {hit[0]}, a file of pool {hit[1]}: refusing "
                               f"to overwrite it")
-    if stat.S_ISREG(st.st_mode):
-        _refuse_claimed_file(target, path, what)
+    if not stat.S_ISREG(st.st_mode):
+        return given  # a pipe, terminal or device: written in place through the path as given
+    if not os.path.exists(target):  # a magic link to a regular file realpath cannot name
+        raise InvalidArgument(f"{what} {path}: cannot tell which file it names (resolves to {target})")
+    _refuse_claimed_file(target, path, what)
     return target
 
 

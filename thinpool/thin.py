@@ -6,12 +6,14 @@ changes nothing, then hands the whole batch to one kernel call.
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import numpy as np
 
 from . import layout as L
 from .errors import InvalidArgument, NoSpace, ReadOnly, ThinpoolError
+from .hostio import last_errno
 from .layout import (DEV_CREATION_TIME, DEV_FLAGS, DEV_ID, DEV_MAPPED, DEV_ROOT, DEV_SIZE, DEV_SNAP_TIME,
                      DEV_TRANSACTION)
 
@@ -255,9 +257,12 @@ class Thin:
                         raise NoSpace(f"pool {pool.path}: no free data space for volume {self.name!r} "
                                       f"({need} blocks needed, {int(st[L.ST_NR_ALLOCATABLE])} free)")
                     if code == L.IO_ERROR:
-                        raise DataDeviceError(f"pool {pool.path}: writing volume {self.name!r} at offset "
+                        err = last_errno()
+                        exc = DataDeviceError(f"pool {pool.path}: writing volume {self.name!r} at offset "
                                               f"{int(offsets[start])} to the data file {pool.data.path} failed "
-                                              f"(host filesystem full or I/O error)")
+                                              f"({os.strerror(err)}; the block is not mapped)")
+                        exc.errno, exc.filename = err, pool.data.path
+                        raise exc
                     bs = pool.block_size
                     nblk = int((offsets[start] + lengths[start] - 1) // bs - offsets[start] // bs + 1)
                     pool.nodes_map.ensure(2 * nblk + 1, nblk)

@@ -349,10 +349,12 @@ def op_commit(pool: Any) -> dict[str, Any]:
 register_op("commit", op_commit, write=True)
 
 
-def op_resize(pool: Any, data_size: int) -> dict[str, Any]:
-    """Grow the data device to ``data_size`` bytes (never shrinks)."""
-    pool.resize(data_size)
-    return {"total_data_blocks": pool.nr_data_blocks, "data_size": pool.nr_data_blocks * pool.block_size}
+def op_resize(pool: Any, data_size: int | None = None, metadata_size: int | None = None) -> dict[str, Any]:
+    """Grow the data device to ``data_size`` bytes and/or the metadata file to ``metadata_size`` bytes
+    (never shrinks; the metadata grows by itself when the new data size needs it)."""
+    pool.resize(data_size, metadata_size)
+    return {"total_data_blocks": pool.nr_data_blocks, "data_size": pool.nr_data_blocks * pool.block_size,
+            "total_metadata_blocks": pool.store.nr_blocks, "metadata_size": pool.store.nr_blocks * 4096}
 
 
 register_op("resize", op_resize, write=True)

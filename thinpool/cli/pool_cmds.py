@@ -97,14 +97,24 @@ def status_cmd(pool: str, line_only: bool, human_only: bool, as_json: bool) -> N
 
 @click.command("resize")
 @pool_argument
-@click.argument("data_size", metavar="SIZE", type=SIZE)
+@click.argument("data_size", metavar="[SIZE]", type=SIZE, required=False)
+@click.option("--metadata-size", type=SIZE, default=None,
+              help="Grow the metadata file to this size (never shrinks; at most 15.87GiB).")
 @json_option
-def resize_cmd(pool: str, data_size: int, as_json: bool) -> None:
-    """Grow the data device to SIZE (never shrinks).
+def resize_cmd(pool: str, data_size: int | None, metadata_size: int | None, as_json: bool) -> None:
+    """Grow the data device to SIZE and/or the metadata file (never shrinks).
 
-    A pool that ran out of data space returns to write mode.  Example: thinpool resize /tmp/pool 20G
+    A pool that ran out of data space returns to write mode.  If the metadata cannot hold the bigger
+    data space map it is grown too (or, past 15.87GiB, the resize is refused with nothing changed).
+    A pool that ran out of metadata space (read-only) gets out with --metadata-size, then can delete
+    volumes.  Examples: thinpool resize /tmp/pool 20G; thinpool resize /tmp/pool --metadata-size 64M
     """
-    emit(run_op(pool, "resize", {"data_size": data_size}), as_json)
+    if data_size is None and metadata_size is None:
+        raise click.UsageError("give a data SIZE, --metadata-size, or both")
+    args = {"data_size": data_size} if data_size is not None else {}
+    if metadata_size is not None:
+        args["metadata_size"] = metadata_size
+    emit(run_op(pool, "resize", args), as_json)
 
 
 @click.command("commit")

@@ -1,0 +1,93 @@
+"""Writes and flushes that never report success for less than was asked (the host-filesystem seam).
+
+``pwrite`` may store fewer bytes than asked (a nearly full filesystem, a signal, a file size limit);
+``fdatasync`` may fail once and then forget the error (Linux's writeback error semantics).  Every
+pool write of metadata goes through :func:`write_all` (loop on short counts, raise on 0 or an error)
+and every flush through :func:`sync_or_fail`; both raise :class:`~thinpool.errors.HostIOError`
+carrying the errno and the file.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+from typing import Any
+
+from .errors import HostIOError
+
+
+def write_all(pwrite: Any, fd: int, data: Any, offset: int, path: str) -> None:
+    """``pwrite`` all of ``data`` at ``offset``: a short count continues with the rest; a count of 0
+    or an error raises :class:`~thinpool.errors.HostIOError` (with the errno; ENOSPC for a 0 count)
+    naming ``path`` and the byte range never written.
+
+    A write that needed more than one call is read back and compared: a layer that reports a short
+    count for bytes it did not store (e.g. ``strace -e inject=pwrite64:retval=N``, which skips the
+    call) is caught, and the whole range is written again (once; a second mismatch raises EIO)."""
+    view = memoryview(data).cast("B")
+    for attempt in range(2):
+        if _write_loop(pwrite, fd, view, offset, path) == 1 or os.pread(fd, len(view), offset) == view:
+            return
+    raise HostIOError(f"writing {path} at byte {offset}: {len(view)} bytes read back differ from what was "
+                      f"written twice", errno.EIO, path)
+
+
+def _write_loop(pwrite: Any, fd: int, view: memoryview, offset: int, path: str) -> int:
+    """Write all of ``view``; returns the number of calls it took (raises on 0 or an error)."""
+    done, n, calls = 0, len(view), 0
+    while done < n:
+        calls += 1
+        try:
+            w = pwrite(fd, view[done:], offset + done)
+        except OSError as exc:
+            err = exc.errno or errno.EIO
+            raise HostIOError(f"writing {path} at byte {offset + done} ({n - done} of {n} bytes not "
+                              f"written): {os.strerror(err)}", err, path) from None
+        if not isinstance(w, int) or w <= 0 or w > n - done:
+            raise HostIOError(f"writing {path} at byte {offset + done}: the write stored {w!r} of "
+                              f"{n - done} bytes (host filesystem full?)", errno.ENOSPC, path)
+        done += w
+    return calls
+
+
+def sync_or_fail(fdatasync: Any, fd: int, path: str) -> None:
+    """``fdatasync(fd)``; a failure raises :class:`~thinpool.errors.HostIOError` with its errno."""
+    try:
+        fdatasync(fd)
+    except OSError as exc:
+        err = exc.errno or errno.EIO
+        raise HostIOError(f"flushing {path} failed: {os.strerror(err)}; what was written since the "
+                          f"last flush may be lost", err, path) from None
+
+
+class DataIO:
+    """The data file's flush and hole punch (``DataDevice.io``); tests substitute a fault-injecting
+    layer (EIO/ENOSPC from fdatasync or fallocate)."""
+
+    fdatasync = staticmethod(os.fdatasync)
+
+    @staticmethod
+    def punch_hole(fd: int, offset: int, length: int) -> None:
+        """``fallocate(PUNCH_HOLE | KEEP_SIZE)`` of ``length`` bytes at ``offset``; OSError on failure."""
+        if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+_libc.__errno_location.restype = ctypes.POINTER(ctypes.c_int)
+
+
+def last_errno() -> int:
+    """This thread's C ``errno`` (what a failed system call made from compiled code left), or EIO
+    when it is 0."""
+    try:
+        return int(_libc.__errno_location().contents.value) or errno.EIO
+    except AttributeError:  # not glibc
+        return errno.EIO
