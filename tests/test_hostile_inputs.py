@@ -557,3 +557,57 @@ def test_control_socket_export_metadata_path_checked(pools: dict[str, Path]) -> 
         reply = json.loads(handle_control_request(pool, json.dumps(
             {"op": "export-metadata", "args": {"path": str(pools["tmp"] / "ok.bin")}}).encode() + b"\n"))
         assert reply["ok"] is True, reply
+
+
+def _superblock_fields() -> list[tuple[str, int, int]]:
+    """(name, offset, width) of every numeric superblock field, space-map roots' four u64 included."""
+    import re
+    import struct
+
+    from thinpool.interop.binary import RawSuperblock
+    names = ["csum", "flags", "blocknr", "uuid", "magic", "version", "time", "trans_id", "held_root", "data_sm",
+             "metadata_sm", "data_mapping_root", "device_details_root", "data_block_size", "metadata_block_size",
+             "metadata_nr_blocks", "compat_flags", "compat_ro_flags", "incompat_flags"]
+    out, off = [], 0
+    for code, name in zip(re.findall(r"\d*[A-Za-z]", RawSuperblock._FORMAT.format.lstrip("<")), names):
+        size = struct.calcsize("<" + code)
+        if name in ("data_sm", "metadata_sm"):
+            out += [(f"{name}.{sub}", off + 8 * i, 8)
+                    for i, sub in enumerate(("nr_blocks", "nr_allocated", "bitmap_root", "ref_count_root"))]
+        elif name not in ("csum", "uuid", "blocknr"):
+            out.append((name, off, size))
+        off += size
+    return out
+
+
+def test_superblock_fields_at_extremes(tmp_path: Path, exported_metadata: bytes) -> None:
+    """Every numeric superblock field set to 2^63, 2^64-1 (2^31, 2^32-1 for 32-bit ones) and 0, checksum
+    resealed: read_binary_metadata either reads it or raises a thinpool error -- never MemoryError or
+    another exception, under a 3 GiB address-space cap (before: data nr_blocks 2^63 asked for 4 PiB)."""
+    import resource
+
+    from thinpool.errors import ThinpoolError
+    from thinpool.interop.binary import read_binary_metadata
+    from thinpool.interop.btree import SUPERBLOCK_CSUM_XOR
+    fields = _superblock_fields()
+    assert len(fields) == 22
+    path = tmp_path / "m.bin"
+    outcomes = {"read": 0, "refused": 0}
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (3 << 30, hard))
+    try:
+        for name, off, width in fields:
+            for value in ((1 << 63, (1 << 64) - 1, 0) if width == 8 else (1 << 31, (1 << 32) - 1, 0)):
+                buf = bytearray(exported_metadata)
+                _set(buf, off, value, width)
+                _reseal(buf, 0, SUPERBLOCK_CSUM_XOR)
+                path.write_bytes(bytes(buf))
+                try:
+                    read_binary_metadata(path)
+                    outcomes["read"] += 1
+                except ThinpoolError as exc:
+                    assert str(exc), name
+                    outcomes["refused"] += 1
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    assert sum(outcomes.values()) == 66 and outcomes["refused"] >= 40, outcomes
