@@ -30,6 +30,7 @@ from xml.parsers import expat
 
 from ..errors import AlreadyExists, InvalidArgument
 from .ir import MAX_DEV_ID, Device, Metadata, Superblock
+from .xml_refs import RefResolver
 
 __all__ = ["dump_xml", "load_xml", "mapping_runs", "DuplicateDevice"]
 
@@ -492,85 +493,11 @@ class _Reader:
                 i = first(beyond)
                 self.fail_row(i, f"mapping beyond end of data device ({max(int(D[i]), nr)} >= {nr})")
 
-        resolved: dict[str, np.ndarray] = {}
-        counted: dict[str, int] = {}
-        n_rows = len(V)
-
-        def count_rows(group: _Group, chain: tuple[str, ...]) -> int:
-            """Rows ``group`` expands to, counted (Python ints) without materialising anything."""
-            total = 0
-            for item in group.items:
-                if item[0] == "rows":
-                    total += item[2] - item[1]
-                    continue
-                _, ref, ref_line = item
-                if ref not in self.defs:
-                    self.fail(f"<ref name={ref!r}> names no <def>", ref_line)
-                if ref in chain:
-                    self.fail(f"<ref name={ref!r}> is circular", ref_line)
-                if ref not in counted:
-                    counted[ref] = count_rows(self.defs[ref], chain + (ref,))
-                total += counted[ref]
-            return total
-
-        def repeated_def(group: _Group) -> tuple[str, int]:
-            """The first def (holding rows) that a device's expansion splices in twice, and its line."""
-            seen: set[str] = set()
-            stack = [iter(group.items)]
-            while stack:
-                item = next(stack[-1], None)
-                if item is None:
-                    stack.pop()
-                    continue
-                if item[0] != "ref" or not counted.get(item[1]):
-                    continue
-                if item[1] in seen:
-                    return item[1], item[2]
-                seen.add(item[1])
-                stack.append(iter(self.defs[item[1]].items))
-            raise AssertionError("unreachable")  # pragma: no cover
-
-        def check_expansion(group: _Group) -> None:
-            """Refuse, before materialising, a device whose defs/refs expand to more rows than the document
-            holds (a def spliced in twice duplicates its mappings: 40 nested doubling defs describe 2^40
-            rows in 3 KB) or to more rows than its mapped_blocks."""
-            dev_id = group.attrs["dev_id"]
-            try:
-                total = count_rows(group, ())
-            except RecursionError:
-                self.fail(f"device {dev_id}: <def>/<ref> nesting is too deep", group.line)
-            if total > n_rows:
-                name, line = repeated_def(group)
-                self.fail(f"device {dev_id}: <def name={name!r}> is spliced into it more than once (again by the "
-                          f"<ref> at line {line}), so its mappings would be duplicated; the device's refs expand "
-                          f"to {total} mapping rows but the document holds only {n_rows}", line)
-            if total > group.attrs["mapped_blocks"]:  # each row maps at least one block
-                self.fail(f"device {dev_id}: mapped_blocks=\"{group.attrs['mapped_blocks']}\" but its mappings "
-                          f"(with their <ref>s) are {total} rows of at least one block each", group.line)
-
-        def rows_of(group: _Group, chain: tuple[str, ...]) -> np.ndarray:
-            parts = []
-            for item in group.items:
-                if item[0] == "rows":
-                    parts.append(np.arange(item[1], item[2], dtype=np.int64))
-                    continue
-                _, ref, ref_line = item
-                if ref not in self.defs:
-                    self.fail(f"<ref name={ref!r}> names no <def>", ref_line)
-                if ref in chain:
-                    self.fail(f"<ref name={ref!r}> is circular", ref_line)
-                if ref not in resolved:
-                    resolved[ref] = rows_of(self.defs[ref], chain + (ref,))
-                parts.append(resolved[ref])
-            if not parts:
-                return np.zeros(0, np.int64)
-            return parts[0] if len(parts) == 1 else np.concatenate(parts)
-
+        refs = RefResolver(self.defs, len(V), self.fail)
         devices: list[Device] = []
         for g in sorted(self.devices, key=lambda g: g.attrs["dev_id"]):
             dev_id = g.attrs["dev_id"]
-            check_expansion(g)
-            rows = rows_of(g, ())
+            rows = refs.device_rows(g)  # counted and checked before any row index is built
             vb, ln, db, tm = V[rows], L[rows], D[rows], T[rows]
             if len(rows) > 1:
                 bad = vb[1:] < vb[:-1] + ln[:-1]
