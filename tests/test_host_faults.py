@@ -41,7 +41,7 @@ import pytest
 from conftest import IN_CI
 from thinpool import Pool
 from thinpool.datadev import DataDevice
-from thinpool.errors import HostIOError, InvalidArgument, ReadOnly, ThinpoolError, ThinpoolWarning
+from thinpool.errors import HostIOError, InvalidArgument, NoSpace, ReadOnly, ThinpoolError, ThinpoolWarning
 from thinpool.hostio import DataIO
 from thinpool.mdstore import FileIO, MetadataStore
 
@@ -427,7 +427,6 @@ def test_full_ext4_every_few_kib_of_headroom(small_ext4):
             pool.commit()
         except (ThinpoolError, OSError) as exc:
             error = exc
-            assert not isinstance(exc, AssertionError)
         finally:
             if pool is not None:
                 pool.close(commit=False)
@@ -484,10 +483,9 @@ def test_failed_punch_never_hands_out_old_bytes(tmp_path, err):
         assert fault.calls
         pool.create_thin("new", nr * BS)
         new = pool.thin("new")
-        with pytest.raises(ThinpoolError):             # none may be handed out
+        with pytest.raises(NoSpace):             # none may be handed out
             new.write(0, b"\x01")
         assert pool.thin("new").read(0, nr * BS) == bytes(nr * BS)
-        pool.mode = "write"
     finally:
         DataDevice.io = DataIO()
     pool.commit()                                       # the punch is retried and succeeds
@@ -523,11 +521,10 @@ def test_failed_punch_is_remembered_across_reopen(tmp_path):
         pool = Pool.open(path)
         assert pool.st[__import__("thinpool.layout", fromlist=["x"]).ST_NR_ALLOCATABLE] == 0
         pool.create_thin("new", nr * BS)
-        with pytest.raises(ThinpoolError):
+        with pytest.raises(NoSpace):
             pool.thin("new").write(0, b"\x01")
     finally:
         DataDevice.io = DataIO()
-    pool.mode = "write"
     pool.commit()
     pool.thin("new").write(0, b"\x01" * 10)
     assert pool.thin("new").read(0, BS) == b"\x01" * 10 + bytes(BS - 10)
@@ -553,9 +550,8 @@ def test_failed_scrub_at_open_keeps_blocks_unallocatable(tmp_path):
         w = pool.thin("v")
         for b in range(4, nr):
             w.write(b * BS, b"\x01")                   # the four clean blocks
-        with pytest.raises(ThinpoolError):
+        with pytest.raises(NoSpace):
             w.write(0, b"\x01")                        # no fifth: the others hold old bytes
-        pool.mode = "write"
     finally:
         DataDevice.io = DataIO()
     pool.commit()
