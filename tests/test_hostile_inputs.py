@@ -611,3 +611,12 @@ def test_superblock_fields_at_extremes(tmp_path: Path, exported_metadata: bytes)
     finally:
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
     assert sum(outcomes.values()) == 66 and outcomes["refused"] >= 40, outcomes
+
+
+def test_export_metadata_relative_path_refused(pools: dict[str, Path]) -> None:
+    """export-metadata's path must be absolute (over the control socket a relative one would land in the
+    serving process's cwd); the CLI makes it absolute."""
+    with Pool.open(pools["p"]) as pool:
+        with pytest.raises(InvalidArgument, match="absolute"):
+            OPS["export-metadata"].func(pool, "relative.bin")
+    assert not os.path.exists("relative.bin")

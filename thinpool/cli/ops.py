@@ -596,10 +596,13 @@ register_op("dump", op_dump, write=False, render=lambda text: text)
 
 
 def op_export_metadata(pool: Any, path: str, nr_metadata_blocks: int | None = None) -> dict[str, Any]:
-    """Write real dm-thin binary metadata for the pool to ``path`` (with the held metadata snapshot,
-    if one is held).  Returns the blocks used and the file's size in blocks."""
+    """Write real dm-thin binary metadata for the pool to ``path`` (absolute: a serving process has
+    its own cwd; with the held metadata snapshot, if one is held).  Returns the blocks used and the
+    file's size in blocks."""
     from thinpool.interop.binary import write_binary_metadata
-    from thinpool.safe_output import guard_output
+    from thinpool.safe_output import check_path, guard_output
+    if not os.path.isabs(check_path(path, "metadata output")):
+        raise InvalidArgument(f"metadata output {path!r} must be an absolute path")
     path = guard_output(path, pools=[pool], what="metadata output")  # a str, never a file of a pool
     if not pool.read_only:
         pool.commit()  # dm-thin's metadata device holds the committed state
