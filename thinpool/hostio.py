@@ -28,10 +28,20 @@ def write_all(pwrite: Any, fd: int, data: Any, offset: int, path: str) -> None:
     call) is caught, and the whole range is written again (once; a second mismatch raises EIO)."""
     view = memoryview(data).cast("B")
     for attempt in range(2):
-        if _write_loop(pwrite, fd, view, offset, path) == 1 or os.pread(fd, len(view), offset) == view:
+        if _write_loop(pwrite, fd, view, offset, path) == 1 or _reads_back(fd, view, offset):
             return
     raise HostIOError(f"writing {path} at byte {offset}: {len(view)} bytes read back differ from what was "
                       f"written twice", errno.EIO, path)
+
+
+def _reads_back(fd: int, view: memoryview, offset: int) -> bool:
+    """Whether the file holds ``view`` at ``offset`` (True when ``fd`` cannot be read: write-only)."""
+    try:
+        return os.pread(fd, len(view), offset) == view
+    except OSError as exc:
+        if exc.errno == errno.EBADF:
+            return True
+        raise
 
 
 def _write_loop(pwrite: Any, fd: int, view: memoryview, offset: int, path: str) -> int:

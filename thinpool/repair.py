@@ -570,14 +570,15 @@ def _remove_new_pool(out_path: str, made_dir: bool) -> None:
 
 
 def _copy_blocks(src: str, dst: str, bs: int, blocks: np.ndarray) -> None:
+    from .hostio import sync_or_fail, write_all
     sfd = os.open(src, os.O_RDONLY)
     dfd = os.open(dst, os.O_WRONLY)
     try:
         for b in np.unique(blocks).tolist():
             buf = os.pread(sfd, bs, b * bs)
             if buf.count(0) != len(buf):
-                os.pwrite(dfd, buf, b * bs)
-        os.fdatasync(dfd)
+                write_all(os.pwrite, dfd, buf, b * bs, dst)   # a short count continues, never ignored
+        sync_or_fail(os.fdatasync, dfd, dst)
     finally:
         os.close(sfd)
         os.close(dfd)
