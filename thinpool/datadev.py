@@ -15,6 +15,7 @@ import os
 
 import numpy as np
 
+from . import pooldir
 from .errors import FailedPrecondition, HostIOError
 from .hostio import DataIO, sync_or_fail
 
@@ -65,7 +66,7 @@ class DataDevice:
 
     def __init__(self, path: str, block_size: int, nr_blocks: int, *, read_only: bool = False,
                  owner: str | None = None, pool_path: str | None = None,
-                 data_rc: np.ndarray | None = None) -> None:
+                 data_rc: np.ndarray | None = None, allow_foreign: bool | None = None) -> None:
         """Open the data file of pool ``owner`` (its uuid) at ``pool_path``.
 
         Takes the file's flock (exclusive read-write, shared read-only) and checks its owner stamp
@@ -81,7 +82,8 @@ class DataDevice:
         self.owner = owner or None
         self.pool_path = pool_path or os.path.dirname(path)
         self._mm = None
-        self.fd = os.open(path, os.O_RDONLY if read_only else os.O_RDWR)
+        self.fd = pooldir.open_pool_file(path, os.O_RDONLY if read_only else os.O_RDWR,
+                                         allow_foreign=allow_foreign, what="data file")
         try:
             ownership.lock(self.fd, path, read_only)
             if self.owner:
@@ -100,9 +102,11 @@ class DataDevice:
             raise
 
     @staticmethod
-    def create(path: str, size: int) -> None:
-        """Create (or extend) a sparse data file of ``size`` bytes with truncate."""
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    def create(path: str, size: int, mode: int = 0o600, allow_foreign: bool | None = None) -> None:
+        """Create (or extend) a sparse data file of ``size`` bytes with truncate (a new file gets
+        ``mode``; opened with :func:`thinpool.pooldir.open_pool_file`: no symlink, owner checked)."""
+        fd = pooldir.open_pool_file(path, os.O_RDWR | os.O_CREAT, mode, allow_foreign=allow_foreign,
+                                    what="data file")
         try:
             if os.fstat(fd).st_size < size:
                 os.ftruncate(fd, size)

@@ -103,12 +103,14 @@ class DeviceTable:
 
     METADATA = pooldir.METADATA
 
-    def __init__(self, path: str | os.PathLike, *, read_only: bool = True) -> None:
-        self.path = pooldir.resolve(path)
+    def __init__(self, path: str | os.PathLike, *, read_only: bool = True, wait: float | None = None,
+                 allow_foreign: bool | None = None) -> None:
+        self.path = pooldir.resolve(path, allow_foreign=allow_foreign)
         self.read_only = read_only
-        self._lock_fd = pooldir.lock(self.path, read_only)
+        self._lock_fd = pooldir.lock(self.path, read_only, wait=wait, allow_foreign=allow_foreign)
         try:
-            self.store = MetadataStore(os.path.join(self.path, self.METADATA), read_only=read_only)
+            self.store = MetadataStore(os.path.join(self.path, self.METADATA), read_only=read_only,
+                                       allow_foreign=allow_foreign)
             try:
                 self._load()
                 self._check_data_owner()
@@ -122,10 +124,11 @@ class DeviceTable:
         safe_output.register_pool(self)  # no output is ever written onto its files
 
     @classmethod
-    def open(cls, path: str | os.PathLike, *, read_only: bool = True) -> "DeviceTable":
-        """Open the pool at ``path`` (same errors as :meth:`thinpool.pool.Pool.open`, plus
-        :class:`FullOpenRequired`)."""
-        return cls(path, read_only=read_only)
+    def open(cls, path: str | os.PathLike, *, read_only: bool = True, wait: float | None = None,
+             allow_foreign: bool | None = None) -> "DeviceTable":
+        """Open the pool at ``path`` (same arguments and errors as :meth:`thinpool.pool.Pool.open`,
+        plus :class:`FullOpenRequired`)."""
+        return cls(path, read_only=read_only, wait=wait, allow_foreign=allow_foreign)
 
     def _check_data_owner(self) -> None:
         """Refuse a pool whose data file another pool has taken over (:mod:`thinpool.ownership`)."""

@@ -49,6 +49,17 @@ class PoolLocked(ThinpoolError):
     """Another process holds the pool's lock."""
 
 
+class PermissionDenied(ThinpoolError, PermissionError):
+    """The caller may not open a pool file (EACCES/EPERM), or the pool belongs to another user and
+    ``allow_foreign`` was not given; names the file (and its owner)."""
+
+    def __init__(self, message: str) -> None:
+        PermissionError.__init__(self, errno.EACCES, message)
+
+    def __str__(self) -> str:  # OSError would print "[Errno 13] ..."
+        return self.strerror
+
+
 class MetadataCorrupt(ThinpoolError):
     """Metadata failed a checksum or structural check; names the structure and block at fault."""
 
@@ -87,6 +98,7 @@ __all__ = [
     "NoSpace",
     "ReadOnly",
     "PoolLocked",
+    "PermissionDenied",
     "MetadataCorrupt",
     "HostIOError",
     "ThinpoolWarning",

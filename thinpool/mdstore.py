@@ -37,6 +37,7 @@ import sys
 from array import array
 from typing import Any, Iterable, Sequence
 
+from . import pooldir
 from .errors import HostIOError, MetadataCorrupt, ReadOnly
 from .hostio import sync_or_fail, write_all
 
@@ -164,12 +165,12 @@ class MetadataStore:
     #: the write path (class-level so a test can swap it for every store it opens)
     io: FileIO = FileIO()
 
-    def __init__(self, path: str, *, read_only: bool = False) -> None:
+    def __init__(self, path: str, *, read_only: bool = False, allow_foreign: bool | None = None) -> None:
         self.path = path
         self.read_only = read_only
         flags = os.O_RDONLY if read_only else os.O_RDWR
         try:
-            self.fd = os.open(path, flags)
+            self.fd = pooldir.open_pool_file(path, flags, allow_foreign=allow_foreign, what="metadata file")
         except FileNotFoundError:
             raise MetadataCorrupt(f"metadata file {path} is missing", structure="file") from None
         self.nr_blocks = os.fstat(self.fd).st_size // BLOCK
@@ -190,12 +191,13 @@ class MetadataStore:
 
     # ------------------------------------------------------------------ formatting
     @classmethod
-    def format(cls, path: str, nr_blocks: int) -> "MetadataStore":
-        """Create an empty metadata file of ``nr_blocks`` blocks (sparse) and open it."""
+    def format(cls, path: str, nr_blocks: int, mode: int = 0o600) -> "MetadataStore":
+        """Create an empty metadata file of ``nr_blocks`` blocks (sparse, mode ``mode``) and open it."""
         if nr_blocks < 16:
             raise ReadOnly(f"metadata file {path}: {nr_blocks} blocks is too small (need >= 16)")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = pooldir.open_pool_file(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, mode, what="metadata file")
         try:
+            os.fchmod(fd, mode)  # exactly ``mode`` (a pool's file mode), whatever the umask
             os.ftruncate(fd, nr_blocks * BLOCK)
         finally:
             os.close(fd)

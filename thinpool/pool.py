@@ -91,10 +91,11 @@ class Pool:
 
     # ------------------------------------------------------------------ construction
     def __init__(self, path: str, *, read_only: bool = False,
-                 on_low_water: Callable[["Pool"], None] | None = None, _scrub: bool = True) -> None:
+                 on_low_water: Callable[["Pool"], None] | None = None, _scrub: bool = True,
+                 wait: float | None = None, allow_foreign: bool | None = None) -> None:
         """Open an existing pool (prefer :meth:`open`).  ``_scrub=False`` (used by :meth:`create`)
         skips the crash-recovery punch of free blocks holding data: a new pool may sit on a data
-        file whose blocks an import is about to map."""
+        file whose blocks an import is about to map.  ``wait`` / ``allow_foreign``: see :meth:`open`."""
         self.path = os.path.abspath(os.fspath(path))
         self.read_only = read_only
         self.on_low_water = on_low_water
@@ -104,16 +105,17 @@ class Pool:
         self._ktab_epoch = -1
         self._lock_fd = -1
         self._closed = True
-        self.path = pooldir.resolve(self.path)
+        self.path = pooldir.resolve(self.path, allow_foreign=allow_foreign)
         md_path = os.path.join(self.path, self.METADATA)
-        self._lock_fd = pooldir.lock(self.path, read_only)
+        self._lock_fd = pooldir.lock(self.path, read_only, wait=wait, allow_foreign=allow_foreign)
         try:
-            self.store = MetadataStore(md_path, read_only=read_only)
+            self.store = MetadataStore(md_path, read_only=read_only, allow_foreign=allow_foreign)
             self._load()
             hdr = self.store.header
             data_path = hdr.get("data_file") or os.path.join(self.path, self.DATA)
             self.data = DataDevice(data_path, self.block_size, self.space.nr_blocks, read_only=read_only,
-                                   owner=self.uuid, pool_path=self.path, data_rc=self.space.data_rc)
+                                   owner=self.uuid, pool_path=self.path, data_rc=self.space.data_rc,
+                                   allow_foreign=allow_foreign)
             self.scrubbed_blocks = 0 if read_only or not _scrub else \
                 _poolspace().scrub_on_open(self)
         except BaseException:
@@ -130,7 +132,8 @@ class Pool:
                error_if_no_space: bool = True, zero_new_blocks: bool = True,
                data_file: str | os.PathLike | None = None, max_thins: int = DEFAULT_MAX_THINS,
                on_low_water: Callable[["Pool"], None] | None = None, force: bool = False,
-               take_over_data: bool = False) -> "Pool":
+               take_over_data: bool = False, mode: int | str | None = None,
+               allow_foreign: bool | None = None) -> "Pool":
         """Create a pool: a sparse data file of ``data_size`` bytes cut into ``block_size`` blocks.
 
         ``low_water_mark`` is in data blocks (the callback fires once when free blocks fall to it);
@@ -138,7 +141,8 @@ class Pool:
         An existing non-empty ``data_file`` is refused unless ``force`` (its blocks would be punched);
         one another pool owns (:mod:`thinpool.ownership`) unless ``take_over_data`` (that pool then
         refuses to open).  Nothing is created if any argument is invalid, and a failed creation
-        removes what it made.
+        removes what it made.  ``mode``: the directory's mode (default 0700, files 0600; 0750 gives
+        files 0640, see :func:`thinpool.pooldir.make_dir`); ``allow_foreign``: see :meth:`open`.
         """
         path = os.path.abspath(os.fspath(path))
         bs = check_block_size(block_size)
@@ -158,13 +162,15 @@ class Pool:
             raise InvalidArgument(f"metadata size {md_blocks * BLOCK} bytes exceeds dm-thin's 15.87GiB limit")
         if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
             raise AlreadyExists(f"cannot create pool {path}: path exists and is not an empty directory")
+        pooldir.check_mode(mode)
         data_path = os.path.abspath(os.fspath(data_file)) if data_file else os.path.join(path, cls.DATA)
         if data_file:
             ownership.check_new_data_file(data_path, force=force, take_over=take_over_data)
         made = ownership.NewPoolFiles.before(path, data_path)
         try:
             pool = cls._create_files(path, data_path, bs, nr_blocks, md_blocks, made, low_water_mark,
-                                     error_if_no_space, zero_new_blocks, bool(data_file), on_low_water)
+                                     error_if_no_space, zero_new_blocks, bool(data_file), on_low_water,
+                                     mode=mode, allow_foreign=allow_foreign)
         except BaseException:
             made.undo()
             raise
@@ -174,10 +180,13 @@ class Pool:
     @classmethod
     def _create_files(cls, path: str, data_path: str, bs: int, nr_blocks: int, md_blocks: int,
                       made: "ownership.NewPoolFiles", low_water_mark: int, error_if_no_space: bool,
-                      zero_new_blocks: bool, explicit_data: bool, on_low_water) -> "Pool":
-        os.makedirs(path, exist_ok=True)
-        DataDevice.create(data_path, nr_blocks * bs)
-        store = MetadataStore.format(os.path.join(path, cls.METADATA), md_blocks)
+                      zero_new_blocks: bool, explicit_data: bool, on_low_water, *,
+                      mode: int | str | None = None, allow_foreign: bool | None = None) -> "Pool":
+        fmode = pooldir.make_dir(path, mode, allow_foreign=allow_foreign)
+        DataDevice.create(data_path, nr_blocks * bs, fmode, allow_foreign=allow_foreign)
+        if not explicit_data:
+            pooldir.set_file_mode(data_path, fmode)  # exactly, whatever the umask
+        store = MetadataStore.format(os.path.join(path, cls.METADATA), md_blocks, fmode)
         header = dict(block_size=bs, nr_data_blocks=nr_blocks, time=0, transaction_id=0,
                       low_water_mark=low_water_mark, error_if_no_space=bool(error_if_no_space),
                       zero_new_blocks=bool(zero_new_blocks), needs_check=False, cursor=0,
@@ -200,14 +209,20 @@ class Pool:
         finally:
             store.close()
         made.claim(header["uuid"])
-        return cls(path, on_low_water=on_low_water, _scrub=False)
+        return cls(path, on_low_water=on_low_water, _scrub=False, allow_foreign=allow_foreign)
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, read_only: bool = False,
-             on_low_water: Callable[["Pool"], None] | None = None) -> "Pool":
-        """Open an existing pool.  Raises PoolLocked if another process holds it, MetadataCorrupt if
-        no committed state verifies, NotFound/InvalidArgument if ``path`` is not a pool."""
-        return cls(os.fspath(path), read_only=read_only, on_low_water=on_low_water)
+             on_low_water: Callable[["Pool"], None] | None = None, wait: float | None = None,
+             allow_foreign: bool | None = None) -> "Pool":
+        """Open an existing pool.  Raises PoolLocked if another process holds it (after waiting up
+        to ``wait`` seconds for it; ``math.inf`` waits for ever), MetadataCorrupt if no committed
+        state verifies, NotFound/InvalidArgument if ``path`` is not a pool, InvalidArgument if a pool
+        file is a symbolic link or not a regular file, PermissionDenied if a file cannot be opened or
+        another user owns the pool (unless ``allow_foreign``).  ``None`` takes the process default
+        (:func:`thinpool.pooldir.set_defaults`; the CLI's ``--wait`` and ``--allow-foreign``)."""
+        return cls(os.fspath(path), read_only=read_only, on_low_water=on_low_water, wait=wait,
+                   allow_foreign=allow_foreign)
 
     def _release_lock(self) -> None:
         pooldir.unlock(self._lock_fd)

@@ -26,7 +26,6 @@ are reported as *suspect* (their data was freed by a commit that was lost) but k
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
 import shutil
@@ -37,7 +36,8 @@ from typing import Any
 import numpy as np
 
 from . import kernels as K
-from .errors import InvalidArgument, MetadataCorrupt, NotFound, PoolLocked
+from . import pooldir
+from .errors import InvalidArgument, MetadataCorrupt, NotFound
 from .interop.ir import Device, Metadata, Superblock, SECTOR, TIME_MASK
 from .mdstore import _SB_HEADER, BLOCK, MAGIC, PM_ENTRIES, SUPERBLOCKS, checksum
 
@@ -118,7 +118,7 @@ class _Reader:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        with open(path, "rb") as f:
+        with os.fdopen(pooldir.open_pool_file(path, os.O_RDONLY, what="metadata file"), "rb") as f:
             self.raw = f.read()
         self.nr_blocks = len(self.raw) // BLOCK
 
@@ -375,7 +375,7 @@ def _holes(data_path: str, block_size: int, blocks: np.ndarray) -> int:
     """How many of ``blocks`` hold no data at all in the (sparse) data file."""
     if len(blocks) == 0 or not os.path.exists(data_path):
         return 0
-    fd = os.open(data_path, os.O_RDONLY)
+    fd = pooldir.open_pool_file(data_path, os.O_RDONLY, what="data file")
     try:
         n = 0
         for b in np.unique(blocks).tolist():
@@ -393,15 +393,8 @@ def _holes(data_path: str, block_size: int, blocks: np.ndarray) -> int:
 
 
 def _lock(pool_path: str, exclusive: bool) -> int:
-    fd = os.open(os.path.join(pool_path, "lock"), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        raise PoolLocked(f"pool {pool_path} is locked by another process (pid {holder}): stop it before "
-                         f"repairing") from None
-    return fd
+    # the pool's lock, taken like Pool.open takes it (no symlink, owner checked, real holder named)
+    return pooldir.lock(pool_path, read_only=not exclusive, purpose="; stop it before repairing")
 
 
 def _build(out_dir: str, md: Metadata, names: dict[int, str], attrs: dict[int, tuple[int, bool]],
@@ -448,6 +441,7 @@ def repair(pool_path: str | os.PathLike, out_path: str | os.PathLike | None = No
     pool_path = os.path.abspath(os.fspath(pool_path))
     if not os.path.isdir(pool_path):
         raise NotFound(f"pool {pool_path} does not exist")
+    pooldir.check_owner(pool_path, os.stat(pool_path), what="pool directory")
     if out_path is not None:
         out_path = os.path.abspath(os.fspath(out_path))
         if os.path.exists(out_path) and (not os.path.isdir(out_path) or os.listdir(out_path)):
@@ -571,7 +565,7 @@ def _remove_new_pool(out_path: str, made_dir: bool) -> None:
 
 def _copy_blocks(src: str, dst: str, bs: int, blocks: np.ndarray) -> None:
     from .hostio import sync_or_fail, write_all
-    sfd = os.open(src, os.O_RDONLY)
+    sfd = pooldir.open_pool_file(src, os.O_RDONLY, what="data file")
     dfd = os.open(dst, os.O_WRONLY)
     try:
         for b in np.unique(blocks).tolist():

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import importlib
+import math
 import os
 import sys
 from typing import Any
@@ -115,6 +116,9 @@ class SectionedGroup(click.Group):
             with formatter.section("Other commands"):
                 formatter.write_dl(rest)
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, hoist_global_options(args))
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             result = super().invoke(ctx)
@@ -134,9 +138,83 @@ class SectionedGroup(click.Group):
             raise click.exceptions.Exit(1) from None
 
 
+class WaitType(click.ParamType):
+    """``--wait`` seconds: a number >= 0, or ``inf`` / ``forever`` (what a bare ``--wait`` means)."""
+
+    name = "SECONDS"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            seconds = float(value)
+        else:
+            text = str(value).strip().lower()
+            try:
+                seconds = math.inf if text in ("inf", "forever", "") else float(text)
+            except ValueError:
+                self.fail(f"{value!r} is not a number of seconds (or 'forever')", param, ctx)
+        if math.isnan(seconds) or seconds < 0:
+            self.fail(f"{value!r} is not a number of seconds >= 0", param, ctx)
+        return seconds
+
+
+#: Options of the ``thinpool`` group that may also be written after the command name.
+GLOBAL_FLAGS = ("--allow-foreign",)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return text.lower() in ("inf", "forever")
+    return True
+
+
+def hoist_global_options(args: list[str]) -> list[str]:
+    """Normalise the group's global options: a bare ``--wait`` becomes ``--wait=forever`` (it never takes
+    the next word, except a number right after it before the command name: ``thinpool --wait 30 ...``),
+    and ``--wait[=SECONDS]`` / ``--allow-foreign`` written after the command name (before ``--``) are
+    moved before it, so ``thinpool create-thin --wait POOL v 1G`` works."""
+    front: list[str] = []
+    i = 0
+    while i < len(args) and args[i].startswith("-") and args[i] != "--":  # group-level options
+        if args[i] == "--wait":
+            if i + 1 < len(args) and _is_number(args[i + 1]):
+                front.append(f"--wait={args[i + 1]}")
+                i += 2
+                continue
+            front.append("--wait=forever")
+        else:
+            front.append(args[i])
+        i += 1
+    rest: list[str] = []
+    hoisted: list[str] = []
+    if i < len(args):
+        rest.append(args[i])  # the command name
+        i += 1
+    while i < len(args):
+        a = args[i]
+        if a == "--":
+            rest.extend(args[i:])
+            break
+        if a == "--wait":
+            hoisted.append("--wait=forever")
+        elif a.startswith("--wait=") or a in GLOBAL_FLAGS:
+            hoisted.append(a)
+        else:
+            rest.append(a)
+        i += 1
+    return front + hoisted + rest
+
+
 @click.group(cls=SectionedGroup, context_settings=CONTEXT_SETTINGS)
 @click.version_option(package_name="thinpool", prog_name="thinpool")
-def main() -> None:
+@click.option("--wait", "wait", type=WaitType(), default=None, envvar="THINPOOL_WAIT", metavar="[=SECONDS]",
+              help="If the pool is locked by another process, wait for it (for ever, or up to SECONDS) instead "
+                   "of failing.  May also follow the command name.  [env: THINPOOL_WAIT]")
+@click.option("--allow-foreign", is_flag=True, envvar="THINPOOL_ALLOW_FOREIGN",
+              help="Open a pool whose directory or files another user owns (refused by default: see "
+                   "docs/security.md).  May also follow the command name.  [env: THINPOOL_ALLOW_FOREIGN]")
+def main(wait: float | None, allow_foreign: bool) -> None:
     """Simulate Linux dm-thin thin pools: sparse data, O(1) snapshots, copy-on-write, real metadata.
 
     A pool is a directory (data file + metadata).  Sizes take binary units: 4096, 64K, 64KiB, 10G.
@@ -153,7 +231,17 @@ def main() -> None:
     While a pool is served (`thinpool serve`), the pool commands are sent to the serving process
     over <pool>/control.sock; streaming commands (write/read/import/export) then need the NBD export.
     Every reporting command has --json.  Errors: one line on stderr, exit 1 (usage errors exit 2).
+
+    New pools are private to their owner (directory 0700, files 0600; `create --mode`).  A pool
+    file that is a symbolic link is never followed, and another user's pool is refused unless
+    --allow-foreign is given.
     """
+    from thinpool import pooldir
+    before = pooldir.defaults()
+    pooldir.set_defaults(wait=wait or 0.0, allow_foreign=allow_foreign)
+    # in-process callers (tests, CliRunner) get the previous defaults back after the command
+    click.get_current_context().call_on_close(
+        lambda: pooldir.set_defaults(wait=before.wait, allow_foreign=before.allow_foreign))
 
 
 _UNLOADED: list[str] = list(COMMAND_MODULES)
@@ -180,4 +268,4 @@ def load_all_commands() -> None:
         pass
 
 
-__all__ = ["main", "COMMAND_MODULES", "error_line", "load_all_commands"]
+__all__ = ["main", "COMMAND_MODULES", "error_line", "load_all_commands", "hoist_global_options"]

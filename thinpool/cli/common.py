@@ -30,6 +30,27 @@ class SizeType(click.ParamType):
 
 SIZE = SizeType()
 
+
+class ModeType(click.ParamType):
+    """A pool directory mode in octal (``0700``, ``750``); the pool's files get it without execute bits."""
+
+    name = "OCTAL"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        from thinpool.pooldir import check_mode
+        try:
+            return check_mode(value if isinstance(value, int) else str(value))
+        except ThinpoolError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+MODE = ModeType()
+
+#: ``--mode`` option of the commands that create a pool.
+mode_option = click.option("--mode", type=MODE, default=None,
+                           help="The pool directory's mode in octal (default 0700); its files get the same "
+                                "bits without execute (0750 -> files 0640).")
+
 #: ``POOL`` argument: a pool directory (existence is checked by the library, with its own error).
 pool_argument = click.argument("pool", metavar="POOL", type=click.Path(file_okay=False, path_type=str))
 
@@ -88,5 +109,5 @@ def human_size(nbytes: int) -> str:
     return format_size(nbytes)
 
 
-__all__ = ["SIZE", "SizeType", "pool_argument", "json_option", "abspath", "emit", "progress",
+__all__ = ["SIZE", "SizeType", "MODE", "ModeType", "mode_option", "pool_argument", "json_option", "abspath", "emit", "progress",
            "stderr_is_tty", "human_size"]

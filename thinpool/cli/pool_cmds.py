@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import SIZE, abspath, emit, json_option, pool_argument
+from .common import SIZE, abspath, emit, json_option, mode_option, pool_argument
 from .ops import OPS, render_status_human, run_op
 
 SECTION = "Pool commands"
@@ -34,10 +34,11 @@ SECTION = "Pool commands"
 @click.option("--take-over-data", is_flag=True,
               help="The --data-file belongs to another pool that is gone: make it this pool's (the old pool "
                    "then refuses to open).")
+@mode_option
 @json_option
 def create_cmd(pool: str, data_size: int, block_size: int, metadata_size: int | None, low_water_mark: int,
                error_if_no_space: bool, zero_new_blocks: bool, data_file: str | None, max_thins: int,
-               force: bool, take_over_data: bool, as_json: bool) -> None:
+               force: bool, take_over_data: bool, mode: int | None, as_json: bool) -> None:
     """Create a new pool in directory POOL.
 
     POOL must not exist or must be an empty directory.  An existing --data-file must be empty
@@ -52,7 +53,7 @@ def create_cmd(pool: str, data_size: int, block_size: int, metadata_size: int | 
     p = Pool.create(abspath(pool), data_size=data_size, block_size=block_size, metadata_size=metadata_size,
                     low_water_mark=low_water_mark, error_if_no_space=error_if_no_space,
                     zero_new_blocks=zero_new_blocks, data_file=abspath(data_file) if data_file else None,
-                    max_thins=max_thins, force=force, take_over_data=take_over_data)
+                    max_thins=max_thins, force=force, take_over_data=take_over_data, mode=mode)
     p.close()
     if as_json:
         emit(run_op(pool, "status", {}), True)
