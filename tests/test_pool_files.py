@@ -311,6 +311,22 @@ def test_root_in_a_users_pool_with_planted_symlinks(pool_path, secret):
 
 
 @needs_root
+def test_hard_link_to_a_root_file_in_a_users_pool_is_refused_even_when_allowed(pool_path, secret):
+    """With fs.protected_hardlinks=0 a user can hard-link a root file into their pool as `lock`: the
+    file is then root's own, so only the link count in a foreign directory gives it away."""
+    chown_tree(pool_path, NOBODY)
+    lock = os.path.join(pool_path, "lock")
+    os.unlink(lock)
+    os.link(secret, lock)
+    before = digest(secret), os.stat(secret).st_mtime_ns
+    with pytest.raises(PermissionDenied, match=f"lock file {lock} has 2 hard links"):
+        Pool.open(pool_path, allow_foreign=True).close()
+    r = invoke("--allow-foreign", "create-thin", pool_path, "x", "1M")
+    assert r.exit_code == 1 and "hard links" in r.output, r.output
+    assert (digest(secret), os.stat(secret).st_mtime_ns) == before
+
+
+@needs_root
 def test_create_in_a_users_empty_directory_is_refused(base):
     p = os.path.join(base, "p")
     os.mkdir(p)

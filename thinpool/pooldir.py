@@ -116,13 +116,21 @@ def _denied(path: str, flags: int) -> PermissionDenied:
     return PermissionDenied(f"permission denied: cannot open {path} for {how}{detail}")
 
 
+def _foreign_dir(path: str) -> bool:
+    try:
+        return os.stat(os.path.dirname(os.path.abspath(path))).st_uid != os.geteuid()
+    except OSError:
+        return True
+
+
 def open_pool_file(path: str, flags: int, mode: int = FILE_MODE, *, allow_foreign: bool | None = None,
                    what: str = "pool file") -> int:
     """Open one file of a pool safely and return its fd.
 
     Adds ``O_NOFOLLOW | O_CLOEXEC`` to ``flags`` (``mode`` applies with ``O_CREAT``); then checks
     the file is a regular file (InvalidArgument otherwise: a symbolic link, FIFO, directory...)
-    owned by the caller (PermissionDenied otherwise, unless ``allow_foreign``).  EACCES/EPERM become
+    owned by the caller (PermissionDenied otherwise, unless ``allow_foreign``; a file with several
+    hard links in a directory another user owns is refused even then).  EACCES/EPERM become
     PermissionDenied naming the file; FileNotFoundError passes through unchanged."""
     path = os.fspath(path)
     try:
@@ -141,6 +149,11 @@ def open_pool_file(path: str, flags: int, mode: int = FILE_MODE, *, allow_foreig
         if not stat.S_ISREG(st.st_mode):
             raise InvalidArgument(f"{what} {path} is {_kind(st.st_mode)}, not a regular file")
         check_owner(path, st, allow_foreign, what)
+        if st.st_nlink > 1 and _foreign_dir(path):
+            # in a directory another user controls, a second name may be a hard link they made to a
+            # file of ours (fs.protected_hardlinks=0): refuse rather than write through it
+            raise PermissionDenied(f"{what} {path} has {st.st_nlink} hard links in a directory another user "
+                                   f"owns: refusing to use it (it may be a link to another file)")
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
