@@ -677,6 +677,41 @@ def test_failed_resize_commit_leaves_the_data_file_size(tmp_path):
     assert os.path.getsize(os.path.join(path, "data")) == 128 << 20
 
 
+@pytest.mark.parametrize("mode", ["sync_eio_keep", "sync_eio_lose"])
+def test_resize_whose_superblock_flush_fails(tmp_path, mode):
+    """The flush of the resize's superblock fails: the pool fails, the data file is put back to its old
+    size, and a reopen finds a consistent pool -- the old size, or the new one (file re-extended)."""
+    path = str(tmp_path / "p")
+    pool = Pool.create(path, data_size="64M", metadata_size="4M")
+    pool.create_thin("v", "1M")
+    pool.thin("v").write(0, b"abc")
+    pool.commit()
+    size = os.path.getsize(os.path.join(path, "data"))
+    probe = Pool.create(str(tmp_path / "probe"), data_size="64M", metadata_size="4M")
+    count = HostFaultIO()
+    MetadataStore.io = count
+    try:
+        probe.resize("1T")
+    finally:
+        MetadataStore.io = FileIO()
+    probe.close()
+    io = HostFaultIO(mode, len(count.kinds))      # the last event: the resize's superblock flush
+    MetadataStore.io = io
+    try:
+        with pytest.raises(HostIOError):
+            pool.resize("1T")
+    finally:
+        MetadataStore.io = FileIO()
+    assert io.fired and count.kinds[-1] == "sync" and pool.mode == "fail"
+    assert os.path.getsize(os.path.join(path, "data")) == size
+    pool.close(commit=False)
+    pool = Pool.open(path)
+    assert pool.check().ok and pool.thin("v").read(0, 3) == b"abc"
+    assert pool.nr_data_blocks in (size // BS, (1 << 40) // BS)
+    assert os.path.getsize(os.path.join(path, "data")) == pool.nr_data_blocks * BS
+    pool.close()
+
+
 def test_out_of_metadata_space_has_a_way_out(tmp_path):
     """Fill the metadata until the pool goes read-only; `delete` alone cannot commit; growing the
     metadata (library and CLI) returns the pool to write mode, then delete and write work again."""

@@ -149,11 +149,13 @@ def resize(pool: "Pool", data_size: int | str | None, metadata_size: int | str |
 
 def _roll_back_resize(pool: "Pool", old_nr: int) -> None:
     """After a failed resize commit: the last commit's state (which had ``old_nr`` blocks) and a data
-    file of its old size.  A failed pool (flush error) is left as it is apart from the file size:
-    it must be reopened, and reopening reads whichever commit is durable."""
+    file of its old size.  A failed pool (flush error) is not reloaded: it must be reopened, and
+    reopening reads whichever commit is durable."""
     if pool.mode != "fail" and not pool.store.failed:
         pool._load()
-    if pool.space.nr_blocks == old_nr and pool.data.nr_blocks != old_nr:
+    if pool.data.nr_blocks != old_nr:
+        # also when the pool failed: the blocks past the old end are mapped by no commit (the resize's
+        # commit held nothing else), and a reopen re-extends the file if that commit proves durable
         pool.data.resize(old_nr)
 
 
