@@ -277,7 +277,8 @@ def lock(path: str, read_only: bool, *, wait: float | None = None, allow_foreign
     lock_path = os.path.join(path, LOCK)
     if mode is None:
         try:
-            mode = stat.S_IMODE(os.lstat(os.path.join(path, METADATA)).st_mode) & 0o666
+            md = os.lstat(os.path.join(path, METADATA))
+            mode = stat.S_IMODE(md.st_mode) & 0o666 if stat.S_ISREG(md.st_mode) else FILE_MODE
         except OSError:
             mode = FILE_MODE
     try:
