@@ -504,7 +504,7 @@ def _open_data(data_path: str, hdr: dict[str, Any], pool_path: str, *, in_place:
     (exclusive in place) and its owner stamp must name this pool (:mod:`thinpool.ownership`)."""
     from . import ownership
     try:
-        fd = os.open(data_path, (os.O_RDWR if in_place else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = pooldir.open_pool_file(data_path, os.O_RDWR if in_place else os.O_RDONLY, what="data file")
     except FileNotFoundError:
         return -1
     try:
