@@ -677,6 +677,41 @@ def test_failed_resize_commit_leaves_the_data_file_size(tmp_path):
     assert os.path.getsize(os.path.join(path, "data")) == 128 << 20
 
 
+def test_resize_the_host_cannot_grow_the_data_file_to(tmp_path):
+    """ftruncate fails (EFBIG: here the file-size limit; on ext4, anything past 16 TiB) for the metadata
+    growth a 15 TiB resize needs, or for the data file itself: HostIOError naming the file, both files'
+    sizes and the pool as they were, and the pool still works."""
+    path = str(tmp_path / "p")
+    pool = Pool.create(path, data_size="64M", metadata_size="4M")
+    pool.create_thin("v", "1M")
+    pool.thin("v").write(0, b"abc")
+    pool.commit()
+    data = os.path.join(path, "data")
+    size = os.path.getsize(data)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 30, hard))
+    md = os.path.join(path, "metadata")
+    md_size = os.path.getsize(md)
+    try:
+        with pytest.raises(HostIOError, match="metadata") as first:
+            pool.resize("15T")                      # its metadata must grow first: that fails
+        with pytest.raises(HostIOError, match="growing the data file") as info:
+            pool.resize("4G")                       # the metadata suffices; the data file cannot grow
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert first.value.errno == info.value.errno == errno.EFBIG
+    assert os.path.getsize(md) == md_size and pool.store.nr_blocks * 4096 == md_size
+    assert os.path.getsize(data) == size and pool.nr_data_blocks == size // BS and pool.mode == "write"
+    assert pool.thin("v").read(0, 3) == b"abc"
+    pool.thin("v").write(BS, b"more")
+    pool.close()
+    pool = Pool.open(path)
+    assert pool.check().ok and pool.thin("v").read(BS, 4) == b"more" and os.path.getsize(data) == size
+    pool.close()
+
+
 @pytest.mark.parametrize("mode", ["sync_eio_keep", "sync_eio_lose"])
 def test_resize_whose_superblock_flush_fails(tmp_path, mode):
     """The flush of the resize's superblock fails: the pool fails, the data file is put back to its old

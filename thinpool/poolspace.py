@@ -16,13 +16,15 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import warnings
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import layout as K
-from .errors import HostIOError, InvalidArgument, ReadOnly, ThinpoolWarning
+from .errors import HostIOError, InvalidArgument, ReadOnly, ThinpoolError, ThinpoolWarning
 from .mdstore import BLOCK, PM_ENTRIES
 from .units import parse_size
 
@@ -135,7 +137,14 @@ def resize(pool: "Pool", data_size: int | str | None, metadata_size: int | str |
         return
     old_nr = pool.space.nr_blocks
     try:
-        pool.data.resize(nr)
+        try:
+            pool.data.resize(nr)
+        except OSError as exc:
+            if isinstance(exc, ThinpoolError):
+                raise
+            err = exc.errno or errno.EIO
+            raise HostIOError(f"pool {pool.path}: growing the data file {pool.data.path} to {nr * pool.block_size} "
+                              f"bytes failed: {os.strerror(err)}", err, pool.data.path) from None
         pool.space.resize(nr)
         pool.header["nr_data_blocks"] = nr
         pool._lwm_fired = False
@@ -153,10 +162,10 @@ def _roll_back_resize(pool: "Pool", old_nr: int) -> None:
     reopening reads whichever commit is durable."""
     if pool.mode != "fail" and not pool.store.failed:
         pool._load()
-    if pool.data.nr_blocks != old_nr:
-        # also when the pool failed: the blocks past the old end are mapped by no commit (the resize's
-        # commit held nothing else), and a reopen re-extends the file if that commit proves durable
-        pool.data.resize(old_nr)
+    # also when the pool failed: the blocks past the old end are mapped by no commit (the resize's
+    # commit held nothing else), and a reopen re-extends the file if that commit proves durable.
+    # Always remapped: a failed grow may have left the file unmapped.
+    pool.data.resize(old_nr)
 
 
 def punch_released(pool: "Pool", released: np.ndarray) -> np.ndarray:
