@@ -49,12 +49,56 @@ class FullOpenRequired(Exception):
     before its next commit); open it as a :class:`~thinpool.pool.Pool` instead."""
 
 
+#: the longest volume name, in UTF-8 bytes (an NBD export name may have 4096)
+MAX_NAME_BYTES = 1024
+
+
+def name_problem(name: Any) -> str | None:
+    """Why ``name`` cannot be a volume name (the rule it breaks), or None if it can.
+
+    A volume name is a string of 1 to :data:`MAX_NAME_BYTES` bytes of valid UTF-8 (so no lone
+    surrogates: a name the CLI got as undecodable bytes is refused, it could not be an NBD export
+    name), with no NUL or other control character, and ``/`` only between non-empty components that
+    are not ``.`` or ``..`` (the snapshotter's ``snap/<namespace>/<id>`` names; a name is never a
+    path that leaves a directory).
+    """
+    if not isinstance(name, str):
+        return f"a volume name must be a string, not {type(name).__name__}"
+    if not name:
+        return "a volume name must not be empty"
+    try:
+        raw = name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "a volume name must be valid UTF-8 (it contains a lone surrogate / undecodable byte)"
+    if len(raw) > MAX_NAME_BYTES:
+        return f"a volume name must be 1-{MAX_NAME_BYTES} bytes of UTF-8 (this one has {len(raw)})"
+    if "\x00" in name:
+        return "a volume name must not contain NUL"
+    if not _NAME_RE.fullmatch(name):  # fullmatch: "$" alone would let a trailing newline through
+        return "a volume name must not contain control characters"
+    if "/" in name and any(part in ("", ".", "..") for part in name.split("/")):
+        return "'/' may only separate non-empty components other than '.' and '..'"
+    return None
+
+
 def check_new_name(pool_path: str, name: Any, by_name: dict[str, Any]) -> None:
-    """A new volume name: 1-1024 printable characters, not in use."""
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise InvalidArgument(f"invalid volume name {name!r}: 1-1024 printable characters")
+    """A new volume name: InvalidArgument naming the rule it breaks (see :func:`name_problem`),
+    AlreadyExists if it is in use."""
+    problem = name_problem(name)
+    if problem is not None:
+        shown = repr(name[:80] + ("..." if len(name) > 80 else "")) if isinstance(name, str) else repr(name)[:80]
+        raise InvalidArgument(f"invalid volume name {shown}: {problem}")
     if name in by_name:
         raise AlreadyExists(f"pool {pool_path}: a thin volume named {name!r} already exists")
+
+
+def new_catalog_entry(catalog: dict[str, Any], dev_id: int, slot: int) -> dict[str, int]:
+    """The catalog entry of a volume being created: its device id, table slot and creation
+    generation (``gen``, from the catalog's ``next_gen`` counter, which it advances).  A device id can
+    be reused after a delete; (dev id, gen) never is -- the NBD server binds an open export to it."""
+    gen = int(catalog.get("next_gen", 1))
+    catalog["next_gen"] = gen + 1
+    return {"dev_id": dev_id, "slot": slot, "gen": gen}
 
 
 def pick_dev_id(pool_path: str, dev_id: Any, by_dev_id: dict[int, str], next_dev_id: int) -> int:
@@ -236,7 +280,7 @@ class DeviceTable:
         self._put(slot, dict(dev_id=dev_id, root=root, mapped=o["mapped"], transaction=self.transaction_id,
                              creation_time=t, snap_time=t, size=o["size"],
                              flags=F_IN_USE | (F_READ_ONLY if read_only else 0)))
-        self._volumes[name] = {"dev_id": dev_id, "slot": slot}
+        self._volumes[name] = new_catalog_entry(self.catalog, dev_id, slot)
         self.catalog["next_dev_id"] = (dev_id + 1) & MAX_DEV_ID
         self._dirty = True
         return self.thin(name)

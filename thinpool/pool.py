@@ -23,7 +23,7 @@ from . import ownership, pooldir, safe_output
 from .blockmap import BlockMap
 from .datadev import DataDevice
 from .devtable import (DEV_FIELDS, DEV_RECORD, DEVS_PER_PAGE, F_IN_USE, F_READ_ONLY,  # noqa: F401 (API)
-                       MAX_DEV_ID, check_new_name, pad_pages, pick_dev_id)
+                       MAX_DEV_ID, check_new_name, new_catalog_entry, pad_pages, pick_dev_id)
 from .errors import AlreadyExists, HostIOError, InvalidArgument, MetadataCorrupt, NotFound, ReadOnly
 from .mdstore import BLOCK, MetadataSpaceExhausted, MetadataStore, PagedArray
 from .spacemap import DataSpaceMap
@@ -362,7 +362,7 @@ class Pool:
         self.devs[slot] = (dev_id, root, mapped, self.transaction_id, creation_time, snap_time, size,
                            F_IN_USE | flags)
         self.devs_dirty.add(slot)
-        self.catalog["volumes"][name] = {"dev_id": dev_id, "slot": slot}
+        self.catalog["volumes"][name] = new_catalog_entry(self.catalog, dev_id, slot)
         self.catalog["next_dev_id"] = (dev_id + 1) & MAX_DEV_ID
         self.catalog_dirty = True
         self._by_name[name] = slot

@@ -40,6 +40,19 @@ if TYPE_CHECKING:
 
 CONTROL_SOCKET = "control.sock"
 MAX_LINE = 1 << 31
+#: seconds the CLI waits to connect to a serving process and to send its request
+CONNECT_TIMEOUT = 10.0
+#: seconds the CLI waits for a served op's answer (``THINPOOL_CONTROL_TIMEOUT`` overrides it; a long
+#: ``check`` or ``dump`` of a large pool runs within it, a hung server does not hang the CLI forever)
+REPLY_TIMEOUT = 600.0
+
+
+def _timeout(name: str, default: float) -> float:
+    try:
+        value = float(os.environ.get(name, default))
+    except ValueError:
+        return default
+    return value if value > 0 else default
 
 
 @dataclass(frozen=True)
@@ -90,7 +103,7 @@ def get_op(name: str) -> OpSpec:
     try:
         return OPS[name]
     except KeyError:
-        raise InvalidArgument(f"unknown op {name!r} (known: {', '.join(sorted(OPS))})") from None
+        raise InvalidArgument(f"unknown op {name[:80]!r} (known: {', '.join(sorted(OPS))})") from None
 
 
 # ---------------------------------------------------------------------------------------------- client side
@@ -110,11 +123,17 @@ def connect_control(pool_path: str) -> socket.socket | None:
         return None
     import socket  # here: most commands run on a pool that is not served
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    timeout = min(CONNECT_TIMEOUT, _timeout("THINPOOL_CONTROL_TIMEOUT", REPLY_TIMEOUT))
+    sock.settimeout(timeout)
     try:
         sock.connect(path)
     except (ConnectionRefusedError, FileNotFoundError):
         sock.close()
         return None
+    except socket.timeout:
+        sock.close()
+        raise FailedPrecondition(f"pool {os.path.dirname(path)}: the serving process is not answering: no "
+                                 f"connection to {path} within {timeout:g} s") from None
     except OSError as exc:
         sock.close()
         raise FailedPrecondition(f"pool {os.path.dirname(path)}: cannot reach the serving process at "
@@ -149,10 +168,27 @@ def _read_line(sock: socket.socket) -> bytes:
 
 
 def call_server(sock: socket.socket, name: str, args: dict[str, Any], pool_path: str = "") -> Any:
-    """Send one request over a connected control socket and return its result (or raise its error)."""
+    """Send one request over a connected control socket and return its result (or raise its error).
+
+    Bounded: FailedPrecondition naming the socket if the request cannot be sent within
+    :data:`CONNECT_TIMEOUT` or no answer comes within :data:`REPLY_TIMEOUT` seconds
+    (``THINPOOL_CONTROL_TIMEOUT``)."""
+    import socket as _socket
+    reply_timeout = _timeout("THINPOOL_CONTROL_TIMEOUT", REPLY_TIMEOUT)
+    where = f"{pool_path}/{CONTROL_SOCKET}" if pool_path else "the control socket"
     with sock:
-        sock.sendall(json.dumps({"op": name, "args": args}).encode() + b"\n")
-        line = _read_line(sock)
+        try:
+            sock.settimeout(min(CONNECT_TIMEOUT, reply_timeout))
+            sock.sendall(json.dumps({"op": name, "args": args}).encode() + b"\n")
+            sock.settimeout(reply_timeout)
+            line = _read_line(sock)
+        except _socket.timeout:
+            raise FailedPrecondition(f"pool {pool_path}: the serving process is not answering: no reply to "
+                                     f"{name!r} on {where} within {reply_timeout:g} s "
+                                     f"(THINPOOL_CONTROL_TIMEOUT sets the limit)") from None
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            raise FailedPrecondition(f"pool {pool_path}: the serving process dropped the connection on {where} "
+                                     f"before answering {name!r}: {exc.strerror or exc}") from None
     if not line:
         raise FailedPrecondition(f"pool {pool_path}: the serving process closed the control connection "
                                  f"without answering {name!r}")
@@ -218,11 +254,16 @@ def _reply(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
 
 
-def handle_control_request(pool: Any, line: bytes) -> bytes:
+def handle_control_request(pool: Any, line: bytes,
+                           precheck: Callable[[str, dict[str, Any]], None] | None = None) -> bytes:
     """Answer one control request line for a served ``pool``; returns one JSON reply line (with ``\\n``).
 
-    The op runs while holding the pool's lock (so it is atomic with respect to NBD I/O); write ops are
-    committed before the reply.  Never raises for a bad request: errors become ``{"ok": false, ...}``.
+    Every argument is type-checked against the op's signature first
+    (:func:`thinpool.cli.control_args.check_op_args`: InvalidArgument naming the op and the argument);
+    then ``precheck(op_name, args)``, if given, runs under the pool's lock (the serving process refuses
+    to delete volumes open over NBD there), then the op.  The op runs while holding the pool's lock (so
+    it is atomic with respect to NBD I/O); write ops are committed before the reply.  Never raises for
+    a bad request: errors become ``{"ok": false, ...}``.
     """
     try:
         try:
@@ -231,19 +272,18 @@ def handle_control_request(pool: Any, line: bytes) -> bytes:
             raise InvalidArgument("control request is not valid JSON") from None
         if not isinstance(req, dict) or not isinstance(req.get("op"), str):
             raise InvalidArgument('control request must be a JSON object {"op": NAME, "args": {...}}')
-        args = req.get("args") or {}
+        args = req.get("args", {})
         if not isinstance(args, dict):
             raise InvalidArgument("control request 'args' must be a JSON object")
         spec = get_op(req["op"])
         if spec.local_only:
             raise FailedPrecondition(f"'{spec.name}' streams data and is not available while the pool is "
                                      f"served; use the volume's NBD export")
-        try:
-            import inspect
-            inspect.signature(spec.func).bind(pool, **args)
-        except TypeError as exc:
-            raise InvalidArgument(f"bad arguments for op {spec.name!r}: {exc}") from None
+        from thinpool.cli.control_args import check_op_args
+        check_op_args(spec.name, spec.func, args)
         with pool._lock:
+            if precheck is not None:
+                precheck(spec.name, args)
             result = spec.func(pool, **args)
             if spec.write:
                 pool.commit()

@@ -17,6 +17,7 @@ import socket
 import stat
 import sys
 import threading
+import time
 from typing import Any
 
 import click
@@ -28,10 +29,10 @@ SECTION = "Serving (NBD block devices)"
 NBD_SOCKET = "nbd.sock"
 #: AF_UNIX path limit (sun_path is 108 bytes including the NUL)
 MAX_UNIX_PATH = 107
-#: seconds a control client may take to send its request line
-CONTROL_TIMEOUT = 30.0
-#: control connections handled at once (more are closed at once: the CLI retries nothing, so this is a
-#: guard against a runaway client, not a limit a user meets)
+#: seconds a control client may take to send its request line (from connecting; the CLI sends at once)
+CONTROL_TIMEOUT = 60.0
+#: control connections handled at once; when full, the oldest connection that has not sent its
+#: request yet is dropped to make room (idle connections cannot lock the CLI out)
 MAX_CONTROL_CLIENTS = 64
 #: control ops that delete volumes: refused for volumes a client has open (dm-thin's EBUSY)
 _DELETING_OPS = ("delete", "remove-snapshot")
@@ -48,19 +49,24 @@ class ControlServer:
     requests in progress and removes the socket file.
     """
 
-    def __init__(self, pool: Any, provider: Any, path: str) -> None:
+    def __init__(self, pool: Any, provider: Any, path: str, *, timeout: float = CONTROL_TIMEOUT,
+                 max_clients: int = MAX_CONTROL_CLIENTS) -> None:
+        from thinpool.nbd.server import bind_private
         self.pool = pool
         self.provider = provider
         self.path = path
+        self.timeout = timeout
+        self.max_clients = max_clients
         self._stopping = threading.Event()
-        self._threads: set[threading.Thread] = set()
+        #: connection thread -> [socket, accepted at (monotonic), still reading its request]
+        self._threads: dict[threading.Thread, list[Any]] = {}
         self._tlock = threading.Lock()
         self.requests = 0
+        self.evictions = 0
         _claim_unix_path(path, "control socket")
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self.sock.bind(path)
-            os.chmod(path, 0o600)
+            bind_private(self.sock, path)  # 0600 from the start: the socket grants every pool op
             self.sock.listen(64)
         except BaseException:
             self.sock.close()
@@ -83,19 +89,33 @@ class ControlServer:
                 return
             t = threading.Thread(target=self._serve_one, args=(conn,), name="thinpool-control-req", daemon=True)
             with self._tlock:
-                if len(self._threads) >= MAX_CONTROL_CLIENTS:
-                    log.warning("control: %d requests in progress, refusing a connection", len(self._threads))
-                    conn.close()
-                    continue
-                self._threads.add(t)
+                if len(self._threads) >= self.max_clients:
+                    reading = [(info[1], info[0]) for info in self._threads.values() if info[2]]
+                    if not reading:
+                        log.warning("control: %d requests in progress, refusing a connection", len(self._threads))
+                        conn.close()
+                        continue
+                    _, victim = min(reading, key=lambda r: r[0])
+                    log.warning("control: %d connections; dropping the oldest one that sent no request yet",
+                                len(self._threads))
+                    self.evictions += 1
+                    try:
+                        victim.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                self._threads[t] = [conn, time.monotonic(), True]
             t.start()
 
     def _serve_one(self, conn: socket.socket) -> None:
         try:
-            conn.settimeout(CONTROL_TIMEOUT)
-            line = _recv_line(conn)
+            line = _recv_line(conn, time.monotonic() + self.timeout)
+            with self._tlock:
+                info = self._threads.get(threading.current_thread())
+                if info is not None:
+                    info[2] = False  # no longer evictable: its request runs
             if line is None or not line.strip():
                 return  # a liveness probe (connect and close), or nothing useful: no-op
+            conn.settimeout(self.timeout)  # for sending the reply
             if self._stopping.is_set():
                 reply = _error_reply("FailedPrecondition", f"pool {self.pool.path}: the serving process is "
                                                            f"shutting down")
@@ -112,22 +132,24 @@ class ControlServer:
             except OSError:
                 pass
             with self._tlock:
-                self._threads.discard(threading.current_thread())
+                self._threads.pop(threading.current_thread(), None)
 
     def handle(self, line: bytes) -> bytes:
-        """Answer one request line (refuses to delete volumes that NBD clients have open)."""
+        """Answer one request line (refuses to delete volumes that NBD clients have open).
+
+        The arguments are type-checked before the busy check runs (see
+        :func:`~thinpool.cli.ops.handle_control_request`), so ``names`` is a list of strings by then."""
         from thinpool.cli.ops import handle_control_request
-        from thinpool.errors import ThinpoolError
-        from thinpool.nbd.pool_backend import check_not_open
         with self.pool._lock:
             self.requests += 1
-            try:
-                names = _volumes_deleted_by(self.pool, line)
-                if names:
-                    check_not_open(self.provider, names)
-            except ThinpoolError as exc:
-                return _error_reply(type(exc).__name__, str(exc))
-            return handle_control_request(self.pool, line)
+            return handle_control_request(self.pool, line, precheck=self._refuse_busy_delete)
+
+    def _refuse_busy_delete(self, op_name: str, args: dict[str, Any]) -> None:
+        """FailedPrecondition if the op would delete a volume an NBD client has open (dm-thin's EBUSY)."""
+        from thinpool.nbd.pool_backend import check_not_open
+        names = _volumes_deleted_by(self.pool, op_name, args)
+        if names:
+            check_not_open(self.provider, names)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop accepting, let requests in progress finish, remove the socket file (idempotent)."""
@@ -143,6 +165,12 @@ class ControlServer:
             self._thread.join(timeout)
         with self._tlock:
             pending = list(self._threads)
+            for conn, _, reading in self._threads.values():
+                if reading:  # no request yet: nothing to finish
+                    try:
+                        conn.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
         for t in pending:
             t.join(timeout)
         try:
@@ -152,12 +180,21 @@ class ControlServer:
             pass
 
 
-def _recv_line(conn: socket.socket, limit: int = 1 << 24) -> bytes | None:
-    """One request line (without the newline); None on EOF before any byte."""
+def _recv_line(conn: socket.socket, deadline: float, limit: int = 1 << 24) -> bytes | None:
+    """One request line (without the newline); None on EOF before any byte or when ``deadline``
+    (monotonic) passes first (a client that connects and sends nothing, or dribbles)."""
     chunks: list[bytes] = []
     total = 0
     while True:
-        chunk = conn.recv(65536)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            log.info("control: no request line within the timeout; closing the connection")
+            return None
+        conn.settimeout(remaining)
+        try:
+            chunk = conn.recv(65536)
+        except socket.timeout:
+            continue
         if not chunk:
             return b"".join(chunks) if chunks else None
         nl = chunk.find(b"\n")
@@ -174,27 +211,18 @@ def _error_reply(error: str, message: str) -> bytes:
     return json.dumps({"ok": False, "error": error, "message": message}, separators=(",", ":")).encode() + b"\n"
 
 
-def _volumes_deleted_by(pool: Any, line: bytes) -> list[str]:
-    """Volume names a control request would delete (empty if none or if the request is malformed:
-    handle_control_request then reports the problem)."""
-    try:
-        req = json.loads(line)
-    except (ValueError, UnicodeDecodeError):
+def _volumes_deleted_by(pool: Any, op_name: str, args: dict[str, Any]) -> list[str]:
+    """Volume names a control request would delete; ``args`` are already type-checked."""
+    if op_name not in _DELETING_OPS:
         return []
-    if not isinstance(req, dict) or req.get("op") not in _DELETING_OPS or not isinstance(req.get("args"), dict):
-        return []
-    args = req["args"]
-    if req["op"] == "delete":
-        names = args.get("names")
-        return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
-    key, namespace = args.get("key"), args.get("namespace", "default")
-    if not isinstance(key, str) or not isinstance(namespace, str):
-        return []
+    if op_name == "delete":
+        return list(args.get("names", []))
+    from thinpool.errors import ThinpoolError
     from thinpool.snapshots import Snapshotter
     try:
-        return [Snapshotter(pool, namespace, autocommit=False).volume_name(key)]
-    except Exception:
-        return []
+        return [Snapshotter(pool, args.get("namespace", "default"), autocommit=False).volume_name(args["key"])]
+    except (ThinpoolError, KeyError):
+        return []  # no such snapshot: the op itself reports it
 
 
 def _claim_unix_path(path: str, what: str) -> None:
@@ -254,7 +282,12 @@ class Served:
     """
 
     def __init__(self, pool_path: str, *, socket_path: str | None = None, tcp: tuple[str | None, int] | None = None,
-                 read_only: bool = False) -> None:
+                 read_only: bool = False, nbd_options: dict[str, Any] | None = None,
+                 control_timeout: float = CONTROL_TIMEOUT) -> None:
+        """``nbd_options`` are passed to :class:`~thinpool.nbd.server.NBDServer` (``max_clients``,
+        ``handshake_timeout``, ``idle_timeout``, ``message_timeout``, ``payload_budget``,
+        ``tcp_exports``); ``control_timeout`` bounds how long a control client may take to send its
+        request."""
         from thinpool.errors import ReadOnly
         from thinpool.nbd.pool_backend import PoolProvider
         from thinpool.nbd.server import NBDServer
@@ -276,9 +309,10 @@ class Served:
         try:
             _warm_up(self.pool)
             self.provider = PoolProvider(self.pool, read_only=read_only)
-            self.control = ControlServer(self.pool, self.provider, control_path)
+            self.control = ControlServer(self.pool, self.provider, control_path, timeout=control_timeout)
             try:
-                self.nbd = NBDServer(self.provider, unix_path=socket_path, tcp=tcp, read_only=read_only)
+                self.nbd = NBDServer(self.provider, unix_path=socket_path, tcp=tcp, read_only=read_only,
+                                     **(nbd_options or {}))
             except BaseException:
                 self.control.stop()
                 raise
@@ -334,7 +368,8 @@ def _warm_up(pool: Any) -> None:
     thins = pool.thins()
     if thins:
         t = thins[0]
-        t.read(0, min(4096, t.size))
+        if os.fstat(pool.data.fd).st_size >= pool.data.nr_blocks * pool.block_size:  # never SIGBUS
+            t.read(0, min(4096, t.size))
         t.mapped_ranges(0, min(t.size, pool.block_size))
 
 
@@ -344,10 +379,25 @@ def _warm_up(pool: Any) -> None:
               help="Unix socket to listen on (default: <POOL>/nbd.sock).")
 @click.option("--tcp", "tcp", metavar="[HOST:]PORT", default=None,
               help="Also listen on TCP (HOST defaults to 127.0.0.1; give 0.0.0.0 or [::] explicitly "
-                   "to listen on every address).  No authentication: keep it on trusted networks.")
+                   "to listen on every address).  WARNING: no authentication and no encryption: every "
+                   "local user (and anyone who can reach the port) gets full read-write access to every "
+                   "volume served on it, unlike the unix sockets (mode 0600, owner only).  Limit it with "
+                   "--tcp-allow-export.")
+@click.option("--tcp-allow-export", "tcp_allow", metavar="NAME", multiple=True,
+              help="Serve only this volume on TCP (repeatable; the unix socket still serves all). "
+                   "Other exports are neither listed nor opened over TCP.")
 @click.option("--read-only", is_flag=True, help="Serve every export read-only (the CLI can still snapshot).")
+@click.option("--handshake-timeout", type=float, default=10.0, show_default=True, metavar="SECONDS",
+              help="Drop NBD connections that have not finished the handshake in this time.")
+@click.option("--idle-timeout", type=float, default=0.0, show_default=True, metavar="SECONDS",
+              help="Drop NBD connections that send no request for this long (0: never -- a mounted "
+                   "filesystem may be idle for hours).")
+@click.option("--max-clients", type=click.IntRange(1, 4096), default=64, show_default=True,
+              help="NBD connections at once (when full, the oldest connection still in its handshake "
+                   "is dropped for a new one).")
 @click.option("-v", "--verbose", count=True, help="Log connections (-v) and requests (-vv) on stderr.")
-def serve_cmd(pool: str, socket_path: str | None, tcp: str | None, read_only: bool, verbose: int) -> None:
+def serve_cmd(pool: str, socket_path: str | None, tcp: str | None, tcp_allow: tuple[str, ...], read_only: bool,
+              handshake_timeout: float, idle_timeout: float, max_clients: int, verbose: int) -> None:
     """Serve the pool's thin volumes as NBD block devices until SIGTERM/SIGINT.
 
     Every volume is an export named after it (volumes created while serving appear as new exports).
@@ -357,6 +407,10 @@ def serve_cmd(pool: str, socket_path: str | None, tcp: str | None, read_only: bo
     <POOL>/control.sock; deleting a volume a client has open is refused.  SIGTERM/SIGINT commit, close
     the pool and remove the sockets.
 
+    Access: the unix sockets (nbd.sock, control.sock) are mode 0600, for the pool's owner only.
+    --tcp has no authentication: anyone who can connect to the port -- every local user, for
+    127.0.0.1 -- reads and writes every volume served on it; restrict it with --tcp-allow-export.
+
     \b
     Examples:
       thinpool serve /tmp/pool &
@@ -364,13 +418,25 @@ def serve_cmd(pool: str, socket_path: str | None, tcp: str | None, read_only: bo
       nbdcopy disk.img 'nbd+unix:///base?socket=/tmp/pool/nbd.sock'
       qemu-io -f raw -c 'read 0 64k' 'nbd+unix:///base?socket=/tmp/pool/nbd.sock'
       thinpool snapshot /tmp/pool base snap1      # through the control socket
-      thinpool serve /tmp/pool --tcp 10809        # also nbd://127.0.0.1:10809/<volume>
+      thinpool serve /tmp/pool --tcp 10809 --tcp-allow-export base   # nbd://127.0.0.1:10809/base
     """
+    from thinpool.errors import InvalidArgument
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, stream=sys.stderr, format="thinpool serve: %(message)s")
     tcp_addr = parse_tcp(tcp) if tcp is not None else None
+    if tcp_allow and tcp is None:
+        raise InvalidArgument("--tcp-allow-export needs --tcp")
+    for what, value in (("--handshake-timeout", handshake_timeout), ("--idle-timeout", idle_timeout)):
+        if not value >= 0:
+            raise InvalidArgument(f"{what} must be a number of seconds >= 0, got {value}")
+    if tcp is not None:
+        scope = (f"only the export(s) {', '.join(tcp_allow)}" if tcp_allow else "EVERY volume of the pool")
+        click.echo(f"thinpool serve: WARNING: --tcp {tcp} has no authentication and no encryption: every local "
+                   f"user and anyone who can reach the port can read and write {scope}", err=True)
+    nbd_options = {"handshake_timeout": handshake_timeout or None, "idle_timeout": idle_timeout or None,
+                   "max_clients": max_clients, "tcp_exports": list(tcp_allow) if tcp_allow else None}
     served = Served(abspath(pool), socket_path=abspath(socket_path) if socket_path else None, tcp=tcp_addr,
-                    read_only=read_only)
+                    read_only=read_only, nbd_options=nbd_options)
 
     def on_signal(signum: int, frame: Any) -> None:
         served.stop()

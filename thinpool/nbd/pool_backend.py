@@ -20,14 +20,19 @@ The provider's ``lock`` *is* the pool's re-entrant lock, so every NBD request, e
 (``thinpool snapshot`` while served) and every library call are serialised: a snapshot taken through the
 control socket is a point-in-time image of all requests completed before it.
 
-Exports are bound to the volume's device id, not its name: renaming a volume that a client has open
-keeps the connection working; if the volume is deleted the connection's requests fail with ``EIO``.
+Exports are bound to the volume's device id and creation generation (the catalog's ``gen``, see
+:func:`thinpool.devtable.new_catalog_entry`), not its name: renaming a volume that a client has open
+keeps the connection working; if the volume is deleted the connection's requests fail with ``EIO`` --
+also after a new volume was created with the same device id, which never receives a stale client's
+writes.
 Read-only: the provider-wide flag, a pool opened read-only, and the volume's own read-only flag
 (committed containerd snapshots, snapshotter views) all make the export read-only.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 from collections import Counter
 from typing import Any
@@ -35,8 +40,10 @@ from typing import Any
 import numpy as np
 
 from thinpool.errors import FailedPrecondition, NotFound, ReadOnly
-from thinpool.layout import DEV_ID
+from thinpool.nbd.protocol import MAX_STRING
 from thinpool.nbd.backend import MAPPED, UNMAPPED, check_range, split_by_blocks
+
+log = logging.getLogger("thinpool.nbd")
 
 #: The most bytes one ``extents`` call looks at; the server accepts shorter answers (BLOCK_STATUS may
 #: describe less than was asked; a READ falls back to one data chunk), and 1 GiB is more than any READ.
@@ -58,6 +65,12 @@ class PoolExport:
         self.provider = provider
         self.pool = pool
         self.dev_id = thin.dev_id
+        #: the catalog entry of the volume opened: identity (and its creation generation ``gen``) tell
+        #: this volume from a later one that reuses the device id
+        self._entry = pool.catalog["volumes"][name]
+        self.gen = self._entry.get("gen")
+        self.key = (self.dev_id, self.gen)
+        self._stale = False
         self.name = name
         self.size = thin.size
         self.block_size = pool.block_size
@@ -72,18 +85,52 @@ class PoolExport:
 
     # ------------------------------------------------------------------ helpers
     def _thin(self) -> Any:
-        """The volume's current Thin handle, bound by device id (a rename does not matter)."""
+        """The volume's current Thin handle, bound by device id and creation generation (a rename does
+        not matter; a volume deleted -- even if another one was created with its device id since --
+        is gone for good: NotFound, which the client sees as EIO)."""
         thin = self._handle
         pool = self.pool
-        slot = pool._by_name.get(thin.name)
-        if slot is not None and pool.devs_i[slot, DEV_ID] == self.dev_id:
-            return thin  # the cached handle still names our device
-        try:
-            self._handle = thin = self.pool.by_dev_id(self.dev_id)
-        except NotFound:
-            raise NotFound(f"export {self.name!r}: thin device {self.dev_id} was deleted while it was "
-                           f"being served") from None
+        volumes = pool.catalog["volumes"]
+        if volumes.get(thin.name) is self._entry:
+            return thin  # the cached handle still names our volume (same catalog entry)
+        # renamed, deleted, or the catalog was reloaded (an aborted commit): look for our device
+        name = pool._by_dev_id.get(self.dev_id)
+        entry = volumes.get(name) if name is not None else None
+        if self._stale or entry is None or entry.get("gen") != self.gen or entry.get("dev_id") != self.dev_id:
+            self._stale = True
+            raise NotFound(f"export {self.name!r}: thin device {self.dev_id} (generation {self.gen}) was "
+                           f"deleted while it was being served" +
+                           (f"; device id {self.dev_id} now belongs to a new volume {name!r}" if entry else ""))
+        self._entry = entry
+        self._handle = thin = pool.thin(name)
         return thin
+
+    def _check_data_file(self, offset: int, length: int, write: bool) -> None:
+        """Raise FailedPrecondition (the client sees EIO) if serving this request would touch the
+        memory-mapped data file past its end: a data file truncated behind the serving process's back
+        turns such an access into SIGBUS, which would kill the server.
+
+        One ``fstat`` per request; only when the file is short are the request's blocks looked up: a
+        READ fails only if one of its mapped blocks lies past the end (the others read as before), a
+        write fails whenever the file is short (it may allocate or copy any block).  A truncation racing
+        with the access itself between the check and the copy is not covered."""
+        data = self.pool.data
+        expected = data.nr_blocks * self.block_size
+        size = os.fstat(data.fd).st_size
+        if size >= expected:
+            return
+        what = (f"export {self.name!r}: the data file {data.path} is {size} bytes, shorter than the pool's "
+                f"{expected} (truncated while being served)")
+        if write:
+            raise FailedPrecondition(f"{what}: writes are refused until it is repaired")
+        if not length:
+            return
+        bs = self.block_size
+        first, last = offset // bs, (offset + length - 1) // bs
+        vblocks, dblocks, _ = self._thin().mappings()
+        sel = (vblocks >= first) & (vblocks <= last) & ((dblocks + 1) * bs > size)
+        if sel.any():
+            raise FailedPrecondition(f"{what}: data block {int(dblocks[sel][0])} of this read lies past its end")
 
     def _check_writable(self) -> None:
         if self.read_only:
@@ -95,6 +142,7 @@ class PoolExport:
         self._just_read = None
         if offset < 0 or length < 0 or offset + length > self.size:
             check_range(self, offset, length)
+        self._check_data_file(offset, length, False)
         data = self._thin().read(offset, length)
         self._just_read = (offset, length)
         return data
@@ -108,11 +156,13 @@ class PoolExport:
         if offset < 0 or offset + n > self.size:
             check_range(self, offset, n)
         if n:
+            self._check_data_file(offset, n, True)
             self._thin().write(offset, data)
 
     def flush(self) -> None:
         """Commit the pool: every completed write becomes durable (dm-thin commits on FLUSH)."""
         self._just_read = None
+        self._check_data_file(0, 0, True)
         self.pool.commit()
 
     def trim(self, offset: int, length: int) -> None:
@@ -121,6 +171,7 @@ class PoolExport:
         self._check_writable()
         check_range(self, offset, length)
         if length:
+            self._check_data_file(offset, length, True)
             self._thin().discard(offset, length)
 
     def write_zeroes(self, offset: int, length: int, may_trim: bool) -> None:
@@ -130,6 +181,7 @@ class PoolExport:
         check_range(self, offset, length)
         if not length:
             return
+        self._check_data_file(offset, length, True)
         thin = self._thin()
         if not may_trim:
             self._write_zeroes(thin, offset, length)
@@ -203,14 +255,31 @@ class PoolProvider:
         self.close_pool = close_pool
         self.closed = False
         self.close_error: BaseException | None = None
-        self._open: Counter[int] = Counter()  # dev id -> open exports (connections)
+        self._open: Counter[tuple[int, Any]] = Counter()  # (dev id, gen) -> open exports (connections)
         self._zero_buf = np.zeros(0, np.uint8)
+        self._skipped: set[str] = set()  # names list_exports warned about
 
     # ------------------------------------------------------------------ ExportProvider API
     def list_exports(self) -> list[str]:
-        """Every volume's name, in device-id order."""
+        """Every volume's name, in device-id order -- except names that cannot be export names (not
+        valid UTF-8, or longer than NBD's 4096 bytes: left by an older thinpool), which are skipped
+        with a warning (once per name) instead of breaking ``NBD_OPT_LIST`` for everyone."""
         with self.lock:
-            return [t.name for t in self.pool.thins()]
+            names = [t.name for t in self.pool.thins()]
+        out = []
+        for name in names:
+            try:
+                ok = len(name.encode("utf-8")) <= MAX_STRING
+            except UnicodeEncodeError:
+                ok = False
+            if ok:
+                out.append(name)
+            elif name not in self._skipped:
+                self._skipped.add(name)
+                log.warning("pool %s: volume %s cannot be an NBD export (its name is not valid UTF-8 or is "
+                            "longer than %d bytes); not served -- rename it", self.pool.path,
+                            ascii(name)[:120], MAX_STRING)
+        return out
 
     def open_export(self, name: str, read_only: bool) -> PoolExport:
         """Open volume ``name``; NotFound if the pool has no such volume."""
@@ -226,7 +295,7 @@ class PoolProvider:
             if not isinstance(name, str) or name not in self.pool:
                 raise NotFound(f"pool {self.pool.path}: no thin volume named {name!r}")
             export = PoolExport(self, name, read_only)
-            self._open[export.dev_id] += 1
+            self._open[export.key] += 1
             return export
 
     def close(self) -> None:
@@ -247,29 +316,28 @@ class PoolProvider:
     def open_count(self, name: str) -> int:
         """How many connections have volume ``name`` open right now (0 if there is no such volume)."""
         with self.lock:
-            if name not in self.pool:
+            entry = self.pool.catalog["volumes"].get(name) if isinstance(name, str) else None
+            if entry is None:
                 return 0
-            return self._open.get(self.pool.thin(name).dev_id, 0)
+            return self._open.get((entry["dev_id"], entry.get("gen")), 0)
 
     def open_volumes(self) -> dict[str, int]:
         """Volume name -> open connections, for the volumes some connection has open."""
         with self.lock:
             out = {}
-            for dev_id, n in self._open.items():
+            for name, entry in self.pool.catalog["volumes"].items():
+                n = self._open.get((entry["dev_id"], entry.get("gen")), 0)
                 if n > 0:
-                    try:
-                        out[self.pool.by_dev_id(dev_id).name] = n
-                    except NotFound:
-                        continue
+                    out[name] = n
             return out
 
     def _release(self, export: PoolExport) -> None:
         with self.lock:
-            n = self._open.get(export.dev_id, 0) - 1
+            n = self._open.get(export.key, 0) - 1
             if n > 0:
-                self._open[export.dev_id] = n
+                self._open[export.key] = n
             else:
-                self._open.pop(export.dev_id, None)
+                self._open.pop(export.key, None)
 
     def _zeros(self, n: int) -> np.ndarray:
         if len(self._zero_buf) < n:

@@ -29,15 +29,34 @@ import tempfile
 import threading
 import time
 from types import TracebackType
+from typing import Iterable
 
 from thinpool.errors import AlreadyExists, InvalidArgument
 from thinpool.nbd.backend import ExportProvider
-from thinpool.nbd.session import Session, SessionContext
+from thinpool.nbd import protocol as P
+from thinpool.nbd.session import PayloadBudget, Session, SessionContext
 
 log = logging.getLogger("thinpool.nbd")
 
 DEFAULT_TCP_HOST = "127.0.0.1"
 NBD_PORT = 10809
+#: seconds a client has from connecting to the end of option haggling
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+#: seconds a request may take to arrive completely once it started (a stalled WRITE payload)
+DEFAULT_MESSAGE_TIMEOUT = 30.0
+#: large WRITE payload bytes buffered at once over all connections (4 maximal payloads)
+DEFAULT_PAYLOAD_BUDGET = 4 * P.MAX_PAYLOAD
+
+
+def bind_private(sock: socket.socket, path: str) -> None:
+    """Bind a unix socket at ``path`` with mode 0600 from its creation (umask 0177 around ``bind``;
+    the umask is process-wide, so this is done only while starting to serve) and chmod it to be sure."""
+    old = os.umask(0o177)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
 
 
 class NBDServer:
@@ -56,9 +75,23 @@ class NBDServer:
         *,
         max_clients: int = 64,
         shutdown_grace: float = 5.0,
+        handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
+        idle_timeout: float | None = None,
+        message_timeout: float | None = DEFAULT_MESSAGE_TIMEOUT,
+        payload_budget: int | None = DEFAULT_PAYLOAD_BUDGET,
+        tcp_exports: Iterable[str] | None = None,
     ) -> None:
         if max_clients < 1:
             raise InvalidArgument(f"max_clients must be at least 1, got {max_clients}")
+        for what, value in (("handshake_timeout", handshake_timeout), ("idle_timeout", idle_timeout),
+                            ("message_timeout", message_timeout)):
+            if value is not None and not value > 0:
+                raise InvalidArgument(f"nbd: {what} must be a positive number of seconds or None, got {value!r}")
+        if payload_budget is not None and payload_budget < P.MAX_PAYLOAD:
+            raise InvalidArgument(f"nbd: payload_budget must be at least one maximal payload "
+                                  f"({P.MAX_PAYLOAD} bytes), got {payload_budget}")
+        #: export names TCP connections may list and open (None: every export)
+        self.tcp_exports = None if tcp_exports is None else frozenset(tcp_exports)
         self.provider = provider
         self.read_only = read_only
         self.max_clients = max_clients
@@ -73,6 +106,8 @@ class NBDServer:
         self._shutdown_started = False
         self._closed_io = False
         self._connections = 0
+        #: connections evicted to make room (see _accept)
+        self.evictions = 0
         self._tempdir: str | None = None
         self.unix_path: str | None = None
         self.tcp_address: tuple[str, int] | None = None
@@ -94,6 +129,10 @@ class NBDServer:
             stopping=self._stopping,
             wake_fd=self._wake_r,
             grace=shutdown_grace,
+            handshake_timeout=handshake_timeout,
+            idle_timeout=idle_timeout,
+            message_timeout=message_timeout,
+            budget=None if payload_budget is None else PayloadBudget(payload_budget),
         )
 
     # ================================================================= listening
@@ -112,8 +151,7 @@ class NBDServer:
                 probe.close()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.bind(path)
-            os.chmod(path, 0o600)  # the socket grants full access to the volumes
+            bind_private(sock, path)  # mode 0600 from the start: the socket grants full access to the volumes
             sock.listen(self.max_clients)
         except BaseException:
             sock.close()
@@ -199,18 +237,32 @@ class NBDServer:
                 time.sleep(0.05)
             return
         conn.setblocking(True)
+        allowed = None
         if conn.family in (socket.AF_INET, socket.AF_INET6):
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)  # a vanished peer ends its session
             peer = "%s:%d" % addr[:2]
+            allowed = self.tcp_exports
         else:
             peer = f"unix#{self._connections}"
         with self._lock:
-            if len(self._sessions) >= self.max_clients:
-                log.warning("nbd: refusing %s: %d clients already connected", peer, self.max_clients)
-                conn.close()
-                return
+            live = [s for s in self._sessions if not s.evicted]
+            if len(live) >= self.max_clients:
+                # full: make room by evicting the oldest connection still in its handshake (idle or
+                # half-open connections cannot starve a real client); refuse if all are serving
+                waiting = [s for s in live if s.in_handshake]
+                if not waiting:
+                    log.warning("nbd: refusing %s: %d clients already connected", peer, self.max_clients)
+                    conn.close()
+                    return
+                oldest = min(waiting, key=lambda s: s.started)
+                log.warning("nbd: %d clients connected; evicting %s (still in its handshake after %.1f s) "
+                            "for %s", self.max_clients, oldest.peer, time.monotonic() - oldest.started, peer)
+                oldest.evicted = True
+                oldest.abort()
+                self.evictions += 1
             self._connections += 1
-            session = Session(conn, self._ctx, peer)
+            session = Session(conn, self._ctx, peer, allowed)
             thread = threading.Thread(target=self._run_session, args=(session,), name=f"nbd-{peer}", daemon=True)
             self._sessions[session] = thread
         if self._stopping.is_set():  # shutdown() ran (e.g. from a signal handler) meanwhile

@@ -58,6 +58,49 @@ class SessionContext:
     grace: float  # seconds a half-received message may take to complete after shutdown starts
     handshake_flags: int = P.FLAG_FIXED_NEWSTYLE | P.FLAG_NO_ZEROES
     stats: dict[str, int] = field(default_factory=dict)
+    #: seconds from connecting to the end of option haggling (None: no limit)
+    handshake_timeout: float | None = 10.0
+    #: seconds a connected client may send nothing between requests (None: no limit -- see docs/nbd.md)
+    idle_timeout: float | None = None
+    #: seconds a request may take to arrive completely once its first byte did (a stalled payload)
+    message_timeout: float | None = 30.0
+    #: WRITE payloads received and not yet served, over all sessions (None: no limit)
+    budget: "PayloadBudget | None" = None
+
+
+class PayloadBudget:
+    """Bytes of large WRITE payloads buffered at once by all sessions of a server.
+
+    A client can announce a 32 MiB WRITE and stall; a session holds only what has arrived (its buffer's
+    pages are untouched until written) and reserves every chunk here before receiving it, so the memory
+    stalled payloads pin is bounded by ``limit`` whatever the number of connections.  A session that
+    cannot reserve waits (its client is not read, TCP flow control holds it back) until another session
+    finishes or drops its message, or its own message deadline passes."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._cond = threading.Condition()
+
+    def acquire(self, n: int, deadline: float | None, stopping: threading.Event) -> bool:
+        """Reserve ``n`` bytes; False if ``deadline`` (monotonic) passes or the server stops first."""
+        with self._cond:
+            while self.used + n > self.limit:
+                if stopping.is_set():
+                    return False
+                wait = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
+                if wait <= 0:
+                    return False
+                self._cond.wait(wait)
+            self.used += n
+            return True
+
+    def release(self, n: int) -> None:
+        """Give back ``n`` reserved bytes."""
+        if n:
+            with self._cond:
+                self.used -= n
+                self._cond.notify_all()
 
 
 def nbd_error_for(exc: BaseException) -> int:
@@ -80,6 +123,8 @@ _SEND_CHUNK = 256 * 1024
 #: messages longer than this are received into their own buffer instead of the session's ring
 _LARGE = _RECV_CHUNK // 2
 _IOV_MAX = 1024
+#: a large payload is received (and reserved in the PayloadBudget) this many bytes at a time
+_BUDGET_CHUNK = 1 << 20
 #: busy-poll window before a session blocks for its next request (see Session._spin_wait); 0 disables
 SPIN_NS = int(os.environ.get("THINPOOL_NBD_SPIN_NS", 100_000))
 _SPINNER = threading.Lock()
@@ -105,10 +150,13 @@ _MAX_PAYLOAD = P.MAX_PAYLOAD
 class Session:
     """Serve one connected client until it disconnects or the server stops."""
 
-    def __init__(self, sock: socket.socket, ctx: SessionContext, peer: str) -> None:
+    def __init__(self, sock: socket.socket, ctx: SessionContext, peer: str,
+                 allowed: frozenset[str] | None = None) -> None:
         self.sock = sock
         self.ctx = ctx
         self.peer = peer
+        #: the export names this connection may list and open (None: all of them)
+        self.allowed = allowed
         self.client_flags = 0
         self.structured = False
         self.contexts_export: str | None = None  # export the selected meta context refers to
@@ -129,6 +177,13 @@ class Session:
         self._out: list[bytes] = []
         self._outlen = 0
         self._spin = SPIN_NS > 0
+        self.started = time.monotonic()
+        #: True until option haggling ends (the server may evict such a connection when it is full)
+        self.in_handshake = True
+        self.evicted = False  # set by the server when it aborts this connection to make room
+        self._handshake_deadline: float | None = None
+        self._msg_deadline: float | None = None  # set when a wait inside a message starts
+        self._held = 0  # bytes reserved in ctx.budget for the payload being received
 
     # ================================================================= lifecycle
     def run(self) -> None:
@@ -145,9 +200,16 @@ class Session:
         except Exception:  # a bug in the server: log it, keep the server alive
             log.exception("nbd %s: internal error, disconnecting", self.peer)
         finally:
+            self._give_back()
             self._release(self.export)
             self.export = None
             self.close()
+
+    def _give_back(self) -> None:
+        """Return this session's payload reservation to the server's budget."""
+        if self._held and self.ctx.budget is not None:
+            self.ctx.budget.release(self._held)
+        self._held = 0
 
     def close(self) -> None:
         """Send any queued replies, then close the socket (idempotent)."""
@@ -174,10 +236,18 @@ class Session:
         ``idle`` means we are between messages: once the server is stopping an idle
         session stops at once.  Mid-message, the peer gets ``grace`` seconds to finish.
         """
+        limit = self._wait_limit(idle)
         while True:
             if not self.ctx.stopping.is_set():
                 sock_fd = self.sock.fileno()
-                for fd, _ in self._idle_poll.poll():
+                if limit is None:
+                    events = self._idle_poll.poll()
+                else:
+                    remaining = limit - time.monotonic()
+                    if remaining <= 0:
+                        raise Disconnect(self._timeout_reason(idle))
+                    events = self._idle_poll.poll(min(remaining, 3600.0) * 1000)
+                for fd, _ in events:
                     if fd == sock_fd:
                         return True
                 continue
@@ -190,6 +260,28 @@ class Session:
                 raise Disconnect("peer did not finish its message within the shutdown grace period")
             if self._busy_poll.poll(remaining * 1000):
                 return True
+
+    def _wait_limit(self, idle: bool) -> float | None:
+        """The monotonic time by which the socket must become readable (None: no limit): the
+        handshake deadline during option haggling, else the idle timeout between messages, else the
+        deadline of the message being received (started at its first wait)."""
+        ctx = self.ctx
+        if self.in_handshake:
+            if self._handshake_deadline is None and ctx.handshake_timeout is not None:
+                self._handshake_deadline = self.started + ctx.handshake_timeout
+            return self._handshake_deadline
+        if idle:
+            return None if ctx.idle_timeout is None else time.monotonic() + ctx.idle_timeout
+        if self._msg_deadline is None and ctx.message_timeout is not None:
+            self._msg_deadline = time.monotonic() + ctx.message_timeout
+        return self._msg_deadline
+
+    def _timeout_reason(self, idle: bool) -> str:
+        if self.in_handshake:
+            return f"handshake not finished within {self.ctx.handshake_timeout} s"
+        if idle:
+            return f"idle for {self.ctx.idle_timeout} s"
+        return f"request not received completely within {self.ctx.message_timeout} s (stalled payload)"
 
     def _fill(self, n: int, idle: bool = False) -> None:
         """Receive until at least ``n`` (<= the buffer size) unread bytes are buffered; Disconnect on
@@ -249,22 +341,43 @@ class Session:
         self._rpos = p + n
         return bytes(self._rview[p:p + n])
 
-    def _recv_large(self, n: int) -> bytearray:
-        out = bytearray(n)
+    def _recv_large(self, n: int) -> memoryview:
+        """Receive a long payload into a buffer of its own whose pages are only touched as bytes
+        arrive (numpy's large allocations are lazily backed), reserving every chunk in the server's
+        :class:`PayloadBudget` first: a client that announces 32 MiB and stalls pins what it sent."""
+        import numpy as np
+        out = np.empty(n, np.uint8)
         view = memoryview(out)
         got = min(n, self._rend - self._rpos)
         view[:got] = self._rview[self._rpos:self._rpos + got]
         self._rpos += got
+        budget = self.ctx.budget
+        if budget is not None:
+            self._reserve(budget, got)
         deadline: list[float] = []
         while got < n:
             self._flush_out()
             if not self._wait_readable(False, deadline):
                 raise Disconnect("server shutting down")
-            k = self.sock.recv_into(view[got:])
+            want = min(n - got, _BUDGET_CHUNK)
+            if budget is not None:
+                self._reserve(budget, want)
+            k = self.sock.recv_into(view[got:got + want])
             if not k:
                 raise Disconnect("peer closed the connection mid-message")
+            if budget is not None and k < want:
+                budget.release(want - k)
+                self._held -= want - k
             got += k
-        return out
+        return view
+
+    def _reserve(self, budget: PayloadBudget, n: int) -> None:
+        if not n:
+            return
+        if not budget.acquire(n, self._wait_limit(False), self.ctx.stopping):
+            raise Disconnect(f"no payload budget for {n} bytes within the message deadline "
+                             f"({budget.used} of {budget.limit} bytes held by other requests)")
+        self._held += n
 
     def _send(self, *parts: bytes) -> None:
         """Queue a reply in the transmission phase (sent before the next wait for input, or at 256 KiB);
@@ -336,7 +449,11 @@ class Session:
 
     def _open(self, name: str) -> Export:
         with self.ctx.provider.lock:
-            return self.ctx.provider.open_export(name, self.ctx.read_only)
+            export = self.ctx.provider.open_export(name, self.ctx.read_only)
+        if self.allowed is not None and getattr(export, "name", name) not in self.allowed:
+            self._release(export)
+            raise NotFound(f"export {name!r} is not available on this listener")
+        return export
 
     def _release(self, export: Export | None) -> None:
         """Call the export's optional ``close()`` hook (errors are logged, not raised)."""
@@ -361,6 +478,7 @@ class Session:
 
     def _enter(self, export: Export, name: str) -> None:
         self.export = export
+        self.in_handshake = False
         self.export_read_only = self.ctx.read_only or export.read_only
         if self.contexts_export != name:
             self.contexts_export = None  # contexts were negotiated for another export
@@ -391,6 +509,8 @@ class Session:
             return False
         with self.ctx.provider.lock:
             names = self.ctx.provider.list_exports()
+        if self.allowed is not None:
+            names = [n for n in names if n in self.allowed]
         for name in names:
             self._reply(option, P.REP_SERVER, P.encode_rep_server(name))
         self._reply(option, P.REP_ACK)
@@ -487,6 +607,9 @@ class Session:
         pack_data = _DATA_CHUNK_HEADER.pack
         deadline: float | None = None
         while True:
+            self._msg_deadline = None  # the next message gets its own deadline
+            if self._held:
+                self._give_back()
             if stopping.is_set():
                 # Answer requests the client already sent with ESHUTDOWN, then hang up.
                 deadline = deadline or time.monotonic() + self.ctx.grace
