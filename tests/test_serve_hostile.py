@@ -16,18 +16,17 @@ import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
 import pytest
-from test_nbd_protocol import Closed, RawClient
+from test_nbd_protocol import RawClient
 
 from thinpool import Pool
 from thinpool import errors as E
-from thinpool.cli.ops import OPS, call_server, connect_control, run_op
+from thinpool.cli.ops import OPS, run_op
 from thinpool.cli.serve_cmds import Served
 from thinpool.devtable import check_new_name
 from thinpool.nbd import protocol as P

@@ -34,7 +34,8 @@ from typing import Iterable
 from thinpool.errors import AlreadyExists, InvalidArgument
 from thinpool.nbd.backend import ExportProvider
 from thinpool.nbd import protocol as P
-from thinpool.nbd.session import PayloadBudget, Session, SessionContext
+from thinpool.nbd.limits import PayloadBudget
+from thinpool.nbd.session import Session, SessionContext
 
 log = logging.getLogger("thinpool.nbd")
 

@@ -21,6 +21,7 @@ from typing import Callable
 from thinpool.errors import InvalidArgument, NoSpace, NotFound, ReadOnly, ThinpoolError
 from thinpool.nbd import protocol as P
 from thinpool.nbd.backend import Export, ExportProvider
+from thinpool.nbd.limits import PayloadBudget
 
 log = logging.getLogger("thinpool.nbd")
 
@@ -65,42 +66,7 @@ class SessionContext:
     #: seconds a request may take to arrive completely once its first byte did (a stalled payload)
     message_timeout: float | None = 30.0
     #: WRITE payloads received and not yet served, over all sessions (None: no limit)
-    budget: "PayloadBudget | None" = None
-
-
-class PayloadBudget:
-    """Bytes of large WRITE payloads buffered at once by all sessions of a server.
-
-    A client can announce a 32 MiB WRITE and stall; a session holds only what has arrived (its buffer's
-    pages are untouched until written) and reserves every chunk here before receiving it, so the memory
-    stalled payloads pin is bounded by ``limit`` whatever the number of connections.  A session that
-    cannot reserve waits (its client is not read, TCP flow control holds it back) until another session
-    finishes or drops its message, or its own message deadline passes."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-        self._cond = threading.Condition()
-
-    def acquire(self, n: int, deadline: float | None, stopping: threading.Event) -> bool:
-        """Reserve ``n`` bytes; False if ``deadline`` (monotonic) passes or the server stops first."""
-        with self._cond:
-            while self.used + n > self.limit:
-                if stopping.is_set():
-                    return False
-                wait = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
-                if wait <= 0:
-                    return False
-                self._cond.wait(wait)
-            self.used += n
-            return True
-
-    def release(self, n: int) -> None:
-        """Give back ``n`` reserved bytes."""
-        if n:
-            with self._cond:
-                self.used -= n
-                self._cond.notify_all()
+    budget: PayloadBudget | None = None
 
 
 def nbd_error_for(exc: BaseException) -> int:
