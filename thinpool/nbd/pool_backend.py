@@ -44,6 +44,7 @@ from thinpool.nbd.protocol import MAX_STRING
 from thinpool.nbd.backend import MAPPED, UNMAPPED, check_range, split_by_blocks
 
 log = logging.getLogger("thinpool.nbd")
+_fstat = os.fstat
 
 #: The most bytes one ``extents`` call looks at; the server accepts shorter answers (BLOCK_STATUS may
 #: describe less than was asked; a READ falls back to one data chunk), and 1 GiB is more than any READ.
@@ -142,7 +143,9 @@ class PoolExport:
         self._just_read = None
         if offset < 0 or length < 0 or offset + length > self.size:
             check_range(self, offset, length)
-        self._check_data_file(offset, length, False)
+        data = self.pool.data
+        if _fstat(data.fd).st_size < data.nr_blocks * self.block_size:  # inline: the hot path
+            self._check_data_file(offset, length, False)
         data = self._thin().read(offset, length)
         self._just_read = (offset, length)
         return data
@@ -156,7 +159,9 @@ class PoolExport:
         if offset < 0 or offset + n > self.size:
             check_range(self, offset, n)
         if n:
-            self._check_data_file(offset, n, True)
+            dd = self.pool.data
+            if _fstat(dd.fd).st_size < dd.nr_blocks * self.block_size:
+                self._check_data_file(offset, n, True)
             self._thin().write(offset, data)
 
     def flush(self) -> None:
