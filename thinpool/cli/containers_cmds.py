@@ -15,7 +15,7 @@ import click
 
 from thinpool.units import parse_size
 
-DEFAULT_BASE_SIZE = parse_size("10GiB")  # thinpool.snapshots' default; imported lazily (numpy)
+DEFAULT_BASE_SIZE = parse_size("10GiB")  # thinpool.containers.snapshotter' default; imported lazily (numpy)
 
 from .common import SIZE, abspath, emit, json_option, pool_argument
 from .ops import register_op, run_op
@@ -30,7 +30,7 @@ _NAMING = ("Snapshot KEYs (active/view) and NAMEs (committed) share one key spac
 # ============================================================================================== ops
 def _snap(pool: Any, namespace: str, base_size: int = DEFAULT_BASE_SIZE) -> Any:
     # run_op / the serving process commit after a write op: records and devices in one transaction
-    from thinpool.snapshots import Snapshotter
+    from thinpool.containers.snapshotter import Snapshotter
     return Snapshotter(pool, namespace, base_size=base_size, autocommit=False)
 
 
@@ -82,7 +82,7 @@ def op_stat_snapshot(pool: Any, namespace: str, key: str) -> dict[str, Any]:
 def op_update_snapshot(pool: Any, namespace: str, key: str, labels: dict[str, str],
                        fieldpaths: list[str] | None = None) -> dict[str, Any]:
     """containerd Update (labels only)."""
-    from thinpool.snapshots import Info
+    from thinpool.containers.snapshotter import Info
     s = _snap(pool, namespace)
     s.update(Info(kind="", name=key, labels=labels), fieldpaths)
     return _snapshot_dict(s, key)
@@ -325,14 +325,14 @@ def demo_cmd(directory: str | None, block_size: int, data_size: int, seed: int, 
       sudo thinpool demo --real-fs        # ext4 on the thin devices: superblocks, journal, inodes included
     """
     if real_fs:
-        from thinpool.realfs import render_realfs, run_realfs_demo
+        from thinpool.containers.realfs import render_realfs, run_realfs_demo
         from .common import stderr_is_tty
         say = (lambda msg: click.echo(f"thinpool demo --real-fs: {msg}", err=True)) if stderr_is_tty() else None
         result = run_realfs_demo(abspath(directory) if directory else None, block_size, data_size=data_size,
                                  seed=seed, progress=say)
         emit(result, as_json, render_realfs)
         return
-    from thinpool.demo import render_demo, run_demo
+    from thinpool.containers.demo import render_demo, run_demo
     result = run_demo(abspath(directory) if directory else None, block_size, data_size=data_size, seed=seed)
     emit(result, as_json, render_demo)
 

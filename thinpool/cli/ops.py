@@ -470,7 +470,7 @@ def op_delete(pool: Any, names: list[str]) -> dict[str, Any]:
         raise InvalidArgument(f"volume named twice in {names!r}")
     for name in names:
         pool.thin(name)  # NotFound before anything changes
-    from thinpool.snapshots import refuse_snapshot_volumes
+    from thinpool.containers.snapshotter import refuse_snapshot_volumes
     refuse_snapshot_volumes(pool, names)  # a snapshotter's volume goes with its record: remove-snapshot
     for name in names:
         pool.delete(name)
@@ -482,7 +482,7 @@ register_op("delete", op_delete, write=True)
 
 def op_rename(pool: Any, old: str, new: str) -> dict[str, Any]:
     """Rename a volume (not a snapshotter's: its record is bound to it)."""
-    from thinpool.snapshots import refuse_snapshot_volumes
+    from thinpool.containers.snapshotter import refuse_snapshot_volumes
     refuse_snapshot_volumes(pool, [old], "rename")
     pool.rename(old, new)
     return _thin_info(pool.thin(new))

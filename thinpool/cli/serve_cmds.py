@@ -218,7 +218,7 @@ def _volumes_deleted_by(pool: Any, op_name: str, args: dict[str, Any]) -> list[s
     if op_name == "delete":
         return list(args.get("names", []))
     from thinpool.errors import ThinpoolError
-    from thinpool.snapshots import Snapshotter
+    from thinpool.containers.snapshotter import Snapshotter
     try:
         return [Snapshotter(pool, args.get("namespace", "default"), autocommit=False).volume_name(args["key"])]
     except (ThinpoolError, KeyError):
@@ -276,7 +276,7 @@ def parse_tcp(value: str) -> tuple[str | None, int]:
 class Served:
     """A running ``thinpool serve``: the pool, the NBD server and the control server.
 
-    Used by the CLI command and by :mod:`thinpool.realfs` (which serves a pool from a background
+    Used by the CLI command and by :mod:`thinpool.containers.realfs` (which serves a pool from a background
     thread).  :meth:`stop` stops the control server first (so no op runs on a closing pool), then the
     NBD server, which lets in-flight requests finish and then commits and closes the pool.
     """

@@ -1,6 +1,6 @@
 """containerd snapshot filters (``kind==committed,labels."a.b"~=^x``) for
-:meth:`thinpool.snapshots.Snapshotter.walk`: :func:`parse_filter` turns one filter string into
-selectors that all must match an :class:`~thinpool.snapshots.Info`."""
+:meth:`thinpool.containers.snapshotter.Snapshotter.walk`: :func:`parse_filter` turns one filter string into
+selectors that all must match an :class:`~thinpool.containers.snapshotter.Info`."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .errors import InvalidArgument
+from ..errors import InvalidArgument
 
 if TYPE_CHECKING:
-    from .snapshots import Info
+    from .snapshotter import Info
 
 __all__ = ["parse_filter", "KINDS"]
 

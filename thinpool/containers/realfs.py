@@ -1,6 +1,6 @@
 """The seed scenario on a real filesystem: ``thinpool demo --real-fs`` (root only).
 
-:mod:`thinpool.demo` runs Docker's "About storage drivers" walkthrough on the idealized layer model
+:mod:`thinpool.containers.demo` runs Docker's "About storage drivers" walkthrough on the idealized layer model
 (files laid out block-aligned, no filesystem).  This module runs the same walkthrough the way Docker's
 ``devicemapper`` driver really did it, with ext4 on thin devices, and measures what ext4 actually wrote
 -- superblock, group descriptors, bitmaps, inode tables, directories, journal and data:
@@ -20,7 +20,7 @@
 
 Every block figure is measured from the pool (owned blocks = mappings a device does not share with its
 parent; pool Data Space Used), after the filesystem was flushed, and shown beside the idealized model's
-figure for the same step (:func:`thinpool.demo.run_demo`, run on a scratch pool with the same block
+figure for the same step (:func:`thinpool.containers.demo.run_demo`, run on a scratch pool with the same block
 size).  The helpers :func:`problems`, :class:`Attached` and :func:`run` are also used by the tests.
 """
 
@@ -33,8 +33,8 @@ import tempfile
 import time
 from typing import Any, Callable
 
-from .errors import FailedPrecondition
-from .units import format_docker_size, parse_size
+from ..errors import FailedPrecondition
+from ..units import format_docker_size, parse_size
 
 #: Executables the real-filesystem path drives.
 TOOLS = ("nbdfuse", "fusermount3", "losetup", "mkfs.ext4", "tune2fs", "mount", "umount", "fsfreeze", "sync")
@@ -166,7 +166,7 @@ class Attached:
 
 def owned_blocks(pool: Any, name: str, parent: str | None) -> int:
     """Mappings of ``name`` that ``parent`` does not have identically (what the device wrote itself)."""
-    from .snapshots import owned_blocks as _owned
+    from .snapshotter import owned_blocks as _owned
     vb, db, _ = pool.thin(name).mappings()
     if parent is None:
         return int(len(vb))
@@ -202,8 +202,8 @@ def run_realfs_demo(path: str | os.PathLike | None = None, block_size: int | str
     dict (:func:`render_realfs` prints it).  ``path``: the pool directory to create (kept), or None for
     a temporary one that is removed.  FailedPrecondition when not root or a tool is missing."""
     from .demo import run_demo
-    from .pool import Pool
-    from .cli.serve_cmds import Served
+    from ..pool import Pool
+    from ..cli.serve_cmds import Served
 
     missing = problems()
     if missing:

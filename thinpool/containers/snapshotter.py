@@ -52,9 +52,9 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from .snapshot_filters import KINDS, parse_filter
-from .units import parse_size
+from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from ..units import parse_size
+from .filters import KINDS, parse_filter
 
 VOLUME_PREFIX = "snap/"
 RECORDS_PREFIX = "snapshots/"

@@ -9,7 +9,7 @@ The objects mirror containers.md §1.1 and §4.3:
 * **containers**: ``<id>-init`` (a snapshot of the image's top layer holding Docker's empty init files)
   and ``<id>`` (the writable snapshot of ``-init``).
 
-All of them are snapshots of a :class:`~thinpool.snapshots.Snapshotter` (namespace ``moby`` by default,
+All of them are snapshots of a :class:`~thinpool.containers.snapshotter.Snapshotter` (namespace ``moby`` by default,
 so their volumes are ``snap/moby/<n>``): layers and ``-init`` are committed, containers are active.
 
 There is no filesystem: files are laid out **block-aligned, one after another** on the volume (a layer's
@@ -23,7 +23,7 @@ Sizes are reported both ways:
   SIZE is the sum of the sizes of the files it added or modified (whole files); VIRTUAL SIZE adds the
   image's size.  This is also what an overlay driver copies up: the whole file on first modification.
 * **block-level**, measured from the pool: a layer or container owns the blocks whose mapping differs
-  from its parent's (:meth:`~thinpool.snapshots.Snapshotter.usage`); a container's block-level SIZE is
+  from its parent's (:meth:`~thinpool.containers.snapshotter.Snapshotter.usage`); a container's block-level SIZE is
   ``owned(rw) x block size`` and its VIRTUAL SIZE adds ``mapped(image top layer) x block size`` (the
   ``-init`` layer is left out, as Docker does).
 
@@ -43,9 +43,9 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .errors import AlreadyExists, InvalidArgument, NotFound
-from .snapshots import Snapshotter
-from .units import parse_size
+from ..errors import AlreadyExists, InvalidArgument, NotFound
+from ..units import parse_size
+from .snapshotter import Snapshotter
 
 RECORDS_PREFIX = "layers/"
 BASE = "base"

@@ -27,9 +27,9 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
+from ..pool import Pool
+from ..units import format_docker_size, format_go_human_size, parse_size
 from .layers import FileSpec, LayerStore, Step, file_content
-from .pool import Pool
-from .units import format_docker_size, format_go_human_size, parse_size
 
 UBUNTU = "ubuntu:16.10"
 BASE_IMAGE = "acme/my-base-image:1.0"
