@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 import pytest
-from test_nbd_protocol import RawClient
+from tests.serve.test_nbd_protocol import RawClient
 
 from thinpool import Pool
 from thinpool import errors as E

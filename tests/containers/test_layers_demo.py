@@ -23,7 +23,7 @@ K64, K512 = 64 * 1024, 512 * 1024
 UBUNTU_FILES = [103_000_000, 745, 2_780, 7]
 IMAGE_FILE_BYTES = sum(UBUNTU_FILES) + 100  # 103,003,632: what Docker reports as the image size
 NAMES = [f"my_container_{i}" for i in range(1, 6)]
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,7 @@ from thinpool.repair import repair
 SOAK = os.environ.get("THINPOOL_SOAK", "") not in ("", "0")
 TRIALS = int(os.environ.get("THINPOOL_CORRUPTION_TRIALS", 3000 if SOAK else 240))
 BS = 64 * 1024
-REPORT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".reliability")
+REPORT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), ".reliability")
 STATS: Counter = Counter()
 
 
@@ -284,7 +284,7 @@ def test_cli_check_and_repair_subprocess(fixture_pool):
     with open(os.path.join(path, "metadata"), "r+b") as f:
         f.seek(block * BLOCK + 10)
         f.write(b"\xff\x00\xff")
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     res = subprocess.run([sys.executable, "-m", "thinpool", "check", path], capture_output=True, text=True, env=env)
     assert res.returncode == 1, res
     assert f"block {block}" in res.stderr and res.stderr.startswith("thinpool: error:"), res.stderr

@@ -44,7 +44,7 @@ NR_BLOCKS = 160
 VOL_BLOCKS = 8
 MAX_VOLS = 6
 OPS_PER_RUN = 600
-REPORT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".reliability")
+REPORT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), ".reliability")
 
 PH_IDLE, PH_OP, PH_COMMIT, PH_LOG = 0, 1, 2, 3
 _SHM = struct.Struct("<qqq")  # phase, commits done, ops done

@@ -52,7 +52,7 @@ SOAK = os.environ.get("THINPOOL_SOAK", "") not in ("", "0")
 BS = 64 * 1024
 SECTOR = 512
 NR_BLOCKS = 40
-REPORT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".reliability")
+REPORT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), ".reliability")
 STATS: Counter = Counter()
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import require_tool
+from tests.conftest import require_tool
 from thinpool import Pool
 from thinpool.interop.binary import read_binary_metadata, write_binary_metadata
 from thinpool.interop.tools import format_delta, format_ls, format_rmap

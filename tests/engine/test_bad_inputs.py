@@ -39,7 +39,7 @@ from thinpool.units import parse_size
 
 BS = 64 * 1024
 VOL = 4 * BS
-REPORT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".reliability")
+REPORT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), ".reliability")
 STATS: Counter = Counter()
 
 try:
@@ -320,7 +320,7 @@ def test_open_a_file(tmp_path):
 def test_locked_pool(pool_path):
     """A second process holds the pool: open (rw or ro) and every CLI verb refuse, naming the pid."""
     before = _hash_pool(pool_path)
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     holder = subprocess.Popen([sys.executable, "-c", "import sys; from thinpool import Pool; p = Pool.open(sys.argv[1]);"
                                " print('ready', flush=True); sys.stdin.read()", pool_path],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)

@@ -38,7 +38,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from conftest import IN_CI
+from tests.conftest import IN_CI
 from thinpool import Pool
 from thinpool.datadev import DataDevice
 from thinpool.errors import HostIOError, InvalidArgument, NoSpace, ReadOnly, ThinpoolError, ThinpoolWarning
@@ -47,7 +47,7 @@ from thinpool.mdstore import FileIO, MetadataStore
 
 SOAK = os.environ.get("THINPOOL_SOAK", "") not in ("", "0")
 BS = 64 * 1024
-REPORT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".reliability")
+REPORT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), ".reliability")
 STATS: Counter = Counter()
 
 
@@ -828,7 +828,7 @@ def test_nbd_flush_is_never_acknowledged_when_the_commit_fails(tmp_path):
             pytest.fail("needs /usr/bin/strace -- CI=true, so this is a failure")
         pytest.skip("needs /usr/bin/strace")
     import time
-    from test_nbd_pool import Raw, _live
+    from tests.serve.test_nbd_pool import Raw, _live
     from thinpool.nbd import protocol as P
     path = str(tmp_path / "p")
     pool = Pool.create(path, data_size="4M", metadata_size="512K")

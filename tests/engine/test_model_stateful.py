@@ -58,7 +58,7 @@ SNAP_BASE = 2 * BS
 BIG = (1 << 19) + 8          # a sparse volume spanning two mid nodes (the radix tree's 2nd level)
 EDGES = [0, 1, 510, 511, 512, 513, 1023, 1024, (1 << 19) - 1, 1 << 19, (1 << 19) + 1, BIG - 1]
 MAX_VOLUMES = 6
-REPORT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".reliability")
+REPORT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), ".reliability")
 
 try:  # the snapshotter is written by another engineer; its rules run once it exists
     from thinpool.snapshots import Snapshotter  # type: ignore

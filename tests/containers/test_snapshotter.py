@@ -490,7 +490,7 @@ def test_sigkill_at_random_points_never_splits_records_from_devices(tmp_path):
     path = tmp_path / "p"
     Pool.create(path, data_size="64MiB").close()
     rng = random.Random(11)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
     total_ops = 0
     for round_ in range(3):

@@ -1,0 +1,1 @@
+"""The thinpool command line."""

@@ -1,0 +1,1 @@
+"""The containerd snapshotter, layers demo and real-filesystem runs."""

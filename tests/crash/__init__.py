@@ -1,0 +1,1 @@
+"""Fault suites (slow): SIGKILL, torn writes, metadata corruption, host-filesystem faults."""

@@ -1,0 +1,1 @@
+"""Engine tests: Pool, DeviceTable, kernels against naive references, stateful model, bad inputs."""

@@ -1,0 +1,1 @@
+"""thin-provisioning-tools formats: XML, binary metadata, tool equivalents, pool <-> IR."""

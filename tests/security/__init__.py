@@ -1,0 +1,1 @@
+"""Data-file ownership, pool files (symlinks, modes, lock) and hostile inputs."""

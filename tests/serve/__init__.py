@@ -1,0 +1,1 @@
+"""NBD serving: protocol, pool backend, real NBD clients, hostile clients and control socket."""
