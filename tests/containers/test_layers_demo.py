@@ -14,10 +14,10 @@ import pytest
 from click.testing import CliRunner
 
 from thinpool import Pool
-from thinpool.demo import run_demo
+from thinpool.containers.demo import run_demo
 from thinpool.errors import AlreadyExists, InvalidArgument, NotFound
-from thinpool.layers import LayerStore, Step, file_content
-from thinpool.snapshots import Snapshotter
+from thinpool.containers.layers import LayerStore, Step, file_content
+from thinpool.containers.snapshotter import Snapshotter
 
 K64, K512 = 64 * 1024, 512 * 1024
 UBUNTU_FILES = [103_000_000, 745, 2_780, 7]

@@ -97,7 +97,7 @@ def test_demo_real_fs_cli_64k() -> None:
         shutil.rmtree(root, ignore_errors=True)
     assert res["pool"] is None and res["elapsed_seconds"] < 120
     _check_result(res, 64 * 1024)
-    from thinpool.realfs import render_realfs
+    from thinpool.containers.realfs import render_realfs
     text = render_realfs(res)
     assert "REAL EXT4 blk" in text and "IDEALIZED blk" in text and "pool check: ok" in text
     assert f"{res['layers'][0]['owned_blocks']:,}" in text and "1,572" in text
@@ -108,7 +108,7 @@ def test_demo_real_fs_512k_keeps_the_pool(monkeypatch: pytest.MonkeyPatch) -> No
     require_root()
     require_tool("nbdfuse", "fusermount3", "losetup", "mkfs.ext4", "tune2fs", "fsfreeze")
     from thinpool import Pool
-    from thinpool.realfs import run_realfs_demo
+    from thinpool.containers.realfs import run_realfs_demo
     root = tempfile.mkdtemp(prefix="tprfs", dir="/tmp")
     monkeypatch.setattr(tempfile, "tempdir", root)  # the demo's scratch directory goes in here
     try:
@@ -129,7 +129,7 @@ def test_demo_real_fs_512k_keeps_the_pool(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_demo_real_fs_refuses_without_root(monkeypatch: pytest.MonkeyPatch) -> None:
-    from thinpool import realfs
+    from thinpool.containers import realfs
     monkeypatch.setattr(realfs.os, "geteuid", lambda: 1000)
     assert any("root" in p for p in realfs.problems())
     with pytest.raises(FailedPrecondition, match="needs root"):

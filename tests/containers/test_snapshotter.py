@@ -17,7 +17,7 @@ import pytest
 
 from thinpool import Pool
 from thinpool.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ReadOnly
-from thinpool.snapshots import Info, Snapshotter, owned_blocks, parse_filter
+from thinpool.containers.snapshotter import Info, Snapshotter, owned_blocks, parse_filter
 
 BS = 64 * 1024
 BASE = 16 << 20
@@ -455,7 +455,7 @@ def test_crash_without_autocommit_rolls_back_to_the_last_commit(tmp_path):
 CHILD = textwrap.dedent("""
     import sys, random
     from thinpool import Pool
-    from thinpool.snapshots import Snapshotter
+    from thinpool.containers.snapshotter import Snapshotter
     path, seed = sys.argv[1], int(sys.argv[2])
     rng = random.Random(seed)
     p = Pool.open(path)

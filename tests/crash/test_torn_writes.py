@@ -39,14 +39,11 @@ from collections import Counter
 import pytest
 
 from thinpool import Pool
+from thinpool.containers.snapshotter import Snapshotter
 from thinpool.datadev import DataDevice
 from thinpool.errors import MetadataCorrupt
 from thinpool.mdstore import BLOCK, MetadataStore
 
-try:
-    from thinpool.snapshots import Snapshotter
-except ImportError:  # pragma: no cover
-    Snapshotter = None
 
 SOAK = os.environ.get("THINPOOL_SOAK", "") not in ("", "0")
 BS = 64 * 1024
@@ -125,7 +122,7 @@ def make_ops(seed: int = 5, n: int = 80) -> list[tuple]:
     for i in range(n):
         r = rng.random()
         names = sorted(sizes)
-        if Snapshotter is not None and 0.9 < r:    # snapshotter verbs (each commits by itself)
+        if 0.9 < r:    # snapshotter verbs (each commits by itself)
             active = sorted(k for k, v in skinds.items() if v == "active")
             committed = sorted(k for k, v in skinds.items() if v == "committed")
             leaves = sorted(k for k in skinds if k not in sparent.values())
@@ -288,7 +285,7 @@ def compare(pool: Pool, ref: Reference, c: int, *, sectors: bool = False) -> lis
     problems = []
     if _records(pool) != want["records"]:
         return [f"stored records differ from commit {c}'s"]
-    if Snapshotter is not None and Snapshotter(pool).check():
+    if Snapshotter(pool).check():
         return [f"snapshotter records and volumes disagree: {Snapshotter(pool).check()}"]
     names = sorted(t.name for t in pool.thins())
     if names != sorted(want["vols"]):

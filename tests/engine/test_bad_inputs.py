@@ -33,6 +33,7 @@ from click.testing import CliRunner
 
 from thinpool import Pool
 from thinpool.cli import main
+from thinpool.containers.snapshotter import Snapshotter
 from thinpool.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, MetadataCorrupt, NotFound,
                              PoolLocked, ReadOnly, ThinpoolError)
 from thinpool.units import parse_size
@@ -41,11 +42,6 @@ BS = 64 * 1024
 VOL = 4 * BS
 REPORT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), ".reliability")
 STATS: Counter = Counter()
-
-try:
-    from thinpool.snapshots import Snapshotter
-except ImportError:  # pragma: no cover
-    Snapshotter = None
 
 
 @dataclass
@@ -94,11 +90,10 @@ def pool_path():
     pool.create_thin("ro", 2 * BS, read_only=True)
     pool.create_thin("solo", 2 * BS).write(0, b"s" * (2 * BS))     # exclusive blocks: writes go in place
     pool.create_thin("wide", 9 << 20).write(0, b"w" * (9 << 20))    # wider than the CLI's 8 MiB chunk
-    if Snapshotter is not None:
-        sn = Snapshotter(pool, base_size=2 * BS)
-        sn.prepare("a0")
-        sn.commit("c1", "a0")
-        sn.prepare("a1", "c1")
+    sn = Snapshotter(pool, base_size=2 * BS)
+    sn.prepare("a0")
+    sn.commit("c1", "a0")
+    sn.prepare("a1", "c1")
     pool.close()
     yield path
     shutil.rmtree(d, ignore_errors=True)
@@ -208,21 +203,20 @@ def _lib_cases() -> list[Case]:
     add("ro pool: rename", lambda p: p.rename("base", "x"), ReadOnly, "read-only", ro=True)
     add("ro pool: set transaction id", lambda p: p.set_transaction_id(p.transaction_id, 9), ReadOnly,
         "read-only", ro=True)
-    if Snapshotter is not None:
-        S = lambda p: Snapshotter(p, base_size=2 * BS)  # noqa: E731
-        add("snapshotter: remove parent of a child", lambda p: S(p).remove("c1"), FailedPrecondition, "'c1'", "'a1'")
-        add("snapshotter: prepare missing parent", lambda p: S(p).prepare("k", "nope"), NotFound, "'nope'")
-        add("snapshotter: prepare active parent", lambda p: S(p).prepare("k", "a1"), InvalidArgument, "'a1'")
-        add("snapshotter: prepare existing key", lambda p: S(p).prepare("a1"), AlreadyExists, "'a1'")
-        add("snapshotter: commit to existing name", lambda p: S(p).commit("c1", "a1"), AlreadyExists, "'c1'")
-        add("snapshotter: commit a committed", lambda p: S(p).commit("n", "c1"), FailedPrecondition, "'c1'")
-        add("snapshotter: commit missing key", lambda p: S(p).commit("n", "nope"), NotFound, "'nope'")
-        add("snapshotter: remove missing", lambda p: S(p).remove("nope"), NotFound, "'nope'")
-        add("snapshotter: empty key", lambda p: S(p).prepare(""), InvalidArgument, "''")
-        add("snapshotter: bad label", lambda p: S(p).prepare("k", labels={"": "v"}), InvalidArgument, "label")
-        add("snapshotter: bad namespace", lambda p: Snapshotter(p, namespace="a/b"), InvalidArgument, "'a/b'")
-        add("snapshotter: mounts of committed", lambda p: S(p).mounts("c1"), FailedPrecondition, "'c1'")
-        add("snapshotter: ro pool prepare", lambda p: S(p).prepare("k"), ReadOnly, "read-only", ro=True)
+    S = lambda p: Snapshotter(p, base_size=2 * BS)  # noqa: E731
+    add("snapshotter: remove parent of a child", lambda p: S(p).remove("c1"), FailedPrecondition, "'c1'", "'a1'")
+    add("snapshotter: prepare missing parent", lambda p: S(p).prepare("k", "nope"), NotFound, "'nope'")
+    add("snapshotter: prepare active parent", lambda p: S(p).prepare("k", "a1"), InvalidArgument, "'a1'")
+    add("snapshotter: prepare existing key", lambda p: S(p).prepare("a1"), AlreadyExists, "'a1'")
+    add("snapshotter: commit to existing name", lambda p: S(p).commit("c1", "a1"), AlreadyExists, "'c1'")
+    add("snapshotter: commit a committed", lambda p: S(p).commit("n", "c1"), FailedPrecondition, "'c1'")
+    add("snapshotter: commit missing key", lambda p: S(p).commit("n", "nope"), NotFound, "'nope'")
+    add("snapshotter: remove missing", lambda p: S(p).remove("nope"), NotFound, "'nope'")
+    add("snapshotter: empty key", lambda p: S(p).prepare(""), InvalidArgument, "''")
+    add("snapshotter: bad label", lambda p: S(p).prepare("k", labels={"": "v"}), InvalidArgument, "label")
+    add("snapshotter: bad namespace", lambda p: Snapshotter(p, namespace="a/b"), InvalidArgument, "'a/b'")
+    add("snapshotter: mounts of committed", lambda p: S(p).mounts("c1"), FailedPrecondition, "'c1'")
+    add("snapshotter: ro pool prepare", lambda p: S(p).prepare("k"), ReadOnly, "read-only", ro=True)
     return L
 
 
@@ -380,15 +374,14 @@ def _cli_cases() -> list[Case]:
     add("usage missing", ["usage", "POOL", "nope"], 1, "'nope'")
     add("ls bad field", ["ls", "POOL", "-o", "NOT_A_FIELD"], 1, "NOT_A_FIELD")
     add("delta missing volume", ["delta", "POOL", "base", "nope"], 1, "nope")
-    if Snapshotter is not None:
-        add("remove parent of a child", ["remove-snapshot", "POOL", "c1"], 1, "'c1'")
-        add("prepare missing parent", ["prepare", "POOL", "k", "--parent", "nope"], 1, "'nope'")
-        add("prepare active parent", ["prepare", "POOL", "k", "--parent", "a1"], 1, "'a1'")
-        add("commit committed", ["commit-snapshot", "POOL", "n", "c1"], 1, "'c1'")
-        add("commit onto existing", ["commit-snapshot", "POOL", "c1", "a1"], 1, "'c1'")
-        add("stat missing", ["stat-snapshot", "POOL", "nope"], 1, "'nope'")
-        add("bad label", ["prepare", "POOL", "k", "--label", "novalue"], 2, "novalue")
-        add("bad namespace", ["prepare", "POOL", "k", "--namespace", "a/b"], 1, "'a/b'")
+    add("remove parent of a child", ["remove-snapshot", "POOL", "c1"], 1, "'c1'")
+    add("prepare missing parent", ["prepare", "POOL", "k", "--parent", "nope"], 1, "'nope'")
+    add("prepare active parent", ["prepare", "POOL", "k", "--parent", "a1"], 1, "'a1'")
+    add("commit committed", ["commit-snapshot", "POOL", "n", "c1"], 1, "'c1'")
+    add("commit onto existing", ["commit-snapshot", "POOL", "c1", "a1"], 1, "'c1'")
+    add("stat missing", ["stat-snapshot", "POOL", "nope"], 1, "'nope'")
+    add("bad label", ["prepare", "POOL", "k", "--label", "novalue"], 2, "novalue")
+    add("bad namespace", ["prepare", "POOL", "k", "--namespace", "a/b"], 1, "'a/b'")
     return C
 
 

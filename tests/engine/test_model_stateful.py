@@ -2,7 +2,7 @@
 
 A hypothesis ``RuleBasedStateMachine`` drives a tiny pool (a handful of 64 KiB blocks, volumes of a
 few blocks) through create/snapshot/write/read/discard/delete/commit/abort/close-reopen/crash/
-resize (and the snapshotter, when ``thinpool.snapshots`` exists) and compares it after every step
+resize and the containerd snapshotter (:mod:`thinpool.containers.snapshotter`) and compares it after every step
 with a pure-Python reference model:
 
 * **bytes**: every volume is kept as a dict ``virtual block -> 64 KiB of bytes`` (absent = zeroes);
@@ -44,6 +44,7 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, p
                                  run_state_machine_as_test)
 
 from thinpool import Pool
+from thinpool.containers.snapshotter import Snapshotter
 from thinpool.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NoSpace, NotFound, ReadOnly
 
 SOAK = os.environ.get("THINPOOL_SOAK", "") not in ("", "0")
@@ -60,10 +61,6 @@ EDGES = [0, 1, 510, 511, 512, 513, 1023, 1024, (1 << 19) - 1, 1 << 19, (1 << 19)
 MAX_VOLUMES = 6
 REPORT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), ".reliability")
 
-try:  # the snapshotter is written by another engineer; its rules run once it exists
-    from thinpool.snapshots import Snapshotter  # type: ignore
-except ImportError:  # pragma: no cover - depends on the tree
-    Snapshotter = None
 
 STATS: Counter = Counter()
 
@@ -575,7 +572,6 @@ class PoolMachine(RuleBasedStateMachine):
             self._mark_committed()
         self.commit_events.clear()
 
-    @precondition(lambda self: Snapshotter is not None)
     @rule(key=st.sampled_from(SKEYS), parent=st.sampled_from([None, None] + SKEYS), view=st.booleans())
     def snap_prepare(self, key: str, parent: str | None, view: bool) -> None:
         sn, recs = self._sn(), self.snap_model
@@ -604,7 +600,6 @@ class PoolMachine(RuleBasedStateMachine):
             STATS["snapshotter_prepare"] += 1
         self._after_snapshotter_op()
 
-    @precondition(lambda self: Snapshotter is not None)
     @rule(name=st.sampled_from(["c0", "c1", "c0", "k0"]), key=st.sampled_from(["k0", "k1", "k2", "c0"]))
     def snap_commit(self, name: str, key: str) -> None:
         sn, recs = self._sn(), self.snap_model
@@ -629,7 +624,6 @@ class PoolMachine(RuleBasedStateMachine):
             STATS["snapshotter_commit"] += 1
         self._after_snapshotter_op()
 
-    @precondition(lambda self: Snapshotter is not None)
     @rule(key=st.sampled_from(SKEYS))
     def snap_remove(self, key: str) -> None:
         sn, recs = self._sn(), self.snap_model
@@ -698,13 +692,12 @@ class PoolMachine(RuleBasedStateMachine):
             md = pool.to_metadata(held=True)
             got = {d.dev_id: list(zip(d.vblocks.tolist(), d.dblocks.tolist())) for d in md.devices}
             assert got == self.held, "the held metadata snapshot changed"
-        if Snapshotter is not None:
-            sn = self._sn()
-            assert sn.check() == []
-            assert {i.name: i.kind for i in sn.walk()} == {k: r["kind"] for k, r in self.snap_model.items()}
-            for k, r in self.snap_model.items():
-                assert sn.volume_name(k) == r["volume"]
-                assert (sn.stat(k).parent or "") == r["parent"]
+        sn = self._sn()
+        assert sn.check() == []
+        assert {i.name: i.kind for i in sn.walk()} == {k: r["kind"] for k, r in self.snap_model.items()}
+        for k, r in self.snap_model.items():
+            assert sn.volume_name(k) == r["volume"]
+            assert (sn.stat(k).parent or "") == r["parent"]
         STATS["steps_checked"] += 1
 
 

@@ -38,7 +38,7 @@ from thinpool.interop.btree import (
     plan_forest,
 )
 from thinpool.interop.ir import Device, Metadata, Superblock
-from thinpool.interop.spacemap import SpaceMapRoot, read_data_space_map, read_metadata_space_map
+from thinpool.interop.sm_disk import SpaceMapRoot, read_data_space_map, read_metadata_space_map
 
 BS = 4096
 THIN_CHECK_PROGRESS = {"examining superblock", "examining devices tree", "examining mapping tree",

@@ -18,7 +18,9 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from tests.conftest import require_tool
 from thinpool import Pool
 from thinpool.interop.binary import read_binary_metadata, write_binary_metadata
-from thinpool.interop.tools import format_delta, format_ls, format_rmap
+from thinpool.interop.thin_delta import format_delta
+from thinpool.interop.thin_ls import format_ls
+from thinpool.interop.thin_rmap import format_rmap
 from thinpool.interop.xml import dump_xml, load_xml
 
 BS = 64 * 1024

@@ -18,10 +18,10 @@ from tests.conftest import require_tool
 from tests.interop.test_interop_xml import make_device, metadata_irs, restore
 from thinpool.errors import InvalidArgument, NotFound
 from thinpool.interop.ir import Metadata, Superblock
-from thinpool.interop.tools import (
-    DEFAULT_LS_FIELDS, LS_FIELDS, _libstdcxx_sort, delta, exclusive_blocks, format_delta, format_ls,
-    format_metadata_size, format_rmap, human_size, ls_rows, metadata_size_blocks, parse_region, rmap,
-)
+from thinpool.interop.thin_delta import delta, format_delta
+from thinpool.interop.thin_ls import DEFAULT_LS_FIELDS, LS_FIELDS, exclusive_blocks, format_ls, human_size, ls_rows
+from thinpool.interop.thin_metadata_size import format_metadata_size, metadata_size_blocks
+from thinpool.interop.thin_rmap import _libstdcxx_sort, format_rmap, parse_region, rmap
 from thinpool.interop.xml import dump_xml
 
 ALL_FIELDS = ",".join(LS_FIELDS)

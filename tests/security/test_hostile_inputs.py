@@ -21,6 +21,7 @@ from thinpool import Pool
 from thinpool.cli import main
 from thinpool.cli.ops import OPS
 from thinpool.errors import InvalidArgument
+from thinpool.ownership import read_stamp
 from thinpool.safe_output import atomic_output, check_path, guard_output
 
 BS = 64 << 10
@@ -75,10 +76,6 @@ def _targets(d: dict[str, Path]) -> list[tuple[str, str, str]]:
 
 def _stamped(path: str) -> bool:
     """Whether ``path`` carries a data-file owner stamp (then every output onto it is refused)."""
-    try:
-        from thinpool.ownership import read_stamp
-    except ImportError:
-        return False
     return read_stamp(path) is not None
 
 
@@ -231,7 +228,7 @@ def test_export_metadata_failure_keeps_old_target(pools: dict[str, Path]) -> Non
 def test_delete_and_rename_of_snapshot_volume_refused(tmp_path: Path) -> None:
     """Plain `delete`/`rename` of a volume a snapshotter record owns is refused, naming the snapshot
     key and remove-snapshot; the pool and the records are unchanged."""
-    from thinpool.snapshots import Snapshotter
+    from thinpool.containers.snapshotter import Snapshotter
     pool_dir = tmp_path / "pool"
     with Pool.create(pool_dir, data_size="8MiB") as pool:
         sn = Snapshotter(pool, base_size="1MiB")
@@ -255,7 +252,7 @@ def test_remove_snapshot_never_deletes_a_volume_reusing_its_name(tmp_path: Path)
     snapshotter's back and a user volume took its name, remove-snapshot drops only the record, and
     mounts/commit refuse to use the impostor."""
     from thinpool.errors import FailedPrecondition
-    from thinpool.snapshots import Snapshotter
+    from thinpool.containers.snapshotter import Snapshotter
     pool_dir = tmp_path / "pool"
     with Pool.create(pool_dir, data_size="8MiB") as pool:
         sn = Snapshotter(pool, base_size="1MiB")

@@ -707,7 +707,7 @@ def test_ext4_snapshot_while_mounted(env: Env) -> None:
     unchanged; `thinpool ls` and the mappings show the blocks ext4 wrote as shared / exclusive."""
     require_root()
     require_tool("nbdfuse", "fusermount3", "losetup", "mkfs.ext4", "fsfreeze", "filefrag")
-    from thinpool.realfs import Attached
+    from thinpool.containers.realfs import Attached
 
     make_pool(env, {"fs": 256 * MiB})
     srv = env.serve()

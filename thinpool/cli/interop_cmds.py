@@ -254,7 +254,7 @@ def metadata_size_cmd(block_size: str, pool_size: str, max_thins: str, unit: str
       thinpool metadata-size -b 64k -s 1t -m 1000
       thinpool metadata-size -b 64k -s 1t -m 1000 -u m -n short
     """
-    from thinpool.interop.tools import format_metadata_size
+    from thinpool.interop.thin_metadata_size import format_metadata_size
     flag: bool | str = False if numeric is None else (True if numeric == _NUMERIC_FLAG else numeric)
     text = format_metadata_size(block_size, pool_size, max_thins, unit=unit, numeric=flag)
     if as_json:

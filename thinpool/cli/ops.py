@@ -520,13 +520,13 @@ def op_ls(pool: Any, fields: list[str] | None = None, headers: bool = True,
     """
     if fields is None and not metadata_snap:
         return {"volumes": _volume_rows(pool, usage)}
-    from thinpool.interop import tools
+    from thinpool.interop import thin_ls
     md = pool.to_metadata(held=metadata_snap)
     result: dict[str, Any] = {}
     if as_json:
-        result["rows"] = tools.ls_rows(md, fields)
+        result["rows"] = thin_ls.ls_rows(md, fields)
     else:
-        result["text"] = tools.format_ls(md, fields, headers=headers)
+        result["text"] = thin_ls.format_ls(md, fields, headers=headers)
     return result
 
 
@@ -676,12 +676,12 @@ def _dev_id(pool: Any, md: Any, ref: str | int) -> int:
 def op_delta(pool: Any, left: str | int, right: str | int, verbose: bool = False, metadata_snap: bool = False,
              as_json: bool = False) -> Any:
     """thin_delta between two volumes (names or dev ids): its XML as text, or its records with ``as_json``."""
-    from thinpool.interop import tools
+    from thinpool.interop import thin_delta
     md = _metadata(pool, metadata_snap)
     a, b = _dev_id(pool, md, left), _dev_id(pool, md, right)
     if as_json:
-        return {"left": a, "right": b, "ranges": tools.delta(md, a, b)}
-    return tools.format_delta(md, a, b, verbose=verbose)
+        return {"left": a, "right": b, "ranges": thin_delta.delta(md, a, b)}
+    return thin_delta.format_delta(md, a, b, verbose=verbose)
 
 
 register_op("delta", op_delta, write=False, render=lambda text: text)
@@ -690,13 +690,13 @@ register_op("delta", op_delta, write=False, render=lambda text: text)
 def op_rmap(pool: Any, regions: list[str], metadata_snap: bool = False, as_json: bool = False) -> Any:
     """thin_rmap for data-block regions ``"B..E"``: its text, or its records with ``as_json``
     (each record also names the volume)."""
-    from thinpool.interop import tools
+    from thinpool.interop import thin_rmap
     md = _metadata(pool, metadata_snap)
     if as_json:
-        records = tools.rmap(md, regions)
+        records = thin_rmap.rmap(md, regions)
         names = {t.dev_id: t.name for t in pool.thins()}
         return [{**r, "name": names.get(r["dev_id"])} for r in records]
-    return tools.format_rmap(md, regions)
+    return thin_rmap.format_rmap(md, regions)
 
 
 register_op("rmap", op_rmap, write=False, render=lambda text: text)

@@ -57,7 +57,7 @@ from thinpool.interop.btree import (
     seal_blocks,
 )
 from thinpool.interop.ir import MAX_DEV_ID, TIME_MASK, Device, Metadata, Superblock
-from thinpool.interop.spacemap import (
+from thinpool.interop.sm_disk import (
     MAX_METADATA_BITMAPS,
     MAX_METADATA_BLOCKS,
     SpaceMapContent,

@@ -15,7 +15,7 @@ from thinpool.errors import InvalidArgument, MetadataCorrupt
 from thinpool.interop.binary import _DETAILS, RawSuperblock, _read_superblock
 from thinpool.interop.btree import BlockSource, corrupt, walk_forest
 from thinpool.interop.ir import TIME_MASK, Device, Metadata, Superblock
-from thinpool.interop.spacemap import read_data_space_map, read_metadata_space_map
+from thinpool.interop.sm_disk import read_data_space_map, read_metadata_space_map
 
 __all__ = ["read_binary_metadata", "read_data_refcounts", "read_metadata_refcounts", "check_binary_metadata"]
 

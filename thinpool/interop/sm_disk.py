@@ -1,4 +1,6 @@
-"""dm-thin space maps: 2-bit reference-count bitmaps, index entries and ref-count trees.
+"""dm-thin's on-disk space map format (the kernel's sm-disk and sm-metadata): 2-bit reference-count
+bitmaps, index entries and ref-count trees, read and written for binary metadata.  (The pool's own
+in-memory data space map is :mod:`thinpool.dataspace`.)
 
 A space map keeps one reference count per block (reference §2.5):
 
