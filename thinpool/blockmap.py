@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import layout as K
+from . import schema as K
 
 _GROW_MIN = 1024  # slots; capacities stay multiples of 1024 so rc arrays fill whole pages
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import layout as K
+from . import schema as K
 
 
 def _walks():

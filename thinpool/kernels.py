@@ -35,11 +35,13 @@ c_pread = types.ExternalFunction("pread", types.intp(types.int32, types.voidptr,
 #: write_one's answer for an I/O it leaves to the caller's general path (out of range, read-only)
 NOT_HANDLED = -100
 
-from .layout import *  # noqa: F401,F403  (the constants are part of the kernels' interface)
-from .layout import (ST_SIZE, DEV_FLAGS, DEV_MAPPED, DEV_ROOT, DEV_SIZE, DEV_SNAP_TIME, INNER_BITS, INNER_ENTRIES,
+from .schema import UNMAPPED as _UNMAPPED
+from .schema import (ST_SIZE, DEV_FLAGS, DEV_MAPPED, DEV_ROOT, DEV_SIZE, DEV_SNAP_TIME, INNER_BITS, INNER_ENTRIES,
                      IO_ERROR, LEAF_BITS, LEAF_ENTRIES, NEED_NODES, NO_SPACE, NONE, OK, RC_PAGE_BITS, ST_BLOCK_SIZE, ST_CURSOR,
                      ST_INNER_FREE, ST_INNERS_LIVE, ST_LEAF_FREE, ST_LEAVES_LIVE, ST_NR_ALLOCATABLE, ST_NR_BLOCKS,
-                     ST_NR_FREE, ST_TIME, TIME_MASK, UNMAPPED)
+                     ST_NR_FREE, ST_TIME, TIME_MASK)
+
+UNMAPPED = np.uint64(_UNMAPPED)  # a hole, typed as the leaves' element type
 
 
 # --------------------------------------------------------------------------- byte copies

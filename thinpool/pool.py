@@ -18,14 +18,15 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from . import layout as K
+from . import schema as K
 from . import ownership, pooldir, safe_output
 from .blockmap import BlockMap
 from .datadev import DataDevice
-from .devtable import (DEV_FIELDS, DEV_RECORD, DEVS_PER_PAGE, F_IN_USE, F_READ_ONLY,  # noqa: F401 (API)
+from .devtable import (DEVS_PER_PAGE,
                        MAX_DEV_ID, check_new_name, new_catalog_entry, pad_pages, pick_dev_id)
 from .errors import AlreadyExists, HostIOError, InvalidArgument, MetadataCorrupt, NotFound, ReadOnly
 from .mdstore import BLOCK, MetadataSpaceExhausted, MetadataStore, PagedArray
+from .schema import DevFlag, Mode, dev_dtype
 from .spacemap import DataSpaceMap
 from .status import PoolStatus, Usage  # noqa: F401  (part of this module's API)
 from .units import parse_size
@@ -36,9 +37,6 @@ if TYPE_CHECKING:
 MIN_BLOCK_SIZE = 64 * 1024
 MAX_BLOCK_SIZE = 1 << 30
 DEFAULT_MAX_THINS = 1000
-DEV_DTYPE = np.dtype([(f, "<i8") for f in DEV_FIELDS])  # the device record (thinpool.devtable.DEV_RECORD)
-assert DEV_DTYPE.itemsize == DEV_RECORD.size
-MODES = ("write", "out-of-data-space", "read-only", "fail")
 
 
 def _walks():
@@ -235,11 +233,11 @@ class Pool:
         self._unpunched = np.zeros(0, np.int64)  # released blocks whose hole punch failed (still pending)
         self._lwm_fired = False
         self._set_md_check()
-        self.mode = "write"
+        self.mode = Mode.WRITE
         if self.header.get("needs_check"):
-            self.mode = "read-only"
+            self.mode = Mode.READ_ONLY
         elif self.st[K.ST_NR_ALLOCATABLE] == 0:
-            self.mode = "out-of-data-space"
+            self.mode = Mode.OUT_OF_DATA_SPACE
 
     def _install(self, arrays: dict[str, np.ndarray], header: dict[str, Any]) -> None:
         self.recovered_from = header.get("recovered_from")
@@ -253,8 +251,8 @@ class Pool:
         self.nodes_map = BlockMap.from_arrays(st, arrays["leaves"].view(np.uint64), arrays["inners"].view(np.int32),
                                               arrays["leaf_rc"].view(np.uint32), arrays["inner_rc"].view(np.uint32))
         self.space = DataSpaceMap(st, header["nr_data_blocks"], arrays["data_rc"].view(np.uint32))
-        self.devs = arrays["devs"].view(DEV_DTYPE).copy()
-        self.devs_i = self.devs.view(np.int64).reshape(-1, K.DEV_COLUMNS)  # the kernels' view (layout.DEV_*)
+        self.devs = arrays["devs"].view(dev_dtype()).copy()
+        self.devs_i = self.devs.view(np.int64).reshape(-1, K.DEV_COLUMNS)  # the kernels' view (schema.DEV_*)
         self.devs_dirty: set[int] = set()
         raw = arrays["catalog"].tobytes()[: header["catalog_bytes"]]
         try:
@@ -328,7 +326,7 @@ class Pool:
         self._check_open()
         if self.read_only:
             raise ReadOnly(f"pool {self.path} is opened read-only")
-        if self.mode in ("read-only", "fail"):
+        if self.mode in (Mode.READ_ONLY, Mode.FAIL):
             raise ReadOnly(f"pool {self.path} is {self.mode}" +
                            (" (needs check/repair)" if self.header.get("needs_check") else
                             f" ({self.read_only_reason})" if getattr(self, "read_only_reason", "") else ""))
@@ -347,11 +345,11 @@ class Pool:
         return pick_dev_id(self.path, dev_id, self._by_dev_id, int(self.catalog.get("next_dev_id", 1)))
 
     def _new_slot(self) -> int:
-        free = np.flatnonzero((self.devs["flags"] & F_IN_USE) == 0)
+        free = np.flatnonzero((self.devs["flags"] & DevFlag.IN_USE) == 0)
         if len(free):
             return int(free[0])
         old = len(self.devs)
-        self.devs = np.concatenate([self.devs, np.zeros(DEVS_PER_PAGE, DEV_DTYPE)])
+        self.devs = np.concatenate([self.devs, np.zeros(DEVS_PER_PAGE, dev_dtype())])
         self.devs_i = self.devs.view(np.int64).reshape(-1, K.DEV_COLUMNS)
         self.devs_dirty.update(range(old, len(self.devs)))
         return old
@@ -360,7 +358,7 @@ class Pool:
                   snap_time: int, size: int, flags: int = 0) -> int:
         slot = self._new_slot()
         self.devs[slot] = (dev_id, root, mapped, self.transaction_id, creation_time, snap_time, size,
-                           F_IN_USE | flags)
+                           DevFlag.IN_USE | flags)
         self.devs_dirty.add(slot)
         self.catalog["volumes"][name] = new_catalog_entry(self.catalog, dev_id, slot)
         self.catalog["next_dev_id"] = (dev_id + 1) & MAX_DEV_ID
@@ -388,7 +386,7 @@ class Pool:
         nbytes = self._check_size(size)
         dev_id = self._pick_dev_id(dev_id)
         root = self.nodes_map.new_root()
-        self._register(name, dev_id, root, 0, self.time, self.time, nbytes, F_READ_ONLY if read_only else 0)
+        self._register(name, dev_id, root, 0, self.time, self.time, nbytes, DevFlag.READ_ONLY if read_only else 0)
         return self.thin(name)
 
     @_locked
@@ -409,7 +407,7 @@ class Pool:
         self.devs_dirty.add(oslot)
         self.nodes_map.share_root(int(o["root"]))
         self._register(name, dev_id, int(o["root"]), int(o["mapped"]), t, t, int(o["size"]),
-                       F_READ_ONLY if read_only else 0)
+                       DevFlag.READ_ONLY if read_only else 0)
         return self.thin(name)
 
     @_locked
@@ -422,7 +420,7 @@ class Pool:
         _kernels().release_inner(self.nodes_map.nodes, self.space.data_rc, self.space.freed_txn, self.space.rc_dirty,
                         self.st, root, 0)
         dev_id = int(self.devs[slot]["dev_id"])
-        self.devs[slot] = np.zeros(1, DEV_DTYPE)[0]
+        self.devs[slot] = np.zeros(1, dev_dtype())[0]
         self.devs_dirty.add(slot)
         del self.catalog["volumes"][name]
         del self._by_name[name]
@@ -448,7 +446,7 @@ class Pool:
         self._check_writable()
         slot = self._slot(name)
         flags = int(self.devs[slot]["flags"])
-        self.devs[slot]["flags"] = (flags | F_READ_ONLY) if read_only else (flags & ~F_READ_ONLY)
+        self.devs[slot]["flags"] = (flags | DevFlag.READ_ONLY) if read_only else (flags & ~int(DevFlag.READ_ONLY))
         self.devs_dirty.add(slot)
 
     def record_namespaces(self) -> list[str]:
@@ -499,7 +497,7 @@ class Pool:
 
     # ------------------------------------------------------------------ accounting
     def _roots(self) -> np.ndarray:
-        used = (self.devs["flags"] & F_IN_USE) != 0
+        used = (self.devs["flags"] & DevFlag.IN_USE) != 0
         return self.devs["root"][used].astype(np.int64)
 
     @_locked
@@ -575,10 +573,10 @@ class Pool:
         last durable commit.  A pool in ``fail`` mode never reports a commit as done.
         """
         self._check_open()
-        if self.mode == "fail":
+        if self.mode == Mode.FAIL:
             raise HostIOError(f"pool {self.path} has failed and must be reopened; nothing since its last "
                               f"durable commit was committed ({getattr(self, 'read_only_reason', '')})")
-        if self.read_only or self.mode == "read-only":
+        if self.read_only or self.mode == Mode.READ_ONLY:
             return
         freed = self.space.freed_blocks()
         record = np.union1d(freed, self._unpunched) if len(self._unpunched) else freed
@@ -604,7 +602,7 @@ class Pool:
         except HostIOError as exc:
             flushed = bool(self.store.failed)
             if flushed:
-                self.mode = "fail"
+                self.mode = Mode.FAIL
                 self.read_only_reason = str(exc)
             raise HostIOError(f"pool {self.path}: commit failed, nothing of it is durable" +
                               (" (the pool has failed: reopen it; the last durable commit is kept)" if flushed
@@ -623,8 +621,8 @@ class Pool:
         self._unpunched = _poolspace().punch_released(self, released)  # "needs zeroing": not handed out
         self.space.release(np.setdiff1d(released, self._unpunched) if len(self._unpunched) else released)
         self.space.set_pending(np.union1d(freed, self._unpunched) if len(self._unpunched) else freed)
-        if self.mode == "out-of-data-space" and self.st[K.ST_NR_ALLOCATABLE] > 0:
-            self.mode = "write"
+        if self.mode == Mode.OUT_OF_DATA_SPACE and self.st[K.ST_NR_ALLOCATABLE] > 0:
+            self.mode = Mode.WRITE
         self._set_md_check()
 
     @_locked
@@ -639,7 +637,7 @@ class Pool:
 
     def _abort_to_read_only(self, reason: str) -> None:
         self._load()
-        self.mode = "read-only"
+        self.mode = Mode.READ_ONLY
         self.read_only_reason = reason
 
     @_locked

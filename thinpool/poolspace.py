@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import layout as K
+from . import schema as K
+from .schema import Mode
 from .errors import HostIOError, InvalidArgument, ReadOnly, ThinpoolError, ThinpoolWarning
 from .mdstore import BLOCK, PM_ENTRIES
 from .units import parse_size
@@ -61,9 +62,9 @@ def _check_md_size(pool: "Pool", nbytes: int) -> int:
 
 def _after_metadata_growth(pool: "Pool") -> None:
     """Leave the read-only mode that running out of metadata space caused."""
-    if pool.mode == "read-only" and not pool.header.get("needs_check") and \
+    if pool.mode == Mode.READ_ONLY and not pool.header.get("needs_check") and \
             getattr(pool, "read_only_reason", "").find("out of metadata space") >= 0:
-        pool.mode = "write" if pool.st[K.ST_NR_ALLOCATABLE] > 0 else "out-of-data-space"
+        pool.mode = Mode.WRITE if pool.st[K.ST_NR_ALLOCATABLE] > 0 else Mode.OUT_OF_DATA_SPACE
         pool.read_only_reason = ""
     pool._set_md_check()
 
@@ -83,7 +84,7 @@ def resize_metadata(pool: "Pool", metadata_size: int | str) -> None:
     pool._check_open()
     if pool.read_only:
         raise ReadOnly(f"pool {pool.path} is opened read-only")
-    if pool.mode == "fail":
+    if pool.mode == Mode.FAIL:
         raise ReadOnly(f"pool {pool.path} has failed ({getattr(pool, 'read_only_reason', '')}); reopen it first")
     if pool.header.get("needs_check"):
         raise ReadOnly(f"pool {pool.path} needs check: its metadata cannot be resized until repaired")
@@ -126,7 +127,7 @@ def resize(pool: "Pool", data_size: int | str | None, metadata_size: int | str |
                               f"{need * BLOCK} bytes of metadata, more than dm-thin's 15.87GiB limit")
     if nr == pool.space.nr_blocks and target == pool.store.nr_blocks:
         return
-    if pool.mode == "fail" or (pool.mode == "read-only" and target == pool.store.nr_blocks):
+    if pool.mode == Mode.FAIL or (pool.mode == Mode.READ_ONLY and target == pool.store.nr_blocks):
         pool._check_writable()  # says why
     # make what was done so far durable on its own: a failed resize then only rolls back itself
     if target > pool.store.nr_blocks:
@@ -148,8 +149,8 @@ def resize(pool: "Pool", data_size: int | str | None, metadata_size: int | str |
         pool.space.resize(nr)
         pool.header["nr_data_blocks"] = nr
         pool._lwm_fired = False
-        if pool.mode == "out-of-data-space" and pool.st[K.ST_NR_ALLOCATABLE] > 0:
-            pool.mode = "write"
+        if pool.mode == Mode.OUT_OF_DATA_SPACE and pool.st[K.ST_NR_ALLOCATABLE] > 0:
+            pool.mode = Mode.WRITE
         pool.commit()
     except BaseException:
         _roll_back_resize(pool, old_nr)
@@ -160,7 +161,7 @@ def _roll_back_resize(pool: "Pool", old_nr: int) -> None:
     """After a failed resize commit: the last commit's state (which had ``old_nr`` blocks) and a data
     file of its old size.  A failed pool (flush error) is not reloaded: it must be reopened, and
     reopening reads whichever commit is durable."""
-    if pool.mode != "fail" and not pool.store.failed:
+    if pool.mode != Mode.FAIL and not pool.store.failed:
         pool._load()
     # also when the pool failed: the blocks past the old end are mapped by no commit (the resize's
     # commit held nothing else), and a reopen re-extends the file if that commit proves durable.

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from . import kernels as K
+from . import schema as K
 from . import pooldir
 from .errors import InvalidArgument, MetadataCorrupt, NotFound
 from .interop.ir import Device, Metadata, Superblock, SECTOR, TIME_MASK
@@ -280,7 +280,8 @@ def salvage(pool_path: str, report: RepairReport) -> tuple[Metadata, dict[int, s
                                                           dict[str, Any], dict[str, Any]]:
     """Read the pool's metadata tolerantly.  Returns (IR, names, {dev_id: (size, read_only)}, records,
     header)."""
-    from .pool import DEV_DTYPE, F_IN_USE, F_READ_ONLY
+    from .schema import DevFlag, dev_dtype
+    DEV_DTYPE = dev_dtype()
     md_path = os.path.join(pool_path, "metadata")
     if not os.path.isfile(md_path):
         raise NotFound(f"{pool_path} is not a thin pool (no metadata file)")
@@ -330,7 +331,7 @@ def salvage(pool_path: str, report: RepairReport) -> tuple[Metadata, dict[int, s
         if slot // per_page < len(lost_dev_pages) and lost_dev_pages[slot // per_page]:
             continue
         d = devs[slot]
-        if not d["flags"] & F_IN_USE:
+        if not d["flags"] & DevFlag.IN_USE:
             continue
         dev_id = int(d["dev_id"])
         name, cat_id = names_by_slot.get(slot, (None, None))
@@ -360,7 +361,7 @@ def salvage(pool_path: str, report: RepairReport) -> tuple[Metadata, dict[int, s
                               creation_time=int(d["creation_time"]), snap_time=int(d["snap_time"]),
                               vblocks=vb.astype(np.uint64), dblocks=val >> np.uint64(24), times=times))
         names[dev_id] = name
-        attrs[dev_id] = (size if size > 0 else bs, bool(d["flags"] & F_READ_ONLY))
+        attrs[dev_id] = (size if size > 0 else bs, bool(d["flags"] & DevFlag.READ_ONLY))
         report.mappings_kept += len(vb)
         if int(d["mapped"]) != len(vb):
             report.problems.append(f"{label}: recorded {int(d['mapped'])} mapped blocks, salvaged {len(vb)}")
@@ -402,8 +403,8 @@ def _build(out_dir: str, md: Metadata, names: dict[int, str], attrs: dict[int, t
     """Write the salvage as a new pool at ``out_dir``; ``keep_uuid`` keeps the damaged pool's identity
     (in place: the data file's owner stamp names it), else the new pool keeps its own (``-o``: a new
     pool with its own data file)."""
-    from .pool import F_READ_ONLY
     from .interop.pool_ir import pool_from_metadata
+    from .schema import DevFlag
     from .pool import default_metadata_blocks
     md_blocks = max(int(hdr.get("metadata_blocks_hint", 0)),
                     default_metadata_blocks(md.superblock.nr_data_blocks, max(1000, 2 * len(md.devices))))
@@ -415,7 +416,7 @@ def _build(out_dir: str, md: Metadata, names: dict[int, str], attrs: dict[int, t
             row = pool.devs[slot]
             row["size"] = size
             if ro:
-                row["flags"] = int(row["flags"]) | F_READ_ONLY
+                row["flags"] = int(row["flags"]) | DevFlag.READ_ONLY
             pool.devs_dirty.add(slot)
         for ns, recs in records.items():
             pool.put_records(ns, recs)

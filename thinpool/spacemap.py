@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import layout as K
+from . import schema as K
 
 
 def _round_up(n: int, m: int) -> int:

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .schema import Mode
+
 
 @dataclass(frozen=True)
 class PoolStatus:
@@ -36,8 +38,8 @@ class PoolStatus:
 
     def dmsetup_line(self) -> str:
         """The thin-pool status line exactly as dm-thin formats it (reference §1.4)."""
-        mode = {"write": "rw", "out-of-data-space": "out_of_data_space"}.get(self.mode, "ro")
-        if self.mode == "fail":
+        mode = {Mode.WRITE: "rw", Mode.OUT_OF_DATA_SPACE: "out_of_data_space"}.get(self.mode, "ro")
+        if self.mode == Mode.FAIL:
             return "Fail"
         held = str(self.held_root) if self.held_root is not None else "-"
         return (f"{self.transaction_id} {self.used_metadata_blocks}/{self.total_metadata_blocks} "

@@ -9,8 +9,11 @@ import numpy as np
 from numba import njit
 
 from .kernels import inc_data, writable_leaf
-from .layout import (INNER_BITS, INNER_ENTRIES, LEAF_BITS, LEAF_ENTRIES, NEED_NODES, NONE, OK, ST_INNER_FREE,
-                     ST_LEAF_FREE, UNMAPPED)
+from .schema import (INNER_BITS, INNER_ENTRIES, LEAF_BITS, LEAF_ENTRIES, NEED_NODES, NONE, OK, ST_INNER_FREE,
+                     ST_LEAF_FREE)
+from .schema import UNMAPPED as _UNMAPPED
+
+UNMAPPED = np.uint64(_UNMAPPED)
 
 
 @njit(cache=True)

@@ -519,7 +519,7 @@ def test_failed_punch_is_remembered_across_reopen(tmp_path):
             pool.commit()  # retried, fails again; the blocks are in this commit's pending list
         pool.close(commit=False)
         pool = Pool.open(path)
-        assert pool.st[__import__("thinpool.layout", fromlist=["x"]).ST_NR_ALLOCATABLE] == 0
+        assert pool.st[__import__("thinpool.schema", fromlist=["x"]).ST_NR_ALLOCATABLE] == 0
         pool.create_thin("new", nr * BS)
         with pytest.raises(NoSpace):
             pool.thin("new").write(0, b"\x01")
@@ -573,7 +573,7 @@ def test_data_write_failing_half_way_never_leaks_the_partial_block(tmp_path):
     pool.create_thin("a", nr * BS)
     pool.thin("a").write(0, b"\x00" * 1)                 # compile the kernels, map block 0
     pool.commit()
-    cursor = int(pool.st[__import__("thinpool.layout", fromlist=["ST_CURSOR"]).ST_CURSOR])
+    cursor = int(pool.st[__import__("thinpool.schema", fromlist=["ST_CURSOR"]).ST_CURSOR])
     old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (cursor * BS + 1000, hard))

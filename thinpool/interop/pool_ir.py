@@ -10,8 +10,9 @@ import os
 
 import numpy as np
 
-from .. import layout as K
+from .. import schema as K
 from ..errors import InvalidArgument, ReadOnly
+from ..schema import Mode
 from .ir import MAX_DEV_ID, SECTOR, TIME_MASK, Device, Metadata, Superblock
 
 
@@ -58,7 +59,7 @@ def pool_to_metadata(pool, *, held: bool = False) -> Metadata:
 
 def _held_metadata(pool) -> Metadata:
     from ..blockmap import BlockMap
-    from ..pool import DEV_DTYPE
+    from ..schema import dev_dtype
     held = pool.store.header.get("held")
     if not held:
         raise InvalidArgument(f"pool {pool.path}: no metadata snapshot is held (reserve one first)")
@@ -66,7 +67,7 @@ def _held_metadata(pool) -> Metadata:
     st = np.zeros(K.ST_SIZE, np.int64)
     bm = BlockMap.from_arrays(st, arrays["leaves"].view(np.uint64), arrays["inners"].view(np.int32),
                               arrays["leaf_rc"].view(np.uint32), arrays["inner_rc"].view(np.uint32))
-    devs = arrays["devs"].view(DEV_DTYPE)
+    devs = arrays["devs"].view(dev_dtype())
     nr = len(arrays["data_rc"]) // 4
     nr = min(nr, pool.space.nr_blocks)
     md = state_to_metadata(pool, bm.nodes, devs, nr, pool.time, pool.transaction_id, int(held["root_block"]))
@@ -112,7 +113,7 @@ def pool_from_metadata(path: str | os.PathLike, md: Metadata, *, data_file: str 
     try:
         _fill(pool, md, names or {})
         pool.commit()
-        if pool.mode != "write" and pool.mode != "out-of-data-space":
+        if pool.mode not in (Mode.WRITE, Mode.OUT_OF_DATA_SPACE):
             raise ReadOnly(f"pool {pool.path}: could not commit the imported metadata "
                            f"({getattr(pool, 'read_only_reason', pool.mode)})")
     except BaseException:
