@@ -1,8 +1,19 @@
-"""The one error hierarchy of thinpool.
+"""The one error hierarchy of thinpool: every error class thinpool raises is defined here.
 
 Every error names the pool, volume or value at fault.  Library callers catch
-:class:`ThinpoolError` (or one of its subclasses); the CLI maps each class to an
-exit status and prints ``str(error)`` as one line.
+:class:`ThinpoolError` (or one of its subclasses).  Over a served pool's control socket an error
+crosses by class name and is rebuilt as the same class from this module, so only classes listed
+in ``__all__`` survive the trip (a test checks every ThinpoolError subclass in the package is).
+
+Exit statuses of the ``thinpool`` command (the same for every class -- the class is in the
+message, not the status):
+
+* **0** -- success (``thinpool check``: no problems found);
+* **1** -- any :class:`ThinpoolError` (one line ``thinpool: error: <message>`` on stderr), an
+  ``OSError`` outside the hierarchy (e.g. a missing input file), ``thinpool check`` finding problems,
+  an interrupt (click prints ``Aborted!``), or a closed stdout pipe (silent);
+* **2** -- a usage error found by click before the command runs (unknown command or option,
+  missing or malformed argument): click prints the usage and ``Error: ...``.
 """
 
 from __future__ import annotations
@@ -84,6 +95,31 @@ class HostIOError(ThinpoolError, OSError):
         return self.strerror
 
 
+class MetadataSpaceExhausted(ReadOnly):
+    """No free metadata block for a commit (the pool then turns read-only, as dm-thin does)."""
+
+
+class DataDeviceError(ThinpoolError, OSError):
+    """A write to the data file failed (e.g. the host filesystem is full); the block is not mapped.
+    ``errno`` and ``filename`` are the failed write's."""
+
+
+class DuplicateDevice(InvalidArgument, AlreadyExists):
+    """A device id appears twice in a thin_dump XML document (both a bad argument and an existing id)."""
+
+
+class ProtocolError(ThinpoolError):
+    """An NBD peer sent bytes that violate the NBD protocol (bad magic, truncated or malformed message)."""
+
+
+class FullOpenRequired(ThinpoolError):
+    """Internal signal, not a user-facing failure: the light device-table open
+    (:meth:`thinpool.devtable.DeviceTable.open`) cannot serve this pool because its metadata lacks a
+    field the table needs (written by an older thinpool, before its next commit).  The CLI catches it
+    and opens the pool as a full :class:`~thinpool.pool.Pool` instead; a library caller does the same.
+    It is a ThinpoolError so that, should it ever escape, it prints as one line and exits 1."""
+
+
 class ThinpoolWarning(UserWarning):
     """Something went wrong that did not lose data or fail the operation (e.g. a freed block's hole punch
     failed: the block stays unallocatable until a later punch succeeds)."""
@@ -101,5 +137,10 @@ __all__ = [
     "PermissionDenied",
     "MetadataCorrupt",
     "HostIOError",
+    "MetadataSpaceExhausted",
+    "DataDeviceError",
+    "DuplicateDevice",
+    "ProtocolError",
+    "FullOpenRequired",
     "ThinpoolWarning",
 ]

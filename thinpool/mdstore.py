@@ -38,7 +38,7 @@ from array import array
 from typing import Any, Iterable, Sequence
 
 from . import pooldir
-from .errors import HostIOError, MetadataCorrupt, ReadOnly
+from .errors import HostIOError, MetadataCorrupt, MetadataSpaceExhausted, ReadOnly
 from .hostio import sync_or_fail, write_all
 
 
@@ -153,10 +153,6 @@ class FileIO:
 
     pwrite = staticmethod(os.pwrite)
     fdatasync = staticmethod(os.fdatasync)
-
-
-class MetadataSpaceExhausted(ReadOnly):
-    """No free metadata block for a commit."""
 
 
 class MetadataStore:

@@ -11,10 +11,10 @@ from typing import Sequence
 
 import numpy as np
 
-from . import schema as L
-from .errors import InvalidArgument, NoSpace, ReadOnly, ThinpoolError
+from . import layout as L
+from .errors import DataDeviceError, InvalidArgument, NoSpace, ReadOnly
 from .hostio import last_errno
-from .schema import (DEV_CREATION_TIME, DEV_FLAGS, DEV_ID, DEV_MAPPED, DEV_ROOT, DEV_SIZE, DEV_SNAP_TIME,
+from .layout import (DEV_CREATION_TIME, DEV_FLAGS, DEV_ID, DEV_MAPPED, DEV_ROOT, DEV_SIZE, DEV_SNAP_TIME,
                      DEV_TRANSACTION)
 
 _ZERO1 = np.zeros(1, np.int64)
@@ -37,10 +37,6 @@ def _k():
         from . import kernels
         _KERNELS = kernels
     return _KERNELS
-
-
-class DataDeviceError(ThinpoolError, OSError):
-    """A write to the data file failed (e.g. the host filesystem is full); the block is not mapped."""
 
 
 def _scalar(name: str, what: str, value) -> int:

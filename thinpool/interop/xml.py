@@ -28,7 +28,7 @@ from typing import NoReturn, TextIO
 import numpy as np
 from xml.parsers import expat
 
-from ..errors import AlreadyExists, InvalidArgument
+from ..errors import DuplicateDevice, InvalidArgument
 from .ir import MAX_DEV_ID, Device, Metadata, Superblock
 from .xml_refs import RefResolver
 
@@ -38,10 +38,6 @@ U64_MAX = (1 << 64) - 1
 U32_LIMIT = 1 << 32
 MIN_BLOCK_SECTORS = 128
 MAX_BLOCK_SECTORS = 2097152
-
-
-class DuplicateDevice(InvalidArgument, AlreadyExists):
-    """A device id appears twice in an XML document (both a bad argument and an existing id)."""
 
 
 # ----------------------------------------------------------------------------------------------

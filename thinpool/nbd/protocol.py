@@ -15,7 +15,7 @@ import struct
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from thinpool.errors import ThinpoolError
+from thinpool.errors import ProtocolError
 
 # --------------------------------------------------------------------------- magic numbers
 NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC", a.k.a. INIT_PASSWD
@@ -164,10 +164,6 @@ _STRUCTURED_HEADER = struct.Struct(">IHHQI")
 _INFO_EXPORT = struct.Struct(">HQH")
 _INFO_BLOCK_SIZE = struct.Struct(">HIII")
 _EXTENT = struct.Struct(">II")
-
-
-class ProtocolError(ThinpoolError):
-    """A peer sent bytes that violate the NBD protocol (bad magic, truncated or malformed message)."""
 
 
 # =========================================================================== handshake
