@@ -37,7 +37,8 @@ class BlockMap:
 
     @property
     def nodes(self) -> tuple:
-        """The tuple of arrays the kernels take (see :class:`thinpool.kernels.NodeArrays`)."""
+        """The ``nodes`` tuple every kernel takes: (leaves, inners, leaf_rc, inner_rc, leaf_dirty,
+        inner_dirty, leaf_rc_dirty, inner_rc_dirty, leaf_free, inner_free)."""
         return (self.leaves, self.inners, self.leaf_rc, self.inner_rc, self.leaf_dirty, self.inner_dirty,
                 self.leaf_rc_dirty, self.inner_rc_dirty, self.leaf_free, self.inner_free)
 

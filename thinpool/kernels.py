@@ -192,11 +192,6 @@ def new_leaf(leaves, leaf_rc, leaf_dirty, leaf_rc_dirty, leaf_free, st):
     return s
 
 
-class NodeArrays:  # documentation only: the tuple layout passed to kernels
-    """``nodes`` tuple: (leaves, inners, leaf_rc, inner_rc, leaf_dirty, inner_dirty,
-    leaf_rc_dirty, inner_rc_dirty, leaf_free, inner_free)."""
-
-
 @njit(cache=True)
 def release_leaf(nodes, data_rc, freed_txn, rc_dirty, st, leaf):
     """Drop one reference to a leaf; at zero, drop its data references and free the slot."""
@@ -569,7 +564,8 @@ def _address(typingctx, addr):
 
 @njit(cache=True, inline="always")
 def _table_nodes(tab):
-    """The node-store tuple (see :class:`NodeArrays`) from the first ten rows of a kernel table."""
+    """The node-store tuple (``nodes``, see :attr:`thinpool.blockmap.BlockMap.nodes`) from the first
+    ten rows of a kernel table."""
     return (carray(_address(tab[0, 0]), (tab[0, 1], LEAF_ENTRIES), np.uint64),
             carray(_address(tab[1, 0]), (tab[1, 1], INNER_ENTRIES), np.int32),
             carray(_address(tab[2, 0]), (tab[2, 1],), np.uint32),
