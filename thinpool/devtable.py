@@ -30,14 +30,11 @@ from typing import Any, NamedTuple
 from . import pooldir, safe_output
 from .errors import AlreadyExists, FullOpenRequired, InvalidArgument, NoSpace, NotFound, ReadOnly
 from .mdstore import BLOCK, MetadataSpaceExhausted, MetadataStore, PagedArray, PageUpdates
+from .schema import (DEV_CREATION_TIME, DEV_FIELDS, DEV_FLAGS, DEV_ID, DEV_MAPPED, DEV_RECORD, DEV_SIZE,
+                     DEV_SNAP_TIME, DEV_TRANSACTION, DevFlag, Mode)
 from .status import PoolStatus
 
-#: one device record: dev_id, root, mapped, transaction, creation_time, snap_time, size, flags
-DEV_FIELDS = ("dev_id", "root", "mapped", "transaction", "creation_time", "snap_time", "size", "flags")
-DEV_RECORD = struct.Struct("<8q")
 DEVS_PER_PAGE = BLOCK // DEV_RECORD.size
-F_IN_USE = 1
-F_READ_ONLY = 2
 MAX_DEV_ID = (1 << 24) - 1
 RC_PER_PAGE = BLOCK // 4
 _NAME_RE = re.compile(r"^[^\x00-\x1f\x7f]{1,1024}$")
@@ -191,11 +188,11 @@ class DeviceTable:
         self._rc_pages: dict[int, bytearray] = {}
         self._dirty = False
         if hdr.get("needs_check"):
-            self.mode = "read-only"
+            self.mode = Mode.READ_ONLY
         elif hdr["nr_data_blocks"] - hdr["used_data_blocks"] - hdr["pending_blocks"] <= 0:
-            self.mode = "out-of-data-space"
+            self.mode = Mode.OUT_OF_DATA_SPACE
         else:
-            self.mode = "write"
+            self.mode = Mode.WRITE
 
     # ------------------------------------------------------------------ reading
     @property
@@ -229,14 +226,15 @@ class DeviceTable:
         self._check_open()
         r = self._record(self._slot(name))
         return VolumeRecord(name, r["dev_id"], r["size"], r["mapped"], r["transaction"], r["creation_time"],
-                            r["snap_time"], bool(r["flags"] & F_READ_ONLY))
+                            r["snap_time"], bool(r["flags"] & DevFlag.READ_ONLY))
 
     def thins(self) -> list[VolumeRecord]:
         """All volumes, in device-id order."""
         self._check_open()
         recs = list(DEV_RECORD.iter_unpack(self._devs))
         rows = sorted((recs[v["slot"]], name) for name, v in self.catalog["volumes"].items())  # dev_id first
-        return [VolumeRecord(name, r[0], r[6], r[2], r[3], r[4], r[5], bool(r[7] & F_READ_ONLY)) for r, name in rows]
+        return [VolumeRecord(name, r[DEV_ID], r[DEV_SIZE], r[DEV_MAPPED], r[DEV_TRANSACTION], r[DEV_CREATION_TIME],
+                             r[DEV_SNAP_TIME], bool(r[DEV_FLAGS] & DevFlag.READ_ONLY)) for r, name in rows]
 
     def status(self) -> PoolStatus:
         """The pool's status, as :meth:`thinpool.pool.Pool.status` reports it just after opening."""
@@ -274,7 +272,7 @@ class DeviceTable:
         slot = self._new_slot()
         self._put(slot, dict(dev_id=dev_id, root=root, mapped=o["mapped"], transaction=self.transaction_id,
                              creation_time=t, snap_time=t, size=o["size"],
-                             flags=F_IN_USE | (F_READ_ONLY if read_only else 0)))
+                             flags=int(DevFlag.IN_USE | (DevFlag.READ_ONLY if read_only else 0))))
         self._volumes[name] = new_catalog_entry(self.catalog, dev_id, slot)
         self.catalog["next_dev_id"] = (dev_id + 1) & MAX_DEV_ID
         self._dirty = True
@@ -293,7 +291,7 @@ class DeviceTable:
         """The first unused slot, or a new page of slots (as Pool._new_slot)."""
         n = len(self._devs) // DEV_RECORD.size
         for slot in range(n):
-            if not DEV_RECORD.unpack_from(self._devs, slot * DEV_RECORD.size)[7] & F_IN_USE:
+            if not DEV_RECORD.unpack_from(self._devs, slot * DEV_RECORD.size)[DEV_FLAGS] & DevFlag.IN_USE:
                 return slot
         self._devs.extend(bytes(BLOCK))
         self._devs_dirty.update(range(n, n + DEVS_PER_PAGE))
@@ -336,7 +334,7 @@ class DeviceTable:
         self._check_open()
         if self.read_only:
             raise ReadOnly(f"pool {self.path} is opened read-only")
-        if self.mode == "read-only":
+        if self.mode == Mode.READ_ONLY:
             raise ReadOnly(f"pool {self.path} is read-only (needs check/repair)")
 
     def close(self, commit: bool = True) -> None:

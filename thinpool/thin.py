@@ -11,10 +11,10 @@ from typing import Sequence
 
 import numpy as np
 
-from . import layout as L
+from . import schema as L
 from .errors import DataDeviceError, InvalidArgument, NoSpace, ReadOnly
 from .hostio import last_errno
-from .layout import (DEV_CREATION_TIME, DEV_FLAGS, DEV_ID, DEV_MAPPED, DEV_ROOT, DEV_SIZE, DEV_SNAP_TIME,
+from .schema import (DEV_CREATION_TIME, DEV_FLAGS, DEV_ID, DEV_MAPPED, DEV_ROOT, DEV_SIZE, DEV_SNAP_TIME,
                      DEV_TRANSACTION)
 
 _ZERO1 = np.zeros(1, np.int64)
