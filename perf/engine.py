@@ -7,7 +7,7 @@
 2. snapshot creation: origin with 1,000,000 mapped blocks vs 1,000 (<= 2x)
 3. random 4 KiB reads at snapshot depth 100 vs depth 1 (>= 0.9x)
 4. commit() after one 4 KiB first write: pool holding 1,000,000 mappings vs 1,000 (<= 3x)
-5. kernels.allocate_many of 1,000,000 blocks vs perf/reference_alloc.py (>= 50x)
+5. kernels.allocate_many of 1,000,000 blocks vs the pure-Python allocator of tests/engine/reference.py (>= 50x)
 6. 4 KiB writes into shared 64 KiB blocks after a snapshot (CoW break) vs the same file work by hand
    (pread old block, pwrite it to a new block, pwrite the 4 KiB) (>= 0.8x)
 plus import + first call in a fresh process, twice (the second must load the numba cache).
@@ -282,7 +282,7 @@ def alloc_state(nr_blocks: int, used_frac: float = 0.3, freed_frac: float = 0.05
 def bench_alloc(count: int, repeats: int, key: str = "engine.5") -> list[Row]:
     from thinpool import kernels as K
 
-    from .reference_alloc import ReferenceAllocator
+    from tests.engine.reference import ReferenceAllocator
     state = alloc_state(int(count * 1.6))
     out = np.empty(count, np.int64)
     K.allocate_many(*[a.copy() for a in state], 10, out)  # JIT warm

@@ -1,38 +1,61 @@
-"""Shared test fixtures.
+"""Fixtures and session hooks shared by the whole suite (plain helpers live in :mod:`tests.support`).
 
-Tests that need a real tool call :func:`require_tool`; on a developer machine without the tool
-they skip with a reason, but under ``CI=true`` a missing tool is a failure, never a skip.
+- ``soak``: True under ``THINPOOL_SOAK=1`` (the fault suites' long settings).
+- ``scratch`` / ``module_scratch``: a fresh directory on ``/dev/shm`` when writable, removed afterwards.
+- Reliability reports (``tests.support.REPORTS``) are written to ``.reliability/`` once, at session end.
+- Tests under ``tests/crash/`` are marked ``slow`` (deselect them with ``-m "not slow"``).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
+from typing import Iterator
 
 import pytest
 
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+from tests.support import IN_CI, REPORTS, SOAK, require_root, require_tool, scratch_dir  # noqa: F401
+
+# TODO(RE) drop the re-exported helpers above once every module imports them from tests.support
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_SLOW_DIRS = (os.path.join(_HERE, "crash") + os.sep,)
+_WRITTEN = pytest.StashKey[list]()
 
 
-def require_tool(*names: str) -> None:
-    """Skip (or fail under CI=true) unless every named executable is on PATH."""
-    missing = [n for n in names if shutil.which(n) is None]
-    if missing:
-        msg = f"needs {', '.join(missing)} (install thin-provisioning-tools/qemu-utils/libnbd-bin/fio/fuse3)"
-        if IN_CI:
-            pytest.fail(msg + " -- CI=true, so a missing tool is a failure")
-        pytest.skip(msg)
+@pytest.fixture(scope="session")
+def soak() -> bool:
+    """Whether THINPOOL_SOAK asks for the long settings."""
+    return SOAK
 
 
-def require_root() -> None:
-    """Skip (or fail under CI=true) unless running as root with /dev/fuse present."""
-    problems = []
-    if os.geteuid() != 0:
-        problems.append("root")
-    if not os.path.exists("/dev/fuse"):
-        problems.append("/dev/fuse")
-    if problems:
-        msg = f"needs {' and '.join(problems)}"
-        if IN_CI:
-            pytest.fail(msg + " -- CI=true, so this is a failure")
-        pytest.skip(msg)
+@pytest.fixture
+def scratch() -> Iterator[str]:
+    """A fresh scratch directory (memory-backed when possible) for one test."""
+    with scratch_dir("tp-test-") as d:
+        yield d
+
+
+@pytest.fixture(scope="module")
+def module_scratch(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A scratch directory shared by the tests of one module (for module-scoped pools)."""
+    with scratch_dir(f"tp-{request.module.__name__.rsplit('.', 1)[-1]}-") as d:
+        yield d
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test of the fault suites (tests/crash/) is ``slow``."""
+    for item in items:
+        if str(item.path).startswith(_SLOW_DIRS):
+            item.add_marker(pytest.mark.slow)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Write the reliability reports counted during the session."""
+    session.config.stash[_WRITTEN] = REPORTS.write()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    """Name the reliability reports written (their figures go into docs/reliability.md)."""
+    written = config.stash.get(_WRITTEN, [])
+    if written:
+        terminalreporter.write_line("reliability reports: " + ", ".join(os.path.relpath(p) for p in written))

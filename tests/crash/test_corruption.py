@@ -26,23 +26,21 @@ import random
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections import Counter
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from tests.support import REPO_ROOT, REPORTS, SOAK, soak_scaled
 from thinpool import Pool
 from thinpool.errors import MetadataCorrupt
 from thinpool.mdstore import BLOCK, MetadataStore
 from thinpool.repair import repair
 
-SOAK = os.environ.get("THINPOOL_SOAK", "") not in ("", "0")
-TRIALS = int(os.environ.get("THINPOOL_CORRUPTION_TRIALS", 3000 if SOAK else 240))
+TRIALS = soak_scaled("THINPOOL_CORRUPTION_TRIALS", 240, 3000)
 BS = 64 * 1024
-REPORT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), ".reliability")
-STATS: Counter = Counter()
+STATS = REPORTS.counter("corruption")
 
 
 def state_of(pool: Pool) -> dict:
@@ -100,15 +98,14 @@ def used_blocks(md_path: str) -> tuple[set[int], set[int], int]:
 
 
 @pytest.fixture(scope="module")
-def fixture_pool():
-    d = tempfile.mkdtemp(prefix="tp-corrupt-", dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None)
+def fixture_pool(module_scratch):
+    d = module_scratch
     path = os.path.join(d, "pristine")
     prev, last = build(path)
     newest, previous, _ = used_blocks(os.path.join(path, "metadata"))
     with Pool.open(path, read_only=True) as pool:
         ids = {t.dev_id: t.name for t in pool.thins()}
-    yield {"dir": d, "path": path, "prev": prev, "last": last, "newest": newest, "previous": previous, "ids": ids}
-    shutil.rmtree(d, ignore_errors=True)
+    return {"dir": d, "path": path, "prev": prev, "last": last, "newest": newest, "previous": previous, "ids": ids}
 
 
 def _copy(fx: dict, name: str) -> str:
@@ -284,7 +281,7 @@ def test_cli_check_and_repair_subprocess(fixture_pool):
     with open(os.path.join(path, "metadata"), "r+b") as f:
         f.seek(block * BLOCK + 10)
         f.write(b"\xff\x00\xff")
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT)
     res = subprocess.run([sys.executable, "-m", "thinpool", "check", path], capture_output=True, text=True, env=env)
     assert res.returncode == 1, res
     assert f"block {block}" in res.stderr and res.stderr.startswith("thinpool: error:"), res.stderr
@@ -332,19 +329,16 @@ def test_repair_reports_what_was_lost(fixture_pool):
         STATS["repair_structures_verified"] += 1
 
 
-def test_nothing_salvageable():
-    d = tempfile.mkdtemp()
-    try:
-        os.makedirs(os.path.join(d, "p"))
-        with open(os.path.join(d, "p", "metadata"), "wb") as f:
-            f.write(os.urandom(3 * BLOCK))
-        with pytest.raises(MetadataCorrupt, match="superblock") as ei:
-            Pool.open(os.path.join(d, "p"))
-        assert ei.value.structure == "superblock" and ei.value.block == 0
-        with pytest.raises(MetadataCorrupt, match="superblock"):
-            repair(os.path.join(d, "p"), os.path.join(d, "out"))
-    finally:
-        shutil.rmtree(d)
+def test_nothing_salvageable(scratch):
+    d = scratch
+    os.makedirs(os.path.join(d, "p"))
+    with open(os.path.join(d, "p", "metadata"), "wb") as f:
+        f.write(os.urandom(3 * BLOCK))
+    with pytest.raises(MetadataCorrupt, match="superblock") as ei:
+        Pool.open(os.path.join(d, "p"))
+    assert ei.value.structure == "superblock" and ei.value.block == 0
+    with pytest.raises(MetadataCorrupt, match="superblock"):
+        repair(os.path.join(d, "p"), os.path.join(d, "out"))
 
 
 def test_fallback_after_bit_rot_must_not_return_freed_blocks(tmp_path):
@@ -372,10 +366,3 @@ def test_fallback_after_bit_rot_must_not_return_freed_blocks(tmp_path):
     finally:
         pool.close(commit=False)
 
-
-def test_zz_report():
-    os.makedirs(REPORT_DIR, exist_ok=True)
-    with open(os.path.join(REPORT_DIR, "corruption.json"), "w") as f:
-        json.dump(dict(STATS), f, indent=2)
-    print(f"\ncorruption: {dict(STATS)}")
-    assert STATS["bit_flip_trials"] > 0

@@ -35,16 +35,15 @@ from collections import Counter
 
 import numpy as np
 
+from tests.support import REPORTS, SOAK, soak_scaled
 from thinpool import Pool
 
-SOAK = os.environ.get("THINPOOL_SOAK", "") not in ("", "0")
-KILLS = int(os.environ.get("THINPOOL_KILLS", 600 if SOAK else 60))
+KILLS = soak_scaled("THINPOOL_KILLS", 60, 600)
 BS = 64 * 1024
 NR_BLOCKS = 160
 VOL_BLOCKS = 8
 MAX_VOLS = 6
 OPS_PER_RUN = 600
-REPORT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), ".reliability")
 
 PH_IDLE, PH_OP, PH_COMMIT, PH_LOG = 0, 1, 2, 3
 _SHM = struct.Struct("<qqq")  # phase, commits done, ops done
@@ -402,9 +401,7 @@ def test_sigkill_workload(tmp_path):
     elapsed = time.time() - t0
     report = {"kill_points": stats["kills"], "cycles": cycle, "seconds": round(elapsed, 1), "soak": SOAK,
               "bytes_lost": 0, "counts": dict(sorted(stats.items()))}
-    os.makedirs(REPORT_DIR, exist_ok=True)
-    with open(os.path.join(REPORT_DIR, "crash_kill.json"), "w") as f:
-        json.dump(report, f, indent=2)
+    REPORTS.record("crash_kill", report)
     print(f"\nSIGKILL crash test: {stats['kills']} kill points survived in {elapsed:.0f}s: {dict(stats)}")
     assert stats["kills"] >= KILLS
     assert stats["killed_in_commit"] > 0

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import os
 import resource
 import shutil
@@ -38,17 +37,15 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from tests.conftest import IN_CI
+from tests.support import IN_CI, REPORTS, SOAK
 from thinpool import Pool
 from thinpool.datadev import DataDevice
 from thinpool.errors import HostIOError, InvalidArgument, NoSpace, ReadOnly, ThinpoolError, ThinpoolWarning
 from thinpool.hostio import DataIO
 from thinpool.mdstore import FileIO, MetadataStore
 
-SOAK = os.environ.get("THINPOOL_SOAK", "") not in ("", "0")
 BS = 64 * 1024
-REPORT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), ".reliability")
-STATS: Counter = Counter()
+STATS = REPORTS.counter("host_faults")
 
 
 def _pattern(seed: int, n: int) -> bytes:
@@ -337,6 +334,7 @@ def test_strace_injected_short_writes_and_enospc(tmp_path):
     for k, v in outcomes.items():
         STATS[f"strace: {k}"] += v
     assert outcomes["success"] and outcomes["clean failure"]
+    assert STATS["strace committed bytes lost"] == 0
 
 
 # ---------------------------------------------------------------------------- a real full filesystem
@@ -446,6 +444,7 @@ def test_full_ext4_every_few_kib_of_headroom(small_ext4):
     for k, v in outcomes.items():
         STATS[f"ext4: {k}"] += v
     assert outcomes["success"] and sum(outcomes.values()) > outcomes["success"]
+    assert STATS["ext4 committed bytes lost"] == 0
 
 
 # ---------------------------------------------------------------------------- failed hole punches
@@ -866,11 +865,3 @@ def test_nbd_flush_is_never_acknowledged_when_the_commit_fails(tmp_path):
     got, ok = _reopened(path)
     assert ok and got["vol"][:4096] == b"A" * 4096 and got["vol"][65536:65536 + 4096] == bytes(4096)
     STATS["nbd flush failure cases"] += 1
-
-
-def test_zz_report():
-    """Write the counts gathered above (docs/reliability.md quotes them)."""
-    os.makedirs(REPORT_DIR, exist_ok=True)
-    with open(os.path.join(REPORT_DIR, "host_faults.json"), "w") as f:
-        json.dump(dict(sorted(STATS.items())), f, indent=2)
-    assert all(v == 0 for k, v in STATS.items() if "bytes lost" in k)

@@ -32,12 +32,12 @@ import json
 import os
 import random
 import shutil
-import tempfile
 import zlib
 from collections import Counter
 
 import pytest
 
+from tests.support import REPORTS, SOAK
 from thinpool import Pool
 from thinpool.containers.snapshotter import Snapshotter
 from thinpool.datadev import DataDevice
@@ -45,12 +45,20 @@ from thinpool.errors import MetadataCorrupt
 from thinpool.mdstore import BLOCK, MetadataStore
 
 
-SOAK = os.environ.get("THINPOOL_SOAK", "") not in ("", "0")
 BS = 64 * 1024
 SECTOR = 512
 NR_BLOCKS = 40
-REPORT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), ".reliability")
-STATS: Counter = Counter()
+
+
+def _summary(stats: Counter) -> dict:
+    """The .reliability/torn_writes.json record: totals first, then every count."""
+    return {"metadata_fault_points": sum(v for k, v in stats.items() if k.startswith("fault_points_")),
+            "data_crash_points": sum(v for k, v in stats.items() if k.startswith("data_crash_points_")),
+            "metadata_corrupt": stats["metadata_corrupt"], "bytes_lost": 0, "soak": SOAK,
+            "counts": dict(sorted(stats.items()))}
+
+
+STATS = REPORTS.counter("torn_writes", _summary)
 
 
 class PowerLoss(BaseException):
@@ -335,15 +343,8 @@ def reopen_and_verify(path: str, ref: Reference, acceptable: list[int], what: st
 
 # ---------------------------------------------------------------------------- tests
 @pytest.fixture(scope="module")
-def scratch():
-    d = tempfile.mkdtemp(prefix="tp-torn-", dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def reference(scratch):
-    return Reference(scratch, make_ops())
+def reference(module_scratch):
+    return Reference(module_scratch, make_ops())
 
 
 def _run_until_fault(path: str, ops: list[tuple], io: FaultIO) -> int:
@@ -365,7 +366,7 @@ def _run_until_fault(path: str, ops: list[tuple], io: FaultIO) -> int:
 
 
 @pytest.mark.parametrize("mode", ["stop", "tear", "lose", "lose_some"])
-def test_metadata_fault_at_every_event(reference, scratch, mode):
+def test_metadata_fault_at_every_event(reference, module_scratch, mode):
     ref = reference
     rng = random.Random(zlib.crc32(mode.encode()))
     points = range(1, ref.total_events + 1)
@@ -373,7 +374,7 @@ def test_metadata_fault_at_every_event(reference, scratch, mode):
         points = range(1, ref.total_events + 1, 2)
     outcomes: Counter = Counter()
     for n in points:
-        path = os.path.join(scratch, f"{mode}-{n}")
+        path = os.path.join(module_scratch, f"{mode}-{n}")
         io = FaultIO(mode, n, random.Random(rng.random()))
         done = _run_until_fault(path, ref.ops, io)
         c = ref.commit_of_event(n)
@@ -397,7 +398,7 @@ def test_metadata_fault_at_every_event(reference, scratch, mode):
 
 
 @pytest.mark.parametrize("variant", ["all_old", "random_sectors"])
-def test_data_cache_loss_after_every_op(reference, scratch, monkeypatch, variant):
+def test_data_cache_loss_after_every_op(reference, module_scratch, monkeypatch, variant):
     """Power loss after op j: unsynced data sectors revert (all, or a random subset); the pool must
     be the last commit under the crash model (sector granularity)."""
     ref = reference
@@ -413,7 +414,7 @@ def test_data_cache_loss_after_every_op(reference, scratch, monkeypatch, variant
     for j in range(1, len(ref.ops)):
         if ref.ops[j - 1][0] in ("commit", "sprepare", "scommit", "sremove"):
             continue
-        path = os.path.join(scratch, f"data-{variant}-{j}")
+        path = os.path.join(module_scratch, f"data-{variant}-{j}")
         pool = Pool.create(path, data_size=NR_BLOCKS * BS, block_size=BS)
         data_path = pool.data.path
         with open(data_path, "rb") as f:
@@ -436,6 +437,7 @@ def test_data_cache_loss_after_every_op(reference, scratch, monkeypatch, variant
         reopen_and_verify(path, ref, [done], f"data cache loss after op {j} ({variant})", sectors=True)
         STATS[f"data_crash_points_{variant}"] += 1
         shutil.rmtree(path)
+    assert STATS[f"data_crash_points_{variant}"] > 0, "no data crash point was tried"
 
 
 @pytest.mark.parametrize("crash", ["close", "data_lost"])
@@ -479,17 +481,3 @@ def test_freed_block_hazard(tmp_path, crash):
         assert pool.thin("b").read(0, 2 * BS) == b"B" * 2 * BS
         assert pool.thin("c").read(0, 2 * BS) == bytes(2 * BS)   # written after the implicit commit
     STATS["freed_block_hazard_cases"] += 1
-
-
-def test_zz_report():
-    """Write the counts of this module to .reliability/torn_writes.json (runs last in the file)."""
-    os.makedirs(REPORT_DIR, exist_ok=True)
-    points = sum(v for k, v in STATS.items() if k.startswith("fault_points_"))
-    data_points = sum(v for k, v in STATS.items() if k.startswith("data_crash_points_"))
-    report = {"metadata_fault_points": points, "data_crash_points": data_points,
-              "metadata_corrupt": STATS["metadata_corrupt"], "bytes_lost": 0, "soak": SOAK,
-              "counts": {k: v for k, v in sorted(STATS.items())}}
-    with open(os.path.join(REPORT_DIR, "torn_writes.json"), "w") as f:
-        json.dump(report, f, indent=2, default=str)
-    print(f"\ntorn/lost writes: {points} metadata fault points, {data_points} data crash points: {report['counts']}")
-    assert points > 0 and data_points > 0

@@ -22,8 +22,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -31,6 +29,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from tests.support import REPO_ROOT, REPORTS
 from thinpool import Pool
 from thinpool.cli import main
 from thinpool.containers.snapshotter import Snapshotter
@@ -40,8 +39,7 @@ from thinpool.units import parse_size
 
 BS = 64 * 1024
 VOL = 4 * BS
-REPORT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), ".reliability")
-STATS: Counter = Counter()
+STATS = REPORTS.counter("bad_inputs", lambda c: {"bad_inputs_tried": sum(c.values()), "counts": dict(c)})
 
 
 @dataclass
@@ -79,9 +77,8 @@ def _state(pool: Pool) -> Any:
 
 
 @pytest.fixture(scope="module")
-def pool_path():
-    d = tempfile.mkdtemp(prefix="tp-bad-", dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None)
-    path = os.path.join(d, "pool")
+def pool_path(module_scratch):
+    path = os.path.join(module_scratch, "pool")
     pool = Pool.create(path, data_size=200 * BS, block_size=BS)
     base = pool.create_thin("base", VOL)
     base.write(0, os.urandom(VOL - 1000))
@@ -95,8 +92,7 @@ def pool_path():
     sn.commit("c1", "a0")
     sn.prepare("a1", "c1")
     pool.close()
-    yield path
-    shutil.rmtree(d, ignore_errors=True)
+    return path
 
 
 def _run_lib(path: str, case: Case) -> None:
@@ -314,7 +310,7 @@ def test_open_a_file(tmp_path):
 def test_locked_pool(pool_path):
     """A second process holds the pool: open (rw or ro) and every CLI verb refuse, naming the pid."""
     before = _hash_pool(pool_path)
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT)
     holder = subprocess.Popen([sys.executable, "-c", "import sys; from thinpool import Pool; p = Pool.open(sys.argv[1]);"
                                " print('ready', flush=True); sys.stdin.read()", pool_path],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
@@ -386,16 +382,16 @@ def _cli_cases() -> list[Case]:
 
 
 @pytest.fixture(scope="module")
-def input_files():
-    d = tempfile.mkdtemp(prefix="tp-bad-in-")
+def input_files(module_scratch):
+    d = os.path.join(module_scratch, "inputs")
+    os.mkdir(d)
     files = {"BIG": os.path.join(d, "big.bin"), "HUGE": os.path.join(d, "huge.bin"),
              "MISSING": os.path.join(d, "no-such-file")}
     with open(files["BIG"], "wb") as f:
         f.write(b"B" * (2 * BS + 1))
     with open(files["HUGE"], "wb") as f:
         f.write(b"H" * ((9 << 20) + 1))
-    yield files
-    shutil.rmtree(d, ignore_errors=True)
+    return files
 
 
 CLI_CASES = _cli_cases()
@@ -496,12 +492,3 @@ def test_restore_and_import_bad_metadata(pool_path, tmp_path):
             shutil.rmtree(target)
         STATS["metadata_inputs"] += 2
     assert not failures, "\n".join(failures)
-
-
-def test_zz_report():
-    total = sum(STATS.values())
-    os.makedirs(REPORT_DIR, exist_ok=True)
-    with open(os.path.join(REPORT_DIR, "bad_inputs.json"), "w") as f:
-        json.dump({"bad_inputs_tried": total, "counts": dict(STATS)}, f, indent=2)
-    print(f"\nbad inputs: {total} tried: {dict(STATS)}")
-    assert total > 0

@@ -43,13 +43,13 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition, rule,
                                  run_state_machine_as_test)
 
+from tests.support import REPORTS, SOAK, scratch_root, soak_scaled
 from thinpool import Pool
 from thinpool.containers.snapshotter import Snapshotter
 from thinpool.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NoSpace, NotFound, ReadOnly
 
-SOAK = os.environ.get("THINPOOL_SOAK", "") not in ("", "0")
-MAX_EXAMPLES = int(os.environ.get("THINPOOL_STATEFUL_EXAMPLES", 30000 if SOAK else 2000))
-STEPS = int(os.environ.get("THINPOOL_STATEFUL_STEPS", 60 if SOAK else 25))
+MAX_EXAMPLES = soak_scaled("THINPOOL_STATEFUL_EXAMPLES", 2000, 30000)
+STEPS = soak_scaled("THINPOOL_STATEFUL_STEPS", 25, 60)
 
 BS = 64 * 1024
 ZERO = bytes(BS)
@@ -59,14 +59,9 @@ SNAP_BASE = 2 * BS
 BIG = (1 << 19) + 8          # a sparse volume spanning two mid nodes (the radix tree's 2nd level)
 EDGES = [0, 1, 510, 511, 512, 513, 1023, 1024, (1 << 19) - 1, 1 << 19, (1 << 19) + 1, BIG - 1]
 MAX_VOLUMES = 6
-REPORT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), ".reliability")
 
 
 STATS: Counter = Counter()
-
-
-def _scratch_root() -> str:
-    return "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
 
 
 class Vol:
@@ -113,7 +108,7 @@ class PoolMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         STATS["examples"] += 1
-        self.dir = tempfile.mkdtemp(prefix="tp-model-", dir=_scratch_root())
+        self.dir = tempfile.mkdtemp(prefix="tp-model-", dir=scratch_root())
         self.path = os.path.join(self.dir, "pool")
         self.pool: Pool | None = None
         self.vols: dict[str, Vol] = {}
@@ -701,6 +696,7 @@ class PoolMachine(RuleBasedStateMachine):
         STATS["steps_checked"] += 1
 
 
+@pytest.mark.slow
 def test_model_stateful():
     t0 = time.time()
     STATS.clear()
@@ -711,9 +707,7 @@ def test_model_stateful():
     elapsed = time.time() - t0
     report = {"examples": STATS["examples"], "max_examples": MAX_EXAMPLES, "steps_per_example": STEPS,
               "seconds": round(elapsed, 1), "soak": SOAK, "counts": dict(sorted(STATS.items()))}
-    os.makedirs(REPORT_DIR, exist_ok=True)
-    with open(os.path.join(REPORT_DIR, "stateful.json"), "w") as f:
-        json.dump(report, f, indent=2)
+    REPORTS.record("stateful", report)
     print(f"\nstateful model test: {STATS['examples']} examples, {STATS['steps_checked']} checked steps, "
           f"{elapsed:.0f}s: {dict(STATS)}")
     assert STATS["examples"] >= MAX_EXAMPLES

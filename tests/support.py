@@ -1,0 +1,117 @@
+"""Helpers shared by the test modules (fixtures built on them live in ``tests/conftest.py``).
+
+- :func:`require_tool` / :func:`require_root`: skip on a developer machine, fail under ``CI=true``.
+- :data:`SOAK` / :func:`soak_scaled`: ``THINPOOL_SOAK=1`` selects the long settings of the fault suites.
+- :func:`scratch_dir`: a directory on ``/dev/shm`` when writable (the fault suites write a lot), removed after.
+- :data:`REPORTS`: reliability counts collected by the fault suites and written to ``.reliability/<name>.json``
+  once, at the end of the session (``pytest_sessionfinish`` in conftest), whatever order the tests ran in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+from typing import Any, Callable, Iterator
+
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPORT_DIR = os.path.join(REPO_ROOT, ".reliability")
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+SOAK = os.environ.get("THINPOOL_SOAK", "") not in ("", "0")
+
+
+def soak_scaled(env: str, normal: int, soak: int) -> int:
+    """An iteration count: ``$env`` when set, else ``soak`` under THINPOOL_SOAK=1, else ``normal``."""
+    return int(os.environ.get(env, soak if SOAK else normal))
+
+
+def require_tool(*names: str) -> None:
+    """Skip (or fail under CI=true) unless every named executable is on PATH."""
+    missing = [n for n in names if shutil.which(n) is None]
+    if missing:
+        msg = f"needs {', '.join(missing)} (install thin-provisioning-tools/qemu-utils/libnbd-bin/fio/fuse3)"
+        if IN_CI:
+            pytest.fail(msg + " -- CI=true, so a missing tool is a failure")
+        pytest.skip(msg)
+
+
+def require_root() -> None:
+    """Skip (or fail under CI=true) unless running as root with /dev/fuse present."""
+    problems = []
+    if os.geteuid() != 0:
+        problems.append("root")
+    if not os.path.exists("/dev/fuse"):
+        problems.append("/dev/fuse")
+    if problems:
+        msg = f"needs {' and '.join(problems)}"
+        if IN_CI:
+            pytest.fail(msg + " -- CI=true, so this is a failure")
+        pytest.skip(msg)
+
+
+def scratch_root() -> str:
+    """Where scratch pools go: ``/dev/shm`` when writable (memory-backed), else the temp directory."""
+    return "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+
+
+@contextlib.contextmanager
+def scratch_dir(prefix: str = "tp-") -> Iterator[str]:
+    """A fresh directory under :func:`scratch_root`, removed with its contents on exit."""
+    d = tempfile.mkdtemp(prefix=prefix, dir=scratch_root())
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+class Reports:
+    """Reliability reports of one test session: named counters (and whole records) that are written
+    as ``<REPORT_DIR>/<name>.json`` at session end.  A report nothing was counted into is not written,
+    so running a subset of the tests never overwrites a full run's figures with zeros."""
+
+    def __init__(self) -> None:
+        self._counters: dict[str, Counter] = {}
+        self._summaries: dict[str, Callable[[Counter], dict[str, Any]]] = {}
+        self._records: dict[str, dict[str, Any]] = {}
+
+    def counter(self, name: str, summary: Callable[[Counter], dict[str, Any]] | None = None) -> Counter:
+        """The session's counter for report ``name`` (created on first use).  ``summary`` turns the
+        counts into the JSON written at the end (default: the counts, sorted by key)."""
+        c = self._counters.setdefault(name, Counter())
+        if summary is not None:
+            self._summaries[name] = summary
+        return c
+
+    def record(self, name: str, data: dict[str, Any]) -> None:
+        """Set report ``name`` to ``data`` as is (for a test that measures a whole run itself)."""
+        self._records[name] = dict(data)
+
+    def collected(self) -> dict[str, dict[str, Any]]:
+        """Every non-empty report of this session, by name."""
+        out: dict[str, dict[str, Any]] = {}
+        for name, c in self._counters.items():
+            if c:
+                summary = self._summaries.get(name)
+                out[name] = summary(c) if summary else dict(sorted(c.items()))
+        out.update(self._records)
+        return out
+
+    def write(self, directory: str = REPORT_DIR) -> list[str]:
+        """Write every non-empty report to ``directory``; returns the paths written."""
+        paths = []
+        for name, data in sorted(self.collected().items()):
+            os.makedirs(directory, exist_ok=True)
+            path = os.path.join(directory, name + ".json")
+            with open(path, "w") as f:
+                json.dump(data, f, indent=2, default=str)
+            paths.append(path)
+        return paths
+
+
+REPORTS = Reports()
