@@ -7,7 +7,7 @@
 2. snapshot creation: origin with 1,000,000 mapped blocks vs 1,000 (<= 2x)
 3. random 4 KiB reads at snapshot depth 100 vs depth 1 (>= 0.9x)
 4. commit() after one 4 KiB first write: pool holding 1,000,000 mappings vs 1,000 (<= 3x)
-5. kernels.allocate_many of 1,000,000 blocks vs the pure-Python allocator of tests/engine/reference.py (>= 50x)
+5. kernels_map.allocate_many of 1,000,000 blocks vs the pure-Python allocator of tests/engine/reference.py (>= 50x)
 6. 4 KiB writes into shared 64 KiB blocks after a snapshot (CoW break) vs the same file work by hand
    (pread old block, pwrite it to a new block, pwrite the 4 KiB) (>= 0.8x)
 plus import + first call in a fresh process, twice (the second must load the numba cache).
@@ -262,7 +262,7 @@ def bench_commit(sc: Scratch, big: int, small: int, repeats: int, key: str = "en
 
 # ----------------------------------------------------------------------------- 5. allocator
 def alloc_state(nr_blocks: int, used_frac: float = 0.3, freed_frac: float = 0.05, seed: int = 7):
-    from thinpool import kernels as K
+    from thinpool import schema as K
     rng = np.random.default_rng(seed)
     cap = -(-nr_blocks // 1024) * 1024
     data_rc = np.zeros(cap, np.uint32)
@@ -280,17 +280,17 @@ def alloc_state(nr_blocks: int, used_frac: float = 0.3, freed_frac: float = 0.05
 
 
 def bench_alloc(count: int, repeats: int, key: str = "engine.5") -> list[Row]:
-    from thinpool import kernels as K
+    from thinpool import kernels_map as K
 
     from tests.engine.reference import ReferenceAllocator
     state = alloc_state(int(count * 1.6))
     out = np.empty(count, np.int64)
-    K.allocate_many(*[a.copy() for a in state], 10, out)  # JIT warm
+    K.allocate_many(tuple(a.copy() for a in state[:3]), state[3].copy(), 10, out)  # JIT warm
     seqs = {}
 
     def jit(_r):
         a = [x.copy() for x in state]
-        t = timed(lambda: K.allocate_many(a[0], a[1], a[2], a[3], count, out))
+        t = timed(lambda: K.allocate_many((a[0], a[1], a[2]), a[3], count, out))
         seqs["jit"] = out.copy()
         return t
 
@@ -304,7 +304,7 @@ def bench_alloc(count: int, repeats: int, key: str = "engine.5") -> list[Row]:
     res = interleave({"jit": jit, "ref": ref}, repeats)
     same = np.array_equal(seqs["jit"], np.array(seqs["ref"], np.int64))
     tj, tr = med(res["jit"]), med(res["ref"])
-    return [ratio_row(key, f"allocate {count:,} blocks: kernels.allocate_many vs pure-Python reference", ">= 50",
+    return [ratio_row(key, f"allocate {count:,} blocks: kernels_map.allocate_many vs pure-Python reference", ">= 50",
                       tr / tj, jit_ms=tj * 1e3, python_ms=tr * 1e3, same_sequence=bool(same))], res
 
 

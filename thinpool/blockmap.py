@@ -2,8 +2,8 @@
 
 Nodes live in two growable arrays (leaves of 512 mappings, inner nodes of 1024 children), each
 node one 4 KiB metadata page.  A device is just a root slot; a snapshot is the same root with
-one more reference.  The kernels in :mod:`thinpool.kernels` do all per-block work; this class
-owns the arrays, grows them, and tracks which pages a commit must write.
+one more reference.  The kernels in :mod:`thinpool.kernels_map` and :mod:`thinpool.kernels` do all
+per-block work; this class owns the arrays, grows them, and tracks which pages a commit must write.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from .devtable import (DEVS_PER_PAGE,
 from .errors import AlreadyExists, HostIOError, InvalidArgument, MetadataCorrupt, NotFound, ReadOnly
 from .mdstore import BLOCK, MetadataSpaceExhausted, MetadataStore, PagedArray
 from .schema import DevFlag, Mode, dev_dtype
-from .spacemap import DataSpaceMap
+from .dataspace import DataSpaceMap
 from .status import PoolStatus, Usage  # noqa: F401  (part of this module's API)
 from .units import parse_size
 
@@ -45,8 +45,8 @@ def _walks():
 
 
 def _kernels():
-    from . import kernels  # imported on first use: opening a pool does not need numba
-    return kernels
+    from . import kernels_map  # imported on first use: opening a pool does not need numba
+    return kernels_map
 
 
 def _poolspace():
@@ -273,11 +273,9 @@ class Pool:
         one of them was reallocated (``st[ST_EPOCH]``) or the state was reloaded (a new ``st``)."""
         st = self.st
         if self._ktab_st is not st or self._ktab_epoch != st.item(K.ST_EPOCH):  # item(): a Python int, fast
-            sp = self.space
-            arrays = self.nodes_map.nodes + (sp.data_rc, sp.freed_txn, sp.rc_dirty, st, self.data.scratch)
-            assert all(a.flags.c_contiguous and a.flags.writeable for a in arrays)
-            self._ktab = np.array([[a.ctypes.data, a.shape[0]] for a in arrays], np.int64)
-            self._ktab_arrays = arrays  # keeps every address in the table valid
+            nodes, space, scratch = self.nodes_map.nodes, self.space.arrays, self.data.scratch
+            self._ktab = K.kernel_table(nodes, space, st, scratch)  # one row per array, by schema.KRow name
+            self._ktab_arrays = nodes + space + (st, scratch)  # keeps every address in the table valid
             self._ktab_st, self._ktab_epoch = st, int(st[K.ST_EPOCH])
         return self._ktab
 
@@ -417,8 +415,7 @@ class Pool:
         self._check_writable()
         slot = self._slot(name)
         root = int(self.devs[slot]["root"])
-        _kernels().release_inner(self.nodes_map.nodes, self.space.data_rc, self.space.freed_txn, self.space.rc_dirty,
-                        self.st, root, 0)
+        _kernels().release_inner(self.nodes_map.nodes, self.space.arrays, self.st, root, 0)
         dev_id = int(self.devs[slot]["dev_id"])
         self.devs[slot] = np.zeros(1, dev_dtype())[0]
         self.devs_dirty.add(slot)

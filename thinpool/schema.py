@@ -164,13 +164,46 @@ class KRow(enum.IntEnum):
 
 
 KROW_COUNT = len(KRow)
-#: the ``nodes`` tuple's length (rows LEAVES .. INNER_FREE)
-NODE_ARRAYS = int(KRow.INNER_FREE) + 1
+KROW_LEAVES = int(KRow.LEAVES)
+KROW_INNERS = int(KRow.INNERS)
+KROW_LEAF_RC = int(KRow.LEAF_RC)
+KROW_INNER_RC = int(KRow.INNER_RC)
+KROW_LEAF_DIRTY = int(KRow.LEAF_DIRTY)
+KROW_INNER_DIRTY = int(KRow.INNER_DIRTY)
+KROW_LEAF_RC_DIRTY = int(KRow.LEAF_RC_DIRTY)
+KROW_INNER_RC_DIRTY = int(KRow.INNER_RC_DIRTY)
+KROW_LEAF_FREE = int(KRow.LEAF_FREE)
+KROW_INNER_FREE = int(KRow.INNER_FREE)
 KROW_DATA_RC = int(KRow.DATA_RC)
 KROW_FREED_TXN = int(KRow.FREED_TXN)
 KROW_RC_DIRTY = int(KRow.RC_DIRTY)
 KROW_ST = int(KRow.ST)
 KROW_SCRATCH = int(KRow.SCRATCH)
+
+#: the rows of the ``nodes`` tuple's arrays, in the tuple's order (BlockMap.nodes, kernels' ``nodes[i]``)
+NODE_ROWS = (KRow.LEAVES, KRow.INNERS, KRow.LEAF_RC, KRow.INNER_RC, KRow.LEAF_DIRTY, KRow.INNER_DIRTY,
+             KRow.LEAF_RC_DIRTY, KRow.INNER_RC_DIRTY, KRow.LEAF_FREE, KRow.INNER_FREE)
+#: the rows of the ``space`` tuple's arrays, in the tuple's order (DataSpaceMap.arrays)
+SPACE_ROWS = (KRow.DATA_RC, KRow.FREED_TXN, KRow.RC_DIRTY)
+NODE_ARRAYS = len(NODE_ROWS)
+
+
+def kernel_table(nodes: tuple, space: tuple, st: Any, scratch: Any) -> Any:
+    """The kernel table: an int64 array of one ``(address, length)`` row per array, each array in
+    the row :class:`KRow` names (the kernels decode it by the same names).  The caller keeps the
+    arrays alive as long as the table is used."""
+    import numpy as np
+    named = dict(zip(NODE_ROWS, nodes))
+    named.update(zip(SPACE_ROWS, space))
+    named[KRow.ST] = st
+    named[KRow.SCRATCH] = scratch
+    tab = np.empty((KROW_COUNT, 2), np.int64)
+    for row in KRow:
+        a = named[row]
+        if not (a.flags.c_contiguous and a.flags.writeable):
+            raise ValueError(f"kernel table row {row.name}: the array must be C-contiguous and writable")
+        tab[row] = a.ctypes.data, a.shape[0]
+    return tab
 
 # --------------------------------------------------------------------------- kernel return codes
 OK = 0

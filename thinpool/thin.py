@@ -235,9 +235,8 @@ class Thin:
             try:
                 while True:
                     dev = pool.devs_i[slot]
-                    code, start, need = _k().write_batch(pool.nodes_map.nodes, space.data_rc, space.freed_txn,
-                                                      space.rc_dirty, st, dev, pool.data.fd, pool.data.scratch,
-                                                      offsets, lengths, buf, starts, start)
+                    code, start, need = _k().write_batch(pool.nodes_map.nodes, space.arrays, st, dev, pool.data.fd,
+                                                      pool.data.scratch, offsets, lengths, buf, starts, start)
                     if code == L.OK:
                         break
                     if code == L.NO_SPACE:
@@ -286,8 +285,8 @@ class Thin:
             before = int(pool.devs_i[slot, DEV_MAPPED])
             vb = first
             while True:
-                code, vb = _k().discard_range(pool.nodes_map.nodes, pool.space.data_rc, pool.space.freed_txn,
-                                           pool.space.rc_dirty, pool.st, pool.devs_i[slot], vb, last)
+                code, vb = _k().discard_range(pool.nodes_map.nodes, pool.space.arrays, pool.st, pool.devs_i[slot],
+                                           vb, last)
                 if code == L.OK:
                     break
                 pool.nodes_map.ensure(3, 1)

@@ -1,6 +1,7 @@
-"""Numba kernels that walk whole trees: mapping lists, accounting, reference-count checks, bulk
-builds.  Pure functions over the block-map arrays, like :mod:`thinpool.kernels` (whose per-block
-I/O path they share: ``writable_leaf``, ``inc_data``); kept apart so each module stays small.
+"""Numba kernels that walk whole trees: mapping lists, accounting, reference-count checks.
+Pure functions over the block-map arrays (the ``nodes`` tuple of :mod:`thinpool.kernels_map`, whose
+mapping helpers they inline; see :mod:`thinpool.kernels_cache` for why that is safe with
+``cache=True``).  Building a device from a mapping list is :func:`thinpool.kernels_map.build_device`.
 """
 
 from __future__ import annotations
@@ -8,12 +9,17 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .kernels import inc_data, writable_leaf
-from .schema import (INNER_BITS, INNER_ENTRIES, LEAF_BITS, LEAF_ENTRIES, NEED_NODES, NONE, OK, ST_INNER_FREE,
-                     ST_LEAF_FREE)
-from .schema import UNMAPPED as _UNMAPPED
+from . import kernels_cache
+from .kernels_map import UNMAPPED, mapping_block
+from .schema import INNER_BITS, INNER_ENTRIES, LEAF_BITS, LEAF_ENTRIES, NONE
 
-UNMAPPED = np.uint64(_UNMAPPED)
+_SOURCES_DIGEST = kernels_cache.sources_digest()
+
+
+@njit(cache=True)
+def _built_with():
+    """The sources this module's cached code was compiled from (see :mod:`thinpool.kernels_cache`)."""
+    return _SOURCES_DIGEST
 
 
 @njit(cache=True)
@@ -101,7 +107,7 @@ def logical_counts(nodes, roots, nr_data_blocks):
         for i in range(LEAF_ENTRIES):
             v = leaves[leaf, i]
             if v != UNMAPPED:
-                counts[np.int64(v >> np.uint64(24))] += m
+                counts[mapping_block(v)] += m
     return counts
 
 
@@ -126,7 +132,7 @@ def device_usage(nodes, root, counts):
                 if v != UNMAPPED:
                     mapped += 1
                     highest = base + i
-                    if counts[np.int64(v >> np.uint64(24))] == 1:
+                    if counts[mapping_block(v)] == 1:
                         exclusive += 1
     return mapped, exclusive, highest
 
@@ -173,27 +179,12 @@ def expected_counts(nodes, roots, nr_data_blocks):
                 for k in range(LEAF_ENTRIES):
                     v = leaves[leaf, k]
                     if v != UNMAPPED:
-                        d = np.int64(v >> np.uint64(24))
+                        d = mapping_block(v)
                         if d >= nr_data_blocks:
                             bad += 1
                         else:
                             exp_data[d] += 1
     return exp_inner, exp_leaf, exp_data, bad
-
-
-@njit(cache=True)
-def build_device(nodes, data_rc, rc_dirty, st, dev, vblocks, values, start):
-    """Insert sorted mappings ``start..`` into an empty device (restore/import).  Data counts are
-    incremented per leaf entry.  Returns (code, next_index) like :func:`write_batch`."""
-    leaves = nodes[0]
-    for k in range(start, vblocks.shape[0]):
-        if st[ST_INNER_FREE] < 3 or st[ST_LEAF_FREE] < 1:
-            return NEED_NODES, k
-        vb = vblocks[k]
-        leaf = writable_leaf(nodes, data_rc, rc_dirty, st, dev, vb)
-        leaves[leaf, vb & (LEAF_ENTRIES - 1)] = values[k]
-        inc_data(data_rc, rc_dirty, np.int64(values[k] >> np.uint64(24)))
-    return OK, vblocks.shape[0]
 
 
 @njit(cache=True)
@@ -222,3 +213,4 @@ def mapped_flags(nodes, root, first, out):
         i += 1
 
 
+kernels_cache.check(globals(), _built_with)

@@ -191,8 +191,8 @@ class ReferenceAllocator:
 
     @classmethod
     def from_kernel_state(cls, data_rc, freed_txn, rc_dirty, st) -> "ReferenceAllocator":
-        """Copy the kernel's numpy state (``st`` indexed by ``kernels.ST_*``)."""
-        from thinpool import kernels as K
+        """Copy the kernel's numpy state (``st`` indexed by ``schema.ST_*``)."""
+        from thinpool import schema as K
         return cls(data_rc.tolist(), freed_txn.tolist(), rc_dirty.tolist(), int(st[K.ST_CURSOR]),
                    int(st[K.ST_NR_FREE]), int(st[K.ST_NR_ALLOCATABLE]), int(st[K.ST_NR_BLOCKS]))
 

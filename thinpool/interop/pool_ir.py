@@ -136,8 +136,8 @@ def _fill(pool, md: Metadata, names: dict[int, str]) -> None:
         start = 0
         vb = dev.vblocks.astype(np.int64)
         while True:
-            code, start = _walks().build_device(bm.nodes, pool.space.data_rc, pool.space.rc_dirty, pool.st, state, vb,
-                                         vals, start)
+            from ..kernels_map import build_device
+            code, start = build_device(bm.nodes, pool.space.arrays, pool.st, state, vb, vals, start)
             if code == K.OK:
                 break
             bm.ensure(max(64, len(vb) // K.LEAF_ENTRIES // 8 + 3), max(64, (len(vb) - start) // K.LEAF_ENTRIES + 2))

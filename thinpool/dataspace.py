@@ -1,4 +1,5 @@
-"""The data space map: one reference count per data block, and the allocator's bookkeeping.
+"""The data space map in memory: one reference count per data block, and the allocator's bookkeeping
+(the on-disk space-map format of the interop tools is :mod:`thinpool.interop.sm_disk`).
 
 ``data_rc[b]`` counts the distinct leaves that map block ``b`` (dm-thin's rule).  A block whose
 count drops to zero is marked in ``freed_txn`` (1) and is not allocatable in this transaction
@@ -37,6 +38,12 @@ class DataSpaceMap:
         self.pending = np.zeros(0, np.int64)  # freed by the last commit, released by the next
         st[K.ST_NR_BLOCKS] = nr_blocks
         self.recount()
+
+    @property
+    def arrays(self) -> tuple:
+        """The ``space`` tuple every kernel takes: (data_rc, freed_txn, rc_dirty) (see
+        :mod:`thinpool.kernels_map`)."""
+        return (self.data_rc, self.freed_txn, self.rc_dirty)
 
     @property
     def nr_blocks(self) -> int:
