@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import schema as K
+from .schema import DevFlag
 
 
 def _walks():
@@ -55,7 +56,7 @@ def check_pool(pool) -> CheckReport:
     if getattr(pool, "recovered_from", None):
         rep.warnings.append(f"the newest commit could not be read and the previous one was used: {pool.recovered_from}")
     bm, sp, st = pool.nodes_map, pool.space, pool.st
-    used = (pool.devs["flags"] & 1) != 0
+    used = (pool.devs["flags"] & DevFlag.IN_USE) != 0
     devs = pool.devs[used]
     roots = devs["root"].astype(np.int64)
     rep.devices = int(used.sum())

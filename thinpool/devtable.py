@@ -21,21 +21,20 @@ here and used by :class:`~thinpool.pool.Pool` too.
 from __future__ import annotations
 
 import json
-import operator
 import os
 import re
 import struct
 from typing import Any, NamedTuple
 
-from . import pooldir, safe_output
-from .errors import AlreadyExists, FullOpenRequired, InvalidArgument, NoSpace, NotFound, ReadOnly
+from . import pooldir, rules, safe_output
+from .errors import AlreadyExists, FullOpenRequired, InvalidArgument, NotFound, ReadOnly  # noqa: F401 (API)
 from .mdstore import BLOCK, MetadataSpaceExhausted, MetadataStore, PagedArray, PageUpdates
+from .rules import MAX_DEV_ID, new_catalog_entry, pick_dev_id  # noqa: F401 (the pool's id rules)
 from .schema import (DEV_CREATION_TIME, DEV_FIELDS, DEV_FLAGS, DEV_ID, DEV_MAPPED, DEV_RECORD, DEV_SIZE,
                      DEV_SNAP_TIME, DEV_TRANSACTION, DevFlag, Mode)
 from .status import PoolStatus
 
 DEVS_PER_PAGE = BLOCK // DEV_RECORD.size
-MAX_DEV_ID = (1 << 24) - 1
 RC_PER_PAGE = BLOCK // 4
 _NAME_RE = re.compile(r"^[^\x00-\x1f\x7f]{1,1024}$")
 _STORE_KEYS = ("directory", "directory_bytes", "pages", "held", "recovered_from")
@@ -82,34 +81,6 @@ def check_new_name(pool_path: str, name: Any, by_name: dict[str, Any]) -> None:
         raise InvalidArgument(f"invalid volume name {shown}: {problem}")
     if name in by_name:
         raise AlreadyExists(f"pool {pool_path}: a thin volume named {name!r} already exists")
-
-
-def new_catalog_entry(catalog: dict[str, Any], dev_id: int, slot: int) -> dict[str, int]:
-    """The catalog entry of a volume being created: its device id, table slot and creation
-    generation (``gen``, from the catalog's ``next_gen`` counter, which it advances).  A device id can
-    be reused after a delete; (dev id, gen) never is -- the NBD server binds an open export to it."""
-    gen = int(catalog.get("next_gen", 1))
-    catalog["next_gen"] = gen + 1
-    return {"dev_id": dev_id, "slot": slot, "gen": gen}
-
-
-def pick_dev_id(pool_path: str, dev_id: Any, by_dev_id: dict[int, str], next_dev_id: int) -> int:
-    """``dev_id`` if given and free (24 bits, as dm-thin), else the first free id from ``next_dev_id``."""
-    if dev_id is not None:
-        try:
-            value = operator.index(dev_id) if not isinstance(dev_id, bool) else -1
-        except TypeError:
-            value = -1
-        if not 0 <= value <= MAX_DEV_ID:
-            raise InvalidArgument(f"device id {dev_id!r} is out of range (0..{MAX_DEV_ID}, 24 bits)")
-        if value in by_dev_id:
-            raise AlreadyExists(f"pool {pool_path}: device id {value} is in use by {by_dev_id[value]!r}")
-        return value
-    for i in range(MAX_DEV_ID + 1):
-        cand = (next_dev_id + i) & MAX_DEV_ID
-        if cand not in by_dev_id:
-            return cand
-    raise NoSpace(f"pool {pool_path}: all 2^24 device ids are in use")
 
 
 def pad_pages(raw: bytes) -> bytes:
@@ -187,12 +158,8 @@ class DeviceTable:
         self._devs_dirty: set[int] = set()
         self._rc_pages: dict[int, bytearray] = {}
         self._dirty = False
-        if hdr.get("needs_check"):
-            self.mode = Mode.READ_ONLY
-        elif hdr["nr_data_blocks"] - hdr["used_data_blocks"] - hdr["pending_blocks"] <= 0:
-            self.mode = Mode.OUT_OF_DATA_SPACE
-        else:
-            self.mode = Mode.WRITE
+        self.mode: Mode = rules.derive_mode(bool(hdr.get("needs_check")),
+                                            hdr["nr_data_blocks"] - hdr["used_data_blocks"] - hdr["pending_blocks"])
 
     # ------------------------------------------------------------------ reading
     @property
@@ -239,15 +206,12 @@ class DeviceTable:
     def status(self) -> PoolStatus:
         """The pool's status, as :meth:`thinpool.pool.Pool.status` reports it just after opening."""
         self._check_open()
-        hdr, held = self.header, self.store.header.get("held")
-        return PoolStatus(
-            transaction_id=self.transaction_id, time=self.time, data_block_size=self.block_size,
-            used_data_blocks=int(hdr["used_data_blocks"]), total_data_blocks=int(hdr["nr_data_blocks"]),
-            used_metadata_blocks=self.store.used_blocks(), total_metadata_blocks=self.store.nr_blocks,
-            mode=self.mode, low_water_mark=int(hdr["low_water_mark"]),
-            held_root=int(held["root_block"]) if held else None, needs_check=bool(hdr.get("needs_check")),
-            error_if_no_space=bool(hdr.get("error_if_no_space", True)),
-            zero_new_blocks=bool(hdr.get("zero_new_blocks", True)), nr_thins=len(self._volumes))
+        hdr = self.header
+        return rules.pool_status(hdr, time=self.time, held=self.store.header.get("held"), mode=self.mode,
+                                 used_data_blocks=int(hdr["used_data_blocks"]),
+                                 total_data_blocks=int(hdr["nr_data_blocks"]),
+                                 used_metadata_blocks=self.store.used_blocks(),
+                                 total_metadata_blocks=self.store.nr_blocks, nr_thins=len(self._volumes))
 
     # ------------------------------------------------------------------ the one change: a snapshot
     def snapshot(self, origin: str, name: str, *, dev_id: int | None = None,
@@ -267,14 +231,11 @@ class DeviceTable:
         struct.pack_into("<I", page, off, struct.unpack_from("<I", page, off)[0] + 1)
         t = self.time + 1
         self.header["time"] = t
-        o["snap_time"] = t
+        o, snap = rules.snapshot_records(o, dev_id, self.transaction_id, t, read_only)
         self._put(oslot, o)
         slot = self._new_slot()
-        self._put(slot, dict(dev_id=dev_id, root=root, mapped=o["mapped"], transaction=self.transaction_id,
-                             creation_time=t, snap_time=t, size=o["size"],
-                             flags=int(DevFlag.IN_USE | (DevFlag.READ_ONLY if read_only else 0))))
-        self._volumes[name] = new_catalog_entry(self.catalog, dev_id, slot)
-        self.catalog["next_dev_id"] = (dev_id + 1) & MAX_DEV_ID
+        self._put(slot, snap)
+        rules.add_volume(self.catalog, name, dev_id, slot)
         self._dirty = True
         return self.thin(name)
 
@@ -290,9 +251,9 @@ class DeviceTable:
     def _new_slot(self) -> int:
         """The first unused slot, or a new page of slots (as Pool._new_slot)."""
         n = len(self._devs) // DEV_RECORD.size
-        for slot in range(n):
-            if not DEV_RECORD.unpack_from(self._devs, slot * DEV_RECORD.size)[DEV_FLAGS] & DevFlag.IN_USE:
-                return slot
+        slot = rules.free_slot(r[DEV_FLAGS] for r in DEV_RECORD.iter_unpack(self._devs))
+        if slot is not None:
+            return slot
         self._devs.extend(bytes(BLOCK))
         self._devs_dirty.update(range(n, n + DEVS_PER_PAGE))
         return n
@@ -327,15 +288,11 @@ class DeviceTable:
 
     # ------------------------------------------------------------------ lifetime
     def _check_open(self) -> None:
-        if self._closed:
-            raise InvalidArgument(f"pool {self.path} is closed")
+        rules.check_open(self.path, self._closed)
 
     def _check_writable(self) -> None:
-        self._check_open()
-        if self.read_only:
-            raise ReadOnly(f"pool {self.path} is opened read-only")
-        if self.mode == Mode.READ_ONLY:
-            raise ReadOnly(f"pool {self.path} is read-only (needs check/repair)")
+        rules.check_writable(self.path, closed=self._closed, read_only=self.read_only, mode=self.mode,
+                             needs_check=bool(self.header.get("needs_check")))
 
     def close(self, commit: bool = True) -> None:
         """Commit (unless ``commit=False``) and release the pool."""
@@ -353,4 +310,6 @@ class DeviceTable:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        """Close: commit if the block succeeded; if it raised, drop everything since the last
+        commit (the same policy as :class:`~thinpool.pool.Pool`)."""
         self.close(commit=exc_type is None)

@@ -98,7 +98,7 @@ def resize_metadata(pool: "Pool", metadata_size: int | str) -> None:
 
 def resize(pool: "Pool", data_size: int | str | None, metadata_size: int | str | None = None) -> None:
     """Grow the data device and, when needed or asked, the metadata file (see :meth:`Pool.resize`)."""
-    from .pool import default_metadata_blocks
+    from .rules import default_metadata_blocks
     pool._check_open()
     if pool.read_only:
         raise ReadOnly(f"pool {pool.path} is opened read-only")
@@ -147,7 +147,7 @@ def resize(pool: "Pool", data_size: int | str | None, metadata_size: int | str |
             raise HostIOError(f"pool {pool.path}: growing the data file {pool.data.path} to {nr * pool.block_size} "
                               f"bytes failed: {os.strerror(err)}", err, pool.data.path) from None
         pool.space.resize(nr)
-        pool.header["nr_data_blocks"] = nr
+        pool._header["nr_data_blocks"] = nr
         pool._lwm_fired = False
         if pool.mode == Mode.OUT_OF_DATA_SPACE and pool.st[K.ST_NR_ALLOCATABLE] > 0:
             pool.mode = Mode.WRITE

@@ -403,29 +403,21 @@ def _build(out_dir: str, md: Metadata, names: dict[int, str], attrs: dict[int, t
     """Write the salvage as a new pool at ``out_dir``; ``keep_uuid`` keeps the damaged pool's identity
     (in place: the data file's owner stamp names it), else the new pool keeps its own (``-o``: a new
     pool with its own data file)."""
-    from .interop.pool_ir import pool_from_metadata
-    from .schema import DevFlag
-    from .pool import default_metadata_blocks
+    from .pool import Pool
+    from .rules import default_metadata_blocks
     md_blocks = max(int(hdr.get("metadata_blocks_hint", 0)),
                     default_metadata_blocks(md.superblock.nr_data_blocks, max(1000, 2 * len(md.devices))))
-    pool = pool_from_metadata(out_dir, md, names=names, metadata_size=md_blocks * BLOCK)
+    pool = Pool.from_metadata(out_dir, md, names=names, metadata_size=md_blocks * BLOCK)
     try:
         for dev in md.devices:
-            slot = pool._slot(names[dev.dev_id])
             size, ro = attrs[dev.dev_id]
-            row = pool.devs[slot]
-            row["size"] = size
-            if ro:
-                row["flags"] = int(row["flags"]) | DevFlag.READ_ONLY
-            pool.devs_dirty.add(slot)
+            pool._restore_volume(names[dev.dev_id], size=size, read_only=ro)
         for ns, recs in records.items():
             pool.put_records(ns, recs)
-        for key in ("low_water_mark", "error_if_no_space", "zero_new_blocks", "uuid", "created"):
-            if key in hdr and (keep_uuid or key != "uuid"):
-                pool.header[key] = hdr[key]
-        pool.catalog["next_dev_id"] = max([d.dev_id for d in md.devices], default=0) + 1
-        pool.header["data_file"] = data_file
-        pool.catalog_dirty = True
+        kept = {key: hdr[key] for key in ("low_water_mark", "error_if_no_space", "zero_new_blocks", "uuid", "created")
+                if key in hdr and (keep_uuid or key != "uuid")}
+        kept["data_file"] = data_file
+        pool._restore_header(kept, next_dev_id=max([d.dev_id for d in md.devices], default=0) + 1)
         pool.commit()
     finally:
         pool.close(commit=False)

@@ -1,7 +1,9 @@
 """Thin volumes: byte-addressed I/O over the pool's JIT kernels.
 
 Every method validates its arguments first (offsets, lengths, the volume's end) so bad input
-changes nothing, then hands the whole batch to one kernel call.
+changes nothing, then hands the whole batch to one kernel call.  A :class:`Thin` reaches the pool's
+state only through the pool's :class:`~thinpool.kernel_context.KernelContext` (and the pool's
+public methods); it is bound to its volume's device id and creation generation, not its name.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ import numpy as np
 from . import schema as L
 from .errors import DataDeviceError, InvalidArgument, NoSpace, ReadOnly
 from .hostio import last_errno
-from .schema import (DEV_CREATION_TIME, DEV_FLAGS, DEV_ID, DEV_MAPPED, DEV_ROOT, DEV_SIZE, DEV_SNAP_TIME,
-                     DEV_TRANSACTION)
+from .schema import (DEV_CREATION_TIME, DEV_FLAGS, DEV_MAPPED, DEV_ROOT, DEV_SIZE, DEV_SNAP_TIME,
+                     DEV_TRANSACTION, FLAG_READ_ONLY, unpack_mapping)
 
 _ZERO1 = np.zeros(1, np.int64)
 _U8 = np.dtype(np.uint8)
@@ -70,24 +72,46 @@ def _check_span(name: str, size: int, offset: int, length: int) -> None:
 
 
 class Thin:
-    """A thin volume of a :class:`~thinpool.pool.Pool` (a cheap handle; look it up by name)."""
+    """A thin volume of a :class:`~thinpool.pool.Pool`: a cheap handle bound to the volume itself
+    (its device id and creation generation), so it follows a rename, and raises NotFound naming the
+    volume once it is deleted -- even if a later volume reuses its name or device id."""
 
-    __slots__ = ("pool", "name")
+    __slots__ = ("pool", "_ctx", "_key", "_name")
 
     def __init__(self, pool, name: str) -> None:
+        """The handle of ``pool``'s volume called ``name`` now (NotFound if none); prefer :meth:`Pool.thin`."""
+        ctx = pool._engine
         self.pool = pool
-        self.name = name
+        self._ctx = ctx
+        with ctx.lock:
+            key = ctx.keys.get(name) if isinstance(name, str) else None
+            if key is None:
+                pool.thin(name)  # raises NotFound (or InvalidArgument if closed)
+            self._key: int = key
+        self._name = name
 
     # ------------------------------------------------------------------ attributes
     @property
+    def name(self) -> str:
+        """The volume's current name (its last name if it was deleted)."""
+        ctx = self._ctx
+        name = ctx.names.get(self._key) or ctx.gone.get(self._key)
+        if name is not None:
+            self._name = name
+        return self._name
+
+    def _slot(self) -> int:
+        return self._ctx.slot(self._key, self.name)
+
+    @property
     def _row(self) -> np.ndarray:
-        pool = self.pool
-        return pool.devs_i[pool._slot(self.name)]
+        ctx = self._ctx
+        return ctx.devs_i[ctx.slot(self._key, self.name)]
 
     @property
     def dev_id(self) -> int:
         """dm-thin device id (24 bits)."""
-        return int(self._row[DEV_ID])
+        return self._key & 0xFFFFFF
 
     @property
     def size(self) -> int:
@@ -96,14 +120,17 @@ class Thin:
 
     @property
     def read_only(self) -> bool:
-        return bool(self._row[DEV_FLAGS] & 2)
+        """Whether the volume refuses writes and discards."""
+        return bool(self._row[DEV_FLAGS] & FLAG_READ_ONLY)
 
     @property
     def mapped_blocks(self) -> int:
+        """Blocks this volume maps."""
         return int(self._row[DEV_MAPPED])
 
     @property
     def creation_time(self) -> int:
+        """The pool time the volume was created at."""
         return int(self._row[DEV_CREATION_TIME])
 
     @property
@@ -113,25 +140,27 @@ class Thin:
 
     @property
     def transaction(self) -> int:
+        """The pool transaction id when the volume was created."""
         return int(self._row[DEV_TRANSACTION])
 
     def __repr__(self) -> str:
-        return f"<Thin {self.name!r} dev_id={self.dev_id} size={self.size}>"
+        return f"<Thin {self.name!r} dev_id={self.dev_id}>"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Thin) and other.pool is self.pool and other.name == self.name
+        return isinstance(other, Thin) and other._ctx is self._ctx and other._key == self._key
 
     def __hash__(self) -> int:
-        return hash((id(self.pool), self.name))
+        return hash((id(self._ctx), self._key))
 
     def usage(self):
         """This volume's :class:`~thinpool.pool.Usage`."""
-        return self.pool.usage(self.name)
+        with self._ctx.lock:
+            self._slot()
+            return self.pool.usage(self.name)
 
     # ------------------------------------------------------------------ validation
     def _check_range(self, offsets: np.ndarray, lengths: np.ndarray) -> None:
-        pool = self.pool
-        size = int(pool.devs_i[pool._slot(self.name), DEV_SIZE])
+        size = int(self._row[DEV_SIZE])
         if offsets.size == 1:
             off, length = int(offsets[0]), int(lengths[0])
             if off >= 0 and length >= 0 and off + length <= size:
@@ -150,10 +179,10 @@ class Thin:
                                   f"goes past the end of the volume ({size} bytes)")
 
     def _check_write(self) -> None:
-        pool = self.pool
-        if pool._closed or pool.read_only or pool.mode in ("read-only", "fail"):
-            pool._check_writable()
-        if pool.devs_i[pool._slot(self.name), DEV_FLAGS] & 2:
+        ctx = self._ctx
+        if not ctx.fast_write:
+            ctx.check_writable()
+        if self._row[DEV_FLAGS] & FLAG_READ_ONLY:
             raise ReadOnly(f"volume {self.name!r} is read-only")
 
     # ------------------------------------------------------------------ writes
@@ -174,26 +203,23 @@ class Thin:
                                       f"{type(data).__name__}") from None
         if type(offset) is not int:
             offset = _scalar(self.name, "offset", offset)
-        pool = self.pool
+        ctx = self._ctx
         n = len(buf)
-        with pool._lock:
-            slot = pool._by_name.get(self.name)
-            if (slot is not None and 0 <= offset < _FAST_LIMIT and pool.mode == "write" and not pool.read_only
-                    and not pool._closed):
+        with ctx.lock:
+            slot = ctx.slots.get(self._key)
+            if slot is not None and 0 <= offset < _FAST_LIMIT and ctx.fast_write:
                 # fast path (writable pool): one kernel call, which also checks the range and the
                 # volume's read-only flag; anything unusual (out of range, read-only volume, no space,
                 # node growth, an I/O error) is redone or reported by the general path
-                code, need = (_KERNELS or _k()).write_one(pool._kernel_table(), pool.devs_i, slot, buf,
-                                                          pool.data.fd, offset)
+                code, need = (_KERNELS or _k()).write_one(ctx.table(), ctx.devs_i, slot, buf, ctx.data.fd, offset)
                 if code == 0:  # OK
-                    pool.devs_dirty.add(slot)
+                    ctx.devs_dirty.add(slot)
                     if need:
-                        pool._after_alloc()
+                        ctx.after_alloc()
                     return n
             self._check_write()  # closed or read-only first, then the range (as the batch path)
-            slot = pool._slot(self.name)
-            _check_span(self.name, int(pool.devs_i[slot, DEV_SIZE]), offset, n)
-            one = pool._one_io  # preallocated [offset, length] scratch, used under the lock
+            _check_span(self.name, int(self._row[DEV_SIZE]), offset, n)
+            one = ctx.one_io  # preallocated [offset, length] scratch, used under the lock
             one[0, 0] = offset
             one[1, 0] = n
             self._submit(one[0], one[1], buf, _ZERO1)
@@ -224,47 +250,48 @@ class Thin:
         return int(lengths.sum())
 
     def _submit(self, offsets: np.ndarray, lengths: np.ndarray, buf: np.ndarray, starts: np.ndarray) -> None:
-        pool = self.pool
-        with pool._lock:
+        ctx = self._ctx
+        with ctx.lock:
             self._check_write()
             self._check_range(offsets, lengths)
-            slot = pool._slot(self.name)
-            st = pool.st
-            space = pool.space
+            slot = self._slot()
+            st = ctx.st
             start = 0
+            need = 0
             try:
                 while True:
-                    dev = pool.devs_i[slot]
-                    code, start, need = _k().write_batch(pool.nodes_map.nodes, space.arrays, st, dev, pool.data.fd,
-                                                      pool.data.scratch, offsets, lengths, buf, starts, start)
+                    space = ctx.space
+                    code, start, need = _k().write_batch(ctx.nodes_map.nodes, space.arrays, st, ctx.devs_i[slot],
+                                                         ctx.data.fd, ctx.data.scratch, offsets, lengths, buf, starts,
+                                                         start)
                     if code == L.OK:
                         break
                     if code == L.NO_SPACE:
                         if need <= st[L.ST_NR_FREE]:
                             # blocks freed earlier become allocatable once the commits that free them
                             # are durable (dm-thin commits when allocation finds no free block)
-                            pool.commit()
+                            self.pool.commit()
                             if need > st[L.ST_NR_ALLOCATABLE]:
-                                pool.commit()
+                                self.pool.commit()
                             if need <= st[L.ST_NR_ALLOCATABLE]:
                                 continue
-                        pool.mode = "out-of-data-space"
-                        raise NoSpace(f"pool {pool.path}: no free data space for volume {self.name!r} "
+                        ctx.out_of_data_space()
+                        raise NoSpace(f"pool {ctx.path}: no free data space for volume {self.name!r} "
                                       f"({need} blocks needed, {int(st[L.ST_NR_ALLOCATABLE])} free)")
                     if code == L.IO_ERROR:
                         err = last_errno()
-                        exc = DataDeviceError(f"pool {pool.path}: writing volume {self.name!r} at offset "
-                                              f"{int(offsets[start])} to the data file {pool.data.path} failed "
+                        exc = DataDeviceError(f"pool {ctx.path}: writing volume {self.name!r} at offset "
+                                              f"{int(offsets[start])} to the data file {ctx.data.path} failed "
                                               f"({os.strerror(err)}; the block is not mapped)")
-                        exc.errno, exc.filename = err, pool.data.path
+                        exc.errno, exc.filename = err, ctx.data.path
                         raise exc
-                    bs = pool.block_size
+                    bs = ctx.block_size
                     nblk = int((offsets[start] + lengths[start] - 1) // bs - offsets[start] // bs + 1)
-                    pool.nodes_map.ensure(2 * nblk + 1, nblk)
+                    ctx.nodes_map.ensure(2 * nblk + 1, nblk)
             finally:
-                pool.devs_dirty.add(slot)
+                ctx.devs_dirty.add(slot)
             if need:
-                pool._after_alloc()
+                ctx.after_alloc()
 
     def discard(self, offset: int, length: int) -> int:
         """Unmap the whole blocks inside ``[offset, offset+length)``; partial blocks are untouched
@@ -272,50 +299,48 @@ class Thin:
         the next commit."""
         offset = _scalar(self.name, "offset", offset)
         length = _scalar(self.name, "length", length)
-        pool = self.pool
-        with pool._lock:
+        ctx = self._ctx
+        with ctx.lock:
             self._check_write()
             _check_span(self.name, self.size, offset, length)
-            bs = pool.block_size
+            bs = ctx.block_size
             first = -(-offset // bs)
             last = (offset + length) // bs
             if last <= first:
                 return 0
-            slot = pool._slot(self.name)
-            before = int(pool.devs_i[slot, DEV_MAPPED])
+            slot = self._slot()
+            before = int(ctx.devs_i[slot, DEV_MAPPED])
             vb = first
             while True:
-                code, vb = _k().discard_range(pool.nodes_map.nodes, pool.space.arrays, pool.st, pool.devs_i[slot],
-                                           vb, last)
+                sp = ctx.space
+                code, vb = _k().discard_range(ctx.nodes_map.nodes, sp.arrays, ctx.st, ctx.devs_i[slot], vb, last)
                 if code == L.OK:
                     break
-                pool.nodes_map.ensure(3, 1)
-            pool.devs_dirty.add(slot)
-            return before - int(pool.devs_i[slot, DEV_MAPPED])
+                ctx.nodes_map.ensure(3, 1)
+            ctx.devs_dirty.add(slot)
+            return before - int(ctx.devs_i[slot, DEV_MAPPED])
 
     # ------------------------------------------------------------------ reads
     def read(self, offset: int, length: int) -> bytes:
         """Read ``length`` bytes at ``offset`` (unmapped blocks read as zeroes)."""
-        pool = self.pool
+        ctx = self._ctx
         if type(offset) is int and type(length) is int:
             # fast path (open pool, in range): one kernel call, no checks beyond these
-            with pool._lock:
-                slot = pool._by_name.get(self.name)
-                if slot is not None and not pool._closed:
-                    devs = pool.devs_i
-                    if 0 <= offset and 0 <= length and offset + length <= int(devs[slot, L.DEV_SIZE]):
+            with ctx.lock:
+                slot = ctx.slots.get(self._key)
+                if slot is not None and ctx.is_open:
+                    devs = ctx.devs_i
+                    if 0 <= offset and 0 <= length and offset + length <= int(devs[slot, DEV_SIZE]):
                         out = np.empty(length, np.uint8)
-                        (_KERNELS or _k()).read_one(pool._kernel_table(), devs, slot, pool.data.array, out, offset)
+                        (_KERNELS or _k()).read_one(ctx.table(), devs, slot, ctx.data.array, out, offset)
                         return out.tobytes()
         offset = _scalar(self.name, "offset", offset)
         length = _scalar(self.name, "length", length)
-        with pool._lock:
-            if pool._closed:
-                pool._check_open()
+        with ctx.lock:
+            ctx.check_open()
             _check_span(self.name, self.size, offset, length)  # before allocating the output
             out = np.empty(length, np.uint8)
-            (_KERNELS or _k()).read_one(pool._kernel_table(), pool.devs_i, pool._slot(self.name), pool.data.array,
-                                        out, offset)
+            (_KERNELS or _k()).read_one(ctx.table(), ctx.devs_i, self._slot(), ctx.data.array, out, offset)
         return out.tobytes()
 
     def read_into(self, offset: int, out: np.ndarray) -> None:
@@ -327,7 +352,7 @@ class Thin:
         """Read ``length`` bytes at each offset in one kernel call; returns a (n, length) uint8 array."""
         offs = _as_offsets(offsets, "offsets")
         length = _scalar(self.name, "length", length)
-        self.pool._check_open()
+        self._ctx.check_open()
         if length < 0 or length > self.size:
             raise InvalidArgument(f"volume {self.name!r}: length {length} is negative or larger than the volume "
                                   f"({self.size} bytes)")
@@ -338,13 +363,12 @@ class Thin:
         return out
 
     def _read(self, offsets: np.ndarray, lengths: np.ndarray, out: np.ndarray, starts: np.ndarray) -> None:
-        pool = self.pool
-        with pool._lock:
-            if pool._closed:
-                pool._check_open()
+        ctx = self._ctx
+        with ctx.lock:
+            ctx.check_open()
             self._check_range(offsets, lengths)
-            root = int(pool.devs_i[pool._slot(self.name), DEV_ROOT])
-            _k().read_batch(pool.nodes_map.nodes, root, pool.data.array, pool.block_size, offsets, lengths, out, starts)
+            root = int(ctx.devs_i[self._slot(), DEV_ROOT])
+            _k().read_batch(ctx.nodes_map.nodes, root, ctx.data.array, ctx.block_size, offsets, lengths, out, starts)
 
     # ------------------------------------------------------------------ mappings
     def mapped_ranges(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
@@ -352,16 +376,16 @@ class Thin:
         (clipped to the range): what NBD BLOCK_STATUS and sparse export need."""
         offs = _as_offsets(offset, "offset")
         lens = _as_offsets(length, "length")
-        pool = self.pool
-        with pool._lock:
+        ctx = self._ctx
+        with ctx.lock:
             self._check_range(offs, lens)
             off, end = int(offs[0]), int(offs[0] + lens[0])
             if end <= off:
                 return []
-            bs = pool.block_size
+            bs = ctx.block_size
             first, last = off // bs, (end - 1) // bs
             flags = np.empty(last - first + 1, np.uint8)
-            _walks().mapped_flags(pool.nodes_map.nodes, int(pool.devs[pool._slot(self.name)]["root"]), first, flags)
+            _walks().mapped_flags(ctx.nodes_map.nodes, int(ctx.devs_i[self._slot(), DEV_ROOT]), first, flags)
         cuts = np.flatnonzero(np.diff(flags)) + 1
         starts = np.concatenate(([0], cuts))
         ends = np.concatenate((cuts, [len(flags)]))
@@ -374,11 +398,12 @@ class Thin:
 
     def mappings(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(virtual blocks, data blocks, times) of every mapping, sorted by virtual block."""
-        pool = self.pool
-        with pool._lock:
-            root = int(pool.devs[pool._slot(self.name)]["root"])
-            n, _ = _walks().count_mappings(pool.nodes_map.nodes, root)
+        ctx = self._ctx
+        with ctx.lock:
+            root = int(ctx.devs_i[self._slot(), DEV_ROOT])
+            n, _ = _walks().count_mappings(ctx.nodes_map.nodes, root)
             vb = np.empty(n, np.int64)
             vals = np.empty(n, np.uint64)
-            _walks().collect_mappings(pool.nodes_map.nodes, root, vb, vals)
-        return vb, (vals >> np.uint64(24)).astype(np.int64), (vals & np.uint64(0xFFFFFF)).astype(np.int64)
+            _walks().collect_mappings(ctx.nodes_map.nodes, root, vb, vals)
+        blocks, times = unpack_mapping(vals)
+        return vb, blocks.astype(np.int64), times.astype(np.int64)

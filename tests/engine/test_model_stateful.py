@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -119,7 +120,7 @@ class PoolMachine(RuleBasedStateMachine):
         self.commit_events: list[str] = []
         self.snap_model: dict[str, dict] = {}    # snapshotter key -> {"kind", "parent", "volume"}
         self.txid = 0
-        self.handles: dict[str, object] = {}     # Thin handles kept across operations (looked up by name)
+        self.handles: dict[str, tuple] = {}      # name when taken -> (Thin handle, the model volume's uid)
         self.held: dict[int, list] | None = None  # held metadata snapshot: dev_id -> [(vb, dblock)]
 
     # ------------------------------------------------------------------ model helpers
@@ -502,22 +503,27 @@ class PoolMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.vols)
     @rule(data=st.data())
     def old_handle(self, data) -> None:
-        """A Thin handle taken earlier, used after renames, deletes, re-creations, aborts, crashes."""
+        """A Thin handle taken earlier, used after renames, deletes, re-creations, aborts, crashes.  A
+        handle is bound to its volume (device id and generation), not its name: it follows renames,
+        and raises NotFound naming the volume while it is deleted (a later volume with its name or
+        device id is another volume)."""
         name = data.draw(st.sampled_from(sorted(self.vols)), label="volume")
         if name not in self.handles or data.draw(st.booleans(), label="refresh"):
-            self.handles[name] = self.pool.thin(name)
+            self.handles[name] = (self.pool.thin(name), self.vols[name].uid)
         old = data.draw(st.sampled_from(sorted(self.handles)), label="handle")
-        h = self.handles[old]
+        h, uid = self.handles[old]
+        now = [n for n, v in self.vols.items() if v.uid == uid]
         if h.pool is not self.pool:
             with pytest.raises(InvalidArgument, match="closed"):
                 h.read(0, 1)
             del self.handles[old]
-        elif old not in self.vols:
-            with pytest.raises(NotFound, match=old):
+        elif not now:
+            with pytest.raises(NotFound, match=re.escape(repr(h.name))):
                 h.read(0, 1)
         else:
-            v = self.vols[old]
+            v = self.vols[now[0]]
             n = min(v.size, 2 * BS)
+            assert h.name == now[0]
             assert h.read(0, n) == v.expected(0, n) and h.size == v.size
         STATS["old_handle"] += 1
 
@@ -613,9 +619,7 @@ class PoolMachine(RuleBasedStateMachine):
             rec = recs.pop(key)
             recs[name] = dict(rec, kind="committed")
             v = self.vols[rec["volume"]]
-            v.ro = True
-            v.uid = self.next_uid          # a new device (an O(1) read-only snapshot replaced it)
-            self.next_uid += 1
+            v.ro = True                    # the same device, now read-only (handles to it stay valid)
             STATS["snapshotter_commit"] += 1
         self._after_snapshotter_op()
 

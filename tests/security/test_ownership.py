@@ -426,7 +426,7 @@ def test_a_failed_restore_leaves_nothing_at_any_step(where, take_over, tmp_path,
     device, so the restore also grows it): the new pool is gone, the user's file has its old size
     and owner stamp, and its owner still opens with its data."""
     import thinpool.datadev as datadev_mod
-    import thinpool.interop.pool_ir as pool_ir_mod
+    import thinpool.pool_ir as pool_ir_mod
     import thinpool.mdstore as mdstore_mod
     import thinpool.pool as pool_mod
     a = tmp_path / "A"

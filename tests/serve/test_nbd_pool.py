@@ -822,7 +822,7 @@ def test_pool_backend_matches_the_memory_reference(diff_env: dict[str, Any], str
     DIFF_COUNTS["sequences"] += 1
     pool = diff_env["pool"]
     name = f"v{DIFF_COUNTS['sequences']}"
-    with pool._lock:
+    with pool.locked():
         pool.create_thin(name, DIFF_SIZE)
     mem = MemoryProvider(block_size=BS)  # a fresh reference per example
     mem.create(name, DIFF_SIZE)
@@ -844,7 +844,7 @@ def test_pool_backend_matches_the_memory_reference(diff_env: dict[str, Any], str
         if structured:  # ... and allocation
             maps = [c.cmd(P.CMD_BLOCK_STATUS, 0, DIFF_SIZE)[2] for c in clients]
             assert maps[0] == maps[1]
-        with pool._lock:
+        with pool.locked():
             assert pool.thin(name).mapped_blocks == mem.volume(name).allocated_blocks
     finally:
         for c in clients:
@@ -852,7 +852,7 @@ def test_pool_backend_matches_the_memory_reference(diff_env: dict[str, Any], str
         mem_server.shutdown()
         deadline = time.monotonic() + 10
         while True:  # the pool server releases the export when its session ends
-            with pool._lock:
+            with pool.locked():
                 try:
                     pool.delete(name)
                     pool.commit()
@@ -862,7 +862,7 @@ def test_pool_backend_matches_the_memory_reference(diff_env: dict[str, Any], str
                         raise
             time.sleep(0.01)
     if DIFF_COUNTS["sequences"] % 50 == 0:
-        with pool._lock:
+        with pool.locked():
             assert pool.check().ok
 
 
@@ -877,7 +877,7 @@ def diff_env() -> Iterator[dict[str, Any]]:
     try:
         yield {"pool": pool, "server": server, "root": root}
         server.shutdown()  # the pool provider commits and closes the pool
-        assert pool._closed
+        assert pool.closed
         with Pool.open(os.path.join(root, "pool"), read_only=True) as p:
             assert p.check().ok and not p.thins()
         print(f"\n[nbd pool diff-fuzz] {DIFF_COUNTS['sequences']} sequences, {DIFF_COUNTS['requests']} requests")

@@ -196,7 +196,7 @@ class LayerStore:
         self.snapshotter = Snapshotter(pool, namespace, base_size=base_size, autocommit=False)
         self.namespace = namespace
         self.records_key = RECORDS_PREFIX + namespace
-        self._lock = self.snapshotter._lock
+        self._lock = pool.locked()
         with self._lock:
             recs = pool.get_records(self.records_key)
             if not recs:

@@ -95,7 +95,7 @@ class PoolExport:
         if volumes.get(thin.name) is self._entry:
             return thin  # the cached handle still names our volume (same catalog entry)
         # renamed, deleted, or the catalog was reloaded (an aborted commit): look for our device
-        name = pool._by_dev_id.get(self.dev_id)
+        name = pool.name_of(self.dev_id)
         entry = volumes.get(name) if name is not None else None
         if self._stale or entry is None or entry.get("gen") != self.gen or entry.get("dev_id") != self.dev_id:
             self._stale = True
@@ -255,7 +255,7 @@ class PoolProvider:
 
     def __init__(self, pool: Any, read_only: bool = False, *, close_pool: bool = True) -> None:
         self.pool = pool
-        self.lock: threading.RLock = pool._lock
+        self.lock: threading.RLock = pool.locked()
         self.read_only = bool(read_only)
         self.close_pool = close_pool
         self.closed = False

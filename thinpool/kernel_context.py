@@ -1,0 +1,129 @@
+"""What the per-call I/O path needs of a pool, in one object the pool owns.
+
+:class:`~thinpool.thin.Thin` does its I/O through a :class:`KernelContext`, never through the
+pool's private attributes.  The pool keeps the context current: it calls :meth:`KernelContext.refresh`
+whenever it replaces an array the kernels use (a reload, a new page of device slots), and sets
+:attr:`KernelContext.fast_write` whenever its mode or open state changes.  Everything here is
+internal to the engine (``thinpool.pool`` and ``thinpool.thin``); front ends use the pool's public
+methods.
+
+Volumes are keyed by :func:`volume_key` (device id and creation generation), so a handle follows
+its volume through a rename and never confuses it with a later volume that reuses the device id.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
+
+import numpy as np
+
+from . import schema as K
+from .schema import Mode
+
+if TYPE_CHECKING:
+    from .pool import Pool
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def locked_method(fn: _F) -> _F:
+    """Run a pool method under the pool's lock (``self._engine.lock``), keeping its name, docstring
+    and signature (``functools.wraps``: ``inspect.signature`` and ``help()`` show the real one)."""
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        with self._engine.lock:
+            return fn(self, *args, **kwargs)
+    return wrapper  # type: ignore[return-value]
+
+
+def volume_key(dev_id: int, gen: int) -> int:
+    """One int naming a volume for ever: its 24-bit device id and its creation generation."""
+    return (gen << 24) | dev_id
+
+
+class KernelContext:
+    """The pool state the kernels and :mod:`thinpool.thin` use (see the module docstring).
+
+    Attributes (read them under :attr:`lock`; only the pool assigns them):
+    ``lock`` the pool's RLock; ``keys`` name -> volume key; ``slots`` volume key -> device-table
+    slot; ``names`` volume key -> name; ``is_open`` false once the pool is closed; ``devs_i`` the device table as int64 rows (``schema.DEV_*`` columns); ``devs_dirty`` slots
+    changed since the last commit; ``st`` the kernels' state vector; ``nodes_map`` the block map;
+    ``space`` the data space map; ``data`` the data device; ``one_io`` a (2, 1) int64 scratch for
+    one [offset], [length] pair; ``fast_write`` true while the pool is open, writable and in write
+    mode; ``path`` the pool's directory.
+    """
+
+    __slots__ = ("pool", "lock", "keys", "slots", "names", "gone", "is_open", "devs_i", "devs_dirty", "st", "nodes_map", "space", "data",
+                 "one_io", "fast_write", "path", "_tab", "_tab_arrays", "_tab_st", "_tab_epoch")
+
+    def __init__(self, pool: "Pool") -> None:
+        self.pool = pool
+        self.lock = threading.RLock()
+        self.keys: dict[str, int] = {}
+        self.slots: dict[int, int] = {}
+        self.is_open = False
+        self.names: dict[int, str] = {}
+        self.gone: dict[int, str] = {}  # volume key -> its name when it was deleted (for handles' errors)
+        self.one_io = np.zeros((2, 1), np.int64)
+        self.fast_write = False
+        self.path = pool.path
+        self.devs_i: Any = None
+        self.devs_dirty: set[int] = set()
+        self.st: Any = None
+        self.nodes_map: Any = None
+        self.space: Any = None
+        self.data: Any = None
+        self._tab: Any = None
+        self._tab_arrays: tuple = ()
+        self._tab_st: Any = None
+        self._tab_epoch = -1
+
+    def refresh(self, *, devs_i: np.ndarray, devs_dirty: set[int], st: np.ndarray, nodes_map: Any,
+                space: Any) -> None:
+        """Take the pool's current arrays (after a reload or a device-table growth)."""
+        self.devs_i, self.devs_dirty, self.st, self.nodes_map, self.space = devs_i, devs_dirty, st, nodes_map, space
+
+    def table(self) -> np.ndarray:
+        """(address, length) rows of the arrays :func:`kernels.write_one` / ``read_one`` use, rebuilt
+        whenever one of them was reallocated (``st[ST_EPOCH]``) or the state was reloaded (a new ``st``)."""
+        st = self.st
+        if self._tab_st is not st or self._tab_epoch != st.item(K.ST_EPOCH):  # item(): a Python int, fast
+            nodes, space, scratch = self.nodes_map.nodes, self.space.arrays, self.data.scratch
+            self._tab = K.kernel_table(nodes, space, st, scratch)  # one row per array, by schema.KRow name
+            self._tab_arrays = nodes + space + (st, scratch)  # keeps every address in the table valid
+            self._tab_st, self._tab_epoch = st, int(st[K.ST_EPOCH])
+        return self._tab
+
+    def slot(self, key: int, name: str) -> int:
+        """The device-table slot of volume ``key``; NotFound naming ``name`` if it was deleted."""
+        slot = self.slots.get(key)
+        if slot is None:
+            self.pool._check_open()
+            from .errors import NotFound
+            raise NotFound(f"pool {self.path}: thin volume {name!r} (device id {key & 0xFFFFFF}) no longer exists")
+        return slot
+
+    # the pool's own rules, for the I/O path's slow branches
+    def after_alloc(self) -> None:
+        """Run after a write allocated blocks: the low-water callback and the metadata-space check."""
+        self.pool._after_alloc()
+
+    def check_open(self) -> None:
+        """InvalidArgument if the pool is closed."""
+        self.pool._check_open()
+
+    def check_writable(self) -> None:
+        """InvalidArgument if closed, ReadOnly if the pool cannot be written (saying why)."""
+        self.pool._check_writable()
+
+    def out_of_data_space(self) -> None:
+        """A write found no data block: the pool enters out-of-data-space mode."""
+        self.pool.mode = Mode.OUT_OF_DATA_SPACE
+
+    @property
+    def block_size(self) -> int:
+        """Data block size in bytes."""
+        return int(self.st[K.ST_BLOCK_SIZE])

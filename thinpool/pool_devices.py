@@ -1,0 +1,271 @@
+"""The pool's thin devices: create, snapshot, delete, rename, handles and records.
+
+:class:`DeviceOps` is a mixin of :class:`thinpool.pool.Pool` (the methods are the pool's; they live
+here so each module holds one concept).  The shared rules (the snapshot records, the catalog entry
+of a new volume, free slots) are :mod:`thinpool.rules`'s, which :class:`~thinpool.devtable.DeviceTable`
+applies too.  The ``_import_device`` / ``_set_superblock`` / ``_restore_volume`` methods are the
+narrow internal interface of :mod:`thinpool.pool_ir` and :mod:`thinpool.repair` (the engine's IR
+bridge): nothing outside the pool writes its state.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import rules
+from . import schema as K
+from .devtable import DEVS_PER_PAGE, check_new_name
+from .errors import InvalidArgument, NotFound
+from .kernel_context import locked_method as _locked
+from .kernel_context import volume_key
+from .schema import DEV_FIELDS, DevFlag, dev_dtype
+from .units import parse_size
+
+if TYPE_CHECKING:
+    from .thin import Thin
+
+
+def _kernels():
+    from . import kernels_map  # imported on first use: opening a pool does not need numba
+    return kernels_map
+
+
+class DeviceOps:
+    """The device methods of :class:`~thinpool.pool.Pool` (see the module docstring)."""
+
+    # the pool's state these methods use (set by Pool._install)
+    _devs: np.ndarray
+    _devs_i: np.ndarray
+    _devs_dirty: set[int]
+    _catalog: dict[str, Any]
+    _catalog_dirty: bool
+    _by_name: dict[str, int]
+    _by_dev_id: dict[int, str]
+    _gen_floor: int
+
+    # ------------------------------------------------------------------ lookups
+    def _slot(self, name: str) -> int:
+        try:
+            return self._engine.slots[self._by_name[name]]
+        except (KeyError, TypeError):
+            raise NotFound(f"pool {self.path}: no thin volume named {name!r}") from None
+
+    def _name_ok(self, name: str) -> None:
+        check_new_name(self.path, name, self._by_name)
+
+    def _pick_dev_id(self, dev_id: int | None) -> int:
+        return rules.pick_dev_id(self.path, dev_id, self._by_dev_id, int(self._catalog.get("next_dev_id", 1)))
+
+    def _new_slot(self) -> int:
+        slot = rules.free_slot(self._devs["flags"].tolist())
+        if slot is not None:
+            return slot
+        old = len(self._devs)
+        self._devs = np.concatenate([self._devs, np.zeros(DEVS_PER_PAGE, dev_dtype())])
+        self._devs_i = self._devs.view(np.int64).reshape(-1, K.DEV_COLUMNS)
+        self._devs_dirty.update(range(old, len(self._devs)))
+        self._refresh_engine()
+        return old
+
+    def _register(self, name: str, record: dict[str, int]) -> int:
+        """Put a new device ``record`` in a free slot and name it ``name`` in the catalog."""
+        slot = self._new_slot()
+        self._devs[slot] = tuple(record[f] for f in DEV_FIELDS)
+        self._devs_dirty.add(slot)
+        entry = rules.add_volume(self._catalog, name, record["dev_id"], slot)
+        self._gen_floor = int(self._catalog["next_gen"])  # never reissued in this process, even after an abort
+        self._catalog_dirty = True
+        key = volume_key(record["dev_id"], entry["gen"])
+        self._by_name[name] = key
+        self._engine.slots[key] = slot
+        self._engine.names[key] = name
+        self._by_dev_id[record["dev_id"]] = name
+        return slot
+
+    def _check_size(self, size: int | str) -> int:
+        nbytes = parse_size(size, "volume size")
+        if nbytes <= 0 or nbytes % 512:
+            raise InvalidArgument(f"volume size {nbytes} bytes must be a positive multiple of 512 (a sector)")
+        limit = K.MAX_VBLOCKS * self.block_size
+        if nbytes > limit:
+            raise InvalidArgument(f"volume size {nbytes} bytes exceeds the limit of {limit} bytes "
+                                  f"({K.MAX_VBLOCKS} blocks of {self.block_size})")
+        return nbytes
+
+    # ------------------------------------------------------------------ dm-thin's device messages
+    @_locked
+    def create_thin(self, name: str, size: int | str, *, dev_id: int | None = None,
+                    read_only: bool = False) -> "Thin":
+        """Create an empty thin volume of virtual ``size`` bytes (dm-thin's ``create_thin``)."""
+        self._check_writable()
+        self._name_ok(name)
+        nbytes = self._check_size(size)
+        dev_id = self._pick_dev_id(dev_id)
+        root = self._nodes_map.new_root()
+        self._register(name, rules.device_record(dev_id, root, 0, self.transaction_id, self.time, self.time, nbytes,
+                                                 read_only))
+        return self.thin(name)
+
+    @_locked
+    def snapshot(self, origin: str, name: str, *, dev_id: int | None = None, read_only: bool = False) -> "Thin":
+        """Snapshot ``origin`` as ``name`` (dm-thin's ``create_snap``): O(1) whatever the origin maps.
+
+        The pool time increments; origin and snapshot are stamped with it, so every existing mapping
+        becomes shared and the next write to it on either side breaks sharing by copy-on-write.
+        """
+        self._check_writable()
+        oslot = self._slot(origin)
+        self._name_ok(name)
+        dev_id = self._pick_dev_id(dev_id)
+        o = self._devs[oslot]
+        t = self.time + 1
+        new_origin, snap = rules.snapshot_records({f: int(o[f]) for f in DEV_FIELDS}, dev_id, self.transaction_id, t,
+                                                  read_only)
+        self._st[K.ST_TIME] = t
+        self._devs[oslot] = tuple(new_origin[f] for f in DEV_FIELDS)
+        self._devs_dirty.add(oslot)
+        self._nodes_map.share_root(snap["root"])
+        self._register(name, snap)
+        return self.thin(name)
+
+    @_locked
+    def delete(self, name: str) -> None:
+        """Delete a thin volume (dm-thin's ``delete``).  Blocks only it maps become free after the
+        next commit; the volume's snapshots and origin are unaffected.  Handles to it raise NotFound."""
+        self._check_writable()
+        slot = self._slot(name)
+        root = int(self._devs[slot]["root"])
+        sp = self._space
+        _kernels().release_inner(self._nodes_map.nodes, sp.arrays, self._st, root, 0)
+        dev_id = int(self._devs[slot]["dev_id"])
+        self._devs[slot] = np.zeros(1, dev_dtype())[0]
+        self._devs_dirty.add(slot)
+        del self._catalog["volumes"][name]
+        key = self._by_name.pop(name)
+        del self._engine.slots[key]
+        self._engine.gone[key] = self._engine.names.pop(key)
+        del self._by_dev_id[dev_id]
+        self._catalog_dirty = True
+
+    @_locked
+    def rename(self, old: str, new: str) -> None:
+        """Rename a thin volume (names are thinpool's; dm-thin only knows device ids).  Handles to
+        it keep working (they are bound to the device, not the name)."""
+        self._check_writable()
+        self._slot(old)
+        self._name_ok(new)
+        entry = self._catalog["volumes"].pop(old)
+        self._catalog["volumes"][new] = entry
+        key = self._by_name.pop(old)
+        self._by_name[new] = key
+        self._engine.names[key] = new
+        self._by_dev_id[entry["dev_id"]] = new
+        self._catalog_dirty = True
+
+    @_locked
+    def set_read_only(self, name: str, read_only: bool = True) -> None:
+        """Make a volume read-only (writes and discards raise ReadOnly) or writable again."""
+        self._check_writable()
+        slot = self._slot(name)
+        flags = DevFlag(int(self._devs[slot]["flags"]))
+        self._devs[slot]["flags"] = int(flags | DevFlag.READ_ONLY if read_only else flags & ~DevFlag.READ_ONLY)
+        self._devs_dirty.add(slot)
+
+    # ------------------------------------------------------------------ handles
+    def _handle(self, name: str) -> "Thin":
+        from .thin import Thin
+        return Thin(self, name)
+
+    def thin(self, name: str) -> "Thin":
+        """The thin volume called ``name`` (NotFound if none): a handle bound to the device (its id
+        and creation generation), so it follows a rename and raises NotFound once the volume is deleted."""
+        self._check_open()
+        self._slot(name)
+        return self._handle(name)
+
+    def thins(self) -> list["Thin"]:
+        """All thin volumes, in device-id order."""
+        self._check_open()
+        return [self._handle(self._by_dev_id[d]) for d in sorted(self._by_dev_id)]
+
+    def by_dev_id(self, dev_id: int) -> "Thin":
+        """The thin volume with device id ``dev_id``."""
+        if dev_id not in self._by_dev_id:
+            raise NotFound(f"pool {self.path}: no thin device with id {dev_id}")
+        return self._handle(self._by_dev_id[dev_id])
+
+    def name_of(self, dev_id: int) -> str | None:
+        """The name of the volume with device id ``dev_id`` (None if there is none)."""
+        return self._by_dev_id.get(dev_id)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._by_name
+
+    # ------------------------------------------------------------------ records (snapshotter etc.)
+    def record_namespaces(self) -> list[str]:
+        """Namespaces that hold records (see :meth:`get_records`)."""
+        return sorted(self._catalog["records"])
+
+    def get_records(self, namespace: str) -> dict[str, Any]:
+        """A copy of the records stored under ``namespace`` in the pool's own metadata."""
+        return json.loads(json.dumps(self._catalog["records"].get(namespace, {})))
+
+    @_locked
+    def put_records(self, namespace: str, records: dict[str, Any]) -> None:
+        """Replace the records under ``namespace``; committed in the same transaction as the devices."""
+        self._check_writable()
+        if not isinstance(namespace, str) or not namespace:
+            raise InvalidArgument(f"pool {self.path}: record namespace must be a non-empty string, got {namespace!r}")
+        try:
+            copy = json.loads(json.dumps(records))
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgument(f"pool {self.path}: records for {namespace!r} are not JSON-serialisable ({exc})") \
+                from None
+        self._catalog["records"][namespace] = copy
+        self._catalog_dirty = True
+
+    # ------------------------------------------------------------------ the IR bridge's interface
+    def _import_device(self, name: str, dev_id: int, vblocks: np.ndarray, values: np.ndarray, *, transaction: int,
+                       creation_time: int, snap_time: int, size: int) -> None:
+        """A new device ``name`` mapping sorted virtual blocks ``vblocks`` to packed mapping ``values``
+        (:func:`thinpool.schema.pack_mapping`), for :mod:`thinpool.pool_ir` (restore/import).  The
+        data blocks' counts are raised; call :meth:`_set_superblock` after the last device."""
+        from .kernels_map import build_device
+        bm = self._nodes_map
+        state = np.zeros(K.DEV_COLUMNS, np.int64)
+        state[K.DEV_ROOT] = bm.new_root()
+        state[K.DEV_SNAP_TIME] = snap_time
+        start = 0
+        vb = np.ascontiguousarray(vblocks, np.int64)
+        vals = np.ascontiguousarray(values, np.uint64)
+        while True:
+            code, start = build_device(bm.nodes, self._space.arrays, self._st, state, vb, vals, start)
+            if code == K.OK:
+                break
+            bm.ensure(max(64, len(vb) // K.LEAF_ENTRIES // 8 + 3), max(64, (len(vb) - start) // K.LEAF_ENTRIES + 2))
+        self._register(name, rules.device_record(dev_id, int(state[K.DEV_ROOT]), len(vb), transaction, creation_time,
+                                                 snap_time, size))
+
+    def _set_superblock(self, *, time: int, transaction_id: int) -> None:
+        """The imported metadata's pool time and transaction id (restore/import), and recount the space map."""
+        self._st[K.ST_TIME] = time
+        self._header["transaction_id"] = transaction_id
+        self._space.recount()
+
+    def _restore_volume(self, name: str, *, size: int, read_only: bool) -> None:
+        """A salvaged volume's size and read-only flag, which the IR does not carry (repair)."""
+        slot = self._slot(name)
+        row = self._devs[slot]
+        row["size"] = size
+        if read_only:
+            row["flags"] = int(DevFlag(int(row["flags"])) | DevFlag.READ_ONLY)
+        self._devs_dirty.add(slot)
+
+    def _restore_header(self, fields: dict[str, Any], *, next_dev_id: int) -> None:
+        """Superblock fields a repair keeps from the damaged pool (low water mark, uuid, data file ...)."""
+        self._header.update(fields)
+        self._catalog["next_dev_id"] = next_dev_id
+        self._catalog_dirty = True

@@ -1,0 +1,226 @@
+"""The pool's transactions: commit, abort, the metadata-space watch, the metadata snapshot.
+
+:class:`Transactions` is a mixin of :class:`thinpool.pool.Pool` (the methods are the pool's; they
+live here so each module holds one concept).  A commit flushes the data device, then writes the
+changed pages through :class:`~thinpool.mdstore.MetadataStore` (copy-on-write, one atomic
+superblock switch); see :meth:`Transactions.commit` for what a failure leaves.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+from typing import Any
+
+import numpy as np
+
+from . import schema as K
+from .devtable import DEVS_PER_PAGE, pad_pages
+from .errors import AlreadyExists, HostIOError, InvalidArgument, ReadOnly
+from .kernel_context import locked_method as _locked
+from .mdstore import BLOCK, MetadataSpaceExhausted, PagedArray
+from .schema import Mode
+
+
+def _poolspace():
+    from . import poolspace
+    return poolspace
+
+
+def _round_up(n: int, m: int) -> int:
+    return (n + m - 1) // m * m
+
+
+class Transactions:
+    """The transaction methods of :class:`~thinpool.pool.Pool` (see the module docstring)."""
+
+    _devs: np.ndarray
+    _devs_dirty: set[int]
+    _catalog: dict[str, Any]
+    _catalog_dirty: bool
+    _header: dict[str, Any]
+    _st: np.ndarray
+    _unpunched: np.ndarray
+    _lwm_fired: bool
+    _md_check_below: int
+
+    # ------------------------------------------------------------------ transactions
+    def _paged(self) -> dict[str, PagedArray]:
+        bm, sp = self._nodes_map, self._space
+        ld = np.flatnonzero(bm.leaf_dirty)
+        idn = np.flatnonzero(bm.inner_dirty)
+        arrays = {
+            "leaves": PagedArray(bm.leaves.reshape(-1).view(np.uint8), ld, ld[bm.leaf_rc[ld] == 0]),
+            "inners": PagedArray(bm.inners.reshape(-1).view(np.uint8), idn, idn[bm.inner_rc[idn] == 0]),
+            "leaf_rc": PagedArray(bm.leaf_rc.view(np.uint8), np.flatnonzero(bm.leaf_rc_dirty)),
+            "inner_rc": PagedArray(bm.inner_rc.view(np.uint8), np.flatnonzero(bm.inner_rc_dirty)),
+            "data_rc": PagedArray(sp.data_rc.view(np.uint8), np.flatnonzero(sp.rc_dirty)),
+            "devs": PagedArray(self._devs.view(np.uint8),
+                               np.unique(np.array(sorted(self._devs_dirty), np.int64) // DEVS_PER_PAGE)),
+        }
+        if self._catalog_dirty:
+            raw = json.dumps(self._catalog).encode()
+            self._header["catalog_bytes"] = len(raw)
+            cat = pad_pages(raw)
+            arrays["catalog"] = PagedArray(cat, np.arange(len(cat) // BLOCK))
+        return arrays
+
+    @_locked
+    def commit(self) -> None:
+        """Make everything done so far durable, atomically (data is flushed before metadata).
+
+        Blocks freed in this transaction are hole-punched and become allocatable afterwards (a block
+        whose punch fails stays unallocatable, with a :class:`~thinpool.errors.ThinpoolWarning`, until
+        a later punch succeeds).  If the host filesystem refuses a write (ENOSPC, EIO, a short write
+        that cannot be completed) the commit raises :class:`~thinpool.errors.HostIOError` and nothing
+        of it is durable: the pool keeps its changes and a later commit may retry.  If a *flush* fails
+        the pool goes to ``fail`` mode (Linux may report a lost write to one flush only, so no retry
+        can be trusted): every further commit raises until the pool is reopened, which finds the
+        last durable commit.  A pool in ``fail`` mode never reports a commit as done.
+        """
+        self._check_open()
+        if self.mode == Mode.FAIL:
+            raise HostIOError(f"pool {self.path} has failed and must be reopened; nothing since its last "
+                              f"durable commit was committed ({getattr(self, 'read_only_reason', '')})")
+        if self.read_only or self.mode == Mode.READ_ONLY:
+            return
+        freed = self._space.freed_blocks()
+        record = np.union1d(freed, self._unpunched) if len(self._unpunched) else freed
+        arrays = self._paged()
+        if len(record) or len(self._space.pending):
+            arrays["pending"] = PagedArray(pad_pages(record.astype(np.uint64).tobytes()),
+                                           np.arange(max(1, _round_up(len(record) * 8, BLOCK) // BLOCK)))
+        self._header["pending_blocks"] = len(record)  # always: a stale count would resurrect an old list
+        self._header.update(time=self.time, cursor=int(self._st[K.ST_CURSOR]), nr_data_blocks=self._space.nr_blocks,
+                           used_data_blocks=self._space.used())  # for readers that skip the space map
+        try:
+            try:
+                self._data.sync()
+            except HostIOError:
+                self._store.failed = self._store.failed or "the data file's flush failed"
+                raise
+            self._store.commit(arrays, self._header)
+        except MetadataSpaceExhausted as exc:
+            self._abort_to_read_only(str(exc))
+            raise ReadOnly(f"pool {self.path}: out of metadata space; the transaction was aborted and the "
+                           f"pool is read-only ({exc}); grow the metadata (thinpool resize --metadata-size) "
+                           f"to write again") from None
+        except HostIOError as exc:
+            flushed = bool(self._store.failed)
+            if flushed:
+                self.mode = Mode.FAIL
+                self.read_only_reason = str(exc)
+            raise HostIOError(f"pool {self.path}: commit failed, nothing of it is durable" +
+                              (" (the pool has failed: reopen it; the last durable commit is kept)" if flushed
+                               else " (the changes are kept; a later commit retries)") + f": {exc}",
+                              exc.errno or errno.EIO, exc.filename) from None
+        bm = self._nodes_map
+        bm.leaf_dirty[:] = 0
+        bm.inner_dirty[:] = 0
+        bm.leaf_rc_dirty[:] = 0
+        bm.inner_rc_dirty[:] = 0
+        self._space.rc_dirty[:] = 0
+        self._devs_dirty.clear()
+        self._catalog_dirty = False
+        released = self._space.pending  # freed by the previous commit: no superblock maps them any more
+        released = released[self._space.data_rc[released] == 0]
+        self._unpunched = _poolspace().punch_released(self, released)  # "needs zeroing": not handed out
+        self._space.release(np.setdiff1d(released, self._unpunched) if len(self._unpunched) else released)
+        self._space.set_pending(np.union1d(freed, self._unpunched) if len(self._unpunched) else freed)
+        if self.mode == Mode.OUT_OF_DATA_SPACE and self._st[K.ST_NR_ALLOCATABLE] > 0:
+            self.mode = Mode.WRITE
+        self._set_md_check()
+
+    @_locked
+    def abort(self) -> None:
+        """Drop everything since the last commit (dm-thin's transaction abort)."""
+        self._check_open()
+        self._load()
+        if self._data.nr_blocks != self._space.nr_blocks:  # a resize since the last commit is undone too
+            self._data.resize(self._space.nr_blocks)
+        if not self.read_only:
+            _poolspace().scrub_on_open(self)
+
+    def _abort_to_read_only(self, reason: str) -> None:
+        self._load()
+        self.mode = Mode.READ_ONLY
+        self.read_only_reason = reason
+
+    @_locked
+    def set_transaction_id(self, old: int, new: int) -> None:
+        """dm-thin's ``set_transaction_id <old> <new>``: compare-and-swap of the userspace id."""
+        self._check_writable()
+        if old != self.transaction_id:
+            raise InvalidArgument(f"pool {self.path}: mismatched transaction id (pool has "
+                                  f"{self.transaction_id}, caller said {old})")
+        if not isinstance(new, int) or not 0 <= new < 1 << 64:
+            raise InvalidArgument(f"transaction id {new!r} must be an unsigned 64-bit integer")
+        self._header["transaction_id"] = new
+
+    @_locked
+    def resize(self, data_size: int | str | None, metadata_size: int | str | None = None) -> None:
+        """Grow the data device (dm-thin cannot shrink) and/or the metadata file; leaves
+        out-of-data-space mode; commits.
+
+        Before anything changes, the metadata's room for the bigger data space map is checked: if the
+        metadata file cannot hold it, it is grown first (to ``metadata_size`` if given, else to the
+        default size for the new data size), and if no allowed size can hold it the resize is refused
+        (InvalidArgument) with both files unchanged.  A resize whose commit fails is rolled back (the
+        data file keeps its old size).  ``data_size=None`` grows only the metadata
+        (:meth:`resize_metadata`)."""
+        _poolspace().resize(self, data_size, metadata_size)
+
+    @_locked
+    def resize_metadata(self, metadata_size: int | str) -> None:
+        """Grow the metadata file to ``metadata_size`` bytes (never shrinks; at most 15.87 GiB).
+
+        The way out of metadata space: a pool that went read-only because a commit found no free
+        metadata block returns to write mode (then e.g. ``delete`` frees space).  Nothing else changes;
+        the next commit uses the new room.  ``thinpool resize POOL --metadata-size SIZE``."""
+        _poolspace().resize_metadata(self, metadata_size)
+
+    def _set_md_check(self) -> None:
+        """Live node count below which a commit surely fits in the metadata file (see _after_alloc);
+        refreshed at every load and commit (the other pages only grow between them)."""
+        bm = self._nodes_map
+        fixed = (len(bm.leaf_rc) + len(bm.inner_rc) + len(self._space.data_rc)) // 1024 + \
+            len(self._devs) // DEVS_PER_PAGE + 8
+        self._md_check_below = (self._store.nr_blocks - 16) // 2 - fixed - 64
+
+    def _after_alloc(self) -> None:
+        item = self._st.item  # Python ints: this runs after every allocating write
+        if not self._lwm_fired and item(K.ST_NR_FREE) <= self._header["low_water_mark"]:
+            self._lwm_fired = True
+            if self.on_low_water is not None:
+                self.on_low_water(self)
+        if item(K.ST_LEAVES_LIVE) + item(K.ST_INNERS_LIVE) < self._md_check_below:
+            return  # far from the metadata limit: skip the estimate
+        bm = self._nodes_map
+        live = int(self._st[K.ST_LEAVES_LIVE] + self._st[K.ST_INNERS_LIVE]) + \
+            (len(bm.leaf_rc) + len(bm.inner_rc) + len(self._space.data_rc)) // 1024 + len(self._devs) // DEVS_PER_PAGE + 8
+        if 2 * live + 16 > self._store.nr_blocks:
+            needed = self._store.estimate_commit_blocks(self._paged())
+            if needed > self._store.free_blocks():
+                self.commit()  # frees the previous versions of rewritten pages, or goes read-only
+
+    # ------------------------------------------------------------------ metadata snapshot
+    @_locked
+    def reserve_metadata_snap(self) -> None:
+        """Commit and hold a read-only view of the metadata (dm-thin's ``reserve_metadata_snap``)."""
+        self._check_writable()
+        if self._store.header.get("held"):
+            raise AlreadyExists(f"pool {self.path}: a metadata snapshot is already held")
+        self.commit()
+        self._store.hold()
+        self._catalog_dirty = True
+        self.commit()
+
+    @_locked
+    def release_metadata_snap(self) -> None:
+        """Release the held metadata snapshot (dm-thin's ``release_metadata_snap``)."""
+        self._check_writable()
+        if not self._store.header.get("held"):
+            raise InvalidArgument(f"pool {self.path}: no metadata snapshot is held")
+        self._store.release_hold()
+        self._catalog_dirty = True
+        self.commit()

@@ -1,0 +1,202 @@
+"""The rules a pool's device table follows, as pure functions shared by the two ways to open a pool.
+
+:class:`~thinpool.pool.Pool` (the whole engine) and :class:`~thinpool.devtable.DeviceTable` (the
+device table only, for ``status``, ``ls`` and ``snapshot`` without numpy) apply the same rules; they
+are written once here: the mode a pool opens in, the open / writable checks, the records a
+snapshot writes, which slot a new device takes, the catalog entry of a new volume and the status
+report.  Nothing here does I/O or imports numpy.
+
+:class:`LightPool` is what the light control ops need of either (the typing ``Protocol`` both
+classes satisfy); :class:`VolumeInfo` is what they read of a volume (:class:`~thinpool.thin.Thin`
+and :class:`~thinpool.devtable.VolumeRecord` both provide it).
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Iterable, Mapping, Protocol, runtime_checkable
+
+from .errors import AlreadyExists, InvalidArgument, NoSpace, ReadOnly
+from .schema import DEV_FIELDS, DevFlag, Mode
+from .status import PoolStatus
+from .units import parse_size
+
+MIN_BLOCK_SIZE = 64 * 1024
+MAX_BLOCK_SIZE = 1 << 30
+DEFAULT_MAX_THINS = 1000
+
+
+def check_block_size(block_size: int | str) -> int:
+    """Validate a data block size: a multiple of 64 KiB within 64 KiB .. 1 GiB (dm-thin's rule)."""
+    bs = parse_size(block_size, "block size")
+    if bs < MIN_BLOCK_SIZE or bs > MAX_BLOCK_SIZE or bs % MIN_BLOCK_SIZE:
+        raise InvalidArgument(f"block size {bs} bytes is invalid: it must be a multiple of 64KiB "
+                              f"between 64KiB and 1GiB")
+    return bs
+
+
+def default_metadata_blocks(nr_data_blocks: int, max_thins: int = DEFAULT_MAX_THINS) -> int:
+    """Metadata size in 4 KiB blocks: thin_metadata_size's formula, doubled for
+    copy-on-write headroom, plus two pages per thin device, at least 2 MiB."""
+    formula = 1 + (2 * nr_data_blocks) // 252 + max_thins
+    return max(512, 2 * formula + 2 * max_thins + 64)
+
+
+#: device ids are 24 bits, as dm-thin's
+MAX_DEV_ID = (1 << 24) - 1
+
+
+def new_catalog_entry(catalog: dict[str, Any], dev_id: int, slot: int) -> dict[str, int]:
+    """The catalog entry of a volume being created: its device id, table slot and creation
+    generation (``gen``, from the catalog's ``next_gen`` counter, which it advances).  A device id can
+    be reused after a delete; (dev id, gen) never is -- handles and NBD exports bind to it."""
+    gen = int(catalog.get("next_gen", 1))
+    catalog["next_gen"] = gen + 1
+    return {"dev_id": dev_id, "slot": slot, "gen": gen}
+
+
+def pick_dev_id(pool_path: str, dev_id: Any, by_dev_id: Mapping[int, str], next_dev_id: int) -> int:
+    """``dev_id`` if given and free (24 bits, as dm-thin), else the first free id from ``next_dev_id``."""
+    if dev_id is not None:
+        try:
+            value = operator.index(dev_id) if not isinstance(dev_id, bool) else -1
+        except TypeError:
+            value = -1
+        if not 0 <= value <= MAX_DEV_ID:
+            raise InvalidArgument(f"device id {dev_id!r} is out of range (0..{MAX_DEV_ID}, 24 bits)")
+        if value in by_dev_id:
+            raise AlreadyExists(f"pool {pool_path}: device id {value} is in use by {by_dev_id[value]!r}")
+        return value
+    for i in range(MAX_DEV_ID + 1):
+        cand = (next_dev_id + i) & MAX_DEV_ID
+        if cand not in by_dev_id:
+            return cand
+    raise NoSpace(f"pool {pool_path}: all 2^24 device ids are in use")
+
+
+def derive_mode(needs_check: bool, nr_allocatable: int) -> Mode:
+    """The mode a pool opens in: read-only if its metadata needs checking, out-of-data-space if no
+    data block can be allocated, else write."""
+    if needs_check:
+        return Mode.READ_ONLY
+    if nr_allocatable <= 0:
+        return Mode.OUT_OF_DATA_SPACE
+    return Mode.WRITE
+
+
+def check_open(path: str, closed: bool) -> None:
+    """InvalidArgument if the pool at ``path`` has been closed."""
+    if closed:
+        raise InvalidArgument(f"pool {path} is closed")
+
+
+def check_writable(path: str, *, closed: bool, read_only: bool, mode: str, needs_check: bool,
+                   reason: str = "") -> None:
+    """InvalidArgument if closed; ReadOnly (saying why) if opened read-only or in a mode that
+    refuses changes (read-only, fail)."""
+    check_open(path, closed)
+    if read_only:
+        raise ReadOnly(f"pool {path} is opened read-only")
+    if mode in (Mode.READ_ONLY, Mode.FAIL):
+        raise ReadOnly(f"pool {path} is {mode}" +
+                       (" (needs check/repair)" if needs_check else f" ({reason})" if reason else ""))
+
+
+def free_slot(flags: Iterable[int]) -> int | None:
+    """The first device-table slot not in use (``flags`` of every slot, in order), or None if all
+    are (the caller then appends a page of slots)."""
+    for slot, f in enumerate(flags):
+        if not f & DevFlag.IN_USE:
+            return slot
+    return None
+
+
+def snapshot_records(origin: Mapping[str, int], dev_id: int, transaction: int, time: int,
+                     read_only: bool) -> tuple[dict[str, int], dict[str, int]]:
+    """dm-thin's ``create_snap`` on the device table: ``(origin, snapshot)`` records after
+    snapshotting ``origin`` at pool time ``time`` (already incremented).  The snapshot shares the
+    origin's root, mapped count and size; both are stamped with ``time``."""
+    new_origin = {f: int(origin[f]) for f in DEV_FIELDS}
+    new_origin["snap_time"] = time
+    snap = device_record(dev_id, int(origin["root"]), int(origin["mapped"]), transaction, time, time,
+                         int(origin["size"]), read_only)
+    return new_origin, snap
+
+
+def device_record(dev_id: int, root: int, mapped: int, transaction: int, creation_time: int, snap_time: int,
+                  size: int, read_only: bool = False, flags: int = 0) -> dict[str, int]:
+    """A new device's record (in use; read-only if asked); ``flags`` adds further bits."""
+    return dict(dev_id=dev_id, root=root, mapped=mapped, transaction=transaction, creation_time=creation_time,
+                snap_time=snap_time, size=size,
+                flags=int(DevFlag.IN_USE | (DevFlag.READ_ONLY if read_only else 0) | flags))
+
+
+def add_volume(catalog: dict[str, Any], name: str, dev_id: int, slot: int) -> dict[str, int]:
+    """Record a new volume ``name`` in ``catalog`` (its entry, with a fresh generation) and advance
+    the catalog's next device id past ``dev_id``; returns the entry."""
+    entry = new_catalog_entry(catalog, dev_id, slot)
+    catalog["volumes"][name] = entry
+    catalog["next_dev_id"] = (dev_id + 1) & MAX_DEV_ID
+    return entry
+
+
+def pool_status(header: Mapping[str, Any], *, time: int, held: Mapping[str, Any] | None, mode: str,
+                used_data_blocks: int, total_data_blocks: int, used_metadata_blocks: int, total_metadata_blocks: int,
+                nr_thins: int) -> PoolStatus:
+    """The status report from the superblock's fields and what only the caller knows (the live pool
+    time, counts, the mode)."""
+    return PoolStatus(
+        transaction_id=int(header["transaction_id"]), time=time,
+        data_block_size=int(header["block_size"]), used_data_blocks=used_data_blocks,
+        total_data_blocks=total_data_blocks, used_metadata_blocks=used_metadata_blocks,
+        total_metadata_blocks=total_metadata_blocks, mode=str(mode), low_water_mark=int(header["low_water_mark"]),
+        held_root=int(held["root_block"]) if held else None, needs_check=bool(header.get("needs_check")),
+        error_if_no_space=bool(header.get("error_if_no_space", True)),
+        zero_new_blocks=bool(header.get("zero_new_blocks", True)), nr_thins=nr_thins)
+
+
+@runtime_checkable
+class VolumeInfo(Protocol):
+    """What a light op reads of a volume."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def dev_id(self) -> int: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def mapped_blocks(self) -> int: ...
+    @property
+    def transaction(self) -> int: ...
+    @property
+    def creation_time(self) -> int: ...
+    @property
+    def snap_time(self) -> int: ...
+    @property
+    def read_only(self) -> bool: ...
+
+
+@runtime_checkable
+class LightPool(Protocol):
+    """What the light control ops (``status``, plain ``ls``, ``snapshot``) need of a pool: both
+    :class:`~thinpool.pool.Pool` and :class:`~thinpool.devtable.DeviceTable` provide it."""
+
+    path: str
+    read_only: bool
+
+    @property
+    def block_size(self) -> int: ...
+    @property
+    def time(self) -> int: ...
+    @property
+    def transaction_id(self) -> int: ...
+    @property
+    def data_path(self) -> str: ...
+    def status(self) -> PoolStatus: ...
+    def thin(self, name: str) -> Any: ...
+    def thins(self) -> list[Any]: ...
+    def snapshot(self, origin: str, name: str, *, dev_id: int | None = None, read_only: bool = False) -> Any: ...
+    def commit(self) -> None: ...
+    def abort(self) -> None: ...
+    def close(self, commit: bool = True) -> None: ...
