@@ -5,13 +5,14 @@ Every error names the pool, volume or value at fault.  Library callers catch
 crosses by class name and is rebuilt as the same class from this module, so only classes listed
 in ``__all__`` survive the trip (a test checks every ThinpoolError subclass in the package is).
 
-Exit statuses of the ``thinpool`` command (the same for every class -- the class is in the
-message, not the status):
+Exit statuses of the ``thinpool`` command (one status for every error class; the one-line message
+says what failed):
 
 * **0** -- success (``thinpool check``: no problems found);
 * **1** -- any :class:`ThinpoolError` (one line ``thinpool: error: <message>`` on stderr), an
   ``OSError`` outside the hierarchy (e.g. a missing input file), ``thinpool check`` finding problems,
-  an interrupt (click prints ``Aborted!``), or a closed stdout pipe (silent);
+  Ctrl-C (click prints ``Aborted!``; ``thinpool serve`` instead shuts down cleanly and exits 0), or a
+  closed stdout pipe (silent);
 * **2** -- a usage error found by click before the command runs (unknown command or option,
   missing or malformed argument): click prints the usage and ``Error: ...``.
 """

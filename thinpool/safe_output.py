@@ -22,6 +22,8 @@ Three rules, applied by :func:`guard_output` and :func:`atomic_output`:
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
 import os
 import stat
 import sys
@@ -31,7 +33,8 @@ import weakref
 from dataclasses import dataclass
 from typing import IO, Any, Iterable, Iterator
 
-from .errors import InvalidArgument
+from .errors import HostIOError, InvalidArgument
+from .hostio import write_all
 
 #: file names inside a pool directory that belong to the pool
 POOL_FILE_NAMES = ("metadata", "lock", "data", "control.sock")
@@ -189,7 +192,9 @@ def _refuse_claimed_file(target: str, path: str, what: str) -> None:
 @dataclass
 class Output:
     """An output being written: ``file`` (binary), its ``fd``, and whether it is a regular file
-    (written to a temporary file, renamed over ``path`` on success)."""
+    (written to a temporary file, renamed over ``path`` on success).  Write to a regular output through
+    ``file`` or :meth:`pwrite_all`/:meth:`truncate`: every failure is a
+    :class:`~thinpool.errors.HostIOError` naming ``path``."""
 
     path: str
     file: IO[bytes]
@@ -198,6 +203,80 @@ class Output:
     @property
     def fd(self) -> int:
         return self.file.fileno()
+
+    def pwrite_all(self, data: Any, offset: int) -> None:
+        """Write all of ``data`` at byte ``offset`` (short counts continued, a write that took more than
+        one call read back, :func:`thinpool.hostio.write_all`); HostIOError naming the output."""
+        self.file.flush()
+        write_all(os.pwrite, self.fd, data, offset, self.path)
+
+    def truncate(self, size: int) -> None:
+        """Set the output's size to ``size`` bytes; HostIOError naming the output."""
+        self.file.flush()
+        try:
+            os.ftruncate(self.fd, size)
+        except OSError as exc:
+            raise _host_error(exc, f"setting the size of {self.path} to {size} bytes", self.path) from None
+
+
+def _host_error(exc: OSError, action: str, path: str) -> HostIOError:
+    err = exc.errno or errno.EIO
+    return HostIOError(f"{action} failed: {os.strerror(err)}", err, path)
+
+
+class _CheckedRaw(io.RawIOBase):
+    """The raw file under a regular output's buffered writer: every write goes through
+    :func:`thinpool.hostio.write_all` at the current position (a short count is continued; a layer that
+    claims bytes it did not store is caught by the read-back), every failure a HostIOError naming the
+    output ``path`` (not the temporary file)."""
+
+    def __init__(self, fd: int, path: str) -> None:
+        super().__init__()
+        self._fd = fd
+        self._path = path
+        self._pos = 0
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:  # type: ignore[override]
+        view = memoryview(b).cast("B")
+        write_all(os.pwrite, self._fd, view, self._pos, self._path)
+        self._pos += len(view)
+        return len(view)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if whence == os.SEEK_CUR:
+            offset += self._pos
+        elif whence == os.SEEK_END:
+            offset += os.fstat(self._fd).st_size
+        if offset < 0:
+            raise ValueError(f"negative seek position {offset}")
+        self._pos = offset
+        return offset
+
+    def tell(self) -> int:
+        return self._pos
+
+    def truncate(self, size: int | None = None) -> int:
+        size = self._pos if size is None else size
+        try:
+            os.ftruncate(self._fd, size)
+        except OSError as exc:
+            raise _host_error(exc, f"setting the size of {self._path} to {size} bytes", self._path) from None
+        return size
+
+    def close(self) -> None:
+        if not self.closed and self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+        super().close()
 
 
 def _fsync_dir(directory: str) -> None:
@@ -254,12 +333,22 @@ def atomic_output(path: Any, *, pools: Iterable[Any] = (), what: str = "output",
                 os.umask(umask)
                 mode = 0o666 & ~umask
         os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            fd = -1
+        raw = _CheckedRaw(fd, target)
+        fd = -1
+        with io.BufferedWriter(raw, buffer_size=1 << 20) as f:
             yield Output(target, f, True)
             f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
+            try:
+                os.fsync(raw.fileno())
+            except OSError as exc:
+                raise HostIOError(f"flushing {what} {target} to disk failed: {os.strerror(exc.errno or errno.EIO)}; "
+                                  f"{'the old file is left as it was' if st is not None else 'nothing was written'}",
+                                  exc.errno or errno.EIO, target) from None
+        try:
+            os.replace(tmp, target)
+        except OSError as exc:
+            raise HostIOError(f"renaming the new {what} into place as {target} failed: "
+                              f"{os.strerror(exc.errno or errno.EIO)}", exc.errno or errno.EIO, target) from None
         tmp = ""
         _fsync_dir(directory)
     finally:

@@ -227,7 +227,7 @@ def test_export_metadata_failure_keeps_old_target(pools: dict[str, Path]) -> Non
 # ============================================================================ snapshotter records vs volumes
 def test_delete_and_rename_of_snapshot_volume_refused(tmp_path: Path) -> None:
     """Plain `delete`/`rename` of a volume a snapshotter record owns is refused, naming the snapshot
-    key and remove-snapshot; the pool and the records are unchanged."""
+    key and `thinpool snapshotter remove`; the pool and the records are unchanged."""
     from thinpool.containers.snapshotter import Snapshotter
     pool_dir = tmp_path / "pool"
     with Pool.create(pool_dir, data_size="8MiB") as pool:
@@ -236,7 +236,7 @@ def test_delete_and_rename_of_snapshot_volume_refused(tmp_path: Path) -> None:
         pool.create_thin("plain", "1MiB")
     before = digest(pool_dir / "metadata")
     res = invoke("delete", str(pool_dir), vol, code=1)
-    assert "'layer-1'" in res.stderr and "remove-snapshot" in res.stderr, res.stderr
+    assert "'layer-1'" in res.stderr and "thinpool snapshotter remove" in res.stderr, res.stderr
     res = invoke("delete", str(pool_dir), "plain", vol, code=1)  # all or nothing
     assert "'layer-1'" in res.stderr
     res = invoke("rename", str(pool_dir), vol, "stolen", code=1)

@@ -8,8 +8,8 @@ Structure
   - ``SECTION: str`` -- the heading its commands appear under in ``thinpool --help``;
   - ``COMMANDS: list[click.Command]`` -- its commands, in the order ``--help`` lists them.
 
-  Adding a module is one line in :data:`COMMAND_MODULES`.  A listed module that does not exist (yet) is
-  skipped; any other import error in a module is a real error and propagates.  Modules are imported
+  Adding a module is one line in :data:`COMMAND_MODULES`.  A listed module that cannot be imported
+  (missing, or failing) is an error that propagates: a broken CLI fails loudly.  Modules are imported
   on demand, in order, until the invoked command is found (``thinpool status`` imports only the pool
   commands); ``--help`` and :func:`load_all_commands` import them all.
 * Every pool-touching command goes through :func:`thinpool.cli.ops.run_op`, which routes it to a serving
@@ -17,7 +17,8 @@ Structure
 
 Error handling (here, once, for every command): a :class:`~thinpool.errors.ThinpoolError` (or an
 ``OSError`` such as a missing input file) prints one line ``thinpool: error: <message>`` on stderr and
-exits 1; usage errors exit 2 (click); a closed stdout pipe (``thinpool dump POOL | head``) is silent.
+exits 1; usage errors exit 2 (click); a closed stdout pipe (``thinpool dump POOL | head``) is silent and
+exits 1.  The exit statuses are documented in :mod:`thinpool.errors`.
 """
 
 from __future__ import annotations
@@ -249,17 +250,13 @@ _UNLOADED: list[str] = list(COMMAND_MODULES)
 
 def _load_next_module() -> bool:
     """Import the next command module not imported yet and add its commands; False if none is left."""
-    while _UNLOADED:
-        modname = _UNLOADED.pop(0)
-        try:
-            module = importlib.import_module(modname)
-        except ModuleNotFoundError as exc:
-            if exc.name == modname:
-                continue  # listed but not written yet
-            raise
-        main.add_section(module.SECTION, list(module.COMMANDS))
-        return True
-    return False
+    if not _UNLOADED:
+        return False
+    # a missing or broken command module is an error (it stays listed: a retry raises again)
+    module = importlib.import_module(_UNLOADED[0])
+    _UNLOADED.pop(0)
+    main.add_section(module.SECTION, list(module.COMMANDS))
+    return True
 
 
 def load_all_commands() -> None:

@@ -1,8 +1,16 @@
-"""Container commands: the containerd-style snapshotter's verbs and ``thinpool demo``.
+"""Container commands: the containerd-style snapshotter's verbs (``thinpool snapshotter ...``) and
+``thinpool demo``.
 
-Snapshotter verbs (``prepare``, ``view``, ``commit-snapshot``, ``remove-snapshot``, ``stat-snapshot``,
-``update-snapshot``, ``snapshots``, ``snapshot-usage``) are ops (:mod:`thinpool.cli.ops`), so they also
-work on a pool that is being served.  Naming: snapshot keys and names live in a namespace
+The snapshotter verbs are one group, ``thinpool snapshotter prepare|view|commit|remove|stat|update|list|
+usage``, so "snapshot" and "commit" there always mean containerd's (a Snapshotter snapshot; committing
+an active snapshot), never the pool's ``thinpool snapshot`` (dm-thin's create_snap) or ``thinpool
+commit`` (the pool's metadata transaction).  The former top-level names (``prepare``, ``view``,
+``commit-snapshot``, ``remove-snapshot``, ``stat-snapshot``, ``update-snapshot``, ``snapshots``,
+``snapshot-usage``) remain for one release as hidden aliases (:data:`DEPRECATED_ALIASES`) that print a
+one-line deprecation note on stderr and behave identically.
+
+The verbs are ops (:mod:`thinpool.cli.ops`; op names are unchanged, e.g. ``commit-snapshot``), so they
+also work on a pool that is being served.  Naming: snapshot keys and names live in a namespace
 (``--namespace``, default ``default``); snapshot ``<id>`` of namespace ``<ns>`` is thin volume
 ``snap/<ns>/<id>``, which is how it appears in ``thinpool ls``.
 """
@@ -15,7 +23,7 @@ import click
 
 from thinpool.units import parse_size
 
-DEFAULT_BASE_SIZE = parse_size("10GiB")  # thinpool.containers.snapshotter' default; imported lazily (numpy)
+DEFAULT_BASE_SIZE = parse_size("10GiB")  # thinpool.containers.snapshotter's default; imported lazily (numpy)
 
 from .common import SIZE, abspath, emit, json_option, pool_argument
 from .ops import register_op, run_op
@@ -60,7 +68,8 @@ def op_view(pool: Any, namespace: str, key: str, parent: str | None = None,
 
 def op_commit_snapshot(pool: Any, namespace: str, name: str, key: str,
                        labels: dict[str, str] | None = None) -> dict[str, Any]:
-    """containerd Commit: active KEY becomes committed NAME."""
+    """containerd Commit (a snapshotter commit, not the pool's metadata commit): active KEY becomes
+    committed NAME; the pool's metadata commit follows as for every write op."""
     s = _snap(pool, namespace)
     s.commit(name, key, labels)
     return _snapshot_dict(s, name)
@@ -182,9 +191,9 @@ def prepare_cmd(pool: str, key: str, parent: str | None, base_size: int, labels:
 
     \b
     Examples:
-      thinpool prepare /tmp/pool layer1-extract
-      thinpool commit-snapshot /tmp/pool layer1 layer1-extract
-      thinpool prepare /tmp/pool ctr1 --parent layer1 --label app=web
+      thinpool snapshotter prepare /tmp/pool layer1-extract
+      thinpool snapshotter commit /tmp/pool layer1 layer1-extract
+      thinpool snapshotter prepare /tmp/pool ctr1 --parent layer1 --label app=web
     """
     _run(pool, "prepare", {"namespace": namespace, "key": key, "parent": parent, "labels": labels,
                            "base_size": base_size}, as_json)
@@ -202,7 +211,7 @@ def view_cmd(pool: str, key: str, parent: str, labels: dict[str, str], namespace
     _run(pool, "view", {"namespace": namespace, "key": key, "parent": parent, "labels": labels}, as_json)
 
 
-@click.command("commit-snapshot", epilog=_NAMING)
+@click.command("commit", epilog=_NAMING)
 @pool_argument
 @click.argument("name")
 @click.argument("key")
@@ -213,13 +222,15 @@ def commit_snapshot_cmd(pool: str, name: str, key: str, labels: dict[str, str], 
                         as_json: bool) -> None:
     """Commit active snapshot KEY as NAME (KEY goes away; NAME is read-only and can be a parent).
 
+    This is containerd's Commit of a snapshot; the pool's metadata commit is `thinpool commit`.
+
     The committed snapshot's labels are the --label options given here (containerd replaces, not inherits).
     Errors: NAME exists (AlreadyExists); KEY missing (NotFound) or not active (FailedPrecondition).
     """
     _run(pool, "commit-snapshot", {"namespace": namespace, "name": name, "key": key, "labels": labels}, as_json)
 
 
-@click.command("remove-snapshot", epilog=_NAMING)
+@click.command("remove", epilog=_NAMING)
 @pool_argument
 @click.argument("key")
 @namespace_option
@@ -229,7 +240,7 @@ def remove_snapshot_cmd(pool: str, key: str, namespace: str, as_json: bool) -> N
     _run(pool, "remove-snapshot", {"namespace": namespace, "key": key}, as_json)
 
 
-@click.command("stat-snapshot", epilog=_NAMING)
+@click.command("stat", epilog=_NAMING)
 @pool_argument
 @click.argument("key")
 @namespace_option
@@ -239,7 +250,7 @@ def stat_snapshot_cmd(pool: str, key: str, namespace: str, as_json: bool) -> Non
     _run(pool, "stat-snapshot", {"namespace": namespace, "key": key}, as_json)
 
 
-@click.command("update-snapshot", epilog=_NAMING)
+@click.command("update", epilog=_NAMING)
 @pool_argument
 @click.argument("key")
 @label_option
@@ -255,7 +266,7 @@ def update_snapshot_cmd(pool: str, key: str, labels: dict[str, str], fieldpaths:
                                    "fieldpaths": list(fieldpaths)}, as_json)
 
 
-@click.command("snapshots", epilog=_NAMING)
+@click.command("list", epilog=_NAMING)
 @pool_argument
 @click.option("-f", "--filter", "filters", multiple=True, metavar="FILTER",
               help="containerd filter; repeat for OR, comma for AND.")
@@ -272,13 +283,13 @@ def snapshots_cmd(pool: str, filters: tuple[str, ...], namespace: str, as_json: 
       a comma ANDs selectors; several --filter options are ORed
     \b
     Examples:
-      thinpool snapshots /tmp/pool --filter kind==committed
-      thinpool snapshots /tmp/pool --filter 'parent==layer1,labels.app==web' --filter name~=^tmp
+      thinpool snapshotter list /tmp/pool --filter kind==committed
+      thinpool snapshotter list /tmp/pool --filter 'parent==layer1,labels.app==web' --filter name~=^tmp
     """
     _run(pool, "snapshots", {"namespace": namespace, "filters": list(filters)}, as_json)
 
 
-@click.command("snapshot-usage", epilog=_NAMING)
+@click.command("usage", epilog=_NAMING)
 @pool_argument
 @click.argument("key")
 @namespace_option
@@ -337,5 +348,44 @@ def demo_cmd(directory: str | None, block_size: int, data_size: int, seed: int, 
     emit(result, as_json, render_demo)
 
 
-COMMANDS: list[click.Command] = [demo_cmd, prepare_cmd, view_cmd, commit_snapshot_cmd, remove_snapshot_cmd,
-                                 stat_snapshot_cmd, update_snapshot_cmd, snapshots_cmd, snapshot_usage_cmd]
+SNAPSHOTTER_COMMANDS: list[click.Command] = [prepare_cmd, view_cmd, commit_snapshot_cmd, remove_snapshot_cmd,
+                                             stat_snapshot_cmd, update_snapshot_cmd, snapshots_cmd,
+                                             snapshot_usage_cmd]
+
+
+@click.group("snapshotter", commands=SNAPSHOTTER_COMMANDS, epilog=_NAMING,
+             short_help="containerd snapshotter: prepare, commit, list, ...")
+def snapshotter_group() -> None:
+    """containerd-style snapshotter: prepare, view, commit, remove, stat, update, list, usage.
+
+    Snapshots here are containerd's (each one a thin volume snap/<namespace>/<id>), and `commit` is
+    containerd's Commit of an active snapshot; the pool's own `thinpool snapshot` (dm-thin's
+    create_snap) and `thinpool commit` (the metadata transaction) are different commands.
+
+    \b
+    Examples:
+      thinpool snapshotter prepare /tmp/pool layer1-extract
+      thinpool snapshotter commit /tmp/pool layer1 layer1-extract
+      thinpool snapshotter list /tmp/pool
+    """
+
+
+#: former top-level command name -> its ``thinpool snapshotter`` subcommand (hidden aliases, one release)
+DEPRECATED_ALIASES: dict[str, str] = {
+    "prepare": "prepare", "view": "view", "commit-snapshot": "commit", "remove-snapshot": "remove",
+    "stat-snapshot": "stat", "update-snapshot": "update", "snapshots": "list", "snapshot-usage": "usage",
+}
+
+
+def _deprecated_alias(old: str, new: click.Command) -> click.Command:
+    """A hidden top-level command ``old`` that notes its deprecation on stderr, then runs ``new``."""
+    def callback(**kwargs: Any) -> Any:
+        click.echo(f"thinpool: note: 'thinpool {old}' is deprecated and will be removed; "
+                   f"use 'thinpool snapshotter {new.name}'", err=True)
+        return new.callback(**kwargs)
+    return click.Command(old, params=list(new.params), callback=callback, hidden=True, help=new.help,
+                         epilog=new.epilog, short_help=f"deprecated: thinpool snapshotter {new.name}")
+
+
+COMMANDS: list[click.Command] = [demo_cmd, snapshotter_group] + [
+    _deprecated_alias(old, snapshotter_group.commands[new]) for old, new in DEPRECATED_ALIASES.items()]

@@ -122,7 +122,7 @@ def resize_cmd(pool: str, data_size: int | None, metadata_size: int | None, as_j
 @pool_argument
 @json_option
 def commit_cmd(pool: str, as_json: bool) -> None:
-    """Commit the pool's metadata.
+    """Commit the pool's metadata (its transaction; not `thinpool snapshotter commit`).
 
     A no-op for an idle pool; on a served pool it makes the clients' writes durable."""
     emit(run_op(pool, "commit", {}), as_json)

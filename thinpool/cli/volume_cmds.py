@@ -46,7 +46,8 @@ def create_thin_cmd(pool: str, name: str, size: int, dev_id: int | None, read_on
 def snapshot_cmd(pool: str, origin: str, name: str, dev_id: int | None, read_only: bool, as_json: bool) -> None:
     """Snapshot volume ORIGIN as NAME (O(1)).
 
-    Blocks are shared until either side writes them (copy-on-write).
+    Blocks are shared until either side writes them (copy-on-write).  This is dm-thin's create_snap;
+    containerd-style snapshots are `thinpool snapshotter`.
 
     Snapshots of snapshots work the same way.  Example: thinpool snapshot /tmp/pool base snap1
     """

@@ -17,7 +17,7 @@ Model (containerd ``core/snapshots``; see shared/reference/containers.md §2.1-2
   volume's creation generation -- not to the name alone: a volume that merely carries a snapshot's
   name (the snapshot's volume was deleted or renamed away outside the snapshotter) is never removed,
   made read-only or mounted as that snapshot.  Plain volume commands refuse to delete or rename a
-  volume that a record owns (:func:`snapshot_owner`), naming the snapshot and ``remove-snapshot``.
+  volume that a record owns (:func:`snapshot_owner`), naming the snapshot and ``thinpool snapshotter remove``.
 * Records (kind, parent, labels, timestamps, id) live in the pool's own metadata under the records
   namespace ``snapshots/<namespace>`` (:meth:`thinpool.pool.Pool.put_records`), so they are committed in
   the **same transaction** as the thin devices they describe: after a crash at any point there is never
@@ -210,7 +210,7 @@ def refuse_snapshot_volumes(pool: Any, names: Iterable[Any], verb: str = "delete
             namespace, key = owner
             raise FailedPrecondition(
                 f"cannot {verb} volume {name!r}: it holds snapshot {key!r} of snapshotter namespace "
-                f"{namespace!r}; use `thinpool remove-snapshot POOL {key} --namespace {namespace}` "
+                f"{namespace!r}; use `thinpool snapshotter remove POOL {key} --namespace {namespace}` "
                 f"(or the snapshotter API) so the record goes with it")
 
 
@@ -233,7 +233,7 @@ class Snapshotter:
         self.base_size = parse_size(base_size, "base size")
         self.autocommit = bool(autocommit)
         self.records_key = RECORDS_PREFIX + namespace
-        self._lock: threading.RLock = getattr(pool, "_lock", None) or threading.RLock()
+        self._lock: threading.RLock = pool.locked() if hasattr(pool, "locked") else threading.RLock()
 
     def __repr__(self) -> str:
         return f"<Snapshotter {self.pool.path} namespace={self.namespace!r}>"
@@ -323,7 +323,7 @@ class Snapshotter:
             what = "is missing" if volume not in self.pool else "is another volume now (its device id differs)"
             raise FailedPrecondition(f"snapshot {key!r} (namespace {self.namespace!r}): its volume {volume!r} "
                                      f"{what}; it was deleted or replaced outside the snapshotter "
-                                     f"(remove-snapshot drops the record and leaves the volume alone)")
+                                     f"(`thinpool snapshotter remove` drops the record and leaves the volume alone)")
         return volume
 
     def _bind(self, rec: dict[str, Any], volume: str) -> dict[str, Any]:
@@ -449,8 +449,10 @@ class Snapshotter:
     def commit(self, name: str, key: str, labels: dict[str, str] | None = None) -> Info:
         """Commit active snapshot ``key`` as ``name`` (``key`` goes away; the labels become ``labels``).
 
-        The volume keeps its name and becomes read-only.  AlreadyExists if ``name`` exists; NotFound if
-        ``key`` does not; FailedPrecondition if ``key`` is not active or its parent is not committed.
+        containerd's Commit, not the pool's metadata commit (:meth:`thinpool.pool.Pool.commit`, which
+        follows it when ``autocommit`` is set). The volume keeps its name and becomes read-only.
+        AlreadyExists if ``name`` exists; NotFound if ``key`` does not; FailedPrecondition if ``key`` is not
+        active or its parent is not committed.
         """
         self._check_key(name, "name")
         self._check_key(key, "key")

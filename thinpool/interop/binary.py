@@ -458,10 +458,11 @@ def _write_image(path: str, img: np.ndarray, nr_blocks: int, pools: Iterable[Any
                 raise InvalidArgument(f"{path}: device has {size} bytes, metadata needs {nr_blocks} blocks")
             f.seek(0)
         f.write(memoryview(img).cast("B"))
-        if out.regular:
+        if out.regular:  # atomic_output flushes it and names the file if that fails
             f.truncate(nr_blocks * BLOCK_SIZE)
-        f.flush()
-        os.fsync(f.fileno())
+        else:
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def write_binary_metadata(md: Metadata, path: str | os.PathLike[str], *, nr_metadata_blocks: int | None = None,
