@@ -8,7 +8,7 @@ pure-Python layers and the numba kernels.
   derived from it;
 - :class:`DevFlag` (a device record's ``flags``) and :class:`Mode` (the pool's mode);
 - :class:`St`, the indices of the kernels' int64 state vector ``st``;
-- :class:`KRow`, the rows of the kernel table (``Pool._kernel_table`` packs one ``(address, length)``
+- :class:`KRow`, the rows of the kernel table (``KernelContext.table`` packs one ``(address, length)``
   row per array in this order; the kernels rebuild each array from its row);
 - the kernels' return codes.
 
@@ -122,7 +122,7 @@ class St(enum.IntEnum):
     NR_BLOCKS = 7       # data blocks in the pool
     LEAVES_LIVE = 8     # leaves with count > 0
     INNERS_LIVE = 9     # inner nodes with count > 0
-    EPOCH = 10          # bumped whenever an array the kernels use is reallocated (see Pool._kernel_table)
+    EPOCH = 10          # bumped whenever an array the kernels use is reallocated (see KernelContext.table)
 
 
 ST_SIZE = len(St)
