@@ -182,6 +182,7 @@ class LightPool(Protocol):
     """What the light control ops (``status``, plain ``ls``, ``snapshot``) need of a pool: both
     :class:`~thinpool.pool.Pool` and :class:`~thinpool.devtable.DeviceTable` provide it."""
 
+    METADATA: str
     path: str
     read_only: bool
 
