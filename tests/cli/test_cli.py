@@ -26,7 +26,8 @@ from tests.conftest import require_tool
 
 from thinpool import Pool
 from thinpool.cli import main
-from thinpool.cli.ops import OPS, handle_control_request, run_op
+from thinpool.cli.registry import op_table, run_op
+from thinpool.control.server import handle_request
 from thinpool.errors import FailedPrecondition, NotFound
 
 KB = 1024
@@ -304,7 +305,7 @@ def test_write_failure_commits_nothing(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- served pools
 class FakeServer:
     """What ``thinpool serve`` does for the control socket: one request line per connection, answered
-    by handle_control_request on the served (open, writable) pool."""
+    by the control server's handle_request with the CLI's op table on the served (open, writable) pool."""
 
     def __init__(self, pool_path: str) -> None:
         self.pool = Pool.open(pool_path)
@@ -323,7 +324,7 @@ class FakeServer:
             with conn:
                 line = conn.makefile("rb").readline()
                 if line:  # a client may connect only to see whether the pool is served
-                    conn.sendall(handle_control_request(self.pool, line))
+                    conn.sendall(handle_request(self.pool, op_table(), line))
 
     def close(self) -> None:
         try:
@@ -365,10 +366,10 @@ def test_served_pool_routes_ops_over_control_socket(pool: str) -> None:
     invoke("delete", pool, "snap2")
 
 
-def test_handle_control_request_never_raises(pool: str) -> None:
+def test_handle_request_never_raises(pool: str) -> None:
     with Pool.open(pool) as p:
         def ask(raw: bytes) -> dict:
-            reply = handle_control_request(p, raw)
+            reply = handle_request(p, op_table(), raw)
             assert reply.endswith(b"\n") and reply.count(b"\n") == 1
             return json.loads(reply)
         assert ask(b"not json") == {"ok": False, "error": "InvalidArgument",
@@ -381,7 +382,7 @@ def test_handle_control_request_never_raises(pool: str) -> None:
         ok = ask(b'{"op": "create-thin", "args": {"name": "x", "size": 65536}}')
         assert ok["ok"] and ok["result"]["name"] == "x"
         assert ask(b'{"op": "usage", "args": {"name": "x"}}')["result"]["mapped_blocks"] == 0
-    assert {"status", "ls", "create-thin", "snapshot", "delete", "commit", "dump", "export-metadata"} <= set(OPS)
+    assert {"status", "ls", "create-thin", "snapshot", "delete", "commit", "dump", "export-metadata"} <= set(op_table())
 
 
 # ---------------------------------------------------------------------------------------------- interop

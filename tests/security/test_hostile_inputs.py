@@ -19,7 +19,8 @@ from click.testing import CliRunner
 
 from thinpool import Pool
 from thinpool.cli import main
-from thinpool.cli.ops import OPS
+from thinpool.cli.registry import op_table
+from thinpool.control.server import handle_request
 from thinpool.errors import InvalidArgument
 from thinpool.ownership import read_stamp
 from thinpool.safe_output import atomic_output, check_path, guard_output
@@ -133,9 +134,9 @@ def test_output_onto_a_pool_open_in_this_process(pools: dict[str, Path]) -> None
             guard_output(str(pools["ext"]))
         with Pool.open(pools["p"]) as pool:
             with pytest.raises(InvalidArgument, match="q.data"):
-                OPS["export"].func(pool, "v", str(pools["ext"]))
+                op_table()["export"].func(pool, "v", str(pools["ext"]))
             with pytest.raises(InvalidArgument, match="a file of pool"):
-                OPS["read"].func(pool, "v", str(pools["ext"]))
+                op_table()["read"].func(pool, "v", str(pools["ext"]))
     finally:
         other.close()
     guard_output(str(pools["tmp"] / "fine.img"))  # an ordinary new file is fine
@@ -155,7 +156,7 @@ def test_output_path_type_checked(pools: dict[str, Path], bad: object) -> None:
                     "read": {"name": "v", "output": bad}, "write": {"name": "v", "input": bad},
                     "import": {"name": "v", "image": bad}}[op]
             with pytest.raises(InvalidArgument):
-                OPS[op].func(pool, **args)
+                op_table()[op].func(pool, **args)
     assert [digest(f) for f in files] == before
     with pytest.raises(InvalidArgument):
         check_path(bad)
@@ -181,15 +182,15 @@ def test_export_replaces_target_atomically(pools: dict[str, Path], monkeypatch: 
     monkeypatch.setattr(Thin, "read_into", failing)
     with Pool.open(pools["p"]) as pool:
         with pytest.raises(OSError, match="injected"):
-            OPS["export"].func(pool, "v", str(target))
+            op_table()["export"].func(pool, "v", str(target))
         with pytest.raises(OSError, match="injected"):
-            OPS["read"].func(pool, "v", str(target))
+            op_table()["read"].func(pool, "v", str(target))
     assert calls["n"] == 2
     assert digest(target) == old and sorted(os.listdir(out_dir)) == ["v.img"]
     monkeypatch.setattr(Thin, "read_many", real_read_many)
     monkeypatch.setattr(Thin, "read_into", real_read_into)
     with Pool.open(pools["p"]) as pool:
-        OPS["export"].func(pool, "v", str(target))
+        op_table()["export"].func(pool, "v", str(target))
     data = target.read_bytes()
     assert data[:3 * BS] == b"\x5a" * (3 * BS) and len(data) == 1 << 20 and not data[3 * BS:].strip(b"\0")
     assert oct(os.stat(target).st_mode & 0o777) == oct(0o640)  # the old target's mode is kept
@@ -531,7 +532,7 @@ def test_output_streams_and_fd_links(pools: dict[str, Path]) -> None:
         with Pool.open(pools["p"]) as pool:
             for link in (f"/proc/self/fd/{fd}", f"/dev/fd/{fd}"):
                 with pytest.raises(InvalidArgument, match="a file of pool|hard link"):
-                    OPS["export"].func(pool, "v", link)
+                    op_table()["export"].func(pool, "v", link)
     finally:
         os.close(fd)
     assert digest(pools["p"] / "data") == before
@@ -542,16 +543,15 @@ def test_control_socket_export_metadata_path_checked(pools: dict[str, Path]) -> 
     to truncate the serving process's own metadata file) and never a file of the served pool."""
     import json
 
-    from thinpool.cli.ops import handle_control_request
     with Pool.open(pools["p"]) as pool:
         pool.commit()
         before = digest(pools["p"] / "metadata")
         for path in (pool.store.fd, str(pools["p"] / "metadata"), str(pools["p"] / "data"), str(pools["p"] / "x.bin")):
-            reply = json.loads(handle_control_request(pool, json.dumps(
+            reply = json.loads(handle_request(pool, op_table(), json.dumps(
                 {"op": "export-metadata", "args": {"path": path}}).encode() + b"\n"))
             assert reply["ok"] is False and reply["error"] == "InvalidArgument", reply
         assert digest(pools["p"] / "metadata") == before
-        reply = json.loads(handle_control_request(pool, json.dumps(
+        reply = json.loads(handle_request(pool, op_table(), json.dumps(
             {"op": "export-metadata", "args": {"path": str(pools["tmp"] / "ok.bin")}}).encode() + b"\n"))
         assert reply["ok"] is True, reply
 
@@ -615,5 +615,5 @@ def test_export_metadata_relative_path_refused(pools: dict[str, Path]) -> None:
     serving process's cwd); the CLI makes it absolute."""
     with Pool.open(pools["p"]) as pool:
         with pytest.raises(InvalidArgument, match="absolute"):
-            OPS["export-metadata"].func(pool, "relative.bin")
+            op_table()["export-metadata"].func(pool, "relative.bin")
     assert not os.path.exists("relative.bin")

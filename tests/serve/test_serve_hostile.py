@@ -1,7 +1,7 @@
 """`thinpool serve` against hostile clients: the control protocol's type matrix, stale exports, bad
 volume names, a data file truncated while served, TCP access control, and resource exhaustion.
 
-Servers run in-process (:class:`thinpool.cli.serve_cmds.Served` on a real pool) except where the old
+Servers run in-process (:class:`thinpool.nbd.served.Served` on a real pool) except where the old
 failure mode kills the process (SIGBUS on a truncated data file): that one runs ``thinpool serve`` as
 a subprocess.  The NBD client is the literal one of ``test_nbd_protocol.py``.
 """
@@ -26,8 +26,8 @@ from tests.serve.test_nbd_protocol import RawClient
 
 from thinpool import Pool
 from thinpool import errors as E
-from thinpool.cli.ops import OPS, run_op
-from thinpool.cli.serve_cmds import Served
+from thinpool.cli.registry import op_table, run_op
+from thinpool.nbd.served import Served
 from thinpool.devtable import check_new_name
 from thinpool.nbd import protocol as P
 
@@ -49,7 +49,7 @@ def make_pool(root: str, volumes: tuple[str, ...] = ("vol", "other")) -> str:
 
 @contextmanager
 def served(pool: str, **kw: Any) -> Iterator[Served]:
-    s = Served(pool, **kw)
+    s = Served(pool, op_table(), **kw)
     s.start()
     try:
         yield s
@@ -139,14 +139,13 @@ def test_control_type_matrix_every_op_every_argument(tmp_path: Any, monkeypatch:
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
-    from thinpool.cli import load_all_commands
-    from thinpool.cli.control_args import _signature
-    load_all_commands()
+    from thinpool.control.args import _signature
+    ops = op_table()
     pool = make_pool(str(tmp_path))
     cases = 0
     outcomes: dict[str, int] = {}
     with served(pool) as s:
-        for name, spec in sorted(OPS.items()):
+        for name, spec in sorted(ops.items()):
             sig = _signature(spec.func)
             base = {arg: _baseline(hint) for arg, hint, required in sig if required}
             trials: list[Any] = [dict(base, zzz_unknown=1), [], "x", None]
@@ -181,7 +180,7 @@ def test_control_type_matrix_every_op_every_argument(tmp_path: Any, monkeypatch:
     assert os.listdir(cwd) == []
     FIGURES["control_matrix_cases"] = cases
     FIGURES["control_matrix_outcomes"] = outcomes
-    print(f"\n[control matrix] {cases} requests over {len(OPS)} ops: {outcomes}")
+    print(f"\n[control matrix] {cases} requests over {len(ops)} ops: {outcomes}")
     assert cases > 1000
 
 

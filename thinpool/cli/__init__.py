@@ -12,8 +12,8 @@ Structure
   (missing, or failing) is an error that propagates: a broken CLI fails loudly.  Modules are imported
   on demand, in order, until the invoked command is found (``thinpool status`` imports only the pool
   commands); ``--help`` and :func:`load_all_commands` import them all.
-* Every pool-touching command goes through :func:`thinpool.cli.ops.run_op`, which routes it to a serving
-  process's control socket when the pool is being served (see :mod:`thinpool.cli.ops`).
+* Every pool-touching command goes through :func:`thinpool.cli.registry.run_op`, which routes it to a
+  serving process's control socket when the pool is being served (see :mod:`thinpool.cli.registry`).
 
 Error handling (here, once, for every command): a :class:`~thinpool.errors.ThinpoolError` (or an
 ``OSError`` such as a missing input file) prints one line ``thinpool: error: <message>`` on stderr and

@@ -9,7 +9,7 @@ commit`` (the pool's metadata transaction).  The former top-level names (``prepa
 ``snapshot-usage``) remain for one release as hidden aliases (:data:`DEPRECATED_ALIASES`) that print a
 one-line deprecation note on stderr and behave identically.
 
-The verbs are ops (:mod:`thinpool.cli.ops`; op names are unchanged, e.g. ``commit-snapshot``), so they
+The verbs are ops (:mod:`thinpool.cli.registry`; op names are unchanged, e.g. ``commit-snapshot``), so they
 also work on a pool that is being served.  Naming: snapshot keys and names live in a namespace
 (``--namespace``, default ``default``); snapshot ``<id>`` of namespace ``<ns>`` is thin volume
 ``snap/<ns>/<id>``, which is how it appears in ``thinpool ls``.
@@ -26,7 +26,7 @@ from thinpool.units import parse_size
 DEFAULT_BASE_SIZE = parse_size("10GiB")  # thinpool.containers.snapshotter's default; imported lazily (numpy)
 
 from .common import SIZE, abspath, emit, json_option, pool_argument
-from .ops import register_op, run_op
+from .registry import register_op, run_op
 
 SECTION = "Container commands (containerd-style snapshots, Docker demo)"
 
@@ -152,7 +152,7 @@ register_op("snapshot-usage", op_snapshot_usage, write=False, render=_render_usa
 
 
 def _run(pool: str, name: str, kwargs: dict[str, Any], as_json: bool) -> None:
-    from .ops import get_op
+    from .registry import get_op
     emit(run_op(abspath(pool), name, kwargs), as_json, get_op(name).render)
 
 
@@ -339,8 +339,9 @@ def demo_cmd(directory: str | None, block_size: int, data_size: int, seed: int, 
         from thinpool.containers.realfs import render_realfs, run_realfs_demo
         from .common import stderr_is_tty
         say = (lambda msg: click.echo(f"thinpool demo --real-fs: {msg}", err=True)) if stderr_is_tty() else None
+        from .registry import op_table
         result = run_realfs_demo(abspath(directory) if directory else None, block_size, data_size=data_size,
-                                 seed=seed, progress=say)
+                                 seed=seed, progress=say, control_ops=op_table())
         emit(result, as_json, render_realfs)
         return
     from thinpool.containers.demo import render_demo, run_demo

@@ -8,7 +8,8 @@ import sys
 import click
 
 from .common import SIZE, abspath, emit, json_option, pool_argument
-from .ops import OPS, run_op
+from . import ops as _ops  # noqa: F401  (registers the interop ops)
+from .registry import OPS, run_op
 
 SECTION = "dm-thin interoperability"
 

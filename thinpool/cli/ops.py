@@ -1,299 +1,21 @@
-"""Ops: every pool-touching CLI command, as a plain function, routable to a serving process.
+"""The pool, volume and interop ops and their text renderers (the op table is :mod:`thinpool.cli.registry`).
 
-An *op* is ``func(pool, **kwargs) -> JSON-able result`` registered in :data:`OPS` under a name (the CLI
-verb, e.g. ``"create-thin"``) with :func:`register_op` / the :func:`op` decorator, plus a text renderer.
-Keyword arguments must be JSON-able (paths absolute: the serving process has its own cwd).
-
-Routing (:func:`run_op`)
-------------------------
-* If ``<pool>/control.sock`` accepts a connection, the pool is being served (``thinpool serve``): the
-  request is sent as one JSON line ``{"op": name, "args": kwargs}`` and one JSON line comes back,
-  ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": "ClassName", "message": "..."}``; the error
-  is re-raised as the same :mod:`thinpool.errors` class.  The serving process answers each request line
-  with :func:`handle_control_request` (it runs the op under the pool's lock and, for write ops, commits --
-  dm-thin commits after every pool message).
-* Otherwise the pool is opened locally (read-only for reporting ops), the op runs, write ops commit, and
-  the pool is closed.  A failed op commits nothing.  Ops registered with ``light`` (``status``, plain
-  ``ls``, ``snapshot``) open only the pool's device table (:class:`thinpool.devtable.DeviceTable`), so
-  the command never imports numpy or reads the block map.
-
-Streaming ops (``write``, ``read``, ``import``, ``export``) are registered with ``local_only=True``: they run
-only on a pool that is not being served; on a served pool they fail with FailedPrecondition telling the
-user to go through the volume's NBD export instead (e.g. ``nbdcopy``).
+Each op is ``func(pool, **kwargs) -> JSON-able result``; it runs in-process or, on a served pool, in
+the serving process (:func:`thinpool.cli.registry.run_op`).  The data-streaming ops are in
+:mod:`thinpool.cli.stream_ops`, the snapshotter's in :mod:`thinpool.cli.containers_cmds`.
 """
 
 from __future__ import annotations
 
-import gc
-import json
 import os
 from itertools import repeat
 from operator import itemgetter
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
-from thinpool import errors as _errors
-from thinpool.errors import FailedPrecondition, InvalidArgument, NotFound, ThinpoolError
+from thinpool.errors import InvalidArgument, NotFound
+from thinpool.rules import LightPool
 
-if TYPE_CHECKING:
-    import socket
-
-CONTROL_SOCKET = "control.sock"
-MAX_LINE = 1 << 31
-#: seconds the CLI waits to connect to a serving process and to send its request
-CONNECT_TIMEOUT = 10.0
-#: seconds the CLI waits for a served op's answer (``THINPOOL_CONTROL_TIMEOUT`` overrides it; a long
-#: ``check`` or ``dump`` of a large pool runs within it, a hung server does not hang the CLI forever)
-REPLY_TIMEOUT = 600.0
-
-
-def _timeout(name: str, default: float) -> float:
-    try:
-        value = float(os.environ.get(name, default))
-    except ValueError:
-        return default
-    return value if value > 0 else default
-
-
-@dataclass(frozen=True)
-class OpSpec:
-    """A registered op: its function, whether it modifies the pool, its text renderer, and whether it
-    must run in-process (streams data through the client's files)."""
-
-    name: str
-    func: Callable[..., Any]
-    write: bool
-    render: Callable[[Any], str] | None = None
-    local_only: bool = False
-    #: true for arguments with which the op needs only the device table (it then runs on a
-    #: :class:`thinpool.devtable.DeviceTable`: no numpy, no block map)
-    light: Callable[[dict[str, Any]], bool] | None = None
-
-
-#: All ops by name.
-OPS: dict[str, OpSpec] = {}
-
-
-def register_op(name: str, func: Callable[..., Any], *, write: bool,
-                render: Callable[[Any], str] | None = None, local_only: bool = False,
-                light: Callable[[dict[str, Any]], bool] | None = None) -> OpSpec:
-    """Register ``func`` as op ``name`` (ValueError if the name is taken); see :class:`OpSpec`."""
-    if name in OPS:
-        raise ValueError(f"op {name!r} is registered twice")
-    spec = OpSpec(name, func, write, render, local_only, light)
-    OPS[name] = spec
-    return spec
-
-
-def op(name: str, *, write: bool, render: Callable[[Any], str] | None = None,
-       local_only: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator form of :func:`register_op`; returns the function unchanged."""
-    def deco(func: Callable[..., Any]) -> Callable[..., Any]:
-        register_op(name, func, write=write, render=render, local_only=local_only)
-        return func
-    return deco
-
-
-def get_op(name: str) -> OpSpec:
-    """The op called ``name`` (InvalidArgument if none).  Command modules register ops too and are
-    imported on demand (see :mod:`thinpool.cli`), so an unknown name first imports them all."""
-    if name not in OPS:
-        from thinpool.cli import load_all_commands
-        load_all_commands()
-    try:
-        return OPS[name]
-    except KeyError:
-        raise InvalidArgument(f"unknown op {name[:80]!r} (known: {', '.join(sorted(OPS))})") from None
-
-
-# ---------------------------------------------------------------------------------------------- client side
-def control_socket_path(pool_path: str) -> str:
-    """Where a serving process listens for control requests: ``<pool>/control.sock``."""
-    return os.path.join(os.path.abspath(pool_path), CONTROL_SOCKET)
-
-
-def connect_control(pool_path: str) -> socket.socket | None:
-    """A connection to the pool's live control socket, or None if the pool is not being served
-    (no socket, or a stale one left by a process that died).
-
-    Note for servers: a client may connect only to learn that the pool is served (before refusing a
-    streaming op) and close without sending anything; treat EOF before a request line as a no-op."""
-    path = control_socket_path(pool_path)
-    if not os.path.exists(path):
-        return None
-    import socket  # here: most commands run on a pool that is not served
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    timeout = min(CONNECT_TIMEOUT, _timeout("THINPOOL_CONTROL_TIMEOUT", REPLY_TIMEOUT))
-    sock.settimeout(timeout)
-    try:
-        sock.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        sock.close()
-        return None
-    except socket.timeout:
-        sock.close()
-        raise FailedPrecondition(f"pool {os.path.dirname(path)}: the serving process is not answering: no "
-                                 f"connection to {path} within {timeout:g} s") from None
-    except OSError as exc:
-        sock.close()
-        raise FailedPrecondition(f"pool {os.path.dirname(path)}: cannot reach the serving process at "
-                                 f"{path}: {exc.strerror or exc}") from None
-    return sock
-
-
-def error_class(name: str) -> type[ThinpoolError]:
-    """The :mod:`thinpool.errors` class called ``name`` (ThinpoolError if unknown)."""
-    cls = getattr(_errors, name, None)
-    if isinstance(cls, type) and issubclass(cls, ThinpoolError):
-        return cls
-    return ThinpoolError
-
-
-def _read_line(sock: socket.socket) -> bytes:
-    chunks = []
-    total = 0
-    while True:
-        chunk = sock.recv(1 << 16)
-        if not chunk:
-            break
-        nl = chunk.find(b"\n")
-        if nl >= 0:
-            chunks.append(chunk[:nl])
-            break
-        chunks.append(chunk)
-        total += len(chunk)
-        if total > MAX_LINE:
-            raise ThinpoolError("control socket reply is too long")
-    return b"".join(chunks)
-
-
-def call_server(sock: socket.socket, name: str, args: dict[str, Any], pool_path: str = "") -> Any:
-    """Send one request over a connected control socket and return its result (or raise its error).
-
-    Bounded: FailedPrecondition naming the socket if the request cannot be sent within
-    :data:`CONNECT_TIMEOUT` or no answer comes within :data:`REPLY_TIMEOUT` seconds
-    (``THINPOOL_CONTROL_TIMEOUT``)."""
-    import socket as _socket
-    reply_timeout = _timeout("THINPOOL_CONTROL_TIMEOUT", REPLY_TIMEOUT)
-    where = f"{pool_path}/{CONTROL_SOCKET}" if pool_path else "the control socket"
-    with sock:
-        try:
-            sock.settimeout(min(CONNECT_TIMEOUT, reply_timeout))
-            sock.sendall(json.dumps({"op": name, "args": args}).encode() + b"\n")
-            sock.settimeout(reply_timeout)
-            line = _read_line(sock)
-        except _socket.timeout:
-            raise FailedPrecondition(f"pool {pool_path}: the serving process is not answering: no reply to "
-                                     f"{name!r} on {where} within {reply_timeout:g} s "
-                                     f"(THINPOOL_CONTROL_TIMEOUT sets the limit)") from None
-        except (ConnectionResetError, BrokenPipeError) as exc:
-            raise FailedPrecondition(f"pool {pool_path}: the serving process dropped the connection on {where} "
-                                     f"before answering {name!r}: {exc.strerror or exc}") from None
-    if not line:
-        raise FailedPrecondition(f"pool {pool_path}: the serving process closed the control connection "
-                                 f"without answering {name!r}")
-    try:
-        reply = json.loads(line)
-    except ValueError:
-        raise ThinpoolError(f"pool {pool_path}: malformed control reply {line[:80]!r}") from None
-    if reply.get("ok"):
-        return reply.get("result")
-    raise error_class(str(reply.get("error", "ThinpoolError")))(str(reply.get("message", "request failed")))
-
-
-def run_op(pool_path: str, name: str, kwargs: dict[str, Any] | None = None, write: bool | None = None) -> Any:
-    """Run op ``name`` on the pool at ``pool_path``: through its serving process if it is served,
-    else in-process (see the module docstring).  ``write`` overrides the op's registered mode."""
-    spec = get_op(name)
-    kwargs = dict(kwargs or {})
-    write = spec.write if write is None else write
-    sock = connect_control(pool_path)
-    if sock is not None:
-        if spec.local_only:
-            sock.close()
-            raise FailedPrecondition(
-                f"pool {os.path.abspath(pool_path)} is being served; '{name}' streams data and runs only on "
-                f"a pool that is not served -- use the volume's NBD export instead (e.g. nbdcopy)")
-        return call_server(sock, name, kwargs, os.path.abspath(pool_path))
-    if spec.light is not None and spec.light(kwargs):
-        from thinpool.devtable import DeviceTable, FullOpenRequired
-        try:
-            table = DeviceTable.open(pool_path, read_only=not write)
-        except FullOpenRequired:
-            pass
-        else:
-            try:
-                result = spec.func(table, **kwargs)
-                if write:
-                    table.commit()
-            finally:
-                table.close(commit=False)
-            return result
-    from thinpool.pool import Pool
-    pool = Pool.open(pool_path, read_only=not write)
-    try:
-        result = spec.func(pool, **kwargs)
-        if write:
-            pool.commit()
-    except BaseException:
-        _close(pool)
-        raise
-    _close(pool)
-    return result
-
-
-def _close(pool: Any) -> None:
-    # A first-time JIT compile leaves a reference cycle holding a view of the mmap'd data file, and
-    # closing the mmap then fails with BufferError; collect cycles first.
-    gc.collect()
-    pool.close(commit=False)
-
-
-# ---------------------------------------------------------------------------------------------- server side
-def _reply(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
-
-
-def handle_control_request(pool: Any, line: bytes,
-                           precheck: Callable[[str, dict[str, Any]], None] | None = None) -> bytes:
-    """Answer one control request line for a served ``pool``; returns one JSON reply line (with ``\\n``).
-
-    Every argument is type-checked against the op's signature first
-    (:func:`thinpool.cli.control_args.check_op_args`: InvalidArgument naming the op and the argument);
-    then ``precheck(op_name, args)``, if given, runs under the pool's lock (the serving process refuses
-    to delete volumes open over NBD there), then the op.  The op runs while holding the pool's lock (so
-    it is atomic with respect to NBD I/O); write ops are committed before the reply.  Never raises for
-    a bad request: errors become ``{"ok": false, ...}``.
-    """
-    try:
-        try:
-            req = json.loads(line)
-        except (ValueError, UnicodeDecodeError):
-            raise InvalidArgument("control request is not valid JSON") from None
-        if not isinstance(req, dict) or not isinstance(req.get("op"), str):
-            raise InvalidArgument('control request must be a JSON object {"op": NAME, "args": {...}}')
-        args = req.get("args", {})
-        if not isinstance(args, dict):
-            raise InvalidArgument("control request 'args' must be a JSON object")
-        spec = get_op(req["op"])
-        if spec.local_only:
-            raise FailedPrecondition(f"'{spec.name}' streams data and is not available while the pool is "
-                                     f"served; use the volume's NBD export")
-        from thinpool.cli.control_args import check_op_args
-        check_op_args(spec.name, spec.func, args)
-        with pool._lock:
-            if precheck is not None:
-                precheck(spec.name, args)
-            result = spec.func(pool, **args)
-            if spec.write:
-                pool.commit()
-        return _reply({"ok": True, "result": result})
-    except ThinpoolError as exc:
-        return _reply({"ok": False, "error": type(exc).__name__, "message": str(exc)})
-    except Exception as exc:  # a bug must not kill the serving process
-        return _reply({"ok": False, "error": "ThinpoolError",
-                       "message": f"internal error in op: {type(exc).__name__}: {exc}"})
-
+from .registry import register_op
 
 
 # ============================================================================================== the ops
@@ -324,7 +46,7 @@ def _host_free_bytes(path: str) -> int | None:
     return st.f_bavail * st.f_frsize
 
 
-def op_status(pool: Any) -> dict[str, Any]:
+def op_status(pool: LightPool) -> dict[str, Any]:
     """Pool status: the dmsetup status fields, the status line, and docker-info-style space figures."""
     st = pool.status()
     data_file = pool.data_path
@@ -382,7 +104,7 @@ register_op("status", op_status, write=False, render=render_status, light=lambda
 
 
 def op_commit(pool: Any) -> dict[str, Any]:
-    """Commit (the commit itself is done by run_op / handle_control_request, as for every write op)."""
+    """Commit (the commit itself is done by run_op / the control server, as for every write op)."""
     return {"transaction_id": pool.transaction_id, "time": pool.time}
 
 
@@ -455,7 +177,7 @@ def op_create_thin(pool: Any, name: str, size: int, dev_id: int | None = None,
 register_op("create-thin", op_create_thin, write=True)
 
 
-def op_snapshot(pool: Any, origin: str, name: str, dev_id: int | None = None,
+def op_snapshot(pool: LightPool, origin: str, name: str, dev_id: int | None = None,
                 read_only: bool = False) -> dict[str, Any]:
     """Snapshot ``origin`` as ``name`` (O(1))."""
     return _thin_info(pool.snapshot(origin, name, dev_id=dev_id, read_only=read_only))
@@ -596,22 +318,11 @@ def render_usage(r: Any) -> str:
 register_op("usage", op_usage, write=False, render=render_usage)
 
 
-def _range(thin: Any, offset: int, length: int | None, what: str) -> tuple[int, int]:
-    if offset < 0 or offset > thin.size:
-        raise InvalidArgument(f"volume {thin.name!r}: {what} offset {offset} is outside the volume "
-                              f"({thin.size} bytes)")
-    if length is None:
-        length = thin.size - offset
-    if length < 0 or offset + length > thin.size:
-        raise InvalidArgument(f"volume {thin.name!r}: {what} of {length} bytes at offset {offset} goes past "
-                              f"the end of the volume ({thin.size} bytes)")
-    return offset, length
-
-
 def op_discard(pool: Any, name: str, offset: int = 0, length: int | None = None) -> dict[str, Any]:
     """Unmap the whole blocks inside [offset, offset+length) (default: the whole volume)."""
     thin = pool.thin(name)
-    offset, length = _range(thin, offset, length, "discard")
+    from thinpool.images import byte_range
+    offset, length = byte_range(thin, offset, length, "discard")
     n = thin.discard(offset, length) if length else 0
     return {"name": name, "offset": offset, "length": length, "blocks_unmapped": n}
 
@@ -700,11 +411,3 @@ def op_rmap(pool: Any, regions: list[str], metadata_snap: bool = False, as_json:
 
 
 register_op("rmap", op_rmap, write=False, render=lambda text: text)
-
-
-__all__ = ["OPS", "OpSpec", "op", "register_op", "get_op", "run_op", "handle_control_request",
-           "control_socket_path", "connect_control", "call_server", "error_class",
-           "CONTROL_SOCKET"]
-
-
-from . import stream_ops  # noqa: E402,F401  (registers write/read/import/export)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from .common import SIZE, abspath, emit, json_option, mode_option, pool_argument
-from .ops import OPS, render_status_human, run_op
+from .ops import render_status_human
+from .registry import OPS, run_op
 
 SECTION = "Pool commands"
 

@@ -27,8 +27,8 @@ def repair_cmd(pool: str, output: str | None, as_json: bool) -> None:
     from thinpool.errors import FailedPrecondition
     from thinpool.repair import repair
 
-    from .ops import connect_control
-    sock = connect_control(pool)
+    from thinpool.control.client import connect
+    sock = connect(pool)
     if sock is not None:
         sock.close()
         raise FailedPrecondition(f"pool {abspath(pool)} is being served: stop the server before repairing it")

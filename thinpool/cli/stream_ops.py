@@ -1,430 +1,58 @@
 """Streaming ops (``write``, ``read``, ``import``, ``export``): they move volume data between files and
-a pool, so they run only in-process (never through a serving process's control socket)."""
+a pool (:mod:`thinpool.images`), so they run only in-process (never through a serving process's
+control socket: ``local_only``).  Here: their registration, the CLI's progress bar and the renderers."""
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-from thinpool.errors import InvalidArgument
-from thinpool.safe_output import atomic_output, check_path
+from thinpool import images
 
-from .ops import _range, register_op
-
-
-CHUNK = 8 << 20
-
-
-def _chunk_bytes(block_size: int) -> int:
-    return max(block_size, CHUNK // block_size * block_size)
-
-
-def _open_input(path: str) -> tuple[Any, bool]:
-    """(binary file object, close_it) for ``path`` or ``-`` (stdin)."""
-    import sys
-    if path == "-":
-        return sys.stdin.buffer, False
-    return open(path, "rb"), True
-
-
-def _write_all(f: Any, data: memoryview) -> None:
-    """Write all of ``data`` (a buffered write to a pipe whose reader went away can return short)."""
-    data = data.cast("B")
-    while len(data):
-        n = f.write(data)
-        if n is None or n <= 0:
-            raise BrokenPipeError(32, "short write")
-        data = data[n:]
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    """pwrite all of ``data`` at ``offset`` (a short count is retried, never ignored)."""
-    data = data.cast("B")
-    while len(data):
-        n = os.pwrite(fd, data, offset)
-        if n <= 0:
-            raise OSError(f"pwrite returned {n}")
-        data, offset = data[n:], offset + n
-
-
-def _checked_input(f: Any, name: str, room: int, length: int | None) -> Any:
-    """Make sure the input fits in ``room`` bytes before anything is written: a regular file is
-    measured; a pipe is spooled (in memory up to 64 MiB, then a temporary file) up to room + 1 bytes."""
-    import stat
-    import tempfile
-    want = room + 1 if length is None else length
-    try:
-        st = os.fstat(f.fileno())
-        regular = stat.S_ISREG(st.st_mode)
-    except (OSError, ValueError, AttributeError):
-        regular = False
-    if regular:
-        avail = st.st_size - f.tell()
-        if min(avail, want) > room:
-            raise InvalidArgument(f"volume {name!r}: the input ({avail} bytes) goes past the end of the volume: "
-                                  f"only {room} bytes from the offset to the end")
-        return f
-    spool = tempfile.SpooledTemporaryFile(max_size=64 << 20)
-    copied = 0
-    while copied < want:
-        data = f.read(min(8 << 20, want - copied))
-        if not data:
-            break
-        spool.write(data)
-        copied += len(data)
-    if copied > room:
-        spool.close()
-        raise InvalidArgument(f"volume {name!r}: the input goes past the end of the volume (only {room} bytes "
-                              f"from the offset to the end)")
-    spool.seek(0)
-    return spool
+from .registry import register_op
 
 
 def op_write(pool: Any, name: str, input: str = "-", offset: int = 0, length: int | None = None) -> dict[str, Any]:
     """Write the bytes of file ``input`` (``-``: stdin) into volume ``name`` at ``offset`` (at most
-    ``length`` bytes).  Every byte is written, zeros included (use ``import`` for sparse images)."""
-    input = check_path(input, "input")
-    thin = pool.thin(name)
-    if offset < 0 or offset > thin.size:
-        raise InvalidArgument(f"volume {name!r}: write offset {offset} is outside the volume ({thin.size} bytes)")
-    if length is not None and length > thin.size - offset:
-        raise InvalidArgument(f"volume {name!r}: {length} bytes at offset {offset} go past the end of the volume "
-                              f"({thin.size} bytes)")
-    source, close = _open_input(input)
-    total = 0
-    f = source
-    try:
-        f = _checked_input(source, name, thin.size - offset, length)  # all or nothing: size known first
-        chunk = _chunk_bytes(pool.block_size)
-        while length is None or total < length:
-            want = chunk if length is None else min(chunk, length - total)
-            data = f.read(want)
-            if not data:
-                break
-            thin.write(offset + total, data)
-            total += len(data)
-    finally:
-        if f is not source:
-            f.close()
-        if close:
-            source.close()
-    return {"name": name, "offset": offset, "bytes_written": total}
-
-
-register_op("write", op_write, write=True, local_only=True)
+    ``length`` bytes; :func:`thinpool.images.write_volume`)."""
+    return images.write_volume(pool, name, input, offset, length)
 
 
 def op_read(pool: Any, name: str, output: str = "-", offset: int = 0, length: int | None = None) -> dict[str, Any]:
     """Copy ``length`` bytes (default: to the end) of volume ``name`` from ``offset`` to file ``output``
-    (``-``: stdout)."""
-    import numpy as np
-    output = check_path(output, "output")
-    thin = pool.thin(name)
-    offset, length = _range(thin, offset, length, "read")
-    with atomic_output(output, pools=[pool]) as out:
-        f = out.file
-        chunk = _chunk_bytes(pool.block_size)
-        buf = np.empty(min(chunk, length), np.uint8)
-        done = 0
-        while done < length:
-            n = min(chunk, length - done)
-            view = buf[:n]
-            thin.read_into(offset + done, view)
-            _write_all(f, memoryview(view))
-            done += n
-        f.flush()
-    return {"name": name, "offset": offset, "bytes_read": length}
-
-
-register_op("read", op_read, write=False, local_only=True)
-
-
-def _data_extents(fd: int, size: int, bs: int) -> list[tuple[int, int]]:
-    """Block-aligned (start, end) byte ranges of a file that may hold data (SEEK_DATA/SEEK_HOLE);
-    the whole file if the filesystem cannot tell."""
-    seek_data = getattr(os, "SEEK_DATA", 3)
-    seek_hole = getattr(os, "SEEK_HOLE", 4)
-    out: list[tuple[int, int]] = []
-    pos = 0
-    try:
-        while pos < size:
-            try:
-                start = os.lseek(fd, pos, seek_data)
-            except OSError as exc:
-                if exc.errno == 6:  # ENXIO: no data after pos
-                    break
-                raise
-            if start >= size:
-                break
-            end = min(os.lseek(fd, start, seek_hole), size)
-            start = start // bs * bs
-            end = min(size, -(-end // bs) * bs)
-            if out and start <= out[-1][1]:
-                out[-1] = (out[-1][0], max(out[-1][1], end))
-            else:
-                out.append((start, end))
-            pos = end
-    except OSError:
-        return [(0, size)] if size else []
-    return out
-
-
-class _Importer:
-    """Writes block-sized chunks of an image into a volume: non-zero blocks are written, zero blocks
-    that the volume maps are unmapped (or zeroed, for a partial block), other zero blocks skipped."""
-
-    def __init__(self, thin: Any, block_size: int) -> None:
-        self.thin = thin
-        self.bs = block_size
-        self.mapped_set = thin.mappings()[0]  # virtual blocks mapped before the import
-        self.blocks_written = 0
-        self.blocks_unmapped = 0
-
-    def _is_mapped(self, vblocks: Any) -> Any:
-        import numpy as np
-        if len(self.mapped_set) == 0:
-            return np.zeros(len(vblocks), bool)
-        return np.isin(vblocks, self.mapped_set)
-
-    def feed(self, offset: int, data: Any) -> None:
-        """Import ``data`` (a uint8 array) at byte ``offset`` (a multiple of the block size)."""
-        import numpy as np
-        bs = self.bs
-        nfull = len(data) // bs
-        if nfull:
-            rows = data[: nfull * bs].reshape(nfull, bs)
-            nonzero = rows.any(axis=1)
-            vblocks = offset // bs + np.arange(nfull, dtype=np.int64)
-            idx = np.flatnonzero(nonzero)
-            if len(idx):
-                self.thin.write_many(vblocks[idx] * bs, rows[idx])
-                self.blocks_written += len(idx)
-            zero_mapped = np.flatnonzero(~nonzero & self._is_mapped(vblocks))
-            for i in zero_mapped:
-                self.blocks_unmapped += self.thin.discard(int(vblocks[i]) * bs, bs)
-        tail = data[nfull * bs:]
-        if len(tail):
-            off = offset + nfull * bs
-            if tail.any() or self._is_mapped(np.array([off // bs]))[0]:
-                self.thin.write(off, tail)
-                self.blocks_written += 1
+    (``-``: stdout; :func:`thinpool.images.read_volume`)."""
+    return images.read_volume(pool, name, output, offset, length)
 
 
 def op_import(pool: Any, name: str, image: str, size: int | None = None) -> dict[str, Any]:
-    """Import raw image file ``image`` (``-``: stdin) into volume ``name``, sparse-aware: only non-zero
-    blocks are written; holes are skipped with SEEK_DATA/SEEK_HOLE.  Creates the volume (size: the
-    image's, rounded up to 512 bytes, or ``size``) if it does not exist; in an existing volume, blocks
-    that are zero in the image are unmapped, so afterwards the volume reads exactly as the image."""
-    import stat
-    import sys
-
-    import numpy as np
-
+    """Import raw image file ``image`` (``-``: stdin) into volume ``name``, sparse-aware, creating it
+    if needed (:func:`thinpool.images.import_image`), with a progress bar on a terminal."""
     from .common import progress
-    image = check_path(image, "image")
-    bs = pool.block_size
-    if image == "-":
-        fd, close, img_size, regular = -1, False, None, False
-        try:  # stdin redirected from a regular file: its size is known
-            sfd = sys.stdin.buffer.fileno()
-            st = os.fstat(sfd)
-            if stat.S_ISREG(st.st_mode):
-                img_size = st.st_size - os.lseek(sfd, 0, os.SEEK_CUR)
-        except (OSError, ValueError, AttributeError):
-            pass
-    else:
-        try:
-            fd = os.open(image, os.O_RDONLY)
-        except OSError as exc:
-            raise InvalidArgument(f"cannot read image {image}: {exc.strerror}") from None
-        close = True
-        st = os.fstat(fd)
-        regular = stat.S_ISREG(st.st_mode)
-        img_size = st.st_size if regular else _seekable_size(fd)  # a pipe (/dev/stdin): unknown
-    if not regular and img_size is None and size is None and name not in pool:
-        # a new volume from a pipe: spool the stream to a temporary file to learn its size
-        spool_fd = _spool(sys.stdin.buffer if image == "-" else None, fd)
-        if close:
-            os.close(fd)
-        fd, close, regular = spool_fd, True, True
-        img_size = os.fstat(fd).st_size
-    try:
-        created = False
-        if name in pool:
-            thin = pool.thin(name)
-            if size is not None and size != thin.size:
-                raise InvalidArgument(f"volume {name!r} exists with size {thin.size}; --size {size} does not match")
-        else:
-            vsize = size if size is not None else (-(-img_size // 512) * 512 if img_size else None)
-            if not vsize:
-                raise InvalidArgument(f"cannot create volume {name!r} from {'stdin' if image == '-' else image}: "
-                                      f"its size is unknown or zero (pass --size)")
-            thin = pool.create_thin(name, vsize)
-            created = True
-        if img_size is not None and img_size > thin.size:
-            raise InvalidArgument(f"image {image} is {img_size} bytes, larger than volume {name!r} "
-                                  f"({thin.size} bytes)")
-        imp = _Importer(thin, bs)
-        chunk = _chunk_bytes(bs)
-        total = 0
-        if regular:
-            extents = _data_extents(fd, img_size, bs)
-            with progress(f"import {name}", sum(e - s for s, e in extents)) as advance:
-                pos = 0
-                for start, end in extents:
-                    if start > pos and not created:
-                        _unmap_hole(thin, imp, pos, start, bs)
-                    off = start
-                    while off < end:
-                        n = min(chunk, end - off)
-                        data = np.frombuffer(os.pread(fd, n, off), np.uint8)
-                        if len(data) != n:
-                            raise InvalidArgument(f"image {image} shrank while being imported")
-                        imp.feed(off, data)
-                        off += n
-                        advance(n)
-                    pos = end
-                if pos < img_size and not created:
-                    _unmap_hole(thin, imp, pos, img_size, bs)
-            total = img_size
-        else:
-            f = sys.stdin.buffer if image == "-" else os.fdopen(os.dup(fd), "rb")
-            with progress(f"import {name}", img_size or 0) as advance:
-                while True:
-                    data = _read_full(f, chunk)
-                    if not data:
-                        break
-                    if total + len(data) > thin.size:
-                        raise InvalidArgument(f"input is larger than volume {name!r} ({thin.size} bytes)")
-                    imp.feed(total, np.frombuffer(data, np.uint8))
-                    total += len(data)
-                    advance(len(data))
-            if f is not sys.stdin.buffer:
-                f.close()
-    finally:
-        if close:
-            os.close(fd)
-    return {"name": name, "created": created, "size": thin.size, "bytes": total,
-            "blocks_written": imp.blocks_written, "blocks_unmapped": imp.blocks_unmapped,
-            "mapped_blocks": thin.mapped_blocks}
+    return images.import_image(pool, name, image, size, progress=progress)
 
 
-def _seekable_size(fd: int) -> int | None:
-    """The size of a seekable non-regular file (a block device), None for a pipe or socket."""
-    try:
-        return os.lseek(fd, 0, os.SEEK_END)
-    except OSError:
-        return None
-
-
-def _spool(f: Any, fd: int) -> int:
-    """Copy a stream (file object ``f``, else ``fd``) to an unlinked temporary file; its fd, at 0."""
-    import tempfile
-    tmp = tempfile.TemporaryFile()
-    try:
-        while True:
-            data = f.read(CHUNK) if f is not None else os.read(fd, CHUNK)
-            if not data:
-                break
-            tmp.write(data)
-        tmp.flush()
-        return os.dup(tmp.fileno())
-    finally:
-        tmp.close()
-
-
-def _read_full(f: Any, n: int) -> bytes:
-    parts = []
-    got = 0
-    while got < n:
-        b = f.read(n - got)
-        if not b:
-            break
-        parts.append(b)
-        got += len(b)
-    return b"".join(parts)
-
-
-def _unmap_hole(thin: Any, imp: _Importer, start: int, end: int, bs: int) -> None:
-    """A hole of the image in [start, end) (block-aligned start): make the volume read zeros there."""
-    import numpy as np
-    vb = imp.mapped_set
-    if len(vb) == 0:
-        return
-    first, last = start // bs, -(-end // bs)
-    inside = vb[(vb >= first) & (vb < last)]
-    for b in inside:
-        lo, hi = max(int(b) * bs, start), min((int(b) + 1) * bs, end)
-        if hi - lo == bs:
-            imp.blocks_unmapped += thin.discard(lo, bs)
-        else:
-            thin.write(lo, np.zeros(hi - lo, np.uint8))
-
-
-register_op("import", op_import, write=True, local_only=True,
-            render=lambda r: (f"{r['name']}: imported {r['bytes']} bytes, {r['blocks_written']} blocks written"
-                              + (f", {r['blocks_unmapped']} unmapped" if r["blocks_unmapped"] else "")
-                              + f" ({r['mapped_blocks']} mapped)"))
+def render_import(r: dict[str, Any]) -> str:
+    """``NAME: imported N bytes, B blocks written[, U unmapped] (M mapped)``."""
+    return (f"{r['name']}: imported {r['bytes']} bytes, {r['blocks_written']} blocks written"
+            + (f", {r['blocks_unmapped']} unmapped" if r["blocks_unmapped"] else "")
+            + f" ({r['mapped_blocks']} mapped)")
 
 
 def op_export(pool: Any, name: str, output: str = "-") -> dict[str, Any]:
-    """Export volume ``name`` as a raw image to ``output`` (``-``: stdout).  A regular output file is
-    written sparse: truncated to the volume size, then only mapped non-zero blocks are written (seeking
-    over unmapped and zero blocks).  Other outputs (stdout, pipes, devices) get every byte."""
-    import numpy as np
-
+    """Export volume ``name`` as a raw image to ``output`` (``-``: stdout), sparse into a regular file
+    (:func:`thinpool.images.export_image`), with a progress bar on a terminal."""
     from .common import progress
-    output = check_path(output, "output")
-    thin = pool.thin(name)
-    bs = pool.block_size
-    size = thin.size
-    written = 0
-    with atomic_output(output, pools=[pool]) as out:
-        regular = out.regular
-        if regular:
-            fd = out.fd
-            os.ftruncate(fd, size)
-            vb, _, _ = thin.mappings()
-            full = vb[(vb + 1) * bs <= size]
-            partial = vb[(vb + 1) * bs > size]
-            batch = max(1, _chunk_bytes(bs) // bs)
-            with progress(f"export {name}", len(vb) * bs) as advance:
-                for i in range(0, len(full), batch):
-                    blocks = full[i:i + batch]
-                    rows = thin.read_many(blocks * bs, bs)
-                    nz = rows.any(axis=1)
-                    for j in np.flatnonzero(nz):
-                        _pwrite_all(fd, memoryview(rows[j]), int(blocks[j]) * bs)
-                        written += 1
-                    advance(len(blocks) * bs)
-                for b in partial:
-                    data = thin.read(int(b) * bs, size - int(b) * bs)
-                    if any(data):
-                        _pwrite_all(fd, memoryview(data), int(b) * bs)
-                        written += 1
-                    advance(bs)
-        else:
-            f = out.file
-            chunk = _chunk_bytes(bs)
-            buf = np.empty(min(chunk, size), np.uint8)
-            with progress(f"export {name}", size) as advance:
-                done = 0
-                while done < size:
-                    n = min(chunk, size - done)
-                    view = buf[:n]
-                    thin.read_into(done, view)
-                    _write_all(f, memoryview(view))
-                    done += n
-                    advance(n)
-            f.flush()
-            written = thin.mapped_blocks
-    return {"name": name, "output": output, "size": size, "sparse": regular, "blocks_written": written}
+    return images.export_image(pool, name, output, progress=progress)
 
 
-register_op("export", op_export, write=False, local_only=True,
-            render=lambda r: "" if r["output"] == "-" else
-            f"{r['name']}: exported {r['size']} bytes to {r['output']} ({r['blocks_written']} data blocks"
+def render_export(r: dict[str, Any]) -> str:
+    """Nothing for stdout (the image went there), else where the image went."""
+    if r["output"] == "-":
+        return ""
+    return (f"{r['name']}: exported {r['size']} bytes to {r['output']} ({r['blocks_written']} data blocks"
             f"{', sparse' if r['sparse'] else ''})")
 
 
-
+register_op("write", op_write, write=True, local_only=True)
+register_op("read", op_read, write=False, local_only=True)
+register_op("import", op_import, write=True, local_only=True, render=render_import)
+register_op("export", op_export, write=False, local_only=True, render=render_export)

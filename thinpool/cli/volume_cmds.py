@@ -5,7 +5,9 @@ from __future__ import annotations
 import click
 
 from .common import SIZE, abspath, emit, json_option, pool_argument
-from .ops import OPS, render_volumes, run_op
+from . import stream_ops  # noqa: F401  (registers write, read, import, export)
+from .ops import render_volumes
+from .registry import OPS, run_op
 
 SECTION = "Volume commands"
 

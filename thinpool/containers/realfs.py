@@ -5,7 +5,7 @@
 ``devicemapper`` driver really did it, with ext4 on thin devices, and measures what ext4 actually wrote
 -- superblock, group descriptors, bitmaps, inode tables, directories, journal and data:
 
-1. the pool is served over NBD from a background thread (:class:`thinpool.cli.serve_cmds.Served`, so
+1. the pool is served over NBD from a background thread (:class:`thinpool.nbd.served.Served`, so
    ``thinpool ls POOL`` works from another shell meanwhile); a volume becomes a block device through
    ``nbdfuse`` (the export as a file in a FUSE directory) and a loop device (:class:`Attached`);
 2. the base device (``base``, 10 GiB by default) is formatted like Docker does it:
@@ -31,7 +31,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from ..errors import FailedPrecondition
 from ..units import format_docker_size, parse_size
@@ -197,13 +197,16 @@ def _populate_init(root: str) -> None:
 
 def run_realfs_demo(path: str | os.PathLike | None = None, block_size: int | str = "64KiB", *,
                     data_size: int | str = "100GiB", base_size: int | str = "10GiB", seed: int = 0,
-                    progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                    progress: Callable[[str], None] | None = None,
+                    control_ops: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Run the walkthrough with ext4 on the thin devices (see the module docstring); returns a JSON-able
     dict (:func:`render_realfs` prints it).  ``path``: the pool directory to create (kept), or None for
-    a temporary one that is removed.  FailedPrecondition when not root or a tool is missing."""
+    a temporary one that is removed.  ``control_ops``: the op table the pool's control socket answers
+    with meanwhile (the CLI gives its own; None: no control socket).  FailedPrecondition when not root
+    or a tool is missing."""
     from .demo import run_demo
     from ..pool import Pool
-    from ..cli.serve_cmds import Served
+    from ..nbd.served import Served
 
     missing = problems()
     if missing:
@@ -222,7 +225,7 @@ def run_realfs_demo(path: str | os.PathLike | None = None, block_size: int | str
         Pool.create(pool_path, data_size=data_size, block_size=bs).close()
         say("idealized model (thinpool demo) for comparison ...")
         ideal = run_demo(None, bs, data_size=data_size, base_size=base_bytes, seed=seed)
-        served = Served(pool_path, socket_path=os.path.join(work, "nbd.sock"))
+        served = Served(pool_path, control_ops, socket_path=os.path.join(work, "nbd.sock"))
         served.start()
         result = _scenario(served, attached, work, ideal, bs, base_bytes, parse_size(data_size), seed, say)
     finally:

@@ -36,6 +36,7 @@ from thinpool.nbd.backend import ExportProvider
 from thinpool.nbd import protocol as P
 from thinpool.nbd.limits import PayloadBudget
 from thinpool.nbd.session import Session, SessionContext
+from thinpool.unixsock import bind_private
 
 log = logging.getLogger("thinpool.nbd")
 
@@ -47,17 +48,6 @@ DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_MESSAGE_TIMEOUT = 30.0
 #: large WRITE payload bytes buffered at once over all connections (4 maximal payloads)
 DEFAULT_PAYLOAD_BUDGET = 4 * P.MAX_PAYLOAD
-
-
-def bind_private(sock: socket.socket, path: str) -> None:
-    """Bind a unix socket at ``path`` with mode 0600 from its creation (umask 0177 around ``bind``;
-    the umask is process-wide, so this is done only while starting to serve) and chmod it to be sure."""
-    old = os.umask(0o177)
-    try:
-        sock.bind(path)
-    finally:
-        os.umask(old)
-    os.chmod(path, 0o600)
 
 
 class NBDServer:
