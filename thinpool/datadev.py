@@ -94,7 +94,12 @@ class DataDevice:
                 past = short_file_mapped(data_rc, size // block_size)
                 if read_only or len(past):
                     raise short_file_error(path, size, block_size, nr_blocks, past, read_only)
-                os.ftruncate(self.fd, nr_blocks * block_size)
+                try:
+                    os.ftruncate(self.fd, nr_blocks * block_size)
+                except OSError as exc:
+                    err = exc.errno or errno.EIO
+                    raise HostIOError(f"extending data file {path} to {nr_blocks * block_size} bytes failed: "
+                                      f"{os.strerror(err)}", err, path) from None
             self._map()
         except BaseException:
             os.close(self.fd)
@@ -110,6 +115,10 @@ class DataDevice:
         try:
             if os.fstat(fd).st_size < size:
                 os.ftruncate(fd, size)
+        except OSError as exc:
+            err = exc.errno or errno.EIO
+            raise HostIOError(f"sizing data file {path} to {size} bytes failed: {os.strerror(err)}", err,
+                              path) from None
         finally:
             os.close(fd)
 

@@ -195,6 +195,10 @@ class MetadataStore:
         try:
             os.fchmod(fd, mode)  # exactly ``mode`` (a pool's file mode), whatever the umask
             os.ftruncate(fd, nr_blocks * BLOCK)
+        except OSError as exc:
+            err = exc.errno or errno.EIO
+            raise HostIOError(f"sizing new metadata file {path} to {nr_blocks * BLOCK} bytes failed: "
+                              f"{os.strerror(err)}", err, path) from None
         finally:
             os.close(fd)
         return cls(path)

@@ -310,9 +310,12 @@ def lock(path: str, read_only: bool, *, wait: float | None = None, allow_foreign
         except BaseException:
             os.close(fd)
             raise
-    if not read_only:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    if not read_only:  # the holder's pid, for messages only (the flock is the lock): best effort, so a
+        try:              # full host filesystem does not fail an open
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass
     return fd
 
 
