@@ -32,7 +32,8 @@ def _check_new_pool_path(pool: str) -> None:
 
 
 def _finish_new_pool(p: object, data_size: int | None) -> None:
-    """Grow a freshly restored pool's data device to ``data_size`` if asked, then close it."""
+    """Grow a freshly restored pool's data device to ``data_size`` if asked, then close it (committing);
+    if any of that fails, everything the restore created is removed."""
     from thinpool.errors import InvalidArgument
     try:
         if data_size is not None:
@@ -41,11 +42,11 @@ def _finish_new_pool(p: object, data_size: int | None) -> None:
                 raise InvalidArgument(f"--data-size {data_size} is smaller than the metadata's data device "
                                       f"({current} bytes)")
             p.resize(data_size)  # type: ignore[attr-defined]
+        p.close()  # type: ignore[attr-defined]  # its commit can fail too (a full or failing host disk)
     except BaseException:
         p.close(commit=False)  # type: ignore[attr-defined]
         p._new_files.undo()  # type: ignore[attr-defined]  # a failed restore leaves nothing behind
         raise
-    p.close()  # type: ignore[attr-defined]
 
 
 @click.command("dump")
@@ -161,7 +162,7 @@ def import_metadata_cmd(file: str, data_file: str | None, metadata_size: int | N
 
     Example: thinpool import-metadata meta.bin --data data.img /tmp/pool2
     """
-    from thinpool.interop.binary import read_binary_metadata
+    from thinpool.interop.binary_read import read_binary_metadata
     from thinpool.pool import Pool
     _check_new_pool_path(pool)
     md = read_binary_metadata(abspath(file), metadata_snap=metadata_snap)
