@@ -121,7 +121,7 @@ class KernelContext:
 
     def out_of_data_space(self) -> None:
         """A write found no data block: the pool enters out-of-data-space mode."""
-        self.pool.mode = Mode.OUT_OF_DATA_SPACE
+        self.pool._set_mode(Mode.OUT_OF_DATA_SPACE)
 
     @property
     def block_size(self) -> int:

@@ -114,7 +114,7 @@ class Pool(Transactions, DeviceOps):
             raise
         self._closed = False
         self._engine.is_open = True
-        self.mode = self._mode  # the I/O fast path opens
+        self._set_mode(self._mode)  # the I/O fast path opens
         safe_output.register_pool(self)  # no output is ever written onto its files
 
     @classmethod
@@ -226,7 +226,7 @@ class Pool(Transactions, DeviceOps):
         self._unpunched = np.zeros(0, np.int64)  # released blocks whose hole punch failed (still pending)
         self._lwm_fired = False
         self._set_md_check()
-        self.mode = rules.derive_mode(bool(self._header.get("needs_check")), int(self._st[K.ST_NR_ALLOCATABLE]))
+        self._set_mode(rules.derive_mode(bool(self._header.get("needs_check")), int(self._st[K.ST_NR_ALLOCATABLE])))
 
     def _install(self, arrays: dict[str, np.ndarray], header: dict[str, Any]) -> None:
         self.recovered_from = header.get("recovered_from")
@@ -291,8 +291,8 @@ class Pool(Transactions, DeviceOps):
         """The pool's mode (:class:`~thinpool.schema.Mode`: write, out-of-data-space, read-only, fail)."""
         return self._mode
 
-    @mode.setter
-    def mode(self, value: Mode | str) -> None:
+    def _set_mode(self, value: Mode | str) -> None:
+        """Enter ``value`` (the engine's modules only: the mode follows from what the pool found)."""
         self._mode = Mode(value)
         self._engine.fast_write = self._mode is Mode.WRITE and not self.read_only and not self._closed
 

@@ -108,7 +108,7 @@ class Transactions:
         except HostIOError as exc:
             flushed = bool(self._store.failed)
             if flushed:
-                self.mode = Mode.FAIL
+                self._set_mode(Mode.FAIL)
                 self.read_only_reason = str(exc)
             raise HostIOError(f"pool {self.path}: commit failed, nothing of it is durable" +
                               (" (the pool has failed: reopen it; the last durable commit is kept)" if flushed
@@ -128,7 +128,7 @@ class Transactions:
         self._space.release(np.setdiff1d(released, self._unpunched) if len(self._unpunched) else released)
         self._space.set_pending(np.union1d(freed, self._unpunched) if len(self._unpunched) else freed)
         if self.mode == Mode.OUT_OF_DATA_SPACE and self._st[K.ST_NR_ALLOCATABLE] > 0:
-            self.mode = Mode.WRITE
+            self._set_mode(Mode.WRITE)
         self._set_md_check()
 
     @_locked
@@ -143,7 +143,7 @@ class Transactions:
 
     def _abort_to_read_only(self, reason: str) -> None:
         self._load()
-        self.mode = Mode.READ_ONLY
+        self._set_mode(Mode.READ_ONLY)
         self.read_only_reason = reason
 
     @_locked

@@ -64,7 +64,7 @@ def _after_metadata_growth(pool: "Pool") -> None:
     """Leave the read-only mode that running out of metadata space caused."""
     if pool.mode == Mode.READ_ONLY and not pool.header.get("needs_check") and \
             getattr(pool, "read_only_reason", "").find("out of metadata space") >= 0:
-        pool.mode = Mode.WRITE if pool.st[K.ST_NR_ALLOCATABLE] > 0 else Mode.OUT_OF_DATA_SPACE
+        pool._set_mode(Mode.WRITE if pool.st[K.ST_NR_ALLOCATABLE] > 0 else Mode.OUT_OF_DATA_SPACE)
         pool.read_only_reason = ""
     pool._set_md_check()
 
@@ -150,7 +150,7 @@ def resize(pool: "Pool", data_size: int | str | None, metadata_size: int | str |
         pool._header["nr_data_blocks"] = nr
         pool._lwm_fired = False
         if pool.mode == Mode.OUT_OF_DATA_SPACE and pool.st[K.ST_NR_ALLOCATABLE] > 0:
-            pool.mode = Mode.WRITE
+            pool._set_mode(Mode.WRITE)
         pool.commit()
     except BaseException:
         _roll_back_resize(pool, old_nr)

@@ -73,6 +73,8 @@ def test_views_are_read_only(pool):
         pool.header["transaction_id"] = 7  # type: ignore[index]
     with pytest.raises(AttributeError):
         pool.devs = np.zeros(1)  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        pool.mode = "fail"  # type: ignore[misc]
     assert pool.transaction_id == 0
 
 
