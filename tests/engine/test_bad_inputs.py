@@ -466,7 +466,8 @@ def test_restore_and_import_bad_metadata(pool_path, tmp_path):
         failures.append(f"restore onto an existing pool: exit {res.exit_code}: {res.output.strip()[:200]}")
     assert _hash_pool(pool_path) == before
     # binary metadata: garbage, truncated, a thinpool metadata file (not dm-thin's format)
-    from thinpool.interop.binary import read_binary_metadata, write_binary_metadata
+    from thinpool.interop.binary import write_binary_metadata
+    from thinpool.interop.binary_read import read_binary_metadata
     with Pool.open(pool_path, read_only=True) as pool:
         md = pool.to_metadata()
     good_bin = str(tmp_path / "good.bin")

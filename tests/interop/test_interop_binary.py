@@ -21,12 +21,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from thinpool.errors import InvalidArgument, MetadataCorrupt
-from thinpool.interop.binary import (
+from thinpool.interop.binary import write_binary_metadata
+from thinpool.interop.binary_read import (
     check_binary_metadata,
     read_binary_metadata,
     read_data_refcounts,
     read_metadata_refcounts,
-    write_binary_metadata,
 )
 from thinpool.interop.btree import (
     BITMAP_CSUM_XOR,

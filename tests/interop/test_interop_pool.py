@@ -17,7 +17,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from tests.conftest import require_tool
 from thinpool import Pool
-from thinpool.interop.binary import read_binary_metadata, write_binary_metadata
+from thinpool.interop.binary import write_binary_metadata
+from thinpool.interop.binary_read import read_binary_metadata
 from thinpool.interop.thin_delta import format_delta
 from thinpool.interop.thin_ls import format_ls
 from thinpool.interop.thin_rmap import format_rmap
@@ -135,7 +136,7 @@ def test_held_metadata_snapshot_exports_held_root(tmp_path):
     meta = tmp_path / "meta.bin"
     write_binary_metadata(pool.to_metadata(), meta, held=pool.to_metadata(held=True))
     run("thin_check", str(meta))
-    from thinpool.interop.binary import read_binary_metadata as rb
+    from thinpool.interop.binary_read import read_binary_metadata as rb
     sb_held = rb(meta).superblock.metadata_snap
     assert sb_held
     held_xml = run("thin_dump", f"--metadata-snap={sb_held}", str(meta))
@@ -148,7 +149,7 @@ def test_held_metadata_snapshot_exports_held_root(tmp_path):
 def test_many_bitmaps_refcount_tree_and_internal_nodes(tmp_path):
     """Deterministic coverage of the structures randomized pools only sometimes reach."""
     require_tool("thin_check", "thin_dump")
-    from thinpool.interop.binary import read_data_refcounts
+    from thinpool.interop.binary_read import read_data_refcounts
     pool = Pool.create(tmp_path / "p", data_size=40000 * BS)
     v = pool.create_thin("v", "64GiB")
     v.write_many(np.arange(17000) * BS, [b"x"] * 17000)  # > 16320 data blocks: two data bitmaps

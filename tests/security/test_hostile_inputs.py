@@ -380,7 +380,7 @@ def test_import_metadata_rejects_what_thin_check_rejects(tmp_path: Path, exporte
     from tests.conftest import require_tool
 
     from thinpool.errors import MetadataCorrupt
-    from thinpool.interop.binary import read_binary_metadata
+    from thinpool.interop.binary_read import read_binary_metadata
     require_tool("thin_check")
     good = tmp_path / "good.bin"
     good.write_bytes(exported_metadata)
@@ -584,7 +584,7 @@ def test_superblock_fields_at_extremes(tmp_path: Path, exported_metadata: bytes)
     import resource
 
     from thinpool.errors import ThinpoolError
-    from thinpool.interop.binary import read_binary_metadata
+    from thinpool.interop.binary_read import read_binary_metadata
     from thinpool.interop.btree import SUPERBLOCK_CSUM_XOR
     fields = _superblock_fields()
     assert len(fields) == 22

@@ -1,4 +1,4 @@
-"""Real dm-thin binary metadata: write it from, and read it into, the interop IR.
+"""Real dm-thin binary metadata: write it from the interop IR (reading is :mod:`thinpool.interop.binary_read`).
 
 The format is the kernel's (``dm-thin-metadata.c`` + ``persistent-data``), as documented in the
 reference §2 and accepted by ``thin_check``/``thin_dump`` 0.9.0.  A written file looks like::
@@ -23,7 +23,7 @@ and checksummed per block.  Reference counts are exact: a metadata block's count
 of references to it (a subtree shared by the live and held views has count 2), a data block's
 count the number of leaf entries mapping it across all distinct leaves.
 
-Reading (:mod:`thinpool.interop.binary_read`, whose functions are importable from here too)
+Reading (:mod:`thinpool.interop.binary_read`)
 validates every block it touches (checksum, block number, node header, key order, space-map
 structure, and by default every reference count against the btrees) and raises :class:`~thinpool.errors.MetadataCorrupt` naming the structure
 (``superblock``, ``details tree``, ``mapping tree of device 3``, ``data space map``, ...) and the
@@ -68,10 +68,6 @@ from thinpool.interop.sm_disk import (
 
 __all__ = [
     "write_binary_metadata",
-    "read_binary_metadata",
-    "read_data_refcounts",
-    "read_metadata_refcounts",
-    "check_binary_metadata",
     "default_metadata_blocks",
     "RawSuperblock",
 ]
@@ -491,16 +487,3 @@ def write_binary_metadata(md: Metadata, path: str | os.PathLike[str], *, nr_meta
     img = _build_image(plan, lay, meta_counts)
     _write_image(path, img, lay.nr_blocks, pools)
     return lay.used
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading lives in thinpool.interop.binary_read; its public names stay importable from here.
-
-_READ_API = ("read_binary_metadata", "read_data_refcounts", "read_metadata_refcounts", "check_binary_metadata")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _READ_API:
-        from thinpool.interop import binary_read
-        return getattr(binary_read, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

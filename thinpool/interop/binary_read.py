@@ -1,6 +1,6 @@
 """Reading real dm-thin binary metadata: the superblock, both space maps and every btree, verified
 as ``thin_check`` verifies them (see :func:`read_binary_metadata`).  Writing is in
-:mod:`thinpool.interop.binary`, which also re-exports these functions."""
+:mod:`thinpool.interop.binary`."""
 
 from __future__ import annotations
 
