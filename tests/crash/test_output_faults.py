@@ -196,7 +196,7 @@ def _thinpool(args: list[str], strace: list[str] | None = None, cwd: str | None 
     return subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=cwd)
 
 
-_CALL = re.compile(r"^(\d+) +(\w+)\((\d+)?(.*)$")
+_CALL = re.compile(r"^(\d+) +(\w+)\((\d+)?(?:<([^>]*)>)?(.*)$")
 
 
 def _enumerate(d: str, command: str) -> list[tuple[str, int, int]]:
@@ -204,7 +204,7 @@ def _enumerate(d: str, command: str) -> list[tuple[str, int, int]]:
     K the call's ordinal among the main process's calls of that syscall (strace counts per process)."""
     case = _setup(d, command, old_target=True)
     log = os.path.join(d, "trace")
-    r = _thinpool(case.args, ["-e", "trace=execve," + ",".join(SYSCALLS), "-o", log])
+    r = _thinpool(case.args, ["-y", "-e", "trace=execve," + ",".join(SYSCALLS), "-o", log])
     assert r.returncode == 0, r.stderr
     calls: list[tuple[str, int, int]] = []
     seen: Counter = Counter()
@@ -222,6 +222,8 @@ def _enumerate(d: str, command: str) -> list[tuple[str, int, int]]:
         first_arg = int(m.group(3)) if m.group(3) else -1
         if name in ("write", "pwrite64") and first_arg in (1, 2):
             continue  # the command's report on stdout / stderr: not the output
+        if "__pycache__" in line:
+            continue  # numba saving a cold JIT cache (see docs/reliability.md: not covered)
         count = -1
         if name in ("write", "pwrite64"):
             mc = re.search(r", (\d+)(?:, \d+)?\) += (-?\d+)", line)
