@@ -3,7 +3,7 @@
 
 ``data_rc[b]`` counts the distinct leaves that map block ``b`` (dm-thin's rule).  A block whose
 count drops to zero is marked in ``freed_txn`` (1) and is not allocatable in this transaction
-(reference §1.11), so a crash can never expose a block the last commit still maps.  One step
+(docs/dm-thin.md §7), so a crash can never expose a block the last commit still maps.  One step
 stricter than the kernel, the commit that frees it keeps it reserved (2, "pending") until the
 *next* commit is durable: the previous commit -- the one a damaged newest superblock falls back
 to -- still maps it, so it must be neither punched nor reused before then.

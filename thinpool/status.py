@@ -37,7 +37,7 @@ class PoolStatus:
         return min(1024, self.total_metadata_blocks // 4)
 
     def dmsetup_line(self) -> str:
-        """The thin-pool status line exactly as dm-thin formats it (reference §1.4)."""
+        """The thin-pool status line exactly as dm-thin formats it (docs/dm-thin.md §10)."""
         mode = {Mode.WRITE: "rw", Mode.OUT_OF_DATA_SPACE: "out_of_data_space"}.get(self.mode, "ro")
         if self.mode == Mode.FAIL:
             return "Fail"

@@ -47,7 +47,7 @@ def _check_demo(r, bs, big_blocks):
     assert r["pool_used_blocks_after_start"] == image_blocks and r["containers_added_blocks"] == 0
     assert r["pool_used_blocks_after_writes"] == image_blocks + 3 and r["writes_added_blocks"] == 3
     assert r["pool_used_blocks_after_change"] == image_blocks + 4
-    assert r["thin_devices"] == 16  # base, 5 layers, 5 x (-init + container): containers.md §4.3
+    assert r["thin_devices"] == 16  # base, 5 layers, 5 x (-init + container): docs/containers.md §5
 
     start = r["containers_at_start"]
     assert [c["name"] for c in start] == NAMES
@@ -78,7 +78,7 @@ def _check_demo(r, bs, big_blocks):
     assert final["my_container_5"]["size_bytes"] == 0
 
     hist = r["history"]["acme/my-base-image:1.0"]
-    assert [h["size_bytes"] for h in hist] == [100, 0, 7, 2_780, 0, 745, 103_000_000]  # §4.1 version A
+    assert [h["size_bytes"] for h in hist] == [100, 0, 7, 2_780, 0, 745, 103_000_000]  # docs/containers.md §4
     assert [h["owned_blocks"] for h in hist] == [1, 0, 1, 1, 0, 1, big_blocks]
     assert [h["block_level_bytes"] for h in hist] == [h["owned_blocks"] * bs for h in hist]
     assert [h["layer"] is None for h in hist] == [False, True, False, False, True, False, False]

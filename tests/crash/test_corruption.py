@@ -1,4 +1,4 @@
-"""Corruption and repair (issue 5, part 3).
+"""Corruption and repair.
 
 A pool with a known history (snapshots of snapshots, CoW, deletes, discards, records, a read-only
 volume) is damaged on purpose -- random bit flips in written metadata blocks, whole blocks of

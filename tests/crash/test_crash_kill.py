@@ -1,4 +1,4 @@
-"""Crash injection for real: a workload process is killed with SIGKILL at random points (issue 5, part 2).
+"""Crash injection for real: a workload process is killed with SIGKILL at random points.
 
 One pool lives for the whole test.  Each *cycle* forks a workload process (from this already
 warmed-up interpreter, so a cycle costs milliseconds) that opens the pool and runs a deterministic

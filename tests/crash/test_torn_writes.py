@@ -1,4 +1,4 @@
-"""Torn and lost writes under the metadata store, lost writes in the data file (issue 5, part 2).
+"""Torn and lost writes under the metadata store, lost writes in the data file.
 
 ``MetadataStore.io`` (the pwrite/fdatasync layer every metadata write goes through) is replaced by
 :class:`FaultIO`, which numbers every write and sync of a whole deterministic workload (creates,

@@ -1,4 +1,4 @@
-"""Bad inputs, table-driven, over the library and the CLI (issue 5, part 4).
+"""Bad inputs, table-driven, over the library and the CLI.
 
 Every row of the matrix is one bad input: the error class (library) or exit status (CLI: 1 for a
 refused operation, 2 for a usage error), text the message must contain to name the culprit (the

@@ -1,4 +1,4 @@
-"""Unit tests for the engine's rules (issue: the thin-pool engine).  One test per rule."""
+"""Unit tests for the engine's rules One test per rule."""
 
 from __future__ import annotations
 

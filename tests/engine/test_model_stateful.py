@@ -1,4 +1,4 @@
-"""Model-based stateful test of the public Pool/Thin API (issue 5, part 1).
+"""Model-based stateful test of the public Pool/Thin API.
 
 A hypothesis ``RuleBasedStateMachine`` drives a tiny pool (a handful of 64 KiB blocks, volumes of a
 few blocks) through create/snapshot/write/read/discard/delete/commit/abort/close-reopen/crash/

@@ -140,7 +140,8 @@ def test_dump_is_byte_identical_to_thin_dump_and_round_trips(md: Metadata) -> No
 
 
 def test_worked_example_text() -> None:
-    """The reference's worked example (§2.7), plus an empty device and a time change inside a run."""
+    """A worked example (two devices sharing data blocks 10-11, one remapped at time 1, as thin_dump
+    0.9.0 prints them), plus an empty device and a time change inside a run."""
     md = Metadata(Superblock(time=1, transaction=5, data_block_size=128, nr_data_blocks=1000, version=2), [
         make_device(0, {0: (10, 0), 1: (11, 0), 2: (12, 0)}),
         make_device(1, {0: (10, 0), 1: (11, 0), 2: (20, 1), 3: (21, 2), 9: (22, 2)}, transaction=3,

@@ -71,7 +71,7 @@ def status_cmd(pool: str, line_only: bool, human_only: bool, as_json: bool) -> N
 
     Prints dmsetup's thin-pool status line, then Data/Metadata Space Used/Total/Available etc.
 
-    The line is exactly what `dmsetup status` prints after `0 <len> thin-pool` (dm-thin.md §1.4):
+    The line is exactly what `dmsetup status` prints after `0 <len> thin-pool` (docs/dm-thin.md §10):
 
     \b
       <transaction id> <used meta>/<total meta> <used data>/<total data> <held root|-> <rw|ro|out_of_data_space>

@@ -1,6 +1,6 @@
-"""``thinpool demo``: the "About storage drivers" walkthrough on a thin pool (issue 3 §3, containers.md §4).
+"""``thinpool demo``: the "About storage drivers" walkthrough on a thin pool (docs/containers.md §4-§5).
 
-Scenario (version A of Docker's page, the one the seed document follows), on a fresh pool:
+Scenario (the older, ubuntu-based version of Docker's page), on a fresh pool:
 
 1. the base device (empty thin volume, 10 GiB);
 2. ``ubuntu:16.10`` as layers of one file each: 103,000,000 / 745 / 2,780 / 7 bytes, with the 0-byte
@@ -37,7 +37,7 @@ FINAL_IMAGE = "acme/my-final-image:1.0"
 ROOTFS = "/ubuntu-rootfs.tar"
 CONTAINERS = tuple(f"my_container_{i}" for i in range(1, 6))
 
-#: The ubuntu image's history, bottom to top (containers.md §4.1 version A): one file per non-empty row.
+#: The ubuntu image's history, bottom to top (docs/containers.md §4): one file per non-empty row.
 UBUNTU_STEPS = (
     Step("/bin/sh -c #(nop) ADD file:eef57983bd66e3a0d2cb4b5c1c57dd4ab9ee1dc14c4ae5a8d5bb6a1d7d2ad3a0 in / ",
          (FileSpec(ROOTFS, 103_000_000),)),

@@ -1,6 +1,6 @@
 """A Docker-like image/container layer model on a thin pool (Docker's ``devicemapper`` graph driver).
 
-The objects mirror containers.md §1.1 and §4.3:
+The objects mirror Docker's devicemapper graph driver (docs/containers.md §1 and §5):
 
 * a **base device**: an empty thin volume of ``base_size`` (Docker's ``dm.basesize``, default 10 GiB);
   every image's lowest layer is a snapshot of it;
@@ -15,7 +15,7 @@ so their volumes are ``snap/moby/<n>``): layers and ``-init`` are committed, con
 There is no filesystem: files are laid out **block-aligned, one after another** on the volume (a layer's
 files start at the first block after everything below it), and their content is deterministic
 pseudo-random bytes (PCG64 seeded from the store's seed, the layer and the path).  This is the idealized
-model of containers.md §4.3: data blocks only, no filesystem metadata, so block numbers are exact.
+model of docs/containers.md §5: data blocks only, no filesystem metadata, so block numbers are exact.
 
 Sizes are reported both ways:
 
@@ -542,7 +542,7 @@ class LayerStore:
 
     # ------------------------------------------------------------------ info
     def info(self) -> dict[str, Any]:
-        """``docker info``'s storage block, in bytes (Docker's computation, containers.md §1.5): pool block
+        """``docker info``'s storage block, in bytes (Docker's computation, docs/containers.md §2): pool block
         size, base device size, data and metadata space used/total/available (available capped by the
         free space of the host filesystem, Docker's loopback rule), minimum free space (10%)."""
         with self._lock:

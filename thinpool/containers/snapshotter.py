@@ -1,6 +1,6 @@
 """A containerd-style snapshotter on a thin pool (containerd's ``Snapshotter`` interface, block-level).
 
-Model (containerd ``core/snapshots``; see shared/reference/containers.md §2.1-2.2)
+Model (containerd ``core/snapshots``; docs/containers.md §3)
 -----------------------------------------------------------------------------------
 * A snapshot is **active** (writable, from :meth:`Snapshotter.prepare`), a **view** (read-only, from
   :meth:`Snapshotter.view`) or **committed** (from :meth:`Snapshotter.commit`; read-only; the only kind

@@ -1,7 +1,7 @@
 """Real dm-thin binary metadata: write it from the interop IR (reading is :mod:`thinpool.interop.binary_read`).
 
 The format is the kernel's (``dm-thin-metadata.c`` + ``persistent-data``), as documented in the
-reference §2 and accepted by ``thin_check``/``thin_dump`` 0.9.0.  A written file looks like::
+docs/dm-thin.md §12-§15 and accepted by ``thin_check``/``thin_dump`` 0.9.0.  A written file looks like::
 
     block 0                 superblock (magic 27022010, version 2, XOR 160774)
     block 1                 metadata space map index block (≤ 255 index entries, XOR 160478)
@@ -90,7 +90,7 @@ _DETAILS = np.dtype([("mapped_blocks", "<u8"), ("transaction", "<u8"),
 
 @dataclass
 class RawSuperblock:
-    """Every field of the on-disk superblock (reference §2.2) except the checksum and blocknr."""
+    """Every field of the on-disk superblock (docs/dm-thin.md §12.1) except the checksum and blocknr."""
 
     _FORMAT = struct.Struct("<IIQ16sQIIQQ128s128sQQIIQIII")  # 364 bytes
 
@@ -471,7 +471,7 @@ def write_binary_metadata(md: Metadata, path: str | os.PathLike[str], *, nr_meta
     superblock gets version 2 (the kernel's) whatever ``md.superblock.version`` says, and
     ``md.superblock.metadata_snap`` is ignored: pass the held view as ``held`` (a metadata
     snapshot reserved with ``reserve_metadata_snap``) to write its trees and a held-root
-    superblock copy (§2.6) and point ``held_root`` at it.  Device subtrees, the details tree
+    superblock copy (docs/dm-thin.md §15) and point ``held_root`` at it.  Device subtrees, the details tree
     and the top-level tree that are identical in both views are shared, not duplicated.
 
     Raises :class:`~thinpool.errors.InvalidArgument` for an inconsistent IR (unsorted or

@@ -3,9 +3,9 @@
 Every metadata block is 4096 bytes and starts with ``csum u32 @0`` and (for every type this
 module handles) ``blocknr u64 @8``.  The checksum is CRC-32C over bytes 4..4095 with the kernel's
 "no final inversion" convention, XORed with a per-type constant:
-``stored = standard_crc32c(block[4:]) ^ 0xFFFFFFFF ^ XOR`` (reference §2.1).
+``stored = standard_crc32c(block[4:]) ^ 0xFFFFFFFF ^ XOR`` (docs/dm-thin.md §12).
 
-B-tree node (reference §2.3)::
+B-tree node (docs/dm-thin.md §12.2)::
 
     0   csum u32 (XOR 121107)        16  nr_entries u32
     4   flags u32 (1 internal, 2 leaf)   20  max_entries u32

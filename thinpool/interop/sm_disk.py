@@ -2,7 +2,7 @@
 bitmaps, index entries and ref-count trees, read and written for binary metadata.  (The pool's own
 in-memory data space map is :mod:`thinpool.dataspace`.)
 
-A space map keeps one reference count per block (reference §2.5):
+A space map keeps one reference count per block (docs/dm-thin.md §13):
 
 * **bitmaps** (XOR 240779): ``csum u32 @0, not_used u32 @4, blocknr u64 @8`` then 4080 bytes of
   2-bit entries, 16320 per bitmap.  Entry ``i`` is in byte ``16 + i // 4`` at shift ``2 * (i % 4)``;
