@@ -1,4 +1,4 @@
-"""The seed scenario on a real filesystem: ``thinpool demo --real-fs`` (root only).
+"""The demo's scenario on a real filesystem: ``thinpool demo --real-fs`` (root only).
 
 :mod:`thinpool.containers.demo` runs Docker's "About storage drivers" walkthrough on the idealized layer model
 (files laid out block-aligned, no filesystem).  This module runs the same walkthrough the way Docker's
@@ -38,9 +38,9 @@ from ..units import format_docker_size, parse_size
 
 #: Executables the real-filesystem path drives.
 TOOLS = ("nbdfuse", "fusermount3", "losetup", "mkfs.ext4", "tune2fs", "mount", "umount", "fsfreeze", "sync")
-#: Docker's mkfs.ext4 options for the base device (containers.md §1.1).
+#: Docker's mkfs.ext4 options for the base device (docs/containers.md §1).
 MKFS_EXT4 = ("mkfs.ext4", "-q", "-F", "-E", "nodiscard,lazy_itable_init=0,lazy_journal_init=0")
-#: Docker's init layer: empty files, directories and one symlink (containers.md §1.1).
+#: Docker's init layer: empty files, directories and one symlink (docs/containers.md §1).
 INIT_FILES = ("/.dockerenv", "/etc/resolv.conf", "/etc/hosts", "/etc/hostname", "/dev/console")
 INIT_DIRS = ("/dev/pts", "/dev/shm", "/proc", "/sys")
 INIT_LINKS = (("/etc/mtab", "/proc/mounts"),)
