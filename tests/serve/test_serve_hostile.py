@@ -225,7 +225,7 @@ def test_stale_client_never_writes_into_a_volume_that_reuses_the_device_id(tmp_p
         stale = RawClient.connect(s.nbd.unix_path, "vol")
         try:
             dev_id = s.pool.thin("vol").dev_id
-            with s.pool._lock:  # what a deleting op does while the client sits idle
+            with s.pool.locked():  # what a deleting op does while the client sits idle
                 s.pool.delete("vol")
                 s.pool.create_thin("new", 8 * MiB, dev_id=dev_id)
                 s.pool.commit()

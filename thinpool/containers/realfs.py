@@ -257,16 +257,16 @@ def _scenario(served: Any, attached: list[Attached], work: str, ideal: dict[str,
         attached.remove(a)
 
     def used() -> int:
-        with pool._lock:
+        with pool.locked():
             return pool.status().used_data_blocks
 
     def snapshot(origin: str, name: str) -> None:
-        with pool._lock:
+        with pool.locked():
             pool.snapshot(origin, name)
             pool.commit()
 
     def usage(name: str, parent: str | None) -> dict[str, Any]:
-        with pool._lock:
+        with pool.locked():
             u = pool.usage(name)
             return {"name": name, "parent": parent, "owned_blocks": owned_blocks(pool, name, parent),
                     "mapped_blocks": u.mapped_blocks, "exclusive_blocks": u.exclusive_blocks,
@@ -276,7 +276,7 @@ def _scenario(served: Any, attached: list[Attached], work: str, ideal: dict[str,
                               "filesystem": "ext4", "mkfs": " ".join(MKFS_EXT4) + " && tune2fs -c -1 -i 0"}
     # ---------------------------------------------------------------- base device
     say(f"base device: {format_docker_size(base_bytes)} thin volume, mkfs.ext4 over NBD ...")
-    with pool._lock:
+    with pool.locked():
         pool.create_thin("base", base_bytes)
         pool.commit()
     a = attach("base")
@@ -408,7 +408,7 @@ def _scenario(served: Any, attached: list[Attached], work: str, ideal: dict[str,
         "container_owned_blocks": {r["name"]: r["owned_blocks"] for r in ideal["containers"]},
         "writes_added_blocks": int(ideal["writes_added_blocks"]),
     }
-    with pool._lock:
+    with pool.locked():
         pool.commit()
         result["thin_devices"] = pool.status().nr_thins
         result["check_ok"] = bool(pool.check().ok)
