@@ -1,4 +1,4 @@
-"""Issue 2's six engine ratios (and import + first call), measured side by side in one run.
+"""The six engine ratios (and import + first call), measured side by side in one run.
 
     python -m perf.engine [--full] [--json FILE]
 

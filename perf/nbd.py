@@ -1,4 +1,4 @@
-"""I7 (issue 7): fio over NBD -- `thinpool serve` vs `qemu-nbd` + qcow2 (64 KiB clusters) vs `nbdkit file`.
+"""I7: fio over NBD -- `thinpool serve` vs `qemu-nbd` + qcow2 (64 KiB clusters) vs `nbdkit file`.
 
     python -m perf.nbd [--full] [--docs]     (also run by `python -m perf --only I7`)
 
@@ -13,7 +13,7 @@ interleaved, rotated repeats (medians):
 Each target is filled over the tested region first (sequential 1 MiB writes through its own server), so
 reads return real data and writes are overwrites of provisioned blocks/clusters on every side.  The
 ratio is thinpool IOPS / qemu-nbd IOPS; the target is >= 1.0 at both depths.  ``--docs`` rewrites the
-issue-7 section of docs/performance.md (between its markers), nothing else.
+NBD section of docs/performance.md (between its markers), nothing else.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from .common import MiB, Row, Scratch, find_tool, interleave, log, machine, med,
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TITLE = "fio over NBD: thinpool serve vs qemu-nbd+qcow2 vs nbdkit file"
-SECTION_BEGIN = "<!-- issue-7 nbd: begin (written by `python -m perf.nbd --docs`) -->"
-SECTION_END = "<!-- issue-7 nbd: end -->"
+SECTION_BEGIN = "<!-- nbd: begin (written by `python -m perf.nbd --docs`) -->"
+SECTION_END = "<!-- nbd: end -->"
 WORKLOADS = [("randread", 1), ("randread", 16), ("randwrite", 1), ("randwrite", 16)]
 SIDES = ("thinpool", "qemu-nbd", "nbdkit")
 
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m perf.nbd", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="512 MiB region, 5 s runs, 5 repeats (quick: 256 MiB, 2 s, 3)")
-    ap.add_argument("--docs", action="store_true", help="rewrite the issue-7 section of docs/performance.md")
+    ap.add_argument("--docs", action="store_true", help="rewrite the NBD section of docs/performance.md")
     ap.add_argument("--json", help="also write the raw figures to this file")
     ap.add_argument("--from-json", help="do not measure: report the figures a previous --json run saved")
     a = ap.parse_args(argv)
@@ -282,14 +282,14 @@ def main(argv: list[str] | None = None) -> int:
     if a.docs and d:
         vers = d.get("versions") or {t: tool_version(t) for t in ("fio", "qemu-nbd", "nbdkit")}
         versions = "; ".join(f"{t}: {v}" for t, v in vers.items())
-        body = (f"## fio over NBD (issue 7, `python -m perf.nbd{' --full' if a.full else ''}`)\n\n"
+        body = (f"## fio over NBD (`python -m perf.nbd{' --full' if a.full else ''}`)\n\n"
                 f"Measured {d.get('date') or time.strftime('%Y-%m-%d')} on {m['cpu']} ({m['cores']} cores), "
                 f"kernel {m['kernel']}, Python {m['python']}; {versions}.  fio's nbd engine (libnbd) over unix "
                 f"sockets, {d['size'] // MiB} MiB region provisioned first on every side, {d['runtime_s']} s per "
                 f"run, {d['repeats']} interleaved repeats (medians; mean completion latency in brackets).  "
                 f"Ratio = thinpool / qemu-nbd; target >= 1.0.\n\n" + table_md(rows, d) + "\n\n" + ANALYSIS)
         write_section(os.path.join(REPO, "docs", "performance.md"), body)
-        print("docs: docs/performance.md (issue-7 section)")
+        print("docs: docs/performance.md (NBD section)")
     return 0
 
 

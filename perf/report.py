@@ -43,9 +43,9 @@ def write_docs(result: dict, docs: str) -> None:
                          mode=result["mode"], elapsed=result["elapsed_s"], machine=mach)
     secs = result["sections"]
     if "engine" in secs:
-        text += "\n## Engine ratios (issue 2, `python -m perf.engine`)\n\n" + _table(secs["engine"]) + "\n"
+        text += "\n## Engine ratios (`python -m perf.engine`)\n\n" + _table(secs["engine"]) + "\n"
     if secs.get("suite"):
-        text += ("\n## Suite (issue 6 rows S1-S9, issue 4 row I4, issue 7 hook I7)\n\n"
+        text += ("\n## Suite (rows S1-S9, dump row I4, NBD hook I7)\n\n"
                  "S1/S2 first writes/overwrites, S3 CoW after snapshot, S4 snapshot depth, S5 snapshot creation vs "
                  "mapped size, S6 commit/delete cost, S7 JIT vs Python, S8 CLI latency, S9 scale, I4 dump vs "
                  "thin_dump, I7 fio over NBD.  S8 runs the installed `thinpool` script with the package "
@@ -56,7 +56,7 @@ def write_docs(result: dict, docs: str) -> None:
     if full:
         text += (f"\n### Scale rows from the latest `--full` run ({full['date']})\n\n"
                  "Quick mode builds the S9 pool with 200 mappings per volume (2,000,000); `--full` uses 1,000 "
-                 "(10,000,000, the issue's size).\n\n" + _table(full["rows"]) + "\n")
+                 "(10,000,000, the target size).\n\n" + _table(full["rows"]) + "\n")
     plots = _plots(result, docs)
     if plots:
         text += "\n## Plots\n\n" + "\n".join(f"![{t}]({os.path.basename(p)})" for t, p in plots) + "\n"
@@ -67,7 +67,7 @@ def write_docs(result: dict, docs: str) -> None:
 
 
 def _kept_nbd_section(path: str) -> str:
-    """The issue-7 section that `python -m perf.nbd --docs` wrote into the page (kept as it is)."""
+    """The NBD section that `python -m perf.nbd --docs` wrote into the page (kept as it is)."""
     from .nbd import SECTION_BEGIN, SECTION_END
     try:
         with open(path) as f:

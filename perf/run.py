@@ -1,4 +1,4 @@
-"""Issue 6's performance suite (plus issue 2's engine ratios and issue 4's dump rows).
+"""The performance suite (plus the engine ratios and the dump rows).
 
     python -m perf [--full] [--only S1,S5,...] [--no-engine] [--no-docs]
 
@@ -12,8 +12,8 @@ Rows (each prints measured values, the ratio, the target and pass/short):
   S7 JIT vs pure-Python reference allocator, 1M blocks
   S8 CLI latency on a pool with 10,000 volumes vs `python -c pass`
   S9 scale: 1 TiB pool, 10,000 volumes, 10,000,000 mappings: open, RSS, status, ls, dump vs thin_dump
-  I4 dump / export-metadata of 1,000,000 mappings over 100 volumes vs thin_dump (issue 4)
-  I7 fio over NBD (issue 7) -- a hook: perf/nbd.py, when it exists, provides run(scratch, full) -> rows
+  I4 dump / export-metadata of 1,000,000 mappings over 100 volumes vs thin_dump
+  I7 fio over NBD -- a hook: perf/nbd.py, when it exists, provides run(scratch, full) -> rows
 
 Writes perf/results/<date>.json, docs/performance.md and docs/perf-*.png.
 """
@@ -557,13 +557,13 @@ def s9(sc: Scratch, full: bool):
     orw = {k: med([x[k] for x in opens["rw"]]) for k in opens["rw"][0]}
     label = f"1 TiB pool, {nvol:,} volumes, {total:,} mappings"
     rows = [Row("S9a", f"{label}: open (read-only, fresh process)", {"open_s": o["open_s"], "build_s": build},
-                o["open_s"], "<= 1", note="absolute target from issue 6 (ratio column = seconds)").judge(),
+                o["open_s"], "<= 1", note="absolute target (ratio column = seconds)").judge(),
             Row("S9a+", f"{label}: open (read-write, fresh process)", {"open_s": orw["open_s"],
                                                                         "rss_MiB": orw["rss"] / MiB},
-                orw["open_s"], "<= 1", note="absolute target from issue 6 (ratio column = seconds)").judge(),
+                orw["open_s"], "<= 1", note="absolute target (ratio column = seconds)").judge(),
             Row("S9b", f"{label}: RSS after open", {"rss_MiB": o["rss"] / MiB,
                                                      "rss_after_usage_MiB": o["rss_after_usage"] / MiB},
-                o["rss"] / GiB, "<= 1", note="absolute target from issue 6 (ratio column = GiB)").judge(),
+                o["rss"] / GiB, "<= 1", note="absolute target (ratio column = GiB)").judge(),
             Row("S9c", f"{label}: library status() / usage() of all volumes",
                 {"status_ms": o["status_s"] * 1e3, "usage_s": o["usage_s"]}, None, "", "info")]
     if cli_available():
@@ -580,7 +580,7 @@ def s9(sc: Scratch, full: bool):
 
 
 def i7(sc: Scratch, full: bool):
-    """Hook for issue 7 (fio over NBD): perf/nbd.py provides run(scratch, full) -> (rows, detail)."""
+    """Hook for I7 (fio over NBD): perf/nbd.py provides run(scratch, full) -> (rows, detail)."""
     try:
         mod = importlib.import_module("perf.nbd")
     except ImportError:
@@ -598,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="bigger sizes, more repeats (S9 at 10,000,000 mappings)")
     ap.add_argument("--only", help="comma-separated steps: " + ",".join(STEPS) + ",E (engine)")
-    ap.add_argument("--no-engine", action="store_true", help="skip issue 2's engine ratios")
+    ap.add_argument("--no-engine", action="store_true", help="skip the engine ratios")
     ap.add_argument("--no-docs", action="store_true", help="do not rewrite docs/performance.md and plots")
     ap.add_argument("--workdir", help="where sparse files go (default $THINPOOL_PERF_DIR or the temp dir)")
     a = ap.parse_args(argv)
