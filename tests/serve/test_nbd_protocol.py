@@ -29,7 +29,8 @@ from thinpool.errors import AlreadyExists, InvalidArgument, NoSpace, NotFound, R
 from thinpool.nbd import protocol as P
 from thinpool.nbd.backend import MemoryExport, MemoryProvider, split_by_blocks
 from thinpool.nbd.server import NBDServer
-from thinpool.nbd.session import clip_extents, nbd_error_for, preferred_block_size
+from thinpool.nbd.handshake import preferred_block_size
+from thinpool.nbd.requests import clip_extents, nbd_error_for
 
 KiB, MiB = 1024, 1024 * 1024
 BS = 64 * KiB

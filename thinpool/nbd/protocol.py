@@ -17,6 +17,12 @@ from typing import Iterable, Sequence
 
 from thinpool.errors import ProtocolError
 
+
+class Disconnect(Exception):
+    """End this connection now (peer gone, protocol violation, abort or shutdown); a server's session
+    control flow, never sent to a client."""
+
+
 # --------------------------------------------------------------------------- magic numbers
 NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC", a.k.a. INIT_PASSWD
 IHAVEOPT = 0x49484156454F5054  # "IHAVEOPT": newstyle greeting and every option request

@@ -4,6 +4,10 @@ A :class:`Session` runs in its own thread (started by :class:`~thinpool.nbd.serv
 It never raises: protocol violations, vanished peers and backend failures end in a clean
 disconnect or an NBD error reply, and are logged.  Every call into the backend is made
 while holding the provider's ``lock``.
+
+This module holds the connection itself -- its lifecycle, the batched socket I/O with its timeouts,
+and the transmission loop with the fast path for plain READs and WRITEs; the option haggling is
+:mod:`thinpool.nbd.handshake`, the other requests and their replies :mod:`thinpool.nbd.requests`.
 """
 
 from __future__ import annotations
@@ -16,36 +20,15 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
 
-from thinpool.errors import InvalidArgument, NoSpace, NotFound, ReadOnly, ThinpoolError
 from thinpool.nbd import protocol as P
 from thinpool.nbd.backend import Export, ExportProvider
+from thinpool.nbd.handshake import Handshake
 from thinpool.nbd.limits import PayloadBudget
+from thinpool.nbd.protocol import Disconnect
+from thinpool.nbd.requests import MIN_HOLE_CHUNK, RequestHandling
 
 log = logging.getLogger("thinpool.nbd")
-
-#: context id we hand out for ``base:allocation``
-BASE_ALLOCATION_ID = 1
-#: most descriptors sent in one BLOCK_STATUS reply (the spec lets a server send fewer)
-MAX_EXTENTS = 2048
-#: holes shorter than this are sent inline as data in structured READ replies
-MIN_HOLE_CHUNK = 4096
-
-# command -> command flags it may carry (DF only once structured replies are on)
-_ALLOWED_FLAGS = {
-    P.CMD_READ: P.CMD_FLAG_FUA | P.CMD_FLAG_DF,
-    P.CMD_WRITE: P.CMD_FLAG_FUA,
-    P.CMD_FLUSH: P.CMD_FLAG_FUA,
-    P.CMD_TRIM: P.CMD_FLAG_FUA,
-    P.CMD_WRITE_ZEROES: P.CMD_FLAG_FUA | P.CMD_FLAG_NO_HOLE | P.CMD_FLAG_FAST_ZERO,
-    P.CMD_BLOCK_STATUS: P.CMD_FLAG_FUA | P.CMD_FLAG_REQ_ONE,
-}
-_WRITES = (P.CMD_WRITE, P.CMD_TRIM, P.CMD_WRITE_ZEROES)
-
-
-class Disconnect(Exception):
-    """End this connection now (peer gone, protocol violation, abort or shutdown)."""
 
 
 @dataclass
@@ -67,21 +50,6 @@ class SessionContext:
     message_timeout: float | None = 30.0
     #: WRITE payloads received and not yet served, over all sessions (None: no limit)
     budget: PayloadBudget | None = None
-
-
-def nbd_error_for(exc: BaseException) -> int:
-    """Translate a backend exception into an NBD error value."""
-    if isinstance(exc, NoSpace):
-        return P.ENOSPC
-    if isinstance(exc, InvalidArgument):
-        return P.EINVAL
-    if isinstance(exc, ReadOnly):
-        return P.EPERM
-    if isinstance(exc, ThinpoolError):
-        return P.EIO
-    if isinstance(exc, OSError) and exc.errno:
-        return P.errno_to_nbd(exc.errno)
-    return P.EIO
 
 
 _RECV_CHUNK = 256 * 1024
@@ -113,7 +81,7 @@ _HDR = P.REQUEST_HEADER_SIZE
 _MAX_PAYLOAD = P.MAX_PAYLOAD
 
 
-class Session:
+class Session(Handshake, RequestHandling):
     """Serve one connected client until it disconnects or the server stops."""
 
     def __init__(self, sock: socket.socket, ctx: SessionContext, peer: str,
@@ -378,182 +346,6 @@ class Session:
                 out[0] = memoryview(out[0])[sent:]
             sent = sendmsg(out[:_IOV_MAX])
 
-    # ================================================================= handshake
-    def _reply(self, option: int, reply_type: int, payload: bytes = b"") -> None:
-        self._send(P.encode_option_reply(option, reply_type, payload))
-
-    def _error(self, option: int, reply_type: int, message: str) -> None:
-        log.debug("nbd %s: option %d -> error %#x: %s", self.peer, option, reply_type, message)
-        self._reply(option, reply_type, message.encode("utf-8", "replace")[: P.MAX_STRING])
-
-    def _handshake(self) -> bool:
-        """Run option haggling; True when the transmission phase starts."""
-        self._send(P.encode_greeting(self.ctx.handshake_flags))
-        self.client_flags = P.decode_client_flags(self._recv(P.CLIENT_FLAGS_SIZE), self.ctx.handshake_flags)
-        handlers: dict[int, Callable[[int, bytes], bool]] = {
-            P.OPT_ABORT: self._opt_abort,
-            P.OPT_LIST: self._opt_list,
-            P.OPT_INFO: self._opt_info_go,
-            P.OPT_GO: self._opt_info_go,
-            P.OPT_STRUCTURED_REPLY: self._opt_structured_reply,
-            P.OPT_LIST_META_CONTEXT: self._opt_meta_context,
-            P.OPT_SET_META_CONTEXT: self._opt_meta_context,
-        }
-        while True:
-            header = P.decode_option_header(self._recv(P.OPTION_HEADER_SIZE, idle=True))
-            if header.length > P.MAX_OPTION_DATA:
-                raise Disconnect(f"option {header.option} carries {header.length} bytes (denial of service?)")
-            data = self._recv(header.length) if header.length else b""
-            if header.option == P.OPT_EXPORT_NAME:
-                return self._opt_export_name(data)
-            handler = handlers.get(header.option)
-            if handler is None:
-                self._error(header.option, P.REP_ERR_UNSUP, f"option {header.option} is not supported")
-                continue
-            if handler(header.option, data):
-                return True
-
-    def _open(self, name: str) -> Export:
-        with self.ctx.provider.lock:
-            export = self.ctx.provider.open_export(name, self.ctx.read_only)
-        if self.allowed is not None and getattr(export, "name", name) not in self.allowed:
-            self._release(export)
-            raise NotFound(f"export {name!r} is not available on this listener")
-        return export
-
-    def _release(self, export: Export | None) -> None:
-        """Call the export's optional ``close()`` hook (errors are logged, not raised)."""
-        close = getattr(export, "close", None)
-        if not callable(close):
-            return
-        try:
-            with self.ctx.provider.lock:
-                close()
-        except Exception:
-            log.exception("nbd %s: closing export %r failed", self.peer, getattr(export, "name", "?"))
-
-    def _transmission_flags(self, export: Export) -> int:
-        flags = P.FLAG_HAS_FLAGS | P.FLAG_SEND_FLUSH | P.FLAG_SEND_FUA | P.FLAG_CAN_MULTI_CONN
-        if self.ctx.read_only or export.read_only:
-            flags |= P.FLAG_READ_ONLY
-        else:
-            flags |= P.FLAG_SEND_TRIM | P.FLAG_SEND_WRITE_ZEROES | P.FLAG_SEND_FAST_ZERO
-        if self.structured:
-            flags |= P.FLAG_SEND_DF
-        return flags
-
-    def _enter(self, export: Export, name: str) -> None:
-        self.export = export
-        self.in_handshake = False
-        self.export_read_only = self.ctx.read_only or export.read_only
-        if self.contexts_export != name:
-            self.contexts_export = None  # contexts were negotiated for another export
-        log.info("nbd %s: serving export %r (%d bytes%s)", self.peer, export.name, export.size,
-                 ", read-only" if self.export_read_only else "")
-
-    def _opt_export_name(self, data: bytes) -> bool:
-        try:
-            name = P.decode_string(data, "export name")
-            export = self._open(name)
-        except (P.ProtocolError, ThinpoolError) as exc:
-            raise Disconnect(f"NBD_OPT_EXPORT_NAME failed: {exc}") from exc  # this option cannot error
-        no_zeroes = bool(self.client_flags & P.FLAG_C_NO_ZEROES)
-        self._send(P.encode_export_name_reply(export.size, self._transmission_flags(export), no_zeroes))
-        self._enter(export, name)
-        return True
-
-    def _opt_abort(self, option: int, data: bytes) -> bool:
-        try:
-            self._reply(option, P.REP_ACK)
-        except OSError:
-            pass  # the client may close without waiting for the ACK
-        raise Disconnect("client sent NBD_OPT_ABORT")
-
-    def _opt_list(self, option: int, data: bytes) -> bool:
-        if data:
-            self._error(option, P.REP_ERR_INVALID, "NBD_OPT_LIST carries no data")
-            return False
-        with self.ctx.provider.lock:
-            names = self.ctx.provider.list_exports()
-        if self.allowed is not None:
-            names = [n for n in names if n in self.allowed]
-        for name in names:
-            self._reply(option, P.REP_SERVER, P.encode_rep_server(name))
-        self._reply(option, P.REP_ACK)
-        return False
-
-    def _opt_structured_reply(self, option: int, data: bytes) -> bool:
-        if data:
-            self._error(option, P.REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY carries no data")
-            return False
-        self.structured = True
-        self._reply(option, P.REP_ACK)
-        return False
-
-    def _opt_info_go(self, option: int, data: bytes) -> bool:
-        try:
-            name, requests = P.decode_go_request(data)
-        except P.ProtocolError as exc:
-            self._error(option, P.REP_ERR_INVALID, str(exc))
-            return False
-        try:
-            export = self._open(name)
-        except NotFound as exc:
-            self._error(option, P.REP_ERR_UNKNOWN, str(exc))
-            return False
-        except Exception as exc:
-            log.warning("nbd %s: opening export %r failed: %s", self.peer, name, exc)
-            self._error(option, P.REP_ERR_UNKNOWN, f"export {name!r} is not available: {exc}")
-            return False
-        self._reply(option, P.REP_INFO, P.encode_info_export(export.size, self._transmission_flags(export)))
-        if P.INFO_NAME in requests:
-            self._reply(option, P.REP_INFO, P.encode_info_name(export.name))
-        description = getattr(export, "description", "")
-        if P.INFO_DESCRIPTION in requests and description:
-            self._reply(option, P.REP_INFO, P.encode_info_description(description))
-        self._reply(option, P.REP_INFO, P.encode_info_block_size(1, preferred_block_size(export), P.MAX_PAYLOAD))
-        self._reply(option, P.REP_ACK)
-        if option == P.OPT_GO:
-            self._enter(export, name)
-            return True
-        self._release(export)
-        return False
-
-    def _opt_meta_context(self, option: int, data: bytes) -> bool:
-        setting = option == P.OPT_SET_META_CONTEXT
-        if setting:
-            self.contexts_export = None  # replaced even when this request fails
-        if not self.structured:
-            self._error(option, P.REP_ERR_INVALID, "negotiate NBD_OPT_STRUCTURED_REPLY first")
-            return False
-        try:
-            name, queries = P.decode_meta_context_request(data)
-        except P.ProtocolError as exc:
-            self._error(option, P.REP_ERR_INVALID, str(exc))
-            return False
-        try:
-            self._release(self._open(name))
-        except Exception as exc:
-            self._error(option, P.REP_ERR_UNKNOWN, str(exc))
-            return False
-        found = False
-        if not queries and not setting:
-            found = True
-        for query in queries:
-            namespace, sep, leaf = query.partition(":")
-            if not sep:
-                self._error(option, P.REP_ERR_INVALID, f"metadata context query {query!r} has no namespace")
-                return False
-            if namespace == "base" and (leaf == "allocation" or (leaf == "" and not setting)):
-                found = True
-        if found:
-            ctx_id = BASE_ALLOCATION_ID if setting else 0
-            self._reply(option, P.REP_META_CONTEXT, P.encode_rep_meta_context(ctx_id, P.META_CONTEXT_BASE_ALLOCATION))
-            if setting:
-                self.contexts_export = name
-        self._reply(option, P.REP_ACK)
-        return False
-
     # ================================================================= transmission
     def _transmission(self) -> None:
         export = self.export
@@ -637,160 +429,3 @@ class Session:
                 self._reply_error(request, P.ESHUTDOWN, "server is shutting down")
             else:
                 self._serve(request, payload)
-
-    def _check(self, req: P.Request) -> tuple[int, str] | None:
-        """Validate a request before touching the backend; (error, message) if it must fail."""
-        assert self.export is not None
-        allowed = _ALLOWED_FLAGS.get(req.type)
-        if allowed is None:
-            return P.EINVAL, f"unknown command {req.type}"
-        if not self.structured:
-            allowed &= ~P.CMD_FLAG_DF
-        if req.flags & ~allowed:
-            return P.EINVAL, f"{req.name}: unsupported command flags {req.flags & ~allowed:#x}"
-        if req.type in _WRITES and self.export_read_only:
-            return P.EPERM, f"{req.name}: export {self.export.name!r} is read-only"
-        if req.type == P.CMD_FLUSH:
-            return None
-        if req.offset + req.length > self.export.size:
-            err = P.ENOSPC if req.type in (P.CMD_WRITE, P.CMD_WRITE_ZEROES) else P.EINVAL
-            return err, (f"{req.name}: offset {req.offset} + length {req.length} "
-                         f"is beyond the export's {self.export.size} bytes")
-        if req.type == P.CMD_READ and req.length > P.MAX_PAYLOAD:
-            return P.EINVAL, f"READ of {req.length} bytes exceeds the {P.MAX_PAYLOAD}-byte maximum"
-        if req.type == P.CMD_BLOCK_STATUS:
-            if not self.structured or self.contexts_export is None:
-                return P.EINVAL, "BLOCK_STATUS needs a negotiated metadata context"
-            if req.length == 0:
-                return P.EINVAL, "BLOCK_STATUS of length 0"
-        if (req.type == P.CMD_WRITE_ZEROES and req.flags & P.CMD_FLAG_FAST_ZERO
-                and req.flags & P.CMD_FLAG_NO_HOLE):
-            return P.ENOTSUP, "fast zero with NO_HOLE is no faster than a write"
-        return None
-
-    def _serve(self, req: P.Request, payload: bytes) -> None:
-        problem = self._check(req)
-        if problem is not None:
-            self._reply_error(req, *problem)
-            return
-        export = self.export
-        assert export is not None
-        fua = bool(req.flags & P.CMD_FLAG_FUA) and req.type in _WRITES
-        data = b""
-        extents: list[tuple[int, int]] | None = None
-        status: list[tuple[int, int]] = []
-        try:
-            with self.ctx.provider.lock:
-                if req.type == P.CMD_READ:
-                    data = export.pread(req.offset, req.length) if req.length else b""
-                    extents = self._read_extents(export, req)
-                elif req.type == P.CMD_WRITE:
-                    if payload:
-                        export.pwrite(req.offset, payload)
-                elif req.type == P.CMD_FLUSH:
-                    export.flush()
-                elif req.type == P.CMD_TRIM:
-                    if req.length:
-                        export.trim(req.offset, req.length)
-                elif req.type == P.CMD_WRITE_ZEROES:
-                    if req.length:
-                        export.write_zeroes(req.offset, req.length, may_trim=not req.flags & P.CMD_FLAG_NO_HOLE)
-                elif req.type == P.CMD_BLOCK_STATUS:
-                    status = list(export.extents(req.offset, req.length))
-                if fua:
-                    export.flush()
-        except Exception as exc:
-            self._failed(req, exc)
-            return
-        if req.type == P.CMD_READ:
-            self._reply_read(req, data, extents)
-        elif req.type == P.CMD_BLOCK_STATUS:
-            descriptors = clip_extents(status, req.length, bool(req.flags & P.CMD_FLAG_REQ_ONE))
-            self._send(P.encode_block_status(req.handle, BASE_ALLOCATION_ID, descriptors))
-        else:
-            self._send(P.encode_simple_reply(req.handle))
-
-    def _failed(self, req: P.Request, exc: Exception) -> None:
-        """Log a backend failure and send the error reply (called from inside an ``except``)."""
-        err = nbd_error_for(exc)
-        if err == P.EIO:
-            log.exception("nbd %s: %s offset=%d length=%d failed", self.peer, req.name, req.offset, req.length)
-        else:
-            log.warning("nbd %s: %s offset=%d length=%d failed: %s", self.peer, req.name,
-                        req.offset, req.length, exc)
-        self._reply_error(req, err, str(exc) or type(exc).__name__)
-
-    def _read_extents(self, export: Export, req: P.Request) -> list[tuple[int, int]] | None:
-        """Zero/data runs for a structured READ, or None to send one plain data chunk."""
-        if not self.structured or req.flags & P.CMD_FLAG_DF or req.length < MIN_HOLE_CHUNK:
-            return None
-        try:
-            runs = P.coalesce_extents(
-                (n, P.STATE_ZERO if f & P.STATE_ZERO else 0) for n, f in export.extents(req.offset, req.length)
-            )
-        except Exception as exc:  # an allocation query failure must not fail the read
-            log.debug("nbd %s: extents for READ failed, sending plain data: %s", self.peer, exc)
-            return None
-        if sum(n for n, _ in runs) != req.length:
-            return None
-        return runs
-
-    def _reply_read(self, req: P.Request, data: bytes, runs: list[tuple[int, int]] | None) -> None:
-        if not self.structured:
-            self._send(P.encode_simple_reply(req.handle), data)
-            return
-        if not data:
-            self._send(P.encode_done(req.handle))
-            return
-        if runs is None:
-            runs = [(len(data), 0)]
-        # fold holes too short to be worth a chunk into their data neighbours
-        runs = P.coalesce_extents((n, f if n >= MIN_HOLE_CHUNK else 0) for n, f in runs)
-        pos = 0
-        for i, (length, flags) in enumerate(runs):
-            last = i == len(runs) - 1
-            offset = req.offset + pos
-            if flags & P.STATE_ZERO:
-                self._send(P.encode_offset_hole(req.handle, offset, length, done=last))
-            else:
-                chunk = data[pos : pos + length]
-                self._send(P.encode_offset_data_header(req.handle, offset, length, done=last), chunk)
-            pos += length
-
-    def _reply_error(self, req: P.Request, error: int, message: str) -> None:
-        log.debug("nbd %s: %s -> error %d: %s", self.peer, req.name, error, message)
-        if self.structured:
-            self._send(P.encode_error_chunk(req.handle, error, message))
-        else:
-            self._send(P.encode_simple_reply(req.handle, error))
-
-
-def preferred_block_size(export: Export) -> int:
-    """The NBD preferred block size for an export: a power of two in [512, 32 MiB].
-
-    Thin pool block sizes are multiples of 64 KiB but need not be powers of two, so
-    this is the largest power of two that divides the export's block size.
-    """
-    bs = max(int(export.block_size), 1)
-    pref = bs & -bs
-    return min(max(pref, 512), P.MAX_PAYLOAD)
-
-
-def clip_extents(extents: list[tuple[int, int]], length: int, req_one: bool) -> list[tuple[int, int]]:
-    """Sanitise a backend's extents for a BLOCK_STATUS reply.
-
-    Merges equal neighbours, drops empty runs, stops at ``length`` bytes, caps the
-    descriptor count, and falls back to one "allocated, unknown content" extent if
-    the backend gave nothing usable.
-    """
-    out: list[tuple[int, int]] = []
-    total = 0
-    for n, flags in P.coalesce_extents(extents):
-        n = min(n, length - total)
-        if n <= 0:
-            break
-        out.append((n, flags & (P.STATE_HOLE | P.STATE_ZERO)))
-        total += n
-        if req_one or len(out) >= MAX_EXTENTS:
-            break
-    return out or [(length, 0)]
