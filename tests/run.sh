@@ -25,4 +25,9 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 python3 -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v "Running pip as the 'root' user" || true
+# The kernel reference tests once more with the JIT off: the kernel bodies run as Python (coverage,
+# bounds checks).  Short (~20 s); skipped when pytest arguments select something else.
+if [ $# -eq 0 ]; then
+  NUMBA_DISABLE_JIT=1 python3 -m pytest -q -p no:cacheprovider tests/engine/test_kernel_reference.py
+fi
 exec python3 -m pytest -q -p no:cacheprovider "$@"

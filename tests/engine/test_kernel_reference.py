@@ -16,7 +16,6 @@ import itertools
 import os
 
 import numpy as np
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -166,16 +165,21 @@ def test_lookup(f):
             assert (int(v), bool(shared)) == R.lookup(f, k, vb), (k, R.split_vb(vb))
 
 
-segments = st.lists(st.tuples(st.sampled_from(_vbs()), st.integers(0, BS - 1),
-                              st.sampled_from([-1, 0, 1, 100, BS - 1, BS, BS + 1, 3 * BS + 7])),
-                    min_size=1, max_size=6)
+def segments(vbs: list[int]):
+    """Write batches: up to six byte ranges starting in (mostly) the given virtual blocks."""
+    start = st.one_of(st.sampled_from(vbs), st.sampled_from(_vbs())) if vbs else st.sampled_from(_vbs())
+    seg = st.tuples(start, st.integers(0, BS - 1), st.sampled_from([-1, 0, 1, 100, BS - 1, BS, BS + 1, 3 * BS + 7]))
+    # the kernels' contract: a batch stays inside a device (at most 2^29 blocks, checked by the caller)
+    seg = seg.filter(lambda s: s[0] * BS + s[1] + s[2] <= S.MAX_VBLOCKS * BS)
+    return st.lists(seg, min_size=1, max_size=6)
 
 
 @SETTINGS
 @given(f=forests(), data=st.data())
 def test_blocks_needed(f, data):
     snap_times = data.draw(st.lists(st.integers(0, TIMES), min_size=len(f.devices), max_size=len(f.devices)))
-    batch = data.draw(segments)
+    mapped = sorted({vb for k in range(len(f.devices)) for vb in R.mappings(f, k)})
+    batch = data.draw(segments(mapped))
     a = Arrays(f, snap_times)
     offsets = np.array([vb * BS + off for vb, off, _ in batch], np.int64)
     lengths = np.array([n for _, _, n in batch], np.int64)
@@ -275,6 +279,17 @@ def test_allocation_exhaustion_and_wrap():
     _compare(64, 0.5, 1.0, 3, 64, 3)
 
 
-@pytest.mark.skipif(JIT_OFF, reason="150,000 allocations in interpreted kernels take minutes; the JIT run covers it")
 def test_allocation_large_state():
     _compare(200_000, 0.3, 0.1, 12345, 150_000, 4)
+
+
+def test_blocks_needed_time_rule_boundary():
+    """A block mapped at time t on an unshared path needs no new block while the device's last
+    snapshot is at time <= t, and needs one from snapshot time t + 1 on (dm-thin's time rule)."""
+    t = 3
+    f = R.Forest(roots={10: {0: 11}}, mids={11: {0: 5}}, leaves={5: {7: R.pack(40, t)}}, devices=[10])
+    for snap_time, want in [(t - 1, 0), (t, 0), (t + 1, 1)]:
+        a = Arrays(f, [snap_time])
+        batch = (np.array([7 * BS], np.int64), np.array([BS], np.int64))
+        assert K.blocks_needed(a.nodes, a.devs[0], *batch, BS) == want
+        assert R.blocks_needed(f, 0, snap_time, [7 * BS], [BS], BS) == want
