@@ -93,7 +93,6 @@ class Pool(Transactions, DeviceOps):
         self._gen_floor = 0
         self.path = pooldir.resolve(self.path, allow_foreign=allow_foreign)
         self._engine = KernelContext(self)  # what thin.py and the kernels use (see kernel_context)
-        self._lock = self._engine.lock  # the RLock behind locked() (kept for callers not yet moved to it)
         md_path = os.path.join(self.path, self.METADATA)
         self._lock_fd = pooldir.lock(self.path, read_only, wait=wait, allow_foreign=allow_foreign)
         try:
