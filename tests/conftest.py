@@ -13,9 +13,7 @@ from typing import Iterator
 
 import pytest
 
-from tests.support import IN_CI, REPORTS, SOAK, require_root, require_tool, scratch_dir  # noqa: F401
-
-# TODO(RE) drop the re-exported helpers above once every module imports them from tests.support
+from tests.support import REPORTS, SOAK, scratch_dir
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _SLOW_DIRS = (os.path.join(_HERE, "crash") + os.sep,)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from tests.conftest import require_tool
+from tests.support import require_tool
 
 from thinpool import Pool
 from thinpool.cli import main

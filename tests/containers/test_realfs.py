@@ -15,7 +15,7 @@ import tempfile
 import shutil
 
 import pytest
-from tests.conftest import require_root, require_tool
+from tests.support import require_root, require_tool
 
 from thinpool.errors import FailedPrecondition
 

@@ -22,7 +22,6 @@ committed state.  For ``restore``/``import-metadata``: the new pool is complete,
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -37,14 +36,13 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from tests.crash.test_host_faults import IN_CI, _free_bytes, small_ext4  # noqa: F401 (a fixture)
+from tests.crash.test_host_faults import _free_bytes, small_ext4  # noqa: F401 (a fixture)
+from tests.support import IN_CI, REPORTS, SOAK
 from thinpool import Pool
 from thinpool.errors import ThinpoolWarning
 
-SOAK = os.environ.get("THINPOOL_SOAK", "") not in ("", "0")
 STRACE = "/usr/bin/strace"
-REPORT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), ".reliability")
-STATS: Counter = Counter()
+STATS = REPORTS.counter("output_faults")
 KB = 1024
 VSIZE = 1024 * KB
 
@@ -267,6 +265,7 @@ def _check_case(d: str, case: Case, r: subprocess.CompletedProcess, before: dict
         state, clean = _open_state(case.target)
         assert clean, f"{label}: check fails after exit {r.returncode}: {r.stderr}"
         STATS["strace committed bytes lost"] += _lost({"s": old_state["s"]}, state)
+        assert STATS["strace committed bytes lost"] == 0, f"{label}: committed bytes lost"
         if ok:
             assert state == new_state, f"{label}: exit 0 but the pool does not hold the image"
             return "success"
@@ -442,11 +441,3 @@ def test_full_ext4_every_few_kib_of_headroom(small_ext4, tmp_path):
         STATS[f"ext4 {k}"] += v
     for command in EXT4_COMMANDS:
         assert outcomes[f"{command}: success"], f"{command}: never succeeded on ext4"
-
-
-def test_zz_report():
-    """Write the counts gathered above (docs/reliability.md quotes them)."""
-    os.makedirs(REPORT_DIR, exist_ok=True)
-    with open(os.path.join(REPORT_DIR, "output_faults.json"), "w") as f:
-        json.dump(dict(sorted(STATS.items())), f, indent=2)
-    assert all(v == 0 for k, v in STATS.items() if "bytes lost" in k)

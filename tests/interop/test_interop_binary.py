@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tests.conftest import require_tool
+from tests.support import require_tool
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

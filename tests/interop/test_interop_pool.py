@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from tests.conftest import require_tool
+from tests.support import require_tool
 from thinpool import Pool
 from thinpool.interop.binary import write_binary_metadata
 from thinpool.interop.binary_read import read_binary_metadata

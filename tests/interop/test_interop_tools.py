@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import require_tool
+from tests.support import require_tool
 from tests.interop.test_interop_xml import make_device, metadata_irs, restore
 from thinpool.errors import InvalidArgument, NotFound
 from thinpool.interop.ir import Metadata, Superblock

@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import require_tool
+from tests.support import require_tool
 from thinpool.errors import AlreadyExists, InvalidArgument
 from thinpool.interop.ir import Device, Metadata, Superblock
 from thinpool.interop.xml import DuplicateDevice, dump_xml, load_xml, mapping_runs

@@ -377,7 +377,7 @@ def test_import_metadata_rejects_what_thin_check_rejects(tmp_path: Path, exporte
     """Each corruption of exported metadata: whenever thin_check rejects it, import-metadata (and
     read_binary_metadata) rejects it too -- with MetadataCorrupt naming the structure, no traceback,
     no giant allocation, and no pool left behind."""
-    from tests.conftest import require_tool
+    from tests.support import require_tool
 
     from thinpool.errors import MetadataCorrupt
     from thinpool.interop.binary_read import read_binary_metadata

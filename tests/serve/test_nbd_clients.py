@@ -15,7 +15,7 @@ import tempfile
 from typing import Iterator
 
 import pytest
-from tests.conftest import require_tool
+from tests.support import require_tool
 
 from thinpool.nbd.backend import MemoryProvider
 from thinpool.nbd.server import NBDServer

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import pytest
-from tests.conftest import require_root, require_tool
+from tests.support import require_root, require_tool
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
