@@ -67,6 +67,7 @@ def _spawn(argv: list[str], stdin: bytes | None = None) -> subprocess.Popen:
     return proc
 
 
+@pytest.mark.slow
 def test_session_end_to_end(tmp_path: Path) -> None:
     """create -> create-thin -> write (file, stdin) -> snapshot -> import -> then, concurrently (reporting
     commands share the pool's lock): ls, ls --json, status, export to a file and to stdout, errors, help."""

@@ -467,6 +467,7 @@ def _nohome_cli(args: list[str], stdin: bytes | None = None) -> subprocess.Compl
 _NOHOME_TMP: list[str] = [""]
 
 
+@pytest.mark.slow
 def test_no_writable_home_or_package_dir(tmp_path: Path) -> None:
     """A user with no writable HOME running an installed (read-only) package: numba has nowhere to
     cache the kernels and used to raise on import ("no locator available"), so every data command died
