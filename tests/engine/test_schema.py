@@ -44,7 +44,7 @@ def test_kernels_index_records_and_state_by_the_schema(tmp_path):
     """The columns and state slots the kernels were compiled with are the dtype's fields: a kernel
     write through the table updates the record's ``mapped``/``root`` fields and the state's counters,
     and a READ_ONLY flag set through the dtype's ``flags`` field stops the kernel."""
-    kernels = pytest.importorskip("thinpool.kernels")
+    import thinpool.kernels as kernels
     for name in ("DEV_ROOT", "DEV_MAPPED", "DEV_SIZE", "DEV_SNAP_TIME", "DEV_FLAGS"):
         field = name[4:].lower()
         assert getattr(kernels, name) == dev_dtype().names.index(field) == dev_dtype().fields[field][1] // 8
@@ -83,7 +83,7 @@ def test_kernel_table_rows_are_packed_and_decoded_by_name(tmp_path):
     """Each row of the pool's kernel table is the (address, length) of the array its KRow names
     (packing side), and the kernels decode each row as that array (decoding side): a table packed
     or decoded in another order fails here instead of corrupting memory."""
-    kernels = pytest.importorskip("thinpool.kernels")
+    import thinpool.kernels as kernels
     with Pool.create(str(tmp_path / "p"), "4MiB", BS) as pool:
         pool.create_thin("a", "1MiB")
         pool.thin("a").write(0, b"x")
@@ -114,7 +114,7 @@ def test_flags_and_modes():
 
 @pytest.mark.parametrize("block,time", [(0, 0), (1, 1), (123456, (1 << 24) - 1), ((1 << 40) - 1, 5)])
 def test_pack_unpack_mapping_python_and_kernels_agree(block, time):
-    km = pytest.importorskip("thinpool.kernels_map")
+    import thinpool.kernels_map as km
     m = pack_mapping(block, time)
     assert m == (block << 24) | time
     assert unpack_mapping(m) == (block, time)
@@ -128,7 +128,7 @@ def test_pack_unpack_mapping_python_and_kernels_agree(block, time):
 
 
 def test_needs_new_block_is_dm_thins_time_rule():
-    km = pytest.importorskip("thinpool.kernels_map")
+    import thinpool.kernels_map as km
     unmapped = np.uint64(schema.UNMAPPED)
     at5 = np.uint64(pack_mapping(9, 5))
     assert km.needs_new_block(unmapped, False, 0)           # a hole
