@@ -83,7 +83,8 @@ class MetadataCorrupt(ThinpoolError):
 
 class HostIOError(ThinpoolError, OSError):
     """The host filesystem refused a write, flush or hole punch of a pool file (ENOSPC, EIO, a short
-    write that could not be completed).  ``errno`` is the system's error number, ``filename`` the file;
+    write that could not be completed), or a read of the data file failed (``Thin.pread``).
+    ``errno`` is the system's error number, ``filename`` the file;
     ``blocks`` (a hole punch) the data blocks that were not punched."""
 
     def __init__(self, message: str, err: int = errno.EIO, path: str | None = None,

@@ -32,6 +32,8 @@ c_pread = types.ExternalFunction("pread", types.intp(types.int32, types.voidptr,
 
 #: write_one's answer for an I/O it leaves to the caller's general path (out of range, read-only)
 NOT_HANDLED = -100
+#: read_one_pread's answer when the data file ended before a mapped block's bytes (a truncated file)
+END_OF_FILE = -101
 
 _SOURCES_DIGEST = kernels_cache.sources_digest()
 
@@ -208,6 +210,53 @@ def read_span(nodes, root, data, bs, off, remaining, out, dst):
         off += seg
         dst += seg
         remaining -= seg
+
+
+@njit(cache=True, inline="always")
+def pread_all(fd, out, dst, n, off):
+    """Read ``n`` bytes at file offset ``off`` into ``out[dst:]`` with pread(2), continuing after a
+    short count.  Returns OK, IO_ERROR (a count of -1: errno left set for the caller) or
+    :data:`END_OF_FILE` (a count of 0: the file ends before ``off + n``)."""
+    done = 0
+    while done < n:
+        r = c_pread(fd, out[dst + done:].ctypes.data, n - done, off + done)
+        if r < 0:
+            return IO_ERROR
+        if r == 0:
+            return END_OF_FILE
+        done += r
+    return OK
+
+
+@njit(cache=True)
+def read_one_pread(tab, devs, slot, fd, out, offset):
+    """:func:`read_one` that copies mapped data from the data file ``fd`` with pread(2) instead of
+    through the memory map, so a media error or a truncated file is an error code, never SIGBUS.
+    Returns (code, file_offset): OK, or IO_ERROR / :data:`END_OF_FILE` with the data-file byte offset
+    of the segment that failed (``out`` is then partly filled)."""
+    nodes = _table_nodes(tab)
+    st = _table_st(tab)
+    bs = st[ST_BLOCK_SIZE]
+    root = devs[slot, DEV_ROOT]
+    off = offset
+    dst = 0
+    remaining = out.shape[0]
+    while remaining > 0:
+        vb = off // bs
+        inblk = off - vb * bs
+        seg = min(remaining, bs - inblk)
+        v, _ = lookup(nodes, root, vb)
+        if v == UNMAPPED:
+            fill_bytes(out, dst, seg, 0)
+        else:
+            pos = mapping_block(v) * bs + inblk
+            code = pread_all(fd, out, dst, seg, pos)
+            if code != OK:
+                return code, pos
+        off += seg
+        dst += seg
+        remaining -= seg
+    return OK, 0
 
 
 @njit(cache=True)

@@ -417,3 +417,65 @@ def test_pending_release_list_never_outlives_its_commit(tmp_path):
     assert p.thin("b").read(0, 2 * BS) == b"B" * (2 * BS)
     assert p.check().ok
     p.close()
+
+
+# --------------------------------------------------------------------------- the pread read path
+
+def test_pread_path_reads_exactly_what_read_reads(tmp_path):
+    """Thin.pread (pread(2) per mapped segment, the NBD read path) returns the same bytes as Thin.read
+    (the memory map) for random ranges over mapped, unmapped and snapshot-shared blocks."""
+    rng = np.random.default_rng(7)
+    size = 4 * 1024 * 1024
+    with Pool.create(tmp_path / "pool", data_size="32MiB") as p:
+        v = p.create_thin("v", size)
+        for i in range(30):
+            off = int(rng.integers(0, size - 3 * BS))
+            v.write(off, rand(int(rng.integers(1, 3 * BS)), seed=i))
+        s = p.snapshot("v", "s")
+        for i in range(10):  # break sharing for some blocks, keep others shared
+            v.write(int(rng.integers(0, size - BS)), rand(int(rng.integers(1, BS)), seed=100 + i))
+        checked = 0
+        for t in (v, s):
+            for n in (0, 1, 4096, BS, BS + 1, 3 * BS + 17, size):
+                off = int(rng.integers(0, size - n + 1))
+                assert t.pread(off, n) == t.read(off, n), (t.name, off, n)
+            for _ in range(300):
+                off = int(rng.integers(0, size))
+                n = int(rng.integers(0, min(3 * BS, size - off) + 1))
+                got = t.pread(off, n)
+                assert len(got) == n and got == t.read(off, n), (t.name, off, n)
+                checked += 1
+        assert p.status().used_data_blocks > 0 and checked == 600
+        with pytest.raises(InvalidArgument):
+            v.pread(size - 1, 2)
+
+
+def test_pread_path_failures_raise_hostioerror_not_sigbus(tmp_path):
+    """A data file that fails pread (a directory fd: EISDIR) or ends before a mapped block (truncated)
+    gives HostIOError naming the data file; unmapped ranges never touch the file."""
+    import errno as _errno
+
+    from thinpool.errors import HostIOError
+    with Pool.create(tmp_path / "pool", data_size="16MiB") as p:
+        v = p.create_thin("v", "1MiB")
+        v.write(0, b"\x07" * BS)
+        data_path = p.data.path
+        good_fd = p.data.fd
+        bad_fd = os.open(str(tmp_path), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            p.data.fd = bad_fd  # a real pread(2) that fails, no memory map involved
+            with pytest.raises(HostIOError) as ei:
+                v.pread(100, 10)
+            assert ei.value.errno == _errno.EISDIR and ei.value.filename == data_path
+            assert data_path in str(ei.value)
+            assert v.pread(2 * BS, 10) == bytes(10)  # unmapped: zeroes, no pread
+        finally:
+            p.data.fd = good_fd
+            os.close(bad_fd)
+        assert v.pread(100, 10) == b"\x07" * 10
+        os.truncate(data_path, 0)
+        with pytest.raises(HostIOError) as ei:
+            v.pread(100, 10)
+        assert ei.value.errno == _errno.EIO and "truncated" in str(ei.value)
+        os.truncate(data_path, 16 * 1024 * 1024)
+        p.close(commit=False)

@@ -23,6 +23,7 @@ from typing import Any, Iterator
 
 import pytest
 from tests.serve.test_nbd_protocol import RawClient
+from tests.support import IN_CI
 
 from thinpool import Pool
 from thinpool import errors as E
@@ -358,6 +359,85 @@ def test_read_past_a_truncated_data_file_is_eio_not_sigbus(tmp_path: Any) -> Non
             proc.kill()
             proc.wait()
     assert proc.returncode != -signal.SIGBUS, open(err).read()[-2000:]
+
+
+def test_a_data_file_read_error_is_eio_and_the_server_stays_up(tmp_path: Any) -> None:
+    """NBD READs copy mapped data with pread(2), never through the memory map, so a failing read of
+    the data file is that request's EIO (a media error through the map would be SIGBUS, killing the
+    server).  The failure is real: the served pool's data fd is swapped for the same file opened
+    write-only, on which pread fails (EBADF) while fstat still sees the full size (so no size check
+    can answer for it: only the pread fails); unmapped ranges, BLOCK_STATUS and other clients are
+    unaffected."""
+    pool = make_pool(str(tmp_path))
+    with served(pool) as s:
+        c = RawClient.connect(s.nbd.unix_path, "other")
+        assert c.cmd(P.CMD_READ, 0, 4096).data == bytes([0x5A]) * 4096
+        data = s.pool.data
+        good_fd, bad_fd = data.fd, os.open(data.path, os.O_WRONLY)
+        try:
+            with s.pool.locked():
+                data.fd = bad_fd
+            for off in (0, BS - 100, BS + 4096):  # mapped: in a block, across two blocks, the second block
+                r = c.cmd(P.CMD_READ, off, 4096)
+                assert r.error == P.EIO, (off, r)
+            r = c.cmd(P.CMD_READ, 4 * BS, 4096)  # unmapped: zeroes, no data file access
+            assert r.error == 0 and r.data == bytes(4096)
+            h = RawClient.connect(s.nbd.unix_path, "vol")  # a new client still gets answers
+            assert h.cmd(P.CMD_BLOCK_STATUS, 0, BS).error == 0
+            assert h.cmd(P.CMD_READ, 0, 4096).error == P.EIO
+            h.disconnect()
+        finally:
+            with s.pool.locked():
+                data.fd = good_fd
+            os.close(bad_fd)
+        r = c.cmd(P.CMD_READ, BS - 100, 4096)  # the same connection reads again once the file is readable
+        assert r.error == 0 and r.data == bytes([0x5A]) * 4096
+        c.disconnect()
+
+
+def test_strace_injected_eio_on_data_file_reads_is_eio_and_serve_stays_up(tmp_path: Any) -> None:
+    """``thinpool serve`` under strace, every pread64 of the data file failing with EIO (a media error
+    as the kernel reports it): mapped READs get EIO, an unmapped READ reads zeroes, the process stays up
+    (before, READs went through the memory map, not pread)."""
+    if not os.path.exists("/usr/bin/strace"):
+        if IN_CI:
+            pytest.fail("needs /usr/bin/strace -- CI=true, so this is a failure")
+        pytest.skip("needs /usr/bin/strace")
+    pool = make_pool(str(tmp_path))
+    data_path = os.path.join(pool, "data")
+    trace = str(tmp_path / "trace")
+    err = str(tmp_path / "serve.err")
+    proc = subprocess.Popen(["/usr/bin/strace", "-f", "-qq", "-o", trace, "-P", data_path, "-e", "trace=pread64",
+                             "-e", "inject=pread64:error=EIO", *THINPOOL, "serve", pool],
+                            stdout=subprocess.DEVNULL, stderr=open(err, "w"))
+    serve_pid = None
+    try:
+        sock = os.path.join(pool, "nbd.sock")
+        deadline = time.monotonic() + 60
+        while not os.path.exists(sock):
+            assert proc.poll() is None and time.monotonic() < deadline, open(err).read()
+            time.sleep(0.05)
+        serve_pid = int(open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()[0])
+        c = RawClient.connect(sock, "other")
+        for off in (0, BS - 100, BS + 4096):
+            r = c.cmd(P.CMD_READ, off, 4096)
+            assert r.error == P.EIO, (off, r)
+        r = c.cmd(P.CMD_READ, 4 * BS, 4096)
+        assert r.error == 0 and r.data == bytes(4096)
+        c.disconnect()
+        assert proc.poll() is None and os.path.exists(f"/proc/{serve_pid}"), open(err).read()[-2000:]
+        assert "EIO (Input/output error) (INJECTED)" in open(trace).read()  # the server read with pread64
+    finally:
+        if serve_pid is not None:
+            os.kill(serve_pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            if serve_pid is not None:
+                os.kill(serve_pid, signal.SIGKILL)
+            proc.kill()
+            proc.wait()
+    assert proc.returncode not in (-signal.SIGBUS, 128 + signal.SIGBUS), open(err).read()[-2000:]
 
 
 # =========================================================================== sockets and TCP

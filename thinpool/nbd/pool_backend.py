@@ -106,32 +106,18 @@ class PoolExport:
         self._handle = thin = pool.thin(name)
         return thin
 
-    def _check_data_file(self, offset: int, length: int, write: bool) -> None:
-        """Raise FailedPrecondition (the client sees EIO) if serving this request would touch the
-        memory-mapped data file past its end: a data file truncated behind the serving process's back
-        turns such an access into SIGBUS, which would kill the server.
-
-        One ``fstat`` per request; only when the file is short are the request's blocks looked up: a
-        READ fails only if one of its mapped blocks lies past the end (the others read as before), a
-        write fails whenever the file is short (it may allocate or copy any block).  A truncation racing
-        with the access itself between the check and the copy is not covered."""
+    def _check_data_file(self) -> None:
+        """Raise FailedPrecondition (the client sees EIO) for a request that may write when the data
+        file is shorter than the pool (truncated behind the serving process's back): a write would
+        re-extend it, and mapped blocks past the old end would then read zeroes.  One ``fstat``.
+        READs need no such check: they use pread (a block past the end is that read's EIO)."""
         data = self.pool.data
         expected = data.nr_blocks * self.block_size
         size = os.fstat(data.fd).st_size
-        if size >= expected:
-            return
-        what = (f"export {self.name!r}: the data file {data.path} is {size} bytes, shorter than the pool's "
-                f"{expected} (truncated while being served)")
-        if write:
-            raise FailedPrecondition(f"{what}: writes are refused until it is repaired")
-        if not length:
-            return
-        bs = self.block_size
-        first, last = offset // bs, (offset + length - 1) // bs
-        vblocks, dblocks, _ = self._thin().mappings()
-        sel = (vblocks >= first) & (vblocks <= last) & ((dblocks + 1) * bs > size)
-        if sel.any():
-            raise FailedPrecondition(f"{what}: data block {int(dblocks[sel][0])} of this read lies past its end")
+        if size < expected:
+            raise FailedPrecondition(f"export {self.name!r}: the data file {data.path} is {size} bytes, shorter "
+                                     f"than the pool's {expected} (truncated while being served): writes are "
+                                     f"refused until it is repaired")
 
     def _check_writable(self) -> None:
         if self.read_only:
@@ -139,14 +125,15 @@ class PoolExport:
 
     # ------------------------------------------------------------------ Export API
     def pread(self, offset: int, length: int) -> bytes:
-        """``length`` bytes at ``offset`` (unmapped blocks read as zeroes)."""
+        """``length`` bytes at ``offset`` (unmapped blocks read as zeroes).  Mapped data is read with
+        pread(2), never through the data file's memory map (:meth:`thinpool.thin.Thin.pread`): a media
+        error or a truncation racing with the read fails this request with HostIOError (NBD EIO)
+        instead of killing the server with SIGBUS (so no per-READ size check is needed: a mapped block
+        past the end of a truncated file is that pread's end of file)."""
         self._just_read = None
         if offset < 0 or length < 0 or offset + length > self.size:
             check_range(self, offset, length)
-        data = self.pool.data
-        if _fstat(data.fd).st_size < data.nr_blocks * self.block_size:  # inline: the hot path
-            self._check_data_file(offset, length, False)
-        data = self._thin().read(offset, length)
+        data = self._thin().pread(offset, length)
         self._just_read = (offset, length)
         return data
 
@@ -161,13 +148,13 @@ class PoolExport:
         if n:
             dd = self.pool.data
             if _fstat(dd.fd).st_size < dd.nr_blocks * self.block_size:
-                self._check_data_file(offset, n, True)
+                self._check_data_file()
             self._thin().write(offset, data)
 
     def flush(self) -> None:
         """Commit the pool: every completed write becomes durable (dm-thin commits on FLUSH)."""
         self._just_read = None
-        self._check_data_file(0, 0, True)
+        self._check_data_file()
         self.pool.commit()
 
     def trim(self, offset: int, length: int) -> None:
@@ -176,7 +163,7 @@ class PoolExport:
         self._check_writable()
         check_range(self, offset, length)
         if length:
-            self._check_data_file(offset, length, True)
+            self._check_data_file()
             self._thin().discard(offset, length)
 
     def write_zeroes(self, offset: int, length: int, may_trim: bool) -> None:
@@ -186,7 +173,7 @@ class PoolExport:
         check_range(self, offset, length)
         if not length:
             return
-        self._check_data_file(offset, length, True)
+        self._check_data_file()
         thin = self._thin()
         if not may_trim:
             self._write_zeroes(thin, offset, length)

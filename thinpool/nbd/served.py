@@ -158,8 +158,11 @@ def warm_up(pool: Any) -> None:
     thins = pool.thins()
     if thins:
         t = thins[0]
-        if os.fstat(pool.data.fd).st_size >= pool.data.nr_blocks * pool.block_size:  # never SIGBUS
-            t.read(0, min(4096, t.size))
+        from thinpool.errors import ThinpoolError
+        try:
+            t.pread(0, min(4096, t.size))  # the NBD read path (pread, never the map: no SIGBUS)
+        except ThinpoolError:
+            pass  # an unreadable data file: the client's READ will get EIO too
         t.mapped_ranges(0, min(t.size, pool.block_size))
 
 
