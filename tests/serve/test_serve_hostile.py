@@ -425,19 +425,21 @@ def test_strace_injected_eio_on_data_file_reads_is_eio_and_serve_stays_up(tmp_pa
         r = c.cmd(P.CMD_READ, 4 * BS, 4096)
         assert r.error == 0 and r.data == bytes(4096)
         c.disconnect()
+        h = RawClient.connect(sock, "vol")  # the same process still answers a new client
+        assert h.cmd(P.CMD_BLOCK_STATUS, 0, BS).error == 0
+        h.disconnect()
         assert proc.poll() is None and os.path.exists(f"/proc/{serve_pid}"), open(err).read()[-2000:]
         assert "EIO (Input/output error) (INJECTED)" in open(trace).read()  # the server read with pread64
     finally:
+        # SIGKILL: how it stops is not under test here (under strace a SIGTERM taken by a non-main
+        # thread can leave the main thread in poll() until the next connection)
         if serve_pid is not None:
-            os.kill(serve_pid, signal.SIGTERM)
+            os.kill(serve_pid, signal.SIGKILL)
         try:
-            proc.wait(15)
+            proc.wait(30)
         except subprocess.TimeoutExpired:
-            if serve_pid is not None:
-                os.kill(serve_pid, signal.SIGKILL)
             proc.kill()
             proc.wait()
-    assert proc.returncode not in (-signal.SIGBUS, 128 + signal.SIGBUS), open(err).read()[-2000:]
 
 
 # =========================================================================== sockets and TCP
