@@ -24,7 +24,6 @@ import os
 import select
 import shutil
 import socket
-import stat
 import tempfile
 import threading
 import time
@@ -36,7 +35,7 @@ from thinpool.nbd.backend import ExportProvider
 from thinpool.nbd import protocol as P
 from thinpool.nbd.limits import PayloadBudget
 from thinpool.nbd.session import Session, SessionContext
-from thinpool.unixsock import bind_private
+from thinpool.unixsock import bind_private, claim_unix_path
 
 log = logging.getLogger("thinpool.nbd")
 
@@ -128,18 +127,7 @@ class NBDServer:
 
     # ================================================================= listening
     def _listen_unix(self, path: str) -> None:
-        if os.path.lexists(path):
-            if not stat.S_ISSOCK(os.lstat(path).st_mode):
-                raise InvalidArgument(f"nbd: {path} exists and is not a socket")
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(path)
-            except OSError:
-                os.unlink(path)  # stale socket left by a dead server
-            else:
-                raise AlreadyExists(f"nbd: another server is listening on {path}")
-            finally:
-                probe.close()
+        claim_unix_path(path, "nbd: socket")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             bind_private(sock, path)  # mode 0600 from the start: the socket grants full access to the volumes
