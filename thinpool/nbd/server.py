@@ -23,6 +23,7 @@ import logging
 import os
 import select
 import shutil
+import signal
 import socket
 import tempfile
 import threading
@@ -102,6 +103,9 @@ class NBDServer:
         self.unix_path: str | None = None
         self.tcp_address: tuple[str, int] | None = None
         self._wake_r, self._wake_w = os.pipe()
+        # Signals wake the serving loop through their own pipe (signal.set_wakeup_fd): a SIGTERM the
+        # kernel delivers to a session thread must not wait for the main thread's poll to return.
+        self._sig_r, self._sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             if unix_path is None and tcp is None:
                 self._tempdir = tempfile.mkdtemp(prefix="thinpool-nbd-")
@@ -187,6 +191,10 @@ class NBDServer:
         for fd in by_fd:
             poller.register(fd, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
+        poller.register(self._sig_r, select.POLLIN)
+        old_wakeup = None
+        if threading.current_thread() is threading.main_thread():
+            old_wakeup = signal.set_wakeup_fd(self._sig_w, warn_on_full_buffer=False)
         where = ", ".join(filter(None, [self.unix_path, self.tcp_address and "%s:%d" % self.tcp_address]))
         log.info("nbd: serving on %s%s", where, " (read-only)" if self.read_only else "")
         try:
@@ -194,6 +202,12 @@ class NBDServer:
                 for fd, _ in poller.poll():
                     if self._stopping.is_set():
                         break
+                    if fd == self._sig_r:  # a signal arrived: its Python handler runs as the poll returns
+                        try:
+                            os.read(self._sig_r, 4096)
+                        except OSError:
+                            pass
+                        continue
                     listener = by_fd.get(fd)
                     if listener is not None:
                         self._accept(listener)
@@ -201,6 +215,8 @@ class NBDServer:
             self.shutdown()
             raise
         finally:
+            if old_wakeup is not None:
+                signal.set_wakeup_fd(old_wakeup)
             self._serving.clear()
             if self._shutdown_started:
                 self._close_listeners()
@@ -354,7 +370,7 @@ class NBDServer:
             if self._closed_io or self._sessions:
                 return  # a session stuck past abort() may still poll the wake pipe
             self._closed_io = True
-        for fd in (self._wake_r, self._wake_w):
+        for fd in (self._wake_r, self._wake_w, self._sig_r, self._sig_w):
             try:
                 os.close(fd)
             except OSError:
