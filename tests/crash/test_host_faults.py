@@ -37,7 +37,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from tests.support import IN_CI, REPORTS, SOAK
+from tests.support import require_tool, IN_CI, REPORTS, SOAK
 from thinpool import Pool
 from thinpool.datadev import DataDevice
 from thinpool.errors import HostIOError, InvalidArgument, NoSpace, ReadOnly, ThinpoolError, ThinpoolWarning
@@ -288,10 +288,7 @@ def test_strace_injected_short_writes_and_enospc(tmp_path):
     """strace replaces the N-th pwrite64 of `thinpool write` (data from the kernels, metadata, superblock)
     by a short count it never stored (retval=512) or by ENOSPC: exit 0 with the new bytes, or an
     error with the previous commit intact."""
-    if not os.path.exists("/usr/bin/strace"):
-        if IN_CI:
-            pytest.fail("needs /usr/bin/strace -- CI=true, so this is a failure")
-        pytest.skip("needs /usr/bin/strace")
+    require_tool("strace")  # skip here, fail under CI=true
     blob = tmp_path / "blob"
     new = _pattern(11, 192 * 1024)
     blob.write_bytes(new)
@@ -822,10 +819,7 @@ def test_nbd_flush_is_never_acknowledged_when_the_commit_fails(tmp_path):
     Linux does after a lost writeback: the error is reported once): the NBD FLUSH gets an error reply,
     and so does every later FLUSH and FUA write -- a retried flush proves nothing; after the server
     dies the pool reopens to its last commit."""
-    if not os.path.exists("/usr/bin/strace"):
-        if IN_CI:
-            pytest.fail("needs /usr/bin/strace -- CI=true, so this is a failure")
-        pytest.skip("needs /usr/bin/strace")
+    require_tool("strace")  # skip here, fail under CI=true
     import time
     from tests.serve.test_nbd_pool import Raw, _live
     from thinpool.nbd import protocol as P

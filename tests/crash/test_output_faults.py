@@ -37,7 +37,7 @@ import numpy as np
 import pytest
 
 from tests.crash.test_host_faults import _free_bytes, small_ext4  # noqa: F401 (a fixture)
-from tests.support import IN_CI, REPORTS, SOAK
+from tests.support import require_tool, IN_CI, REPORTS, SOAK
 from thinpool import Pool
 from thinpool.errors import ThinpoolWarning
 
@@ -329,10 +329,7 @@ def _strace_cases(tmp: str, command: str) -> tuple[list[tuple[str, int, str]], l
 def test_strace_fault_at_every_output_call(tmp_path, command):
     """Every write/flush/rename/size change of the command gets a fault; each case is a complete success
     or a clean failure (see the module docstring)."""
-    if not os.path.exists(STRACE):
-        if IN_CI:
-            pytest.fail("needs /usr/bin/strace -- CI=true, so this is a failure")
-        pytest.skip("needs /usr/bin/strace")
+    require_tool("strace")  # skip here, fail under CI=true
     cases, calls = _strace_cases(str(tmp_path), command)
     STATS[f"{command}: output calls"] = len(calls)
     prepared = []

@@ -23,7 +23,7 @@ from typing import Any, Iterator
 
 import pytest
 from tests.serve.test_nbd_protocol import RawClient
-from tests.support import IN_CI
+from tests.support import require_tool, IN_CI
 
 from thinpool import Pool
 from thinpool import errors as E
@@ -399,10 +399,7 @@ def test_strace_injected_eio_on_data_file_reads_is_eio_and_serve_stays_up(tmp_pa
     """``thinpool serve`` under strace, every pread64 of the data file failing with EIO (a media error
     as the kernel reports it): mapped READs get EIO, an unmapped READ reads zeroes, the process stays up
     (before, READs went through the memory map, not pread)."""
-    if not os.path.exists("/usr/bin/strace"):
-        if IN_CI:
-            pytest.fail("needs /usr/bin/strace -- CI=true, so this is a failure")
-        pytest.skip("needs /usr/bin/strace")
+    require_tool("strace")  # skip here, fail under CI=true
     pool = make_pool(str(tmp_path))
     data_path = os.path.join(pool, "data")
     trace = str(tmp_path / "trace")
