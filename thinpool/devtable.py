@@ -158,8 +158,8 @@ class DeviceTable:
         self._devs_dirty: set[int] = set()
         self._rc_pages: dict[int, bytearray] = {}
         self._dirty = False
-        self.mode: Mode = rules.derive_mode(bool(hdr.get("needs_check")),
-                                            hdr["nr_data_blocks"] - hdr["used_data_blocks"] - hdr["pending_blocks"])
+        # the pool's own mode (a table opened only to look reports the mode a writable open finds)
+        self.mode: Mode = rules.derive_mode(bool(hdr.get("needs_check")))
 
     # ------------------------------------------------------------------ reading
     @property

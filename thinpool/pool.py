@@ -225,7 +225,7 @@ class Pool(Transactions, DeviceOps):
         self._unpunched = np.zeros(0, np.int64)  # released blocks whose hole punch failed (still pending)
         self._lwm_fired = False
         self._set_md_check()
-        self._set_mode(rules.derive_mode(bool(self._header.get("needs_check")), int(self._st[K.ST_NR_ALLOCATABLE])))
+        self._set_mode(rules.derive_mode(bool(self._header.get("needs_check")), self.read_only))
 
     def _install(self, arrays: dict[str, np.ndarray], header: dict[str, Any]) -> None:
         self.recovered_from = header.get("recovered_from")

@@ -127,7 +127,10 @@ class Transactions:
         self._unpunched = _poolspace().punch_released(self, released)  # "needs zeroing": not handed out
         self._space.release(np.setdiff1d(released, self._unpunched) if len(self._unpunched) else released)
         self._space.set_pending(np.union1d(freed, self._unpunched) if len(self._unpunched) else freed)
-        if self.mode == Mode.OUT_OF_DATA_SPACE and self._st[K.ST_NR_ALLOCATABLE] > 0:
+        if self.mode == Mode.OUT_OF_DATA_SPACE and self._st[K.ST_NR_FREE] > 0:
+            # dm-thin's check_for_data_space after every commit: free blocks -> write mode at once.
+            # Blocks this commit freed are free (the kernel's count) though released only by the
+            # next commit, which the allocating write makes itself (see thin.Thin._submit)
             self._set_mode(Mode.WRITE)
         self._set_md_check()
 
@@ -189,7 +192,11 @@ class Transactions:
 
     def _after_alloc(self) -> None:
         item = self._st.item  # Python ints: this runs after every allocating write
-        if not self._lwm_fired and item(K.ST_NR_FREE) <= self._header["low_water_mark"]:
+        # dm-thin's check_low_water_mark runs in alloc_data_block *before* each allocation, on the
+        # free count then (blocks allocatable in this transaction, ours plus those pending release):
+        # the write's last allocation saw one more free block than there is now
+        if not self._lwm_fired and \
+                item(K.ST_NR_ALLOCATABLE) + len(self._space.pending) + 1 <= self._header["low_water_mark"]:
             self._lwm_fired = True
             if self.on_low_water is not None:
                 self.on_low_water(self)

@@ -74,13 +74,14 @@ def pick_dev_id(pool_path: str, dev_id: Any, by_dev_id: Mapping[int, str], next_
     raise NoSpace(f"pool {pool_path}: all 2^24 device ids are in use")
 
 
-def derive_mode(needs_check: bool, nr_allocatable: int) -> Mode:
-    """The mode a pool opens in: read-only if its metadata needs checking, out-of-data-space if no
-    data block can be allocated, else write."""
-    if needs_check:
+def derive_mode(needs_check: bool, read_only: bool = False) -> Mode:
+    """The mode a pool opens in: read-only if its metadata needs checking or it is opened read-only
+    (dm-thin's ``read_only`` feature), else write.  Out-of-data-space is never derived at load: as
+    in the kernel it is entered by the first allocation that finds no free block (a pool that is
+    exactly full opens in write mode and serves writes to provisioned blocks), and
+    out-of-metadata-space by a commit that leaves no metadata room beyond the reserve."""
+    if needs_check or read_only:
         return Mode.READ_ONLY
-    if nr_allocatable <= 0:
-        return Mode.OUT_OF_DATA_SPACE
     return Mode.WRITE
 
 

@@ -483,11 +483,8 @@ class PoolMachine(RuleBasedStateMachine):
         STATS[how] += 1
 
     def _check_open_mode(self) -> None:
-        # free blocks may still be reserved (freed by the last commit, allocatable after the next one),
-        # so a pool with free blocks can legitimately open in out-of-data-space mode
-        assert self.pool.mode in ("write", "out-of-data-space")
-        if self._free_blocks() == 0:
-            assert self.pool.mode == "out-of-data-space"
+        # dm-thin: out-of-data-space is entered by a failed allocation, never at open (even when full)
+        assert self.pool.mode == "write"
 
     def resize(self, extra: int) -> None:
         self.pool.resize((self.nr_blocks + extra) * BS)

@@ -156,9 +156,9 @@ def test_devtable_exit_commits_only_on_success(tmp_path):
 
 
 def test_shared_rules():
-    assert derive_mode(True, 5) is Mode.READ_ONLY
-    assert derive_mode(False, 0) is Mode.OUT_OF_DATA_SPACE
-    assert derive_mode(False, 1) is Mode.WRITE
+    assert derive_mode(True) is Mode.READ_ONLY
+    assert derive_mode(False, read_only=True) is Mode.READ_ONLY
+    assert derive_mode(False) is Mode.WRITE  # out-of-data-space is entered by an allocation, never derived
     assert free_slot([1, 3, 0, 1]) == 2 and free_slot([1, 3]) is None and free_slot([2]) == 0
     origin = dict(dev_id=1, root=9, mapped=4, transaction=0, creation_time=0, snap_time=0, size=512, flags=1)
     o, s = snapshot_records(origin, 2, 3, 7, True)
