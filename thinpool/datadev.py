@@ -233,3 +233,43 @@ class DataDevice:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+class NullDataDevice:
+    """The data device of a metadata-only pool: no file and no bytes.
+
+    The pool keeps the same block map and data space map and runs the same kernels; they see
+    ``fd == -1`` and an empty ``array`` and skip every data transfer (writes store nothing, mapped
+    blocks read as zeroes).  Nothing here is proportional to the pool's size, so a pool far larger
+    than the host's disks can be simulated (docs/simulate.md, "Metadata-only mode").
+    """
+
+    fd = -1
+    path = ""
+    read_only = False
+
+    def __init__(self, block_size: int, nr_blocks: int, *, read_only: bool = False) -> None:
+        self.block_size = block_size
+        self.nr_blocks = nr_blocks
+        self.read_only = read_only
+        self.array = np.zeros(0, np.uint8)
+        self.scratch = np.empty(block_size, np.uint8)  # the kernel table's scratch row (never touched with fd -1)
+
+    def resize(self, nr_blocks: int) -> None:
+        self.nr_blocks = nr_blocks
+
+    def sync(self) -> None:
+        """Nothing to flush."""
+
+    def punch(self, blocks: np.ndarray) -> int:
+        """Nothing to punch: no block ever holds bytes."""
+        return 0
+
+    def allocated_blocks(self) -> np.ndarray:
+        return np.zeros(0, np.int64)
+
+    def scrub(self, data_rc: np.ndarray, keep: np.ndarray | None = None) -> int:
+        return 0
+
+    def close(self) -> None:
+        self.array = np.zeros(0, np.uint8)

@@ -23,7 +23,8 @@ from .schema import (DEV_FLAGS, DEV_MAPPED, DEV_ROOT, DEV_SIZE, DEV_SNAP_TIME, F
                      KROW_INNER_FREE, KROW_INNER_RC, KROW_INNER_RC_DIRTY, KROW_INNERS, KROW_LEAF_DIRTY,
                      KROW_LEAF_FREE, KROW_LEAF_RC, KROW_LEAF_RC_DIRTY, KROW_LEAVES, KROW_RC_DIRTY, KROW_SCRATCH,
                      KROW_ST, LEAF_BITS, LEAF_ENTRIES, NEED_NODES, NO_SPACE, NONE, OK, ST_BLOCK_SIZE, ST_INNER_FREE,
-                     ST_LEAF_FREE, ST_NR_ALLOCATABLE, ST_SIZE, ST_TIME)
+                     ST_COW_BREAKS, ST_COW_PARTIAL, ST_LEAF_FREE, ST_NR_ALLOCATABLE, ST_PROVISIONED,
+                     ST_PROVISIONED_PARTIAL, ST_SIZE, ST_TIME)
 
 # libc's pwrite/pread, resolved by symbol name at link time (so cache=True still works): data writes
 # go to the data file with one system call per block segment instead of faulting mmap pages in.
@@ -152,7 +153,10 @@ def write_batch(nodes, space, st, dev, fd, tmp, offsets, lengths, buf, buf_start
 def write_span(nodes, space, st, dev, fd, tmp, off, remaining, buf, src, bs):
     """Write ``remaining`` bytes of ``buf[src:]`` at virtual byte ``off``, block by block (see
     :func:`write_batch`; node room must have been checked).  Returns OK or IO_ERROR (blocks before the
-    failed one are complete, the failed block is not mapped)."""
+    failed one are complete, the failed block is not mapped).  ``fd`` -1 (a metadata-only pool):
+    the mappings change exactly as with a data file, but no byte is read or written (``buf`` unused).
+    Counts first writes and copy-on-write breaks in ``st`` (``ST_PROVISIONED``, ``ST_COW_BREAKS`` and
+    their partial-block parts)."""
     leaves, leaf_dirty = nodes[0], nodes[4]
     snap_time = dev[DEV_SNAP_TIME]
     now = st[ST_TIME]
@@ -163,7 +167,7 @@ def write_span(nodes, space, st, dev, fd, tmp, off, remaining, buf, src, bs):
         v, path_shared = lookup(nodes, dev[DEV_ROOT], vb)
         if not needs_new_block(v, path_shared, snap_time):
             d = mapping_block(v)
-            if not pwrite_all(fd, buf, src, seg, d * bs + inblk):
+            if fd >= 0 and not pwrite_all(fd, buf, src, seg, d * bs + inblk):
                 return IO_ERROR
         else:
             leaf = writable_leaf(nodes, space, st, dev, vb)
@@ -171,7 +175,9 @@ def write_span(nodes, space, st, dev, fd, tmp, off, remaining, buf, src, bs):
             v = leaves[leaf, li]  # re-read: shadowing may have moved the path
             d = alloc_data_block(space, st)
             ok = True
-            if v != UNMAPPED and seg != bs:
+            if fd < 0:
+                pass
+            elif v != UNMAPPED and seg != bs:
                 # break sharing: old block + this write merged in memory, one block-sized write
                 old = mapping_block(v)
                 ok = c_pread(fd, tmp.ctypes.data, bs, old * bs) == bs
@@ -185,8 +191,14 @@ def write_span(nodes, space, st, dev, fd, tmp, off, remaining, buf, src, bs):
                 return IO_ERROR
             if v != UNMAPPED:
                 dec_data(space, st, mapping_block(v))
+                st[ST_COW_BREAKS] += 1
+                if seg != bs:
+                    st[ST_COW_PARTIAL] += 1
             else:
                 dev[DEV_MAPPED] += 1
+                st[ST_PROVISIONED] += 1
+                if seg != bs:
+                    st[ST_PROVISIONED_PARTIAL] += 1
             leaves[leaf, li] = pack_mapping(d, now)
             leaf_dirty[leaf] = 1
         off += seg
@@ -197,13 +209,15 @@ def write_span(nodes, space, st, dev, fd, tmp, off, remaining, buf, src, bs):
 
 @njit(cache=True, inline="always")
 def read_span(nodes, root, data, bs, off, remaining, out, dst):
-    """Copy ``remaining`` bytes at virtual byte ``off`` into ``out[dst:]`` (holes read as zeroes)."""
+    """Copy ``remaining`` bytes at virtual byte ``off`` into ``out[dst:]`` (holes read as zeroes;
+    an empty ``data`` -- a metadata-only pool -- reads zeroes everywhere)."""
+    nodata = data.shape[0] == 0
     while remaining > 0:
         vb = off // bs
         inblk = off - vb * bs
         seg = min(remaining, bs - inblk)
         v, _ = lookup(nodes, root, vb)
-        if v == UNMAPPED:
+        if v == UNMAPPED or nodata:
             fill_bytes(out, dst, seg, 0)
         else:
             copy_bytes(out, dst, data, mapping_block(v) * bs + inblk, seg)
@@ -246,7 +260,7 @@ def read_one_pread(tab, devs, slot, fd, out, offset):
         inblk = off - vb * bs
         seg = min(remaining, bs - inblk)
         v, _ = lookup(nodes, root, vb)
-        if v == UNMAPPED:
+        if v == UNMAPPED or fd < 0:  # fd -1: a metadata-only pool reads zeroes
             fill_bytes(out, dst, seg, 0)
         else:
             pos = mapping_block(v) * bs + inblk

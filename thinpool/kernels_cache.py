@@ -25,7 +25,7 @@ import os
 from typing import Any, Callable
 
 #: the files whose contents every cached kernel may have been compiled from
-SOURCES = ("schema.py", "kernels_cache.py", "kernels_map.py", "kernels.py", "walks.py")
+SOURCES = ("schema.py", "kernels_cache.py", "kernels_map.py", "kernels.py", "walks.py", "kernels_replay.py")
 
 _digest: int | None = None
 #: the kernel modules whose cached code :func:`check` dropped in this process (for tests and debugging)

@@ -25,7 +25,7 @@ import numpy as np
 from . import schema as K
 from . import ownership, pooldir, rules, safe_output
 from .blockmap import BlockMap
-from .datadev import DataDevice
+from .datadev import DataDevice, NullDataDevice
 from .devtable import pad_pages
 from .errors import AlreadyExists, InvalidArgument, MetadataCorrupt
 from .kernel_context import KernelContext, volume_key
@@ -100,9 +100,12 @@ class Pool(Transactions, DeviceOps):
             self._load()
             hdr = self._store.header
             data_path = hdr.get("data_file") or os.path.join(self.path, self.DATA)
-            self._data = DataDevice(data_path, self.block_size, self._space.nr_blocks, read_only=read_only,
-                                   owner=self.uuid, pool_path=self.path, data_rc=self._space.data_rc,
-                                   allow_foreign=allow_foreign)
+            if hdr.get("metadata_only"):
+                self._data = NullDataDevice(self.block_size, self._space.nr_blocks, read_only=read_only)
+            else:
+                self._data = DataDevice(data_path, self.block_size, self._space.nr_blocks, read_only=read_only,
+                                        owner=self.uuid, pool_path=self.path, data_rc=self._space.data_rc,
+                                        allow_foreign=allow_foreign)
             self._engine.data = self._data
             self.scrubbed_blocks = 0 if read_only or not _scrub else \
                 _poolspace().scrub_on_open(self)
@@ -123,7 +126,7 @@ class Pool(Transactions, DeviceOps):
                data_file: str | os.PathLike | None = None, max_thins: int = DEFAULT_MAX_THINS,
                on_low_water: Callable[["Pool"], None] | None = None, force: bool = False,
                take_over_data: bool = False, mode: int | str | None = None,
-               allow_foreign: bool | None = None) -> "Pool":
+               allow_foreign: bool | None = None, metadata_only: bool = False) -> "Pool":
         """Create a pool: a sparse data file of ``data_size`` bytes cut into ``block_size`` blocks.
 
         ``low_water_mark`` is in data blocks (the callback fires once when free blocks fall to it);
@@ -133,6 +136,9 @@ class Pool(Transactions, DeviceOps):
         refuses to open).  Nothing is created if any argument is invalid, and a failed creation
         removes what it made.  ``mode``: the directory's mode (default 0700, files 0600; 0750 gives
         files 0640, see :func:`thinpool.pooldir.make_dir`); ``allow_foreign``: see :meth:`open`.
+        ``metadata_only``: no data file at all (recorded in the header, so every open keeps it): the
+        same block map, space map and kernels, but writes store no bytes and every block reads as
+        zeroes -- for simulating pools larger than the host's disks (docs/simulate.md).
         """
         path = os.path.abspath(os.fspath(path))
         bs = check_block_size(block_size)
@@ -152,6 +158,8 @@ class Pool(Transactions, DeviceOps):
             raise InvalidArgument(f"metadata size {md_blocks * BLOCK} bytes exceeds dm-thin's 15.87GiB limit")
         if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
             raise AlreadyExists(f"cannot create pool {path}: path exists and is not an empty directory")
+        if metadata_only and data_file:
+            raise InvalidArgument("a metadata-only pool has no data file: data_file cannot be given")
         pooldir.check_mode(mode)
         data_path = os.path.abspath(os.fspath(data_file)) if data_file else os.path.join(path, cls.DATA)
         if data_file:
@@ -160,7 +168,7 @@ class Pool(Transactions, DeviceOps):
         try:
             pool = cls._create_files(path, data_path, bs, nr_blocks, md_blocks, made, low_water_mark,
                                      error_if_no_space, zero_new_blocks, bool(data_file), on_low_water,
-                                     mode=mode, allow_foreign=allow_foreign)
+                                     mode=mode, allow_foreign=allow_foreign, metadata_only=bool(metadata_only))
         except BaseException:
             made.undo()
             raise
@@ -171,10 +179,12 @@ class Pool(Transactions, DeviceOps):
     def _create_files(cls, path: str, data_path: str, bs: int, nr_blocks: int, md_blocks: int,
                       made: "ownership.NewPoolFiles", low_water_mark: int, error_if_no_space: bool,
                       zero_new_blocks: bool, explicit_data: bool, on_low_water, *,
-                      mode: int | str | None = None, allow_foreign: bool | None = None) -> "Pool":
+                      mode: int | str | None = None, allow_foreign: bool | None = None,
+                      metadata_only: bool = False) -> "Pool":
         fmode = pooldir.make_dir(path, mode, allow_foreign=allow_foreign)
-        DataDevice.create(data_path, nr_blocks * bs, fmode, allow_foreign=allow_foreign)
-        if not explicit_data:
+        if not metadata_only:
+            DataDevice.create(data_path, nr_blocks * bs, fmode, allow_foreign=allow_foreign)
+        if not explicit_data and not metadata_only:
             pooldir.set_file_mode(data_path, fmode)  # exactly, whatever the umask
         store = MetadataStore.format(os.path.join(path, cls.METADATA), md_blocks, fmode)
         header = dict(block_size=bs, nr_data_blocks=nr_blocks, time=0, transaction_id=0,
@@ -182,6 +192,8 @@ class Pool(Transactions, DeviceOps):
                       zero_new_blocks=bool(zero_new_blocks), needs_check=False, cursor=0,
                       uuid=str(_uuid.uuid4()), created=_time.time(), used_data_blocks=0, pending_blocks=0,
                       data_file=data_path if explicit_data else None)
+        if metadata_only:
+            header["metadata_only"] = True
         catalog = {"volumes": {}, "next_dev_id": 1, "records": {}}
         cat = pad_pages(json.dumps(catalog).encode())
         arrays = {
@@ -198,7 +210,8 @@ class Pool(Transactions, DeviceOps):
             store.commit(arrays, header)
         finally:
             store.close()
-        made.claim(header["uuid"])
+        if not metadata_only:
+            made.claim(header["uuid"])
         return cls(path, on_low_water=on_low_water, _scrub=False, allow_foreign=allow_foreign)
 
     @classmethod
@@ -343,6 +356,11 @@ class Pool(Transactions, DeviceOps):
         return int(self._st[K.ST_BLOCK_SIZE])
 
     @property
+    def metadata_only(self) -> bool:
+        """Whether the pool has no data file (writes store nothing, blocks read as zeroes)."""
+        return bool(self._header.get("metadata_only"))
+
+    @property
     def data_path(self) -> str:
         """The data device's file."""
         return self._data.path
@@ -405,6 +423,21 @@ class Pool(Transactions, DeviceOps):
             out.append(Usage(n, int(d["dev_id"]), self.block_size, int(mapped), int(excl), int(mapped - excl),
                              None if highest < 0 else int(highest)))
         return out[0] if name is not None else out
+
+    @_locked
+    def io_counters(self) -> dict[str, int]:
+        """What the writes did to data blocks since the pool was opened (or last reloaded by an abort),
+        counted by the kernels: ``provisioned_blocks`` (writes that mapped an unmapped block),
+        ``cow_breaks`` (writes that broke sharing), and the data-device bytes dm-thin spends beside the
+        payload: ``cow_bytes_copied`` (a partial write to a shared block copies the whole old block
+        first) and ``zeroed_bytes`` (with zero_new_blocks, a partial first write zeroes the whole new
+        block first; docs/dm-thin.md).  thinpool's data file needs neither (its new blocks are holes), so
+        these are the kernel's costs, computed, not bytes thinpool moved."""
+        st, bs = self._st, self.block_size
+        zero = bool(self._header.get("zero_new_blocks", True))
+        return {"provisioned_blocks": int(st[K.ST_PROVISIONED]), "cow_breaks": int(st[K.ST_COW_BREAKS]),
+                "cow_bytes_copied": int(st[K.ST_COW_PARTIAL]) * bs,
+                "zeroed_bytes": int(st[K.ST_PROVISIONED_PARTIAL]) * bs if zero else 0}
 
     @_locked
     def status(self) -> PoolStatus:

@@ -123,6 +123,11 @@ class St(enum.IntEnum):
     LEAVES_LIVE = 8     # leaves with count > 0
     INNERS_LIVE = 9     # inner nodes with count > 0
     EPOCH = 10          # bumped whenever an array the kernels use is reallocated (see KernelContext.table)
+    # I/O counters since the state was loaded (Pool.io_counters; the kernels add, nothing resets them)
+    PROVISIONED = 11    # writes that mapped an unmapped virtual block (first writes)
+    PROVISIONED_PARTIAL = 12  # of those, the ones that did not cover the whole block
+    COW_BREAKS = 13     # writes to a shared block that broke sharing (a new block)
+    COW_PARTIAL = 14    # of those, the ones that did not cover the whole block (the old block is copied)
 
 
 ST_SIZE = len(St)
@@ -137,6 +142,10 @@ ST_NR_BLOCKS = int(St.NR_BLOCKS)
 ST_LEAVES_LIVE = int(St.LEAVES_LIVE)
 ST_INNERS_LIVE = int(St.INNERS_LIVE)
 ST_EPOCH = int(St.EPOCH)
+ST_PROVISIONED = int(St.PROVISIONED)
+ST_PROVISIONED_PARTIAL = int(St.PROVISIONED_PARTIAL)
+ST_COW_BREAKS = int(St.COW_BREAKS)
+ST_COW_PARTIAL = int(St.COW_PARTIAL)
 
 
 # --------------------------------------------------------------------------- the kernel table

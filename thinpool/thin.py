@@ -439,3 +439,116 @@ class Thin:
             _walks().collect_mappings(ctx.nodes_map.nodes, root, vb, vals)
         blocks, times = unpack_mapping(vals)
         return vb, blocks.astype(np.int64), times.astype(np.int64)
+
+
+def _kr():
+    from . import kernels_replay
+    return kernels_replay
+
+
+def apply_io(thins: Sequence[Thin], vol: np.ndarray, ops: np.ndarray, offsets: np.ndarray, lengths: np.ndarray,
+             *, pattern: np.ndarray | None = None, on_no_space: str = "raise") -> int:
+    """Apply a batch of mixed I/Os to volumes of one pool, in order, in one kernel call (a trace
+    replay's path: no Python per I/O).  I/O ``i`` is ``ops[i]`` (0 read, 1 write, 2 discard) of
+    ``lengths[i]`` bytes at ``offsets[i]`` of ``thins[vol[i]]``.
+
+    Writes do exactly what :meth:`Thin.write` does and store ``pattern`` (its first ``length`` bytes;
+    zeroes when None); reads copy mapped bytes from the data file into a scratch block (their bytes
+    are not returned: this is for timing and accounting); discards unmap whole blocks like
+    :meth:`Thin.discard`.  A metadata-only pool moves no bytes.  Everything is checked first (op
+    codes, ranges, read-only volumes, a writable pool), so bad input changes nothing.  Not
+    all-or-nothing: when a write finds no data space (after committing, as dm-thin does), the I/Os
+    before it are complete; then ``on_no_space="raise"`` raises NoSpace and ``"skip"`` fails just that
+    write (dm-thin's error_if_no_space) and goes on.  Returns the number of writes that failed so.
+    """
+    if on_no_space not in ("raise", "skip"):
+        raise InvalidArgument(f"on_no_space must be 'raise' or 'skip', got {on_no_space!r}")
+    if not thins:
+        raise InvalidArgument("apply_io: no volumes given")
+    pool = thins[0].pool
+    if any(t.pool is not pool for t in thins):
+        raise InvalidArgument("apply_io: every volume must belong to the same pool")
+    ops = np.ascontiguousarray(ops, np.uint8)
+    vol = np.ascontiguousarray(vol, np.int64)
+    offsets = _as_offsets(offsets, "offsets")
+    lengths = _as_offsets(lengths, "lengths")
+    n = len(ops)
+    if not (len(vol) == len(offsets) == len(lengths) == n):
+        raise InvalidArgument(f"apply_io: arrays of different lengths ({n}, {len(vol)}, {len(offsets)}, {len(lengths)})")
+    if n == 0:
+        return 0
+    if int(ops.max()) > 2:
+        raise InvalidArgument(f"apply_io: unknown op code {int(ops.max())} (0 read, 1 write, 2 discard)")
+    if int(vol.min()) < 0 or int(vol.max()) >= len(thins):
+        raise InvalidArgument(f"apply_io: volume index out of range (0..{len(thins) - 1})")
+    ctx = thins[0]._ctx
+    with ctx.lock:
+        ctx.check_open()
+        slots = np.array([t._slot() for t in thins], np.int64)
+        sizes = ctx.devs_i[slots, L.DEV_SIZE]
+        if (offsets < 0).any() or (lengths < 0).any():
+            raise InvalidArgument("apply_io: negative offset or length")
+        ends = offsets + lengths
+        bad = (ends > sizes[vol]) | (ends < offsets)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise InvalidArgument(f"volume {thins[int(vol[i])].name!r}: I/O at offset {int(offsets[i])} length "
+                                  f"{int(lengths[i])} goes past the end of the volume ({int(sizes[vol[i]])} bytes)")
+        changes = ops != 0
+        if changes.any():
+            ctx.check_writable()
+            ro = (ctx.devs_i[slots, L.DEV_FLAGS] & L.FLAG_READ_ONLY) != 0
+            hit = ro[vol[changes]]
+            if hit.any():
+                raise ReadOnly(f"volume {thins[int(vol[changes][hit][0])].name!r} is read-only")
+        fd = ctx.data.fd
+        if fd >= 0:
+            wmax = int(lengths[ops == 1].max()) if (ops == 1).any() else 0
+            if pattern is None or len(pattern) < wmax:
+                pattern = np.zeros(wmax, np.uint8) if pattern is None else np.resize(np.asarray(pattern, np.uint8), wmax)
+            pattern = np.ascontiguousarray(pattern, np.uint8)
+        else:
+            pattern = np.zeros(0, np.uint8)
+        skipped = np.zeros(1, np.int64)
+        skip = on_no_space == "skip"
+        st = ctx.st
+        start, skip_at, committed_at = 0, -1, -1
+        kr = _kr()
+        try:
+            while True:
+                code, start, need = kr.apply_batch(ctx.nodes_map.nodes, ctx.space.arrays, st, ctx.devs_i, slots, fd,
+                                                   ctx.data.scratch, pattern, vol, ops, offsets, lengths, start,
+                                                   skip_at, skip, skipped)
+                if code == L.OK:
+                    break
+                if code == L.NO_SPACE:
+                    if need <= st[L.ST_NR_FREE] and committed_at != start:
+                        committed_at = start  # dm-thin commits when allocation finds no free block
+                        thins[0].pool.commit()
+                        if need > st[L.ST_NR_ALLOCATABLE]:
+                            thins[0].pool.commit()
+                        continue
+                    ctx.out_of_data_space()
+                    if skip:
+                        skip_at = start
+                        continue
+                    raise NoSpace(f"pool {ctx.path}: no free data space for volume {thins[int(vol[start])].name!r} "
+                                  f"({need} blocks needed, {int(st[L.ST_NR_ALLOCATABLE])} free)")
+                if code == L.IO_ERROR:
+                    err = last_errno()
+                    exc = DataDeviceError(f"pool {ctx.path}: I/O {start} of the batch (volume "
+                                          f"{thins[int(vol[start])].name!r}, offset {int(offsets[start])}) failed on "
+                                          f"the data file {ctx.data.path} ({os.strerror(err)})")
+                    exc.errno, exc.filename = err, ctx.data.path
+                    raise exc
+                if ops[start] == 1:
+                    bs = ctx.block_size
+                    nblk = int((offsets[start] + lengths[start] - 1) // bs - offsets[start] // bs + 1)
+                    ctx.nodes_map.ensure(2 * nblk + 1, nblk)
+                else:
+                    ctx.nodes_map.ensure(3, 1)  # a discard shadows one path at a time
+        finally:
+            ctx.devs_dirty.update(slots.tolist())
+        if changes.any():
+            ctx.after_alloc()
+        return int(skipped[0])

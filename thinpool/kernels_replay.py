@@ -1,0 +1,97 @@
+"""Numba kernel of mixed I/O batches: reads, writes and discards of several volumes applied in
+their order, in one call (what a trace replay feeds; :func:`thinpool.thin.apply_io` is the caller).
+
+The per-block rules are :mod:`thinpool.kernels`' own (:func:`~thinpool.kernels.write_span`,
+:func:`~thinpool.kernels.discard_range`), so a replayed write does exactly what ``Thin.write`` does.
+Writes store ``pattern`` (its first ``length`` bytes); with ``fd`` -1 (a metadata-only pool) no byte
+moves and reads cost nothing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from . import kernels_cache
+from .kernels import discard_range, pread_all, write_span
+from .kernels_map import UNMAPPED, lookup, mapping_block, needs_new_block
+from .schema import (DEV_ROOT, DEV_SNAP_TIME, IO_ERROR, NEED_NODES, NO_SPACE, OK, ST_BLOCK_SIZE, ST_INNER_FREE,
+                     ST_LEAF_FREE, ST_NR_ALLOCATABLE, ST_NR_FREE)
+
+#: operation codes of a mixed batch (the trace readers' codes)
+OP_READ, OP_WRITE, OP_DISCARD = 0, 1, 2
+
+_SOURCES_DIGEST = kernels_cache.sources_digest()
+
+
+@njit(cache=True)
+def _built_with():
+    """The sources this module's cached code was compiled from (see :mod:`thinpool.kernels_cache`)."""
+    return _SOURCES_DIGEST
+
+
+@njit(cache=True)
+def _blocks_needed(nodes, dev, off, length, bs):
+    need = 0
+    for vb in range(off // bs, (off + length - 1) // bs + 1):
+        v, path_shared = lookup(nodes, dev[DEV_ROOT], vb)
+        if needs_new_block(v, path_shared, dev[DEV_SNAP_TIME]):
+            need += 1
+    return need
+
+
+@njit(cache=True)
+def apply_batch(nodes, space, st, devs, slots, fd, tmp, pattern, vol, ops, offsets, lengths, start, skip_at,
+                skip_no_space, skipped):
+    """Apply I/Os ``start..`` in order; I/O ``i`` is ``ops[i]`` on the device in row ``slots[vol[i]]`` of
+    ``devs``.  Returns (code, next_io, need).
+
+    A write whose new blocks exceed the allocatable ones returns NO_SPACE at that I/O (``need`` its
+    block count; earlier I/Os are complete) -- unless ``skip_no_space`` and no commit could help
+    (``need`` > free blocks) or the I/O is ``skip_at`` (the caller already committed for it): then the
+    write fails alone, as dm-thin's error_if_no_space fails the bio, and ``skipped[0]`` counts it.
+    NEED_NODES: the node store must grow before I/O ``next_io`` is retried; IO_ERROR: a data-file
+    write or read failed at ``next_io``.  Ranges, read-only devices and op codes are the caller's checks.
+    """
+    bs = st[ST_BLOCK_SIZE]
+    for i in range(start, ops.shape[0]):
+        length = lengths[i]
+        if length <= 0:
+            continue
+        off = offsets[i]
+        op = ops[i]
+        dev = devs[slots[vol[i]]]
+        if op == OP_WRITE:
+            nblk = (off + length - 1) // bs - off // bs + 1
+            if st[ST_INNER_FREE] < 2 * nblk + 1 or st[ST_LEAF_FREE] < nblk:
+                return NEED_NODES, i, 0
+            if st[ST_NR_ALLOCATABLE] < nblk:
+                need = _blocks_needed(nodes, dev, off, length, bs)
+                if need > st[ST_NR_ALLOCATABLE]:
+                    if skip_no_space and (i == skip_at or need > st[ST_NR_FREE]):
+                        skipped[0] += 1
+                        continue
+                    return NO_SPACE, i, need
+            if write_span(nodes, space, st, dev, fd, tmp, off, length, pattern, 0, bs) != OK:
+                return IO_ERROR, i, 0
+        elif op == OP_DISCARD:
+            first = (off + bs - 1) // bs
+            last = (off + length) // bs
+            if last > first:
+                code, _ = discard_range(nodes, space, st, dev, first, last)
+                if code != OK:
+                    return NEED_NODES, i, 0
+        elif op == OP_READ and fd >= 0:
+            while length > 0:
+                vb = off // bs
+                inblk = off - vb * bs
+                seg = min(length, bs - inblk)
+                v, _ = lookup(nodes, dev[DEV_ROOT], vb)
+                if v != UNMAPPED and pread_all(fd, tmp, 0, seg, mapping_block(v) * bs + inblk) != OK:
+                    return IO_ERROR, i, 0
+                off += seg
+                length -= seg
+    return OK, ops.shape[0], 0
+
+
+kernels_cache.check(globals(), _built_with)
