@@ -16,7 +16,7 @@ from . import kernels_cache
 from .kernels import discard_range, pread_all, write_span
 from .kernels_map import UNMAPPED, lookup, mapping_block, needs_new_block
 from .schema import (DEV_ROOT, DEV_SNAP_TIME, IO_ERROR, NEED_NODES, NO_SPACE, OK, ST_BLOCK_SIZE, ST_INNER_FREE,
-                     ST_LEAF_FREE, ST_NR_ALLOCATABLE, ST_NR_FREE)
+                     ST_LEAF_FREE, ST_NR_ALLOCATABLE, ST_NR_BLOCKS, ST_NR_FREE)
 
 #: operation codes of a mixed batch (the trace readers' codes)
 OP_READ, OP_WRITE, OP_DISCARD = 0, 1, 2
@@ -42,14 +42,15 @@ def _blocks_needed(nodes, dev, off, length, bs):
 
 @njit(cache=True)
 def apply_batch(nodes, space, st, devs, slots, fd, tmp, pattern, vol, ops, offsets, lengths, start, skip_at,
-                skip_no_space, skipped):
+                skip_no_space, out):
     """Apply I/Os ``start..`` in order; I/O ``i`` is ``ops[i]`` on the device in row ``slots[vol[i]]`` of
     ``devs``.  Returns (code, next_io, need).
 
     A write whose new blocks exceed the allocatable ones returns NO_SPACE at that I/O (``need`` its
     block count; earlier I/Os are complete) -- unless ``skip_no_space`` and no commit could help
     (``need`` > free blocks) or the I/O is ``skip_at`` (the caller already committed for it): then the
-    write fails alone, as dm-thin's error_if_no_space fails the bio, and ``skipped[0]`` counts it.
+    write fails alone, as dm-thin's error_if_no_space fails the bio: ``out[0]`` counts such writes and
+    ``out[1]`` their bytes.  ``out[2]`` is raised to the most data blocks in use after any write.
     NEED_NODES: the node store must grow before I/O ``next_io`` is retried; IO_ERROR: a data-file
     write or read failed at ``next_io``.  Ranges, read-only devices and op codes are the caller's checks.
     """
@@ -69,11 +70,15 @@ def apply_batch(nodes, space, st, devs, slots, fd, tmp, pattern, vol, ops, offse
                 need = _blocks_needed(nodes, dev, off, length, bs)
                 if need > st[ST_NR_ALLOCATABLE]:
                     if skip_no_space and (i == skip_at or need > st[ST_NR_FREE]):
-                        skipped[0] += 1
+                        out[0] += 1
+                        out[1] += length
                         continue
                     return NO_SPACE, i, need
             if write_span(nodes, space, st, dev, fd, tmp, off, length, pattern, 0, bs) != OK:
                 return IO_ERROR, i, 0
+            used = st[ST_NR_BLOCKS] - st[ST_NR_FREE]
+            if used > out[2]:
+                out[2] = used
         elif op == OP_DISCARD:
             first = (off + bs - 1) // bs
             last = (off + length) // bs

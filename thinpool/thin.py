@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
@@ -441,13 +441,21 @@ class Thin:
         return vb, blocks.astype(np.int64), times.astype(np.int64)
 
 
+class BatchOutcome(NamedTuple):
+    """What :func:`apply_io` reports beside the pool's own counters."""
+
+    failed_writes: int          #: writes that found no data space and failed alone (``on_no_space="skip"``)
+    failed_bytes: int           #: their bytes
+    peak_data_blocks_used: int  #: the most data blocks in use at any point of the batch
+
+
 def _kr():
     from . import kernels_replay
     return kernels_replay
 
 
 def apply_io(thins: Sequence[Thin], vol: np.ndarray, ops: np.ndarray, offsets: np.ndarray, lengths: np.ndarray,
-             *, pattern: np.ndarray | None = None, on_no_space: str = "raise") -> int:
+             *, pattern: np.ndarray | None = None, on_no_space: str = "raise") -> BatchOutcome:
     """Apply a batch of mixed I/Os to volumes of one pool, in order, in one kernel call (a trace
     replay's path: no Python per I/O).  I/O ``i`` is ``ops[i]`` (0 read, 1 write, 2 discard) of
     ``lengths[i]`` bytes at ``offsets[i]`` of ``thins[vol[i]]``.
@@ -459,7 +467,7 @@ def apply_io(thins: Sequence[Thin], vol: np.ndarray, ops: np.ndarray, offsets: n
     codes, ranges, read-only volumes, a writable pool), so bad input changes nothing.  Not
     all-or-nothing: when a write finds no data space (after committing, as dm-thin does), the I/Os
     before it are complete; then ``on_no_space="raise"`` raises NoSpace and ``"skip"`` fails just that
-    write (dm-thin's error_if_no_space) and goes on.  Returns the number of writes that failed so.
+    write (dm-thin's error_if_no_space) and goes on.  Returns a :class:`BatchOutcome`.
     """
     if on_no_space not in ("raise", "skip"):
         raise InvalidArgument(f"on_no_space must be 'raise' or 'skip', got {on_no_space!r}")
@@ -476,7 +484,7 @@ def apply_io(thins: Sequence[Thin], vol: np.ndarray, ops: np.ndarray, offsets: n
     if not (len(vol) == len(offsets) == len(lengths) == n):
         raise InvalidArgument(f"apply_io: arrays of different lengths ({n}, {len(vol)}, {len(offsets)}, {len(lengths)})")
     if n == 0:
-        return 0
+        return BatchOutcome(0, 0, thins[0].pool.status().used_data_blocks)
     if int(ops.max()) > 2:
         raise InvalidArgument(f"apply_io: unknown op code {int(ops.max())} (0 read, 1 write, 2 discard)")
     if int(vol.min()) < 0 or int(vol.max()) >= len(thins):
@@ -509,7 +517,8 @@ def apply_io(thins: Sequence[Thin], vol: np.ndarray, ops: np.ndarray, offsets: n
             pattern = np.ascontiguousarray(pattern, np.uint8)
         else:
             pattern = np.zeros(0, np.uint8)
-        skipped = np.zeros(1, np.int64)
+        skipped = np.zeros(3, np.int64)
+        skipped[2] = st_used = int(ctx.st[L.ST_NR_BLOCKS] - ctx.st[L.ST_NR_FREE])
         skip = on_no_space == "skip"
         st = ctx.st
         start, skip_at, committed_at = 0, -1, -1
@@ -549,6 +558,8 @@ def apply_io(thins: Sequence[Thin], vol: np.ndarray, ops: np.ndarray, offsets: n
                     ctx.nodes_map.ensure(3, 1)  # a discard shadows one path at a time
         finally:
             ctx.devs_dirty.update(slots.tolist())
+        if skipped[0]:
+            ctx.out_of_data_space()  # allocation failed (dm-thin's out-of-data-space mode)
         if changes.any():
             ctx.after_alloc()
-        return int(skipped[0])
+        return BatchOutcome(int(skipped[0]), int(skipped[1]), max(st_used, int(skipped[2])))

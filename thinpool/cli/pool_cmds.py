@@ -35,11 +35,14 @@ SECTION = "Pool commands"
 @click.option("--take-over-data", is_flag=True,
               help="The --data-file belongs to another pool that is gone: make it this pool's (the old pool "
                    "then refuses to open).")
+@click.option("--metadata-only", is_flag=True,
+              help="No data file: the same metadata and kernels, but writes store no bytes and reads return "
+                   "zeroes (simulating pools larger than this host's disks; docs/simulate.md).")
 @mode_option
 @json_option
 def create_cmd(pool: str, data_size: int, block_size: int, metadata_size: int | None, low_water_mark: int,
                error_if_no_space: bool, zero_new_blocks: bool, data_file: str | None, max_thins: int,
-               force: bool, take_over_data: bool, mode: int | None, as_json: bool) -> None:
+               force: bool, take_over_data: bool, metadata_only: bool, mode: int | None, as_json: bool) -> None:
     """Create a new pool in directory POOL.
 
     POOL must not exist or must be an empty directory.  An existing --data-file must be empty
@@ -54,7 +57,8 @@ def create_cmd(pool: str, data_size: int, block_size: int, metadata_size: int | 
     p = Pool.create(abspath(pool), data_size=data_size, block_size=block_size, metadata_size=metadata_size,
                     low_water_mark=low_water_mark, error_if_no_space=error_if_no_space,
                     zero_new_blocks=zero_new_blocks, data_file=abspath(data_file) if data_file else None,
-                    max_thins=max_thins, force=force, take_over_data=take_over_data, mode=mode)
+                    max_thins=max_thins, force=force, take_over_data=take_over_data, mode=mode,
+                    metadata_only=metadata_only)
     p.close()
     if as_json:
         emit(run_op(pool, "status", {}), True)

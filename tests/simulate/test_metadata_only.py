@@ -1,0 +1,140 @@
+"""Metadata-only pools and mixed I/O batches (thin.apply_io): the engine half of trace replay.
+
+A metadata-only pool runs the same kernels over the same metadata without a data file; a replay in
+either mode must leave byte-identical metadata (``thinpool dump``) and the same counters.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from thinpool import Pool
+from thinpool.errors import InvalidArgument, NoSpace, ReadOnly
+from thinpool.thin import apply_io
+
+BS = 64 << 10
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _dump(path: str) -> str:
+    env = dict(os.environ, PYTHONPATH=REPO)
+    return subprocess.run([sys.executable, "-m", "thinpool", "dump", path], check=True, capture_output=True,
+                          text=True, env=env).stdout
+
+
+def _mixed(rng: np.random.Generator, n: int, vsize: int, nvol: int):
+    ops = rng.choice(np.array([0, 1, 1, 1, 2], np.uint8), n)
+    lengths = rng.choice(np.array([512, 4096, 65536, 200_000]), n).astype(np.int64)
+    offsets = rng.integers(0, vsize - 200_000, n) // 512 * 512
+    vol = rng.integers(0, nvol, n)
+    return vol, ops, offsets, lengths
+
+
+def _drive(path: str, metadata_only: bool) -> dict:
+    rng = np.random.default_rng(7)
+    with Pool.create(path, data_size="64MiB", metadata_only=metadata_only) as pool:
+        vols = [pool.create_thin(f"v{i}", "16MiB") for i in range(3)]
+        for step in range(4):
+            apply_io(vols, *_mixed(rng, 400, 16 << 20, 3), pattern=np.full(200_000, step + 1, np.uint8))
+            pool.snapshot("v0", f"s{step}")
+            if step == 2:
+                pool.delete("s0")
+        counters = pool.io_counters()
+        used = pool.status().used_data_blocks
+    return dict(counters, used=used)
+
+
+def test_kernel_rule_metadata_only_pool_same_metadata_and_counters_as_data_mode(tmp_path):
+    data = _drive(str(tmp_path / "data"), False)
+    meta = _drive(str(tmp_path / "meta"), True)
+    assert data == meta and data["provisioned_blocks"] > 0 and data["cow_breaks"] > 0
+    assert _dump(str(tmp_path / "data")) == _dump(str(tmp_path / "meta"))
+    assert not os.path.exists(tmp_path / "meta" / "data")
+    with Pool.open(str(tmp_path / "meta")) as pool:  # the mode is in the header: a reopen keeps it
+        assert pool.metadata_only and pool.data.fd == -1
+        v = pool.thin("v0")
+        assert v.mapped_blocks > 0
+        assert v.read(0, 1 << 20) == bytes(1 << 20)  # mapped or not, no bytes: zeroes
+        assert v.pread(0, 4096) == bytes(4096)
+    with Pool.open(str(tmp_path / "data")) as pool:
+        assert not pool.metadata_only
+
+
+def test_metadata_only_create_refuses_a_data_file(tmp_path):
+    with pytest.raises(InvalidArgument, match="data file"):
+        Pool.create(str(tmp_path / "p"), metadata_only=True, data_file=str(tmp_path / "d"))
+    assert not os.path.exists(tmp_path / "p") or not os.listdir(tmp_path / "p")
+
+
+@pytest.mark.parametrize("metadata_only", [False, True])
+def test_kernel_rule_batch_applies_ios_in_order_like_single_calls(tmp_path, metadata_only):
+    """apply_io (one kernel call) == the same I/Os through Thin.write / Thin.discard one by one."""
+    rng = np.random.default_rng(3)
+    batch = _mixed(rng, 300, 8 << 20, 2)
+    for name in ("batch", "single"):
+        with Pool.create(str(tmp_path / name), data_size="32MiB", metadata_only=metadata_only) as pool:
+            vols = [pool.create_thin(f"v{i}", "8MiB") for i in range(2)]
+            pool.snapshot("v1", "s")
+            if name == "batch":
+                apply_io(vols, *batch)
+            else:
+                for v, op, off, ln in zip(*batch):
+                    if op == 1:
+                        vols[v].write(int(off), bytes(int(ln)))
+                    elif op == 2:
+                        vols[v].discard(int(off), int(ln))
+    assert _dump(str(tmp_path / "batch")) == _dump(str(tmp_path / "single"))
+
+
+def test_kernel_rule_cow_breaks_and_first_writes_counted_per_block(tmp_path):
+    """First writes to unmapped blocks provision; after a snapshot the first write to each block mapped
+    before it breaks sharing once (dm-thin's time rule), later writes go in place."""
+    rng = np.random.default_rng(5)
+    nblocks = 256
+    a = rng.integers(0, nblocks * 16, 3000) * 4096          # 4 KiB writes: partial blocks
+    b = rng.integers(0, nblocks * 16, 3000) * 4096
+    with Pool.create(str(tmp_path / "p"), data_size="64MiB", metadata_only=True) as pool:
+        v = pool.create_thin("v", nblocks * BS)
+        z = np.zeros(len(a), np.int64)
+        ones = np.ones(len(a), np.uint8)
+        apply_io([v], z, ones, a, np.full(len(a), 4096))
+        pool.snapshot("v", "snap")
+        apply_io([v], z, ones, b, np.full(len(b), 4096))
+        c = pool.io_counters()
+    blocks_a, blocks_b = set((a // BS).tolist()), set((b // BS).tolist())
+    assert c["provisioned_blocks"] == len(blocks_a | blocks_b)
+    assert c["cow_breaks"] == len(blocks_a & blocks_b)
+    assert c["cow_bytes_copied"] == len(blocks_a & blocks_b) * BS      # every break was a partial write
+    assert c["zeroed_bytes"] == len(blocks_a | blocks_b) * BS          # zero_new_blocks: partial first writes
+
+
+def test_batch_no_space_skip_fails_only_the_writes_that_need_a_block(tmp_path):
+    with Pool.create(str(tmp_path / "p"), data_size=16 * BS, metadata_only=True) as pool:
+        v = pool.create_thin("v", 64 * BS)
+        offs = np.arange(32, dtype=np.int64) * BS
+        n = len(offs)
+        out = apply_io([v], np.zeros(n, np.int64), np.ones(n, np.uint8), offs, np.full(n, BS), on_no_space="skip")
+        assert out == (16, 16 * BS, 16) and v.mapped_blocks == 16 and pool.mode == "out-of-data-space"
+        # overwrites of mapped blocks still succeed; the raising policy stops at the first failing write
+        assert apply_io([v], np.zeros(2, np.int64), np.ones(2, np.uint8), offs[:2], np.full(2, BS)).failed_writes == 0
+        with pytest.raises(NoSpace):
+            apply_io([v], np.zeros(2, np.int64), np.ones(2, np.uint8), offs[-2:], np.full(2, BS))
+
+
+def test_batch_bad_input_changes_nothing(tmp_path):
+    with Pool.create(str(tmp_path / "p"), data_size="4MiB") as pool:
+        v = pool.create_thin("v", "1MiB")
+        r = pool.snapshot("v", "r", read_only=True)
+        one = (np.zeros(1, np.int64), np.ones(1, np.uint8), np.zeros(1, np.int64), np.full(1, 4096))
+        with pytest.raises(InvalidArgument, match="past the end"):
+            apply_io([v], one[0], one[1], np.array([1 << 20]), one[3])
+        with pytest.raises(InvalidArgument, match="op code"):
+            apply_io([v], one[0], np.array([7], np.uint8), one[2], one[3])
+        with pytest.raises(ReadOnly):
+            apply_io([v, r], np.array([0, 1]), np.ones(2, np.uint8), np.zeros(2, np.int64), np.full(2, 4096))
+        assert v.mapped_blocks == 0 and pool.io_counters()["provisioned_blocks"] == 0
