@@ -31,6 +31,16 @@ class InvalidArgument(ThinpoolError, ValueError):
     """A value is malformed or out of range (bad size, I/O past a volume's end, bad block size...)."""
 
 
+class TraceError(InvalidArgument):
+    """A block I/O trace file is malformed or of an unknown format; names the file and the line number
+    of the first malformed record (``path`` and ``line``, None when the file as a whole is at fault)."""
+
+    def __init__(self, message: str, *, path: str | None = None, line: int | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.line = line
+
+
 class NotFound(ThinpoolError, LookupError):
     """A named volume, snapshot, device id or pool does not exist."""
 
@@ -130,6 +140,7 @@ class ThinpoolWarning(UserWarning):
 __all__ = [
     "ThinpoolError",
     "InvalidArgument",
+    "TraceError",
     "NotFound",
     "AlreadyExists",
     "FailedPrecondition",
