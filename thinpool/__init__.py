@@ -15,7 +15,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 from . import jit_cache as _jit_cache
-from .errors import (AlreadyExists, FailedPrecondition, InvalidArgument, MetadataCorrupt, NoSpace, NotFound,
+from .errors import (AlreadyExists, Busy, FailedPrecondition, InvalidArgument, MetadataCorrupt, NoSpace, NotFound,
                      PoolLocked, ReadOnly, ThinpoolError)
 from .units import parse_size
 
@@ -36,5 +36,5 @@ def __getattr__(name: str):
 
 
 __all__ = ["Pool", "Thin", "PoolStatus", "Usage", "parse_size", "ThinpoolError", "InvalidArgument", "NotFound",
-           "AlreadyExists", "FailedPrecondition", "NoSpace", "ReadOnly", "PoolLocked", "MetadataCorrupt"]
+           "AlreadyExists", "Busy", "FailedPrecondition", "NoSpace", "ReadOnly", "PoolLocked", "MetadataCorrupt"]
 __version__ = "0.1.0"

@@ -63,6 +63,18 @@ class NoSpace(ThinpoolError, OSError):
         return self.strerror
 
 
+class Busy(FailedPrecondition, OSError):
+    """The volume is active (EBUSY): open over NBD, held by :meth:`Pool.activate <thinpool.pool.Pool.activate>`
+    or inside a ``with pool.thin(name)`` block, so it cannot be deleted -- dm-thin refuses to delete an
+    open thin device (``__delete_device``: ``if (td->open_count) return -EBUSY``).  Nothing changed."""
+
+    def __init__(self, message: str) -> None:
+        OSError.__init__(self, errno.EBUSY, message)
+
+    def __str__(self) -> str:  # OSError would print "[Errno 16] ..."
+        return self.strerror
+
+
 class ReadOnly(ThinpoolError):
     """The pool (or a volume) is read-only, or metadata space is exhausted."""
 
@@ -144,6 +156,7 @@ __all__ = [
     "NotFound",
     "AlreadyExists",
     "FailedPrecondition",
+    "Busy",
     "NoSpace",
     "ReadOnly",
     "PoolLocked",

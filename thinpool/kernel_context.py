@@ -53,11 +53,12 @@ class KernelContext:
     changed since the last commit; ``st`` the kernels' state vector; ``nodes_map`` the block map;
     ``space`` the data space map; ``data`` the data device; ``one_io`` a (2, 1) int64 scratch for
     one [offset], [length] pair; ``fast_write`` true while the pool is open, writable and in write
-    mode; ``path`` the pool's directory.
+    mode; ``path`` the pool's directory; ``active`` volume key -> {holder: count} of the volumes that are
+    active (dm-thin's ``open_count``: see :meth:`hold`).
     """
 
     __slots__ = ("pool", "lock", "keys", "slots", "names", "gone", "is_open", "devs_i", "devs_dirty", "st", "nodes_map", "space", "data",
-                 "one_io", "fast_write", "path", "_tab", "_tab_arrays", "_tab_st", "_tab_epoch")
+                 "one_io", "fast_write", "path", "active", "_tab", "_tab_arrays", "_tab_st", "_tab_epoch")
 
     def __init__(self, pool: "Pool") -> None:
         self.pool = pool
@@ -67,6 +68,7 @@ class KernelContext:
         self.is_open = False
         self.names: dict[int, str] = {}
         self.gone: dict[int, str] = {}  # volume key -> its name when it was deleted (for handles' errors)
+        self.active: dict[int, dict[str, int]] = {}  # volume key -> holder -> count (open_count)
         self.one_io = np.zeros((2, 1), np.int64)
         self.fast_write = False
         self.path = pool.path
@@ -105,6 +107,27 @@ class KernelContext:
             from .errors import NotFound
             raise NotFound(f"pool {self.path}: thin volume {name!r} (device id {key & 0xFFFFFF}) no longer exists")
         return slot
+
+    # activations (dm-thin's open_count: an active thin device cannot be deleted)
+    def hold(self, key: int, holder: str) -> None:
+        """Count one more ``holder`` (e.g. ``"NBD connection"``) of volume ``key``."""
+        holders = self.active.setdefault(key, {})
+        holders[holder] = holders.get(holder, 0) + 1
+
+    def unhold(self, key: int, holder: str) -> None:
+        """Drop one ``holder`` of volume ``key`` (a no-op if it holds none)."""
+        holders = self.active.get(key)
+        if not holders or not holders.get(holder):
+            return
+        holders[holder] -= 1
+        if not holders[holder]:
+            del holders[holder]
+        if not holders:
+            del self.active[key]
+
+    def holders(self, key: int) -> dict[str, int]:
+        """Who holds volume ``key`` active: holder -> count (empty when it is not active)."""
+        return dict(self.active.get(key, {}))
 
     # the pool's own rules, for the I/O path's slow branches
     def after_alloc(self) -> None:

@@ -18,14 +18,14 @@ import numpy as np
 from . import rules
 from . import schema as K
 from .devtable import DEVS_PER_PAGE, check_new_name
-from .errors import InvalidArgument, NotFound
+from .errors import Busy, InvalidArgument, NotFound
 from .kernel_context import locked_method as _locked
 from .kernel_context import volume_key
 from .schema import DEV_FIELDS, DevFlag, dev_dtype
 from .units import parse_size
 
 if TYPE_CHECKING:
-    from .thin import Thin
+    from .thin import Activation, Thin
 
 
 def _kernels():
@@ -134,8 +134,11 @@ class DeviceOps:
     @_locked
     def delete(self, name: str) -> None:
         """Delete a thin volume (dm-thin's ``delete``).  Blocks only it maps become free after the
-        next commit; the volume's snapshots and origin are unaffected.  Handles to it raise NotFound."""
+        next commit; the volume's snapshots and origin are unaffected.  Handles to it raise NotFound.
+        :class:`~thinpool.errors.Busy` (EBUSY), with nothing changed, while the volume is active
+        (:meth:`activate`, a ``with pool.thin(name)`` block, an NBD connection): see :meth:`holders`."""
         self._check_writable()
+        self.check_deletable(name)
         slot = self._slot(name)
         root = int(self._devs[slot]["root"])
         sp = self._space
@@ -174,6 +177,41 @@ class DeviceOps:
         self._devs[slot]["flags"] = int(flags | DevFlag.READ_ONLY if read_only else flags & ~DevFlag.READ_ONLY)
         self._devs_dirty.add(slot)
 
+    # ------------------------------------------------------------------ activation (dm-thin's open_count)
+    @_locked
+    def activate(self, name: str, *, holder: str = "pool.activate") -> "Activation":
+        """Make volume ``name`` active until the returned :class:`~thinpool.thin.Activation` is released
+        (``release()``, or leaving ``with pool.activate(name) as vol:``, which gives the volume's
+        :class:`~thinpool.thin.Thin`).  An active volume cannot be deleted (:class:`~thinpool.errors.Busy`),
+        as dm-thin refuses to delete a thin device a loaded thin target has open.  ``holder`` names who
+        holds it in that error (the NBD server passes ``"NBD connection"``).  NotFound if no such volume."""
+        from .thin import Activation
+        self._check_open()
+        if not isinstance(holder, str) or not holder:
+            raise InvalidArgument(f"pool {self.path}: activation holder must be a non-empty string, got {holder!r}")
+        return Activation(self._handle(name), holder)
+
+    def holders(self, name: str) -> dict[str, int]:
+        """Who holds volume ``name`` active right now: holder -> count (``{}`` when it is not active).
+        A plain handle from :meth:`thin` holds nothing; :meth:`activate`, a ``with pool.thin(name)``
+        block (holder ``"with block"``) and an NBD connection each hold it once."""
+        self._check_open()
+        self._slot(name)
+        return self._engine.holders(self._by_name[name])
+
+    def check_deletable(self, name: str) -> None:
+        """NotFound if there is no volume ``name``; :class:`~thinpool.errors.Busy` if it is active
+        (see :meth:`holders`).  :meth:`delete` checks this first; a caller deleting several volumes
+        checks them all before deleting any."""
+        self._check_open()
+        self._slot(name)
+        held = self._engine.holders(self._by_name[name])
+        if held:
+            who = ", ".join(f"{h} x{n}" for h, n in sorted(held.items()))
+            raise Busy(f"pool {self.path}: cannot delete thin volume {name!r}: it is active (held by {who}"
+                       f"{'; open over NBD: disconnect the client first' if 'NBD connection' in held else ''}); "
+                       f"dm-thin refuses to delete an open thin device with EBUSY")
+
     # ------------------------------------------------------------------ handles
     def _handle(self, name: str) -> "Thin":
         from .thin import Thin
@@ -181,7 +219,9 @@ class DeviceOps:
 
     def thin(self, name: str) -> "Thin":
         """The thin volume called ``name`` (NotFound if none): a handle bound to the device (its id
-        and creation generation), so it follows a rename and raises NotFound once the volume is deleted."""
+        and creation generation), so it follows a rename and raises NotFound once the volume is deleted.
+        A plain handle does not hold the volume active (it may be deleted under it); ``with
+        pool.thin(name) as vol:`` does, until the block ends (see :meth:`activate`)."""
         self._check_open()
         self._slot(name)
         return self._handle(name)

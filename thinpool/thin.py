@@ -72,6 +72,10 @@ def _check_span(name: str, size: int, offset: int, length: int) -> None:
                               f"the volume ({size} bytes)")
 
 
+#: the holder a ``with pool.thin(name)`` block counts as (see :meth:`thinpool.pool.Pool.holders`)
+WITH_BLOCK = "with block"
+
+
 class Thin:
     """A thin volume of a :class:`~thinpool.pool.Pool`: a cheap handle bound to the volume itself
     (its device id and creation generation), so it follows a rename, and raises NotFound naming the
@@ -152,6 +156,23 @@ class Thin:
 
     def __hash__(self) -> int:
         return hash((id(self._ctx), self._key))
+
+    # ------------------------------------------------------------------ activation
+    def __enter__(self) -> "Thin":
+        """``with pool.thin(name) as vol:`` holds the volume active until the block ends: deleting it
+        meanwhile raises :class:`~thinpool.errors.Busy` (see :meth:`thinpool.pool.Pool.activate`).
+        Blocks nest; each holds once."""
+        ctx = self._ctx
+        with ctx.lock:
+            ctx.check_open()
+            self._slot()  # NotFound if the volume is gone
+            ctx.hold(self._key, WITH_BLOCK)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Release the hold taken by :meth:`__enter__`."""
+        with self._ctx.lock:
+            self._ctx.unhold(self._key, WITH_BLOCK)
 
     def usage(self):
         """This volume's :class:`~thinpool.pool.Usage`."""
@@ -563,3 +584,46 @@ def apply_io(thins: Sequence[Thin], vol: np.ndarray, ops: np.ndarray, offsets: n
         if changes.any():
             ctx.after_alloc()
         return BatchOutcome(int(skipped[0]), int(skipped[1]), max(st_used, int(skipped[2])))
+
+
+class Activation:
+    """A volume held active (dm-thin: a loaded thin target has the device open), from
+    :meth:`thinpool.pool.Pool.activate`.  While held, deleting the volume raises
+    :class:`~thinpool.errors.Busy`.  :meth:`release` (idempotent) or leaving ``with ... as vol:`` (which
+    gives :attr:`thin`) ends it; closing the pool ends every activation."""
+
+    __slots__ = ("thin", "holder", "_held")
+
+    def __init__(self, thin: Thin, holder: str) -> None:
+        """Hold ``thin``'s volume for ``holder`` (prefer :meth:`thinpool.pool.Pool.activate`)."""
+        ctx = thin._ctx
+        with ctx.lock:
+            thin._slot()  # NotFound if the volume is gone
+            ctx.hold(thin._key, holder)
+        #: the volume's handle
+        self.thin = thin
+        #: who holds it (shown by :meth:`thinpool.pool.Pool.holders` and in Busy's message)
+        self.holder = holder
+        self._held = True
+
+    @property
+    def held(self) -> bool:
+        """Whether this activation still holds the volume."""
+        return self._held
+
+    def release(self) -> None:
+        """Stop holding the volume (a second call does nothing)."""
+        ctx = self.thin._ctx
+        with ctx.lock:
+            if self._held:
+                self._held = False
+                ctx.unhold(self.thin._key, self.holder)
+
+    def __enter__(self) -> Thin:
+        return self.thin
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return f"<Activation {self.thin.name!r} by {self.holder!r}{'' if self._held else ' released'}>"

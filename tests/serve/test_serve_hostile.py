@@ -26,6 +26,7 @@ from tests.serve.test_nbd_protocol import RawClient
 from tests.support import require_tool, IN_CI
 
 from thinpool import Pool
+from thinpool.errors import Busy
 from thinpool import errors as E
 from thinpool.cli.registry import op_table, run_op
 from thinpool.nbd.served import Served
@@ -211,7 +212,7 @@ def test_delete_busy_check_cannot_be_bypassed_by_types(tmp_path: Any, names: Any
             assert reply["ok"] is False and reply["error"] == "InvalidArgument", reply
             assert "names" in reply["message"]
             busy = request(pool, "delete", {"names": ["vol"]})
-            assert busy["ok"] is False and busy["error"] == "FailedPrecondition" and "open over NBD" in busy["message"]
+            assert busy["ok"] is False and busy["error"] == "Busy" and "open over NBD" in busy["message"]
             assert c.cmd(P.CMD_READ, 0, 4096).data == bytes([0x5A]) * 4096
         finally:
             c.disconnect()
@@ -221,13 +222,20 @@ def test_delete_busy_check_cannot_be_bypassed_by_types(tmp_path: Any, names: Any
 
 # =========================================================================== stale exports
 def test_stale_client_never_writes_into_a_volume_that_reuses_the_device_id(tmp_path: Any) -> None:
+    """An open volume cannot be deleted (dm-thin's EBUSY); it can still go away under a client when
+    the transaction that created it is aborted.  A new volume that then takes its device id never
+    receives the stale client's requests."""
     pool = make_pool(str(tmp_path))
     with served(pool) as s:
-        stale = RawClient.connect(s.nbd.unix_path, "vol")
+        with s.pool.locked():
+            dev_id = s.pool.create_thin("tmp", 8 * MiB).dev_id  # not committed
+        stale = RawClient.connect(s.nbd.unix_path, "tmp")
         try:
-            dev_id = s.pool.thin("vol").dev_id
-            with s.pool.locked():  # what a deleting op does while the client sits idle
-                s.pool.delete("vol")
+            with s.pool.locked():
+                with pytest.raises(Busy):
+                    s.pool.delete("tmp")
+                s.pool.abort()  # drops "tmp" while the client sits idle
+                assert "tmp" not in s.pool
                 s.pool.create_thin("new", 8 * MiB, dev_id=dev_id)
                 s.pool.commit()
             r = stale.cmd(P.CMD_WRITE, 0, data=b"\xee" * 4096)
@@ -236,6 +244,7 @@ def test_stale_client_never_writes_into_a_volume_that_reuses_the_device_id(tmp_p
             assert r.error == P.EIO, r
             assert s.pool.thin("new").read(0, 4096) == bytes(4096)
             assert s.provider.open_count("new") == 0  # the stale connection does not pin the new volume
+            assert s.pool.holders("new") == {}
             assert request(pool, "delete", {"names": ["new"]})["ok"]
         finally:
             stale.close()

@@ -191,7 +191,7 @@ def op_delete(pool: Any, names: list[str]) -> dict[str, Any]:
     if len(set(names)) != len(names):
         raise InvalidArgument(f"volume named twice in {names!r}")
     for name in names:
-        pool.thin(name)  # NotFound before anything changes
+        pool.check_deletable(name)  # NotFound, or Busy for an active volume, before anything changes
     from thinpool.containers.snapshotter import refuse_snapshot_volumes
     refuse_snapshot_volumes(pool, names)  # a snapshotter's volume goes with its record: remove-snapshot
     for name in names:

@@ -22,9 +22,12 @@ control socket is a point-in-time image of all requests completed before it.
 
 Exports are bound to the volume's device id and creation generation (the catalog's ``gen``, see
 :func:`thinpool.devtable.new_catalog_entry`), not its name: renaming a volume that a client has open
-keeps the connection working; if the volume is deleted the connection's requests fail with ``EIO`` --
-also after a new volume was created with the same device id, which never receives a stale client's
-writes.
+keeps the connection working; if the volume goes away (an abort drops a volume created in the open
+transaction) the connection's requests fail with ``EIO`` -- also after a new volume was created with
+the same device id, which never receives a stale client's writes.
+Each connection holds its volume active (:meth:`thinpool.pool.Pool.activate`, holder
+``"NBD connection"``) until it ends: deleting a volume a client has open raises
+:class:`~thinpool.errors.Busy` (EBUSY), as dm-thin refuses to delete an open thin device.
 Read-only: the provider-wide flag, a pool opened read-only, and the volume's own read-only flag
 (committed containerd snapshots, snapshotter views) all make the export read-only.
 """
@@ -49,6 +52,8 @@ _fstat = os.fstat
 #: The most bytes one ``extents`` call looks at; the server accepts shorter answers (BLOCK_STATUS may
 #: describe less than was asked; a READ falls back to one data chunk), and 1 GiB is more than any READ.
 MAX_EXTENTS_SPAN = 1 << 30
+#: the holder an NBD connection counts as (:meth:`thinpool.pool.Pool.holders`)
+NBD_HOLDER = "NBD connection"
 #: Chunk size for writing real zeroes (``NO_HOLE``).
 ZERO_CHUNK = 4 * 1024 * 1024
 
@@ -79,6 +84,8 @@ class PoolExport:
         self.description = f"thin volume {name!r} (dev id {self.dev_id}) of pool {pool.path}"
         self._closed = False
         self._handle = thin
+        #: the connection holds the volume active (dm-thin's open_count): deleting it raises Busy
+        self._activation = pool.activate(name, holder=NBD_HOLDER)
         self._just_read: tuple[int, int] | None = None  # see extents()
         #: the session may send a READ of at most this many bytes as one data chunk without asking
         #: for its extents (the answer would be "allocated", see extents())
@@ -213,6 +220,8 @@ class PoolExport:
         """Called by the server when the connection that opened this export ends."""
         if not self._closed:
             self._closed = True
+            with self.provider.lock:
+                self._activation.release()
             self.provider._release(self)
 
     # ------------------------------------------------------------------ internals
@@ -341,13 +350,14 @@ class PoolProvider:
 
 
 def check_not_open(provider: PoolProvider, names: list[str]) -> None:
-    """Raise FailedPrecondition if a connection has any of ``names`` open (dm-thin refuses to delete an
-    open thin device with EBUSY)."""
-    busy = [f"{n} ({provider.open_count(n)} connection{'s' if provider.open_count(n) != 1 else ''})"
-            for n in names if isinstance(n, str) and provider.open_count(n)]
-    if busy:
-        raise FailedPrecondition(f"pool {provider.pool.path}: cannot delete {', '.join(busy)}: the volume is "
-                                 f"open over NBD (disconnect the client first; dm-thin refuses with EBUSY)")
+    """Raise :class:`~thinpool.errors.Busy` if any of ``names`` is active -- open over NBD or held in the
+    serving process (dm-thin refuses to delete an open thin device with EBUSY), before any of them is
+    deleted.  Names that are not volumes are left to the op to report."""
+    pool = provider.pool
+    with provider.lock:
+        for n in names:
+            if isinstance(n, str) and n in pool:
+                pool.check_deletable(n)
 
 
 __all__ = ["PoolExport", "PoolProvider", "check_not_open", "MAX_EXTENTS_SPAN"]

@@ -21,7 +21,7 @@ from thinpool.control.server import CONTROL_TIMEOUT, ControlOp, ControlServer
 
 #: the NBD socket's file name inside the pool directory (the default ``socket_path``)
 NBD_SOCKET = "nbd.sock"
-#: control ops that delete volumes: refused for volumes a client has open (dm-thin's EBUSY)
+#: control ops that delete volumes: refused for volumes that are active, e.g. open over NBD (dm-thin's EBUSY)
 DELETING_OPS = ("delete", "remove-snapshot")
 
 log = logging.getLogger("thinpool.serve")
@@ -90,7 +90,8 @@ class Served:
             self.control.start()
 
     def _refuse_busy_delete(self, op_name: str, args: dict[str, Any]) -> None:
-        """FailedPrecondition if the op would delete a volume an NBD client has open (dm-thin's EBUSY)."""
+        """Busy (EBUSY) if the op would delete a volume that is active -- an NBD client has it open
+        (dm-thin refuses to delete an open thin device) -- checked for every name before any goes."""
         from thinpool.nbd.pool_backend import check_not_open
         names = volumes_deleted_by(self.pool, op_name, args)
         if names:
