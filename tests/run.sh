@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 # executable:debian-package pairs the tests drive for real
 tools="thin_check:thin-provisioning-tools thin_dump:thin-provisioning-tools qemu-img:qemu-utils
 qemu-io:qemu-utils qemu-nbd:qemu-utils nbdinfo:libnbd-bin nbdcopy:libnbd-bin nbdfuse:nbdfuse
-fio:fio fusermount3:fuse3 mkfs.ext4:e2fsprogs nbdkit:nbdkit strace:strace unshare:util-linux"
+fio:fio fusermount3:fuse3 mkfs.ext4:e2fsprogs nbdkit:nbdkit strace:strace unshare:util-linux
+blkparse:blktrace losetup:mount blkdiscard:util-linux"
 missing=()
 for pair in $tools; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair##*:}")

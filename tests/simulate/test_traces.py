@@ -8,9 +8,15 @@ the file and line number, or skipped and counted with ``skip_bad``.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import mmap
 import os
+import re
 import subprocess
+import time
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -19,7 +25,7 @@ from thinpool.errors import InvalidArgument, TraceError
 from thinpool.simulate import trace_text
 from thinpool.simulate.traces import (OP_DISCARD, OP_FLUSH, OP_READ, OP_WRITE, TraceChunk, open_trace,
                                       sniff_format)
-from tests.support import require_tool
+from tests.support import require_root, require_tool
 
 FIO_OPS = {"read": OP_READ, "write": OP_WRITE, "trim": OP_DISCARD, "sync": OP_FLUSH, "datasync": OP_FLUSH}
 
@@ -264,3 +270,188 @@ def test_not_an_iolog_is_refused_at_open(tmp_path):
     for bad in (0, -1, 1.5, True, 1 << 40):
         with pytest.raises(TraceError, match="chunk_records"):
             open_trace(p, "csv", chunk_records=bad)
+
+
+# ----------------------------------------------------------------------------------------- blkparse
+TRACEFS = "/sys/kernel/tracing"
+
+
+@contextlib.contextmanager
+def loop_device(path: str, size: int = 64 << 20) -> Iterator[str]:
+    """A loop device over a fresh sparse file."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+    dev = subprocess.run(["losetup", "--find", "--show", path], check=True, capture_output=True,
+                         text=True).stdout.strip()
+    try:
+        yield dev
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
+
+
+@contextlib.contextmanager
+def blk_traced(dev: str, out_path: str) -> Iterator[None]:
+    """Record the kernel's blk tracer events of ``dev`` (binary, as blktrace writes them) into
+    ``out_path`` while the block runs.  ``blktrace -d`` itself cannot open debugfs relay files on these
+    machines; the kernel's blk tracer on tracefs produces the same records.  The tracer settings are
+    global, so a lock file serialises users and everything is put back afterwards."""
+    if not os.path.isdir(os.path.join(TRACEFS, "trace")) and not os.path.exists(
+            os.path.join(TRACEFS, "current_tracer")):
+        os.makedirs(TRACEFS, exist_ok=True)
+        subprocess.run(["mount", "-t", "tracefs", "nodev", TRACEFS], check=False)
+    if not os.path.exists(os.path.join(TRACEFS, "current_tracer")):
+        pytest.skip("tracefs is not available")
+    enable = f"/sys/block/{os.path.basename(dev)}/trace/enable"
+
+    def put(name: str, value: str) -> None:
+        with open(name if name.startswith("/") else os.path.join(TRACEFS, name), "w") as f:
+            f.write(value)
+
+    with open("/tmp/thinpool-tracefs.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with open(os.path.join(TRACEFS, "current_tracer")) as f:
+            old_tracer = f.read().strip()
+        with open(os.path.join(TRACEFS, "trace_options")) as f:
+            old_options = [o for o in f.read().split() if o in ("bin", "nobin", "context-info", "nocontext-info")]
+        put("current_tracer", "blk")
+        put("trace_options", "bin")
+        put("trace_options", "nocontext-info")
+        put(enable, "1")
+        with open(out_path, "wb") as out:
+            reader = subprocess.Popen(["cat", os.path.join(TRACEFS, "trace_pipe")], stdout=out)
+            try:
+                time.sleep(0.2)   # the reader is open before the workload starts
+                yield
+                time.sleep(0.3)   # and drains the last events
+            finally:
+                put(enable, "0")
+                reader.terminate()
+                reader.wait()
+                put("current_tracer", old_tracer)
+                for option in old_options:
+                    put("trace_options", option)
+
+
+def blkparse_summary(text: str) -> dict[str, tuple[int, int]]:
+    """blkparse's own per-CPU totals, summed: {"Reads Queued": (count, KiB), ...}."""
+    sums: dict[str, list[int]] = {}
+    cpu_blocks = re.split(r"^CPU\d+ \(\d+,\d+\):$", text, flags=re.M)[1:]
+    for block in cpu_blocks:
+        block = block.split("\nTotal")[0].split("\nThroughput")[0]
+        for name, n, kib in re.findall(r"(\w+ \w+):\s+(\d+),\s+(\d+)KiB", block):
+            s = sums.setdefault(name, [0, 0])
+            s[0] += int(n)
+            s[1] += int(kib)
+    return {k: (v[0], v[1]) for k, v in sums.items()}
+
+
+def test_blkparse_of_a_traced_loop_device_matches_blkparses_totals(tmp_path):
+    """blktrace records of a loop device (direct writes and reads, a discard, an fsync's flush) through
+    ``blkparse -i -``: the Q, D and C records agree with blkparse's own queued/dispatched/completed
+    counts and KiB, and every write the test issued is there at its offset."""
+    require_root()
+    require_tool("blkparse", "losetup", "blkdiscard")
+    raw = str(tmp_path / "trace.bin")
+    writes = [(0, 65536), (1 << 20, 4096), (5 << 20, 131072), (3 << 20, 8192)]
+    with loop_device(str(tmp_path / "disk.img")) as dev:
+        with blk_traced(dev, raw):
+            fd = os.open(dev, os.O_RDWR | os.O_DIRECT)
+            try:
+                buf = mmap.mmap(-1, 1 << 20)
+                for off, n in writes:
+                    assert os.pwritev(fd, [memoryview(buf)[:n]], off) == n
+                os.fsync(fd)
+                assert os.preadv(fd, [memoryview(buf)[:16384]], 1 << 20) == 16384
+            finally:
+                os.close(fd)
+            subprocess.run(["blkdiscard", "-o", str(8 << 20), "-l", str(2 << 20), dev], check=True)
+    text = str(tmp_path / "trace.txt")
+    with open(raw, "rb") as src, open(text, "wb") as dst:
+        subprocess.run(["blkparse", "-i", "-"], stdin=src, stdout=dst, check=True, timeout=60)
+    with open(text) as f:
+        parsed_text = f.read()
+    summary = blkparse_summary(parsed_text)
+    assert sniff_format(text) == "blkparse"
+    for event, reads, writes_key in (("Q", "Reads Queued", "Writes Queued"),
+                                     ("D", "Read Dispatches", "Write Dispatches"),
+                                     ("C", "Reads Completed", "Writes Completed")):
+        trace = open_trace(text, blkparse_event=event)
+        got = concat(list(trace.chunks()))
+        op, length = got["op"], got["length"]
+        assert trace.volumes == [f"7,{os.minor(os.stat(dev).st_rdev)}"]
+        r = op == OP_READ
+        w = (op == OP_WRITE) | (op == OP_DISCARD)
+        # bytes: blkparse counts a discard as a write
+        assert int(length[r].sum()) // 1024 == summary[reads][1], event
+        assert int(length[w].sum()) // 1024 == summary[writes_key][1], event
+        # requests: blkparse also counts a flush (F..., no data) and an empty completion (WS 0 [0]),
+        # which is no record here
+        flushes = op == OP_FLUSH
+        assert flushes.sum() >= 1 and not length[flushes].any()
+        empty = len(re.findall(rf"^\s*\d+,\d+\s+\d+\s+\d+\s+\S+\s+\d+\s+{event}\s+[RWD][A-Z]*\s+\d+\s+\[",
+                               parsed_text, flags=re.M))
+        assert len(op) + empty == summary[reads][0] + summary[writes_key][0], event
+        wrote = {(int(o), int(n)) for o, n, k in zip(got["offset"], length, op) if k == OP_WRITE}
+        assert set(writes) <= wrote
+        d = op == OP_DISCARD
+        assert int(length[d].sum()) == 2 << 20 and int(got["offset"][d].min()) == 8 << 20
+        assert np.all(np.diff(got["time"]) >= 0) or event == "C"
+
+
+BLKPARSE_SAMPLE = """\
+  7,0    1        0     0.000000000 20447  Q  WS 0 + 128 [fio]
+  7,0    1        0     0.000972183 20447  G  WS 0 + 128 [fio]
+  7,0    1        0     0.000973585 20447  P   N [fio]
+  7,0    1        0     0.000974126 20447  U   N [fio] 1
+  7,0    1        0     0.000975298 20447  D  WS 0 + 128 [fio]
+  7,0    0        0     0.000163162 21040  Q FWS [jbd2/loop0-8]
+  7,0    0        0     0.000553531    14  C  FN 0 [0]
+  8,16   0        0     0.500000000 21040  Q FWFS 2048 + 8 [kworker/u4:2 x]
+  8,16   0        0     0.750000000 21040  Q  DS 4096 + 2048 [blkdiscard]
+  8,16   0        0     1.000000001 21040  Q  RA 64 + 8 [cat]
+  7,0    0        0     1.500000000 21040  m   N some message
+CPU0 (7,0):
+ Reads Queued:           1,       64KiB	 Writes Queued:           2,       64KiB
+Total (7,0):
+ Reads Queued:           1,       64KiB	 Writes Queued:           2,       64KiB
+Throughput (R/W): 0KiB/s / 0KiB/s
+"""
+
+
+def test_blkparse_rwbs_preflush_fua_discard_and_devices(tmp_path):
+    """RWBS: a leading F is a preflush (a flush record, before the data of the same request), W/R/D the
+    data direction, later letters (F for FUA, S, A) do not matter; devices are volumes; the summary is
+    no record."""
+    p = tmp_path / "t.txt"
+    p.write_text(BLKPARSE_SAMPLE)
+    trace = open_trace(p)
+    (c,) = trace.chunks()
+    assert trace.format == "blkparse" and trace.volumes == ["7,0", "8,16"]
+    assert c.op.tolist() == [OP_WRITE, OP_FLUSH, OP_FLUSH, OP_WRITE, OP_DISCARD, OP_READ]
+    assert c.offset.tolist() == [0, 0, 0, 2048 * 512, 4096 * 512, 64 * 512]
+    assert c.length.tolist() == [65536, 0, 0, 4096, 2048 * 512, 4096]
+    assert c.volume.tolist() == [0, 0, 1, 1, 1, 1]
+    assert c.line.tolist() == [1, 6, 8, 8, 9, 10]
+    assert np.allclose(c.time, [0.0, 0.000163162, 0.5, 0.5, 0.75, 1.000000001])
+    (d,) = open_trace(p, blkparse_event="D").chunks()
+    assert d.line.tolist() == [5]
+    (cc,) = open_trace(p, blkparse_event="C").chunks()
+    assert cc.op.tolist() == [OP_FLUSH] and cc.line.tolist() == [7]
+
+
+@pytest.mark.parametrize("line, reason", [
+    ("  7,0    1        0     0.0x0000000 20447  Q  WS 0 + 128 [fio]", "SECONDS.NANOSECONDS"),
+    ("  7,0    1        0     0.000000100 20447  Q  XS 0 + 128 [fio]", "RWBS"),
+    ("  7,0    1        0     0.000000100 20447  Q  WS 0 + 1x8 [fio]", "SECTOR"),
+    ("garbage here", "not a blkparse record"),
+])
+def test_malformed_blkparse_line_names_file_and_line(tmp_path, line, reason):
+    p = tmp_path / "b.txt"
+    lines = BLKPARSE_SAMPLE.splitlines()
+    lines.insert(2, line)
+    p.write_text("\n".join(lines) + "\n")
+    with pytest.raises(TraceError, match=reason) as exc:
+        list(open_trace(p, "blkparse").chunks())
+    assert exc.value.line == 3 and f"{p}: line 3:" in str(exc.value)
+    trace = open_trace(p, "blkparse", skip_bad=True)
+    assert sum(len(c) for c in trace.chunks()) == 6 and trace.bad_records == 1

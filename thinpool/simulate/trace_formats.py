@@ -190,3 +190,122 @@ def sniff_fio(head: bytes) -> int | None:
     """The iolog version when ``head`` (the file's first bytes) starts with fio's header line."""
     first = head.split(b"\n", 1)[0].rstrip(b"\r")
     return FIO_HEADERS.get(first)
+
+
+# ------------------------------------------------------------------------------------------- blkparse
+_DIGIT_LO, _DIGIT_HI = 48, 57
+_SUMMARY = (b"CPU", b"Total", b"Throughput", b"Events", b"Skips")
+_PLUS = _kw(b"+")
+
+
+class Blkparse(Parser):
+    """blkparse's default text output (``blktrace -d DEV -o - | blkparse -i -``).
+
+    A record line: ``MAJ,MIN CPU SEQ SECONDS.NANOSECONDS PID ACTION RWBS [SECTOR + COUNT] [PROCESS]``.
+    Only lines whose ACTION is ``event`` (``Q`` queued by default, ``D`` issued, ``C`` completed) are
+    records; every other action (G, I, M, P, U, m...) is skipped.  RWBS: an optional leading ``F`` (a
+    preflush: a flush record, before the data record when the request also carries data), then ``R``
+    read, ``W`` write, ``D`` discard or ``N`` (no data); later letters (F for FUA, S, M, A...) do not
+    change the op.  Sectors are 512 bytes.  A request without data and without preflush (an empty
+    ``WS 0`` completion) is no record.  Volumes are the ``MAJ,MIN`` devices.  The per-CPU summary
+    blkparse prints at the end (from a ``CPUn (MAJ,MIN):`` or ``Total`` line on) is skipped."""
+
+    def __init__(self, event: str) -> None:
+        super().__init__()
+        self.event = ord(event)
+        self.in_summary = False
+
+    def parse(self, buf: np.ndarray, size: int, first_line: int) -> tuple[Records, Bad]:
+        f = T.split_whitespace(buf, size)
+        bad = Bad()
+        count = f.count
+        nonblank = np.flatnonzero(count > 0)
+        first_byte = buf[f.start[f.first[nonblank]]]
+        record_like = (first_byte >= _DIGIT_LO) & (first_byte <= _DIGIT_HI) & (count[nonblank] >= 7)
+        if self.in_summary:
+            return _empty_records(), bad
+        others = nonblank[~record_like]
+        if len(others):
+            start0 = f.start[f.first[others]]
+            n = f.end[f.first[others]] - start0
+            summary = np.zeros(len(others), dtype=bool)
+            for word in _SUMMARY:
+                p = word[:8]
+                summary |= (n >= len(word)) & (T.words(buf, start0, start0 + len(p)) == np.uint64(T.keyword(p)))
+            if summary.any():
+                stop = int(others[np.argmax(summary)])
+                self.in_summary = True
+                others = others[others < stop]
+                nonblank = nonblank[nonblank < stop]
+                record_like = record_like[:len(nonblank)]
+            bad.add_lines(others, "not a blkparse record line (MAJ,MIN CPU SEQ TIME PID ACTION RWBS ...)")
+        rec_lines = nonblank[record_like]
+        fi = f.first[rec_lines]
+        act = f.start[fi + 5]
+        mine = (buf[act] == self.event) & (f.end[fi + 5] - act == 1)
+        lines = rec_lines[mine]
+        fi = fi[mine]
+        n_fields = count[lines]
+        # time: SECONDS.NANOSECONDS
+        whole, frac, bad_t = T.parse_decimal(buf, f.start[fi + 3], f.end[fi + 3])
+        bad.add_lines(lines[bad_t], "the time stamp must be SECONDS.NANOSECONDS")
+        # RWBS
+        rs, re_ = f.start[fi + 6], f.end[fi + 6]
+        pre = (buf[rs] == ord("F")) & (re_ - rs > 1)
+        kind = buf[rs + pre]
+        is_r, is_w = kind == ord("R"), kind == ord("W")
+        is_d, is_n = (kind == ord("D")) | (kind == ord("E")), kind == ord("N")
+        pre |= (buf[rs] == ord("F")) & (re_ - rs == 1)
+        is_n |= (buf[rs] == ord("F")) & (re_ - rs == 1)
+        bad_k = ~(is_r | is_w | is_d | is_n)
+        bad.add_lines(lines[bad_k], "RWBS must start with [F]R, [F]W, [F]D or [F]N")
+        # SECTOR + COUNT when the 9th field is '+'
+        has_range = n_fields >= 10
+        pi = np.where(has_range, fi + 8, 0)
+        has_range &= (T.words(buf, f.start[pi], f.end[pi]) == np.uint64(_PLUS[0])) & \
+            (f.end[pi] - f.start[pi] == 1)
+        ri = np.flatnonzero(has_range)
+        sector = np.zeros(len(lines), dtype=np.int64)
+        nsect = np.zeros(len(lines), dtype=np.int64)
+        sector[ri], bad_s = T.parse_uint(buf, f.start[fi[ri] + 7], f.end[fi[ri] + 7])
+        nsect[ri], bad_c = T.parse_uint(buf, f.start[fi[ri] + 9], f.end[fi[ri] + 9])
+        bad_r = np.zeros(len(lines), dtype=bool)
+        bad_r[ri] = bad_s | bad_c | (sector[ri] > (1 << 54))
+        bad.add_lines(lines[bad_r], "SECTOR + COUNT must be unsigned decimal numbers")
+        ok = ~(bad_t | bad_k | bad_r)
+        data = ok & (nsect > 0) & (is_r | is_w | is_d)
+        flush = ok & pre
+        # one or two records per line: the preflush first, then the data
+        n_out = flush.astype(np.int64) + data
+        src = np.repeat(np.arange(len(lines)), n_out)
+        second = np.zeros(len(src), dtype=bool)
+        second[1:] = src[1:] == src[:-1]
+        is_flush_rec = flush[src] & ~second
+        op = np.where(is_flush_rec, OP_FLUSH,
+                      np.where(is_r[src], OP_READ, np.where(is_w[src], OP_WRITE, OP_DISCARD))).astype(np.uint8)
+        ns = whole[src] * 1_000_000_000 + frac[src]
+        vol_all = self.names.intern(buf, f.start[fi[ok]], f.end[fi[ok]])
+        vol = np.zeros(len(lines), dtype=np.int32)
+        vol[ok] = vol_all
+        rec = Records(
+            time=self._seconds(ns, 1e-9),
+            op=op,
+            offset=np.where(is_flush_rec, 0, sector[src] * 512),
+            length=np.where(is_flush_rec, 0, nsect[src] * 512),
+            volume=vol[src],
+            line=lines[src] + first_line,
+        )
+        return rec, bad
+
+
+def sniff_blkparse(head: bytes) -> bool:
+    """Whether the first non-blank line of ``head`` looks like a blkparse record."""
+    for raw in head.split(b"\n")[:-1][:20]:
+        parts = raw.split()
+        if not parts:
+            continue
+        dev = parts[0].split(b",")
+        return (len(parts) >= 7 and len(dev) == 2 and all(d.isdigit() for d in dev)
+                and parts[1].isdigit() and parts[2].isdigit() and b"." in parts[3]
+                and parts[3].replace(b".", b"", 1).isdigit())
+    return False

@@ -93,6 +93,8 @@ class Trace:
     def _parser(self) -> F.Parser:
         if self.format == "fio-iolog":
             return F.FioIolog(self.fio_version)
+        if self.format == "blkparse":
+            return F.Blkparse(self.blkparse_event)
         raise TraceError(f"trace format {self.format!r} is not readable yet", path=self.path)
 
     def chunks(self) -> Iterator[TraceChunk]:
@@ -171,6 +173,8 @@ def sniff_format(path: str | os.PathLike[str]) -> str:
         raise TraceError(f"cannot read trace {p}: {e.strerror}", path=p) from e
     if F.sniff_fio(head) is not None:
         return "fio-iolog"
+    if F.sniff_blkparse(head):
+        return "blkparse"
     raise TraceError(f"{p}: cannot tell the trace format from the first line; give it "
                      f"(one of {', '.join(FORMATS)})", path=p, line=1)
 
