@@ -455,3 +455,118 @@ def test_malformed_blkparse_line_names_file_and_line(tmp_path, line, reason):
     assert exc.value.line == 3 and f"{p}: line 3:" in str(exc.value)
     trace = open_trace(p, "blkparse", skip_bad=True)
     assert sum(len(c) for c in trace.chunks()) == 6 and trace.bad_records == 1
+
+
+# ------------------------------------------------------------------------------------ MSR and CSV
+FILETIME_2007 = 128166372003061629     # a Windows filetime (100 ns ticks since 1601) in February 2007
+
+
+def fio_records(tmp_path) -> dict[str, np.ndarray]:
+    """The records of a real fio job (reads, writes and trims), as the fio reader gives them."""
+    require_tool("fio")
+    log = write_iolog(str(tmp_path / "src.iolog"), str(tmp_path / "f.img"), "--rw=randtrim",
+                      "--io_size=64k", "--bs=4k,8k,16k", engine="null")
+    log2 = write_iolog(str(tmp_path / "src2.iolog"), str(tmp_path / "f.img"), "--rw=randrw",
+                       "--io_size=512k", "--bsrange=512-64k")
+    return {k: np.concatenate([assert_matches_python(log2)[k], assert_matches_python(log)[k]])
+            for k in ("op", "offset", "length")}
+
+
+def test_msr_csv_written_from_a_real_fio_trace(tmp_path):
+    """An MSR Cambridge file (no header, filetime ticks, Read/Write, two host/disk volumes) written by
+    independent code from a real fio job's reads and writes reads back record for record."""
+    rec = fio_records(tmp_path)
+    keep = rec["op"] != OP_DISCARD
+    ops, offs, lens = rec["op"][keep], rec["offset"][keep], rec["length"][keep]
+    ticks = FILETIME_2007 + np.arange(len(ops)) * 12345
+    hosts = ["hm,0", "src1,12"]
+    p = tmp_path / "hm_0.csv"
+    with open(p, "w") as f:
+        for i, (o, off, n) in enumerate(zip(ops, offs, lens)):
+            f.write(f"{ticks[i]},{hosts[i // 7 % 2]},{'Read' if o == OP_READ else 'Write'},{off},{n},{i}\r\n")
+    assert sniff_format(p) == "msr"
+    trace = open_trace(p, chunk_records=50)
+    got = concat(list(trace.chunks()))
+    assert got["op"].tolist() == ops.tolist()
+    assert got["offset"].tolist() == offs.tolist() and got["length"].tolist() == lens.tolist()
+    assert np.allclose(got["time"], (ticks - ticks[0]) * 1e-7)
+    assert trace.volumes == ["hm/0", "src1/12"]
+    assert got["volume"].tolist() == [i // 7 % 2 for i in range(len(ops))]
+
+
+ALIBABA = "2,R,126703644672,4096,1577808000000162\n2,W,1292386304,8192,1577808000000385\n" \
+          "7,W,0,4096,1577808000001385\n"
+TENCENT = "1538323200,3925808,8,0,1063\n1538323200,3925816,16,1,1063\n1538323201,0,8,1,7\n"
+
+
+def test_plain_csv_alibaba_and_tencent_after_the_documented_header_line(tmp_path):
+    """The public cloud block traces become the plain CSV by adding a header line (docs/simulate.md's
+    ``sed`` one-liners, run here): Alibaba (device_id,opcode,offset,length,timestamp in microseconds) and
+    Tencent CBS (Timestamp in seconds,Offset and Size in sectors,IOType 0/1,VolumeID)."""
+    require_tool("sed")
+    cases = [
+        (ALIBABA, "volume,op,offset,length,time_us",
+         [OP_READ, OP_WRITE, OP_WRITE], [126703644672, 1292386304, 0], [4096, 8192, 4096],
+         [0.0, 0.000223, 0.001223], ["2", "7"]),
+        (TENCENT, "time,offset_sectors,length_sectors,op,volume",
+         [OP_READ, OP_WRITE, OP_WRITE], [3925808 * 512, 3925816 * 512, 0], [4096, 8192, 4096],
+         [0.0, 0.0, 1.0], ["1063", "7"]),
+    ]
+    for i, (body, header, ops, offs, lens, times, vols) in enumerate(cases):
+        raw = tmp_path / f"raw{i}.csv"
+        raw.write_text(body)
+        out = tmp_path / f"named{i}.csv"
+        with open(out, "w") as f:
+            subprocess.run(["sed", f"1i {header}", str(raw)], stdout=f, check=True)
+        assert sniff_format(out) == "csv"
+        trace = open_trace(out)
+        (c,) = trace.chunks()
+        assert c.op.tolist() == ops and c.offset.tolist() == offs and c.length.tolist() == lens
+        assert np.allclose(c.time, times) and trace.volumes == vols
+        assert c.line.tolist() == [2, 3, 4]
+
+
+def test_plain_csv_from_a_real_fio_trace_columns_in_any_order(tmp_path):
+    rec = fio_records(tmp_path)
+    names = {OP_READ: "read", OP_WRITE: "W", OP_DISCARD: "Trim", OP_FLUSH: "flush"}
+    p = tmp_path / "t.csv"
+    with open(p, "w") as f:
+        f.write("length,comment,op,offset,time\n")
+        for i, (o, off, n) in enumerate(zip(rec["op"], rec["offset"], rec["length"])):
+            f.write(f"{n},x{i},{names[int(o)]},{off},{i * 0.001:.6f}\n")
+    trace = open_trace(p, chunk_records=9)
+    got = concat(list(trace.chunks()))
+    for k in ("op", "offset", "length"):
+        assert got[k].tolist() == rec[k].tolist()
+    assert np.allclose(got["time"], np.arange(len(rec["op"])) * 0.001)
+    assert trace.volumes == ["0"] and not got["volume"].any()
+
+
+@pytest.mark.parametrize("fmt, text, reason", [
+    ("msr", "{ok}\n{ok}\n128166372003061629,hm,0,Raed,0,4096,1\n", "Type must be Read or Write"),
+    ("msr", "{ok}\n{ok}\n128166372003061629,hm,0,Read,-5,4096,1\n", "unsigned decimal"),
+    ("msr", "{ok}\n{ok}\n128166372003061629,hm,0,Read,0,4096\n", "expected 7"),
+    ("msr", "{ok}\n{ok}\n12816637200306162x,hm,0,Read,0,4096,1\n", "Timestamp"),
+    ("csv", "time,op,offset,length\n1,R,0,1\n1.5.2,W,0,1\n", "time must be"),
+    ("csv", "time,op,offset,length\n1,R,0,1\n2,X,0,1\n", "op must be"),
+    ("csv", "time,op,offset,length\n1,R,0,1\n2,W,0\n", "expected 4"),
+    ("csv", "time,op,offset,length\n1,R,0,1\n2,W,0,1e3\n", "unsigned decimal"),
+])
+def test_malformed_msr_and_csv_records_name_file_and_line(tmp_path, fmt, text, reason):
+    p = tmp_path / "bad.csv"
+    p.write_text(text.format(ok="128166372003061629,hm,0,Read,0,4096,1") + "1,R,0,1\n" * (fmt == "csv"))
+    with pytest.raises(TraceError, match=reason) as exc:
+        list(open_trace(p, fmt).chunks())
+    assert exc.value.line == 3 and f"{p}: line 3:" in str(exc.value)
+    trace = open_trace(p, fmt, skip_bad=True)
+    assert sum(len(c) for c in trace.chunks()) == 2 and trace.bad_records == 1
+
+
+def test_csv_header_must_name_the_columns(tmp_path):
+    p = tmp_path / "h.csv"
+    p.write_text("time,op,offset,size\n1,R,0,1\n")
+    with pytest.raises(TraceError, match=r"line 1: .*missing: length"):
+        open_trace(p, "csv")
+    p.write_text("time,op,offset,length,time_us\n1,R,0,1,1\n")
+    with pytest.raises(TraceError, match="two time columns"):
+        open_trace(p, "csv")

@@ -156,6 +156,13 @@ def words(buf: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
     return word_view(buf)[start] & _mask(end - start)
 
 
+def words_folded(buf: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """:func:`words` with every byte OR 0x20: ASCII upper-case letters become lower-case, digits and
+    lower-case letters stay, and no other byte becomes a letter (compare with lower-case keywords)."""
+    mask = _mask(end - start)
+    return (word_view(buf)[start] | np.uint64(0x2020202020202020)) & mask
+
+
 def keyword(text: bytes) -> int:
     """The :func:`words` value of a keyword of at most 8 bytes."""
     assert len(text) <= 8

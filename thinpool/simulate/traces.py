@@ -31,6 +31,7 @@ from typing import Iterator
 import numpy as np
 
 from thinpool.errors import TraceError
+from thinpool.simulate import trace_csv as C
 from thinpool.simulate import trace_formats as F
 from thinpool.simulate import trace_text as T
 
@@ -95,7 +96,16 @@ class Trace:
             return F.FioIolog(self.fio_version)
         if self.format == "blkparse":
             return F.Blkparse(self.blkparse_event)
-        raise TraceError(f"trace format {self.format!r} is not readable yet", path=self.path)
+        if self.format == "msr":
+            return C.Msr()
+        return C.Csv(self._header(), self.path)
+
+    def _header(self) -> bytes:
+        try:
+            with open(self.path, "rb") as f:
+                return f.readline(T.MAX_LINE)
+        except OSError as e:
+            raise TraceError(f"cannot read trace {self.path}: {e.strerror}", path=self.path) from e
 
     def chunks(self) -> Iterator[TraceChunk]:
         """The records in file order, ``chunk_records`` per chunk (the last one shorter).  Streaming:
@@ -175,6 +185,10 @@ def sniff_format(path: str | os.PathLike[str]) -> str:
         return "fio-iolog"
     if F.sniff_blkparse(head):
         return "blkparse"
+    if C.sniff_msr(head):
+        return "msr"
+    if C.sniff_csv(head):
+        return "csv"
     raise TraceError(f"{p}: cannot tell the trace format from the first line; give it "
                      f"(one of {', '.join(FORMATS)})", path=p, line=1)
 
@@ -212,5 +226,8 @@ def open_trace(path: str | os.PathLike[str], format: str | None = None, *, chunk
             raise TraceError(f"{p}: line 1: not a fio iolog: the first line must be 'fio version 2 iolog' "
                              f"or 'fio version 3 iolog', not {first!r}", path=p, line=1)
         fio_version = version
-    return Trace(p, format, chunk_records=chunk_records, skip_bad=bool(skip_bad),
-                 blkparse_event=blkparse_event, fio_version=fio_version)
+    trace = Trace(p, format, chunk_records=chunk_records, skip_bad=bool(skip_bad),
+                  blkparse_event=blkparse_event, fio_version=fio_version)
+    if format == "csv":
+        trace._parser()           # the header is checked now
+    return trace
