@@ -236,7 +236,8 @@ class _GetoptNumeric(click.Command):
 
 @click.command("metadata-size", cls=_GetoptNumeric)
 @click.option("-b", "--block-size", required=True, metavar="SIZE",
-              help="Data block size (a power of two).")
+              help="Data block size: a power of two, or any pool block size (a multiple of 64KiB "
+                   "from 64KiB to 1GiB).")
 @click.option("-s", "--pool-size", required=True, metavar="SIZE", help="Data device size.")
 @click.option("-m", "--max-thins", required=True, metavar="N", help="Maximum number of thin volumes.")
 @click.option("-u", "--unit", default=None, metavar="UNIT", help="Output unit (default: sectors).")
@@ -249,11 +250,13 @@ def metadata_size_cmd(block_size: str, pool_size: str, max_thins: str, unit: str
 
     Same formula and output as thin_metadata_size 0.9.0, and the tool's units: a number alone is in
     sectors; suffixes b, s, k, m, g, t, p (binary: k = KiB) and K, M, G, T, P (decimal: K = 1000), or
-    long forms such as 64kibi or 1tera.
+    long forms such as 64kibi or 1tera.  Every block size a pool accepts works (multiples of 64KiB from
+    64KiB to 1GiB, e.g. 192k, which the tool itself refuses as not a power of two).
 
     \b
     Examples:
       thinpool metadata-size -b 64k -s 1t -m 1000
+      thinpool metadata-size -b 192k -s 1t -m 1000
       thinpool metadata-size -b 64k -s 1t -m 1000 -u m -n short
     """
     from thinpool.interop.thin_metadata_size import format_metadata_size

@@ -2,7 +2,8 @@
 
 :func:`metadata_size_blocks` is the estimate in 4 KiB blocks; :func:`format_metadata_size` parses the
 tool's -b/-s/-m/-u/-n arguments (its unit suffixes included) and prints what the tool prints, byte for
-byte.  Error messages are the tool's own texts.
+byte.  Error messages are the tool's own texts (the one for a refused block size goes on to name
+the pool block sizes accepted besides powers of two).
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ def _unit_factors() -> list[int]:
 
 _UNIT_FACTORS = _unit_factors()
 _MAPPINGS_PER_BLOCK = (4096 - 64) // 16   # 252, the 0.9.0 estimate
+#: the tool's text for a block size it refuses; ours goes on to say what else is accepted
+BLOCK_SIZE_MESSAGE = "block size must be 2^^N"
+_MIN_POOL_BLOCK = (64 << 10) // SECTOR     # 128 sectors: dm-thin's smallest data block
+_MAX_POOL_BLOCK = (1 << 30) // SECTOR      # 2,097,152 sectors: its largest
 
 
 def _unit_index(text: str) -> int:
@@ -49,14 +54,22 @@ def metadata_size_blocks(block_size_bytes: int, pool_size_bytes: int, max_thins:
     """thin_metadata_size 0.9.0's estimate, in 4 KiB metadata blocks.
 
     ``1 + 2 × pool_sectors ÷ block_sectors ÷ 252 + max_thins`` (integer divisions; sizes are
-    taken in whole 512-byte sectors as the tool does).  Raises :class:`InvalidArgument` with the
-    tool's texts when a value is zero, the block size is not a power of two ("block size must be
-    2^^N") or the pool is not larger than a block.
+    taken in whole 512-byte sectors as the tool does).  The block size may be a power of two (what
+    the tool accepts) or any block size a pool accepts (a multiple of 64 KiB from 64 KiB to 1 GiB,
+    dm-thin's rule; the tool refuses those that are not powers of two, the same formula covers
+    them).  Raises :class:`InvalidArgument` with the tool's texts when a value is zero, the block
+    size is neither ("block size must be 2^^N") or the pool is not larger than a block.
     """
     block = block_size_bytes // SECTOR
     pool = pool_size_bytes // SECTOR
     _check_sizes(block, pool, max_thins)
     return 1 + 2 * pool // block // _MAPPINGS_PER_BLOCK + max_thins
+
+
+def _pool_block_size(sectors: int) -> bool:
+    """Whether ``sectors`` is a block size a pool accepts: a multiple of 128 sectors (64 KiB) from 128
+    to 2,097,152 (1 GiB), dm-thin's ``DATA_DEV_BLOCK_SIZE_MIN/MAX_SECTORS`` rule."""
+    return _MIN_POOL_BLOCK <= sectors <= _MAX_POOL_BLOCK and sectors % _MIN_POOL_BLOCK == 0
 
 
 def _check_sizes(block: int, pool: int, max_thins: int) -> None:
@@ -66,8 +79,9 @@ def _check_sizes(block: int, pool: int, max_thins: int) -> None:
         raise InvalidArgument("pool size required!")
     if not max_thins:
         raise InvalidArgument("max thins required!")
-    if block & (block - 1):
-        raise InvalidArgument("block size must be 2^^N")
+    if block & (block - 1) and not _pool_block_size(block):
+        raise InvalidArgument(f"{BLOCK_SIZE_MESSAGE} (or a multiple of 64KiB from 64KiB to 1GiB, as a pool's; "
+                              f"got {block} sectors)")
     if pool <= block:
         raise InvalidArgument("pool size must be larger than block size")
 
