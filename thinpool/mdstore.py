@@ -78,6 +78,8 @@ PM_ENTRIES = BLOCK // 8
 _SB_HEADER = struct.Struct("<I8sIQI")  # crc, magic, version, generation, json length
 SUPERBLOCKS = 2
 _USED = 1       # state bit: reachable from the current (uncommitted) state
+#: the committed header's fields a held metadata snapshot keeps (its superblock copy)
+HELD_SUPERBLOCK_FIELDS = ("time", "transaction_id", "needs_check")
 _PROTECTED = 2  # state bit: reachable from the last commit or from the held metadata snapshot
 _PROTECT_USED = bytes(3 if x & _USED else 0 for x in range(256))  # after a commit: protected := used
 _IOV_MAX = 1024
@@ -642,8 +644,13 @@ class MetadataStore:
 
     # ------------------------------------------------------------------ held metadata snapshot
     def hold(self) -> None:
-        """Keep the last committed state readable (reserve_metadata_snap); its blocks stay reserved."""
+        """Keep the last committed state readable (reserve_metadata_snap); its blocks stay reserved.
+
+        Like the kernel's ``__reserve_metadata_snap``, which copies the superblock, the hold keeps the
+        committed superblock's own fields (``superblock``: time, transaction id, needs_check) beside the
+        arrays, so the held view reports them and not the live pool's."""
         held = {k: self.header[k] for k in ("directory", "directory_bytes", "pages")}
+        held["superblock"] = {k: self.header[k] for k in HELD_SUPERBLOCK_FIELDS if k in self.header}
         held["generation"] = self.generation
         held["root_block"] = int(self.dir_locs[0] >> 32) if self.dir_locs else 0
         self.header["held"] = held

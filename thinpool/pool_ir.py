@@ -38,8 +38,9 @@ def _device_mappings(nodes: tuple, root: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def state_to_metadata(pool: "Pool", nodes: tuple, devs: np.ndarray, nr_data_blocks: int, time: int,
-                      transaction: int, held_root: int | None = None) -> Metadata:
-    """IR of a pool state: the block map ``nodes`` and device table ``devs`` (devices in dev-id order)."""
+                      transaction: int, held_root: int | None = None, flags: int | None = None) -> Metadata:
+    """IR of a pool state: the block map ``nodes`` and device table ``devs`` (devices in dev-id order);
+    ``flags`` defaults to the live pool's (needs_check)."""
     used = np.flatnonzero((devs["flags"] & DevFlag.IN_USE) != 0)
     order = used[np.argsort(devs["dev_id"][used], kind="stable")]
     devices = []
@@ -50,14 +51,21 @@ def state_to_metadata(pool: "Pool", nodes: tuple, devs: np.ndarray, nr_data_bloc
         devices.append(Device(dev_id=int(d["dev_id"]), mapped_blocks=len(vb), transaction=int(d["transaction"]),
                               creation_time=int(d["creation_time"]), snap_time=int(d["snap_time"]),
                               vblocks=vb.astype(np.uint64), dblocks=blocks, times=times.astype(np.uint32)))
+    if flags is None:
+        flags = 1 if pool.header.get("needs_check") else 0
     sb = Superblock(time=time, transaction=transaction, data_block_size=pool.block_size // SECTOR,
-                    nr_data_blocks=nr_data_blocks, flags=1 if pool.header.get("needs_check") else 0, version=2,
+                    nr_data_blocks=nr_data_blocks, flags=flags, version=2,
                     metadata_snap=held_root)
     return Metadata(sb, devices)
 
 
 def pool_to_metadata(pool: "Pool", *, held: bool = False) -> Metadata:
-    """The pool's current state (or its held metadata snapshot) as IR, devices in dev-id order."""
+    """The pool's current state (or its held metadata snapshot) as IR, devices in dev-id order.
+
+    The held view is what the kernel's held root holds: the superblock as it was at
+    ``reserve_metadata_snap`` (its time, transaction id and flags) and ``nr_data_blocks`` 0 (the copy
+    has no space maps, so thin_dump -m prints 0), and no held root of its own.
+    """
     with pool.locked():
         if held:
             return _held_metadata(pool)
@@ -77,8 +85,15 @@ def _held_metadata(pool: "Pool") -> Metadata:
     bm = BlockMap.from_arrays(st, arrays["leaves"].view(np.uint64), arrays["inners"].view(np.int32),
                               arrays["leaf_rc"].view(np.uint32), arrays["inner_rc"].view(np.uint32))
     devs = arrays["devs"].view(dev_dtype())
-    nr = min(len(arrays["data_rc"]) // 4, pool.nr_data_blocks)
-    return state_to_metadata(pool, bm.nodes, devs, nr, pool.time, pool.transaction_id, int(held["root_block"]))
+    # the kernel's held root is a copy of the superblock at reservation with its space-map roots
+    # wiped (dm-thin-metadata.c, __reserve_metadata_snap): its own time, transaction id and flags,
+    # and no data space map, so thin_dump -m / thin_delta -m print nr_data_blocks="0"
+    sb = held.get("superblock")
+    if sb is None:  # held before the hold kept its superblock fields: the best we know is the live pool's
+        sb = {"time": pool.time, "transaction_id": pool.transaction_id, "needs_check": pool.header.get("needs_check")}
+    # (the copy's own held_root is zero: metadata_snap None)
+    return state_to_metadata(pool, bm.nodes, devs, 0, int(sb["time"]), int(sb["transaction_id"]),
+                             None, flags=1 if sb.get("needs_check") else 0)
 
 
 def pool_from_metadata(create: Callable[..., "Pool"], path: str | os.PathLike, md: Metadata, *, data_file: str | os.PathLike | None = None,

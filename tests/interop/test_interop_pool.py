@@ -167,3 +167,54 @@ def test_many_bitmaps_refcount_tree_and_internal_nodes(tmp_path):
     assert counts.max() == 4 and (counts == 3).sum() == n7 and (counts == 4).sum() == 17000 - n7
     assert pool.status().used_data_blocks == 17000 + len(range(0, 17000, 7))
     pool.close()
+
+
+def test_kernel_rule_held_metadata_snapshot_is_a_copy_of_the_superblock_at_reservation(tmp_path):
+    """dm-thin's reserve_metadata_snap copies the superblock (__reserve_metadata_snap) and wipes the
+    copy's space-map roots: thin_dump -m / thin_delta -m print the copy's own time and transaction id
+    and nr_data_blocks 0, whatever the live pool did since.  Ours says the same, and our exported
+    metadata makes the real tools say it too."""
+    require_tool("thin_check", "thin_dump", "thin_delta", "thin_ls")
+    from thinpool.cli.ops import op_delta, op_dump
+    pool = Pool.create(tmp_path / "p", data_size=2000 * BS)
+    try:
+        v = pool.create_thin("v", "1GiB")
+        v.write_many(np.arange(50) * BS, [b"a"] * 50)
+        pool.snapshot("v", "s0")  # time 1
+        pool.set_transaction_id(0, 5)
+        pool.commit()
+        pool.reserve_metadata_snap()
+        at_reserve = (pool.time, pool.transaction_id)
+        pool.snapshot("v", "s1")  # the live pool moves on: time 2, transaction 9, more mappings
+        v.write_many(np.arange(50, 80) * BS, [b"b"] * 30)
+        pool.set_transaction_id(5, 9)
+        pool.commit()
+        assert (pool.time, pool.transaction_id) == (2, 9) and at_reserve == (1, 5)
+
+        held = pool.to_metadata(held=True)
+        assert (held.superblock.time, held.superblock.transaction) == at_reserve
+        assert held.superblock.nr_data_blocks == 0 and held.superblock.metadata_snap is None
+        assert [d.mapped_blocks for d in held.devices] == [50, 50]
+        ours_xml = op_dump(pool, metadata_snap=True)
+        assert ours_xml.startswith('<superblock uuid="" time="1" transaction="5" flags="0" version="2" '
+                                   'data_block_size="128" nr_data_blocks="0">')
+
+        meta = tmp_path / "meta.bin"
+        write_binary_metadata(pool.to_metadata(), meta, held=held)
+        run("thin_check", str(meta))
+        assert run("thin_dump", "-m", str(meta)) == ours_xml
+        assert run("thin_dump", str(meta)) == op_dump(pool)
+        theirs = run("thin_delta", "-m", "--thin1", "1", "--thin2", "2", str(meta))
+        assert theirs == op_delta(pool, "v", "s0", metadata_snap=True)
+        assert run("thin_ls", "-m", "-o", ALL_FIELDS, str(meta)) == \
+            format_ls(held, ALL_FIELDS.split(","), headers=True)
+        # the reader gives the copy's fields too (with the live data device's size, which an import needs)
+        back = read_binary_metadata(meta, metadata_snap=True)
+        assert (back.superblock.time, back.superblock.transaction) == at_reserve
+        # and the hold survives a reopen with its own superblock fields
+        pool.close()
+        pool = Pool.open(tmp_path / "p")
+        assert (pool.to_metadata(held=True).superblock.time, pool.to_metadata(held=True).superblock.transaction) \
+            == at_reserve
+    finally:
+        pool.close()

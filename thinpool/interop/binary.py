@@ -169,7 +169,9 @@ def _check_range(label: str, name: str, value: int, limit: int) -> None:
         raise InvalidArgument(f"{label}: {name} {value} out of range 0..{limit}")
 
 
-def _prepare(md: Metadata, label: str) -> _View:
+def _prepare(md: Metadata, label: str, data_limit: int | None = None) -> _View:
+    """Validate and flatten one view; mappings must lie below ``data_limit`` (default: the view's own
+    ``nr_data_blocks``; a held view's superblock copy says 0, so the caller passes the live one's)."""
     sb = md.superblock
     for name, value, limit in (("time", sb.time, _U32), ("transaction", sb.transaction, _U64),
                                ("flags", sb.flags, _U32), ("nr_data_blocks", sb.nr_data_blocks, _U64)):
@@ -199,7 +201,8 @@ def _prepare(md: Metadata, label: str) -> _View:
     vblocks = np.concatenate([d.vblocks for d in devices] or [empty64])
     dblocks = np.concatenate([d.dblocks for d in devices] or [empty64])
     times = np.concatenate([d.times for d in devices] or [np.zeros(0, np.uint32)])
-    _check_mappings(label, devices, counts, vblocks, dblocks, times, sb.nr_data_blocks)
+    _check_mappings(label, devices, counts, vblocks, dblocks, times,
+                    sb.nr_data_blocks if data_limit is None else data_limit)
     values = (dblocks << np.uint64(24)) | times.astype(np.uint64)
     dev_ids = np.array([d.dev_id for d in devices], np.uint64)
     return _View(sb, devices, dev_ids, details.view(np.uint32).reshape(-1, 6), counts, vblocks, values, dblocks)
@@ -279,7 +282,7 @@ class _Layout:
 
 def _plan(md: Metadata, held: Metadata | None) -> _Plan:
     live = _prepare(md, "metadata")
-    hv = _prepare(held, "held metadata snapshot") if held is not None else None
+    hv = _prepare(held, "held metadata snapshot", live.sb.nr_data_blocks) if held is not None else None
     share = np.zeros(0, np.int64)
     share_details = share_top = False
     keys, values, dblocks = [live.vblocks], [live.values], [live.dblocks]
