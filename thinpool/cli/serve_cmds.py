@@ -67,9 +67,14 @@ def parse_tcp(value: str) -> tuple[str | None, int]:
 @click.option("--max-clients", type=click.IntRange(1, 4096), default=64, show_default=True,
               help="NBD connections at once (when full, the oldest connection still in its handshake "
                    "is dropped for a new one).")
+@click.option("--record", "record", metavar="FILE", default=None,
+              help="Write every NBD request of every export to FILE as a fio iolog (version 3: one file "
+                   "name per export, times in microseconds), for `thinpool replay` or `fio --read_iolog`. "
+                   "Buffered: written out on every FLUSH/FUA and when serving stops.")
 @click.option("-v", "--verbose", count=True, help="Log connections (-v) and requests (-vv) on stderr.")
 def serve_cmd(pool: str, socket_path: str | None, tcp: str | None, tcp_allow: tuple[str, ...], read_only: bool,
-              handshake_timeout: float, idle_timeout: float, max_clients: int, verbose: int) -> None:
+              handshake_timeout: float, idle_timeout: float, max_clients: int, record: str | None,
+              verbose: int) -> None:
     """Serve the pool's thin volumes as NBD block devices until SIGTERM/SIGINT.
 
     Every volume is an export named after it (volumes created while serving appear as new exports).
@@ -91,6 +96,7 @@ def serve_cmd(pool: str, socket_path: str | None, tcp: str | None, tcp_allow: tu
       qemu-io -f raw -c 'read 0 64k' 'nbd+unix:///base?socket=/tmp/pool/nbd.sock'
       thinpool snapshot /tmp/pool base snap1      # through the control socket
       thinpool serve /tmp/pool --tcp 10809 --tcp-allow-export base   # nbd://127.0.0.1:10809/base
+      thinpool serve /tmp/pool --record run.iolog   # then: thinpool replay run.iolog ...
     """
     from thinpool.errors import InvalidArgument
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
@@ -111,7 +117,8 @@ def serve_cmd(pool: str, socket_path: str | None, tcp: str | None, tcp_allow: tu
 
     from .registry import op_table
     served = Served(abspath(pool), op_table(), socket_path=abspath(socket_path) if socket_path else None,
-                    tcp=tcp_addr, read_only=read_only, nbd_options=nbd_options)
+                    tcp=tcp_addr, read_only=read_only, nbd_options=nbd_options,
+                    record=abspath(record) if record is not None and record != "-" else record)
 
     def on_signal(signum: int, frame: Any) -> None:
         served.stop()
@@ -125,6 +132,8 @@ def serve_cmd(pool: str, socket_path: str | None, tcp: str | None, tcp_allow: tu
         if served.nbd.tcp_address is not None:
             out.append(f"  tcp:            {served.nbd.tcp_address[0]}:{served.nbd.tcp_address[1]}")
         out.append(f"  control socket: {served.control.path}")
+        if served.recorder is not None:
+            out.append(f"  recording to:   {served.recorder.path} (fio iolog v3)")
         out.append(f"  list exports:   nbdinfo --list '{served.nbd.uri}'")
         for name, uri in uris:
             out.append(f"  {name}: {uri}" + (f"  {served.tcp_uri(name)}" if served.nbd.tcp_address else ""))
@@ -142,6 +151,14 @@ def serve_cmd(pool: str, socket_path: str | None, tcp: str | None, tcp_allow: tu
         from thinpool.errors import ThinpoolError
         exc = served.provider.close_error
         raise exc if isinstance(exc, ThinpoolError) else ThinpoolError(f"closing the pool failed: {exc}")
+    if served.recorder is not None:
+        if served.recorder.error is not None:
+            from thinpool.errors import HostIOError
+            err = served.recorder.error
+            raise HostIOError(f"--record {served.recorder.path}: writing the I/O log failed "
+                              f"({err.strerror or err}); it holds {served.recorder.records} request(s) at most",
+                              err.errno or 5, served.recorder.path)
+        click.echo(f"thinpool serve: recorded {served.recorder.records} request(s) to {served.recorder.path}")
     click.echo(f"thinpool serve: stopped; pool committed and closed (time {served.pool.time})")
 
 

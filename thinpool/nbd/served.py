@@ -39,14 +39,16 @@ class Served:
     def __init__(self, pool_path: str, ops: Mapping[str, ControlOp] | None = None, *,
                  socket_path: str | None = None, tcp: tuple[str | None, int] | None = None,
                  read_only: bool = False, nbd_options: dict[str, Any] | None = None,
-                 control_timeout: float = CONTROL_TIMEOUT) -> None:
+                 control_timeout: float = CONTROL_TIMEOUT, record: str | None = None) -> None:
         """Open the pool at ``pool_path`` (read-only if it cannot be opened writable and ``read_only``
         is set), bind the sockets and start the control server; :meth:`serve_forever` or :meth:`start`
         then serves NBD.  ``socket_path``: the NBD unix socket (default ``<pool>/nbd.sock``); ``tcp``:
         (host or None for 127.0.0.1, port) to listen on TCP too; ``nbd_options`` are passed to
         :class:`~thinpool.nbd.server.NBDServer` (``max_clients``, ``handshake_timeout``,
         ``idle_timeout``, ``message_timeout``, ``payload_budget``, ``tcp_exports``);
-        ``control_timeout`` bounds how long a control client may take to send its request."""
+        ``control_timeout`` bounds how long a control client may take to send its request; ``record``: a
+        file to log every NBD request of every export into, as a fio iolog v3 (:mod:`thinpool.nbd.record`;
+        closed by :meth:`stop`)."""
         from thinpool.control.protocol import control_socket_path
         from thinpool.errors import ReadOnly
         from thinpool.nbd.pool_backend import PoolProvider
@@ -70,18 +72,26 @@ class Served:
         try:
             warm_up(self.pool)
             self.provider = PoolProvider(self.pool, read_only=read_only)
+            self.recorder: Any = None
+            nbd_provider: Any = self.provider
+            if record is not None:
+                from thinpool.nbd.record import IologRecorder, RecordingProvider
+                self.recorder = IologRecorder(record, pools=[self.pool])
+                nbd_provider = RecordingProvider(self.provider, self.recorder)
             self.control: ControlServer | None = None
             if ops is not None:
                 self.control = ControlServer(self.pool, ops, control_path, precheck=self._refuse_busy_delete,
                                              timeout=control_timeout)
             try:
-                self.nbd = NBDServer(self.provider, unix_path=socket_path, tcp=tcp, read_only=read_only,
+                self.nbd = NBDServer(nbd_provider, unix_path=socket_path, tcp=tcp, read_only=read_only,
                                      **(nbd_options or {}))
             except BaseException:
                 if self.control is not None:
                     self.control.stop()
                 raise
         except BaseException:
+            if getattr(self, "recorder", None) is not None:
+                self.recorder.close()
             self.pool.close(commit=False)
             raise
         self._stop_lock = threading.RLock()
@@ -136,6 +146,8 @@ class Served:
             self.provider.close()  # normally done by the NBD server's shutdown already
         except Exception:
             log.exception("closing the pool failed")  # kept in provider.close_error
+        if self.recorder is not None:
+            self.recorder.close()  # normally done by the NBD server's shutdown already
 
 
 def volumes_deleted_by(pool: Any, op_name: str, args: dict[str, Any]) -> list[str]:

@@ -28,7 +28,8 @@ _MSR_OPS = {b"read": OP_READ, b"write": OP_WRITE}
 class Msr(Parser):
     """MSR Cambridge traces (SNIA IOTTA): ``Timestamp,Hostname,DiskNumber,Type,Offset,Size,ResponseTime``,
     no header; Timestamp and ResponseTime in Windows filetime ticks (100 ns), Type ``Read`` or ``Write``,
-    Offset and Size in bytes.  Volumes are ``Hostname/DiskNumber``."""
+    Offset and Size in bytes.  Volumes are ``Hostname/DiskNumber`` (taken as text); ResponseTime is not
+    used (nor checked)."""
 
     def volumes(self) -> list[str]:
         return [n.replace(",", "/", 1) for n in self.names.names] or ["0"]
@@ -41,17 +42,13 @@ class Msr(Parser):
         lines = np.flatnonzero(f.count == 7)
         fi = f.first[lines]
         ticks, bad_t = T.parse_uint(buf, f.start[fi], f.end[fi])
-        disk, bad_d = T.parse_uint(buf, f.start[fi + 2], f.end[fi + 2])
         op = _ops(buf, f.start[fi + 3], f.end[fi + 3], _MSR_OPS)
         offset, bad_o = T.parse_uint(buf, f.start[fi + 4], f.end[fi + 4])
         length, bad_l = T.parse_uint(buf, f.start[fi + 5], f.end[fi + 5])
-        _, bad_r = T.parse_uint(buf, f.start[fi + 6], f.end[fi + 6])
         bad.add_lines(lines[bad_t], "Timestamp must be an unsigned decimal number (100 ns ticks)")
-        bad.add_lines(lines[bad_d], "DiskNumber must be an unsigned decimal number")
         bad.add_lines(lines[op == 255], "Type must be Read or Write")
-        bad.add_lines(lines[bad_o | bad_l | bad_r], "Offset, Size and ResponseTime must be unsigned "
-                      "decimal numbers")
-        ok = ~(bad_t | bad_d | bad_o | bad_l | bad_r | (op == 255))
+        bad.add_lines(lines[bad_o | bad_l], "Offset and Size must be unsigned decimal numbers")
+        ok = ~(bad_t | bad_o | bad_l | (op == 255))
         lines, fi = lines[ok], fi[ok]
         volume = self.names.intern(buf, f.start[fi + 1], f.end[fi + 2])
         rec = Records(time=self._seconds(ticks[ok], 1e-7), op=op[ok], offset=offset[ok],

@@ -24,8 +24,8 @@ from typing import BinaryIO, Iterator
 
 import numpy as np
 
-#: bytes per block read from a trace file (about 200,000 fio iolog lines)
-BLOCK_BYTES = 8 << 20
+#: bytes per block read from a trace file (about 25,000 fio iolog lines: the temporaries stay in cache)
+BLOCK_BYTES = 1 << 20
 #: the longest line accepted (a longer one is malformed: nothing in these formats is that long)
 MAX_LINE = 1 << 20
 PAD = 8
@@ -125,17 +125,13 @@ def split_delimited(buf: np.ndarray, size: int, delimiter: int = 44) -> Fields:
     start = np.empty(len(stops), dtype=np.int64)
     start[0] = 0
     start[1:] = stops[:-1] + 1
-    end = stops.copy()
-    cr = nl_at & (end > start)
-    cr[cr] = text[end[cr] - 1] == 13
-    end[cr] -= 1
-    line_of = np.cumsum(nl_at) - nl_at
-    nlines = int(nl_at.sum())
-    first, count = _per_line(line_of, nlines)
+    end = stops - ((text[np.maximum(stops - 1, 0)] == 13) & nl_at & (stops > start))
+    last = np.flatnonzero(nl_at)                       # the last field of every line
+    count = np.diff(last, prepend=-1)
+    first = last - count + 1
     # a line with nothing on it has one empty field: report it as zero fields (a blank line)
-    blank = (count == 1) & (end[first.clip(max=len(end) - 1)] == start[first.clip(max=len(end) - 1)])
-    count[blank] = 0
-    return Fields(start, end, line_of, first, count)
+    count[(count == 1) & (end[first] == start[first])] = 0
+    return Fields(start, end, None, first, count)
 
 
 def word_view(buf: np.ndarray) -> np.ndarray:
@@ -144,11 +140,17 @@ def word_view(buf: np.ndarray) -> np.ndarray:
     return np.ndarray(shape=(max(n, 0),), dtype="<u8", buffer=buf, offset=0, strides=(1,))
 
 
+_FULL = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _shift(length: np.ndarray) -> np.ndarray:
+    """Bits to drop from an 8-byte word to keep ``length`` bytes: (8 - min(length, 8)) * 8, as uint64
+    (64 for an empty field: numpy shifts a uint64 by 64 to 0)."""
+    return (np.uint64(8) - np.minimum(length, 8).astype(np.uint64)) << np.uint64(3)
+
+
 def _mask(length: np.ndarray) -> np.ndarray:
-    n = np.minimum(length, 8).astype(np.uint64)
-    full = np.uint64(0xFFFFFFFFFFFFFFFF)
-    shift = (np.uint64(8) * (np.uint64(8) - n)) % np.uint64(64)
-    return np.where(n == 8, full, (full >> shift) * (n > 0))
+    return _FULL >> _shift(length)
 
 
 def words(buf: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
@@ -180,15 +182,27 @@ _MUL2 = np.uint64(1 + (10000 << 32))
 def _parse8(view: np.ndarray, start: np.ndarray, length: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Up to 8 decimal digits at ``start`` (``length`` of them, 0..8) -> (uint64 value, malformed mask),
     all digits of a field at once in one 64-bit word (SWAR)."""
-    mask = _mask(length)
-    w = view[start] & mask
+    shift = _shift(length)
+    mask = _FULL >> shift
+    w = view[start]
+    w &= mask
     w |= _ZEROS & ~mask                                  # bytes past the field read as '0'
-    bad = (((w + _SIX) | (w - _ZEROS)) & _HIGH) != 0     # a byte outside '0'..'9'
-    v = (w - _ZEROS) << ((np.uint64(8) - np.minimum(length, 8).astype(np.uint64)) * np.uint64(8)
-                         % np.uint64(64))
-    v = np.where(length == 0, np.uint64(0), v)
-    v = v * np.uint64(10) + (v >> np.uint64(8))
-    v = ((v & _LOW_PAIRS) * _MUL1 + ((v >> np.uint64(16)) & _LOW_PAIRS) * _MUL2) >> np.uint64(32)
+    t = w + _SIX
+    w -= _ZEROS                                          # digit values; a byte below '0' borrows
+    t |= w
+    t &= _HIGH
+    bad = t != 0                                         # a byte outside '0'..'9'
+    w <<= shift                                          # the digits to the top: leading zeros
+    v = w * np.uint64(10)
+    w >>= np.uint64(8)
+    v += w                                               # pairs of digits
+    hi = v >> np.uint64(16)
+    hi &= _LOW_PAIRS
+    hi *= _MUL2
+    v &= _LOW_PAIRS
+    v *= _MUL1
+    v += hi
+    v >>= np.uint64(32)
     return v, bad
 
 

@@ -1,0 +1,239 @@
+"""T1-T4: trace parsing speed -- records per second of ``thinpool.simulate.traces`` per format.
+
+    python -m perf.traces [--full] [--docs] [--json OUT]
+
+For each format (T1 fio iolog v3, T2 MSR Cambridge CSV, T3 blkparse text, T4 plain CSV) a synthetic
+trace of random 4 KiB..64 KiB reads/writes/discards at offsets up to 1 TiB is written in the scratch
+directory (1,000,000 records; --full 4,000,000), then read to the end with ``open_trace(...).chunks()``
+(default chunk size) in interleaved repeats (medians), from the page cache.  Side by side in the same
+run: a plain Python reader of the same file (``for line in f: line.split(...)``, ints converted) --
+the "Python loop per line" the vectorised reader replaces -- and, for the CSV formats, pyarrow's
+multi-threaded CSV reader when pyarrow is installed (conversion to arrays only: no line numbers, no
+validation of op words).  Ratio = thinpool records/s / 3,000,000 (the target for fio iolog and MSR);
+blkparse and plain CSV rows are informational.  ``--docs`` rewrites the trace section of
+docs/performance.md between its markers, nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+from typing import Any, Callable
+
+import numpy as np
+
+from .common import Row, Scratch, interleave, log, machine, med
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SECTION_BEGIN = "<!-- traces: begin (written by `python -m perf.traces --docs`) -->"
+SECTION_END = "<!-- traces: end -->"
+TARGET_RPS = 3_000_000
+FORMATS = [("T1", "fio-iolog", True), ("T2", "msr", True), ("T3", "blkparse", False), ("T4", "csv", False)]
+
+
+# ----------------------------------------------------------------------------- synthetic traces
+def records(n: int, seed: int = 5) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"op": rng.choice(np.array([0, 1, 1, 1, 2]), n),
+            "offset": rng.integers(0, 1 << 28, n) * 4096,
+            "length": rng.integers(1, 17, n) * 4096,
+            "us": np.cumsum(rng.integers(0, 200, n))}
+
+
+def write_trace(path: str, fmt: str, r: dict[str, np.ndarray]) -> None:
+    """Write ``r`` in ``fmt`` (plain Python, 100,000 lines per write)."""
+    names = {"fio-iolog": ("read", "write", "trim"), "msr": ("Read", "Write", "Write"),
+             "blkparse": ("R", "W", "D"), "csv": ("R", "W", "D")}[fmt]
+    op, off, ln, us = (r[k].tolist() for k in ("op", "offset", "length", "us"))
+    with open(path, "w") as f:
+        if fmt == "fio-iolog":
+            f.write("fio version 3 iolog\n0 /dev/nbd0 add\n1 /dev/nbd0 open\n")
+        elif fmt == "csv":
+            f.write("time,op,offset,length,volume\n")
+        for a in range(0, len(op), 100_000):
+            b = min(a + 100_000, len(op))
+            if fmt == "fio-iolog":
+                f.write("".join(f"{us[i]} /dev/nbd0 {names[op[i]]} {off[i]} {ln[i]}\n" for i in range(a, b)))
+            elif fmt == "msr":
+                f.write("".join(f"{128166372003061629 + us[i] * 10},hm,0,{names[op[i]]},{off[i]},{ln[i]},1500\r\n"
+                                for i in range(a, b)))
+            elif fmt == "blkparse":
+                f.write("".join(f"  8,16   1   {i + 1:>6} {us[i] // 1_000_000:>5}.{us[i] % 1_000_000 * 1000:09d}"
+                                f"  4321  Q  {names[op[i]]}S {off[i] // 512} + {ln[i] // 512} [fio]\n"
+                                for i in range(a, b)))
+            else:
+                f.write("".join(f"{us[i] / 1e6:.6f},{names[op[i]]},{off[i]},{ln[i]},vol{op[i] & 1}\n"
+                                for i in range(a, b)))
+
+
+# ----------------------------------------------------------------------------- readers
+def thinpool_reader(path: str, fmt: str) -> Callable[[], int]:
+    from thinpool.simulate.traces import open_trace
+
+    def run() -> int:
+        return sum(len(c) for c in open_trace(path, fmt).chunks())
+    return run
+
+
+def python_reader(path: str, fmt: str) -> Callable[[], int]:
+    """A straightforward per-line Python parser of the same fields (no validation beyond int())."""
+    def run() -> int:
+        n = 0
+        offs: list[int] = []
+        lens: list[int] = []
+        with open(path) as f:
+            if fmt in ("fio-iolog", "csv"):
+                f.readline()
+            for line in f:
+                if fmt == "fio-iolog":
+                    p = line.split()
+                    if len(p) != 5:
+                        continue
+                    offs.append(int(p[3]))
+                    lens.append(int(p[4]))
+                elif fmt == "msr":
+                    p = line.split(",")
+                    offs.append(int(p[4]))
+                    lens.append(int(p[5]))
+                elif fmt == "blkparse":
+                    p = line.split()
+                    if len(p) < 10 or p[5] != "Q":
+                        continue
+                    offs.append(int(p[7]) * 512)
+                    lens.append(int(p[9]) * 512)
+                else:
+                    p = line.split(",")
+                    float(p[0])
+                    offs.append(int(p[2]))
+                    lens.append(int(p[3]))
+                n += 1
+        np.array(offs)
+        np.array(lens)
+        return n
+    return run
+
+
+def pyarrow_reader(path: str, fmt: str) -> Callable[[], int] | None:
+    try:
+        import pyarrow.csv as pacsv
+    except ImportError:
+        return None
+    if fmt == "msr":
+        names = ["ts", "host", "disk", "type", "offset", "size", "resp"]
+        ropts = pacsv.ReadOptions(column_names=names, block_size=8 << 20)
+    elif fmt == "csv":
+        ropts = pacsv.ReadOptions(block_size=8 << 20)
+    else:
+        return None
+
+    def run() -> int:
+        n = 0
+        for batch in pacsv.open_csv(path, read_options=ropts):
+            batch.column("offset").to_numpy()
+            n += batch.num_rows
+        return n
+    return run
+
+
+# ----------------------------------------------------------------------------- measurement
+def run(full: bool = False, sc: Scratch | None = None) -> tuple[list[Row], dict[str, Any]]:
+    n = 4_000_000 if full else 1_000_000
+    reps = 5 if full else 3
+    own = sc is None
+    sc = sc or Scratch()
+    rows: list[Row] = []
+    detail: dict[str, Any] = {"records": n, "repeats": reps}
+    try:
+        r = records(n)
+        for key, fmt, judged in FORMATS:
+            path = sc.path(f"trace.{fmt}")
+            write_trace(path, fmt, r)
+            size = os.path.getsize(path)
+            sides: dict[str, Callable[[], int]] = {"thinpool": thinpool_reader(path, fmt),
+                                                   "python": python_reader(path, fmt)}
+            pa = pyarrow_reader(path, fmt)
+            if pa is not None:
+                sides["pyarrow"] = pa
+            for name, fn in sides.items():        # warm-up: page cache, imports
+                got = fn()
+                if got != n:
+                    raise RuntimeError(f"{name} read {got} records of {fmt}, expected {n}")
+            times = interleave({k: (lambda _r, fn=fn: _timed(fn)) for k, fn in sides.items()}, reps)
+            m = {k: med(v) for k, v in times.items()}
+            values: dict[str, Any] = {f"{k}_records_per_s": n / t for k, t in m.items()}
+            values["thinpool_MB_per_s"] = size / m["thinpool"] / 1e6
+            values["x_python_loop"] = m["python"] / m["thinpool"]
+            ratio = n / m["thinpool"] / TARGET_RPS
+            row = Row(key, f"parse {fmt}: records/s of open_trace().chunks() (vs {TARGET_RPS:,}/s)", values,
+                      ratio, ">= 1.0" if judged else "", "info")
+            rows.append(row.judge())
+            detail[fmt] = {"bytes": size, "seconds": times}
+            log(row.line())
+            sc.remove(path)
+    finally:
+        if own:
+            sc.close()
+    return rows, detail
+
+
+def _timed(fn: Callable[[], int]) -> float:
+    from .common import timed
+    return timed(fn)
+
+
+def table_md(rows: list[Row], detail: dict[str, Any]) -> str:
+    out = ["| row | format | thinpool records/s | MB/s | Python loop records/s | x Python loop | pyarrow CSV "
+           "records/s | ratio to 3,000,000/s | target | status |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r, (_, fmt, _) in zip(rows, FORMATS):
+        v = r.values
+        pa = v.get("pyarrow_records_per_s")
+        status = f"**{r.status}**" if r.status == "short" else r.status
+        out.append(f"| {r.key} | {fmt} | {v['thinpool_records_per_s']:,.0f} | {v['thinpool_MB_per_s']:.0f} | "
+                   f"{v['python_records_per_s']:,.0f} | {v['x_python_loop']:.1f} | "
+                   f"{f'{pa:,.0f}' if pa else '-'} | {r.ratio:.2f} | {r.target or '-'} | {status} |")
+    return "\n".join(out)
+
+
+def write_section(path: str, body: str) -> None:
+    """Replace (or append) the text between this module's markers in ``path``; nothing else changes."""
+    text = open(path).read() if os.path.exists(path) else ""
+    block = f"{SECTION_BEGIN}\n{body.rstrip()}\n{SECTION_END}\n"
+    if SECTION_BEGIN in text and SECTION_END in text:
+        a = text.index(SECTION_BEGIN)
+        b = text.index(SECTION_END) + len(SECTION_END)
+        text = text[:a] + block.rstrip("\n") + text[b:]
+    else:
+        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + block
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m perf.traces", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--full", action="store_true", help="4,000,000 records, 5 repeats (quick: 1,000,000, 3)")
+    ap.add_argument("--docs", action="store_true", help="rewrite the trace section of docs/performance.md")
+    ap.add_argument("--json", help="also write the figures to this file")
+    args = ap.parse_args(argv)
+    rows, detail = run(args.full)
+    mach = machine()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": [r.as_dict() for r in rows], "detail": detail, "machine": mach}, f, indent=1)
+    if args.docs:
+        body = (f"## Trace parsing (`python -m perf.traces{' --full' if args.full else ''}`)\n\n"
+                f"Measured {datetime.date.today()} on {mach.get('cpu', '?')} ({mach.get('cores', '?')} cores), "
+                f"Python {sys.version.split()[0]}, numpy {np.__version__}: {detail['records']:,} synthetic "
+                f"records per format read from the page cache, {detail['repeats']} interleaved repeats "
+                "(medians).  Python loop: a plain `for line in f: line.split()` reader of the same fields; "
+                "pyarrow: `pyarrow.csv.open_csv` (multi-threaded, no line numbers, no validation).\n\n"
+                + table_md(rows, detail) + "\n")
+        write_section(os.path.join(REPO, "docs", "performance.md"), body)
+    return 0 if all(r.status != "short" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
