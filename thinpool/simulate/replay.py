@@ -1,0 +1,557 @@
+"""Trace replay: feed trace chunks straight into the pool's batch kernel, with snapshot schedules,
+commits at flushes and samples of the counters along the trace.
+
+The hot path is vectorised: a chunk (about a million records) is cut only where something must
+happen between two records -- a flush (dm-thin commits), a scheduled snapshot, a sample -- and every
+run between two cuts is one :func:`thinpool.thin.apply_io` call, whatever its length.  Records of
+several traces (a scenario's volumes) are merged by trace time, window by window.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+import time as _time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from ..errors import InvalidArgument
+from ..thin import Thin, apply_io
+from ..units import parse_size
+from .results import COUNTERS, SERIES_COLUMNS, ReplayResult, Result, write_amplification
+
+OP_READ, OP_WRITE, OP_DISCARD, OP_FLUSH = 0, 1, 2, 3
+#: I/Os between samples when no sampling interval is given
+DEFAULT_SAMPLE_IOS = 10_000
+
+
+# --------------------------------------------------------------------------- traces given as arrays
+@dataclass(frozen=True)
+class Chunk:
+    """A chunk of trace records (the shape of :class:`thinpool.simulate.traces.TraceChunk`)."""
+
+    time: np.ndarray
+    op: np.ndarray
+    offset: np.ndarray
+    length: np.ndarray
+    volume: np.ndarray
+    line: np.ndarray
+
+
+class ArrayTrace:
+    """A trace held in numpy arrays (for notebooks and tests): the same interface as the trace readers'
+    ``Trace`` (``path``, ``format``, ``volumes``, ``chunks()``, ``bad_records``)."""
+
+    format = "arrays"
+    bad_records = 0
+
+    def __init__(self, op: Any, offset: Any, length: Any, time: Any = None, volume: Any = None, *,
+                 volumes: Sequence[str] = ("0",), path: str = "<arrays>", chunk_records: int = 1 << 20) -> None:
+        self.op = np.asarray(op, np.uint8)
+        n = len(self.op)
+        self.offset = np.asarray(offset, np.int64)
+        self.length = np.asarray(length, np.int64)
+        self.time = np.zeros(n) if time is None else np.asarray(time, np.float64)
+        self.volume = np.zeros(n, np.int32) if volume is None else np.asarray(volume, np.int32)
+        if not (len(self.offset) == len(self.length) == len(self.time) == len(self.volume) == n):
+            raise InvalidArgument("ArrayTrace: arrays of different lengths")
+        self.volumes = list(volumes)
+        self.path = path
+        self.chunk_records = max(1, int(chunk_records))
+
+    def chunks(self) -> Iterator[Chunk]:
+        for a in range(0, len(self.op), self.chunk_records):
+            b = a + self.chunk_records
+            yield Chunk(self.time[a:b], self.op[a:b], self.offset[a:b], self.length[a:b], self.volume[a:b],
+                        np.arange(a + 1, a + 1 + len(self.op[a:b]), dtype=np.int64))
+
+
+def open_trace(trace: Any, format: str | None = None, *, skip_bad: bool = False, blkparse_event: str = "Q"):
+    """A path (read by :mod:`thinpool.simulate.traces`) or an object with ``chunks()`` (used as is)."""
+    if hasattr(trace, "chunks"):
+        return trace
+    from . import traces
+    return traces.open_trace(os.fspath(trace), format, skip_bad=skip_bad, blkparse_event=blkparse_event)
+
+
+# --------------------------------------------------------------------------- schedules
+@dataclass(frozen=True)
+class Every:
+    """An interval along a trace: every ``ios`` records, or every ``seconds`` of trace time."""
+
+    ios: int | None = None
+    seconds: float | None = None
+
+    @classmethod
+    def parse(cls, value: Any, what: str) -> "Every | None":
+        """``10000`` / ``"10000"`` (I/Os) or ``"30s"`` / ``"1.5s"`` (trace seconds); None stays None."""
+        if value is None or isinstance(value, Every):
+            return value
+        if isinstance(value, bool):
+            raise InvalidArgument(f"{what}: expected a number of I/Os or seconds like '30s', got {value!r}")
+        if isinstance(value, int):
+            if value < 1:
+                raise InvalidArgument(f"{what}: must be at least 1 I/O, got {value}")
+            return cls(ios=value)
+        if isinstance(value, str):
+            text = value.strip()
+            try:
+                if text.endswith("s"):
+                    sec = float(text[:-1])
+                    if not math.isfinite(sec) or sec <= 0:
+                        raise ValueError
+                    return cls(seconds=sec)
+                return cls.parse(int(text.replace("_", "")), what)
+            except ValueError:
+                pass
+        raise InvalidArgument(f"{what}: expected a number of I/Os or seconds like '30s', got {value!r}")
+
+    def as_text(self) -> str:
+        return f"{self.ios}" if self.ios is not None else f"{self.seconds:g}s"
+
+
+@dataclass
+class Target:
+    """One pool volume a trace drives, with its snapshot schedule and offset mapping."""
+
+    thin: Thin
+    snapshot_every: Every | None = None
+    keep: int | None = None
+    wrap: bool = False
+    offset_scale: float = 1.0
+    taken: list[str] = field(default_factory=list)
+    ios: int = 0
+    snaps: int = 0
+
+
+# --------------------------------------------------------------------------- the replayer
+class Replayer:
+    """Replays merged record windows into a pool (see the module docstring); :meth:`finish` -> Result."""
+
+    def __init__(self, pool, targets: list[Target], *, sample_every: Every | None = None,
+                 commit_on_flush: bool = True, on_no_space: str = "skip", pattern: np.ndarray | None = None,
+                 progress: bool | None = None, paths: Sequence[str] = ()) -> None:
+        if not targets:
+            raise InvalidArgument("nothing to replay into: no volume")
+        self.pool = pool
+        self.targets = targets
+        self.thins = [t.thin for t in targets]
+        self.sizes = np.array([t.thin.size for t in targets], np.int64)
+        self.sample_every = sample_every or Every(ios=DEFAULT_SAMPLE_IOS)
+        self.commit_on_flush = commit_on_flush
+        self.on_no_space = on_no_space
+        self.pattern = pattern
+        self.paths = list(paths) or ["<trace>"]
+        self.c = dict.fromkeys(COUNTERS, 0)
+        self.c["block_size"] = pool.block_size
+        self.series: dict[str, list] = {k: [] for k in SERIES_COLUMNS}
+        self.start_io = dict(pool.io_counters())
+        self.start_time = None
+        self.last_time = 0.0
+        self.mode = pool.mode
+        self.failed_bytes = 0
+        self.peak = pool.status().used_data_blocks
+        self._bar = _Progress(progress)
+        self._orig_lwm = pool.on_low_water
+
+        def on_low_water(p) -> None:
+            self.c["low_water_events"] += 1
+            if self._orig_lwm is not None:
+                self._orig_lwm(p)
+        pool.on_low_water = on_low_water
+
+    # -- one window of merged records: arrays time, op, offset, length, tgt (target index), line, src
+    def feed(self, time: np.ndarray, op: np.ndarray, offset: np.ndarray, length: np.ndarray, tgt: np.ndarray,
+             line: np.ndarray, src: np.ndarray) -> None:
+        n = len(op)
+        if n == 0:
+            return
+        offset, length = self._map_offsets(op, offset, length, tgt, line, src)
+        base_io = self.c["ios"]
+        is_flush = op == OP_FLUSH
+        events = self._events(time, op, tgt, base_io)
+        if self.start_time is None:
+            self.start_time = float(time[0])
+        # cumulative counts at each event position (computed only when an event needs them)
+        cum = _Cumulative(op, length) if events else None
+        prev = 0
+        for pos, _order, kind, arg in events:
+            if pos > prev:
+                self._apply(op[prev:pos], offset[prev:pos], length[prev:pos], tgt[prev:pos], is_flush[prev:pos])
+            prev = max(prev, pos)
+            self._account(cum, pos, base_io, time, n)
+            if kind == "commit":
+                self.pool.commit()
+            elif kind == "snap":
+                self._snapshot(self.targets[arg])
+            elif kind == "sample":
+                self._sample()
+            self._check_mode()
+        if prev < n:
+            self._apply(op[prev:], offset[prev:], length[prev:], tgt[prev:], is_flush[prev:])
+        self._account(None, n, base_io, time, n, final=(op, length))
+        for t, cnt in zip(*np.unique(tgt, return_counts=True)):
+            self.targets[int(t)].ios += int(cnt)
+        self._check_mode()
+        self._bar.advance(n, float(time[-1]))
+
+    def _map_offsets(self, op, offset, length, tgt, line, src):
+        offset = offset.copy()
+        length = length.copy()
+        flush = op == OP_FLUSH
+        offset[flush] = 0
+        length[flush] = 0
+        for i, t in enumerate(self.targets):
+            m = tgt == i
+            if t.offset_scale != 1.0:
+                offset[m] = (offset[m] * t.offset_scale).astype(np.int64) // 512 * 512
+            size = int(self.sizes[i])
+            end = offset + length
+            over = m & (end > size)
+            if not over.any():
+                continue
+            if not t.wrap:
+                j = int(np.flatnonzero(over)[0])
+                raise InvalidArgument(
+                    f"{self.paths[int(src[j])]}:{int(line[j])}: I/O at offset {int(offset[j])} length {int(length[j])} "
+                    f"goes past the end of volume {t.thin.name!r} ({size} bytes); use --wrap or a larger --volume-size")
+            if (length[over] > size).any():
+                j = int(np.flatnonzero(over & (length > size))[0])
+                raise InvalidArgument(f"{self.paths[int(src[j])]}:{int(line[j])}: I/O of {int(length[j])} bytes is "
+                                      f"larger than volume {t.thin.name!r} ({size} bytes)")
+            o = offset[over] % size
+            cross = o + length[over] > size
+            o[cross] = (size - length[over][cross]) // 512 * 512
+            offset[over] = o
+        return offset, length
+
+    def _events(self, time, op, tgt, base_io) -> list[tuple[int, int, str, int]]:
+        n = len(op)
+        ev: list[tuple[int, int, str, int]] = []
+        if self.commit_on_flush:
+            ev.extend((int(i) + 1, 0, "commit", 0) for i in np.flatnonzero(op == OP_FLUSH))
+        for k, t in enumerate(self.targets):
+            s = t.snapshot_every
+            if s is None:
+                continue
+            if s.ios is not None:
+                idx = np.flatnonzero(tgt == k)
+                first = (t.ios // s.ios + 1) * s.ios  # the next multiple of the target's I/O count
+                for c in range(first, t.ios + len(idx) + 1, s.ios):
+                    ev.append((int(idx[c - t.ios - 1]) + 1, 1, "snap", k))
+            else:
+                ev.extend((p, 1, "snap", k) for p in self._time_marks(time, s.seconds, ("snap", k)))
+        s = self.sample_every
+        if s.ios is not None:
+            first = (base_io // s.ios + 1) * s.ios
+            ev.extend((c - base_io, 2, "sample", 0) for c in range(first, base_io + n + 1, s.ios))
+        else:
+            ev.extend((p, 2, "sample", 0) for p in self._time_marks(time, s.seconds, ("sample", 0)))
+        ev.sort()
+        return ev
+
+    _marks: dict
+
+    def _time_marks(self, time, every: float, key) -> list[int]:
+        """Positions (before record p) where trace time reaches the next multiples of ``every``."""
+        if not hasattr(self, "_marks"):
+            self._marks = {}
+        nxt = self._marks.get(key, every)
+        out = []
+        last = float(time[-1])
+        while nxt <= last:
+            out.append(int(np.searchsorted(time, nxt, side="left")))
+            nxt += every
+        self._marks[key] = nxt
+        return out
+
+    def _apply(self, op, offset, length, tgt, is_flush) -> None:
+        if is_flush.any():
+            keep = ~is_flush
+            op, offset, length, tgt = op[keep], offset[keep], length[keep], tgt[keep]
+        if len(op) == 0:
+            return
+        out = apply_io(self.thins, tgt, op, offset, length, pattern=self.pattern, on_no_space=self.on_no_space)
+        self.c["enospc_events"] += out.failed_writes
+        self.failed_bytes += out.failed_bytes
+        self.peak = max(self.peak, out.peak_data_blocks_used)
+
+    def _account(self, cum, pos, base_io, time, n, final=None) -> None:
+        """Bring the record counters to position ``pos`` of the window."""
+        c = self.c
+        if final is not None:
+            op, length = final
+            if cum is None:
+                cum = _Cumulative(op, length)
+        r, w, d, f, br, bw = cum.at(pos)
+        c["ios"] = base_io + pos
+        c["reads"], c["writes"], c["discards"], c["flushes"] = (self._base[0] + r, self._base[1] + w,
+                                                                self._base[2] + d, self._base[3] + f)
+        c["bytes_read"], c["bytes_written"] = self._base[4] + br, self._base[5] + bw
+        if pos > 0:
+            self.last_time = float(time[pos - 1])
+        if final is not None:
+            self._base = (c["reads"], c["writes"], c["discards"], c["flushes"], c["bytes_read"], c["bytes_written"])
+
+    _base = (0, 0, 0, 0, 0, 0)
+
+    def _snapshot(self, t: Target) -> None:
+        pool = self.pool
+        t.snaps += 1
+        name = f"{t.thin.name}@{t.snaps}"
+        batch = getattr(pool, "batch", None)
+        with (batch() if batch is not None else contextlib.nullcontext()):
+            pool.snapshot(t.thin.name, name)
+            t.taken.append(name)
+            self.c["snapshots_taken"] += 1
+            while t.keep is not None and len(t.taken) > t.keep:
+                pool.delete(t.taken.pop(0))
+                self.c["snapshots_deleted"] += 1
+
+    def _check_mode(self) -> None:
+        if self.pool.mode != self.mode:
+            self.c["mode_changes"] += 1
+            self.mode = self.pool.mode
+
+    def _derived(self) -> dict[str, Any]:
+        c = self.c
+        st = self.pool.status()
+        io = self.pool.io_counters()
+        c["data_blocks_used"] = st.used_data_blocks
+        self.peak = max(self.peak, st.used_data_blocks)
+        c["peak_data_blocks_used"] = self.peak
+        c["metadata_blocks_used"] = st.used_metadata_blocks
+        for k in ("provisioned_blocks", "cow_breaks", "cow_bytes_copied", "zeroed_bytes"):
+            c[k] = io[k] - self.start_io[k]
+        payload = c["bytes_written"] - self.failed_bytes
+        c["data_bytes_written"] = payload + c["cow_bytes_copied"] + c["zeroed_bytes"]
+        c["write_amplification"] = write_amplification(c["data_bytes_written"], c["bytes_written"])
+        return c
+
+    def _sample(self) -> None:
+        c = self._derived()
+        self.series["io"].append(c["ios"])
+        self.series["time"].append(self.last_time)
+        for k in SERIES_COLUMNS[2:]:
+            self.series[k].append(c[k])
+
+    def close(self) -> None:
+        """Stop the progress bar and give the pool its low-water callback back (idempotent)."""
+        self._bar.close()
+        self.pool.on_low_water = self._orig_lwm
+
+    def finish(self, cls: type[Result] = ReplayResult, params: dict | None = None, bad_records: int = 0,
+               volumes: Iterable[str] | None = None) -> Result:
+        """Commit, take the last sample and build the result (per-volume usage of ``volumes``, default
+        the replayed volumes and their snapshots)."""
+        self.close()
+        self.pool.commit()
+        self._check_mode()
+        if not self.series["io"] or self.series["io"][-1] != self.c["ios"]:
+            self._sample()
+        c = dict(self._derived())
+        c["bad_records"] = bad_records
+        if volumes is None:
+            volumes = [t.thin.name for t in self.targets] + [n for t in self.targets for n in t.taken]
+        usage = {}
+        for name in volumes:
+            u = self.pool.usage(name)
+            usage[name] = {"mapped_blocks": u.mapped_blocks, "exclusive_blocks": u.exclusive_blocks,
+                           "shared_blocks": u.shared_blocks}
+        return cls(c, self.series, usage, dict(params or {}))
+
+
+class _Cumulative:
+    """Record counts (reads, writes, discards, flushes, bytes read, bytes written) before each position."""
+
+    def __init__(self, op: np.ndarray, length: np.ndarray) -> None:
+        self.op, self.length = op, length
+        self._cum = None
+
+    def at(self, pos: int) -> tuple[int, ...]:
+        if pos == len(self.op) and self._cum is None:  # the whole window: plain sums
+            op, ln = self.op, self.length
+            r, w = op == OP_READ, op == OP_WRITE
+            return (int(np.count_nonzero(r)), int(np.count_nonzero(w)), int(np.count_nonzero(op == OP_DISCARD)),
+                    int(np.count_nonzero(op == OP_FLUSH)), int(ln[r].sum()), int(ln[w].sum()))
+        if self._cum is None:
+            op, ln = self.op, self.length
+            r, w = op == OP_READ, op == OP_WRITE
+            z = np.zeros((6, len(op) + 1), np.int64)
+            np.cumsum(r, out=z[0, 1:])
+            np.cumsum(w, out=z[1, 1:])
+            np.cumsum(op == OP_DISCARD, out=z[2, 1:])
+            np.cumsum(op == OP_FLUSH, out=z[3, 1:])
+            np.cumsum(np.where(r, ln, 0), out=z[4, 1:])
+            np.cumsum(np.where(w, ln, 0), out=z[5, 1:])
+            self._cum = z
+        return tuple(int(x) for x in self._cum[:, pos])
+
+
+class _Progress:
+    """A rich progress bar with records/s on stderr, only on a terminal (and only when asked)."""
+
+    def __init__(self, enabled: bool | None) -> None:
+        self.p = None
+        if enabled is None:
+            enabled = False
+        if enabled and sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+            self.p = Progress(SpinnerColumn(), TextColumn("{task.description}"),
+                              TextColumn("{task.completed:,} records"), TextColumn("{task.fields[rate]}"),
+                              TextColumn("trace {task.fields[t]}"), TimeElapsedColumn(),
+                              console=Console(stderr=True), transient=True)
+            self.task = self.p.add_task("replaying", total=None, rate="", t="")
+            self.p.start()
+            self.t0 = _time.perf_counter()
+            self.n = 0
+
+    def advance(self, n: int, trace_time: float) -> None:
+        if self.p is not None:
+            self.n += n
+            rate = self.n / max(_time.perf_counter() - self.t0, 1e-9)
+            self.p.update(self.task, advance=n, rate=f"{rate:,.0f} records/s", t=f"{trace_time:,.1f} s")
+
+    def close(self) -> None:
+        if self.p is not None:
+            self.p.stop()
+            self.p = None
+
+
+# --------------------------------------------------------------------------- merging several traces
+@dataclass
+class Source:
+    """A trace feeding the replay: its chunks, which target each of its volumes drives (-1: none),
+    and a time offset added to its records' times."""
+
+    trace: Any
+    volume_map: np.ndarray
+    time_offset: float = 0.0
+    index: int = 0
+
+
+def windows(sources: list[Source]) -> Iterator[tuple[np.ndarray, ...]]:
+    """Windows of records of every source merged by trace time (stable: a source's records stay in
+    file order): (time, op, offset, length, target, line, source index)."""
+    iters = [iter(s.trace.chunks()) for s in sources]
+    pending: list[tuple[np.ndarray, ...] | None] = [None] * len(sources)
+    done = [False] * len(sources)
+    while True:
+        for k, s in enumerate(sources):
+            while not done[k] and (pending[k] is None or len(pending[k][0]) == 0):
+                try:
+                    ch = next(iters[k])
+                except StopIteration:
+                    done[k] = True
+                    break
+                vol = np.asarray(ch.volume, np.int64)
+                if len(vol) and (vol.max() >= len(s.volume_map) or vol.min() < 0):
+                    raise InvalidArgument(f"trace {getattr(s.trace, 'path', '?')}: volume index out of range")
+                tgt = s.volume_map[vol] if len(vol) else vol
+                keep = tgt >= 0
+                n = len(tgt)
+                parts = (np.asarray(ch.time, np.float64) + s.time_offset, np.asarray(ch.op, np.uint8),
+                         np.asarray(ch.offset, np.int64), np.asarray(ch.length, np.int64), tgt,
+                         np.asarray(ch.line, np.int64), np.full(n, s.index, np.int64))
+                if not keep.all():
+                    parts = tuple(p[keep] for p in parts)
+                pending[k] = parts
+        live = [p for p in pending if p is not None and len(p[0])]
+        if not live:
+            return
+        if len(live) == 1 and all(done[k] or pending[k] is live[0] for k in range(len(sources))):
+            k = next(i for i, p in enumerate(pending) if p is live[0])
+            pending[k] = None
+            yield live[0]
+            continue
+        # cut at the earliest "last time" among sources that may still have records after theirs
+        cut = min(float(p[0][-1]) for k, p in enumerate(pending) if p is not None and len(p[0]))
+        taken = []
+        for k, p in enumerate(pending):
+            if p is None or not len(p[0]):
+                continue
+            j = int(np.searchsorted(p[0], cut, side="right"))
+            if j:
+                taken.append(tuple(a[:j] for a in p))
+                pending[k] = tuple(a[j:] for a in p)
+        merged = tuple(np.concatenate([t[i] for t in taken]) for i in range(7))
+        order = np.argsort(merged[0], kind="stable")
+        yield tuple(a[order] for a in merged)
+
+
+# --------------------------------------------------------------------------- the library entry point
+def replay(pool, volume: str | Thin, trace: Any, *, format: str | None = None,
+           snapshot_every: int | str | Every | None = None, keep: int | None = None,
+           sample_every: int | str | Every | None = None, wrap: bool = False, offset_scale: float = 1.0,
+           skip_bad: bool = False, commit_on_flush: bool = True, on_no_space: str = "skip",
+           pattern: np.ndarray | None = None, progress: bool | None = None,
+           params: dict | None = None) -> ReplayResult:
+    """Replay ``trace`` (a path, or an object with ``chunks()`` such as :class:`ArrayTrace`) into the
+    volume ``volume`` of an open ``pool``; every record of the trace goes to that volume.
+
+    ``snapshot_every``: snapshot the volume every N I/Os (``10000``) or T seconds of trace time
+    (``"60s"``), keeping the last ``keep`` (older ones are deleted; None keeps all).
+    ``sample_every``: the time series' interval (default every 10,000 I/Os).  ``wrap``: offsets past the
+    volume's end wrap around (else the first such record is an error naming its file and line);
+    ``offset_scale`` multiplies every offset first.  Flushes commit (dm-thin commits on REQ_PREFLUSH)
+    unless ``commit_on_flush=False``.  A write that finds no data space fails alone and counts as an
+    ``enospc_events`` (``on_no_space="raise"`` raises NoSpace instead).  ``pattern``: the bytes writes
+    store in a pool with a data file (zeroes by default).  ``progress``: a rich progress bar on a
+    terminal.  Returns a :class:`~thinpool.simulate.results.ReplayResult`.
+    """
+    thin = volume if isinstance(volume, Thin) else pool.thin(volume)
+    tr = open_trace(trace, format, skip_bad=skip_bad)
+    keep = _check_keep(keep)
+    target = Target(thin, Every.parse(snapshot_every, "snapshot_every"), keep, bool(wrap), float(offset_scale))
+    if target.snapshot_every is None and keep is not None:
+        raise InvalidArgument("keep needs a snapshot schedule (snapshot_every)")
+    nvol = max(1, len(getattr(tr, "volumes", ["0"])))
+    src = Source(tr, np.zeros(nvol, np.int64))
+    r = Replayer(pool, [target], sample_every=Every.parse(sample_every, "sample_every"),
+                 commit_on_flush=commit_on_flush, on_no_space=on_no_space, pattern=pattern, progress=progress,
+                 paths=[str(getattr(tr, "path", "<trace>"))])
+    try:
+        for w in windows([src]):
+            r.feed(*w)
+    finally:
+        r.close()
+    p = dict(trace=str(getattr(tr, "path", "<trace>")), format=getattr(tr, "format", None), volume=thin.name,
+             block_size=pool.block_size, snapshot_every=target.snapshot_every.as_text() if target.snapshot_every else None,
+             keep=keep, metadata_only=bool(getattr(pool, "metadata_only", False)))
+    p.update(params or {})
+    return r.finish(ReplayResult, p, bad_records=int(getattr(tr, "bad_records", 0) or 0))  # type: ignore[return-value]
+
+
+def _check_keep(keep: Any) -> int | None:
+    if keep is None:
+        return None
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
+        raise InvalidArgument(f"keep must be a non-negative number of snapshots, got {keep!r}")
+    return keep
+
+
+def replay_file(trace: Any, *, pool_dir: str | None = None, block_size: int | str = "64KiB",
+                data_size: int | str = "64GiB", volume_size: int | str | None = None, metadata_only: bool = False,
+                zero_new_blocks: bool = True, error_if_no_space: bool = True, **kw: Any) -> ReplayResult:
+    """:func:`replay` into the volume ``vol`` of a fresh pool: in ``pool_dir`` (which must not exist or be
+    empty; kept afterwards) or in a temporary directory removed afterwards.  ``volume_size`` defaults to
+    the data size.  The other keywords are :func:`replay`'s."""
+    import tempfile
+
+    from ..pool import Pool
+    data_size = parse_size(data_size, "data size")
+    vsize = parse_size(volume_size, "volume size") if volume_size is not None else data_size
+    params = dict(data_size=data_size, volume_size=vsize, zero_new_blocks=zero_new_blocks)
+    with contextlib.ExitStack() as stack:
+        if pool_dir is None:
+            pool_dir = os.path.join(stack.enter_context(tempfile.TemporaryDirectory(prefix="thinpool-replay-")), "pool")
+        pool = Pool.create(pool_dir, data_size=data_size, block_size=block_size, metadata_only=metadata_only,
+                           zero_new_blocks=zero_new_blocks, error_if_no_space=error_if_no_space)
+        with pool:
+            pool.create_thin("vol", vsize)
+            return replay(pool, "vol", trace, params=params, **kw)
