@@ -42,6 +42,7 @@ COMMAND_MODULES: list[str] = [
     "thinpool.cli.interop_cmds",
     "thinpool.cli.serve_cmds",
     "thinpool.cli.repair_cmds",
+    "thinpool.cli.simulate_cmds",
 ]
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}

@@ -20,8 +20,9 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import InvalidArgument
+from ..rules import check_block_size
 from ..units import parse_size
-from .replay import Every, Replayer, Source, Target, open_trace, windows
+from .replayer import Every, Replayer, Source, Target, open_trace, windows
 from .results import Result
 
 # key -> (kind, default); kinds: size, bool, int, float, str, every, choice:<a|b>
@@ -152,9 +153,14 @@ def _check(path: str, text: str, section: str, key: str, kind: str, value: Any, 
         if isinstance(value, bool) or not isinstance(value, (int, str)):
             raise bad("expected a size like '64KiB' or a number of bytes")
         try:
-            return parse_size(value, key)
+            size = parse_size(value, key)
+            if key == "block_size":
+                check_block_size(size)
         except InvalidArgument as exc:
             raise bad(str(exc)) from None
+        if size <= 0:
+            raise bad("expected a positive size")
+        return size
     if kind == "bool":
         if not isinstance(value, bool):
             if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
@@ -286,7 +292,7 @@ def run(scenario: Scenario | str | os.PathLike, *, pool_dir: str | None = None, 
                            metadata_only=p["metadata_only"], max_thins=max(1000, 2 * len(s.volumes)))
         with pool:
             # traces opened once per distinct (file, format, skip_bad): volumes of one multi-volume trace share it
-            opened: dict[tuple, tuple[Any, list[int], int]] = {}
+            opened: dict[tuple, tuple[Any, list[int], int]] = {}  # -> (trace, volume indices, source index)
             targets: list[Target] = []
             sources: list[Source] = []
             for i, v in enumerate(s.volumes):
@@ -298,23 +304,29 @@ def run(scenario: Scenario | str | os.PathLike, *, pool_dir: str | None = None, 
                 if key not in opened:
                     tr = trace_opener(v) if trace_opener else open_trace(_trace_path(s, v["trace"]), v["format"],
                                                                          skip_bad=v["skip_bad"])
-                    names = list(getattr(tr, "volumes", ["0"])) or ["0"]
-                    vmap = np.full(len(names), -1, np.int64)
-                    opened[key] = (tr, names, len(sources))
-                    sources.append(Source(tr, vmap, v["time_offset"], len(sources)))
-                tr, names, si = opened[key]
-                vmap = sources[si].volume_map
-                if v["trace_volume"] is None:
-                    if (vmap >= 0).any():
+                    opened[key] = (tr, [], len(sources))
+                    sources.append(Source(tr, None, v["time_offset"], len(sources), -1))
+                tr, users, si = opened[key]
+                users.append(i)
+            for key, (tr, users, si) in opened.items():
+                src = sources[si]
+                named = [s.volumes[i]["trace_volume"] for i in users]
+                if len(users) == 1 and named[0] is None:
+                    src.all_to = users[0]  # the whole trace drives one volume: no need to know its volumes
+                    continue
+                if None in named:
+                    i = users[named.index(None)]
+                    raise InvalidArgument(f"{_where(s.path, s.text, 'volume', 'trace_volume', i)}: trace "
+                                          f"{s.volumes[i]['trace']} drives several volumes: each must name its "
+                                          f"trace_volume")
+                names = list(getattr(tr, "volumes", ["0"])) or ["0"]  # one parsing pass to learn them
+                src.volume_map = np.full(len(names), -1, np.int64)
+                for i, name in zip(users, named):
+                    if name not in names:
                         raise InvalidArgument(f"{_where(s.path, s.text, 'volume', 'trace_volume', i)}: trace "
-                                              f"{v['trace']} already drives another volume: name its trace_volume")
-                    vmap[:] = i
-                else:
-                    if v["trace_volume"] not in names:
-                        raise InvalidArgument(f"{_where(s.path, s.text, 'volume', 'trace_volume', i)}: trace "
-                                              f"{v['trace']} has no volume {v['trace_volume']!r} (it has: "
+                                              f"{s.volumes[i]['trace']} has no volume {name!r} (it has: "
                                               f"{', '.join(names[:10])})")
-                    vmap[names.index(v["trace_volume"])] = i
+                    src.volume_map[names.index(name)] = i
             pool.commit()
             paths = [str(getattr(src.trace, "path", "<trace>")) for src in sources]
             r = Replayer(pool, targets, sample_every=Every.parse(s.simulation["sample_every"], "sample_every"),

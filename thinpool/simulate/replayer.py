@@ -25,8 +25,10 @@ from ..units import parse_size
 from .results import COUNTERS, SERIES_COLUMNS, ReplayResult, Result, write_amplification
 
 OP_READ, OP_WRITE, OP_DISCARD, OP_FLUSH = 0, 1, 2, 3
-#: I/Os between samples when no sampling interval is given
-DEFAULT_SAMPLE_IOS = 10_000
+#: I/Os between samples when no sampling interval is given: the interval starts here and doubles
+#: (every other sample dropped) whenever the series reaches MAX_AUTO_SAMPLES rows
+DEFAULT_SAMPLE_IOS = 256
+MAX_AUTO_SAMPLES = 2048
 
 
 # --------------------------------------------------------------------------- traces given as arrays
@@ -99,15 +101,15 @@ class Every:
             return cls(ios=value)
         if isinstance(value, str):
             text = value.strip()
-            try:
-                if text.endswith("s"):
+            if text.endswith("s"):
+                try:
                     sec = float(text[:-1])
-                    if not math.isfinite(sec) or sec <= 0:
-                        raise ValueError
+                except ValueError:
+                    sec = float("nan")
+                if math.isfinite(sec) and sec > 0:
                     return cls(seconds=sec)
+            elif text.replace("_", "").isdigit():
                 return cls.parse(int(text.replace("_", "")), what)
-            except ValueError:
-                pass
         raise InvalidArgument(f"{what}: expected a number of I/Os or seconds like '30s', got {value!r}")
 
     def as_text(self) -> str:
@@ -141,6 +143,7 @@ class Replayer:
         self.targets = targets
         self.thins = [t.thin for t in targets]
         self.sizes = np.array([t.thin.size for t in targets], np.int64)
+        self.auto_sample = sample_every is None
         self.sample_every = sample_every or Every(ios=DEFAULT_SAMPLE_IOS)
         self.commit_on_flush = commit_on_flush
         self.on_no_space = on_no_space
@@ -176,6 +179,7 @@ class Replayer:
         events = self._events(time, op, tgt, base_io)
         if self.start_time is None:
             self.start_time = float(time[0])
+            self._sample()  # the state before the first record
         # cumulative counts at each event position (computed only when an event needs them)
         cum = _Cumulative(op, length) if events else None
         prev = 0
@@ -338,6 +342,12 @@ class Replayer:
         self.series["time"].append(self.last_time)
         for k in SERIES_COLUMNS[2:]:
             self.series[k].append(c[k])
+        if self.auto_sample and len(self.series["io"]) >= MAX_AUTO_SAMPLES:
+            every = 2 * (self.sample_every.ios or DEFAULT_SAMPLE_IOS)
+            keep = [i for i, io in enumerate(self.series["io"]) if io % every == 0]
+            for k, col in self.series.items():
+                self.series[k] = [col[i] for i in keep]
+            self.sample_every = Every(ios=every)
 
     def close(self) -> None:
         """Stop the progress bar and give the pool its low-water callback back (idempotent)."""
@@ -430,9 +440,10 @@ class Source:
     and a time offset added to its records' times."""
 
     trace: Any
-    volume_map: np.ndarray
+    volume_map: np.ndarray | None  #: trace volume index -> target index (-1: dropped); None: see all_to
     time_offset: float = 0.0
     index: int = 0
+    all_to: int = 0                #: with no volume_map, the target every record drives
 
 
 def windows(sources: list[Source]) -> Iterator[tuple[np.ndarray, ...]]:
@@ -450,9 +461,12 @@ def windows(sources: list[Source]) -> Iterator[tuple[np.ndarray, ...]]:
                     done[k] = True
                     break
                 vol = np.asarray(ch.volume, np.int64)
-                if len(vol) and (vol.max() >= len(s.volume_map) or vol.min() < 0):
-                    raise InvalidArgument(f"trace {getattr(s.trace, 'path', '?')}: volume index out of range")
-                tgt = s.volume_map[vol] if len(vol) else vol
+                if s.volume_map is None:
+                    tgt = np.full(len(vol), s.all_to, np.int64)
+                else:
+                    if len(vol) and (vol.max() >= len(s.volume_map) or vol.min() < 0):
+                        raise InvalidArgument(f"trace {getattr(s.trace, 'path', '?')}: volume index out of range")
+                    tgt = s.volume_map[vol] if len(vol) else vol
                 keep = tgt >= 0
                 n = len(tgt)
                 parts = (np.asarray(ch.time, np.float64) + s.time_offset, np.asarray(ch.op, np.uint8),
@@ -510,8 +524,7 @@ def replay(pool, volume: str | Thin, trace: Any, *, format: str | None = None,
     target = Target(thin, Every.parse(snapshot_every, "snapshot_every"), keep, bool(wrap), float(offset_scale))
     if target.snapshot_every is None and keep is not None:
         raise InvalidArgument("keep needs a snapshot schedule (snapshot_every)")
-    nvol = max(1, len(getattr(tr, "volumes", ["0"])))
-    src = Source(tr, np.zeros(nvol, np.int64))
+    src = Source(tr, None)
     r = Replayer(pool, [target], sample_every=Every.parse(sample_every, "sample_every"),
                  commit_on_flush=commit_on_flush, on_no_space=on_no_space, pattern=pattern, progress=progress,
                  paths=[str(getattr(tr, "path", "<trace>"))])

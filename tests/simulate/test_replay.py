@@ -1,0 +1,201 @@
+"""Trace replay (thinpool/simulate/replayer.py) and `thinpool replay`: counters checked against an
+independent computation from the trace itself, data mode vs metadata-only, schedules, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from thinpool import Pool
+from thinpool.errors import InvalidArgument
+from thinpool.simulate import ArrayTrace, replay
+from thinpool.simulate.results import COUNTERS, SERIES_COLUMNS
+from tests.support import require_tool
+
+BS = 64 << 10
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=REPO)
+    return subprocess.run([sys.executable, "-m", "thinpool", *args], capture_output=True, text=True, env=env,
+                          check=check, timeout=300)
+
+
+def fio_iolog(tmp, name: str, *extra: str) -> str:
+    """A real trace: fio's own --write_iolog of a small random job."""
+    require_tool("fio")
+    log = str(tmp / f"{name}.iolog")
+    subprocess.run(["fio", f"--name={name}", f"--filename={tmp / (name + '.img')}", "--size=32M", "--bs=4k",
+                    "--ioengine=psync", "--io_size=6M", "--randseed=7", f"--write_iolog={log}", *extra],
+                   check=True, capture_output=True, timeout=120)
+    return log
+
+
+def iolog_records(path: str) -> list[tuple[str, int, int]]:
+    """(action, offset, length) of every I/O record, by plain line splitting (independent of traces.py)."""
+    out = []
+    with open(path) as f:
+        for line in f.read().splitlines()[1:]:
+            parts = line.split()
+            if len(parts) == 5 and parts[2] in ("read", "write", "trim"):
+                out.append((parts[2], int(parts[3]), int(parts[4])))
+            elif len(parts) >= 3 and parts[2] in ("sync", "datasync"):
+                out.append(("flush", 0, 0))
+    return out
+
+
+def expected_blocks(records, every: int) -> tuple[int, int]:
+    """Independent count: (first writes to unmapped blocks, CoW breaks) with a snapshot after every
+    ``every`` records -- dm-thin's time rule: the first write after a snapshot to a block mapped before
+    it breaks sharing (whether or not the snapshot still exists); later writes go in place."""
+    mapped: set[int] = set()
+    fresh: set[int] = set()     # written since the last snapshot (exclusive again)
+    provisioned = breaks = 0
+    for i, (op, off, ln) in enumerate(records, start=1):
+        if op == "write":
+            for b in range(off // BS, (off + ln - 1) // BS + 1):
+                if b not in mapped:
+                    provisioned += 1
+                    mapped.add(b)
+                    fresh.add(b)
+                elif b not in fresh:
+                    breaks += 1
+                    fresh.add(b)
+        if every and i % every == 0:
+            fresh = set()
+    return provisioned, breaks
+
+
+def test_kernel_rule_replay_counts_first_writes_and_cow_breaks_after_each_snapshot(tmp_path):
+    log = fio_iolog(tmp_path, "rw", "--rw=randrw", "--rwmixread=30")
+    recs = iolog_records(log)
+    every = 300
+    with Pool.create(str(tmp_path / "p"), data_size="256MiB", metadata_only=True) as pool:
+        pool.create_thin("vol", "32MiB")
+        r = replay(pool, "vol", log, snapshot_every=every, keep=2)
+    prov, breaks = expected_blocks(recs, every)
+    c = r.counters
+    assert set(COUNTERS) <= set(c)
+    assert c["ios"] == len(recs)
+    assert c["reads"] == sum(op == "read" for op, _, _ in recs)
+    assert c["writes"] == sum(op == "write" for op, _, _ in recs)
+    assert c["bytes_written"] == sum(ln for op, _, ln in recs if op == "write")
+    assert c["bytes_read"] == sum(ln for op, _, ln in recs if op == "read")
+    assert (c["provisioned_blocks"], c["cow_breaks"]) == (prov, breaks) and breaks > 0
+    assert c["snapshots_taken"] == len(recs) // every and c["snapshots_deleted"] == c["snapshots_taken"] - 2
+    # 4 KiB writes into 64 KiB blocks: every break copies a whole block, every first write zeroes one
+    assert c["cow_bytes_copied"] == breaks * BS and c["zeroed_bytes"] == prov * BS
+    assert c["data_bytes_written"] == c["bytes_written"] + (breaks + prov) * BS
+    assert c["write_amplification"] == pytest.approx(c["data_bytes_written"] / c["bytes_written"])
+    # the volume maps every block written; the two kept snapshots are what's left besides it
+    assert r.volumes["vol"]["mapped_blocks"] == len({b for op, off, ln in recs if op == "write"
+                                                     for b in range(off // BS, (off + ln - 1) // BS + 1)})
+    assert set(r.volumes) == {"vol", f"vol@{c['snapshots_taken'] - 1}", f"vol@{c['snapshots_taken']}"}
+    assert c["peak_data_blocks_used"] >= c["data_blocks_used"] > 0
+    s = r.series
+    assert list(s) == list(SERIES_COLUMNS) and s["io"][0] == 0 and s["io"][-1] == len(recs)
+    assert s["cow_breaks"][-1] == breaks and all(np.diff(s["cow_breaks"]) >= 0)
+
+
+def test_kernel_rule_replay_data_mode_and_metadata_only_same_dump_and_counters(tmp_path):
+    log = fio_iolog(tmp_path, "mix", "--rw=randrw", "--rwmixread=20", "--fsync=16")
+    outs = {}
+    for mode in ("data", "meta"):
+        args = ["replay", log, "--data-size", "256M", "--volume-size", "32M", "--snapshot-every", "200",
+                "--keep", "3", "--pool", str(tmp_path / mode), "--json", str(tmp_path / f"{mode}.json")]
+        cli(*args, *(["--metadata-only"] if mode == "meta" else []))
+        outs[mode] = json.loads((tmp_path / f"{mode}.json").read_text())
+    assert os.path.exists(tmp_path / "data" / "data") and not os.path.exists(tmp_path / "meta" / "data")
+    assert outs["data"]["flushes"] > 0 and outs["data"]["cow_breaks"] > 0
+    strip = ("params",)
+    assert {k: v for k, v in outs["data"].items() if k not in strip} == \
+        {k: v for k, v in outs["meta"].items() if k not in strip}
+    assert cli("dump", str(tmp_path / "data")).stdout == cli("dump", str(tmp_path / "meta")).stdout
+
+
+def test_replay_offset_past_volume_names_file_and_line_or_wraps(tmp_path):
+    log = fio_iolog(tmp_path, "w", "--rw=randwrite")
+    recs = iolog_records(log)
+    lines = open(log).read().splitlines()
+    limit = 8 << 20
+    first = next(i for i, (_, off, ln) in enumerate(recs) if off + ln > limit)
+    want_line = [n for n, t in enumerate(lines, start=1) if len(t.split()) == 5][first]
+    p = cli("replay", log, "--metadata-only", "--volume-size", "8M", check=False)
+    assert p.returncode == 1
+    assert f"{log}:{want_line}:" in p.stderr and "past the end" in p.stderr and "--wrap" in p.stderr
+    p = cli("replay", log, "--metadata-only", "--volume-size", "8M", "--wrap", "--json", "-")
+    d = json.loads(p.stdout)
+    assert d["writes"] == len(recs) and d["data_blocks_used"] <= limit // BS
+
+
+def test_replay_snapshots_every_t_seconds_of_trace_time(tmp_path):
+    n = 1000
+    t = np.linspace(0.0, 99.9, n)
+    tr = ArrayTrace(np.ones(n, np.uint8), (np.arange(n) % 64) * BS, np.full(n, 4096), t)
+    with Pool.create(str(tmp_path / "p"), data_size="64MiB", metadata_only=True) as pool:
+        pool.create_thin("v", "4MiB")
+        r = replay(pool, "v", tr, snapshot_every="10s", sample_every="5s")
+    assert r["snapshots_taken"] == 9           # at 10, 20, ..., 90 s (the trace ends at 99.9 s)
+    # 64 blocks written cyclically, 100 s: every 10 s snapshot makes the next 64 writes break sharing
+    assert r["provisioned_blocks"] == 64 and r["cow_breaks"] == 9 * 64
+    assert r.series["time"][1] < 5.0 <= r.series["time"][2] and len(r.series["io"]) == 21
+
+
+def test_replay_no_space_fails_writes_alone_and_counts_events(tmp_path):
+    n = 64
+    tr = ArrayTrace(np.ones(n, np.uint8), np.arange(n) * BS, np.full(n, BS))
+    with Pool.create(str(tmp_path / "p"), data_size=16 * BS, metadata_only=True, low_water_mark=4) as pool:
+        pool.create_thin("v", n * BS)
+        r = replay(pool, "v", tr)
+    assert r["enospc_events"] == n - 16 and r["data_blocks_used"] == 16
+    assert r["mode_changes"] == 1 and r["low_water_events"] == 1
+    assert r["data_bytes_written"] == 16 * BS  # only the writes that got a block wrote anything
+
+
+def test_replay_results_as_tables(tmp_path):
+    pd = pytest.importorskip("pandas")
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    n = 5000
+    rng = np.random.default_rng(1)
+    tr = ArrayTrace(rng.choice(np.array([0, 1, 2, 3], np.uint8), n), rng.integers(0, 256, n) * 4096,
+                    np.full(n, 4096))
+    with Pool.create(str(tmp_path / "p"), data_size="64MiB", metadata_only=True) as pool:
+        pool.create_thin("v", "1MiB")
+        r = replay(pool, "v", tr, sample_every=1000)
+    df = r.to_pandas()
+    assert isinstance(df, pd.DataFrame) and list(df["io"]) == [0, 1000, 2000, 3000, 4000, 5000]
+    assert isinstance(r.to_arrow(), pa.Table)
+    r.write_series(tmp_path / "s.parquet")
+    r.write_series(tmp_path / "s.csv")
+    assert pq.read_table(tmp_path / "s.parquet").column("flushes").to_pylist() == list(df["flushes"])
+    assert open(tmp_path / "s.csv").readline().strip().split(",") == list(SERIES_COLUMNS)
+    from thinpool.simulate.results import Result
+    assert Result.from_dict(json.loads(r.to_json())).counters == r.counters
+
+
+def test_replay_html_report_is_self_contained(tmp_path):
+    pytest.importorskip("matplotlib")
+    log = fio_iolog(tmp_path, "h", "--rw=randwrite")
+    cli("replay", log, "--metadata-only", "--snapshot-every", "500", "--html", str(tmp_path / "r.html"),
+        "--plot", str(tmp_path / "r.png"))
+    text = (tmp_path / "r.html").read_text()
+    assert text.count("data:image/png;base64,") == 1 and "http" not in text.replace("http-equiv", "")
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_replay_bad_arguments_rejected(tmp_path):
+    tr = ArrayTrace(np.ones(1, np.uint8), [0], [4096])
+    with Pool.create(str(tmp_path / "p"), data_size="4MiB", metadata_only=True) as pool:
+        pool.create_thin("v", "1MiB")
+        for kw, msg in ((dict(snapshot_every="0"), "at least 1"), (dict(snapshot_every="x"), "seconds"),
+                        (dict(keep=2), "snapshot schedule"), (dict(keep=-1), "non-negative")):
+            with pytest.raises(InvalidArgument, match=msg):
+                replay(pool, "v", tr, **kw)
+        assert pool.thin("v").mapped_blocks == 0
