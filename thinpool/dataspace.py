@@ -1,5 +1,6 @@
-"""The data space map in memory: one reference count per data block, and the allocator's bookkeeping
-(the on-disk space-map format of the interop tools is :mod:`thinpool.interop.sm_disk`).
+"""The data space map: one reference count per data block in memory, the allocator's bookkeeping,
+and how the counts are stored in the metadata file (the on-disk space-map format of the interop
+tools is :mod:`thinpool.interop.sm_disk`).
 
 ``data_rc[b]`` counts the distinct leaves that map block ``b`` (dm-thin's rule).  A block whose
 count drops to zero is marked in ``freed_txn`` (1) and is not allocatable in this transaction
@@ -7,13 +8,38 @@ count drops to zero is marked in ``freed_txn`` (1) and is not allocatable in thi
 stricter than the kernel, the commit that frees it keeps it reserved (2, "pending") until the
 *next* commit is durable: the previous commit -- the one a damaged newest superblock falls back
 to -- still maps it, so it must be neither punched nor reused before then.
+
+**On disk** (metadata format 2) the counts are stored as dm-thin's ``sm_disk`` stores them: a
+two-bit bitmap (``data_sm``: ``min(count, 3)``, 16,384 blocks per 4 KiB page) plus the full count of
+every block whose count is 3 or more (``data_rc_over``: uint32 per block, 1,024 per page, written
+only for the pages that hold such a block -- dm-thin's overflow btree).  A page that is all zeroes
+is never written (the store reads an absent page as zeroes) and a page that becomes all zeroes is
+released, so a pool's space map costs what its used blocks need, not what its data device could
+hold.  Only the pages covering counts changed in the transaction are rebuilt and written at commit
+(:meth:`DataSpaceMap.disk_updates`).  In memory the counts stay one uint32 per block, the array the
+kernels use.  Format-1 pools stored that array as is (``data_rc``); they still open, and their
+first commit writes the new layout and releases the old pages.
 """
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import numpy as np
 
 from . import schema as K
+from .errors import MetadataCorrupt
+from .mdstore import BLOCK, PageUpdates
+
+#: data blocks per 4 KiB page of the two-bit bitmap (``data_sm``)
+SM_PER_PAGE = BLOCK * 4
+#: data blocks per 4 KiB page of the overflow counts (``data_rc_over``) and of the in-memory pages
+RC_PER_PAGE = 1 << K.RC_PAGE_BITS
+_RC_PAGES_PER_SM_PAGE = SM_PER_PAGE // RC_PER_PAGE
+#: the arrays of the on-disk data space map (format 2) and of format 1
+DISK_ARRAYS = ("data_sm", "data_rc_over")
+OLD_ARRAY = "data_rc"
+_CHUNK = 64  # bitmap pages built per numpy step (bounds the temporary memory to a few MB)
 
 
 def _round_up(n: int, m: int) -> int:
@@ -78,6 +104,60 @@ class DataSpaceMap:
         self.freed_txn[freed] = 0
         self.st[K.ST_NR_ALLOCATABLE] += len(freed)
 
+    def disk_updates(self, committed_locs: Mapping[str, Any]) -> dict[str, PageUpdates]:
+        """The space map's changed pages for a commit: the bitmap and overflow pages that cover the
+        count pages changed in this transaction, as :class:`~thinpool.mdstore.PageUpdates`.  A page
+        that is all zeroes is left out, or released (``dead``) if it is stored; ``committed_locs``
+        (the store's page locations by array name) says which pages are stored.  After a load of a
+        format-1 pool, every page is rebuilt and the old ``data_rc`` array is dropped."""
+        nsm, nrc = sm_pages(self.nr_blocks), len(self.data_rc) // RC_PER_PAGE
+        old_layout = OLD_ARRAY in committed_locs and len(committed_locs[OLD_ARRAY]) > 0
+        dirty_rc = np.arange(nrc) if old_layout else np.flatnonzero(self.rc_dirty)
+        sm_have = _present(committed_locs.get("data_sm"), nsm)
+        over_have = _present(committed_locs.get("data_rc_over"), nrc)
+        sm_pages_out: dict[int, bytes] = {}
+        sm_dead: list[int] = []
+        dirty_sm = np.unique(dirty_rc // _RC_PAGES_PER_SM_PAGE)
+        for i in range(0, len(dirty_sm), _CHUNK):
+            pages = dirty_sm[i:i + _CHUNK]
+            idx = (pages[:, None] * SM_PER_PAGE + np.arange(SM_PER_PAGE)[None, :]).reshape(-1)
+            counts = np.zeros(len(idx), np.uint32)
+            inside = idx < len(self.data_rc)
+            counts[inside] = self.data_rc[idx[inside]]
+            packed = _pack_bitmap(counts).reshape(len(pages), BLOCK)
+            nonzero = packed.any(axis=1)
+            for row, p in enumerate(pages.tolist()):
+                if nonzero[row]:
+                    sm_pages_out[p] = packed[row].tobytes()
+                elif sm_have[p]:
+                    sm_dead.append(p)
+        over_out: dict[int, bytes] = {}
+        over_dead: list[int] = []
+        for i in range(0, len(dirty_rc), _CHUNK * _RC_PAGES_PER_SM_PAGE):
+            pages = dirty_rc[i:i + _CHUNK * _RC_PAGES_PER_SM_PAGE]
+            block = self.data_rc.reshape(-1, RC_PER_PAGE)[pages]
+            over = np.where(block >= 3, block, 0).astype(np.uint32)
+            nonzero = over.any(axis=1)
+            for row, p in enumerate(pages.tolist()):
+                if nonzero[row]:
+                    over_out[p] = over[row].tobytes()
+                elif over_have[p]:
+                    over_dead.append(p)
+        out = {"data_sm": PageUpdates(nsm, sm_pages_out, dead=sm_dead),
+               "data_rc_over": PageUpdates(nrc, over_out, dead=over_dead)}
+        if old_layout:
+            out[OLD_ARRAY] = PageUpdates(0, {})
+        return out
+
+    def disk_pages(self) -> int:
+        """Metadata pages the space map takes on disk for the current counts: the bitmap pages that
+        are not all zeroes and the count pages holding a count of 3 or more (a scan of the counts)."""
+        pages = self.data_rc.reshape(-1, RC_PER_PAGE)
+        over = int(np.count_nonzero((pages >= 3).any(axis=1)))
+        used = (pages != 0).any(axis=1)
+        used = np.concatenate([used, np.zeros(-len(used) % _RC_PAGES_PER_SM_PAGE, bool)])
+        return over + int(np.count_nonzero(used.reshape(-1, _RC_PAGES_PER_SM_PAGE).any(axis=1)))
+
     def resize(self, nr_blocks: int) -> None:
         """Grow to ``nr_blocks`` (shrinking is not supported, as in dm-thin)."""
         cap = _round_up(nr_blocks, 1 << K.RC_PAGE_BITS)
@@ -89,3 +169,85 @@ class DataSpaceMap:
             self.rc_dirty = np.concatenate([self.rc_dirty, np.ones(extra >> K.RC_PAGE_BITS, np.uint8)])
         self.st[K.ST_NR_BLOCKS] = nr_blocks
         self.recount()
+
+
+# ---------------------------------------------------------------------------------------------
+# Storage: the two-bit bitmap + overflow layout in the metadata file
+
+
+def sm_pages(nr_blocks: int) -> int:
+    """Pages of the two-bit bitmap for ``nr_blocks`` data blocks."""
+    return (max(nr_blocks, 1) + SM_PER_PAGE - 1) // SM_PER_PAGE
+
+
+def rc_pages(nr_blocks: int) -> int:
+    """Pages of the overflow array (and of the in-memory counts) for ``nr_blocks`` data blocks."""
+    return (max(nr_blocks, 1) + RC_PER_PAGE - 1) // RC_PER_PAGE
+
+
+def empty_disk_arrays(nr_blocks: int) -> dict[str, PageUpdates]:
+    """The space map of a new pool: every page absent (all counts zero); nothing is written."""
+    return {"data_sm": PageUpdates(sm_pages(nr_blocks), {}), "data_rc_over": PageUpdates(rc_pages(nr_blocks), {})}
+
+
+def is_old_layout(arrays: Mapping[str, Any]) -> bool:
+    """Whether loaded arrays hold a format-1 space map (uint32 per block, ``data_rc``)."""
+    return "data_sm" not in arrays and OLD_ARRAY in arrays
+
+
+def counts_from_disk(arrays: Mapping[str, np.ndarray], nr_blocks: int) -> np.ndarray:
+    """The in-memory counts (uint32 per block, a whole number of 1,024-block pages) from loaded arrays
+    (uint8 views) of either layout.  Raises :class:`MetadataCorrupt` when bitmap and overflow disagree
+    (a bitmap entry of 3 without an overflow count of at least 3, or an overflow count elsewhere)."""
+    cap = rc_pages(nr_blocks) * RC_PER_PAGE
+    if is_old_layout(arrays):
+        old = arrays[OLD_ARRAY].view(np.uint32)
+        if len(old) == cap and old.flags.writeable:
+            return old
+        out = np.zeros(cap, np.uint32)
+        n = min(len(old), cap)
+        out[:n] = old[:n]
+        return out
+    bitmap = arrays["data_sm"]
+    over = arrays["data_rc_over"].view(np.uint32)
+    out = np.zeros(cap, np.uint32)
+    n = min(len(bitmap) * 4, cap)
+    packed = bitmap[: (n + 3) // 4]
+    for shift in range(4):
+        part = (packed >> (2 * shift)) & 3
+        out[shift:n:4] = part[: len(range(shift, n, 4))]
+    m = min(len(over), cap)
+    three = np.flatnonzero(out[:m] == 3)
+    if len(three):
+        vals = over[three]
+        bad = three[vals < 3]
+        if len(bad):
+            raise MetadataCorrupt(f"data space map: block {int(bad[0])} has a count of 3 or more in the bitmap but "
+                                  f"an overflow count of {int(over[bad[0]])}", structure="data space map")
+        out[three] = vals
+    stray = np.flatnonzero(over[:m] != 0)
+    if len(stray) != len(three):
+        b = int(np.setdiff1d(stray, three)[0])
+        raise MetadataCorrupt(f"data space map: block {b} has an overflow count ({int(over[b])}) but a bitmap "
+                              f"count of {int(out[b])}", structure="data space map")
+    if (out[nr_blocks:] != 0).any():
+        raise MetadataCorrupt(f"data space map: a block past the data device's {nr_blocks} blocks is counted",
+                              structure="data space map")
+    return out
+
+
+def _pack_bitmap(counts: np.ndarray) -> np.ndarray:
+    """Two bits per count, ``min(count, 3)``, four counts per byte (count i in bits 2*(i%4)..+1)."""
+    c = np.minimum(counts, 3).astype(np.uint8).reshape(-1, 4)
+    return c[:, 0] | (c[:, 1] << 2) | (c[:, 2] << 4) | (c[:, 3] << 6)
+
+
+def _present(locs: Any, n: int) -> np.ndarray:
+    """Per page of an array as committed: whether it is stored (an absent page reads as zeroes)."""
+    out = np.zeros(n, bool)
+    if locs is not None and len(locs):
+        have = np.frombuffer(memoryview(locs).cast("B"), np.uint64)[:n] >> np.uint64(32) != 0
+        out[: len(have)] = have
+    return out
+
+

@@ -73,7 +73,11 @@ _crc32c = _crc32c_function()
 
 BLOCK = 4096
 MAGIC = b"TPOOLMD1"
-FORMAT_VERSION = 1
+#: the superblock's format version: 2 since the data space map is stored as a two-bit bitmap plus
+#: overflow counts (:mod:`thinpool.dataspace`); the store's own layout is the same in 1 and 2, so both
+#: are read (the pool tells the space-map layouts apart by their arrays' names)
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 PM_ENTRIES = BLOCK // 8
 _SB_HEADER = struct.Struct("<I8sIQI")  # crc, magic, version, generation, json length
 SUPERBLOCKS = 2
@@ -137,13 +141,14 @@ class PageUpdates:
     """A few changed pages of an array whose other pages stay as committed (the array is not
     loaded whole; see :class:`thinpool.devtable.DeviceTable`)."""
 
-    def __init__(self, npages: int, pages: dict[int, bytes | bytearray]) -> None:
+    def __init__(self, npages: int, pages: dict[int, bytes | bytearray], dead: Iterable[int] = ()) -> None:
+        """``pages``: page index -> its new 4 KiB; ``dead``: pages released (read as zeroes after)."""
         if any(len(p) != BLOCK for p in pages.values()):
             raise ValueError("a page update must be exactly one 4 KiB page")
         self.npages = npages
         self._pages = dict(pages)
-        self.dirty = sorted(pages)
-        self.dead: list[int] = []
+        self.dead = sorted(set(dead) - set(pages))
+        self.dirty = sorted(set(pages) | set(self.dead))
 
     def page(self, i: int) -> bytes | bytearray:
         return self._pages[i]
@@ -225,7 +230,7 @@ class MetadataStore:
         crc, magic, version, generation, length = _SB_HEADER.unpack_from(raw)
         if magic != MAGIC or crc != checksum(raw[4:]) or length > BLOCK - _SB_HEADER.size:
             return None
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise MetadataCorrupt(f"{self.path}: superblock in metadata block {slot}: unsupported metadata "
                                   f"format version {version}", structure="superblock", block=slot)
         try:
@@ -517,18 +522,22 @@ class MetadataStore:
                     for d, b, c in zip(live, blocks, crcs):
                         locs[d] = b << 32 | c
                 new_locs[name] = locs
-                # page-map pages that point at changed pages
+                # page-map pages that point at changed pages; one whose pages are all absent is
+                # absent itself (a page map of zeroes: e.g. the space map of a grown, unused range)
                 npm = (npages + PM_ENTRIES - 1) // PM_ENTRIES
                 pml = self._resized(new_pm.get(name), npm)
-                changed_pm = sorted({i for i in range(npm) if pml[i] == 0} | {d // PM_ENTRIES for d in dirty})
+                changed_pm = sorted({d // PM_ENTRIES for d in dirty})
                 if changed_pm:
-                    pm_pages = [locs[i * PM_ENTRIES:(i + 1) * PM_ENTRIES].tobytes().ljust(BLOCK, b"\0")
-                                for i in changed_pm]
+                    pm_pages = {i: locs[i * PM_ENTRIES:(i + 1) * PM_ENTRIES] for i in changed_pm}
                     self._release(pml[i] for i in changed_pm)
-                    blocks = self._allocate(len(changed_pm))
-                    crcs = self._write_pages(pm_pages, blocks)
-                    for i, b, c in zip(changed_pm, blocks, crcs):
-                        pml[i] = b << 32 | c
+                    write = [i for i in changed_pm if any(pm_pages[i])]
+                    for i in changed_pm:
+                        pml[i] = 0
+                    if write:
+                        blocks = self._allocate(len(write))
+                        crcs = self._write_pages([pm_pages[i].tobytes().ljust(BLOCK, b"\0") for i in write], blocks)
+                        for i, b, c in zip(write, blocks, crcs):
+                            pml[i] = b << 32 | c
                 new_pm[name] = pml
             # directory
             directory = json.dumps({k: v.tolist() for k, v in new_pm.items()}).encode()

@@ -36,7 +36,7 @@ from .pool_txn import Transactions
 from .rules import (DEFAULT_MAX_THINS, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE,  # noqa: F401 (this module's API)
                     check_block_size, default_metadata_blocks)
 from .schema import DevFlag, Mode, dev_dtype
-from .dataspace import DataSpaceMap
+from .dataspace import DataSpaceMap, counts_from_disk, empty_disk_arrays
 from .status import PoolStatus, Usage  # noqa: F401  (part of this module's API)
 from .units import parse_size
 
@@ -201,7 +201,7 @@ class Pool(Transactions, DeviceOps):
             "inners": PagedArray(np.zeros(0, np.uint8), np.zeros(0, np.int64)),
             "leaf_rc": PagedArray(np.zeros(0, np.uint8), np.zeros(0, np.int64)),
             "inner_rc": PagedArray(np.zeros(0, np.uint8), np.zeros(0, np.int64)),
-            "data_rc": PagedArray(np.zeros(_round_up(nr_blocks, 1024) * 4, np.uint8), np.zeros(0, np.int64)),
+            **empty_disk_arrays(nr_blocks),
             "devs": PagedArray(np.zeros(0, np.uint8), np.zeros(0, np.int64)),
             "catalog": PagedArray(cat, np.arange(len(cat) // BLOCK)),
         }
@@ -251,7 +251,7 @@ class Pool(Transactions, DeviceOps):
         self._st = st
         self._nodes_map = BlockMap.from_arrays(st, arrays["leaves"].view(np.uint64), arrays["inners"].view(np.int32),
                                               arrays["leaf_rc"].view(np.uint32), arrays["inner_rc"].view(np.uint32))
-        self._space = DataSpaceMap(st, header["nr_data_blocks"], arrays["data_rc"].view(np.uint32))
+        self._space = DataSpaceMap(st, header["nr_data_blocks"], counts_from_disk(arrays, header["nr_data_blocks"]))
         self._devs = arrays["devs"].view(dev_dtype()).copy()
         self._devs_i = self._devs.view(np.int64).reshape(-1, K.DEV_COLUMNS)  # the kernels' view (schema.DEV_*)
         self._devs_dirty: set[int] = set()

@@ -45,7 +45,7 @@ class Transactions:
     _md_check_below: int
 
     # ------------------------------------------------------------------ transactions
-    def _paged(self) -> dict[str, PagedArray]:
+    def _paged(self) -> dict[str, Any]:
         bm, sp = self._nodes_map, self._space
         ld = np.flatnonzero(bm.leaf_dirty)
         idn = np.flatnonzero(bm.inner_dirty)
@@ -54,7 +54,7 @@ class Transactions:
             "inners": PagedArray(bm.inners.reshape(-1).view(np.uint8), idn, idn[bm.inner_rc[idn] == 0]),
             "leaf_rc": PagedArray(bm.leaf_rc.view(np.uint8), np.flatnonzero(bm.leaf_rc_dirty)),
             "inner_rc": PagedArray(bm.inner_rc.view(np.uint8), np.flatnonzero(bm.inner_rc_dirty)),
-            "data_rc": PagedArray(sp.data_rc.view(np.uint8), np.flatnonzero(sp.rc_dirty)),
+            **sp.disk_updates(self._store.locs),
             "devs": PagedArray(self._devs.view(np.uint8),
                                np.unique(np.array(sorted(self._devs_dirty), np.int64) // DEVS_PER_PAGE)),
         }
@@ -133,6 +133,7 @@ class Transactions:
             # next commit, which the allocating write makes itself (see thin.Thin._submit)
             self._set_mode(Mode.WRITE)
         self._set_md_check()
+        _poolspace().autoextend(self)  # LVM's thin_pool_autoextend policy, when set
 
     @_locked
     def abort(self) -> None:
@@ -161,17 +162,26 @@ class Transactions:
         self._header["transaction_id"] = new
 
     @_locked
-    def resize(self, data_size: int | str | None, metadata_size: int | str | None = None) -> None:
-        """Grow the data device (dm-thin cannot shrink) and/or the metadata file; leaves
-        out-of-data-space mode; commits.
+    def resize(self, data_size: int | str | None = None, metadata_size: int | str | None = None) -> None:
+        """Grow the data device (dm-thin cannot shrink) and/or the metadata file (never shrinks);
+        leaves out-of-data-space mode; commits.  ``pool.resize(metadata_size="64MiB")`` grows only the
+        metadata (:meth:`resize_metadata`).
 
         Before anything changes, the metadata's room for the bigger data space map is checked: if the
-        metadata file cannot hold it, it is grown first (to ``metadata_size`` if given, else to the
-        default size for the new data size), and if no allowed size can hold it the resize is refused
-        (InvalidArgument) with both files unchanged.  A resize whose commit fails is rolled back (the
-        data file keeps its old size).  ``data_size=None`` grows only the metadata
-        (:meth:`resize_metadata`)."""
+        metadata file cannot hold it, it is grown first -- to ``metadata_size`` if given, else by the
+        autoextend percent when autoextend is on (:meth:`set_autoextend`) -- and otherwise the resize
+        is refused (InvalidArgument) with both files unchanged.  A resize whose commit fails is rolled
+        back (the data file keeps its old size)."""
         _poolspace().resize(self, data_size, metadata_size)
+
+    @_locked
+    def set_autoextend(self, threshold: int, percent: int | None = None) -> None:
+        """LVM's autoextend policy as a pool setting (``thin_pool_autoextend_threshold`` /
+        ``thin_pool_autoextend_percent``): after each commit, when metadata or data use is above
+        ``threshold`` percent, that space grows by ``percent`` percent of its size (or more, if needed
+        to get back to the threshold).  ``threshold=100`` turns it off (the default); below 50 counts as
+        50, as in LVM; ``percent`` defaults to 20 (LVM's) or the value set before.  Commits."""
+        _poolspace().set_autoextend(self, threshold, percent)
 
     @_locked
     def resize_metadata(self, metadata_size: int | str) -> None:

@@ -1,0 +1,219 @@
+"""Metadata size: the data space map stored as dm-thin's sm_disk stores it (two bits per data block plus
+the counts of 3 or more), metadata use within 1.5x of the dm-thin metadata of the same state, and
+format-1 pools (one uint32 count per block on disk) still opening."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tarfile
+
+import numpy as np
+import pytest
+
+from thinpool import Pool
+from thinpool.dataspace import SM_PER_PAGE, counts_from_disk
+from thinpool.errors import MetadataCorrupt
+from thinpool.interop.binary import write_binary_metadata
+from thinpool.interop.binary_read import read_metadata_refcounts
+from tests.support import require_tool
+
+from .fixtures.make_format1_pool import BS, expected
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+
+
+def _stored_pages(pool: Pool, name: str) -> list[int]:
+    """Pages of array ``name`` that are stored in the metadata file (absent pages read as zeroes)."""
+    return [i for i, loc in enumerate(pool.store.locs.get(name, ())) if loc >> 32]
+
+
+def _write_blocks(vol, blocks, tag: int = 1) -> None:
+    blocks = np.asarray(blocks, np.int64)
+    vol.write_many(blocks * BS, [np.full(512, tag, np.uint8)] * len(blocks))
+
+
+def _counts_from_tree(pool: Pool) -> np.ndarray:
+    """Reference counts recomputed from the mappings: one per distinct leaf mapping a block."""
+    bm = pool.nodes_map
+    live = np.flatnonzero(bm.leaf_rc[: len(bm.leaves)] > 0)
+    vals = bm.leaves[live].reshape(-1)
+    vals = vals[vals != np.uint64(0xFFFF_FFFF_FFFF_FFFF)]
+    counts = np.zeros(len(pool.space.data_rc), np.int64)
+    np.add.at(counts, (vals >> np.uint64(24)).astype(np.int64), 1)
+    return counts
+
+
+# --------------------------------------------------------------------------- the on-disk layout
+
+def test_kernel_rule_data_space_map_is_two_bits_per_block_plus_overflow_counts(tmp_path):
+    """dm-thin's sm_disk: a two-bit count per data block (16,384 per 4 KiB bitmap block), counts of 3
+    or more in an overflow structure.  Ours: the bitmap pages (``data_sm``) and a page of full counts
+    (``data_rc_over``) only where some count is >= 3; all-zero pages are never stored."""
+    nr = 4 * SM_PER_PAGE  # four bitmap pages
+    p = Pool.create(tmp_path / "p", data_size=str(nr * BS))
+    try:
+        v = p.create_thin("v", size=str(nr * BS))
+        _write_blocks(v, np.arange(2000))
+        p.commit()
+        assert _stored_pages(p, "data_sm") == [0]        # blocks 0..1999: the first bitmap page only
+        assert _stored_pages(p, "data_rc_over") == []    # every count is 1
+        assert p.store.npages("data_sm") == 4 and "data_rc" not in p.store.locs
+        # two snapshots whose leaves get shadowed: blocks 1000..1499 are then in three leaves
+        p.snapshot("v", "s1")
+        _write_blocks(v, [0], tag=2)
+        p.snapshot("v", "s2")
+        _write_blocks(v, [1], tag=3)
+        p.commit()
+        counts = p.space.data_rc.copy()
+        assert counts[100] == 3 and counts[1000] == 1 and counts.max() == 3
+        assert _stored_pages(p, "data_rc_over") == [0]   # only the count page holding counts >= 3
+        p.close()
+        p = Pool.open(tmp_path / "p")
+        assert np.array_equal(p.space.data_rc, counts)
+        assert p.check().ok
+        # counts that fall below 3 release the overflow page; a bitmap page that becomes all zero is released
+        p.delete("s1")
+        p.delete("s2")
+        p.commit()
+        assert _stored_pages(p, "data_rc_over") == []
+        p.delete("v")
+        p.commit()
+        p.commit()  # the blocks freed by the delete were pending until this commit
+        assert _stored_pages(p, "data_sm") == []
+        p.close()
+        p = Pool.open(tmp_path / "p")
+        assert not p.space.data_rc.any() and p.status().used_data_blocks == 0
+    finally:
+        p.close(commit=False)
+
+
+def test_kernel_rule_a_commit_writes_only_the_changed_bitmap_pages(tmp_path):
+    """Like sm_disk's bitmap blocks, only the space-map pages covering changed counts are shadowed by
+    a commit: a write at one end of a big pool leaves the other bitmap pages where they were."""
+    nr = 8 * SM_PER_PAGE
+    with Pool.create(tmp_path / "p", data_size=str(nr * BS)) as p:
+        v = p.create_thin("v", size=str(nr * BS))
+        _write_blocks(v, np.arange(0, nr, SM_PER_PAGE // 2))  # two blocks in each bitmap page (cursor order)
+        p.commit()
+        before = list(p.store.locs["data_sm"])
+        _write_blocks(v, [1])  # one new block: allocated next to the others, in the first bitmap page
+        p.commit()
+        after = list(p.store.locs["data_sm"])
+        changed = [i for i, (a, b) in enumerate(zip(before, after)) if a != b]
+        assert len(changed) == 1
+
+
+def test_kernel_rule_growing_the_data_device_costs_no_space_map_pages(tmp_path):
+    """dm-thin's sm_disk extend adds bitmap blocks for the new range; ours stores none for an all-free
+    range (an absent page reads as zeroes): growing 1 GiB to 256 GiB adds page-map entries only."""
+    with Pool.create(tmp_path / "p", data_size="1GiB", metadata_size="64MiB") as p:
+        v = p.create_thin("v", size="1TiB")
+        _write_blocks(v, np.arange(100))
+        p.commit()
+        used = p.status().used_metadata_blocks
+        p.resize("256GiB")
+        assert p.store.npages("data_sm") == (256 << 30) // BS // SM_PER_PAGE
+        assert p.status().used_metadata_blocks <= used + 2
+        _write_blocks(v, np.arange(100, 200))
+        p.commit()
+    with Pool.open(tmp_path / "p") as p:
+        assert p.status().used_data_blocks == 200 and p.check().ok
+
+
+def test_bitmap_and_overflow_that_disagree_are_reported_as_corrupt():
+    nr = 2048
+    bitmap = np.zeros(4096, np.uint8)
+    over = np.zeros(2 * 4096, np.uint8)
+    bitmap[0] = 3  # block 0: count >= 3 ...
+    with pytest.raises(MetadataCorrupt, match="block 0 has a count of 3 or more"):
+        counts_from_disk({"data_sm": bitmap, "data_rc_over": over}, nr)  # ... but no overflow count
+    over.view(np.uint32)[0] = 7
+    assert counts_from_disk({"data_sm": bitmap, "data_rc_over": over}, nr)[0] == 7
+    over.view(np.uint32)[5] = 4  # an overflow count for a block whose bitmap count is 0
+    with pytest.raises(MetadataCorrupt, match="block 5 has an overflow count"):
+        counts_from_disk({"data_sm": bitmap, "data_rc_over": over}, nr)
+
+
+# --------------------------------------------------------------------------- against dm-thin's metadata
+
+def _shape(p: Pool, shape: str, n: int) -> None:
+    rng = np.random.default_rng(7)
+    v = p.create_thin("v", size=str(16 * n * BS))
+    if shape == "dense":
+        _write_blocks(v, np.arange(n))
+    elif shape == "snapshots":
+        _write_blocks(v, np.arange(n))
+        p.commit()
+        for s in range(4):
+            p.snapshot("v", f"s{s}")
+            start = int(rng.integers(0, n - n // 10))
+            _write_blocks(v, np.arange(start, start + n // 10), tag=s + 2)  # CoW of a tenth of the volume
+            p.commit()
+    else:  # sparse: a quarter of the blocks of a 4n-block range, at random
+        _write_blocks(v, np.sort(rng.choice(4 * n, n, replace=False)))
+    p.commit()
+
+
+@pytest.mark.parametrize("shape", ["dense", "snapshots"])
+def test_kernel_rule_metadata_use_is_within_1_5x_of_dm_thin_metadata(tmp_path, shape):
+    """The pool's used metadata blocks (``status()``, what dm-thin's status line reports) are at most
+    1.5x the blocks the same state takes as dm-thin metadata (our exporter's file, whose metadata
+    space map is read back and which thin_check accepts)."""
+    require_tool("thin_check")
+    n = 20000
+    with Pool.create(tmp_path / "p", data_size=str(2 * n * BS)) as p:
+        _shape(p, shape, n)
+        ours = p.status().used_metadata_blocks
+        out = str(tmp_path / "exported.bin")
+        used = write_binary_metadata(p.to_metadata(), out)
+    subprocess.run(["thin_check", out], check=True, capture_output=True)
+    theirs = int(np.count_nonzero(read_metadata_refcounts(out)))
+    assert theirs == used
+    assert ours <= 1.5 * theirs, f"{shape}: {ours} metadata blocks used, dm-thin metadata {theirs}"
+
+
+# --------------------------------------------------------------------------- format 1
+
+def _format1_pool(tmp_path) -> str:
+    path = tmp_path / "old"
+    path.mkdir(mode=0o700)
+    with tarfile.open(os.path.join(FIXTURES, "format1_pool.tar.gz")) as tar:
+        tar.extractall(path, filter="data")
+    for name in ("metadata", "data"):
+        os.chmod(path / name, 0o600)
+    return str(path)
+
+
+def _assert_fixture_contents(p: Pool) -> None:
+    for name, blocks in expected().items():
+        vol = p.thin(name)
+        for block, data in blocks.items():
+            assert vol.read(block * BS, len(data)) == data, (name, block)
+            assert vol.read(block * BS + len(data), 100) == bytes(100)
+
+
+def test_a_format1_pool_opens_and_its_first_commit_writes_the_two_bit_layout(tmp_path):
+    """A pool made before the two-bit space map (metadata format 1: a uint32 count per data block,
+    array ``data_rc``; made by tests/engine/fixtures/make_format1_pool.py with that code) opens with
+    every count, mapping and pending block; its first commit writes format 2 and drops the old pages."""
+    path = _format1_pool(tmp_path)
+    with Pool.open(path, read_only=True) as p:
+        assert p.store.npages("data_rc") > 0 and "data_sm" not in p.store.locs
+        old_counts = p.space.data_rc.copy()
+        assert old_counts.max() == 3  # the fixture has counts >= 3
+        assert np.array_equal(old_counts, _counts_from_tree(p))
+        assert p.check().ok
+        _assert_fixture_contents(p)
+    with Pool.open(path) as p:
+        assert p.status().used_data_blocks == int(np.count_nonzero(old_counts))
+        pending = p.space.pending.copy()
+        assert len(pending) == 40  # volume b's blocks, freed by the fixture's last commit
+        p.commit()
+        assert p.store.npages("data_rc") == 0 and _stored_pages(p, "data_sm") == [0]
+        assert _stored_pages(p, "data_rc_over") == [0]
+    with Pool.open(path) as p:
+        assert np.array_equal(p.space.data_rc, old_counts)
+        assert p.check().ok
+        _assert_fixture_contents(p)
+        assert sorted(p.catalog["volumes"]) == ["a", "s1", "s2"]
