@@ -1,14 +1,20 @@
 """Growing a pool's data and metadata, and what happens to freed blocks after a commit.
 
 * :func:`resize` grows the data device only after checking that the metadata file can hold the
-  bigger data space map (one 4 KiB page of reference counts per 1024 data blocks, written in full by
-  the commit); if it cannot, the metadata file is grown first (to thin_metadata_size's size for the
-  new data size, at most dm-thin's 15.87 GiB), and when even that cannot cover it the resize is
-  refused before anything changes.  A resize whose commit fails is rolled back: the data file
-  keeps its old size.
-* :func:`resize_metadata` grows the metadata file (dm-thin allows growing the metadata device).  It
-  is the way out of metadata space: a pool that went read-only because a commit found no free
-  metadata block returns to write mode, and ``delete`` can then commit.
+  bigger data space map (one two-bit bitmap page per 16,384 data blocks, see
+  :mod:`thinpool.dataspace`, doubled for copy-on-write); if it cannot, the metadata file is grown
+  first when autoextend is on (see below) or to the ``metadata_size`` asked for, else the resize is
+  refused with nothing changed (as LVM refuses to extend a pool's data past what its metadata
+  covers).  A resize whose commit fails is rolled back: the data file keeps its old size.
+* :func:`resize_metadata` grows the metadata file (dm-thin allows growing the metadata device; it
+  never shrinks).  It is the way out of metadata space: a pool that went read-only because a commit
+  found no free metadata block returns to write mode, and ``delete`` can then commit.
+* :func:`set_autoextend` / :func:`autoextend`: LVM's ``thin_pool_autoextend_threshold`` and
+  ``thin_pool_autoextend_percent`` as a pool setting.  After every commit, when metadata use (or data
+  use) is above the threshold percent, the metadata file (or the data device) grows by the percent
+  of its size -- or by more, when that is what brings use back to the threshold (lvm2's
+  ``_adjust_amount``).  A threshold of 100 turns it off (LVM's default); a threshold below 50 counts
+  as 50 (LVM's minimum).
 * :func:`punch_released` hole-punches the blocks a commit released and returns only those whose
   punch succeeded to the allocator; a block whose punch failed keeps its "needs zeroing" mark (it
   stays pending, recorded in the next commit's pending list) and is tried again at every commit.
@@ -26,6 +32,7 @@ import numpy as np
 from . import schema as K
 from .schema import Mode
 from .errors import HostIOError, InvalidArgument, ReadOnly, ThinpoolError, ThinpoolWarning
+from .dataspace import sm_pages
 from .mdstore import BLOCK, PM_ENTRIES
 from .units import parse_size
 
@@ -36,18 +43,78 @@ if TYPE_CHECKING:
 MAX_METADATA_BLOCKS = 4161600
 
 
-def _rc_pages(nr_data_blocks: int) -> int:
-    per = 1 << K.RC_PAGE_BITS
-    return (max(nr_data_blocks, 1) + per - 1) // per
+#: LVM's defaults: ``thin_pool_autoextend_threshold = 100`` (off), ``thin_pool_autoextend_percent = 20``
+AUTOEXTEND_OFF = 100
+DEFAULT_AUTOEXTEND_PERCENT = 20
+#: LVM treats a threshold below 50 as 50
+MIN_AUTOEXTEND_THRESHOLD = 50
 
 
 def metadata_blocks_needed(pool: "Pool", nr_data_blocks: int) -> int:
     """Metadata blocks the pool needs to commit a data device of ``nr_data_blocks`` and go on working:
-    what its current state uses plus the new reference-count pages and their page-map pages, doubled
-    for copy-on-write (a commit writes fresh copies while the last commit's stay), plus slack."""
-    added = max(0, _rc_pages(nr_data_blocks) - len(pool.space.data_rc) // (1 << K.RC_PAGE_BITS))
+    what its current state uses plus the bitmap pages the new range can take (all of it in use) and
+    their page-map pages, doubled for copy-on-write (a commit writes fresh copies while the last
+    commit's stay), plus slack."""
+    added = max(0, sm_pages(nr_data_blocks) - sm_pages(pool.space.nr_blocks))
     used = pool.store.used_blocks() + pool._dirty_page_estimate()
     return 2 * (used + added + added // PM_ENTRIES + 8) + 64
+
+
+def autoextend_settings(pool: "Pool") -> tuple[int, int]:
+    """The pool's (threshold, percent) autoextend setting; (100, 20) -- off -- unless set."""
+    return (int(pool.header.get("autoextend_threshold", AUTOEXTEND_OFF)),
+            int(pool.header.get("autoextend_percent", DEFAULT_AUTOEXTEND_PERCENT)))
+
+
+def _autoextend_on(pool: "Pool") -> bool:
+    threshold, percent = autoextend_settings(pool)
+    return threshold < AUTOEXTEND_OFF and percent > 0
+
+
+def set_autoextend(pool: "Pool", threshold: int, percent: int | None = None) -> None:
+    """Set LVM's autoextend policy on the pool (see :meth:`Pool.set_autoextend`); commits."""
+    pool._check_writable()
+    for what, value, low, high in (("threshold", threshold, 0, 100), ("percent", percent, 0, 10000)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high):
+            raise InvalidArgument(f"pool {pool.path}: autoextend {what} must be an integer from {low} to {high}, "
+                                  f"got {value!r}")
+    pool._header["autoextend_threshold"] = max(threshold, MIN_AUTOEXTEND_THRESHOLD)
+    if percent is not None or "autoextend_percent" not in pool._header:
+        pool._header["autoextend_percent"] = DEFAULT_AUTOEXTEND_PERCENT if percent is None else percent
+    pool._catalog_dirty = True  # the header alone changed: make the commit write (a new superblock)
+    pool.commit()
+
+
+def _grown(size: int, used: int, threshold: int, percent: int) -> int:
+    """lvm2's rule: above ``threshold`` percent use, grow by ``percent`` -- or by the percent that
+    brings use back to the threshold, if that is more.  Returns the new size (``size`` if not above)."""
+    if size <= 0 or used * 100 <= threshold * size:
+        return size
+    needed = -(-used * 100 * 100 // (threshold * size)) - 100  # percent growth to get to the threshold
+    return size + -(-size * max(percent, needed) // 100)
+
+
+def autoextend(pool: "Pool") -> None:
+    """After a commit: grow the metadata file, then the data device, whichever is above the autoextend
+    threshold (a no-op when autoextend is off).  A failed growth is a warning: the commit stands, and
+    the next commit tries again."""
+    if not _autoextend_on(pool) or getattr(pool, "_autoextending", False) or pool.read_only or \
+            pool.mode in (Mode.FAIL, Mode.READ_ONLY) or pool.header.get("needs_check"):
+        return
+    threshold, percent = autoextend_settings(pool)
+    pool._autoextending = True
+    try:
+        md = _grown(pool.store.nr_blocks, pool.store.used_blocks(), threshold, percent)
+        if md > pool.store.nr_blocks:
+            resize_metadata(pool, min(md, MAX_METADATA_BLOCKS) * BLOCK)
+        nr = pool.space.nr_blocks
+        grown = _grown(nr, pool.space.used(), threshold, percent)
+        if grown > nr:
+            resize(pool, grown * pool.block_size)
+    except (ThinpoolError, OSError) as exc:
+        warnings.warn(f"pool {pool.path}: autoextend failed: {exc}", ThinpoolWarning, stacklevel=3)
+    finally:
+        pool._autoextending = False
 
 
 def _check_md_size(pool: "Pool", nbytes: int) -> int:
@@ -96,9 +163,8 @@ def resize_metadata(pool: "Pool", metadata_size: int | str) -> None:
     _after_metadata_growth(pool)
 
 
-def resize(pool: "Pool", data_size: int | str | None, metadata_size: int | str | None = None) -> None:
+def resize(pool: "Pool", data_size: int | str | None = None, metadata_size: int | str | None = None) -> None:
     """Grow the data device and, when needed or asked, the metadata file (see :meth:`Pool.resize`)."""
-    from .rules import default_metadata_blocks
     pool._check_open()
     if pool.read_only:
         raise ReadOnly(f"pool {pool.path} is opened read-only")
@@ -119,12 +185,17 @@ def resize(pool: "Pool", data_size: int | str | None, metadata_size: int | str |
     if md_asked is not None and md_asked < need:
         raise InvalidArgument(f"pool {pool.path}: a metadata size of {md_asked * BLOCK} bytes cannot cover a data "
                               f"size of {nbytes} bytes (needs at least {need * BLOCK} bytes)")
-    target = md_asked if md_asked is not None else pool.store.nr_blocks
-    if target < need:
-        target = max(need, min(default_metadata_blocks(nr), MAX_METADATA_BLOCKS))
     if need > MAX_METADATA_BLOCKS:
         raise InvalidArgument(f"pool {pool.path}: data size {nbytes} bytes is too large: its space map needs "
                               f"{need * BLOCK} bytes of metadata, more than dm-thin's 15.87GiB limit")
+    target = md_asked if md_asked is not None else pool.store.nr_blocks
+    if target < need:
+        if not _autoextend_on(pool):
+            raise InvalidArgument(f"pool {pool.path}: the metadata ({pool.store.nr_blocks * BLOCK} bytes) cannot cover a "
+                                  f"data size of {nbytes} bytes (needs at least {need * BLOCK} bytes): grow it too "
+                                  f"(resize --metadata SIZE, Pool.resize(metadata_size=...)) or turn on autoextend")
+        _threshold, percent = autoextend_settings(pool)
+        target = min(max(need, pool.store.nr_blocks + -(-pool.store.nr_blocks * percent // 100)), MAX_METADATA_BLOCKS)
     if nr == pool.space.nr_blocks and target == pool.store.nr_blocks:
         return
     if pool.mode == Mode.FAIL or (pool.mode == Mode.READ_ONLY and target == pool.store.nr_blocks):

@@ -629,14 +629,16 @@ def test_resize_refused_leaves_both_files_byte_identical(tmp_path):
 
 
 def test_resize_grows_metadata_it_needs(tmp_path):
-    """64 MiB -> 64 GiB needs 1024 reference-count pages: the 256 KiB metadata grows first."""
+    """64 MiB -> 64 GiB needs 64 more space-map bitmap pages, doubled for copy-on-write: with autoextend
+    on, the 256 KiB metadata grows first (tests/engine/test_metadata_resize.py: refused when off)."""
     path = str(tmp_path / "p")
     pool = Pool.create(path, data_size="64M", metadata_size="256K")
     pool.create_thin("v", "1M")
     pool.thin("v").write(0, b"abc")
+    pool.set_autoextend(80, 20)
     pool.resize("64G")
     assert pool.nr_data_blocks == (64 << 30) // BS
-    assert pool.store.nr_blocks > 2 * 1024
+    assert pool.store.nr_blocks > 2 * 64
     pool.create_thin("w", "1G")
     pool.thin("w").write(5 << 20, b"x" * 100)
     pool.close()
@@ -661,7 +663,7 @@ def test_failed_resize_commit_leaves_the_data_file_size(tmp_path):
     MetadataStore.io = io
     try:
         with pytest.raises(HostIOError):
-            pool.resize("1T")
+            pool.resize("1T", metadata_size="16M")  # 1 TiB needs more metadata than 4 MiB
     finally:
         MetadataStore.io = FileIO()
     assert io.fired and io.kinds[:6] == ["sync", "write", "sync", "write", "sync", "write"]
@@ -691,7 +693,7 @@ def test_resize_the_host_cannot_grow_the_data_file_to(tmp_path):
     md_size = os.path.getsize(md)
     try:
         with pytest.raises(HostIOError, match="metadata") as first:
-            pool.resize("15T")                      # its metadata must grow first: that fails
+            pool.resize("15T", metadata_size="2G")  # its metadata must grow first: that fails
         with pytest.raises(HostIOError, match="growing the data file") as info:
             pool.resize("4G")                       # the metadata suffices; the data file cannot grow
     finally:
@@ -722,7 +724,7 @@ def test_resize_whose_superblock_flush_fails(tmp_path, mode):
     count = HostFaultIO()
     MetadataStore.io = count
     try:
-        probe.resize("1T")
+        probe.resize("1T", metadata_size="16M")
     finally:
         MetadataStore.io = FileIO()
     probe.close()
@@ -730,7 +732,7 @@ def test_resize_whose_superblock_flush_fails(tmp_path, mode):
     MetadataStore.io = io
     try:
         with pytest.raises(HostIOError):
-            pool.resize("1T")
+            pool.resize("1T", metadata_size="16M")
     finally:
         MetadataStore.io = FileIO()
     assert io.fired and count.kinds[-1] == "sync" and pool.mode == "fail"

@@ -122,6 +122,16 @@ def op_resize(pool: Any, data_size: int | None = None, metadata_size: int | None
 register_op("resize", op_resize, write=True)
 
 
+def op_set_autoextend(pool: Any, threshold: int, percent: int | None = None) -> dict[str, Any]:
+    """Set LVM's autoextend policy (threshold and percent) for the pool's metadata and data."""
+    pool.set_autoextend(threshold, percent)
+    return {"autoextend_threshold": int(pool.header["autoextend_threshold"]),
+            "autoextend_percent": int(pool.header.get("autoextend_percent", 20))}
+
+
+register_op("set-autoextend", op_set_autoextend, write=True)
+
+
 def op_set_transaction_id(pool: Any, old: int, new: int) -> dict[str, Any]:
     """dm-thin's ``set_transaction_id OLD NEW`` (compare-and-swap)."""
     pool.set_transaction_id(old, new)

@@ -1,4 +1,4 @@
-"""Pool commands: create, status, resize, commit, set-transaction-id, metadata snapshots, check."""
+"""Pool commands: create, status, resize, set-autoextend, commit, set-transaction-id, metadata snapshots, check."""
 
 from __future__ import annotations
 
@@ -104,23 +104,46 @@ def status_cmd(pool: str, line_only: bool, human_only: bool, as_json: bool) -> N
 @click.command("resize")
 @pool_argument
 @click.argument("data_size", metavar="[SIZE]", type=SIZE, required=False)
-@click.option("--metadata-size", type=SIZE, default=None,
+@click.option("--metadata", "--metadata-size", "metadata_size", type=SIZE, default=None,
               help="Grow the metadata file to this size (never shrinks; at most 15.87GiB).")
 @json_option
 def resize_cmd(pool: str, data_size: int | None, metadata_size: int | None, as_json: bool) -> None:
     """Grow the data device to SIZE and/or the metadata file (never shrinks).
 
     A pool that ran out of data space returns to write mode.  If the metadata cannot hold the bigger
-    data space map it is grown too (or, past 15.87GiB, the resize is refused with nothing changed).
-    A pool that ran out of metadata space (read-only) gets out with --metadata-size, then can delete
-    volumes.  Examples: thinpool resize /tmp/pool 20G; thinpool resize /tmp/pool --metadata-size 64M
+    data space map it is grown too when autoextend is on (`thinpool set-autoextend`) or --metadata
+    gives a size that covers it; otherwise the resize is refused with nothing changed.  A pool that
+    ran out of metadata space gets out with --metadata, then can delete volumes.  --metadata-size is
+    the same option.  Examples: thinpool resize /tmp/pool 20G; thinpool resize /tmp/pool --metadata 64M
     """
     if data_size is None and metadata_size is None:
-        raise click.UsageError("give a data SIZE, --metadata-size, or both")
+        raise click.UsageError("give a data SIZE, --metadata, or both")
     args = {"data_size": data_size} if data_size is not None else {}
     if metadata_size is not None:
         args["metadata_size"] = metadata_size
     emit(run_op(pool, "resize", args), as_json)
+
+
+@click.command("set-autoextend")
+@pool_argument
+@click.option("--threshold", type=click.IntRange(0, 100), required=True,
+              help="Grow when use goes above this percent (LVM's thin_pool_autoextend_threshold; 100 = off, "
+                   "below 50 counts as 50).")
+@click.option("--percent", type=click.IntRange(0, 10000), default=None,
+              help="Grow by this percent of the current size (LVM's thin_pool_autoextend_percent; default 20).")
+@json_option
+def set_autoextend_cmd(pool: str, threshold: int, percent: int | None, as_json: bool) -> None:
+    """Set LVM's autoextend policy for the pool's metadata and data.
+
+    After every commit, when metadata use or data use is above --threshold percent, that space grows
+    by --percent of its size (more if needed to get back under the threshold), as LVM's dmeventd
+    does with thin_pool_autoextend_threshold/_percent.  Examples: thinpool set-autoextend /tmp/pool
+    --threshold 80 --percent 20; thinpool set-autoextend /tmp/pool --threshold 100 (off)
+    """
+    args: dict = {"threshold": threshold}
+    if percent is not None:
+        args["percent"] = percent
+    emit(run_op(pool, "set-autoextend", args), as_json)
 
 
 @click.command("commit")
@@ -187,5 +210,5 @@ def check_cmd(ctx: click.Context, pool: str, quiet: bool, as_json: bool) -> None
         ctx.exit(1)
 
 
-COMMANDS: list[click.Command] = [create_cmd, status_cmd, resize_cmd, commit_cmd, set_transaction_id_cmd,
+COMMANDS: list[click.Command] = [create_cmd, status_cmd, resize_cmd, set_autoextend_cmd, commit_cmd, set_transaction_id_cmd,
                                  reserve_metadata_snap_cmd, release_metadata_snap_cmd, check_cmd]
