@@ -570,3 +570,21 @@ def test_csv_header_must_name_the_columns(tmp_path):
     p.write_text("time,op,offset,length,time_us\n1,R,0,1,1\n")
     with pytest.raises(TraceError, match="two time columns"):
         open_trace(p, "csv")
+
+
+def test_interleaved_volumes_are_numbered_in_order_of_first_appearance(tmp_path, monkeypatch):
+    """Volumes that change from record to record (the np.unique path of the name interner) get the
+    same indices, in order of first appearance, as a plain dictionary gives, across blocks."""
+    rng = np.random.default_rng(3)
+    names = ["zeta", "a", "vol 7", "a\x01", "0", "zeta2", "Z" * 200]
+    picks = rng.choice(len(names), 3000, p=[0.3, 0.3, 0.2, 0.1, 0.05, 0.04, 0.01])
+    p = tmp_path / "v.csv"
+    p.write_text("time,op,offset,length,volume\n" +
+                 "".join(f"{i},W,{i * 512},512,{names[k]}\n" for i, k in enumerate(picks)))
+    seen: dict[str, int] = {}
+    want = [seen.setdefault(names[k], len(seen)) for k in picks]
+    for block in (1 << 20, 4096):
+        monkeypatch.setattr(trace_text, "BLOCK_BYTES", block)
+        trace = open_trace(p)
+        got = concat(list(trace.chunks()))
+        assert got["volume"].tolist() == want and trace.volumes == list(seen)

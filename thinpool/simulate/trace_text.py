@@ -65,9 +65,10 @@ def iter_blocks(f: BinaryIO, block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[n
         block = data[:cut + 1]
         carry = data[cut + 1:]
         if len(carry) > MAX_LINE:
-            raise LineTooLong(line + block.count(b"\n"))
-        yield _padded(block), len(block), line
-        line += block.count(b"\n")
+            raise LineTooLong(line + block.count(b"\n"))   # once, on the way out
+        buf = _padded(block)
+        yield buf, len(block), line
+        line += int(np.count_nonzero(buf == 10))
 
 
 def _padded(block: bytes) -> np.ndarray:
@@ -108,10 +109,16 @@ def split_whitespace(buf: np.ndarray, size: int) -> Fields:
         edges = np.concatenate(([0], edges))
     start = edges[0::2]
     end = edges[1::2]                                  # the text ends with a newline: every field ends
-    newlines = np.flatnonzero(text == 10)
-    before = np.searchsorted(start, newlines)          # fields that start before each newline
-    count = np.diff(before, prepend=0).astype(np.int64)
-    first = before - count
+    last = np.flatnonzero(text[end] == 10)             # fields right before a newline
+    if len(last) == int(np.count_nonzero(text == 10)):
+        # every line ends right after its last field: line i's fields are last[i-1]+1 .. last[i]
+        count = np.diff(last, prepend=-1)
+        first = last - count + 1
+    else:                                              # blank lines or trailing blanks somewhere
+        newlines = np.flatnonzero(text == 10)
+        before = np.searchsorted(start, newlines)      # fields that start before each newline
+        count = np.diff(before, prepend=0).astype(np.int64)
+        first = before - count
     return Fields(start, end, None, first, count)
 
 
@@ -304,17 +311,36 @@ class Interner:
         return i
 
     def intern(self, buf: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
-        """The index of every field's bytes (``int32``); a dictionary lookup only where a field differs
-        from the one before it."""
+        """The index of every field's bytes (``int32``).  Only fields that differ from the one before
+        them are looked up; when there are many such (volumes interleaved record by record), their
+        distinct values are found with one ``np.unique`` over fixed-width rows first, so the dictionary
+        sees each distinct name of the block once."""
         out = np.empty(len(start), dtype=np.int32)
         if len(start) == 0:
             return out
         heads = np.flatnonzero(~equal_to_previous(buf, start, end))
-        raw = buf.tobytes() if len(heads) > 64 else None
-        head_idx = np.empty(len(heads), dtype=np.int32)
-        for k, h in enumerate(heads.tolist()):
-            s, e = int(start[h]), int(end[h])
-            head_idx[k] = self.add(raw[s:e] if raw is not None else buf[s:e].tobytes())
+        hs, he = start[heads], end[heads]
+        width = int((he - hs).max())
+        if len(heads) > 256 and width <= 256:
+            # rows: the name's bytes, zero-padded, then its length (so a trailing NUL stays distinct)
+            k = np.arange(width)
+            rows = np.zeros((len(heads), width + 2), dtype=np.uint8)
+            inside = k < (he - hs)[:, None]
+            rows[:, :width] = np.where(inside, buf[np.where(inside, hs[:, None] + k, 0)], 0)
+            rows[:, width] = (he - hs) & 0xFF
+            rows[:, width + 1] = (he - hs) >> 8
+            keys = np.ascontiguousarray(rows).view(np.dtype((np.void, width + 2))).ravel()
+            _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+            order = np.argsort(first, kind="stable")     # add in order of first appearance
+            ids = np.empty(len(first), dtype=np.int32)
+            for j in order.tolist():
+                i = int(first[j])
+                ids[j] = self.add(buf[hs[i]:he[i]].tobytes())
+            head_idx = ids[inverse.ravel()]
+        else:
+            head_idx = np.empty(len(heads), dtype=np.int32)
+            for n, (s, e) in enumerate(zip(hs.tolist(), he.tolist())):
+                head_idx[n] = self.add(buf[s:e].tobytes())
         is_head = np.zeros(len(start), dtype=bool)
         is_head[heads] = True
         out[:] = head_idx[np.cumsum(is_head) - 1]
