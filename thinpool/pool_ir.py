@@ -44,13 +44,18 @@ def state_to_metadata(pool: "Pool", nodes: tuple, devs: np.ndarray, nr_data_bloc
     used = np.flatnonzero((devs["flags"] & DevFlag.IN_USE) != 0)
     order = used[np.argsort(devs["dev_id"][used], kind="stable")]
     devices = []
+    by_root: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     for slot in order:
         d = devs[slot]
-        vb, vals = _device_mappings(nodes, int(d["root"]))
-        blocks, times = unpack_mapping(vals)
-        devices.append(Device(dev_id=int(d["dev_id"]), mapped_blocks=len(vb), transaction=int(d["transaction"]),
+        root = int(d["root"])
+        arrays = by_root.get(root)
+        if arrays is None:  # devices sharing a root (a snapshot and its unchanged origin) share the arrays
+            vb, vals = _device_mappings(nodes, root)
+            blocks, times = unpack_mapping(vals)
+            arrays = by_root[root] = (vb.astype(np.uint64), blocks, times.astype(np.uint32))
+        devices.append(Device(dev_id=int(d["dev_id"]), mapped_blocks=len(arrays[0]), transaction=int(d["transaction"]),
                               creation_time=int(d["creation_time"]), snap_time=int(d["snap_time"]),
-                              vblocks=vb.astype(np.uint64), dblocks=blocks, times=times.astype(np.uint32)))
+                              vblocks=arrays[0], dblocks=arrays[1], times=arrays[2]))
     if flags is None:
         flags = 1 if pool.header.get("needs_check") else 0
     sb = Superblock(time=time, transaction=transaction, data_block_size=pool.block_size // SECTOR,
