@@ -39,6 +39,34 @@ ops = st.lists(st.tuples(st.sampled_from(["write", "write", "write", "snap", "de
                          st.integers(0, 10**9)), min_size=3, max_size=25)
 
 
+def rmap_view(meta, md):
+    """What thin_rmap 0.9.0 reports of metadata with shared subtrees: it walks the devices in id order
+    and skips every node it has already visited, so a leaf shared by several devices (a snapshot's
+    unchanged part, as the kernel shares it) is listed under the lowest device id that reaches it only.
+    ``md`` with each device keeping just the entries of the leaves it is the first to reach."""
+    from thinpool.interop.binary import RawSuperblock
+    from thinpool.interop.btree import BlockSource, walk_forest
+    from thinpool.interop.ir import Device, Metadata
+    src = BlockSource(meta)
+    try:
+        sb = RawSuperblock.unpack(src.read(np.array([0]), 160774, lambda i: "sb")[0].tobytes())
+        top = walk_forest(src, np.array([sb.data_mapping_root]), 8, lambda t: "top")
+        maps = walk_forest(src, top.values.view(np.uint64).reshape(-1).astype(np.int64), 8, lambda t: "dev")
+    finally:
+        src.close()
+    tree = np.repeat(np.arange(len(maps.counts)), maps.counts)
+    first = np.full(int(maps.leaf_blocks.max(initial=0)) + 1, len(maps.counts))
+    np.minimum.at(first, maps.leaf_blocks, tree)
+    keep = first[maps.leaf_blocks] == tree
+    at = maps.offsets
+    devices = []
+    for t, dev in enumerate(md.devices):
+        k = keep[at[t]:at[t + 1]]
+        devices.append(Device(dev.dev_id, int(k.sum()), dev.transaction, dev.creation_time, dev.snap_time,
+                              dev.vblocks[k], dev.dblocks[k], dev.times[k]))
+    return Metadata(md.superblock, devices)
+
+
 def build_pool(path, program, big: bool) -> Pool:
     nr_blocks = 40000 if big else 3000  # > 16320 blocks: several data bitmaps
     pool = Pool.create(path, data_size=nr_blocks * BS)
@@ -103,7 +131,8 @@ def test_random_pools_agree_with_real_tools(tmp_path_factory, program, big, seed
                 assert run(*args, str(meta)) == format_delta(md, a, b, verbose=verbose)
         begin = int(rng.integers(0, pool.nr_data_blocks - 1))
         end = int(rng.integers(begin + 1, pool.nr_data_blocks + 1))
-        assert run("thin_rmap", "--region", f"{begin}..{end}", str(meta)) == format_rmap(md, [(begin, end)])
+        assert run("thin_rmap", "--region", f"{begin}..{end}", str(meta)) == \
+            format_rmap(rmap_view(meta, md), [(begin, end)])
         # reverse path: thin_restore of our XML -> read back -> a pool with the same state
         xml = d / "pool.xml"
         xml.write_text(ours)
