@@ -449,7 +449,7 @@ ALL_LS_FIELDS = ("DEV,MAPPED_BLOCKS,EXCLUSIVE_BLOCKS,SHARED_BLOCKS,MAPPED_SECTOR
 
 
 def test_ls_delta_rmap_metadata_size_match_real_tools(tmp_path: Path) -> None:
-    require_tool("thin_ls", "thin_delta", "thin_rmap", "thin_metadata_size")
+    require_tool("thin_ls", "thin_delta", "thin_rmap", "thin_metadata_size", "thin_restore")
     path = str(tmp_path / "pool")
     rng = np.random.default_rng(7)
     with Pool.create(path, data_size="64M") as p:
@@ -482,9 +482,17 @@ def test_ls_delta_rmap_metadata_size_match_real_tools(tmp_path: Path) -> None:
             tool("thin_delta", "--verbose", "--thin1", left, "--thin2", right, str(meta))
     kinds = {r["kind"] for r in json.loads(invoke("delta", path, "base", "s1", "--json").stdout)["ranges"]}
     assert kinds <= {"same", "different", "left_only", "right_only"} and "same" in kinds
+    # thin_rmap 0.9.0 skips subtrees it has visited, so on metadata with shared subtrees (ours, the
+    # kernel's) it lists a shared leaf under one device; ours lists every device, as thin_rmap does on
+    # the same mappings without sharing (thin_restore writes none)
     regions = ["0..40", "50..51", "60..200"]
+    flat = tmp_path / "flat.bin"
+    (tmp_path / "pool.xml").write_text(invoke("dump", path).stdout)
+    with open(flat, "wb") as f:
+        f.truncate(16 << 20)
+    tool("thin_restore", "-i", str(tmp_path / "pool.xml"), "-o", str(flat))
     assert invoke("rmap", path, *[x for r in regions for x in ("--region", r)]).stdout == \
-        tool("thin_rmap", *[f"--region={r}" for r in regions], str(meta))
+        tool("thin_rmap", *[f"--region={r}" for r in regions], str(flat))
     records = json.loads(invoke("rmap", path, "-r", "0..300", "--json").stdout)
     assert records and all(r["name"] in ("base", "s1", "s2") for r in records)
     assert "end <= begin" in error_of(invoke("rmap", path, "-r", "5..5", code=1))
