@@ -1,4 +1,4 @@
-"""The six engine ratios (and import + first call), measured side by side in one run.
+"""The engine ratios (and import + first call), measured side by side in one run.
 
     python -m perf.engine [--full] [--json FILE]
 
@@ -10,6 +10,8 @@
 5. kernels_map.allocate_many of 1,000,000 blocks vs the pure-Python allocator of tests/engine/reference.py (>= 50x)
 6. 4 KiB writes into shared 64 KiB blocks after a snapshot (CoW break) vs the same file work by hand
    (pread old block, pwrite it to a new block, pwrite the 4 KiB) (>= 0.8x)
+8. random 4 KiB reads of a thin on an external origin (unprovisioned: pread of the origin) vs a plain
+   thin (provisioned) (info)
 plus import + first call in a fresh process, twice (the second must load the numba cache).
 
 Throughput ratios are thin / peer (higher is better); cost ratios are big / small (lower is better).
@@ -365,6 +367,65 @@ def bench_cow(sc: Scratch, nblocks: int, repeats: int, key: str = "engine.6") ->
     ], res
 
 
+# ----------------------------------------------------------------------------- 8. external origin
+def bench_origin_reads(sc: Scratch, nblocks: int, n: int, repeats: int, key: str = "engine.8") -> list[Row]:
+    """Random 4 KiB reads of a volume on an external origin (every block unprovisioned: each read is a
+    pread of the origin file from compiled code) vs the same reads of a plain thin whose blocks are all
+    provisioned (copied from the data file's memory map).  Info: the price of the origin path."""
+    from thinpool import Pool
+    rng = np.random.default_rng(9)
+    path = sc.path("origin")
+    golden = sc.path("golden.img")
+    size = nblocks * BS
+    fd = sparse_file(golden, size)
+    p = Pool.create(path, data_size=size + 64 * BS, block_size=BS)
+    plain = p.create_thin("plain", size)
+    for i in range(0, nblocks, 256):
+        k = min(256, nblocks - i)
+        data = rand_bytes(rng, k, BS)
+        plain.write_many(np.arange(i, i + k, dtype=np.int64) * BS, data)
+        os.pwrite(fd, data.tobytes(), i * BS)
+    os.close(fd)
+    p.commit()
+    ext = p.create_thin("ext", size, external_origin=golden)
+    offs = rng.integers(0, size // IO, n).astype(np.int64) * IO
+    offs_l = offs.tolist()
+    assert ext.read_many(offs[:64], IO).tobytes() == plain.read_many(offs[:64], IO).tobytes()
+
+    def batch(v):
+        def run(_r):
+            def go():
+                for _ in range(5):  # one read_many is only milliseconds: repeat it inside each sample
+                    v.read_many(offs, IO)
+            return timed(go) / 5
+        return run
+
+    def call(v):
+        def run(_r):
+            rd = v.read
+
+            def go():
+                for o in offs_l:
+                    rd(o, IO)
+            return timed(go)
+        return run
+
+    res = interleave({"plain": batch(plain), "ext": batch(ext)}, repeats)
+    resc = interleave({"plain": call(plain), "ext": call(ext)}, repeats)
+    p.close()
+    sc.remove(path)
+    drop_file(golden)
+    tp, te = med(res["plain"]), med(res["ext"])
+    cp, ce = med(resc["plain"]), med(resc["ext"])
+    return [
+        ratio_row(key, "random 4 KiB reads (read_many): external-origin thin (unprovisioned) vs plain thin "
+                  "(provisioned) (info)", "", tp / te, origin_iops=n / te, plain_iops=n / tp,
+                  volume=f"{size // MiB} MiB"),
+        ratio_row(f"{key}+", "random 4 KiB reads (per-call read): external-origin vs plain thin (info)", "",
+                  cp / ce, origin_iops=n / ce, plain_iops=n / cp),
+    ], {"read_many": res, "read": resc}
+
+
 # ----------------------------------------------------------------------------- startup
 _STARTUP = r"""
 import json, os, sys, tempfile, time
@@ -447,6 +508,7 @@ def run(full: bool = False, sc: Scratch | None = None, only: set[str] | None = N
             ("5", lambda: bench_alloc(1_000_000, 3 if q else 5)),
             ("6", lambda: bench_cow(sc, 2048 if q else 8192, 5 if q else 7)),
             ("7", lambda: bench_startup()),
+            ("8", lambda: bench_origin_reads(sc, 4096 if q else 16384, 20000 if q else 100000, 7 if q else 11)),
         ]
         for name, fn in steps:
             if only and name not in only:
@@ -472,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m perf.engine", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="bigger sizes and more repeats")
-    ap.add_argument("--only", help="comma-separated subset of 1..7")
+    ap.add_argument("--only", help="comma-separated subset of 1..8")
     ap.add_argument("--json", help="write rows to this JSON file")
     a = ap.parse_args(argv)
     m = machine()

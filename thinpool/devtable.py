@@ -100,6 +100,7 @@ class VolumeRecord(NamedTuple):
     creation_time: int
     snap_time: int
     read_only: bool
+    external_origin: dict[str, Any] | None = None  #: its external origin's record (:mod:`thinpool.origin`)
 
 
 class DeviceTable:
@@ -193,15 +194,17 @@ class DeviceTable:
         self._check_open()
         r = self._record(self._slot(name))
         return VolumeRecord(name, r["dev_id"], r["size"], r["mapped"], r["transaction"], r["creation_time"],
-                            r["snap_time"], bool(r["flags"] & DevFlag.READ_ONLY))
+                            r["snap_time"], bool(r["flags"] & DevFlag.READ_ONLY), self._volumes[name].get("origin"))
 
     def thins(self) -> list[VolumeRecord]:
         """All volumes, in device-id order."""
         self._check_open()
         recs = list(DEV_RECORD.iter_unpack(self._devs))
         rows = sorted((recs[v["slot"]], name) for name, v in self.catalog["volumes"].items())  # dev_id first
+        vols = self.catalog["volumes"]
         return [VolumeRecord(name, r[DEV_ID], r[DEV_SIZE], r[DEV_MAPPED], r[DEV_TRANSACTION], r[DEV_CREATION_TIME],
-                             r[DEV_SNAP_TIME], bool(r[DEV_FLAGS] & DevFlag.READ_ONLY)) for r, name in rows]
+                             r[DEV_SNAP_TIME], bool(r[DEV_FLAGS] & DevFlag.READ_ONLY), vols[name].get("origin"))
+                for r, name in rows]
 
     def status(self) -> PoolStatus:
         """The pool's status, as :meth:`thinpool.pool.Pool.status` reports it just after opening."""
@@ -235,7 +238,7 @@ class DeviceTable:
         self._put(oslot, o)
         slot = self._new_slot()
         self._put(slot, snap)
-        rules.add_volume(self.catalog, name, dev_id, slot)
+        rules.add_volume(self.catalog, name, dev_id, slot, origin=rules.inherited_origin(self.catalog, origin))
         self._dirty = True
         return self.thin(name)
 

@@ -292,6 +292,10 @@ def import_image(pool: Any, name: str, source: str | os.PathLike[str], size: int
             thin = pool.thin(name)
             if size is not None and size != thin.size:
                 raise InvalidArgument(f"volume {name!r} exists with size {thin.size}; --size {size} does not match")
+            if thin.external_origin is not None:
+                raise InvalidArgument(f"volume {name!r} sits on the external origin "
+                                      f"{thin.external_origin['path']}: importing an image would leave the "
+                                      f"origin's bytes where the image has holes; import into a new volume")
         else:
             vsize = size if size is not None else (-(-img_size // 512) * 512 if img_size else None)
             if not vsize:
@@ -404,7 +408,8 @@ def export_image(pool: Any, name: str, output: str | os.PathLike[str] = "-", *,
                  progress: Progress = no_progress) -> dict[str, Any]:
     """Export volume ``name`` as a raw image to ``output`` (``-``: stdout).  A regular output file is
     written sparse: truncated to the volume size, then only mapped non-zero blocks are written (seeking
-    over unmapped and zero blocks).  Other outputs (stdout, pipes, devices) get every byte.  Returns
+    over unmapped and zero blocks; on a volume with an external origin, the blocks below the origin's
+    end count as mapped: they read the origin's bytes).  Other outputs (stdout, pipes, devices) get every byte.  Returns
     ``{"name", "output", "size", "sparse", "blocks_written"}``."""
     import numpy as np
 
@@ -419,6 +424,9 @@ def export_image(pool: Any, name: str, output: str | os.PathLike[str] = "-", *,
             fd = out.fd
             out.truncate(size)
             vb, _, _ = thin.mappings()
+            origin = thin.external_origin
+            if origin is not None:  # unmapped blocks below the origin's end read the origin's bytes
+                vb = np.union1d(vb, np.arange(-(-min(size, origin["size"]) // bs), dtype=np.int64))
             full = vb[(vb + 1) * bs <= size]
             partial = vb[(vb + 1) * bs > size]
             batch = max(1, _chunk_bytes(bs) // bs)

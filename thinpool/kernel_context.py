@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 import numpy as np
 
 from . import schema as K
+from .origin import Origins
 from .schema import Mode
 
 if TYPE_CHECKING:
@@ -54,11 +55,12 @@ class KernelContext:
     ``space`` the data space map; ``data`` the data device; ``one_io`` a (2, 1) int64 scratch for
     one [offset], [length] pair; ``fast_write`` true while the pool is open, writable and in write
     mode; ``path`` the pool's directory; ``active`` volume key -> {holder: count} of the volumes that are
-    active (dm-thin's ``open_count``: see :meth:`hold`).
+    active (dm-thin's ``open_count``: see :meth:`hold`); ``origins`` the volumes' external origins
+    (:class:`~thinpool.origin.Origins`: volume key -> open origin file).
     """
 
     __slots__ = ("pool", "lock", "keys", "slots", "names", "gone", "is_open", "devs_i", "devs_dirty", "st", "nodes_map", "space", "data",
-                 "one_io", "fast_write", "path", "active", "_tab", "_tab_arrays", "_tab_st", "_tab_epoch")
+                 "one_io", "fast_write", "path", "active", "origins", "_tab", "_tab_arrays", "_tab_st", "_tab_epoch")
 
     def __init__(self, pool: "Pool") -> None:
         self.pool = pool
@@ -69,6 +71,7 @@ class KernelContext:
         self.names: dict[int, str] = {}
         self.gone: dict[int, str] = {}  # volume key -> its name when it was deleted (for handles' errors)
         self.active: dict[int, dict[str, int]] = {}  # volume key -> holder -> count (open_count)
+        self.origins = Origins()
         self.one_io = np.zeros((2, 1), np.int64)
         self.fast_write = False
         self.path = pool.path
@@ -107,6 +110,15 @@ class KernelContext:
             from .errors import NotFound
             raise NotFound(f"pool {self.path}: thin volume {name!r} (device id {key & 0xFFFFFF}) no longer exists")
         return slot
+
+    def origin(self, key: int) -> tuple[int, int]:
+        """``(fd, size)`` of volume ``key``'s external origin for the kernels, ``(-1, 0)`` when it has
+        none (or the pool is metadata-only: no bytes are read).  Opens the file on first use and checks
+        it is unchanged (FailedPrecondition naming the file otherwise: see :class:`thinpool.origin.OriginFile`)."""
+        f = self.origins.by_key.get(key)
+        if f is None or self.data.fd < 0:
+            return -1, 0
+        return f.use()
 
     # activations (dm-thin's open_count: an active thin device cannot be deleted)
     def hold(self, key: int, holder: str) -> None:

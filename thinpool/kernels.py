@@ -35,6 +35,8 @@ c_pread = types.ExternalFunction("pread", types.intp(types.int32, types.voidptr,
 NOT_HANDLED = -100
 #: read_one_pread's answer when the data file ended before a mapped block's bytes (a truncated file)
 END_OF_FILE = -101
+#: a read of the external origin failed (errno left set) or found the file shorter than recorded
+ORIGIN_ERROR = -102
 
 _SOURCES_DIGEST = kernels_cache.sources_digest()
 
@@ -117,8 +119,9 @@ def blocks_needed(nodes, dev, offsets, lengths, bs):
 
 
 @njit(cache=True)
-def write_batch(nodes, space, st, dev, fd, tmp, offsets, lengths, buf, buf_starts, start):
+def write_batch(nodes, space, st, dev, fd, tmp, offsets, lengths, buf, buf_starts, start, ofd, osize):
     """Write I/Os ``start..`` of a batch to the data file ``fd``.  Returns (code, next_io, need).
+    ``ofd``/``osize``: the device's external origin (fd -1: none; see :func:`write_span`).
 
     ``dev`` is the device's record (int64 row: root and mapped count are updated in place); ``tmp``
     a scratch buffer of one block.  When ``start`` is 0 the batch's data-block need is counted
@@ -144,16 +147,21 @@ def write_batch(nodes, space, st, dev, fd, tmp, offsets, lengths, buf, buf_start
         nblk = (off + remaining - 1) // bs - off // bs + 1
         if st[ST_INNER_FREE] < 2 * nblk + 1 or st[ST_LEAF_FREE] < nblk:
             return NEED_NODES, i, need
-        if write_span(nodes, space, st, dev, fd, tmp, off, remaining, buf, buf_starts[i], bs) != OK:
-            return IO_ERROR, i, need
+        code = write_span(nodes, space, st, dev, fd, tmp, off, remaining, buf, buf_starts[i], bs, ofd, osize)
+        if code != OK:
+            return code, i, need
     return OK, offsets.shape[0], need
 
 
 @njit(cache=True, inline="always")
-def write_span(nodes, space, st, dev, fd, tmp, off, remaining, buf, src, bs):
+def write_span(nodes, space, st, dev, fd, tmp, off, remaining, buf, src, bs, ofd, osize):
     """Write ``remaining`` bytes of ``buf[src:]`` at virtual byte ``off``, block by block (see
-    :func:`write_batch`; node room must have been checked).  Returns OK or IO_ERROR (blocks before the
-    failed one are complete, the failed block is not mapped).  ``fd`` -1 (a metadata-only pool):
+    :func:`write_batch`; node room must have been checked).  Returns OK, IO_ERROR or
+    :data:`ORIGIN_ERROR` (blocks before the failed one are complete, the failed block is not mapped).
+    ``ofd`` >= 0: the device's external origin, ``osize`` bytes long -- a partial write to an unmapped
+    block first copies the block from the origin (dm-thin's ``schedule_external_copy``: the part
+    inside the origin, zeroes past its end) and writes the whole block; a block wholly past the
+    origin's end is provisioned as without an origin.  ``fd`` -1 (a metadata-only pool):
     the mappings change exactly as with a data file, but no byte is read or written (``buf`` unused).
     Counts first writes and copy-on-write breaks in ``st`` (``ST_PROVISIONED``, ``ST_COW_BREAKS`` and
     their partial-block parts)."""
@@ -177,6 +185,16 @@ def write_span(nodes, space, st, dev, fd, tmp, off, remaining, buf, src, bs):
             ok = True
             if fd < 0:
                 pass
+            elif v == UNMAPPED and ofd >= 0 and seg != bs and vb * bs < osize:
+                # copy-on-write from the external origin: origin bytes + this write, one block-sized write
+                n = min(bs, osize - vb * bs)
+                if pread_all(ofd, tmp, 0, n, vb * bs) != OK:
+                    unallocate_data_block(space, st, d)
+                    return ORIGIN_ERROR
+                if n < bs:
+                    fill_bytes(tmp, n, bs - n, 0)
+                copy_bytes(tmp, inblk, buf, src, seg)
+                ok = pwrite_all(fd, tmp, 0, bs, d * bs)
             elif v != UNMAPPED and seg != bs:
                 # break sharing: old block + this write merged in memory, one block-sized write
                 old = mapping_block(v)
@@ -208,22 +226,44 @@ def write_span(nodes, space, st, dev, fd, tmp, off, remaining, buf, src, bs):
 
 
 @njit(cache=True, inline="always")
-def read_span(nodes, root, data, bs, off, remaining, out, dst):
-    """Copy ``remaining`` bytes at virtual byte ``off`` into ``out[dst:]`` (holes read as zeroes;
-    an empty ``data`` -- a metadata-only pool -- reads zeroes everywhere)."""
+def read_hole(out, dst, seg, off, ofd, osize):
+    """Fill ``out[dst:dst+seg]`` for an unmapped range at virtual byte ``off``: the external origin's
+    bytes where it has them (``ofd`` >= 0, ``osize`` bytes long), zeroes elsewhere.  OK or
+    :data:`ORIGIN_ERROR`."""
+    n = 0
+    if ofd >= 0 and off < osize:
+        n = min(seg, osize - off)
+        if pread_all(ofd, out, dst, n, off) != OK:
+            return ORIGIN_ERROR
+    if n < seg:
+        fill_bytes(out, dst + n, seg - n, 0)
+    return OK
+
+
+@njit(cache=True, inline="always")
+def read_span(nodes, root, data, bs, off, remaining, out, dst, ofd, osize):
+    """Copy ``remaining`` bytes at virtual byte ``off`` into ``out[dst:]``: holes read as zeroes, or
+    from the external origin ``ofd`` (see :func:`read_hole`; -1: none); an empty ``data`` -- a
+    metadata-only pool -- reads zeroes everywhere.  OK or :data:`ORIGIN_ERROR`."""
     nodata = data.shape[0] == 0
     while remaining > 0:
         vb = off // bs
         inblk = off - vb * bs
         seg = min(remaining, bs - inblk)
         v, _ = lookup(nodes, root, vb)
-        if v == UNMAPPED or nodata:
+        if nodata:
             fill_bytes(out, dst, seg, 0)
+        elif v == UNMAPPED:
+            if ofd < 0:
+                fill_bytes(out, dst, seg, 0)
+            elif read_hole(out, dst, seg, off, ofd, osize) != OK:
+                return ORIGIN_ERROR
         else:
             copy_bytes(out, dst, data, mapping_block(v) * bs + inblk, seg)
         off += seg
         dst += seg
         remaining -= seg
+    return OK
 
 
 @njit(cache=True, inline="always")
@@ -243,11 +283,12 @@ def pread_all(fd, out, dst, n, off):
 
 
 @njit(cache=True)
-def read_one_pread(tab, devs, slot, fd, out, offset):
+def read_one_pread(tab, devs, slot, fd, out, offset, ofd, osize):
     """:func:`read_one` that copies mapped data from the data file ``fd`` with pread(2) instead of
     through the memory map, so a media error or a truncated file is an error code, never SIGBUS.
     Returns (code, file_offset): OK, or IO_ERROR / :data:`END_OF_FILE` with the data-file byte offset
-    of the segment that failed (``out`` is then partly filled)."""
+    of the segment that failed, or :data:`ORIGIN_ERROR` with the origin's byte offset (``out`` is then
+    partly filled).  Unmapped blocks read from the external origin ``ofd`` (-1: none)."""
     nodes = _table_nodes(tab)
     st = _table_st(tab)
     bs = st[ST_BLOCK_SIZE]
@@ -260,8 +301,13 @@ def read_one_pread(tab, devs, slot, fd, out, offset):
         inblk = off - vb * bs
         seg = min(remaining, bs - inblk)
         v, _ = lookup(nodes, root, vb)
-        if v == UNMAPPED or fd < 0:  # fd -1: a metadata-only pool reads zeroes
+        if fd < 0:  # fd -1: a metadata-only pool reads zeroes
             fill_bytes(out, dst, seg, 0)
+        elif v == UNMAPPED:
+            if ofd < 0:
+                fill_bytes(out, dst, seg, 0)
+            elif read_hole(out, dst, seg, off, ofd, osize) != OK:
+                return ORIGIN_ERROR, off
         else:
             pos = mapping_block(v) * bs + inblk
             code = pread_all(fd, out, dst, seg, pos)
@@ -274,10 +320,13 @@ def read_one_pread(tab, devs, slot, fd, out, offset):
 
 
 @njit(cache=True)
-def read_batch(nodes, root, data, bs, offsets, lengths, out, out_starts):
-    """Read a batch: mapped blocks are copied from the data device, holes read as zeroes."""
+def read_batch(nodes, root, data, bs, offsets, lengths, out, out_starts, ofd, osize):
+    """Read a batch: mapped blocks are copied from the data device, holes read as zeroes or from the
+    external origin ``ofd`` (-1: none).  Returns (code, index of the read that failed)."""
     for i in range(offsets.shape[0]):
-        read_span(nodes, root, data, bs, offsets[i], lengths[i], out, out_starts[i])
+        if read_span(nodes, root, data, bs, offsets[i], lengths[i], out, out_starts[i], ofd, osize) != OK:
+            return ORIGIN_ERROR, i
+    return OK, offsets.shape[0]
 
 
 @njit(cache=True)
@@ -400,7 +449,7 @@ def table_addresses(tab):
 
 
 @njit(cache=True)
-def write_one(tab, devs, slot, buf, fd, offset):
+def write_one(tab, devs, slot, buf, fd, offset, ofd, osize):
     """:func:`write_batch` for one I/O of ``len(buf)`` bytes at ``offset`` (>= 0); the pool's arrays
     come from ``tab`` (one row per array: :class:`thinpool.schema.KRow`).
     The device is row ``slot`` of the device records ``devs`` (indexing here is cheaper than passing
@@ -428,16 +477,18 @@ def write_one(tab, devs, slot, buf, fd, offset):
         return NO_SPACE, need
     if st[ST_INNER_FREE] < 2 * nblk + 1 or st[ST_LEAF_FREE] < nblk:
         return NEED_NODES, need
-    return write_span(nodes, _table_space(tab), st, dev, fd, _table_scratch(tab), offset, n, buf, 0, bs), need
+    return write_span(nodes, _table_space(tab), st, dev, fd, _table_scratch(tab), offset, n, buf, 0, bs, ofd,
+                      osize), need
 
 
 @njit(cache=True)
-def read_one(tab, devs, slot, data, out, offset):
+def read_one(tab, devs, slot, data, out, offset, ofd, osize):
     """:func:`read_batch` for one read of ``len(out)`` bytes at ``offset`` of the device in row
-    ``slot`` of ``devs`` (node arrays from ``tab``)."""
+    ``slot`` of ``devs`` (node arrays from ``tab``; ``ofd``/``osize`` its external origin, -1: none).
+    Returns OK or :data:`ORIGIN_ERROR`."""
     nodes = _table_nodes(tab)
     st = _table_st(tab)
-    read_span(nodes, devs[slot, DEV_ROOT], data, st[ST_BLOCK_SIZE], offset, out.shape[0], out, 0)
+    return read_span(nodes, devs[slot, DEV_ROOT], data, st[ST_BLOCK_SIZE], offset, out.shape[0], out, 0, ofd, osize)
 
 
 kernels_cache.check(globals(), _built_with)

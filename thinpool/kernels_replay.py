@@ -13,7 +13,7 @@ import numpy as np
 from numba import njit
 
 from . import kernels_cache
-from .kernels import discard_range, pread_all, write_span
+from .kernels import ORIGIN_ERROR, discard_range, pread_all, read_hole, write_span
 from .kernels_map import UNMAPPED, lookup, mapping_block, needs_new_block
 from .schema import (DEV_ROOT, DEV_SNAP_TIME, IO_ERROR, NEED_NODES, NO_SPACE, OK, ST_BLOCK_SIZE, ST_INNER_FREE,
                      ST_LEAF_FREE, ST_NR_ALLOCATABLE, ST_NR_BLOCKS, ST_NR_FREE)
@@ -42,9 +42,10 @@ def _blocks_needed(nodes, dev, off, length, bs):
 
 @njit(cache=True)
 def apply_batch(nodes, space, st, devs, slots, fd, tmp, pattern, vol, ops, offsets, lengths, start, skip_at,
-                skip_no_space, out):
+                skip_no_space, out, ofds, osizes):
     """Apply I/Os ``start..`` in order; I/O ``i`` is ``ops[i]`` on the device in row ``slots[vol[i]]`` of
-    ``devs``.  Returns (code, next_io, need).
+    ``devs``, whose external origin is ``ofds[vol[i]]`` (-1: none), ``osizes[vol[i]]`` bytes long.
+    Returns (code, next_io, need).
 
     A write whose new blocks exceed the allocatable ones returns NO_SPACE at that I/O (``need`` its
     block count; earlier I/Os are complete) -- unless ``skip_no_space`` and no commit could help
@@ -74,8 +75,10 @@ def apply_batch(nodes, space, st, devs, slots, fd, tmp, pattern, vol, ops, offse
                         out[1] += length
                         continue
                     return NO_SPACE, i, need
-            if write_span(nodes, space, st, dev, fd, tmp, off, length, pattern, 0, bs) != OK:
-                return IO_ERROR, i, 0
+            code = write_span(nodes, space, st, dev, fd, tmp, off, length, pattern, 0, bs, ofds[vol[i]],
+                              osizes[vol[i]])
+            if code != OK:
+                return code, i, 0
             used = st[ST_NR_BLOCKS] - st[ST_NR_FREE]
             if used > out[2]:
                 out[2] = used
@@ -92,8 +95,11 @@ def apply_batch(nodes, space, st, devs, slots, fd, tmp, pattern, vol, ops, offse
                 inblk = off - vb * bs
                 seg = min(length, bs - inblk)
                 v, _ = lookup(nodes, dev[DEV_ROOT], vb)
-                if v != UNMAPPED and pread_all(fd, tmp, 0, seg, mapping_block(v) * bs + inblk) != OK:
-                    return IO_ERROR, i, 0
+                if v != UNMAPPED:
+                    if pread_all(fd, tmp, 0, seg, mapping_block(v) * bs + inblk) != OK:
+                        return IO_ERROR, i, 0
+                elif ofds[vol[i]] >= 0 and read_hole(tmp, 0, seg, off, ofds[vol[i]], osizes[vol[i]]) != OK:
+                    return ORIGIN_ERROR, i, 0
                 off += seg
                 length -= seg
     return OK, ops.shape[0], 0

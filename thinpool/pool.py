@@ -280,6 +280,8 @@ class Pool(Transactions, DeviceOps):
             slots[key] = v["slot"]
             names[key] = n
         self._engine.keys, self._engine.slots, self._engine.names = self._by_name, slots, names
+        self._engine.origins.reload((volume_key(v["dev_id"], v.get("gen", 0)), v["origin"])
+                                    for v in self._catalog["volumes"].values() if v.get("origin") is not None)
         self._refresh_engine()
 
     def _refresh_engine(self) -> None:
@@ -487,6 +489,7 @@ class Pool(Transactions, DeviceOps):
             self._closed = True
             self._engine.is_open = self._engine.fast_write = False
             self._data.close()
+            self._engine.origins.close()
             self._store.close()
             self._release_lock()
 

@@ -11,6 +11,7 @@ bridge): nothing outside the pool writes its state.
 from __future__ import annotations
 
 import json
+import os
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -21,6 +22,7 @@ from .devtable import DEVS_PER_PAGE, check_new_name
 from .errors import Busy, InvalidArgument, NotFound
 from .kernel_context import locked_method as _locked
 from .kernel_context import volume_key
+from .origin import check_new_origin
 from .schema import DEV_FIELDS, DevFlag, dev_dtype
 from .units import parse_size
 
@@ -70,18 +72,20 @@ class DeviceOps:
         self._refresh_engine()
         return old
 
-    def _register(self, name: str, record: dict[str, int]) -> int:
-        """Put a new device ``record`` in a free slot and name it ``name`` in the catalog."""
+    def _register(self, name: str, record: dict[str, int], origin: dict[str, Any] | None = None) -> int:
+        """Put a new device ``record`` in a free slot and name it ``name`` in the catalog (with its
+        external ``origin`` record, if any: :mod:`thinpool.origin`)."""
         slot = self._new_slot()
         self._devs[slot] = tuple(record[f] for f in DEV_FIELDS)
         self._devs_dirty.add(slot)
-        entry = rules.add_volume(self._catalog, name, record["dev_id"], slot)
+        entry = rules.add_volume(self._catalog, name, record["dev_id"], slot, origin=origin)
         self._gen_floor = int(self._catalog["next_gen"])  # never reissued in this process, even after an abort
         self._catalog_dirty = True
         key = volume_key(record["dev_id"], entry["gen"])
         self._by_name[name] = key
         self._engine.slots[key] = slot
         self._engine.names[key] = name
+        self._engine.origins.add(key, origin)
         self._by_dev_id[record["dev_id"]] = name
         return slot
 
@@ -98,15 +102,29 @@ class DeviceOps:
     # ------------------------------------------------------------------ dm-thin's device messages
     @_locked
     def create_thin(self, name: str, size: int | str, *, dev_id: int | None = None,
-                    read_only: bool = False) -> "Thin":
-        """Create an empty thin volume of virtual ``size`` bytes (dm-thin's ``create_thin``)."""
+                    read_only: bool = False, external_origin: str | os.PathLike | None = None) -> "Thin":
+        """Create an empty thin volume of virtual ``size`` bytes (dm-thin's ``create_thin``).
+
+        ``external_origin``: a read-only file (or block device) under the volume, dm-thin's
+        ``external-origin`` thin argument: unmapped blocks read from it, the first partial write to a
+        block copies the rest of the block from it, bytes past its end read as zeroes; snapshots of
+        the volume share it.  Refused (InvalidArgument) if the pool writes it: a pool file, a file in
+        the pool's directory, a data file a pool owns.  Its path, size and modification time are
+        recorded; if it changes, the volume's I/O fails with FailedPrecondition naming it (see
+        :mod:`thinpool.origin`).  dm-thin's metadata has no place for it: exported metadata does not
+        carry it."""
         self._check_writable()
         self._name_ok(name)
         nbytes = self._check_size(size)
+        origin = None
+        if external_origin is not None:
+            origin = check_new_origin(external_origin, self.path,
+                                      [os.path.join(self.path, f) for f in (self.DATA, self.METADATA, self.LOCK)]
+                                      + [self.data_path])
         dev_id = self._pick_dev_id(dev_id)
         root = self._nodes_map.new_root()
         self._register(name, rules.device_record(dev_id, root, 0, self.transaction_id, self.time, self.time, nbytes,
-                                                 read_only))
+                                                 read_only), origin)
         return self.thin(name)
 
     @_locked
@@ -128,7 +146,7 @@ class DeviceOps:
         self._devs[oslot] = tuple(new_origin[f] for f in DEV_FIELDS)
         self._devs_dirty.add(oslot)
         self._nodes_map.share_root(snap["root"])
-        self._register(name, snap)
+        self._register(name, snap, rules.inherited_origin(self._catalog, origin))
         return self.thin(name)
 
     @_locked
@@ -151,6 +169,7 @@ class DeviceOps:
         del self._engine.slots[key]
         self._engine.gone[key] = self._engine.names.pop(key)
         del self._by_dev_id[dev_id]
+        self._engine.origins.drop(key)
         self._catalog_dirty = True
 
     @_locked
@@ -295,9 +314,14 @@ class DeviceOps:
         self._header["transaction_id"] = transaction_id
         self._space.recount()
 
-    def _restore_volume(self, name: str, *, size: int, read_only: bool) -> None:
-        """A salvaged volume's size and read-only flag, which the IR does not carry (repair)."""
+    def _restore_volume(self, name: str, *, size: int, read_only: bool, origin: dict[str, Any] | None = None) -> None:
+        """A salvaged volume's size, read-only flag and external origin record, which the IR does not
+        carry (repair)."""
         slot = self._slot(name)
+        if origin is not None:
+            self._engine.origins.add(self._by_name[name], origin)  # MetadataCorrupt if malformed
+            self._catalog["volumes"][name]["origin"] = dict(origin)
+            self._catalog_dirty = True
         row = self._devs[slot]
         row["size"] = size
         if read_only:

@@ -39,6 +39,7 @@ from . import schema as K
 from . import pooldir
 from .errors import InvalidArgument, MetadataCorrupt, NotFound
 from .interop.ir import Device, Metadata, Superblock, SECTOR, TIME_MASK
+from .origin import valid_record
 from .mdstore import _SB_HEADER, BLOCK, MAGIC, PM_ENTRIES, SUPERBLOCKS, checksum
 
 _REQUIRED = ("block_size", "nr_data_blocks", "directory", "directory_bytes", "pages", "catalog_bytes")
@@ -276,10 +277,10 @@ def _walk(s: _Salvage, root: int, size_blocks: int, nr_data: int, report: Repair
     return vb[ok], val[ok]
 
 
-def salvage(pool_path: str, report: RepairReport) -> tuple[Metadata, dict[int, str], dict[int, tuple[int, bool]],
+def salvage(pool_path: str, report: RepairReport) -> tuple[Metadata, dict[int, str], dict[int, tuple[int, bool, Any]],
                                                           dict[str, Any], dict[str, Any]]:
-    """Read the pool's metadata tolerantly.  Returns (IR, names, {dev_id: (size, read_only)}, records,
-    header)."""
+    """Read the pool's metadata tolerantly.  Returns (IR, names, {dev_id: (size, read_only, external
+    origin record or None)}, records, header)."""
     from .schema import DevFlag, dev_dtype
     DEV_DTYPE = dev_dtype()
     md_path = os.path.join(pool_path, "metadata")
@@ -297,6 +298,7 @@ def salvage(pool_path: str, report: RepairReport) -> tuple[Metadata, dict[int, s
         report.held_snapshot_dropped = True
     # catalog: names and records
     names_by_slot: dict[int, tuple[str, int]] = {}
+    origins_by_slot: dict[int, dict[str, Any]] = {}  # external origins (thinpool/origin.py), kept by a repair
     records: dict[str, Any] = {}
     cat_lost = bool(s.lost_pages["catalog"].any()) or len(s.arrays["catalog"]) == 0
     if not cat_lost:
@@ -304,6 +306,11 @@ def salvage(pool_path: str, report: RepairReport) -> tuple[Metadata, dict[int, s
             catalog = json.loads(s.arrays["catalog"].tobytes()[: int(hdr["catalog_bytes"])])
             for name, v in catalog["volumes"].items():
                 names_by_slot[int(v["slot"])] = (name, int(v["dev_id"]))
+                if v.get("origin") is not None:
+                    if valid_record(v["origin"]):
+                        origins_by_slot[int(v["slot"])] = v["origin"]
+                    else:
+                        report.problems.append(f"volume {name!r}: its external origin record is malformed: dropped")
             records = catalog.get("records", {})
         except (ValueError, KeyError, TypeError):
             cat_lost = True
@@ -319,7 +326,7 @@ def salvage(pool_path: str, report: RepairReport) -> tuple[Metadata, dict[int, s
     inners_n = len(s.arrays["inners"]) // BLOCK
     devices: list[Device] = []
     names: dict[int, str] = {}
-    attrs: dict[int, tuple[int, bool]] = {}
+    attrs: dict[int, tuple[int, bool, Any]] = {}
     seen: set[int] = set()
     used_names: set[str] = set()
     for slot, (name, dev_id) in sorted(names_by_slot.items()):
@@ -361,7 +368,7 @@ def salvage(pool_path: str, report: RepairReport) -> tuple[Metadata, dict[int, s
                               creation_time=int(d["creation_time"]), snap_time=int(d["snap_time"]),
                               vblocks=vb.astype(np.uint64), dblocks=val >> np.uint64(24), times=times))
         names[dev_id] = name
-        attrs[dev_id] = (size if size > 0 else bs, bool(d["flags"] & DevFlag.READ_ONLY))
+        attrs[dev_id] = (size if size > 0 else bs, bool(d["flags"] & DevFlag.READ_ONLY), origins_by_slot.get(slot))
         report.mappings_kept += len(vb)
         if int(d["mapped"]) != len(vb):
             report.problems.append(f"{label}: recorded {int(d['mapped'])} mapped blocks, salvaged {len(vb)}")
@@ -398,7 +405,7 @@ def _lock(pool_path: str, exclusive: bool) -> int:
     return pooldir.lock(pool_path, read_only=not exclusive, purpose="; stop it before repairing")
 
 
-def _build(out_dir: str, md: Metadata, names: dict[int, str], attrs: dict[int, tuple[int, bool]],
+def _build(out_dir: str, md: Metadata, names: dict[int, str], attrs: dict[int, tuple[int, bool, Any]],
            records: dict[str, Any], hdr: dict[str, Any], data_file: str | None, *, keep_uuid: bool) -> None:
     """Write the salvage as a new pool at ``out_dir``; ``keep_uuid`` keeps the damaged pool's identity
     (in place: the data file's owner stamp names it), else the new pool keeps its own (``-o``: a new
@@ -410,8 +417,8 @@ def _build(out_dir: str, md: Metadata, names: dict[int, str], attrs: dict[int, t
     pool = Pool.from_metadata(out_dir, md, names=names, metadata_size=md_blocks * BLOCK)
     try:
         for dev in md.devices:
-            size, ro = attrs[dev.dev_id]
-            pool._restore_volume(names[dev.dev_id], size=size, read_only=ro)
+            size, ro, origin = attrs[dev.dev_id]
+            pool._restore_volume(names[dev.dev_id], size=size, read_only=ro, origin=origin)
         for ns, recs in records.items():
             pool.put_records(ns, recs)
         kept = {key: hdr[key] for key in ("low_water_mark", "error_if_no_space", "zero_new_blocks", "uuid", "created")

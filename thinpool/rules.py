@@ -132,13 +132,24 @@ def device_record(dev_id: int, root: int, mapped: int, transaction: int, creatio
                 flags=int(DevFlag.IN_USE | (DevFlag.READ_ONLY if read_only else 0) | flags))
 
 
-def add_volume(catalog: dict[str, Any], name: str, dev_id: int, slot: int) -> dict[str, int]:
-    """Record a new volume ``name`` in ``catalog`` (its entry, with a fresh generation) and advance
-    the catalog's next device id past ``dev_id``; returns the entry."""
-    entry = new_catalog_entry(catalog, dev_id, slot)
+def add_volume(catalog: dict[str, Any], name: str, dev_id: int, slot: int,
+               origin: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Record a new volume ``name`` in ``catalog`` (its entry, with a fresh generation, and its external
+    ``origin`` record if any) and advance the catalog's next device id past ``dev_id``; returns the entry."""
+    entry: dict[str, Any] = dict(new_catalog_entry(catalog, dev_id, slot))
+    if origin is not None:
+        entry["origin"] = dict(origin)
     catalog["volumes"][name] = entry
     catalog["next_dev_id"] = (dev_id + 1) & MAX_DEV_ID
     return entry
+
+
+def inherited_origin(catalog: Mapping[str, Any], origin_name: str) -> dict[str, Any] | None:
+    """The external origin a snapshot of volume ``origin_name`` inherits (its record, or None): every
+    snapshot of an external-origin thin reads the same origin, as dm-thin requires all its internal
+    snapshots to be activated with the same origin argument."""
+    rec = catalog["volumes"][origin_name].get("origin")
+    return dict(rec) if rec is not None else None
 
 
 def pool_status(header: Mapping[str, Any], *, time: int, held: Mapping[str, Any] | None, mode: str,

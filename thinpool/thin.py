@@ -21,6 +21,8 @@ from .schema import (DEV_CREATION_TIME, DEV_FLAGS, DEV_MAPPED, DEV_ROOT, DEV_SIZ
                      DEV_TRANSACTION, FLAG_READ_ONLY, unpack_mapping)
 
 _ZERO1 = np.zeros(1, np.int64)
+_NO_ORIGIN = (-1, 0)  # (fd, size) of "no external origin" for the kernels
+_ORIGIN_ERROR = -102  # kernels.ORIGIN_ERROR (kept here: importing kernels loads numba)
 _U8 = np.dtype(np.uint8)
 _FAST_LIMIT = 1 << 62  # offsets below this (and any buffer length) cannot overflow int64 in a kernel
 
@@ -157,6 +159,32 @@ class Thin:
     def __hash__(self) -> int:
         return hash((id(self._ctx), self._key))
 
+    # ------------------------------------------------------------------ the external origin
+    @property
+    def external_origin(self) -> dict | None:
+        """The volume's external origin (dm-thin's ``external-origin`` thin argument): a copy of its
+        record ``{"path", "size", "mtime_ns", "dev", "ino"}``, or None.  Unmapped blocks read from it;
+        a snapshot inherits it (see :mod:`thinpool.origin`)."""
+        ctx = self._ctx
+        with ctx.lock:
+            self._slot()
+            f = ctx.origins.by_key.get(self._key)
+            return None if f is None else dict(f.rec)
+
+    def _origin_failed(self, offset: int) -> None:
+        """A kernel could not read the external origin: FailedPrecondition if the file changed (size,
+        mtime, replaced, missing), else HostIOError with the read's errno; both name the file."""
+        err = last_errno()
+        ctx = self._ctx
+        f = ctx.origins.by_key.get(self._key)
+        path = f.path if f is not None else "?"
+        if f is not None:
+            f.close()
+            f.use()  # reopens and checks it: raises FailedPrecondition if it changed
+        raise HostIOError(f"pool {ctx.path}: volume {self.name!r}: reading its external origin {path} at byte "
+                          f"{offset} failed ({os.strerror(err) if err else 'the file ends early'})",
+                          err or errno.EIO, path)
+
     # ------------------------------------------------------------------ activation
     def __enter__(self) -> "Thin":
         """``with pool.thin(name) as vol:`` holds the volume active until the block ends: deleting it
@@ -166,6 +194,7 @@ class Thin:
         with ctx.lock:
             ctx.check_open()
             self._slot()  # NotFound if the volume is gone
+            ctx.origin(self._key)  # activating checks the external origin (FailedPrecondition if it changed)
             ctx.hold(self._key, WITH_BLOCK)
         return self
 
@@ -233,7 +262,9 @@ class Thin:
                 # fast path (writable pool): one kernel call, which also checks the range and the
                 # volume's read-only flag; anything unusual (out of range, read-only volume, no space,
                 # node growth, an I/O error) is redone or reported by the general path
-                code, need = (_KERNELS or _k()).write_one(ctx.table(), ctx.devs_i, slot, buf, ctx.data.fd, offset)
+                ofd, osize = ctx.origin(self._key) if ctx.origins.by_key else _NO_ORIGIN
+                code, need = (_KERNELS or _k()).write_one(ctx.table(), ctx.devs_i, slot, buf, ctx.data.fd, offset,
+                                                          ofd, osize)
                 if code == 0:  # OK
                     ctx.devs_dirty.add(slot)
                     if need:
@@ -277,6 +308,7 @@ class Thin:
             self._check_write()
             self._check_range(offsets, lengths)
             slot = self._slot()
+            ofd, osize = ctx.origin(self._key)
             st = ctx.st
             start = 0
             need = 0
@@ -285,7 +317,7 @@ class Thin:
                     space = ctx.space
                     code, start, need = _k().write_batch(ctx.nodes_map.nodes, space.arrays, st, ctx.devs_i[slot],
                                                          ctx.data.fd, ctx.data.scratch, offsets, lengths, buf, starts,
-                                                         start)
+                                                         start, ofd, osize)
                     if code == L.OK:
                         break
                     if code == L.NO_SPACE:
@@ -307,6 +339,8 @@ class Thin:
                                               f"({os.strerror(err)}; the block is not mapped)")
                         exc.errno, exc.filename = err, ctx.data.path
                         raise exc
+                    if code == _ORIGIN_ERROR:
+                        self._origin_failed(int(offsets[start]))
                     bs = ctx.block_size
                     nblk = int((offsets[start] + lengths[start] - 1) // bs - offsets[start] // bs + 1)
                     ctx.nodes_map.ensure(2 * nblk + 1, nblk)
@@ -354,7 +388,10 @@ class Thin:
                     devs = ctx.devs_i
                     if 0 <= offset and 0 <= length and offset + length <= int(devs[slot, DEV_SIZE]):
                         out = np.empty(length, np.uint8)
-                        (_KERNELS or _k()).read_one(ctx.table(), devs, slot, ctx.data.array, out, offset)
+                        ofd, osize = ctx.origin(self._key) if ctx.origins.by_key else _NO_ORIGIN
+                        if (_KERNELS or _k()).read_one(ctx.table(), devs, slot, ctx.data.array, out, offset, ofd,
+                                                       osize):
+                            self._origin_failed(offset)
                         return out.tobytes()
         offset = _scalar(self.name, "offset", offset)
         length = _scalar(self.name, "length", length)
@@ -362,7 +399,10 @@ class Thin:
             ctx.check_open()
             _check_span(self.name, self.size, offset, length)  # before allocating the output
             out = np.empty(length, np.uint8)
-            (_KERNELS or _k()).read_one(ctx.table(), ctx.devs_i, self._slot(), ctx.data.array, out, offset)
+            slot = self._slot()
+            ofd, osize = ctx.origin(self._key)
+            if (_KERNELS or _k()).read_one(ctx.table(), ctx.devs_i, slot, ctx.data.array, out, offset, ofd, osize):
+                self._origin_failed(offset)
         return out.tobytes()
 
     def pread(self, offset: int, length: int) -> bytes:
@@ -384,7 +424,11 @@ class Thin:
                 _check_span(self.name, self.size, offset, length)  # before allocating the output
                 slot = self._slot()
             out = np.empty(length, np.uint8)
-            code, pos = (_KERNELS or _k()).read_one_pread(ctx.table(), ctx.devs_i, slot, ctx.data.fd, out, offset)
+            ofd, osize = ctx.origin(self._key) if ctx.origins.by_key else _NO_ORIGIN
+            code, pos = (_KERNELS or _k()).read_one_pread(ctx.table(), ctx.devs_i, slot, ctx.data.fd, out, offset,
+                                                          ofd, osize)
+            if code == _ORIGIN_ERROR:
+                self._origin_failed(int(pos))
             if code != L.OK:
                 path = ctx.data.path
                 if code == L.IO_ERROR:
@@ -421,7 +465,11 @@ class Thin:
             ctx.check_open()
             self._check_range(offsets, lengths)
             root = int(ctx.devs_i[self._slot(), DEV_ROOT])
-            _k().read_batch(ctx.nodes_map.nodes, root, ctx.data.array, ctx.block_size, offsets, lengths, out, starts)
+            ofd, osize = ctx.origin(self._key)
+            code, i = _k().read_batch(ctx.nodes_map.nodes, root, ctx.data.array, ctx.block_size, offsets, lengths, out,
+                                      starts, ofd, osize)
+            if code != L.OK:
+                self._origin_failed(int(offsets[i]))
 
     # ------------------------------------------------------------------ mappings
     def mapped_ranges(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
@@ -538,6 +586,9 @@ def apply_io(thins: Sequence[Thin], vol: np.ndarray, ops: np.ndarray, offsets: n
             pattern = np.ascontiguousarray(pattern, np.uint8)
         else:
             pattern = np.zeros(0, np.uint8)
+        origins = [ctx.origin(t._key) for t in thins]
+        ofds = np.array([o[0] for o in origins], np.int64)
+        osizes = np.array([o[1] for o in origins], np.int64)
         skipped = np.zeros(3, np.int64)
         skipped[2] = st_used = int(ctx.st[L.ST_NR_BLOCKS] - ctx.st[L.ST_NR_FREE])
         skip = on_no_space == "skip"
@@ -548,7 +599,7 @@ def apply_io(thins: Sequence[Thin], vol: np.ndarray, ops: np.ndarray, offsets: n
             while True:
                 code, start, need = kr.apply_batch(ctx.nodes_map.nodes, ctx.space.arrays, st, ctx.devs_i, slots, fd,
                                                    ctx.data.scratch, pattern, vol, ops, offsets, lengths, start,
-                                                   skip_at, skip, skipped)
+                                                   skip_at, skip, skipped, ofds, osizes)
                 if code == L.OK:
                     break
                 if code == L.NO_SPACE:
@@ -571,6 +622,8 @@ def apply_io(thins: Sequence[Thin], vol: np.ndarray, ops: np.ndarray, offsets: n
                                           f"the data file {ctx.data.path} ({os.strerror(err)})")
                     exc.errno, exc.filename = err, ctx.data.path
                     raise exc
+                if code == _ORIGIN_ERROR:
+                    thins[int(vol[start])]._origin_failed(int(offsets[start]))
                 if ops[start] == 1:
                     bs = ctx.block_size
                     nblk = int((offsets[start] + lengths[start] - 1) // bs - offsets[start] // bs + 1)
@@ -599,6 +652,7 @@ class Activation:
         ctx = thin._ctx
         with ctx.lock:
             thin._slot()  # NotFound if the volume is gone
+            ctx.origin(thin._key)  # activating checks the external origin (FailedPrecondition if it changed)
             ctx.hold(thin._key, holder)
         #: the volume's handle
         self.thin = thin

@@ -77,7 +77,7 @@ def test_status_and_volumes_match_pool(tmp_path: Path) -> None:
     with Pool.open(path, read_only=True) as p:
         want = p.status()
         thins = [(t.name, t.dev_id, t.size, t.mapped_blocks, t.transaction, t.creation_time, t.snap_time,
-                  bool(t.read_only)) for t in p.thins()]
+                  bool(t.read_only), t.external_origin) for t in p.thins()]
     assert want.mode == "read-only"  # a read-only activation reports ro, as dm-thin's read_only feature
     with DeviceTable.open(path) as t:
         # the table is opened only to look: it reports the mode a writable open finds

@@ -58,14 +58,15 @@ def test_kernels_index_records_and_state_by_the_schema(tmp_path):
         tab, devs_i = _engine(pool)
         slot = int(np.flatnonzero(pool.devs["dev_id"] == pool.thin("a").dev_id)[0])
         for k in (1, 2, 3):
-            code, need = kernels.write_one(tab, devs_i, slot, np.full(10, 7, np.uint8), pool._engine.data.fd, k * BS)
+            code, need = kernels.write_one(tab, devs_i, slot, np.full(10, 7, np.uint8), pool._engine.data.fd, k * BS,
+                                           -1, 0)
             assert (code, need) == (schema.OK, 1)
         rec = pool.devs[slot]
         assert rec["mapped"] == 4 and rec["root"] == devs_i[slot, kernels.DEV_ROOT]
         assert int(pool.st[St.NR_ALLOCATABLE]) == free - 3
         ro = int(np.flatnonzero(pool.devs["dev_id"] == pool.thin("ro").dev_id)[0])
         assert pool.devs[ro]["flags"] & DevFlag.READ_ONLY
-        code, _ = kernels.write_one(tab, devs_i, ro, np.zeros(10, np.uint8), pool._engine.data.fd, 0)
+        code, _ = kernels.write_one(tab, devs_i, ro, np.zeros(10, np.uint8), pool._engine.data.fd, 0, -1, 0)
         assert code == kernels.NOT_HANDLED
         assert pool.thin("a").read(BS, 10) == b"\x07" * 10
 

@@ -22,9 +22,14 @@ from .registry import register_op
 # Pool-level reporting and messages.
 
 def _thin_info(thin: Any) -> dict[str, Any]:
-    return {"name": thin.name, "dev_id": thin.dev_id, "size": thin.size, "read_only": bool(thin.read_only),
+    info = {"name": thin.name, "dev_id": thin.dev_id, "size": thin.size, "read_only": bool(thin.read_only),
             "mapped_blocks": thin.mapped_blocks, "transaction": thin.transaction,
             "creation_time": thin.creation_time, "snap_time": thin.snap_time}
+    origin = thin.external_origin
+    if origin is not None:
+        info["external_origin"] = origin["path"]
+        info["external_origin_size"] = origin["size"]
+    return info
 
 
 def _go_human_size(nbytes: int, precision: int = 4) -> str:
@@ -179,9 +184,10 @@ register_op("check", op_check, write=False, render=render_check)
 
 # ---------------------------------------------------------------------------------------------- volumes
 def op_create_thin(pool: Any, name: str, size: int, dev_id: int | None = None,
-                   read_only: bool = False) -> dict[str, Any]:
-    """Create an empty thin volume."""
-    return _thin_info(pool.create_thin(name, size, dev_id=dev_id, read_only=read_only))
+                   read_only: bool = False, external_origin: str | None = None) -> dict[str, Any]:
+    """Create an empty thin volume (on a read-only ``external_origin`` file, if given)."""
+    return _thin_info(pool.create_thin(name, size, dev_id=dev_id, read_only=read_only,
+                                       external_origin=external_origin))
 
 
 register_op("create-thin", op_create_thin, write=True)
@@ -231,6 +237,9 @@ def _volume_rows(pool: Any, usage: bool) -> list[dict[str, Any]]:
         row = {"name": t.name, "dev_id": t.dev_id, "size": t.size, "read_only": bool(t.read_only),
                "mapped_blocks": t.mapped_blocks, "transaction": t.transaction, "creation_time": t.creation_time,
                "snap_time": t.snap_time, "block_size": bs, "mapped_bytes": t.mapped_blocks * bs}
+        origin = t.external_origin
+        if origin is not None:  # only then: the rows of pools without origins are unchanged
+            row["external_origin"] = origin["path"]
         if usage:
             u = counts[t.name]
             row.update(exclusive_blocks=u.exclusive_blocks, shared_blocks=u.shared_blocks,
@@ -279,8 +288,9 @@ def _columns_table(header: list[str], cols: list[list[str]], left: int = 1, head
 
 
 def render_volumes(rows: list[dict[str, Any]], headers: bool = True) -> str:
-    """thinpool's volume table: NAME DEV SIZE MAPPED [EXCLUSIVE SHARED] CREATE_TIME SNAP_TIME (the
-    usage columns when the rows carry them)."""
+    """thinpool's volume table: NAME DEV SIZE MAPPED [EXCLUSIVE SHARED] CREATE_TIME SNAP_TIME
+    [EXTERNAL_ORIGIN] (the usage columns when the rows carry them, the origin column when a volume has
+    an external origin)."""
     from thinpool.units import format_size
     usage = bool(rows) and "exclusive_bytes" in rows[0]
     header = ["NAME", "DEV", "SIZE", "MAPPED"] + (["EXCLUSIVE", "SHARED"] if usage else []) + \
@@ -294,6 +304,9 @@ def render_volumes(rows: list[dict[str, Any]], headers: bool = True) -> str:
     if usage:
         cols += [col("exclusive_bytes", format_size), col("shared_bytes", format_size)]
     cols += [col("creation_time"), col("snap_time")]
+    if any("external_origin" in r for r in rows):
+        header.append("EXTERNAL_ORIGIN")
+        cols.append([r.get("external_origin", "-") for r in rows])
     return _columns_table(header, cols, headers=headers)
 
 

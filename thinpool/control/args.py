@@ -16,7 +16,8 @@ Rules (all failures are :class:`~thinpool.errors.InvalidArgument` naming the op 
 * ``bool``: ``true`` or ``false`` only;
 * ``list[X]`` / ``dict[str, X]``: a JSON array / object whose items are all ``X``;
 * ``Any``: any JSON value; ``X | None``: ``null`` too;
-* path arguments (:data:`PATH_ARGS`: ``path``, ``input``, ``output``, ``image``) must be absolute:
+* path arguments (:data:`PATH_ARGS`: ``path``, ``input``, ``output``, ``image``, ``external_origin``)
+  must be absolute:
   the serving process has its own working directory, so a relative path would land there (the CLI
   sends absolute paths); ``-`` (standard input/output) is left to the op;
 * unknown argument names and missing required arguments are refused.
@@ -36,7 +37,7 @@ from thinpool.errors import InvalidArgument
 INT_MIN = -(1 << 63)
 INT_MAX = (1 << 63) - 1
 #: argument names that are file paths
-PATH_ARGS = frozenset({"path", "input", "output", "image"})
+PATH_ARGS = frozenset({"path", "input", "output", "image", "external_origin"})
 
 
 def _json_type(value: Any) -> str:

@@ -14,7 +14,11 @@ Wiring (the :class:`~thinpool.nbd.backend.Export` interface onto the library):
   edges are zeroed, and only where they are mapped (an unmapped edge already reads as zeroes) -- so
   ``nbdcopy`` of a mostly empty image allocates almost nothing; with ``NO_HOLE`` real zeroes are written
   and the range stays provisioned;
-* ``extents`` -> :meth:`Thin.mapped_ranges`: unmapped blocks are ``HOLE|ZERO``, mapped ones data.
+* ``extents`` -> :meth:`Thin.mapped_ranges`: unmapped blocks are ``HOLE|ZERO``, mapped ones data;
+* a volume on an external origin (:meth:`thinpool.pool.Pool.create_thin`): unmapped blocks read from
+  the origin like any READ; below the origin's end every extent is data (an unmapped block is the
+  origin's data, not a hole) and ``write_zeroes`` writes real zeroes there (unmapping would expose the
+  origin's bytes again); past its end the rules above apply.
 
 The provider's ``lock`` *is* the pool's re-entrant lock, so every NBD request, every control-socket op
 (``thinpool snapshot`` while served) and every library call are serialised: a snapshot taken through the
@@ -84,6 +88,10 @@ class PoolExport:
         self.description = f"thin volume {name!r} (dev id {self.dev_id}) of pool {pool.path}"
         self._closed = False
         self._handle = thin
+        #: the volume's external origin's size (None: no origin): unmapped blocks below it are its
+        #: data, not holes (extents), and must not be unmapped to make zeroes (write_zeroes)
+        origin = thin.external_origin
+        self.origin_size: int | None = None if origin is None else int(origin["size"])
         #: the connection holds the volume active (dm-thin's open_count): deleting it raises Busy
         self._activation = pool.activate(name, holder=NBD_HOLDER)
         self._just_read: tuple[int, int] | None = None  # see extents()
@@ -182,6 +190,14 @@ class PoolExport:
             return
         self._check_data_file()
         thin = self._thin()
+        if self.origin_size is not None and offset < self.origin_size:
+            # an unmapped block reads the external origin, not zeroes: write real zeroes where the
+            # origin has bytes; past its end, unmapping reads as zeroes again
+            n = min(length, self.origin_size - offset)
+            self._write_zeroes(thin, offset, n)
+            offset, length = offset + n, length - n
+            if not length:
+                return
         if not may_trim:
             self._write_zeroes(thin, offset, length)
             return
@@ -213,7 +229,12 @@ class PoolExport:
             return []
         if just_read == (offset, length) and length <= self.block_size:
             return [(length, MAPPED)]
-        ranges = self._thin().mapped_ranges(offset, min(length, MAX_EXTENTS_SPAN))
+        span = min(length, MAX_EXTENTS_SPAN)
+        osize = self.origin_size
+        if osize is not None and offset < osize:
+            # below the external origin's end every block reads data (the origin's, or its own)
+            return [(min(span, osize - offset), MAPPED)]
+        ranges = self._thin().mapped_ranges(offset, span)
         return [(n, MAPPED if mapped else UNMAPPED) for _off, n, mapped in ranges]
 
     def close(self) -> None:
