@@ -88,6 +88,12 @@ def pad_pages(raw: bytes) -> bytes:
     return raw.ljust(max(1, -(-len(raw) // BLOCK)) * BLOCK, b"\0")
 
 
+def _origin_copy(entry: dict[str, Any]) -> dict[str, Any] | None:
+    """A copy of a catalog entry's external origin record (None when it has none)."""
+    rec = entry.get("origin")
+    return dict(rec) if rec is not None else None
+
+
 class VolumeRecord(NamedTuple):
     """One thin volume as the device table records it (the fields of :class:`thinpool.thin.Thin`
     that need no block map)."""
@@ -194,7 +200,7 @@ class DeviceTable:
         self._check_open()
         r = self._record(self._slot(name))
         return VolumeRecord(name, r["dev_id"], r["size"], r["mapped"], r["transaction"], r["creation_time"],
-                            r["snap_time"], bool(r["flags"] & DevFlag.READ_ONLY), self._volumes[name].get("origin"))
+                            r["snap_time"], bool(r["flags"] & DevFlag.READ_ONLY), _origin_copy(self._volumes[name]))
 
     def thins(self) -> list[VolumeRecord]:
         """All volumes, in device-id order."""
@@ -203,7 +209,7 @@ class DeviceTable:
         rows = sorted((recs[v["slot"]], name) for name, v in self.catalog["volumes"].items())  # dev_id first
         vols = self.catalog["volumes"]
         return [VolumeRecord(name, r[DEV_ID], r[DEV_SIZE], r[DEV_MAPPED], r[DEV_TRANSACTION], r[DEV_CREATION_TIME],
-                             r[DEV_SNAP_TIME], bool(r[DEV_FLAGS] & DevFlag.READ_ONLY), vols[name].get("origin"))
+                             r[DEV_SNAP_TIME], bool(r[DEV_FLAGS] & DevFlag.READ_ONLY), _origin_copy(vols[name]))
                 for r, name in rows]
 
     def status(self) -> PoolStatus:

@@ -49,16 +49,19 @@ def check_new_origin(path: Any, pool_dir: str, pool_files: Iterable[str]) -> dic
     read-only, once, to read its size -- thinpool never opens an origin for writing."""
     if not isinstance(path, (str, os.PathLike)) or isinstance(path, bytes):
         raise InvalidArgument(f"external origin must be a file path, got {path!r}")
-    given = os.fspath(path)
-    if not given or "\0" in given:
+    raw = os.fspath(path)
+    given = raw if len(raw) <= 300 else raw[:300] + "..."  # as shown in messages
+    if not raw or "\0" in raw:
         raise InvalidArgument(f"external origin {given!r}: not a valid path")
-    real = os.path.realpath(os.path.abspath(given))
     try:
+        real = os.path.realpath(os.path.abspath(raw))
         fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
         raise NotFound(f"external origin {given}: no such file") from None
     except OSError as exc:
         raise InvalidArgument(f"external origin {given}: cannot be opened read-only ({exc.strerror})") from None
+    except (UnicodeError, ValueError):
+        raise InvalidArgument(f"external origin {given!r}: not a valid file name") from None
     try:
         st = os.fstat(fd)
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):

@@ -225,7 +225,7 @@ def test_a_missing_origin_and_bad_values_are_refused(env: dict[str, Any]) -> Non
     with Pool.create(env["pool"], data_size=16 * MiB, block_size=BS) as p:
         with pytest.raises(NotFound, match="nothere"):
             p.create_thin("v", VOL, external_origin=str(env["dir"] / "nothere"))
-        for bad in (3, b"/etc/passwd", "", "a\0b"):
+        for bad in (3, b"/etc/passwd", "", "a\0b", "/\ud800x", "/x" * 100_000):
             with pytest.raises(InvalidArgument):
                 p.create_thin("v", VOL, external_origin=bad)
         assert "v" not in p
