@@ -75,6 +75,22 @@ class Busy(FailedPrecondition, OSError):
         return self.strerror
 
 
+class DiscardNotSupported(ThinpoolError, OSError):
+    """A discard to a pool whose discards are turned off (dm-thin's ``ignore_discard``: the thin devices
+    advertise no discard support, so the block layer fails a discard with EOPNOTSUPP)."""
+
+    def __init__(self, message: str) -> None:
+        OSError.__init__(self, errno.EOPNOTSUPP, message)
+
+    def __str__(self) -> str:  # OSError would print "[Errno 95] ..."
+        return self.strerror
+
+
+class WaitCancelled(ThinpoolError):
+    """A write queued for data space (``queue_if_no_space``) was given up by its caller before space
+    came (e.g. its NBD client disconnected, or the server is shutting down); nothing was written."""
+
+
 class ReadOnly(ThinpoolError):
     """The pool (or a volume) is read-only, or metadata space is exhausted."""
 
@@ -158,6 +174,8 @@ __all__ = [
     "FailedPrecondition",
     "Busy",
     "NoSpace",
+    "DiscardNotSupported",
+    "WaitCancelled",
     "ReadOnly",
     "PoolLocked",
     "PermissionDenied",

@@ -56,11 +56,13 @@ class KernelContext:
     one [offset], [length] pair; ``fast_write`` true while the pool is open, writable and in write
     mode; ``path`` the pool's directory; ``active`` volume key -> {holder: count} of the volumes that are
     active (dm-thin's ``open_count``: see :meth:`hold`); ``origins`` the volumes' external origins
-    (:class:`~thinpool.origin.Origins`: volume key -> open origin file).
+    (:class:`~thinpool.origin.Origins`: volume key -> open origin file); ``nospace`` the pool's
+    :class:`~thinpool.nospace.NoSpaceQueue` (writes waiting for data space).
     """
 
     __slots__ = ("pool", "lock", "keys", "slots", "names", "gone", "is_open", "devs_i", "devs_dirty", "st", "nodes_map", "space", "data",
-                 "one_io", "fast_write", "path", "active", "origins", "_tab", "_tab_arrays", "_tab_st", "_tab_epoch")
+                 "one_io", "fast_write", "path", "active", "origins", "nospace", "_tab", "_tab_arrays", "_tab_st",
+                 "_tab_epoch")
 
     def __init__(self, pool: "Pool") -> None:
         self.pool = pool
@@ -81,6 +83,7 @@ class KernelContext:
         self.nodes_map: Any = None
         self.space: Any = None
         self.data: Any = None
+        self.nospace: Any = None
         self._tab: Any = None
         self._tab_arrays: tuple = ()
         self._tab_st: Any = None
@@ -157,6 +160,14 @@ class KernelContext:
     def out_of_data_space(self) -> None:
         """A write found no data block: the pool enters out-of-data-space mode."""
         self.pool._set_mode(Mode.OUT_OF_DATA_SPACE)
+
+    def wait_for_space(self, check: Callable[[], None], abort: Callable[[], bool] | None = None) -> bool:
+        """A write found no data block (the pool is out of data space): under ``queue_if_no_space``
+        wait, with the pool's lock released, until the pool leaves out-of-data-space mode (True: retry
+        the write) or the no-space timeout passes (False: fail with ENOSPC); under
+        ``error_if_no_space`` return False at once.  See :meth:`thinpool.nospace.NoSpaceQueue.wait`."""
+        pool = self.pool
+        return self.nospace.wait(lambda: pool.mode == Mode.OUT_OF_DATA_SPACE, check, abort)
 
     @property
     def block_size(self) -> int:

@@ -27,10 +27,11 @@ from . import ownership, pooldir, rules, safe_output
 from .blockmap import BlockMap
 from .datadev import DataDevice, NullDataDevice
 from .devtable import pad_pages
-from .errors import AlreadyExists, InvalidArgument, MetadataCorrupt
+from .errors import AlreadyExists, InvalidArgument, MetadataCorrupt, ReadOnly
 from .kernel_context import KernelContext, volume_key
 from .kernel_context import locked_method as _locked
 from .mdstore import BLOCK, MetadataStore, PagedArray
+from .nospace import DEFAULT_NO_SPACE_TIMEOUT, NoSpaceQueue, check_timeout
 from .pool_devices import DeviceOps
 from .pool_txn import Transactions
 from .rules import (DEFAULT_MAX_THINS, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE,  # noqa: F401 (this module's API)
@@ -80,10 +81,16 @@ class Pool(Transactions, DeviceOps):
     # ------------------------------------------------------------------ construction
     def __init__(self, path: str, *, read_only: bool = False,
                  on_low_water: Callable[["Pool"], None] | None = None, _scrub: bool = True,
-                 wait: float | None = None, allow_foreign: bool | None = None) -> None:
+                 wait: float | None = None, allow_foreign: bool | None = None, discard: str | None = None,
+                 error_if_no_space: bool | None = None, no_space_timeout: float | None = None) -> None:
         """Open an existing pool (prefer :meth:`open`).  ``_scrub=False`` (used by :meth:`create`)
         skips the crash-recovery punch of free blocks holding data: a new pool may sit on a data
-        file whose blocks an import is about to map.  ``wait`` / ``allow_foreign``: see :meth:`open`."""
+        file whose blocks an import is about to map.  ``wait`` / ``allow_foreign`` and the features:
+        see :meth:`open`."""
+        features = _check_features(discard, error_if_no_space, no_space_timeout)
+        if features and read_only:
+            raise InvalidArgument(f"pool {path}: the features of a pool opened read-only cannot be changed "
+                                  f"({', '.join(sorted(features))})")
         self.path = os.path.abspath(os.fspath(path))
         self.read_only = read_only
         self.on_low_water = on_low_water
@@ -93,6 +100,8 @@ class Pool(Transactions, DeviceOps):
         self._gen_floor = 0
         self.path = pooldir.resolve(self.path, allow_foreign=allow_foreign)
         self._engine = KernelContext(self)  # what thin.py and the kernels use (see kernel_context)
+        self._nospace = NoSpaceQueue(self._engine.lock)  # queue_if_no_space's waiting writers
+        self._engine.nospace = self._nospace
         md_path = os.path.join(self.path, self.METADATA)
         self._lock_fd = pooldir.lock(self.path, read_only, wait=wait, allow_foreign=allow_foreign)
         try:
@@ -118,11 +127,18 @@ class Pool(Transactions, DeviceOps):
         self._engine.is_open = True
         self._set_mode(self._mode)  # the I/O fast path opens
         safe_output.register_pool(self)  # no output is ever written onto its files
+        if features:
+            try:
+                self._activate_features(features)
+            except BaseException:
+                self.close(commit=False)
+                raise
 
     @classmethod
     def create(cls, path: str | os.PathLike, data_size: int | str = "1GiB", block_size: int | str = "64KiB", *,
                metadata_size: int | str | None = None, low_water_mark: int = 0,
-               error_if_no_space: bool = True, zero_new_blocks: bool = True,
+               error_if_no_space: bool = False, zero_new_blocks: bool = True, discard: str = "passdown",
+               no_space_timeout: float = DEFAULT_NO_SPACE_TIMEOUT,
                data_file: str | os.PathLike | None = None, max_thins: int = DEFAULT_MAX_THINS,
                on_low_water: Callable[["Pool"], None] | None = None, force: bool = False,
                take_over_data: bool = False, mode: int | str | None = None,
@@ -131,6 +147,12 @@ class Pool(Transactions, DeviceOps):
 
         ``low_water_mark`` is in data blocks (the callback fires once when free blocks fall to it);
         ``metadata_size`` defaults to thin_metadata_size's formula (see :func:`default_metadata_blocks`).
+        The pool features (dm-thin's, stored with the pool as LVM stores them; defaults are the
+        kernel's): ``error_if_no_space`` fails a write that finds no data space at once, else it
+        waits up to ``no_space_timeout`` seconds (0: for ever) for a resize or freed blocks
+        (``queue_if_no_space``, :mod:`thinpool.nospace`); ``discard`` is ``passdown`` (discards unmap
+        and punch the freed blocks), ``nopassdown`` (unmap only) or ``ignore`` (discards fail with
+        EOPNOTSUPP); see :meth:`set_features` for changing them.
         An existing non-empty ``data_file`` is refused unless ``force`` (its blocks would be punched);
         one another pool owns (:mod:`thinpool.ownership`) unless ``take_over_data`` (that pool then
         refuses to open).  Nothing is created if any argument is invalid, and a failed creation
@@ -148,6 +170,7 @@ class Pool(Transactions, DeviceOps):
             raise InvalidArgument(f"data size {size} bytes is smaller than one {bs}-byte block")
         if not isinstance(low_water_mark, int) or low_water_mark < 0:
             raise InvalidArgument(f"low water mark must be a non-negative number of blocks, got {low_water_mark!r}")
+        features = _check_features(discard, error_if_no_space, no_space_timeout)
         if metadata_size is None:
             md_blocks = default_metadata_blocks(nr_blocks, max_thins)
         else:
@@ -168,7 +191,8 @@ class Pool(Transactions, DeviceOps):
         try:
             pool = cls._create_files(path, data_path, bs, nr_blocks, md_blocks, made, low_water_mark,
                                      error_if_no_space, zero_new_blocks, bool(data_file), on_low_water,
-                                     mode=mode, allow_foreign=allow_foreign, metadata_only=bool(metadata_only))
+                                     mode=mode, allow_foreign=allow_foreign, metadata_only=bool(metadata_only),
+                                     features=features)
         except BaseException:
             made.undo()
             raise
@@ -180,7 +204,7 @@ class Pool(Transactions, DeviceOps):
                       made: "ownership.NewPoolFiles", low_water_mark: int, error_if_no_space: bool,
                       zero_new_blocks: bool, explicit_data: bool, on_low_water, *,
                       mode: int | str | None = None, allow_foreign: bool | None = None,
-                      metadata_only: bool = False) -> "Pool":
+                      metadata_only: bool = False, features: dict[str, Any] | None = None) -> "Pool":
         fmode = pooldir.make_dir(path, mode, allow_foreign=allow_foreign)
         if not metadata_only:
             DataDevice.create(data_path, nr_blocks * bs, fmode, allow_foreign=allow_foreign)
@@ -191,7 +215,9 @@ class Pool(Transactions, DeviceOps):
                       low_water_mark=low_water_mark, error_if_no_space=bool(error_if_no_space),
                       zero_new_blocks=bool(zero_new_blocks), needs_check=False, cursor=0,
                       uuid=str(_uuid.uuid4()), created=_time.time(), used_data_blocks=0, pending_blocks=0,
-                      data_file=data_path if explicit_data else None)
+                      data_file=data_path if explicit_data else None, discard="passdown",
+                      no_space_timeout=DEFAULT_NO_SPACE_TIMEOUT)
+        header.update(features or {})
         if metadata_only:
             header["metadata_only"] = True
         catalog = {"volumes": {}, "next_dev_id": 1, "records": {}}
@@ -217,15 +243,22 @@ class Pool(Transactions, DeviceOps):
     @classmethod
     def open(cls, path: str | os.PathLike, *, read_only: bool = False,
              on_low_water: Callable[["Pool"], None] | None = None, wait: float | None = None,
-             allow_foreign: bool | None = None) -> "Pool":
+             allow_foreign: bool | None = None, discard: str | None = None, error_if_no_space: bool | None = None,
+             no_space_timeout: float | None = None) -> "Pool":
         """Open an existing pool.  Raises PoolLocked if another process holds it (after waiting up
         to ``wait`` seconds for it; ``math.inf`` waits for ever), MetadataCorrupt if no committed
         state verifies, NotFound/InvalidArgument if ``path`` is not a pool, InvalidArgument if a pool
         file is a symbolic link or not a regular file, PermissionDenied if a file cannot be opened or
         another user owns the pool (unless ``allow_foreign``).  ``None`` takes the process default
-        (:func:`thinpool.pooldir.set_defaults`; the CLI's ``--wait`` and ``--allow-foreign``)."""
+        (:func:`thinpool.pooldir.set_defaults`; the CLI's ``--wait`` and ``--allow-foreign``).
+
+        ``discard``, ``error_if_no_space``, ``no_space_timeout``: activate the pool with these features
+        (None keeps the stored one).  Opening is a new activation of the pool, so -- as when dm-thin
+        loads a pool's first table -- every feature may change here, ``discard`` to or from ``ignore``
+        included; the new values are stored (committed) at once.  A read-only open cannot change them."""
         return cls(os.fspath(path), read_only=read_only, on_low_water=on_low_water, wait=wait,
-                   allow_foreign=allow_foreign)
+                   allow_foreign=allow_foreign, discard=discard, error_if_no_space=error_if_no_space,
+                   no_space_timeout=no_space_timeout)
 
     def _release_lock(self) -> None:
         pooldir.unlock(self._lock_fd)
@@ -238,6 +271,8 @@ class Pool(Transactions, DeviceOps):
         self._unpunched = np.zeros(0, np.int64)  # released blocks whose hole punch failed (still pending)
         self._lwm_fired = False
         self._set_md_check()
+        self._nospace.configure(error_if_no_space=bool(self._header.get("error_if_no_space", True)),
+                                timeout=float(self._header.get("no_space_timeout", DEFAULT_NO_SPACE_TIMEOUT)))
         self._set_mode(rules.derive_mode(bool(self._header.get("needs_check")), self.read_only))
 
     def _install(self, arrays: dict[str, np.ndarray], header: dict[str, Any]) -> None:
@@ -306,9 +341,59 @@ class Pool(Transactions, DeviceOps):
         return self._mode
 
     def _set_mode(self, value: Mode | str) -> None:
-        """Enter ``value`` (the engine's modules only: the mode follows from what the pool found)."""
+        """Enter ``value`` (the engine's modules only: the mode follows from what the pool found).
+        Leaving out-of-data-space wakes the writers queued for space (:mod:`thinpool.nospace`)."""
+        old = self._mode
         self._mode = Mode(value)
         self._engine.fast_write = self._mode is Mode.WRITE and not self.read_only and not self._closed
+        self._nospace.mode_changed(old, self._mode)
+
+    # ------------------------------------------------------------------ features
+    @property
+    def features(self) -> dict[str, Any]:
+        """The pool's features as stored: ``discard`` (passdown, nopassdown, ignore),
+        ``error_if_no_space`` and ``no_space_timeout`` (seconds; 0: queued writes wait for ever)."""
+        return {"discard": str(self._header.get("discard", "passdown")),
+                "error_if_no_space": bool(self._header.get("error_if_no_space", True)),
+                "no_space_timeout": float(self._header.get("no_space_timeout", DEFAULT_NO_SPACE_TIMEOUT))}
+
+    @property
+    def discard_mode(self) -> str:
+        """``passdown``, ``nopassdown`` or ``ignore`` (see :meth:`set_features`)."""
+        return str(self._header.get("discard", "passdown"))
+
+    @_locked
+    def set_features(self, *, discard: str | None = None, error_if_no_space: bool | None = None,
+                     no_space_timeout: float | None = None) -> dict[str, Any]:
+        """Change features of the open (active) pool, as a reload of dm-thin's pool table does, and
+        store them (commits).  None keeps a feature.  Returns the features now in force.
+
+        dm-thin's rules (``pool_ctr`` on a pool already active): passdown may be switched on or off
+        and the no-space policy changed (writes waiting for space fail with ENOSPC when it becomes
+        ``error_if_no_space``); discards cannot be turned off or on (``ignore``) -- InvalidArgument,
+        nothing changed: close the pool and :meth:`open` it with ``discard=`` (a new activation).
+        ``no_space_timeout`` applies to queued writes at once (it counts from the pool's entry into
+        out-of-data-space)."""
+        self._check_writable()
+        features = _check_features(discard, error_if_no_space, no_space_timeout)
+        if "discard" in features:
+            rules.check_discard_change(self.path, self.discard_mode, features["discard"])
+        self._activate_features(features)
+        return self.features
+
+    def _activate_features(self, features: dict[str, Any]) -> None:
+        """Store ``features`` (already checked) and put them in force; commits if anything changed."""
+        changed = {k: v for k, v in features.items() if self.features.get(k) != v}
+        if not changed:
+            return
+        self._check_writable()
+        if self.read_only:
+            raise ReadOnly(f"pool {self.path} is opened read-only: its features cannot be changed")
+        self._header.update(changed)
+        self._catalog_dirty = True  # a commit with only a header change still writes a new superblock
+        self._nospace.configure(error_if_no_space=features.get("error_if_no_space"),
+                                timeout=features.get("no_space_timeout"))
+        self.commit()
 
     @property
     def devs(self) -> np.ndarray:
@@ -449,7 +534,8 @@ class Pool(Transactions, DeviceOps):
             self._header, time=self.time, held=self._store.header.get("held"), mode=self.mode,
             used_data_blocks=self._space.used(), total_data_blocks=self._space.nr_blocks,
             used_metadata_blocks=min(self._store.nr_blocks, self._store.used_blocks() + self._dirty_page_estimate()),
-            total_metadata_blocks=self._store.nr_blocks, nr_thins=len(self._by_name))
+            total_metadata_blocks=self._store.nr_blocks, nr_thins=len(self._by_name),
+            error_if_no_space=self._nospace.errors_now(), queued_writes=self._nospace.waiting)
 
     def _dirty_page_estimate(self) -> int:
         bm = self._nodes_map
@@ -492,6 +578,21 @@ class Pool(Transactions, DeviceOps):
             self._engine.origins.close()
             self._store.close()
             self._release_lock()
+            self._nospace.wake_all()  # queued writers find the pool closed
+
+
+def _check_features(discard: Any, error_if_no_space: Any, no_space_timeout: Any) -> dict[str, Any]:
+    """The given (not None) pool features, checked: InvalidArgument naming a bad one."""
+    out: dict[str, Any] = {}
+    if discard is not None:
+        out["discard"] = rules.check_discard(discard)
+    if error_if_no_space is not None:
+        if not isinstance(error_if_no_space, bool):
+            raise InvalidArgument(f"error_if_no_space must be true or false, got {error_if_no_space!r}")
+        out["error_if_no_space"] = error_if_no_space
+    if no_space_timeout is not None:
+        out["no_space_timeout"] = check_timeout(no_space_timeout)
+    return out
 
 
 def _read_only(a: np.ndarray) -> np.ndarray:

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Mapping, Protocol, runtime_checkable
 
 from .errors import AlreadyExists, InvalidArgument, NoSpace, ReadOnly
 from .schema import DEV_FIELDS, DevFlag, Mode
-from .status import PoolStatus
+from .status import DISCARD_WORDS, PoolStatus
 from .units import parse_size
 
 MIN_BLOCK_SIZE = 64 * 1024
@@ -154,17 +154,47 @@ def inherited_origin(catalog: Mapping[str, Any], origin_name: str) -> dict[str, 
 
 def pool_status(header: Mapping[str, Any], *, time: int, held: Mapping[str, Any] | None, mode: str,
                 used_data_blocks: int, total_data_blocks: int, used_metadata_blocks: int, total_metadata_blocks: int,
-                nr_thins: int) -> PoolStatus:
+                nr_thins: int, error_if_no_space: bool | None = None, queued_writes: int = 0) -> PoolStatus:
     """The status report from the superblock's fields and what only the caller knows (the live pool
-    time, counts, the mode)."""
+    time, counts, the mode, and the no-space policy in force if a queue's timeout changed it)."""
     return PoolStatus(
         transaction_id=int(header["transaction_id"]), time=time,
         data_block_size=int(header["block_size"]), used_data_blocks=used_data_blocks,
         total_data_blocks=total_data_blocks, used_metadata_blocks=used_metadata_blocks,
         total_metadata_blocks=total_metadata_blocks, mode=str(mode), low_water_mark=int(header["low_water_mark"]),
         held_root=int(held["root_block"]) if held else None, needs_check=bool(header.get("needs_check")),
-        error_if_no_space=bool(header.get("error_if_no_space", True)),
-        zero_new_blocks=bool(header.get("zero_new_blocks", True)), nr_thins=nr_thins)
+        error_if_no_space=bool(header.get("error_if_no_space", True)) if error_if_no_space is None
+        else bool(error_if_no_space),
+        zero_new_blocks=bool(header.get("zero_new_blocks", True)), nr_thins=nr_thins,
+        discard=str(header.get("discard", "passdown")),
+        no_space_timeout=float(header.get("no_space_timeout", 60.0)), queued_writes=queued_writes)
+
+
+#: the discard settings (LVM's names for dm-thin's pool features, docs/dm-thin.md §6)
+DISCARD_MODES = tuple(DISCARD_WORDS)
+
+
+def check_discard(value: Any) -> str:
+    """A discard setting: ``passdown`` (dm-thin's default), ``nopassdown`` (``no_discard_passdown``) or
+    ``ignore`` (``ignore_discard``); the kernel's feature words are accepted too."""
+    if isinstance(value, str):
+        v = value.strip().lower().replace("-", "_")
+        for mode, word in DISCARD_WORDS.items():
+            if v in (mode, word) or v.replace("_", "") == mode:
+                return mode
+    raise InvalidArgument(f"discard setting must be one of {', '.join(DISCARD_MODES)} (dm-thin: "
+                          f"{', '.join(DISCARD_WORDS.values())}), got {value!r}")
+
+
+def check_discard_change(path: str, old: str, new: str) -> None:
+    """dm-thin's rule for a table reload of an active pool (``pool_ctr``): passdown may change, but
+    turning discards on or off may not -- "Discard support cannot be disabled once enabled" (nor
+    enabled once disabled): the thin devices' discard limits are set when they are activated.  The
+    pool must be deactivated (closed) and activated again (:meth:`Pool.open` with ``discard=``)."""
+    if (old == "ignore") != (new == "ignore"):
+        raise InvalidArgument(f"pool {path}: cannot change discard from {old} to {new} while the pool is active "
+                              f"(dm-thin: \"Discard support cannot be disabled once enabled\"); close the pool "
+                              f"and open it with the new setting (thinpool set on a pool that is not served)")
 
 
 @runtime_checkable

@@ -8,6 +8,9 @@ from typing import Any
 
 from .schema import Mode
 
+#: the discard setting -> the word dm-thin's pool_status prints for it
+DISCARD_WORDS = {"passdown": "discard_passdown", "nopassdown": "no_discard_passdown", "ignore": "ignore_discard"}
+
 
 @dataclass(frozen=True)
 class PoolStatus:
@@ -27,6 +30,12 @@ class PoolStatus:
     error_if_no_space: bool
     zero_new_blocks: bool
     nr_thins: int
+    #: the discard setting: ``passdown`` (the default), ``nopassdown`` or ``ignore``
+    discard: str = "passdown"
+    #: seconds a write queued for data space waits (``queue_if_no_space``; 0: for ever)
+    no_space_timeout: float = 60.0
+    #: writes waiting for data space right now (``queue_if_no_space``)
+    queued_writes: int = 0
 
     @property
     def free_data_blocks(self) -> int:
@@ -36,14 +45,22 @@ class PoolStatus:
     def metadata_low_water_mark(self) -> int:
         return min(1024, self.total_metadata_blocks // 4)
 
+    @property
+    def discard_word(self) -> str:
+        """The status line's discard field as dm-thin's ``pool_status`` prints it."""
+        return DISCARD_WORDS.get(self.discard, "discard_passdown")
+
     def dmsetup_line(self) -> str:
-        """The thin-pool status line exactly as dm-thin formats it (docs/dm-thin.md §10)."""
+        """The thin-pool status line exactly as dm-thin formats it (docs/dm-thin.md §10).
+
+        ``error_if_no_space`` is the policy in force: true also while a queue's ``no_space_timeout``
+        has run out (the kernel prints ``pool->pf.error_if_no_space``, which its timeout sets)."""
         mode = {Mode.WRITE: "rw", Mode.OUT_OF_DATA_SPACE: "out_of_data_space"}.get(self.mode, "ro")
         if self.mode == Mode.FAIL:
             return "Fail"
         held = str(self.held_root) if self.held_root is not None else "-"
         return (f"{self.transaction_id} {self.used_metadata_blocks}/{self.total_metadata_blocks} "
-                f"{self.used_data_blocks}/{self.total_data_blocks} {held} {mode} discard_passdown "
+                f"{self.used_data_blocks}/{self.total_data_blocks} {held} {mode} {self.discard_word} "
                 f"{'error_if_no_space' if self.error_if_no_space else 'queue_if_no_space'} "
                 f"{'needs_check' if self.needs_check else '-'} {self.metadata_low_water_mark} ")
 

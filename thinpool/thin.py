@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
 from . import schema as L
-from .errors import DataDeviceError, HostIOError, InvalidArgument, NoSpace, ReadOnly
+from .errors import DataDeviceError, DiscardNotSupported, HostIOError, InvalidArgument, NoSpace, ReadOnly
 from .hostio import last_errno
 from .schema import (DEV_CREATION_TIME, DEV_FLAGS, DEV_MAPPED, DEV_ROOT, DEV_SIZE, DEV_SNAP_TIME,
                      DEV_TRANSACTION, FLAG_READ_ONLY, unpack_mapping)
@@ -76,6 +76,11 @@ def _check_span(name: str, size: int, offset: int, length: int) -> None:
 
 #: the holder a ``with pool.thin(name)`` block counts as (see :meth:`thinpool.pool.Pool.holders`)
 WITH_BLOCK = "with block"
+
+
+class _Waited(Exception):
+    """Internal: a single write found no space and must wait; it is redone with arrays of its own (the
+    context's scratch may be used by other writers meanwhile)."""
 
 
 class Thin:
@@ -237,9 +242,15 @@ class Thin:
             raise ReadOnly(f"volume {self.name!r} is read-only")
 
     # ------------------------------------------------------------------ writes
-    def write(self, offset: int, data: bytes | bytearray | memoryview | np.ndarray) -> int:
+    def write(self, offset: int, data: bytes | bytearray | memoryview | np.ndarray, *,
+              abort: Callable[[], bool] | None = None) -> int:
         """Write ``data`` at byte ``offset``; returns the bytes written.  Provisions on first write,
-        breaks sharing by copy-on-write, raises NoSpace (changing nothing) when the pool is full."""
+        breaks sharing by copy-on-write.  When the pool has no data block for it: raises NoSpace
+        (changing nothing) under ``error_if_no_space``; under ``queue_if_no_space`` (the default)
+        waits -- without holding the pool's lock -- until a resize or freed blocks make room, then
+        writes, or raises NoSpace once the pool's ``no_space_timeout`` has passed
+        (:mod:`thinpool.nospace`).  ``abort()``, looked at while waiting, gives the write up
+        (:class:`~thinpool.errors.WaitCancelled`, nothing written)."""
         if type(data) is bytes:
             buf = np.frombuffer(data, np.uint8)
         elif type(data) is np.ndarray and data.dtype is _U8 and data.ndim == 1 and data.flags.c_contiguous:
@@ -275,14 +286,18 @@ class Thin:
             one = ctx.one_io  # preallocated [offset, length] scratch, used under the lock
             one[0, 0] = offset
             one[1, 0] = n
-            self._submit(one[0], one[1], buf, _ZERO1)
+            try:
+                self._submit(one[0], one[1], buf, _ZERO1, abort)
+            except _Waited:  # the scratch may have been reused while this write waited for space
+                self._submit(np.array([offset], np.int64), np.array([n], np.int64), buf, _ZERO1, abort)
         return n
 
     def write_many(self, offsets: Sequence[int] | np.ndarray,
-                   buffers: np.ndarray | Sequence[bytes]) -> int:
+                   buffers: np.ndarray | Sequence[bytes], *, abort: Callable[[], bool] | None = None) -> int:
         """Write a batch in one kernel call: ``buffers`` is a 2-D uint8 array (one row per offset)
         or a sequence of bytes-like objects.  Returns the total bytes written.  All-or-nothing with
-        respect to data space: if the batch cannot be provisioned, NoSpace and nothing changes."""
+        respect to data space: if the batch cannot be provisioned it waits for space or raises
+        NoSpace with nothing changed, as :meth:`write` does."""
         offs = _as_offsets(offsets, "offsets")
         if isinstance(buffers, np.ndarray) and buffers.ndim == 2:
             if len(buffers) != len(offs):
@@ -299,10 +314,14 @@ class Thin:
         starts = np.zeros(len(offs), np.int64)
         if len(offs) > 1:
             np.cumsum(lengths[:-1], out=starts[1:])
-        self._submit(offs, lengths, buf, starts)
+        self._submit(offs, lengths, buf, starts, abort, copy=False)
         return int(lengths.sum())
 
-    def _submit(self, offsets: np.ndarray, lengths: np.ndarray, buf: np.ndarray, starts: np.ndarray) -> None:
+    def _submit(self, offsets: np.ndarray, lengths: np.ndarray, buf: np.ndarray, starts: np.ndarray,
+                abort: Callable[[], bool] | None = None, copy: bool = True) -> None:
+        """Run a write batch; ``copy``: ``offsets``/``lengths`` are the context's shared scratch, which
+        must not be used after waiting for space (raises :class:`_Waited` first; the caller retries
+        with its own arrays)."""
         ctx = self._ctx
         with ctx.lock:
             self._check_write()
@@ -330,8 +349,18 @@ class Thin:
                             if need <= st[L.ST_NR_ALLOCATABLE]:
                                 continue
                         ctx.out_of_data_space()
+                        if not ctx.nospace.errors_now():
+                            if copy and offsets.base is ctx.one_io:
+                                raise _Waited()  # nothing of this write happened yet: start over unshared
+                            waited = ctx.wait_for_space(lambda: self._recheck(offsets, lengths), abort)
+                            slot, st = self._slot(), ctx.st
+                            if waited:
+                                continue
                         raise NoSpace(f"pool {ctx.path}: no free data space for volume {self.name!r} "
-                                      f"({need} blocks needed, {int(st[L.ST_NR_ALLOCATABLE])} free)")
+                                      f"({need} blocks needed, {int(st[L.ST_NR_ALLOCATABLE])} free)" +
+                                      ("" if ctx.nospace.error_if_no_space else
+                                       f"; queued writes waited the pool's no_space_timeout "
+                                       f"({ctx.nospace.timeout:g} s) and now fail until it gets space"))
                     if code == L.IO_ERROR:
                         err = last_errno()
                         exc = DataDeviceError(f"pool {ctx.path}: writing volume {self.name!r} at offset "
@@ -351,12 +380,18 @@ class Thin:
 
     def discard(self, offset: int, length: int) -> int:
         """Unmap the whole blocks inside ``[offset, offset+length)``; partial blocks are untouched
-        (dm-thin's rule).  Returns the number of blocks unmapped.  Freed blocks are hole-punched at
-        the next commit."""
+        (dm-thin's rule).  Returns the number of blocks unmapped.  With the pool's discard setting
+        ``passdown`` (the default) the freed blocks are hole-punched once the commits that free them
+        are durable; ``nopassdown`` only unmaps; ``ignore`` refuses every discard with
+        :class:`~thinpool.errors.DiscardNotSupported` (EOPNOTSUPP), changing nothing."""
         offset = _scalar(self.name, "offset", offset)
         length = _scalar(self.name, "length", length)
         ctx = self._ctx
         with ctx.lock:
+            ctx.check_open()
+            if self.pool.discard_mode == "ignore":
+                raise DiscardNotSupported(f"pool {ctx.path}: discards are turned off (ignore_discard): cannot "
+                                          f"discard volume {self.name!r} at offset {offset} length {length}")
             self._check_write()
             _check_span(self.name, self.size, offset, length)
             bs = ctx.block_size
@@ -375,6 +410,13 @@ class Thin:
                 ctx.nodes_map.ensure(3, 1)
             ctx.devs_dirty.add(slot)
             return before - int(ctx.devs_i[slot, DEV_MAPPED])
+
+    def _recheck(self, offsets: np.ndarray, lengths: np.ndarray) -> None:
+        """After waiting for space: the write can still go on (pool open and writable, volume there and
+        writable, range inside it) -- else raise as a new write would."""
+        self._check_write()
+        self._slot()
+        self._check_range(offsets, lengths)
 
     # ------------------------------------------------------------------ reads
     def read(self, offset: int, length: int) -> bytes:
@@ -572,6 +614,9 @@ def apply_io(thins: Sequence[Thin], vol: np.ndarray, ops: np.ndarray, offsets: n
             raise InvalidArgument(f"volume {thins[int(vol[i])].name!r}: I/O at offset {int(offsets[i])} length "
                                   f"{int(lengths[i])} goes past the end of the volume ({int(sizes[vol[i]])} bytes)")
         changes = ops != 0
+        if (ops == 2).any() and pool.discard_mode == "ignore":
+            raise DiscardNotSupported(f"pool {ctx.path}: discards are turned off (ignore_discard): the batch holds "
+                                      f"{int((ops == 2).sum())} discards")
         if changes.any():
             ctx.check_writable()
             ro = (ctx.devs_i[slots, L.DEV_FLAGS] & L.FLAG_READ_ONLY) != 0

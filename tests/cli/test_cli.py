@@ -32,7 +32,7 @@ from thinpool.errors import FailedPrecondition, NotFound
 
 KB = 1024
 BS = 64 * KB
-STATUS_RE = re.compile(r"^\d+ \d+/\d+ \d+/\d+ (-|\d+) (rw|ro|out_of_data_space) discard_passdown "
+STATUS_RE = re.compile(r"^\d+ \d+/\d+ \d+/\d+ (-|\d+) (rw|ro|out_of_data_space) (discard_passdown|no_discard_passdown|ignore_discard) "
                        r"(error_if_no_space|queue_if_no_space) (needs_check|-) \d+ $")
 
 
@@ -296,7 +296,7 @@ def test_locked_pool(pool: str) -> None:
 
 def test_write_failure_commits_nothing(tmp_path: Path) -> None:
     path = str(tmp_path / "pool")
-    Pool.create(path, data_size="128K").close()    # two blocks
+    Pool.create(path, data_size="128K", error_if_no_space=True).close()    # two blocks
     invoke("create-thin", path, "v", "1M")
     assert "no free data space" in error_of(invoke("write", path, "v", input=b"x" * (3 * BS), code=1))
     with Pool.open(path, read_only=True) as p:

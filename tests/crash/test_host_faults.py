@@ -464,7 +464,7 @@ def test_failed_punch_never_hands_out_old_bytes(tmp_path, err):
     that takes every block reads zeros wherever it did not write; the punch is retried later."""
     path = str(tmp_path / "p")
     nr = 16
-    pool = Pool.create(path, data_size=nr * BS, metadata_size="512K")
+    pool = Pool.create(path, data_size=nr * BS, metadata_size="512K", error_if_no_space=True)
     pool.create_thin("old", nr * BS)
     secret = b"\xa5" * (nr * BS)
     pool.thin("old").write(0, secret)
@@ -501,7 +501,7 @@ def test_failed_punch_is_remembered_across_reopen(tmp_path):
     and a failing scrub at open keeps its blocks unallocatable instead of failing the open."""
     path = str(tmp_path / "p")
     nr = 8
-    pool = Pool.create(path, data_size=nr * BS, metadata_size="512K")
+    pool = Pool.create(path, data_size=nr * BS, metadata_size="512K", error_if_no_space=True)
     pool.create_thin("old", nr * BS)
     pool.thin("old").write(0, b"\x5a" * (nr * BS))
     pool.commit()
@@ -534,7 +534,7 @@ def test_failed_scrub_at_open_keeps_blocks_unallocatable(tmp_path):
     open still succeeds (with a warning) and those blocks are not handed out until punched."""
     path = str(tmp_path / "p")
     nr = 8
-    pool = Pool.create(path, data_size=nr * BS, metadata_size="512K")
+    pool = Pool.create(path, data_size=nr * BS, metadata_size="512K", error_if_no_space=True)
     pool.create_thin("v", nr * BS)
     pool.commit()
     pool.thin("v").write(0, b"\x77" * (4 * BS))    # never committed: a crash follows

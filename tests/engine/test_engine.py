@@ -269,7 +269,7 @@ def test_kill9_mid_workload_returns_last_commit(tmp_path):
 # --------------------------------------------------------------------------- space
 
 def test_no_space_changes_nothing_and_resize_recovers(tmp_path):
-    p = Pool.create(tmp_path / "p", data_size=4 * BS, low_water_mark=1)
+    p = Pool.create(tmp_path / "p", data_size=4 * BS, low_water_mark=1, error_if_no_space=True)
     fired = []
     p.on_low_water = lambda pool: fired.append(pool.status().free_data_blocks)
     v = p.create_thin("v", "1GiB")

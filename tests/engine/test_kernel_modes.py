@@ -13,7 +13,8 @@ BS = 64 * 1024
 
 # --------------------------------------------------------------------------- out of data space
 def _full_pool(tmp_path, blocks: int = 4) -> tuple[Pool, object]:
-    p = Pool.create(tmp_path / "p", data_size=blocks * BS)
+    # error_if_no_space: these rules are about the mode, not the queue (new pools queue by default)
+    p = Pool.create(tmp_path / "p", data_size=blocks * BS, error_if_no_space=True)
     v = p.create_thin("v", "1GiB")
     v.write(0, b"a" * (blocks * BS))
     return p, v

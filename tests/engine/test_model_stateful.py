@@ -175,7 +175,8 @@ class PoolMachine(RuleBasedStateMachine):
     # ------------------------------------------------------------------ setup
     @initialize(nr=st.integers(3, 14))
     def setup(self, nr: int) -> None:
-        self.pool = Pool.create(self.path, data_size=nr * BS, block_size=BS)
+        # error_if_no_space: the model checks ENOSPC at once (the queue: tests/engine/test_kernel_discard_queue.py)
+        self.pool = Pool.create(self.path, data_size=nr * BS, block_size=BS, error_if_no_space=True)
         self._hook_commits()
         self.nr_blocks = nr
         self._mark_committed()

@@ -137,6 +137,24 @@ def op_set_autoextend(pool: Any, threshold: int, percent: int | None = None) -> 
 register_op("set-autoextend", op_set_autoextend, write=True)
 
 
+def op_set(pool: Any, discard: str | None = None, error_if_no_space: bool | None = None,
+           no_space_timeout: float | None = None) -> dict[str, Any]:
+    """Change pool features on the active pool (a served pool): dm-thin's rules for reloading an active
+    pool's table (:meth:`thinpool.pool.Pool.set_features`); returns the features in force."""
+    features = pool.set_features(discard=discard, error_if_no_space=error_if_no_space,
+                                 no_space_timeout=no_space_timeout)
+    return {"pool": pool.path, **features, "dmsetup_line": pool.status().dmsetup_line()}
+
+
+def render_features(r: dict[str, Any]) -> str:
+    """``discard=... error_if_no_space=... no_space_timeout=...`` and the status line."""
+    return (f"discard={r['discard']} {'error_if_no_space' if r['error_if_no_space'] else 'queue_if_no_space'} "
+            f"no_space_timeout={r['no_space_timeout']:g}\n{r['dmsetup_line']}")
+
+
+register_op("set", op_set, write=True, render=render_features)
+
+
 def op_set_transaction_id(pool: Any, old: int, new: int) -> dict[str, Any]:
     """dm-thin's ``set_transaction_id OLD NEW`` (compare-and-swap)."""
     pool.set_transaction_id(old, new)

@@ -5,8 +5,38 @@ from __future__ import annotations
 import click
 
 from .common import SIZE, abspath, emit, json_option, mode_option, pool_argument
-from .ops import render_status_human
+from .ops import render_features, render_status_human
 from .registry import OPS, run_op
+
+
+def _discard_options(default: str | None):
+    """``--discard-passdown`` / ``--no-discard-passdown`` / ``--ignore-discard`` (dm-thin's pool features,
+    one value ``discard``)."""
+    def deco(f):
+        f = click.option("--ignore-discard", "discard", flag_value="ignore",
+                         help="dm-thin's ignore_discard: discards fail (EOPNOTSUPP); NBD exports advertise no TRIM.")(f)
+        f = click.option("--no-discard-passdown", "discard", flag_value="nopassdown",
+                         help="dm-thin's no_discard_passdown: discards unmap blocks but do not punch them "
+                              "out of the data file.")(f)
+        f = click.option("--discard-passdown", "discard", flag_value="passdown", default=default,
+                         help="Discards unmap blocks and punch the freed ones out of the data file "
+                              "(dm-thin's default).")(f)
+        return f
+    return deco
+
+
+def _no_space_options(default_error: bool | None, default_timeout: float | None):
+    def deco(f):
+        f = click.option("--no-space-timeout", type=click.FloatRange(0, 86400), default=default_timeout,
+                         show_default=default_timeout is not None, metavar="SECONDS",
+                         help="How long a write queued for data space waits before failing with ENOSPC "
+                              "(0: for ever; the kernel's no_space_timeout).")(f)
+        f = click.option("--error-if-no-space/--queue-if-no-space", default=default_error,
+                         show_default=default_error is not None,
+                         help="dm-thin's no-space policy: fail writes that find no data space at once, or "
+                              "queue them until a resize or freed blocks make room (the kernel's default).")(f)
+        return f
+    return deco
 
 SECTION = "Pool commands"
 
@@ -21,8 +51,8 @@ SECTION = "Pool commands"
               help="Metadata size (default: thin_metadata_size's estimate with headroom).")
 @click.option("--low-water-mark", type=click.IntRange(min=0), default=0, show_default=True,
               help="Free data blocks at which the low-water event fires.")
-@click.option("--error-if-no-space/--queue-if-no-space", default=True, show_default=True,
-              help="dm-thin's no-space policy (reported in the status line).")
+@_no_space_options(False, 60.0)
+@_discard_options("passdown")
 @click.option("--zero/--no-zero", "zero_new_blocks", default=True, show_default=True,
               help="Zero newly provisioned blocks (dm-thin's skip_block_zeroing when off).")
 @click.option("--data-file", type=click.Path(dir_okay=False), default=None,
@@ -41,8 +71,9 @@ SECTION = "Pool commands"
 @mode_option
 @json_option
 def create_cmd(pool: str, data_size: int, block_size: int, metadata_size: int | None, low_water_mark: int,
-               error_if_no_space: bool, zero_new_blocks: bool, data_file: str | None, max_thins: int,
-               force: bool, take_over_data: bool, metadata_only: bool, mode: int | None, as_json: bool) -> None:
+               error_if_no_space: bool, no_space_timeout: float, discard: str, zero_new_blocks: bool,
+               data_file: str | None, max_thins: int, force: bool, take_over_data: bool, metadata_only: bool,
+               mode: int | None, as_json: bool) -> None:
     """Create a new pool in directory POOL.
 
     POOL must not exist or must be an empty directory.  An existing --data-file must be empty
@@ -52,13 +83,14 @@ def create_cmd(pool: str, data_size: int, block_size: int, metadata_size: int | 
     Examples:
       thinpool create /tmp/pool
       thinpool create /tmp/pool --data-size 100G --block-size 512K
+      thinpool create /tmp/pool --error-if-no-space --no-discard-passdown
     """
     from thinpool.pool import Pool
     p = Pool.create(abspath(pool), data_size=data_size, block_size=block_size, metadata_size=metadata_size,
                     low_water_mark=low_water_mark, error_if_no_space=error_if_no_space,
-                    zero_new_blocks=zero_new_blocks, data_file=abspath(data_file) if data_file else None,
-                    max_thins=max_thins, force=force, take_over_data=take_over_data, mode=mode,
-                    metadata_only=metadata_only)
+                    no_space_timeout=no_space_timeout, discard=discard, zero_new_blocks=zero_new_blocks,
+                    data_file=abspath(data_file) if data_file else None, max_thins=max_thins, force=force,
+                    take_over_data=take_over_data, mode=mode, metadata_only=metadata_only)
     p.close()
     if as_json:
         emit(run_op(pool, "status", {}), True)
@@ -79,7 +111,8 @@ def status_cmd(pool: str, line_only: bool, human_only: bool, as_json: bool) -> N
 
     \b
       <transaction id> <used meta>/<total meta> <used data>/<total data> <held root|-> <rw|ro|out_of_data_space>
-      discard_passdown <error_if_no_space|queue_if_no_space> <needs_check|-> <metadata low watermark>
+      <discard_passdown|no_discard_passdown|ignore_discard> <error_if_no_space|queue_if_no_space>
+      <needs_check|-> <metadata low watermark>
 
     Sizes in the summary are printed as docker info prints them (SI units, 4 significant digits);
     Available is capped by the free space of the host filesystem, as Docker does for loop files.
@@ -146,6 +179,46 @@ def set_autoextend_cmd(pool: str, threshold: int, percent: int | None, as_json: 
     emit(run_op(pool, "set-autoextend", args), as_json)
 
 
+@click.command("set")
+@pool_argument
+@_discard_options(None)
+@_no_space_options(None, None)
+@json_option
+def set_cmd(pool: str, discard: str | None, error_if_no_space: bool | None, no_space_timeout: float | None,
+            as_json: bool) -> None:
+    """Change the pool's features (discards, the no-space policy).
+
+    The features are dm-thin's pool features, stored with the pool.  On a pool that is not served this
+    opens it with the new features -- a new activation, where dm-thin accepts any of them.  On a served
+    pool (an active one) dm-thin's rules for reloading its table apply: passdown and the no-space
+    policy may change, but discards cannot be turned off or on (--ignore-discard) until the pool is
+    stopped ("Discard support cannot be disabled once enabled").  Writes queued for space fail with
+    ENOSPC when the policy becomes --error-if-no-space.
+
+    \b
+    Examples:
+      thinpool set /tmp/pool --ignore-discard
+      thinpool set /tmp/pool --queue-if-no-space --no-space-timeout 0
+    """
+    kwargs = {k: v for k, v in (("discard", discard), ("error_if_no_space", error_if_no_space),
+                                ("no_space_timeout", no_space_timeout)) if v is not None}
+    if not kwargs:
+        raise click.UsageError("give at least one feature to change")
+    from thinpool.control import client
+    sock = client.connect(abspath(pool))
+    if sock is not None:  # served: the serving process's pool is active
+        sock.close()
+        result = run_op(pool, "set", kwargs)
+    else:
+        from thinpool.pool import Pool
+        p = Pool.open(abspath(pool), **kwargs)
+        try:
+            result = {"pool": p.path, **p.features, "dmsetup_line": p.status().dmsetup_line()}
+        finally:
+            p.close(commit=False)
+    emit(result, as_json, render_features)
+
+
 @click.command("commit")
 @pool_argument
 @json_option
@@ -210,5 +283,6 @@ def check_cmd(ctx: click.Context, pool: str, quiet: bool, as_json: bool) -> None
         ctx.exit(1)
 
 
-COMMANDS: list[click.Command] = [create_cmd, status_cmd, resize_cmd, set_autoextend_cmd, commit_cmd, set_transaction_id_cmd,
+COMMANDS: list[click.Command] = [create_cmd, status_cmd, resize_cmd, set_cmd, set_autoextend_cmd, commit_cmd,
+                                 set_transaction_id_cmd,
                                  reserve_metadata_snap_cmd, release_metadata_snap_cmd, check_cmd]

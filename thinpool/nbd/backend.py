@@ -39,6 +39,11 @@ class Export(Protocol):
     lock) when the connection that opened the export ends, or right after an
     ``NBD_OPT_INFO``/metadata-context query that only needed to look at it.
     An optional ``description`` string is sent as ``NBD_INFO_DESCRIPTION``.
+    An optional ``can_trim`` (default true) false means the export does not support
+    discards: ``NBD_FLAG_SEND_TRIM`` is not advertised and a TRIM is refused with EINVAL.
+    An optional ``cancel_check`` attribute is set by the server to a callable that says
+    whether the connection is gone (or the server stopping): an export whose write
+    waits (a thin pool queueing for data space) gives the write up when it turns true.
     """
 
     name: str

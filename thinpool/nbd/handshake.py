@@ -98,13 +98,19 @@ class Handshake:
         if self.ctx.read_only or export.read_only:
             flags |= P.FLAG_READ_ONLY
         else:
-            flags |= P.FLAG_SEND_TRIM | P.FLAG_SEND_WRITE_ZEROES | P.FLAG_SEND_FAST_ZERO
+            flags |= P.FLAG_SEND_WRITE_ZEROES | P.FLAG_SEND_FAST_ZERO
+            if getattr(export, "can_trim", True):  # not with dm-thin's ignore_discard
+                flags |= P.FLAG_SEND_TRIM
         if self.structured:
             flags |= P.FLAG_SEND_DF
         return flags
 
     def _enter(self, export: Export, name: str) -> None:
         self.export = export
+        try:  # a write the export holds (a pool queueing for data space) is given up when we are gone
+            export.cancel_check = self._gone  # type: ignore[attr-defined]
+        except AttributeError:
+            pass
         self.in_handshake = False
         self.export_read_only = self.ctx.read_only or export.read_only
         if self.contexts_export != name:

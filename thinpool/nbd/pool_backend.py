@@ -5,11 +5,17 @@ Wiring (the :class:`~thinpool.nbd.backend.Export` interface onto the library):
 * export name = volume name; size = the volume's virtual size; ``block_size`` = the pool's data block
   size (advertised as the preferred block size);
 * ``pread``/``pwrite`` -> :meth:`Thin.read` / :meth:`Thin.write` (first writes provision blocks, writes
-  to shared blocks break sharing by copy-on-write; a full pool raises NoSpace -> ``ENOSPC``);
+  to shared blocks break sharing by copy-on-write); a write that finds the pool out of data space
+  fails with ``ENOSPC`` under ``error_if_no_space``, and under ``queue_if_no_space`` (the default) is
+  held -- its connection waits, the pool's lock is released so other connections and the control
+  socket go on -- until a resize or freed blocks make room, or ``ENOSPC`` after the pool's
+  ``no_space_timeout``; if the client hangs up meanwhile the write is dropped, unwritten;
 * ``flush`` (and every FUA write) -> :meth:`Pool.commit` -- dm-thin commits its metadata on FLUSH/FUA,
   so a flushed write survives a crash of the serving process;
 * ``trim`` -> :meth:`Thin.discard`: the whole blocks the range covers are unmapped (dm-thin's rule,
-  partial blocks keep their data); freed data blocks are punched out of the data file at the next commit;
+  partial blocks keep their data); with discard passdown (the default) the freed data blocks are
+  punched out of the data file after the commits that free them.  A pool with ``ignore_discard``
+  advertises no TRIM (``can_trim`` false: TRIM gets EINVAL) and its ``write_zeroes`` writes zeroes;
 * ``write_zeroes`` with ``may_trim`` (no ``NO_HOLE``): whole blocks are discarded and only the partial
   edges are zeroed, and only where they are mapped (an unmapped edge already reads as zeroes) -- so
   ``nbdcopy`` of a mostly empty image allocates almost nothing; with ``NO_HOLE`` real zeroes are written
@@ -94,6 +100,8 @@ class PoolExport:
         self.origin_size: int | None = None if origin is None else int(origin["size"])
         #: the connection holds the volume active (dm-thin's open_count): deleting it raises Busy
         self._activation = pool.activate(name, holder=NBD_HOLDER)
+        #: set by the NBD session: true once the connection is gone (a write queued for space gives up)
+        self.cancel_check: Any = None
         self._just_read: tuple[int, int] | None = None  # see extents()
         #: the session may send a READ of at most this many bytes as one data chunk without asking
         #: for its extents (the answer would be "allocated", see extents())
@@ -134,6 +142,12 @@ class PoolExport:
                                      f"than the pool's {expected} (truncated while being served): writes are "
                                      f"refused until it is repaired")
 
+    @property
+    def can_trim(self) -> bool:
+        """Whether the export supports discards: not when the pool ignores them (dm-thin's
+        ``ignore_discard``: its thin devices advertise no discard support)."""
+        return self.pool.discard_mode != "ignore"
+
     def _check_writable(self) -> None:
         if self.read_only:
             raise ReadOnly(f"export {self.name!r} is read-only")
@@ -164,7 +178,7 @@ class PoolExport:
             dd = self.pool.data
             if _fstat(dd.fd).st_size < dd.nr_blocks * self.block_size:
                 self._check_data_file()
-            self._thin().write(offset, data)
+            self._thin().write(offset, data, abort=self.cancel_check)
 
     def flush(self) -> None:
         """Commit the pool: every completed write becomes durable (dm-thin commits on FLUSH)."""
@@ -198,7 +212,7 @@ class PoolExport:
             offset, length = offset + n, length - n
             if not length:
                 return
-        if not may_trim:
+        if not may_trim or not self.can_trim:
             self._write_zeroes(thin, offset, length)
             return
         split = split_by_blocks(offset, length, self.block_size)
@@ -252,7 +266,7 @@ class PoolExport:
         pos = offset
         while pos < end:
             n = min(ZERO_CHUNK, end - pos)
-            thin.write(pos, zeros[:n])
+            thin.write(pos, zeros[:n], abort=self.cancel_check)
             pos += n
 
     def __repr__(self) -> str:

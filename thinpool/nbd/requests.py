@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Callable
 
-from thinpool.errors import InvalidArgument, NoSpace, ReadOnly, ThinpoolError
+from thinpool.errors import DiscardNotSupported, InvalidArgument, NoSpace, ReadOnly, ThinpoolError, WaitCancelled
 from thinpool.nbd import protocol as P
 from thinpool.nbd.backend import Export
 from thinpool.nbd.handshake import BASE_ALLOCATION_ID
@@ -43,6 +43,10 @@ def nbd_error_for(exc: BaseException) -> int:
     """Translate a backend exception into an NBD error value."""
     if isinstance(exc, NoSpace):
         return P.ENOSPC
+    if isinstance(exc, WaitCancelled):
+        return P.ESHUTDOWN
+    if isinstance(exc, DiscardNotSupported):
+        return P.ENOTSUP
     if isinstance(exc, InvalidArgument):
         return P.EINVAL
     if isinstance(exc, ReadOnly):
@@ -79,6 +83,13 @@ class RequestHandling:
             return P.EPERM, f"{req.name}: export {self.export.name!r} is read-only"
         if req.type == P.CMD_FLUSH:
             return None
+        if not getattr(self.export, "can_trim", True):
+            # discards are off (dm-thin's ignore_discard): TRIM was not advertised, so the client must
+            # not send it; answered with EINVAL, as for a command the server does not support
+            if req.type == P.CMD_TRIM:
+                return P.EINVAL, f"TRIM: export {self.export.name!r} does not support discards (not advertised)"
+            if req.type == P.CMD_WRITE_ZEROES and req.flags & P.CMD_FLAG_FAST_ZERO:
+                return P.ENOTSUP, "fast zero: the export cannot unmap (discards are off), zeroes would be written"
         if req.offset + req.length > self.export.size:
             err = P.ENOSPC if req.type in (P.CMD_WRITE, P.CMD_WRITE_ZEROES) else P.EINVAL
             return err, (f"{req.name}: offset {req.offset} + length {req.length} "
@@ -138,7 +149,12 @@ class RequestHandling:
             self._send(P.encode_simple_reply(req.handle))
 
     def _failed(self, req: P.Request, exc: Exception) -> None:
-        """Log a backend failure and send the error reply (called from inside an ``except``)."""
+        """Log a backend failure and send the error reply (called from inside an ``except``).  A write
+        given up while it waited for data space because the client hung up is dropped: no reply, the
+        session ends (:class:`Disconnect`); when the server is stopping it gets ESHUTDOWN."""
+        if isinstance(exc, WaitCancelled) and not self.ctx.stopping.is_set():
+            raise P.Disconnect(f"{req.name} offset={req.offset} length={req.length} dropped: the client hung up "
+                             f"while it waited for data space")
         err = nbd_error_for(exc)
         if err == P.EIO:
             log.exception("nbd %s: %s offset=%d length=%d failed", self.peer, req.name, req.offset, req.length)

@@ -101,6 +101,8 @@ class Session(Handshake, RequestHandling):
         self._idle_poll.register(ctx.wake_fd, select.POLLIN)
         self._busy_poll = select.poll()
         self._busy_poll.register(sock, select.POLLIN)
+        self._hup_poll = select.poll()  # the peer closed or reset the connection (POLLHUP/POLLERR always)
+        self._hup_poll.register(sock, select.POLLRDHUP)
         # batched socket I/O: one recv takes many pipelined requests; replies are queued and sent
         # with one sendmsg before the session would block for input (so it can never deadlock).
         # Received bytes not consumed yet are _rbuf[_rpos:_rend].
@@ -155,6 +157,16 @@ class Session(Handshake, RequestHandling):
             self.sock.close()
         except OSError:
             pass
+
+    def _gone(self) -> bool:
+        """Whether this connection's peer has hung up (or the server is stopping): a request the export
+        holds -- a write queued for data space -- is then given up."""
+        if self.ctx.stopping.is_set():
+            return True
+        try:
+            return bool(self._hup_poll.poll(0))
+        except (OSError, ValueError):
+            return True
 
     def abort(self) -> None:
         """Force-end a connection stuck in I/O (used after the shutdown grace period)."""
