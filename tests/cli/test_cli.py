@@ -303,6 +303,25 @@ def test_write_failure_commits_nothing(tmp_path: Path) -> None:
         assert p.thin("v").mapped_blocks == 0 and p.status().used_data_blocks == 0
 
 
+def test_kernel_rule_pool_features_from_the_cli_create_set_and_status(tmp_path: Path) -> None:
+    # dm-thin's pool features: ignore_discard / no_discard_passdown and the no-space policy, in the status
+    # line's discard and no-space fields; a pool that is not served is activated anew by `set`
+    path = str(tmp_path / "pool")
+    invoke("create", path, "--data-size", "1M", "--ignore-discard", "--error-if-no-space")
+    invoke("create-thin", path, "v", "1M")
+    line = invoke("status", "--line", path).stdout
+    assert STATUS_RE.match(line.rstrip("\n")) and " rw ignore_discard error_if_no_space - " in line
+    assert "discards are turned off" in error_of(invoke("discard", path, "v", code=1))
+    out = json.loads(invoke("set", path, "--discard-passdown", "--queue-if-no-space", "--no-space-timeout", "0",
+                            "--json").stdout)
+    assert out["discard"] == "passdown" and out["error_if_no_space"] is False and out["no_space_timeout"] == 0
+    assert " rw discard_passdown queue_if_no_space - " in invoke("status", "--line", path).stdout
+    invoke("set", path, "--no-space-timeout", "-1", code=2)
+    invoke("set", path, code=2)
+    with Pool.open(path, read_only=True) as p:
+        assert p.features == {"discard": "passdown", "error_if_no_space": False, "no_space_timeout": 0.0}
+
+
 # ---------------------------------------------------------------------------------------------- served pools
 class FakeServer:
     """What ``thinpool serve`` does for the control socket: one request line per connection, answered
