@@ -172,3 +172,22 @@ def test_held_nbd_write_of_a_client_that_hangs_up_is_dropped(env: Env) -> None:
         assert p.thin("vol").mapped_blocks == 4
     finally:
         p.close()
+
+
+def test_held_nbd_write_gets_eshutdown_when_the_server_stops(env: Env) -> None:
+    make_full_pool(env, no_space_timeout=0)
+    srv = env.serve()
+    a = Raw(srv.sock, "vol")
+    try:
+        held = Pending(a, P.CMD_WRITE, 10 * BS, data=b"s" * 512)
+        held.start()
+        wait_status(env, lambda s: s["queued_writes"] == 1, "the write to be queued")
+        p = stopped_and_checked(srv)  # SIGTERM: exits 0 although a write was held
+        try:
+            assert p.thin("vol").mapped_blocks == 4
+        finally:
+            p.close()
+        reply = held.finish()
+        assert not isinstance(reply, Exception) and reply[0] == P.ESHUTDOWN, reply
+    finally:
+        a.close()
