@@ -14,6 +14,8 @@ Rows (each prints measured values, the ratio, the target and pass/short):
   S9 scale: 1 TiB pool, 10,000 volumes, 10,000,000 mappings: open, RSS, status, ls, dump vs thin_dump
   I4 dump / export-metadata of 1,000,000 mappings over 100 volumes vs thin_dump
   I7 fio over NBD -- a hook: perf/nbd.py, when it exists, provides run(scratch, full) -> rows
+  M1 metadata blocks used per million mappings, ours vs the exported dm-thin metadata (perf/metadata.py):
+     a dense volume, a volume + 10 snapshots with 1 % CoW each, random sparse writes
 
 Writes perf/results/<date>.json, docs/performance.md and docs/perf-*.png.
 """
@@ -589,7 +591,13 @@ def i7(sc: Scratch, full: bool):
     return mod.run(sc, full)
 
 
-STEPS = {"S1": s1_s2, "S3": s3, "S4": s4, "S5": s5_s6, "S7": s7, "S8": s8, "S9": s9, "I4": i4, "I7": i7}
+def m1(sc: Scratch, full: bool):
+    """M1: metadata blocks per million mappings, ours vs dm-thin's (perf/metadata.py)."""
+    from . import metadata
+    return metadata.run(sc, full)
+
+
+STEPS = {"S1": s1_s2, "S3": s3, "S4": s4, "S5": s5_s6, "S7": s7, "S8": s8, "S9": s9, "I4": i4, "I7": i7, "M1": m1}
 
 
 # ----------------------------------------------------------------------------- main

@@ -39,7 +39,7 @@ _RC_PAGES_PER_SM_PAGE = SM_PER_PAGE // RC_PER_PAGE
 #: the arrays of the on-disk data space map (format 2) and of format 1
 DISK_ARRAYS = ("data_sm", "data_rc_over")
 OLD_ARRAY = "data_rc"
-_CHUNK = 64  # bitmap pages built per numpy step (bounds the temporary memory to a few MB)
+_CHUNK = 64  # overflow pages are checked 1,024 count pages per numpy step (bounds the temporary memory)
 
 
 def _round_up(n: int, m: int) -> int:
@@ -117,32 +117,29 @@ class DataSpaceMap:
         over_have = _present(committed_locs.get("data_rc_over"), nrc)
         sm_pages_out: dict[int, bytes] = {}
         sm_dead: list[int] = []
-        dirty_sm = np.unique(dirty_rc // _RC_PAGES_PER_SM_PAGE)
-        for i in range(0, len(dirty_sm), _CHUNK):
-            pages = dirty_sm[i:i + _CHUNK]
-            idx = (pages[:, None] * SM_PER_PAGE + np.arange(SM_PER_PAGE)[None, :]).reshape(-1)
-            counts = np.zeros(len(idx), np.uint32)
-            inside = idx < len(self.data_rc)
-            counts[inside] = self.data_rc[idx[inside]]
-            packed = _pack_bitmap(counts).reshape(len(pages), BLOCK)
-            nonzero = packed.any(axis=1)
-            for row, p in enumerate(pages.tolist()):
-                if nonzero[row]:
-                    sm_pages_out[p] = packed[row].tobytes()
-                elif sm_have[p]:
-                    sm_dead.append(p)
+        dirty_sm = np.unique(dirty_rc // _RC_PAGES_PER_SM_PAGE).tolist()
+        rc = self.data_rc
+        for p in dirty_sm:  # one numpy step per bitmap page: slices, no gather
+            counts = rc[p * SM_PER_PAGE:(p + 1) * SM_PER_PAGE]
+            if len(counts) < SM_PER_PAGE:  # the last page of a data device that ends inside it
+                counts = np.concatenate([counts, np.zeros(SM_PER_PAGE - len(counts), np.uint32)])
+            if counts.any():
+                sm_pages_out[p] = _pack_bitmap(counts).tobytes()
+            elif sm_have[p]:
+                sm_dead.append(p)
         over_out: dict[int, bytes] = {}
         over_dead: list[int] = []
         for i in range(0, len(dirty_rc), _CHUNK * _RC_PAGES_PER_SM_PAGE):
             pages = dirty_rc[i:i + _CHUNK * _RC_PAGES_PER_SM_PAGE]
-            block = self.data_rc.reshape(-1, RC_PER_PAGE)[pages]
-            over = np.where(block >= 3, block, 0).astype(np.uint32)
-            nonzero = over.any(axis=1)
-            for row, p in enumerate(pages.tolist()):
-                if nonzero[row]:
-                    over_out[p] = over[row].tobytes()
-                elif over_have[p]:
-                    over_dead.append(p)
+            block = rc.reshape(-1, RC_PER_PAGE)[pages]
+            high = block >= 3
+            nonzero = high.any(axis=1)
+            rows = np.flatnonzero(nonzero)
+            if len(rows):
+                raw = (block[rows] * high[rows]).astype(np.uint32, copy=False).tobytes()  # counts < 3 -> 0
+                for k, p in enumerate(pages[rows].tolist()):
+                    over_out[p] = raw[k * BLOCK:(k + 1) * BLOCK]
+            over_dead += [p for p in pages[~nonzero].tolist() if over_have[p]]
         out = {"data_sm": PageUpdates(nsm, sm_pages_out, dead=sm_dead),
                "data_rc_over": PageUpdates(nrc, over_out, dead=over_dead)}
         if old_layout:
@@ -238,8 +235,8 @@ def counts_from_disk(arrays: Mapping[str, np.ndarray], nr_blocks: int) -> np.nda
 
 def _pack_bitmap(counts: np.ndarray) -> np.ndarray:
     """Two bits per count, ``min(count, 3)``, four counts per byte (count i in bits 2*(i%4)..+1)."""
-    c = np.minimum(counts, 3).astype(np.uint8).reshape(-1, 4)
-    return c[:, 0] | (c[:, 1] << 2) | (c[:, 2] << 4) | (c[:, 3] << 6)
+    c = np.minimum(counts, 3).astype(np.uint8)
+    return c[0::4] | (c[1::4] << 2) | (c[2::4] << 4) | (c[3::4] << 6)
 
 
 def _present(locs: Any, n: int) -> np.ndarray:
