@@ -588,3 +588,59 @@ def test_interleaved_volumes_are_numbered_in_order_of_first_appearance(tmp_path,
         trace = open_trace(p)
         got = concat(list(trace.chunks()))
         assert got["volume"].tolist() == want and trace.volumes == list(seen)
+
+
+# ------------------------------------------------------------------------------------ edge cases
+def test_empty_and_header_only_traces_have_no_records(tmp_path):
+    for name, text, fmt in (("a.iolog", "fio version 3 iolog\n", None), ("b.csv", "time,op,offset,length\n", None),
+                            ("c.msr", "", "msr"), ("d.txt", "\n\n", "blkparse")):
+        p = tmp_path / name
+        p.write_text(text)
+        trace = open_trace(p, fmt)
+        assert list(trace.chunks()) == [] and trace.records == 0 and trace.volumes == ["0"]
+
+
+def test_crlf_lines_and_trailing_blanks(tmp_path):
+    p = tmp_path / "w.iolog"
+    p.write_bytes(b"fio version 3 iolog\r\n1 f add\r\n2 f write 0 4096\r\n3 f read 4096 512 \r\n\r\n4 f trim 0 8192\n")
+    (c,) = open_trace(p).chunks()
+    assert c.op.tolist() == [OP_WRITE, OP_READ, OP_DISCARD] and c.line.tolist() == [3, 4, 6]
+    assert c.length.tolist() == [4096, 512, 8192]
+
+
+def test_a_line_longer_than_a_mebibyte_is_a_trace_error_with_its_line(tmp_path):
+    p = tmp_path / "long.csv"
+    p.write_bytes(b"time,op,offset,length\n1,W,0,1\n" + b"9" * (3 * trace_text.MAX_LINE) + b"\n1,W,0,1\n")
+    with pytest.raises(TraceError, match=r"line 3: longer than"):
+        list(open_trace(p).chunks())
+
+
+def test_binary_junk_is_not_sniffed_and_is_malformed_when_forced(tmp_path):
+    p = tmp_path / "junk.bin"
+    p.write_bytes(bytes(range(256)) * 64)
+    with pytest.raises(TraceError, match="cannot tell the trace format"):
+        open_trace(p)
+    with pytest.raises(TraceError, match="line 2: malformed blkparse record"):   # line 1: bytes 0-9, blank
+        list(open_trace(p, "blkparse").chunks())
+
+
+def test_streaming_keeps_memory_bounded_by_the_chunk_not_the_file(tmp_path):
+    """A 200,000-record iolog (~8 MB) read in chunks of 5,000: the peak of memory allocated while
+    reading stays a small fraction of what the whole trace's arrays would take (37 bytes a record)."""
+    import tracemalloc
+    n = 200_000
+    p = tmp_path / "big.iolog"
+    with open(p, "w") as f:
+        f.write("fio version 3 iolog\n")
+        f.write("".join(f"{i} /dev/sdz write {i * 4096} 4096\n" for i in range(n)))
+    trace = open_trace(p, chunk_records=5000)
+    tracemalloc.start()
+    try:
+        total = 0
+        for chunk in trace.chunks():
+            total += int(chunk.length.sum())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert total == n * 4096
+    assert peak < n * 37 // 3, peak

@@ -270,7 +270,7 @@ class Blkparse(Parser):
         sector[ri], bad_s = T.parse_uint(buf, f.start[fi[ri] + 7], f.end[fi[ri] + 7])
         nsect[ri], bad_c = T.parse_uint(buf, f.start[fi[ri] + 9], f.end[fi[ri] + 9])
         bad_r = np.zeros(len(lines), dtype=bool)
-        bad_r[ri] = bad_s | bad_c | (sector[ri] > (1 << 54))
+        bad_r[ri] = bad_s | bad_c | (sector[ri] > (1 << 54)) | (nsect[ri] >= (1 << 32))
         bad.add_lines(lines[bad_r], "SECTOR + COUNT must be unsigned decimal numbers")
         ok = ~(bad_t | bad_k | bad_r)
         data = ok & (nsect > 0) & (is_r | is_w | is_d)
