@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import schema as K
+from .errors import FailedPrecondition
 from .schema import DevFlag
 
 
@@ -55,6 +56,11 @@ def check_pool(pool) -> CheckReport:
     rep = CheckReport()
     if getattr(pool, "recovered_from", None):
         rep.warnings.append(f"the newest commit could not be read and the previous one was used: {pool.recovered_from}")
+    for vol in pool.thins():  # an external origin that changed: the volume's I/O fails until it is back
+        try:
+            vol.check_external_origin()
+        except FailedPrecondition as exc:
+            rep.warnings.append(f"volume {vol.name!r}: {exc}")
     bm, sp, st = pool.nodes_map, pool.space, pool.st
     used = (pool.devs["flags"] & DevFlag.IN_USE) != 0
     devs = pool.devs[used]

@@ -176,6 +176,14 @@ class Thin:
             f = ctx.origins.by_key.get(self._key)
             return None if f is None else dict(f.rec)
 
+    def check_external_origin(self) -> None:
+        """Check the volume's external origin as its I/O does (open, same file, same size and mtime):
+        FailedPrecondition naming the file if it changed; nothing when the volume has none."""
+        ctx = self._ctx
+        with ctx.lock:
+            self._slot()
+            ctx.origin(self._key)
+
     def _origin_failed(self, offset: int) -> None:
         """A kernel could not read the external origin: FailedPrecondition if the file changed (size,
         mtime, replaced, missing), else HostIOError with the read's errno; both name the file."""

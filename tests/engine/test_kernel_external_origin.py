@@ -270,6 +270,8 @@ def test_an_origin_that_changes_fails_the_volumes_io_naming_the_file(env: dict[s
         plain.write(0, b"p")  # other volumes are unaffected
         assert plain.read(0, 1) == b"p"
     with Pool.open(env["pool"]) as p:
+        report = p.check()  # the metadata is fine; the changed origin is a warning naming the volume and file
+        assert report.ok and any("'v'" in w and os.path.basename(origin) in w for w in report.warnings)
         with pytest.raises(FailedPrecondition, match=os.path.basename(origin)) as info:
             p.thin("v").read(0, 10)
         assert {"grow": "size", "shrink": "size", "touch": "modified", "replace": "replaced",
