@@ -216,6 +216,17 @@ class Origins:
                 f.close()
                 del self._files[ident]
 
+    def problems(self) -> list[str]:
+        """Open every origin in use and check it (:meth:`OriginFile.use`): one message per file that
+        changed, naming it (the pool warns with them when it opens)."""
+        out = []
+        for f in {id(f): f for f in self.by_key.values()}.values():
+            try:
+                f.use()
+            except FailedPrecondition as exc:
+                out.append(str(exc))
+        return out
+
     def close(self) -> None:
         """Close every descriptor."""
         for f in self._files.values():

@@ -18,6 +18,7 @@ import os
 import time as _time
 import types
 import uuid as _uuid
+import warnings
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Mapping
 
 import numpy as np
@@ -27,7 +28,7 @@ from . import ownership, pooldir, rules, safe_output
 from .blockmap import BlockMap
 from .datadev import DataDevice, NullDataDevice
 from .devtable import pad_pages
-from .errors import AlreadyExists, InvalidArgument, MetadataCorrupt, ReadOnly
+from .errors import AlreadyExists, InvalidArgument, MetadataCorrupt, ReadOnly, ThinpoolWarning
 from .kernel_context import KernelContext, volume_key
 from .kernel_context import locked_method as _locked
 from .mdstore import BLOCK, MetadataStore, PagedArray
@@ -126,6 +127,8 @@ class Pool(Transactions, DeviceOps):
         self._closed = False
         self._engine.is_open = True
         self._set_mode(self._mode)  # the I/O fast path opens
+        for problem in self._engine.origins.problems():  # external origins are checked at open too
+            warnings.warn(ThinpoolWarning(f"pool {self.path}: {problem}"), stacklevel=3)
         safe_output.register_pool(self)  # no output is ever written onto its files
         if features:
             try:
