@@ -158,8 +158,11 @@ class KernelContext:
         self.pool._check_writable()
 
     def out_of_data_space(self) -> None:
-        """A write found no data block: the pool enters out-of-data-space mode."""
+        """A write found no data block: the pool enters out-of-data-space mode -- and leaves it at once
+        if the pool's autoextend policy grows the data device (as LVM's dmeventd does when the pool
+        fills: a queued write then proceeds; under ``error_if_no_space`` this write still fails)."""
         self.pool._set_mode(Mode.OUT_OF_DATA_SPACE)
+        self.pool._autoextend(data_full=True)
 
     def wait_for_space(self, check: Callable[[], None], abort: Callable[[], bool] | None = None) -> bool:
         """A write found no data block (the pool is out of data space): under ``queue_if_no_space``

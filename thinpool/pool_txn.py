@@ -133,7 +133,7 @@ class Transactions:
             # next commit, which the allocating write makes itself (see thin.Thin._submit)
             self._set_mode(Mode.WRITE)
         self._set_md_check()
-        _poolspace().autoextend(self)  # LVM's thin_pool_autoextend policy, when set
+        self._autoextend()  # LVM's thin_pool_autoextend policy, when set
 
     @_locked
     def abort(self) -> None:
@@ -191,6 +191,11 @@ class Transactions:
         metadata block returns to write mode (then e.g. ``delete`` frees space).  Nothing else changes;
         the next commit uses the new room.  ``thinpool resize POOL --metadata-size SIZE``."""
         _poolspace().resize_metadata(self, metadata_size)
+
+    def _autoextend(self, data_full: bool = False) -> None:
+        """Apply the autoextend policy now: after a commit, and when a write runs out of data space
+        (``data_full``: the data device counts as 100 % used)."""
+        _poolspace().autoextend(self, data_full=data_full)
 
     def _set_md_check(self) -> None:
         """Live node count below which a commit surely fits in the metadata file (see _after_alloc);

@@ -94,10 +94,12 @@ def _grown(size: int, used: int, threshold: int, percent: int) -> int:
     return size + -(-size * max(percent, needed) // 100)
 
 
-def autoextend(pool: "Pool") -> None:
+def autoextend(pool: "Pool", data_full: bool = False) -> None:
     """After a commit: grow the metadata file, then the data device, whichever is above the autoextend
-    threshold (a no-op when autoextend is off).  A failed growth is a warning: the commit stands, and
-    the next commit tries again."""
+    threshold (a no-op when autoextend is off).  ``data_full``: a write found no data block (the
+    kernel's pool is then 100 % full: it allocates block by block, where our batch changes nothing
+    when it cannot finish), so the data device counts as fully used.  A failed growth is a warning:
+    the commit stands, and the next commit tries again."""
     if not _autoextend_on(pool) or getattr(pool, "_autoextending", False) or pool.read_only or \
             pool.mode in (Mode.FAIL, Mode.READ_ONLY) or pool.header.get("needs_check"):
         return
@@ -108,7 +110,7 @@ def autoextend(pool: "Pool") -> None:
         if md > pool.store.nr_blocks:
             resize_metadata(pool, min(md, MAX_METADATA_BLOCKS) * BLOCK)
         nr = pool.space.nr_blocks
-        grown = _grown(nr, pool.space.used(), threshold, percent)
+        grown = _grown(nr, nr if data_full else pool.space.used(), threshold, percent)
         if grown > nr:
             resize(pool, grown * pool.block_size)
     except (ThinpoolError, OSError) as exc:

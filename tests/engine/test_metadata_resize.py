@@ -149,6 +149,30 @@ def test_lvm_rule_autoextend_grows_the_data_above_the_threshold(tmp_path):
         p.close(commit=False)
 
 
+@pytest.mark.parametrize("error_if_no_space", [False, True])
+def test_lvm_rule_autoextend_grows_a_pool_that_ran_out_of_data_space(tmp_path, error_if_no_space):
+    """A write that finds no data block leaves the pool 100 % full in the kernel; dmeventd then extends
+    it by the policy: a queued write (queue_if_no_space, the kernel's default) proceeds once the pool
+    has grown; under error_if_no_space that write fails with ENOSPC and the next one succeeds."""
+    from thinpool.errors import NoSpace
+    p = Pool.create(tmp_path / "p", data_size=str(100 * BS), error_if_no_space=error_if_no_space)
+    try:
+        p.set_autoextend(80, 20)
+        v = p.create_thin("v", "1G")
+        blocks = np.arange(130, dtype=np.int64)
+        if error_if_no_space:
+            with pytest.raises(NoSpace):
+                v.write_many(blocks * BS, [b"q"] * 130)
+            assert p.nr_data_blocks == 125 and p.status().used_data_blocks == 0  # + 25 %: back to 80 %
+            v.write_many(blocks[:100] * BS, [b"q"] * 100)
+        else:
+            v.write_many(blocks * BS, [b"q"] * 130)  # grows 100 -> 125 -> 157 (+ 25 % each) while it waits
+            assert p.nr_data_blocks == 157 and v.read(129 * BS, 1) == b"q"
+        assert p.mode == "write"
+    finally:
+        p.close(commit=False)
+
+
 def test_lvm_rule_data_resize_needs_metadata_room_grows_it_with_autoextend_or_refuses(tmp_path):
     """Extending the data past what the metadata covers: refused with both files unchanged when
     autoextend is off; with autoextend on, the metadata grows first."""
