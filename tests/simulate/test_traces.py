@@ -15,6 +15,7 @@ import mmap
 import os
 import re
 import subprocess
+import sys
 import time
 from typing import Iterator
 
@@ -649,3 +650,17 @@ def test_streaming_keeps_memory_bounded_by_the_block_not_the_file(tmp_path):
     small, big = peak_of(100_000), peak_of(400_000)
     assert big < small * 1.25 + (1 << 20), (small, big)
     assert big < 400_000 * 37, big          # the whole trace's arrays would take 37 bytes a record
+
+
+def test_replay_cli_blkparse_event_selects_q_d_or_c(tmp_path):
+    """``thinpool replay --blkparse-event``: the queued, issued or completed events are the records."""
+    p = tmp_path / "t.txt"
+    p.write_text(BLKPARSE_SAMPLE)
+    want = {"Q": (6, 1, 2, 1, 2), "D": (1, 0, 1, 0, 0), "C": (1, 0, 0, 0, 1)}
+    for event, (ios, reads, writes, discards, flushes) in want.items():
+        out = subprocess.run([sys.executable, "-m", "thinpool", "replay", str(p), "--metadata-only",
+                              "--data-size", "1G", "--blkparse-event", event, "--json", "-"],
+                             capture_output=True, text=True, timeout=300, check=True).stdout
+        r = json.loads(out)
+        got = (r["ios"], r["reads"], r["writes"], r["discards"], r["flushes"])
+        assert got == (ios, reads, writes, discards, flushes), (event, got)

@@ -77,6 +77,8 @@ def _every(value: str | None, what: str):
 @click.option("--no-commit-on-flush", is_flag=True, help="Do not commit at flush records (dm-thin commits).")
 @click.option("--wrap", is_flag=True, help="Offsets past the volume's end wrap around instead of failing.")
 @click.option("--skip-bad", is_flag=True, help="Skip malformed records (counted as bad_records) instead of failing.")
+@click.option("--blkparse-event", type=click.Choice(["Q", "D", "C"]), default="Q", show_default=True,
+              help="blkparse traces: replay the queued (Q), issued (D) or completed (C) events.")
 @click.option("--pool", "pool_dir", type=click.Path(file_okay=False), default=None,
               help="Create the pool here and keep it (default: a temporary directory, removed).")
 @click.option("--json", "as_json", metavar="OUT", default=None, help="Write the result as JSON to OUT ('-': stdout).")
@@ -85,7 +87,8 @@ def _every(value: str | None, what: str):
 @click.option("--series", metavar="FILE", default=None, help="Write the time series (.parquet or CSV).")
 def replay_cmd(trace: str, fmt: str | None, block_size: int, data_size: int, volume_size: int | None,
                snapshot_every: str | None, keep: int | None, sample_every: str | None, metadata_only: bool,
-               no_zero: bool, no_commit_on_flush: bool, wrap: bool, skip_bad: bool, pool_dir: str | None,
+               no_zero: bool, no_commit_on_flush: bool, wrap: bool, skip_bad: bool, blkparse_event: str,
+               pool_dir: str | None,
                as_json: str | None, html_out: str | None, plot: str | None, series: str | None) -> None:
     """Replay TRACE into one volume of a fresh pool and print what the pool did.
 
@@ -100,6 +103,7 @@ def replay_cmd(trace: str, fmt: str | None, block_size: int, data_size: int, vol
                          zero_new_blocks=not no_zero, format=fmt,
                          snapshot_every=_every(snapshot_every, "--snapshot-every"), keep=keep,
                          sample_every=_every(sample_every, "--sample-every"), wrap=wrap, skip_bad=skip_bad,
+                         blkparse_event=blkparse_event,
                          commit_on_flush=not no_commit_on_flush, progress=stderr_is_tty())
     _outputs(result, as_json, html_out, plot, series, f"replay of {os.path.basename(trace)}")
     if as_json != "-":

@@ -502,7 +502,8 @@ def windows(sources: list[Source]) -> Iterator[tuple[np.ndarray, ...]]:
 def replay(pool, volume: str | Thin, trace: Any, *, format: str | None = None,
            snapshot_every: int | str | Every | None = None, keep: int | None = None,
            sample_every: int | str | Every | None = None, wrap: bool = False, offset_scale: float = 1.0,
-           skip_bad: bool = False, commit_on_flush: bool = True, on_no_space: str = "skip",
+           skip_bad: bool = False, blkparse_event: str = "Q", commit_on_flush: bool = True,
+           on_no_space: str = "skip",
            pattern: np.ndarray | None = None, progress: bool | None = None,
            params: dict | None = None) -> ReplayResult:
     """Replay ``trace`` (a path, or an object with ``chunks()`` such as :class:`ArrayTrace`) into the
@@ -512,14 +513,15 @@ def replay(pool, volume: str | Thin, trace: Any, *, format: str | None = None,
     (``"60s"``), keeping the last ``keep`` (older ones are deleted; None keeps all).
     ``sample_every``: the time series' interval (default every 10,000 I/Os).  ``wrap``: offsets past the
     volume's end wrap around (else the first such record is an error naming its file and line);
-    ``offset_scale`` multiplies every offset first.  Flushes commit (dm-thin commits on REQ_PREFLUSH)
+    ``offset_scale`` multiplies every offset first.  ``blkparse_event``: which blkparse events are the
+    records (``"Q"`` queued, ``"D"`` issued, ``"C"`` completed).  Flushes commit (dm-thin commits on REQ_PREFLUSH)
     unless ``commit_on_flush=False``.  A write that finds no data space fails alone and counts as an
     ``enospc_events`` (``on_no_space="raise"`` raises NoSpace instead).  ``pattern``: the bytes writes
     store in a pool with a data file (zeroes by default).  ``progress``: a rich progress bar on a
     terminal.  Returns a :class:`~thinpool.simulate.results.ReplayResult`.
     """
     thin = volume if isinstance(volume, Thin) else pool.thin(volume)
-    tr = open_trace(trace, format, skip_bad=skip_bad)
+    tr = open_trace(trace, format, skip_bad=skip_bad, blkparse_event=blkparse_event)
     keep = _check_keep(keep)
     target = Target(thin, Every.parse(snapshot_every, "snapshot_every"), keep, bool(wrap), float(offset_scale))
     if target.snapshot_every is None and keep is not None:
