@@ -41,9 +41,9 @@ def _blocks_needed(nodes, dev, off, length, bs):
 
 
 @njit(cache=True)
-def apply_batch(nodes, space, st, devs, slots, fd, tmp, pattern, vol, ops, offsets, lengths, start, skip_at,
+def apply_batch(nodes, space, st, devs, slots, fd, tmp, pattern, vol, ops, offsets, lengths, start, end, skip_at,
                 skip_no_space, out, ofds, osizes):
-    """Apply I/Os ``start..`` in order; I/O ``i`` is ``ops[i]`` on the device in row ``slots[vol[i]]`` of
+    """Apply I/Os ``start..end-1`` in order; I/O ``i`` is ``ops[i]`` on the device in row ``slots[vol[i]]`` of
     ``devs``, whose external origin is ``ofds[vol[i]]`` (-1: none), ``osizes[vol[i]]`` bytes long.
     Returns (code, next_io, need).
 
@@ -56,7 +56,7 @@ def apply_batch(nodes, space, st, devs, slots, fd, tmp, pattern, vol, ops, offse
     write or read failed at ``next_io``.  Ranges, read-only devices and op codes are the caller's checks.
     """
     bs = st[ST_BLOCK_SIZE]
-    for i in range(start, ops.shape[0]):
+    for i in range(start, end):
         length = lengths[i]
         if length <= 0:
             continue
@@ -102,7 +102,7 @@ def apply_batch(nodes, space, st, devs, slots, fd, tmp, pattern, vol, ops, offse
                     return ORIGIN_ERROR, i, 0
                 off += seg
                 length -= seg
-    return OK, ops.shape[0], 0
+    return OK, end, 0
 
 
 kernels_cache.check(globals(), _built_with)

@@ -28,7 +28,7 @@ OP_READ, OP_WRITE, OP_DISCARD, OP_FLUSH = 0, 1, 2, 3
 #: I/Os between samples when no sampling interval is given: the interval starts here and doubles
 #: (every other sample dropped) whenever the series reaches MAX_AUTO_SAMPLES rows
 DEFAULT_SAMPLE_IOS = 256
-MAX_AUTO_SAMPLES = 2048
+MAX_AUTO_SAMPLES = 1024
 
 
 # --------------------------------------------------------------------------- traces given as arrays
@@ -175,28 +175,39 @@ class Replayer:
             return
         offset, length = self._map_offsets(op, offset, length, tgt, line, src)
         base_io = self.c["ios"]
-        is_flush = op == OP_FLUSH
         events = self._events(time, op, tgt, base_io)
         if self.start_time is None:
             self.start_time = float(time[0])
             self._sample()  # the state before the first record
-        # cumulative counts at each event position (computed only when an event needs them)
+        keep = op != OP_FLUSH  # flushes reach the pool as commits (events), not as I/Os
+        every = bool(keep.all())
         cum = _Cumulative(op, length) if events else None
-        prev = 0
-        for pos, _order, kind, arg in events:
-            if pos > prev:
-                self._apply(op[prev:pos], offset[prev:pos], length[prev:pos], tgt[prev:pos], is_flush[prev:pos])
-            prev = max(prev, pos)
-            self._account(cum, pos, base_io, time, n)
-            if kind == "commit":
-                self.pool.commit()
-            elif kind == "snap":
-                self._snapshot(self.targets[arg])
-            elif kind == "sample":
-                self._sample()
-            self._check_mode()
-        if prev < n:
-            self._apply(op[prev:], offset[prev:], length[prev:], tgt[prev:], is_flush[prev:])
+        at: dict[int, list[tuple[int, str, int]]] = {}
+        if events:
+            kept_before = np.zeros(n + 1, np.int64)
+            np.cumsum(keep, out=kept_before[1:])
+            for pos, _order, kind, arg in events:
+                at.setdefault(int(kept_before[pos]), []).append((pos, kind, arg))
+
+        def on_cut(pf: int) -> None:
+            for pos, kind, arg in at[pf]:
+                self._account(cum, pos, base_io, time, n)
+                if kind == "commit":
+                    self.pool.commit()
+                elif kind == "snap":
+                    self._snapshot(self.targets[arg])
+                elif kind == "sample":
+                    self._sample()
+                self._check_mode()
+        if every:
+            args = (tgt, op, offset, length)
+        else:
+            args = (tgt[keep], op[keep], offset[keep], length[keep])
+        out = apply_io(self.thins, *args, pattern=self.pattern, on_no_space=self.on_no_space, cuts=sorted(at),
+                       on_cut=on_cut)
+        self.c["enospc_events"] += out.failed_writes
+        self.failed_bytes += out.failed_bytes
+        self.peak = max(self.peak, out.peak_data_blocks_used)
         self._account(None, n, base_io, time, n, final=(op, length))
         for t, cnt in zip(*np.unique(tgt, return_counts=True)):
             self.targets[int(t)].ios += int(cnt)
@@ -272,17 +283,6 @@ class Replayer:
             nxt += every
         self._marks[key] = nxt
         return out
-
-    def _apply(self, op, offset, length, tgt, is_flush) -> None:
-        if is_flush.any():
-            keep = ~is_flush
-            op, offset, length, tgt = op[keep], offset[keep], length[keep], tgt[keep]
-        if len(op) == 0:
-            return
-        out = apply_io(self.thins, tgt, op, offset, length, pattern=self.pattern, on_no_space=self.on_no_space)
-        self.c["enospc_events"] += out.failed_writes
-        self.failed_bytes += out.failed_bytes
-        self.peak = max(self.peak, out.peak_data_blocks_used)
 
     def _account(self, cum, pos, base_io, time, n, final=None) -> None:
         """Bring the record counters to position ``pos`` of the window."""

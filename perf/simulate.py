@@ -1,0 +1,210 @@
+"""R1-R4: trace replay and sweep speed, measured side by side in one run.
+
+    python -m perf.simulate [--full] [--docs] [--json OUT]
+
+R1 metadata-only replay of random 4 KiB writes (``thinpool.simulate.replay`` of an in-memory trace, chunks of
+   1,048,576 records, default sampling) into a 64 GiB volume: I/Os per second vs the 5,000,000/s target;
+R2 the same with a snapshot every 10,000 I/Os keeping the last 4 (each snapshot and delete a pool message:
+   a commit): ratio to R1 (>= 0.5); both pools get 2 GiB of metadata (a sparse file);
+R3 data-mode replay of a fio iolog (v2, random 4 KiB writes and reads) parsed from the file, vs
+   ``fio --read_iolog`` with the psync engine replaying the same iolog on a raw sparse file (>= 0.8);
+   fio's time is its own job runtime (without its start-up), thinpool's the whole ``replay()`` call;
+R4 a sweep of 8 configurations (block size x keep) of a metadata-only scenario: 2 workers vs 1 (>= 1.7).
+
+Sides are interleaved, figures are medians of the repeats.  ``--docs`` rewrites the replay section of
+docs/performance.md between its markers, nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import sys
+from typing import Any
+
+import numpy as np
+
+from .common import GiB, Row, Scratch, interleave, log, machine, med, ratio_row, timed
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SECTION_BEGIN = "<!-- replay: begin (written by `python -m perf.simulate --docs`) -->"
+SECTION_END = "<!-- replay: end -->"
+TARGET_IOPS = 5_000_000
+KiB4 = 4096
+
+
+def random_writes(n: int, vol: int, seed: int = 11):
+    from thinpool.simulate import ArrayTrace
+    rng = np.random.default_rng(seed)
+    return ArrayTrace(np.ones(n, np.uint8), rng.integers(0, vol // KiB4, n) * KiB4, np.full(n, KiB4))
+
+
+def replay_md(sc: Scratch, trace, snapshot_every: int | None) -> float:
+    from thinpool import Pool
+    from thinpool.simulate import replay
+    path = sc.path("md")
+    with Pool.create(path, data_size=128 * GiB, metadata_only=True, metadata_size=2 * GiB) as pool:
+        pool.create_thin("v", 64 * GiB)
+        t = timed(lambda: replay(pool, "v", trace, snapshot_every=snapshot_every,
+                                 keep=4 if snapshot_every else None))
+    sc.remove(path)
+    return t
+
+
+def write_iolog(path: str, target: str, n: int, size: int, seed: int = 12) -> None:
+    rng = np.random.default_rng(seed)
+    ops = np.where(rng.random(n) < 0.25, "read", "write")
+    offs = rng.integers(0, size // KiB4, n) * KiB4
+    with open(path, "w") as f:
+        f.write(f"fio version 2 iolog\n{target} add\n{target} open\n")
+        f.write("".join(f"{target} {o} {a} {KiB4}\n" for o, a in zip(ops.tolist(), offs.tolist())))
+        f.write(f"{target} close\n")
+
+
+def fio_runtime(iolog: str) -> float:
+    out = subprocess.run(["fio", "--output-format=json", "--name=replay", f"--read_iolog={iolog}",
+                          "--ioengine=psync"], check=True, capture_output=True, text=True).stdout
+    job = json.loads(out[out.index("{"):])["jobs"][0]
+    return job["job_runtime"] / 1000.0
+
+
+def replay_data(sc: Scratch, iolog: str, size: int) -> float:
+    from thinpool import Pool
+    from thinpool.simulate import replay
+    path = sc.path("data")
+    with Pool.create(path, data_size=2 * size) as pool:
+        pool.create_thin("v", size)
+        pattern = np.random.default_rng(1).integers(0, 256, KiB4, dtype=np.uint8)
+        t = timed(lambda: replay(pool, "v", iolog, format="fio-iolog", pattern=pattern))
+    sc.remove(path)
+    return t
+
+
+SCENARIO = """
+[pool]
+data_size = "256GiB"
+metadata_only = true
+[[volume]]
+name = "v"
+size = "64GiB"
+trace = "{trace}"
+snapshot_every = 50000
+keep = 4
+"""
+
+
+def sweep_time(sc: Scratch, scen: str, workers: int) -> float:
+    from thinpool.simulate import sweep
+    sw = {"block_size": ["64KiB", "128KiB", "256KiB", "512KiB"], "keep": [2, 8]}
+    return timed(lambda: sweep(scen, sw, workers=workers))
+
+
+def run(full: bool = False) -> tuple[list[Row], dict[str, Any]]:
+    n = 8_000_000 if full else 4_000_000
+    reps = 5 if full else 3
+    sc = Scratch()
+    rows: list[Row] = []
+    detail: dict[str, Any] = {"records_R1": n, "repeats": reps}
+    try:
+        tr = random_writes(n, 64 * GiB)
+        replay_md(sc, random_writes(100_000, 64 * GiB), 10_000)  # warm: kernels, imports
+        t = interleave({"plain": lambda _r: replay_md(sc, tr, None),
+                        "snap": lambda _r: replay_md(sc, tr, 10_000)}, reps)
+        plain, snap = med(t["plain"]), med(t["snap"])
+        rows.append(ratio_row("R1", "metadata-only replay, random 4 KiB writes: I/Os per second vs 5,000,000/s",
+                              ">= 1.0", n / plain / TARGET_IOPS, ios_per_s=n / plain))
+        rows.append(ratio_row("R2", "the same with a snapshot every 10,000 I/Os (keep 4): vs R1", ">= 0.5", plain / snap,
+                              ios_per_s=n / snap, snapshots=n // 10_000))
+        detail["R1_R2_seconds"] = t
+        log(rows[-2].line())
+        log(rows[-1].line())
+        if shutil.which("fio"):
+            m = 400_000 if full else 200_000
+            size = 4 * GiB
+            target = sc.path("raw.img")
+            with open(target, "wb") as f:
+                f.truncate(size)
+            iolog = sc.path("r.iolog")
+            write_iolog(iolog, target, m, size)
+            fio_runtime(iolog)
+            replay_data(sc, iolog, size)
+
+            def fio_side(_r):
+                os.truncate(target, 0)
+                os.truncate(target, size)
+                return fio_runtime(iolog)
+            t = interleave({"thin": lambda _r: replay_data(sc, iolog, size), "fio": fio_side}, reps)
+            th, fi = med(t["thin"]), med(t["fio"])
+            rows.append(ratio_row("R3", "data-mode replay of a fio iolog (75% 4 KiB random writes) vs fio "
+                                  "--read_iolog psync on a raw sparse file", ">= 0.8", fi / th,
+                                  thin_ios_per_s=m / th, fio_ios_per_s=m / fi))
+            detail["R3_seconds"] = t
+            log(rows[-1].line())
+        k = 1_000_000 if full else 500_000
+        trace = sc.path("sweep.iolog")
+        write_iolog(trace, "/dev/vol", k, 64 * GiB)
+        scen = sc.path("s.toml")
+        with open(scen, "w") as f:
+            f.write(SCENARIO.format(trace=trace))
+        t = interleave({"w1": lambda _r: sweep_time(sc, scen, 1), "w2": lambda _r: sweep_time(sc, scen, 2)},
+                       max(2, reps - 1))
+        w1, w2 = med(t["w1"]), med(t["w2"])
+        rows.append(ratio_row("R4", f"sweep of 8 configurations ({k:,} records each): 2 workers vs 1", ">= 1.7",
+                              w1 / w2, one_worker_s=w1, two_workers_s=w2, cores=os.cpu_count()))
+        detail["R4_seconds"] = t
+        log(rows[-1].line())
+    finally:
+        sc.close()
+    return rows, detail
+
+
+def table_md(rows: list[Row]) -> str:
+    out = ["| row | what | measured | ratio | target | status |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        vals = ", ".join(f"{k} {v:,.0f}" if isinstance(v, (int, float)) and abs(v) >= 100 else
+                         f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.values.items())
+        status = f"**{r.status}**" if r.status == "short" else r.status
+        out.append(f"| {r.key} | {r.title} | {vals} | {r.ratio:.2f} | {r.target} | {status} |")
+    return "\n".join(out)
+
+
+def write_section(path: str, body: str) -> None:
+    text = open(path).read() if os.path.exists(path) else ""
+    block = f"{SECTION_BEGIN}\n{body.rstrip()}\n{SECTION_END}\n"
+    if SECTION_BEGIN in text and SECTION_END in text:
+        a = text.index(SECTION_BEGIN)
+        b = text.index(SECTION_END) + len(SECTION_END)
+        text = text[:a] + block.rstrip("\n") + text[b:]
+    else:
+        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + block
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m perf.simulate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--full", action="store_true", help="bigger traces, 5 repeats")
+    ap.add_argument("--docs", action="store_true", help="rewrite the replay section of docs/performance.md")
+    ap.add_argument("--json", help="also write the figures to this file")
+    args = ap.parse_args(argv)
+    rows, detail = run(args.full)
+    mach = machine()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": [r.as_dict() for r in rows], "detail": detail, "machine": mach}, f, indent=1)
+    if args.docs:
+        body = (f"## Trace replay and sweeps (`python -m perf.simulate{' --full' if args.full else ''}`)\n\n"
+                f"Measured {datetime.date.today()} on {mach.get('cpu', '?')} ({mach.get('cores', '?')} cores, "
+                f"shared with other jobs), Python {sys.version.split()[0]}, numpy {np.__version__}; "
+                f"{detail['repeats']} interleaved repeats (medians).\n\n" + table_md(rows) + "\n")
+        write_section(os.path.join(REPO, "docs", "performance.md"), body)
+    return 0 if all(r.status != "short" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
