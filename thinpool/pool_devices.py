@@ -62,7 +62,7 @@ class DeviceOps:
         return rules.pick_dev_id(self.path, dev_id, self._by_dev_id, int(self._catalog.get("next_dev_id", 1)))
 
     def _new_slot(self) -> int:
-        slot = rules.free_slot(self._devs["flags"].tolist())
+        slot = rules.free_slot(self._devs["flags"])
         if slot is not None:
             return slot
         old = len(self._devs)

@@ -575,7 +575,7 @@ def _kr():
 
 def apply_io(thins: Sequence[Thin], vol: np.ndarray, ops: np.ndarray, offsets: np.ndarray, lengths: np.ndarray,
              *, pattern: np.ndarray | None = None, on_no_space: str = "raise", cuts: Sequence[int] = (),
-             on_cut: Callable[[int], None] | None = None) -> BatchOutcome:
+             on_cut: Callable[[int, BatchOutcome], None] | None = None) -> BatchOutcome:
     """Apply a batch of mixed I/Os to volumes of one pool, in order, in as few kernel calls as
     possible (a trace replay's path: no Python per I/O).  I/O ``i`` is ``ops[i]`` (0 read, 1 write,
     2 discard) of ``lengths[i]`` bytes at ``offsets[i]`` of ``thins[vol[i]]``.
@@ -589,8 +589,9 @@ def apply_io(thins: Sequence[Thin], vol: np.ndarray, ops: np.ndarray, offsets: n
     before it are complete; then ``on_no_space="raise"`` raises NoSpace and ``"skip"`` fails just that
     write (dm-thin's error_if_no_space) and goes on.
 
-    ``cuts``: increasing positions where ``on_cut(position)`` is called once the I/Os before it are
-    done (under the pool's lock; it may take snapshots, delete volumes other than ``thins``, commit).
+    ``cuts``: increasing positions where ``on_cut(position, outcome so far)`` is called once the I/Os
+    before it are done (under the pool's lock; it may take snapshots, delete volumes other than
+    ``thins``, commit).
     Returns a :class:`BatchOutcome`.
     """
     if on_no_space not in ("raise", "skip"):
@@ -663,7 +664,7 @@ def apply_io(thins: Sequence[Thin], vol: np.ndarray, ops: np.ndarray, offsets: n
                     start = _apply_range(ctx, thins, kr, slots, fd, pattern, vol, ops, offsets, lengths, start, end,
                                          skip, out, ofds, osizes)
                 ctx.devs_dirty.update(slots.tolist())
-                on_cut(end)  # type: ignore[misc]
+                on_cut(end, BatchOutcome(int(out[0]), int(out[1]), max(st_used, int(out[2]))))  # type: ignore[misc]
                 slots = np.array([t._slot() for t in thins], np.int64)  # a snapshot may have moved the table
                 if any_change and end < n:
                     ctx.check_writable()

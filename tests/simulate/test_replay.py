@@ -152,8 +152,10 @@ def test_replay_no_space_fails_writes_alone_and_counts_events(tmp_path):
     tr = ArrayTrace(np.ones(n, np.uint8), np.arange(n) * BS, np.full(n, BS))
     with Pool.create(str(tmp_path / "p"), data_size=16 * BS, metadata_only=True, low_water_mark=4) as pool:
         pool.create_thin("v", n * BS)
-        r = replay(pool, "v", tr)
+        r = replay(pool, "v", tr, sample_every=8)
     assert r["enospc_events"] == n - 16 and r["data_blocks_used"] == 16
+    # the series counts them where they happened, also inside one chunk
+    assert r.series["enospc_events"] == [max(0, io - 16) for io in r.series["io"]]
     assert r["mode_changes"] == 1 and r["low_water_events"] == 1
     assert r["data_bytes_written"] == 16 * BS  # only the writes that got a block wrote anything
 

@@ -39,15 +39,17 @@ def _summary(result) -> None:
     from rich.table import Table
 
     from thinpool.simulate.results import summary_rows
-    console = Console(highlight=False)
+    console = Console(highlight=False, width=None if stderr_is_tty() else 160)
     if hasattr(result, "runs"):
-        keys = ["data_blocks_used", "peak_data_blocks_used", "cow_breaks", "cow_bytes_copied",
-                "write_amplification", "snapshots_taken", "enospc_events"]
-        t = Table(*(["run"] + keys))
+        t = Table("run", "data used", "peak data", "metadata", "CoW breaks", "CoW copied", "write ampl.",
+                  "snapshots", "ENOSPC")
         for p, r in result.runs:
-            t.add_row(", ".join(f"{k}={v}" for k, v in p.items()),
-                      *[f"{r.counters[k]:,.3f}" if isinstance(r.counters[k], float) else f"{r.counters[k]:,}"
-                        for k in keys])
+            c = r.counters
+            mib = c["block_size"] / (1 << 20)
+            t.add_row(", ".join(f"{k}={v}" for k, v in p.items()), f"{c['data_blocks_used'] * mib:,.0f} MiB",
+                      f"{c['peak_data_blocks_used'] * mib:,.0f} MiB", f"{c['metadata_blocks_used'] * 4 / 1024:,.1f} MiB",
+                      f"{c['cow_breaks']:,}", f"{c['cow_bytes_copied'] / (1 << 20):,.0f} MiB",
+                      f"{c['write_amplification']:.2f}", f"{c['snapshots_taken']:,}", f"{c['enospc_events']:,}")
     else:
         t = Table("counter", "value")
         for k, v in summary_rows(result):

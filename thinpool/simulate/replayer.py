@@ -189,7 +189,12 @@ class Replayer:
             for pos, _order, kind, arg in events:
                 at.setdefault(int(kept_before[pos]), []).append((pos, kind, arg))
 
-        def on_cut(pf: int) -> None:
+        enospc0, failed0, peak0 = self.c["enospc_events"], self.failed_bytes, self.peak
+
+        def on_cut(pf: int, so_far) -> None:
+            self.c["enospc_events"] = enospc0 + so_far.failed_writes
+            self.failed_bytes = failed0 + so_far.failed_bytes
+            self.peak = max(peak0, so_far.peak_data_blocks_used)
             for pos, kind, arg in at[pf]:
                 self._account(cum, pos, base_io, time, n)
                 if kind == "commit":
@@ -205,9 +210,9 @@ class Replayer:
             args = (tgt[keep], op[keep], offset[keep], length[keep])
         out = apply_io(self.thins, *args, pattern=self.pattern, on_no_space=self.on_no_space, cuts=sorted(at),
                        on_cut=on_cut)
-        self.c["enospc_events"] += out.failed_writes
-        self.failed_bytes += out.failed_bytes
-        self.peak = max(self.peak, out.peak_data_blocks_used)
+        self.c["enospc_events"] = enospc0 + out.failed_writes
+        self.failed_bytes = failed0 + out.failed_bytes
+        self.peak = max(peak0, out.peak_data_blocks_used)
         self._account(None, n, base_io, time, n, final=(op, length))
         for t, cnt in zip(*np.unique(tgt, return_counts=True)):
             self.targets[int(t)].ios += int(cnt)

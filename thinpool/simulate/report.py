@@ -46,12 +46,20 @@ def result_figure(result: Result, title: str = ""):
     a.plot(x, _mib(s.get("data_blocks_used", []), bs), label="data used")
     a.set_ylabel("data (MiB)")
     a.set_xlabel(xlabel)
+    size = result.params.get("data_size") or (result.params.get("pool") or {}).get("data_size")
+    if isinstance(size, int) and size > 0:
+        a.axhline(size / (1 << 20), color="tab:red", linestyle="--", linewidth=1, label="pool data size")
+    enospc = np.asarray(s.get("enospc_events", []), np.float64)
+    if len(enospc) and enospc[-1] > 0:
+        first = int(np.argmax(enospc > 0))
+        a.axvline(x[first], color="tab:red", linewidth=1, label=f"first ENOSPC (by {xlabel.split(' (')[0]} "
+                                                                 f"{x[first]:,.4g})")
     a2 = a.twinx()
     a2.plot(x, np.asarray(s.get("metadata_blocks_used", []), np.float64) * 4 / 1024, color="tab:orange",
             label="metadata used")
     a2.set_ylabel("metadata (MiB)")
     a.set_title("pool space in use")
-    a.legend(handles=a.get_lines() + a2.get_lines(), loc="upper left", fontsize="small")
+    a.legend(handles=a.get_lines() + a2.get_lines(), loc="lower right", fontsize="small")
     a = ax[0, 1]
     cow = np.diff(np.asarray(s.get("cow_bytes_copied", []), np.float64), prepend=0.0) / (1 << 20)
     zero = np.diff(np.asarray(s.get("zeroed_bytes", []), np.float64), prepend=0.0) / (1 << 20)
