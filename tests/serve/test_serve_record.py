@@ -161,3 +161,26 @@ def test_serve_record_mkfs_ext4_and_files_replayed_by_fio(env: Env) -> None:
     finally:
         p.close()
     assert fio_replay(log, env.root, {"fs": size}) == totals(rec)
+
+
+def test_serve_record_killed_server_keeps_every_request_up_to_the_last_flush(env: Env) -> None:
+    """SIGKILL after a client's FLUSH: the log on disk holds every request up to that flush (the buffer
+    is written out at every FLUSH), it parses, and it maps what the pool's last commit maps."""
+    require_tool("qemu-io")
+    make_pool(env, {"vol": 64 * MiB})
+    log = env.path("killed.iolog")
+    srv = env.serve("--record", log)
+    q = ["qemu-io", "-f", "raw", "-t", "writeback", "-d", "unmap"]
+    ok(*q, *[a for i in range(40) for a in ("-c", f"write -P {i} {i * 192}k 64k")], "-c", "flush",
+       "-c", "discard 0 1M", "-c", "flush", srv.uri("vol"))
+    srv.proc.kill()
+    srv.proc.wait()
+    rec, volumes = records(log)
+    io = rec["op"] != OP_FLUSH
+    assert volumes == ["vol"] and int(io.sum()) == 41
+    assert (rec["op"][io] == OP_WRITE).sum() == 40 and rec["op"][io][-1] == OP_DISCARD
+    with open(log) as f:
+        assert f.read().endswith(" vol sync 0 0\n")       # no close lines: the server never stopped
+    from thinpool import Pool
+    with Pool.open(env.pool) as p:
+        assert mapped_by_replay(rec, 0, BS) == set(p.thin("vol").mappings()[0].tolist())

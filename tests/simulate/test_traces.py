@@ -664,3 +664,16 @@ def test_replay_cli_blkparse_event_selects_q_d_or_c(tmp_path):
         r = json.loads(out)
         got = (r["ios"], r["reads"], r["writes"], r["discards"], r["flushes"])
         assert got == (ios, reads, writes, discards, flushes), (event, got)
+
+
+def test_blkparse_only_a_real_summary_header_ends_the_records(tmp_path):
+    """A garbage line that merely starts like the summary ("CPU", "Total") is malformed, not the end of
+    the records: nothing after it is dropped silently."""
+    lines = BLKPARSE_SAMPLE.splitlines()
+    for junk in ("Totally broken line", "CPU0 (7,0)", "CPUs are busy: 3"):
+        p = tmp_path / "s.txt"
+        p.write_text("\n".join(lines[:3] + [junk] + lines[3:]) + "\n")
+        with pytest.raises(TraceError, match="line 4: malformed blkparse record"):
+            list(open_trace(p, "blkparse").chunks())
+        trace = open_trace(p, "blkparse", skip_bad=True)
+        assert sum(len(c) for c in trace.chunks()) == 6 and trace.bad_records == 1

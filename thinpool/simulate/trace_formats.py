@@ -10,6 +10,7 @@ pass over a file.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -194,7 +195,7 @@ def sniff_fio(head: bytes) -> int | None:
 
 # ------------------------------------------------------------------------------------------- blkparse
 _DIGIT_LO, _DIGIT_HI = 48, 57
-_SUMMARY = (b"CPU", b"Total", b"Throughput", b"Events", b"Skips")
+_SUMMARY_HEADER = re.compile(rb"(CPU\d+|Total) +\(\d+,\d+\):")
 _PLUS = _kw(b"+")
 
 
@@ -208,7 +209,8 @@ class Blkparse(Parser):
     read, ``W`` write, ``D`` discard or ``N`` (no data); later letters (F for FUA, S, M, A...) do not
     change the op.  Sectors are 512 bytes.  A request without data and without preflush (an empty
     ``WS 0`` completion) is no record.  Volumes are the ``MAJ,MIN`` devices.  The per-CPU summary
-    blkparse prints at the end (from a ``CPUn (MAJ,MIN):`` or ``Total`` line on) is skipped."""
+    blkparse prints at the end (from the first ``CPUn (MAJ,MIN):`` or ``Total (MAJ,MIN):`` line on) is
+    skipped; any other line that is not a record is malformed."""
 
     def __init__(self, event: str) -> None:
         super().__init__()
@@ -226,18 +228,20 @@ class Blkparse(Parser):
             return _empty_records(), bad
         others = nonblank[~record_like]
         if len(others):
-            start0 = f.start[f.first[others]]
-            n = f.end[f.first[others]] - start0
-            summary = np.zeros(len(others), dtype=bool)
-            for word in _SUMMARY:
-                p = word[:8]
-                summary |= (n >= len(word)) & (T.words(buf, start0, start0 + len(p)) == np.uint64(T.keyword(p)))
-            if summary.any():
-                stop = int(others[np.argmax(summary)])
+            # the summary starts at a "CPUn (MAJ,MIN):" or "Total (MAJ,MIN):" line (few lines: checked
+            # one by one; a record line is never among them)
+            stop = None
+            for line in others.tolist():
+                a, b = int(f.start[f.first[line]]), int(f.end[f.first[line] + count[line] - 1])
+                if _SUMMARY_HEADER.fullmatch(buf[a:b].tobytes()):
+                    stop = line
+                    break
+            if stop is not None:
                 self.in_summary = True
                 others = others[others < stop]
-                nonblank = nonblank[nonblank < stop]
-                record_like = record_like[:len(nonblank)]
+                keep = nonblank < stop
+                nonblank = nonblank[keep]
+                record_like = record_like[keep]
             bad.add_lines(others, "not a blkparse record line (MAJ,MIN CPU SEQ TIME PID ACTION RWBS ...)")
         rec_lines = nonblank[record_like]
         fi = f.first[rec_lines]
