@@ -41,7 +41,12 @@ def _finish_new_pool(p: object, data_size: int | None) -> None:
             if data_size < current:
                 raise InvalidArgument(f"--data-size {data_size} is smaller than the metadata's data device "
                                       f"({current} bytes)")
-            p.resize(data_size)  # type: ignore[attr-defined]
+            # a new pool: its metadata is sized for the final data size (a resize alone refuses to
+            # outgrow the metadata unless autoextend is on)
+            from thinpool.poolspace import metadata_blocks_needed
+            need = metadata_blocks_needed(p, data_size // p.block_size)  # type: ignore[arg-type, attr-defined]
+            have = p.store.nr_blocks  # type: ignore[attr-defined]
+            p.resize(data_size, need * 4096 if need > have else None)  # type: ignore[attr-defined]
         p.close()  # type: ignore[attr-defined]  # its commit can fail too (a full or failing host disk)
     except BaseException:
         p.close(commit=False)  # type: ignore[attr-defined]
