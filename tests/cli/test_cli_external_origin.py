@@ -39,6 +39,9 @@ def test_kernel_rule_create_thin_external_origin_from_the_cli(tmp_path: Any) -> 
     rows = {r["name"]: r for r in json.loads(cli("ls", pool, "--json").stdout)}
     assert rows["snap"]["external_origin"] == rows["vm"]["external_origin"] == info["external_origin"]
     assert "EXTERNAL_ORIGIN" in cli("ls", pool).stdout
+    status = json.loads(cli("status", pool, "--json").stdout)  # the light path: device table only
+    assert status["external_origins"] == {info["external_origin"]: ["snap", "vm"]}
+    assert f"External Origin: {info['external_origin']} (2 volumes: " in cli("status", pool).stdout
     out = os.path.join(d, "out.img")
     cli("export", pool, "snap", out)
     with open(out, "rb") as f:

@@ -67,10 +67,16 @@ def op_status(pool: LightPool) -> dict[str, Any]:
     if host_free is not None:  # docker's loopback rule: capped by the host filesystem's free space
         data_avail = min(data_avail, host_free)
         meta_avail = min(meta_avail, host_free)
+    origins: dict[str, list[str]] = {}  # external origin file -> its volumes (thin table arguments in dm-thin)
+    for name, entry in pool.catalog["volumes"].items():
+        rec = entry.get("origin")
+        if rec is not None:
+            origins.setdefault(rec["path"], []).append(name)
     out = {"pool": pool.path, "dmsetup_line": st.dmsetup_line(), **st.as_dict(),
            "data_file": data_file, "metadata_file": metadata_file,
            "data_space": {"used": data_used, "total": data_total, "available": data_avail},
-           "metadata_space": {"used": meta_used, "total": meta_total, "available": meta_avail}}
+           "metadata_space": {"used": meta_used, "total": meta_total, "available": meta_avail},
+           "external_origins": {path: sorted(names) for path, names in sorted(origins.items())}}
     return out
 
 
@@ -97,6 +103,9 @@ def render_status_human(r: dict[str, Any]) -> str:
         ("Low Water Mark", f"{r['low_water_mark']} blocks"),
         ("Needs Check", "yes" if r["needs_check"] else "no"),
     ]
+    for path, names in r.get("external_origins", {}).items():
+        rows.append(("External Origin", f"{path} ({len(names)} volume{'s' if len(names) != 1 else ''}: "
+                                        f"{', '.join(names[:5])}{' ...' if len(names) > 5 else ''})"))
     return "\n".join(f"{k}: {v}" for k, v in rows)
 
 
