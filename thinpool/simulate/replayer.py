@@ -28,7 +28,7 @@ OP_READ, OP_WRITE, OP_DISCARD, OP_FLUSH = 0, 1, 2, 3
 #: I/Os between samples when no sampling interval is given: the interval starts here and doubles
 #: (every other sample dropped) whenever the series reaches MAX_AUTO_SAMPLES rows
 DEFAULT_SAMPLE_IOS = 256
-MAX_AUTO_SAMPLES = 1024
+MAX_AUTO_SAMPLES = 512
 
 
 # --------------------------------------------------------------------------- traces given as arrays

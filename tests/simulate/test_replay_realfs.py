@@ -1,0 +1,72 @@
+"""Replay of a real filesystem workload: mkfs.ext4, files and an unmount on a served volume, recorded
+with ``thinpool serve --record`` (through nbdfuse + loop, as root), then replayed into fresh pools by
+``thinpool replay`` -- in data mode and metadata-only -- must map exactly the blocks the served pool
+maps, with identical metadata in both modes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.serve.test_nbd_pool import BS, MiB, Env, make_pool, stopped_and_checked
+from tests.support import require_root, require_tool
+from thinpool import Pool
+
+pytestmark = [pytest.mark.realtools, pytest.mark.slow]  # ~30 s alone, more on a busy machine
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def cli(*args: str) -> str:
+    env = dict(os.environ, PYTHONPATH=REPO)
+    return subprocess.run([sys.executable, "-m", "thinpool", *args], check=True, capture_output=True, text=True,
+                          env=env, timeout=300).stdout
+
+
+@pytest.fixture()
+def env() -> Env:
+    e = Env()
+    try:
+        yield e
+    finally:
+        e.close()
+
+
+def test_kernel_rule_replay_of_recorded_ext4_maps_what_the_served_pool_maps(env: Env) -> None:
+    require_root()
+    require_tool("nbdfuse", "fusermount3", "losetup", "mkfs.ext4", "mount", "umount")
+    from thinpool.containers.realfs import Attached
+    make_pool(env, {"fs": 128 * MiB}, data_size="512MiB")
+    log = env.path("fs.iolog")
+    srv = env.serve("--record", log)
+    with Attached(srv.uri("fs"), env.root, "rec") as dev:
+        subprocess.run(["mkfs.ext4", "-q", "-F", dev.device], check=True, capture_output=True, timeout=120)
+        mnt = dev.mount(env.path("mnt"))
+        for i, size in enumerate((1, 4096, 300_000, 3 * MiB, 5 * MiB)):
+            with open(os.path.join(mnt, f"f{i}"), "wb") as f:
+                f.write(os.urandom(size))
+        dev.syncfs()
+        os.unlink(os.path.join(mnt, "f3"))
+        with open(os.path.join(mnt, "f4"), "r+b") as f:  # rewrite part of a file
+            f.write(os.urandom(MiB))
+        dev.umount()
+    p = stopped_and_checked(srv)
+    try:
+        served = set(p.thin("fs").mappings()[0].tolist())
+    finally:
+        p.close()
+    out = {}
+    for mode in ("data", "meta"):
+        args = ["replay", log, "--block-size", str(BS), "--data-size", "512M", "--volume-size", "128M",
+                "--pool", env.path(f"replay-{mode}"), "--json", "-"]
+        out[mode] = json.loads(cli(*args, *(["--metadata-only"] if mode == "meta" else [])))
+        with Pool.open(env.path(f"replay-{mode}")) as r:
+            assert set(r.thin("vol").mappings()[0].tolist()) == served
+    d = out["data"]
+    assert d["writes"] > 10 and d["discards"] > 0 and d["flushes"] > 0
+    assert d["volumes"]["vol"]["mapped_blocks"] == len(served) == d["data_blocks_used"]
+    assert {k: v for k, v in d.items() if k != "params"} == {k: v for k, v in out["meta"].items() if k != "params"}
+    assert cli("dump", env.path("replay-data")) == cli("dump", env.path("replay-meta"))
