@@ -677,3 +677,29 @@ def test_blkparse_only_a_real_summary_header_ends_the_records(tmp_path):
             list(open_trace(p, "blkparse").chunks())
         trace = open_trace(p, "blkparse", skip_bad=True)
         assert sum(len(c) for c in trace.chunks()) == 6 and trace.bad_records == 1
+
+
+def test_gzip_bzip2_and_xz_traces_are_read_as_they_are(tmp_path):
+    """Public traces ship compressed (hm_0.csv.gz): gzip, bzip2 and xz files (told by their magic
+    bytes, whatever their name) give the same records; a truncated one is a TraceError."""
+    import bz2
+    import gzip
+    import lzma
+    require_tool("fio")
+    log = write_iolog(str(tmp_path / "rw.iolog"), str(tmp_path / "f.img"), "--rw=randrw", "--io_size=1M")
+    raw = open(log, "rb").read()
+    want = concat(list(open_trace(log, chunk_records=100).chunks()))
+    for name, data in (("a.gz", gzip.compress(raw)), ("b.bz2", bz2.compress(raw)), ("c", lzma.compress(raw))):
+        p = tmp_path / name
+        p.write_bytes(data)
+        assert sniff_format(p) == "fio-iolog"
+        trace = open_trace(p, chunk_records=100)
+        got = concat(list(trace.chunks()))
+        for k in want:
+            assert np.array_equal(got[k], want[k]), (name, k)
+        assert trace.volumes == [str(tmp_path / "f.img")]
+    p = tmp_path / "cut.gz"
+    packed = gzip.compress(raw)
+    p.write_bytes(packed[: len(packed) // 2])
+    with pytest.raises(TraceError, match="cannot read trace"):
+        list(open_trace(p, "fio-iolog").chunks())

@@ -17,6 +17,8 @@ Formats (``format=``; sniffed from the file's first bytes when None):
   columns ignored); time in seconds, op ``R``/``W``/``D``/``F`` or ``read``/``write``/``discard``/
   ``trim``/``flush``/``sync``, offset and length in bytes.
 
+gzip, bzip2 and xz files are decompressed on the fly (:func:`open_stream`).
+
 A malformed record raises :class:`~thinpool.errors.TraceError` naming the file and line, or with
 ``skip_bad=True`` is skipped and counted in :attr:`Trace.bad_records`.  Parsing is vectorised: a fixed
 number of numpy operations per block of lines (:mod:`thinpool.simulate.trace_text`).
@@ -24,9 +26,12 @@ number of numpy operations per block of lines (:mod:`thinpool.simulate.trace_tex
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import lzma
 import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 import numpy as np
 
@@ -102,10 +107,10 @@ class Trace:
 
     def _header(self) -> bytes:
         try:
-            with open(self.path, "rb") as f:
+            with open_stream(self.path) as f:
                 return f.readline(T.MAX_LINE)
-        except OSError as e:
-            raise TraceError(f"cannot read trace {self.path}: {e.strerror}", path=self.path) from e
+        except _READ_ERRORS as e:
+            raise TraceError(f"cannot read trace {self.path}: {_why(e)}", path=self.path) from e
 
     def chunks(self) -> Iterator[TraceChunk]:
         """The records in file order, ``chunk_records`` per chunk (the last one shorter).  Streaming:
@@ -116,9 +121,9 @@ class Trace:
         pending: list[F.Records] = []
         pending_n = 0
         try:
-            f = open(self.path, "rb")
-        except OSError as e:
-            raise TraceError(f"cannot read trace {self.path}: {e.strerror}", path=self.path) from e
+            f = open_stream(self.path)
+        except _READ_ERRORS as e:
+            raise TraceError(f"cannot read trace {self.path}: {_why(e)}", path=self.path) from e
         with f:
             try:
                 for buf, size, first_line in T.iter_blocks(f, T.BLOCK_BYTES):
@@ -139,8 +144,9 @@ class Trace:
             except T.LineTooLong as e:
                 raise TraceError(f"{self.path}: line {e.line}: longer than {T.MAX_LINE} bytes "
                                  f"(not a {self.format} trace?)", path=self.path, line=e.line) from None
-            except OSError as e:
-                raise TraceError(f"cannot read trace {self.path}: {e.strerror}", path=self.path) from e
+            except _READ_ERRORS as e:
+                raise TraceError(f"cannot read trace {self.path}: {_why(e)}",
+                                 path=self.path) from e
         if pending_n:
             chunk, pending, pending_n = _take(pending, pending_n)
             total += len(chunk)
@@ -173,14 +179,41 @@ def _take(pending: list[F.Records], n: int) -> tuple[TraceChunk, list[F.Records]
     return chunk, [rest], total - n
 
 
+#: compressed files are read through the standard library's decompressors, found by their magic bytes
+_COMPRESSED = ((b"\x1f\x8b", gzip.open), (b"BZh", bz2.open), (b"\xfd7zXZ\x00", lzma.open))
+
+
+_READ_ERRORS = (OSError, EOFError, lzma.LZMAError)
+
+
+def _why(e: BaseException) -> str:
+    return str(getattr(e, "strerror", None) or e or type(e).__name__)
+
+
+def open_stream(path: str) -> BinaryIO:
+    """``path`` opened for reading bytes, decompressed on the fly when it is gzip, bzip2 or xz (told by
+    its first bytes, not its name): public traces are often shipped compressed (``hm_0.csv.gz``)."""
+    f = open(path, "rb")
+    try:
+        magic = f.read(6)
+        f.seek(0)
+    except OSError:
+        f.close()
+        raise
+    for prefix, opener in _COMPRESSED:
+        if magic.startswith(prefix):
+            return opener(f, "rb")  # type: ignore[no-any-return]
+    return f
+
+
 def sniff_format(path: str | os.PathLike[str]) -> str:
     """The format of a trace file, from its first bytes; TraceError when it matches none."""
     p = os.fspath(path)
     try:
-        with open(p, "rb") as f:
+        with open_stream(p) as f:
             head = f.read(SNIFF_BYTES)
-    except OSError as e:
-        raise TraceError(f"cannot read trace {p}: {e.strerror}", path=p) from e
+    except _READ_ERRORS as e:
+        raise TraceError(f"cannot read trace {p}: {_why(e)}", path=p) from e
     if F.sniff_fio(head) is not None:
         return "fio-iolog"
     if F.sniff_blkparse(head):
@@ -216,10 +249,10 @@ def open_trace(path: str | os.PathLike[str], format: str | None = None, *, chunk
     fio_version = 3
     if format == "fio-iolog":
         try:
-            with open(p, "rb") as f:
+            with open_stream(p) as f:
                 head = f.read(256)
-        except OSError as e:
-            raise TraceError(f"cannot read trace {p}: {e.strerror}", path=p) from e
+        except _READ_ERRORS as e:
+            raise TraceError(f"cannot read trace {p}: {_why(e)}", path=p) from e
         version = F.sniff_fio(head)
         if version is None:
             first = head.split(b"\n", 1)[0][:80].decode("utf-8", "backslashreplace")
