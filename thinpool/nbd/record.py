@@ -49,6 +49,15 @@ def iolog_name(name: str) -> str:
     return name.replace("%", "%25").replace(" ", "%20")
 
 
+def check_record_path(path: Any, pools: Iterable[Any] = ()) -> str:
+    """The checks :class:`IologRecorder` makes on its path, without creating anything (so a bad
+    ``--record`` fails before a pool is opened): not ``-``, never a pool's file or directory."""
+    from thinpool.errors import InvalidArgument
+    if path == "-":
+        raise InvalidArgument("--record needs a file (not -: serve writes its messages on stdout)")
+    return guard_output(path, pools=pools, what="--record file")
+
+
 class IologRecorder:
     """A fio iolog v3 being written (see the module docstring).  Thread-safe."""
 
@@ -57,9 +66,7 @@ class IologRecorder:
         checks (never a file of a pool in ``pools`` or of any open pool; ``-`` is refused: the server
         prints on stdout)."""
         from thinpool.errors import InvalidArgument
-        if path == "-":
-            raise InvalidArgument("--record needs a file (not -: serve writes its messages on stdout)")
-        target = guard_output(path, pools=pools, what="--record file")
+        target = check_record_path(path, pools)
         self.path = target
         try:
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)

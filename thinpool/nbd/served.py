@@ -57,6 +57,9 @@ class Served:
         from thinpool.unixsock import claim_unix_path
 
         self.pool_path = os.path.abspath(pool_path)
+        if record is not None:
+            from thinpool.nbd.record import check_record_path
+            check_record_path(record, [self.pool_path])   # before anything is bound or opened
         control_path = control_socket_path(self.pool_path)
         if socket_path is None:
             socket_path = os.path.join(self.pool_path, NBD_SOCKET)
