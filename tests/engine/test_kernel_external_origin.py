@@ -362,3 +362,51 @@ def test_a_failed_origin_read_is_an_error_naming_the_file_and_maps_nothing(env: 
         monkeypatch.undo()
         assert v.read(0, 10) == env["data"][:10]  # reopened: works again
         assert p.check().ok
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_kernel_rules_random_io_on_an_external_origin_volume_match_a_byte_model(env: dict[str, Any],
+                                                                                   seed: int) -> None:
+    """Random writes (any offset and length, across blocks and the origin's end), whole-block discards
+    and snapshots, per call and batched, against a model: a bytearray per volume that starts as the
+    origin's bytes (zeroes past its end), takes every write, and reads the origin again where a discard
+    unmapped a whole block."""
+    rng = np.random.default_rng(seed)
+    base = bytes(_expected(env["data"]))
+    with Pool.create(env["pool"], data_size=32 * MiB, block_size=BS) as p:
+        p.create_thin("v0", VOL, external_origin=env["origin"])
+        model = {"v0": bytearray(base)}
+        for step in range(150):
+            name = list(model)[int(rng.integers(len(model)))]
+            vol = p.thin(name)
+            op = rng.random()
+            if op < 0.6:
+                off = int(rng.integers(0, VOL - 1))
+                n = int(rng.integers(1, min(3 * BS, VOL - off) + 1))
+                data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+                if rng.random() < 0.5:
+                    vol.write(off, data)
+                else:
+                    half = n // 2
+                    vol.write_many([off, off + half], [data[:half], data[half:]])
+                model[name][off:off + n] = data
+            elif op < 0.75:
+                first = int(rng.integers(0, VOL // BS))
+                count = int(rng.integers(1, VOL // BS - first + 1))
+                vol.discard(first * BS, count * BS)
+                model[name][first * BS:(first + count) * BS] = base[first * BS:(first + count) * BS]
+            elif op < 0.85 and len(model) < 6:
+                new = f"v{step}"
+                p.snapshot(name, new)
+                model[new] = bytearray(model[name])
+            else:
+                off = int(rng.integers(0, VOL))
+                n = int(rng.integers(0, VOL - off + 1))
+                assert vol.read(off, n) == bytes(model[name][off:off + n])
+                assert vol.pread(off, n) == bytes(model[name][off:off + n])
+        for name, want in model.items():
+            assert p.thin(name).read(0, VOL) == bytes(want), name
+        assert p.check().ok
+    with Pool.open(env["pool"]) as p:
+        for name, want in model.items():
+            assert p.thin(name).read(0, VOL) == bytes(want), name
