@@ -91,3 +91,19 @@ def test_kernel_rule_a_partial_write_over_nbd_copies_the_block_from_the_origin(s
         assert s.pool.thin("vm").mapped_blocks == 3
     with open(served["origin"], "rb") as f:
         assert f.read() == data  # never written
+
+
+def test_a_changed_origin_refuses_the_export_and_the_server_keeps_serving(served: dict[str, Any]) -> None:
+    """Opening an export activates its volume, which checks the origin (dm-thin: thin_ctr fails when
+    the origin cannot be opened); a changed origin refuses that export only."""
+    require_tool("nbdinfo")
+    s = served["served"]
+    with s.pool.locked():
+        s.pool.create_thin("plain", MiB)
+    with open(served["origin"], "ab") as f:
+        f.write(b"changed")
+    r = subprocess.run(["nbdinfo", served["uri"]], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    assert int(ok("nbdinfo", "--size", s.export_uri("plain")).strip()) == MiB
+    with s.pool.locked():
+        assert s.pool.holders("vm") == {}  # the refused connection holds nothing
