@@ -130,3 +130,41 @@ class BlockMap:
         """One more device references ``root`` (a snapshot): O(1), nothing else is touched."""
         self.inner_rc[root] += 1
         self.inner_rc_dirty[root >> K.RC_PAGE_BITS] = 1
+
+    # ------------------------------------------------------------------ import
+    def _pop(self, stack: np.ndarray, idx: int, n: int) -> np.ndarray:
+        top = int(self.st[idx])
+        slots = stack[top - n:top][::-1].astype(np.int64)
+        self.st[idx] = top - n
+        return slots
+
+    def add_forest(self, leaves: tuple, mids: tuple, roots: tuple, counts: tuple) -> np.ndarray:
+        """Install a whole forest of new nodes at once (import: :mod:`thinpool.pool_ir`); returns the
+        roots' slots.
+
+        ``leaves`` is ``(n, node, index, value)``: ``n`` new leaves, and every mapping ``value`` at
+        ``index`` of leaf ``node`` (0 .. n-1); ``mids`` and ``roots`` the same for the inner levels, whose
+        values are child nodes of the level below (numbered like ``node``).  ``counts`` are the
+        reference counts of the leaves, mids and roots (a node shared by two parents counts 2, a root
+        one per device).  Vectorised: no per-mapping or per-node Python loop.
+        """
+        (nl, l_node, l_pos, l_val), (nm, m_node, m_pos, m_child), (nr, r_node, r_pos, r_child) = leaves, mids, roots
+        self.ensure(nm + nr, nl)
+        leaf_slots = self._pop(self.leaf_free, K.ST_LEAF_FREE, nl)
+        inner_slots = self._pop(self.inner_free, K.ST_INNER_FREE, nm + nr)
+        mid_slots, root_slots = inner_slots[:nm], inner_slots[nm:]
+        self.leaves[leaf_slots] = K.UNMAPPED
+        self.leaves[leaf_slots[l_node], l_pos] = l_val
+        self.inners[inner_slots] = K.NONE
+        self.inners[mid_slots[m_node], m_pos] = leaf_slots[m_child]
+        self.inners[root_slots[r_node], r_pos] = mid_slots[r_child]
+        self.leaf_rc[leaf_slots] = counts[0]
+        self.inner_rc[mid_slots] = counts[1]
+        self.inner_rc[root_slots] = counts[2]
+        self.leaf_dirty[leaf_slots] = 1
+        self.inner_dirty[inner_slots] = 1
+        self.leaf_rc_dirty[np.unique(leaf_slots >> K.RC_PAGE_BITS)] = 1
+        self.inner_rc_dirty[np.unique(inner_slots >> K.RC_PAGE_BITS)] = 1
+        self.st[K.ST_LEAVES_LIVE] += nl
+        self.st[K.ST_INNERS_LIVE] += nm + nr
+        return root_slots

@@ -82,6 +82,15 @@ class DataSpaceMap:
         self.st[K.ST_NR_FREE] = free
         self.st[K.ST_NR_ALLOCATABLE] = free - int(np.count_nonzero(self.freed_txn[:n]))
 
+    def add_refs(self, blocks: np.ndarray) -> None:
+        """One more reference to each entry of ``blocks`` (a block listed twice gains two): import
+        (:mod:`thinpool.pool_ir`), one per entry of every distinct leaf; call :meth:`recount` after."""
+        if len(blocks) == 0:
+            return
+        ublocks, counts = np.unique(np.asarray(blocks, np.int64), return_counts=True)
+        self.data_rc[ublocks] += counts.astype(np.uint32)
+        self.rc_dirty[np.unique(ublocks >> K.RC_PAGE_BITS)] = 1
+
     def used(self) -> int:
         return self.nr_blocks - int(self.st[K.ST_NR_FREE])
 

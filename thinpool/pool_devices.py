@@ -308,6 +308,22 @@ class DeviceOps:
         self._register(name, rules.device_record(dev_id, int(state[K.DEV_ROOT]), len(vb), transaction, creation_time,
                                                  snap_time, size))
 
+    def _import_forest(self, leaves: tuple, mids: tuple, roots: tuple, counts: tuple,
+                       data_blocks: np.ndarray) -> np.ndarray:
+        """Install a block map with shared nodes built by :mod:`thinpool.pool_ir` (restore/import; see
+        :meth:`BlockMap.add_forest <thinpool.blockmap.BlockMap.add_forest>`) and raise the counts of
+        ``data_blocks`` (one entry per mapping of every distinct leaf); returns the roots' slots for
+        :meth:`_import_device_at`."""
+        root_slots = self._nodes_map.add_forest(leaves, mids, roots, counts)
+        self._space.add_refs(data_blocks)
+        return root_slots
+
+    def _import_device_at(self, name: str, dev_id: int, root: int, mapped: int, *, transaction: int,
+                          creation_time: int, snap_time: int, size: int) -> None:
+        """A new device ``name`` whose mappings are the tree at ``root`` (from :meth:`_import_forest`,
+        which counted this device's reference)."""
+        self._register(name, rules.device_record(dev_id, root, mapped, transaction, creation_time, snap_time, size))
+
     def _set_superblock(self, *, time: int, transaction_id: int) -> None:
         """The imported metadata's pool time and transaction id (restore/import), and recount the space map."""
         self._st[K.ST_TIME] = time

@@ -17,7 +17,7 @@ import numpy as np
 from . import schema as K
 from .errors import InvalidArgument, ReadOnly
 from .rules import check_block_size
-from .interop.ir import MAX_DEV_ID, SECTOR, Device, Metadata, Superblock
+from .interop.ir import MAX_DEV_ID, SECTOR, Device, Metadata, Superblock, identical_runs
 from .schema import DevFlag, Mode, pack_mapping, unpack_mapping
 
 if TYPE_CHECKING:
@@ -152,11 +152,100 @@ def pool_from_metadata(create: Callable[..., "Pool"], path: str | os.PathLike, m
 
 def _fill(pool: "Pool", md: Metadata, names: dict[int, str]) -> None:
     size = pool.nr_data_blocks * pool.block_size
-    for dev in md.devices:
-        vb = dev.vblocks.astype(np.int64)
-        vals = pack_mapping(dev.dblocks.astype(np.uint64), dev.times.astype(np.uint64))
-        hi = int(vb[-1]) + 1 if len(vb) else 0
-        pool._import_device(names.get(dev.dev_id, f"dev{dev.dev_id}"), dev.dev_id, vb, vals,
-                            transaction=dev.transaction, creation_time=dev.creation_time, snap_time=dev.snap_time,
-                            size=max(size, hi * pool.block_size))
+    trees, first_dev, tree_of_dev = _distinct_trees(md.devices)
+    vb = np.concatenate([d.vblocks for d in trees] or [np.zeros(0, np.uint64)]).astype(np.int64)
+    vals = np.concatenate([pack_mapping(d.dblocks.astype(np.uint64), d.times.astype(np.uint64)) for d in trees]
+                          or [np.zeros(0, np.uint64)])
+    counts = np.array([len(d.vblocks) for d in trees], np.int64)
+    leaves, mids, roots, refs, data_blocks, root_of_tree = shared_block_map(vb, vals, counts)
+    refs = (refs[0], refs[1], np.bincount(root_of_tree[tree_of_dev], minlength=roots[0]).astype(np.uint32))
+    slots = pool._import_forest(leaves, mids, roots, refs, data_blocks)
+    for dev, tree in zip(md.devices, tree_of_dev):
+        hi = int(dev.vblocks[-1]) + 1 if len(dev.vblocks) else 0
+        pool._import_device_at(names.get(dev.dev_id, f"dev{dev.dev_id}"), dev.dev_id,
+                               int(slots[root_of_tree[tree]]), len(dev.vblocks), transaction=dev.transaction,
+                               creation_time=dev.creation_time, snap_time=dev.snap_time,
+                               size=max(size, hi * pool.block_size))
     pool._set_superblock(time=md.superblock.time, transaction_id=md.superblock.transaction)
+
+
+def _distinct_trees(devices: list[Device]) -> tuple[list[Device], list[int], np.ndarray]:
+    """Devices whose mapping arrays are the very same objects (a producer's way of saying "this snapshot
+    is its origin, unchanged") have one tree: (one device per tree, its index, each device's tree)."""
+    index: dict[tuple[int, int, int], int] = {}
+    trees: list[Device] = []
+    firsts: list[int] = []
+    tree_of = np.zeros(len(devices), np.int64)
+    for i, dev in enumerate(devices):
+        key = (id(dev.vblocks), id(dev.dblocks), id(dev.times))
+        t = index.get(key)
+        if t is None:
+            t = index[key] = len(trees)
+            trees.append(dev)
+            firsts.append(i)
+        tree_of[i] = t
+    return trees, firsts, tree_of
+
+
+def _runs(keys: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Runs of equal consecutive rows of ``keys`` (equal-length arrays): (first row, length) of each."""
+    n = len(keys[0])
+    new = np.zeros(n, bool)
+    if n:
+        new[0] = True
+        for k in keys:
+            new[1:] |= k[1:] != k[:-1]
+    first = np.flatnonzero(new)
+    return first, np.diff(np.append(first, n))
+
+
+def _dedupe(first: np.ndarray, length: np.ndarray, columns: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Identical runs: (node number of each run, the runs that are their own representative, in node order)."""
+    rep, unique = identical_runs(first, length, columns)
+    node = np.full(len(first), -1, np.int64)
+    node[unique] = np.arange(unique.size)
+    return node[rep], unique
+
+
+def _rows(first: np.ndarray, length: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(row, run) of every row of the runs ``first``/``length``."""
+    run = np.repeat(np.arange(len(first)), length)
+    return np.repeat(first, length) + (np.arange(run.size) - np.repeat(np.cumsum(length) - length, length)), run
+
+
+def shared_block_map(vb: np.ndarray, vals: np.ndarray, counts: np.ndarray) -> tuple:
+    """The pool's block map for trees of sorted mappings, identical parts shared as a snapshot shares
+    them: every 512-block chunk whose mappings equal another tree's at the same place is one leaf, every
+    identical mid node (1024 chunks) one node, identical trees one root.
+
+    ``vb``/``vals`` (int64 virtual blocks, packed mapping values) hold the trees' mappings tree after
+    tree, ``counts[t]`` each.  Returns ``(leaves, mids, roots, counts, data_blocks, root_of_tree)`` in
+    the form :meth:`BlockMap.add_forest <thinpool.blockmap.BlockMap.add_forest>` takes (the roots'
+    counts left to the caller, who knows how many devices use each tree), ``data_blocks`` listing the
+    data block of every entry of every distinct leaf (dm-thin's count: one per distinct leaf).
+    """
+    n_trees = len(counts)
+    tree_of = np.repeat(np.arange(n_trees), counts)
+    chunk = vb >> K.LEAF_BITS
+    # leaves: runs of one tree's mappings in one chunk
+    c_first, c_len = _runs([tree_of, chunk])
+    leaf_of_chunk, leaf_reps = _dedupe(c_first, c_len, [vb, vals])
+    rows, run = _rows(c_first[leaf_reps], c_len[leaf_reps])
+    leaves = (leaf_reps.size, run, vb[rows] & (K.LEAF_ENTRIES - 1), vals[rows])
+    # mid nodes: runs of one tree's chunks under one mid (1024 chunks)
+    c_tree, c_idx = tree_of[c_first], chunk[c_first]
+    m_first, m_len = _runs([c_tree, c_idx >> K.INNER_BITS])
+    mid_of_run, mid_reps = _dedupe(m_first, m_len, [c_idx, leaf_of_chunk])
+    rows, run = _rows(m_first[mid_reps], m_len[mid_reps])
+    mids = (mid_reps.size, run, c_idx[rows] & (K.INNER_ENTRIES - 1), leaf_of_chunk[rows])
+    leaf_rc = np.bincount(leaf_of_chunk[rows], minlength=leaf_reps.size).astype(np.uint32)
+    # roots: each tree's mid nodes (an empty tree: an empty root)
+    m_tree, m_idx = c_tree[m_first], c_idx[m_first] >> K.INNER_BITS
+    r_len = np.bincount(m_tree, minlength=n_trees).astype(np.int64)
+    r_first = np.cumsum(r_len) - r_len
+    root_of_tree, root_reps = _dedupe(r_first, r_len, [m_idx, mid_of_run])
+    rows, run = _rows(r_first[root_reps], r_len[root_reps])
+    roots = (root_reps.size, run, m_idx[rows] & (K.INNER_ENTRIES - 1), mid_of_run[rows])
+    mid_rc = np.bincount(mid_of_run[rows], minlength=mid_reps.size).astype(np.uint32)
+    data_blocks = (leaves[3] >> np.uint64(K.TIME_BITS)).astype(np.int64)
+    return leaves, mids, roots, (leaf_rc, mid_rc), data_blocks, root_of_tree

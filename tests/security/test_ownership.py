@@ -104,6 +104,9 @@ def test_issue_repro_restore_over_another_pools_data_is_refused_and_leaves_nothi
 def test_take_over_data_failed_restore_leaves_nothing_and_keeps_the_owner(src, tmp_path):
     path, payload = src
     uuid = uuid_of(path)
+    with Pool.open(path) as pool:  # every snapshot its own leaf: a restore keeps sharing, so make none
+        for i in range(30):
+            pool.thin(f"s{i}").write(i * 65536, b"!")
     invoke("dump", path, "-o", tmp_path / "x.xml")
     new = tmp_path / "NEW"
     r = invoke("restore", new, "-i", tmp_path / "x.xml", "--data-file", path / "data", "--metadata-size", "256K",

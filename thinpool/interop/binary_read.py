@@ -58,22 +58,25 @@ def _read_view(src: BlockSource, view: RawSuperblock, nr_data_blocks: int) -> _V
                                         f"{'details' if in_details else 'mapping'} tree only)")
     dev_ids = top.keys
     roots = top.values.view(np.uint64).reshape(-1).astype(np.int64)
-    maps = walk_forest(src, roots, 8, lambda t: f"mapping tree of device {int(dev_ids[t])}")
+    # devices sharing a root (a snapshot and its unchanged origin) are walked once and share the arrays
+    uroots, first_dev, tree_of = np.unique(roots, return_index=True, return_inverse=True)
+    maps = walk_forest(src, uroots, 8, lambda t: f"mapping tree of device {int(dev_ids[first_dev[t]])}")
     values = maps.values.view(np.uint64).reshape(-1)
     dblocks = values >> np.uint64(24)
     beyond = np.flatnonzero(dblocks >= np.uint64(nr_data_blocks))
     if beyond.size:
         e = int(beyond[0])
         t = int(np.searchsorted(np.cumsum(maps.counts), e, side="right"))
-        raise corrupt(f"mapping tree of device {int(dev_ids[t])}", int(maps.leaf_blocks[e]),
+        raise corrupt(f"mapping tree of device {int(dev_ids[first_dev[t]])}", int(maps.leaf_blocks[e]),
                       f"data block {int(dblocks[e])} beyond the end of the data device ({nr_data_blocks} blocks)")
     times = (values & np.uint64(TIME_MASK)).astype(np.uint32)
     info = details.values.copy().view(_DETAILS).reshape(-1)
     at = maps.offsets
-    devices = [Device(int(dev_ids[t]), int(info["mapped_blocks"][t]), int(info["transaction"][t]),
-                      int(info["creation_time"][t]), int(info["snap_time"][t]),
-                      maps.keys[at[t] : at[t + 1]], dblocks[at[t] : at[t + 1]], times[at[t] : at[t + 1]])
-               for t in range(len(dev_ids))]
+    arrays = [(maps.keys[at[t] : at[t + 1]], dblocks[at[t] : at[t + 1]], times[at[t] : at[t + 1]])
+              for t in range(len(uroots))]
+    devices = [Device(int(dev_ids[d]), int(info["mapped_blocks"][d]), int(info["transaction"][d]),
+                      int(info["creation_time"][d]), int(info["snap_time"][d]), *arrays[int(tree_of[d])])
+               for d in range(len(dev_ids))]
     meta_refs = np.concatenate(([view.device_details_root, view.data_mapping_root], details.child_refs,
                                 top.child_refs, roots[top.fresh], maps.child_refs)).astype(np.int64)
     return _ViewRefs(devices, meta_refs, dblocks[maps.fresh].astype(np.int64))
