@@ -16,6 +16,7 @@ Rows (each prints measured values, the ratio, the target and pass/short):
   I7 fio over NBD -- a hook: perf/nbd.py, when it exists, provides run(scratch, full) -> rows
   M1 metadata blocks used per million mappings, ours vs the exported dm-thin metadata (perf/metadata.py):
      a dense volume, a volume + 10 snapshots with 1 % CoW each, random sparse writes
+  X1-X4 exported metadata keeps btree sharing: `python -m perf.sharing [--docs]` (its own section)
 
 Writes perf/results/<date>.json, docs/performance.md and docs/perf-*.png.
 """
