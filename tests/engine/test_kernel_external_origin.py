@@ -410,3 +410,22 @@ def test_kernel_rules_random_io_on_an_external_origin_volume_match_a_byte_model(
     with Pool.open(env["pool"]) as p:
         for name, want in model.items():
             assert p.thin(name).read(0, VOL) == bytes(want), name
+
+
+def test_import_into_an_origin_volume_is_refused_and_a_metadata_only_pool_reads_zeroes(env: dict[str, Any]) -> None:
+    """Importing an image into an existing origin volume would leave the origin's bytes where the image
+    has holes: refused, the volume unchanged.  A metadata-only pool (no data file) stores no bytes and
+    reads zeroes everywhere, the origin's blocks included, while its mappings follow the same rules."""
+    from thinpool.images import import_image
+    image = str(env["dir"] / "image.raw")
+    with open(image, "wb") as f:
+        f.write(b"i" * BS)
+    with Pool.create(env["pool"], data_size=16 * MiB, block_size=BS) as p:
+        v = p.create_thin("v", VOL, external_origin=env["origin"])
+        with pytest.raises(InvalidArgument, match="external origin"):
+            import_image(p, "v", image)
+        assert v.mapped_blocks == 0 and v.read(0, 10) == env["data"][:10]
+    with Pool.create(str(env["dir"] / "md"), data_size=16 * MiB, block_size=BS, metadata_only=True) as p:
+        v = p.create_thin("v", VOL, external_origin=env["origin"])
+        v.write(100, b"x")
+        assert v.mapped_blocks == 1 and v.read(0, VOL) == bytes(VOL)
