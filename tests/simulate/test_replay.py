@@ -201,3 +201,14 @@ def test_replay_bad_arguments_rejected(tmp_path):
             with pytest.raises(InvalidArgument, match=msg):
                 replay(pool, "v", tr, **kw)
         assert pool.thin("v").mapped_blocks == 0
+
+
+def test_replay_twice_into_one_volume_names_new_snapshots(tmp_path):
+    n = 100
+    tr = ArrayTrace(np.ones(n, np.uint8), (np.arange(n) % 8) * BS, np.full(n, 4096))
+    with Pool.create(str(tmp_path / "p"), data_size="16MiB", metadata_only=True) as pool:
+        pool.create_thin("v", "1MiB")
+        a = replay(pool, "v", tr, snapshot_every=50)
+        b = replay(pool, "v", tr, snapshot_every=50)
+        assert set(a.volumes) == {"v", "v@1", "v@2"} and set(b.volumes) == {"v", "v@3", "v@4"}
+        assert b["provisioned_blocks"] == 0 and b["cow_breaks"] == 16  # counters are per replay

@@ -145,3 +145,14 @@ def test_simulate_cli_sweep_json_and_html(tmp_path):
     p = subprocess.run([sys.executable, "-m", "thinpool", "simulate", str(tmp_path / "s.toml"), "--sweep", "kep=1"],
                        capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 1 and "kep" in p.stderr
+
+
+@pytest.mark.parametrize("mode, used", [("passdown", 0), ("nopassdown", 0), ("ignore", 2)])
+def test_kernel_rule_ignore_discard_drops_discards_of_a_scenario(mode, used):
+    """dm-thin's ignore_discard: the thin devices support no discards, so the trace's discards never
+    unmap anything; with passdown or nopassdown they unmap whole blocks."""
+    tr = ArrayTrace(np.array([1, 1, 2, 2], np.uint8), np.array([0, BS, 0, BS]), np.full(4, BS))
+    s = parse_scenario(f'[pool]\ndata_size = "16MiB"\ndiscards = "{mode}"\nerror_if_no_space = false\n'
+                       '[[volume]]\nname = "v"\nsize = "1MiB"\ntrace = "x"\n')
+    r = run(s, trace_opener=lambda v: tr)
+    assert r["discards"] == 2 and r["data_blocks_used"] == used and r.volumes["v"]["mapped_blocks"] == used

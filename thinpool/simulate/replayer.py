@@ -148,6 +148,8 @@ class Replayer:
         self.commit_on_flush = commit_on_flush
         self.on_no_space = on_no_space
         self.pattern = pattern
+        # dm-thin's ignore_discard: the thin devices do not support discards, so none reaches the pool
+        self.ignore_discards = getattr(pool, "discard_mode", "passdown") == "ignore"
         self.paths = list(paths) or ["<trace>"]
         self.c = dict.fromkeys(COUNTERS, 0)
         self.c["block_size"] = pool.block_size
@@ -180,6 +182,8 @@ class Replayer:
             self.start_time = float(time[0])
             self._sample()  # the state before the first record
         keep = op != OP_FLUSH  # flushes reach the pool as commits (events), not as I/Os
+        if self.ignore_discards:
+            keep &= op != OP_DISCARD
         every = bool(keep.all())
         cum = _Cumulative(op, length) if events else None
         at: dict[int, list[tuple[int, str, int]]] = {}
@@ -196,6 +200,9 @@ class Replayer:
             self.failed_bytes = failed0 + so_far.failed_bytes
             self.peak = max(peak0, so_far.peak_data_blocks_used)
             for pos, kind, arg in at[pf]:
+                every = self.sample_every.ios
+                if kind == "sample" and self.auto_sample and every and (base_io + pos) % every:
+                    continue  # the adaptive interval doubled since this window's events were placed
                 self._account(cum, pos, base_io, time, n)
                 if kind == "commit":
                     self.pool.commit()
@@ -311,6 +318,9 @@ class Replayer:
     def _snapshot(self, t: Target) -> None:
         pool = self.pool
         t.snaps += 1
+        names = pool.catalog["volumes"]
+        while f"{t.thin.name}@{t.snaps}" in names:  # an earlier replay into this volume took that name
+            t.snaps += 1
         name = f"{t.thin.name}@{t.snaps}"
         batch = getattr(pool, "batch", None)
         with (batch() if batch is not None else contextlib.nullcontext()):

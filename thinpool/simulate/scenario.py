@@ -34,7 +34,7 @@ POOL_KEYS: dict[str, tuple[str, Any]] = {
     "error_if_no_space": ("bool", True),
     "no_space_timeout": ("float", 60.0),
     "low_water_mark": ("int", 0),
-    "discards": ("choice:passdown|ignore", "passdown"),
+    "discards": ("choice:passdown|nopassdown|ignore", "passdown"),
     "metadata_only": ("bool", True),
 }
 SIMULATION_KEYS: dict[str, tuple[str, Any]] = {
@@ -289,7 +289,8 @@ def run(scenario: Scenario | str | os.PathLike, *, pool_dir: str | None = None, 
         pool = Pool.create(pool_dir, data_size=p["data_size"], block_size=p["block_size"],
                            metadata_size=p["metadata_size"], low_water_mark=p["low_water_mark"],
                            zero_new_blocks=p["zero_new_blocks"], error_if_no_space=p["error_if_no_space"],
-                           metadata_only=p["metadata_only"], max_thins=max(1000, 2 * len(s.volumes)))
+                           metadata_only=p["metadata_only"], max_thins=max(1000, 2 * len(s.volumes)),
+                           discard=p["discards"], no_space_timeout=p["no_space_timeout"])
         with pool:
             # traces opened once per distinct (file, format, skip_bad): volumes of one multi-volume trace share it
             opened: dict[tuple, tuple[Any, list[int], int]] = {}  # -> (trace, volume indices, source index)
@@ -332,12 +333,8 @@ def run(scenario: Scenario | str | os.PathLike, *, pool_dir: str | None = None, 
             r = Replayer(pool, targets, sample_every=Every.parse(s.simulation["sample_every"], "sample_every"),
                          commit_on_flush=s.simulation["commit_on_flush"], on_no_space="skip", progress=progress,
                          paths=paths)
-            ignore_discards = p["discards"] == "ignore"
             try:
                 for w in windows(sources):
-                    if ignore_discards:
-                        keep_m = w[1] != 2
-                        w = tuple(a[keep_m] for a in w)
                     r.feed(*w)
             finally:
                 r.close()
