@@ -1,8 +1,10 @@
 """The data device: a sparse file where data block n lives at byte n x block size.
 
-The file is memory-mapped so the JIT kernels copy data with no system call per block.  Freed
-blocks are hole-punched (``fallocate(PUNCH_HOLE)``) once the commit that frees them is durable, so
-the file stays sparse and a reused block always reads back zeroes.
+The file is memory-mapped so the JIT kernels copy data with no system call per block.  Blocks are
+hole-punched (``fallocate(PUNCH_HOLE)``) by ``thinpool trim``, by a discard's passdown and, with the
+pool setting ``punch_freed_blocks``, whenever they are freed -- always only once no durable commit
+maps them (:mod:`thinpool.poolspace`).  Otherwise a freed block keeps its bytes, as on a dm-thin data
+device, and the write kernels zero a reused block where a write does not cover it.
 """
 
 from __future__ import annotations
@@ -210,23 +212,12 @@ class DataDevice:
             pos = stop
         return np.concatenate(out) if out else np.zeros(0, np.int64)
 
-    def scrub(self, data_rc: np.ndarray, keep: np.ndarray | None = None) -> int:
-        """After a crash: punch blocks that are free in the metadata but hold data on disk (written
-        after the last commit, or freed by an earlier one before the punch ran), except ``keep``
-        (blocks the previous commit still maps).  Returns blocks punched."""
-        if self.owner:  # never punch a file another pool has taken over
+    def check_stamp(self) -> None:
+        """Re-check the file's owner stamp before punching: never punch a file another pool has taken
+        over (raises as :func:`thinpool.ownership.check_owner` does)."""
+        if self.owner:
             from . import ownership
             ownership.check_owner(self.path, self.owner, self.pool_path, fd=self.fd)
-        held = self.allocated_blocks()
-        if len(held) == 0:
-            return 0
-        held = held[held < len(data_rc)]
-        free = data_rc[held] == 0
-        if keep is not None and len(keep):
-            free &= ~np.isin(held, keep)
-        stale = held[free]
-        self.punch(stale)
-        return len(stale)
 
     def close(self) -> None:
         self._unmap()
@@ -268,8 +259,8 @@ class NullDataDevice:
     def allocated_blocks(self) -> np.ndarray:
         return np.zeros(0, np.int64)
 
-    def scrub(self, data_rc: np.ndarray, keep: np.ndarray | None = None) -> int:
-        return 0
+    def check_stamp(self) -> None:
+        """No file: nothing another pool could own."""
 
     def close(self) -> None:
         self.array = np.zeros(0, np.uint8)

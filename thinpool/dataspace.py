@@ -2,12 +2,19 @@
 and how the counts are stored in the metadata file (the on-disk space-map format of the interop
 tools is :mod:`thinpool.interop.sm_disk`).
 
-``data_rc[b]`` counts the distinct leaves that map block ``b`` (dm-thin's rule).  A block whose
-count drops to zero is marked in ``freed_txn`` (1) and is not allocatable in this transaction
-(docs/dm-thin.md §7), so a crash can never expose a block the last commit still maps.  One step
-stricter than the kernel, the commit that frees it keeps it reserved (2, "pending") until the
-*next* commit is durable: the previous commit -- the one a damaged newest superblock falls back
-to -- still maps it, so it must be neither punched nor reused before then.
+``data_rc[b]`` counts the distinct leaves that map block ``b`` (dm-thin's rule).  ``freed_txn[b]``
+holds :class:`~thinpool.schema.BlockState` bits.  A block whose count drops to zero is marked
+``FREED`` and is not allocatable in this transaction (docs/dm-thin.md §7), so a crash can never
+expose a block the last commit still maps.  One step stricter than the kernel, the commit that frees
+it keeps it reserved (``PENDING``) until the *next* commit is durable: the previous commit -- the one
+a damaged newest superblock falls back to -- still maps it, so it must be neither punched nor reused
+before then.
+
+A freed block keeps its bytes (dm-thin never discards a block it frees): it is marked ``STALE`` ("may
+hold old bytes") until a hole punch (``thinpool trim``, a discard's passdown, ``punch_freed_blocks``)
+or a reuse clears it; the write kernels zero what a write to a reused ``STALE`` block does not cover
+when the pool zeroes new blocks.  The marks live in memory only: an open marks every free block the
+data file holds bytes for (:func:`thinpool.poolspace.scrub_on_open`).
 
 **On disk** (metadata format 2) the counts are stored as dm-thin's ``sm_disk`` stores them: a
 two-bit bitmap (``data_sm``: ``min(count, 3)``, 16,384 blocks per 4 KiB page) plus the full count of
@@ -59,11 +66,20 @@ class DataSpaceMap:
             if data_rc is not None:
                 n = min(len(data_rc), cap)
                 self.data_rc[:n] = data_rc[:n]
-        self.freed_txn = np.zeros(cap, np.uint8)
+        self.freed_txn = np.zeros(cap, np.uint8)  # BlockState bits
         self.rc_dirty = np.zeros(cap >> K.RC_PAGE_BITS, np.uint8)
         self.pending = np.zeros(0, np.int64)  # freed by the last commit, released by the next
         st[K.ST_NR_BLOCKS] = nr_blocks
         self.recount()
+
+    def inherit_stale(self, old: "DataSpaceMap | None") -> None:
+        """After a reload (abort, rollback) from ``old``, the map in use until now: every block free
+        here that ``old`` marked stale or had in use may hold bytes -- mark it ``STALE``."""
+        if old is None:
+            return
+        n = min(len(old.data_rc), len(self.data_rc))
+        held = (old.data_rc[:n] > 0) | ((old.freed_txn[:n] & K.BLOCK_STALE) != 0)
+        self.freed_txn[:n][held & (self.data_rc[:n] == 0)] |= K.BLOCK_STALE
 
     @property
     def arrays(self) -> tuple:
@@ -80,7 +96,7 @@ class DataSpaceMap:
         n = self.nr_blocks
         free = int(np.count_nonzero(self.data_rc[:n] == 0))
         self.st[K.ST_NR_FREE] = free
-        self.st[K.ST_NR_ALLOCATABLE] = free - int(np.count_nonzero(self.freed_txn[:n]))
+        self.st[K.ST_NR_ALLOCATABLE] = free - int(np.count_nonzero(self.freed_txn[:n] & K.BLOCK_STATE))
 
     def add_refs(self, blocks: np.ndarray) -> None:
         """One more reference to each entry of ``blocks`` (a block listed twice gains two): import
@@ -101,16 +117,21 @@ class DataSpaceMap:
             return np.zeros(0, np.int64)
         per = 1 << K.RC_PAGE_BITS
         idx = (pages[:, None] * per + np.arange(per)[None, :]).reshape(-1)
-        return idx[self.freed_txn[idx] == 1]
+        return idx[(self.freed_txn[idx] & K.BLOCK_STATE) == K.BLOCK_FREED]
 
     def set_pending(self, blocks: np.ndarray) -> None:
         """Blocks freed by the commit just made: reserved until the next commit is durable."""
         self.pending = np.asarray(blocks, np.int64)
-        self.freed_txn[self.pending] = 2
+        f = self.freed_txn
+        f[self.pending] = (f[self.pending] & ~np.uint8(K.BLOCK_STATE)) | K.BLOCK_PENDING
 
-    def release(self, freed: np.ndarray) -> None:
-        """After a commit: blocks freed in the committed transaction become allocatable."""
-        self.freed_txn[freed] = 0
+    def release(self, freed: np.ndarray, punched: np.ndarray | None = None) -> None:
+        """After a commit: blocks freed in the committed transaction become allocatable; those in
+        ``punched`` are holes now (no longer stale), the others keep their bytes (stay ``STALE``)."""
+        f = self.freed_txn
+        f[freed] &= np.uint8(K.BLOCK_STALE)
+        if punched is not None and len(punched):
+            f[punched] = 0
         self.st[K.ST_NR_ALLOCATABLE] += len(freed)
 
     def disk_updates(self, committed_locs: Mapping[str, Any]) -> dict[str, PageUpdates]:
@@ -163,6 +184,34 @@ class DataSpaceMap:
         used = (pages != 0).any(axis=1)
         used = np.concatenate([used, np.zeros(-len(used) % _RC_PAGES_PER_SM_PAGE, bool)])
         return over + int(np.count_nonzero(used.reshape(-1, _RC_PAGES_PER_SM_PAGE).any(axis=1)))
+
+    def to_punch(self, blocks: np.ndarray) -> np.ndarray:
+        """Those of ``blocks`` a discard passed down (``PASSDOWN``): to be punched when released."""
+        blocks = np.asarray(blocks, np.int64)
+        return blocks[(self.freed_txn[blocks] & K.BLOCK_PASSDOWN) != 0]
+
+    def mark_stale(self, blocks: np.ndarray) -> None:
+        """Free ``blocks`` hold bytes: a reuse must zero what its write does not cover."""
+        self.freed_txn[np.asarray(blocks, np.int64)] |= K.BLOCK_STALE
+
+    def stale_count(self) -> int:
+        """Free blocks marked as possibly holding old bytes."""
+        n = self.nr_blocks
+        return int(np.count_nonzero(((self.freed_txn[:n] & K.BLOCK_STALE) != 0) & (self.data_rc[:n] == 0)))
+
+    def allocatable_mask(self) -> np.ndarray:
+        """Per block: free and allocatable now (free at the last commit, not freed in this
+        transaction nor by the last commit)."""
+        n = self.nr_blocks
+        return (self.data_rc[:n] == 0) & ((self.freed_txn[:n] & K.BLOCK_STATE) == 0)
+
+    def clear_stale(self, mask_or_blocks: np.ndarray) -> None:
+        """The given free blocks are holes now (punched): clear ``STALE`` and ``PASSDOWN``."""
+        f = self.freed_txn
+        if mask_or_blocks.dtype == np.bool_:
+            f[: len(mask_or_blocks)][mask_or_blocks] &= np.uint8(K.BLOCK_STATE)
+        else:
+            f[mask_or_blocks] &= np.uint8(K.BLOCK_STATE)
 
     def resize(self, nr_blocks: int) -> None:
         """Grow to ``nr_blocks`` (shrinking is not supported, as in dm-thin)."""

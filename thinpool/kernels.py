@@ -16,15 +16,16 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import kernels_cache
-from .kernels_map import (UNMAPPED, alloc_data_block, copy_bytes, dec_data, fill_bytes, lookup, mapping_block,
-                          needs_new_block, pack_mapping, unallocate_data_block, writable_leaf)
+from .kernels_map import (UNMAPPED, alloc_data_block, copy_bytes, dec_data, dec_data_passdown, fill_bytes, lookup,
+                          mapping_block, needs_new_block, pack_mapping, take_stale, unallocate_data_block,
+                          writable_leaf)
 from .schema import (DEV_FLAGS, DEV_MAPPED, DEV_ROOT, DEV_SIZE, DEV_SNAP_TIME, FLAG_READ_ONLY, INNER_BITS,
                      INNER_ENTRIES, IO_ERROR, KROW_COUNT, KROW_DATA_RC, KROW_FREED_TXN, KROW_INNER_DIRTY,
                      KROW_INNER_FREE, KROW_INNER_RC, KROW_INNER_RC_DIRTY, KROW_INNERS, KROW_LEAF_DIRTY,
                      KROW_LEAF_FREE, KROW_LEAF_RC, KROW_LEAF_RC_DIRTY, KROW_LEAVES, KROW_RC_DIRTY, KROW_SCRATCH,
                      KROW_ST, LEAF_BITS, LEAF_ENTRIES, NEED_NODES, NO_SPACE, NONE, OK, ST_BLOCK_SIZE, ST_INNER_FREE,
                      ST_COW_BREAKS, ST_COW_PARTIAL, ST_LEAF_FREE, ST_NR_ALLOCATABLE, ST_PROVISIONED,
-                     ST_PROVISIONED_PARTIAL, ST_SIZE, ST_TIME)
+                     ST_PROVISIONED_PARTIAL, ST_SIZE, ST_TIME, ST_ZERO_NEW, ST_DISCARD_PASSDOWN)
 
 # libc's pwrite/pread, resolved by symbol name at link time (so cache=True still works): data writes
 # go to the data file with one system call per block segment instead of faulting mmap pages in.
@@ -129,9 +130,11 @@ def write_batch(nodes, space, st, dev, fd, tmp, offsets, lengths, buf, buf_start
     has changed.  NEED_NODES: the node store must grow before I/O ``next_io`` is retried (the I/Os
     before it are complete); IO_ERROR: a data-file write failed at I/O ``next_io`` (earlier I/Os
     are complete, the failed block is not mapped).
-    Per block: mapped and unshared -> write in place; unmapped -> allocate (the new block is a hole,
-    so the rest reads zero); shared (time rule) -> allocate, copy the whole old block unless the
-    write covers it, then write; the old block loses one reference.
+    Per block: mapped and unshared -> write in place; unmapped -> allocate and write (a never-used
+    block is a hole, so the rest reads zero; a reused one that may hold old bytes is written whole,
+    zeroes around the data, when ``st[ST_ZERO_NEW]`` -- dm-thin's zeroing of new blocks -- else its
+    old bytes show through, as with dm-thin's skip_block_zeroing); shared (time rule) -> allocate,
+    copy the whole old block unless the write covers it, then write; the old block loses one reference.
     """
     bs = st[ST_BLOCK_SIZE]
     need = 0
@@ -182,6 +185,7 @@ def write_span(nodes, space, st, dev, fd, tmp, off, remaining, buf, src, bs, ofd
             li = vb & (LEAF_ENTRIES - 1)
             v = leaves[leaf, li]  # re-read: shadowing may have moved the path
             d = alloc_data_block(space, st)
+            stale = take_stale(space, d)
             ok = True
             if fd < 0:
                 pass
@@ -202,6 +206,11 @@ def write_span(nodes, space, st, dev, fd, tmp, off, remaining, buf, src, bs, ofd
                 if ok:
                     copy_bytes(tmp, inblk, buf, src, seg)
                     ok = pwrite_all(fd, tmp, 0, bs, d * bs)
+            elif stale and seg != bs and st[ST_ZERO_NEW] != 0:
+                # a reused block holding old bytes: zeroes + this write, one block-sized write
+                fill_bytes(tmp, 0, bs, 0)
+                copy_bytes(tmp, inblk, buf, src, seg)
+                ok = pwrite_all(fd, tmp, 0, bs, d * bs)
             else:
                 ok = pwrite_all(fd, buf, src, seg, d * bs + inblk)
             if not ok:
@@ -331,7 +340,11 @@ def read_batch(nodes, root, data, bs, offsets, lengths, out, out_starts, ofd, os
 
 @njit(cache=True)
 def discard_range(nodes, space, st, dev, first, last):
-    """Unmap virtual blocks ``first..last-1`` (whole blocks only).  Returns (code, next_vb)."""
+    """Unmap virtual blocks ``first..last-1`` (whole blocks only).  Returns (code, next_vb).  With
+    ``st[ST_DISCARD_PASSDOWN]`` a data block this frees is passed down: marked to be hole-punched when
+    released (dm-thin's discard passdown; a block still shared is not freed, so not punched); without
+    it the block keeps its bytes like any freed block (``no_discard_passdown``)."""
+    passdown = st[ST_DISCARD_PASSDOWN] != 0
     leaves, inners, leaf_dirty = nodes[0], nodes[1], nodes[4]
     vb = first
     span_mid = 1 << (LEAF_BITS + INNER_BITS)
@@ -364,7 +377,10 @@ def discard_range(nodes, space, st, dev, first, last):
             v = leaves[leaf, li]
             if v != UNMAPPED:
                 leaves[leaf, li] = UNMAPPED
-                dec_data(space, st, mapping_block(v))
+                if passdown:
+                    dec_data_passdown(space, st, mapping_block(v))
+                else:
+                    dec_data(space, st, mapping_block(v))
                 dev[DEV_MAPPED] -= 1
         leaf_dirty[leaf] = 1
         vb = end

@@ -7,7 +7,9 @@ walks are :mod:`thinpool.walks`).  Two tuples carry the pool's arrays, in the or
 
 - ``nodes`` = (leaves, inners, leaf_rc, inner_rc, leaf_dirty, inner_dirty, leaf_rc_dirty,
   inner_rc_dirty, leaf_free, inner_free) -- :attr:`thinpool.blockmap.BlockMap.nodes`;
-- ``space`` = (data_rc, freed_txn, rc_dirty) -- :attr:`thinpool.dataspace.DataSpaceMap.arrays`.
+- ``space`` = (data_rc, freed_txn, rc_dirty) -- :attr:`thinpool.dataspace.DataSpaceMap.arrays`;
+  ``freed_txn`` holds :class:`thinpool.schema.BlockState` bits per data block (the allocator's state in
+  the low two bits, ``STALE``: may hold old bytes, ``PASSDOWN``: punch when released).
 
 Block map shape (a 3-level radix tree of fixed fan-out, shared by reference like dm-thin's btrees)::
 
@@ -32,7 +34,7 @@ from numba import njit
 
 from . import kernels_cache
 from .schema import UNMAPPED as _UNMAPPED
-from .schema import (DEV_ROOT, INNER_BITS, INNER_ENTRIES, LEAF_BITS, LEAF_ENTRIES, NEED_NODES, NONE, OK, RC_PAGE_BITS,
+from .schema import (BLOCK_FREED, BLOCK_PASSDOWN, BLOCK_STALE, BLOCK_STATE, DEV_ROOT, INNER_BITS, INNER_ENTRIES, LEAF_BITS, LEAF_ENTRIES, NEED_NODES, NONE, OK, RC_PAGE_BITS,
                      ST_CURSOR, ST_INNER_FREE, ST_INNERS_LIVE, ST_LEAF_FREE, ST_LEAVES_LIVE, ST_NR_ALLOCATABLE,
                      ST_NR_BLOCKS, ST_NR_FREE, TIME_BITS, TIME_MASK)
 
@@ -111,14 +113,15 @@ def find_free_data_block(space, st):
         b = c + i
         if b >= n:
             b -= n
-        if data_rc[b] == 0 and freed_txn[b] == 0:
+        if data_rc[b] == 0 and (freed_txn[b] & BLOCK_STATE) == 0:
             return b
     return -1
 
 
 @njit(cache=True, inline="always")
 def alloc_data_block(space, st):
-    """Allocate one data block (count 1); -1 if none is allocatable."""
+    """Allocate one data block (count 1); -1 if none is allocatable.  The block's ``STALE`` bit is
+    left for the writer (:func:`take_stale`), which must then clear it."""
     b = find_free_data_block(space, st)
     if b < 0:
         return -1
@@ -128,6 +131,17 @@ def alloc_data_block(space, st):
     st[ST_NR_FREE] -= 1
     st[ST_NR_ALLOCATABLE] -= 1
     return b
+
+
+@njit(cache=True, inline="always")
+def take_stale(space, d):
+    """Whether newly allocated block ``d`` may hold old bytes (freed without a hole punch); clears the
+    mark (the block is in use now; freeing it sets the mark again)."""
+    flags = space[1]
+    stale = (flags[d] & BLOCK_STALE) != 0
+    if stale:
+        flags[d] = 0
+    return stale
 
 
 @njit(cache=True)
@@ -149,23 +163,33 @@ def inc_data(space, d):
 
 @njit(cache=True, inline="always")
 def dec_data(space, st, d):
-    """Drop one reference; a block reaching 0 is free but not allocatable until the next commit."""
+    """Drop one reference; a block reaching 0 is free but not allocatable until the next commit.  It
+    keeps its bytes (dm-thin never discards a block it frees): marked ``STALE``."""
     data_rc = space[0]
     c = data_rc[d] - 1
     data_rc[d] = c
     space[2][d >> RC_PAGE_BITS] = 1
     if c == 0:
-        space[1][d] = 1
+        space[1][d] = BLOCK_FREED | BLOCK_STALE
         st[ST_NR_FREE] += 1
+
+
+@njit(cache=True, inline="always")
+def dec_data_passdown(space, st, d):
+    """:func:`dec_data` for a discard passed down: a block reaching 0 is also marked ``PASSDOWN``, so
+    it is hole-punched when released (after the commits that free it are durable)."""
+    dec_data(space, st, d)
+    if space[0][d] == 0:
+        space[1][d] |= BLOCK_PASSDOWN
 
 
 @njit(cache=True, inline="always")
 def unallocate_data_block(space, st, d):
     """Undo :func:`alloc_data_block` for a block that was never mapped but may hold part of a write:
     it is freed like a discarded block (not allocatable again until the commits after this
-    transaction have punched it), so it is never handed out holding those bytes."""
+    transaction are durable), and marked ``STALE``: whoever reuses it zeroes what it does not write."""
     space[0][d] = 0
-    space[1][d] = 1
+    space[1][d] = BLOCK_FREED | BLOCK_STALE
     st[ST_NR_FREE] += 1
 
 

@@ -85,8 +85,8 @@ class Pool(Transactions, DeviceOps):
                  wait: float | None = None, allow_foreign: bool | None = None, discard: str | None = None,
                  error_if_no_space: bool | None = None, no_space_timeout: float | None = None) -> None:
         """Open an existing pool (prefer :meth:`open`).  ``_scrub=False`` (used by :meth:`create`)
-        skips the crash-recovery punch of free blocks holding data: a new pool may sit on a data
-        file whose blocks an import is about to map.  ``wait`` / ``allow_foreign`` and the features:
+        never punches free blocks holding data at open (it only marks them stale): a new pool may sit
+        on a data file whose blocks an import is about to map.  ``wait`` / ``allow_foreign`` and the features:
         see :meth:`open`."""
         features = _check_features(discard, error_if_no_space, no_space_timeout)
         if features and read_only:
@@ -117,8 +117,8 @@ class Pool(Transactions, DeviceOps):
                                         owner=self.uuid, pool_path=self.path, data_rc=self._space.data_rc,
                                         allow_foreign=allow_foreign)
             self._engine.data = self._data
-            self.scrubbed_blocks = 0 if read_only or not _scrub else \
-                _poolspace().scrub_on_open(self)
+            # free blocks holding bytes: marked stale (or punched, with punch_freed_blocks)
+            self.scrubbed_blocks = 0 if read_only else _poolspace().scrub_on_open(self, punch=_scrub)
         except BaseException:
             if getattr(self, "store", None) is not None:
                 self._store.close()
@@ -140,8 +140,8 @@ class Pool(Transactions, DeviceOps):
     @classmethod
     def create(cls, path: str | os.PathLike, data_size: int | str = "1GiB", block_size: int | str = "64KiB", *,
                metadata_size: int | str | None = None, low_water_mark: int = 0,
-               error_if_no_space: bool = False, zero_new_blocks: bool = True, discard: str = "passdown",
-               no_space_timeout: float = DEFAULT_NO_SPACE_TIMEOUT,
+               error_if_no_space: bool = False, zero_new_blocks: bool = True, punch_freed_blocks: bool = False,
+               discard: str = "passdown", no_space_timeout: float = DEFAULT_NO_SPACE_TIMEOUT,
                data_file: str | os.PathLike | None = None, max_thins: int = DEFAULT_MAX_THINS,
                on_low_water: Callable[["Pool"], None] | None = None, force: bool = False,
                take_over_data: bool = False, mode: int | str | None = None,
@@ -156,6 +156,10 @@ class Pool(Transactions, DeviceOps):
         (``queue_if_no_space``, :mod:`thinpool.nospace`); ``discard`` is ``passdown`` (discards unmap
         and punch the freed blocks), ``nopassdown`` (unmap only) or ``ignore`` (discards fail with
         EOPNOTSUPP); see :meth:`set_features` for changing them.
+        ``zero_new_blocks``: a new block reads as zeroes where it was not written (off: dm-thin's
+        ``skip_block_zeroing``, a reused block shows its old bytes).  ``punch_freed_blocks``: hole-punch
+        every freed block once no durable commit maps it (off, the default, keeps its bytes as dm-thin
+        does; :meth:`trim` returns the space).
         An existing non-empty ``data_file`` is refused unless ``force`` (its blocks would be punched);
         one another pool owns (:mod:`thinpool.ownership`) unless ``take_over_data`` (that pool then
         refuses to open).  Nothing is created if any argument is invalid, and a failed creation
@@ -195,7 +199,7 @@ class Pool(Transactions, DeviceOps):
             pool = cls._create_files(path, data_path, bs, nr_blocks, md_blocks, made, low_water_mark,
                                      error_if_no_space, zero_new_blocks, bool(data_file), on_low_water,
                                      mode=mode, allow_foreign=allow_foreign, metadata_only=bool(metadata_only),
-                                     features=features)
+                                     features=features, punch_freed_blocks=punch_freed_blocks)
         except BaseException:
             made.undo()
             raise
@@ -207,7 +211,8 @@ class Pool(Transactions, DeviceOps):
                       made: "ownership.NewPoolFiles", low_water_mark: int, error_if_no_space: bool,
                       zero_new_blocks: bool, explicit_data: bool, on_low_water, *,
                       mode: int | str | None = None, allow_foreign: bool | None = None,
-                      metadata_only: bool = False, features: dict[str, Any] | None = None) -> "Pool":
+                      metadata_only: bool = False, features: dict[str, Any] | None = None,
+                      punch_freed_blocks: bool = False) -> "Pool":
         fmode = pooldir.make_dir(path, mode, allow_foreign=allow_foreign)
         if not metadata_only:
             DataDevice.create(data_path, nr_blocks * bs, fmode, allow_foreign=allow_foreign)
@@ -216,7 +221,8 @@ class Pool(Transactions, DeviceOps):
         store = MetadataStore.format(os.path.join(path, cls.METADATA), md_blocks, fmode)
         header = dict(block_size=bs, nr_data_blocks=nr_blocks, time=0, transaction_id=0,
                       low_water_mark=low_water_mark, error_if_no_space=bool(error_if_no_space),
-                      zero_new_blocks=bool(zero_new_blocks), needs_check=False, cursor=0,
+                      zero_new_blocks=bool(zero_new_blocks), punch_freed_blocks=bool(punch_freed_blocks),
+                      needs_check=False, cursor=0,
                       uuid=str(_uuid.uuid4()), created=_time.time(), used_data_blocks=0, pending_blocks=0,
                       data_file=data_path if explicit_data else None, discard="passdown",
                       no_space_timeout=DEFAULT_NO_SPACE_TIMEOUT)
@@ -289,7 +295,10 @@ class Pool(Transactions, DeviceOps):
         self._st = st
         self._nodes_map = BlockMap.from_arrays(st, arrays["leaves"].view(np.uint64), arrays["inners"].view(np.int32),
                                               arrays["leaf_rc"].view(np.uint32), arrays["inner_rc"].view(np.uint32))
+        _kernel_flags(st, header)
+        previous = getattr(self, "_space", None)
         self._space = DataSpaceMap(st, header["nr_data_blocks"], counts_from_disk(arrays, header["nr_data_blocks"]))
+        self._space.inherit_stale(previous)  # a reload (abort, rollback): blocks it frees hold bytes
         self._devs = arrays["devs"].view(dev_dtype()).copy()
         self._devs_i = self._devs.view(np.int64).reshape(-1, K.DEV_COLUMNS)  # the kernels' view (schema.DEV_*)
         self._devs_dirty: set[int] = set()
@@ -393,6 +402,7 @@ class Pool(Transactions, DeviceOps):
         if self.read_only:
             raise ReadOnly(f"pool {self.path} is opened read-only: its features cannot be changed")
         self._header.update(changed)
+        _kernel_flags(self._st, self._header)
         self._catalog_dirty = True  # a commit with only a header change still writes a new superblock
         self._nospace.configure(error_if_no_space=features.get("error_if_no_space"),
                                 timeout=features.get("no_space_timeout"))
@@ -596,6 +606,12 @@ def _check_features(discard: Any, error_if_no_space: Any, no_space_timeout: Any)
     if no_space_timeout is not None:
         out["no_space_timeout"] = check_timeout(no_space_timeout)
     return out
+
+
+def _kernel_flags(st: np.ndarray, header: Mapping[str, Any]) -> None:
+    """The pool settings the kernels read from ``st``: zeroing of new blocks, discard passdown."""
+    st[K.ST_ZERO_NEW] = bool(header.get("zero_new_blocks", True))
+    st[K.ST_DISCARD_PASSDOWN] = header.get("discard", "passdown") == "passdown"
 
 
 def _read_only(a: np.ndarray) -> np.ndarray:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import errno
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -20,6 +20,9 @@ from .errors import AlreadyExists, HostIOError, InvalidArgument, ReadOnly
 from .kernel_context import locked_method as _locked
 from .mdstore import BLOCK, MetadataSpaceExhausted, PagedArray
 from .schema import Mode
+
+if TYPE_CHECKING:
+    from .poolspace import TrimResult
 
 
 def _poolspace():
@@ -69,9 +72,10 @@ class Transactions:
     def commit(self) -> None:
         """Make everything done so far durable, atomically (data is flushed before metadata).
 
-        Blocks freed in this transaction are hole-punched and become allocatable afterwards (a block
-        whose punch fails stays unallocatable, with a :class:`~thinpool.errors.ThinpoolWarning`, until
-        a later punch succeeds).  If the host filesystem refuses a write (ENOSPC, EIO, a short write
+        Blocks freed by the previous commit become allocatable (blocks freed in this transaction after
+        the next commit); they keep their bytes, as in dm-thin, unless a discard passed them down or the
+        pool has ``punch_freed_blocks``: those are hole-punched first (a block whose punch fails stays
+        unallocatable, with a :class:`~thinpool.errors.ThinpoolWarning`, until a later punch succeeds).  If the host filesystem refuses a write (ENOSPC, EIO, a short write
         that cannot be completed) the commit raises :class:`~thinpool.errors.HostIOError` and nothing
         of it is durable: the pool keeps its changes and a later commit may retry.  If a *flush* fails
         the pool goes to ``fail`` mode (Linux may report a lost write to one flush only, so no retry
@@ -122,11 +126,8 @@ class Transactions:
         self._space.rc_dirty[:] = 0
         self._devs_dirty.clear()
         self._catalog_dirty = False
-        released = self._space.pending  # freed by the previous commit: no superblock maps them any more
-        released = released[self._space.data_rc[released] == 0]
-        self._unpunched = _poolspace().punch_released(self, released)  # "needs zeroing": not handed out
-        self._space.release(np.setdiff1d(released, self._unpunched) if len(self._unpunched) else released)
-        self._space.set_pending(np.union1d(freed, self._unpunched) if len(self._unpunched) else freed)
+        # blocks freed by the previous commit: no superblock maps them any more (punched if passed down)
+        _poolspace().release_pending(self, freed)
         if self.mode == Mode.OUT_OF_DATA_SPACE and self._st[K.ST_NR_FREE] > 0:
             # dm-thin's check_for_data_space after every commit: free blocks -> write mode at once.
             # Blocks this commit freed are free (the kernel's count) though released only by the
@@ -182,6 +183,16 @@ class Transactions:
         to get back to the threshold).  ``threshold=100`` turns it off (the default); below 50 counts as
         50, as in LVM; ``percent`` defaults to 20 (LVM's) or the value set before.  Commits."""
         _poolspace().set_autoextend(self, threshold, percent)
+
+    @_locked
+    def trim(self) -> "TrimResult":
+        """thin_trim: hole-punch every free data block that still holds bytes, returning the host space
+        (a :class:`~thinpool.poolspace.TrimResult`).  Freed blocks keep their bytes otherwise, as in
+        dm-thin.  Only blocks no durable commit maps are punched: those free in the last commit and
+        not freed since (blocks freed in the open transaction or by the last commit are trimmed after
+        the next commit), so a crash during a trim loses nothing committed.  ``thinpool trim POOL``
+        commits first, so on an idle pool it punches every free block."""
+        return _poolspace().trim(self)
 
     @_locked
     def resize_metadata(self, metadata_size: int | str) -> None:

@@ -1,4 +1,4 @@
-"""Growing a pool's data and metadata, and what happens to freed blocks after a commit.
+"""Growing a pool's data and metadata, what happens to freed blocks after a commit, and trim.
 
 * :func:`resize` grows the data device only after checking that the metadata file can hold the
   bigger data space map (one two-bit bitmap page per 16,384 data blocks, see
@@ -15,9 +15,17 @@
   of its size -- or by more, when that is what brings use back to the threshold (lvm2's
   ``_adjust_amount``).  A threshold of 100 turns it off (LVM's default); a threshold below 50 counts
   as 50 (LVM's minimum).
-* :func:`punch_released` hole-punches the blocks a commit released and returns only those whose
-  punch succeeded to the allocator; a block whose punch failed keeps its "needs zeroing" mark (it
-  stays pending, recorded in the next commit's pending list) and is tried again at every commit.
+* Freed blocks keep their bytes, as in dm-thin (which never discards a block it frees): after a
+  commit, :func:`release_pending` makes the blocks freed by the previous commit allocatable and
+  hole-punches only those a discard passed down -- or all of them with the pool setting
+  ``punch_freed_blocks``.  :func:`punch_released` punches; a block whose punch failed stays pending
+  (recorded in the next commit's pending list) and is tried again at every commit.  A freed block
+  that is not punched is marked stale in the data space map, and the write kernels zero what a
+  write to it does not cover when it is reused (``zero_new_blocks``).
+* :func:`scrub_on_open` finds the free blocks the data file holds bytes for (written after the last
+  commit by a process that crashed, or freed without a punch) and marks them stale -- or, with
+  ``punch_freed_blocks``, punches them.
+* :func:`trim` is thin_trim: it punches every free block no durable commit maps.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from __future__ import annotations
 import errno
 import os
 import warnings
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -242,9 +251,15 @@ def _roll_back_resize(pool: "Pool", old_nr: int) -> None:
     pool.data.resize(old_nr)
 
 
+def punch_freed_blocks(pool: "Pool") -> bool:
+    """The pool setting ``punch_freed_blocks``: hole-punch every freed block once it is released
+    (off by default: dm-thin keeps a freed block's bytes until something discards it)."""
+    return bool(pool._header.get("punch_freed_blocks", False))
+
+
 def punch_released(pool: "Pool", released: np.ndarray) -> np.ndarray:
     """Hole-punch ``released`` (blocks no durable commit maps any more) and return those whose punch
-    failed: they must not be handed out (they hold old bytes).  Warns with :class:`ThinpoolWarning`."""
+    failed: they stay pending (retried at the next commit).  Warns with :class:`ThinpoolWarning`."""
     if len(released) == 0:
         return np.zeros(0, np.int64)
     try:
@@ -260,20 +275,114 @@ def punch_released(pool: "Pool", released: np.ndarray) -> np.ndarray:
     return np.zeros(0, np.int64)
 
 
-def scrub_on_open(pool: "Pool") -> int:
-    """The open-time punch of free blocks that hold data (see :meth:`DataDevice.scrub`); a block whose
-    punch fails is kept unallocatable (pending) rather than failing the open."""
+def release_pending(pool: "Pool", freed: np.ndarray) -> None:
+    """After a durable commit: the blocks freed by the previous commit (no superblock maps them now)
+    become allocatable -- hole-punched first if a discard passed them down or the pool punches freed
+    blocks, else keeping their bytes (stale) -- and the blocks ``freed`` in the committed transaction
+    become pending (with any whose punch failed, which are retried)."""
+    sp = pool._space
+    released = sp.pending
+    released = released[sp.data_rc[released] == 0]
+    punch = released if punch_freed_blocks(pool) else sp.to_punch(released)
+    unpunched = punch_released(pool, punch)
+    pool._unpunched = unpunched
+    if len(unpunched):
+        sp.release(np.setdiff1d(released, unpunched), np.setdiff1d(punch, unpunched))
+        sp.set_pending(np.union1d(freed, unpunched))
+    else:
+        sp.release(released, punch)
+        sp.set_pending(freed)
+
+
+def _free_blocks_holding_data(pool: "Pool") -> np.ndarray:
+    """Free blocks (count 0) the data file holds bytes for (SEEK_DATA / SEEK_HOLE)."""
+    held = pool.data.allocated_blocks()
+    sp = pool._space
+    held = held[held < sp.nr_blocks]
+    return held[sp.data_rc[held] == 0]
+
+
+def scrub_on_open(pool: "Pool", punch: bool = True) -> int:
+    """At open (and after an abort): the free blocks that hold bytes on the data file (written after
+    the last commit by a process that crashed, or freed without a hole punch) are marked stale, so a
+    reuse zeroes what its write does not cover.  With ``punch_freed_blocks`` (and ``punch``) they are
+    hole-punched instead, except the pending ones (the previous commit still maps them), which are
+    marked.  Returns the number of such blocks.  A block whose punch fails is kept unallocatable
+    (pending) rather than failing the open."""
+    stale = _free_blocks_holding_data(pool)
+    if len(stale) == 0:
+        return 0
+    sp = pool._space
+    if not (punch and punch_freed_blocks(pool)):
+        sp.mark_stale(stale)
+        return len(stale)
+    keep = np.isin(stale, sp.pending)
+    sp.mark_stale(stale[keep])
+    todo = stale[~keep]
     try:
-        return pool.data.scrub(pool.space.data_rc, keep=pool.space.pending)
+        pool.data.check_stamp()  # never punch a file another pool has taken over
+        pool.data.punch(todo)
     except HostIOError as exc:
         if exc.blocks is None:
             raise
         failed = np.asarray(exc.blocks, np.int64)
-        failed = failed[pool.space.data_rc[failed] == 0]
-        pool.space.set_pending(np.union1d(pool.space.pending, failed))
-        pool.space.recount()
+        failed = failed[sp.data_rc[failed] == 0]
+        sp.mark_stale(failed)
+        sp.set_pending(np.union1d(sp.pending, failed))
+        sp.recount()
         pool._unpunched = np.union1d(pool._unpunched, failed)
         warnings.warn(f"pool {pool.path}: {len(failed)} free data blocks holding data could not be "
                       f"hole-punched ({exc}); they stay unallocatable until a commit punches them",
                       ThinpoolWarning, stacklevel=3)
-        return 0
+        return len(stale)
+    sp.clear_stale(todo)
+    return len(stale)
+
+
+@dataclass(frozen=True)
+class TrimResult:
+    """What :func:`trim` did: ``punched_blocks`` free blocks that held bytes were hole-punched (in
+    ``punched_runs`` runs of consecutive blocks; ``punched_bytes`` = blocks x block size);
+    ``free_blocks`` blocks are free and now all holes; ``held_blocks`` free blocks were left alone
+    because a durable commit may still map them (freed in the open transaction or by the last
+    commit: trimmed after the next commit)."""
+
+    punched_blocks: int
+    punched_runs: int
+    punched_bytes: int
+    free_blocks: int
+    held_blocks: int
+
+    def as_dict(self) -> dict[str, int]:
+        return {"punched_blocks": self.punched_blocks, "punched_runs": self.punched_runs,
+                "punched_bytes": self.punched_bytes, "free_blocks": self.free_blocks,
+                "held_blocks": self.held_blocks}
+
+
+def trim(pool: "Pool") -> TrimResult:
+    """thin_trim on the pool: hole-punch every free data block that holds bytes on the data file
+    (see :meth:`Pool.trim`).  Only blocks free in the last commit and in the open transaction, and not
+    freed by the last commit, are punched: no durable commit (neither the last nor the one before it,
+    which open falls back to) maps them, so a crash at any point loses nothing committed."""
+    pool._check_writable()
+    if pool.header.get("needs_check"):
+        raise ReadOnly(f"pool {pool.path} needs check: its free blocks cannot be trimmed until repaired")
+    sp = pool._space
+    allocatable = sp.allocatable_mask()
+    held = pool.data.allocated_blocks()
+    held = held[held < sp.nr_blocks]
+    todo = held[allocatable[held]]
+    nruns = 0
+    if len(todo):
+        pool.data.check_stamp()  # never punch a file another pool has taken over
+        try:
+            nruns = pool.data.punch(todo)
+        except HostIOError as exc:
+            if exc.blocks is not None:  # the others were punched: they are holes now
+                sp.clear_stale(np.setdiff1d(todo, np.asarray(exc.blocks, np.int64)))
+            raise HostIOError(f"pool {pool.path}: trim could not hole-punch every free block: {exc}",
+                              exc.errno or errno.EIO, exc.filename, blocks=exc.blocks) from None
+    sp.clear_stale(allocatable)
+    free = int(np.count_nonzero(sp.data_rc[: sp.nr_blocks] == 0))
+    return TrimResult(punched_blocks=len(todo), punched_runs=nruns, punched_bytes=len(todo) * pool.block_size,
+                      free_blocks=free, held_blocks=free - int(np.count_nonzero(allocatable)))

@@ -7,7 +7,8 @@ pure-Python layers and the numba kernels.
   the numpy dtype (:func:`dev_dtype`) and the kernels' column indices (:class:`DevCol`, ``DEV_*``) are
   derived from it;
 - :class:`DevFlag` (a device record's ``flags``) and :class:`Mode` (the pool's mode);
-- :class:`St`, the indices of the kernels' int64 state vector ``st``;
+- :class:`St`, the indices of the kernels' int64 state vector ``st``; :class:`BlockState`, the bits of
+  the data space map's per-block byte;
 - :class:`KRow`, the rows of the kernel table (``KernelContext.table`` packs one ``(address, length)``
   row per array in this order; the kernels rebuild each array from its row);
 - the kernels' return codes.
@@ -128,6 +129,8 @@ class St(enum.IntEnum):
     PROVISIONED_PARTIAL = 12  # of those, the ones that did not cover the whole block
     COW_BREAKS = 13     # writes to a shared block that broke sharing (a new block)
     COW_PARTIAL = 14    # of those, the ones that did not cover the whole block (the old block is copied)
+    ZERO_NEW = 15       # 1: a new block reads as zeroes where not written (zero_new_blocks); 0: old bytes show
+    DISCARD_PASSDOWN = 16  # 1: a discard's freed blocks are hole-punched when released (discard passdown)
 
 
 ST_SIZE = len(St)
@@ -146,6 +149,27 @@ ST_PROVISIONED = int(St.PROVISIONED)
 ST_PROVISIONED_PARTIAL = int(St.PROVISIONED_PARTIAL)
 ST_COW_BREAKS = int(St.COW_BREAKS)
 ST_COW_PARTIAL = int(St.COW_PARTIAL)
+ST_ZERO_NEW = int(St.ZERO_NEW)
+ST_DISCARD_PASSDOWN = int(St.DISCARD_PASSDOWN)
+
+
+class BlockState(enum.IntFlag):
+    """Bits of the data space map's per-block byte (``freed_txn``, the kernel table's FREED_TXN row).
+
+    The low two bits are the allocator's state (a block is allocatable iff they are 0 and its count is
+    0); the others say what the block's bytes are."""
+    FREED = 1       # freed in this transaction: not allocatable until the commits that free it are durable
+    PENDING = 2     # freed by the last commit: released (allocatable) after the next one
+    STATE = 3       # mask of the two state bits
+    STALE = 4       # may hold old bytes (freed without a hole punch): a reuse must zero what it does not write
+    PASSDOWN = 8    # freed by a discard with passdown: hole-punched when released
+
+
+BLOCK_FREED = int(BlockState.FREED)
+BLOCK_PENDING = int(BlockState.PENDING)
+BLOCK_STATE = int(BlockState.STATE)
+BLOCK_STALE = int(BlockState.STALE)
+BLOCK_PASSDOWN = int(BlockState.PASSDOWN)
 
 
 # --------------------------------------------------------------------------- the kernel table
@@ -166,7 +190,7 @@ class KRow(enum.IntEnum):
     LEAF_FREE = 8        # int32[n]: free stack
     INNER_FREE = 9       # int32[n]: free stack
     DATA_RC = 10         # uint32[nr_data_blocks]
-    FREED_TXN = 11       # uint8[nr_data_blocks]: freed in this transaction
+    FREED_TXN = 11       # uint8[nr_data_blocks]: BlockState bits (freed in this transaction, pending, stale)
     RC_DIRTY = 12        # uint8[nr_data_blocks >> RC_PAGE_BITS]
     ST = 13              # int64[ST_SIZE]
     SCRATCH = 14         # uint8[block_size]: one block of scratch

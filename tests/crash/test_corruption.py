@@ -341,13 +341,15 @@ def test_nothing_salvageable(scratch):
         repair(os.path.join(d, "p"), os.path.join(d, "out"))
 
 
-def test_fallback_after_bit_rot_must_not_return_freed_blocks(tmp_path):
+@pytest.mark.parametrize("punch_freed_blocks", [False, True])
+def test_fallback_after_bit_rot_must_not_return_freed_blocks(tmp_path, punch_freed_blocks):
     path = str(tmp_path / "p")
-    pool = Pool.create(path, data_size=8 * BS, block_size=BS)
+    pool = Pool.create(path, data_size=8 * BS, block_size=BS, punch_freed_blocks=punch_freed_blocks)
     pool.create_thin("a", BS).write(0, b"A" * BS)
     pool.commit()                       # commit N-1: "a" holds A
     pool.delete("a")
-    pool.commit()                       # commit N: "a" deleted; its block is freed and punched
+    pool.commit()                       # commit N: "a" deleted; its block is freed (pending: neither
+    pool.trim()                         # punched -- by trim or punch_freed_blocks -- nor reused yet)
     slot = pool.store.generation % 2
     pool.close(commit=False)
     with open(os.path.join(path, "metadata"), "r+b") as f:   # one bit of rot in superblock N

@@ -459,17 +459,23 @@ class PunchFails(DataIO):
 
 @pytest.mark.filterwarnings("ignore::thinpool.errors.ThinpoolWarning")
 @pytest.mark.parametrize("err", [errno.ENOSPC, errno.EIO])
-def test_failed_punch_never_hands_out_old_bytes(tmp_path, err):
-    """A deleted volume's blocks whose punch fails stay unallocatable (with a warning); a new volume
-    that takes every block reads zeros wherever it did not write; the punch is retried later."""
+@pytest.mark.parametrize("how", ["delete_punch_freed_blocks", "discard_passdown"])
+def test_failed_punch_never_hands_out_old_bytes(tmp_path, err, how):
+    """Blocks due for a hole punch (a deleted volume's with ``punch_freed_blocks``; a discard's, passed
+    down, by default) whose punch fails stay unallocatable (with a warning); a new volume that takes
+    every block reads zeros wherever it did not write; the punch is retried later."""
     path = str(tmp_path / "p")
     nr = 16
-    pool = Pool.create(path, data_size=nr * BS, metadata_size="512K", error_if_no_space=True)
+    pool = Pool.create(path, data_size=nr * BS, metadata_size="512K", error_if_no_space=True,
+                       punch_freed_blocks=how == "delete_punch_freed_blocks")
     pool.create_thin("old", nr * BS)
     secret = b"\xa5" * (nr * BS)
     pool.thin("old").write(0, secret)
     pool.commit()
-    pool.delete("old")
+    if how == "discard_passdown":
+        assert pool.thin("old").discard(0, nr * BS) == nr
+    else:
+        pool.delete("old")
     fault = PunchFails(err)
     DataDevice.io = fault
     try:
@@ -501,7 +507,8 @@ def test_failed_punch_is_remembered_across_reopen(tmp_path):
     and a failing scrub at open keeps its blocks unallocatable instead of failing the open."""
     path = str(tmp_path / "p")
     nr = 8
-    pool = Pool.create(path, data_size=nr * BS, metadata_size="512K", error_if_no_space=True)
+    pool = Pool.create(path, data_size=nr * BS, metadata_size="512K", error_if_no_space=True,
+                       punch_freed_blocks=True)
     pool.create_thin("old", nr * BS)
     pool.thin("old").write(0, b"\x5a" * (nr * BS))
     pool.commit()
@@ -530,11 +537,13 @@ def test_failed_punch_is_remembered_across_reopen(tmp_path):
 
 @pytest.mark.filterwarnings("ignore::thinpool.errors.ThinpoolWarning")
 def test_failed_scrub_at_open_keeps_blocks_unallocatable(tmp_path):
-    """After a crash, blocks written but never committed are punched at open; if that punch fails the
-    open still succeeds (with a warning) and those blocks are not handed out until punched."""
+    """With ``punch_freed_blocks``, blocks written but never committed before a crash are punched at open;
+    if that punch fails the open still succeeds (with a warning) and those blocks are not handed out
+    until punched."""
     path = str(tmp_path / "p")
     nr = 8
-    pool = Pool.create(path, data_size=nr * BS, metadata_size="512K", error_if_no_space=True)
+    pool = Pool.create(path, data_size=nr * BS, metadata_size="512K", error_if_no_space=True,
+                       punch_freed_blocks=True)
     pool.create_thin("v", nr * BS)
     pool.commit()
     pool.thin("v").write(0, b"\x77" * (4 * BS))    # never committed: a crash follows

@@ -4,7 +4,7 @@
   xattrs are unsupported) and flocked by its open pool: a second pool over it (``restore
   --data-file``, ``import-metadata --data``, ``create --data-file``) is refused unless
   ``--take-over-data``, after which the old pool refuses to open; a failed restore/import/create/
-  ``repair -o`` leaves nothing behind; the open-time scrub never punches a file another pool owns.
+  ``repair -o`` leaves nothing behind; trim and the open-time scrub never punch a file another pool owns.
 * ``create --data-file`` refuses a non-empty existing file without ``--force``.
 * A data file shorter than the pool is refused by every open when a mapped block lies past its end
   (nothing is re-extended); ``repair`` drops those mappings, reports the loss and re-extends it.
@@ -182,15 +182,19 @@ def test_import_metadata_over_another_pools_data(src, tmp_path):
         Pool.open(path)
 
 
-def test_scrub_never_punches_a_file_another_pool_owns(src):
+def test_trim_never_punches_a_file_another_pool_owns(src):
+    """abort() leaves the uncommitted block's bytes (marked stale: dm-thin never discards on its own);
+    trim, which would punch it, re-checks the stamp first and punches nothing of a taken-over file."""
     path, _ = src
     pool = Pool.open(path)
     try:
         before = blocks_held(path / "data")
-        pool.create_thin("w", "1MiB").write(0, b"x" * BS)  # uncommitted: abort() scrubs it
+        pool.create_thin("w", "1MiB").write(0, b"x" * BS)  # uncommitted: free again after abort()
         os.setxattr(path / "data", ownership.XATTR, ownership.stamp_bytes("someone-else", "/elsewhere"))
+        pool.abort()
+        assert blocks_held(path / "data") == before + 1
         with pytest.raises(FailedPrecondition, match="someone-else"):
-            pool.abort()
+            pool.trim()
         assert blocks_held(path / "data") == before + 1  # nothing punched
     finally:
         pool.close(commit=False)

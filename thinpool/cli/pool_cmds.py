@@ -1,12 +1,15 @@
-"""Pool commands: create, status, resize, set-autoextend, commit, set-transaction-id, metadata snapshots, check."""
+"""Pool commands: create, status, resize, set-autoextend, commit, set-transaction-id, metadata snapshots,
+check, trim."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import click
 
 from .common import SIZE, abspath, emit, json_option, mode_option, pool_argument
 from .ops import render_features, render_status_human
-from .registry import OPS, run_op
+from .registry import OPS, register_op, run_op
 
 
 def _discard_options(default: str | None):
@@ -54,7 +57,11 @@ SECTION = "Pool commands"
 @_no_space_options(False, 60.0)
 @_discard_options("passdown")
 @click.option("--zero/--no-zero", "zero_new_blocks", default=True, show_default=True,
-              help="Zero newly provisioned blocks (dm-thin's skip_block_zeroing when off).")
+              help="Zero newly provisioned blocks (dm-thin's skip_block_zeroing when off: a reused block "
+                   "shows its old bytes where not written).")
+@click.option("--punch-freed-blocks", is_flag=True,
+              help="Hole-punch every freed block once no durable commit maps it (not dm-thin's behaviour: "
+                   "by default freed blocks keep their bytes until `thinpool trim` or a discard).")
 @click.option("--data-file", type=click.Path(dir_okay=False), default=None,
               help="Put the data device at this path instead of <POOL>/data.")
 @click.option("--max-thins", type=click.IntRange(min=1), default=1000, show_default=True,
@@ -72,8 +79,8 @@ SECTION = "Pool commands"
 @json_option
 def create_cmd(pool: str, data_size: int, block_size: int, metadata_size: int | None, low_water_mark: int,
                error_if_no_space: bool, no_space_timeout: float, discard: str, zero_new_blocks: bool,
-               data_file: str | None, max_thins: int, force: bool, take_over_data: bool, metadata_only: bool,
-               mode: int | None, as_json: bool) -> None:
+               punch_freed_blocks: bool, data_file: str | None, max_thins: int, force: bool, take_over_data: bool,
+               metadata_only: bool, mode: int | None, as_json: bool) -> None:
     """Create a new pool in directory POOL.
 
     POOL must not exist or must be an empty directory.  An existing --data-file must be empty
@@ -89,6 +96,7 @@ def create_cmd(pool: str, data_size: int, block_size: int, metadata_size: int | 
     p = Pool.create(abspath(pool), data_size=data_size, block_size=block_size, metadata_size=metadata_size,
                     low_water_mark=low_water_mark, error_if_no_space=error_if_no_space,
                     no_space_timeout=no_space_timeout, discard=discard, zero_new_blocks=zero_new_blocks,
+                    punch_freed_blocks=punch_freed_blocks,
                     data_file=abspath(data_file) if data_file else None, max_thins=max_thins, force=force,
                     take_over_data=take_over_data, mode=mode, metadata_only=metadata_only)
     p.close()
@@ -283,6 +291,38 @@ def check_cmd(ctx: click.Context, pool: str, quiet: bool, as_json: bool) -> None
         ctx.exit(1)
 
 
+def op_trim(pool: Any) -> dict[str, Any]:
+    """Commit (releasing the blocks freed by the last commit), then punch every free block that holds
+    bytes (:meth:`thinpool.pool.Pool.trim`)."""
+    pool.commit()
+    return pool.trim().as_dict()
+
+
+def render_trim(r: dict[str, Any]) -> str:
+    """One line: blocks and bytes punched, free blocks, and those held back."""
+    held = f"; {r['held_blocks']:,} freed by the last commit are trimmed after the next one" \
+        if r["held_blocks"] else ""
+    return (f"punched {r['punched_blocks']:,} free blocks ({r['punched_bytes']:,} bytes, {r['punched_runs']:,} "
+            f"runs); {r['free_blocks']:,} blocks free{held}")
+
+
+register_op("trim", op_trim, write=True, render=render_trim)
+
+
+@click.command("trim")
+@pool_argument
+@json_option
+def trim_cmd(pool: str, as_json: bool) -> None:
+    """Return the host space of free data blocks (like thin_trim).
+
+    A deleted volume's blocks, and blocks freed by copy-on-write or overwrites, keep their bytes in the
+    data file (dm-thin never discards a block it frees); trim hole-punches every free block that holds
+    bytes.  It commits first, then punches only blocks no durable commit maps, so a crash during a
+    trim loses nothing.  Safe on a served pool.  Example: thinpool trim /tmp/pool
+    """
+    emit(run_op(pool, "trim", {}), as_json, OPS["trim"].render)
+
+
 COMMANDS: list[click.Command] = [create_cmd, status_cmd, resize_cmd, set_cmd, set_autoextend_cmd, commit_cmd,
                                  set_transaction_id_cmd,
-                                 reserve_metadata_snap_cmd, release_metadata_snap_cmd, check_cmd]
+                                 reserve_metadata_snap_cmd, release_metadata_snap_cmd, check_cmd, trim_cmd]
