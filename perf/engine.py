@@ -12,7 +12,10 @@
    (pread old block, pwrite it to a new block, pwrite the 4 KiB) (>= 0.8x)
 8. random 4 KiB reads of a thin on an external origin (unprovisioned: pread of the origin) vs a plain
    thin (provisioned) (info)
-plus import + first call in a fresh process, twice (the second must load the numba cache).
+plus import + first call in a fresh process, twice (the second must load the numba cache), and two
+info rows: random 4 KiB first writes into reused blocks that hold a deleted volume's bytes (zeroed
+around the write) vs never-used ones ("reuse"), and Pool.trim of free blocks holding bytes in
+one-block runs vs one run ("trim").
 
 Throughput ratios are thin / peer (higher is better); cost ratios are big / small (lower is better).
 All sides are interleaved and rotated; figures are medians of the repeats.
@@ -426,6 +429,95 @@ def bench_origin_reads(sc: Scratch, nblocks: int, n: int, repeats: int, key: str
     ], {"read_many": res, "read": resc}
 
 
+# ----------------------------------------------------------------------------- freed blocks: reuse and trim
+def _stale_pool(sc: Scratch, name: str, nblocks: int, stale: bool):
+    """A pool of ``nblocks`` blocks; with ``stale`` every block held a deleted volume's 4 KiB and is
+    allocatable again (two commits), else none was ever used."""
+    from thinpool import Pool
+    path = sc.path(name)
+    p = Pool.create(path, data_size=nblocks * BS, block_size=BS)
+    if stale:
+        old = p.create_thin("old", nblocks * BS)
+        old.write_many(np.arange(nblocks, dtype=np.int64) * BS, np.full((nblocks, IO), 0xEE, np.uint8))
+        p.commit()
+        p.delete("old")
+        p.commit()
+        p.commit()
+    return path, p
+
+
+def bench_reuse(sc: Scratch, nblocks: int, repeats: int, key: str = "engine.reuse") -> list[Row]:
+    """First 4 KiB writes at random offsets: every block reused (may hold old bytes: written whole,
+    zeroes around the data) vs never used (a hole: the 4 KiB alone)."""
+    rng = np.random.default_rng(21)
+    offs = rng.permutation(nblocks).astype(np.int64) * BS + rng.integers(0, BS // IO, nblocks) * IO
+    bufs = rand_bytes(rng, nblocks, IO)
+
+    def side(stale: bool):
+        def run(r):
+            path, p = _stale_pool(sc, f"reuse-{int(stale)}-{r}", nblocks, stale)
+            v = p.create_thin("v", nblocks * BS)
+            t = timed(lambda: v.write_many(offs, bufs))
+            p.close(commit=False)
+            sc.remove(path)
+            return t
+        return run
+
+    res = interleave({"fresh": side(False), "reused": side(True)}, repeats)
+    tf, tr = med(res["fresh"]), med(res["reused"])
+    return [Row(key, "random 4 KiB first writes: blocks reused after a delete (zeroed around) vs never used (info)",
+                {"reused_iops": round(nblocks / tr), "fresh_iops": round(nblocks / tf), "n": nblocks},
+                tr / tf, "", "info", note="ratio = reused time / fresh time")], res
+
+
+def bench_trim(sc: Scratch, nblocks: int, repeats: int, key: str = "engine.trim") -> list[Row]:
+    """Pool.trim of ``nblocks`` free blocks holding bytes: in one-block runs (every other block, two
+    volumes written in turn, one deleted) vs one run (one volume deleted); and a trim with nothing to
+    punch (the SEEK_DATA walk alone)."""
+    from thinpool import Pool
+    buf = np.full(IO, 0x5A, np.uint8)
+
+    def build(r: int, fragmented: bool):
+        path = sc.path(f"trim-{int(fragmented)}-{r}")
+        p = Pool.create(path, data_size=2 * nblocks * BS, block_size=BS)
+        a, b = p.create_thin("a", nblocks * BS), p.create_thin("b", nblocks * BS)
+        if fragmented:
+            for i in range(nblocks):
+                a.write(i * BS, buf)
+                b.write(i * BS, buf)
+        else:
+            offs = np.arange(nblocks, dtype=np.int64) * BS
+            a.write_many(offs, np.tile(buf, (nblocks, 1)))
+            b.write_many(offs, np.tile(buf, (nblocks, 1)))
+        p.commit()
+        p.delete("a")
+        p.commit()
+        p.commit()
+        return path, p
+
+    def side(fragmented: bool):
+        def run(r):
+            path, p = build(r, fragmented)
+            got = []
+            t = timed(lambda: got.append(p.trim()))
+            assert got[0].punched_blocks == nblocks, got[0]
+            if fragmented and r == 0:
+                empty.append(timed(p.trim))
+            p.close(commit=False)
+            sc.remove(path)
+            return t
+        return run
+
+    empty: list[float] = []
+    res = interleave({"fragmented": side(True), "contiguous": side(False)}, repeats)
+    tf, tc = med(res["fragmented"]), med(res["contiguous"])
+    return [Row(key, f"Pool.trim of {nblocks:,} free blocks holding bytes: one-block runs vs one run (info)",
+                {"fragmented_blocks_per_s": round(nblocks / tf), "contiguous_blocks_per_s": round(nblocks / tc),
+                 "fragmented_ms": round(tf * 1e3, 1), "contiguous_ms": round(tc * 1e3, 1),
+                 "nothing_to_punch_ms": round(empty[0] * 1e3, 2)},
+                tf / tc, "", "info", note="ratio = fragmented time / contiguous time")], res
+
+
 # ----------------------------------------------------------------------------- startup
 _STARTUP = r"""
 import json, os, sys, tempfile, time
@@ -509,6 +601,8 @@ def run(full: bool = False, sc: Scratch | None = None, only: set[str] | None = N
             ("6", lambda: bench_cow(sc, 2048 if q else 8192, 5 if q else 7)),
             ("7", lambda: bench_startup()),
             ("8", lambda: bench_origin_reads(sc, 4096 if q else 16384, 20000 if q else 100000, 7 if q else 11)),
+            ("reuse", lambda: bench_reuse(sc, 4000 if q else 16000, 3 if q else 5)),
+            ("trim", lambda: bench_trim(sc, 10000 if q else 50000, 3 if q else 5)),
         ]
         for name, fn in steps:
             if only and name not in only:
@@ -534,7 +628,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m perf.engine", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="bigger sizes and more repeats")
-    ap.add_argument("--only", help="comma-separated subset of 1..8")
+    ap.add_argument("--only", help="comma-separated subset of 1..8, reuse, trim")
     ap.add_argument("--json", help="write rows to this JSON file")
     a = ap.parse_args(argv)
     m = machine()

@@ -160,7 +160,8 @@ class Pool(Transactions, DeviceOps):
         ``skip_block_zeroing``, a reused block shows its old bytes).  ``punch_freed_blocks``: hole-punch
         every freed block once no durable commit maps it (off, the default, keeps its bytes as dm-thin
         does; :meth:`trim` returns the space).
-        An existing non-empty ``data_file`` is refused unless ``force`` (its blocks would be punched);
+        An existing non-empty ``data_file`` is refused unless ``force`` (new volumes would overwrite its
+        blocks, :meth:`trim` punch them);
         one another pool owns (:mod:`thinpool.ownership`) unless ``take_over_data`` (that pool then
         refuses to open).  Nothing is created if any argument is invalid, and a failed creation
         removes what it made.  ``mode``: the directory's mode (default 0700, files 0600; 0750 gives

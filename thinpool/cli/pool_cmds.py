@@ -67,8 +67,8 @@ SECTION = "Pool commands"
 @click.option("--max-thins", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Expected number of thin volumes (sizes the default metadata).")
 @click.option("--force", is_flag=True,
-              help="Use a non-empty existing --data-file anyway (the new pool maps none of it: its contents "
-                   "are punched).")
+              help="Use a non-empty existing --data-file anyway (the new pool maps none of it: new volumes "
+                   "overwrite its contents and `thinpool trim` punches them).")
 @click.option("--take-over-data", is_flag=True,
               help="The --data-file belongs to another pool that is gone: make it this pool's (the old pool "
                    "then refuses to open).")
