@@ -25,8 +25,9 @@ from ..units import parse_size
 from .results import COUNTERS, SERIES_COLUMNS, ReplayResult, Result, write_amplification
 
 OP_READ, OP_WRITE, OP_DISCARD, OP_FLUSH = 0, 1, 2, 3
-#: I/Os between samples when no sampling interval is given: the interval starts here and doubles
-#: (every other sample dropped) whenever the series reaches MAX_AUTO_SAMPLES rows
+#: I/Os between samples when no sampling interval is given: the interval starts here (or coarser for a
+#: long trace, from its size) and doubles (every other sample dropped) whenever the series reaches
+#: MAX_AUTO_SAMPLES rows
 DEFAULT_SAMPLE_IOS = 256
 MAX_AUTO_SAMPLES = 512
 
@@ -70,6 +71,16 @@ class ArrayTrace:
             b = a + self.chunk_records
             yield Chunk(self.time[a:b], self.op[a:b], self.offset[a:b], self.length[a:b], self.volume[a:b],
                         np.arange(a + 1, a + 1 + len(self.op[a:b]), dtype=np.int64))
+
+
+def expected_records(trace: Any) -> int:
+    """A rough record count of a trace before reading it (for the default sampling interval)."""
+    if hasattr(trace, "op"):
+        return len(trace.op)
+    try:
+        return os.path.getsize(trace.path) // 32  # text traces: about 30-40 bytes a record
+    except (OSError, AttributeError, TypeError):
+        return 0
 
 
 def open_trace(trace: Any, format: str | None = None, *, skip_bad: bool = False, blkparse_event: str = "Q"):
@@ -136,7 +147,7 @@ class Replayer:
 
     def __init__(self, pool, targets: list[Target], *, sample_every: Every | None = None,
                  commit_on_flush: bool = True, on_no_space: str = "skip", pattern: np.ndarray | None = None,
-                 progress: bool | None = None, paths: Sequence[str] = ()) -> None:
+                 progress: bool | None = None, paths: Sequence[str] = (), expected_records: int = 0) -> None:
         if not targets:
             raise InvalidArgument("nothing to replay into: no volume")
         self.pool = pool
@@ -144,7 +155,10 @@ class Replayer:
         self.thins = [t.thin for t in targets]
         self.sizes = np.array([t.thin.size for t in targets], np.int64)
         self.auto_sample = sample_every is None
-        self.sample_every = sample_every or Every(ios=DEFAULT_SAMPLE_IOS)
+        start = DEFAULT_SAMPLE_IOS
+        while start * MAX_AUTO_SAMPLES // 2 < expected_records:  # a long trace starts coarser (each sample ~1 ms)
+            start *= 2
+        self.sample_every = sample_every or Every(ios=start)
         self.commit_on_flush = commit_on_flush
         self.on_no_space = on_no_space
         self.pattern = pattern
@@ -391,30 +405,26 @@ class Replayer:
 
 
 class _Cumulative:
-    """Record counts (reads, writes, discards, flushes, bytes read, bytes written) before each position."""
+    """Record counts (reads, writes, discards, flushes, bytes read, bytes written) before each position:
+    the positions of each op and the running byte sums of reads and writes, computed once per window."""
 
     def __init__(self, op: np.ndarray, length: np.ndarray) -> None:
         self.op, self.length = op, length
-        self._cum = None
+        self._idx: list[np.ndarray] | None = None
 
     def at(self, pos: int) -> tuple[int, ...]:
-        if pos == len(self.op) and self._cum is None:  # the whole window: plain sums
-            op, ln = self.op, self.length
+        op, ln = self.op, self.length
+        if pos == len(op) and self._idx is None:  # the whole window: plain sums
             r, w = op == OP_READ, op == OP_WRITE
             return (int(np.count_nonzero(r)), int(np.count_nonzero(w)), int(np.count_nonzero(op == OP_DISCARD)),
                     int(np.count_nonzero(op == OP_FLUSH)), int(ln[r].sum()), int(ln[w].sum()))
-        if self._cum is None:
-            op, ln = self.op, self.length
-            r, w = op == OP_READ, op == OP_WRITE
-            z = np.zeros((6, len(op) + 1), np.int64)
-            np.cumsum(r, out=z[0, 1:])
-            np.cumsum(w, out=z[1, 1:])
-            np.cumsum(op == OP_DISCARD, out=z[2, 1:])
-            np.cumsum(op == OP_FLUSH, out=z[3, 1:])
-            np.cumsum(np.where(r, ln, 0), out=z[4, 1:])
-            np.cumsum(np.where(w, ln, 0), out=z[5, 1:])
-            self._cum = z
-        return tuple(int(x) for x in self._cum[:, pos])
+        if self._idx is None:
+            self._idx = [np.flatnonzero(op == code) for code in (OP_READ, OP_WRITE, OP_DISCARD, OP_FLUSH)]
+            self._bytes = [np.cumsum(ln[self._idx[0]]), np.cumsum(ln[self._idx[1]])]
+        k = [int(np.searchsorted(idx, pos)) for idx in self._idx]
+        br = int(self._bytes[0][k[0] - 1]) if k[0] else 0
+        bw = int(self._bytes[1][k[1] - 1]) if k[1] else 0
+        return k[0], k[1], k[2], k[3], br, bw
 
 
 class _Progress:
@@ -544,7 +554,7 @@ def replay(pool, volume: str | Thin, trace: Any, *, format: str | None = None,
     src = Source(tr, None)
     r = Replayer(pool, [target], sample_every=Every.parse(sample_every, "sample_every"),
                  commit_on_flush=commit_on_flush, on_no_space=on_no_space, pattern=pattern, progress=progress,
-                 paths=[str(getattr(tr, "path", "<trace>"))])
+                 paths=[str(getattr(tr, "path", "<trace>"))], expected_records=expected_records(tr))
     try:
         for w in windows([src]):
             r.feed(*w)

@@ -22,7 +22,7 @@ import numpy as np
 from ..errors import InvalidArgument
 from ..rules import check_block_size
 from ..units import parse_size
-from .replayer import Every, Replayer, Source, Target, open_trace, windows
+from .replayer import Every, Replayer, Source, Target, expected_records, open_trace, windows
 from .results import Result
 
 # key -> (kind, default); kinds: size, bool, int, float, str, every, choice:<a|b>
@@ -332,7 +332,7 @@ def run(scenario: Scenario | str | os.PathLike, *, pool_dir: str | None = None, 
             paths = [str(getattr(src.trace, "path", "<trace>")) for src in sources]
             r = Replayer(pool, targets, sample_every=Every.parse(s.simulation["sample_every"], "sample_every"),
                          commit_on_flush=s.simulation["commit_on_flush"], on_no_space="skip", progress=progress,
-                         paths=paths)
+                         paths=paths, expected_records=sum(expected_records(src.trace) for src in sources))
             try:
                 for w in windows(sources):
                     r.feed(*w)
