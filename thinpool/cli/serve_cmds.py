@@ -70,7 +70,8 @@ def parse_tcp(value: str) -> tuple[str | None, int]:
 @click.option("--record", "record", metavar="FILE", default=None,
               help="Write every NBD request of every export to FILE as a fio iolog (version 3: one file "
                    "name per export, times in microseconds), for `thinpool replay` or `fio --read_iolog`. "
-                   "Buffered: written out on every FLUSH/FUA and when serving stops.")
+                   "Buffered (8,192 requests): written out when full, on every FLUSH/FUA and when serving "
+                   "stops.")
 @click.option("-v", "--verbose", count=True, help="Log connections (-v) and requests (-vv) on stderr.")
 def serve_cmd(pool: str, socket_path: str | None, tcp: str | None, tcp_allow: tuple[str, ...], read_only: bool,
               handshake_timeout: float, idle_timeout: float, max_clients: int, record: str | None,
