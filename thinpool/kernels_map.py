@@ -399,19 +399,4 @@ def writable_leaf(nodes, space, st, dev, vb):
     return leaf
 
 
-@njit(cache=True)
-def build_device(nodes, space, st, dev, vblocks, values, start):
-    """Insert sorted mappings ``start..`` into an empty device (restore/import).  Data counts are
-    incremented per leaf entry.  Returns (code, next_index) like :func:`thinpool.kernels.write_batch`."""
-    leaves = nodes[0]
-    for k in range(start, vblocks.shape[0]):
-        if st[ST_INNER_FREE] < 3 or st[ST_LEAF_FREE] < 1:
-            return NEED_NODES, k
-        vb = vblocks[k]
-        leaf = writable_leaf(nodes, space, st, dev, vb)
-        leaves[leaf, vb & (LEAF_ENTRIES - 1)] = values[k]
-        inc_data(space, mapping_block(values[k]))
-    return OK, vblocks.shape[0]
-
-
 kernels_cache.check(globals(), _built_with)

@@ -3,7 +3,7 @@
 :class:`DeviceOps` is a mixin of :class:`thinpool.pool.Pool` (the methods are the pool's; they live
 here so each module holds one concept).  The shared rules (the snapshot records, the catalog entry
 of a new volume, free slots) are :mod:`thinpool.rules`'s, which :class:`~thinpool.devtable.DeviceTable`
-applies too.  The ``_import_device`` / ``_set_superblock`` / ``_restore_volume`` methods are the
+applies too.  The ``_import_forest`` / ``_import_device_at`` / ``_set_superblock`` / ``_restore_volume`` methods are the
 narrow internal interface of :mod:`thinpool.pool_ir` and :mod:`thinpool.repair` (the engine's IR
 bridge): nothing outside the pool writes its state.
 """
@@ -287,27 +287,6 @@ class DeviceOps:
         self._catalog_dirty = True
 
     # ------------------------------------------------------------------ the IR bridge's interface
-    def _import_device(self, name: str, dev_id: int, vblocks: np.ndarray, values: np.ndarray, *, transaction: int,
-                       creation_time: int, snap_time: int, size: int) -> None:
-        """A new device ``name`` mapping sorted virtual blocks ``vblocks`` to packed mapping ``values``
-        (:func:`thinpool.schema.pack_mapping`), for :mod:`thinpool.pool_ir` (restore/import).  The
-        data blocks' counts are raised; call :meth:`_set_superblock` after the last device."""
-        from .kernels_map import build_device
-        bm = self._nodes_map
-        state = np.zeros(K.DEV_COLUMNS, np.int64)
-        state[K.DEV_ROOT] = bm.new_root()
-        state[K.DEV_SNAP_TIME] = snap_time
-        start = 0
-        vb = np.ascontiguousarray(vblocks, np.int64)
-        vals = np.ascontiguousarray(values, np.uint64)
-        while True:
-            code, start = build_device(bm.nodes, self._space.arrays, self._st, state, vb, vals, start)
-            if code == K.OK:
-                break
-            bm.ensure(max(64, len(vb) // K.LEAF_ENTRIES // 8 + 3), max(64, (len(vb) - start) // K.LEAF_ENTRIES + 2))
-        self._register(name, rules.device_record(dev_id, int(state[K.DEV_ROOT]), len(vb), transaction, creation_time,
-                                                 snap_time, size))
-
     def _import_forest(self, leaves: tuple, mids: tuple, roots: tuple, counts: tuple,
                        data_blocks: np.ndarray) -> np.ndarray:
         """Install a block map with shared nodes built by :mod:`thinpool.pool_ir` (restore/import; see

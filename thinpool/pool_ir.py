@@ -3,7 +3,7 @@
 ``pool_to_metadata`` is the one producer every exporter (XML, binary, thin_ls/delta/rmap) reads;
 ``pool_from_metadata`` is the one consumer every importer (XML restore, binary import) feeds.  It
 reads the pool through its public read-only views under :meth:`Pool.locked` and builds one through
-the pool's import interface (``_import_device``, ``_set_superblock``); it never writes the pool's
+the pool's import interface (``_import_forest``, ``_import_device_at``, ``_set_superblock``); it never writes the pool's
 state itself.  The IR (:mod:`thinpool.interop.ir`) knows nothing of the pool.
 """
 
@@ -152,7 +152,7 @@ def pool_from_metadata(create: Callable[..., "Pool"], path: str | os.PathLike, m
 
 def _fill(pool: "Pool", md: Metadata, names: dict[int, str]) -> None:
     size = pool.nr_data_blocks * pool.block_size
-    trees, first_dev, tree_of_dev = _distinct_trees(md.devices)
+    trees, tree_of_dev = _distinct_trees(md.devices)
     vb = np.concatenate([d.vblocks for d in trees] or [np.zeros(0, np.uint64)]).astype(np.int64)
     vals = np.concatenate([pack_mapping(d.dblocks.astype(np.uint64), d.times.astype(np.uint64)) for d in trees]
                           or [np.zeros(0, np.uint64)])
@@ -169,12 +169,11 @@ def _fill(pool: "Pool", md: Metadata, names: dict[int, str]) -> None:
     pool._set_superblock(time=md.superblock.time, transaction_id=md.superblock.transaction)
 
 
-def _distinct_trees(devices: list[Device]) -> tuple[list[Device], list[int], np.ndarray]:
+def _distinct_trees(devices: list[Device]) -> tuple[list[Device], np.ndarray]:
     """Devices whose mapping arrays are the very same objects (a producer's way of saying "this snapshot
-    is its origin, unchanged") have one tree: (one device per tree, its index, each device's tree)."""
+    is its origin, unchanged") have one tree: (one device per tree, each device's tree)."""
     index: dict[tuple[int, int, int], int] = {}
     trees: list[Device] = []
-    firsts: list[int] = []
     tree_of = np.zeros(len(devices), np.int64)
     for i, dev in enumerate(devices):
         key = (id(dev.vblocks), id(dev.dblocks), id(dev.times))
@@ -182,9 +181,8 @@ def _distinct_trees(devices: list[Device]) -> tuple[list[Device], list[int], np.
         if t is None:
             t = index[key] = len(trees)
             trees.append(dev)
-            firsts.append(i)
         tree_of[i] = t
-    return trees, firsts, tree_of
+    return trees, tree_of
 
 
 def _runs(keys: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

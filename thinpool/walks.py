@@ -1,7 +1,8 @@
 """Numba kernels that walk whole trees: mapping lists, accounting, reference-count checks.
 Pure functions over the block-map arrays (the ``nodes`` tuple of :mod:`thinpool.kernels_map`, whose
 mapping helpers they inline; see :mod:`thinpool.kernels_cache` for why that is safe with
-``cache=True``).  Building a device from a mapping list is :func:`thinpool.kernels_map.build_device`.
+``cache=True``).  A block map is built from mapping lists (restore/import) by :mod:`thinpool.pool_ir`
+with numpy, shared leaves and all.
 """
 
 from __future__ import annotations

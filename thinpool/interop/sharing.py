@@ -15,9 +15,11 @@ nodes, whatever produced the mappings:
   :data:`MIN_ENTRIES` mappings.  A dense chunk (≥ 84 mappings) is thus a group of its own, sparse
   chunks gather into aligned windows; groups left under-full merge with a neighbour.  Two devices
   with the same mappings in a region cut it the same way;
-* **leaves** -- identical groups (same keys and values: :func:`~thinpool.interop.ir.identical_runs`)
-  are written once and split into ``ceil(n / 252)`` leaves of near-equal size, never fewer than 84
-  entries (thin_check's third) unless the leaf is a root;
+* **leaves** -- each group is split into ``ceil(n / 252)`` leaves of near-equal size, never fewer than
+  84 entries (thin_check's third) unless the leaf is a root; the split depends on the group's keys
+  alone, so a write that remaps blocks (copy-on-write changes values, not keys) leaves the other
+  leaves of its group identical; identical leaves (same keys and values:
+  :func:`~thinpool.interop.ir.identical_runs`) are written once;
 * **internal nodes** -- built level by level over each tree's leaf sequence, identical nodes (same
   children) written once, up to each tree's root; identical trees share their root.
 
@@ -182,25 +184,23 @@ def build_shared_forest(keys: np.ndarray, values: np.ndarray, tree_counts: np.nd
     """
     tree_counts = np.asarray(tree_counts, np.int64)
     n_trees = len(tree_counts)
-    # 1. leaf groups, identical ones once, each split into near-equal leaves
+    # 1. leaf groups, each split into near-equal leaves (the split depends on the group's keys only,
+    #    so a copy-on-write that changes values keeps it), identical leaves once
     g_start, g_count, g_tree = _chunk_cuts(keys, tree_counts)
-    g_rep, g_unique = identical_runs(g_start, g_count, [keys, values])
-    u_of = np.full(len(g_start), -1, np.int64)
-    u_of[g_unique] = np.arange(g_unique.size)
-    g_uid = u_of[g_rep]
-    k, lo, length = _even_split(g_count[g_unique], LEAF_MAX)
-    leaf_start = np.repeat(g_start[g_unique], k) + lo
-    leaf_count = length
-    first_leaf = np.cumsum(k) - k  # each unique group's first leaf
+    k, lo, length = _even_split(g_count, LEAF_MAX)
+    l_start = np.repeat(g_start, k) + lo
+    l_rep, l_unique = identical_runs(l_start, length, [keys, values])
+    u_of = np.full(l_start.size, -1, np.int64)
+    u_of[l_unique] = np.arange(l_unique.size)
+    leaf_start, leaf_count = l_start[l_unique], length[l_unique]
     empty = tree_counts == 0
     if empty.any():  # one empty leaf for the empty trees
         leaf_start = np.append(leaf_start, 0)
         leaf_count = np.append(leaf_count, 0)
     n_leaves = leaf_start.size
     # each tree's sequence of leaves
-    gk = k[g_uid]
-    cur = np.repeat(first_leaf[g_uid], gk) + (np.arange(int(gk.sum())) - np.repeat(np.cumsum(gk) - gk, gk))
-    ncur = np.bincount(np.repeat(g_tree, gk), minlength=n_trees).astype(np.int64)
+    cur = u_of[l_rep]
+    ncur = np.bincount(np.repeat(g_tree, k), minlength=n_trees).astype(np.int64)
     roots = np.full(n_trees, -1, np.int64)
     roots[empty] = n_leaves - 1
     # 2. internal levels: each tree's nodes split evenly, identical nodes once
