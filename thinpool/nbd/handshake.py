@@ -125,8 +125,9 @@ class Handshake:
         except (P.ProtocolError, ThinpoolError) as exc:
             raise Disconnect(f"NBD_OPT_EXPORT_NAME failed: {exc}") from exc  # this option cannot error
         no_zeroes = bool(self.client_flags & P.FLAG_C_NO_ZEROES)
-        self._send(P.encode_export_name_reply(export.size, self._transmission_flags(export), no_zeroes))
-        self._enter(export, name)
+        flags = self._transmission_flags(export)
+        self._enter(export, name)  # before the reply, as for NBD_OPT_GO
+        self._send(P.encode_export_name_reply(export.size, flags, no_zeroes))
         return True
 
     def _opt_abort(self, option: int, data: bytes) -> bool:
@@ -179,10 +180,13 @@ class Handshake:
         if P.INFO_DESCRIPTION in requests and description:
             self._reply(option, P.REP_INFO, P.encode_info_description(description))
         self._reply(option, P.REP_INFO, P.encode_info_block_size(1, preferred_block_size(export), P.MAX_PAYLOAD))
-        self._reply(option, P.REP_ACK)
         if option == P.OPT_GO:
+            # in transmission before the client hears so: a client that has its ACK is never counted as
+            # still in its handshake (the max_clients eviction rule)
             self._enter(export, name)
+            self._reply(option, P.REP_ACK)
             return True
+        self._reply(option, P.REP_ACK)
         self._release(export)
         return False
 
