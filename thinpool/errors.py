@@ -41,6 +41,12 @@ class TraceError(InvalidArgument):
         self.line = line
 
 
+class ImageError(InvalidArgument):
+    """A container image archive (OCI layout or docker-archive) is malformed, fails a digest check or breaks a
+    safety rule (a member escaping the tree, an oversized document...); the message names the archive, the
+    blob and, inside a layer, the member."""
+
+
 class NotFound(ThinpoolError, LookupError):
     """A named volume, snapshot, device id or pool does not exist."""
 
@@ -169,6 +175,7 @@ __all__ = [
     "ThinpoolError",
     "InvalidArgument",
     "TraceError",
+    "ImageError",
     "NotFound",
     "AlreadyExists",
     "FailedPrecondition",

@@ -1,0 +1,454 @@
+"""Reading image archives (thinpool/containers/oci.py) and applying layers (oci_apply.py).
+
+Images are made by the real tools from trees the test creates: ``umoci`` (init/new/unpack/repack for the
+first two layers, ``raw add-layer`` for a third layer holding an opaque directory, since ``umoci insert
+--opaque`` writes a broken tar in 0.4.7), then ``skopeo copy`` to docker-archive, oci-archive and a
+zstd-compressed layout.  Hostile layers are built with Python's tarfile.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import shutil
+import stat
+import subprocess
+import tarfile
+
+import pytest
+
+from tests.support import require_root, require_tool
+from thinpool.containers.oci import open_image
+from thinpool.containers.oci_tar import MAX_TAR_HEADER_BYTES, WHITEOUT, iter_tar_entries
+from thinpool.containers.oci_apply import apply_layer
+from thinpool.errors import ImageError, InvalidArgument
+
+
+def run(*args: str, cwd: str | None = None) -> None:
+    subprocess.run(args, check=True, cwd=cwd, capture_output=True)
+
+
+def _umoci(*args: str) -> None:
+    run("umoci", *args, *(["--rootless"] if os.geteuid() != 0 and args[0] in ("unpack",) else []))
+
+
+def _xattrs_ok(path: str) -> bool:
+    try:
+        os.setxattr(path, "user.t", b"1")
+        os.removexattr(path, "user.t")
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """An image of three layers in four archive forms, and the tree it should unpack to."""
+    require_tool("umoci", "skopeo")
+    top = tmp_path_factory.mktemp("oci")
+    img = str(top / "img")
+    _umoci("init", "--layout", img)
+    _umoci("new", "--image", f"{img}:base")
+    # layer 1: files, a symlink, a hard link, an executable, a user xattr, a 3 MiB file
+    b1 = str(top / "b1")
+    _umoci("unpack", "--image", f"{img}:base", b1)
+    r = os.path.join(b1, "rootfs")
+    os.makedirs(f"{r}/etc")
+    os.makedirs(f"{r}/d/sub")
+    os.makedirs(f"{r}/bin")
+    for p, data in {"etc/a": b"hello\n", "d/x": b"x\n", "d/y": b"y\n", "d/sub/s": b"s\n", "gone": b"g\n",
+                    "bin/tool": b"#!/bin/sh\necho tool\n", "big": os.urandom(3 << 20)}.items():
+        with open(f"{r}/{p}", "wb") as f:
+            f.write(data)
+    os.chmod(f"{r}/bin/tool", 0o755)
+    os.symlink("a", f"{r}/etc/sl")
+    os.symlink("/etc/a", f"{r}/abs")
+    os.link(f"{r}/etc/a", f"{r}/etc/hl")
+    xattrs = _xattrs_ok(f"{r}/etc/a")
+    if xattrs:
+        os.setxattr(f"{r}/etc/a", "user.colour", b"blue")
+    _umoci("repack", "--image", f"{img}:v1", b1)
+    # layer 2: a deletion (whiteout), a changed file, a new file
+    b2 = str(top / "b2")
+    _umoci("unpack", "--image", f"{img}:v1", b2)
+    r2 = os.path.join(b2, "rootfs")
+    os.unlink(f"{r2}/gone")
+    with open(f"{r2}/big", "r+b") as f:
+        f.seek(1 << 20)
+        f.write(b"changed")
+    with open(f"{r2}/new", "wb") as f:
+        f.write(b"new\n")
+    _umoci("repack", "--image", f"{img}:v2", b2)
+    # layer 3: d made opaque (its lower contents hidden) with a new member d/z
+    layer3 = str(top / "layer3.tar")
+    with tarfile.open(layer3, "w", format=tarfile.PAX_FORMAT) as t:
+        for name, data in (("d/z", b"z\n"), ("d/.wh..wh..opq", b"")):
+            ti = tarfile.TarInfo(name)
+            ti.size, ti.mtime = len(data), 1_700_000_000
+            t.addfile(ti, io.BytesIO(data))
+    run("umoci", "raw", "add-layer", "--image", f"{img}:v2", "--tag", "v3", layer3)
+    # the expected tree: layer 2's rootfs with d emptied but for z
+    expected = str(top / "expected")
+    run("cp", "-a", r2, expected)                       # cp -a keeps the hard link
+    shutil.rmtree(f"{expected}/d")
+    os.mkdir(f"{expected}/d")
+    with open(f"{expected}/d/z", "wb") as f:
+        f.write(b"z\n")
+    docker = str(top / "docker.tar")
+    run("skopeo", "copy", "-q", f"oci:{img}:v3", f"docker-archive:{docker}:test/img:v3")
+    ociar = str(top / "oci.tar")
+    run("skopeo", "copy", "-q", f"oci:{img}:v3", f"oci-archive:{ociar}:v3")
+    zst = str(top / "zstd")
+    run("skopeo", "copy", "-q", "--dest-compress", "--dest-compress-format", "zstd", f"oci:{img}:v3",
+        f"oci:{zst}:v3z")
+    return {"top": str(top), "img": img, "docker": docker, "ociar": ociar, "zstd": zst, "expected": expected,
+            "xattrs": xattrs}
+
+
+def snapshot(root: str) -> dict[str, tuple]:
+    """Every path under ``root``: kind, mode, content or target, hard-link group, user xattrs."""
+    out: dict[str, tuple] = {}
+    inodes: dict[int, list[str]] = {}
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            st = os.lstat(os.path.join(dirpath, name))
+            if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                inodes.setdefault(st.st_ino, []).append(os.path.relpath(os.path.join(dirpath, name), root))
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            full = os.path.join(dirpath, name)
+            rel = os.path.relpath(full, root)
+            st = os.lstat(full)
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = ("symlink", os.readlink(full))
+                continue
+            xa = {k: os.getxattr(full, k) for k in os.listxattr(full) if k.startswith("user.")}
+            if stat.S_ISDIR(st.st_mode):
+                out[rel] = ("dir", stat.S_IMODE(st.st_mode), xa)
+            elif stat.S_ISREG(st.st_mode):
+                with open(full, "rb") as f:
+                    digest = hashlib.sha256(f.read()).hexdigest()
+                group = min(inodes[st.st_ino]) if st.st_nlink > 1 else None
+                out[rel] = ("file", stat.S_IMODE(st.st_mode), digest, group, xa)
+            else:
+                out[rel] = ("other", st.st_mode, st.st_rdev)
+    return out
+
+
+def _independent_ids(img: str, tag: str) -> tuple[list[str], list[str]]:
+    """Diff IDs hashed here from the layer blobs umoci wrote, and chain IDs by the OCI rule."""
+    index = json.load(open(f"{img}/index.json"))
+    desc = next(m for m in index["manifests"] if m["annotations"]["org.opencontainers.image.ref.name"] == tag)
+    manifest = json.load(open(f"{img}/blobs/sha256/{desc['digest'].split(':')[1]}"))
+    diffs = []
+    for layer in manifest["layers"]:
+        with gzip.open(f"{img}/blobs/sha256/{layer['digest'].split(':')[1]}") as f:
+            diffs.append("sha256:" + hashlib.sha256(f.read()).hexdigest())
+    chains = [diffs[0]]
+    for d in diffs[1:]:
+        chains.append("sha256:" + hashlib.sha256((chains[-1] + " " + d).encode()).hexdigest())
+    return diffs, chains
+
+
+@pytest.mark.realtools
+@pytest.mark.parametrize("form", ["img", "ociar", "docker", "zstd"])
+def test_oci_rule_applied_tree_equals_source_after_whiteouts(built: dict, form: str, tmp_path) -> None:
+    """Every form skopeo/umoci write opens; diff IDs and chain IDs follow the OCI rule (checked against
+    hashes of umoci's blobs made here); the three layers applied give exactly the expected tree: files,
+    modes, symlinks, the hard link, the user xattr, the whiteout of ``gone`` and the opaque ``d``."""
+    ref = {"img": "v3", "ociar": "v3", "docker": "test/img:v3", "zstd": "v3z"}[form]
+    diffs, chains = _independent_ids(built["img"], "v3")
+    root = str(tmp_path / "root")
+    os.mkdir(root)
+    with open_image(built[form], ref) as image:
+        assert image.format == ("docker-archive" if form == "docker" else "oci")
+        assert image.diff_ids == diffs
+        assert image.chain_ids == chains
+        image.verify()
+        stats = [apply_layer(image.layer_entries(layer), root) for layer in image.layers]
+    assert stats[0].hardlinks == 1 and stats[0].symlinks == 2
+    assert stats[1].whiteouts == 1 and stats[2].opaques == 1
+    assert stats[0].file_bytes == (3 << 20) + 6 + 2 + 2 + 2 + 2 + 20   # the hard link adds no bytes
+    got, want = snapshot(root), snapshot(built["expected"])
+    assert got == want
+    assert "gone" not in got and sorted(os.listdir(f"{root}/d")) == ["z"]
+    if built["xattrs"]:
+        assert got["etc/a"][4] == {"user.colour": b"blue"}
+
+
+@pytest.mark.realtools
+def test_oci_rule_tag_resolution(built: dict) -> None:
+    """Tags resolve through index.json's ref.name annotation and docker's RepoTags; an unknown tag, or no tag
+    where several images are stored, is refused with the tags listed."""
+    with open_image(built["img"], "v1") as image:
+        assert len(image.layers) == 1
+    with pytest.raises(ImageError, match="no image tagged 'nope'.*v1"):
+        open_image(built["img"], "nope")
+    with pytest.raises(ImageError, match="images match; name one"):
+        open_image(built["img"])
+    with open_image(built["docker"]) as image:
+        assert image.ref == "docker.io/test/img:v3" and len(image.layers) == 3
+    with pytest.raises(ImageError, match="no image tagged"):
+        open_image(built["docker"], "other:tag")
+
+
+def _copy_layout(built: dict, tmp_path) -> str:
+    d = str(tmp_path / "layout")
+    shutil.copytree(built["img"], d)
+    return d
+
+
+def _layer_blob(layout: str, n: int) -> str:
+    with open_image(layout, "v3") as image:
+        return image.layers[n].blob
+
+
+def _rewrite(layout: str, old: str, data: bytes) -> str:
+    """Replace blob ``old`` by ``data`` and fix every descriptor up the chain (manifest, index)."""
+    new = "sha256:" + hashlib.sha256(data).hexdigest()
+    with open(f"{layout}/blobs/sha256/{new.split(':')[1]}", "wb") as f:
+        f.write(data)
+    index = json.load(open(f"{layout}/index.json"))
+    for m in index["manifests"]:
+        path = f"{layout}/blobs/sha256/{m['digest'].split(':')[1]}"
+        manifest = json.load(open(path))
+        if m["digest"] == old:
+            m["digest"], m["size"] = new, len(data)
+            continue
+        if any(layer["digest"] == old for layer in manifest["layers"]):
+            for layer in manifest["layers"]:
+                if layer["digest"] == old:
+                    layer["digest"], layer["size"] = new, len(data)
+            body = json.dumps(manifest).encode()
+            m["digest"], m["size"] = "sha256:" + hashlib.sha256(body).hexdigest(), len(body)
+            with open(f"{layout}/blobs/sha256/{m['digest'].split(':')[1]}", "wb") as f:
+                f.write(body)
+    with open(f"{layout}/index.json", "w") as f:
+        json.dump(index, f)
+    return new
+
+
+@pytest.mark.realtools
+def test_oci_rule_blob_digest_mismatch_names_the_blob(built: dict, tmp_path) -> None:
+    layout = _copy_layout(built, tmp_path)
+    blob = _layer_blob(layout, 0)
+    with open(f"{layout}/{blob}", "r+b") as f:
+        f.seek(100)
+        b = f.read(1)
+        f.seek(100)
+        f.write(bytes([b[0] ^ 1]))
+    with open_image(layout, "v3") as image, pytest.raises(ImageError) as e:
+        image.verify()
+    assert blob in str(e.value) and "digest mismatch" in str(e.value)
+    # a valid gzip of the same tar but other bytes: the stream reads fine, the digest check catches it
+    with gzip.open(f"{built['img']}/{blob}") as f:
+        tar = f.read()
+    with open(f"{layout}/{blob}", "wb") as f:
+        f.write(gzip.compress(tar, compresslevel=1, mtime=0))
+    with open_image(layout, "v3") as image, pytest.raises(ImageError, match=f"{blob}: digest mismatch"):
+        image.verify()
+
+
+@pytest.mark.realtools
+def test_oci_rule_missing_blob_names_the_blob(built: dict, tmp_path) -> None:
+    layout = _copy_layout(built, tmp_path)
+    blob = _layer_blob(layout, 1)
+    os.unlink(f"{layout}/{blob}")
+    with pytest.raises(ImageError, match=f"layer 1 blob {blob} missing"):
+        open_image(layout, "v3")
+
+
+@pytest.mark.realtools
+def test_oci_rule_truncated_gzip_names_the_blob(built: dict, tmp_path) -> None:
+    """A truncated gzip whose descriptor was made to match it: the gzip stream itself is found short."""
+    layout = _copy_layout(built, tmp_path)
+    blob = _layer_blob(layout, 0)
+    data = open(f"{layout}/{blob}", "rb").read()
+    new = _rewrite(layout, "sha256:" + blob.rsplit("/", 1)[1], data[: len(data) // 2])
+    root = str(tmp_path / "root")
+    os.mkdir(root)
+    with open_image(layout, "v3") as image, pytest.raises(ImageError) as e:
+        apply_layer(image.layer_entries(image.layers[0]), root)
+    assert new.split(":")[1] in str(e.value) and "end-of-stream" in str(e.value)
+
+
+@pytest.mark.realtools
+def test_oci_rule_unreadable_manifest_names_the_blob(built: dict, tmp_path) -> None:
+    layout = _copy_layout(built, tmp_path)
+    index = json.load(open(f"{layout}/index.json"))
+    old = next(m["digest"] for m in index["manifests"]
+               if m["annotations"]["org.opencontainers.image.ref.name"] == "v3")
+    new = _rewrite(layout, old, b"{not json")
+    with pytest.raises(ImageError, match=f"manifest blobs/sha256/{new.split(':')[1]}: unreadable JSON"):
+        open_image(layout, "v3")
+    # a manifest whose bytes do not match its descriptor
+    with open(f"{layout}/blobs/sha256/{new.split(':')[1]}", "wb") as f:
+        f.write(b"{}")
+    with pytest.raises(ImageError, match="digest mismatch"):
+        open_image(layout, "v3")
+
+
+def test_oci_rule_oversized_json_refused_before_reading(tmp_path) -> None:
+    d = tmp_path / "l"
+    (d / "blobs" / "sha256").mkdir(parents=True)
+    (d / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    (d / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
+        {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": "sha256:" + "a" * 64,
+         "size": 1 << 40}]}))
+    with pytest.raises(ImageError, match="limit"):
+        open_image(str(d))
+    (d / "index.json").write_bytes(b" " * (5 << 20) + b"{}")
+    with pytest.raises(ImageError, match="longer than"):
+        open_image(str(d))
+    assert issubclass(ImageError, InvalidArgument)
+
+
+# -- hostile layers -------------------------------------------------------------------------------
+
+def _tar(members: list[tuple]) -> io.BytesIO:
+    """A layer tar from (name, kind, data-or-target[, mode]) tuples."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        for name, kind, arg, *rest in members:
+            ti = tarfile.TarInfo(name)
+            ti.mode = rest[0] if rest else 0o644
+            if kind == "file":
+                ti.size = len(arg)
+                t.addfile(ti, io.BytesIO(arg))
+                continue
+            ti.type = {"dir": tarfile.DIRTYPE, "sym": tarfile.SYMTYPE, "link": tarfile.LNKTYPE,
+                       "chr": tarfile.CHRTYPE}[kind]
+            if kind in ("sym", "link"):
+                ti.linkname = arg
+            if kind == "chr":
+                ti.devmajor, ti.devminor = 1, 3
+            t.addfile(ti)
+    buf.seek(0)
+    return buf
+
+
+@pytest.fixture
+def jail(tmp_path):
+    """A root to apply into and a sibling directory outside it holding a secret file."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "secret").write_bytes(b"secret")
+    return str(root), str(outside)
+
+
+def _apply(buf: io.BytesIO, root: str, **kw) -> None:
+    apply_layer(iter_tar_entries(buf, "blob hostile.tar"), root, **kw)
+
+
+def _outside_untouched(outside: str) -> None:
+    assert os.listdir(outside) == ["secret"]
+    st = os.stat(f"{outside}/secret")
+    assert st.st_nlink == 1 and open(f"{outside}/secret", "rb").read() == b"secret"
+
+
+@pytest.mark.parametrize("name", ["../outside/pwned", "a/../../outside/pwned", "/tmp/pwned"])
+def test_oci_rule_escaping_member_names_refused(jail, name: str) -> None:
+    root, outside = jail
+    with pytest.raises(ImageError, match=r"blob hostile.tar: member .*(absolute|'\.\.')"):
+        _apply(_tar([("ok", "file", b"1"), (name, "file", b"x")]), root)
+    _outside_untouched(outside)
+    assert not os.path.exists("/tmp/pwned")
+
+
+@pytest.mark.parametrize("target_kind", ["relative", "absolute"])
+def test_oci_rule_tar_slip_through_symlink_stays_in_root(jail, target_kind: str) -> None:
+    """``a -> OUTSIDE`` then ``a/secret``: the symlink is resolved inside the root (as in a chroot), so the
+    write lands under the root and the outside file is untouched."""
+    root, outside = jail
+    target = outside if target_kind == "absolute" else "../../../../../../" + outside.lstrip("/")
+    _apply(_tar([("a", "sym", target), ("a/secret", "file", b"pwned")]), root)
+    _outside_untouched(outside)
+    inside = os.path.join(root, outside.lstrip("/"), "secret")
+    assert open(inside, "rb").read() == b"pwned"
+    assert os.readlink(f"{root}/a") == target          # the symlink itself is kept as written
+
+
+def test_oci_rule_hard_link_outside_refused(jail) -> None:
+    root, outside = jail
+    with pytest.raises(ImageError, match="hard link target"):
+        _apply(_tar([("h", "link", "../outside/secret")]), root)
+    with pytest.raises(ImageError, match="hard link to absolute"):
+        _apply(_tar([("h", "link", f"{outside}/secret")]), root)
+    # through a symlink pointing out: resolved inside the root, where no such file exists
+    with pytest.raises(ImageError, match="missing or a directory"):
+        _apply(_tar([("l", "sym", outside), ("h", "link", "l/secret")]), root)
+    _outside_untouched(outside)
+    assert not os.path.exists(f"{root}/h")
+
+
+def test_oci_rule_devices_and_setuid_only_when_privileged(jail) -> None:
+    root, outside = jail
+    with pytest.raises(ImageError, match="device node refused"):
+        _apply(_tar([("null", "chr", None)]), root, privileged=False)
+    with pytest.raises(ImageError, match="setuid/setgid mode 4755 refused"):
+        _apply(_tar([("su", "file", b"x", 0o4755)]), root, privileged=False)
+    assert not os.path.exists(f"{root}/null") and not os.path.exists(f"{root}/su")
+    if os.geteuid() == 0:
+        _apply(_tar([("null", "chr", None, 0o666), ("su", "file", b"x", 0o4755)]), root)
+        st = os.lstat(f"{root}/null")
+        assert stat.S_ISCHR(st.st_mode) and os.major(st.st_rdev) == 1 and os.minor(st.st_rdev) == 3
+        assert stat.S_IMODE(os.stat(f"{root}/su").st_mode) == 0o4755
+
+
+def test_oci_rule_bounds_on_entries_and_tar_headers(jail) -> None:
+    root, _ = jail
+    with pytest.raises(ImageError, match="more than 3 members"):
+        list(iter_tar_entries(_tar([(f"f{i}", "file", b"") for i in range(5)]), "blob b", max_entries=3))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        ti = tarfile.TarInfo("f")
+        ti.pax_headers = {"comment": "x" * (MAX_TAR_HEADER_BYTES + 10)}
+        t.addfile(ti, io.BytesIO(b""))
+    buf.seek(0)
+    with pytest.raises(ImageError, match="blob b: .*extended tar header"):
+        list(iter_tar_entries(buf, "blob b"))
+
+
+def test_oci_rule_whiteouts_hide_lower_only(jail) -> None:
+    """A whiteout or opaque marker hides what lower layers put there, not what the same layer adds, whatever
+    the member order (OCI image spec, whiteouts)."""
+    root, _ = jail
+    _apply(_tar([("d/old", "file", b"1"), ("e/keep", "file", b"1"), ("gone", "file", b"1")]), root)
+    _apply(_tar([("d/new", "file", b"2"), ("d/.wh..wh..opq", "file", b""), ("e/.wh.keep", "file", b""),
+                 ("gone", "file", b"again"), (".wh.gone", "file", b""), (".wh.never", "file", b"")]), root)
+    assert sorted(os.listdir(f"{root}/d")) == ["new"]
+    assert os.listdir(f"{root}/e") == []
+    assert open(f"{root}/gone", "rb").read() == b"again"
+    entries = list(iter_tar_entries(_tar([("x/.wh.y", "file", b"")]), "blob b"))
+    assert [(e.kind, e.path) for e in entries] == [(WHITEOUT, "x/y")]
+
+
+@pytest.mark.realtools
+def test_overlay2_layout_mounted_by_kernel_overlayfs_equals_tree(built: dict, tmp_path) -> None:
+    """whiteouts="overlay": each layer in its own directory as overlay2 keeps it (0/0 char devices,
+    trusted.overlay.opaque); the kernel's overlayfs over those directories shows exactly the expected tree."""
+    require_root()
+    with open_image(built["img"], "v3") as image:
+        dirs = []
+        for layer in image.layers:
+            d = str(tmp_path / f"l{layer.index}")
+            os.mkdir(d)
+            apply_layer(image.layer_entries(layer), d, whiteouts="overlay")
+            dirs.append(d)
+    st = os.lstat(f"{dirs[1]}/gone")
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+    assert os.getxattr(f"{dirs[2]}/d", "trusted.overlay.opaque") == b"y"
+    mnt = str(tmp_path / "mnt")
+    os.mkdir(mnt)
+    r = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", "lowerdir=" + ":".join(reversed(dirs)), mnt],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"overlayfs mount failed here: {r.stderr.strip()}")
+    try:
+        assert snapshot(mnt) == snapshot(built["expected"])
+    finally:
+        subprocess.run(["umount", mnt], check=True)
