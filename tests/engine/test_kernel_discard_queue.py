@@ -123,6 +123,24 @@ def test_kernel_rule_discard_passdown_unmaps_and_punches(tmp_path) -> None:
         assert 0 not in p.data.allocated_blocks().tolist()
 
 
+def test_kernel_rule_reload_may_switch_passdown_and_discards_follow_at_once(tmp_path) -> None:
+    # pool_ctr on an active pool: no_discard_passdown may come and go (bind_control_target ->
+    # set_discard_callbacks); without passdown a discard unmaps and the data device keeps the bytes
+    with Pool.create(tmp_path / "p", data_size="1MiB") as p:
+        v = p.create_thin("v", "1MiB")
+        v.write(0, b"a" * (2 * BS))
+        p.commit()
+        p.set_features(discard="nopassdown")
+        assert v.discard(0, BS) == 1
+        p.set_features(discard="passdown")
+        assert v.discard(BS, BS) == 1
+        p.commit()
+        p.commit()  # both freed blocks are released now
+        held = set(p.data.allocated_blocks().tolist())
+        assert 0 in held and 1 not in held, held  # block 0 kept its bytes, block 1 was passed down
+        assert v.mapped_blocks == 0
+
+
 def test_kernel_rule_discard_support_cannot_be_turned_on_or_off_while_active(tmp_path) -> None:
     with Pool.create(tmp_path / "p", data_size="1MiB") as p:
         for bad in ("ignore",):
