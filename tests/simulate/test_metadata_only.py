@@ -75,7 +75,7 @@ def test_metadata_only_create_refuses_a_data_file(tmp_path):
 def test_kernel_rule_batch_applies_ios_in_order_like_single_calls(tmp_path, metadata_only):
     """apply_io (one kernel call) == the same I/Os through Thin.write / Thin.discard one by one."""
     rng = np.random.default_rng(3)
-    batch = _mixed(rng, 300, 8 << 20, 2)
+    batch = _mixed(rng, 120, 8 << 20, 2)
     for name in ("batch", "single"):
         with Pool.create(str(tmp_path / name), data_size="32MiB", metadata_only=metadata_only) as pool:
             vols = [pool.create_thin(f"v{i}", "8MiB") for i in range(2)]
