@@ -249,3 +249,54 @@ def test_identical_runs_finds_equal_runs_and_survives_hash_collisions(monkeypatc
     assert all(np.array_equal(a[starts[r]:starts[r] + counts[r]], a[starts[q]:starts[q] + counts[q]])
                for r, q in enumerate(rep))
     assert rep[1] == 0 and rep[7] == 6 and rep[2] == 2  # equal ones still found, the collided one kept apart
+
+
+def derived_family(seed: int, n_devices: int, nr_data_blocks: int) -> "Metadata":
+    """Devices made from each other by random edits (remaps, new mappings, unmaps), dense and sparse
+    stretches, keys up to 2^40: the leaf groups' cuts and merges meet every case."""
+    from thinpool.interop.ir import Device, Metadata, Superblock
+    rng = np.random.default_rng(seed)
+    parts = [np.arange(int(rng.integers(1, 2000))) + int(rng.integers(0, 1 << 40)) for _ in range(3)]
+    parts.append(np.unique(rng.integers(0, 1 << 20, int(rng.integers(1, 3000)))) * int(rng.integers(1, 60)))
+    vb = np.unique(np.concatenate(parts)).astype(np.uint64)
+    db = rng.integers(0, nr_data_blocks, vb.size).astype(np.uint64)
+    tm = rng.integers(0, 5, vb.size).astype(np.uint32)
+    devices = [Device(0, vb.size, 0, 0, 0, vb, db, tm)]
+    for i in range(1, n_devices):
+        base = devices[int(rng.integers(0, i))]
+        v, d, t = base.vblocks.copy(), base.dblocks.copy(), base.times.copy()
+        hit = rng.random(v.size) < rng.choice([0.0, 0.001, 0.05])
+        d[hit] = rng.integers(0, nr_data_blocks, int(hit.sum()))
+        keep = rng.random(v.size) >= rng.choice([0.0, 0.002, 0.3])
+        extra = rng.integers(0, 1 << 41, int(rng.integers(0, 300))).astype(np.uint64)
+        v, d, t = np.concatenate((v[keep], extra)), np.concatenate((d[keep], rng.integers(0, nr_data_blocks, extra.size)
+                                                                   .astype(np.uint64))), \
+            np.concatenate((t[keep], np.full(extra.size, 7, np.uint32)))
+        v, first = np.unique(v, return_index=True)
+        devices.append(Device(i, v.size, i, i, i, v, d[first], t[first]))
+    return Metadata(Superblock(9, 3, 128, nr_data_blocks), devices)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_kernel_rule_shared_forest_nodes_are_a_third_full_and_counts_exact(tmp_path: Path, seed: int) -> None:
+    """thin_check 0.9.0 refuses a non-root node with fewer than max_entries / 3 entries (84) and any
+    reference count that differs from the references made; random families of related devices (remaps,
+    inserts, unmaps, dense and sparse stretches, huge keys) pass it, read back exactly, and share."""
+    require_tool("thin_check", "thin_dump")
+    from tests.interop.test_interop_binary import assert_same, dump
+    md = derived_family(seed, 12, 50_000)
+    meta = tmp_path / "meta.bin"
+    used = write_binary_metadata(md, meta)
+    run("thin_check", str(meta))
+    assert_same(read_binary_metadata(meta), md)
+    assert_same(dump(meta), md)
+    assert check_binary_metadata(meta) == []
+    # devices derived from each other share nodes: fewer than their trees built one by one
+    from thinpool.interop.sharing import build_shared_forest
+
+    def nodes(devs) -> int:
+        keys = np.concatenate([d.vblocks for d in devs])
+        values = np.concatenate([(d.dblocks << np.uint64(24)) | d.times.astype(np.uint64) for d in devs])
+        return build_shared_forest(keys, values, np.array([d.mapped_blocks for d in devs])).nr_nodes
+    alone = sum(nodes([d]) for d in md.devices)
+    assert nodes(md.devices) < alone and used < alone
