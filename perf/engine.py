@@ -134,8 +134,9 @@ def bench_snapshot(sc: Scratch, big: int, small: int, repeats: int, key: str = "
         def run(_r):
             n["i"] += 1
             name = f"s{n['i']}"
-            t = timed(lambda: p.snapshot(origin, name))
-            p.delete(name)
+            with p.batch():  # the message alone; its commit comes at the batch's end (untimed)
+                t = timed(lambda: p.snapshot(origin, name))
+                p.delete(name)
             return t
         return run
 
@@ -144,12 +145,8 @@ def bench_snapshot(sc: Scratch, big: int, small: int, repeats: int, key: str = "
             n["i"] += 1
             name = f"s{n['i']}"
 
-            def go():
-                p.snapshot(origin, name)
-                p.commit()
-            t = timed(go)
+            t = timed(lambda: p.snapshot(origin, name))  # a pool message commits
             p.delete(name)
-            p.commit()
             return t
         return run
 
@@ -183,12 +180,12 @@ def build_chain(sc: Scratch, nblocks: int, depth: int, churn: float = 0.01, seed
         k = min(chunk, nblocks - i)
         base.write_many(np.arange(i, i + k, dtype=np.int64) * BS, rand_bytes(rng, k, BS))
     prev = "base"
-    for d in range(1, depth + 1):
-        s = p.snapshot(prev, f"s{d}")
-        blocks = rng.choice(nblocks, nchurn, replace=False)
-        s.write_many(blocks * BS + rng.integers(0, BS // IO, nchurn) * IO, rand_bytes(rng, nchurn, IO))
-        prev = f"s{d}"
-    p.commit()
+    with p.batch():  # one commit for the whole chain
+        for d in range(1, depth + 1):
+            s = p.snapshot(prev, f"s{d}")
+            blocks = rng.choice(nblocks, nchurn, replace=False)
+            s.write_many(blocks * BS + rng.integers(0, BS // IO, nchurn) * IO, rand_bytes(rng, nchurn, IO))
+            prev = f"s{d}"
     return path, p
 
 
@@ -583,6 +580,38 @@ def bench_startup(key: str = "engine.7") -> list[Row]:
     return [row], {"cold": first, "warm": second, "installed": default}
 
 
+# ----------------------------------------------------------------------------- 8. batched messages
+def bench_batch(sc: Scratch, count: int, key: str = "engine.9") -> list[Row]:
+    """``count`` snapshots of one volume: each its own pool message, committing as dm-thin's do, vs
+    all inside one ``Pool.batch()`` (one commit at its end).  Info: the cost of the kernel's rule."""
+    from thinpool import Pool
+    times = {}
+    for label in ("batched", "one_by_one"):
+        path = sc.path(f"batch-{label}")
+        p = Pool.create(path, data_size="1GiB", max_thins=count + 16)
+        v = p.create_thin("v", "1GiB")
+        v.write_many(np.arange(64, dtype=np.int64) * BS, np.full((64, IO), 7, np.uint8))
+        p.commit()
+
+        def many(p=p):
+            for i in range(count):
+                p.snapshot("v", f"s{i}")
+
+        if label == "batched":
+            def go(p=p, many=many):
+                with p.batch():
+                    many()
+            times[label] = timed(go)
+        else:
+            times[label] = timed(many)
+        p.close()
+        sc.remove(path)
+    tb, to = times["batched"], times["one_by_one"]
+    return [Row(key, f"{count:,} snapshots: one commit each (dm-thin's rule) vs one Pool.batch() (info)",
+                dict(one_by_one_s=to, batched_s=tb, per_message_commit_ms=to / count * 1e3), to / tb, "", "info",
+                note="ratio = one by one / batched")], times
+
+
 # ----------------------------------------------------------------------------- main
 def run(full: bool = False, sc: Scratch | None = None, only: set[str] | None = None) -> tuple[list[Row], dict]:
     own = sc is None
@@ -603,6 +632,7 @@ def run(full: bool = False, sc: Scratch | None = None, only: set[str] | None = N
             ("8", lambda: bench_origin_reads(sc, 4096 if q else 16384, 20000 if q else 100000, 7 if q else 11)),
             ("reuse", lambda: bench_reuse(sc, 4000 if q else 16000, 3 if q else 5)),
             ("trim", lambda: bench_trim(sc, 10000 if q else 50000, 3 if q else 5)),
+            ("9", lambda: bench_batch(sc, 1_000 if q else 10_000)),
         ]
         for name, fn in steps:
             if only and name not in only:

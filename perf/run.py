@@ -44,6 +44,10 @@ IO = 4 * KiB
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+
+class _Undo(Exception):
+    """Raised inside a batch to drop what it did (Pool.batch aborts on an exception)."""
+
 def cli_cmd() -> list[str]:
     """How to run the thinpool CLI: the `thinpool` script installed beside this interpreter (not a
     version manager's shim on PATH, which adds its own start-up), else `python -m thinpool`."""
@@ -342,10 +346,10 @@ def s5_s6(sc: Scratch, full: bool) -> tuple[list[Row], dict]:
             p = opened[n]
             cnt["i"] += 1
             name = f"l{cnt['i']}"
-            t = timed(lambda: p.snapshot("v", name))
-            t2 = timed(lambda: p.delete(name))
+            with p.batch():  # the messages alone (each would commit on its own); one commit at the end
+                t = timed(lambda: p.snapshot("v", name))
+                t2 = timed(lambda: p.delete(name))
             out.setdefault("delete_snap", {}).setdefault(n, []).append(t2)
-            p.commit()
             return t
         return run
 
@@ -359,8 +363,12 @@ def s5_s6(sc: Scratch, full: bool) -> tuple[list[Row], dict]:
     def delete_vol(n):
         def run(_r):
             p = opened[n]
-            t = timed(lambda: p.delete("v"))
-            p.abort()
+            try:
+                with p.batch():  # the delete alone, then dropped: leaving a batch by an exception aborts it
+                    t = timed(lambda: p.delete("v"))
+                    raise _Undo
+            except _Undo:
+                pass
             return t
         return run
 

@@ -20,11 +20,12 @@ here and used by :class:`~thinpool.pool.Pool` too.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import struct
-from typing import Any, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 from . import pooldir, rules, safe_output
 from .errors import AlreadyExists, FullOpenRequired, InvalidArgument, NotFound, ReadOnly  # noqa: F401 (API)
@@ -121,6 +122,7 @@ class DeviceTable:
                  allow_foreign: bool | None = None) -> None:
         self.path = pooldir.resolve(path, allow_foreign=allow_foreign)
         self.read_only = read_only
+        self._batch_depth = 0
         self._lock_fd = pooldir.lock(self.path, read_only, wait=wait, allow_foreign=allow_foreign)
         try:
             self.store = MetadataStore(os.path.join(self.path, self.METADATA), read_only=read_only,
@@ -227,7 +229,7 @@ class DeviceTable:
                  read_only: bool = False) -> VolumeRecord:
         """Snapshot ``origin`` as ``name``: what :meth:`thinpool.pool.Pool.snapshot` does (the pool
         time increments; origin and snapshot are stamped with it; the origin's root gains a
-        reference).  Visible to others after :meth:`commit`."""
+        reference).  Commits, as every pool message does (inside :meth:`batch`: at its end)."""
         self._check_writable()
         oslot = self._slot(origin)
         check_new_name(self.path, name, self._volumes)
@@ -246,7 +248,27 @@ class DeviceTable:
         self._put(slot, snap)
         rules.add_volume(self.catalog, name, dev_id, slot, origin=rules.inherited_origin(self.catalog, origin))
         self._dirty = True
+        if not self._batch_depth:
+            self.commit()  # a pool message commits (dm-thin's pool_message), as Pool.snapshot
         return self.thin(name)
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator["DeviceTable"]:
+        """Snapshots inside commit once, when the block ends; if it raises, they are dropped (as
+        :meth:`thinpool.pool.Pool.batch`)."""
+        self._check_open()
+        outer = self._batch_depth == 0
+        self._batch_depth += 1
+        try:
+            yield self
+        except BaseException:
+            self._batch_depth -= 1
+            if outer and not self._closed:
+                self.abort()
+            raise
+        self._batch_depth -= 1
+        if outer and not self._closed:
+            self.commit()
 
     def _rc_page(self, index: int) -> bytearray:
         if index not in self._rc_pages:

@@ -99,6 +99,7 @@ class Pool(Transactions, DeviceOps):
         self._closed = True
         self._mode = Mode.WRITE
         self._gen_floor = 0
+        self._batch_depth = 0  # open batch() blocks (pool messages commit only outside them)
         self.path = pooldir.resolve(self.path, allow_foreign=allow_foreign)
         self._engine = KernelContext(self)  # what thin.py and the kernels use (see kernel_context)
         self._nospace = NoSpaceQueue(self._engine.lock)  # queue_if_no_space's waiting writers

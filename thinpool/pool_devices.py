@@ -105,6 +105,10 @@ class DeviceOps:
                     read_only: bool = False, external_origin: str | os.PathLike | None = None) -> "Thin":
         """Create an empty thin volume of virtual ``size`` bytes (dm-thin's ``create_thin``).
 
+        Like every pool message (create, snapshot, delete, rename, set_read_only, put_records,
+        set_transaction_id, the metadata snapshot's reserve/release) it commits when it succeeds, as
+        dm-thin's ``pool_message`` does; inside :meth:`batch` the commit waits for the batch's end.
+
         ``external_origin``: a read-only file (or block device) under the volume, dm-thin's
         ``external-origin`` thin argument: unmapped blocks read from it, the first partial write to a
         block copies the rest of the block from it, bytes past its end read as zeroes; snapshots of
@@ -125,6 +129,7 @@ class DeviceOps:
         root = self._nodes_map.new_root()
         self._register(name, rules.device_record(dev_id, root, 0, self.transaction_id, self.time, self.time, nbytes,
                                                  read_only), origin)
+        self._message_done()
         return self.thin(name)
 
     @_locked
@@ -147,14 +152,16 @@ class DeviceOps:
         self._devs_dirty.add(oslot)
         self._nodes_map.share_root(snap["root"])
         self._register(name, snap, rules.inherited_origin(self._catalog, origin))
+        self._message_done()
         return self.thin(name)
 
     @_locked
     def delete(self, name: str) -> None:
-        """Delete a thin volume (dm-thin's ``delete``).  Blocks only it maps become free after the
-        next commit; the volume's snapshots and origin are unaffected.  Handles to it raise NotFound.
-        :class:`~thinpool.errors.Busy` (EBUSY), with nothing changed, while the volume is active
-        (:meth:`activate`, a ``with pool.thin(name)`` block, an NBD connection): see :meth:`holders`."""
+        """Delete a thin volume (dm-thin's ``delete``; commits, see :meth:`create_thin`).  Blocks only
+        it maps are freed by that commit; the volume's snapshots and origin are unaffected.  Handles
+        to it raise NotFound.  :class:`~thinpool.errors.Busy` (EBUSY), with nothing changed, while the
+        volume is active (:meth:`activate`, a ``with pool.thin(name)`` block, an NBD connection): see
+        :meth:`holders`."""
         self._check_writable()
         self.check_deletable(name)
         slot = self._slot(name)
@@ -171,6 +178,7 @@ class DeviceOps:
         del self._by_dev_id[dev_id]
         self._engine.origins.drop(key)
         self._catalog_dirty = True
+        self._message_done()
 
     @_locked
     def rename(self, old: str, new: str) -> None:
@@ -186,6 +194,7 @@ class DeviceOps:
         self._engine.names[key] = new
         self._by_dev_id[entry["dev_id"]] = new
         self._catalog_dirty = True
+        self._message_done()
 
     @_locked
     def set_read_only(self, name: str, read_only: bool = True) -> None:
@@ -195,6 +204,7 @@ class DeviceOps:
         flags = DevFlag(int(self._devs[slot]["flags"]))
         self._devs[slot]["flags"] = int(flags | DevFlag.READ_ONLY if read_only else flags & ~DevFlag.READ_ONLY)
         self._devs_dirty.add(slot)
+        self._message_done()
 
     # ------------------------------------------------------------------ activation (dm-thin's open_count)
     @_locked
@@ -285,6 +295,7 @@ class DeviceOps:
                 from None
         self._catalog["records"][namespace] = copy
         self._catalog_dirty = True
+        self._message_done()
 
     # ------------------------------------------------------------------ the IR bridge's interface
     def _import_forest(self, leaves: tuple, mids: tuple, roots: tuple, counts: tuple,

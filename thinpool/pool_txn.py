@@ -8,9 +8,10 @@ superblock switch); see :meth:`Transactions.commit` for what a failure leaves.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
@@ -46,6 +47,71 @@ class Transactions:
     _unpunched: np.ndarray
     _lwm_fired: bool
     _md_check_below: int
+    _batch_depth: int = 0
+
+    #: superblock fields a commit rewrites itself (never a reason to commit)
+    _STORE_FIELDS = frozenset(("pending_blocks", "catalog_bytes", "metadata_used_blocks", "directory",
+                               "directory_bytes", "pages", "held", "recovered_from"))
+
+    # ------------------------------------------------------------------ has anything changed?
+    def _header_now(self) -> dict[str, Any]:
+        """The superblock fields the next commit writes (those the pool keeps, with the live counters)."""
+        hdr = dict(self._header)
+        hdr.update(time=self.time, cursor=int(self._st[K.ST_CURSOR]), nr_data_blocks=self._space.nr_blocks,
+                   used_data_blocks=self._space.used())
+        return hdr
+
+    def _changed(self, *, release: bool = True) -> bool:
+        """Whether anything would reach the metadata since the last commit: a dirty page, a freed
+        block, a superblock field -- and, with ``release``, blocks the last commit freed, which the
+        next one releases.  dm-thin's ``in_service`` flag: ``__commit_transaction`` writes nothing
+        without a change."""
+        bm, sp = self._nodes_map, self._space
+        if self._catalog_dirty or self._devs_dirty:
+            return True
+        if release and (len(sp.pending) or len(self._unpunched)):
+            return True
+        if bm.leaf_dirty.any() or bm.inner_dirty.any() or bm.leaf_rc_dirty.any() or bm.inner_rc_dirty.any() \
+                or sp.rc_dirty.any():
+            return True
+        committed = self._store.header
+        return any(committed.get(k) != v for k, v in self._header_now().items() if k not in self._STORE_FIELDS)
+
+    # ------------------------------------------------------------------ messages and batches
+    def _message_done(self) -> None:
+        """A pool message succeeded: commit, as dm-thin's ``pool_message`` does -- unless a
+        :meth:`batch` is open, which commits once at its end."""
+        if self._batch_depth == 0:
+            self.commit()
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[Any]:
+        """``with pool.batch(): ...``: pool messages inside (create, snapshot, delete, rename, ...)
+        skip their own commit; leaving the block commits once.  The batch is one transaction:
+        uncommitted changes made before it are committed when it opens, and if the block raises,
+        the pool aborts back to that commit (everything the batch did is dropped) and the exception
+        goes on.  Batches nest (only the outermost one commits or aborts) and are pool-wide: a
+        message another thread sends meanwhile is part of the batch too.  The kernel has no batches
+        (every message commits); this is thinpool's explicit option for bulk work (docs/design.md,
+        "Differences from the kernel")."""
+        with self._engine.lock:
+            self._check_open()
+            outer = self._batch_depth == 0
+            if outer and not self.read_only and self._changed(release=False):
+                self.commit()
+            self._batch_depth += 1
+        try:
+            yield self
+        except BaseException:
+            with self._engine.lock:
+                self._batch_depth -= 1
+                if outer and not self._closed:
+                    self.abort()
+            raise
+        with self._engine.lock:
+            self._batch_depth -= 1
+            if outer and not self._closed:
+                self.commit()
 
     # ------------------------------------------------------------------ transactions
     def _paged(self) -> dict[str, Any]:
@@ -88,6 +154,11 @@ class Transactions:
                               f"durable commit was committed ({getattr(self, 'read_only_reason', '')})")
         if self.read_only or self.mode == Mode.READ_ONLY:
             return
+        if not self._changed():
+            # nothing for the metadata (dm-thin's commit writes nothing when not in_service); a
+            # FLUSH of such a pool still reaches the data device, as the kernel remaps it there
+            self._sync_data()
+            return
         freed = self._space.freed_blocks()
         record = np.union1d(freed, self._unpunched) if len(self._unpunched) else freed
         arrays = self._paged()
@@ -98,11 +169,7 @@ class Transactions:
         self._header.update(time=self.time, cursor=int(self._st[K.ST_CURSOR]), nr_data_blocks=self._space.nr_blocks,
                            used_data_blocks=self._space.used())  # for readers that skip the space map
         try:
-            try:
-                self._data.sync()
-            except HostIOError:
-                self._store.failed = self._store.failed or "the data file's flush failed"
-                raise
+            self._sync_data()
             self._store.commit(arrays, self._header)
         except MetadataSpaceExhausted as exc:
             self._abort_to_read_only(str(exc))
@@ -136,6 +203,13 @@ class Transactions:
         self._set_md_check()
         self._autoextend()  # LVM's thin_pool_autoextend policy, when set
 
+    def _sync_data(self) -> None:
+        try:
+            self._data.sync()
+        except HostIOError:
+            self._store.failed = self._store.failed or "the data file's flush failed"
+            raise
+
     @_locked
     def abort(self) -> None:
         """Drop everything since the last commit (dm-thin's transaction abort)."""
@@ -161,6 +235,7 @@ class Transactions:
         if not isinstance(new, int) or not 0 <= new < 1 << 64:
             raise InvalidArgument(f"transaction id {new!r} must be an unsigned 64-bit integer")
         self._header["transaction_id"] = new
+        self._message_done()
 
     @_locked
     def resize(self, data_size: int | str | None = None, metadata_size: int | str | None = None) -> None:

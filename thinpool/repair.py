@@ -419,8 +419,9 @@ def _build(out_dir: str, md: Metadata, names: dict[int, str], attrs: dict[int, t
         for dev in md.devices:
             size, ro, origin = attrs[dev.dev_id]
             pool._restore_volume(names[dev.dev_id], size=size, read_only=ro, origin=origin)
-        for ns, recs in records.items():
-            pool.put_records(ns, recs)
+        with pool.batch():  # the records commit once, with the rest
+            for ns, recs in records.items():
+                pool.put_records(ns, recs)
         kept = {key: hdr[key] for key in ("low_water_mark", "error_if_no_space", "zero_new_blocks", "discard",
                                           "no_space_timeout", "punch_freed_blocks", "uuid", "created")
                 if key in hdr and (keep_uuid or key != "uuid")}

@@ -285,8 +285,8 @@ class Thin:
                 code, need = (_KERNELS or _k()).write_one(ctx.table(), ctx.devs_i, slot, buf, ctx.data.fd, offset,
                                                           ofd, osize)
                 if code == 0:  # OK
-                    ctx.devs_dirty.add(slot)
-                    if need:
+                    if need:  # a rewrite of provisioned, unshared blocks changes no record
+                        ctx.devs_dirty.add(slot)
                         ctx.after_alloc()
                     return n
             self._check_write()  # closed or read-only first, then the range (as the batch path)
@@ -338,13 +338,14 @@ class Thin:
             ofd, osize = ctx.origin(self._key)
             st = ctx.st
             start = 0
-            need = 0
+            need = needed = 0
             try:
                 while True:
                     space = ctx.space
                     code, start, need = _k().write_batch(ctx.nodes_map.nodes, space.arrays, st, ctx.devs_i[slot],
                                                          ctx.data.fd, ctx.data.scratch, offsets, lengths, buf, starts,
                                                          start, ofd, osize)
+                    needed = max(needed, need)
                     if code == L.OK:
                         break
                     if code == L.NO_SPACE:
@@ -382,8 +383,9 @@ class Thin:
                     nblk = int((offsets[start] + lengths[start] - 1) // bs - offsets[start] // bs + 1)
                     ctx.nodes_map.ensure(2 * nblk + 1, nblk)
             finally:
-                ctx.devs_dirty.add(slot)
-            if need:
+                if needed:  # a rewrite of provisioned, unshared blocks changes no record
+                    ctx.devs_dirty.add(slot)
+            if needed:
                 ctx.after_alloc()
 
     def discard(self, offset: int, length: int) -> int:
@@ -416,8 +418,10 @@ class Thin:
                 if code == L.OK:
                     break
                 ctx.nodes_map.ensure(3, 1)
-            ctx.devs_dirty.add(slot)
-            return before - int(ctx.devs_i[slot, DEV_MAPPED])
+            unmapped = before - int(ctx.devs_i[slot, DEV_MAPPED])
+            if unmapped:
+                ctx.devs_dirty.add(slot)
+            return unmapped
 
     def _recheck(self, offsets: np.ndarray, lengths: np.ndarray) -> None:
         """After waiting for space: the write can still go on (pool open and writable, volume there and

@@ -432,7 +432,8 @@ def test_crash_at_every_commit_point_inside_a_mutation_is_atomic(tmp_path):
 
 
 def test_crash_without_autocommit_rolls_back_to_the_last_commit(tmp_path):
-    """autocommit=False: whatever the crash point, the pool comes back at the last commit, consistent."""
+    """autocommit=False inside the caller's batch: whatever the crash point, the pool comes back at the
+    last commit, consistent."""
     steps = _steps()
     for crash_after in range(len(steps)):
         path = tmp_path / f"p{crash_after}"
@@ -440,13 +441,14 @@ def test_crash_without_autocommit_rolls_back_to_the_last_commit(tmp_path):
         p = Pool.open(path)
         s = Snapshotter(p, base_size=BASE, autocommit=False)
         committed: list = []
-        for i, step in enumerate(steps[: crash_after + 1]):
-            step(s, p)
-            if i % 3 == 1:
-                p.commit()
-                committed = [(x.name, x.kind, x.parent, x.labels) for x in s.walk()]
-        uncommitted = [(x.name, x.kind, x.parent, x.labels) for x in s.walk()]
-        p.close(commit=False)
+        with p.batch():  # the caller's transaction: its messages commit only when it says so
+            for i, step in enumerate(steps[: crash_after + 1]):
+                step(s, p)
+                if i % 3 == 1:
+                    p.commit()
+                    committed = [(x.name, x.kind, x.parent, x.labels) for x in s.walk()]
+            uncommitted = [(x.name, x.kind, x.parent, x.labels) for x in s.walk()]
+            p.close(commit=False)
         assert _consistent(path)[0] == committed, crash_after
         if crash_after % 3 != 1:
             assert uncommitted != committed  # the crash really lost something

@@ -51,31 +51,31 @@ def build(path: str) -> tuple[dict, dict]:
     """The fixture pool: returns (previous commit's state, newest commit's state)."""
     rng = random.Random(11)
     pool = Pool.create(path, data_size=64 * BS, block_size=BS)
-    base = pool.create_thin("base", 6 * BS)
-    base.write(0, rng.randbytes(6 * BS))
-    pool.snapshot("base", "s1", read_only=True)
-    base.write(BS + 17, rng.randbytes(3 * BS))
-    pool.snapshot("s1", "s2")
-    pool.thin("s2").write(4 * BS - 100, rng.randbytes(300))
-    pool.create_thin("tmp", 2 * BS).write(0, rng.randbytes(2 * BS))
-    pool.commit()
-    pool.delete("tmp")
-    pool.thin("base").discard(5 * BS, BS)
-    pool.put_records("snapshots/default", {"snapshots": {"k": {"id": 1}}, "next_id": 2})
-    pool.commit()
+    with pool.batch():  # each transaction one batch: its messages commit together, at its end
+        base = pool.create_thin("base", 6 * BS)
+        base.write(0, rng.randbytes(6 * BS))
+        pool.snapshot("base", "s1", read_only=True)
+        base.write(BS + 17, rng.randbytes(3 * BS))
+        pool.snapshot("s1", "s2")
+        pool.thin("s2").write(4 * BS - 100, rng.randbytes(300))
+        pool.create_thin("tmp", 2 * BS).write(0, rng.randbytes(2 * BS))
+    with pool.batch():
+        pool.delete("tmp")
+        pool.thin("base").discard(5 * BS, BS)
+        pool.put_records("snapshots/default", {"snapshots": {"k": {"id": 1}}, "next_id": 2})
     # the newest transaction also frees blocks the previous commit maps
-    pool.create_thin("new", 2 * BS + 512).write(100, rng.randbytes(BS))
-    pool.snapshot("s2", "s3")
-    pool.thin("s3").write(0, rng.randbytes(700))
-    pool.create_thin("doomed", 2 * BS).write(0, rng.randbytes(2 * BS))
-    pool.commit()
+    with pool.batch():
+        pool.create_thin("new", 2 * BS + 512).write(100, rng.randbytes(BS))
+        pool.snapshot("s2", "s3")
+        pool.thin("s3").write(0, rng.randbytes(700))
+        pool.create_thin("doomed", 2 * BS).write(0, rng.randbytes(2 * BS))
     prev = state_of(pool)
-    pool.delete("doomed")
-    pool.thin("base").discard(0, BS)
-    pool.snapshot("new", "s4")
-    pool.delete("new")                                 # s4 keeps the blocks
-    pool.thin("s4").write(0, rng.randbytes(2 * BS))    # CoW of s4's now-exclusive blocks frees them
-    pool.commit()
+    with pool.batch():
+        pool.delete("doomed")
+        pool.thin("base").discard(0, BS)
+        pool.snapshot("new", "s4")
+        pool.delete("new")                                 # s4 keeps the blocks
+        pool.thin("s4").write(0, rng.randbytes(2 * BS))    # CoW of s4's now-exclusive blocks frees them
     last = state_of(pool)
     pool.close(commit=False)
     return prev, last

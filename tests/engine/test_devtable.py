@@ -171,10 +171,9 @@ def test_crash_at_every_write_of_a_table_commit(tmp_path: Path) -> None:
         saved, MetadataStore.io = MetadataStore.io, _StopAt(n)
         try:
             t = DeviceTable.open(path, read_only=False)
-            t.snapshot("a", "s")
             crashed = False
             try:
-                t.commit()
+                t.snapshot("a", "s")  # commits (a pool message)
             except KeyboardInterrupt:
                 crashed = True
             t.close(commit=False)

@@ -185,9 +185,10 @@ def test_crash_returns_last_commit(tmp_path):
     v = p.create_thin("v", "64MiB")
     v.write(0, b"committed")
     p.commit()
-    v.write(0, b"LOST!")
-    p.create_thin("w", "1MiB")
-    p.close(commit=False)
+    with p.batch():  # messages inside a batch wait for its end: a crash before it loses them
+        v.write(0, b"LOST!")
+        p.create_thin("w", "1MiB")
+        p.close(commit=False)
     p = Pool.open(path)
     assert "w" not in p
     # block 0 was exclusive and mapped at the commit: old or new bytes are both allowed
@@ -220,12 +221,13 @@ def test_freed_block_hazard_crash_before_commit(tmp_path):
     v.write(0, data)
     s = p.snapshot("v", "s")
     p.commit()
-    p.delete("v")
-    p.delete("s")
-    w = p.create_thin("w", "64MiB")
-    w.write(0, b"\xaa" * (8 * BS))  # must not land on the 8 freed blocks
-    assert set(w.mappings()[1].tolist()) == set(range(8, 16))
-    p.close(commit=False)
+    with p.batch():  # the deletes are not committed when the crash comes
+        p.delete("v")
+        p.delete("s")
+        w = p.create_thin("w", "64MiB")
+        w.write(0, b"\xaa" * (8 * BS))  # must not land on the 8 freed blocks
+        assert set(w.mappings()[1].tolist()) == set(range(8, 16))
+        p.close(commit=False)
     p = Pool.open(path)
     assert p.thin("s").read(0, 8 * BS) == data and p.thin("v").read(0, 8 * BS) == data
     assert p.check().ok

@@ -3,8 +3,12 @@ dm-thin-metadata.c; docs/dm-thin.md).  Each test names the kernel rule it checks
 
 from __future__ import annotations
 
+import os
+import subprocess
+
 import pytest
 
+from tests.support import require_tool
 from thinpool import Pool
 from thinpool.errors import NoSpace
 
@@ -115,4 +119,145 @@ def test_kernel_rule_low_water_mark_multi_block_write(tmp_path):
     assert seen == []
     v.write(6 * BS, b"x")  # free before: 2
     assert seen == [1]
+    p.close()
+
+
+# --------------------------------------------------------------------------- every message commits
+def _dump(pool: Pool, tmp_path, name: str = "md.bin") -> str:
+    """thin_dump's XML of the pool's metadata exported as real dm-thin metadata."""
+    from thinpool.interop.binary import write_binary_metadata
+    require_tool("thin_dump", "thin_check")
+    out = str(tmp_path / name)
+    write_binary_metadata(pool.to_metadata(), out)
+    subprocess.run(["thin_check", out], check=True, capture_output=True)
+    return subprocess.run(["thin_dump", out], check=True, capture_output=True, text=True).stdout
+
+
+MESSAGES = {
+    "create_thin": lambda p: p.create_thin("new", "1MiB"),
+    "create_snap": lambda p: p.snapshot("base", "snap"),
+    "delete": lambda p: p.delete("base"),
+    "set_transaction_id": lambda p: p.set_transaction_id(0, 7),
+    "rename": lambda p: p.rename("base", "renamed"),
+    "set_read_only": lambda p: p.set_read_only("base"),
+    "put_records": lambda p: p.put_records("ns", {"k": 1}),
+    "reserve_metadata_snap": lambda p: p.reserve_metadata_snap(),
+}
+
+
+@pytest.mark.parametrize("message", sorted(MESSAGES))
+def test_kernel_rule_every_pool_message_commits(tmp_path, message):
+    # dm-thin's pool_message() ends with commit(): a message that succeeded survives a crash
+    path = tmp_path / "p"
+    p = Pool.create(path, data_size=64 * BS)
+    p.create_thin("base", "1MiB").write(0, b"x")
+    p.commit()
+    gen = p.store.generation
+    MESSAGES[message](p)
+    assert p.store.generation == gen + 1 or message == "reserve_metadata_snap"
+    want = (sorted(p.catalog["volumes"]), p.transaction_id, p.get_records("ns"),
+            [t.read_only for t in p.thins()], p.status().held_root is not None)
+    p.close(commit=False)  # a crash right after the message
+    p = Pool.open(path)
+    assert (sorted(p.catalog["volumes"]), p.transaction_id, p.get_records("ns"),
+            [t.read_only for t in p.thins()], p.status().held_root is not None) == want
+    p.close()
+
+
+def test_kernel_rule_messages_commit_visible_to_thin_dump(tmp_path):
+    path = tmp_path / "p"
+    p = Pool.create(path, data_size=64 * BS)
+    p.create_thin("a", "1MiB", dev_id=3).write(0, b"x")
+    p.snapshot("a", "s", dev_id=9)
+    p.set_transaction_id(0, 42)
+    p.close(commit=False)  # nothing but the messages' own commits
+    with Pool.open(path, read_only=True) as p:
+        xml = _dump(p, tmp_path)
+    assert 'transaction="42"' in xml and '<device dev_id="3"' in xml and '<device dev_id="9"' in xml
+
+
+def test_batch_defers_message_commits_to_one_commit(tmp_path):
+    p = Pool.create(tmp_path / "p", data_size=64 * BS)
+    p.create_thin("base", "1MiB").write(0, b"x")
+    p.commit()
+    gen = p.store.generation
+    with p.batch():
+        for i in range(50):
+            p.snapshot("base", f"s{i}")
+        with p.batch():  # nested: only the outermost commits
+            p.delete("s0")
+        assert p.store.generation == gen  # nothing committed yet
+    assert p.store.generation == gen + 1 and len(p.thins()) == 50
+    p.close()
+
+
+def test_batch_that_raises_drops_what_it_did(tmp_path):
+    # our option (the kernel has no batches): a batch is one transaction, an exception aborts it;
+    # what was pending before the batch was committed when it opened
+    path = tmp_path / "p"
+    p = Pool.create(path, data_size=64 * BS)
+    v = p.create_thin("base", "1MiB")
+    v.write(0, b"before")  # uncommitted when the batch opens
+    with pytest.raises(KeyError):
+        with p.batch():
+            p.snapshot("base", "s1")
+            v.write(BS, b"inside")
+            raise KeyError("the batch failed")
+    assert "s1" not in p and v.read(0, 6) == b"before" and v.read(BS, 6) == bytes(6)
+    p.close(commit=False)
+    with Pool.open(path) as p:
+        assert [t.name for t in p.thins()] == ["base"] and p.thin("base").read(0, 6) == b"before"
+
+
+# --------------------------------------------------------------------------- a commit with no change
+class _CountingIO:
+    def __init__(self) -> None:
+        self.writes = self.syncs = 0
+
+    def pwrite(self, fd: int, data: bytes, offset: int) -> int:
+        self.writes += 1
+        return os.pwrite(fd, data, offset)
+
+    def fdatasync(self, fd: int) -> None:
+        self.syncs += 1
+        os.fdatasync(fd)
+
+
+@pytest.fixture
+def counting_io():
+    from thinpool.mdstore import MetadataStore
+    saved, io = MetadataStore.io, _CountingIO()
+    MetadataStore.io = io
+    try:
+        yield io
+    finally:
+        MetadataStore.io = saved
+
+
+def test_kernel_rule_commit_without_changes_writes_nothing(tmp_path, counting_io, monkeypatch):
+    # dm-thin's __commit_transaction returns at once when nothing changed (pmd->in_service); a
+    # FLUSH of a thin with no change in this transaction is passed down to the data device only
+    path = tmp_path / "p"
+    p = Pool.create(path, data_size=64 * BS)
+    v = p.create_thin("v", "1MiB")
+    v.write(0, b"a" * (2 * BS))
+    p.commit()
+    data_syncs = []
+    real = type(p.data).sync
+    monkeypatch.setattr(type(p.data), "sync", lambda self: (data_syncs.append(1), real(self))[1])
+    with open(path / "metadata", "rb") as f:
+        before = f.read()
+    gen, io0 = p.store.generation, (counting_io.writes, counting_io.syncs)
+    p.commit()  # nothing at all
+    v.write(10, b"rewrite")  # a provisioned, unshared block: no metadata change
+    v.write_many([BS + 5, 100], [b"again", b"more"])
+    p.commit()
+    assert v.read(10, 7) == b"rewrite"
+    assert p.store.generation == gen and (counting_io.writes, counting_io.syncs) == io0
+    with open(path / "metadata", "rb") as f:
+        assert f.read() == before
+    assert len(data_syncs) == 2  # the flushes still reach the data file
+    v.write(2 * BS, b"new block")  # a mapping: the next commit writes
+    p.commit()
+    assert p.store.generation == gen + 1 and counting_io.syncs > io0[1]
     p.close()

@@ -204,6 +204,7 @@ class PoolMachine(RuleBasedStateMachine):
         self.pool.create_thin(name, size, read_only=ro)
         self.vols[name] = Vol(self.next_uid, size, ro)
         self.next_uid += 1
+        self._mark_committed()  # every pool message commits (dm-thin's pool_message)
         STATS["create"] += 1
 
     @precondition(lambda self: self.vols)
@@ -220,6 +221,7 @@ class PoolMachine(RuleBasedStateMachine):
         o = self.vols[origin]
         self.vols[name] = Vol(self.next_uid, o.size, ro, o.blocks, o.tok)
         self.next_uid += 1
+        self._mark_committed()
         STATS["snapshot"] += 1
 
     @rule(name=st.sampled_from(NAMES))
@@ -230,6 +232,7 @@ class PoolMachine(RuleBasedStateMachine):
             return
         self.pool.delete(name)
         del self.vols[name]
+        self._mark_committed()
         STATS["delete"] += 1
 
     # ------------------------------------------------------------------ rules: I/O
@@ -430,6 +433,7 @@ class PoolMachine(RuleBasedStateMachine):
         elif op == "txid":
             self.pool.set_transaction_id(self.txid, self.txid + extra)
             self.txid += extra
+            self._mark_committed()
         elif op == "txid_mismatch":
             with pytest.raises(InvalidArgument, match="mismatched"):
                 self.pool.set_transaction_id(self.txid + extra, 0)
@@ -535,6 +539,7 @@ class PoolMachine(RuleBasedStateMachine):
             return
         self.pool.rename(old, new)
         self.vols[new] = self.vols.pop(old)
+        self._mark_committed()
         STATS["rename"] += 1
 
     @rule(op=st.sampled_from(["reserve", "release"]))
@@ -763,9 +768,10 @@ def test_node_store_growth_against_the_model(tmp_path):
         put(vb, 5, data)
     verify(pool, "a", model)
     verify(pool, "s", snap_model)
-    pool.close(commit=False)               # crash: back to the commit before the snapshot
+    pool.close(commit=False)               # crash: back to the snapshot's own commit (a pool message)
     pool = Pool.open(path)
     committed = {vb: blk for vb, blk in snap_model.items()}
     verify(pool, "a", committed)
-    assert [t.name for t in pool.thins()] == ["a"]
+    verify(pool, "s", committed)
+    assert [t.name for t in pool.thins()] == ["a", "s"]
     pool.close()

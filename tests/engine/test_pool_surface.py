@@ -104,11 +104,12 @@ def test_deleted_handle_raises_not_found_naming_it_even_if_the_id_is_reused(pool
 
 def test_a_handle_to_an_aborted_volume_never_addresses_its_successor(pool):
     pool.commit()
-    v = pool.create_thin("a", "1MiB", dev_id=5)  # never committed
-    v.write(0, b"old")
-    pool.abort()
-    w = pool.create_thin("a", "1MiB", dev_id=5)  # same name, id and (catalog-wise) generation
-    w.write(0, b"new")
+    with pool.batch():  # the create waits for the batch's commit
+        v = pool.create_thin("a", "1MiB", dev_id=5)  # never committed
+        v.write(0, b"old")
+        pool.abort()
+        w = pool.create_thin("a", "1MiB", dev_id=5)  # same name, id and (catalog-wise) generation
+        w.write(0, b"new")
     with pytest.raises(NotFound, match="'a'"):
         v.read(0, 3)
     assert w.read(0, 3) == b"new"
@@ -120,8 +121,9 @@ def test_handle_survives_abort_and_reload(pool):
     v.write(0, b"abc")
     pool.abort()
     assert v.read(0, 3) == bytes(3)
-    pool.snapshot("a", "s")
-    pool.abort()
+    with pool.batch():
+        pool.snapshot("a", "s")
+        pool.abort()
     assert "s" not in pool and v.name == "a"
 
 
@@ -131,12 +133,12 @@ def test_pool_exit_commits_only_on_success(tmp_path):
         p.create_thin("kept", "1MiB").write(0, b"k")
     with pytest.raises(RuntimeError):
         with Pool.open(path) as p:
-            p.create_thin("dropped", "1MiB")
+            p.create_thin("message", "1MiB")  # a pool message commits at once (dm-thin's rule)
             p.thin("kept").write(1 << 17, b"X")  # a new block: its mapping is metadata
             raise RuntimeError("the block failed")
     with Pool.open(path, read_only=True) as p:
         kept = p.thin("kept")
-        assert "dropped" not in p and kept.read(0, 1) == b"k" and kept.read(1 << 17, 1) == b"\0"
+        assert "message" in p and kept.read(0, 1) == b"k" and kept.read(1 << 17, 1) == b"\0"
         assert kept.mapped_blocks == 1
 
 
@@ -145,14 +147,21 @@ def test_devtable_exit_commits_only_on_success(tmp_path):
     with Pool.create(path, data_size="16MiB") as p:
         p.create_thin("o", "1MiB")
     with pytest.raises(RuntimeError):
-        with DeviceTable.open(path, read_only=False) as t:
+        with DeviceTable.open(path, read_only=False) as t, t.batch():
             t.snapshot("o", "s")
             raise RuntimeError("the block failed")
     with DeviceTable.open(path, read_only=False) as t:
         assert [v.name for v in t.thins()] == ["o"]
         t.snapshot("o", "s")
+        t.snapshot("o", "s2")
     with DeviceTable.open(path) as t:
-        assert [v.name for v in t.thins()] == ["o", "s"]
+        assert [v.name for v in t.thins()] == ["o", "s", "s2"]
+    with pytest.raises(RuntimeError):
+        with DeviceTable.open(path, read_only=False) as t:
+            t.snapshot("o", "s3")  # outside a batch a snapshot commits at once, as Pool.snapshot
+            raise RuntimeError("the block failed")
+    with DeviceTable.open(path) as t:
+        assert [v.name for v in t.thins()] == ["o", "s", "s2", "s3"]
 
 
 def test_shared_rules():

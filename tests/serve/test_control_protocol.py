@@ -138,17 +138,20 @@ def test_handle_request_commits_write_ops_only(tmp_path: Path) -> None:
     """A write op is committed before the reply; a reporting op is not (its change would be lost)."""
     path = str(tmp_path / "pool")
     Pool.create(path, data_size=4 * MiB).close()
-    ops = {"mk": Op("mk", lambda pool, name: pool.create_thin(name, MiB).name, write=True),
-           "mk-read": Op("mk-read", lambda pool, name: pool.create_thin(name, MiB).name)}
+    ops = {"mk": Op("mk", lambda pool, name: pool.thin(name).write(0, b"x"), write=True),
+           "mk-read": Op("mk-read", lambda pool, name: pool.thin(name).write(0, b"y"))}
+    with Pool.open(path) as pool:
+        pool.create_thin("a", MiB)
+        pool.create_thin("b", MiB)
     pool = Pool.open(path)
     try:
         assert json.loads(handle_request(pool, ops, b'{"op": "mk", "args": {"name": "a"}}')) == \
-            {"ok": True, "result": "a"}
+            {"ok": True, "result": 1}
         assert json.loads(handle_request(pool, ops, b'{"op": "mk-read", "args": {"name": "b"}}'))["ok"]
     finally:
         pool.close(commit=False)
-    with Pool.open(path, read_only=True) as pool:
-        assert "a" in pool and "b" not in pool
+    with Pool.open(path, read_only=True) as pool:  # a new block's mapping is metadata
+        assert pool.thin("a").mapped_blocks == 1 and pool.thin("b").mapped_blocks == 0
 
 
 def test_serving_stack_does_not_import_the_cli() -> None:

@@ -13,7 +13,8 @@ Routing (:func:`run_op`)
   table (:func:`op_table`, given to :class:`~thinpool.control.server.ControlServer`); an error comes
   back as the same :mod:`thinpool.errors` class.
 * Otherwise the pool is opened locally (read-only for reporting ops), the op runs, write ops commit, and
-  the pool is closed.  A failed op commits nothing.  Ops registered with ``light`` (``status``, plain
+  the pool is closed.  A write op runs in one :meth:`~thinpool.pool.Pool.batch` (its messages commit
+  once, at its end); a failed op commits nothing.  Ops registered with ``light`` (``status``, plain
   ``ls``, ``snapshot``) open only the pool's device table (:class:`thinpool.devtable.DeviceTable`), so
   the command never imports numpy or reads the block map.
 
@@ -110,18 +111,22 @@ def run_op(pool_path: str, name: str, kwargs: dict[str, Any] | None = None, writ
             pass
         else:
             try:
-                result = spec.func(table, **kwargs)
                 if write:
-                    table.commit()
+                    with table.batch():  # one commit for the op (its messages' commits wait for it)
+                        result = spec.func(table, **kwargs)
+                else:
+                    result = spec.func(table, **kwargs)
             finally:
                 table.close(commit=False)
             return result
     from thinpool.pool import Pool
     pool = Pool.open(pool_path, read_only=not write)
     try:
-        result = spec.func(pool, **kwargs)
         if write:
-            pool.commit()
+            with pool.batch():  # one commit for the op; a failure drops what it did
+                result = spec.func(pool, **kwargs)
+        else:
+            result = spec.func(pool, **kwargs)
     except BaseException:
         _close(pool)
         raise

@@ -202,16 +202,12 @@ class LayerStore:
             if not recs:
                 recs = {"seed": int(seed), "base_size": parse_size(base_size, "base size"), "counter": 0,
                         "layers": {}, "images": {}, "containers": {}}
-                self._begin()
-                try:
+                with self.pool.batch():  # one transaction: one commit, or an abort if it fails
                     self.snapshotter.prepare(BASE + ".create")
                     self.snapshotter.commit(BASE, BASE + ".create", labels={"thinpool.io/role": "base-device"})
                     recs["layers"][BASE] = {"parent": "", "files": [], "diff_size": 0, "end": 0,
                                             "created_by": "base device", "created": _now()}
                     self._save(recs)
-                except BaseException:
-                    pool.abort()
-                    raise
             self.seed = int(recs["seed"])
             self.base_size = int(recs["base_size"])
 
@@ -229,12 +225,8 @@ class LayerStore:
             raise NotFound(f"pool {self.pool.path}: no layer store records in namespace {self.namespace!r}")
         return recs
 
-    def _begin(self) -> None:
-        self.pool.commit()  # everything before this mutation is durable; a failure aborts back to here
-
     def _save(self, recs: dict[str, Any]) -> None:
-        self.pool.put_records(self.records_key, recs)
-        self.pool.commit()
+        self.pool.put_records(self.records_key, recs)  # inside the mutation's batch: committed with it
 
     def _new_id(self, recs: dict[str, Any], what: str) -> str:
         recs["counter"] += 1
@@ -305,8 +297,7 @@ class LayerStore:
             else:
                 top, history = BASE, []
             end = recs["layers"][top]["end"]
-            self._begin()
-            try:
+            with self.pool.batch():  # one transaction: one commit, or an abort if it fails
                 for step in steps:
                     row = {"created_by": step.created_by, "size": sum(f.size for f in step.files),
                            "layer": None, "image_id": None, "created": _now()}
@@ -333,9 +324,6 @@ class LayerStore:
                 recs["images"][ref] = {"id": digest, "top": top, "base": base and self._normalize_ref(base),
                                        "history": history, "created": _now()}
                 self._save(recs)
-            except BaseException:
-                self.pool.abort()
-                raise
             return digest
 
     def images(self) -> list[ImageRow]:
@@ -383,8 +371,7 @@ class LayerStore:
             if name in recs["containers"]:
                 raise AlreadyExists(f"container name {name!r} is already in use")
             img = self._image(recs, image)
-            self._begin()
-            try:
+            with self.pool.batch():  # one transaction: one commit, or an abort if it fails
                 cid = self._new_id(recs, f"container:{name}")
                 init = f"{cid}-init"
                 self.snapshotter.prepare(init + ".populate", img["top"])
@@ -398,9 +385,6 @@ class LayerStore:
                                             "init_files": list(INIT_FILES), "files": {}, "end": end,
                                             "created": _now()}
                 self._save(recs)
-            except BaseException:
-                self.pool.abort()
-                raise
             return cid
 
     def rm(self, name: str) -> None:
@@ -408,15 +392,11 @@ class LayerStore:
         with self._lock:
             recs = self._load()
             c = self._container(recs, name)
-            self._begin()
-            try:
+            with self.pool.batch():  # one transaction: one commit, or an abort if it fails
                 self.snapshotter.remove(c["rw"])
                 self.snapshotter.remove(c["init"])
                 del recs["containers"][name]
                 self._save(recs)
-            except BaseException:
-                self.pool.abort()
-                raise
 
     def container_files(self, name: str) -> dict[str, dict[str, int]]:
         """The container's merged file table: ``path -> {offset, size}`` (image files, init files, its own)."""
@@ -493,8 +473,7 @@ class LayerStore:
                                       f"{f['offset'] + new_size}, past the {vol.size}-byte device")
             owned_before = self.snapshotter.usage(rw).owned_blocks
             used_before = self.pool.status().used_data_blocks
-            self._begin()
-            try:
+            with self.pool.batch():  # one transaction: one commit, or an abort if it fails
                 if relocate:
                     old = vol.read(f["offset"], f["size"])
                     new_off = c["end"]
@@ -507,9 +486,6 @@ class LayerStore:
                 own[path] = f
                 c["end"] = max(c["end"], _round_up(f["offset"] + new_size, bs))
                 self._save(recs)
-            except BaseException:
-                self.pool.abort()
-                raise
             owned_after = self.snapshotter.usage(rw).owned_blocks
             used_after = self.pool.status().used_data_blocks
             return WriteResult(container=container, path=path, offset=offset, bytes_written=len(buf),

@@ -22,8 +22,10 @@ Model (containerd ``core/snapshots``; docs/containers.md §3)
   namespace ``snapshots/<namespace>`` (:meth:`thinpool.pool.Pool.put_records`), so they are committed in
   the **same transaction** as the thin devices they describe: after a crash at any point there is never
   a record without its device nor a device without its record (containerd keeps two journals and has
-  had exactly that bug, containerd#5646).  By default every mutation commits the pool, as dm-thin
-  commits after each pool message; ``autocommit=False`` leaves committing to the caller.
+  had exactly that bug, containerd#5646).  By default every mutation is one pool batch
+  (:meth:`thinpool.pool.Pool.batch`): its device message and its records commit together, once;
+  ``autocommit=False`` leaves that to the caller, who runs mutations inside its own batch (a pool
+  message outside any batch commits on its own, as dm-thin's do).
 
 Errors (containerd ``errdefs`` kinds mapped onto :mod:`thinpool.errors`)
 --------------------------------------------------------------------------
@@ -44,11 +46,12 @@ inherited blocks; :class:`SnapshotUsage` carries that figure too (``mapped_growt
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, ContextManager, Iterable
 
 import numpy as np
 
@@ -344,16 +347,20 @@ class Snapshotter:
         recs["next_id"] = snap_id + 1
         return snap_id
 
+    def _transaction(self) -> ContextManager[Any]:
+        """With autocommit, one :meth:`~thinpool.pool.Pool.batch` per mutation: its device message
+        and its records commit together, once.  Without, nothing: the caller's batch (or the pool
+        messages' own commits) decide."""
+        return self.pool.batch() if self.autocommit else contextlib.nullcontext()
+
     def _store(self, recs: dict[str, Any], undo: list[Callable[[], None]]) -> None:
-        """Write the records (same transaction as the device changes already made) and commit if
-        autocommit; on failure run ``undo`` so the pool is left as it was."""
+        """Write the records (same transaction as the device changes already made, when a batch is
+        open); on failure run ``undo`` so the pool is left as it was."""
         try:
             self.pool.put_records(self.records_key, recs)
         except BaseException:
             self._rollback(undo)
             raise
-        if self.autocommit:
-            self.pool.commit()
 
     @staticmethod
     def _rollback(undo: list[Callable[[], None]]) -> None:
@@ -379,7 +386,7 @@ class Snapshotter:
         name = getattr(info, "name", None)
         new_labels = self._check_labels(getattr(info, "labels", None) or {}, str(name))
         paths = list(fieldpaths or [])
-        with self._lock:
+        with self._lock, self._transaction():
             recs = self._load()
             rec = self._get(recs, name)
             labels = dict(rec.get("labels", {}))
@@ -420,7 +427,7 @@ class Snapshotter:
         self._check_key(key, "key")
         parent = parent or ""
         labels = self._check_labels(labels, key)
-        with self._lock:
+        with self._lock, self._transaction():
             recs = self._load()
             if key in recs["snapshots"]:
                 raise AlreadyExists(f"snapshot {key!r} already exists (namespace {self.namespace!r}, kind "
@@ -457,7 +464,7 @@ class Snapshotter:
         self._check_key(name, "name")
         self._check_key(key, "key")
         labels = self._check_labels(labels, name)
-        with self._lock:
+        with self._lock, self._transaction():
             recs = self._load()
             snaps = recs["snapshots"]
             if name in snaps:
@@ -481,7 +488,7 @@ class Snapshotter:
         """Remove snapshot ``key`` (any kind) and its volume.  NotFound if missing; FailedPrecondition if
         another snapshot has it as parent.  A volume that merely carries the snapshot's name (not the
         device the record is bound to) is left alone: only the stale record goes."""
-        with self._lock:
+        with self._lock, self._transaction():
             recs = self._load()
             rec = self._get(recs, key)
             children = sorted(k for k, r in recs["snapshots"].items() if r.get("parent") == key)

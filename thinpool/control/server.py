@@ -9,8 +9,9 @@ same ops as the command line).  :func:`handle_request` answers one line; it neve
 Each request, in order: decode the line; look the op up (InvalidArgument if unknown); refuse an op that
 streams through the client's files (``local_only``: FailedPrecondition); type-check the arguments
 against the op's signature (:func:`thinpool.control.args.check_op_args`); then, holding the pool's lock
-(atomic with respect to NBD I/O), run the caller's ``precheck(op_name, args)`` if any, run the op and,
-for a write op, commit -- dm-thin commits after every pool message.
+(atomic with respect to NBD I/O), run the caller's ``precheck(op_name, args)`` if any, and run the op
+-- a write op inside one :meth:`~thinpool.pool.Pool.batch`: its messages commit once, before the
+reply (dm-thin commits after every pool message), and a failed op is aborted, changing nothing.
 """
 
 from __future__ import annotations
@@ -69,9 +70,11 @@ def handle_request(pool: Any, ops: Mapping[str, ControlOp], line: bytes,
         with pool.locked():
             if precheck is not None:
                 precheck(spec.name, args)
-            result = spec.func(pool, **args)
             if spec.write:
-                pool.commit()
+                with pool.batch():  # one commit for the op; a failure drops what it did
+                    result = spec.func(pool, **args)
+            else:
+                result = spec.func(pool, **args)
         return encode_result(result)
     except Exception as exc:  # a ThinpoolError keeps its class; a bug must not kill the serving process
         return encode_error(exc)
