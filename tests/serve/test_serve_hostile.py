@@ -8,6 +8,7 @@ a subprocess.  The NBD client is the literal one of ``test_nbd_protocol.py``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -227,7 +228,9 @@ def test_stale_client_never_writes_into_a_volume_that_reuses_the_device_id(tmp_p
     receives the stale client's requests."""
     pool = make_pool(str(tmp_path))
     with served(pool) as s:
+        batch = contextlib.ExitStack()  # a pool message commits, unless inside a batch
         with s.pool.locked():
+            batch.enter_context(s.pool.batch())
             dev_id = s.pool.create_thin("tmp", 8 * MiB).dev_id  # not committed
         stale = RawClient.connect(s.nbd.unix_path, "tmp")
         try:
@@ -235,6 +238,7 @@ def test_stale_client_never_writes_into_a_volume_that_reuses_the_device_id(tmp_p
                 with pytest.raises(Busy):
                     s.pool.delete("tmp")
                 s.pool.abort()  # drops "tmp" while the client sits idle
+                batch.close()  # the batch ends (its commit finds nothing of "tmp")
                 assert "tmp" not in s.pool
                 s.pool.create_thin("new", 8 * MiB, dev_id=dev_id)
                 s.pool.commit()
