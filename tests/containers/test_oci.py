@@ -195,14 +195,14 @@ def test_oci_rule_tag_resolution(built: dict) -> None:
         open_image(built["docker"], "other:tag")
 
 
-def _copy_layout(built: dict, tmp_path) -> str:
+def _copy_layout(built: dict, tmp_path, form: str = "img") -> str:
     d = str(tmp_path / "layout")
-    shutil.copytree(built["img"], d)
+    shutil.copytree(built[form], d)
     return d
 
 
-def _layer_blob(layout: str, n: int) -> str:
-    with open_image(layout, "v3") as image:
+def _layer_blob(layout: str, n: int, tag: str = "v3") -> str:
+    with open_image(layout, tag) as image:
         return image.layers[n].blob
 
 
@@ -273,6 +273,66 @@ def test_oci_rule_truncated_gzip_names_the_blob(built: dict, tmp_path) -> None:
     with open_image(layout, "v3") as image, pytest.raises(ImageError) as e:
         apply_layer(image.layer_entries(image.layers[0]), root)
     assert new.split(":")[1] in str(e.value) and "end-of-stream" in str(e.value)
+
+
+@pytest.mark.realtools
+def test_oci_rule_truncated_zstd_names_the_blob(built: dict, tmp_path) -> None:
+    """A truncated zstd layer whose descriptor was made to match it: the zstd reader itself reports no
+    truncation, so the short stream ends the tar inside the member being read (the 3 MiB random ``big``,
+    which spans the cut), named by blob and member."""
+    layout = _copy_layout(built, tmp_path, "zstd")
+    blob = _layer_blob(layout, 0, "v3z")
+    data = open(f"{layout}/{blob}", "rb").read()
+    new = _rewrite(layout, "sha256:" + blob.rsplit("/", 1)[1], data[: len(data) // 2])
+    with open_image(layout, "v3z") as image, pytest.raises(ImageError) as e:
+        image.verify()
+    assert f"layer 0 blob blobs/sha256/{new.split(':')[1]}" in str(e.value)
+    assert "member 'big': unreadable content: unexpected end of data" in str(e.value)
+
+
+@pytest.mark.realtools
+def test_oci_rule_docker_archive_layer_checked_by_diff_id(built: dict, tmp_path) -> None:
+    """A docker-archive has no blob digests: a changed layer tar is caught by its diff ID, named by path."""
+    src = tarfile.open(built["docker"])
+    manifest = json.load(src.extractfile("manifest.json"))
+    victim = manifest[0]["Layers"][1]
+    out = str(tmp_path / "bad.tar")
+    with tarfile.open(out, "w") as dst:
+        for ti in src.getmembers():
+            f = src.extractfile(ti) if ti.isreg() else None
+            if ti.name == victim:
+                layer = bytearray(f.read())
+                layer[layer.index(b"changed")] ^= 1          # same size, one bit of file content
+                ti.size = len(layer)
+                f = io.BytesIO(bytes(layer))
+            dst.addfile(ti, f)
+    src.close()
+    with open_image(out) as image, pytest.raises(ImageError, match=f"layer 1 blob {victim}: diff ID mismatch"):
+        image.verify()
+
+
+@pytest.mark.realtools
+def test_oci_rule_nested_index_resolves_to_host_platform(built: dict, tmp_path) -> None:
+    """An index pointing to an image index (a multi-platform image) picks the host's linux/<arch> manifest."""
+    import platform as _platform
+    layout = _copy_layout(built, tmp_path)
+    index = json.load(open(f"{layout}/index.json"))
+    v3 = next(m for m in index["manifests"] if m["annotations"]["org.opencontainers.image.ref.name"] == "v3")
+    arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(_platform.machine(), _platform.machine())
+    inner = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [
+        dict(v3, annotations={}, platform={"os": "linux", "architecture": "other"}),
+        dict(v3, annotations={}, platform={"os": "linux", "architecture": arch})]}
+    inner["manifests"][0]["digest"] = "sha256:" + "0" * 64          # the other platform's blob is absent
+    body = json.dumps(inner).encode()
+    digest = "sha256:" + hashlib.sha256(body).hexdigest()
+    with open(f"{layout}/blobs/sha256/{digest.split(':')[1]}", "wb") as f:
+        f.write(body)
+    index["manifests"].append({"mediaType": "application/vnd.oci.image.index.v1+json", "digest": digest,
+                               "size": len(body), "annotations": {"org.opencontainers.image.ref.name": "multi"}})
+    with open(f"{layout}/index.json", "w") as f:
+        json.dump(index, f)
+    with open_image(layout, "multi") as image, open_image(built["img"], "v3") as direct:
+        assert image.chain_ids == direct.chain_ids and image.ref == "multi"
 
 
 @pytest.mark.realtools
@@ -397,6 +457,25 @@ def test_oci_rule_devices_and_setuid_only_when_privileged(jail) -> None:
         st = os.lstat(f"{root}/null")
         assert stat.S_ISCHR(st.st_mode) and os.major(st.st_rdev) == 1 and os.minor(st.st_rdev) == 3
         assert stat.S_IMODE(os.stat(f"{root}/su").st_mode) == 0o4755
+
+
+def test_oci_rule_unprivileged_skips_ownership_and_system_xattrs(jail) -> None:
+    """Not privileged: uid/gid are not applied and xattrs outside user. are skipped, both counted."""
+    root, _ = jail
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        ti = tarfile.TarInfo("f")
+        ti.uid, ti.gid, ti.size = 1234, 5678, 1
+        ti.pax_headers = {"SCHILY.xattr.user.k": "v", "SCHILY.xattr.security.capability": "x"}
+        t.addfile(ti, io.BytesIO(b"1"))
+    buf.seek(0)
+    stats = apply_layer(iter_tar_entries(buf, "blob b"), root, privileged=False)
+    st = os.stat(f"{root}/f")
+    assert (st.st_uid, st.st_gid) == (os.geteuid(), os.getegid())
+    assert stats.skipped_ownership == 1 and stats.skipped_xattrs == 1
+    if _xattrs_ok(root):
+        assert os.getxattr(f"{root}/f", "user.k") == b"v"
+        assert "security.capability" not in os.listxattr(f"{root}/f")
 
 
 def test_oci_rule_bounds_on_entries_and_tar_headers(jail) -> None:
