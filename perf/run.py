@@ -17,6 +17,8 @@ Rows (each prints measured values, the ratio, the target and pass/short):
   M1 metadata blocks used per million mappings, ours vs the exported dm-thin metadata (perf/metadata.py):
      a dense volume, a volume + 10 snapshots with 1 % CoW each, random sparse writes
   X1-X4 exported metadata keeps btree sharing: `python -m perf.sharing [--docs]` (its own section)
+  T1-T5 trace parsing records/s per format, and what `serve --record` costs a request:
+     `python -m perf.traces [--docs]` (its own section)
 
 Writes perf/results/<date>.json, docs/performance.md and docs/perf-*.png.
 """
