@@ -138,15 +138,16 @@ class Transactions:
     def commit(self) -> None:
         """Make everything done so far durable, atomically (data is flushed before metadata).
 
-        Blocks freed by the previous commit become allocatable (blocks freed in this transaction after
-        the next commit); they keep their bytes, as in dm-thin, unless a discard passed them down or the
-        pool has ``punch_freed_blocks``: those are hole-punched first (a block whose punch fails stays
-        unallocatable, with a :class:`~thinpool.errors.ThinpoolWarning`, until a later punch succeeds).
-        If the host filesystem refuses a write (ENOSPC, EIO, a short write that cannot be completed) the commit raises :class:`~thinpool.errors.HostIOError` and nothing
-        of it is durable: the pool keeps its changes and a later commit may retry.  If a *flush* fails
-        the pool goes to ``fail`` mode (Linux may report a lost write to one flush only, so no retry
-        can be trusted): every further commit raises until the pool is reopened, which finds the
-        last durable commit.  A pool in ``fail`` mode never reports a commit as done.
+        Blocks freed by the previous commit become allocatable (blocks freed in this transaction after the
+        next commit); they keep their bytes, as in dm-thin, unless a discard passed them down or the pool
+        has ``punch_freed_blocks``: those are hole-punched first (a block whose punch fails stays
+        unallocatable, with a :class:`~thinpool.errors.ThinpoolWarning`, until a later punch succeeds).  If
+        the host filesystem refuses a write (ENOSPC, EIO, a short write that cannot be completed) the commit
+        raises :class:`~thinpool.errors.HostIOError` and nothing of it is durable: the pool keeps its
+        changes and a later commit may retry.  If a *flush* fails the pool goes to ``fail`` mode (Linux may
+        report a lost write to one flush only, so no retry can be trusted): every further commit raises
+        until the pool is reopened, which finds the last durable commit.  A pool in ``fail`` mode never
+        reports a commit as done.
         """
         self._check_open()
         if self.mode == Mode.FAIL:
