@@ -97,6 +97,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict:
     os.mkdir(f"{expected}/d")
     with open(f"{expected}/d/z", "wb") as f:
         f.write(b"z\n")
+    os.utime(f"{expected}/d/z", (1_700_000_000, 1_700_000_000))
     docker = str(top / "docker.tar")
     run("skopeo", "copy", "-q", f"oci:{img}:v3", f"docker-archive:{docker}:test/img:v3")
     ociar = str(top / "oci.tar")
@@ -175,6 +176,10 @@ def test_oci_rule_applied_tree_equals_source_after_whiteouts(built: dict, form: 
     got, want = snapshot(root), snapshot(built["expected"])
     assert got == want
     assert "gone" not in got and sorted(os.listdir(f"{root}/d")) == ["z"]
+    # mtimes: exact where our tar set them; umoci's headers hold whole seconds (rounded)
+    assert os.stat(f"{root}/d/z").st_mtime == 1_700_000_000
+    for rel in ("etc/a", "big", "bin/tool"):
+        assert abs(os.stat(f"{root}/{rel}").st_mtime - os.stat(f"{built['expected']}/{rel}").st_mtime) <= 1
     if built["xattrs"]:
         assert got["etc/a"][4] == {"user.colour": b"blue"}
 

@@ -426,6 +426,8 @@ def _open_oci(source: _Source, ref: str | None) -> Image:
                 raise ImageError(f"{source.path}: index blob {name}: no manifest for {host[0]}/{host[1]}")
             desc = match[0]
             continue
+        if mt and mt not in MANIFEST_TYPES:
+            raise ImageError(f"{source.path}: manifest blob {name}: media type {mt!r} is not an image manifest")
         return _oci_manifest(source, tag, name, doc)
     raise AssertionError("unreachable")
 

@@ -195,9 +195,18 @@ def apply_layer(layer_entries: Iterable[Entry], root_dir: str, *, whiteouts: str
                     ancestors.add(head)
         for path in sorted(dir_meta, key=lambda p: (-p.count("/") - (p != ""), p)):
             mode, mtime, what = dir_meta[path]
-            fd = tree.open_dir(path, False, what)
-            if fd is None:
-                continue
+            if path == "":
+                fd = os.dup(tree.fd)
+            else:                    # the directory itself, not what a later member may have put there
+                pfd, leaf = tree.parent(path, False, what)
+                if pfd is None:
+                    continue
+                try:
+                    fd = os.open(leaf, _DIR_FLAGS, dir_fd=pfd)
+                except OSError:      # replaced or removed by a later member
+                    continue
+                finally:
+                    os.close(pfd)
             try:
                 os.chmod(fd, mode)
                 os.utime(fd, (mtime, mtime))
