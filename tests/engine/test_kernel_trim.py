@@ -442,3 +442,23 @@ def test_kernel_rule_no_discard_passdown_unmaps_but_keeps_the_bytes(tmp_path):
     assert pool.trim().punched_blocks == 3
     assert held(pool) == data_blocks(pool, "w")
     pool.close()
+
+
+def test_trim_op_through_a_serving_process_keeps_the_clients_data(tmp_path):
+    """``thinpool trim`` on a served pool runs in the serving process (the control socket's op table):
+    it commits the open transaction -- what clients wrote survives -- and punches the free blocks."""
+    from thinpool.cli.registry import op_table
+    from thinpool.control.protocol import decode_reply, encode_request
+    from thinpool.control.server import handle_request
+    pool = Pool.create(tmp_path / "p", data_size=16 * BS)
+    gone = filled(pool, "gone", 4, 1)
+    pool.commit()
+    pool.delete("gone")                             # commits (a pool message): gone's blocks are pending
+    assert pool.trim().punched_blocks == 0          # the previous commit still maps them
+    v = pool.create_thin("client", 2 * BS)
+    v.write(0, b"\x42" * (2 * BS))                   # uncommitted, as an NBD client's writes may be
+    r = decode_reply(handle_request(pool, op_table(), encode_request("trim", {})))
+    assert r["punched_blocks"] == 4 and not gone & held(pool)
+    pool.close(commit=False)                         # a crash right after: the trim's commit kept them
+    with Pool.open(tmp_path / "p", read_only=True) as p:
+        assert p.thin("client").read(0, 2 * BS) == b"\x42" * (2 * BS)
