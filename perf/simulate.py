@@ -5,8 +5,8 @@
 R1 metadata-only replay of random 4 KiB writes (``thinpool.simulate.replay`` of an in-memory trace, chunks of
    1,048,576 records, default sampling) into a 64 GiB volume: I/Os per CPU second of the process (the
    machine is shared: wall time is shown beside it) vs the 5,000,000/s target;
-R2 the same with a snapshot every 10,000 I/Os keeping the last 4 (each snapshot and delete a pool message:
-   a commit): ratio to R1 (>= 0.5); both pools get 2 GiB of metadata (a sparse file);
+R2 the same with a snapshot every 10,000 I/Os keeping the last 4 (so a delete each time too): ratio to R1
+   (>= 0.5); both pools get 2 GiB of metadata (a sparse file);
 R3 data-mode replay of a fio iolog (v2, random 4 KiB writes and reads) parsed from the file, vs
    ``fio --read_iolog`` with the psync engine replaying the same iolog on a raw sparse file (>= 0.8);
    fio's time is its own job runtime (without its start-up), thinpool's the whole ``replay()`` call;
@@ -111,29 +111,31 @@ def sweep_time(sc: Scratch, scen: str, workers: int) -> float:
     return timed(lambda: sweep(scen, sw, workers=workers))
 
 
-def run(full: bool = False) -> tuple[list[Row], dict[str, Any]]:
+def run(full: bool = False, only: set[str] | None = None) -> tuple[list[Row], dict[str, Any]]:
     n = 8_000_000 if full else 4_000_000
+    only = only or {"R1", "R2", "R3", "R4"}
     reps = 5 if full else 3
     sc = Scratch()
     rows: list[Row] = []
     detail: dict[str, Any] = {"records_R1": n, "repeats": reps}
     try:
-        tr = random_writes(n, 64 * GiB)
         replay_md(sc, random_writes(100_000, 64 * GiB), 10_000, "warm")  # warm: kernels, imports
-        t = interleave({"plain": lambda _r: replay_md(sc, tr, None, "plain"),
-                        "snap": lambda _r: replay_md(sc, tr, 10_000, "snap")}, reps)
-        plain, snap = med(t["plain"]), med(t["snap"])
-        cplain, csnap = med(CPU["plain"]), med(CPU["snap"])
-        rows.append(ratio_row("R1", "metadata-only replay, random 4 KiB writes: I/Os per CPU second vs 5,000,000/s",
-                              ">= 1.0", n / cplain / TARGET_IOPS, ios_per_cpu_s=n / cplain, ios_per_wall_s=n / plain))
-        rows.append(ratio_row("R2", "the same with a snapshot every 10,000 I/Os (keep 4): vs R1, wall time "
-                              "(commits wait for fdatasync)", ">= 0.5", plain / snap, ios_per_cpu_s=n / csnap,
-                              ios_per_wall_s=n / snap, snapshots=n // 10_000))
-        detail["R1_R2_seconds"] = t
-        detail["R1_R2_cpu_seconds"] = CPU
-        log(rows[-2].line())
-        log(rows[-1].line())
-        if shutil.which("fio"):
+        if only & {"R1", "R2"}:
+            tr = random_writes(n, 64 * GiB)
+            t = interleave({"plain": lambda _r: replay_md(sc, tr, None, "plain"),
+                            "snap": lambda _r: replay_md(sc, tr, 10_000, "snap")}, reps)
+            plain, snap = med(t["plain"]), med(t["snap"])
+            cplain, csnap = med(CPU["plain"]), med(CPU["snap"])
+            rows.append(ratio_row("R1", "metadata-only replay, random 4 KiB writes: I/Os per CPU second vs 5,000,000/s",
+                                  ">= 1.0", n / cplain / TARGET_IOPS, ios_per_cpu_s=n / cplain, ios_per_wall_s=n / plain))
+            rows.append(ratio_row("R2", "the same with a snapshot every 10,000 I/Os (keep 4): vs R1, wall time",
+                                  ">= 0.5", plain / snap, ios_per_cpu_s=n / csnap,
+                                  ios_per_wall_s=n / snap, snapshots=n // 10_000))
+            detail["R1_R2_seconds"] = t
+            detail["R1_R2_cpu_seconds"] = CPU
+            log(rows[-2].line())
+            log(rows[-1].line())
+        if "R3" in only and shutil.which("fio"):
             m = 400_000 if full else 200_000
             size = 4 * GiB
             target = sc.path("raw.img")
@@ -155,19 +157,20 @@ def run(full: bool = False) -> tuple[list[Row], dict[str, Any]]:
                                   thin_ios_per_s=m / th, fio_ios_per_s=m / fi))
             detail["R3_seconds"] = t
             log(rows[-1].line())
-        k = 1_000_000 if full else 500_000
-        trace = sc.path("sweep.iolog")
-        write_iolog(trace, "/dev/vol", k, 64 * GiB)
-        scen = sc.path("s.toml")
-        with open(scen, "w") as f:
-            f.write(SCENARIO.format(trace=trace))
-        t = interleave({"w1": lambda _r: sweep_time(sc, scen, 1), "w2": lambda _r: sweep_time(sc, scen, 2)},
-                       max(2, reps - 1))
-        w1, w2 = med(t["w1"]), med(t["w2"])
-        rows.append(ratio_row("R4", f"sweep of 8 configurations ({k:,} records each): 2 workers vs 1", ">= 1.7",
-                              w1 / w2, one_worker_s=w1, two_workers_s=w2, cores=os.cpu_count()))
-        detail["R4_seconds"] = t
-        log(rows[-1].line())
+        if "R4" in only:
+            k = 4_000_000 if full else 2_000_000
+            trace = sc.path("sweep.iolog")
+            write_iolog(trace, "/dev/vol", k, 64 * GiB)
+            scen = sc.path("s.toml")
+            with open(scen, "w") as f:
+                f.write(SCENARIO.format(trace=trace))
+            t = interleave({"w1": lambda _r: sweep_time(sc, scen, 1), "w2": lambda _r: sweep_time(sc, scen, 2)},
+                           max(2, reps - 1))
+            w1, w2 = med(t["w1"]), med(t["w2"])
+            rows.append(ratio_row("R4", f"sweep of 8 configurations ({k:,} records each): 2 workers vs 1", ">= 1.7",
+                                  w1 / w2, one_worker_s=w1, two_workers_s=w2, cores=os.cpu_count()))
+            detail["R4_seconds"] = t
+            log(rows[-1].line())
     finally:
         sc.close()
     return rows, detail
@@ -202,16 +205,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--full", action="store_true", help="bigger traces, 5 repeats")
     ap.add_argument("--docs", action="store_true", help="rewrite the replay section of docs/performance.md")
     ap.add_argument("--json", help="also write the figures to this file")
-    ap.add_argument("--from-json", help="measure nothing: take the figures of an earlier --json run")
+    ap.add_argument("--from-json", nargs="+", help="measure nothing: take the rows of earlier --json runs")
+    ap.add_argument("--only", help="comma-separated rows to measure (R1,R2,R3,R4)")
     args = ap.parse_args(argv)
     if args.from_json:
-        with open(args.from_json) as f:
-            saved = json.load(f)
-        rows = [Row(r["key"], r["title"], r["values"], r["ratio"], r["target"], r.get("status", ""),
-                    r.get("note", "")) for r in saved["rows"]]
-        detail, mach = saved["detail"], saved["machine"]
+        byk: dict[str, Row] = {}
+        detail = {}
+        for path in args.from_json:  # later files' rows replace earlier ones
+            with open(path) as f:
+                saved = json.load(f)
+            for r in saved["rows"]:
+                byk[r["key"]] = Row(r["key"], r["title"], r["values"], r["ratio"], r["target"],
+                                    r.get("status", ""), r.get("note", ""))
+            detail.update(saved["detail"])
+            mach = saved["machine"]
+        rows = [byk[k] for k in sorted(byk)]
     else:
-        rows, detail = run(args.full)
+        rows, detail = run(args.full, set(args.only.split(",")) if args.only else None)
         mach = machine()
     if args.json:
         with open(args.json, "w") as f:

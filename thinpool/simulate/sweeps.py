@@ -91,11 +91,25 @@ def sweep(scenario: Scenario | str | os.PathLike, sweeps: dict[str, list[Any]], 
     if dask is not None:
         dicts = _on_dask(dask, s, pts)
     elif workers > 1 and len(pts) > 1:
+        _warm_kernels()  # forked workers inherit the compiled kernels instead of each loading them
         with ProcessPoolExecutor(max_workers=min(workers, len(pts))) as ex:
             dicts = list(ex.map(run_point, [s] * len(pts), pts))
     else:
         dicts = [run_point(s, p) for p in pts]
     return SweepResult([(p, Result.from_dict(d)) for p, d in zip(pts, dicts)])
+
+
+def _warm_kernels() -> None:
+    """Run a one-record replay in a throwaway metadata-only pool: numba's kernels get loaded (or
+    compiled) once, here, before the worker processes are forked."""
+    import tempfile
+
+    import numpy as np
+
+    from .replayer import ArrayTrace, replay_file
+    with tempfile.TemporaryDirectory(prefix="thinpool-warm-") as d:
+        replay_file(ArrayTrace(np.ones(1, np.uint8), [0], [4096]), pool_dir=os.path.join(d, "p"),
+                    data_size="1MiB", metadata_only=True)
 
 
 def _on_dask(dask: Any, s: Scenario, pts: list[dict[str, Any]]) -> list[dict[str, Any]]:
