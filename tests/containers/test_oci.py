@@ -495,6 +495,12 @@ def test_oci_rule_bounds_on_entries_and_tar_headers(jail) -> None:
     buf.seek(0)
     with pytest.raises(ImageError, match="blob b: .*extended tar header"):
         list(iter_tar_entries(buf, "blob b"))
+    # a long run of global PAX headers (tarfile reads a run recursively): refused, not a RecursionError
+    one = tarfile.TarInfo._create_pax_generic_header({"comment": "x"}, tarfile.XGLTYPE, "utf-8")
+    member = tarfile.TarInfo("f").tobuf(tarfile.USTAR_FORMAT)
+    buf = io.BytesIO(one * 3000 + member + b"\0" * 1024)
+    with pytest.raises(ImageError, match="blob b: .*extended tar headers in a row"):
+        list(iter_tar_entries(buf, "blob b"))
 
 
 def test_oci_rule_whiteouts_hide_lower_only(jail) -> None:

@@ -7,7 +7,7 @@ of the content), directories, symlinks, hard links, whiteouts (``.wh.NAME``), op
 ``SCHILY.xattr.*`` and ``LIBARCHIVE.xattr.*``).  Refused, with an :class:`~thinpool.errors.ImageError`
 naming the blob and the member: absolute names, any ``..`` component, hard links whose target is absolute
 or leaves the tree, tar extended headers over :data:`MAX_TAR_HEADER_BYTES` (refused before tarfile reads
-them), more than ``max_entries`` members, names or link targets over :data:`MAX_PATH`, xattrs over
+them) and runs of more than :data:`MAX_EXTENDED_RUN` of them, more than ``max_entries`` members, names or link targets over :data:`MAX_PATH`, xattrs over
 :data:`MAX_XATTR_VALUE` / :data:`MAX_XATTRS`, unknown member types.  Other ``.wh..wh.*`` names (aufs
 metadata) are skipped, as Docker does.  Device nodes and setuid/setgid modes are flagged
 (:attr:`Entry.privileged`) for :func:`thinpool.containers.oci_apply.apply_layer`.
@@ -25,10 +25,13 @@ from typing import IO, Any, BinaryIO
 
 from thinpool.errors import ImageError
 
-#: default bound on the members of one layer (a large distribution image has ~100,000)
-MAX_ENTRIES = 2_000_000
+#: default bound on the members of one layer (a large distribution image has ~100,000); the applier keeps
+#: a set of the paths a layer wrote, so this bounds its memory (~200 bytes a path)
+MAX_ENTRIES = 1_000_000
 #: largest tar extended header (PAX, GNU long name) accepted in a layer
 MAX_TAR_HEADER_BYTES = 1 << 20
+#: most extended headers (PAX, GNU long names) before one member
+MAX_EXTENDED_RUN = 16
 #: longest member name / link target (Linux PATH_MAX)
 MAX_PATH = 4096
 #: largest xattr value (Linux XATTR_SIZE_MAX) and most xattrs on one member
@@ -91,13 +94,28 @@ class Entry:
         return self.kind in (CHAR, BLOCK) or bool(self.mode & (stat.S_ISUID | stat.S_ISGID))
 
 
+_EXTENDED = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
+             tarfile.GNUTYPE_LONGLINK)
+
+
 class _BoundedTarInfo(tarfile.TarInfo):
-    """A TarInfo that refuses oversized extended headers before tarfile reads them into memory."""
+    """A TarInfo that refuses oversized extended headers before tarfile reads them into memory, long runs
+    of them (tarfile reads a run recursively: a hostile run would end in RecursionError) and global PAX
+    headers accumulating past :data:`MAX_TAR_HEADER_BYTES`."""
 
     def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
-        if self.type in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE,
-                         tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK) and self.size > MAX_TAR_HEADER_BYTES:
-            raise ImageError(f"extended tar header of {self.size} bytes (limit {MAX_TAR_HEADER_BYTES})")
+        if self.type in _EXTENDED:
+            if self.size > MAX_TAR_HEADER_BYTES:
+                raise ImageError(f"extended tar header of {self.size} bytes (limit {MAX_TAR_HEADER_BYTES})")
+            run = getattr(tarfile_, "_thinpool_ext_run", 0) + 1
+            if run > MAX_EXTENDED_RUN:
+                raise ImageError(f"more than {MAX_EXTENDED_RUN} extended tar headers in a row")
+            tarfile_._thinpool_ext_run = run          # type: ignore[attr-defined]
+        else:
+            tarfile_._thinpool_ext_run = 0            # type: ignore[attr-defined]
+            if tarfile_.pax_headers and (len(tarfile_.pax_headers) > 1024 or sum(
+                    len(k) + len(v) for k, v in tarfile_.pax_headers.items()) > MAX_TAR_HEADER_BYTES):
+                raise ImageError(f"global PAX headers past {MAX_TAR_HEADER_BYTES} bytes or 1024 keys")
         return super()._proc_member(tarfile_)
 
 
