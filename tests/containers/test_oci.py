@@ -437,6 +437,46 @@ def test_oci_rule_tar_slip_through_symlink_stays_in_root(jail, target_kind: str)
     assert os.readlink(f"{root}/a") == target          # the symlink itself is kept as written
 
 
+def test_oci_rule_last_component_symlink_replaced_not_followed(jail) -> None:
+    """A file, directory or hard link named like an existing symlink to the outside replaces the symlink
+    (the leaf is never followed), in the same layer or a later one."""
+    root, outside = jail
+    _apply(_tar([("f", "sym", f"{outside}/secret"), ("d", "sym", outside), ("h", "sym", f"{outside}/secret")]),
+           root)
+    _apply(_tar([("f", "file", b"pwned"), ("d", "dir", None, 0o755), ("d/secret", "file", b"pwned"),
+                 ("src", "file", b"s"), ("h", "link", "src")]), root)
+    _outside_untouched(outside)
+    assert open(f"{root}/f", "rb").read() == b"pwned" and not os.path.islink(f"{root}/f")
+    assert os.path.isdir(f"{root}/d") and not os.path.islink(f"{root}/d")
+    assert os.stat(f"{root}/h").st_ino == os.stat(f"{root}/src").st_ino
+
+
+@pytest.mark.realtools
+def test_oci_rule_docker_archive_directory_form(built: dict, tmp_path) -> None:
+    """An unpacked docker-archive (a directory) opens like the tar; layers named by the legacy
+    ``<id>/layer.tar`` symlinks skopeo also writes (as ``docker save`` did) are followed inside the archive,
+    in the directory and in a tar of it."""
+    d = str(tmp_path / "unpacked")
+    os.mkdir(d)
+    run("tar", "-xf", built["docker"], "-C", d)
+    with open_image(d) as a, open_image(built["docker"]) as b:
+        assert a.chain_ids == b.chain_ids and a.config_digest == b.config_digest
+        a.verify()
+    links = {os.path.basename(os.readlink(os.path.join(d, e, "layer.tar"))): f"{e}/layer.tar"
+             for e in os.listdir(d) if os.path.islink(os.path.join(d, e, "layer.tar"))}
+    manifest = json.load(open(f"{d}/manifest.json"))
+    assert len(links) == len(manifest[0]["Layers"])
+    manifest[0]["Layers"] = [links[p] for p in manifest[0]["Layers"]]
+    with open(f"{d}/manifest.json", "w") as f:
+        json.dump(manifest, f)
+    retar = str(tmp_path / "legacy.tar")
+    run("tar", "-cf", retar, "-C", d, ".")
+    for path in (d, retar):
+        with open_image(path) as image, open_image(built["docker"]) as b:
+            assert image.chain_ids == b.chain_ids and image.layers[0].blob.endswith("/layer.tar")
+            image.verify()
+
+
 def test_oci_rule_hard_link_outside_refused(jail) -> None:
     root, outside = jail
     with pytest.raises(ImageError, match="hard link target"):
