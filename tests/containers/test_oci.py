@@ -369,6 +369,15 @@ def test_oci_rule_oversized_json_refused_before_reading(tmp_path) -> None:
     with pytest.raises(ImageError, match="longer than"):
         open_image(str(d))
     assert issubclass(ImageError, InvalidArgument)
+    # the outer tar of an archive is read with the same header bounds as a layer
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        ti = tarfile.TarInfo("manifest.json")
+        ti.pax_headers = {"comment": "x" * (MAX_TAR_HEADER_BYTES + 10)}
+        t.addfile(ti, io.BytesIO(b""))
+    (tmp_path / "outer.tar").write_bytes(buf.getvalue())
+    with pytest.raises(ImageError, match="outer.tar: extended tar header"):
+        open_image(str(tmp_path / "outer.tar"))
 
 
 # -- hostile layers -------------------------------------------------------------------------------

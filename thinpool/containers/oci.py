@@ -48,7 +48,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
-from thinpool.containers.oci_tar import (CHUNK, MAX_ENTRIES, Entry, iter_tar_entries,
+from thinpool.containers.oci_tar import (CHUNK, MAX_ENTRIES, BoundedTarInfo, Entry, iter_tar_entries,
                                          normalize_member)
 from thinpool.errors import ImageError
 
@@ -178,7 +178,7 @@ class _Source:
         if os.path.isdir(path):
             return
         try:
-            self._tar = tarfile.open(path, mode="r:")
+            self._tar = tarfile.open(path, mode="r:", tarinfo=BoundedTarInfo)
             n = 0
             for ti in self._tar:     # bounded count; names normalised
                 n += 1
@@ -187,9 +187,9 @@ class _Source:
                 name = "/".join(p for p in ti.name.split("/") if p not in ("", "."))
                 self._members[name] = ti
             self._tar.members = []   # we keep our own index
-        except ImageError:
+        except ImageError as e:
             self.close()
-            raise
+            raise ImageError(f"{path}: {e}" if not str(e).startswith(path) else str(e)) from None
         except (tarfile.TarError, OSError, EOFError) as e:
             self.close()
             raise ImageError(f"{path}: not an image layout directory or tar archive: {e}") from None

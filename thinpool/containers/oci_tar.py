@@ -98,7 +98,7 @@ _EXTENDED = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.
              tarfile.GNUTYPE_LONGLINK)
 
 
-class _BoundedTarInfo(tarfile.TarInfo):
+class BoundedTarInfo(tarfile.TarInfo):
     """A TarInfo that refuses oversized extended headers before tarfile reads them into memory, long runs
     of them (tarfile reads a run recursively: a hostile run would end in RecursionError) and global PAX
     headers accumulating past :data:`MAX_TAR_HEADER_BYTES`."""
@@ -146,7 +146,7 @@ def iter_tar_entries(stream: BinaryIO, what: str, max_entries: int = MAX_ENTRIES
     """The typed entries of an uncompressed layer tar read as a stream (``what`` names the blob in
     errors).  Member safety rules as in the module docstring; the tar is read once, front to back."""
     try:
-        tar = tarfile.open(fileobj=stream, mode="r|", tarinfo=_BoundedTarInfo)
+        tar = tarfile.open(fileobj=stream, mode="r|", tarinfo=BoundedTarInfo)
     except ImageError as e:
         raise ImageError(f"{what}: {e}") from None
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
