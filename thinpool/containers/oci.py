@@ -288,8 +288,8 @@ class Image:
             try:
                 yield from iter_tar_entries(io.BufferedReader(diff, CHUNK), what, max_entries)
                 diff.drain()               # the tar's end padding is part of the diff ID
-                if got:
-                    buffered.read()        # trailing bytes after the compressed stream: part of the blob
+                while got and buffered.read(CHUNK):
+                    pass                   # trailing bytes after the compressed stream: part of the blob
             except ImageError as e:        # a damaged stream: if the blob's digest is wrong, say that
                 if layer.digest is not None:
                     try:
