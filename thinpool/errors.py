@@ -101,6 +101,18 @@ class ReadOnly(ThinpoolError):
     """The pool (or a volume) is read-only, or metadata space is exhausted."""
 
 
+class ReadOnlyIO(ReadOnly, OSError):
+    """A write the pool cannot serve in read-only or out-of-metadata-space mode: it needs a new data
+    block (unmapped, or shared with a snapshot).  EIO, as dm-thin's ``handle_unserviceable_bio`` in
+    those modes; writes to provisioned, unshared blocks are still served."""
+
+    def __init__(self, message: str) -> None:
+        OSError.__init__(self, errno.EIO, message)
+
+    def __str__(self) -> str:  # OSError would print "[Errno 5] ..."
+        return self.strerror
+
+
 class PoolLocked(ThinpoolError):
     """Another process holds the pool's lock."""
 
@@ -184,6 +196,7 @@ __all__ = [
     "DiscardNotSupported",
     "WaitCancelled",
     "ReadOnly",
+    "ReadOnlyIO",
     "PoolLocked",
     "PermissionDenied",
     "MetadataCorrupt",

@@ -157,6 +157,15 @@ class KernelContext:
         """InvalidArgument if closed, ReadOnly if the pool cannot be written (saying why)."""
         self.pool._check_writable()
 
+    def check_io_writable(self) -> None:
+        """Before a write or discard: InvalidArgument if closed, ReadOnly if opened read-only or failed
+        (read-only and out-of-metadata-space modes serve writes that need no new block)."""
+        self.pool._check_io_writable()
+
+    def no_metadata_change(self) -> bool:
+        """Whether the pool's mode serves only writes to provisioned, unshared blocks."""
+        return self.pool.mode in (Mode.OUT_OF_METADATA_SPACE, Mode.READ_ONLY)
+
     def out_of_data_space(self) -> None:
         """A write found no data block: the pool enters out-of-data-space mode -- and leaves it at once
         if the pool's autoextend policy grows the data device (as LVM's dmeventd does when the pool

@@ -498,6 +498,11 @@ class Pool(Transactions, DeviceOps):
     def _check_open(self) -> None:
         rules.check_open(self.path, self._closed)
 
+    def _check_io_writable(self) -> None:
+        rules.check_io_writable(self.path, closed=self._closed, read_only=self.read_only, mode=self.mode,
+                                needs_check=bool(self._header.get("needs_check")),
+                                reason=getattr(self, "read_only_reason", ""))
+
     def _check_writable(self) -> None:
         rules.check_writable(self.path, closed=self._closed, read_only=self.read_only, mode=self.mode,
                              needs_check=bool(self._header.get("needs_check")),

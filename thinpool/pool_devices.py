@@ -334,6 +334,12 @@ class DeviceOps:
             row["flags"] = int(DevFlag(int(row["flags"])) | DevFlag.READ_ONLY)
         self._devs_dirty.add(slot)
 
+    def _set_needs_check(self, reason: str) -> None:
+        """Imported metadata whose superblock has needs_check set (pool_ir): the flag is kept, and
+        the pool is read-only once the import is committed."""
+        self._header["needs_check"] = True
+        self.read_only_reason = reason
+
     def _restore_header(self, fields: dict[str, Any], *, next_dev_id: int) -> None:
         """Superblock fields a repair keeps from the damaged pool (low water mark, uuid, data file ...)."""
         self._header.update(fields)

@@ -20,6 +20,9 @@ from .rules import check_block_size
 from .interop.ir import MAX_DEV_ID, SECTOR, Device, Metadata, Superblock, identical_runs
 from .schema import DevFlag, Mode, pack_mapping, unpack_mapping
 
+#: bit 0 of dm-thin's superblock flags (THIN_METADATA_NEEDS_CHECK_FLAG; thin_dump's ``flags="1"``)
+NEEDS_CHECK_FLAG = 1
+
 if TYPE_CHECKING:
     from .pool import Pool
 
@@ -57,7 +60,7 @@ def state_to_metadata(pool: "Pool", nodes: tuple, devs: np.ndarray, nr_data_bloc
                               creation_time=int(d["creation_time"]), snap_time=int(d["snap_time"]),
                               vblocks=arrays[0], dblocks=arrays[1], times=arrays[2]))
     if flags is None:
-        flags = 1 if pool.header.get("needs_check") else 0
+        flags = NEEDS_CHECK_FLAG if pool.header.get("needs_check") else 0
     sb = Superblock(time=time, transaction=transaction, data_block_size=pool.block_size // SECTOR,
                     nr_data_blocks=nr_data_blocks, flags=flags, version=2,
                     metadata_snap=held_root)
@@ -139,8 +142,13 @@ def pool_from_metadata(create: Callable[..., "Pool"], path: str | os.PathLike, m
                        data_file=data_file, force=True, take_over_data=take_over_data, **create_kwargs)
     try:
         _fill(pool, md, names or {})
+        needs_check = bool(sb.flags & NEEDS_CHECK_FLAG)
+        if needs_check:  # the superblock's flag survives the import: the pool is read-only until checked
+            pool._set_needs_check("the imported metadata has needs_check set")
         pool.commit()
-        if pool.mode != Mode.WRITE and pool.mode != Mode.OUT_OF_DATA_SPACE:
+        if needs_check:
+            pool._set_mode(Mode.READ_ONLY)
+        elif pool.mode != Mode.WRITE and pool.mode != Mode.OUT_OF_DATA_SPACE:
             raise ReadOnly(f"pool {pool.path}: could not commit the imported metadata "
                            f"({getattr(pool, 'read_only_reason', pool.mode)})")
     except BaseException:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
+from . import rules
 from . import schema as K
 from .devtable import DEVS_PER_PAGE, pad_pages
 from .errors import AlreadyExists, HostIOError, InvalidArgument, ReadOnly
@@ -23,6 +24,7 @@ from .mdstore import BLOCK, MetadataSpaceExhausted, PagedArray
 from .schema import Mode
 
 if TYPE_CHECKING:
+    from .check import CheckReport
     from .poolspace import TrimResult
 
 
@@ -153,7 +155,12 @@ class Transactions:
         if self.mode == Mode.FAIL:
             raise HostIOError(f"pool {self.path} has failed and must be reopened; nothing since its last "
                               f"durable commit was committed ({getattr(self, 'read_only_reason', '')})")
-        if self.read_only or self.mode == Mode.READ_ONLY:
+        if self.read_only:
+            return
+        if self.mode in (Mode.READ_ONLY, Mode.OUT_OF_METADATA_SPACE):
+            # no metadata change is possible in these modes (dm-thin's commit() refuses); the writes
+            # they serve (provisioned, unshared blocks) reach the data file, and a FLUSH flushes it
+            self._sync_data()
             return
         if not self._changed():
             # nothing for the metadata (dm-thin's commit writes nothing when not in_service); a
@@ -173,10 +180,13 @@ class Transactions:
             self._sync_data()
             self._store.commit(arrays, self._header)
         except MetadataSpaceExhausted as exc:
-            self._abort_to_read_only(str(exc))
-            raise ReadOnly(f"pool {self.path}: out of metadata space; the transaction was aborted and the "
-                           f"pool is read-only ({exc}); grow the metadata (thinpool resize --metadata-size) "
-                           f"to write again") from None
+            # the reserve did not cover this commit (one batch of writes larger than it): a metadata
+            # operation really failed -- dm-thin's metadata_operation_failed()
+            self._metadata_operation_failed(f"commit: {exc}")
+            raise ReadOnly(f"pool {self.path}: a commit found no metadata space even in the reserve; the "
+                           f"transaction was aborted, needs_check is set and the pool is read-only ({exc}); "
+                           f"run 'thinpool check --clear-needs-check' or 'thinpool repair', then grow the "
+                           f"metadata") from None
         except HostIOError as exc:
             flushed = bool(self._store.failed)
             if flushed:
@@ -203,6 +213,33 @@ class Transactions:
             self._set_mode(Mode.WRITE)
         self._set_md_check()
         self._autoextend()  # LVM's thin_pool_autoextend policy, when set
+        self._check_for_metadata_space()
+
+    def _md_room(self) -> int:
+        """Free metadata blocks beyond the reserve, less what a commit with nothing dirty needs
+        (dm-thin's free metadata count, which hides the reserve)."""
+        return self._store.free_blocks() - rules.metadata_reserve(self._store.nr_blocks) - \
+            self._store.estimate_commit_blocks({})
+
+    def _check_for_metadata_space(self) -> None:
+        """After a commit (dm-thin's check_for_metadata_space): no room beyond the reserve -> the
+        out-of-metadata-space mode, which serves only writes that need no metadata change."""
+        if self.mode in (Mode.WRITE, Mode.OUT_OF_DATA_SPACE) and self._md_room() <= 0:
+            self._set_mode(Mode.OUT_OF_METADATA_SPACE)
+            self.read_only_reason = (f"{self._store.free_blocks()} of {self._store.nr_blocks} metadata blocks "
+                                     f"free, a reserve of {rules.metadata_reserve(self._store.nr_blocks)} kept")
+
+    def _metadata_operation_failed(self, reason: str) -> None:
+        """dm-thin's metadata_operation_failed(): abort the transaction, set needs_check (written
+        to the superblock: it survives a reopen) and go read-only."""
+        self._load()
+        self._header["needs_check"] = True
+        try:
+            self._store.commit({}, self._header_now())  # the superblock only (and its directory)
+        except (MetadataSpaceExhausted, HostIOError) as exc:
+            reason += f"; needs_check could not be written ({exc})"
+        self._set_mode(Mode.READ_ONLY)
+        self.read_only_reason = reason
 
     def _sync_data(self) -> None:
         try:
@@ -221,10 +258,23 @@ class Transactions:
         if not self.read_only:
             _poolspace().scrub_on_open(self)
 
-    def _abort_to_read_only(self, reason: str) -> None:
-        self._load()
-        self._set_mode(Mode.READ_ONLY)
-        self.read_only_reason = reason
+    @_locked
+    def clear_needs_check(self) -> "CheckReport":
+        """thin_check's ``--clear-needs-check-flag``: check the metadata and, if it is sound, clear
+        the superblock's needs_check flag (one superblock write) and leave read-only mode.  Returns the
+        check report; with problems nothing changes (``thinpool repair`` is the way then)."""
+        self._check_open()
+        if self.read_only:
+            raise ReadOnly(f"pool {self.path} is opened read-only: reopen it writable to clear needs_check")
+        report = self.check()
+        if report.ok and self._header.get("needs_check"):
+            hdr = self._header_now()
+            hdr["needs_check"] = False
+            self._store.commit({}, hdr)
+            self._header["needs_check"] = False
+            self._set_mode(rules.derive_mode(False))
+            self.read_only_reason = ""
+        return report
 
     @_locked
     def set_transaction_id(self, old: int, new: int) -> None:
@@ -274,8 +324,8 @@ class Transactions:
     def resize_metadata(self, metadata_size: int | str) -> None:
         """Grow the metadata file to ``metadata_size`` bytes (never shrinks; at most 15.87 GiB).
 
-        The way out of metadata space: a pool that went read-only because a commit found no free
-        metadata block returns to write mode (then e.g. ``delete`` frees space).  Nothing else changes;
+        The way out of metadata space: a pool in out-of-metadata-space mode returns to write mode
+        (then e.g. ``delete`` frees space).  Nothing else changes;
         the next commit uses the new room.  ``thinpool resize POOL --metadata-size SIZE``."""
         _poolspace().resize_metadata(self, metadata_size)
 
@@ -290,7 +340,8 @@ class Transactions:
         bm = self._nodes_map
         fixed = (len(bm.leaf_rc) + len(bm.inner_rc) + len(self._space.data_rc)) // 1024 + \
             len(self._devs) // DEVS_PER_PAGE + 8
-        self._md_check_below = (self._store.nr_blocks - 16) // 2 - fixed - 64
+        reserve = rules.metadata_reserve(self._store.nr_blocks)
+        self._md_check_below = (self._store.nr_blocks - 16 - reserve) // 2 - fixed - 64
 
     def _after_alloc(self) -> None:
         item = self._st.item  # Python ints: this runs after every allocating write
@@ -307,10 +358,14 @@ class Transactions:
         bm = self._nodes_map
         live = int(self._st[K.ST_LEAVES_LIVE] + self._st[K.ST_INNERS_LIVE]) + \
             (len(bm.leaf_rc) + len(bm.inner_rc) + len(self._space.data_rc)) // 1024 + len(self._devs) // DEVS_PER_PAGE + 8
-        if 2 * live + 16 > self._store.nr_blocks:
+        reserve = rules.metadata_reserve(self._store.nr_blocks)
+        if 2 * live + 16 + reserve > self._store.nr_blocks:
             needed = self._store.estimate_commit_blocks(self._paged())
-            if needed > self._store.free_blocks():
-                self.commit()  # frees the previous versions of rewritten pages, or goes read-only
+            if needed > self._store.free_blocks() - reserve:
+                # dm-thin's alloc_data_block: "commit before we use up the metadata reserve"; the
+                # reserve lets this commit through, and the check after it enters
+                # out-of-metadata-space mode if there is still no room
+                self.commit()
 
     # ------------------------------------------------------------------ metadata snapshot
     @_locked

@@ -139,12 +139,12 @@ def _check_md_size(pool: "Pool", nbytes: int) -> int:
 
 
 def _after_metadata_growth(pool: "Pool") -> None:
-    """Leave the read-only mode that running out of metadata space caused."""
-    if pool.mode == Mode.READ_ONLY and not pool.header.get("needs_check") and \
-            getattr(pool, "read_only_reason", "").find("out of metadata space") >= 0:
-        pool._set_mode(Mode.WRITE if pool.st[K.ST_NR_ALLOCATABLE] > 0 else Mode.OUT_OF_DATA_SPACE)
-        pool.read_only_reason = ""
+    """Leave out-of-metadata-space mode (dm-thin: growing the metadata device gets the pool out of
+    it) if the grown file has room beyond the reserve."""
     pool._set_md_check()
+    if pool.mode == Mode.OUT_OF_METADATA_SPACE and pool._md_room() > 0:
+        pool._set_mode(Mode.WRITE)
+        pool.read_only_reason = ""
 
 
 def _grow_store(pool: "Pool", blocks: int) -> None:

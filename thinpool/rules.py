@@ -91,16 +91,51 @@ def check_open(path: str, closed: bool) -> None:
         raise InvalidArgument(f"pool {path} is closed")
 
 
+def way_out(path: str, mode: str, needs_check: bool, reason: str = "") -> str:
+    """Why a pool in ``mode`` refuses pool messages, and what gets it out (for the error message)."""
+    if needs_check:
+        return (f"pool {path} is {mode} and its metadata needs checking: run 'thinpool check --clear-needs-check "
+                f"{path}' (clears the flag if the metadata is sound) or 'thinpool repair'")
+    if mode == Mode.OUT_OF_METADATA_SPACE:
+        return (f"pool {path} is out of metadata space" + (f" ({reason})" if reason else "") +
+                f": grow the metadata ('thinpool resize {path} --metadata-size SIZE', Pool.resize_metadata)")
+    if mode == Mode.FAIL:
+        return f"pool {path} has failed" + (f" ({reason})" if reason else "") + ": reopen it"
+    return f"pool {path} is {mode}" + (f" ({reason})" if reason else "")
+
+
 def check_writable(path: str, *, closed: bool, read_only: bool, mode: str, needs_check: bool,
                    reason: str = "") -> None:
-    """InvalidArgument if closed; ReadOnly (saying why) if opened read-only or in a mode that
-    refuses changes (read-only, fail)."""
+    """The check before a pool message: InvalidArgument if closed; ReadOnly (saying why and the way
+    out) if opened read-only or in a mode that refuses messages (out-of-metadata-space, read-only,
+    fail: dm-thin's ``pool_message`` refuses them in those modes)."""
     check_open(path, closed)
     if read_only:
-        raise ReadOnly(f"pool {path} is opened read-only")
-    if mode in (Mode.READ_ONLY, Mode.FAIL):
-        raise ReadOnly(f"pool {path} is {mode}" +
-                       (" (needs check/repair)" if needs_check else f" ({reason})" if reason else ""))
+        raise ReadOnly(f"pool {path} is opened read-only: reopen it writable to change it")
+    if mode in (Mode.OUT_OF_METADATA_SPACE, Mode.READ_ONLY, Mode.FAIL):
+        raise ReadOnly(way_out(path, mode, needs_check, reason))
+
+
+def check_io_writable(path: str, *, closed: bool, read_only: bool, mode: str, needs_check: bool,
+                      reason: str = "") -> None:
+    """The check before a write or discard: those are served in every mode but fail (dm-thin serves
+    writes to provisioned, unshared blocks in read-only and out-of-metadata-space mode, and completes
+    discards there without unmapping); a pool opened read-only has its files opened read-only."""
+    check_open(path, closed)
+    if read_only:
+        raise ReadOnly(f"pool {path} is opened read-only: reopen it writable to write")
+    if mode == Mode.FAIL:
+        raise ReadOnly(way_out(path, mode, needs_check, reason))
+
+
+#: the modes that serve only writes to provisioned, unshared blocks (no metadata change)
+NO_METADATA_CHANGE = (Mode.OUT_OF_METADATA_SPACE, Mode.READ_ONLY)
+
+
+def metadata_reserve(nr_metadata_blocks: int) -> int:
+    """Metadata blocks kept back for the commit that enters out-of-metadata-space mode: dm-thin's
+    ``__set_metadata_reserve`` (a tenth of the device, at most 4096 blocks; at least 8 here)."""
+    return min(4096, max(8, nr_metadata_blocks // 10))
 
 
 def free_slot(flags: Iterable[int]) -> int | None:

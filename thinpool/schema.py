@@ -104,6 +104,7 @@ class Mode(enum.StrEnum):
     """The pool's mode (dm-thin's pool modes; the values are what status reports)."""
     WRITE = "write"
     OUT_OF_DATA_SPACE = "out-of-data-space"
+    OUT_OF_METADATA_SPACE = "out-of-metadata-space"
     READ_ONLY = "read-only"
     FAIL = "fail"
 

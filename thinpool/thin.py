@@ -14,8 +14,9 @@ from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
+from . import rules
 from . import schema as L
-from .errors import DataDeviceError, DiscardNotSupported, HostIOError, InvalidArgument, NoSpace, ReadOnly
+from .errors import DataDeviceError, DiscardNotSupported, HostIOError, InvalidArgument, NoSpace, ReadOnly, ReadOnlyIO
 from .hostio import last_errno
 from .schema import (DEV_CREATION_TIME, DEV_FLAGS, DEV_MAPPED, DEV_ROOT, DEV_SIZE, DEV_SNAP_TIME,
                      DEV_TRANSACTION, FLAG_READ_ONLY, unpack_mapping)
@@ -245,7 +246,7 @@ class Thin:
     def _check_write(self) -> None:
         ctx = self._ctx
         if not ctx.fast_write:
-            ctx.check_writable()
+            ctx.check_io_writable()
         if self._row[DEV_FLAGS] & FLAG_READ_ONLY:
             raise ReadOnly(f"volume {self.name!r} is read-only")
 
@@ -337,6 +338,8 @@ class Thin:
             slot = self._slot()
             ofd, osize = ctx.origin(self._key)
             st = ctx.st
+            if not ctx.fast_write and ctx.no_metadata_change():
+                self._refuse_allocation(offsets, lengths, slot)
             start = 0
             need = needed = 0
             try:
@@ -388,6 +391,18 @@ class Thin:
             if needed:
                 ctx.after_alloc()
 
+    def _refuse_allocation(self, offsets: np.ndarray, lengths: np.ndarray, slot: int) -> None:
+        """Read-only and out-of-metadata-space modes: ReadOnlyIO (EIO) if the batch needs a new block
+        (unmapped, or shared: dm-thin's ``process_bio_read_only``), before anything is written."""
+        ctx = self._ctx
+        need = _k().blocks_needed(ctx.nodes_map.nodes, ctx.devs_i[slot], offsets, lengths, ctx.block_size)
+        if need:
+            pool = self.pool
+            why = rules.way_out(ctx.path, pool.mode, bool(pool.header.get("needs_check")),
+                                getattr(pool, "read_only_reason", ""))
+            raise ReadOnlyIO(f"volume {self.name!r}: the write needs {need} new data block(s) and only "
+                             f"provisioned, unshared blocks can be written now: {why}")
+
     def discard(self, offset: int, length: int) -> int:
         """Unmap the whole blocks inside ``[offset, offset+length)``; partial blocks are untouched
         (dm-thin's rule).  Returns the number of blocks unmapped.  With the pool's discard setting
@@ -407,8 +422,8 @@ class Thin:
             bs = ctx.block_size
             first = -(-offset // bs)
             last = (offset + length) // bs
-            if last <= first:
-                return 0
+            if last <= first or (not ctx.fast_write and ctx.no_metadata_change()):
+                return 0  # read-only / out-of-metadata-space: the discard succeeds, unmapping nothing
             slot = self._slot()
             before = int(ctx.devs_i[slot, DEV_MAPPED])
             vb = first

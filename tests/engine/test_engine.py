@@ -291,16 +291,17 @@ def test_no_space_changes_nothing_and_resize_recovers(tmp_path):
     p.close()
 
 
-def test_metadata_exhaustion_goes_read_only(tmp_path):
+def test_metadata_exhaustion_enters_out_of_metadata_space(tmp_path):
     p = Pool.create(tmp_path / "p", data_size="4GiB", metadata_size="256KiB")
     v = p.create_thin("v", "4GiB")
     with pytest.raises(ReadOnly, match="metadata"):
         for i in range(200):
             v.write(i * 512 * BS, b"x")  # one leaf per write
             p.commit()
-    assert p.status().mode == "read-only"
+    assert p.status().mode == "out-of-metadata-space" and not p.status().needs_check
+    v.write(0, b"y")  # provisioned and unshared: served
     with pytest.raises(ReadOnly):
-        v.write(0, b"y")
+        v.write(BS, b"y")  # needs a block
     p.close()
 
 

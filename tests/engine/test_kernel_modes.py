@@ -3,14 +3,16 @@ dm-thin-metadata.c; docs/dm-thin.md).  Each test names the kernel rule it checks
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 
+import numpy as np
 import pytest
 
 from tests.support import require_tool
 from thinpool import Pool
-from thinpool.errors import NoSpace
+from thinpool.errors import NoSpace, ReadOnly, ReadOnlyIO
 
 BS = 64 * 1024
 
@@ -261,3 +263,143 @@ def test_kernel_rule_commit_without_changes_writes_nothing(tmp_path, counting_io
     p.commit()
     assert p.store.generation == gen + 1 and counting_io.syncs > io0[1]
     p.close()
+
+
+# --------------------------------------------------------------------------- read-only, out of metadata space
+def _needs_check_pool(tmp_path) -> Pool:
+    """A pool in read-only mode with needs_check: v maps blocks 0-2 (1 and 2 shared with snapshot s),
+    block 0 exclusive; imported from metadata whose superblock has needs_check set."""
+    from thinpool.pool_ir import NEEDS_CHECK_FLAG
+    src = Pool.create(tmp_path / "src", data_size=64 * BS)
+    v = src.create_thin("v", "1MiB")
+    v.write(0, b"a" * (3 * BS))
+    src.snapshot("v", "s")
+    v.write(0, b"b" * BS)  # block 0 is v's own again
+    md = src.to_metadata()
+    src.close()
+    md.superblock.flags |= NEEDS_CHECK_FLAG
+    p = Pool.from_metadata(tmp_path / "p", md, names={1: "v", 2: "s"}, data_file=tmp_path / "src" / "data",
+                           take_over_data=True)
+    return p
+
+
+def test_kernel_rule_needs_check_survives_import_and_reopen(tmp_path):
+    # dm-thin keeps THIN_METADATA_NEEDS_CHECK_FLAG in the superblock: a pool whose metadata has it
+    # opens read-only and refuses messages until the check clears it (thin_check --clear-needs-check-flag)
+    p = _needs_check_pool(tmp_path)
+    assert p.mode == "read-only" and p.status().needs_check
+    line = p.status().dmsetup_line().split()
+    assert (line[4], line[7]) == ("ro", "needs_check")
+    p.close()
+    p = Pool.open(tmp_path / "p")
+    assert p.mode == "read-only" and p.header["needs_check"]
+    with pytest.raises(ReadOnly, match="check --clear-needs-check"):
+        p.create_thin("w", "1MiB")
+    xml = _dump(p, tmp_path)
+    assert 'flags="1"' in xml  # thin_dump sees the flag on the exported metadata
+    report = p.clear_needs_check()
+    assert report.ok and p.mode == "write" and not p.status().needs_check
+    p.create_thin("w", "1MiB")
+    p.close()
+    with Pool.open(tmp_path / "p") as p:
+        assert p.mode == "write" and 'flags="0"' in _dump(p, tmp_path, "again.bin")
+
+
+def test_kernel_rule_read_only_mode_serves_provisioned_unshared_writes(tmp_path):
+    # dm-thin's process_bio_read_only: a write to a mapped, unshared block is remapped and served;
+    # one that needs a block (unmapped, or shared: a sharing break) fails with EIO; discards succeed
+    # and unmap nothing; pool messages are refused (pool_message: EOPNOTSUPP in read-only mode)
+    p = _needs_check_pool(tmp_path)
+    v = p.thin("v")
+    v.write(100, b"served")
+    assert v.read(100, 6) == b"served"
+    with pytest.raises(ReadOnlyIO) as ei:
+        v.write(BS + 5, b"shared")  # shared with s: a sharing break needs a block
+    assert ei.value.errno == errno.EIO and "check --clear-needs-check" in str(ei.value)
+    with pytest.raises(ReadOnlyIO):
+        v.write(10 * BS, b"unmapped")
+    with pytest.raises(ReadOnlyIO):
+        v.write_many([200, 10 * BS], [b"ok", b"no"])  # all or nothing
+    assert v.read(200, 2) == b"bb"  # nothing of the refused batch was written
+    assert v.discard(0, 3 * BS) == 0 and v.mapped_blocks == 3
+    for msg in (lambda: p.snapshot("v", "t"), lambda: p.delete("s"), lambda: p.set_transaction_id(0, 1)):
+        with pytest.raises(ReadOnly, match="needs checking"):
+            msg()
+    p.commit()  # flushes the data file; no metadata can change
+    p.close()
+    with Pool.open(tmp_path / "p") as p:
+        assert p.thin("v").read(100, 6) == b"served"
+
+
+def _fill_metadata(p: Pool, v, limit: int = 400) -> int:
+    """Write one block per leaf until the pool leaves write mode; returns the writes done."""
+    for i in range(limit):
+        if p.mode != "write":
+            return i
+        v.write(i * 512 * BS, b"x")
+    raise AssertionError("the metadata never ran out")
+
+
+def test_kernel_rule_out_of_metadata_space_mode_keeps_a_reserve(tmp_path):
+    # dm-thin: when free metadata (beyond the reserve) runs out, alloc_data_block commits "before we
+    # use up the metadata reserve", and check_for_metadata_space then enters out-of-metadata-space:
+    # the open transaction is committed, no needs_check; growing the metadata returns to write mode
+    path = tmp_path / "p"
+    p = Pool.create(path, data_size="8GiB", metadata_size="512KiB", error_if_no_space=True)
+    v = p.create_thin("v", "8GiB")
+    n = _fill_metadata(p, v)
+    assert p.mode == "out-of-metadata-space" and not p.status().needs_check
+    st = p.status()
+    assert st.dmsetup_line().split()[4] == "ro" and st.dmsetup_line().split()[7] == "-"
+    with pytest.raises(ReadOnly, match="--metadata-size"):
+        p.delete("v")
+    v.write(0, b"rewrite")  # provisioned, unshared: served
+    with pytest.raises(ReadOnlyIO):
+        v.write((n + 5) * 512 * BS, b"new")
+    assert v.discard(0, BS) == 0
+    p.close(commit=False)  # a crash: every write that returned was committed (the reserve held)
+    p = Pool.open(path)
+    assert p.thin("v").mapped_blocks == n and not p.header.get("needs_check")
+    v = p.thin("v")
+    _fill_metadata(p, v)
+    p.resize_metadata("2MiB")
+    assert p.mode == "write"
+    p.delete("v")
+    p.create_thin("w", "1MiB").write(0, b"w")
+    p.close()
+
+
+def test_kernel_rule_failed_metadata_operation_aborts_with_needs_check(tmp_path):
+    # dm-thin's metadata_operation_failed: abort the transaction, set needs_check, read-only; the
+    # flag is in the superblock, so it survives a reopen.  Here a single batch of writes needs more
+    # metadata than even the reserve holds.
+    path = tmp_path / "p"
+    p = Pool.create(path, data_size="8GiB", metadata_size="256KiB", error_if_no_space=True)
+    v = p.create_thin("v", "8GiB")
+    v.write(0, b"kept")
+    p.commit()
+    with pytest.raises(ReadOnly, match="needs_check"):
+        v.write_many(np.arange(1, 200, dtype=np.int64) * 512 * BS, np.full((199, 8), 7, np.uint8))
+    assert p.mode == "read-only" and p.status().needs_check
+    assert v.mapped_blocks == 1 and v.read(0, 4) == b"kept"  # aborted to the last commit
+    p.close()
+    with Pool.open(path) as p:
+        assert p.mode == "read-only" and p.header["needs_check"]
+        assert 'flags="1"' in _dump(p, tmp_path)
+
+
+def test_kernel_rule_thin_check_clears_needs_check_from_the_cli(tmp_path):
+    # thin_check --clear-needs-check-flag: our 'thinpool check --clear-needs-check'
+    import sys
+    p = _needs_check_pool(tmp_path)
+    p.close()
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "thinpool", *a], capture_output=True, text=True, env=env)
+    r = run("create-thin", str(tmp_path / "p"), "w", "1M")
+    assert r.returncode == 1 and "--clear-needs-check" in r.stderr
+    r = run("check", str(tmp_path / "p"), "--clear-needs-check")
+    assert r.returncode == 0, r.stderr
+    r = run("create-thin", str(tmp_path / "p"), "w", "1M")
+    assert r.returncode == 0, r.stderr
+    with Pool.open(tmp_path / "p") as p:
+        assert p.mode == "write" and not p.header["needs_check"] and "w" in p

@@ -109,7 +109,7 @@ def test_kernel_table_refuses_an_array_it_cannot_address():
 
 def test_flags_and_modes():
     assert DevFlag.IN_USE == 1 and DevFlag.READ_ONLY == 2
-    assert [m.value for m in Mode] == ["write", "out-of-data-space", "read-only", "fail"]
+    assert [m.value for m in Mode] == ["write", "out-of-data-space", "out-of-metadata-space", "read-only", "fail"]
     assert f"{Mode.OUT_OF_DATA_SPACE}" == "out-of-data-space" and Mode.WRITE == "write"
 
 

@@ -192,9 +192,10 @@ def op_release_metadata_snap(pool: Any) -> dict[str, Any]:
 register_op("release-metadata-snap", op_release_metadata_snap, write=True)
 
 
-def op_check(pool: Any) -> dict[str, Any]:
-    """Structural check of the pool's metadata (CheckReport as a dict)."""
-    return pool.check().as_dict()
+def op_check(pool: Any, clear_needs_check: bool = False) -> dict[str, Any]:
+    """Structural check of the pool's metadata (CheckReport as a dict); with ``clear_needs_check``,
+    a sound pool's needs_check flag is cleared (thin_check --clear-needs-check-flag)."""
+    return (pool.clear_needs_check() if clear_needs_check else pool.check()).as_dict()
 
 
 def render_check(r: dict[str, Any]) -> str:

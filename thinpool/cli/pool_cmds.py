@@ -274,9 +274,12 @@ def release_metadata_snap_cmd(pool: str, as_json: bool) -> None:
 @click.command("check")
 @pool_argument
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing; only the exit status tells.")
+@click.option("--clear-needs-check", "clear_needs_check", is_flag=True,
+              help="If the metadata is sound, clear its needs_check flag: the pool leaves read-only mode "
+                   "(thin_check --clear-needs-check-flag).")
 @json_option
 @click.pass_context
-def check_cmd(ctx: click.Context, pool: str, quiet: bool, as_json: bool) -> None:
+def check_cmd(ctx: click.Context, pool: str, quiet: bool, clear_needs_check: bool, as_json: bool) -> None:
     """Check the metadata structure (exit 1 on errors).
 
     Recomputes reference counts from the mappings and compares mapped blocks and the space map.
@@ -284,7 +287,8 @@ def check_cmd(ctx: click.Context, pool: str, quiet: bool, as_json: bool) -> None
     Exit status 0 when clean, 1 when problems were found (like thin_check); the problems are printed
     one per line.
     """
-    result = run_op(pool, "check", {})
+    result = run_op(pool, "check", {"clear_needs_check": True}, write=True) if clear_needs_check else \
+        run_op(pool, "check", {})
     if not quiet:
         emit(result, as_json, OPS["check"].render)
     if not result["ok"]:

@@ -53,6 +53,7 @@ from typing import Any
 import numpy as np
 
 from thinpool.errors import FailedPrecondition, NotFound, ReadOnly
+from thinpool.rules import NO_METADATA_CHANGE
 from thinpool.nbd.protocol import MAX_STRING
 from thinpool.nbd.backend import MAPPED, UNMAPPED, check_range, split_by_blocks
 
@@ -204,6 +205,14 @@ class PoolExport:
             return
         self._check_data_file()
         thin = self._thin()
+        if self.pool.mode in NO_METADATA_CHANGE:
+            # read-only / out-of-metadata-space: nothing is unmapped or provisioned; mapped blocks get
+            # real zeroes (served if unshared, EIO if shared), unmapped ones already read zeroes
+            # (over an external origin they would need a block: that write fails with EIO)
+            for start, run, mapped in thin.mapped_ranges(offset, length):
+                if mapped or (self.origin_size is not None and start < self.origin_size):
+                    self._write_zeroes(thin, start, run)
+            return
         if self.origin_size is not None and offset < self.origin_size:
             # an unmapped block reads the external origin, not zeroes: write real zeroes where the
             # origin has bytes; past its end, unmapping reads as zeroes again

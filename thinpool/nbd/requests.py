@@ -49,8 +49,8 @@ def nbd_error_for(exc: BaseException) -> int:
         return P.ENOTSUP
     if isinstance(exc, InvalidArgument):
         return P.EINVAL
-    if isinstance(exc, ReadOnly):
-        return P.EPERM
+    if isinstance(exc, ReadOnly) and not isinstance(exc, OSError):
+        return P.EPERM  # a read-only export or volume; ReadOnlyIO (a pool mode) is EIO, as dm-thin
     if isinstance(exc, ThinpoolError):
         return P.EIO
     if isinstance(exc, OSError) and exc.errno:
