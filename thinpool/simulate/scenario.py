@@ -296,8 +296,10 @@ def run(scenario: Scenario | str | os.PathLike, *, pool_dir: str | None = None, 
             opened: dict[tuple, tuple[Any, list[int], int]] = {}  # -> (trace, volume indices, source index)
             targets: list[Target] = []
             sources: list[Source] = []
+            with pool.batch():  # one commit for all the volumes (each pool message commits otherwise)
+                thins = [pool.create_thin(v["name"], v["size"]) for v in s.volumes]
             for i, v in enumerate(s.volumes):
-                thin = pool.create_thin(v["name"], v["size"])
+                thin = thins[i]
                 keep = v["keep"]
                 targets.append(Target(thin, Every.parse(v["snapshot_every"], "snapshot_every"), keep, v["wrap"],
                                       v["offset_scale"]))
