@@ -1,6 +1,7 @@
 """The pool modes over NBD, as dm-thin serves them: in read-only (and out-of-metadata-space) mode a
 WRITE to a provisioned, unshared block is served, one that needs a block fails with EIO
-(dm-thin's handle_unserviceable_bio), TRIM succeeds and unmaps nothing, FLUSH flushes the data."""
+(dm-thin's handle_unserviceable_bio), TRIM succeeds and unmaps nothing, FLUSH flushes the data; a
+FLUSH of a pool with no metadata change writes no metadata."""
 
 from __future__ import annotations
 
@@ -50,3 +51,28 @@ def test_kernel_rule_read_only_mode_over_nbd(read_only_mode_pool):
     with pytest.raises(ReadOnlyIO):
         export.write_zeroes(BS, BS, may_trim=False)    # shared: needs a block
     export.flush()
+
+
+def test_kernel_rule_flush_of_an_unchanged_pool_writes_no_metadata(tmp_path):
+    # dm-thin: a FLUSH to a thin with no change in this transaction is passed down to the data device
+    # (bio_triggers_commit is false); __commit_transaction writes nothing when not in_service
+    p = Pool.create(tmp_path / "p", data_size=64 * BS)
+    p.create_thin("v", 8 * BS).write(0, b"a" * (2 * BS))
+    p.commit()
+    provider = PoolProvider(p)
+    export = provider.open_export("v", read_only=False)
+    try:
+        with open(tmp_path / "p" / "metadata", "rb") as f:
+            before = f.read()
+        gen = p.store.generation
+        export.flush()
+        export.pwrite(100, b"rewrite")  # a provisioned, unshared block
+        export.flush()
+        assert p.store.generation == gen
+        with open(tmp_path / "p" / "metadata", "rb") as f:
+            assert f.read() == before
+        export.pwrite(4 * BS, b"new")  # a new mapping: this flush commits
+        export.flush()
+        assert p.store.generation == gen + 1
+    finally:
+        provider.close()
