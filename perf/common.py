@@ -6,6 +6,7 @@ interleaved repeats, with medians -- never an absolute timing compared against a
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import gc
 import json
@@ -28,6 +29,9 @@ GiB = 1024 * MiB
 TiB = 1024 * GiB
 
 clock = time.perf_counter
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PERFORMANCE_MD = os.path.join(REPO, "docs", "performance.md")
 
 
 # ----------------------------------------------------------------------------- rows
@@ -140,6 +144,33 @@ def interleave(sides: dict[str, Callable[[int], float]], repeats: int) -> dict[s
 
 def med(xs: list[float]) -> float:
     return statistics.median(xs)
+
+
+def read_sides(offs: Any, io: int, loops: int = 5) -> tuple[Callable[[Any], Callable[[int], float]],
+                                                          Callable[[Any], Callable[[int], float]]]:
+    """Two :func:`interleave` side makers for reading ``io`` bytes at each offset of ``offs`` from a volume:
+    ``batch(v)`` times one ``read_many`` (repeated ``loops`` times inside a sample, as one call is only
+    milliseconds; the mean is returned), ``call(v)`` a ``read`` per offset."""
+    offs_l = offs.tolist()
+
+    def batch(v: Any) -> Callable[[int], float]:
+        def run(_r: int) -> float:
+            def go() -> None:
+                for _ in range(loops):
+                    v.read_many(offs, io)
+            return timed(go) / loops
+        return run
+
+    def call(v: Any) -> Callable[[int], float]:
+        def run(_r: int) -> float:
+            rd = v.read
+
+            def go() -> None:
+                for o in offs_l:
+                    rd(o, io)
+            return timed(go)
+        return run
+    return batch, call
 
 
 # ----------------------------------------------------------------------------- scratch space
@@ -299,6 +330,56 @@ def save_json(path: str, obj: Any) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         json.dump(obj, f, indent=1, default=str)
+
+
+def write_figures(path: str, rows: list[Row], detail: Any, mach: dict[str, Any]) -> None:
+    """The ``--json`` file of a perf module: its rows, raw detail and the machine."""
+    with open(path, "w") as f:
+        json.dump({"rows": [r.as_dict() for r in rows], "detail": detail, "machine": mach}, f, indent=1)
+
+
+# ----------------------------------------------------------------------------- command line, docs
+def perf_parser(module: str, doc: str | None, full_help: str, section: str,
+                json_help: str = "also write the figures to this file") -> argparse.ArgumentParser:
+    """The argument parser every ``python -m perf.<module>`` starts from: --full, --docs (rewrite
+    ``section`` of docs/performance.md) and --json; a module adds its own options."""
+    ap = argparse.ArgumentParser(prog=f"python -m perf.{module}", description=doc,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--full", action="store_true", help=full_help)
+    ap.add_argument("--docs", action="store_true", help=f"rewrite the {section} section of docs/performance.md")
+    ap.add_argument("--json", help=json_help)
+    return ap
+
+
+def status_cell(r: Row) -> str:
+    """A row's status for a Markdown table (a short row in bold)."""
+    return f"**{r.status}**" if r.status == "short" else r.status
+
+
+def rows_table_md(rows: list[Row]) -> str:
+    """A Markdown table of ``rows``: key, title, the measured values (floats to 3 digits, booleans
+    as yes/no), the ratio, the target and the status."""
+    out = ["| row | what | measured | ratio | target | status |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        vals = ", ".join(f"{k}={v:,.3g}" if isinstance(v, float) else
+                         (f"{k}={'yes' if v else 'no'}" if isinstance(v, bool) else f"{k}={v:,}")
+                         for k, v in r.values.items())
+        out.append(f"| {r.key} | {r.title} | {vals} | {r.ratio:.3g} | {r.target} | {status_cell(r)} |")
+    return "\n".join(out)
+
+
+def write_section(path: str, begin: str, end: str, body: str) -> None:
+    """Replace (or append) the text between the markers ``begin`` and ``end`` in ``path``; nothing else changes."""
+    text = open(path).read() if os.path.exists(path) else ""
+    block = f"{begin}\n{body.rstrip()}\n{end}\n"
+    if begin in text and end in text:
+        a = text.index(begin)
+        b = text.index(end) + len(end)
+        text = text[:a] + block.rstrip("\n") + text[b:]
+    else:
+        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + block
+    with open(path, "w") as f:
+        f.write(text)
 
 
 def log(*a) -> None:

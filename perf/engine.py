@@ -33,7 +33,8 @@ import tempfile
 import numpy as np
 
 from .common import (GiB, KiB, MiB, Row, Scratch, drop_file, interleave, log, machine, med, rand_bytes,
-                     ratio_row, sparse_file, synthetic_metadata, timed, cow_sampler)
+                     ratio_row, sparse_file, synthetic_metadata, timed, cow_sampler,
+                     read_sides)
 
 BS = 64 * KiB
 IO = 4 * KiB
@@ -193,26 +194,8 @@ def bench_read_depth(sc: Scratch, nblocks: int, n: int, repeats: int, key: str =
     path, p = build_chain(sc, nblocks, 100)
     rng = np.random.default_rng(4)
     offs = rng.integers(0, nblocks * BS // IO, n).astype(np.int64) * IO
-    offs_l = offs.tolist()
     d1, d100 = p.thin("s1"), p.thin("s100")
-
-    def batch(v):
-        def run(_r):
-            def go():
-                for _ in range(5):  # one read_many is only milliseconds: repeat it inside each sample
-                    v.read_many(offs, IO)
-            return timed(go) / 5
-        return run
-
-    def call(v):
-        def run(_r):
-            rd = v.read
-
-            def go():
-                for o in offs_l:
-                    rd(o, IO)
-            return timed(go)
-        return run
+    batch, call = read_sides(offs, IO)  # one read_many is only milliseconds: 5 inside each sample
 
     res = interleave({"d1": batch(d1), "d100": batch(d100)}, repeats)
     resc = interleave({"d1": call(d1), "d100": call(d100)}, repeats)
@@ -389,26 +372,8 @@ def bench_origin_reads(sc: Scratch, nblocks: int, n: int, repeats: int, key: str
     p.commit()
     ext = p.create_thin("ext", size, external_origin=golden)
     offs = rng.integers(0, size // IO, n).astype(np.int64) * IO
-    offs_l = offs.tolist()
     assert ext.read_many(offs[:64], IO).tobytes() == plain.read_many(offs[:64], IO).tobytes()
-
-    def batch(v):
-        def run(_r):
-            def go():
-                for _ in range(5):  # one read_many is only milliseconds: repeat it inside each sample
-                    v.read_many(offs, IO)
-            return timed(go) / 5
-        return run
-
-    def call(v):
-        def run(_r):
-            rd = v.read
-
-            def go():
-                for o in offs_l:
-                    rd(o, IO)
-            return timed(go)
-        return run
+    batch, call = read_sides(offs, IO)  # one read_many is only milliseconds: 5 inside each sample
 
     res = interleave({"plain": batch(plain), "ext": batch(ext)}, repeats)
     resc = interleave({"plain": call(plain), "ext": call(ext)}, repeats)

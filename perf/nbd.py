@@ -18,7 +18,6 @@ NBD section of docs/performance.md (between its markers), nothing else.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -28,9 +27,9 @@ import sys
 import time
 from typing import Any
 
-from .common import MiB, Row, Scratch, find_tool, interleave, log, machine, med, missing_msg, tool_version
+from .common import (MiB, PERFORMANCE_MD, Row, Scratch, find_tool, interleave, log, machine, med, missing_msg,
+                     perf_parser, status_cell, tool_version, write_section)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TITLE = "fio over NBD: thinpool serve vs qemu-nbd+qcow2 vs nbdkit file"
 SECTION_BEGIN = "<!-- nbd: begin (written by `python -m perf.nbd --docs`) -->"
 SECTION_END = "<!-- nbd: end -->"
@@ -228,7 +227,7 @@ def table_md(rows: list[Row], d: dict[str, Any]) -> str:
     for r, (rw, qd) in zip(rows, WORKLOADS):
         v = r.values
         ratio_k = (f"{v['thinpool_iops'] / v['nbdkit_iops']:.2f}" if "nbdkit_iops" in v else "-")
-        status = f"**{r.status}**" if r.status == "short" else r.status
+        status = status_cell(r)
         out.append(f"| 4 KiB {rw}, iodepth {qd} | {v.get('thinpool_iops', 0):,.0f} "
                    f"({v.get('thinpool_clat_us', 0):.0f} us) | {v.get('qemu-nbd_iops', 0):,.0f} "
                    f"({v.get('qemu-nbd_clat_us', 0):.0f} us) | {v.get('nbdkit_iops', 0):,.0f} "
@@ -237,26 +236,10 @@ def table_md(rows: list[Row], d: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def write_section(path: str, body: str) -> None:
-    """Replace (or append) the text between this module's markers in ``path``; nothing else changes."""
-    text = open(path).read() if os.path.exists(path) else ""
-    block = f"{SECTION_BEGIN}\n{body.rstrip()}\n{SECTION_END}\n"
-    if SECTION_BEGIN in text and SECTION_END in text:
-        a = text.index(SECTION_BEGIN)
-        b = text.index(SECTION_END) + len(SECTION_END)
-        text = text[:a] + block.rstrip("\n") + text[b:]
-    else:
-        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + block
-    with open(path, "w") as f:
-        f.write(text)
-
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m perf.nbd", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--full", action="store_true", help="512 MiB region, 5 s runs, 5 repeats (quick: 256 MiB, 2 s, 3)")
-    ap.add_argument("--docs", action="store_true", help="rewrite the NBD section of docs/performance.md")
-    ap.add_argument("--json", help="also write the raw figures to this file")
+    ap = perf_parser("nbd", __doc__, "512 MiB region, 5 s runs, 5 repeats (quick: 256 MiB, 2 s, 3)", "NBD",
+                     json_help="also write the raw figures to this file")
     ap.add_argument("--from-json", help="do not measure: report the figures a previous --json run saved")
     a = ap.parse_args(argv)
     if a.from_json:
@@ -288,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"sockets, {d['size'] // MiB} MiB region provisioned first on every side, {d['runtime_s']} s per "
                 f"run, {d['repeats']} interleaved repeats (medians; mean completion latency in brackets).  "
                 f"Ratio = thinpool / qemu-nbd; target >= 1.0.\n\n" + table_md(rows, d) + "\n\n" + ANALYSIS)
-        write_section(os.path.join(REPO, "docs", "performance.md"), body)
+        write_section(PERFORMANCE_MD, SECTION_BEGIN, SECTION_END, body)
         print("docs: docs/performance.md (NBD section)")
     return 0
 

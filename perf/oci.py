@@ -20,18 +20,16 @@ between its markers, nothing else.
 
 from __future__ import annotations
 
-import argparse
 import datetime
-import json
 import os
 import shutil
 import subprocess
 import sys
 import sysconfig
 
-from .common import Row, Scratch, interleave, log, machine, med, ratio_row
+from .common import (PERFORMANCE_MD, Row, Scratch, interleave, log, machine, med, perf_parser, ratio_row,
+                     rows_table_md, write_figures, write_section)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTION_BEGIN = "<!-- oci: begin (written by `python -m perf.oci --docs`) -->"
 SECTION_END = "<!-- oci: end -->"
 TARGET = 1.5
@@ -130,35 +128,8 @@ def run(full: bool) -> tuple[list[Row], dict]:
     return rows, detail
 
 
-def table_md(rows: list[Row]) -> str:
-    out = ["| row | what | measured | ratio | target | status |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        vals = ", ".join(f"{k}={v:,.3g}" if isinstance(v, float) else f"{k}={v:,}" for k, v in r.values.items())
-        status = f"**{r.status}**" if r.status == "short" else r.status
-        out.append(f"| {r.key} | {r.title} | {vals} | {r.ratio:.3g} | {r.target} | {status} |")
-    return "\n".join(out)
-
-
-def write_section(path: str, body: str) -> None:
-    """Replace (or append) the text between this module's markers in ``path``; nothing else changes."""
-    text = open(path).read() if os.path.exists(path) else ""
-    block = f"{SECTION_BEGIN}\n{body.rstrip()}\n{SECTION_END}\n"
-    if SECTION_BEGIN in text and SECTION_END in text:
-        a = text.index(SECTION_BEGIN)
-        b = text.index(SECTION_END) + len(SECTION_END)
-        text = text[:a] + block.rstrip("\n") + text[b:]
-    else:
-        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + block
-    with open(path, "w") as f:
-        f.write(text)
-
-
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m perf.oci", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--full", action="store_true", help="5 repeats, 256 MiB files (quick: 3, 64 MiB)")
-    ap.add_argument("--docs", action="store_true", help="rewrite the oci section of docs/performance.md")
-    ap.add_argument("--json", help="also write the figures to this file")
+    ap = perf_parser("oci", __doc__, "5 repeats, 256 MiB files (quick: 3, 64 MiB)", "oci")
     args = ap.parse_args(argv)
     if shutil.which("umoci") is None:
         print("perf.oci: needs umoci (apt-get install umoci)", file=sys.stderr)
@@ -168,8 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         print(r.line())
     mach = machine()
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rows": [r.as_dict() for r in rows], "detail": detail, "machine": mach}, f, indent=1)
+        write_figures(args.json, rows, detail, mach)
     if args.docs:
         body = (f"## Unpacking an image layer (`python -m perf.oci{' --full' if args.full else ''}`)\n\n"
                 f"Measured {datetime.date.today()} on {mach.get('cpu', '?')} ({mach.get('cores', '?')} cores, "
@@ -178,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
                 "path resolved from the root with O_NOFOLLOW), by `umoci unpack` (digests checked; also writes "
                 "a runtime config and an mtree manifest) and by `tar -xzf` (no checks), "
                 f"{detail['repeats']} interleaved repeats (medians of wall seconds). Ratio = thinpool / umoci.\n\n"
-                + table_md(rows) + "\n")
-        write_section(os.path.join(REPO, "docs", "performance.md"), body)
+                + rows_table_md(rows) + "\n")
+        write_section(PERFORMANCE_MD, SECTION_BEGIN, SECTION_END, body)
     return 0 if all(r.status != "short" for r in rows) else 1
 
 

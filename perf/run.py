@@ -39,7 +39,7 @@ from . import engine
 from . import qemu
 from .common import (GiB, KiB, MiB, TiB, Row, Scratch, clock, drop_file, find_tool, interleave, log, machine,
                      med, missing_msg, rand_bytes, ratio_row, save_json, sparse_file, synthetic_metadata, timed, cow_sampler,
-                     tool_version)
+                     read_sides, tool_version)
 
 BS = 64 * KiB
 IO = 4 * KiB
@@ -269,25 +269,9 @@ def s4(sc: Scratch, full: bool) -> tuple[list[Row], dict]:
             prev = img
     vols = {d: p.thin(f"s{d}") for d in depths}
     sides = {}
+    batch, call = read_sides(offs, IO, loops)
     for d in depths:
-        def batch(v):
-            def run(_r):
-                def go():
-                    for _ in range(loops):
-                        v.read_many(offs, IO)
-                return timed(go) / loops
-            return run
         sides[f"thin{d}"] = batch(vols[d])
-
-        def call(v):
-            def run(_r):
-                rd = v.read
-
-                def go():
-                    for o in offs_l:
-                        rd(o, IO)
-                return timed(go)
-            return run
         sides[f"call{d}"] = call(vols[d])
         if have_q:
             sides[f"qcow{d}"] = (lambda img: lambda _r: qemu.timed_script(img, qemu.reads(offs_l, IO)))(chain[d - 1])

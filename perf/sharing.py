@@ -17,19 +17,17 @@ not re-measured.  ``--docs`` rewrites this section of docs/performance.md betwee
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
-import os
 import subprocess
 import sys
 from typing import Any
 
 import numpy as np
 
-from .common import Row, Scratch, interleave, log, machine, med
+from .common import (PERFORMANCE_MD, Row, Scratch, interleave, log, machine, med, perf_parser, rows_table_md,
+                     write_figures, write_section)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTION_BEGIN = "<!-- sharing: begin (written by `python -m perf.sharing --docs`) -->"
 SECTION_END = "<!-- sharing: end -->"
 BEFORE_BLOCKS = 120_736
@@ -136,45 +134,15 @@ def run(full: bool = False, sc: Scratch | None = None) -> tuple[list[Row], dict[
     return rows, {"repeats": reps, "times": res}
 
 
-def table_md(rows: list[Row]) -> str:
-    out = ["| row | what | measured | ratio | target | status |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        vals = ", ".join(f"{k}={v:,.3g}" if isinstance(v, float) else
-                         (f"{k}={'yes' if v else 'no'}" if isinstance(v, bool) else f"{k}={v:,}")
-                         for k, v in r.values.items())
-        status = f"**{r.status}**" if r.status == "short" else r.status
-        out.append(f"| {r.key} | {r.title} | {vals} | {r.ratio:.3g} | {r.target} | {status} |")
-    return "\n".join(out)
-
-
-def write_section(path: str, body: str) -> None:
-    """Replace (or append) the text between this module's markers in ``path``; nothing else changes."""
-    text = open(path).read() if os.path.exists(path) else ""
-    block = f"{SECTION_BEGIN}\n{body.rstrip()}\n{SECTION_END}\n"
-    if SECTION_BEGIN in text and SECTION_END in text:
-        a = text.index(SECTION_BEGIN)
-        b = text.index(SECTION_END) + len(SECTION_END)
-        text = text[:a] + block.rstrip("\n") + text[b:]
-    else:
-        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + block
-    with open(path, "w") as f:
-        f.write(text)
-
-
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m perf.sharing", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--full", action="store_true", help="5 repeats (quick: 3)")
-    ap.add_argument("--docs", action="store_true", help="rewrite the sharing section of docs/performance.md")
-    ap.add_argument("--json", help="also write the figures to this file")
+    ap = perf_parser("sharing", __doc__, "5 repeats (quick: 3)", "sharing")
     args = ap.parse_args(argv)
     rows, detail = run(args.full)
     for r in rows:
         print(r.line())
     mach = machine()
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rows": [r.as_dict() for r in rows], "detail": detail, "machine": mach}, f, indent=1)
+        write_figures(args.json, rows, detail, mach)
     if args.docs:
         body = (f"## Export keeps btree sharing (`python -m perf.sharing{' --full' if args.full else ''}`)\n\n"
                 f"Measured {datetime.date.today()} on {mach.get('cpu', '?')} ({mach.get('cores', '?')} cores, "
@@ -185,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                 "machine; quoted, not re-measured). Export times are a fresh `thinpool` process each, "
                 f"{detail['repeats']} interleaved repeats (medians). Round trip: the exported metadata imported "
                 "into a new pool (`import-metadata`), whose used metadata blocks are compared with the "
-                "original's.\n\n" + table_md(rows) + "\n")
-        write_section(os.path.join(REPO, "docs", "performance.md"), body)
+                "original's.\n\n" + rows_table_md(rows) + "\n")
+        write_section(PERFORMANCE_MD, SECTION_BEGIN, SECTION_END, body)
     return 0 if all(r.status != "short" for r in rows) else 1
 
 

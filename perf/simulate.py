@@ -18,7 +18,6 @@ docs/performance.md between its markers, nothing else.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -29,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from .common import GiB, Row, Scratch, interleave, log, machine, med, ratio_row, timed
+from .common import (GiB, PERFORMANCE_MD, Row, Scratch, interleave, log, machine, med, perf_parser, ratio_row,
+                     status_cell, timed, write_figures, write_section)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTION_BEGIN = "<!-- replay: begin (written by `python -m perf.simulate --docs`) -->"
 SECTION_END = "<!-- replay: end -->"
 TARGET_IOPS = 5_000_000
@@ -181,30 +180,14 @@ def table_md(rows: list[Row]) -> str:
     for r in rows:
         vals = ", ".join(f"{k} {v:,.0f}" if isinstance(v, (int, float)) and abs(v) >= 100 else
                          f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.values.items())
-        status = f"**{r.status}**" if r.status == "short" else r.status
+        status = status_cell(r)
         out.append(f"| {r.key} | {r.title} | {vals} | {r.ratio:.2f} | {r.target} | {status} |")
     return "\n".join(out)
 
 
-def write_section(path: str, body: str) -> None:
-    text = open(path).read() if os.path.exists(path) else ""
-    block = f"{SECTION_BEGIN}\n{body.rstrip()}\n{SECTION_END}\n"
-    if SECTION_BEGIN in text and SECTION_END in text:
-        a = text.index(SECTION_BEGIN)
-        b = text.index(SECTION_END) + len(SECTION_END)
-        text = text[:a] + block.rstrip("\n") + text[b:]
-    else:
-        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + block
-    with open(path, "w") as f:
-        f.write(text)
-
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m perf.simulate", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--full", action="store_true", help="bigger traces, 5 repeats")
-    ap.add_argument("--docs", action="store_true", help="rewrite the replay section of docs/performance.md")
-    ap.add_argument("--json", help="also write the figures to this file")
+    ap = perf_parser("simulate", __doc__, "bigger traces, 5 repeats", "replay")
     ap.add_argument("--from-json", nargs="+", help="measure nothing: take the rows of earlier --json runs")
     ap.add_argument("--only", help="comma-separated rows to measure (R1,R2,R3,R4)")
     args = ap.parse_args(argv)
@@ -224,8 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         rows, detail = run(args.full, set(args.only.split(",")) if args.only else None)
         mach = machine()
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rows": [r.as_dict() for r in rows], "detail": detail, "machine": mach}, f, indent=1)
+        write_figures(args.json, rows, detail, mach)
     if args.docs:
         body = (f"## Trace replay and sweeps (`python -m perf.simulate{' --full' if args.full else ''}`)\n\n"
                 f"Measured {datetime.date.today()} on {mach.get('cpu', '?')} ({mach.get('cores', '?')} cores, "
@@ -238,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                 "raises 512 data-block reference counts); deleting the oldest kept snapshot then releases as many. "
                 "That is about two million reference-count updates per 10,000 writes, against about 10,000 "
                 "without snapshots.  A volume whose writes stay within fewer leaves pays proportionally less.\n")
-        write_section(os.path.join(REPO, "docs", "performance.md"), body)
+        write_section(PERFORMANCE_MD, SECTION_BEGIN, SECTION_END, body)
     return 0 if all(r.status != "short" for r in rows) else 1
 
 

@@ -21,18 +21,16 @@ docs/performance.md between its markers, nothing else.
 
 from __future__ import annotations
 
-import argparse
 import datetime
-import json
 import os
 import sys
 from typing import Any, Callable
 
 import numpy as np
 
-from .common import Row, Scratch, interleave, log, machine, med
+from .common import (PERFORMANCE_MD, Row, Scratch, interleave, log, machine, med, perf_parser, status_cell,
+                     write_figures, write_section)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTION_BEGIN = "<!-- traces: begin (written by `python -m perf.traces --docs`) -->"
 SECTION_END = "<!-- traces: end -->"
 TARGET_RPS = 3_000_000
@@ -331,7 +329,7 @@ def table_md(rows: list[Row], detail: dict[str, Any]) -> str:
     for r, (_, fmt, _) in zip(rows[:len(FORMATS)], FORMATS):
         v = r.values
         pa = v.get("pyarrow_records_per_s")
-        status = f"**{r.status}**" if r.status == "short" else r.status
+        status = status_cell(r)
         out.append(f"| {r.key} | {fmt} | {v['thinpool_cpu_records_per_s']:,.0f} ({v['thinpool_records_per_s']:,.0f}) "
                    f"| {v['thinpool_MB_per_s']:.0f} | {v['python_cpu_records_per_s']:,.0f} "
                    f"({v['python_records_per_s']:,.0f}) | {v['x_python_loop']:.1f} | "
@@ -342,7 +340,7 @@ def table_md(rows: list[Row], detail: dict[str, Any]) -> str:
                 "| ratio | target | status |", "|---|---|---|---|---|---|---|---|"]
         for r in [r for r in rec if "plain_iops" in r.values]:
             v = r.values
-            status = f"**{r.status}**" if r.status == "short" else r.status
+            status = status_cell(r)
             ratio = f"{r.ratio:.2f}" if r.ratio is not None else "-"
             out.append(f"| {r.key} | {r.title} | {v.get('plain_iops', 0):,.0f} | {v.get('record_iops', 0):,.0f} | "
                        f"{v.get('record_us_per_request', 0):.2f} | {ratio} | {r.target} | {status} |")
@@ -357,32 +355,14 @@ def table_md(rows: list[Row], detail: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def write_section(path: str, body: str) -> None:
-    """Replace (or append) the text between this module's markers in ``path``; nothing else changes."""
-    text = open(path).read() if os.path.exists(path) else ""
-    block = f"{SECTION_BEGIN}\n{body.rstrip()}\n{SECTION_END}\n"
-    if SECTION_BEGIN in text and SECTION_END in text:
-        a = text.index(SECTION_BEGIN)
-        b = text.index(SECTION_END) + len(SECTION_END)
-        text = text[:a] + block.rstrip("\n") + text[b:]
-    else:
-        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + block
-    with open(path, "w") as f:
-        f.write(text)
-
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m perf.traces", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--full", action="store_true", help="4,000,000 records, 5 repeats (quick: 1,000,000, 3)")
-    ap.add_argument("--docs", action="store_true", help="rewrite the trace section of docs/performance.md")
-    ap.add_argument("--json", help="also write the figures to this file")
+    ap = perf_parser("traces", __doc__, "4,000,000 records, 5 repeats (quick: 1,000,000, 3)", "trace")
     args = ap.parse_args(argv)
     rows, detail = run(args.full)
     mach = machine()
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rows": [r.as_dict() for r in rows], "detail": detail, "machine": mach}, f, indent=1)
+        write_figures(args.json, rows, detail, mach)
     if args.docs:
         body = (f"## Trace parsing (`python -m perf.traces{' --full' if args.full else ''}`)\n\n"
                 f"Measured {datetime.date.today()} on {mach.get('cpu', '?')} ({mach.get('cores', '?')} cores), "
@@ -401,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
                 "leaves out the socket work of a real request (tens of microseconds), so it understates "
                 "the end-to-end one.\n\n"
                 + table_md(rows, detail) + "\n")
-        write_section(os.path.join(REPO, "docs", "performance.md"), body)
+        write_section(PERFORMANCE_MD, SECTION_BEGIN, SECTION_END, body)
     return 0 if all(r.status != "short" for r in rows) else 1
 
 
