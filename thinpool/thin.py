@@ -10,20 +10,22 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Callable, NamedTuple, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from . import rules
 from . import schema as L
+from .activation import Activation  # re-exported: callers import it from here
+from .batch_io import BatchOutcome, apply_io  # re-exported: callers import them from here
 from .errors import DataDeviceError, DiscardNotSupported, HostIOError, InvalidArgument, NoSpace, ReadOnly, ReadOnlyIO
 from .hostio import last_errno
+from .io_checks import ORIGIN_ERROR, as_offsets, check_span, io_integer
 from .schema import (DEV_CREATION_TIME, DEV_FLAGS, DEV_MAPPED, DEV_ROOT, DEV_SIZE, DEV_SNAP_TIME,
                      DEV_TRANSACTION, FLAG_READ_ONLY, unpack_mapping)
 
 _ZERO1 = np.zeros(1, np.int64)
 _NO_ORIGIN = (-1, 0)  # (fd, size) of "no external origin" for the kernels
-_ORIGIN_ERROR = -102  # kernels.ORIGIN_ERROR (kept here: importing kernels loads numba)
 _U8 = np.dtype(np.uint8)
 _FAST_LIMIT = 1 << 62  # offsets below this (and any buffer length) cannot overflow int64 in a kernel
 
@@ -43,36 +45,6 @@ def _k():
         from . import kernels
         _KERNELS = kernels
     return _KERNELS
-
-
-def _scalar(name: str, what: str, value) -> int:
-    """An I/O offset or length as a Python int (InvalidArgument naming the volume otherwise)."""
-    if type(value) is int:
-        return value
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise InvalidArgument(f"volume {name!r}: {what} must be an integer, got {value!r}")
-    return int(value)
-
-
-def _as_offsets(values, what: str) -> np.ndarray:
-    arr = np.asarray(values)
-    if arr.ndim == 0:
-        arr = arr.reshape(1)
-    if arr.dtype.kind not in "iu":
-        raise InvalidArgument(f"{what} must be integers, got dtype {arr.dtype}")
-    if arr.dtype.kind == "u" and arr.size and arr.max() > np.iinfo(np.int64).max:
-        raise InvalidArgument(f"{what} out of range")
-    return np.ascontiguousarray(arr, dtype=np.int64)
-
-
-def _check_span(name: str, size: int, offset: int, length: int) -> None:
-    if offset < 0:
-        raise InvalidArgument(f"volume {name!r}: negative offset {offset}")
-    if length < 0:
-        raise InvalidArgument(f"volume {name!r}: negative length {length}")
-    if offset + length > size:
-        raise InvalidArgument(f"volume {name!r}: I/O at offset {offset} length {length} goes past the end of "
-                              f"the volume ({size} bytes)")
 
 
 #: the holder a ``with pool.thin(name)`` block counts as (see :meth:`thinpool.pool.Pool.holders`)
@@ -273,7 +245,7 @@ class Thin:
                 raise InvalidArgument(f"volume {self.name!r}: data must be bytes-like, got "
                                       f"{type(data).__name__}") from None
         if type(offset) is not int:
-            offset = _scalar(self.name, "offset", offset)
+            offset = io_integer(self.name, "offset", offset)
         ctx = self._ctx
         n = len(buf)
         with ctx.lock:
@@ -291,7 +263,7 @@ class Thin:
                         ctx.after_alloc()
                     return n
             self._check_write()  # closed or read-only first, then the range (as the batch path)
-            _check_span(self.name, int(self._row[DEV_SIZE]), offset, n)
+            check_span(self.name, int(self._row[DEV_SIZE]), offset, n)
             one = ctx.one_io  # preallocated [offset, length] scratch, used under the lock
             one[0, 0] = offset
             one[1, 0] = n
@@ -307,7 +279,7 @@ class Thin:
         or a sequence of bytes-like objects.  Returns the total bytes written.  All-or-nothing with
         respect to data space: if the batch cannot be provisioned it waits for space or raises
         NoSpace with nothing changed, as :meth:`write` does."""
-        offs = _as_offsets(offsets, "offsets")
+        offs = as_offsets(offsets, "offsets")
         if isinstance(buffers, np.ndarray) and buffers.ndim == 2:
             if len(buffers) != len(offs):
                 raise InvalidArgument(f"volume {self.name!r}: {len(offs)} offsets but {len(buffers)} buffers")
@@ -380,7 +352,7 @@ class Thin:
                                               f"({os.strerror(err)}; the block is not mapped)")
                         exc.errno, exc.filename = err, ctx.data.path
                         raise exc
-                    if code == _ORIGIN_ERROR:
+                    if code == ORIGIN_ERROR:
                         self._origin_failed(int(offsets[start]))
                     bs = ctx.block_size
                     nblk = int((offsets[start] + lengths[start] - 1) // bs - offsets[start] // bs + 1)
@@ -409,8 +381,8 @@ class Thin:
         ``passdown`` (the default) the freed blocks are hole-punched once the commits that free them
         are durable; ``nopassdown`` only unmaps; ``ignore`` refuses every discard with
         :class:`~thinpool.errors.DiscardNotSupported` (EOPNOTSUPP), changing nothing."""
-        offset = _scalar(self.name, "offset", offset)
-        length = _scalar(self.name, "length", length)
+        offset = io_integer(self.name, "offset", offset)
+        length = io_integer(self.name, "length", length)
         ctx = self._ctx
         with ctx.lock:
             ctx.check_open()
@@ -418,7 +390,7 @@ class Thin:
                 raise DiscardNotSupported(f"pool {ctx.path}: discards are turned off (ignore_discard): cannot "
                                           f"discard volume {self.name!r} at offset {offset} length {length}")
             self._check_write()
-            _check_span(self.name, self.size, offset, length)
+            check_span(self.name, self.size, offset, length)
             bs = ctx.block_size
             first = -(-offset // bs)
             last = (offset + length) // bs
@@ -462,11 +434,11 @@ class Thin:
                                                        osize):
                             self._origin_failed(offset)
                         return out.tobytes()
-        offset = _scalar(self.name, "offset", offset)
-        length = _scalar(self.name, "length", length)
+        offset = io_integer(self.name, "offset", offset)
+        length = io_integer(self.name, "length", length)
         with ctx.lock:
             ctx.check_open()
-            _check_span(self.name, self.size, offset, length)  # before allocating the output
+            check_span(self.name, self.size, offset, length)  # before allocating the output
             out = np.empty(length, np.uint8)
             slot = self._slot()
             ofd, osize = ctx.origin(self._key)
@@ -487,16 +459,16 @@ class Thin:
                     and 0 <= offset and 0 <= length and offset + length <= int(ctx.devs_i[slot, DEV_SIZE])):
                 pass  # fast path (open pool, in range): no checks beyond these
             else:
-                offset = _scalar(self.name, "offset", offset)
-                length = _scalar(self.name, "length", length)
+                offset = io_integer(self.name, "offset", offset)
+                length = io_integer(self.name, "length", length)
                 ctx.check_open()
-                _check_span(self.name, self.size, offset, length)  # before allocating the output
+                check_span(self.name, self.size, offset, length)  # before allocating the output
                 slot = self._slot()
             out = np.empty(length, np.uint8)
             ofd, osize = ctx.origin(self._key) if ctx.origins.by_key else _NO_ORIGIN
             code, pos = (_KERNELS or _k()).read_one_pread(ctx.table(), ctx.devs_i, slot, ctx.data.fd, out, offset,
                                                           ofd, osize)
-            if code == _ORIGIN_ERROR:
+            if code == ORIGIN_ERROR:
                 self._origin_failed(int(pos))
             if code != L.OK:
                 path = ctx.data.path
@@ -511,13 +483,13 @@ class Thin:
 
     def read_into(self, offset: int, out: np.ndarray) -> None:
         """Read ``len(out)`` bytes at ``offset`` into a uint8 array."""
-        offs = _as_offsets(offset, "offset")
+        offs = as_offsets(offset, "offset")
         self._read(offs, np.array([len(out)], np.int64), out.reshape(-1).view(np.uint8), np.zeros(1, np.int64))
 
     def read_many(self, offsets: Sequence[int] | np.ndarray, length: int) -> np.ndarray:
         """Read ``length`` bytes at each offset in one kernel call; returns a (n, length) uint8 array."""
-        offs = _as_offsets(offsets, "offsets")
-        length = _scalar(self.name, "length", length)
+        offs = as_offsets(offsets, "offsets")
+        length = io_integer(self.name, "length", length)
         self._ctx.check_open()
         if length < 0 or length > self.size:
             raise InvalidArgument(f"volume {self.name!r}: length {length} is negative or larger than the volume "
@@ -544,8 +516,8 @@ class Thin:
     def mapped_ranges(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
         """Cover ``[offset, offset+length)`` with (offset, length, mapped) extents at block granularity
         (clipped to the range): what NBD BLOCK_STATUS and sparse export need."""
-        offs = _as_offsets(offset, "offset")
-        lens = _as_offsets(length, "length")
+        offs = as_offsets(offset, "offset")
+        lens = as_offsets(length, "length")
         ctx = self._ctx
         with ctx.lock:
             self._check_range(offs, lens)
@@ -579,204 +551,4 @@ class Thin:
         return vb, blocks.astype(np.int64), times.astype(np.int64)
 
 
-class BatchOutcome(NamedTuple):
-    """What :func:`apply_io` reports beside the pool's own counters."""
-
-    failed_writes: int          #: writes that found no data space and failed alone (``on_no_space="skip"``)
-    failed_bytes: int           #: their bytes
-    peak_data_blocks_used: int  #: the most data blocks in use at any point of the batch
-
-
-def _kr():
-    from . import kernels_replay
-    return kernels_replay
-
-
-def apply_io(thins: Sequence[Thin], vol: np.ndarray, ops: np.ndarray, offsets: np.ndarray, lengths: np.ndarray,
-             *, pattern: np.ndarray | None = None, on_no_space: str = "raise", cuts: Sequence[int] = (),
-             on_cut: Callable[[int, BatchOutcome], None] | None = None) -> BatchOutcome:
-    """Apply a batch of mixed I/Os to volumes of one pool, in order, in as few kernel calls as
-    possible (a trace replay's path: no Python per I/O).  I/O ``i`` is ``ops[i]`` (0 read, 1 write,
-    2 discard) of ``lengths[i]`` bytes at ``offsets[i]`` of ``thins[vol[i]]``.
-
-    Writes do exactly what :meth:`Thin.write` does and store ``pattern`` (its first ``length`` bytes;
-    zeroes when None); reads copy mapped bytes from the data file into a scratch block (their bytes
-    are not returned: this is for timing and accounting); discards unmap whole blocks like
-    :meth:`Thin.discard`.  A metadata-only pool moves no bytes.  Everything is checked first (op
-    codes, ranges, read-only volumes, a writable pool), so bad input changes nothing.  Not
-    all-or-nothing: when a write finds no data space (after committing, as dm-thin does), the I/Os
-    before it are complete; then ``on_no_space="raise"`` raises NoSpace and ``"skip"`` fails just that
-    write (dm-thin's error_if_no_space) and goes on.
-
-    ``cuts``: increasing positions where ``on_cut(position, outcome so far)`` is called once the I/Os
-    before it are done (under the pool's lock; it may take snapshots, delete volumes other than
-    ``thins``, commit).
-    Returns a :class:`BatchOutcome`.
-    """
-    if on_no_space not in ("raise", "skip"):
-        raise InvalidArgument(f"on_no_space must be 'raise' or 'skip', got {on_no_space!r}")
-    if not thins:
-        raise InvalidArgument("apply_io: no volumes given")
-    pool = thins[0].pool
-    if any(t.pool is not pool for t in thins):
-        raise InvalidArgument("apply_io: every volume must belong to the same pool")
-    ops = np.ascontiguousarray(ops, np.uint8)
-    vol = np.ascontiguousarray(vol, np.int64)
-    offsets = _as_offsets(offsets, "offsets")
-    lengths = _as_offsets(lengths, "lengths")
-    n = len(ops)
-    if not (len(vol) == len(offsets) == len(lengths) == n):
-        raise InvalidArgument(f"apply_io: arrays of different lengths ({n}, {len(vol)}, {len(offsets)}, {len(lengths)})")
-    cut_list = [int(c) for c in cuts]
-    if any(not 0 <= c <= n for c in cut_list) or any(b < a for a, b in zip(cut_list, cut_list[1:])):
-        raise InvalidArgument(f"apply_io: cuts must be increasing positions within 0..{n}")
-    if cut_list and on_cut is None:
-        raise InvalidArgument("apply_io: cuts given without on_cut")
-    if n and int(ops.max()) > 2:
-        raise InvalidArgument(f"apply_io: unknown op code {int(ops.max())} (0 read, 1 write, 2 discard)")
-    if n and (int(vol.min()) < 0 or int(vol.max()) >= len(thins)):
-        raise InvalidArgument(f"apply_io: volume index out of range (0..{len(thins) - 1})")
-    ctx = thins[0]._ctx
-    with ctx.lock:
-        ctx.check_open()
-        slots = np.array([t._slot() for t in thins], np.int64)
-        sizes = ctx.devs_i[slots, L.DEV_SIZE]
-        if n and ((offsets < 0).any() or (lengths < 0).any()):
-            raise InvalidArgument("apply_io: negative offset or length")
-        ends = offsets + lengths
-        bad = (ends > sizes[vol]) | (ends < offsets)
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise InvalidArgument(f"volume {thins[int(vol[i])].name!r}: I/O at offset {int(offsets[i])} length "
-                                  f"{int(lengths[i])} goes past the end of the volume ({int(sizes[vol[i]])} bytes)")
-        changes = ops != 0
-        if (ops == 2).any() and pool.discard_mode == "ignore":
-            raise DiscardNotSupported(f"pool {ctx.path}: discards are turned off (ignore_discard): the batch holds "
-                                      f"{int((ops == 2).sum())} discards")
-        any_change = bool(changes.any())
-        if any_change:
-            ctx.check_writable()
-            ro = (ctx.devs_i[slots, L.DEV_FLAGS] & L.FLAG_READ_ONLY) != 0
-            hit = ro[vol[changes]]
-            if hit.any():
-                raise ReadOnly(f"volume {thins[int(vol[changes][hit][0])].name!r} is read-only")
-        fd = ctx.data.fd
-        if fd >= 0:
-            w = ops == 1
-            wmax = int(lengths[w].max()) if w.any() else 0
-            if pattern is None or len(pattern) < wmax:
-                pattern = np.zeros(wmax, np.uint8) if pattern is None else np.resize(np.asarray(pattern, np.uint8), wmax)
-            pattern = np.ascontiguousarray(pattern, np.uint8)
-        else:
-            pattern = np.zeros(0, np.uint8)
-        origins = [ctx.origin(t._key) for t in thins]
-        ofds = np.array([o[0] for o in origins], np.int64)
-        osizes = np.array([o[1] for o in origins], np.int64)
-        out = np.zeros(3, np.int64)
-        out[2] = st_used = int(ctx.st[L.ST_NR_BLOCKS] - ctx.st[L.ST_NR_FREE])
-        skip = on_no_space == "skip"
-        kr = _kr()
-        start = 0
-        try:
-            for end in cut_list:
-                if end > start:
-                    start = _apply_range(ctx, thins, kr, slots, fd, pattern, vol, ops, offsets, lengths, start, end,
-                                         skip, out, ofds, osizes)
-                ctx.devs_dirty.update(slots.tolist())
-                on_cut(end, BatchOutcome(int(out[0]), int(out[1]), max(st_used, int(out[2]))))  # type: ignore[misc]
-                slots = np.array([t._slot() for t in thins], np.int64)  # a snapshot may have moved the table
-                if any_change and end < n:
-                    ctx.check_writable()
-            if n > start:
-                _apply_range(ctx, thins, kr, slots, fd, pattern, vol, ops, offsets, lengths, start, n, skip, out, ofds, osizes)
-        finally:
-            ctx.devs_dirty.update(slots.tolist())
-        if out[0]:
-            ctx.out_of_data_space()  # allocation failed (dm-thin's out-of-data-space mode)
-        if any_change:
-            ctx.after_alloc()
-        return BatchOutcome(int(out[0]), int(out[1]), max(st_used, int(out[2])))
-
-
-def _apply_range(ctx, thins, kr, slots, fd, pattern, vol, ops, offsets, lengths, start, end, skip, out, ofds,
-                 osizes) -> int:
-    st = ctx.st
-    skip_at, committed_at = -1, -1
-    while True:
-        code, start, need = kr.apply_batch(ctx.nodes_map.nodes, ctx.space.arrays, st, ctx.devs_i, slots, fd,
-                                           ctx.data.scratch, pattern, vol, ops, offsets, lengths, start, end,
-                                           skip_at, skip, out, ofds, osizes)
-        if code == L.OK:
-            return end
-        if code == L.NO_SPACE:
-            if need <= st[L.ST_NR_FREE] and committed_at != start:
-                committed_at = start  # dm-thin commits when allocation finds no free block
-                thins[0].pool.commit()
-                if need > st[L.ST_NR_ALLOCATABLE]:
-                    thins[0].pool.commit()
-                continue
-            ctx.out_of_data_space()
-            if skip:
-                skip_at = start
-                continue
-            raise NoSpace(f"pool {ctx.path}: no free data space for volume {thins[int(vol[start])].name!r} "
-                          f"({need} blocks needed, {int(st[L.ST_NR_ALLOCATABLE])} free)")
-        if code == L.IO_ERROR:
-            err = last_errno()
-            exc = DataDeviceError(f"pool {ctx.path}: I/O {start} of the batch (volume "
-                                  f"{thins[int(vol[start])].name!r}, offset {int(offsets[start])}) failed on "
-                                  f"the data file {ctx.data.path} ({os.strerror(err)})")
-            exc.errno, exc.filename = err, ctx.data.path
-            raise exc
-        if code == _ORIGIN_ERROR:
-            thins[int(vol[start])]._origin_failed(int(offsets[start]))
-        if ops[start] == 1:
-            bs = ctx.block_size
-            nblk = int((offsets[start] + lengths[start] - 1) // bs - offsets[start] // bs + 1)
-            ctx.nodes_map.ensure(2 * nblk + 1, nblk)
-        else:
-            ctx.nodes_map.ensure(3, 1)  # a discard shadows one path at a time
-
-
-class Activation:
-    """A volume held active (dm-thin: a loaded thin target has the device open), from
-    :meth:`thinpool.pool.Pool.activate`.  While held, deleting the volume raises
-    :class:`~thinpool.errors.Busy`.  :meth:`release` (idempotent) or leaving ``with ... as vol:`` (which
-    gives :attr:`thin`) ends it; closing the pool ends every activation."""
-
-    __slots__ = ("thin", "holder", "_held")
-
-    def __init__(self, thin: Thin, holder: str) -> None:
-        """Hold ``thin``'s volume for ``holder`` (prefer :meth:`thinpool.pool.Pool.activate`)."""
-        ctx = thin._ctx
-        with ctx.lock:
-            thin._slot()  # NotFound if the volume is gone
-            ctx.origin(thin._key)  # activating checks the external origin (FailedPrecondition if it changed)
-            ctx.hold(thin._key, holder)
-        #: the volume's handle
-        self.thin = thin
-        #: who holds it (shown by :meth:`thinpool.pool.Pool.holders` and in Busy's message)
-        self.holder = holder
-        self._held = True
-
-    @property
-    def held(self) -> bool:
-        """Whether this activation still holds the volume."""
-        return self._held
-
-    def release(self) -> None:
-        """Stop holding the volume (a second call does nothing)."""
-        ctx = self.thin._ctx
-        with ctx.lock:
-            if self._held:
-                self._held = False
-                ctx.unhold(self.thin._key, self.holder)
-
-    def __enter__(self) -> Thin:
-        return self.thin
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.release()
-
-    def __repr__(self) -> str:
-        return f"<Activation {self.thin.name!r} by {self.holder!r}{'' if self._held else ' released'}>"
+__all__ = ["Activation", "BatchOutcome", "Thin", "WITH_BLOCK", "apply_io"]

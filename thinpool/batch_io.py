@@ -1,0 +1,179 @@
+"""Mixed I/O batches over several volumes of one pool, in order, in as few kernel calls as possible:
+:func:`apply_io`, a trace replay's path (:mod:`thinpool.simulate.replayer` feeds it), and what it
+reports, :class:`BatchOutcome`.  The per-block work is :mod:`thinpool.kernels_replay`'s; the checks
+and accounting match :class:`~thinpool.thin.Thin`'s own writes, reads and discards.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Callable, NamedTuple, Sequence
+
+import numpy as np
+
+from . import schema as L
+from .errors import DataDeviceError, DiscardNotSupported, InvalidArgument, NoSpace, ReadOnly
+from .hostio import last_errno
+from .io_checks import ORIGIN_ERROR, as_offsets
+
+if TYPE_CHECKING:
+    from .thin import Thin
+
+
+class BatchOutcome(NamedTuple):
+    """What :func:`apply_io` reports beside the pool's own counters."""
+
+    failed_writes: int          #: writes that found no data space and failed alone (``on_no_space="skip"``)
+    failed_bytes: int           #: their bytes
+    peak_data_blocks_used: int  #: the most data blocks in use at any point of the batch
+
+
+def _kr():
+    from . import kernels_replay
+    return kernels_replay
+
+
+def apply_io(thins: Sequence[Thin], vol: np.ndarray, ops: np.ndarray, offsets: np.ndarray, lengths: np.ndarray,
+             *, pattern: np.ndarray | None = None, on_no_space: str = "raise", cuts: Sequence[int] = (),
+             on_cut: Callable[[int, BatchOutcome], None] | None = None) -> BatchOutcome:
+    """Apply a batch of mixed I/Os to volumes of one pool, in order, in as few kernel calls as
+    possible (a trace replay's path: no Python per I/O).  I/O ``i`` is ``ops[i]`` (0 read, 1 write,
+    2 discard) of ``lengths[i]`` bytes at ``offsets[i]`` of ``thins[vol[i]]``.
+
+    Writes do exactly what :meth:`Thin.write` does and store ``pattern`` (its first ``length`` bytes;
+    zeroes when None); reads copy mapped bytes from the data file into a scratch block (their bytes
+    are not returned: this is for timing and accounting); discards unmap whole blocks like
+    :meth:`Thin.discard`.  A metadata-only pool moves no bytes.  Everything is checked first (op
+    codes, ranges, read-only volumes, a writable pool), so bad input changes nothing.  Not
+    all-or-nothing: when a write finds no data space (after committing, as dm-thin does), the I/Os
+    before it are complete; then ``on_no_space="raise"`` raises NoSpace and ``"skip"`` fails just that
+    write (dm-thin's error_if_no_space) and goes on.
+
+    ``cuts``: increasing positions where ``on_cut(position, outcome so far)`` is called once the I/Os
+    before it are done (under the pool's lock; it may take snapshots, delete volumes other than
+    ``thins``, commit).
+    Returns a :class:`BatchOutcome`.
+    """
+    if on_no_space not in ("raise", "skip"):
+        raise InvalidArgument(f"on_no_space must be 'raise' or 'skip', got {on_no_space!r}")
+    if not thins:
+        raise InvalidArgument("apply_io: no volumes given")
+    pool = thins[0].pool
+    if any(t.pool is not pool for t in thins):
+        raise InvalidArgument("apply_io: every volume must belong to the same pool")
+    ops = np.ascontiguousarray(ops, np.uint8)
+    vol = np.ascontiguousarray(vol, np.int64)
+    offsets = as_offsets(offsets, "offsets")
+    lengths = as_offsets(lengths, "lengths")
+    n = len(ops)
+    if not (len(vol) == len(offsets) == len(lengths) == n):
+        raise InvalidArgument(f"apply_io: arrays of different lengths ({n}, {len(vol)}, {len(offsets)}, {len(lengths)})")
+    cut_list = [int(c) for c in cuts]
+    if any(not 0 <= c <= n for c in cut_list) or any(b < a for a, b in zip(cut_list, cut_list[1:])):
+        raise InvalidArgument(f"apply_io: cuts must be increasing positions within 0..{n}")
+    if cut_list and on_cut is None:
+        raise InvalidArgument("apply_io: cuts given without on_cut")
+    if n and int(ops.max()) > 2:
+        raise InvalidArgument(f"apply_io: unknown op code {int(ops.max())} (0 read, 1 write, 2 discard)")
+    if n and (int(vol.min()) < 0 or int(vol.max()) >= len(thins)):
+        raise InvalidArgument(f"apply_io: volume index out of range (0..{len(thins) - 1})")
+    ctx = thins[0]._ctx
+    with ctx.lock:
+        ctx.check_open()
+        slots = np.array([t._slot() for t in thins], np.int64)
+        sizes = ctx.devs_i[slots, L.DEV_SIZE]
+        if n and ((offsets < 0).any() or (lengths < 0).any()):
+            raise InvalidArgument("apply_io: negative offset or length")
+        ends = offsets + lengths
+        bad = (ends > sizes[vol]) | (ends < offsets)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise InvalidArgument(f"volume {thins[int(vol[i])].name!r}: I/O at offset {int(offsets[i])} length "
+                                  f"{int(lengths[i])} goes past the end of the volume ({int(sizes[vol[i]])} bytes)")
+        changes = ops != 0
+        if (ops == 2).any() and pool.discard_mode == "ignore":
+            raise DiscardNotSupported(f"pool {ctx.path}: discards are turned off (ignore_discard): the batch holds "
+                                      f"{int((ops == 2).sum())} discards")
+        any_change = bool(changes.any())
+        if any_change:
+            ctx.check_writable()
+            ro = (ctx.devs_i[slots, L.DEV_FLAGS] & L.FLAG_READ_ONLY) != 0
+            hit = ro[vol[changes]]
+            if hit.any():
+                raise ReadOnly(f"volume {thins[int(vol[changes][hit][0])].name!r} is read-only")
+        fd = ctx.data.fd
+        if fd >= 0:
+            w = ops == 1
+            wmax = int(lengths[w].max()) if w.any() else 0
+            if pattern is None or len(pattern) < wmax:
+                pattern = np.zeros(wmax, np.uint8) if pattern is None else np.resize(np.asarray(pattern, np.uint8), wmax)
+            pattern = np.ascontiguousarray(pattern, np.uint8)
+        else:
+            pattern = np.zeros(0, np.uint8)
+        origins = [ctx.origin(t._key) for t in thins]
+        ofds = np.array([o[0] for o in origins], np.int64)
+        osizes = np.array([o[1] for o in origins], np.int64)
+        out = np.zeros(3, np.int64)
+        out[2] = st_used = int(ctx.st[L.ST_NR_BLOCKS] - ctx.st[L.ST_NR_FREE])
+        skip = on_no_space == "skip"
+        kr = _kr()
+        start = 0
+        try:
+            for end in cut_list:
+                if end > start:
+                    start = _apply_range(ctx, thins, kr, slots, fd, pattern, vol, ops, offsets, lengths, start, end,
+                                         skip, out, ofds, osizes)
+                ctx.devs_dirty.update(slots.tolist())
+                on_cut(end, BatchOutcome(int(out[0]), int(out[1]), max(st_used, int(out[2]))))  # type: ignore[misc]
+                slots = np.array([t._slot() for t in thins], np.int64)  # a snapshot may have moved the table
+                if any_change and end < n:
+                    ctx.check_writable()
+            if n > start:
+                _apply_range(ctx, thins, kr, slots, fd, pattern, vol, ops, offsets, lengths, start, n, skip, out, ofds, osizes)
+        finally:
+            ctx.devs_dirty.update(slots.tolist())
+        if out[0]:
+            ctx.out_of_data_space()  # allocation failed (dm-thin's out-of-data-space mode)
+        if any_change:
+            ctx.after_alloc()
+        return BatchOutcome(int(out[0]), int(out[1]), max(st_used, int(out[2])))
+
+
+def _apply_range(ctx, thins, kr, slots, fd, pattern, vol, ops, offsets, lengths, start, end, skip, out, ofds,
+                 osizes) -> int:
+    st = ctx.st
+    skip_at, committed_at = -1, -1
+    while True:
+        code, start, need = kr.apply_batch(ctx.nodes_map.nodes, ctx.space.arrays, st, ctx.devs_i, slots, fd,
+                                           ctx.data.scratch, pattern, vol, ops, offsets, lengths, start, end,
+                                           skip_at, skip, out, ofds, osizes)
+        if code == L.OK:
+            return end
+        if code == L.NO_SPACE:
+            if need <= st[L.ST_NR_FREE] and committed_at != start:
+                committed_at = start  # dm-thin commits when allocation finds no free block
+                thins[0].pool.commit()
+                if need > st[L.ST_NR_ALLOCATABLE]:
+                    thins[0].pool.commit()
+                continue
+            ctx.out_of_data_space()
+            if skip:
+                skip_at = start
+                continue
+            raise NoSpace(f"pool {ctx.path}: no free data space for volume {thins[int(vol[start])].name!r} "
+                          f"({need} blocks needed, {int(st[L.ST_NR_ALLOCATABLE])} free)")
+        if code == L.IO_ERROR:
+            err = last_errno()
+            exc = DataDeviceError(f"pool {ctx.path}: I/O {start} of the batch (volume "
+                                  f"{thins[int(vol[start])].name!r}, offset {int(offsets[start])}) failed on "
+                                  f"the data file {ctx.data.path} ({os.strerror(err)})")
+            exc.errno, exc.filename = err, ctx.data.path
+            raise exc
+        if code == ORIGIN_ERROR:
+            thins[int(vol[start])]._origin_failed(int(offsets[start]))
+        if ops[start] == 1:
+            bs = ctx.block_size
+            nblk = int((offsets[start] + lengths[start] - 1) // bs - offsets[start] // bs + 1)
+            ctx.nodes_map.ensure(2 * nblk + 1, nblk)
+        else:
+            ctx.nodes_map.ensure(3, 1)  # a discard shadows one path at a time

@@ -1,0 +1,46 @@
+"""Argument checks of byte I/O, shared by a volume's own calls (:mod:`thinpool.thin`) and the mixed
+batches of several volumes (:mod:`thinpool.batch_io`): bad input raises InvalidArgument before
+anything changes.  Also the kernels' origin-failure code, so that neither needs numba to read it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import InvalidArgument
+
+#: kernels.ORIGIN_ERROR (kept here: importing kernels loads numba)
+ORIGIN_ERROR = -102
+
+
+def io_integer(name: str, what: str, value) -> int:
+    """An I/O offset or length as a Python int (InvalidArgument naming the volume otherwise)."""
+    if type(value) is int:
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise InvalidArgument(f"volume {name!r}: {what} must be an integer, got {value!r}")
+    return int(value)
+
+
+def as_offsets(values, what: str) -> np.ndarray:
+    """Offsets or lengths (an integer or a sequence / array of them) as a contiguous int64 array
+    (InvalidArgument naming ``what`` for non-integers or values past int64)."""
+    arr = np.asarray(values)
+    if arr.ndim == 0:
+        arr = arr.reshape(1)
+    if arr.dtype.kind not in "iu":
+        raise InvalidArgument(f"{what} must be integers, got dtype {arr.dtype}")
+    if arr.dtype.kind == "u" and arr.size and arr.max() > np.iinfo(np.int64).max:
+        raise InvalidArgument(f"{what} out of range")
+    return np.ascontiguousarray(arr, dtype=np.int64)
+
+
+def check_span(name: str, size: int, offset: int, length: int) -> None:
+    """InvalidArgument naming volume ``name`` unless ``length`` bytes at ``offset`` lie within its ``size``."""
+    if offset < 0:
+        raise InvalidArgument(f"volume {name!r}: negative offset {offset}")
+    if length < 0:
+        raise InvalidArgument(f"volume {name!r}: negative length {length}")
+    if offset + length > size:
+        raise InvalidArgument(f"volume {name!r}: I/O at offset {offset} length {length} goes past the end of "
+                              f"the volume ({size} bytes)")
