@@ -5,7 +5,8 @@ A pool is a directory holding ``data`` (the sparse data device), ``metadata`` (s
 data space map in memory, the JIT kernels for per-block work, the metadata store for commits and
 the data device for bytes.  The pool's methods live in one module per concept: construction, the
 read-only views, status and closing here; devices and records in :mod:`thinpool.pool_devices`;
-commit / abort in :mod:`thinpool.pool_txn`; resize and hole punching in :mod:`thinpool.poolspace`;
+commit / abort in :mod:`thinpool.pool_txn`; the features (discard, no-space policy) in
+:mod:`thinpool.pool_features`; resize and hole punching in :mod:`thinpool.poolspace`;
 the IR bridge in :mod:`thinpool.pool_ir`.  I/O lives in :mod:`thinpool.thin`, which reaches the
 pool through its :class:`~thinpool.kernel_context.KernelContext`; the shared rules (with
 :class:`~thinpool.devtable.DeviceTable`) are :mod:`thinpool.rules`'s.
@@ -28,12 +29,13 @@ from . import ownership, pooldir, rules, safe_output
 from .blockmap import BlockMap
 from .datadev import DataDevice, NullDataDevice
 from .devtable import pad_pages
-from .errors import AlreadyExists, InvalidArgument, MetadataCorrupt, ReadOnly, ThinpoolWarning
+from .errors import AlreadyExists, InvalidArgument, MetadataCorrupt, ThinpoolWarning
 from .kernel_context import KernelContext, volume_key
 from .kernel_context import locked_method as _locked
 from .mdstore import BLOCK, MetadataStore, PagedArray
-from .nospace import DEFAULT_NO_SPACE_TIMEOUT, NoSpaceQueue, check_timeout
+from .nospace import DEFAULT_NO_SPACE_TIMEOUT, NoSpaceQueue
 from .pool_devices import DeviceOps
+from .pool_features import Features, check_features, kernel_flags
 from .pool_txn import Transactions
 from .rules import (DEFAULT_MAX_THINS, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE,  # noqa: F401 (this module's API)
                     check_block_size, default_metadata_blocks)
@@ -58,7 +60,7 @@ def _poolspace():
     return poolspace
 
 
-class Pool(Transactions, DeviceOps):
+class Pool(Transactions, DeviceOps, Features):
     """A thin pool in a directory.  Use :meth:`create` or :meth:`open`.
 
     A context manager: leaving the block commits and closes when it succeeded; when it raised, the
@@ -88,7 +90,7 @@ class Pool(Transactions, DeviceOps):
         never punches free blocks holding data at open (it only marks them stale): a new pool may sit
         on a data file whose blocks an import is about to map.  ``wait`` / ``allow_foreign`` and the features:
         see :meth:`open`."""
-        features = _check_features(discard, error_if_no_space, no_space_timeout)
+        features = check_features(discard, error_if_no_space, no_space_timeout)
         if features and read_only:
             raise InvalidArgument(f"pool {path}: the features of a pool opened read-only cannot be changed "
                                   f"({', '.join(sorted(features))})")
@@ -179,7 +181,7 @@ class Pool(Transactions, DeviceOps):
             raise InvalidArgument(f"data size {size} bytes is smaller than one {bs}-byte block")
         if not isinstance(low_water_mark, int) or low_water_mark < 0:
             raise InvalidArgument(f"low water mark must be a non-negative number of blocks, got {low_water_mark!r}")
-        features = _check_features(discard, error_if_no_space, no_space_timeout)
+        features = check_features(discard, error_if_no_space, no_space_timeout)
         if metadata_size is None:
             md_blocks = default_metadata_blocks(nr_blocks, max_thins)
         else:
@@ -297,7 +299,7 @@ class Pool(Transactions, DeviceOps):
         self._st = st
         self._nodes_map = BlockMap.from_arrays(st, arrays["leaves"].view(np.uint64), arrays["inners"].view(np.int32),
                                               arrays["leaf_rc"].view(np.uint32), arrays["inner_rc"].view(np.uint32))
-        _kernel_flags(st, header)
+        kernel_flags(st, header)
         previous = getattr(self, "_space", None)
         self._space = DataSpaceMap(st, header["nr_data_blocks"], counts_from_disk(arrays, header["nr_data_blocks"]))
         self._space.inherit_stale(previous)  # a reload (abort, rollback): blocks it frees hold bytes
@@ -361,54 +363,6 @@ class Pool(Transactions, DeviceOps):
         self._mode = Mode(value)
         self._engine.fast_write = self._mode is Mode.WRITE and not self.read_only and not self._closed
         self._nospace.mode_changed(old, self._mode)
-
-    # ------------------------------------------------------------------ features
-    @property
-    def features(self) -> dict[str, Any]:
-        """The pool's features as stored: ``discard`` (passdown, nopassdown, ignore),
-        ``error_if_no_space`` and ``no_space_timeout`` (seconds; 0: queued writes wait for ever)."""
-        return {"discard": str(self._header.get("discard", "passdown")),
-                "error_if_no_space": bool(self._header.get("error_if_no_space", True)),
-                "no_space_timeout": float(self._header.get("no_space_timeout", DEFAULT_NO_SPACE_TIMEOUT))}
-
-    @property
-    def discard_mode(self) -> str:
-        """``passdown``, ``nopassdown`` or ``ignore`` (see :meth:`set_features`)."""
-        return str(self._header.get("discard", "passdown"))
-
-    @_locked
-    def set_features(self, *, discard: str | None = None, error_if_no_space: bool | None = None,
-                     no_space_timeout: float | None = None) -> dict[str, Any]:
-        """Change features of the open (active) pool, as a reload of dm-thin's pool table does, and
-        store them (commits).  None keeps a feature.  Returns the features now in force.
-
-        dm-thin's rules (``pool_ctr`` on a pool already active): passdown may be switched on or off
-        and the no-space policy changed (writes waiting for space fail with ENOSPC when it becomes
-        ``error_if_no_space``); discards cannot be turned off or on (``ignore``) -- InvalidArgument,
-        nothing changed: close the pool and :meth:`open` it with ``discard=`` (a new activation).
-        ``no_space_timeout`` applies to queued writes at once (it counts from the pool's entry into
-        out-of-data-space)."""
-        self._check_writable()
-        features = _check_features(discard, error_if_no_space, no_space_timeout)
-        if "discard" in features:
-            rules.check_discard_change(self.path, self.discard_mode, features["discard"])
-        self._activate_features(features)
-        return self.features
-
-    def _activate_features(self, features: dict[str, Any]) -> None:
-        """Store ``features`` (already checked) and put them in force; commits if anything changed."""
-        changed = {k: v for k, v in features.items() if self.features.get(k) != v}
-        if not changed:
-            return
-        self._check_writable()
-        if self.read_only:
-            raise ReadOnly(f"pool {self.path} is opened read-only: its features cannot be changed")
-        self._header.update(changed)
-        _kernel_flags(self._st, self._header)
-        self._catalog_dirty = True  # a commit with only a header change still writes a new superblock
-        self._nospace.configure(error_if_no_space=features.get("error_if_no_space"),
-                                timeout=features.get("no_space_timeout"))
-        self.commit()
 
     @property
     def devs(self) -> np.ndarray:
@@ -599,26 +553,6 @@ class Pool(Transactions, DeviceOps):
             self._store.close()
             self._release_lock()
             self._nospace.wake_all()  # queued writers find the pool closed
-
-
-def _check_features(discard: Any, error_if_no_space: Any, no_space_timeout: Any) -> dict[str, Any]:
-    """The given (not None) pool features, checked: InvalidArgument naming a bad one."""
-    out: dict[str, Any] = {}
-    if discard is not None:
-        out["discard"] = rules.check_discard(discard)
-    if error_if_no_space is not None:
-        if not isinstance(error_if_no_space, bool):
-            raise InvalidArgument(f"error_if_no_space must be true or false, got {error_if_no_space!r}")
-        out["error_if_no_space"] = error_if_no_space
-    if no_space_timeout is not None:
-        out["no_space_timeout"] = check_timeout(no_space_timeout)
-    return out
-
-
-def _kernel_flags(st: np.ndarray, header: Mapping[str, Any]) -> None:
-    """The pool settings the kernels read from ``st``: zeroing of new blocks, discard passdown."""
-    st[K.ST_ZERO_NEW] = bool(header.get("zero_new_blocks", True))
-    st[K.ST_DISCARD_PASSDOWN] = header.get("discard", "passdown") == "passdown"
 
 
 def _read_only(a: np.ndarray) -> np.ndarray:
