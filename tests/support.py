@@ -60,6 +60,17 @@ def scratch_root() -> str:
     return "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
 
 
+def pool_with_volumes(tmp_path: Any, names: tuple[str, ...] = ("a", "b")) -> Any:
+    """A committed pool at ``tmp_path/pool`` (16 MiB of 64 KiB blocks) with a 4 MiB volume per name,
+    each with its first block written (``b"x"``)."""
+    from thinpool import Pool
+    p = Pool.create(str(tmp_path / "pool"), data_size=16 << 20, block_size=64 << 10)
+    for n in names:
+        p.create_thin(n, 4 << 20).write(0, b"x" * (64 << 10))
+    p.commit()
+    return p
+
+
 @contextlib.contextmanager
 def scratch_dir(prefix: str = "tp-") -> Iterator[str]:
     """A fresh directory under :func:`scratch_root`, removed with its contents on exit."""

@@ -13,20 +13,12 @@ from typing import Any
 
 import pytest
 
+from tests.support import pool_with_volumes
 from thinpool import Pool
 from thinpool.errors import Busy, FailedPrecondition, NotFound
 from thinpool.control.protocol import rebuild_error
 
-MiB = 1024 * 1024
 BS = 64 * 1024
-
-
-def _pool(tmp_path: Any, names: tuple[str, ...] = ("a", "b")) -> Pool:
-    p = Pool.create(str(tmp_path / "pool"), data_size=16 * MiB, block_size=BS)
-    for n in names:
-        p.create_thin(n, 4 * MiB).write(0, b"x" * BS)
-    p.commit()
-    return p
 
 
 def _state(p: Pool) -> tuple:
@@ -44,7 +36,7 @@ def test_busy_is_an_oserror_with_ebusy_and_crosses_the_control_socket() -> None:
 
 
 def test_kernel_rule_delete_of_an_activated_volume_fails_with_ebusy_and_changes_nothing(tmp_path: Any) -> None:
-    with _pool(tmp_path) as p:
+    with pool_with_volumes(tmp_path) as p:
         before = _state(p)
         act = p.activate("a")
         assert p.holders("a") == {"pool.activate": 1} and p.holders("b") == {}
@@ -62,7 +54,7 @@ def test_kernel_rule_delete_of_an_activated_volume_fails_with_ebusy_and_changes_
 
 
 def test_kernel_rule_an_activation_counts_each_holder_until_each_releases(tmp_path: Any) -> None:
-    with _pool(tmp_path) as p:
+    with pool_with_volumes(tmp_path) as p:
         one, two = p.activate("a"), p.activate("a", holder="qemu")
         assert p.holders("a") == {"pool.activate": 1, "qemu": 1}
         one.release()
@@ -73,7 +65,7 @@ def test_kernel_rule_an_activation_counts_each_holder_until_each_releases(tmp_pa
 
 
 def test_kernel_rule_with_pool_thin_holds_the_volume_active_until_the_block_ends(tmp_path: Any) -> None:
-    with _pool(tmp_path) as p:
+    with pool_with_volumes(tmp_path) as p:
         with p.thin("a") as vol:
             vol.write(BS, b"y")
             with p.thin("a"):  # nested blocks each hold once
@@ -90,7 +82,7 @@ def test_kernel_rule_with_pool_thin_holds_the_volume_active_until_the_block_ends
 
 
 def test_kernel_rule_with_activate_gives_the_volume_and_releases_it(tmp_path: Any) -> None:
-    with _pool(tmp_path) as p:
+    with pool_with_volumes(tmp_path) as p:
         with p.activate("a") as vol:
             assert vol.read(0, 1) == b"x"
             with pytest.raises(Busy):
@@ -101,7 +93,7 @@ def test_kernel_rule_with_activate_gives_the_volume_and_releases_it(tmp_path: An
 def test_a_plain_handle_does_not_hold_the_volume(tmp_path: Any) -> None:
     """Decision (docs/dm-thin.md §8): a handle from pool.thin() is a reference, not an activation --
     like naming a device id; the volume can be deleted and the handle then raises NotFound."""
-    with _pool(tmp_path) as p:
+    with pool_with_volumes(tmp_path) as p:
         h = p.thin("a")
         p.delete("a")
         with pytest.raises(NotFound):
@@ -109,7 +101,7 @@ def test_a_plain_handle_does_not_hold_the_volume(tmp_path: Any) -> None:
 
 
 def test_activation_follows_a_rename_and_is_not_inherited_by_a_snapshot(tmp_path: Any) -> None:
-    with _pool(tmp_path) as p:
+    with pool_with_volumes(tmp_path) as p:
         with p.activate("a"):
             p.rename("a", "a2")
             p.snapshot("a2", "s")
@@ -122,7 +114,7 @@ def test_activation_follows_a_rename_and_is_not_inherited_by_a_snapshot(tmp_path
 def test_kernel_rule_busy_is_checked_for_every_name_before_any_is_deleted(tmp_path: Any) -> None:
     """``thinpool delete POOL a b`` deletes all or none: a busy ``b`` leaves ``a`` too."""
     from thinpool.cli.registry import op_table
-    with _pool(tmp_path) as p:
+    with pool_with_volumes(tmp_path) as p:
         before = _state(p)
         with p.activate("b"):
             with pytest.raises(Busy):
@@ -130,8 +122,8 @@ def test_kernel_rule_busy_is_checked_for_every_name_before_any_is_deleted(tmp_pa
             assert _state(p) == before
 
 
-def test_activate_refuses_what_is_not_a_volume_and_a_closed_pool(tmp_path: Any) -> None:
-    p = _pool(tmp_path)
+def test_activate_refuses_what_is_not_a_volume_and_a_closedpool_with_volumes(tmp_path: Any) -> None:
+    p = pool_with_volumes(tmp_path)
     with pytest.raises(NotFound):
         p.activate("nope")
     with pytest.raises(Exception, match="holder"):

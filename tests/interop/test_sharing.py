@@ -10,13 +10,12 @@ thin_ls and thin_rmap verify it), and importing it -- or restoring thin_dump XML
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.interop.test_interop_pool import rmap_view
+from tests.interop.test_interop_pool import ALL_FIELDS, rmap_view, run
 from tests.support import require_tool
 from thinpool import Pool
 from thinpool.interop.binary import write_binary_metadata
@@ -33,14 +32,6 @@ from thinpool.interop.xml import dump_xml, load_xml
 
 BS = 64 * 1024
 TOOLS = ("thin_check", "thin_dump", "thin_ls", "thin_rmap")
-ALL_FIELDS = ("DEV,MAPPED_BLOCKS,EXCLUSIVE_BLOCKS,SHARED_BLOCKS,MAPPED_SECTORS,EXCLUSIVE_SECTORS,SHARED_SECTORS,"
-              "MAPPED_BYTES,EXCLUSIVE_BYTES,SHARED_BYTES,MAPPED,EXCLUSIVE,SHARED,TRANSACTION,CREATE_TIME,SNAP_TIME")
-
-
-def run(*args: str) -> str:
-    proc = subprocess.run(args, capture_output=True, text=True)
-    assert proc.returncode == 0, f"{args[0]} failed ({proc.returncode}): {proc.stderr}"
-    return proc.stdout
 
 
 def origin_with_snapshots(path: Path, nblocks: int, nsnaps: int, *, written: int = 0, sparse: bool = False,

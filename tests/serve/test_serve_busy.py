@@ -10,20 +10,8 @@ import sys
 import time
 from typing import Any
 
-from tests.support import require_tool
+from tests.support import pool_with_volumes, require_tool
 from thinpool import Pool
-
-MiB = 1024 * 1024
-BS = 64 * 1024
-
-
-def _pool(tmp_path: Any, names: tuple[str, ...] = ("a", "b")) -> Pool:
-    p = Pool.create(str(tmp_path / "pool"), data_size=16 * MiB, block_size=BS)
-    for n in names:
-        p.create_thin(n, 4 * MiB).write(0, b"x" * BS)
-    p.commit()
-    return p
-
 
 def test_kernel_rule_delete_of_a_volume_open_over_nbd_fails_with_ebusy_over_the_cli(tmp_path: Any) -> None:
     """A real NBD client (qemu-io, interactive on a pipe) holds the export open; `thinpool delete` through the serving
@@ -31,7 +19,7 @@ def test_kernel_rule_delete_of_a_volume_open_over_nbd_fails_with_ebusy_over_the_
     disconnects the delete succeeds."""
     require_tool("qemu-io")
     path = str(tmp_path / "pool")
-    _pool(tmp_path).close()
+    pool_with_volumes(tmp_path).close()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd()] + sys.path))
     sock = os.path.join(path, "nbd.sock")
     server = subprocess.Popen([sys.executable, "-m", "thinpool", "serve", path], env=env,

@@ -16,21 +16,12 @@ import subprocess
 import numpy as np
 import pytest
 
-from tests.serve.test_nbd_pool import BS, MiB, Env, make_pool, ok, run, stopped_and_checked
+from tests.serve.test_nbd_pool import BS, MiB, Env, env, make_pool, ok, run, stopped_and_checked  # noqa: F401
 from tests.support import require_root, require_tool
 from thinpool.nbd.record import iolog_name
 from thinpool.simulate.traces import OP_DISCARD, OP_FLUSH, OP_READ, OP_WRITE, open_trace
 
 pytestmark = pytest.mark.realtools
-
-
-@pytest.fixture()
-def env() -> Env:
-    e = Env()
-    try:
-        yield e
-    finally:
-        e.close()
 
 
 def records(log: str) -> tuple[dict[str, np.ndarray], list[str]]:

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from tests.serve.test_nbd_pool import BS, MiB, Env, make_pool, stopped_and_checked
+from tests.serve.test_nbd_pool import BS, MiB, Env, env, make_pool, stopped_and_checked  # noqa: F401
 from tests.support import require_root, require_tool
 from thinpool import Pool
 
@@ -24,15 +24,6 @@ def cli(*args: str) -> str:
     env = dict(os.environ, PYTHONPATH=REPO)
     return subprocess.run([sys.executable, "-m", "thinpool", *args], check=True, capture_output=True, text=True,
                           env=env, timeout=300).stdout
-
-
-@pytest.fixture()
-def env() -> Env:
-    e = Env()
-    try:
-        yield e
-    finally:
-        e.close()
 
 
 def test_kernel_rule_replay_of_recorded_ext4_maps_what_the_served_pool_maps(env: Env) -> None:
