@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import gc
 import json
 import os
@@ -349,6 +350,25 @@ def perf_parser(module: str, doc: str | None, full_help: str, section: str,
     ap.add_argument("--docs", action="store_true", help=f"rewrite the {section} section of docs/performance.md")
     ap.add_argument("--json", help=json_help)
     return ap
+
+
+def docs_head(title: str, module: str, full: bool, mach: dict[str, Any]) -> str:
+    """The start of a perf module's docs section: its heading (the command that measured it) and
+    "Measured <date> on <cpu> (<n> cores" -- the module goes on with its own words."""
+    return (f"## {title} (`python -m perf.{module}{' --full' if full else ''}`)\n\n"
+            f"Measured {datetime.date.today()} on {mach.get('cpu', '?')} ({mach.get('cores', '?')} cores")
+
+
+def finish(args: argparse.Namespace, rows: list[Row], detail: Any, mach: dict[str, Any], begin: str, end: str,
+           body: Callable[[], str]) -> int:
+    """The end of a perf module's main(): ``--json`` writes the figures, ``--docs`` rewrites the module's
+    section of docs/performance.md (``body()``, between the markers ``begin`` and ``end``).  Returns the
+    exit status: 1 when a row is short of its target, else 0."""
+    if args.json:
+        write_figures(args.json, rows, detail, mach)
+    if args.docs:
+        write_section(PERFORMANCE_MD, begin, end, body())
+    return 0 if all(r.status != "short" for r in rows) else 1
 
 
 def status_cell(r: Row) -> str:

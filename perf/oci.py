@@ -20,15 +20,14 @@ between its markers, nothing else.
 
 from __future__ import annotations
 
-import datetime
 import os
 import shutil
 import subprocess
 import sys
 import sysconfig
 
-from .common import (PERFORMANCE_MD, Row, Scratch, interleave, log, machine, med, perf_parser, ratio_row,
-                     rows_table_md, write_figures, write_section)
+from .common import (Row, Scratch, docs_head, finish, interleave, log, machine, med, perf_parser, ratio_row,
+                     rows_table_md)
 
 SECTION_BEGIN = "<!-- oci: begin (written by `python -m perf.oci --docs`) -->"
 SECTION_END = "<!-- oci: end -->"
@@ -138,19 +137,16 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(r.line())
     mach = machine()
-    if args.json:
-        write_figures(args.json, rows, detail, mach)
-    if args.docs:
-        body = (f"## Unpacking an image layer (`python -m perf.oci{' --full' if args.full else ''}`)\n\n"
-                f"Measured {datetime.date.today()} on {mach.get('cpu', '?')} ({mach.get('cores', '?')} cores, "
+
+    def body() -> str:
+        return (docs_head("Unpacking an image layer", "oci", args.full, mach) + ", "
                 "shared): a one-layer gzip image made by umoci, unpacked into a fresh directory by "
                 "`thinpool.containers.oci` + `oci_apply.apply_layer` (blob digest and diff ID checked, every "
                 "path resolved from the root with O_NOFOLLOW), by `umoci unpack` (digests checked; also writes "
                 "a runtime config and an mtree manifest) and by `tar -xzf` (no checks), "
                 f"{detail['repeats']} interleaved repeats (medians of wall seconds). Ratio = thinpool / umoci.\n\n"
                 + rows_table_md(rows) + "\n")
-        write_section(PERFORMANCE_MD, SECTION_BEGIN, SECTION_END, body)
-    return 0 if all(r.status != "short" for r in rows) else 1
+    return finish(args, rows, detail, mach, SECTION_BEGIN, SECTION_END, body)
 
 
 if __name__ == "__main__":

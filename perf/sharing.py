@@ -17,7 +17,6 @@ not re-measured.  ``--docs`` rewrites this section of docs/performance.md betwee
 
 from __future__ import annotations
 
-import datetime
 import json
 import subprocess
 import sys
@@ -25,8 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .common import (PERFORMANCE_MD, Row, Scratch, interleave, log, machine, med, perf_parser, rows_table_md,
-                     write_figures, write_section)
+from .common import Row, Scratch, docs_head, finish, interleave, log, machine, med, perf_parser, rows_table_md
 
 SECTION_BEGIN = "<!-- sharing: begin (written by `python -m perf.sharing --docs`) -->"
 SECTION_END = "<!-- sharing: end -->"
@@ -141,11 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(r.line())
     mach = machine()
-    if args.json:
-        write_figures(args.json, rows, detail, mach)
-    if args.docs:
-        body = (f"## Export keeps btree sharing (`python -m perf.sharing{' --full' if args.full else ''}`)\n\n"
-                f"Measured {datetime.date.today()} on {mach.get('cpu', '?')} ({mach.get('cores', '?')} cores, "
+
+    def body() -> str:
+        return (docs_head("Export keeps btree sharing", "sharing", args.full, mach) + ", "
                 f"shared): one volume of {NBLOCKS:,} mapped 64 KiB blocks and {NSNAPS} snapshots of it. "
                 "`export-metadata` writes identical subtrees once, as the kernel shares them after a snapshot; "
                 f"before, every device had its own tree: {BEFORE_BLOCKS:,} blocks (989 MB) and "
@@ -154,8 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{detail['repeats']} interleaved repeats (medians). Round trip: the exported metadata imported "
                 "into a new pool (`import-metadata`), whose used metadata blocks are compared with the "
                 "original's.\n\n" + rows_table_md(rows) + "\n")
-        write_section(PERFORMANCE_MD, SECTION_BEGIN, SECTION_END, body)
-    return 0 if all(r.status != "short" for r in rows) else 1
+    return finish(args, rows, detail, mach, SECTION_BEGIN, SECTION_END, body)
 
 
 if __name__ == "__main__":

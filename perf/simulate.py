@@ -18,7 +18,6 @@ docs/performance.md between its markers, nothing else.
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import shutil
@@ -28,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from .common import (GiB, PERFORMANCE_MD, Row, Scratch, interleave, log, machine, med, perf_parser, ratio_row,
-                     status_cell, timed, write_figures, write_section)
+from .common import (GiB, Row, Scratch, docs_head, finish, interleave, log, machine, med, perf_parser, ratio_row,
+                     status_cell, timed)
 
 SECTION_BEGIN = "<!-- replay: begin (written by `python -m perf.simulate --docs`) -->"
 SECTION_END = "<!-- replay: end -->"
@@ -206,11 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         rows, detail = run(args.full, set(args.only.split(",")) if args.only else None)
         mach = machine()
-    if args.json:
-        write_figures(args.json, rows, detail, mach)
-    if args.docs:
-        body = (f"## Trace replay and sweeps (`python -m perf.simulate{' --full' if args.full else ''}`)\n\n"
-                f"Measured {datetime.date.today()} on {mach.get('cpu', '?')} ({mach.get('cores', '?')} cores, "
+
+    def body() -> str:
+        return (docs_head("Trace replay and sweeps", "simulate", args.full, mach) + ", "
                 f"shared with other jobs), Python {sys.version.split()[0]}, numpy {np.__version__}; "
                 f"{detail['repeats']} interleaved repeats (medians).\n\n" + table_md(rows) + "\n\n"
                 "R1 is judged on the process's CPU time: on this shared machine the wall-clock rate depends on the "
@@ -220,8 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                 "raises 512 data-block reference counts); deleting the oldest kept snapshot then releases as many. "
                 "That is about two million reference-count updates per 10,000 writes, against about 10,000 "
                 "without snapshots.  A volume whose writes stay within fewer leaves pays proportionally less.\n")
-        write_section(PERFORMANCE_MD, SECTION_BEGIN, SECTION_END, body)
-    return 0 if all(r.status != "short" for r in rows) else 1
+    return finish(args, rows, detail, mach, SECTION_BEGIN, SECTION_END, body)
 
 
 if __name__ == "__main__":

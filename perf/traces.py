@@ -21,15 +21,13 @@ docs/performance.md between its markers, nothing else.
 
 from __future__ import annotations
 
-import datetime
 import os
 import sys
 from typing import Any, Callable
 
 import numpy as np
 
-from .common import (PERFORMANCE_MD, Row, Scratch, interleave, log, machine, med, perf_parser, status_cell,
-                     write_figures, write_section)
+from .common import Row, Scratch, docs_head, finish, interleave, log, machine, med, perf_parser, status_cell
 
 SECTION_BEGIN = "<!-- traces: begin (written by `python -m perf.traces --docs`) -->"
 SECTION_END = "<!-- traces: end -->"
@@ -361,11 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     rows, detail = run(args.full)
     mach = machine()
-    if args.json:
-        write_figures(args.json, rows, detail, mach)
-    if args.docs:
-        body = (f"## Trace parsing (`python -m perf.traces{' --full' if args.full else ''}`)\n\n"
-                f"Measured {datetime.date.today()} on {mach.get('cpu', '?')} ({mach.get('cores', '?')} cores), "
+
+    def body() -> str:
+        return (docs_head("Trace parsing", "traces", args.full, mach) + "), "
                 f"Python {sys.version.split()[0]}, numpy {np.__version__}: {detail['records']:,} synthetic "
                 f"records per format read from the page cache, {detail['repeats']} interleaved repeats "
                 "(medians).  Judged on the reading process's CPU time (one core's rate); wall-clock "
@@ -381,8 +377,7 @@ def main(argv: list[str] | None = None) -> int:
                 "leaves out the socket work of a real request (tens of microseconds), so it understates "
                 "the end-to-end one.\n\n"
                 + table_md(rows, detail) + "\n")
-        write_section(PERFORMANCE_MD, SECTION_BEGIN, SECTION_END, body)
-    return 0 if all(r.status != "short" for r in rows) else 1
+    return finish(args, rows, detail, mach, SECTION_BEGIN, SECTION_END, body)
 
 
 if __name__ == "__main__":
