@@ -64,6 +64,14 @@ def _every(value: str | None, what: str):
     return Every.parse(value, what)
 
 
+def _report_options(f):
+    """The report outputs both commands take: --json, --html and --plot (see :func:`_outputs`)."""
+    f = click.option("--plot", metavar="OUT.png", default=None, help="Write the plots as one PNG.")(f)
+    f = click.option("--html", "html_out", metavar="OUT", default=None, help="Write a self-contained HTML report.")(f)
+    return click.option("--json", "as_json", metavar="OUT", default=None,
+                        help="Write the result as JSON to OUT ('-': stdout).")(f)
+
+
 @click.command("replay")
 @click.argument("trace", type=click.Path(dir_okay=False, exists=True))
 @click.option("--format", "fmt", type=_FORMATS, default=None, help="Trace format (default: sniffed).")
@@ -83,9 +91,7 @@ def _every(value: str | None, what: str):
               help="blkparse traces: replay the queued (Q), issued (D) or completed (C) events.")
 @click.option("--pool", "pool_dir", type=click.Path(file_okay=False), default=None,
               help="Create the pool here and keep it (default: a temporary directory, removed).")
-@click.option("--json", "as_json", metavar="OUT", default=None, help="Write the result as JSON to OUT ('-': stdout).")
-@click.option("--html", "html_out", metavar="OUT", default=None, help="Write a self-contained HTML report.")
-@click.option("--plot", metavar="OUT.png", default=None, help="Write the plots as one PNG.")
+@_report_options
 @click.option("--series", metavar="FILE", default=None, help="Write the time series (.parquet or CSV).")
 def replay_cmd(trace: str, fmt: str | None, block_size: int, data_size: int, volume_size: int | None,
                snapshot_every: str | None, keep: int | None, sample_every: str | None, metadata_only: bool,
@@ -122,9 +128,7 @@ def replay_cmd(trace: str, fmt: str | None, block_size: int, data_size: int, vol
               help="Run the sweep on this Dask scheduler (e.g. tcp://10.0.0.1:8786) instead.")
 @click.option("--pool", "pool_dir", type=click.Path(file_okay=False), default=None,
               help="Without --sweep: create the pool here and keep it.")
-@click.option("--json", "as_json", metavar="OUT", default=None, help="Write the result as JSON to OUT ('-': stdout).")
-@click.option("--html", "html_out", metavar="OUT", default=None, help="Write a self-contained HTML report.")
-@click.option("--plot", metavar="OUT.png", default=None, help="Write the plots as one PNG.")
+@_report_options
 @click.option("--series", metavar="FILE", default=None, help="Without --sweep: write the time series.")
 def simulate_cmd(scenario: str, sweeps: tuple[str, ...], workers: int, dask_address: str | None,
                  pool_dir: str | None, as_json: str | None, html_out: str | None, plot: str | None,
