@@ -18,6 +18,7 @@ import pytest
 
 from tests.serve.test_nbd_pool import BS, MiB, Env, env, make_pool, ok, run, stopped_and_checked  # noqa: F401
 from tests.support import require_root, require_tool
+from thinpool import Pool
 from thinpool.nbd.record import iolog_name
 from thinpool.simulate.traces import OP_DISCARD, OP_FLUSH, OP_READ, OP_WRITE, open_trace
 
@@ -121,12 +122,11 @@ def test_serve_record_refuses_pool_files_and_leaves_the_pool_alone(env: Env) -> 
     assert {f: os.stat(os.path.join(env.pool, f)).st_mtime_ns for f in ("metadata", "data")} == before
 
 
-def test_serve_record_mkfs_ext4_and_files_replayed_by_fio(env: Env) -> None:
-    """A real filesystem workload recorded: mkfs.ext4 (with its discard of the device), a mount, a few
-    files, unmount -- through nbdfuse + loop.  The pool maps exactly what the log's writes and discards
-    map; fio replays the log's reads and writes; the log parses with thinpool's reader."""
-    require_root()
-    require_tool("nbdfuse", "fusermount3", "losetup", "mkfs.ext4", "mount", "umount", "fio")
+def record_ext4(env: Env, sizes: tuple[int, ...], *, rewrite: int | None = None) -> tuple[str, Pool]:
+    """A real filesystem workload recorded by ``serve --record``: a new pool with one 128 MiB volume
+    ``fs`` served, and through nbdfuse + loop mkfs.ext4 (with its discard of the device), a mount, files
+    ``f0``.. of ``sizes`` random bytes, syncfs, ``f3`` deleted, the first MiB of ``f{rewrite}`` rewritten
+    (if given), unmount.  Returns the log's path and the stopped server's pool, checked (close it)."""
     from thinpool.containers.realfs import Attached
     make_pool(env, {"fs": 128 * MiB}, data_size="512MiB")
     log = env.path("fs.iolog")
@@ -134,13 +134,25 @@ def test_serve_record_mkfs_ext4_and_files_replayed_by_fio(env: Env) -> None:
     with Attached(srv.uri("fs"), env.root, "rec") as dev:
         subprocess.run(["mkfs.ext4", "-q", "-F", dev.device], check=True, capture_output=True, timeout=120)
         mnt = dev.mount(env.path("mnt"))
-        for i, size in enumerate((1, 4096, 300_000, 3 * MiB)):
+        for i, size in enumerate(sizes):
             with open(os.path.join(mnt, f"f{i}"), "wb") as f:
                 f.write(os.urandom(size))
         dev.syncfs()
         os.unlink(os.path.join(mnt, "f3"))
+        if rewrite is not None:
+            with open(os.path.join(mnt, f"f{rewrite}"), "r+b") as f:  # rewrite part of a file
+                f.write(os.urandom(MiB))
         dev.umount()
-    p = stopped_and_checked(srv)
+    return log, stopped_and_checked(srv)
+
+
+def test_serve_record_mkfs_ext4_and_files_replayed_by_fio(env: Env) -> None:
+    """A real filesystem workload recorded: mkfs.ext4 (with its discard of the device), a mount, a few
+    files, unmount -- through nbdfuse + loop.  The pool maps exactly what the log's writes and discards
+    map; fio replays the log's reads and writes; the log parses with thinpool's reader."""
+    require_root()
+    require_tool("nbdfuse", "fusermount3", "losetup", "mkfs.ext4", "mount", "umount", "fio")
+    log, p = record_ext4(env, (1, 4096, 300_000, 3 * MiB))
     try:
         rec, volumes = records(log)
         assert volumes == ["fs"]

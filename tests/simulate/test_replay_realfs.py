@@ -12,7 +12,8 @@ import sys
 
 import pytest
 
-from tests.serve.test_nbd_pool import BS, MiB, Env, env, make_pool, stopped_and_checked  # noqa: F401
+from tests.serve.test_nbd_pool import BS, MiB, Env, env  # noqa: F401
+from tests.serve.test_serve_record import record_ext4
 from tests.support import require_root, require_tool
 from thinpool import Pool
 
@@ -29,22 +30,7 @@ def cli(*args: str) -> str:
 def test_kernel_rule_replay_of_recorded_ext4_maps_what_the_served_pool_maps(env: Env) -> None:
     require_root()
     require_tool("nbdfuse", "fusermount3", "losetup", "mkfs.ext4", "mount", "umount")
-    from thinpool.containers.realfs import Attached
-    make_pool(env, {"fs": 128 * MiB}, data_size="512MiB")
-    log = env.path("fs.iolog")
-    srv = env.serve("--record", log)
-    with Attached(srv.uri("fs"), env.root, "rec") as dev:
-        subprocess.run(["mkfs.ext4", "-q", "-F", dev.device], check=True, capture_output=True, timeout=120)
-        mnt = dev.mount(env.path("mnt"))
-        for i, size in enumerate((1, 4096, 300_000, 3 * MiB, 5 * MiB)):
-            with open(os.path.join(mnt, f"f{i}"), "wb") as f:
-                f.write(os.urandom(size))
-        dev.syncfs()
-        os.unlink(os.path.join(mnt, "f3"))
-        with open(os.path.join(mnt, "f4"), "r+b") as f:  # rewrite part of a file
-            f.write(os.urandom(MiB))
-        dev.umount()
-    p = stopped_and_checked(srv)
+    log, p = record_ext4(env, (1, 4096, 300_000, 3 * MiB, 5 * MiB), rewrite=4)
     try:
         served = set(p.thin("fs").mappings()[0].tolist())
     finally:
