@@ -74,10 +74,11 @@ _crc32c = _crc32c_function()
 BLOCK = 4096
 MAGIC = b"TPOOLMD1"
 #: the superblock's format version: 2 since the data space map is stored as a two-bit bitmap plus
-#: overflow counts (:mod:`thinpool.dataspace`); the store's own layout is the same in 1 and 2, so both
-#: are read (the pool tells the space-map layouts apart by their arrays' names)
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+#: overflow counts (:mod:`thinpool.dataspace`), 3 since the leaves are stored in groups without their
+#: holes (:mod:`thinpool.leafstore`); the store's own layout is the same in 1, 2 and 3, so all are
+#: read (the pool tells the layouts apart by their arrays' names)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 PM_ENTRIES = BLOCK // 8
 _SB_HEADER = struct.Struct("<I8sIQI")  # crc, magic, version, generation, json length
 SUPERBLOCKS = 2

@@ -41,6 +41,7 @@ from .rules import (DEFAULT_MAX_THINS, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE,  # noqa: 
                     check_block_size, default_metadata_blocks)
 from .schema import DevFlag, Mode, dev_dtype
 from .dataspace import DataSpaceMap, counts_from_disk, empty_disk_arrays
+from .leafstore import empty_disk_arrays as empty_leaf_arrays, leaves_from_disk
 from .status import PoolStatus, Usage  # noqa: F401  (part of this module's API)
 from .units import parse_size
 
@@ -236,7 +237,7 @@ class Pool(Transactions, DeviceOps, Features):
         catalog = {"volumes": {}, "next_dev_id": 1, "records": {}}
         cat = pad_pages(json.dumps(catalog).encode())
         arrays = {
-            "leaves": PagedArray(np.zeros(0, np.uint8), np.zeros(0, np.int64)),
+            **empty_leaf_arrays(),
             "inners": PagedArray(np.zeros(0, np.uint8), np.zeros(0, np.int64)),
             "leaf_rc": PagedArray(np.zeros(0, np.uint8), np.zeros(0, np.int64)),
             "inner_rc": PagedArray(np.zeros(0, np.uint8), np.zeros(0, np.int64)),
@@ -297,7 +298,7 @@ class Pool(Transactions, DeviceOps, Features):
         st[K.ST_TIME] = header["time"]
         st[K.ST_CURSOR] = header.get("cursor", 0)
         self._st = st
-        self._nodes_map = BlockMap.from_arrays(st, arrays["leaves"].view(np.uint64), arrays["inners"].view(np.int32),
+        self._nodes_map = BlockMap.from_arrays(st, leaves_from_disk(arrays), arrays["inners"].view(np.int32),
                                               arrays["leaf_rc"].view(np.uint32), arrays["inner_rc"].view(np.uint32))
         kernel_flags(st, header)
         previous = getattr(self, "_space", None)

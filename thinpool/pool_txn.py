@@ -20,6 +20,7 @@ from . import schema as K
 from .devtable import DEVS_PER_PAGE, pad_pages
 from .errors import AlreadyExists, HostIOError, InvalidArgument, ReadOnly
 from .kernel_context import locked_method as _locked
+from .leafstore import group_updates
 from .mdstore import BLOCK, MetadataSpaceExhausted, PagedArray
 from .schema import Mode
 
@@ -118,10 +119,9 @@ class Transactions:
     # ------------------------------------------------------------------ transactions
     def _paged(self) -> dict[str, Any]:
         bm, sp = self._nodes_map, self._space
-        ld = np.flatnonzero(bm.leaf_dirty)
         idn = np.flatnonzero(bm.inner_dirty)
         arrays = {
-            "leaves": PagedArray(bm.leaves.reshape(-1).view(np.uint8), ld, ld[bm.leaf_rc[ld] == 0]),
+            **group_updates(bm.leaves, bm.leaf_rc, bm.leaf_dirty, self._store.locs),  # see leafstore
             "inners": PagedArray(bm.inners.reshape(-1).view(np.uint8), idn, idn[bm.inner_rc[idn] == 0]),
             "leaf_rc": PagedArray(bm.leaf_rc.view(np.uint8), np.flatnonzero(bm.leaf_rc_dirty)),
             "inner_rc": PagedArray(bm.inner_rc.view(np.uint8), np.flatnonzero(bm.inner_rc_dirty)),

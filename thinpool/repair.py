@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from . import schema as K
-from . import pooldir
+from . import leafstore, pooldir
 from .errors import InvalidArgument, MetadataCorrupt, NotFound
 from .interop.ir import Device, Metadata, Superblock, SECTOR, TIME_MASK
 from .origin import valid_record
@@ -206,6 +206,11 @@ def _salvage_state(r: _Reader, generation: int, header: dict[str, Any]) -> _Salv
                 data[i * BLOCK:(i + 1) * BLOCK] = page
         arrays[name] = data
         lost_pages[name] = lost
+    if leafstore.ARRAY in arrays:  # format 3: leaves stored in groups; a lost page loses its group
+        leaves = leafstore.leaves_from_disk(arrays)
+        lost_groups = lost_pages[leafstore.ARRAY].reshape(-1, leafstore.SPAN).any(axis=1)
+        arrays["leaves"] = leaves.reshape(-1).view(np.uint8)
+        lost_pages["leaves"] = np.repeat(lost_groups, leafstore.GROUP)[: len(leaves)]
     for name in ("leaves", "inners", "devs", "catalog"):
         arrays.setdefault(name, np.zeros(0, np.uint8))
         lost_pages.setdefault(name, np.zeros(0, bool))

@@ -109,7 +109,7 @@ def test_lvm_rule_autoextend_grows_the_metadata_above_the_threshold(tmp_path):
         p.set_autoextend(80, 20)
         assert (p.header["autoextend_threshold"], p.header["autoextend_percent"]) == (80, 20)
         sizes = [p.store.nr_blocks]
-        for i in range(40):
+        for i in range(100):
             p.create_thin(f"v{i}", "64M")
             p.thin(f"v{i}").write_many(np.arange(16, dtype=np.int64) << 22, [b"x" * 100] * 16)
             p.commit()

@@ -135,6 +135,35 @@ def test_bitmap_and_overflow_that_disagree_are_reported_as_corrupt():
         counts_from_disk({"data_sm": bitmap, "data_rc_over": over}, nr)
 
 
+def test_leaves_are_stored_in_groups_without_their_holes(tmp_path):
+    """A dm-thin btree leaf holds up to 252 mappings of any keys; ours are 512-entry radix leaves, so on
+    disk they are grouped 16 to a stream of a bitmap and the mapped values: 16 leaves of one mapping
+    each take one metadata block; a commit rewrites only the groups of changed leaves; a group left
+    with nothing mapped is released."""
+    with Pool.create(tmp_path / "p", data_size=str(4096 * BS)) as p:
+        v = p.create_thin("v", size=str((1 << 20) * BS))
+        _write_blocks(v, np.arange(64) * 4096)  # 64 leaves of one mapping each: 4 groups
+        p.commit()
+        assert int(np.count_nonzero(p.nodes_map.leaf_rc)) == 64
+        groups = _stored_pages(p, "leaf_groups")
+        assert len(groups) == 4
+        before = list(p.store.locs["leaf_groups"])
+        _write_blocks(v, [1])  # changes the first leaf only
+        p.commit()
+        after = list(p.store.locs["leaf_groups"])
+        assert [i for i, (a, b) in enumerate(zip(before, after)) if a != b] == [groups[0]]
+        v.discard(0, 16 * 4096 * BS)  # every mapping of the first 16 leaves
+        p.commit()
+        assert len(_stored_pages(p, "leaf_groups")) == 3
+        _write_blocks(v, np.arange(512, 1024))  # a full leaf (512 mappings) beside sparse ones
+        p.commit()
+    with Pool.open(tmp_path / "p") as p:
+        vol = p.thin("v")
+        assert vol.read(0, 1) == bytes(1) and vol.read(16 * 4096 * BS, 1) == b"\x01"
+        assert vol.read(700 * BS, 1) == b"\x01" and p.check().ok
+        assert p.usage("v").mapped_blocks == 48 + 512
+
+
 # --------------------------------------------------------------------------- against dm-thin's metadata
 
 def _shape(p: Pool, shape: str, n: int) -> None:
@@ -155,7 +184,7 @@ def _shape(p: Pool, shape: str, n: int) -> None:
     p.commit()
 
 
-@pytest.mark.parametrize("shape", ["dense", "snapshots"])
+@pytest.mark.parametrize("shape", ["dense", "snapshots", "sparse"])
 def test_kernel_rule_metadata_use_is_within_1_5x_of_dm_thin_metadata(tmp_path, shape):
     """The pool's used metadata blocks (``status()``, what dm-thin's status line reports) are at most
     1.5x the blocks the same state takes as dm-thin metadata (our exporter's file, whose metadata
@@ -175,10 +204,10 @@ def test_kernel_rule_metadata_use_is_within_1_5x_of_dm_thin_metadata(tmp_path, s
 
 # --------------------------------------------------------------------------- format 1
 
-def _format1_pool(tmp_path) -> str:
+def _old_pool(tmp_path, fixture: str) -> str:
     path = tmp_path / "old"
     path.mkdir(mode=0o700)
-    with tarfile.open(os.path.join(FIXTURES, "format1_pool.tar.gz")) as tar:
+    with tarfile.open(os.path.join(FIXTURES, fixture)) as tar:
         tar.extractall(path, filter="data")
     for name in ("metadata", "data"):
         os.chmod(path / name, 0o600)
@@ -193,13 +222,17 @@ def _assert_fixture_contents(p: Pool) -> None:
             assert vol.read(block * BS + len(data), 100) == bytes(100)
 
 
-def test_a_format1_pool_opens_and_its_first_commit_writes_the_two_bit_layout(tmp_path):
-    """A pool made before the two-bit space map (metadata format 1: a uint32 count per data block,
-    array ``data_rc``; made by tests/engine/fixtures/make_format1_pool.py with that code) opens with
-    every count, mapping and pending block; its first commit writes format 2 and drops the old pages."""
-    path = _format1_pool(tmp_path)
+@pytest.mark.parametrize("fixture", ["format1_pool.tar.gz", "format2_pool.tar.gz"])
+def test_an_old_format_pool_opens_and_its_first_commit_writes_the_current_layout(tmp_path, fixture):
+    """Pools made before the two-bit space map (format 1: a uint32 count per data block, array
+    ``data_rc``) and before the grouped leaves (formats 1 and 2: one leaf per page, array ``leaves``),
+    made by tests/engine/fixtures/make_format1_pool.py with the code of those formats, open with every
+    count, mapping and pending block; their first commit writes the current layout and drops the old
+    arrays' pages."""
+    path = _old_pool(tmp_path, fixture)
     with Pool.open(path, read_only=True) as p:
-        assert p.store.npages("data_rc") > 0 and "data_sm" not in p.store.locs
+        assert p.store.npages("leaves") > 0 and "leaf_groups" not in p.store.locs
+        assert (p.store.npages("data_rc") > 0) == (fixture == "format1_pool.tar.gz")
         old_counts = p.space.data_rc.copy()
         assert old_counts.max() == 3  # the fixture has counts >= 3
         assert np.array_equal(old_counts, _counts_from_tree(p))
@@ -207,11 +240,11 @@ def test_a_format1_pool_opens_and_its_first_commit_writes_the_two_bit_layout(tmp
         _assert_fixture_contents(p)
     with Pool.open(path) as p:
         assert p.status().used_data_blocks == int(np.count_nonzero(old_counts))
-        pending = p.space.pending.copy()
-        assert len(pending) == 40  # volume b's blocks, freed by the fixture's last commit
+        assert len(p.space.pending) == 40  # volume b's blocks, freed by the fixture's last commit
         p.commit()
         assert p.store.npages("data_rc") == 0 and _stored_pages(p, "data_sm") == [0]
         assert _stored_pages(p, "data_rc_over") == [0]
+        assert p.store.npages("leaves") == 0 and _stored_pages(p, "leaf_groups") == [0]  # 4 leaves: 1 group
     with Pool.open(path) as p:
         assert np.array_equal(p.space.data_rc, old_counts)
         assert p.check().ok
