@@ -206,11 +206,10 @@ def _salvage_state(r: _Reader, generation: int, header: dict[str, Any]) -> _Salv
                 data[i * BLOCK:(i + 1) * BLOCK] = page
         arrays[name] = data
         lost_pages[name] = lost
-    if leafstore.ARRAY in arrays:  # format 3: leaves stored in groups; a lost page loses its group
+    if leafstore.ARRAY in arrays:  # format 3: see leafstore.lost_leaves
         leaves = leafstore.leaves_from_disk(arrays)
-        lost_groups = lost_pages[leafstore.ARRAY].reshape(-1, leafstore.SPAN).any(axis=1)
         arrays["leaves"] = leaves.reshape(-1).view(np.uint8)
-        lost_pages["leaves"] = np.repeat(lost_groups, leafstore.GROUP)[: len(leaves)]
+        lost_pages["leaves"] = leafstore.lost_leaves(lost_pages[leafstore.ARRAY], len(leaves))
     for name in ("leaves", "inners", "devs", "catalog"):
         arrays.setdefault(name, np.zeros(0, np.uint8))
         lost_pages.setdefault(name, np.zeros(0, bool))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tests.support import require_tool
-from thinpool import Pool
+from thinpool import Pool, leafstore
 from thinpool.errors import NoSpace, ReadOnly, ReadOnlyIO
 
 BS = 64 * 1024
@@ -331,12 +331,24 @@ def test_kernel_rule_read_only_mode_serves_provisioned_unshared_writes(tmp_path)
         assert p.thin("v").read(100, 6) == b"served"
 
 
+#: mappings per leaf that make it dense: it takes a metadata page of its own (see thinpool.leafstore;
+#: sparse leaves share pages, so one mapping per leaf would hardly use the metadata)
+PER_LEAF = leafstore.DENSE + 1
+
+
+def _dense_leaves(first: int, count: int) -> np.ndarray:
+    """Offsets of PER_LEAF blocks in each of ``count`` leaves from leaf ``first`` on."""
+    leaves = np.arange(first, first + count, dtype=np.int64)
+    return ((leaves[:, None] * 512 + np.arange(PER_LEAF)[None, :]) * BS).reshape(-1)
+
+
 def _fill_metadata(p: Pool, v, limit: int = 400) -> int:
-    """Write one block per leaf until the pool leaves write mode; returns the writes done."""
+    """Write one dense leaf after another until the pool leaves write mode; returns the leaves
+    written."""
     for i in range(limit):
         if p.mode != "write":
             return i
-        v.write(i * 512 * BS, b"x")
+        v.write_many(_dense_leaves(i, 1), [b"x"] * PER_LEAF)
     raise AssertionError("the metadata never ran out")
 
 
@@ -359,7 +371,7 @@ def test_kernel_rule_out_of_metadata_space_mode_keeps_a_reserve(tmp_path):
     assert v.discard(0, BS) == 0
     p.close(commit=False)  # a crash: every write that returned was committed (the reserve held)
     p = Pool.open(path)
-    assert p.thin("v").mapped_blocks == n and not p.header.get("needs_check")
+    assert p.thin("v").mapped_blocks == n * PER_LEAF and not p.header.get("needs_check")
     v = p.thin("v")
     _fill_metadata(p, v)
     p.resize_metadata("2MiB")
@@ -379,7 +391,7 @@ def test_kernel_rule_failed_metadata_operation_aborts_with_needs_check(tmp_path)
     v.write(0, b"kept")
     p.commit()
     with pytest.raises(ReadOnly, match="needs_check"):
-        v.write_many(np.arange(1, 200, dtype=np.int64) * 512 * BS, np.full((199, 8), 7, np.uint8))
+        v.write_many(_dense_leaves(1, 80), np.full((80 * PER_LEAF, 8), 7, np.uint8))  # > 64 pages
     assert p.mode == "read-only" and p.status().needs_check
     assert v.mapped_blocks == 1 and v.read(0, 4) == b"kept"  # aborted to the last commit
     p.close()

@@ -11,7 +11,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from thinpool import Pool
+from thinpool import Pool, leafstore
 from thinpool.dataspace import SM_PER_PAGE, counts_from_disk
 from thinpool.errors import MetadataCorrupt
 from thinpool.interop.binary import write_binary_metadata
@@ -135,33 +135,47 @@ def test_bitmap_and_overflow_that_disagree_are_reported_as_corrupt():
         counts_from_disk({"data_sm": bitmap, "data_rc_over": over}, nr)
 
 
-def test_leaves_are_stored_in_groups_without_their_holes(tmp_path):
+def test_sparse_leaves_are_stored_in_groups_and_dense_leaves_on_their_own_page(tmp_path):
     """A dm-thin btree leaf holds up to 252 mappings of any keys; ours are 512-entry radix leaves, so on
-    disk they are grouped 16 to a stream of a bitmap and the mapped values: 16 leaves of one mapping
-    each take one metadata block; a commit rewrites only the groups of changed leaves; a group left
-    with nothing mapped is released."""
+    disk sparse ones are grouped 16 to a stream of a bitmap and the mapped values: 16 leaves of one
+    mapping each take one metadata block; a commit rewrites only the streams of changed groups; a group
+    left with nothing mapped is released.  A leaf with more than 192 mappings keeps its own page: a
+    commit that changes it writes that page only, and it rejoins its group's stream once sparse."""
+    def changed(before, after):
+        return [i for i, (a, b) in enumerate(zip(before, after)) if a != b]
+
     with Pool.create(tmp_path / "p", data_size=str(4096 * BS)) as p:
         v = p.create_thin("v", size=str((1 << 20) * BS))
         _write_blocks(v, np.arange(64) * 4096)  # 64 leaves of one mapping each: 4 groups
         p.commit()
         assert int(np.count_nonzero(p.nodes_map.leaf_rc)) == 64
         groups = _stored_pages(p, "leaf_groups")
-        assert len(groups) == 4
+        assert len(groups) == 4 and all(i % leafstore.SPAN == leafstore.GROUP for i in groups)
         before = list(p.store.locs["leaf_groups"])
         _write_blocks(v, [1])  # changes the first leaf only
         p.commit()
-        after = list(p.store.locs["leaf_groups"])
-        assert [i for i, (a, b) in enumerate(zip(before, after)) if a != b] == [groups[0]]
+        assert changed(before, p.store.locs["leaf_groups"]) == [groups[0]]
         v.discard(0, 16 * 4096 * BS)  # every mapping of the first 16 leaves
         p.commit()
         assert len(_stored_pages(p, "leaf_groups")) == 3
-        _write_blocks(v, np.arange(512, 1024))  # a full leaf (512 mappings) beside sparse ones
+        _write_blocks(v, np.arange(512, 1000))  # a dense leaf (488 mappings) beside sparse ones
         p.commit()
+        pages = _stored_pages(p, "leaf_groups")
+        own = [i for i in pages if i % leafstore.SPAN < leafstore.GROUP]
+        assert len(own) == 1 and len(pages) == 5  # its own page, and the mask in its group's stream
+        before = list(p.store.locs["leaf_groups"])
+        _write_blocks(v, [1000], tag=2)  # a dense leaf gains a mapping: its page rewritten, no stream
+        p.commit()
+        assert changed(before, p.store.locs["leaf_groups"]) == own
+        v.discard(512 * BS, 400 * BS)  # 89 mappings left: sparse again
+        p.commit()
+        assert not [i for i in _stored_pages(p, "leaf_groups") if i % leafstore.SPAN < leafstore.GROUP]
     with Pool.open(tmp_path / "p") as p:
         vol = p.thin("v")
         assert vol.read(0, 1) == bytes(1) and vol.read(16 * 4096 * BS, 1) == b"\x01"
-        assert vol.read(700 * BS, 1) == b"\x01" and p.check().ok
-        assert p.usage("v").mapped_blocks == 48 + 512
+        assert vol.read(999 * BS, 1) == b"\x01" and vol.read(1000 * BS, 1) == b"\x02"
+        assert vol.read(600 * BS, 1) == bytes(1) and p.check().ok
+        assert p.usage("v").mapped_blocks == 48 + 89
 
 
 # --------------------------------------------------------------------------- against dm-thin's metadata
@@ -244,7 +258,7 @@ def test_an_old_format_pool_opens_and_its_first_commit_writes_the_current_layout
         p.commit()
         assert p.store.npages("data_rc") == 0 and _stored_pages(p, "data_sm") == [0]
         assert _stored_pages(p, "data_rc_over") == [0]
-        assert p.store.npages("leaves") == 0 and _stored_pages(p, "leaf_groups") == [0]  # 4 leaves: 1 group
+        assert p.store.npages("leaves") == 0 and _stored_pages(p, "leaf_groups") == [leafstore.GROUP]  # 4 sparse leaves: 1 stream page
     with Pool.open(path) as p:
         assert np.array_equal(p.space.data_rc, old_counts)
         assert p.check().ok
