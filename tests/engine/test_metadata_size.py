@@ -264,3 +264,41 @@ def test_an_old_format_pool_opens_and_its_first_commit_writes_the_current_layout
         assert p.check().ok
         _assert_fixture_contents(p)
         assert sorted(p.catalog["volumes"]) == ["a", "s1", "s2"]
+
+
+def _encode(leaves: np.ndarray, rc: np.ndarray) -> np.ndarray:
+    """The ``leaf_groups`` array a commit of every leaf writes (absent pages as zeroes)."""
+    pages = leafstore.group_updates(leaves, rc, np.ones(len(leaves), np.uint8), {})[leafstore.ARRAY]
+    buf = np.zeros(pages.npages * 4096, np.uint8)
+    for i in pages.dirty:
+        if i not in pages.dead:
+            buf[i * 4096:(i + 1) * 4096] = np.frombuffer(bytes(pages.page(i)), np.uint8)
+    return buf
+
+
+def test_leaf_groups_decode_what_was_encoded_and_refuse_an_inconsistent_stream():
+    """Leaves of every density (empty, sparse, just below and above the dense threshold, full, dead)
+    come back as they were; a stream whose dense mask names a slot past 16, or whose bitmap has
+    entries of a dense leaf, is corrupt metadata."""
+    rng = np.random.default_rng(3)
+    counts = [0, 1, 32, leafstore.DENSE, leafstore.DENSE + 1, 512, 300, 5] * 5
+    leaves = np.full((len(counts), 512), np.iinfo(np.uint64).max, np.uint64)
+    for i, c in enumerate(counts):
+        leaves[i, rng.choice(512, c, replace=False)] = rng.integers(0, 1 << 40, c, dtype=np.uint64)
+    rc = np.ones(len(counts), np.uint32)
+    rc[7] = 0  # a dead leaf is stored as empty
+    buf = _encode(leaves, rc)
+    back = leafstore.leaves_from_disk({leafstore.ARRAY: buf})
+    expect = leaves.copy()
+    expect[7] = np.iinfo(np.uint64).max
+    assert np.array_equal(back[:len(counts)], expect)
+    stream = leafstore.GROUP * 4096  # first group's stream: dense mask, then the bitmap
+    assert buf[stream:stream + 8].view(np.uint64)[0] == 0b0111000001110000  # slots 4-6 and 12-14
+    bad = buf.copy()
+    bad[stream + 2] |= 0x10  # dense mask bit 20
+    with pytest.raises(MetadataCorrupt, match="past 16"):
+        leafstore.leaves_from_disk({leafstore.ARRAY: bad})
+    bad = buf.copy()
+    bad[stream + 8 + 5 * 64] |= 1  # an entry of slot 5 (dense) in the bitmap
+    with pytest.raises(MetadataCorrupt, match="dense leaf"):
+        leafstore.leaves_from_disk({leafstore.ARRAY: bad})
