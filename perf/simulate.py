@@ -203,12 +203,14 @@ def main(argv: list[str] | None = None) -> int:
             mach = saved["machine"]
         rows = [byk[k] for k in sorted(byk)]
     else:
+        load = os.getloadavg()[0]  # what else the machine was doing when the run began
         rows, detail = run(args.full, set(args.only.split(",")) if args.only else None)
         mach = machine()
+        detail["load_at_start"] = round(load, 2)
 
     def body() -> str:
         return (docs_head("Trace replay and sweeps", "simulate", args.full, mach) + ", "
-                f"shared with other jobs), Python {sys.version.split()[0]}, numpy {np.__version__}; "
+                f"load average {detail.get('load_at_start', 'not recorded')} at the start), Python {sys.version.split()[0]}, numpy {np.__version__}; "
                 f"{detail['repeats']} interleaved repeats (medians).\n\n" + table_md(rows) + "\n\n"
                 "R1 is judged on the process's CPU time: on this shared machine the wall-clock rate depends on the "
                 "other jobs (both are shown).  What R2 pays for is dm-thin's own cost structure, not the replay: "
