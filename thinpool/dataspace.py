@@ -143,8 +143,8 @@ class DataSpaceMap:
         nsm, nrc = sm_pages(self.nr_blocks), len(self.data_rc) // RC_PER_PAGE
         old_layout = OLD_ARRAY in committed_locs and len(committed_locs[OLD_ARRAY]) > 0
         dirty_rc = np.arange(nrc) if old_layout else np.flatnonzero(self.rc_dirty)
-        sm_have = _present(committed_locs.get("data_sm"), nsm)
-        over_have = _present(committed_locs.get("data_rc_over"), nrc)
+        sm_have = stored_pages(committed_locs.get("data_sm"), nsm)
+        over_have = stored_pages(committed_locs.get("data_rc_over"), nrc)
         sm_pages_out: dict[int, bytes] = {}
         sm_dead: list[int] = []
         dirty_sm = np.unique(dirty_rc // _RC_PAGES_PER_SM_PAGE).tolist()
@@ -297,8 +297,9 @@ def _pack_bitmap(counts: np.ndarray) -> np.ndarray:
     return c[0::4] | (c[1::4] << 2) | (c[2::4] << 4) | (c[3::4] << 6)
 
 
-def _present(locs: Any, n: int) -> np.ndarray:
-    """Per page of an array as committed: whether it is stored (an absent page reads as zeroes)."""
+def stored_pages(locs: Any, n: int) -> np.ndarray:
+    """Per page of an array as committed (its page locations from the metadata store, block << 32 | ...):
+    whether the page is stored (an absent page reads as zeroes).  Also used by :mod:`thinpool.leafstore`."""
     out = np.zeros(n, bool)
     if locs is not None and len(locs):
         have = np.frombuffer(memoryview(locs).cast("B"), np.uint64)[:n] >> np.uint64(32) != 0

@@ -31,6 +31,7 @@ import numpy as np
 
 from . import schema as K
 from .errors import MetadataCorrupt
+from .dataspace import stored_pages
 from .mdstore import BLOCK, PageUpdates
 
 #: leaf slots per group
@@ -50,14 +51,6 @@ _CAPACITY = _SPAN_WORDS - _VALUES_WORD
 OLD_ARRAY = "leaves"
 ARRAY = "leaf_groups"
 _CHUNK = 4096  # leaf slots handled per numpy step (16 MB of leaves)
-
-
-def _present(locs: Any, n: int) -> np.ndarray:
-    out = np.zeros(n, bool)
-    if locs is not None and len(locs):
-        have = np.frombuffer(memoryview(locs).cast("B"), np.uint64)[:n] >> np.uint64(32) != 0
-        out[: len(have)] = have
-    return out
 
 
 class LeafPages:
@@ -154,7 +147,7 @@ def group_updates(leaves: np.ndarray, leaf_rc: np.ndarray, leaf_dirty: np.ndarra
     ng = (nleaves + GROUP - 1) // GROUP
     old_layout = OLD_ARRAY in committed_locs and len(committed_locs[OLD_ARRAY]) > 0
     dirty = np.arange(nleaves) if old_layout else np.flatnonzero(leaf_dirty[:nleaves])
-    have = _present(committed_locs.get(ARRAY), ng * SPAN)
+    have = stored_pages(committed_locs.get(ARRAY), ng * SPAN)
     own: dict[int, int] = {}
     dead: list[int] = []
     restream: list[np.ndarray] = []
