@@ -28,7 +28,7 @@ from thinpool.errors import InvalidArgument, TraceError
 from thinpool.simulate import trace_text
 from thinpool.simulate.traces import (OP_DISCARD, OP_FLUSH, OP_READ, OP_WRITE, TraceChunk, open_trace,
                                       sniff_format)
-from tests.support import require_root, require_tool
+from tests.support import IN_CI, require_root, require_tool
 
 FIO_OPS = {"read": OP_READ, "write": OP_WRITE, "trim": OP_DISCARD, "sync": OP_FLUSH, "datasync": OP_FLUSH}
 
@@ -351,7 +351,10 @@ def blk_traced(dev: str, out_path: str) -> Iterator[str]:
         os.makedirs(TRACEFS, exist_ok=True)
         subprocess.run(["mount", "-t", "tracefs", "nodev", TRACEFS], check=False)
     if not os.path.exists(os.path.join(TRACEFS, "current_tracer")):
-        pytest.skip("neither blktrace nor tracefs's blk tracer works here")
+        msg = "neither blktrace nor tracefs's blk tracer works here"
+        if IN_CI:
+            pytest.fail(msg + " -- CI=true, so a missing tracer is a failure")
+        pytest.skip(msg)
     enable = f"/sys/block/{os.path.basename(dev)}/trace/enable"
 
     def put(name: str, value: str) -> None:
