@@ -476,14 +476,17 @@ class Pool(Transactions, DeviceOps, Features):
         (thin_ls's definition); shared = mapped - exclusive.
         """
         self._check_open()
-        counts = _walks().logical_counts(self._nodes_map.nodes, self._roots(), self._space.nr_blocks)
         names = [name] if name is not None else [self._by_dev_id[d] for d in sorted(self._by_dev_id)]
-        out = []
-        for n in names:
-            d = self._devs[self._slot(n)]
-            mapped, excl, highest = _walks().device_usage(self._nodes_map.nodes, int(d["root"]), counts)
-            out.append(Usage(n, int(d["dev_id"]), self.block_size, int(mapped), int(excl), int(mapped - excl),
-                             None if highest < 0 else int(highest)))
+        rows = self._devs[[self._slot(n) for n in names]]
+        nodes = self._nodes_map.nodes
+        counts = _walks().logical_counts(nodes, self._roots(), self._space.nr_blocks)
+        # every tree at once, each shared node summed once (100,000 snapshots of a few origins cost
+        # about what the origins do: docs/performance.md, S10)
+        mapped, excl, highest = _walks().usage_of_roots(nodes, rows["root"].astype(np.int64), counts)
+        bs = self.block_size
+        out = [Usage(n, dev_id, bs, m, e, m - e, None if h < 0 else h)
+               for n, dev_id, m, e, h in zip(names, rows["dev_id"].tolist(), mapped.tolist(), excl.tolist(),
+                                              highest.tolist())]
         return out[0] if name is not None else out
 
     @_locked

@@ -225,6 +225,24 @@ def test_logical_counts_and_device_usage(f):
         assert (int(mapped), int(exclusive), int(highest)) == R.device_usage(maps[k], want)
 
 
+@SETTINGS
+@given(f=forests())
+def test_usage_of_roots_sums_shared_nodes_once_to_thin_ls_figures(f):
+    """thin_ls's MAPPED/EXCLUSIVE of every device at once (each shared node summed once) equals the
+    per-device walk and the naive reference, devices sharing roots, mids and leaves included."""
+    a = Arrays(f)
+    maps = [R.mappings(f, k) for k in range(len(f.devices))]
+    counts = W.logical_counts(a.nodes, a.roots(), NR_DATA)
+    want = R.logical_counts(maps, NR_DATA)
+    roots = np.array(f.devices + f.devices[::-1], np.int64)   # every root twice: the memo is reused
+    mapped, exclusive, highest = W.usage_of_roots(a.nodes, roots, counts)
+    for k, root in enumerate(roots.tolist()):
+        dev = k if k < len(f.devices) else len(roots) - 1 - k
+        assert (int(mapped[k]), int(exclusive[k]), int(highest[k])) == R.device_usage(maps[dev], want)
+        assert (int(mapped[k]), int(exclusive[k]), int(highest[k])) == \
+            tuple(int(x) for x in W.device_usage(a.nodes, root, counts))
+
+
 # ----------------------------------------------------------------------------- data-block allocation
 def _state(nr_blocks: int, used_frac: float, freed_frac: float, cursor: int, seed: int):
     rng = np.random.default_rng(seed)

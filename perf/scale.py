@@ -1,0 +1,285 @@
+"""S10: 100,000 thin volumes and 100,000,000 mappings (issue 16, row 5).
+
+    python -m perf.scale [--scale F] [--full] [--docs] [--json OUT] [--rebuild]
+
+The pool (metadata-only: no data file, so 6 TiB of mapped data costs no disk) has ORIGINS origin
+volumes holding 100,000,000 mapped 64 KiB blocks between them (dense: block 0..n-1 of each origin)
+and 100,000 snapshots of them (round robin over the origins), at ``--scale 1``; ``--scale 0.01``
+is 1,000 volumes and 1,000,000 mappings for a quick run.  Built once with the bulk paths -- the
+mappings with ``write_many`` of a byte per block (the write kernel maps a block per offset; a
+metadata-only pool stores no byte), the snapshots inside one ``pool.batch()`` (one commit) -- and
+kept under the cache directory ($THINPOOL_PERF_CACHE, else ~/.cache/thinpool-perf), so a re-run
+reuses it (``--rebuild`` builds it again).
+
+Rows (each process is a fresh one; medians of interleaved repeats):
+  S10a  Pool.open (read-only) in a fresh process, seconds            target <= 2
+  S10b  RSS after that open, GiB                                     target <= 4
+  S10c  `thinpool status` / `python -c pass`                         target <= 3
+  S10d  `thinpool ls` / `python -c pass`                             target <= 3
+  S10e  `thinpool snapshot` / `python -c pass`                       target <= 3
+  S10f  `thinpool ls --usage`, seconds                               target <= 10
+  S10g  `thinpool export-metadata` / `thin_dump` of the exported metadata (to /dev/null)   target <= 1.0
+  S10h  (info) `export-metadata` / `thin_dump --dev-id` of each origin in turn: every distinct mapping
+        dumped once, a far smaller job than the whole dump
+thin_dump expands every device's tree (it knows nothing of shared subtrees), so on this pool its whole
+dump is 100,000 x the origins' mappings; it runs with a time limit, and when it is killed the ratio is
+an upper bound (export time / the time thin_dump ran without finishing), marked so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from .common import (GiB, KiB, MiB, Row, Scratch, clock, docs_head, drop_file, find_tool, finish, interleave, log,
+                     machine, med, perf_parser, rows_table_md)
+
+SECTION_BEGIN = "<!-- scale: begin (written by `python -m perf.scale --docs`) -->"
+SECTION_END = "<!-- scale: end -->"
+BS = 64 * KiB
+VOLUMES = 100_000
+MAPPINGS = 100_000_000
+ORIGINS = 4
+CHUNK = 4_000_000          # offsets per write_many call while building
+LAYOUT = 1                 # bump when the built pool's shape changes (the cache key)
+
+_OPEN = r"""
+import json, sys, time
+t0 = time.perf_counter()
+from thinpool import Pool
+t1 = time.perf_counter()
+p = Pool.open(sys.argv[1], read_only=sys.argv[2] == "ro")
+t2 = time.perf_counter()
+rss = 0
+with open("/proc/self/status") as f:
+    for line in f:
+        if line.startswith("VmRSS:"):
+            rss = int(line.split()[1]) * 1024
+hwm = 0
+with open("/proc/self/status") as f:
+    for line in f:
+        if line.startswith("VmHWM:"):
+            hwm = int(line.split()[1]) * 1024
+p.close(commit=False)
+print(json.dumps(dict(import_s=t1 - t0, open_s=t2 - t1, rss=rss, peak_rss=hwm)))
+"""
+
+
+def shape(scale: float) -> tuple[int, int, int]:
+    """(origins, snapshots, mappings per origin) at ``scale``."""
+    volumes = max(ORIGINS + 1, int(round(VOLUMES * scale)))
+    per_origin = max(1, int(round(MAPPINGS * scale / ORIGINS)))
+    return ORIGINS, volumes - ORIGINS, per_origin
+
+
+def cache_dir() -> str:
+    return os.environ.get("THINPOOL_PERF_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "thinpool-perf")
+
+
+def build(path: str, scale: float) -> dict[str, Any]:
+    """Build the pool at ``path`` (metadata-only); returns how long each part took."""
+    from thinpool import Pool
+    origins, snaps, per = shape(scale)
+    nr_blocks = origins * per + (1 << 20)
+    # metadata: our format takes about 22 bytes a dense mapping; room for copy-on-write and the snapshots
+    md_bytes = max(64 * MiB, min(15 * GiB, int(origins * per * 24 * 1.5) + snaps * 256 + 64 * MiB))
+    t0 = clock()
+    pool = Pool.create(path, data_size=nr_blocks * BS, block_size=BS, metadata_only=True,
+                       metadata_size=md_bytes, max_thins=origins + snaps + 1024)
+    byte = np.ones((CHUNK, 1), np.uint8)
+    with pool.batch():
+        for o in range(origins):
+            vol = pool.create_thin(f"origin{o}", per * BS)
+            for start in range(0, per, CHUNK):
+                n = min(CHUNK, per - start)
+                vol.write_many(np.arange(start, start + n, dtype=np.int64) * BS, byte[:n])
+    t1 = clock()
+    with pool.batch():
+        for i in range(snaps):
+            pool.snapshot(f"origin{i % origins}", f"snap{i}")
+    t2 = clock()
+    pool.close()
+    return {"mappings_s": t1 - t0, "snapshots_s": t2 - t1, "origins": origins, "snapshots": snaps,
+            "mappings": origins * per}
+
+
+def cached_pool(scale: float, rebuild: bool = False) -> tuple[str, dict[str, Any]]:
+    """The pool for ``scale``, built if the cache has none (or ``rebuild``): (path, its build record)."""
+    base = os.path.join(cache_dir(), f"scale-{scale:g}-v{LAYOUT}")
+    path, stamp = os.path.join(base, "pool"), os.path.join(base, "built.json")
+    if rebuild or not os.path.exists(stamp):
+        shutil.rmtree(base, ignore_errors=True)
+        os.makedirs(base)
+        log(f"scale: building the pool at {path} (scale {scale:g}) ...")
+        rec = build(path, scale)
+        with open(stamp, "w") as f:
+            json.dump(rec, f)
+        log(f"scale: built in {rec['mappings_s'] + rec['snapshots_s']:.0f} s")
+    with open(stamp) as f:
+        return path, json.load(f)
+
+
+def _cli() -> list[str]:
+    exe = os.path.join(os.path.dirname(sys.executable), "thinpool")
+    return [exe] if os.access(exe, os.X_OK) else [sys.executable, "-m", "thinpool"]
+
+
+def _wall(cmd: list[str], timeout: float | None = None) -> float:
+    t0 = clock()
+    subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=True, timeout=timeout)
+    return clock() - t0
+
+
+def _thin_dump(cmd: list[str], limit: float) -> tuple[float, bool]:
+    """(seconds, finished): ``cmd`` killed after ``limit`` seconds if still running."""
+    t0 = clock()
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        rc = p.wait(timeout=limit)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+        return clock() - t0, False
+    if rc != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed with status {rc}")
+    return clock() - t0, True
+
+
+def _drop_snapshots(path: str, names: list[str]) -> None:
+    """Delete the snapshots the `thinpool snapshot` repeats made (the cached pool keeps its shape)."""
+    from thinpool import Pool
+    if not names:
+        return
+    with Pool.open(path) as p, p.batch():
+        for n in names:
+            p.delete(n)
+
+
+def run(scale: float = 0.01, full: bool = False, sc: Scratch | None = None, rebuild: bool = False,
+        ) -> tuple[list[Row], dict[str, Any]]:
+    sc = sc or Scratch()
+    reps = 5 if full else 3
+    path, rec = cached_pool(scale, rebuild)
+    origins, snaps = rec["origins"], rec["snapshots"]
+    label = f"{origins + snaps:,} volumes ({origins} origins + {snaps:,} snapshots), {rec['mappings']:,} mappings"
+    cli = _cli()
+    _wall(cli + ["status", path])  # the kernel cache and the page cache warm
+    opens = []
+    for _ in range(reps):
+        r = subprocess.run([sys.executable, "-c", _OPEN, path, "ro"], capture_output=True, text=True, check=True)
+        opens.append(json.loads(r.stdout))
+    o = {k: med([x[k] for x in opens]) for k in opens[0]}
+    made: list[str] = []
+
+    def snap(_r: int) -> float:
+        name = f"perfsnap{len(made)}"
+        made.append(name)
+        return _wall(cli + ["snapshot", path, "origin0", name])
+    res = interleave({"pass": lambda _r: _wall([sys.executable, "-c", "pass"]),
+                      "status": lambda _r: _wall(cli + ["status", path]),
+                      "ls": lambda _r: _wall(cli + ["ls", path]),
+                      "snapshot": snap}, reps)
+    _drop_snapshots(path, made)
+    usage = [_wall(cli + ["ls", path, "--usage"], timeout=600) for _ in range(max(1, reps - 2))]
+    m = {k: med(v) for k, v in res.items()}
+    rows = [
+        Row("S10a", f"{label}: Pool.open (read-only, fresh process), seconds",
+            {"open_s": o["open_s"], "import_s": o["import_s"], "build_mappings_s": rec["mappings_s"],
+             "build_snapshots_s": rec["snapshots_s"]}, o["open_s"], "<= 2").judge(),
+        Row("S10b", f"{label}: RSS after the open, GiB", {"rss_MiB": o["rss"] / MiB, "peak_MiB": o["peak_rss"] / MiB},
+            o["rss"] / GiB, "<= 4").judge(),
+        Row("S10c", f"{label}: `thinpool status` vs `python -c pass`",
+            {"status_ms": m["status"] * 1e3, "python_pass_ms": m["pass"] * 1e3}, m["status"] / m["pass"],
+            "<= 3").judge(),
+        Row("S10d", f"{label}: `thinpool ls` vs `python -c pass`", {"ls_ms": m["ls"] * 1e3}, m["ls"] / m["pass"],
+            "<= 3").judge(),
+        Row("S10e", f"{label}: `thinpool snapshot` vs `python -c pass`", {"snapshot_ms": m["snapshot"] * 1e3},
+            m["snapshot"] / m["pass"], "<= 3").judge(),
+        Row("S10f", f"{label}: `thinpool ls --usage` (exclusive/shared of every volume), seconds",
+            {"ls_usage_s": med(usage)}, med(usage), "<= 10").judge(),
+    ]
+    rows += export_rows(sc, path, label, origins, reps)
+    return rows, {"scale": scale, "build": rec, "open": o, "cli": m, "ls_usage_s": usage}
+
+
+def export_rows(sc: Scratch, path: str, label: str, origins: int, reps: int) -> list[Row]:
+    """S10g/S10h: `thinpool export-metadata` vs thin_dump of what it exported."""
+    td = find_tool("thin_dump")
+    meta = sc.path("scale-meta.bin")
+    cli = _cli()
+
+    def export(_r: int) -> float:
+        drop_file(meta)
+        return _wall(cli + ["export-metadata", path, meta])
+    exp = [export(r) for r in range(max(1, reps - 2))]
+    e = med(exp)
+    if not td:
+        drop_file(meta)
+        return [Row("S10g", f"{label}: `thinpool export-metadata`", {"export_s": e}, None, "<= 1.0", "missing",
+                    note="thin_dump not installed")]
+    limit = max(60.0, 5 * e)
+    whole, finished = _thin_dump([td, meta, "-o", "/dev/null"], limit)
+    per_origin = []
+    for dev in range(1, origins + 1):
+        t, _ = _thin_dump([td, meta, "--dev-id", str(dev), "-o", "/dev/null"], 3600)
+        per_origin.append(t)
+    drop_file(meta)
+    note = "" if finished else (f"thin_dump killed after {whole:.0f} s without finishing: the ratio is an upper "
+                                "bound (export / the time thin_dump ran)")
+    return [Row("S10g", f"{label}: `thinpool export-metadata` vs `thin_dump` of the exported metadata",
+                {"export_s": e, "thin_dump_s": whole, "thin_dump_finished": finished}, e / whole, "<= 1.0",
+                note=note).judge(),
+            Row("S10h", f"{label}: `export-metadata` vs `thin_dump --dev-id` of each origin (every distinct "
+                "mapping once)", {"thin_dump_origins_s": sum(per_origin)}, e / sum(per_origin), "", "info")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = perf_parser("scale", __doc__, "5 repeats (quick: 3)", "scale")
+    ap.add_argument("--scale", type=float, default=None,
+                    help="fraction of the target pool (1 = 100,000 volumes and 100,000,000 mappings; "
+                         "default 1 with --full, else 0.01)")
+    ap.add_argument("--rebuild", action="store_true", help="build the cached pool again")
+    args = ap.parse_args(argv)
+    scale = args.scale if args.scale is not None else (1.0 if args.full else 0.01)
+    if not 0 < scale <= 1:
+        ap.error("--scale must be in (0, 1]")
+    from .run import byte_compile
+    byte_compile()  # as `pip install` leaves the package: the CLI processes do not recompile it
+    load = os.getloadavg()
+    with Scratch() as sc:
+        rows, detail = run(scale, args.full, sc, args.rebuild)
+    load_after = os.getloadavg()
+    detail["loadavg"] = {"before": load, "after": load_after}
+    for r in rows:
+        print(r.line())
+    mach = machine()
+
+    def body() -> str:
+        return (docs_head("100,000 volumes and 100,000,000 mappings", "scale", args.full, mach) +
+                f"; load average {load[0]:.2f} at the start, {load_after[0]:.2f} at the end: the machine is "
+                f"shared), scale {scale:g}. {detail_text(detail)}\n\n" + rows_table_md(rows) + "\n")
+    return finish(args, rows, detail, mach, SECTION_BEGIN, SECTION_END, body)
+
+
+def detail_text(detail: dict[str, Any]) -> str:
+    b = detail["build"]
+    return (f"A metadata-only pool: {b['origins']} origins with {b['mappings']:,} mapped 64 KiB blocks between them "
+            f"(dense), {b['snapshots']:,} snapshots of them, built in {b['mappings_s']:.0f} s (mappings: "
+            f"`write_many` of a byte per block) + {b['snapshots_s']:.0f} s (snapshots, one `pool.batch()`) and "
+            "cached between runs. Every command is a fresh process (the installed `thinpool` script).")
+
+
+def run_step(sc: Scratch, full: bool) -> tuple[list[Row], dict[str, Any]]:
+    """The S10 step of ``python -m perf`` (perf/run.py): scale 1 with ``--full``, else 0.01."""
+    return run(1.0 if full else 0.01, full, sc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
