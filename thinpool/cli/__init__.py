@@ -39,6 +39,7 @@ COMMAND_MODULES: list[str] = [
     "thinpool.cli.pool_cmds",
     "thinpool.cli.volume_cmds",
     "thinpool.cli.containers_cmds",
+    "thinpool.cli.image_cmds",
     "thinpool.cli.interop_cmds",
     "thinpool.cli.serve_cmds",
     "thinpool.cli.repair_cmds",
