@@ -20,123 +20,18 @@ import tarfile
 
 import pytest
 
-from tests.support import require_root, require_tool
+from tests.containers.oci_images import build_test_images, run, snapshot, xattrs_ok  # noqa: F401 (shared helpers)
+from tests.support import require_root
 from thinpool.containers.oci import open_image
 from thinpool.containers.oci_tar import MAX_TAR_HEADER_BYTES, WHITEOUT, iter_tar_entries
 from thinpool.containers.oci_apply import apply_layer
 from thinpool.errors import ImageError, InvalidArgument
 
 
-def run(*args: str, cwd: str | None = None) -> None:
-    subprocess.run(args, check=True, cwd=cwd, capture_output=True)
-
-
-def _umoci(*args: str) -> None:
-    run("umoci", *args, *(["--rootless"] if os.geteuid() != 0 and args[0] in ("unpack",) else []))
-
-
-def _xattrs_ok(path: str) -> bool:
-    try:
-        os.setxattr(path, "user.t", b"1")
-        os.removexattr(path, "user.t")
-        return True
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """An image of three layers in four archive forms, and the tree it should unpack to."""
-    require_tool("umoci", "skopeo")
-    top = tmp_path_factory.mktemp("oci")
-    img = str(top / "img")
-    _umoci("init", "--layout", img)
-    _umoci("new", "--image", f"{img}:base")
-    # layer 1: files, a symlink, a hard link, an executable, a user xattr, a 3 MiB file
-    b1 = str(top / "b1")
-    _umoci("unpack", "--image", f"{img}:base", b1)
-    r = os.path.join(b1, "rootfs")
-    os.makedirs(f"{r}/etc")
-    os.makedirs(f"{r}/d/sub")
-    os.makedirs(f"{r}/bin")
-    for p, data in {"etc/a": b"hello\n", "d/x": b"x\n", "d/y": b"y\n", "d/sub/s": b"s\n", "gone": b"g\n",
-                    "bin/tool": b"#!/bin/sh\necho tool\n", "big": os.urandom(3 << 20)}.items():
-        with open(f"{r}/{p}", "wb") as f:
-            f.write(data)
-    os.chmod(f"{r}/bin/tool", 0o755)
-    os.symlink("a", f"{r}/etc/sl")
-    os.symlink("/etc/a", f"{r}/abs")
-    os.link(f"{r}/etc/a", f"{r}/etc/hl")
-    xattrs = _xattrs_ok(f"{r}/etc/a")
-    if xattrs:
-        os.setxattr(f"{r}/etc/a", "user.colour", b"blue")
-    _umoci("repack", "--image", f"{img}:v1", b1)
-    # layer 2: a deletion (whiteout), a changed file, a new file
-    b2 = str(top / "b2")
-    _umoci("unpack", "--image", f"{img}:v1", b2)
-    r2 = os.path.join(b2, "rootfs")
-    os.unlink(f"{r2}/gone")
-    with open(f"{r2}/big", "r+b") as f:
-        f.seek(1 << 20)
-        f.write(b"changed")
-    with open(f"{r2}/new", "wb") as f:
-        f.write(b"new\n")
-    _umoci("repack", "--image", f"{img}:v2", b2)
-    # layer 3: d made opaque (its lower contents hidden) with a new member d/z
-    layer3 = str(top / "layer3.tar")
-    with tarfile.open(layer3, "w", format=tarfile.PAX_FORMAT) as t:
-        for name, data in (("d/z", b"z\n"), ("d/.wh..wh..opq", b"")):
-            ti = tarfile.TarInfo(name)
-            ti.size, ti.mtime = len(data), 1_700_000_000
-            t.addfile(ti, io.BytesIO(data))
-    run("umoci", "raw", "add-layer", "--image", f"{img}:v2", "--tag", "v3", layer3)
-    # the expected tree: layer 2's rootfs with d emptied but for z
-    expected = str(top / "expected")
-    run("cp", "-a", r2, expected)                       # cp -a keeps the hard link
-    shutil.rmtree(f"{expected}/d")
-    os.mkdir(f"{expected}/d")
-    with open(f"{expected}/d/z", "wb") as f:
-        f.write(b"z\n")
-    os.utime(f"{expected}/d/z", (1_700_000_000, 1_700_000_000))
-    docker = str(top / "docker.tar")
-    run("skopeo", "copy", "-q", f"oci:{img}:v3", f"docker-archive:{docker}:test/img:v3")
-    ociar = str(top / "oci.tar")
-    run("skopeo", "copy", "-q", f"oci:{img}:v3", f"oci-archive:{ociar}:v3")
-    zst = str(top / "zstd")
-    run("skopeo", "copy", "-q", "--dest-compress", "--dest-compress-format", "zstd", f"oci:{img}:v3",
-        f"oci:{zst}:v3z")
-    return {"top": str(top), "img": img, "docker": docker, "ociar": ociar, "zstd": zst, "expected": expected,
-            "xattrs": xattrs}
-
-
-def snapshot(root: str) -> dict[str, tuple]:
-    """Every path under ``root``: kind, mode, content or target, hard-link group, user xattrs."""
-    out: dict[str, tuple] = {}
-    inodes: dict[int, list[str]] = {}
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            st = os.lstat(os.path.join(dirpath, name))
-            if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
-                inodes.setdefault(st.st_ino, []).append(os.path.relpath(os.path.join(dirpath, name), root))
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            full = os.path.join(dirpath, name)
-            rel = os.path.relpath(full, root)
-            st = os.lstat(full)
-            if stat.S_ISLNK(st.st_mode):
-                out[rel] = ("symlink", os.readlink(full))
-                continue
-            xa = {k: os.getxattr(full, k) for k in os.listxattr(full) if k.startswith("user.")}
-            if stat.S_ISDIR(st.st_mode):
-                out[rel] = ("dir", stat.S_IMODE(st.st_mode), xa)
-            elif stat.S_ISREG(st.st_mode):
-                with open(full, "rb") as f:
-                    digest = hashlib.sha256(f.read()).hexdigest()
-                group = min(inodes[st.st_ino]) if st.st_nlink > 1 else None
-                out[rel] = ("file", stat.S_IMODE(st.st_mode), digest, group, xa)
-            else:
-                out[rel] = ("other", st.st_mode, st.st_rdev)
-    return out
+    return build_test_images(tmp_path_factory.mktemp("oci"))
 
 
 def _independent_ids(img: str, tag: str) -> tuple[list[str], list[str]]:
@@ -527,7 +422,7 @@ def test_oci_rule_unprivileged_skips_ownership_and_system_xattrs(jail) -> None:
     st = os.stat(f"{root}/f")
     assert (st.st_uid, st.st_gid) == (os.geteuid(), os.getegid())
     assert stats.skipped_ownership == 1 and stats.skipped_xattrs == 1
-    if _xattrs_ok(root):
+    if xattrs_ok(root):
         assert os.getxattr(f"{root}/f", "user.k") == b"v"
         assert "security.capability" not in os.listxattr(f"{root}/f")
 

@@ -232,6 +232,7 @@ def import_image(pool_path: Any, archive: str | os.PathLike[str], *, tag: str | 
 
 
 def _import(pool: Any, image: Any, tag: str | None, fs: str, size: int, privileged: bool | None) -> ImageRecord:
+    raw_before = pool.get_records(RECORDS)     # restored as it was on failure
     before = load_records(pool)
     base = before["base"]
     if base is not None and (base["fs"] != fs or base["size"] != size):
@@ -288,7 +289,7 @@ def _import(pool: Any, image: Any, tag: str | None, fs: str, size: int, privileg
     except BaseException:
         if mounts is not None:
             mounts.close()
-        _rollback(pool, s, keys, before)
+        _rollback(pool, s, keys, raw_before)
         raise
     return _record(pool, recs, image_id, new=True)
 
