@@ -149,6 +149,11 @@ class KernelContext:
         """Run after a write allocated blocks: the low-water callback and the metadata-space check."""
         self.pool._after_alloc()
 
+    def md_check_below(self) -> int:
+        """Live metadata nodes below which :meth:`after_alloc` skips its metadata-space estimate (a batch
+        kernel returns to run it once an allocation reaches this many)."""
+        return self.pool._md_check_below
+
     def check_open(self) -> None:
         """InvalidArgument if the pool is closed."""
         self.pool._check_open()

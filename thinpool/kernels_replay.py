@@ -16,10 +16,15 @@ from . import kernels_cache
 from .kernels import ORIGIN_ERROR, discard_range, pread_all, read_hole, write_span
 from .kernels_map import UNMAPPED, lookup, mapping_block, needs_new_block
 from .schema import (DEV_ROOT, DEV_SNAP_TIME, IO_ERROR, NEED_NODES, NO_SPACE, OK, ST_BLOCK_SIZE, ST_INNER_FREE,
-                     ST_LEAF_FREE, ST_NR_ALLOCATABLE, ST_NR_BLOCKS, ST_NR_FREE)
+                     ST_INNERS_LIVE, ST_LEAF_FREE, ST_LEAVES_LIVE, ST_NR_ALLOCATABLE, ST_NR_BLOCKS, ST_NR_FREE)
 
 #: operation codes of a mixed batch (the trace readers' codes)
 OP_READ, OP_WRITE, OP_DISCARD = 0, 1, 2
+#: apply_batch's own return codes: a write needs a new block while the pool allows no metadata change
+#: (read-only and out-of-metadata-space modes: the bio fails with EIO); the metadata in use reached the
+#: caller's check threshold after an allocating write (the pool's metadata-space check must run)
+NO_BLOCK = -110
+MD_CHECK = -111
 
 _SOURCES_DIGEST = kernels_cache.sources_digest()
 
@@ -42,7 +47,7 @@ def _blocks_needed(nodes, dev, off, length, bs):
 
 @njit(cache=True)
 def apply_batch(nodes, space, st, devs, slots, fd, tmp, pattern, vol, ops, offsets, lengths, start, end, skip_at,
-                skip_no_space, out, ofds, osizes):
+                skip_no_space, no_alloc, md_check, out, failed_at, ofds, osizes):
     """Apply I/Os ``start..end-1`` in order; I/O ``i`` is ``ops[i]`` on the device in row ``slots[vol[i]]`` of
     ``devs``, whose external origin is ``ofds[vol[i]]`` (-1: none), ``osizes[vol[i]]`` bytes long.
     Returns (code, next_io, need).
@@ -50,8 +55,13 @@ def apply_batch(nodes, space, st, devs, slots, fd, tmp, pattern, vol, ops, offse
     A write whose new blocks exceed the allocatable ones returns NO_SPACE at that I/O (``need`` its
     block count; earlier I/Os are complete) -- unless ``skip_no_space`` and no commit could help
     (``need`` > free blocks) or the I/O is ``skip_at`` (the caller already committed for it): then the
-    write fails alone, as dm-thin's error_if_no_space fails the bio: ``out[0]`` counts such writes and
-    ``out[1]`` their bytes.  ``out[2]`` is raised to the most data blocks in use after any write.
+    write fails alone, as dm-thin's error_if_no_space fails the bio: ``out[0]`` counts such writes,
+    ``out[1]`` their bytes, and ``failed_at[k]`` is the position of the k-th.  ``out[2]`` is raised to the most data blocks in use after any write.
+    ``no_alloc`` (the pool is read-only or out of metadata space: dm-thin's ``process_bio_read_only``):
+    a write to provisioned, unshared blocks is served, one that needs a block returns NO_BLOCK at that
+    I/O -- or with ``skip_no_space`` fails alone (EIO), counted in ``out[3]`` and its bytes in
+    ``out[4]`` -- and a discard succeeds unmapping nothing.  MD_CHECK at ``next_io``: a write allocated
+    and the live metadata nodes reached ``md_check`` (the caller runs the pool's metadata-space check).
     NEED_NODES: the node store must grow before I/O ``next_io`` is retried; IO_ERROR: a data-file
     write or read failed at ``next_io``.  Ranges, read-only devices and op codes are the caller's checks.
     """
@@ -64,6 +74,18 @@ def apply_batch(nodes, space, st, devs, slots, fd, tmp, pattern, vol, ops, offse
         op = ops[i]
         dev = devs[slots[vol[i]]]
         if op == OP_WRITE:
+            if no_alloc:
+                if _blocks_needed(nodes, dev, off, length, bs) > 0:
+                    if skip_no_space:
+                        out[3] += 1
+                        out[4] += length
+                        continue
+                    return NO_BLOCK, i, 0
+                code = write_span(nodes, space, st, dev, fd, tmp, off, length, pattern, 0, bs, ofds[vol[i]],
+                                  osizes[vol[i]])
+                if code != OK:
+                    return code, i, 0
+                continue
             nblk = (off + length - 1) // bs - off // bs + 1
             if st[ST_INNER_FREE] < 2 * nblk + 1 or st[ST_LEAF_FREE] < nblk:
                 return NEED_NODES, i, 0
@@ -71,10 +93,12 @@ def apply_batch(nodes, space, st, devs, slots, fd, tmp, pattern, vol, ops, offse
                 need = _blocks_needed(nodes, dev, off, length, bs)
                 if need > st[ST_NR_ALLOCATABLE]:
                     if skip_no_space and (i == skip_at or need > st[ST_NR_FREE]):
+                        failed_at[out[0]] = i
                         out[0] += 1
                         out[1] += length
                         continue
                     return NO_SPACE, i, need
+            free0 = st[ST_NR_FREE]
             code = write_span(nodes, space, st, dev, fd, tmp, off, length, pattern, 0, bs, ofds[vol[i]],
                               osizes[vol[i]])
             if code != OK:
@@ -82,7 +106,11 @@ def apply_batch(nodes, space, st, devs, slots, fd, tmp, pattern, vol, ops, offse
             used = st[ST_NR_BLOCKS] - st[ST_NR_FREE]
             if used > out[2]:
                 out[2] = used
+            if st[ST_NR_FREE] != free0 and st[ST_LEAVES_LIVE] + st[ST_INNERS_LIVE] >= md_check:
+                return MD_CHECK, i + 1, 0
         elif op == OP_DISCARD:
+            if no_alloc:
+                continue
             first = (off + bs - 1) // bs
             last = (off + length) // bs
             if last > first:

@@ -13,8 +13,8 @@ import sys
 import numpy as np
 import pytest
 
-from thinpool import Pool
-from thinpool.errors import InvalidArgument, NoSpace, ReadOnly
+from thinpool import Pool, leafstore
+from thinpool.errors import InvalidArgument, NoSpace, ReadOnly, ReadOnlyIO
 from thinpool.thin import apply_io
 
 BS = 64 << 10
@@ -119,7 +119,7 @@ def test_batch_no_space_skip_fails_only_the_writes_that_need_a_block(tmp_path):
         offs = np.arange(32, dtype=np.int64) * BS
         n = len(offs)
         out = apply_io([v], np.zeros(n, np.int64), np.ones(n, np.uint8), offs, np.full(n, BS), on_no_space="skip")
-        assert out == (16, 16 * BS, 16) and v.mapped_blocks == 16 and pool.mode == "out-of-data-space"
+        assert out[:3] == (16, 16 * BS, 16) and out.refused_writes == 0 and v.mapped_blocks == 16 and pool.mode == "out-of-data-space"
         # overwrites of mapped blocks still succeed; the raising policy stops at the first failing write
         assert apply_io([v], np.zeros(2, np.int64), np.ones(2, np.uint8), offs[:2], np.full(2, BS)).failed_writes == 0
         with pytest.raises(NoSpace):
@@ -138,3 +138,92 @@ def test_batch_bad_input_changes_nothing(tmp_path):
         with pytest.raises(ReadOnly):
             apply_io([v, r], np.array([0, 1]), np.ones(2, np.uint8), np.zeros(2, np.int64), np.full(2, 4096))
         assert v.mapped_blocks == 0 and pool.io_counters()["provisioned_blocks"] == 0
+
+
+# --------------------------------------------------------------------------- read-only modes, batch vs per call
+def _read_only_pool(path) -> Pool:
+    """A pool in read-only mode (needs_check set in the imported metadata): v maps blocks 0-2, 1 and 2
+    shared with the snapshot s, block 0 v's own."""
+    from thinpool.pool_ir import NEEDS_CHECK_FLAG
+    src = Pool.create(path / "src", data_size=64 * BS)
+    v = src.create_thin("v", "1MiB")
+    v.write(0, b"a" * (3 * BS))
+    src.snapshot("v", "s")
+    v.write(0, b"b" * BS)
+    md = src.to_metadata()
+    src.close()
+    md.superblock.flags |= NEEDS_CHECK_FLAG
+    return Pool.from_metadata(path / "p", md, names={1: "v", 2: "s"}, data_file=path / "src" / "data",
+                              take_over_data=True)
+
+
+#: (op, offset, length): a rewrite of v's own block, a sharing break, an unmapped block, a discard of
+#: mapped blocks, a read, another rewrite
+RO_IOS = [(1, 100, 6), (1, BS + 5, 6), (1, 10 * BS, 6), (2, 0, 3 * BS), (0, 0, 4096), (1, 200, 2)]
+
+
+def test_kernel_rule_read_only_batch_serves_provisioned_unshared_writes_like_single_calls(tmp_path):
+    # dm-thin's process_bio_read_only, per bio: a write to a mapped, unshared block is served, one that
+    # needs a block (unmapped, or a sharing break) fails with EIO, a discard succeeds unmapping nothing
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    single, batch = _read_only_pool(tmp_path / "a"), _read_only_pool(tmp_path / "b")
+    assert single.mode == batch.mode == "read-only"
+    failed = 0
+    v = single.thin("v")
+    for op, off, ln in RO_IOS:
+        if op == 1:
+            try:
+                v.write(off, b"w" * ln)
+            except ReadOnlyIO:
+                failed += 1
+        elif op == 2:
+            assert v.discard(off, ln) == 0
+        else:
+            v.read(off, ln)
+    ops, offs, lens = (np.array(c) for c in zip(*RO_IOS))
+    w = batch.thin("v")
+    out = apply_io([w], np.zeros(len(ops), np.int64), ops.astype(np.uint8), offs, lens,
+                   pattern=np.frombuffer(b"w" * 6, np.uint8), on_no_space="skip")
+    assert failed == out.refused_writes == 2 and out.refused_bytes == 12 and out.failed_writes == 0
+    for p, vol in ((single, v), (batch, w)):
+        assert vol.mapped_blocks == 3 and vol.read(100, 6) == b"wwwwww" and vol.read(200, 2) == b"ww"
+        assert vol.read(BS + 5, 6) == b"aaaaaa" and p.mode == "read-only"
+    assert single.io_counters() == batch.io_counters()
+    # the raising policy: ReadOnlyIO (EIO) at the first write that needs a block, the I/Os before it done
+    with pytest.raises(ReadOnlyIO, match="I/O 1 of the batch") as ei:
+        apply_io([w], np.zeros(2, np.int64), np.ones(2, np.uint8), np.array([300, 20 * BS]), np.full(2, 3),
+                 pattern=np.frombuffer(b"xyz", np.uint8))
+    assert ei.value.errno == 5 and w.read(300, 3) == b"xyz" and w.mapped_blocks == 3
+    single.close()
+    batch.close()
+
+
+PER_LEAF = leafstore.DENSE + 1  # mappings that make a leaf dense: a metadata page of its own
+
+
+def test_kernel_rule_metadata_running_out_mid_batch_enters_out_of_metadata_space_like_single_calls(tmp_path):
+    # dm-thin checks metadata space at each allocation (commit before using the reserve, then
+    # out-of-metadata-space): a batch reaches the mode at the same write as single calls, then serves
+    # rewrites of provisioned blocks and fails (EIO) the writes that need a block
+    leaves = 300
+    offs = ((np.arange(leaves)[:, None] * 512 + np.arange(PER_LEAF)[None, :]) * BS).reshape(-1)
+    offs = np.concatenate([offs, offs[:50]])  # then rewrites of the first (provisioned) blocks
+    n = len(offs)
+    pools = [Pool.create(tmp_path / name, data_size="8GiB", metadata_size="512KiB", metadata_only=True,
+                         error_if_no_space=True) for name in ("single", "batch")]
+    vs = [p.create_thin("v", "32GiB") for p in pools]
+    failed = 0
+    for off in offs.tolist():
+        try:
+            vs[0].write(off, b"x")
+        except ReadOnlyIO:
+            failed += 1
+    out = apply_io([vs[1]], np.zeros(n, np.int64), np.ones(n, np.uint8), offs, np.ones(n, np.int64),
+                   on_no_space="skip")
+    assert pools[0].mode == pools[1].mode == "out-of-metadata-space"
+    assert failed == out.refused_writes > 0 and out.refused_bytes == failed
+    assert vs[0].mapped_blocks == vs[1].mapped_blocks == n - 50 - failed
+    assert pools[0].io_counters() == pools[1].io_counters()
+    for p in pools:
+        p.close()

@@ -150,7 +150,8 @@ def test_replay_snapshots_every_t_seconds_of_trace_time(tmp_path):
 def test_replay_no_space_fails_writes_alone_and_counts_events(tmp_path):
     n = 64
     tr = ArrayTrace(np.ones(n, np.uint8), np.arange(n) * BS, np.full(n, BS))
-    with Pool.create(str(tmp_path / "p"), data_size=16 * BS, metadata_only=True, low_water_mark=4) as pool:
+    with Pool.create(str(tmp_path / "p"), data_size=16 * BS, metadata_only=True, low_water_mark=4,
+                     error_if_no_space=True) as pool:
         pool.create_thin("v", n * BS)
         r = replay(pool, "v", tr, sample_every=8)
     assert r["enospc_events"] == n - 16 and r["data_blocks_used"] == 16
@@ -212,3 +213,45 @@ def test_replay_twice_into_one_volume_names_new_snapshots(tmp_path):
         b = replay(pool, "v", tr, snapshot_every=50)
         assert set(a.volumes) == {"v", "v@1", "v@2"} and set(b.volumes) == {"v", "v@3", "v@4"}
         assert b["provisioned_blocks"] == 0 and b["cow_breaks"] == 16  # counters are per replay
+
+
+def _queue_trace() -> ArrayTrace:
+    """A full pool of 16 blocks, then: 4 writes to new blocks (t=1), a discard of 4 blocks (t=10), a
+    write to a new block (t=11), one more (t=80, past a 60 s timeout), a discard and a flush (t=90,
+    91), a last new block (t=92).  (op, block, blocks, time) rows; whole-block writes."""
+    rows = [(1, b, 1, 0.0) for b in range(16)] + [(1, b, 1, 1.0) for b in range(16, 20)] + \
+        [(2, 0, 4, 10.0), (1, 30, 1, 11.0), (1, 31, 1, 80.0), (2, 4, 1, 90.0), (3, 0, 0, 91.0), (1, 32, 1, 92.0)]
+    op, blk, nb, t = (np.array(c) for c in zip(*rows))
+    return ArrayTrace(op.astype(np.uint8), blk * BS, nb * BS, t.astype(np.float64))
+
+
+@pytest.mark.parametrize("error_if_no_space", [False, True])
+def test_kernel_rule_queue_if_no_space_holds_writes_for_the_timeout_in_trace_time(tmp_path, error_if_no_space):
+    # dm-thin's queue_if_no_space: a write that finds no data block waits (retry_on_resume) until a
+    # commit finds free blocks (check_for_data_space -> write mode, requeue_bios: the waiting writes
+    # go right after the write whose allocation committed), and fails with ENOSPC no_space_timeout
+    # after the pool entered out-of-data-space (do_no_space_timeout), as do writes after that until
+    # the pool leaves the mode.  error_if_no_space fails each such write at once.
+    with Pool.create(str(tmp_path / "p"), data_size=16 * BS, metadata_only=True, no_space_timeout=60,
+                     error_if_no_space=error_if_no_space) as pool:
+        v = pool.create_thin("v", 64 * BS)
+        r = replay(pool, "v", _queue_trace(), sample_every="5s")
+        mapped = set(v.mappings()[0].tolist())  # virtual blocks mapped at the end
+    if error_if_no_space:
+        # t=1: 4 fail; t=11 and t=80 find the 4 discarded blocks (after a commit)
+        assert (r["enospc_events"], r["queued_writes"]) == (4, 0)
+        assert mapped == set(range(5, 16)) | {30, 31, 32}
+    else:
+        # t=1: 4 wait; t=11: the write commits (the discarded blocks become allocatable), takes one, and
+        # the waiting writes take the other 3 -- block 19 waits again, from t=11; the timeout passes at
+        # 71, so block 19's write fails then, and the write at t=80 at once (the pool never left the mode)
+        assert (r["enospc_events"], r["queued_writes"]) == (2, 4)
+        assert mapped == set(range(5, 16)) | {16, 17, 18, 30, 32}
+        s = r.series
+        at = {round(t): (q, e) for t, q, e in zip(s["time"], s["queued_writes"], s["enospc_events"])}
+        assert at[11] == (4, 0) and at[92] == (4, 2)
+    assert r["data_blocks_used"] == len(mapped) and r["eio_events"] == 0
+    # payload of the writes that succeeded: the first 16 (0-3 and 4 discarded later) and the later ones mapped
+    assert r["data_bytes_written"] == (16 + len(mapped - set(range(16)))) * BS
+    assert r["mode_changes"] >= 2 and pool.mode == "write"
+

@@ -85,6 +85,10 @@ def _report_options(f):
 @click.option("--metadata-only", is_flag=True, help="No data file: metadata and counters only (fast, any size).")
 @click.option("--no-zero", "no_zero", is_flag=True, help="Pool without zero_new_blocks (skip_block_zeroing).")
 @click.option("--no-commit-on-flush", is_flag=True, help="Do not commit at flush records (dm-thin commits).")
+@click.option("--error-if-no-space", is_flag=True,
+              help="Fail writes that find no data space at once (default: they wait, as dm-thin's queue_if_no_space).")
+@click.option("--no-space-timeout", type=click.FloatRange(0, 86400), default=60.0, show_default=True,
+              help="Trace seconds a write waits for data space (0: for ever).")
 @click.option("--wrap", is_flag=True, help="Offsets past the volume's end wrap around instead of failing.")
 @click.option("--skip-bad", is_flag=True, help="Skip malformed records (counted as bad_records) instead of failing.")
 @click.option("--blkparse-event", type=click.Choice(["Q", "D", "C"]), default="Q", show_default=True,
@@ -95,7 +99,8 @@ def _report_options(f):
 @click.option("--series", metavar="FILE", default=None, help="Write the time series (.parquet or CSV).")
 def replay_cmd(trace: str, fmt: str | None, block_size: int, data_size: int, volume_size: int | None,
                snapshot_every: str | None, keep: int | None, sample_every: str | None, metadata_only: bool,
-               no_zero: bool, no_commit_on_flush: bool, wrap: bool, skip_bad: bool, blkparse_event: str,
+               no_zero: bool, no_commit_on_flush: bool, error_if_no_space: bool, no_space_timeout: float,
+               wrap: bool, skip_bad: bool, blkparse_event: str,
                pool_dir: str | None,
                as_json: str | None, html_out: str | None, plot: str | None, series: str | None) -> None:
     """Replay TRACE into one volume of a fresh pool and print what the pool did.
@@ -108,7 +113,8 @@ def replay_cmd(trace: str, fmt: str | None, block_size: int, data_size: int, vol
     from thinpool.simulate.replayer import replay_file
     result = replay_file(abspath(trace), pool_dir=abspath(pool_dir) if pool_dir else None, block_size=block_size,
                          data_size=data_size, volume_size=volume_size, metadata_only=metadata_only,
-                         zero_new_blocks=not no_zero, format=fmt,
+                         zero_new_blocks=not no_zero, error_if_no_space=error_if_no_space,
+                         no_space_timeout=no_space_timeout, format=fmt,
                          snapshot_every=_every(snapshot_every, "--snapshot-every"), keep=keep,
                          sample_every=_every(sample_every, "--sample-every"), wrap=wrap, skip_bad=skip_bad,
                          blkparse_event=blkparse_event,

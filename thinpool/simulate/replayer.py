@@ -173,6 +173,16 @@ class Replayer:
         self.last_time = 0.0
         self.mode = pool.mode
         self.failed_bytes = 0
+        # queue_if_no_space in trace time (see _failed): writes waiting for space, as (target, offset,
+        # length) arrays; when the pool entered out-of-data-space (trace seconds); whether the
+        # no_space_timeout has passed since (then writes fail at once until the pool leaves the mode)
+        feats = getattr(pool, "features", {})
+        self.queueing = on_no_space == "skip" and not feats.get("error_if_no_space", True)
+        self.no_space_timeout = float(feats.get("no_space_timeout", 60.0))
+        self.queue: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.pending_bytes = 0
+        self.out_since: float | None = None
+        self.expired = False
         self.peak = pool.status().used_data_blocks
         self._bar = _Progress(progress)
         self._orig_lwm = pool.on_low_water
@@ -207,16 +217,29 @@ class Replayer:
             for pos, _order, kind, arg in events:
                 at.setdefault(int(kept_before[pos]), []).append((pos, kind, arg))
 
-        enospc0, failed0, peak0 = self.c["enospc_events"], self.failed_bytes, self.peak
+        peak0 = self.peak
+        widx = None if every else np.flatnonzero(keep)  # batch position -> window position
+        seen = [0, 0, 0]  # failed writes, refused writes and their bytes already accounted
+
+        def progress(so_far, now: float) -> None:
+            self.peak = max(peak0, so_far.peak_data_blocks_used)
+            self.c["eio_events"] += so_far.refused_writes - seen[1]
+            self.failed_bytes += so_far.refused_bytes - seen[2]
+            seen[1], seen[2] = so_far.refused_writes, so_far.refused_bytes
+            new = so_far.failed_at[seen[0]:so_far.failed_writes]
+            seen[0] = so_far.failed_writes
+            if len(new):
+                pos = new if widx is None else widx[new]
+                self._failed(tgt[pos], offset[pos], length[pos], time[pos])
+            self._expire(now)
 
         def on_cut(pf: int, so_far) -> None:
-            self.c["enospc_events"] = enospc0 + so_far.failed_writes
-            self.failed_bytes = failed0 + so_far.failed_bytes
-            self.peak = max(peak0, so_far.peak_data_blocks_used)
             for pos, kind, arg in at[pf]:
                 every = self.sample_every.ios
                 if kind == "sample" and self.auto_sample and every and (base_io + pos) % every:
                     continue  # the adaptive interval doubled since this window's events were placed
+                now = float(time[pos - 1]) if pos else self.last_time
+                progress(so_far, now)
                 self._account(cum, pos, base_io, time, n)
                 if kind == "commit":
                     self.pool.commit()
@@ -224,16 +247,21 @@ class Replayer:
                     self._snapshot(self.targets[arg])
                 elif kind == "sample":
                     self._sample()
+                self._retry(now)
                 self._check_mode()
+
+        def on_space(pf: int, so_far) -> None:
+            now = float(time[pf - 1] if widx is None else time[widx[pf - 1]])
+            progress(so_far, now)
+            self._retry(now)
+
         if every:
             args = (tgt, op, offset, length)
         else:
             args = (tgt[keep], op[keep], offset[keep], length[keep])
         out = apply_io(self.thins, *args, pattern=self.pattern, on_no_space=self.on_no_space, cuts=sorted(at),
-                       on_cut=on_cut)
-        self.c["enospc_events"] = enospc0 + out.failed_writes
-        self.failed_bytes = failed0 + out.failed_bytes
-        self.peak = max(peak0, out.peak_data_blocks_used)
+                       on_cut=on_cut, on_space=on_space if self.queueing else None)
+        progress(out, float(time[-1]))
         self._account(None, n, base_io, time, n, final=(op, length))
         for t, cnt in zip(*np.unique(tgt, return_counts=True)):
             self.targets[int(t)].ios += int(cnt)
@@ -331,6 +359,9 @@ class Replayer:
 
     def _snapshot(self, t: Target) -> None:
         pool = self.pool
+        if pool.mode in ("read-only", "out-of-metadata-space"):
+            self.c["snapshots_failed"] += 1  # dm-thin refuses pool messages in these modes (EOPNOTSUPP)
+            return
         t.snaps += 1
         names = pool.catalog["volumes"]
         while f"{t.thin.name}@{t.snaps}" in names:  # an earlier replay into this volume took that name
@@ -344,6 +375,64 @@ class Replayer:
             while t.keep is not None and len(t.taken) > t.keep:
                 pool.delete(t.taken.pop(0))
                 self.c["snapshots_deleted"] += 1
+
+    # -- queue_if_no_space in trace time
+    def _failed(self, tgt: np.ndarray, off: np.ndarray, ln: np.ndarray, t: np.ndarray, new: bool = True) -> None:
+        """Writes that found no data space (in order; ``t`` their trace times).  Under error_if_no_space
+        they fail (``enospc_events``).  Under queue_if_no_space they wait (``queued_writes``) from the
+        pool's entry into out-of-data-space for its ``no_space_timeout`` of trace time; those failing
+        once it has passed fail at once, as the kernel's do until the pool leaves the mode."""
+        if not self.queueing:
+            self.c["enospc_events"] += len(tgt)
+            self.failed_bytes += int(ln.sum())
+            return
+        if self.out_since is None:
+            self.out_since = float(t[0])
+        if self.expired:
+            k = 0
+        elif self.no_space_timeout > 0:
+            k = int(np.searchsorted(t, self.out_since + self.no_space_timeout, side="left"))
+        else:
+            k = len(t)  # no_space_timeout 0: queued for ever
+        if k:
+            self.queue.append((np.array(tgt[:k], np.int64), np.array(off[:k], np.int64), np.array(ln[:k], np.int64)))
+            self.pending_bytes += int(ln[:k].sum())
+            if new:
+                self.c["queued_writes"] += k
+        if k < len(t):
+            self._expire(float(t[k]))
+            self.c["enospc_events"] += len(t) - k
+            self.failed_bytes += int(ln[k:].sum())
+
+    def _expire(self, now: float) -> None:
+        """At trace time ``now``: once the no_space_timeout has passed since the pool ran out of space,
+        every queued write fails (dm-thin's do_no_space_timeout)."""
+        if (self.out_since is None or self.expired or self.no_space_timeout <= 0
+                or now < self.out_since + self.no_space_timeout):
+            return
+        self.expired = True
+        self.c["enospc_events"] += sum(len(q[0]) for q in self.queue)
+        self.failed_bytes += self.pending_bytes
+        self.queue, self.pending_bytes = [], 0
+
+    def _retry(self, now: float) -> None:
+        """The pool is in write mode again (a commit found free blocks): the queued writes are retried,
+        in their order (dm-thin's requeue_bios); those that find no space again wait again."""
+        if self.pool.mode != "write":
+            return
+        self.out_since, self.expired = None, False
+        if not self.queue:
+            return
+        tgt, off, ln = (np.concatenate(c) for c in zip(*self.queue))
+        self.queue, self.pending_bytes = [], 0
+        out = apply_io(self.thins, tgt, np.ones(len(tgt), np.uint8), off, ln, pattern=self.pattern,
+                       on_no_space="skip")
+        self.peak = max(self.peak, out.peak_data_blocks_used)
+        self.c["eio_events"] += out.refused_writes
+        self.failed_bytes += out.refused_bytes
+        if out.failed_writes:
+            f = out.failed_at
+            self._failed(tgt[f], off[f], ln[f], np.full(len(f), now), new=False)
 
     def _check_mode(self) -> None:
         if self.pool.mode != self.mode:
@@ -360,7 +449,7 @@ class Replayer:
         c["metadata_blocks_used"] = st.used_metadata_blocks
         for k in ("provisioned_blocks", "cow_breaks", "cow_bytes_copied", "zeroed_bytes"):
             c[k] = io[k] - self.start_io[k]
-        payload = c["bytes_written"] - self.failed_bytes
+        payload = c["bytes_written"] - self.failed_bytes - self.pending_bytes
         c["data_bytes_written"] = payload + c["cow_bytes_copied"] + c["zeroed_bytes"]
         c["write_amplification"] = write_amplification(c["data_bytes_written"], c["bytes_written"])
         return c
@@ -389,6 +478,11 @@ class Replayer:
         the replayed volumes and their snapshots)."""
         self.close()
         self.pool.commit()
+        self._retry(self.last_time)
+        # writes still queued when the trace ends fail: nothing in the trace frees space for them any more
+        self.c["enospc_events"] += sum(len(q[0]) for q in self.queue)
+        self.failed_bytes += self.pending_bytes
+        self.queue, self.pending_bytes = [], 0
         self._check_mode()
         if not self.series["io"] or self.series["io"][-1] != self.c["ios"]:
             self._sample()
@@ -540,8 +634,13 @@ def replay(pool, volume: str | Thin, trace: Any, *, format: str | None = None,
     volume's end wrap around (else the first such record is an error naming its file and line);
     ``offset_scale`` multiplies every offset first.  ``blkparse_event``: which blkparse events are the
     records (``"Q"`` queued, ``"D"`` issued, ``"C"`` completed).  Flushes commit (dm-thin commits on REQ_PREFLUSH)
-    unless ``commit_on_flush=False``.  A write that finds no data space fails alone and counts as an
-    ``enospc_events`` (``on_no_space="raise"`` raises NoSpace instead).  ``pattern``: the bytes writes
+    unless ``commit_on_flush=False``.  A write that finds no data space fails alone and counts in
+    ``enospc_events`` if the pool has ``error_if_no_space``; otherwise (dm-thin's default,
+    queue_if_no_space) it waits in trace time -- counted in ``queued_writes`` -- and is retried when a
+    commit finds free blocks, or fails once the pool's ``no_space_timeout`` of trace time has passed
+    since it ran out (``on_no_space="raise"`` raises NoSpace instead).  In read-only and
+    out-of-metadata-space modes writes that need a block fail alone (``eio_events``), scheduled
+    snapshots are refused (``snapshots_failed``).  ``pattern``: the bytes writes
     store in a pool with a data file (zeroes by default).  ``progress``: a rich progress bar on a
     terminal.  Returns a :class:`~thinpool.simulate.results.ReplayResult`.
     """
@@ -577,21 +676,25 @@ def _check_keep(keep: Any) -> int | None:
 
 def replay_file(trace: Any, *, pool_dir: str | None = None, block_size: int | str = "64KiB",
                 data_size: int | str = "64GiB", volume_size: int | str | None = None, metadata_only: bool = False,
-                zero_new_blocks: bool = True, error_if_no_space: bool = True, **kw: Any) -> ReplayResult:
+                zero_new_blocks: bool = True, error_if_no_space: bool = False, no_space_timeout: float = 60.0,
+                **kw: Any) -> ReplayResult:
     """:func:`replay` into the volume ``vol`` of a fresh pool: in ``pool_dir`` (which must not exist or be
     empty; kept afterwards) or in a temporary directory removed afterwards.  ``volume_size`` defaults to
-    the data size.  The other keywords are :func:`replay`'s."""
+    the data size.  The pool queues writes that find no space (dm-thin's default; ``no_space_timeout``
+    seconds of trace time) unless ``error_if_no_space``.  The other keywords are :func:`replay`'s."""
     import tempfile
 
     from ..pool import Pool
     data_size = parse_size(data_size, "data size")
     vsize = parse_size(volume_size, "volume size") if volume_size is not None else data_size
-    params = dict(data_size=data_size, volume_size=vsize, zero_new_blocks=zero_new_blocks)
+    params = dict(data_size=data_size, volume_size=vsize, zero_new_blocks=zero_new_blocks,
+                  error_if_no_space=bool(error_if_no_space), no_space_timeout=float(no_space_timeout))
     with contextlib.ExitStack() as stack:
         if pool_dir is None:
             pool_dir = os.path.join(stack.enter_context(tempfile.TemporaryDirectory(prefix="thinpool-replay-")), "pool")
         pool = Pool.create(pool_dir, data_size=data_size, block_size=block_size, metadata_only=metadata_only,
-                           zero_new_blocks=zero_new_blocks, error_if_no_space=error_if_no_space)
+                           zero_new_blocks=zero_new_blocks, error_if_no_space=error_if_no_space,
+                           no_space_timeout=no_space_timeout)
         with pool:
             pool.create_thin("vol", vsize)
             return replay(pool, "vol", trace, params=params, **kw)

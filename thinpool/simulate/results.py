@@ -23,7 +23,7 @@ COUNTERS = ("ios", "reads", "writes", "discards", "flushes", "bytes_read", "byte
             "data_blocks_used", "peak_data_blocks_used", "metadata_blocks_used", "provisioned_blocks",
             "cow_breaks", "cow_bytes_copied", "zeroed_bytes", "data_bytes_written", "write_amplification",
             "snapshots_taken", "snapshots_deleted", "enospc_events", "low_water_events", "mode_changes",
-            "bad_records")
+            "queued_writes", "eio_events", "snapshots_failed", "bad_records")
 
 #: columns of the time series: where along the trace, then the counters as they stood there
 SERIES_COLUMNS = ("io", "time") + tuple(c for c in COUNTERS if c not in ("block_size", "bad_records"))

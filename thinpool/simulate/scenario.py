@@ -31,7 +31,7 @@ POOL_KEYS: dict[str, tuple[str, Any]] = {
     "block_size": ("size", "64KiB"),
     "metadata_size": ("size", None),
     "zero_new_blocks": ("bool", True),
-    "error_if_no_space": ("bool", True),
+    "error_if_no_space": ("bool", False),
     "no_space_timeout": ("float", 60.0),
     "low_water_mark": ("int", 0),
     "discards": ("choice:passdown|nopassdown|ignore", "passdown"),
