@@ -1,13 +1,26 @@
 """Where numba caches thinpool's compiled kernels, chosen before numba is imported.
 
-The kernels are compiled with ``cache=True``.  numba stores that cache in the package's own
-``__pycache__`` if writable, else in ``$NUMBA_CACHE_DIR``, else in ``$XDG_CACHE_HOME/numba`` /
-``~/.cache/numba``; when none is writable (an installed package run by a user whose HOME does not
-exist or is read-only) it does not fall back to compiling without a cache: it raises
+The kernels are compiled with ``cache=True``.  numba's own choice of cache directory is per
+checkout: the package's ``__pycache__`` if writable, else ``$NUMBA_CACHE_DIR``, else
+``$XDG_CACHE_HOME/numba`` / ``~/.cache/numba`` under a name made from the source directory's path.
+A fresh clone or a new virtual environment therefore compiled every kernel again (about 15 s of CPU
+for the ones ``thinpool demo`` runs).  thinpool puts its kernel modules' cache in a per-user machine
+directory instead, keyed by what the code was compiled from, not by where it lies:
+``$XDG_CACHE_HOME/thinpool/kernels/<digest>`` (``~/.cache/...`` without ``XDG_CACHE_HOME``), where
+``<digest>`` is :func:`thinpool.kernels_cache.sources_digest` of the kernel sources.  Any checkout
+or install of the same sources on the same machine (as the same user) loads what the first one
+compiled; numba itself still keys each entry on its version, the Python version, the CPU and the
+kernel's bytecode, so a different numba or processor compiles afresh beside it.  Directories of
+sources not used for 30 days are removed when a new one is made.
+
+``$NUMBA_CACHE_DIR``, when set and writable, is the user's explicit choice and numba's own layout
+is used there.  When no location is writable (an installed package run by a user whose HOME does not
+exist or is read-only) numba does not fall back to compiling without a cache: it raises
 ``RuntimeError: cannot cache function ...: no locator available`` on import, and every command that
 touches data dies with a traceback.  :func:`configure` (run by ``import thinpool``) detects that case
 and points ``NUMBA_CACHE_DIR`` at a private directory under the system temporary directory, printing
-one warning line to stderr.  It touches nothing when a default location works.
+one warning line to stderr.  :func:`install_locator` (run by :mod:`thinpool.kernels_cache`, which
+every kernel module imports before defining a kernel) registers the machine directory with numba.
 """
 
 from __future__ import annotations
@@ -16,8 +29,16 @@ import os
 import stat
 import sys
 import tempfile
+import time
+from typing import Any
 
 _done = False
+#: the per-user base of the machine kernel cache chosen by :func:`configure` (None: numba's own choice)
+_machine_base: str | None = None
+#: the kernel cache directory in use once :func:`install_locator` ran (None: numba's own choice)
+machine_dir: str | None = None
+#: directories of other sources last used longer ago than this are removed when a new one is made
+PRUNE_AFTER_S = 30 * 24 * 3600
 
 
 def _writable_dir(path: str) -> bool:
@@ -31,9 +52,12 @@ def _writable_dir(path: str) -> bool:
     return True
 
 
+def _cache_home() -> str:
+    return os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+
+
 def _user_cache_dir() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "numba")
+    return os.path.join(_cache_home(), "numba")
 
 
 def _private_temp_dir() -> str | None:
@@ -63,7 +87,7 @@ def _private_temp_dir() -> str | None:
 def configure() -> str | None:
     """Make sure numba has a writable cache directory for the kernels; returns the directory set
     (None when numba's own choice works).  Idempotent; warns once (stderr) when it falls back."""
-    global _done
+    global _done, _machine_base
     if _done:
         return None
     _done = True
@@ -73,6 +97,10 @@ def configure() -> str | None:
     if user_dir and _writable_dir(user_dir):
         return None
     if not user_dir:
+        base = os.path.join(_cache_home(), "thinpool", "kernels")
+        if _writable_dir(base):
+            _machine_base = base
+            return None
         in_tree = os.path.join(os.path.dirname(os.path.abspath(__file__)), "__pycache__")
         if _writable_dir(in_tree) or _writable_dir(_user_cache_dir()):
             return None
@@ -88,3 +116,89 @@ def configure() -> str | None:
         f"neither the package's __pycache__ nor {_user_cache_dir()} is writable"
     sys.stderr.write(f"thinpool: warning: {why}; compiled kernels are cached in {fallback}\n")
     return fallback
+
+
+def _prune(base: str, keep: str) -> None:
+    """Remove the cache directories under ``base`` other than ``keep`` not used for
+    :data:`PRUNE_AFTER_S` (each use touches its directory)."""
+    cutoff = time.time() - PRUNE_AFTER_S
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(base, name)
+        if name == keep or not name.isalnum():
+            continue
+        try:
+            st = os.lstat(path)
+            if not stat.S_ISDIR(st.st_mode) or st.st_mtime >= cutoff:
+                continue
+            for entry in os.listdir(path):
+                os.unlink(os.path.join(path, entry))
+            os.rmdir(path)
+        except OSError:
+            continue  # in use or already gone: a later prune tries again
+
+
+def install_locator(sources_digest: int, sources: tuple[str, ...]) -> str | None:
+    """Register the machine kernel cache with numba (see the module docstring) for the package's
+    files named in ``sources`` (:data:`thinpool.kernels_cache.SOURCES`), keyed by ``sources_digest``
+    (their :func:`~thinpool.kernels_cache.sources_digest`); returns its directory, or None when
+    :func:`configure` left the choice to numba.  Idempotent; must run before the kernel modules
+    define their kernels (numba picks a kernel's cache location then)."""
+    global machine_dir
+    if machine_dir is not None or _machine_base is None:
+        return machine_dir
+    if sources_digest == 0:  # no sources to key on: numba's own per-file choice
+        return None
+    from numba.core import caching
+
+    digest = f"{sources_digest:016x}"
+    path = os.path.join(_machine_base, digest)
+    try:
+        os.mkdir(path, 0o755)
+        _prune(_machine_base, digest)
+    except FileExistsError:
+        try:
+            os.utime(path)  # last used now: kept by the prune
+        except OSError:
+            pass
+    except OSError:
+        return None
+    package = os.path.dirname(os.path.abspath(__file__))
+    names = frozenset(sources)
+
+    class MachineCacheLocator(caching._CacheLocator):
+        """numba cache locator for thinpool's kernel modules: the machine directory of these sources,
+        stamped with their digest (content, not file times), so every checkout of them shares it."""
+
+        def __init__(self, py_func: Any, py_file: str) -> None:
+            self._lineno = py_func.__code__.co_firstlineno
+
+        def get_cache_path(self) -> str:
+            return path
+
+        def get_source_stamp(self) -> str:
+            return digest
+
+        def get_disambiguator(self) -> str:
+            return str(self._lineno)
+
+        @classmethod
+        def from_function(cls, py_func: Any, py_file: str) -> "MachineCacheLocator | None":
+            py_file = os.path.abspath(py_file)
+            if os.path.dirname(py_file) != package or os.path.basename(py_file) not in names:
+                return None
+            self = cls(py_func, py_file)
+            try:
+                self.ensure_cache_path()
+            except OSError:
+                return None
+            return self
+
+    impl = caching.CacheImpl
+    impl._locator_classes = [MachineCacheLocator] + [c for c in impl._locator_classes
+                                                      if c.__name__ != "MachineCacheLocator"]
+    machine_dir = path
+    return path

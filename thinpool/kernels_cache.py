@@ -15,7 +15,10 @@ module is dropped from the cache and compiled afresh on first use.  So kernels m
 another module in this list: callers and callees are always compiled from the same sources.  A
 kernel module outside :data:`SOURCES` must not call these kernels (add it to the list).
 
-Numba-free at import; :func:`check` is called by the kernel modules, which import numba anyway.
+Importing this module also registers thinpool's machine kernel cache with numba
+(:func:`thinpool.jit_cache.install_locator`: one directory per digest of :data:`SOURCES`, shared by
+every checkout of the same sources), so every kernel module imports it before defining a kernel.
+Only the kernel modules import it; they import numba anyway.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from __future__ import annotations
 import hashlib
 import os
 from typing import Any, Callable
+
+from . import jit_cache
 
 #: the files whose contents every cached kernel may have been compiled from
 SOURCES = ("schema.py", "kernels_cache.py", "kernels_map.py", "kernels.py", "walks.py", "kernels_replay.py")
@@ -63,3 +68,6 @@ def check(namespace: dict[str, Any], built_with: Callable[[], int]) -> bool:
     built_with.recompile()  # compiled (and saved) from today's sources: the next process agrees
     flushed.append(module)
     return True
+
+
+jit_cache.install_locator(sources_digest(), SOURCES)  # before any kernel module defines a kernel

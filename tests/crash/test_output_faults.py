@@ -194,6 +194,9 @@ def _thinpool(args: list[str], strace: list[str] | None = None, cwd: str | None 
     return subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=cwd)
 
 
+#: the machine kernel cache numba saves to (thinpool.jit_cache; the subprocesses get this environment)
+KERNEL_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+                            "thinpool", "kernels") + os.sep
 _CALL = re.compile(r"^(\d+) +(\w+)\((\d+)?(?:<([^>]*)>)?(.*)$")
 
 
@@ -220,7 +223,7 @@ def _enumerate(d: str, command: str) -> list[tuple[str, int, int]]:
         first_arg = int(m.group(3)) if m.group(3) else -1
         if name in ("write", "pwrite64") and first_arg in (1, 2):
             continue  # the command's report on stdout / stderr: not the output
-        if "__pycache__" in line:
+        if "__pycache__" in line or KERNEL_CACHE in line:
             continue  # numba saving a cold JIT cache (see docs/reliability.md: not covered)
         count = -1
         if name in ("write", "pwrite64"):

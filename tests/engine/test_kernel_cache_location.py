@@ -1,0 +1,83 @@
+"""Where the compiled kernels are cached (:mod:`thinpool.jit_cache`): one directory per machine user
+and per digest of the kernel sources, so a fresh checkout (a CI clone, a new virtual environment) of
+sources some checkout already ran loads their compiled kernels instead of compiling them again, and
+a change to any kernel source compiles afresh in a directory of its own."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from thinpool import schema
+
+_PROBE = """
+import numpy as np
+from thinpool import jit_cache, kernels_map
+print(int(kernels_map.mapping_block(np.uint64(1 << 24))), jit_cache.machine_dir)
+"""
+
+
+def _checkout(root: Path) -> Path:
+    """A copy of the package's sources without any cache (what a fresh clone has)."""
+    src = os.path.dirname(schema.__file__)
+    shutil.copytree(src, root / "thinpool", ignore=shutil.ignore_patterns("__pycache__"))
+    return root
+
+
+def _probe(checkout: Path, cache_home: Path) -> tuple[str, str, int, int]:
+    """(answer, cache directory, cache entries saved, cache entries loaded) of one fresh process."""
+    env = dict(os.environ, XDG_CACHE_HOME=str(cache_home), PYTHONPATH=str(checkout), NUMBA_DEBUG_CACHE="1")
+    for name in ("NUMBA_CACHE_DIR", "NUMBA_DISABLE_JIT"):
+        env.pop(name, None)
+    r = subprocess.run([sys.executable, "-c", _PROBE], env=env, cwd=checkout, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    answer, where = lines[-1].split(" ", 1)
+    return (answer, where, sum("data saved" in x for x in lines), sum("data loaded" in x for x in lines))
+
+
+def test_fresh_checkout_of_the_same_sources_loads_the_kernels_another_compiled(tmp_path):
+    cache = tmp_path / "cache"
+    a, b = _checkout(tmp_path / "a"), _checkout(tmp_path / "b")
+    answer, where_a, saved, _ = _probe(a, cache)
+    assert answer == "1" and saved > 0
+    assert Path(where_a).parent == cache / "thinpool" / "kernels"
+    assert any(Path(where_a).glob("kernels_map.*.nbi"))
+    assert not list(a.rglob("*.nbi"))  # nothing in the checkout itself
+    # another checkout at another path: same sources, same directory, nothing compiled
+    answer, where_b, saved, loaded = _probe(b, cache)
+    assert (answer, where_b, saved) == ("1", where_a, 0) and loaded > 0
+
+
+def test_changed_kernel_source_compiles_afresh_in_its_own_directory(tmp_path):
+    """A constant of schema.py is frozen into the cached machine code: a checkout with another value
+    must not load the code compiled with the first (its digest names another directory)."""
+    cache = tmp_path / "cache"
+    a, b = _checkout(tmp_path / "a"), _checkout(tmp_path / "b")
+    schema_py = b / "thinpool" / "schema.py"
+    text = schema_py.read_text()
+    assert text.count("TIME_BITS = 24\n") == 1
+    schema_py.write_text(text.replace("TIME_BITS = 24\n", "TIME_BITS = 20\n"))
+    answer_a, where_a, _, _ = _probe(a, cache)
+    answer_b, where_b, saved, _ = _probe(b, cache)
+    assert (answer_a, answer_b) == ("1", "16") and where_a != where_b and saved > 0
+    assert _probe(a, cache)[:3] == ("1", where_a, 0)  # each keeps its own
+
+
+def test_directories_of_sources_unused_for_30_days_are_removed_when_a_new_one_is_made(tmp_path):
+    cache = tmp_path / "cache"
+    base = cache / "thinpool" / "kernels"
+    old, recent = base / "00000000000000aa", base / "00000000000000bb"
+    for d in (old, recent):
+        d.mkdir(parents=True)
+        (d / "x.nbi").write_bytes(b"")
+    month = time.time() - 31 * 24 * 3600
+    os.utime(old, (month, month))
+    answer, where, _, _ = _probe(_checkout(tmp_path / "a"), cache)
+    assert answer == "1" and Path(where).is_dir()
+    assert not old.exists() and recent.exists()
