@@ -40,6 +40,7 @@ COMMAND_MODULES: list[str] = [
     "thinpool.cli.volume_cmds",
     "thinpool.cli.containers_cmds",
     "thinpool.cli.image_cmds",
+    "thinpool.cli.compare_cmds",
     "thinpool.cli.interop_cmds",
     "thinpool.cli.serve_cmds",
     "thinpool.cli.repair_cmds",

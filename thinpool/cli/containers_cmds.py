@@ -316,8 +316,15 @@ def snapshot_usage_cmd(pool: str, key: str, namespace: str, as_json: bool) -> No
 @click.option("--real-fs", "real_fs", is_flag=True,
               help="Root only: run it with ext4 on the thin devices (served over NBD, nbdfuse + loop devices, "
                    "mkfs.ext4, real files) and report what ext4 really wrote beside the idealized numbers.")
+@click.option("--vs-overlay", "vs_overlay", is_flag=True,
+              help="Root only: build a workload image with umoci (a ~50 MB SQLite database, a 100 MiB log and file, "
+                   "...), import it onto the pool and into an overlay2-style store, and run `thinpool compare`'s "
+                   "built-in workloads on both (docs/containers.md).")
+@click.option("--small-image", "small_image", is_flag=True, hidden=True,
+              help="With --vs-overlay: a small image (megabytes; for a quick look and the tests).")
 @json_option
-def demo_cmd(directory: str | None, block_size: int, data_size: int, seed: int, real_fs: bool, as_json: bool) -> None:
+def demo_cmd(directory: str | None, block_size: int, data_size: int, seed: int, real_fs: bool, vs_overlay: bool,
+             small_image: bool, as_json: bool) -> None:
     """Run Docker's "About storage drivers" walkthrough on a thin pool and show it Docker-style.
 
     Builds ubuntu (files of 103,000,000 / 745 / 2,780 / 7 bytes), acme/my-base-image:1.0 (COPY, 100 bytes)
@@ -334,7 +341,18 @@ def demo_cmd(directory: str | None, block_size: int, data_size: int, seed: int, 
       thinpool demo --json | jq '.image_blocks, .copy_up'
       thinpool demo --dir /tmp/demo-pool && thinpool ls /tmp/demo-pool
       sudo thinpool demo --real-fs        # ext4 on the thin devices: superblocks, journal, inodes included
+      sudo thinpool demo --vs-overlay     # real workloads, thin pool vs overlayfs, side by side
     """
+    if vs_overlay:
+        from thinpool.containers.compare import render_compare, run_vs_overlay_demo
+        from thinpool.containers.workloads import ISSUE_SIZES, SMALL_SIZES
+        from .common import stderr_is_tty
+        say = (lambda msg: click.echo(f"thinpool demo --vs-overlay: {msg}", err=True)) if stderr_is_tty() else None
+        result = run_vs_overlay_demo(abspath(directory) if directory else None, block_size=block_size,
+                                     data_size=data_size, sizes=SMALL_SIZES if small_image else ISSUE_SIZES,
+                                     base_size="256MiB" if small_image else "10GiB", progress=say)
+        emit(result, as_json, render_compare)
+        return
     if real_fs:
         from thinpool.containers.realfs import render_realfs, run_realfs_demo
         from .common import stderr_is_tty
