@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 tools="thin_check:thin-provisioning-tools thin_dump:thin-provisioning-tools qemu-img:qemu-utils
 qemu-io:qemu-utils qemu-nbd:qemu-utils nbdinfo:libnbd-bin nbdcopy:libnbd-bin nbdfuse:nbdfuse
 fio:fio fusermount3:fuse3 mkfs.ext4:e2fsprogs nbdkit:nbdkit strace:strace unshare:util-linux
-blkparse:blktrace losetup:mount blkdiscard:util-linux umoci:umoci skopeo:skopeo"
+blkparse:blktrace losetup:mount blkdiscard:util-linux umoci:umoci skopeo:skopeo podman:podman"
 missing=()
 for pair in $tools; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair##*:}")

@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -38,7 +39,7 @@ def thinpool(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     require_root()
     require_overlay()
     require_tool("nbdfuse", "mkfs.ext4", "losetup", "umoci")
@@ -53,7 +54,11 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
                  "--base-size", "256M")
     with open(out_json) as f:
         res = json.load(f)
-    return {"pool": pool, "res": res, "stdout": r.stdout, "html": out_html, "built": built}
+    yield {"pool": pool, "res": res, "stdout": r.stdout, "html": out_html, "built": built}
+    if res["podman"]["used"]:                # --keep kept podman's containers and image too
+        for w in res["workloads"]:
+            subprocess.run(["podman", "rm", "-f", w["podman"]["container"]], capture_output=True)
+        subprocess.run(["podman", "rmi", "-f", res["podman"]["image_id"]], capture_output=True)
 
 
 def _keys(obj) -> set[str]:

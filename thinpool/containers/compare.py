@@ -229,26 +229,29 @@ def podman_problem() -> str | None:
 
 
 class _Podman:
-    """The archive loaded into podman; per workload a created (never started) container whose root is
-    mounted with ``podman mount``."""
+    """The archive loaded into podman (``podman pull oci:DIR[:TAG]`` for a layout directory, ``podman load``
+    for a tar); per workload a created, never started, container whose root is mounted with ``podman
+    mount``.  Containers are removed after each run and :meth:`close` removes the image again (unless podman
+    had it before), both unless ``keep``."""
 
-    def __init__(self, archive: str, ref: str | None) -> None:
-        src = archive
-        if os.path.isdir(archive):
-            src = f"oci:{archive}" + (f":{ref}" if ref else "")
-        self.tag = f"localhost/thinpool-compare:{secrets.token_hex(4)}"
+    def __init__(self, archive: str, ref: str | None, keep: bool = False) -> None:
+        self.keep = keep
+        before = set(_podman("images", "-q", "--no-trunc").split())
         t0 = time.perf_counter()
-        out = _podman("pull", "-q", src, timeout=1800) if os.path.isdir(archive) else \
-            _podman("load", "-q", "-i", archive, timeout=1800)
+        if os.path.isdir(archive):
+            out = _podman("pull", "-q", f"oci:{archive}" + (f":{ref}" if ref else ""), timeout=3600)
+        else:
+            out = _podman("load", "-q", "-i", archive, timeout=3600)
         self.load_seconds = time.perf_counter() - t0
-        image_id = out.strip().splitlines()[-1].split()[-1] if out.strip() else ""
-        if image_id.startswith("sha256:"):
-            image_id = image_id[7:]
-        _podman("tag", image_id, self.tag)
-        self.image_id = image_id
+        words = out.split()
+        if not words:
+            raise FailedPrecondition(f"podman could not load {archive}: it printed nothing")
+        ref_out = words[-1]
+        self.image_id = _podman("image", "inspect", "--format", "{{.Id}}", ref_out).strip()
+        self.remove = not ({self.image_id, "sha256:" + self.image_id} & before)
 
     def run(self, wl: Workload, name: str, timeout: float) -> dict[str, Any]:
-        _podman("create", "--name", name, "--network", "none", self.tag, "true")
+        _podman("create", "--name", name, "--network", "none", self.image_id, "true")
         try:
             t0 = time.perf_counter()
             root = _podman("mount", name).strip()
@@ -264,10 +267,12 @@ class _Podman:
             return {"container": name, "upper_dir": upper, "upper_bytes": allocated_bytes(upper),
                     "seconds": res.seconds, "total_seconds": total}
         finally:
-            subprocess.run(["podman", "rm", "-f", name], capture_output=True)
+            if not self.keep:
+                subprocess.run(["podman", "rm", "-f", name], capture_output=True)
 
     def close(self) -> None:
-        subprocess.run(["podman", "rmi", "-f", self.tag], capture_output=True)
+        if self.remove and not self.keep:
+            subprocess.run(["podman", "rmi", "-f", self.image_id], capture_output=True)
 
 
 # ================================================================================ the comparison
@@ -336,7 +341,7 @@ def compare(pool: Any, archive: str | os.PathLike[str], *, tag: str | None = Non
         pod = None
         if pod_problem is None:
             try:
-                pod = _Podman(archive, tag)
+                pod = _Podman(archive, tag, keep)
                 stack.callback(pod.close)
             except FailedPrecondition as e:
                 pod_problem = str(e)
@@ -388,6 +393,7 @@ def compare(pool: Any, archive: str | os.PathLike[str], *, tag: str | None = Non
             "overlay": {"store": store.root if keep else None, "upper_fs": _fs_type(store.root),
                         "kernel": kernel_features()},
             "podman": {"used": pod is not None, "skipped": pod_problem,
+                       "image_id": pod.image_id if pod is not None else None,
                        "load_seconds": pod.load_seconds if pod is not None else None},
             "workloads": rows,
             "workdir": workdir if keep else None,
@@ -410,7 +416,7 @@ def render_compare(res: dict[str, Any]) -> str:
         head.insert(2, "podman upper")
     rows = []
     for w in res["workloads"]:
-        ratio = f"{w['ratio']:.1f}x" if w["ratio"] is not None else "-"
+        ratio = "-" if w["ratio"] is None else f"{w['ratio']:.1f}x" if w["ratio"] >= 1 else f"{w['ratio']:.2g}x"
         r = [w["name"], _mb(w["overlay"]["upper_bytes"]), _mb(w["thin"]["bytes"]), ratio] + \
             [_mb(a["bytes"]) for a in w["thin_at"]] + \
             [f"{w['overlay']['seconds']:.2f}s", f"{w['thin']['seconds']:.2f}s"]
