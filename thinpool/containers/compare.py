@@ -29,6 +29,7 @@ import contextlib
 import html
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -229,19 +230,31 @@ def podman_problem() -> str | None:
 
 
 class _Podman:
-    """The archive loaded into podman (``podman pull oci:DIR[:TAG]`` for a layout directory, ``podman load``
-    for a tar); per workload a created, never started, container whose root is mounted with ``podman
+    """The archive loaded into podman (``podman load -i ARCHIVE``; ``podman pull oci:DIR:TAG`` for a tag of a
+    layout directory); per workload a created, never started, container whose root is mounted with ``podman
     mount``.  Containers are removed after each run and :meth:`close` removes the image again (unless podman
     had it before), both unless ``keep``."""
 
     def __init__(self, archive: str, ref: str | None, keep: bool = False) -> None:
         self.keep = keep
         before = set(_podman("images", "-q", "--no-trunc").split())
-        t0 = time.perf_counter()
-        if os.path.isdir(archive):
-            out = _podman("pull", "-q", f"oci:{archive}" + (f":{ref}" if ref else ""), timeout=3600)
-        else:
-            out = _podman("load", "-q", "-i", archive, timeout=3600)
+        # podman names an image loaded from a path after the path, which must then be a valid reference
+        # (lowercase, no trailing "_"): load it through a symlink whose path is
+        base = tempfile.gettempdir()
+        if not re.fullmatch(r"[a-z0-9/._-]+", base):
+            base = "/tmp"
+        linkdir = os.path.join(base, f"thinpool-podman-{secrets.token_hex(4)}")
+        os.mkdir(linkdir, 0o700)
+        try:
+            link = os.path.join(linkdir, "image" if os.path.isdir(archive) else "image.tar")
+            os.symlink(archive, link)
+            t0 = time.perf_counter()
+            if os.path.isdir(archive) and ref:
+                out = _podman("pull", "-q", f"oci:{link}:{ref}", timeout=3600)
+            else:
+                out = _podman("load", "-q", "-i", link, timeout=3600)
+        finally:
+            shutil.rmtree(linkdir, ignore_errors=True)
         self.load_seconds = time.perf_counter() - t0
         words = out.split()
         if not words:
