@@ -250,10 +250,17 @@ def is_old_layout(arrays: Mapping[str, Any]) -> bool:
     return "data_sm" not in arrays and OLD_ARRAY in arrays
 
 
-def counts_from_disk(arrays: Mapping[str, np.ndarray], nr_blocks: int) -> np.ndarray:
+#: byte -> its four two-bit counts (count i in bits 2*(i%4)..+1)
+_UNPACK = ((np.arange(256, dtype=np.uint8)[:, None] >> (2 * np.arange(4, dtype=np.uint8))[None, :]) & 3).astype(np.uint8)
+_DECODE_CHUNK = 1 << 24
+
+
+def counts_from_disk(arrays: Mapping[str, np.ndarray], nr_blocks: int, over_locs: Any = None) -> np.ndarray:
     """The in-memory counts (uint32 per block, a whole number of 1,024-block pages) from loaded arrays
     (uint8 views) of either layout.  Raises :class:`MetadataCorrupt` when bitmap and overflow disagree
-    (a bitmap entry of 3 without an overflow count of at least 3, or an overflow count elsewhere)."""
+    (a bitmap entry of 3 without an overflow count of at least 3, or an overflow count elsewhere).
+    ``over_locs``: the overflow array's page locations in the store, if known: only its stored pages
+    are searched for stray counts (an absent page is zeroes)."""
     cap = rc_pages(nr_blocks) * RC_PER_PAGE
     if is_old_layout(arrays):
         old = arrays[OLD_ARRAY].view(np.uint32)
@@ -267,10 +274,9 @@ def counts_from_disk(arrays: Mapping[str, np.ndarray], nr_blocks: int) -> np.nda
     over = arrays["data_rc_over"].view(np.uint32)
     out = np.zeros(cap, np.uint32)
     n = min(len(bitmap) * 4, cap)
-    packed = bitmap[: (n + 3) // 4]
-    for shift in range(4):
-        part = (packed >> (2 * shift)) & 3
-        out[shift:n:4] = part[: len(range(shift, n, 4))]
+    for a in range(0, n, _DECODE_CHUNK):  # four counts a byte, through a table, a chunk at a time
+        b = min(n, a + _DECODE_CHUNK)
+        out[a:b] = _UNPACK[bitmap[a // 4:(b + 3) // 4]].reshape(-1)[: b - a]
     m = min(len(over), cap)
     three = np.flatnonzero(out[:m] == 3)
     if len(three):
@@ -280,7 +286,14 @@ def counts_from_disk(arrays: Mapping[str, np.ndarray], nr_blocks: int) -> np.nda
             raise MetadataCorrupt(f"data space map: block {int(bad[0])} has a count of 3 or more in the bitmap but "
                                   f"an overflow count of {int(over[bad[0]])}", structure="data space map")
         out[three] = vals
-    stray = np.flatnonzero(over[:m] != 0)
+    if over_locs is None:
+        stray = np.flatnonzero(over[:m] != 0)
+    else:  # absent pages read as zeroes: search the stored ones (a pool's few blocks of count >= 3)
+        pages = np.flatnonzero(stored_pages(over_locs, m // RC_PER_PAGE))
+        by_page = over[: m // RC_PER_PAGE * RC_PER_PAGE].reshape(-1, RC_PER_PAGE)
+        stray = (pages[:, None] * RC_PER_PAGE + np.arange(RC_PER_PAGE)[None, :])[by_page[pages] != 0]
+        tail = over[m // RC_PER_PAGE * RC_PER_PAGE:m]
+        stray = np.concatenate([stray, m // RC_PER_PAGE * RC_PER_PAGE + np.flatnonzero(tail != 0)])
     if len(stray) != len(three):
         b = int(np.setdiff1d(stray, three)[0])
         raise MetadataCorrupt(f"data space map: block {b} has an overflow count ({int(over[b])}) but a bitmap "

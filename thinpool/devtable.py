@@ -21,7 +21,6 @@ here and used by :class:`~thinpool.pool.Pool` too.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import struct
@@ -36,6 +35,10 @@ from .schema import (DEV_CREATION_TIME, DEV_FIELDS, DEV_FLAGS, DEV_ID, DEV_MAPPE
 from .status import PoolStatus
 
 DEVS_PER_PAGE = BLOCK // DEV_RECORD.size
+_FLAGS_AT = DEV_FIELDS.index("flags") * 8  # the low byte of a record's flags (every field is "<q")
+#: a record's flag byte -> 1 if it marks the slot in use, else 0
+_READ_ONLY = int(DevFlag.READ_ONLY)
+_IN_USE_BYTE = bytes(1 if b & DevFlag.IN_USE else 0 for b in range(256))
 RC_PER_PAGE = BLOCK // 4
 _NAME_RE = re.compile(r"^[^\x00-\x1f\x7f]{1,1024}$")
 _STORE_KEYS = ("directory", "directory_bytes", "pages", "held", "recovered_from")
@@ -110,6 +113,27 @@ class VolumeRecord(NamedTuple):
     external_origin: dict[str, Any] | None = None  #: its external origin's record (:mod:`thinpool.origin`)
 
 
+class _DevIds:
+    """The device ids in use, as :func:`~thinpool.rules.pick_dev_id` asks for them (``id in ids``,
+    ``ids[id]`` for the error): built from the catalog only when first asked (a snapshot with a free
+    ``next_dev_id`` asks once)."""
+
+    def __init__(self, volumes: dict[str, dict[str, Any]]) -> None:
+        self._volumes = volumes
+        self._ids: dict[int, str] | None = None
+
+    def _map(self) -> dict[int, str]:
+        if self._ids is None:
+            self._ids = {v["dev_id"]: n for n, v in self._volumes.items()}
+        return self._ids
+
+    def __contains__(self, dev_id: object) -> bool:
+        return dev_id in self._map()
+
+    def __getitem__(self, dev_id: int) -> str:
+        return self._map()[dev_id]
+
+
 class DeviceTable:
     """A pool opened for its device table only (see the module docstring); a context manager.
 
@@ -162,8 +186,9 @@ class DeviceTable:
         self.recovered_from = hdr.get("recovered_from")
         self.header = {k: v for k, v in hdr.items() if k not in _STORE_KEYS}
         self._devs = bytearray(arrays["devs"])
-        self.catalog = json.loads(bytes(arrays["catalog"][: hdr["catalog_bytes"]]))
-        self._volumes: dict[str, dict[str, int]] = self.catalog["volumes"]  # name -> dev_id, slot
+        # parsed on first use (status needs none of it: 100,000 volumes are a 6 MB catalog)
+        self._catalog_raw = bytes(arrays["catalog"][: hdr["catalog_bytes"]])
+        self._catalog: dict[str, Any] | None = None
         self._devs_dirty: set[int] = set()
         self._rc_pages: dict[int, bytearray] = {}
         self._dirty = False
@@ -171,6 +196,28 @@ class DeviceTable:
         self.mode: Mode = rules.derive_mode(bool(hdr.get("needs_check")))
 
     # ------------------------------------------------------------------ reading
+    @property
+    def catalog(self) -> dict[str, Any]:
+        """The catalog: volume names (name -> dev id, slot, generation, external origin), records."""
+        if self._catalog is None:
+            self._catalog = rules.catalog_loads(self._catalog_raw)
+        return self._catalog
+
+    @property
+    def _volumes(self) -> dict[str, dict[str, Any]]:
+        return self.catalog["volumes"]  # name -> dev_id, slot, gen
+
+    def may_have_external_origins(self) -> bool:
+        """False when no volume has an external origin, known without parsing the catalog (an
+        entry's origin is stored under the key "origin"); True when one may."""
+        return self._dirty or b'"origin"' in self._catalog_raw  # (the committed catalog's bytes)
+
+    def _in_use(self) -> bytes:
+        """One byte per device-table slot: 1 if the slot holds a device, else 0 (C loops over the
+        records' flag bytes, no unpacking)."""
+        flags = bytes(self._devs[_FLAGS_AT::DEV_RECORD.size])
+        return flags.translate(_IN_USE_BYTE)
+
     @property
     def block_size(self) -> int:
         return int(self.header["block_size"])
@@ -208,10 +255,14 @@ class DeviceTable:
         """All volumes, in device-id order."""
         self._check_open()
         recs = list(DEV_RECORD.iter_unpack(self._devs))
-        rows = sorted((recs[v["slot"]], name) for name, v in self.catalog["volumes"].items())  # dev_id first
         vols = self.catalog["volumes"]
+        rows = sorted((recs[v["slot"]], name) for name, v in vols.items())  # dev_id first
+        ro = _READ_ONLY  # a plain int: an enum's & costs microseconds, 100,000 volumes a second
+        if not self.may_have_external_origins():
+            return [VolumeRecord(name, r[DEV_ID], r[DEV_SIZE], r[DEV_MAPPED], r[DEV_TRANSACTION], r[DEV_CREATION_TIME],
+                                 r[DEV_SNAP_TIME], r[DEV_FLAGS] & ro != 0, None) for r, name in rows]
         return [VolumeRecord(name, r[DEV_ID], r[DEV_SIZE], r[DEV_MAPPED], r[DEV_TRANSACTION], r[DEV_CREATION_TIME],
-                             r[DEV_SNAP_TIME], bool(r[DEV_FLAGS] & DevFlag.READ_ONLY), _origin_copy(vols[name]))
+                             r[DEV_SNAP_TIME], r[DEV_FLAGS] & ro != 0, _origin_copy(vols[name]))
                 for r, name in rows]
 
     def status(self) -> PoolStatus:
@@ -222,7 +273,7 @@ class DeviceTable:
                                  used_data_blocks=int(hdr["used_data_blocks"]),
                                  total_data_blocks=int(hdr["nr_data_blocks"]),
                                  used_metadata_blocks=self.store.used_blocks(),
-                                 total_metadata_blocks=self.store.nr_blocks, nr_thins=len(self._volumes))
+                                 total_metadata_blocks=self.store.nr_blocks, nr_thins=self._in_use().count(1))
 
     # ------------------------------------------------------------------ the one change: a snapshot
     def snapshot(self, origin: str, name: str, *, dev_id: int | None = None,
@@ -233,8 +284,7 @@ class DeviceTable:
         self._check_writable()
         oslot = self._slot(origin)
         check_new_name(self.path, name, self._volumes)
-        by_dev_id = {v["dev_id"]: n for n, v in self._volumes.items()}
-        dev_id = pick_dev_id(self.path, dev_id, by_dev_id, int(self.catalog.get("next_dev_id", 1)))
+        dev_id = pick_dev_id(self.path, dev_id, _DevIds(self._volumes), int(self.catalog.get("next_dev_id", 1)))
         o = self._record(oslot)
         root = o["root"]
         page = self._rc_page(root // RC_PER_PAGE)
@@ -282,8 +332,8 @@ class DeviceTable:
     def _new_slot(self) -> int:
         """The first unused slot, or a new page of slots (as Pool._new_slot)."""
         n = len(self._devs) // DEV_RECORD.size
-        slot = rules.free_slot(r[DEV_FLAGS] for r in DEV_RECORD.iter_unpack(self._devs))
-        if slot is not None:
+        slot = self._in_use().find(0)  # rules.free_slot's rule: the first slot not in use
+        if slot >= 0:
             return slot
         self._devs.extend(bytes(BLOCK))
         self._devs_dirty.update(range(n, n + DEVS_PER_PAGE))
@@ -294,7 +344,7 @@ class DeviceTable:
         self._check_open()
         if not self._dirty:
             return
-        raw = json.dumps(self.catalog).encode()
+        raw = rules.catalog_dumps(self.catalog)
         self.header["catalog_bytes"] = len(raw)
         cat = pad_pages(raw)
         arrays: dict[str, Any] = {
@@ -308,6 +358,7 @@ class DeviceTable:
             self._load()
             raise ReadOnly(f"pool {self.path}: out of metadata space; the snapshot was not committed "
                            f"({exc})") from None
+        self._catalog_raw = raw
         self._devs_dirty.clear()
         self._rc_pages.clear()
         self._dirty = False

@@ -19,7 +19,8 @@ Pages a group does not need are absent (the store reads an absent page as zeroes
 on it); a group with nothing mapped takes no page at all, and a dead leaf (reference count 0) is
 stored as empty.  A dense leaf costs 4 KiB for 193..512 mappings (<= 21.3 bytes each, dm-thin's full
 leaves about 16.3); a sparse one 8 bytes per mapping plus 64 bytes of bitmap.  Loading decodes every
-group at once (:func:`leaves_from_disk`).  Old pools (array ``leaves``) are read as they are; their
+group at once (:func:`leaves_from_disk`); a pool's open reads the dense leaves' pages straight into
+their rows (:func:`load_leaves`), so the leaves are never copied.  Old pools (array ``leaves``) are read as they are; their
 first commit writes the groups and drops the old pages.
 """
 
@@ -84,17 +85,62 @@ def leaves_from_disk(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
         return arrays.get(OLD_ARRAY, np.zeros(0, np.uint8)).view(np.uint64).reshape(-1, K.LEAF_ENTRIES)
     buf = arrays[ARRAY]
     ng = len(buf) // (SPAN * BLOCK)
-    leaves = np.full((ng * GROUP, K.LEAF_ENTRIES), K.UNMAPPED, np.uint64)
     if ng == 0:
-        return leaves
+        return np.full((0, K.LEAF_ENTRIES), K.UNMAPPED, np.uint64)
     words = buf[: ng * SPAN * BLOCK].view(np.uint64).reshape(ng, _SPAN_WORDS)
-    dense_mask = words[:, _STREAM_WORD]
+    dense, mask, counts = _decode_heads(words[:, _STREAM_WORD:])
+    leaves = np.empty((ng * GROUP, K.LEAF_ENTRIES), np.uint64)
+    by_group = leaves.reshape(ng, GROUP, K.LEAF_ENTRIES)
+    own_pages = words.reshape(ng, SPAN, K.LEAF_ENTRIES)[:, :GROUP]
+    for g0 in range(0, ng, _CHUNK // GROUP):  # every leaf written once, in place, no temporary copy
+        g1 = min(ng, g0 + _CHUNK // GROUP)
+        d = dense[g0:g1, :, None]
+        np.copyto(by_group[g0:g1], own_pages[g0:g1], where=d)
+        if not d.all():
+            np.copyto(by_group[g0:g1], np.uint64(K.UNMAPPED), where=~d)
+    _scatter_sparse(leaves, words[:, _STREAM_WORD:], mask, counts)
+    return leaves
+
+
+def load_leaves(store: Any) -> np.ndarray | None:
+    """:func:`leaves_from_disk` of the store's committed leaves, the dense leaves' pages read straight
+    into their rows (:meth:`thinpool.mdstore.MetadataStore.gather_into`): the leaves are the only copy
+    of them ever made (100,000,000 mappings are 800 MB of leaves).  None if the store holds the old
+    one-leaf-per-page layout (or nothing): then load it with the other arrays."""
+    npages = store.npages(ARRAY)
+    if npages == 0:
+        return None
+    ng = npages // SPAN
+    if ng == 0:
+        return np.full((0, K.LEAF_ENTRIES), K.UNMAPPED, np.uint64)
+    groups = np.arange(ng, dtype=np.int64)[:, None] * SPAN
+    streams = np.empty((ng * STREAM_PAGES, _PAGE_WORDS), np.uint64)
+    stream_pages = (groups + np.arange(GROUP, SPAN, dtype=np.int64)[None, :]).reshape(-1)
+    store.gather_into(ARRAY, stream_pages.tolist(), streams, range(len(stream_pages)))
+    swords = streams.reshape(ng, STREAM_PAGES * _PAGE_WORDS)
+    dense, mask, counts = _decode_heads(swords)
+    leaves = np.empty((ng * GROUP, K.LEAF_ENTRIES), np.uint64)
+    slots = np.flatnonzero(dense.reshape(-1))
+    own = (slots // GROUP) * SPAN + slots % GROUP
+    store.gather_into(ARRAY, own.tolist(), leaves, slots.tolist())
+    sparse = np.flatnonzero(~dense.reshape(-1))
+    if len(sparse):
+        leaves[sparse] = np.uint64(K.UNMAPPED)
+    _scatter_sparse(leaves, swords, mask, counts)
+    return leaves
+
+
+def _decode_heads(swords: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(dense flags (group, slot), mapped-entry mask (group, slot, entry), values per group) of the
+    groups' streams ``swords`` (uint64 rows, one per group, each starting at its stream), checked."""
+    ng = len(swords)
+    dense_mask = swords[:, 0]
     bad = np.flatnonzero(dense_mask >> np.uint64(GROUP))
     if len(bad):
         raise MetadataCorrupt(f"leaf group {int(bad[0])}: dense-leaf mask {int(dense_mask[bad[0]]):#x} "
                               f"names slots past {GROUP}", structure="leaves")
     dense = ((dense_mask[:, None] >> np.arange(GROUP, dtype=np.uint64)[None, :]) & np.uint64(1)).astype(bool)
-    heads = words[:, _STREAM_WORD + 1:_VALUES_WORD].view(np.uint8)
+    heads = np.ascontiguousarray(swords[:, 1:_STREAM_HEAD // 8]).view(np.uint8)
     mask = np.unpackbits(heads, axis=1, bitorder="little").view(bool).reshape(ng, GROUP, K.LEAF_ENTRIES)
     clash = np.flatnonzero((mask.any(axis=2) & dense).any(axis=1))
     if len(clash):
@@ -105,16 +151,17 @@ def leaves_from_disk(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
         g = int(np.argmax(counts))
         raise MetadataCorrupt(f"leaf group {g}: {int(counts[g])} mapped entries do not fit its pages",
                               structure="leaves")
-    flat = words.reshape(-1)
-    starts = np.arange(ng, dtype=np.int64) * _SPAN_WORDS + _VALUES_WORD
+    return dense, mask, counts
+
+
+def _scatter_sparse(leaves: np.ndarray, swords: np.ndarray, mask: np.ndarray, counts: np.ndarray) -> None:
+    """Put the sparse leaves' values (in the streams ``swords``, after each head) in their entries."""
     total = int(counts.sum())
+    if not total:
+        return
     firsts = np.repeat(np.cumsum(counts) - counts, counts)
-    idx = np.repeat(starts, counts) + (np.arange(total, dtype=np.int64) - firsts)
-    leaves.reshape(-1)[mask.reshape(-1)] = flat[idx]
-    own = np.flatnonzero(dense.reshape(-1))
-    if len(own):
-        leaves[own] = words[:, :_STREAM_WORD].reshape(ng * GROUP, K.LEAF_ENTRIES)[own]
-    return leaves
+    col = _STREAM_HEAD // 8 + (np.arange(total, dtype=np.int64) - firsts)
+    leaves.reshape(-1)[mask.reshape(-1)] = swords[np.repeat(np.arange(len(swords)), counts), col]
 
 
 def lost_leaves(lost_pages: np.ndarray, nleaves: int) -> np.ndarray:

@@ -285,6 +285,45 @@ class MetadataStore:
                 raise MetadataCorrupt(f"{structure}: bad checksum in metadata block {b}", structure=structure, block=b)
         return out
 
+    def gather_into(self, name: str, pages: Sequence[int], out: Any, rows: Sequence[int]) -> None:
+        """Read and verify the committed pages ``pages`` of array ``name`` straight into the 4 KiB rows
+        ``rows`` of ``out`` (a writable buffer of whole pages), an absent page as zeroes -- what
+        :meth:`load` gives for those pages, without an intermediate copy of the whole array.  One
+        ``preadv`` per run of pages consecutive both on disk and in ``out``."""
+        locs = self.locs.get(name, array("Q"))
+        n = len(pages)
+        if n and (min(pages) < 0 or max(pages) >= len(locs)):
+            raise MetadataCorrupt(f"{self.path}: {name}: a page past the array's {len(locs)} pages is asked for",
+                                  structure=name)
+        view = memoryview(out).cast("B")
+        halves = memoryview(array("Q", [locs[p] for p in pages])).cast("B").cast("I")
+        blocks, crcs = halves[_HI::2].tolist(), halves[_LO::2].tolist()
+        rows = list(rows)
+        if n and max(blocks) >= self.nr_blocks:
+            b = next(b for b in blocks if b >= self.nr_blocks)
+            raise MetadataCorrupt(f"{name}: page at metadata block {b} lies beyond the end of the "
+                                  f"metadata file ({self.nr_blocks} blocks; truncated?)", structure=name, block=b)
+        fd, i = self.fd, 0
+        zero = bytes(BLOCK)
+        while i < n:
+            b0, r0 = blocks[i], rows[i]
+            if not b0:
+                view[r0 * BLOCK:(r0 + 1) * BLOCK] = zero
+                i += 1
+                continue
+            j = i + 1
+            while j < n and blocks[j] == b0 + j - i and rows[j] == r0 + j - i:
+                j += 1
+            want = (j - i) * BLOCK
+            if os.preadv(fd, [view[r0 * BLOCK:r0 * BLOCK + want]], b0 * BLOCK) != want:
+                raise MetadataCorrupt(f"{self.path}: short read at metadata block {b0} (file truncated?)",
+                                      structure="file", block=b0)
+            i = j
+        crc = _crc32c
+        for b, c, r in zip(blocks, crcs, rows):
+            if b and crc(view[r * BLOCK:(r + 1) * BLOCK]) != c:
+                raise MetadataCorrupt(f"{name}: bad checksum in metadata block {b}", structure=name, block=b)
+
     def _load_directory(self, header: dict[str, Any]) -> tuple[dict[str, array], list[int]]:
         dir_locs = [int(x) for x in header["directory"]]
         pages = self._gather(dir_locs, "directory")
@@ -305,13 +344,14 @@ class MetadataStore:
             locs[name] = array("Q", bytes(pages[: npages[name] * 8]))
         return locs
 
-    def load(self, only: Iterable[str] | None = None) -> dict[str, Buffer]:
+    def load(self, only: Iterable[str] | None = None, skip: Iterable[str] = ()) -> dict[str, Buffer]:
         """Load the newest committed state that verifies; returns the arrays' bytes by name.
 
         With ``only``, just those arrays are read (every page map is still read, so the store knows
         which blocks are in use and can commit); the others' pages can be read later with
         :meth:`read_pages`.  A damaged page of an array that is not read is not noticed."""
         names = None if only is None else set(only)
+        skipped = set(skip)  # arrays the caller reads itself (:meth:`gather_into`), e.g. the leaves
         candidates = self.superblocks()
         if not candidates:
             raise MetadataCorrupt(f"{self.path}: superblock: no valid superblock in metadata blocks 0 and 1 "
@@ -320,7 +360,7 @@ class MetadataStore:
         first_error: MetadataCorrupt | None = None
         for generation, _slot, header in candidates:
             try:
-                arrays = self._load_state(header, names)
+                arrays = self._load_state(header, names, skipped)
             except MetadataCorrupt as exc:
                 first_error = first_error or exc
                 continue
@@ -348,11 +388,13 @@ class MetadataStore:
                                        f"generation {generation} was used", structure="superblock", block=slot)
         return None
 
-    def _load_state(self, header: dict[str, Any], names: set[str] | None = None) -> dict[str, Buffer]:
+    def _load_state(self, header: dict[str, Any], names: set[str] | None = None,
+                    skipped: set[str] | None = None) -> dict[str, Buffer]:
         pm_locs, dir_locs = self._load_directory(header)
         npages = {k: int(v) for k, v in header["pages"].items()}
         locs = self._load_locs(pm_locs, npages)
-        arrays = {name: self._gather(l, name) for name, l in locs.items() if names is None or name in names}
+        arrays = {name: self._gather(l, name) for name, l in locs.items()
+                  if (names is None or name in names) and name not in (skipped or ())}
         held_blocks: list[int] = []
         if header.get("held"):
             held_blocks = self._blocks_of(header["held"])

@@ -14,7 +14,6 @@ pool through its :class:`~thinpool.kernel_context.KernelContext`; the shared rul
 
 from __future__ import annotations
 
-import json
 import os
 import time as _time
 import types
@@ -41,7 +40,7 @@ from .rules import (DEFAULT_MAX_THINS, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE,  # noqa: 
                     check_block_size, default_metadata_blocks)
 from .schema import DevFlag, Mode, dev_dtype
 from .dataspace import DataSpaceMap, counts_from_disk, empty_disk_arrays
-from .leafstore import empty_disk_arrays as empty_leaf_arrays, leaves_from_disk
+from .leafstore import ARRAY as LEAF_ARRAY, empty_disk_arrays as empty_leaf_arrays, leaves_from_disk, load_leaves
 from .status import PoolStatus, Usage  # noqa: F401  (part of this module's API)
 from .units import parse_size
 
@@ -235,7 +234,7 @@ class Pool(Transactions, DeviceOps, Features):
         if metadata_only:
             header["metadata_only"] = True
         catalog = {"volumes": {}, "next_dev_id": 1, "records": {}}
-        cat = pad_pages(json.dumps(catalog).encode())
+        cat = pad_pages(rules.catalog_dumps(catalog))
         arrays = {
             **empty_leaf_arrays(),
             "inners": PagedArray(np.zeros(0, np.uint8), np.zeros(0, np.int64)),
@@ -245,7 +244,7 @@ class Pool(Transactions, DeviceOps, Features):
             "devs": PagedArray(np.zeros(0, np.uint8), np.zeros(0, np.int64)),
             "catalog": PagedArray(cat, np.arange(len(cat) // BLOCK)),
         }
-        header["catalog_bytes"] = len(json.dumps(catalog).encode())
+        header["catalog_bytes"] = len(rules.catalog_dumps(catalog))
         try:
             store.commit(arrays, header)
         finally:
@@ -280,8 +279,12 @@ class Pool(Transactions, DeviceOps, Features):
 
     def _load(self) -> None:
         """(Re)build the in-memory state from the last committed metadata."""
-        arrays = {k: np.frombuffer(v, np.uint8) for k, v in self._store.load().items()}
-        self._install(arrays, self._store.header)
+        try:  # the leaves read straight into place (leafstore.load_leaves), the other arrays as they are
+            arrays = {k: np.frombuffer(v, np.uint8) for k, v in self._store.load(skip=(LEAF_ARRAY,)).items()}
+            leaves = load_leaves(self._store)
+        except MetadataCorrupt:  # a damaged page: the whole load, which falls back to an older commit
+            arrays, leaves = {k: np.frombuffer(v, np.uint8) for k, v in self._store.load().items()}, None
+        self._install(arrays, self._store.header, leaves)
         self._unpunched = np.zeros(0, np.int64)  # released blocks whose hole punch failed (still pending)
         self._lwm_fired = False
         self._set_md_check()
@@ -289,7 +292,8 @@ class Pool(Transactions, DeviceOps, Features):
                                 timeout=float(self._header.get("no_space_timeout", DEFAULT_NO_SPACE_TIMEOUT)))
         self._set_mode(rules.derive_mode(bool(self._header.get("needs_check")), self.read_only))
 
-    def _install(self, arrays: dict[str, np.ndarray], header: dict[str, Any]) -> None:
+    def _install(self, arrays: dict[str, np.ndarray], header: dict[str, Any],
+                 leaves: np.ndarray | None = None) -> None:
         self.recovered_from = header.get("recovered_from")
         self._header = {k: v for k, v in header.items()
                        if k not in ("directory", "directory_bytes", "pages", "held", "recovered_from")}
@@ -298,18 +302,19 @@ class Pool(Transactions, DeviceOps, Features):
         st[K.ST_TIME] = header["time"]
         st[K.ST_CURSOR] = header.get("cursor", 0)
         self._st = st
-        self._nodes_map = BlockMap.from_arrays(st, leaves_from_disk(arrays), arrays["inners"].view(np.int32),
+        self._nodes_map = BlockMap.from_arrays(st, leaves_from_disk(arrays) if leaves is None else leaves, arrays["inners"].view(np.int32),
                                               arrays["leaf_rc"].view(np.uint32), arrays["inner_rc"].view(np.uint32))
         kernel_flags(st, header)
         previous = getattr(self, "_space", None)
-        self._space = DataSpaceMap(st, header["nr_data_blocks"], counts_from_disk(arrays, header["nr_data_blocks"]))
+        self._space = DataSpaceMap(st, header["nr_data_blocks"], counts_from_disk(arrays, header["nr_data_blocks"],
+                                                                                 self._store.locs.get("data_rc_over")))
         self._space.inherit_stale(previous)  # a reload (abort, rollback): blocks it frees hold bytes
         self._devs = arrays["devs"].view(dev_dtype()).copy()
         self._devs_i = self._devs.view(np.int64).reshape(-1, K.DEV_COLUMNS)  # the kernels' view (schema.DEV_*)
         self._devs_dirty: set[int] = set()
         raw = arrays["catalog"].tobytes()[: header["catalog_bytes"]]
         try:
-            self._catalog = json.loads(raw)
+            self._catalog = rules.catalog_loads(raw)
         except ValueError:
             raise MetadataCorrupt(f"pool {self.path}: catalog is not valid JSON", structure="catalog") from None
         self._catalog_dirty = False

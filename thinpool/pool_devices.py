@@ -274,6 +274,11 @@ class DeviceOps:
         return name in self._by_name
 
     # ------------------------------------------------------------------ records (snapshotter etc.)
+    def may_have_external_origins(self) -> bool:
+        """Whether a volume may have an external origin (the light ops' question, see
+        :class:`~thinpool.rules.LightPool`; the pool has its catalog parsed, so it knows)."""
+        return any(v.get("origin") is not None for v in self._catalog["volumes"].values())
+
     def record_namespaces(self) -> list[str]:
         """Namespaces that hold records (see :meth:`get_records`)."""
         return sorted(self._catalog["records"])

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
@@ -130,7 +129,7 @@ class Transactions:
                                np.unique(np.array(sorted(self._devs_dirty), np.int64) // DEVS_PER_PAGE)),
         }
         if self._catalog_dirty:
-            raw = json.dumps(self._catalog).encode()
+            raw = rules.catalog_dumps(self._catalog)
             self._header["catalog_bytes"] = len(raw)
             cat = pad_pages(raw)
             arrays["catalog"] = PagedArray(cat, np.arange(len(cat) // BLOCK))

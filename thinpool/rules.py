@@ -21,6 +21,11 @@ from .schema import DEV_FIELDS, DevFlag, Mode
 from .status import DISCARD_WORDS, PoolStatus
 from .units import parse_size
 
+try:
+    import orjson as _orjson
+except ImportError:  # pragma: no cover - orjson is a dependency; the standard library still works
+    _orjson = None
+
 MIN_BLOCK_SIZE = 64 * 1024
 MAX_BLOCK_SIZE = 1 << 30
 DEFAULT_MAX_THINS = 1000
@@ -44,6 +49,31 @@ def default_metadata_blocks(nr_data_blocks: int, max_thins: int = DEFAULT_MAX_TH
 
 #: device ids are 24 bits, as dm-thin's
 MAX_DEV_ID = (1 << 24) - 1
+
+
+def catalog_dumps(catalog: Mapping[str, Any]) -> bytes:
+    """The catalog as stored (JSON, UTF-8).  orjson when installed: a pool of 100,000 volumes has a
+    6 MB catalog, which the standard library takes 0.1-0.7 s to write and orjson 10 ms (every
+    snapshot rewrites it; docs/performance.md, S10); the standard library otherwise, or for what
+    orjson refuses (a name with a lone surrogate).  Either's output is read by both."""
+    if _orjson is not None:
+        try:
+            return _orjson.dumps(catalog)
+        except TypeError:
+            pass
+    import json
+    return json.dumps(catalog).encode()
+
+
+def catalog_loads(raw: bytes) -> dict[str, Any]:
+    """The catalog from its stored bytes (:func:`catalog_dumps`); ValueError if it is not JSON."""
+    if _orjson is not None:
+        try:
+            return _orjson.loads(raw)
+        except _orjson.JSONDecodeError:
+            pass  # the standard library's verdict (and error) below: it also reads what orjson refuses
+    import json
+    return json.loads(raw)
 
 
 def new_catalog_entry(catalog: dict[str, Any], dev_id: int, slot: int) -> dict[str, int]:
@@ -280,6 +310,7 @@ class LightPool(Protocol):
     @property
     def catalog(self) -> Mapping[str, Any]: ...
     def status(self) -> PoolStatus: ...
+    def may_have_external_origins(self) -> bool: ...
     def thin(self, name: str) -> Any: ...
     def thins(self) -> list[Any]: ...
     def snapshot(self, origin: str, name: str, *, dev_id: int | None = None, read_only: bool = False) -> Any: ...

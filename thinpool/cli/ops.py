@@ -68,7 +68,7 @@ def op_status(pool: LightPool) -> dict[str, Any]:
         data_avail = min(data_avail, host_free)
         meta_avail = min(meta_avail, host_free)
     origins: dict[str, list[str]] = {}  # external origin file -> its volumes (thin table arguments in dm-thin)
-    for name, entry in pool.catalog["volumes"].items():
+    for name, entry in (pool.catalog["volumes"].items() if pool.may_have_external_origins() else ()):
         rec = entry.get("origin")
         if rec is not None:
             origins.setdefault(rec["path"], []).append(name)
@@ -325,7 +325,10 @@ def render_volumes(rows: list[dict[str, Any]], headers: bool = True) -> str:
         ["CREATE_TIME", "SNAP_TIME"]
 
     def col(key: str, fmt: Callable[[Any], str] = str) -> list[str]:
-        return list(map(fmt, map(itemgetter(key), rows)))
+        values = list(map(itemgetter(key), rows))
+        if fmt is not str:  # each distinct value formatted once (100,000 snapshots share a few sizes)
+            fmt = {v: fmt(v) for v in set(values)}.__getitem__
+        return list(map(fmt, values))
 
     cols = [[r["name"] + " (ro)" if r["read_only"] else r["name"] for r in rows], col("dev_id"),
             col("size", format_size), col("mapped_bytes", format_size)]
