@@ -23,7 +23,7 @@ from thinpool import Pool
 from thinpool.containers import image_store
 from thinpool.containers.image_store import (image_history, import_image, list_images, load_records, recover,
                                              remove_image, snapshotter)
-from thinpool.errors import ImageError, InvalidArgument
+from thinpool.errors import FailedPrecondition, ImageError, InvalidArgument
 
 pytestmark = pytest.mark.realtools
 BASE = "256M"
@@ -214,6 +214,23 @@ def test_layer_that_fails_to_apply_leaves_nothing_not_even_the_base(tmp_path) ->
     with pytest.raises(ImageError, match=f"layer 1 blob {img['blobs'][1]}: .*member 'h'.*hard link target"):
         import_image(path, img["layout"], base_size=BASE)
     assert pool_state(path) == before and before["volumes"] == {}
+
+
+def test_import_out_of_data_space_fails_at_once_and_leaves_nothing(tmp_path) -> None:
+    """A layer bigger than the pool's free space: ext4 buffers the writes, so the import watches the block
+    requests themselves -- the writes that find no data space fail at once (no 60 s wait for space), the
+    import fails naming the layer's blob, and nothing is left, not even the base.  A filesystem that lost
+    writes is never committed as a layer."""
+    _needs()
+    img = oci_layout(str(tmp_path / "big"), [layer_tar([("a", "file", b"1" * 1000)]),
+                                             layer_tar([("big", "file", os.urandom(6 << 20))])])
+    path = os.path.join(str(tmp_path), "small")
+    Pool.create(path, data_size="4M", block_size="64K").close()
+    with pytest.raises(FailedPrecondition, match=f"layer 1 blob {img['blobs'][1]}: the pool failed .* block "
+                                                 r"request\(s\) .*data space"):
+        import_image(path, img["layout"], base_size="32M")
+    state = pool_state(path)
+    assert state["volumes"] == {} and state["used"] == 0 and state["snapshots"] == {}
 
 
 def test_killed_import_is_cleaned_up_by_the_next_write(tmp_path) -> None:

@@ -323,7 +323,9 @@ def _make_base(pool: Any, s: Any, mounts: Any, fs: str, size: int) -> dict[str, 
     mounts.detach(a)
     a = mounts.mount(mount.source)
     os.mkdir(os.path.join(a.mountpoint or "", ROOTFS), 0o755)
+    a.syncfs()
     mounts.detach(a)
+    mounts.check("the base device")
     s.commit(BASE_KEY, key, {"thinpool.image/role": "base"})
     return {"key": BASE_KEY, "fs": fs, "size": size, "mkfs": " ".join(mkfs) + " && " + " ".join(tune),
             "rootfs": ROOTFS, "owned_blocks": s.usage(BASE_KEY).owned_blocks, "created": _now()}
@@ -344,8 +346,15 @@ def _apply(pool: Any, s: Any, mounts: Any, image: Any, layer: Any, privileged: b
         msg = str(e).replace(root, "<layer rootfs>")
         raise ImageError(msg if layer.blob in msg else f"{where}: {msg}") from None
     except OSError as e:        # the filesystem itself refused (full, read-only): still the layer's failure
+        mounts.check(where)
         raise ImageError(f"{where}: applying it failed: {e.strerror or e}") from None
+    try:
+        a.syncfs()              # writeback errors surface here (syncfs reports them)
+    except FailedPrecondition:
+        mounts.check(where)
+        raise
     mounts.detach(a)
+    mounts.check(where)         # nothing the filesystem sent was refused: the layer is whole
     s.commit(layer.chain_id, key, labels)
     return {"chain_id": layer.chain_id, "diff_id": layer.diff_id, "parent": parent, "digest": layer.digest,
             "media_type": layer.media_type, "blob_bytes": layer.size, "file_bytes": stats.file_bytes,

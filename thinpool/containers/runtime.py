@@ -96,7 +96,9 @@ def create_container(pool_path: Any, image_ref: str, name: str) -> dict[str, Any
             mounts = PoolMounts(pool)
             a = mounts.mount(mount.source)
             _populate_init(os.path.join(a.mountpoint or "", ROOTFS))
+            a.syncfs()
             mounts.detach(a)
+            mounts.check(f"container {name}: the -init layer")
             mounts.close()
             mounts = None
             s.commit(init_key, "extract/" + init_key, labels)
@@ -215,7 +217,9 @@ def list_containers(pool_path: Any, *, sizes: bool = True) -> list[dict[str, Any
 def mounted_container(pool_path: Any, name: str, *, record: str | None = None) -> Iterator[str]:
     """Mount container ``name`` ("start" it) and yield its root directory (``<mount>/rootfs``).  Leaving
     the block unmounts it (the filesystem's flush commits the pool).  ``record``: write the container's
-    NBD requests as a fio iolog v3 (as ``thinpool serve --record``)."""
+    NBD requests as a fio iolog v3 (as ``thinpool serve --record``).  Writes that find the pool out of data
+    space fail at once (they do not wait for space); if the pool failed any block request, leaving the block
+    raises FailedPrecondition saying so (after unmounting)."""
     from .volmount import PoolMounts, require_mounts
     _check_name(name)
     require_mounts("thinpool container exec")
@@ -230,6 +234,7 @@ def mounted_container(pool_path: Any, name: str, *, record: str | None = None) -
                 yield os.path.join(a.mountpoint or "", ROOTFS)
             finally:
                 mounts.detach(a)
+            mounts.check(f"container {name}")
         pool.commit()
 
 

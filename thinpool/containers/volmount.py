@@ -7,6 +7,11 @@ volumes as block devices the way :mod:`thinpool.containers.realfs` does (``nbdfu
 dm-thin commits on FLUSH.  ``record=FILE`` logs every NBD request as a fio iolog v3, exactly as
 ``thinpool serve --record`` does (:mod:`thinpool.nbd.record`).
 
+Unlike ``thinpool serve``, a write that finds the pool out of data space is failed at once (after one
+poll of the no-space wait) instead of waiting up to ``no_space_timeout``, and every request the pool
+fails is noted in :attr:`PoolMounts.errors`: a filesystem that lost writes must never be committed as an
+image layer, and a page-cache write that succeeded tells nothing about the block device below it.
+
 The image store (:mod:`thinpool.containers.image_store`) and the container runtime
 (:mod:`thinpool.containers.runtime`) use it so that a CLI op, which is given an open pool, can mount.
 """
@@ -20,6 +25,60 @@ from typing import Any
 
 from ..errors import FailedPrecondition
 from .realfs import Attached, problems
+
+
+def _give_up() -> bool:
+    return True
+
+
+class _WatchedExport:
+    """An export whose failed requests are noted, and whose writes never wait for data space."""
+
+    def __init__(self, inner: Any, errors: list[str]) -> None:
+        object.__setattr__(self, "_inner", inner)
+        object.__setattr__(self, "_errors", errors)
+        inner.cancel_check = _give_up
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._inner, attr)
+
+    def __setattr__(self, attr: str, value: Any) -> None:
+        if attr != "cancel_check":          # the session's "client gone" check: we never wait anyway
+            setattr(self._inner, attr, value)
+
+    def _run(self, what: str, fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except Exception as e:
+            if len(self._errors) < 100:
+                self._errors.append(f"{what} on {self._inner.name}: {e}")
+            raise
+
+    def pread(self, offset: int, length: int) -> bytes:
+        return self._run(f"read {length} bytes at {offset}", self._inner.pread, offset, length)
+
+    def pwrite(self, offset: int, data: bytes) -> None:
+        self._run(f"write of {len(data)} bytes at {offset}", self._inner.pwrite, offset, data)
+
+    def flush(self) -> None:
+        self._run("flush", self._inner.flush)
+
+    def trim(self, offset: int, length: int) -> None:
+        self._run(f"trim of {length} bytes at {offset}", self._inner.trim, offset, length)
+
+    def write_zeroes(self, offset: int, length: int, may_trim: bool) -> None:
+        self._run(f"write-zeroes of {length} bytes at {offset}", self._inner.write_zeroes, offset, length,
+                  may_trim)
+
+
+def _watched_provider(pool: Any, errors: list[str]) -> Any:
+    from ..nbd.pool_backend import PoolProvider
+
+    class WatchedProvider(PoolProvider):
+        def open_export(self, name: str, read_only: bool) -> Any:
+            return _WatchedExport(super().open_export(name, read_only), errors)
+
+    return WatchedProvider(pool, close_pool=False)
 
 
 def require_mounts(what: str) -> None:
@@ -37,16 +96,17 @@ class PoolMounts:
     the temporary directory.  ``record``: a file for a fio iolog v3 of every request."""
 
     def __init__(self, pool: Any, *, record: str | None = None) -> None:
-        from ..nbd.pool_backend import PoolProvider
         from ..nbd.server import NBDServer
 
         self.pool = pool
         self.attached: list[Attached] = []
         self.recorder: Any = None
+        #: the requests the pool failed (at most 100), e.g. writes that found no data space
+        self.errors: list[str] = []
         self.workdir = tempfile.mkdtemp(prefix="tp-mnt-")   # short: unix socket, FUSE dirs, mount points
         self.socket = os.path.join(self.workdir, "nbd.sock")
         try:
-            provider: Any = PoolProvider(pool, close_pool=False)
+            provider: Any = _watched_provider(pool, self.errors)
             if record is not None:
                 from ..nbd.record import IologRecorder, RecordingProvider
                 self.recorder = IologRecorder(record, pools=[pool])
@@ -80,6 +140,17 @@ class PoolMounts:
             self.detach(a)
             raise
         return a
+
+    def check(self, what: str) -> None:
+        """FailedPrecondition naming ``what`` if the pool failed any request so far (the first ones
+        quoted); a filesystem that lost writes is not to be trusted."""
+        if self.errors:
+            first = "; ".join(self.errors[:2])
+            with self.pool.locked():
+                st = self.pool.status()
+            raise FailedPrecondition(f"{what}: the pool failed {len(self.errors)} block request(s) (pool "
+                                     f"{self.pool.path}: {st.used_data_blocks} of {st.total_data_blocks} data "
+                                     f"blocks used, mode {self.pool.mode.value}; first: {first})")
 
     def detach(self, a: Attached) -> None:
         """Unmount (the filesystem's final FLUSH commits the pool) and detach ``a``."""
