@@ -23,7 +23,7 @@ from tests.containers.test_overlay import du_bytes, require_overlay
 from tests.containers.workload_image import small_image
 from tests.support import REPO_ROOT, require_root, require_tool
 from thinpool.containers.compare import parse_block_sizes, replay_at, written_blocks, _ranges
-from thinpool.containers.workloads import MiB, SMALL_SIZES
+from thinpool.containers.workloads import MiB, SMALL_SIZES, builtin_workloads
 from thinpool.errors import InvalidArgument
 
 WORKLOADS = ("sqlite-0.1pct", "log-append", "config-rewrite", "delete-big")
@@ -47,14 +47,14 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     built = small_image(top)
     pool = os.path.join(top, "pool")
     thinpool("create", pool, "--data-size", "4G")
-    out_json, out_html = os.path.join(top, "r.json"), os.path.join(top, "r.html")
+    out_json, out_html, out_png = (os.path.join(top, f"r.{x}") for x in ("json", "html", "png"))
     only = [a for w in WORKLOADS for a in ("--only", w)]
     r = thinpool("compare", pool, built["archive"], "--tag", "small", *only, "--block-sizes", "512K,64K",
-                 "--json", out_json, "--html", out_html, "--keep", "--workdir", os.path.join(top, "work"),
-                 "--base-size", "256M")
+                 "--json", out_json, "--html", out_html, "--png", out_png, "--keep",
+                 "--workdir", os.path.join(top, "work"), "--base-size", "256M")
     with open(out_json) as f:
         res = json.load(f)
-    yield {"pool": pool, "res": res, "stdout": r.stdout, "html": out_html, "built": built}
+    yield {"pool": pool, "res": res, "stdout": r.stdout, "html": out_html, "png": out_png, "built": built}
     if res["podman"]["used"]:                # --keep kept podman's containers and image too
         for w in res["workloads"]:
             subprocess.run(["podman", "rm", "-f", w["podman"]["container"]], capture_output=True)
@@ -138,6 +138,8 @@ def test_compare_report_text_html_and_podman_skip_reason(run: dict) -> None:
     with open(run["html"]) as f:
         page = f.read()
     assert page.count("<svg") == len(WORKLOADS) and "sqlite-0.1pct" in page
+    with open(run["png"], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     if not res["podman"]["used"]:
         assert res["podman"]["skipped"] and "podman: skipped" in run["stdout"]
         assert all(w["podman"]["skipped"] == res["podman"]["skipped"] for w in res["workloads"])
@@ -154,6 +156,23 @@ def test_compare_refuses_bad_input_before_touching_the_pool(run: dict, tmp_path)
         r = thinpool("compare", run["pool"], run["built"]["archive"], *args, check=False)
         assert r.returncode == 1 and msg in r.stderr, (args, r.stderr)
     assert thinpool("ls", run["pool"], "--usage", "--json").stdout == before
+
+
+@pytest.mark.slow
+def test_demo_vs_overlay_builds_its_image_and_prints_every_builtin_workload(tmp_path) -> None:
+    """`thinpool demo --vs-overlay` (here with the hidden --small-image): its own umoci image, every built-in
+    workload on both sides; the plain demo is unchanged (no comparison in its report)."""
+    require_root()
+    require_overlay()
+    require_tool("nbdfuse", "mkfs.ext4", "losetup", "umoci")
+    r = thinpool("demo", "--vs-overlay", "--small-image", "--dir", str(tmp_path / "pool"), "--json")
+    res = json.loads(r.stdout)
+    assert [w["name"] for w in res["workloads"]] == [w.name for w in builtin_workloads()]
+    assert res["built"]["sizes"] == SMALL_SIZES.__dict__ and res["block_size"] == 64 << 10
+    for w in res["workloads"]:
+        assert w["overlay"]["upper_bytes"] > 0 and w["thin"]["exclusive_blocks"] > 0
+    plain = json.loads(thinpool("demo", "--json").stdout)
+    assert "workloads" not in plain
 
 
 # ------------------------------------------------------------------------------ the trace arithmetic

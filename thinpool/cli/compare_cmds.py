@@ -48,12 +48,15 @@ def _render(res: dict[str, Any]) -> str:
 register_op("compare", op_compare, write=True, render=_render, local_only=True)
 
 
-def write_reports(res: dict[str, Any], json_out: str | None, html_out: str | None, pool: str) -> None:
-    """Write the report's JSON and/or HTML files (never onto the pool's files)."""
+def write_reports(res: dict[str, Any], json_out: str | None, html_out: str | None, pool: str,
+                  png_out: str | None = None) -> None:
+    """Write the report's JSON, HTML and PNG files asked for (never onto the pool's files)."""
     import json
 
-    from thinpool.containers.compare import html_compare
+    from thinpool.containers.compare import html_compare, save_png
     from thinpool.safe_output import write_output
+    if png_out:
+        save_png(res, png_out)
     if json_out:
         write_output(json_out, json.dumps(res, indent=2) + "\n", pools=[pool], what="--json file")
     if html_out:
@@ -76,6 +79,8 @@ def write_reports(res: dict[str, Any], json_out: str | None, html_out: str | Non
               help="Write the report as JSON (keys: docs/containers.md).")
 @click.option("--html", "html_out", type=click.Path(dir_okay=False), default=None, metavar="OUT",
               help="Write the report as one self-contained HTML page.")
+@click.option("--png", "png_out", type=click.Path(dir_okay=False), default=None, metavar="OUT",
+              help="Write a bar chart of the report as a PNG (needs matplotlib).")
 @click.option("--workdir", type=click.Path(file_okay=False), default=None,
               help="Where the overlay store and the traces go (default: a temporary directory, removed). "
                    "Its filesystem is the overlay side's upper filesystem.")
@@ -87,7 +92,7 @@ def write_reports(res: dict[str, Any], json_out: str | None, html_out: str | Non
               help="Size of the image's base device (if the pool has none yet).")
 def compare_cmd(pool: str, archive: str, tag: str | None, workloads: tuple[str, ...], only: tuple[str, ...],
                 no_builtin: bool, block_sizes: str, json_out: str | None, html_out: str | None,
-                workdir: str | None, keep: bool, no_podman: bool, fs: str, base_size: int) -> None:
+                png_out: str | None, workdir: str | None, keep: bool, no_podman: bool, fs: str, base_size: int) -> None:
     """Block-level CoW (thin pool) against overlayfs, measured: run each workload in a fresh thin container
     and a fresh overlay container of image ARCHIVE (OCI layout or docker-archive; imported onto POOL if not
     there yet) and report the overlay upper directory's bytes (as du counts them) beside the thin
@@ -106,7 +111,7 @@ def compare_cmd(pool: str, archive: str, tag: str | None, workloads: tuple[str, 
         "archive": abspath(archive), "tag": tag, "workloads": list(workloads), "only": list(only),
         "builtin": not no_builtin, "block_sizes": block_sizes, "workdir": abspath(workdir) if workdir else None,
         "podman": not no_podman, "keep": keep, "fs": fs, "base_size": base_size, "progress": stderr_is_tty()})
-    write_reports(res, json_out, html_out, pool_abs)
+    write_reports(res, json_out, html_out, pool_abs, png_out)
     click.echo(_render(res))
 
 

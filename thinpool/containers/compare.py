@@ -508,3 +508,41 @@ def run_vs_overlay_demo(directory: str | None = None, *, block_size: int | str =
     if directory is None:
         res["pool"] = None
     return res
+
+
+def save_png(res: dict[str, Any], path: str) -> None:
+    """A bar chart of the report (log scale, one group per workload: the overlay upper directory, podman's,
+    then the thin side at the floor and every block size) as a PNG (needs matplotlib: the ``simulate``
+    extra)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise InvalidArgument("--png needs matplotlib (pip install 'thinpool[simulate]')") from None
+    from thinpool.safe_output import write_output
+    import io
+    ws = res["workloads"]
+    series = [("overlay upper (du)", [w["overlay"]["upper_bytes"] for w in ws], "#c0504d")]
+    if res["podman"]["used"]:
+        series.append(("podman upper (du)", [w["podman"].get("upper_bytes", 0) for w in ws], "#9b59b6"))
+    blues = ["#9dc3e6", "#6fa8dc", "#3d85c6", "#0b5394", "#073763", "#041e3a"]
+    for i, a in enumerate(ws[0]["thin_at"] if ws else []):
+        label = ("thin, floor " if a.get("floor") else "thin, ") + format_size(a["block_size"]) + " blocks"
+        series.append((label, [w["thin_at"][i]["bytes"] for w in ws], blues[min(i, len(blues) - 1)]))
+    fig, ax = plt.subplots(figsize=(11, 4.8))
+    width = 0.8 / max(1, len(series))
+    for k, (label, values, colour) in enumerate(series):
+        xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(ws))]
+        ax.bar(xs, [max(v, 1) / 2**20 for v in values], width, label=label, color=colour)
+    ax.set_yscale("log")
+    ax.set_ylabel("MiB written by the container (log)")
+    ax.set_xticks(range(len(ws)))
+    ax.set_xticklabels([w["name"] for w in ws])
+    ax.legend(fontsize=8, ncol=2)
+    ax.set_title(f"file-level copy-up (overlayfs) vs block-level CoW (thin pool, {res['image']['fs']})")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    write_output(path, buf.getvalue(), pools=[res["pool"]] if res.get("pool") else [], what="--png file")
