@@ -2,18 +2,23 @@
 
     python -m perf.nbd [--full] [--docs]     (also run by `python -m perf --only I7`)
 
-fio's nbd engine (libnbd) drives 4 KiB random reads and random writes at iodepth 1 and 16 against three
+fio's nbd engine (libnbd) drives 4 KiB random reads and random writes at iodepth 1 and 16 against
 servers listening on unix sockets in the same scratch directory, all started once and measured in
 interleaved, rotated repeats (medians):
 
 * ``thinpool serve`` on a pool with 64 KiB blocks, one volume;
 * ``qemu-nbd -f qcow2`` (cache=writeback, aio=threads: its defaults) on a qcow2 image with 64 KiB clusters;
-* ``nbdkit file`` (C, the raw file; an upper bound).
+* ``nbdkit file`` (C, the raw file, its default 16 worker threads: the C anchor);
+* ``nbdkit --threads 2 file`` for the multi-conn rows only.
 
 Each target is filled over the tested region first (sequential 1 MiB writes through its own server), so
-reads return real data and writes are overwrites of provisioned blocks/clusters on every side.  The
-ratio is thinpool IOPS / qemu-nbd IOPS; the target is >= 1.0 at both depths.  ``--docs`` rewrites the
-NBD section of docs/performance.md (between its markers), nothing else.
+reads return real data and writes are overwrites of provisioned blocks/clusters on every side; then
+every side serves one short unmeasured run of each workload (JIT, page cache).  Rows I7a-d: thinpool /
+qemu-nbd (target >= 1.0); rows I7e-h: thinpool / nbdkit file on the same four workloads (target >= 1.0);
+rows I7i-j (multi-conn): two fio jobs, each on its own connection at iodepth 16, against thinpool and
+against nbdkit with two worker threads (target >= 1.0).  Each side's server CPU time per I/O
+(``/proc/PID/stat``) is recorded beside its IOPS, and the load average before and after the run.
+``--docs`` rewrites the NBD section of docs/performance.md (between its markers), nothing else.
 """
 
 from __future__ import annotations
@@ -35,6 +40,10 @@ SECTION_BEGIN = "<!-- nbd: begin (written by `python -m perf.nbd --docs`) -->"
 SECTION_END = "<!-- nbd: end -->"
 WORKLOADS = [("randread", 1), ("randread", 16), ("randwrite", 1), ("randwrite", 16)]
 SIDES = ("thinpool", "qemu-nbd", "nbdkit")
+#: multi-conn rows: (rw, iodepth per job); two jobs, one connection each
+MULTI = [("randread", 16), ("randwrite", 16)]
+MULTI_JOBS = 2
+MULTI_PEER = "nbdkit-t2"  # nbdkit --threads 2
 
 
 # ----------------------------------------------------------------------------- servers
@@ -70,6 +79,15 @@ class Server:
         except BaseException:
             self.stop()
             raise
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the server process has used so far (``/proc/PID/stat``)."""
+        try:
+            with open(f"/proc/{self.proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return float("nan")
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -130,8 +148,17 @@ def start_servers(sc: Scratch, size: int) -> dict[str, Server]:
             ksock = os.path.join(sc.dir, "k.sock")
             servers["nbdkit"] = Server("nbdkit", [find_tool("nbdkit") or "nbdkit", "-f", "-U", ksock, "-e", "vol",
                                                   "file", raw], ksock, "vol")
+            raw2 = sc.path("nbd2.raw")
+            with open(raw2, "wb") as f:
+                f.truncate(size)
+            k2sock = os.path.join(sc.dir, "k2.sock")
+            servers[MULTI_PEER] = Server(MULTI_PEER, [find_tool("nbdkit") or "nbdkit", "-f", "-U", k2sock, "-e", "vol",
+                                                      "--threads", "2", "file", raw2], k2sock, "vol")
         for s in servers.values():  # provision the tested region on every side
             fio(s.uri, "write", 4, size, 0, bs="1M", cwd=sc.dir)
+        for s in servers.values():  # warm up (the server's first 4 KiB requests may compile or fault in)
+            for rw in ("randread", "randwrite"):
+                fio(s.uri, rw, 16, size, 1, cwd=sc.dir)
     except BaseException:
         for s in servers.values():
             s.stop()
@@ -140,48 +167,96 @@ def start_servers(sc: Scratch, size: int) -> dict[str, Server]:
 
 
 # ----------------------------------------------------------------------------- the measurement
+def _workload(sc: Scratch, servers: dict[str, Server], rw: str, qd: int, size: int, runtime: float, reps: int,
+              jobs: int = 1) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, list[float]]]:
+    """Interleaved repeats of one fio workload on ``servers``: (IOPS, mean completion latency in us,
+    server CPU microseconds per I/O), each a list per side."""
+    lat: dict[str, list[float]] = {n: [] for n in servers}
+    cpu: dict[str, list[float]] = {n: [] for n in servers}
+    extra = [f"--numjobs={jobs}", "--group_reporting"] if jobs > 1 else []
+
+    def side(s: Server):
+        def run(_r: int) -> float:
+            c0 = s.cpu_seconds()
+            job = fio(s.uri, rw, qd, size, runtime, cwd=sc.dir, extra=extra)
+            c1 = s.cpu_seconds()
+            part = job["read" if "read" in rw else "write"]
+            lat[s.name].append(part["clat_ns"]["mean"] / 1000)
+            n_io = float(part.get("total_ios") or 0) or iops(job, rw) * runtime
+            cpu[s.name].append((c1 - c0) / max(n_io, 1.0) * 1e6)
+            return iops(job, rw)
+        return run
+    res = interleave({n: side(s) for n, s in servers.items()}, reps)
+    return res, lat, cpu
+
+
 def measure(sc: Scratch, full: bool) -> dict[str, Any]:
     size = (512 if full else 256) * MiB
-    runtime = 5 if full else 2
-    reps = 5 if full else 3
+    runtime = 3 if full else 2
+    reps = 7 if full else 5
+    load_before = os.getloadavg()
     servers = start_servers(sc, size)
+    single = {n: s for n, s in servers.items() if n != MULTI_PEER}
+    multi = {n: s for n, s in servers.items() if n in ("thinpool", MULTI_PEER)}
     results: dict[str, dict[str, list[float]]] = {}
     lat: dict[str, dict[str, list[float]]] = {}
+    cpu: dict[str, dict[str, list[float]]] = {}
     try:
         for rw, qd in WORKLOADS:
             key = f"{rw}-qd{qd}"
             log(f"perf.nbd: {key} ...")
-            lat[key] = {n: [] for n in servers}
-
-            def side(s: Server, rw: str = rw, qd: int = qd, key: str = key):
-                def run(_r: int) -> float:
-                    job = fio(s.uri, rw, qd, size, runtime, cwd=sc.dir)
-                    part = job["read" if "read" in rw else "write"]
-                    lat[key][s.name].append(part["clat_ns"]["mean"] / 1000)
-                    return iops(job, rw)
-                return run
-            results[key] = interleave({n: side(s) for n, s in servers.items()}, reps)
+            results[key], lat[key], cpu[key] = _workload(sc, single, rw, qd, size, runtime, reps)
+        if len(multi) == 2:
+            for rw, qd in MULTI:
+                key = f"{rw}-qd{qd}-x{MULTI_JOBS}"
+                log(f"perf.nbd: {key} (multi-conn) ...")
+                results[key], lat[key], cpu[key] = _workload(sc, multi, rw, qd, size, runtime, reps, MULTI_JOBS)
     finally:
         for s in servers.values():
             s.stop()
     return {"size": size, "runtime_s": runtime, "repeats": reps, "sides": list(servers), "iops": results,
-            "clat_us": lat}
+            "clat_us": lat, "cpu_us_per_io": cpu, "load_before": list(load_before),
+            "load_after": list(os.getloadavg())}
+
+
+def _side_values(d: dict[str, Any], key: str, sides: tuple[str, ...]) -> dict[str, float]:
+    values: dict[str, float] = {}
+    for what, field in (("iops", "iops"), ("clat_us", "clat_us"), ("cpu_us_per_io", "cpu_us")):
+        per = d.get(what, {}).get(key, {})
+        values.update({f"{n}_{field}": med(per[n]) for n in sides if per.get(n)})
+    return values
 
 
 def rows_from(d: dict[str, Any]) -> list[Row]:
-    rows = []
+    """I7a-d (vs qemu-nbd), I7e-h (vs nbdkit file), I7i-j (multi-conn vs nbdkit --threads 2)."""
+    rows, vs_nbdkit = [], []
     for i, (rw, qd) in enumerate(WORKLOADS):
         key = f"{rw}-qd{qd}"
-        m = {n: med(v) for n, v in d["iops"][key].items()}
-        lat = {n: med(v) for n, v in d["clat_us"][key].items()}
-        values = {f"{n}_iops": m[n] for n in SIDES if n in m}
-        values.update({f"{n}_clat_us": lat[n] for n in SIDES if n in lat})
+        values = _side_values(d, key, SIDES)
+        t = values.get("thinpool_iops")
         title = f"fio nbd 4 KiB {rw} iodepth {qd}: thinpool serve / qemu-nbd+qcow2"
-        if "qemu-nbd" not in m:
+        if "qemu-nbd_iops" not in values:
             rows.append(Row(f"I7{'abcd'[i]}", title, values, None, ">= 1.0", "missing", note=missing_msg("qemu-nbd")))
-            continue
-        note = f"vs nbdkit file {m['thinpool'] / m['nbdkit']:.2f}x" if "nbdkit" in m else missing_msg("nbdkit")
-        rows.append(Row(f"I7{'abcd'[i]}", title, values, m["thinpool"] / m["qemu-nbd"], ">= 1.0", note=note).judge())
+        else:
+            rows.append(Row(f"I7{'abcd'[i]}", title, values, t / values["qemu-nbd_iops"], ">= 1.0").judge())
+        ktitle = f"fio nbd 4 KiB {rw} iodepth {qd}: thinpool serve / nbdkit file"
+        kvalues = {k: v for k, v in values.items() if not k.startswith("qemu")}
+        if "nbdkit_iops" not in values:
+            vs_nbdkit.append(Row(f"I7{'efgh'[i]}", ktitle, kvalues, None, ">= 1.0", "missing",
+                                 note=missing_msg("nbdkit")))
+        else:
+            vs_nbdkit.append(Row(f"I7{'efgh'[i]}", ktitle, kvalues, t / values["nbdkit_iops"], ">= 1.0").judge())
+    rows += vs_nbdkit
+    for i, (rw, qd) in enumerate(MULTI):
+        key = f"{rw}-qd{qd}-x{MULTI_JOBS}"
+        title = (f"fio nbd multi-conn: {MULTI_JOBS} jobs x 4 KiB {rw} iodepth {qd}, one connection each: "
+                 f"thinpool serve / nbdkit --threads 2 file")
+        values = _side_values(d, key, ("thinpool", MULTI_PEER))
+        if f"{MULTI_PEER}_iops" not in values:
+            rows.append(Row(f"I7{'ij'[i]}", title, values, None, ">= 1.0", "missing", note=missing_msg("nbdkit")))
+        else:
+            rows.append(Row(f"I7{'ij'[i]}", title, values, values["thinpool_iops"] / values[f"{MULTI_PEER}_iops"],
+                            ">= 1.0").judge())
     return rows
 
 
@@ -221,24 +296,39 @@ Quick and full runs after these: 2.96 / 2.81 / 1.58 / 1.92, 1.22 / 2.65 / 1.67 /
 (the wake-up of fio is paid by the sender), ~30 % spinning, ~20 % in `PoolExport.pread` -> `Thin.read`.
 """
 
+def _cell(v: dict[str, Any], side: str) -> str:
+    if f"{side}_iops" not in v:
+        return "-"
+    return (f"{v[f'{side}_iops']:,.0f} ({v.get(f'{side}_clat_us', 0):.0f} us, "
+            f"{v.get(f'{side}_cpu_us', float('nan')):.1f} us CPU)")
+
+
 def table_md(rows: list[Row], d: dict[str, Any]) -> str:
-    out = ["| workload | thinpool serve IOPS | qemu-nbd + qcow2 IOPS | nbdkit file IOPS | thinpool / qemu-nbd "
-           "| thinpool / nbdkit | target | status |", "|---|---|---|---|---|---|---|---|"]
-    for r, (rw, qd) in zip(rows, WORKLOADS):
-        v = r.values
-        ratio_k = (f"{v['thinpool_iops'] / v['nbdkit_iops']:.2f}" if "nbdkit_iops" in v else "-")
-        status = status_cell(r)
-        out.append(f"| 4 KiB {rw}, iodepth {qd} | {v.get('thinpool_iops', 0):,.0f} "
-                   f"({v.get('thinpool_clat_us', 0):.0f} us) | {v.get('qemu-nbd_iops', 0):,.0f} "
-                   f"({v.get('qemu-nbd_clat_us', 0):.0f} us) | {v.get('nbdkit_iops', 0):,.0f} "
-                   f"({v.get('nbdkit_clat_us', 0):.0f} us) | "
-                   f"{(f'{r.ratio:.2f}' if r.ratio is not None else '-')} | {ratio_k} | {r.target} | {status} |")
+    by_key = {r.key: r for r in rows}
+    out = ["| workload | thinpool serve | qemu-nbd + qcow2 | nbdkit file | thinpool / qemu-nbd "
+           "| thinpool / nbdkit | target | status (vs qemu-nbd, vs nbdkit) |", "|---|---|---|---|---|---|---|---|"]
+    for i, (rw, qd) in enumerate(WORKLOADS):
+        q, k = by_key[f"I7{'abcd'[i]}"], by_key[f"I7{'efgh'[i]}"]
+        v = dict(q.values, **k.values)
+        rq = f"{q.ratio:.2f}" if q.ratio is not None else "-"
+        rk = f"{k.ratio:.2f}" if k.ratio is not None else "-"
+        out.append(f"| I7{'abcd'[i]}/I7{'efgh'[i]}: 4 KiB {rw}, iodepth {qd} | {_cell(v, 'thinpool')} | "
+                   f"{_cell(v, 'qemu-nbd')} | {_cell(v, 'nbdkit')} | {rq} | {rk} | >= 1.0 | "
+                   f"{status_cell(q)}, {status_cell(k)} |")
+    out += ["", f"| multi-conn ({MULTI_JOBS} fio jobs, one connection each) | thinpool serve | nbdkit --threads 2 file "
+            f"| thinpool / nbdkit | target | status |", "|---|---|---|---|---|---|"]
+    for i, (rw, qd) in enumerate(MULTI):
+        r = by_key.get(f"I7{'ij'[i]}")
+        if r is None:
+            continue
+        ratio = f"{r.ratio:.2f}" if r.ratio is not None else "-"
+        out.append(f"| I7{'ij'[i]}: 4 KiB {rw}, iodepth {qd} per job | {_cell(r.values, 'thinpool')} | "
+                   f"{_cell(r.values, MULTI_PEER)} | {ratio} | {r.target} | {status_cell(r)} |")
     return "\n".join(out)
 
 
-
 def main(argv: list[str] | None = None) -> int:
-    ap = perf_parser("nbd", __doc__, "512 MiB region, 5 s runs, 5 repeats (quick: 256 MiB, 2 s, 3)", "NBD",
+    ap = perf_parser("nbd", __doc__, "512 MiB region, 3 s runs, 7 repeats (quick: 256 MiB, 2 s, 5)", "NBD",
                      json_help="also write the raw figures to this file")
     ap.add_argument("--from-json", help="do not measure: report the figures a previous --json run saved")
     a = ap.parse_args(argv)
@@ -247,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
             saved = json.load(f)
         m, d = saved["machine"], saved["detail"]
         rows = rows_from(d)
-        a.full = d["runtime_s"] >= 5
+        a.full = d["runtime_s"] >= 3
     else:
         m = machine()
         with Scratch() as sc:
@@ -265,12 +355,16 @@ def main(argv: list[str] | None = None) -> int:
     if a.docs and d:
         vers = d.get("versions") or {t: tool_version(t) for t in ("fio", "qemu-nbd", "nbdkit")}
         versions = "; ".join(f"{t}: {v}" for t, v in vers.items())
+        lb, la = d.get("load_before"), d.get("load_after")
+        load = (f"  Load average (1, 5, 15 min) {lb[0]:.1f} / {lb[1]:.1f} / {lb[2]:.1f} before the run and "
+                f"{la[0]:.1f} / {la[1]:.1f} / {la[2]:.1f} after it (2 cores).") if lb and la else ""
         body = (f"## fio over NBD (`python -m perf.nbd{' --full' if a.full else ''}`)\n\n"
                 f"Measured {d.get('date') or time.strftime('%Y-%m-%d')} on {m['cpu']} ({m['cores']} cores), "
                 f"kernel {m['kernel']}, Python {m['python']}; {versions}.  fio's nbd engine (libnbd) over unix "
                 f"sockets, {d['size'] // MiB} MiB region provisioned first on every side, {d['runtime_s']} s per "
-                f"run, {d['repeats']} interleaved repeats (medians; mean completion latency in brackets).  "
-                f"Ratio = thinpool / qemu-nbd; target >= 1.0.\n\n" + table_md(rows, d) + "\n\n" + ANALYSIS)
+                f"run, {d['repeats']} interleaved repeats (medians; in brackets the mean completion latency and "
+                f"the server's CPU time per I/O).{load}  Targets: thinpool >= 1.0x qemu-nbd and >= 1.0x nbdkit "
+                f"file.\n\n" + table_md(rows, d) + "\n\n" + ANALYSIS)
         write_section(PERFORMANCE_MD, SECTION_BEGIN, SECTION_END, body)
         print("docs: docs/performance.md (NBD section)")
     return 0
