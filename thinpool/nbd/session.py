@@ -62,6 +62,13 @@ _BUDGET_CHUNK = 1 << 20
 #: busy-poll window before a session blocks for its next request (see Session._spin_wait); 0 disables
 SPIN_NS = int(os.environ.get("THINPOOL_NBD_SPIN_NS", 100_000))
 _SPINNER = threading.Lock()
+#: a busy-poll round (poll + sched_yield) longer than this gave the CPU (or the GIL) to someone else
+CONTENDED_NS = 30_000
+#: after such a round a session blocks without busy-polling for this long
+SPIN_BACKOFF_NS = 100_000_000
+#: sessions in the transmission phase right now (a session busy-polls only while it is the only one)
+_transmitting = [0]
+_transmitting_lock = threading.Lock()
 
 # transmission fast path: header layouts and constants, bound once
 _REQUEST = struct.Struct(">IHHQQI")
@@ -113,6 +120,7 @@ class Session(Handshake, RequestHandling):
         self._out: list[bytes] = []
         self._outlen = 0
         self._spin = SPIN_NS > 0
+        self._spin_backoff = 0  # monotonic ns before which this session does not busy-poll
         self.started = time.monotonic()
         #: True until option haggling ends (the server may evict such a connection when it is full)
         self.in_handshake = True
@@ -256,21 +264,31 @@ class Session(Handshake, RequestHandling):
         A request that arrives while we spin is picked up without a wake-up from idle (on a VM a
         cross-CPU wake-up costs tens of microseconds, more than serving a 4 KiB request).  Adaptive,
         like QEMU's AioContext polling: a session spins only while its client keeps sending within
-        about the window (an idle or slow client costs no CPU); one session spins at a time (the
-        others block); each round yields the CPU, so a client sharing it runs at once.
+        about the window (an idle or slow client costs no CPU); one session spins at a time, and only
+        while it is the only connection in the transmission phase (with two, the spinner's GIL
+        hand-overs would delay the other connection's requests); each round yields the CPU, so a
+        client sharing it runs at once -- and a round that took longer than CONTENDED_NS (another task
+        wanted this CPU, or another thread the GIL) ends the spinning for SPIN_BACKOFF_NS: on a busy
+        machine spinning only burns the CPU time the server needs for serving.
         """
         now = time.monotonic_ns
         start = now()
-        if spin and _SPINNER.acquire(blocking=False):
+        if spin and start >= self._spin_backoff and _transmitting[0] == 1 and _SPINNER.acquire(blocking=False):
             try:
                 poll0 = self._busy_poll.poll
                 end = start + SPIN_NS
+                last = start
                 while True:
                     if poll0(0):
                         return True
-                    if now() >= end:
+                    t = now()
+                    if t >= end:
+                        break
+                    if t - last > CONTENDED_NS:
+                        self._spin_backoff = t + SPIN_BACKOFF_NS
                         break
                     os.sched_yield()
+                    last = t
             finally:
                 _SPINNER.release()
         self._wait_readable(True, [])  # the caller's wait then handles a shutdown
@@ -360,6 +378,15 @@ class Session(Handshake, RequestHandling):
 
     # ================================================================= transmission
     def _transmission(self) -> None:
+        with _transmitting_lock:
+            _transmitting[0] += 1
+        try:
+            self._transmit()
+        finally:
+            with _transmitting_lock:
+                _transmitting[0] -= 1
+
+    def _transmit(self) -> None:
         export = self.export
         assert export is not None
         stopping = self.ctx.stopping
