@@ -1,4 +1,4 @@
-"""O1-O4: unpacking an image layer -- ``thinpool.containers.oci`` + ``oci_apply`` vs ``umoci unpack``; and
+"""O1-O2, O5-O6: unpacking an image layer -- ``thinpool.containers.oci`` + ``oci_apply`` vs ``umoci unpack``; and
 importing the image onto a thin pool (``thinpool image import``) vs ``umoci unpack``.
 
     python -m perf.oci [--full] [--docs] [--json OUT]
@@ -19,7 +19,7 @@ interleaved repeats (medians; 3, --full 5), the same layer is unpacked into a fr
   ``thinpool image import`` does.
 
 O1/O2 ratio = thinpool unpack / umoci wall time (target <= 1.5: the reader must not make an import slower
-than the tool people use to unpack such images).  O3/O4 ratio = the whole import onto the pool / umoci
+than the tool people use to unpack such images).  O5/O6 ratio = the whole import onto the pool / umoci
 unpack of the same archive (target <= 3: the import also makes a filesystem and writes through the NBD
 and FUSE layers).  ``--docs`` rewrites this section of docs/performance.md
 between its markers, nothing else.
@@ -148,8 +148,8 @@ def run(full: bool) -> tuple[list[Row], dict]:
                                   f"{nbytes / 2**20:.0f} MiB): thinpool / umoci unpack", f"<= {TARGET}",
                                   t["thinpool"] / t["umoci"], thinpool_s=t["thinpool"], umoci_s=t["umoci"],
                                   tar_s=t["tar"], MiB_per_s=nbytes / 2**20 / t["thinpool"]))
-        for key, title in (("O3", "O1's image"), ("O4", "O2's image")):
-            t = detail["O1" if key == "O3" else "O2"]
+        for key, title in (("O5", "O1's image"), ("O6", "O2's image")):
+            t = detail["O1" if key == "O5" else "O2"]
             if "import" not in t:
                 log(f"{key}: skipped -- image import needs root, /dev/fuse and nbdfuse")
                 continue
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                 "shared): a one-layer gzip image made by umoci, unpacked into a fresh directory by "
                 "`thinpool.containers.oci` + `oci_apply.apply_layer` (blob digest and diff ID checked, every "
                 "path resolved from the root with O_NOFOLLOW), by `umoci unpack` (digests checked; also writes "
-                "a runtime config and an mtree manifest) and by `tar -xzf` (no checks); O3/O4: `thinpool image "
+                "a runtime config and an mtree manifest) and by `tar -xzf` (no checks); O5/O6 (O3-O4 are perf/image_import.py's): `thinpool image "
                 "import` of the same archive onto a fresh pool (a 10 GiB base thin device made with mkfs.ext4 as "
                 "Docker does, the layer applied through the mounted ext4 of a snapshot served over NBD, nbdfuse "
                 "and a loop device, unmounted and committed) against the same umoci unpack; "
