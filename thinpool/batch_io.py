@@ -92,8 +92,9 @@ def apply_io(thins: Sequence[Thin], vol: np.ndarray, ops: np.ndarray, offsets: n
         raise InvalidArgument(f"apply_io: cuts must be increasing positions within 0..{n}")
     if cut_list and on_cut is None:
         raise InvalidArgument("apply_io: cuts given without on_cut")
-    if n and int(ops.max()) > 2:
-        raise InvalidArgument(f"apply_io: unknown op code {int(ops.max())} (0 read, 1 write, 2 discard)")
+    opmax = int(ops.max()) if n else 0
+    if opmax > 2:
+        raise InvalidArgument(f"apply_io: unknown op code {opmax} (0 read, 1 write, 2 discard)")
     if n and (int(vol.min()) < 0 or int(vol.max()) >= len(thins)):
         raise InvalidArgument(f"apply_io: volume index out of range (0..{len(thins) - 1})")
     ctx = thins[0]._ctx
@@ -101,25 +102,28 @@ def apply_io(thins: Sequence[Thin], vol: np.ndarray, ops: np.ndarray, offsets: n
         ctx.check_open()
         slots = np.array([t._slot() for t in thins], np.int64)
         sizes = ctx.devs_i[slots, L.DEV_SIZE]
-        if n and ((offsets < 0).any() or (lengths < 0).any()):
+        if n and (int(offsets.min()) < 0 or int(lengths.min()) < 0):
             raise InvalidArgument("apply_io: negative offset or length")
         ends = offsets + lengths
-        bad = (ends > sizes[vol]) | (ends < offsets)
+        # one pass when every I/O ends within the smallest volume (and no sum wrapped: both are >= 0)
+        if n and (int(ends.min()) < 0 or int(ends.max()) > int(sizes.min())):
+            bad = (ends > sizes[vol]) | (ends < offsets)
+        else:
+            bad = np.zeros(0, bool)
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             raise InvalidArgument(f"volume {thins[int(vol[i])].name!r}: I/O at offset {int(offsets[i])} length "
                                   f"{int(lengths[i])} goes past the end of the volume ({int(sizes[vol[i]])} bytes)")
-        changes = ops != 0
-        if (ops == 2).any() and pool.discard_mode == "ignore":
+        if opmax == 2 and pool.discard_mode == "ignore" and (ops == 2).any():
             raise DiscardNotSupported(f"pool {ctx.path}: discards are turned off (ignore_discard): the batch holds "
                                       f"{int((ops == 2).sum())} discards")
-        any_change = bool(changes.any())
+        any_change = opmax > 0
         if any_change:
             ctx.check_io_writable()
             ro = (ctx.devs_i[slots, L.DEV_FLAGS] & L.FLAG_READ_ONLY) != 0
-            hit = ro[vol[changes]]
+            hit = ro[vol[ops != 0]] if ro.any() else np.zeros(0, bool)
             if hit.any():
-                raise ReadOnly(f"volume {thins[int(vol[changes][hit][0])].name!r} is read-only")
+                raise ReadOnly(f"volume {thins[int(vol[ops != 0][hit][0])].name!r} is read-only")
         fd = ctx.data.fd
         if fd >= 0:
             w = ops == 1

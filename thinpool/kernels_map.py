@@ -344,7 +344,13 @@ def shadow_leaf(nodes, space, st, leaf):
 def lookup(nodes, root, vb):
     """Mapping of virtual block ``vb`` under ``root`` (UNMAPPED if none); also returns whether any
     node on the path is shared (count > 1)."""
-    leaves, inners, leaf_rc, inner_rc = nodes[0], nodes[1], nodes[2], nodes[3]
+    return lookup_in(nodes[0], nodes[1], nodes[2], nodes[3], root, vb)
+
+
+@njit(cache=True, inline="always")
+def lookup_in(leaves, inners, leaf_rc, inner_rc, root, vb):
+    """:func:`lookup` over the node arrays themselves (a batch loop takes them out of ``nodes`` once:
+    each extraction per I/O costs reference counting)."""
     shared = inner_rc[root] > 1
     mid = inners[root, vb >> (LEAF_BITS + INNER_BITS)]
     if mid == NONE:

@@ -14,7 +14,7 @@ from numba import njit
 
 from . import kernels_cache
 from .kernels import ORIGIN_ERROR, discard_range, pread_all, read_hole, write_span
-from .kernels_map import UNMAPPED, lookup, mapping_block, needs_new_block
+from .kernels_map import UNMAPPED, lookup, lookup_in, mapping_block, needs_new_block
 from .schema import (DEV_ROOT, DEV_SNAP_TIME, IO_ERROR, NEED_NODES, NO_SPACE, OK, ST_BLOCK_SIZE, ST_INNER_FREE,
                      ST_INNERS_LIVE, ST_LEAF_FREE, ST_LEAVES_LIVE, ST_NR_ALLOCATABLE, ST_NR_BLOCKS, ST_NR_FREE)
 
@@ -66,14 +66,26 @@ def apply_batch(nodes, space, st, devs, slots, fd, tmp, pattern, vol, ops, offse
     write or read failed at ``next_io``.  Ranges, read-only devices and op codes are the caller's checks.
     """
     bs = st[ST_BLOCK_SIZE]
+    leaves, inners, leaf_rc, inner_rc = nodes[0], nodes[1], nodes[2], nodes[3]
+    last = -1
+    dev = devs[0]
     for i in range(start, end):
         length = lengths[i]
         if length <= 0:
             continue
         off = offsets[i]
         op = ops[i]
-        dev = devs[slots[vol[i]]]
+        if vol[i] != last:
+            last = vol[i]
+            dev = devs[slots[last]]
         if op == OP_WRITE:
+            if fd < 0 and not no_alloc and (off + length - 1) // bs == off // bs:
+                # without a data file, a write inside one provisioned, unshared block changes nothing
+                # (dm-thin remaps the bio: no metadata change, nothing counted) -- the common case of a
+                # replay, decided here without write_span's general path
+                v, shared = lookup_in(leaves, inners, leaf_rc, inner_rc, dev[DEV_ROOT], off // bs)
+                if not needs_new_block(v, shared, dev[DEV_SNAP_TIME]):
+                    continue
             if no_alloc:
                 if _blocks_needed(nodes, dev, off, length, bs) > 0:
                     if skip_no_space:

@@ -269,13 +269,20 @@ class Replayer:
         self._bar.advance(n, float(time[-1]))
 
     def _map_offsets(self, op, offset, length, tgt, line, src):
-        offset = offset.copy()
-        length = length.copy()
-        flush = op == OP_FLUSH
-        offset[flush] = 0
-        length[flush] = 0
+        if int(op.max()) == OP_FLUSH or any(t.offset_scale != 1.0 for t in self.targets):
+            offset = offset.copy()
+            length = length.copy()
+            flush = op == OP_FLUSH
+            offset[flush] = 0
+            length[flush] = 0
+        elif int((offset + length).max()) <= int(self.sizes.min()) and int(offset.min()) >= 0:
+            return offset, length  # nothing to map (the common case): no copies
+        else:
+            offset = offset.copy()
+            length = length.copy()
+        single = len(self.targets) == 1
         for i, t in enumerate(self.targets):
-            m = tgt == i
+            m = np.ones(len(op), bool) if single else tgt == i
             if t.offset_scale != 1.0:
                 offset[m] = (offset[m] * t.offset_scale).astype(np.int64) // 512 * 512
             size = int(self.sizes[i])
