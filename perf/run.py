@@ -14,6 +14,8 @@ Rows (each prints measured values, the ratio, the target and pass/short):
   S9 scale: 1 TiB pool, 10,000 volumes, 10,000,000 mappings: open, RSS, status, ls, dump vs thin_dump
   S10 100,000 volumes (snapshots of 4 origins), 100,000,000 mappings, metadata-only (perf/scale.py; quick: 1 %):
      open, RSS, status / ls / snapshot vs `python -c pass`, ls --usage, export-metadata vs thin_dump
+  C1-C3 cold start: the first `thinpool demo` of a fresh install (empty kernel cache; a new checkout on a machine
+     that ran these sources) and a warm one (perf/coldstart.py)
   I4 dump / export-metadata of 1,000,000 mappings over 100 volumes vs thin_dump
   I7 fio over NBD -- a hook: perf/nbd.py, when it exists, provides run(scratch, full) -> rows
   M1 metadata blocks used per million mappings, ours vs the exported dm-thin metadata (perf/metadata.py):
@@ -594,6 +596,12 @@ def m1(sc: Scratch, full: bool):
     return metadata.run(sc, full)
 
 
+def c1(sc: Scratch, full: bool):
+    """C1-C3: cold start, the first and a warm `thinpool demo` (perf/coldstart.py)."""
+    from . import coldstart
+    return coldstart.run(full, sc)
+
+
 def s10(sc: Scratch, full: bool):
     """S10: 100,000 volumes and 100,000,000 mappings (perf/scale.py; quick mode at scale 0.01)."""
     from . import scale
@@ -601,7 +609,7 @@ def s10(sc: Scratch, full: bool):
 
 
 STEPS = {"S1": s1_s2, "S3": s3, "S4": s4, "S5": s5_s6, "S7": s7, "S8": s8, "S9": s9, "S10": s10, "I4": i4, "I7": i7,
-         "M1": m1}
+         "M1": m1, "C1": c1}
 
 
 # ----------------------------------------------------------------------------- main

@@ -25,6 +25,7 @@ every kernel module imports before defining a kernel) registers the machine dire
 
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
 import sys
@@ -39,6 +40,8 @@ _machine_base: str | None = None
 machine_dir: str | None = None
 #: directories of other sources last used longer ago than this are removed when a new one is made
 PRUNE_AFTER_S = 30 * 24 * 3600
+#: the kernel compile locks this process holds (see :func:`serialize_compiles`)
+_held: set[str] = set()
 
 
 def _writable_dir(path: str) -> bool:
@@ -202,3 +205,52 @@ def install_locator(sources_digest: int, sources: tuple[str, ...]) -> str | None
                                                       if c.__name__ != "MachineCacheLocator"]
     machine_dir = path
     return path
+
+
+def serialize_compiles(namespace: dict[str, Any]) -> int:
+    """Make the kernels of ``namespace`` (a kernel module's globals) compile one process at a time
+    machine-wide: each kernel's compilation takes an exclusive ``flock`` on ``<kernel>.lock`` in the
+    machine cache directory, and numba looks in the cache only once it holds it.  So a process that
+    needs a kernel another process is compiling waits for it and loads it from the cache instead of
+    compiling it a second time (``thinpool demo``'s helper process relies on this: see
+    :mod:`thinpool.containers.demo`), and two processes never save entries of one kernel at once.
+    Returns how many kernels were wrapped (0 without a machine cache directory).
+
+    The lock is taken inside numba's own (per-process) compiler lock, so the threads of one process
+    cannot deadlock on it; between processes, a kernel's lock is only ever requested while holding
+    the locks of kernels that call it (numba compiles callees while compiling a caller), and no kernel
+    calls itself through another, so the waits cannot form a cycle."""
+    if machine_dir is None:
+        return 0
+    from numba.core.compiler_lock import global_compiler_lock
+    from numba.core.dispatcher import Dispatcher
+    module = namespace["__name__"]
+    wrapped = 0
+    for obj in list(namespace.values()):
+        if not isinstance(obj, Dispatcher) or obj.py_func.__module__ != module or "compile" in vars(obj):
+            continue
+        path = os.path.join(machine_dir, f"{module.rsplit('.', 1)[-1]}.{obj.py_func.__name__}.lock")
+        obj.compile = _locked_compile(obj.compile, path, global_compiler_lock)
+        wrapped += 1
+    return wrapped
+
+
+def _locked_compile(compile_: Any, path: str, compiler_lock: Any) -> Any:
+    def compile(sig: Any) -> Any:
+        with compiler_lock:
+            if path in _held:  # this process holds it already (a kernel compiled inside its own compile)
+                return compile_(sig)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError:
+                return compile_(sig)  # no lock to be had: compile as numba alone would
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                _held.add(path)
+                try:
+                    return compile_(sig)
+                finally:
+                    _held.discard(path)
+            finally:
+                os.close(fd)  # releases the lock
+    return compile

@@ -57,7 +57,9 @@ def sources_digest() -> int:
 def check(namespace: dict[str, Any], built_with: Callable[[], int]) -> bool:
     """Drop the cached code of every kernel in ``namespace`` (a kernel module's globals) when
     ``built_with()`` -- that module's cached digest kernel -- was compiled from other sources than
-    today's.  Returns True when it dropped something."""
+    today's.  Returns True when it dropped something.  First makes the module's kernels compile one
+    process at a time machine-wide (:func:`thinpool.jit_cache.serialize_compiles`)."""
+    jit_cache.serialize_compiles(namespace)
     if built_with() == sources_digest():
         return False
     from numba.core.dispatcher import Dispatcher

@@ -81,3 +81,43 @@ def test_directories_of_sources_unused_for_30_days_are_removed_when_a_new_one_is
     answer, where, _, _ = _probe(_checkout(tmp_path / "a"), cache)
     assert answer == "1" and Path(where).is_dir()
     assert not old.exists() and recent.exists()
+
+
+def test_a_kernel_compiles_under_an_exclusive_lock_that_nested_compiles_of_it_reenter(tmp_path):
+    """serialize_compiles' wrapper: numba's compile (which looks in the cache first) runs while this
+    process holds the kernel's flock -- another process asking for it waits, then loads what was
+    saved -- and a compile of the same kernel inside it does not wait for itself."""
+    import fcntl
+    import threading
+
+    from thinpool import jit_cache
+    path = str(tmp_path / "kernels.k.lock")
+    seen = []
+
+    def other_process_can_lock() -> bool:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(fd)
+
+    def compile_(sig):
+        seen.append((sig, other_process_can_lock()))
+        if sig == "outer":
+            wrapped("inner")  # re-entered: must not block on its own lock
+        if sig == "fails":
+            raise ValueError("typing error")
+        return sig
+
+    wrapped = jit_cache._locked_compile(compile_, path, threading.RLock())
+    assert wrapped("outer") == "outer"
+    assert seen == [("outer", False), ("inner", False)]
+    assert other_process_can_lock()  # released after
+    try:
+        wrapped("fails")
+    except ValueError:
+        pass
+    assert seen[-1] == ("fails", False) and other_process_can_lock()

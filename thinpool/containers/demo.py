@@ -20,12 +20,18 @@ usage), never computed from the file sizes.  :func:`run_demo` returns a JSON-abl
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Iterator
+
+import numpy as np
 
 from ..pool import Pool
 from ..units import format_docker_size, format_go_human_size, parse_size
@@ -87,6 +93,57 @@ def run_demo(path: str | os.PathLike | None = None, block_size: int | str = "64K
     result["pool"] = None if tmp is not None else pool_path
     result["elapsed_seconds"] = round(time.perf_counter() - t0, 3)
     return result
+
+
+#: what the helper of :func:`compile_helper` compiles, in its order (the demo itself starts with
+#: ``write_one``); the helper starts only when the first two are missing from the kernel cache
+HELPER_KERNELS = ("kernels.write_batch", "kernels.read_one", "walks.logical_counts", "walks.usage_of_roots",
+                  "walks.count_mappings", "walks.collect_mappings")
+
+
+@contextlib.contextmanager
+def compile_helper() -> Iterator[subprocess.Popen | None]:
+    """Around a demo run: on a cold kernel cache, a second process compiles the kernels the demo needs
+    after its first (:data:`HELPER_KERNELS`) while the demo compiles ``write_one``; the machine
+    cache's compile locks (:func:`thinpool.jit_cache.serialize_compiles`) make the demo wait for a
+    kernel the helper is compiling and load it, and the helper for one the demo is compiling, so
+    nothing is compiled twice and the two cores share the work.  Nothing is started when the
+    kernels are cached (or the JIT is off, or ``NUMBA_CACHE_DIR`` chose numba's own layout); the
+    helper is stopped when the block ends (what it saved stays cached)."""
+    from .. import jit_cache, kernels_cache  # noqa: F401 -- registers the machine cache (imports numba)
+    helper = None
+    where = jit_cache.machine_dir
+    cold = where is not None and not all(glob.glob(os.path.join(where, f"{k}-*.nbi")) for k in HELPER_KERNELS[:2])
+    if cold and os.environ.get("NUMBA_DISABLE_JIT") != "1":
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+        try:
+            helper = subprocess.Popen([sys.executable, "-c", "from thinpool.containers.demo import _helper_work; "
+                                       "_helper_work()"], env=env, stdin=subprocess.DEVNULL,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        except OSError:
+            helper = None  # the demo compiles everything itself
+    try:
+        yield helper
+    finally:
+        if helper is not None:
+            if helper.poll() is None:
+                helper.terminate()
+            helper.wait()
+
+
+def _helper_work() -> None:
+    """The helper process of :func:`compile_helper`: in a small temporary pool, the library calls
+    through which the demo reaches :data:`HELPER_KERNELS`, in that order, with buffers of the same
+    kinds (file contents are read-only arrays) -- so the kernels compile for the demo's argument types."""
+    with tempfile.TemporaryDirectory(prefix="thinpool-demo-helper-") as tmp:
+        with Pool.create(os.path.join(tmp, "pool"), data_size="64MiB") as pool:
+            vol = pool.create_thin("v", "1MiB")
+            vol.write_many(np.array([0, 65536], np.int64), file_content(0, 2 * 4096).reshape(2, 4096))
+            vol.read(0, 4096)
+            pool.snapshot("v", "s")
+            pool.usage("s")
+            pool.thin("s").mappings()
 
 
 def _by_name(rows: list) -> list[dict[str, Any]]:

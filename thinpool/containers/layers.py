@@ -63,11 +63,15 @@ def _round_up(n: int, m: int) -> int:
 
 
 def file_content(seed: int, size: int) -> np.ndarray:
-    """``size`` deterministic pseudo-random bytes for file seed ``seed`` (PCG64 raw output)."""
+    """``size`` deterministic pseudo-random bytes for file seed ``seed`` (PCG64 raw output), read-only:
+    the same kind of buffer as ``bytes`` data, so the demo's writes need one compiled variant of each
+    write kernel, not one for writable and one for read-only buffers (a cold start compiles less)."""
     if size <= 0:
-        return np.zeros(0, np.uint8)
-    words = np.random.PCG64(seed).random_raw(-(-size // 8))
-    return words.view(np.uint8)[:size]
+        out = np.zeros(0, np.uint8)
+    else:
+        out = np.random.PCG64(seed).random_raw(-(-size // 8)).view(np.uint8)[:size]
+    out.flags.writeable = False
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ inputs

@@ -1,0 +1,133 @@
+"""C1-C3: cold start -- the wall time of ``thinpool demo`` (the README's first command) in a fresh process.
+
+    python -m perf.coldstart [--full] [--docs] [--json OUT]
+
+Each repeat (3, --full 5; medians) copies this checkout's ``thinpool`` package, without any
+``__pycache__``, to a new directory (what a fresh clone or install has: no byte code, no compiled
+kernels) and runs ``python -m thinpool demo`` from it (``PYTHONPATH`` = the copy) with
+``NUMBA_CACHE_DIR`` and ``NUMBA_DISABLE_JIT`` unset and ``XDG_CACHE_HOME`` a directory of the repeat:
+
+* C1 fresh install on a fresh machine: the repeat's cache directory is empty, so every kernel the
+  demo runs is compiled (numba's cost) and saved;
+* C2 fresh install on a machine that already ran these sources: a second copy, at another path, with
+  the cache C1 left -- the kernels are cached per machine user and digest of the kernel sources
+  (thinpool/jit_cache.py), so a new clone or virtual environment loads them;
+* C3 warm: C2's copy once more (its byte code and the kernels cached).
+
+Targets (issue 16): the first demo on a fresh install <= 5 s, warm <= 1.5 s.  Each row shows the
+median wall seconds as its ratio and the children's CPU seconds beside it.  ``--docs`` rewrites this
+section of docs/performance.md between its markers, nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import subprocess
+import sys
+from typing import Any
+
+from .common import (Row, Scratch, clock, docs_head, finish, log, machine, med, perf_parser, ratio_row,
+                     rows_table_md)
+
+SECTION_BEGIN = "<!-- coldstart: begin (written by `python -m perf.coldstart --docs`) -->"
+SECTION_END = "<!-- coldstart: end -->"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIRST_TARGET = 5.0
+WARM_TARGET = 1.5
+
+
+def fresh_checkout(dest: str) -> str:
+    """A copy of this checkout's package at ``dest`` without byte code or kernel cache; returns ``dest``."""
+    shutil.copytree(os.path.join(REPO, "thinpool"), os.path.join(dest, "thinpool"),
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    return dest
+
+
+def demo(checkout: str, cache_home: str) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of ``python -m thinpool demo`` run from ``checkout`` with the kernel
+    cache under ``cache_home``."""
+    env = dict(os.environ, PYTHONPATH=checkout, XDG_CACHE_HOME=cache_home)
+    for name in ("NUMBA_CACHE_DIR", "NUMBA_DISABLE_JIT", "PYTHONDONTWRITEBYTECODE"):
+        env.pop(name, None)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = clock()
+    r = subprocess.run([sys.executable, "-m", "thinpool", "demo"], cwd=checkout, env=env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=900)
+    wall = clock() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if r.returncode != 0:
+        raise RuntimeError(f"thinpool demo failed: {r.stderr.decode()[-1000:]}")
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def run(full: bool, scratch: Scratch | None = None) -> tuple[list[Row], dict[str, Any]]:
+    repeats = 5 if full else 3
+    sides = ("fresh_machine", "fresh_checkout", "warm")
+    wall: dict[str, list[float]] = {s: [] for s in sides}
+    cpu: dict[str, list[float]] = {s: [] for s in sides}
+    own = scratch is None
+    sc = Scratch() if own else scratch
+    try:
+        for r in range(repeats):
+            log(f"coldstart: repeat {r + 1}/{repeats}")
+            cache = sc.path(f"coldstart-cache-{r}")
+            os.mkdir(cache)
+            a = fresh_checkout(sc.path(f"coldstart-a-{r}"))
+            b = fresh_checkout(sc.path(f"coldstart-b-{r}"))
+            for side, checkout in (("fresh_machine", a), ("fresh_checkout", b), ("warm", b)):
+                w, c = demo(checkout, cache)
+                wall[side].append(w)
+                cpu[side].append(c)
+            for d in (cache, a, b):
+                shutil.rmtree(d, ignore_errors=True)
+    finally:
+        if own:
+            sc.close()
+    w = {s: med(v) for s, v in wall.items()}
+    c = {s: med(v) for s, v in cpu.items()}
+    rows = [
+        ratio_row("C1", "first `thinpool demo` of a fresh install on a fresh machine (empty kernel cache: "
+                  "every kernel compiled), seconds", f"<= {FIRST_TARGET:g}", w["fresh_machine"],
+                  wall_s=w["fresh_machine"], cpu_s=c["fresh_machine"]),
+        ratio_row("C2", "first `thinpool demo` of a fresh install (new checkout, no byte code) on a machine "
+                  "that already ran these sources, seconds", f"<= {FIRST_TARGET:g}", w["fresh_checkout"],
+                  wall_s=w["fresh_checkout"], cpu_s=c["fresh_checkout"]),
+        ratio_row("C3", "warm `thinpool demo` (the same checkout again), seconds", f"<= {WARM_TARGET:g}",
+                  w["warm"], wall_s=w["warm"], cpu_s=c["warm"]),
+    ]
+    return rows, {"repeats": repeats, "wall_s": wall, "cpu_s": cpu}
+
+
+def load_average() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float("nan")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = perf_parser("coldstart", __doc__, "5 repeats (quick: 3)", "coldstart")
+    args = ap.parse_args(argv)
+    load0 = load_average()
+    rows, detail = run(args.full)
+    load1 = load_average()
+    for r in rows:
+        print(r.line())
+    mach = machine()
+
+    def body() -> str:
+        return (docs_head("Cold start", "coldstart", args.full, mach)
+                + f", load average {load0:.1f} at the start and {load1:.1f} at the end), Python "
+                f"{mach.get('python', '?')}, numba {mach.get('numba', '?')}: `python -m thinpool demo` in a "
+                "fresh process, run from a fresh copy of the package (no `__pycache__`: no byte code, no "
+                "compiled kernels) with `NUMBA_CACHE_DIR` unset and `XDG_CACHE_HOME` pointing at a directory of "
+                "the repeat, empty for C1; C2 is a second copy at another path with the cache C1 left, C3 that "
+                f"copy again; {detail['repeats']} repeats (medians of wall seconds; CPU seconds of the process "
+                "beside them).\n\n" + rows_table_md(rows) + "\n")
+    return finish(args, rows, detail, mach, SECTION_BEGIN, SECTION_END, body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""``thinpool demo``'s compile helper (thinpool.containers.demo.compile_helper): on a cold kernel
+cache a second process compiles the kernels the demo needs after ``write_one``.  It only helps if it
+compiles them for the argument types the demo passes: after the helper's work, the demo itself must
+compile nothing but ``write_one``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from thinpool.containers import demo
+
+_SCRIPT = """
+from numba.core import event
+from thinpool.containers.demo import _helper_work, run_demo
+depth, top = [0], []
+
+class Top(event.Listener):
+    def on_start(self, ev):
+        depth[0] += 1
+
+    def on_end(self, ev):
+        depth[0] -= 1
+        if depth[0] == 0:
+            f = ev.data["dispatcher"].py_func
+            top.append(f.__module__.rsplit(".", 1)[-1] + "." + f.__name__)
+
+event.register("numba:compile", Top())
+_helper_work()
+helper = sorted(set(k for k in top if not k.endswith("._built_with")))
+top.clear()
+run_demo(data_size="1GiB")
+import json
+print(json.dumps(helper))
+print(json.dumps(sorted(set(top))))
+"""
+
+
+@pytest.mark.slow
+def test_after_the_helpers_work_the_demo_compiles_only_write_one(tmp_path):
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    for name in ("NUMBA_CACHE_DIR", "NUMBA_DISABLE_JIT"):
+        env.pop(name, None)
+    r = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    helper, rest = r.stdout.splitlines()[-2:]
+    assert json.loads(helper) == sorted(demo.HELPER_KERNELS)
+    assert json.loads(rest) == ["kernels.write_one"]
+
+
+def test_no_helper_is_started_when_the_kernels_are_cached(tmp_path, monkeypatch):
+    from thinpool import jit_cache
+    monkeypatch.setattr(jit_cache, "machine_dir", str(tmp_path))
+    for k in demo.HELPER_KERNELS[:2]:
+        (tmp_path / f"{k}-1.py311.nbi").write_bytes(b"")
+    with demo.compile_helper() as helper:
+        assert helper is None
+    (tmp_path / f"{demo.HELPER_KERNELS[0]}-1.py311.nbi").unlink()
+    with demo.compile_helper() as helper:
+        assert helper is not None
+    assert helper.returncode is not None  # stopped (or finished) when the block ended
