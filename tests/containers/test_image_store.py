@@ -258,7 +258,9 @@ def test_remove_image_keeps_shared_layers(built: dict, tmp_path) -> None:
     r1 = import_image(path, built["img"], ref="v1", base_size=BASE)
     r3 = import_image(path, built["img"], ref="v3", base_size=BASE)
     import_image(path, built["img"], ref="v3", tag="other:tag", base_size=BASE)
+    import_image(path, built["img"], ref="v3", tag="docker.io/library/third:latest", base_size=BASE)
     assert remove_image(path, "other:tag") == {"untagged": ["other:tag"], "deleted": None, "layers_removed": []}
+    assert remove_image(path, "third")["untagged"] == ["docker.io/library/third:latest"]   # docker's short form
     out = remove_image(path, "v3")
     assert out["deleted"] == r3.id and out["layers_removed"] == [r3.layers[2].chain_id, r3.layers[1].chain_id]
     assert sorted(pool_state(path)["volumes"]) == sorted(["snap/images/1", r1.layers[0].volume])

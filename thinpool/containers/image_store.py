@@ -178,6 +178,16 @@ def recover(pool: Any) -> list[str]:
     return removed
 
 
+def matching_tag(tags: list[str], ref: str) -> str | None:
+    """The tag of ``tags`` that ``ref`` names (``repo`` alone means ``repo:latest``; ``docker.io/`` and
+    ``docker.io/library/`` prefixes optional), or None."""
+    wanted = [ref]
+    if ":" not in ref.rsplit("/", 1)[-1]:
+        wanted.append(ref + ":latest")
+    wanted += [p + w for w in list(wanted) for p in ("docker.io/", "docker.io/library/")]
+    return next((w for w in wanted if w in tags), None)
+
+
 def resolve(recs: dict[str, Any], ref: str) -> str:
     """The image ID that ``ref`` names: a tag (``repo:tag``; ``repo`` alone means ``repo:latest``;
     ``docker.io/`` and ``docker.io/library/`` prefixes optional) or an ID or unique ID prefix (4+ hex
@@ -185,13 +195,8 @@ def resolve(recs: dict[str, Any], ref: str) -> str:
     if not isinstance(ref, str) or not ref or len(ref) > _MAX_TAG:
         raise InvalidArgument(f"bad image reference {str(ref)[:100]!r}")
     images = recs["images"]
-    wanted = {ref}
-    if ":" not in ref.rsplit("/", 1)[-1]:
-        wanted.add(ref + ":latest")
-    for w in list(wanted):
-        wanted |= {"docker.io/" + w, "docker.io/library/" + w}
     for image_id, img in images.items():
-        if wanted & set(img.get("tags", [])):
+        if matching_tag(img.get("tags", []), ref) is not None:
             return image_id
     m = _HEX.match(ref)
     if m:
@@ -465,10 +470,11 @@ def remove_image(pool_path: Any, ref: str) -> dict[str, Any]:
         image_id = resolve(recs, ref)
         img = recs["images"][image_id]
         tags = img["tags"]
-        if ref in tags and len(tags) > 1:
-            tags.remove(ref)
+        tag = matching_tag(tags, ref)
+        if tag is not None and len(tags) > 1:
+            tags.remove(tag)
             pool.put_records(RECORDS, recs)
-            return {"untagged": [ref], "deleted": None, "layers_removed": []}
+            return {"untagged": [tag], "deleted": None, "layers_removed": []}
         users = sorted(n for n, c in (pool.get_records(CONTAINER_RECORDS).get("containers") or {}).items()
                        if c.get("image") == image_id)
         if users:
@@ -490,5 +496,6 @@ def remove_image(pool_path: Any, ref: str) -> dict[str, Any]:
 
 
 __all__ = ["import_image", "list_images", "get_image", "image_history", "remove_image", "recover", "resolve",
+           "matching_tag",
            "ImageRecord", "LayerRecord", "opened_pool", "snapshotter", "load_records", "NAMESPACE", "RECORDS",
            "CONTAINER_RECORDS", "BASE_KEY", "ROOTFS", "FILESYSTEMS"]
