@@ -47,12 +47,21 @@ class _WatchedExport:
             setattr(self._inner, attr, value)
 
     def _run(self, what: str, fn: Any, *args: Any) -> Any:
+        from ..errors import NoSpace, WaitCancelled
         try:
             return fn(*args)
+        except WaitCancelled:       # the no-space wait we gave up at once: the client gets ENOSPC
+            exc = NoSpace(f"pool {self._inner.pool.path}: no free data space for volume {self._inner.name!r} "
+                          f"(not waited for)")
+            self._note(what, exc)
+            raise exc from None
         except Exception as e:
-            if len(self._errors) < 100:
-                self._errors.append(f"{what} on {self._inner.name}: {e}")
+            self._note(what, e)
             raise
+
+    def _note(self, what: str, exc: BaseException) -> None:
+        if len(self._errors) < 100:
+            self._errors.append(f"{what} on {self._inner.name}: {exc}")
 
     def pread(self, offset: int, length: int) -> bytes:
         return self._run(f"read {length} bytes at {offset}", self._inner.pread, offset, length)
