@@ -270,30 +270,61 @@ def run(sc: Scratch, full: bool) -> tuple[list[Row], dict[str, Any]]:
 
 # ----------------------------------------------------------------------------- docs section
 ANALYSIS = """\
-**Reading these numbers.**  This 2-core VM is shared with other test suites; a side moves by up to 2x
-between runs (iodepth 1 especially: it is pure latency), so read the ratios, and compare runs.  Iodepth 1
-also depends on where the scheduler puts the server and fio: on the same CPU a round trip costs ~50 us, on
-two CPUs a cross-CPU wake-up from idle adds tens of microseconds per message (both servers pinned to one
-CPU with fio: ~20k vs ~16k IOPS; on separate CPUs 2-6k each), and an unpinned run lands on either.
+**Reading these numbers.**  This 2-core VM is shared with other jobs (the load average is stated above);
+CFS shares the CPUs per runnable thread, so how a server's throughput holds up under load depends on
+how many threads it has runnable, not only on what a request costs it.  Read the CPU time per I/O
+beside the IOPS: it hardly moves with the load, the IOPS move by 2x and more.  Iodepth 1 is pure
+latency (a round trip per request): on the same CPU ~50 us, across CPUs a wake-up from idle adds tens
+of microseconds per message, and an unpinned run lands on either.
+
+**Where the server's time goes** (fixed count of 4 KiB I/Os at iodepth 16, busy-polling off, server
+CPU per I/O from /proc): reads 7.4 us (2.6 us of it in the kernel), writes 13.6 us (8.4 us in the
+kernel: the 4 KiB `pwrite` into the page cache ~6 us, the `fstat` that refuses writes to a truncated
+data file ~1 us); nbdkit file 8.8 and 15.7 us in the same conditions (its requests pass between a
+reader thread and worker threads).  strace of 20,000 writes: one `pwrite` and one `fstat` per request,
+one `recvfrom`, one `sendmsg` and one `poll` per ~13 requests (a receive takes every queued request,
+replies go out together in one `sendmsg` before the session would block).  Of a read's user time,
+`Thin.pread` (numba map lookup + `pread` + the bytes object) is ~3.5 us and the session's parsing and
+reply ~2 us.
+
+**What limits the rows that are short.**  Not the cost per request: on an idle machine thinpool serve
+is ahead of nbdkit file on all four single-connection workloads (this session's first run, load 0.4-1.4,
+3 repeats of 2 s: 1.21 / 1.14 / 1.46 / 1.94 for read QD1 / read QD16 / write QD1 / write QD16).  Under
+load (other jobs keeping 8-12 threads runnable on the 2 cores) the same code gets 0.4-0.7x: the server is
+one Python thread per connection and the GIL lets one run at a time, while nbdkit runs up to 16 worker
+threads per connection and qemu-nbd a thread pool for its I/O, so they get more of the CPUs.  The
+multi-conn rows (I7i-j) are short for the same reason at any load: nbdkit --threads 2 serves the two
+connections on both cores (~0.9 CPU of server time in I7i), thinpool's two session threads take turns
+on the GIL (~0.3 CPU: each hand-over between them is a futex wake-up, under load a scheduler delay).
+Closing that needs the request path to run outside the GIL -- the whole fast path (parse, map lookup,
+`pread`/`pwrite`, reply) in a numba `nogil` kernel, with the map lookups and data copies of two
+connections overlapping under finer locking than the pool's one lock -- or a process per connection
+over shared pool state; neither is done.  Tried and dropped: `nogil=True` on the read and write
+kernels alone (no measurable gain: the pool's lock is held around the kernel call anyway).  Not tried:
+the batch path (`apply_io`) for queued requests -- it returns no read data, and at iodepth 16 the
+per-request kernel call is ~1.5 us of the ~8.
+
+**Busy-polling and load.**  A/B of the same build at load 9-11 (interleaved, medians of 5): polling on
+/ off, 4,408 / 8,369 IOPS for reads at iodepth 1, 4,352 / 6,229 for writes; off was ahead at iodepth 16
+too (+9 %, +11 %), and with two connections (reads QD16: +18 %, QD1: +79 %).  So a session now polls
+only while it is the only connection in the transmission phase, and stops for 100 ms after a poll
+round took over 30 us (the yield gave the CPU to another task or the GIL to another thread): on an
+idle machine it polls as before.  Multi-conn is safe to advertise: every connection serves the one
+pool under its lock, and a FLUSH on any connection commits the pool, so the spec's rule (a write whose
+reply arrived, then a flush on another connection: visible on a third and durable) holds; tests/serve
+checks it across a SIGKILL.
 
 **History.**  Before the session's batched socket I/O (7389b76) full runs gave 0.86 / 0.73 / 1.30 / 0.76
-(read QD1, read QD16, write QD1, write QD16); after it 1.53 / 1.10 / 1.07 / 1.27, with QD1 reads short in
-quiet conditions (0.67-0.88x).  Then (session 2 of the NBD performance work):
-
-* the kernels' byte copies used signed indices, so every element paid a negative-index wrap check and
-  the loop did not vectorise: 2.7 us per 4 KiB copy, most of `read_one`'s 6-8 us.  Unsigned indices:
-  ~0.3 us (this also speeds up copy-on-write merges);
-* the session receives into one reusable buffer (`recv_into`), decodes a header with one `unpack_from`,
-  serves plain in-range READ/WRITE without building request objects, and sends queued replies with one
-  `sendmsg` (header and data, no join copy); reads of at most one block skip the extents query (answered
-  "allocated" anyway);
-* before blocking for the next request a session busy-polls its socket for up to 100 us (adaptive: only
-  while the client answers within about that; one session at a time; yielding each round), as QEMU's
-  AioContext polling does, so a request arriving meanwhile costs no wake-up from idle.
-
-Quick and full runs after these: 2.96 / 2.81 / 1.58 / 1.92, 1.22 / 2.65 / 1.67 / 2.14 (full) and
-1.16 / 3.48 / 2.01 / 1.29 on a busy box.  py-spy on the server under QD1 reads now: ~25 % in `sendmsg`
-(the wake-up of fio is paid by the sender), ~30 % spinning, ~20 % in `PoolExport.pread` -> `Thin.read`.
+vs qemu-nbd (read QD1, read QD16, write QD1, write QD16); after it 1.53 / 1.10 / 1.07 / 1.27.  Session 2
+of the NBD work: unsigned indices in the kernels' byte copies (2.7 us -> 0.3 us per 4 KiB copy),
+`recv_into` one reusable buffer, one `unpack_from` per header, a fast path for plain in-range READ and
+WRITE, queued replies in one `sendmsg` (header and data, no join copy), no extents query for reads of
+at most one block, and busy-polling before blocking (up to 100 us, adaptive).  Then 2.96 / 2.81 / 1.58 /
+1.92 vs qemu-nbd (quick) and, on 2026-11-28 (full, 5 x 5 s), 1.89 / 3.10 / 2.71 / 1.79 vs qemu-nbd and
+1.10 / 0.89 / 1.29 / 1.47 vs nbdkit file.
+Session 3 (issue 16): rows I7e-h against nbdkit file and I7i-j multi-conn, warm-up before measuring
+(the first 4 KiB requests of a fresh server may compile: one such sample measured 0 IOPS), server CPU
+per I/O and the load average recorded, the polling rule above.
 """
 
 def _cell(v: dict[str, Any], side: str) -> str:
