@@ -36,7 +36,10 @@ def _pool(path) -> Pool:
     return pool
 
 
-def test_leaves_read_into_place_equal_the_whole_array_decode(tmp_path):
+@pytest.mark.parametrize("populate", [False, True])
+def test_leaves_read_into_place_equal_the_whole_array_decode(tmp_path, monkeypatch, populate):
+    if populate:  # the big-pool path: the leaves' memory mapped in at once, then read into
+        monkeypatch.setattr(leafstore, "POPULATE_MIN", 0)
     pool = _pool(tmp_path / "p")
     live = pool.nodes_map.leaf_rc > 0
     want = pool.nodes_map.leaves[live].copy()
@@ -46,9 +49,11 @@ def test_leaves_read_into_place_equal_the_whole_array_decode(tmp_path):
     assert direct is not None and np.array_equal(direct, whole)
     assert np.array_equal(direct[: len(live)][live], want)
     pool.close()
-    with Pool.open(tmp_path / "p", read_only=True) as again:
+    with Pool.open(tmp_path / "p") as again:
         assert np.array_equal(again.nodes_map.leaves[: len(live)][live], want)
-        assert [u.mapped_blocks for u in again.usage()] == [2500, 300] + [2500] * 5 + [300]
+        again.thin("b").write_many(np.arange(10, dtype=np.int64) * BS, np.ones((10, 1), np.uint8))  # writable
+        again.commit()
+        assert [u.mapped_blocks for u in again.usage()] == [2500, 310] + [2500] * 5 + [300]
         assert again.check().ok
 
 

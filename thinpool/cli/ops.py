@@ -261,7 +261,8 @@ def _volume_rows(pool: Any, usage: bool) -> list[dict[str, Any]]:
     counts = {u.name: u for u in pool.usage()} if usage else {}
     bs = pool.block_size
     rows = []
-    for t in pool.thins():  # one dict literal per volume: `ls` of 10,000 volumes stays fast
+    volumes = pool.thins() if getattr(pool, "devs", None) is None else _records(pool)
+    for t in volumes:  # one dict literal per volume: `ls` of 10,000 volumes stays fast
         row = {"name": t.name, "dev_id": t.dev_id, "size": t.size, "read_only": bool(t.read_only),
                "mapped_blocks": t.mapped_blocks, "transaction": t.transaction, "creation_time": t.creation_time,
                "snap_time": t.snap_time, "block_size": bs, "mapped_bytes": t.mapped_blocks * bs}
@@ -275,6 +276,27 @@ def _volume_rows(pool: Any, usage: bool) -> list[dict[str, Any]]:
                        shared_bytes=u.shared_blocks * u.block_size)
         rows.append(row)
     return rows
+
+
+def _records(pool: Any) -> list[Any]:
+    """A full pool's volumes in device-id order, as :class:`~thinpool.devtable.VolumeRecord` rows read
+    from its device table in one pass (a :class:`~thinpool.thin.Thin` handle reads each field on its
+    own: 100,000 volumes took seconds)."""
+    from thinpool.devtable import VolumeRecord
+    from thinpool.schema import DevFlag
+    devs = pool.devs
+    live = devs[(devs["flags"] & int(DevFlag.IN_USE)) != 0]
+    live = live[live["dev_id"].argsort(kind="stable")]
+    cols = [live[f].tolist() for f in ("dev_id", "size", "mapped", "transaction", "creation_time", "snap_time",
+                                       "flags")]
+    origins = pool.may_have_external_origins()
+    ro = int(DevFlag.READ_ONLY)
+    out = []
+    for dev_id, size, mapped, txn, ctime, stime, flags in zip(*cols):
+        name = pool.name_of(dev_id)
+        out.append(VolumeRecord(name, dev_id, size, mapped, txn, ctime, stime, flags & ro != 0,
+                                pool.thin(name).external_origin if origins else None))
+    return out
 
 
 def op_ls(pool: Any, fields: list[str] | None = None, headers: bool = True,

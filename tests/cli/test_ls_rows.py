@@ -1,0 +1,48 @@
+"""`thinpool ls [--usage]` rows of a full pool, read from its device table in one pass, are what each
+volume's handle reports (names, sizes, mapped blocks, times, read-only, external origin, usage)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from thinpool import Pool
+from thinpool.cli import ops
+
+BS = 64 * 1024
+
+
+def _slow_rows(pool: Pool) -> list[dict]:
+    us = {u.name: u for u in pool.usage()}
+    out = []
+    for t in pool.thins():
+        row = {"name": t.name, "dev_id": t.dev_id, "size": t.size, "read_only": bool(t.read_only),
+               "mapped_blocks": t.mapped_blocks, "transaction": t.transaction, "creation_time": t.creation_time,
+               "snap_time": t.snap_time, "block_size": BS, "mapped_bytes": t.mapped_blocks * BS}
+        if t.external_origin is not None:
+            row["external_origin"] = t.external_origin["path"]
+        u = us[t.name]
+        row.update(exclusive_blocks=u.exclusive_blocks, shared_blocks=u.shared_blocks,
+                   highest_mapped_block=u.highest_mapped_block, exclusive_bytes=u.exclusive_bytes,
+                   shared_bytes=u.shared_blocks * BS)
+        out.append(row)
+    return out
+
+
+def test_ls_usage_rows_of_a_full_pool_equal_each_volumes_own_figures(tmp_path):
+    golden = tmp_path / "golden.img"
+    golden.write_bytes(b"g" * (2 * BS))
+    with Pool.create(tmp_path / "p", data_size=512 * BS) as pool:
+        a = pool.create_thin("a", "1GiB", dev_id=7)
+        a.write_many(np.arange(40, dtype=np.int64) * BS, np.ones((40, 16), np.uint8))
+        pool.snapshot("a", "snap-ro", read_only=True)
+        pool.snapshot("a", "b", dev_id=3)
+        pool.thin("b").write(5 * BS, b"x")
+        pool.create_thin("ext", "1MiB", external_origin=str(golden))
+        pool.snapshot("ext", "ext-snap")
+        rows = ops._volume_rows(pool, True)
+        assert rows == _slow_rows(pool)
+        assert [r["dev_id"] for r in rows] == sorted(r["dev_id"] for r in rows)
+        assert {r["name"]: r["read_only"] for r in rows}["snap-ro"] is True
+        assert sum("external_origin" in r for r in rows) == 2
+        plain = ops._volume_rows(pool, False)
+        assert plain == [{k: v for k, v in r.items() if k in plain[0] or k == "external_origin"} for r in rows]
