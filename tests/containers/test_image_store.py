@@ -157,6 +157,29 @@ def test_oci_rule_docker_archive_and_zstd_layers_import_identically(built: dict,
         assert snapshot(root) == snapshot(built["expected"])
 
 
+def test_podman_save_archives_import_identically(built: dict, tmp_path) -> None:
+    """`podman save --format oci-archive` and `podman save` (docker-archive, as `docker save` writes) of the
+    image, loaded into podman from the docker-archive skopeo made: both import to the same tree."""
+    require_tool("podman")
+    tag = f"localhost/thinpool-test-{os.getpid()}:v3"
+    subprocess.run(["podman", "load", "-q", "-i", built["docker"]], check=True, capture_output=True, timeout=300)
+    try:
+        subprocess.run(["podman", "tag", "docker.io/test/img:v3", tag], check=True, capture_output=True)
+        archives = {}
+        for fmt in ("oci-archive", "docker-archive"):
+            archives[fmt] = str(tmp_path / f"{fmt}.tar")
+            subprocess.run(["podman", "save", "--format", fmt, "-o", archives[fmt], tag], check=True,
+                           capture_output=True, timeout=300)
+    finally:
+        subprocess.run(["podman", "rmi", "-f", tag, "docker.io/test/img:v3"], capture_output=True)
+    for fmt, archive in archives.items():
+        path = new_pool(str(tmp_path), fmt)                # each applied from scratch, not shared
+        rec = import_image(path, archive, base_size=BASE)
+        assert rec.format == ("oci" if fmt == "oci-archive" else "docker-archive")
+        with mounted_ro(path, rec.layers[-1].volume) as root:
+            assert snapshot(root) == snapshot(built["expected"]), fmt
+
+
 # -- the import is one transaction ------------------------------------------------------------------
 
 def _broken(built: dict, tmp_path, how: str) -> tuple[str, str]:
