@@ -158,6 +158,16 @@ def test_compare_refuses_bad_input_before_touching_the_pool(run: dict, tmp_path)
     assert thinpool("ls", run["pool"], "--usage", "--json").stdout == before
 
 
+def test_compare_failing_workload_is_an_error_naming_it_and_leaves_no_container(run: dict) -> None:
+    r = thinpool("compare", run["pool"], run["built"]["archive"], "--tag", "small", "--no-builtin",
+                 "--workload", "boom=echo broken >&2; exit 7", "--block-sizes", "64K", check=False)
+    assert r.returncode == 1 and "workload boom failed" in r.stderr and "broken" in r.stderr
+    names = [c["name"] for c in json.loads(thinpool("ps", run["pool"], "--json").stdout)]
+    assert not [n for n in names if n.startswith("cmp-boom-")]
+    with open("/proc/mounts") as f:
+        assert "cmp-boom-" not in f.read()
+
+
 @pytest.mark.slow
 def test_demo_vs_overlay_builds_its_image_and_prints_every_builtin_workload(tmp_path) -> None:
     """`thinpool demo --vs-overlay` (here with the hidden --small-image): its own umoci image, every built-in

@@ -19,8 +19,8 @@ SECTION = "Images and containers (real filesystems on thin volumes; root)"
 
 def op_compare(pool: Any, archive: str, tag: str | None = None, workloads: list[str] | None = None,
                only: list[str] | None = None, builtin: bool = True, block_sizes: str = "64K,128K,256K,512K,1M",
-               workdir: str | None = None, podman: bool = True, keep: bool = False, fs: str = "ext4",
-               base_size: int = 10 << 30, progress: bool = False) -> dict[str, Any]:
+               workdir: str | None = None, podman: bool = True, keep: bool = False, fs: str | None = None,
+               base_size: int | None = None, progress: bool = False) -> dict[str, Any]:
     """Run the workloads on a thin container and an overlay container of the image; the report."""
     from thinpool.containers.compare import compare, parse_block_sizes
     from thinpool.containers.workloads import builtin_workloads, parse_workload
@@ -86,13 +86,14 @@ def write_reports(res: dict[str, Any], json_out: str | None, html_out: str | Non
                    "Its filesystem is the overlay side's upper filesystem.")
 @click.option("--keep", is_flag=True, help="Keep the containers (both sides), the overlay store and the traces.")
 @click.option("--no-podman", "no_podman", is_flag=True, help="Do not run the podman side even where podman works.")
-@click.option("--fs", default="ext4", show_default=True, help="Filesystem of the image's base device (if the "
-              "pool has none yet).")
-@click.option("--base-size", type=SIZE, default="10GiB", show_default=True,
-              help="Size of the image's base device (if the pool has none yet).")
+@click.option("--fs", default=None, help="Filesystem of the image's base device, if the pool has none yet "
+              "[default: ext4].")
+@click.option("--base-size", type=SIZE, default=None,
+              help="Size of the image's base device, if the pool has none yet [default: 10GiB].")
 def compare_cmd(pool: str, archive: str, tag: str | None, workloads: tuple[str, ...], only: tuple[str, ...],
                 no_builtin: bool, block_sizes: str, json_out: str | None, html_out: str | None,
-                png_out: str | None, workdir: str | None, keep: bool, no_podman: bool, fs: str, base_size: int) -> None:
+                png_out: str | None, workdir: str | None, keep: bool, no_podman: bool, fs: str | None,
+                base_size: int | None) -> None:
     """Block-level CoW (thin pool) against overlayfs, measured: run each workload in a fresh thin container
     and a fresh overlay container of image ARCHIVE (OCI layout or docker-archive; imported onto POOL if not
     there yet) and report the overlay upper directory's bytes (as du counts them) beside the thin

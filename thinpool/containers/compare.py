@@ -305,12 +305,13 @@ def _fs_type(path: str) -> str:
 def compare(pool: Any, archive: str | os.PathLike[str], *, tag: str | None = None,
             workloads: Sequence[Workload] | None = None, block_sizes: Sequence[int] | str = DEFAULT_BLOCK_SIZES,
             workdir: str | None = None, podman: bool = True, keep: bool = False, timeout: float = 3600.0,
-            fs: str = "ext4", base_size: int | str = "10G",
+            fs: str | None = None, base_size: int | str | None = None,
             progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run ``workloads`` (default: the built-in ones) on both sides for the image ``archive`` (``tag`` picks
     the image in an archive of several) and return the report (see the module docstring; the keys are
     documented in docs/containers.md).  The image is imported onto ``pool`` (a path or an open pool;
-    nothing is written if the image is there already; ``fs``/``base_size`` as ``thinpool image import``) and into an overlay store in ``workdir`` (default: a temporary directory
+    nothing is written if the image is there already; ``fs``/``base_size`` as ``thinpool image import``,
+    default: the pool's base device's when it has one, else ext4 on 10 GiB) and into an overlay store in ``workdir`` (default: a temporary directory
     in the system's temp dir, removed afterwards; the upper directories live there, so its filesystem is the
     overlay side's).  Containers are removed after each workload unless ``keep``.  Root only."""
     from thinpool.containers import image_store, runtime
@@ -318,6 +319,11 @@ def compare(pool: Any, archive: str | os.PathLike[str], *, tag: str | None = Non
     wls = list(builtin_workloads() if workloads is None else workloads)
     if not wls or len(wls) > MAX_WORKLOADS:
         raise InvalidArgument(f"between 1 and {MAX_WORKLOADS} workloads, got {len(wls)}")
+    if not all(isinstance(w, Workload) for w in wls):
+        raise InvalidArgument("workloads must be Workload values (thinpool.containers.workloads.parse_workload "
+                              "makes one of NAME=COMMAND)")
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout <= 86400:
+        raise InvalidArgument(f"timeout must be a number of seconds in (0, 86400], not {timeout!r}")
     if len({w.name for w in wls}) != len(wls):
         raise InvalidArgument("workload names must be distinct")
     sizes = parse_block_sizes(block_sizes if isinstance(block_sizes, str) else list(block_sizes))
@@ -341,7 +347,9 @@ def compare(pool: Any, archive: str | os.PathLike[str], *, tag: str | None = Non
 
         say(f"importing {archive} onto the pool")
         t0 = time.perf_counter()
-        rec = image_store.import_image(p, archive, tag=tag, fs=fs, base_size=base_size)
+        base = image_store.load_records(p)["base"] or {}
+        rec = image_store.import_image(p, archive, tag=tag, fs=fs or base.get("fs", "ext4"),
+                                       base_size=base_size or base.get("size", "10G"))
         thin_import = time.perf_counter() - t0
         image_ref = rec.id
         say(f"importing {archive} into the overlay store")
@@ -370,6 +378,7 @@ def compare(pool: Any, archive: str | os.PathLike[str], *, tag: str | None = Non
                 if not keep:
                     with contextlib.suppress(Exception):
                         runtime.remove_container(p, name)
+                        p.commit()           # also when a failure aborts the caller's batch (run_op)
             say(f"{wl.name}: overlay container")
             try:
                 ov = _overlay_run(store, oimage, wl, name, timeout)
