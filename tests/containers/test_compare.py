@@ -23,7 +23,7 @@ from tests.containers.test_overlay import du_bytes, require_overlay
 from tests.containers.workload_image import small_image
 from tests.support import REPO_ROOT, require_root, require_tool
 from thinpool.containers.compare import parse_block_sizes, replay_at, written_blocks, _ranges
-from thinpool.containers.workloads import MiB, SMALL_SIZES, builtin_workloads
+from thinpool.containers.workloads import MiB, SMALL_SIZES, build_workload_image, builtin_workloads
 from thinpool.errors import InvalidArgument
 
 WORKLOADS = ("sqlite-0.1pct", "log-append", "config-rewrite", "delete-big")
@@ -166,6 +166,23 @@ def test_compare_failing_workload_is_an_error_naming_it_and_leaves_no_container(
     assert not [n for n in names if n.startswith("cmp-boom-")]
     with open("/proc/mounts") as f:
         assert "cmp-boom-" not in f.read()
+
+
+def test_compare_chroot_runs_the_images_own_shell_on_every_side(run: dict, tmp_path) -> None:
+    """--chroot: the command is the image's /bin/sh (copied into a second image), chrooted on the thin and
+    overlay sides; podman starts the container or the report carries podman's reason for not running it."""
+    built = build_workload_image(str(tmp_path / "img"), SMALL_SIZES, tag="sh", shell=True)
+    out = str(tmp_path / "r.json")
+    thinpool("compare", run["pool"], built["archive"], "--tag", "sh", "--no-builtin", "--chroot",
+             "--workload", "w=echo chrooted >> /var/log/app.log",
+             "--block-sizes", "64K", "--json", out)
+    with open(out) as f:
+        res = json.load(f)
+    assert res["chroot"] is True
+    (w,) = res["workloads"]
+    assert w["overlay"]["upper_bytes"] >= SMALL_SIZES.log_bytes       # the log copied up
+    assert 0 < w["thin"]["bytes"] < SMALL_SIZES.log_bytes
+    assert w["podman"].get("upper_bytes", 0) >= SMALL_SIZES.log_bytes or w["podman"]["skipped"]
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ SECTION = "Images and containers (real filesystems on thin volumes; root)"
 def op_compare(pool: Any, archive: str, tag: str | None = None, workloads: list[str] | None = None,
                only: list[str] | None = None, builtin: bool = True, block_sizes: str = "64K,128K,256K,512K,1M",
                workdir: str | None = None, podman: bool = True, keep: bool = False, fs: str | None = None,
-               base_size: int | None = None, progress: bool = False) -> dict[str, Any]:
+               base_size: int | None = None, chroot: bool = False, progress: bool = False) -> dict[str, Any]:
     """Run the workloads on a thin container and an overlay container of the image; the report."""
     from thinpool.containers.compare import compare, parse_block_sizes
     from thinpool.containers.workloads import builtin_workloads, parse_workload
@@ -37,7 +37,7 @@ def op_compare(pool: Any, archive: str, tag: str | None = None, workloads: list[
         raise InvalidArgument("no workload to run (--no-builtin needs --workload NAME=COMMAND)")
     say = (lambda msg: click.echo(f"thinpool compare: {msg}", err=True)) if progress else None
     return compare(pool, archive, tag=tag, workloads=wls, block_sizes=sizes, workdir=workdir, podman=podman,
-                   keep=keep, fs=fs, base_size=base_size, progress=say)
+                   keep=keep, fs=fs, base_size=base_size, chroot=chroot, progress=say)
 
 
 def _render(res: dict[str, Any]) -> str:
@@ -84,6 +84,8 @@ def write_reports(res: dict[str, Any], json_out: str | None, html_out: str | Non
 @click.option("--workdir", type=click.Path(file_okay=False), default=None,
               help="Where the overlay store and the traces go (default: a temporary directory, removed). "
                    "Its filesystem is the overlay side's upper filesystem.")
+@click.option("--chroot", is_flag=True, help="Run the commands chrooted in the container's root (the image's own "
+              "programs; the podman side then starts the container, as podman run).")
 @click.option("--keep", is_flag=True, help="Keep the containers (both sides), the overlay store and the traces.")
 @click.option("--no-podman", "no_podman", is_flag=True, help="Do not run the podman side even where podman works.")
 @click.option("--fs", default=None, help="Filesystem of the image's base device, if the pool has none yet "
@@ -93,7 +95,7 @@ def write_reports(res: dict[str, Any], json_out: str | None, html_out: str | Non
 def compare_cmd(pool: str, archive: str, tag: str | None, workloads: tuple[str, ...], only: tuple[str, ...],
                 no_builtin: bool, block_sizes: str, json_out: str | None, html_out: str | None,
                 png_out: str | None, workdir: str | None, keep: bool, no_podman: bool, fs: str | None,
-                base_size: int | None) -> None:
+                base_size: int | None, chroot: bool) -> None:
     """Block-level CoW (thin pool) against overlayfs, measured: run each workload in a fresh thin container
     and a fresh overlay container of image ARCHIVE (OCI layout or docker-archive; imported onto POOL if not
     there yet) and report the overlay upper directory's bytes (as du counts them) beside the thin
@@ -111,7 +113,8 @@ def compare_cmd(pool: str, archive: str, tag: str | None, workloads: tuple[str, 
     res = run_op(pool_abs, "compare", {
         "archive": abspath(archive), "tag": tag, "workloads": list(workloads), "only": list(only),
         "builtin": not no_builtin, "block_sizes": block_sizes, "workdir": abspath(workdir) if workdir else None,
-        "podman": not no_podman, "keep": keep, "fs": fs, "base_size": base_size, "progress": stderr_is_tty()})
+        "podman": not no_podman, "keep": keep, "fs": fs, "base_size": base_size, "chroot": chroot,
+        "progress": stderr_is_tty()})
     write_reports(res, json_out, html_out, pool_abs, png_out)
     click.echo(_render(res))
 

@@ -40,8 +40,8 @@ from typing import Any
 
 import numpy as np
 
-from thinpool.containers.overlay import (OverlayStore, allocated_bytes, kernel_features, problems as
-                                         overlay_problems, run_in_root)
+from thinpool.containers.overlay import (OverlayStore, RunResult, allocated_bytes, kernel_features,
+                                         problems as overlay_problems, run_in_root)
 from thinpool.containers.workloads import Workload, builtin_workloads
 from thinpool.errors import FailedPrecondition, InvalidArgument
 from thinpool.units import format_size, parse_size
@@ -164,7 +164,8 @@ def _ranges(vblocks: np.ndarray, block_size: int) -> np.ndarray:
 
 
 # ================================================================================ one side each
-def _thin_run(pool: Any, image_ref: str, wl: Workload, name: str, trace: str, timeout: float) -> dict[str, Any]:
+def _thin_run(pool: Any, image_ref: str, wl: Workload, name: str, trace: str, timeout: float,
+              chroot: bool) -> dict[str, Any]:
     from thinpool.containers import runtime
 
     row = runtime.create_container(pool, image_ref, name)
@@ -176,7 +177,7 @@ def _thin_run(pool: Any, image_ref: str, wl: Workload, name: str, trace: str, ti
     vsize = int(thin.size)
     t0 = time.perf_counter()
     with runtime.mounted_container(pool, name, record=trace) as root:
-        res = run_in_root(root, list(wl.argv), timeout=timeout)
+        res = run_in_root(root, list(wl.argv), timeout=timeout, chroot=chroot)
     total = time.perf_counter() - t0
     if res.returncode != 0:
         raise FailedPrecondition(f"workload {wl.name} failed on the thin container ({res.returncode}): "
@@ -188,11 +189,12 @@ def _thin_run(pool: Any, image_ref: str, wl: Workload, name: str, trace: str, ti
             "_base": base, "_volume_size": vsize}
 
 
-def _overlay_run(store: OverlayStore, image: Any, wl: Workload, name: str, timeout: float) -> dict[str, Any]:
+def _overlay_run(store: OverlayStore, image: Any, wl: Workload, name: str, timeout: float,
+                 chroot: bool) -> dict[str, Any]:
     store.create_container(image, name)
     t0 = time.perf_counter()
     with store.mounted(name) as root:
-        res = run_in_root(root, list(wl.argv), timeout=timeout)
+        res = run_in_root(root, list(wl.argv), timeout=timeout, chroot=chroot)
     total = time.perf_counter() - t0
     if res.returncode != 0:
         raise FailedPrecondition(f"workload {wl.name} failed on the overlay container ({res.returncode}): "
@@ -263,15 +265,28 @@ class _Podman:
         self.image_id = _podman("image", "inspect", "--format", "{{.Id}}", ref_out).strip()
         self.remove = not ({self.image_id, "sha256:" + self.image_id} & before)
 
-    def run(self, wl: Workload, name: str, timeout: float) -> dict[str, Any]:
-        _podman("create", "--name", name, "--network", "none", self.image_id, "true")
+    def run(self, wl: Workload, name: str, timeout: float, chroot: bool = False) -> dict[str, Any]:
+        if chroot:     # the image's own programs: a real container run (podman create + start = podman run)
+            _podman("create", "--name", name, "--network", "none", "--workdir", "/", self.image_id, *wl.argv)
+        else:          # host programs on the container's root: created, never started, mounted
+            _podman("create", "--name", name, "--network", "none", self.image_id, "true")
         try:
             t0 = time.perf_counter()
-            root = _podman("mount", name).strip()
-            try:
-                res = run_in_root(root, list(wl.argv), timeout=timeout)
-            finally:
-                _podman("unmount", name)
+            if chroot:
+                try:
+                    r = subprocess.run(["podman", "start", "--attach", name], capture_output=True, timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    raise FailedPrecondition(f"workload {wl.name}: podman start timed out after {timeout} s") from None
+                upper = _podman("inspect", "--format", "{{.GraphDriver.Data.UpperDir}}", name).strip()
+                subprocess.run(["sync", "-f", upper], capture_output=True)
+                res = RunResult(list(wl.argv), r.returncode, time.perf_counter() - t0,
+                                r.stdout.decode(errors="replace")[-2000:], r.stderr.decode(errors="replace")[-2000:])
+            else:
+                root = _podman("mount", name).strip()
+                try:
+                    res = run_in_root(root, list(wl.argv), timeout=timeout)
+                finally:
+                    _podman("unmount", name)
             total = time.perf_counter() - t0
             if res.returncode != 0:
                 raise FailedPrecondition(f"workload {wl.name} failed on the podman container ({res.returncode}): "
@@ -305,7 +320,7 @@ def _fs_type(path: str) -> str:
 def compare(pool: Any, archive: str | os.PathLike[str], *, tag: str | None = None,
             workloads: Sequence[Workload] | None = None, block_sizes: Sequence[int] | str = DEFAULT_BLOCK_SIZES,
             workdir: str | None = None, podman: bool = True, keep: bool = False, timeout: float = 3600.0,
-            fs: str | None = None, base_size: int | str | None = None,
+            fs: str | None = None, base_size: int | str | None = None, chroot: bool = False,
             progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run ``workloads`` (default: the built-in ones) on both sides for the image ``archive`` (``tag`` picks
     the image in an archive of several) and return the report (see the module docstring; the keys are
@@ -313,7 +328,9 @@ def compare(pool: Any, archive: str | os.PathLike[str], *, tag: str | None = Non
     nothing is written if the image is there already; ``fs``/``base_size`` as ``thinpool image import``,
     default: the pool's base device's when it has one, else ext4 on 10 GiB) and into an overlay store in ``workdir`` (default: a temporary directory
     in the system's temp dir, removed afterwards; the upper directories live there, so its filesystem is the
-    overlay side's).  Containers are removed after each workload unless ``keep``.  Root only."""
+    overlay side's).  Containers are removed after each workload unless ``keep``.  ``chroot``: the commands
+    run chrooted in the container's root (the image's own programs; podman then starts the container: a
+    real ``podman run``).  Root only."""
     from thinpool.containers import image_store, runtime
 
     wls = list(builtin_workloads() if workloads is None else workloads)
@@ -373,7 +390,7 @@ def compare(pool: Any, archive: str | os.PathLike[str], *, tag: str | None = Non
             trace = os.path.join(traces, f"{wl.name}.iolog")
             say(f"{wl.name}: thin container")
             try:
-                thin = _thin_run(p, image_ref, wl, name, trace, timeout)
+                thin = _thin_run(p, image_ref, wl, name, trace, timeout, chroot)
             finally:
                 if not keep:
                     with contextlib.suppress(Exception):
@@ -381,7 +398,7 @@ def compare(pool: Any, archive: str | os.PathLike[str], *, tag: str | None = Non
                         p.commit()           # also when a failure aborts the caller's batch (run_op)
             say(f"{wl.name}: overlay container")
             try:
-                ov = _overlay_run(store, oimage, wl, name, timeout)
+                ov = _overlay_run(store, oimage, wl, name, timeout, chroot)
             finally:
                 if not keep:
                     with contextlib.suppress(Exception):
@@ -400,14 +417,14 @@ def compare(pool: Any, archive: str | os.PathLike[str], *, tag: str | None = Non
             if pod is not None:
                 say(f"{wl.name}: podman container")
                 try:
-                    row["podman"] = pod.run(wl, f"{name}-podman", timeout)
+                    row["podman"] = pod.run(wl, f"{name}-podman", timeout, chroot)
                 except FailedPrecondition as e:
                     row["podman"] = {"skipped": str(e)}
             else:
                 row["podman"] = {"skipped": pod_problem}
             rows.append(row)
         return {
-            "pool": pool_path, "archive": archive, "tag": tag,
+            "pool": pool_path, "archive": archive, "tag": tag, "chroot": bool(chroot),
             "image": {"id": rec.id, "tags": list(rec.tags), "layers": len(rec.layers),
                       "file_bytes": int(rec.file_bytes), "fs": rec.fs, "mkfs": rec.mkfs,
                       "thin_import_seconds": thin_import, "overlay_import_seconds": overlay_import},

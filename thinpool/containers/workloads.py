@@ -232,9 +232,27 @@ def _make_bundle(path: str, files: int, rng: random.Random) -> None:
             t.addfile(ti, io.BytesIO(data))
 
 
-def populate_tree(root: str, sizes: ImageSizes = ISSUE_SIZES, seed: int = 14) -> dict:
-    """Create the workload image's files under ``root`` (layer 1's tree); returns what was made."""
+def _copy_shell(root: str) -> None:
+    """This host's ``/bin/sh`` and the shared libraries ``ldd`` names for it, at the same paths under
+    ``root`` (so ``chroot ROOT sh -c ...`` works in the image)."""
+    sh = os.path.realpath("/bin/sh")
+    if shutil.which("ldd") is None:
+        raise FailedPrecondition("copying a shell into the image needs ldd (Debian: libc-bin)")
+    out = subprocess.run(["ldd", sh], capture_output=True, text=True, timeout=60).stdout
+    libs = [w for line in out.splitlines() for w in line.split() if w.startswith("/")]
+    for src, dest in [(sh, "bin/sh")] + [(lib, lib.lstrip("/")) for lib in libs]:
+        d = os.path.join(root, dest)
+        os.makedirs(os.path.dirname(d), exist_ok=True)
+        shutil.copyfile(os.path.realpath(src), d)
+        os.chmod(d, 0o755)
+
+
+def populate_tree(root: str, sizes: ImageSizes = ISSUE_SIZES, seed: int = 14, *, shell: bool = False) -> dict:
+    """Create the workload image's files under ``root`` (layer 1's tree); returns what was made.
+    ``shell``: also this host's ``/bin/sh`` and its libraries, for workloads run chrooted."""
     rng = random.Random(seed)
+    if shell:
+        _copy_shell(root)
     stdlib_dirs = _copy_stdlib(root, sizes.stdlib_bytes)
     rows = _make_db(os.path.join(root, DB_PATH), sizes.db_bytes)
     _write_stream(root, LOG_PATH, sizes.log_bytes, rng, text=True)
@@ -261,11 +279,12 @@ def _umoci(*args: str) -> None:
 
 
 def build_workload_image(dest: str, sizes: ImageSizes = ISSUE_SIZES, *, tag: str = "workload",
-                         seed: int = 14) -> dict:
+                         seed: int = 14, shell: bool = False) -> dict:
     """Build the workload image as an OCI layout in directory ``dest`` (must not exist) with ``umoci``:
     layer 1 is :func:`populate_tree`'s tree (``umoci new`` / ``unpack`` / ``repack``), layer 2 deletes the
     last stdlib package copied and :data:`DELETED_FILE` (``umoci repack`` of the same bundle: two
-    whiteouts).  Returns ``{"archive": dest, "tag": tag, "db_rows": ..., "deleted": [...]}``.  The bundle
+    whiteouts).  ``shell``: the image also holds this host's ``/bin/sh`` (for ``--chroot`` workloads).
+    Returns ``{"archive": dest, "tag": tag, "db_rows": ..., "deleted": [...]}``.  The bundle
     used to build it is removed."""
     if os.path.exists(dest):
         raise InvalidArgument(f"{dest}: exists (the image is built into a new directory)")
@@ -277,7 +296,7 @@ def build_workload_image(dest: str, sizes: ImageSizes = ISSUE_SIZES, *, tag: str
         _umoci("new", "--image", f"{dest}:{tag}")
         _umoci("unpack", "--image", f"{dest}:{tag}", bundle)
         rootfs = os.path.join(bundle, "rootfs")
-        made = populate_tree(rootfs, sizes, seed)
+        made = populate_tree(rootfs, sizes, seed, shell=shell)
         _umoci("repack", "--refresh-bundle", "--history.created_by", "thinpool workload image: files",
                "--image", f"{dest}:{tag}", bundle)
         deleted = [DELETED_FILE]
