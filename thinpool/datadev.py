@@ -64,7 +64,8 @@ def short_file_error(path: str, size: int, block_size: int, nr_blocks: int, past
 
 
 class DataDevice:
-    """A sparse data file of ``nr_blocks`` blocks of ``block_size`` bytes, mapped into memory."""
+    """A sparse data file of ``nr_blocks`` blocks of ``block_size`` bytes, mapped into memory
+    (``mm``: the mmap.mmap, None while unmapped; ``array``: a uint8 view of it for the kernels)."""
 
     def __init__(self, path: str, block_size: int, nr_blocks: int, *, read_only: bool = False,
                  owner: str | None = None, pool_path: str | None = None,
@@ -83,7 +84,7 @@ class DataDevice:
         self.read_only = read_only
         self.owner = owner or None
         self.pool_path = pool_path or os.path.dirname(path)
-        self._mm = None
+        self.mm = None
         self.fd = pooldir.open_pool_file(path, os.O_RDONLY if read_only else os.O_RDWR,
                                          allow_foreign=allow_foreign, what="data file")
         try:
@@ -127,28 +128,28 @@ class DataDevice:
     def _map(self) -> None:
         length = self.nr_blocks * self.block_size
         if length == 0:
-            self._mm = None
+            self.mm = None
             self.array = np.zeros(0, np.uint8)
             return
         prot = mmap.PROT_READ if self.read_only else mmap.PROT_READ | mmap.PROT_WRITE
-        self._mm = mmap.mmap(self.fd, length, mmap.MAP_SHARED, prot)
-        self.array = np.frombuffer(self._mm, np.uint8)
+        self.mm = mmap.mmap(self.fd, length, mmap.MAP_SHARED, prot)
+        self.array = np.frombuffer(self.mm, np.uint8)
 
     def _unmap(self) -> None:
         self.array = np.zeros(0, np.uint8)
-        if self._mm is not None:
+        if self.mm is not None:
             try:
-                self._mm.close()
+                self.mm.close()
             except BufferError:
                 # a view is still referenced (e.g. a reference cycle left by numba's first compile):
                 # collect and retry; failing that, the map is closed when the last view goes away
                 import gc
                 gc.collect()
                 try:
-                    self._mm.close()
+                    self.mm.close()
                 except BufferError:
                     pass
-            self._mm = None
+            self.mm = None
 
     def resize(self, nr_blocks: int) -> None:
         """Grow the file (sparse) to ``nr_blocks`` blocks and remap it."""

@@ -38,6 +38,8 @@ NOT_HANDLED = -100
 END_OF_FILE = -101
 #: a read of the external origin failed (errno left set) or found the file shorter than recorded
 ORIGIN_ERROR = -102
+#: locate's answer for a read inside one unmapped block (it reads as zeroes without an external origin)
+HOLE = -103
 
 _SOURCES_DIGEST = kernels_cache.sources_digest()
 
@@ -505,6 +507,31 @@ def read_one(tab, devs, slot, data, out, offset, ofd, osize):
     nodes = _table_nodes(tab)
     st = _table_st(tab)
     return read_span(nodes, devs[slot, DEV_ROOT], data, st[ST_BLOCK_SIZE], offset, out.shape[0], out, 0, ofd, osize)
+
+
+@njit(cache=True)
+def locate(tab, devs, slot, offset, n, write):
+    """Where ``n`` (> 0) bytes at ``offset`` of the device in row ``slot`` of ``devs`` are in the data
+    file, when they lie inside the device and inside one virtual block: its byte offset if the block is
+    mapped -- for a ``write``, only if the device is writable and the block may be written in place
+    (unshared by dm-thin's time rule, on an unshared path: no new block needed) -- :data:`HOLE` for a
+    read of an unmapped block, else :data:`NOT_HANDLED` (the caller's general path decides).  Changes
+    nothing: the per-call fast paths of :mod:`thinpool.thin` do the I/O on the returned offset."""
+    dev = devs[slot]
+    if offset < 0 or n <= 0 or offset + n > dev[DEV_SIZE]:
+        return NOT_HANDLED
+    bs = _table_st(tab)[ST_BLOCK_SIZE]
+    vb = offset // bs
+    inblk = offset - vb * bs
+    if inblk + n > bs:
+        return NOT_HANDLED
+    v, path_shared = lookup(_table_nodes(tab), dev[DEV_ROOT], vb)
+    if write:
+        if dev[DEV_FLAGS] & FLAG_READ_ONLY or needs_new_block(v, path_shared, dev[DEV_SNAP_TIME]):
+            return NOT_HANDLED
+    elif v == UNMAPPED:
+        return HOLE
+    return mapping_block(v) * bs + inblk
 
 
 kernels_cache.check(globals(), _built_with)

@@ -27,7 +27,8 @@ from .schema import (DEV_CREATION_TIME, DEV_FLAGS, DEV_MAPPED, DEV_ROOT, DEV_SIZ
 _ZERO1 = np.zeros(1, np.int64)
 _NO_ORIGIN = (-1, 0)  # (fd, size) of "no external origin" for the kernels
 _U8 = np.dtype(np.uint8)
-_FAST_LIMIT = 1 << 62  # offsets below this (and any buffer length) cannot overflow int64 in a kernel
+_FAST_LIMIT = 1 << 62
+_HOLE = -103  # kernels.HOLE (kept here: importing kernels loads numba)  # offsets below this (and any buffer length) cannot overflow int64 in a kernel
 
 
 _KERNELS = None
@@ -232,8 +233,43 @@ class Thin:
         writes, or raises NoSpace once the pool's ``no_space_timeout`` has passed
         (:mod:`thinpool.nospace`).  ``abort()``, looked at while waiting, gives the write up
         (:class:`~thinpool.errors.WaitCancelled`, nothing written)."""
+        ctx = self._ctx
+        if type(data) is bytes and type(offset) is int and 0 <= offset < _FAST_LIMIT:
+            # fast paths for bytes (writable pool), all under one hold of the lock: the kernels'
+            # compiled entries for exactly these argument types, without the dispatcher's type
+            # resolution.  An overwrite in place of one provisioned, unshared block: the kernel finds
+            # its place in the data file (checking the range, the block and the volume's read-only
+            # flag) and Python writes the bytes as they are.  Else one write_one call, which also
+            # checks the range and the read-only flag.  Anything unusual (out of range, read-only
+            # volume, no space, node growth, an I/O error) is redone or reported by the general path.
+            with ctx.lock:
+                slot = ctx.slots.get(self._key)
+                if slot is not None and ctx.fast_write:
+                    fd = ctx.data.fd
+                    n = len(data)
+                    tab = ctx.table()
+                    if ctx.origins.by_key:
+                        ofd, osize = ctx.origin(self._key)
+                    else:
+                        ofd, osize = _NO_ORIGIN
+                        if fd >= 0:
+                            pos = (ctx.locate_fn or ctx.bind_kernels()[0])(tab, ctx.devs_i, slot, offset, n, True)
+                            if pos >= 0:
+                                try:
+                                    if os.pwrite(fd, data, pos) == n:
+                                        return n
+                                except OSError:
+                                    pass  # write_one writes it again and reports the error
+                    code, need = (ctx.write_one_fn or ctx.bind_kernels()[1])(tab, ctx.devs_i, slot,
+                                                                              np.frombuffer(data, _U8), fd, offset,
+                                                                              ofd, osize)
+                    if code == 0:  # OK
+                        if need:  # a rewrite of provisioned, unshared blocks changes no record
+                            ctx.devs_dirty.add(slot)
+                            ctx.after_alloc()
+                        return n
         if type(data) is bytes:
-            buf = np.frombuffer(data, np.uint8)
+            buf = np.frombuffer(data, _U8)
         elif type(data) is np.ndarray and data.dtype is _U8 and data.ndim == 1 and data.flags.c_contiguous:
             buf = data
         elif isinstance(data, np.ndarray):
@@ -246,14 +282,12 @@ class Thin:
                                       f"{type(data).__name__}") from None
         if type(offset) is not int:
             offset = io_integer(self.name, "offset", offset)
-        ctx = self._ctx
         n = len(buf)
         with ctx.lock:
             slot = ctx.slots.get(self._key)
             if slot is not None and 0 <= offset < _FAST_LIMIT and ctx.fast_write:
-                # fast path (writable pool): one kernel call, which also checks the range and the
-                # volume's read-only flag; anything unusual (out of range, read-only volume, no space,
-                # node growth, an I/O error) is redone or reported by the general path
+                # fast path for other buffers (writable pool): one kernel call, as above (bytes that
+                # came here found something unusual: the kernel says what, the general path acts)
                 ofd, osize = ctx.origin(self._key) if ctx.origins.by_key else _NO_ORIGIN
                 code, need = (_KERNELS or _k()).write_one(ctx.table(), ctx.devs_i, slot, buf, ctx.data.fd, offset,
                                                           ofd, osize)
@@ -421,17 +455,27 @@ class Thin:
     def read(self, offset: int, length: int) -> bytes:
         """Read ``length`` bytes at ``offset`` (unmapped blocks read as zeroes)."""
         ctx = self._ctx
-        if type(offset) is int and type(length) is int:
-            # fast path (open pool, in range): one kernel call, no checks beyond these
+        if type(offset) is int and type(length) is int and 0 <= offset < _FAST_LIMIT and 0 <= length < _FAST_LIMIT:
+            # fast paths (open pool): the kernel checks the range and finds the block; one mapped
+            # block is sliced from the data file's memory map, one unmapped block reads as zeroes
+            # (without an external origin), anything else is one read_one call or the general path
             with ctx.lock:
                 slot = ctx.slots.get(self._key)
                 if slot is not None and ctx.is_open:
+                    k = _KERNELS or _k()
+                    data = ctx.data
+                    if data.fd >= 0 and not ctx.origins.by_key:
+                        pos = (ctx.locate_fn or ctx.bind_kernels()[0])(ctx.table(), ctx.devs_i, slot, offset, length,
+                                                                    False)
+                        if pos >= 0:
+                            return data.mm[pos:pos + length]
+                        if pos == _HOLE:
+                            return bytes(length)
                     devs = ctx.devs_i
-                    if 0 <= offset and 0 <= length and offset + length <= int(devs[slot, DEV_SIZE]):
+                    if offset + length <= int(devs[slot, DEV_SIZE]):
                         out = np.empty(length, np.uint8)
                         ofd, osize = ctx.origin(self._key) if ctx.origins.by_key else _NO_ORIGIN
-                        if (_KERNELS or _k()).read_one(ctx.table(), devs, slot, ctx.data.array, out, offset, ofd,
-                                                       osize):
+                        if k.read_one(ctx.table(), devs, slot, data.array, out, offset, ofd, osize):
                             self._origin_failed(offset)
                         return out.tobytes()
         offset = io_integer(self.name, "offset", offset)
@@ -486,19 +530,45 @@ class Thin:
         offs = as_offsets(offset, "offset")
         self._read(offs, np.array([len(out)], np.int64), out.reshape(-1).view(np.uint8), np.zeros(1, np.int64))
 
-    def read_many(self, offsets: Sequence[int] | np.ndarray, length: int) -> np.ndarray:
-        """Read ``length`` bytes at each offset in one kernel call; returns a (n, length) uint8 array."""
+    def read_many(self, offsets: Sequence[int] | np.ndarray, length: int, *,
+                  out: np.ndarray | None = None) -> np.ndarray:
+        """Read ``length`` bytes at each offset in one kernel call; returns a (n, length) uint8 array.
+
+        ``out``: a caller's buffer to read into instead of a new array (as a C program reuses one
+        buffer): a writable, C-contiguous uint8 numpy array of exactly n x ``length`` bytes (shape
+        (n, length) or flat); returned as it was given.  Anything else raises InvalidArgument before
+        anything is read."""
         offs = as_offsets(offsets, "offsets")
         length = io_integer(self.name, "length", length)
         self._ctx.check_open()
         if length < 0 or length > self.size:
             raise InvalidArgument(f"volume {self.name!r}: length {length} is negative or larger than the volume "
                                   f"({self.size} bytes)")
-        self._check_range(offs, np.full(len(offs), length, np.int64))  # before allocating the output
-        out = np.empty((len(offs), length), np.uint8)
-        starts = np.arange(len(offs), dtype=np.int64) * int(length)
-        self._read(offs, np.full(len(offs), length, np.int64), out.reshape(-1), starts)
+        n = len(offs)
+        lengths = np.full(n, length, np.int64)
+        self._check_range(offs, lengths)  # before allocating (or touching) the output
+        if out is None:
+            out = np.empty((n, length), np.uint8)
+            flat = out.reshape(-1)
+        else:
+            flat = self._out_buffer(out, n, length)
+        starts = np.arange(n, dtype=np.int64) * length
+        self._read(offs, lengths, flat, starts)
         return out
+
+    def _out_buffer(self, out: object, n: int, length: int) -> np.ndarray:
+        """``out`` of :meth:`read_many` as a flat uint8 view, or InvalidArgument saying what is wrong."""
+        if not isinstance(out, np.ndarray):
+            raise InvalidArgument(f"volume {self.name!r}: out must be a numpy uint8 array, got "
+                                  f"{type(out).__name__}")
+        if out.dtype != np.uint8:
+            raise InvalidArgument(f"volume {self.name!r}: out must have dtype uint8, got {out.dtype}")
+        if not out.flags.c_contiguous or not out.flags.writeable:
+            raise InvalidArgument(f"volume {self.name!r}: out must be a writable, C-contiguous array")
+        if out.size != n * length or (out.ndim == 2 and out.shape != (n, length)) or out.ndim > 2:
+            raise InvalidArgument(f"volume {self.name!r}: out has shape {out.shape}, but {n} reads of {length} "
+                                  f"bytes need ({n}, {length}) or ({n * length},)")
+        return out.reshape(-1)
 
     def _read(self, offsets: np.ndarray, lengths: np.ndarray, out: np.ndarray, starts: np.ndarray) -> None:
         ctx = self._ctx

@@ -1,0 +1,515 @@
+"""Rows anchored to the physical limit: a compiled peer (fio) on the same file and offsets, the Python
+loop per call, and the syncs a crash-safe commit cannot avoid.
+
+    python -m perf.anchors [--full] [--only F,P,C] [--docs] [--json OUT]
+
+F1 first writes: ``Thin.write_many`` of random 4 KiB first writes (one per 64 KiB block of a 16 GiB
+   volume) vs ``fio --ioengine=psync --read_iolog`` replaying the same offsets (an iolog v2 written from
+   the same offset array) on a raw sparse file of the same size (>= 0.8);
+F2 overwrites: the same offsets again, on both sides (>= 0.8);
+F3 reads: ``read_many(offsets, 4096, out=BUF)`` into one reused buffer vs fio psync reads of the same
+   offsets, page cache warm on both sides (``--invalidate=0``; one untimed run of every side first)
+   (>= 1.0); F3+ the same with ``read_many`` allocating its result (info).
+   fio's time is its own job runtime (``job_runtime`` of its JSON report: the I/O loop, without its
+   start-up and iolog parsing); the wall time of the fio process less the wall time of the same fio
+   command replaying one read is shown beside it (``fio_wall_net``).
+P1-P5 per call vs the Python loop (>= 0.6 each): ``Thin.write`` first writes and overwrites vs an
+   ``os.pwrite`` loop on a sparse file; CoW break (``Thin.write`` into a shared block of a snapshot)
+   vs the same file work by hand (``os.pread`` the old block, ``os.pwrite`` it to a new block, ``os.pwrite``
+   the 4 KiB); ``Thin.read`` at snapshot depth 1 and 100 vs an ``os.pread`` loop on a file of the same
+   size (both page cache warm).
+C1 ``commit()`` after one 4 KiB first write vs the floor: three ``pwrite`` + ``fdatasync`` pairs on files
+   beside the pool -- 4 KiB into a hole of a sparse data file, one 4 KiB page of a metadata file, a 4 KiB
+   superblock -- measured in the same run, interleaved (<= 1.5);
+C2 ``commit()`` after 10,000 scattered 4 KiB first writes vs the same floor with the data written the
+   same way (untimed; the timed ``fdatasync`` flushes it) and as many metadata pages as that commit
+   writes (counted at the store's writes), in one ``pwrite`` (<= 1.5).
+
+Sides are interleaved and rotated; figures are medians of >= 5 repeats.  ``--docs`` rewrites the anchors
+section of docs/performance.md between its markers, nothing else.  ``python -m perf --only A`` runs the
+same rows inside the suite.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from .common import (GiB, KiB, Row, Scratch, docs_head, drop_file, finish, find_tool, interleave, log, machine,
+                     med, missing_msg, perf_parser, rand_bytes, ratio_row, rows_table_md, sparse_file, timed)
+
+SECTION_BEGIN = "<!-- anchors: begin (written by `python -m perf.anchors --docs`) -->"
+SECTION_END = "<!-- anchors: end -->"
+BS = 64 * KiB
+IO = 4 * KiB
+VOL = 16 * GiB
+
+
+# ----------------------------------------------------------------------------- timing
+CPU: dict[str, list[float]] = {}
+
+
+def timed_cpu(key: str, fn: Callable[[], Any]) -> float:
+    """Wall seconds of ``fn()`` (garbage collected before, collector off during, as
+    :func:`perf.common.timed`); its CPU seconds (this thread's user + system time) go to ``CPU[key]``."""
+    gc.collect()
+    gc.disable()
+    try:
+        c0, t0 = time.thread_time(), time.perf_counter()
+        fn()
+        t1, c1 = time.perf_counter(), time.thread_time()
+    finally:
+        gc.enable()
+    CPU.setdefault(key, []).append(c1 - c0)
+    return t1 - t0
+
+
+# ----------------------------------------------------------------------------- fio
+def write_iolog(path: str, target: str, op: str, offsets: np.ndarray, length: int = IO) -> None:
+    """An iolog v2 replaying ``op`` (read / write) of ``length`` bytes at each offset, in order."""
+    with open(path, "w") as f:
+        f.write(f"fio version 2 iolog\n{target} add\n{target} open\n")
+        f.write("".join(f"{target} {op} {o} {length}\n" for o in offsets.tolist()))
+        f.write(f"{target} close\n")
+
+
+def fio_replay(iolog: str) -> tuple[float, float]:
+    """Replay ``iolog`` with fio's psync engine: (fio's own job runtime, wall time of the process), seconds."""
+    t0 = time.perf_counter()
+    out = subprocess.run(["fio", "--output-format=json", "--name=replay", f"--read_iolog={iolog}",
+                          "--ioengine=psync", "--invalidate=0", "--fallocate=none"],
+                         check=True, capture_output=True, text=True).stdout
+    wall = time.perf_counter() - t0
+    job = json.loads(out[out.index("{"):])["jobs"][0]
+    return job["job_runtime"] / 1000.0, wall
+
+
+def batch_vs_fio(sc: Scratch, n: int, reps: int) -> tuple[list[Row], dict]:
+    """F1-F3 (see the module docstring)."""
+    from thinpool import Pool
+    rng = np.random.default_rng(31)
+    blocks = rng.choice(VOL // BS, n, replace=False).astype(np.int64)
+    offs = blocks * BS + rng.integers(0, BS // IO, n) * IO
+    bufs, bufs2 = rand_bytes(rng, n, IO), rand_bytes(rng, n, IO)
+    raw = sc.path("raw.img")
+    logs = {op: sc.path(f"{op}.iolog") for op in ("write", "read")}
+    for op, path in logs.items():
+        write_iolog(path, raw, op, offs)
+    empty = sc.path("empty.iolog")
+    write_iolog(empty, raw, "read", offs[:1])  # fio refuses an iolog without I/O
+    res: dict[str, list[float]] = {}
+
+    def rec(k: str, t: float) -> None:
+        res.setdefault(k, []).append(t)
+
+    def thin_w(_r: int) -> float:
+        path = sc.path("f")
+        p = Pool.create(path, data_size=VOL, block_size=BS)
+        v = p.create_thin("v", VOL)
+        rec("thin_first", timed(lambda: v.write_many(offs, bufs)))
+        rec("thin_over", timed(lambda: v.write_many(offs, bufs2)))
+        p.close(commit=False)
+        sc.remove(path)
+        return 0.0
+
+    def fio_w(_r: int) -> float:
+        drop_file(raw)
+        os.close(sparse_file(raw, VOL))
+        for k in ("first", "over"):
+            job, wall = fio_replay(logs["write"])
+            rec(f"fio_{k}", job)
+            rec(f"fio_{k}_wall", wall)
+        return 0.0
+
+    def fio_null(_r: int) -> float:
+        rec("fio_null_wall", fio_replay(empty)[1])
+        return 0.0
+
+    interleave({"thin": thin_w, "fio": fio_w, "null": fio_null}, reps)
+    # reads: the raw file as fio's last overwrite left it, a pool written with the same offsets
+    path = sc.path("fr")
+    p = Pool.create(path, data_size=VOL, block_size=BS)
+    v = p.create_thin("v", VOL)
+    v.write_many(offs, bufs)
+    out = np.empty((n, IO), np.uint8)
+
+    def fio_r(_r: int) -> float:
+        job, wall = fio_replay(logs["read"])
+        rec("fio_read_wall", wall)
+        return job
+
+    sides: dict[str, Callable[[int], float]] = {
+        "out": lambda _r: timed(lambda: v.read_many(offs, IO, out=out)),
+        "alloc": lambda _r: timed(lambda: v.read_many(offs, IO)),
+        "fio": fio_r,
+    }
+    for s in sides.values():  # page cache (and the pool's memory map) warm on every side
+        s(-1)
+    res.pop("fio_read_wall", None)
+    rd = interleave(sides, reps)
+    p.close(commit=False)
+    sc.remove(path)
+    drop_file(raw)
+    m = {k: med(x) for k, x in res.items()}
+    mr = {k: med(x) for k, x in rd.items()}
+    null = m["fio_null_wall"]
+    rows = []
+    for key, what, k in (("F1", "first writes", "first"), ("F2", "overwrites", "over")):
+        rows.append(ratio_row(key, f"random 4 KiB {what}: Thin.write_many vs fio psync --read_iolog (same offsets, "
+                              "raw sparse file)", ">= 0.8", m[f"fio_{k}"] / m[f"thin_{k}"],
+                              thin_iops=n / m[f"thin_{k}"], fio_iops=n / m[f"fio_{k}"],
+                              fio_wall_net_iops=n / max(m[f"fio_{k}_wall"] - null, 1e-9), n=n))
+    rows.append(ratio_row("F3", "random 4 KiB reads, page cache warm: Thin.read_many(out=BUF) vs fio psync "
+                          "--read_iolog", ">= 1.0", mr["fio"] / mr["out"], thin_iops=n / mr["out"],
+                          fio_iops=n / mr["fio"], fio_wall_net_iops=n / max(m["fio_read_wall"] - null, 1e-9), n=n))
+    rows.append(Row("F3+", "the same reads, read_many allocating its result vs fio (info)",
+                    {"thin_iops": n / mr["alloc"]}, mr["fio"] / mr["alloc"], "", "info"))
+    return rows, {"writes": res, "reads": rd, "fio_null_wall_s": null}
+
+
+# ----------------------------------------------------------------------------- per call
+def per_call(sc: Scratch, n: int, nblocks: int, reps: int) -> tuple[list[Row], dict]:
+    """P1-P5 (see the module docstring).  Judged on CPU time (the machine is shared: wall time beside)."""
+    from thinpool import Pool
+    from .engine import build_chain
+    rng = np.random.default_rng(32)
+    blocks = rng.choice(VOL // BS, n, replace=False).astype(np.int64)
+    offs_l = (blocks * BS + rng.integers(0, BS // IO, n) * IO).tolist()
+    rows1 = [b.tobytes() for b in rand_bytes(rng, n, IO)]
+    rows2 = [b.tobytes() for b in rand_bytes(rng, n, IO)]
+    res: dict[str, list[float]] = {}
+    CPU.clear()
+
+    def rec(k: str, fn: Callable[[], Any]) -> None:
+        res.setdefault(k, []).append(timed_cpu(k, fn))
+
+    def thin(_r: int) -> float:
+        path = sc.path("pc")
+        p = Pool.create(path, data_size=VOL, block_size=BS)
+        w = p.create_thin("v", VOL).write
+
+        def go(rows: list[bytes]) -> None:
+            for o, b in zip(offs_l, rows):
+                w(o, b)
+        rec("thin_first", lambda: go(rows1))
+        rec("thin_over", lambda: go(rows2))
+        p.close(commit=False)
+        sc.remove(path)
+        return 0.0
+
+    def loop(_r: int) -> float:
+        path = sc.path("pcraw")
+        fd = sparse_file(path, VOL)
+        pw = os.pwrite
+
+        def go(rows: list[bytes]) -> None:
+            for o, b in zip(offs_l, rows):
+                pw(fd, b, o)
+        rec("loop_first", lambda: go(rows1))
+        rec("loop_over", lambda: go(rows2))
+        os.close(fd)
+        drop_file(path)
+        return 0.0
+
+    interleave({"thin": thin, "loop": loop}, reps)
+    # CoW break: a snapshot of a volume of nblocks written blocks, one 4 KiB write into each shared
+    # block (a new block, the old one copied around the write) vs the same file work by hand
+    path = sc.path("pcow")
+    p = Pool.create(path, data_size=(3 * nblocks + 1024) * BS, block_size=BS)
+    o = p.create_thin("o", nblocks * BS)
+    hand = sc.path("pcowraw")
+    hfd = sparse_file(hand, 2 * nblocks * BS)
+    for i in range(0, nblocks, 256):
+        k = min(256, nblocks - i)
+        data = rand_bytes(rng, k, BS)
+        o.write_many(np.arange(i, i + k, dtype=np.int64) * BS, data)
+        os.pwrite(hfd, data.tobytes(), i * BS)
+    p.commit()
+    order = rng.permutation(nblocks)
+    inblk = rng.integers(0, BS // IO, nblocks) * IO
+    cow_offs = (order * BS + inblk).tolist()
+    order_l, inblk_l = order.tolist(), inblk.tolist()
+    cow_rows = [b.tobytes() for b in rand_bytes(rng, nblocks, IO)]
+    snaps = {"i": 0}
+
+    def cow_thin(_r: int) -> float:
+        snaps["i"] += 1
+        s = p.snapshot("o", f"c{snaps['i']}")
+        w = s.write
+
+        def go() -> None:
+            for off, b in zip(cow_offs, cow_rows):
+                w(off, b)
+        t = timed_cpu("cow_thin", go)
+        p.delete(s.name)
+        p.commit()
+        return t
+
+    def cow_hand(_r: int) -> float:
+        pr, pw = os.pread, os.pwrite
+
+        def go() -> None:
+            dst = nblocks
+            for src, ib, b in zip(order_l, inblk_l, cow_rows):
+                pw(hfd, pr(hfd, BS, src * BS), dst * BS)
+                pw(hfd, b, dst * BS + ib)
+                dst += 1
+        t = timed_cpu("cow_hand", go)
+        from thinpool.datadev import _libc
+        _libc.fallocate(hfd, 0x03, nblocks * BS, nblocks * BS)  # punch the copies (untimed)
+        return t
+
+    res.update(interleave({"cow_thin": cow_thin, "cow_hand": cow_hand}, reps))
+    p.close()
+    sc.remove(path)
+    os.close(hfd)
+    drop_file(hand)
+    # reads at depth 1 and 100 vs a pread loop on a file of the same size and bytes (page cache warm)
+    path, p = build_chain(sc, nblocks, 100, seed=33)
+    size = nblocks * BS
+    raw = sc.path("pcread")
+    fd = sparse_file(raw, size)
+    base = p.thin("base")
+    for i in range(0, nblocks, 256):
+        k = min(256, nblocks - i)
+        os.pwrite(fd, base.read_many(np.arange(i, i + k, dtype=np.int64) * BS, BS).tobytes(), i * BS)
+    roffs = (rng.integers(0, size // IO, n) * IO).tolist()
+
+    def call(name: str, v: Any) -> Callable[[int], float]:
+        def run(_r: int) -> float:
+            rd = v.read
+
+            def go() -> None:
+                for off in roffs:
+                    rd(off, IO)
+            return timed_cpu(name, go)
+        return run
+
+    def pread_loop(_r: int) -> float:
+        pr = os.pread
+
+        def go() -> None:
+            for off in roffs:
+                pr(fd, IO, off)
+        return timed_cpu("read_loop", go)
+
+    sides = {"read_d1": call("read_d1", p.thin("s1")), "read_d100": call("read_d100", p.thin("s100")),
+             "read_loop": pread_loop}
+    for side in sides.values():
+        side(-1)  # warm: page cache, the pool's memory map
+    CPU.pop("read_d1"), CPU.pop("read_d100"), CPU.pop("read_loop")
+    res.update(interleave(sides, reps))
+    p.close()
+    sc.remove(path)
+    os.close(fd)
+    drop_file(raw)
+    m = {k: med(x) for k, x in res.items()}
+    c = {k: med(x) for k, x in CPU.items()}
+    rows = []
+    for key, what, thin_k, peer_k, peer, count in (
+            ("P1", "random 4 KiB first writes: per-call Thin.write vs an os.pwrite loop", "thin_first", "loop_first",
+             "loop", n),
+            ("P2", "random 4 KiB overwrites: per-call Thin.write vs an os.pwrite loop", "thin_over", "loop_over",
+             "loop", n),
+            ("P3", "CoW break, 4 KiB into a shared 64 KiB block: per-call Thin.write vs by hand (os.pread the old "
+             "block, os.pwrite it to a new one, os.pwrite the 4 KiB)", "cow_thin", "cow_hand", "hand", nblocks),
+            ("P4", "random 4 KiB reads at snapshot depth 1: per-call Thin.read vs an os.pread loop", "read_d1",
+             "read_loop", "loop", n),
+            ("P5", "random 4 KiB reads at snapshot depth 100: per-call Thin.read vs an os.pread loop", "read_d100",
+             "read_loop", "loop", n)):
+        rows.append(ratio_row(key, what, ">= 0.6", c[peer_k] / c[thin_k],
+                              **{"thin_cpu_us": c[thin_k] / count * 1e6, f"{peer}_cpu_us": c[peer_k] / count * 1e6,
+                                 "thin_wall_us": m[thin_k] / count * 1e6, f"{peer}_wall_us": m[peer_k] / count * 1e6,
+                                 "wall_ratio": m[peer_k] / m[thin_k]}))
+    return rows, {"wall": res, "cpu": dict(CPU)}
+
+
+# ----------------------------------------------------------------------------- commit vs the fsync floor
+class _CountingIO:
+    """The metadata store's write path, counting the bytes written (see mdstore.FileIO)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.written = 0
+        self.fdatasync = inner.fdatasync
+
+    def pwrite(self, fd: int, data: Any, offset: int) -> int:
+        w = self.inner.pwrite(fd, data, offset)
+        self.written += w
+        return w
+
+
+class Floor:
+    """Files beside the pool for the floor: a sparse data file, a written metadata file, a superblock."""
+
+    def __init__(self, sc: Scratch, pages: int) -> None:
+        self.paths = [sc.path("floor-data"), sc.path("floor-md"), sc.path("floor-sb")]
+        self.data = sparse_file(self.paths[0], VOL)
+        self.md = os.open(self.paths[1], os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.sb = os.open(self.paths[2], os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.page = np.random.default_rng(34).integers(0, 256, max(pages, 1) * IO, dtype=np.uint8).tobytes()
+        os.pwrite(self.md, bytes(len(self.page) * 2), 0)  # written once: overwrites allocate nothing
+        os.pwrite(self.sb, bytes(2 * IO), 0)
+        os.fsync(self.md)
+        os.fsync(self.sb)
+        self.next_block = 0
+
+    def commit(self, pages: bytes, data: bytes | None) -> float:
+        """The least a crash-safe commit does: data durable, metadata pages durable, superblock durable.
+        ``data``: 4 KiB to write into a hole of the data file first (timed); None: flush what is there."""
+        pw, sync = os.pwrite, os.fdatasync
+        where = self.next_block * BS
+        self.next_block += 1
+        t0 = time.perf_counter()
+        if data is not None:
+            pw(self.data, data, where)
+        sync(self.data)
+        pw(self.md, pages, (self.next_block % 2) * len(self.page))
+        sync(self.md)
+        pw(self.sb, self.page[:IO], (self.next_block % 2) * IO)
+        sync(self.sb)
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        for fd in (self.data, self.md, self.sb):
+            os.close(fd)
+        for p in self.paths:
+            drop_file(p)
+
+
+def commit_floor(sc: Scratch, reps: int, big_n: int, big_reps: int) -> tuple[list[Row], dict]:
+    """C1, C2 (see the module docstring)."""
+    from thinpool import Pool
+    rng = np.random.default_rng(35)
+    path = sc.path("c1")
+    p = Pool.create(path, data_size=VOL, block_size=BS)
+    v = p.create_thin("v", VOL)
+    free = rng.permutation(VOL // BS)[:reps + 8].astype(np.int64)
+    buf = rand_bytes(rng, 1, IO)[0]
+    for i in range(4):  # settle the metadata file (first commits grow it)
+        v.write(int(free[-1 - i]) * BS, buf)
+        p.commit()
+    counter = _CountingIO(p._store.io)
+    p._store.io = counter
+    counted: list[int] = []
+
+    def pool_side(r: int) -> float:
+        v.write(int(free[r]) * BS, buf)
+        counter.written = 0
+        t = timed(p.commit)
+        counted.append(counter.written // IO - 1)  # pages besides the superblock
+        return t
+
+    floor = Floor(sc, 1)
+    data = buf.tobytes()
+    c1 = interleave({"pool": pool_side, "floor": lambda _r: floor.commit(floor.page[:IO], data)}, reps)
+    p.close()
+    sc.remove(path)
+    floor.close()
+    pages1 = int(np.median(counted))
+    # C2: a fresh pool per repeat; 10,000 scattered first writes (untimed), then the commit
+    offs = rng.choice(64 * GiB // BS, big_n, replace=False).astype(np.int64) * BS + \
+        rng.integers(0, BS // IO, big_n) * IO
+    bufs = rand_bytes(rng, big_n, IO)
+    counted2: list[int] = []
+
+    def big_pool(_r: int) -> float:
+        path = sc.path("c2")
+        p = Pool.create(path, data_size=2 * big_n * BS, block_size=BS)
+        v = p.create_thin("v", 64 * GiB)
+        p.commit()
+        v.write_many(offs, bufs)
+        counter = _CountingIO(p._store.io)
+        p._store.io = counter
+        t = timed(p.commit)
+        counted2.append(counter.written // IO - 1)
+        p.close(commit=False)
+        sc.remove(path)
+        return t
+
+    def big_floor(_r: int) -> float:
+        pages = counted2[-1] if counted2 else 0
+        f = Floor(sc, pages)
+        layout = np.arange(big_n, dtype=np.int64) * BS + (offs % BS)  # where the pool's allocator put them
+        for o, b in zip(layout.tolist(), bufs):
+            os.pwrite(f.data, b, o)
+        t = f.commit(f.page, None)
+        f.close()
+        return t
+
+    big_pool(-1)  # the page count the floor writes comes from the pool's commit
+    c2 = interleave({"pool": big_pool, "floor": big_floor}, big_reps)
+    pages2 = int(np.median(counted2))
+    m1 = {k: med(x) for k, x in c1.items()}
+    m2 = {k: med(x) for k, x in c2.items()}
+    rows = [ratio_row("C1", "commit() after one 4 KiB first write vs the floor (3 pwrite + fdatasync: data, one "
+                      "metadata page, superblock)", "<= 1.5", m1["pool"] / m1["floor"], commit_ms=m1["pool"] * 1e3,
+                      floor_ms=m1["floor"] * 1e3, pool_pages=pages1, note="ratio = commit / floor"),
+            ratio_row("C2", f"commit() after {big_n:,} scattered 4 KiB first writes vs the floor with as many "
+                      "metadata pages", "<= 1.5", m2["pool"] / m2["floor"], commit_ms=m2["pool"] * 1e3,
+                      floor_ms=m2["floor"] * 1e3, pages=pages2, note="ratio = commit / floor")]
+    return rows, {"C1": c1, "C2": c2, "pages_C1": counted, "pages_C2": counted2}
+
+
+# ----------------------------------------------------------------------------- entry points
+def run(sc: Scratch, full: bool, only: set[str] | None = None) -> tuple[list[Row], dict]:
+    """The rows of the groups in ``only`` (F, P, C; all when None)."""
+    only = only or {"F", "P", "C"}
+    rows: list[Row] = []
+    detail: dict[str, Any] = {"load_at_start": round(os.getloadavg()[0], 2)}
+    reps = 7 if full else 5
+    if "F" in only:
+        if find_tool("fio"):
+            r, d = batch_vs_fio(sc, 50_000 if full else 20_000, reps)
+            rows += r
+            detail["F"] = d
+        else:
+            rows.append(Row("F1", "batch I/O vs fio", {}, None, "", "missing", note=missing_msg("fio")))
+    if "P" in only:
+        r, d = per_call(sc, 20_000 if full else 5_000, 4096 if full else 2048, reps)
+        rows += r
+        detail["P"] = d
+    if "C" in only:
+        r, d = commit_floor(sc, 41 if full else 15, 10_000, reps)
+        rows += r
+        detail["C"] = d
+    detail["load_at_end"] = round(os.getloadavg()[0], 2)
+    return rows, detail
+
+
+def suite_step(sc: Scratch, full: bool) -> tuple[list[Row], dict]:
+    """The suite's step ``A`` (``python -m perf --only A``)."""
+    from .engine import _warm_jit
+    _warm_jit(sc)
+    return run(sc, full)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = perf_parser("anchors", __doc__, "more I/Os and repeats", "anchors")
+    ap.add_argument("--only", help="comma-separated groups: F (fio), P (per call), C (commit floor)")
+    args = ap.parse_args(argv)
+    mach = machine()
+    with Scratch() as sc:
+        from .engine import _warm_jit
+        _warm_jit(sc)
+        rows, detail = run(sc, args.full, set(args.only.split(",")) if args.only else None)
+    for r in rows:
+        print(r.line(), flush=True)
+
+    def body() -> str:
+        return (docs_head("Against the physical limit: fio, the Python loop, the fsync floor", "anchors",
+                          args.full, mach) + f", load average {detail['load_at_start']} at the start and "
+                f"{detail['load_at_end']} at the end), Python {sys.version.split()[0]}, numpy {np.__version__}; "
+                f"interleaved repeats (medians).\n\n" + rows_table_md(rows) + "\n")
+    return finish(args, rows, detail, mach, SECTION_BEGIN, SECTION_END, body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
