@@ -62,23 +62,27 @@ def write_docs(result: dict, docs: str) -> None:
     if plots:
         text += "\n## Plots\n\n" + "\n".join(f"![{t}]({os.path.basename(p)})" for t, p in plots) + "\n"
     path = os.path.join(docs, "performance.md")
-    text += _kept_nbd_section(path)
+    text += _kept_sections(path)
     with open(path, "w") as f:
         f.write(text)
 
 
-def _kept_nbd_section(path: str) -> str:
-    """The NBD section that `python -m perf.nbd --docs` wrote into the page (kept as it is)."""
-    from .nbd import SECTION_BEGIN, SECTION_END
+def _kept_sections(path: str) -> str:
+    """Every section a perf module wrote into the page between its markers (``<!-- NAME: begin ...``
+    to ``<!-- NAME: end -->``: nbd, anchors, traces, sharing, ...), kept as they are."""
+    import re
     try:
         with open(path) as f:
             old = f.read()
     except OSError:
         return ""
-    start, end = old.find(SECTION_BEGIN), old.find(SECTION_END)
-    if start < 0 or end < start:
-        return ""
-    return "\n" + old[start:end + len(SECTION_END)] + "\n"
+    out = []
+    for m in re.finditer(r"<!-- ([\w-]+): begin.*?-->", old):
+        end = f"<!-- {m.group(1)}: end -->"
+        stop = old.find(end, m.end())
+        if stop >= 0:
+            out.append("\n" + old[m.start():stop + len(end)] + "\n")
+    return "".join(out)
 
 
 def _plots(result: dict, docs: str) -> list[tuple[str, str]]:
