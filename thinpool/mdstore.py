@@ -487,14 +487,14 @@ class MetadataStore:
             self._tail += count
             return out
         state = self.state
-        if count > state.count(0):
-            raise MetadataSpaceExhausted(
-                f"{self.path}: out of metadata space ({self.nr_blocks} blocks, {state.count(0)} free, "
-                f"{count} needed for this commit)")
         out = []
         pos = 0
         for _ in range(count):
             pos = state.find(0, pos)
+            if pos < 0:  # (the commit puts the state back as it was)
+                raise MetadataSpaceExhausted(
+                    f"{self.path}: out of metadata space ({self.nr_blocks} blocks, {state.count(0) + len(out)} "
+                    f"free, {count} needed for this commit)")
             state[pos] = _USED
             out.append(pos)
         return out
