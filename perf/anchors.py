@@ -44,7 +44,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .common import (PERFORMANCE_MD, GiB, KiB, Row, Scratch, docs_head, drop_file, finish, find_tool, interleave, log, machine,
-                     med, missing_msg, perf_parser, rand_bytes, ratio_row, rows_table_md, sparse_file, timed)
+                     fmt, med, missing_msg, perf_parser, rand_bytes, ratio_row, sparse_file, status_cell, timed)
 
 SECTION_BEGIN = "<!-- anchors: begin (written by `python -m perf.anchors --docs`) -->"
 SECTION_END = "<!-- anchors: end -->"
@@ -468,7 +468,8 @@ def run(sc: Scratch, full: bool, only: set[str] | None = None) -> tuple[list[Row
     """The rows of the groups in ``only`` (F, P, C; all when None)."""
     only = only or {"F", "P", "C"}
     rows: list[Row] = []
-    detail: dict[str, Any] = {"load_at_start": round(os.getloadavg()[0], 2)}
+    detail: dict[str, Any] = {"load_at_start": round(os.getloadavg()[0], 2),
+                              "when": datetime.datetime.now().isoformat(timespec="minutes")}
     reps = 7 if full else 5
     if "F" in only:
         if find_tool("fio"):
@@ -556,16 +557,26 @@ def section_body(rows: list[Row], detail: dict[str, Any], mach: dict[str, Any], 
     by = {r.key: r for r in rows}
     cells = " | ".join(f"{by[k].ratio:.2f}" if k in by and by[k].ratio is not None else "-"
                        for k in HISTORY_KEYS)
-    hist.append(f"| {datetime.datetime.now().isoformat(timespec='minutes')} | {detail['load_at_start']} / "
+    when = detail.get("when") or datetime.datetime.now().isoformat(timespec="minutes")
+    hist.append(f"| {when} | {detail['load_at_start']} / "
                 f"{detail['load_at_end']} | {'full' if full else 'quick'} | {cells} |")
     head = "| run | load at start / end | mode | " + " | ".join(HISTORY_KEYS) + " |"
     return (docs_head("Against the physical limit: fio, the Python loop, the fsync floor", "anchors", full, mach)
             + f", load average {detail['load_at_start']} at the start and {detail['load_at_end']} at the end: "
             f"8 jobs share this machine), Python {sys.version.split()[0]}, numpy {np.__version__}; interleaved "
-            f"repeats (medians).\n\n" + rows_table_md([r for r in rows if r.ratio is not None]) + "\n\n"
+            f"repeats (medians).\n\n" + table_md([r for r in rows if r.ratio is not None]) + "\n\n"
             + "".join(f"{r.key}: {r.status} ({r.note}).\n\n" for r in rows if r.ratio is None) + EXPLAIN + "\n**History** (ratios; "
             "targets F >= 0.8, F3 >= 1.0, P >= 0.6, C <= 1.5):\n\n" + HISTORY_BEGIN + "\n" + head + "\n|"
             + "---|" * (3 + len(HISTORY_KEYS)) + "\n" + "\n".join(hist) + "\n" + HISTORY_END + "\n")
+
+
+def table_md(rows: list[Row]) -> str:
+    """A Markdown table of ``rows`` (values as ``python -m perf`` prints them)."""
+    out = ["| row | what | measured | ratio | target | status |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        vals = ", ".join(f"{k}={fmt(v)}" for k, v in r.values.items()) + (f" ({r.note})" if r.note else "")
+        out.append(f"| {r.key} | {r.title} | {vals} | {r.ratio:.3g} | {r.target} | {status_cell(r)} |")
+    return "\n".join(out)
 
 
 HISTORY_KEYS = ("F1", "F2", "F3", "P1", "P2", "P3", "P4", "P5", "C1", "C2")
@@ -574,12 +585,19 @@ HISTORY_KEYS = ("F1", "F2", "F3", "P1", "P2", "P3", "P4", "P5", "C1", "C2")
 def main(argv: list[str] | None = None) -> int:
     ap = perf_parser("anchors", __doc__, "more I/Os and repeats", "anchors")
     ap.add_argument("--only", help="comma-separated groups: F (fio), P (per call), C (commit floor)")
+    ap.add_argument("--from-json", help="measure nothing: take the rows of an earlier --json run")
     args = ap.parse_args(argv)
-    mach = machine()
-    with Scratch() as sc:
-        from .engine import _warm_jit
-        _warm_jit(sc)
-        rows, detail = run(sc, args.full, set(args.only.split(",")) if args.only else None)
+    if args.from_json:
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        rows = [Row(**r) for r in saved["rows"]]
+        detail, mach = saved["detail"], saved["machine"]
+    else:
+        mach = machine()
+        with Scratch() as sc:
+            from .engine import _warm_jit
+            _warm_jit(sc)
+            rows, detail = run(sc, args.full, set(args.only.split(",")) if args.only else None)
     for r in rows:
         print(r.line(), flush=True)
 
