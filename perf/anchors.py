@@ -479,11 +479,11 @@ def run(sc: Scratch, full: bool, only: set[str] | None = None) -> tuple[list[Row
         else:
             rows.append(Row("F1", "batch I/O vs fio", {}, None, "", "missing", note=missing_msg("fio")))
     if "P" in only:
-        r, d = per_call(sc, 20_000 if full else 5_000, 4096 if full else 2048, reps)
+        r, d = per_call(sc, 20_000 if full else 5_000, 4096 if full else 2048, reps + 2)
         rows += r
         detail["P"] = d
     if "C" in only:
-        r, d = commit_floor(sc, 41 if full else 15, 10_000, reps)
+        r, d = commit_floor(sc, 41 if full else 21, 10_000, reps)
         rows += r
         detail["C"] = d
     detail["load_at_end"] = round(os.getloadavg()[0], 2)
