@@ -18,10 +18,10 @@ P1-P5 per call vs the Python loop (>= 0.6 each, on the CPU time of the timing th
    vs the same file work by hand (``os.pread`` the old block, ``os.pwrite`` it to a new block, ``os.pwrite``
    the 4 KiB); ``Thin.read`` at snapshot depth 1 and 100 vs an ``os.pread`` loop on a file of the same
    size (both page cache warm).
-C1 ``commit()`` after one 4 KiB first write vs the floor: three ``pwrite`` + ``fdatasync`` pairs on files
+CF1 ``commit()`` after one 4 KiB first write vs the floor: three ``pwrite`` + ``fdatasync`` pairs on files
    beside the pool -- 4 KiB into a hole of a sparse data file, one 4 KiB page of a metadata file, a 4 KiB
    superblock -- measured in the same run, interleaved (<= 1.5);
-C2 ``commit()`` after 10,000 scattered 4 KiB first writes vs the same floor with the data written the
+CF2 ``commit()`` after 10,000 scattered 4 KiB first writes vs the same floor with the data written the
    same way (untimed; the timed ``fdatasync`` flushes it) and as many metadata pages as that commit
    writes (counted at the store's writes), in one ``pwrite`` (<= 1.5).
 
@@ -390,7 +390,7 @@ class Floor:
 
 
 def commit_floor(sc: Scratch, reps: int, big_n: int, big_reps: int) -> tuple[list[Row], dict]:
-    """C1, C2 (see the module docstring)."""
+    """CF1, CF2 (see the module docstring)."""
     from thinpool import Pool
     rng = np.random.default_rng(35)
     path = sc.path("c1")
@@ -419,7 +419,7 @@ def commit_floor(sc: Scratch, reps: int, big_n: int, big_reps: int) -> tuple[lis
     sc.remove(path)
     floor.close()
     pages1 = int(np.median(counted))
-    # C2: a fresh pool per repeat; 10,000 scattered first writes (untimed), then the commit
+    # CF2: a fresh pool per repeat; 10,000 scattered first writes (untimed), then the commit
     offs = rng.choice(64 * GiB // BS, big_n, replace=False).astype(np.int64) * BS + \
         rng.integers(0, BS // IO, big_n) * IO
     bufs = rand_bytes(rng, big_n, IO)
@@ -454,13 +454,13 @@ def commit_floor(sc: Scratch, reps: int, big_n: int, big_reps: int) -> tuple[lis
     pages2 = int(np.median(counted2))
     m1 = {k: med(x) for k, x in c1.items()}
     m2 = {k: med(x) for k, x in c2.items()}
-    rows = [ratio_row("C1", "commit() after one 4 KiB first write vs the floor (3 pwrite + fdatasync: data, one "
+    rows = [ratio_row("CF1", "commit() after one 4 KiB first write vs the floor (3 pwrite + fdatasync: data, one "
                       "metadata page, superblock)", "<= 1.5", m1["pool"] / m1["floor"], commit_ms=m1["pool"] * 1e3,
                       floor_ms=m1["floor"] * 1e3, pool_pages=pages1, note="ratio = commit / floor"),
-            ratio_row("C2", f"commit() after {big_n:,} scattered 4 KiB first writes vs the floor with as many "
+            ratio_row("CF2", f"commit() after {big_n:,} scattered 4 KiB first writes vs the floor with as many "
                       "metadata pages", "<= 1.5", m2["pool"] / m2["floor"], commit_ms=m2["pool"] * 1e3,
                       floor_ms=m2["floor"] * 1e3, pages=pages2, note="ratio = commit / floor")]
-    return rows, {"C1": c1, "C2": c2, "pages_C1": counted, "pages_C2": counted2}
+    return rows, {"CF1": c1, "CF2": c2, "pages_CF1": counted, "pages_CF2": counted2}
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -507,10 +507,10 @@ iolog parsing, 1 ms resolution); `fio_wall_net` is the fio process's wall time l
 replaying one read.  F3 reads into one reused buffer (`read_many(..., out=BUF)`), as fio does; both sides read
 once untimed first (page cache, and the pool's memory map, warm).  P rows are judged on the CPU time of the
 timing thread (user + system; `time.thread_time`), because the machine is shared by several jobs and wall time
-per call moves with them (both are shown; wall_ratio is the wall-clock ratio).  C rows: the floor is what a
+per call moves with them (both are shown; wall_ratio is the wall-clock ratio).  CF rows: the floor is what a
 crash-safe commit cannot avoid on this filesystem -- 4 KiB into a hole of a sparse data file, one 4 KiB page
 of a metadata file written before (no allocation), a 4 KiB superblock, each `pwrite` + `fdatasync`, in that
-order -- measured in the same run, interleaved with the commits (C2: the 10,000 data writes untimed and as
+order -- measured in the same run, interleaved with the commits (CF2: the 10,000 data writes untimed and as
 many metadata pages as the commit wrote, in one `pwrite`).
 
 **Where the time of a per-call write or read goes** (measured 2026-12-06 with py-spy and CPU-time
@@ -535,7 +535,7 @@ volume, pool mode, external origin: those take the general path).
 17 %, allocating and writing the pages, page maps, the JSON directory and the superblock about 35 %.  It
 writes 11 metadata pages (leaf group, space map, device record, a page-map page for each changed array, the
 directory) where the floor writes one, and each flush costs 0.1-0.3 ms on an idle machine but 1-7 ms
-with the other jobs' I/O queued at the same disk, so the C rows move most with the load.  The three flushes
+with the other jobs' I/O queued at the same disk, so the CF rows move most with the load.  The three flushes
 (data, pages, superblock) are all needed for crash safety and all stay.  Flushing the data file in a helper
 thread while the pages are built was tried and dropped: under load each hand-over between threads waits for
 a time slice, and the commit took 8.3x the floor in one run (26.8 ms against 3.2 ms).
@@ -566,7 +566,7 @@ def section_body(rows: list[Row], detail: dict[str, Any], mach: dict[str, Any], 
             f"8 jobs share this machine), Python {sys.version.split()[0]}, numpy {np.__version__}; interleaved "
             f"repeats (medians).\n\n" + table_md([r for r in rows if r.ratio is not None]) + "\n\n"
             + "".join(f"{r.key}: {r.status} ({r.note}).\n\n" for r in rows if r.ratio is None) + EXPLAIN + "\n**History** (ratios; "
-            "targets F >= 0.8, F3 >= 1.0, P >= 0.6, C <= 1.5):\n\n" + HISTORY_BEGIN + "\n" + head + "\n|"
+            "targets F >= 0.8, F3 >= 1.0, P >= 0.6, CF <= 1.5):\n\n" + HISTORY_BEGIN + "\n" + head + "\n|"
             + "---|" * (3 + len(HISTORY_KEYS)) + "\n" + "\n".join(hist) + "\n" + HISTORY_END + "\n")
 
 
@@ -579,12 +579,12 @@ def table_md(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
-HISTORY_KEYS = ("F1", "F2", "F3", "P1", "P2", "P3", "P4", "P5", "C1", "C2")
+HISTORY_KEYS = ("F1", "F2", "F3", "P1", "P2", "P3", "P4", "P5", "CF1", "CF2")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = perf_parser("anchors", __doc__, "more I/Os and repeats", "anchors")
-    ap.add_argument("--only", help="comma-separated groups: F (fio), P (per call), C (commit floor)")
+    ap.add_argument("--only", help="comma-separated groups: F (fio), P (per call), C (commit floor: rows CF1, CF2)")
     ap.add_argument("--from-json", help="measure nothing: take the rows of an earlier --json run")
     args = ap.parse_args(argv)
     if args.from_json:
