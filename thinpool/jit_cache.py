@@ -245,7 +245,10 @@ def _locked_compile(compile_: Any, path: str, compiler_lock: Any) -> Any:
             except OSError:
                 return compile_(sig)  # no lock to be had: compile as numba alone would
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                except OSError:  # a file system without flock (ENOLCK): compile as numba alone would
+                    return compile_(sig)
                 _held.add(path)
                 try:
                     return compile_(sig)
