@@ -23,7 +23,7 @@ from tests.containers.test_overlay import du_bytes, require_overlay
 from tests.containers.workload_image import small_image
 from tests.support import REPO_ROOT, require_root, require_tool
 from thinpool.containers.compare import parse_block_sizes, replay_at, written_blocks, _ranges
-from thinpool.containers.workloads import MiB, SMALL_SIZES, build_workload_image, builtin_workloads
+from thinpool.containers.workloads import MiB, SMALL_SIZES, builtin_workloads
 from thinpool.errors import InvalidArgument
 
 WORKLOADS = ("sqlite-0.1pct", "log-append", "config-rewrite", "delete-big")
@@ -169,11 +169,10 @@ def test_compare_failing_workload_is_an_error_naming_it_and_leaves_no_container(
 
 
 def test_compare_chroot_runs_the_images_own_shell_on_every_side(run: dict, tmp_path) -> None:
-    """--chroot: the command is the image's /bin/sh (copied into a second image), chrooted on the thin and
-    overlay sides; podman starts the container or the report carries podman's reason for not running it."""
-    built = build_workload_image(str(tmp_path / "img"), SMALL_SIZES, tag="sh", shell=True)
+    """--chroot: the command is the image's own /bin/sh (the small image carries one), chrooted on the thin
+    and overlay sides; podman starts the container or the report carries podman's reason for not running it."""
     out = str(tmp_path / "r.json")
-    thinpool("compare", run["pool"], built["archive"], "--tag", "sh", "--no-builtin", "--chroot",
+    thinpool("compare", run["pool"], run["built"]["archive"], "--tag", "small", "--no-builtin", "--chroot",
              "--workload", "w=echo chrooted >> /var/log/app.log",
              "--block-sizes", "64K", "--json", out)
     with open(out) as f:
