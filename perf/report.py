@@ -47,7 +47,7 @@ def write_docs(result: dict, docs: str) -> None:
     if secs.get("suite"):
         text += ("\n## Suite (rows S1-S9, dump row I4, NBD hook I7, metadata size M1)\n\n"
                  "S1/S2 first writes/overwrites, S3 CoW after snapshot, S4 snapshot depth, S5 snapshot creation vs "
-                 "mapped size, S6 commit/delete cost, S7 JIT vs Python, S8 CLI latency, S9 scale, I4 dump vs "
+                 "mapped size, S6 commit/delete cost, S7 JIT vs Python, S8 CLI latency, S9 scale, S10 100,000 volumes (quick: 1 %; the full size in its own section, `python -m perf.scale --full --docs`), I4 dump vs "
                  "thin_dump, I7 fio over NBD, M1 metadata blocks per million mappings vs the exported dm-thin "
                  "metadata (a dense volume, snapshots with CoW, sparse random writes).  S8 runs the installed `thinpool` script with the package "
                  "byte-compiled (as `pip install` leaves it); `status`, `ls` and `snapshot` there read only the "
