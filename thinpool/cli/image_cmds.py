@@ -127,7 +127,7 @@ def _render_ps(rows: list[dict[str, Any]]) -> str:
         if sizes:
             row.append(f"{format_docker_size(r['size_bytes'])} (virtual {format_docker_size(r['virtual_size_bytes'])})")
         out.append(row)
-    return _table(["NAMES", "IMAGE", "VOLUME", "CREATED"] + (["SIZE"] if sizes or not rows else []), out)
+    return _table(["NAMES", "IMAGE", "VOLUME", "CREATED"] + (["SIZE"] if sizes else []), out)
 
 
 register_op("image-import", op_image_import, write=True, render=_render_import, local_only=True)

@@ -57,6 +57,8 @@ FILESYSTEMS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "ext4": (("mkfs.ext4", "-q", "-F", "-E", "nodiscard,lazy_itable_init=0,lazy_journal_init=0"),
              ("tune2fs", "-c", "-1", "-i", "0")),
 }
+#: largest base device accepted (mkfs of a larger one would run for hours)
+MAX_BASE_SIZE = 64 << 40
 _HEX = re.compile(r"^(sha256:)?([0-9a-f]{4,64})$")
 _MAX_TAG = 256
 
@@ -224,8 +226,9 @@ def import_image(pool_path: Any, archive: str | os.PathLike[str], *, tag: str | 
     if fs not in FILESYSTEMS:
         raise InvalidArgument(f"filesystem {fs!r} is not supported (supported: {', '.join(sorted(FILESYSTEMS))})")
     size = parse_size(base_size, "base size")
-    if size < (16 << 20):
-        raise InvalidArgument(f"base size {size} bytes is too small for a filesystem (at least 16 MiB)")
+    if not (16 << 20) <= size <= MAX_BASE_SIZE:
+        raise InvalidArgument(f"base size {size} bytes: a filesystem needs at least 16 MiB, and at most "
+                              f"{MAX_BASE_SIZE >> 40} TiB is accepted")
     if tag is not None and (not isinstance(tag, str) or not tag or len(tag) > _MAX_TAG
                             or any(c.isspace() or ord(c) < 0x20 for c in tag)):
         raise InvalidArgument(f"bad tag {str(tag)[:100]!r}: a non-empty name without spaces, at most {_MAX_TAG}")
