@@ -180,6 +180,39 @@ def test_podman_save_archives_import_identically(built: dict, tmp_path) -> None:
             assert snapshot(root) == snapshot(built["expected"]), fmt
 
 
+def test_oci_rule_ownership_modes_mtimes_and_xattrs_kept_through_ext4(tmp_path) -> None:
+    """As root the import keeps what the tar headers say: uid/gid, modes (setgid directory, 0640 file),
+    mtimes, and xattrs outside ``user.`` (``trusted.*``), on the ext4 of the layer's volume."""
+    _needs()
+    import io
+    import stat
+    import tarfile
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        for name, kind, mode, uid, gid in (("srv", tarfile.DIRTYPE, 0o2750, 33, 33),
+                                           ("srv/app.conf", tarfile.REGTYPE, 0o640, 1234, 5678),
+                                           ("srv/link", tarfile.SYMTYPE, 0o777, 1234, 5678)):
+            ti = tarfile.TarInfo(name)
+            ti.type, ti.mode, ti.uid, ti.gid, ti.mtime = kind, mode, uid, gid, 1_600_000_000
+            data = b"key=value\n" if kind == tarfile.REGTYPE else b""
+            ti.size = len(data)
+            if kind == tarfile.SYMTYPE:
+                ti.linkname = "app.conf"
+            if name == "srv/app.conf":
+                ti.pax_headers = {"SCHILY.xattr.trusted.note": "kept", "SCHILY.xattr.user.colour": "blue"}
+            t.addfile(ti, io.BytesIO(data))
+    img = oci_layout(str(tmp_path / "own"), [buf.getvalue()])
+    path = new_pool(str(tmp_path))
+    rec = import_image(path, img["layout"], base_size=BASE)
+    with mounted_ro(path, rec.layers[0].volume) as root:
+        d, f, ln = (os.lstat(os.path.join(root, p)) for p in ("srv", "srv/app.conf", "srv/link"))
+        assert (stat.S_IMODE(d.st_mode), d.st_uid, d.st_gid) == (0o2750, 33, 33)
+        assert (stat.S_IMODE(f.st_mode), f.st_uid, f.st_gid, f.st_mtime) == (0o640, 1234, 5678, 1_600_000_000)
+        assert (ln.st_uid, ln.st_gid, os.readlink(os.path.join(root, "srv/link"))) == (1234, 5678, "app.conf")
+        assert os.getxattr(os.path.join(root, "srv/app.conf"), "trusted.note") == b"kept"
+        assert os.getxattr(os.path.join(root, "srv/app.conf"), "user.colour") == b"blue"
+
+
 # -- the import is one transaction ------------------------------------------------------------------
 
 def _broken(built: dict, tmp_path, how: str) -> tuple[str, str]:
