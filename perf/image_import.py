@@ -5,8 +5,8 @@
 The workload image of ``thinpool compare`` (thinpool.containers.workloads.build_workload_image: two
 gzip layers, the second deleting a directory and a file) is built with umoci in the scratch directory:
 small sizes (a 5 MB database, 10 MiB files, a tarball of 1,000 small files), --full the issue's (a ~50 MB
-database, 100 MiB log and file, ~340 MB of files in all, 221 MiB of gzip blobs).  Then, in interleaved repeats (medians; 3,
---full 3), the same archive is
+database, 100 MiB log and file, ~340 MB of files in all, 221 MiB of gzip blobs).  Then, in interleaved
+repeats (medians of 3), the same archive is
 
 * imported onto a fresh pool (64 KiB blocks) by ``thinpool.containers.image_store.import_image``: a
   base thin device with a fresh ext4 (``mkfs.ext4 -E nodiscard,lazy_itable_init=0,lazy_journal_init=0``,

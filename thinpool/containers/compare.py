@@ -326,9 +326,9 @@ def compare(pool: Any, archive: str | os.PathLike[str], *, tag: str | None = Non
     the image in an archive of several) and return the report (see the module docstring; the keys are
     documented in docs/containers.md).  The image is imported onto ``pool`` (a path or an open pool;
     nothing is written if the image is there already; ``fs``/``base_size`` as ``thinpool image import``,
-    default: the pool's base device's when it has one, else ext4 on 10 GiB) and into an overlay store in ``workdir`` (default: a temporary directory
-    in the system's temp dir, removed afterwards; the upper directories live there, so its filesystem is the
-    overlay side's).  Containers are removed after each workload unless ``keep``.  ``chroot``: the commands
+    default: the pool's base device's when it has one, else ext4 on 10 GiB) and into an overlay store in
+    ``workdir`` (default: a temporary directory in the system's temp dir, removed afterwards; the upper
+    directories live there, so its filesystem is the overlay side's).  Containers are removed after each workload unless ``keep``.  ``chroot``: the commands
     run chrooted in the container's root (the image's own programs; podman then starts the container: a
     real ``podman run``).  Root only."""
     from thinpool.containers import image_store, runtime
