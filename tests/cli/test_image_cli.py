@@ -14,6 +14,15 @@ from tests.containers.test_image_store import BASE, _needs, new_pool
 from thinpool.units import format_docker_size
 
 pytestmark = pytest.mark.realtools
+#: the --json keys docs/containers.md §7 lists
+IMAGE_KEYS = ("id tags format archive fs base_size mkfs block_size created imported new file_bytes top_chain_id "
+              "history layers").split()
+LAYER_KEYS = "index chain_id diff_id digest media_type blob_bytes file_bytes entries owned_blocks volume".split()
+HISTORY_KEYS = ("created_by created layer volume file_bytes blob_bytes owned_blocks block_bytes mapped_blocks "
+                "exclusive_blocks shared_blocks").split()
+PS_KEYS = "name image image_id image_ref created volume init_volume".split()
+PS_SIZE_KEYS = ("block_size owned_blocks size_bytes init_owned_blocks mapped_blocks exclusive_blocks shared_blocks "
+                "virtual_size_bytes").split()
 
 
 @pytest.fixture
@@ -31,6 +40,7 @@ def test_cli_image_and_container_lifecycle(tmp_path, image: str) -> None:
     out = json.loads(invoke("image", "import", pool, image, "--tag", "acme/app:1", "--base-size", BASE,
                          "--json").stdout)
     assert out["tags"] == ["acme/app:1"] and out["new"] and len(out["layers"]) == 2 and out["fs"] == "ext4"
+    assert set(out) == set(IMAGE_KEYS) and set(out["layers"][0]) == set(LAYER_KEYS)     # docs/containers.md §7
     assert out["mkfs"].startswith("mkfs.ext4 -q -F -E nodiscard,lazy_itable_init=0,lazy_journal_init=0")
     again = invoke("image", "import", pool, image, "--tag", "acme/app:1", "--base-size", BASE).stdout
     assert "already stored (nothing written)" in again
@@ -39,6 +49,7 @@ def test_cli_image_and_container_lifecycle(tmp_path, image: str) -> None:
     text = invoke("image", "ls", pool).stdout
     assert re.search(r"^acme/app\s+1\s+" + out["id"][7:19] + r"\s+2\s", text, re.M)
     hist = json.loads(invoke("image", "history", pool, "acme/app:1", "--json").stdout)
+    assert all(set(h) == set(HISTORY_KEYS) for h in hist)
     assert [h["layer"] for h in hist] == [x["chain_id"] for x in reversed(out["layers"])] + ["base"]
     assert [h["owned_blocks"] for h in hist[:2]] == [x["owned_blocks"] for x in reversed(out["layers"])]
     invoke("container", "create", pool, "acme/app:1", "web1")
@@ -46,6 +57,8 @@ def test_cli_image_and_container_lifecycle(tmp_path, image: str) -> None:
             'cat etc/conf; test ! -e old && head -c 200000 /dev/urandom > "$ROOT/new"; exit 3', check=3)
     assert r.stdout == b"a=2\n"
     ps = json.loads(invoke("ps", "-s", pool, "--json").stdout)
+    assert set(ps[0]) == set(PS_KEYS) | set(PS_SIZE_KEYS)
+    assert set(json.loads(invoke("ps", pool, "--json").stdout)[0]) == set(PS_KEYS)
     assert [p["name"] for p in ps] == ["web1"] and ps[0]["owned_blocks"] >= 3
     size = f"{format_docker_size(ps[0]['size_bytes'])} (virtual {format_docker_size(ps[0]['virtual_size_bytes'])})"
     table = invoke("ps", "-s", pool).stdout.splitlines()
