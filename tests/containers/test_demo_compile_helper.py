@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from thinpool import kernels_cache  # noqa: F401 -- the machine cache registered before a test patches it
 from thinpool.containers import demo
 
 _SCRIPT = """
