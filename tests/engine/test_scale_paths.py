@@ -123,3 +123,23 @@ def test_catalog_bytes_round_trip_and_fall_back_for_what_orjson_refuses():
     assert rules.catalog_loads(rules.catalog_dumps(odd)) == odd
     with pytest.raises(ValueError):
         rules.catalog_loads(b"{not json")
+
+
+def test_a_table_snapshot_rewrites_only_the_catalog_pages_that_changed(tmp_path):
+    """A new volume's entry goes at the end of the catalog: the snapshot writes its last page(s), the
+    other pages stay where they were committed, and the pool reads the whole catalog back."""
+    with Pool.create(tmp_path / "p", data_size=64 * BS, metadata_only=True) as pool, pool.batch():
+        pool.create_thin("base", "1GiB")
+        for i in range(400):
+            pool.snapshot("base", f"a-rather-long-volume-name-to-fill-catalog-pages-{i:04d}")
+    with DeviceTable.open(tmp_path / "p", read_only=False) as t:
+        before = t.store.locs["catalog"].tolist()
+        assert len(before) >= 5
+        t.snapshot("base", "one-more")
+        after = t.store.locs["catalog"].tolist()
+    assert len(after) >= len(before)
+    assert 1 <= sum(a != b for a, b in zip(before, after)) + len(after) - len(before) <= 2
+    assert after[:len(before) - 1] == before[:-1]
+    with Pool.open(tmp_path / "p", read_only=True) as again:
+        assert len(again.thins()) == 402 and "one-more" in again
+        assert again.thin("one-more").snap_time == again.time
