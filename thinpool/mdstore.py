@@ -605,7 +605,7 @@ class MetadataStore:
                 header["held"] = self.header["held"]
             if self._tail is None:
                 committed: bytearray | None = self._protected(self.state)
-                used = self.nr_blocks - committed.count(0)
+                used = self.nr_blocks - _zeros(committed)
             else:
                 committed = None  # rebuilt from the new locations if it is ever needed
                 used = int(self.header["metadata_used_blocks"]) + (self._tail - tail_first) - \
