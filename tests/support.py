@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import shutil
@@ -39,6 +40,17 @@ def require_tool(*names: str) -> None:
         if IN_CI:
             pytest.fail(msg + " -- CI=true, so a missing tool is a failure")
         pytest.skip(msg)
+
+
+def require_module(name: str):
+    """The imported Python module ``name`` (a test extra: ``pip install -e '.[test]'``); skip if it is
+    missing, or fail under CI=true, where tests/run.sh installs the extras."""
+    if IN_CI:
+        try:
+            return importlib.import_module(name)
+        except ImportError as exc:
+            pytest.fail(f"needs the Python module {name} ({exc}) -- CI=true, so a missing module is a failure")
+    return pytest.importorskip(name)
 
 
 def require_root() -> None:

@@ -15,7 +15,7 @@ from thinpool import Pool
 from thinpool.errors import InvalidArgument
 from thinpool.simulate import ArrayTrace, replay
 from thinpool.simulate.results import COUNTERS, SERIES_COLUMNS
-from tests.support import require_tool
+from tests.support import require_module, require_tool
 
 BS = 64 << 10
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -162,8 +162,8 @@ def test_replay_no_space_fails_writes_alone_and_counts_events(tmp_path):
 
 
 def test_replay_results_as_tables(tmp_path):
-    pd = pytest.importorskip("pandas")
-    pa = pytest.importorskip("pyarrow")
+    pd = require_module("pandas")
+    pa = require_module("pyarrow")
     import pyarrow.parquet as pq
     n = 5000
     rng = np.random.default_rng(1)
@@ -184,7 +184,7 @@ def test_replay_results_as_tables(tmp_path):
 
 
 def test_replay_html_report_is_self_contained(tmp_path):
-    pytest.importorskip("matplotlib")
+    require_module("matplotlib")
     log = fio_iolog(tmp_path, "h", "--rw=randwrite")
     cli("replay", log, "--metadata-only", "--snapshot-every", "500", "--html", str(tmp_path / "r.html"),
         "--plot", str(tmp_path / "r.png"))
@@ -255,3 +255,24 @@ def test_kernel_rule_queue_if_no_space_holds_writes_for_the_timeout_in_trace_tim
     assert r["data_bytes_written"] == (16 + len(mapped - set(range(16)))) * BS
     assert r["mode_changes"] >= 2 and pool.mode == "write"
 
+
+
+def test_kernel_rule_replay_goes_on_out_of_metadata_space_serving_provisioned_blocks(tmp_path):
+    # dm-thin out of metadata space: writes to provisioned, unshared blocks are served, writes that
+    # need a block fail with EIO, pool messages (a scheduled snapshot) are refused; the replay goes on
+    from thinpool import leafstore
+    per_leaf = leafstore.DENSE + 1  # mappings that make a leaf dense (a metadata page of its own)
+    firsts = ((np.arange(300)[:, None] * 512 + np.arange(per_leaf)[None, :]) * BS).reshape(-1)
+    offs = np.concatenate([firsts, firsts[:50]])  # then rewrites of the first blocks
+    n = len(offs)
+    tr = ArrayTrace(np.ones(n, np.uint8), offs, np.full(n, 4096))
+    with Pool.create(str(tmp_path / "p"), data_size="8GiB", metadata_size="512KiB", metadata_only=True,
+                     error_if_no_space=True) as pool:
+        v = pool.create_thin("v", "32GiB")
+        r = replay(pool, "v", tr, snapshot_every=n - 10)
+        assert pool.mode == "out-of-metadata-space"
+        mapped = v.mapped_blocks
+    assert 0 < mapped < len(firsts) and r["eio_events"] == len(firsts) - mapped
+    assert r["provisioned_blocks"] == mapped and r["enospc_events"] == 0
+    assert (r["snapshots_taken"], r["snapshots_failed"]) == (0, 1)
+    assert r["mode_changes"] == 1 and r.series["eio_events"][-1] == r["eio_events"]

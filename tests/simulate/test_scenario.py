@@ -14,7 +14,7 @@ import pytest
 from thinpool.errors import InvalidArgument
 from thinpool.simulate import ArrayTrace, parse_scenario, run, sweep
 from thinpool.simulate.sweeps import parse_sweep, points
-from tests.support import require_tool
+from tests.support import require_module, require_tool
 
 BS = 64 << 10
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -118,7 +118,7 @@ def test_sweep_results_identical_in_process_on_workers_and_on_dask(tmp_path):
     sw = {"block_size": ["64KiB", "256KiB"], "keep": [1, 3]}
     one = sweep(str(tmp_path / "s.toml"), sw).to_dict()
     two = sweep(str(tmp_path / "s.toml"), sw, workers=2).to_dict()
-    distributed = pytest.importorskip("distributed")
+    distributed = require_module("distributed")
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cl, \
             distributed.Client(cl) as client:
         dask = sweep(str(tmp_path / "s.toml"), sw, dask=client).to_dict()
@@ -131,7 +131,7 @@ def test_sweep_results_identical_in_process_on_workers_and_on_dask(tmp_path):
 
 
 def test_simulate_cli_sweep_json_and_html(tmp_path):
-    pytest.importorskip("matplotlib")
+    require_module("matplotlib")
     fio_iolog(tmp_path)
     (tmp_path / "s.toml").write_text(SCENARIO)
     env = dict(os.environ, PYTHONPATH=REPO)
