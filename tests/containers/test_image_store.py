@@ -78,8 +78,9 @@ def store(built: dict) -> dict:
         path = new_pool(d)
         r1 = import_image(path, built["img"], ref="v1", base_size=BASE)
         used1 = pool_state(path)["used"]
-        r3 = import_image(path, built["img"], ref="v3", tag="test/img:v3", base_size=BASE)
-        yield {"path": path, "v1": r1, "v3": r3, "used_after_v1": used1, "dir": d}
+        said: list[str] = []
+        r3 = import_image(path, built["img"], ref="v3", tag="test/img:v3", base_size=BASE, progress=said.append)
+        yield {"path": path, "v1": r1, "v3": r3, "used_after_v1": used1, "dir": d, "said": said}
 
 
 def test_devicemapper_rule_every_file_of_every_layer_reads_back_identical(built: dict, store: dict) -> None:
@@ -107,6 +108,7 @@ def test_devicemapper_rule_layers_shared_between_images_are_stored_once(store: d
     assert state["used"] - store["used_after_v1"] == r3.layers[1].owned_blocks + r3.layers[2].owned_blocks
     assert set(state["images"]["layers"]) == {x.chain_id for x in r3.layers}
     assert {tuple(i.tags) for i in list_images(store["path"])} == {("v1",), ("test/img:v3",)}
+    assert [m.split(": ", 1)[1].split()[0] for m in store["said"]] == ["stored,", "applying", "applying"]
 
 
 def test_history_block_usage_equals_thinpool_ls_usage(store: dict) -> None:

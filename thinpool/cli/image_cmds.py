@@ -27,7 +27,9 @@ def op_image_import(pool: Any, archive: str, tag: str | None = None, fs: str = "
                     base_size: int = 10 << 30, ref: str | None = None) -> dict[str, Any]:
     """Import an image archive (OCI layout or docker-archive) onto the pool."""
     from thinpool.containers.image_store import import_image
-    return import_image(pool, archive, tag=tag, fs=fs, base_size=base_size, ref=ref).as_dict()
+    from .common import stderr_is_tty
+    say = (lambda msg: click.echo(msg, err=True)) if stderr_is_tty() else None
+    return import_image(pool, archive, tag=tag, fs=fs, base_size=base_size, ref=ref, progress=say).as_dict()
 
 
 def op_image_ls(pool: Any) -> list[dict[str, Any]]:

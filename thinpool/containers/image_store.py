@@ -37,7 +37,7 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from ..errors import FailedPrecondition, ImageError, InvalidArgument, NotFound
 from ..units import parse_size
@@ -213,14 +213,15 @@ def resolve(recs: dict[str, Any], ref: str) -> str:
 # ============================================================================================== import
 def import_image(pool_path: Any, archive: str | os.PathLike[str], *, tag: str | None = None,
                  fs: str = "ext4", base_size: int | str = "10G", ref: str | None = None,
-                 privileged: bool | None = None) -> ImageRecord:
+                 privileged: bool | None = None, progress: Callable[[str], None] | None = None) -> ImageRecord:
     """Import the image archive ``archive`` onto the pool (path or open pool) and return its record.
 
     ``tag``: the name to give it (default: the archive's own tag); ``ref``: which image of the archive
     when it holds several; ``fs``/``base_size``: the base device's filesystem and size (used when the pool
     has no base yet; a different one is InvalidArgument, since layers are shared only over one base);
-    ``privileged``: keep device nodes and setuid/setgid bits (default: when running as root).  One
-    transaction (see the module docstring): on failure nothing is left in the pool."""
+    ``privileged``: keep device nodes and setuid/setgid bits (default: when running as root);
+    ``progress``: called with a line of text as each step starts.  One transaction (see the module
+    docstring): on failure nothing is left in the pool."""
     from .volmount import require_mounts
     require_mounts("thinpool image import")
     if fs not in FILESYSTEMS:
@@ -236,10 +237,12 @@ def import_image(pool_path: Any, archive: str | os.PathLike[str], *, tag: str | 
     from .oci import open_image
     with opened_pool(pool_path, write=True) as pool, open_image(archive, ref) as image:
         recover(pool)
-        return _import(pool, image, tag if tag is not None else image.ref, fs, size, privileged)
+        return _import(pool, image, tag if tag is not None else image.ref, fs, size, privileged,
+                       progress or (lambda msg: None))
 
 
-def _import(pool: Any, image: Any, tag: str | None, fs: str, size: int, privileged: bool | None) -> ImageRecord:
+def _import(pool: Any, image: Any, tag: str | None, fs: str, size: int, privileged: bool | None,
+            say: Callable[[str], None]) -> ImageRecord:
     raw_before = pool.get_records(RECORDS)     # restored as it was on failure
     before = load_records(pool)
     base = before["base"]
@@ -253,6 +256,7 @@ def _import(pool: Any, image: Any, tag: str | None, fs: str, size: int, privileg
     # layers already stored: their blobs are still verified (nothing is written for them)
     for layer in image.layers:
         if layer.chain_id in stored:
+            say(f"layer {layer.index + 1}/{len(image.layers)} {layer.chain_id[:19]}: stored, verifying its blob")
             _drain(image, layer)
     image_id = image.config_digest
     old = before["images"].get(image_id)
@@ -273,10 +277,12 @@ def _import(pool: Any, image: Any, tag: str | None, fs: str, size: int, privileg
         warm_up(pool)
         mounts = PoolMounts(pool)
         if base is None:
+            say(f"base device: {size:,} bytes, {' '.join(FILESYSTEMS[fs][0])}")
             recs["base"] = base = _make_base(pool, s, mounts, fs, size)
         for layer in image.layers:
             if layer.chain_id in stored:
                 continue
+            say(f"layer {layer.index + 1}/{len(image.layers)} {layer.chain_id[:19]}: applying {layer.blob}")
             recs["layers"][layer.chain_id] = _apply(pool, s, mounts, image, layer, privileged)
             stored.add(layer.chain_id)
         mounts.close()
