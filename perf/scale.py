@@ -329,7 +329,8 @@ def limits_text(rows: list[Row], load: tuple[float, ...] = ()) -> str:
 `python -c pass` in the same run (interleaved); S10f is absolute; S10g is `export-metadata` against
 `thin_dump` of the metadata it exported, to `/dev/null`. `cpu_ratio` / `cpu_s` are the same commands'
 CPU time (user + system, `getrusage` of the child): on a shared machine the wall time includes the
-time a command waited for a core, and the CPU ratio is what the wall ratio is on an idle machine.
+time a command waited for a core; the CPU figures are close to what the wall figures would be on an
+idle machine (less the time spent waiting for the disk's syncs, which only `snapshot` does).
 
 **What the open costs (S10a, S10f).** The pool's metadata file holds 850 MB of pages: 195,313 dense
 leaves (800 MB), the two-bit space map of 101 million data blocks, the device table (6.4 MB) and the
@@ -353,11 +354,19 @@ its origin's 25 million mappings: 2.5 * 10^12 entries, never finishing) and 100,
 **status, snapshot, ls (S10c-S10e).** `status` reads the device table and the page maps and no longer
 parses the catalog (the volume count comes from the in-use slots); what is left is the CLI's start
 (about 2x `python -c pass`: click and the command modules). `snapshot` must parse the 6 MB catalog,
-add a name and write it back (orjson: about 0.05 s, the standard library took 0.3-0.9 s), its 1,480
-pages and their checksums: the catalog is one JSON document, so a snapshot's cost grows with the number
-of volumes; a paged name index (only the changed page written) would make it constant, not done.
+add a name and serialize it again (orjson: about 0.05 s; the standard library took 0.3-0.9 s); only
+the catalog pages that changed are written (one of 1,308; it rewrote them all before): the catalog is
+one JSON document, so a snapshot's CPU still grows with the number of volumes; a paged name index
+would make it constant, not done.
 `ls` prints 100,000 lines: the catalog parsed, a row per volume built and formatted in Python; three
 times `python -c pass` is less than formatting 100,000 rows costs in Python.
+
+**History** (quoted from earlier runs on this machine, not re-measured; wall / CPU):
+before this work, `Pool.open` of this pool took 13-39 s and peaked at 4.2 GB, `status` 5.4x, `ls`
+21x, `snapshot` 10x `python -c pass`, and `ls --usage` never finished (each snapshot walked its
+origin's mappings). First run after the open and device-table changes (load 7.5-10.8): open 5.72 s /
+1.73 s CPU, status 2.42x, ls 6.78x, snapshot 3.70x, ls --usage 16.8 s / 4.2 s CPU, export at scale 0.1
+<= 0.20x thin_dump.
 
 **Export (S10g, S10h).** At scale 1 (100 million distinct mappings) `export-metadata` passed 8.7 GB of
 RSS and was stopped: the exporter (`interop/binary.py`, `interop/sharing.py`) holds per-mapping numpy
