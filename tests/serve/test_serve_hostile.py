@@ -594,6 +594,25 @@ def test_stalled_write_payloads_are_bounded(tmp_path: Any) -> None:
                 c.close()
 
 
+def test_write_header_alone_then_silence_is_dropped_at_the_message_deadline(tmp_path: Any) -> None:
+    """A WRITE header sent on its own and no payload after it: waiting for that payload is a wait inside
+    a message, bounded by the message deadline like a payload that stalls half-way (not an idle wait,
+    which has no limit by default) -- with busy-polling on or off; the server goes on serving."""
+    pool = make_pool(str(tmp_path))
+    with served(pool, nbd_options={"message_timeout": 1.0}) as s:
+        for _ in range(2):  # the second time the session may be busy-polling (its client answered quickly)
+            c = RawClient.connect(s.nbd.unix_path, "vol")
+            try:
+                assert c.cmd(P.CMD_READ, 0, 512).error == 0
+                c.sock.sendall(P.encode_request(P.CMD_WRITE, 7, 0, 4096))
+                t0 = time.monotonic()
+                assert c.at_eof(timeout=10), "a WRITE whose payload never came was waited for past its deadline"
+                assert 0.5 < time.monotonic() - t0 < 5
+            finally:
+                c.close()
+        assert healthy_roundtrip(s.nbd.unix_path) < 5
+
+
 def test_control_socket_idle_connections_cannot_lock_out_the_cli(tmp_path: Any) -> None:
     pool = make_pool(str(tmp_path))
     with served(pool) as s:

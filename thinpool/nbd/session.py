@@ -244,9 +244,15 @@ class Session(Handshake, RequestHandling):
         while self._rend - self._rpos < n:
             self._flush_out()  # never wait for input with replies held back
             have = self._rend - self._rpos
-            if SPIN_NS and not have and self.export is not None:
-                self._spin = self._spin_wait(self._spin)
-            if not self._wait_readable(idle and not have, deadline):
+            if SPIN_NS and idle and not have and self.export is not None:
+                # between requests only: a wait inside a message (a WRITE payload not started yet) is
+                # bounded by the message deadline, which the spin-wait's idle wait does not apply
+                self._spin, readable = self._spin_wait(self._spin)
+            else:
+                readable = False
+            # (a socket the spin-wait found readable needs no second poll; otherwise this wait also
+            # handles a shutdown)
+            if not readable and not self._wait_readable(idle and not have, deadline):
                 raise Disconnect("server shutting down")
             if self._rpos + n > len(self._rbuf) or self._rend == len(self._rbuf):
                 # move the unread bytes to the front to make room
@@ -257,9 +263,10 @@ class Session(Handshake, RequestHandling):
                 raise Disconnect("peer closed the connection" + (" mid-message" if have else ""))
             self._rend += got
 
-    def _spin_wait(self, spin: bool) -> bool:
+    def _spin_wait(self, spin: bool) -> tuple[bool, bool]:
         """Wait for the next request, busy-polling the socket for up to SPIN_NS first if ``spin``;
-        return whether to spin next time.
+        return (whether to spin next time, whether the socket is readable now -- False also when the
+        wait ended because the server is stopping).
 
         A request that arrives while we spin is picked up without a wake-up from idle (on a VM a
         cross-CPU wake-up costs tens of microseconds, more than serving a 4 KiB request).  Adaptive,
@@ -280,7 +287,7 @@ class Session(Handshake, RequestHandling):
                 last = start
                 while True:
                     if poll0(0):
-                        return True
+                        return True, True
                     t = now()
                     if t >= end:
                         break
@@ -291,8 +298,8 @@ class Session(Handshake, RequestHandling):
                     last = t
             finally:
                 _SPINNER.release()
-        self._wait_readable(True, [])  # the caller's wait then handles a shutdown
-        return now() - start < 2 * SPIN_NS
+        readable = self._wait_readable(True, [])  # False: stopping (the caller's wait handles that)
+        return now() - start < 2 * SPIN_NS, readable
 
     def _recv(self, n: int, idle: bool = False) -> bytes | bytearray:
         """Receive exactly ``n`` bytes; Disconnect on EOF or shutdown.  Long messages (WRITE payloads
