@@ -351,16 +351,25 @@ def lookup(nodes, root, vb):
 def lookup_in(leaves, inners, leaf_rc, inner_rc, root, vb):
     """:func:`lookup` over the node arrays themselves (a batch loop takes them out of ``nodes`` once:
     each extraction per I/O costs reference counting)."""
+    leaf, shared = find_leaf_in(inners, leaf_rc, inner_rc, root, vb)
+    if leaf == NONE:
+        return UNMAPPED, shared
+    return leaves[leaf, vb & (LEAF_ENTRIES - 1)], shared
+
+
+@njit(cache=True, inline="always")
+def find_leaf_in(inners, leaf_rc, inner_rc, root, vb):
+    """The leaf slot holding virtual block ``vb`` under ``root`` (NONE if there is none yet) and
+    whether any node on the path is shared (count > 1)."""
     shared = inner_rc[root] > 1
     mid = inners[root, vb >> (LEAF_BITS + INNER_BITS)]
     if mid == NONE:
-        return UNMAPPED, shared
+        return NONE, shared
     shared = shared or inner_rc[mid] > 1
     leaf = inners[mid, (vb >> LEAF_BITS) & (INNER_ENTRIES - 1)]
     if leaf == NONE:
-        return UNMAPPED, shared
-    shared = shared or leaf_rc[leaf] > 1
-    return leaves[leaf, vb & (LEAF_ENTRIES - 1)], shared
+        return NONE, shared
+    return leaf, shared or leaf_rc[leaf] > 1
 
 
 @njit(cache=True)

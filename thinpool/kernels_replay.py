@@ -14,9 +14,11 @@ from numba import njit
 
 from . import kernels_cache
 from .kernels import ORIGIN_ERROR, discard_range, pread_all, read_hole, write_span
-from .kernels_map import UNMAPPED, lookup, lookup_in, mapping_block, needs_new_block
-from .schema import (DEV_ROOT, DEV_SNAP_TIME, IO_ERROR, NEED_NODES, NO_SPACE, OK, ST_BLOCK_SIZE, ST_INNER_FREE,
-                     ST_INNERS_LIVE, ST_LEAF_FREE, ST_LEAVES_LIVE, ST_NR_ALLOCATABLE, ST_NR_BLOCKS, ST_NR_FREE)
+from .kernels_map import (UNMAPPED, alloc_data_block, find_leaf_in, lookup, mapping_block, needs_new_block,
+                          pack_mapping, take_stale)
+from .schema import (DEV_MAPPED, DEV_ROOT, DEV_SNAP_TIME, IO_ERROR, LEAF_ENTRIES, NEED_NODES, NO_SPACE, NONE, OK,
+                     ST_BLOCK_SIZE, ST_INNER_FREE, ST_INNERS_LIVE, ST_LEAF_FREE, ST_LEAVES_LIVE, ST_NR_ALLOCATABLE,
+                     ST_NR_BLOCKS, ST_NR_FREE, ST_PROVISIONED, ST_PROVISIONED_PARTIAL, ST_TIME)
 
 #: operation codes of a mixed batch (the trace readers' codes)
 OP_READ, OP_WRITE, OP_DISCARD = 0, 1, 2
@@ -66,7 +68,7 @@ def apply_batch(nodes, space, st, devs, slots, fd, tmp, pattern, vol, ops, offse
     write or read failed at ``next_io``.  Ranges, read-only devices and op codes are the caller's checks.
     """
     bs = st[ST_BLOCK_SIZE]
-    leaves, inners, leaf_rc, inner_rc = nodes[0], nodes[1], nodes[2], nodes[3]
+    leaves, inners, leaf_rc, inner_rc, leaf_dirty = nodes[0], nodes[1], nodes[2], nodes[3], nodes[4]
     last = -1
     dev = devs[0]
     for i in range(start, end):
@@ -79,12 +81,32 @@ def apply_batch(nodes, space, st, devs, slots, fd, tmp, pattern, vol, ops, offse
             last = vol[i]
             dev = devs[slots[last]]
         if op == OP_WRITE:
-            if fd < 0 and not no_alloc and (off + length - 1) // bs == off // bs:
-                # without a data file, a write inside one provisioned, unshared block changes nothing
-                # (dm-thin remaps the bio: no metadata change, nothing counted) -- the common case of a
-                # replay, decided here without write_span's general path
-                v, shared = lookup_in(leaves, inners, leaf_rc, inner_rc, dev[DEV_ROOT], off // bs)
+            if (fd < 0 and not no_alloc and (off + length - 1) // bs == off // bs
+                    and st[ST_INNER_FREE] >= 3 and st[ST_LEAF_FREE] >= 1):
+                # without a data file, the common cases of a replay inside one block, decided here
+                # without write_span's general path (the same rules: a test compares the modes; the
+                # node room the general path asks for first is asked for here too, so the node store
+                # grows at the same I/O in both modes):
+                vb = off // bs
+                leaf, shared = find_leaf_in(inners, leaf_rc, inner_rc, dev[DEV_ROOT], vb)
+                v = UNMAPPED if leaf == NONE else leaves[leaf, vb & (LEAF_ENTRIES - 1)]
                 if not needs_new_block(v, shared, dev[DEV_SNAP_TIME]):
+                    continue  # a provisioned, unshared block: dm-thin remaps the bio, nothing changes
+                if v == UNMAPPED and leaf != NONE and not shared and st[ST_NR_ALLOCATABLE] > 0:
+                    # a first write into an existing, unshared leaf: provision one block
+                    d = alloc_data_block(space, st)
+                    take_stale(space, d)  # no bytes to zero without a data file; the mark goes
+                    dev[DEV_MAPPED] += 1
+                    st[ST_PROVISIONED] += 1
+                    if length != bs:
+                        st[ST_PROVISIONED_PARTIAL] += 1
+                    leaves[leaf, vb & (LEAF_ENTRIES - 1)] = pack_mapping(d, st[ST_TIME])
+                    leaf_dirty[leaf] = 1
+                    used = st[ST_NR_BLOCKS] - st[ST_NR_FREE]
+                    if used > out[2]:
+                        out[2] = used
+                    if st[ST_LEAVES_LIVE] + st[ST_INNERS_LIVE] >= md_check:
+                        return MD_CHECK, i + 1, 0
                     continue
             if no_alloc:
                 if _blocks_needed(nodes, dev, off, length, bs) > 0:
