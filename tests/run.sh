@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install what the tests need (Debian tools, Python packages) when missing, then run the suite.
-# Usage: bash tests/run.sh [pytest args...]     (THINPOOL_SOAK=1 for the long soak settings)
+# Usage: bash tests/run.sh [pytest args...]     (THINPOOL_SOAK=1 for the long soak settings;
+#        THINPOOL_REAL_IMAGES=1 also imports a real Debian minbase rootfs made with mmdebstrap)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,6 +10,8 @@ tools="thin_check:thin-provisioning-tools thin_dump:thin-provisioning-tools qemu
 qemu-io:qemu-utils qemu-nbd:qemu-utils nbdinfo:libnbd-bin nbdcopy:libnbd-bin nbdfuse:nbdfuse
 fio:fio fusermount3:fuse3 mkfs.ext4:e2fsprogs nbdkit:nbdkit strace:strace unshare:util-linux
 blkparse:blktrace losetup:mount blkdiscard:util-linux umoci:umoci skopeo:skopeo podman:podman"
+# a real Debian rootfs image (tests/containers/test_real_image.py) only with THINPOOL_REAL_IMAGES=1
+if [ "${THINPOOL_REAL_IMAGES:-}" = 1 ]; then tools="$tools mmdebstrap:mmdebstrap"; fi
 missing=()
 for pair in $tools; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair##*:}")
