@@ -312,7 +312,7 @@ def _pack_bitmap(counts: np.ndarray) -> np.ndarray:
 
 def stored_pages(locs: Any, n: int) -> np.ndarray:
     """Per page of an array as committed (its page locations from the metadata store, block << 32 | ...):
-    whether the page is stored (an absent page reads as zeroes).  Also used by :mod:`thinpool.leafstore`."""
+    whether the page is stored (an absent page reads as zeroes)."""
     out = np.zeros(n, bool)
     if locs is not None and len(locs):
         have = np.frombuffer(memoryview(locs).cast("B"), np.uint64)[:n] >> np.uint64(32) != 0

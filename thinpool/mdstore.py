@@ -75,10 +75,11 @@ BLOCK = 4096
 MAGIC = b"TPOOLMD1"
 #: the superblock's format version: 2 since the data space map is stored as a two-bit bitmap plus
 #: overflow counts (:mod:`thinpool.dataspace`), 3 since the leaves are stored in groups without their
-#: holes (:mod:`thinpool.leafstore`); the store's own layout is the same in 1, 2 and 3, so all are
-#: read (the pool tells the layouts apart by their arrays' names)
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+#: holes, 4 since sparse leaves are records packed across pages (:mod:`thinpool.leafstore`); the
+#: store's own layout is the same in 1 to 4, so all are read (the pool tells the layouts apart by
+#: their arrays' names)
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 PM_ENTRIES = BLOCK // 8
 _SB_HEADER = struct.Struct("<I8sIQI")  # crc, magic, version, generation, json length
 SUPERBLOCKS = 2
@@ -532,6 +533,11 @@ class MetadataStore:
             b = loc >> 32
             if b:
                 state[b] &= ~_USED
+
+    def commit_floor(self) -> int:
+        """Fresh blocks a small commit may need: a page and its page-map page in every array with a
+        stored page, and the directory (the least metadata reserve that lets such a commit through)."""
+        return 2 * sum(1 for pml in self.pm_locs.values() if any(pml)) + max(1, len(self.dir_locs))
 
     def estimate_commit_blocks(self, arrays: dict[str, Any]) -> int:
         """Upper bound of fresh blocks a commit of ``arrays`` needs."""

@@ -40,7 +40,7 @@ from .rules import (DEFAULT_MAX_THINS, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE,  # noqa: 
                     check_block_size, default_metadata_blocks)
 from .schema import DevFlag, Mode, dev_dtype
 from .dataspace import DataSpaceMap, counts_from_disk, empty_disk_arrays
-from .leafstore import ARRAY as LEAF_ARRAY, empty_disk_arrays as empty_leaf_arrays, leaves_from_disk, load_leaves
+from .leafstore import ARRAY as LEAF_ARRAY, empty_disk_arrays as empty_leaf_arrays, load as load_leaves, open_leaves
 from .status import PoolStatus, Usage  # noqa: F401  (part of this module's API)
 from .units import parse_size
 
@@ -279,9 +279,9 @@ class Pool(Transactions, DeviceOps, Features):
 
     def _load(self) -> None:
         """(Re)build the in-memory state from the last committed metadata."""
-        try:  # the leaves read straight into place (leafstore.load_leaves), the other arrays as they are
+        try:  # the dense leaves read straight into place (leafstore.open_leaves), the other arrays as they are
             arrays = {k: np.frombuffer(v, np.uint8) for k, v in self._store.load(skip=(LEAF_ARRAY,)).items()}
-            leaves = load_leaves(self._store)
+            leaves = open_leaves(self._store, arrays)
         except MetadataCorrupt:  # a damaged page: the whole load, which falls back to an older commit
             arrays, leaves = {k: np.frombuffer(v, np.uint8) for k, v in self._store.load().items()}, None
         self._install(arrays, self._store.header, leaves)
@@ -293,7 +293,7 @@ class Pool(Transactions, DeviceOps, Features):
         self._set_mode(rules.derive_mode(bool(self._header.get("needs_check")), self.read_only))
 
     def _install(self, arrays: dict[str, np.ndarray], header: dict[str, Any],
-                 leaves: np.ndarray | None = None) -> None:
+                 leaves: tuple[np.ndarray, Any] | None = None) -> None:
         self.recovered_from = header.get("recovered_from")
         self._header = {k: v for k, v in header.items()
                        if k not in ("directory", "directory_bytes", "pages", "held", "recovered_from")}
@@ -302,7 +302,9 @@ class Pool(Transactions, DeviceOps, Features):
         st[K.ST_TIME] = header["time"]
         st[K.ST_CURSOR] = header.get("cursor", 0)
         self._st = st
-        self._nodes_map = BlockMap.from_arrays(st, leaves_from_disk(arrays) if leaves is None else leaves, arrays["inners"].view(np.int32),
+        # the leaves, and what is stored of them (see leafstore)
+        nodes, self._leaf_disk = load_leaves(arrays) if leaves is None else leaves
+        self._nodes_map = BlockMap.from_arrays(st, nodes, arrays["inners"].view(np.int32),
                                               arrays["leaf_rc"].view(np.uint32), arrays["inner_rc"].view(np.uint32))
         kernel_flags(st, header)
         previous = getattr(self, "_space", None)

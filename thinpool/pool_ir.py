@@ -90,7 +90,7 @@ def _held_metadata(pool: "Pool") -> Metadata:
         raise InvalidArgument(f"pool {pool.path}: no metadata snapshot is held (reserve one first)")
     arrays = {k: np.frombuffer(v, np.uint8) for k, v in pool.store.load_held().items()}
     st = np.zeros(K.ST_SIZE, np.int64)
-    from .leafstore import leaves_from_disk
+    from .leafstore import leaves_from_disk  # any layout
     bm = BlockMap.from_arrays(st, leaves_from_disk(arrays), arrays["inners"].view(np.int32),
                               arrays["leaf_rc"].view(np.uint32), arrays["inner_rc"].view(np.uint32))
     devs = arrays["devs"].view(dev_dtype())

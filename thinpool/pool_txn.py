@@ -19,7 +19,7 @@ from . import schema as K
 from .devtable import DEVS_PER_PAGE, pad_pages
 from .errors import AlreadyExists, HostIOError, InvalidArgument, ReadOnly
 from .kernel_context import locked_method as _locked
-from .leafstore import group_updates
+from .leafstore import LeafDisk
 from .mdstore import BLOCK, MetadataSpaceExhausted, PagedArray
 from .schema import Mode
 
@@ -49,6 +49,8 @@ class Transactions:
     _unpunched: np.ndarray
     _lwm_fired: bool
     _md_check_below: int
+    _leaf_disk: LeafDisk       # what the last commit stored of the leaves (set by Pool._install)
+    _leaf_disk_next: LeafDisk  # what the commit being written stores
     _batch_depth: int = 0
 
     #: superblock fields a commit rewrites itself (never a reason to commit)
@@ -119,8 +121,10 @@ class Transactions:
     def _paged(self) -> dict[str, Any]:
         bm, sp = self._nodes_map, self._space
         idn = np.flatnonzero(bm.inner_dirty)
+        # the leaves' pages (see leafstore); what they store becomes the pool's once the commit is durable
+        leaf_pages, self._leaf_disk_next = self._leaf_disk.updates(bm.leaves, bm.leaf_rc, bm.leaf_dirty)
         arrays = {
-            **group_updates(bm.leaves, bm.leaf_rc, bm.leaf_dirty, self._store.locs),  # see leafstore
+            **leaf_pages,
             "inners": PagedArray(bm.inners.reshape(-1).view(np.uint8), idn, idn[bm.inner_rc[idn] == 0]),
             "leaf_rc": PagedArray(bm.leaf_rc.view(np.uint8), np.flatnonzero(bm.leaf_rc_dirty)),
             "inner_rc": PagedArray(bm.inner_rc.view(np.uint8), np.flatnonzero(bm.inner_rc_dirty)),
@@ -195,6 +199,7 @@ class Transactions:
                               (" (the pool has failed: reopen it; the last durable commit is kept)" if flushed
                                else " (the changes are kept; a later commit retries)") + f": {exc}",
                               exc.errno or errno.EIO, exc.filename) from None
+        self._leaf_disk = self._leaf_disk_next
         bm = self._nodes_map
         bm.leaf_dirty[:] = 0
         bm.inner_dirty[:] = 0
@@ -214,11 +219,15 @@ class Transactions:
         self._autoextend()  # LVM's thin_pool_autoextend policy, when set
         self._check_for_metadata_space()
 
+    def _md_reserve(self) -> int:
+        """The metadata blocks kept back for the commit that enters out-of-metadata-space mode: dm-thin's
+        reserve, and at least what a small commit needs (a tiny metadata file's tenth may not hold one)."""
+        return max(rules.metadata_reserve(self._store.nr_blocks), self._store.commit_floor())
+
     def _md_room(self) -> int:
         """Free metadata blocks beyond the reserve, less what a commit with nothing dirty needs
         (dm-thin's free metadata count, which hides the reserve)."""
-        return self._store.free_blocks() - rules.metadata_reserve(self._store.nr_blocks) - \
-            self._store.estimate_commit_blocks({})
+        return self._store.free_blocks() - self._md_reserve() - self._store.estimate_commit_blocks({})
 
     def _check_for_metadata_space(self) -> None:
         """After a commit (dm-thin's check_for_metadata_space): no room beyond the reserve -> the
@@ -226,7 +235,7 @@ class Transactions:
         if self.mode in (Mode.WRITE, Mode.OUT_OF_DATA_SPACE) and self._md_room() <= 0:
             self._set_mode(Mode.OUT_OF_METADATA_SPACE)
             self.read_only_reason = (f"{self._store.free_blocks()} of {self._store.nr_blocks} metadata blocks "
-                                     f"free, a reserve of {rules.metadata_reserve(self._store.nr_blocks)} kept")
+                                     f"free, a reserve of {self._md_reserve()} kept")
 
     def _metadata_operation_failed(self, reason: str) -> None:
         """dm-thin's metadata_operation_failed(): abort the transaction, set needs_check (written
@@ -339,7 +348,7 @@ class Transactions:
         bm = self._nodes_map
         fixed = (len(bm.leaf_rc) + len(bm.inner_rc) + len(self._space.data_rc)) // 1024 + \
             len(self._devs) // DEVS_PER_PAGE + 8
-        reserve = rules.metadata_reserve(self._store.nr_blocks)
+        reserve = self._md_reserve()
         self._md_check_below = (self._store.nr_blocks - 16 - reserve) // 2 - fixed - 64
 
     def _after_alloc(self) -> None:
@@ -357,7 +366,7 @@ class Transactions:
         bm = self._nodes_map
         live = int(self._st[K.ST_LEAVES_LIVE] + self._st[K.ST_INNERS_LIVE]) + \
             (len(bm.leaf_rc) + len(bm.inner_rc) + len(self._space.data_rc)) // 1024 + len(self._devs) // DEVS_PER_PAGE + 8
-        reserve = rules.metadata_reserve(self._store.nr_blocks)
+        reserve = self._md_reserve()
         if 2 * live + 16 + reserve > self._store.nr_blocks:
             needed = self._store.estimate_commit_blocks(self._paged())
             if needed > self._store.free_blocks() - reserve:

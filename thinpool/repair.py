@@ -206,10 +206,10 @@ def _salvage_state(r: _Reader, generation: int, header: dict[str, Any]) -> _Salv
                 data[i * BLOCK:(i + 1) * BLOCK] = page
         arrays[name] = data
         lost_pages[name] = lost
-    if leafstore.ARRAY in arrays:  # format 3: see leafstore.lost_leaves
-        leaves = leafstore.leaves_from_disk(arrays)
+    if leafstore.PACK_ARRAY in arrays or leafstore.GROUPS_ARRAY in arrays:  # formats 3, 4: see leafstore
+        leaves, _ = leafstore.load(arrays, lost_pages)
+        lost_pages["leaves"] = leafstore.lost_leaves(arrays, lost_pages, len(leaves))
         arrays["leaves"] = leaves.reshape(-1).view(np.uint8)
-        lost_pages["leaves"] = leafstore.lost_leaves(lost_pages[leafstore.ARRAY], len(leaves))
     for name in ("leaves", "inners", "devs", "catalog"):
         arrays.setdefault(name, np.zeros(0, np.uint8))
         lost_pages.setdefault(name, np.zeros(0, bool))

@@ -19,6 +19,7 @@ from thinpool.interop.binary_read import read_metadata_refcounts
 from tests.support import require_tool
 
 from .fixtures.make_format1_pool import BS, expected
+from .fixtures import make_format3_pool
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
@@ -135,41 +136,41 @@ def test_bitmap_and_overflow_that_disagree_are_reported_as_corrupt():
         counts_from_disk({"data_sm": bitmap, "data_rc_over": over}, nr)
 
 
-def test_sparse_leaves_are_stored_in_groups_and_dense_leaves_on_their_own_page(tmp_path):
+def test_sparse_leaves_are_packed_records_and_dense_leaves_on_their_own_page(tmp_path):
     """A dm-thin btree leaf holds up to 252 mappings of any keys; ours are 512-entry radix leaves, so on
-    disk sparse ones are grouped 16 to a stream of a bitmap and the mapped values: 16 leaves of one
-    mapping each take one metadata block; a commit rewrites only the streams of changed groups; a group
-    left with nothing mapped is released.  A leaf with more than 192 mappings keeps its own page: a
-    commit that changes it writes that page only, and it rejoins its group's stream once sparse."""
+    disk a sparse leaf is a record of its mapped entries, packed with other leaves' records: 64 leaves
+    of one mapping each take one metadata block; a commit rewrites only the pack page of a changed leaf;
+    records of leaves left with nothing mapped are dropped.  A leaf with more than 192 mappings keeps its
+    own page (``leaf_dense``, page = leaf slot): a commit that changes it writes that page only, and it
+    rejoins the packs once sparse."""
     def changed(before, after):
-        return [i for i, (a, b) in enumerate(zip(before, after)) if a != b]
+        return [i for i, (a, b) in enumerate(zip(before, after)) if a != b] + list(range(len(before), len(after)))
 
     with Pool.create(tmp_path / "p", data_size=str(4096 * BS)) as p:
         v = p.create_thin("v", size=str((1 << 20) * BS))
-        _write_blocks(v, np.arange(64) * 4096)  # 64 leaves of one mapping each: 4 groups
+        _write_blocks(v, np.arange(64) * 4096)  # 64 leaves of one mapping each
         p.commit()
         assert int(np.count_nonzero(p.nodes_map.leaf_rc)) == 64
-        groups = _stored_pages(p, "leaf_groups")
-        assert len(groups) == 4 and all(i % leafstore.SPAN == leafstore.GROUP for i in groups)
-        before = list(p.store.locs["leaf_groups"])
+        assert _stored_pages(p, leafstore.PACK_ARRAY) == [0] and _stored_pages(p, leafstore.DENSE_ARRAY) == []
+        before = list(p.store.locs[leafstore.PACK_ARRAY])
         _write_blocks(v, [1])  # changes the first leaf only
         p.commit()
-        assert changed(before, p.store.locs["leaf_groups"]) == [groups[0]]
+        assert changed(before, p.store.locs[leafstore.PACK_ARRAY]) == [0]
         v.discard(0, 16 * 4096 * BS)  # every mapping of the first 16 leaves
         p.commit()
-        assert len(_stored_pages(p, "leaf_groups")) == 3
+        assert _stored_pages(p, leafstore.PACK_ARRAY) == [0]
         _write_blocks(v, np.arange(512, 1000))  # a dense leaf (488 mappings) beside sparse ones
         p.commit()
-        pages = _stored_pages(p, "leaf_groups")
-        own = [i for i in pages if i % leafstore.SPAN < leafstore.GROUP]
-        assert len(own) == 1 and len(pages) == 5  # its own page, and the mask in its group's stream
-        before = list(p.store.locs["leaf_groups"])
-        _write_blocks(v, [1000], tag=2)  # a dense leaf gains a mapping: its page rewritten, no stream
+        own = _stored_pages(p, leafstore.DENSE_ARRAY)
+        assert len(own) == 1 and _stored_pages(p, leafstore.PACK_ARRAY) == [0]  # its record marks it dense
+        before = {k: list(p.store.locs[k]) for k in (leafstore.PACK_ARRAY, leafstore.DENSE_ARRAY)}
+        _write_blocks(v, [1000], tag=2)  # a dense leaf gains a mapping: its page rewritten, no pack page
         p.commit()
-        assert changed(before, p.store.locs["leaf_groups"]) == own
+        assert changed(before[leafstore.DENSE_ARRAY], p.store.locs[leafstore.DENSE_ARRAY]) == own
+        assert changed(before[leafstore.PACK_ARRAY], p.store.locs[leafstore.PACK_ARRAY]) == []
         v.discard(512 * BS, 400 * BS)  # 89 mappings left: sparse again
         p.commit()
-        assert not [i for i in _stored_pages(p, "leaf_groups") if i % leafstore.SPAN < leafstore.GROUP]
+        assert _stored_pages(p, leafstore.DENSE_ARRAY) == []
     with Pool.open(tmp_path / "p") as p:
         vol = p.thin("v")
         assert vol.read(0, 1) == bytes(1) and vol.read(16 * 4096 * BS, 1) == b"\x01"
@@ -178,11 +179,130 @@ def test_sparse_leaves_are_stored_in_groups_and_dense_leaves_on_their_own_page(t
         assert p.usage("v").mapped_blocks == 48 + 89
 
 
+def test_many_pack_pages_split_merge_and_stay_about_half_full_or_more(tmp_path):
+    """Records are cut into pages of equal fill; a commit re-packs only the pages holding changed
+    leaves (a page that overflows splits, one left under half full takes in its neighbour), so every
+    pack page but a lone one stays about half full or more, and the pool reads back what was written after
+    commits that add, grow, empty and drop leaves at random."""
+    rng = np.random.default_rng(5)
+    path = tmp_path / "p"
+    with Pool.create(path, data_size=str(100000 * BS), metadata_only=True, error_if_no_space=True) as p:
+        v = p.create_thin("v", size=str((1 << 24) * BS))
+        for step in range(12):
+            leaves = rng.choice(1 << 15, 300, replace=False)
+            if step % 3 == 2:  # empty some leaves, thin out others
+                for leaf in leaves[:100].tolist():
+                    v.discard(leaf * 512 * BS, 512 * BS)
+            else:
+                per = rng.integers(1, 40, len(leaves))
+                blocks = np.unique(np.concatenate([l * 512 + rng.choice(512, n, replace=False)
+                                                   for l, n in zip(leaves.tolist(), per.tolist())]))
+                _write_blocks(v, blocks, tag=step + 1)
+            p.commit()
+            disk = p._leaf_disk
+            # at least half full but for the size of the record at a cut (up to 1,926 bytes)
+            assert len(disk.keys) > 1 and (disk.size >= 4096 // 4).all() and disk.size.mean() > 0.7 * 4096, step
+            assert np.array_equal(np.sort(disk.pos), np.unique(disk.pos))
+            assert sorted(disk.pos.tolist()) == _stored_pages(p, leafstore.PACK_ARRAY)
+        expect = v.mappings()
+    with Pool.open(path) as p:
+        got = p.thin("v").mappings()
+        assert all(np.array_equal(a, b) for a, b in zip(expect, got)) and p.check().ok
+
+
+class _BlockCount:
+    """A ``MetadataStore.io`` counting the metadata blocks written."""
+
+    def __init__(self) -> None:
+        self.blocks = 0
+
+    def pwrite(self, fd: int, data: bytes, offset: int) -> int:
+        self.blocks += len(data) // 4096
+        return os.pwrite(fd, data, offset)
+
+    def fdatasync(self, fd: int) -> None:
+        os.fdatasync(fd)
+
+
+@pytest.mark.parametrize("shape", ["sparse", "very sparse"])
+def test_kernel_rule_a_commit_after_one_write_writes_a_few_blocks_whatever_the_pool_size(tmp_path, monkeypatch, shape):
+    """dm-thin's commit writes only the btree nodes a transaction shadowed, so one new mapping costs a
+    few metadata blocks however much is mapped.  Ours: the changed leaf's pack page (one or two more
+    when it splits or takes in a neighbour), a node and count page for a new leaf, the space map page,
+    the page-map pages over them, the directory and the superblock -- the same in a pool with ten
+    times the mappings."""
+    from thinpool.mdstore import MetadataStore
+    worst = {}
+    for n in (4000, 40000):
+        rng = np.random.default_rng(n)
+        span = 16 * n if shape == "sparse" else 1000 * n
+        with Pool.create(tmp_path / f"p{n}", data_size=str(2 * n * BS), metadata_only=True) as p:
+            v = p.create_thin("v", size=str(span * BS))
+            mapped = np.sort(rng.choice(span, n, replace=False))
+            _write_blocks(v, mapped)
+            p.commit()
+            assert p.store.npages(leafstore.PACK_ARRAY) > (2 if n == 4000 else 20)
+            io = _BlockCount()
+            monkeypatch.setattr(MetadataStore, "io", io)
+            taken = set(mapped.tolist())
+            counts = []
+            for i in range(16):  # next to a mapping (its leaf changes), or anywhere (often a new leaf)
+                vb = int(rng.choice(mapped)) + 1 if i % 2 else int(rng.integers(0, span))
+                if vb in taken or vb >= span:
+                    continue
+                taken.add(vb)
+                _write_blocks(v, [vb], tag=2)
+                io.blocks = 0
+                p.commit()
+                counts.append(io.blocks)
+            monkeypatch.undo()
+            worst[n] = max(counts)
+            assert len(counts) >= 12 and min(counts) >= 6
+    assert worst[40000] <= worst[4000] + 1 and worst[40000] <= 14, worst
+
+
+@pytest.mark.parametrize("lost", [leafstore.DENSE_ARRAY, leafstore.PACK_ARRAY])
+def test_repair_loses_only_the_leaves_of_an_unreadable_leaf_page(tmp_path, lost):
+    """thin_repair salvages every mapping it can still read.  A dense leaf's unreadable page loses that
+    leaf only; an unreadable pack page loses the leaves whose records it held, and the leaves on the
+    other pages survive."""
+    from thinpool.mdstore import BLOCK, MetadataStore
+    from thinpool.repair import repair
+    path = tmp_path / "p"
+    with Pool.create(path, data_size=str(4096 * BS)) as p:
+        v = p.create_thin("v", size=str((1 << 22) * BS))
+        _write_blocks(v, np.arange(512, 812))                           # leaf 1: dense
+        sparse = np.arange(1500) * 1024 + 7                             # 1,500 leaves of one mapping
+        _write_blocks(v, sparse)
+        p.commit()
+        assert p.store.npages(leafstore.PACK_ARRAY) >= 3
+        locs = p.store.locs[lost]
+        block = [int(x) >> 32 for x in locs if int(x) >> 32][0 if lost == leafstore.DENSE_ARRAY else 1]
+        older = 1 - p.store.generation % 2
+    with open(path / "metadata", "r+b") as f:
+        for b in (block, older):
+            f.seek(b * BLOCK + 123)
+            f.write(b"\x5a\xa5")
+    with pytest.raises(MetadataCorrupt):
+        Pool.open(path).close()
+    report = repair(path, tmp_path / "out")
+    assert report.nodes_lost >= 1 and not report.lossless
+    with Pool.open(tmp_path / "out") as q:
+        vb = set(q.thin("v").mappings()[0].tolist())
+        assert q.check().ok
+    if lost == leafstore.DENSE_ARRAY:
+        assert report.nodes_lost == 1 and vb == set(sparse.tolist())
+    else:
+        kept = set(sparse.tolist()) & vb
+        assert set(range(512, 812)) <= vb and 0 < len(kept) < len(sparse) and vb - set(range(512, 812)) == kept
+        assert report.nodes_lost == len(sparse) - len(kept)  # every leaf of the lost page, no other
+
+
 # --------------------------------------------------------------------------- against dm-thin's metadata
 
 def _shape(p: Pool, shape: str, n: int) -> None:
     rng = np.random.default_rng(7)
-    v = p.create_thin("v", size=str(16 * n * BS))
+    v = p.create_thin("v", size=str(1000 * n * BS))
     if shape == "dense":
         _write_blocks(v, np.arange(n))
     elif shape == "snapshots":
@@ -193,12 +313,14 @@ def _shape(p: Pool, shape: str, n: int) -> None:
             start = int(rng.integers(0, n - n // 10))
             _write_blocks(v, np.arange(start, start + n // 10), tag=s + 2)  # CoW of a tenth of the volume
             p.commit()
-    else:  # sparse: a quarter of the blocks of a 4n-block range, at random
+    elif shape == "sparse":  # a quarter of the blocks of a 4n-block range, at random
         _write_blocks(v, np.sort(rng.choice(4 * n, n, replace=False)))
+    else:  # very sparse: n blocks of a 1000n-block range, about one mapping per 512-block leaf range
+        _write_blocks(v, np.sort(rng.choice(1000 * n, n, replace=False)))
     p.commit()
 
 
-@pytest.mark.parametrize("shape", ["dense", "snapshots", "sparse"])
+@pytest.mark.parametrize("shape", ["dense", "snapshots", "sparse", "very sparse"])
 def test_kernel_rule_metadata_use_is_within_1_5x_of_dm_thin_metadata(tmp_path, shape):
     """The pool's used metadata blocks (``status()``, what dm-thin's status line reports) are at most
     1.5x the blocks the same state takes as dm-thin metadata (our exporter's file, whose metadata
@@ -258,7 +380,8 @@ def test_an_old_format_pool_opens_and_its_first_commit_writes_the_current_layout
         p.commit()
         assert p.store.npages("data_rc") == 0 and _stored_pages(p, "data_sm") == [0]
         assert _stored_pages(p, "data_rc_over") == [0]
-        assert p.store.npages("leaves") == 0 and _stored_pages(p, "leaf_groups") == [leafstore.GROUP]  # 4 sparse leaves: 1 stream page
+        assert p.store.npages("leaves") == 0 and _stored_pages(p, leafstore.PACK_ARRAY) == [0]  # 4 sparse leaves: 1 page
+        assert _stored_pages(p, leafstore.DENSE_ARRAY) == []
     with Pool.open(path) as p:
         assert np.array_equal(p.space.data_rc, old_counts)
         assert p.check().ok
@@ -266,39 +389,97 @@ def test_an_old_format_pool_opens_and_its_first_commit_writes_the_current_layout
         assert sorted(p.catalog["volumes"]) == ["a", "s1", "s2"]
 
 
-def _encode(leaves: np.ndarray, rc: np.ndarray) -> np.ndarray:
-    """The ``leaf_groups`` array a commit of every leaf writes (absent pages as zeroes)."""
-    pages = leafstore.group_updates(leaves, rc, np.ones(len(leaves), np.uint8), {})[leafstore.ARRAY]
-    buf = np.zeros(pages.npages * 4096, np.uint8)
-    for i in pages.dirty:
-        if i not in pages.dead:
-            buf[i * 4096:(i + 1) * 4096] = np.frombuffer(bytes(pages.page(i)), np.uint8)
-    return buf
+def _fixture_mappings(p: Pool) -> dict[str, tuple]:
+    out = {}
+    for name in sorted(p.catalog["volumes"]):
+        vb, db, t = p.thin(name).mappings()
+        out[name] = (vb.tolist(), db.tolist(), t.tolist())
+    return out
 
 
-def test_leaf_groups_decode_what_was_encoded_and_refuse_an_inconsistent_stream():
-    """Leaves of every density (empty, sparse, just below and above the dense threshold, full, dead)
-    come back as they were; a stream whose dense mask names a slot past 16, or whose bitmap has
-    entries of a dense leaf, is corrupt metadata."""
+def test_a_format3_pool_opens_with_every_mapping_and_converts_at_its_first_commit(tmp_path):
+    """A pool in format 3 (leaves grouped 16 to a stream, dense ones on their own page: array
+    ``leaf_groups``), made by tests/engine/fixtures/make_format3_pool.py with the format-3 code, opens
+    with every mapping (sparse leaves, dense leaves shared and shadowed, pending blocks) and every byte;
+    its first commit writes the current layout, drops the old array's pages and changes no mapping."""
+    path = _old_pool(tmp_path, "format3_pool.tar.gz")
+    exp = make_format3_pool.expected()
+    with Pool.open(path, read_only=True) as p:
+        assert p.store.npages("leaf_groups") > 0
+        counts = p.space.data_rc.copy()
+        assert np.array_equal(counts, _counts_from_tree(p)) and counts.max() == 3
+        before = _fixture_mappings(p)
+        assert {n: sorted(m[0]) for n, m in before.items()} == {n: sorted(b) for n, b in exp.items()}
+        assert p.check().ok
+    for opened in range(2):
+        with Pool.open(path) as p:
+            assert _fixture_mappings(p) == before and np.array_equal(p.space.data_rc, counts)
+            for name, blocks in exp.items():
+                vol = p.thin(name)
+                for block, data in blocks.items():
+                    assert vol.read(block * BS, len(data)) == data, (name, block)
+            assert p.check().ok
+            if opened == 0:
+                assert len(p.space.pending) == 40  # volume b's blocks, freed by the fixture's last commit
+                p.commit()
+                assert p.store.npages("leaf_groups") == 0
+                assert len(_stored_pages(p, leafstore.DENSE_ARRAY)) == 2  # d's and ds's dense leaves
+                assert _stored_pages(p, leafstore.PACK_ARRAY) == [0]
+
+
+def _encode(leaves: np.ndarray, rc: np.ndarray) -> dict[str, np.ndarray]:
+    """The arrays a commit of every leaf writes (absent pages as zeroes), with ``leaf_rc``."""
+    pages, _ = leafstore.LeafDisk.empty().updates(leaves, rc, np.ones(len(leaves), np.uint8))
+    out = {"leaf_rc": rc.view(np.uint8)}
+    for name in (leafstore.PACK_ARRAY, leafstore.DENSE_ARRAY):
+        arr = pages[name]
+        buf = np.zeros(arr.npages * 4096, np.uint8)
+        for i in arr.dirty:
+            if i not in arr.dead:
+                buf[i * 4096:(i + 1) * 4096] = np.frombuffer(bytes(arr.page(i)), np.uint8)
+        out[name] = buf
+    return out
+
+
+def test_leaf_records_decode_what_was_encoded_and_refuse_inconsistent_pages():
+    """Leaves of every density (empty, one mapping, sparse, just below and above the dense threshold,
+    full, dead) come back as they were; a pack page whose header, slots, counts or entry indices do not
+    add up is corrupt metadata, named as such."""
     rng = np.random.default_rng(3)
     counts = [0, 1, 32, leafstore.DENSE, leafstore.DENSE + 1, 512, 300, 5] * 5
     leaves = np.full((len(counts), 512), np.iinfo(np.uint64).max, np.uint64)
     for i, c in enumerate(counts):
         leaves[i, rng.choice(512, c, replace=False)] = rng.integers(0, 1 << 40, c, dtype=np.uint64)
-    rc = np.ones(len(counts), np.uint32)
-    rc[7] = 0  # a dead leaf is stored as empty
-    buf = _encode(leaves, rc)
-    back = leafstore.leaves_from_disk({leafstore.ARRAY: buf})
+    rc = np.ones(1024, np.uint32)  # leaf_rc holds whole pages of counts
+    leaves = np.concatenate([leaves, np.full((1024 - len(counts), 512), np.iinfo(np.uint64).max, np.uint64)])
+    rc[7] = 0  # a dead leaf is stored as nothing
+    arrays = _encode(leaves, rc)
+    back, disk = leafstore.load(arrays)
     expect = leaves.copy()
     expect[7] = np.iinfo(np.uint64).max
-    assert np.array_equal(back[:len(counts)], expect)
-    stream = leafstore.GROUP * 4096  # first group's stream: dense mask, then the bitmap
-    assert buf[stream:stream + 8].view(np.uint64)[0] == 0b0111000001110000  # slots 4-6 and 12-14
-    bad = buf.copy()
-    bad[stream + 2] |= 0x10  # dense mask bit 20
-    with pytest.raises(MetadataCorrupt, match="past 16"):
-        leafstore.leaves_from_disk({leafstore.ARRAY: bad})
-    bad = buf.copy()
-    bad[stream + 8 + 5 * 64] |= 1  # an entry of slot 5 (dense) in the bitmap
-    with pytest.raises(MetadataCorrupt, match="dense leaf"):
-        leafstore.leaves_from_disk({leafstore.ARRAY: bad})
+    assert np.array_equal(back, expect)
+    dense = [i for i, c in enumerate(counts) if c > leafstore.DENSE]
+    assert np.flatnonzero(disk.stored == leafstore.MARK).tolist() == dense
+    pages = arrays[leafstore.PACK_ARRAY]
+    assert len(pages) // 4096 == len(disk.keys) >= 2  # 20 sparse records of 1..192 entries: two pages
+    nrec, nent = pages[:4].view(np.uint16)
+
+    def corrupt(offset: int, value: bytes, match: str) -> None:
+        bad = dict(arrays, **{leafstore.PACK_ARRAY: pages.copy()})
+        bad[leafstore.PACK_ARRAY][offset:offset + len(value)] = np.frombuffer(value, np.uint8)
+        with pytest.raises(MetadataCorrupt, match=match):
+            leafstore.load(bad)
+
+    slots_at = 8 + 8 * int(nent)
+    counts_at = slots_at + 4 * int(nrec)
+    idx_at = counts_at + 2 * int(nrec)
+    corrupt(4, b"XXXX", "bad header")                                          # tag
+    corrupt(0, np.uint16(nrec + 400).tobytes(), "bad header")                  # records past the page
+    corrupt(slots_at, np.uint32(5000).tobytes(), "beyond the 1024 leaf slots")  # slot out of range
+    corrupt(slots_at + 4, pages[slots_at:slots_at + 4].tobytes(), "two records")  # a slot twice
+    corrupt(counts_at, np.uint16(leafstore.DENSE + 1).tobytes(), "count")      # neither sparse nor dense
+    corrupt(idx_at, np.uint16(600).tobytes(), "entry 600")                     # index past 512
+    bad_tail = dict(arrays)
+    bad_tail[leafstore.DENSE_ARRAY] = arrays[leafstore.DENSE_ARRAY][:4096]     # a dense leaf without its page
+    with pytest.raises(MetadataCorrupt, match="has no page"):
+        leafstore.load(bad_tail)
