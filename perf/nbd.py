@@ -292,7 +292,9 @@ is ahead of nbdkit file on all four single-connection workloads (this session's 
 3 repeats of 2 s: 1.21 / 1.14 / 1.46 / 1.94 for read QD1 / read QD16 / write QD1 / write QD16).  Under
 load (other jobs keeping 8-12 threads runnable on the 2 cores) the same code gets 0.4-0.7x: the server is
 one Python thread per connection and the GIL lets one run at a time, while nbdkit runs up to 16 worker
-threads per connection and qemu-nbd a thread pool for its I/O, so they get more of the CPUs.  The
+threads per connection and qemu-nbd a thread pool for its I/O, so they get more of the CPUs.  Check:
+at load ~10, nbdkit file with its default threads served 2.10x / 2.74x thinpool's IOPS (reads / writes
+at iodepth 16), with `--threads 1` 1.23x / 1.12x, at about the same CPU per I/O as ours.  The
 multi-conn rows (I7i-j) are short for the same reason at any load: nbdkit --threads 2 serves the two
 connections on both cores (~0.9 CPU of server time in I7i), thinpool's two session threads take turns
 on the GIL (~0.3 CPU: each hand-over between them is a futex wake-up, under load a scheduler delay).
@@ -324,7 +326,12 @@ at most one block, and busy-polling before blocking (up to 100 us, adaptive).  T
 1.10 / 0.89 / 1.29 / 1.47 vs nbdkit file.
 Session 3 (issue 16): rows I7e-h against nbdkit file and I7i-j multi-conn, warm-up before measuring
 (the first 4 KiB requests of a fresh server may compile: one such sample measured 0 IOPS), server CPU
-per I/O and the load average recorded, the polling rule above.
+per I/O and the load average recorded, the polling rule above, and one `poll` per request fewer: the
+socket the busy-poll wait found readable was polled a second time (A/B at load 10: reads QD1 +27 %,
+writes QD1 +11 %, reads QD16 +24 %; CPU per read at QD1 34 -> 26 us).  On the way: the busy-poll
+wait ran for every empty buffer, also inside a message, where its wait has no limit -- a WRITE header
+sent alone and then silence held the session past the message deadline; it now runs between requests
+only (tests/serve checks the deadline).
 """
 
 def _cell(v: dict[str, Any], side: str) -> str:
