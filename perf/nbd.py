@@ -290,14 +290,16 @@ reply ~2 us.
 **What limits the rows that are short.**  Not the cost per request: on an idle machine thinpool serve
 is ahead of nbdkit file on all four single-connection workloads (this session's first run, load 0.4-1.4,
 3 repeats of 2 s: 1.21 / 1.14 / 1.46 / 1.94 for read QD1 / read QD16 / write QD1 / write QD16).  Under
-load (other jobs keeping 8-12 threads runnable on the 2 cores) the same code gets 0.4-0.7x: the server is
+load (other jobs keeping 6-12 threads runnable on the 2 cores) the same code gets 0.4-0.9x: the server is
 one Python thread per connection and the GIL lets one run at a time, while nbdkit runs up to 16 worker
 threads per connection and qemu-nbd a thread pool for its I/O, so they get more of the CPUs.  Check:
 at load ~10, nbdkit file with its default threads served 2.10x / 2.74x thinpool's IOPS (reads / writes
-at iodepth 16), with `--threads 1` 1.23x / 1.12x, at about the same CPU per I/O as ours.  The
-multi-conn rows (I7i-j) are short for the same reason at any load: nbdkit --threads 2 serves the two
-connections on both cores (~0.9 CPU of server time in I7i), thinpool's two session threads take turns
-on the GIL (~0.3 CPU: each hand-over between them is a futex wake-up, under load a scheduler delay).
+at iodepth 16), with `--threads 1` 1.23x / 1.12x, at about the same CPU per I/O as ours.  Multi-conn
+reads (I7i) are short for the same reason, and more so: nbdkit --threads 2 serves the two connections
+on both cores (~0.8-0.9 CPU of server time), thinpool's two session threads take turns on the GIL
+(~0.3-0.4 CPU: each hand-over between them is a futex wake-up, under load a scheduler delay).
+Multi-conn writes (I7j) passed in the run above and fell short (0.57x) in one at load ~11: there
+nbdkit's CPU per write rises to ~20-23 us (two threads writing one file) against thinpool's ~16 us.
 Closing that needs the request path to run outside the GIL -- the whole fast path (parse, map lookup,
 `pread`/`pwrite`, reply) in a numba `nogil` kernel, with the map lookups and data copies of two
 connections overlapping under finer locking than the pool's one lock -- or a process per connection
