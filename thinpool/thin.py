@@ -27,8 +27,8 @@ from .schema import (DEV_CREATION_TIME, DEV_FLAGS, DEV_MAPPED, DEV_ROOT, DEV_SIZ
 _ZERO1 = np.zeros(1, np.int64)
 _NO_ORIGIN = (-1, 0)  # (fd, size) of "no external origin" for the kernels
 _U8 = np.dtype(np.uint8)
-_FAST_LIMIT = 1 << 62
-_HOLE = -103  # kernels.HOLE (kept here: importing kernels loads numba)  # offsets below this (and any buffer length) cannot overflow int64 in a kernel
+_FAST_LIMIT = 1 << 62  # offsets below this (and any buffer length) cannot overflow int64 in a kernel
+_HOLE = -103  # kernels.HOLE (kept here: importing kernels loads numba)
 
 
 _KERNELS = None
