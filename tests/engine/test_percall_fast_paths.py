@@ -75,3 +75,9 @@ def test_metadata_only_pool_per_call_stores_nothing(scratch: str) -> None:
         assert v.mapped_blocks == 1
         assert v.read(0, 4096) == bytes(4096)
         assert np.asarray(v.read_many([0, BS], 16)).sum() == 0
+
+
+def test_thin_hole_code_is_the_kernels() -> None:
+    from thinpool import kernels, thin
+    assert thin._HOLE == kernels.HOLE and thin._HOLE not in (kernels.NOT_HANDLED, kernels.END_OF_FILE,
+                                                            kernels.ORIGIN_ERROR)
