@@ -528,7 +528,12 @@ random offsets over a 16 GiB volume the block-map lookup adds about 1 us of cach
 2.9 us of CPU against `os.pwrite` 1.9 us at the same data-file offsets).  A first write is mostly the
 kernel's allocation and the host filesystem's block allocation (about 6 us of CPU either way); the Python
 around it was 2.5-3 us, now about 1.5 us.  Every check on outside input stays (types, range, read-only
-volume, pool mode, external origin: those take the general path).
+volume, pool mode, external origin: those take the general path).  The same P harness on the code before
+these changes (one run, load average about 10): P1 0.77, P2 0.62, P3 3.6, P4 0.48, P5 0.48 -- reads gained
+most (2.4 us -> 1.5-1.6 us of CPU per call at random offsets), overwrites 4.2 us -> 3.3-3.5 us, first writes
+nothing measurable (the kernel and the filesystem's allocation dominate).  The rows S1b/S2b/engine.1b
+(per call vs the Python loop in wall time) are info rows now: on this shared machine their wall-clock
+ratio moved by 2x between runs (S2b 0.44 once); P1/P2 judge the same comparison on CPU time.
 
 **Where the time of a commit goes.**  Without the flushes a commit after one 4 KiB write costs about
 0.45-0.55 ms of CPU (py-spy and per-stage CPU time over 600-3,000 commits with the flushes stubbed out):
