@@ -276,3 +276,31 @@ def test_kernel_rule_replay_goes_on_out_of_metadata_space_serving_provisioned_bl
     assert r["provisioned_blocks"] == mapped and r["enospc_events"] == 0
     assert (r["snapshots_taken"], r["snapshots_failed"]) == (0, 1)
     assert r["mode_changes"] == 1 and r.series["eio_events"][-1] == r["eio_events"]
+
+
+def test_kernel_rule_metadata_only_fast_paths_same_dump_counters_and_series_as_data_mode(tmp_path):
+    # the batch kernel decides one-block rewrites and first writes of a metadata-only pool without the
+    # general write path: the same rules, so the same metadata (thinpool dump), counters and series
+    # (metadata blocks included: the node store grows at the same I/O) as a pool with a data file --
+    # over many leaves, several node-store growths, snapshots (shared leaves), discards and flushes
+    rng = np.random.default_rng(5)
+    n = 40_000
+    op = rng.choice(np.array([0, 1, 1, 1, 1, 1, 1, 2, 3], np.uint8), n)
+    length = rng.choice(np.array([512, 4096, BS]), n).astype(np.int64)
+    offset = rng.integers(0, (4 << 30) // BS, n) * BS + rng.choice(np.array([0, 4096, 8192]), n)
+    offset[length == BS] -= offset[length == BS] % BS
+    length[op == 2] = 3 * BS
+    offset[op == 2] -= offset[op == 2] % BS
+    offset[op == 3], length[op == 3] = 0, 0
+    results, dumps = {}, {}
+    for mode in ("data", "meta"):
+        path = str(tmp_path / mode)
+        with Pool.create(path, data_size="8GiB", metadata_only=mode == "meta", error_if_no_space=True) as pool:
+            pool.create_thin("v", "4GiB")
+            r = replay(pool, "v", ArrayTrace(op, offset, length), snapshot_every=7_000, keep=2, sample_every=1_000)
+        results[mode] = r.to_dict()
+        results[mode].pop("params")
+        dumps[mode] = cli("dump", path).stdout
+    assert results["data"] == results["meta"] and dumps["data"] == dumps["meta"]
+    c = results["meta"]
+    assert c["provisioned_blocks"] > 10_000 and c["cow_breaks"] > 1_000 and c["snapshots_deleted"] > 0
