@@ -290,7 +290,10 @@ reply ~2 us.
 **What limits the rows that are short.**  Not the cost per request: on an idle machine thinpool serve
 is ahead of nbdkit file on all four single-connection workloads (this session's first run, load 0.4-1.4,
 3 repeats of 2 s: 1.21 / 1.14 / 1.46 / 1.94 for read QD1 / read QD16 / write QD1 / write QD16).  Under
-load (other jobs keeping 6-12 threads runnable on the 2 cores) the same code gets 0.4-0.9x: the server is
+load (other jobs keeping 6-12 threads runnable on the 2 cores) the same code got 0.4-0.9x (full runs of
+this session vs nbdkit, read QD1 / read QD16 / write QD1 / write QD16 / multi-conn reads / writes: at load
+7-12, 0.53 / 0.62 / 0.46 / 0.66 / 0.23 / 0.57 -- before the one-poll change below; at load 6-9, 0.87 / 0.54
+/ 0.77 / 0.88 / 0.40 / 1.48; the table above at load ~5): the server is
 one Python thread per connection and the GIL lets one run at a time, while nbdkit runs up to 16 worker
 threads per connection and qemu-nbd a thread pool for its I/O, so they get more of the CPUs.  Check:
 at load ~10, nbdkit file with its default threads served 2.10x / 2.74x thinpool's IOPS (reads / writes
