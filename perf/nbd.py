@@ -288,10 +288,10 @@ replies go out together in one `sendmsg` before the session would block).  Of a 
 reply ~2 us.
 
 **What limits the rows that are short.**  Not the cost per request: on an idle machine thinpool serve
-is ahead of nbdkit file on all four single-connection workloads (this session's first run, load 0.4-1.4,
+is ahead of nbdkit file on all four single-connection workloads (session 3, a first run at load 0.4-1.4,
 3 repeats of 2 s: 1.21 / 1.14 / 1.46 / 1.94 for read QD1 / read QD16 / write QD1 / write QD16).  Under
 load (other jobs keeping 6-12 threads runnable on the 2 cores) the same code got 0.4-0.9x (full runs of
-this session vs nbdkit, read QD1 / read QD16 / write QD1 / write QD16 / multi-conn reads / writes: at load
+session 3 vs nbdkit, read QD1 / read QD16 / write QD1 / write QD16 / multi-conn reads / writes: at load
 7-12, 0.53 / 0.62 / 0.46 / 0.66 / 0.23 / 0.57 -- before the one-poll change below; at load 6-9, 0.87 / 0.54
 / 0.77 / 0.88 / 0.40 / 1.48; the table above at load ~5): the server is
 one Python thread per connection and the GIL lets one run at a time, while nbdkit runs up to 16 worker
@@ -329,7 +329,7 @@ WRITE, queued replies in one `sendmsg` (header and data, no join copy), no exten
 at most one block, and busy-polling before blocking (up to 100 us, adaptive).  Then 2.96 / 2.81 / 1.58 /
 1.92 vs qemu-nbd (quick) and, on 2026-11-28 (full, 5 x 5 s), 1.89 / 3.10 / 2.71 / 1.79 vs qemu-nbd and
 1.10 / 0.89 / 1.29 / 1.47 vs nbdkit file.
-Session 3 (issue 16): rows I7e-h against nbdkit file and I7i-j multi-conn, warm-up before measuring
+Session 3 (anchoring on C peers): rows I7e-h against nbdkit file and I7i-j multi-conn, warm-up before measuring
 (the first 4 KiB requests of a fresh server may compile: one such sample measured 0 IOPS), server CPU
 per I/O and the load average recorded, the polling rule above, and one `poll` per request fewer: the
 socket the busy-poll wait found readable was polled a second time (A/B at load 10: reads QD1 +27 %,
