@@ -119,13 +119,14 @@ machine compiles nothing (C2: byte-compiling the package and loading the kernels
 cache `thinpool demo` starts a helper process that compiles the kernels the demo needs after
 `write_one` while the demo compiles `write_one`; each kernel compiles under a file lock in the cache,
 so either process waits for a kernel the other is compiling and loads it: nothing is compiled twice,
-and the two compile at once when a second core is free (there was hardly any at the load average
-above).  In one cold run (load average 10) the demo's process used 7.9 CPU seconds and its helper
-9.1 (imports and a small pool included): with two free cores the wall time would approach the larger
-of the two -- not measured here, since no core was free.  (3) The demo's file contents are read-only arrays, like `bytes`, so `write_one` and
+and the two compile at once when a second core is free -- C1's CPU seconds above its wall seconds
+show how much ran side by side.  In one cold run the demo's process used 7.9 CPU seconds and its
+helper 9.1 (imports and a small pool included).  Under a load average of 11 on the 2 cores (other
+jobs) the same rows measured C1 77.5 s (18.2 CPU s), C2 7.3 s and C3 6.9 s: wall times here move with
+the machine's load, CPU seconds much less.  (3) The demo's file contents are read-only arrays, like `bytes`, so `write_one` and
 `write_batch` compile once instead of once per kind of buffer (about a fifth less CPU).
 
-What keeps C1 above 5 s is the compile itself: meeting the target on a machine that never ran thinpool
+What keeps C1 above 5 s is the compile itself (about 7 s of the longer process's CPU even when split): meeting the target on a machine that never ran thinpool
 needs the kernels compiled before the first run -- ahead of time into an extension module
 (`numba.pycc`, deprecated) or into the cache during `pip install` -- which is not done.  A warm run's
 CPU: importing numba (0.41 CPU seconds alone), the scipy.linalg that numba's BLAS probe imports when
