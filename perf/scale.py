@@ -340,7 +340,7 @@ core the open is about that; the wall times above are a machine with a load aver
 {max(load or (0.0,)):.0f} on 2 cores.
 Before this work the same open took 13 s of wall time (load about 6) and peaked at 4.2 GB: the leaves
 were read into one buffer, then copied twice while decoding. Now the dense leaves are read straight
-into their rows (`leafstore.load_leaves`, into memory mapped in at once) and the peak is
+into their rows (`nodestore.open_nodes`, into memory mapped in at once) and the peak is
 {v('S10b', 'peak_MiB')} MiB. What is left, profiled on the loaded machine: the `preadv` of 800 MB of
 leaves from the page cache (about 1 s, mostly the kernel's copy), their 217,000 checksums (0.3 s), the
 space-map decode (0.3 s) and the catalog (0.1 s). An open well under 2 s on a loaded machine needs a

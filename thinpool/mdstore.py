@@ -75,11 +75,11 @@ BLOCK = 4096
 MAGIC = b"TPOOLMD1"
 #: the superblock's format version: 2 since the data space map is stored as a two-bit bitmap plus
 #: overflow counts (:mod:`thinpool.dataspace`), 3 since the leaves are stored in groups without their
-#: holes, 4 since sparse leaves are records packed across pages (:mod:`thinpool.leafstore`); the
-#: store's own layout is the same in 1 to 4, so all are read (the pool tells the layouts apart by
-#: their arrays' names)
-FORMAT_VERSION = 4
-READABLE_VERSIONS = (1, 2, 3, 4)
+#: holes, 4 since sparse leaves are records packed across pages, 5 since inner nodes are too
+#: (:mod:`thinpool.nodestore`); the store's own layout is the same in 1 to 5, so all are read (the
+#: pool tells the layouts apart by their arrays' names)
+FORMAT_VERSION = 5
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 PM_ENTRIES = BLOCK // 8
 _SB_HEADER = struct.Struct("<I8sIQI")  # crc, magic, version, generation, json length
 SUPERBLOCKS = 2

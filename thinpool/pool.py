@@ -40,7 +40,8 @@ from .rules import (DEFAULT_MAX_THINS, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE,  # noqa: 
                     check_block_size, default_metadata_blocks)
 from .schema import DevFlag, Mode, dev_dtype
 from .dataspace import DataSpaceMap, counts_from_disk, empty_disk_arrays
-from .leafstore import ARRAY as LEAF_ARRAY, empty_disk_arrays as empty_leaf_arrays, load as load_leaves, open_leaves
+from .nodestore import ARRAYS as DENSE_NODE_ARRAYS, INNERS, LEAVES, empty_disk_arrays as empty_node_arrays
+from .nodestore import load as load_nodes, open_nodes
 from .status import PoolStatus, Usage  # noqa: F401  (part of this module's API)
 from .units import parse_size
 
@@ -236,8 +237,7 @@ class Pool(Transactions, DeviceOps, Features):
         catalog = {"volumes": {}, "next_dev_id": 1, "records": {}}
         cat = pad_pages(rules.catalog_dumps(catalog))
         arrays = {
-            **empty_leaf_arrays(),
-            "inners": PagedArray(np.zeros(0, np.uint8), np.zeros(0, np.int64)),
+            **empty_node_arrays(),
             "leaf_rc": PagedArray(np.zeros(0, np.uint8), np.zeros(0, np.int64)),
             "inner_rc": PagedArray(np.zeros(0, np.uint8), np.zeros(0, np.int64)),
             **empty_disk_arrays(nr_blocks),
@@ -279,12 +279,12 @@ class Pool(Transactions, DeviceOps, Features):
 
     def _load(self) -> None:
         """(Re)build the in-memory state from the last committed metadata."""
-        try:  # the dense leaves read straight into place (leafstore.open_leaves), the other arrays as they are
-            arrays = {k: np.frombuffer(v, np.uint8) for k, v in self._store.load(skip=(LEAF_ARRAY,)).items()}
-            leaves = open_leaves(self._store, arrays)
+        try:  # the dense nodes read straight into place (nodestore.open_nodes), the other arrays as they are
+            arrays = {k: np.frombuffer(v, np.uint8) for k, v in self._store.load(skip=DENSE_NODE_ARRAYS).items()}
+            nodes = (open_nodes(LEAVES, self._store, arrays), open_nodes(INNERS, self._store, arrays))
         except MetadataCorrupt:  # a damaged page: the whole load, which falls back to an older commit
-            arrays, leaves = {k: np.frombuffer(v, np.uint8) for k, v in self._store.load().items()}, None
-        self._install(arrays, self._store.header, leaves)
+            arrays, nodes = {k: np.frombuffer(v, np.uint8) for k, v in self._store.load().items()}, (None, None)
+        self._install(arrays, self._store.header, nodes)
         self._unpunched = np.zeros(0, np.int64)  # released blocks whose hole punch failed (still pending)
         self._lwm_fired = False
         self._set_md_check()
@@ -293,7 +293,7 @@ class Pool(Transactions, DeviceOps, Features):
         self._set_mode(rules.derive_mode(bool(self._header.get("needs_check")), self.read_only))
 
     def _install(self, arrays: dict[str, np.ndarray], header: dict[str, Any],
-                 leaves: tuple[np.ndarray, Any] | None = None) -> None:
+                 nodes: tuple[Any, Any] = (None, None)) -> None:
         self.recovered_from = header.get("recovered_from")
         self._header = {k: v for k, v in header.items()
                        if k not in ("directory", "directory_bytes", "pages", "held", "recovered_from")}
@@ -302,9 +302,10 @@ class Pool(Transactions, DeviceOps, Features):
         st[K.ST_TIME] = header["time"]
         st[K.ST_CURSOR] = header.get("cursor", 0)
         self._st = st
-        # the leaves, and what is stored of them (see leafstore)
-        nodes, self._leaf_disk = load_leaves(arrays) if leaves is None else leaves
-        self._nodes_map = BlockMap.from_arrays(st, nodes, arrays["inners"].view(np.int32),
+        # the nodes, and what is stored of them (see nodestore), unless the open read them already
+        leaves, self._leaf_disk = nodes[0] or load_nodes(LEAVES, arrays)
+        inners, self._inner_disk = nodes[1] or load_nodes(INNERS, arrays)
+        self._nodes_map = BlockMap.from_arrays(st, leaves, inners,
                                               arrays["leaf_rc"].view(np.uint32), arrays["inner_rc"].view(np.uint32))
         kernel_flags(st, header)
         previous = getattr(self, "_space", None)

@@ -90,8 +90,8 @@ def _held_metadata(pool: "Pool") -> Metadata:
         raise InvalidArgument(f"pool {pool.path}: no metadata snapshot is held (reserve one first)")
     arrays = {k: np.frombuffer(v, np.uint8) for k, v in pool.store.load_held().items()}
     st = np.zeros(K.ST_SIZE, np.int64)
-    from .leafstore import leaves_from_disk  # any layout
-    bm = BlockMap.from_arrays(st, leaves_from_disk(arrays), arrays["inners"].view(np.int32),
+    from .nodestore import inners_from_disk, leaves_from_disk  # any layout
+    bm = BlockMap.from_arrays(st, leaves_from_disk(arrays), inners_from_disk(arrays),
                               arrays["leaf_rc"].view(np.uint32), arrays["inner_rc"].view(np.uint32))
     devs = arrays["devs"].view(dev_dtype())
     # the kernel's held root is a copy of the superblock at reservation with its space-map roots

@@ -19,7 +19,7 @@ from . import schema as K
 from .devtable import DEVS_PER_PAGE, pad_pages
 from .errors import AlreadyExists, HostIOError, InvalidArgument, ReadOnly
 from .kernel_context import locked_method as _locked
-from .leafstore import LeafDisk
+from .nodestore import NodeDisk
 from .mdstore import BLOCK, MetadataSpaceExhausted, PagedArray
 from .schema import Mode
 
@@ -49,8 +49,9 @@ class Transactions:
     _unpunched: np.ndarray
     _lwm_fired: bool
     _md_check_below: int
-    _leaf_disk: LeafDisk       # what the last commit stored of the leaves (set by Pool._install)
-    _leaf_disk_next: LeafDisk  # what the commit being written stores
+    _leaf_disk: NodeDisk        # what the last commit stored of the leaves (set by Pool._install)
+    _inner_disk: NodeDisk       # ... and of the inner nodes
+    _disk_next: tuple[NodeDisk, NodeDisk]  # what the commit being written stores of both
     _batch_depth: int = 0
 
     #: superblock fields a commit rewrites itself (never a reason to commit)
@@ -120,12 +121,13 @@ class Transactions:
     # ------------------------------------------------------------------ transactions
     def _paged(self) -> dict[str, Any]:
         bm, sp = self._nodes_map, self._space
-        idn = np.flatnonzero(bm.inner_dirty)
-        # the leaves' pages (see leafstore); what they store becomes the pool's once the commit is durable
-        leaf_pages, self._leaf_disk_next = self._leaf_disk.updates(bm.leaves, bm.leaf_rc, bm.leaf_dirty)
+        # the nodes' pages (see nodestore); what they store becomes the pool's once the commit is durable
+        leaf_pages, leaf_next = self._leaf_disk.updates(bm.leaves, bm.leaf_rc, bm.leaf_dirty)
+        inner_pages, inner_next = self._inner_disk.updates(bm.inners, bm.inner_rc, bm.inner_dirty)
+        self._disk_next = (leaf_next, inner_next)
         arrays = {
             **leaf_pages,
-            "inners": PagedArray(bm.inners.reshape(-1).view(np.uint8), idn, idn[bm.inner_rc[idn] == 0]),
+            **inner_pages,
             "leaf_rc": PagedArray(bm.leaf_rc.view(np.uint8), np.flatnonzero(bm.leaf_rc_dirty)),
             "inner_rc": PagedArray(bm.inner_rc.view(np.uint8), np.flatnonzero(bm.inner_rc_dirty)),
             **sp.disk_updates(self._store.locs),
@@ -199,7 +201,7 @@ class Transactions:
                               (" (the pool has failed: reopen it; the last durable commit is kept)" if flushed
                                else " (the changes are kept; a later commit retries)") + f": {exc}",
                               exc.errno or errno.EIO, exc.filename) from None
-        self._leaf_disk = self._leaf_disk_next
+        self._leaf_disk, self._inner_disk = self._disk_next
         bm = self._nodes_map
         bm.leaf_dirty[:] = 0
         bm.inner_dirty[:] = 0

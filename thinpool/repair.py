@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from . import schema as K
-from . import leafstore, pooldir
+from . import nodestore, pooldir
 from .errors import InvalidArgument, MetadataCorrupt, NotFound
 from .interop.ir import Device, Metadata, Superblock, SECTOR, TIME_MASK
 from .origin import valid_record
@@ -206,10 +206,11 @@ def _salvage_state(r: _Reader, generation: int, header: dict[str, Any]) -> _Salv
                 data[i * BLOCK:(i + 1) * BLOCK] = page
         arrays[name] = data
         lost_pages[name] = lost
-    if leafstore.PACK_ARRAY in arrays or leafstore.GROUPS_ARRAY in arrays:  # formats 3, 4: see leafstore
-        leaves, _ = leafstore.load(arrays, lost_pages)
-        lost_pages["leaves"] = leafstore.lost_leaves(arrays, lost_pages, len(leaves))
-        arrays["leaves"] = leaves.reshape(-1).view(np.uint8)
+    for kind in (nodestore.LEAVES, nodestore.INNERS):  # packed (format 4) or grouped (3): see nodestore
+        if kind.pack_array in arrays or (kind is nodestore.LEAVES and nodestore.GROUPS_ARRAY in arrays):
+            nodes, _ = nodestore.load(kind, arrays, lost_pages)
+            lost_pages[kind.old_array] = nodestore.lost_nodes(kind, arrays, lost_pages, len(nodes))
+            arrays[kind.old_array] = nodes.reshape(-1).view(np.uint8)
     for name in ("leaves", "inners", "devs", "catalog"):
         arrays.setdefault(name, np.zeros(0, np.uint8))
         lost_pages.setdefault(name, np.zeros(0, bool))

@@ -50,8 +50,10 @@ def state_of(pool: Pool) -> dict:
 def build(path: str) -> tuple[dict, dict]:
     """The fixture pool: returns (previous commit's state, newest commit's state)."""
     rng = random.Random(11)
-    pool = Pool.create(path, data_size=64 * BS, block_size=BS)
+    pool = Pool.create(path, data_size=320 * BS, block_size=BS)
     with pool.batch():  # each transaction one batch: its messages commit together, at its end
+        # a dense leaf (a metadata page of its own) no later commit changes: a block both commits use
+        pool.create_thin("steady", 256 * BS).write(0, rng.randbytes(200 * BS))
         base = pool.create_thin("base", 6 * BS)
         base.write(0, rng.randbytes(6 * BS))
         pool.snapshot("base", "s1", read_only=True)

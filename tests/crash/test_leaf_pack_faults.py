@@ -1,14 +1,16 @@
-"""Power loss during a commit that re-packs leaf records (metadata format 4, ``thinpool/leafstore.py``).
+"""Power loss during a commit that re-packs node records (metadata format 5,
+``thinpool/nodestore.py``).
 
 A pool holds a few hundred sparse leaves (records packed across several pages) and some dense ones
-(their own pages).  One transaction then grows, empties and adds sparse leaves, turns a dense leaf
-sparse and a sparse one dense -- so its commit splits, merges, drops and adds pack pages and writes and
-releases dense pages.  For every pwrite and fdatasync of that commit, power is lost there (``stop``:
-the event never happens; ``tear``: the write stops at a random byte; ``lose``: every write since the
-last sync is lost too), using the fault layer of ``test_torn_writes``.  The reopened pool must hold
-exactly the previous commit's mappings, or the new commit's once its superblock is durable, and pass
-``check()``; and no write of the commit may touch a metadata block the previous commit's superblock
-references (shadowing: dm-thin never writes over a block of the committed transaction).
+(their own pages). One transaction then grows, empties and adds sparse leaves, turns a dense leaf
+sparse and a sparse one dense -- so its commit splits, merges, drops and adds pack pages, writes and
+releases dense pages, and re-packs the mid nodes above the leaves it adds. For every pwrite and
+fdatasync of that commit, power is lost there (``stop``: the event never happens; ``tear``: the
+write stops at a random byte; ``lose``: every write since the last sync is lost too), using the
+fault layer of ``test_torn_writes``. The reopened pool must hold exactly the previous commit's
+mappings, or the new commit's once its superblock is durable, and pass ``check()``; and no write of
+the commit may touch a metadata block the previous commit's superblock references (shadowing:
+dm-thin never writes over a block of the committed transaction).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import shutil
 import numpy as np
 import pytest
 
-from thinpool import Pool, leafstore
+from thinpool import Pool, nodestore
 from thinpool.mdstore import BLOCK, MetadataStore
 
 from .test_torn_writes import FaultIO, PowerLoss
@@ -46,7 +48,7 @@ def _base(path: str) -> None:
                                                                                         replace=False)], 1)
         _write(v, [leaf * 512 + o for leaf in (9000, 9001, 9002) for o in range(300)], 2)  # three dense leaves
         p.commit()
-        assert p.store.npages(leafstore.PACK_ARRAY) > 20
+        assert p.store.npages(nodestore.PACK_ARRAY) > 20
 
 
 def _change(p: Pool) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tests.support import require_tool
-from thinpool import Pool, leafstore
+from thinpool import Pool, nodestore
 from thinpool.errors import NoSpace, ReadOnly, ReadOnlyIO
 
 BS = 64 * 1024
@@ -331,9 +331,9 @@ def test_kernel_rule_read_only_mode_serves_provisioned_unshared_writes(tmp_path)
         assert p.thin("v").read(100, 6) == b"served"
 
 
-#: mappings per leaf that make it dense: it takes a metadata page of its own (see thinpool.leafstore;
+#: mappings per leaf that make it dense: it takes a metadata page of its own (see thinpool.nodestore;
 #: sparse leaves share pages, so one mapping per leaf would hardly use the metadata)
-PER_LEAF = leafstore.DENSE + 1
+PER_LEAF = nodestore.DENSE + 1
 
 
 def _dense_leaves(first: int, count: int) -> np.ndarray:

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from thinpool import Pool
+from thinpool import Pool, nodestore
 from thinpool.errors import InvalidArgument, ReadOnly
 from thinpool.mdstore import BLOCK
 from thinpool.poolspace import _grown
@@ -104,14 +104,16 @@ def test_lvm_rule_autoextend_grows_the_metadata_above_the_threshold(tmp_path):
     the metadata grows by 20 % (or more) and the pool does not run out of metadata space (as long as
     one transaction fits in what is free: the policy is applied after each commit, as dmeventd applies
     it when it polls)."""
-    p = Pool.create(tmp_path / "p", data_size="1G", metadata_size="512K")
+    p = Pool.create(tmp_path / "p", data_size="4G", metadata_size="512K")
     try:
         p.set_autoextend(80, 20)
         assert (p.header["autoextend_threshold"], p.header["autoextend_percent"]) == (80, 20)
         sizes = [p.store.nr_blocks]
+        dense = nodestore.DENSE + 1  # mappings that give a leaf a metadata page of its own: two leaves each
+        blocks = np.concatenate([np.arange(dense), 512 + np.arange(dense)]).astype(np.int64)
         for i in range(100):
             p.create_thin(f"v{i}", "64M")
-            p.thin(f"v{i}").write_many(np.arange(16, dtype=np.int64) << 22, [b"x" * 100] * 16)
+            p.thin(f"v{i}").write_many(blocks * BS, [b"x" * 100] * len(blocks))
             p.commit()
             st = p.status()
             assert st.used_metadata_blocks * 100 <= 80 * st.total_metadata_blocks

@@ -11,7 +11,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from thinpool import Pool, leafstore
+from thinpool import Pool, nodestore
 from thinpool.dataspace import SM_PER_PAGE, counts_from_disk
 from thinpool.errors import MetadataCorrupt
 from thinpool.interop.binary import write_binary_metadata
@@ -151,26 +151,26 @@ def test_sparse_leaves_are_packed_records_and_dense_leaves_on_their_own_page(tmp
         _write_blocks(v, np.arange(64) * 4096)  # 64 leaves of one mapping each
         p.commit()
         assert int(np.count_nonzero(p.nodes_map.leaf_rc)) == 64
-        assert _stored_pages(p, leafstore.PACK_ARRAY) == [0] and _stored_pages(p, leafstore.DENSE_ARRAY) == []
-        before = list(p.store.locs[leafstore.PACK_ARRAY])
+        assert _stored_pages(p, nodestore.PACK_ARRAY) == [0] and _stored_pages(p, nodestore.DENSE_ARRAY) == []
+        before = list(p.store.locs[nodestore.PACK_ARRAY])
         _write_blocks(v, [1])  # changes the first leaf only
         p.commit()
-        assert changed(before, p.store.locs[leafstore.PACK_ARRAY]) == [0]
+        assert changed(before, p.store.locs[nodestore.PACK_ARRAY]) == [0]
         v.discard(0, 16 * 4096 * BS)  # every mapping of the first 16 leaves
         p.commit()
-        assert _stored_pages(p, leafstore.PACK_ARRAY) == [0]
+        assert _stored_pages(p, nodestore.PACK_ARRAY) == [0]
         _write_blocks(v, np.arange(512, 1000))  # a dense leaf (488 mappings) beside sparse ones
         p.commit()
-        own = _stored_pages(p, leafstore.DENSE_ARRAY)
-        assert len(own) == 1 and _stored_pages(p, leafstore.PACK_ARRAY) == [0]  # its record marks it dense
-        before = {k: list(p.store.locs[k]) for k in (leafstore.PACK_ARRAY, leafstore.DENSE_ARRAY)}
+        own = _stored_pages(p, nodestore.DENSE_ARRAY)
+        assert len(own) == 1 and _stored_pages(p, nodestore.PACK_ARRAY) == [0]  # its record marks it dense
+        before = {k: list(p.store.locs[k]) for k in (nodestore.PACK_ARRAY, nodestore.DENSE_ARRAY)}
         _write_blocks(v, [1000], tag=2)  # a dense leaf gains a mapping: its page rewritten, no pack page
         p.commit()
-        assert changed(before[leafstore.DENSE_ARRAY], p.store.locs[leafstore.DENSE_ARRAY]) == own
-        assert changed(before[leafstore.PACK_ARRAY], p.store.locs[leafstore.PACK_ARRAY]) == []
+        assert changed(before[nodestore.DENSE_ARRAY], p.store.locs[nodestore.DENSE_ARRAY]) == own
+        assert changed(before[nodestore.PACK_ARRAY], p.store.locs[nodestore.PACK_ARRAY]) == []
         v.discard(512 * BS, 400 * BS)  # 89 mappings left: sparse again
         p.commit()
-        assert _stored_pages(p, leafstore.DENSE_ARRAY) == []
+        assert _stored_pages(p, nodestore.DENSE_ARRAY) == []
     with Pool.open(tmp_path / "p") as p:
         vol = p.thin("v")
         assert vol.read(0, 1) == bytes(1) and vol.read(16 * 4096 * BS, 1) == b"\x01"
@@ -203,7 +203,7 @@ def test_many_pack_pages_split_merge_and_stay_about_half_full_or_more(tmp_path):
             # at least half full but for the size of the record at a cut (up to 1,926 bytes)
             assert len(disk.keys) > 1 and (disk.size >= 4096 // 4).all() and disk.size.mean() > 0.7 * 4096, step
             assert np.array_equal(np.sort(disk.pos), np.unique(disk.pos))
-            assert sorted(disk.pos.tolist()) == _stored_pages(p, leafstore.PACK_ARRAY)
+            assert sorted(disk.pos.tolist()) == _stored_pages(p, nodestore.PACK_ARRAY)
         expect = v.mappings()
     with Pool.open(path) as p:
         got = p.thin("v").mappings()
@@ -241,7 +241,7 @@ def test_kernel_rule_a_commit_after_one_write_writes_a_few_blocks_whatever_the_p
             mapped = np.sort(rng.choice(span, n, replace=False))
             _write_blocks(v, mapped)
             p.commit()
-            assert p.store.npages(leafstore.PACK_ARRAY) > (2 if n == 4000 else 20)
+            assert p.store.npages(nodestore.PACK_ARRAY) > (2 if n == 4000 else 20)
             io = _BlockCount()
             monkeypatch.setattr(MetadataStore, "io", io)
             taken = set(mapped.tolist())
@@ -261,7 +261,7 @@ def test_kernel_rule_a_commit_after_one_write_writes_a_few_blocks_whatever_the_p
     assert worst[40000] <= worst[4000] + 1 and worst[40000] <= 14, worst
 
 
-@pytest.mark.parametrize("lost", [leafstore.DENSE_ARRAY, leafstore.PACK_ARRAY])
+@pytest.mark.parametrize("lost", [nodestore.DENSE_ARRAY, nodestore.PACK_ARRAY])
 def test_repair_loses_only_the_leaves_of_an_unreadable_leaf_page(tmp_path, lost):
     """thin_repair salvages every mapping it can still read.  A dense leaf's unreadable page loses that
     leaf only; an unreadable pack page loses the leaves whose records it held, and the leaves on the
@@ -275,9 +275,9 @@ def test_repair_loses_only_the_leaves_of_an_unreadable_leaf_page(tmp_path, lost)
         sparse = np.arange(1500) * 1024 + 7                             # 1,500 leaves of one mapping
         _write_blocks(v, sparse)
         p.commit()
-        assert p.store.npages(leafstore.PACK_ARRAY) >= 3
+        assert p.store.npages(nodestore.PACK_ARRAY) >= 3
         locs = p.store.locs[lost]
-        block = [int(x) >> 32 for x in locs if int(x) >> 32][0 if lost == leafstore.DENSE_ARRAY else 1]
+        block = [int(x) >> 32 for x in locs if int(x) >> 32][0 if lost == nodestore.DENSE_ARRAY else 1]
         older = 1 - p.store.generation % 2
     with open(path / "metadata", "r+b") as f:
         for b in (block, older):
@@ -290,7 +290,7 @@ def test_repair_loses_only_the_leaves_of_an_unreadable_leaf_page(tmp_path, lost)
     with Pool.open(tmp_path / "out") as q:
         vb = set(q.thin("v").mappings()[0].tolist())
         assert q.check().ok
-    if lost == leafstore.DENSE_ARRAY:
+    if lost == nodestore.DENSE_ARRAY:
         assert report.nodes_lost == 1 and vb == set(sparse.tolist())
     else:
         kept = set(sparse.tolist()) & vb
@@ -315,12 +315,16 @@ def _shape(p: Pool, shape: str, n: int) -> None:
             p.commit()
     elif shape == "sparse":  # a quarter of the blocks of a 4n-block range, at random
         _write_blocks(v, np.sort(rng.choice(4 * n, n, replace=False)))
-    else:  # very sparse: n blocks of a 1000n-block range, about one mapping per 512-block leaf range
+    elif shape == "very sparse":  # n blocks of a 1000n-block range, about one mapping per 512-block range
         _write_blocks(v, np.sort(rng.choice(1000 * n, n, replace=False)))
+    else:  # many small volumes (containers): n // 50 volumes of 50 mappings in their first 200 blocks
+        with p.batch():
+            for i in range(n // 50):
+                _write_blocks(p.create_thin(f"c{i}", size=str(1024 * BS)), np.sort(rng.choice(200, 50, replace=False)))
     p.commit()
 
 
-@pytest.mark.parametrize("shape", ["dense", "snapshots", "sparse", "very sparse"])
+@pytest.mark.parametrize("shape", ["dense", "snapshots", "sparse", "very sparse", "many volumes"])
 def test_kernel_rule_metadata_use_is_within_1_5x_of_dm_thin_metadata(tmp_path, shape):
     """The pool's used metadata blocks (``status()``, what dm-thin's status line reports) are at most
     1.5x the blocks the same state takes as dm-thin metadata (our exporter's file, whose metadata
@@ -380,8 +384,8 @@ def test_an_old_format_pool_opens_and_its_first_commit_writes_the_current_layout
         p.commit()
         assert p.store.npages("data_rc") == 0 and _stored_pages(p, "data_sm") == [0]
         assert _stored_pages(p, "data_rc_over") == [0]
-        assert p.store.npages("leaves") == 0 and _stored_pages(p, leafstore.PACK_ARRAY) == [0]  # 4 sparse leaves: 1 page
-        assert _stored_pages(p, leafstore.DENSE_ARRAY) == []
+        assert p.store.npages("leaves") == 0 and _stored_pages(p, nodestore.PACK_ARRAY) == [0]  # 4 sparse leaves: 1 page
+        assert _stored_pages(p, nodestore.DENSE_ARRAY) == []
     with Pool.open(path) as p:
         assert np.array_equal(p.space.data_rc, old_counts)
         assert p.check().ok
@@ -397,15 +401,19 @@ def _fixture_mappings(p: Pool) -> dict[str, tuple]:
     return out
 
 
-def test_a_format3_pool_opens_with_every_mapping_and_converts_at_its_first_commit(tmp_path):
-    """A pool in format 3 (leaves grouped 16 to a stream, dense ones on their own page: array
-    ``leaf_groups``), made by tests/engine/fixtures/make_format3_pool.py with the format-3 code, opens
-    with every mapping (sparse leaves, dense leaves shared and shadowed, pending blocks) and every byte;
-    its first commit writes the current layout, drops the old array's pages and changes no mapping."""
-    path = _old_pool(tmp_path, "format3_pool.tar.gz")
+@pytest.mark.parametrize("fixture", ["format3_pool.tar.gz", "format4_pool.tar.gz"])
+def test_a_format3_or_4_pool_opens_with_every_mapping_and_converts_at_its_first_commit(tmp_path, fixture):
+    """Pools in format 3 (leaves grouped 16 to a stream, dense ones on their own page: array
+    ``leaf_groups``) and format 4 (leaves as packed records: ``leaf_dense``, ``leaf_packs``), both with
+    inner nodes one per page (``inners``), made by tests/engine/fixtures/make_format3_pool.py with the
+    code of their format, open with every mapping (sparse leaves, dense leaves shared and shadowed,
+    pending blocks) and every byte; the first commit writes the current layout, drops the old arrays'
+    pages and changes no mapping."""
+    path = _old_pool(tmp_path, fixture)
     exp = make_format3_pool.expected()
+    old = "leaf_groups" if fixture.startswith("format3") else nodestore.PACK_ARRAY
     with Pool.open(path, read_only=True) as p:
-        assert p.store.npages("leaf_groups") > 0
+        assert p.store.npages(old) > 0 and p.store.npages("inners") > 0
         counts = p.space.data_rc.copy()
         assert np.array_equal(counts, _counts_from_tree(p)) and counts.max() == 3
         before = _fixture_mappings(p)
@@ -422,16 +430,17 @@ def test_a_format3_pool_opens_with_every_mapping_and_converts_at_its_first_commi
             if opened == 0:
                 assert len(p.space.pending) == 40  # volume b's blocks, freed by the fixture's last commit
                 p.commit()
-                assert p.store.npages("leaf_groups") == 0
-                assert len(_stored_pages(p, leafstore.DENSE_ARRAY)) == 2  # d's and ds's dense leaves
-                assert _stored_pages(p, leafstore.PACK_ARRAY) == [0]
+                assert p.store.npages("leaf_groups") == 0 and p.store.npages("inners") == 0
+                assert len(_stored_pages(p, nodestore.DENSE_ARRAY)) == 2  # d's and ds's dense leaves
+                assert _stored_pages(p, nodestore.PACK_ARRAY) == [0]
+                assert _stored_pages(p, nodestore.INNERS.pack_array) == [0]  # 5 roots and their mid nodes
 
 
 def _encode(leaves: np.ndarray, rc: np.ndarray) -> dict[str, np.ndarray]:
     """The arrays a commit of every leaf writes (absent pages as zeroes), with ``leaf_rc``."""
-    pages, _ = leafstore.LeafDisk.empty().updates(leaves, rc, np.ones(len(leaves), np.uint8))
+    pages, _ = nodestore.NodeDisk.empty(nodestore.LEAVES).updates(leaves, rc, np.ones(len(leaves), np.uint8))
     out = {"leaf_rc": rc.view(np.uint8)}
-    for name in (leafstore.PACK_ARRAY, leafstore.DENSE_ARRAY):
+    for name in (nodestore.PACK_ARRAY, nodestore.DENSE_ARRAY):
         arr = pages[name]
         buf = np.zeros(arr.npages * 4096, np.uint8)
         for i in arr.dirty:
@@ -441,12 +450,44 @@ def _encode(leaves: np.ndarray, rc: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
+def test_inner_node_records_decode_what_was_encoded():
+    """Inner nodes (1,024 int32 children, -1 none) of every density -- a root with one child, sparse
+    mid nodes, just below and above the dense threshold (340), full, dead -- come back as they were."""
+    rng = np.random.default_rng(4)
+    counts = [0, 1, 7, nodestore.INNERS.dense, nodestore.INNERS.dense + 1, 1024, 500, 2] * 4
+    inners = np.full((1024, 1024), -1, np.int32)
+    for i, c in enumerate(counts):
+        inners[i, rng.choice(1024, c, replace=False)] = rng.integers(0, 1 << 30, c, dtype=np.int32)
+    rc = np.ones(1024, np.uint32)
+    rc[6] = 0
+    pages, _ = nodestore.NodeDisk.empty(nodestore.INNERS).updates(inners, rc, np.ones(1024, np.uint8))
+    arrays = {"inner_rc": rc.view(np.uint8)}
+    for name in (nodestore.INNERS.pack_array, nodestore.INNERS.dense_array):
+        arr = pages[name]
+        buf = np.zeros(arr.npages * 4096, np.uint8)
+        for i in arr.dirty:
+            if i not in arr.dead:
+                buf[i * 4096:(i + 1) * 4096] = np.frombuffer(bytes(arr.page(i)), np.uint8)
+        arrays[name] = buf
+    back, disk = nodestore.load(nodestore.INNERS, arrays)
+    expect = inners.copy()
+    expect[6] = -1
+    assert np.array_equal(back, expect)
+    assert np.flatnonzero(disk.stored == nodestore.MARK).tolist() == [i for i, c in enumerate(counts)
+                                                                       if c > nodestore.INNERS.dense and i != 6]
+    bad = dict(arrays)
+    bad[nodestore.INNERS.pack_array] = arrays[nodestore.INNERS.pack_array].copy()
+    bad[nodestore.INNERS.pack_array][4:8] = np.frombuffer(np.uint32(nodestore.LEAVES.tag).tobytes(), np.uint8)
+    with pytest.raises(MetadataCorrupt, match="inner pack page 0: bad header"):  # a leaf page's tag
+        nodestore.load(nodestore.INNERS, bad)
+
+
 def test_leaf_records_decode_what_was_encoded_and_refuse_inconsistent_pages():
     """Leaves of every density (empty, one mapping, sparse, just below and above the dense threshold,
     full, dead) come back as they were; a pack page whose header, slots, counts or entry indices do not
     add up is corrupt metadata, named as such."""
     rng = np.random.default_rng(3)
-    counts = [0, 1, 32, leafstore.DENSE, leafstore.DENSE + 1, 512, 300, 5] * 5
+    counts = [0, 1, 32, nodestore.DENSE, nodestore.DENSE + 1, 512, 300, 5] * 5
     leaves = np.full((len(counts), 512), np.iinfo(np.uint64).max, np.uint64)
     for i, c in enumerate(counts):
         leaves[i, rng.choice(512, c, replace=False)] = rng.integers(0, 1 << 40, c, dtype=np.uint64)
@@ -454,21 +495,21 @@ def test_leaf_records_decode_what_was_encoded_and_refuse_inconsistent_pages():
     leaves = np.concatenate([leaves, np.full((1024 - len(counts), 512), np.iinfo(np.uint64).max, np.uint64)])
     rc[7] = 0  # a dead leaf is stored as nothing
     arrays = _encode(leaves, rc)
-    back, disk = leafstore.load(arrays)
+    back, disk = nodestore.load(nodestore.LEAVES, arrays)
     expect = leaves.copy()
     expect[7] = np.iinfo(np.uint64).max
     assert np.array_equal(back, expect)
-    dense = [i for i, c in enumerate(counts) if c > leafstore.DENSE]
-    assert np.flatnonzero(disk.stored == leafstore.MARK).tolist() == dense
-    pages = arrays[leafstore.PACK_ARRAY]
+    dense = [i for i, c in enumerate(counts) if c > nodestore.DENSE]
+    assert np.flatnonzero(disk.stored == nodestore.MARK).tolist() == dense
+    pages = arrays[nodestore.PACK_ARRAY]
     assert len(pages) // 4096 == len(disk.keys) >= 2  # 20 sparse records of 1..192 entries: two pages
     nrec, nent = pages[:4].view(np.uint16)
 
     def corrupt(offset: int, value: bytes, match: str) -> None:
-        bad = dict(arrays, **{leafstore.PACK_ARRAY: pages.copy()})
-        bad[leafstore.PACK_ARRAY][offset:offset + len(value)] = np.frombuffer(value, np.uint8)
+        bad = dict(arrays, **{nodestore.PACK_ARRAY: pages.copy()})
+        bad[nodestore.PACK_ARRAY][offset:offset + len(value)] = np.frombuffer(value, np.uint8)
         with pytest.raises(MetadataCorrupt, match=match):
-            leafstore.load(bad)
+            nodestore.load(nodestore.LEAVES, bad)
 
     slots_at = 8 + 8 * int(nent)
     counts_at = slots_at + 4 * int(nrec)
@@ -477,9 +518,9 @@ def test_leaf_records_decode_what_was_encoded_and_refuse_inconsistent_pages():
     corrupt(0, np.uint16(nrec + 400).tobytes(), "bad header")                  # records past the page
     corrupt(slots_at, np.uint32(5000).tobytes(), "beyond the 1024 leaf slots")  # slot out of range
     corrupt(slots_at + 4, pages[slots_at:slots_at + 4].tobytes(), "two records")  # a slot twice
-    corrupt(counts_at, np.uint16(leafstore.DENSE + 1).tobytes(), "count")      # neither sparse nor dense
+    corrupt(counts_at, np.uint16(nodestore.DENSE + 1).tobytes(), "count")      # neither sparse nor dense
     corrupt(idx_at, np.uint16(600).tobytes(), "entry 600")                     # index past 512
     bad_tail = dict(arrays)
-    bad_tail[leafstore.DENSE_ARRAY] = arrays[leafstore.DENSE_ARRAY][:4096]     # a dense leaf without its page
+    bad_tail[nodestore.DENSE_ARRAY] = arrays[nodestore.DENSE_ARRAY][:4096]     # a dense leaf without its page
     with pytest.raises(MetadataCorrupt, match="has no page"):
-        leafstore.load(bad_tail)
+        nodestore.load(nodestore.LEAVES, bad_tail)

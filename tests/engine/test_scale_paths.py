@@ -13,7 +13,7 @@ from thinpool import Pool, rules
 from thinpool.dataspace import counts_from_disk
 from thinpool.devtable import DeviceTable
 from thinpool.errors import MetadataCorrupt
-from thinpool import leafstore
+from thinpool import nodestore
 
 BS = 64 * 1024
 
@@ -39,13 +39,13 @@ def _pool(path) -> Pool:
 @pytest.mark.parametrize("populate", [False, True])
 def test_leaves_read_into_place_equal_the_whole_array_decode(tmp_path, monkeypatch, populate):
     if populate:  # the big-pool path: the leaves' memory mapped in at once, then read into
-        monkeypatch.setattr(leafstore, "POPULATE_MIN", 0)
+        monkeypatch.setattr(nodestore, "POPULATE_MIN", 0)
     pool = _pool(tmp_path / "p")
     live = pool.nodes_map.leaf_rc > 0
     want = pool.nodes_map.leaves[live].copy()
     store = pool.store
-    whole = leafstore.leaves_from_disk({k: np.frombuffer(v, np.uint8) for k, v in store.load().items()})
-    direct = leafstore.load_leaves(store)
+    whole = nodestore.leaves_from_disk({k: np.frombuffer(v, np.uint8) for k, v in store.load().items()})
+    direct = nodestore.load_leaves(store)
     assert direct is not None and np.array_equal(direct, whole)
     assert np.array_equal(direct[: len(live)][live], want)
     pool.close()
@@ -61,10 +61,10 @@ def test_a_damaged_leaf_page_of_the_last_commit_opens_the_commit_before(tmp_path
     """The leaves are read after the other arrays; a bad checksum there still makes the open fall
     back to the previous commit, as when every page was read at once."""
     pool = _pool(tmp_path / "p")
-    before = set(pool.store.locs[leafstore.ARRAY].tolist())
+    before = set(pool.store.locs[nodestore.LEAVES.dense_array].tolist())
     pool.thin("b").write_many(np.arange(600, 900, dtype=np.int64) * BS, np.ones((300, 1), np.uint8))
     pool.commit()
-    new = [loc >> 32 for loc in pool.store.locs[leafstore.ARRAY].tolist() if loc and loc not in before]
+    new = [loc >> 32 for loc in pool.store.locs[nodestore.LEAVES.dense_array].tolist() if loc and loc not in before]
     pool.close()
     assert new
     with open(tmp_path / "p" / "metadata", "r+b") as f:

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from thinpool import Pool, leafstore
+from thinpool import Pool, nodestore
 from thinpool.errors import InvalidArgument, NoSpace, ReadOnly, ReadOnlyIO
 from thinpool.thin import apply_io
 
@@ -199,7 +199,7 @@ def test_kernel_rule_read_only_batch_serves_provisioned_unshared_writes_like_sin
     batch.close()
 
 
-PER_LEAF = leafstore.DENSE + 1  # mappings that make a leaf dense: a metadata page of its own
+PER_LEAF = nodestore.DENSE + 1  # mappings that make a leaf dense: a metadata page of its own
 
 
 def test_kernel_rule_metadata_running_out_mid_batch_enters_out_of_metadata_space_like_single_calls(tmp_path):

@@ -260,8 +260,8 @@ def test_kernel_rule_queue_if_no_space_holds_writes_for_the_timeout_in_trace_tim
 def test_kernel_rule_replay_goes_on_out_of_metadata_space_serving_provisioned_blocks(tmp_path):
     # dm-thin out of metadata space: writes to provisioned, unshared blocks are served, writes that
     # need a block fail with EIO, pool messages (a scheduled snapshot) are refused; the replay goes on
-    from thinpool import leafstore
-    per_leaf = leafstore.DENSE + 1  # mappings that make a leaf dense (a metadata page of its own)
+    from thinpool import nodestore
+    per_leaf = nodestore.DENSE + 1  # mappings that make a leaf dense (a metadata page of its own)
     firsts = ((np.arange(300)[:, None] * 512 + np.arange(per_leaf)[None, :]) * BS).reshape(-1)
     offs = np.concatenate([firsts, firsts[:50]])  # then rewrites of the first blocks
     n = len(offs)

@@ -1,0 +1,601 @@
+"""The block map's nodes in the metadata file: dense nodes on their own page, sparse ones packed.
+
+In memory a leaf is 512 mappings and an inner node 1,024 children (4 KiB each, all-ones = a hole;
+see :mod:`thinpool.blockmap`).  Stored one node per page, a node would cost a block however few
+entries it holds, where a dm-thin btree node packs up to 252 mappings (126 children) of any keys.
+Metadata format 5 stores each kind of node (:data:`LEAVES`, :data:`INNERS`) in two arrays (format 4
+stored the leaves so, the inner nodes one per page):
+
+- ``leaf_dense`` / ``inner_dense``: a **dense** node (live, more than ``kind.dense`` entries: 192 of
+  a leaf, 340 of an inner node) keeps its own page, page ``s`` for slot ``s``, stored as it is in
+  memory -- so a commit that changes a dense node writes that one page;
+- ``leaf_packs`` / ``inner_packs``: every other live node with an entry is a **record** ``(slot,
+  count, count x (entry index, value))``: 6 bytes, plus 10 per mapping of a leaf (8 of value, 2 of
+  index) or 6 per child of an inner node, and records are packed into pages of consecutive slots.  A
+  page holds the records of the slots from its lowest slot up to the next page's lowest (its
+  *key*); a dense node has a record too (count :data:`MARK`, no entries), which says that its own
+  page is stored.  Page layout: uint16 record count, uint16 entry count, uint32 tag, then the
+  entries' values, the records' slots (uint32), counts (uint16) and the entries' indices (uint16).
+
+A commit re-packs only the pages whose records changed (a sparse node written, a node turning dense,
+sparse, empty or dead): their records are cut into as few pages as hold them (of about equal fill
+when that takes no more pages); a page left less than half full takes in its neighbour.  So a commit
+that changes one sparse node writes one to three pack pages, one that changes a dense node its own
+page.  Pages are never overwritten in place: the store writes every changed page to a fresh block
+(shadowing, :mod:`thinpool.mdstore`).  A dense leaf costs 4 KiB for 193..512 mappings (<= 21.3
+bytes each), a sparse one 6 bytes plus 10 per mapping; a device root or mid node with a few
+children a few dozen bytes.
+
+Older layouts are read as they are and converted by the first commit (which releases their pages):
+inner nodes one per page (array ``inners``, formats 1-4); leaves one per page (array ``leaves``,
+formats 1 and 2) or in format 3's groups (array ``leaf_groups``: slots in groups of 16, dense leaves
+on their own page in the group's span, the sparse leaves of a group as one stream of a dense mask, a
+bitmap of the mapped entries and their values).
+"""
+
+from __future__ import annotations
+
+import mmap
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from . import schema as K
+from .errors import MetadataCorrupt
+from .mdstore import BLOCK, PageUpdates
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One kind of block-map node as stored: its entries, their type, the hole value, the dense
+    threshold, its arrays (format 4 and the older one-node-per-page array) and its pages' tag."""
+
+    name: str
+    entries: int
+    dtype: Any
+    hole: int
+    dense: int
+    dense_array: str
+    pack_array: str
+    old_array: str
+    tag: int
+
+    @property
+    def width(self) -> int:
+        """Bytes of one entry's value."""
+        return np.dtype(self.dtype).itemsize
+
+
+#: leaves: 512 mappings (uint64; all-ones a hole)
+LEAVES = Kind("leaf", K.LEAF_ENTRIES, np.uint64, K.UNMAPPED, 192, "leaf_dense", "leaf_packs", "leaves",
+              0x344B504C)  # "LPK4"
+#: inner nodes: 1,024 children (int32; -1 none)
+INNERS = Kind("inner", K.INNER_ENTRIES, np.int32, K.NONE, 340, "inner_dense", "inner_packs", "inners",
+              0x344B5049)  # "IPK4"
+#: a leaf with more live mappings than this keeps its own page
+DENSE = LEAVES.dense
+#: the count of a dense node's record (its entries are on its own page)
+MARK = 0xFFFF
+DENSE_ARRAY, PACK_ARRAY = LEAVES.dense_array, LEAVES.pack_array
+#: format 3's leaves
+GROUPS_ARRAY = "leaf_groups"
+_HEAD = 8           # record count, entry count, tag
+_REC = 6            # slot (uint32) + count (uint16)
+_CAP = BLOCK - _HEAD
+_CHUNK = 4096       # node slots handled per numpy step (16 MB of nodes)
+#: the arrays a pool's open reads straight into the nodes' rows (:func:`open_nodes`)
+ARRAYS = (LEAVES.dense_array, INNERS.dense_array)
+#: nodes of at least this many bytes are loaded into memory mapped in at once (:func:`open_nodes`)
+POPULATE_MIN = 1 << 24
+
+
+def _record_bytes(stored: np.ndarray, kind: Kind) -> np.ndarray:
+    """Bytes of the records whose stored counts are ``stored`` (MARK: no entries)."""
+    n = stored.astype(np.int64)
+    return _REC + (kind.width + 2) * np.where(n == MARK, 0, n)
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenated ``arange(s, s + n)`` for every start and length (vectorised)."""
+    lengths = lengths.astype(np.int64)
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, np.int64)
+    firsts = np.cumsum(lengths) - lengths
+    return np.repeat(starts.astype(np.int64) - firsts, lengths) + np.arange(total, dtype=np.int64)
+
+
+class _Pages:
+    """Pages one commit writes of one array (the interface of :class:`thinpool.mdstore.PagedArray`):
+    a dense node's page is a view of the in-memory node, a pack page encoded bytes."""
+
+    def __init__(self, npages: int, nodes: np.ndarray | None, own: Any, packed: dict[int, bytes],
+                 dead: Any) -> None:
+        self.npages = npages
+        self._nodes, self._own, self._packed = nodes, set(int(s) for s in own), packed
+        self.dead = sorted(set(int(d) for d in dead) - self._own - set(packed))
+        self.dirty = sorted(self._own | set(packed) | set(self.dead))
+
+    def page(self, i: int) -> Any:
+        if i in self._own:
+            assert self._nodes is not None
+            return memoryview(self._nodes[i]).cast("B")
+        return self._packed[i]
+
+
+class NodeDisk:
+    """What the last commit stored of one kind of node, so that the next commit re-packs only what
+    changed.
+
+    ``stored[s]``: the count of slot ``s``'s record (-1: no record, :data:`MARK`: dense);
+    ``keys``/``pos``/``size``: per pack page, in slot order, its lowest slot, its page in the pack
+    array and its bytes; ``npages``: pages of the pack array; ``convert``: an older layout is stored
+    under that name (the next commit writes every node and drops it)."""
+
+    def __init__(self, kind: Kind, stored: np.ndarray, keys: np.ndarray, pos: np.ndarray, size: np.ndarray,
+                 npages: int, convert: str | None = None) -> None:
+        self.kind = kind
+        self.stored, self.keys, self.pos, self.size = stored, keys, pos, size
+        self.npages, self.convert = npages, convert
+
+    @classmethod
+    def empty(cls, kind: Kind, convert: str | None = None) -> "NodeDisk":
+        z = np.zeros(0, np.int64)
+        return cls(kind, np.zeros(0, np.int32), z, z, z, 0, convert)
+
+    # ------------------------------------------------------------------ a commit
+    def updates(self, nodes: np.ndarray, rc: np.ndarray,
+                dirty_flags: np.ndarray) -> tuple[dict[str, Any], "NodeDisk"]:
+        """The pages a commit writes for the nodes marked in ``dirty_flags`` (every node after the load
+        of an older layout; ``rc``: their reference counts, 0 = dead), and what is stored once that
+        commit is durable.  Changes nothing."""
+        kind = self.kind
+        n = len(nodes)
+        stored = np.full(n, -1, np.int32)
+        keep = min(n, len(self.stored))
+        stored[:keep] = self.stored[:keep]
+        dirty = np.arange(n) if self.convert else np.flatnonzero(dirty_flags[:n])
+        new = np.empty(len(dirty), np.int32)
+        hole = nodes.dtype.type(kind.hole)
+        for i in range(0, len(dirty), _CHUNK):
+            slots = dirty[i:i + _CHUNK]
+            count = (nodes[slots] != hole).sum(axis=1)
+            count[rc[slots] == 0] = 0
+            new[i:i + _CHUNK] = np.where(count == 0, -1, np.where(count > kind.dense, MARK, count))
+        old = stored[dirty]
+        own = dirty[new == MARK]
+        dead_own = dirty[(old == MARK) & (new != MARK)]
+        changed = dirty[~(((old == MARK) & (new == MARK)) | ((old == -1) & (new == -1)))]
+        stored[dirty] = new
+        packed, dead_packs, after = self._repack(nodes, stored, changed)
+        out: dict[str, Any] = {
+            kind.dense_array: _Pages(n, nodes, own, {}, dead_own),
+            kind.pack_array: _Pages(after.npages, None, (), packed, dead_packs),
+        }
+        if self.convert:
+            out[self.convert] = PageUpdates(0, {})
+        return out, after
+
+    def _runs(self, changed: np.ndarray) -> list[list[int]]:
+        """Runs of consecutive pack pages (indices in slot order) holding the changed slots."""
+        k = len(self.keys)
+        if len(changed) == 0:
+            return []
+        if k == 0:
+            return [[0, -1]]
+        pages = np.unique(np.maximum(np.searchsorted(self.keys, changed, "right") - 1, 0))
+        breaks = np.flatnonzero(np.diff(pages) > 1) + 1
+        return [[int(r[0]), int(r[-1])] for r in np.split(pages, breaks)]
+
+    def _repack(self, nodes: np.ndarray, stored: np.ndarray,
+                changed: np.ndarray) -> tuple[dict[int, bytes], list[int], "NodeDisk"]:
+        """Re-pack the pages holding ``changed`` slots (``stored``: the new counts)."""
+        kind = self.kind
+        n, k = len(stored), len(self.keys)
+        runs = self._runs(changed)
+        # a run left under half a page takes in a neighbour (adjacent runs merge)
+        merged: list[list[int]] = []
+        for a, b in runs:
+            if merged and a <= merged[-1][1] + 1:
+                merged[-1][1] = max(merged[-1][1], b)
+            else:
+                merged.append([a, b])
+        out_runs: list[tuple[int, int, np.ndarray]] = []
+        i = 0
+        while i < len(merged):
+            a, b = merged[i]
+            while True:
+                lo = 0 if a <= 0 else int(self.keys[a])
+                hi = n if b + 1 >= k else int(self.keys[b + 1])
+                recs = np.flatnonzero(stored[lo:hi] != -1) + lo
+                size = int(_record_bytes(stored[recs], kind).sum())
+                if size >= _CAP // 2 or b - a + 1 >= k:
+                    break
+                if b + 1 < k:
+                    b += 1
+                    if i + 1 < len(merged) and merged[i + 1][0] <= b + 1:  # reached the next run
+                        b = max(b, merged.pop(i + 1)[1])
+                elif a > 0:
+                    a -= 1
+                    if out_runs and out_runs[-1][1] >= a - 1:  # reached the previous run
+                        pa, _, _ = out_runs.pop()
+                        a = pa
+                else:
+                    break
+            out_runs.append((a, b, recs))
+            i += 1
+        # cut every run into pages of equal fill, reusing its pages' places first
+        gone = np.zeros(k, bool)
+        for a, b, _ in out_runs:
+            if k:
+                gone[max(a, 0):b + 1] = True
+        free: Any = None  # pages of the pack array no page uses now (found when first needed)
+        next_new = self.npages
+        new_keys: list[int] = []
+        new_pos: list[int] = []
+        new_size: list[int] = []
+        page_recs: list[np.ndarray] = []
+        released: list[int] = []
+        for a, b, recs in out_runs:
+            reuse = sorted(self.pos[max(a, 0):b + 1].tolist()) if k else []
+            for piece in _cut(_record_bytes(stored[recs], kind), recs):
+                if reuse:
+                    p = reuse.pop(0)
+                else:
+                    if free is None:
+                        unused = np.ones(self.npages, bool)
+                        unused[self.pos] = False
+                        free = iter(np.flatnonzero(unused).tolist())
+                    p = next(free, None)
+                    if p is None:
+                        p, next_new = next_new, next_new + 1
+                new_keys.append(int(piece[0]))
+                new_pos.append(p)
+                new_size.append(_HEAD + int(_record_bytes(stored[piece], kind).sum()))
+                page_recs.append(piece)
+            released += reuse
+        packed = _encode(kind, nodes, stored, page_recs, new_pos)
+        keys = np.concatenate([self.keys[~gone], np.array(new_keys, np.int64)])
+        pos = np.concatenate([self.pos[~gone], np.array(new_pos, np.int64)])
+        size = np.concatenate([self.size[~gone], np.array(new_size, np.int64)])
+        order = np.argsort(keys, kind="stable")
+        npages = int(pos.max()) + 1 if len(pos) else 0
+        after = NodeDisk(kind, stored, keys[order], pos[order], size[order], npages)
+        return packed, [p for p in released if p < npages], after
+
+
+def _cut(sizes: np.ndarray, recs: np.ndarray) -> list[np.ndarray]:
+    """``recs`` cut into as few consecutive pieces of at most one page's records as possible (records
+    of ``sizes`` bytes): of about equal bytes (each cut at the record boundary nearest its share) when
+    that takes no more pages, so that pages filled by one commit still take a few more records; else
+    filled in order."""
+    if len(recs) == 0:
+        return []
+    cum = np.cumsum(sizes)
+    edges = [0]
+    while edges[-1] < len(recs):  # filled in order: the fewest pages
+        base = int(cum[edges[-1] - 1]) if edges[-1] else 0
+        edges.append(int(np.searchsorted(cum, base + _CAP, "right")))
+    pieces = len(edges) - 1
+    if pieces > 1:
+        total = int(cum[-1])
+        targets = total * np.arange(1, pieces) / pieces
+        bounds = np.searchsorted(cum, targets, "right")  # records wholly below each target ...
+        over = np.minimum(bounds, len(cum) - 1)
+        below = cum[np.maximum(bounds - 1, 0)] * (bounds > 0)
+        bounds = bounds + ((cum[over] - targets) < (targets - below))  # ... or one more, if nearer
+        even = np.concatenate([[0], bounds, [len(recs)]])
+        fill = np.diff(np.concatenate([[0], cum[np.maximum(even[1:] - 1, 0)]]))
+        if (np.diff(even) > 0).all() and fill.max() <= _CAP:
+            edges = even.tolist()
+        elif total - int(cum[edges[-2] - 1]) < _CAP // 2:  # a small last page: share with the one before
+            lo = int(cum[edges[-3] - 1]) if edges[-3] else 0
+            mid = (lo + total) / 2
+            cut = int(np.searchsorted(cum, mid, "right"))
+            if cut < len(recs) and cum[cut] - mid < mid - cum[cut - 1]:
+                cut += 1
+            if edges[-3] < cut < len(recs) and cum[cut - 1] - lo <= _CAP and total - cum[cut - 1] <= _CAP:
+                edges[-2] = cut
+    return [recs[s:e] for s, e in zip(edges[:-1], edges[1:])]
+
+
+def _encode(kind: Kind, nodes: np.ndarray, stored: np.ndarray, page_recs: list[np.ndarray],
+            pos: list[int]) -> dict[int, bytes]:
+    """The pack pages holding the records of ``page_recs`` (slot lists), by page."""
+    if not page_recs:
+        return {}
+    slots = np.concatenate(page_recs)
+    counts = stored[slots].astype(np.int64)
+    sparse = counts != MARK
+    idx_parts, val_parts = [], []
+    for i in range(0, len(slots), _CHUNK):
+        part = slots[i:i + _CHUNK]
+        rows = nodes[part]
+        mask = (rows != nodes.dtype.type(kind.hole)) & sparse[i:i + _CHUNK, None]
+        idx_parts.append(np.nonzero(mask)[1].astype(np.uint16))
+        val_parts.append(rows[mask])
+    idx = np.concatenate(idx_parts)
+    vals = np.concatenate(val_parts)
+    ents = np.where(sparse, counts, 0)
+    assert len(vals) == int(ents.sum()), f"{kind.name} records out of step with the nodes"
+    out: dict[int, bytes] = {}
+    r = e = 0
+    for recs, p in zip(page_recs, pos):
+        nr = len(recs)
+        ne = int(ents[r:r + nr].sum())
+        page = b"".join([np.array([nr, ne], np.uint16).tobytes(), np.uint32(kind.tag).tobytes(),
+                         vals[e:e + ne].tobytes(), recs.astype(np.uint32).tobytes(),
+                         counts[r:r + nr].astype(np.uint16).tobytes(), idx[e:e + ne].tobytes()])
+        out[p] = page.ljust(BLOCK, b"\0")
+        r, e = r + nr, e + ne
+    return out
+
+
+# ---------------------------------------------------------------------------- loading
+
+def empty_disk_arrays() -> dict[str, PageUpdates]:
+    """The nodes of a new pool: none."""
+    return {name: PageUpdates(0, {}) for kind in (LEAVES, INNERS) for name in (kind.dense_array, kind.pack_array)}
+
+
+def leaves_from_disk(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The in-memory leaves (uint64, one row of 512 per leaf slot) from loaded arrays (uint8 views) of
+    any layout.  Raises :class:`MetadataCorrupt` if the stored leaves are inconsistent."""
+    return load(LEAVES, arrays)[0]
+
+
+def inners_from_disk(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The in-memory inner nodes (int32, one row of 1,024 per slot), as :func:`leaves_from_disk`."""
+    return load(INNERS, arrays)[0]
+
+
+def _olds(kind: Kind) -> tuple[str, ...]:
+    return (GROUPS_ARRAY, kind.old_array) if kind is LEAVES else (kind.old_array,)
+
+
+def load(kind: Kind, arrays: Mapping[str, np.ndarray],
+         lost: Mapping[str, np.ndarray] | None = None) -> tuple[np.ndarray, NodeDisk]:
+    """One kind's in-memory nodes and what is stored of them (:class:`NodeDisk`), from loaded arrays of
+    any layout.  ``lost`` (repair): pages known to be unreadable (read as zeroes), per array; a dense
+    node whose page is lost is left empty."""
+    if kind.pack_array not in arrays:
+        if kind is LEAVES and GROUPS_ARRAY in arrays:
+            return _groups_from_disk(arrays[GROUPS_ARRAY]), NodeDisk.empty(kind, GROUPS_ARRAY)
+        old = arrays.get(kind.old_array, np.zeros(0, np.uint8))
+        return (old.view(kind.dtype).reshape(-1, kind.entries),
+                NodeDisk.empty(kind, kind.old_array if len(old) else None))
+    convert = next((a for a in _olds(kind) if len(arrays.get(a, ()))), None)
+    if convert:
+        raise _corrupt(kind, f"{kind.name} nodes stored in both the current layout and the older '{convert}'")
+    count = len(arrays.get(f"{kind.name}_rc", ())) // 4
+    dense_buf = arrays.get(kind.dense_array, np.zeros(0, np.uint8))
+    dense_lost = None if lost is None else lost.get(kind.dense_array)
+
+    def fill(nodes: np.ndarray, dense: np.ndarray) -> None:
+        if len(dense) and (dense.max() + 1) * BLOCK > len(dense_buf):
+            raise _corrupt(kind, f"dense {kind.name} {int(dense.max())} has no page")
+        if dense_lost is not None:  # a lost page: the node left empty
+            nodes[dense[dense_lost[dense]]] = kind.hole
+            dense = dense[~dense_lost[dense]]
+        nodes[dense] = dense_buf.view(kind.dtype).reshape(-1, kind.entries)[dense]
+
+    return _packs_from_disk(kind, arrays[kind.pack_array], count, fill,
+                            lambda n: np.empty((n, kind.entries), kind.dtype))
+
+
+def open_nodes(kind: Kind, store: Any, arrays: Mapping[str, np.ndarray]) -> tuple[np.ndarray, NodeDisk] | None:
+    """:func:`load` for a pool's open: ``arrays`` loaded without the dense nodes' array (:data:`ARRAYS`),
+    whose pages are read straight into their rows (:meth:`thinpool.mdstore.MetadataStore.gather_into`),
+    so the nodes are the only copy of them ever made (100,000,000 mappings are 800 MB of leaves), in
+    memory mapped in at once when big.  None if the store holds an older layout: load that with the
+    other arrays."""
+    if kind.pack_array not in arrays:
+        return None
+    if any(len(arrays.get(a, ())) for a in _olds(kind)):
+        raise _corrupt(kind, f"{kind.name} nodes stored in both the current layout and an older one")
+    count = len(arrays.get(f"{kind.name}_rc", ())) // 4
+    npages = store.npages(kind.dense_array)
+
+    def fill(nodes: np.ndarray, dense: np.ndarray) -> None:
+        if len(dense) and dense.max() >= npages:
+            raise _corrupt(kind, f"dense {kind.name} {int(dense.max())} has no page")
+        if len(dense):
+            store.gather_into(kind.dense_array, dense.tolist(), nodes, dense.tolist())
+
+    return _packs_from_disk(kind, arrays[kind.pack_array], count, fill, lambda n: _populated(kind, n))
+
+
+def load_leaves(store: Any) -> np.ndarray | None:
+    """The store's committed leaves as a pool's open reads them (:func:`open_nodes`; every page read
+    straight into place), or None for an older layout."""
+    if PACK_ARRAY not in store.locs:
+        return None
+    npages = store.npages(PACK_ARRAY)
+    packs = np.empty(npages * BLOCK, np.uint8)
+    if npages:
+        store.gather_into(PACK_ARRAY, list(range(npages)), packs, list(range(npages)))
+    arrays = {PACK_ARRAY: packs, "leaf_rc": np.zeros(store.npages("leaf_rc") * BLOCK, np.uint8)}
+    out = open_nodes(LEAVES, store, arrays)
+    return None if out is None else out[0]
+
+
+def _populated(kind: Kind, count: int) -> np.ndarray:
+    """Room for ``count`` nodes, its memory mapped in at once when big (``MAP_POPULATE``: one system
+    call instead of a page fault per 4 KiB, and no waiting for the kernel to assemble huge pages on a
+    fragmented host -- 800 MB of leaves took 0.4 s of system time this way against 0.6-2.5 s)."""
+    nbytes = count * BLOCK
+    flags = getattr(mmap, "MAP_POPULATE", 0)
+    if nbytes == 0 or nbytes < POPULATE_MIN or not flags:
+        return np.empty((count, kind.entries), kind.dtype)
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | flags)
+    return np.frombuffer(buf, kind.dtype).reshape(count, kind.entries)
+
+
+def _corrupt(kind: Kind, msg: str) -> MetadataCorrupt:
+    return MetadataCorrupt(msg, structure="leaves" if kind is LEAVES else "inners")
+
+
+def _packs_from_disk(kind: Kind, buf: np.ndarray, count: int, fill: Callable[[np.ndarray, np.ndarray], None],
+                     alloc: Callable[[int], np.ndarray]) -> tuple[np.ndarray, NodeDisk]:
+    """Decode format 4 (every pack page at once) and check it: headers, slots within the node arrays
+    and in one record each, counts and entry indices in range, pages' slot ranges disjoint.  ``alloc(n)``
+    makes room for the nodes, ``fill(nodes, slots)`` puts the dense nodes' pages in their rows; every
+    other row is written once (holes, then the records' entries)."""
+    name, w = kind.name, kind.width
+    npages = len(buf) // BLOCK
+    u16, u32, vw = buf.view(np.uint16), buf.view(np.uint32), buf.view(kind.dtype)
+    nrec = u16[0::BLOCK // 2][:npages].astype(np.int64)
+    nent = u16[1::BLOCK // 2][:npages].astype(np.int64)
+    tag = u32[1::BLOCK // 4][:npages]
+    used = nrec > 0
+    bad = np.flatnonzero((used & (tag != kind.tag)) | (~used & ((tag != 0) | (nent != 0)))
+                         | (_HEAD + (w + 2) * nent + _REC * nrec > BLOCK))
+    if len(bad):
+        raise _corrupt(kind, f"{name} pack page {int(bad[0])}: bad header (records {int(nrec[bad[0]])}, "
+                       f"entries {int(nent[bad[0]])}, tag {int(tag[bad[0]]):#x})")
+    pages = np.flatnonzero(used)
+    rec_page = np.repeat(pages, nrec[pages])
+    rec_j = _ranges(np.zeros(len(pages), np.int64), nrec[pages])
+    slots = u32[rec_page * (BLOCK // 4) + (_HEAD + w * nent[rec_page]) // 4 + rec_j].astype(np.int64)
+    counts = u16[rec_page * (BLOCK // 2) + (_HEAD + w * nent[rec_page] + 4 * nrec[rec_page]) // 2
+                 + rec_j].astype(np.int64)
+    if len(slots) and slots.max() >= count:
+        raise _corrupt(kind, f"{name} record of slot {int(slots.max())}, beyond the {count} {name} slots")
+    order = np.argsort(slots, kind="stable")
+    twice = np.flatnonzero(np.diff(slots[order]) == 0)
+    if len(twice):
+        raise _corrupt(kind, f"{name} slot {int(slots[order][twice[0]])} has two records")
+    okc = ((counts >= 1) & (counts <= kind.dense)) | (counts == MARK)
+    if not okc.all():
+        raise _corrupt(kind, f"{name} record of slot {int(slots[~okc][0])}: count {int(counts[~okc][0])}")
+    ents = np.where(counts == MARK, 0, counts)
+    per_page = np.bincount(rec_page, ents, minlength=npages).astype(np.int64)
+    off = np.flatnonzero(per_page != nent)
+    if len(off):
+        raise _corrupt(kind, f"{name} pack page {int(off[0])}: its records count {int(per_page[off[0]])} "
+                       f"entries, its header {int(nent[off[0]])}")
+    ent_page = np.repeat(pages, nent[pages])
+    ent_k = _ranges(np.zeros(len(pages), np.int64), nent[pages])
+    ent_rec = np.repeat(np.arange(len(slots)), ents)
+    idx = u16[ent_page * (BLOCK // 2) + (_HEAD + w * nent[ent_page] + 6 * nrec[ent_page]) // 2
+              + ent_k].astype(np.int64)
+    vals = vw[ent_page * (BLOCK // w) + _HEAD // w + ent_k]
+    step = np.diff(idx)
+    bad = np.flatnonzero((idx >= kind.entries) | (vals == vals.dtype.type(kind.hole))
+                         | np.concatenate([[False], (step <= 0) & (np.diff(ent_rec) == 0)]))
+    if len(bad):
+        raise _corrupt(kind, f"{name} record of slot {int(slots[ent_rec[bad[0]]])}: entry {int(idx[bad[0]])} "
+                       f"out of order, out of range or a hole")
+    nodes = alloc(count)
+    dense = np.sort(slots[counts == MARK])
+    is_dense = np.zeros(count, bool)
+    is_dense[dense] = True
+    hole = nodes.dtype.type(kind.hole)
+    for i in range(0, count, _CHUNK):  # holes in every row but the dense nodes', which are read in
+        d = is_dense[i:i + _CHUNK]
+        if not d.any():
+            nodes[i:i + _CHUNK] = hole
+        elif not d.all():
+            nodes[i:i + _CHUNK][~d] = hole
+    nodes[slots[ent_rec], idx] = vals
+    fill(nodes, dense)
+    # pages in slot order, their ranges disjoint
+    stored = np.full(count, -1, np.int32)
+    stored[slots] = counts
+    if len(pages) == 0:
+        z = np.zeros(0, np.int64)
+        return nodes, NodeDisk(kind, stored, z, z, z, npages)
+    starts = np.cumsum(nrec[pages]) - nrec[pages]
+    lows = np.minimum.reduceat(slots, starts)
+    highs = np.maximum.reduceat(slots, starts)
+    o = np.argsort(lows)
+    if len(o) > 1 and (highs[o][:-1] >= lows[o][1:]).any():
+        raise _corrupt(kind, f"{name} pack pages hold overlapping ranges of slots")
+    size = _HEAD + (w + 2) * nent[pages] + _REC * nrec[pages]
+    return nodes, NodeDisk(kind, stored, lows[o], pages[o], size[o], npages)
+
+
+def lost_nodes(kind: Kind, arrays: Mapping[str, np.ndarray], lost_pages: Mapping[str, np.ndarray],
+               count: int) -> np.ndarray:
+    """Which slots of ``kind`` a repair loses when the pages marked in ``lost_pages`` are unreadable.
+
+    Format 4: a dense node whose own page is lost; and, if a pack page is lost, every slot without a
+    record outside the slot ranges of the readable pack pages (where the lost pages' records were).
+    Format 3's leaves: a lost own page loses its leaf, a lost stream page its whole group.  One node
+    per page: a lost page loses its node."""
+    out = np.zeros(count, bool)
+    if kind.pack_array not in arrays:
+        if kind is not LEAVES or GROUPS_ARRAY not in arrays:
+            lost = lost_pages.get(kind.old_array, np.zeros(0, bool))[:count]
+            out[:len(lost)] = lost
+            return out
+        lost = lost_pages[GROUPS_ARRAY]
+        ng = len(lost) // _SPAN
+        lost = lost[: ng * _SPAN].reshape(ng, _SPAN)
+        return (lost[:, :_GROUP] | lost[:, _GROUP:].any(axis=1)[:, None]).reshape(-1)[:count]
+    _, disk = load(kind, arrays, lost_pages)
+    stored = np.full(count, -1, np.int32)
+    stored[:min(count, len(disk.stored))] = disk.stored[:count]
+    dense_lost = lost_pages.get(kind.dense_array, np.zeros(0, bool))
+    marks = np.flatnonzero(stored == MARK)
+    marks = marks[marks < len(dense_lost)]
+    out[marks[dense_lost[marks]]] = True
+    pack_lost = lost_pages.get(kind.pack_array, np.zeros(0, bool)).any()
+    recs = np.flatnonzero(stored != -1)
+    if pack_lost and len(recs):
+        # the readable pages' slot ranges (each from its lowest to its highest record)
+        page_of = np.searchsorted(disk.keys, recs, "right") - 1
+        firsts = np.flatnonzero(np.diff(np.concatenate([[-1], page_of])) != 0)
+        cover = np.zeros(count + 1, np.int64)
+        np.add.at(cover, recs[firsts], 1)
+        np.add.at(cover, np.maximum.reduceat(recs, firsts) + 1, -1)
+        out |= (np.cumsum(cover)[:count] == 0) & (stored == -1)
+    elif pack_lost:
+        out[:] = True
+    return out
+
+
+# ---------------------------------------------------------------------------- format 3 (read only)
+
+_GROUP = 16
+_STREAM_HEAD = 8 + _GROUP * K.LEAF_ENTRIES // 8     # dense mask + 1,024 bytes of bitmap
+_SPAN = _GROUP + (_STREAM_HEAD + _GROUP * 192 * 8 + BLOCK - 1) // BLOCK
+_PAGE_WORDS = BLOCK // 8
+_SPAN_WORDS = _SPAN * _PAGE_WORDS
+_STREAM_WORD = _GROUP * _PAGE_WORDS
+_VALUES_WORD = _STREAM_WORD + _STREAM_HEAD // 8
+_CAPACITY = _SPAN_WORDS - _VALUES_WORD
+
+
+def _groups_from_disk(buf: np.ndarray) -> np.ndarray:
+    """Format 3's leaves: groups of 16 slots owning 23 pages each (16 own pages of dense leaves, then
+    a stream: a uint64 mask of the dense slots, a 1,024-byte bitmap of the sparse leaves' mapped
+    entries, their values)."""
+    ng = len(buf) // (_SPAN * BLOCK)
+    leaves = np.full((ng * _GROUP, K.LEAF_ENTRIES), K.UNMAPPED, np.uint64)
+    if ng == 0:
+        return leaves
+    words = buf[: ng * _SPAN * BLOCK].view(np.uint64).reshape(ng, _SPAN_WORDS)
+    dense_mask = words[:, _STREAM_WORD]
+    bad = np.flatnonzero(dense_mask >> np.uint64(_GROUP))
+    if len(bad):
+        raise _corrupt(LEAVES, f"leaf group {int(bad[0])}: dense-leaf mask {int(dense_mask[bad[0]]):#x} names slots "
+                       f"past {_GROUP}")
+    dense = ((dense_mask[:, None] >> np.arange(_GROUP, dtype=np.uint64)[None, :]) & np.uint64(1)).astype(bool)
+    heads = words[:, _STREAM_WORD + 1:_VALUES_WORD].view(np.uint8)
+    mask = np.unpackbits(heads, axis=1, bitorder="little").view(bool).reshape(ng, _GROUP, K.LEAF_ENTRIES)
+    clash = np.flatnonzero((mask.any(axis=2) & dense).any(axis=1))
+    if len(clash):
+        raise _corrupt(LEAVES, f"leaf group {int(clash[0])}: a dense leaf also has entries in the stream")
+    counts = mask.reshape(ng, -1).sum(axis=1)
+    if counts.max() > _CAPACITY:
+        g = int(np.argmax(counts))
+        raise _corrupt(LEAVES, f"leaf group {g}: {int(counts[g])} mapped entries do not fit its pages")
+    flat = words.reshape(-1)
+    idx = _ranges(np.arange(ng, dtype=np.int64) * _SPAN_WORDS + _VALUES_WORD, counts)
+    leaves.reshape(-1)[mask.reshape(-1)] = flat[idx]
+    own = np.flatnonzero(dense.reshape(-1))
+    if len(own):
+        leaves[own] = words[:, :_STREAM_WORD].reshape(ng * _GROUP, K.LEAF_ENTRIES)[own]
+    return leaves
