@@ -541,7 +541,7 @@ encoding the dirty leaf group about 170 us, the data space map's pages about 85 
 (allocating, checksumming and writing 11 pages in about 9 `pwrite` calls, page maps, the JSON directory,
 the superblock) about 210 us, freed-block bookkeeping about 45 us (metadata format 3).  With format 4 (sparse
 leaves as records, landed the same day) the same harness gave 0.67 ms: the leaf pages' encoding
-(`LeafDisk.updates`) about 340 us, the space map about 70 us, the store about 180 us; the last run
+(`LeafDisk.updates`, now `nodestore.NodeDisk.updates`) about 340 us, the space map about 70 us, the store about 180 us; the last run
 (load 3.9) measured CF1 at 2.19 ms against a floor of 0.61 ms (3.6x).  It writes 11 metadata pages (leaf group,
 space map, device record, a page-map page for each changed array, the directory) where the floor writes one.
 At a quiet moment a commit took 1.1 ms, of which the three flushes 0.54 ms (data 0.27 ms, pages 0.15 ms,
