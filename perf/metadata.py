@@ -13,7 +13,9 @@ counted from its metadata space map, every block with a reference):
 * sparse: random writes to 1/16 of the blocks of a volume 16 times as large as what is written;
 * very sparse: 100,000 random writes over a 100,000,000-block volume (about one mapping per
   512-block leaf range; the same in quick and full runs, as a volume cannot be 1,000 times 1M
-  blocks).
+  blocks);
+* many volumes: small volumes (containers) of 200 mappings each, at random in their first 800
+  blocks, as many as make the mappings.
 
 The ratio is ours / dm-thin's (target <= 1.5x).  Also: where our blocks go (per stored array).
 """
@@ -32,7 +34,7 @@ from .common import KiB, Row, Scratch, log, ratio_row
 BS = 64 * KiB
 VERY_SPARSE_WRITES = 100_000
 VERY_SPARSE_SPAN = 100_000_000
-SHAPES = {"dense": "a", "snapshots": "b", "sparse": "c", "very sparse": "d"}
+SHAPES = {"dense": "a", "snapshots": "b", "sparse": "c", "very sparse": "d", "many volumes": "e"}
 
 
 def _write(vol, blocks: np.ndarray) -> None:
@@ -51,6 +53,12 @@ def build(path: str, shape: str, n: int):
     spread = {"sparse": 16, "very sparse": VERY_SPARSE_SPAN // VERY_SPARSE_WRITES}.get(shape, 1)
     p = Pool.create(path, data_size=str((2 * n + 4096) * BS), block_size=BS, metadata_only=True,
                     metadata_size="4GiB")  # sparse: room for every shape
+    if shape == "many volumes":
+        with p.batch():
+            for i in range(n // 200):
+                _write(p.create_thin(f"c{i}", size=str(800 * BS)), np.sort(rng.choice(800, 200, replace=False)))
+        p.commit()
+        return p
     v = p.create_thin("v", size=str(spread * n * BS))
     if shape in ("sparse", "very sparse"):
         _write(v, np.sort(rng.choice(spread * n, n, replace=False)))

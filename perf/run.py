@@ -20,7 +20,7 @@ Rows (each prints measured values, the ratio, the target and pass/short):
   I7 fio over NBD -- a hook: perf/nbd.py, when it exists, provides run(scratch, full) -> rows
   M1 metadata blocks used per million mappings, ours vs the exported dm-thin metadata (perf/metadata.py):
      a dense volume, a volume + 10 snapshots with 1 % CoW each, random sparse writes (1 in 16), and
-     very sparse ones (100,000 over 100,000,000 blocks)
+     very sparse ones (100,000 over 100,000,000 blocks), many small volumes of 200 mappings
   A  rows anchored to the physical limit (perf/anchors.py; also `python -m perf.anchors [--docs]`):
      F1-F3 Thin.write_many / read_many(out=) vs fio psync --read_iolog of the same offsets,
      P1-P5 per-call write/read (first writes, overwrites, CoW break, depth 1 and 100) vs the Python loop,
