@@ -1,5 +1,6 @@
-"""Trace replay (thinpool/simulate/replayer.py) and `thinpool replay`: counters checked against an
-independent computation from the trace itself, data mode vs metadata-only, schedules, errors."""
+"""Trace replay (thinpool/simulate/replayer.py, replay_volume.py, replay_sources.py, schedule.py) and
+`thinpool replay`: counters checked against an independent computation from the trace itself, data
+mode vs metadata-only, schedules, errors."""
 
 from __future__ import annotations
 

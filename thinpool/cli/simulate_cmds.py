@@ -60,7 +60,7 @@ def _summary(result) -> None:
 def _every(value: str | None, what: str):
     if value is None:
         return None
-    from thinpool.simulate.replayer import Every
+    from thinpool.simulate.schedule import Every
     return Every.parse(value, what)
 
 
@@ -110,7 +110,7 @@ def replay_cmd(trace: str, fmt: str | None, block_size: int, data_size: int, vol
       thinpool replay run.iolog --metadata-only --snapshot-every 3600s --keep 24
       thinpool replay blk.txt --format blkparse --block-size 512K --json out.json --html out.html
     """
-    from thinpool.simulate.replayer import replay_file
+    from thinpool.simulate.replay_volume import replay_file
     result = replay_file(abspath(trace), pool_dir=abspath(pool_dir) if pool_dir else None, block_size=block_size,
                          data_size=data_size, volume_size=volume_size, metadata_only=metadata_only,
                          zero_new_blocks=not no_zero, error_if_no_space=error_if_no_space,

@@ -126,7 +126,7 @@ def replay_at(trace: str, block_size: int, volume_size: int, base_ranges: np.nda
     Returns its exclusive blocks, their bytes, and the replay's CoW counters."""
     from thinpool import Pool
     from thinpool.simulate import replay
-    from thinpool.simulate.replayer import ArrayTrace
+    from thinpool.simulate.replay_sources import ArrayTrace
     from thinpool.simulate.traces import OP_WRITE
 
     size = -(-volume_size // block_size) * block_size

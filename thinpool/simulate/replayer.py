@@ -4,25 +4,24 @@ commits at flushes and samples of the counters along the trace.
 The hot path is vectorised: a chunk (about a million records) is cut only where something must
 happen between two records -- a flush (dm-thin commits), a scheduled snapshot, a sample -- and every
 run between two cuts is one :func:`thinpool.thin.apply_io` call, whatever its length.  Records of
-several traces (a scenario's volumes) are merged by trace time, window by window.
+several traces (a scenario's volumes) arrive merged by trace time, window by window
+(:mod:`.replay_sources`); the entry points are in :mod:`.replay_volume` (one volume) and
+:mod:`.scenario` (several).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
-import os
 import sys
 import time as _time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
 from ..errors import InvalidArgument
-from ..thin import Thin, apply_io
-from ..units import parse_size
+from ..thin import apply_io
 from .results import COUNTERS, SERIES_COLUMNS, ReplayResult, Result, write_amplification
+from .schedule import Every, Target
 
 OP_READ, OP_WRITE, OP_DISCARD, OP_FLUSH = 0, 1, 2, 3
 #: I/Os between samples when no sampling interval is given: the interval starts here (or coarser for a
@@ -30,115 +29,6 @@ OP_READ, OP_WRITE, OP_DISCARD, OP_FLUSH = 0, 1, 2, 3
 #: MAX_AUTO_SAMPLES rows
 DEFAULT_SAMPLE_IOS = 256
 MAX_AUTO_SAMPLES = 512
-
-
-# --------------------------------------------------------------------------- traces given as arrays
-@dataclass(frozen=True)
-class Chunk:
-    """A chunk of trace records (the shape of :class:`thinpool.simulate.traces.TraceChunk`)."""
-
-    time: np.ndarray
-    op: np.ndarray
-    offset: np.ndarray
-    length: np.ndarray
-    volume: np.ndarray
-    line: np.ndarray
-
-
-class ArrayTrace:
-    """A trace held in numpy arrays (for notebooks and tests): the same interface as the trace readers'
-    ``Trace`` (``path``, ``format``, ``volumes``, ``chunks()``, ``bad_records``)."""
-
-    format = "arrays"
-    bad_records = 0
-
-    def __init__(self, op: Any, offset: Any, length: Any, time: Any = None, volume: Any = None, *,
-                 volumes: Sequence[str] = ("0",), path: str = "<arrays>", chunk_records: int = 1 << 20) -> None:
-        self.op = np.asarray(op, np.uint8)
-        n = len(self.op)
-        self.offset = np.asarray(offset, np.int64)
-        self.length = np.asarray(length, np.int64)
-        self.time = np.zeros(n) if time is None else np.asarray(time, np.float64)
-        self.volume = np.zeros(n, np.int32) if volume is None else np.asarray(volume, np.int32)
-        if not (len(self.offset) == len(self.length) == len(self.time) == len(self.volume) == n):
-            raise InvalidArgument("ArrayTrace: arrays of different lengths")
-        self.volumes = list(volumes)
-        self.path = path
-        self.chunk_records = max(1, int(chunk_records))
-
-    def chunks(self) -> Iterator[Chunk]:
-        for a in range(0, len(self.op), self.chunk_records):
-            b = a + self.chunk_records
-            yield Chunk(self.time[a:b], self.op[a:b], self.offset[a:b], self.length[a:b], self.volume[a:b],
-                        np.arange(a + 1, a + 1 + len(self.op[a:b]), dtype=np.int64))
-
-
-def expected_records(trace: Any) -> int:
-    """A rough record count of a trace before reading it (for the default sampling interval)."""
-    if hasattr(trace, "op"):
-        return len(trace.op)
-    try:
-        return os.path.getsize(trace.path) // 32  # text traces: about 30-40 bytes a record
-    except (OSError, AttributeError, TypeError):
-        return 0
-
-
-def open_trace(trace: Any, format: str | None = None, *, skip_bad: bool = False, blkparse_event: str = "Q"):
-    """A path (read by :mod:`thinpool.simulate.traces`) or an object with ``chunks()`` (used as is)."""
-    if hasattr(trace, "chunks"):
-        return trace
-    from . import traces
-    return traces.open_trace(os.fspath(trace), format, skip_bad=skip_bad, blkparse_event=blkparse_event)
-
-
-# --------------------------------------------------------------------------- schedules
-@dataclass(frozen=True)
-class Every:
-    """An interval along a trace: every ``ios`` records, or every ``seconds`` of trace time."""
-
-    ios: int | None = None
-    seconds: float | None = None
-
-    @classmethod
-    def parse(cls, value: Any, what: str) -> "Every | None":
-        """``10000`` / ``"10000"`` (I/Os) or ``"30s"`` / ``"1.5s"`` (trace seconds); None stays None."""
-        if value is None or isinstance(value, Every):
-            return value
-        if isinstance(value, bool):
-            raise InvalidArgument(f"{what}: expected a number of I/Os or seconds like '30s', got {value!r}")
-        if isinstance(value, int):
-            if value < 1:
-                raise InvalidArgument(f"{what}: must be at least 1 I/O, got {value}")
-            return cls(ios=value)
-        if isinstance(value, str):
-            text = value.strip()
-            if text.endswith("s"):
-                try:
-                    sec = float(text[:-1])
-                except ValueError:
-                    sec = float("nan")
-                if math.isfinite(sec) and sec > 0:
-                    return cls(seconds=sec)
-            elif text.replace("_", "").isdigit():
-                return cls.parse(int(text.replace("_", "")), what)
-        raise InvalidArgument(f"{what}: expected a number of I/Os or seconds like '30s', got {value!r}")
-
-    def as_text(self) -> str:
-        return f"{self.ios}" if self.ios is not None else f"{self.seconds:g}s"
-
-
-@dataclass
-class Target:
-    """One pool volume a trace drives, with its snapshot schedule and offset mapping."""
-
-    thin: Thin
-    snapshot_every: Every | None = None
-    keep: int | None = None
-    wrap: bool = False
-    offset_scale: float = 1.0
-    taken: list[str] = field(default_factory=list)
-    ios: int = 0
-    snaps: int = 0
 
 
 # --------------------------------------------------------------------------- the replayer
@@ -557,151 +447,3 @@ class _Progress:
         if self.p is not None:
             self.p.stop()
             self.p = None
-
-
-# --------------------------------------------------------------------------- merging several traces
-@dataclass
-class Source:
-    """A trace feeding the replay: its chunks, which target each of its volumes drives (-1: none),
-    and a time offset added to its records' times."""
-
-    trace: Any
-    volume_map: np.ndarray | None  #: trace volume index -> target index (-1: dropped); None: see all_to
-    time_offset: float = 0.0
-    index: int = 0
-    all_to: int = 0                #: with no volume_map, the target every record drives
-
-
-def windows(sources: list[Source]) -> Iterator[tuple[np.ndarray, ...]]:
-    """Windows of records of every source merged by trace time (stable: a source's records stay in
-    file order): (time, op, offset, length, target, line, source index)."""
-    iters = [iter(s.trace.chunks()) for s in sources]
-    pending: list[tuple[np.ndarray, ...] | None] = [None] * len(sources)
-    done = [False] * len(sources)
-    while True:
-        for k, s in enumerate(sources):
-            while not done[k] and (pending[k] is None or len(pending[k][0]) == 0):
-                try:
-                    ch = next(iters[k])
-                except StopIteration:
-                    done[k] = True
-                    break
-                vol = np.asarray(ch.volume, np.int64)
-                if s.volume_map is None:
-                    tgt = np.full(len(vol), s.all_to, np.int64)
-                else:
-                    if len(vol) and (vol.max() >= len(s.volume_map) or vol.min() < 0):
-                        raise InvalidArgument(f"trace {getattr(s.trace, 'path', '?')}: volume index out of range")
-                    tgt = s.volume_map[vol] if len(vol) else vol
-                keep = tgt >= 0
-                n = len(tgt)
-                parts = (np.asarray(ch.time, np.float64) + s.time_offset, np.asarray(ch.op, np.uint8),
-                         np.asarray(ch.offset, np.int64), np.asarray(ch.length, np.int64), tgt,
-                         np.asarray(ch.line, np.int64), np.full(n, s.index, np.int64))
-                if not keep.all():
-                    parts = tuple(p[keep] for p in parts)
-                pending[k] = parts
-        live = [p for p in pending if p is not None and len(p[0])]
-        if not live:
-            return
-        if len(live) == 1 and all(done[k] or pending[k] is live[0] for k in range(len(sources))):
-            k = next(i for i, p in enumerate(pending) if p is live[0])
-            pending[k] = None
-            yield live[0]
-            continue
-        # cut at the earliest "last time" among sources that may still have records after theirs
-        cut = min(float(p[0][-1]) for k, p in enumerate(pending) if p is not None and len(p[0]))
-        taken = []
-        for k, p in enumerate(pending):
-            if p is None or not len(p[0]):
-                continue
-            j = int(np.searchsorted(p[0], cut, side="right"))
-            if j:
-                taken.append(tuple(a[:j] for a in p))
-                pending[k] = tuple(a[j:] for a in p)
-        merged = tuple(np.concatenate([t[i] for t in taken]) for i in range(7))
-        order = np.argsort(merged[0], kind="stable")
-        yield tuple(a[order] for a in merged)
-
-
-# --------------------------------------------------------------------------- the library entry point
-def replay(pool, volume: str | Thin, trace: Any, *, format: str | None = None,
-           snapshot_every: int | str | Every | None = None, keep: int | None = None,
-           sample_every: int | str | Every | None = None, wrap: bool = False, offset_scale: float = 1.0,
-           skip_bad: bool = False, blkparse_event: str = "Q", commit_on_flush: bool = True,
-           on_no_space: str = "skip",
-           pattern: np.ndarray | None = None, progress: bool | None = None,
-           params: dict | None = None) -> ReplayResult:
-    """Replay ``trace`` (a path, or an object with ``chunks()`` such as :class:`ArrayTrace`) into the
-    volume ``volume`` of an open ``pool``; every record of the trace goes to that volume.
-
-    ``snapshot_every``: snapshot the volume every N I/Os (``10000``) or T seconds of trace time
-    (``"60s"``), keeping the last ``keep`` (older ones are deleted; None keeps all).
-    ``sample_every``: the time series' interval (default every 10,000 I/Os).  ``wrap``: offsets past the
-    volume's end wrap around (else the first such record is an error naming its file and line);
-    ``offset_scale`` multiplies every offset first.  ``blkparse_event``: which blkparse events are the
-    records (``"Q"`` queued, ``"D"`` issued, ``"C"`` completed).  Flushes commit (dm-thin commits on REQ_PREFLUSH)
-    unless ``commit_on_flush=False``.  A write that finds no data space fails alone and counts in
-    ``enospc_events`` if the pool has ``error_if_no_space``; otherwise (dm-thin's default,
-    queue_if_no_space) it waits in trace time -- counted in ``queued_writes`` -- and is retried when a
-    commit finds free blocks, or fails once the pool's ``no_space_timeout`` of trace time has passed
-    since it ran out (``on_no_space="raise"`` raises NoSpace instead).  In read-only and
-    out-of-metadata-space modes writes that need a block fail alone (``eio_events``), scheduled
-    snapshots are refused (``snapshots_failed``).  ``pattern``: the bytes writes
-    store in a pool with a data file (zeroes by default).  ``progress``: a rich progress bar on a
-    terminal.  Returns a :class:`~thinpool.simulate.results.ReplayResult`.
-    """
-    thin = volume if isinstance(volume, Thin) else pool.thin(volume)
-    tr = open_trace(trace, format, skip_bad=skip_bad, blkparse_event=blkparse_event)
-    keep = _check_keep(keep)
-    target = Target(thin, Every.parse(snapshot_every, "snapshot_every"), keep, bool(wrap), float(offset_scale))
-    if target.snapshot_every is None and keep is not None:
-        raise InvalidArgument("keep needs a snapshot schedule (snapshot_every)")
-    src = Source(tr, None)
-    r = Replayer(pool, [target], sample_every=Every.parse(sample_every, "sample_every"),
-                 commit_on_flush=commit_on_flush, on_no_space=on_no_space, pattern=pattern, progress=progress,
-                 paths=[str(getattr(tr, "path", "<trace>"))], expected_records=expected_records(tr))
-    try:
-        for w in windows([src]):
-            r.feed(*w)
-    finally:
-        r.close()
-    p = dict(trace=str(getattr(tr, "path", "<trace>")), format=getattr(tr, "format", None), volume=thin.name,
-             block_size=pool.block_size, snapshot_every=target.snapshot_every.as_text() if target.snapshot_every else None,
-             keep=keep, metadata_only=bool(getattr(pool, "metadata_only", False)))
-    p.update(params or {})
-    return r.finish(ReplayResult, p, bad_records=int(getattr(tr, "bad_records", 0) or 0))  # type: ignore[return-value]
-
-
-def _check_keep(keep: Any) -> int | None:
-    if keep is None:
-        return None
-    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
-        raise InvalidArgument(f"keep must be a non-negative number of snapshots, got {keep!r}")
-    return keep
-
-
-def replay_file(trace: Any, *, pool_dir: str | None = None, block_size: int | str = "64KiB",
-                data_size: int | str = "64GiB", volume_size: int | str | None = None, metadata_only: bool = False,
-                zero_new_blocks: bool = True, error_if_no_space: bool = False, no_space_timeout: float = 60.0,
-                **kw: Any) -> ReplayResult:
-    """:func:`replay` into the volume ``vol`` of a fresh pool: in ``pool_dir`` (which must not exist or be
-    empty; kept afterwards) or in a temporary directory removed afterwards.  ``volume_size`` defaults to
-    the data size.  The pool queues writes that find no space (dm-thin's default; ``no_space_timeout``
-    seconds of trace time) unless ``error_if_no_space``.  The other keywords are :func:`replay`'s."""
-    import tempfile
-
-    from ..pool import Pool
-    data_size = parse_size(data_size, "data size")
-    vsize = parse_size(volume_size, "volume size") if volume_size is not None else data_size
-    params = dict(data_size=data_size, volume_size=vsize, zero_new_blocks=zero_new_blocks,
-                  error_if_no_space=bool(error_if_no_space), no_space_timeout=float(no_space_timeout))
-    with contextlib.ExitStack() as stack:
-        if pool_dir is None:
-            pool_dir = os.path.join(stack.enter_context(tempfile.TemporaryDirectory(prefix="thinpool-replay-")), "pool")
-        pool = Pool.create(pool_dir, data_size=data_size, block_size=block_size, metadata_only=metadata_only,
-                           zero_new_blocks=zero_new_blocks, error_if_no_space=error_if_no_space,
-                           no_space_timeout=no_space_timeout)
-        with pool:
-            pool.create_thin("vol", vsize)
-            return replay(pool, "vol", trace, params=params, **kw)

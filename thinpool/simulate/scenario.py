@@ -22,7 +22,9 @@ import numpy as np
 from ..errors import InvalidArgument
 from ..rules import check_block_size
 from ..units import parse_size
-from .replayer import Every, Replayer, Source, Target, expected_records, open_trace, windows
+from .replay_sources import Source, expected_records, open_trace, windows
+from .replayer import Replayer
+from .schedule import Every, Target
 from .results import Result
 
 # key -> (kind, default); kinds: size, bool, int, float, str, every, choice:<a|b>

@@ -106,7 +106,8 @@ def _warm_kernels() -> None:
 
     import numpy as np
 
-    from .replayer import ArrayTrace, replay_file
+    from .replay_sources import ArrayTrace
+    from .replay_volume import replay_file
     with tempfile.TemporaryDirectory(prefix="thinpool-warm-") as d:
         replay_file(ArrayTrace(np.ones(1, np.uint8), [0], [4096]), pool_dir=os.path.join(d, "p"),
                     data_size="1MiB", metadata_only=True)
