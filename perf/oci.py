@@ -1,5 +1,4 @@
-"""O1-O2, O5-O6: unpacking an image layer -- ``thinpool.containers.oci`` + ``oci_apply`` vs ``umoci unpack``; and
-importing the image onto a thin pool (``thinpool image import``) vs ``umoci unpack``.
+"""O1-O2: unpacking an image layer -- ``thinpool.containers.oci`` + ``oci_apply`` vs ``umoci unpack``.
 
     python -m perf.oci [--full] [--docs] [--json OUT]
 
@@ -12,16 +11,11 @@ interleaved repeats (medians; 3, --full 5), the same layer is unpacked into a fr
   the diff ID checked on the way, every path resolved from the root with ``O_NOFOLLOW``;
 * ``umoci unpack --image DIR:tag BUNDLE`` (which also checks digests, and writes a runtime config and
   an mtree manifest of the rootfs besides -- it does more than an unpack);
-* ``tar -xzf BLOB -C DIR`` (GNU tar + gzip, no checks): the floor;
-* (as root, when nbdfuse is there) ``image_store.import_image`` onto a fresh pool (created untimed): a
-  10 GiB base thin device made with mkfs.ext4 as Docker does, then the layer applied through the mounted
-  ext4 on a snapshot served over NBD (nbdfuse + loop device), unmounted and committed -- what
-  ``thinpool image import`` does.
+* ``tar -xzf BLOB -C DIR`` (GNU tar + gzip, no checks): the floor.
 
 O1/O2 ratio = thinpool unpack / umoci wall time (target <= 1.5: the reader must not make an import slower
-than the tool people use to unpack such images).  O5/O6 ratio = the whole import onto the pool / umoci
-unpack of the same archive (target <= 3: the import also makes a filesystem and writes through the NBD
-and FUSE layers).  ``--docs`` rewrites this section of docs/performance.md
+than the tool people use to unpack such images).  Importing these images onto a thin pool (``thinpool
+image import``) is perf.image_import's O5-O6.  ``--docs`` rewrites this section of docs/performance.md
 between its markers, nothing else.
 """
 
@@ -39,7 +33,6 @@ from .common import (Row, Scratch, docs_head, finish, interleave, log, machine, 
 SECTION_BEGIN = "<!-- oci: begin (written by `python -m perf.oci --docs`) -->"
 SECTION_END = "<!-- oci: end -->"
 TARGET = 1.5
-IMPORT_TARGET = 3.0
 
 
 def build_image(scratch: Scratch, name: str, fill) -> tuple[str, int, int]:
@@ -113,23 +106,7 @@ def sides(scratch: Scratch, img: str) -> dict:
         scratch.remove(d)
         return t
 
-    out = {"thinpool": ours, "umoci": umoci, "tar": tar}
-    from thinpool.containers.realfs import problems
-    if not problems():
-        out["import"] = lambda _r: _import_once(scratch, img)
-    return out
-
-
-def _import_once(scratch: Scratch, img: str) -> float:
-    """One ``import_image`` of the archive onto a fresh pool (creating the pool is not timed)."""
-    from thinpool import Pool
-    from thinpool.containers.image_store import import_image
-    from .common import timed
-    path = scratch.path("pool")
-    Pool.create(path, data_size="64GiB", block_size="64KiB").close()
-    t = timed(lambda: import_image(path, img, ref="v1", base_size="10G"))
-    scratch.remove(path)
-    return t
+    return {"thinpool": ours, "umoci": umoci, "tar": tar}
 
 
 def run(full: bool) -> tuple[list[Row], dict]:
@@ -148,15 +125,6 @@ def run(full: bool) -> tuple[list[Row], dict]:
                                   f"{nbytes / 2**20:.0f} MiB): thinpool / umoci unpack", f"<= {TARGET}",
                                   t["thinpool"] / t["umoci"], thinpool_s=t["thinpool"], umoci_s=t["umoci"],
                                   tar_s=t["tar"], MiB_per_s=nbytes / 2**20 / t["thinpool"]))
-        for key, title in (("O5", "O1's image"), ("O6", "O2's image")):
-            t = detail["O1" if key == "O5" else "O2"]
-            if "import" not in t:
-                log(f"{key}: skipped -- image import needs root, /dev/fuse and nbdfuse")
-                continue
-            rows.append(ratio_row(key, f"thinpool image import of {title} onto a fresh pool (10 GiB ext4 base "
-                                  "made, layer applied through the mount) / umoci unpack", f"<= {IMPORT_TARGET}",
-                                  t["import"] / t["umoci"], import_s=t["import"], umoci_s=t["umoci"],
-                                  unpack_s=t["thinpool"]))
     return rows, detail
 
 
@@ -176,11 +144,9 @@ def main(argv: list[str] | None = None) -> int:
                 "shared): a one-layer gzip image made by umoci, unpacked into a fresh directory by "
                 "`thinpool.containers.oci` + `oci_apply.apply_layer` (blob digest and diff ID checked, every "
                 "path resolved from the root with O_NOFOLLOW), by `umoci unpack` (digests checked; also writes "
-                "a runtime config and an mtree manifest) and by `tar -xzf` (no checks); O5/O6 (O3-O4 are perf/image_import.py's): `thinpool image "
-                "import` of the same archive onto a fresh pool (a 10 GiB base thin device made with mkfs.ext4 as "
-                "Docker does, the layer applied through the mounted ext4 of a snapshot served over NBD, nbdfuse "
-                "and a loop device, unmounted and committed) against the same umoci unpack; "
-                f"{detail['repeats']} interleaved repeats (medians of wall seconds). Ratio = thinpool / umoci.\n\n"
+                "a runtime config and an mtree manifest) and by `tar -xzf` (no checks); "
+                f"{detail['repeats']} interleaved repeats (medians of wall seconds). Ratio = thinpool / umoci. "
+                "Importing the same images onto a thin pool is O5-O6 (\"Importing an image\").\n\n"
                 + rows_table_md(rows) + "\n")
     return finish(args, rows, detail, mach, SECTION_BEGIN, SECTION_END, body)
 

@@ -28,6 +28,10 @@ Rows (each prints measured values, the ratio, the target and pass/short):
   X1-X4 exported metadata keeps btree sharing: `python -m perf.sharing [--docs]` (its own section)
   T1-T5 trace parsing records/s per format, and what `serve --record` costs a request:
      `python -m perf.traces [--docs]` (its own section)
+  O1-O2 unpacking one image layer into a directory vs `umoci unpack` and `tar -xzf`:
+     `python -m perf.oci [--docs]` (its own section)
+  O3-O6 importing an image onto a thin pool (and an overlay2-style store) vs `umoci unpack`, as root:
+     `python -m perf.image_import [--docs]` (its own section)
 
 Writes perf/results/<date>.json, docs/performance.md and docs/perf-*.png.
 """
