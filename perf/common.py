@@ -279,6 +279,11 @@ def missing_msg(name: str) -> str:
     return f"peer '{name}' not found: install it with `apt-get install {pkg}` (the test command does the same)"
 
 
+def missing_row(key: str, title: str, tool: str) -> Row:
+    """A row that could not be measured because the peer ``tool`` is not installed."""
+    return Row(key, title, {}, None, "", "missing", note=missing_msg(tool))
+
+
 def tool_version(name: str) -> str:
     path = find_tool(name)
     if not path:

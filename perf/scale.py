@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         scale = args.scale if args.scale is not None else (1.0 if args.full else 0.01)
         if not 0 < scale <= 1:
             ap.error("--scale must be in (0, 1]")
-        from .run import byte_compile
+        from .cli_rows import byte_compile
         byte_compile()  # as `pip install` leaves the package: the CLI processes do not recompile it
         load = os.getloadavg()
         with Scratch() as sc:
