@@ -519,7 +519,7 @@ side by side, min of 9 x 20,000 calls): `Thin.write` of bytes 2.76 us -> 2.06 us
 0.97 us; `Thin.read` 1.80 us -> 0.96 us against `os.pread` 0.72 us.  The pieces: numba's dispatcher resolves the type of every argument on each call
 (0.35-0.45 us for the 8 arguments of `write_one`, more than the kernel's own work besides the system call) --
 the bytes paths now call the compiled entry points bound once to their exact argument types
-(`KernelContext.bind_kernels`, 0.2 us); `np.frombuffer` of the bytes (0.35 us) -- an overwrite of one
+(`KernelContext.bind_locate/bind_write_one`, 0.2 us); `np.frombuffer` of the bytes (0.35 us) -- an overwrite of one
 provisioned, unshared block is now located by a small kernel (`kernels.locate`) and written by `os.pwrite`
 from the bytes as given; for reads, a numpy scalar index for the size check (0.2-0.3 us) and `np.empty` +
 `tobytes` (0.3 us) -- the kernel checks the range and a one-block read is one slice of the data file's map

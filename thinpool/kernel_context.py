@@ -88,7 +88,7 @@ class KernelContext:
         self._tab_arrays: tuple = ()
         self._tab_st: Any = None
         self._tab_epoch = -1
-        self.locate_fn: Any = None  # kernels.locate compiled for this context's arrays (see bind_kernels)
+        self.locate_fn: Any = None  # kernels.locate compiled for this context's arrays (see bind_locate)
         self.write_one_fn: Any = None  # the same for kernels.write_one
 
     def refresh(self, *, devs_i: np.ndarray, devs_dirty: set[int], st: np.ndarray, nodes_map: Any,
@@ -97,21 +97,30 @@ class KernelContext:
         self.devs_i, self.devs_dirty, self.st, self.nodes_map, self.space = devs_i, devs_dirty, st, nodes_map, space
         self.locate_fn = self.write_one_fn = None  # the device table's type may differ (read-only): bind again
 
-    def bind_kernels(self) -> tuple[Callable[..., int], Callable[..., tuple[int, int]]]:
-        """(:func:`kernels.locate`, :func:`kernels.write_one`) compiled for exactly the argument types
-        the per-call fast paths of :mod:`thinpool.thin` pass -- this context's kernel table and device
-        table, int64 scalars, a bool (locate), a read-only uint8 buffer (write_one: a ``bytes``' view) --
-        as their compiled entry points, which skip the dispatcher's type resolution (about half the
-        cost of calling a kernel).  Only those fast paths call them, with exactly those types (offsets
-        and lengths bounded below 2**62); :meth:`refresh` unbinds them."""
+    def bind_locate(self) -> Callable[..., int]:
+        """:func:`kernels.locate` compiled for exactly the argument types the per-call fast paths of
+        :mod:`thinpool.thin` pass -- this context's kernel table and device table, int64 scalars, a
+        bool -- as its compiled entry point, which skips the dispatcher's type resolution (about half
+        the cost of calling a kernel).  Only those fast paths call it, with exactly those types (offsets
+        and lengths bounded below 2**62); :meth:`refresh` unbinds it.  Each kernel is bound when first
+        needed, so a process that only reads never compiles ``write_one``."""
         from numba import typeof, types
 
         from . import kernels
         tab, devs, i64 = typeof(self.table()), typeof(self.devs_i), types.int64
         self.locate_fn = kernels.locate.compile((tab, devs, i64, i64, i64, types.boolean))
+        return self.locate_fn
+
+    def bind_write_one(self) -> Callable[..., tuple[int, int]]:
+        """:func:`kernels.write_one` bound as :meth:`bind_locate` binds ``locate``, for a read-only
+        uint8 buffer (a ``bytes``' view) and int64 scalars."""
+        from numba import typeof, types
+
+        from . import kernels
+        tab, devs, i64 = typeof(self.table()), typeof(self.devs_i), types.int64
         self.write_one_fn = kernels.write_one.compile((tab, devs, i64, typeof(np.frombuffer(b"", np.uint8)), i64,
                                                        i64, i64, i64))
-        return self.locate_fn, self.write_one_fn
+        return self.write_one_fn
 
     def table(self) -> np.ndarray:
         """(address, length) rows of the arrays :func:`kernels.write_one` / ``read_one`` use, rebuilt

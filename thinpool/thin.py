@@ -253,14 +253,14 @@ class Thin:
                     else:
                         ofd, osize = _NO_ORIGIN
                         if fd >= 0:
-                            pos = (ctx.locate_fn or ctx.bind_kernels()[0])(tab, ctx.devs_i, slot, offset, n, True)
+                            pos = (ctx.locate_fn or ctx.bind_locate())(tab, ctx.devs_i, slot, offset, n, True)
                             if pos >= 0:
                                 try:
                                     if os.pwrite(fd, data, pos) == n:
                                         return n
                                 except OSError:
                                     pass  # write_one writes it again and reports the error
-                    code, need = (ctx.write_one_fn or ctx.bind_kernels()[1])(tab, ctx.devs_i, slot,
+                    code, need = (ctx.write_one_fn or ctx.bind_write_one())(tab, ctx.devs_i, slot,
                                                                               np.frombuffer(data, _U8), fd, offset,
                                                                               ofd, osize)
                     if code == 0:  # OK
@@ -465,7 +465,7 @@ class Thin:
                     k = _KERNELS or _k()
                     data = ctx.data
                     if data.fd >= 0 and not ctx.origins.by_key:
-                        pos = (ctx.locate_fn or ctx.bind_kernels()[0])(ctx.table(), ctx.devs_i, slot, offset, length,
+                        pos = (ctx.locate_fn or ctx.bind_locate())(ctx.table(), ctx.devs_i, slot, offset, length,
                                                                     False)
                         if pos >= 0:
                             return data.mm[pos:pos + length]

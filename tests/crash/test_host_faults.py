@@ -767,7 +767,8 @@ def test_out_of_metadata_space_has_a_way_out(tmp_path):
     """Fill the metadata until the pool is out of metadata space; `delete` is refused; growing the
     metadata (library and CLI) returns the pool to write mode, then delete and write work again."""
     path = str(tmp_path / "p")
-    pool = Pool.create(path, data_size="256M", metadata_size="256K")
+    # data enough for metadata to run out first (16 blocks per volume)
+    pool = Pool.create(path, data_size="4G", metadata_size="256K", error_if_no_space=True)
     i = 0
     with pytest.raises(ReadOnly, match="out of metadata space"):
         while True:

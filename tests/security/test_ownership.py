@@ -107,6 +107,11 @@ def test_take_over_data_failed_restore_leaves_nothing_and_keeps_the_owner(src, t
     with Pool.open(path) as pool:  # every snapshot its own leaf: a restore keeps sharing, so make none
         for i in range(30):
             pool.thin(f"s{i}").write(i * 65536, b"!")
+        # and enough of them dense (a whole 16 MiB volume mapped) that 256K of metadata cannot hold them
+        pool.create_thin("w", "16MiB").write(0, b"\x01" * (16 * MB))
+        for i in range(80):
+            pool.snapshot("w", f"w{i}")
+            pool.thin(f"w{i}").write(i * 65536, b"!")
     invoke("dump", path, "-o", tmp_path / "x.xml")
     new = tmp_path / "NEW"
     r = invoke("restore", new, "-i", tmp_path / "x.xml", "--data-file", path / "data", "--metadata-size", "256K",
