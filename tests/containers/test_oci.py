@@ -20,7 +20,7 @@ import tarfile
 
 import pytest
 
-from tests.containers.oci_images import build_test_images, run, snapshot, xattrs_ok  # noqa: F401 (shared helpers)
+from tests.containers.oci_images import build_test_images, layer_tar, run, snapshot, xattrs_ok  # noqa: F401 (shared helpers)
 from tests.support import require_root
 from thinpool.containers.oci import open_image
 from thinpool.containers.oci_tar import MAX_TAR_HEADER_BYTES, WHITEOUT, iter_tar_entries
@@ -278,25 +278,8 @@ def test_oci_rule_oversized_json_refused_before_reading(tmp_path) -> None:
 # -- hostile layers -------------------------------------------------------------------------------
 
 def _tar(members: list[tuple]) -> io.BytesIO:
-    """A layer tar from (name, kind, data-or-target[, mode]) tuples."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
-        for name, kind, arg, *rest in members:
-            ti = tarfile.TarInfo(name)
-            ti.mode = rest[0] if rest else 0o644
-            if kind == "file":
-                ti.size = len(arg)
-                t.addfile(ti, io.BytesIO(arg))
-                continue
-            ti.type = {"dir": tarfile.DIRTYPE, "sym": tarfile.SYMTYPE, "link": tarfile.LNKTYPE,
-                       "chr": tarfile.CHRTYPE}[kind]
-            if kind in ("sym", "link"):
-                ti.linkname = arg
-            if kind == "chr":
-                ti.devmajor, ti.devminor = 1, 3
-            t.addfile(ti)
-    buf.seek(0)
-    return buf
+    """A layer tar from (name, kind, data-or-target[, mode]) tuples (:func:`oci_images.layer_tar`)."""
+    return io.BytesIO(layer_tar(members))
 
 
 @pytest.fixture
