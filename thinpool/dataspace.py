@@ -36,7 +36,7 @@ import numpy as np
 
 from . import schema as K
 from .errors import MetadataCorrupt
-from .mdstore import BLOCK, PageUpdates
+from .mdpages import BLOCK, PageUpdates
 
 #: data blocks per 4 KiB page of the two-bit bitmap (``data_sm``)
 SM_PER_PAGE = BLOCK * 4
@@ -136,7 +136,7 @@ class DataSpaceMap:
 
     def disk_updates(self, committed_locs: Mapping[str, Any]) -> dict[str, PageUpdates]:
         """The space map's changed pages for a commit: the bitmap and overflow pages that cover the
-        count pages changed in this transaction, as :class:`~thinpool.mdstore.PageUpdates`.  A page
+        count pages changed in this transaction, as :class:`~thinpool.mdpages.PageUpdates`.  A page
         that is all zeroes is left out, or released (``dead``) if it is stored; ``committed_locs``
         (the store's page locations by array name) says which pages are stored.  After a load of a
         format-1 pool, every page is rebuilt and the old ``data_rc`` array is dropped."""

@@ -28,7 +28,9 @@ from typing import Any, Iterator, NamedTuple
 
 from . import pooldir, rules, safe_output
 from .errors import AlreadyExists, FullOpenRequired, InvalidArgument, NotFound, ReadOnly  # noqa: F401 (API)
-from .mdstore import BLOCK, MetadataSpaceExhausted, MetadataStore, PagedArray, PageUpdates
+from .errors import MetadataSpaceExhausted
+from .mdpages import BLOCK, PagedArray, PageUpdates
+from .mdstore import MetadataStore
 from .rules import MAX_DEV_ID, new_catalog_entry, pick_dev_id  # noqa: F401 (the pool's id rules)
 from .schema import (DEV_CREATION_TIME, DEV_FIELDS, DEV_FLAGS, DEV_ID, DEV_MAPPED, DEV_RECORD, DEV_SIZE,
                      DEV_SNAP_TIME, DEV_TRANSACTION, DevFlag, Mode)

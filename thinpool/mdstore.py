@@ -1,4 +1,7 @@
-"""The metadata file and its transaction manager: the only place that knows about shadowing on disk.
+"""The metadata file and its transaction manager: with its two parts, the only place that knows about
+shadowing on disk.  The parts: :mod:`thinpool.mdpages` (4 KiB pages, CRC-32C, the superblock's layout
+constants, :class:`~thinpool.mdpages.PagedArray` and :class:`~thinpool.mdpages.PageUpdates`) and
+:mod:`thinpool.mdspace` (which metadata blocks are used or protected, allocation of fresh ones).
 
 The pool's persistent state is a handful of arrays held in memory (block-map nodes, reference
 counts, the device table, a small JSON catalog).  This module stores them in a fixed-size file of
@@ -18,7 +21,7 @@ everything it reaches intact, so :meth:`MetadataStore.load` yields exactly the l
 newest older one that still verifies).  Every block read is checked; a mismatch raises
 :class:`~thinpool.errors.MetadataCorrupt` naming the structure and block.
 
-The store is plain Python (``array``, ``bytearray``, ``memoryview``; no numpy) so that a command which
+The store and its parts are plain Python (``array``, ``bytearray``, ``memoryview``; no numpy) so that a command which
 touches only a few pages -- ``status``, ``ls``, ``snapshot`` through :mod:`thinpool.devtable` -- loads
 only those: :meth:`MetadataStore.load` takes the names of the arrays to read, and
 :meth:`MetadataStore.read_pages` reads single pages.  Arrays come back as writable buffers
@@ -30,139 +33,21 @@ from __future__ import annotations
 
 import errno
 import json
-import mmap
 import os
 import struct
-import sys
 from array import array
 from typing import Any, Iterable, Sequence
 
 from . import pooldir
 from .errors import HostIOError, MetadataCorrupt, MetadataSpaceExhausted, ReadOnly
 from .hostio import sync_or_fail, write_all
+from .mdpages import (_HI, _LO, _SB_HEADER, BLOCK, FORMAT_VERSION, MAGIC, PM_ENTRIES, READABLE_VERSIONS,
+                      SUPERBLOCKS, Buffer, _crc32c, _zeroed, checksum)
+from .mdspace import _PROTECTED, _USED, MetadataSpace, _mark, _zeros
 
-
-def _crc32c_function() -> Any:
-    """The ``crc32c`` package's C function (hardware CRC-32C).
-
-    ``import crc32c`` runs the package's ``__init__``, which imports ``importlib.metadata`` (and with it
-    email, zipfile, argparse...) only to set ``__version__``: about 25 ms, a sixth of what a whole
-    ``thinpool status`` costs.  So the extension module is loaded by itself when it is where that
-    package keeps it; anything unexpected falls back to the plain import."""
-    import importlib.machinery
-    import importlib.util
-    try:
-        spec = importlib.util.find_spec("crc32c")  # locates the package without running it
-        for folder in (spec.submodule_search_locations or []) if spec else []:
-            for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-                path = os.path.join(folder, "_crc32c" + suffix)
-                if os.path.isfile(path):
-                    ext = importlib.util.spec_from_file_location("crc32c._crc32c", path)
-                    if ext is None or ext.loader is None:
-                        continue
-                    module = importlib.util.module_from_spec(ext)
-                    ext.loader.exec_module(module)
-                    return module.crc32c
-    except (ImportError, OSError, AttributeError):
-        pass
-    import crc32c
-    return crc32c.crc32c
-
-
-_crc32c = _crc32c_function()
-
-BLOCK = 4096
-MAGIC = b"TPOOLMD1"
-#: the superblock's format version: 2 since the data space map is stored as a two-bit bitmap plus
-#: overflow counts (:mod:`thinpool.dataspace`), 3 since the leaves are stored in groups without their
-#: holes, 4 since sparse leaves are records packed across pages, 5 since inner nodes are too
-#: (:mod:`thinpool.nodestore`); the store's own layout is the same in 1 to 5, so all are read (the
-#: pool tells the layouts apart by their arrays' names)
-FORMAT_VERSION = 5
-READABLE_VERSIONS = (1, 2, 3, 4, 5)
-PM_ENTRIES = BLOCK // 8
-_SB_HEADER = struct.Struct("<I8sIQI")  # crc, magic, version, generation, json length
-SUPERBLOCKS = 2
-_USED = 1       # state bit: reachable from the current (uncommitted) state
 #: the committed header's fields a held metadata snapshot keeps (its superblock copy)
 HELD_SUPERBLOCK_FIELDS = ("time", "transaction_id", "needs_check")
-_PROTECTED = 2  # state bit: reachable from the last commit or from the held metadata snapshot
-_PROTECT_USED = bytes(3 if x & _USED else 0 for x in range(256))  # after a commit: protected := used
 _IOV_MAX = 1024
-_HI, _LO = (1, 0) if sys.byteorder == "little" else (0, 1)  # uint32 halves of a block<<32|crc location
-
-
-def checksum(page: Any) -> int:
-    """CRC-32C of a 4 KiB page (the metadata's only checksum)."""
-    return _crc32c(page)
-
-
-def _ints(xs: Any) -> list[int]:
-    """A list of Python ints from a list, range or numpy array."""
-    return xs.tolist() if hasattr(xs, "tolist") else [int(x) for x in xs]
-
-
-#: what the store returns for an array: a writable buffer of its bytes
-Buffer = bytearray | mmap.mmap
-
-
-def _zeroed(n: int) -> Buffer:
-    """A writable zero-filled buffer of ``n`` bytes.  Big ones are anonymous memory maps: their pages
-    are zero until touched, so reading 100 MB of pages into one costs no memset beforehand."""
-    if n < 1 << 20:
-        return bytearray(n)
-    return mmap.mmap(-1, n)
-
-
-def _mark(state: bytearray, blocks: Iterable[int], bits: int) -> None:
-    n = len(state)
-    for b in blocks:
-        if 0 < b < n:
-            state[b] |= bits
-
-
-
-def _zeros(state: bytearray) -> int:
-    """Free blocks of a state: its zero bytes (numpy's count when a caller loaded numpy: 40x faster
-    than ``bytearray.count`` on a large metadata file; this module itself stays without numpy)."""
-    np = sys.modules.get("numpy")
-    if np is None:
-        return state.count(0)
-    return len(state) - int(np.count_nonzero(np.frombuffer(state, np.uint8)))
-
-class PagedArray:
-    """How the pool hands one array to the store.
-
-    ``data`` is the array's bytes (any C-contiguous buffer -- a numpy array, a bytearray -- whose
-    length is a multiple of 4 KiB); ``dirty`` the page indices changed since the last commit; ``dead``
-    the subset of those pages that are no longer used (their blocks are released instead of written).
-    """
-
-    def __init__(self, data: Any, dirty: Any, dead: Any = ()) -> None:
-        self.data = memoryview(data).cast("B")
-        self.npages = len(self.data) // BLOCK
-        self.dirty = _ints(dirty)
-        self.dead = _ints(dead)
-
-    def page(self, i: int) -> memoryview:
-        return self.data[i * BLOCK:(i + 1) * BLOCK]
-
-
-class PageUpdates:
-    """A few changed pages of an array whose other pages stay as committed (the array is not
-    loaded whole; see :class:`thinpool.devtable.DeviceTable`)."""
-
-    def __init__(self, npages: int, pages: dict[int, bytes | bytearray], dead: Iterable[int] = ()) -> None:
-        """``pages``: page index -> its new 4 KiB; ``dead``: pages released (read as zeroes after)."""
-        if any(len(p) != BLOCK for p in pages.values()):
-            raise ValueError("a page update must be exactly one 4 KiB page")
-        self.npages = npages
-        self._pages = dict(pages)
-        self.dead = sorted(set(dead) - set(pages))
-        self.dirty = sorted(set(pages) | set(self.dead))
-
-    def page(self, i: int) -> bytes | bytearray:
-        return self._pages[i]
 
 
 class FileIO:
@@ -173,7 +58,7 @@ class FileIO:
     fdatasync = staticmethod(os.fdatasync)
 
 
-class MetadataStore:
+class MetadataStore(MetadataSpace):
     """A metadata file of ``nr_blocks`` 4 KiB blocks holding paged arrays, committed atomically."""
 
     #: the write path (class-level so a test can swap it for every store it opens)
@@ -448,58 +333,7 @@ class MetadataStore:
         npages = {k: int(v) for k, v in held["pages"].items()}
         locs = self._load_locs(pm_locs, npages)
         return {name: self._gather(l, f"held {name}") for name, l in locs.items()}
-
-    @property
-    def state(self) -> bytearray:
-        """Per metadata block, whether the current state (_USED) or the last commit or the held
-        snapshot (_PROTECTED) uses it."""
-        if self._state is None:
-            state = bytearray(self.nr_blocks)
-            state[:SUPERBLOCKS] = bytes([_USED]) * SUPERBLOCKS
-            for arr in list(self.locs.values()) + list(self.pm_locs.values()) + [self.dir_locs]:
-                _mark(state, (loc >> 32 for loc in arr), _USED)
-            self._state = self._protected(state)
-        return self._state
-
-    def _protected(self, state: bytearray) -> bytearray:
-        """``state`` after a commit: what is used is what the committed state (and the held one) uses."""
-        out = bytearray(state.translate(_PROTECT_USED))
-        _mark(out, self.held_blocks, _PROTECTED)
-        return out
-
-    def blocks_in_use(self) -> list[int]:
-        """Metadata blocks reachable from the current state (superblocks included)."""
-        return [b for b, s in enumerate(self.state) if s & _USED]
-
     # ------------------------------------------------------------------ writing
-    def used_blocks(self) -> int:
-        """Metadata blocks in use by the current state (including superblocks and held blocks)."""
-        if self._state is None and "metadata_used_blocks" in self.header:
-            return int(self.header["metadata_used_blocks"])  # counted by the commit that wrote it
-        return self.nr_blocks - _zeros(self.state)
-
-    def free_blocks(self) -> int:
-        return _zeros(self.state)
-
-    def _allocate(self, count: int) -> list[int]:
-        """``count`` blocks free now and unused by the last commit (never overwrite committed state)."""
-        if self._tail is not None:
-            out = list(range(self._tail, self._tail + count))
-            self._tail += count
-            return out
-        state = self.state
-        out = []
-        pos = 0
-        for _ in range(count):
-            pos = state.find(0, pos)
-            if pos < 0:  # (the commit puts the state back as it was)
-                raise MetadataSpaceExhausted(
-                    f"{self.path}: out of metadata space ({self.nr_blocks} blocks, {state.count(0) + len(out)} "
-                    f"free, {count} needed for this commit)")
-            state[pos] = _USED
-            out.append(pos)
-        return out
-
     def _write_pages(self, pages: list[Any], blocks: list[int]) -> list[int]:
         """Write 4 KiB pages to blocks (one pwrite per run of consecutive blocks); return their CRCs."""
         crcs = [checksum(p) for p in pages]
@@ -513,38 +347,6 @@ class MetadataStore:
                       self.path)
             i = j
         return crcs
-
-    def _resized(self, locs: array | None, n: int) -> array:
-        """A location array grown (zeros) or shrunk (releasing the dropped pages' blocks) to ``n``."""
-        locs = array("Q") if locs is None else locs
-        if len(locs) == n:
-            return locs
-        if len(locs) > n:
-            self._release(locs[n:])
-            return locs[:n]
-        return locs + array("Q", bytes(8 * (n - len(locs))))
-
-    def _release(self, locs: Iterable[int]) -> None:
-        if self._tail is not None:  # a tail commit: released blocks only need counting
-            self._tail_released += sum(1 for loc in locs if loc >> 32)
-            return
-        state = self.state
-        for loc in locs:
-            b = loc >> 32
-            if b:
-                state[b] &= ~_USED
-
-    def commit_floor(self) -> int:
-        """Fresh blocks a small commit may need: a page and its page-map page in every array with a
-        stored page, and the directory (the least metadata reserve that lets such a commit through)."""
-        return 2 * sum(1 for pml in self.pm_locs.values() if any(pml)) + max(1, len(self.dir_locs))
-
-    def estimate_commit_blocks(self, arrays: dict[str, Any]) -> int:
-        """Upper bound of fresh blocks a commit of ``arrays`` needs."""
-        n = 0
-        for pa in arrays.values():
-            n += len(pa.dirty) + len(pa.dirty) // PM_ENTRIES + 2
-        return n + 4
 
     def commit(self, arrays: dict[str, Any], header: dict[str, Any], *, tail: bool = False) -> None:
         """Write the dirty pages of ``arrays`` (:class:`PagedArray` or :class:`PageUpdates`; arrays not
@@ -629,27 +431,6 @@ class MetadataStore:
         self.header = header
         self.locs, self.pm_locs, self.dir_locs = new_locs, new_pm, dir_locs
         self._state = committed
-
-    def _tail_start(self, arrays: dict[str, Any]) -> int | None:
-        """Where a *tail commit* starts, or None for an ordinary one.
-
-        A store that has not built its block-state map (a :class:`~thinpool.devtable.DeviceTable`
-        committing a snapshot: a few pages) need not build it -- about one Python step per page of the
-        whole pool -- when the file has room past the highest block the committed state uses: every
-        block there is free.  The new pages go there; released blocks are only counted (a later
-        ordinary commit reuses them).  Not with a held metadata snapshot (its blocks are not in the
-        locations) or without the committed count of used blocks."""
-        if self._state is not None or self.held_blocks or "metadata_used_blocks" not in self.header:
-            return None
-        top = SUPERBLOCKS - 1
-        for arr in list(self.locs.values()) + list(self.pm_locs.values()):
-            if len(arr):
-                top = max(top, max(memoryview(arr).cast("B").cast("I")[_HI::2]))
-        top = max([top] + [loc >> 32 for loc in self.dir_locs])
-        need = self.estimate_commit_blocks(arrays) + len(self.dir_locs) + 8
-        if top + 1 + need > self.nr_blocks:
-            return None
-        return top + 1
 
     def _write_superblock(self, generation: int, header: dict[str, Any]) -> None:
         body = json.dumps(header, separators=(",", ":")).encode()

@@ -43,7 +43,7 @@ import numpy as np
 
 from . import schema as K
 from .errors import MetadataCorrupt
-from .mdstore import BLOCK, PageUpdates
+from .mdpages import BLOCK, PageUpdates
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 
 class _Pages:
-    """Pages one commit writes of one array (the interface of :class:`thinpool.mdstore.PagedArray`):
+    """Pages one commit writes of one array (the interface of :class:`thinpool.mdpages.PagedArray`):
     a dense node's page is a view of the in-memory node, a pack page encoded bytes."""
 
     def __init__(self, npages: int, nodes: np.ndarray | None, own: Any, packed: dict[int, bytes],

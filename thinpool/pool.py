@@ -31,7 +31,8 @@ from .devtable import pad_pages
 from .errors import AlreadyExists, InvalidArgument, MetadataCorrupt, ThinpoolWarning
 from .kernel_context import KernelContext, volume_key
 from .kernel_context import locked_method as _locked
-from .mdstore import BLOCK, MetadataStore, PagedArray
+from .mdpages import BLOCK, PagedArray
+from .mdstore import MetadataStore
 from .nospace import DEFAULT_NO_SPACE_TIMEOUT, NoSpaceQueue
 from .pool_devices import DeviceOps
 from .pool_features import Features, check_features, kernel_flags

@@ -17,10 +17,10 @@ import numpy as np
 from . import rules
 from . import schema as K
 from .devtable import DEVS_PER_PAGE, pad_pages
-from .errors import AlreadyExists, HostIOError, InvalidArgument, ReadOnly
+from .errors import AlreadyExists, HostIOError, InvalidArgument, MetadataSpaceExhausted, ReadOnly
 from .kernel_context import locked_method as _locked
 from .nodestore import NodeDisk
-from .mdstore import BLOCK, MetadataSpaceExhausted, PagedArray
+from .mdpages import BLOCK, PagedArray
 from .schema import Mode
 
 if TYPE_CHECKING:

@@ -42,7 +42,7 @@ from . import schema as K
 from .schema import Mode
 from .errors import HostIOError, InvalidArgument, ReadOnly, ThinpoolError, ThinpoolWarning
 from .dataspace import sm_pages
-from .mdstore import BLOCK, PM_ENTRIES
+from .mdpages import BLOCK, PM_ENTRIES
 from .units import parse_size
 
 if TYPE_CHECKING:

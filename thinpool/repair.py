@@ -40,7 +40,7 @@ from . import nodestore, pooldir
 from .errors import InvalidArgument, MetadataCorrupt, NotFound
 from .interop.ir import Device, Metadata, Superblock, SECTOR, TIME_MASK
 from .origin import valid_record
-from .mdstore import _SB_HEADER, BLOCK, MAGIC, PM_ENTRIES, SUPERBLOCKS, checksum
+from .mdpages import _SB_HEADER, BLOCK, MAGIC, PM_ENTRIES, SUPERBLOCKS, checksum
 
 _REQUIRED = ("block_size", "nr_data_blocks", "directory", "directory_bytes", "pages", "catalog_bytes")
 _NONE = -1

@@ -213,7 +213,7 @@ def test_metadata_checksum_is_crc32c() -> None:
     CRC-32C itself: the standard check value, and the package's own function on random pages."""
     import crc32c
 
-    from thinpool.mdstore import checksum
+    from thinpool.mdpages import checksum
     assert checksum(b"123456789") == 0xE3069283
     rng = np.random.default_rng(3)
     for _ in range(20):

@@ -29,7 +29,7 @@ from thinpool.cli import main
 from thinpool.datadev import DataDevice
 from thinpool.errors import ReadOnly
 from thinpool.hostio import DataIO
-from thinpool.mdstore import BLOCK
+from thinpool.mdpages import BLOCK
 
 BS = 64 * 1024
 

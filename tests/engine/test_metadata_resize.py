@@ -13,7 +13,7 @@ import pytest
 
 from thinpool import Pool, nodestore
 from thinpool.errors import InvalidArgument, ReadOnly
-from thinpool.mdstore import BLOCK
+from thinpool.mdpages import BLOCK
 from thinpool.poolspace import _grown
 
 BS = 64 * 1024

@@ -1,0 +1,118 @@
+"""The metadata file's primitives: 4 KiB pages, their CRC-32C, the superblock's layout constants and
+the two ways the pool hands an array's changed pages to the store (:class:`PagedArray`,
+:class:`PageUpdates`).
+
+What the pages mean and how a commit writes them is :mod:`thinpool.mdstore`'s; which blocks are free
+is :mod:`thinpool.mdspace`'s.  Like them this module is plain Python (no numpy): the light commands
+(:mod:`thinpool.devtable`) import it.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import sys
+from typing import Any, Iterable
+
+
+def _crc32c_function() -> Any:
+    """The ``crc32c`` package's C function (hardware CRC-32C).
+
+    ``import crc32c`` runs the package's ``__init__``, which imports ``importlib.metadata`` (and with it
+    email, zipfile, argparse...) only to set ``__version__``: about 25 ms, a sixth of what a whole
+    ``thinpool status`` costs.  So the extension module is loaded by itself when it is where that
+    package keeps it; anything unexpected falls back to the plain import."""
+    import importlib.machinery
+    import importlib.util
+    try:
+        spec = importlib.util.find_spec("crc32c")  # locates the package without running it
+        for folder in (spec.submodule_search_locations or []) if spec else []:
+            for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+                path = os.path.join(folder, "_crc32c" + suffix)
+                if os.path.isfile(path):
+                    ext = importlib.util.spec_from_file_location("crc32c._crc32c", path)
+                    if ext is None or ext.loader is None:
+                        continue
+                    module = importlib.util.module_from_spec(ext)
+                    ext.loader.exec_module(module)
+                    return module.crc32c
+    except (ImportError, OSError, AttributeError):
+        pass
+    import crc32c
+    return crc32c.crc32c
+
+
+_crc32c = _crc32c_function()
+
+BLOCK = 4096
+MAGIC = b"TPOOLMD1"
+#: the superblock's format version: 2 since the data space map is stored as a two-bit bitmap plus
+#: overflow counts (:mod:`thinpool.dataspace`), 3 since the leaves are stored in groups without their
+#: holes, 4 since sparse leaves are records packed across pages, 5 since inner nodes are too
+#: (:mod:`thinpool.nodestore`); the store's own layout is the same in 1 to 5, so all are read (the
+#: pool tells the layouts apart by their arrays' names)
+FORMAT_VERSION = 5
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
+PM_ENTRIES = BLOCK // 8
+_SB_HEADER = struct.Struct("<I8sIQI")  # crc, magic, version, generation, json length
+SUPERBLOCKS = 2
+_HI, _LO = (1, 0) if sys.byteorder == "little" else (0, 1)  # uint32 halves of a block<<32|crc location
+
+
+def checksum(page: Any) -> int:
+    """CRC-32C of a 4 KiB page (the metadata's only checksum)."""
+    return _crc32c(page)
+
+
+def _ints(xs: Any) -> list[int]:
+    """A list of Python ints from a list, range or numpy array."""
+    return xs.tolist() if hasattr(xs, "tolist") else [int(x) for x in xs]
+
+
+#: what the store returns for an array: a writable buffer of its bytes
+Buffer = bytearray | mmap.mmap
+
+
+def _zeroed(n: int) -> Buffer:
+    """A writable zero-filled buffer of ``n`` bytes.  Big ones are anonymous memory maps: their pages
+    are zero until touched, so reading 100 MB of pages into one costs no memset beforehand."""
+    if n < 1 << 20:
+        return bytearray(n)
+    return mmap.mmap(-1, n)
+
+
+
+class PagedArray:
+    """How the pool hands one array to the store.
+
+    ``data`` is the array's bytes (any C-contiguous buffer -- a numpy array, a bytearray -- whose
+    length is a multiple of 4 KiB); ``dirty`` the page indices changed since the last commit; ``dead``
+    the subset of those pages that are no longer used (their blocks are released instead of written).
+    """
+
+    def __init__(self, data: Any, dirty: Any, dead: Any = ()) -> None:
+        self.data = memoryview(data).cast("B")
+        self.npages = len(self.data) // BLOCK
+        self.dirty = _ints(dirty)
+        self.dead = _ints(dead)
+
+    def page(self, i: int) -> memoryview:
+        return self.data[i * BLOCK:(i + 1) * BLOCK]
+
+
+class PageUpdates:
+    """A few changed pages of an array whose other pages stay as committed (the array is not
+    loaded whole; see :class:`thinpool.devtable.DeviceTable`)."""
+
+    def __init__(self, npages: int, pages: dict[int, bytes | bytearray], dead: Iterable[int] = ()) -> None:
+        """``pages``: page index -> its new 4 KiB; ``dead``: pages released (read as zeroes after)."""
+        if any(len(p) != BLOCK for p in pages.values()):
+            raise ValueError("a page update must be exactly one 4 KiB page")
+        self.npages = npages
+        self._pages = dict(pages)
+        self.dead = sorted(set(dead) - set(pages))
+        self.dirty = sorted(set(pages) | set(self.dead))
+
+    def page(self, i: int) -> bytes | bytearray:
+        return self._pages[i]
