@@ -2,7 +2,7 @@
 
 A :class:`Workload` is a real program run on a container's mounted root: ``ROOT`` is set to the mount
 point, which is also its working directory (paths are relative), as ``thinpool container exec`` does.
-The built-in ones (:func:`builtin_workloads`) are those of issue #14, on the files of the image that
+The built-in ones (:func:`builtin_workloads`) are the seven changes below, on the files of the image that
 :func:`build_workload_image` makes:
 
 ==================  ==========================================================================
