@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from thinpool.errors import InvalidArgument, NoSpace, NotFound, ReadOnly
-from thinpool.nbd.protocol import STATE_HOLE, STATE_ZERO
+from thinpool.nbd.wire import STATE_HOLE, STATE_ZERO
 
 #: flags of an unmapped extent in ``base:allocation``
 UNMAPPED = STATE_HOLE | STATE_ZERO

@@ -54,7 +54,7 @@ import numpy as np
 
 from thinpool.errors import FailedPrecondition, NotFound, ReadOnly
 from thinpool.rules import NO_METADATA_CHANGE
-from thinpool.nbd.protocol import MAX_STRING
+from thinpool.nbd.wire import MAX_STRING
 from thinpool.nbd.backend import MAPPED, UNMAPPED, check_range, split_by_blocks
 
 log = logging.getLogger("thinpool.nbd")
