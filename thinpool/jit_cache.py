@@ -214,14 +214,13 @@ def serialize_compiles(namespace: dict[str, Any]) -> int:
     needs a kernel another process is compiling waits for it and loads it from the cache instead of
     compiling it a second time (``thinpool demo``'s helper process relies on this: see
     :mod:`thinpool.containers.demo`), and two processes never save entries of one kernel at once.
-    Returns how many kernels were wrapped (0 without a machine cache directory).
+    Returns how many kernels were wrapped (0 without a machine cache directory).  Also makes every
+    kernel's cache files detect damage (:func:`harden`), whichever directory holds them.
 
     The lock is taken inside numba's own (per-process) compiler lock, so the threads of one process
     cannot deadlock on it; between processes, a kernel's lock is only ever requested while holding
     the locks of kernels that call it (numba compiles callees while compiling a caller), and no kernel
     calls itself through another, so the waits cannot form a cycle."""
-    if machine_dir is None:
-        return 0
     from numba.core.compiler_lock import global_compiler_lock
     from numba.core.dispatcher import Dispatcher
     module = namespace["__name__"]
@@ -229,10 +228,77 @@ def serialize_compiles(namespace: dict[str, Any]) -> int:
     for obj in list(namespace.values()):
         if not isinstance(obj, Dispatcher) or obj.py_func.__module__ != module or "compile" in vars(obj):
             continue
+        cache_file = getattr(getattr(obj, "_cache", None), "_cache_file", None)
+        if cache_file is not None:
+            harden(cache_file)
+        if machine_dir is None:
+            continue
         path = os.path.join(machine_dir, f"{module.rsplit('.', 1)[-1]}.{obj.py_func.__name__}.lock")
         obj.compile = _locked_compile(obj.compile, path, global_compiler_lock)
         wrapped += 1
     return wrapped
+
+
+#: the first bytes of a kernel data file (``.nbc``) thinpool saved: magic, then a BLAKE2b-256 of the rest
+DATA_MAGIC = b"thinpool-nbc-1\0"
+#: the kernel cache files found damaged (unreadable index, data failing its checksum) in this process
+damaged: list[str] = []
+
+
+def harden(cache_file: Any) -> None:
+    """Make one kernel's numba cache file (a ``numba.core.caching.IndexDataCacheFile``) detect damage:
+    each saved data file carries a checksum of its payload, checked before numba unpickles it (a data
+    file that fails it, or was written without one, is treated as missing: the kernel compiles again
+    and the save replaces it); an index that cannot be read (truncated, not numba's format) counts as
+    empty and is rewritten by the next save.  numba alone would raise (or, for damaged machine code
+    that still unpickles, run it)."""
+    if getattr(cache_file, "_thinpool_hardened", False):
+        return
+    import hashlib
+    import pickle
+
+    from numba.core.caching import _cache_log  # numba's NUMBA_DEBUG_CACHE lines, kept for our files
+
+    load_index = cache_file._load_index
+
+    def _load_index() -> dict:
+        try:
+            overloads = load_index()
+        except Exception:  # noqa: BLE001 -- any undecodable index is damage, not a reason to crash
+            damaged.append(cache_file._index_path)
+            return {}
+        if not isinstance(overloads, dict):
+            damaged.append(cache_file._index_path)
+            return {}
+        return overloads
+
+    def _save_data(name: str, data: Any) -> None:
+        payload = cache_file._dump(data)
+        with cache_file._open_for_write(cache_file._data_path(name)) as f:
+            f.write(DATA_MAGIC + hashlib.blake2b(payload, digest_size=32).digest() + payload)
+        _cache_log("[cache] data saved to %r", cache_file._data_path(name))
+
+    def _load_data(name: str) -> Any:
+        path = cache_file._data_path(name)
+        with open(path, "rb") as f:
+            raw = f.read()
+        head, digest, payload = raw[:len(DATA_MAGIC)], raw[len(DATA_MAGIC):len(DATA_MAGIC) + 32], \
+            raw[len(DATA_MAGIC) + 32:]
+        if head != DATA_MAGIC or hashlib.blake2b(payload, digest_size=32).digest() != digest:
+            damaged.append(path)
+            return None  # as if missing: numba compiles and saves over it
+        try:
+            data = pickle.loads(payload)
+        except Exception:  # noqa: BLE001 -- checksummed yet unreadable (another numba): compile afresh
+            damaged.append(path)
+            return None
+        _cache_log("[cache] data loaded from %r", path)
+        return data
+
+    cache_file._load_index = _load_index
+    cache_file._save_data = _save_data
+    cache_file._load_data = _load_data
+    cache_file._thinpool_hardened = True
 
 
 def _locked_compile(compile_: Any, path: str, compiler_lock: Any) -> Any:

@@ -121,3 +121,46 @@ def test_a_kernel_compiles_under_an_exclusive_lock_that_nested_compiles_of_it_re
     except ValueError:
         pass
     assert seen[-1] == ("fails", False) and other_process_can_lock()
+
+
+def test_damaged_cache_files_are_detected_and_the_kernel_compiled_again(tmp_path):
+    """A data file (``.nbc``) that fails its checksum, and an index (``.nbi``) that cannot be read,
+    count as missing: the kernel compiles again, gives the right answer and the save replaces the
+    damaged file (the next process loads it).  numba alone raises on a truncated pickle or runs
+    whatever machine code a damaged file unpickles to."""
+    cache = tmp_path / "cache"
+    checkout = _checkout(tmp_path / "a")
+    answer, where, saved, _ = _probe(checkout, cache)
+    assert answer == "1" and saved > 0
+    data = sorted(Path(where).glob("kernels_map.mapping_block-*.nbc"))
+    index = sorted(Path(where).glob("kernels_map.mapping_block-*.nbi"))
+    assert len(data) == 1 and len(index) == 1
+    raw = bytearray(data[0].read_bytes())
+    raw[-40] ^= 0xFF  # one flipped byte deep in the pickled machine code
+    data[0].write_bytes(bytes(raw))
+    answer, _, saved, loaded = _probe(checkout, cache)
+    assert answer == "1" and saved > 0
+    assert data[0].read_bytes() != bytes(raw)  # replaced
+    assert _probe(checkout, cache)[2] == 0     # and loaded by the next process, nothing compiled
+    index[0].write_bytes(index[0].read_bytes()[:20])  # a truncated index
+    answer, _, saved, _ = _probe(checkout, cache)
+    assert answer == "1" and saved > 0
+    assert _probe(checkout, cache)[2] == 0
+
+
+def test_a_data_file_without_thinpools_checksum_is_not_trusted(tmp_path):
+    """What numba itself saved (no checksum: an older thinpool, another tool) is compiled again."""
+    import pickle
+
+    from thinpool import jit_cache
+    cache = tmp_path / "cache"
+    checkout = _checkout(tmp_path / "a")
+    _, where, _, _ = _probe(checkout, cache)
+    (nbc,) = Path(where).glob("kernels_map.mapping_block-*.nbc")
+    raw = nbc.read_bytes()
+    assert raw.startswith(jit_cache.DATA_MAGIC)
+    payload = raw[len(jit_cache.DATA_MAGIC) + 32:]
+    pickle.loads(payload)  # the payload is numba's own pickle
+    nbc.write_bytes(payload)
+    answer, _, saved, _ = _probe(checkout, cache)
+    assert answer == "1" and saved > 0 and nbc.read_bytes().startswith(jit_cache.DATA_MAGIC)
