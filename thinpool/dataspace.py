@@ -30,6 +30,9 @@ first commit writes the new layout and releases the old pages.
 
 from __future__ import annotations
 
+import mmap
+import platform
+import sys
 from typing import Any, Mapping
 
 import numpy as np
@@ -53,33 +56,128 @@ def _round_up(n: int, m: int) -> int:
     return (n + m - 1) // m * m
 
 
-class DataSpaceMap:
-    """Reference counts, the freed-this-transaction marks and page dirty flags for the data device."""
+#: arrays at least this large are reserved address space (pages allocated when first touched)
+SPARSE_BYTES = 256 << 20
 
-    def __init__(self, st: np.ndarray, nr_blocks: int, data_rc: np.ndarray | None = None) -> None:
+
+def _map_noreserve() -> int:
+    """Linux's ``MAP_NORESERVE`` (the ``mmap`` module names it from Python 3.13 on): 0x4000 in the
+    generic ABI, other values on a few architectures; 0 elsewhere (the flag is then left out)."""
+    if hasattr(mmap, "MAP_NORESERVE"):
+        return int(mmap.MAP_NORESERVE)
+    if not sys.platform.startswith("linux"):
+        return 0
+    arch = platform.machine()
+    if arch.startswith(("ppc", "powerpc", "sparc")):
+        return 0x40
+    if arch.startswith("mips"):
+        return 0x400
+    if arch.startswith("alpha"):
+        return 0x10000
+    return 0x4000
+
+
+_MAP_NORESERVE = _map_noreserve()
+
+
+def zeroed(n: int, dtype: Any) -> np.ndarray:
+    """A zero-filled array of ``n`` elements.  A large one is a private anonymous memory map made with
+    ``MAP_NORESERVE``: address space only, each 4 KiB page allocated when first written (and never
+    counted against the machine's memory before), so a space map sized for 2^34 blocks costs what the
+    blocks in use touch.  (``np.zeros`` is lazy too, but the kernel's overcommit heuristic refuses a
+    single allocation larger than the machine's memory.)"""
+    dtype = np.dtype(dtype)
+    nbytes = n * dtype.itemsize
+    if nbytes < SPARSE_BYTES:
+        return np.zeros(n, dtype)
+    mm = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | _MAP_NORESERVE)
+    return np.frombuffer(mm, dtype)
+
+
+class DataSpaceMap:
+    """Reference counts, the freed-this-transaction marks and page dirty flags for the data device.
+
+    ``rc_live`` marks the 1,024-block pages that may hold a nonzero count or state byte (pages touched
+    since the map was loaded, as of the last commit; with ``rc_dirty``, which marks those touched since):
+    every scan of the map visits only those pages, so its cost -- and the memory of a sparse map --
+    follows the blocks in use, not the size of the data device."""
+
+    def __init__(self, st: np.ndarray, nr_blocks: int, data_rc: np.ndarray | None = None,
+                 live: np.ndarray | None = None) -> None:
+        """``data_rc``: the counts (used in place when it has the right length and is writable);
+        ``live``: per page, whether it may hold a nonzero count (computed from ``data_rc`` if not given)."""
         self.st = st
         cap = _round_up(max(nr_blocks, 1), 1 << K.RC_PAGE_BITS)
+        npages = cap >> K.RC_PAGE_BITS
         if data_rc is not None and len(data_rc) == cap and data_rc.flags.writeable:
             self.data_rc = data_rc  # the loaded pages, used in place
         else:
-            self.data_rc = np.zeros(cap, np.uint32)
+            self.data_rc = zeroed(cap, np.uint32)
             if data_rc is not None:
                 n = min(len(data_rc), cap)
                 self.data_rc[:n] = data_rc[:n]
-        self.freed_txn = np.zeros(cap, np.uint8)  # BlockState bits
-        self.rc_dirty = np.zeros(cap >> K.RC_PAGE_BITS, np.uint8)
+                live = None
+        self.freed_txn = zeroed(cap, np.uint8)  # BlockState bits
+        self.rc_dirty = np.zeros(npages, np.uint8)
+        if live is None:
+            live = (self.data_rc.reshape(-1, RC_PER_PAGE) != 0).any(axis=1) if data_rc is not None else None
+        self.rc_live = np.zeros(npages, np.uint8)
+        if live is not None:
+            self.rc_live[: len(live)] = np.asarray(live, bool)[:npages]
         self.pending = np.zeros(0, np.int64)  # freed by the last commit, released by the next
         st[K.ST_NR_BLOCKS] = nr_blocks
         self.recount()
+
+    # ------------------------------------------------------------------ the pages in use
+    def live_pages(self) -> np.ndarray:
+        """Pages that may hold a nonzero count or state byte (live at the last commit or dirty since)."""
+        return np.flatnonzero(self.rc_live | self.rc_dirty)
+
+    def _live_blocks(self, extra: np.ndarray | None = None) -> Any:
+        """The blocks of the live pages (below ``nr_blocks``) as an index for the per-block arrays: a
+        slice of all blocks when most pages are live (a contiguous scan is faster than a gather)."""
+        n = self.nr_blocks
+        pages = self.live_pages()
+        if extra is not None:
+            pages = np.union1d(pages, extra)
+        if len(pages) * 4 >= len(self.rc_dirty):
+            return slice(0, n)
+        idx = (pages[:, None] * RC_PER_PAGE + np.arange(RC_PER_PAGE)[None, :]).reshape(-1)
+        return idx[idx < n] if len(idx) and idx[-1] >= n else idx
+
+    def _touch(self, blocks: np.ndarray) -> None:
+        """Blocks whose state byte is set outside a kernel: their pages are live."""
+        if len(blocks):
+            self.rc_live[np.unique(np.asarray(blocks, np.int64) >> K.RC_PAGE_BITS)] = 1
+
+    def committed(self) -> None:
+        """After a durable commit: the pages changed in it stay live, none is dirty."""
+        self.rc_live |= self.rc_dirty
+        self.rc_dirty[:] = 0
+
+    def live_page_count(self) -> int:
+        """Pages of 1,024 blocks that may hold a nonzero count (the memory the counts take: 4 KiB of
+        counts and 1 KiB of state bytes each, when the map is a sparse one)."""
+        return int(np.count_nonzero(self.rc_live | self.rc_dirty))
 
     def inherit_stale(self, old: "DataSpaceMap | None") -> None:
         """After a reload (abort, rollback) from ``old``, the map in use until now: every block free
         here that ``old`` marked stale or had in use may hold bytes -- mark it ``STALE``."""
         if old is None:
             return
-        n = min(len(old.data_rc), len(self.data_rc))
-        held = (old.data_rc[:n] > 0) | ((old.freed_txn[:n] & K.BLOCK_STALE) != 0)
-        self.freed_txn[:n][held & (self.data_rc[:n] == 0)] |= K.BLOCK_STALE
+        sel = old._live_blocks()
+        if isinstance(sel, slice):
+            sel = slice(0, min(old.nr_blocks, self.nr_blocks))
+        else:
+            sel = sel[sel < self.nr_blocks]
+        held = (old.data_rc[sel] > 0) | ((old.freed_txn[sel] & K.BLOCK_STALE) != 0)
+        stale = held & (self.data_rc[sel] == 0)
+        if isinstance(sel, slice):
+            stale = np.flatnonzero(stale)
+        else:
+            stale = sel[stale]
+        self.freed_txn[stale] |= K.BLOCK_STALE
+        self._touch(stale)
 
     @property
     def arrays(self) -> tuple:
@@ -92,11 +190,13 @@ class DataSpaceMap:
         return int(self.st[K.ST_NR_BLOCKS])
 
     def recount(self) -> None:
-        """Recompute the free counters from the counts (after load, import or a commit)."""
-        n = self.nr_blocks
-        free = int(np.count_nonzero(self.data_rc[:n] == 0))
+        """Recompute the free counters from the counts (after load, import or a commit); scans the
+        live pages only."""
+        sel = self._live_blocks()
+        used = int(np.count_nonzero(self.data_rc[sel]))
+        free = self.nr_blocks - used
         self.st[K.ST_NR_FREE] = free
-        self.st[K.ST_NR_ALLOCATABLE] = free - int(np.count_nonzero(self.freed_txn[:n] & K.BLOCK_STATE))
+        self.st[K.ST_NR_ALLOCATABLE] = free - int(np.count_nonzero(self.freed_txn[sel] & K.BLOCK_STATE))
 
     def add_refs(self, blocks: np.ndarray) -> None:
         """One more reference to each entry of ``blocks`` (a block listed twice gains two): import
@@ -124,6 +224,7 @@ class DataSpaceMap:
         self.pending = np.asarray(blocks, np.int64)
         f = self.freed_txn
         f[self.pending] = (f[self.pending] & ~np.uint8(K.BLOCK_STATE)) | K.BLOCK_PENDING
+        self._touch(self.pending)
 
     def release(self, freed: np.ndarray, punched: np.ndarray | None = None) -> None:
         """After a commit: blocks freed in the committed transaction become allocatable; those in
@@ -143,19 +244,18 @@ class DataSpaceMap:
         nsm, nrc = sm_pages(self.nr_blocks), len(self.data_rc) // RC_PER_PAGE
         old_layout = OLD_ARRAY in committed_locs and len(committed_locs[OLD_ARRAY]) > 0
         dirty_rc = np.arange(nrc) if old_layout else np.flatnonzero(self.rc_dirty)
-        sm_have = stored_pages(committed_locs.get("data_sm"), nsm)
-        over_have = stored_pages(committed_locs.get("data_rc_over"), nrc)
         sm_pages_out: dict[int, bytes] = {}
         sm_dead: list[int] = []
-        dirty_sm = np.unique(dirty_rc // _RC_PAGES_PER_SM_PAGE).tolist()
+        dirty_sm = np.unique(dirty_rc // _RC_PAGES_PER_SM_PAGE)
+        sm_have = stored_at(committed_locs.get("data_sm"), dirty_sm)
         rc = self.data_rc
-        for p in dirty_sm:  # one numpy step per bitmap page: slices, no gather
+        for p, have in zip(dirty_sm.tolist(), sm_have.tolist()):  # one numpy step per bitmap page: slices
             counts = rc[p * SM_PER_PAGE:(p + 1) * SM_PER_PAGE]
             if len(counts) < SM_PER_PAGE:  # the last page of a data device that ends inside it
                 counts = np.concatenate([counts, np.zeros(SM_PER_PAGE - len(counts), np.uint32)])
             if counts.any():
                 sm_pages_out[p] = _pack_bitmap(counts).tobytes()
-            elif sm_have[p]:
+            elif have:
                 sm_dead.append(p)
         over_out: dict[int, bytes] = {}
         over_dead: list[int] = []
@@ -169,7 +269,8 @@ class DataSpaceMap:
                 raw = (block[rows] * high[rows]).astype(np.uint32, copy=False).tobytes()  # counts < 3 -> 0
                 for k, p in enumerate(pages[rows].tolist()):
                     over_out[p] = raw[k * BLOCK:(k + 1) * BLOCK]
-            over_dead += [p for p in pages[~nonzero].tolist() if over_have[p]]
+            gone = pages[~nonzero]
+            over_dead += gone[stored_at(committed_locs.get("data_rc_over"), gone)].tolist()
         out = {"data_sm": PageUpdates(nsm, sm_pages_out, dead=sm_dead),
                "data_rc_over": PageUpdates(nrc, over_out, dead=over_dead)}
         if old_layout:
@@ -178,12 +279,19 @@ class DataSpaceMap:
 
     def disk_pages(self) -> int:
         """Metadata pages the space map takes on disk for the current counts: the bitmap pages that
-        are not all zeroes and the count pages holding a count of 3 or more (a scan of the counts)."""
-        pages = self.data_rc.reshape(-1, RC_PER_PAGE)
+        are not all zeroes and the count pages holding a count of 3 or more (a scan of the live pages)."""
+        live = self.live_pages()
+        if len(live) == 0:
+            return 0
+        pages = self.data_rc.reshape(-1, RC_PER_PAGE)[live]
         over = int(np.count_nonzero((pages >= 3).any(axis=1)))
-        used = (pages != 0).any(axis=1)
-        used = np.concatenate([used, np.zeros(-len(used) % _RC_PAGES_PER_SM_PAGE, bool)])
-        return over + int(np.count_nonzero(used.reshape(-1, _RC_PAGES_PER_SM_PAGE).any(axis=1)))
+        used = live[(pages != 0).any(axis=1)]
+        return over + len(np.unique(used // _RC_PAGES_PER_SM_PAGE))
+
+    def disk_pages_bound(self) -> int:
+        """An upper bound of the metadata pages the space map takes on disk, without a scan: a bitmap
+        and an overflow page per live count page, and never more overflow pages than count pages."""
+        return min(len(self.rc_dirty), 2 * self.live_page_count())
 
     def to_punch(self, blocks: np.ndarray) -> np.ndarray:
         """Those of ``blocks`` a discard passed down (``PASSDOWN``): to be punched when released."""
@@ -192,38 +300,65 @@ class DataSpaceMap:
 
     def mark_stale(self, blocks: np.ndarray) -> None:
         """Free ``blocks`` hold bytes: a reuse must zero what its write does not cover."""
-        self.freed_txn[np.asarray(blocks, np.int64)] |= K.BLOCK_STALE
+        blocks = np.asarray(blocks, np.int64)
+        self.freed_txn[blocks] |= K.BLOCK_STALE
+        self._touch(blocks)
 
     def stale_count(self) -> int:
         """Free blocks marked as possibly holding old bytes."""
-        n = self.nr_blocks
-        return int(np.count_nonzero(((self.freed_txn[:n] & K.BLOCK_STALE) != 0) & (self.data_rc[:n] == 0)))
+        sel = self._live_blocks()
+        return int(np.count_nonzero(((self.freed_txn[sel] & K.BLOCK_STALE) != 0) & (self.data_rc[sel] == 0)))
 
-    def allocatable_mask(self) -> np.ndarray:
-        """Per block: free and allocatable now (free at the last commit, not freed in this
-        transaction nor by the last commit)."""
-        n = self.nr_blocks
-        return (self.data_rc[:n] == 0) & ((self.freed_txn[:n] & K.BLOCK_STATE) == 0)
+    def is_allocatable(self, blocks: np.ndarray) -> np.ndarray:
+        """Per entry of ``blocks``: free and allocatable now (free at the last commit, not freed in
+        this transaction nor by the last commit)."""
+        blocks = np.asarray(blocks, np.int64)
+        return (self.data_rc[blocks] == 0) & ((self.freed_txn[blocks] & K.BLOCK_STATE) == 0)
 
-    def clear_stale(self, mask_or_blocks: np.ndarray) -> None:
-        """The given free blocks are holes now (punched): clear ``STALE`` and ``PASSDOWN``."""
+    def held_free_count(self) -> int:
+        """Free blocks that are not allocatable now (freed in this transaction or by the last commit)."""
+        sel = self._live_blocks()
+        return int(np.count_nonzero((self.data_rc[sel] == 0) & ((self.freed_txn[sel] & K.BLOCK_STATE) != 0)))
+
+    def clear_stale_allocatable(self) -> None:
+        """Every allocatable block is a hole now (a trim punched them): clear ``STALE`` and ``PASSDOWN``."""
+        sel = self._live_blocks()
         f = self.freed_txn
-        if mask_or_blocks.dtype == np.bool_:
-            f[: len(mask_or_blocks)][mask_or_blocks] &= np.uint8(K.BLOCK_STATE)
+        mask = (self.data_rc[sel] == 0) & ((f[sel] & K.BLOCK_STATE) == 0)
+        if isinstance(sel, slice):
+            f[sel][mask] &= np.uint8(K.BLOCK_STATE)
         else:
-            f[mask_or_blocks] &= np.uint8(K.BLOCK_STATE)
+            f[sel[mask]] &= np.uint8(K.BLOCK_STATE)
+
+    def clear_stale(self, blocks: np.ndarray) -> None:
+        """The given free blocks are holes now (punched): clear ``STALE`` and ``PASSDOWN``."""
+        self.freed_txn[np.asarray(blocks, np.int64)] &= np.uint8(K.BLOCK_STATE)
 
     def resize(self, nr_blocks: int) -> None:
-        """Grow to ``nr_blocks`` (shrinking is not supported, as in dm-thin)."""
+        """Grow to ``nr_blocks`` (shrinking is not supported, as in dm-thin).  The new pages hold
+        zeroes, which is what an absent page stores: they are neither live nor dirty."""
         cap = _round_up(nr_blocks, 1 << K.RC_PAGE_BITS)
         self.st[K.ST_EPOCH] += 1
         if cap > len(self.data_rc):
-            extra = cap - len(self.data_rc)
-            self.data_rc = np.concatenate([self.data_rc, np.zeros(extra, np.uint32)])
-            self.freed_txn = np.concatenate([self.freed_txn, np.zeros(extra, np.uint8)])
-            self.rc_dirty = np.concatenate([self.rc_dirty, np.ones(extra >> K.RC_PAGE_BITS, np.uint8)])
+            self.data_rc = _grown(self.data_rc, cap, self.live_pages())
+            self.freed_txn = _grown(self.freed_txn, cap, self.live_pages())
+            extra = (cap - len(self.rc_dirty) * RC_PER_PAGE) >> K.RC_PAGE_BITS
+            self.rc_dirty = np.concatenate([self.rc_dirty, np.zeros(extra, np.uint8)])
+            self.rc_live = np.concatenate([self.rc_live, np.zeros(extra, np.uint8)])
         self.st[K.ST_NR_BLOCKS] = nr_blocks
         self.recount()
+
+
+def _grown(a: np.ndarray, n: int, live: np.ndarray) -> np.ndarray:
+    """``a`` grown to ``n`` elements of zeroes: a copy of its live pages (all of it when most are)."""
+    out = zeroed(n, a.dtype)
+    if len(live) * 4 >= len(a) // RC_PER_PAGE:
+        out[: len(a)] = a
+    else:
+        src, dst = a.reshape(-1, RC_PER_PAGE), out[: len(a)].reshape(-1, RC_PER_PAGE)
+        for i in range(0, len(live), 4096):
+            dst[live[i:i + 4096]] = src[live[i:i + 4096]]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,7 +387,6 @@ def is_old_layout(arrays: Mapping[str, Any]) -> bool:
 
 #: byte -> its four two-bit counts (count i in bits 2*(i%4)..+1)
 _UNPACK = ((np.arange(256, dtype=np.uint8)[:, None] >> (2 * np.arange(4, dtype=np.uint8))[None, :]) & 3).astype(np.uint8)
-_DECODE_CHUNK = 1 << 24
 
 
 def counts_from_disk(arrays: Mapping[str, np.ndarray], nr_blocks: int, over_locs: Any = None) -> np.ndarray:
@@ -270,44 +404,126 @@ def counts_from_disk(arrays: Mapping[str, np.ndarray], nr_blocks: int, over_locs
         n = min(len(old), cap)
         out[:n] = old[:n]
         return out
-    bitmap = arrays["data_sm"]
-    over = arrays["data_rc_over"].view(np.uint32)
-    out = np.zeros(cap, np.uint32)
-    n = min(len(bitmap) * 4, cap)
-    for a in range(0, n, _DECODE_CHUNK):  # four counts a byte, through a table, a chunk at a time
-        b = min(n, a + _DECODE_CHUNK)
-        out[a:b] = _UNPACK[bitmap[a // 4:(b + 3) // 4]].reshape(-1)[: b - a]
-    m = min(len(over), cap)
-    three = np.flatnonzero(out[:m] == 3)
+    bitmap = np.asarray(arrays["data_sm"]).view(np.uint8)
+    over = np.asarray(arrays["data_rc_over"]).view(np.uint32)
+    over = over[: min(len(over), cap)]
+    if len(over) % RC_PER_PAGE:
+        over = np.concatenate([over, np.zeros(-len(over) % RC_PER_PAGE, np.uint32)])
+    nover = len(over) // RC_PER_PAGE
+    over_pages = np.arange(nover) if over_locs is None else np.flatnonzero(stored_pages(over_locs, nover))
+    nsm = (min(len(bitmap) * 4, cap) + SM_PER_PAGE - 1) // SM_PER_PAGE
+    out = zeroed(cap, np.uint32)
+    decode_counts(out, nr_blocks, np.arange(nsm), lambda ps: [bitmap[p * BLOCK:(p + 1) * BLOCK] for p in ps],
+                  over_pages, lambda ps: over.reshape(-1, RC_PER_PAGE)[ps])
+    return out
+
+
+def load_counts(store: Any, arrays: Mapping[str, np.ndarray], nr_blocks: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """The counts of a pool's space map and its live pages (``None``: compute them from the counts), reading
+    only the *stored* pages of the bitmap and the overflow array -- from ``arrays`` if the store loaded
+    them, else from ``store`` (:meth:`~thinpool.mdstore.MetadataStore.read_pages`; an absent page is
+    zeroes), so opening a pool reads and decodes what its used blocks need.  Raises
+    :class:`MetadataCorrupt` as :func:`counts_from_disk` does (and for a damaged page)."""
+    locs = store.locs
+    if "data_sm" not in locs and OLD_ARRAY in arrays:  # format 1 (small pools only): the counts as stored
+        return counts_from_disk(arrays, nr_blocks), None
+    cap = rc_pages(nr_blocks) * RC_PER_PAGE
+    nsm = min(len(locs.get("data_sm", ())), (cap + SM_PER_PAGE - 1) // SM_PER_PAGE)
+    nover = min(len(locs.get("data_rc_over", ())), cap // RC_PER_PAGE)
+    sm_idx = np.flatnonzero(stored_pages(locs.get("data_sm"), nsm))
+    over_idx = np.flatnonzero(stored_pages(locs.get("data_rc_over"), nover))
+
+    def reader(name: str, rows: int) -> Any:
+        if name in arrays:
+            whole = np.asarray(arrays[name]).view(np.uint8)
+            return lambda ps: [whole[p * BLOCK:(p + 1) * BLOCK] for p in ps] if rows == 0 else \
+                whole.view(np.uint32)[: nover * RC_PER_PAGE].reshape(-1, RC_PER_PAGE)[ps]
+
+        def read(ps: np.ndarray) -> Any:
+            got = store.read_pages(name, ps.tolist())
+            if rows == 0:
+                return [got[p] for p in ps.tolist()]
+            return np.frombuffer(b"".join(got[p] for p in ps.tolist()), np.uint32).reshape(-1, RC_PER_PAGE)
+        return read
+
+    out = zeroed(cap, np.uint32)
+    live = decode_counts(out, nr_blocks, sm_idx, reader("data_sm", 0), over_idx, reader("data_rc_over", 1))
+    return out, live
+
+
+_DECODE_PAGES = 256  # bitmap pages decoded per step (4,194,304 blocks: bounds the temporaries)
+
+
+def decode_counts(out: np.ndarray, nr_blocks: int, sm_idx: np.ndarray, sm_read: Any, over_idx: np.ndarray,
+                  over_read: Any) -> np.ndarray:
+    """Decode the bitmap pages ``sm_idx`` (``sm_read(pages)``: their bytes, a page each, the last one
+    possibly short) and the overflow pages ``over_idx`` (``over_read(pages)``: uint32 rows of 1,024) into
+    ``out`` (zeroes, a whole number of 1,024-block pages), checking that they agree; returns the live
+    count pages (bool per page).  Bitmap entries past ``len(out)`` are ignored."""
+    cap = len(out)
+    live = np.zeros(cap // RC_PER_PAGE, bool)
+    over_idx = np.asarray(over_idx, np.int64)
+    over_rows = over_read(over_idx) if len(over_idx) else np.zeros((0, RC_PER_PAGE), np.uint32)
+    threes = []
+    for i in range(0, len(sm_idx), _DECODE_PAGES):
+        ps = np.asarray(sm_idx[i:i + _DECODE_PAGES], np.int64)
+        for p, raw in zip(ps.tolist(), sm_read(ps)):
+            a = p * SM_PER_PAGE
+            b = min(cap, a + len(raw) * 4)
+            if b <= a:
+                continue
+            raw = np.asarray(raw, np.uint8)
+            counts = _UNPACK[raw[: (b - a + 3) // 4]].reshape(-1)[: b - a]
+            if not counts.any():
+                continue
+            out[a:b] = counts
+            live[a // RC_PER_PAGE:(b + RC_PER_PAGE - 1) // RC_PER_PAGE] |= \
+                np.concatenate([counts, np.zeros(-len(counts) % RC_PER_PAGE, np.uint8)]).reshape(-1, RC_PER_PAGE).any(axis=1)
+            three = np.flatnonzero(counts == 3)
+            if len(three):
+                threes.append(three + a)
+    three = np.concatenate(threes) if threes else np.zeros(0, np.int64)
     if len(three):
-        vals = over[three]
-        bad = three[vals < 3]
+        row = np.searchsorted(over_idx, three >> K.RC_PAGE_BITS)
+        found = (row < len(over_idx)) & (over_idx[np.minimum(row, max(len(over_idx) - 1, 0))] == three >> K.RC_PAGE_BITS) \
+            if len(over_idx) else np.zeros(len(three), bool)
+        vals = np.zeros(len(three), np.uint32)
+        vals[found] = over_rows[row[found], three[found] & (RC_PER_PAGE - 1)]
+        bad = np.flatnonzero(vals < 3)
         if len(bad):
-            raise MetadataCorrupt(f"data space map: block {int(bad[0])} has a count of 3 or more in the bitmap but "
-                                  f"an overflow count of {int(over[bad[0]])}", structure="data space map")
+            raise MetadataCorrupt(f"data space map: block {int(three[bad[0]])} has a count of 3 or more in the bitmap "
+                                  f"but an overflow count of {int(vals[bad[0]])}", structure="data space map")
         out[three] = vals
-    if over_locs is None:
-        stray = np.flatnonzero(over[:m] != 0)
-    else:  # absent pages read as zeroes: search the stored ones (a pool's few blocks of count >= 3)
-        pages = np.flatnonzero(stored_pages(over_locs, m // RC_PER_PAGE))
-        by_page = over[: m // RC_PER_PAGE * RC_PER_PAGE].reshape(-1, RC_PER_PAGE)
-        stray = (pages[:, None] * RC_PER_PAGE + np.arange(RC_PER_PAGE)[None, :])[by_page[pages] != 0]
-        tail = over[m // RC_PER_PAGE * RC_PER_PAGE:m]
-        stray = np.concatenate([stray, m // RC_PER_PAGE * RC_PER_PAGE + np.flatnonzero(tail != 0)])
+    r, c = np.nonzero(over_rows)
+    stray = over_idx[r] * RC_PER_PAGE + c
     if len(stray) != len(three):
         b = int(np.setdiff1d(stray, three)[0])
-        raise MetadataCorrupt(f"data space map: block {b} has an overflow count ({int(over[b])}) but a bitmap "
+        v = int(over_rows[r, c][np.searchsorted(stray, b)])
+        raise MetadataCorrupt(f"data space map: block {b} has an overflow count ({v}) but a bitmap "
                               f"count of {int(out[b])}", structure="data space map")
-    if (out[nr_blocks:] != 0).any():
+    tail = nr_blocks // RC_PER_PAGE
+    if (tail < len(live) and live[tail] and (out[nr_blocks:(tail + 1) * RC_PER_PAGE] != 0).any()) or live[tail + 1:].any():
         raise MetadataCorrupt(f"data space map: a block past the data device's {nr_blocks} blocks is counted",
                               structure="data space map")
-    return out
+    return live
 
 
 def _pack_bitmap(counts: np.ndarray) -> np.ndarray:
     """Two bits per count, ``min(count, 3)``, four counts per byte (count i in bits 2*(i%4)..+1)."""
     c = np.minimum(counts, 3).astype(np.uint8)
     return c[0::4] | (c[1::4] << 2) | (c[2::4] << 4) | (c[3::4] << 6)
+
+
+def stored_at(locs: Any, pages: np.ndarray) -> np.ndarray:
+    """Per entry of ``pages``: whether that page of an array is stored (see :func:`stored_pages`),
+    looking up those pages only."""
+    pages = np.asarray(pages, np.int64)
+    out = np.zeros(len(pages), bool)
+    if locs is not None and len(locs) and len(pages):
+        all_locs = np.frombuffer(memoryview(locs).cast("B"), np.uint64)
+        ok = pages < len(all_locs)
+        out[ok] = (all_locs[pages[ok]] >> np.uint64(32)) != 0
+    return out
 
 
 def stored_pages(locs: Any, n: int) -> np.ndarray:

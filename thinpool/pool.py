@@ -40,7 +40,7 @@ from .pool_txn import Transactions
 from .rules import (DEFAULT_MAX_THINS, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE,  # noqa: F401 (this module's API)
                     check_block_size, default_metadata_blocks)
 from .schema import DevFlag, Mode, dev_dtype
-from .dataspace import DataSpaceMap, counts_from_disk, empty_disk_arrays
+from .dataspace import DISK_ARRAYS, DataSpaceMap, empty_disk_arrays, load_counts
 from .nodestore import ARRAYS as DENSE_NODE_ARRAYS, INNERS, LEAVES, empty_disk_arrays as empty_node_arrays
 from .nodestore import load as load_nodes, open_nodes
 from .status import PoolStatus, Usage  # noqa: F401  (part of this module's API)
@@ -280,12 +280,16 @@ class Pool(Transactions, DeviceOps, Features):
 
     def _load(self) -> None:
         """(Re)build the in-memory state from the last committed metadata."""
-        try:  # the dense nodes read straight into place (nodestore.open_nodes), the other arrays as they are
-            arrays = {k: np.frombuffer(v, np.uint8) for k, v in self._store.load(skip=DENSE_NODE_ARRAYS).items()}
+        try:  # the dense nodes read straight into place (nodestore.open_nodes), the space map's stored
+            # pages only (dataspace.load_counts), the other arrays as they are
+            arrays = {k: np.frombuffer(v, np.uint8)
+                      for k, v in self._store.load(skip=DENSE_NODE_ARRAYS + DISK_ARRAYS).items()}
             nodes = (open_nodes(LEAVES, self._store, arrays), open_nodes(INNERS, self._store, arrays))
+            counts = load_counts(self._store, arrays, self._store.header["nr_data_blocks"])
         except MetadataCorrupt:  # a damaged page: the whole load, which falls back to an older commit
             arrays, nodes = {k: np.frombuffer(v, np.uint8) for k, v in self._store.load().items()}, (None, None)
-        self._install(arrays, self._store.header, nodes)
+            counts = load_counts(self._store, arrays, self._store.header["nr_data_blocks"])
+        self._install(arrays, self._store.header, nodes, counts)
         self._unpunched = np.zeros(0, np.int64)  # released blocks whose hole punch failed (still pending)
         self._lwm_fired = False
         self._set_md_check()
@@ -294,7 +298,7 @@ class Pool(Transactions, DeviceOps, Features):
         self._set_mode(rules.derive_mode(bool(self._header.get("needs_check")), self.read_only))
 
     def _install(self, arrays: dict[str, np.ndarray], header: dict[str, Any],
-                 nodes: tuple[Any, Any] = (None, None)) -> None:
+                 nodes: tuple[Any, Any] = (None, None), counts: tuple[Any, Any] = (None, None)) -> None:
         self.recovered_from = header.get("recovered_from")
         self._header = {k: v for k, v in header.items()
                        if k not in ("directory", "directory_bytes", "pages", "held", "recovered_from")}
@@ -310,8 +314,9 @@ class Pool(Transactions, DeviceOps, Features):
                                               arrays["leaf_rc"].view(np.uint32), arrays["inner_rc"].view(np.uint32))
         kernel_flags(st, header)
         previous = getattr(self, "_space", None)
-        self._space = DataSpaceMap(st, header["nr_data_blocks"], counts_from_disk(arrays, header["nr_data_blocks"],
-                                                                                 self._store.locs.get("data_rc_over")))
+        if counts[0] is None:
+            counts = load_counts(self._store, arrays, header["nr_data_blocks"])
+        self._space = DataSpaceMap(st, header["nr_data_blocks"], counts[0], counts[1])
         self._space.inherit_stale(previous)  # a reload (abort, rollback): blocks it frees hold bytes
         self._devs = arrays["devs"].view(dev_dtype()).copy()
         self._devs_i = self._devs.view(np.int64).reshape(-1, K.DEV_COLUMNS)  # the kernels' view (schema.DEV_*)

@@ -207,7 +207,7 @@ class Transactions:
         bm.inner_dirty[:] = 0
         bm.leaf_rc_dirty[:] = 0
         bm.inner_rc_dirty[:] = 0
-        self._space.rc_dirty[:] = 0
+        self._space.committed()  # the pages changed stay live (scans visit those only)
         self._devs_dirty.clear()
         self._catalog_dirty = False
         # blocks freed by the previous commit: no superblock maps them any more (punched if passed down)
@@ -348,7 +348,7 @@ class Transactions:
         """Live node count below which a commit surely fits in the metadata file (see _after_alloc);
         refreshed at every load and commit (the other pages only grow between them)."""
         bm = self._nodes_map
-        fixed = (len(bm.leaf_rc) + len(bm.inner_rc) + len(self._space.data_rc)) // 1024 + \
+        fixed = (len(bm.leaf_rc) + len(bm.inner_rc)) // 1024 + self._space.disk_pages_bound() + \
             len(self._devs) // DEVS_PER_PAGE + 8
         reserve = self._md_reserve()
         self._md_check_below = (self._store.nr_blocks - 16 - reserve) // 2 - fixed - 64
@@ -367,7 +367,8 @@ class Transactions:
             return  # far from the metadata limit: skip the estimate
         bm = self._nodes_map
         live = int(self._st[K.ST_LEAVES_LIVE] + self._st[K.ST_INNERS_LIVE]) + \
-            (len(bm.leaf_rc) + len(bm.inner_rc) + len(self._space.data_rc)) // 1024 + len(self._devs) // DEVS_PER_PAGE + 8
+            (len(bm.leaf_rc) + len(bm.inner_rc)) // 1024 + self._space.disk_pages_bound() + \
+            len(self._devs) // DEVS_PER_PAGE + 8
         reserve = self._md_reserve()
         if 2 * live + 16 + reserve > self._store.nr_blocks:
             needed = self._store.estimate_commit_blocks(self._paged())

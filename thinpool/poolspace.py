@@ -368,10 +368,9 @@ def trim(pool: "Pool") -> TrimResult:
     if pool.header.get("needs_check"):
         raise ReadOnly(f"pool {pool.path} needs check: its free blocks cannot be trimmed until repaired")
     sp = pool._space
-    allocatable = sp.allocatable_mask()
     held = pool.data.allocated_blocks()
     held = held[held < sp.nr_blocks]
-    todo = held[allocatable[held]]
+    todo = held[sp.is_allocatable(held)]
     nruns = 0
     if len(todo):
         pool.data.check_stamp()  # never punch a file another pool has taken over
@@ -382,7 +381,7 @@ def trim(pool: "Pool") -> TrimResult:
                 sp.clear_stale(np.setdiff1d(todo, np.asarray(exc.blocks, np.int64)))
             raise HostIOError(f"pool {pool.path}: trim could not hole-punch every free block: {exc}",
                               exc.errno or errno.EIO, exc.filename, blocks=exc.blocks) from None
-    sp.clear_stale(allocatable)
-    free = int(np.count_nonzero(sp.data_rc[: sp.nr_blocks] == 0))
+    sp.clear_stale_allocatable()
+    free = sp.nr_blocks - sp.used()
     return TrimResult(punched_blocks=len(todo), punched_runs=nruns, punched_bytes=len(todo) * pool.block_size,
-                      free_blocks=free, held_blocks=free - int(np.count_nonzero(allocatable)))
+                      free_blocks=free, held_blocks=sp.held_free_count())
