@@ -75,11 +75,12 @@ Buffer = bytearray | mmap.mmap
 
 
 def _zeroed(n: int) -> Buffer:
-    """A writable zero-filled buffer of ``n`` bytes.  Big ones are anonymous memory maps: their pages
-    are zero until touched, so reading 100 MB of pages into one costs no memset beforehand."""
+    """A writable zero-filled buffer of ``n`` bytes.  Big ones are private anonymous memory maps: their
+    pages are zero until touched, so reading 100 MB of pages into one costs no memset beforehand, and a
+    page never written (an absent page) costs no memory even when read."""
     if n < 1 << 20:
         return bytearray(n)
-    return mmap.mmap(-1, n)
+    return mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE)
 
 
 
