@@ -47,7 +47,8 @@ from .mdspace import _PROTECTED, _USED, MetadataSpace, _mark, _zeros
 
 #: the committed header's fields a held metadata snapshot keeps (its superblock copy)
 HELD_SUPERBLOCK_FIELDS = ("time", "transaction_id", "needs_check")
-_IOV_MAX = 1024
+#: pages joined into one ``pwrite`` at most (4 MiB)
+_RUN_PAGES = 1024
 
 
 class FileIO:
@@ -85,6 +86,7 @@ class MetadataStore(MetadataSpace):
         self.held_blocks: list[int] = []
         self._tail: int | None = None  # in a tail commit: the next block to allocate (see commit)
         self._tail_released = 0
+        self._queued: list[tuple[int, Any]] = []  # (block, page) written by the commit under way
         #: why this store must be reopened before it commits again (a flush failed), or None
         self.failed: str | None = None
 
@@ -336,18 +338,24 @@ class MetadataStore(MetadataSpace):
         return {name: self._gather(l, f"held {name}") for name, l in locs.items()}
     # ------------------------------------------------------------------ writing
     def _write_pages(self, pages: list[Any], blocks: list[int]) -> list[int]:
-        """Write 4 KiB pages to blocks (one pwrite per run of consecutive blocks); return their CRCs."""
-        crcs = [checksum(p) for p in pages]
-        order = sorted(range(len(blocks)), key=blocks.__getitem__)
-        i, n = 0, len(order)
+        """Queue 4 KiB pages for blocks (written by :meth:`_write_queued`); return their CRCs."""
+        crc = _crc32c
+        self._queued.extend(zip(blocks, pages))
+        return [crc(p) for p in pages]
+
+    def _write_queued(self) -> None:
+        """Write the queued pages of a commit, in block order: one ``pwrite`` per run of consecutive
+        blocks (at most :data:`_RUN_PAGES` pages each), however many arrays they came from."""
+        queued = sorted(self._queued, key=lambda bp: bp[0])
+        self._queued = []
+        i, n = 0, len(queued)
         while i < n:
             j = i + 1
-            while j < n and j - i < _IOV_MAX and blocks[order[j]] == blocks[order[j - 1]] + 1:
+            while j < n and j - i < _RUN_PAGES and queued[j][0] == queued[j - 1][0] + 1:
                 j += 1
-            write_all(self.io.pwrite, self.fd, b"".join(pages[k] for k in order[i:j]), blocks[order[i]] * BLOCK,
-                      self.path)
+            data = queued[i][1] if j == i + 1 else b"".join([bp[1] for bp in queued[i:j]])
+            write_all(self.io.pwrite, self.fd, data, queued[i][0] * BLOCK, self.path)
             i = j
-        return crcs
 
     def commit(self, arrays: dict[str, Any], header: dict[str, Any], *, tail: bool = False) -> None:
         """Write the dirty pages of ``arrays`` (:class:`PagedArray` or :class:`PageUpdates`; arrays not
@@ -408,6 +416,7 @@ class MetadataStore(MetadataSpace):
             blocks = self._allocate(ndir)
             crcs = self._write_pages(dir_pages, blocks)
             dir_locs = [b << 32 | c for b, c in zip(blocks, crcs)]
+            self._write_queued()
             self.sync()
             header = dict(header)
             if "held" in self.header:
@@ -423,6 +432,7 @@ class MetadataStore(MetadataSpace):
                           metadata_used_blocks=used)
             self._write_superblock(self.generation + 1, header)
         except BaseException:
+            self._queued = []
             if self._tail is None:
                 self._state = bytearray(state_before)
             self._tail = None

@@ -36,6 +36,7 @@ bitmap of the mapped entries and their values).
 from __future__ import annotations
 
 import mmap
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -110,7 +111,7 @@ class _Pages:
     """Pages one commit writes of one array (the interface of :class:`thinpool.mdpages.PagedArray`):
     a dense node's page is a view of the in-memory node, a pack page encoded bytes."""
 
-    def __init__(self, npages: int, nodes: np.ndarray | None, own: Any, packed: dict[int, bytes],
+    def __init__(self, npages: int, nodes: np.ndarray | None, own: Any, packed: dict[int, Any],
                  dead: Any) -> None:
         self.npages = npages
         self._nodes, self._own, self._packed = nodes, set(int(s) for s in own), packed
@@ -158,7 +159,10 @@ class NodeDisk:
         dirty = np.arange(n) if self.convert else np.flatnonzero(dirty_flags[:n])
         new = np.empty(len(dirty), np.int32)
         hole = nodes.dtype.type(kind.hole)
-        for i in range(0, len(dirty), _CHUNK):
+        kp = _compiled()
+        if kp is not None and len(dirty):
+            kp.count_entries(_words(nodes), kind.width // 4, rc, dirty.astype(np.int64), kind.dense, MARK, new)
+        for i in range(0, len(dirty) if kp is None else 0, _CHUNK):
             slots = dirty[i:i + _CHUNK]
             count = (nodes[slots] != hole).sum(axis=1)
             count[rc[slots] == 0] = 0
@@ -189,7 +193,7 @@ class NodeDisk:
         return [[int(r[0]), int(r[-1])] for r in np.split(pages, breaks)]
 
     def _repack(self, nodes: np.ndarray, stored: np.ndarray,
-                changed: np.ndarray) -> tuple[dict[int, bytes], list[int], "NodeDisk"]:
+                changed: np.ndarray) -> tuple[dict[int, Any], list[int], "NodeDisk"]:
         """Re-pack the pages holding ``changed`` slots (``stored``: the new counts)."""
         kind = self.kind
         n, k = len(stored), len(self.keys)
@@ -300,9 +304,39 @@ def _cut(sizes: np.ndarray, recs: np.ndarray) -> list[np.ndarray]:
     return [recs[s:e] for s, e in zip(edges[:-1], edges[1:])]
 
 
+def _compiled() -> Any:
+    """:mod:`thinpool.kernels_pages` when this process has loaded numba (any kernel call does), else
+    None: a commit needs only numpy, and the numpy encoder (:func:`_encode_numpy`) writes the same
+    bytes."""
+    if "numba" not in sys.modules or sys.byteorder != "little":  # (the kernels write little-endian)
+        return None
+    from . import kernels_pages
+    return kernels_pages
+
+
 def _encode(kind: Kind, nodes: np.ndarray, stored: np.ndarray, page_recs: list[np.ndarray],
-            pos: list[int]) -> dict[int, bytes]:
-    """The pack pages holding the records of ``page_recs`` (slot lists), by page."""
+            pos: list[int]) -> dict[int, Any]:
+    """The pack pages holding the records of ``page_recs`` (slot lists), by page: encoded in one
+    compiled pass (:func:`thinpool.kernels_pages.encode_packs`) when numba is loaded."""
+    kp = _compiled()
+    if kp is None or not page_recs:
+        return _encode_numpy(kind, nodes, stored, page_recs, pos)
+    slots = np.concatenate(page_recs).astype(np.int64)
+    out = np.empty((len(page_recs), BLOCK // 2), np.uint16)
+    bad = kp.encode_packs(_words(nodes), kind.width // 4, slots, stored[slots].astype(np.int64),
+                          np.array([len(r) for r in page_recs], np.int64), kind.tag, out)
+    assert bad < 0, f"{kind.name} records out of step with the nodes (slot {int(slots[bad])})"
+    return {p: memoryview(out[i]).cast("B") for i, p in enumerate(pos)}
+
+
+def _words(nodes: np.ndarray) -> np.ndarray:
+    """Nodes as rows of uint32 words (the compiled kernels take one type for both kinds of node)."""
+    return nodes.view(np.uint32)
+
+
+def _encode_numpy(kind: Kind, nodes: np.ndarray, stored: np.ndarray, page_recs: list[np.ndarray],
+                  pos: list[int]) -> dict[int, Any]:
+    """:func:`_encode` with numpy (the reference encoder: the compiled one writes the same bytes)."""
     if not page_recs:
         return {}
     slots = np.concatenate(page_recs)
