@@ -21,6 +21,8 @@ touches data dies with a traceback.  :func:`configure` (run by ``import thinpool
 and points ``NUMBA_CACHE_DIR`` at a private directory under the system temporary directory, printing
 one warning line to stderr.  :func:`install_locator` (run by :mod:`thinpool.kernels_cache`, which
 every kernel module imports before defining a kernel) registers the machine directory with numba.
+Every kernel's cache files detect damage (:func:`harden`): a data file failing its checksum or an
+unreadable index is compiled again and replaced, where numba alone would raise or run it.
 """
 
 from __future__ import annotations

@@ -54,13 +54,33 @@ def test_after_the_helpers_work_the_demo_compiles_only_write_one(tmp_path):
 
 
 def test_no_helper_is_started_when_the_kernels_are_cached(tmp_path, monkeypatch):
+    import pickle
+
+    import numba
+
     from thinpool import jit_cache
     monkeypatch.setattr(jit_cache, "machine_dir", str(tmp_path))
     for k in demo.HELPER_KERNELS[:2]:
-        (tmp_path / f"{k}-1.py311.nbi").write_bytes(b"")
+        (tmp_path / f"{k}-1.py311.nbi").write_bytes(pickle.dumps(numba.__version__))
     with demo.compile_helper() as helper:
         assert helper is None
     (tmp_path / f"{demo.HELPER_KERNELS[0]}-1.py311.nbi").unlink()
     with demo.compile_helper() as helper:
         assert helper is not None
     assert helper.returncode is not None  # stopped (or finished) when the block ended
+
+
+def test_an_index_written_by_another_numba_version_counts_as_uncached(tmp_path, monkeypatch):
+    """numba ignores an index whose first pickle is another version: such kernels compile again, so
+    the demo must start its helper for them (a precompile by another numba does not help)."""
+    import pickle
+
+    import numba
+
+    from thinpool import jit_cache
+    monkeypatch.setattr(jit_cache, "machine_dir", str(tmp_path))
+    a, b, c = demo.HELPER_KERNELS[:3]
+    (tmp_path / f"{a}-1.py311.nbi").write_bytes(pickle.dumps(numba.__version__) + b"rest")
+    (tmp_path / f"{b}-1.py311.nbi").write_bytes(pickle.dumps("0.1.0") + b"rest")
+    (tmp_path / f"{c}-1.py311.nbi").write_bytes(b"\x00 not a pickle")
+    assert demo.uncached((a, b, c)) == [b, c]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -102,19 +103,44 @@ HELPER_KERNELS = ("kernels.write_batch", "kernels.locate", "walks.logical_counts
                   "kernels_pages.encode_packs")
 
 
+def uncached(kernels: tuple[str, ...]) -> list[str]:
+    """The ``module.kernel`` names of ``kernels`` with no index in the machine kernel cache written by
+    the numba running now (numba ignores an index of another version: such a kernel compiles again).
+    Imports numba; all of them when there is no machine cache directory."""
+    from .. import jit_cache, kernels_cache  # noqa: F401 -- registers the machine cache (imports numba)
+    import numba
+    where = jit_cache.machine_dir
+    if where is None:
+        return list(kernels)
+    out = []
+    for k in kernels:
+        found = False
+        for path in glob.glob(os.path.join(glob.escape(where), f"{k}-*.nbi")):
+            try:
+                with open(path, "rb") as f:
+                    found = pickle.load(f) == numba.__version__  # numba's index starts with its version
+            except Exception:  # noqa: BLE001 -- unreadable: as good as missing
+                found = False
+            if found:
+                break
+        if not found:
+            out.append(k)
+    return out
+
+
 @contextlib.contextmanager
-def compile_helper() -> Iterator[subprocess.Popen | None]:
+def compile_helper(wait: bool = False) -> Iterator[subprocess.Popen | None]:
     """Around a demo run: on a cold kernel cache, a second process compiles the kernels the demo needs
     after its first (:data:`HELPER_KERNELS`) while the demo compiles ``write_one``; the machine
     cache's compile locks (:func:`thinpool.jit_cache.serialize_compiles`) make the demo wait for a
     kernel the helper is compiling and load it, and the helper for one the demo is compiling, so
     nothing is compiled twice and the two cores share the work.  Nothing is started when the
-    kernels are cached (or the JIT is off, or ``NUMBA_CACHE_DIR`` chose numba's own layout); the
-    helper is stopped when the block ends (what it saved stays cached)."""
-    from .. import jit_cache, kernels_cache  # noqa: F401 -- registers the machine cache (imports numba)
+    kernels are cached by this numba (or the JIT is off, or ``NUMBA_CACHE_DIR`` chose numba's own
+    layout); the helper is stopped when the block ends (what it saved stays cached), or waited for
+    with ``wait`` (:mod:`thinpool.containers.precompile`)."""
+    from .. import jit_cache  # noqa: F401
     helper = None
-    where = jit_cache.machine_dir
-    cold = where is not None and not all(glob.glob(os.path.join(where, f"{k}-*.nbi")) for k in HELPER_KERNELS[:2])
+    cold = jit_cache.machine_dir is not None and bool(uncached(HELPER_KERNELS[:2]))
     if cold and os.environ.get("NUMBA_DISABLE_JIT") != "1":
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
@@ -128,7 +154,7 @@ def compile_helper() -> Iterator[subprocess.Popen | None]:
         yield helper
     finally:
         if helper is not None:
-            if helper.poll() is None:
+            if helper.poll() is None and not wait:
                 helper.terminate()
             helper.wait()
 

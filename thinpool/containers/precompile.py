@@ -1,0 +1,83 @@
+"""Compile the kernels ``thinpool demo`` runs into the machine kernel cache before the first demo.
+
+    python -m thinpool.containers.precompile
+
+What the install runs: the package's build backend (``build_backend/thinpool_build.py``, used by
+``pip install .`` and ``pip install -e .``) calls this module after building, with numba in the
+build environment, so the first ``thinpool demo`` after an install loads its kernels instead of
+compiling them (docs/performance.md, "Cold start").  The compiled code lands where every later run
+looks for it: numba's cache in ``$XDG_CACHE_HOME/thinpool/kernels/<digest of the kernel sources>``
+(``~/.cache/...``; or ``$NUMBA_CACHE_DIR`` when set) of the user who installs -- nothing is written
+anywhere else, and nothing at all when no such directory is writable.  Each cached kernel stays keyed
+the way every run checks it: the digest of the kernel sources (the directory), numba's version (the
+index), the processor and the kernel's bytecode (each entry) -- a change of any of them compiles
+afresh at first use, as without this step; a damaged file is recompiled
+(:func:`thinpool.jit_cache.harden`).
+
+The work is the demo's own library calls on a small temporary pool, split over two processes the
+way a cold demo splits it (:func:`thinpool.containers.demo.compile_helper`): this one reaches
+``write_one``, the helper the rest (:data:`thinpool.containers.demo.HELPER_KERNELS`), so the kernels
+compile for exactly the argument types the demo passes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+
+from . import demo
+
+#: every kernel ``thinpool demo`` compiles on an empty cache (``module.kernel``)
+DEMO_KERNELS = ("kernels.write_one",) + demo.HELPER_KERNELS
+
+
+def _first_write_work() -> None:
+    """The demo's path to ``write_one``: a one-block write of a file's read-only contents."""
+    from ..pool import Pool
+    from .layers import file_content
+
+    with tempfile.TemporaryDirectory(prefix="thinpool-precompile-") as tmp:
+        with Pool.create(os.path.join(tmp, "pool"), data_size="64MiB") as pool:
+            vol = pool.create_thin("v", "1MiB")
+            vol.write(4096, file_content(1, 4096))
+
+
+def precompile() -> tuple[str | None, list[str]]:
+    """Compile (or load) the demo's kernels into the machine kernel cache; returns (the cache
+    directory or None when the JIT is off or no kernel cache directory is writable, the kernels of
+    :data:`DEMO_KERNELS` still missing from it afterwards)."""
+    if os.environ.get("NUMBA_DISABLE_JIT") == "1":
+        return None, list(DEMO_KERNELS)
+    from .. import jit_cache, kernels_cache  # noqa: F401 -- registers the machine cache (imports numba)
+    where = jit_cache.machine_dir or os.environ.get("NUMBA_CACHE_DIR")
+    if not where:
+        return None, list(DEMO_KERNELS)
+    with demo.compile_helper(wait=True):
+        _first_write_work()
+    return where, demo.uncached(DEMO_KERNELS)
+
+
+def main() -> int:
+    """``python -m thinpool.containers.precompile``: one line on stderr saying what was done; exit
+    status 0 also when nothing could be compiled (an install must not fail for want of a cache)."""
+    t0 = time.perf_counter()
+    try:
+        where, missing = precompile()
+    except Exception as e:  # noqa: BLE001 -- report, never fail the install
+        sys.stderr.write(f"thinpool: kernels not compiled ahead of the first run: {type(e).__name__}: {e}\n")
+        return 0
+    took = time.perf_counter() - t0
+    if where is None:
+        sys.stderr.write("thinpool: kernels not compiled ahead of the first run (JIT off or no writable cache)\n")
+    elif missing:
+        sys.stderr.write(f"thinpool: compiled kernels into {where} in {took:.1f} s; still missing: "
+                         f"{', '.join(missing)}\n")
+    else:
+        sys.stderr.write(f"thinpool: compiled the demo's kernels into {where} in {took:.1f} s\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
