@@ -3,12 +3,18 @@
     python -m perf.coldstart [--full] [--docs] [--json OUT]
 
 Each repeat (3, --full 5; medians) copies this checkout's ``thinpool`` package, without any
-``__pycache__``, to a new directory (what a fresh clone or install has: no byte code, no compiled
-kernels) and runs ``python -m thinpool demo`` from it (``PYTHONPATH`` = the copy) with
-``NUMBA_CACHE_DIR`` and ``NUMBA_DISABLE_JIT`` unset and ``XDG_CACHE_HOME`` a directory of the repeat:
+``__pycache__``, to new directories (what a fresh clone or install has: no byte code, no compiled
+kernels) and runs ``python -m thinpool demo`` from them (``PYTHONPATH`` = the copy) with
+``NUMBA_CACHE_DIR``, ``NUMBA_DISABLE_JIT`` and ``THINPOOL_NO_PRECOMPILE`` unset and ``XDG_CACHE_HOME``
+a directory of the repeat:
 
-* C1 fresh install on a fresh machine: the repeat's cache directory is empty, so every kernel the
-  demo runs is compiled (numba's cost) and saved;
+* C1 fresh install on a fresh machine: the repeat's cache directory is empty; the install's compile
+  step runs first -- the build backend's own function (build_backend/thinpool_build.py
+  ``precompile``, what ``pip install .`` / ``pip install -e .`` run after building; its wall and CPU
+  seconds are shown as ``install_s`` / ``install_cpu_s``) -- then the demo;
+* C1r (info) the first demo with nothing compiled before it (a source tree run through
+  ``PYTHONPATH``, ``THINPOOL_NO_PRECOMPILE=1``, an install by another numba or user): an empty cache
+  of its own, every kernel compiled at first use, the demo's helper process on the second core;
 * C2 fresh install on a machine that already ran these sources: a second copy, at another path, with
   the cache C1 left -- the kernels are cached per machine user and digest of the kernel sources
   (thinpool/jit_cache.py), so a new clone or virtual environment loads them;
@@ -46,15 +52,19 @@ def fresh_checkout(dest: str) -> str:
     return dest
 
 
+def _env(checkout: str, cache_home: str) -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=checkout, XDG_CACHE_HOME=cache_home)
+    for name in ("NUMBA_CACHE_DIR", "NUMBA_DISABLE_JIT", "PYTHONDONTWRITEBYTECODE", "THINPOOL_NO_PRECOMPILE"):
+        env.pop(name, None)
+    return env
+
+
 def demo(checkout: str, cache_home: str) -> tuple[float, float]:
     """(wall seconds, CPU seconds) of ``python -m thinpool demo`` run from ``checkout`` with the kernel
     cache under ``cache_home``."""
-    env = dict(os.environ, PYTHONPATH=checkout, XDG_CACHE_HOME=cache_home)
-    for name in ("NUMBA_CACHE_DIR", "NUMBA_DISABLE_JIT", "PYTHONDONTWRITEBYTECODE"):
-        env.pop(name, None)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = clock()
-    r = subprocess.run([sys.executable, "-m", "thinpool", "demo"], cwd=checkout, env=env,
+    r = subprocess.run([sys.executable, "-m", "thinpool", "demo"], cwd=checkout, env=_env(checkout, cache_home),
                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=900)
     wall = clock() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -63,9 +73,27 @@ def demo(checkout: str, cache_home: str) -> tuple[float, float]:
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
+def install_step(checkout: str, cache_home: str) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of the install's compile step for ``checkout``: the build backend's
+    ``precompile`` (build_backend/thinpool_build.py), as ``pip install`` runs it after building."""
+    sys.path.insert(0, os.path.join(REPO, "build_backend"))
+    try:
+        import thinpool_build
+    finally:
+        sys.path.pop(0)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = clock()
+    status = thinpool_build.precompile(checkout, _env(checkout, cache_home))
+    wall = clock() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if status != 0:
+        raise RuntimeError(f"the install's compile step failed (exit status {status})")
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
 def run(full: bool, scratch: Scratch | None = None) -> tuple[list[Row], dict[str, Any]]:
     repeats = 5 if full else 3
-    sides = ("fresh_machine", "fresh_checkout", "warm")
+    sides = ("no_install_step", "install_step", "fresh_machine", "fresh_checkout", "warm")
     wall: dict[str, list[float]] = {s: [] for s in sides}
     cpu: dict[str, list[float]] = {s: [] for s in sides}
     own = scratch is None
@@ -73,15 +101,19 @@ def run(full: bool, scratch: Scratch | None = None) -> tuple[list[Row], dict[str
     try:
         for r in range(repeats):
             log(f"coldstart: repeat {r + 1}/{repeats}")
-            cache = sc.path(f"coldstart-cache-{r}")
+            cache, cache_r = sc.path(f"coldstart-cache-{r}"), sc.path(f"coldstart-cache-r-{r}")
             os.mkdir(cache)
+            os.mkdir(cache_r)
             a = fresh_checkout(sc.path(f"coldstart-a-{r}"))
             b = fresh_checkout(sc.path(f"coldstart-b-{r}"))
-            for side, checkout in (("fresh_machine", a), ("fresh_checkout", b), ("warm", b)):
-                w, c = demo(checkout, cache)
+            c = fresh_checkout(sc.path(f"coldstart-c-{r}"))
+            steps = (("no_install_step", demo, c, cache_r), ("install_step", install_step, a, cache),
+                     ("fresh_machine", demo, a, cache), ("fresh_checkout", demo, b, cache), ("warm", demo, b, cache))
+            for side, fn, checkout, where in steps:
+                w, t = fn(checkout, where)
                 wall[side].append(w)
-                cpu[side].append(c)
-            for d in (cache, a, b):
+                cpu[side].append(t)
+            for d in (cache, cache_r, a, b, c):
                 shutil.rmtree(d, ignore_errors=True)
     finally:
         if own:
@@ -89,9 +121,13 @@ def run(full: bool, scratch: Scratch | None = None) -> tuple[list[Row], dict[str
     w = {s: med(v) for s, v in wall.items()}
     c = {s: med(v) for s, v in cpu.items()}
     rows = [
-        ratio_row("C1", "first `thinpool demo` of a fresh install on a fresh machine (empty kernel cache: "
-                  "every kernel compiled), seconds", f"<= {FIRST_TARGET:g}", w["fresh_machine"],
-                  wall_s=w["fresh_machine"], cpu_s=c["fresh_machine"]),
+        ratio_row("C1", "first `thinpool demo` of a fresh install on a fresh machine (empty kernel cache; the "
+                  "install's compile step first, its seconds beside), seconds", f"<= {FIRST_TARGET:g}",
+                  w["fresh_machine"], wall_s=w["fresh_machine"], cpu_s=c["fresh_machine"],
+                  install_s=w["install_step"], install_cpu_s=c["install_step"]),
+        Row("C1r", "first `thinpool demo` with nothing compiled before it (source tree on PYTHONPATH, "
+            "THINPOOL_NO_PRECOMPILE=1, or an install by another numba): every kernel compiled at first use, seconds",
+            {"wall_s": w["no_install_step"], "cpu_s": c["no_install_step"]}, w["no_install_step"]),
         ratio_row("C2", "first `thinpool demo` of a fresh install (new checkout, no byte code) on a machine "
                   "that already ran these sources, seconds", f"<= {FIRST_TARGET:g}", w["fresh_checkout"],
                   wall_s=w["fresh_checkout"], cpu_s=c["fresh_checkout"]),
