@@ -14,13 +14,13 @@ its volume through a rename and never confuses it with a later volume that reuse
 from __future__ import annotations
 
 import functools
-import threading
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import numpy as np
 
 from . import schema as K
 from .origin import Origins
+from .poollock import PoolLock
 from .schema import Mode
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ class KernelContext:
     """The pool state the kernels and :mod:`thinpool.thin` use (see the module docstring).
 
     Attributes (read them under :attr:`lock`; only the pool assigns them):
-    ``lock`` the pool's RLock; ``keys`` name -> volume key; ``slots`` volume key -> device-table
+    ``lock`` the pool's re-entrant :class:`~thinpool.poollock.PoolLock`; ``keys`` name -> volume key; ``slots`` volume key -> device-table
     slot; ``names`` volume key -> name; ``is_open`` false once the pool is closed; ``devs_i`` the device table as int64 rows (``schema.DEV_*`` columns); ``devs_dirty`` slots
     changed since the last commit; ``st`` the kernels' state vector; ``nodes_map`` the block map;
     ``space`` the data space map; ``data`` the data device; ``one_io`` a (2, 1) int64 scratch for
@@ -66,7 +66,7 @@ class KernelContext:
 
     def __init__(self, pool: "Pool") -> None:
         self.pool = pool
-        self.lock = threading.RLock()
+        self.lock = PoolLock()
         self.keys: dict[str, int] = {}
         self.slots: dict[int, int] = {}
         self.is_open = False

@@ -53,6 +53,7 @@ from typing import Any
 import numpy as np
 
 from thinpool.errors import FailedPrecondition, NotFound, ReadOnly
+from thinpool.poollock import read_binding
 from thinpool.rules import NO_METADATA_CHANGE
 from thinpool.nbd.wire import MAX_STRING
 from thinpool.nbd.backend import MAPPED, UNMAPPED, check_range, split_by_blocks
@@ -129,6 +130,16 @@ class PoolExport:
         self._entry = entry
         self._handle = thin = pool.thin(name)
         return thin
+
+    def read_binding(self) -> Any:
+        """The volume's binding for the session's compiled read loop (:func:`thinpool.poollock.read_binding`;
+        call with the provider's lock held), or None when its reads must take :meth:`pread`: the volume is
+        gone (the Python path answers EIO), reads an external origin, or the pool is closed."""
+        try:
+            thin = self._thin()
+        except NotFound:
+            return None
+        return read_binding(thin)
 
     def _check_data_file(self) -> None:
         """Raise FailedPrecondition (the client sees EIO) for a request that may write when the data

@@ -21,11 +21,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from thinpool.nbd import protocol as P
 from thinpool.nbd.backend import Export, ExportProvider
 from thinpool.nbd.handshake import Handshake
 from thinpool.nbd.limits import PayloadBudget
 from thinpool.nbd.protocol import Disconnect
+from thinpool.nbd.readloop import CompiledReads
 from thinpool.nbd.requests import MIN_HOLE_CHUNK, RequestHandling
 
 log = logging.getLogger("thinpool.nbd")
@@ -66,8 +69,9 @@ _SPINNER = threading.Lock()
 CONTENDED_NS = 30_000
 #: after such a round a session blocks without busy-polling for this long
 SPIN_BACKOFF_NS = 100_000_000
-#: sessions in the transmission phase right now (a session busy-polls only while it is the only one)
-_transmitting = [0]
+#: sessions in the transmission phase right now (a session busy-polls only while it is the only one;
+#: an array: the compiled read loop reads it too)
+_transmitting = np.zeros(1, np.int64)
 _transmitting_lock = threading.Lock()
 
 # transmission fast path: header layouts and constants, bound once
@@ -86,6 +90,7 @@ _FUA = P.CMD_FLAG_FUA
 _DF = P.CMD_FLAG_DF
 _HDR = P.REQUEST_HEADER_SIZE
 _MAX_PAYLOAD = P.MAX_PAYLOAD
+_FR_STOP, _FR_IDLE = 4, 5  # kernels_nbd.FR_STOP, FR_IDLE (kept here: importing kernels_nbd loads numba)
 
 
 class Session(Handshake, RequestHandling):
@@ -387,13 +392,19 @@ class Session(Handshake, RequestHandling):
     def _transmission(self) -> None:
         with _transmitting_lock:
             _transmitting[0] += 1
+        compiled = None
         try:
-            self._transmit()
+            compiled = CompiledReads.open(self)
+            self._transmit(compiled)
         finally:
             with _transmitting_lock:
                 _transmitting[0] -= 1
+            if compiled is not None:
+                compiled.close()
 
-    def _transmit(self) -> None:
+    def _transmit(self, compiled: CompiledReads | None = None) -> None:
+        """The transmission loop.  With ``compiled`` (:mod:`thinpool.nbd.readloop`), plain READs are
+        served by the compiled read loop without the GIL; it returns here for every other request."""
         export = self.export
         assert export is not None
         stopping = self.ctx.stopping
@@ -407,6 +418,7 @@ class Session(Handshake, RequestHandling):
                  max(MIN_HOLE_CHUNK - 1, min(int(getattr(export, "dense_read_max", 0) or 0), _MAX_PAYLOAD)))
         writable = not self.export_read_only
         unpack = _REQUEST.unpack_from
+        rbuf = self._rbuf
         pack_simple = _SIMPLE_REPLY.pack
         pack_data = _DATA_CHUNK_HEADER.pack
         deadline: float | None = None
@@ -419,6 +431,20 @@ class Session(Handshake, RequestHandling):
                 deadline = deadline or time.monotonic() + self.ctx.grace
                 if time.monotonic() > deadline or (self._rend == self._rpos and not self._busy_poll.poll(0)):
                     raise Disconnect("server shutting down")
+            if compiled is not None and not stopping.is_set() and (
+                    self._rend - self._rpos < _HDR or not (rbuf[self._rpos + 6] or rbuf[self._rpos + 7])):
+                # a READ at the head, or nothing yet: the compiled loop serves READs until a request
+                # for this loop (or a wait it leaves to it)
+                self._flush_out()
+                code = compiled.run(SPIN_NS, CONTENDED_NS, SPIN_BACKOFF_NS, _transmitting,
+                                    structured, read_flags, dense, size)
+                if code is None:
+                    compiled.close()
+                    compiled = None
+                elif code == _FR_IDLE:
+                    raise Disconnect(self._timeout_reason(True))
+                elif code == _FR_STOP:
+                    continue  # the stopping checks above
             if self._rend - self._rpos < _HDR:
                 self._fill(_HDR, idle=not stopping.is_set())
             magic, flags, type_, handle, offset, length = unpack(self._rbuf, self._rpos)

@@ -1,0 +1,236 @@
+"""The NBD session's compiled read loop: plain READs served without the GIL and without the pool's lock.
+
+An engine kernel module (it is in :data:`thinpool.kernels_cache.SOURCES` and calls the I/O kernels);
+the NBD server (:mod:`thinpool.nbd.readloop`) runs it.
+
+:func:`serve_reads` is one numba ``nogil`` kernel that does, for as long as it can, what the Python
+fast path in :mod:`thinpool.nbd.session` does for a READ: take a request header from the session's
+receive buffer, check it, look the blocks up in the block map, ``pread`` them into a reply buffer
+behind the reply header, and send the replies (libc ``recv``/``send``/``poll`` called directly).  The
+sessions of several connections so serve their reads on several CPUs at once.
+
+It serves only what the Python fast path would serve the same way -- a READ with the request magic,
+no flags but FUA (and DF with structured replies), a length of 1 .. ``max_len`` bytes, entirely inside
+the export -- and hands everything else back untouched (the request stays at the head of the buffer):
+other commands, malformed or out-of-range requests, a read that failed (the Python path reads it again
+under the pool's lock and answers with the protocol's error), a partial header it cannot complete
+without waiting, the server stopping, an idle timeout.  So the bytes on the wire are the Python
+path's, and every error reply stays the Python path's.
+
+Synchronisation (:mod:`thinpool.poollock`): each read takes the read side of the pool lock's
+reader-writer lock and first checks the lock's generation against the binding's; a changed generation
+(some thread held the pool lock since the binding) returns :data:`FR_STALE` before anything of the
+binding is touched, and the session binds again under the pool lock.
+
+Return codes: :data:`FR_OTHER` (the request at the head is for Python), :data:`FR_NEED` (fewer than
+a header buffered and the socket has nothing more right now, or a receive failed: Python's receive
+path takes over), :data:`FR_STALE`, :data:`FR_STOP` (the server's wake-up descriptor is readable),
+:data:`FR_IDLE` (no request within the idle timeout), :data:`FR_SEND` (a send failed or was
+interrupted: Python sends the rest of the reply buffer, ``out[state[S_OSENT]:state[S_OLEN]]``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, types
+
+from . import kernels_cache
+from .kernels import read_one_pread
+from .schema import OK
+
+c_recv = types.ExternalFunction("recv", types.intp(types.int32, types.voidptr, types.uintp, types.int32))
+c_send = types.ExternalFunction("send", types.intp(types.int32, types.voidptr, types.uintp, types.int32))
+c_poll = types.ExternalFunction("poll", types.int32(types.voidptr, types.uint64, types.int32))
+c_rdlock = types.ExternalFunction("pthread_rwlock_rdlock", types.int32(types.voidptr))
+c_rwunlock = types.ExternalFunction("pthread_rwlock_unlock", types.int32(types.voidptr))
+c_clock_gettime = types.ExternalFunction("clock_gettime", types.int32(types.int32, types.voidptr))
+c_sched_yield = types.ExternalFunction("sched_yield", types.int32())
+
+FR_OTHER = 1
+FR_NEED = 2
+FR_STALE = 3
+FR_STOP = 4
+FR_IDLE = 5
+FR_SEND = 6
+
+#: ``state`` columns: receive buffer start / end of unread bytes, reply bytes sent / queued, whether
+#: to busy-poll at the next wait, monotonic ns before which not to, READs served
+S_RPOS, S_REND, S_OSENT, S_OLEN, S_SPIN, S_BACKOFF, S_SERVED = 0, 1, 2, 3, 4, 5, 6
+STATE_SIZE = 8
+
+_HDR = 28
+_SOURCES_DIGEST = kernels_cache.sources_digest()
+_REQUEST_MAGIC = 0x25609513
+_SIMPLE_REPLY_MAGIC = 0x67446698
+_STRUCTURED_REPLY_MAGIC = 0x668E33EF
+_MSG_DONTWAIT = 0x40
+_MSG_NOSIGNAL = 0x4000
+_POLLIN = 1
+_CLOCK_MONOTONIC = 1
+
+
+@njit(cache=True)
+def _built_with():
+    """The sources this module's cached code was compiled from (see :mod:`thinpool.kernels_cache`)."""
+    return _SOURCES_DIGEST
+
+
+@njit(cache=True, inline="always")
+def _be(buf, p, n):
+    v = np.int64(0)
+    for i in range(n):
+        v = (v << 8) | np.int64(buf[p + i])
+    return v
+
+
+@njit(cache=True, inline="always")
+def _put_be(buf, p, n, v):
+    for i in range(n):
+        buf[p + n - 1 - i] = np.uint8((v >> (8 * i)) & 0xFF)
+
+
+@njit(cache=True, inline="always")
+def _now(ts):
+    c_clock_gettime(_CLOCK_MONOTONIC, ts.ctypes.data)
+    return ts[0] * 1_000_000_000 + ts[1]
+
+
+@njit(cache=True)
+def _flush(sock, out, state):
+    """Send the queued replies ``out[state[S_OSENT]:state[S_OLEN]]``; False if a send failed."""
+    pos = state[S_OSENT]
+    end = state[S_OLEN]
+    while pos < end:
+        r = c_send(sock, out[pos:].ctypes.data, end - pos, _MSG_NOSIGNAL)
+        if r <= 0:
+            state[S_OSENT] = pos
+            return False
+        pos += r
+    state[S_OSENT] = 0
+    state[S_OLEN] = 0
+    return True
+
+
+@njit(cache=True, nogil=True)
+def serve_reads(sock, rbuf, state, out, tab, devs, slot, fd, size, structured, read_flags, max_len,
+                rw, gen, bound_gen, idle_ms, spin_ns, contended_ns, backoff_ns, transmitting, pollfds, ts):
+    """Serve READs from ``rbuf``/the socket until one of the ``FR_*`` conditions (module docstring).
+
+    ``sock`` the connection's descriptor, ``pollfds`` two ``struct pollfd`` as int32 words (the socket,
+    the server's wake-up descriptor); ``rbuf`` the session's receive buffer; ``out`` the reply buffer
+    (at least ``max_len`` + 28 bytes); ``tab``/``devs``/``slot``/``fd``/``size`` the volume's binding
+    (:func:`thinpool.poollock.read_binding`), valid while ``gen[0] == bound_gen``; ``rw`` the
+    ``pthread_rwlock_t`` memory; ``read_flags`` the command flags a served READ may carry; ``idle_ms``
+    the poll timeout between requests (-1: none); ``spin_ns`` the busy-poll window (0: none), used only
+    while ``transmitting[0] == 1`` (the session's rule, :meth:`thinpool.nbd.session.Session._spin_wait`).
+    """
+    cap = rbuf.shape[0]
+    ocap = out.shape[0]
+    rhdr = 28 if structured else 16
+    rwp = rw.ctypes.data
+    while True:
+        rpos = state[S_RPOS]
+        rend = state[S_REND]
+        if rend - rpos >= _HDR:
+            p = rpos
+            magic = _be(rbuf, p, 4)
+            flags = _be(rbuf, p + 4, 2)
+            ctype = _be(rbuf, p + 6, 2)
+            length = _be(rbuf, p + 24, 4)
+            fast = (magic == _REQUEST_MAGIC and ctype == 0 and (flags & ~read_flags) == 0
+                    and 0 < length <= max_len and rbuf[p + 16] < 0x80)
+            offset = _be(rbuf, p + 16, 8) if fast else np.int64(0)
+            if fast and (offset > size or length > size - offset):
+                fast = False
+            if not fast:
+                if not _flush(sock, out, state):
+                    return FR_SEND
+                return FR_OTHER
+            need = rhdr + length
+            if state[S_OLEN] + need > ocap:
+                if not _flush(sock, out, state):
+                    return FR_SEND
+            o = state[S_OLEN]
+            c_rdlock(rwp)
+            if gen[0] != bound_gen:
+                c_rwunlock(rwp)
+                if not _flush(sock, out, state):
+                    return FR_SEND
+                return FR_STALE
+            code, _where = read_one_pread(tab, devs, slot, fd, out[o + rhdr:o + need], offset, -1, 0)
+            c_rwunlock(rwp)
+            if code != OK:
+                if not _flush(sock, out, state):
+                    return FR_SEND
+                return FR_OTHER
+            if structured:
+                _put_be(out, o, 4, _STRUCTURED_REPLY_MAGIC)
+                _put_be(out, o + 4, 2, 1)          # NBD_REPLY_FLAG_DONE
+                _put_be(out, o + 6, 2, 1)          # NBD_REPLY_TYPE_OFFSET_DATA
+                for i in range(8):
+                    out[o + 8 + i] = rbuf[p + 8 + i]  # the handle, as sent
+                _put_be(out, o + 16, 4, 8 + length)
+                _put_be(out, o + 20, 8, offset)
+            else:
+                _put_be(out, o, 4, _SIMPLE_REPLY_MAGIC)
+                _put_be(out, o + 4, 4, 0)
+                for i in range(8):
+                    out[o + 8 + i] = rbuf[p + 8 + i]
+            state[S_OLEN] = o + need
+            state[S_RPOS] = p + _HDR
+            state[S_SERVED] += 1
+            continue
+        # fewer than a header buffered: send the replies, then receive
+        if not _flush(sock, out, state):
+            return FR_SEND
+        have = rend - rpos
+        if have == 0:
+            state[S_RPOS] = 0
+            state[S_REND] = 0
+            rend = 0
+            readable = False
+            start = _now(ts)
+            if spin_ns > 0 and state[S_SPIN] != 0 and transmitting[0] == 1 and start >= state[S_BACKOFF]:
+                end = start + spin_ns
+                last = start
+                while True:
+                    pollfds[1] = _POLLIN
+                    pollfds[3] = _POLLIN
+                    if c_poll(pollfds.ctypes.data, 2, 0) != 0:
+                        readable = True
+                        break
+                    t = _now(ts)
+                    if t >= end:
+                        break
+                    if t - last > contended_ns:
+                        state[S_BACKOFF] = t + backoff_ns
+                        break
+                    c_sched_yield()
+                    last = t
+            if not readable:
+                pollfds[1] = _POLLIN
+                pollfds[3] = _POLLIN
+                r = c_poll(pollfds.ctypes.data, 2, idle_ms)
+                if r == 0:
+                    return FR_IDLE
+                if r < 0:
+                    return FR_NEED
+            state[S_SPIN] = 1 if _now(ts) - start < 2 * spin_ns else 0
+            if (pollfds[3] >> 16) != 0:
+                return FR_STOP
+        elif rpos + _HDR > cap or rend == cap:
+            for i in range(have):  # move the unread bytes to the front
+                rbuf[i] = rbuf[rpos + i]
+            state[S_RPOS] = 0
+            state[S_REND] = have
+            rend = have
+        got = c_recv(sock, rbuf[rend:].ctypes.data, cap - rend, _MSG_DONTWAIT)
+        if got <= 0:
+            return FR_NEED
+        state[S_REND] = rend + got
+
+
+kernels_cache.check(globals(), _built_with)
+
+__all__ = ["serve_reads", "FR_OTHER", "FR_NEED", "FR_STALE", "FR_STOP", "FR_IDLE", "FR_SEND", "STATE_SIZE",
+           "S_RPOS", "S_REND", "S_OSENT", "S_OLEN", "S_SPIN", "S_BACKOFF", "S_SERVED"]

@@ -1,0 +1,111 @@
+"""A session's compiled read loop (:mod:`thinpool.kernels_nbd`): registering it with the pool's lock,
+binding it to the export's volume, running it and taking over where it stops.
+
+Used by :class:`thinpool.nbd.session.Session` for the pool's volumes
+(:class:`thinpool.nbd.pool_backend.PoolExport` itself, not wrapped) on a provider whose lock is a
+:class:`~thinpool.poollock.PoolLock`; other exports are served by the Python path alone.
+``THINPOOL_NBD_COMPILED_READS=0`` turns the compiled loop off (for A/B measurements).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+from typing import Any
+
+import numpy as np
+
+from thinpool.poollock import PoolLock
+
+#: reads up to this many bytes are served by the compiled loop (the reply buffer holds two)
+MAX_READ = 256 * 1024
+OUT_CAP = 2 * (MAX_READ + 28)
+ENABLED = os.environ.get("THINPOOL_NBD_COMPILED_READS", "1") != "0"
+
+
+class CompiledReads:
+    """The compiled read loop of one session (see the module docstring); :meth:`open` returns None
+    when the export or provider does not support it."""
+
+    def __init__(self, session: Any, lock: PoolLock) -> None:
+        from thinpool import kernels_nbd
+        self.fr = kernels_nbd
+        self.session = session
+        self.lock = lock
+        self.export = session.export
+        self.state = np.zeros(kernels_nbd.STATE_SIZE, np.int64)
+        self.state[kernels_nbd.S_SPIN] = 1
+        self.out = np.empty(OUT_CAP, np.uint8)
+        self.rbuf = np.frombuffer(session._rbuf, np.uint8)
+        self.pollfds = np.array([session.sock.fileno(), select.POLLIN, session.ctx.wake_fd, select.POLLIN],
+                                np.int32)
+        self.ts = np.zeros(2, np.int64)
+        self.binding: Any = None
+        self.registered = False
+
+    @classmethod
+    def open(cls, session: Any) -> "CompiledReads | None":
+        """Register a compiled reader for ``session``'s export, or None (not supported, or turned off)."""
+        from thinpool.nbd.pool_backend import PoolExport
+        lock = getattr(session.ctx.provider, "lock", None)
+        # a PoolExport itself: a wrapper (the recorder of ``serve --record``) sees every request
+        if not ENABLED or not isinstance(lock, PoolLock) or type(session.export) is not PoolExport:
+            return None
+        self = cls(session, lock)
+        with lock:
+            lock.add_reader()
+            self.registered = True
+        return self
+
+    def close(self) -> None:
+        """Unregister (idempotent); the loop must not be running."""
+        if self.registered:
+            with self.lock:
+                self.lock.drop_reader()
+            self.registered = False
+            self.binding = None
+
+    def run(self, spin_ns: int, contended_ns: int, backoff_ns: int, transmitting: np.ndarray,
+            structured: bool, read_flags: int, max_len: int, size: int) -> int | None:
+        """Serve READs in the compiled loop from the session's buffer position on; return its ``FR_*``
+        code with the session's buffer positions updated and every reply sent -- or None when the
+        volume cannot be bound (the caller stops using the loop: its requests get the Python path's
+        answers)."""
+        fr = self.fr
+        s = self.session
+        st = self.state
+        idle = s.ctx.idle_timeout
+        idle_ms = -1 if idle is None else max(1, min(int(idle * 1000), 2**31 - 1))
+        max_len = min(max_len, MAX_READ)
+        while True:
+            b = self.binding
+            if b is None:
+                with self.lock:
+                    b = self.binding = self.export.read_binding()
+                if b is None:
+                    return None
+            st[fr.S_RPOS] = s._rpos
+            st[fr.S_REND] = s._rend
+            code = fr.serve_reads(self.pollfds[0], self.rbuf, st, self.out, b.table, b.devs, b.slot, b.fd,
+                                  min(size, b.size), structured, read_flags, max_len, b.lock.rw, b.lock.gen,
+                                  b.gen, idle_ms, spin_ns, contended_ns, backoff_ns, transmitting, self.pollfds,
+                                  self.ts)
+            s._rpos = int(st[fr.S_RPOS])
+            s._rend = int(st[fr.S_REND])
+            if st[fr.S_OSENT] < st[fr.S_OLEN]:
+                s.sock.sendall(memoryview(self.out)[int(st[fr.S_OSENT]):int(st[fr.S_OLEN])])
+                st[fr.S_OSENT] = st[fr.S_OLEN] = 0
+            if code == fr.FR_STALE:
+                self.binding = None
+                continue
+            if code == fr.FR_SEND:
+                continue
+            return int(code)
+
+    @property
+    def served(self) -> int:
+        """READs the compiled loop has served on this connection."""
+        return int(self.state[self.fr.S_SERVED])
+
+
+__all__ = ["CompiledReads", "MAX_READ", "ENABLED"]
