@@ -41,6 +41,7 @@ from .schema import (BLOCK_FREED, BLOCK_PASSDOWN, BLOCK_STALE, BLOCK_STATE, DEV_
 UNMAPPED = np.uint64(_UNMAPPED)  # a hole, typed as the leaves' element type
 _TIME_BITS = np.uint64(TIME_BITS)
 _TIME_MASK = np.uint64(TIME_MASK)
+_RC_PAGE_BITS = np.uint64(RC_PAGE_BITS)
 _SOURCES_DIGEST = kernels_cache.sources_digest()
 
 
@@ -193,6 +194,38 @@ def unallocate_data_block(space, st, d):
     st[ST_NR_FREE] += 1
 
 
+@njit(cache=True, inline="always")
+def inc_leaf_data(row, data_rc, rc_dirty):
+    """Every data block leaf ``row`` maps gains a reference (a leaf shadowed: a new leaf maps them).
+    The arrays are taken out of the ``space`` tuple once by the caller (an extraction per mapping
+    costs reference counting) and indexed unsigned (no negative-index check): ~10x faster per leaf
+    than :func:`inc_data` per mapping."""
+    for i in range(LEAF_ENTRIES):
+        v = row[i]
+        if v != UNMAPPED:
+            u = v >> _TIME_BITS
+            data_rc[u] += 1
+            rc_dirty[u >> _RC_PAGE_BITS] = 1
+
+
+@njit(cache=True, inline="always")
+def dec_leaf_data(row, data_rc, freed_txn, rc_dirty):
+    """Every data block leaf ``row`` maps loses a reference (a leaf released), as :func:`dec_data`
+    per mapping does; returns how many blocks reached zero (the caller adds them to the free count)."""
+    freed = 0
+    for i in range(LEAF_ENTRIES):
+        v = row[i]
+        if v != UNMAPPED:
+            u = v >> _TIME_BITS
+            c = data_rc[u] - 1
+            data_rc[u] = c
+            rc_dirty[u >> _RC_PAGE_BITS] = 1
+            if c == 0:
+                freed_txn[u] = BLOCK_FREED | BLOCK_STALE
+                freed += 1
+    return freed
+
+
 # --------------------------------------------------------------------------- node store
 
 @njit(cache=True, inline="always")
@@ -241,11 +274,7 @@ def release_leaf(nodes, space, st, leaf):
     leaf_rc[leaf] = c
     leaf_rc_dirty[leaf >> RC_PAGE_BITS] = 1
     if c == 0:
-        row = leaves[leaf]
-        for i in range(LEAF_ENTRIES):
-            v = row[i]
-            if v != UNMAPPED:
-                dec_data(space, st, mapping_block(v))
+        st[ST_NR_FREE] += dec_leaf_data(leaves[leaf], space[0], space[1], space[2])
         leaf_dirty[leaf] = 1
         leaf_free[st[ST_LEAF_FREE]] = leaf
         st[ST_LEAF_FREE] += 1
@@ -328,11 +357,7 @@ def shadow_leaf(nodes, space, st, leaf):
     if new == NONE:
         return NONE
     copy_bytes(leaves[new], 0, leaves[leaf], 0, LEAF_ENTRIES)
-    row = leaves[new]
-    for i in range(LEAF_ENTRIES):
-        v = row[i]
-        if v != UNMAPPED:
-            inc_data(space, mapping_block(v))
+    inc_leaf_data(leaves[new], space[0], space[2])
     leaf_rc[leaf] -= 1
     leaf_rc_dirty[leaf >> RC_PAGE_BITS] = 1
     return new

@@ -16,6 +16,7 @@ import itertools
 import os
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -213,6 +214,59 @@ def test_discard(f, data):
 
 
 @SETTINGS
+@given(f=forests(), data=st.data())
+def test_kernel_rule_delete_drops_the_root_and_descends_only_into_nodes_reaching_zero(f, data):
+    """dm_btree_del: deleting a device drops one reference to its root; only a node whose count reaches
+    zero releases its children (a leaf its data blocks), so subtrees still shared by other devices keep
+    everything.  The counts after it are the reference's for the forest without that device, and the
+    blocks reaching zero are marked freed-and-stale."""
+    dev = data.draw(st.integers(0, len(f.devices) - 1))
+    a = Arrays(f)
+    before = a.data_rc.copy()
+    free_before = int(a.st[S.ST_NR_FREE])
+
+    M.release_inner(a.nodes, (a.data_rc, a.freed_txn, a.rc_dirty), a.st, f.devices[dev], 0)
+
+    rest = R.Forest(f.roots, f.mids, f.leaves, f.devices[:dev] + f.devices[dev + 1:])
+    inner, leaf, data_rc = rest.refcounts()
+    assert a.data_rc[:NR_DATA].tolist() == _dense(data_rc, NR_DATA, np.uint32).tolist()
+    assert a.nodes[2].tolist() == _dense(leaf, NODE_CAP, np.uint32).tolist()
+    assert a.nodes[3].tolist() == _dense(inner, NODE_CAP, np.uint32).tolist()
+    freed = set(np.flatnonzero((before > 0) & (a.data_rc == 0)).tolist())
+    assert set(np.flatnonzero(a.freed_txn).tolist()) == freed
+    assert (a.freed_txn[sorted(freed)] == S.BLOCK_FREED | S.BLOCK_STALE).all()
+    assert int(a.st[S.ST_NR_FREE]) == free_before + len(freed)
+    assert set(np.flatnonzero(a.rc_dirty).tolist()) >= {b >> S.RC_PAGE_BITS for b in freed}
+    _, live_mids, live_leaves = rest.live()
+    for k in range(len(rest.devices)):       # the other devices' mappings are untouched
+        assert R.mappings(rest, k) == R.mappings(f, k if k < dev else k + 1)
+    assert int(a.st[S.ST_LEAVES_LIVE]) == len(live_leaves)
+
+
+@SETTINGS
+@given(f=forests(), data=st.data())
+def test_kernel_rule_shadowing_a_shared_leaf_gives_its_blocks_one_more_reference(f, data):
+    """Making a path writable (writable_leaf) copies every shared node on it; a copied leaf's data blocks
+    each gain one reference (data counts are per distinct leaf).  Every device's mappings are unchanged
+    and every count equals the reference recount of the forest read back."""
+    dev = data.draw(st.integers(0, len(f.devices) - 1))
+    vbs = data.draw(st.lists(st.sampled_from(_vbs()), min_size=1, max_size=4))
+    a = Arrays(f)
+    maps = [R.mappings(f, k) for k in range(len(f.devices))]
+    for vb in vbs:
+        leaf = M.writable_leaf(a.nodes, (a.data_rc, a.freed_txn, a.rc_dirty), a.st, a.devs[dev], vb)
+        assert leaf != S.NONE
+        assert int(a.nodes[2][leaf]) == 1
+    back = a.forest()
+    assert [R.mappings(back, k) for k in range(len(f.devices))] == maps
+    inner, leaf_rc, data_rc = back.refcounts()
+    assert a.data_rc[:NR_DATA].tolist() == _dense(data_rc, NR_DATA, np.uint32).tolist()
+    assert a.nodes[2].tolist() == _dense(leaf_rc, NODE_CAP, np.uint32).tolist()
+    assert a.nodes[3].tolist() == _dense(inner, NODE_CAP, np.uint32).tolist()
+    assert not a.freed_txn.any()
+
+
+@SETTINGS
 @given(f=forests())
 def test_logical_counts_and_device_usage(f):
     a = Arrays(f)
@@ -311,3 +365,23 @@ def test_blocks_needed_time_rule_boundary():
         batch = (np.array([7 * BS], np.int64), np.array([BS], np.int64))
         assert K.blocks_needed(a.nodes, a.devs[0], *batch, BS) == want
         assert R.blocks_needed(f, 0, snap_time, [7 * BS], [BS], BS) == want
+
+
+@pytest.mark.parametrize("dirty_pages", [1, 3, 40, 64])
+def test_kernel_rule_blocks_freed_in_a_transaction_are_found_on_its_dirty_count_pages(dirty_pages):
+    """DataSpaceMap.freed_blocks (what a commit records as pending): exactly the blocks whose state is
+    FREED, in order -- whether few count pages are dirty (they are gathered) or most (the whole map
+    is scanned); PENDING blocks of the last commit and blocks on clean pages are not this transaction's."""
+    from thinpool.dataspace import DataSpaceMap
+    rng = np.random.default_rng(dirty_pages)
+    n = 64 << S.RC_PAGE_BITS
+    stt = np.zeros(S.ST_SIZE, np.int64)
+    ds = DataSpaceMap(stt, n, rng.integers(0, 4, n).astype(np.uint32))
+    pages = rng.choice(64, dirty_pages, replace=False)
+    ds.rc_dirty[pages] = 1
+    blocks = (pages[:, None] << S.RC_PAGE_BITS) + rng.integers(0, 1 << S.RC_PAGE_BITS, (dirty_pages, 5))
+    ds.freed_txn[blocks.reshape(-1)] = S.BLOCK_FREED | S.BLOCK_STALE
+    ds.freed_txn[rng.integers(0, n, 50)] |= S.BLOCK_PENDING          # not freed in this transaction
+    want = [b for b in range(n) if ds.freed_txn[b] & S.BLOCK_STATE == S.BLOCK_FREED and ds.rc_dirty[b >> S.RC_PAGE_BITS]]
+    got = ds.freed_blocks()
+    assert got.dtype == np.int64 and got.tolist() == want and len(want) > 0
