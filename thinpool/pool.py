@@ -36,7 +36,7 @@ from .mdstore import MetadataStore
 from .nospace import DEFAULT_NO_SPACE_TIMEOUT, NoSpaceQueue
 from .pool_devices import DeviceOps
 from .pool_features import Features, check_features, kernel_flags
-from .pool_txn import Transactions
+from .pool_txn import NoFlushDataIO, NoFlushFileIO, Transactions
 from .rules import (DEFAULT_MAX_THINS, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE,  # noqa: F401 (this module's API)
                     check_block_size, default_metadata_blocks)
 from .schema import DevFlag, Mode, dev_dtype
@@ -87,7 +87,8 @@ class Pool(Transactions, DeviceOps, Features):
     def __init__(self, path: str, *, read_only: bool = False,
                  on_low_water: Callable[["Pool"], None] | None = None, _scrub: bool = True,
                  wait: float | None = None, allow_foreign: bool | None = None, discard: str | None = None,
-                 error_if_no_space: bool | None = None, no_space_timeout: float | None = None) -> None:
+                 error_if_no_space: bool | None = None, no_space_timeout: float | None = None,
+                 flush: bool = True) -> None:
         """Open an existing pool (prefer :meth:`open`).  ``_scrub=False`` (used by :meth:`create`)
         never punches free blocks holding data at open (it only marks them stale): a new pool may sit
         on a data file whose blocks an import is about to map.  ``wait`` / ``allow_foreign`` and the features:
@@ -122,6 +123,9 @@ class Pool(Transactions, DeviceOps, Features):
                                         owner=self.uuid, pool_path=self.path, data_rc=self._space.data_rc,
                                         allow_foreign=allow_foreign)
             self._engine.data = self._data
+            self.flush = bool(flush)
+            if not self.flush:  # a scratch pool: see open()'s flush
+                self._store.io, self._data.io = NoFlushFileIO(), NoFlushDataIO()
             # free blocks holding bytes: marked stale (or punched, with punch_freed_blocks)
             self.scrubbed_blocks = 0 if read_only else _poolspace().scrub_on_open(self, punch=_scrub)
         except BaseException:
@@ -150,7 +154,7 @@ class Pool(Transactions, DeviceOps, Features):
                data_file: str | os.PathLike | None = None, max_thins: int = DEFAULT_MAX_THINS,
                on_low_water: Callable[["Pool"], None] | None = None, force: bool = False,
                take_over_data: bool = False, mode: int | str | None = None,
-               allow_foreign: bool | None = None, metadata_only: bool = False) -> "Pool":
+               allow_foreign: bool | None = None, metadata_only: bool = False, flush: bool = True) -> "Pool":
         """Create a pool: a sparse data file of ``data_size`` bytes cut into ``block_size`` blocks.
 
         ``low_water_mark`` is in data blocks (the callback fires once when free blocks fall to it);
@@ -173,7 +177,8 @@ class Pool(Transactions, DeviceOps, Features):
         files 0640, see :func:`thinpool.pooldir.make_dir`); ``allow_foreign``: see :meth:`open`.
         ``metadata_only``: no data file at all (recorded in the header, so every open keeps it): the
         same block map, space map and kernels, but writes store no bytes and every block reads as
-        zeroes -- for simulating pools larger than the host's disks (docs/simulate.md).
+        zeroes -- for simulating pools larger than the host's disks (docs/simulate.md).  ``flush=False``:
+        a scratch pool whose commits are never flushed (see :meth:`open`; this process's pool only).
         """
         path = os.path.abspath(os.fspath(path))
         bs = check_block_size(block_size)
@@ -205,7 +210,7 @@ class Pool(Transactions, DeviceOps, Features):
             pool = cls._create_files(path, data_path, bs, nr_blocks, md_blocks, made, low_water_mark,
                                      error_if_no_space, zero_new_blocks, bool(data_file), on_low_water,
                                      mode=mode, allow_foreign=allow_foreign, metadata_only=bool(metadata_only),
-                                     features=features, punch_freed_blocks=punch_freed_blocks)
+                                     features=features, punch_freed_blocks=punch_freed_blocks, flush=flush)
         except BaseException:
             made.undo()
             raise
@@ -218,7 +223,7 @@ class Pool(Transactions, DeviceOps, Features):
                       zero_new_blocks: bool, explicit_data: bool, on_low_water, *,
                       mode: int | str | None = None, allow_foreign: bool | None = None,
                       metadata_only: bool = False, features: dict[str, Any] | None = None,
-                      punch_freed_blocks: bool = False) -> "Pool":
+                      punch_freed_blocks: bool = False, flush: bool = True) -> "Pool":
         fmode = pooldir.make_dir(path, mode, allow_foreign=allow_foreign)
         if not metadata_only:
             DataDevice.create(data_path, nr_blocks * bs, fmode, allow_foreign=allow_foreign)
@@ -252,13 +257,13 @@ class Pool(Transactions, DeviceOps, Features):
             store.close()
         if not metadata_only:
             made.claim(header["uuid"])
-        return cls(path, on_low_water=on_low_water, _scrub=False, allow_foreign=allow_foreign)
+        return cls(path, on_low_water=on_low_water, _scrub=False, allow_foreign=allow_foreign, flush=flush)
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, read_only: bool = False,
              on_low_water: Callable[["Pool"], None] | None = None, wait: float | None = None,
              allow_foreign: bool | None = None, discard: str | None = None, error_if_no_space: bool | None = None,
-             no_space_timeout: float | None = None) -> "Pool":
+             no_space_timeout: float | None = None, flush: bool = True) -> "Pool":
         """Open an existing pool.  Raises PoolLocked if another process holds it (after waiting up
         to ``wait`` seconds for it; ``math.inf`` waits for ever), MetadataCorrupt if no committed
         state verifies, NotFound/InvalidArgument if ``path`` is not a pool, InvalidArgument if a pool
@@ -269,10 +274,17 @@ class Pool(Transactions, DeviceOps, Features):
         ``discard``, ``error_if_no_space``, ``no_space_timeout``: activate the pool with these features
         (None keeps the stored one).  Opening is a new activation of the pool, so -- as when dm-thin
         loads a pool's first table -- every feature may change here, ``discard`` to or from ``ignore``
-        included; the new values are stored (committed) at once.  A read-only open cannot change them."""
+        included; the new values are stored (committed) at once.  A read-only open cannot change them.
+
+        ``flush=False`` (not the default; not stored with the pool): a *scratch* pool for simulation
+        -- a replay in a temporary directory.  Its commits are the same commits, writing the same
+        metadata in the same order, but nothing is ever flushed (no ``fdatasync`` of the metadata or
+        data file): a crash of the process loses nothing committed (the writes are in the host's page
+        cache), a crash of the host may lose or tear any commit.  dm-thin always flushes
+        (docs/design.md, "Differences from the kernel")."""
         return cls(os.fspath(path), read_only=read_only, on_low_water=on_low_water, wait=wait,
                    allow_foreign=allow_foreign, discard=discard, error_if_no_space=error_if_no_space,
-                   no_space_timeout=no_space_timeout)
+                   no_space_timeout=no_space_timeout, flush=flush)
 
     def _release_lock(self) -> None:
         pooldir.unlock(self._lock_fd)

@@ -18,7 +18,9 @@ from . import rules
 from . import schema as K
 from .devtable import DEVS_PER_PAGE, pad_pages
 from .errors import AlreadyExists, HostIOError, InvalidArgument, MetadataSpaceExhausted, ReadOnly
+from .hostio import DataIO
 from .kernel_context import locked_method as _locked
+from .mdstore import FileIO
 from .nodestore import NodeDisk
 from .mdpages import BLOCK, PagedArray
 from .schema import Mode
@@ -26,6 +28,25 @@ from .schema import Mode
 if TYPE_CHECKING:
     from .check import CheckReport
     from .poolspace import TrimResult
+
+
+class NoFlushFileIO(FileIO):
+    """The metadata store's system calls for a pool opened with ``flush=False`` (a scratch pool):
+    writes as usual, flushes skipped.  Commits stay ordered and atomic against a crash of the process
+    (the page cache holds every write), not against a crash of the host."""
+
+    @staticmethod
+    def fdatasync(fd: int) -> None:
+        """No flush (see the class)."""
+
+
+class NoFlushDataIO(DataIO):
+    """The data file's system calls for a pool opened with ``flush=False``: flushes skipped, hole
+    punches as usual."""
+
+    @staticmethod
+    def fdatasync(fd: int) -> None:
+        """No flush (see :class:`NoFlushFileIO`)."""
 
 
 def _poolspace():

@@ -227,3 +227,61 @@ def test_kernel_rule_metadata_running_out_mid_batch_enters_out_of_metadata_space
     assert pools[0].io_counters() == pools[1].io_counters()
     for p in pools:
         p.close()
+
+
+def _replay_counting_flushes(path: str, flush: bool, metadata_only: bool, monkeypatch) -> tuple[dict, int]:
+    """A replay with snapshots (keep 2: deletes too) and flushes into a fresh pool; returns its result
+    and how many fdatasync calls reached the metadata and data files from the open pool."""
+    from thinpool import datadev, mdstore
+    from thinpool.simulate import ArrayTrace, replay
+    calls = []
+    monkeypatch.setattr(mdstore.FileIO, "fdatasync", staticmethod(lambda fd: calls.append(fd)))
+    monkeypatch.setattr(datadev.DataDevice.io.__class__, "fdatasync", staticmethod(lambda fd: calls.append(fd)))
+    rng = np.random.default_rng(5)
+    n = 6000
+    ops = rng.choice(np.array([1, 1, 1, 0, 2, 3], np.uint8), n)  # writes, reads, discards, flushes
+    tr = ArrayTrace(ops, rng.integers(0, 2048, n) * 4096, np.full(n, 4096))
+    with Pool.create(path, data_size="64MiB", metadata_only=metadata_only, flush=flush) as pool:
+        assert pool.flush is flush
+        del calls[:]  # the new pool's first commit (made by create, before the pool is open) is flushed
+        pool.create_thin("v", "8MiB")
+        r = replay(pool, "v", tr, snapshot_every=500, keep=2, sample_every=1000)
+    flushes = len(calls)
+    with Pool.open(path) as pool:  # what was committed without flushes reopens like the rest
+        assert pool.flush and len(pool.thins()) == 3
+    return r.to_dict(), flushes
+
+
+@pytest.mark.parametrize("metadata_only", [True, False])
+def test_scratch_pool_without_flushes_commits_the_same_metadata_and_counters(tmp_path, monkeypatch, metadata_only):
+    """flush=False (a scratch pool, thinpool's option; dm-thin always flushes) skips every fdatasync but
+    makes the same commits: the replay's counters and series and the final dump are identical."""
+    kept, flushes = _replay_counting_flushes(str(tmp_path / "f"), True, metadata_only, monkeypatch)
+    scratch, none = _replay_counting_flushes(str(tmp_path / "s"), False, metadata_only, monkeypatch)
+    assert flushes > 20 and none == 0
+    assert kept == scratch and kept["snapshots_deleted"] == 10 and kept["flushes"] > 0
+    assert _dump(str(tmp_path / "f")) == _dump(str(tmp_path / "s"))
+
+
+def test_kernel_rule_every_pool_message_commits_in_a_replay_with_snapshots(tmp_path, monkeypatch):
+    """A scheduled snapshot and the delete of the oldest kept one are two pool messages: each commits
+    (dm-thin's pool_message), so one commit holds the new snapshot beside all the kept ones (the state
+    after create_snap) and the next one the state after the delete."""
+    from thinpool.pool import Pool as P
+    from thinpool.simulate import ArrayTrace, replay
+    committed: list[list[str]] = []
+    real = P.commit
+
+    def commit(self):
+        real(self)
+        committed.append(sorted(self.catalog["volumes"]))
+    monkeypatch.setattr(P, "commit", commit)
+    n = 2000
+    tr = ArrayTrace(np.ones(n, np.uint8), np.arange(n) % 300 * 4096, np.full(n, 4096))
+    with Pool.create(str(tmp_path / "p"), data_size="64MiB", metadata_only=True) as pool:
+        pool.create_thin("v", "8MiB")
+        r = replay(pool, "v", tr, snapshot_every=500, keep=2)
+    assert r["snapshots_taken"] == 4 and r["snapshots_deleted"] == 2
+    i = committed.index(["v", "v@1", "v@2", "v@3"])      # after the third snapshot's create_snap ...
+    assert committed[i + 1] == ["v", "v@2", "v@3"]      # ... and after the delete of v@1
+    assert ["v", "v@2", "v@3", "v@4"] in committed

@@ -72,11 +72,14 @@ def replay(pool, volume: str | Thin, trace: Any, *, format: str | None = None,
 def replay_file(trace: Any, *, pool_dir: str | None = None, block_size: int | str = "64KiB",
                 data_size: int | str = "64GiB", volume_size: int | str | None = None, metadata_only: bool = False,
                 zero_new_blocks: bool = True, error_if_no_space: bool = False, no_space_timeout: float = 60.0,
-                **kw: Any) -> ReplayResult:
+                flush: bool | None = None, **kw: Any) -> ReplayResult:
     """:func:`replay` into the volume ``vol`` of a fresh pool: in ``pool_dir`` (which must not exist or be
     empty; kept afterwards) or in a temporary directory removed afterwards.  ``volume_size`` defaults to
     the data size.  The pool queues writes that find no space (dm-thin's default; ``no_space_timeout``
-    seconds of trace time) unless ``error_if_no_space``.  The other keywords are :func:`replay`'s."""
+    seconds of trace time) unless ``error_if_no_space``.  ``flush``: whether the pool's commits are
+    flushed (:meth:`Pool.open <thinpool.pool.Pool.open>`'s ``flush``); by default not for a pool in a
+    temporary directory (a scratch pool: removed afterwards, so durability buys nothing), and yes for
+    ``pool_dir``.  The other keywords are :func:`replay`'s."""
     import tempfile
 
     from ..pool import Pool
@@ -85,11 +88,13 @@ def replay_file(trace: Any, *, pool_dir: str | None = None, block_size: int | st
     params = dict(data_size=data_size, volume_size=vsize, zero_new_blocks=zero_new_blocks,
                   error_if_no_space=bool(error_if_no_space), no_space_timeout=float(no_space_timeout))
     with contextlib.ExitStack() as stack:
+        if flush is None:
+            flush = pool_dir is not None
         if pool_dir is None:
             pool_dir = os.path.join(stack.enter_context(tempfile.TemporaryDirectory(prefix="thinpool-replay-")), "pool")
         pool = Pool.create(pool_dir, data_size=data_size, block_size=block_size, metadata_only=metadata_only,
                            zero_new_blocks=zero_new_blocks, error_if_no_space=error_if_no_space,
-                           no_space_timeout=no_space_timeout)
+                           no_space_timeout=no_space_timeout, flush=bool(flush))
         with pool:
             pool.create_thin("vol", vsize)
             return replay(pool, "vol", trace, params=params, **kw)

@@ -11,7 +11,6 @@ several traces (a scenario's volumes) arrive merged by trace time, window by win
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import time as _time
 from typing import Any, Iterable, Sequence
@@ -264,14 +263,15 @@ class Replayer:
         while f"{t.thin.name}@{t.snaps}" in names:  # an earlier replay into this volume took that name
             t.snaps += 1
         name = f"{t.thin.name}@{t.snaps}"
-        batch = getattr(pool, "batch", None)
-        with (batch() if batch is not None else contextlib.nullcontext()):
-            pool.snapshot(t.thin.name, name)
-            t.taken.append(name)
-            self.c["snapshots_taken"] += 1
-            while t.keep is not None and len(t.taken) > t.keep:
-                pool.delete(t.taken.pop(0))
-                self.c["snapshots_deleted"] += 1
+        # two pool messages, each committing as dm-thin's do: the snapshot's commit carries the writes
+        # since the last one, the delete's the released nodes (no batch: the metadata after each
+        # message is the kernel's)
+        pool.snapshot(t.thin.name, name)
+        t.taken.append(name)
+        self.c["snapshots_taken"] += 1
+        while t.keep is not None and len(t.taken) > t.keep:
+            pool.delete(t.taken.pop(0))
+            self.c["snapshots_deleted"] += 1
 
     # -- queue_if_no_space in trace time
     def _failed(self, tgt: np.ndarray, off: np.ndarray, ln: np.ndarray, t: np.ndarray, new: bool = True) -> None:

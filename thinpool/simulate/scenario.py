@@ -278,21 +278,25 @@ def _trace_path(s: Scenario, trace: str) -> str:
 
 
 def run(scenario: Scenario | str | os.PathLike, *, pool_dir: str | None = None, progress: bool | None = None,
-        trace_opener: Callable[..., Any] | None = None) -> Result:
+        trace_opener: Callable[..., Any] | None = None, flush: bool | None = None) -> Result:
     """Replay a scenario into a fresh pool (in ``pool_dir``, kept, or a temporary directory removed
     afterwards) and return its :class:`~thinpool.simulate.results.Result`.  ``trace_opener(volume dict)``
-    may supply trace objects (tests, notebooks); by default each volume's ``trace`` file is read."""
+    may supply trace objects (tests, notebooks); by default each volume's ``trace`` file is read.
+    ``flush``: whether commits are flushed (see :func:`~thinpool.simulate.replay_file`: by default not in
+    a temporary directory, yes in ``pool_dir``)."""
     from ..pool import Pool
     s = scenario if isinstance(scenario, Scenario) else load_scenario(scenario)
     p = s.pool
     with contextlib.ExitStack() as stack:
+        if flush is None:
+            flush = pool_dir is not None
         if pool_dir is None:
             pool_dir = os.path.join(stack.enter_context(tempfile.TemporaryDirectory(prefix="thinpool-sim-")), "pool")
         pool = Pool.create(pool_dir, data_size=p["data_size"], block_size=p["block_size"],
                            metadata_size=p["metadata_size"], low_water_mark=p["low_water_mark"],
                            zero_new_blocks=p["zero_new_blocks"], error_if_no_space=p["error_if_no_space"],
                            metadata_only=p["metadata_only"], max_thins=max(1000, 2 * len(s.volumes)),
-                           discard=p["discards"], no_space_timeout=p["no_space_timeout"])
+                           discard=p["discards"], no_space_timeout=p["no_space_timeout"], flush=bool(flush))
         with pool:
             # traces opened once per distinct (file, format, skip_bad): volumes of one multi-volume trace share it
             opened: dict[tuple, tuple[Any, list[int], int]] = {}  # -> (trace, volume indices, source index)
