@@ -7,10 +7,11 @@ so that reads of several connections run on several CPUs at once.  :class:`PoolL
 safely:
 
 * while at least one such reader is registered (:meth:`PoolLock.add_reader`), the outermost
-  acquisition of the pool lock also takes the *write* side of a POSIX reader-writer lock
-  (``pthread_rwlock_t``, writer-preferring, so a stream of reads cannot starve a writer) and bumps the
-  *generation* counter :attr:`PoolLock.gen`; the outermost release (or a ``Condition.wait`` that
-  gives the lock up) releases the write side;
+  acquisition of the pool lock bumps the *generation* counter :attr:`PoolLock.gen` and -- when a
+  reader of another thread is registered (a thread's own readers are never reading while it holds the
+  lock) -- also takes the *write* side of a POSIX reader-writer lock (``pthread_rwlock_t``,
+  writer-preferring, so a stream of reads cannot starve a writer); the outermost release (or a
+  ``Condition.wait`` that gives the lock up) releases the write side;
 * a compiled reader takes the *read* side around each request's map lookup and ``pread`` and first
   checks that the generation is still the one it was bound at (under the pool lock, from
   :func:`read_binding`); if it moved, some thread has held the pool lock since --
@@ -58,6 +59,7 @@ _lib.pthread_rwlockattr_init.argtypes = [ctypes.c_void_p]
 _lib.pthread_rwlockattr_setkind_np.argtypes = [ctypes.c_void_p, ctypes.c_int]
 _wrlock = _lib.pthread_rwlock_wrlock  # a foreign call: releases the GIL while it waits for readers
 _unlock = _lib.pthread_rwlock_unlock
+_get_ident = _thread.get_ident
 _acquire = _thread.RLock.acquire
 _release = _thread.RLock.release
 
@@ -77,6 +79,7 @@ class PoolLock(_thread.RLock):
         self.rw = np.zeros(RWLOCK_BYTES // 8, np.uint64)
         self.gen = np.zeros(1, np.int64)
         self.readers = 0
+        self._own: dict[int, int] = {}  # thread ident -> readers that thread registered
         self._depth = 0      # this lock's recursion depth (only the owner changes it)
         self._wr = False     # whether the owner's outermost acquisition took the write side
         self._rw_addr = int(self.rw.ctypes.data)
@@ -140,9 +143,13 @@ class PoolLock(_thread.RLock):
             self._exclude()
 
     def _exclude(self) -> None:
-        if _wrlock(self._rw_addr):
-            raise OSError(ctypes.get_errno(), "pthread_rwlock_wrlock failed")
-        self._wr = True
+        # a thread's own readers cannot be reading while it holds the lock (a session runs its compiled
+        # loop only outside it): the write side is needed only against other threads' readers -- but
+        # the generation moves for every holder, so every reader binds again after any change
+        if self.readers > self._own.get(_get_ident(), 0):
+            if _wrlock(self._rw_addr):
+                raise OSError(ctypes.get_errno(), "pthread_rwlock_wrlock failed")
+            self._wr = True
         self.gen[0] += 1
 
     # ------------------------------------------------------------------ readers
@@ -153,6 +160,8 @@ class PoolLock(_thread.RLock):
         if not self._is_owned():
             raise RuntimeError("PoolLock.add_reader needs the lock held")
         self.readers += 1
+        me = _get_ident()
+        self._own[me] = self._own.get(me, 0) + 1
 
     def drop_reader(self) -> None:
         """Unregister a compiled reader (call with the lock held, after it stopped reading)."""
@@ -160,7 +169,15 @@ class PoolLock(_thread.RLock):
             raise RuntimeError("PoolLock.drop_reader needs the lock held")
         if self.readers <= 0:
             raise RuntimeError("PoolLock.drop_reader without add_reader")
+        me = _get_ident()
+        n = self._own.get(me, 0)
+        if n <= 0:
+            raise RuntimeError("PoolLock.drop_reader from a thread that registered no reader")
         self.readers -= 1
+        if n == 1:
+            del self._own[me]
+        else:
+            self._own[me] = n - 1
 
     @property
     def rw_address(self) -> int:

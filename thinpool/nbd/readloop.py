@@ -23,6 +23,22 @@ OUT_CAP = 2 * (MAX_READ + 28)
 ENABLED = os.environ.get("THINPOOL_NBD_COMPILED_READS", "1") != "0"
 
 
+_ENTRIES: dict[tuple, Any] = {}
+
+
+def _entry(args: tuple) -> Any:
+    """``serve_reads``' compiled entry point for exactly these argument types: called directly it skips
+    the dispatcher's type resolution of its 22 arguments."""
+    from numba import typeof
+
+    from thinpool import kernels_nbd
+    sig = tuple(typeof(a) for a in args)
+    fn = _ENTRIES.get(sig)
+    if fn is None:
+        fn = _ENTRIES[sig] = kernels_nbd.serve_reads.compile(sig)
+    return fn
+
+
 class CompiledReads:
     """The compiled read loop of one session (see the module docstring); :meth:`open` returns None
     when the export or provider does not support it."""
@@ -42,20 +58,19 @@ class CompiledReads:
         self.ts = np.zeros(2, np.int64)
         self.binding: Any = None
         self.registered = False
+        self._fn: Any = None  # serve_reads compiled for this binding's argument types (see _entry)
 
     @classmethod
     def open(cls, session: Any) -> "CompiledReads | None":
-        """Register a compiled reader for ``session``'s export, or None (not supported, or turned off)."""
+        """The compiled read loop for ``session``'s export, or None (not supported, or turned off).  It
+        registers with the pool's lock at its first :meth:`run` (a connection that only writes never
+        makes the pool lock's holders exclude it)."""
         from thinpool.nbd.pool_backend import PoolExport
         lock = getattr(session.ctx.provider, "lock", None)
         # a PoolExport itself: a wrapper (the recorder of ``serve --record``) sees every request
         if not ENABLED or not isinstance(lock, PoolLock) or type(session.export) is not PoolExport:
             return None
-        self = cls(session, lock)
-        with lock:
-            lock.add_reader()
-            self.registered = True
-        return self
+        return cls(session, lock)
 
     def close(self) -> None:
         """Unregister (idempotent); the loop must not be running."""
@@ -81,15 +96,22 @@ class CompiledReads:
             b = self.binding
             if b is None:
                 with self.lock:
+                    if not self.registered:
+                        self.lock.add_reader()
+                        self.registered = True
                     b = self.binding = self.export.read_binding()
                 if b is None:
                     return None
+                self._fn = None
             st[fr.S_RPOS] = s._rpos
             st[fr.S_REND] = s._rend
-            code = fr.serve_reads(self.pollfds[0], self.rbuf, st, self.out, b.table, b.devs, b.slot, b.fd,
-                                  min(size, b.size), structured, read_flags, max_len, b.lock.rw, b.lock.gen,
-                                  b.gen, idle_ms, spin_ns, contended_ns, backoff_ns, transmitting, self.pollfds,
-                                  self.ts)
+            args = (int(self.pollfds[0]), self.rbuf, st, self.out, b.table, b.devs, b.slot, b.fd, min(size, b.size),
+                    bool(structured), int(read_flags), int(max_len), b.lock.rw, b.lock.gen, b.gen, idle_ms,
+                    int(spin_ns), int(contended_ns), int(backoff_ns), transmitting, self.pollfds, self.ts)
+            fn = self._fn
+            if fn is None:
+                fn = self._fn = _entry(args)
+            code = fn(*args)
             s._rpos = int(st[fr.S_RPOS])
             s._rend = int(st[fr.S_REND])
             if st[fr.S_OSENT] < st[fr.S_OLEN]:

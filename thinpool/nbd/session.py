@@ -90,7 +90,7 @@ _FUA = P.CMD_FLAG_FUA
 _DF = P.CMD_FLAG_DF
 _HDR = P.REQUEST_HEADER_SIZE
 _MAX_PAYLOAD = P.MAX_PAYLOAD
-_FR_STOP, _FR_IDLE = 4, 5  # kernels_nbd.FR_STOP, FR_IDLE (kept here: importing kernels_nbd loads numba)
+_FR_OTHER, _FR_STOP, _FR_IDLE = 1, 4, 5  # kernels_nbd.FR_OTHER, FR_STOP, FR_IDLE (kept here: importing kernels_nbd loads numba)
 
 
 class Session(Handshake, RequestHandling):
@@ -419,6 +419,7 @@ class Session(Handshake, RequestHandling):
         writable = not self.export_read_only
         unpack = _REQUEST.unpack_from
         rbuf = self._rbuf
+        compiled_waits = False  # whether the compiled loop waits for the next request (after READs)
         pack_simple = _SIMPLE_REPLY.pack
         pack_data = _DATA_CHUNK_HEADER.pack
         deadline: float | None = None
@@ -432,9 +433,10 @@ class Session(Handshake, RequestHandling):
                 if time.monotonic() > deadline or (self._rend == self._rpos and not self._busy_poll.poll(0)):
                     raise Disconnect("server shutting down")
             if compiled is not None and not stopping.is_set() and (
-                    self._rend - self._rpos < _HDR or not (rbuf[self._rpos + 6] or rbuf[self._rpos + 7])):
-                # a READ at the head, or nothing yet: the compiled loop serves READs until a request
-                # for this loop (or a wait it leaves to it)
+                    not (rbuf[self._rpos + 6] or rbuf[self._rpos + 7]) if self._rend - self._rpos >= _HDR
+                    else compiled_waits):
+                # a READ at the head, or nothing yet after READs: the compiled loop serves READs until a
+                # request for this loop (or a wait it leaves to it)
                 self._flush_out()
                 code = compiled.run(SPIN_NS, CONTENDED_NS, SPIN_BACKOFF_NS, _transmitting,
                                     structured, read_flags, dense, size)
@@ -445,8 +447,14 @@ class Session(Handshake, RequestHandling):
                     raise Disconnect(self._timeout_reason(True))
                 elif code == _FR_STOP:
                     continue  # the stopping checks above
+                # stopped at a request for this loop: wait here for the next one (a connection that
+                # writes does not go through the compiled loop for every request)
+                compiled_waits = code != _FR_OTHER
             if self._rend - self._rpos < _HDR:
                 self._fill(_HDR, idle=not stopping.is_set())
+                if compiled is not None and not (rbuf[self._rpos + 6] or rbuf[self._rpos + 7]):
+                    compiled_waits = True  # a READ again: to the compiled loop
+                    continue
             magic, flags, type_, handle, offset, length = unpack(self._rbuf, self._rpos)
             if magic != _REQUEST_MAGIC:
                 raise P.ProtocolError(f"bad request magic {magic:#x}")
