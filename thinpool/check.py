@@ -9,10 +9,12 @@ not thrown at the first fault.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from . import schema as K
+from .dataspace import RC_PER_PAGE, zeroed
 from .errors import FailedPrecondition
 from .schema import DevFlag
 
@@ -42,13 +44,42 @@ class CheckReport:
                 "data_blocks_used": self.data_blocks_used}
 
 
-def _compare(errors: list[str], what: str, expected: np.ndarray, actual: np.ndarray, limit: int = 5) -> None:
+def _compare(errors: list[str], what: str, expected: np.ndarray, actual: np.ndarray, limit: int = 5,
+             at: np.ndarray | None = None) -> None:
+    """Report the entries where ``expected`` and ``actual`` differ; with ``at``, the two hold the
+    entries at those indices (the indices are what is reported)."""
     n = min(len(expected), len(actual))
     diff = np.flatnonzero(expected[:n] != actual[:n].astype(np.int64))
     for i in diff[:limit]:
-        errors.append(f"{what} {int(i)}: reference count is {int(actual[i])}, expected {int(expected[i])}")
+        name = int(i) if at is None else int(at[i])
+        errors.append(f"{what} {name}: reference count is {int(actual[i])}, expected {int(expected[i])}")
     if len(diff) > limit:
         errors.append(f"{what}: {len(diff) - limit} more reference-count mismatches")
+
+
+def _data_counts(rep: CheckReport, pool: Any, roots: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """The data blocks' counts recomputed from the trees, compared with the space map on the count pages
+    that are live (:meth:`~thinpool.dataspace.DataSpaceMap.live_pages`: after an open, exactly those
+    holding a nonzero count) or that a tree references -- on a pool of 2^34 blocks, the pages in use, not
+    the whole map.  Returns (inner, leaf, data blocks in use)."""
+    bm, sp = pool.nodes_map, pool.space
+    nr = sp.nr_blocks
+    exp_data = zeroed(nr, np.int64)  # lazily zeroed: the kernel writes the entries of mapped blocks
+    touched = np.zeros(len(sp.rc_dirty), np.uint8)
+    exp_inner, exp_leaf, bad = _walks().expected_counts_into(bm.nodes, roots, exp_data, touched)
+    if bad:
+        rep.errors.append(f"{bad} tree entries point outside the node store or beyond the data device "
+                          f"({nr} blocks)")
+    pages = np.union1d(np.flatnonzero(touched), sp.live_pages())
+    if len(pages) * 4 >= len(touched):  # most pages: one contiguous pass
+        _compare(rep.errors, "data block", exp_data, sp.data_rc[:nr])
+        used = nr - int(np.count_nonzero(sp.data_rc[:nr] == 0))
+    else:
+        idx = (pages[:, None] * RC_PER_PAGE + np.arange(RC_PER_PAGE)[None, :]).reshape(-1)
+        idx = idx[idx < nr]
+        _compare(rep.errors, "data block", exp_data[idx], sp.data_rc[idx], at=idx)
+        used = int(np.count_nonzero(sp.data_rc[idx]))
+    return exp_inner, exp_leaf, used
 
 
 def check_pool(pool) -> CheckReport:
@@ -71,17 +102,13 @@ def check_pool(pool) -> CheckReport:
         rep.errors.append(f"device root {int(r)} is not a valid inner node")
     if bad_root.any():
         return rep
-    exp_inner, exp_leaf, exp_data, bad = _walks().expected_counts(bm.nodes, roots, sp.nr_blocks)
-    if bad:
-        rep.errors.append(f"{bad} tree entries point outside the node store or beyond the data device "
-                          f"({sp.nr_blocks} blocks)")
+    exp_inner, exp_leaf, used_blocks = _data_counts(rep, pool, roots)
     _compare(rep.errors, "inner node", exp_inner, bm.inner_rc)
     _compare(rep.errors, "leaf", exp_leaf, bm.leaf_rc)
-    _compare(rep.errors, "data block", exp_data, sp.data_rc[: sp.nr_blocks])
     beyond = np.flatnonzero(sp.data_rc[sp.nr_blocks:])
     if len(beyond):
         rep.errors.append(f"{len(beyond)} data blocks beyond the data device have references")
-    free = int(np.count_nonzero(sp.data_rc[: sp.nr_blocks] == 0))
+    free = sp.nr_blocks - used_blocks
     if free != st[K.ST_NR_FREE]:
         rep.errors.append(f"free data block counter is {int(st[K.ST_NR_FREE])}, expected {free}")
     rep.data_blocks_used = sp.nr_blocks - free

@@ -40,7 +40,7 @@ from .pool_txn import NoFlushDataIO, NoFlushFileIO, Transactions
 from .rules import (DEFAULT_MAX_THINS, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE,  # noqa: F401 (this module's API)
                     check_block_size, default_metadata_blocks)
 from .schema import DevFlag, Mode, dev_dtype
-from .dataspace import DISK_ARRAYS, DataSpaceMap, empty_disk_arrays, load_counts
+from .dataspace import DISK_ARRAYS, DataSpaceMap, empty_disk_arrays, load_counts, zeroed
 from .nodestore import ARRAYS as DENSE_NODE_ARRAYS, INNERS, LEAVES, empty_disk_arrays as empty_node_arrays
 from .nodestore import load as load_nodes, open_nodes
 from .status import PoolStatus, Usage  # noqa: F401  (part of this module's API)
@@ -505,7 +505,8 @@ class Pool(Transactions, DeviceOps, Features):
         names = [name] if name is not None else [self._by_dev_id[d] for d in sorted(self._by_dev_id)]
         rows = self._devs[[self._slot(n) for n in names]]
         nodes = self._nodes_map.nodes
-        counts = _walks().logical_counts(nodes, self._roots(), self._space.nr_blocks)
+        counts = zeroed(self._space.nr_blocks, np.int32)  # lazily zeroed: written for the mapped blocks only
+        _walks().logical_counts_into(nodes, self._roots(), counts)
         # every tree at once, each shared node summed once (100,000 snapshots of a few origins cost
         # about what the origins do: docs/performance.md, S10)
         mapped, excl, highest = _walks().usage_of_roots(nodes, rows["root"].astype(np.int64), counts)

@@ -12,7 +12,7 @@ from numba import njit
 
 from . import kernels_cache
 from .kernels_map import UNMAPPED, mapping_block
-from .schema import INNER_BITS, INNER_ENTRIES, LEAF_BITS, LEAF_ENTRIES, NONE
+from .schema import INNER_BITS, INNER_ENTRIES, LEAF_BITS, LEAF_ENTRIES, NONE, RC_PAGE_BITS
 
 _SOURCES_DIGEST = kernels_cache.sources_digest()
 
@@ -72,6 +72,15 @@ def collect_mappings(nodes, root, vblocks, values):
 def logical_counts(nodes, roots, nr_data_blocks):
     """How many mapping entries, over all devices' trees, reference each data block (thin_ls's
     notion behind EXCLUSIVE/SHARED).  Linear in distinct nodes: multiplicities propagate down."""
+    counts = np.zeros(nr_data_blocks, np.int32)
+    logical_counts_into(nodes, roots, counts)
+    return counts
+
+
+@njit(cache=True)
+def logical_counts_into(nodes, roots, counts):
+    """:func:`logical_counts` into ``counts`` (zeroes, one int32 per data block; only the entries of
+    mapped blocks are written, so a lazily zeroed array costs the pages of the blocks in use)."""
     leaves, inners = nodes[0], nodes[1]
     mult_inner = np.zeros(inners.shape[0], np.int64)
     mult_leaf = np.zeros(leaves.shape[0], np.int64)
@@ -100,7 +109,6 @@ def logical_counts(nodes, roots, nr_data_blocks):
                 leaf = inners[mid, j]
                 if leaf != NONE:
                     mult_leaf[leaf] += mult_inner[mid]
-    counts = np.zeros(nr_data_blocks, np.int32)
     for leaf in range(leaves.shape[0]):
         m = mult_leaf[leaf]
         if m == 0:
@@ -109,7 +117,6 @@ def logical_counts(nodes, roots, nr_data_blocks):
             v = leaves[leaf, i]
             if v != UNMAPPED:
                 counts[mapping_block(v)] += m
-    return counts
 
 
 @njit(cache=True)
@@ -210,10 +217,21 @@ def usage_of_roots(nodes, roots, counts):
 @njit(cache=True)
 def expected_counts(nodes, roots, nr_data_blocks):
     """Reference counts recomputed from the trees: (inner, leaf, data) -- for check()."""
+    exp_data = np.zeros(nr_data_blocks, np.int64)
+    pages = np.zeros((nr_data_blocks >> RC_PAGE_BITS) + 1, np.uint8)
+    exp_inner, exp_leaf, bad = expected_counts_into(nodes, roots, exp_data, pages)
+    return exp_inner, exp_leaf, exp_data, bad
+
+
+@njit(cache=True)
+def expected_counts_into(nodes, roots, exp_data, pages):
+    """:func:`expected_counts` with the data blocks' counts into ``exp_data`` (zeroes, one int64 per data
+    block, written only for mapped blocks) and ``pages[b >> RC_PAGE_BITS] = 1`` for every block ``b``
+    counted; returns (inner, leaf, bad)."""
     leaves, inners = nodes[0], nodes[1]
+    nr_data_blocks = exp_data.shape[0]
     exp_inner = np.zeros(inners.shape[0], np.int64)
     exp_leaf = np.zeros(leaves.shape[0], np.int64)
-    exp_data = np.zeros(nr_data_blocks, np.int64)
     for r in roots:
         exp_inner[r] += 1
     seen_root = np.zeros(inners.shape[0], np.uint8)
@@ -254,7 +272,8 @@ def expected_counts(nodes, roots, nr_data_blocks):
                             bad += 1
                         else:
                             exp_data[d] += 1
-    return exp_inner, exp_leaf, exp_data, bad
+                            pages[d >> RC_PAGE_BITS] = 1
+    return exp_inner, exp_leaf, bad
 
 
 @njit(cache=True)

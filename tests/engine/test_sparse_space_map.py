@@ -65,6 +65,9 @@ def test_kernel_rule_allocation_searches_from_the_cursor_and_wraps_on_a_1_pib_po
     assert pool.status().used_data_blocks == 7 and sp.used() == 7
     assert sp.live_page_count() == 2  # page 0 and the last page of 16,777,216
     assert sp.disk_pages() == 2       # and on disk one bitmap page at each end, no overflow page
+    assert pool.check().ok and pool.check().data_blocks_used == 7
+    usage = {u.name: (u.mapped_blocks, u.exclusive_blocks) for u in pool.usage()}
+    assert usage == {"a": (6, 1), "s": (6, 1)}  # 4 is a's own block, 0 s's: the other five are shared
     assert _rss() - rss0 < 2 << 30
     pool.close()
 
@@ -76,6 +79,7 @@ def test_kernel_rule_allocation_searches_from_the_cursor_and_wraps_on_a_1_pib_po
     assert _maps(a) == A_MAP and _maps(s) == S_MAP
     assert _counts(pool, BLOCKS) == [1, 1, 2, 2, 1, 2, 2]
     assert int(pool.st[K.ST_CURSOR]) == 5  # persisted at the commit: past the last block allocated (4)
+    assert pool.check().ok
     pool.delete("s")                      # s's only own block (0) is freed; the rest lose a reference
     assert _counts(pool, BLOCKS) == [0, 1, 1, 1, 1, 1, 1] and sp.used() == 6
     a.write(9 * BS, b"x")                 # block 0 was freed in this transaction: not reused (kernel
@@ -115,3 +119,21 @@ def test_a_sparse_space_map_grows_and_its_scans_visit_only_the_live_pages(tmp_pa
         assert pool.status().used_data_blocks == 101
         assert pool.store.npages("data_sm") == NR // SM_PER_PAGE
         assert pool.store.npages("data_rc_over") == NR // RC_PER_PAGE
+
+
+def test_check_finds_a_wrong_count_at_the_far_end_of_a_1_pib_pool(tmp_path):
+    """thin_check's rule: every data block's count equals the number of distinct leaves mapping it; on a
+    pool of 2^34 blocks the check recounts the trees into a lazily zeroed array and compares the pages
+    in use (an open makes them exactly the pages holding a count)."""
+    with Pool.create(tmp_path / "p", data_size="1PiB", block_size="64KiB", metadata_only=True,
+                     metadata_size="1GiB") as pool:
+        a = pool.create_thin("a", VOL)
+        pool._st[K.ST_CURSOR] = NR - 1
+        a.write(0, b"x")
+        assert _maps(a) == {0: NR - 1}
+        pool.space.data_rc[NR - 1] = 5  # as a damaged space map would have it
+        report = pool.check()
+        assert not report.ok
+        assert f"data block {NR - 1}: reference count is 5, expected 1" in report.errors
+        pool.space.data_rc[NR - 1] = 1
+        assert pool.check().ok
