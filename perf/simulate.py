@@ -51,7 +51,8 @@ def replay_md(sc: Scratch, trace, snapshot_every: int | None, side: str = "") ->
     from thinpool import Pool
     from thinpool.simulate import replay
     path = sc.path("md")
-    with Pool.create(path, data_size=128 * GiB, metadata_only=True, metadata_size=2 * GiB) as pool:
+    # a scratch pool, as thinpool replay makes in a temporary directory: the same commits, not flushed
+    with Pool.create(path, data_size=128 * GiB, metadata_only=True, metadata_size=2 * GiB, flush=False) as pool:
         pool.create_thin("v", 64 * GiB)
         c0 = time.process_time()
         t = timed(lambda: replay(pool, "v", trace, snapshot_every=snapshot_every,

@@ -250,10 +250,24 @@ class DataSpaceMap:
         nsm, nrc = sm_pages(self.nr_blocks), len(self.data_rc) // RC_PER_PAGE
         old_layout = OLD_ARRAY in committed_locs and len(committed_locs[OLD_ARRAY]) > 0
         dirty_rc = np.arange(nrc) if old_layout else np.flatnonzero(self.rc_dirty)
-        sm_pages_out: dict[int, bytes] = {}
-        sm_dead: list[int] = []
         dirty_sm = np.unique(dirty_rc // _RC_PAGES_PER_SM_PAGE)
         sm_have = stored_at(committed_locs.get("data_sm"), dirty_sm)
+        pack = _compiled_pack()
+        if pack is not None:
+            out = _disk_updates_compiled(pack, self.data_rc, dirty_sm, sm_have, dirty_rc,
+                                         committed_locs.get("data_rc_over"), nsm, nrc)
+        else:
+            out = self._disk_updates_numpy(dirty_sm, sm_have, dirty_rc, committed_locs.get("data_rc_over"), nsm, nrc)
+        if old_layout:
+            out[OLD_ARRAY] = PageUpdates(0, {})
+        return out
+
+    def _disk_updates_numpy(self, dirty_sm: np.ndarray, sm_have: np.ndarray, dirty_rc: np.ndarray, over_locs: Any,
+                            nsm: int, nrc: int) -> dict[str, PageUpdates]:
+        """:meth:`disk_updates` in numpy (the reference of :func:`thinpool.kernels_map.pack_space_pages`,
+        and the path of a process that has not loaded numba)."""
+        sm_pages_out: dict[int, bytes] = {}
+        sm_dead: list[int] = []
         rc = self.data_rc
         for p, have in zip(dirty_sm.tolist(), sm_have.tolist()):  # one numpy step per bitmap page: slices
             counts = rc[p * SM_PER_PAGE:(p + 1) * SM_PER_PAGE]
@@ -276,12 +290,9 @@ class DataSpaceMap:
                 for k, p in enumerate(pages[rows].tolist()):
                     over_out[p] = raw[k * BLOCK:(k + 1) * BLOCK]
             gone = pages[~nonzero]
-            over_dead += gone[stored_at(committed_locs.get("data_rc_over"), gone)].tolist()
-        out = {"data_sm": PageUpdates(nsm, sm_pages_out, dead=sm_dead),
-               "data_rc_over": PageUpdates(nrc, over_out, dead=over_dead)}
-        if old_layout:
-            out[OLD_ARRAY] = PageUpdates(0, {})
-        return out
+            over_dead += gone[stored_at(over_locs, gone)].tolist()
+        return {"data_sm": PageUpdates(nsm, sm_pages_out, dead=sm_dead),
+                "data_rc_over": PageUpdates(nrc, over_out, dead=over_dead)}
 
     def disk_pages(self) -> int:
         """Metadata pages the space map takes on disk for the current counts: the bitmap pages that
@@ -512,6 +523,44 @@ def decode_counts(out: np.ndarray, nr_blocks: int, sm_idx: np.ndarray, sm_read: 
         raise MetadataCorrupt(f"data space map: a block past the data device's {nr_blocks} blocks is counted",
                               structure="data space map")
     return live
+
+
+_COMPILED_CHUNK = 4096  # count pages per compiled call (bounds the overflow rows' memory: 16 MiB)
+
+
+def _compiled_pack() -> Any:
+    """:func:`thinpool.kernels_map.pack_space_pages` when this process has loaded numba (any kernel
+    call does), else None: a commit needs only numpy, and the numpy code writes the same bytes."""
+    if "numba" not in sys.modules or sys.byteorder != "little":
+        return None
+    from . import kernels_map
+    return kernels_map.pack_space_pages
+
+
+def _disk_updates_compiled(pack: Any, rc: np.ndarray, dirty_sm: np.ndarray, sm_have: np.ndarray,
+                           dirty_rc: np.ndarray, over_locs: Any, nsm: int, nrc: int) -> dict[str, PageUpdates]:
+    """:meth:`DataSpaceMap.disk_updates`'s pages built by one compiled pass per chunk of pages."""
+    sm_pages_out: dict[int, bytes] = {}
+    over_out: dict[int, bytes] = {}
+    over_dead: list[int] = []
+    nothing = np.zeros(0, np.int64)
+    for i in range(0, max(len(dirty_sm), len(dirty_rc)), _COMPILED_CHUNK):
+        sm = dirty_sm[i:i + _COMPILED_CHUNK]
+        pages = dirty_rc[i:i + _COMPILED_CHUNK]
+        bitmap = np.empty((len(sm), BLOCK), np.uint8)
+        used = np.empty(len(sm), np.uint8)
+        over = np.empty((len(pages), RC_PER_PAGE), np.uint32)
+        over_pages = np.empty(len(pages), np.int64)
+        m = pack(rc, sm if len(sm) else nothing, pages if len(pages) else nothing, bitmap, used, over, over_pages)
+        for k in np.flatnonzero(used).tolist():
+            sm_pages_out[int(sm[k])] = bitmap[k].tobytes()
+        for k, p in enumerate(over_pages[:m].tolist()):
+            over_out[p] = over[k].tobytes()
+        gone = np.setdiff1d(pages, over_pages[:m], assume_unique=True)
+        over_dead += gone[stored_at(over_locs, gone)].tolist()
+    sm_dead = dirty_sm[(sm_have != 0) & ~np.isin(dirty_sm, list(sm_pages_out))].tolist()
+    return {"data_sm": PageUpdates(nsm, sm_pages_out, dead=sm_dead),
+            "data_rc_over": PageUpdates(nrc, over_out, dead=over_dead)}
 
 
 def _pack_bitmap(counts: np.ndarray) -> np.ndarray:

@@ -439,4 +439,52 @@ def writable_leaf(nodes, space, st, dev, vb):
     return leaf
 
 
+# --------------------------------------------------------------------------- the space map's pages (commit)
+
+@njit(cache=True)
+def pack_space_pages(rc, sm_pages, rc_pages, bitmap, sm_used, over, over_pages):
+    """The on-disk data space map's changed pages in one pass over the counts ``rc`` (what
+    :meth:`thinpool.dataspace.DataSpaceMap.disk_updates` writes; its numpy code is the reference).
+
+    Bitmap page ``sm_pages[k]`` (``4 * bitmap.shape[1]`` blocks) goes to ``bitmap[k]``: ``min(count, 3)``
+    in two bits per block, four blocks a byte (block i in bits 2*(i%4)..+1; blocks past ``rc`` count 0);
+    ``sm_used[k]`` says whether any of its counts is nonzero.  Each count page ``rc_pages[j]``
+    (``over.shape[1]`` blocks) holding a count of 3 or more goes, with its counts below 3 zeroed, to the
+    next row of ``over`` and its index to ``over_pages``; returns how many rows were written."""
+    n = np.uint64(len(rc))
+    per_byte = np.uint64(4)
+    nbytes = np.uint64(bitmap.shape[1])
+    for k in range(len(sm_pages)):
+        base = np.uint64(sm_pages[k]) * nbytes * per_byte
+        row = bitmap[k]
+        used = 0
+        for b in range(nbytes):
+            byte = 0
+            i0 = base + np.uint64(b) * per_byte
+            for q in range(4):
+                i = i0 + np.uint64(q)
+                c = rc[i] if i < n else 0
+                if c != 0:
+                    used = 1
+                    byte |= (c if c < 3 else 3) << (2 * q)
+            row[b] = byte
+        sm_used[k] = used
+    per = np.uint64(over.shape[1])
+    m = 0
+    for j in range(len(rc_pages)):
+        base = np.uint64(rc_pages[j]) * per
+        high = False
+        for i in range(per):
+            if rc[base + np.uint64(i)] >= 3:
+                high = True
+                break
+        if high:
+            out = over[m]
+            for i in range(per):
+                c = rc[base + np.uint64(i)]
+                out[i] = c if c >= 3 else 0
+            over_pages[m] = rc_pages[j]
+            m += 1
+    return m
+
 kernels_cache.check(globals(), _built_with)

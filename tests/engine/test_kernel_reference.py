@@ -385,3 +385,32 @@ def test_kernel_rule_blocks_freed_in_a_transaction_are_found_on_its_dirty_count_
     want = [b for b in range(n) if ds.freed_txn[b] & S.BLOCK_STATE == S.BLOCK_FREED and ds.rc_dirty[b >> S.RC_PAGE_BITS]]
     got = ds.freed_blocks()
     assert got.dtype == np.int64 and got.tolist() == want and len(want) > 0
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_space_map_pages_compiled_equal_the_numpy_pages(seed, monkeypatch):
+    """A commit's data space map pages (two-bit bitmap, overflow counts of 3 or more, pages released
+    when they become all zeroes) from the compiled pass (kernels_map.pack_space_pages) are byte for
+    byte the numpy reference's, a partial last bitmap page, counts past 255 and released pages included."""
+    from thinpool import dataspace as D
+    rng = np.random.default_rng(seed)
+    nr = 3 * D.SM_PER_PAGE + int(rng.integers(1, D.SM_PER_PAGE))
+    counts = rng.choice(np.array([0, 0, 0, 1, 2, 3, 5, 300], np.uint32), nr)
+    for lo in rng.integers(0, nr, 4):                              # runs of zeroes and of low counts
+        counts[lo:lo + int(rng.integers(1, 3 * D.RC_PER_PAGE))] = rng.integers(0, 3)
+    ds = D.DataSpaceMap(np.zeros(S.ST_SIZE, np.int64), nr, None)
+    ds.data_rc[:nr] = counts
+    ds.rc_dirty[rng.random(len(ds.rc_dirty)) < (0.3 if seed % 2 else 1.0)] = 1
+    def locs(npages):                                              # some pages stored, some absent
+        return (rng.integers(0, 2, npages).astype(np.uint64) << np.uint64(32)) | np.uint64(7)
+    committed = {"data_sm": locs(D.sm_pages(nr)), "data_rc_over": locs(len(ds.rc_dirty))}
+    assert D._compiled_pack() is not None                          # numba is loaded: the compiled pass
+    got = ds.disk_updates(committed)
+    monkeypatch.setattr(D, "_compiled_pack", lambda: None)
+    want = ds.disk_updates(committed)
+    assert D._compiled_pack() is None and set(got) == set(want) == {"data_sm", "data_rc_over"}
+    for name in want:
+        g, w = got[name], want[name]
+        assert (g.npages, g.dirty, g.dead) == (w.npages, w.dirty, w.dead), name
+        assert all(g.page(p) == w.page(p) for p in w.dirty if p not in w.dead), name
+    assert want["data_sm"].dead or want["data_rc_over"].dead or seed % 2
