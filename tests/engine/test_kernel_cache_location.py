@@ -164,3 +164,37 @@ def test_a_data_file_without_thinpools_checksum_is_not_trusted(tmp_path):
     nbc.write_bytes(payload)
     answer, _, saved, _ = _probe(checkout, cache)
     assert answer == "1" and saved > 0 and nbc.read_bytes().startswith(jit_cache.DATA_MAGIC)
+
+
+def _rewrite_index(index: Path, version=None, cpu=None) -> None:
+    """Rewrite a numba cache index as another numba ``version`` or another processor ``cpu`` wrote it."""
+    import pickle
+
+    from numba.core.serialize import dumps
+    with open(index, "rb") as f:
+        old_version = pickle.load(f)
+        stamp, overloads = pickle.loads(f.read())
+    if cpu is not None:
+        overloads = {(sig, (magic[0], cpu) + tuple(magic[2:]), hashes): data
+                     for (sig, magic, hashes), data in overloads.items()}
+    index.write_bytes(pickle.dumps(version or old_version, protocol=-1) + dumps((stamp, overloads)))
+
+
+def test_cached_kernels_of_another_numba_version_or_processor_are_compiled_again(tmp_path):
+    """What an install compiled ahead of time is only used by the numba and the processor it was
+    compiled for: numba keys its index on its version and each entry on the CPU name and features
+    (the sources' digest names the directory: test above)."""
+    cache = tmp_path / "cache"
+    checkout = _checkout(tmp_path / "a")
+    _, where, saved, _ = _probe(checkout, cache)
+    assert saved > 0
+    (index,) = Path(where).glob("kernels_map.mapping_block-*.nbi")
+    _rewrite_index(index)  # unchanged: still loaded
+    assert _probe(checkout, cache)[2] == 0
+    _rewrite_index(index, cpu="some-other-cpu")
+    answer, _, saved, _ = _probe(checkout, cache)
+    assert answer == "1" and saved > 0
+    _rewrite_index(index, version="0.1.0")
+    answer, _, saved, _ = _probe(checkout, cache)
+    assert answer == "1" and saved > 0
+    assert _probe(checkout, cache)[2] == 0
