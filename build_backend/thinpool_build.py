@@ -2,8 +2,8 @@
 
 ``pip install .`` and ``pip install -e .`` (the README's install command) build through this module
 (pyproject.toml, ``[build-system]``).  Every hook is setuptools' own; ``build_wheel`` and
-``build_editable`` then run ``python -m thinpool.containers.precompile`` from the source tree, in
-the build environment, which for that gets numba and what the demo's library path imports on top of
+``build_editable`` then run ``python -m thinpool.cli.precompile`` from the source tree, in
+the build environment, which for that gets the package's dependencies (numba ...) on top of
 setuptools -- the numba and numpy versions of the environment being installed into when it has them
 (numba ignores a cache entry another numba version wrote).  The kernels land in the installing
 user's kernel cache (``$XDG_CACHE_HOME/thinpool/kernels``, ``~/.cache/...``), where the first
@@ -24,9 +24,10 @@ from setuptools import build_meta as _setuptools
 from setuptools.build_meta import (build_sdist, get_requires_for_build_sdist,  # noqa: F401 -- re-exported hooks
                                    prepare_metadata_for_build_editable, prepare_metadata_for_build_wheel)
 
-#: what ``python -m thinpool.containers.precompile`` imports (the demo's library path)
+#: what ``python -m thinpool.cli.precompile`` imports (the demo's library path and the CLI): the
+#: package's dependencies (pyproject.toml)
 COMPILE_REQUIRES = {"numba": "numba>=0.59", "numpy": "numpy>=1.26", "crc32c": "crc32c>=2.4",
-                    "orjson": "orjson>=3.8"}
+                    "orjson": "orjson>=3.8", "click": "click>=8.1", "rich": "rich>=13"}
 #: the versions pinned to the target environment's, when it has them
 PINNED = ("numba", "numpy")
 SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,7 +62,7 @@ def compile_requires() -> list[str]:
 
 
 def precompile(source_root: str = SOURCE_ROOT, environ: dict[str, str] | None = None) -> int:
-    """Run ``python -m thinpool.containers.precompile`` on ``source_root``'s package (in ``environ``,
+    """Run ``python -m thinpool.cli.precompile`` on ``source_root``'s package (in ``environ``,
     default this process's environment); returns its exit status (never raises)."""
     environ = dict(os.environ if environ is None else environ)
     if environ.get("THINPOOL_NO_PRECOMPILE", "") not in ("", "0") or environ.get("NUMBA_DISABLE_JIT") == "1":
@@ -70,7 +71,7 @@ def precompile(source_root: str = SOURCE_ROOT, environ: dict[str, str] | None = 
     env = dict(environ, PYTHONPATH=os.pathsep.join(p for p in (source_root, environ.get("PYTHONPATH")) if p))
     env.pop("NUMBA_DISABLE_JIT", None)
     try:
-        return subprocess.run([sys.executable, "-m", "thinpool.containers.precompile"], cwd=source_root, env=env,
+        return subprocess.run([sys.executable, "-m", "thinpool.cli.precompile"], cwd=source_root, env=env,
                               stdin=subprocess.DEVNULL, timeout=900).returncode
     except (OSError, subprocess.SubprocessError) as e:
         sys.stderr.write(f"thinpool: kernels not compiled at install: {e}\n")

@@ -137,7 +137,7 @@ def compile_helper(wait: bool = False) -> Iterator[subprocess.Popen | None]:
     nothing is compiled twice and the two cores share the work.  Nothing is started when the
     kernels are cached by this numba (or the JIT is off, or ``NUMBA_CACHE_DIR`` chose numba's own
     layout); the helper is stopped when the block ends (what it saved stays cached), or waited for
-    with ``wait`` (:mod:`thinpool.containers.precompile`)."""
+    with ``wait`` (:mod:`thinpool.cli.precompile`)."""
     from .. import jit_cache  # noqa: F401
     helper = None
     cold = jit_cache.machine_dir is not None and bool(uncached(HELPER_KERNELS[:2]))

@@ -1,6 +1,7 @@
-"""Compile the kernels ``thinpool demo`` runs into the machine kernel cache before the first demo.
+"""Compile the kernels of ``thinpool demo`` and of the common CLI commands into the machine kernel
+cache before their first run.
 
-    python -m thinpool.containers.precompile
+    python -m thinpool.cli.precompile
 
 What the install runs: the package's build backend (``build_backend/thinpool_build.py``, used by
 ``pip install .`` and ``pip install -e .``) calls this module after building, with numba in the
@@ -17,7 +18,10 @@ afresh at first use, as without this step; a damaged file is recompiled
 The work is the demo's own library calls on a small temporary pool, split over two processes the
 way a cold demo splits it (:func:`thinpool.containers.demo.compile_helper`): this one reaches
 ``write_one``, the helper the rest (:data:`thinpool.containers.demo.HELPER_KERNELS`), so the kernels
-compile for exactly the argument types the demo passes.
+compile for exactly the argument types the demo passes.  Then this process runs the CLI commands of
+:data:`CLI_COMMANDS` on a small pool (as ``thinpool ...`` would, output discarded), which compiles
+the kernels they add (``read``, ``discard``, ``check``, ``delete``: about 4 CPU seconds, while the
+helper is still busy with the demo's).
 """
 
 from __future__ import annotations
@@ -27,21 +31,52 @@ import sys
 import tempfile
 import time
 
-from . import demo
+import contextlib
+import io
+
+from ..containers import demo
 
 #: every kernel ``thinpool demo`` compiles on an empty cache (``module.kernel``)
 DEMO_KERNELS = ("kernels.write_one",) + demo.HELPER_KERNELS
+#: the CLI commands run on a small pool after the demo's path (``{pool}``, ``{file}``, ``{out}``: temporary)
+CLI_COMMANDS = (
+    ("create", "{pool}", "--data-size", "64MiB"),
+    ("create-thin", "{pool}", "v", "4MiB"),
+    ("write", "{pool}", "v", "{file}"),
+    ("snapshot", "{pool}", "v", "s"),
+    ("write", "{pool}", "v", "{file}", "--offset", "64KiB"),
+    ("read", "{pool}", "s", "-o", "{out}"),
+    ("read", "{pool}", "v", "--offset", "4096", "--length", "4096", "-o", "{out}"),
+    ("ls", "{pool}", "--usage"),
+    ("discard", "{pool}", "v", "--offset", "0", "--length", "64KiB"),
+    ("check", "{pool}"),
+    ("delete", "{pool}", "s"),
+)
 
 
 def _first_write_work() -> None:
     """The demo's path to ``write_one``: a one-block write of a file's read-only contents."""
+    from ..containers.layers import file_content
     from ..pool import Pool
-    from .layers import file_content
 
     with tempfile.TemporaryDirectory(prefix="thinpool-precompile-") as tmp:
         with Pool.create(os.path.join(tmp, "pool"), data_size="64MiB") as pool:
             vol = pool.create_thin("v", "1MiB")
             vol.write(4096, file_content(1, 4096))
+
+
+def _cli_work() -> None:
+    """:data:`CLI_COMMANDS` in this process, through the CLI's own entry point (output discarded)."""
+    from . import main as thinpool_cli
+
+    with tempfile.TemporaryDirectory(prefix="thinpool-precompile-") as tmp:
+        names = {"pool": os.path.join(tmp, "pool"), "file": os.path.join(tmp, "in.bin"),
+                 "out": os.path.join(tmp, "out.bin")}
+        with open(names["file"], "wb") as f:
+            f.write(os.urandom(3 * 65536 + 512))
+        for command in CLI_COMMANDS:
+            with contextlib.redirect_stdout(io.StringIO()):
+                thinpool_cli.main([a.format(**names) for a in command], prog_name="thinpool", standalone_mode=False)
 
 
 def precompile() -> tuple[str | None, list[str]]:
@@ -56,11 +91,12 @@ def precompile() -> tuple[str | None, list[str]]:
         return None, list(DEMO_KERNELS)
     with demo.compile_helper(wait=True):
         _first_write_work()
+        _cli_work()
     return where, demo.uncached(DEMO_KERNELS)
 
 
 def main() -> int:
-    """``python -m thinpool.containers.precompile``: one line on stderr saying what was done; exit
+    """``python -m thinpool.cli.precompile``: one line on stderr saying what was done; exit
     status 0 also when nothing could be compiled (an install must not fail for want of a cache)."""
     t0 = time.perf_counter()
     try:

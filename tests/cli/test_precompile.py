@@ -1,4 +1,4 @@
-"""Kernels compiled at install (thinpool.containers.precompile, run by build_backend/thinpool_build.py
+"""Kernels compiled at install (thinpool.cli.precompile, run by build_backend/thinpool_build.py
 after ``pip install`` builds): the first ``thinpool demo`` afterwards must compile nothing, the step
 must write only into the installing user's kernel cache, never fail a build, and build against the
 numba the target environment runs (numba ignores an index another version wrote)."""
@@ -16,7 +16,7 @@ import numba
 import numpy
 import pytest
 
-from thinpool.containers import precompile
+from thinpool.cli import precompile
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "build_backend"))
@@ -39,7 +39,12 @@ class Top(event.Listener):
 
 event.register("numba:compile", Top())
 run_demo(data_size="1GiB")
+demo = sorted(set(top))
+top.clear()
+from thinpool.cli.precompile import _cli_work
+_cli_work()  # the common commands, in a process of their own
 import json
+print(json.dumps(demo))
 print(json.dumps(sorted(set(top))))
 """
 
@@ -62,10 +67,11 @@ def _fresh_source_tree(dest: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_a_pip_build_compiles_the_demos_kernels_and_the_first_demo_compiles_none(tmp_path):
+def test_a_pip_build_compiles_the_kernels_and_the_first_demo_and_commands_compile_none(tmp_path):
     """``pip wheel`` of a fresh source tree (pip's isolated build environment, as ``pip install``
     makes it: the build requirements come from the package index) runs the backend's step, into the
-    user's kernel cache only; a demo run from that tree then loads every kernel and compiles nothing."""
+    user's kernel cache only; a demo run from that tree then loads every kernel and compiles nothing,
+    nor do the common commands (precompile.CLI_COMMANDS) run afterwards."""
     src = _fresh_source_tree(tmp_path / "src")
     cache = tmp_path / "cache"
     env = _env(cache)
@@ -82,7 +88,7 @@ def test_a_pip_build_compiles_the_demos_kernels_and_the_first_demo_compiles_none
     r = subprocess.run([sys.executable, "-c", _DEMO_COMPILES], env=_env(cache, PYTHONPATH=str(src)),
                        cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert json.loads(r.stdout.splitlines()[-1]) == []
+    assert [json.loads(x) for x in r.stdout.splitlines()[-2:]] == [[], []]
 
 
 def test_the_step_is_skipped_on_request_and_never_fails(tmp_path):
@@ -94,7 +100,7 @@ def test_the_step_is_skipped_on_request_and_never_fails(tmp_path):
     assert r.returncode == 0 and r.stdout.split() == ["0", "[]"], r.stderr
     assert "not compiled at install" in r.stderr and not cache.exists()
     # a JIT-off run: nothing compiled, exit status 0, a line saying so
-    r = subprocess.run([sys.executable, "-m", "thinpool.containers.precompile"], cwd=REPO,
+    r = subprocess.run([sys.executable, "-m", "thinpool.cli.precompile"], cwd=REPO,
                        env=_env(cache, NUMBA_DISABLE_JIT="1", PYTHONPATH=str(REPO)), capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0 and "not compiled ahead" in r.stderr and not cache.exists()
