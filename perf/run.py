@@ -14,6 +14,8 @@ Rows (each prints measured values, the ratio, the target and pass/short):
   S9 scale: 1 TiB pool, 10,000 volumes, 10,000,000 mappings: open, RSS, status, ls, dump vs thin_dump
   S10 100,000 volumes (snapshots of 4 origins), 100,000,000 mappings, metadata-only (perf/scale.py; quick: 1 %):
      open, RSS, status / ls / snapshot vs `python -c pass`, ls --usage, export-metadata vs thin_dump
+  S11 1 PiB metadata-only pool at 64 KiB blocks (2^34 data blocks), 100,000 volumes (perf/pib.py; quick: 10,000):
+     build (create, thins, writes, snapshots, writes, commit), open, write + commit, status: times and RSS
   C1-C3 cold start: the first `thinpool demo` of a fresh install (empty kernel cache; a new checkout on a machine
      that ran these sources) and a warm one (perf/coldstart.py)
   I4 dump / export-metadata of 1,000,000 mappings over 100 volumes vs thin_dump
@@ -97,8 +99,14 @@ def s10(sc: Scratch, full: bool):
     return scale.run_step(sc, full)
 
 
-STEPS = {"S1": s1_s2, "S3": s3, "S4": s4, "S5": s5_s6, "S7": s7, "S8": s8, "S9": s9, "S10": s10, "I4": i4, "I7": i7,
-         "M1": m1, "C1": c1, "A": anchors}
+def s11(sc: Scratch, full: bool):
+    """S11: a 1 PiB pool at 64 KiB blocks with 100,000 volumes (perf/pib.py; quick mode: 10,000)."""
+    from . import pib
+    return pib.run_step(sc, full)
+
+
+STEPS = {"S1": s1_s2, "S3": s3, "S4": s4, "S5": s5_s6, "S7": s7, "S8": s8, "S9": s9, "S10": s10, "S11": s11,
+         "I4": i4, "I7": i7, "M1": m1, "C1": c1, "A": anchors}
 
 
 # ----------------------------------------------------------------------------- main
