@@ -30,6 +30,21 @@ def _mark(state: bytearray, blocks: Iterable[int], bits: int) -> None:
             state[b] |= bits
 
 
+def _mark_locs(state: bytearray, locs: Any, bits: int) -> None:
+    """:func:`_mark` the blocks of page locations ``locs`` (``block << 32 | crc``): with numpy when a
+    caller loaded it and the array is long (the overflow counts of a 1 PiB pool have 2^24 pages: a
+    Python step each took 1.4 s), else one Python step per location."""
+    np = sys.modules.get("numpy")
+    if np is None or not isinstance(locs, array) or len(locs) < 4096:
+        _mark(state, (loc >> 32 for loc in locs), bits)
+        return
+    blocks = np.frombuffer(memoryview(locs).cast("B"), np.uint64) >> np.uint64(32)
+    blocks = blocks[(blocks > 0) & (blocks < len(state))]
+    view = np.frombuffer(state, np.uint8)
+    view[blocks] |= np.uint8(bits)
+    del view  # the bytearray must not stay exported (resize() extends it)
+
+
 def _zeros(state: bytearray) -> int:
     """Free blocks of a state: its zero bytes (numpy's count when a caller loaded numpy: 40x faster
     than ``bytearray.count`` on a large metadata file; this module itself stays without numpy)."""
@@ -61,7 +76,7 @@ class MetadataSpace:
             state = bytearray(self.nr_blocks)
             state[:SUPERBLOCKS] = bytes([_USED]) * SUPERBLOCKS
             for arr in list(self.locs.values()) + list(self.pm_locs.values()) + [self.dir_locs]:
-                _mark(state, (loc >> 32 for loc in arr), _USED)
+                _mark_locs(state, arr, _USED)
             self._state = self._protected(state)
         return self._state
 
