@@ -54,9 +54,9 @@ FR_IDLE = 5
 FR_SEND = 6
 
 #: ``state`` columns: receive buffer start / end of unread bytes, reply bytes sent / queued, whether
-#: to busy-poll at the next wait, monotonic ns before which not to, READs served
-S_RPOS, S_REND, S_OSENT, S_OLEN, S_SPIN, S_BACKOFF, S_SERVED = 0, 1, 2, 3, 4, 5, 6
-STATE_SIZE = 8
+#: to busy-poll at the next wait, monotonic ns before which not to, READs served, receives, blocking waits
+S_RPOS, S_REND, S_OSENT, S_OLEN, S_SPIN, S_BACKOFF, S_SERVED, S_RECVS, S_WAITS = 0, 1, 2, 3, 4, 5, 6, 7, 8
+STATE_SIZE = 10
 
 _HDR = 28
 _SOURCES_DIGEST = kernels_cache.sources_digest()
@@ -208,6 +208,7 @@ def serve_reads(sock, rbuf, state, out, tab, devs, slot, fd, size, structured, r
                     c_sched_yield()
                     last = t
             if not readable:
+                state[S_WAITS] += 1
                 pollfds[1] = _POLLIN
                 pollfds[3] = _POLLIN
                 r = c_poll(pollfds.ctypes.data, 2, idle_ms)
@@ -228,9 +229,11 @@ def serve_reads(sock, rbuf, state, out, tab, devs, slot, fd, size, structured, r
         if got <= 0:
             return FR_NEED
         state[S_REND] = rend + got
+        state[S_RECVS] += 1
 
 
 kernels_cache.check(globals(), _built_with)
 
 __all__ = ["serve_reads", "FR_OTHER", "FR_NEED", "FR_STALE", "FR_STOP", "FR_IDLE", "FR_SEND", "STATE_SIZE",
-           "S_RPOS", "S_REND", "S_OSENT", "S_OLEN", "S_SPIN", "S_BACKOFF", "S_SERVED"]
+           "S_RPOS", "S_REND", "S_OSENT", "S_OLEN", "S_SPIN", "S_BACKOFF", "S_SERVED",
+           "S_RECVS", "S_WAITS"]
