@@ -268,3 +268,37 @@ def test_nbd_rule_multi_conn_nbdcopy_copies_the_volume_exactly(served: Served) -
         assert f.read() == bytes(data)
     served.server.shutdown()  # every session has ended (and counted) once this returns
     assert sum(n > 0 for n in served.compiled_served) >= 2, served.compiled_served  # several connections served reads compiled
+
+
+def test_nbd_rule_compiled_loop_completes_a_header_sent_in_pieces(served: Served) -> None:
+    """A READ header split over several sends (the loop waits for the rest in the Python path, under
+    the message deadline) is answered like any other."""
+    data = random.Random(9).randbytes(2 * BS)
+    served.pool.thin("vol").write(0, data)
+    c = served.raw(structured=False)
+    assert c.cmd(P.CMD_READ, 0, 4096)[1] == data[:4096]  # the compiled loop now waits for requests
+    req = P.encode_request(P.CMD_READ, 77, 4096, 8192)
+    for piece in (req[:3], req[3:20], req[20:]):
+        c.sock.sendall(piece)
+        threading.Event().wait(0.05)
+    hdr = P.decode_reply_header(c.recv(16))
+    assert (hdr.handle, hdr.error) == (77, 0)
+    assert c.recv(8192) == data[4096:12288]
+    c.close()
+
+
+def test_nbd_rule_server_stop_ends_a_connection_waiting_in_the_compiled_loop(served: Served) -> None:
+    """A client idle after READs (its session waits in the compiled loop's poll, without the GIL) does
+    not hold up the server's shutdown: the session sees the wake-up descriptor and hangs up."""
+    c = served.raw(structured=True)
+    for off in range(0, 16 * 4096, 4096):
+        assert c.cmd(P.CMD_READ, off, 4096)[0] == 0
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (served.server.shutdown(), done.set()))
+    t.start()
+    t.join(30)
+    assert done.is_set()
+    c.sock.settimeout(10)
+    assert c.sock.recv(1) == b""  # hung up
+    c.close()
+    assert served.compiled_served[-1] >= 15
