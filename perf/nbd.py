@@ -277,39 +277,40 @@ beside the IOPS: it hardly moves with the load, the IOPS move by 2x and more.  I
 latency (a round trip per request): on the same CPU ~50 us, across CPUs a wake-up from idle adds tens
 of microseconds per message, and an unpinned run lands on either.
 
-**Where the server's time goes** (fixed count of 4 KiB I/Os at iodepth 16, busy-polling off, server
-CPU per I/O from /proc): reads 7.4 us (2.6 us of it in the kernel), writes 13.6 us (8.4 us in the
-kernel: the 4 KiB `pwrite` into the page cache ~6 us, the `fstat` that refuses writes to a truncated
-data file ~1 us); nbdkit file 8.8 and 15.7 us in the same conditions (its requests pass between a
-reader thread and worker threads).  strace of 20,000 writes: one `pwrite` and one `fstat` per request,
-one `recvfrom`, one `sendmsg` and one `poll` per ~13 requests (a receive takes every queued request,
-replies go out together in one `sendmsg` before the session would block).  Of a read's user time,
-`Thin.pread` (numba map lookup + `pread` + the bytes object) is ~3.5 us and the session's parsing and
-reply ~2 us.
+**Where the server's time goes.**  Plain READs are served by a compiled loop without the GIL and
+without the pool's lock (docs/design.md, "Compiled NBD reads"): header check, map lookup, `pread`,
+reply and the wait for the next request in one numba `nogil` kernel calling libc; its reads take the
+read side of the pool lock's reader-writer lock and check the lock's generation.  Server CPU per read
+at iodepth 16 is ~4-5 us (was ~7.4-8.4 us through the Python path; nbdkit file ~8-9 us), at iodepth 1
+~13 us (was ~17).  Writes still go through the Python path (13-19 us per write depending on load, one
+`pwrite` and one `fstat` each); a connection registers as a compiled reader only at its first READ,
+and the pool lock takes the reader-writer lock's write side only when another thread has a reader,
+so a write-only connection pays nothing for it (A/B at load ~6: 19.0-19.8 us CPU per write on and
+off).  A/B of the compiled loop, same build, interleaved (medians of 3, load 9-10.7, IOPS): on / off
+/ nbdkit file / nbdkit --threads 2 -- reads at iodepth 1: 10,597 / 6,314 / 21,914 / 30,760; at
+iodepth 16: 23,774 / 20,934 / 29,335 / 52,053; two connections at iodepth 16: 28,873 / 20,963 /
+79,067 / 111,911.  So the loop is ahead of the Python path everywhere, and two connections now scale
+(1.2-1.4x one connection; through the GIL they did not), but at this load nbdkit is far ahead.
 
-**What limits the rows that are short.**  Not the cost per request: on an idle machine thinpool serve
-is ahead of nbdkit file on all four single-connection workloads (session 3, a first run at load 0.4-1.4,
-3 repeats of 2 s: 1.21 / 1.14 / 1.46 / 1.94 for read QD1 / read QD16 / write QD1 / write QD16).  Under
-load (other jobs keeping 6-12 threads runnable on the 2 cores) the same code got 0.4-0.9x (full runs of
-session 3 vs nbdkit, read QD1 / read QD16 / write QD1 / write QD16 / multi-conn reads / writes: at load
-7-12, 0.53 / 0.62 / 0.46 / 0.66 / 0.23 / 0.57 -- before the one-poll change below; at load 6-9, 0.87 / 0.54
-/ 0.77 / 0.88 / 0.40 / 1.48; the table above at load ~5): the server is
-one Python thread per connection and the GIL lets one run at a time, while nbdkit runs up to 16 worker
-threads per connection and qemu-nbd a thread pool for its I/O, so they get more of the CPUs.  Check:
-at load ~10, nbdkit file with its default threads served 2.10x / 2.74x thinpool's IOPS (reads / writes
-at iodepth 16), with `--threads 1` 1.23x / 1.12x, at about the same CPU per I/O as ours.  Multi-conn
-reads (I7i) are short for the same reason, and more so: nbdkit --threads 2 serves the two connections
-on both cores (~0.8-0.9 CPU of server time), thinpool's two session threads take turns on the GIL
-(~0.3-0.4 CPU: each hand-over between them is a futex wake-up, under load a scheduler delay).
-Multi-conn writes (I7j) passed in the run above and fell short (0.57x) in one at load ~11: there
-nbdkit's CPU per write rises to ~20-23 us (two threads writing one file) against thinpool's ~16 us.
-Closing that needs the request path to run outside the GIL -- the whole fast path (parse, map lookup,
-`pread`/`pwrite`, reply) in a numba `nogil` kernel, with the map lookups and data copies of two
-connections overlapping under finer locking than the pool's one lock -- or a process per connection
-over shared pool state; neither is done.  Tried and dropped: `nogil=True` on the read and write
-kernels alone (no measurable gain: the pool's lock is held around the kernel call anyway).  Not tried:
-the batch path (`apply_io`) for queued requests -- it returns no read data, and at iodepth 16 the
-per-request kernel call is ~1.5 us of the ~8.
+**What limits the rows that are short.**  Not the CPU time per request: ours is about half of nbdkit's
+for reads.  Under load the server and fio mostly *wait*: in-process counters for two connections at
+iodepth 16 (load ~7) show one blocking `poll` per receive and 13-15 requests per receive -- fio sends
+its whole queue in a burst once it has the replies, so each connection runs in lock-step, a batch of
+~16 requests per cycle of ~0.6-0.9 ms, of which serving the batch is ~60 us; the rest is two wake-ups
+(ours and fio's) that wait for a CPU behind other jobs, with the server at ~0.2 CPU and fio at ~12 %.
+nbdkit serves a connection with a reader thread and worker threads: replies leave as each worker
+finishes, fio refills its queue continuously, and nbdkit has runnable threads when CPUs free up --
+with `--threads 1` (one worker per connection, like ours) it served 26,000 IOPS for two connections
+against our 42,000 in the same run.  Busy-polling 200 us without the back-off (an experiment, not
+kept: it burns a CPU per waiting connection on a shared machine) gave +35-45 %, still about a third of
+nbdkit.  On a lightly loaded machine (load ~5) the single-connection rows passed with the Python path
+alone (the previous full run: 1.47 / 1.15 / 1.64 / 1.96); in the run above, at load ~9.5, the write
+rows -- the same Python path as then -- are short too (0.73 / 0.75), and the multi-conn write row
+I7j fell from 1.73 to 0.68, so rows measured at load 8-10 say more about scheduling than about the
+server.  I7i's CPU per read with two connections (9.6 us above, 4-5 us in-process at load ~7) is
+higher than with one (5.2 us): not measured further.  Closing I7i under load needs more than one thread
+per connection in the compiled loop -- a leader/follower pair on the socket (one receives while the
+other reads and replies), with the Python path parked while they run -- not done.
 
 **Busy-polling and load.**  A/B of the same build at load 9-11 (interleaved, medians of 5): polling on
 / off, 4,408 / 8,369 IOPS for reads at iodepth 1, 4,352 / 6,229 for writes; off was ahead at iodepth 16
@@ -317,7 +318,7 @@ too (+9 %, +11 %), and with two connections (reads QD16: +18 %, QD1: +79 %).  So
 only while it is the only connection in the transmission phase, and stops for 100 ms after a poll
 round took over 30 us (the yield gave the CPU to another task or the GIL to another thread): on an
 idle machine it polls as before.  Multi-conn is safe to advertise: every connection serves the one
-pool under its lock, and a FLUSH on any connection commits the pool, so the spec's rule (a write whose
+pool under its lock (compiled reads under its reader-writer side: a read after a write's reply sees the write), and a FLUSH on any connection commits the pool, so the spec's rule (a write whose
 reply arrived, then a flush on another connection: visible on a third and durable) holds; tests/serve
 checks it across a SIGKILL.
 
@@ -337,6 +338,13 @@ writes QD1 +11 %, reads QD16 +24 %; CPU per read at QD1 34 -> 26 us).  On the wa
 wait ran for every empty buffer, also inside a message, where its wait has no limit -- a WRITE header
 sent alone and then silence held the session past the message deadline; it now runs between requests
 only (tests/serve checks the deadline).
+Session 4 (issue 16, item 3): the compiled read loop and the pool lock's reader-writer side above; reads
+of several connections run in parallel (the Python path's two connections gave 1.0x one connection).
+The full run before it (2026-12-06, load 4.7-5.4, every request through the Python path): vs nbdkit file
+1.47 / 1.15 / 1.64 / 1.96 (read QD1, read QD16, write QD1, write QD16), multi-conn reads 0.65, writes
+1.73 (79,944 against 123,743 and 49,368 against 28,472 IOPS).
+The spin rule is unchanged (the loop busy-polls only while one connection transmits).  Writes, FLUSH,
+TRIM and every error reply stay on the Python path.
 """
 
 def _cell(v: dict[str, Any], side: str) -> str:
