@@ -98,6 +98,8 @@ def _hostile_requests(size: int) -> bytes:
         r(P.CMD_READ, 6, 4096, 0),                       # zero length
         r(P.CMD_READ, 7, 0, 4096, flags=1 << 7),         # unknown flag
         r(P.CMD_READ, 8, 0, 4096, flags=P.CMD_FLAG_FUA),  # FUA: served
+        r(P.CMD_READ, 20, 4096, 4096, flags=P.CMD_FLAG_DF),  # DF: served if structured, else EINVAL
+        r(P.CMD_READ, 21, 0, 4096, flags=P.CMD_FLAG_NO_HOLE),  # a WRITE_ZEROES flag on a READ: EINVAL
         r(P.CMD_READ, 9, 0, 300 * KiB),                  # longer than the compiled loop serves
         r(P.CMD_READ, 10, 0, 2**32 - 1),                 # longer than the server accepts
         r(P.CMD_READ, 11, BS - 2048, 4096),              # across a block boundary
@@ -302,3 +304,31 @@ def test_nbd_rule_server_stop_ends_a_connection_waiting_in_the_compiled_loop(ser
     assert c.sock.recv(1) == b""  # hung up
     c.close()
     assert served.compiled_served[-1] >= 15
+
+
+def test_nbd_rule_compiled_loop_reads_a_pool_opened_read_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pool opened read-only (its device table is a read-only array: another compilation of the loop)
+    is read through the compiled loop too, with the same bytes."""
+    root = tempfile.mkdtemp(prefix="nbdo", dir="/tmp")
+    try:
+        data = random.Random(4).randbytes(256 * KiB)
+        with Pool.create(os.path.join(root, "pool"), data_size=64 * MiB, block_size="64KiB") as p:
+            p.create_thin("vol", VOL).write(0, data)
+        pool = Pool.open(os.path.join(root, "pool"), read_only=True)
+        counts: list[int] = []
+        close = readloop.CompiledReads.close
+        monkeypatch.setattr(readloop.CompiledReads, "close",
+                            lambda self: (counts.append(self.served) if self.registered else None, close(self)))
+        server = NBDServer(PoolProvider(pool, read_only=True), unix_path=os.path.join(root, "s"))
+        server.start()
+        try:
+            c = Raw(os.path.join(root, "s"), "vol", structured=False)
+            for off in range(0, 256 * KiB, 16 * KiB):
+                assert c.cmd(P.CMD_READ, off, 4096) == (0, data[off:off + 4096], [])
+            assert c.cmd(P.CMD_WRITE, 0, data=b"x" * 512)[0] == P.EPERM  # still the Python path's answer
+            c.close()
+        finally:
+            server.shutdown()
+        assert counts and counts[-1] == 16
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
