@@ -31,7 +31,6 @@ first commit writes the new layout and releases the old pages.
 from __future__ import annotations
 
 import mmap
-import platform
 import sys
 from typing import Any, Mapping
 
@@ -39,7 +38,7 @@ import numpy as np
 
 from . import schema as K
 from .errors import MetadataCorrupt
-from .mdpages import BLOCK, PageUpdates
+from .mdpages import BLOCK, MAP_SPARSE, PageUpdates
 
 #: data blocks per 4 KiB page of the two-bit bitmap (``data_sm``)
 SM_PER_PAGE = BLOCK * 4
@@ -60,24 +59,6 @@ def _round_up(n: int, m: int) -> int:
 SPARSE_BYTES = 256 << 20
 
 
-def _map_noreserve() -> int:
-    """Linux's ``MAP_NORESERVE`` (the ``mmap`` module names it from Python 3.13 on): 0x4000 in the
-    generic ABI, other values on a few architectures; 0 elsewhere (the flag is then left out)."""
-    if hasattr(mmap, "MAP_NORESERVE"):
-        return int(mmap.MAP_NORESERVE)
-    if not sys.platform.startswith("linux"):
-        return 0
-    arch = platform.machine()
-    if arch.startswith(("ppc", "powerpc", "sparc")):
-        return 0x40
-    if arch.startswith("mips"):
-        return 0x400
-    if arch.startswith("alpha"):
-        return 0x10000
-    return 0x4000
-
-
-_MAP_NORESERVE = _map_noreserve()
 
 
 def zeroed(n: int, dtype: Any) -> np.ndarray:
@@ -90,7 +71,7 @@ def zeroed(n: int, dtype: Any) -> np.ndarray:
     nbytes = n * dtype.itemsize
     if nbytes < SPARSE_BYTES:
         return np.zeros(n, dtype)
-    mm = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | _MAP_NORESERVE)
+    mm = mmap.mmap(-1, nbytes, flags=MAP_SPARSE)
     return np.frombuffer(mm, dtype)
 
 

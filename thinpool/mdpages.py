@@ -74,13 +74,36 @@ def _ints(xs: Any) -> list[int]:
 Buffer = bytearray | mmap.mmap
 
 
+def _map_noreserve() -> int:
+    """Linux's ``MAP_NORESERVE`` (the ``mmap`` module names it from Python 3.13 on): 0x4000 in the
+    generic ABI, other values on a few architectures; 0 elsewhere (the flag is then left out)."""
+    if hasattr(mmap, "MAP_NORESERVE"):
+        return int(mmap.MAP_NORESERVE)
+    if not sys.platform.startswith("linux"):
+        return 0
+    arch = os.uname().machine
+    if arch.startswith(("ppc", "powerpc", "sparc")):
+        return 0x40
+    if arch.startswith("mips"):
+        return 0x400
+    if arch.startswith("alpha"):
+        return 0x10000
+    return 0x4000
+
+
+#: flags of a private anonymous map that reserves address space only (a page is allocated when first
+#: written, and nothing is charged against the machine's memory before: the kernel's overcommit
+#: heuristic refuses one allocation larger than the machine's memory, a 1 PiB pool's space map is 64 GiB)
+MAP_SPARSE = mmap.MAP_PRIVATE | _map_noreserve()
+
+
 def _zeroed(n: int) -> Buffer:
     """A writable zero-filled buffer of ``n`` bytes.  Big ones are private anonymous memory maps: their
     pages are zero until touched, so reading 100 MB of pages into one costs no memset beforehand, and a
-    page never written (an absent page) costs no memory even when read."""
+    page never written (an absent page) costs no memory even when read (:data:`MAP_SPARSE`)."""
     if n < 1 << 20:
         return bytearray(n)
-    return mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE)
+    return mmap.mmap(-1, n, flags=MAP_SPARSE)
 
 
 

@@ -137,3 +137,25 @@ def test_check_finds_a_wrong_count_at_the_far_end_of_a_1_pib_pool(tmp_path):
         assert f"data block {NR - 1}: reference count is 5, expected 1" in report.errors
         pool.space.data_rc[NR - 1] = 1
         assert pool.check().ok
+
+
+def test_kernel_rule_a_damaged_space_map_page_falls_back_to_the_previous_commit_on_a_1_pib_pool(tmp_path):
+    """A metadata page that fails its checksum makes the open use the previous commit (dm-thin keeps
+    the last transaction's blocks until the next commit is durable); on a pool of 2^34 blocks the
+    space map's whole arrays are then read (a private map, pages of zeroes cost nothing) and the
+    counts are those of that commit."""
+    path = tmp_path / "p"
+    with Pool.create(path, data_size="1PiB", block_size="64KiB", metadata_only=True, metadata_size="1GiB") as pool:
+        a = pool.create_thin("a", VOL)
+        a.write(0, b"x")
+        pool.commit()
+        a.write(600_000 * BS, b"y")  # a second block: the bitmap's page 0 is written again
+        pool.commit()
+        loc = pool.store.locs["data_sm"][0] >> 32
+    with open(path / "metadata", "r+b") as f:
+        f.seek(loc * 4096 + 100)
+        f.write(b"\xa5" * 16)
+    with Pool.open(path, read_only=True) as pool:
+        assert "data_sm: bad checksum" in (pool.recovered_from or "")
+        assert pool.space.used() == 1 and _maps(pool.thin("a")) == {0: 0}
+        assert pool.space.live_page_count() == 1 and pool.check().ok
