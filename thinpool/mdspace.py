@@ -67,6 +67,7 @@ class MetadataSpace:
     _state: bytearray | None
     _tail: int | None
     _tail_released: int
+    _undo: list[tuple[int, int]] | None  # in a commit: (block, state before) of every change, to undo
 
     @property
     def state(self) -> bytearray:
@@ -106,6 +107,7 @@ class MetadataSpace:
             self._tail += count
             return out
         state = self.state
+        undo = self._undo
         out = []
         pos = 0
         for _ in range(count):
@@ -114,6 +116,8 @@ class MetadataSpace:
                 raise MetadataSpaceExhausted(
                     f"{self.path}: out of metadata space ({self.nr_blocks} blocks, {state.count(0) + len(out)} "
                     f"free, {count} needed for this commit)")
+            if undo is not None:
+                undo.append((pos, 0))
             state[pos] = _USED
             out.append(pos)
         return out
@@ -133,9 +137,12 @@ class MetadataSpace:
             self._tail_released += sum(1 for loc in locs if loc >> 32)
             return
         state = self.state
+        undo = self._undo
         for loc in locs:
             b = loc >> 32
             if b:
+                if undo is not None:
+                    undo.append((b, state[b]))
                 state[b] &= ~_USED
 
     def commit_floor(self) -> int:

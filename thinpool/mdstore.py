@@ -87,6 +87,8 @@ class MetadataStore(MetadataSpace):
         self._tail: int | None = None  # in a tail commit: the next block to allocate (see commit)
         self._tail_released = 0
         self._queued: list[tuple[int, Any]] = []  # (block, page) written by the commit under way
+        self._undo: list[tuple[int, int]] | None = None  # the block states it changed (see commit)
+        self._dir_parts: dict[str, tuple[array, str]] = {}  # per array: its page map, its directory JSON
         #: why this store must be reopened before it commits again (a flush failed), or None
         self.failed: str | None = None
 
@@ -368,17 +370,23 @@ class MetadataStore(MetadataSpace):
         if self.failed:
             raise HostIOError(f"{self.path}: no commit is possible until the pool is reopened ({self.failed})",
                               errno.EIO, self.path)
-        new_locs = {k: v[:] for k, v in self.locs.items()}
-        new_pm = {k: v[:] for k, v in self.pm_locs.items()}
+        # the location arrays of the arrays this commit changes are copied (then changed); the others
+        # are shared with the committed state, which never changes an array in place
+        new_locs = dict(self.locs)
+        new_pm = dict(self.pm_locs)
         self._tail, self._tail_released = (self._tail_start(arrays) if tail else None), 0
         tail_first = self._tail
-        state_before = bytes(self.state) if self._tail is None else b""
+        # what the commit changes in the block-state map, to put back if it fails: (block, old state)
+        self._undo = [] if self._tail is None else None
         try:
             pages_count = {k: int(v) for k, v in self.header.get("pages", {}).items()}
             for name, pa in arrays.items():
                 npages = pa.npages
                 pages_count[name] = npages
-                locs = self._resized(new_locs.get(name), npages)
+                old = new_locs.get(name)
+                if old is not None and len(old) == npages and not pa.dirty:
+                    continue  # nothing of it changes
+                locs = self._resized(None if old is None else old[:], npages)
                 dirty = sorted({d for d in pa.dirty if 0 <= d < npages})
                 dead_set = set(pa.dead)
                 live = [d for d in dirty if d not in dead_set]
@@ -394,7 +402,8 @@ class MetadataStore(MetadataSpace):
                 # page-map pages that point at changed pages; one whose pages are all absent is
                 # absent itself (a page map of zeroes: e.g. the space map of a grown, unused range)
                 npm = (npages + PM_ENTRIES - 1) // PM_ENTRIES
-                pml = self._resized(new_pm.get(name), npm)
+                old = new_pm.get(name)
+                pml = self._resized(None if old is None else old[:], npm)
                 changed_pm = sorted({d // PM_ENTRIES for d in dirty})
                 if changed_pm:
                     pm_pages = {i: locs[i * PM_ENTRIES:(i + 1) * PM_ENTRIES] for i in changed_pm}
@@ -409,7 +418,7 @@ class MetadataStore(MetadataSpace):
                             pml[i] = b << 32 | c
                 new_pm[name] = pml
             # directory
-            directory = json.dumps({k: v.tolist() for k, v in new_pm.items()}).encode()
+            directory = self._directory(new_pm)
             ndir = (len(directory) + BLOCK - 1) // BLOCK
             dir_pages = [directory[i * BLOCK:(i + 1) * BLOCK].ljust(BLOCK, b"\0") for i in range(ndir)]
             self._release(self.dir_locs)
@@ -433,15 +442,30 @@ class MetadataStore(MetadataSpace):
             self._write_superblock(self.generation + 1, header)
         except BaseException:
             self._queued = []
-            if self._tail is None:
-                self._state = bytearray(state_before)
-            self._tail = None
+            if self._undo is not None and self._state is not None:
+                state = self._state
+                for b, v in reversed(self._undo):
+                    state[b] = v
+            self._tail, self._undo = None, None
             raise
-        self._tail = None
+        self._tail, self._undo = None, None
         self.generation += 1
         self.header = header
         self.locs, self.pm_locs, self.dir_locs = new_locs, new_pm, dir_locs
         self._state = committed
+
+    def _directory(self, pm_locs: dict[str, array]) -> bytes:
+        """The directory's JSON (what ``json.dumps`` of the page maps' locations gives), each array's
+        part kept from the last commit while its page map is the same object (unchanged)."""
+        cache, parts = self._dir_parts, []
+        for name, pml in pm_locs.items():
+            hit = cache.get(name)
+            if hit is None or hit[0] is not pml:
+                hit = cache[name] = (pml, f"{json.dumps(name)}: [{', '.join(map(str, pml))}]")
+            parts.append(hit[1])
+        for name in [n for n in cache if n not in pm_locs]:
+            del cache[name]
+        return ("{" + ", ".join(parts) + "}").encode()
 
     def _write_superblock(self, generation: int, header: dict[str, Any]) -> None:
         body = json.dumps(header, separators=(",", ":")).encode()

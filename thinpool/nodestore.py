@@ -37,64 +37,27 @@ from __future__ import annotations
 
 import mmap
 import sys
-from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from . import nodepacks
 from . import schema as K
 from .errors import MetadataCorrupt
 from .mdpages import BLOCK, PageUpdates
+from .nodepacks import _CHUNK, _HEAD, _REC, DENSE, DENSE_ARRAY, INNERS, LEAVES, MARK, PACK_ARRAY, Kind
+
+__all__ = ["ARRAYS", "DENSE", "DENSE_ARRAY", "GROUPS_ARRAY", "INNERS", "Kind", "LEAVES", "MARK", "NodeDisk",
+           "PACK_ARRAY", "empty_disk_arrays", "inners_from_disk", "leaves_from_disk", "load", "load_leaves",
+           "lost_nodes", "open_nodes"]
 
 
-@dataclass(frozen=True)
-class Kind:
-    """One kind of block-map node as stored: its entries, their type, the hole value, the dense
-    threshold, its arrays (format 4 and the older one-node-per-page array) and its pages' tag."""
-
-    name: str
-    entries: int
-    dtype: Any
-    hole: int
-    dense: int
-    dense_array: str
-    pack_array: str
-    old_array: str
-    tag: int
-
-    @property
-    def width(self) -> int:
-        """Bytes of one entry's value."""
-        return np.dtype(self.dtype).itemsize
-
-
-#: leaves: 512 mappings (uint64; all-ones a hole)
-LEAVES = Kind("leaf", K.LEAF_ENTRIES, np.uint64, K.UNMAPPED, 192, "leaf_dense", "leaf_packs", "leaves",
-              0x344B504C)  # "LPK4"
-#: inner nodes: 1,024 children (int32; -1 none)
-INNERS = Kind("inner", K.INNER_ENTRIES, np.int32, K.NONE, 340, "inner_dense", "inner_packs", "inners",
-              0x344B5049)  # "IPK4"
-#: a leaf with more live mappings than this keeps its own page
-DENSE = LEAVES.dense
-#: the count of a dense node's record (its entries are on its own page)
-MARK = 0xFFFF
-DENSE_ARRAY, PACK_ARRAY = LEAVES.dense_array, LEAVES.pack_array
 #: format 3's leaves
 GROUPS_ARRAY = "leaf_groups"
-_HEAD = 8           # record count, entry count, tag
-_REC = 6            # slot (uint32) + count (uint16)
-_CAP = BLOCK - _HEAD
-_CHUNK = 4096       # node slots handled per numpy step (16 MB of nodes)
 #: the arrays a pool's open reads straight into the nodes' rows (:func:`open_nodes`)
 ARRAYS = (LEAVES.dense_array, INNERS.dense_array)
 #: nodes of at least this many bytes are loaded into memory mapped in at once (:func:`open_nodes`)
 POPULATE_MIN = 1 << 24
-
-
-def _record_bytes(stored: np.ndarray, kind: Kind) -> np.ndarray:
-    """Bytes of the records whose stored counts are ``stored`` (MARK: no entries)."""
-    n = stored.astype(np.int64)
-    return _REC + (kind.width + 2) * np.where(n == MARK, 0, n)
 
 
 def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -132,18 +95,38 @@ class NodeDisk:
     ``stored[s]``: the count of slot ``s``'s record (-1: no record, :data:`MARK`: dense);
     ``keys``/``pos``/``size``: per pack page, in slot order, its lowest slot, its page in the pack
     array and its bytes; ``npages``: pages of the pack array; ``convert``: an older layout is stored
-    under that name (the next commit writes every node and drops it)."""
+    under that name (the next commit writes every node and drops it).  ``packs``: the stored pack
+    pages (uint16 rows by place; the compiled encoder copies unchanged records from them), shared
+    with the state before, and ``fresh`` the pages this state wrote there, put in by its first
+    commit (:meth:`_settle`: by then the state before is gone, or this commit could not be written)."""
 
     def __init__(self, kind: Kind, stored: np.ndarray, keys: np.ndarray, pos: np.ndarray, size: np.ndarray,
-                 npages: int, convert: str | None = None) -> None:
+                 npages: int, convert: str | None = None, packs: np.ndarray | None = None,
+                 fresh: list[tuple[int, Any]] | None = None) -> None:
         self.kind = kind
         self.stored, self.keys, self.pos, self.size = stored, keys, pos, size
         self.npages, self.convert = npages, convert
+        self.packs = np.zeros((0, BLOCK // 2), np.uint16) if packs is None else packs
+        self.fresh = fresh or []
 
     @classmethod
     def empty(cls, kind: Kind, convert: str | None = None) -> "NodeDisk":
         z = np.zeros(0, np.int64)
         return cls(kind, np.zeros(0, np.int32), z, z, z, 0, convert)
+
+    def _settle(self) -> None:
+        """Put the pages this state's commit wrote into :attr:`packs` (grown when they reach past it)."""
+        if not self.fresh:
+            return
+        packs = self.packs
+        need = max(p for p, _ in self.fresh) + 1
+        if len(packs) < need or not packs.flags.writeable:
+            grown = np.empty((max(need, len(packs) + len(packs) // 2), BLOCK // 2), np.uint16)
+            grown[:len(packs)] = packs
+            packs = grown
+        for p, page in self.fresh:
+            packs[p] = np.frombuffer(page, np.uint16)
+        self.packs, self.fresh = packs, []
 
     # ------------------------------------------------------------------ a commit
     def updates(self, nodes: np.ndarray, rc: np.ndarray,
@@ -152,6 +135,7 @@ class NodeDisk:
         of an older layout; ``rc``: their reference counts, 0 = dead), and what is stored once that
         commit is durable.  Changes nothing."""
         kind = self.kind
+        self._settle()
         n = len(nodes)
         stored = np.full(n, -1, np.int32)
         keep = min(n, len(self.stored))
@@ -181,189 +165,48 @@ class NodeDisk:
             out[self.convert] = PageUpdates(0, {})
         return out, after
 
-    def _runs(self, changed: np.ndarray) -> list[list[int]]:
-        """Runs of consecutive pack pages (indices in slot order) holding the changed slots."""
-        k = len(self.keys)
-        if len(changed) == 0:
-            return []
-        if k == 0:
-            return [[0, -1]]
-        pages = np.unique(np.maximum(np.searchsorted(self.keys, changed, "right") - 1, 0))
-        breaks = np.flatnonzero(np.diff(pages) > 1) + 1
-        return [[int(r[0]), int(r[-1])] for r in np.split(pages, breaks)]
-
     def _repack(self, nodes: np.ndarray, stored: np.ndarray,
                 changed: np.ndarray) -> tuple[dict[int, Any], list[int], "NodeDisk"]:
-        """Re-pack the pages holding ``changed`` slots (``stored``: the new counts)."""
-        kind = self.kind
-        n, k = len(stored), len(self.keys)
-        runs = self._runs(changed)
-        # a run left under half a page takes in a neighbour (adjacent runs merge)
-        merged: list[list[int]] = []
-        for a, b in runs:
-            if merged and a <= merged[-1][1] + 1:
-                merged[-1][1] = max(merged[-1][1], b)
-            else:
-                merged.append([a, b])
-        out_runs: list[tuple[int, int, np.ndarray]] = []
-        i = 0
-        while i < len(merged):
-            a, b = merged[i]
-            while True:
-                lo = 0 if a <= 0 else int(self.keys[a])
-                hi = n if b + 1 >= k else int(self.keys[b + 1])
-                recs = np.flatnonzero(stored[lo:hi] != -1) + lo
-                size = int(_record_bytes(stored[recs], kind).sum())
-                if size >= _CAP // 2 or b - a + 1 >= k:
-                    break
-                if b + 1 < k:
-                    b += 1
-                    if i + 1 < len(merged) and merged[i + 1][0] <= b + 1:  # reached the next run
-                        b = max(b, merged.pop(i + 1)[1])
-                elif a > 0:
-                    a -= 1
-                    if out_runs and out_runs[-1][1] >= a - 1:  # reached the previous run
-                        pa, _, _ = out_runs.pop()
-                        a = pa
-                else:
-                    break
-            out_runs.append((a, b, recs))
-            i += 1
-        # cut every run into pages of equal fill, reusing its pages' places first
-        gone = np.zeros(k, bool)
-        for a, b, _ in out_runs:
-            if k:
-                gone[max(a, 0):b + 1] = True
-        free: Any = None  # pages of the pack array no page uses now (found when first needed)
-        next_new = self.npages
-        new_keys: list[int] = []
-        new_pos: list[int] = []
-        new_size: list[int] = []
-        page_recs: list[np.ndarray] = []
-        released: list[int] = []
-        for a, b, recs in out_runs:
-            reuse = sorted(self.pos[max(a, 0):b + 1].tolist()) if k else []
-            for piece in _cut(_record_bytes(stored[recs], kind), recs):
-                if reuse:
-                    p = reuse.pop(0)
-                else:
-                    if free is None:
-                        unused = np.ones(self.npages, bool)
-                        unused[self.pos] = False
-                        free = iter(np.flatnonzero(unused).tolist())
-                    p = next(free, None)
-                    if p is None:
-                        p, next_new = next_new, next_new + 1
-                new_keys.append(int(piece[0]))
-                new_pos.append(p)
-                new_size.append(_HEAD + int(_record_bytes(stored[piece], kind).sum()))
-                page_recs.append(piece)
-            released += reuse
-        packed = _encode(kind, nodes, stored, page_recs, new_pos)
-        keys = np.concatenate([self.keys[~gone], np.array(new_keys, np.int64)])
-        pos = np.concatenate([self.pos[~gone], np.array(new_pos, np.int64)])
-        size = np.concatenate([self.size[~gone], np.array(new_size, np.int64)])
+        """Re-pack the pages holding ``changed`` slots (``stored``: the new counts): planned and
+        encoded by :mod:`thinpool.kernels_pages` when numba is loaded, else by
+        :func:`thinpool.nodepacks.repack` (the same pages)."""
+        kind, kp = self.kind, _compiled()
+        packed: dict[int, Any] = {}
+        if kp is None:
+            packed, gone, new_keys, new_pos, new_size, rel = nodepacks.repack(
+                kind, self.keys, self.pos, self.npages, nodes, stored, changed)
+            released = np.array(rel, np.int64)
+        else:
+            slots, nrec, new_keys, new_pos, new_size, gone, released = kp.plan_repack(
+                stored, self.keys, self.pos, self.npages, changed.astype(np.int64), kind.width + 2)
+        if kp is not None and len(nrec):
+            out = np.empty((len(nrec), BLOCK // 2), np.uint16)
+            bad = kp.encode_packs(_words(nodes), kind.width // 4, slots, stored[slots].astype(np.int64), nrec,
+                                  kind.tag, out, self.packs, self.pos[gone], changed.astype(np.int64))
+            assert bad < 0, f"{kind.name} records out of step with the nodes (slot {int(slots[bad])})"
+            packed = {p: memoryview(out[i]).cast("B") for i, p in enumerate(new_pos.tolist())}
+        keys = np.concatenate([self.keys[~gone], new_keys])
+        pos = np.concatenate([self.pos[~gone], new_pos])
+        size = np.concatenate([self.size[~gone], new_size])
         order = np.argsort(keys, kind="stable")
         npages = int(pos.max()) + 1 if len(pos) else 0
-        after = NodeDisk(kind, stored, keys[order], pos[order], size[order], npages)
-        return packed, [p for p in released if p < npages], after
-
-
-def _cut(sizes: np.ndarray, recs: np.ndarray) -> list[np.ndarray]:
-    """``recs`` cut into as few consecutive pieces of at most one page's records as possible (records
-    of ``sizes`` bytes): of about equal bytes (each cut at the record boundary nearest its share) when
-    that takes no more pages, so that pages filled by one commit still take a few more records; else
-    filled in order."""
-    if len(recs) == 0:
-        return []
-    cum = np.cumsum(sizes)
-    edges = [0]
-    while edges[-1] < len(recs):  # filled in order: the fewest pages
-        base = int(cum[edges[-1] - 1]) if edges[-1] else 0
-        edges.append(int(np.searchsorted(cum, base + _CAP, "right")))
-    pieces = len(edges) - 1
-    if pieces > 1:
-        total = int(cum[-1])
-        targets = total * np.arange(1, pieces) / pieces
-        bounds = np.searchsorted(cum, targets, "right")  # records wholly below each target ...
-        over = np.minimum(bounds, len(cum) - 1)
-        below = cum[np.maximum(bounds - 1, 0)] * (bounds > 0)
-        bounds = bounds + ((cum[over] - targets) < (targets - below))  # ... or one more, if nearer
-        even = np.concatenate([[0], bounds, [len(recs)]])
-        fill = np.diff(np.concatenate([[0], cum[np.maximum(even[1:] - 1, 0)]]))
-        if (np.diff(even) > 0).all() and fill.max() <= _CAP:
-            edges = even.tolist()
-        elif total - int(cum[edges[-2] - 1]) < _CAP // 2:  # a small last page: share with the one before
-            lo = int(cum[edges[-3] - 1]) if edges[-3] else 0
-            mid = (lo + total) / 2
-            cut = int(np.searchsorted(cum, mid, "right"))
-            if cut < len(recs) and cum[cut] - mid < mid - cum[cut - 1]:
-                cut += 1
-            if edges[-3] < cut < len(recs) and cum[cut - 1] - lo <= _CAP and total - cum[cut - 1] <= _CAP:
-                edges[-2] = cut
-    return [recs[s:e] for s, e in zip(edges[:-1], edges[1:])]
-
+        after = NodeDisk(kind, stored, keys[order], pos[order], size[order], npages, None, self.packs,
+                         list(packed.items()))
+        return packed, released[released < npages].tolist(), after
 
 def _compiled() -> Any:
     """:mod:`thinpool.kernels_pages` when this process has loaded numba (any kernel call does), else
-    None: a commit needs only numpy, and the numpy encoder (:func:`_encode_numpy`) writes the same
-    bytes."""
+    None: a commit needs only numpy, and the numpy path (:func:`thinpool.nodepacks.repack`) writes
+    the same pages."""
     if "numba" not in sys.modules or sys.byteorder != "little":  # (the kernels write little-endian)
         return None
     from . import kernels_pages
     return kernels_pages
 
 
-def _encode(kind: Kind, nodes: np.ndarray, stored: np.ndarray, page_recs: list[np.ndarray],
-            pos: list[int]) -> dict[int, Any]:
-    """The pack pages holding the records of ``page_recs`` (slot lists), by page: encoded in one
-    compiled pass (:func:`thinpool.kernels_pages.encode_packs`) when numba is loaded."""
-    kp = _compiled()
-    if kp is None or not page_recs:
-        return _encode_numpy(kind, nodes, stored, page_recs, pos)
-    slots = np.concatenate(page_recs).astype(np.int64)
-    out = np.empty((len(page_recs), BLOCK // 2), np.uint16)
-    bad = kp.encode_packs(_words(nodes), kind.width // 4, slots, stored[slots].astype(np.int64),
-                          np.array([len(r) for r in page_recs], np.int64), kind.tag, out)
-    assert bad < 0, f"{kind.name} records out of step with the nodes (slot {int(slots[bad])})"
-    return {p: memoryview(out[i]).cast("B") for i, p in enumerate(pos)}
-
-
 def _words(nodes: np.ndarray) -> np.ndarray:
     """Nodes as rows of uint32 words (the compiled kernels take one type for both kinds of node)."""
     return nodes.view(np.uint32)
-
-
-def _encode_numpy(kind: Kind, nodes: np.ndarray, stored: np.ndarray, page_recs: list[np.ndarray],
-                  pos: list[int]) -> dict[int, Any]:
-    """:func:`_encode` with numpy (the reference encoder: the compiled one writes the same bytes)."""
-    if not page_recs:
-        return {}
-    slots = np.concatenate(page_recs)
-    counts = stored[slots].astype(np.int64)
-    sparse = counts != MARK
-    idx_parts, val_parts = [], []
-    for i in range(0, len(slots), _CHUNK):
-        part = slots[i:i + _CHUNK]
-        rows = nodes[part]
-        mask = (rows != nodes.dtype.type(kind.hole)) & sparse[i:i + _CHUNK, None]
-        idx_parts.append(np.nonzero(mask)[1].astype(np.uint16))
-        val_parts.append(rows[mask])
-    idx = np.concatenate(idx_parts)
-    vals = np.concatenate(val_parts)
-    ents = np.where(sparse, counts, 0)
-    assert len(vals) == int(ents.sum()), f"{kind.name} records out of step with the nodes"
-    out: dict[int, bytes] = {}
-    r = e = 0
-    for recs, p in zip(page_recs, pos):
-        nr = len(recs)
-        ne = int(ents[r:r + nr].sum())
-        page = b"".join([np.array([nr, ne], np.uint16).tobytes(), np.uint32(kind.tag).tobytes(),
-                         vals[e:e + ne].tobytes(), recs.astype(np.uint32).tobytes(),
-                         counts[r:r + nr].astype(np.uint16).tobytes(), idx[e:e + ne].tobytes()])
-        out[p] = page.ljust(BLOCK, b"\0")
-        r, e = r + nr, e + ne
-    return out
 
 
 # ---------------------------------------------------------------------------- loading
@@ -478,6 +321,7 @@ def _packs_from_disk(kind: Kind, buf: np.ndarray, count: int, fill: Callable[[np
     other row is written once (holes, then the records' entries)."""
     name, w = kind.name, kind.width
     npages = len(buf) // BLOCK
+    packs = buf[:npages * BLOCK].view(np.uint16).reshape(npages, BLOCK // 2)  # kept (NodeDisk.packs)
     u16, u32, vw = buf.view(np.uint16), buf.view(np.uint32), buf.view(kind.dtype)
     nrec = u16[0::BLOCK // 2][:npages].astype(np.int64)
     nent = u16[1::BLOCK // 2][:npages].astype(np.int64)
@@ -539,7 +383,7 @@ def _packs_from_disk(kind: Kind, buf: np.ndarray, count: int, fill: Callable[[np
     stored[slots] = counts
     if len(pages) == 0:
         z = np.zeros(0, np.int64)
-        return nodes, NodeDisk(kind, stored, z, z, z, npages)
+        return nodes, NodeDisk(kind, stored, z, z, z, npages, None, packs)
     starts = np.cumsum(nrec[pages]) - nrec[pages]
     lows = np.minimum.reduceat(slots, starts)
     highs = np.maximum.reduceat(slots, starts)
@@ -547,7 +391,7 @@ def _packs_from_disk(kind: Kind, buf: np.ndarray, count: int, fill: Callable[[np
     if len(o) > 1 and (highs[o][:-1] >= lows[o][1:]).any():
         raise _corrupt(kind, f"{name} pack pages hold overlapping ranges of slots")
     size = _HEAD + (w + 2) * nent[pages] + _REC * nrec[pages]
-    return nodes, NodeDisk(kind, stored, lows[o], pages[o], size[o], npages)
+    return nodes, NodeDisk(kind, stored, lows[o], pages[o], size[o], npages, None, packs)
 
 
 def lost_nodes(kind: Kind, arrays: Mapping[str, np.ndarray], lost_pages: Mapping[str, np.ndarray],

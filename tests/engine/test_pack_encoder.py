@@ -1,5 +1,5 @@
 """The compiled encoder of metadata format 5's pack pages (``thinpool.kernels_pages``) against the
-numpy reference encoder it replaces (``nodestore._encode_numpy``): the same bytes for random nodes of
+numpy reference encoder it stands for (``nodepacks._encode``): the same bytes for random nodes of
 every shape (a single entry, entries at both ends, up to the dense threshold, dense marks; values with
 the top bit set; inner nodes' int32 children), and pages that decode back to the same nodes.  Also the
 compiled entry count against numpy's."""
@@ -9,9 +9,22 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from thinpool import kernels_pages, nodestore
+from thinpool import kernels_pages, nodepacks, nodestore
 from thinpool.mdpages import BLOCK
 from thinpool.nodestore import INNERS, LEAVES, MARK
+
+
+def _compiled_encode(kind, nodes, stored, page_recs, pos, old=None, old_rows=(), changed=()):
+    """``kernels_pages.encode_packs`` as ``nodepacks._encode`` is called (AssertionError for records
+    out of step with the nodes)."""
+    slots = np.concatenate(page_recs).astype(np.int64)
+    out = np.empty((len(page_recs), BLOCK // 2), np.uint16)
+    old = np.zeros((0, BLOCK // 2), np.uint16) if old is None else old
+    bad = kernels_pages.encode_packs(nodes.view(np.uint32), kind.width // 4, slots, stored[slots].astype(np.int64),
+                                     np.array([len(r) for r in page_recs], np.int64), kind.tag, out, old,
+                                     np.array(old_rows, np.int64), np.array(changed, np.int64))
+    assert bad < 0
+    return {p: memoryview(out[i]).cast("B") for i, p in enumerate(pos)}
 
 
 def _random_nodes(kind, rng, n):
@@ -49,7 +62,7 @@ def _stored(kind, nodes):
 def _pages_of(kind, stored):
     """The live records cut into pages the way a commit cuts them."""
     recs = np.flatnonzero(stored != -1)
-    return nodestore._cut(nodestore._record_bytes(stored[recs], kind), recs)
+    return nodepacks._cut(nodepacks._record_bytes(stored[recs], kind), recs)
 
 
 @pytest.mark.parametrize("kind", [LEAVES, INNERS], ids=lambda k: k.name)
@@ -61,9 +74,8 @@ def test_format5_compiled_pack_encoder_writes_the_numpy_reference_bytes(kind, se
     page_recs = _pages_of(kind, stored)
     assert len(page_recs) > 3 and any((stored[r] == MARK).any() for r in page_recs)
     pos = rng.permutation(len(page_recs) + 5)[:len(page_recs)].tolist()
-    ref = nodestore._encode_numpy(kind, nodes, stored, page_recs, pos)
-    got = nodestore._encode(kind, nodes, stored, page_recs, pos)  # numba is loaded: the compiled path
-    assert nodestore._compiled() is kernels_pages
+    ref = nodepacks._encode(kind, nodes, stored, page_recs, pos)
+    got = _compiled_encode(kind, nodes, stored, page_recs, pos)
     assert sorted(got) == sorted(ref)
     for p in ref:
         assert bytes(got[p]) == ref[p], f"{kind.name} pack page {p} differs"
@@ -77,6 +89,16 @@ def test_format5_compiled_pack_encoder_writes_the_numpy_reference_bytes(kind, se
         lambda n: np.empty((n, kind.entries), kind.dtype))
     assert np.array_equal(decoded, nodes)
     assert np.array_equal(disk.stored, stored) and len(dense)
+    # unchanged records copied from the pages just written, changed ones read from their nodes
+    old = buf.view(np.uint16).reshape(-1, BLOCK // 2)
+    changed = np.flatnonzero((stored > 0) & (stored != MARK))[::3]
+    for s in changed.tolist():
+        live = np.flatnonzero(nodes[s] != nodes.dtype.type(kind.hole))
+        nodes[s, live] = nodes[s, live[::-1]]  # the same entries, other values
+    again = _compiled_encode(kind, nodes, stored, page_recs, pos, old, sorted(pos), changed)
+    ref = nodepacks._encode(kind, nodes, stored, page_recs, pos)
+    assert all(bytes(again[p]) == ref[p] for p in ref)
+    assert any(bytes(again[p]) != bytes(got[p]) for p in ref)
 
 
 @pytest.mark.parametrize("kind", [LEAVES, INNERS], ids=lambda k: k.name)
@@ -91,9 +113,9 @@ def test_format5_compiled_encoder_refuses_records_out_of_step_with_the_nodes(kin
         bad = stored.copy()
         bad[s] += delta
         with pytest.raises(AssertionError):
-            nodestore._encode(kind, nodes, bad, page_recs, list(range(len(page_recs))))
+            _compiled_encode(kind, nodes, bad, page_recs, list(range(len(page_recs))))
         with pytest.raises(AssertionError):
-            nodestore._encode_numpy(kind, nodes, bad, page_recs, list(range(len(page_recs))))
+            nodepacks._encode(kind, nodes, bad, page_recs, list(range(len(page_recs))))
 
 
 @pytest.mark.parametrize("kind", [LEAVES, INNERS], ids=lambda k: k.name)
@@ -108,3 +130,63 @@ def test_format5_compiled_entry_count_matches_numpy(kind):
     want = _stored(kind, nodes)[slots]
     want[rc[slots] == 0] = -1
     assert np.array_equal(out, want)
+
+
+def _commit_both(disk, nodes, rc, dirty):
+    """One commit's updates through the compiled path and the numpy path: (pages, after) of each."""
+    got = disk.updates(nodes, rc, dirty)
+    real = nodestore._compiled
+    nodestore._compiled = lambda: None
+    try:
+        ref = disk.updates(nodes, rc, dirty)
+    finally:
+        nodestore._compiled = real
+    return got, ref
+
+
+def _same(got, ref):
+    (gp, ga), (rp, ra) = got, ref
+    for name in rp:
+        g, r = gp[name], rp[name]
+        assert (g.npages, g.dirty, g.dead) == (r.npages, r.dirty, r.dead), name
+        for i in r.dirty:
+            if i not in r.dead:
+                assert bytes(g.page(i)) == bytes(r.page(i)), f"{name} page {i}"
+    for f in ("stored", "keys", "pos", "size"):
+        assert np.array_equal(getattr(ga, f), getattr(ra, f)), f
+    assert ga.npages == ra.npages
+
+
+@pytest.mark.parametrize("kind", [LEAVES, INNERS], ids=lambda k: k.name)
+@pytest.mark.parametrize("seed", [5, 6])
+def test_format5_compiled_repack_plans_the_pages_the_numpy_commit_writes(kind, seed):
+    """A history of commits -- nodes filled, grown dense, thinned, emptied, killed, in clusters and
+    scattered -- re-packed by the compiled planner and by the numpy one: the same pack pages in the
+    same places, the same pages released, the same record of what is stored."""
+    rng = np.random.default_rng(seed)
+    n = 3000
+    nodes = np.full((n, kind.entries), kind.hole, kind.dtype)
+    rc = np.ones(n, np.uint32)
+    disk = nodestore.NodeDisk.empty(kind)
+    for step in range(40):
+        dirty = np.zeros(n, np.uint8)
+        lo = int(rng.integers(0, n - 200))
+        many = rng.integers(1, 400) if step % 5 else 2000
+        slots = np.unique(np.concatenate([rng.integers(lo, lo + 200, many // 2), rng.integers(0, n, many // 2)]))
+        for s in slots.tolist():
+            action = rng.integers(6)
+            if action == 0:
+                nodes[s] = kind.hole
+            elif action == 1:
+                rc[s] = 0
+            elif action == 2:
+                nodes[s, rng.choice(kind.entries, kind.dense + 5, replace=False)] = 3
+            else:
+                rc[s] = 1
+                nodes[s, rng.choice(kind.entries, int(rng.integers(1, 12)), replace=False)] = \
+                    rng.integers(0, 1 << 30, dtype=np.int64).astype(kind.dtype)
+            dirty[s] = 1
+        got, ref = _commit_both(disk, nodes, rc, dirty)
+        _same(got, ref)
+        disk = got[1] if step % 3 else ref[1]  # the numpy path's pages reach the compiled one's copies too
+    assert disk.npages > 3
