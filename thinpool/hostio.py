@@ -34,10 +34,17 @@ def write_all(pwrite: Any, fd: int, data: Any, offset: int, path: str) -> None:
                       f"written twice", errno.EIO, path)
 
 
+_READ_BACK = 1 << 30  # bytes compared per pread
+
+
 def _reads_back(fd: int, view: memoryview, offset: int) -> bool:
     """Whether the file holds ``view`` at ``offset`` (True when ``fd`` cannot be read: write-only)."""
     try:
-        return os.pread(fd, len(view), offset) == view
+        for a in range(0, len(view), _READ_BACK):  # one pread returns at most 2 GiB - 4 KiB on Linux
+            b = min(len(view), a + _READ_BACK)
+            if os.pread(fd, b - a, offset + a) != view[a:b]:
+                return False
+        return True
     except OSError as exc:
         if exc.errno == errno.EBADF:
             return True
