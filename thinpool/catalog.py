@@ -12,21 +12,20 @@ metadata, committed with the transaction and checksummed page by page like every
     and their slots: ``<HH`` (count, bytes of names), ``count`` ``<I`` slots, then the names joined
     by NUL (a volume name never contains one).  A page is filled to at most 4096 bytes; a name is at
     most 1,024 bytes, so a page always holds three.
-``name_fence``
-    The order of the index pages: ``<III`` (pages, free pages, bytes of keys), the page numbers in
-    name order, the free page numbers, then each page's key joined by NUL: the first page's is
-    empty, another's is the first name it held when a split made it.  A name lives in the last page
-    whose key is <= the name.  About 14 bytes a page: 4 pages for 100,000 volumes.
 ``vol_slots``
     One 16-byte record per device-table slot, ``<QII``: gen, external origin (index + 1 into the
     JSON part's ``origins``; 0: none), flags (1: in use).
 ``catalog``
-    JSON ``{"origins": [record or null, ...], "records": {namespace: ...}}`` (the superblock's
-    ``catalog_bytes`` is its length).  The pool's ``next_dev_id`` and ``next_gen`` counters are
-    superblock fields.
+    JSON ``{"origins": [record or null, ...], "records": {namespace: ...}, "fence": {"pages": [...],
+    "free": [...], "keys": [...]}}`` (the superblock's ``catalog_bytes`` is its length).  The fence is
+    the order of the index pages: their numbers in name order, the free page numbers, and each page's
+    key -- the first page's is empty, another's is the first name it held when a split made it; a
+    name lives in the last page whose key is <= the name (about 20 bytes a page: 9 KB for 100,000
+    volumes; it comes last, so a split rewrites the JSON part's last page).  The pool's
+    ``next_dev_id`` and ``next_gen`` counters are superblock fields.
 
-Adding a name reads the fence and one index page and writes that page (two, and the fence, when it
-splits: the upper half goes to a free page or a new one at the end); removing a name rewrites its
+Adding a name reads one index page and writes it (two, and the JSON part's last page, when it splits:
+the upper half goes to a free page or a new one at the end); removing a name rewrites its
 page (an emptied page is released and its number kept free); a slot record change rewrites one
 ``vol_slots`` page.  The changes are a function of the committed catalog and the set of names
 touched since (:func:`apply_changes`), so :class:`thinpool.pool.Pool` and
@@ -49,14 +48,13 @@ from .errors import MetadataCorrupt
 from .mdpages import BLOCK, PageUpdates
 
 FORMAT = 2
-INDEX, FENCE, SLOTS, EXTRA = "names", "name_fence", "vol_slots", "catalog"
+INDEX, SLOTS, EXTRA = "names", "vol_slots", "catalog"
 #: the arrays of a format-2 catalog
-ARRAYS = (INDEX, FENCE, SLOTS, EXTRA)
+ARRAYS = (INDEX, SLOTS, EXTRA)
 SLOT_REC = struct.Struct("<QII")  # gen, origin index + 1, flags
 SLOTS_PER_PAGE = BLOCK // SLOT_REC.size
 IN_USE = 1
 _PAGE_HEAD = struct.Struct("<HH")
-_FENCE_HEAD = struct.Struct("<III")
 #: a bulk-built (converted) index fills its pages to about this many bytes, leaving room for inserts
 BULK_FILL = 3072
 
@@ -92,9 +90,9 @@ def decode_page(raw: bytes, page: int = -1) -> tuple[list[bytes], list[int]]:
     slots = list(struct.unpack_from(f"<{n}I", raw, _PAGE_HEAD.size))
     start = _PAGE_HEAD.size + 4 * n
     names = bytes(raw[start:start + nb]).split(b"\0") if n else []
-    if len(names) != n or any(not 0 < len(x) <= 1024 for x in names):
+    if len(names) != n or (n and (min(map(len, names)) == 0 or max(map(len, names)) > 1024)):
         raise MetadataCorrupt(f"{where}: its names do not match its count of {n}", structure=INDEX)
-    if any(a >= b for a, b in zip(names, names[1:])):
+    if not all(map(bytes.__lt__, names, names[1:])):  # (C loops: a page is checked in microseconds)
         raise MetadataCorrupt(f"{where}: names out of order", structure=INDEX)
     return names, slots
 
@@ -126,37 +124,34 @@ def _storable(name: Any) -> bytes:
 class NameIndex:
     """The name index (``names`` pages and their ``name_fence``), read a page at a time."""
 
-    def __init__(self, fence: bytes | None, npages: int, read: PageReader | None) -> None:
+    def __init__(self, fence: Mapping[str, Any] | None, npages: int, read: PageReader | None) -> None:
+        """``fence``: the committed fence (see the module docstring; None: a new index)."""
         self._read = read
         self.npages = npages
         self.keys: list[bytes] = []
         self.pages: list[int] = []
         self.free: list[int] = []
-        if fence:
+        if fence is not None:
             self._decode_fence(fence)
-        self._fence_committed = self.encode_fence() if fence is not None else b""
         self._cache: dict[int, tuple[list[bytes], list[int]]] = {}
         self.dirty: set[int] = set()
         self.dead: set[int] = set()
 
-    def _decode_fence(self, raw: bytes) -> None:
-        m, f, nb = _FENCE_HEAD.unpack_from(raw)
-        end = _FENCE_HEAD.size + 4 * (m + f) + nb
-        if end > len(raw):
-            raise MetadataCorrupt(f"catalog: name fence: counts ({m} pages, {f} free, {nb} bytes) exceed its "
-                                  f"{len(raw)} bytes", structure=FENCE)
-        nums = list(struct.unpack_from(f"<{m + f}I", raw, _FENCE_HEAD.size))
-        keys = bytes(raw[end - nb:end]).split(b"\0") if m else []
-        if len(keys) != m or any(p >= self.npages for p in nums) or len(set(nums)) != m + f \
-                or (m and keys[0] != b"") or any(a >= b for a, b in zip(keys[1:], keys[2:])):
-            raise MetadataCorrupt("catalog: name fence: page numbers or keys are inconsistent", structure=FENCE)
-        self.pages, self.free, self.keys = nums[:m], nums[m:], keys
+    def _decode_fence(self, fence: Mapping[str, Any]) -> None:
+        try:
+            pages, free = [int(p) for p in fence["pages"]], [int(p) for p in fence["free"]]
+            keys = [_key(k) for k in fence["keys"]]
+        except (KeyError, TypeError, ValueError, AttributeError, UnicodeEncodeError):
+            raise MetadataCorrupt("catalog: name fence: malformed", structure=EXTRA) from None
+        nums = pages + free
+        if len(keys) != len(pages) or any(not 0 <= p < self.npages for p in nums) or len(set(nums)) != len(nums) \
+                or (keys and keys[0] != b"") or any(a >= b for a, b in zip(keys[1:], keys[2:])):
+            raise MetadataCorrupt("catalog: name fence: page numbers or keys are inconsistent", structure=EXTRA)
+        self.pages, self.free, self.keys = pages, free, keys
 
-    def encode_fence(self) -> bytes:
-        """The fence as stored."""
-        blob = b"\0".join(self.keys)
-        return (_FENCE_HEAD.pack(len(self.pages), len(self.free), len(blob))
-                + struct.pack(f"<{len(self.pages) + len(self.free)}I", *self.pages, *self.free) + blob)
+    def fence(self) -> dict[str, Any]:
+        """The fence as stored (in the JSON part)."""
+        return {"pages": self.pages, "free": self.free, "keys": _decode_names(self.keys, "catalog: name fence")}
 
     # ------------------------------------------------------------------ pages
     def _load(self, pages: Iterable[int]) -> None:
@@ -263,17 +258,12 @@ class NameIndex:
             slots += s
         return _decode_names(names, "catalog: name index"), slots
 
-    def updates(self) -> dict[str, PageUpdates]:
-        """The changed pages of ``names`` and ``name_fence`` for a commit."""
-        out = {INDEX: PageUpdates(self.npages, {p: encode_page(*self._cache[p]) for p in self.dirty}, self.dead)}
-        fence = self.encode_fence()
-        if fence != self._fence_committed:
-            out[FENCE] = changed_pages(self._fence_committed, fence)
-        return out
+    def updates(self) -> PageUpdates:
+        """The changed pages of ``names`` for a commit."""
+        return PageUpdates(self.npages, {p: encode_page(*self._cache[p]) for p in self.dirty}, self.dead)
 
     def committed(self) -> None:
         """The last :meth:`updates` are durable."""
-        self._fence_committed = self.encode_fence()
         self.dirty.clear()
         self.dead.clear()
 
@@ -374,18 +364,19 @@ class StoredCatalog:
         self._extra_raw = extra_raw
 
     @classmethod
-    def open(cls, header: Mapping[str, Any], npages: Callable[[str], int], read: PageReader,
-             fence: bytes, extra_raw: bytes, loads: Callable[[bytes], Any]) -> "StoredCatalog":
-        """The committed catalog (``fence``: the ``name_fence`` array's bytes; ``extra_raw``: the JSON
-        part's; ``loads``: the JSON reader)."""
+    def open(cls, npages: Callable[[str], int], read: PageReader, extra_raw: bytes,
+             loads: Callable[[bytes], Any]) -> "StoredCatalog":
+        """The committed catalog (``extra_raw``: the JSON part's bytes; ``loads``: the JSON reader;
+        ``npages(array)`` and ``read``: the store's)."""
         try:
             extra = loads(extra_raw)
-            if not isinstance(extra, dict) or not isinstance(extra.get("origins", []), list) \
-                    or not isinstance(extra.get("records", {}), dict):
+            if not isinstance(extra, dict) or not isinstance(extra.get("origins"), list) \
+                    or not isinstance(extra.get("records"), dict) or not isinstance(extra.get("fence"), dict):
                 raise ValueError
         except ValueError:
-            raise MetadataCorrupt("catalog: origins and records are not valid JSON", structure=EXTRA) from None
-        return cls(NameIndex(fence, npages(INDEX), read), SlotTable(npages(SLOTS), read), extra, extra_raw)
+            raise MetadataCorrupt("catalog: origins, records and name fence are not valid JSON",
+                                  structure=EXTRA) from None
+        return cls(NameIndex(extra["fence"], npages(INDEX), read), SlotTable(npages(SLOTS), read), extra, extra_raw)
 
     @classmethod
     def build(cls, volumes: Mapping[str, Mapping[str, Any]], records: dict[str, Any]) -> "StoredCatalog":
@@ -426,12 +417,11 @@ class StoredCatalog:
         return any(o is not None for o in self.origins)
 
     def extra_bytes(self, dumps: Callable[[Any], bytes]) -> bytes:
-        return dumps({"origins": self.origins, "records": self.records})
+        return dumps({"origins": self.origins, "records": self.records, "fence": self.index.fence()})
 
     def updates(self, nslots: int, dumps: Callable[[Any], bytes], header: dict[str, Any]) -> dict[str, Any]:
         """The arrays a commit writes (only changed pages) and ``header``'s catalog fields set."""
-        out: dict[str, Any] = self.index.updates()
-        out[SLOTS] = self.slots.updates(nslots)
+        out: dict[str, Any] = {INDEX: self.index.updates(), SLOTS: self.slots.updates(nslots)}
         raw = self.extra_bytes(dumps)
         if raw != self._extra_raw or not self._extra_raw:
             out[EXTRA] = changed_pages(self._extra_raw, raw)

@@ -368,8 +368,8 @@ class Pool(Transactions, DeviceOps, Features):
             def read(name: str, pages: list[int]) -> dict[int, bytes]:
                 a = arrays.get(name, np.zeros(0, np.uint8))
                 return {p: a[p * BLOCK:(p + 1) * BLOCK].tobytes() for p in pages}
-            stored = cat_format.StoredCatalog.open(header, lambda n: len(arrays.get(n, ())) // BLOCK, read,
-                                                   arrays[cat_format.FENCE].tobytes(), raw, rules.catalog_loads)
+            stored = cat_format.StoredCatalog.open(lambda n: len(arrays.get(n, ())) // BLOCK, read, raw,
+                                                   rules.catalog_loads)
             dev_ids = self._devs["dev_id"].tolist()
             volumes = cat_format.volumes_of(stored, dev_ids.__getitem__)
             return ({"volumes": volumes, "next_dev_id": int(header["next_dev_id"]),

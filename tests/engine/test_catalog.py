@@ -9,6 +9,7 @@ generation and record; names keep their rules (1-1024 bytes of UTF-8, odd charac
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -41,16 +42,10 @@ def _rand_name(rng: random.Random, i: int) -> str:
     return f"{rng.choice('abcxyz')}-{i:06d}"
 
 
-def _pages_of(idx: C.NameIndex) -> dict[int, bytes]:
-    out = idx.updates()["names"]
-    return {p: out.page(p) for p in out.dirty if p not in out.dead}
-
-
 def test_name_index_answers_like_a_dict_through_inserts_removes_and_reloads():
     rng = random.Random(5)
     model: dict[str, int] = {}
     stored: dict[int, bytes] = {}
-    fence = b""
     idx = C.NameIndex(None, 0, None)
     for step in range(6):
         for i in range(step * 700, step * 700 + 700):
@@ -63,16 +58,12 @@ def test_name_index_answers_like_a_dict_through_inserts_removes_and_reloads():
             idx.remove("never there")
         # commit: the changed pages reach the page store; reload from it, reading pages on demand
         upd = idx.updates()
-        for p in upd["names"].dead:
+        for p in upd.dead:
             stored.pop(p, None)
-        stored.update(_pages_of(idx))
-        if "name_fence" in upd:
-            f = upd["name_fence"]
-            fence = b"".join(f.page(i) if i in f.dirty else fence[i * BLOCK:(i + 1) * BLOCK].ljust(BLOCK, b"\0")
-                             for i in range(f.npages))
+        stored.update({p: upd.page(p) for p in upd.dirty if p not in upd.dead})
+        fence = json.loads(json.dumps(idx.fence()))
         idx.committed()
-        npages = idx.npages
-        idx = C.NameIndex(fence, npages, lambda _a, ps: {p: stored.get(p, bytes(BLOCK)) for p in ps})
+        idx = C.NameIndex(fence, idx.npages, lambda _a, ps: {p: stored.get(p, bytes(BLOCK)) for p in ps})
         names, slots = idx.columns()
         assert names == sorted(model, key=lambda n: n.encode()) and slots == [model[n] for n in names]
         for name in rng.sample(sorted(model), 50):
@@ -149,7 +140,7 @@ def test_pool_and_device_table_commit_the_same_catalog_pages(tmp_path):
     def pages(path: Path) -> dict:
         with DeviceTable.open(path) as t:
             return {a: [t.store.read_pages(a, [i])[i] for i in range(t.store.npages(a))]
-                    for a in ("names", "name_fence", "vol_slots", "catalog")}
+                    for a in ("names", "vol_slots", "catalog")}
     assert pages(tmp_path / "a") == pages(tmp_path / "b")
 
 
