@@ -50,7 +50,7 @@ VOLUMES = 100_000
 MAPPINGS = 100_000_000
 ORIGINS = 4
 CHUNK = 4_000_000          # offsets per write_many call while building
-LAYOUT = 1                 # bump when the built pool's shape changes (the cache key)
+LAYOUT = 2                 # bump when the built pool's shape changes (the cache key); 2: catalog format 2
 #: export-metadata runs on a pool of at most this scale: at scale 1 (100,000,000 distinct mappings) the
 #: exporter's per-mapping numpy arrays passed 8.7 GB of RSS and were stopped (docs/performance.md, S10)
 EXPORT_SCALE = 0.1
