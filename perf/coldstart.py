@@ -141,36 +141,59 @@ EXPLAINED = """\
 History: before this section existed (2026-12-06, idle machine, load average 0.9, one run each) a
 cold `thinpool demo` took 18.2 s of wall time (17.1 CPU seconds) and a warm one 1.43 s (1.57 CPU
 seconds); every fresh checkout paid the cold figure again, since numba cached the kernels in the
-checkout's own `__pycache__`.
+checkout's own `__pycache__`.  Then, with the kernels cached per machine user and the demo's compile
+helper (below), C1 measured 9.85 s (14.8 CPU s; load average 1.8-2.3), C2 1.43 s and C3 1.47 s:
+C1 was the first demo compiling everything itself (today's C1r).
 
-What a first run costs is numba compiling the kernels the demo runs (`write_one`, `write_batch` with
-the block-map kernels they call, `read_one` and four tree walks): 14.5-16 CPU seconds in one process
-(15.6-20 before the change in (3) below; C1's CPU column also counts the helper's start-up, and a
-loaded machine inflates CPU seconds too).  Nearly all of it is numba's own Python (typing, inlining,
-lowering): with `NUMBA_OPT=0` the LLVM optimiser is skipped and a cold demo still took 16 CPU seconds.
-Three things cut what a first run pays.  (1) The kernels are cached per machine user and digest of the
-kernel sources (`~/.cache/thinpool/kernels/<digest>`; thinpool/jit_cache.py), not per checkout, so a
-fresh clone, CI's fresh checkout or a new virtual environment of sources that already ran on the
-machine compiles nothing (C2: byte-compiling the package and loading the kernels).  (2) On a cold
-cache `thinpool demo` starts a helper process that compiles the kernels the demo needs after
-`write_one` while the demo compiles `write_one`; each kernel compiles under a file lock in the cache,
-so either process waits for a kernel the other is compiling and loads it: nothing is compiled twice,
-and the two compile at once when a second core is free -- C1's CPU seconds above its wall seconds
-show how much ran side by side.  In one cold run the demo's process used 7.9 CPU seconds and its
-helper 9.1 (imports and a small pool included).  Under a load average of 11 on the 2 cores (other
-jobs) the same rows measured C1 77.5 s (18.2 CPU s), C2 7.3 s and C3 6.9 s: wall times here move with
-the machine's load, CPU seconds much less.  (3) The demo's file contents are read-only arrays, like `bytes`, so `write_one` and
-`write_batch` compile once instead of once per kind of buffer (about a fifth less CPU).
+Where a first run's time goes without anything compiled before it (one cold process, no helper,
+2026-12-06, load average 4.5; CPU seconds of the process): importing numba 0.3-0.6 s, thinpool and its
+kernel modules 0.15-0.3 s, then numba compiling the kernels the demo runs, each with the kernels it
+calls: `write_one` 6.0 (`writable_leaf` 2.2, `shadow_inner` in two signatures 1.1, `shadow_leaf`
+0.45, `pwrite_all` in three signatures 0.8), `write_batch` 5.9 (`blocks_needed` 2.6, half of it numpy's
+sort compiled for int64), `logical_counts` 1.1, `usage_of_roots` 0.6, `locate` 0.6, `count_mappings`
+and `collect_mappings` 0.2 each, the three digest kernels 0.1: 15.2 of the run's 16.2 CPU seconds.
+The commit path's page kernels (`kernels_pages.count_entries`, `encode_packs`) have joined since
+(C1r's CPU column).  Nearly all of it is numba's own Python (typing, inlining, lowering): with
+`NUMBA_OPT=0` the LLVM optimiser is skipped and a cold demo still took 16 CPU seconds.  The demo
+splits it over the two cores: on a cold cache it starts a helper process that compiles the kernels
+it needs after `write_one` while it compiles `write_one`; each kernel compiles under a file lock in
+the cache, so either process waits for a kernel the other is compiling and loads it (nothing is
+compiled twice).  The demo's file contents are read-only arrays, like `bytes`, so `write_one`
+and `write_batch` compile once instead of once per kind of buffer (about a fifth less CPU).  Under a
+load average of 11 (other jobs) that first demo once measured 77.5 s (18.2 CPU s).  That cannot reach 5 s: the helper's share alone is about 11 CPU seconds, and an even
+split of 17 would still be 8.5 s a core.
 
-What keeps C1 above 5 s is the compile itself (about 7 s of the longer process's CPU even when split): meeting the target on a machine that never ran thinpool
-needs the kernels compiled before the first run -- ahead of time into an extension module
-(`numba.pycc`, deprecated) or into the cache during `pip install` -- which is not done.  A warm run's
-CPU: importing numba (0.41 CPU seconds alone), the scipy.linalg that numba's BLAS probe imports when
-scipy is installed (0.46 s with numpy; scipy is not a thinpool dependency, so an environment made from
-pyproject.toml alone does not pay it), loading about ten cached kernels, and the demo's own work (a
-103 MB file generated and written).  By hand: copy the package without `__pycache__`, then run
-`env -u NUMBA_CACHE_DIR XDG_CACHE_HOME=$(mktemp -d) PYTHONPATH=COPY python3 -m thinpool demo` for a
-cold run and the same command again for a warm one."""
+What meets C1 is compiling at install.  `pip install .` and `pip install -e .` (the README's command)
+build through `build_backend/thinpool_build.py`: setuptools' backend plus one step after
+`build_wheel` / `build_editable`, `python -m thinpool.cli.precompile` in the build environment (pip
+fills it with the package's dependencies, numba and numpy at the versions the target environment has
+when it has them).  The step runs the demo's own library calls on a small pool, split over two
+processes like a cold demo, and the common commands (create, write, snapshot, read, ls --usage,
+discard, check, delete) in the first process while the helper is busy; the kernels land in the
+installing user's kernel cache, where every run looks (nothing is written anywhere else).  C1's first
+demo then loads about 25 kernels and compiles none (C1 is about C2); what the install pays is the
+`install_s` / `install_cpu_s` column -- once per machine user and version of the kernel sources.
+The README's command on a fresh clone in a fresh virtual environment (2026-12-06, load average
+7.3-8.5): `python3 -m pip install -e .` 105 s of wall time (40 CPU seconds with pip's own work and the
+build environment's installs; the compile step 41 s of it), then `thinpool demo` 2.36 s (1.3 CPU s),
+2.22 s and 3.35 s, nothing compiled.  What a compiled kernel is used for is checked as every run checks
+it: the directory is named by the digest of the kernel sources, numba's index by its version, each
+entry by the processor's name and features and the kernel's bytecode, and every saved file carries a
+checksum (a damaged one is compiled again and replaced); tests/engine/test_kernel_cache_location.py
+and tests/cli/test_precompile.py check each case.  The first demo still compiles (C1r) when nothing
+ran the step: a source tree on `PYTHONPATH`, `THINPOOL_NO_PRECOMPILE=1`, a user other than the one
+who installed (`sudo pip install`), numba upgraded after the install, or another processor sharing the
+home directory.
+
+A warm run's CPU (C3): importing numba (0.3-0.4 s), numba's typing registries, loaded with the first
+cached kernel (0.5 s, 0.3 s of it the scipy.linalg BLAS probe numba makes when scipy is installed, as
+in this environment; scipy is not a thinpool dependency, and in the fresh virtual environment above a
+warm demo took 0.9-1.0 CPU seconds), loading the cached kernels, and the demo's own work (0.3 s of
+PCG64 output for the 103 MB file, and writing it).  On this shared machine the wall times move with
+the load average (other jobs on the 2 cores) far more than the CPU seconds.  By hand: copy the
+package without `__pycache__`, run `env -u NUMBA_CACHE_DIR XDG_CACHE_HOME=$(mktemp -d)
+PYTHONPATH=COPY python3 -m thinpool.cli.precompile` (the install's step) and then the same with
+`-m thinpool demo`; without the first command the demo is a C1r run."""
 
 
 def load_average() -> float:
@@ -204,9 +227,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{mach.get('python', '?')}, numba {mach.get('numba', '?')}: `python -m thinpool demo` in a "
                 "fresh process, run from a fresh copy of the package (no `__pycache__`: no byte code, no "
                 "compiled kernels) with `NUMBA_CACHE_DIR` unset and `XDG_CACHE_HOME` pointing at a directory of "
-                "the repeat, empty for C1; C2 is a second copy at another path with the cache C1 left, C3 that "
-                f"copy again; {detail['repeats']} repeats (medians of wall seconds; CPU seconds of the process "
-                "and its helper beside them).\n\n" + rows_table_md(rows) + "\n\n" + EXPLAINED)
+                "the repeat, empty for C1 and C1r; C1 runs the install's compile step (the build backend's own "
+                "function) first, C1r nothing; C2 is a second copy at another path with the cache C1 left, C3 "
+                f"that copy again; {detail['repeats']} repeats, interleaved (medians of wall seconds; CPU seconds "
+                "of the process and its helper beside them).\n\n" + rows_table_md(rows) + "\n\n" + EXPLAINED)
     return finish(args, rows, detail, mach, SECTION_BEGIN, SECTION_END, body)
 
 

@@ -111,7 +111,7 @@ def main() -> int:
         sys.stderr.write(f"thinpool: compiled kernels into {where} in {took:.1f} s; still missing: "
                          f"{', '.join(missing)}\n")
     else:
-        sys.stderr.write(f"thinpool: compiled the demo's kernels into {where} in {took:.1f} s\n")
+        sys.stderr.write(f"thinpool: compiled the demo's and the common commands' kernels into {where} in {took:.1f} s\n")
     return 0
 
 
