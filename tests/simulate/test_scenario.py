@@ -13,7 +13,7 @@ import pytest
 
 from thinpool.errors import InvalidArgument
 from thinpool.simulate import ArrayTrace, parse_scenario, run, sweep
-from thinpool.simulate.sweeps import parse_sweep, points
+from thinpool.simulate.sweeps import cost_order, parse_sweep, points
 from tests.support import require_module, require_tool
 
 BS = 64 << 10
@@ -110,6 +110,18 @@ def test_sweep_points_and_keys(tmp_path):
                      (["block_size=12K"], "block_size"), (["volumes.zz.keep=1"], "no volume named")):
         with pytest.raises(InvalidArgument, match=msg):
             points(s, parse_sweep(bad))
+
+
+def test_sweep_hands_out_the_likely_longest_runs_first(tmp_path):
+    """Workers get the points with more blocks to span, then more frequent snapshots, then more kept
+    first; points the estimate cannot tell apart keep the product's order."""
+    s = parse_scenario(SCENARIO, str(tmp_path / "s.toml"))
+    pts = points(s, parse_sweep(["keep=1,3", "block_size=256K,64K"]))
+    assert [pts[i] for i in cost_order(s, pts)] == [
+        {"keep": "3", "block_size": "64K"}, {"keep": "1", "block_size": "64K"},
+        {"keep": "3", "block_size": "256K"}, {"keep": "1", "block_size": "256K"}]
+    pts = points(s, parse_sweep(["snapshot_every=400,100", "sample_every=10,20"]))
+    assert [pts[i] for i in cost_order(s, pts)] == [pts[2], pts[3], pts[0], pts[1]]
 
 
 def test_sweep_results_identical_in_process_on_workers_and_on_dask(tmp_path):

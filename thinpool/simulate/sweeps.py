@@ -1,7 +1,9 @@
 """Sweeps: one scenario run at every point of a cartesian product of settings, on a local process
 pool (``workers``) or an existing Dask cluster (``dask``: dask.distributed, the standard engine for
 this).  Each point is an independent, deterministic run in its own fresh pool, so the results are
-identical whichever runs them; they come back in the order of the points.
+identical whichever runs them; they come back in the order of the points.  They are handed out
+longest first (by an estimate: :func:`cost_order`), so that a few workers finish together instead of one
+of them ending the sweep alone with a long run.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any, Sequence
 from ..errors import InvalidArgument
 from .results import Result
 from .scenario import Scenario, load_scenario, run
+from .schedule import Every
 
 
 def parse_sweep(items: Sequence[str]) -> dict[str, list[str]]:
@@ -43,6 +46,27 @@ def points(scenario: Scenario, sweeps: dict[str, list[Any]]) -> list[dict[str, A
     for p in pts:
         scenario.with_values(p)
     return pts
+
+
+def cost_order(scenario: Scenario, pts: list[dict[str, Any]]) -> list[int]:
+    """The indices of ``pts`` in the order to hand them out: the likely longest runs first.
+
+    The estimate is only an order, never a result: the blocks the volumes span (volume size / block
+    size: more blocks, more leaves to shadow, commit and release), then how often snapshots are taken
+    (per I/O, or per trace second), then how many are kept.  Points it cannot tell apart keep the
+    order of the product."""
+    def key(i: int) -> tuple[float, float, int]:
+        s = scenario.with_values(pts[i])
+        bs = s.pool["block_size"]
+        blocks = sum(-(-v["size"] // bs) for v in s.volumes)
+        rate = 0.0
+        for v in s.volumes:
+            e = Every.parse(v["snapshot_every"], "snapshot_every")
+            if e is not None:
+                rate += 1.0 / (e.ios if e.ios is not None else e.seconds)
+        keep = sum(v["keep"] or 0 for v in s.volumes)
+        return (-blocks, -rate, -keep)
+    return sorted(range(len(pts)), key=key)
 
 
 def run_point(scenario: Scenario, values: dict[str, Any]) -> dict[str, Any]:
@@ -88,12 +112,18 @@ def sweep(scenario: Scenario | str | os.PathLike, sweeps: dict[str, list[Any]], 
     if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= 1024:
         raise InvalidArgument(f"workers must be 1..1024, got {workers!r}")
     pts = points(s, sweeps)
-    if dask is not None:
-        dicts = _on_dask(dask, s, pts)
-    elif workers > 1 and len(pts) > 1:
-        _warm_kernels()  # forked workers inherit the compiled kernels instead of each loading them
-        with ProcessPoolExecutor(max_workers=min(workers, len(pts))) as ex:
-            dicts = list(ex.map(run_point, [s] * len(pts), pts))
+    if dask is not None or (workers > 1 and len(pts) > 1):
+        order = cost_order(s, pts)  # longest first: the last runs handed out are the short ones
+        todo = [pts[i] for i in order]
+        if dask is not None:
+            done = _on_dask(dask, s, todo)
+        else:
+            _warm_kernels()  # forked workers inherit the compiled kernels instead of each loading them
+            with ProcessPoolExecutor(max_workers=min(workers, len(pts))) as ex:
+                done = list(ex.map(run_point, [s] * len(todo), todo))
+        dicts: list[dict[str, Any]] = [{}] * len(pts)
+        for i, d in zip(order, done):
+            dicts[i] = d
     else:
         dicts = [run_point(s, p) for p in pts]
     return SweepResult([(p, Result.from_dict(d)) for p, d in zip(pts, dicts)])
