@@ -107,6 +107,51 @@ def _zeroed(n: int) -> Buffer:
 
 
 
+_MAP_FIXED = 0x10  # Linux's MAP_FIXED (the same value on every architecture Linux supports)
+
+
+def _libc_mmap() -> Any:
+    """libc's ``mmap`` through ctypes (the ``mmap`` module cannot map at a given address), or None where
+    that is not Linux on a 64-bit machine."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    if ctypes.sizeof(ctypes.c_void_p) != 8:
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.mmap
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_void_p
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64]
+    return fn
+
+
+_MMAP: Any = None
+
+
+def map_private(addr: int, length: int, fd: int, offset: int) -> bool:
+    """Map ``length`` bytes of file ``fd`` from ``offset`` at address ``addr`` (page-aligned, inside a
+    mapping the caller owns), **private** and writable: reads see the file's pages (the page cache, no
+    copy), a write makes a private copy of its page and never reaches the file.  False if this host
+    cannot (not Linux, or mmap failed): the range then holds anonymous zeroes, as before the call."""
+    global _MMAP
+    if _MMAP is None:
+        _MMAP = _libc_mmap() or False
+    if not _MMAP or length <= 0:
+        return False
+    prot = mmap.PROT_READ | mmap.PROT_WRITE
+    got = _MMAP(addr, length, prot, mmap.MAP_PRIVATE | _MAP_FIXED, fd, offset)
+    if got == addr:
+        return True
+    # a failed MAP_FIXED may have unmapped the range: put anonymous memory back (or give up loudly)
+    again = _MMAP(addr, length, prot, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED, -1, 0)
+    if again != addr:
+        raise MemoryError(f"mmap of {length} bytes at {addr:#x} failed and the range could not be restored")
+    return False
+
+
 class PagedArray:
     """How the pool hands one array to the store.
 

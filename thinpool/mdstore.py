@@ -42,7 +42,7 @@ from . import pooldir
 from .errors import HostIOError, MetadataCorrupt, MetadataSpaceExhausted, ReadOnly
 from .hostio import sync_or_fail, write_all
 from .mdpages import (_HI, _LO, _SB_HEADER, BLOCK, FORMAT_VERSION, MAGIC, PM_ENTRIES, READABLE_VERSIONS,
-                      SUPERBLOCKS, Buffer, _crc32c, _zeroed, checksum)
+                      SUPERBLOCKS, Buffer, _crc32c, _zeroed, checksum, map_private)
 from .mdspace import _PROTECTED, _USED, MetadataSpace, _mark, _zeros
 
 #: the committed header's fields a held metadata snapshot keeps (its superblock copy)
@@ -184,24 +184,37 @@ class MetadataStore(MetadataSpace):
                 raise MetadataCorrupt(f"{structure}: bad checksum in metadata block {b}", structure=structure, block=b)
         return out
 
-    def gather_into(self, name: str, pages: Sequence[int], out: Any, rows: Sequence[int]) -> None:
-        """Read and verify the committed pages ``pages`` of array ``name`` straight into the 4 KiB rows
-        ``rows`` of ``out`` (a writable buffer of whole pages), an absent page as zeroes -- what
-        :meth:`load` gives for those pages, without an intermediate copy of the whole array.  One
-        ``preadv`` per run of pages consecutive both on disk and in ``out``."""
+    def _page_locs(self, name: str, pages: Sequence[int]) -> tuple[list[int], list[int]]:
+        """(blocks, crcs) of the committed pages ``pages`` of array ``name``, checked to lie in the file."""
         locs = self.locs.get(name, array("Q"))
         n = len(pages)
         if n and (min(pages) < 0 or max(pages) >= len(locs)):
             raise MetadataCorrupt(f"{self.path}: {name}: a page past the array's {len(locs)} pages is asked for",
                                   structure=name)
-        view = memoryview(out).cast("B")
         halves = memoryview(array("Q", [locs[p] for p in pages])).cast("B").cast("I")
         blocks, crcs = halves[_HI::2].tolist(), halves[_LO::2].tolist()
-        rows = list(rows)
         if n and max(blocks) >= self.nr_blocks:
             b = next(b for b in blocks if b >= self.nr_blocks)
             raise MetadataCorrupt(f"{name}: page at metadata block {b} lies beyond the end of the "
                                   f"metadata file ({self.nr_blocks} blocks; truncated?)", structure=name, block=b)
+        return blocks, crcs
+
+    @staticmethod
+    def _verify_rows(name: str, view: memoryview, blocks: list[int], crcs: list[int], rows: list[int]) -> None:
+        crc = _crc32c
+        for b, c, r in zip(blocks, crcs, rows):
+            if b and crc(view[r * BLOCK:(r + 1) * BLOCK]) != c:
+                raise MetadataCorrupt(f"{name}: bad checksum in metadata block {b}", structure=name, block=b)
+
+    def gather_into(self, name: str, pages: Sequence[int], out: Any, rows: Sequence[int]) -> None:
+        """Read and verify the committed pages ``pages`` of array ``name`` straight into the 4 KiB rows
+        ``rows`` of ``out`` (a writable buffer of whole pages), an absent page as zeroes -- what
+        :meth:`load` gives for those pages, without an intermediate copy of the whole array.  One
+        ``preadv`` per run of pages consecutive both on disk and in ``out``."""
+        blocks, crcs = self._page_locs(name, pages)
+        view = memoryview(out).cast("B")
+        rows = list(rows)
+        n = len(blocks)
         fd, i = self.fd, 0
         zero = bytes(BLOCK)
         while i < n:
@@ -218,10 +231,46 @@ class MetadataStore(MetadataSpace):
                 raise MetadataCorrupt(f"{self.path}: short read at metadata block {b0} (file truncated?)",
                                       structure="file", block=b0)
             i = j
-        crc = _crc32c
-        for b, c, r in zip(blocks, crcs, rows):
-            if b and crc(view[r * BLOCK:(r + 1) * BLOCK]) != c:
-                raise MetadataCorrupt(f"{name}: bad checksum in metadata block {b}", structure=name, block=b)
+        self._verify_rows(name, view, blocks, crcs, rows)
+
+    def map_into(self, name: str, pages: Sequence[int], out: Any, rows: Sequence[int], max_runs: int = 4096) -> bool:
+        """What :meth:`gather_into` does, by mapping the pages instead of reading them: each run of pages
+        consecutive both on disk and in ``out`` (an anonymous memory map the caller owns, page-aligned)
+        becomes a private map of the file (:func:`thinpool.mdpages.map_private`), so ``out`` shows the
+        page cache's pages without a copy, and a write to a row makes a private copy of it: nothing
+        reaches the file but through :meth:`commit`.  Every page is verified (CRC-32C) as
+        :meth:`gather_into` does.  False, with nothing mapped, when the pages make more than
+        ``max_runs`` runs (each run is a kernel memory area) or the host cannot map; the caller reads
+        them then.
+
+        The rows stay backed by the blocks they were mapped from: a caller must write to (privatize) a
+        row before a commit releases its block (a later commit may reuse the block)."""
+        import ctypes
+        blocks, crcs = self._page_locs(name, pages)
+        view = memoryview(out).cast("B")
+        if view.readonly or not blocks:
+            return False
+        base = ctypes.addressof(ctypes.c_char.from_buffer(view))
+        if base % BLOCK:
+            return False
+        rows = list(rows)
+        runs, i, n = [], 0, len(blocks)
+        while i < n:
+            b0, r0 = blocks[i], rows[i]
+            j = i + 1
+            while b0 and j < n and blocks[j] == b0 + j - i and rows[j] == r0 + j - i:
+                j += 1
+            runs.append((b0, r0, j - i))
+            i = j
+        if sum(1 for b0, _, _ in runs if b0) > max_runs:
+            return False
+        for b0, r0, k in runs:
+            if not b0:
+                view[r0 * BLOCK:(r0 + 1) * BLOCK] = bytes(BLOCK)
+            elif not map_private(base + r0 * BLOCK, k * BLOCK, self.fd, b0 * BLOCK):
+                return False  # the rows mapped so far are overwritten by the caller's read
+        self._verify_rows(name, view, blocks, crcs, rows)
+        return True
 
     def _load_directory(self, header: dict[str, Any]) -> tuple[dict[str, array], list[int]]:
         dir_locs = [int(x) for x in header["directory"]]

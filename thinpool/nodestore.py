@@ -44,7 +44,7 @@ import numpy as np
 from . import nodepacks
 from . import schema as K
 from .errors import MetadataCorrupt
-from .mdpages import BLOCK, PageUpdates
+from .mdpages import BLOCK, MAP_SPARSE, PageUpdates
 from .nodepacks import _CHUNK, _HEAD, _REC, DENSE, DENSE_ARRAY, INNERS, LEAVES, MARK, PACK_ARRAY, Kind
 
 __all__ = ["ARRAYS", "DENSE", "DENSE_ARRAY", "GROUPS_ARRAY", "INNERS", "Kind", "LEAVES", "MARK", "NodeDisk",
@@ -56,8 +56,11 @@ __all__ = ["ARRAYS", "DENSE", "DENSE_ARRAY", "GROUPS_ARRAY", "INNERS", "Kind", "
 GROUPS_ARRAY = "leaf_groups"
 #: the arrays a pool's open reads straight into the nodes' rows (:func:`open_nodes`)
 ARRAYS = (LEAVES.dense_array, INNERS.dense_array)
-#: nodes of at least this many bytes are loaded into memory mapped in at once (:func:`open_nodes`)
+#: nodes of at least this many bytes are loaded by mapping the dense nodes' pages from the file, or
+#: into memory mapped in at once when that cannot be done (:func:`open_nodes`)
 POPULATE_MIN = 1 << 24
+#: whether a big open maps the dense nodes' pages (False: they are read, as for small pools)
+MAP_NODES = True
 
 
 def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -108,6 +111,9 @@ class NodeDisk:
         self.npages, self.convert = npages, convert
         self.packs = np.zeros((0, BLOCK // 2), np.uint16) if packs is None else packs
         self.fresh = fresh or []
+        #: per slot, whether its row is still a private map of its committed page (:func:`open_nodes`),
+        #: or None when no row is
+        self.mapped: np.ndarray | None = None
 
     @classmethod
     def empty(cls, kind: Kind, convert: str | None = None) -> "NodeDisk":
@@ -141,6 +147,8 @@ class NodeDisk:
         keep = min(n, len(self.stored))
         stored[:keep] = self.stored[:keep]
         dirty = np.arange(n) if self.convert else np.flatnonzero(dirty_flags[:n])
+        if self.mapped is not None:  # the blocks of the dirty dense pages are released by this commit
+            _privatize(nodes, dirty, self.mapped)
         new = np.empty(len(dirty), np.int32)
         hole = nodes.dtype.type(kind.hole)
         kp = _compiled()
@@ -157,6 +165,7 @@ class NodeDisk:
         changed = dirty[~(((old == MARK) & (new == MARK)) | ((old == -1) & (new == -1)))]
         stored[dirty] = new
         packed, dead_packs, after = self._repack(nodes, stored, changed)
+        after.mapped = self.mapped
         out: dict[str, Any] = {
             kind.dense_array: _Pages(n, nodes, own, {}, dead_own),
             kind.pack_array: _Pages(after.npages, None, (), packed, dead_packs),
@@ -264,23 +273,37 @@ def load(kind: Kind, arrays: Mapping[str, np.ndarray],
 def open_nodes(kind: Kind, store: Any, arrays: Mapping[str, np.ndarray]) -> tuple[np.ndarray, NodeDisk] | None:
     """:func:`load` for a pool's open: ``arrays`` loaded without the dense nodes' array (:data:`ARRAYS`),
     whose pages are read straight into their rows (:meth:`thinpool.mdstore.MetadataStore.gather_into`),
-    so the nodes are the only copy of them ever made (100,000,000 mappings are 800 MB of leaves), in
-    memory mapped in at once when big.  None if the store holds an older layout: load that with the
-    other arrays."""
+    so the nodes are the only copy of them ever made -- or, when the nodes take :data:`POPULATE_MIN` or
+    more (100,000,000 mappings are 800 MB of leaves), mapped from the file privately
+    (:meth:`~thinpool.mdstore.MetadataStore.map_into`: no copy at all; the rows still mapped are
+    flagged in :attr:`NodeDisk.mapped`, and a commit gives a row its own copy before releasing its
+    block).  Every page is verified either way.  None if the store holds an older layout: load that
+    with the other arrays."""
     if kind.pack_array not in arrays:
         return None
     if any(len(arrays.get(a, ())) for a in _olds(kind)):
         raise _corrupt(kind, f"{kind.name} nodes stored in both the current layout and an older one")
     count = len(arrays.get(f"{kind.name}_rc", ())) // 4
     npages = store.npages(kind.dense_array)
+    mapped: list[np.ndarray] = []
 
     def fill(nodes: np.ndarray, dense: np.ndarray) -> None:
         if len(dense) and dense.max() >= npages:
             raise _corrupt(kind, f"dense {kind.name} {int(dense.max())} has no page")
-        if len(dense):
-            store.gather_into(kind.dense_array, dense.tolist(), nodes, dense.tolist())
+        if not len(dense):
+            return
+        rows = dense.tolist()
+        if nodes.nbytes >= POPULATE_MIN and MAP_NODES and store.map_into(kind.dense_array, rows, nodes, rows):
+            flags = np.zeros(len(nodes), bool)
+            flags[dense] = True
+            mapped.append(flags)
+            return
+        _populate(nodes)
+        store.gather_into(kind.dense_array, rows, nodes, rows)
 
-    return _packs_from_disk(kind, arrays[kind.pack_array], count, fill, lambda n: _populated(kind, n))
+    nodes, disk = _packs_from_disk(kind, arrays[kind.pack_array], count, fill, lambda n: _reserved(kind, n))
+    disk.mapped = mapped[0] if mapped else None
+    return nodes, disk
 
 
 def load_leaves(store: Any) -> np.ndarray | None:
@@ -297,16 +320,42 @@ def load_leaves(store: Any) -> np.ndarray | None:
     return None if out is None else out[0]
 
 
-def _populated(kind: Kind, count: int) -> np.ndarray:
-    """Room for ``count`` nodes, its memory mapped in at once when big (``MAP_POPULATE``: one system
-    call instead of a page fault per 4 KiB, and no waiting for the kernel to assemble huge pages on a
-    fragmented host -- 800 MB of leaves took 0.4 s of system time this way against 0.6-2.5 s)."""
+def _reserved(kind: Kind, count: int) -> np.ndarray:
+    """Room for ``count`` nodes: when big, an anonymous map that reserves address space only
+    (:data:`thinpool.mdpages.MAP_SPARSE`), into which the dense nodes' pages are mapped from the file
+    (:meth:`thinpool.mdstore.MetadataStore.map_into`) or read (:func:`_populate` first)."""
     nbytes = count * BLOCK
-    flags = getattr(mmap, "MAP_POPULATE", 0)
-    if nbytes == 0 or nbytes < POPULATE_MIN or not flags:
+    if nbytes == 0 or nbytes < POPULATE_MIN:
         return np.empty((count, kind.entries), kind.dtype)
-    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | flags)
+    buf = mmap.mmap(-1, nbytes, flags=MAP_SPARSE)
     return np.frombuffer(buf, kind.dtype).reshape(count, kind.entries)
+
+
+_MADV_POPULATE_WRITE = 23  # Linux 5.14+
+
+
+def _populate(nodes: np.ndarray) -> None:
+    """Before reading 800 MB of pages into a reserved map: its memory mapped in by one system call
+    (``MADV_POPULATE_WRITE``) instead of a page fault per 4 KiB (800 MB of leaves took 0.4 s of system
+    time so, against 0.6-2.5 s of faults); nothing where the host cannot."""
+    base = nodes.base
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
+    if isinstance(base, mmap.mmap) and sys.platform.startswith("linux"):
+        try:
+            base.madvise(_MADV_POPULATE_WRITE)
+        except (OSError, ValueError):
+            pass
+
+
+def _privatize(nodes: np.ndarray, slots: np.ndarray, mapped: np.ndarray) -> None:
+    """Give the rows ``slots`` that are still private maps of the file (``mapped``) their own copy (a
+    write of one word: copy on write), so that the blocks a commit releases can be reused under them."""
+    slots = slots[slots < min(len(mapped), len(nodes))]
+    slots = slots[mapped[slots]]
+    if len(slots):
+        nodes[slots, 0] = nodes[slots, 0].copy()
+        mapped[slots] = False
 
 
 def _corrupt(kind: Kind, msg: str) -> MetadataCorrupt:

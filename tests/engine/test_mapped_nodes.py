@@ -1,0 +1,168 @@
+"""A big pool's open maps its dense nodes' pages from the metadata file instead of reading them
+(:meth:`thinpool.mdstore.MetadataStore.map_into`: private maps, every page still verified), and
+decodes its space map in whole runs of pages (perf row S10).  What such an open gives is what the
+plain read gives; a write to a mapped row never reaches the file; a commit that releases a mapped
+row's block gives that row its own copy first, so a later commit may reuse the block; a damaged
+page still makes the open fall back to the previous commit."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from thinpool import Pool, nodestore
+from thinpool.dataspace import SM_PER_PAGE, counts_from_disk
+
+BS = 64 * 1024
+ONE = np.ones((4000, 1), np.uint8)
+
+
+def _pool(path) -> None:
+    """Dense leaves (two origins), their snapshots' shadowed leaves, sparse leaves, a deleted volume."""
+    with Pool.create(path, data_size=16384 * BS, metadata_only=True) as pool:
+        rng = np.random.default_rng(5)
+        for name in ("a", "b"):
+            pool.create_thin(name, "64GiB").write_many(np.arange(3000, dtype=np.int64) * BS, ONE[:3000])
+        for i in range(4):
+            pool.snapshot("a", f"s{i}")
+            pool.thin(f"s{i}").write_many(rng.integers(0, 3000, 30).astype(np.int64) * BS, ONE[:30])
+        pool.create_thin("sparse", "64GiB").write_many(np.arange(0, 400 * 2048, 2048, dtype=np.int64) * BS,
+                                                       ONE[:400])
+        pool.delete("s2")
+
+
+@pytest.fixture
+def mapped(monkeypatch):
+    """Every open maps its dense nodes (the big-pool path, whatever the size)."""
+    monkeypatch.setattr(nodestore, "POPULATE_MIN", 0)
+    monkeypatch.setattr(nodestore, "MAP_NODES", True)
+
+
+def _open(path, maps: bool, monkeypatch, **kw) -> Pool:
+    monkeypatch.setattr(nodestore, "MAP_NODES", maps)
+    pool = Pool.open(path, **kw)
+    assert (pool._leaf_disk.mapped is not None) == maps
+    return pool
+
+
+def _state(pool: Pool) -> dict:
+    return {t.name: (t.mappings()[0].tolist(), t.mappings()[1].tolist()) for t in pool.thins()}
+
+
+def _digest(path) -> str:
+    return hashlib.sha256((path / "metadata").read_bytes()).hexdigest()
+
+
+def test_a_mapped_open_gives_what_the_read_open_gives(tmp_path, mapped, monkeypatch):
+    _pool(tmp_path / "p")
+    with _open(tmp_path / "p", True, monkeypatch, read_only=True) as m, \
+            _open(tmp_path / "p", False, monkeypatch, read_only=True) as r:
+        for a, b in ((m.nodes_map.leaves, r.nodes_map.leaves), (m.nodes_map.inners, r.nodes_map.inners)):
+            assert a.shape == b.shape and np.array_equal(a, b)
+        assert np.array_equal(m.space.data_rc, r.space.data_rc)
+        assert _state(m) == _state(r)
+        assert [u.as_dict() for u in m.usage()] == [u.as_dict() for u in r.usage()]
+        assert m.check().ok
+
+
+def test_a_write_to_a_mapped_row_never_reaches_the_metadata_file(tmp_path, mapped, monkeypatch):
+    _pool(tmp_path / "p")
+    before = _digest(tmp_path / "p")
+    pool = _open(tmp_path / "p", True, monkeypatch, read_only=True)
+    want = _state(pool)
+    rows = np.flatnonzero(pool._leaf_disk.mapped)
+    assert len(rows)
+    pool.nodes_map.leaves[rows] = 12345  # every mapped row written in memory
+    pool.close(commit=False)
+    assert _digest(tmp_path / "p") == before
+    with _open(tmp_path / "p", True, monkeypatch, read_only=True) as again:
+        assert _state(again) == want
+
+
+def test_a_commit_copies_a_mapped_row_before_its_block_can_be_reused(tmp_path, mapped, monkeypatch):
+    """A dense leaf marked dirty but never written in memory is still a map of its old block: the
+    commit that releases that block must copy the row first, or the next commits, which reuse freed
+    metadata blocks, would change the leaf under the pool."""
+    _pool(tmp_path / "p")
+    pool = _open(tmp_path / "p", True, monkeypatch)
+    bm = pool.nodes_map
+    dense = np.flatnonzero(pool._leaf_disk.mapped)
+    want_rows = bm.leaves[dense].copy()
+    want = _state(pool)
+    bm.leaf_dirty[dense] = 1  # rewritten unchanged: every one of their blocks released
+    pool.commit()
+    for _ in range(3):  # the next commits rewrite them again, into the blocks just released
+        bm.leaf_dirty[dense] = 1
+        pool.commit()
+    assert np.array_equal(bm.leaves[dense], want_rows)
+    assert not pool._leaf_disk.mapped.any()
+    assert _state(pool) == want and pool.check().ok
+    pool.thin("b").write_many(np.arange(3000, 3100, dtype=np.int64) * BS, ONE[:100])
+    pool.close()
+    with _open(tmp_path / "p", False, monkeypatch) as again:
+        want["b"] = (list(range(3100)), again.thin("b").mappings()[1].tolist())
+        assert _state(again) == want and again.check().ok
+
+
+def test_writes_and_commits_after_a_mapped_open_equal_those_after_a_read_open(tmp_path, mapped, monkeypatch):
+    _pool(tmp_path / "m")
+    _pool(tmp_path / "r")
+    rng = np.random.default_rng(8)
+    pools = [_open(tmp_path / "m", True, monkeypatch), _open(tmp_path / "r", False, monkeypatch)]
+    for step in range(6):
+        offs = rng.integers(0, 3000, 200).astype(np.int64) * BS
+        cut = int(rng.integers(0, 2900)) * BS
+        for p in pools:
+            p.thin(["a", "s0", "s1", "s3"][step % 4]).write_many(offs, ONE[:200])
+            p.thin("b").discard(cut, 64 * BS)
+            if step == 2:
+                p.delete("s1")
+            p.commit()
+        assert _state(pools[0]) == _state(pools[1])
+    for p in pools:
+        p.close()
+    with _open(tmp_path / "m", False, monkeypatch) as m, _open(tmp_path / "r", False, monkeypatch) as r:
+        assert _state(m) == _state(r) and m.check().ok
+
+
+def test_a_damaged_dense_leaf_page_of_a_mapped_open_falls_back_to_the_previous_commit(tmp_path, mapped,
+                                                                                      monkeypatch):
+    _pool(tmp_path / "p")
+    pool = _open(tmp_path / "p", True, monkeypatch)
+    prev = _state(pool)
+    before = set(pool.store.locs[nodestore.LEAVES.dense_array].tolist())
+    pool.thin("a").write_many(np.arange(3000, 3600, dtype=np.int64) * BS, ONE[:600])
+    pool.commit()
+    new = [loc >> 32 for loc in pool.store.locs[nodestore.LEAVES.dense_array].tolist() if loc and loc not in before]
+    pool.close()
+    assert new
+    with open(tmp_path / "p" / "metadata", "r+b") as f:
+        f.seek(new[0] * 4096 + 100)
+        f.write(b"\xa5" * 16)
+    again = Pool.open(tmp_path / "p", read_only=True)  # (the fallback loads the older commit whole)
+    assert again.recovered_from and f"bad checksum in metadata block {new[0]}" in again.recovered_from
+    assert _state(again) == prev
+    again.close()
+
+
+def test_a_space_map_of_more_than_256_stored_pages_opens_with_the_counts_stored(tmp_path):
+    """The bitmap pages an open reads one by one (256 and more come back as ``bytes`` from a memory
+    map) decode to the counts the whole arrays give, counts of 2, 3 and more (overflow) included."""
+    path = tmp_path / "p"
+    nr = 300 * SM_PER_PAGE
+    with Pool.create(path, data_size=nr * BS, metadata_only=True, metadata_size="256MiB") as pool:
+        vol = pool.create_thin("v", nr * BS)
+        vol.write_many(np.arange(300, dtype=np.int64) * SM_PER_PAGE * BS + 7 * BS, ONE[:300])  # a page each
+        vol.write_many(np.arange(1000, dtype=np.int64) * BS, ONE[:1000])  # two dense leaves
+        for i in range(5):  # shared leaves, each shadowed once: counts up to 6 on blocks 0..1023
+            pool.snapshot("v", f"s{i}")
+            pool.thin(f"s{i}").write(i * BS, b"x")
+    with Pool.open(path, read_only=True) as pool:
+        whole = {k: np.frombuffer(v, np.uint8) for k, v in pool.store.load().items()}
+        want = counts_from_disk(whole, pool.space.nr_blocks)
+        got = pool.space.data_rc
+        assert np.array_equal(got[: len(want)], want) and not got[len(want):].any()
+        assert got.max() >= 3 and int((got > 0).sum()) == pool.status().used_data_blocks
+        assert pool.check().ok
