@@ -27,6 +27,32 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 SOAK = os.environ.get("THINPOOL_SOAK", "") not in ("", "0")
 
 
+#: the prelude of a script that records the kernels numba compiles: every top-level compile (not the
+#: functions a kernel calls) appends "module.function" to ``top`` (see :func:`compile_listener_script`)
+_COMPILE_LISTENER = """
+from numba.core import event
+depth, top = [0], []
+
+class Top(event.Listener):
+    def on_start(self, ev):
+        depth[0] += 1
+
+    def on_end(self, ev):
+        depth[0] -= 1
+        if depth[0] == 0:
+            f = ev.data["dispatcher"].py_func
+            top.append(f.__module__.rsplit(".", 1)[-1] + "." + f.__name__)
+
+event.register("numba:compile", Top())
+"""
+
+
+def compile_listener_script(body: str) -> str:
+    """A ``python -c`` script: ``body`` run after a numba compile listener is registered; ``body`` reads
+    and clears the list ``top`` of the kernels compiled so far (``"kernels.write_one"``, ...)."""
+    return _COMPILE_LISTENER + body
+
+
 def soak_scaled(env: str, normal: int, soak: int) -> int:
     """An iteration count: ``$env`` when set, else ``soak`` under THINPOOL_SOAK=1, else ``normal``."""
     return int(os.environ.get(env, soak if SOAK else normal))

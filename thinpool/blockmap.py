@@ -19,6 +19,22 @@ def _round_up(n: int, m: int) -> int:
     return (n + m - 1) // m * m
 
 
+def extents_of_flags(flags: np.ndarray, base: int, block_size: int, start: int, end: int
+                     ) -> list[tuple[int, int, bool]]:
+    """Runs of equal per-block ``flags`` (block i begins at byte ``base + i * block_size``) as
+    ``(offset, length, flag)`` extents clipped to ``[start, end)``: what NBD BLOCK_STATUS and a sparse
+    export need from :func:`thinpool.walks.mapped_flags`."""
+    cuts = np.flatnonzero(np.diff(flags)) + 1
+    firsts = np.concatenate(([0], cuts)).tolist()
+    lasts = np.concatenate((cuts, [len(flags)])).tolist()
+    out = []
+    for s, e in zip(firsts, lasts):
+        a = max(start, base + s * block_size)
+        b = min(end, base + e * block_size)
+        out.append((a, b - a, bool(flags[s])))
+    return out
+
+
 class BlockMap:
     """Leaves, inner nodes, their reference counts, free-slot stacks and dirty flags."""
 

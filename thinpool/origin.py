@@ -18,11 +18,12 @@ change check the I/O path runs before each call).  The kernels read it with prea
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from typing import Any, Iterable
 
-from .errors import FailedPrecondition, InvalidArgument, MetadataCorrupt, NotFound
+from .errors import FailedPrecondition, HostIOError, InvalidArgument, MetadataCorrupt, NotFound
 
 #: the catalog entry's key
 CATALOG_KEY = "origin"
@@ -215,6 +216,19 @@ class Origins:
             if id(f) not in live:
                 f.close()
                 del self._files[ident]
+
+    def read_failed(self, key: int, where: str, errno_value: int, offset: int) -> None:
+        """A kernel could not read volume ``key``'s origin at byte ``offset`` (``where`` names the pool and
+        volume for the message): FailedPrecondition if the file changed (size, mtime, replaced, missing),
+        else HostIOError with the read's errno (``errno_value``, 0: the file ended early); both name the file."""
+        f = self.by_key.get(key)
+        path = f.path if f is not None else "?"
+        if f is not None:
+            f.close()
+            f.use()  # reopens and checks it: raises FailedPrecondition if it changed
+        raise HostIOError(f"{where}: reading its external origin {path} at byte {offset} failed "
+                          f"({os.strerror(errno_value) if errno_value else 'the file ends early'})",
+                          errno_value or errno.EIO, path)
 
     def problems(self) -> list[str]:
         """Open every origin in use and check it (:meth:`OriginFile.use`): one message per file that

@@ -18,6 +18,7 @@ from . import rules
 from . import schema as L
 from .activation import Activation  # re-exported: callers import it from here
 from .batch_io import BatchOutcome, apply_io  # re-exported: callers import them from here
+from .blockmap import extents_of_flags
 from .errors import DataDeviceError, DiscardNotSupported, HostIOError, InvalidArgument, NoSpace, ReadOnly, ReadOnlyIO
 from .hostio import last_errno
 from .io_checks import ORIGIN_ERROR, as_offsets, check_span, io_integer
@@ -159,18 +160,9 @@ class Thin:
             ctx.origin(self._key)
 
     def _origin_failed(self, offset: int) -> None:
-        """A kernel could not read the external origin: FailedPrecondition if the file changed (size,
-        mtime, replaced, missing), else HostIOError with the read's errno; both name the file."""
-        err = last_errno()
+        """A kernel could not read the external origin at ``offset``: see :meth:`Origins.read_failed`."""
         ctx = self._ctx
-        f = ctx.origins.by_key.get(self._key)
-        path = f.path if f is not None else "?"
-        if f is not None:
-            f.close()
-            f.use()  # reopens and checks it: raises FailedPrecondition if it changed
-        raise HostIOError(f"pool {ctx.path}: volume {self.name!r}: reading its external origin {path} at byte "
-                          f"{offset} failed ({os.strerror(err) if err else 'the file ends early'})",
-                          err or errno.EIO, path)
+        ctx.origins.read_failed(self._key, f"pool {ctx.path}: volume {self.name!r}", last_errno(), offset)
 
     # ------------------------------------------------------------------ activation
     def __enter__(self) -> "Thin":
@@ -598,15 +590,7 @@ class Thin:
             first, last = off // bs, (end - 1) // bs
             flags = np.empty(last - first + 1, np.uint8)
             _walks().mapped_flags(ctx.nodes_map.nodes, int(ctx.devs_i[self._slot(), DEV_ROOT]), first, flags)
-        cuts = np.flatnonzero(np.diff(flags)) + 1
-        starts = np.concatenate(([0], cuts))
-        ends = np.concatenate((cuts, [len(flags)]))
-        out = []
-        for s, e in zip(starts.tolist(), ends.tolist()):
-            a = max(off, (first + s) * bs)
-            b = min(end, (first + e) * bs)
-            out.append((a, b - a, bool(flags[s])))
-        return out
+        return extents_of_flags(flags, first * bs, bs, off, end)
 
     def mappings(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(virtual blocks, data blocks, times) of every mapping, sorted by virtual block."""

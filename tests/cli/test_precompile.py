@@ -16,28 +16,15 @@ import numba
 import numpy
 import pytest
 
+from tests.support import compile_listener_script
 from thinpool.cli import precompile
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "build_backend"))
 import thinpool_build  # noqa: E402 -- the build backend, from its backend-path
 
-_DEMO_COMPILES = """
-from numba.core import event
+_DEMO_COMPILES = compile_listener_script("""
 from thinpool.containers.demo import run_demo
-depth, top = [0], []
-
-class Top(event.Listener):
-    def on_start(self, ev):
-        depth[0] += 1
-
-    def on_end(self, ev):
-        depth[0] -= 1
-        if depth[0] == 0:
-            f = ev.data["dispatcher"].py_func
-            top.append(f.__module__.rsplit(".", 1)[-1] + "." + f.__name__)
-
-event.register("numba:compile", Top())
 run_demo(data_size="1GiB")
 demo = sorted(set(top))
 top.clear()
@@ -46,7 +33,7 @@ _cli_work()  # the common commands, in a process of their own
 import json
 print(json.dumps(demo))
 print(json.dumps(sorted(set(top))))
-"""
+""")
 
 
 def _env(cache_home: Path, **extra: str) -> dict[str, str]:

@@ -15,22 +15,10 @@ import pytest
 from thinpool import kernels_cache  # noqa: F401 -- the machine cache registered before a test patches it
 from thinpool.containers import demo
 
-_SCRIPT = """
-from numba.core import event
+from tests.support import compile_listener_script
+
+_SCRIPT = compile_listener_script("""
 from thinpool.containers.demo import _helper_work, run_demo
-depth, top = [0], []
-
-class Top(event.Listener):
-    def on_start(self, ev):
-        depth[0] += 1
-
-    def on_end(self, ev):
-        depth[0] -= 1
-        if depth[0] == 0:
-            f = ev.data["dispatcher"].py_func
-            top.append(f.__module__.rsplit(".", 1)[-1] + "." + f.__name__)
-
-event.register("numba:compile", Top())
 _helper_work()
 helper = sorted(set(k for k in top if not k.endswith("._built_with")))
 top.clear()
@@ -38,7 +26,7 @@ run_demo(data_size="1GiB")
 import json
 print(json.dumps(helper))
 print(json.dumps(sorted(set(top))))
-"""
+""")
 
 
 @pytest.mark.slow
