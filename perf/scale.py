@@ -50,7 +50,7 @@ VOLUMES = 100_000
 MAPPINGS = 100_000_000
 ORIGINS = 4
 CHUNK = 4_000_000          # offsets per write_many call while building
-LAYOUT = 1                 # bump when the built pool's shape changes (the cache key)
+LAYOUT = 2                 # bump when the built pool's shape changes (the cache key); 2: catalog format 2
 #: export-metadata runs on a pool of at most this scale: at scale 1 (100,000,000 distinct mappings) the
 #: exporter's per-mapping numpy arrays passed 8.7 GB of RSS and were stopped (docs/performance.md, S10)
 EXPORT_SCALE = 0.1
@@ -334,8 +334,8 @@ idle machine (less the time spent waiting for the disk's syncs, which only `snap
 
 **What the open costs (S10a, S10f).** The pool's metadata file holds 850 MB of pages: 195,313 dense
 leaves (800 MB), the two-bit space map of 101 million data blocks, the device table (6.4 MB) and the
-catalog (6 MB of JSON). An open reads and checksums every page (CRC-32C), decodes the space map into
-one count per block (400 MB) and parses the catalog: {v('S10a', 'cpu_s')} s of CPU here, so on an idle
+catalog (2.7 MB of name index). An open reads and checksums every page (CRC-32C), decodes the space map
+into one count per block (400 MB) and reads the names into the pool's catalog: {v('S10a', 'cpu_s')} s of CPU here, so on an idle
 core the open is about that; the wall times above are a machine with a load average of
 {max(load or (0.0,)):.0f} on 2 cores.
 Before this work the same open took 13 s of wall time (load about 6) and peaked at 4.2 GB: the leaves
@@ -343,7 +343,7 @@ were read into one buffer, then copied twice while decoding. Now the dense leave
 into their rows (`nodestore.open_nodes`, into memory mapped in at once) and the peak is
 {v('S10b', 'peak_MiB')} MiB. What is left, profiled on the loaded machine: the `preadv` of 800 MB of
 leaves from the page cache (about 1 s, mostly the kernel's copy), their 217,000 checksums (0.3 s), the
-space-map decode (0.3 s) and the catalog (0.1 s). An open well under 2 s on a loaded machine needs a
+space-map decode (0.3 s) and the catalog's index (0.05 s). An open well under 2 s on a loaded machine needs a
 block map that reads leaves when they are first touched, which is not done.
 
 **`ls --usage` (S10f)** is that open, one count per data block over all trees
@@ -351,15 +351,21 @@ block map that reads leaves when they are first touched, which is not done.
 that sums each shared node once (`walks.usage_of_roots`; before, each of the 100,000 snapshots walked
 its origin's 25 million mappings: 2.5 * 10^12 entries, never finishing) and 100,000 rows.
 
-**status, snapshot, ls (S10c-S10e).** `status` reads the device table and the page maps and no longer
-parses the catalog (the volume count comes from the in-use slots); what is left is the CLI's start
-(about 2x `python -c pass`: click and the command modules). `snapshot` must parse the 6 MB catalog,
-add a name and serialize it again (orjson: about 0.05 s; the standard library took 0.3-0.9 s); only
-the catalog pages that changed are written (one of 1,308; it rewrote them all before): the catalog is
-one JSON document, so a snapshot's CPU still grows with the number of volumes; a paged name index
-would make it constant, not done.
-`ls` prints 100,000 lines: the catalog parsed, a row per volume built and formatted in Python; three
-times `python -c pass` is less than formatting 100,000 rows costs in Python.
+**status, snapshot, ls (S10c-S10e).** The catalog is stored in format 2 (`thinpool/catalog.py`): the
+names in a sorted, paged name index (675 pages of 4 KiB for 100,000 names, each page a run of the name
+order with its names' device-table slots), one 16-byte record per device slot (generation, external
+origin) and a small JSON part (origins, records, the index's page order: 11 KB here); until then it was
+one 6 MB JSON document that `snapshot` parsed, extended and wrote again and `ls` parsed. `status` reads
+the device table and the page maps and no name; what is left is the CLI's start (about 2x `python -c
+pass`: click and the command modules). `snapshot` reads the JSON part, one name index page (the origin's
+name and the new name are looked up there; a second page when they fall in two) and one page of slot
+records, and writes those pages (two index pages and the JSON part's last page when the page splits):
+its cost no longer grows with the number of volumes; the device table it still reads whole (6.4 MB: the
+first free slot and the device ids in use are searched in it). `ls` reads every index page and the
+device table, and prints 100,000 lines from columns (a list per field built by C loops over the
+records and the pages, one `%` template per line): about {v('S10d', 'cpu_ratio')}x `python -c pass` of
+CPU, of which the CLI's start is about 2x; the rest is the 100,000 lines themselves (about 2 us each in
+Python), which is what keeps S10d short of 3x.
 
 **History** (quoted from earlier runs on this machine, not re-measured; wall / CPU):
 before this work, `Pool.open` of this pool took 13-39 s and peaked at 4.2 GB, `status` 5.4x, `ls`

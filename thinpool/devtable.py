@@ -24,11 +24,13 @@ import contextlib
 import os
 import re
 import struct
+from operator import itemgetter
 from typing import Any, Iterator, NamedTuple
 
+from . import catalog as cat_format
 from . import pooldir, rules, safe_output
 from .errors import AlreadyExists, FullOpenRequired, InvalidArgument, NotFound, ReadOnly  # noqa: F401 (API)
-from .errors import MetadataSpaceExhausted
+from .errors import MetadataCorrupt, MetadataSpaceExhausted
 from .mdpages import BLOCK, PagedArray, PageUpdates
 from .mdstore import MetadataStore
 from .rules import MAX_DEV_ID, new_catalog_entry, pick_dev_id  # noqa: F401 (the pool's id rules)
@@ -115,34 +117,32 @@ class VolumeRecord(NamedTuple):
     external_origin: dict[str, Any] | None = None  #: its external origin's record (:mod:`thinpool.origin`)
 
 
-def _changed_pages(old: bytes, new: bytes, stored: int) -> list[int]:
-    """The 4 KiB pages of ``new`` that differ from ``old`` (the committed bytes, ``stored`` pages):
-    a new volume's entry goes at the end of the catalog, so a snapshot rewrites its last page or two,
-    not the 1,480 pages of a catalog of 100,000 volumes."""
-    n = len(new) // BLOCK
-    return [i for i in range(n) if i >= stored or i * BLOCK >= len(old)
-            or new[i * BLOCK:(i + 1) * BLOCK] != old[i * BLOCK:(i + 1) * BLOCK]]
-
-
 class _DevIds:
     """The device ids in use, as :func:`~thinpool.rules.pick_dev_id` asks for them (``id in ids``,
-    ``ids[id]`` for the error): built from the catalog only when first asked (a snapshot with a free
-    ``next_dev_id`` asks once)."""
+    ``ids[id]`` for the error): from the device table's in-use records, the name (for the error
+    only) from the catalog."""
 
-    def __init__(self, volumes: dict[str, dict[str, Any]]) -> None:
-        self._volumes = volumes
-        self._ids: dict[int, str] | None = None
-
-    def _map(self) -> dict[int, str]:
-        if self._ids is None:
-            self._ids = {v["dev_id"]: n for n, v in self._volumes.items()}
-        return self._ids
+    def __init__(self, table: "DeviceTable") -> None:
+        self._table = table
+        self._ids: set[int] | None = None
 
     def __contains__(self, dev_id: object) -> bool:
-        return dev_id in self._map()
+        if self._ids is None:
+            self._ids = set(self._table._dev_ids_in_use())
+        return dev_id in self._ids
 
     def __getitem__(self, dev_id: int) -> str:
-        return self._map()[dev_id]
+        return next(v.name for v in self._table.thins() if v.dev_id == dev_id)
+
+
+class _Names:
+    """``name in names`` over the stored name index (for :func:`check_new_name`)."""
+
+    def __init__(self, table: "DeviceTable") -> None:
+        self._table = table
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self._table._find(name) is not None
 
 
 class DeviceTable:
@@ -190,16 +190,19 @@ class DeviceTable:
             pass  # a missing data file is the full open's to report
 
     def _load(self) -> None:
-        arrays = self.store.load(only=("devs", "catalog"))
+        arrays = self.store.load(only=("devs", cat_format.EXTRA))
         hdr = self.store.header
         if "used_data_blocks" not in hdr or "pending_blocks" not in hdr:
             raise FullOpenRequired(f"pool {self.path}: metadata predates the device table's fields")
         self.recovered_from = hdr.get("recovered_from")
         self.header = {k: v for k, v in hdr.items() if k not in _STORE_KEYS}
         self._devs = bytearray(arrays["devs"])
-        # parsed on first use (status needs none of it: 100,000 volumes are a 6 MB catalog)
+        # the catalog's JSON part: origins, records, name fence (format 2), or the whole format-1 catalog,
+        # which is parsed (and converted at the next commit) only when a name is asked for
         self._catalog_raw = bytes(arrays["catalog"][: hdr["catalog_bytes"]])
-        self._catalog: dict[str, Any] | None = None
+        self._format2 = hdr.get("catalog_format") == cat_format.FORMAT
+        self._stored_catalog: cat_format.StoredCatalog | None = None
+        self._pending: dict[str, dict[str, Any]] = {}  # volumes made since the last commit
         self._devs_dirty: set[int] = set()
         self._rc_pages: dict[int, bytearray] = {}
         self._dirty = False
@@ -208,20 +211,57 @@ class DeviceTable:
 
     # ------------------------------------------------------------------ reading
     @property
-    def catalog(self) -> dict[str, Any]:
-        """The catalog: volume names (name -> dev id, slot, generation, external origin), records."""
-        if self._catalog is None:
-            self._catalog = rules.catalog_loads(self._catalog_raw)
-        return self._catalog
+    def _stored(self) -> cat_format.StoredCatalog:
+        """The stored catalog (:mod:`thinpool.catalog`), its pages read as they are needed; a format-1
+        catalog parsed whole (its conversion is written by the next commit)."""
+        if self._stored_catalog is None:
+            if self._format2:
+                self._stored_catalog = cat_format.StoredCatalog.open(self.store.npages, self.store.read_pages,
+                                                                     self._catalog_raw, rules.catalog_loads)
+            else:
+                try:
+                    old = rules.catalog_loads(self._catalog_raw)
+                except ValueError:
+                    raise MetadataCorrupt(f"pool {self.path}: catalog is not valid JSON",
+                                          structure="catalog") from None
+                self._stored_catalog = cat_format.StoredCatalog.build(old["volumes"], old.get("records", {}))
+                self.header.setdefault("next_dev_id", int(old.get("next_dev_id", 1)))
+                self.header.setdefault("next_gen", int(old.get("next_gen", 1)))
+        return self._stored_catalog
+
+    def _find(self, name: str) -> int | None:
+        """The slot of volume ``name`` (None if there is none)."""
+        if name in self._pending:
+            return int(self._pending[name]["slot"])
+        return self._stored.index.get(name)
+
+    def _origin_of(self, name: str, slot: int) -> dict[str, Any] | None:
+        if name in self._pending:
+            return _origin_copy(self._pending[name])
+        return self._stored.origin_of(slot)
 
     @property
-    def _volumes(self) -> dict[str, dict[str, Any]]:
-        return self.catalog["volumes"]  # name -> dev_id, slot, gen
+    def catalog(self) -> dict[str, Any]:
+        """The catalog as :attr:`thinpool.pool.Pool.catalog` has it: volume names (name -> dev id, slot,
+        generation, external origin), the counters, records.  Reads every page of the name index."""
+        st = self._stored
+        dev_ids = memoryview(self._devs).cast("q")[DEV_FIELDS.index("dev_id")::len(DEV_FIELDS)]
+        volumes = cat_format.volumes_of(st, dev_ids.__getitem__)
+        volumes.update((n, dict(e)) for n, e in self._pending.items())
+        return {"volumes": volumes, "next_dev_id": int(self.header.get("next_dev_id", 1)),
+                "next_gen": int(self.header.get("next_gen", 1)), "records": st.records}
 
     def may_have_external_origins(self) -> bool:
-        """False when no volume has an external origin, known without parsing the catalog (an
-        entry's origin is stored under the key "origin"); True when one may."""
-        return self._dirty or b'"origin"' in self._catalog_raw  # (the committed catalog's bytes)
+        """False when no volume has an external origin, known without reading the names (format 2:
+        the origins are listed in the catalog's small JSON part); True when one may."""
+        if not self._format2 and self._stored_catalog is None:
+            return self._dirty or b'"origin"' in self._catalog_raw  # (the committed catalog's bytes)
+        return self._stored.has_origins() or any("origin" in e for e in self._pending.values())
+
+    def _dev_ids_in_use(self) -> list[int]:
+        """The device ids of the records in use."""
+        col = memoryview(self._devs).cast("q")[DEV_FIELDS.index("dev_id")::len(DEV_FIELDS)].tolist()
+        return [d for d, used in zip(col, self._in_use()) if used]
 
     def _in_use(self) -> bytes:
         """One byte per device-table slot: 1 if the slot holds a device, else 0 (C loops over the
@@ -250,31 +290,67 @@ class DeviceTable:
         return dict(zip(DEV_FIELDS, DEV_RECORD.unpack_from(self._devs, slot * DEV_RECORD.size)))
 
     def _slot(self, name: str) -> int:
-        try:
-            return self._volumes[name]["slot"]
-        except (KeyError, TypeError):
-            raise NotFound(f"pool {self.path}: no thin volume named {name!r}") from None
+        slot = self._find(name) if isinstance(name, str) else None
+        if slot is None:
+            raise NotFound(f"pool {self.path}: no thin volume named {name!r}")
+        return slot
 
     def thin(self, name: str) -> VolumeRecord:
         """The volume called ``name`` (NotFound if none)."""
         self._check_open()
-        r = self._record(self._slot(name))
+        slot = self._slot(name)
+        r = self._record(slot)
         return VolumeRecord(name, r["dev_id"], r["size"], r["mapped"], r["transaction"], r["creation_time"],
-                            r["snap_time"], bool(r["flags"] & DevFlag.READ_ONLY), _origin_copy(self._volumes[name]))
+                            r["snap_time"], bool(r["flags"] & DevFlag.READ_ONLY), self._origin_of(name, slot))
 
     def thins(self) -> list[VolumeRecord]:
         """All volumes, in device-id order."""
         self._check_open()
+        names, slots = self._stored.index.columns()
+        for n, e in self._pending.items():
+            names.append(n)
+            slots.append(int(e["slot"]))
         recs = list(DEV_RECORD.iter_unpack(self._devs))
-        vols = self.catalog["volumes"]
-        rows = sorted((recs[v["slot"]], name) for name, v in vols.items())  # dev_id first
+        rows = sorted(zip(map(recs.__getitem__, slots), names, slots))  # dev_id first
         ro = _READ_ONLY  # a plain int: an enum's & costs microseconds, 100,000 volumes a second
         if not self.may_have_external_origins():
             return [VolumeRecord(name, r[DEV_ID], r[DEV_SIZE], r[DEV_MAPPED], r[DEV_TRANSACTION], r[DEV_CREATION_TIME],
-                                 r[DEV_SNAP_TIME], r[DEV_FLAGS] & ro != 0, None) for r, name in rows]
+                                 r[DEV_SNAP_TIME], r[DEV_FLAGS] & ro != 0, None) for r, name, _s in rows]
         return [VolumeRecord(name, r[DEV_ID], r[DEV_SIZE], r[DEV_MAPPED], r[DEV_TRANSACTION], r[DEV_CREATION_TIME],
-                             r[DEV_SNAP_TIME], r[DEV_FLAGS] & ro != 0, _origin_copy(vols[name]))
-                for r, name in rows]
+                             r[DEV_SNAP_TIME], r[DEV_FLAGS] & ro != 0, self._origin_of(name, slot))
+                for r, name, slot in rows]
+
+    def volume_columns(self) -> dict[str, list[Any]]:
+        """Every volume in device-id order as columns (what :meth:`thins` gives, one list per field:
+        ``name``, ``dev_id``, ``size``, ``read_only``, ``mapped_blocks``, ``transaction``,
+        ``creation_time``, ``snap_time``, and ``external_origin`` -- records or None -- when a volume
+        has one).  Each column is built by C loops over the device table and the name index, no
+        object per volume: what ``ls`` of 100,000 volumes needs."""
+        self._check_open()
+        names, slots = self._stored.index.columns()
+        for n, e in self._pending.items():
+            names.append(n)
+            slots.append(int(e["slot"]))
+        q = memoryview(self._devs).cast("q")
+        width = len(DEV_FIELDS)
+
+        def field(f: str) -> list[int]:
+            return q[DEV_FIELDS.index(f)::width].tolist()
+        dev_ids = field("dev_id")
+        order = sorted(range(len(slots)), key=list(map(dev_ids.__getitem__, slots)).__getitem__)
+        by_dev = [slots[i] for i in order] if len(order) < 2 else list(itemgetter(*order)(slots))
+
+        def pick(col: list[Any], at: list[int]) -> list[Any]:
+            return [col[i] for i in at] if len(at) < 2 else list(itemgetter(*at)(col))
+        flags = pick(field("flags"), by_dev)
+        out: dict[str, list[Any]] = {
+            "name": pick(names, order), "dev_id": pick(dev_ids, by_dev), "size": pick(field("size"), by_dev),
+            "read_only": list(map(bool, map(_READ_ONLY.__and__, flags))),
+            "mapped_blocks": pick(field("mapped"), by_dev), "transaction": pick(field("transaction"), by_dev),
+            "creation_time": pick(field("creation_time"), by_dev), "snap_time": pick(field("snap_time"), by_dev)}
+        if self.may_have_external_origins():
+            out["external_origin"] = [self._origin_of(n, s) for n, s in zip(out["name"], by_dev)]
+        return out
 
     def status(self) -> PoolStatus:
         """The pool's status, as :meth:`thinpool.pool.Pool.status` reports it just after opening."""
@@ -294,20 +370,30 @@ class DeviceTable:
         reference).  Commits, as every pool message does (inside :meth:`batch`: at its end)."""
         self._check_writable()
         oslot = self._slot(origin)
-        check_new_name(self.path, name, self._volumes)
-        dev_id = pick_dev_id(self.path, dev_id, _DevIds(self._volumes), int(self.catalog.get("next_dev_id", 1)))
+        check_new_name(self.path, name, _Names(self))
+        hdr = self.header
+        dev_id = pick_dev_id(self.path, dev_id, _DevIds(self), int(hdr.get("next_dev_id", 1)))
         o = self._record(oslot)
         root = o["root"]
         page = self._rc_page(root // RC_PER_PAGE)
         off = (root % RC_PER_PAGE) * 4
         struct.pack_into("<I", page, off, struct.unpack_from("<I", page, off)[0] + 1)
         t = self.time + 1
-        self.header["time"] = t
+        hdr["time"] = t
         o, snap = rules.snapshot_records(o, dev_id, self.transaction_id, t, read_only)
         self._put(oslot, o)
         slot = self._new_slot()
         self._put(slot, snap)
-        rules.add_volume(self.catalog, name, dev_id, slot, origin=rules.inherited_origin(self.catalog, origin))
+        # the catalog entry rules.add_volume makes for Pool.snapshot: a fresh generation, the origin's
+        # external origin; the counters are superblock fields here
+        gen = int(hdr.get("next_gen", 1))
+        entry: dict[str, Any] = {"dev_id": dev_id, "slot": slot, "gen": gen}
+        inherited = self._origin_of(origin, oslot)
+        if inherited is not None:
+            entry["origin"] = inherited
+        hdr["next_gen"] = gen + 1
+        hdr["next_dev_id"] = (dev_id + 1) & MAX_DEV_ID
+        self._pending[name] = entry
         self._dirty = True
         if not self._batch_depth:
             self.commit()  # a pool message commits (dm-thin's pool_message), as Pool.snapshot
@@ -355,14 +441,12 @@ class DeviceTable:
         self._check_open()
         if not self._dirty:
             return
-        raw = rules.catalog_dumps(self.catalog)
-        self.header["catalog_bytes"] = len(raw)
-        cat = pad_pages(raw)
+        stored = self._stored
+        cat_format.apply_changes(stored, self._pending, list(self._pending))
         arrays: dict[str, Any] = {
             "devs": PagedArray(self._devs, sorted({s // DEVS_PER_PAGE for s in self._devs_dirty})),
             "inner_rc": PageUpdates(self.store.npages("inner_rc"), self._rc_pages),
-            "catalog": PagedArray(cat, _changed_pages(pad_pages(self._catalog_raw), cat,
-                                                      self.store.npages("catalog"))),
+            **stored.updates(len(self._devs) // DEV_RECORD.size, rules.catalog_dumps, self.header),
         }
         try:
             self.store.commit(arrays, self.header, tail=True)
@@ -370,7 +454,9 @@ class DeviceTable:
             self._load()
             raise ReadOnly(f"pool {self.path}: out of metadata space; the snapshot was not committed "
                            f"({exc})") from None
-        self._catalog_raw = raw
+        stored.committed()
+        self._format2 = True
+        self._pending.clear()
         self._devs_dirty.clear()
         self._rc_pages.clear()
         self._dirty = False

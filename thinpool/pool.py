@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager, Mapping
 import numpy as np
 
 from . import schema as K
+from . import catalog as cat_format
 from . import ownership, pooldir, rules, safe_output
 from .blockmap import BlockMap
 from .datadev import DataDevice, NullDataDevice
@@ -240,17 +241,15 @@ class Pool(Transactions, DeviceOps, Features):
         header.update(features or {})
         if metadata_only:
             header["metadata_only"] = True
-        catalog = {"volumes": {}, "next_dev_id": 1, "records": {}}
-        cat = pad_pages(rules.catalog_dumps(catalog))
+        header.update(next_dev_id=1, next_gen=1)
         arrays = {
             **empty_node_arrays(),
             "leaf_rc": PagedArray(np.zeros(0, np.uint8), np.zeros(0, np.int64)),
             "inner_rc": PagedArray(np.zeros(0, np.uint8), np.zeros(0, np.int64)),
             **empty_disk_arrays(nr_blocks),
             "devs": PagedArray(np.zeros(0, np.uint8), np.zeros(0, np.int64)),
-            "catalog": PagedArray(cat, np.arange(len(cat) // BLOCK)),
+            **cat_format.StoredCatalog.build({}, {}).updates(0, rules.catalog_dumps, header),
         }
-        header["catalog_bytes"] = len(rules.catalog_dumps(catalog))
         try:
             store.commit(arrays, header)
         finally:
@@ -333,11 +332,8 @@ class Pool(Transactions, DeviceOps, Features):
         self._devs = arrays["devs"].view(dev_dtype()).copy()
         self._devs_i = self._devs.view(np.int64).reshape(-1, K.DEV_COLUMNS)  # the kernels' view (schema.DEV_*)
         self._devs_dirty: set[int] = set()
-        raw = arrays["catalog"].tobytes()[: header["catalog_bytes"]]
-        try:
-            self._catalog = rules.catalog_loads(raw)
-        except ValueError:
-            raise MetadataCorrupt(f"pool {self.path}: catalog is not valid JSON", structure="catalog") from None
+        self._catalog, self._stored_catalog, self._catalog_convert = self._catalog_from(arrays, header)
+        self._catalog_touched: set[str] = set()  # names created, deleted, renamed since the last commit
         self._catalog_dirty = False
         if header.get("pending_blocks") and "pending" in arrays:
             pending = arrays["pending"].view(np.uint64)[: header["pending_blocks"]].astype(np.int64)
@@ -361,6 +357,29 @@ class Pool(Transactions, DeviceOps, Features):
         self._engine.origins.reload((volume_key(v["dev_id"], v.get("gen", 0)), v["origin"])
                                     for v in self._catalog["volumes"].values() if v.get("origin") is not None)
         self._refresh_engine()
+
+    def _catalog_from(self, arrays: dict[str, np.ndarray], header: Mapping[str, Any],
+                      ) -> tuple[dict[str, Any], "cat_format.StoredCatalog", bool]:
+        """(the catalog dict, its stored form, whether it must be converted): a format-2 catalog
+        (:mod:`thinpool.catalog`) read from the loaded arrays, or a format-1 JSON catalog and the stored
+        form its first commit writes."""
+        raw = arrays["catalog"].tobytes()[: header["catalog_bytes"]]
+        if header.get("catalog_format") == cat_format.FORMAT:
+            def read(name: str, pages: list[int]) -> dict[int, bytes]:
+                a = arrays.get(name, np.zeros(0, np.uint8))
+                return {p: a[p * BLOCK:(p + 1) * BLOCK].tobytes() for p in pages}
+            stored = cat_format.StoredCatalog.open(lambda n: len(arrays.get(n, ())) // BLOCK, read, raw,
+                                                   rules.catalog_loads)
+            dev_ids = self._devs["dev_id"].tolist()
+            volumes = cat_format.volumes_of(stored, dev_ids.__getitem__)
+            return ({"volumes": volumes, "next_dev_id": int(header["next_dev_id"]),
+                     "next_gen": int(header["next_gen"]), "records": stored.records}, stored, False)
+        try:
+            catalog = rules.catalog_loads(raw)
+        except ValueError:
+            raise MetadataCorrupt(f"pool {self.path}: catalog is not valid JSON", structure="catalog") from None
+        catalog.setdefault("records", {})
+        return catalog, cat_format.StoredCatalog.build(catalog["volumes"], catalog["records"]), True
 
     def _refresh_engine(self) -> None:
         """Hand the kernel context the current arrays (after a reload or a device-table growth)."""

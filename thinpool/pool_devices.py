@@ -44,6 +44,7 @@ class DeviceOps:
     _devs_dirty: set[int]
     _catalog: dict[str, Any]
     _catalog_dirty: bool
+    _catalog_touched: set[str]
     _by_name: dict[str, int]
     _by_dev_id: dict[int, str]
     _gen_floor: int
@@ -81,6 +82,7 @@ class DeviceOps:
         entry = rules.add_volume(self._catalog, name, record["dev_id"], slot, origin=origin)
         self._gen_floor = int(self._catalog["next_gen"])  # never reissued in this process, even after an abort
         self._catalog_dirty = True
+        self._catalog_touched.add(name)
         key = volume_key(record["dev_id"], entry["gen"])
         self._by_name[name] = key
         self._engine.slots[key] = slot
@@ -178,6 +180,7 @@ class DeviceOps:
         del self._by_dev_id[dev_id]
         self._engine.origins.drop(key)
         self._catalog_dirty = True
+        self._catalog_touched.add(name)
         self._message_done()
 
     @_locked
@@ -194,6 +197,7 @@ class DeviceOps:
         self._engine.names[key] = new
         self._by_dev_id[entry["dev_id"]] = new
         self._catalog_dirty = True
+        self._catalog_touched.update((old, new))
         self._message_done()
 
     @_locked
@@ -333,6 +337,7 @@ class DeviceOps:
             self._engine.origins.add(self._by_name[name], origin)  # MetadataCorrupt if malformed
             self._catalog["volumes"][name]["origin"] = dict(origin)
             self._catalog_dirty = True
+            self._catalog_touched.add(name)
         row = self._devs[slot]
         row["size"] = size
         if read_only:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
+from . import catalog as cat_format
 from . import rules
 from . import schema as K
 from .devtable import DEVS_PER_PAGE, pad_pages
@@ -65,6 +66,9 @@ class Transactions:
     _devs_dirty: set[int]
     _catalog: dict[str, Any]
     _catalog_dirty: bool
+    _catalog_convert: bool
+    _catalog_touched: set[str]
+    _stored_catalog: cat_format.StoredCatalog
     _header: dict[str, Any]
     _st: np.ndarray
     _unpunched: np.ndarray
@@ -155,11 +159,14 @@ class Transactions:
             "devs": PagedArray(self._devs.view(np.uint8),
                                np.unique(np.array(sorted(self._devs_dirty), np.int64) // DEVS_PER_PAGE)),
         }
-        if self._catalog_dirty:
-            raw = rules.catalog_dumps(self._catalog)
-            self._header["catalog_bytes"] = len(raw)
-            cat = pad_pages(raw)
-            arrays["catalog"] = PagedArray(cat, np.arange(len(cat) // BLOCK))
+        if self._catalog_dirty or self._catalog_convert:
+            # the names touched since the last commit reach the stored catalog: a page or two of
+            # its name index and slot records (thinpool.catalog), the whole of it when converting
+            stored = self._stored_catalog
+            cat_format.apply_changes(stored, self._catalog["volumes"], self._catalog_touched)
+            self._header.update(next_dev_id=int(self._catalog.get("next_dev_id", 1)),
+                                next_gen=int(self._catalog.get("next_gen", 1)))
+            arrays.update(stored.updates(len(self._devs), rules.catalog_dumps, self._header))
         return arrays
 
     @_locked
@@ -230,7 +237,10 @@ class Transactions:
         bm.inner_rc_dirty[:] = 0
         self._space.committed()  # the pages changed stay live (scans visit those only)
         self._devs_dirty.clear()
-        self._catalog_dirty = False
+        if self._catalog_dirty or self._catalog_convert:
+            self._stored_catalog.committed()
+        self._catalog_touched.clear()
+        self._catalog_dirty = self._catalog_convert = False
         # blocks freed by the previous commit: no superblock maps them any more (punched if passed down)
         _poolspace().release_pending(self, freed)
         if self.mode == Mode.OUT_OF_DATA_SPACE and self._st[K.ST_NR_FREE] > 0:

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from . import schema as K
+from . import catalog as cat_format
 from . import nodestore, pooldir
 from .errors import InvalidArgument, MetadataCorrupt, NotFound
 from .interop.ir import Device, Metadata, Superblock, SECTOR, TIME_MASK
@@ -217,6 +218,28 @@ def _salvage_state(r: _Reader, generation: int, header: dict[str, Any]) -> _Salv
     return _Salvage(generation, header, arrays, lost_pages, problems)
 
 
+def _salvage_catalog1(s: _Salvage, hdr: dict[str, Any], report: "RepairReport",
+                      names_by_slot: dict[int, tuple[str, int | None]], origins_by_slot: dict[int, dict[str, Any]],
+                      records: dict[str, Any]) -> bool:
+    """A format-1 catalog (one JSON document): fills the three dicts; True if it is lost."""
+    if s.lost_pages["catalog"].any() or len(s.arrays["catalog"]) == 0:
+        return True
+    try:
+        catalog = json.loads(s.arrays["catalog"].tobytes()[: int(hdr["catalog_bytes"])])
+        for name, v in catalog["volumes"].items():
+            names_by_slot[int(v["slot"])] = (name, int(v["dev_id"]))
+            if v.get("origin") is not None:
+                if valid_record(v["origin"]):
+                    origins_by_slot[int(v["slot"])] = v["origin"]
+                else:
+                    report.problems.append(f"volume {name!r}: its external origin record is malformed: dropped")
+        records.update(catalog.get("records", {}))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        report.problems.append("catalog: not valid: names and records lost")
+        return True
+    return False
+
+
 def _choose(r: _Reader, report: RepairReport) -> _Salvage:
     found = []
     bad_gens = []
@@ -302,27 +325,31 @@ def salvage(pool_path: str, report: RepairReport) -> tuple[Metadata, dict[int, s
     if hdr.get("held"):
         report.held_snapshot_dropped = True
     # catalog: names and records
-    names_by_slot: dict[int, tuple[str, int]] = {}
+    names_by_slot: dict[int, tuple[str, int | None]] = {}
     origins_by_slot: dict[int, dict[str, Any]] = {}  # external origins (thinpool/origin.py), kept by a repair
     records: dict[str, Any] = {}
-    cat_lost = bool(s.lost_pages["catalog"].any()) or len(s.arrays["catalog"]) == 0
-    if not cat_lost:
-        try:
-            catalog = json.loads(s.arrays["catalog"].tobytes()[: int(hdr["catalog_bytes"])])
-            for name, v in catalog["volumes"].items():
-                names_by_slot[int(v["slot"])] = (name, int(v["dev_id"]))
-                if v.get("origin") is not None:
-                    if valid_record(v["origin"]):
-                        origins_by_slot[int(v["slot"])] = v["origin"]
-                    else:
-                        report.problems.append(f"volume {name!r}: its external origin record is malformed: dropped")
-            records = catalog.get("records", {})
-        except (ValueError, KeyError, TypeError):
-            cat_lost = True
-            report.problems.append("catalog: not valid: names and records lost")
-    if cat_lost:
-        report.names_lost = True
-        report.records_lost = True
+    if hdr.get("catalog_format") == cat_format.FORMAT:  # the name index, slot records and JSON part
+        def pages(name: str) -> list[bytes | None]:
+            data, lost = s.arrays.get(name, np.zeros(0, np.uint8)), s.lost_pages.get(name, np.zeros(0, bool))
+            return [None if lost[i] else data[i * BLOCK:(i + 1) * BLOCK].tobytes() for i in range(len(lost))]
+        extra = None if s.lost_pages["catalog"].any() else s.arrays["catalog"].tobytes()[: int(hdr["catalog_bytes"])]
+        by_slot, origins, kept, lost_problems, cat_lost = cat_format.salvage(pages, extra, json.loads)
+        names_by_slot = {slot: (name, None) for slot, name in by_slot.items()}
+        for slot, rec in origins.items():
+            if valid_record(rec):
+                origins_by_slot[slot] = rec
+            else:
+                report.problems.append(f"slot {slot}: its external origin record is malformed: dropped")
+        report.problems.extend(lost_problems)
+        records = kept if kept is not None else {}
+        report.records_lost = kept is None
+        if cat_lost:
+            report.names_lost = True
+    else:
+        cat_lost = _salvage_catalog1(s, hdr, report, names_by_slot, origins_by_slot, records)
+        if cat_lost:
+            report.names_lost = True
+            report.records_lost = True
     # devices
     devs_raw = s.arrays["devs"]
     devs = devs_raw[: len(devs_raw) // DEV_DTYPE.itemsize * DEV_DTYPE.itemsize].view(DEV_DTYPE)
@@ -348,7 +375,7 @@ def salvage(pool_path: str, report: RepairReport) -> tuple[Metadata, dict[int, s
         dev_id = int(d["dev_id"])
         name, cat_id = names_by_slot.get(slot, (None, None))
         label = f"device {dev_id}" + (f" ({name!r})" if name else "")
-        if name is None or cat_id != dev_id:
+        if name is None or (cat_id is not None and cat_id != dev_id):
             if not cat_lost:
                 report.problems.append(f"{label}: no catalog entry: named dev{dev_id}")
             name = f"dev{dev_id}"

@@ -46,3 +46,49 @@ def test_ls_usage_rows_of_a_full_pool_equal_each_volumes_own_figures(tmp_path):
         assert sum("external_origin" in r for r in rows) == 2
         plain = ops._volume_rows(pool, False)
         assert plain == [{k: v for k, v in r.items() if k in plain[0] or k == "external_origin"} for r in rows]
+
+
+def _reference_table(rows: list[dict], headers: bool = True) -> str:
+    """thinpool's volume table written the plain way: a cell per value, ljust/rjust, one row at a time."""
+    from thinpool.units import format_size
+    header = ["NAME", "DEV", "SIZE", "MAPPED", "CREATE_TIME", "SNAP_TIME"]
+    origin = any("external_origin" in r for r in rows)
+    body = [[r["name"] + (" (ro)" if r["read_only"] else ""), str(r["dev_id"]), format_size(r["size"]),
+             format_size(r["mapped_bytes"]), str(r["creation_time"]), str(r["snap_time"])]
+            + ([r.get("external_origin", "-")] if origin else []) for r in rows]
+    table = ([header + (["EXTERNAL_ORIGIN"] if origin else [])] if headers else []) + body
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+                     .rstrip() for row in table)
+
+
+def test_ls_columns_print_what_the_rows_print_text_and_json(tmp_path):
+    """`thinpool ls` builds its table and its --json from columns (no object per volume): the text is
+    the plain per-row table's and the JSON is json.dumps of the rows, byte for byte, for a full pool
+    and for the device table alone (the light path), with odd names, read-only and origin rows."""
+    import json
+    from thinpool.devtable import DeviceTable
+    golden = tmp_path / "golden.img"
+    golden.write_bytes(b"g" * BS)
+    def check(src, rows: list[dict]) -> None:
+        cols = ops.op_ls(src, columns=True)["columns"]
+        assert ops.volume_rows(cols) == rows
+        assert ops.volume_columns_json(cols) == json.dumps(rows, indent=2)
+        assert ops.render_volume_columns(cols) == _reference_table(rows)
+        assert ops.render_volume_columns(cols, headers=False) == _reference_table(rows, headers=False)
+
+    for origin in (False, True):
+        with (Pool.open(tmp_path / "p") if origin else Pool.create(tmp_path / "p", data_size=64 * BS,
+                                                                     metadata_only=True)) as pool:
+            if origin:
+                pool.create_thin("ext", "1MiB", external_origin=str(golden))
+            else:
+                pool.create_thin("base", "3GiB", dev_id=9)
+                for name in ("ünï ✓ \"q\" \\", "snap/ns/1", "x" * 300, "tab\u2009space"):
+                    pool.snapshot("base", name)
+                pool.snapshot("base", "ro", read_only=True, dev_id=2)
+            rows = ops._volume_rows(pool, False)
+            assert len(rows) == 6 + origin and sum("external_origin" in r for r in rows) == origin
+            check(pool, rows)
+        with DeviceTable.open(tmp_path / "p") as table:
+            check(table, rows)

@@ -312,7 +312,8 @@ def test_repair_reports_what_was_lost(fixture_pool):
     blocks = {name: sorted(int(x) >> 32 for x in locs if int(x)) for name, locs in store.locs.items()}
     older_slot = store.superblocks()[1][1]
     store.close()
-    cases = {"leaf_packs": "nodes_lost", "devs": "devices_dropped", "catalog": "names_lost"}  # leaves: packed records
+    cases = {"leaf_packs": "nodes_lost", "devs": "devices_dropped", "names": "names_lost",  # leaves: packed records
+             "catalog": "records_lost"}  # the name index; the catalog's JSON part (origins, records)
     for structure, field in cases.items():
         path = _copy(fx, f"lost-{structure}")
         md = os.path.join(path, "metadata")

@@ -1,6 +1,6 @@
 """The paths that keep a pool of 100,000 volumes and 100,000,000 mappings cheap to open and list
 (perf row S10): the leaves read straight into place, the overflow counts searched only where stored,
-the device table's catalog parsed only when needed.  Each gives what the plain path gives."""
+the device table's name index read only when needed.  Each gives what the plain path gives."""
 
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def test_overflow_counts_are_searched_in_the_stored_pages_only():
         counts_from_disk({"data_sm": bitmap, "data_rc_over": over}, nr, stored)
 
 
-def test_device_table_counts_volumes_and_origins_without_parsing_the_catalog(tmp_path):
+def test_device_table_counts_volumes_and_origins_without_reading_the_name_index(tmp_path):
     pool = _pool(tmp_path / "p")
     n = len(pool.thins())
     origin_file = tmp_path / "golden.img"
@@ -100,7 +100,7 @@ def test_device_table_counts_volumes_and_origins_without_parsing_the_catalog(tmp
     with DeviceTable.open(tmp_path / "p") as t:
         assert t.status().nr_thins == n
         assert not t.may_have_external_origins()
-        assert t._catalog is None  # status needed no catalog
+        assert t.store.npages("names") >= 1 and not t._stored.index._cache  # no name page was read
         assert [v.name for v in t.thins()] == ["a", "b", "s0", "s1", "s2", "s4", "s5", "t"]
     with Pool.open(tmp_path / "p") as p:
         p.create_thin("ext", "1GiB", external_origin=str(origin_file))
@@ -126,20 +126,24 @@ def test_catalog_bytes_round_trip_and_fall_back_for_what_orjson_refuses():
 
 
 def test_a_table_snapshot_rewrites_only_the_catalog_pages_that_changed(tmp_path):
-    """A new volume's entry goes at the end of the catalog: the snapshot writes its last page(s), the
-    other pages stay where they were committed, and the pool reads the whole catalog back."""
+    """A new name goes into one page of the name index (thinpool.catalog) and its generation into one
+    page of slot records: the snapshot writes those, the other pages and the catalog's JSON part stay
+    where they were committed, and the pool reads every name back."""
     with Pool.create(tmp_path / "p", data_size=64 * BS, metadata_only=True) as pool, pool.batch():
         pool.create_thin("base", "1GiB")
         for i in range(400):
             pool.snapshot("base", f"a-rather-long-volume-name-to-fill-catalog-pages-{i:04d}")
     with DeviceTable.open(tmp_path / "p", read_only=False) as t:
-        before = t.store.locs["catalog"].tolist()
-        assert len(before) >= 5
+        before = {a: t.store.locs[a].tolist() for a in ("names", "vol_slots", "catalog")}
+        assert len(before["names"]) >= 5
         t.snapshot("base", "one-more")
-        after = t.store.locs["catalog"].tolist()
-    assert len(after) >= len(before)
-    assert 1 <= sum(a != b for a, b in zip(before, after)) + len(after) - len(before) <= 2
-    assert after[:len(before) - 1] == before[:-1]
+        after = {a: t.store.locs[a].tolist() for a in before}
+        read = set(t._stored.index._cache)
+    assert len(read) == 1  # one index page: the one "one-more" goes in (the fence is in the JSON part)
+    assert after["catalog"] == before["catalog"]  # no split: the JSON part (origins, records, fence) is unchanged
+    assert len(after["names"]) == len(before["names"])
+    assert sum(a != b for a, b in zip(before["names"], after["names"])) == 1
+    assert sum(a != b for a, b in zip(before["vol_slots"], after["vol_slots"])) == 1
     with Pool.open(tmp_path / "p", read_only=True) as again:
         assert len(again.thins()) == 402 and "one-more" in again
         assert again.thin("one-more").snap_time == again.time

@@ -8,9 +8,9 @@ the serving process (:func:`thinpool.cli.registry.run_op`).  The data-streaming 
 from __future__ import annotations
 
 import os
-from itertools import repeat
+from itertools import chain
 from operator import itemgetter
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from thinpool.errors import InvalidArgument, NotFound
 from thinpool.rules import LightPool
@@ -299,17 +299,74 @@ def _records(pool: Any) -> list[Any]:
     return out
 
 
+def _volume_columns(pool: Any) -> dict[str, list[Any]]:
+    """The volumes in device-id order as columns (see :meth:`thinpool.devtable.DeviceTable.volume_columns`)
+    with ``block_size`` and ``mapped_bytes``: a row of :func:`_volume_rows` is one index of every column."""
+    if hasattr(pool, "volume_columns"):
+        cols = pool.volume_columns()
+    else:
+        recs = _records(pool)
+        cols = {"name": [t.name for t in recs], "dev_id": [t.dev_id for t in recs], "size": [t.size for t in recs],
+                "read_only": [bool(t.read_only) for t in recs], "mapped_blocks": [t.mapped_blocks for t in recs],
+                "transaction": [t.transaction for t in recs], "creation_time": [t.creation_time for t in recs],
+                "snap_time": [t.snap_time for t in recs]}
+        if any(t.external_origin is not None for t in recs):
+            cols["external_origin"] = [t.external_origin for t in recs]
+    bs = pool.block_size
+    out = {k: cols[k] for k in _ROW_KEYS[:8]}
+    out["block_size"] = [bs] * len(out["name"])
+    out["mapped_bytes"] = list(map(bs.__mul__, out["mapped_blocks"]))
+    if any(o is not None for o in cols.get("external_origin", ())):
+        out["external_origin"] = [o["path"] if o is not None else None for o in cols["external_origin"]]
+    return out
+
+
+#: the keys of a volume row (:func:`_volume_rows`), in order (then ``external_origin`` when it has one)
+_ROW_KEYS = ("name", "dev_id", "size", "read_only", "mapped_blocks", "transaction", "creation_time", "snap_time",
+             "block_size", "mapped_bytes")
+
+
+def volume_rows(columns: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """The rows of :func:`_volume_columns`' columns (a volume without an external origin has no
+    ``external_origin`` key)."""
+    rows = [dict(zip(_ROW_KEYS, vals)) for vals in zip(*(columns[k] for k in _ROW_KEYS))]
+    for row, origin in zip(rows, columns.get("external_origin", ())):
+        if origin is not None:
+            row["external_origin"] = origin
+    return rows
+
+
+def volume_columns_json(columns: dict[str, list[Any]]) -> str:
+    """``json.dumps(volume_rows(columns), indent=2)``, byte for byte, written a column at a time (a
+    template per row instead of a dict per row)."""
+    import json
+    if "external_origin" in columns or not columns["name"]:
+        return json.dumps(volume_rows(columns), indent=2)
+    from json.encoder import encode_basestring_ascii
+    cells = [list(map(encode_basestring_ascii, columns["name"]))]
+    for k in _ROW_KEYS[1:]:  # ints as %d (int.__repr__, as json writes them), read_only as true/false
+        cells.append(list(map(("false", "true").__getitem__, columns[k])) if k == "read_only" else columns[k])
+    row = "  {\n" + ",\n".join(f'    "{k}": %{"s" if k in ("name", "read_only") else "d"}'
+                                  for k in _ROW_KEYS) + "\n  }"
+    return "[\n" + ",\n".join(map(row.__mod__, zip(*cells))) + "\n]"
+
+
 def op_ls(pool: Any, fields: list[str] | None = None, headers: bool = True,
-          metadata_snap: bool = False, as_json: bool = False, usage: bool = False) -> dict[str, Any]:
+          metadata_snap: bool = False, as_json: bool = False, usage: bool = False,
+          columns: bool = False) -> dict[str, Any]:
     """List volumes.
 
     Without ``fields``: thinpool's view (``volumes``: name, dev id, size, mapped blocks and bytes,
     times -- all from the device table; with ``usage`` also exclusive/shared blocks and bytes and the
-    highest mapped block, which walk every volume's mappings).  With ``fields`` (thin_ls field names)
-    or ``metadata_snap``: exactly thin_ls's output for the pool's (or its held snapshot's) metadata as
-    ``text``, plus ``rows`` when ``as_json``.
+    highest mapped block, which walk every volume's mappings).  ``columns`` (without ``usage``): the
+    same as ``columns``, one list per key (:func:`volume_rows` turns them into the rows), built
+    without an object per volume.  With ``fields`` (thin_ls field names) or ``metadata_snap``:
+    exactly thin_ls's output for the pool's (or its held snapshot's) metadata as ``text``, plus
+    ``rows`` when ``as_json``.
     """
     if fields is None and not metadata_snap:
+        if columns and not usage:
+            return {"columns": _volume_columns(pool)}
         return {"volumes": _volume_rows(pool, usage)}
     from thinpool.interop import thin_ls
     md = pool.to_metadata(held=metadata_snap)
@@ -326,40 +383,60 @@ def _table(header: list[str], rows: list[list[str]], left: int = 1, headers: boo
     return _columns_table(header, [list(col) for col in zip(*rows)] if rows else [[] for _ in header], left, headers)
 
 
-def _columns_table(header: list[str], cols: list[list[str]], left: int = 1, headers: bool = True) -> str:
-    """:func:`_table` from columns (each a list of cells); every step is a C loop over a column."""
-    if headers:
-        cols = [[h] + col for h, col in zip(header, cols)]
-    if not cols or not cols[0]:
+def _columns_table(header: list[str], cols: list[list[Any]], left: int = 1, headers: bool = True) -> str:
+    """:func:`_table` from columns (each a list of cells: strings, or ints printed as ``str`` prints
+    them): one ``%`` template per row, its widths the columns' (C loops over the columns; no per-cell
+    padding or conversion step)."""
+    if not cols or not (cols[0] or headers):
         return ""
-    padded = [list(map(str.ljust if i < left else str.rjust, col, repeat(max(map(len, col)))))
-              for i, col in enumerate(cols)]
-    return "\n".join(map(str.rstrip, map("  ".join, zip(*padded))))
+    ints = [bool(col) and type(col[0]) is int for col in cols]
+    widths = [max((max(len(str(max(col))), len(str(min(col)))) if is_int else max(map(len, col), default=0)),
+                  len(h) if headers else 0) for h, col, is_int in zip(header, cols, ints)]
+    fmt = "  ".join(f"%{'-' if i < left else ''}{w}{'d' if is_int else 's'}"
+                    for i, (w, is_int) in enumerate(zip(widths, ints)))
+    lines: Iterable[str] = map(fmt.__mod__, zip(*cols))
+    if not ints[-1]:  # a string cell may end in blanks (a left-justified one always does)
+        lines = map(str.rstrip, lines)
+    if headers:
+        head = "  ".join(f"%{'-' if i < left else ''}{w}s" for i, w in enumerate(widths))
+        lines = chain([(head % tuple(header)).rstrip()], lines)
+    return "\n".join(lines)
 
 
 def render_volumes(rows: list[dict[str, Any]], headers: bool = True) -> str:
     """thinpool's volume table: NAME DEV SIZE MAPPED [EXCLUSIVE SHARED] CREATE_TIME SNAP_TIME
     [EXTERNAL_ORIGIN] (the usage columns when the rows carry them, the origin column when a volume has
     an external origin)."""
+    keys = list(_ROW_KEYS) + (["exclusive_bytes", "shared_bytes"] if rows and "exclusive_bytes" in rows[0] else [])
+    columns = {k: list(map(itemgetter(k), rows)) for k in keys}
+    if any("external_origin" in r for r in rows):
+        columns["external_origin"] = [r.get("external_origin") for r in rows]
+    return render_volume_columns(columns, headers)
+
+
+def render_volume_columns(columns: dict[str, list[Any]], headers: bool = True) -> str:
+    """:func:`render_volumes` of the rows these columns hold (see :func:`volume_rows`)."""
     from thinpool.units import format_size
-    usage = bool(rows) and "exclusive_bytes" in rows[0]
+    usage = "exclusive_bytes" in columns
     header = ["NAME", "DEV", "SIZE", "MAPPED"] + (["EXCLUSIVE", "SHARED"] if usage else []) + \
         ["CREATE_TIME", "SNAP_TIME"]
 
     def col(key: str, fmt: Callable[[Any], str] = str) -> list[str]:
-        values = list(map(itemgetter(key), rows))
+        values = columns[key]
         if fmt is not str:  # each distinct value formatted once (100,000 snapshots share a few sizes)
             fmt = {v: fmt(v) for v in set(values)}.__getitem__
         return list(map(fmt, values))
 
-    cols = [[r["name"] + " (ro)" if r["read_only"] else r["name"] for r in rows], col("dev_id"),
-            col("size", format_size), col("mapped_bytes", format_size)]
+    names = columns["name"]
+    if any(columns["read_only"]):
+        names = [n + " (ro)" if r else n for n, r in zip(names, columns["read_only"])]
+    cols = [names, columns["dev_id"], col("size", format_size), col("mapped_bytes", format_size)]
     if usage:
         cols += [col("exclusive_bytes", format_size), col("shared_bytes", format_size)]
-    cols += [col("creation_time"), col("snap_time")]
-    if any("external_origin" in r for r in rows):
+    cols += [columns["creation_time"], columns["snap_time"]]
+    if any(o is not None for o in columns.get("external_origin", ())):
         header.append("EXTERNAL_ORIGIN")
-        cols.append([r.get("external_origin", "-") for r in rows])
+        cols.append(["-" if o is None else o for o in columns["external_origin"]])
     return _columns_table(header, cols, headers=headers)
 
 
@@ -367,6 +444,8 @@ def render_ls(r: dict[str, Any]) -> str:
     """Text of an ls result: thin_ls's text when it was asked for, else thinpool's table."""
     if "text" in r:
         return r["text"]
+    if "columns" in r:
+        return render_volume_columns(r["columns"])
     return render_volumes(r["volumes"])
 
 

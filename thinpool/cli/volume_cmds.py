@@ -6,7 +6,7 @@ import click
 
 from .common import SIZE, abspath, emit, json_option, pool_argument
 from . import stream_ops  # noqa: F401  (registers write, read, import, export)
-from .ops import render_volumes
+from .ops import render_volume_columns, render_volumes, volume_columns_json
 from .registry import OPS, run_op
 
 SECTION = "Volume commands"
@@ -131,7 +131,13 @@ def ls_cmd(pool: str, fields: str | None, no_headers: bool, metadata_snap: bool,
       thinpool ls /tmp/pool --json
     """
     if fields is None and not metadata_snap:
-        result = run_op(pool, "ls", {"usage": True} if usage else {})
+        if not usage:  # columns: no object per volume (100,000 volumes list in a fraction of a second)
+            cols = run_op(pool, "ls", {"columns": True})["columns"]
+            text = volume_columns_json(cols) if as_json else render_volume_columns(cols, headers=not no_headers)
+            if text or as_json:
+                click.echo(text)
+            return
+        result = run_op(pool, "ls", {"usage": True})
         if as_json:
             emit(result["volumes"], True)
         else:

@@ -1,0 +1,243 @@
+"""thinpool.catalog: the stored catalog (format 2) -- a paged name index with its fence, fixed-size slot
+records and a small JSON part -- and the conversion of the format-1 JSON catalog.
+
+The claims (module docstring): the index answers like a dict through any sequence of inserts and
+removes, pages never exceed 4 KiB and stay sorted; a commit writes only the pages a change touches;
+Pool and DeviceTable commit the same bytes; a damaged page is refused naming it; a pool written by
+the format-1 code opens unchanged and is converted by its first commit, keeping every name, device id,
+generation and record; names keep their rules (1-1024 bytes of UTF-8, odd characters allowed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from thinpool import InvalidArgument, NotFound, Pool
+from thinpool import catalog as C
+from thinpool.devtable import DeviceTable
+from thinpool.errors import MetadataCorrupt
+from thinpool.mdpages import BLOCK
+
+from .fixtures import make_catalog1_pool
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+BS = 64 * 1024
+LONG = "é" * 512  # 1,024 bytes of UTF-8: the longest name
+
+
+def _rand_name(rng: random.Random, i: int) -> str:
+    kind = i % 5
+    if kind == 0:
+        return f"snap/{rng.randrange(50)}/{i}"
+    if kind == 1:
+        return "v" * rng.randrange(200, 1000) + str(i)  # long names: few to a page, many splits
+    if kind == 2:
+        return f"ünï ✓ {i} (ro)"
+    return f"{rng.choice('abcxyz')}-{i:06d}"
+
+
+def test_name_index_answers_like_a_dict_through_inserts_removes_and_reloads():
+    rng = random.Random(5)
+    model: dict[str, int] = {}
+    stored: dict[int, bytes] = {}
+    idx = C.NameIndex(None, 0, None)
+    for step in range(6):
+        for i in range(step * 700, step * 700 + 700):
+            name = _rand_name(rng, i)
+            idx.insert(name, i)
+            model[name] = i
+        for name in rng.sample(sorted(model), 300):
+            assert idx.remove(name) == model.pop(name)
+        with pytest.raises(KeyError):
+            idx.remove("never there")
+        # commit: the changed pages reach the page store; reload from it, reading pages on demand
+        upd = idx.updates()
+        for p in upd.dead:
+            stored.pop(p, None)
+        stored.update({p: upd.page(p) for p in upd.dirty if p not in upd.dead})
+        fence = json.loads(json.dumps(idx.fence()))
+        idx.committed()
+        idx = C.NameIndex(fence, idx.npages, lambda _a, ps: {p: stored.get(p, bytes(BLOCK)) for p in ps})
+        names, slots = idx.columns()
+        assert names == sorted(model, key=lambda n: n.encode()) and slots == [model[n] for n in names]
+        for name in rng.sample(sorted(model), 50):
+            assert idx.get(name) == model[name]
+        assert idx.get("zzzz-absent") is None and idx.get("") is None
+    for p in idx.pages:  # every page within 4 KiB, sorted, and holding at least one name
+        keys, _ = C.decode_page(stored[p], p)
+        assert keys and C.page_bytes(keys) <= BLOCK
+
+
+def test_names_of_1024_bytes_fit_three_to_a_page_and_split_cleanly():
+    idx = C.NameIndex(None, 0, None)
+    names = [f"{i:03d}" + LONG[: 1021 // 2] + "x" for i in range(40)]  # 1,024 bytes each
+    assert all(len(n.encode()) == 1024 for n in names)
+    for i, n in enumerate(reversed(names)):
+        idx.insert(n, i)
+    assert idx.columns()[0] == names
+    for p in idx.pages:
+        assert 1 <= len(idx._cache[p][0]) <= 3
+        assert len(C.encode_page(*idx._cache[p])) == BLOCK
+
+
+def test_a_corrupt_index_page_layout_is_refused_naming_the_page():
+    """A page whose CRC is right but whose layout is not one the encoder makes (a count past the page,
+    names out of order, a name that is not UTF-8) is refused with MetadataCorrupt naming the page."""
+    good = C.encode_page([b"a", b"b"], [1, 2])
+    bad_count = bytearray(good)
+    bad_count[0:2] = (2000).to_bytes(2, "little")
+    with pytest.raises(MetadataCorrupt, match="name index page 7: counts"):
+        C.decode_page(bytes(bad_count), 7)
+    with pytest.raises(MetadataCorrupt, match="out of order"):
+        C.decode_page(C.encode_page([b"b", b"a"], [1, 2]), 3)
+    with pytest.raises(MetadataCorrupt, match="not UTF-8"):
+        C._decode_names([b"\xff\xfe"], "catalog: name index page 1")
+
+
+def _big_pool(path: Path, n: int = 600) -> None:
+    with Pool.create(path, data_size=64 * BS, metadata_only=True) as pool, pool.batch():
+        pool.create_thin("base", "1GiB")
+        for i in range(n):
+            pool.snapshot("base", f"volume-with-a-longish-name-{i:05d}")
+
+
+def test_a_damaged_index_page_on_disk_is_refused_naming_the_block(tmp_path):
+    _big_pool(tmp_path / "p")
+    with DeviceTable.open(tmp_path / "p") as t:
+        page = t._stored.index.pages[-1]
+        block = t.store.locs["names"][page] >> 32
+    with open(tmp_path / "p" / "metadata", "r+b") as f:
+        f.seek(block * BLOCK + 100)
+        f.write(b"\x5a\xa5")
+    with DeviceTable.open(tmp_path / "p") as t:
+        assert t.status().nr_thins == 601  # status reads no name
+        with pytest.raises(MetadataCorrupt, match=f"names: bad checksum in metadata block {block}") as ei:
+            t.thin("volume-with-a-longish-name-00599")
+        assert ei.value.structure == "names" and ei.value.block == block
+        assert t.thin("base").dev_id == 1  # a name in another page is still found
+
+
+def test_pool_and_device_table_commit_the_same_catalog_pages(tmp_path):
+    """Snapshots taken in one batch by Pool and by DeviceTable (the light `thinpool snapshot`) leave
+    byte-identical name index, fence and slot pages: the changes depend only on the names touched."""
+    _big_pool(tmp_path / "base", 900)
+    shutil.copytree(tmp_path / "base", tmp_path / "a")
+    shutil.copytree(tmp_path / "base", tmp_path / "b")
+    new = [f"volume-with-a-longish-name-{i:05d}x" for i in range(0, 900, 7)]  # many pages split
+    with Pool.open(tmp_path / "a") as p, p.batch():
+        for n in new:
+            p.snapshot("base", n)
+    with DeviceTable.open(tmp_path / "b", read_only=False) as t, t.batch():
+        for n in new:
+            t.snapshot("base", n)
+
+    def pages(path: Path) -> dict:
+        with DeviceTable.open(path) as t:
+            return {a: [t.store.read_pages(a, [i])[i] for i in range(t.store.npages(a))]
+                    for a in ("names", "vol_slots", "catalog")}
+    assert pages(tmp_path / "a") == pages(tmp_path / "b")
+
+
+def test_rename_delete_and_snapshot_update_the_index(tmp_path):
+    origin = tmp_path / "golden.img"
+    origin.write_bytes(b"o" * BS)
+    with Pool.create(tmp_path / "p", data_size=64 * BS, metadata_only=True) as p:
+        p.create_thin("base", "1GiB")
+        p.create_thin("ext", "1GiB", external_origin=str(origin))
+        for n in ("with space", "ünïcödé ✓", "snap/ns/17", LONG):
+            p.snapshot("base", n)
+        p.rename("with space", "renamed ✓")
+        p.delete("snap/ns/17")
+        gens = {n: v["gen"] for n, v in p.catalog["volumes"].items()}
+    with DeviceTable.open(tmp_path / "p", read_only=False) as t:
+        assert [v.name for v in t.thins()] == ["base", "ext", "renamed ✓", "ünïcödé ✓", LONG]
+        with pytest.raises(NotFound):
+            t.thin("with space")
+        with pytest.raises(NotFound):
+            t.thin("snap/ns/17")
+        t.snapshot("ext", "ext-snap")
+        t.snapshot("renamed ✓", "snap/ns/17")  # the deleted name is free again
+        assert t._stored.origins == [t.thin("ext").external_origin]  # one record, shared by both
+    with Pool.open(tmp_path / "p") as p:
+        vols = p.catalog["volumes"]
+        assert {n: gens[n] for n in gens} == {n: vols[n]["gen"] for n in gens}
+        assert vols["ext-snap"]["origin"] == vols["ext"]["origin"]
+        assert vols["snap/ns/17"]["gen"] > max(gens.values())
+        p.delete("ext")
+        p.delete("ext-snap")
+    with DeviceTable.open(tmp_path / "p") as t:
+        assert t._stored.origins == [] and not t.may_have_external_origins()
+        assert sorted(v.name for v in t.thins()) == sorted(["base", "renamed ✓", "ünïcödé ✓", LONG, "snap/ns/17"])
+
+
+def test_names_are_bounded_as_before(tmp_path):
+    with Pool.create(tmp_path / "p", data_size=64 * BS, metadata_only=True) as p:
+        p.create_thin("base", "1GiB")
+        for bad in ("é" * 513, "a\x00b", "a\nb", "\udcff", "", "a//b"):
+            with pytest.raises(InvalidArgument):
+                p.snapshot("base", bad)
+    with DeviceTable.open(tmp_path / "p", read_only=False) as t:
+        for bad in ("é" * 513, "a\x00b", "\udcff", ""):
+            with pytest.raises(InvalidArgument):
+                t.snapshot("base", bad)
+        t.snapshot("base", LONG)
+    with pytest.raises(MetadataCorrupt, match="cannot be stored"):
+        C.NameIndex.build([("a\x00b", 1)])
+
+
+def _catalog1(tmp_path: Path, name: str = "old") -> Path:
+    path = tmp_path / name
+    path.mkdir(mode=0o700)
+    with tarfile.open(os.path.join(FIXTURES, "catalog1_pool.tar.gz")) as tar:
+        tar.extractall(path, filter="data")
+    os.chmod(path / "metadata", 0o600)
+    return path
+
+
+def _seen(path: Path) -> dict:
+    with Pool.open(path, read_only=True) as p:
+        cat = p.catalog
+        return {"volumes": {t.name: (t.dev_id, bool(t.read_only)) for t in p.thins()},
+                "records": {ns: p.get_records(ns) for ns in p.record_namespaces()},
+                "next_dev_id": cat["next_dev_id"], "next_gen": cat["next_gen"],
+                "gens": {n: v["gen"] for n, v in cat["volumes"].items()}}
+
+
+@pytest.mark.parametrize("via", ["pool", "table"])
+def test_a_format1_catalog_opens_and_converts_at_its_first_commit(tmp_path, via):
+    """A pool written by the format-1 code (tests/engine/fixtures/make_catalog1_pool.py) opens with every
+    name, device id, generation and record; opening it writable and closing without a change writes
+    nothing; the first commit (a Pool message, or a DeviceTable snapshot) writes format 2 and the
+    JSON part shrinks to its origins and records; nothing is lost."""
+    path = _catalog1(tmp_path)
+    exp = make_catalog1_pool.expected()
+    before = _seen(path)
+    assert {k: before[k] for k in ("volumes", "records", "next_dev_id", "next_gen")} == exp
+    with DeviceTable.open(path) as t:
+        assert "catalog_format" not in t.store.header and t.store.npages("catalog") > 3
+        assert {v.name: (v.dev_id, v.read_only) for v in t.thins()} == exp["volumes"]
+    mtime = os.stat(path / "metadata").st_mtime_ns
+    with Pool.open(path):
+        pass
+    assert os.stat(path / "metadata").st_mtime_ns == mtime  # no change, no commit, no conversion
+    if via == "pool":
+        with Pool.open(path) as p:
+            p.snapshot("base", "after")
+    else:
+        with DeviceTable.open(path, read_only=False) as t:
+            t.snapshot("base", "after")
+    after = _seen(path)
+    assert after["volumes"].pop("after") == (exp["next_dev_id"], False)
+    assert after["gens"].pop("after") == exp["next_gen"]
+    assert after == before | {"next_dev_id": exp["next_dev_id"] + 1, "next_gen": exp["next_gen"] + 1}
+    with DeviceTable.open(path) as t:
+        assert t.store.header["catalog_format"] == C.FORMAT and t.store.npages("catalog") == 1
+        assert t.thin(make_catalog1_pool.LONG).dev_id == exp["volumes"][make_catalog1_pool.LONG][0]
+    with Pool.open(path) as p:
+        assert p.check().ok

@@ -1,0 +1,525 @@
+"""The volume catalog as stored: a paged name index, fixed-size slot records and a small JSON part.
+
+The catalog says which name each device has (volume name -> device-table slot), each volume's
+creation generation (``gen``: handles and NBD exports bind to (dev id, gen)) and external origin, and
+holds the pool's stored records (the snapshotter's).  Until format 2 it was one JSON document: a pool
+of 100,000 volumes had a 6 MB catalog that ``ls`` parsed whole and every snapshot parsed, extended
+and wrote again.  Format 2 (the superblock field ``catalog_format``) stores it in four arrays of the
+metadata, committed with the transaction and checksummed page by page like every other array:
+
+``names`` (the name index)
+    4 KiB pages, each holding the names of a range of the name order (sorted by their UTF-8 bytes)
+    and their slots: ``<HH`` (count, bytes of names), ``count`` ``<I`` slots, then the names joined
+    by NUL (a volume name never contains one).  A page is filled to at most 4096 bytes; a name is at
+    most 1,024 bytes, so a page always holds three.
+``vol_slots``
+    One 16-byte record per device-table slot, ``<QII``: gen, external origin (index + 1 into the
+    JSON part's ``origins``; 0: none), flags (1: in use).
+``catalog``
+    JSON ``{"origins": [record or null, ...], "records": {namespace: ...}, "fence": {"pages": [...],
+    "free": [...], "keys": [...]}}`` (the superblock's ``catalog_bytes`` is its length).  The fence is
+    the order of the index pages: their numbers in name order, the free page numbers, and each page's
+    key -- the first page's is empty, another's is the first name it held when a split made it; a
+    name lives in the last page whose key is <= the name (about 20 bytes a page: 9 KB for 100,000
+    volumes; it comes last, so a split rewrites the JSON part's last page).  The pool's
+    ``next_dev_id`` and ``next_gen`` counters are superblock fields.
+
+Adding a name reads one index page and writes it (two, and the JSON part's last page, when it splits:
+the upper half goes to a free page or a new one at the end); removing a name rewrites its
+page (an emptied page is released and its number kept free); a slot record change rewrites one
+``vol_slots`` page.  The changes are a function of the committed catalog and the set of names
+touched since (:func:`apply_changes`), so :class:`thinpool.pool.Pool` and
+:class:`thinpool.devtable.DeviceTable` commit the same bytes for the same messages.  ``ls`` reads
+the index pages and splits each page's names with one C call, no per-volume JSON object.
+
+A pool whose superblock has no ``catalog_format`` holds the old JSON catalog: it is read as before
+and converted (every array written whole) at its first commit.
+
+Plain Python (no numpy), like the store: the light commands import it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import struct
+from typing import Any, Callable, Iterable, Mapping
+
+from .errors import MetadataCorrupt
+from .mdpages import BLOCK, PageUpdates
+
+FORMAT = 2
+INDEX, SLOTS, EXTRA = "names", "vol_slots", "catalog"
+#: the arrays of a format-2 catalog
+ARRAYS = (INDEX, SLOTS, EXTRA)
+SLOT_REC = struct.Struct("<QII")  # gen, origin index + 1, flags
+SLOTS_PER_PAGE = BLOCK // SLOT_REC.size
+IN_USE = 1
+_PAGE_HEAD = struct.Struct("<HH")
+#: a bulk-built (converted) index fills its pages to about this many bytes, leaving room for inserts
+BULK_FILL = 3072
+
+#: reads committed pages of an array: (array name, page numbers) -> {page: 4 KiB}
+PageReader = Callable[[str, list[int]], Mapping[int, bytes]]
+
+
+def _entry_bytes(name: bytes) -> int:
+    return len(name) + 5  # its slot, its bytes, its separator
+
+
+def page_bytes(names: list[bytes]) -> int:
+    """Bytes an index page of ``names`` takes."""
+    return _PAGE_HEAD.size + sum(map(len, names)) + 5 * len(names) - (1 if names else 0)
+
+
+def encode_page(names: list[bytes], slots: list[int]) -> bytes:
+    """An index page of ``names`` (sorted UTF-8) and their ``slots``."""
+    blob = b"\0".join(names)
+    raw = _PAGE_HEAD.pack(len(names), len(blob)) + struct.pack(f"<{len(slots)}I", *slots) + blob
+    if len(raw) > BLOCK:
+        raise ValueError("an index page holds at most 4096 bytes")
+    return raw.ljust(BLOCK, b"\0")
+
+
+def decode_page(raw: bytes, page: int = -1) -> tuple[list[bytes], list[int]]:
+    """(names, slots) of an index page; MetadataCorrupt if its layout is not one :func:`encode_page`
+    makes (counts past the page, a name empty, too long or not UTF-8, names out of order)."""
+    n, nb = _PAGE_HEAD.unpack_from(raw)
+    where = f"catalog: name index page {page}"
+    if _PAGE_HEAD.size + 4 * n + nb > BLOCK or (n == 0) != (nb == 0):
+        raise MetadataCorrupt(f"{where}: counts ({n} names, {nb} bytes) do not fit a page", structure=INDEX)
+    slots = list(struct.unpack_from(f"<{n}I", raw, _PAGE_HEAD.size))
+    start = _PAGE_HEAD.size + 4 * n
+    names = bytes(raw[start:start + nb]).split(b"\0") if n else []
+    if len(names) != n or (n and (min(map(len, names)) == 0 or max(map(len, names)) > 1024)):
+        raise MetadataCorrupt(f"{where}: its names do not match its count of {n}", structure=INDEX)
+    if not all(map(bytes.__lt__, names, names[1:])):  # (C loops: a page is checked in microseconds)
+        raise MetadataCorrupt(f"{where}: names out of order", structure=INDEX)
+    return names, slots
+
+
+def _decode_names(names: list[bytes], where: str) -> list[str]:
+    try:
+        return b"\0".join(names).decode("utf-8").split("\0") if names else []
+    except UnicodeDecodeError:
+        raise MetadataCorrupt(f"{where}: a volume name is not UTF-8", structure=INDEX) from None
+
+
+def _key(name: str) -> bytes:
+    return name.encode("utf-8")
+
+
+def _storable(name: Any) -> bytes:
+    """``name``'s UTF-8 bytes; MetadataCorrupt if the index cannot hold it (a format-1 catalog with a
+    name no volume may have: not a string, empty, longer than 1,024 bytes, NUL, a lone surrogate)."""
+    try:
+        key = name.encode("utf-8")
+        if 0 < len(key) <= 1024 and b"\0" not in key:
+            return key
+    except (AttributeError, UnicodeEncodeError):
+        pass
+    raise MetadataCorrupt(f"catalog: volume name {name!r:.100} cannot be stored in the name index (a name is "
+                          f"1-1024 bytes of UTF-8 without NUL)", structure=EXTRA)
+
+
+class NameIndex:
+    """The name index (``names`` pages and their ``name_fence``), read a page at a time."""
+
+    def __init__(self, fence: Mapping[str, Any] | None, npages: int, read: PageReader | None) -> None:
+        """``fence``: the committed fence (see the module docstring; None: a new index)."""
+        self._read = read
+        self.npages = npages
+        self.keys: list[bytes] = []
+        self.pages: list[int] = []
+        self.free: list[int] = []
+        if fence is not None:
+            self._decode_fence(fence)
+        self._cache: dict[int, tuple[list[bytes], list[int]]] = {}
+        self.dirty: set[int] = set()
+        self.dead: set[int] = set()
+
+    def _decode_fence(self, fence: Mapping[str, Any]) -> None:
+        try:
+            pages, free = [int(p) for p in fence["pages"]], [int(p) for p in fence["free"]]
+            keys = [_key(k) for k in fence["keys"]]
+        except (KeyError, TypeError, ValueError, AttributeError, UnicodeEncodeError):
+            raise MetadataCorrupt("catalog: name fence: malformed", structure=EXTRA) from None
+        nums = pages + free
+        if len(keys) != len(pages) or any(not 0 <= p < self.npages for p in nums) or len(set(nums)) != len(nums) \
+                or (keys and keys[0] != b"") or any(a >= b for a, b in zip(keys[1:], keys[2:])):
+            raise MetadataCorrupt("catalog: name fence: page numbers or keys are inconsistent", structure=EXTRA)
+        self.pages, self.free, self.keys = pages, free, keys
+
+    def fence(self) -> dict[str, Any]:
+        """The fence as stored (in the JSON part)."""
+        return {"pages": self.pages, "free": self.free, "keys": _decode_names(self.keys, "catalog: name fence")}
+
+    # ------------------------------------------------------------------ pages
+    def _load(self, pages: Iterable[int]) -> None:
+        want = sorted(set(p for p in pages if p not in self._cache))
+        if not want:
+            return
+        if self._read is None:
+            raise MetadataCorrupt(f"catalog: name index page {want[0]} is not loaded", structure=INDEX)
+        got = self._read(INDEX, want)
+        for p in want:
+            self._cache[p] = decode_page(got[p], p)
+
+    def _page(self, p: int) -> tuple[list[bytes], list[int]]:
+        self._load([p])
+        return self._cache[p]
+
+    def _where(self, key: bytes) -> int:
+        """Position (in name order) of the page that holds or would hold ``key``."""
+        return bisect.bisect_right(self.keys, key, 1) - 1  # (the first page's key is empty)
+
+    def get(self, name: str) -> int | None:
+        """The slot of volume ``name``, or None."""
+        if not self.pages:
+            return None
+        key = _key(name)
+        names, slots = self._page(self.pages[self._where(key)])
+        i = bisect.bisect_left(names, key)
+        return slots[i] if i < len(names) and names[i] == key else None
+
+    def _take_page(self) -> int:
+        if self.free:
+            p = self.free.pop(0)
+            self.dead.discard(p)
+        else:
+            p = self.npages
+            self.npages += 1
+        return p
+
+    def insert(self, name: str, slot: int) -> None:
+        """Add ``name`` -> ``slot`` (the caller checked that the name is new and valid)."""
+        key = _key(name)
+        if not self.pages:
+            p = self._take_page()
+            self.pages, self.keys = [p], [b""]
+            self._cache[p] = ([key], [slot])
+            self.dirty.add(p)
+            return
+        at = self._where(key)
+        p = self.pages[at]
+        names, slots = self._page(p)
+        i = bisect.bisect_left(names, key)
+        if i < len(names) and names[i] == key:
+            raise ValueError(f"name {name!r} is already in the index")
+        names.insert(i, key)
+        slots.insert(i, slot)
+        self.dirty.add(p)
+        if page_bytes(names) <= BLOCK:
+            return
+        # split at the middle of its bytes: the lower half stays, the upper half takes a free page
+        half, acc, cut = page_bytes(names) // 2, 0, 1
+        for cut, x in enumerate(names[:-1], 1):
+            acc += _entry_bytes(x)
+            if acc >= half:
+                break
+        q = self._take_page()
+        self._cache[q] = (names[cut:], slots[cut:])
+        del names[cut:], slots[cut:]
+        self.pages.insert(at + 1, q)
+        self.keys.insert(at + 1, self._cache[q][0][0])
+        self.dirty.add(q)
+
+    def remove(self, name: str) -> int:
+        """Drop ``name``; returns its slot (KeyError if it is not there)."""
+        key = _key(name)
+        if not self.pages:
+            raise KeyError(name)
+        at = self._where(key)
+        p = self.pages[at]
+        names, slots = self._page(p)
+        i = bisect.bisect_left(names, key)
+        if i >= len(names) or names[i] != key:
+            raise KeyError(name)
+        del names[i]
+        slot = slots.pop(i)
+        if names:
+            self.dirty.add(p)
+        else:  # an emptied page is released; its number is kept for the next split
+            del self.pages[at], self.keys[at]
+            if self.keys:
+                self.keys[0] = b""
+            bisect.insort(self.free, p)
+            self.dirty.discard(p)
+            self.dead.add(p)
+        return slot
+
+    def columns(self) -> tuple[list[str], list[int]]:
+        """Every (name, slot), in name order, as two lists (all index pages read in one go)."""
+        self._load(self.pages)
+        names: list[bytes] = []
+        slots: list[int] = []
+        for p in self.pages:
+            n, s = self._cache[p]
+            names += n
+            slots += s
+        return _decode_names(names, "catalog: name index"), slots
+
+    def updates(self) -> PageUpdates:
+        """The changed pages of ``names`` for a commit."""
+        return PageUpdates(self.npages, {p: encode_page(*self._cache[p]) for p in self.dirty}, self.dead)
+
+    def committed(self) -> None:
+        """The last :meth:`updates` are durable."""
+        self.dirty.clear()
+        self.dead.clear()
+
+    @classmethod
+    def build(cls, items: Iterable[tuple[str, int]]) -> "NameIndex":
+        """A new index of ``items`` (name, slot), pages filled to :data:`BULK_FILL` bytes (a conversion)."""
+        idx = cls(None, 0, None)
+        rows = sorted((_storable(n), s) for n, s in items)
+        i = 0
+        while i < len(rows):
+            names, slots, size = [], [], _PAGE_HEAD.size - 1
+            while i < len(rows) and (not names or size + _entry_bytes(rows[i][0]) <= BULK_FILL):
+                names.append(rows[i][0])
+                slots.append(rows[i][1])
+                size += _entry_bytes(rows[i][0])
+                i += 1
+            p = idx._take_page()
+            idx._cache[p] = (names, slots)
+            idx.pages.append(p)
+            idx.keys.append(names[0] if idx.keys else b"")
+            idx.dirty.add(p)
+        return idx
+
+
+def changed_pages(old: bytes, new: bytes) -> PageUpdates:
+    """``new`` (bytes of an array whose committed bytes are ``old``) as the updates of its changed
+    pages: a page equal to the committed one is not written again."""
+    pad_old = old.ljust(-(-len(old) // BLOCK) * BLOCK, b"\0")
+    n = -(-len(new) // BLOCK)
+    pad = new.ljust(n * BLOCK, b"\0")
+    return PageUpdates(n, {i: pad[i * BLOCK:(i + 1) * BLOCK] for i in range(n)
+                           if pad[i * BLOCK:(i + 1) * BLOCK] != pad_old[i * BLOCK:(i + 1) * BLOCK]})
+
+
+class SlotTable:
+    """The ``vol_slots`` records (gen, origin, flags per device-table slot), read a page at a time."""
+
+    def __init__(self, npages: int, read: PageReader | None) -> None:
+        self._read = read
+        self.npages = npages
+        self._cache: dict[int, bytearray] = {}
+        self.dirty: set[int] = set()
+
+    def _page(self, p: int) -> bytearray:
+        if p not in self._cache:
+            if p >= self.npages or self._read is None:
+                self._cache[p] = bytearray(BLOCK)  # past the stored pages: zeroes (no volume)
+            else:
+                self._cache[p] = bytearray(self._read(SLOTS, [p])[p])
+        return self._cache[p]
+
+    def load_all(self) -> None:
+        """Read every stored page in one go."""
+        want = [p for p in range(self.npages) if p not in self._cache]
+        if want and self._read is not None:
+            for p, raw in self._read(SLOTS, want).items():
+                self._cache[p] = bytearray(raw)
+
+    def get(self, slot: int) -> tuple[int, int]:
+        """(gen, origin index + 1) of ``slot`` ((0, 0) if none is recorded)."""
+        gen, origin, _flags = SLOT_REC.unpack_from(self._page(slot // SLOTS_PER_PAGE),
+                                                   (slot % SLOTS_PER_PAGE) * SLOT_REC.size)
+        return gen, origin
+
+    def put(self, slot: int, gen: int, origin: int, flags: int = IN_USE) -> None:
+        """Record ``slot``'s volume (flags 0: clear the slot)."""
+        p = slot // SLOTS_PER_PAGE
+        SLOT_REC.pack_into(self._page(p), (slot % SLOTS_PER_PAGE) * SLOT_REC.size, gen, origin, flags)
+        self.dirty.add(p)
+
+    def origins_in_use(self) -> set[int]:
+        """The origin indices (+ 1) some slot records (reads every page)."""
+        self.load_all()
+        out: set[int] = set()
+        for page in self._cache.values():
+            out.update(memoryview(page).cast("I")[2::4])
+        out.discard(0)
+        return out
+
+    def updates(self, nslots: int) -> PageUpdates:
+        """The changed pages, for a table of ``nslots`` device slots."""
+        self.npages = max(self.npages, -(-nslots // SLOTS_PER_PAGE))
+        return PageUpdates(self.npages, {p: bytes(self._cache[p]) for p in self.dirty})
+
+    def committed(self) -> None:
+        self.dirty.clear()
+
+
+class StoredCatalog:
+    """A format-2 catalog: the index, the slot records, the origins and records (JSON), and the
+    committed JSON bytes.  Pages are read as they are needed (``read``: the store's reader)."""
+
+    def __init__(self, index: NameIndex, slots: SlotTable, extra: dict[str, Any], extra_raw: bytes) -> None:
+        self.index = index
+        self.slots = slots
+        self.origins: list[dict[str, Any] | None] = extra.get("origins", [])
+        self.records: dict[str, Any] = extra.get("records", {})
+        self._extra_raw = extra_raw
+
+    @classmethod
+    def open(cls, npages: Callable[[str], int], read: PageReader, extra_raw: bytes,
+             loads: Callable[[bytes], Any]) -> "StoredCatalog":
+        """The committed catalog (``extra_raw``: the JSON part's bytes; ``loads``: the JSON reader;
+        ``npages(array)`` and ``read``: the store's)."""
+        try:
+            extra = loads(extra_raw)
+            if not isinstance(extra, dict) or not isinstance(extra.get("origins"), list) \
+                    or not isinstance(extra.get("records"), dict) or not isinstance(extra.get("fence"), dict):
+                raise ValueError
+        except ValueError:
+            raise MetadataCorrupt("catalog: origins, records and name fence are not valid JSON",
+                                  structure=EXTRA) from None
+        return cls(NameIndex(extra["fence"], npages(INDEX), read), SlotTable(npages(SLOTS), read), extra, extra_raw)
+
+    @classmethod
+    def build(cls, volumes: Mapping[str, Mapping[str, Any]], records: dict[str, Any]) -> "StoredCatalog":
+        """A new catalog holding ``volumes`` (name -> {slot, gen, origin}) and ``records``, every page
+        to be written (a new pool, or the conversion of a format-1 catalog)."""
+        cat = cls(NameIndex.build((n, int(v["slot"])) for n, v in volumes.items()), SlotTable(0, None),
+                  {"origins": [], "records": records}, b"")
+        for v in sorted(volumes.values(), key=lambda v: int(v["slot"])):
+            cat.slots.put(int(v["slot"]), int(v["gen"]), cat.origin_index(v.get("origin")))
+        return cat
+
+    def origin_index(self, rec: Mapping[str, Any] | None) -> int:
+        """The origin number (index + 1) of external origin record ``rec``, adding it if new (0: None)."""
+        if rec is None:
+            return 0
+        rec = dict(rec)
+        for i, o in enumerate(self.origins):
+            if o == rec:
+                return i + 1
+        if None in self.origins:
+            i = self.origins.index(None)
+            self.origins[i] = rec
+            return i + 1
+        self.origins.append(rec)
+        return len(self.origins)
+
+    def origin_of(self, slot: int) -> dict[str, Any] | None:
+        """A copy of the external origin record of the volume at ``slot`` (None if it has none)."""
+        i = self.slots.get(slot)[1]
+        if not i:
+            return None
+        if i > len(self.origins) or self.origins[i - 1] is None:
+            raise MetadataCorrupt(f"catalog: slot {slot} names external origin {i}, which is not recorded",
+                                  structure=SLOTS)
+        return dict(self.origins[i - 1])  # type: ignore[arg-type]
+
+    def has_origins(self) -> bool:
+        return any(o is not None for o in self.origins)
+
+    def extra_bytes(self, dumps: Callable[[Any], bytes]) -> bytes:
+        return dumps({"origins": self.origins, "records": self.records, "fence": self.index.fence()})
+
+    def updates(self, nslots: int, dumps: Callable[[Any], bytes], header: dict[str, Any]) -> dict[str, Any]:
+        """The arrays a commit writes (only changed pages) and ``header``'s catalog fields set."""
+        out: dict[str, Any] = {INDEX: self.index.updates(), SLOTS: self.slots.updates(nslots)}
+        raw = self.extra_bytes(dumps)
+        if raw != self._extra_raw or not self._extra_raw:
+            out[EXTRA] = changed_pages(self._extra_raw, raw)
+        header["catalog_bytes"] = len(raw)
+        header["catalog_format"] = FORMAT
+        self._pending_raw = raw
+        return out
+
+    def committed(self) -> None:
+        """The last :meth:`updates` are durable."""
+        self.index.committed()
+        self.slots.committed()
+        self._extra_raw = self._pending_raw
+
+
+def apply_changes(cat: StoredCatalog, volumes: Mapping[str, Mapping[str, Any]], touched: Iterable[str]) -> None:
+    """Bring ``cat`` (the committed catalog) to ``volumes`` for the names in ``touched`` (created,
+    deleted, renamed, given an origin since the last commit; ``volumes`` needs to answer only for
+    those).  Deterministic: the same committed catalog and changes give the same pages, whoever
+    commits them."""
+    names = sorted(set(touched), key=_key)
+    old = {n: cat.index.get(n) for n in names}
+    unused: set[int] = set()
+    for n in names:  # the names that went or moved, and their slots' records
+        o, e = old[n], volumes.get(n)
+        if o is not None and (e is None or int(e["slot"]) != o):
+            cat.index.remove(n)
+        if o is not None:
+            origin = cat.slots.get(o)[1]
+            if origin:
+                unused.add(origin)
+            cat.slots.put(o, 0, 0, 0)
+    for n in names:  # the names that are there now
+        e = volumes.get(n)
+        if e is None:
+            continue
+        slot = int(e["slot"])
+        if old[n] != slot:
+            cat.index.insert(n, slot)
+        origin = cat.origin_index(e.get("origin"))
+        unused.discard(origin)
+        cat.slots.put(slot, int(e["gen"]), origin)
+    if unused:  # an origin no volume has any more is dropped (its number is reused)
+        for i in unused - cat.slots.origins_in_use():
+            cat.origins[i - 1] = None
+        while cat.origins and cat.origins[-1] is None:
+            cat.origins.pop()
+
+
+def volumes_of(cat: StoredCatalog, dev_ids: Callable[[int], int]) -> dict[str, dict[str, Any]]:
+    """Every volume as the pool's catalog dict holds them (name -> {dev_id, slot, gen[, origin]}), in
+    slot order; ``dev_ids(slot)`` is the device id in that slot."""
+    names, slots = cat.index.columns()
+    cat.slots.load_all()
+    out: dict[str, dict[str, Any]] = {}
+    for slot, name in sorted(zip(slots, names)):
+        gen, origin = cat.slots.get(slot)
+        entry: dict[str, Any] = {"dev_id": dev_ids(slot), "slot": slot, "gen": gen}
+        if origin:
+            entry["origin"] = cat.origin_of(slot)
+        out[name] = entry
+    return out
+
+
+def salvage(pages: Callable[[str], list[bytes | None]], extra: bytes | None,
+            loads: Callable[[bytes], Any]) -> tuple[dict[int, str], dict[int, dict[str, Any]], dict[str, Any] | None,
+                                                    list[str], bool]:
+    """What a repair keeps of a damaged format-2 catalog: (name by slot, external origin record by slot,
+    records or None if lost, problems, whether names were lost).  ``pages(array)`` lists an array's
+    pages (None: unreadable); ``extra``: the JSON part's bytes (None: unreadable).  Every index page is
+    read on its own (the fence is not needed), so a bad page loses only its names."""
+    problems: list[str] = []
+    names: dict[int, str] = {}
+    names_lost = False
+    for p, raw in enumerate(pages(INDEX)):
+        try:
+            if raw is None:
+                raise MetadataCorrupt(f"catalog: name index page {p} is unreadable", structure=INDEX)
+            keys, slots = decode_page(raw, p)
+            names.update(zip(slots, _decode_names(keys, f"catalog: name index page {p}")))
+        except MetadataCorrupt as exc:
+            names_lost = True
+            problems.append(f"{exc}: its names are lost")
+    origins: list[Any] = []
+    records: dict[str, Any] | None = None
+    try:
+        if extra is None:
+            raise ValueError
+        doc = loads(extra)
+        origins, records = list(doc.get("origins", [])), dict(doc.get("records", {}))
+    except (ValueError, TypeError, AttributeError):
+        problems.append("catalog: origins and records are unreadable: lost")
+    by_slot: dict[int, dict[str, Any]] = {}
+    for p, raw in enumerate(pages(SLOTS)):
+        if raw is None:
+            problems.append(f"catalog: slot records page {p} is unreadable: its volumes' external origins are lost")
+            continue
+        for i, (_gen, origin, flags) in enumerate(SLOT_REC.iter_unpack(raw)):
+            if flags & IN_USE and 0 < origin <= len(origins) and isinstance(origins[origin - 1], dict):
+                by_slot[p * SLOTS_PER_PAGE + i] = origins[origin - 1]
+    return names, by_slot, records, problems, names_lost
