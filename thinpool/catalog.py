@@ -21,7 +21,10 @@ metadata, committed with the transaction and checksummed page by page like every
     the order of the index pages: their numbers in name order, the free page numbers, and each page's
     key -- the first page's is empty, another's is the first name it held when a split made it; a
     name lives in the last page whose key is <= the name (about 20 bytes a page: 9 KB for 100,000
-    volumes; it comes last, so a split rewrites the JSON part's last page).  The pool's
+    volumes; it comes last, so a split rewrites the JSON part's last page).  The fence's ``odd``
+    (only when there is one): ``[[name, slot], ...]``, the names the pages cannot hold -- a format-1
+    catalog may hold names an older thinpool allowed (a lone surrogate, more than 1,024 bytes); they
+    are kept, and stay usable, there rather than refused (the JSON escapes them).  The pool's
     ``next_dev_id`` and ``next_gen`` counters are superblock fields.
 
 Adding a name reads one index page and writes it (two, and the JSON part's last page, when it splits:
@@ -108,21 +111,42 @@ def _key(name: str) -> bytes:
     return name.encode("utf-8")
 
 
-def _storable(name: Any) -> bytes:
-    """``name``'s UTF-8 bytes; MetadataCorrupt if the index cannot hold it (a format-1 catalog with a
-    name no volume may have: not a string, empty, longer than 1,024 bytes, NUL, a lone surrogate)."""
+def _order(name: str) -> bytes:
+    """A sort key for any name, an odd one too (a lone surrogate is encoded as it stands)."""
+    return name.encode("utf-8", "surrogatepass")
+
+
+def _index_key(name: str) -> bytes | None:
+    """``name``'s UTF-8 bytes if the index pages can hold it (1-1,024 bytes of UTF-8 without NUL),
+    else None: an odd name, which the fence holds (see :class:`NameIndex`)."""
     try:
         key = name.encode("utf-8")
-        if 0 < len(key) <= 1024 and b"\0" not in key:
-            return key
-    except (AttributeError, UnicodeEncodeError):
-        pass
-    raise MetadataCorrupt(f"catalog: volume name {name!r:.100} cannot be stored in the name index (a name is "
-                          f"1-1024 bytes of UTF-8 without NUL)", structure=EXTRA)
+    except UnicodeEncodeError:
+        return None
+    return key if 0 < len(key) <= 1024 and b"\0" not in key else None
+
+
+def _odd_names(odd: Any) -> dict[str, int]:
+    """The fence's odd names (``[[name, slot], ...]``) as a dict; MetadataCorrupt unless each is a
+    name the pages cannot hold, once, with a slot."""
+    if not isinstance(odd, list) or any(not isinstance(e, list) or len(e) != 2 or not isinstance(e[0], str)
+                                        or type(e[1]) is not int or e[1] < 0 or _index_key(e[0]) is not None
+                                        for e in odd):
+        raise MetadataCorrupt("catalog: name fence: odd names are malformed", structure=EXTRA)
+    out = {n: s for n, s in odd}
+    if len(out) != len(odd):
+        raise MetadataCorrupt("catalog: name fence: an odd name is listed twice", structure=EXTRA)
+    return out
 
 
 class NameIndex:
-    """The name index (``names`` pages and their ``name_fence``), read a page at a time."""
+    """The name index (``names`` pages and their fence), read a page at a time.
+
+    Names the pages cannot hold -- ones an older thinpool allowed and a format-1 catalog may still
+    hold: a lone surrogate, longer than 1,024 bytes, empty, a NUL -- are kept in the fence's ``odd``
+    list (``[[name, slot], ...]``, in the JSON part, which escapes them) and answer like any other:
+    looked up, listed, renamed, deleted.  New names are validated before they get here
+    (:func:`thinpool.devtable.check_new_name`), so the list only ever shrinks in practice."""
 
     def __init__(self, fence: Mapping[str, Any] | None, npages: int, read: PageReader | None) -> None:
         """``fence``: the committed fence (see the module docstring; None: a new index)."""
@@ -131,6 +155,7 @@ class NameIndex:
         self.keys: list[bytes] = []
         self.pages: list[int] = []
         self.free: list[int] = []
+        self.odd: dict[str, int] = {}  # name -> slot of the names the pages cannot hold
         if fence is not None:
             self._decode_fence(fence)
         self._cache: dict[int, tuple[list[bytes], list[int]]] = {}
@@ -148,10 +173,15 @@ class NameIndex:
                 or (keys and keys[0] != b"") or any(a >= b for a, b in zip(keys[1:], keys[2:])):
             raise MetadataCorrupt("catalog: name fence: page numbers or keys are inconsistent", structure=EXTRA)
         self.pages, self.free, self.keys = pages, free, keys
+        self.odd = _odd_names(fence.get("odd", []))
 
     def fence(self) -> dict[str, Any]:
-        """The fence as stored (in the JSON part)."""
-        return {"pages": self.pages, "free": self.free, "keys": _decode_names(self.keys, "catalog: name fence")}
+        """The fence as stored (in the JSON part; ``odd`` only when there is one)."""
+        out: dict[str, Any] = {"pages": self.pages, "free": self.free,
+                               "keys": _decode_names(self.keys, "catalog: name fence")}
+        if self.odd:
+            out["odd"] = [[n, self.odd[n]] for n in sorted(self.odd, key=_order)]
+        return out
 
     # ------------------------------------------------------------------ pages
     def _load(self, pages: Iterable[int]) -> None:
@@ -174,9 +204,11 @@ class NameIndex:
 
     def get(self, name: str) -> int | None:
         """The slot of volume ``name``, or None."""
+        key = _index_key(name)
+        if key is None:
+            return self.odd.get(name)
         if not self.pages:
             return None
-        key = _key(name)
         names, slots = self._page(self.pages[self._where(key)])
         i = bisect.bisect_left(names, key)
         return slots[i] if i < len(names) and names[i] == key else None
@@ -191,8 +223,13 @@ class NameIndex:
         return p
 
     def insert(self, name: str, slot: int) -> None:
-        """Add ``name`` -> ``slot`` (the caller checked that the name is new and valid)."""
-        key = _key(name)
+        """Add ``name`` -> ``slot`` (the caller checked that the name is new)."""
+        key = _index_key(name)
+        if key is None:
+            if name in self.odd:
+                raise ValueError(f"name {name!r} is already in the index")
+            self.odd[name] = slot
+            return
         if not self.pages:
             p = self._take_page()
             self.pages, self.keys = [p], [b""]
@@ -225,7 +262,9 @@ class NameIndex:
 
     def remove(self, name: str) -> int:
         """Drop ``name``; returns its slot (KeyError if it is not there)."""
-        key = _key(name)
+        key = _index_key(name)
+        if key is None:
+            return self.odd.pop(name)
         if not self.pages:
             raise KeyError(name)
         at = self._where(key)
@@ -248,7 +287,8 @@ class NameIndex:
         return slot
 
     def columns(self) -> tuple[list[str], list[int]]:
-        """Every (name, slot), in name order, as two lists (all index pages read in one go)."""
+        """Every (name, slot), in name order (the odd names last), as two lists (all index pages read
+        in one go)."""
         self._load(self.pages)
         names: list[bytes] = []
         slots: list[int] = []
@@ -256,7 +296,11 @@ class NameIndex:
             n, s = self._cache[p]
             names += n
             slots += s
-        return _decode_names(names, "catalog: name index"), slots
+        out = _decode_names(names, "catalog: name index")
+        for n in sorted(self.odd, key=_order):
+            out.append(n)
+            slots.append(self.odd[n])
+        return out, slots
 
     def updates(self) -> PageUpdates:
         """The changed pages of ``names`` for a commit."""
@@ -269,9 +313,17 @@ class NameIndex:
 
     @classmethod
     def build(cls, items: Iterable[tuple[str, int]]) -> "NameIndex":
-        """A new index of ``items`` (name, slot), pages filled to :data:`BULK_FILL` bytes (a conversion)."""
+        """A new index of ``items`` (name, slot), pages filled to :data:`BULK_FILL` bytes (a conversion;
+        a name the pages cannot hold goes to the fence's odd names)."""
         idx = cls(None, 0, None)
-        rows = sorted((_storable(n), s) for n, s in items)
+        rows = []
+        for n, s in items:
+            key = _index_key(n)
+            if key is None:
+                idx.odd[n] = s
+            else:
+                rows.append((key, s))
+        rows.sort()
         i = 0
         while i < len(rows):
             names, slots, size = [], [], _PAGE_HEAD.size - 1
@@ -442,7 +494,7 @@ def apply_changes(cat: StoredCatalog, volumes: Mapping[str, Mapping[str, Any]], 
     deleted, renamed, given an origin since the last commit; ``volumes`` needs to answer only for
     those).  Deterministic: the same committed catalog and changes give the same pages, whoever
     commits them."""
-    names = sorted(set(touched), key=_key)
+    names = sorted(set(touched), key=_order)
     old = {n: cat.index.get(n) for n in names}
     unused: set[int] = set()
     for n in names:  # the names that went or moved, and their slots' records
@@ -514,6 +566,13 @@ def salvage(pages: Callable[[str], list[bytes | None]], extra: bytes | None,
         origins, records = list(doc.get("origins", [])), dict(doc.get("records", {}))
     except (ValueError, TypeError, AttributeError):
         problems.append("catalog: origins and records are unreadable: lost")
+        doc = None
+    if isinstance(doc, dict) and isinstance(doc.get("fence"), dict) and "odd" in doc["fence"]:
+        try:  # the names the index pages cannot hold
+            names.update((s, n) for n, s in _odd_names(doc["fence"]["odd"]).items())
+        except MetadataCorrupt as exc:
+            names_lost = True
+            problems.append(f"{exc}: they are lost")
     by_slot: dict[int, dict[str, Any]] = {}
     for p, raw in enumerate(pages(SLOTS)):
         if raw is None:

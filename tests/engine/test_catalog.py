@@ -5,7 +5,9 @@ The claims (module docstring): the index answers like a dict through any sequenc
 removes, pages never exceed 4 KiB and stay sorted; a commit writes only the pages a change touches;
 Pool and DeviceTable commit the same bytes; a damaged page is refused naming it; a pool written by
 the format-1 code opens unchanged and is converted by its first commit, keeping every name, device id,
-generation and record; names keep their rules (1-1024 bytes of UTF-8, odd characters allowed)."""
+generation and record; names keep their rules (1-1024 bytes of UTF-8, odd characters allowed); a
+name an older thinpool allowed that the index pages cannot hold (a lone surrogate, 5,004 bytes, a NUL,
+empty) is kept in the fence's odd names and stays usable."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import pytest
 
 from thinpool import InvalidArgument, NotFound, Pool
 from thinpool import catalog as C
+from thinpool import rules
 from thinpool.devtable import DeviceTable
 from thinpool.errors import MetadataCorrupt
 from thinpool.mdpages import BLOCK
@@ -187,8 +190,7 @@ def test_names_are_bounded_as_before(tmp_path):
             with pytest.raises(InvalidArgument):
                 t.snapshot("base", bad)
         t.snapshot("base", LONG)
-    with pytest.raises(MetadataCorrupt, match="cannot be stored"):
-        C.NameIndex.build([("a\x00b", 1)])
+    assert C.NameIndex.build([("a\x00b", 1), ("ok", 2)]).odd == {"a\x00b": 1}  # kept, not refused (below)
 
 
 def _catalog1(tmp_path: Path, name: str = "old") -> Path:
@@ -241,3 +243,96 @@ def test_a_format1_catalog_opens_and_converts_at_its_first_commit(tmp_path, via)
         assert t.thin(make_catalog1_pool.LONG).dev_id == exp["volumes"][make_catalog1_pool.LONG][0]
     with Pool.open(path) as p:
         assert p.check().ok
+
+
+def test_odd_names_answer_like_indexed_names_through_the_fence():
+    """Names the pages cannot hold live in the fence's ``odd`` list: get, insert, remove, columns,
+    and a round trip through the JSON part (the standard library's escapes) keep them."""
+    odd = make_catalog1_pool.UNSTORABLE
+    idx = C.NameIndex.build([(n, 10 + i) for i, n in enumerate(odd)] + [("plain", 1)])
+    assert idx.odd == {n: 10 + i for i, n in enumerate(odd)} and idx.get("plain") == 1
+    upd = idx.updates()
+    stored = {p: upd.page(p) for p in upd.dirty}
+    fence = rules.catalog_loads(rules.catalog_dumps(idx.fence()))  # as the JSON part stores it
+    idx = C.NameIndex(fence, idx.npages, lambda _a, ps: {p: stored[p] for p in ps})
+    assert [idx.get(n) for n in odd] == [10, 11, 12, 13]
+    assert idx.columns() == (["plain", *sorted(odd, key=C._order)],
+                             [1, *[10 + odd.index(n) for n in sorted(odd, key=C._order)]])
+    assert idx.remove(odd[0]) == 10 and idx.get(odd[0]) is None
+    idx.insert("\udcfe", 20)
+    with pytest.raises(ValueError):
+        idx.insert("\udcfe", 21)
+    assert "odd" in idx.fence() and C.NameIndex.build([("plain", 1)]).fence().keys() == {"pages", "free", "keys"}
+    for bad in ([["plain", 1]], [["\udcff", 1], ["\udcff", 2]], [["\udcff", -1]], {"\udcff": 1}, [["\udcff"]]):
+        with pytest.raises(MetadataCorrupt, match="odd name"):
+            C.NameIndex({"pages": [], "free": [], "keys": [], "odd": bad}, 0, None)
+
+
+def _odd_pool(tmp_path: Path) -> Path:
+    path = tmp_path / "odd"
+    path.mkdir(mode=0o700)
+    with tarfile.open(os.path.join(FIXTURES, "catalog1_odd_pool.tar.gz")) as tar:
+        tar.extractall(path, filter="data")
+    os.chmod(path / "metadata", 0o600)
+    return path
+
+
+@pytest.mark.parametrize("via", ["pool", "table"])
+def test_a_format1_pool_with_names_no_longer_allowed_converts_keeping_every_name(tmp_path, via):
+    """Nothing committed is lost and a pool is never left unable to commit: a format-1 pool holding
+    names an older thinpool allowed (tests/engine/fixtures/make_catalog1_pool.py --odd: a lone
+    surrogate, 5,004 bytes, a NUL, empty) converts at its first commit; every name is listed and
+    opened after a reopen, can be renamed to a valid name and deleted, and the pool checks clean;
+    new names are still validated."""
+    path = _odd_pool(tmp_path)
+    exp = make_catalog1_pool.expected_odd()
+    odd = make_catalog1_pool.UNSTORABLE
+    assert {k: v for k, v in _seen(path).items() if k != "gens"} == exp
+    if via == "pool":
+        with Pool.open(path) as p:
+            p.snapshot("base", "after")
+            with pytest.raises(InvalidArgument):
+                p.snapshot("base", "new\udcff")
+    else:
+        with DeviceTable.open(path, read_only=False) as t:
+            t.snapshot("base", "after")
+            with pytest.raises(InvalidArgument):
+                t.snapshot("base", "new" + "z" * 5000)
+    seen = _seen(path)
+    assert seen["volumes"] == exp["volumes"] | {"after": (exp["next_dev_id"], False)}
+    with DeviceTable.open(path) as t:
+        assert t.store.header["catalog_format"] == C.FORMAT
+        assert t._stored.index.odd.keys() == set(odd)
+        assert [t.thin(n).dev_id for n in odd] == [exp["volumes"][n][0] for n in odd]
+        assert sorted(t.volume_columns()["name"], key=C._order) == sorted(seen["volumes"], key=C._order)
+    with Pool.open(path) as p:
+        assert p.check().ok
+        p.thin(odd[0]).write(5 * BS, b"still writable")  # a new mapping (metadata-only: no data kept)
+        p.rename(odd[0], "fixed")  # an odd name leaves the fence for the index
+        p.delete(odd[1])
+        with pytest.raises(InvalidArgument):
+            p.rename("snap-a", odd[0])  # the odd names are kept, never given anew
+    with DeviceTable.open(path) as t:
+        assert t._stored.index.odd.keys() == set(odd[2:])
+        assert t.thin("fixed").dev_id == exp["volumes"][odd[0]][0]
+        with pytest.raises(NotFound):
+            t.thin(odd[1])
+    with Pool.open(path) as p:
+        assert p.thin("fixed").mapped_blocks == 2
+        assert sorted(t.name for t in p.thins()) == sorted(["base", "snap-a", "after", "after-odd", "fixed", *odd[2:]])
+        assert p.check().ok
+
+
+def test_repair_keeps_the_odd_names_of_a_format2_catalog(tmp_path):
+    """A repair salvages the fence's odd names with the index pages' names (nothing committed lost)."""
+    from thinpool.repair import repair
+    path = tmp_path / "p"
+    with Pool.create(path, data_size=64 * BS) as p:
+        p.create_thin("base", "1MiB")
+        p._name_ok = lambda name: None  # what an older thinpool allowed
+        for name in make_catalog1_pool.UNSTORABLE:
+            p.snapshot("base", name)
+    before = _seen(path)["volumes"]
+    report = repair(path, tmp_path / "out")
+    assert not report.names_lost and not report.devices_dropped and not report.problems
+    assert _seen(tmp_path / "out")["volumes"] == before
