@@ -1,6 +1,6 @@
 """S10: 100,000 thin volumes and 100,000,000 mappings (issue 16, row 5).
 
-    python -m perf.scale [--scale F] [--full] [--docs] [--json OUT] [--rebuild]
+    python -m perf.scale [--scale F] [--full] [--docs] [--json OUT] [--rebuild] [--only S10a,S10f,...]
 
 The pool (metadata-only: no data file, so 6 TiB of mapped data costs no disk) has ORIGINS origin
 volumes holding 100,000,000 mapped 64 KiB blocks between them (dense: block 0..n-1 of each origin)
@@ -25,6 +25,10 @@ Rows (each process is a fresh one; medians of interleaved repeats):
 thin_dump expands every device's tree (it knows nothing of shared subtrees), so on this pool its whole
 dump is 100,000 x the origins' mappings; it runs with a time limit, and when it is killed the ratio is
 an upper bound (export time / the time thin_dump ran without finishing), marked so.
+
+``--only S10a,S10f`` measures only the rows named (S10a and S10b are one measurement, S10c-S10e one
+interleaved run, S10g and S10h one); with ``--docs`` those rows replace their lines in the section's
+table, each with the load average it was measured at, and nothing else of the section changes.
 """
 
 from __future__ import annotations
@@ -40,8 +44,8 @@ from typing import Any
 
 import numpy as np
 
-from .common import (GiB, KiB, MiB, Row, Scratch, clock, docs_head, drop_file, find_tool, finish, fmt, interleave,
-                     log, machine, med, perf_parser, rows_table_md)
+from .common import (PERFORMANCE_MD, GiB, KiB, MiB, Row, Scratch, clock, docs_head, drop_file, find_tool, finish,
+                     fmt, interleave, log, machine, med, perf_parser, rows_table_md)
 
 SECTION_BEGIN = "<!-- scale: begin (written by `python -m perf.scale --docs`) -->"
 SECTION_END = "<!-- scale: end -->"
@@ -182,20 +186,70 @@ def _drop_snapshots(path: str, names: list[str]) -> None:
             p.delete(n)
 
 
+ROWS = ("S10a", "S10b", "S10c", "S10d", "S10e", "S10f", "S10g", "S10h")
+
+
+def _load1() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
 def run(scale: float = 0.01, full: bool = False, sc: Scratch | None = None, rebuild: bool = False,
-        ) -> tuple[list[Row], dict[str, Any]]:
+        only: set[str] | None = None) -> tuple[list[Row], dict[str, Any]]:
+    """The rows (those named in ``only``, with the rows measured with them; all when None)."""
     sc = sc or Scratch()
     reps = 5 if full else 3
+    want = set(ROWS) if only is None else set(only)
     path, rec = cached_pool(scale, rebuild)
     origins, snaps = rec["origins"], rec["snapshots"]
     label = f"{origins + snaps:,} volumes ({origins} origins + {snaps:,} snapshots), {rec['mappings']:,} mappings"
     cli = _cli()
     _wall(cli + ["status", path])  # the kernel cache and the page cache warm
+    rows: list[Row] = []
+    detail: dict[str, Any] = {"scale": scale, "build": rec, "only": sorted(want)}
+    if want & {"S10a", "S10b"}:
+        rows += _open_rows(path, rec, label, reps, detail)
+    if want & {"S10c", "S10d", "S10e"}:
+        rows += _cli_rows(cli, path, label, reps, detail)
+    if "S10f" in want:
+        CPU.pop("ls_usage", None)
+        load = _load1()
+        usage = [_wall(cli + ["ls", path, "--usage"], timeout=600, key="ls_usage") for _ in range(max(1, reps - 2))]
+        rows.append(Row("S10f", f"{label}: `thinpool ls --usage` (exclusive/shared of every volume), seconds",
+                        {"ls_usage_s": med(usage), "cpu_s": med(CPU["ls_usage"]), "load": load}, med(usage),
+                        "<= 10").judge())
+        detail["ls_usage_s"] = usage
+    if want & {"S10g", "S10h"}:
+        escale = min(scale, EXPORT_SCALE)
+        epath, erec = (path, rec) if escale == scale else cached_pool(escale, rebuild)
+        elabel = label if escale == scale else (f"{erec['origins'] + erec['snapshots']:,} volumes, "
+                                                f"{erec['mappings']:,} mappings (scale {escale:g})")
+        rows += export_rows(sc, epath, elabel, erec["origins"], reps)
+        detail["export_scale"] = escale
+    return rows, detail
+
+
+def _open_rows(path: str, rec: dict[str, Any], label: str, reps: int, detail: dict[str, Any]) -> list[Row]:
+    """S10a, S10b: Pool.open in fresh processes."""
+    load = _load1()
     opens = []
     for _ in range(reps):
         r = subprocess.run([sys.executable, "-c", _OPEN, path, "ro"], capture_output=True, text=True, check=True)
         opens.append(json.loads(r.stdout))
     o = {k: med([x[k] for x in opens]) for k in opens[0]}
+    detail["open"] = o
+    return [
+        Row("S10a", f"{label}: Pool.open (read-only, fresh process), seconds",
+            {"open_s": o["open_s"], "cpu_s": o["open_cpu_s"], "import_s": o["import_s"],
+             "build_mappings_s": rec["mappings_s"],
+             "build_snapshots_s": rec["snapshots_s"], "load": load}, o["open_s"], "<= 2").judge(),
+        Row("S10b", f"{label}: RSS after the open, GiB", {"rss_MiB": round(o["rss"] / MiB),
+                                                        "peak_MiB": round(o["peak_rss"] / MiB)},
+            o["rss"] / GiB, "<= 4").judge(),
+    ]
+
+
+def _cli_rows(cli: list[str], path: str, label: str, reps: int, detail: dict[str, Any]) -> list[Row]:
+    """S10c-S10e: status, ls and snapshot against `python -c pass`, interleaved."""
     made: list[str] = []
 
     def snap(_r: int) -> float:
@@ -208,17 +262,10 @@ def run(scale: float = 0.01, full: bool = False, sc: Scratch | None = None, rebu
                       "ls": lambda _r: _wall(cli + ["ls", path], key="ls"),
                       "snapshot": snap}, reps)
     _drop_snapshots(path, made)
-    usage = [_wall(cli + ["ls", path, "--usage"], timeout=600, key="ls_usage") for _ in range(max(1, reps - 2))]
     m = {k: med(v) for k, v in res.items()}
     cpu = {k: med(v) for k, v in CPU.items()}
-    rows = [
-        Row("S10a", f"{label}: Pool.open (read-only, fresh process), seconds",
-            {"open_s": o["open_s"], "cpu_s": o["open_cpu_s"], "import_s": o["import_s"],
-             "build_mappings_s": rec["mappings_s"],
-             "build_snapshots_s": rec["snapshots_s"]}, o["open_s"], "<= 2").judge(),
-        Row("S10b", f"{label}: RSS after the open, GiB", {"rss_MiB": round(o["rss"] / MiB),
-                                                        "peak_MiB": round(o["peak_rss"] / MiB)},
-            o["rss"] / GiB, "<= 4").judge(),
+    detail["cli"] = m
+    return [
         Row("S10c", f"{label}: `thinpool status` vs `python -c pass`",
             {"status_ms": round(m["status"] * 1e3), "python_pass_ms": round(m["pass"] * 1e3),
              "cpu_ratio": cpu["status"] / cpu["pass"]}, m["status"] / m["pass"], "<= 3").judge(),
@@ -227,15 +274,7 @@ def run(scale: float = 0.01, full: bool = False, sc: Scratch | None = None, rebu
         Row("S10e", f"{label}: `thinpool snapshot` vs `python -c pass`",
             {"snapshot_ms": round(m["snapshot"] * 1e3), "cpu_ratio": cpu["snapshot"] / cpu["pass"]},
             m["snapshot"] / m["pass"], "<= 3").judge(),
-        Row("S10f", f"{label}: `thinpool ls --usage` (exclusive/shared of every volume), seconds",
-            {"ls_usage_s": med(usage), "cpu_s": cpu["ls_usage"]}, med(usage), "<= 10").judge(),
     ]
-    escale = min(scale, EXPORT_SCALE)
-    epath, erec = (path, rec) if escale == scale else cached_pool(escale, rebuild)
-    elabel = label if escale == scale else (f"{erec['origins'] + erec['snapshots']:,} volumes, "
-                                            f"{erec['mappings']:,} mappings (scale {escale:g})")
-    rows += export_rows(sc, epath, elabel, erec["origins"], reps)
-    return rows, {"scale": scale, "build": rec, "open": o, "cli": m, "ls_usage_s": usage, "export_scale": escale}
 
 
 def export_rows(sc: Scratch, path: str, label: str, origins: int, reps: int) -> list[Row]:
@@ -278,7 +317,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rebuild", action="store_true", help="build the cached pool again")
     ap.add_argument("--from-json", metavar="FILE", help="measure nothing: print (and with --docs write) the "
                     "figures a previous --json run saved")
+    ap.add_argument("--only", metavar="ROWS", help="comma-separated rows to measure (e.g. S10a,S10f); with "
+                    "--docs they replace their lines of the section's table, nothing else changes")
     args = ap.parse_args(argv)
+    only = None if not args.only else {k.strip() for k in args.only.split(",") if k.strip()}
+    if only is not None and (not only or only - set(ROWS)):
+        ap.error(f"--only takes rows among {', '.join(ROWS)}")
     if args.from_json:
         with open(args.from_json) as f:
             saved = json.load(f)
@@ -293,12 +337,18 @@ def main(argv: list[str] | None = None) -> int:
         byte_compile()  # as `pip install` leaves the package: the CLI processes do not recompile it
         load = os.getloadavg()
         with Scratch() as sc:
-            rows, detail = run(scale, args.full, sc, args.rebuild)
+            rows, detail = run(scale, args.full, sc, args.rebuild, only)
         detail["loadavg"] = {"before": load, "after": os.getloadavg()}
         mach = machine()
     load, load_after = detail["loadavg"]["before"], detail["loadavg"]["after"]
     for r in rows:
         print(r.line())
+
+    if only is not None or detail.get("only", list(ROWS)) != list(ROWS):
+        if args.docs:
+            merge_rows(rows, f"`--only`, {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC")
+            args.docs = False
+        return finish(args, rows, detail, mach, SECTION_BEGIN, SECTION_END, lambda: "")
 
     def body() -> str:
         return (docs_head("100,000 volumes and 100,000,000 mappings", "scale", args.full, mach) +
@@ -306,6 +356,24 @@ def main(argv: list[str] | None = None) -> int:
                 f"shared), scale {scale:g}. {detail_text(detail)}\n\n" + rows_table_md(rows) + "\n"
                 + limits_text(rows, (load[0], load_after[0])))
     return finish(args, rows, detail, mach, SECTION_BEGIN, SECTION_END, body)
+
+
+def merge_rows(rows: list[Row], when: str) -> None:
+    """Replace the lines of ``rows`` in the section's table of docs/performance.md (each marked with
+    ``when``); every other line of the section stays as it is.  A row the table lacks is an error."""
+    text = open(PERFORMANCE_MD).read()
+    a, b = text.index(SECTION_BEGIN), text.index(SECTION_END)
+    lines = text[a:b].split("\n")
+    for r in rows:
+        new = rows_table_md([r]).split("\n")[2]
+        cells = new.split(" | ")
+        cells[2] += f" ({when})"
+        at = [i for i, line in enumerate(lines) if line.startswith(f"| {r.key} |")]
+        if len(at) != 1:
+            raise SystemExit(f"docs/performance.md: the scale table has {len(at)} lines of row {r.key}")
+        lines[at[0]] = " | ".join(cells)
+    with open(PERFORMANCE_MD, "w") as f:
+        f.write(text[:a] + "\n".join(lines) + text[b:])
 
 
 def detail_text(detail: dict[str, Any]) -> str:
