@@ -83,13 +83,24 @@ class DataSpaceMap:
     every scan of the map visits only those pages, so its cost -- and the memory of a sparse map --
     follows the blocks in use, not the size of the data device."""
 
-    def __init__(self, st: np.ndarray, nr_blocks: int, data_rc: np.ndarray | None = None,
+    def __init__(self, st: np.ndarray, nr_blocks: int, data_rc: "np.ndarray | StoredCounts | None" = None,
                  live: np.ndarray | None = None) -> None:
-        """``data_rc``: the counts (used in place when it has the right length and is writable);
+        """``data_rc``: the counts (used in place when it has the right length and is writable), or the
+        stored pages not yet decoded (:class:`StoredCounts`: decoded when the counts are first used);
         ``live``: per page, whether it may hold a nonzero count (computed from ``data_rc`` if not given)."""
         self.st = st
         cap = _round_up(max(nr_blocks, 1), 1 << K.RC_PAGE_BITS)
         npages = cap >> K.RC_PAGE_BITS
+        if isinstance(data_rc, StoredCounts):
+            # ``data_rc`` and ``rc_live`` stay unset until first used (``__getattr__``)
+            self._stored: StoredCounts | None = data_rc
+            self.freed_txn = zeroed(cap, np.uint8)
+            self.rc_dirty = np.zeros(npages, np.uint8)
+            self.pending = np.zeros(0, np.int64)
+            st[K.ST_NR_BLOCKS] = nr_blocks
+            st[K.ST_NR_FREE] = st[K.ST_NR_ALLOCATABLE] = nr_blocks - data_rc.used()
+            return
+        self._stored = None
         if data_rc is not None and len(data_rc) == cap and data_rc.flags.writeable:
             self.data_rc = data_rc  # the loaded pages, used in place
         else:
@@ -108,6 +119,24 @@ class DataSpaceMap:
         self.pending = np.zeros(0, np.int64)  # freed by the last commit, released by the next
         st[K.ST_NR_BLOCKS] = nr_blocks
         self.recount(states=False)  # no state bit is set yet
+
+    def __getattr__(self, name: str) -> Any:
+        """``data_rc`` and ``rc_live`` of a map made from :class:`StoredCounts`: decoded on first use
+        (then they are plain attributes, and this is never called for them again)."""
+        stored = self.__dict__.get("_stored")
+        if name not in ("data_rc", "rc_live") or stored is None:
+            raise AttributeError(name)
+        counts, live = stored.decode()
+        self.data_rc = counts
+        self.rc_live = np.zeros(len(self.rc_dirty), np.uint8)
+        self.rc_live[: len(live)] = live[: len(self.rc_live)]
+        self._stored = None
+        return self.__dict__[name]
+
+    @property
+    def decoded(self) -> bool:
+        """Whether the counts are in memory (False until a map made from stored pages is first used)."""
+        return self._stored is None
 
     # ------------------------------------------------------------------ the pages in use
     def live_pages(self) -> np.ndarray:
@@ -139,6 +168,8 @@ class DataSpaceMap:
     def live_page_count(self) -> int:
         """Pages of 1,024 blocks that may hold a nonzero count (the memory the counts take: 4 KiB of
         counts and 1 KiB of state bytes each, when the map is a sparse one)."""
+        if self._stored is not None:  # (nothing is dirty before the counts are first used)
+            return self._stored.live_count()
         return int(np.count_nonzero(self.rc_live | self.rc_dirty))
 
     def inherit_stale(self, old: "DataSpaceMap | None") -> None:
@@ -418,12 +449,65 @@ def counts_from_disk(arrays: Mapping[str, np.ndarray], nr_blocks: int, over_locs
     return out
 
 
-def load_counts(store: Any, arrays: Mapping[str, np.ndarray], nr_blocks: int) -> tuple[np.ndarray, np.ndarray | None]:
+class StoredCounts:
+    """A space map's stored pages, read and verified, not yet decoded into one count per block: what a
+    pool's open keeps until the counts are first used (:class:`DataSpaceMap` decodes them then), so an
+    open that only reads -- ``ls --usage``, ``status`` of a loaded pool -- never spends the 400 MB and
+    the decode of 100,000,000 counts.  The number of blocks in use comes from the bitmap alone."""
+
+    def __init__(self, nr_blocks: int, cap: int, sm_idx: np.ndarray, sm_pages: list[np.ndarray],
+                 over_idx: np.ndarray, over_rows: np.ndarray) -> None:
+        self.nr_blocks, self.cap = nr_blocks, cap
+        self.sm_idx, self.sm_pages, self.over_idx, self.over_rows = sm_idx, sm_pages, over_idx, over_rows
+
+    def used(self) -> int:
+        """Blocks below ``nr_blocks`` whose bitmap count is not zero."""
+        total = 0
+        n = min(self.nr_blocks, self.cap)
+        for p, raw in zip(self.sm_idx.tolist(), self.sm_pages):
+            a = p * SM_PER_PAGE
+            if a >= n:
+                break
+            raw = raw[: (min(n, a + len(raw) * 4) - a + 3) // 4]
+            total += int(np.bincount(raw, minlength=256) @ _NONZERO)
+            if a + len(raw) * 4 > n:  # the bitmap's last byte holds counts of blocks past the device
+                last = _UNPACK[raw[-1]][: n - (a + (len(raw) - 1) * 4)]
+                total -= int(_NONZERO[raw[-1]]) - int(np.count_nonzero(last))
+        return total
+
+    def live_count(self) -> int:
+        """Count pages (1,024 blocks) holding a nonzero count, as the decoded map's ``rc_live`` counts them."""
+        total = 0
+        per = RC_PER_PAGE // 4  # bitmap bytes per count page
+        for p, raw in zip(self.sm_idx.tolist(), self.sm_pages):
+            raw = raw[: max(0, min(len(raw), (self.cap - p * SM_PER_PAGE) // 4))]
+            pad = -len(raw) % per
+            rows = raw if not pad else np.concatenate([raw, np.zeros(pad, np.uint8)])
+            total += int(np.count_nonzero(rows.reshape(-1, per).any(axis=1)))
+        return total
+
+    def decode(self) -> tuple[np.ndarray, np.ndarray]:
+        """(counts, live pages), as :func:`decode_counts` gives them; MetadataCorrupt as it raises."""
+        out = zeroed(self.cap, np.uint32)
+        pages = self.sm_pages
+        live = decode_counts(out, self.nr_blocks, self.sm_idx, lambda ps: [pages[i] for i in
+                             np.searchsorted(self.sm_idx, ps).tolist()], self.over_idx, lambda ps: self.over_rows)
+        return out, live
+
+
+#: byte -> how many of its four two-bit counts are not zero
+_NONZERO = np.count_nonzero(_UNPACK, axis=1).astype(np.int64)
+
+
+def load_counts(store: Any, arrays: Mapping[str, np.ndarray], nr_blocks: int,
+                lazy: bool = False) -> "tuple[np.ndarray | StoredCounts, np.ndarray | None]":
     """The counts of a pool's space map and its live pages (``None``: compute them from the counts), reading
     only the *stored* pages of the bitmap and the overflow array -- from ``arrays`` if the store loaded
     them, else from ``store`` (:meth:`~thinpool.mdstore.MetadataStore.read_pages`; an absent page is
     zeroes), so opening a pool reads and decodes what its used blocks need.  Raises
-    :class:`MetadataCorrupt` as :func:`counts_from_disk` does (and for a damaged page)."""
+    :class:`MetadataCorrupt` as :func:`counts_from_disk` does (and for a damaged page).  ``lazy``: the
+    pages read from ``store`` are verified and kept undecoded (:class:`StoredCounts`, live pages None);
+    a bitmap that disagrees with its overflow counts is then reported when the counts are first used."""
     locs = store.locs
     if "data_sm" not in locs and OLD_ARRAY in arrays:  # format 1 (small pools only): the counts as stored
         return counts_from_disk(arrays, nr_blocks), None
@@ -446,6 +530,10 @@ def load_counts(store: Any, arrays: Mapping[str, np.ndarray], nr_blocks: int) ->
             return np.frombuffer(b"".join(got[p] for p in ps.tolist()), np.uint32).reshape(-1, RC_PER_PAGE)
         return read
 
+    if lazy and not any(name in arrays for name in DISK_ARRAYS):
+        sm = [_bytes_of(r) for r in reader("data_sm", 0)(sm_idx)] if len(sm_idx) else []
+        over = reader("data_rc_over", 1)(over_idx) if len(over_idx) else np.zeros((0, RC_PER_PAGE), np.uint32)
+        return StoredCounts(nr_blocks, cap, sm_idx, sm, over_idx, over), None
     out = zeroed(cap, np.uint32)
     live = decode_counts(out, nr_blocks, sm_idx, reader("data_sm", 0), over_idx, reader("data_rc_over", 1))
     return out, live

@@ -296,7 +296,7 @@ class Pool(Transactions, DeviceOps, Features):
             arrays = {k: np.frombuffer(v, np.uint8)
                       for k, v in self._store.load(skip=DENSE_NODE_ARRAYS + DISK_ARRAYS).items()}
             nodes = (open_nodes(LEAVES, self._store, arrays), open_nodes(INNERS, self._store, arrays))
-            counts = load_counts(self._store, arrays, self._store.header["nr_data_blocks"])
+            counts = load_counts(self._store, arrays, self._store.header["nr_data_blocks"], lazy=True)
         except MetadataCorrupt:  # a damaged page: the whole load, which falls back to an older commit
             arrays, nodes = {k: np.frombuffer(v, np.uint8) for k, v in self._store.load().items()}, (None, None)
             counts = load_counts(self._store, arrays, self._store.header["nr_data_blocks"])

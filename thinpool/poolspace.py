@@ -299,6 +299,8 @@ def _free_blocks_holding_data(pool: "Pool") -> np.ndarray:
     held = pool.data.allocated_blocks()
     sp = pool._space
     held = held[held < sp.nr_blocks]
+    if len(held) == 0:  # (a metadata-only pool: the counts need not be decoded)
+        return held
     return held[sp.data_rc[held] == 0]
 
 

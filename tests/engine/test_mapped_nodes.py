@@ -1,9 +1,10 @@
 """A big pool's open maps its dense nodes' pages from the metadata file instead of reading them
 (:meth:`thinpool.mdstore.MetadataStore.map_into`: private maps, every page still verified), and
-decodes its space map in whole runs of pages (perf row S10).  What such an open gives is what the
-plain read gives; a write to a mapped row never reaches the file; a commit that releases a mapped
-row's block gives that row its own copy first, so a later commit may reuse the block; a damaged
-page still makes the open fall back to the previous commit."""
+keeps its space map's pages undecoded until the counts are first used (then decoded in whole runs
+of pages) (perf row S10).  What such an open gives is what the plain read gives; a write to a mapped
+row never reaches the file; a commit that releases a mapped row's block gives that row its own copy
+first, so a later commit may reuse the block; a damaged page still makes the open fall back to the
+previous commit."""
 
 from __future__ import annotations
 
@@ -13,9 +14,12 @@ import numpy as np
 import pytest
 
 from thinpool import Pool, nodestore
-from thinpool.dataspace import SM_PER_PAGE, counts_from_disk
+from thinpool import schema as K
+from thinpool.dataspace import RC_PER_PAGE, SM_PER_PAGE, DataSpaceMap, StoredCounts, counts_from_disk
+from thinpool.errors import MetadataCorrupt
 
 BS = 64 * 1024
+BLOCK_BYTES = 4096
 ONE = np.ones((4000, 1), np.uint8)
 
 
@@ -160,9 +164,38 @@ def test_a_space_map_of_more_than_256_stored_pages_opens_with_the_counts_stored(
             pool.snapshot("v", f"s{i}")
             pool.thin(f"s{i}").write(i * BS, b"x")
     with Pool.open(path, read_only=True) as pool:
+        assert not pool.space.decoded  # the open read and verified the pages, and decoded nothing
+        used, live = pool.status().used_data_blocks, pool.space.live_page_count()
         whole = {k: np.frombuffer(v, np.uint8) for k, v in pool.store.load().items()}
         want = counts_from_disk(whole, pool.space.nr_blocks)
         got = pool.space.data_rc
+        assert pool.space.decoded
         assert np.array_equal(got[: len(want)], want) and not got[len(want):].any()
-        assert got.max() >= 3 and int((got > 0).sum()) == pool.status().used_data_blocks
+        assert got.max() >= 3 and int((got > 0).sum()) == used == pool.status().used_data_blocks
+        assert live == pool.space.live_page_count() == int((got.reshape(-1, RC_PER_PAGE) != 0).any(axis=1).sum())
         assert pool.check().ok
+    with Pool.open(path) as pool:  # a write decodes them first, then works as on a decoded map
+        assert not pool.space.decoded and len(pool.usage()) == 6 and not pool.space.decoded
+        pool.thin("s4").write(5 * BS, b"y")
+        assert pool.space.decoded and pool.check().ok
+    with Pool.open(path, read_only=True) as pool:
+        assert pool.usage("s4").exclusive_blocks == 2 and pool.check().ok  # the write's copy and block 4's
+
+
+def test_a_bitmap_that_disagrees_with_its_overflow_counts_is_reported_when_the_counts_are_first_used():
+    """The pages' checksums are verified at open; that the bitmap and the overflow counts agree can be
+    checked only by decoding them, which an open no longer does: the error comes at first use."""
+    nr = 3 * RC_PER_PAGE
+    page = np.zeros(BLOCK_BYTES, np.uint8)
+    page[0], page[300] = 0b0111, 0b11  # blocks 0 (3), 1 (1), 1200 (3)
+    over = np.zeros((2, RC_PER_PAGE), np.uint32)
+    over[0, 0] = 7  # block 0's full count; block 1200 has none
+    stored = StoredCounts(nr, nr, np.array([0]), [page[: nr // 4]], np.array([0, 1]), over)
+    assert stored.used() == 3 and stored.live_count() == 2
+    space = DataSpaceMap(np.zeros(K.ST_SIZE, np.int64), nr, stored)
+    assert space.used() == 3 and not space.decoded
+    with pytest.raises(MetadataCorrupt, match="block 1200 has a count of 3 or more in the bitmap"):
+        space.arrays
+    over[1, 1200 - RC_PER_PAGE] = 4
+    space = DataSpaceMap(np.zeros(K.ST_SIZE, np.int64), nr, stored)
+    assert space.data_rc[[0, 1, 1200]].tolist() == [7, 1, 4] and space.live_page_count() == 2
