@@ -6,7 +6,8 @@ and ``_PROTECTED`` (reachable from the last commit or the held snapshot).  A com
 block whose byte is 0, so it never overwrites committed state (shadowing).  The map is built lazily from the
 page locations after a load; a *tail commit* (a few pages, nothing built) allocates past the highest
 used block instead.  :class:`MetadataSpace` is a mixin of :class:`thinpool.mdstore.MetadataStore`,
-whose locations and header it reads.  Plain Python (no numpy: see :func:`_zeros`).
+whose locations and header it reads.  Plain Python; numpy only when a caller loaded it (see
+:func:`_zeros`): then a commit of many pages releases and allocates array-at-a-time.
 """
 
 from __future__ import annotations
@@ -43,6 +44,36 @@ def _mark_locs(state: bytearray, locs: Any, bits: int) -> None:
     view = np.frombuffer(state, np.uint8)
     view[blocks] |= np.uint8(bits)
     del view  # the bytearray must not stay exported (resize() extends it)
+
+
+#: fewest blocks a commit allocates array-at-a-time (when numpy is loaded): fewer go block by block
+_NP_MIN = 32
+
+
+def _allocate_np(np: Any, state: bytearray, undo: list | None, count: int, path: str, nr_blocks: int) -> list[int]:
+    """:meth:`MetadataSpace._allocate` with numpy: the ``count`` lowest zero bytes of ``state``, found
+    in windows of growing size (the used blocks are mostly at the front), marked used."""
+    view = np.frombuffer(state, np.uint8)
+    try:
+        found, need, pos, win, n = [], count, 0, max(4096, 4 * count), len(view)
+        while need and pos < n:
+            z = np.flatnonzero(view[pos:pos + win] == 0)[:need]
+            if len(z):
+                found.append(z + pos)
+                need -= len(z)
+            pos += win
+            win *= 2
+        if need:  # nothing changed yet
+            raise MetadataSpaceExhausted(
+                f"{path}: out of metadata space ({nr_blocks} blocks, {count - need} free, {count} needed "
+                f"for this commit)")
+        out = np.concatenate(found)
+        if undo is not None:
+            undo.append((out, np.zeros(len(out), np.uint8)))
+        view[out] = _USED
+    finally:
+        del view  # the bytearray must not stay exported (resize() extends it)
+    return out.tolist()
 
 
 def _zeros(state: bytearray) -> int:
@@ -101,13 +132,17 @@ class MetadataSpace:
         return _zeros(self.state)
 
     def _allocate(self, count: int) -> list[int]:
-        """``count`` blocks free now and unused by the last commit (never overwrite committed state)."""
+        """``count`` blocks free now and unused by the last commit (never overwrite committed state):
+        the lowest such blocks, in order."""
         if self._tail is not None:
             out = list(range(self._tail, self._tail + count))
             self._tail += count
             return out
         state = self.state
         undo = self._undo
+        np = sys.modules.get("numpy")
+        if np is not None and count >= _NP_MIN:
+            return _allocate_np(np, state, undo, count, self.path, self.nr_blocks)
         out = []
         pos = 0
         for _ in range(count):
@@ -133,6 +168,11 @@ class MetadataSpace:
         return locs + array("Q", bytes(8 * (n - len(locs))))
 
     def _release(self, locs: Iterable[int]) -> None:
+        """The blocks of page locations ``locs`` (``block << 32 | crc``; 0: no block) are no longer
+        used by the current state.  A numpy array of locations is released array-at-a-time."""
+        if hasattr(locs, "dtype"):
+            self._release_np(locs)
+            return
         if self._tail is not None:  # a tail commit: released blocks only need counting
             self._tail_released += sum(1 for loc in locs if loc >> 32)
             return
@@ -144,6 +184,34 @@ class MetadataSpace:
                 if undo is not None:
                     undo.append((b, state[b]))
                 state[b] &= ~_USED
+
+    def _release_np(self, locs: Any) -> None:
+        np = sys.modules["numpy"]
+        blocks = locs >> np.uint64(32)
+        blocks = blocks[blocks != 0].astype(np.int64)
+        if self._tail is not None:
+            self._tail_released += len(blocks)
+            return
+        view = np.frombuffer(self.state, np.uint8)
+        try:
+            if self._undo is not None:
+                self._undo.append((blocks, view[blocks]))  # (fancy indexing copies)
+            view[blocks] &= np.uint8(0xFF & ~_USED)
+        finally:
+            del view  # the bytearray must not stay exported (resize() extends it)
+
+    def _undo_changes(self, undo: list[tuple[Any, Any]]) -> None:
+        """Put the block states a failed commit changed back, latest change first."""
+        state = self._state
+        assert state is not None
+        for b, v in reversed(undo):
+            if hasattr(b, "dtype"):  # a change made array-at-a-time: the first old state of a block wins
+                np = sys.modules["numpy"]
+                view = np.frombuffer(state, np.uint8)
+                view[b[::-1]] = v[::-1]
+                del view
+            else:
+                state[b] = v
 
     def commit_floor(self) -> int:
         """Fresh blocks a small commit may need: a page and its page-map page in every array with a

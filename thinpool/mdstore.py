@@ -35,6 +35,7 @@ import errno
 import json
 import os
 import struct
+import sys
 from array import array
 from typing import Any, Iterable, Sequence
 
@@ -43,7 +44,7 @@ from .errors import HostIOError, MetadataCorrupt, MetadataSpaceExhausted, ReadOn
 from .hostio import sync_or_fail, write_all
 from .mdpages import (_HI, _LO, _SB_HEADER, BLOCK, FORMAT_VERSION, MAGIC, PM_ENTRIES, READABLE_VERSIONS,
                       SUPERBLOCKS, Buffer, _crc32c, _zeroed, checksum, map_private)
-from .mdspace import _PROTECTED, _USED, MetadataSpace, _mark, _zeros
+from .mdspace import _NP_MIN, _PROTECTED, _USED, MetadataSpace, _mark, _zeros
 
 #: the committed header's fields a held metadata snapshot keeps (its superblock copy)
 HELD_SUPERBLOCK_FIELDS = ("time", "transaction_id", "needs_check")
@@ -436,17 +437,21 @@ class MetadataStore(MetadataSpace):
                 if old is not None and len(old) == npages and not pa.dirty:
                     continue  # nothing of it changes
                 locs = self._resized(None if old is None else old[:], npages)
-                dirty = sorted({d for d in pa.dirty if 0 <= d < npages})
-                dead_set = set(pa.dead)
-                live = [d for d in dirty if d not in dead_set]
-                self._release(locs[d] for d in dirty)
-                for d in dirty:
-                    locs[d] = 0
-                if live:
-                    blocks = self._allocate(len(live))
-                    crcs = self._write_pages([pa.page(d) for d in live], blocks)
-                    for d, b, c in zip(live, blocks, crcs):
-                        locs[d] = b << 32 | c
+                np = sys.modules.get("numpy")
+                if np is not None and len(pa.dirty) >= _NP_MIN:
+                    dirty = self._commit_pages_np(np, pa, locs, npages)
+                else:
+                    dirty = sorted({d for d in pa.dirty if 0 <= d < npages})
+                    dead_set = set(pa.dead)
+                    live = [d for d in dirty if d not in dead_set]
+                    self._release(locs[d] for d in dirty)
+                    for d in dirty:
+                        locs[d] = 0
+                    if live:
+                        blocks = self._allocate(len(live))
+                        crcs = self._write_pages([pa.page(d) for d in live], blocks)
+                        for d, b, c in zip(live, blocks, crcs):
+                            locs[d] = b << 32 | c
                 new_locs[name] = locs
                 # page-map pages that point at changed pages; one whose pages are all absent is
                 # absent itself (a page map of zeroes: e.g. the space map of a grown, unused range)
@@ -492,9 +497,7 @@ class MetadataStore(MetadataSpace):
         except BaseException:
             self._queued = []
             if self._undo is not None and self._state is not None:
-                state = self._state
-                for b, v in reversed(self._undo):
-                    state[b] = v
+                self._undo_changes(self._undo)
             self._tail, self._undo = None, None
             raise
         self._tail, self._undo = None, None
@@ -502,6 +505,26 @@ class MetadataStore(MetadataSpace):
         self.header = header
         self.locs, self.pm_locs, self.dir_locs = new_locs, new_pm, dir_locs
         self._state = committed
+
+    def _commit_pages_np(self, np: Any, pa: Any, locs: array, npages: int) -> list[int]:
+        """The part of :meth:`commit` for one array's many dirty pages, array-at-a-time: their old
+        blocks released, fresh blocks (the same, in the same order, as block by block) given to the
+        live ones, whose pages are queued; ``locs`` updated.  Returns the dirty pages (sorted)."""
+        d = np.unique(np.asarray(pa.dirty, np.int64))
+        d = d[(d >= 0) & (d < npages)]
+        live = d[~np.isin(d, np.asarray(pa.dead, np.int64))] if len(pa.dead) else d
+        view = np.frombuffer(locs, np.uint64)
+        try:
+            self._release(view[d])
+            view[d] = 0
+            if len(live):
+                live_l = live.tolist()
+                blocks = self._allocate(len(live_l))
+                crcs = self._write_pages([pa.page(i) for i in live_l], blocks)
+                view[live] = (np.asarray(blocks, np.uint64) << np.uint64(32)) | np.asarray(crcs, np.uint64)
+        finally:
+            del view  # the array must not stay exported
+        return d.tolist()
 
     def _directory(self, pm_locs: dict[str, array]) -> bytes:
         """The directory's JSON (what ``json.dumps`` of the page maps' locations gives), each array's

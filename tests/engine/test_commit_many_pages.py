@@ -1,0 +1,86 @@
+"""A commit of many pages releases and allocates metadata blocks array-at-a-time (numpy): it must pick
+the same blocks, in the same order, as the block-by-block path, and a commit that fails half-way must
+put every block state back (nothing committed is ever lost, the next commit may reuse nothing it must
+not)."""
+
+from __future__ import annotations
+
+import errno
+
+import numpy as np
+import pytest
+
+from thinpool import Pool, mdspace, mdstore
+from thinpool.errors import HostIOError
+
+MiB = 1 << 20
+BS = 64 << 10
+
+
+def _write(v, blocks, byte: int) -> None:
+    v.write_many(blocks * BS, np.full((len(blocks), 512), byte, np.uint8))
+
+
+def _workload(path: str) -> tuple[dict, dict, list, bytes]:
+    """A pool whose commits each write hundreds of leaf pages (a snapshot shares every leaf, the
+    writes after it shadow them, a delete releases them); its page locations and block states."""
+    rng = np.random.default_rng(5)
+    with Pool.create(path, data_size=16384 * MiB, metadata_only=True, flush=False) as pool:
+        v = pool.create_thin("v", 8192 * MiB)
+        blocks = rng.permutation(8192 * MiB // BS)[:100_000]
+        _write(v, blocks, 1)
+        pool.commit()
+        for i in range(3):
+            pool.snapshot("v", f"s{i}")
+            _write(v, rng.permutation(8192 * MiB // BS)[:3000], 2)
+            pool.commit()
+        pool.delete("s0")
+        _write(v, rng.permutation(8192 * MiB // BS)[:3000], 3)
+        pool.commit()
+        st = pool._store
+        return ({k: list(a) for k, a in st.locs.items()}, {k: list(a) for k, a in st.pm_locs.items()},
+                list(st.dir_locs), bytes(st.state))
+
+
+def test_commit_array_at_a_time_picks_the_same_metadata_blocks_as_block_by_block(tmp_path, monkeypatch):
+    fast = _workload(str(tmp_path / "a"))
+    monkeypatch.setattr(mdspace, "_NP_MIN", 1 << 60)
+    monkeypatch.setattr(mdstore, "_NP_MIN", 1 << 60)
+    slow = _workload(str(tmp_path / "b"))
+    assert sum(len(x) for x in fast[0].values()) > 500  # the arrays had many pages
+    assert fast == slow
+
+
+class _FailAfter(mdstore.FileIO):
+    """Lets ``n`` metadata writes through, then fails every one with EIO."""
+
+    def __init__(self, n: int) -> None:
+        self.left = n
+
+    def pwrite(self, fd: int, data, offset: int) -> int:  # type: ignore[override]
+        if self.left <= 0:
+            raise OSError(errno.EIO, "injected")
+        self.left -= 1
+        return mdstore.FileIO.pwrite(fd, data, offset)
+
+
+@pytest.mark.parametrize("after", [0, 3])
+def test_failed_commit_of_many_pages_puts_every_block_state_back(tmp_path, monkeypatch, after):
+    rng = np.random.default_rng(6)
+    with Pool.create(str(tmp_path / "p"), data_size=16384 * MiB, metadata_only=True) as pool:
+        v = pool.create_thin("v", 8192 * MiB)
+        _write(v, rng.permutation(8192 * MiB // BS)[:100_000], 1)
+        pool.commit()
+        pool.snapshot("v", "s")
+        _write(v, rng.permutation(8192 * MiB // BS)[:3000], 2)  # shadows hundreds of leaves
+        st = pool._store
+        before = bytes(st.state)
+        monkeypatch.setattr(mdstore.MetadataStore, "io", _FailAfter(after))
+        with pytest.raises(HostIOError):
+            pool.commit()
+        assert bytes(st.state) == before
+        monkeypatch.setattr(mdstore.MetadataStore, "io", mdstore.FileIO())
+        pool.commit()  # the retry commits what the failed one could not
+        want = v.read(0, 4096)
+    with Pool.open(str(tmp_path / "p")) as pool:
+        assert pool.thin("v").read(0, 4096) == want and pool.thin("s") is not None
