@@ -10,7 +10,6 @@ device, and the write kernels zero a reused block where a write does not cover i
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import mmap
 import os
@@ -19,11 +18,11 @@ import numpy as np
 
 from . import pooldir
 from .errors import FailedPrecondition, HostIOError
-from .hostio import DataIO, sync_or_fail
+from .hostio import DataIO, load_libc, sync_or_fail
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = load_libc()
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 SEEK_DATA = getattr(os, "SEEK_DATA", 3)
 SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)

@@ -43,6 +43,7 @@ _FLAGS_AT = DEV_FIELDS.index("flags") * 8  # the low byte of a record's flags (e
 #: a record's flag byte -> 1 if it marks the slot in use, else 0
 _READ_ONLY = int(DevFlag.READ_ONLY)
 _IN_USE_BYTE = bytes(1 if b & DevFlag.IN_USE else 0 for b in range(256))
+_READ_ONLY_BYTE = bytes(1 if b & DevFlag.READ_ONLY else 0 for b in range(256))
 RC_PER_PAGE = BLOCK // 4
 _NAME_RE = re.compile(r"^[^\x00-\x1f\x7f]{1,1024}$")
 _STORE_KEYS = ("directory", "directory_bytes", "pages", "held", "recovered_from")
@@ -333,6 +334,19 @@ class DeviceTable:
             slots.append(int(e["slot"]))
         q = memoryview(self._devs).cast("q")
         width = len(DEV_FIELDS)
+        n = len(names)
+        used = self._in_use()
+        if used[:n].count(1) == n and 1 not in used[n:]:
+            # the common layout: the volumes fill the first n slots and their device ids rise with the
+            # slot (no deletes since): the columns are slices of the table, no sort, no reordering
+            dev_ids = q[DEV_ID:n * width:width].tolist()
+            by_slot: list[Any] = [None] * n
+            try:
+                list(map(by_slot.__setitem__, slots, names))
+            except IndexError:
+                by_slot = [None]
+            if dev_ids == sorted(dev_ids) and None not in by_slot:
+                return self._columns_of(q, width, by_slot, slice(0, n * width), dev_ids)
 
         def field(f: str) -> list[int]:
             return q[DEV_FIELDS.index(f)::width].tolist()
@@ -350,6 +364,24 @@ class DeviceTable:
             "creation_time": pick(field("creation_time"), by_dev), "snap_time": pick(field("snap_time"), by_dev)}
         if self.may_have_external_origins():
             out["external_origin"] = [self._origin_of(n, s) for n, s in zip(out["name"], by_dev)]
+        return out
+
+    def _columns_of(self, q: memoryview, width: int, names: list[str], rows: slice,
+                    dev_ids: list[int]) -> dict[str, list[Any]]:
+        """:meth:`volume_columns` of the device records in ``rows`` (a slice of the table, in slot
+        order, which is device-id order) named ``names``."""
+        n = len(names)
+
+        def field(i: int) -> list[int]:
+            return q[rows.start + i:rows.stop:width].tolist()
+        ro = bytes(self._devs[_FLAGS_AT:rows.stop * 8:DEV_RECORD.size]).translate(_READ_ONLY_BYTE)
+        out: dict[str, list[Any]] = {
+            "name": names, "dev_id": dev_ids, "size": field(DEV_SIZE),
+            "read_only": list(map(bool, ro)) if 1 in ro else [False] * n,
+            "mapped_blocks": field(DEV_MAPPED), "transaction": field(DEV_TRANSACTION),
+            "creation_time": field(DEV_CREATION_TIME), "snap_time": field(DEV_SNAP_TIME)}
+        if self.may_have_external_origins():
+            out["external_origin"] = [self._origin_of(name, slot) for slot, name in enumerate(names)]
         return out
 
     def status(self) -> PoolStatus:

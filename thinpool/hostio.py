@@ -10,7 +10,6 @@ carrying the errno and the file.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 from typing import Any
@@ -95,7 +94,21 @@ class DataIO:
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def load_libc() -> ctypes.CDLL:
+    """The C library, for the calls the ``os`` module lacks: glibc's ``libc.so.6`` directly (already in
+    the process: no file search), ``ctypes.util.find_library`` only where that name is not found --
+    it runs ``ldconfig -p`` (or a compiler) in a subprocess, 0.1-0.2 s that every command importing
+    this module paid (``thinpool ls`` of 100,000 volumes: docs/performance.md, S10)."""
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        from ctypes.util import find_library
+        return ctypes.CDLL(find_library("c"), use_errno=True)
+
+
+_libc = load_libc()
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
 _libc.__errno_location.restype = ctypes.POINTER(ctypes.c_int)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import _thread
 import ctypes
-import ctypes.util
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -41,8 +40,18 @@ _PREFER_WRITER_NONRECURSIVE = 2
 
 
 def _pthread() -> Any:
-    for name in (ctypes.util.find_library("c") or "libc.so.6", "libpthread.so.0"):
-        lib = ctypes.CDLL(name, use_errno=True)
+    # glibc's names first: ctypes.util.find_library runs `ldconfig -p` in a subprocess (0.1 s and more
+    # that every pool open paid), so it is asked only when neither name loads
+    for name in ("libc.so.6", "libpthread.so.0", None):
+        if name is None:
+            from ctypes.util import find_library
+            name = find_library("c")
+            if name is None:
+                break
+        try:
+            lib = ctypes.CDLL(name, use_errno=True)
+        except OSError:
+            continue
         if hasattr(lib, "pthread_rwlock_wrlock"):
             return lib
     raise OSError("no pthread_rwlock_* in the C library")  # pragma: no cover - every glibc has them

@@ -92,3 +92,31 @@ def test_ls_columns_print_what_the_rows_print_text_and_json(tmp_path):
             check(pool, rows)
         with DeviceTable.open(tmp_path / "p") as table:
             check(table, rows)
+
+
+def test_ls_columns_of_a_table_in_device_id_order_and_with_holes_print_what_the_rows_print(tmp_path):
+    """The device table's columns take a shortcut when the volumes fill the first slots in device-id
+    order (slices of the table, no sort); the table, the JSON and the rows stay those of the plain
+    per-volume path -- in that layout, with a read-only volume and an external origin, and once a
+    delete leaves a hole (the general path)."""
+    import json
+    from thinpool.devtable import DeviceTable
+    golden = tmp_path / "golden.img"
+    golden.write_bytes(b"g" * BS)
+    with Pool.create(tmp_path / "p", data_size=64 * BS, metadata_only=True) as pool:
+        pool.create_thin("base", "3GiB")
+        for i in range(40):
+            pool.snapshot("base", f"s-{i:02d}", read_only=i == 7)
+    for step in ("ordered", "origin", "hole"):
+        with Pool.open(tmp_path / "p") as pool:
+            if step == "origin":
+                pool.create_thin("ext", "1MiB", external_origin=str(golden))
+            if step == "hole":
+                pool.delete("s-03")
+            rows = ops._volume_rows(pool, False)
+        assert [r["dev_id"] for r in rows] == sorted(r["dev_id"] for r in rows)
+        with DeviceTable.open(tmp_path / "p") as table:
+            cols = ops.op_ls(table, columns=True)["columns"]
+        assert ops.volume_rows(cols) == rows
+        assert ops.volume_columns_json(cols) == json.dumps(rows, indent=2)
+        assert ops.render_volume_columns(cols) == _reference_table(rows)

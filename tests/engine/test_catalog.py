@@ -336,3 +336,24 @@ def test_repair_keeps_the_odd_names_of_a_format2_catalog(tmp_path):
     report = repair(path, tmp_path / "out")
     assert not report.names_lost and not report.devices_dropped and not report.problems
     assert _seen(tmp_path / "out")["volumes"] == before
+
+
+def test_listing_every_name_refuses_a_bad_page_as_a_lookup_does():
+    """``columns`` (what ``ls`` reads: every page's names decoded at once) refuses what
+    :func:`decode_page` refuses -- counts that do not fit or do not match, a name that is not UTF-8
+    or longer than 1,024 bytes -- and names out of order across pages."""
+    def listing(*pages: bytes) -> tuple[list[str], list[int]]:
+        fence = {"pages": list(range(len(pages))), "free": [], "keys": ["", "c"][:len(pages)]}
+        return C.NameIndex(fence, len(pages), lambda _a, ps: {p: pages[p] for p in ps}).columns()
+    a, b = C.encode_page([b"a", b"b"], [1, 2]), C.encode_page([b"c", b"d"], [3, 4])
+    assert listing(a, b) == (["a", "b", "c", "d"], [1, 2, 3, 4])
+    bad_count = bytearray(a)
+    bad_count[0:2] = (3).to_bytes(2, "little")
+    with pytest.raises(MetadataCorrupt, match="name index page 0"):
+        listing(bytes(bad_count), b)
+    with pytest.raises(MetadataCorrupt, match="out of order"):
+        listing(C.encode_page([b"c", b"e"], [1, 2]), C.encode_page([b"d", b"f"], [3, 4]))
+    with pytest.raises(MetadataCorrupt, match="not UTF-8"):
+        listing(a, C.encode_page([b"c", b"\xff\xfe"], [3, 4]))
+    with pytest.raises(MetadataCorrupt, match="longer than 1,024"):
+        listing(a, C.encode_page([b"c", b"d" * 1025], [3, 4]))
