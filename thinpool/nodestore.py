@@ -270,15 +270,18 @@ def load(kind: Kind, arrays: Mapping[str, np.ndarray],
                             lambda n: np.empty((n, kind.entries), kind.dtype))
 
 
-def open_nodes(kind: Kind, store: Any, arrays: Mapping[str, np.ndarray]) -> tuple[np.ndarray, NodeDisk] | None:
+def open_nodes(kind: Kind, store: Any, arrays: Mapping[str, np.ndarray],
+               free_rows: bool = False) -> tuple[np.ndarray, NodeDisk] | None:
     """:func:`load` for a pool's open: ``arrays`` loaded without the dense nodes' array (:data:`ARRAYS`),
     whose pages are read straight into their rows (:meth:`thinpool.mdstore.MetadataStore.gather_into`),
     so the nodes are the only copy of them ever made -- or, when the nodes take :data:`POPULATE_MIN` or
     more (100,000,000 mappings are 800 MB of leaves), mapped from the file privately
     (:meth:`~thinpool.mdstore.MetadataStore.map_into`: no copy at all; the rows still mapped are
     flagged in :attr:`NodeDisk.mapped`, and a commit gives a row its own copy before releasing its
-    block).  Every page is verified either way.  None if the store holds an older layout: load that
-    with the other arrays."""
+    block).  Every page is verified either way.  The rows of free slots without a record are left
+    unwritten (nothing reads them before an allocation fills them), unless ``free_rows`` (holes, as
+    :func:`load` gives them).  None if the store holds an older layout: load that with the other
+    arrays."""
     if kind.pack_array not in arrays:
         return None
     if any(len(arrays.get(a, ())) for a in _olds(kind)):
@@ -301,7 +304,9 @@ def open_nodes(kind: Kind, store: Any, arrays: Mapping[str, np.ndarray]) -> tupl
         _populate(nodes)
         store.gather_into(kind.dense_array, rows, nodes, rows)
 
-    nodes, disk = _packs_from_disk(kind, arrays[kind.pack_array], count, fill, lambda n: _reserved(kind, n))
+    rc = np.asarray(arrays.get(f"{kind.name}_rc", np.zeros(0, np.uint8))).view(np.uint32)
+    nodes, disk = _packs_from_disk(kind, arrays[kind.pack_array], count, fill, lambda n: _reserved(kind, n),
+                                   None if free_rows else rc[:count] != 0)
     disk.mapped = mapped[0] if mapped else None
     return nodes, disk
 
@@ -316,7 +321,7 @@ def load_leaves(store: Any) -> np.ndarray | None:
     if npages:
         store.gather_into(PACK_ARRAY, list(range(npages)), packs, list(range(npages)))
     arrays = {PACK_ARRAY: packs, "leaf_rc": np.zeros(store.npages("leaf_rc") * BLOCK, np.uint8)}
-    out = open_nodes(LEAVES, store, arrays)
+    out = open_nodes(LEAVES, store, arrays, free_rows=True)
     return None if out is None else out[0]
 
 
@@ -363,11 +368,14 @@ def _corrupt(kind: Kind, msg: str) -> MetadataCorrupt:
 
 
 def _packs_from_disk(kind: Kind, buf: np.ndarray, count: int, fill: Callable[[np.ndarray, np.ndarray], None],
-                     alloc: Callable[[int], np.ndarray]) -> tuple[np.ndarray, NodeDisk]:
+                     alloc: Callable[[int], np.ndarray], live: np.ndarray | None = None) -> tuple[np.ndarray, NodeDisk]:
     """Decode format 4 (every pack page at once) and check it: headers, slots within the node arrays
     and in one record each, counts and entry indices in range, pages' slot ranges disjoint.  ``alloc(n)``
     makes room for the nodes, ``fill(nodes, slots)`` puts the dense nodes' pages in their rows; every
-    other row is written once (holes, then the records' entries)."""
+    other row is written once (holes, then the records' entries) -- but, when ``live`` (per slot: its
+    reference count is not 0) is given, the rows of free slots without a record, which nothing reads
+    until the slot is allocated again (the allocation fills its row; a freed node's row keeps its old
+    entries too), are not written at all: a big pool's open then touches none of their memory."""
     name, w = kind.name, kind.width
     npages = len(buf) // BLOCK
     packs = buf[:npages * BLOCK].view(np.uint16).reshape(npages, BLOCK // 2)  # kept (NodeDisk.packs)
@@ -419,6 +427,10 @@ def _packs_from_disk(kind: Kind, buf: np.ndarray, count: int, fill: Callable[[np
     is_dense = np.zeros(count, bool)
     is_dense[dense] = True
     hole = nodes.dtype.type(kind.hole)
+    if live is not None:  # a free slot's row is never read (new_leaf / new_inner fill it): left as it is
+        skip = ~live[:count]
+        skip[slots] = False
+        is_dense |= skip
     for i in range(0, count, _CHUNK):  # holes in every row but the dense nodes', which are read in
         d = is_dense[i:i + _CHUNK]
         if not d.any():
