@@ -401,23 +401,37 @@ time a command waited for a core; the CPU figures are close to what the wall fig
 idle machine (less the time spent waiting for the disk's syncs, which only `snapshot` does).
 
 **What the open costs (S10a, S10f).** The pool's metadata file holds 850 MB of pages: 195,313 dense
-leaves (800 MB), the two-bit space map of 101 million data blocks, the device table (6.4 MB) and the
-catalog (2.7 MB of name index). An open reads and checksums every page (CRC-32C), decodes the space map
-into one count per block (400 MB) and reads the names into the pool's catalog: {v('S10a', 'cpu_s')} s of CPU here, so on an idle
-core the open is about that; the wall times above are a machine with a load average of
-{max(load or (0.0,)):.0f} on 2 cores.
-Before this work the same open took 13 s of wall time (load about 6) and peaked at 4.2 GB: the leaves
-were read into one buffer, then copied twice while decoding. Now the dense leaves are read straight
-into their rows (`nodestore.open_nodes`, into memory mapped in at once) and the peak is
-{v('S10b', 'peak_MiB')} MiB. What is left, profiled on the loaded machine: the `preadv` of 800 MB of
-leaves from the page cache (about 1 s, mostly the kernel's copy), their 217,000 checksums (0.3 s), the
-space-map decode (0.3 s) and the catalog's index (0.05 s). An open well under 2 s on a loaded machine needs a
-block map that reads leaves when they are first touched, which is not done.
+leaves (800 MB), the two-bit space map of 101 million data blocks (6,168 pages), the device table
+(6.4 MB) and the catalog (2.7 MB of name index). The open does not read the leaves: it maps their
+pages from the metadata file (`MetadataStore.map_into`: here 4 runs of pages consecutive both in the
+file and in the rows, each a private map of the file at its rows), so the leaves are the page
+cache's pages, with no `preadv` and no copy; a write to a row copies that one page, and nothing
+reaches the file but through a commit (docs/design.md, "The nodes on disk"). Every mapped page is
+still checksummed (CRC-32C) before the open returns, so a damaged page of the newest commit still
+makes the open fall back to the previous one. The space map's pages are read and checksummed as
+well, but decoded into one count per block only when the counts are first used (a write, a delete,
+`check`: `dataspace.StoredCounts`), and the rows of the 66,832 free leaf slots are not written at
+all, so neither a read-only open nor `ls --usage` spends the 400 MB of counts and their decode (about
+0.25 s) or touches 273 MB of free rows. {v('S10a', 'cpu_s')} s of CPU here, so on an idle core the
+open is about that; the wall times above are a machine with a load average of
+{max(load or (0.0,)):.0f} on 2 cores. What is left, profiled (cProfile, load 3.5): the checksums of
+the 195,313 leaf pages (0.13 s) and the Python loops around them (0.1 s), the names read into the
+pool's catalog (about 0.3 s), the used-block count from the bitmap (0.05 s). Checking a leaf when it
+is first used (dm-bufio's way) instead of at the open would take the checksums off the open too, but
+an open that does not verify every page of the newest commit can no longer fall back to the previous
+commit when one is damaged: not done.
+Before this work the same open took 13 s of wall time (load about 6) and peaked at 4.2 GB (the leaves
+read into one buffer, then copied twice while decoding); then 7.3 s wall / 1.99 s CPU at load 12, peak
+1,710 MiB (the leaves read straight into their rows by `preadv` into memory mapped in at once: about
+1 s of the kernel's copy; their checksums 0.3 s; the space map decoded page by page, 0.3 s). The peak
+is now {v('S10b', 'peak_MiB')} MiB.
 
-**`ls --usage` (S10f)** is that open, one count per data block over all trees
-(`walks.logical_counts`, linear in distinct nodes), then every volume's MAPPED/EXCLUSIVE in one pass
-that sums each shared node once (`walks.usage_of_roots`; before, each of the 100,000 snapshots walked
-its origin's 25 million mappings: 2.5 * 10^12 entries, never finishing) and 100,000 rows.
+**`ls --usage` (S10f)** is that open, numba's import and the walk kernels loaded from the cache (about
+1 s of CPU, the largest part), one count per data block over all trees (`walks.logical_counts`,
+linear in distinct nodes: 0.37 s, 400 MB of counts written), then every volume's MAPPED/EXCLUSIVE in
+one pass that sums each shared node once (`walks.usage_of_roots`, 0.08 s; before, each of the 100,000
+snapshots walked its origin's 25 million mappings: 2.5 * 10^12 entries, never finishing) and 100,000
+rows built and printed in Python (about 1 s) (profiled with cProfile at load 4).
 
 **status, snapshot, ls (S10c-S10e).** The catalog is stored in format 2 (`thinpool/catalog.py`): the
 names in a sorted, paged name index (675 pages of 4 KiB for 100,000 names, each page a run of the name
