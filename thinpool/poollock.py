@@ -151,6 +151,15 @@ class PoolLock(_thread.RLock):
         if self.readers:
             self._exclude()
 
+    def inspecting(self) -> "_Inspecting":
+        """The lock held only to *look* (``with lock.inspecting(): ...``): it excludes other holders like
+        ``with lock``, but as the outermost acquisition it neither bumps the generation nor takes the
+        write side, so the registered readers' bindings stay valid.  For a compiled reader binding
+        (again) -- every binding would otherwise invalidate every other connection's, and two
+        connections would rebind in turn at every request.  Nothing may be changed under it that a
+        compiled reader reads (nested ``with lock`` inside it does not exclude them either)."""
+        return _Inspecting(self)
+
     def _exclude(self) -> None:
         # a thread's own readers cannot be reading while it holds the lock (a session runs its compiled
         # loop only outside it): the write side is needed only against other threads' readers -- but
@@ -197,6 +206,24 @@ class PoolLock(_thread.RLock):
         return f"<PoolLock depth={self._depth} readers={self.readers} gen={int(self.gen[0])}>"
 
 
+class _Inspecting:
+    """:meth:`PoolLock.inspecting`'s context manager."""
+
+    __slots__ = ("lock",)
+
+    def __init__(self, lock: PoolLock) -> None:
+        self.lock = lock
+
+    def __enter__(self) -> bool:
+        lock = self.lock
+        _acquire(lock)
+        lock._depth += 1
+        return True
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.__exit__()
+
+
 class ReadBinding(NamedTuple):
     """What a compiled reader needs to read one volume without the pool's lock (see
     :func:`read_binding`): valid while ``lock.gen[0] == gen``."""
@@ -209,13 +236,17 @@ class ReadBinding(NamedTuple):
     gen: int            # the lock's generation the binding was taken at
     lock: PoolLock
     keep: tuple         # the arrays ``table`` holds the addresses of (kept alive with the binding)
+    writable: bool = False  # whether the pool took writes at the binding (open, writable, write mode)
+    data_bytes: int = 0     # the data file's size the pool expects (a shorter file was truncated)
 
 
 def read_binding(thin: Any) -> ReadBinding | None:
     """Bind a compiled reader to volume ``thin`` (a :class:`~thinpool.thin.Thin`); call with the pool's
     lock held and a reader registered (:meth:`PoolLock.add_reader`).  None when its reads need the
     Python path: the pool is closed, the volume gone, or it reads unmapped blocks from an external
-    origin (whose file is checked in Python on every use)."""
+    origin (whose file is checked in Python on every use).  ``writable`` says whether it may also
+    overwrite provisioned, unshared blocks in place (the pool is open read-write in write mode and has
+    a data file) -- the mode changes only under the pool lock, so only with the generation."""
     ctx = thin._ctx
     lock = ctx.lock
     if not lock._is_owned():
@@ -225,8 +256,10 @@ def read_binding(thin: Any) -> ReadBinding | None:
     if slot is None or not ctx.is_open or key in ctx.origins.by_key:
         return None
     table = ctx.table()
-    return ReadBinding(table, ctx.devs_i, int(slot), int(ctx.data.fd), int(ctx.devs_i[slot, K.DEV_SIZE]),
-                       int(lock.gen[0]), lock, ctx._tab_arrays)
+    data = ctx.data
+    return ReadBinding(table, ctx.devs_i, int(slot), int(data.fd), int(ctx.devs_i[slot, K.DEV_SIZE]),
+                       int(lock.gen[0]), lock, ctx._tab_arrays, bool(ctx.fast_write and data.fd >= 0),
+                       int(data.nr_blocks) * int(data.block_size))
 
 
 __all__ = ["PoolLock", "RWLOCK_BYTES", "ReadBinding", "read_binding"]

@@ -1,5 +1,6 @@
-"""A session's compiled read loop (:mod:`thinpool.kernels_nbd`): registering it with the pool's lock,
-binding it to the export's volume, running it and taking over where it stops.
+"""A session's compiled request loop (:mod:`thinpool.kernels_nbd`: plain READs, and WRITEs that overwrite
+provisioned blocks in place): registering it with the pool's lock, binding it to the export's volume,
+running it and taking over where it stops.
 
 Used by :class:`thinpool.nbd.session.Session` for the pool's volumes
 (:class:`thinpool.nbd.pool_backend.PoolExport` itself, not wrapped) on a provider whose lock is a
@@ -19,8 +20,13 @@ from thinpool.poollock import PoolLock
 
 #: reads up to this many bytes are served by the compiled loop (the reply buffer holds two)
 MAX_READ = 256 * 1024
+#: writes up to this many bytes (the session's receive buffer holds two with their headers; longer
+#: payloads are the Python path's, received into a buffer of their own under the payload budget)
+MAX_WRITE = 128 * 1024
 OUT_CAP = 2 * (MAX_READ + 28)
 ENABLED = os.environ.get("THINPOOL_NBD_COMPILED_READS", "1") != "0"
+#: ``THINPOOL_NBD_COMPILED_WRITES=0`` leaves every WRITE to the Python path (for A/B measurements)
+WRITES = os.environ.get("THINPOOL_NBD_COMPILED_WRITES", "1") != "0"
 
 
 _ENTRIES: dict[tuple, Any] = {}
@@ -58,6 +64,7 @@ class CompiledReads:
         self.ts = np.zeros(2, np.int64)
         self.binding: Any = None
         self.registered = False
+        self.binds = 0  # bindings taken (the first, and one after every FR_STALE)
         self._fn: Any = None  # serve_reads compiled for this binding's argument types (see _entry)
 
     @classmethod
@@ -75,17 +82,17 @@ class CompiledReads:
     def close(self) -> None:
         """Unregister (idempotent); the loop must not be running."""
         if self.registered:
-            with self.lock:
+            with self.lock.inspecting():
                 self.lock.drop_reader()
             self.registered = False
             self.binding = None
 
     def run(self, spin_ns: int, contended_ns: int, backoff_ns: int, transmitting: np.ndarray,
-            structured: bool, read_flags: int, max_len: int, size: int) -> int | None:
-        """Serve READs in the compiled loop from the session's buffer position on; return its ``FR_*``
-        code with the session's buffer positions updated and every reply sent -- or None when the
-        volume cannot be bound (the caller stops using the loop: its requests get the Python path's
-        answers)."""
+            structured: bool, read_flags: int, max_len: int, size: int, writable: bool = False) -> int | None:
+        """Serve READs (and, if ``writable`` -- the export is -- in-place WRITEs) in the compiled loop
+        from the session's buffer position on; return its ``FR_*`` code with the session's buffer
+        positions updated and every reply sent -- or None when the volume cannot be bound (the caller
+        stops using the loop: its requests get the Python path's answers)."""
         fr = self.fr
         s = self.session
         st = self.state
@@ -95,7 +102,8 @@ class CompiledReads:
         while True:
             b = self.binding
             if b is None:
-                with self.lock:
+                self.binds += 1
+                with self.lock.inspecting():  # (binding changes nothing: other connections' bindings stay valid)
                     if not self.registered:
                         self.lock.add_reader()
                         self.registered = True
@@ -105,9 +113,11 @@ class CompiledReads:
                 self._fn = None
             st[fr.S_RPOS] = s._rpos
             st[fr.S_REND] = s._rend
+            wmax = MAX_WRITE if writable and WRITES and b.writable else 0
             args = (int(self.pollfds[0]), self.rbuf, st, self.out, b.table, b.devs, b.slot, b.fd, min(size, b.size),
                     bool(structured), int(read_flags), int(max_len), b.lock.rw, b.lock.gen, b.gen, idle_ms,
-                    int(spin_ns), int(contended_ns), int(backoff_ns), transmitting, self.pollfds, self.ts)
+                    int(spin_ns), int(contended_ns), int(backoff_ns), transmitting, self.pollfds, self.ts,
+                    wmax, int(b.data_bytes))
             fn = self._fn
             if fn is None:
                 fn = self._fn = _entry(args)
@@ -129,5 +139,10 @@ class CompiledReads:
         """READs the compiled loop has served on this connection."""
         return int(self.state[self.fr.S_SERVED])
 
+    @property
+    def written(self) -> int:
+        """WRITEs the compiled loop has served on this connection."""
+        return int(self.state[self.fr.S_WRITTEN])
 
-__all__ = ["CompiledReads", "MAX_READ", "ENABLED"]
+
+__all__ = ["CompiledReads", "MAX_READ", "MAX_WRITE", "ENABLED", "WRITES"]

@@ -90,6 +90,8 @@ _FUA = P.CMD_FLAG_FUA
 _DF = P.CMD_FLAG_DF
 _HDR = P.REQUEST_HEADER_SIZE
 _MAX_PAYLOAD = P.MAX_PAYLOAD
+#: after the compiled loop handed a WRITE back, this many WRITEs at the head skip it (see _transmit)
+_SKIP_WRITES = 16
 _FR_OTHER, _FR_STOP, _FR_IDLE = 1, 4, 5  # kernels_nbd.FR_OTHER, FR_STOP, FR_IDLE (kept here: importing kernels_nbd loads numba)
 
 
@@ -389,6 +391,21 @@ class Session(Handshake, RequestHandling):
             sent = sendmsg(out[:_IOV_MAX])
 
     # ================================================================= transmission
+    def _compiled_head(self, writes: bool) -> bool:
+        """Whether the request at the head of the buffer (a whole header is there) is one the compiled
+        loop may serve: a READ, or -- with ``writes`` -- a WRITE (the loop checks the rest)."""
+        rbuf = self._rbuf
+        p = self._rpos
+        return not rbuf[p + 6] and (not rbuf[p + 7] or (writes and rbuf[p + 7] == _CMD_WRITE))
+
+    def _handed_back_plain_write(self) -> bool:
+        """Whether the compiled loop stopped at a WRITE without flags (one it could not do in place:
+        the next ones at the head skip it for a while -- a FUA write says nothing about them)."""
+        rbuf = self._rbuf
+        p = self._rpos
+        return (self._rend - p >= _HDR and not (rbuf[p + 4] or rbuf[p + 5] or rbuf[p + 6])
+                and rbuf[p + 7] == _CMD_WRITE)
+
     def _transmission(self) -> None:
         with _transmitting_lock:
             _transmitting[0] += 1
@@ -403,8 +420,9 @@ class Session(Handshake, RequestHandling):
                 compiled.close()
 
     def _transmit(self, compiled: CompiledReads | None = None) -> None:
-        """The transmission loop.  With ``compiled`` (:mod:`thinpool.nbd.readloop`), plain READs are
-        served by the compiled read loop without the GIL; it returns here for every other request."""
+        """The transmission loop.  With ``compiled`` (:mod:`thinpool.nbd.readloop`), plain READs and
+        in-place WRITEs are served by the compiled loop without the GIL; it returns here for every
+        other request."""
         export = self.export
         assert export is not None
         stopping = self.ctx.stopping
@@ -420,6 +438,9 @@ class Session(Handshake, RequestHandling):
         unpack = _REQUEST.unpack_from
         rbuf = self._rbuf
         compiled_waits = False  # whether the compiled loop waits for the next request (after READs)
+        # a plain WRITE the compiled loop handed back (not in place: a first write, copy-on-write ...)
+        # makes the next _SKIP_WRITES WRITEs at the head go straight to this loop
+        wskip = 0
         pack_simple = _SIMPLE_REPLY.pack
         pack_data = _DATA_CHUNK_HEADER.pack
         deadline: float | None = None
@@ -433,13 +454,13 @@ class Session(Handshake, RequestHandling):
                 if time.monotonic() > deadline or (self._rend == self._rpos and not self._busy_poll.poll(0)):
                     raise Disconnect("server shutting down")
             if compiled is not None and not stopping.is_set() and (
-                    not (rbuf[self._rpos + 6] or rbuf[self._rpos + 7]) if self._rend - self._rpos >= _HDR
+                    self._compiled_head(writable and not wskip) if self._rend - self._rpos >= _HDR
                     else compiled_waits):
-                # a READ at the head, or nothing yet after READs: the compiled loop serves READs until a
-                # request for this loop (or a wait it leaves to it)
+                # a READ (or WRITE) at the head, or nothing yet after such requests: the compiled loop
+                # serves them until a request for this loop (or a wait it leaves to it)
                 self._flush_out()
                 code = compiled.run(SPIN_NS, CONTENDED_NS, SPIN_BACKOFF_NS, _transmitting,
-                                    structured, read_flags, dense, size)
+                                    structured, read_flags, dense, size, writable)
                 if code is None:
                     compiled.close()
                     compiled = None
@@ -447,13 +468,15 @@ class Session(Handshake, RequestHandling):
                     raise Disconnect(self._timeout_reason(True))
                 elif code == _FR_STOP:
                     continue  # the stopping checks above
-                # stopped at a request for this loop: wait here for the next one (a connection that
-                # writes does not go through the compiled loop for every request)
+                elif code == _FR_OTHER and self._handed_back_plain_write():
+                    wskip = _SKIP_WRITES
+                # stopped at a request for this loop: wait here for the next one (a connection whose
+                # requests the loop hands back does not go through it for every request)
                 compiled_waits = code != _FR_OTHER
             if self._rend - self._rpos < _HDR:
                 self._fill(_HDR, idle=not stopping.is_set())
-                if compiled is not None and not (rbuf[self._rpos + 6] or rbuf[self._rpos + 7]):
-                    compiled_waits = True  # a READ again: to the compiled loop
+                if compiled is not None and self._compiled_head(writable and not wskip):
+                    compiled_waits = True  # a request for the compiled loop again
                     continue
             magic, flags, type_, handle, offset, length = unpack(self._rbuf, self._rpos)
             if magic != _REQUEST_MAGIC:
@@ -482,6 +505,8 @@ class Session(Handshake, RequestHandling):
                     continue
                 payload = b""
             elif type_ == _CMD_WRITE:
+                if wskip:
+                    wskip -= 1
                 if length > _MAX_PAYLOAD:
                     raise Disconnect(f"WRITE of {length} bytes exceeds {_MAX_PAYLOAD}")
                 payload = self._recv(length) if length else b""
