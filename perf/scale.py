@@ -437,24 +437,41 @@ rows built and printed in Python (about 1 s) (profiled with cProfile at load 4).
 names in a sorted, paged name index (675 pages of 4 KiB for 100,000 names, each page a run of the name
 order with its names' device-table slots), one 16-byte record per device slot (generation, external
 origin) and a small JSON part (origins, records, the index's page order: 11 KB here); until then it was
-one 6 MB JSON document that `snapshot` parsed, extended and wrote again and `ls` parsed. `status` reads
-the device table and the page maps and no name; what is left is the CLI's start (about 2x `python -c
-pass`: click and the command modules). `snapshot` reads the JSON part, one name index page (the origin's
-name and the new name are looked up there; a second page when they fall in two) and one page of slot
-records, and writes those pages (two index pages and the JSON part's last page when the page splits):
-its cost no longer grows with the number of volumes; the device table it still reads whole (6.4 MB: the
-first free slot and the device ids in use are searched in it). `ls` reads every index page and the
-device table, and prints 100,000 lines from columns (a list per field built by C loops over the
-records and the pages, one `%` template per line): about {v('S10d', 'cpu_ratio')}x `python -c pass` of
-CPU, of which the CLI's start is about 2x; the rest is the 100,000 lines themselves (about 2 us each in
-Python), which is what keeps S10d short of 3x.
+one 6 MB JSON document that `snapshot` parsed, extended and wrote again and `ls` parsed. A format-1 pool
+converts at its first commit, names an older thinpool allowed that a page cannot hold (a lone
+surrogate, more than 1,024 bytes) included: they stay in the JSON part. `status` reads the device
+table and the page maps and no name; what is left is the CLI's start: the interpreter (`python -c
+pass` itself), then click and the command modules (about 50 ms of import on this machine). `snapshot`
+reads the JSON part, one name index page (the origin's name and the new name are looked up there; a
+second page when they fall in two) and one page of slot records, and writes those pages (two index
+pages and the JSON part's last page when the page splits): its cost no longer grows with the number of
+volumes; the device table it still reads whole (6.4 MB: the first free slot and the device ids in use
+are searched in it). Until this run every command also ran `ldconfig -p` in a subprocess at start
+(`ctypes.util.find_library("c")` at the import of `hostio`, `datadev` and `poollock`: 0.19 s of wall
+time in one `-X importtime` at load 5); the C library is now loaded by its glibc name.
+
+`ls` reads every index page and the device table and prints 100,000 lines (5.8 MB) from columns (a
+list per field built by C loops, one `%` template per line). Profiled in one process at load 4-5 (CPU
+time): the interpreter's start about 40 ms (what `python -c pass` costs), imports about 50 ms, the store's
+open and page maps 13 ms, the name index 25 ms (675 pages read, their names joined and decoded at once,
+their order checked across pages), the columns 20 ms (slices of the device table when the volumes fill
+its first slots in device-id order, as here; a sort and reordering otherwise), the table 77 ms (the
+widths 14 ms, SIZE and MAPPED formatted 9 ms, the 600,000 cells' `%` conversion about 50 ms: about 80 ns
+a cell, what one `%` over the whole table also takes). The 100,000 lines' own work is thus about three
+`python -c pass` by itself, and S10d stays about {v('S10d', 'cpu_ratio')}x of CPU: 3x needs the rows
+formatted outside the interpreter (compiled code the CLI can load without numba's import), not done.
+The wall ratios move with the load: a loaded machine stretches the 60-120 ms of `python -c pass` more
+than the longer commands, so the CPU ratios are the steadier figures (two runs this session, the
+second after the `ls` and C-library changes above; load 6.1 and 3.5 at the start: status 1.84x / 3.17x wall, 2.31 / 2.58 CPU; ls 4.22x / 6.55x wall, 6.79 / 6.67 CPU;
+snapshot 2.30x / 3.15x wall, 3.04 / 3.11 CPU).
 
 **History** (quoted from earlier runs on this machine, not re-measured; wall / CPU):
 before this work, `Pool.open` of this pool took 13-39 s and peaked at 4.2 GB, `status` 5.4x, `ls`
 21x, `snapshot` 10x `python -c pass`, and `ls --usage` never finished (each snapshot walked its
 origin's mappings). First run after the open and device-table changes (load 7.5-10.8): open 5.72 s /
 1.73 s CPU, status 2.42x, ls 6.78x, snapshot 3.70x, ls --usage 16.8 s / 4.2 s CPU, export at scale 0.1
-<= 0.20x thin_dump.
+<= 0.20x thin_dump. The table before this run (catalog in one JSON document, load 11.9): status 1.16x,
+ls 12.9x / 14.3 CPU, snapshot 3.95x / 6.14 CPU, open 7.3 s.
 
 **Export (S10g, S10h).** At scale 1 (100 million distinct mappings) `export-metadata` passed 8.7 GB of
 RSS and was stopped: the exporter (`interop/binary.py`, `interop/sharing.py`) holds per-mapping numpy
