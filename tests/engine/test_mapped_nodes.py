@@ -199,3 +199,39 @@ def test_a_bitmap_that_disagrees_with_its_overflow_counts_is_reported_when_the_c
     over[1, 1200 - RC_PER_PAGE] = 4
     space = DataSpaceMap(np.zeros(K.ST_SIZE, np.int64), nr, stored)
     assert space.data_rc[[0, 1, 1200]].tolist() == [7, 1, 4] and space.live_page_count() == 2
+
+
+def test_a_damaged_dense_leaf_page_both_commits_use_is_an_error_naming_its_block(tmp_path, mapped, monkeypatch):
+    """A page no commit can do without: MetadataCorrupt naming the array and the block, as the read
+    path reports it (tests/crash/test_corruption.py covers that path)."""
+    _pool(tmp_path / "p")
+    with _open(tmp_path / "p", True, monkeypatch) as pool:
+        pool.thin("b").write_many(np.arange(3000, 3100, dtype=np.int64) * BS, ONE[:100])  # a second commit
+    with _open(tmp_path / "p", True, monkeypatch, read_only=True) as pool:
+        slot = int(np.flatnonzero(pool._leaf_disk.mapped)[0])
+        block = pool.store.locs[nodestore.LEAVES.dense_array][slot] >> 32
+    with open(tmp_path / "p" / "metadata", "r+b") as f:  # a leaf of origin "a": both commits use it
+        f.seek(block * 4096 + 8)
+        f.write(b"\x5a" * 8)
+    with pytest.raises(MetadataCorrupt, match=f"leaf_dense: bad checksum in metadata block {block}") as exc:
+        Pool.open(tmp_path / "p", read_only=True)
+    assert exc.value.block == block
+
+
+@pytest.mark.parametrize("why", ["mmap fails", "too many runs"])
+def test_an_open_that_cannot_map_reads_the_pages_instead(tmp_path, mapped, monkeypatch, why):
+    from thinpool import mdstore
+    _pool(tmp_path / "p")
+    with _open(tmp_path / "p", False, monkeypatch, read_only=True) as r:
+        want = _state(r), r.nodes_map.leaves[r.nodes_map.leaf_rc > 0].copy()
+    if why == "mmap fails":
+        monkeypatch.setattr(mdstore, "map_private", lambda *a: False)
+    else:
+        monkeypatch.setattr(mdstore.MetadataStore.map_into, "__defaults__", (0,))
+    monkeypatch.setattr(nodestore, "MAP_NODES", True)
+    with Pool.open(tmp_path / "p") as pool:
+        assert pool._leaf_disk.mapped is None  # read, not mapped
+        assert _state(pool) == want[0]
+        assert np.array_equal(pool.nodes_map.leaves[pool.nodes_map.leaf_rc > 0], want[1])
+        pool.thin("a").write_many(np.arange(10, dtype=np.int64) * BS, ONE[:10])
+        assert pool.check().ok
