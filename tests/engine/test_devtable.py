@@ -219,3 +219,28 @@ def test_metadata_checksum_is_crc32c() -> None:
     for _ in range(20):
         page = rng.integers(0, 256, 4096, dtype=np.uint8).tobytes()
         assert checksum(page) == crc32c.crc32c(page)
+
+
+def test_the_next_device_id_is_checked_in_use_by_a_byte_search_that_matches_only_dev_id_fields(tmp_path):
+    """``snapshot`` asks whether its next device id is in use with a byte search of the device table
+    (no set of every id): it answers as the set of in-use ids does -- a value equal to another field
+    (a size of 512, a creation time) is not an id, a deleted volume's id is free -- and the id picked
+    skips an id in use (as dm-thin refuses a device id that exists)."""
+    from thinpool.devtable import _DevIds
+    with Pool.create(tmp_path / "p", data_size=64 * 65536, metadata_only=True) as p:
+        p.create_thin("a", 512)  # size 512: the bytes of id 512 in another field
+        for i in range(6):
+            p.snapshot("a", f"s{i}")  # creation times 1..6 in another field
+        p.snapshot("a", "taken", dev_id=9)
+        p.delete("s2")
+        gone = p.thin("s3").dev_id
+        p.delete("s3")
+        p.rename("s4", "s4b")
+    with DeviceTable.open(tmp_path / "p", read_only=False) as t:
+        in_use = set(t._dev_ids_in_use())
+        assert gone not in in_use and 9 in in_use
+        for dev_id in range(1, 600):
+            assert t._dev_id_in_use(dev_id) == (dev_id in in_use), dev_id
+        assert (9 in _DevIds(t)) and (gone not in _DevIds(t)) and (512 not in _DevIds(t))
+        t.header["next_dev_id"] = 9  # the next id is in use: the one after it is picked
+        assert t.snapshot("a", "after").dev_id == 10
