@@ -21,10 +21,26 @@ from .schema import DEV_FIELDS, DevFlag, Mode
 from .status import DISCARD_WORDS, PoolStatus
 from .units import parse_size
 
-try:
-    import orjson as _orjson
-except ImportError:  # pragma: no cover - orjson is a dependency; the standard library still works
-    _orjson = None
+_orjson: Any = False  # not imported yet (None: not installed); see _json_lib
+
+
+def _json_lib() -> Any:
+    """orjson, imported on first use (about 3 ms of import, with zoneinfo, that ``status`` never needs),
+    or None when it is not installed."""
+    global _orjson
+    if _orjson is False:
+        try:
+            import orjson
+            _orjson = orjson
+        except ImportError:  # pragma: no cover - orjson is a dependency; the standard library still works
+            _orjson = None
+    return _orjson
+
+
+#: catalogs up to this many bytes are read by the standard library (already imported by the CLI):
+#: a format-2 catalog's JSON part (origins, records, the name fence: 11 KB for 100,000 volumes) parses
+#: in well under a millisecond there, less than importing orjson costs
+SMALL_JSON = 64 * 1024
 
 MIN_BLOCK_SIZE = 64 * 1024
 MAX_BLOCK_SIZE = 1 << 30
@@ -52,13 +68,16 @@ MAX_DEV_ID = (1 << 24) - 1
 
 
 def catalog_dumps(catalog: Mapping[str, Any]) -> bytes:
-    """The catalog as stored (JSON, UTF-8).  orjson when installed: a pool of 100,000 volumes has a
-    6 MB catalog, which the standard library takes 0.1-0.7 s to write and orjson 10 ms (every
-    snapshot rewrites it; docs/performance.md, S10); the standard library otherwise, or for what
-    orjson refuses (a name with a lone surrogate).  Either's output is read by both."""
-    if _orjson is not None:
+    """The catalog as stored (JSON, UTF-8).  orjson when installed: a format-1 pool of 100,000 volumes
+    has a 6 MB catalog, which the standard library takes 0.1-0.7 s to write and orjson 10 ms
+    (docs/performance.md, S10), and a format-2 catalog's JSON part holds the snapshotter's records;
+    the standard library otherwise, or for what orjson refuses (a name with a lone surrogate).
+    Either's output is read by both; :class:`~thinpool.pool.Pool` and
+    :class:`~thinpool.devtable.DeviceTable` both write through here, so they commit the same bytes."""
+    lib = _json_lib()
+    if lib is not None:
         try:
-            return _orjson.dumps(catalog)
+            return lib.dumps(catalog)
         except TypeError:
             pass
     import json
@@ -66,11 +85,13 @@ def catalog_dumps(catalog: Mapping[str, Any]) -> bytes:
 
 
 def catalog_loads(raw: bytes) -> dict[str, Any]:
-    """The catalog from its stored bytes (:func:`catalog_dumps`); ValueError if it is not JSON."""
-    if _orjson is not None:
+    """The catalog from its stored bytes (:func:`catalog_dumps`); ValueError if it is not JSON.  A
+    small document (:data:`SMALL_JSON`) is read by the standard library, a large one by orjson."""
+    lib = _json_lib() if len(raw) > SMALL_JSON else None
+    if lib is not None:
         try:
-            return _orjson.loads(raw)
-        except _orjson.JSONDecodeError:
+            return lib.loads(raw)
+        except lib.JSONDecodeError:
             pass  # the standard library's verdict (and error) below: it also reads what orjson refuses
     import json
     return json.loads(raw)

@@ -123,6 +123,13 @@ def test_catalog_bytes_round_trip_and_fall_back_for_what_orjson_refuses():
     assert rules.catalog_loads(rules.catalog_dumps(odd)) == odd
     with pytest.raises(ValueError):
         rules.catalog_loads(b"{not json")
+    # a large document (a format-1 catalog) is read by orjson, a small one by the standard library: both
+    # give the same catalog, the lone surrogate included
+    big = {"volumes": {f"v{i:06d}": {"dev_id": i, "slot": i, "gen": i} for i in range(3000)} | odd["volumes"]}
+    raw = rules.catalog_dumps(big)
+    assert len(raw) > rules.SMALL_JSON and rules.catalog_loads(raw) == big
+    with pytest.raises(ValueError):
+        rules.catalog_loads(b"{" * (rules.SMALL_JSON + 1))
 
 
 def test_a_table_snapshot_rewrites_only_the_catalog_pages_that_changed(tmp_path):
