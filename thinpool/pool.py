@@ -524,7 +524,8 @@ class Pool(Transactions, DeviceOps, Features):
         names = [name] if name is not None else [self._by_dev_id[d] for d in sorted(self._by_dev_id)]
         rows = self._devs[[self._slot(n) for n in names]]
         nodes = self._nodes_map.nodes
-        counts = zeroed(self._space.nr_blocks, np.int32)  # lazily zeroed: written for the mapped blocks only
+        # lazily zeroed, written for the mapped blocks only; uint8: exclusive (1) or shared (more)
+        counts = zeroed(self._space.nr_blocks, np.uint8)
         _walks().logical_counts_into(nodes, self._roots(), counts)
         # every tree at once, each shared node summed once (100,000 snapshots of a few origins cost
         # about what the origins do: docs/performance.md, S10)

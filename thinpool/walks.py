@@ -79,9 +79,12 @@ def logical_counts(nodes, roots, nr_data_blocks):
 
 @njit(cache=True)
 def logical_counts_into(nodes, roots, counts):
-    """:func:`logical_counts` into ``counts`` (zeroes, one int32 per data block; only the entries of
-    mapped blocks are written, so a lazily zeroed array costs the pages of the blocks in use)."""
+    """:func:`logical_counts` into ``counts`` (zeroes, one integer per data block; only the entries of
+    mapped blocks are written, so a lazily zeroed array costs the pages of the blocks in use).  A count
+    stops at the largest value of ``counts``' type: with uint8 counts, which tell exclusive (1) from
+    shared (more) as well as int32 ones, 100,000,000 blocks take 100 MB instead of 400."""
     leaves, inners = nodes[0], nodes[1]
+    top = np.iinfo(counts.dtype).max
     mult_inner = np.zeros(inners.shape[0], np.int64)
     mult_leaf = np.zeros(leaves.shape[0], np.int64)
     for r in roots:
@@ -116,7 +119,9 @@ def logical_counts_into(nodes, roots, counts):
         for i in range(LEAF_ENTRIES):
             v = leaves[leaf, i]
             if v != UNMAPPED:
-                counts[mapping_block(v)] += m
+                b = mapping_block(v)
+                c = counts[b] + m
+                counts[b] = top if c > top else c
 
 
 @njit(cache=True)

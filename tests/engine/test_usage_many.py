@@ -50,3 +50,29 @@ def test_kernel_rule_thin_ls_exclusive_of_many_snapshots_equals_per_volume_walk(
         exclusive += u.exclusive_blocks
     assert exclusive > 0 and any(u.shared_blocks for u in got)
     pool.close()
+
+
+def test_kernel_rule_thin_ls_exclusive_with_counts_past_255_kept_in_one_byte(tmp_path):
+    """``Pool.usage`` counts each data block's references in one byte, stopping at 255: a block 300
+    mapping entries share is still shared, one entry's block still exclusive (int32 counts agree)."""
+    pool = Pool.create(tmp_path / "p", data_size=1024 * BS, metadata_only=True)
+    one = np.ones((20, 1), np.uint8)
+    with pool.batch():
+        pool.create_thin("o", "1GiB").write_many(np.arange(20, dtype=np.int64) * BS, one)
+        for i in range(299):
+            pool.snapshot("o", f"s{i}")
+        pool.thin("s5").write_many(np.arange(3, dtype=np.int64) * BS, one[:3])  # 3 blocks of its own
+    nodes = pool.nodes_map.nodes
+    in_use = (pool.devs["flags"] & DevFlag.IN_USE) != 0
+    roots = pool.devs["root"][in_use].astype(np.int64)
+    wide = W.logical_counts(nodes, roots, pool.nr_data_blocks)
+    narrow = np.zeros(pool.nr_data_blocks, np.uint8)
+    W.logical_counts_into(nodes, roots, narrow)
+    assert wide.max() == 300 and np.array_equal(narrow, np.minimum(wide, 255))
+    got = {u.name: u for u in pool.usage()}
+    assert (got["s5"].exclusive_blocks, got["s5"].shared_blocks) == (3, 17)
+    assert (got["o"].exclusive_blocks, got["s0"].exclusive_blocks) == (0, 0)
+    for u in got.values():
+        (root,) = pool.devs["root"][in_use & (pool.devs["dev_id"] == u.dev_id)].tolist()
+        assert (u.mapped_blocks, u.exclusive_blocks) == tuple(int(x) for x in W.device_usage(nodes, root, wide)[:2])
+    pool.close()
