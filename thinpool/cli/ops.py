@@ -383,15 +383,20 @@ def _table(header: list[str], rows: list[list[str]], left: int = 1, headers: boo
     return _columns_table(header, [list(col) for col in zip(*rows)] if rows else [[] for _ in header], left, headers)
 
 
-def _columns_table(header: list[str], cols: list[list[Any]], left: int = 1, headers: bool = True) -> str:
+def _columns_table(header: list[str], cols: list[list[Any]], left: int = 1, headers: bool = True,
+                   cells: list[Iterable[str] | None] | None = None) -> str:
     """:func:`_table` from columns (each a list of cells: strings, or ints printed as ``str`` prints
     them): one ``%`` template per row, its widths the columns' (C loops over the columns; no per-cell
-    padding or conversion step)."""
+    padding or conversion step).  ``cells``: for a string column, its distinct cells if the caller
+    knows them (its width is theirs: a column of 100,000 cells with a few distinct ones is not
+    measured cell by cell)."""
     if not cols or not (cols[0] or headers):
         return ""
     ints = [bool(col) and type(col[0]) is int for col in cols]
-    widths = [max((max(len(str(max(col))), len(str(min(col)))) if is_int else max(map(len, col), default=0)),
-                  len(h) if headers else 0) for h, col, is_int in zip(header, cols, ints)]
+    distinct = cells or [None] * len(cols)
+    widths = [max((max(len(str(max(col))), len(str(min(col)))) if is_int else
+                   max(map(len, col if few is None else few), default=0)), len(h) if headers else 0)
+              for h, col, is_int, few in zip(header, cols, ints, distinct)]
     fmt = "  ".join(f"%{'-' if i < left else ''}{w}{'d' if is_int else 's'}"
                     for i, (w, is_int) in enumerate(zip(widths, ints)))
     lines: Iterable[str] = map(fmt.__mod__, zip(*cols))
@@ -421,11 +426,13 @@ def render_volume_columns(columns: dict[str, list[Any]], headers: bool = True) -
     header = ["NAME", "DEV", "SIZE", "MAPPED"] + (["EXCLUSIVE", "SHARED"] if usage else []) + \
         ["CREATE_TIME", "SNAP_TIME"]
 
-    def col(key: str, fmt: Callable[[Any], str] = str) -> list[str]:
-        values = columns[key]
-        if fmt is not str:  # each distinct value formatted once (100,000 snapshots share a few sizes)
-            fmt = {v: fmt(v) for v in set(values)}.__getitem__
-        return list(map(fmt, values))
+    distinct: list[Iterable[str] | None] = [None, None]  # (NAME, DEV)
+
+    def col(key: str, fmt: Callable[[Any], str]) -> list[str]:
+        # each distinct value formatted once (100,000 snapshots share a few sizes)
+        cells = {v: fmt(v) for v in set(columns[key])}
+        distinct.append(cells.values())
+        return list(map(cells.__getitem__, columns[key]))
 
     names = columns["name"]
     if any(columns["read_only"]):
@@ -434,10 +441,12 @@ def render_volume_columns(columns: dict[str, list[Any]], headers: bool = True) -
     if usage:
         cols += [col("exclusive_bytes", format_size), col("shared_bytes", format_size)]
     cols += [columns["creation_time"], columns["snap_time"]]
+    distinct += [None, None]
     if any(o is not None for o in columns.get("external_origin", ())):
         header.append("EXTERNAL_ORIGIN")
         cols.append(["-" if o is None else o for o in columns["external_origin"]])
-    return _columns_table(header, cols, headers=headers)
+        distinct.append(None)
+    return _columns_table(header, cols, headers=headers, cells=distinct)
 
 
 def render_ls(r: dict[str, Any]) -> str:
