@@ -427,8 +427,9 @@ read into one buffer, then copied twice while decoding); then 7.3 s wall / 1.99 
 is now {v('S10b', 'peak_MiB')} MiB.
 
 **`ls --usage` (S10f)** is that open, numba's import and the walk kernels loaded from the cache (about
-1 s of CPU, the largest part), one count per data block over all trees (`walks.logical_counts`,
-linear in distinct nodes: 0.37 s, 400 MB of counts written), then every volume's MAPPED/EXCLUSIVE in
+1 s of CPU, the largest part), one count per data block over all trees (`walks.logical_counts_into`,
+linear in distinct nodes: about 0.35 s; a byte per block, enough to tell exclusive from shared: 100 MB
+written where int32 counts wrote 400 MB), then every volume's MAPPED/EXCLUSIVE in
 one pass that sums each shared node once (`walks.usage_of_roots`, 0.08 s; before, each of the 100,000
 snapshots walked its origin's 25 million mappings: 2.5 * 10^12 entries, never finishing) and 100,000
 rows built and printed in Python (about 1 s) (profiled with cProfile at load 4).

@@ -68,6 +68,13 @@ def test_a_mapped_open_gives_what_the_read_open_gives(tmp_path, mapped, monkeypa
         assert np.array_equal(m.space.data_rc, r.space.data_rc)
         assert _state(m) == _state(r)
         assert [u.as_dict() for u in m.usage()] == [u.as_dict() for u in r.usage()]
+        dm, dr = m.to_metadata(), r.to_metadata()  # the same dump (export-metadata's IR)
+        assert dm.superblock == dr.superblock and len(dm.devices) == len(dr.devices) == 6
+        for a, b in zip(dm.devices, dr.devices):
+            assert (a.dev_id, a.mapped_blocks, a.transaction, a.creation_time, a.snap_time) == \
+                (b.dev_id, b.mapped_blocks, b.transaction, b.creation_time, b.snap_time)
+            assert all(np.array_equal(x, y) for x, y in ((a.vblocks, b.vblocks), (a.dblocks, b.dblocks),
+                                                         (a.times, b.times)))
         assert m.check().ok
 
 
