@@ -447,24 +447,32 @@ reads the JSON part, one name index page (the origin's name and the new name are
 second page when they fall in two) and one page of slot records, and writes those pages (two index
 pages and the JSON part's last page when the page splits): its cost no longer grows with the number of
 volumes; the device table it still reads whole (6.4 MB: the first free slot and the device ids in use
-are searched in it). Until this run every command also ran `ldconfig -p` in a subprocess at start
-(`ctypes.util.find_library("c")` at the import of `hostio`, `datadev` and `poollock`: 0.19 s of wall
-time in one `-X importtime` at load 5); the C library is now loaded by its glibc name.
+are searched in it; the next device id is checked by a byte search of its dev_id fields). Until this
+session every command also ran `ldconfig -p` in a subprocess at start (`ctypes.util.find_library("c")`
+at the import of `hostio`, `datadev` and `poollock`: 0.19 s of wall time in one `-X importtime` at load
+5; the C library is now loaded by its glibc name), built the device table's flag tables with enum
+operations (512 enum members, about 10 ms) and imported orjson (about 3 ms with zoneinfo; now imported
+when a catalog is written or a large one read).
 
 `ls` reads every index page and the device table and prints 100,000 lines (5.8 MB) from columns (a
 list per field built by C loops, one `%` template per line). Profiled in one process at load 4-5 (CPU
 time): the interpreter's start about 40 ms (what `python -c pass` costs), imports about 50 ms, the store's
 open and page maps 13 ms, the name index 25 ms (675 pages read, their names joined and decoded at once,
 their order checked across pages), the columns 20 ms (slices of the device table when the volumes fill
-its first slots in device-id order, as here; a sort and reordering otherwise), the table 77 ms (the
-widths 14 ms, SIZE and MAPPED formatted 9 ms, the 600,000 cells' `%` conversion about 50 ms: about 80 ns
-a cell, what one `%` over the whole table also takes). The 100,000 lines' own work is thus about three
-`python -c pass` by itself, and S10d stays about {v('S10d', 'cpu_ratio')}x of CPU: 3x needs the rows
-formatted outside the interpreter (compiled code the CLI can load without numba's import), not done.
-The wall ratios move with the load: a loaded machine stretches the 60-120 ms of `python -c pass` more
-than the longer commands, so the CPU ratios are the steadier figures (two runs this session, the
-second after the `ls` and C-library changes above; load 6.1 and 3.5 at the start: status 1.84x / 3.17x wall, 2.31 / 2.58 CPU; ls 4.22x / 6.55x wall, 6.79 / 6.67 CPU;
-snapshot 2.30x / 3.15x wall, 3.04 / 3.11 CPU).
+its first slots in device-id order, as here; a sort and reordering otherwise), the table 66-73 ms (the
+widths, taken from the distinct cells for SIZE and MAPPED, and the formatting of those two, about 20 ms;
+the 600,000 cells' `%` conversion about 50 ms: about 80 ns a cell, what one `%` over the whole table
+also takes). The 100,000 lines' own work is thus about three `python -c pass` by itself, and S10d
+stays about {v('S10d', 'cpu_ratio')}x of CPU: 3x needs the rows formatted outside the interpreter (compiled code
+the CLI can load without numba's import), not done.
+The wall ratios move with the load: a loaded machine stretches the 60-190 ms of `python -c pass` more
+than the longer commands, so the CPU ratios are the steadier figures. Runs this session (`--full`,
+status / ls / snapshot, CPU ratio and wall ratio): before the `ls` and C-library changes (load 6.1)
+2.31 / 6.79 / 3.04 CPU, 1.84x / 4.22x / 2.30x wall; after them (load 3.5) 2.58 / 6.67 / 3.11, 3.17x /
+6.55x / 3.15x; with the flag tables (load 7.6) 2.60 / 6.44 / 3.05, 2.55x / 6.30x / 4.06x; with the lazy
+orjson and the widths (load 7.4-7.6, two runs on a copy of the cached pool: another session's run
+holding its lock made a `snapshot` here fail) 2.52 / 5.81 / 2.91, 1.79x / 4.03x / 1.91x and 2.37 /
+6.24 / 2.86, 1.28x / 3.72x / 1.66x (the table's row).
 
 **History** (quoted from earlier runs on this machine, not re-measured; wall / CPU):
 before this work, `Pool.open` of this pool took 13-39 s and peaked at 4.2 GB, `status` 5.4x, `ls`
