@@ -264,7 +264,8 @@ class DataSpaceMap:
         nsm, nrc = sm_pages(self.nr_blocks), len(self.data_rc) // RC_PER_PAGE
         old_layout = OLD_ARRAY in committed_locs and len(committed_locs[OLD_ARRAY]) > 0
         dirty_rc = np.arange(nrc) if old_layout else np.flatnonzero(self.rc_dirty)
-        dirty_sm = np.unique(dirty_rc // _RC_PAGES_PER_SM_PAGE)
+        q = dirty_rc // _RC_PAGES_PER_SM_PAGE  # sorted: its distinct values without np.unique's sort
+        dirty_sm = q[np.concatenate(([True], q[1:] != q[:-1]))] if len(q) > 1 else q
         sm_have = stored_at(committed_locs.get("data_sm"), dirty_sm)
         pack = _compiled_pack()
         if pack is not None:
@@ -646,6 +647,7 @@ def _disk_updates_compiled(pack: Any, rc: np.ndarray, dirty_sm: np.ndarray, sm_h
     sm_pages_out: dict[int, bytes] = {}
     over_out: dict[int, bytes] = {}
     over_dead: list[int] = []
+    sm_dead: list[int] = []
     nothing = np.zeros(0, np.int64)
     for i in range(0, max(len(dirty_sm), len(dirty_rc)), _COMPILED_CHUNK):
         sm = dirty_sm[i:i + _COMPILED_CHUNK]
@@ -655,13 +657,16 @@ def _disk_updates_compiled(pack: Any, rc: np.ndarray, dirty_sm: np.ndarray, sm_h
         over = np.empty((len(pages), RC_PER_PAGE), np.uint32)
         over_pages = np.empty(len(pages), np.int64)
         m = pack(rc, sm if len(sm) else nothing, pages if len(pages) else nothing, bitmap, used, over, over_pages)
-        for k in np.flatnonzero(used).tolist():
-            sm_pages_out[int(sm[k])] = bitmap[k].tobytes()
+        for k, (p, u, have) in enumerate(zip(sm.tolist(), used.tolist(), sm_have[i:i + _COMPILED_CHUNK].tolist())):
+            if u:
+                sm_pages_out[p] = bitmap[k].tobytes()
+            elif have:
+                sm_dead.append(p)
         for k, p in enumerate(over_pages[:m].tolist()):
             over_out[p] = over[k].tobytes()
-        gone = np.setdiff1d(pages, over_pages[:m], assume_unique=True)
-        over_dead += gone[stored_at(over_locs, gone)].tolist()
-    sm_dead = dirty_sm[(sm_have != 0) & ~np.isin(dirty_sm, list(sm_pages_out))].tolist()
+        if m < len(pages):  # count pages without an overflow count now (the kernel keeps their order)
+            gone = pages if m == 0 else pages[~np.isin(pages, over_pages[:m], assume_unique=True)]
+            over_dead += gone[stored_at(over_locs, gone)].tolist()
     return {"data_sm": PageUpdates(nsm, sm_pages_out, dead=sm_dead),
             "data_rc_over": PageUpdates(nrc, over_out, dead=over_dead)}
 
@@ -677,7 +682,7 @@ def stored_at(locs: Any, pages: np.ndarray) -> np.ndarray:
     looking up those pages only."""
     pages = np.asarray(pages, np.int64)
     out = np.zeros(len(pages), bool)
-    if locs is not None and len(locs) and len(pages):
+    if locs is not None and len(pages) and len(locs):
         all_locs = np.frombuffer(memoryview(locs).cast("B"), np.uint64)
         ok = pages < len(all_locs)
         out[ok] = (all_locs[pages[ok]] >> np.uint64(32)) != 0

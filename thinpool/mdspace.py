@@ -213,10 +213,18 @@ class MetadataSpace:
             else:
                 state[b] = v
 
+    _floor: tuple[Any, int] | None = None  # (the page maps it was counted for, commit_floor)
+
     def commit_floor(self) -> int:
         """Fresh blocks a small commit may need: a page and its page-map page in every array with a
-        stored page, and the directory (the least metadata reserve that lets such a commit through)."""
-        return 2 * sum(1 for pml in self.pm_locs.values() if any(pml)) + max(1, len(self.dir_locs))
+        stored page, and the directory (the least metadata reserve that lets such a commit through).
+        Counted once per committed state (the pool asks twice per commit)."""
+        cached = self._floor
+        if cached is not None and cached[0] is self.pm_locs:
+            return cached[1]
+        n = 2 * sum(1 for pml in self.pm_locs.values() if any(pml)) + max(1, len(self.dir_locs))
+        self._floor = (self.pm_locs, n)
+        return n
 
     def estimate_commit_blocks(self, arrays: dict[str, Any]) -> int:
         """Upper bound of fresh blocks a commit of ``arrays`` needs."""

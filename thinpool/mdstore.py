@@ -48,6 +48,8 @@ from .mdspace import _NP_MIN, _PROTECTED, _USED, MetadataSpace, _mark, _zeros
 
 #: the committed header's fields a held metadata snapshot keeps (its superblock copy)
 HELD_SUPERBLOCK_FIELDS = ("time", "transaction_id", "needs_check")
+#: the superblock's JSON encoder (what ``json.dumps(header, separators=(",", ":"))`` gives, made once)
+_SB_JSON = json.JSONEncoder(separators=(",", ":"))
 #: pages joined into one ``pwrite`` at most (4 MiB)
 _RUN_PAGES = 1024
 
@@ -540,17 +542,17 @@ class MetadataStore(MetadataSpace):
         return ("{" + ", ".join(parts) + "}").encode()
 
     def _write_superblock(self, generation: int, header: dict[str, Any]) -> None:
-        body = json.dumps(header, separators=(",", ":")).encode()
+        body = _SB_JSON.encode(header).encode()
         if len(body) > BLOCK - _SB_HEADER.size:
             raise MetadataSpaceExhausted(f"{self.path}: superblock header too large ({len(body)} bytes)")
         raw = bytearray(BLOCK)
         _SB_HEADER.pack_into(raw, 0, 0, MAGIC, FORMAT_VERSION, generation, len(body))
         raw[_SB_HEADER.size:_SB_HEADER.size + len(body)] = body
-        struct.pack_into("<I", raw, 0, checksum(bytes(raw[4:])))
+        struct.pack_into("<I", raw, 0, _crc32c(memoryview(raw)[4:]))
         where = (generation % SUPERBLOCKS) * BLOCK
         old = os.pread(self.fd, BLOCK, where)
         try:
-            write_all(self.io.pwrite, self.fd, bytes(raw), where, self.path)
+            write_all(self.io.pwrite, self.fd, raw, where, self.path)
         except HostIOError:
             # part of it may be stored (and a prefix can verify): put the slot back as it was, so the
             # failed commit cannot surface later; if even that fails, only a reopen may commit again

@@ -56,6 +56,8 @@ __all__ = ["ARRAYS", "DENSE", "DENSE_ARRAY", "GROUPS_ARRAY", "INNERS", "Kind", "
 GROUPS_ARRAY = "leaf_groups"
 #: the arrays a pool's open reads straight into the nodes' rows (:func:`open_nodes`)
 ARRAYS = (LEAVES.dense_array, INNERS.dense_array)
+#: dirty nodes up to which a commit sorts them out in Python lists (:meth:`NodeDisk.updates`)
+_FEW = 16
 #: nodes of at least this many bytes are loaded by mapping the dense nodes' pages from the file, or
 #: into memory mapped in at once when that cannot be done (:func:`open_nodes`)
 POPULATE_MIN = 1 << 24
@@ -143,12 +145,18 @@ class NodeDisk:
         kind = self.kind
         self._settle()
         n = len(nodes)
-        stored = np.full(n, -1, np.int32)
-        keep = min(n, len(self.stored))
-        stored[:keep] = self.stored[:keep]
         dirty = np.arange(n) if self.convert else np.flatnonzero(dirty_flags[:n])
         if self.mapped is not None:  # the blocks of the dirty dense pages are released by this commit
             _privatize(nodes, dirty, self.mapped)
+        if len(dirty) == 0 and n == len(self.stored):  # no node changed: no page, the same store
+            return {kind.dense_array: _Pages(n, nodes, (), {}, ()),
+                    kind.pack_array: _Pages(self.npages, None, (), {}, ())}, self
+        if n == len(self.stored):
+            stored = self.stored.copy()
+        else:
+            stored = np.full(n, -1, np.int32)
+            keep = min(n, len(self.stored))
+            stored[:keep] = self.stored[:keep]
         new = np.empty(len(dirty), np.int32)
         hole = nodes.dtype.type(kind.hole)
         kp = _compiled()
@@ -160,10 +168,16 @@ class NodeDisk:
             count[rc[slots] == 0] = 0
             new[i:i + _CHUNK] = np.where(count == 0, -1, np.where(count > kind.dense, MARK, count))
         old = stored[dirty]
-        own = dirty[new == MARK]
-        dead_own = dirty[(old == MARK) & (new != MARK)]
-        changed = dirty[~(((old == MARK) & (new == MARK)) | ((old == -1) & (new == -1)))]
         stored[dirty] = new
+        if len(dirty) <= _FEW:  # a few nodes (a small commit): Python lists cost less than numpy steps
+            trio = list(zip(dirty.tolist(), old.tolist(), new.tolist()))
+            own = [d for d, _o, w in trio if w == MARK]
+            dead_own = [d for d, o, w in trio if o == MARK and w != MARK]
+            changed = np.array([d for d, o, w in trio if not (o == w and o in (MARK, -1))], np.int64)
+        else:
+            own = dirty[new == MARK]
+            dead_own = dirty[(old == MARK) & (new != MARK)]
+            changed = dirty[~(((old == MARK) & (new == MARK)) | ((old == -1) & (new == -1)))]
         packed, dead_packs, after = self._repack(nodes, stored, changed)
         after.mapped = self.mapped
         out: dict[str, Any] = {
@@ -181,35 +195,44 @@ class NodeDisk:
         :func:`thinpool.nodepacks.repack` (the same pages)."""
         kind, kp = self.kind, _compiled()
         packed: dict[int, Any] = {}
+        changed = changed.astype(np.int64, copy=False)
         if kp is None:
             packed, gone, new_keys, new_pos, new_size, rel = nodepacks.repack(
                 kind, self.keys, self.pos, self.npages, nodes, stored, changed)
             released = np.array(rel, np.int64)
         else:
             slots, nrec, new_keys, new_pos, new_size, gone, released = kp.plan_repack(
-                stored, self.keys, self.pos, self.npages, changed.astype(np.int64), kind.width + 2)
+                stored, self.keys, self.pos, self.npages, changed, kind.width + 2)
         if kp is not None and len(nrec):
             out = np.empty((len(nrec), BLOCK // 2), np.uint16)
             bad = kp.encode_packs(_words(nodes), kind.width // 4, slots, stored[slots].astype(np.int64), nrec,
-                                  kind.tag, out, self.packs, self.pos[gone], changed.astype(np.int64))
+                                  kind.tag, out, self.packs, self.pos[gone], changed)
             assert bad < 0, f"{kind.name} records out of step with the nodes (slot {int(slots[bad])})"
             packed = {p: memoryview(out[i]).cast("B") for i, p in enumerate(new_pos.tolist())}
-        keys = np.concatenate([self.keys[~gone], new_keys])
-        pos = np.concatenate([self.pos[~gone], new_pos])
-        size = np.concatenate([self.size[~gone], new_size])
-        order = np.argsort(keys, kind="stable")
+        keep = ~gone
+        keys = np.concatenate([self.keys[keep], new_keys])
+        pos = np.concatenate([self.pos[keep], new_pos])
+        size = np.concatenate([self.size[keep], new_size])
+        if len(keys) > 1 and not (keys[1:] > keys[:-1]).all():
+            order = np.argsort(keys, kind="stable")
+            keys, pos, size = keys[order], pos[order], size[order]
         npages = int(pos.max()) + 1 if len(pos) else 0
-        after = NodeDisk(kind, stored, keys[order], pos[order], size[order], npages, None, self.packs,
-                         list(packed.items()))
-        return packed, released[released < npages].tolist(), after
+        after = NodeDisk(kind, stored, keys, pos, size, npages, None, self.packs, list(packed.items()))
+        return packed, (released[released < npages].tolist() if len(released) else []), after
+
+_KERNELS: list[Any] = []  # kernels_pages, once a commit found numba loaded
+
 
 def _compiled() -> Any:
     """:mod:`thinpool.kernels_pages` when this process has loaded numba (any kernel call does), else
     None: a commit needs only numpy, and the numpy path (:func:`thinpool.nodepacks.repack`) writes
     the same pages."""
+    if _KERNELS:
+        return _KERNELS[0]
     if "numba" not in sys.modules or sys.byteorder != "little":  # (the kernels write little-endian)
         return None
     from . import kernels_pages
+    _KERNELS.append(kernels_pages)
     return kernels_pages
 
 

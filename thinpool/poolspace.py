@@ -282,6 +282,9 @@ def release_pending(pool: "Pool", freed: np.ndarray) -> None:
     become pending (with any whose punch failed, which are retried)."""
     sp = pool._space
     released = sp.pending
+    if len(released) == 0 and len(freed) == 0:  # nothing pending, nothing freed (most commits)
+        pool._unpunched = released
+        return
     released = released[sp.data_rc[released] == 0]
     punch = released if punch_freed_blocks(pool) else sp.to_punch(released)
     unpunched = punch_released(pool, punch)
