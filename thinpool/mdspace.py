@@ -50,19 +50,23 @@ def _mark_locs(state: bytearray, locs: Any, bits: int) -> None:
 _NP_MIN = 32
 
 
-def _allocate_np(np: Any, state: bytearray, undo: list | None, count: int, path: str, nr_blocks: int) -> list[int]:
-    """:meth:`MetadataSpace._allocate` with numpy: the ``count`` lowest zero bytes of ``state``, found
-    in windows of growing size (the used blocks are mostly at the front), marked used."""
+def _allocate_np(np: Any, state: bytearray, undo: list | None, count: int, path: str, nr_blocks: int,
+                 start: int = 0) -> list[int]:
+    """:meth:`MetadataSpace._allocate` with numpy: the ``count`` lowest zero bytes of ``state`` at or
+    after ``start`` (then the lowest before it), found in windows of growing size (the used blocks are
+    mostly at the front), marked used."""
     view = np.frombuffer(state, np.uint8)
     try:
-        found, need, pos, win, n = [], count, 0, max(4096, 4 * count), len(view)
-        while need and pos < n:
-            z = np.flatnonzero(view[pos:pos + win] == 0)[:need]
-            if len(z):
-                found.append(z + pos)
-                need -= len(z)
-            pos += win
-            win *= 2
+        found, need = [], count
+        for lo, hi in ((start, len(view)), (0, start)):
+            pos, win = lo, max(4096, 4 * count)
+            while need and pos < hi:
+                z = np.flatnonzero(view[pos:min(pos + win, hi)] == 0)[:need]
+                if len(z):
+                    found.append(z + pos)
+                    need -= len(z)
+                pos += win
+                win *= 2
         if need:  # nothing changed yet
             raise MetadataSpaceExhausted(
                 f"{path}: out of metadata space ({nr_blocks} blocks, {count - need} free, {count} needed "
@@ -99,6 +103,7 @@ class MetadataSpace:
     _tail: int | None
     _tail_released: int
     _undo: list[tuple[int, int]] | None  # in a commit: (block, state before) of every change, to undo
+    _hint: int = 0  # where _allocate looks for a free block first (see _reserve_run)
 
     @property
     def state(self) -> bytearray:
@@ -142,20 +147,43 @@ class MetadataSpace:
         undo = self._undo
         np = sys.modules.get("numpy")
         if np is not None and count >= _NP_MIN:
-            return _allocate_np(np, state, undo, count, self.path, self.nr_blocks)
+            out = _allocate_np(np, state, undo, count, self.path, self.nr_blocks, self._hint)
+            self._hint = out[-1] + 1 if out else self._hint
+            return out
         out = []
-        pos = 0
+        pos = self._hint
         for _ in range(count):
-            pos = state.find(0, pos)
-            if pos < 0:  # (the commit puts the state back as it was)
+            found = state.find(0, pos)
+            if found < 0 and pos:  # past the run a commit reserved: the lowest free block
+                found = state.find(0)
+            if found < 0:  # (the commit puts the state back as it was)
                 raise MetadataSpaceExhausted(
                     f"{self.path}: out of metadata space ({self.nr_blocks} blocks, {state.count(0) + len(out)} "
                     f"free, {count} needed for this commit)")
             if undo is not None:
-                undo.append((pos, 0))
-            state[pos] = _USED
-            out.append(pos)
+                undo.append((found, 0))
+            state[found] = _USED
+            out.append(found)
+            pos = found + 1
+        self._hint = pos
         return out
+
+    def _reserve_run(self, need: int) -> None:
+        """Make the next allocations start at a run of ``need`` consecutive free blocks, if there is one
+        close above the lowest free block (within ``4 * need + 64`` blocks: blocks written before, not
+        fresh ones of the sparse file), so that a commit's pages go out in one write (and its flush
+        writes one range); else at the lowest free block, as without it.  Only where the allocations
+        start changes: every block handed out is still free now and unused by the last commit."""
+        self._hint = 0
+        if need <= 1:
+            return
+        state = self.state
+        first = state.find(0)
+        if first < 0:
+            return
+        run = state.find(bytes(need), first, first + 5 * need + 64)
+        if run > 0:
+            self._hint = run
 
     def _resized(self, locs: array | None, n: int) -> array:
         """A location array grown (zeros) or shrunk (releasing the dropped pages' blocks) to ``n``."""

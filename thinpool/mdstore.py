@@ -431,6 +431,8 @@ class MetadataStore(MetadataSpace):
         # what the commit changes in the block-state map, to put back if it fails: (block, old state)
         self._undo = [] if self._tail is None else None
         try:
+            if self._tail is None:
+                self._reserve_run(self._blocks_wanted(arrays))
             pages_count = {k: int(v) for k, v in self.header.get("pages", {}).items()}
             for name, pa in arrays.items():
                 npages = pa.npages
@@ -498,11 +500,12 @@ class MetadataStore(MetadataSpace):
             self._write_superblock(self.generation + 1, header)
         except BaseException:
             self._queued = []
+            self._hint = 0
             if self._undo is not None and self._state is not None:
                 self._undo_changes(self._undo)
             self._tail, self._undo = None, None
             raise
-        self._tail, self._undo = None, None
+        self._tail, self._undo, self._hint = None, None, 0
         self.generation += 1
         self.header = header
         self.locs, self.pm_locs, self.dir_locs = new_locs, new_pm, dir_locs
@@ -527,6 +530,16 @@ class MetadataStore(MetadataSpace):
         finally:
             del view  # the array must not stay exported
         return d.tolist()
+
+    def _blocks_wanted(self, arrays: dict[str, Any]) -> int:
+        """About how many fresh blocks a commit of ``arrays`` writes: its dirty pages, a page-map page
+        per run of them within one page map, the directory (where :meth:`_reserve_run` looks for room)."""
+        n = max(1, len(self.dir_locs))
+        for pa in arrays.values():
+            dirty = pa.dirty
+            if dirty:
+                n += len(dirty) - len(pa.dead) + (max(dirty) // PM_ENTRIES - min(dirty) // PM_ENTRIES + 1)
+        return n
 
     def _directory(self, pm_locs: dict[str, array]) -> bytes:
         """The directory's JSON (what ``json.dumps`` of the page maps' locations gives), each array's
