@@ -75,6 +75,9 @@ def test_failed_commit_of_many_pages_puts_every_block_state_back(tmp_path, monke
         _write(v, rng.permutation(8192 * MiB // BS)[:3000], 2)  # shadows hundreds of leaves
         st = pool._store
         before = bytes(st.state)
+        # the commit's pages go to one run of free blocks (MetadataSpace._reserve_run): written 16 pages
+        # a pwrite here, so that a failure can come after some of them
+        monkeypatch.setattr(mdstore, "_RUN_PAGES", 16)
         monkeypatch.setattr(mdstore.MetadataStore, "io", _FailAfter(after))
         with pytest.raises(HostIOError):
             pool.commit()
