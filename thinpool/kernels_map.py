@@ -110,12 +110,14 @@ def find_free_data_block(space, st):
     c = st[ST_CURSOR]
     if c >= n:
         c = 0
-    for i in range(n):
-        b = c + i
-        if b >= n:
-            b -= n
+    # two plain loops (cursor to end, then start to cursor) and unsigned indices: no wrap test and no
+    # negative-index fix-up per block scanned
+    for b in range(np.uint64(c), np.uint64(n)):
         if data_rc[b] == 0 and (freed_txn[b] & BLOCK_STATE) == 0:
-            return b
+            return np.int64(b)
+    for b in range(np.uint64(0), np.uint64(c)):
+        if data_rc[b] == 0 and (freed_txn[b] & BLOCK_STATE) == 0:
+            return np.int64(b)
     return -1
 
 
