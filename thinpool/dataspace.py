@@ -461,11 +461,21 @@ class StoredCounts:
         self.nr_blocks, self.cap = nr_blocks, cap
         self.sm_idx, self.sm_pages, self.over_idx, self.over_rows = sm_idx, sm_pages, over_idx, over_rows
 
+    def _whole(self, end: int) -> tuple[int, np.ndarray]:
+        """(k, bytes): the first ``k`` stored pages, whole pages that end at or before block ``end``,
+        as one array (the pages after them are looked at one by one)."""
+        ends = (self.sm_idx + 1) * SM_PER_PAGE
+        k = int(np.searchsorted(ends, end, "right"))
+        while k and any(len(r) != BLOCK for r in self.sm_pages[:k]):
+            k = 0  # (pages the store read are whole; anything else takes the page-by-page path)
+        return k, (np.concatenate(self.sm_pages[:k]) if k else np.zeros(0, np.uint8))
+
     def used(self) -> int:
         """Blocks below ``nr_blocks`` whose bitmap count is not zero."""
-        total = 0
         n = min(self.nr_blocks, self.cap)
-        for p, raw in zip(self.sm_idx.tolist(), self.sm_pages):
+        k, whole = self._whole(n)
+        total = _nonzero_counts(whole) if k else 0
+        for p, raw in zip(self.sm_idx[k:].tolist(), self.sm_pages[k:]):
             a = p * SM_PER_PAGE
             if a >= n:
                 break
@@ -478,9 +488,10 @@ class StoredCounts:
 
     def live_count(self) -> int:
         """Count pages (1,024 blocks) holding a nonzero count, as the decoded map's ``rc_live`` counts them."""
-        total = 0
         per = RC_PER_PAGE // 4  # bitmap bytes per count page
-        for p, raw in zip(self.sm_idx.tolist(), self.sm_pages):
+        k, whole = self._whole(self.cap)
+        total = int(np.count_nonzero(whole.reshape(-1, per).any(axis=1))) if k else 0
+        for p, raw in zip(self.sm_idx[k:].tolist(), self.sm_pages[k:]):
             raw = raw[: max(0, min(len(raw), (self.cap - p * SM_PER_PAGE) // 4))]
             pad = -len(raw) % per
             rows = raw if not pad else np.concatenate([raw, np.zeros(pad, np.uint8)])
@@ -498,6 +509,15 @@ class StoredCounts:
 
 #: byte -> how many of its four two-bit counts are not zero
 _NONZERO = np.count_nonzero(_UNPACK, axis=1).astype(np.int64)
+_NONZERO8 = _NONZERO.astype(np.uint8)
+
+
+def _nonzero_counts(raw: np.ndarray) -> int:
+    """How many of the two-bit counts in the bitmap bytes ``raw`` are not zero (bit 2i of
+    ``b | b >> 1`` is set where count i of ``b`` is)."""
+    if hasattr(np, "bitwise_count"):  # numpy >= 2.0: a popcount per byte
+        return int(np.bitwise_count((raw | (raw >> 1)) & np.uint8(0x55)).sum(dtype=np.int64))
+    return int(_NONZERO8[raw].sum(dtype=np.int64))
 
 
 def load_counts(store: Any, arrays: Mapping[str, np.ndarray], nr_blocks: int,

@@ -242,3 +242,34 @@ def test_an_open_that_cannot_map_reads_the_pages_instead(tmp_path, mapped, monke
         assert np.array_equal(pool.nodes_map.leaves[pool.nodes_map.leaf_rc > 0], want[1])
         pool.thin("a").write_many(np.arange(10, dtype=np.int64) * BS, ONE[:10])
         assert pool.check().ok
+
+
+@pytest.mark.parametrize("popcount", [True, False])
+def test_stored_counts_give_the_used_blocks_and_live_pages_the_decoded_counts_give(monkeypatch, popcount):
+    """What an open reports before decoding (used blocks, live count pages) equals what the decoded
+    counts give: whole pages at once, a short last page, counts past the data device's end."""
+    from thinpool import dataspace as D
+    if not popcount and hasattr(np, "bitwise_count"):
+        monkeypatch.delattr(np, "bitwise_count")
+    rng = np.random.default_rng(3)
+    for trial in range(60):
+        nr = int(rng.integers(1, 150_000))
+        cap = D.rc_pages(nr) * RC_PER_PAGE
+        counts = np.zeros(cap, np.uint32)
+        hit = rng.choice(nr, size=int(rng.integers(0, nr)), replace=False)
+        counts[hit] = rng.choice([1, 2, 3, 7], len(hit))
+        raw = np.frombuffer(D._pack_bitmap(counts).tobytes(), np.uint8)
+        pages = [np.frombuffer(raw[i * BLOCK_BYTES:(i + 1) * BLOCK_BYTES].tobytes().ljust(BLOCK_BYTES, b"\0"),
+                               np.uint8) for i in range((len(raw) + BLOCK_BYTES - 1) // BLOCK_BYTES)]
+        keep = [i for i, pg in enumerate(pages) if pg.any()]
+        if trial % 3 == 0 and keep:  # a short last page, as a loaded array may end
+            short = int(rng.integers(1, BLOCK_BYTES))
+            pages[keep[-1]] = pages[keep[-1]][:short]
+            counts[keep[-1] * SM_PER_PAGE + 4 * short:(keep[-1] + 1) * SM_PER_PAGE] = 0  # what it no longer holds
+        over = np.flatnonzero((counts.reshape(-1, RC_PER_PAGE) >= 3).any(axis=1))
+        stored = StoredCounts(nr, cap, np.array(keep, np.int64), [pages[i] for i in keep], over,
+                              np.where(counts >= 3, counts, 0).reshape(-1, RC_PER_PAGE)[over])
+        got, live = stored.decode()
+        assert stored.used() == int(np.count_nonzero(got[:nr]))
+        assert stored.live_count() == int(live.sum())
+        assert np.array_equal(got, counts)
