@@ -549,39 +549,51 @@ nothing measurable (the kernel and the filesystem's allocation dominate).  The r
 (per call vs the Python loop in wall time) are info rows now: on this shared machine their wall-clock
 ratio moved by 2x between runs (S2b 0.44 once); P1/P2 judge the same comparison on CPU time.
 
-**Where the time of a commit goes.**  Measured 2026-12-06 (load average 1.2-2.8; CPU time per commit
-after one 4 KiB first write, flushes stubbed out, medians over 300-1,000 commits, per-stage timers and
-py-spy).  Before this round's changes a commit cost about 0.72 ms of CPU: encoding the dirty leaf
-group's pack page 210 us (the numpy encoder gathered every record's whole 4 KiB node: 131 records, half
-a MiB), the rest of the node pages' planning 200 us, the data space map's pages 70 us, the store 150 us
-(11 pages in about 10 `pwrite` calls, every array's page locations copied and the whole block-state
-map copied per commit).  Now 0.43-0.47 ms: the node pages 155 us (the plan -- runs, merges, equal-fill
-cuts, page places -- and the encoding are compiled, `kernels_pages.plan_repack` and `encode_packs`,
-about 6 and 3-25 us; an unchanged record is copied from the stored page instead of read from its node;
-the rest is numpy bookkeeping around them), the space map 80 us, the store 135 us (its pages queued and
-written in block order, one `pwrite` per run of consecutive blocks: about 4 calls; only the changed
-arrays' locations copied; an undo list instead of a copy of the block-state map; the superblock 28 us),
-and about 95 us in the pool's own commit steps (freed blocks, releasing the last commit's, the
-metadata-space checks).  CRC-32C stays with the `crc32c` package: 0.43 us per page called from Python
-against 2 us for a compiled slice-by-8 table.  A one-write commit still writes 11 pages (the pack page
-of the changed leaf, its `leaf_rc` page for a new leaf, the inner node's pack page, the data space
-map's bitmap page, the device record's page, a page-map page for each of those five arrays, the
-directory) where the floor writes one: fewer would need page-map entries of small arrays kept in the
-directory (a new metadata format), not done.  The three flushes of the pool's commit took 0.6-0.75 ms
-(data 0.31-0.41, pages 0.15-0.18, superblock 0.14-0.18) against the floor's 0.46-0.58 ms, so the
-flushes alone put CF1 at about 1.3x; CPU 0.45 ms on top gives the 2.1-2.4x measured.  **Harness fix:**
-the pool side was timed by `timed()`, which runs a full `gc.collect()` first; the collection walks
-every object and leaves the CPU caches cold, and the commit after it took 1.05 ms of CPU instead of
-0.43 (flushes stubbed out) while the floor beside it was timed warm.  CF1/CF2 now time the commit with
-the collector off but without that collection (`_timed_warm`).  Same harness, one run each, load 1.2:
-the code before this round 2.86x (1.63 ms against 0.57 ms), now 2.1-2.4x (1.09-1.22 ms against
-0.46-0.58 ms); with the old harness (load 1.8-2.8) 4.45x before, 4.62x now.  CF2 (44 pages, 10,000
-mappings) is 0.99-1.06x.  A dense commit (2,000 shadowed dense leaves, a snapshot-heavy replay's)
-spends its time writing 8 MiB of pages into fresh blocks of the sparse metadata file and flushing them
-(30-70 ms under load); its Python encoding was about 10 ms and is now the entry counts (compiled) and
-one CRC per page.  Flushing the data file in a helper thread while the pages are built was tried
-earlier and dropped (a hand-over between threads waits for a time slice under load: 8.3x the floor in
-one run).
+**Where the time of a commit goes.**  What a one-write commit writes (`tests/engine/test_commit_pages.py`
+checks it): a first write into a new leaf changes five arrays, one page each -- the leaf's pack page (the
+kernel: the shadowed btree leaf), the inner node's pack page (the kernel: the path above the leaf, the
+bottom-level root and the top-level tree's leaf), the new leaf's reference count in `leaf_rc` (the kernel:
+the metadata space map's bitmap, which counts node references), the data space map's bitmap page (the
+kernel's data space map bitmap) and the device record's page for the mapped count (the kernel: the details
+tree's leaf) -- plus a page-map page for each (the kernel: its two space maps' index blocks play that part;
+its btrees need none) and the directory (the kernel: none, its superblock holds the roots): 11 pages and
+the superblock where the kernel writes about 7 and the superblock.  A first write into a leaf that exists
+writes 7 (no inner node, no leaf count), an overwrite of a provisioned block none (the commit only flushes
+the data file); no unchanged page is written.  The five page-map pages and the directory are this
+format's own cost: keeping the page locations of small arrays and the directory in the superblock would
+make it 5 pages, a new metadata format -- not done.  The commit makes the floor's 3 flushes in the
+floor's order, each needed: the data file's before any superblock maps its new blocks, the pages' before
+the superblock that points at them, the superblock's before `commit()` returns (dm-thin-metadata.c: the
+dirty blocks, a flush, the superblock with FUA).  Changes of 2026-12-06 (afternoon): the commit's pages go
+to one run of consecutive free blocks when one lies close above the lowest free block
+(`MetadataSpace._reserve_run`), so they are one `pwrite` and the metadata flush writes one range (it was
+3-4 runs; that flush 0.158 -> 0.124 ms against the floor's 0.107, load 4-5); and less Python: CPU per
+commit with the flushes stubbed out (a hot loop of 600 commits, medians, load 4-5) 445 -> 315 us -- the
+space map's dead pages from its compiled pass's own flags (no `setdiff1d`/`isin`), no `np.unique` of
+sorted pages, `release_pending` returning at once with nothing pending or freed, a node kind with no
+dirty node skipped, a few dirty nodes sorted out in Python lists, the pack keys sorted only when out of
+order, `commit_floor` counted once per committed state, the superblock's JSON encoder made once.  What
+limits CF1 now is that CPU as the commit really runs it: each commit follows sleeps in `fdatasync`, and
+with the flushes real the commit's thread CPU is 0.62-0.82 ms (its 3 flushes' own system time included;
+the floor's thread CPU is 0.16-0.2 ms for its 3 writes and 3 flushes), against 0.3 ms in the hot loop:
+the ~0.45 ms of Python and numpy (six compiled kernels called through numba's dispatcher, ~50 numpy
+steps on small arrays) run cache-cold.  The flushes themselves are at the floor's (one run each, load
+4-5: data 0.24 vs 0.23 ms, pages 0.12 vs 0.11, superblock 0.11 vs 0.10), so CF1 is about 1 + CPU/floor:
+1.82x in the afternoon's run whose floor took 0.63 ms (1.14 ms a commit), near 1x when other jobs' I/O
+makes the flushes take several ms (0.99 with the floor at 6.2 ms).
+Two ways to overlap the CPU with the data file's flush were measured and dropped: a helper thread
+(earlier: a hand-over waits for a time slice under load, 8.3x the floor in one run) and Linux AIO's
+`IOCB_CMD_FDSYNC` (the flush runs in a kernel worker, which waits for a CPU the same way: 1.18 against
+0.96 ms and 2.5 against 1.26 ms for the synchronous flush, in-process A/B, load 4-6).  Closing the rest
+needs the commit's page building in one compiled pass (the node pages, the space map pages and the
+store's bookkeeping, now separate numpy steps) -- not done.  Before this round (morning of 2026-12-06):
+0.72 -> 0.43-0.47 ms of CPU per commit, the node pages' plan and encoding compiled
+(`kernels_pages.plan_repack`, `encode_packs`), the store's pages written in block order, and the harness
+fix (the pool side was timed right after a full `gc.collect()`, which left the caches cold: CF1/CF2 now
+time the commit with the collector off but without that collection, `_timed_warm`).  CRC-32C stays with
+the `crc32c` package (0.43 us per page from Python against 2 us for a compiled table).  CF2 (10,000
+mappings, 44 pages) is about 1x: its flush of 10,000 data blocks dominates.  A dense commit (2,000
+shadowed dense leaves) spends its time writing 8 MiB of pages and flushing them.
 """
 
 
