@@ -106,7 +106,20 @@ def test_kernel_rule_commit_writes_dirty_blocks_flushes_then_superblock_new_leaf
     assert arrays == [{"leaf_packs", "inner_packs", "leaf_rc", "data_sm", "devs"}]
     pages = _pages(rec.log)
     assert len(pages) == 11 == len(set(pages)), rec.log
-    assert pages == sorted(pages)  # written in block order
+    # one run of free blocks (MetadataSpace._reserve_run): one pwrite, one range for the flush to write
+    assert pages == list(range(pages[0], pages[0] + 11)), rec.log
+    assert sum(1 for f, call, first, _n in rec.log if f == "md" and call == "pwrite" and first >= SUPERBLOCKS) == 1
+
+
+def test_commit_pages_stay_in_blocks_written_before(pool_rec):
+    """Many one-write commits reuse the same few metadata blocks (the run is looked for just above the
+    lowest free block), so the sparse metadata file is not filled with fresh blocks one commit at a time."""
+    p, v, rec, _arrays = pool_rec
+    for i in range(40):
+        v.write((700 + 600 * i) * BS % (1 << 30), b"e" * 4096)
+        p.commit()
+    written = _pages(rec.log)
+    assert max(written) < 64, sorted(set(written))
 
 
 def test_kernel_rule_unchanged_pages_are_not_rewritten_same_leaf(pool_rec):
