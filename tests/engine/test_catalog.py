@@ -357,3 +357,29 @@ def test_listing_every_name_refuses_a_bad_page_as_a_lookup_does():
         listing(a, C.encode_page([b"c", b"\xff\xfe"], [3, 4]))
     with pytest.raises(MetadataCorrupt, match="longer than 1,024"):
         listing(a, C.encode_page([b"c", b"d" * 1025], [3, 4]))
+
+
+def test_the_cli_lists_renames_and_deletes_a_converted_pools_odd_names(tmp_path):
+    """After the conversion the odd names are usable from the command line too: `ls` prints them
+    (text and JSON; the text writes a lone surrogate as the undecodable byte it stands for, even where
+    stdout's encoding is strict), and `rename`/`delete` take them as the shell passes them (Python's
+    surrogateescape)."""
+    import subprocess
+    import sys
+    path = _odd_pool(tmp_path)
+    odd = make_catalog1_pool.UNSTORABLE
+    cli = [sys.executable, "-m", "thinpool"]
+
+    def run(*args: str | bytes) -> bytes:
+        env = dict(os.environ, PYTHONIOENCODING="utf-8:strict")  # (a UTF-8 locale's stdout refuses surrogates)
+        r = subprocess.run([*cli, *args], capture_output=True, timeout=120, env=env)
+        assert r.returncode == 0, r.stderr.decode(errors="replace")
+        return r.stdout
+    run("snapshot", str(path), "base", "after")  # converts
+    listed = json.loads(run("ls", "--json", str(path)))
+    assert sorted(v["name"] for v in listed) == sorted([*make_catalog1_pool.expected_odd()["volumes"], "after"])
+    assert b"bad\xff" in run("ls", str(path))  # the undecodable byte, as it was given
+    run("rename", str(path), os.fsencode(odd[0]), "fixed")
+    run("delete", str(path), os.fsencode(odd[1]))
+    names = {v["name"] for v in json.loads(run("ls", "--json", str(path)))}
+    assert "fixed" in names and odd[0] not in names and odd[1] not in names and set(odd[2:]) <= names

@@ -240,6 +240,10 @@ def main(wait: float | None, allow_foreign: bool) -> None:
     file that is a symbolic link is never followed, and another user's pool is refused unless
     --allow-foreign is given.
     """
+    if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
+        # a name with an undecodable byte (surrogateescape, as Python reads argv and file names; one an
+        # older thinpool allowed) prints as that byte instead of failing the whole output
+        sys.stdout.reconfigure(errors="surrogateescape")
     from thinpool import pooldir
     before = pooldir.defaults()
     pooldir.set_defaults(wait=wait or 0.0, allow_foreign=allow_foreign)
