@@ -208,6 +208,22 @@ def test_a_bitmap_that_disagrees_with_its_overflow_counts_is_reported_when_the_c
     assert space.data_rc[[0, 1, 1200]].tolist() == [7, 1, 4] and space.live_page_count() == 2
 
 
+def test_check_reports_a_bitmap_that_disagrees_with_its_overflow_counts(tmp_path):
+    """``check`` of a pool whose stored space map decodes to an error (here: a bitmap count of 3 or more
+    with no overflow count) reports it as a finding, as thin_check does, instead of failing itself."""
+    _pool(tmp_path / "p")
+    with Pool.open(tmp_path / "p", read_only=True) as pool:
+        assert not pool.space.decoded and pool.check().ok
+        nr = pool.space.nr_blocks
+        page = np.zeros(BLOCK_BYTES, np.uint8)
+        page[300] = 0b11  # block 1200: a count of 3 or more, and no overflow count for it
+        stored = StoredCounts(nr, nr, np.array([0]), [page[: min(nr // 4, BLOCK_BYTES)]], np.zeros(0, np.int64),
+                              np.zeros((0, RC_PER_PAGE), np.uint32))
+        pool._space = DataSpaceMap(pool.st.copy(), nr, stored)
+        rep = pool.check()
+    assert not rep.ok and any("data space map" in e and "block 1200" in e for e in rep.errors), rep.errors
+
+
 def test_a_damaged_dense_leaf_page_both_commits_use_is_an_error_naming_its_block(tmp_path, mapped, monkeypatch):
     """A page no commit can do without: MetadataCorrupt naming the array and the block, as the read
     path reports it (tests/crash/test_corruption.py covers that path)."""
