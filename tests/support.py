@@ -53,6 +53,22 @@ def compile_listener_script(body: str) -> str:
     return _COMPILE_LISTENER + body
 
 
+def damage_a_new_leaf_page(pool: Any, path: Any, write: Callable[[], Any]) -> int:
+    """Run ``write()``, commit and close ``pool`` (kept at directory ``path``), then damage the first
+    dense-leaf page that commit wrote (16 bytes inside its metadata block); returns the block."""
+    from thinpool import nodestore
+    before = set(pool.store.locs[nodestore.LEAVES.dense_array].tolist())
+    write()
+    pool.commit()
+    new = [loc >> 32 for loc in pool.store.locs[nodestore.LEAVES.dense_array].tolist() if loc and loc not in before]
+    pool.close()
+    assert new, "the commit wrote no new dense leaf page"
+    with open(os.path.join(path, "metadata"), "r+b") as f:
+        f.seek(new[0] * 4096 + 100)
+        f.write(b"\xa5" * 16)
+    return new[0]
+
+
 def soak_scaled(env: str, normal: int, soak: int) -> int:
     """An iteration count: ``$env`` when set, else ``soak`` under THINPOOL_SOAK=1, else ``normal``."""
     return int(os.environ.get(env, soak if SOAK else normal))

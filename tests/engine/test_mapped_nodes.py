@@ -18,6 +18,8 @@ from thinpool import schema as K
 from thinpool.dataspace import RC_PER_PAGE, SM_PER_PAGE, DataSpaceMap, StoredCounts, counts_from_disk
 from thinpool.errors import MetadataCorrupt
 
+from tests.support import damage_a_new_leaf_page
+
 BS = 64 * 1024
 BLOCK_BYTES = 4096
 ONE = np.ones((4000, 1), np.uint8)
@@ -143,17 +145,10 @@ def test_a_damaged_dense_leaf_page_of_a_mapped_open_falls_back_to_the_previous_c
     _pool(tmp_path / "p")
     pool = _open(tmp_path / "p", True, monkeypatch)
     prev = _state(pool)
-    before = set(pool.store.locs[nodestore.LEAVES.dense_array].tolist())
-    pool.thin("a").write_many(np.arange(3000, 3600, dtype=np.int64) * BS, ONE[:600])
-    pool.commit()
-    new = [loc >> 32 for loc in pool.store.locs[nodestore.LEAVES.dense_array].tolist() if loc and loc not in before]
-    pool.close()
-    assert new
-    with open(tmp_path / "p" / "metadata", "r+b") as f:
-        f.seek(new[0] * 4096 + 100)
-        f.write(b"\xa5" * 16)
+    block = damage_a_new_leaf_page(pool, tmp_path / "p", lambda: pool.thin("a").write_many(
+        np.arange(3000, 3600, dtype=np.int64) * BS, ONE[:600]))
     again = Pool.open(tmp_path / "p", read_only=True)  # (the fallback loads the older commit whole)
-    assert again.recovered_from and f"bad checksum in metadata block {new[0]}" in again.recovered_from
+    assert again.recovered_from and f"bad checksum in metadata block {block}" in again.recovered_from
     assert _state(again) == prev
     again.close()
 

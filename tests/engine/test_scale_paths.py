@@ -15,6 +15,8 @@ from thinpool.devtable import DeviceTable
 from thinpool.errors import MetadataCorrupt
 from thinpool import nodestore
 
+from tests.support import damage_a_new_leaf_page
+
 BS = 64 * 1024
 
 
@@ -61,15 +63,8 @@ def test_a_damaged_leaf_page_of_the_last_commit_opens_the_commit_before(tmp_path
     """The leaves are read after the other arrays; a bad checksum there still makes the open fall
     back to the previous commit, as when every page was read at once."""
     pool = _pool(tmp_path / "p")
-    before = set(pool.store.locs[nodestore.LEAVES.dense_array].tolist())
-    pool.thin("b").write_many(np.arange(600, 900, dtype=np.int64) * BS, np.ones((300, 1), np.uint8))
-    pool.commit()
-    new = [loc >> 32 for loc in pool.store.locs[nodestore.LEAVES.dense_array].tolist() if loc and loc not in before]
-    pool.close()
-    assert new
-    with open(tmp_path / "p" / "metadata", "r+b") as f:
-        f.seek(new[0] * 4096 + 100)
-        f.write(b"\xa5" * 16)
+    damage_a_new_leaf_page(pool, tmp_path / "p", lambda: pool.thin("b").write_many(
+        np.arange(600, 900, dtype=np.int64) * BS, np.ones((300, 1), np.uint8)))
     again = Pool.open(tmp_path / "p", read_only=True)
     assert again.recovered_from and "checksum" in again.recovered_from
     assert again.thin("b").mapped_blocks == 300  # the write after the first commit is gone
