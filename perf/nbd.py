@@ -273,44 +273,67 @@ ANALYSIS = """\
 **Reading these numbers.**  This 2-core VM is shared with other jobs (the load average is stated above);
 CFS shares the CPUs per runnable thread, so how a server's throughput holds up under load depends on
 how many threads it has runnable, not only on what a request costs it.  Read the CPU time per I/O
-beside the IOPS: it hardly moves with the load, the IOPS move by 2x and more.  Iodepth 1 is pure
-latency (a round trip per request): on the same CPU ~50 us, across CPUs a wake-up from idle adds tens
-of microseconds per message, and an unpinned run lands on either.
+beside the IOPS: it hardly moves with the load, the IOPS move by 2x and more -- between full runs of
+the same build at load 2.7-9 a row's ratio moved by 3x (see "What limits" below).  Iodepth 1 is pure
+latency (a round trip per request, 14-70 us in these runs): a wake-up from idle adds tens of
+microseconds per message (busy-polling saves it while a CPU is free), and an unpinned run lands on the
+client's CPU or the other one.
 
-**Where the server's time goes.**  Plain READs are served by a compiled loop without the GIL and
-without the pool's lock (docs/design.md, "Compiled NBD reads"): header check, map lookup, `pread`,
-reply and the wait for the next request in one numba `nogil` kernel calling libc; its reads take the
-read side of the pool lock's reader-writer lock and check the lock's generation.  Server CPU per read
-at iodepth 16 is ~4-5 us (was ~7.4-8.4 us through the Python path; nbdkit file ~8-9 us), at iodepth 1
-~13 us (was ~17).  Writes still go through the Python path (13-19 us per write depending on load, one
-`pwrite` and one `fstat` each); a connection registers as a compiled reader only at its first READ,
-and the pool lock takes the reader-writer lock's write side only when another thread has a reader,
-so a write-only connection pays nothing for it (A/B at load ~6: 19.0-19.8 us CPU per write on and
-off).  A/B of the compiled loop, same build, interleaved (medians of 3, load 9-10.7, IOPS): on / off
-/ nbdkit file / nbdkit --threads 2 -- reads at iodepth 1: 10,597 / 6,314 / 21,914 / 30,760; at
-iodepth 16: 23,774 / 20,934 / 29,335 / 52,053; two connections at iodepth 16: 28,873 / 20,963 /
-79,067 / 111,911.  So the loop is ahead of the Python path everywhere, and two connections now scale
-(1.2-1.4x one connection; through the GIL they did not), but at this load nbdkit is far ahead.
+**Where the server's time goes.**  Plain READs and the WRITEs of these rows are served by a compiled
+loop without the GIL and without the pool's lock (docs/design.md, "Compiled NBD reads"): header check,
+map lookup, `pread` -- or, for a WRITE that overwrites a provisioned block the volume does not share
+(every write here: the region is provisioned first), one `lseek` (the data file's size check) and one
+`pwrite` in place -- replies, and the wait for the next request, in one numba `nogil` kernel calling
+libc.  Reads take the read side of the pool lock's reader-writer lock, in-place writes its write side;
+both check the lock's generation.  First writes, copy-on-write after a snapshot, FUA, FLUSH, TRIM and
+every error reply stay on the Python path.  Server CPU per I/O (the full runs of 2026-12-06, load 4-9):
+reads 5-6 us at iodepth 16 (nbdkit file 9-12.5), 8.6-12.5 us at iodepth 1 (nbdkit 18-25); writes 5.7-8.7
+us at iodepth 16 (15.5-16.5 through the Python path; nbdkit 18-25), 10.8-18 us at iodepth 1 (31-34;
+nbdkit 30-34); two connections 3.4-4.5 us per read and 5.9-8.4 us per write.  A/B in one run, interleaved (2 s runs,
+medians of 5, load 6-8.5, IOPS): the build before in-place writes and the binding fix below / after /
+nbdkit file / nbdkit --threads 2 -- reads at iodepth 1: 26,225 / 32,497 / 22,392 / 35,993; at iodepth
+16: 43,350 / 50,267 / 44,162 / 34,536; writes at iodepth 1: 10,916 / 20,455 / 17,412 / 23,499; at
+iodepth 16: 19,231 / 37,420 / 47,501 / 55,213; two connections at iodepth 16, reads: 34,545 / 71,494 /
+63,743 / 97,729; writes: 19,825 / 42,090 / 46,962 / 44,121.
 
-**What limits the rows that are short.**  Not the CPU time per request: ours is about half of nbdkit's
-for reads.  Under load the server and fio mostly *wait*: in-process counters for two connections at
-iodepth 16 (load ~7) show one blocking `poll` per receive and 13-15 requests per receive -- fio sends
-its whole queue in a burst once it has the replies, so each connection runs in lock-step, a batch of
-~16 requests per cycle of ~0.6-0.9 ms, of which serving the batch is ~60 us; the rest is two wake-ups
-(ours and fio's) that wait for a CPU behind other jobs, with the server at ~0.2 CPU and fio at ~12 %.
-nbdkit serves a connection with a reader thread and worker threads: replies leave as each worker
-finishes, fio refills its queue continuously, and nbdkit has runnable threads when CPUs free up --
-with `--threads 1` (one worker per connection, like ours) it served 26,000 IOPS for two connections
-against our 42,000 in the same run.  Busy-polling 200 us without the back-off (an experiment, not
-kept: it burns a CPU per waiting connection on a shared machine) gave +35-45 %, still about a third of
-nbdkit.  On a lightly loaded machine (load ~5) the single-connection rows passed with the Python path
-alone (the previous full run: 1.47 / 1.15 / 1.64 / 1.96); in the run above, at load ~9.5, the write
-rows -- the same Python path as then -- are short too (0.73 / 0.75), and the multi-conn write row
-I7j fell from 1.73 to 0.68, so rows measured at load 8-10 say more about scheduling than about the
-server.  I7i's CPU per read with two connections (9.6 us above, 4-5 us in-process at load ~7) is
-higher than with one (5.2 us): not measured further.  Closing I7i under load needs more than one thread
-per connection in the compiled loop -- a leader/follower pair on the socket (one receives while the
-other reads and replies), with the Python path parked while they run -- not done.
+**Two connections rebound at every request (fixed).**  A connection binds its compiled loop under the
+pool lock, and every outermost acquisition of that lock while another connection's loop was registered
+moved the generation -- which invalidated that connection's binding; it rebound (taking the lock and
+moving the generation again), so two connections invalidated each other in turn and each request of
+each went through Python to bind again (tests/serve/test_nbd_batched.py: 40 bindings for 40 alternating
+requests).  That was the higher CPU per read with two connections (9.1-9.6 us against ~5 with one)
+noted here before.  Binding now holds the lock with `PoolLock.inspecting()`, which moves no generation
+(binding changes nothing): one binding per connection, 3.4-4.5 us per read.
+
+**Batching.**  A session already takes everything the socket holds in one `recv` and serves every
+complete request in its buffer before it sends the replies in one `send` (`sendmsg` on the Python path)
+and before it waits again -- in the compiled loop and on the Python path.  In-process counters (load
+~6): two connections at iodepth 16, 8-9 reads and 12-15 writes per receive and per blocking `poll`; one
+connection at iodepth 16, ~6.5 reads per receive; at iodepth 1 one request per receive (what is there).
+A WRITE payload that arrives after its header (~9 % of writes at iodepth 1) gets one wait of at most
+20 ms in the loop, then the Python path's receive under the message deadline.  Tried and not kept:
+sending the replies every 4 or 8 requests instead of once per batch, so that fio refills its queue
+while the rest is served (load ~7, medians of 7: one connection reads 36,131 / 32,956 against 34,615,
+writes 34,005 / 30,753 against 28,347, two connections reads 67,616 / 92,748 against 75,158 -- within
+this machine's noise; every reply at once was worse, 51,475 against 64,887); busy-polling in the
+compiled loop with two connections (it holds no GIL): 96,460 against 117,878.
+
+**What limits the rows that are short.**  Not the CPU time per request: ours is about half of
+nbdkit's on every row, in every run.  The full runs of this build on 2026-12-06 (load average before /
+after: 5.0 / 8.4, 8.6 / 6.9, 6.9 / 4.2, 2.7 / 4.2) gave vs nbdkit file: read QD1 1.20 / 0.72 / 2.45 / 1.96,
+read QD16 0.94 / 1.01 / 1.20 / 1.70, write QD1 0.77 / 1.33 / 2.35 / 2.18, write QD16 0.80 / 1.71 /
+2.71 / 2.18, multi-conn reads 0.91 / 0.63 / 1.16 / 1.76, writes 1.62 / 1.38 / 2.23 / 2.25.  The table
+above is the last of these runs, at the lowest load (every row passes).  At load 7-9 a row passes in one run and not in the next with the same CPU per I/O:
+under load the server and fio mostly *wait*.  Each connection runs in lock-step with its fio job (fio
+sends its queue in a burst once it has the replies; serving a batch of ~16 takes ~60-100 us, the rest
+of a cycle of 0.2-0.6 ms is the two wake-ups, ours and fio's, waiting for a CPU behind other jobs).
+nbdkit serves a connection with several threads: replies leave as each finishes, fio refills
+continuously, and nbdkit has runnable threads when CPUs free up -- it loses less to a busy machine,
+most visibly on multi-conn reads (I7i: 0.63-0.91 at load 5-9, 1.16-1.76 at 2.7-7).  Holding I7i under load
+needs more than one thread per connection in the compiled loop -- a leader/follower pair on the socket
+(one receives while the other reads and replies), with the Python path parked while they run -- not
+done.  Before this build, at load 0.5-4.6 (the run just before it, 2026-12-06): 0.67 / 1.22 / 0.73 /
+1.52 and multi-conn 0.91 / 0.94.
 
 **Busy-polling and load.**  A/B of the same build at load 9-11 (interleaved, medians of 5): polling on
 / off, 4,408 / 8,369 IOPS for reads at iodepth 1, 4,352 / 6,229 for writes; off was ahead at iodepth 16
@@ -318,9 +341,10 @@ too (+9 %, +11 %), and with two connections (reads QD16: +18 %, QD1: +79 %).  So
 only while it is the only connection in the transmission phase, and stops for 100 ms after a poll
 round took over 30 us (the yield gave the CPU to another task or the GIL to another thread): on an
 idle machine it polls as before.  Multi-conn is safe to advertise: every connection serves the one
-pool under its lock (compiled reads under its reader-writer side: a read after a write's reply sees the write), and a FLUSH on any connection commits the pool, so the spec's rule (a write whose
-reply arrived, then a flush on another connection: visible on a third and durable) holds; tests/serve
-checks it across a SIGKILL.
+pool under its lock (compiled reads under its reader-writer side's read side, in-place writes under
+its write side: a read after a write's reply sees the write), and a FLUSH on any connection commits the
+pool, so the spec's rule (a write whose reply arrived, then a flush on another connection: visible on a
+third and durable) holds; tests/serve checks it across a SIGKILL.
 
 **History.**  Before the session's batched socket I/O (7389b76) full runs gave 0.86 / 0.73 / 1.30 / 0.76
 vs qemu-nbd (read QD1, read QD16, write QD1, write QD16); after it 1.53 / 1.10 / 1.07 / 1.27.  Session 2
@@ -338,13 +362,16 @@ writes QD1 +11 %, reads QD16 +24 %; CPU per read at QD1 34 -> 26 us).  On the wa
 wait ran for every empty buffer, also inside a message, where its wait has no limit -- a WRITE header
 sent alone and then silence held the session past the message deadline; it now runs between requests
 only (tests/serve checks the deadline).
-Session 4 (issue 16, item 3): the compiled read loop and the pool lock's reader-writer side above; reads
+Session 4 (2026-12-06, C-speed reads over several connections): the compiled read loop and the pool lock's reader-writer side above; reads
 of several connections run in parallel (the Python path's two connections gave 1.0x one connection).
 The full run before it (2026-12-06, load 4.7-5.4, every request through the Python path): vs nbdkit file
 1.47 / 1.15 / 1.64 / 1.96 (read QD1, read QD16, write QD1, write QD16), multi-conn reads 0.65, writes
-1.73 (79,944 against 123,743 and 49,368 against 28,472 IOPS).
-The spin rule is unchanged (the loop busy-polls only while one connection transmits).  Writes, FLUSH,
-TRIM and every error reply stay on the Python path.
+1.73 (79,944 against 123,743 and 49,368 against 28,472 IOPS).  A/B of the compiled read loop then (medians
+of 3, load 9-10.7, IOPS), on / off / nbdkit file / nbdkit --threads 2: reads at iodepth 1 10,597 / 6,314 /
+21,914 / 30,760; at iodepth 16 23,774 / 20,934 / 29,335 / 52,053; two connections 28,873 / 20,963 /
+79,067 / 111,911.  Its full run (load ~9.5): 0.70 / 1.01 / 0.73 / 0.75, multi-conn 0.30 / 0.68.
+Session 5 (2026-12-06, writes at C speed, multi-conn): in-place WRITEs in the compiled loop, one binding
+per connection (both above), tests for pipelined, split and cut-off requests (tests/serve/test_nbd_batched.py).
 """
 
 def _cell(v: dict[str, Any], side: str) -> str:
