@@ -1015,6 +1015,24 @@ def test_listening_sockets(tmp_path: Any) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
+def test_shutdown_returns_after_the_private_socket_directory_is_gone(monkeypatch: Any) -> None:
+    """The serving thread and shutdown() both close the listeners; whichever does, shutdown() returns
+    only when the socket and its private directory are removed (a slow removal made it return early)."""
+    from thinpool.nbd import server as server_mod
+    real = shutil.rmtree
+
+    def slow_rmtree(path: str, *args: Any, **kwargs: Any) -> None:
+        time.sleep(0.3)
+        real(path, *args, **kwargs)
+
+    monkeypatch.setattr(server_mod.shutil, "rmtree", slow_rmtree)
+    for _ in range(3):
+        with NBDServer(make_provider()) as server:
+            tmpdir = os.path.dirname(server.unix_path)
+            assert_serving(server.unix_path)
+        assert not os.path.exists(tmpdir)
+
+
 def test_max_clients() -> None:
     prov = make_provider()
     with serve(prov, max_clients=2) as server:

@@ -92,6 +92,9 @@ class NBDServer:
         self._serving = threading.Event()
         self._serve_thread: threading.Thread | None = None
         self._lock = threading.RLock()  # re-entrant: shutdown() may run in a signal handler
+        # held while the listeners close and their socket and directory go: whichever thread closes
+        # them (shutdown() or the serving thread), the other waits until it is done (re-entrant: as above)
+        self._close_lock = threading.RLock()
         self._sessions: dict[Session, threading.Thread] = {}
         self._listeners: list[socket.socket] = []
         self._shutdown_started = False
@@ -349,20 +352,23 @@ class NBDServer:
             return [t for t in self._sessions.values() if t.is_alive() and t is not threading.current_thread()]
 
     def _close_listeners(self) -> None:
-        with self._lock:
-            listeners, self._listeners = self._listeners, []
-        for sock in listeners:
-            try:
-                sock.close()
-            except OSError:
-                pass
-        if self.unix_path is not None and listeners:
-            try:
-                os.unlink(self.unix_path)
-            except OSError:
-                pass
-        if self._tempdir is not None and listeners:
-            shutil.rmtree(self._tempdir, ignore_errors=True)
+        """Close the listening sockets, remove the unix socket and the private directory; a second
+        caller returns only when the first is done (shutdown() must not return before the removal)."""
+        with self._close_lock:
+            with self._lock:
+                listeners, self._listeners = self._listeners, []
+            for sock in listeners:
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+            if self.unix_path is not None and listeners:
+                try:
+                    os.unlink(self.unix_path)
+                except OSError:
+                    pass
+            if self._tempdir is not None and listeners:
+                shutil.rmtree(self._tempdir, ignore_errors=True)
 
     def _close_io(self) -> None:
         self._close_listeners()
