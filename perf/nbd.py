@@ -274,7 +274,7 @@ ANALYSIS = """\
 CFS shares the CPUs per runnable thread, so how a server's throughput holds up under load depends on
 how many threads it has runnable, not only on what a request costs it.  Read the CPU time per I/O
 beside the IOPS: it hardly moves with the load, the IOPS move by 2x and more -- between full runs of
-the same build at load 2.7-9 a row's ratio moved by 3x (see "What limits" below).  Iodepth 1 is pure
+the same build at load 1.3-9 a row's ratio moved by 3x (see "What limits" below).  Iodepth 1 is pure
 latency (a round trip per request, 14-70 us in these runs): a wake-up from idle adds tens of
 microseconds per message (busy-polling saves it while a CPU is free), and an unpinned run lands on the
 client's CPU or the other one.
@@ -286,10 +286,11 @@ map lookup, `pread` -- or, for a WRITE that overwrites a provisioned block the v
 `pwrite` in place -- replies, and the wait for the next request, in one numba `nogil` kernel calling
 libc.  Reads take the read side of the pool lock's reader-writer lock, in-place writes its write side;
 both check the lock's generation.  First writes, copy-on-write after a snapshot, FUA, FLUSH, TRIM and
-every error reply stay on the Python path.  Server CPU per I/O (the full runs of 2026-12-06, load 4-9):
-reads 5-6 us at iodepth 16 (nbdkit file 9-12.5), 8.6-12.5 us at iodepth 1 (nbdkit 18-25); writes 5.7-8.7
-us at iodepth 16 (15.5-16.5 through the Python path; nbdkit 18-25), 10.8-18 us at iodepth 1 (31-34;
-nbdkit 30-34); two connections 3.4-4.5 us per read and 5.9-8.4 us per write.  A/B in one run, interleaved (2 s runs,
+every error reply stay on the Python path.  Server CPU per I/O (the full runs of 2026-12-06, load 1.3-9):
+reads 5-6 us at iodepth 16 (nbdkit file 9-12.5), 8.6-24 us at iodepth 1 (the busy-poll's CPU counts there:
+it polls longest on an idle machine; nbdkit 18-25.5); writes 5.7-8.7 us at iodepth 16 (15.5-16.5 through the Python
+path; nbdkit 18-25), 10.8-27 us at iodepth 1 (31-34; nbdkit 30-36); two connections 2.9-4.5 us per read
+and 5.9-8.4 us per write.  A/B in one run, interleaved (2 s runs,
 medians of 5, load 6-8.5, IOPS): the build before in-place writes and the binding fix below / after /
 nbdkit file / nbdkit --threads 2 -- reads at iodepth 1: 26,225 / 32,497 / 22,392 / 35,993; at iodepth
 16: 43,350 / 50,267 / 44,162 / 34,536; writes at iodepth 1: 10,916 / 20,455 / 17,412 / 23,499; at
@@ -318,18 +319,19 @@ writes 34,005 / 30,753 against 28,347, two connections reads 67,616 / 92,748 aga
 this machine's noise; every reply at once was worse, 51,475 against 64,887); busy-polling in the
 compiled loop with two connections (it holds no GIL): 96,460 against 117,878.
 
-**What limits the rows that are short.**  Not the CPU time per request: ours is about half of
-nbdkit's on every row, in every run.  The full runs of this build on 2026-12-06 (load average before /
-after: 5.0 / 8.4, 8.6 / 6.9, 6.9 / 4.2, 2.7 / 4.2) gave vs nbdkit file: read QD1 1.20 / 0.72 / 2.45 / 1.96,
-read QD16 0.94 / 1.01 / 1.20 / 1.70, write QD1 0.77 / 1.33 / 2.35 / 2.18, write QD16 0.80 / 1.71 /
-2.71 / 2.18, multi-conn reads 0.91 / 0.63 / 1.16 / 1.76, writes 1.62 / 1.38 / 2.23 / 2.25.  The table
+**What limits the rows that are short.**  Not the CPU time per request: ours is below nbdkit's on
+every row in every run (about half at iodepth 16 and with two connections).  The full runs of this build on 2026-12-06 (load average before /
+after: 5.0 / 8.4, 8.6 / 6.9, 6.9 / 4.2, 2.7 / 4.2, 1.3 / 3.6) gave vs nbdkit file: read QD1 1.20 / 0.72 / 2.45 / 1.96 / 1.16,
+read QD16 0.94 / 1.01 / 1.20 / 1.70 / 1.60, write QD1 0.77 / 1.33 / 2.35 / 2.18 / 1.65, write QD16 0.80 / 1.71 /
+2.71 / 2.18 / 2.71, multi-conn reads 0.91 / 0.63 / 1.16 / 1.76 / 2.77, writes 1.62 / 1.38 / 2.23 / 2.25 /
+2.61.  The table
 above is the last of these runs, at the lowest load (every row passes).  At load 7-9 a row passes in one run and not in the next with the same CPU per I/O:
 under load the server and fio mostly *wait*.  Each connection runs in lock-step with its fio job (fio
 sends its queue in a burst once it has the replies; serving a batch of ~16 takes ~60-100 us, the rest
 of a cycle of 0.2-0.6 ms is the two wake-ups, ours and fio's, waiting for a CPU behind other jobs).
 nbdkit serves a connection with several threads: replies leave as each finishes, fio refills
 continuously, and nbdkit has runnable threads when CPUs free up -- it loses less to a busy machine,
-most visibly on multi-conn reads (I7i: 0.63-0.91 at load 5-9, 1.16-1.76 at 2.7-7).  Holding I7i under load
+most visibly on multi-conn reads (I7i: 0.63-0.91 at load 5-9, 1.16-2.77 at 1.3-7).  Holding I7i under load
 needs more than one thread per connection in the compiled loop -- a leader/follower pair on the socket
 (one receives while the other reads and replies), with the Python path parked while they run -- not
 done.  Before this build, at load 0.5-4.6 (the run just before it, 2026-12-06): 0.67 / 1.22 / 0.73 /
