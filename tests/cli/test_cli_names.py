@@ -4,6 +4,7 @@ and the documented exit statuses."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 
 import pytest
@@ -131,3 +132,23 @@ def test_exit_statuses_match_errors_doc(pool) -> None:
     run("snapshotter", "no-such-verb", code=2)                        # unknown command: usage
     run("status", str(pool) + "-missing", code=1)
     assert issubclass(errors.NotFound, ThinpoolError)
+
+
+def test_command_homes_name_the_module_that_defines_each_command() -> None:
+    """COMMAND_HOMES lets an invoked command import only its own module: every entry must be right."""
+    import importlib
+    defined = {c.name: m for m in cli.COMMAND_MODULES for c in importlib.import_module(m).COMMANDS}
+    assert {n: defined.get(n) for n in cli.COMMAND_HOMES} == cli.COMMAND_HOMES
+
+
+def test_a_command_imports_only_its_own_module_and_help_keeps_the_section_order() -> None:
+    code = ("import sys\nfrom thinpool import cli\ncli.main(['snapshot', '--help'], standalone_mode=False)\n"
+            "print(sorted(m for m in cli.COMMAND_MODULES if m in sys.modules))\n"
+            "cli.load_all_commands()\nprint([t for t, _ in cli.main.sections])\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    loaded, sections = r.stdout.splitlines()[-2:]
+    assert loaded == str(["thinpool.cli.volume_cmds"])
+    import importlib
+    order = [importlib.import_module(m).SECTION for m in cli.COMMAND_MODULES]  # (modules may share one)
+    assert sections == str(list(dict.fromkeys(order)))

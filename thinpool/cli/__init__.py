@@ -10,8 +10,9 @@ Structure
 
   Adding a module is one line in :data:`COMMAND_MODULES`.  A listed module that cannot be imported
   (missing, or failing) is an error that propagates: a broken CLI fails loudly.  Modules are imported
-  on demand, in order, until the invoked command is found (``thinpool status`` imports only the pool
-  commands); ``--help`` and :func:`load_all_commands` import them all.
+  on demand: the invoked command's own module (:data:`COMMAND_HOMES`; ``thinpool snapshot`` imports only
+  the volume commands), else in order until it is found; ``--help`` and :func:`load_all_commands` import
+  them all.
 * Every pool-touching command goes through :func:`thinpool.cli.registry.run_op`, which routes it to a
   serving process's control socket when the pool is being served (see :mod:`thinpool.cli.registry`).
 
@@ -47,6 +48,20 @@ COMMAND_MODULES: list[str] = [
     "thinpool.cli.simulate_cmds",
 ]
 
+#: The module of each command, so that invoking one imports only its own module (``thinpool snapshot``
+#: skips the pool commands' import); a command missing here is found by importing the modules in order.
+#: tests/cli/test_cli_names.py checks the table against what the modules define.
+COMMAND_HOMES: dict[str, str] = {
+    **dict.fromkeys(["create", "status", "resize", "set", "set-autoextend", "commit", "set-transaction-id",
+                     "reserve-metadata-snap", "release-metadata-snap", "check", "trim"], "thinpool.cli.pool_cmds"),
+    **dict.fromkeys(["create-thin", "snapshot", "delete", "rename", "ls", "usage", "write", "read", "discard",
+                     "import", "export"], "thinpool.cli.volume_cmds"),
+    **dict.fromkeys(["dump", "restore", "export-metadata", "import-metadata", "delta", "rmap", "metadata-size"],
+                    "thinpool.cli.interop_cmds"),
+    "serve": "thinpool.cli.serve_cmds",
+    "repair": "thinpool.cli.repair_cmds",
+}
+
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
@@ -75,15 +90,19 @@ class SectionedGroup(click.Group):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.sections: list[tuple[str, list[str]]] = []
+        self._section_rank: dict[str, int] = {}
 
-    def add_section(self, title: str, commands: list[click.Command]) -> None:
-        """Register ``commands`` under the help heading ``title`` (merged if the heading exists)."""
+    def add_section(self, title: str, commands: list[click.Command], rank: int | None = None) -> None:
+        """Register ``commands`` under the help heading ``title`` (merged if the heading exists); ``rank``
+        places the heading among the others (default: after those registered so far)."""
         for section_title, names in self.sections:
             if section_title == title:
                 break
         else:
             names = []
+            self._section_rank[title] = len(self.sections) if rank is None else rank
             self.sections.append((title, names))
+            self.sections.sort(key=lambda sec: self._section_rank[sec[0]])
         for cmd in commands:
             if cmd.name in self.commands:
                 raise RuntimeError(f"thinpool CLI: command {cmd.name!r} is registered twice")
@@ -91,6 +110,9 @@ class SectionedGroup(click.Group):
             names.append(cmd.name)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        home = COMMAND_HOMES.get(cmd_name)
+        if cmd_name not in self.commands and home in _UNLOADED:
+            _load_module(home)
         while cmd_name not in self.commands and _load_next_module():
             pass
         return self.commands.get(cmd_name)
@@ -255,14 +277,21 @@ def main(wait: float | None, allow_foreign: bool) -> None:
 _UNLOADED: list[str] = list(COMMAND_MODULES)
 
 
+def _load_module(name: str) -> None:
+    """Import command module ``name`` (listed in ``_UNLOADED``) and add its commands under its section,
+    placed as :data:`COMMAND_MODULES` orders them whatever the order of loading."""
+    # a missing or broken command module is an error (it stays listed: a retry raises again)
+    module = importlib.import_module(name)
+    _UNLOADED.remove(name)
+    rank = COMMAND_MODULES.index(name) if name in COMMAND_MODULES else len(COMMAND_MODULES)
+    main.add_section(module.SECTION, list(module.COMMANDS), rank)
+
+
 def _load_next_module() -> bool:
     """Import the next command module not imported yet and add its commands; False if none is left."""
     if not _UNLOADED:
         return False
-    # a missing or broken command module is an error (it stays listed: a retry raises again)
-    module = importlib.import_module(_UNLOADED[0])
-    _UNLOADED.pop(0)
-    main.add_section(module.SECTION, list(module.COMMANDS))
+    _load_module(_UNLOADED[0])
     return True
 
 
@@ -272,4 +301,4 @@ def load_all_commands() -> None:
         pass
 
 
-__all__ = ["main", "COMMAND_MODULES", "error_line", "load_all_commands", "hoist_global_options"]
+__all__ = ["main", "COMMAND_MODULES", "COMMAND_HOMES", "error_line", "load_all_commands", "hoist_global_options"]
