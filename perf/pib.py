@@ -174,7 +174,7 @@ LIMITS = """
 **Anchors.** The targets are the machine: 8 GiB of peak RSS on a 23 GiB machine, where a flat space map
 of 2^34 blocks would need 80 GiB (a uint32 count and a state byte per block) and so could not be built
 at all. `live_map_pages` is the space map's memory: pages of 1,024 blocks in use (5 KiB each), of
-`map_pages` reserved (`dataspace.zeroed`: anonymous memory with `MAP_NORESERVE`, a page allocated when
+`map_pages` reserved (`spacemap_pages.zeroed`: anonymous memory with `MAP_NORESERVE`, a page allocated when
 first written). Times are wall seconds with the CPU seconds beside them: on a shared machine the wall
 time includes waiting for a core.
 

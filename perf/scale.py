@@ -410,7 +410,7 @@ reaches the file but through a commit (docs/design.md, "The nodes on disk"). Eve
 still checksummed (CRC-32C) before the open returns, so a damaged page of the newest commit still
 makes the open fall back to the previous one. The space map's pages are read and checksummed as
 well, but decoded into one count per block only when the counts are first used (a write, a delete,
-`check`: `dataspace.StoredCounts`), and the rows of the 66,832 free leaf slots are not written at
+`check`: `spacemap_pages.StoredCounts`), and the rows of the 66,832 free leaf slots are not written at
 all, so neither a read-only open nor `ls --usage` spends the 400 MB of counts and their decode (about
 0.25 s) or touches 273 MB of free rows. {v('S10a', 'cpu_s')} s of CPU here, so on an idle core the
 open is about that; the wall times above are a machine with a load average of

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from . import schema as K
-from .dataspace import RC_PER_PAGE, zeroed
+from .spacemap_pages import RC_PER_PAGE, zeroed
 from .errors import FailedPrecondition, MetadataCorrupt
 from .schema import DevFlag
 

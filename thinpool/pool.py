@@ -41,7 +41,8 @@ from .pool_txn import NoFlushDataIO, NoFlushFileIO, Transactions
 from .rules import (DEFAULT_MAX_THINS, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE,  # noqa: F401 (this module's API)
                     check_block_size, default_metadata_blocks)
 from .schema import DevFlag, Mode, dev_dtype
-from .dataspace import DISK_ARRAYS, DataSpaceMap, empty_disk_arrays, load_counts, zeroed
+from .dataspace import DataSpaceMap
+from .spacemap_pages import DISK_ARRAYS, empty_disk_arrays, load_counts, zeroed
 from .nodestore import ARRAYS as DENSE_NODE_ARRAYS, INNERS, LEAVES, empty_disk_arrays as empty_node_arrays
 from .nodestore import load as load_nodes, open_nodes
 from .status import PoolStatus, Usage  # noqa: F401  (part of this module's API)
@@ -292,7 +293,7 @@ class Pool(Transactions, DeviceOps, Features):
     def _load(self) -> None:
         """(Re)build the in-memory state from the last committed metadata."""
         try:  # the dense nodes read straight into place (nodestore.open_nodes), the space map's stored
-            # pages only (dataspace.load_counts), the other arrays as they are
+            # pages only (spacemap_pages.load_counts), the other arrays as they are
             arrays = {k: np.frombuffer(v, np.uint8)
                       for k, v in self._store.load(skip=DENSE_NODE_ARRAYS + DISK_ARRAYS).items()}
             nodes = (open_nodes(LEAVES, self._store, arrays), open_nodes(INNERS, self._store, arrays))

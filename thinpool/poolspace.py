@@ -41,7 +41,7 @@ import numpy as np
 from . import schema as K
 from .schema import Mode
 from .errors import HostIOError, InvalidArgument, ReadOnly, ThinpoolError, ThinpoolWarning
-from .dataspace import sm_pages
+from .spacemap_pages import sm_pages
 from .mdpages import BLOCK, PM_ENTRIES
 from .units import parse_size
 

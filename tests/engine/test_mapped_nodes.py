@@ -15,7 +15,8 @@ import pytest
 
 from thinpool import Pool, nodestore
 from thinpool import schema as K
-from thinpool.dataspace import RC_PER_PAGE, SM_PER_PAGE, DataSpaceMap, StoredCounts, counts_from_disk
+from thinpool.dataspace import DataSpaceMap
+from thinpool.spacemap_pages import RC_PER_PAGE, SM_PER_PAGE, StoredCounts, counts_from_disk
 from thinpool.errors import MetadataCorrupt
 
 from tests.support import damage_a_new_leaf_page
@@ -259,7 +260,7 @@ def test_an_open_that_cannot_map_reads_the_pages_instead(tmp_path, mapped, monke
 def test_stored_counts_give_the_used_blocks_and_live_pages_the_decoded_counts_give(monkeypatch, popcount):
     """What an open reports before decoding (used blocks, live count pages) equals what the decoded
     counts give: whole pages at once, a short last page, counts past the data device's end."""
-    from thinpool import dataspace as D
+    from thinpool import spacemap_pages as D
     if not popcount and hasattr(np, "bitwise_count"):
         monkeypatch.delattr(np, "bitwise_count")
     rng = np.random.default_rng(3)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from thinpool import Pool, nodestore
-from thinpool.dataspace import SM_PER_PAGE, counts_from_disk
+from thinpool.spacemap_pages import SM_PER_PAGE, counts_from_disk
 from thinpool.errors import MetadataCorrupt
 from thinpool.interop.binary import write_binary_metadata
 from thinpool.interop.binary_read import read_metadata_refcounts

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from thinpool import Pool, rules
-from thinpool.dataspace import counts_from_disk
+from thinpool.spacemap_pages import counts_from_disk
 from thinpool.devtable import DeviceTable
 from thinpool.errors import MetadataCorrupt
 from thinpool import nodestore

@@ -7,7 +7,7 @@ import numpy as np
 
 from thinpool import Pool
 from thinpool import schema as K
-from thinpool.dataspace import RC_PER_PAGE, SM_PER_PAGE
+from thinpool.spacemap_pages import RC_PER_PAGE, SM_PER_PAGE
 
 BS = 64 << 10
 NR = (1 << 50) // BS  # 2^34 data blocks
