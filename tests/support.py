@@ -69,6 +69,26 @@ def damage_a_new_leaf_page(pool: Any, path: Any, write: Callable[[], Any]) -> in
     return new[0]
 
 
+@contextlib.contextmanager
+def serving_with_loop_probe(monkeypatch: Any, server: Any, root: str, record: Callable[[Any], None]) -> Iterator[None]:
+    """Run the NBD ``server`` (then shut it down and remove ``root``), each session's compiled loop
+    handed to ``record(loop)`` when it closes (a :class:`thinpool.nbd.readloop.CompiledReads` that ran)."""
+    from thinpool.nbd import readloop
+    close = readloop.CompiledReads.close
+
+    def probing_close(self: Any) -> None:
+        if self.registered:
+            record(self)
+        close(self)
+    monkeypatch.setattr(readloop.CompiledReads, "close", probing_close)
+    server.start()
+    try:
+        yield
+    finally:
+        server.shutdown()
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def soak_scaled(env: str, normal: int, soak: int) -> int:
     """An iteration count: ``$env`` when set, else ``soak`` under THINPOOL_SOAK=1, else ``normal``."""
     return int(os.environ.get(env, soak if SOAK else normal))

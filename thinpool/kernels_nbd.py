@@ -130,6 +130,17 @@ def _flush(sock, out, state):
     return True
 
 
+@njit(cache=True, inline="always")
+def _to_front(rbuf, rpos, have, state):
+    """Move the ``have`` unread bytes at ``rpos`` to the front of the receive buffer (the buffer
+    positions in ``state`` follow); returns the new end of the buffered bytes."""
+    for i in range(have):
+        rbuf[i] = rbuf[rpos + i]
+    state[S_RPOS] = 0
+    state[S_REND] = have
+    return have
+
+
 @njit(cache=True)
 def _fail(sock, out, state, code):
     """Send the queued replies, then return ``code`` (:data:`FR_SEND` if the send failed)."""
@@ -197,12 +208,7 @@ def serve_reads(sock, rbuf, state, out, tab, devs, slot, fd, size, structured, r
                 need_in = _HDR + length
                 if rend - rpos < need_in:
                     if rpos + need_in > cap:
-                        have = rend - rpos
-                        for i in range(have):  # move the unread bytes to the front
-                            rbuf[i] = rbuf[rpos + i]
-                        state[S_RPOS] = 0
-                        state[S_REND] = have
-                        rend = have
+                        rend = _to_front(rbuf, rpos, rend - rpos, state)
                     got = c_recv(sock, rbuf[rend:].ctypes.data, cap - rend, _MSG_DONTWAIT)
                     if got > 0:
                         state[S_REND] = rend + got
@@ -323,11 +329,7 @@ def serve_reads(sock, rbuf, state, out, tab, devs, slot, fd, size, structured, r
             if (pollfds[3] >> 16) != 0:
                 return FR_STOP
         elif rpos + _HDR > cap or rend == cap:
-            for i in range(have):  # move the unread bytes to the front
-                rbuf[i] = rbuf[rpos + i]
-            state[S_RPOS] = 0
-            state[S_REND] = have
-            rend = have
+            rend = _to_front(rbuf, rpos, have, state)
         got = c_recv(sock, rbuf[rend:].ctypes.data, cap - rend, _MSG_DONTWAIT)
         if got <= 0:
             return FR_NEED

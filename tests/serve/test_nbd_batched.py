@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import socket
 import tempfile
 import threading
@@ -23,6 +22,7 @@ from typing import Iterator
 
 import pytest
 from tests.serve.test_nbd_pool import Raw
+from tests.support import serving_with_loop_probe
 
 from thinpool import Pool
 from thinpool.nbd import protocol as P
@@ -64,19 +64,9 @@ def served(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> I
     monkeypatch.setattr(readloop, "ENABLED", request.param)
     root = tempfile.mkdtemp(prefix="nbdb", dir="/tmp")
     s = Served(root)
-    close = readloop.CompiledReads.close
-
-    def counting_close(self: readloop.CompiledReads) -> None:
-        if self.registered:
-            s.loops.append((self.served, self.written, self.binds))
-        close(self)
-    monkeypatch.setattr(readloop.CompiledReads, "close", counting_close)
-    s.server.start()
-    try:
+    with serving_with_loop_probe(monkeypatch, s.server, root,
+                                 lambda loop: s.loops.append((loop.served, loop.written, loop.binds))):
         yield s
-    finally:
-        s.server.shutdown()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def _replies(c: Raw, expect: dict[int, int]) -> dict[int, tuple[int, bytes]]:

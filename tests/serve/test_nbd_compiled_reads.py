@@ -23,7 +23,7 @@ from typing import Any, Iterator
 
 import pytest
 from tests.serve.test_nbd_pool import Raw
-from tests.support import require_tool
+from tests.support import require_tool, serving_with_loop_probe
 
 from thinpool import Pool
 from thinpool.nbd import protocol as P
@@ -58,19 +58,8 @@ class Served:
 def served(monkeypatch: pytest.MonkeyPatch) -> Iterator[Served]:
     root = tempfile.mkdtemp(prefix="nbdr", dir="/tmp")
     s = Served(root)
-    close = readloop.CompiledReads.close
-
-    def counting_close(self: readloop.CompiledReads) -> None:
-        if self.registered:
-            s.compiled_served.append(self.served)
-        close(self)
-    monkeypatch.setattr(readloop.CompiledReads, "close", counting_close)
-    s.server.start()
-    try:
+    with serving_with_loop_probe(monkeypatch, s.server, root, lambda loop: s.compiled_served.append(loop.served)):
         yield s
-    finally:
-        s.server.shutdown()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def _stream(served: Served, structured: bool, requests: bytes) -> bytes:
