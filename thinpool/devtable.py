@@ -31,7 +31,7 @@ from typing import Any, Iterator, NamedTuple
 from . import catalog as cat_format
 from . import pooldir, rules, safe_output
 from .errors import AlreadyExists, FullOpenRequired, InvalidArgument, NotFound, ReadOnly  # noqa: F401 (API)
-from .errors import MetadataCorrupt, MetadataSpaceExhausted
+from .errors import MetadataSpaceExhausted
 from .mdpages import BLOCK, PagedArray, PageUpdates
 from .mdstore import MetadataStore
 from .rules import MAX_DEV_ID, new_catalog_entry, pick_dev_id  # noqa: F401 (the pool's id rules)
@@ -223,18 +223,12 @@ class DeviceTable:
         """The stored catalog (:mod:`thinpool.catalog`), its pages read as they are needed; a format-1
         catalog parsed whole (its conversion is written by the next commit)."""
         if self._stored_catalog is None:
-            if self._format2:
-                self._stored_catalog = cat_format.StoredCatalog.open(self.store.npages, self.store.read_pages,
-                                                                     self._catalog_raw, rules.catalog_loads)
-            else:
-                try:
-                    old = rules.catalog_loads(self._catalog_raw)
-                except ValueError:
-                    raise MetadataCorrupt(f"pool {self.path}: catalog is not valid JSON",
-                                          structure="catalog") from None
-                self._stored_catalog = cat_format.StoredCatalog.build(old["volumes"], old.get("records", {}))
+            stored, old = rules.open_catalog(self._catalog_raw, self._format2, self.store.npages,
+                                             self.store.read_pages, f"pool {self.path}")
+            if old is not None:
                 self.header.setdefault("next_dev_id", int(old.get("next_dev_id", 1)))
                 self.header.setdefault("next_gen", int(old.get("next_gen", 1)))
+            self._stored_catalog = stored
         return self._stored_catalog
 
     def _find(self, name: str) -> int | None:

@@ -364,23 +364,18 @@ class Pool(Transactions, DeviceOps, Features):
         """(the catalog dict, its stored form, whether it must be converted): a format-2 catalog
         (:mod:`thinpool.catalog`) read from the loaded arrays, or a format-1 JSON catalog and the stored
         form its first commit writes."""
-        raw = arrays["catalog"].tobytes()[: header["catalog_bytes"]]
-        if header.get("catalog_format") == cat_format.FORMAT:
-            def read(name: str, pages: list[int]) -> dict[int, bytes]:
-                a = arrays.get(name, np.zeros(0, np.uint8))
-                return {p: a[p * BLOCK:(p + 1) * BLOCK].tobytes() for p in pages}
-            stored = cat_format.StoredCatalog.open(lambda n: len(arrays.get(n, ())) // BLOCK, read, raw,
-                                                   rules.catalog_loads)
-            dev_ids = self._devs["dev_id"].tolist()
-            volumes = cat_format.volumes_of(stored, dev_ids.__getitem__)
-            return ({"volumes": volumes, "next_dev_id": int(header["next_dev_id"]),
-                     "next_gen": int(header["next_gen"]), "records": stored.records}, stored, False)
-        try:
-            catalog = rules.catalog_loads(raw)
-        except ValueError:
-            raise MetadataCorrupt(f"pool {self.path}: catalog is not valid JSON", structure="catalog") from None
-        catalog.setdefault("records", {})
-        return catalog, cat_format.StoredCatalog.build(catalog["volumes"], catalog["records"]), True
+        def read(name: str, pages: list[int]) -> dict[int, bytes]:
+            a = arrays.get(name, np.zeros(0, np.uint8))
+            return {p: a[p * BLOCK:(p + 1) * BLOCK].tobytes() for p in pages}
+        stored, old = rules.open_catalog(arrays["catalog"].tobytes()[: header["catalog_bytes"]],
+                                         header.get("catalog_format") == cat_format.FORMAT,
+                                         lambda n: len(arrays.get(n, ())) // BLOCK, read, f"pool {self.path}")
+        if old is not None:
+            return old, stored, True
+        dev_ids = self._devs["dev_id"].tolist()
+        volumes = cat_format.volumes_of(stored, dev_ids.__getitem__)
+        return ({"volumes": volumes, "next_dev_id": int(header["next_dev_id"]),
+                 "next_gen": int(header["next_gen"]), "records": stored.records}, stored, False)
 
     def _refresh_engine(self) -> None:
         """Hand the kernel context the current arrays (after a reload or a device-table growth)."""

@@ -14,12 +14,15 @@ and :class:`~thinpool.devtable.VolumeRecord` both provide it).
 from __future__ import annotations
 
 import operator
-from typing import Any, Iterable, Mapping, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Protocol, runtime_checkable
 
-from .errors import AlreadyExists, InvalidArgument, NoSpace, ReadOnly
+from .errors import AlreadyExists, InvalidArgument, MetadataCorrupt, NoSpace, ReadOnly
 from .schema import DEV_FIELDS, DevFlag, Mode
 from .status import DISCARD_WORDS, PoolStatus
 from .units import parse_size
+
+if TYPE_CHECKING:
+    from .catalog import StoredCatalog
 
 _orjson: Any = False  # not imported yet (None: not installed); see _json_lib
 
@@ -95,6 +98,24 @@ def catalog_loads(raw: bytes) -> dict[str, Any]:
             pass  # the standard library's verdict (and error) below: it also reads what orjson refuses
     import json
     return json.loads(raw)
+
+
+def open_catalog(raw: bytes, format2: bool, npages: Any, read_pages: Any, where: str
+                 ) -> "tuple[StoredCatalog, dict[str, Any] | None]":
+    """A pool's stored catalog from its JSON part ``raw``, and the format-1 catalog it came from (None
+    for format 2): format 2 opened (:class:`thinpool.catalog.StoredCatalog`: the index pages read through
+    ``npages(name)`` and ``read_pages(name, pages)`` when needed), or a format-1 JSON catalog parsed whole
+    and built into the form its first commit writes (``records`` defaulted).  MetadataCorrupt naming
+    ``where`` when a format-1 catalog is not JSON."""
+    from .catalog import StoredCatalog
+    if format2:
+        return StoredCatalog.open(npages, read_pages, raw, catalog_loads), None
+    try:
+        old = catalog_loads(raw)
+    except ValueError:
+        raise MetadataCorrupt(f"{where}: catalog is not valid JSON", structure="catalog") from None
+    old.setdefault("records", {})
+    return StoredCatalog.build(old["volumes"], old["records"]), old
 
 
 def new_catalog_entry(catalog: dict[str, Any], dev_id: int, slot: int) -> dict[str, int]:
