@@ -38,8 +38,14 @@ import numpy as np
 from . import schema as K
 from .mdpages import BLOCK, PageUpdates
 from .spacemap_pages import (_CHUNK, _RC_PAGES_PER_SM_PAGE, OLD_ARRAY, RC_PER_PAGE, SM_PER_PAGE, StoredCounts,
-                             _compiled_pack, _disk_updates_compiled, _pack_bitmap, _round_up, sm_pages, stored_at,
+                             _compiled_pack, _disk_updates_compiled, _pack_bitmap, _round_up, _stored_few, sm_pages,
+                             stored_at,
                              zeroed)
+
+#: dirty count pages up to which :meth:`DataSpaceMap.freed_blocks` looks at each page on its own
+_FEW_PAGES = 16
+#: per state byte: 1 if it marks a block freed in this transaction (``freed_blocks``' scan of a page)
+_FREED_BYTES = bytes(int(b & K.BLOCK_STATE == K.BLOCK_FREED) for b in range(256))
 
 
 class DataSpaceMap:
@@ -196,14 +202,26 @@ class DataSpaceMap:
         those pages are scanned -- or, when they are most of the map, the whole map at once, which
         costs less than gathering them)."""
         dirty = self.rc_dirty
-        pages = np.flatnonzero(dirty)
+        pages = dirty.nonzero()[0]
         if len(pages) == 0:
             return np.zeros(0, np.int64)
         state = np.uint8(K.BLOCK_STATE)
+        f = self.freed_txn
         if len(pages) * 4 >= len(dirty):
-            hits = np.flatnonzero((self.freed_txn & state) == K.BLOCK_FREED)
+            hits = ((f & state) == K.BLOCK_FREED).nonzero()[0]
             return hits[dirty[hits >> K.RC_PAGE_BITS] != 0]
-        rows, cols = np.nonzero((self.freed_txn.reshape(-1, RC_PER_PAGE)[pages] & state) == K.BLOCK_FREED)
+        if len(pages) <= _FEW_PAGES:
+            # a small transaction: each page's state bytes looked at in place, a page without a freed
+            # block passed over by one C scan of its bytes (most commits free nothing)
+            parts = []
+            for p in pages.tolist():
+                lo = p * RC_PER_PAGE
+                if f[lo:lo + RC_PER_PAGE].tobytes().translate(_FREED_BYTES).find(1) >= 0:
+                    parts.append(((f[lo:lo + RC_PER_PAGE] & state) == K.BLOCK_FREED).nonzero()[0] + lo)
+            if len(parts) == 1:
+                return parts[0]
+            return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        rows, cols = ((f.reshape(-1, RC_PER_PAGE)[pages] & state) == K.BLOCK_FREED).nonzero()
         return pages[rows] * RC_PER_PAGE + cols
 
     def set_pending(self, blocks: np.ndarray) -> None:
@@ -230,13 +248,20 @@ class DataSpaceMap:
         format-1 pool, every page is rebuilt and the old ``data_rc`` array is dropped."""
         nsm, nrc = sm_pages(self.nr_blocks), len(self.data_rc) // RC_PER_PAGE
         old_layout = OLD_ARRAY in committed_locs and len(committed_locs[OLD_ARRAY]) > 0
-        dirty_rc = np.arange(nrc) if old_layout else np.flatnonzero(self.rc_dirty)
+        dirty_rc = np.arange(nrc) if old_layout else self.rc_dirty.nonzero()[0]
         q = dirty_rc // _RC_PAGES_PER_SM_PAGE  # sorted: its distinct values without np.unique's sort
         dirty_sm = q[np.concatenate(([True], q[1:] != q[:-1]))] if len(q) > 1 else q
-        sm_have = stored_at(committed_locs.get("data_sm"), dirty_sm)
         pack = _compiled_pack()
+        if pack is not None and len(dirty_sm) <= _FEW_PAGES:  # (a few: looked up in Python)
+            out = _disk_updates_compiled(pack, self.data_rc, dirty_sm,
+                                         _stored_few(committed_locs.get("data_sm"), dirty_sm.tolist()), dirty_rc,
+                                         committed_locs.get("data_rc_over"), nsm, nrc)
+            if old_layout:
+                out[OLD_ARRAY] = PageUpdates(0, {})
+            return out
+        sm_have = stored_at(committed_locs.get("data_sm"), dirty_sm)
         if pack is not None:
-            out = _disk_updates_compiled(pack, self.data_rc, dirty_sm, sm_have, dirty_rc,
+            out = _disk_updates_compiled(pack, self.data_rc, dirty_sm, sm_have.tolist(), dirty_rc,
                                          committed_locs.get("data_rc_over"), nsm, nrc)
         else:
             out = self._disk_updates_numpy(dirty_sm, sm_have, dirty_rc, committed_locs.get("data_rc_over"), nsm, nrc)

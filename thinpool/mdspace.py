@@ -104,6 +104,9 @@ class MetadataSpace:
     _tail_released: int
     _undo: list[tuple[int, int]] | None  # in a commit: (block, state before) of every change, to undo
     _hint: int = 0  # where _allocate looks for a free block first (see _reserve_run)
+    #: (the block-state map, its free blocks) as the last commit counted them; a change of the map in
+    #: place (a commit under way, a resize, a hold) drops it
+    _free_known: tuple[bytearray, int] | None = None
 
     @property
     def state(self) -> bytearray:
@@ -134,6 +137,10 @@ class MetadataSpace:
         return self.nr_blocks - _zeros(self.state)
 
     def free_blocks(self) -> int:
+        """Blocks free now (neither used by the current state nor protected)."""
+        known = self._free_known
+        if known is not None and known[0] is self._state:
+            return known[1]  # counted by the commit that made this state (nothing changed it since)
         return _zeros(self.state)
 
     def _allocate(self, count: int) -> list[int]:

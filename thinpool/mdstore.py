@@ -92,6 +92,7 @@ class MetadataStore(MetadataSpace):
         self._queued: list[tuple[int, Any]] = []  # (block, page) written by the commit under way
         self._undo: list[tuple[int, int]] | None = None  # the block states it changed (see commit)
         self._dir_parts: dict[str, tuple[array, str]] = {}  # per array: its page map, its directory JSON
+        self._sb_written: dict[int, bytes | bytearray] = {}  # per slot: the superblock written there last
         #: why this store must be reopened before it commits again (a flush failed), or None
         self.failed: str | None = None
 
@@ -430,10 +431,14 @@ class MetadataStore(MetadataSpace):
         tail_first = self._tail
         # what the commit changes in the block-state map, to put back if it fails: (block, old state)
         self._undo = [] if self._tail is None else None
+        self._free_known = None
         try:
             if self._tail is None:
                 self._reserve_run(self._blocks_wanted(arrays))
             pages_count = {k: int(v) for k, v in self.header.get("pages", {}).items()}
+            np = sys.modules.get("numpy")
+            changed: list[tuple[str, array, list[int]]] = []  # arrays whose locations change
+            few: list[tuple[array, list[int], Any]] = []  # (locations, live dirty pages, array): placed below
             for name, pa in arrays.items():
                 npages = pa.npages
                 pages_count[name] = npages
@@ -441,40 +446,48 @@ class MetadataStore(MetadataSpace):
                 if old is not None and len(old) == npages and not pa.dirty:
                     continue  # nothing of it changes
                 locs = self._resized(None if old is None else old[:], npages)
-                np = sys.modules.get("numpy")
                 if np is not None and len(pa.dirty) >= _NP_MIN:
+                    if few:  # (blocks are given in the order of the arrays, whichever way)
+                        self._place(few)
+                        few = []
                     dirty = self._commit_pages_np(np, pa, locs, npages)
                 else:
                     dirty = sorted({d for d in pa.dirty if 0 <= d < npages})
-                    dead_set = set(pa.dead)
-                    live = [d for d in dirty if d not in dead_set]
-                    self._release(locs[d] for d in dirty)
+                    if pa.dead:
+                        dead_set = set(pa.dead)
+                        live = [d for d in dirty if d not in dead_set]
+                    else:
+                        live = dirty
+                    self._release([locs[d] for d in dirty])
                     for d in dirty:
                         locs[d] = 0
                     if live:
-                        blocks = self._allocate(len(live))
-                        crcs = self._write_pages([pa.page(d) for d in live], blocks)
-                        for d, b, c in zip(live, blocks, crcs):
-                            locs[d] = b << 32 | c
+                        few.append((locs, live, pa))
                 new_locs[name] = locs
-                # page-map pages that point at changed pages; one whose pages are all absent is
-                # absent itself (a page map of zeroes: e.g. the space map of a grown, unused range)
-                npm = (npages + PM_ENTRIES - 1) // PM_ENTRIES
+                changed.append((name, locs, dirty))
+            if few:  # the few-page arrays' pages get their blocks in one allocation
+                self._place(few)
+            # page-map pages that point at changed pages; one whose pages are all absent is absent
+            # itself (a page map of zeroes: e.g. the space map of a grown, unused range)
+            pm_write: list[tuple[array, int, bytes]] = []
+            for name, locs, dirty in changed:
+                npm = (len(locs) + PM_ENTRIES - 1) // PM_ENTRIES
                 old = new_pm.get(name)
                 pml = self._resized(None if old is None else old[:], npm)
                 changed_pm = sorted({d // PM_ENTRIES for d in dirty})
                 if changed_pm:
-                    pm_pages = {i: locs[i * PM_ENTRIES:(i + 1) * PM_ENTRIES] for i in changed_pm}
-                    self._release(pml[i] for i in changed_pm)
-                    write = [i for i in changed_pm if any(pm_pages[i])]
+                    self._release([pml[i] for i in changed_pm])
                     for i in changed_pm:
                         pml[i] = 0
-                    if write:
-                        blocks = self._allocate(len(write))
-                        crcs = self._write_pages([pm_pages[i].tobytes().ljust(BLOCK, b"\0") for i in write], blocks)
-                        for i, b, c in zip(write, blocks, crcs):
-                            pml[i] = b << 32 | c
+                        pm_page = locs[i * PM_ENTRIES:(i + 1) * PM_ENTRIES]
+                        if any(pm_page):
+                            pm_write.append((pml, i, pm_page.tobytes().ljust(BLOCK, b"\0")))
                 new_pm[name] = pml
+            if pm_write:
+                blocks = self._allocate(len(pm_write))
+                crcs = self._write_pages([page for _pml, _i, page in pm_write], blocks)
+                for (pml, i, _page), b, c in zip(pm_write, blocks, crcs):
+                    pml[i] = b << 32 | c
             # directory
             directory = self._directory(new_pm)
             ndir = (len(directory) + BLOCK - 1) // BLOCK
@@ -510,6 +523,20 @@ class MetadataStore(MetadataSpace):
         self.header = header
         self.locs, self.pm_locs, self.dir_locs = new_locs, new_pm, dir_locs
         self._state = committed
+        if committed is not None:
+            self._free_known = (committed, self.nr_blocks - used)
+
+    def _place(self, few: list[tuple[array, list[int], Any]]) -> None:
+        """The part of :meth:`commit` for the arrays with a few dirty pages: the live pages of all of
+        them (``(locations, pages, array)`` each) get fresh blocks in one allocation and are queued;
+        their locations updated."""
+        blocks = self._allocate(sum(len(live) for _locs, live, _pa in few))
+        crcs = self._write_pages([pa.page(d) for _locs, live, pa in few for d in live], blocks)
+        k = 0
+        for locs, live, _pa in few:
+            for d in live:
+                locs[d] = blocks[k] << 32 | crcs[k]
+                k += 1
 
     def _commit_pages_np(self, np: Any, pa: Any, locs: array, npages: int) -> list[int]:
         """The part of :meth:`commit` for one array's many dirty pages, array-at-a-time: their old
@@ -562,10 +589,16 @@ class MetadataStore(MetadataSpace):
         _SB_HEADER.pack_into(raw, 0, 0, MAGIC, FORMAT_VERSION, generation, len(body))
         raw[_SB_HEADER.size:_SB_HEADER.size + len(body)] = body
         struct.pack_into("<I", raw, 0, _crc32c(memoryview(raw)[4:]))
-        where = (generation % SUPERBLOCKS) * BLOCK
-        old = os.pread(self.fd, BLOCK, where)
+        slot = generation % SUPERBLOCKS
+        where = slot * BLOCK
+        # what the slot holds now: the superblock this store wrote there last, else read (this store is
+        # the file's one writer: the pool's lock)
+        old = self._sb_written.get(slot)
+        if old is None:
+            old = os.pread(self.fd, BLOCK, where)
         try:
             write_all(self.io.pwrite, self.fd, raw, where, self.path)
+            self._sb_written[slot] = raw
         except HostIOError:
             # part of it may be stored (and a prefix can verify): put the slot back as it was, so the
             # failed commit cannot surface later; if even that fails, only a reopen may commit again
@@ -605,6 +638,7 @@ class MetadataStore(MetadataSpace):
             err = exc.errno or errno.EIO
             raise HostIOError(f"resizing {self.path} to {nr_blocks * BLOCK} bytes failed: {os.strerror(err)}",
                               err, self.path) from None
+        self._free_known = None
         if self._state is not None:
             if nr_blocks > self.nr_blocks:
                 self._state.extend(bytes(nr_blocks - self.nr_blocks))
@@ -625,6 +659,7 @@ class MetadataStore(MetadataSpace):
         held["root_block"] = int(self.dir_locs[0] >> 32) if self.dir_locs else 0
         self.header["held"] = held
         self.held_blocks = self._blocks_of(held)
+        self._free_known = None
         _mark(self.state, self.held_blocks, _PROTECTED)
 
     def release_hold(self) -> None:

@@ -50,9 +50,16 @@ class NoFlushDataIO(DataIO):
         """No flush (see :class:`NoFlushFileIO`)."""
 
 
+_POOLSPACE: list[Any] = []
+
+
 def _poolspace():
-    from . import poolspace
-    return poolspace
+    """:mod:`thinpool.poolspace` (imported on first use: it imports this module's users; a commit
+    asks for it every time, so the module is kept rather than imported again)."""
+    if not _POOLSPACE:
+        from . import poolspace
+        _POOLSPACE.append(poolspace)
+    return _POOLSPACE[0]
 
 
 def _round_up(n: int, m: int) -> int:
@@ -153,11 +160,11 @@ class Transactions:
         arrays = {
             **leaf_pages,
             **inner_pages,
-            "leaf_rc": PagedArray(bm.leaf_rc.view(np.uint8), np.flatnonzero(bm.leaf_rc_dirty)),
-            "inner_rc": PagedArray(bm.inner_rc.view(np.uint8), np.flatnonzero(bm.inner_rc_dirty)),
+            "leaf_rc": PagedArray(bm.leaf_rc.view(np.uint8), bm.leaf_rc_dirty.nonzero()[0]),
+            "inner_rc": PagedArray(bm.inner_rc.view(np.uint8), bm.inner_rc_dirty.nonzero()[0]),
             **sp.disk_updates(self._store.locs),
-            "devs": PagedArray(self._devs.view(np.uint8),
-                               np.unique(np.array(sorted(self._devs_dirty), np.int64) // DEVS_PER_PAGE)),
+            # (a few device ids: a set of Python ints costs less than numpy steps)
+            "devs": PagedArray(self._devs.view(np.uint8), sorted({d // DEVS_PER_PAGE for d in self._devs_dirty})),
         }
         if self._catalog_dirty or self._catalog_convert:
             # the names touched since the last commit reach the stored catalog: a page or two of

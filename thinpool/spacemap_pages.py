@@ -319,15 +319,24 @@ _COMPILED_CHUNK = 4096  # count pages per compiled call (bounds the overflow row
 def _compiled_pack() -> Any:
     """:func:`thinpool.kernels_map.pack_space_pages` when this process has loaded numba (any kernel
     call does), else None: a commit needs only numpy, and the numpy code writes the same bytes."""
+    if _PACK:
+        return _PACK[0]
     if "numba" not in sys.modules or sys.byteorder != "little":
         return None
     from . import kernels_map
-    return kernels_map.pack_space_pages
+    _PACK.append(kernels_map.pack_space_pages)
+    return _PACK[0]
 
 
-def _disk_updates_compiled(pack: Any, rc: np.ndarray, dirty_sm: np.ndarray, sm_have: np.ndarray,
+_PACK: list[Any] = []  # kernels_map.pack_space_pages, once a commit found numba loaded
+#: pages up to which their stored-or-not is looked up in Python (fewer steps than numpy's for a few)
+_FEW = 16
+
+
+def _disk_updates_compiled(pack: Any, rc: np.ndarray, dirty_sm: np.ndarray, sm_have: list[bool],
                            dirty_rc: np.ndarray, over_locs: Any, nsm: int, nrc: int) -> dict[str, PageUpdates]:
-    """:meth:`DataSpaceMap.disk_updates`'s pages built by one compiled pass per chunk of pages."""
+    """:meth:`DataSpaceMap.disk_updates`'s pages built by one compiled pass per chunk of pages
+    (``sm_have``: per page of ``dirty_sm``, whether it is stored)."""
     sm_pages_out: dict[int, bytes] = {}
     over_out: dict[int, bytes] = {}
     over_dead: list[int] = []
@@ -341,14 +350,19 @@ def _disk_updates_compiled(pack: Any, rc: np.ndarray, dirty_sm: np.ndarray, sm_h
         over = np.empty((len(pages), RC_PER_PAGE), np.uint32)
         over_pages = np.empty(len(pages), np.int64)
         m = pack(rc, sm if len(sm) else nothing, pages if len(pages) else nothing, bitmap, used, over, over_pages)
-        for k, (p, u, have) in enumerate(zip(sm.tolist(), used.tolist(), sm_have[i:i + _COMPILED_CHUNK].tolist())):
+        for k, (p, u, have) in enumerate(zip(sm.tolist(), used.tolist(), sm_have[i:i + _COMPILED_CHUNK])):
             if u:
                 sm_pages_out[p] = bitmap[k].tobytes()
             elif have:
                 sm_dead.append(p)
-        for k, p in enumerate(over_pages[:m].tolist()):
+        over_written = over_pages[:m].tolist()
+        for k, p in enumerate(over_written):
             over_out[p] = over[k].tobytes()
-        if m < len(pages):  # count pages without an overflow count now (the kernel keeps their order)
+        if m < len(pages) and len(pages) <= _FEW:  # a few count pages: Python lists
+            written = set(over_written)
+            gone_l = [p for p in pages.tolist() if p not in written]
+            over_dead += [p for p, have in zip(gone_l, _stored_few(over_locs, gone_l)) if have]
+        elif m < len(pages):  # count pages without an overflow count now (the kernel keeps their order)
             gone = pages if m == 0 else pages[~np.isin(pages, over_pages[:m], assume_unique=True)]
             over_dead += gone[stored_at(over_locs, gone)].tolist()
     return {"data_sm": PageUpdates(nsm, sm_pages_out, dead=sm_dead),
@@ -359,6 +373,14 @@ def _pack_bitmap(counts: np.ndarray) -> np.ndarray:
     """Two bits per count, ``min(count, 3)``, four counts per byte (count i in bits 2*(i%4)..+1)."""
     c = np.minimum(counts, 3).astype(np.uint8)
     return c[0::4] | (c[1::4] << 2) | (c[2::4] << 4) | (c[3::4] << 6)
+
+
+def _stored_few(locs: Any, pages: list[int]) -> list[bool]:
+    """:func:`stored_at` for a few pages given as a list, in Python (a location array is ``array("Q")``)."""
+    if locs is None:
+        return [False] * len(pages)
+    n = len(locs)
+    return [p < n and locs[p] >> 32 != 0 for p in pages]
 
 
 def stored_at(locs: Any, pages: np.ndarray) -> np.ndarray:
