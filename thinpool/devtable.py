@@ -21,10 +21,11 @@ here and used by :class:`~thinpool.pool.Pool` too.
 from __future__ import annotations
 
 import contextlib
+import operator
 import os
 import re
 import struct
-from itertools import compress
+from itertools import compress, repeat
 from operator import itemgetter
 from typing import Any, Iterator, NamedTuple
 
@@ -49,7 +50,7 @@ _IN_USE_BYTE = bytes(1 if b & _IN_USE else 0 for b in range(256))
 _READ_ONLY_BYTE = bytes(1 if b & _READ_ONLY else 0 for b in range(256))
 RC_PER_PAGE = BLOCK // 4
 _NAME_RE = re.compile(r"^[^\x00-\x1f\x7f]{1,1024}$")
-_STORE_KEYS = ("directory", "directory_bytes", "pages", "held", "recovered_from")
+_STORE_KEYS = ("directory", "directory_bytes", "pages", "held", "recovered_from", "hints")
 
 
 #: the longest volume name, in UTF-8 bytes (an NBD export name may have 4096)
@@ -214,6 +215,7 @@ class DeviceTable:
         self._devs_dirty: set[int] = set()
         self._rc_pages: dict[int, bytearray] = {}
         self._dirty = False
+        self._bound: int | None = None  # see _dev_id_bound
         # the pool's own mode (a table opened only to look reports the mode a writable open finds)
         self.mode: Mode = rules.derive_mode(bool(hdr.get("needs_check")))
 
@@ -269,6 +271,8 @@ class DeviceTable:
         """Whether a record in use has device id ``dev_id`` (> 0): ``bytes.find`` of its 8 bytes, each
         hit checked to be a record's dev_id field (a C scan of the table; an id 0 matches every free,
         zeroed record, so it is not asked here)."""
+        if dev_id > self._dev_id_bound():
+            return False  # (the usual question: the next id, above every id in use)
         devs, size, at = self._devs, DEV_RECORD.size, DEV_ID * 8
         needle = struct.pack("<q", dev_id)
         i = devs.find(needle)
@@ -277,6 +281,15 @@ class DeviceTable:
                 return True
             i = devs.find(needle, i + 1)
         return False
+
+    def _dev_id_bound(self) -> int:
+        """An id no device in use exceeds: the ``dev_id_max`` the last commit recorded (the pool and
+        this table record it with every commit: :meth:`thinpool.mdstore.MetadataStore.hint`) or, when it
+        did not, the largest id in the table; with the snapshots made since."""
+        if self._bound is None:
+            bound = self.store.hint("dev_id_max")
+            self._bound = max(self._dev_ids_in_use(), default=0) if bound is None else bound
+        return max([self._bound] + [int(e["dev_id"]) for e in self._pending.values()])
 
     def _in_use(self) -> bytes:
         """One byte per device-table slot: 1 if the slot holds a device, else 0 (C loops over the
@@ -356,7 +369,7 @@ class DeviceTable:
             dev_ids = q[DEV_ID:n * width:width].tolist()
             by_slot: list[Any] = [None] * n
             try:
-                list(map(by_slot.__setitem__, slots, names))
+                list(map(operator.setitem, repeat(by_slot, n), slots, names))  # (no slot wrapper call)
             except IndexError:
                 by_slot = [None]
             if dev_ids == sorted(dev_ids) and None not in by_slot:
@@ -494,13 +507,15 @@ class DeviceTable:
             "inner_rc": PageUpdates(self.store.npages("inner_rc"), self._rc_pages),
             **stored.updates(len(self._devs) // DEV_RECORD.size, rules.catalog_dumps, self.header),
         }
+        bound = self._dev_id_bound()
         try:
-            self.store.commit(arrays, self.header, tail=True)
+            self.store.commit(arrays, self.header, tail=True, hints={"dev_id_max": bound})
         except MetadataSpaceExhausted as exc:
             self._load()
             raise ReadOnly(f"pool {self.path}: out of metadata space; the snapshot was not committed "
                            f"({exc})") from None
         stored.committed()
+        self._bound = bound
         self._format2 = True
         self._pending.clear()
         self._devs_dirty.clear()

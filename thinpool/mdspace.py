@@ -22,6 +22,14 @@ from .mdpages import _HI, PM_ENTRIES, SUPERBLOCKS
 _USED = 1       # state bit: reachable from the current (uncommitted) state
 _PROTECTED = 2  # state bit: reachable from the last commit or from the held metadata snapshot
 _PROTECT_USED = bytes(3 if x & _USED else 0 for x in range(256))  # after a commit: protected := used
+_USED_ONLY = bytes(1 if x & _USED else 0 for x in range(256))
+#: the superblock field holding the last commit's hints (:meth:`MetadataSpace.hint`)
+HINTS = "hints"
+
+
+def top_used(state: bytearray) -> int:
+    """The highest block a block-state map marks used (C loops: a translate and a strip)."""
+    return len(state.translate(_USED_ONLY).rstrip(b"\0")) - 1
 
 
 def _mark(state: bytearray, blocks: Iterable[int], bits: int) -> None:
@@ -94,6 +102,7 @@ class MetadataSpace:
 
     path: str
     nr_blocks: int
+    generation: int
     header: dict[str, Any]
     locs: dict[str, array]
     pm_locs: dict[str, array]
@@ -268,6 +277,28 @@ class MetadataSpace:
             n += len(pa.dirty) + len(pa.dirty) // PM_ENTRIES + 2
         return n + 4
 
+    def top_located(self) -> int:
+        """The highest metadata block the committed state's pages, page maps and directory use (the
+        superblocks at least), from their locations."""
+        top = SUPERBLOCKS - 1
+        for arr in list(self.locs.values()) + list(self.pm_locs.values()):
+            if len(arr):
+                top = max(top, max(memoryview(arr).cast("B").cast("I")[_HI::2]))
+        return max([top] + [loc >> 32 for loc in self.dir_locs])
+
+    def hint(self, name: str) -> int | None:
+        """A value the last commit recorded with the state it wrote (``metadata_top``: the highest
+        metadata block that state uses; a caller's, e.g. ``dev_id_max``: see
+        :meth:`thinpool.mdstore.MetadataStore.commit`), or None if that commit did not record it.  A
+        hint is tagged with the generation of the commit that wrote it: one carried over unchanged by a
+        commit that did not know it (an older thinpool) is stale and ignored, so a hint is never
+        trusted for a state it was not computed for."""
+        hints = self.header.get(HINTS)
+        if not isinstance(hints, dict) or hints.get("generation") != self.generation:
+            return None
+        value = hints.get(name)
+        return value if type(value) is int and value >= 0 else None
+
     def _tail_start(self, arrays: dict[str, Any]) -> int | None:
         """Where a *tail commit* starts, or None for an ordinary one.
 
@@ -279,11 +310,9 @@ class MetadataSpace:
         locations) or without the committed count of used blocks."""
         if self._state is not None or self.held_blocks or "metadata_used_blocks" not in self.header:
             return None
-        top = SUPERBLOCKS - 1
-        for arr in list(self.locs.values()) + list(self.pm_locs.values()):
-            if len(arr):
-                top = max(top, max(memoryview(arr).cast("B").cast("I")[_HI::2]))
-        top = max([top] + [loc >> 32 for loc in self.dir_locs])
+        top = self.hint("metadata_top")  # recorded by the commit that wrote this state
+        if top is None:  # (a commit that did not record it: one Python step per page of the pool)
+            top = self.top_located()
         need = self.estimate_commit_blocks(arrays) + len(self.dir_locs) + 8
         if top + 1 + need > self.nr_blocks:
             return None

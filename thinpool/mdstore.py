@@ -44,7 +44,7 @@ from .errors import HostIOError, MetadataCorrupt, MetadataSpaceExhausted, ReadOn
 from .hostio import sync_or_fail, write_all
 from .mdpages import (_HI, _LO, _SB_HEADER, BLOCK, FORMAT_VERSION, MAGIC, PM_ENTRIES, READABLE_VERSIONS,
                       SUPERBLOCKS, Buffer, _crc32c, _zeroed, checksum, map_private)
-from .mdspace import _NP_MIN, _PROTECTED, _USED, MetadataSpace, _mark, _zeros
+from .mdspace import _NP_MIN, _PROTECTED, _USED, HINTS, MetadataSpace, _mark, _zeros, top_used
 
 #: the committed header's fields a held metadata snapshot keeps (its superblock copy)
 HELD_SUPERBLOCK_FIELDS = ("time", "transaction_id", "needs_check")
@@ -412,12 +412,15 @@ class MetadataStore(MetadataSpace):
             write_all(self.io.pwrite, self.fd, data, queued[i][0] * BLOCK, self.path)
             i = j
 
-    def commit(self, arrays: dict[str, Any], header: dict[str, Any], *, tail: bool = False) -> None:
+    def commit(self, arrays: dict[str, Any], header: dict[str, Any], *, tail: bool = False,
+               hints: dict[str, int] | None = None) -> None:
         """Write the dirty pages of ``arrays`` (:class:`PagedArray` or :class:`PageUpdates`; arrays not
         named keep their committed pages) and a new superblock carrying ``header``; atomic.
 
         ``tail=True`` allows a *tail commit* (see :meth:`_tail_start`) for a caller that commits a few
-        pages once and goes: it skips building the block-state map of the whole file."""
+        pages once and goes: it skips building the block-state map of the whole file.  ``hints``: values
+        the caller knows of the state it commits (e.g. ``dev_id_max``), stored with it and read back by
+        :meth:`hint`; the store adds its own ``metadata_top``."""
         if self.read_only:
             raise ReadOnly(f"{self.path}: metadata is read-only")
         if self.failed:
@@ -504,12 +507,15 @@ class MetadataStore(MetadataSpace):
             if self._tail is None:
                 committed: bytearray | None = self._protected(self.state)
                 used = self.nr_blocks - _zeros(committed)
+                top = top_used(self.state)
             else:
                 committed = None  # rebuilt from the new locations if it is ever needed
                 used = int(self.header["metadata_used_blocks"]) + (self._tail - tail_first) - \
                     self._tail_released
+                top = self._tail - 1  # every block a tail commit takes lies above the old top
             header.update(directory=dir_locs, directory_bytes=len(directory), pages=pages_count,
                           metadata_used_blocks=used)
+            header[HINTS] = {**(hints or {}), "generation": self.generation + 1, "metadata_top": top}
             self._write_superblock(self.generation + 1, header)
         except BaseException:
             self._queued = []

@@ -252,7 +252,7 @@ class Pool(Transactions, DeviceOps, Features):
             **cat_format.StoredCatalog.build({}, {}).updates(0, rules.catalog_dumps, header),
         }
         try:
-            store.commit(arrays, header)
+            store.commit(arrays, header, hints={"dev_id_max": 0})
         finally:
             store.close()
         if not metadata_only:
@@ -313,7 +313,7 @@ class Pool(Transactions, DeviceOps, Features):
                  nodes: tuple[Any, Any] = (None, None), counts: tuple[Any, Any] = (None, None)) -> None:
         self.recovered_from = header.get("recovered_from")
         self._header = {k: v for k, v in header.items()
-                       if k not in ("directory", "directory_bytes", "pages", "held", "recovered_from")}
+                       if k not in ("directory", "directory_bytes", "pages", "held", "recovered_from", "hints")}
         st = np.zeros(K.ST_SIZE, np.int64)
         st[K.ST_BLOCK_SIZE] = header["block_size"]
         st[K.ST_TIME] = header["time"]

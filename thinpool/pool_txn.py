@@ -24,7 +24,7 @@ from .kernel_context import locked_method as _locked
 from .mdstore import FileIO
 from .nodestore import NodeDisk
 from .mdpages import BLOCK, PagedArray
-from .schema import Mode
+from .schema import DevFlag, Mode
 
 if TYPE_CHECKING:
     from .check import CheckReport
@@ -88,7 +88,15 @@ class Transactions:
 
     #: superblock fields a commit rewrites itself (never a reason to commit)
     _STORE_FIELDS = frozenset(("pending_blocks", "catalog_bytes", "metadata_used_blocks", "directory",
-                               "directory_bytes", "pages", "held", "recovered_from"))
+                               "directory_bytes", "pages", "held", "recovered_from", "hints"))
+
+    def _hints(self) -> dict[str, int]:
+        """What a commit records of the devices for a light open (:meth:`thinpool.mdstore.MetadataStore.hint`):
+        ``dev_id_max``, the largest device id in use (0: none), which lets
+        :class:`~thinpool.devtable.DeviceTable` know the next id is free without searching the table."""
+        devs = self._devs
+        ids = devs["dev_id"][(devs["flags"] & int(DevFlag.IN_USE)) != 0]
+        return {"dev_id_max": int(ids.max()) if len(ids) else 0}
 
     # ------------------------------------------------------------------ has anything changed?
     def _header_now(self) -> dict[str, Any]:
@@ -218,7 +226,7 @@ class Transactions:
                            used_data_blocks=self._space.used())  # for readers that skip the space map
         try:
             self._sync_data()
-            self._store.commit(arrays, self._header)
+            self._store.commit(arrays, self._header, hints=self._hints())
         except MetadataSpaceExhausted as exc:
             # the reserve did not cover this commit (one batch of writes larger than it): a metadata
             # operation really failed -- dm-thin's metadata_operation_failed()
@@ -283,7 +291,7 @@ class Transactions:
         self._load()
         self._header["needs_check"] = True
         try:
-            self._store.commit({}, self._header_now())  # the superblock only (and its directory)
+            self._store.commit({}, self._header_now(), hints=self._hints())  # the superblock only (and its directory)
         except (MetadataSpaceExhausted, HostIOError) as exc:
             reason += f"; needs_check could not be written ({exc})"
         self._set_mode(Mode.READ_ONLY)
@@ -318,7 +326,7 @@ class Transactions:
         if report.ok and self._header.get("needs_check"):
             hdr = self._header_now()
             hdr["needs_check"] = False
-            self._store.commit({}, hdr)
+            self._store.commit({}, hdr, hints=self._hints())
             self._header["needs_check"] = False
             self._set_mode(rules.derive_mode(False))
             self.read_only_reason = ""

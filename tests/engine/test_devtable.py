@@ -244,3 +244,83 @@ def test_the_next_device_id_is_checked_in_use_by_a_byte_search_that_matches_only
         assert (9 in _DevIds(t)) and (gone not in _DevIds(t)) and (512 not in _DevIds(t))
         t.header["next_dev_id"] = 9  # the next id is in use: the one after it is picked
         assert t.snapshot("a", "after").dev_id == 10
+
+
+def _store(path) -> MetadataStore:
+    store = MetadataStore(os.path.join(path, "metadata"), read_only=True)
+    store.load(only=())
+    return store
+
+
+def test_metadata_top_hint_equals_a_recomputation_after_every_kind_of_commit(tmp_path: Path) -> None:
+    """Every commit records the highest metadata block its state uses (``metadata_top``), so a
+    DeviceTable's tail commit starts past it without a pass over every page location: after
+    ordinary commits (allocations, a delete's releases), tail commits (a table's snapshots, one and a
+    batch) and a reopen, the hint equals the maximum recomputed from the locations.  A hint whose
+    generation is not the state's (carried over by a commit that did not know hints) is ignored."""
+    path = _build(tmp_path / "p")
+
+    def check() -> None:
+        store = _store(path)
+        try:
+            assert store.hint("metadata_top") == store.top_located()
+        finally:
+            store.close()
+    check()
+    with DeviceTable.open(path, read_only=False) as t:
+        t.snapshot("a", "t1")  # a tail commit
+        assert t.store.hint("metadata_top") == t.store.top_located()
+        with t.batch():
+            t.snapshot("a", "t2")
+            t.snapshot("b", "t3")
+    check()
+    with Pool.open(path) as p:
+        p.thin("a").write(3 * BS, b"y" * BS)
+        p.delete("t1")
+        p.commit()
+        assert p._store.hint("metadata_top") == p._store.top_located()
+    check()
+    store = _store(path)
+    try:
+        store.header["hints"] = dict(store.header["hints"], generation=store.generation - 1)
+        assert store.hint("metadata_top") is None and store.hint("dev_id_max") is None
+    finally:
+        store.close()
+
+
+def test_dev_id_bound_hint_covers_every_id_in_use_after_create_delete_rename_and_reopen(tmp_path: Path) -> None:
+    """Every commit records ``dev_id_max``, an id no device in use exceeds, so ``snapshot`` knows its
+    next id is free without searching the device table; the lookup answers as the set of in-use ids
+    for every id after creates (an explicit high id too), deletes, a rename, table snapshots and
+    reopens, and with a stale hint it falls back to the table."""
+    from thinpool.devtable import _DevIds
+    path = str(tmp_path / "p")
+    with Pool.create(path, data_size=64 * BS, metadata_only=True) as p:
+        p.create_thin("a", 512)
+        for i in range(4):
+            p.snapshot("a", f"s{i}")
+        p.create_thin("high", 4096, dev_id=40)
+        p.delete("s1")
+    steps = [lambda p: p.delete("high"), lambda p: p.rename("s2", "s2b"), lambda p: p.create_thin("c", 4096)]
+    for k, step in enumerate(steps + [None]):
+        with DeviceTable.open(path, read_only=False) as t:
+            in_use = set(t._dev_ids_in_use())
+            bound = t.store.hint("dev_id_max")
+            assert bound is not None and bound >= max(in_use)
+            for dev_id in range(1, 140):
+                assert t._dev_id_in_use(dev_id) == (dev_id in in_use), dev_id
+            snap = t.snapshot("a", f"t{k}")
+            assert snap.dev_id not in in_use
+            big = t.snapshot("a", f"u{k}", dev_id=100 + 10 * k)
+            assert t._dev_id_bound() >= big.dev_id and big.dev_id in _DevIds(t)
+        with Pool.open(path) as p:  # a full open sees the table's snapshots, and its commits record the bound
+            assert {v.dev_id for v in p.thins()} == in_use | {snap.dev_id, big.dev_id}
+            if step is not None:
+                step(p)
+    with DeviceTable.open(path, read_only=False) as t:
+        in_use = set(t._dev_ids_in_use())
+        t.store.header["hints"] = dict(t.store.header["hints"], generation=t.store.generation + 1)
+        t._bound = None
+        assert t._dev_id_bound() == max(in_use)
+        for dev_id in range(1, 140):
+            assert t._dev_id_in_use(dev_id) == (dev_id in in_use), dev_id

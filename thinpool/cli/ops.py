@@ -7,8 +7,9 @@ the serving process (:func:`thinpool.cli.registry.run_op`).  The data-streaming 
 
 from __future__ import annotations
 
+import operator
 import os
-from itertools import chain
+from itertools import chain, repeat
 from operator import itemgetter
 from typing import Any, Callable, Iterable
 
@@ -315,7 +316,7 @@ def _volume_columns(pool: Any) -> dict[str, list[Any]]:
     bs = pool.block_size
     out = {k: cols[k] for k in _ROW_KEYS[:8]}
     out["block_size"] = [bs] * len(out["name"])
-    out["mapped_bytes"] = list(map(bs.__mul__, out["mapped_blocks"]))
+    out["mapped_bytes"] = list(map(operator.mul, repeat(bs), out["mapped_blocks"]))  # (no slot wrapper call)
     if any(o is not None for o in cols.get("external_origin", ())):
         out["external_origin"] = [o["path"] if o is not None else None for o in cols["external_origin"]]
     return out
