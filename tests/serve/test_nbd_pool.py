@@ -716,9 +716,12 @@ def _read_tree(root: str) -> dict[str, bytes]:
     return out
 
 
-def _fs_extents(path: str) -> list[tuple[int, int, int]]:
-    """``(logical block, physical block, length)`` of ``path``'s extents in 4 KiB blocks (filefrag -e)."""
-    out = ok("filefrag", "-e", "-b4096", path)
+def _fs_extents(path: str, fs_block: int) -> list[tuple[int, int, int]]:
+    """``(logical block, physical block, length)`` of ``path``'s extents in filesystem blocks of ``fs_block``
+    bytes (filefrag -e -b``fs_block``).  The unit must be the filesystem's own block size: filefrag rounds an
+    extent's byte offset down to a unit and its length down to whole units, so with a larger unit an extent
+    that starts inside a unit claims that whole unit, including bytes the file does not hold."""
+    out = ok("filefrag", "-e", f"-b{fs_block}", path)
     extents = []
     for line in out.splitlines():
         parts = [x.strip() for x in line.split(":")]
@@ -729,21 +732,18 @@ def _fs_extents(path: str) -> list[tuple[int, int, int]]:
     return extents
 
 
-def _fs_blocks(path: str, logical_end: int | None = None) -> set[int]:
-    """The 4 KiB filesystem blocks holding ``path``'s data (only logical blocks < ``logical_end`` if given)."""
+def _fs_blocks(path: str, fs_block: int, logical_end: int | None = None) -> set[int]:
+    """The filesystem blocks holding ``path``'s data (only logical blocks < ``logical_end`` if given)."""
     blocks: set[int] = set()
-    for logical, phys, n in _fs_extents(path):
+    for logical, phys, n in _fs_extents(path, fs_block):
         for k in range(n):
             if logical_end is None or logical + k < logical_end:
                 blocks.add(phys + k)
     return blocks
 
 
-def _tree_fs_blocks(root: str, names: list[str]) -> set[int]:
-    return set().union(set(), *(_fs_blocks(os.path.join(root, rel)) for rel in names))
-
-
-FS_PER_POOL_BLOCK = BS // 4096
+def _tree_fs_blocks(root: str, names: list[str], fs_block: int) -> set[int]:
+    return set().union(set(), *(_fs_blocks(os.path.join(root, rel), fs_block) for rel in names))
 
 
 def test_ext4_snapshot_while_mounted(env: Env) -> None:
@@ -763,10 +763,18 @@ def test_ext4_snapshot_while_mounted(env: Env) -> None:
         assert origin.device is not None
         ok("mkfs.ext4", "-q", "-F", "-E", "nodiscard,lazy_itable_init=0,lazy_journal_init=0", origin.device)
         mnt = origin.mount(env.path("origin"))
+        # Count in ext4's own blocks: mke2fs's "small" type (under 512 MiB) gives this 256 MiB volume 1 KiB
+        # blocks, so a 4 KiB unit can hold 1 KiB blocks of other files, of directories or free space that
+        # ext4 may allocate after the snapshot.  Rounded to 4 KiB, a pool block looked "filled by untouched
+        # files" while ext4 could legitimately write a new file's first KiB into it (a copy-on-write of
+        # that pool block): the one CI failure of this test.
+        fs_block = os.statvfs(mnt).f_bsize
+        assert BS % fs_block == 0
+        fs_per_pool_block = BS // fs_block
         tree1 = _tree(1, 40)
         _write_tree(mnt, tree1)
         ok("sync", "-f", mnt)
-        old_fs = _tree_fs_blocks(mnt, [rel for rel, d in tree1.items() if d])
+        old_fs = _tree_fs_blocks(mnt, [rel for rel, d in tree1.items() if d], fs_block)
         ok("fsfreeze", "-f", mnt)  # the filesystem is clean on the device (journal checkpointed)
         try:
             cli_json("snapshot", env.pool, "fs", "fs-snap")  # through the control socket, while mounted
@@ -780,15 +788,16 @@ def test_ext4_snapshot_while_mounted(env: Env) -> None:
         # more writes in the origin: new files, one file rewritten in place, one removed
         victim = next(rel for rel, d in tree1.items() if len(d) > 3 * 8192)
         gone = next(rel for rel, d in tree1.items() if rel != victim and d)
-        untouched_fs = _tree_fs_blocks(mnt, [rel for rel, d in tree1.items() if d and rel not in (victim, gone)])
+        untouched_fs = _tree_fs_blocks(mnt, [rel for rel, d in tree1.items() if d and rel not in (victim, gone)],
+                                       fs_block)
         tree2 = _tree(2, 25)
         _write_tree(mnt, tree2)
         with open(os.path.join(mnt, victim), "r+b") as f:
             f.write(b"\xff" * 8192)
         os.unlink(os.path.join(mnt, gone))
         ok("sync", "-f", mnt)
-        new_fs = _tree_fs_blocks(mnt, [rel for rel, d in tree2.items() if d])
-        new_fs |= _fs_blocks(os.path.join(mnt, victim), logical_end=2)  # the rewritten 8 KiB
+        new_fs = _tree_fs_blocks(mnt, [rel for rel, d in tree2.items() if d], fs_block)
+        new_fs |= _fs_blocks(os.path.join(mnt, victim), fs_block, logical_end=8192 // fs_block)  # the rewritten 8 KiB
 
         # the snapshot is unchanged (attached afresh, so nothing comes from a cache)
         snap.close()
@@ -820,17 +829,17 @@ def test_ext4_snapshot_while_mounted(env: Env) -> None:
                 rows["fs-snap"]["shared_blocks"]) == (u_s.mapped_blocks, u_s.exclusive_blocks, u_s.shared_blocks)
         assert u_o.shared_blocks == u_s.shared_blocks == len(shared) > 0
         # ext4's data blocks, in pool blocks: the first tree is all in the snapshot ...
-        old_pool = {b // FS_PER_POOL_BLOCK for b in old_fs}
+        old_pool = {b // fs_per_pool_block for b in old_fs}
         assert old_pool and old_pool <= set(snap_map)
         assert u_s.mapped_blocks * BS >= sum(len(d) for d in tree1.values())
         # ... pool blocks filled only by files nobody touched since are still shared ...
         per_block: dict[int, int] = {}
         for b in untouched_fs:
-            per_block[b // FS_PER_POOL_BLOCK] = per_block.get(b // FS_PER_POOL_BLOCK, 0) + 1
-        whole = {pb for pb, n in per_block.items() if n == FS_PER_POOL_BLOCK}
+            per_block[b // fs_per_pool_block] = per_block.get(b // fs_per_pool_block, 0) + 1
+        whole = {pb for pb, n in per_block.items() if n == fs_per_pool_block}
         assert len(whole) >= 50 and whole <= shared
         # ... and every pool block ext4 wrote file data to after the snapshot is the origin's alone
-        new_pool = {b // FS_PER_POOL_BLOCK for b in new_fs}
+        new_pool = {b // fs_per_pool_block for b in new_fs}
         assert new_pool and new_pool <= set(origin_map)
         assert not (new_pool & shared)
         assert u_o.exclusive_blocks >= len(new_pool) and u_s.exclusive_blocks >= 1
