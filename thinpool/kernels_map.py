@@ -197,23 +197,12 @@ def unallocate_data_block(space, st, d):
 
 
 @njit(cache=True, inline="always")
-def inc_leaf_data(row, data_rc, rc_dirty):
-    """Every data block leaf ``row`` maps gains a reference (a leaf shadowed: a new leaf maps them).
-    The arrays are taken out of the ``space`` tuple once by the caller (an extraction per mapping
-    costs reference counting) and indexed unsigned (no negative-index check): ~10x faster per leaf
-    than :func:`inc_data` per mapping."""
-    for i in range(LEAF_ENTRIES):
-        v = row[i]
-        if v != UNMAPPED:
-            u = v >> _TIME_BITS
-            data_rc[u] += 1
-            rc_dirty[u >> _RC_PAGE_BITS] = 1
-
-
-@njit(cache=True, inline="always")
 def dec_leaf_data(row, data_rc, freed_txn, rc_dirty):
     """Every data block leaf ``row`` maps loses a reference (a leaf released), as :func:`dec_data`
-    per mapping does; returns how many blocks reached zero (the caller adds them to the free count)."""
+    per mapping does; returns how many blocks reached zero (the caller adds them to the free count).
+    The arrays are taken out of the ``space`` tuple once by the caller (an extraction per mapping
+    costs reference counting) and indexed unsigned (no negative-index check): ~10x faster per leaf
+    than :func:`dec_data` per mapping (:func:`shadow_leaf` raises counts the same way)."""
     freed = 0
     for i in range(LEAF_ENTRIES):
         v = row[i]
@@ -250,21 +239,30 @@ def new_inner(nodes, st):
 
 
 @njit(cache=True, inline="always")
-def new_leaf(nodes, st):
-    leaves, leaf_rc, leaf_dirty, leaf_rc_dirty, leaf_free = nodes[0], nodes[2], nodes[4], nodes[6], nodes[8]
+def _take_leaf(nodes, st):
+    """A free leaf slot taken (count 1, dirty) with its row as it was: the caller fills it."""
+    leaf_rc, leaf_dirty, leaf_rc_dirty, leaf_free = nodes[2], nodes[4], nodes[6], nodes[8]
     n = st[ST_LEAF_FREE]
     if n == 0:
         return NONE
     n -= 1
     st[ST_LEAF_FREE] = n
     s = leaf_free[n]
-    row = leaves[s]
-    for k in range(LEAF_ENTRIES):
-        row[k] = UNMAPPED
     leaf_rc[s] = 1
     leaf_dirty[s] = 1
     leaf_rc_dirty[s >> RC_PAGE_BITS] = 1
     st[ST_LEAVES_LIVE] += 1
+    return s
+
+
+@njit(cache=True, inline="always")
+def new_leaf(nodes, st):
+    s = _take_leaf(nodes, st)
+    if s == NONE:
+        return NONE
+    row = nodes[0][s]
+    for k in range(LEAF_ENTRIES):
+        row[k] = UNMAPPED
     return s
 
 
@@ -353,13 +351,22 @@ def shadow_inner(nodes, st, node, level):
 
 @njit(cache=True)
 def shadow_leaf(nodes, space, st, leaf):
-    """Copy a shared leaf; every data block it maps gains a reference (dm-thin's leaf rule)."""
+    """Copy a shared leaf; every data block it maps gains a reference (dm-thin's leaf rule).  One
+    pass over the leaf copies each mapping and raises its block's count (the new row is written
+    once: no holes filled first), the count arrays taken out of ``space`` once and indexed unsigned."""
     leaves, leaf_rc, leaf_rc_dirty = nodes[0], nodes[2], nodes[6]
-    new = new_leaf(nodes, st)
+    new = _take_leaf(nodes, st)
     if new == NONE:
         return NONE
-    copy_bytes(leaves[new], 0, leaves[leaf], 0, LEAF_ENTRIES)
-    inc_leaf_data(leaves[new], space[0], space[2])
+    src, dst = leaves[leaf], leaves[new]
+    data_rc, rc_dirty = space[0], space[2]
+    for i in range(np.uint64(LEAF_ENTRIES)):
+        v = src[i]
+        dst[i] = v
+        if v != UNMAPPED:
+            u = v >> _TIME_BITS
+            data_rc[u] += 1
+            rc_dirty[u >> _RC_PAGE_BITS] = 1
     leaf_rc[leaf] -= 1
     leaf_rc_dirty[leaf >> RC_PAGE_BITS] = 1
     return new

@@ -14,10 +14,10 @@ from numba import njit
 
 from . import kernels_cache
 from .kernels import ORIGIN_ERROR, discard_range, pread_all, read_hole, write_span
-from .kernels_map import (UNMAPPED, alloc_data_block, find_leaf_in, lookup, mapping_block, needs_new_block,
-                          pack_mapping, take_stale)
+from .kernels_map import (UNMAPPED, alloc_data_block, dec_data, find_leaf_in, lookup, mapping_block, needs_new_block,
+                          pack_mapping, take_stale, writable_leaf)
 from .schema import (DEV_MAPPED, DEV_ROOT, DEV_SNAP_TIME, IO_ERROR, LEAF_ENTRIES, NEED_NODES, NO_SPACE, NONE, OK,
-                     ST_BLOCK_SIZE, ST_INNER_FREE, ST_INNERS_LIVE, ST_LEAF_FREE, ST_LEAVES_LIVE, ST_NR_ALLOCATABLE,
+                     ST_BLOCK_SIZE, ST_COW_BREAKS, ST_COW_PARTIAL, ST_INNER_FREE, ST_INNERS_LIVE, ST_LEAF_FREE, ST_LEAVES_LIVE, ST_NR_ALLOCATABLE,
                      ST_NR_BLOCKS, ST_NR_FREE, ST_PROVISIONED, ST_PROVISIONED_PARTIAL, ST_TIME)
 
 #: operation codes of a mixed batch (the trace readers' codes)
@@ -92,6 +92,29 @@ def apply_batch(nodes, space, st, devs, slots, fd, tmp, pattern, vol, ops, offse
                 v = UNMAPPED if leaf == NONE else leaves[leaf, vb & (LEAF_ENTRIES - 1)]
                 if not needs_new_block(v, shared, dev[DEV_SNAP_TIME]):
                     continue  # a provisioned, unshared block: dm-thin remaps the bio, nothing changes
+                if v != UNMAPPED and st[ST_NR_ALLOCATABLE] > 0:
+                    # a copy-on-write break (a block mapped before the last snapshot, or a shared
+                    # path): shadow the path only if it is shared, then write_span's steps for a
+                    # mapped block -- a new block, the old one's count dropped at once (the peak is
+                    # sampled after this write), the mapping replaced
+                    li = vb & (LEAF_ENTRIES - 1)
+                    if shared:
+                        leaf = writable_leaf(nodes, space, st, dev, vb)  # node room checked above
+                    free0 = st[ST_NR_FREE]
+                    d = alloc_data_block(space, st)
+                    take_stale(space, d)
+                    dec_data(space, st, mapping_block(v))  # shadowing copies v: the same old block
+                    st[ST_COW_BREAKS] += 1
+                    if length != bs:
+                        st[ST_COW_PARTIAL] += 1
+                    leaves[leaf, li] = pack_mapping(d, st[ST_TIME])
+                    leaf_dirty[leaf] = 1
+                    used = st[ST_NR_BLOCKS] - st[ST_NR_FREE]
+                    if used > out[2]:
+                        out[2] = used
+                    if st[ST_NR_FREE] != free0 and st[ST_LEAVES_LIVE] + st[ST_INNERS_LIVE] >= md_check:
+                        return MD_CHECK, i + 1, 0
+                    continue
                 if v == UNMAPPED and leaf != NONE and not shared and st[ST_NR_ALLOCATABLE] > 0:
                     # a first write into an existing, unshared leaf: provision one block
                     d = alloc_data_block(space, st)
