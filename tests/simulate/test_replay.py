@@ -305,3 +305,30 @@ def test_kernel_rule_metadata_only_fast_paths_same_dump_counters_and_series_as_d
     assert results["data"] == results["meta"] and dumps["data"] == dumps["meta"]
     c = results["meta"]
     assert c["provisioned_blocks"] > 10_000 and c["cow_breaks"] > 1_000 and c["snapshots_deleted"] > 0
+
+
+def test_kernel_rule_cow_break_frees_the_old_block_at_once_so_the_peak_never_counts_both(tmp_path):
+    # dm-thin's break of sharing remaps the block and drops the old block's reference in the same step:
+    # a block only the volume still mapped (its snapshot deleted, the mapping older than the snapshot)
+    # is free again after each write, so the peak of data blocks in use, sampled after every write,
+    # stays at the volume's size; with the snapshot kept, every distinct block broken adds exactly one
+    nblocks = 1024
+    rng = np.random.default_rng(9)
+    first = np.arange(nblocks) * BS                                       # one full write per block
+    again = rng.permutation(nblocks) * BS + rng.integers(0, 16, nblocks) * 4096  # 4 KiB into each block
+    some = rng.integers(0, nblocks // 2, 3000) * BS + rng.integers(0, 16, 3000) * 4096
+    with Pool.create(str(tmp_path / "p"), data_size=4 * nblocks * BS, metadata_only=True) as pool:
+        pool.create_thin("v", nblocks * BS)
+        r = replay(pool, "v", ArrayTrace(np.ones(nblocks, np.uint8), first, np.full(nblocks, BS)))
+        assert (r.counters["provisioned_blocks"], r.counters["peak_data_blocks_used"]) == (nblocks, nblocks)
+        pool.snapshot("v", "s")
+        pool.delete("s")
+        r = replay(pool, "v", ArrayTrace(np.ones(nblocks, np.uint8), again, np.full(nblocks, 4096)))
+        c = r.counters
+        assert c["cow_breaks"] == nblocks and c["peak_data_blocks_used"] == c["data_blocks_used"] == nblocks
+        pool.snapshot("v", "kept")
+        r = replay(pool, "v", ArrayTrace(np.ones(len(some), np.uint8), some, np.full(len(some), 4096)))
+        broken = len(set((some // BS).tolist()))
+        c = r.counters
+        assert c["cow_breaks"] == broken < nblocks // 2
+        assert c["peak_data_blocks_used"] == c["data_blocks_used"] == nblocks + broken
