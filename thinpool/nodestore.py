@@ -145,6 +145,9 @@ class NodeDisk:
         kind = self.kind
         self._settle()
         n = len(nodes)
+        kp = _compiled()
+        if kp is not None and not self.convert and self.mapped is None:
+            return self._updates_compiled(kp, nodes, rc, dirty_flags)
         dirty = np.arange(n) if self.convert else np.flatnonzero(dirty_flags[:n])
         if self.mapped is not None:  # the blocks of the dirty dense pages are released by this commit
             _privatize(nodes, dirty, self.mapped)
@@ -159,7 +162,6 @@ class NodeDisk:
             stored[:keep] = self.stored[:keep]
         new = np.empty(len(dirty), np.int32)
         hole = nodes.dtype.type(kind.hole)
-        kp = _compiled()
         if kp is not None and len(dirty):
             kp.count_entries(_words(nodes), kind.width // 4, rc, dirty.astype(np.int64), kind.dense, MARK, new)
         for i in range(0, len(dirty) if kp is None else 0, _CHUNK):
@@ -187,6 +189,31 @@ class NodeDisk:
         if self.convert:
             out[self.convert] = PageUpdates(0, {})
         return out, after
+
+    def _updates_compiled(self, kp: Any, nodes: np.ndarray, rc: np.ndarray,
+                          dirty_flags: np.ndarray) -> tuple[dict[str, Any], "NodeDisk"]:
+        """:meth:`updates` in one compiled call (:func:`thinpool.kernels_pages.node_updates`: the same
+        pages as the steps below, which a process without numba, a conversion and a mapped open take)."""
+        kind = self.kind
+        n = len(nodes)
+        stored, out, meta = kp.node_updates(_words(nodes), kind.width // 4, rc, dirty_flags, n, self.stored,
+                                            kind.dense, MARK, self.keys, self.pos, self.size, self.npages,
+                                            kind.width + 2, kind.tag, self.packs)
+        bad, slot, npg, nown, ndead, nrel, nk, npages = meta[:8].tolist()
+        assert bad < 0, f"{kind.name} records out of step with the nodes (slot {slot})"
+        if npg == 0 and nown == 0 and ndead == 0 and n == len(self.stored) and \
+                np.array_equal(stored, self.stored):  # no record changed: no page, the same store
+            return {kind.dense_array: _Pages(n, nodes, (), {}, ()),
+                    kind.pack_array: _Pages(self.npages, None, (), {}, ())}, self
+        j = 8 + nown + ndead + npg + nrel
+        lists = meta[8:j].tolist()
+        own, dead_own = lists[:nown], lists[nown:nown + ndead]
+        new_pos, released = lists[nown + ndead:nown + ndead + npg], lists[nown + ndead + npg:]
+        packed = {p: memoryview(out[i]).cast("B") for i, p in enumerate(new_pos)}
+        after = NodeDisk(kind, stored, meta[j:j + nk], meta[j + nk:j + 2 * nk], meta[j + 2 * nk:j + 3 * nk], npages,
+                         None, self.packs, list(packed.items()))
+        return {kind.dense_array: _Pages(n, nodes, own, {}, dead_own),
+                kind.pack_array: _Pages(npages, None, (), packed, released)}, after
 
     def _repack(self, nodes: np.ndarray, stored: np.ndarray,
                 changed: np.ndarray) -> tuple[dict[int, Any], list[int], "NodeDisk"]:

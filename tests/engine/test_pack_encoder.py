@@ -161,8 +161,9 @@ def _same(got, ref):
 @pytest.mark.parametrize("seed", [5, 6])
 def test_format5_compiled_repack_plans_the_pages_the_numpy_commit_writes(kind, seed):
     """A history of commits -- nodes filled, grown dense, thinned, emptied, killed, in clusters and
-    scattered -- re-packed by the compiled planner and by the numpy one: the same pack pages in the
-    same places, the same pages released, the same record of what is stored."""
+    scattered -- re-packed by the compiled path (one ``kernels_pages.node_updates`` call per commit) and
+    by the numpy one: the same pack pages in the same places, the same pages released, the same record
+    of what is stored."""
     rng = np.random.default_rng(seed)
     n = 3000
     nodes = np.full((n, kind.entries), kind.hole, kind.dtype)

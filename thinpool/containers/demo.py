@@ -99,8 +99,8 @@ def run_demo(path: str | os.PathLike | None = None, block_size: int | str = "64K
 #: what the helper of :func:`compile_helper` compiles, in its order (the demo itself starts with
 #: ``write_one``); the helper starts only when the first two are missing from the kernel cache
 HELPER_KERNELS = ("kernels.write_batch", "kernels.locate", "walks.logical_counts_into", "walks.usage_of_roots",
-                  "walks.count_mappings", "walks.collect_mappings", "kernels_pages.count_entries",
-                  "kernels_pages.encode_packs", "kernels_pages.plan_repack", "kernels_map.pack_space_pages")
+                  "walks.count_mappings", "walks.collect_mappings", "kernels_pages.node_updates",
+                  "kernels_map.pack_space_pages")
 
 
 def uncached(kernels: tuple[str, ...]) -> list[str]:
