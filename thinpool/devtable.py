@@ -27,7 +27,7 @@ import re
 import struct
 from itertools import compress, repeat
 from operator import itemgetter
-from typing import Any, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Any, Iterator, NamedTuple
 
 from . import catalog as cat_format
 from . import pooldir, rules, safe_output
@@ -38,7 +38,9 @@ from .mdstore import MetadataStore
 from .rules import MAX_DEV_ID, new_catalog_entry, pick_dev_id  # noqa: F401 (the pool's id rules)
 from .schema import (DEV_CREATION_TIME, DEV_FIELDS, DEV_FLAGS, DEV_ID, DEV_MAPPED, DEV_RECORD, DEV_SIZE,
                      DEV_SNAP_TIME, DEV_TRANSACTION, DevFlag, Mode)
-from .status import PoolStatus
+
+if TYPE_CHECKING:
+    from .status import PoolStatus
 
 DEVS_PER_PAGE = BLOCK // DEV_RECORD.size
 _FLAGS_AT = DEV_FIELDS.index("flags") * 8  # the low byte of a record's flags (every field is "<q")

@@ -9,10 +9,12 @@ carrying the errno and the file.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import ctypes
 
 from .errors import HostIOError
 
@@ -87,7 +89,8 @@ class DataIO:
     @staticmethod
     def punch_hole(fd: int, offset: int, length: int) -> None:
         """``fallocate(PUNCH_HOLE | KEEP_SIZE)`` of ``length`` bytes at ``offset``; OSError on failure."""
-        if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        if libc().fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+            import ctypes
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err))
 
@@ -101,6 +104,7 @@ def load_libc() -> ctypes.CDLL:
     the process: no file search), ``ctypes.util.find_library`` only where that name is not found --
     it runs ``ldconfig -p`` (or a compiler) in a subprocess, 0.1-0.2 s that every command importing
     this module paid (``thinpool ls`` of 100,000 volumes: docs/performance.md, S10)."""
+    import ctypes
     try:
         return ctypes.CDLL("libc.so.6", use_errno=True)
     except OSError:
@@ -108,16 +112,28 @@ def load_libc() -> ctypes.CDLL:
         return ctypes.CDLL(find_library("c"), use_errno=True)
 
 
-_libc = load_libc()
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_libc: Any = None
 
-_libc.__errno_location.restype = ctypes.POINTER(ctypes.c_int)
+
+def libc() -> "ctypes.CDLL":
+    """The C library with the prototypes used here, loaded on first use (ctypes' import is about 2 ms
+    of every command that imports this module; ``status``, ``ls`` and ``snapshot`` never call C).  A
+    module whose compiled code may fail calls it at import: :func:`last_errno` must not be the first
+    use (loading the library may itself change ``errno``)."""
+    global _libc
+    if _libc is None:
+        import ctypes
+        lib = load_libc()
+        lib.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        lib.__errno_location.restype = ctypes.POINTER(ctypes.c_int)
+        _libc = lib
+    return _libc
 
 
 def last_errno() -> int:
     """This thread's C ``errno`` (what a failed system call made from compiled code left), or EIO
     when it is 0."""
     try:
-        return int(_libc.__errno_location().contents.value) or errno.EIO
+        return int(libc().__errno_location().contents.value) or errno.EIO
     except AttributeError:  # not glibc
         return errno.EIO

@@ -17,12 +17,12 @@ import operator
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Protocol, runtime_checkable
 
 from .errors import AlreadyExists, InvalidArgument, MetadataCorrupt, NoSpace, ReadOnly
-from .schema import DEV_FIELDS, DevFlag, Mode
-from .status import DISCARD_WORDS, PoolStatus
+from .schema import DEV_FIELDS, DISCARD_WORDS, DevFlag, Mode
 from .units import parse_size
 
 if TYPE_CHECKING:
     from .catalog import StoredCatalog
+    from .status import PoolStatus
 
 _orjson: Any = False  # not imported yet (None: not installed); see _json_lib
 
@@ -270,6 +270,7 @@ def pool_status(header: Mapping[str, Any], *, time: int, held: Mapping[str, Any]
                 nr_thins: int, error_if_no_space: bool | None = None, queued_writes: int = 0) -> PoolStatus:
     """The status report from the superblock's fields and what only the caller knows (the live pool
     time, counts, the mode, and the no-space policy in force if a queue's timeout changed it)."""
+    from .status import PoolStatus  # (a dataclass: about 2 ms of import that `snapshot` and `ls` never need)
     return PoolStatus(
         transaction_id=int(header["transaction_id"]), time=time,
         data_block_size=int(header["block_size"]), used_data_blocks=used_data_blocks,

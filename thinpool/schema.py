@@ -25,6 +25,9 @@ import enum
 import struct
 from typing import Any
 
+#: the discard setting -> the word dm-thin's pool_status prints for it
+DISCARD_WORDS = {"passdown": "discard_passdown", "nopassdown": "no_discard_passdown", "ignore": "ignore_discard"}
+
 # --------------------------------------------------------------------------- block map geometry
 LEAF_BITS = 9
 INNER_BITS = 10

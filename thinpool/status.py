@@ -6,10 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .schema import Mode
-
-#: the discard setting -> the word dm-thin's pool_status prints for it
-DISCARD_WORDS = {"passdown": "discard_passdown", "nopassdown": "no_discard_passdown", "ignore": "ignore_discard"}
+from .schema import DISCARD_WORDS, Mode  # noqa: F401 (DISCARD_WORDS: re-exported)
 
 
 @dataclass(frozen=True)

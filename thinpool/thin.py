@@ -20,10 +20,12 @@ from .activation import Activation  # re-exported: callers import it from here
 from .batch_io import BatchOutcome, apply_io  # re-exported: callers import them from here
 from .blockmap import extents_of_flags
 from .errors import DataDeviceError, DiscardNotSupported, HostIOError, InvalidArgument, NoSpace, ReadOnly, ReadOnlyIO
-from .hostio import last_errno
+from .hostio import last_errno, libc
 from .io_checks import ORIGIN_ERROR, as_offsets, check_span, io_integer
 from .schema import (DEV_CREATION_TIME, DEV_FLAGS, DEV_MAPPED, DEV_ROOT, DEV_SIZE, DEV_SNAP_TIME,
                      DEV_TRANSACTION, FLAG_READ_ONLY, unpack_mapping)
+
+libc()  # loaded now: last_errno() after a failed kernel call must not be its first use
 
 _ZERO1 = np.zeros(1, np.int64)
 _NO_ORIGIN = (-1, 0)  # (fd, size) of "no external origin" for the kernels
