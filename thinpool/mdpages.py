@@ -169,6 +169,69 @@ class PagedArray:
     def page(self, i: int) -> memoryview:
         return self.data[i * BLOCK:(i + 1) * BLOCK]
 
+    def page_rows(self, pages: Any) -> tuple[Any, Any]:
+        """The pages ``pages`` (a numpy array of page indices) as rows of one buffer: (the array as a
+        2-D uint8 numpy array of 4 KiB rows, the rows) -- how the store queues many pages without a
+        step per page (numpy is loaded whenever it asks)."""
+        np = sys.modules["numpy"]
+        return np.frombuffer(self.data, np.uint8).reshape(-1, BLOCK), pages
+
+
+def sorted_unique(np: Any, x: Any) -> Any:
+    """The distinct values of ``x`` in order, as int64 (``np.unique``'s result; numpy's own unique
+    hashes before it sorts, which costs several times more on the few thousand pages of a commit)."""
+    a = np.sort(np.asarray(x, np.int64))
+    return a[np.concatenate(([True], a[1:] != a[:-1]))] if len(a) > 1 else a
+
+
+def sorted_minus(np: Any, a: Any, b: Any) -> Any:
+    """The values of ``a`` not in ``b`` (both sorted, distinct int64): ``np.setdiff1d`` of such arrays."""
+    if not len(a) or not len(b):
+        return a
+    at = np.minimum(np.searchsorted(b, a), len(b) - 1)
+    return a[b[at] != a]
+
+
+class RowPages:
+    """Changed pages of an array handed over as rows of one 2-D buffer (what a compiled encoder fills):
+    page ``pages[k]`` is row ``rows[k]`` of ``base`` (a C-contiguous uint8 numpy array of 4 KiB rows).
+    The interface of :class:`PageUpdates`, plus :meth:`page_rows`, so the store queues the pages
+    without a copy or a step per page.  Only for callers that have numpy (arrays in, numpy used)."""
+
+    def __init__(self, npages: int, pages: Any, base: Any, rows: Any, dead: Any = ()) -> None:
+        """``pages``: distinct page indices; ``dead``: pages released (read as zeroes after)."""
+        np = sys.modules["numpy"]
+        self.npages = npages
+        self._pages = np.asarray(pages, np.int64)
+        self._rows = np.asarray(rows, np.int64)
+        if base.ndim != 2 or base.shape[1] != BLOCK or base.dtype != np.uint8 or not base.flags.c_contiguous \
+                or len(self._pages) != len(self._rows):
+            raise ValueError("row pages must be distinct rows of a C-contiguous uint8 array of 4 KiB rows")
+        self._base = base
+        self._index: dict[int, int] | None = None
+        order = np.argsort(self._pages, kind="stable")
+        self._sorted, self._order = self._pages[order], order
+        dead = sorted_minus(np, sorted_unique(np, dead), self._sorted)
+        self.dead = dead.tolist()
+        self.dirty = sorted_unique(np, np.concatenate([self._sorted, dead])).tolist()
+
+    def _rows_of(self, pages: Any) -> Any:
+        np = sys.modules["numpy"]
+        pages = np.asarray(pages, np.int64)
+        at = np.minimum(np.searchsorted(self._sorted, pages), max(len(self._sorted) - 1, 0))
+        if len(pages) and (not len(self._sorted) or (self._sorted[at] != pages).any()):
+            raise KeyError("a page asked for is not one of these updates")
+        return self._rows[self._order[at]]
+
+    def page(self, i: int) -> memoryview:
+        if self._index is None:  # (the store takes a few pages one by one: a dict, built once)
+            self._index = dict(zip(self._pages.tolist(), self._rows.tolist()))
+        return memoryview(self._base[self._index[i]]).cast("B")
+
+    def page_rows(self, pages: Any) -> tuple[Any, Any]:
+        """The pages ``pages`` as (``base``, their rows in it)."""
+        return self._base, self._rows_of(pages)
+
 
 class PageUpdates:
     """A few changed pages of an array whose other pages stay as committed (the array is not

@@ -43,7 +43,7 @@ from . import pooldir
 from .errors import HostIOError, MetadataCorrupt, MetadataSpaceExhausted, ReadOnly
 from .hostio import sync_or_fail, write_all
 from .mdpages import (_HI, _LO, _SB_HEADER, BLOCK, FORMAT_VERSION, MAGIC, PM_ENTRIES, READABLE_VERSIONS,
-                      SUPERBLOCKS, Buffer, _crc32c, _zeroed, checksum, map_private)
+                      SUPERBLOCKS, Buffer, _crc32c, _zeroed, checksum, map_private, sorted_minus, sorted_unique)
 from .mdspace import _NP_MIN, _PROTECTED, _USED, HINTS, MetadataSpace, _mark, _zeros, top_used
 
 #: the committed header's fields a held metadata snapshot keeps (its superblock copy)
@@ -90,6 +90,7 @@ class MetadataStore(MetadataSpace):
         self._tail: int | None = None  # in a tail commit: the next block to allocate (see commit)
         self._tail_released = 0
         self._queued: list[tuple[int, Any]] = []  # (block, page) written by the commit under way
+        self._chunks: list[tuple[Any, memoryview, Any]] = []  # (blocks, rows' buffer, rows): see _queue_rows
         self._undo: list[tuple[int, int]] | None = None  # the block states it changed (see commit)
         self._dir_parts: dict[str, tuple[array, str]] = {}  # per array: its page map, its directory JSON
         self._sb_written: dict[int, bytes | bytearray] = {}  # per slot: the superblock written there last
@@ -398,9 +399,46 @@ class MetadataStore(MetadataSpace):
         self._queued.extend(zip(blocks, pages))
         return [crc(p) for p in pages]
 
+    def _queue_rows(self, np: Any, base: Any, rows: Any, blocks: list[int]) -> list[int]:
+        """Queue pages given as rows ``rows`` of ``base`` (a C-contiguous 2-D uint8 array of 4 KiB rows)
+        for ``blocks``; return their CRCs.  No page is copied or listed: :meth:`_write_queued` writes
+        each run of pages consecutive both in ``base`` and on disk with one ``pwrite`` straight from
+        ``base`` (which must not change before the commit has written them)."""
+        mv = memoryview(base).cast("B")
+        crc = _crc32c
+        crcs = [crc(mv[r * BLOCK:(r + 1) * BLOCK]) for r in rows.tolist()]
+        self._chunks.append((np.asarray(blocks, np.int64), mv, np.asarray(rows, np.int64)))
+        return crcs
+
+    def _write_chunks(self) -> None:
+        """Write the pages :meth:`_queue_rows` queued: one ``pwrite`` per run of consecutive blocks (at
+        most :data:`_RUN_PAGES` pages each), straight from the buffer where the run's rows are
+        consecutive there too, else from a copy of its rows gathered in one numpy step."""
+        chunks, self._chunks = self._chunks, []
+        np = sys.modules["numpy"]
+        for blocks, mv, rows in chunks:
+            n = len(blocks)
+            cut = (np.flatnonzero(np.diff(blocks) != 1) + 1).tolist()
+            bl, rl = blocks.tolist(), rows.tolist()
+            base = None
+            for s, e in zip([0] + cut, cut + [n]):
+                for i in range(s, e, _RUN_PAGES):
+                    k = min(e - i, _RUN_PAGES)
+                    if rl[i + k - 1] - rl[i] == k - 1 and (k < 3 or (np.diff(rows[i:i + k]) == 1).all()):
+                        data = mv[rl[i] * BLOCK:(rl[i] + k) * BLOCK]
+                    else:
+                        if base is None:
+                            base = np.frombuffer(mv, np.uint8).reshape(-1, BLOCK)
+                        data = base[rows[i:i + k]]
+                    write_all(self.io.pwrite, self.fd, data, bl[i] * BLOCK, self.path)
+
     def _write_queued(self) -> None:
-        """Write the queued pages of a commit, in block order: one ``pwrite`` per run of consecutive
-        blocks (at most :data:`_RUN_PAGES` pages each), however many arrays they came from."""
+        """Write the queued pages of a commit: those queued one by one in block order, one ``pwrite``
+        per run of consecutive blocks (at most :data:`_RUN_PAGES` pages each), however many arrays
+        they came from; then those queued as rows of a buffer (:meth:`_write_chunks`).  The order
+        does not matter to a crash: no superblock refers to any of them before the flush after."""
+        if self._chunks:
+            self._write_chunks()
         queued = sorted(self._queued, key=lambda bp: bp[0])
         self._queued = []
         i, n = 0, len(queued)
@@ -518,7 +556,7 @@ class MetadataStore(MetadataSpace):
             header[HINTS] = {**(hints or {}), "generation": self.generation + 1, "metadata_top": top}
             self._write_superblock(self.generation + 1, header)
         except BaseException:
-            self._queued = []
+            self._queued, self._chunks = [], []
             self._hint = 0
             if self._undo is not None and self._state is not None:
                 self._undo_changes(self._undo)
@@ -548,17 +586,21 @@ class MetadataStore(MetadataSpace):
         """The part of :meth:`commit` for one array's many dirty pages, array-at-a-time: their old
         blocks released, fresh blocks (the same, in the same order, as block by block) given to the
         live ones, whose pages are queued; ``locs`` updated.  Returns the dirty pages (sorted)."""
-        d = np.unique(np.asarray(pa.dirty, np.int64))
+        d = sorted_unique(np, pa.dirty)
         d = d[(d >= 0) & (d < npages)]
-        live = d[~np.isin(d, np.asarray(pa.dead, np.int64))] if len(pa.dead) else d
+        live = sorted_minus(np, d, sorted_unique(np, pa.dead)) if len(pa.dead) else d
         view = np.frombuffer(locs, np.uint64)
         try:
             self._release(view[d])
             view[d] = 0
             if len(live):
-                live_l = live.tolist()
-                blocks = self._allocate(len(live_l))
-                crcs = self._write_pages([pa.page(i) for i in live_l], blocks)
+                blocks = self._allocate(len(live))
+                rows_of = getattr(pa, "page_rows", None)
+                src = None if rows_of is None else rows_of(live)
+                if src is not None:  # the pages are rows of a buffer: queued without a step per page
+                    crcs = self._queue_rows(np, src[0], src[1], blocks)
+                else:
+                    crcs = self._write_pages([pa.page(i) for i in live.tolist()], blocks)
                 view[live] = (np.asarray(blocks, np.uint64) << np.uint64(32)) | np.asarray(crcs, np.uint64)
         finally:
             del view  # the array must not stay exported

@@ -44,7 +44,7 @@ import numpy as np
 from . import nodepacks
 from . import schema as K
 from .errors import MetadataCorrupt
-from .mdpages import BLOCK, MAP_SPARSE, PageUpdates
+from .mdpages import BLOCK, MAP_SPARSE, PageUpdates, sorted_minus, sorted_unique
 from .nodepacks import _CHUNK, _HEAD, _REC, DENSE, DENSE_ARRAY, INNERS, LEAVES, MARK, PACK_ARRAY, Kind
 
 __all__ = ["ARRAYS", "DENSE", "DENSE_ARRAY", "GROUPS_ARRAY", "INNERS", "Kind", "LEAVES", "MARK", "NodeDisk",
@@ -80,17 +80,47 @@ class _Pages:
     a dense node's page is a view of the in-memory node, a pack page encoded bytes."""
 
     def __init__(self, npages: int, nodes: np.ndarray | None, own: Any, packed: dict[int, Any],
-                 dead: Any) -> None:
+                 dead: Any, packed_rows: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """``own``: the dense nodes' pages (their rows of ``nodes``); ``packed``: page -> encoded pack
+        page, which ``packed_rows`` (the encoder's output, uint16 rows; the page of each row) holds
+        as rows of one buffer when given."""
         self.npages = npages
-        self._nodes, self._own, self._packed = nodes, set(int(s) for s in own), packed
-        self.dead = sorted(set(int(d) for d in dead) - self._own - set(packed))
-        self.dirty = sorted(self._own | set(packed) | set(self.dead))
+        self._nodes, self._packed, self._packed_rows = nodes, packed, packed_rows
+        if len(own) + len(packed) + len(dead) <= _FEW:  # a small commit: Python sets cost less
+            own_set = set(int(s) for s in own)
+            self.dead = sorted(set(int(d) for d in dead) - own_set - set(packed))
+            self.dirty = sorted(own_set | set(packed) | set(self.dead))
+        else:
+            written = sorted_unique(np, np.concatenate([np.asarray(own, np.int64),
+                                                        np.fromiter(packed, np.int64, len(packed))]))
+            dead_a = sorted_minus(np, sorted_unique(np, dead), written)
+            self.dead = dead_a.tolist()
+            self.dirty = sorted_unique(np, np.concatenate([written, dead_a])).tolist()
 
     def page(self, i: int) -> Any:
-        if i in self._own:
-            assert self._nodes is not None
-            return memoryview(self._nodes[i]).cast("B")
-        return self._packed[i]
+        page = self._packed.get(i)
+        if page is not None:
+            return page
+        assert self._nodes is not None
+        return memoryview(self._nodes[i]).cast("B")
+
+    def page_rows(self, pages: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """The pages ``pages`` (all written by this commit) as rows of one buffer: (a 2-D uint8 array of
+        4 KiB rows, their rows) -- the nodes themselves for dense pages, the encoder's output for pack
+        pages -- or None when they are not all in one (the store then takes them one by one)."""
+        if not self._packed and self._nodes is not None:
+            nodes = self._nodes
+            if not nodes.flags.c_contiguous or nodes.itemsize * nodes.shape[1] != BLOCK:
+                return None
+            return nodes.view(np.uint8).reshape(len(nodes), BLOCK), np.asarray(pages, np.int64)
+        if self._packed_rows is None or len(pages) != len(self._packed):
+            return None
+        out, at = self._packed_rows
+        order = np.argsort(at, kind="stable")
+        pos = np.searchsorted(at[order], pages)
+        if (pos >= len(at)).any() or (at[order[np.minimum(pos, len(at) - 1)]] != pages).any():
+            return None
+        return out.view(np.uint8), order[pos]
 
 
 class NodeDisk:
@@ -180,11 +210,11 @@ class NodeDisk:
             own = dirty[new == MARK]
             dead_own = dirty[(old == MARK) & (new != MARK)]
             changed = dirty[~(((old == MARK) & (new == MARK)) | ((old == -1) & (new == -1)))]
-        packed, dead_packs, after = self._repack(nodes, stored, changed)
+        packed, dead_packs, after, packed_rows = self._repack(nodes, stored, changed)
         after.mapped = self.mapped
         out: dict[str, Any] = {
             kind.dense_array: _Pages(n, nodes, own, {}, dead_own),
-            kind.pack_array: _Pages(after.npages, None, (), packed, dead_packs),
+            kind.pack_array: _Pages(after.npages, None, (), packed, dead_packs, packed_rows),
         }
         if self.convert:
             out[self.convert] = PageUpdates(0, {})
@@ -216,12 +246,14 @@ class NodeDisk:
                 kind.pack_array: _Pages(npages, None, (), packed, released)}, after
 
     def _repack(self, nodes: np.ndarray, stored: np.ndarray,
-                changed: np.ndarray) -> tuple[dict[int, Any], list[int], "NodeDisk"]:
+                changed: np.ndarray) -> tuple[dict[int, Any], list[int], "NodeDisk", Any]:
         """Re-pack the pages holding ``changed`` slots (``stored``: the new counts): planned and
         encoded by :mod:`thinpool.kernels_pages` when numba is loaded, else by
-        :func:`thinpool.nodepacks.repack` (the same pages)."""
+        :func:`thinpool.nodepacks.repack` (the same pages).  Returns the pages (page -> bytes), the pack
+        pages released, the store after, and the compiled encoder's (rows, page of each row) or None."""
         kind, kp = self.kind, _compiled()
         packed: dict[int, Any] = {}
+        packed_rows: tuple[np.ndarray, np.ndarray] | None = None
         changed = changed.astype(np.int64, copy=False)
         if kp is None:
             packed, gone, new_keys, new_pos, new_size, rel = nodepacks.repack(
@@ -236,6 +268,7 @@ class NodeDisk:
                                   kind.tag, out, self.packs, self.pos[gone], changed)
             assert bad < 0, f"{kind.name} records out of step with the nodes (slot {int(slots[bad])})"
             packed = {p: memoryview(out[i]).cast("B") for i, p in enumerate(new_pos.tolist())}
+            packed_rows = (out, new_pos.astype(np.int64))
         keep = ~gone
         keys = np.concatenate([self.keys[keep], new_keys])
         pos = np.concatenate([self.pos[keep], new_pos])
@@ -245,7 +278,7 @@ class NodeDisk:
             keys, pos, size = keys[order], pos[order], size[order]
         npages = int(pos.max()) + 1 if len(pos) else 0
         after = NodeDisk(kind, stored, keys, pos, size, npages, None, self.packs, list(packed.items()))
-        return packed, (released[released < npages].tolist() if len(released) else []), after
+        return packed, (released[released < npages].tolist() if len(released) else []), after, packed_rows
 
 _KERNELS: list[Any] = []  # kernels_pages, once a commit found numba loaded
 

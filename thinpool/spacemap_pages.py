@@ -20,7 +20,7 @@ import numpy as np
 
 from . import schema as K
 from .errors import MetadataCorrupt
-from .mdpages import BLOCK, MAP_SPARSE, PageUpdates
+from .mdpages import BLOCK, MAP_SPARSE, PageUpdates, RowPages
 
 #: data blocks per 4 KiB page of the two-bit bitmap (``data_sm``)
 SM_PER_PAGE = BLOCK * 4
@@ -334,14 +334,51 @@ _FEW = 16
 
 
 def _disk_updates_compiled(pack: Any, rc: np.ndarray, dirty_sm: np.ndarray, sm_have: list[bool],
-                           dirty_rc: np.ndarray, over_locs: Any, nsm: int, nrc: int) -> dict[str, PageUpdates]:
+                           dirty_rc: np.ndarray, over_locs: Any, nsm: int, nrc: int) -> dict[str, Any]:
     """:meth:`DataSpaceMap.disk_updates`'s pages built by one compiled pass per chunk of pages
-    (``sm_have``: per page of ``dirty_sm``, whether it is stored)."""
+    (``sm_have``: per page of ``dirty_sm``, whether it is stored): a few pages as
+    :class:`~thinpool.mdpages.PageUpdates` (Python lists cost less), more as
+    :class:`~thinpool.mdpages.RowPages` over the pass's output (no copy, no step per page)."""
+    if max(len(dirty_sm), len(dirty_rc)) > _FEW:
+        return _disk_rows_compiled(pack, rc, dirty_sm, np.asarray(sm_have, bool), dirty_rc, over_locs, nsm, nrc)
     sm_pages_out: dict[int, bytes] = {}
     over_out: dict[int, bytes] = {}
     over_dead: list[int] = []
     sm_dead: list[int] = []
     nothing = np.zeros(0, np.int64)
+    bitmap = np.empty((len(dirty_sm), BLOCK), np.uint8)
+    used = np.empty(len(dirty_sm), np.uint8)
+    over = np.empty((len(dirty_rc), RC_PER_PAGE), np.uint32)
+    over_pages = np.empty(len(dirty_rc), np.int64)
+    m = pack(rc, dirty_sm if len(dirty_sm) else nothing, dirty_rc if len(dirty_rc) else nothing, bitmap, used,
+             over, over_pages)
+    for k, (p, u, have) in enumerate(zip(dirty_sm.tolist(), used.tolist(), sm_have)):
+        if u:
+            sm_pages_out[p] = bitmap[k].tobytes()
+        elif have:
+            sm_dead.append(p)
+    over_written = over_pages[:m].tolist()
+    for k, p in enumerate(over_written):
+        over_out[p] = over[k].tobytes()
+    if m < len(dirty_rc):  # count pages without an overflow count now
+        written = set(over_written)
+        gone_l = [p for p in dirty_rc.tolist() if p not in written]
+        over_dead += [p for p, have in zip(gone_l, _stored_few(over_locs, gone_l)) if have]
+    return {"data_sm": PageUpdates(nsm, sm_pages_out, dead=sm_dead),
+            "data_rc_over": PageUpdates(nrc, over_out, dead=over_dead)}
+
+
+def _disk_rows_compiled(pack: Any, rc: np.ndarray, dirty_sm: np.ndarray, sm_have: np.ndarray,
+                        dirty_rc: np.ndarray, over_locs: Any, nsm: int, nrc: int) -> dict[str, RowPages]:
+    """:func:`_disk_updates_compiled` for many pages: the pages go to the store as rows of the pass's
+    output; past one chunk, each chunk's live rows are gathered (a copy), so memory stays bounded by
+    what is live."""
+    nothing = np.zeros(0, np.int64)
+    Part = tuple[np.ndarray, np.ndarray, np.ndarray]
+    sm_parts: list[Part] = []  # per chunk: (pages, the kernel's output, their rows in it)
+    over_parts: list[Part] = []
+    sm_dead: list[np.ndarray] = []
+    over_dead: list[np.ndarray] = []
     for i in range(0, max(len(dirty_sm), len(dirty_rc)), _COMPILED_CHUNK):
         sm = dirty_sm[i:i + _COMPILED_CHUNK]
         pages = dirty_rc[i:i + _COMPILED_CHUNK]
@@ -350,23 +387,23 @@ def _disk_updates_compiled(pack: Any, rc: np.ndarray, dirty_sm: np.ndarray, sm_h
         over = np.empty((len(pages), RC_PER_PAGE), np.uint32)
         over_pages = np.empty(len(pages), np.int64)
         m = pack(rc, sm if len(sm) else nothing, pages if len(pages) else nothing, bitmap, used, over, over_pages)
-        for k, (p, u, have) in enumerate(zip(sm.tolist(), used.tolist(), sm_have[i:i + _COMPILED_CHUNK])):
-            if u:
-                sm_pages_out[p] = bitmap[k].tobytes()
-            elif have:
-                sm_dead.append(p)
-        over_written = over_pages[:m].tolist()
-        for k, p in enumerate(over_written):
-            over_out[p] = over[k].tobytes()
-        if m < len(pages) and len(pages) <= _FEW:  # a few count pages: Python lists
-            written = set(over_written)
-            gone_l = [p for p in pages.tolist() if p not in written]
-            over_dead += [p for p, have in zip(gone_l, _stored_few(over_locs, gone_l)) if have]
-        elif m < len(pages):  # count pages without an overflow count now (the kernel keeps their order)
+        live = used.astype(bool)
+        sm_parts.append((sm[live], bitmap, np.flatnonzero(live)))
+        sm_dead.append(sm[~live & sm_have[i:i + _COMPILED_CHUNK]])
+        over_parts.append((over_pages[:m], over.view(np.uint8), np.arange(m)))
+        if m < len(pages):  # count pages without an overflow count now (the kernel keeps their order)
             gone = pages if m == 0 else pages[~np.isin(pages, over_pages[:m], assume_unique=True)]
-            over_dead += gone[stored_at(over_locs, gone)].tolist()
-    return {"data_sm": PageUpdates(nsm, sm_pages_out, dead=sm_dead),
-            "data_rc_over": PageUpdates(nrc, over_out, dead=over_dead)}
+            over_dead.append(gone[stored_at(over_locs, gone)])
+
+    def rows(parts: list[Part], npages: int, dead: list[np.ndarray]) -> RowPages:
+        if len(parts) == 1:
+            pages, base, at = parts[0]
+        else:
+            pages = np.concatenate([p for p, _, _ in parts]) if parts else nothing
+            base = np.concatenate([b[r] for _, b, r in parts]) if parts else np.zeros((0, BLOCK), np.uint8)
+            at = np.arange(len(pages))
+        return RowPages(npages, pages, base, at, dead=np.concatenate(dead) if dead else nothing)
+    return {"data_sm": rows(sm_parts, nsm, sm_dead), "data_rc_over": rows(over_parts, nrc, over_dead)}
 
 
 def _pack_bitmap(counts: np.ndarray) -> np.ndarray:

@@ -37,6 +37,8 @@ def _workload(path: str) -> tuple[dict, dict, list, bytes]:
         pool.delete("s0")
         _write(v, rng.permutation(8192 * MiB // BS)[:3000], 3)
         pool.commit()
+        _write(v, np.arange(0, 8192 * MiB // BS, 1024), 4)  # every other leaf: pages whose nodes lie apart
+        pool.commit()
         st = pool._store
         return ({k: list(a) for k, a in st.locs.items()}, {k: list(a) for k, a in st.pm_locs.items()},
                 list(st.dir_locs), bytes(st.state))
@@ -48,6 +50,30 @@ def test_commit_array_at_a_time_picks_the_same_metadata_blocks_as_block_by_block
     monkeypatch.setattr(mdstore, "_NP_MIN", 1 << 60)
     slow = _workload(str(tmp_path / "b"))
     assert sum(len(x) for x in fast[0].values()) > 500  # the arrays had many pages
+    assert fast == slow
+
+
+def _files(path: str) -> tuple[dict, bytes]:
+    """The workload's page locations (block and CRC of every page) and the bytes of every metadata
+    block its last commit uses but the superblocks (they carry the pool's uuid and creation time)."""
+    locs, pm, dirs, state = _workload(path)
+    with open(f"{path}/metadata", "rb") as f:
+        blob = f.read()
+    used = b"".join(blob[b * 4096:(b + 1) * 4096] for b, s in enumerate(state) if s & mdspace._USED and b >= 2)
+    return {"locs": locs, "pm": pm, "dir": dirs, "state": state}, used
+
+
+def test_commit_queues_rows_of_buffers_and_writes_the_same_metadata_as_page_by_page(tmp_path, monkeypatch):
+    """A commit takes the pages of the nodes, counts and space map as rows of their buffers (no copy,
+    no step per page; written straight from them, or gathered where a run of blocks has rows apart):
+    the metadata file it leaves -- every used block's bytes, every page's block and CRC -- is the one
+    the page-by-page path writes."""
+    from thinpool import mdpages, nodestore
+    fast = _files(str(tmp_path / "a"))
+    for cls in (mdpages.PagedArray, mdpages.RowPages, nodestore._Pages):
+        monkeypatch.setattr(cls, "page_rows", lambda self, pages: None)
+    slow = _files(str(tmp_path / "b"))
+    assert len(fast[1]) > 500 * 4096
     assert fast == slow
 
 

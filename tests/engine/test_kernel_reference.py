@@ -387,12 +387,15 @@ def test_kernel_rule_blocks_freed_in_a_transaction_are_found_on_its_dirty_count_
     assert got.dtype == np.int64 and got.tolist() == want and len(want) > 0
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_space_map_pages_compiled_equal_the_numpy_pages(seed, monkeypatch):
+@pytest.mark.parametrize("seed,chunk", [(s, 4096) for s in range(6)] + [(0, 3), (1, 5)])
+def test_space_map_pages_compiled_equal_the_numpy_pages(seed, chunk, monkeypatch):
     """A commit's data space map pages (two-bit bitmap, overflow counts of 3 or more, pages released
     when they become all zeroes) from the compiled pass (kernels_map.pack_space_pages) are byte for
-    byte the numpy reference's, a partial last bitmap page, counts past 255 and released pages included."""
+    byte the numpy reference's, a partial last bitmap page, counts past 255 and released pages included
+    -- also when the pass runs in several chunks (whose pages are handed over gathered)."""
     from thinpool import dataspace as D
+    from thinpool import spacemap_pages
+    monkeypatch.setattr(spacemap_pages, "_COMPILED_CHUNK", chunk)
     rng = np.random.default_rng(seed)
     nr = 3 * D.SM_PER_PAGE + int(rng.integers(1, D.SM_PER_PAGE))
     counts = rng.choice(np.array([0, 0, 0, 1, 2, 3, 5, 300], np.uint32), nr)
