@@ -243,7 +243,7 @@ class NodeDisk:
         after = NodeDisk(kind, stored, meta[j:j + nk], meta[j + nk:j + 2 * nk], meta[j + 2 * nk:j + 3 * nk], npages,
                          None, self.packs, list(packed.items()))
         return {kind.dense_array: _Pages(n, nodes, own, {}, dead_own),
-                kind.pack_array: _Pages(npages, None, (), packed, released)}, after
+                kind.pack_array: _Pages(npages, None, (), packed, released, (out, np.array(new_pos, np.int64)))}, after
 
     def _repack(self, nodes: np.ndarray, stored: np.ndarray,
                 changed: np.ndarray) -> tuple[dict[int, Any], list[int], "NodeDisk", Any]:
