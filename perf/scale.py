@@ -446,11 +446,28 @@ pass` itself), then click and the command modules (about 50 ms of import on this
 reads the JSON part, one name index page (the origin's name and the new name are looked up there; a
 second page when they fall in two) and one page of slot records, and writes those pages (two index
 pages and the JSON part's last page when the page splits): its cost no longer grows with the number of
-volumes; the device table it still reads whole (6.4 MB: the first free slot and the device ids in use
-are searched in it; the next device id is checked by a byte search of its dev_id fields). Until this
-session every command also ran `ldconfig -p` in a subprocess at start (`ctypes.util.find_library("c")`
-at the import of `hostio`, `datadev` and `poollock`: 0.19 s of wall time in one `-X importtime` at load
-5; the C library is now loaded by its glibc name), built the device table's flag tables with enum
+volumes; the device table it still reads whole (6.4 MB: the first free slot is searched in it, and
+`status` counts the slots in use). Two passes over the whole pool that every `snapshot` made are gone:
+the next device id was checked by a byte search of the table's dev_id fields (about 8 ms: an 8-byte
+id of zeroes and small numbers matches many other fields) and the tail commit started past the largest
+of the 205,000 page locations (about 7 ms). Every commit now records both with the state it writes, in
+the superblock's `hints` (`MetadataStore.hint`): `dev_id_max`, an id no device in use exceeds (Pool's
+commits and the table's), so an id above it is free at once, and `metadata_top`, the highest metadata
+block the state uses (an ordinary commit takes it from its block-state map, a tail commit's is its last
+block); each hint carries its commit's generation, so one an older thinpool carried over unchanged is
+ignored and the value computed as before (`tests/engine/test_devtable.py` checks both against a
+recomputation after ordinary, tail and batch commits, deletes, renames and reopens). The light
+commands also import less: `hostio` loads ctypes and the C library on first use (about 2 ms of
+import that `status`, `ls` and `snapshot` never needed), and `thinpool.status` (a dataclass, about
+2 ms) is imported only when a status is made. What is left of `snapshot` (timed in one process at load
+2.5-3, before the imports were trimmed: 16 ms importing `thinpool.cli` with click, 11 ms the volume commands with the
+ops, 4 ms the device table's modules, 14 ms the open -- superblocks, directory, page maps, the 6.4 MB
+table read and checksummed -- about 1 ms the message and 4 ms the commit with its two flushes) is
+mostly the CLI's imports: click alone (about 12 ms, `inspect`, `uuid` and `datetime` among them) is
+a third of `python -c pass`. Until the session before, every command also ran `ldconfig -p` in a
+subprocess at start (`ctypes.util.find_library("c")` at the import of `hostio`, `datadev` and `poollock`:
+0.19 s of wall time in one `-X importtime` at load 5; the C library is now loaded by its glibc name),
+built the device table's flag tables with enum
 operations (512 enum members, about 10 ms) and imported orjson (about 3 ms with zoneinfo; now imported
 when a catalog is written or a large one read).
 
@@ -458,13 +475,22 @@ when a catalog is written or a large one read).
 list per field built by C loops, one `%` template per line). Profiled in one process at load 4-5 (CPU
 time): the interpreter's start about 40 ms (what `python -c pass` costs), imports about 50 ms, the store's
 open and page maps 13 ms, the name index 25 ms (675 pages read, their names joined and decoded at once,
-their order checked across pages), the columns 20 ms (slices of the device table when the volumes fill
+their order checked across pages; the order check now compares with `operator.lt`, about 2 ms where
+`str.__lt__`'s slot wrapper took 15), the columns 20 ms (slices of the device table when the volumes fill
 its first slots in device-id order, as here; a sort and reordering otherwise), the table 66-73 ms (the
 widths, taken from the distinct cells for SIZE and MAPPED, and the formatting of those two, about 20 ms;
 the 600,000 cells' `%` conversion about 50 ms: about 80 ns a cell, what one `%` over the whole table
 also takes). The 100,000 lines' own work is thus about three `python -c pass` by itself, and S10d
-stays about {v('S10d', 'cpu_ratio')}x of CPU: 3x needs the rows formatted outside the interpreter (compiled code
-the CLI can load without numba's import), not done.
+stays about {v('S10d', 'cpu_ratio')}x of CPU. The
+per-cell work has no cheaper form in the interpreter: an int's decimal text costs about 50 ns
+whichever way it is made (a `%` template per row, one `%` over a whole column, `repr` of the list,
+`map(str)`), 300,000 ints alone about 15 ms; a column-wise layout (each column formatted with one `%`,
+the rows interleaved by strided `bytearray` copies, no object per row) measured the same as the
+row template (69 against 72 ms for the table, one run at load 5); numpy would format the columns in
+a few ms but costs its import (48-66 ms here), and `status`/`ls`/`snapshot` are kept free of it. With
+the interpreter (36 ms), click and the command modules (about 25 ms) and the open (about 10 ms), 3x
+(108 ms) leaves under 40 ms for reading 100,000 names and formatting 600,000 cells: it needs the rows
+made by compiled code that the CLI can load without numba or numpy (a small C helper), not done.
 The wall ratios move with the load: a loaded machine stretches the 60-190 ms of `python -c pass` more
 than the longer commands, so the CPU ratios are the steadier figures. Runs this session (`--full`,
 status / ls / snapshot, CPU ratio and wall ratio): before the `ls` and C-library changes (load 6.1)
