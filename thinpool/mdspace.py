@@ -22,14 +22,8 @@ from .mdpages import _HI, PM_ENTRIES, SUPERBLOCKS
 _USED = 1       # state bit: reachable from the current (uncommitted) state
 _PROTECTED = 2  # state bit: reachable from the last commit or from the held metadata snapshot
 _PROTECT_USED = bytes(3 if x & _USED else 0 for x in range(256))  # after a commit: protected := used
-_USED_ONLY = bytes(1 if x & _USED else 0 for x in range(256))
 #: the superblock field holding the last commit's hints (:meth:`MetadataSpace.hint`)
 HINTS = "hints"
-
-
-def top_used(state: bytearray) -> int:
-    """The highest block a block-state map marks used (C loops: a translate and a strip)."""
-    return len(state.translate(_USED_ONLY).rstrip(b"\0")) - 1
 
 
 def _mark(state: bytearray, blocks: Iterable[int], bits: int) -> None:
@@ -131,7 +125,7 @@ class MetadataSpace:
 
     def _protected(self, state: bytearray) -> bytearray:
         """``state`` after a commit: what is used is what the committed state (and the held one) uses."""
-        out = bytearray(state.translate(_PROTECT_USED))
+        out = state.translate(_PROTECT_USED)  # (a new bytearray)
         _mark(out, self.held_blocks, _PROTECTED)
         return out
 

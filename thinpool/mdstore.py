@@ -44,7 +44,7 @@ from .errors import HostIOError, MetadataCorrupt, MetadataSpaceExhausted, ReadOn
 from .hostio import sync_or_fail, write_all
 from .mdpages import (_HI, _LO, _SB_HEADER, BLOCK, FORMAT_VERSION, MAGIC, PM_ENTRIES, READABLE_VERSIONS,
                       SUPERBLOCKS, Buffer, _crc32c, _zeroed, checksum, map_private, sorted_minus, sorted_unique)
-from .mdspace import _NP_MIN, _PROTECTED, _USED, HINTS, MetadataSpace, _mark, _zeros, top_used
+from .mdspace import _NP_MIN, _PROTECTED, _USED, HINTS, MetadataSpace, _mark, _zeros
 
 #: the committed header's fields a held metadata snapshot keeps (its superblock copy)
 HELD_SUPERBLOCK_FIELDS = ("time", "transaction_id", "needs_check")
@@ -545,7 +545,7 @@ class MetadataStore(MetadataSpace):
             if self._tail is None:
                 committed: bytearray | None = self._protected(self.state)
                 used = self.nr_blocks - _zeros(committed)
-                top = top_used(self.state)
+                top = committed.rfind(_USED | _PROTECTED)  # = top_used(self.state): held-only blocks are 2
             else:
                 committed = None  # rebuilt from the new locations if it is ever needed
                 used = int(self.header["metadata_used_blocks"]) + (self._tail - tail_first) - \
