@@ -37,7 +37,7 @@ import os
 import struct
 import sys
 from array import array
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from . import pooldir
 from .errors import HostIOError, MetadataCorrupt, MetadataSpaceExhausted, ReadOnly
@@ -50,6 +50,8 @@ from .mdspace import _NP_MIN, _PROTECTED, _USED, HINTS, MetadataSpace, _mark, _z
 HELD_SUPERBLOCK_FIELDS = ("time", "transaction_id", "needs_check")
 #: the superblock's JSON encoder (what ``json.dumps(header, separators=(",", ":"))`` gives, made once)
 _SB_JSON = json.JSONEncoder(separators=(",", ":"))
+#: array names as JSON strings (the directory's keys), made once per name
+_JSON_KEYS: dict[str, str] = {}
 #: pages joined into one ``pwrite`` at most (4 MiB)
 _RUN_PAGES = 1024
 
@@ -451,14 +453,17 @@ class MetadataStore(MetadataSpace):
             i = j
 
     def commit(self, arrays: dict[str, Any], header: dict[str, Any], *, tail: bool = False,
-               hints: dict[str, int] | None = None) -> None:
+               hints: dict[str, int] | None = None, before_write: Callable[[], None] | None = None) -> None:
         """Write the dirty pages of ``arrays`` (:class:`PagedArray` or :class:`PageUpdates`; arrays not
         named keep their committed pages) and a new superblock carrying ``header``; atomic.
 
         ``tail=True`` allows a *tail commit* (see :meth:`_tail_start`) for a caller that commits a few
         pages once and goes: it skips building the block-state map of the whole file.  ``hints``: values
         the caller knows of the state it commits (e.g. ``dev_id_max``), stored with it and read back by
-        :meth:`hint`; the store adds its own ``metadata_top``."""
+        :meth:`hint`; the store adds its own ``metadata_top``.  ``before_write``: called once the pages
+        and the superblock are made, before the first of them is written (the pool flushes its data
+        file there: data durable before any metadata write); if it raises, nothing is written and the
+        store is as before the call."""
         if self.read_only:
             raise ReadOnly(f"{self.path}: metadata is read-only")
         if self.failed:
@@ -537,8 +542,8 @@ class MetadataStore(MetadataSpace):
             blocks = self._allocate(ndir)
             crcs = self._write_pages(dir_pages, blocks)
             dir_locs = [b << 32 | c for b, c in zip(blocks, crcs)]
-            self._write_queued()
-            self.sync()
+            # the superblock is made before anything is written: from here on the commit is system
+            # calls only (the flushes sleep; the work between them would run with cold caches)
             header = dict(header)
             if "held" in self.header:
                 header["held"] = self.header["held"]
@@ -554,7 +559,12 @@ class MetadataStore(MetadataSpace):
             header.update(directory=dir_locs, directory_bytes=len(directory), pages=pages_count,
                           metadata_used_blocks=used)
             header[HINTS] = {**(hints or {}), "generation": self.generation + 1, "metadata_top": top}
-            self._write_superblock(self.generation + 1, header)
+            raw = self._superblock_bytes(self.generation + 1, header)
+            if before_write is not None:
+                before_write()  # (the data file's flush: nothing of the commit is written before it)
+            self._write_queued()
+            self.sync()
+            self._write_superblock(self.generation + 1, raw)
         except BaseException:
             self._queued, self._chunks = [], []
             self._hint = 0
@@ -623,13 +633,18 @@ class MetadataStore(MetadataSpace):
         for name, pml in pm_locs.items():
             hit = cache.get(name)
             if hit is None or hit[0] is not pml:
-                hit = cache[name] = (pml, f"{json.dumps(name)}: [{', '.join(map(str, pml))}]")
+                key = _JSON_KEYS.get(name)
+                if key is None:
+                    key = _JSON_KEYS[name] = json.dumps(name)
+                hit = cache[name] = (pml, f"{key}: [{', '.join(map(str, pml))}]")
             parts.append(hit[1])
-        for name in [n for n in cache if n not in pm_locs]:
-            del cache[name]
+        if len(cache) > len(pm_locs):
+            for name in [n for n in cache if n not in pm_locs]:
+                del cache[name]
         return ("{" + ", ".join(parts) + "}").encode()
 
-    def _write_superblock(self, generation: int, header: dict[str, Any]) -> None:
+    def _superblock_bytes(self, generation: int, header: dict[str, Any]) -> bytearray:
+        """The 4 KiB superblock of ``generation`` carrying ``header`` (checksummed)."""
         body = _SB_JSON.encode(header).encode()
         if len(body) > BLOCK - _SB_HEADER.size:
             raise MetadataSpaceExhausted(f"{self.path}: superblock header too large ({len(body)} bytes)")
@@ -637,6 +652,10 @@ class MetadataStore(MetadataSpace):
         _SB_HEADER.pack_into(raw, 0, 0, MAGIC, FORMAT_VERSION, generation, len(body))
         raw[_SB_HEADER.size:_SB_HEADER.size + len(body)] = body
         struct.pack_into("<I", raw, 0, _crc32c(memoryview(raw)[4:]))
+        return raw
+
+    def _write_superblock(self, generation: int, raw: bytearray) -> None:
+        """Write the superblock ``raw`` of ``generation`` to its slot and flush."""
         slot = generation % SUPERBLOCKS
         where = slot * BLOCK
         # what the slot holds now: the superblock this store wrote there last, else read (this store is

@@ -225,8 +225,10 @@ class Transactions:
         self._header.update(time=self.time, cursor=int(self._st[K.ST_CURSOR]), nr_data_blocks=self._space.nr_blocks,
                            used_data_blocks=self._space.used())  # for readers that skip the space map
         try:
-            self._sync_data()
-            self._store.commit(arrays, self._header, hints=self._hints())
+            # the data file is flushed inside the store's commit, once every page and the superblock
+            # are made and before the first is written: the three flushes then follow each other with
+            # only their writes between them (the floor's order: data, pages, superblock)
+            self._store.commit(arrays, self._header, hints=self._hints(), before_write=self._sync_data)
         except MetadataSpaceExhausted as exc:
             # the reserve did not cover this commit (one batch of writes larger than it): a metadata
             # operation really failed -- dm-thin's metadata_operation_failed()
