@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import numpy as np
 from numba import njit
+from numba.core import config as _numba_config
 
 from . import kernels_cache
 from .schema import UNMAPPED as _UNMAPPED
@@ -77,6 +78,34 @@ def needs_new_block(v, path_shared, snap_time):
     when it is unmapped, when a node on its path is shared, or when it was mapped before the
     device's last snapshot (mapping time < ``snap_time``: the snapshot may share the block)."""
     return v == UNMAPPED or path_shared or np.int64(v & _TIME_MASK) < snap_time
+
+
+# --------------------------------------------------------------------------- cache hints
+
+if _numba_config.DISABLE_JIT:
+    def prefetch(arr, i):
+        """Without the JIT (the reference runs): nothing to hint."""
+else:
+    from llvmlite import ir as _ir
+    from numba.core import cgutils as _cgutils
+    from numba.extending import intrinsic as _intrinsic
+
+    @_intrinsic
+    def prefetch(typingctx, arr, i):
+        """Hint that ``arr[i]`` (a 1-d array, ``i`` in range) will be read soon: LLVM's prefetch of its
+        cache line into every cache level.  No effect on any result."""
+        def codegen(context, builder, signature, args):
+            aryty = signature.args[0]
+            ary = context.make_array(aryty)(context, builder, args[0])
+            ptr = _cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]], wraparound=False)
+            i8p = _ir.IntType(8).as_pointer()
+            i32 = _ir.IntType(32)
+            fn = _cgutils.get_or_insert_function(builder.module, _ir.FunctionType(_ir.VoidType(), [i8p, i32, i32, i32]),
+                                                 "llvm.prefetch.p0i8")
+            builder.call(fn, [builder.bitcast(ptr, i8p), _ir.Constant(i32, 0), _ir.Constant(i32, 3), _ir.Constant(i32, 1)])
+            return context.get_dummy_value()
+        from numba.core import types
+        return types.void(arr, i), codegen
 
 
 # --------------------------------------------------------------------------- byte copies

@@ -15,8 +15,8 @@ from numba import njit
 from . import kernels_cache
 from .kernels import ORIGIN_ERROR, discard_range, pread_all, read_hole, write_span
 from .kernels_map import (UNMAPPED, alloc_data_block, dec_data, find_leaf_in, lookup, mapping_block, needs_new_block,
-                          pack_mapping, take_stale, writable_leaf)
-from .schema import (DEV_MAPPED, DEV_ROOT, DEV_SNAP_TIME, IO_ERROR, LEAF_ENTRIES, NEED_NODES, NO_SPACE, NONE, OK,
+                          pack_mapping, prefetch, take_stale, writable_leaf)
+from .schema import (INNER_BITS, INNER_ENTRIES, LEAF_BITS, DEV_MAPPED, DEV_ROOT, DEV_SNAP_TIME, IO_ERROR, LEAF_ENTRIES, NEED_NODES, NO_SPACE, NONE, OK,
                      ST_BLOCK_SIZE, ST_COW_BREAKS, ST_COW_PARTIAL, ST_INNER_FREE, ST_INNERS_LIVE, ST_LEAF_FREE, ST_LEAVES_LIVE, ST_NR_ALLOCATABLE,
                      ST_NR_BLOCKS, ST_NR_FREE, ST_PROVISIONED, ST_PROVISIONED_PARTIAL, ST_TIME)
 
@@ -47,6 +47,35 @@ def _blocks_needed(nodes, dev, off, length, bs):
     return need
 
 
+#: how many I/Os ahead the batch kernel hints the caches with the leaf a write will touch
+AHEAD = 16
+
+
+@njit(cache=True, inline="always")
+def _prefetch_path(leaves, inners, leaf_rc, inner_rc, data_rc, root, vb, near):
+    """Cache hints for a coming write to ``vb`` (nothing changes): the mapping's line of its leaf, the
+    whole leaf when the path is shared (the write will copy it), and when ``near`` the count of the
+    block it maps now (a copy-on-write break drops it).  The root and mid rows are hot already."""
+    mid = inners[root, vb >> (LEAF_BITS + INNER_BITS)]
+    if mid == NONE:
+        return
+    leaf = inners[mid, (vb >> LEAF_BITS) & (INNER_ENTRIES - 1)]
+    if leaf == NONE:
+        return
+    row = leaves[leaf]
+    li = vb & (LEAF_ENTRIES - 1)
+    if not near:
+        if inner_rc[root] > 1 or inner_rc[mid] > 1 or leaf_rc[leaf] > 1:
+            for k in range(0, LEAF_ENTRIES, 8):
+                prefetch(row, k)
+        else:
+            prefetch(row, li)
+        return
+    v = row[li]
+    if v != UNMAPPED:
+        prefetch(data_rc, mapping_block(v))
+
+
 @njit(cache=True)
 def apply_batch(nodes, space, st, devs, slots, fd, tmp, pattern, vol, ops, offsets, lengths, start, end, skip_at,
                 skip_no_space, no_alloc, md_check, out, failed_at, ofds, osizes):
@@ -69,6 +98,7 @@ def apply_batch(nodes, space, st, devs, slots, fd, tmp, pattern, vol, ops, offse
     """
     bs = st[ST_BLOCK_SIZE]
     leaves, inners, leaf_rc, inner_rc, leaf_dirty = nodes[0], nodes[1], nodes[2], nodes[3], nodes[4]
+    data_rc = space[0]
     last = -1
     dev = devs[0]
     for i in range(start, end):
@@ -87,6 +117,12 @@ def apply_batch(nodes, space, st, devs, slots, fd, tmp, pattern, vol, ops, offse
                 # without write_span's general path (the same rules: a test compares the modes; the
                 # node room the general path asks for first is asked for here too, so the node store
                 # grows at the same I/O in both modes):
+                j = i + AHEAD
+                if j < end and vol[j] == last and ops[j] == OP_WRITE:
+                    _prefetch_path(leaves, inners, leaf_rc, inner_rc, data_rc, dev[DEV_ROOT], offsets[j] // bs, False)
+                j = i + AHEAD // 2
+                if j < end and vol[j] == last and ops[j] == OP_WRITE:
+                    _prefetch_path(leaves, inners, leaf_rc, inner_rc, data_rc, dev[DEV_ROOT], offsets[j] // bs, True)
                 vb = off // bs
                 leaf, shared = find_leaf_in(inners, leaf_rc, inner_rc, dev[DEV_ROOT], vb)
                 v = UNMAPPED if leaf == NONE else leaves[leaf, vb & (LEAF_ENTRIES - 1)]
