@@ -332,3 +332,22 @@ def test_kernel_rule_cow_break_frees_the_old_block_at_once_so_the_peak_never_cou
         c = r.counters
         assert c["cow_breaks"] == broken < nblocks // 2
         assert c["peak_data_blocks_used"] == c["data_blocks_used"] == nblocks + broken
+
+
+def test_replay_result_reports_each_volume_as_pool_usage_does(tmp_path):
+    # the result's per-volume blocks come from one pass over the pool's trees for all volumes; each must
+    # be what pool.usage(name) (thin_ls's MAPPED / EXCLUSIVE / SHARED) says for that volume alone
+    rng = np.random.default_rng(4)
+    n = 6500  # six snapshots (the last at I/O 6,000), then writes the volume alone maps
+    off = rng.integers(0, (256 * BS) // 4096, n) * 4096
+    with Pool.create(str(tmp_path / "p"), data_size="64MiB", metadata_only=True) as pool:
+        pool.create_thin("v", 256 * BS)
+        pool.create_thin("other", 16 * BS)
+        r = replay(pool, "v", ArrayTrace(np.ones(n, np.uint8), off, np.full(n, 4096)), snapshot_every=1000, keep=3)
+        assert set(r.volumes) == {"v", "v@4", "v@5", "v@6"}
+        for name, got in r.volumes.items():
+            u = pool.usage(name)
+            assert got == {"mapped_blocks": u.mapped_blocks, "exclusive_blocks": u.exclusive_blocks,
+                           "shared_blocks": u.shared_blocks}
+        assert 0 < r.volumes["v"]["exclusive_blocks"] < r.volumes["v"]["mapped_blocks"]
+        assert r.volumes["v@6"]["shared_blocks"] > 0

@@ -387,9 +387,13 @@ class Replayer:
         c["bad_records"] = bad_records
         if volumes is None:
             volumes = [t.thin.name for t in self.targets] + [n for t in self.targets for n in t.taken]
+        volumes = list(volumes)
+        # several volumes: one pass over the pool's trees for all of them (each pool.usage(name) walks
+        # every tree to tell exclusive from shared blocks; a replay keeping 4 snapshots asked 5 times)
+        every = {u.name: u for u in self.pool.usage()} if len(volumes) > 1 else {}
         usage = {}
         for name in volumes:
-            u = self.pool.usage(name)
+            u = every.get(name) or self.pool.usage(name)
             usage[name] = {"mapped_blocks": u.mapped_blocks, "exclusive_blocks": u.exclusive_blocks,
                            "shared_blocks": u.shared_blocks}
         return cls(c, self.series, usage, dict(params or {}))
