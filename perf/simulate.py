@@ -72,14 +72,18 @@ def breakdown(fill: int = 3_000_000, n: int = 1_000_000, flush: bool = False) ->
     writes (dense leaves), then ``n`` more with a snapshot every 10,000 (keep 4), and the same ``n``
     without snapshots into a second pool filled the same way.  CPU milliseconds per snapshot interval
     (10,000 I/Os): the snapshot message with its commit, the delete message's kernel (the release walk)
-    and its commit, and the writes (with shadowing; the run without snapshots gives the writes alone)."""
+    and its commit, and the writes (with shadowing; the run without snapshots gives the writes alone).
+    The writes are taken apart too: the batch kernel's calls, the node store's growth, the per-volume
+    usage of the result (once per replay) and the rest (the replay's Python between kernel calls)."""
     import time
-    from thinpool import Pool, kernels_map
+    from thinpool import Pool, kernels_map, kernels_replay
+    from thinpool.blockmap import BlockMap as B
     from thinpool.pool import Pool as P
     from thinpool.simulate import replay
     acc: dict[str, float] = {}
     real = {"commit": P.commit, "release_inner": kernels_map.release_inner, "snapshot": P.snapshot,
-            "delete": P.delete}
+            "delete": P.delete, "apply_batch": kernels_replay.apply_batch, "usage": P.usage,
+            "grow_leaves": B._grow_leaves, "grow_inners": B._grow_inners}
 
     def timed_call(key, fn):
         def call(*a, **k):
@@ -106,12 +110,18 @@ def breakdown(fill: int = 3_000_000, n: int = 1_000_000, flush: bool = False) ->
                                                       timed_call("snapshot", real["snapshot"]),
                                                       timed_call("delete", real["delete"]))
                     kernels_map.release_inner = timed_call("release", real["release_inner"])
+                    kernels_replay.apply_batch = timed_call("kernel", real["apply_batch"])
+                    P.usage = timed_call("usage", real["usage"])
+                    B._grow_leaves = timed_call("grow", real["grow_leaves"])
+                    B._grow_inners = timed_call("grow", real["grow_inners"])
                     c0 = time.process_time()
                     replay(pool, "v", tr, snapshot_every=10_000 if snaps else None, keep=4 if snaps else None)
                     total = time.process_time() - c0
                 finally:
                     P.commit, P.snapshot, P.delete = real["commit"], real["snapshot"], real["delete"]
                     kernels_map.release_inner = real["release_inner"]
+                    kernels_replay.apply_batch = real["apply_batch"]
+                    P.usage, B._grow_leaves, B._grow_inners = real["usage"], real["grow_leaves"], real["grow_inners"]
             sc.remove(path)
             per = n / 10_000
             if not snaps:
@@ -121,7 +131,11 @@ def breakdown(fill: int = 3_000_000, n: int = 1_000_000, flush: bool = False) ->
                        delete_release_ms=acc["release"] / per * 1000,
                        delete_message_ms=acc["delete"] / per * 1000,
                        commits_ms=acc["commit"] / per * 1000,
-                       writes_with_shadowing_ms=(total - acc["snapshot"] - acc["delete"]) / per * 1000)
+                       writes_with_shadowing_ms=(total - acc["snapshot"] - acc["delete"]) / per * 1000,
+                       writes_kernel_ms=acc["kernel"] / per * 1000, node_growth_ms=acc.get("grow", 0.0) / per * 1000,
+                       result_usage_ms=acc.get("usage", 0.0) / per * 1000,
+                       writes_python_ms=(total - acc["snapshot"] - acc["delete"] - acc["kernel"] - acc.get("grow", 0.0)
+                                         - acc.get("usage", 0.0)) / per * 1000)
     finally:
         sc.close()
     out["load_at_end"] = os.getloadavg()[0]
