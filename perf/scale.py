@@ -440,14 +440,13 @@ order with its names' device-table slots), one 16-byte record per device slot (g
 origin) and a small JSON part (origins, records, the index's page order: 11 KB here); until then it was
 one 6 MB JSON document that `snapshot` parsed, extended and wrote again and `ls` parsed. A format-1 pool
 converts at its first commit, names an older thinpool allowed that a page cannot hold (a lone
-surrogate, more than 1,024 bytes) included: they stay in the JSON part. `status` reads the device
-table and the page maps and no name; what is left is the CLI's start: the interpreter (`python -c
+surrogate, more than 1,024 bytes) included: they stay in the JSON part. `status` reads the superblock,
+the directory and the page maps, no device-table page and no name; what is left is the CLI's start: the interpreter (`python -c
 pass` itself), then click and the command modules (about 50 ms of import on this machine). `snapshot`
 reads the JSON part, one name index page (the origin's name and the new name are looked up there; a
 second page when they fall in two) and one page of slot records, and writes those pages (two index
 pages and the JSON part's last page when the page splits): its cost no longer grows with the number of
-volumes; the device table it still reads whole (6.4 MB: the first free slot is searched in it, and
-`status` counts the slots in use). Two passes over the whole pool that every `snapshot` made are gone:
+volumes. Two passes over the whole pool that every `snapshot` made are gone:
 the next device id was checked by a byte search of the table's dev_id fields (about 8 ms: an 8-byte
 id of zeroes and small numbers matches many other fields) and the tail commit started past the largest
 of the 205,000 page locations (about 7 ms). Every commit now records both with the state it writes, in
@@ -464,19 +463,19 @@ import that `status`, `ls` and `snapshot` never needed), and `thinpool.status` (
 ops, 4 ms the device table's modules, 14 ms the open -- superblocks, directory, page maps, the 6.4 MB
 table read and checksummed -- about 1 ms the message and 4 ms the commit with its two flushes) is
 mostly the CLI's imports: click alone (about 12 ms, `inspect`, `uuid` and `datetime` among them) is
-a third of `python -c pass`. The largest part left that is ours is the open's read of the whole
-device table (CPU of `DeviceTable.open`, 20 warm opens: 8.6 ms each, 5.9 ms of it the `preadv` of the
-6.4 MB table and the page maps into fresh memory, then a copy and the checksums): `snapshot` needs two of
-its 1,563 pages and `status` only the count of devices, so hints for the first free slot and the
-device count would take most of it off both (snapshot at about 2.5x of CPU at load 3.8 has no margin
-left otherwise); not done. Until the session before, every command also ran `ldconfig -p` in a
+a third of `python -c pass`. The device table is no longer read whole by `status` and `snapshot`: two more
+hints, `free_slot` (the first slot not in use: the one `Pool.snapshot` takes) and `nr_thins`, let the
+table read its pages when first needed -- `status` none, `snapshot` the origin's page, its slot's and
+those up to the next free slot (one or two of 1,563), `ls` all. CPU of a warm `DeviceTable.open` and
+its status, 20 in a row, best of 7, interleaved, load 4.5: 4.6 ms against 7.6 ms before (the `preadv`
+of the 6.4 MB table into fresh memory, its checksums and a copy). Until the session before, every command also ran `ldconfig -p` in a
 subprocess at start (`ctypes.util.find_library("c")` at the import of `hostio`, `datadev` and `poollock`:
 0.19 s of wall time in one `-X importtime` at load 5; the C library is now loaded by its glibc name),
 built the device table's flag tables with enum
 operations (512 enum members, about 10 ms) and imported orjson (about 3 ms with zoneinfo; now imported
 when a catalog is written or a large one read).
 
-`ls` reads every index page and the device table and prints 100,000 lines (5.8 MB) from columns (a
+`ls` reads every index page and the whole device table and prints 100,000 lines (5.8 MB) from columns (a
 list per field built by C loops, one `%` template per line). Profiled in one process at load 4-5 (CPU
 time): the interpreter's start about 40 ms (what `python -c pass` costs), imports about 50 ms, the store's
 open and page maps 13 ms, the name index 25 ms (675 pages read, their names joined and decoded at once,

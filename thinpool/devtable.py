@@ -27,7 +27,7 @@ import re
 import struct
 from itertools import compress, repeat
 from operator import itemgetter
-from typing import TYPE_CHECKING, Any, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, NamedTuple
 
 from . import catalog as cat_format
 from . import pooldir, rules, safe_output
@@ -201,13 +201,16 @@ class DeviceTable:
             pass  # a missing data file is the full open's to report
 
     def _load(self) -> None:
-        arrays = self.store.load(only=("devs", cat_format.EXTRA))
+        arrays = self.store.load(only=(cat_format.EXTRA,))
         hdr = self.store.header
         if "used_data_blocks" not in hdr or "pending_blocks" not in hdr:
             raise FullOpenRequired(f"pool {self.path}: metadata predates the device table's fields")
         self.recovered_from = hdr.get("recovered_from")
         self.header = {k: v for k, v in hdr.items() if k not in _STORE_KEYS}
-        self._devs = bytearray(arrays["devs"])
+        # the device table's pages are read when first needed (see _need): ``snapshot`` reads two of a
+        # 100,000-volume table's 1,563 and ``status`` none (the hints count the devices)
+        self._devs = bytearray(self.store.npages("devs") * BLOCK)
+        self._devs_read: set[int] | None = set()  # the pages read so far; None: all of them
         # the catalog's JSON part: origins, records, name fence (format 2), or the whole format-1 catalog,
         # which is parsed (and converted at the next commit) only when a name is asked for
         self._catalog_raw = bytes(arrays["catalog"][: hdr["catalog_bytes"]])
@@ -218,10 +221,29 @@ class DeviceTable:
         self._rc_pages: dict[int, bytearray] = {}
         self._dirty = False
         self._bound: int | None = None  # see _dev_id_bound
+        self._free: int | None = None  # see _first_free
+        self._count: int | None = None  # see _nr_thins
         # the pool's own mode (a table opened only to look reports the mode a writable open finds)
         self.mode: Mode = rules.derive_mode(bool(hdr.get("needs_check")))
 
     # ------------------------------------------------------------------ reading
+    def _need(self, pages: Iterable[int] | None = None) -> None:
+        """Read (and verify) the device-table pages ``pages`` (None: every page) not read yet, straight
+        into the table's buffer; pages past the stored ones (a page of slots added since) are not read."""
+        done = self._devs_read
+        if done is None:
+            return
+        stored = self.store.npages("devs")
+        want = sorted({p for p in (range(stored) if pages is None else pages) if p < stored} - done)
+        if want:
+            self.store.gather_into("devs", want, self._devs, want)
+            done.update(want)
+        if pages is None:
+            self._devs_read = None
+
+    def _need_slot(self, slot: int) -> None:
+        self._need([slot // DEVS_PER_PAGE])
+
     @property
     def _stored(self) -> cat_format.StoredCatalog:
         """The stored catalog (:mod:`thinpool.catalog`), its pages read as they are needed; a format-1
@@ -251,6 +273,7 @@ class DeviceTable:
         """The catalog as :attr:`thinpool.pool.Pool.catalog` has it: volume names (name -> dev id, slot,
         generation, external origin), the counters, records.  Reads every page of the name index."""
         st = self._stored
+        self._need()
         dev_ids = memoryview(self._devs).cast("q")[DEV_FIELDS.index("dev_id")::len(DEV_FIELDS)]
         volumes = cat_format.volumes_of(st, dev_ids.__getitem__)
         volumes.update((n, dict(e)) for n, e in self._pending.items())
@@ -266,6 +289,7 @@ class DeviceTable:
 
     def _dev_ids_in_use(self) -> list[int]:
         """The device ids of the records in use."""
+        self._need()
         col = memoryview(self._devs).cast("q")[DEV_FIELDS.index("dev_id")::len(DEV_FIELDS)].tolist()
         return list(compress(col, self._in_use()))  # (a C loop: 100,000 slots in a few ms)
 
@@ -275,6 +299,7 @@ class DeviceTable:
         zeroed record, so it is not asked here)."""
         if dev_id > self._dev_id_bound():
             return False  # (the usual question: the next id, above every id in use)
+        self._need()
         devs, size, at = self._devs, DEV_RECORD.size, DEV_ID * 8
         needle = struct.pack("<q", dev_id)
         i = devs.find(needle)
@@ -296,6 +321,7 @@ class DeviceTable:
     def _in_use(self) -> bytes:
         """One byte per device-table slot: 1 if the slot holds a device, else 0 (C loops over the
         records' flag bytes, no unpacking)."""
+        self._need()
         flags = bytes(self._devs[_FLAGS_AT::DEV_RECORD.size])
         return flags.translate(_IN_USE_BYTE)
 
@@ -317,6 +343,7 @@ class DeviceTable:
         return self.header.get("data_file") or os.path.join(self.path, pooldir.DATA)
 
     def _record(self, slot: int) -> dict[str, int]:
+        self._need_slot(slot)
         return dict(zip(DEV_FIELDS, DEV_RECORD.unpack_from(self._devs, slot * DEV_RECORD.size)))
 
     def _slot(self, name: str) -> int:
@@ -340,6 +367,7 @@ class DeviceTable:
         for n, e in self._pending.items():
             names.append(n)
             slots.append(int(e["slot"]))
+        self._need()
         recs = list(DEV_RECORD.iter_unpack(self._devs))
         rows = sorted(zip(map(recs.__getitem__, slots), names, slots))  # dev_id first
         ro = _READ_ONLY  # a plain int: an enum's & costs microseconds, 100,000 volumes a second
@@ -361,10 +389,10 @@ class DeviceTable:
         for n, e in self._pending.items():
             names.append(n)
             slots.append(int(e["slot"]))
+        used = self._in_use()  # (every page read)
         q = memoryview(self._devs).cast("q")
         width = len(DEV_FIELDS)
         n = len(names)
-        used = self._in_use()
         if used[:n].count(1) == n and 1 not in used[n:]:
             # the common layout: the volumes fill the first n slots and their device ids rise with the
             # slot (no deletes since): the columns are slices of the table, no sort, no reordering
@@ -421,7 +449,7 @@ class DeviceTable:
                                  used_data_blocks=int(hdr["used_data_blocks"]),
                                  total_data_blocks=int(hdr["nr_data_blocks"]),
                                  used_metadata_blocks=self.store.used_blocks(),
-                                 total_metadata_blocks=self.store.nr_blocks, nr_thins=self._in_use().count(1))
+                                 total_metadata_blocks=self.store.nr_blocks, nr_thins=self._nr_thins())
 
     # ------------------------------------------------------------------ the one change: a snapshot
     def snapshot(self, origin: str, name: str, *, dev_id: int | None = None,
@@ -484,18 +512,52 @@ class DeviceTable:
         return self._rc_pages[index]
 
     def _put(self, slot: int, rec: dict[str, int]) -> None:
+        self._need_slot(slot)  # (the page is written whole: its other records must be the stored ones)
         DEV_RECORD.pack_into(self._devs, slot * DEV_RECORD.size, *(rec[f] for f in DEV_FIELDS))
         self._devs_dirty.add(slot)
 
     def _new_slot(self) -> int:
-        """The first unused slot, or a new page of slots (as Pool._new_slot)."""
+        """The first unused slot, or a new page of slots (as Pool._new_slot); the next free slot is
+        then searched from it, a page at a time."""
         n = len(self._devs) // DEV_RECORD.size
-        slot = self._in_use().find(0)  # rules.free_slot's rule: the first slot not in use
-        if slot >= 0:
-            return slot
-        self._devs.extend(bytes(BLOCK))
-        self._devs_dirty.update(range(n, n + DEVS_PER_PAGE))
+        slot = self._first_free()  # rules.free_slot's rule: the first slot not in use
+        if slot >= n:
+            self._devs.extend(bytes(BLOCK))
+            self._devs_dirty.update(range(n, n + DEVS_PER_PAGE))
+            slot = n
+        self._free = self._free_from(slot + 1)
+        self._count = self._nr_thins() + 1
+        return slot
+
+    def _first_free(self) -> int:
+        """The first slot not in use (the number of slots when every one is): the ``free_slot`` the last
+        commit recorded (:meth:`thinpool.mdstore.MetadataStore.hint`), else a search of the table."""
+        if self._free is None:
+            hint = self.store.hint("free_slot")
+            self._free = self._free_from(0) if hint is None else hint
+        return self._free
+
+    def _free_from(self, slot: int) -> int:
+        """The first slot from ``slot`` on that is not in use (the number of slots if none is), reading
+        the table's pages from there until one is found."""
+        size, n = DEV_RECORD.size, len(self._devs) // DEV_RECORD.size
+        page = slot // DEVS_PER_PAGE
+        while page * DEVS_PER_PAGE < n:
+            self._need([page])
+            end = min(n, (page + 1) * DEVS_PER_PAGE)
+            flags = bytes(self._devs[max(slot, page * DEVS_PER_PAGE) * size + _FLAGS_AT:end * size:size])
+            i = flags.translate(_IN_USE_BYTE).find(0)
+            if i >= 0:
+                return max(slot, page * DEVS_PER_PAGE) + i
+            page += 1
         return n
+
+    def _nr_thins(self) -> int:
+        """Devices in use: the ``nr_thins`` the last commit recorded, else a count over the table."""
+        if self._count is None:
+            hint = self.store.hint("nr_thins")
+            self._count = self._in_use().count(1) if hint is None else hint
+        return self._count
 
     def commit(self) -> None:
         """Commit the snapshots taken so far, atomically (nothing is written if there are none)."""
@@ -510,8 +572,9 @@ class DeviceTable:
             **stored.updates(len(self._devs) // DEV_RECORD.size, rules.catalog_dumps, self.header),
         }
         bound = self._dev_id_bound()
+        hints = {"dev_id_max": bound, "free_slot": self._first_free(), "nr_thins": self._nr_thins()}
         try:
-            self.store.commit(arrays, self.header, tail=True, hints={"dev_id_max": bound})
+            self.store.commit(arrays, self.header, tail=True, hints=hints)
         except MetadataSpaceExhausted as exc:
             self._load()
             raise ReadOnly(f"pool {self.path}: out of metadata space; the snapshot was not committed "

@@ -252,7 +252,7 @@ class Pool(Transactions, DeviceOps, Features):
             **cat_format.StoredCatalog.build({}, {}).updates(0, rules.catalog_dumps, header),
         }
         try:
-            store.commit(arrays, header, hints={"dev_id_max": 0})
+            store.commit(arrays, header, hints={"dev_id_max": 0, "nr_thins": 0, "free_slot": 0})
         finally:
             store.close()
         if not metadata_only:

@@ -92,11 +92,16 @@ class Transactions:
 
     def _hints(self) -> dict[str, int]:
         """What a commit records of the devices for a light open (:meth:`thinpool.mdstore.MetadataStore.hint`):
-        ``dev_id_max``, the largest device id in use (0: none), which lets
-        :class:`~thinpool.devtable.DeviceTable` know the next id is free without searching the table."""
+        ``dev_id_max``, the largest device id in use (0: none), ``nr_thins``, the devices in use, and
+        ``free_slot``, the first device-table slot not in use (the number of slots when all are), which
+        let :class:`~thinpool.devtable.DeviceTable` pick a snapshot's id and slot and report the status
+        without reading the whole table."""
         devs = self._devs
-        ids = devs["dev_id"][(devs["flags"] & int(DevFlag.IN_USE)) != 0]
-        return {"dev_id_max": int(ids.max()) if len(ids) else 0}
+        used = (devs["flags"] & int(DevFlag.IN_USE)) != 0
+        ids = devs["dev_id"][used]
+        free = np.flatnonzero(~used)
+        return {"dev_id_max": int(ids.max()) if len(ids) else 0, "nr_thins": len(ids),
+                "free_slot": int(free[0]) if len(free) else len(devs)}
 
     # ------------------------------------------------------------------ has anything changed?
     def _header_now(self) -> dict[str, Any]:

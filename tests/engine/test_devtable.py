@@ -324,3 +324,52 @@ def test_dev_id_bound_hint_covers_every_id_in_use_after_create_delete_rename_and
         assert t._dev_id_bound() == max(in_use)
         for dev_id in range(1, 140):
             assert t._dev_id_in_use(dev_id) == (dev_id in in_use), dev_id
+
+
+def _scan(t: DeviceTable) -> tuple[int, int]:
+    """(first free slot, devices in use) of a table, counted over every slot."""
+    used = t._in_use()
+    first = used.find(0)
+    return (len(used) if first < 0 else first), used.count(1)
+
+
+def test_free_slot_and_device_count_hints_match_the_table_and_spare_the_reads(tmp_path: Path) -> None:
+    """Every commit records the first free device-table slot and the number of devices, so a
+    DeviceTable reads the table a page at a time: ``status`` reads none of its pages, a snapshot only
+    the origin's page, its slot's and the pages up to the next free slot.  After deletes (holes that
+    the next snapshots take, as Pool.snapshot would), table snapshots filling a page, Pool commits and
+    reopens, both hints equal a count over the whole table, and a stale hint falls back to that count."""
+    path = str(tmp_path / "p")
+    with Pool.create(path, data_size=64 * BS, metadata_only=True) as p:
+        p.create_thin("a", 512)
+        with p.batch():
+            for i in range(70):  # two pages of slots
+                p.snapshot("a", f"s{i}")
+        p.delete("s3")
+        p.delete("s10")
+    for round_ in range(3):
+        with DeviceTable.open(path) as t:
+            used = t._in_use()
+            holes = [i for i, u in enumerate(used) if not u][:2]  # where Pool.snapshot would put two
+            count = used.count(1)
+        with DeviceTable.open(path, read_only=False) as t:
+            assert t.store.hint("free_slot") == holes[0] and t.store.hint("nr_thins") == count
+            assert t.status().nr_thins == count and t._devs_read == set()  # no page read for the status
+            taken = [t.snapshot("a", f"r{round_}-{k}").name for k in range(2)]
+            assert t._devs_read is not None and len(t._devs_read) <= 2
+            assert [t._find(n) for n in taken] == holes
+        with DeviceTable.open(path) as t:
+            assert (t.store.hint("free_slot"), t.store.hint("nr_thins")) == _scan(t)
+            assert t._nr_thins() == count + 2
+        with Pool.open(path) as p:
+            if round_ == 0:
+                p.delete("s20")
+            else:
+                p.create_thin(f"c{round_}", 512)
+        with DeviceTable.open(path) as t:
+            assert (t.store.hint("free_slot"), t.store.hint("nr_thins")) == _scan(t)
+    with DeviceTable.open(path, read_only=False) as t:
+        expect = _scan(t)
+        t.store.header["hints"] = dict(t.store.header["hints"], generation=t.store.generation + 1)
+        t._free = t._count = None
+        assert (t._first_free(), t._nr_thins()) == expect
