@@ -371,14 +371,15 @@ def _disk_updates_compiled(pack: Any, rc: np.ndarray, dirty_sm: np.ndarray, sm_h
 def _disk_rows_compiled(pack: Any, rc: np.ndarray, dirty_sm: np.ndarray, sm_have: np.ndarray,
                         dirty_rc: np.ndarray, over_locs: Any, nsm: int, nrc: int) -> dict[str, RowPages]:
     """:func:`_disk_updates_compiled` for many pages: the pages go to the store as rows of the pass's
-    output; past one chunk, each chunk's live rows are gathered (a copy), so memory stays bounded by
-    what is live."""
+    output; past one chunk, each chunk's live rows are copied out at once (its arrays are not kept),
+    so memory stays bounded by what is live."""
     nothing = np.zeros(0, np.int64)
     Part = tuple[np.ndarray, np.ndarray, np.ndarray]
     sm_parts: list[Part] = []  # per chunk: (pages, the kernel's output, their rows in it)
     over_parts: list[Part] = []
     sm_dead: list[np.ndarray] = []
     over_dead: list[np.ndarray] = []
+    many = max(len(dirty_sm), len(dirty_rc)) > _COMPILED_CHUNK
     for i in range(0, max(len(dirty_sm), len(dirty_rc)), _COMPILED_CHUNK):
         sm = dirty_sm[i:i + _COMPILED_CHUNK]
         pages = dirty_rc[i:i + _COMPILED_CHUNK]
@@ -388,9 +389,13 @@ def _disk_rows_compiled(pack: Any, rc: np.ndarray, dirty_sm: np.ndarray, sm_have
         over_pages = np.empty(len(pages), np.int64)
         m = pack(rc, sm if len(sm) else nothing, pages if len(pages) else nothing, bitmap, used, over, over_pages)
         live = used.astype(bool)
-        sm_parts.append((sm[live], bitmap, np.flatnonzero(live)))
+        if many:  # only the live rows are kept (copies): the chunk's arrays go
+            sm_parts.append((sm[live], bitmap[live], np.arange(int(live.sum()))))
+            over_parts.append((over_pages[:m].copy(), over.view(np.uint8)[:m].copy(), np.arange(m)))
+        else:
+            sm_parts.append((sm[live], bitmap, np.flatnonzero(live)))
+            over_parts.append((over_pages[:m], over.view(np.uint8), np.arange(m)))
         sm_dead.append(sm[~live & sm_have[i:i + _COMPILED_CHUNK]])
-        over_parts.append((over_pages[:m], over.view(np.uint8), np.arange(m)))
         if m < len(pages):  # count pages without an overflow count now (the kernel keeps their order)
             gone = pages if m == 0 else pages[~np.isin(pages, over_pages[:m], assume_unique=True)]
             over_dead.append(gone[stored_at(over_locs, gone)])
@@ -400,7 +405,7 @@ def _disk_rows_compiled(pack: Any, rc: np.ndarray, dirty_sm: np.ndarray, sm_have
             pages, base, at = parts[0]
         else:
             pages = np.concatenate([p for p, _, _ in parts]) if parts else nothing
-            base = np.concatenate([b[r] for _, b, r in parts]) if parts else np.zeros((0, BLOCK), np.uint8)
+            base = np.concatenate([b for _, b, _ in parts]) if parts else np.zeros((0, BLOCK), np.uint8)
             at = np.arange(len(pages))
         return RowPages(npages, pages, base, at, dead=np.concatenate(dead) if dead else nothing)
     return {"data_sm": rows(sm_parts, nsm, sm_dead), "data_rc_over": rows(over_parts, nrc, over_dead)}
