@@ -396,14 +396,14 @@ class MetadataStore(MetadataSpace):
         return {name: self._gather(l, f"held {name}") for name, l in locs.items()}
     # ------------------------------------------------------------------ writing
     def _write_pages(self, pages: list[Any], blocks: list[int]) -> list[int]:
-        """Queue 4 KiB pages for blocks (written by :meth:`_write_queued`); return their CRCs."""
+        """Queue 4 KiB pages for blocks (written by :meth:`_write_runs`); return their CRCs."""
         crc = _crc32c
         self._queued.extend(zip(blocks, pages))
         return [crc(p) for p in pages]
 
     def _queue_rows(self, np: Any, base: Any, rows: Any, blocks: list[int]) -> list[int]:
         """Queue pages given as rows ``rows`` of ``base`` (a C-contiguous 2-D uint8 array of 4 KiB rows)
-        for ``blocks``; return their CRCs.  No page is copied or listed: :meth:`_write_queued` writes
+        for ``blocks``; return their CRCs.  No page is copied or listed: :meth:`_write_runs` writes
         each run of pages consecutive both in ``base`` and on disk with one ``pwrite`` straight from
         ``base`` (which must not change before the commit has written them)."""
         mv = memoryview(base).cast("B")
@@ -412,10 +412,10 @@ class MetadataStore(MetadataSpace):
         self._chunks.append((np.asarray(blocks, np.int64), mv, np.asarray(rows, np.int64)))
         return crcs
 
-    def _write_chunks(self) -> None:
-        """Write the pages :meth:`_queue_rows` queued: one ``pwrite`` per run of consecutive blocks (at
-        most :data:`_RUN_PAGES` pages each), straight from the buffer where the run's rows are
-        consecutive there too, else from a copy of its rows gathered in one numpy step."""
+    def _chunk_runs(self, out: list[tuple[Any, int]]) -> None:
+        """The pages :meth:`_queue_rows` queued, as (bytes, block) runs into ``out``: one per run of
+        consecutive blocks (at most :data:`_RUN_PAGES` pages each), straight from the buffer where the
+        run's rows are consecutive there too, else from a copy of its rows gathered in one numpy step."""
         chunks, self._chunks = self._chunks, []
         np = sys.modules["numpy"]
         for blocks, mv, rows in chunks:
@@ -432,15 +432,16 @@ class MetadataStore(MetadataSpace):
                         if base is None:
                             base = np.frombuffer(mv, np.uint8).reshape(-1, BLOCK)
                         data = base[rows[i:i + k]]
-                    write_all(self.io.pwrite, self.fd, data, bl[i] * BLOCK, self.path)
+                    out.append((data, bl[i]))
 
-    def _write_queued(self) -> None:
-        """Write the queued pages of a commit: those queued one by one in block order, one ``pwrite``
-        per run of consecutive blocks (at most :data:`_RUN_PAGES` pages each), however many arrays
-        they came from; then those queued as rows of a buffer (:meth:`_write_chunks`).  The order
-        does not matter to a crash: no superblock refers to any of them before the flush after."""
+    def _queued_runs(self) -> list[tuple[Any, int]]:
+        """The queued pages of a commit as (bytes, block) runs to write: those queued as rows of a
+        buffer (:meth:`_chunk_runs`), then those queued one by one, in block order, one run per run of
+        consecutive blocks (at most :data:`_RUN_PAGES` pages each), however many arrays they came from.
+        Made before the commit's first flush (so that only the writes are left between the flushes)."""
+        out: list[tuple[Any, int]] = []
         if self._chunks:
-            self._write_chunks()
+            self._chunk_runs(out)
         queued = sorted(self._queued, key=lambda bp: bp[0])
         self._queued = []
         i, n = 0, len(queued)
@@ -448,9 +449,15 @@ class MetadataStore(MetadataSpace):
             j = i + 1
             while j < n and j - i < _RUN_PAGES and queued[j][0] == queued[j - 1][0] + 1:
                 j += 1
-            data = queued[i][1] if j == i + 1 else b"".join([bp[1] for bp in queued[i:j]])
-            write_all(self.io.pwrite, self.fd, data, queued[i][0] * BLOCK, self.path)
+            out.append((queued[i][1] if j == i + 1 else b"".join([bp[1] for bp in queued[i:j]]), queued[i][0]))
             i = j
+        return out
+
+    def _write_runs(self, runs: list[tuple[Any, int]]) -> None:
+        """Write the runs :meth:`_queued_runs` made.  The order does not matter to a crash: no
+        superblock refers to any of them before the flush after."""
+        for data, block in runs:
+            write_all(self.io.pwrite, self.fd, data, block * BLOCK, self.path)
 
     def commit(self, arrays: dict[str, Any], header: dict[str, Any], *, tail: bool = False,
                hints: dict[str, int] | None = None, before_write: Callable[[], None] | None = None) -> None:
@@ -560,9 +567,10 @@ class MetadataStore(MetadataSpace):
                           metadata_used_blocks=used)
             header[HINTS] = {**(hints or {}), "generation": self.generation + 1, "metadata_top": top}
             raw = self._superblock_bytes(self.generation + 1, header)
+            runs = self._queued_runs()
             if before_write is not None:
                 before_write()  # (the data file's flush: nothing of the commit is written before it)
-            self._write_queued()
+            self._write_runs(runs)
             self.sync()
             self._write_superblock(self.generation + 1, raw)
         except BaseException:
