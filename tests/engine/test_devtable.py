@@ -373,3 +373,29 @@ def test_free_slot_and_device_count_hints_match_the_table_and_spare_the_reads(tm
         t.store.header["hints"] = dict(t.store.header["hints"], generation=t.store.generation + 1)
         t._free = t._count = None
         assert (t._first_free(), t._nr_thins()) == expect
+
+
+def test_a_damaged_device_table_page_is_a_clear_error_of_the_light_commands_and_changes_nothing(tmp_path: Path) -> None:
+    """The light path reads device-table pages when first needed (status none, ls all, snapshot a few):
+    a damaged page is reported as MetadataCorrupt naming its metadata block, the command fails with
+    that message and writes nothing; a command that needs no device-table page still answers."""
+    path = _build(tmp_path / "p")
+    store = _store(path)
+    try:
+        block = store.locs["devs"][0] >> 32
+    finally:
+        store.close()
+    assert block
+    meta = os.path.join(path, "metadata")
+    with open(meta, "r+b") as f:
+        f.seek(block * 4096 + 200)
+        f.write(b"\x5a" * 16)
+    before = Path(meta).read_bytes()
+    for args in (["ls", path], ["snapshot", path, "a", "s-new"]):
+        r = subprocess.run([sys.executable, "-m", "thinpool"] + args, capture_output=True, text=True, timeout=120)
+        assert r.returncode != 0, (args, r.stdout)
+        assert f"block {block}" in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+        assert Path(meta).read_bytes() == before, args
+    r = subprocess.run([sys.executable, "-m", "thinpool", "status", path], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert Path(meta).read_bytes() == before
