@@ -45,6 +45,41 @@ def _entry(args: tuple) -> Any:
     return fn
 
 
+def _loop_args(sock: int, rbuf: np.ndarray, state: np.ndarray, out: np.ndarray, b: Any, size: int,
+               structured: bool, read_flags: int, max_len: int, idle_ms: int, spin_ns: int, contended_ns: int,
+               backoff_ns: int, transmitting: np.ndarray, pollfds: np.ndarray, ts: np.ndarray,
+               wmax: int) -> tuple:
+    """``serve_reads``' arguments for binding ``b`` (one place: :meth:`CompiledReads.run` and
+    :func:`precompile` must give it the same types)."""
+    return (int(sock), rbuf, state, out, b.table, b.devs, b.slot, b.fd, min(size, b.size), bool(structured),
+            int(read_flags), int(max_len), b.lock.rw, b.lock.gen, b.gen, int(idle_ms), int(spin_ns),
+            int(contended_ns), int(backoff_ns), transmitting, pollfds, ts, int(wmax), int(b.data_bytes))
+
+
+def precompile(pool: Any) -> bool:
+    """Compile ``serve_reads`` for the argument types a session of ``pool``'s volumes gives it (or load it
+    from numba's cache), so that the first client of a served pool does not wait for it: on a cold kernel
+    cache (a fresh clone or install) that compile took 5-7 s of the first request, on a loaded machine.
+    Runs nothing and keeps no binding.  False when there is nothing to compile for (the loop is turned
+    off, the pool has no volume, its lock is not a :class:`~thinpool.poollock.PoolLock`, or the first
+    volume's reads take the Python path)."""
+    from thinpool import kernels_nbd
+    from thinpool.poollock import read_binding
+    lock = pool.locked()
+    thins = pool.thins()
+    if not ENABLED or not isinstance(lock, PoolLock) or not thins:
+        return False
+    with lock.inspecting():  # looked at only: the binding is dropped before anything could change it
+        b = read_binding(thins[0])
+    if b is None:
+        return False
+    pollfds = np.array([-1, select.POLLIN, -1, select.POLLIN], np.int32)
+    _entry(_loop_args(-1, np.frombuffer(bytearray(16), np.uint8), np.zeros(kernels_nbd.STATE_SIZE, np.int64),
+                      np.empty(16, np.uint8), b, 0, True, 0, 0, -1, 0, 0, 0, np.zeros(1, np.int64), pollfds,
+                      np.zeros(2, np.int64), 0))
+    return True
+
+
 class CompiledReads:
     """The compiled read loop of one session (see the module docstring); :meth:`open` returns None
     when the export or provider does not support it."""
@@ -114,10 +149,9 @@ class CompiledReads:
             st[fr.S_RPOS] = s._rpos
             st[fr.S_REND] = s._rend
             wmax = MAX_WRITE if writable and WRITES and b.writable else 0
-            args = (int(self.pollfds[0]), self.rbuf, st, self.out, b.table, b.devs, b.slot, b.fd, min(size, b.size),
-                    bool(structured), int(read_flags), int(max_len), b.lock.rw, b.lock.gen, b.gen, idle_ms,
-                    int(spin_ns), int(contended_ns), int(backoff_ns), transmitting, self.pollfds, self.ts,
-                    wmax, int(b.data_bytes))
+            args = _loop_args(int(self.pollfds[0]), self.rbuf, st, self.out, b, size, structured, read_flags,
+                              max_len, idle_ms, spin_ns, contended_ns, backoff_ns, transmitting, self.pollfds,
+                              self.ts, wmax)
             fn = self._fn
             if fn is None:
                 fn = self._fn = _entry(args)
@@ -145,4 +179,4 @@ class CompiledReads:
         return int(self.state[self.fr.S_WRITTEN])
 
 
-__all__ = ["CompiledReads", "MAX_READ", "MAX_WRITE", "ENABLED", "WRITES"]
+__all__ = ["CompiledReads", "precompile", "MAX_READ", "MAX_WRITE", "ENABLED", "WRITES"]

@@ -170,7 +170,10 @@ def volumes_deleted_by(pool: Any, op_name: str, args: dict[str, Any]) -> list[st
 
 def warm_up(pool: Any) -> None:
     """Run the I/O kernels once (numba compiles or loads them on first use) so the first client does not
-    wait for it: a read of the first volume, a mapping query, nothing written."""
+    wait for it: a read of the first volume, a mapping query, nothing written; and compile a session's
+    request loop for the pool's volumes (:func:`thinpool.nbd.readloop.precompile`)."""
+    from thinpool.nbd.readloop import precompile
+    precompile(pool)
     thins = pool.thins()
     if thins:
         t = thins[0]
