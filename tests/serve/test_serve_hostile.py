@@ -326,11 +326,13 @@ def _start_serve(pool: str, root: str, *args: str) -> tuple[subprocess.Popen[byt
     sock = os.path.join(pool, "nbd.sock")
     deadline = time.monotonic() + 60
     while True:
+        # ready when both sockets accept a connection: the NBD socket's file exists from its bind(), before
+        # its listen() -- a client connecting in between (a loaded machine) was refused
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-                probe.connect(os.path.join(pool, "control.sock"))
-            if os.path.exists(sock):
-                break
+            for path in (os.path.join(pool, "control.sock"), sock):
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                    probe.connect(path)
+            break
         except OSError:
             pass
         assert proc.poll() is None, open(err).read()
