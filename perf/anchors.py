@@ -572,12 +572,37 @@ commit with the flushes stubbed out (a hot loop of 600 commits, medians, load 4-
 space map's dead pages from its compiled pass's own flags (no `setdiff1d`/`isin`), no `np.unique` of
 sorted pages, `release_pending` returning at once with nothing pending or freed, a node kind with no
 dirty node skipped, a few dirty nodes sorted out in Python lists, the pack keys sorted only when out of
-order, `commit_floor` counted once per committed state, the superblock's JSON encoder made once.  What
-limits CF1 now is that CPU as the commit really runs it: each commit follows sleeps in `fdatasync`, and
-with the flushes real the commit's thread CPU is 0.62-0.82 ms (its 3 flushes' own system time included;
+order, `commit_floor` counted once per committed state, the superblock's JSON encoder made once.
+Changes of 2026-12-06 (evening): the CPU of a one-write commit with the flushes stubbed out (600
+commits on 20 fresh pools as CF1 makes them, 10th percentile, load 4-6) 301 -> 207 us (medians 310-320
+-> 207-217): one compiled call per kind of node for the whole of its part of a commit
+(`kernels_pages.node_updates`: dirty slots, entry counts, plan, encoded pages and the keys, places and
+sizes stored after -- three arrays back to Python where `count_entries`, `plan_repack` and
+`encode_packs` returned eleven, each boxed array about 1 us, and the numpy glue between them gone); the
+store places the pages of all its few-page arrays in one allocation and their page-map pages in
+another; the slot a superblock overwrites kept from its last write instead of read back; the free-block
+count of a commit's state kept; the freed-block scan and the space map's stored-page look-ups in C scans
+and Python lists for a few pages.  And the order of the work, not its amount: the store now makes
+every page, its checksum, the runs to write and the superblock's bytes *before* the data file's flush
+(the pool passes that flush as `before_write`), so between the flushes only the `pwrite` calls are
+left -- the same system calls in the same order (`test_commit_pages`).  The Python that ran between
+flushes ran after a sleep, with cold caches and, under load, after waiting for a CPU: between the data
+flush and the pages' flush 118-181 -> 43-55 us, between that and the superblock's 48-103 -> 10-13 us
+(medians of 80 commits, load 4.6; the work moved before the first flush costs about 20 us more there,
+where it was 150-280 us after the flushes).  Measured since, on a machine loaded by other jobs' I/O
+(load 6.1-6.8, flushes of 3-16 ms where they take 0.1-0.2 ms idle): `--only C` at 20:02 CF1 1.01 (16.0
+vs 15.8 ms), CF2 0.88; the code before the evening's changes at 19:58 in the same conditions 1.44 (11.9
+vs 8.3 ms) and CF2 0.77; CF1 alone (21 commits against the floor, interleaved base/new three times,
+20:08-20:09) 2.69, 1.23, 1.63 before against 1.02, 1.05, 1.01 now -- the CPU left in a commit no longer
+adds to the flushes' time, but with flushes this slow the ratio says little: CF1 was not measured on
+an idle machine after these changes (the machine was not idle before the deadline).  On the idle
+machine's 0.42 ms floor a commit should take the floor plus about 0.2-0.25 ms of CPU before the first
+flush and some 50 us after the last: about 1.5-1.6x, at or just short of the target.  Before the
+evening: what limited CF1 was that CPU as the commit really ran it: each commit followed sleeps in `fdatasync`, and
+with the flushes real the commit's thread CPU was 0.62-0.82 ms (its 3 flushes' own system time included;
 the floor's thread CPU is 0.16-0.2 ms for its 3 writes and 3 flushes), against 0.3 ms in the hot loop:
 the ~0.45 ms of Python and numpy (six compiled kernels called through numba's dispatcher, ~50 numpy
-steps on small arrays) run cache-cold.  The flushes themselves are at the floor's (one run each, load
+steps on small arrays) ran cache-cold.  The flushes themselves are at the floor's (one run each, load
 4-5: data 0.24 vs 0.23 ms, pages 0.12 vs 0.11, superblock 0.11 vs 0.10), so CF1 is about 1 + CPU/floor:
 1.82x in the afternoon's run whose floor took 0.63 ms (1.14 ms a commit), near 1x when other jobs' I/O
 makes the flushes take several ms (0.99 with the floor at 6.2 ms).
@@ -585,8 +610,8 @@ Two ways to overlap the CPU with the data file's flush were measured and dropped
 (earlier: a hand-over waits for a time slice under load, 8.3x the floor in one run) and Linux AIO's
 `IOCB_CMD_FDSYNC` (the flush runs in a kernel worker, which waits for a CPU the same way: 1.18 against
 0.96 ms and 2.5 against 1.26 ms for the synchronous flush, in-process A/B, load 4-6).  Closing the rest
-needs the commit's page building in one compiled pass (the node pages, the space map pages and the
-store's bookkeeping, now separate numpy steps) -- not done.  Before this round (morning of 2026-12-06):
+needs the commit's page building in one compiled pass (since the evening the node pages of each kind
+are one call; the space map pages and the store's bookkeeping are still separate steps) -- not done.  Before this round (morning of 2026-12-06):
 0.72 -> 0.43-0.47 ms of CPU per commit, the node pages' plan and encoding compiled
 (`kernels_pages.plan_repack`, `encode_packs`), the store's pages written in block order, and the harness
 fix (the pool side was timed right after a full `gc.collect()`, which left the caches cold: CF1/CF2 now
