@@ -48,7 +48,7 @@ def _blocks_needed(nodes, dev, off, length, bs):
 
 
 #: how many I/Os ahead the batch kernel hints the caches with the leaf a write will touch
-AHEAD = 16
+AHEAD = 32
 
 
 @njit(cache=True, inline="always")
