@@ -23,7 +23,7 @@ import time
 from typing import Any, Callable, Mapping, Protocol
 
 from thinpool.errors import FailedPrecondition, InvalidArgument
-from thinpool.unixsock import bind_private, claim_unix_path, remove_socket
+from thinpool.unixsock import claim_unix_path, listen_private, remove_socket
 
 from .args import check_op_args
 from .protocol import MAX_REQUEST, decode_request, encode_error, encode_result, error_reply
@@ -108,8 +108,7 @@ class ControlServer:
         claim_unix_path(path, "control socket")
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            bind_private(self.sock, path)  # 0600 from the start: the socket grants every pool op
-            self.sock.listen(64)
+            listen_private(self.sock, path, 64)  # 0600 from the start: the socket grants every pool op
         except BaseException:
             self.sock.close()
             raise

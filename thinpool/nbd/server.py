@@ -36,7 +36,7 @@ from thinpool.nbd.backend import ExportProvider
 from thinpool.nbd import protocol as P
 from thinpool.nbd.limits import PayloadBudget
 from thinpool.nbd.session import Session, SessionContext
-from thinpool.unixsock import bind_private, claim_unix_path
+from thinpool.unixsock import claim_unix_path, listen_private
 
 log = logging.getLogger("thinpool.nbd")
 
@@ -137,8 +137,7 @@ class NBDServer:
         claim_unix_path(path, "nbd: socket")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            bind_private(sock, path)  # mode 0600 from the start: the socket grants full access to the volumes
-            sock.listen(self.max_clients)
+            listen_private(sock, path, self.max_clients)  # mode 0600 from the start: full access to the volumes
         except BaseException:
             sock.close()
             raise
