@@ -593,11 +593,15 @@ where it was 150-280 us after the flushes).  Measured since, on a machine loaded
 (load 6.1-6.8, flushes of 3-16 ms where they take 0.1-0.2 ms idle): `--only C` at 20:02 CF1 1.01 (16.0
 vs 15.8 ms), CF2 0.88; the code before the evening's changes at 19:58 in the same conditions 1.44 (11.9
 vs 8.3 ms) and CF2 0.77; CF1 alone (21 commits against the floor, interleaved base/new three times,
-20:08-20:09) 2.69, 1.23, 1.63 before against 1.02, 1.05, 1.01 now -- the CPU left in a commit no longer
-adds to the flushes' time, but with flushes this slow the ratio says little: CF1 was not measured on
-an idle machine after these changes (the machine was not idle before the deadline).  On the idle
-machine's 0.42 ms floor a commit should take the floor plus about 0.2-0.25 ms of CPU before the first
-flush and some 50 us after the last: about 1.5-1.6x, at or just short of the target.  Before the
+20:08-20:09) 2.69, 1.23, 1.63 before against 1.02, 1.05, 1.01 now -- with flushes this slow the ratio says
+little.  With the I/O lighter (20:13, load 4.1-4.2 of other jobs' CPU, floors 0.43-0.83 ms), CF1 alone
+interleaved: 2.09, 1.98, 2.22, 2.19, 2.25, 2.35 before against 1.84, 1.86, 1.57, 1.81, 1.70 now; `--only
+C` at 20:14 1.72 (1.24 vs 0.72 ms), the row.  CF1 stays short: what is left is the CPU before the first
+flush (about 0.2 ms when the machine is idle, twice that in wall time when other jobs share the two
+cores) and the bookkeeping after the last flush (about 20 us hot, 60-150 us after the sleep under load),
+against a floor of 0.42-0.72 ms.  CF1 was not measured on an idle machine after these changes (the
+machine was not idle before the deadline); on the idle machine's 0.42 ms floor the estimate is the
+floor plus about 0.25 ms: about 1.6x.  Before the
 evening: what limited CF1 was that CPU as the commit really ran it: each commit followed sleeps in `fdatasync`, and
 with the flushes real the commit's thread CPU was 0.62-0.82 ms (its 3 flushes' own system time included;
 the floor's thread CPU is 0.16-0.2 ms for its 3 writes and 3 flushes), against 0.3 ms in the hot loop:
