@@ -1,7 +1,10 @@
-"""The metadata file and its transaction manager: with its two parts, the only place that knows about
+"""The metadata file and its transaction manager: with its three parts, the only place that knows about
 shadowing on disk.  The parts: :mod:`thinpool.mdpages` (4 KiB pages, CRC-32C, the superblock's layout
-constants, :class:`~thinpool.mdpages.PagedArray` and :class:`~thinpool.mdpages.PageUpdates`) and
-:mod:`thinpool.mdspace` (which metadata blocks are used or protected, allocation of fresh ones).
+constants, :class:`~thinpool.mdpages.PagedArray` and :class:`~thinpool.mdpages.PageUpdates`),
+:mod:`thinpool.mdspace` (which metadata blocks are used or protected, allocation of fresh ones) and
+:mod:`thinpool.mdcommit` (the write side: a commit's pages, page maps, directory, superblock and
+flushes).  This module opens the file, reads and verifies what a superblock reaches, resizes the file
+and holds the metadata snapshot.
 
 The pool's persistent state is a handful of arrays held in memory (block-map nodes, reference
 counts, the device table, a small JSON catalog).  This module stores them in a fixed-size file of
@@ -34,41 +37,23 @@ from __future__ import annotations
 import errno
 import json
 import os
-import struct
-import sys
 from array import array
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 from . import pooldir
-from .errors import HostIOError, MetadataCorrupt, MetadataSpaceExhausted, ReadOnly
-from .hostio import sync_or_fail, write_all
-from .mdpages import (_HI, _LO, _SB_HEADER, BLOCK, FORMAT_VERSION, MAGIC, PM_ENTRIES, READABLE_VERSIONS,
-                      SUPERBLOCKS, Buffer, _crc32c, _zeroed, checksum, map_private, sorted_minus, sorted_unique)
-from .mdspace import _NP_MIN, _PROTECTED, _USED, HINTS, MetadataSpace, _mark, _zeros
+from .errors import HostIOError, MetadataCorrupt, ReadOnly
+from .mdcommit import FileIO, MetadataCommit
+from .mdpages import (_HI, _LO, _SB_HEADER, BLOCK, MAGIC, READABLE_VERSIONS, SUPERBLOCKS, Buffer, _crc32c, _zeroed,
+                      checksum, map_private)
+from .mdspace import _PROTECTED, _USED, _mark
 
 #: the committed header's fields a held metadata snapshot keeps (its superblock copy)
 HELD_SUPERBLOCK_FIELDS = ("time", "transaction_id", "needs_check")
-#: the superblock's JSON encoder (what ``json.dumps(header, separators=(",", ":"))`` gives, made once)
-_SB_JSON = json.JSONEncoder(separators=(",", ":"))
-#: array names as JSON strings (the directory's keys), made once per name
-_JSON_KEYS: dict[str, str] = {}
-#: pages joined into one ``pwrite`` at most (4 MiB)
-_RUN_PAGES = 1024
 
 
-class FileIO:
-    """The system calls the store writes through; tests substitute a fault-injecting layer
-    (torn writes, lost unflushed writes, short counts, EIO/ENOSPC, a stop at the N-th write)."""
-
-    pwrite = staticmethod(os.pwrite)
-    fdatasync = staticmethod(os.fdatasync)
-
-
-class MetadataStore(MetadataSpace):
+class MetadataStore(MetadataCommit):
     """A metadata file of ``nr_blocks`` 4 KiB blocks holding paged arrays, committed atomically."""
 
-    #: the write path (class-level so a test can swap it for every store it opens)
-    io: FileIO = FileIO()
 
     def __init__(self, path: str, *, read_only: bool = False, allow_foreign: bool | None = None) -> None:
         self.path = path
@@ -394,311 +379,6 @@ class MetadataStore(MetadataSpace):
         npages = {k: int(v) for k, v in held["pages"].items()}
         locs = self._load_locs(pm_locs, npages)
         return {name: self._gather(l, f"held {name}") for name, l in locs.items()}
-    # ------------------------------------------------------------------ writing
-    def _write_pages(self, pages: list[Any], blocks: list[int]) -> list[int]:
-        """Queue 4 KiB pages for blocks (written by :meth:`_write_runs`); return their CRCs."""
-        crc = _crc32c
-        self._queued.extend(zip(blocks, pages))
-        return [crc(p) for p in pages]
-
-    def _queue_rows(self, np: Any, base: Any, rows: Any, blocks: list[int]) -> list[int]:
-        """Queue pages given as rows ``rows`` of ``base`` (a C-contiguous 2-D uint8 array of 4 KiB rows)
-        for ``blocks``; return their CRCs.  No page is copied or listed: :meth:`_write_runs` writes
-        each run of pages consecutive both in ``base`` and on disk with one ``pwrite`` straight from
-        ``base`` (which must not change before the commit has written them)."""
-        mv = memoryview(base).cast("B")
-        crc = _crc32c
-        crcs = [crc(mv[r * BLOCK:(r + 1) * BLOCK]) for r in rows.tolist()]
-        self._chunks.append((np.asarray(blocks, np.int64), mv, np.asarray(rows, np.int64)))
-        return crcs
-
-    def _chunk_runs(self, out: list[tuple[Any, int]]) -> None:
-        """The pages :meth:`_queue_rows` queued, as (bytes, block) runs into ``out``: one per run of
-        consecutive blocks (at most :data:`_RUN_PAGES` pages each), straight from the buffer where the
-        run's rows are consecutive there too, else from a copy of its rows gathered in one numpy step."""
-        chunks, self._chunks = self._chunks, []
-        np = sys.modules["numpy"]
-        for blocks, mv, rows in chunks:
-            n = len(blocks)
-            cut = (np.flatnonzero(np.diff(blocks) != 1) + 1).tolist()
-            bl, rl = blocks.tolist(), rows.tolist()
-            base = None
-            for s, e in zip([0] + cut, cut + [n]):
-                for i in range(s, e, _RUN_PAGES):
-                    k = min(e - i, _RUN_PAGES)
-                    if rl[i + k - 1] - rl[i] == k - 1 and (k < 3 or (np.diff(rows[i:i + k]) == 1).all()):
-                        data = mv[rl[i] * BLOCK:(rl[i] + k) * BLOCK]
-                    else:
-                        if base is None:
-                            base = np.frombuffer(mv, np.uint8).reshape(-1, BLOCK)
-                        data = base[rows[i:i + k]]
-                    out.append((data, bl[i]))
-
-    def _queued_runs(self) -> list[tuple[Any, int]]:
-        """The queued pages of a commit as (bytes, block) runs to write: those queued as rows of a
-        buffer (:meth:`_chunk_runs`), then those queued one by one, in block order, one run per run of
-        consecutive blocks (at most :data:`_RUN_PAGES` pages each), however many arrays they came from.
-        Made before the commit's first flush (so that only the writes are left between the flushes)."""
-        out: list[tuple[Any, int]] = []
-        if self._chunks:
-            self._chunk_runs(out)
-        queued = sorted(self._queued, key=lambda bp: bp[0])
-        self._queued = []
-        i, n = 0, len(queued)
-        while i < n:
-            j = i + 1
-            while j < n and j - i < _RUN_PAGES and queued[j][0] == queued[j - 1][0] + 1:
-                j += 1
-            out.append((queued[i][1] if j == i + 1 else b"".join([bp[1] for bp in queued[i:j]]), queued[i][0]))
-            i = j
-        return out
-
-    def _write_runs(self, runs: list[tuple[Any, int]]) -> None:
-        """Write the runs :meth:`_queued_runs` made.  The order does not matter to a crash: no
-        superblock refers to any of them before the flush after."""
-        for data, block in runs:
-            write_all(self.io.pwrite, self.fd, data, block * BLOCK, self.path)
-
-    def commit(self, arrays: dict[str, Any], header: dict[str, Any], *, tail: bool = False,
-               hints: dict[str, int] | None = None, before_write: Callable[[], None] | None = None) -> None:
-        """Write the dirty pages of ``arrays`` (:class:`PagedArray` or :class:`PageUpdates`; arrays not
-        named keep their committed pages) and a new superblock carrying ``header``; atomic.
-
-        ``tail=True`` allows a *tail commit* (see :meth:`_tail_start`) for a caller that commits a few
-        pages once and goes: it skips building the block-state map of the whole file.  ``hints``: values
-        the caller knows of the state it commits (e.g. ``dev_id_max``), stored with it and read back by
-        :meth:`hint`; the store adds its own ``metadata_top``.  ``before_write``: called once the pages
-        and the superblock are made, before the first of them is written (the pool flushes its data
-        file there: data durable before any metadata write); if it raises, nothing is written and the
-        store is as before the call."""
-        if self.read_only:
-            raise ReadOnly(f"{self.path}: metadata is read-only")
-        if self.failed:
-            raise HostIOError(f"{self.path}: no commit is possible until the pool is reopened ({self.failed})",
-                              errno.EIO, self.path)
-        # the location arrays of the arrays this commit changes are copied (then changed); the others
-        # are shared with the committed state, which never changes an array in place
-        new_locs = dict(self.locs)
-        new_pm = dict(self.pm_locs)
-        self._tail, self._tail_released = (self._tail_start(arrays) if tail else None), 0
-        tail_first = self._tail
-        # what the commit changes in the block-state map, to put back if it fails: (block, old state)
-        self._undo = [] if self._tail is None else None
-        self._free_known = None
-        try:
-            if self._tail is None:
-                self._reserve_run(self._blocks_wanted(arrays))
-            pages_count = {k: int(v) for k, v in self.header.get("pages", {}).items()}
-            np = sys.modules.get("numpy")
-            changed: list[tuple[str, array, list[int]]] = []  # arrays whose locations change
-            few: list[tuple[array, list[int], Any]] = []  # (locations, live dirty pages, array): placed below
-            for name, pa in arrays.items():
-                npages = pa.npages
-                pages_count[name] = npages
-                old = new_locs.get(name)
-                if old is not None and len(old) == npages and not pa.dirty:
-                    continue  # nothing of it changes
-                locs = self._resized(None if old is None else old[:], npages)
-                if np is not None and len(pa.dirty) >= _NP_MIN:
-                    if few:  # (blocks are given in the order of the arrays, whichever way)
-                        self._place(few)
-                        few = []
-                    dirty = self._commit_pages_np(np, pa, locs, npages)
-                else:
-                    dirty = sorted({d for d in pa.dirty if 0 <= d < npages})
-                    if pa.dead:
-                        dead_set = set(pa.dead)
-                        live = [d for d in dirty if d not in dead_set]
-                    else:
-                        live = dirty
-                    self._release([locs[d] for d in dirty])
-                    for d in dirty:
-                        locs[d] = 0
-                    if live:
-                        few.append((locs, live, pa))
-                new_locs[name] = locs
-                changed.append((name, locs, dirty))
-            if few:  # the few-page arrays' pages get their blocks in one allocation
-                self._place(few)
-            # page-map pages that point at changed pages; one whose pages are all absent is absent
-            # itself (a page map of zeroes: e.g. the space map of a grown, unused range)
-            pm_write: list[tuple[array, int, bytes]] = []
-            for name, locs, dirty in changed:
-                npm = (len(locs) + PM_ENTRIES - 1) // PM_ENTRIES
-                old = new_pm.get(name)
-                pml = self._resized(None if old is None else old[:], npm)
-                changed_pm = sorted({d // PM_ENTRIES for d in dirty})
-                if changed_pm:
-                    self._release([pml[i] for i in changed_pm])
-                    for i in changed_pm:
-                        pml[i] = 0
-                        pm_page = locs[i * PM_ENTRIES:(i + 1) * PM_ENTRIES]
-                        if any(pm_page):
-                            pm_write.append((pml, i, pm_page.tobytes().ljust(BLOCK, b"\0")))
-                new_pm[name] = pml
-            if pm_write:
-                blocks = self._allocate(len(pm_write))
-                crcs = self._write_pages([page for _pml, _i, page in pm_write], blocks)
-                for (pml, i, _page), b, c in zip(pm_write, blocks, crcs):
-                    pml[i] = b << 32 | c
-            # directory
-            directory = self._directory(new_pm)
-            ndir = (len(directory) + BLOCK - 1) // BLOCK
-            dir_pages = [directory[i * BLOCK:(i + 1) * BLOCK].ljust(BLOCK, b"\0") for i in range(ndir)]
-            self._release(self.dir_locs)
-            blocks = self._allocate(ndir)
-            crcs = self._write_pages(dir_pages, blocks)
-            dir_locs = [b << 32 | c for b, c in zip(blocks, crcs)]
-            # the superblock is made before anything is written: from here on the commit is system
-            # calls only (the flushes sleep; the work between them would run with cold caches)
-            header = dict(header)
-            if "held" in self.header:
-                header["held"] = self.header["held"]
-            if self._tail is None:
-                committed: bytearray | None = self._protected(self.state)
-                used = self.nr_blocks - _zeros(committed)
-                top = committed.rfind(_USED | _PROTECTED)  # = top_used(self.state): held-only blocks are 2
-            else:
-                committed = None  # rebuilt from the new locations if it is ever needed
-                used = int(self.header["metadata_used_blocks"]) + (self._tail - tail_first) - \
-                    self._tail_released
-                top = self._tail - 1  # every block a tail commit takes lies above the old top
-            header.update(directory=dir_locs, directory_bytes=len(directory), pages=pages_count,
-                          metadata_used_blocks=used)
-            header[HINTS] = {**(hints or {}), "generation": self.generation + 1, "metadata_top": top}
-            raw = self._superblock_bytes(self.generation + 1, header)
-            runs = self._queued_runs()
-            if before_write is not None:
-                before_write()  # (the data file's flush: nothing of the commit is written before it)
-            self._write_runs(runs)
-            self.sync()
-            self._write_superblock(self.generation + 1, raw)
-        except BaseException:
-            self._queued, self._chunks = [], []
-            self._hint = 0
-            if self._undo is not None and self._state is not None:
-                self._undo_changes(self._undo)
-            self._tail, self._undo = None, None
-            raise
-        self._tail, self._undo, self._hint = None, None, 0
-        self.generation += 1
-        self.header = header
-        self.locs, self.pm_locs, self.dir_locs = new_locs, new_pm, dir_locs
-        self._state = committed
-        if committed is not None:
-            self._free_known = (committed, self.nr_blocks - used)
-
-    def _place(self, few: list[tuple[array, list[int], Any]]) -> None:
-        """The part of :meth:`commit` for the arrays with a few dirty pages: the live pages of all of
-        them (``(locations, pages, array)`` each) get fresh blocks in one allocation and are queued;
-        their locations updated."""
-        blocks = self._allocate(sum(len(live) for _locs, live, _pa in few))
-        crcs = self._write_pages([pa.page(d) for _locs, live, pa in few for d in live], blocks)
-        k = 0
-        for locs, live, _pa in few:
-            for d in live:
-                locs[d] = blocks[k] << 32 | crcs[k]
-                k += 1
-
-    def _commit_pages_np(self, np: Any, pa: Any, locs: array, npages: int) -> list[int]:
-        """The part of :meth:`commit` for one array's many dirty pages, array-at-a-time: their old
-        blocks released, fresh blocks (the same, in the same order, as block by block) given to the
-        live ones, whose pages are queued; ``locs`` updated.  Returns the dirty pages (sorted)."""
-        d = sorted_unique(np, pa.dirty)
-        d = d[(d >= 0) & (d < npages)]
-        live = sorted_minus(np, d, sorted_unique(np, pa.dead)) if len(pa.dead) else d
-        view = np.frombuffer(locs, np.uint64)
-        try:
-            self._release(view[d])
-            view[d] = 0
-            if len(live):
-                blocks = self._allocate(len(live))
-                rows_of = getattr(pa, "page_rows", None)
-                src = None if rows_of is None else rows_of(live)
-                if src is not None:  # the pages are rows of a buffer: queued without a step per page
-                    crcs = self._queue_rows(np, src[0], src[1], blocks)
-                else:
-                    crcs = self._write_pages([pa.page(i) for i in live.tolist()], blocks)
-                view[live] = (np.asarray(blocks, np.uint64) << np.uint64(32)) | np.asarray(crcs, np.uint64)
-        finally:
-            del view  # the array must not stay exported
-        return d.tolist()
-
-    def _blocks_wanted(self, arrays: dict[str, Any]) -> int:
-        """About how many fresh blocks a commit of ``arrays`` writes: its dirty pages, a page-map page
-        per run of them within one page map, the directory (where :meth:`_reserve_run` looks for room)."""
-        n = max(1, len(self.dir_locs))
-        for pa in arrays.values():
-            dirty = pa.dirty
-            if dirty:
-                n += len(dirty) - len(pa.dead) + (max(dirty) // PM_ENTRIES - min(dirty) // PM_ENTRIES + 1)
-        return n
-
-    def _directory(self, pm_locs: dict[str, array]) -> bytes:
-        """The directory's JSON (what ``json.dumps`` of the page maps' locations gives), each array's
-        part kept from the last commit while its page map is the same object (unchanged)."""
-        cache, parts = self._dir_parts, []
-        for name, pml in pm_locs.items():
-            hit = cache.get(name)
-            if hit is None or hit[0] is not pml:
-                key = _JSON_KEYS.get(name)
-                if key is None:
-                    key = _JSON_KEYS[name] = json.dumps(name)
-                hit = cache[name] = (pml, f"{key}: [{', '.join(map(str, pml))}]")
-            parts.append(hit[1])
-        if len(cache) > len(pm_locs):
-            for name in [n for n in cache if n not in pm_locs]:
-                del cache[name]
-        return ("{" + ", ".join(parts) + "}").encode()
-
-    def _superblock_bytes(self, generation: int, header: dict[str, Any]) -> bytearray:
-        """The 4 KiB superblock of ``generation`` carrying ``header`` (checksummed)."""
-        body = _SB_JSON.encode(header).encode()
-        if len(body) > BLOCK - _SB_HEADER.size:
-            raise MetadataSpaceExhausted(f"{self.path}: superblock header too large ({len(body)} bytes)")
-        raw = bytearray(BLOCK)
-        _SB_HEADER.pack_into(raw, 0, 0, MAGIC, FORMAT_VERSION, generation, len(body))
-        raw[_SB_HEADER.size:_SB_HEADER.size + len(body)] = body
-        struct.pack_into("<I", raw, 0, _crc32c(memoryview(raw)[4:]))
-        return raw
-
-    def _write_superblock(self, generation: int, raw: bytearray) -> None:
-        """Write the superblock ``raw`` of ``generation`` to its slot and flush."""
-        slot = generation % SUPERBLOCKS
-        where = slot * BLOCK
-        # what the slot holds now: the superblock this store wrote there last, else read (this store is
-        # the file's one writer: the pool's lock)
-        old = self._sb_written.get(slot)
-        if old is None:
-            old = os.pread(self.fd, BLOCK, where)
-        try:
-            write_all(self.io.pwrite, self.fd, raw, where, self.path)
-            self._sb_written[slot] = raw
-        except HostIOError:
-            # part of it may be stored (and a prefix can verify): put the slot back as it was, so the
-            # failed commit cannot surface later; if even that fails, only a reopen may commit again
-            try:
-                write_all(self.io.pwrite, self.fd, old, where, self.path)
-            except HostIOError as exc:
-                self.failed = f"a superblock write failed and could not be undone: {exc}"
-            raise
-        self.sync()
-
-    def sync(self) -> None:
-        """Flush the metadata file; HostIOError if the flush fails.
-
-        Linux reports a writeback error to one fsync and then forgets it: a retried flush may succeed
-        without the lost pages ever reaching the disk.  So a failed flush ends this store's commits
-        (``failed``; :meth:`commit` raises): reopening reads whichever superblock is durable -- the
-        previous commit or, if the failed flush of a superblock wrote it anyway, the new one.  A failed
-        *write* (before any flush of that commit failed) leaves the store usable: nothing refers to the
-        blocks it wrote, and a retry writes them again."""
-        try:
-            sync_or_fail(self.io.fdatasync, self.fd, self.path)
-        except HostIOError as exc:
-            self.failed = f"a flush failed: {exc}"
-            raise
-
     def resize(self, nr_blocks: int) -> None:
         """Make the file ``nr_blocks`` blocks long (sparse).  Growing is always safe: the committed state
         is untouched and the new blocks are free.  Shrinking is only for undoing a growth: every
@@ -741,3 +421,6 @@ class MetadataStore(MetadataSpace):
         self.header.pop("held", None)
         self.held_blocks = []
         self._state = self._protected(self.state)
+
+
+__all__ = ["FileIO", "HELD_SUPERBLOCK_FIELDS", "MetadataStore"]

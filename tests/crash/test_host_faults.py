@@ -189,8 +189,8 @@ def test_store_seam_fault_at_every_write_and_sync_of_a_commit(tmp_path, monkeypa
     """Every pwrite/fdatasync of a commit x every fault: a clean failure with the previous commit
     intact, or a complete success; never a commit that reports success and reopens to the old state."""
     # a commit's pages go to one run of free blocks (MetadataSpace._reserve_run), one pwrite of up to
-    # mdstore._RUN_PAGES pages: two a pwrite here, so that faults also come after some of the pages
-    monkeypatch.setattr("thinpool.mdstore._RUN_PAGES", 2)
+    # mdcommit._RUN_PAGES pages: two a pwrite here, so that faults also come after some of the pages
+    monkeypatch.setattr("thinpool.mdcommit._RUN_PAGES", 2)
     cases = _cases()
     # the scenario's commit writes its pages in several pwrites, syncs, writes the superblock and
     # syncs again

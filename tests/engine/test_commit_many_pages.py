@@ -10,7 +10,7 @@ import errno
 import numpy as np
 import pytest
 
-from thinpool import Pool, mdspace, mdstore
+from thinpool import Pool, mdcommit, mdspace, mdstore
 from thinpool.errors import HostIOError
 
 MiB = 1 << 20
@@ -47,7 +47,7 @@ def _workload(path: str) -> tuple[dict, dict, list, bytes]:
 def test_commit_array_at_a_time_picks_the_same_metadata_blocks_as_block_by_block(tmp_path, monkeypatch):
     fast = _workload(str(tmp_path / "a"))
     monkeypatch.setattr(mdspace, "_NP_MIN", 1 << 60)
-    monkeypatch.setattr(mdstore, "_NP_MIN", 1 << 60)
+    monkeypatch.setattr(mdcommit, "_NP_MIN", 1 << 60)
     slow = _workload(str(tmp_path / "b"))
     assert sum(len(x) for x in fast[0].values()) > 500  # the arrays had many pages
     assert fast == slow
@@ -103,7 +103,7 @@ def test_failed_commit_of_many_pages_puts_every_block_state_back(tmp_path, monke
         before = bytes(st.state)
         # the commit's pages go to one run of free blocks (MetadataSpace._reserve_run): written 16 pages
         # a pwrite here, so that a failure can come after some of them
-        monkeypatch.setattr(mdstore, "_RUN_PAGES", 16)
+        monkeypatch.setattr(mdcommit, "_RUN_PAGES", 16)
         monkeypatch.setattr(mdstore.MetadataStore, "io", _FailAfter(after))
         with pytest.raises(HostIOError):
             pool.commit()
