@@ -14,6 +14,7 @@ import importlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections import Counter
 from typing import Any, Callable, Iterator
@@ -87,6 +88,18 @@ def serving_with_loop_probe(monkeypatch: Any, server: Any, root: str, record: Ca
     finally:
         server.shutdown()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def unix_socket_accepts(path: str) -> bool:
+    """Whether a connection to the unix socket ``path`` is accepted (a listener is there)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
 
 
 def soak_scaled(env: str, normal: int, soak: int) -> int:

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import pytest
-from tests.support import require_root, require_tool
+from tests.support import require_root, require_tool, unix_socket_accepts
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -56,17 +56,6 @@ def cli_json(*args: str) -> Any:
     return json.loads(ok(*THINPOOL, *args, "--json"))
 
 
-def _live(path: str) -> bool:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
-
-
 class Server:
     """``thinpool serve POOL [args]`` as a subprocess (output to files); :meth:`stop` signals it."""
 
@@ -79,7 +68,7 @@ class Server:
         with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
             self.proc = subprocess.Popen([*THINPOOL, "serve", pool, *args], stdout=out, stderr=err)
         deadline = time.monotonic() + 60
-        while not ("serving (" in self.output() and _live(self.sock) and _live(self.control)):
+        while not ("serving (" in self.output() and unix_socket_accepts(self.sock) and unix_socket_accepts(self.control)):
             if self.proc.poll() is not None:
                 pytest.fail(f"thinpool serve exited with {self.proc.returncode}:\n{self.output()}\n{self.errors()}")
             assert time.monotonic() < deadline, "thinpool serve did not come up in 60 s"
@@ -264,7 +253,7 @@ def test_serve_exports_every_volume_and_stops_cleanly(env: Env) -> None:
     # a second server on the same pool is refused (the socket is live; the pool is locked)
     r = cli("serve", env.pool)
     assert r.returncode == 1 and "already being served" in r.stderr
-    assert _live(srv.sock)
+    assert unix_socket_accepts(srv.sock)
     p = stopped_and_checked(srv, signal.SIGINT)
     p.close()
     assert srv.uri("vol") in srv.out and srv.uri("ro") in srv.out and "control.sock" in srv.out
@@ -282,7 +271,7 @@ def test_tcp_only_when_asked_and_loopback_by_default(env: Env) -> None:
     got = json.loads(ok("nbdinfo", "--map", "--json", f"nbd://127.0.0.1:{port}/t"))
     assert [(e["offset"], e["length"], e["type"]) for e in got] == [(0, MiB, 3), (MiB, BS, 0),
                                                                       (MiB + BS, 2 * MiB - BS, 3)]
-    assert _live(srv.sock)  # the unix socket is there too
+    assert unix_socket_accepts(srv.sock)  # the unix socket is there too
     p = stopped_and_checked(srv)
     p.close()
     # without --tcp nothing listens on TCP

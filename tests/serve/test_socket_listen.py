@@ -18,6 +18,8 @@ from thinpool.nbd.backend import MemoryProvider
 from thinpool.nbd.server import NBDServer
 from thinpool.unixsock import MAX_UNIX_PATH, listen_private
 
+from tests.support import unix_socket_accepts
+
 
 def _watch_listen(monkeypatch: pytest.MonkeyPatch, path: str) -> list[bool]:
     """Record, at every listen() call, whether ``path`` exists."""
@@ -29,17 +31,6 @@ def _watch_listen(monkeypatch: pytest.MonkeyPatch, path: str) -> list[bool]:
         listen(self, *args)
     monkeypatch.setattr(socket.socket, "listen", watching)
     return seen
-
-
-def _accepts(path: str) -> bool:
-    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        c.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        c.close()
 
 
 def _leftovers(directory: str) -> list[str]:
@@ -54,7 +45,7 @@ def test_the_nbd_socket_path_appears_only_once_it_listens(tmp_path: Path, monkey
     server = NBDServer(provider, unix_path=path)
     try:
         assert seen == [False]  # listen() ran before the path existed
-        assert _accepts(path)
+        assert unix_socket_accepts(path)
         assert (os.stat(path).st_mode & 0o777) == 0o600
         assert _leftovers(str(tmp_path)) == []
     finally:
@@ -69,7 +60,7 @@ def test_the_control_socket_path_appears_only_once_it_listens(tmp_path: Path, mo
     server = ControlServer(pool, {}, path)
     try:
         assert seen == [False]
-        assert _accepts(path)
+        assert unix_socket_accepts(path)
         assert (os.stat(path).st_mode & 0o777) == 0o600
         assert _leftovers(str(tmp_path)) == []
     finally:
@@ -99,7 +90,7 @@ def test_a_path_too_long_for_a_temporary_name_still_listens(tmp_path: Path) -> N
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         listen_private(sock, path, 4)
-        assert _accepts(path)
+        assert unix_socket_accepts(path)
         assert _leftovers(str(tmp_path)) == []
     finally:
         sock.close()
