@@ -868,6 +868,11 @@ def test_nbd_flush_is_never_acknowledged_when_the_commit_fails(tmp_path):
             assert time.monotonic() < deadline
             time.sleep(0.05)
         c = Raw(sock, "vol")
+        # the first request compiles the server's request loop (kernels_nbd.serve_reads) unless numba's
+        # cache has it (a fresh clone, or any change to a kernel source): 18 s under strace at load 5,
+        # more at load 7 -- past Raw's 30 s; the timeout only catches a hung server (the replies are
+        # what is asserted, not how soon they come)
+        c.sock.settimeout(600)
         assert c.cmd(P.CMD_WRITE, 65536, data=b"B" * 4096)[0] == 0
         assert c.cmd(P.CMD_FLUSH, 0, 0)[0] == P.EIO          # the commit failed: not acknowledged
         assert c.cmd(P.CMD_FLUSH, 0, 0)[0] != 0               # the next flush would succeed: not trusted
