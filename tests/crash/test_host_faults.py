@@ -849,7 +849,8 @@ def test_nbd_flush_is_never_acknowledged_when_the_commit_fails(tmp_path):
     dies the pool reopens to its last commit."""
     require_tool("strace")  # skip here, fail under CI=true
     import time
-    from tests.serve.test_nbd_pool import Raw, _live
+    from tests.serve.test_nbd_pool import Raw
+    from tests.support import unix_socket_accepts
     from thinpool.nbd import protocol as P
     path = str(tmp_path / "p")
     pool = Pool.create(path, data_size="4M", metadata_size="512K")
@@ -863,7 +864,7 @@ def test_nbd_flush_is_never_acknowledged_when_the_commit_fails(tmp_path):
     try:
         sock = os.path.join(path, "nbd.sock")
         deadline = time.monotonic() + 60
-        while not _live(sock):
+        while not unix_socket_accepts(sock):
             assert proc.poll() is None, (tmp_path / "serve.err").read_text()
             assert time.monotonic() < deadline
             time.sleep(0.05)
