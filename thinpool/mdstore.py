@@ -41,7 +41,7 @@ from array import array
 from typing import Any, Iterable, Sequence
 
 from . import pooldir
-from .errors import HostIOError, MetadataCorrupt, ReadOnly
+from .errors import HostIOError, MetadataCorrupt, MetadataSpaceExhausted, ReadOnly
 from .mdcommit import FileIO, MetadataCommit
 from .mdpages import (_HI, _LO, _SB_HEADER, BLOCK, MAGIC, READABLE_VERSIONS, SUPERBLOCKS, Buffer, _crc32c, _zeroed,
                       checksum, map_private)
@@ -423,4 +423,5 @@ class MetadataStore(MetadataCommit):
         self._state = self._protected(self.state)
 
 
-__all__ = ["FileIO", "HELD_SUPERBLOCK_FIELDS", "MetadataStore"]
+#: re-exported: the class was defined here once, and code may still import it from here
+__all__ = ["FileIO", "HELD_SUPERBLOCK_FIELDS", "MetadataSpaceExhausted", "MetadataStore"]
