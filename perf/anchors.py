@@ -599,9 +599,10 @@ interleaved: 2.09, 1.98, 2.22, 2.19, 2.25, 2.35 before against 1.84, 1.86, 1.57,
 C` at 20:14 1.72 (1.24 vs 0.72 ms), the row.  CF1 stays short: what is left is the CPU before the first
 flush (about 0.2 ms when the machine is idle, twice that in wall time when other jobs share the two
 cores) and the bookkeeping after the last flush (about 20 us hot, 60-150 us after the sleep under load),
-against a floor of 0.42-0.72 ms.  CF1 was not measured on an idle machine after these changes (the
-machine was not idle before the deadline); on the idle machine's 0.42 ms floor the estimate is the
-floor plus about 0.25 ms: about 1.6x.  Before the
+against a floor of 0.42-0.72 ms.  On the idle machine afterwards (21:06-21:08 UTC, load 0.5-0.6)
+three `--only C` runs measured CF1 2.04, 1.99 and 1.99 (commits of 0.689-0.773 ms against floors of
+0.338-0.388 ms: idle, the floor is faster too, so the estimate of about 1.6x made under load did not
+hold; before these changes, idle, 2.19 against 0.924 vs 0.422 ms) and CF2 1.02-1.15.  Before the
 evening: what limited CF1 was that CPU as the commit really ran it: each commit followed sleeps in `fdatasync`, and
 with the flushes real the commit's thread CPU was 0.62-0.82 ms (its 3 flushes' own system time included;
 the floor's thread CPU is 0.16-0.2 ms for its 3 writes and 3 flushes), against 0.3 ms in the hot loop:
