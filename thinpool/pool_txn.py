@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
@@ -50,16 +51,12 @@ class NoFlushDataIO(DataIO):
         """No flush (see :class:`NoFlushFileIO`)."""
 
 
-_POOLSPACE: list[Any] = []
-
-
-def _poolspace():
+@functools.cache
+def _poolspace() -> Any:
     """:mod:`thinpool.poolspace` (imported on first use: it imports this module's users; a commit
     asks for it every time, so the module is kept rather than imported again)."""
-    if not _POOLSPACE:
-        from . import poolspace
-        _POOLSPACE.append(poolspace)
-    return _POOLSPACE[0]
+    from . import poolspace
+    return poolspace
 
 
 def _round_up(n: int, m: int) -> int:
