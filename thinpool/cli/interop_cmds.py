@@ -137,7 +137,9 @@ def export_metadata_cmd(pool: str, file: str, metadata_blocks: int | None, as_js
     dm-thin data device) it forms a pool the kernel can activate (see docs/).  A held metadata snapshot
     is carried over as the held root.
 
-    Example: thinpool export-metadata /tmp/pool meta.bin && thin_check meta.bin
+    \b
+    Examples:
+      thinpool export-metadata /tmp/pool meta.bin && thin_check meta.bin
     """
     emit(run_op(pool, "export-metadata", {"path": abspath(file), "nr_metadata_blocks": metadata_blocks}),
          as_json, OPS["export-metadata"].render)
@@ -165,7 +167,9 @@ def import_metadata_cmd(file: str, data_file: str | None, metadata_size: int | N
     A data file belongs to exactly one pool: --data naming another pool's data is refused unless
     --take-over-data.  A failed import removes everything it created.
 
-    Example: thinpool import-metadata meta.bin --data data.img /tmp/pool2
+    \b
+    Examples:
+      thinpool import-metadata meta.bin --data data.img /tmp/pool2
     """
     from thinpool.interop.binary_read import read_binary_metadata
     from thinpool.pool import Pool
@@ -213,7 +217,9 @@ def rmap_cmd(pool: str, regions: tuple[str, ...], metadata_snap: bool, as_json: 
 
     Prints `data B..E -> thin(DEV) V..W` lines (half-open ranges, in blocks), as thin_rmap does.
 
-    Example: thinpool rmap /tmp/pool --region 0..100 --region 200..210
+    \b
+    Examples:
+      thinpool rmap /tmp/pool --region 0..100 --region 200..210
     """
     result = run_op(pool, "rmap", {"regions": list(regions), "metadata_snap": metadata_snap, "as_json": as_json})
     emit(result, as_json, OPS["rmap"].render)
@@ -262,7 +268,7 @@ def metadata_size_cmd(block_size: str, pool_size: str, max_thins: str, unit: str
     Examples:
       thinpool metadata-size -b 64k -s 1t -m 1000
       thinpool metadata-size -b 192k -s 1t -m 1000
-      thinpool metadata-size -b 64k -s 1t -m 1000 -u m -n short
+      thinpool metadata-size -b 64k -s 1t -m 1000 -u m -nshort
     """
     from thinpool.interop.thin_metadata_size import format_metadata_size
     flag: bool | str = False if numeric is None else (True if numeric == _NUMERIC_FLAG else numeric)

@@ -155,7 +155,12 @@ def resize_cmd(pool: str, data_size: int | None, metadata_size: int | None, as_j
     data space map it is grown too when autoextend is on (`thinpool set-autoextend`) or --metadata
     gives a size that covers it; otherwise the resize is refused with nothing changed.  A pool that
     ran out of metadata space gets out with --metadata, then can delete volumes.  --metadata-size is
-    the same option.  Examples: thinpool resize /tmp/pool 20G; thinpool resize /tmp/pool --metadata 64M
+    the same option.
+
+    \b
+    Examples:
+      thinpool resize /tmp/pool 20G
+      thinpool resize /tmp/pool --metadata 64M
     """
     if data_size is None and metadata_size is None:
         raise click.UsageError("give a data SIZE, --metadata, or both")
@@ -178,8 +183,12 @@ def set_autoextend_cmd(pool: str, threshold: int, percent: int | None, as_json: 
 
     After every commit, when metadata use or data use is above --threshold percent, that space grows
     by --percent of its size (more if needed to get back under the threshold), as LVM's dmeventd
-    does with thin_pool_autoextend_threshold/_percent.  Examples: thinpool set-autoextend /tmp/pool
-    --threshold 80 --percent 20; thinpool set-autoextend /tmp/pool --threshold 100 (off)
+    does with thin_pool_autoextend_threshold/_percent.
+
+    \b
+    Examples:
+      thinpool set-autoextend /tmp/pool --threshold 80 --percent 20
+      thinpool set-autoextend /tmp/pool --threshold 100     # off
     """
     args: dict = {"threshold": threshold}
     if percent is not None:
@@ -247,8 +256,11 @@ def set_transaction_id_cmd(pool: str, old: int, new: int, as_json: bool) -> None
 
     Fails unless the current id is OLD.
 
-    Like `dmsetup message POOL 0 set_transaction_id OLD NEW`.  Example:
-    thinpool set-transaction-id /tmp/pool 0 1
+    Like `dmsetup message POOL 0 set_transaction_id OLD NEW`.
+
+    \b
+    Examples:
+      thinpool set-transaction-id /tmp/pool 0 1
     """
     emit(run_op(pool, "set-transaction-id", {"old": old, "new": new}), as_json)
 
@@ -322,7 +334,11 @@ def trim_cmd(pool: str, as_json: bool) -> None:
     A deleted volume's blocks, and blocks freed by copy-on-write or overwrites, keep their bytes in the
     data file (dm-thin never discards a block it frees); trim hole-punches every free block that holds
     bytes.  It commits first, then punches only blocks no durable commit maps, so a crash during a
-    trim loses nothing.  Safe on a served pool.  Example: thinpool trim /tmp/pool
+    trim loses nothing.  Safe on a served pool.
+
+    \b
+    Examples:
+      thinpool trim /tmp/pool
     """
     emit(run_op(pool, "trim", {}), as_json, OPS["trim"].render)
 

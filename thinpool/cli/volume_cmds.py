@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import click
 
 from .common import SIZE, abspath, emit, json_option, pool_argument
@@ -67,7 +69,11 @@ def snapshot_cmd(pool: str, origin: str, name: str, dev_id: int | None, read_onl
     Blocks are shared until either side writes them (copy-on-write).  This is dm-thin's create_snap;
     containerd-style snapshots are `thinpool snapshotter`.
 
-    Snapshots of snapshots work the same way.  Example: thinpool snapshot /tmp/pool base snap1
+    Snapshots of snapshots work the same way.
+
+    \b
+    Examples:
+      thinpool snapshot /tmp/pool base snap1
     """
     emit(run_op(pool, "snapshot", {"origin": origin, "name": name, "dev_id": dev_id, "read_only": read_only}),
          as_json)
@@ -82,7 +88,9 @@ def delete_cmd(pool: str, names: tuple[str, ...], as_json: bool) -> None:
 
     Their snapshots and origins are unaffected.
 
-    Example: thinpool delete /tmp/pool snap1 snap2
+    \b
+    Examples:
+      thinpool delete /tmp/pool snap1 snap2
     """
     emit(run_op(pool, "delete", {"names": list(names)}), as_json)
 
@@ -205,7 +213,11 @@ def read_cmd(pool: str, name: str, offset: int, length: int | None, output: str)
 
     Reads --length bytes (default: to the end) from --offset.
 
-    Unmapped blocks read as zeros.  Example: thinpool read /tmp/pool base --length 4K | xxd | head
+    Unmapped blocks read as zeros.
+
+    \b
+    Examples:
+      thinpool read /tmp/pool base --length 4K | xxd | head
     """
     args = {"name": name, "output": "-" if output == "-" else abspath(output), "offset": offset, "length": length}
     run_op(pool, "read", args)
@@ -223,7 +235,10 @@ def discard_cmd(pool: str, name: str, offset: int, length: int | None, as_json: 
     Unmaps the whole blocks inside [offset, offset+length).
 
     Partial blocks at either end are left alone (dm-thin's rule); freed blocks return to the pool.
-    Example: thinpool discard /tmp/pool base --offset 1M --length 64M
+
+    \b
+    Examples:
+      thinpool discard /tmp/pool base --offset 1M --length 64M
     """
     emit(run_op(pool, "discard", {"name": name, "offset": offset, "length": length}), as_json,
          OPS["discard"].render)
@@ -281,7 +296,9 @@ def export_cmd(pool: str, name: str, output: str, as_json: bool) -> None:
 
 
 for _cmd in (write_cmd, read_cmd, import_cmd, export_cmd):
-    _cmd.help = (_cmd.help or "") + "\n\n" + _served_note
+    # cleandoc first: the docstring's indentation must go before an unindented line is appended, or click
+    # (which dedents the whole help) keeps it and re-wraps the \b example blocks into the paragraphs
+    _cmd.help = inspect.cleandoc(_cmd.help or "") + "\n\n" + _served_note
 
 COMMANDS: list[click.Command] = [create_thin_cmd, snapshot_cmd, delete_cmd, rename_cmd, ls_cmd, usage_cmd,
                                  write_cmd, read_cmd, discard_cmd, import_cmd, export_cmd]
