@@ -586,12 +586,15 @@ class Pool(Transactions, DeviceOps, Features):
     # ------------------------------------------------------------------ closing
     @_locked
     def close(self, commit: bool = True) -> None:
-        """Commit (unless ``commit=False``, which drops uncommitted changes like a crash) and release."""
+        """Commit (unless ``commit=False``, which drops uncommitted changes like a crash) and release.
+        When the last commit freed blocks a discard passed down, a second commit releases them, so they
+        are hole-punched before the pool closes."""
         if self._closed:
             return
         try:
             if commit:
                 self.commit()
+                self.commit_passdown()
         finally:
             self._closed = True
             self._engine.is_open = self._engine.fast_write = False

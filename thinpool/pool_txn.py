@@ -100,6 +100,16 @@ class Transactions:
         return {"dev_id_max": int(ids.max()) if len(ids) else 0, "nr_thins": len(ids),
                 "free_slot": int(free[0]) if len(free) else len(devs)}
 
+    def commit_passdown(self) -> None:
+        """If the last commit freed blocks a discard passed down, commit once more: they are released and
+        hole-punched now.  Passdown punches a block once no durable commit maps it (after the commit that
+        frees it and the next one); the pending list a commit records does not say which blocks a discard
+        passed down, so a pool closed before that next commit would leave them holding their bytes.
+        :meth:`close` calls it, and so does the CLI after each command's commit."""
+        sp = self._space
+        if not self._closed and len(sp.pending) and len(sp.to_punch(sp.pending)):
+            self.commit()
+
     # ------------------------------------------------------------------ has anything changed?
     def _header_now(self) -> dict[str, Any]:
         """The superblock fields the next commit writes (those the pool keeps, with the live counters)."""

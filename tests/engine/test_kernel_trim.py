@@ -419,6 +419,25 @@ def test_kernel_rule_discard_passdown_punches_the_freed_blocks(tmp_path):
     pool.close()
 
 
+def test_kernel_rule_discard_passdown_punches_before_the_pool_closes(tmp_path):
+    """Passdown is not lost when the pool closes between the commit that frees the blocks and the next
+    one (a one-shot ``thinpool discard``): the close commits once more and punches them."""
+    path = tmp_path / "p"
+    with Pool.create(path, data_size=16 * BS) as pool:
+        pool.create_thin("v", 8 * BS).write(0, b"\x99" * (4 * BS))
+    with Pool.open(path) as pool:
+        before = held(pool)
+        assert pool.thin("v").discard(0, 4 * BS) == 4
+    with Pool.open(path) as pool:
+        assert len(before) == 4 and not before & held(pool) and pool.space.stale_count() == 0
+    for args in (["create-thin", str(path), "w", str(4 * BS)], ["write", str(path), "w", "-"],
+                 ["discard", str(path), "w"]):
+        res = CliRunner().invoke(main, args, input=b"\x77" * (2 * BS), catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+    with Pool.open(path) as pool:
+        assert held(pool) == set() and pool.space.stale_count() == 0
+
+
 def test_kernel_rule_no_discard_passdown_unmaps_but_keeps_the_bytes(tmp_path):
     """``no_discard_passdown``: the discard unmaps and frees, the data device is not told; the freed
     blocks keep their bytes (stale) until trim, and their reuse still reads zeroes where not written.

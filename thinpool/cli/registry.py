@@ -125,6 +125,7 @@ def run_op(pool_path: str, name: str, kwargs: dict[str, Any] | None = None, writ
         if write:
             with pool.batch():  # one commit for the op; a failure drops what it did
                 result = spec.func(pool, **kwargs)
+            pool.commit_passdown()  # a discard's freed blocks: punched before the process ends
         else:
             result = spec.func(pool, **kwargs)
     except BaseException:
