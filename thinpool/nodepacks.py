@@ -6,6 +6,7 @@ not loaded numba (a commit needs only numpy).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +31,7 @@ class Kind:
     old_array: str
     tag: int
 
-    @property
+    @functools.cached_property
     def width(self) -> int:
         """Bytes of one entry's value."""
         return np.dtype(self.dtype).itemsize

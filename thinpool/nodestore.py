@@ -86,7 +86,10 @@ class _Pages:
         as rows of one buffer when given."""
         self.npages = npages
         self._nodes, self._packed, self._packed_rows = nodes, packed, packed_rows
-        if len(own) + len(packed) + len(dead) <= _FEW:  # a small commit: Python sets cost less
+        if not len(own) and not len(dead):  # (the pack pages of a commit; none of a kind not changed)
+            self.dead = []
+            self.dirty = sorted(packed)
+        elif len(own) + len(packed) + len(dead) <= _FEW:  # a small commit: Python sets cost less
             own_set = set(int(s) for s in own)
             self.dead = sorted(set(int(d) for d in dead) - own_set - set(packed))
             self.dirty = sorted(own_set | set(packed) | set(self.dead))
@@ -239,7 +242,10 @@ class NodeDisk:
         lists = meta[8:j].tolist()
         own, dead_own = lists[:nown], lists[nown:nown + ndead]
         new_pos, released = lists[nown + ndead:nown + ndead + npg], lists[nown + ndead + npg:]
-        packed = {p: memoryview(out[i]).cast("B") for i, p in enumerate(new_pos)}
+        packed: dict[int, Any] = {}
+        if npg:
+            rows = memoryview(out).cast("B")  # (the pages as slices of it: no numpy step per page)
+            packed = {p: rows[i * BLOCK:(i + 1) * BLOCK] for i, p in enumerate(new_pos)}
         after = NodeDisk(kind, stored, meta[j:j + nk], meta[j + nk:j + 2 * nk], meta[j + 2 * nk:j + 3 * nk], npages,
                          None, self.packs, list(packed.items()))
         return {kind.dense_array: _Pages(n, nodes, own, {}, dead_own),

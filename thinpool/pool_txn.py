@@ -59,6 +59,11 @@ def _poolspace() -> Any:
     return poolspace
 
 
+#: dirty device slots up to which :meth:`Transactions._hints` checks them one by one (and device
+#: tables of up to this many pages whose columns it keeps)
+_FEW_DEVS = 16
+
+
 def _round_up(n: int, m: int) -> int:
     return (n + m - 1) // m * m
 
@@ -82,6 +87,9 @@ class Transactions:
     _inner_disk: NodeDisk       # ... and of the inner nodes
     _disk_next: tuple[NodeDisk, NodeDisk]  # what the commit being written stores of both
     _batch_depth: int = 0
+    #: the last hints (:meth:`_hints`) and what they were counted from: (the device table, per slot
+    #: whether it is in use and its device id, the hints)
+    _hints_of: tuple[Any, list[bool], list[int], dict[str, int]] | None = None
 
     #: superblock fields a commit rewrites itself (never a reason to commit)
     _STORE_FIELDS = frozenset(("pending_blocks", "catalog_bytes", "metadata_used_blocks", "directory",
@@ -94,11 +102,26 @@ class Transactions:
         let :class:`~thinpool.devtable.DeviceTable` pick a snapshot's id and slot and report the status
         without reading the whole table."""
         devs = self._devs
+        cached = self._hints_of
+        if cached is not None and cached[0] is devs and len(self._devs_dirty) <= _FEW_DEVS:
+            # the same table, and no slot changed since has a different device or none: the same
+            # hints (a slot changed is always marked dirty: the commit writes its page)
+            _devs, used0, ids0, hints = cached
+            item, in_use = self._devs_i.item, int(DevFlag.IN_USE)
+            if all(bool(item(d, K.DEV_FLAGS) & in_use) == used0[d] and item(d, K.DEV_ID) == ids0[d]
+                   for d in self._devs_dirty):
+                return dict(hints)
         used = (devs["flags"] & int(DevFlag.IN_USE)) != 0
-        ids = devs["dev_id"][used]
+        all_ids = devs["dev_id"]
+        ids = all_ids[used]
         free = np.flatnonzero(~used)
-        return {"dev_id_max": int(ids.max()) if len(ids) else 0, "nr_thins": len(ids),
-                "free_slot": int(free[0]) if len(free) else len(devs)}
+        hints = {"dev_id_max": int(ids.max()) if len(ids) else 0, "nr_thins": len(ids),
+                 "free_slot": int(free[0]) if len(free) else len(devs)}
+        if len(devs) <= _FEW_DEVS * DEVS_PER_PAGE:  # (kept as Python lists: a few pages of slots)
+            self._hints_of = (devs, used.tolist(), all_ids.tolist(), hints)
+        else:
+            self._hints_of = None
+        return dict(hints)
 
     def commit_passdown(self) -> None:
         """If the last commit freed blocks a discard passed down, commit once more: they are released and
