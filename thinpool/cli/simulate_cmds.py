@@ -81,7 +81,8 @@ def _report_options(f):
 @click.option("--snapshot-every", default=None, metavar="N|Ts",
               help="Snapshot the volume every N I/Os, or every T seconds of trace time (e.g. 3600s).")
 @click.option("--keep", type=click.IntRange(min=0), default=None, help="Keep the last K scheduled snapshots.")
-@click.option("--sample-every", default=None, metavar="N|Ts", help="Time-series interval (default 10000 I/Os).")
+@click.option("--sample-every", default=None, metavar="N|Ts", help="Time-series interval (default: every 256 I/Os, coarser for a long trace, doubling so that "
+                   "the series keeps at most 512 samples).")
 @click.option("--metadata-only", is_flag=True, help="No data file: metadata and counters only (fast, any size).")
 @click.option("--no-zero", "no_zero", is_flag=True, help="Pool without zero_new_blocks (skip_block_zeroing).")
 @click.option("--no-commit-on-flush", is_flag=True, help="Do not commit at flush records (dm-thin commits).")

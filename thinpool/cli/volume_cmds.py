@@ -265,7 +265,7 @@ def import_cmd(pool: str, name: str, image: str, size: int | None, as_json: bool
     \b
     Examples:
       thinpool import /tmp/pool vm disk.raw
-      qemu-img convert -O raw disk.qcow2 /dev/stdout | thinpool import /tmp/pool vm - --size 20G
+      nbdcopy -- [ qemu-nbd -f qcow2 disk.qcow2 ] - | thinpool import /tmp/pool vm - --size 20G
     """
     args = {"name": name, "image": "-" if image == "-" else abspath(image), "size": size}
     emit(run_op(pool, "import", args), as_json, OPS["import"].render)

@@ -32,7 +32,8 @@ def replay(pool, volume: str | Thin, trace: Any, *, format: str | None = None,
 
     ``snapshot_every``: snapshot the volume every N I/Os (``10000``) or T seconds of trace time
     (``"60s"``), keeping the last ``keep`` (older ones are deleted; None keeps all).
-    ``sample_every``: the time series' interval (default every 10,000 I/Os).  ``wrap``: offsets past the
+    ``sample_every``: the time series' interval (default: every 256 I/Os -- coarser from the start for a long
+    trace -- doubling whenever the series reaches 512 samples).  ``wrap``: offsets past the
     volume's end wrap around (else the first such record is an error naming its file and line);
     ``offset_scale`` multiplies every offset first.  ``blkparse_event``: which blkparse events are the
     records (``"Q"`` queued, ``"D"`` issued, ``"C"`` completed).  Flushes commit (dm-thin commits on REQ_PREFLUSH)
