@@ -484,6 +484,8 @@ def test_tcp_allow_export_limits_what_tcp_clients_see_and_open(tmp_path: Any) ->
         u = RawClient(s.nbd.unix_path)  # the owner-only unix socket still serves everything
         assert list_exports(u) == ["vol", "other"]
         u.close()
+        # the URIs serve prints: a TCP one only for the volumes TCP serves
+        assert s.tcp_uri("other") == f"nbd://127.0.0.1:{addr[1]}/other" and s.tcp_uri("vol") is None
 
 
 def test_serve_tcp_warns_on_stderr(tmp_path: Any) -> None:

@@ -137,7 +137,8 @@ def serve_cmd(pool: str, socket_path: str | None, tcp: str | None, tcp_allow: tu
             out.append(f"  recording to:   {served.recorder.path} (fio iolog v3)")
         out.append(f"  list exports:   nbdinfo --list '{served.nbd.uri}'")
         for name, uri in uris:
-            out.append(f"  {name}: {uri}" + (f"  {served.tcp_uri(name)}" if served.nbd.tcp_address else ""))
+            tcp_uri = served.tcp_uri(name)  # None: not on TCP (no --tcp, or not a --tcp-allow-export)
+            out.append(f"  {name}: {uri}" + (f"  {tcp_uri}" if tcp_uri else ""))
         out.append("serving (SIGTERM or Ctrl-C to stop)")
         click.echo("\n".join(out))
         sys.stdout.flush()

@@ -120,9 +120,12 @@ class Served:
         return f"nbd+unix:///{quote(name, safe='/')}?socket={quote(self.nbd.unix_path or '', safe='/')}"
 
     def tcp_uri(self, name: str) -> str | None:
-        """The NBD URI of volume ``name`` over TCP, if serving on TCP."""
+        """The NBD URI of volume ``name`` over TCP, if it is served on TCP (serving on TCP, and the
+        volume is one of ``--tcp-allow-export`` when that is given)."""
         from urllib.parse import quote
         if self.nbd.tcp_address is None:
+            return None
+        if self.nbd.tcp_exports is not None and name not in self.nbd.tcp_exports:
             return None
         host, port = self.nbd.tcp_address
         host = f"[{host}]" if ":" in host else host
