@@ -53,6 +53,17 @@ _REC = 6            # slot (uint32) + count (uint16)
 _CAP = BLOCK - _HEAD
 _CHUNK = 4096       # node slots handled per numpy step (16 MB of nodes)
 
+
+def ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenated ``arange(s, s + n)`` for every start and length (vectorised)."""
+    lengths = lengths.astype(np.int64)
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, np.int64)
+    firsts = np.cumsum(lengths) - lengths
+    return np.repeat(starts.astype(np.int64) - firsts, lengths) + np.arange(total, dtype=np.int64)
+
+
 def _record_bytes(stored: np.ndarray, kind: Kind) -> np.ndarray:
     """Bytes of the records whose stored counts are ``stored`` (MARK: no entries)."""
     n = stored.astype(np.int64)

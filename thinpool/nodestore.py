@@ -30,7 +30,7 @@ Older layouts are read as they are and converted by the first commit (which rele
 inner nodes one per page (array ``inners``, formats 1-4); leaves one per page (array ``leaves``,
 formats 1 and 2) or in format 3's groups (array ``leaf_groups``: slots in groups of 16, dense leaves
 on their own page in the group's span, the sparse leaves of a group as one stream of a dense mask, a
-bitmap of the mapped entries and their values).
+bitmap of the mapped entries and their values: :mod:`thinpool.nodes_format3`).
 """
 
 from __future__ import annotations
@@ -41,19 +41,17 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from . import nodepacks
-from . import schema as K
+from . import nodepacks, nodes_format3
 from .errors import MetadataCorrupt
 from .mdpages import BLOCK, MAP_SPARSE, PageUpdates, sorted_minus, sorted_unique
-from .nodepacks import _CHUNK, _HEAD, _REC, DENSE, DENSE_ARRAY, INNERS, LEAVES, MARK, PACK_ARRAY, Kind
+from .nodepacks import _CHUNK, _HEAD, _REC, DENSE, DENSE_ARRAY, INNERS, LEAVES, MARK, PACK_ARRAY, Kind, ranges
+from .nodes_format3 import GROUPS_ARRAY  # re-exported: format 3's leaves, read by the open and the repair
 
 __all__ = ["ARRAYS", "DENSE", "DENSE_ARRAY", "GROUPS_ARRAY", "INNERS", "Kind", "LEAVES", "MARK", "NodeDisk",
            "PACK_ARRAY", "empty_disk_arrays", "inners_from_disk", "leaves_from_disk", "load", "load_leaves",
            "lost_nodes", "open_nodes"]
 
 
-#: format 3's leaves
-GROUPS_ARRAY = "leaf_groups"
 #: the arrays a pool's open reads straight into the nodes' rows (:func:`open_nodes`)
 ARRAYS = (LEAVES.dense_array, INNERS.dense_array)
 #: dirty nodes up to which a commit sorts them out in Python lists (:meth:`NodeDisk.updates`)
@@ -64,15 +62,6 @@ POPULATE_MIN = 1 << 24
 #: whether a big open maps the dense nodes' pages (False: they are read, as for small pools)
 MAP_NODES = True
 
-
-def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Concatenated ``arange(s, s + n)`` for every start and length (vectorised)."""
-    lengths = lengths.astype(np.int64)
-    total = int(lengths.sum())
-    if total == 0:
-        return np.zeros(0, np.int64)
-    firsts = np.cumsum(lengths) - lengths
-    return np.repeat(starts.astype(np.int64) - firsts, lengths) + np.arange(total, dtype=np.int64)
 
 
 class _Pages:
@@ -336,7 +325,7 @@ def load(kind: Kind, arrays: Mapping[str, np.ndarray],
     node whose page is lost is left empty."""
     if kind.pack_array not in arrays:
         if kind is LEAVES and GROUPS_ARRAY in arrays:
-            return _groups_from_disk(arrays[GROUPS_ARRAY]), NodeDisk.empty(kind, GROUPS_ARRAY)
+            return nodes_format3.groups_from_disk(arrays[GROUPS_ARRAY]), NodeDisk.empty(kind, GROUPS_ARRAY)
         old = arrays.get(kind.old_array, np.zeros(0, np.uint8))
         return (old.view(kind.dtype).reshape(-1, kind.entries),
                 NodeDisk.empty(kind, kind.old_array if len(old) else None))
@@ -480,7 +469,7 @@ def _packs_from_disk(kind: Kind, buf: np.ndarray, count: int, fill: Callable[[np
                        f"entries {int(nent[bad[0]])}, tag {int(tag[bad[0]]):#x})")
     pages = np.flatnonzero(used)
     rec_page = np.repeat(pages, nrec[pages])
-    rec_j = _ranges(np.zeros(len(pages), np.int64), nrec[pages])
+    rec_j = ranges(np.zeros(len(pages), np.int64), nrec[pages])
     slots = u32[rec_page * (BLOCK // 4) + (_HEAD + w * nent[rec_page]) // 4 + rec_j].astype(np.int64)
     counts = u16[rec_page * (BLOCK // 2) + (_HEAD + w * nent[rec_page] + 4 * nrec[rec_page]) // 2
                  + rec_j].astype(np.int64)
@@ -500,7 +489,7 @@ def _packs_from_disk(kind: Kind, buf: np.ndarray, count: int, fill: Callable[[np
         raise _corrupt(kind, f"{name} pack page {int(off[0])}: its records count {int(per_page[off[0]])} "
                        f"entries, its header {int(nent[off[0]])}")
     ent_page = np.repeat(pages, nent[pages])
-    ent_k = _ranges(np.zeros(len(pages), np.int64), nent[pages])
+    ent_k = ranges(np.zeros(len(pages), np.int64), nent[pages])
     ent_rec = np.repeat(np.arange(len(slots)), ents)
     idx = u16[ent_page * (BLOCK // 2) + (_HEAD + w * nent[ent_page] + 6 * nrec[ent_page]) // 2
               + ent_k].astype(np.int64)
@@ -558,10 +547,7 @@ def lost_nodes(kind: Kind, arrays: Mapping[str, np.ndarray], lost_pages: Mapping
             lost = lost_pages.get(kind.old_array, np.zeros(0, bool))[:count]
             out[:len(lost)] = lost
             return out
-        lost = lost_pages[GROUPS_ARRAY]
-        ng = len(lost) // _SPAN
-        lost = lost[: ng * _SPAN].reshape(ng, _SPAN)
-        return (lost[:, :_GROUP] | lost[:, _GROUP:].any(axis=1)[:, None]).reshape(-1)[:count]
+        return nodes_format3.lost_leaves(lost_pages[GROUPS_ARRAY], count)
     _, disk = load(kind, arrays, lost_pages)
     stored = np.full(count, -1, np.int32)
     stored[:min(count, len(disk.stored))] = disk.stored[:count]
@@ -582,48 +568,3 @@ def lost_nodes(kind: Kind, arrays: Mapping[str, np.ndarray], lost_pages: Mapping
     elif pack_lost:
         out[:] = True
     return out
-
-
-# ---------------------------------------------------------------------------- format 3 (read only)
-
-_GROUP = 16
-_STREAM_HEAD = 8 + _GROUP * K.LEAF_ENTRIES // 8     # dense mask + 1,024 bytes of bitmap
-_SPAN = _GROUP + (_STREAM_HEAD + _GROUP * 192 * 8 + BLOCK - 1) // BLOCK
-_PAGE_WORDS = BLOCK // 8
-_SPAN_WORDS = _SPAN * _PAGE_WORDS
-_STREAM_WORD = _GROUP * _PAGE_WORDS
-_VALUES_WORD = _STREAM_WORD + _STREAM_HEAD // 8
-_CAPACITY = _SPAN_WORDS - _VALUES_WORD
-
-
-def _groups_from_disk(buf: np.ndarray) -> np.ndarray:
-    """Format 3's leaves: groups of 16 slots owning 23 pages each (16 own pages of dense leaves, then
-    a stream: a uint64 mask of the dense slots, a 1,024-byte bitmap of the sparse leaves' mapped
-    entries, their values)."""
-    ng = len(buf) // (_SPAN * BLOCK)
-    leaves = np.full((ng * _GROUP, K.LEAF_ENTRIES), K.UNMAPPED, np.uint64)
-    if ng == 0:
-        return leaves
-    words = buf[: ng * _SPAN * BLOCK].view(np.uint64).reshape(ng, _SPAN_WORDS)
-    dense_mask = words[:, _STREAM_WORD]
-    bad = np.flatnonzero(dense_mask >> np.uint64(_GROUP))
-    if len(bad):
-        raise _corrupt(LEAVES, f"leaf group {int(bad[0])}: dense-leaf mask {int(dense_mask[bad[0]]):#x} names slots "
-                       f"past {_GROUP}")
-    dense = ((dense_mask[:, None] >> np.arange(_GROUP, dtype=np.uint64)[None, :]) & np.uint64(1)).astype(bool)
-    heads = words[:, _STREAM_WORD + 1:_VALUES_WORD].view(np.uint8)
-    mask = np.unpackbits(heads, axis=1, bitorder="little").view(bool).reshape(ng, _GROUP, K.LEAF_ENTRIES)
-    clash = np.flatnonzero((mask.any(axis=2) & dense).any(axis=1))
-    if len(clash):
-        raise _corrupt(LEAVES, f"leaf group {int(clash[0])}: a dense leaf also has entries in the stream")
-    counts = mask.reshape(ng, -1).sum(axis=1)
-    if counts.max() > _CAPACITY:
-        g = int(np.argmax(counts))
-        raise _corrupt(LEAVES, f"leaf group {g}: {int(counts[g])} mapped entries do not fit its pages")
-    flat = words.reshape(-1)
-    idx = _ranges(np.arange(ng, dtype=np.int64) * _SPAN_WORDS + _VALUES_WORD, counts)
-    leaves.reshape(-1)[mask.reshape(-1)] = flat[idx]
-    own = np.flatnonzero(dense.reshape(-1))
-    if len(own):
-        leaves[own] = words[:, :_STREAM_WORD].reshape(ng * _GROUP, K.LEAF_ENTRIES)[own]
-    return leaves
