@@ -144,7 +144,7 @@ class NameIndex:
     hold: a lone surrogate, longer than 1,024 bytes, empty, a NUL -- are kept in the fence's ``odd``
     list (``[[name, slot], ...]``, in the JSON part, which escapes them) and answer like any other:
     looked up, listed, renamed, deleted.  New names are validated before they get here
-    (:func:`thinpool.devtable.check_new_name`), so the list only ever shrinks in practice."""
+    (:func:`thinpool.rules.check_new_name`), so the list only ever shrinks in practice."""
 
     def __init__(self, fence: Mapping[str, Any] | None, npages: int, read: PageReader | None) -> None:
         """``fence``: the committed fence (see the module docstring; None: a new index)."""

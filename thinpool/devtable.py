@@ -14,8 +14,8 @@ not being served, so they cost about as much as starting Python.
 What it does not do: anything that touches mappings or data (the block map lives in
 :mod:`thinpool.pool`).  Blocks freed by the previous commit stay reserved one more commit (the next
 full :class:`~thinpool.pool.Pool` commit releases and punches them), so no data block is ever
-written, punched or reused here.  The record format and the name / device-id rules are defined
-here and used by :class:`~thinpool.pool.Pool` too.
+written, punched or reused here.  The record format is defined here and used by
+:class:`~thinpool.pool.Pool` too; the name and device-id rules both follow are :mod:`thinpool.rules`'.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import operator
 import os
-import re
 import struct
 from itertools import compress, repeat
 from operator import itemgetter
@@ -36,6 +35,7 @@ from .errors import MetadataSpaceExhausted
 from .mdpages import BLOCK, PagedArray, PageUpdates
 from .mdstore import MetadataStore
 from .rules import MAX_DEV_ID, new_catalog_entry, pick_dev_id  # noqa: F401 (the pool's id rules)
+from .rules import MAX_NAME_BYTES, check_new_name, name_problem  # noqa: F401 (re-exported: the name rules)
 from .schema import (DEV_CREATION_TIME, DEV_FIELDS, DEV_FLAGS, DEV_ID, DEV_MAPPED, DEV_RECORD, DEV_SIZE,
                      DEV_SNAP_TIME, DEV_TRANSACTION, DevFlag, Mode)
 
@@ -51,51 +51,7 @@ _IN_USE = int(DevFlag.IN_USE)
 _IN_USE_BYTE = bytes(1 if b & _IN_USE else 0 for b in range(256))
 _READ_ONLY_BYTE = bytes(1 if b & _READ_ONLY else 0 for b in range(256))
 RC_PER_PAGE = BLOCK // 4
-_NAME_RE = re.compile(r"^[^\x00-\x1f\x7f]{1,1024}$")
 _STORE_KEYS = ("directory", "directory_bytes", "pages", "held", "recovered_from", "hints")
-
-
-#: the longest volume name, in UTF-8 bytes (an NBD export name may have 4096)
-MAX_NAME_BYTES = 1024
-
-
-def name_problem(name: Any) -> str | None:
-    """Why ``name`` cannot be a volume name (the rule it breaks), or None if it can.
-
-    A volume name is a string of 1 to :data:`MAX_NAME_BYTES` bytes of valid UTF-8 (so no lone
-    surrogates: a name the CLI got as undecodable bytes is refused, it could not be an NBD export
-    name), with no NUL or other control character, and ``/`` only between non-empty components that
-    are not ``.`` or ``..`` (the snapshotter's ``snap/<namespace>/<id>`` names; a name is never a
-    path that leaves a directory).
-    """
-    if not isinstance(name, str):
-        return f"a volume name must be a string, not {type(name).__name__}"
-    if not name:
-        return "a volume name must not be empty"
-    try:
-        raw = name.encode("utf-8")
-    except UnicodeEncodeError:
-        return "a volume name must be valid UTF-8 (it contains a lone surrogate / undecodable byte)"
-    if len(raw) > MAX_NAME_BYTES:
-        return f"a volume name must be 1-{MAX_NAME_BYTES} bytes of UTF-8 (this one has {len(raw)})"
-    if "\x00" in name:
-        return "a volume name must not contain NUL"
-    if not _NAME_RE.fullmatch(name):  # fullmatch: "$" alone would let a trailing newline through
-        return "a volume name must not contain control characters"
-    if "/" in name and any(part in ("", ".", "..") for part in name.split("/")):
-        return "'/' may only separate non-empty components other than '.' and '..'"
-    return None
-
-
-def check_new_name(pool_path: str, name: Any, by_name: dict[str, Any]) -> None:
-    """A new volume name: InvalidArgument naming the rule it breaks (see :func:`name_problem`),
-    AlreadyExists if it is in use."""
-    problem = name_problem(name)
-    if problem is not None:
-        shown = repr(name[:80] + ("..." if len(name) > 80 else "")) if isinstance(name, str) else repr(name)[:80]
-        raise InvalidArgument(f"invalid volume name {shown}: {problem}")
-    if name in by_name:
-        raise AlreadyExists(f"pool {pool_path}: a thin volume named {name!r} already exists")
 
 
 def pad_pages(raw: bytes) -> bytes:

@@ -2,9 +2,9 @@
 
 :class:`~thinpool.pool.Pool` (the whole engine) and :class:`~thinpool.devtable.DeviceTable` (the
 device table only, for ``status``, ``ls`` and ``snapshot`` without numpy) apply the same rules; they
-are written once here: the mode a pool opens in, the open / writable checks, the records a
-snapshot writes, which slot a new device takes, the catalog entry of a new volume and the status
-report.  Nothing here does I/O or imports numpy.
+are written once here: the mode a pool opens in, the open / writable checks, what a volume may be
+named, the records a snapshot writes, which slot a new device takes, the catalog entry of a new
+volume and the status report.  Nothing here does I/O or imports numpy.
 
 :class:`LightPool` is what the light control ops need of either (the typing ``Protocol`` both
 classes satisfy); :class:`VolumeInfo` is what they read of a volume (:class:`~thinpool.thin.Thin`
@@ -14,6 +14,7 @@ and :class:`~thinpool.devtable.VolumeRecord` both provide it).
 from __future__ import annotations
 
 import operator
+import re
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Protocol, runtime_checkable
 
 from .errors import AlreadyExists, InvalidArgument, MetadataCorrupt, NoSpace, ReadOnly
@@ -23,6 +24,50 @@ from .units import parse_size
 if TYPE_CHECKING:
     from .catalog import StoredCatalog
     from .status import PoolStatus
+
+_NAME_RE = re.compile(r"^[^\x00-\x1f\x7f]{1,1024}$")
+#: the longest volume name, in UTF-8 bytes (an NBD export name may have 4096)
+MAX_NAME_BYTES = 1024
+
+
+def name_problem(name: Any) -> str | None:
+    """Why ``name`` cannot be a volume name (the rule it breaks), or None if it can.
+
+    A volume name is a string of 1 to :data:`MAX_NAME_BYTES` bytes of valid UTF-8 (so no lone
+    surrogates: a name the CLI got as undecodable bytes is refused, it could not be an NBD export
+    name), with no NUL or other control character, and ``/`` only between non-empty components that
+    are not ``.`` or ``..`` (the snapshotter's ``snap/<namespace>/<id>`` names; a name is never a
+    path that leaves a directory).
+    """
+    if not isinstance(name, str):
+        return f"a volume name must be a string, not {type(name).__name__}"
+    if not name:
+        return "a volume name must not be empty"
+    try:
+        raw = name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "a volume name must be valid UTF-8 (it contains a lone surrogate / undecodable byte)"
+    if len(raw) > MAX_NAME_BYTES:
+        return f"a volume name must be 1-{MAX_NAME_BYTES} bytes of UTF-8 (this one has {len(raw)})"
+    if "\x00" in name:
+        return "a volume name must not contain NUL"
+    if not _NAME_RE.fullmatch(name):  # fullmatch: "$" alone would let a trailing newline through
+        return "a volume name must not contain control characters"
+    if "/" in name and any(part in ("", ".", "..") for part in name.split("/")):
+        return "'/' may only separate non-empty components other than '.' and '..'"
+    return None
+
+
+def check_new_name(pool_path: str, name: Any, by_name: dict[str, Any]) -> None:
+    """A new volume name: InvalidArgument naming the rule it breaks (see :func:`name_problem`),
+    AlreadyExists if it is in use."""
+    problem = name_problem(name)
+    if problem is not None:
+        shown = repr(name[:80] + ("..." if len(name) > 80 else "")) if isinstance(name, str) else repr(name)[:80]
+        raise InvalidArgument(f"invalid volume name {shown}: {problem}")
+    if name in by_name:
+        raise AlreadyExists(f"pool {pool_path}: a thin volume named {name!r} already exists")
+
 
 _orjson: Any = False  # not imported yet (None: not installed); see _json_lib
 

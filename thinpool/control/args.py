@@ -11,7 +11,7 @@ Rules (all failures are :class:`~thinpool.errors.InvalidArgument` naming the op 
 
 * ``str``: a JSON string without NUL (no file name and no volume name holds one); lone surrogates
   are allowed here (a path the CLI sent with ``os.fsdecode`` round-trips as one) -- volume names are
-  checked further by :func:`thinpool.devtable.check_new_name`;
+  checked further by :func:`thinpool.rules.check_new_name`;
 * ``int``: a JSON integer (not ``true``/``false``, not ``1.5``) in the signed 64-bit range;
 * ``bool``: ``true`` or ``false`` only;
 * ``list[X]`` / ``dict[str, X]``: a JSON array / object whose items are all ``X``;
