@@ -4,8 +4,9 @@ A pool is a directory holding ``data`` (the sparse data device), ``metadata`` (s
 :mod:`thinpool.mdstore`) and ``lock``.  This module wires the layers together: the block map and
 data space map in memory, the JIT kernels for per-block work, the metadata store for commits and
 the data device for bytes.  The pool's methods live in one module per concept: construction, the
-read-only views, status and closing here; devices and records in :mod:`thinpool.pool_devices`;
-commit / abort in :mod:`thinpool.pool_txn`; the features (discard, no-space policy) in
+read-only views and closing here; devices and records in :mod:`thinpool.pool_devices`;
+commit / abort in :mod:`thinpool.pool_txn`; usage, status and I/O counters in
+:mod:`thinpool.pool_accounting`; the features (discard, no-space policy) in
 :mod:`thinpool.pool_features`; resize and hole punching in :mod:`thinpool.poolspace`;
 the IR bridge in :mod:`thinpool.pool_ir`.  I/O lives in :mod:`thinpool.thin`, which reaches the
 pool through its :class:`~thinpool.kernel_context.KernelContext`; the shared rules (with
@@ -28,21 +29,21 @@ from . import catalog as cat_format
 from . import ownership, pooldir, rules, safe_output
 from .blockmap import BlockMap
 from .datadev import DataDevice, NullDataDevice
-from .devtable import pad_pages
 from .errors import AlreadyExists, InvalidArgument, MetadataCorrupt, ThinpoolWarning
 from .kernel_context import KernelContext, volume_key
 from .kernel_context import locked_method as _locked
 from .mdpages import BLOCK, PagedArray
 from .mdstore import MetadataStore
 from .nospace import DEFAULT_NO_SPACE_TIMEOUT, NoSpaceQueue
+from .pool_accounting import Accounting
 from .pool_devices import DeviceOps
 from .pool_features import Features, check_features, kernel_flags
 from .pool_txn import NoFlushDataIO, NoFlushFileIO, Transactions
 from .rules import (DEFAULT_MAX_THINS, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE,  # noqa: F401 (this module's API)
                     check_block_size, default_metadata_blocks)
-from .schema import DevFlag, Mode, dev_dtype
+from .schema import Mode, dev_dtype
 from .dataspace import DataSpaceMap
-from .spacemap_pages import DISK_ARRAYS, empty_disk_arrays, load_counts, zeroed
+from .spacemap_pages import DISK_ARRAYS, empty_disk_arrays, load_counts
 from .nodestore import ARRAYS as DENSE_NODE_ARRAYS, INNERS, LEAVES, empty_disk_arrays as empty_node_arrays
 from .nodestore import load as load_nodes, open_nodes
 from .status import PoolStatus, Usage  # noqa: F401  (part of this module's API)
@@ -54,17 +55,12 @@ if TYPE_CHECKING:
 
 
 
-def _walks():
-    from . import walks
-    return walks
-
-
 def _poolspace():
     from . import poolspace
     return poolspace
 
 
-class Pool(Transactions, DeviceOps, Features):
+class Pool(Transactions, DeviceOps, Features, Accounting):
     """A thin pool in a directory.  Use :meth:`create` or :meth:`open`.
 
     A context manager: leaving the block commits and closes when it succeeded; when it raised, the
@@ -504,64 +500,6 @@ class Pool(Transactions, DeviceOps, Features):
                              needs_check=bool(self._header.get("needs_check")),
                              reason=getattr(self, "read_only_reason", ""))
 
-    # ------------------------------------------------------------------ accounting
-    def _roots(self) -> np.ndarray:
-        used = (self._devs["flags"] & DevFlag.IN_USE) != 0
-        return self._devs["root"][used].astype(np.int64)
-
-    @_locked
-    def usage(self, name: str | None = None) -> "Usage | list[Usage]":
-        """Mapped / exclusive / shared blocks of one volume (or of all, in dev-id order).
-
-        Exclusive = mapped blocks whose data block no other mapping entry in the pool references
-        (thin_ls's definition); shared = mapped - exclusive.
-        """
-        self._check_open()
-        names = [name] if name is not None else [self._by_dev_id[d] for d in sorted(self._by_dev_id)]
-        rows = self._devs[[self._slot(n) for n in names]]
-        nodes = self._nodes_map.nodes
-        # lazily zeroed, written for the mapped blocks only; uint8: exclusive (1) or shared (more)
-        counts = zeroed(self._space.nr_blocks, np.uint8)
-        _walks().logical_counts_into(nodes, self._roots(), counts)
-        # every tree at once, each shared node summed once (100,000 snapshots of a few origins cost
-        # about what the origins do: docs/performance.md, S10)
-        mapped, excl, highest = _walks().usage_of_roots(nodes, rows["root"].astype(np.int64), counts)
-        bs = self.block_size
-        out = [Usage(n, dev_id, bs, m, e, m - e, None if h < 0 else h)
-               for n, dev_id, m, e, h in zip(names, rows["dev_id"].tolist(), mapped.tolist(), excl.tolist(),
-                                              highest.tolist())]
-        return out[0] if name is not None else out
-
-    @_locked
-    def io_counters(self) -> dict[str, int]:
-        """What the writes did to data blocks since the pool was opened (or last reloaded by an abort),
-        counted by the kernels: ``provisioned_blocks`` (writes that mapped an unmapped block),
-        ``cow_breaks`` (writes that broke sharing), and the data-device bytes dm-thin spends beside the
-        payload: ``cow_bytes_copied`` (a partial write to a shared block copies the whole old block
-        first) and ``zeroed_bytes`` (with zero_new_blocks, a partial first write zeroes the whole new
-        block first; docs/dm-thin.md).  thinpool's data file needs neither (its new blocks are holes), so
-        these are the kernel's costs, computed, not bytes thinpool moved."""
-        st, bs = self._st, self.block_size
-        zero = bool(self._header.get("zero_new_blocks", True))
-        return {"provisioned_blocks": int(st[K.ST_PROVISIONED]), "cow_breaks": int(st[K.ST_COW_BREAKS]),
-                "cow_bytes_copied": int(st[K.ST_COW_PARTIAL]) * bs,
-                "zeroed_bytes": int(st[K.ST_PROVISIONED_PARTIAL]) * bs if zero else 0}
-
-    @_locked
-    def status(self) -> PoolStatus:
-        """Pool status (dm-thin's status line fields); does not commit."""
-        self._check_open()
-        return rules.pool_status(
-            self._header, time=self.time, held=self._store.header.get("held"), mode=self.mode,
-            used_data_blocks=self._space.used(), total_data_blocks=self._space.nr_blocks,
-            used_metadata_blocks=min(self._store.nr_blocks, self._store.used_blocks() + self._dirty_page_estimate()),
-            total_metadata_blocks=self._store.nr_blocks, nr_thins=len(self._by_name),
-            error_if_no_space=self._nospace.errors_now(), queued_writes=self._nospace.waiting)
-
-    def _dirty_page_estimate(self) -> int:
-        bm = self._nodes_map
-        return int(np.count_nonzero(bm.leaf_dirty) + np.count_nonzero(bm.inner_dirty))
-
     # ------------------------------------------------------------------ check and interop
     @_locked
     def check(self) -> "CheckReport":
@@ -613,8 +551,3 @@ def _read_only(a: np.ndarray) -> np.ndarray:
 
 def _round_up(n: int, m: int) -> int:
     return (n + m - 1) // m * m
-
-
-
-
-
