@@ -44,3 +44,20 @@ def check_span(name: str, size: int, offset: int, length: int) -> None:
     if offset + length > size:
         raise InvalidArgument(f"volume {name!r}: I/O at offset {offset} length {length} goes past the end of "
                               f"the volume ({size} bytes)")
+
+
+def out_buffer(name: str, out: object, n: int, length: int) -> np.ndarray:
+    """A caller's output buffer for ``n`` reads of ``length`` bytes of volume ``name`` (``read_many``'s
+    ``out``) as a flat uint8 view, or InvalidArgument saying what is wrong with it: a writable,
+    C-contiguous uint8 numpy array of shape (n, length) or (n * length,)."""
+    if not isinstance(out, np.ndarray):
+        raise InvalidArgument(f"volume {name!r}: out must be a numpy uint8 array, got "
+                              f"{type(out).__name__}")
+    if out.dtype != np.uint8:
+        raise InvalidArgument(f"volume {name!r}: out must have dtype uint8, got {out.dtype}")
+    if not out.flags.c_contiguous or not out.flags.writeable:
+        raise InvalidArgument(f"volume {name!r}: out must be a writable, C-contiguous array")
+    if out.size != n * length or (out.ndim == 2 and out.shape != (n, length)) or out.ndim > 2:
+        raise InvalidArgument(f"volume {name!r}: out has shape {out.shape}, but {n} reads of {length} "
+                              f"bytes need ({n}, {length}) or ({n * length},)")
+    return out.reshape(-1)

@@ -21,7 +21,7 @@ from .batch_io import BatchOutcome, apply_io  # re-exported: callers import them
 from .blockmap import extents_of_flags
 from .errors import DataDeviceError, DiscardNotSupported, HostIOError, InvalidArgument, NoSpace, ReadOnly, ReadOnlyIO
 from .hostio import last_errno, libc
-from .io_checks import ORIGIN_ERROR, as_offsets, check_span, io_integer
+from .io_checks import ORIGIN_ERROR, as_offsets, check_span, io_integer, out_buffer
 from .schema import (DEV_CREATION_TIME, DEV_FLAGS, DEV_MAPPED, DEV_ROOT, DEV_SIZE, DEV_SNAP_TIME,
                      DEV_TRANSACTION, FLAG_READ_ONLY, unpack_mapping)
 
@@ -545,24 +545,10 @@ class Thin:
             out = np.empty((n, length), np.uint8)
             flat = out.reshape(-1)
         else:
-            flat = self._out_buffer(out, n, length)
+            flat = out_buffer(self.name, out, n, length)
         starts = np.arange(n, dtype=np.int64) * length
         self._read(offs, lengths, flat, starts)
         return out
-
-    def _out_buffer(self, out: object, n: int, length: int) -> np.ndarray:
-        """``out`` of :meth:`read_many` as a flat uint8 view, or InvalidArgument saying what is wrong."""
-        if not isinstance(out, np.ndarray):
-            raise InvalidArgument(f"volume {self.name!r}: out must be a numpy uint8 array, got "
-                                  f"{type(out).__name__}")
-        if out.dtype != np.uint8:
-            raise InvalidArgument(f"volume {self.name!r}: out must have dtype uint8, got {out.dtype}")
-        if not out.flags.c_contiguous or not out.flags.writeable:
-            raise InvalidArgument(f"volume {self.name!r}: out must be a writable, C-contiguous array")
-        if out.size != n * length or (out.ndim == 2 and out.shape != (n, length)) or out.ndim > 2:
-            raise InvalidArgument(f"volume {self.name!r}: out has shape {out.shape}, but {n} reads of {length} "
-                                  f"bytes need ({n}, {length}) or ({n * length},)")
-        return out.reshape(-1)
 
     def _read(self, offsets: np.ndarray, lengths: np.ndarray, out: np.ndarray, starts: np.ndarray) -> None:
         ctx = self._ctx
