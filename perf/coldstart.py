@@ -169,7 +169,16 @@ build through `build_backend/thinpool_build.py`: setuptools' backend plus one st
 fills it with the package's dependencies, numba and numpy at the versions the target environment has
 when it has them).  The step runs the demo's own library calls on a small pool, split over two
 processes like a cold demo, and the common commands (create, write, snapshot, read, ls --usage,
-discard, check, delete) in the first process while the helper is busy; the kernels land in the
+discard, check, delete) in the first process while the helper is busy, and last what `thinpool
+serve` runs before its first client (the NBD session's compiled request loop `serve_reads`, a read and
+a mapping query of the warm-up), so a served pool of a fresh install starts without compiling
+(2026-12-06: the `Served` start took 0.07-0.10 s after the step, load average 2.7, and 5.0 s on a
+cache the step had filled before it ran serve's work, load 1.7; the step itself, one run each side by
+side at load 2.5: 23.4 s wall and 30.6 CPU s without the serve work, 35.0 s and 36.4 CPU s with it;
+`python -m perf.coldstart` at load 2.5-2.9: C1 2.46 s with `install_s` 49.5 and `install_cpu_s`
+42.6, C1r 37 s and 28.3 CPU s -- the load about doubles the CPU seconds of a compile here, so that
+run is not in the table; tests/cli/test_precompile.py checks that serving a pool after the step's
+serve work adds no kernel signature); the kernels land in the
 installing user's kernel cache, where every run looks (nothing is written anywhere else).  C1's first
 demo then loads about 25 kernels and compiles none (C1 is about C2); what the install pays is the
 `install_s` / `install_cpu_s` column -- once per machine user and version of the kernel sources.

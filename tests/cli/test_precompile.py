@@ -110,3 +110,48 @@ def test_the_build_environment_is_unpinned_when_the_target_has_no_numba(tmp_path
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     assert thinpool_build.target_versions(str(venv / "bin" / "python")) == {}
+
+
+_SERVE_SIGNATURES = """
+import json, os, subprocess, sys, tempfile
+from numba.core.dispatcher import Dispatcher
+from thinpool import kernels, kernels_map, kernels_nbd, kernels_pages, kernels_replay, walks
+from thinpool.cli import precompile
+
+MODULES = (kernels, kernels_map, kernels_nbd, kernels_pages, kernels_replay, walks)
+
+def signatures():
+    return {(m.__name__.rsplit(".", 1)[-1] + "." + n, str(s)) for m in MODULES for n, o in vars(m).items()
+            if isinstance(o, Dispatcher) and o.py_func.__module__ == m.__name__ for s in o.signatures}
+
+precompile._serve_work()
+after_precompile = signatures()
+# a pool made by the CLI, then served the way `thinpool serve` serves it (writable, then read-only)
+from thinpool.cli.registry import op_table
+from thinpool.nbd.served import Served
+tmp = tempfile.mkdtemp()
+pool = os.path.join(tmp, "pool")
+for args in (["create", pool, "--data-size", "1GiB", "--block-size", "128KiB"], ["create-thin", pool, "a", "1GiB"],
+             ["create-thin", pool, "b", "64MiB"]):
+    subprocess.run([sys.executable, "-m", "thinpool", *args], check=True, stdout=subprocess.DEVNULL)
+for read_only in (False, True):
+    s = Served(pool, op_table(), read_only=read_only)
+    s.start()
+    s.stop()
+print(json.dumps(sorted({k for k, _ in after_precompile})))
+print(json.dumps(sorted(signatures() - after_precompile)))
+"""
+
+
+def test_the_install_step_compiles_every_kernel_a_served_pool_compiles_at_start(tmp_path):
+    """``thinpool serve`` runs its kernels once before the first client (nbd/served.py ``warm_up``: the
+    NBD session's compiled request loop, a read, a mapping query).  After the install step's serve work
+    (``precompile._serve_work``), starting a served pool adds no kernel signature -- so nothing it runs
+    at start compiles when the install's cache is there -- and every kernel of
+    ``precompile.SERVE_KERNELS`` (the list whose cached index the step reports) was reached."""
+    r = subprocess.run([sys.executable, "-c", _SERVE_SIGNATURES], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=600, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert r.returncode == 0, r.stderr[-3000:]
+    reached, added = (json.loads(x) for x in r.stdout.splitlines()[-2:])
+    assert added == []
+    assert set(precompile.SERVE_KERNELS) <= set(reached)

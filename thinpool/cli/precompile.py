@@ -1,5 +1,5 @@
-"""Compile the kernels of ``thinpool demo`` and of the common CLI commands into the machine kernel
-cache before their first run.
+"""Compile the kernels of ``thinpool demo``, of the common CLI commands and of a served pool's start
+into the machine kernel cache before their first run.
 
     python -m thinpool.cli.precompile
 
@@ -21,7 +21,10 @@ way a cold demo splits it (:func:`thinpool.containers.demo.compile_helper`): thi
 compile for exactly the argument types the demo passes.  Then this process runs the CLI commands of
 :data:`CLI_COMMANDS` on a small pool (as ``thinpool ...`` would, output discarded), which compiles
 the kernels they add (``read``, ``discard``, ``check``, ``delete``: about 4 CPU seconds, while the
-helper is still busy with the demo's).
+helper is still busy with the demo's), and last what ``thinpool serve`` runs before it accepts its
+first client (:func:`thinpool.nbd.served.warm_up`: the NBD session's compiled request loop and the
+reads of the warm-up, :data:`SERVE_KERNELS`; about 5 CPU seconds), so a served pool starts without
+compiling either.
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ from ..containers import demo
 
 #: every kernel ``thinpool demo`` compiles on an empty cache (``module.kernel``)
 DEMO_KERNELS = ("kernels.write_one",) + demo.HELPER_KERNELS
+#: every kernel a served pool (``thinpool serve``) compiles before its first client on an empty cache:
+#: :func:`thinpool.nbd.served.warm_up`'s (``module.kernel``)
+SERVE_KERNELS = ("kernels_nbd.serve_reads", "kernels.read_one_pread", "walks.mapped_flags")
 #: the CLI commands run on a small pool after the demo's path (``{pool}``, ``{file}``, ``{out}``: temporary)
 CLI_COMMANDS = (
     ("create", "{pool}", "--data-size", "64MiB"),
@@ -79,20 +85,37 @@ def _cli_work() -> None:
                 thinpool_cli.main([a.format(**names) for a in command], prog_name="thinpool", standalone_mode=False)
 
 
+def _serve_work() -> None:
+    """What ``thinpool serve`` runs before its first client, on a small pool opened the way it opens
+    one: :func:`thinpool.nbd.served.warm_up` (so ``serve_reads`` compiles for the argument types a
+    session of any pool's volumes gives it)."""
+    from ..nbd.served import warm_up
+    from ..pool import Pool
+
+    with tempfile.TemporaryDirectory(prefix="thinpool-precompile-") as tmp:
+        path = os.path.join(tmp, "pool")
+        with Pool.create(path, data_size="64MiB") as pool:
+            pool.create_thin("v", "1MiB").write(0, bytes(range(256)) * 16)
+        with Pool.open(path) as pool:
+            warm_up(pool)
+
+
 def precompile() -> tuple[str | None, list[str]]:
     """Compile (or load) the demo's kernels into the machine kernel cache; returns (the cache
     directory or None when the JIT is off or no kernel cache directory is writable, the kernels of
-    :data:`DEMO_KERNELS` still missing from it afterwards)."""
+    :data:`DEMO_KERNELS` and :data:`SERVE_KERNELS` still missing from it afterwards)."""
+    kernels = DEMO_KERNELS + SERVE_KERNELS
     if os.environ.get("NUMBA_DISABLE_JIT") == "1":
-        return None, list(DEMO_KERNELS)
+        return None, list(kernels)
     from .. import jit_cache, kernels_cache  # noqa: F401 -- registers the machine cache (imports numba)
     where = jit_cache.machine_dir or os.environ.get("NUMBA_CACHE_DIR")
     if not where:
-        return None, list(DEMO_KERNELS)
+        return None, list(kernels)
     with demo.compile_helper(wait=True):
         _first_write_work()
         _cli_work()
-    return where, demo.uncached(DEMO_KERNELS)
+        _serve_work()
+    return where, demo.uncached(kernels)
 
 
 def main() -> int:
@@ -111,7 +134,8 @@ def main() -> int:
         sys.stderr.write(f"thinpool: compiled kernels into {where} in {took:.1f} s; still missing: "
                          f"{', '.join(missing)}\n")
     else:
-        sys.stderr.write(f"thinpool: compiled the demo's and the common commands' kernels into {where} in {took:.1f} s\n")
+        sys.stderr.write(f"thinpool: compiled the kernels of the demo, the common commands and serve's start "
+                         f"into {where} in {took:.1f} s\n")
     return 0
 
 
