@@ -394,3 +394,13 @@ def test_design_doc_names_every_module():
         if rel not in text and f"`{path.name}`" not in text:
             missing.append(f"{PKG}/{rel} ({mod})")
     _fail(missing, "modules missing from docs/design.md (add a row to the layout table)")
+
+
+def test_design_doc_diagram_names_every_engine_module():
+    """The layer diagram of docs/design.md (the picture above the table) names every top-level module."""
+    text = (ROOT.parent / "docs" / "design.md").read_text(encoding="utf-8")
+    start = text.index("```\n  front ends")
+    diagram = text[start:text.index("```", start + 3)]
+    missing = [f"{PKG}/{path.name}" for path in sorted(ROOT.glob("*.py"))
+               if path.name not in ("__init__.py", "__main__.py") and path.name not in diagram]
+    _fail(missing, "engine modules missing from the layer diagram of docs/design.md (name each in its layer)")
