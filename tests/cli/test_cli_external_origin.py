@@ -75,3 +75,22 @@ def test_create_thin_external_origin_through_a_serving_process(tmp_path: Any) ->
         server.wait(timeout=60)
     rows = {r["name"]: r for r in json.loads(cli("ls", pool, "--json").stdout)}
     assert rows["vm"]["external_origin"] == info["external_origin"]
+
+
+def test_a_changed_origin_is_one_warning_line_on_stderr(tmp_path: Any) -> None:
+    # the pool's ThinpoolWarning (an origin modified after the volume was made) reaches the CLI user as one
+    # line "thinpool: warning: ...", as errors are one line, not as Python's file:line and source line
+    d = str(tmp_path)
+    origin = os.path.join(d, "golden.img")
+    with open(origin, "wb") as f:
+        f.write(b"g" * BS)
+    pool = os.path.join(d, "p")
+    cli("create", pool, "--data-size", "16M")
+    cli("create-thin", pool, "vm", "1M", "--external-origin", origin)
+    cli("create-thin", pool, "other", "1M")
+    os.utime(origin, (0, 0))
+    r = cli("usage", pool, "other")
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("thinpool: warning: pool "), r.stderr
+    assert "was modified" in lines[0] and origin in lines[0] and ".py" not in lines[0]
+    assert "other" in r.stdout

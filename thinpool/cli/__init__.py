@@ -29,11 +29,12 @@ import importlib
 import math
 import os
 import sys
+import warnings
 from typing import Any
 
 import click
 
-from thinpool.errors import ThinpoolError
+from thinpool.errors import ThinpoolError, ThinpoolWarning
 
 #: Command modules, in the order their sections appear in ``thinpool --help``.
 COMMAND_MODULES: list[str] = [
@@ -81,6 +82,19 @@ def _silence_stdout() -> None:
         os.dup2(devnull, sys.stdout.fileno())
     except (OSError, ValueError, AttributeError):
         pass
+
+
+def _show_warning(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None,
+                  line: str | None = None) -> None:
+    """``warnings.showwarning`` while a command runs: a :class:`ThinpoolWarning` is one line
+    ``thinpool: warning: ...`` on stderr (not Python's file, line and source line); others as Python shows them."""
+    if issubclass(category, ThinpoolWarning):
+        click.echo(f"thinpool: warning: {' '.join(str(message).split())}", err=True)
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
+
+
+_python_showwarning = warnings.showwarning
 
 
 class SectionedGroup(click.Group):
@@ -146,6 +160,7 @@ class SectionedGroup(click.Group):
         return super().parse_args(ctx, hoist_global_options(args))
 
     def invoke(self, ctx: click.Context) -> Any:
+        shown, warnings.showwarning = warnings.showwarning, _show_warning
         try:
             result = super().invoke(ctx)
             sys.stdout.flush()
@@ -162,6 +177,8 @@ class SectionedGroup(click.Group):
                 raise click.exceptions.Exit(1) from None
             click.echo(f"thinpool: error: {error_line(exc)}", err=True)
             raise click.exceptions.Exit(1) from None
+        finally:
+            warnings.showwarning = shown
 
 
 class WaitType(click.ParamType):
