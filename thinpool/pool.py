@@ -329,6 +329,7 @@ class Pool(Transactions, DeviceOps, Features, Accounting):
         self._devs = arrays["devs"].view(dev_dtype()).copy()
         self._devs_i = self._devs.view(np.int64).reshape(-1, K.DEV_COLUMNS)  # the kernels' view (schema.DEV_*)
         self._devs_dirty: set[int] = set()
+        self._hints_of = None  # the commit hints kept from the table before: counted again from this one
         self._catalog, self._stored_catalog, self._catalog_convert = self._catalog_from(arrays, header)
         self._catalog_touched: set[str] = set()  # names created, deleted, renamed since the last commit
         self._catalog_dirty = False

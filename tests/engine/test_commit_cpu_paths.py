@@ -27,33 +27,76 @@ def _scan(pool: Pool) -> dict[str, int]:
             "free_slot": int(free[0]) if len(free) else len(devs)}
 
 
-def test_kernel_rule_every_commit_records_the_device_hints_of_the_table_it_commits(tmp_path) -> None:
-    """Creates, snapshots, deletes and writes in random order, each committed: after every commit the
-    recorded hints (``dev_id_max``, ``nr_thins``, ``free_slot``) are those of a scan of the table --
-    also when a slot is reused by another device id, and across a table that grows past a page."""
+def test_kernel_rule_every_commit_records_the_device_hints_of_the_table_it_commits(tmp_path, monkeypatch) -> None:
+    """Creates, snapshots, deletes (the largest id too), writes, batches of several messages, aborted
+    messages and reopens in random order, each committed: after every commit the recorded hints
+    (``dev_id_max``, ``nr_thins``, ``free_slot``) are those of a scan of the table -- also when a slot
+    is reused by another device id, across a table that grows past a page, and after a reopen or an
+    abort (the hints kept by the pool are counted again from the table it loads).  Most commits update
+    the kept hints from the changed slots instead of scanning (the point of keeping them)."""
+    from thinpool import pool_txn
+    kept = []
+    update = pool_txn.Transactions._hints_from_dirty
+
+    def counting(self, *args):
+        out = update(self, *args)
+        kept.append(out is not None)
+        return out
+    monkeypatch.setattr(pool_txn.Transactions, "_hints_from_dirty", counting)
     rng = random.Random(7)
-    p = Pool.create(tmp_path / "p", data_size=64 * BS, block_size=BS)
+    path = tmp_path / "p"
+    p = Pool.create(path, data_size=64 * BS, block_size=BS)
     names: list[str] = []
     made = 0
-    for step in range(160):
+
+    def create() -> None:
+        nonlocal made
+        made += 1
+        names.append(f"v{made}")
+        p.create_thin(names[-1], 16 * BS, dev_id=rng.choice([None, 1000 + made]))
+
+    for step in range(240):
         op = rng.random()
-        if not names or op < 0.35:
-            made += 1
-            names.append(f"v{made}")
-            p.create_thin(names[-1], 16 * BS, dev_id=rng.choice([None, 1000 + made]))
-        elif op < 0.5:
+        if not names or op < 0.3:
+            create()
+        elif op < 0.45:
             made += 1
             origin = rng.choice(names)
             names.append(f"s{made}")
             p.snapshot(origin, names[-1])
-        elif op < 0.75:
+        elif op < 0.6:
             p.delete(names.pop(rng.randrange(len(names))))
+        elif op < 0.65:  # the device with the largest id leaves
+            largest = max(names, key=lambda n: p.thin(n).dev_id)
+            names.remove(largest)
+            p.delete(largest)
+        elif op < 0.72:  # several messages, one commit
+            with p.batch():
+                for _ in range(rng.randint(2, 5)):
+                    if names and rng.random() < 0.4:
+                        p.delete(names.pop(rng.randrange(len(names))))
+                    else:
+                        create()
+        elif op < 0.77:  # messages dropped by an abort, then a commit of something else
+            before = list(names)
+            with p.batch():
+                create()
+                p.delete(names.pop(0))
+                p.abort()
+            names[:] = before
+            p.thin(rng.choice(names)).write(rng.randrange(16) * BS, b"y" * 4096)
+            p.commit()
+        elif op < 0.8:
+            p.close()
+            p = Pool.open(path)
+            create()
         else:
             p.thin(rng.choice(names)).write(rng.randrange(16) * BS, b"x" * 4096)
             p.commit()
         hints = p._store.header["hints"]
         assert {k: hints[k] for k in ("dev_id_max", "nr_thins", "free_slot")} == _scan(p), step
     assert made > 64  # the table grew past one page of slots
+    assert kept.count(True) > 2 * kept.count(False) > 0
     p.close()
 
 
@@ -70,3 +113,34 @@ def test_superblock_json_is_what_the_encoder_gives() -> None:
         text = _sb_json(header)
         assert text == _SB_JSON.encode(header)
         assert json.loads(text) == header
+
+
+def test_kernel_rule_a_commit_after_an_abort_records_the_hints_of_the_table_it_reloaded(tmp_path) -> None:
+    """A commit that failed (the host refused its writes: the changes are kept) made hints for a table
+    the abort that follows throws away; the next commit records the hints of the table the abort
+    reloaded (the last committed one), not the kept ones of the dropped table."""
+    from thinpool.errors import HostIOError
+    p = Pool.create(tmp_path / "p", data_size=64 * BS, block_size=BS)
+    for i in range(3):
+        p.create_thin(f"v{i}", 16 * BS)
+    real = p._store.commit
+
+    def refused(*args, **kwargs):
+        raise HostIOError("injected: the host refused the commit's writes")
+    with p.batch():
+        p.create_thin("new", 16 * BS, dev_id=77)
+        p.delete("v0")
+        p._store.commit = refused
+        try:
+            p.commit()
+        except HostIOError:
+            pass
+        p._store.commit = real
+        p.abort()
+    assert sorted(t.name for t in p.thins()) == ["v0", "v1", "v2"]
+    p.thin("v1").write(0, b"z" * 4096)
+    p.commit()
+    hints = p._store.header["hints"]
+    assert {k: hints[k] for k in ("dev_id_max", "nr_thins", "free_slot")} == _scan(p) == \
+        {"dev_id_max": 3, "nr_thins": 3, "free_slot": 3}
+    p.close()
