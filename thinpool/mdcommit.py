@@ -47,6 +47,14 @@ _JSON_KEYS: dict[str, str] = {}
 _RUN_PAGES = 1024
 
 
+def _dir_part(name: str, pml: array) -> str:
+    """One array's part of the directory's JSON: its name and its page map's locations."""
+    key = _JSON_KEYS.get(name)
+    if key is None:
+        key = _JSON_KEYS[name] = json.dumps(name)
+    return f"{key}: [{', '.join(map(str, pml))}]"
+
+
 class FileIO:
     """The system calls the store writes through; tests substitute a fault-injecting layer
     (torn writes, lost unflushed writes, short counts, EIO/ENOSPC, a stop at the N-th write)."""
@@ -62,6 +70,10 @@ class MetadataCommit(MetadataSpace):
 
     #: the write path (class-level so a test can swap it for every store it opens)
     io: FileIO = FileIO()
+    #: the directory the last commit wrote, as :meth:`_directory` made it: (the page maps, their
+    #: names in order, each name's part, the parts), or None (none written since the load)
+    _dir_last: tuple[dict[str, array], tuple[str, ...], dict[str, int], list[str]] | None = None
+    _dir_next: tuple[tuple[str, ...], dict[str, int], list[str]]  # (the commit under way's)
 
     def _write_pages(self, pages: list[Any], blocks: list[int]) -> list[int]:
         """Queue 4 KiB pages for blocks (written by :meth:`_write_runs`); return their CRCs."""
@@ -164,16 +176,23 @@ class MetadataCommit(MetadataSpace):
                 npages = pa.npages
                 pages_count[name] = npages
                 old = new_locs.get(name)
-                if old is not None and len(old) == npages and not pa.dirty:
-                    continue  # nothing of it changes
-                locs = self._resized(None if old is None else old[:], npages)
-                if np is not None and len(pa.dirty) >= _NP_MIN:
+                asked = pa.dirty
+                if old is not None and len(old) == npages:
+                    if not asked:
+                        continue  # nothing of it changes
+                    locs = old[:]
+                else:
+                    locs = self._resized(None if old is None else old[:], npages)
+                if np is not None and len(asked) >= _NP_MIN:
                     if few:  # (blocks are given in the order of the arrays, whichever way)
                         self._place(few)
                         few = []
                     dirty = self._commit_pages_np(np, pa, locs, npages)
                 else:
-                    dirty = sorted({d for d in pa.dirty if 0 <= d < npages})
+                    if len(asked) == 1:  # (most arrays of a small commit)
+                        dirty = [asked[0]] if 0 <= asked[0] < npages else []
+                    else:
+                        dirty = sorted({d for d in asked if 0 <= d < npages})
                     if pa.dead:
                         dead_set = set(pa.dead)
                         live = [d for d in dirty if d not in dead_set]
@@ -194,8 +213,9 @@ class MetadataCommit(MetadataSpace):
             for name, locs, dirty in changed:
                 npm = (len(locs) + PM_ENTRIES - 1) // PM_ENTRIES
                 old = new_pm.get(name)
-                pml = self._resized(None if old is None else old[:], npm)
-                changed_pm = sorted({d // PM_ENTRIES for d in dirty})
+                pml = old[:] if old is not None and len(old) == npm else \
+                    self._resized(None if old is None else old[:], npm)
+                changed_pm = [dirty[0] // PM_ENTRIES] if len(dirty) == 1 else sorted({d // PM_ENTRIES for d in dirty})
                 if changed_pm:
                     self._release([pml[i] for i in changed_pm])
                     for i in changed_pm:
@@ -210,7 +230,7 @@ class MetadataCommit(MetadataSpace):
                 for (pml, i, _page), b, c in zip(pm_write, blocks, crcs):
                     pml[i] = b << 32 | c
             # directory
-            directory = self._directory(new_pm)
+            directory = self._directory(new_pm, changed)
             ndir = (len(directory) + BLOCK - 1) // BLOCK
             dir_pages = [directory[i * BLOCK:(i + 1) * BLOCK].ljust(BLOCK, b"\0") for i in range(ndir)]
             self._release(self.dir_locs)
@@ -249,9 +269,16 @@ class MetadataCommit(MetadataSpace):
             self._tail, self._undo = None, None
             raise
         self._tail, self._undo, self._hint = None, None, 0
+        floor = self._floor
+        if floor is not None and floor[0] is self.pm_locs:  # (commit_floor: only the changed arrays again)
+            old_pm = self.pm_locs
+            stored = floor[2] + sum(bool(any(new_pm[name])) - bool(any(old_pm.get(name, ())))
+                                    for name, _locs, _dirty in changed)
+            self._floor = (new_pm, 2 * stored + max(1, len(dir_locs)), stored)
         self.generation += 1
         self.header = header
         self.locs, self.pm_locs, self.dir_locs = new_locs, new_pm, dir_locs
+        self._dir_last = (new_pm, *self._dir_next)
         self._state = committed
         if committed is not None:
             self._free_known = (committed, self.nr_blocks - used)
@@ -302,21 +329,22 @@ class MetadataCommit(MetadataSpace):
                 n += len(dirty) - len(pa.dead) + (max(dirty) // PM_ENTRIES - min(dirty) // PM_ENTRIES + 1)
         return n
 
-    def _directory(self, pm_locs: dict[str, array]) -> bytes:
-        """The directory's JSON (what ``json.dumps`` of the page maps' locations gives), each array's
-        part kept from the last commit while its page map is the same object (unchanged)."""
-        cache, parts = self._dir_parts, []
-        for name, pml in pm_locs.items():
-            hit = cache.get(name)
-            if hit is None or hit[0] is not pml:
-                key = _JSON_KEYS.get(name)
-                if key is None:
-                    key = _JSON_KEYS[name] = json.dumps(name)
-                hit = cache[name] = (pml, f"{key}: [{', '.join(map(str, pml))}]")
-            parts.append(hit[1])
-        if len(cache) > len(pm_locs):
-            for name in [n for n in cache if n not in pm_locs]:
-                del cache[name]
+    def _directory(self, pm_locs: dict[str, array], changed: list[tuple[str, array, list[int]]]) -> bytes:
+        """The directory's JSON (what ``json.dumps`` of the page maps' locations gives).  When the
+        commit starts from the state the store's last commit wrote (:attr:`_dir_last`), only the
+        parts of the arrays it ``changed`` are made again (the others' page maps are the same
+        objects, never changed in place); after a load, every part.  What it made becomes
+        :attr:`_dir_last` once the commit is durable (:meth:`commit`)."""
+        last = self._dir_last
+        names = tuple(pm_locs)
+        if last is not None and last[0] is self.pm_locs and last[1] == names:
+            index, parts = last[2], list(last[3])
+            for name, _locs, _dirty in changed:
+                parts[index[name]] = _dir_part(name, pm_locs[name])
+        else:
+            index = {name: i for i, name in enumerate(names)}
+            parts = [_dir_part(name, pml) for name, pml in pm_locs.items()]
+        self._dir_next = (names, index, parts)
         return ("{" + ", ".join(parts) + "}").encode()
 
     def _superblock_bytes(self, generation: int, header: dict[str, Any]) -> bytearray:

@@ -251,7 +251,9 @@ class MetadataSpace:
             else:
                 state[b] = v
 
-    _floor: tuple[Any, int] | None = None  # (the page maps it was counted for, commit_floor)
+    #: (the page maps it was counted for, commit_floor, the arrays with a stored page); a commit
+    #: carries it over, counting again only the arrays it changed
+    _floor: tuple[Any, int, int] | None = None
 
     def commit_floor(self) -> int:
         """Fresh blocks a small commit may need: a page and its page-map page in every array with a
@@ -260,8 +262,9 @@ class MetadataSpace:
         cached = self._floor
         if cached is not None and cached[0] is self.pm_locs:
             return cached[1]
-        n = 2 * sum(1 for pml in self.pm_locs.values() if any(pml)) + max(1, len(self.dir_locs))
-        self._floor = (self.pm_locs, n)
+        stored = sum(1 for pml in self.pm_locs.values() if any(pml))
+        n = 2 * stored + max(1, len(self.dir_locs))
+        self._floor = (self.pm_locs, n, stored)
         return n
 
     def estimate_commit_blocks(self, arrays: dict[str, Any]) -> int:

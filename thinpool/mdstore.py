@@ -79,7 +79,6 @@ class MetadataStore(MetadataCommit):
         self._queued: list[tuple[int, Any]] = []  # (block, page) written by the commit under way
         self._chunks: list[tuple[Any, memoryview, Any]] = []  # (blocks, rows' buffer, rows): see _queue_rows
         self._undo: list[tuple[int, int]] | None = None  # the block states it changed (see commit)
-        self._dir_parts: dict[str, tuple[array, str]] = {}  # per array: its page map, its directory JSON
         self._sb_written: dict[int, bytes | bytearray] = {}  # per slot: the superblock written there last
         #: why this store must be reopened before it commits again (a flush failed), or None
         self.failed: str | None = None

@@ -333,7 +333,8 @@ class Transactions:
             # next commit, which the allocating write makes itself (see thin.Thin._submit)
             self._set_mode(Mode.WRITE)
         self._set_md_check()
-        self._autoextend()  # LVM's thin_pool_autoextend policy, when set
+        if "autoextend_threshold" in self._header:  # (not set: off, poolspace.autoextend_settings)
+            self._autoextend()  # LVM's thin_pool_autoextend policy, when set
         self._check_for_metadata_space()
 
     def _md_reserve(self) -> int:

@@ -1,6 +1,7 @@
 """The shortcuts a small commit takes to cost less CPU give what the long way gives (docs/performance.md,
 CF1): the hints kept from the last commit while no device slot changed its device, the superblock's
-JSON through a C encoder made once.
+JSON through a C encoder made once, the directory's parts and ``commit_floor`` carried over from the
+commit before.
 """
 
 from __future__ import annotations
@@ -143,4 +144,63 @@ def test_kernel_rule_a_commit_after_an_abort_records_the_hints_of_the_table_it_r
     hints = p._store.header["hints"]
     assert {k: hints[k] for k in ("dev_id_max", "nr_thins", "free_slot")} == _scan(p) == \
         {"dev_id_max": 3, "nr_thins": 3, "free_slot": 3}
+
+
+def _floor_counted(store) -> int:
+    """``commit_floor`` counted from the page maps (what it gives without the carried-over count)."""
+    return 2 * sum(1 for pml in store.pm_locs.values() if any(pml)) + max(1, len(store.dir_locs))
+
+
+def test_commit_floor_and_directory_carried_over_are_those_counted_afresh(tmp_path) -> None:
+    """Commits of random writes, trims, snapshots and deletes, a failed commit and reopens between
+    them: after each, the store's ``commit_floor`` (carried over from commit to commit, counting only
+    the arrays a commit changed) equals the count over every page map, and the directory a reopen
+    reads (written with the parts of unchanged arrays kept from the commit before) is the page maps
+    the store holds."""
+    from thinpool import mdstore
+    from thinpool.errors import HostIOError
+
+    class FailingWrite(mdstore.FileIO):
+        @staticmethod
+        def pwrite(fd: int, data, offset: int) -> int:
+            raise OSError(5, "injected")
+
+    rng = random.Random(11)
+    path = tmp_path / "p"
+    p = Pool.create(path, data_size=256 * BS, block_size=BS)
+    p.create_thin("v", 256 * BS)
+    for step in range(120):
+        op = rng.random()
+        v = p.thin("v")
+        if op < 0.6:
+            v.write(rng.randrange(256) * BS, b"y" * 4096)
+        elif op < 0.7:
+            v.discard(rng.randrange(256) * BS, BS)
+        elif op < 0.8:
+            name = f"s{step}"
+            p.snapshot("v", name)
+            if rng.random() < 0.5:
+                p.delete(name)
+        elif op < 0.85:
+            v.write(rng.randrange(256) * BS, b"z" * 4096)
+            p._store.io = FailingWrite()
+            try:
+                try:
+                    p.commit()
+                except HostIOError:
+                    pass
+            finally:
+                p._store.io = mdstore.FileIO()
+        elif op < 0.9:
+            p.close()
+            p = Pool.open(path)
+        p.commit()
+        store = p._store
+        assert store.commit_floor() == _floor_counted(store), step
+        again = mdstore.MetadataStore(store.path, read_only=True)
+        try:
+            again.load(only=())
+            assert {k: list(v) for k, v in again.pm_locs.items()} == {k: list(v) for k, v in store.pm_locs.items()}
+        finally:
+            again.close()
     p.close()
