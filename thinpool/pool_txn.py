@@ -62,6 +62,8 @@ def _poolspace() -> Any:
 #: dirty device slots up to which :meth:`Transactions._hints` updates the kept hints from them (more:
 #: counted from the whole table, which costs about as much)
 _MANY_DEVS = 4096
+#: changed slots up to which they are looked at one by one (fewer steps than numpy's for a few)
+_FEW_DEVS = 16
 
 
 def _round_up(n: int, m: int) -> int:
@@ -132,7 +134,21 @@ class Transactions:
             grow = len(devs) - len(used0)
             used0 = np.concatenate([used0, np.zeros(grow, bool)])
             ids0 = np.concatenate([ids0, np.zeros(grow, np.int64)])
-        if dirty:
+        if dirty and len(dirty) <= _FEW_DEVS:  # (a few slots: Python steps cost less than numpy's)
+            item, in_use, top = self._devs_i.item, int(DevFlag.IN_USE), hints["dev_id_max"]
+            seen = [(slot, item(slot, K.DEV_FLAGS) & in_use != 0, item(slot, K.DEV_ID), bool(used0[slot]),
+                     int(ids0[slot])) for slot in dirty]
+            if any(ou and (not nu or ni != oi) and oi >= top for _s, nu, ni, ou, oi in seen):
+                return None  # the largest id may be gone: counted again
+            dev_id_max, nr_thins, free_slot = top, hints["nr_thins"], hints["free_slot"]
+            for slot, nu, ni, ou, oi in seen:
+                used0[slot], ids0[slot] = nu, ni
+                if nu and (not ou or ni != oi):
+                    dev_id_max = max(dev_id_max, ni)
+                nr_thins += nu - ou
+                if not nu:
+                    free_slot = min(free_slot, slot)
+        elif dirty:
             d = np.fromiter(dirty, np.int64, len(dirty))
             new_used = (devs["flags"][d] & int(DevFlag.IN_USE)) != 0
             new_ids = devs["dev_id"][d].astype(np.int64)
