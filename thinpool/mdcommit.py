@@ -139,6 +139,27 @@ class MetadataCommit(MetadataSpace):
         for data, block in runs:
             write_all(self.io.pwrite, self.fd, data, block * BLOCK, self.path)
 
+    def check_length(self) -> None:
+        """The metadata file is still as long as this store knows it (one ``fstat``).  Another program
+        that truncates it under the open pool (the pool's lock keeps only thinpool's own programs off)
+        takes pages the committed state may use; a commit would then write a superblock referring to
+        them, and a big pool's rows mapped from them (:meth:`thinpool.mdstore.MetadataStore.map_into`)
+        kill the process with SIGBUS at their next touch.  A shorter file ends this store's commits
+        (``failed``, as a failed flush does: only a reopen, which verifies every page it reaches, may
+        commit again) and raises :class:`~thinpool.errors.HostIOError` (EIO) naming it."""
+        if self.failed:
+            return
+        try:
+            size = os.fstat(self.fd).st_size
+        except OSError as exc:
+            raise HostIOError(f"{self.path}: cannot check the metadata file's length: {exc.strerror}",
+                              exc.errno or errno.EIO, self.path) from None
+        if size < self.nr_blocks * BLOCK:
+            self.failed = (f"the metadata file was truncated to {size} bytes under the open pool (it had "
+                           f"{self.nr_blocks * BLOCK}): stop whatever truncates it, then reopen the pool "
+                           f"(thinpool check; thinpool repair if pages are gone)")
+            raise HostIOError(f"{self.path}: {self.failed}", errno.EIO, self.path)
+
     def commit(self, arrays: dict[str, Any], header: dict[str, Any], *, tail: bool = False,
                hints: dict[str, int] | None = None, before_write: Callable[[], None] | None = None) -> None:
         """Write the dirty pages of ``arrays`` (:class:`PagedArray` or :class:`PageUpdates`; arrays not
@@ -156,6 +177,7 @@ class MetadataCommit(MetadataSpace):
         if self.failed:
             raise HostIOError(f"{self.path}: no commit is possible until the pool is reopened ({self.failed})",
                               errno.EIO, self.path)
+        self.check_length()
         # the location arrays of the arrays this commit changes are copied (then changed); the others
         # are shared with the committed state, which never changes an array in place
         new_locs = dict(self.locs)

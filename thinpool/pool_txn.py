@@ -298,6 +298,13 @@ class Transactions:
             # FLUSH of such a pool still reaches the data device, as the kernel remaps it there
             self._sync_data()
             return
+        try:  # the metadata file as long as the store knows it, before a row mapped from it is read
+            self._store.check_length()
+        except HostIOError as exc:
+            self._set_mode(Mode.FAIL)
+            self.read_only_reason = str(exc)
+            raise HostIOError(f"pool {self.path}: commit refused, nothing of it is durable (the pool has failed: "
+                              f"reopen it): {exc}", exc.errno or errno.EIO, exc.filename) from None
         freed = self._space.freed_blocks()
         record = np.union1d(freed, self._unpunched) if len(self._unpunched) else freed
         arrays = self._paged()

@@ -895,3 +895,52 @@ def test_nbd_flush_is_never_acknowledged_when_the_commit_fails(tmp_path):
     got, ok = _reopened(path)
     assert ok and got["vol"][:4096] == b"A" * 4096 and got["vol"][65536:65536 + 4096] == bytes(4096)
     STATS["nbd flush failure cases"] += 1
+
+
+_TRUNCATED_UNDER_THE_POOL = """
+import os, sys
+from thinpool import nodestore
+nodestore.POPULATE_MIN = 1  # the dense leaves' pages mapped from the file, as a big pool's open maps them
+from thinpool import Pool
+from thinpool.errors import HostIOError, ThinpoolError
+path = sys.argv[1]
+p = Pool.open(path)
+mapped = p._leaf_disk.mapped
+print("mapped rows:", 0 if mapped is None else int(mapped.sum()), flush=True)
+os.truncate(os.path.join(path, "metadata"), 16 * 4096)  # another program, under the open pool
+try:
+    p.create_thin("after", 1 << 20)
+    print("committed", flush=True)
+except HostIOError as exc:
+    print("refused:", exc.errno, exc, flush=True)
+print("mode:", p.mode.value, flush=True)
+for what, call in (("create", lambda: p.create_thin("again", 1 << 20)), ("commit", p.commit),
+                   ("write", lambda: p.thin("v").write(0, b"x"))):
+    try:
+        call()
+        print(what, "done", flush=True)
+    except ThinpoolError as exc:
+        print(what, "refused:", type(exc).__name__, flush=True)
+p.close(commit=False)
+"""
+
+
+def test_a_metadata_file_truncated_under_an_open_pool_fails_its_commits_without_sigbus(tmp_path):
+    """Another program truncates the metadata file of an open pool whose dense leaves are mapped from
+    it (what a big pool's open does; the pool's lock keeps only thinpool's own programs off): the next
+    commit checks the file's length before it reads a mapped row (``nodestore._privatize``) or writes a
+    superblock referring to the lost pages, and refuses with HostIOError (EIO) naming the truncation;
+    the pool is in ``fail`` mode, later messages, commits and writes refused too (before they touch a
+    mapped row) -- the process is not killed by SIGBUS."""
+    path = tmp_path / "p"
+    with Pool.create(path, data_size="64MiB", block_size="64KiB") as p:
+        vol = p.create_thin("v", "32MiB")
+        vol.write_many(np.arange(300, dtype=np.int64) * 65536, np.full((300, 512), 7, np.uint8))  # a dense leaf
+    r = subprocess.run([sys.executable, "-c", _TRUNCATED_UNDER_THE_POOL, str(path)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, (r.returncode, r.stdout, r.stderr[-2000:])
+    lines = r.stdout.splitlines()
+    assert lines[0] != "mapped rows: 0", r.stdout
+    assert lines[1].startswith(f"refused: {errno.EIO} ") and "truncated to 65536 bytes" in lines[1], r.stdout
+    assert lines[2:] == ["mode: fail", "create refused: ReadOnly", "commit refused: HostIOError",
+                         "write refused: ReadOnly"], r.stdout

@@ -25,6 +25,7 @@ exits 1.  The exit statuses are documented in :mod:`thinpool.errors`.
 from __future__ import annotations
 
 import errno
+import faulthandler
 import importlib
 import math
 import os
@@ -279,6 +280,14 @@ def main(wait: float | None, allow_foreign: bool) -> None:
     file that is a symbolic link is never followed, and another user's pool is refused unless
     --allow-foreign is given.
     """
+    if not faulthandler.is_enabled():
+        # a fatal signal names where it struck on stderr (a metadata file truncated under a big open
+        # pool raises SIGBUS at the next touch of a row mapped from it: docs/design.md, "Commits and
+        # crash semantics")
+        try:
+            faulthandler.enable()
+        except (AttributeError, OSError, ValueError, RuntimeError):  # a stderr without a file descriptor
+            pass
     if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
         # a name with an undecodable byte (surrogateescape, as Python reads argv and file names; one an
         # older thinpool allowed) prints as that byte instead of failing the whole output
