@@ -164,7 +164,7 @@ class PagedArray:
         self.data = memoryview(data).cast("B")
         self.npages = len(self.data) // BLOCK
         self.dirty = _ints(dirty)
-        self.dead = _ints(dead)
+        self.dead = _ints(dead) if len(dead) else []
 
     def page(self, i: int) -> memoryview:
         return self.data[i * BLOCK:(i + 1) * BLOCK]
@@ -243,8 +243,13 @@ class PageUpdates:
             raise ValueError("a page update must be exactly one 4 KiB page")
         self.npages = npages
         self._pages = dict(pages)
-        self.dead = sorted(set(dead) - set(pages))
-        self.dirty = sorted(set(pages) | set(self.dead))
+        dead = list(dead)
+        if dead:
+            self.dead = sorted(set(dead) - set(pages))
+            self.dirty = sorted(set(pages) | set(self.dead))
+        else:  # (most updates: pages written, none released)
+            self.dead = []
+            self.dirty = sorted(self._pages)
 
     def page(self, i: int) -> bytes | bytearray:
         return self._pages[i]
