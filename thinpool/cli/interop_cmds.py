@@ -134,7 +134,7 @@ def export_metadata_cmd(pool: str, file: str, metadata_blocks: int | None, as_js
     """Write real dm-thin binary metadata to FILE.
 
     FILE passes thin_check and thin_dump reads it; with the pool's data file (already laid out like a
-    dm-thin data device) it forms a pool the kernel can activate (see docs/).  A held metadata snapshot
+    dm-thin data device) it forms a pool the kernel can activate (docs/interop.md).  A held metadata snapshot
     is carried over as the held root.
 
     \b
