@@ -220,3 +220,32 @@ def test_doc_inline_command_options_exist(doc: str, span: str) -> None:
         known = _options_of(cmd) | _options_of(main) | {"--help"}
         for word in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", span):
             assert word in known, f"{doc}: `{span}`: {word} is not an option of {cmd.name}"
+
+
+def _readme_python_blocks() -> list[str]:
+    text = open(os.path.join(REPO_ROOT, "README.md"), encoding="utf-8").read()
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+def test_readme_library_example_prints_what_its_comments_say(tmp_path) -> None:
+    # the README's first library example, run as written (its pool path moved to tmp_path): every
+    # `print(...)  # EXPECTED` line prints EXPECTED ("..." stands for any text, quotes are not printed)
+    import contextlib
+    import io
+    blocks = _readme_python_blocks()
+    assert blocks, "README.md has no python example"
+    code = blocks[0].replace("/tmp/pool", str(tmp_path / "pool"))
+    expected = []
+    for line in code.splitlines():
+        m = re.match(r"\s*print\(.*\)\s+#\s*(.+)$", line)
+        if m:
+            want = m.group(1).strip().strip('"')
+            expected.append(re.compile(".*".join(re.escape(part) for part in want.split("...")) + r"\s*"))
+    assert expected, "the README's example prints nothing to compare"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})
+    lines = out.getvalue().splitlines()
+    assert len(lines) == len(expected), lines
+    for got, want in zip(lines, expected):
+        assert want.fullmatch(got), (got, want.pattern)
