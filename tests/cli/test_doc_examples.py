@@ -249,3 +249,29 @@ def test_readme_library_example_prints_what_its_comments_say(tmp_path) -> None:
     assert len(lines) == len(expected), lines
     for got, want in zip(lines, expected):
         assert want.fullmatch(got), (got, want.pattern)
+
+
+def test_simulate_doc_library_examples_run(tmp_path, monkeypatch) -> None:
+    # docs/simulate.md's trace-reading and replay examples, run as written on a small fio iolog (the 1 PiB
+    # build example is left out: it needs minutes and gigabytes)
+    import contextlib
+    import io
+    text = open(os.path.join(REPO_ROOT, "docs", "simulate.md"), encoding="utf-8").read()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "1PiB" not in b]
+    assert len(blocks) >= 2, blocks
+    pytest.importorskip("pandas")
+    pytest.importorskip("pyarrow")
+    monkeypatch.chdir(tmp_path)
+    with open("run.iolog", "w") as f:
+        f.write("fio version 3 iolog\n0 disk.img add\n0 disk.img open\n")
+        for i in range(200):
+            f.write(f"{i * 1000} disk.img write {(i * 7919 % 4096) * 4096} 4096\n")
+        f.write("200000 disk.img close\n")
+    out = io.StringIO()
+    for block in blocks:
+        code = block.replace("/tmp/p", str(tmp_path / "p"))
+        with contextlib.redirect_stdout(out):
+            exec(compile(code, "docs/simulate.md", "exec"), {"__name__": "simulate_example"})
+    printed = out.getvalue().split()
+    assert printed[:3] == ["['disk.img']", "200", "0"], printed  # trace.volumes, records, bad_records
+    assert os.path.getsize("out.json") > 0 and os.path.getsize("s.parquet") > 0
