@@ -193,6 +193,7 @@ class MetadataCommit(MetadataSpace):
             pages_count = {k: int(v) for k, v in self.header.get("pages", {}).items()}
             np = sys.modules.get("numpy")
             changed: list[tuple[str, array, list[int]]] = []  # arrays whose locations change
+            released: list[int] = []  # the locations of the few-page arrays' pages this commit replaces
             few: list[tuple[array, list[int], Any]] = []  # (locations, live dirty pages, array): placed below
             for name, pa in arrays.items():
                 npages = pa.npages
@@ -220,7 +221,7 @@ class MetadataCommit(MetadataSpace):
                         live = [d for d in dirty if d not in dead_set]
                     else:
                         live = dirty
-                    self._release([locs[d] for d in dirty])
+                    released.extend([locs[d] for d in dirty])
                     for d in dirty:
                         locs[d] = 0
                     if live:
@@ -239,7 +240,7 @@ class MetadataCommit(MetadataSpace):
                     self._resized(None if old is None else old[:], npm)
                 changed_pm = [dirty[0] // PM_ENTRIES] if len(dirty) == 1 else sorted({d // PM_ENTRIES for d in dirty})
                 if changed_pm:
-                    self._release([pml[i] for i in changed_pm])
+                    released.extend([pml[i] for i in changed_pm])
                     for i in changed_pm:
                         pml[i] = 0
                         pm_page = locs[i * PM_ENTRIES:(i + 1) * PM_ENTRIES]
@@ -255,7 +256,8 @@ class MetadataCommit(MetadataSpace):
             directory = self._directory(new_pm, changed)
             ndir = (len(directory) + BLOCK - 1) // BLOCK
             dir_pages = [directory[i * BLOCK:(i + 1) * BLOCK].ljust(BLOCK, b"\0") for i in range(ndir)]
-            self._release(self.dir_locs)
+            released.extend(self.dir_locs)
+            self._release(released)  # (a released block stays protected: none is handed out again here)
             blocks = self._allocate(ndir)
             crcs = self._write_pages(dir_pages, blocks)
             dir_locs = [b << 32 | c for b, c in zip(blocks, crcs)]
