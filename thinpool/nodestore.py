@@ -154,8 +154,13 @@ class NodeDisk:
             grown = np.empty((max(need, len(packs) + len(packs) // 2), BLOCK // 2), np.uint16)
             grown[:len(packs)] = packs
             packs = grown
-        for p, page in self.fresh:
+        fresh = self.fresh
+        if len(fresh) == 1:
+            p, page = fresh[0]
             packs[p] = np.frombuffer(page, np.uint16)
+        else:  # (one numpy step for them all)
+            packs[[p for p, _ in fresh]] = np.frombuffer(b"".join([page for _, page in fresh]),
+                                                         np.uint16).reshape(len(fresh), -1)
         self.packs, self.fresh = packs, []
 
     # ------------------------------------------------------------------ a commit
@@ -230,7 +235,8 @@ class NodeDisk:
         j = 8 + nown + ndead + npg + nrel
         lists = meta[8:j].tolist()
         own, dead_own = lists[:nown], lists[nown:nown + ndead]
-        new_pos, released = lists[nown + ndead:nown + ndead + npg], lists[nown + ndead + npg:]
+        at = nown + ndead
+        new_pos, released = lists[at:at + npg], lists[at + npg:]
         packed: dict[int, Any] = {}
         if npg:
             rows = memoryview(out).cast("B")  # (the pages as slices of it: no numpy step per page)
@@ -238,7 +244,7 @@ class NodeDisk:
         after = NodeDisk(kind, stored, meta[j:j + nk], meta[j + nk:j + 2 * nk], meta[j + 2 * nk:j + 3 * nk], npages,
                          None, self.packs, list(packed.items()))
         return {kind.dense_array: _Pages(n, nodes, own, {}, dead_own),
-                kind.pack_array: _Pages(npages, None, (), packed, released, (out, np.array(new_pos, np.int64)))}, after
+                kind.pack_array: _Pages(npages, None, (), packed, released, (out, meta[8 + at:8 + at + npg]))}, after
 
     def _repack(self, nodes: np.ndarray, stored: np.ndarray,
                 changed: np.ndarray) -> tuple[dict[int, Any], list[int], "NodeDisk", Any]:
