@@ -37,7 +37,7 @@ from .mdstore import MetadataStore
 from .rules import MAX_DEV_ID, new_catalog_entry, pick_dev_id  # noqa: F401 (the pool's id rules)
 from .rules import MAX_NAME_BYTES, check_new_name, name_problem  # noqa: F401 (re-exported: the name rules)
 from .schema import (DEV_CREATION_TIME, DEV_FIELDS, DEV_FLAGS, DEV_ID, DEV_MAPPED, DEV_RECORD, DEV_SIZE,
-                     DEV_SNAP_TIME, DEV_TRANSACTION, DevFlag, Mode)
+                     DEV_SNAP_TIME, DEV_TRANSACTION, U64_MASK, DevFlag, Mode)
 
 if TYPE_CHECKING:
     from .status import PoolStatus
@@ -52,6 +52,11 @@ _IN_USE_BYTE = bytes(1 if b & _IN_USE else 0 for b in range(256))
 _READ_ONLY_BYTE = bytes(1 if b & _READ_ONLY else 0 for b in range(256))
 RC_PER_PAGE = BLOCK // 4
 _STORE_KEYS = ("directory", "directory_bytes", "pages", "held", "recovered_from", "hints")
+
+
+def _u64s(transactions: list[int]) -> list[int]:
+    """Transaction ids as stored (int64) -> as dm-thin has them (unsigned 64-bit)."""
+    return [t & U64_MASK for t in transactions] if transactions and min(transactions) < 0 else transactions
 
 
 def pad_pages(raw: bytes) -> bytes:
@@ -313,8 +318,8 @@ class DeviceTable:
         self._check_open()
         slot = self._slot(name)
         r = self._record(slot)
-        return VolumeRecord(name, r["dev_id"], r["size"], r["mapped"], r["transaction"], r["creation_time"],
-                            r["snap_time"], bool(r["flags"] & DevFlag.READ_ONLY), self._origin_of(name, slot))
+        return VolumeRecord(name, r["dev_id"], r["size"], r["mapped"], r["transaction"] & U64_MASK,
+                            r["creation_time"], r["snap_time"], bool(r["flags"] & DevFlag.READ_ONLY), self._origin_of(name, slot))
 
     def thins(self) -> list[VolumeRecord]:
         """All volumes, in device-id order."""
@@ -327,10 +332,11 @@ class DeviceTable:
         recs = list(DEV_RECORD.iter_unpack(self._devs))
         rows = sorted(zip(map(recs.__getitem__, slots), names, slots))  # dev_id first
         ro = _READ_ONLY  # a plain int: an enum's & costs microseconds, 100,000 volumes a second
+        u64 = U64_MASK   # (a transaction id of 2^63 or more is stored negative)
         if not self.may_have_external_origins():
-            return [VolumeRecord(name, r[DEV_ID], r[DEV_SIZE], r[DEV_MAPPED], r[DEV_TRANSACTION], r[DEV_CREATION_TIME],
+            return [VolumeRecord(name, r[DEV_ID], r[DEV_SIZE], r[DEV_MAPPED], r[DEV_TRANSACTION] & u64, r[DEV_CREATION_TIME],
                                  r[DEV_SNAP_TIME], r[DEV_FLAGS] & ro != 0, None) for r, name, _s in rows]
-        return [VolumeRecord(name, r[DEV_ID], r[DEV_SIZE], r[DEV_MAPPED], r[DEV_TRANSACTION], r[DEV_CREATION_TIME],
+        return [VolumeRecord(name, r[DEV_ID], r[DEV_SIZE], r[DEV_MAPPED], r[DEV_TRANSACTION] & u64, r[DEV_CREATION_TIME],
                              r[DEV_SNAP_TIME], r[DEV_FLAGS] & ro != 0, self._origin_of(name, slot))
                 for r, name, slot in rows]
 
@@ -373,7 +379,7 @@ class DeviceTable:
         out: dict[str, list[Any]] = {
             "name": pick(names, order), "dev_id": pick(dev_ids, by_dev), "size": pick(field("size"), by_dev),
             "read_only": list(map(bool, map(_READ_ONLY.__and__, flags))),
-            "mapped_blocks": pick(field("mapped"), by_dev), "transaction": pick(field("transaction"), by_dev),
+            "mapped_blocks": pick(field("mapped"), by_dev), "transaction": _u64s(pick(field("transaction"), by_dev)),
             "creation_time": pick(field("creation_time"), by_dev), "snap_time": pick(field("snap_time"), by_dev)}
         if self.may_have_external_origins():
             out["external_origin"] = [self._origin_of(n, s) for n, s in zip(out["name"], by_dev)]
@@ -391,7 +397,7 @@ class DeviceTable:
         out: dict[str, list[Any]] = {
             "name": names, "dev_id": dev_ids, "size": field(DEV_SIZE),
             "read_only": list(map(bool, ro)) if 1 in ro else [False] * n,
-            "mapped_blocks": field(DEV_MAPPED), "transaction": field(DEV_TRANSACTION),
+            "mapped_blocks": field(DEV_MAPPED), "transaction": _u64s(field(DEV_TRANSACTION)),
             "creation_time": field(DEV_CREATION_TIME), "snap_time": field(DEV_SNAP_TIME)}
         if self.may_have_external_origins():
             out["external_origin"] = [self._origin_of(name, slot) for slot, name in enumerate(names)]

@@ -184,8 +184,11 @@ class Pool(Transactions, DeviceOps, Features, Accounting):
         nr_blocks = size // bs
         if nr_blocks < 1:
             raise InvalidArgument(f"data size {size} bytes is smaller than one {bs}-byte block")
-        if not isinstance(low_water_mark, int) or low_water_mark < 0:
-            raise InvalidArgument(f"low water mark must be a non-negative number of blocks, got {low_water_mark!r}")
+        if not isinstance(low_water_mark, int) or isinstance(low_water_mark, bool) or not 0 <= low_water_mark < 1 << 64:
+            # dm-thin's pool table reads it with kstrtoull: an unsigned 64-bit number of blocks
+            shown = (f"a number of {low_water_mark.bit_length()} bits" if isinstance(low_water_mark, int)
+                     and low_water_mark.bit_length() > 128 else repr(low_water_mark)[:80])
+            raise InvalidArgument(f"low water mark must be a number of blocks from 0 to 2^64-1, got {shown}")
         features = check_features(discard, error_if_no_space, no_space_timeout)
         if metadata_size is None:
             md_blocks = default_metadata_blocks(nr_blocks, max_thins)

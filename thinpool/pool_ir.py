@@ -18,7 +18,7 @@ from . import schema as K
 from .errors import InvalidArgument, ReadOnly
 from .rules import check_block_size
 from .interop.ir import MAX_DEV_ID, SECTOR, Device, Metadata, Superblock, identical_runs
-from .schema import DevFlag, Mode, pack_mapping, unpack_mapping
+from .schema import U64_MASK, DevFlag, Mode, pack_mapping, unpack_mapping
 
 #: bit 0 of dm-thin's superblock flags (THIN_METADATA_NEEDS_CHECK_FLAG; thin_dump's ``flags="1"``)
 NEEDS_CHECK_FLAG = 1
@@ -56,7 +56,8 @@ def state_to_metadata(pool: "Pool", nodes: tuple, devs: np.ndarray, nr_data_bloc
             vb, vals = _device_mappings(nodes, root)
             blocks, times = unpack_mapping(vals)
             arrays = by_root[root] = (vb.astype(np.uint64), blocks, times.astype(np.uint32))
-        devices.append(Device(dev_id=int(d["dev_id"]), mapped_blocks=len(arrays[0]), transaction=int(d["transaction"]),
+        devices.append(Device(dev_id=int(d["dev_id"]), mapped_blocks=len(arrays[0]),
+                              transaction=int(d["transaction"]) & U64_MASK,
                               creation_time=int(d["creation_time"]), snap_time=int(d["snap_time"]),
                               vblocks=arrays[0], dblocks=arrays[1], times=arrays[2]))
     if flags is None:

@@ -18,7 +18,7 @@ import re
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Protocol, runtime_checkable
 
 from .errors import AlreadyExists, InvalidArgument, MetadataCorrupt, NoSpace, ReadOnly
-from .schema import DEV_FIELDS, DISCARD_WORDS, DevFlag, Mode
+from .schema import DEV_FIELDS, DISCARD_WORDS, DevFlag, Mode, transaction_field
 from .units import parse_size
 
 if TYPE_CHECKING:
@@ -285,7 +285,8 @@ def snapshot_records(origin: Mapping[str, int], dev_id: int, transaction: int, t
 def device_record(dev_id: int, root: int, mapped: int, transaction: int, creation_time: int, snap_time: int,
                   size: int, read_only: bool = False, flags: int = 0) -> dict[str, int]:
     """A new device's record (in use; read-only if asked); ``flags`` adds further bits."""
-    return dict(dev_id=dev_id, root=root, mapped=mapped, transaction=transaction, creation_time=creation_time,
+    return dict(dev_id=dev_id, root=root, mapped=mapped, transaction=transaction_field(transaction),
+                creation_time=creation_time,
                 snap_time=snap_time, size=size,
                 flags=int(DevFlag.IN_USE | (DevFlag.READ_ONLY if read_only else 0) | flags))
 

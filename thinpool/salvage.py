@@ -379,7 +379,7 @@ def salvage(pool_path: str, report: RepairReport) -> tuple[Metadata, dict[int, s
         seen.add(dev_id)
         used_names.add(name)
         times = (val & np.uint64(TIME_MASK)).astype(np.uint32)
-        devices.append(Device(dev_id=dev_id, mapped_blocks=len(vb), transaction=int(d["transaction"]),
+        devices.append(Device(dev_id=dev_id, mapped_blocks=len(vb), transaction=int(d["transaction"]) & K.U64_MASK,
                               creation_time=int(d["creation_time"]), snap_time=int(d["snap_time"]),
                               vblocks=vb.astype(np.uint64), dblocks=val >> np.uint64(24), times=times))
         names[dev_id] = name

@@ -77,6 +77,15 @@ DEV_CREATION_TIME = int(DevCol.CREATION_TIME)
 DEV_SNAP_TIME = int(DevCol.SNAP_TIME)
 DEV_SIZE = int(DevCol.SIZE)
 DEV_FLAGS = int(DevCol.FLAGS)
+#: a record's ``transaction`` is dm-thin's unsigned 64-bit transaction id (``set_transaction_id`` takes
+#: any); its int64 field holds the same 8 bytes, so one of 2^63 or more reads back negative: mask with
+#: this (``field & U64_MASK``) to get the id, and store :func:`transaction_field` of it
+U64_MASK = (1 << 64) - 1
+
+
+def transaction_field(transaction_id: int) -> int:
+    """The int64 a record stores for the unsigned 64-bit ``transaction_id`` (the same 8 bytes)."""
+    return transaction_id - (1 << 64) if transaction_id >= 1 << 63 else transaction_id
 
 _dev_dtype = None
 

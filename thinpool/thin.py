@@ -23,7 +23,7 @@ from .errors import DataDeviceError, DiscardNotSupported, HostIOError, InvalidAr
 from .hostio import last_errno, libc
 from .io_checks import ORIGIN_ERROR, as_offsets, check_span, io_integer, out_buffer
 from .schema import (DEV_CREATION_TIME, DEV_FLAGS, DEV_MAPPED, DEV_ROOT, DEV_SIZE, DEV_SNAP_TIME,
-                     DEV_TRANSACTION, FLAG_READ_ONLY, unpack_mapping)
+                     DEV_TRANSACTION, FLAG_READ_ONLY, U64_MASK, unpack_mapping)
 
 libc()  # loaded now: last_errno() after a failed kernel call must not be its first use
 
@@ -130,7 +130,7 @@ class Thin:
     @property
     def transaction(self) -> int:
         """The pool transaction id when the volume was created."""
-        return int(self._row[DEV_TRANSACTION])
+        return int(self._row[DEV_TRANSACTION]) & U64_MASK
 
     def __repr__(self) -> str:
         return f"<Thin {self.name!r} dev_id={self.dev_id}>"

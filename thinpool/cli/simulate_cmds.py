@@ -15,6 +15,14 @@ SECTION = "Simulation"
 _FORMATS = click.Choice(["fio-iolog", "blkparse", "msr", "csv"])
 
 
+def _check_outputs(*paths: str | None) -> None:
+    """Refuse an output onto a pool's file (:mod:`thinpool.safe_output`) before the run, not after it."""
+    from thinpool.safe_output import guard_output
+    for path in paths:
+        if path and path != "-":
+            guard_output(abspath(path))
+
+
 def _outputs(result, as_json: str | None, html_out: str | None, plot: str | None, series: str | None,
              title: str) -> None:
     if as_json:
@@ -112,6 +120,7 @@ def replay_cmd(trace: str, fmt: str | None, block_size: int, data_size: int, vol
       thinpool replay blk.txt --format blkparse --block-size 512K --json out.json --html out.html
     """
     from thinpool.simulate.replay_volume import replay_file
+    _check_outputs(as_json, html_out, plot, series)
     result = replay_file(abspath(trace), pool_dir=abspath(pool_dir) if pool_dir else None, block_size=block_size,
                          data_size=data_size, volume_size=volume_size, metadata_only=metadata_only,
                          zero_new_blocks=not no_zero, error_if_no_space=error_if_no_space,
@@ -148,6 +157,7 @@ def simulate_cmd(scenario: str, sweeps: tuple[str, ...], workers: int, dask_addr
       thinpool simulate hourly.toml --sweep block_size=64K,256K,1M --sweep keep=4,24 --workers 2 --json runs.json
     """
     from thinpool.simulate.scenario import load_scenario, run
+    _check_outputs(as_json, html_out, plot, series)
     s = load_scenario(abspath(scenario))
     title = f"simulation of {os.path.basename(scenario)}"
     if sweeps:

@@ -346,6 +346,8 @@ def _read_json(source: _Source, name: str, what: str, digest: str | None = None,
         return json.loads(data), got
     except (ValueError, UnicodeDecodeError) as e:
         raise ImageError(f"{source.path}: {what} {name}: unreadable JSON: {e}") from None
+    except RecursionError:
+        raise ImageError(f"{source.path}: {what} {name}: unreadable JSON: nested too deeply") from None
 
 
 def _blob_name(digest: str) -> str:

@@ -60,6 +60,8 @@ def decode_request(line: bytes) -> tuple[str, dict[str, Any]]:
         req = json.loads(line)
     except (ValueError, UnicodeDecodeError):
         raise InvalidArgument("control request is not valid JSON") from None
+    except RecursionError:
+        raise InvalidArgument("control request is nested too deeply") from None
     if not isinstance(req, dict) or not isinstance(req.get("op"), str):
         raise InvalidArgument('control request must be a JSON object {"op": NAME, "args": {...}}')
     args = req.get("args", {})

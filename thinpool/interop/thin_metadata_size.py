@@ -90,7 +90,10 @@ def _size_option(arg: str, is_max_thins: bool, default_unit: int) -> tuple[int, 
     """One -b/-s/-m value as the tool reads it: (sectors, or a count for -m; its echo string)."""
     digits = arg[:len(arg) - len(arg.lstrip("0123456789"))]
     suffix = arg[len(digits):]
-    number = min(int(digits) if digits else 0, (1 << 63) - 1)   # atoll saturates
+    # atoll saturates (and more than 19 significant digits is past 2^63: not converted, Python refuses
+    # a number of more than 4,300 digits)
+    significant = digits.lstrip("0")
+    number = min(int(significant or "0") if len(significant) <= 19 else 1 << 63, (1 << 63) - 1)
     if suffix:
         idx = _unit_index(suffix)
         if idx < 0:

@@ -29,7 +29,9 @@ def _istream_u64(text: str, pos: int) -> tuple[int | None, int]:
     Blanks are skipped and a sign is allowed; a minus wraps modulo 2^64 as libstdc++ does.
     """
     m = _NUMBER_RE.match(text, pos)
-    if not m or int(m.group(2)) > _U64:
+    # more than 20 significant digits is past 2^64 (checked before int(): Python refuses to convert
+    # a number of more than 4,300 digits at all)
+    if not m or len(m.group(2).lstrip("0")) > 20 or int(m.group(2)) > _U64:
         return None, pos
     value = int(m.group(2))
     return ((-value) & _U64 if m.group(1) == "-" else value), m.end()

@@ -214,7 +214,9 @@ class _Reader:
 
     def _uint(self, tag: str, attr: str, text: str, line: int) -> int:
         if not (text.isascii() and text.isdigit()):
-            self.fail(f"attribute {attr}={text!r} of <{tag}> is not a non-negative integer", line)
+            self.fail(f"attribute {attr}={text[:80]!r} of <{tag}> is not a non-negative integer", line)
+        if len(text.lstrip("0")) > 20:  # past 2^64 (and Python refuses int() of over 4,300 digits)
+            self.fail(f"attribute {attr}={text[:40]}... of <{tag}> is out of range ({len(text)} digits)", line)
         value = int(text)
         limit = _LIMITS.get(attr, U64_MAX + 1)
         if value >= limit:
@@ -434,9 +436,10 @@ class _Reader:
                 pass
         for j, s in enumerate(strs):
             if not (s.isascii() and s.isdigit()):
-                self.fail_row(int(rows[j]), f"attribute {what}={s!r} is not a non-negative integer")
-            if int(s) > U64_MAX:
-                self.fail_row(int(rows[j]), f"attribute {what}={s} does not fit in 64 bits")
+                self.fail_row(int(rows[j]), f"attribute {what}={s[:80]!r} is not a non-negative integer")
+            if len(s.lstrip("0")) > 20 or int(s) > U64_MAX:  # (no int() of a number of thousands of digits)
+                shown = s if len(s) <= 40 else f"{s[:40]}... ({len(s)} digits)"
+                self.fail_row(int(rows[j]), f"attribute {what}={shown} does not fit in 64 bits")
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

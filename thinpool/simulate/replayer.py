@@ -173,7 +173,14 @@ class Replayer:
         for i, t in enumerate(self.targets):
             m = np.ones(len(op), bool) if single else tgt == i
             if t.offset_scale != 1.0:
-                offset[m] = (offset[m] * t.offset_scale).astype(np.int64) // 512 * 512
+                scaled = offset[m] * t.offset_scale
+                huge = ~(scaled < 2.0 ** 62)  # no volume is that large, and int64 would overflow
+                if huge.any():
+                    j = int(np.flatnonzero(m)[np.flatnonzero(huge)[0]])
+                    raise InvalidArgument(
+                        f"{self.paths[int(src[j])]}:{int(line[j])}: offset {int(offset[j])} times offset_scale "
+                        f"{t.offset_scale:g} of volume {t.thin.name!r} is past 2^62 bytes")
+                offset[m] = scaled.astype(np.int64) // 512 * 512
             size = int(self.sizes[i])
             end = offset + length
             over = m & (end > size)

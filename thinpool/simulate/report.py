@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidArgument
+from ..safe_output import check_path, write_output
 from .results import COUNTERS, Result, summary_rows
 
 
@@ -133,10 +134,9 @@ def _png(fig) -> bytes:
 
 
 def save_png(fig, path: str | os.PathLike) -> None:
-    """Write a figure as PNG."""
-    data = _png(fig)
-    with open(path, "wb") as f:
-        f.write(data)
+    """Write a figure as PNG (never onto a pool's file: :mod:`thinpool.safe_output`)."""
+    check_path(path, "PNG output")
+    write_output(path, _png(fig), what="PNG output")
 
 
 def _table(rows: list[list[str]], head: list[str]) -> str:
@@ -171,8 +171,7 @@ def html_report(result: Result | Any, path: str | os.PathLike, title: str = "thi
                                                       ["setting", "value"]))
         parts.append(_img(result_figure(result), "the run"))
     parts.append("</body></html>")
-    with open(path, "w") as f:
-        f.write("\n".join(parts))
+    write_output(path, "\n".join(parts), what="HTML output")
 
 
 def _img(fig, alt: str) -> str:

@@ -9,6 +9,7 @@ pyarrow are optional: only the conversions that need them import them.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidArgument
+from ..safe_output import check_path, write_output
 
 #: counters every result carries, in this order (the JSON keys besides ``series`` and ``volumes``)
 COUNTERS = ("ios", "reads", "writes", "discards", "flushes", "bytes_read", "bytes_written", "block_size",
@@ -70,8 +72,7 @@ class Result:
         """The JSON text (written to ``path`` too when given)."""
         text = json.dumps(self.to_dict(), indent=1, sort_keys=False)
         if path is not None:
-            with open(path, "w") as f:
-                f.write(text + "\n")
+            write_output(path, text + "\n", what="JSON output")
         return text
 
     def to_pandas(self):
@@ -91,17 +92,22 @@ class Result:
         return pa.table({k: np.asarray(v) for k, v in self.series.items()})
 
     def write_series(self, path: str | os.PathLike) -> None:
-        """Write the time series to ``path``: Parquet when it ends in ``.parquet`` (pyarrow), else CSV."""
-        path = os.fspath(path)
+        """Write the time series to ``path``: Parquet when it ends in ``.parquet`` (pyarrow), else CSV.
+        Like every output a user names, it is never a pool's file (:mod:`thinpool.safe_output`)."""
+        path = check_path(path, "series output")
         if path.endswith(".parquet"):
+            import pyarrow as pa
             import pyarrow.parquet as pq
-            pq.write_table(self.to_arrow(), path)
+            sink = pa.BufferOutputStream()
+            pq.write_table(self.to_arrow(), sink)
+            write_output(path, sink.getvalue().to_pybytes(), what="series output")
             return
         cols = list(self.series)
-        with open(path, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(cols)
-            w.writerows(zip(*(self.series[c] for c in cols)))
+        text = io.StringIO(newline="")
+        w = csv.writer(text)
+        w.writerow(cols)
+        w.writerows(zip(*(self.series[c] for c in cols)))
+        write_output(path, text.getvalue(), what="series output")
 
 
 @dataclass

@@ -148,7 +148,9 @@ def _where(path: str, text: str, section: str, key: str | None, index: int = 0) 
 
 def _check(path: str, text: str, section: str, key: str, kind: str, value: Any, index: int = 0) -> Any:
     def bad(why: str) -> InvalidArgument:
-        return InvalidArgument(f"{_where(path, text, section, key, index)}: {why}, got {value!r}")
+        shown = (f"a {value.bit_length()}-bit integer" if isinstance(value, int) and value.bit_length() > 128
+                 else repr(value) if len(repr(value)) <= 200 else repr(value)[:200] + "...")
+        return InvalidArgument(f"{_where(path, text, section, key, index)}: {why}, got {shown}")
     if value is None:
         return None
     if kind == "size":
@@ -170,10 +172,14 @@ def _check(path: str, text: str, section: str, key: str, kind: str, value: Any, 
             raise bad("expected true or false")
         return value
     if kind == "int":
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit() \
+                and len(value.strip().lstrip("0")) <= 19:
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise bad("expected a non-negative integer")
+        if value >= 1 << 63:
+            raise InvalidArgument(f"{_where(path, text, section, key, index)}: {value.bit_length()}-bit integer "
+                                  f"is too large (at most 2^63-1)")
         return value
     if kind == "float":
         try:
@@ -191,7 +197,7 @@ def _check(path: str, text: str, section: str, key: str, kind: str, value: Any, 
         try:
             e = Every.parse(value, key)
         except InvalidArgument as exc:
-            raise bad(str(exc).split(": ", 1)[-1]) from None
+            raise bad(str(exc).split(": ", 1)[-1].rsplit(", got ", 1)[0]) from None
         return e.as_text() if e else None
     if kind.startswith("choice:"):
         options = kind[7:].split("|")
@@ -223,6 +229,9 @@ def _check_volumes(s: Scenario) -> None:
         if not _NAME.match(v["name"]) or "@" in v["name"]:
             raise InvalidArgument(f"{_where(s.path, s.text, 'volume', 'name', i)}: not a usable volume name "
                                   f"(letters, digits, _.+-), got {v['name']!r}")
+        if "\0" in v["trace"]:
+            raise InvalidArgument(f"{_where(s.path, s.text, 'volume', 'trace', i)}: a path cannot contain NUL, "
+                                  f"got {v['trace'][:80]!r}")
         if v["name"] in names:
             raise InvalidArgument(f"{_where(s.path, s.text, 'volume', 'name', i)}: duplicate volume {v['name']!r}")
         names.add(v["name"])
@@ -240,6 +249,10 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise InvalidArgument(f"{path}: not valid TOML: {exc}") from None
+    except ValueError:  # an integer of more than 4,300 digits (Python refuses to convert it)
+        raise InvalidArgument(f"{path}: not usable TOML: an integer of more than 4,300 digits") from None
+    except RecursionError:
+        raise InvalidArgument(f"{path}: not usable TOML: arrays or tables nested too deeply") from None
     for k in data:
         if k not in ("pool", "simulation", "volume"):
             line = next((i + 1 for i, ln in enumerate(text.splitlines())

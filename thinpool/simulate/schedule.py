@@ -40,8 +40,11 @@ class Every:
                     sec = float("nan")
                 if math.isfinite(sec) and sec > 0:
                     return cls(seconds=sec)
-            elif text.replace("_", "").isdigit():
-                return cls.parse(int(text.replace("_", "")), what)
+            elif text.replace("_", "").isascii() and text.replace("_", "").isdigit():
+                digits = text.replace("_", "").lstrip("0")
+                if len(digits) > 19:  # past 2^63 (and Python refuses int() of over 4,300 digits)
+                    raise InvalidArgument(f"{what}: {text[:40]}... is too large ({len(digits)} digits)")
+                return cls.parse(int(digits or "0"), what)
         raise InvalidArgument(f"{what}: expected a number of I/Os or seconds like '30s', got {value!r}")
 
     def as_text(self) -> str:

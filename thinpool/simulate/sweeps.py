@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 from ..errors import InvalidArgument
+from ..safe_output import write_output
 from .results import Result
 from .scenario import Scenario, load_scenario, run
 from .schedule import Every
+
+#: most runs a sweep may have (the product of its value lists' lengths)
+MAX_RUNS = 10_000
 
 
 def parse_sweep(items: Sequence[str]) -> dict[str, list[str]]:
@@ -40,9 +45,10 @@ def points(scenario: Scenario, sweeps: dict[str, list[Any]]) -> list[dict[str, A
     """The cartesian product of ``sweeps`` (first key varies slowest), each point checked against the
     scenario's schema now, before anything runs."""
     keys = list(sweeps)
+    runs = math.prod(len(sweeps[k]) for k in keys)  # counted before the product is built
+    if runs > MAX_RUNS:
+        raise InvalidArgument(f"a sweep of {runs:,} runs is too many (at most {MAX_RUNS:,})")
     pts = [dict(zip(keys, combo)) for combo in itertools.product(*(sweeps[k] for k in keys))]
-    if len(pts) > 10_000:
-        raise InvalidArgument(f"a sweep of {len(pts)} runs is too many (at most 10,000)")
     for p in pts:
         scenario.with_values(p)
     return pts
@@ -87,8 +93,7 @@ class SweepResult:
     def to_json(self, path: str | os.PathLike | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=1)
         if path is not None:
-            with open(path, "w") as f:
-                f.write(text + "\n")
+            write_output(path, text + "\n", what="JSON output")
         return text
 
     def to_pandas(self):

@@ -27,9 +27,11 @@ number of numpy operations per block of lines (:mod:`thinpool.simulate.trace_tex
 from __future__ import annotations
 
 import bz2
+import errno
 import gzip
 import lzma
 import os
+import stat
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator
 
@@ -192,8 +194,23 @@ def _why(e: BaseException) -> str:
 
 def open_stream(path: str) -> BinaryIO:
     """``path`` opened for reading bytes, decompressed on the fly when it is gzip, bzip2 or xz (told by
-    its first bytes, not its name): public traces are often shipped compressed (``hm_0.csv.gz``)."""
-    f = open(path, "rb")
+    its first bytes, not its name): public traces are often shipped compressed (``hm_0.csv.gz``).
+
+    Only a regular file is a trace (an OSError otherwise): a trace is read more than once (its format
+    sniffed, its header, its records), which a pipe cannot give, and opening a FIFO nobody writes to
+    would wait for ever; it is opened non-blocking to find that out."""
+    if "\0" in path:
+        raise OSError(errno.EINVAL, "the path contains a NUL byte")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file (a trace is read more than once: a pipe, FIFO or "
+                                        "device cannot be one)")
+        os.set_blocking(fd, True)
+        f = open(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
     try:
         magic = f.read(6)
         f.seek(0)
