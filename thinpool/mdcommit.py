@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import json
+import operator
 import os
 import struct
 import sys
@@ -45,6 +46,8 @@ _SB_C = None if json.encoder.c_make_encoder is None else json.encoder.c_make_enc
 _JSON_KEYS: dict[str, str] = {}
 #: pages joined into one ``pwrite`` at most (4 MiB)
 _RUN_PAGES = 1024
+#: a queued (block, page)'s block
+_FIRST = operator.itemgetter(0)
 
 
 def _dir_part(name: str, pml: array) -> str:
@@ -122,7 +125,7 @@ class MetadataCommit(MetadataSpace):
         out: list[tuple[Any, int]] = []
         if self._chunks:
             self._chunk_runs(out)
-        queued = sorted(self._queued, key=lambda bp: bp[0])
+        queued = sorted(self._queued, key=_FIRST)
         self._queued = []
         i, n = 0, len(queued)
         while i < n:
