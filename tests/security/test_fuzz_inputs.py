@@ -372,3 +372,36 @@ def test_every_refusal_here_is_a_thinpool_error() -> None:
     """The classes the cases above expect are the hierarchy's (a bare ValueError would not be)."""
     for cls in (InvalidArgument, TraceError, ImageError):
         assert issubclass(cls, ThinpoolError)
+
+
+# ====================================================================================== snapshotter records
+def test_rule_snapshot_keys_and_labels_are_bounded_so_records_cannot_fill_the_metadata(pool: Path) -> None:
+    """Three prepares with 4 MiB keys put a 16 MiB pool's metadata out of space (the records live in
+    it).  Keys are now at most 4096 bytes, labels 64 KiB in all, also when grown one labels.<k> update
+    at a time; refusals name the limit, quote the key cut short and change nothing."""
+    ops = op_table()
+    with Pool.open(pool) as p:
+        def ask(op: str, **args: Any) -> dict[str, Any]:
+            return json.loads(handle_request(p, ops, json.dumps({"op": op, "args": args}).encode()))
+        before = sha(pool / "metadata")
+        for args, words in [({"key": "k" * (4 << 20)}, "is 4194304 bytes long (at most 4096)"),
+                            ({"key": "\u00e9" * 2049}, "is 4098 bytes long"),
+                            ({"key": "k", "labels": {str(i): "v" * 1000 for i in range(100)}}, "at most 65536 in all"),
+                            ({"key": "k", "labels": {"x" * 5000: ""}}, "longer than 4096 bytes")]:
+            reply = ask("prepare", namespace="ns", parent=None, **args)
+            assert reply["ok"] is False and reply["error"] == "InvalidArgument", reply
+            assert words in reply["message"] and len(reply["message"]) < 300, reply["message"][:400]
+        assert sha(pool / "metadata") == before
+        assert ask("prepare", namespace="ns", key="k" * 4096, parent=None)["ok"]
+        grown = 0
+        for i in range(40):
+            reply = ask("update-snapshot", namespace="ns", key="k" * 4096, labels={f"l{i}": "v" * 4000},
+                        fieldpaths=[f"labels.l{i}"])
+            if not reply["ok"]:
+                assert "in all" in reply["message"], reply
+                break
+            grown += 1
+        assert grown == 16  # 16 labels of 4002 bytes fit in 64 KiB, the 17th does not
+        labels = ask("stat-snapshot", namespace="ns", key="k" * 4096)["result"]["labels"]
+        assert len(labels) == 16
+        assert p.status().mode == "write"

@@ -63,8 +63,19 @@ VOLUME_PREFIX = "snap/"
 RECORDS_PREFIX = "snapshots/"
 DEFAULT_BASE_SIZE = 10 << 30  # Docker's dm.basesize default
 MAX_LABEL_BYTES = 4096  # containerd: len(key) + len(value) per label
+#: the longest snapshot key (or committed name), in UTF-8 bytes: keys live in the pool's records,
+#: inside its fixed-size metadata, so three 4 MiB keys ran a 16 MiB metadata out of space
+MAX_KEY_BYTES = 4096
+#: all labels of one snapshot together (keys + values, UTF-8 bytes), for the same reason
+MAX_LABELS_TOTAL = 64 << 10
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*$")  # containerd's namespace rule
 _VOLUME_RE = re.compile(r"^snap/([^/]+)/([0-9]+)$")
+
+
+def _shown(value: Any) -> str:
+    """``value`` quoted for a message, cut to 80 characters (a key may be megabytes long)."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:80]}... ({len(text)} characters)"
 
 
 def _now() -> str:
@@ -294,9 +305,15 @@ class Snapshotter:
     @staticmethod
     def _check_key(key: Any, what: str) -> None:
         if not isinstance(key, str) or not key:
-            raise InvalidArgument(f"snapshot {what} must be a non-empty string, got {key!r}")
+            raise InvalidArgument(f"snapshot {what} must be a non-empty string, got {_shown(key)}")
+        try:
+            size = len(key.encode())
+        except UnicodeEncodeError:
+            raise InvalidArgument(f"snapshot {what} {_shown(key)} is not valid UTF-8") from None
+        if size > MAX_KEY_BYTES:
+            raise InvalidArgument(f"snapshot {what} {_shown(key)} is {size} bytes long (at most {MAX_KEY_BYTES})")
         if any(ord(c) < 0x20 or ord(c) == 0x7f for c in key):
-            raise InvalidArgument(f"snapshot {what} {key!r} contains control characters")
+            raise InvalidArgument(f"snapshot {what} {_shown(key)} contains control characters")
 
     @staticmethod
     def _check_labels(labels: Any, key: str) -> dict[str, str]:
@@ -305,13 +322,22 @@ class Snapshotter:
         if not isinstance(labels, dict):
             raise InvalidArgument(f"snapshot {key!r}: labels must be a mapping of strings, got "
                                   f"{type(labels).__name__}")
+        total = 0
         for k, v in labels.items():
             if not isinstance(k, str) or not k or not isinstance(v, str):
-                raise InvalidArgument(f"snapshot {key!r}: label {k!r}={v!r} must map a non-empty string "
-                                      f"to a string")
-            if len(k.encode()) + len(v.encode()) > MAX_LABEL_BYTES:
-                raise InvalidArgument(f"snapshot {key!r}: label {k!r} is longer than {MAX_LABEL_BYTES} bytes "
-                                      f"(key + value)")
+                raise InvalidArgument(f"snapshot {_shown(key)}: label {_shown(k)}={_shown(v)} must map a non-empty "
+                                      f"string to a string")
+            try:
+                size = len(k.encode()) + len(v.encode())
+            except UnicodeEncodeError:
+                raise InvalidArgument(f"snapshot {_shown(key)}: label {_shown(k)} is not valid UTF-8") from None
+            if size > MAX_LABEL_BYTES:
+                raise InvalidArgument(f"snapshot {_shown(key)}: label {_shown(k)} is longer than {MAX_LABEL_BYTES} "
+                                      f"bytes (key + value)")
+            total += size
+        if total > MAX_LABELS_TOTAL:
+            raise InvalidArgument(f"snapshot {_shown(key)}: its {len(labels)} labels take {total} bytes (at most "
+                                  f"{MAX_LABELS_TOTAL} in all)")
         return dict(labels)
 
     def _info(self, key: str, rec: dict[str, Any]) -> Info:
@@ -404,7 +430,7 @@ class Snapshotter:
                 else:
                     raise InvalidArgument(f"cannot update {path!r} field on snapshot {name!r}: only labels "
                                           f"(\"labels\" or \"labels.<key>\") can be updated")
-            rec["labels"] = labels
+            rec["labels"] = self._check_labels(labels, name)  # merged labels.<k> paths: the total again
             rec["updated"] = _now()
             self._store(recs, [])
             return self._info(name, rec)
