@@ -165,6 +165,23 @@ def test_demo_cli_refuses_a_non_empty_dir(tmp_path):
     assert res.exit_code == 1 and "thinpool: error:" in res.output and str(tmp_path) in res.output
 
 
+def test_demo_data_size_just_enough_runs_and_one_block_less_is_refused_at_once(tmp_path):
+    # blocks_needed is exactly what the walkthrough maps: a pool of that many blocks completes it full; one
+    # block fewer is refused before anything is made (it used to run out half-way and, queue_if_no_space
+    # being the default, fail only after waiting the pool's 60 s no_space_timeout)
+    from thinpool.containers.demo import blocks_needed
+    for bs in (64 << 10, 512 << 10):
+        need = blocks_needed(bs)
+        r = run_demo(tmp_path / f"ok{bs}", block_size=bs, data_size=need * bs)
+        assert r["pool_used_blocks_after_change"] == need, (bs, r["pool_used_blocks_after_change"], need)
+        with pytest.raises(InvalidArgument, match=f"maps {need} "):
+            run_demo(tmp_path / f"small{bs}", block_size=bs, data_size=(need - 1) * bs)
+        assert not os.path.exists(tmp_path / f"small{bs}")
+    from thinpool.cli import main
+    res = CliRunner().invoke(main, ["demo", "--data-size", "1M"])
+    assert res.exit_code == 1 and res.output.startswith("thinpool: error: data size 1048576 bytes holds 16 blocks")
+
+
 # ------------------------------------------------------------------------------------------ layer store
 @pytest.fixture
 def store(tmp_path):

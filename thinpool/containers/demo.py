@@ -34,7 +34,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from ..errors import InvalidArgument
 from ..pool import Pool
+from ..rules import check_block_size
 from ..units import format_docker_size, format_go_human_size, parse_size
 from .layers import FileSpec, LayerStore, Step, file_content
 
@@ -62,6 +64,14 @@ BASE_STEPS = (Step("/bin/sh -c #(nop) COPY dir:35a7eb158c1504e8e6d8a4c7c3e1e8ea6
 FINAL_STEPS = (Step('/bin/sh -c #(nop)  CMD ["/bin/sh" "-c" "/app/hello.sh"]'),)
 
 
+def blocks_needed(block_size: int) -> int:
+    """The data blocks the walkthrough maps at ``block_size``: its files block-aligned (docs/containers.md
+    §5), then one block for each 5-byte write and one for the 4 KiB change (4 KiB-aligned, so inside
+    one block)."""
+    steps = UBUNTU_STEPS + BASE_STEPS + FINAL_STEPS
+    return sum(-(-f.size // block_size) for step in steps for f in step.files) + len(CONTAINERS[:3]) + 1
+
+
 def run_demo(path: str | os.PathLike | None = None, block_size: int | str = "64KiB", *,
              data_size: int | str = "100GiB", base_size: int | str = "10GiB", seed: int = 0) -> dict[str, Any]:
     """Run the walkthrough and return its measured results (see the module docstring).
@@ -76,6 +86,14 @@ def run_demo(path: str | os.PathLike | None = None, block_size: int | str = "64K
     ``docker ps`` order, newest first).
     """
     t0 = time.perf_counter()
+    bs = check_block_size(block_size)
+    nr_blocks = parse_size(data_size, "data size") // bs
+    if nr_blocks < blocks_needed(bs):
+        # refused before anything is made: the pool would run out of space half-way through the images
+        # (and, queue_if_no_space being the default, only after waiting no_space_timeout)
+        raise InvalidArgument(f"data size {parse_size(data_size, 'data size')} bytes holds {nr_blocks} blocks of "
+                              f"{bs} bytes; the walkthrough maps {blocks_needed(bs)} (its image, three writes "
+                              f"and a change): give at least {blocks_needed(bs) * bs} bytes")
     tmp = None
     if path is None:
         tmp = tempfile.mkdtemp(prefix="thinpool-demo-")
