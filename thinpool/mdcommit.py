@@ -30,18 +30,6 @@ from .mdspace import _NP_MIN, _PROTECTED, _USED, HINTS, MetadataSpace, _zeros
 _SB_JSON = json.JSONEncoder(separators=(",", ":"))
 
 
-def _sb_json(header: dict[str, Any]) -> str:
-    """What ``_SB_JSON.encode(header)`` gives, through the C encoder made once (:data:`_SB_C`):
-    ``encode`` makes one per call, a quarter of its time for a superblock's header."""
-    if _SB_C is None:  # (no C accelerator: the encoder's own way)
-        return _SB_JSON.encode(header)
-    return "".join(_SB_C(header, 0))
-
-
-#: the C encoder :data:`_SB_JSON` makes for each call (its settings: ASCII, no indent, those separators,
-#: NaN allowed, keys unsorted), made once; None where ``json`` has no C accelerator
-_SB_C = None if json.encoder.c_make_encoder is None else json.encoder.c_make_encoder(
-    None, _SB_JSON.default, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, True)
 #: array names as JSON strings (the directory's keys), made once per name
 _JSON_KEYS: dict[str, str] = {}
 #: pages joined into one ``pwrite`` at most (4 MiB)
@@ -376,7 +364,7 @@ class MetadataCommit(MetadataSpace):
 
     def _superblock_bytes(self, generation: int, header: dict[str, Any]) -> bytearray:
         """The 4 KiB superblock of ``generation`` carrying ``header`` (checksummed)."""
-        body = _sb_json(header).encode()
+        body = _SB_JSON.encode(header).encode()
         if len(body) > BLOCK - _SB_HEADER.size:
             raise MetadataSpaceExhausted(f"{self.path}: superblock header too large ({len(body)} bytes)")
         raw = bytearray(BLOCK)

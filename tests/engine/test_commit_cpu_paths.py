@@ -6,13 +6,11 @@ commit before.
 
 from __future__ import annotations
 
-import json
 import random
 
 import numpy as np
 
 from thinpool import Pool
-from thinpool.mdcommit import _SB_JSON, _sb_json
 from thinpool.schema import DevFlag
 
 BS = 64 * 1024
@@ -99,21 +97,6 @@ def test_kernel_rule_every_commit_records_the_device_hints_of_the_table_it_commi
     assert made > 64  # the table grew past one page of slots
     assert kept.count(True) > 2 * kept.count(False) > 0
     p.close()
-
-
-def test_superblock_json_is_what_the_encoder_gives() -> None:
-    """Random headers (nested, non-ASCII, NaN, bools beside ints) encode to exactly the text of
-    ``json.JSONEncoder(separators=(",", ":")).encode`` and load back equal."""
-    rng = random.Random(3)
-    vals = [0, 1, True, False, 1.0, -0.0, None, "a", "é\n\"\\", 2 ** 63, -3, float("inf"), 3.25,
-            [1, 2], [1, True, None], [], {"a": 1}, {"a": {"b": [1.5, "x"]}}]
-    for _ in range(3000):
-        keys = rng.sample(["block_size", "pages", "time", "hints", "directory", "ü", "held", "x"],
-                          rng.randint(0, 8))
-        header = {k: rng.choice(vals) for k in keys}
-        text = _sb_json(header)
-        assert text == _SB_JSON.encode(header)
-        assert json.loads(text) == header
 
 
 def test_kernel_rule_a_commit_after_an_abort_records_the_hints_of_the_table_it_reloaded(tmp_path) -> None:
