@@ -325,14 +325,17 @@ def test_sigkill_workload(tmp_path):
     Pool.create(path, data_size=NR_BLOCKS * BS, block_size=BS).close()
     shm = mmap.mmap(-1, 4096)
     stats: Counter = Counter()
-    master = random.Random(int(os.environ.get("THINPOOL_KILL_SEED", "0")) or random.randrange(1 << 30))
+    # the run's seed is printed by every failure: THINPOOL_KILL_SEED=<it> replays the same workloads (where the
+    # kills land still depends on timing)
+    master_seed = int(os.environ.get("THINPOOL_KILL_SEED", "0")) or random.randrange(1, 1 << 30)
+    master = random.Random(master_seed)
     t0 = time.time()
     with Pool.open(path) as pool:
         m = model_from_pool(pool, 0)
     cycle = 0
     while stats["kills"] < KILLS:
         cycle += 1
-        assert cycle < KILLS * 3, f"too few kills landed: {dict(stats)}"
+        assert cycle < KILLS * 3, f"THINPOOL_KILL_SEED={master_seed}: too few kills landed: {dict(stats)}"
         seed = master.randrange(1 << 30)
         m.run = cycle
         log_path = str(tmp_path / f"log.{cycle}")
@@ -369,7 +372,7 @@ def test_sigkill_workload(tmp_path):
             os.kill(pid, signal.SIGKILL)
             _, status = os.waitpid(pid, 0)
         if os.WIFEXITED(status):
-            assert os.WEXITSTATUS(status) == 0, open(err_path).read()
+            assert os.WEXITSTATUS(status) == 0, f"THINPOOL_KILL_SEED={master_seed}: " + open(err_path).read()
             stats["runs_completed"] += 1
         else:
             assert os.WTERMSIG(status) == signal.SIGKILL
@@ -380,10 +383,11 @@ def test_sigkill_workload(tmp_path):
         k = len(log)
         states, cands = replay(m, seed, k)
         for rec, st_ in zip(log, states[1:]):
-            assert rec["digest"] == digest(st_), f"replay diverged from the workload at commit {rec['commit']}"
+            assert rec["digest"] == digest(st_), \
+                f"THINPOOL_KILL_SEED={master_seed}: replay diverged from the workload at commit {rec['commit']}"
         with Pool.open(path) as pool:
             rep = pool.check()
-            assert rep.ok, rep.errors
+            assert rep.ok, f"THINPOOL_KILL_SEED={master_seed}, cycle {cycle}: check fails: {rep.errors}"
             problems, verified, newer = compare(pool, states[k], cands[k])
             landed = k
             if problems and len(states) > k + 1:
@@ -391,10 +395,11 @@ def test_sigkill_workload(tmp_path):
                 if not p2:
                     problems, verified, newer, landed = [], v2, 0, k + 1
                     stats["commit_landed_before_log"] += 1
-            assert not problems, (f"cycle {cycle} (seed {seed}, killed in phase {phase} after {commits} commits, "
-                                  f"op {ops}): committed bytes lost or wrong: {problems[:5]}")
+            assert not problems, (f"THINPOOL_KILL_SEED={master_seed}, cycle {cycle} (seed {seed}, killed in phase {phase} "
+                                  f"after {commits} commits, op {ops}): committed bytes lost or wrong: {problems[:5]}")
             acc = accounting(pool, states[landed])
-            assert not acc, f"cycle {cycle}: accounting differs after the crash: {acc[:5]}"
+            assert not acc, \
+                f"THINPOOL_KILL_SEED={master_seed}, cycle {cycle}: accounting differs after the crash: {acc[:5]}"
             stats["bytes_verified"] += verified
             stats["inplace_blocks_with_newer_bytes"] += newer
             stats["commits_logged"] += k
@@ -403,7 +408,7 @@ def test_sigkill_workload(tmp_path):
             os.unlink(log_path)
     elapsed = time.time() - t0
     report = {"kill_points": stats["kills"], "cycles": cycle, "seconds": round(elapsed, 1), "soak": SOAK,
-              "bytes_lost": 0, "counts": dict(sorted(stats.items()))}
+              "seed": master_seed, "bytes_lost": 0, "counts": dict(sorted(stats.items()))}
     REPORTS.record("crash_kill", report)
     print(f"\nSIGKILL crash test: {stats['kills']} kill points survived in {elapsed:.0f}s: {dict(stats)}")
     assert stats["kills"] >= KILLS
