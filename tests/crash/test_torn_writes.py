@@ -23,7 +23,9 @@ then differ from the committed bytes only where the crash model allows (blocks e
 commit, overwritten in place by the same volume, each sector old or new).
 
 Also here: the freed-block hazard (delete a snapshot, need its blocks elsewhere, crash before the
-commit).  Counts go to ``.reliability/torn_writes.json``.
+commit).  ``THINPOOL_SOAK=1`` runs both fault tests over four more, longer workloads of other seeds
+(``THINPOOL_TORN_WORKLOADS`` sets the total, the default one included), every second one writing each
+metadata page by its own pwrite.  Counts go to ``.reliability/torn_writes.json``.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from collections import Counter
 
 import pytest
 
-from tests.support import REPORTS, SOAK
+from tests.support import REPORTS, SOAK, soak_scaled
 from thinpool import Pool
 from thinpool.containers.snapshotter import Snapshotter
 from thinpool.datadev import DataDevice
@@ -236,6 +238,8 @@ class Reference:
 
     def __init__(self, base: str, ops: list[tuple]) -> None:
         self.ops = ops
+        self.base = base
+        self.salt = 0
         path = os.path.join(base, "ref")
         pool = Pool.create(path, data_size=NR_BLOCKS * BS, block_size=BS)
         io = FaultIO()
@@ -347,9 +351,26 @@ def reopen_and_verify(path: str, ref: Reference, acceptable: list[int], what: st
 
 
 # ---------------------------------------------------------------------------- tests
-@pytest.fixture(scope="module")
-def reference(module_scratch):
-    return Reference(module_scratch, make_ops())
+#: the workloads the fault tests run, as (make_ops seed, operations, pages per metadata pwrite or None for
+#: the store's own run length): one by default; THINPOOL_SOAK=1 adds longer ones of other seeds, every
+#: second one writing each metadata page by its own pwrite (so a fault can fall between any two pages of a
+#: commit, and ``lose_some`` keeps a random subset of them)
+WORKLOADS = [(5, 80, None)] + [(1000 + i, 160, 1 if i % 2 == 0 else None)
+                               for i in range(soak_scaled("THINPOOL_TORN_WORKLOADS", 1, 5) - 1)]
+
+
+@pytest.fixture(scope="module", params=WORKLOADS, ids=lambda w: f"seed{w[0]}-ops{w[1]}-run{w[2] or 'max'}")
+def reference(module_scratch, request):
+    seed, n_ops, run_pages = request.param
+    base = os.path.join(module_scratch, f"w{seed}")
+    os.mkdir(base)
+    with pytest.MonkeyPatch.context() as mp:
+        if run_pages is not None:
+            mp.setattr("thinpool.mdcommit._RUN_PAGES", run_pages)
+        ref = Reference(base, make_ops(seed, n_ops))
+        ref.salt = 0 if seed == 5 else seed    # the default workload keeps its fault positions
+        yield ref
+    shutil.rmtree(base, ignore_errors=True)
 
 
 def _run_until_fault(path: str, ops: list[tuple], io: FaultIO) -> int:
@@ -371,15 +392,15 @@ def _run_until_fault(path: str, ops: list[tuple], io: FaultIO) -> int:
 
 
 @pytest.mark.parametrize("mode", ["stop", "tear", "lose", "lose_some"])
-def test_metadata_fault_at_every_event(reference, module_scratch, mode):
+def test_metadata_fault_at_every_event(reference, mode):
     ref = reference
-    rng = random.Random(zlib.crc32(mode.encode()))
+    rng = random.Random(zlib.crc32(mode.encode()) + ref.salt)
     points = range(1, ref.total_events + 1)
     if not SOAK and mode == "lose_some":
         points = range(1, ref.total_events + 1, 2)
     outcomes: Counter = Counter()
     for n in points:
-        path = os.path.join(module_scratch, f"{mode}-{n}")
+        path = os.path.join(ref.base, f"{mode}-{n}")
         io = FaultIO(mode, n, random.Random(rng.random()))
         done = _run_until_fault(path, ref.ops, io)
         c = ref.commit_of_event(n)
@@ -399,11 +420,11 @@ def test_metadata_fault_at_every_event(reference, module_scratch, mode):
         STATS[f"fault_points_{mode}"] += 1
         shutil.rmtree(path)
     assert outcomes["previous commit"] > 0
-    STATS[f"outcomes_{mode}"] = dict(outcomes)
+    STATS[f"outcomes_{mode}"] = dict(Counter(STATS[f"outcomes_{mode}"] or {}) + outcomes)   # every workload's
 
 
 @pytest.mark.parametrize("variant", ["all_old", "random_sectors"])
-def test_data_cache_loss_after_every_op(reference, module_scratch, monkeypatch, variant):
+def test_data_cache_loss_after_every_op(reference, monkeypatch, variant):
     """Power loss after op j: unsynced data sectors revert (all, or a random subset); the pool must
     be the last commit under the crash model (sector granularity)."""
     ref = reference
@@ -419,7 +440,7 @@ def test_data_cache_loss_after_every_op(reference, module_scratch, monkeypatch, 
     for j in range(1, len(ref.ops)):
         if ref.ops[j - 1][0] in ("commit", "sprepare", "scommit", "sremove"):
             continue
-        path = os.path.join(module_scratch, f"data-{variant}-{j}")
+        path = os.path.join(ref.base, f"data-{variant}-{j}")
         pool = Pool.create(path, data_size=NR_BLOCKS * BS, block_size=BS)
         data_path = pool.data.path
         with open(data_path, "rb") as f:
