@@ -200,9 +200,25 @@ def check_claim(data_path: str, *, take_over: bool = False) -> None:
         os.close(fd)
 
 
-def check_new_data_file(data_path: str, *, force: bool = False, take_over: bool = False) -> None:
-    """An explicit data file for a new pool: absent, or an existing regular file that is empty (or
-    ``force``: its contents may be punched) and that no other pool owns (:func:`check_claim`)."""
+#: the files of a pool directory other than its data file: never a data file, whatever --force says
+_POOL_OWN_FILES = ("metadata", "lock", "control.sock", "nbd.sock")
+
+
+def check_new_data_file(data_path: str, *, force: bool = False, take_over: bool = False,
+                        pool_dir: str | None = None) -> None:
+    """An explicit data file for a new pool (at ``pool_dir``): absent, or an existing regular file that
+    is empty (or ``force``: its contents may be punched) and that no other pool owns
+    (:func:`check_claim`).  Never a file of a pool directory but its ``data`` (a pool's metadata or
+    lock, which the new pool's writes would overwrite -- ``--force`` does not change that), nor a
+    new file there, nor the new pool's own metadata or lock."""
+    real = os.path.realpath(data_path)
+    where, name = os.path.split(real)
+    if pool_dir is not None and where == os.path.realpath(pool_dir) and name in _POOL_OWN_FILES:
+        raise InvalidArgument(f"data file {data_path} would be the new pool's own {name} file")
+    if all(os.path.lexists(os.path.join(where, n)) for n in ("metadata", "lock")) and name != "data":
+        what = f"the {name} file" if name in _POOL_OWN_FILES else "a file in the directory"
+        raise InvalidArgument(f"data file {data_path} is {what} of pool {where}: a pool's data device is never "
+                              f"another pool's file")
     try:
         st = os.stat(data_path)
     except FileNotFoundError:

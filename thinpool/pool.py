@@ -205,7 +205,7 @@ class Pool(Transactions, DeviceOps, Features, Accounting):
         pooldir.check_mode(mode)
         data_path = os.path.abspath(os.fspath(data_file)) if data_file else os.path.join(path, cls.DATA)
         if data_file:
-            ownership.check_new_data_file(data_path, force=force, take_over=take_over_data)
+            ownership.check_new_data_file(data_path, force=force, take_over=take_over_data, pool_dir=path)
         made = ownership.NewPoolFiles.before(path, data_path)
         try:
             pool = cls._create_files(path, data_path, bs, nr_blocks, md_blocks, made, low_water_mark,

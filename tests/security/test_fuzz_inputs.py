@@ -405,3 +405,32 @@ def test_rule_snapshot_keys_and_labels_are_bounded_so_records_cannot_fill_the_me
         labels = ask("stat-snapshot", namespace="ns", key="k" * 4096)["result"]["labels"]
         assert len(labels) == 16
         assert p.status().mode == "write"
+
+
+# ====================================================================================== data files
+@pytest.mark.parametrize("target", ["metadata", "lock", "new-file", "symlink-to-metadata", "own-metadata"])
+@pytest.mark.parametrize("command", ["create", "restore", "import-metadata"])
+def test_rule_a_new_pools_data_file_is_never_another_pools_file(pool: Path, tmp_path: Path, target: str,
+                                                                  command: str) -> None:
+    """`create NEW --data-file OTHER/metadata --force` made the other pool's metadata the new pool's data
+    device: the first write into NEW destroyed OTHER.  Refused now (--force or not), OTHER unchanged,
+    nothing of NEW left."""
+    new = tmp_path / "new"
+    data = {"metadata": pool / "metadata", "lock": pool / "lock", "new-file": pool / "extra.img",
+            "symlink-to-metadata": tmp_path / "link", "own-metadata": new / "metadata"}[target]
+    if target == "symlink-to-metadata":
+        data.symlink_to(pool / "metadata")
+    before = {f: sha(pool / f) for f in ("metadata", "lock", "data")}
+    xml = tmp_path / "in.xml"
+    xml.write_text(cli("dump", str(pool)).output)
+    md = tmp_path / "in.md"
+    assert cli("export-metadata", str(pool), str(md)).exit_code == 0
+    args = {"create": ("create", str(new), "--data-size", "16MiB", "--data-file", str(data), "--force"),
+            "restore": ("restore", str(new), "-i", str(xml), "--data-file", str(data)),
+            "import-metadata": ("import-metadata", str(md), str(new), "--data", str(data))}[command]
+    absent = command == "import-metadata" and target in ("new-file", "own-metadata")  # --data must exist
+    assert_clean_refusal(cli(*args), "does not exist" if absent else "data file")
+    assert {f: sha(pool / f) for f in ("metadata", "lock", "data")} == before
+    assert not (pool / "extra.img").exists() and (not new.exists() or not os.listdir(new))
+    with Pool.open(pool, read_only=True) as p:
+        assert p.check().ok
