@@ -136,3 +136,13 @@ def test_demo_real_fs_refuses_without_root(monkeypatch: pytest.MonkeyPatch) -> N
         realfs.run_realfs_demo(None)
     monkeypatch.setattr(realfs.shutil, "which", lambda name: None)
     assert any("nbdfuse" in p for p in realfs.problems())
+
+
+def test_demo_real_fs_refuses_a_data_size_too_small_with_nothing_made(tmp_path) -> None:
+    require_root()
+    require_tool("nbdfuse", "fusermount3", "losetup", "mkfs.ext4", "tune2fs", "fsfreeze")
+    from thinpool.containers.realfs import run_realfs_demo
+    from thinpool.errors import InvalidArgument
+    with pytest.raises(InvalidArgument, match="the walkthrough maps 1580"):
+        run_realfs_demo(str(tmp_path / "pool"), "64KiB", data_size="1MiB")
+    assert not os.path.exists(tmp_path / "pool")  # refused before the pool was made

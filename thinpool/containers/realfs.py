@@ -222,9 +222,10 @@ def run_realfs_demo(path: str | os.PathLike | None = None, block_size: int | str
     served: Served | None = None
     try:
         os.mkdir(work)
-        Pool.create(pool_path, data_size=data_size, block_size=bs).close()
+        # the idealized run first: it refuses a data size too small for the walkthrough before any pool is made
         say("idealized model (thinpool demo) for comparison ...")
         ideal = run_demo(None, bs, data_size=data_size, base_size=base_bytes, seed=seed)
+        Pool.create(pool_path, data_size=data_size, block_size=bs).close()
         served = Served(pool_path, control_ops, socket_path=os.path.join(work, "nbd.sock"))
         served.start()
         result = _scenario(served, attached, work, ideal, bs, base_bytes, parse_size(data_size), seed, say)
