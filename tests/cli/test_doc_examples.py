@@ -275,3 +275,23 @@ def test_simulate_doc_library_examples_run(tmp_path, monkeypatch) -> None:
     printed = out.getvalue().split()
     assert printed[:3] == ["['disk.img']", "200", "0"], printed  # trace.volumes, records, bad_records
     assert os.path.getsize("out.json") > 0 and os.path.getsize("s.parquet") > 0
+
+
+def test_readme_cli_block_runs_as_written(tmp_path) -> None:
+    # the README's CLI block, every line in order in one shell (`set -e`: any failure stops it), with its
+    # pool /tmp/p moved into tmp_path and `thinpool` this checkout's CLI
+    import subprocess
+    import sys
+    text = open(os.path.join(REPO_ROOT, "README.md"), encoding="utf-8").read()
+    block = next(b for b in re.findall(r"```sh\n(.*?)```", text, flags=re.S) if "thinpool create /tmp/p" in b)
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "thinpool").write_text(f"#!/bin/sh\nexec {sys.executable} -m thinpool \"$@\"\n")
+    (bindir / "thinpool").chmod(0o755)
+    env = dict(os.environ, PATH=f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}",
+               PYTHONPATH=os.pathsep.join([REPO_ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(
+                   os.pathsep) if p]))
+    script = "set -e\n" + block.replace("/tmp/p", str(tmp_path / "p"))
+    r = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-2000:])
+    assert "Usage: thinpool" in r.stdout and "committed layer1" in r.stdout
