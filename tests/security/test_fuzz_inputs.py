@@ -434,3 +434,45 @@ def test_rule_a_new_pools_data_file_is_never_another_pools_file(pool: Path, tmp_
     assert not (pool / "extra.img").exists() and (not new.exists() or not os.listdir(new))
     with Pool.open(pool, read_only=True) as p:
         assert p.check().ok
+
+
+# ====================================================================================== XML, generated
+XML_BASE = """<superblock uuid="" time="3" transaction="7" flags="0" version="2" data_block_size="128" nr_data_blocks="1024">
+  <device dev_id="1" mapped_blocks="4" transaction="0" creation_time="0" snap_time="1">
+    <range_mapping origin_begin="0" data_begin="0" length="3" time="0"/>
+    <single_mapping origin_block="10" data_block="5" time="1"/>
+  </device>
+  <def name="d1">
+    <single_mapping origin_block="20" data_block="9" time="1"/>
+  </def>
+  <device dev_id="3" mapped_blocks="1" transaction="0" creation_time="1" snap_time="1">
+    <ref name="d1"/>
+  </device>
+</superblock>
+"""
+XML_TOKENS = ["0", "-1", str((1 << 64) - 1), str(1 << 64), "9" * 30, HUGE, "", " ", "1e3", "&amp;", "&#0;", "<", '"',
+              "\udcff", "\u00b2", "ref", "def", "device", '<!DOCTYPE x [<!ENTITY a "aaaa">]>', "&a;", "<![CDATA[x]]>",
+              str(1 << 32), str((1 << 24) - 1), str(1 << 24), "x" * 5000]
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 10 ** 6), st.sampled_from(XML_TOKENS)), min_size=1,
+                max_size=3))
+def test_rule_mutated_thin_dump_xml_is_loaded_or_refused_naming_the_line(edits: list[tuple[int, int, str]]) -> None:
+    text = XML_BASE
+    for kind, at, token in edits:
+        if kind == 0:       # replace one attribute value
+            parts = text.split('"')
+            i = 1 + 2 * (at % (len(parts) // 2))
+            parts[i] = token
+            text = '"'.join(parts)
+        elif kind == 1:     # insert anywhere after the first '<'
+            i = 1 + at % (len(text) - 1)
+            text = text[:i] + token + text[i:]
+        else:               # cut a piece out
+            i = 1 + at % (len(text) - 1)
+            text = text[:i] + text[i + 1 + at % 37:]
+    try:
+        load_xml(text)
+    except InvalidArgument as exc:
+        assert "line " in str(exc) and len(str(exc)) < 600, str(exc)[:700]

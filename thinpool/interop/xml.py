@@ -210,6 +210,8 @@ class _Reader:
     def fail(self, msg: str, line: int | None = None, cls: type[InvalidArgument] = InvalidArgument) -> NoReturn:
         if line is None:
             line = self.p.CurrentLineNumber if self.p is not None else 0
+        if len(msg) > 400:  # a quoted name or value may be megabytes long: keep both ends of the message
+            msg = f"{msg[:240]}...[{len(msg) - 360:,} characters]...{msg[-120:]}"
         raise cls(f"{self.label}line {line}: {msg}")
 
     def _uint(self, tag: str, attr: str, text: str, line: int) -> int:
@@ -358,6 +360,8 @@ class _Reader:
         p.CharacterDataHandler = self.texts.add
         try:
             self._feed(p)
+        except UnicodeEncodeError:  # a str holding a lone surrogate (undecodable bytes let through)
+            self.fail("the XML text is not valid Unicode (it holds a lone surrogate)", 0)
         except expat.ExpatError as e:
             if self.stack and e.code == expat.errors.codes[expat.errors.XML_ERROR_NO_ELEMENTS]:
                 tag, opened = self.stack[-1]
