@@ -24,6 +24,7 @@ Each failure names the file and line.
 from __future__ import annotations
 
 import ast
+import builtins
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -404,3 +405,250 @@ def test_design_doc_diagram_names_every_engine_module():
     missing = [f"{PKG}/{path.name}" for path in sorted(ROOT.glob("*.py"))
                if path.name not in ("__init__.py", "__main__.py") and path.name not in diagram]
     _fail(missing, "engine modules missing from the layer diagram of docs/design.md (name each in its layer)")
+
+
+# ------------------------------------------------------------------------- the public API's hints
+#: the modules that make up the library API (docs: README.md "Library", docs/simulate.md, docs/containers.md)
+#: -> what of it they hold; every public function and method in them has full type hints and a docstring
+PUBLIC_API_MODULES = {
+    "thinpool": "the package's exports (``from thinpool import Pool``)",
+    "thinpool.errors": "the error hierarchy",
+    "thinpool.units": "parse_size",
+    "thinpool.pool": "Pool",
+    "thinpool.pool_txn": "Pool's commit, batch, check and repair methods (a base class of Pool)",
+    "thinpool.pool_devices": "Pool's volume methods: create_thin, snapshot, delete, rename, ... (a base of Pool)",
+    "thinpool.pool_features": "Pool's feature settings (a base class of Pool)",
+    "thinpool.pool_accounting": "Pool's usage and status (a base class of Pool)",
+    "thinpool.status": "PoolStatus, Usage",
+    "thinpool.thin": "Thin, and apply_io re-exported (docs/simulate.md)",
+    "thinpool.batch_io": "apply_io, BatchOutcome",
+    "thinpool.activation": "Activation (Pool.activate)",
+    "thinpool.check": "CheckReport (Pool.check)",
+    "thinpool.repair": "Pool.repair's report",
+    "thinpool.poolspace": "TrimResult (Pool.trim)",
+    "thinpool.images": "import_image, export_image, write_volume, read_volume",
+    "thinpool.simulate": "replay, run, sweep and their results (lazy exports)",
+    "thinpool.simulate.replay_volume": "replay, replay_file",
+    "thinpool.simulate.replay_sources": "ArrayTrace",
+    "thinpool.simulate.scenario": "run, load_scenario, parse_scenario, Scenario",
+    "thinpool.simulate.sweeps": "sweep, SweepResult",
+    "thinpool.simulate.results": "Result, ReplayResult",
+    "thinpool.simulate.traces": "open_trace and the OP_* codes (docs/simulate.md)",
+    "thinpool.containers.snapshotter": "Snapshotter and what it returns",
+    "thinpool.containers.filters": "containerd's walk filters",
+    "thinpool.containers.layers": "LayerStore and its rows",
+    "thinpool.containers.image_store": "image import onto a pool",
+    "thinpool.containers.demo": "the demo walkthrough",
+    "thinpool.containers.realfs": "Attached (docs/nbd.md)",
+}
+
+#: decorators whose function is not a separate piece of API (the getter holds the docstring)
+_NOT_API_DECORATORS = (".setter", ".deleter", "overload")
+
+
+def _api_problems(path: Path, display: str) -> list[str]:
+    """What the public functions, classes and methods of one source file lack: a type hint on a
+    parameter (``self``/``cls`` excepted), a return annotation (``__init__`` excepted), a docstring
+    (dunder methods excepted).  Public: no leading underscore, at module level or in a public class."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    out: list[str] = []
+
+    def function(node: ast.FunctionDef | ast.AsyncFunctionDef, owner: str, method: bool) -> None:
+        name = node.name
+        dunder = name.startswith("__") and name.endswith("__")
+        if name.startswith("_") and not dunder:
+            return
+        decorators = [ast.unparse(d) for d in node.decorator_list]
+        if any(d.endswith(_NOT_API_DECORATORS) for d in decorators):
+            return
+        a = node.args
+        params = a.posonlyargs + a.args + a.kwonlyargs
+        if method and "staticmethod" not in decorators and params:
+            params = params[1:]  # self / cls
+        missing = [p.arg for p in params if p.annotation is None]
+        missing += [f"*{v.arg}" for v in (a.vararg, a.kwarg) if v is not None and v.annotation is None]
+        lacks = []
+        if missing:
+            lacks.append(f"type hints on {', '.join(missing)}")
+        if node.returns is None and name != "__init__":
+            lacks.append("a return annotation")
+        if not dunder and ast.get_docstring(node) is None:
+            lacks.append("a docstring")
+        if lacks:
+            out.append(f"{display}:{node.lineno}: {owner}{name} lacks {' and '.join(lacks)}")
+
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            function(node, "", False)
+        elif isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+            if ast.get_docstring(node) is None:
+                out.append(f"{display}:{node.lineno}: class {node.name} lacks a docstring")
+            for sub in node.body:
+                if isinstance(sub, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    function(sub, f"{node.name}.", True)
+    return out
+
+
+def _module_path(mod: str) -> Path:
+    rel = mod.split(".")[1:]
+    pkg = ROOT.joinpath(*rel)
+    return pkg / "__init__.py" if pkg.is_dir() else pkg.with_suffix(".py")
+
+
+def test_public_api_has_type_hints_and_docstrings():
+    """Project rule: the public API has type hints and docstrings -- every public function, class and
+    method of :data:`PUBLIC_API_MODULES` (checked on the source; nothing is imported)."""
+    problems = []
+    for mod in PUBLIC_API_MODULES:
+        path = _module_path(mod)
+        assert path.is_file(), f"{mod}: no {path} (update PUBLIC_API_MODULES)"
+        problems += _api_problems(path, f"{PKG}/{path.relative_to(ROOT).as_posix()}")
+    _fail(problems, "public API without full type hints or a docstring")
+
+
+def test_public_api_modules_cover_the_package_exports():
+    """Every module the lazy exports of ``thinpool`` and ``thinpool.simulate`` (and the package's own
+    imports) come from is in :data:`PUBLIC_API_MODULES`, so the hint check follows the exports."""
+    missing = []
+    for pkg in ("thinpool", "thinpool.simulate"):
+        tree = ast.parse(_module_path(pkg).read_text(encoding="utf-8"))
+        sources = set()
+        for node in tree.body:
+            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict) and \
+                    any(isinstance(t, ast.Name) and t.id in ("_LAZY", "_WHERE") for t in node.targets):
+                sources |= {f"{pkg}.{v.value}" for v in node.value.values if isinstance(v, ast.Constant)}
+            elif isinstance(node, ast.ImportFrom) and node.level == 1 and node.module and \
+                    any(not a.name.startswith("_") and not (a.asname or "").startswith("_") for a in node.names):
+                sources.add(f"{pkg}.{node.module}")
+        assert sources, f"{pkg}: no exports found (has the lazy-export table been renamed?)"
+        missing += [f"{pkg} exports from {m}" for m in sorted(sources - set(PUBLIC_API_MODULES))]
+    _fail(missing, "modules of the public API missing from PUBLIC_API_MODULES")
+
+
+def test_api_checker_sees_each_lack(tmp_path):
+    """The hint checker itself: each kind of lack is reported, and private or exempt code is not."""
+    src = tmp_path / "m.py"
+    src.write_text('''
+def good(a: int, *rest: str, k: bool = False, **kw: int) -> int:
+    """Fine."""
+def no_hint(a, b: int) -> None:
+    """Doc."""
+def no_return(a: int):
+    """Doc."""
+def no_doc(a: int) -> int:
+    return a
+def stars(*args, **kwargs) -> None:
+    """Doc."""
+def _private(a):
+    pass
+class Bare:
+    def __init__(self, pool) -> None:
+        pass
+    def __exit__(self, exc_type, exc, tb) -> None:
+        pass
+    @property
+    def size(self) -> int:
+        """Doc."""
+    @size.setter
+    def size(self, value):
+        pass
+    @staticmethod
+    def make(x) -> "Bare":
+        """Doc."""
+    def _helper(self, x):
+        pass
+class _Hidden:
+    def open(self, x):
+        pass
+''')
+    got = [p.split(": ", 1)[1] for p in _api_problems(src, "m.py")]
+    assert got == ["no_hint lacks type hints on a",
+                   "no_return lacks a return annotation",
+                   "no_doc lacks a docstring",
+                   "stars lacks type hints on *args, *kwargs",
+                   "class Bare lacks a docstring",
+                   "Bare.__init__ lacks type hints on pool",
+                   "Bare.__exit__ lacks type hints on exc_type, exc, tb",
+                   "Bare.make lacks type hints on x"], got
+
+
+def _module_names(tree: ast.Module) -> set[str]:
+    """The names a module binds at module level (imports -- under ``if TYPE_CHECKING:`` too --,
+    definitions, assignments), plus the builtins."""
+    names = set(dir(builtins))
+
+    def visit(stmts: list[ast.stmt]) -> None:
+        for n in stmts:
+            if isinstance(n, (ast.Import, ast.ImportFrom)):
+                names.update((a.asname or a.name).split(".")[0] for a in n.names)
+            elif isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(n.name)
+            elif isinstance(n, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+                targets = n.targets if isinstance(n, ast.Assign) else [n.target]
+                names.update(x.id for t in targets for x in ast.walk(t) if isinstance(x, ast.Name))
+            elif isinstance(n, (ast.If, ast.Try, ast.With)):
+                visit(n.body)
+                visit(getattr(n, "orelse", []))
+                visit(getattr(n, "finalbody", []))
+                for h in getattr(n, "handlers", []):
+                    visit(h.body)
+    visit(tree.body)
+    return names
+
+
+def _annotation_names(node: ast.AST):
+    """The free names of an annotation (string annotations parsed too)."""
+    for x in ast.walk(node):
+        if isinstance(x, ast.Constant) and isinstance(x.value, str):
+            try:
+                yield from _annotation_names(ast.parse(x.value, mode="eval"))
+            except SyntaxError:
+                continue
+        elif isinstance(x, ast.Name):
+            yield x.id
+
+
+def _unbound_annotation_names(path: Path, display: str) -> list[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    known = _module_names(tree)
+    functions = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    functions += [m for c in tree.body if isinstance(c, ast.ClassDef)
+                  for m in c.body if isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    out = []
+    for f in functions:
+        a = f.args
+        anns = [p.annotation for p in a.posonlyargs + a.args + a.kwonlyargs + [a.vararg, a.kwarg]
+                if p is not None and p.annotation is not None]
+        anns += [f.returns] if f.returns is not None else []
+        for name in sorted({n for ann in anns for n in _annotation_names(ann)} - known):
+            out.append(f"{display}:{f.lineno}: {f.name}'s annotations name {name}, which the module never binds")
+    return out
+
+
+def test_annotations_name_only_what_their_module_binds():
+    """Under ``from __future__ import annotations`` a hint naming something never imported (``Callable``
+    without its import) still runs, but the hint is wrong: ``typing.get_type_hints`` raises NameError and
+    a type checker reports it.  Every module-level function and method of the package is checked."""
+    problems = []
+    for path in GRAPH.modules.values():
+        problems += _unbound_annotation_names(path, f"{PKG}/{path.relative_to(ROOT).as_posix()}")
+    _fail(problems, "annotations naming what their module does not bind")
+
+
+def test_annotation_checker_sees_an_unbound_name(tmp_path):
+    """The checker itself: a name bound only under TYPE_CHECKING is fine, one never bound is reported."""
+    src = tmp_path / "m.py"
+    src.write_text('''from __future__ import annotations
+from typing import TYPE_CHECKING
+if TYPE_CHECKING:
+    from x import Pool
+def f(pool: Pool, cb: Callable[[], bool] | None, n: "Sequence[int]") -> list[int]:
+    """Doc."""
+class C:
+    def m(self, t: Thin) -> C:
+        """Doc."""
+''')
+    got = [p.split(": ", 1)[1] for p in _unbound_annotation_names(src, "m.py")]
+    assert got == ["f's annotations name Callable, which the module never binds",
+                   "f's annotations name Sequence, which the module never binds",
+                   "m's annotations name Thin, which the module never binds"], got

@@ -12,7 +12,7 @@ loaded when a kernel first runs.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import jit_cache as _jit_cache
 from .errors import (AlreadyExists, Busy, FailedPrecondition, InvalidArgument, MetadataCorrupt, NoSpace, NotFound,
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from .thin import Thin
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'thinpool' has no attribute {name!r}")

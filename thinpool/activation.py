@@ -5,6 +5,7 @@ the pool's kernel context's (``hold`` / ``unhold``); :meth:`thinpool.pool.Pool.a
 
 from __future__ import annotations
 
+from types import TracebackType
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -48,7 +49,8 @@ class Activation:
     def __enter__(self) -> Thin:
         return self.thin
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         self.release()
 
     def __repr__(self) -> str:

@@ -9,7 +9,7 @@ not thrown at the first fault.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -17,6 +17,9 @@ from . import schema as K
 from .spacemap_pages import RC_PER_PAGE, zeroed
 from .errors import FailedPrecondition, MetadataCorrupt
 from .schema import DevFlag
+
+if TYPE_CHECKING:
+    from .pool import Pool
 
 
 def _walks():
@@ -37,9 +40,11 @@ class CheckReport:
 
     @property
     def ok(self) -> bool:
+        """True when the check found no error (warnings do not count)."""
         return not self.errors
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready data (what ``thinpool check --json`` prints)."""
         return {"ok": self.ok, "errors": self.errors, "warnings": self.warnings, "devices": self.devices, "mappings": self.mappings,
                 "data_blocks_used": self.data_blocks_used}
 
@@ -82,7 +87,7 @@ def _data_counts(rep: CheckReport, pool: Any, roots: np.ndarray) -> tuple[np.nda
     return exp_inner, exp_leaf, used
 
 
-def check_pool(pool) -> CheckReport:
+def check_pool(pool: Pool) -> CheckReport:
     """Check the in-memory state of an open pool (call after open to check what is on disk)."""
     rep = CheckReport()
     if getattr(pool, "recovered_from", None):

@@ -16,10 +16,14 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from typing import Any, Callable, ContextManager, Iterator
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator
 
 from thinpool.errors import InvalidArgument
 from thinpool.safe_output import atomic_output, check_path
+
+if TYPE_CHECKING:
+    from thinpool.pool import Pool
+    from thinpool.thin import Thin
 
 #: ``progress(description, total_bytes)``: a context manager yielding ``advance(nbytes)`` (the CLI's
 #: progress bar); the default shows nothing
@@ -32,7 +36,7 @@ def no_progress(description: str, total: int) -> Iterator[Callable[[int], None]]
     yield lambda n: None
 
 
-def byte_range(thin: Any, offset: int, length: int | None, what: str) -> tuple[int, int]:
+def byte_range(thin: Thin, offset: int, length: int | None, what: str) -> tuple[int, int]:
     """(offset, length) of ``thin`` for an operation ``what`` (``"read"``, ``"discard"``): ``length``
     None means up to the end; InvalidArgument naming the volume if the range is not inside it."""
     if offset < 0 or offset > thin.size:
@@ -115,7 +119,7 @@ def _checked_input(f: Any, name: str, room: int, length: int | None) -> Any:
     return spool
 
 
-def write_volume(pool: Any, name: str, source: str | os.PathLike[str] = "-", offset: int = 0,
+def write_volume(pool: Pool, name: str, source: str | os.PathLike[str] = "-", offset: int = 0,
                  length: int | None = None) -> dict[str, Any]:
     """Write the bytes of file ``source`` (``-``: stdin) into volume ``name`` at ``offset`` (at most
     ``length`` bytes).  Every byte is written, zeros included (:func:`import_image` for sparse images).
@@ -150,7 +154,7 @@ def write_volume(pool: Any, name: str, source: str | os.PathLike[str] = "-", off
 
 
 
-def read_volume(pool: Any, name: str, output: str | os.PathLike[str] = "-", offset: int = 0,
+def read_volume(pool: Pool, name: str, output: str | os.PathLike[str] = "-", offset: int = 0,
                 length: int | None = None) -> dict[str, Any]:
     """Copy ``length`` bytes (default: to the end) of volume ``name`` from ``offset`` to file ``output``
     (``-``: stdout), every byte.  Returns ``{"name", "offset", "bytes_read"}``."""
@@ -245,7 +249,7 @@ class _Importer:
                 self.blocks_written += 1
 
 
-def import_image(pool: Any, name: str, source: str | os.PathLike[str], size: int | None = None, *,
+def import_image(pool: Pool, name: str, source: str | os.PathLike[str], size: int | None = None, *,
                  progress: Progress = no_progress) -> dict[str, Any]:
     """Import the raw image file ``source`` (``-``: stdin) into volume ``name``, sparse-aware: only
     non-zero blocks are written; holes are skipped with SEEK_DATA/SEEK_HOLE.  Creates the volume (size:
@@ -404,7 +408,7 @@ def _unmap_hole(thin: Any, imp: _Importer, start: int, end: int, bs: int) -> Non
 
 
 
-def export_image(pool: Any, name: str, output: str | os.PathLike[str] = "-", *,
+def export_image(pool: Pool, name: str, output: str | os.PathLike[str] = "-", *,
                  progress: Progress = no_progress) -> dict[str, Any]:
     """Export volume ``name`` as a raw image to ``output`` (``-``: stdout).  A regular output file is
     written sparse: truncated to the volume size, then only mapped non-zero blocks are written (seeking

@@ -465,25 +465,31 @@ class Pool(Transactions, DeviceOps, Features, Accounting):
 
     @property
     def nr_data_blocks(self) -> int:
+        """The data device's size in blocks of :attr:`block_size` (what a resize changes)."""
         return self._space.nr_blocks
 
     @property
     def time(self) -> int:
+        """dm-thin's pool time: a counter each snapshot steps by one; new mappings carry it, and
+        a write unshares a mapping older than its volume's snapshotted time (docs/dm-thin.md §4)."""
         return int(self._st[K.ST_TIME])
 
     @property
     def transaction_id(self) -> int:
+        """The userspace transaction id that :meth:`set_transaction_id` last set (dm-thin's; 0 when new)."""
         return int(self._header["transaction_id"])
 
     @property
     def uuid(self) -> str:
+        """The pool's UUID, fixed when it was created ("" for a pool made before pools had one)."""
         return self._header.get("uuid", "")
 
     # ------------------------------------------------------------------ context manager
     def __enter__(self) -> "Pool":
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: types.TracebackType | None) -> None:
         """Commit and close if the block succeeded; close without committing (dropping everything
         since the last commit) if it raised."""
         self.close(commit=exc_type is None)

@@ -359,6 +359,7 @@ class TrimResult:
     held_blocks: int
 
     def as_dict(self) -> dict[str, int]:
+        """Every field, JSON-ready (what ``thinpool trim --json`` prints)."""
         return {"punched_blocks": self.punched_blocks, "punched_runs": self.punched_runs,
                 "punched_bytes": self.punched_bytes, "free_blocks": self.free_blocks,
                 "held_blocks": self.held_blocks}

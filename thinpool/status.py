@@ -36,10 +36,13 @@ class PoolStatus:
 
     @property
     def free_data_blocks(self) -> int:
+        """Data blocks not in use: ``total_data_blocks - used_data_blocks``."""
         return self.total_data_blocks - self.used_data_blocks
 
     @property
     def metadata_low_water_mark(self) -> int:
+        """dm-thin's metadata low-water mark in 4 KiB metadata blocks: a quarter of the metadata
+        device, at most 4 MiB (1024 blocks), as the kernel's ``calc_metadata_threshold``."""
         return min(1024, self.total_metadata_blocks // 4)
 
     @property
@@ -62,6 +65,7 @@ class PoolStatus:
                 f"{'needs_check' if self.needs_check else '-'} {self.metadata_low_water_mark} ")
 
     def as_dict(self) -> dict[str, Any]:
+        """Every field plus the derived ``free_data_blocks`` and ``metadata_low_water_mark`` (JSON-ready)."""
         d = asdict(self)
         d["free_data_blocks"] = self.free_data_blocks
         d["metadata_low_water_mark"] = self.metadata_low_water_mark
@@ -82,13 +86,16 @@ class Usage:
 
     @property
     def mapped_bytes(self) -> int:
+        """Bytes of the blocks the volume maps (``mapped_blocks`` x ``block_size``)."""
         return self.mapped_blocks * self.block_size
 
     @property
     def exclusive_bytes(self) -> int:
+        """Bytes of the mapped blocks no other volume shares (what deleting the volume would free)."""
         return self.exclusive_blocks * self.block_size
 
     def as_dict(self) -> dict[str, Any]:
+        """Every field plus ``mapped_bytes``, ``exclusive_bytes`` and ``shared_bytes`` (JSON-ready)."""
         d = asdict(self)
         d.update(mapped_bytes=self.mapped_bytes, exclusive_bytes=self.exclusive_bytes,
                  shared_bytes=self.shared_blocks * self.block_size)

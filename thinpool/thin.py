@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Sequence
+import types
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
@@ -24,6 +25,10 @@ from .hostio import last_errno, libc
 from .io_checks import ORIGIN_ERROR, as_offsets, check_span, io_integer, out_buffer
 from .schema import (DEV_CREATION_TIME, DEV_FLAGS, DEV_MAPPED, DEV_ROOT, DEV_SIZE, DEV_SNAP_TIME,
                      DEV_TRANSACTION, FLAG_READ_ONLY, U64_MASK, unpack_mapping)
+
+if TYPE_CHECKING:
+    from .pool import Pool
+    from .status import Usage
 
 libc()  # loaded now: last_errno() after a failed kernel call must not be its first use
 
@@ -67,7 +72,7 @@ class Thin:
 
     __slots__ = ("pool", "_ctx", "_key", "_name")
 
-    def __init__(self, pool, name: str) -> None:
+    def __init__(self, pool: Pool, name: str) -> None:
         """The handle of ``pool``'s volume called ``name`` now (NotFound if none); prefer :meth:`Pool.thin`."""
         ctx = pool._engine
         self.pool = pool
@@ -179,13 +184,15 @@ class Thin:
             ctx.hold(self._key, WITH_BLOCK)
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: types.TracebackType | None) -> None:
         """Release the hold taken by :meth:`__enter__`."""
         with self._ctx.lock:
             self._ctx.unhold(self._key, WITH_BLOCK)
 
-    def usage(self):
-        """This volume's :class:`~thinpool.pool.Usage`."""
+    def usage(self) -> Usage:
+        """This volume's :class:`~thinpool.status.Usage` (mapped, exclusive and shared blocks); NotFound
+        if it was deleted."""
         with self._ctx.lock:
             self._slot()
             return self.pool.usage(self.name)

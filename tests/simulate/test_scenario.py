@@ -124,6 +124,18 @@ def test_sweep_hands_out_the_likely_longest_runs_first(tmp_path):
     assert [pts[i] for i in cost_order(s, pts)] == [pts[2], pts[3], pts[0], pts[1]]
 
 
+def test_rule_missing_optional_dependency_is_a_clear_error_sweep_to_pandas(monkeypatch):
+    """Without pandas (an optional extra), SweepResult.to_pandas raises InvalidArgument naming the
+    extra, as Result.to_pandas does -- not a bare ModuleNotFoundError from inside the library."""
+    from thinpool.simulate import Result
+    from thinpool.simulate.sweeps import SweepResult
+    sr = SweepResult([({"keep": "1"}, Result({"cow_bytes_copied": 0}))])
+    monkeypatch.setitem(sys.modules, "pandas", None)  # `import pandas` now raises ImportError
+    for obj in (sr, sr.runs[0][1]):
+        with pytest.raises(InvalidArgument, match=r"to_pandas needs pandas .*thinpool\[simulate\]"):
+            obj.to_pandas()
+
+
 def test_sweep_results_identical_in_process_on_workers_and_on_dask(tmp_path):
     fio_iolog(tmp_path)
     (tmp_path / "s.toml").write_text(SCENARIO)

@@ -39,13 +39,16 @@ import os
 import shutil
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 
 from ..errors import AlreadyExists, InvalidArgument, NotFound
 from ..units import parse_size
 from .snapshotter import Snapshotter
+
+if TYPE_CHECKING:
+    from ..pool import Pool
 
 RECORDS_PREFIX = "layers/"
 BASE = "base"
@@ -116,6 +119,7 @@ class ImageRow:
     layers: int
 
     def as_dict(self) -> dict[str, Any]:
+        """Every field, JSON-ready."""
         return asdict(self)
 
 
@@ -134,6 +138,7 @@ class HistoryRow:
     comment: str = ""
 
     def as_dict(self) -> dict[str, Any]:
+        """Every field, JSON-ready."""
         return asdict(self)
 
 
@@ -156,6 +161,7 @@ class PsRow:
     mapped_blocks: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
+        """Every field, JSON-ready."""
         return asdict(self)
 
 
@@ -183,6 +189,7 @@ class WriteResult:
     relocated: bool = False
 
     def as_dict(self) -> dict[str, Any]:
+        """Every field, JSON-ready."""
         return asdict(self)
 
 
@@ -195,7 +202,7 @@ class LayerStore:
     (every layer and container inherits it).
     """
 
-    def __init__(self, pool, *, namespace: str = "moby", base_size: int | str = "10GiB", seed: int = 0) -> None:
+    def __init__(self, pool: Pool, *, namespace: str = "moby", base_size: int | str = "10GiB", seed: int = 0) -> None:
         self.pool = pool
         self.snapshotter = Snapshotter(pool, namespace, base_size=base_size, autocommit=False)
         self.namespace = namespace
@@ -220,6 +227,7 @@ class LayerStore:
 
     @property
     def block_size(self) -> int:
+        """The pool's data block size in bytes."""
         return self.pool.block_size
 
     # ------------------------------------------------------------------ records / transactions

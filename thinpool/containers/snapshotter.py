@@ -51,13 +51,17 @@ import re
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, ContextManager, Iterable
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterable
 
 import numpy as np
 
 from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from ..units import parse_size
 from .filters import KINDS, parse_filter
+
+if TYPE_CHECKING:
+    from ..pool import Pool
+    from ..thin import Thin
 
 VOLUME_PREFIX = "snap/"
 RECORDS_PREFIX = "snapshots/"
@@ -122,9 +126,11 @@ class Mount:
 
     @property
     def read_only(self) -> bool:
+        """Whether the mount is read-only (``"ro"`` in its options: a view)."""
         return "ro" in self.options
 
     def as_dict(self) -> dict[str, Any]:
+        """The mount as JSON-ready data (the live ``thin`` handle left out)."""
         return {"type": self.type, "source": self.source, "options": list(self.options),
                 "dev_id": self.dev_id, "pool": self.pool}
 
@@ -153,6 +159,7 @@ class SnapshotUsage:
     mapped_growth_blocks: int
 
     def as_dict(self) -> dict[str, Any]:
+        """Every field, JSON-ready."""
         return {"size_bytes": self.size_bytes, "inodes": self.inodes, "block_size": self.block_size,
                 "owned_blocks": self.owned_blocks, "mapped_blocks": self.mapped_blocks,
                 "exclusive_blocks": self.exclusive_blocks, "shared_blocks": self.shared_blocks,
@@ -237,7 +244,7 @@ class Snapshotter:
     every mutation commits the pool, records and devices together.
     """
 
-    def __init__(self, pool, namespace: str = "default", *, base_size: int | str = DEFAULT_BASE_SIZE,
+    def __init__(self, pool: Pool, namespace: str = "default", *, base_size: int | str = DEFAULT_BASE_SIZE,
                  autocommit: bool = True) -> None:
         if not isinstance(namespace, str) or len(namespace) > 76 or not _NAMESPACE_RE.match(namespace):
             raise InvalidArgument(f"invalid snapshotter namespace {namespace!r}: letters, digits and single "
@@ -537,8 +544,9 @@ class Snapshotter:
                 raise FailedPrecondition(f"snapshot {key!r} is committed, not active or view: it has no mounts")
             return self._mount(rec, key)
 
-    def volume(self, key: str):
-        """The :class:`~thinpool.thin.Thin` volume of any snapshot (committed ones included)."""
+    def volume(self, key: str) -> Thin:
+        """The :class:`~thinpool.thin.Thin` volume of any snapshot (committed ones included); NotFound
+        if there is no snapshot ``key``."""
         with self._lock:
             return self.pool.thin(self._volume_of(key, self._get(self._load(), key)))
 

@@ -49,6 +49,7 @@ class ArrayTrace:
         self.chunk_records = max(1, int(chunk_records))
 
     def chunks(self) -> Iterator[Chunk]:
+        """The records in order, ``chunk_records`` at a time; ``line`` numbers them from 1."""
         for a in range(0, len(self.op), self.chunk_records):
             b = a + self.chunk_records
             yield Chunk(self.time[a:b], self.op[a:b], self.offset[a:b], self.length[a:b], self.volume[a:b],
@@ -65,8 +66,9 @@ def expected_records(trace: Any) -> int:
         return 0
 
 
-def open_trace(trace: Any, format: str | None = None, *, skip_bad: bool = False, blkparse_event: str = "Q"):
-    """A path (read by :mod:`thinpool.simulate.traces`) or an object with ``chunks()`` (used as is)."""
+def open_trace(trace: Any, format: str | None = None, *, skip_bad: bool = False, blkparse_event: str = "Q") -> Any:
+    """The trace to read: a path opened by :func:`thinpool.simulate.traces.open_trace` (a ``Trace``;
+    its errors are ``TraceError``), or an object with ``chunks()`` such as :class:`ArrayTrace`, used as is."""
     if hasattr(trace, "chunks"):
         return trace
     from . import traces

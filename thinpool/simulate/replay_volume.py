@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -19,8 +19,11 @@ from .replayer import Replayer
 from .results import ReplayResult
 from .schedule import Every, Target, check_keep
 
+if TYPE_CHECKING:
+    from ..pool import Pool
 
-def replay(pool, volume: str | Thin, trace: Any, *, format: str | None = None,
+
+def replay(pool: Pool, volume: str | Thin, trace: Any, *, format: str | None = None,
            snapshot_every: int | str | Every | None = None, keep: int | None = None,
            sample_every: int | str | Every | None = None, wrap: bool = False, offset_scale: float = 1.0,
            skip_bad: bool = False, blkparse_event: str = "Q", commit_on_flush: bool = True,

@@ -13,12 +13,16 @@ import io
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import InvalidArgument
 from ..safe_output import check_path, write_output
+
+if TYPE_CHECKING:  # optional dependencies (the simulate extra)
+    import pandas
+    import pyarrow
 
 #: counters every result carries, in this order (the JSON keys besides ``series`` and ``volumes``)
 COUNTERS = ("ios", "reads", "writes", "discards", "flushes", "bytes_read", "bytes_written", "block_size",
@@ -75,7 +79,7 @@ class Result:
             write_output(path, text + "\n", what="JSON output")
         return text
 
-    def to_pandas(self):
+    def to_pandas(self) -> pandas.DataFrame:
         """The time series as a ``pandas.DataFrame`` (one row per sample; pandas is optional)."""
         try:
             import pandas as pd
@@ -83,7 +87,7 @@ class Result:
             raise InvalidArgument("to_pandas needs pandas (pip install 'thinpool[simulate]')") from None
         return pd.DataFrame({k: np.asarray(v) for k, v in self.series.items()})
 
-    def to_arrow(self):
+    def to_arrow(self) -> pyarrow.Table:
         """The time series as a ``pyarrow.Table`` (pyarrow is optional)."""
         try:
             import pyarrow as pa

@@ -14,13 +14,16 @@ import math
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from ..errors import InvalidArgument
 from ..safe_output import write_output
 from .results import Result
 from .scenario import Scenario, load_scenario, run
 from .schedule import Every
+
+if TYPE_CHECKING:  # an optional dependency (the simulate extra)
+    import pandas
 
 #: most runs a sweep may have (the product of its value lists' lengths)
 MAX_RUNS = 10_000
@@ -88,17 +91,23 @@ class SweepResult:
     runs: list[tuple[dict[str, Any], Result]]
 
     def to_dict(self) -> dict[str, Any]:
+        """``{"runs": [{"params": settings, "result": Result.to_dict()}, ...]}`` (JSON-ready)."""
         return {"runs": [{"params": p, "result": r.to_dict()} for p, r in self.runs]}
 
     def to_json(self, path: str | os.PathLike | None = None) -> str:
+        """The JSON text of :meth:`to_dict` (written to ``path`` too when given)."""
         text = json.dumps(self.to_dict(), indent=1)
         if path is not None:
             write_output(path, text + "\n", what="JSON output")
         return text
 
-    def to_pandas(self):
-        """One row per run: the swept settings, then every counter (pandas is optional)."""
-        import pandas as pd
+    def to_pandas(self) -> pandas.DataFrame:
+        """One row per run: the swept settings, then every counter (pandas is optional: InvalidArgument
+        naming the extra to install when it is missing, as :meth:`Result.to_pandas`)."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise InvalidArgument("to_pandas needs pandas (pip install 'thinpool[simulate]')") from None
         rows = []
         for p, r in self.runs:
             row = dict(p)
