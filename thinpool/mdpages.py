@@ -13,7 +13,7 @@ import mmap
 import os
 import struct
 import sys
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 
 def _crc32c_function() -> Any:
@@ -237,7 +237,7 @@ class PageUpdates:
     """A few changed pages of an array whose other pages stay as committed (the array is not
     loaded whole; see :class:`thinpool.devtable.DeviceTable`)."""
 
-    def __init__(self, npages: int, pages: dict[int, bytes | bytearray], dead: Iterable[int] = ()) -> None:
+    def __init__(self, npages: int, pages: Mapping[int, bytes | bytearray], dead: Iterable[int] = ()) -> None:
         """``pages``: page index -> its new 4 KiB; ``dead``: pages released (read as zeroes after)."""
         if any(len(p) != BLOCK for p in pages.values()):
             raise ValueError("a page update must be exactly one 4 KiB page")

@@ -115,7 +115,7 @@ class Pool(Transactions, DeviceOps, Features, Accounting):
             hdr = self._store.header
             data_path = hdr.get("data_file") or os.path.join(self.path, self.DATA)
             if hdr.get("metadata_only"):
-                self._data = NullDataDevice(self.block_size, self._space.nr_blocks, read_only=read_only)
+                self._data: DataDevice | NullDataDevice = NullDataDevice(self.block_size, self._space.nr_blocks, read_only=read_only)
             else:
                 self._data = DataDevice(data_path, self.block_size, self._space.nr_blocks, read_only=read_only,
                                         owner=self.uuid, pool_path=self.path, data_rc=self._space.data_rc,
@@ -443,8 +443,9 @@ class Pool(Transactions, DeviceOps, Features, Accounting):
         return self._store
 
     @property
-    def data(self) -> DataDevice:
-        """The data device (read-only attribute)."""
+    def data(self) -> DataDevice | NullDataDevice:
+        """The data device (read-only attribute): a :class:`~thinpool.datadev.NullDataDevice`, with no
+        file, for a metadata-only pool."""
         return self._data
 
     # ------------------------------------------------------------------ properties

@@ -9,7 +9,7 @@ uses too.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 
@@ -39,8 +39,14 @@ class Accounting:
         used = (self._devs["flags"] & DevFlag.IN_USE) != 0
         return self._devs["root"][used].astype(np.int64)
 
+    @overload
+    def usage(self, name: str) -> Usage: ...
+
+    @overload
+    def usage(self, name: None = None) -> list[Usage]: ...
+
     @_locked
-    def usage(self, name: str | None = None) -> "Usage | list[Usage]":
+    def usage(self, name: str | None = None) -> Usage | list[Usage]:
         """Mapped / exclusive / shared blocks of one volume (or of all, in dev-id order).
 
         Exclusive = mapped blocks whose data block no other mapping entry in the pool references

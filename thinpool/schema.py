@@ -46,9 +46,9 @@ TIME_BITS = 24
 TIME_MASK = (1 << TIME_BITS) - 1
 
 
-def pack_mapping(block: int, time: int) -> int:
+def pack_mapping(block: Any, time: Any) -> Any:
     """A leaf's mapping value: data block ``block`` written at pool time ``time`` (dm-thin keeps
-    the low 24 bits of the time)."""
+    the low 24 bits of the time); ints, or numpy uint64 arrays (element-wise)."""
     return (block << TIME_BITS) | (time & TIME_MASK)
 
 

@@ -10,6 +10,7 @@ pass over a file.
 
 from __future__ import annotations
 
+import abc
 import re
 from dataclasses import dataclass, field
 
@@ -64,7 +65,7 @@ def _empty_records() -> Records:
                    np.empty(0, np.int64), np.empty(0, np.int32), np.empty(0, np.int64))
 
 
-class Parser:
+class Parser(abc.ABC):
     """Base of the format parsers: ``parse(buf, size, first_line)`` -> (:class:`Records`, :class:`Bad`)."""
 
     #: names of the volumes seen so far, in order of first appearance
@@ -75,7 +76,12 @@ class Parser:
         self.t0: int | None = None     # the first record's time stamp, in the format's unit
 
     def volumes(self) -> list[str]:
+        """The volume names seen so far, in order of first appearance (``["0"]`` if none)."""
         return list(self.names.names) or ["0"]
+
+    @abc.abstractmethod
+    def parse(self, buf: np.ndarray, size: int, first_line: int) -> tuple[Records, Bad]:
+        """The records of ``buf[:size]`` (whole lines; the first is line ``first_line``) and the bad ones."""
 
     def _seconds(self, ticks: np.ndarray, scale: float) -> np.ndarray:
         """Integer time stamps -> float seconds since the first record's (kept across blocks)."""
