@@ -1,7 +1,8 @@
 """Helpers shared by the test modules (fixtures built on them live in ``tests/conftest.py``).
 
 - :func:`require_tool` / :func:`require_root`: skip on a developer machine, fail under ``CI=true``.
-- :data:`SOAK` / :func:`soak_scaled`: ``THINPOOL_SOAK=1`` selects the long settings of the fault suites.
+- :data:`SOAK` / :func:`soak_scaled` / :func:`soak_examples`: ``THINPOOL_SOAK=1`` selects the long settings of the
+  fault suites and ten times the Hypothesis examples of the property tests.
 - :func:`scratch_dir`: a directory on ``/dev/shm`` when writable (the fault suites write a lot), removed after.
 - :data:`REPORTS`: reliability counts collected by the fault suites and written to ``.reliability/<name>.json``
   once, at the end of the session (``pytest_sessionfinish`` in conftest), whatever order the tests ran in.
@@ -105,6 +106,14 @@ def unix_socket_accepts(path: str) -> bool:
 def soak_scaled(env: str, normal: int, soak: int) -> int:
     """An iteration count: ``$env`` when set, else ``soak`` under THINPOOL_SOAK=1, else ``normal``."""
     return int(os.environ.get(env, soak if SOAK else normal))
+
+
+def soak_examples(normal: int, factor: int = 10) -> int:
+    """A Hypothesis ``max_examples``: ``normal``, or under THINPOOL_SOAK=1 ``normal`` times
+    ``$THINPOOL_EXAMPLES_FACTOR`` (``factor`` when unset)."""
+    if not SOAK:
+        return normal
+    return normal * int(os.environ.get("THINPOOL_EXAMPLES_FACTOR", factor))
 
 
 def require_tool(*names: str) -> None:

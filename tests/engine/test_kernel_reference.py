@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.engine import reference as R
+from tests.support import soak_examples
 from thinpool import kernels as K
 from thinpool import kernels_map as M
 from thinpool import schema as S
@@ -28,7 +29,7 @@ from thinpool import walks as W
 from thinpool.blockmap import BlockMap
 
 JIT_OFF = os.environ.get("NUMBA_DISABLE_JIT", "0") not in ("", "0")
-EXAMPLES = 40 if JIT_OFF else 200
+EXAMPLES = soak_examples(40 if JIT_OFF else 200)
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 NODE_CAP = 1024            # node slots per kind (a whole reference-count page)
@@ -335,7 +336,7 @@ def _compare(nr_blocks, used_frac, freed_frac, cursor, count, seed):
     assert M.alloc_data_block((data_rc, freed, rc_dirty), s) == ref.alloc()
 
 
-@settings(max_examples=60 if JIT_OFF else 300, deadline=None)
+@settings(max_examples=soak_examples(60 if JIT_OFF else 300), deadline=None)
 @given(nr_blocks=st.integers(1, 3000), used_frac=st.floats(0, 1), freed_frac=st.floats(0, 1),
        cursor=st.integers(0, 3500), count=st.integers(0, 3500), seed=st.integers(0, 2**32 - 1))
 def test_allocation(nr_blocks, used_frac, freed_frac, cursor, count, seed):

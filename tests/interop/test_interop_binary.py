@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tests.support import require_tool
+from tests.support import require_tool, soak_examples
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -208,7 +208,7 @@ def full_roundtrip(md: Metadata, path: Path, **kw: object) -> int:
 # 1. our writer -> thin_check / thin_dump / our reader
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=soak_examples(30), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**32 - 1), n_devices=st.integers(0, 6),
        nr_data_blocks=st.one_of(st.integers(1, 3000), st.integers(16320, 3 * 16320 + 7)), big=st.booleans())
 def test_random_metadata_roundtrips_through_real_tools(seed: int, n_devices: int, nr_data_blocks: int,

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from tests.support import require_tool
+from tests.support import require_tool, soak_examples
 from thinpool import Pool
 from thinpool.interop.binary import write_binary_metadata
 from thinpool.interop.binary_read import read_binary_metadata
@@ -104,7 +104,7 @@ def build_pool(path, program, big: bool) -> Pool:
     return pool
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=soak_examples(12), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                   HealthCheck.too_slow])
 @given(program=ops, big=st.booleans(), seed=st.integers(0, 1000))
 def test_random_pools_agree_with_real_tools(tmp_path_factory, program, big, seed):

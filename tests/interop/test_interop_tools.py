@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.support import require_tool
+from tests.support import require_tool, soak_examples
 from tests.interop.test_interop_xml import make_device, metadata_irs, restore
 from thinpool.errors import InvalidArgument, NotFound
 from thinpool.interop.ir import Metadata, Superblock
@@ -54,7 +54,7 @@ def ours_ls(md: Metadata, which: str) -> str:
 
 
 @pytest.mark.realtools
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=soak_examples(30), deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(md=metadata_irs(), data=st.data())
 def test_tools_match_real_tools(md: Metadata, data: st.DataObject) -> None:
     require_tool(*TOOLS)

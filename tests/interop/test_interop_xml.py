@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.support import require_tool
+from tests.support import require_tool, soak_examples
 from thinpool.errors import AlreadyExists, InvalidArgument
 from thinpool.interop.ir import Device, Metadata, Superblock
 from thinpool.interop.xml import DuplicateDevice, dump_xml, load_xml, mapping_runs
@@ -126,7 +126,7 @@ def assert_same_ir(a: Metadata, b: Metadata) -> None:
 
 
 @pytest.mark.realtools
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=soak_examples(30), deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(metadata_irs())
 def test_dump_is_byte_identical_to_thin_dump_and_round_trips(md: Metadata) -> None:
     require_tool("thin_restore", "thin_dump")

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import pytest
-from tests.support import require_root, require_tool, unix_socket_accepts
+from tests.support import require_root, require_tool, soak_examples, unix_socket_accepts
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -853,7 +853,7 @@ diff_request = st.tuples(
 )
 
 
-@settings(max_examples=200, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=soak_examples(200), deadline=None, database=None, suppress_health_check=list(HealthCheck))
 @given(st.booleans(), st.lists(diff_request, min_size=1, max_size=25))
 def test_pool_backend_matches_the_memory_reference(diff_env: dict[str, Any], structured: bool,
                                                    requests: list[tuple[int, int, int, int, int]]) -> None:

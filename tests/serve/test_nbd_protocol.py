@@ -25,6 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.support import soak_examples
 from thinpool.errors import AlreadyExists, InvalidArgument, NoSpace, NotFound, ReadOnly
 from thinpool.nbd import protocol as P
 from thinpool.nbd.backend import MemoryExport, MemoryProvider, split_by_blocks
@@ -35,7 +36,7 @@ from thinpool.nbd.requests import clip_extents, nbd_error_for
 KiB, MiB = 1024, 1024 * 1024
 BS = 64 * KiB
 FUZZ = settings(
-    max_examples=200,
+    max_examples=soak_examples(200),
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.too_slow],
@@ -453,7 +454,7 @@ def test_memory_export_semantics() -> None:
     assert prov.used_blocks == 4 and prov.list_exports() == ["v"]
 
 
-@settings(max_examples=60, deadline=None, database=None)
+@settings(max_examples=soak_examples(60), deadline=None, database=None)
 @given(st.lists(st.tuples(st.sampled_from(["w", "t", "z", "zh"]), st.integers(0, 60000), st.integers(0, 9000)),
                 max_size=25))
 def test_memory_export_model(ops: list[tuple[str, int, int]]) -> None:
@@ -1155,7 +1156,7 @@ option_frame_st = st.one_of(
 )
 
 
-@settings(FUZZ, max_examples=400)
+@settings(FUZZ, max_examples=soak_examples(400))
 @given(st.integers(0, 7), st.booleans(), st.lists(option_frame_st, max_size=8))
 def test_fuzz_option_haggling(live: tuple[NBDServer, MemoryProvider], cflags: int, structured: bool,
                               frames: list[tuple[int, bytes, str]]) -> None:
