@@ -16,7 +16,10 @@ The rules:
 * no import cycles, at any level, except those listed in :data:`ALLOWED_CYCLES` with a reason;
 * no ``_private`` name of a module is used outside that module's package (``from X import _y``,
   ``X._y`` through an imported module, or importing a ``_private`` module); and the front ends never
-  touch the engine's private members listed in :data:`ENGINE_PRIVATE_MEMBERS` on any object.
+  touch the engine's private members listed in :data:`ENGINE_PRIVATE_MEMBERS` on any object;
+* the library API (:data:`PUBLIC_API_MODULES`) has type hints on every parameter, a return
+  annotation and a docstring on every public function, class and method; and no annotation in the
+  package names something its module never binds (``Callable`` used but not imported).
 
 Each failure names the file and line.
 """

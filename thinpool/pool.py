@@ -482,7 +482,8 @@ class Pool(Transactions, DeviceOps, Features, Accounting):
 
     @property
     def uuid(self) -> str:
-        """The pool's UUID, fixed when it was created ("" for a pool made before pools had one)."""
+        """The pool's UUID, drawn when it was created (its data file's owner stamp names it; "" if the
+        metadata header has none)."""
         return self._header.get("uuid", "")
 
     # ------------------------------------------------------------------ context manager
