@@ -476,3 +476,18 @@ def test_rule_mutated_thin_dump_xml_is_loaded_or_refused_naming_the_line(edits: 
         load_xml(text)
     except InvalidArgument as exc:
         assert "line " in str(exc) and len(str(exc)) < 600, str(exc)[:700]
+
+
+# ====================================================================================== CLI integers
+@pytest.mark.parametrize("text", ["\u0663", "1_000", "\u0968", "\uff15", HUGE, "0x10", "1e3", "5.0"])
+def test_rule_cli_integers_are_ascii_decimal_and_bounded(pool: Path, text: str) -> None:
+    """click's int() took '1_000', Arabic-Indic and full-width digits ('set-transaction-id P 0 ٣' set
+    the id to 3): every integer option and argument is ASCII decimal now; the pool is unchanged."""
+    before = sha(pool / "metadata")
+    for args in (("set-transaction-id", str(pool), "0", text), ("set-autoextend", str(pool), "--threshold", text),
+                 ("create-thin", str(pool), "v", "1MiB", "--dev-id", text),
+                 ("create", str(pool.parent / "new"), "--max-thins", text)):
+        result = cli(*args)
+        assert_clean_refusal(result, "is not a decimal integer" if len(text) < 40 else "too large")
+        assert result.exit_code == 2
+    assert sha(pool / "metadata") == before and not (pool.parent / "new").exists()

@@ -31,6 +31,38 @@ class SizeType(click.ParamType):
 SIZE = SizeType()
 
 
+def _check_decimal(ptype: click.ParamType, value: Any, param: click.Parameter | None,
+                   ctx: click.Context | None) -> None:
+    """ASCII decimal integers only: click's ``int()`` also took ``1_000``, Arabic-Indic or other
+    Unicode digits (``set-transaction-id P 0 ٣`` set the id to 3) and numbers of thousands of digits."""
+    if isinstance(value, str):
+        text = value.strip()
+        digits = text[1:] if text[:1] in "+-" else text
+        if not (digits.isascii() and digits.isdigit()):
+            ptype.fail(f"{value[:40]!r} is not a decimal integer", param, ctx)
+        if len(digits.lstrip("0")) > 30:
+            ptype.fail(f"{value[:40]!r}... is too large ({len(digits)} digits)", param, ctx)
+
+
+class IntRange(click.IntRange):
+    """click's ``IntRange`` for ASCII decimal integers only (:func:`_check_decimal`)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        _check_decimal(self, value, param, ctx)
+        return super().convert(value, param, ctx)
+
+
+class _Int(click.types.IntParamType):
+    """click's ``INT`` for ASCII decimal integers only (:func:`_check_decimal`)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        _check_decimal(self, value, param, ctx)
+        return super().convert(value, param, ctx)
+
+
+INT = _Int()
+
+
 class ModeType(click.ParamType):
     """A pool directory mode in octal (``0700``, ``750``); the pool's files get it without execute bits."""
 

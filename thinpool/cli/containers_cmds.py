@@ -25,7 +25,7 @@ from thinpool.units import parse_size
 
 DEFAULT_BASE_SIZE = parse_size("10GiB")  # thinpool.containers.snapshotter's default; imported lazily (numpy)
 
-from .common import SIZE, abspath, emit, json_option, pool_argument
+from .common import INT, SIZE, abspath, emit, json_option, pool_argument
 from .registry import register_op, run_op
 
 SECTION = "Container commands (containerd-style snapshots, Docker demo)"
@@ -313,7 +313,7 @@ def snapshot_usage_cmd(pool: str, key: str, namespace: str, as_json: bool) -> No
 @click.option("--data-size", type=SIZE, default="100GiB", show_default=True,
               help="Pool data device size (a sparse file; Docker's loop-lvm default).  Less than the idealized "
                    "walkthrough maps (1,580 blocks at 64K, 205 at 512K) is refused at once.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the pseudo-random file content.")
+@click.option("--seed", type=INT, default=0, show_default=True, help="Seed of the pseudo-random file content.")
 @click.option("--real-fs", "real_fs", is_flag=True,
               help="Root only: run it with ext4 on the thin devices (served over NBD, nbdfuse + loop devices, "
                    "mkfs.ext4, real files) and report what ext4 really wrote beside the idealized numbers.")

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from .common import SIZE, abspath, emit, json_option, pool_argument
+from .common import IntRange, SIZE, abspath, emit, json_option, pool_argument
 from . import ops as _ops  # noqa: F401  (registers the interop ops)
 from .registry import OPS, run_op
 
@@ -127,7 +127,7 @@ def restore_cmd(pool: str, input_file: str, data_size: int | None, data_file: st
 @click.command("export-metadata")
 @pool_argument
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--metadata-blocks", type=click.IntRange(min=8), default=None,
+@click.option("--metadata-blocks", type=IntRange(min=8), default=None,
               help="Size of the metadata file in 4KiB blocks (default: thin_metadata_size's estimate).")
 @json_option
 def export_metadata_cmd(pool: str, file: str, metadata_blocks: int | None, as_json: bool) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from .common import SIZE, abspath, emit, json_option, mode_option, pool_argument
+from .common import IntRange, SIZE, abspath, emit, json_option, mode_option, pool_argument
 from .ops import render_features, render_status_human
 from .registry import OPS, register_op, run_op
 
@@ -52,7 +52,7 @@ SECTION = "Pool commands"
               help="Data block size: a multiple of 64KiB up to 1GiB.")
 @click.option("--metadata-size", type=SIZE, default=None,
               help="Metadata size (default: thin_metadata_size's estimate with headroom).")
-@click.option("--low-water-mark", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--low-water-mark", type=IntRange(min=0), default=0, show_default=True,
               help="Free data blocks at which the low-water event fires.")
 @_no_space_options(False, 60.0)
 @_discard_options("passdown")
@@ -64,7 +64,7 @@ SECTION = "Pool commands"
                    "by default freed blocks keep their bytes until `thinpool trim` or a discard).")
 @click.option("--data-file", type=click.Path(dir_okay=False), default=None,
               help="Put the data device at this path instead of <POOL>/data.")
-@click.option("--max-thins", type=click.IntRange(min=1), default=1000, show_default=True,
+@click.option("--max-thins", type=IntRange(min=1), default=1000, show_default=True,
               help="Expected number of thin volumes (sizes the default metadata).")
 @click.option("--force", is_flag=True,
               help="Use a non-empty existing --data-file anyway (the new pool maps none of it: new volumes "
@@ -172,10 +172,10 @@ def resize_cmd(pool: str, data_size: int | None, metadata_size: int | None, as_j
 
 @click.command("set-autoextend")
 @pool_argument
-@click.option("--threshold", type=click.IntRange(0, 100), required=True,
+@click.option("--threshold", type=IntRange(0, 100), required=True,
               help="Grow when use goes above this percent (LVM's thin_pool_autoextend_threshold; 100 = off, "
                    "below 50 counts as 50).")
-@click.option("--percent", type=click.IntRange(0, 10000), default=None,
+@click.option("--percent", type=IntRange(0, 10000), default=None,
               help="Grow by this percent of the current size (LVM's thin_pool_autoextend_percent; default 20).")
 @json_option
 def set_autoextend_cmd(pool: str, threshold: int, percent: int | None, as_json: bool) -> None:
@@ -248,8 +248,8 @@ def commit_cmd(pool: str, as_json: bool) -> None:
 
 @click.command("set-transaction-id")
 @pool_argument
-@click.argument("old", type=click.IntRange(min=0))
-@click.argument("new", type=click.IntRange(min=0))
+@click.argument("old", type=IntRange(min=0))
+@click.argument("new", type=IntRange(min=0))
 @json_option
 def set_transaction_id_cmd(pool: str, old: int, new: int, as_json: bool) -> None:
     """Change the userspace transaction id OLD -> NEW.

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from .common import abspath, pool_argument
+from .common import IntRange, abspath, pool_argument
 
 SECTION = "Serving (NBD block devices)"
 
@@ -64,7 +64,7 @@ def parse_tcp(value: str) -> tuple[str | None, int]:
 @click.option("--idle-timeout", type=float, default=0.0, show_default=True, metavar="SECONDS",
               help="Drop NBD connections that send no request for this long (0: never -- a mounted "
                    "filesystem may be idle for hours).")
-@click.option("--max-clients", type=click.IntRange(1, 4096), default=64, show_default=True,
+@click.option("--max-clients", type=IntRange(1, 4096), default=64, show_default=True,
               help="NBD connections at once (when full, the oldest connection still in its handshake "
                    "is dropped for a new one).")
 @click.option("--record", "record", metavar="FILE", default=None,

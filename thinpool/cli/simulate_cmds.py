@@ -8,7 +8,7 @@ import os
 
 import click
 
-from .common import SIZE, abspath, stderr_is_tty
+from .common import IntRange, SIZE, abspath, stderr_is_tty
 
 SECTION = "Simulation"
 
@@ -88,7 +88,7 @@ def _report_options(f):
 @click.option("--volume-size", type=SIZE, default=None, help="Size of the replayed volume (default: the data size).")
 @click.option("--snapshot-every", default=None, metavar="N|Ts",
               help="Snapshot the volume every N I/Os, or every T seconds of trace time (e.g. 3600s).")
-@click.option("--keep", type=click.IntRange(min=0), default=None, help="Keep the last K scheduled snapshots.")
+@click.option("--keep", type=IntRange(min=0), default=None, help="Keep the last K scheduled snapshots.")
 @click.option("--sample-every", default=None, metavar="N|Ts", help="Time-series interval (default: every 256 I/Os, coarser for a long trace, doubling so that "
                    "the series keeps at most 512 samples).")
 @click.option("--metadata-only", is_flag=True, help="No data file: metadata and counters only (fast, any size).")
@@ -138,7 +138,7 @@ def replay_cmd(trace: str, fmt: str | None, block_size: int, data_size: int, vol
 @click.argument("scenario", type=click.Path(dir_okay=False, exists=True))
 @click.option("--sweep", "sweeps", multiple=True, metavar="KEY=V1,V2,...",
               help="Run every combination of these settings (repeatable; e.g. block_size=64K,512K keep=4,24).")
-@click.option("--workers", type=click.IntRange(1, 1024), default=1, show_default=True,
+@click.option("--workers", type=IntRange(1, 1024), default=1, show_default=True,
               help="Local worker processes for a sweep.")
 @click.option("--dask", "dask_address", metavar="ADDRESS", default=None,
               help="Run the sweep on this Dask scheduler (e.g. tcp://10.0.0.1:8786) instead.")

@@ -6,7 +6,7 @@ import inspect
 
 import click
 
-from .common import SIZE, abspath, emit, json_option, pool_argument
+from .common import IntRange, SIZE, abspath, emit, json_option, pool_argument
 from . import stream_ops  # noqa: F401  (registers write, read, import, export)
 from .ops import render_volume_columns, render_volumes, volume_columns_json
 from .registry import OPS, run_op
@@ -18,7 +18,7 @@ _served_note = ("Runs in this process only: on a pool that is being served, use 
 
 
 def _dev_id_option(f):  # type: ignore[no-untyped-def]
-    return click.option("--dev-id", type=click.IntRange(0, (1 << 24) - 1), default=None,
+    return click.option("--dev-id", type=IntRange(0, (1 << 24) - 1), default=None,
                         help="dm-thin device id (default: the next free one).")(f)
 
 
