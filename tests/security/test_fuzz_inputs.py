@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.support import SOAK, require_tool
+from tests.support import require_tool, soak_examples
 from thinpool import Pool
 from thinpool.cli import main
 from thinpool.cli.registry import op_table
@@ -38,7 +38,7 @@ from thinpool.simulate.traces import open_trace
 from thinpool.units import parse_size
 
 BS = 64 << 10
-EXAMPLES = 300 if SOAK else 40
+EXAMPLES = soak_examples(40)  # 400 under THINPOOL_SOAK=1 (THINPOOL_EXAMPLES_FACTOR)
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 HUGE = "9" * 5000   # past Python's 4,300-digit limit of int(): ValueError, not a ThinpoolError, if unchecked
