@@ -491,3 +491,35 @@ def test_rule_cli_integers_are_ascii_decimal_and_bounded(pool: Path, text: str) 
         assert_clean_refusal(result, "is not a decimal integer" if len(text) < 40 else "too large")
         assert result.exit_code == 2
     assert sha(pool / "metadata") == before and not (pool.parent / "new").exists()
+
+
+# ====================================================================================== layer tars
+def _tar(pax: dict[str, str], name: str = "a", data: bytes = b"abc") -> bytes:
+    import io
+    import tarfile
+    buf = io.BytesIO()
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.pax_headers = pax
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        t.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("pax, words", [
+    ({"size": "-5"}, "size -5 out of range"),
+    ({"uid": "-1"}, "uid -1 out of range"),
+    ({"gid": str(1 << 40)}, "gid 1099511627776 out of range"),
+    ({"mtime": "9" * 5000}, "modification time inf out of range"),
+    ({"mtime": "nan"}, "modification time nan out of range"),
+    ({"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.name": "a",
+      "GNU.sparse.realsize": "9" * 30}, "not a readable tar"),
+], ids=["negative-size", "negative-uid", "huge-gid", "infinite-mtime", "nan-mtime", "malformed-gnu-sparse"])
+def test_rule_layer_tar_numbers_from_pax_headers_are_bounded(pax: dict[str, str], words: str) -> None:
+    """PAX headers set size, ids and times from text: a negative size (which shifted every later member),
+    ids outside 0..2^32-1 and non-finite times reached chown/utime; tarfile's own ValueError on a
+    malformed GNU sparse map escaped as a traceback.  All are ImageError naming the member now."""
+    import io
+    from thinpool.containers.oci_tar import iter_tar_entries
+    with pytest.raises(ImageError, match=words):
+        list(iter_tar_entries(io.BytesIO(_tar(pax)), "layer"))

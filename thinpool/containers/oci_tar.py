@@ -149,7 +149,7 @@ def iter_tar_entries(stream: BinaryIO, what: str, max_entries: int = MAX_ENTRIES
         tar = tarfile.open(fileobj=stream, mode="r|", tarinfo=BoundedTarInfo)
     except ImageError as e:
         raise ImageError(f"{what}: {e}") from None
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+    except (tarfile.TarError, EOFError, OSError, zlib.error, ValueError) as e:
         raise ImageError(f"{what}: not a readable tar: {e}") from None
     count = 0
     with tar:
@@ -158,7 +158,8 @@ def iter_tar_entries(stream: BinaryIO, what: str, max_entries: int = MAX_ENTRIES
                 ti = tar.next()
             except ImageError as e:
                 raise ImageError(f"{what}: after member {count}: {e}") from None
-            except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+            except (tarfile.TarError, EOFError, OSError, zlib.error, ValueError) as e:
+                # (ValueError: tarfile's own parsing of malformed GNU sparse or PAX fields)
                 raise ImageError(f"{what}: unreadable tar after {count} members: {e}") from None
             if ti is None:
                 return
@@ -177,6 +178,15 @@ def iter_tar_entries(stream: BinaryIO, what: str, max_entries: int = MAX_ENTRIES
 def _entry(ti: tarfile.TarInfo, what: str) -> Entry | None:
     where = f"{what}: member {ti.name[:200]!r}"
     path = normalize_member(ti.name, where)
+    # PAX headers set these from text: a negative size shifted every later member; a negative or
+    # 5,000-digit id, or an infinite time, would reach chown/utime
+    if not 0 <= ti.size < 1 << 63:
+        raise ImageError(f"{where}: size {ti.size} out of range")
+    for field in ("uid", "gid"):
+        if not 0 <= getattr(ti, field) < 1 << 32:
+            raise ImageError(f"{where}: {field} {getattr(ti, field)} out of range (0 to 2^32-1)")
+    if not (isinstance(ti.mtime, (int, float)) and abs(ti.mtime) < 1 << 40):
+        raise ImageError(f"{where}: modification time {ti.mtime!r} out of range")
     base = {"member": ti.name, "mode": ti.mode & 0o7777, "uid": ti.uid, "gid": ti.gid,
             "mtime": float(ti.mtime), "xattrs": _xattrs(ti, where)}
     head, _, leaf = path.rpartition("/")
@@ -230,7 +240,7 @@ class _MemberReader(io.RawIOBase):
             return self._raw.read(size if size is not None and size >= 0 else -1)
         except ImageError:
             raise
-        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        except (tarfile.TarError, EOFError, OSError, zlib.error, ValueError) as e:
             raise ImageError(f"{self._what}: unreadable content: {e}") from None
 
     def readinto(self, b: Any) -> int:
