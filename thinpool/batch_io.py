@@ -230,8 +230,7 @@ def _apply_range(ctx, thins, kr, slots, fd, pattern, vol, ops, offsets, lengths,
             err = last_errno()
             exc = DataDeviceError(f"pool {ctx.path}: I/O {start} of the batch (volume "
                                   f"{thins[int(vol[start])].name!r}, offset {int(offsets[start])}) failed on "
-                                  f"the data file {ctx.data.path} ({os.strerror(err)})")
-            exc.errno, exc.filename = err, ctx.data.path
+                                  f"the data file {ctx.data.path} ({os.strerror(err)})", err, ctx.data.path)
             raise exc
         if code == ORIGIN_ERROR:
             thins[int(vol[start])]._origin_failed(int(offsets[start]))

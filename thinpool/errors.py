@@ -27,6 +27,24 @@ class ThinpoolError(Exception):
     """Base class of every error raised by thinpool."""
 
 
+class _ErrnoError(OSError):
+    """An ``OSError`` whose errno its class fixes (:attr:`ERRNO`): made from the message alone and
+    printed as the message (OSError would print ``[Errno N] ...``).  It pickles as it is made, so it
+    crosses a process boundary -- a sweep's worker processes, a dask cluster -- as itself (OSError's
+    own pickling passes ``(errno, message)`` back to a one-argument constructor: TypeError on loading)."""
+
+    ERRNO = errno.EIO
+
+    def __init__(self, message: str) -> None:
+        OSError.__init__(self, self.ERRNO, message)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.strerror,), self.__dict__
+
+
 class InvalidArgument(ThinpoolError, ValueError):
     """A value is malformed or out of range (bad size, I/O past a volume's end, bad block size...)."""
 
@@ -59,37 +77,25 @@ class FailedPrecondition(ThinpoolError):
     """The operation is valid but the current state forbids it (containerd's FailedPrecondition)."""
 
 
-class NoSpace(ThinpoolError, OSError):
+class NoSpace(ThinpoolError, _ErrnoError):
     """The pool has no free data block for a write that needs one (ENOSPC)."""
 
-    def __init__(self, message: str) -> None:
-        OSError.__init__(self, errno.ENOSPC, message)
-
-    def __str__(self) -> str:  # OSError would print "[Errno 28] ..."
-        return self.strerror
+    ERRNO = errno.ENOSPC
 
 
-class Busy(FailedPrecondition, OSError):
+class Busy(FailedPrecondition, _ErrnoError):
     """The volume is active (EBUSY): open over NBD, held by :meth:`Pool.activate <thinpool.pool.Pool.activate>`
     or inside a ``with pool.thin(name)`` block, so it cannot be deleted -- dm-thin refuses to delete an
     open thin device (``__delete_device``: ``if (td->open_count) return -EBUSY``).  Nothing changed."""
 
-    def __init__(self, message: str) -> None:
-        OSError.__init__(self, errno.EBUSY, message)
-
-    def __str__(self) -> str:  # OSError would print "[Errno 16] ..."
-        return self.strerror
+    ERRNO = errno.EBUSY
 
 
-class DiscardNotSupported(ThinpoolError, OSError):
+class DiscardNotSupported(ThinpoolError, _ErrnoError):
     """A discard to a pool whose discards are turned off (dm-thin's ``ignore_discard``: the thin devices
     advertise no discard support, so the block layer fails a discard with EOPNOTSUPP)."""
 
-    def __init__(self, message: str) -> None:
-        OSError.__init__(self, errno.EOPNOTSUPP, message)
-
-    def __str__(self) -> str:  # OSError would print "[Errno 95] ..."
-        return self.strerror
+    ERRNO = errno.EOPNOTSUPP
 
 
 class WaitCancelled(ThinpoolError):
@@ -101,31 +107,23 @@ class ReadOnly(ThinpoolError):
     """The pool (or a volume) is read-only, or metadata space is exhausted."""
 
 
-class ReadOnlyIO(ReadOnly, OSError):
+class ReadOnlyIO(ReadOnly, _ErrnoError):
     """A write the pool cannot serve in read-only or out-of-metadata-space mode: it needs a new data
     block (unmapped, or shared with a snapshot).  EIO, as dm-thin's ``handle_unserviceable_bio`` in
     those modes; writes to provisioned, unshared blocks are still served."""
 
-    def __init__(self, message: str) -> None:
-        OSError.__init__(self, errno.EIO, message)
-
-    def __str__(self) -> str:  # OSError would print "[Errno 5] ..."
-        return self.strerror
+    ERRNO = errno.EIO
 
 
 class PoolLocked(ThinpoolError):
     """Another process holds the pool's lock."""
 
 
-class PermissionDenied(ThinpoolError, PermissionError):
+class PermissionDenied(ThinpoolError, _ErrnoError, PermissionError):
     """The caller may not open a pool file (EACCES/EPERM), or the pool belongs to another user and
     ``allow_foreign`` was not given; names the file (and its owner)."""
 
-    def __init__(self, message: str) -> None:
-        PermissionError.__init__(self, errno.EACCES, message)
-
-    def __str__(self) -> str:  # OSError would print "[Errno 13] ..."
-        return self.strerror
+    ERRNO = errno.EACCES
 
 
 class MetadataCorrupt(ThinpoolError):
@@ -137,7 +135,7 @@ class MetadataCorrupt(ThinpoolError):
         self.block = block
 
 
-class HostIOError(ThinpoolError, OSError):
+class HostIOError(ThinpoolError, _ErrnoError):
     """The host filesystem refused a write, flush or hole punch of a pool file (ENOSPC, EIO, a short
     write that could not be completed), or a read of the data file failed (``Thin.pread``).
     ``errno`` is the system's error number, ``filename`` the file;
@@ -149,17 +147,25 @@ class HostIOError(ThinpoolError, OSError):
         self.filename = path
         self.blocks = blocks
 
-    def __str__(self) -> str:  # OSError would print "[Errno 5] ..."
-        return self.strerror
+    def __reduce__(self) -> tuple[Any, ...]:
+        # OSError's pickling would pass (errno, message) to this constructor's (message, err)
+        return type(self), (self.strerror, self.errno, self.filename, self.blocks), self.__dict__
 
 
 class MetadataSpaceExhausted(ReadOnly):
     """No free metadata block for a commit (the pool then turns read-only, as dm-thin does)."""
 
 
-class DataDeviceError(ThinpoolError, OSError):
+class DataDeviceError(ThinpoolError, _ErrnoError):
     """A write to the data file failed (e.g. the host filesystem is full); the block is not mapped.
-    ``errno`` and ``filename`` are the failed write's."""
+    ``errno`` and ``filename`` are the failed write's; it prints as the message."""
+
+    def __init__(self, message: str, err: int = errno.EIO, path: str | None = None) -> None:
+        OSError.__init__(self, err, message)
+        self.filename = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.strerror, self.errno, self.filename), self.__dict__
 
 
 class DuplicateDevice(InvalidArgument, AlreadyExists):

@@ -384,8 +384,7 @@ class Thin:
                         err = last_errno()
                         exc = DataDeviceError(f"pool {ctx.path}: writing volume {self.name!r} at offset "
                                               f"{int(offsets[start])} to the data file {ctx.data.path} failed "
-                                              f"({os.strerror(err)}; the block is not mapped)")
-                        exc.errno, exc.filename = err, ctx.data.path
+                                              f"({os.strerror(err)}; the block is not mapped)", err, ctx.data.path)
                         raise exc
                     if code == ORIGIN_ERROR:
                         self._origin_failed(int(offsets[start]))
