@@ -42,7 +42,7 @@ class PoolStatus:
     @property
     def metadata_low_water_mark(self) -> int:
         """dm-thin's metadata low-water mark in 4 KiB metadata blocks: a quarter of the metadata
-        device, at most 4 MiB (1024 blocks), as the kernel's ``calc_metadata_threshold``."""
+        device, at most 4 MiB (1024 blocks): the status line's last field (docs/dm-thin.md §10)."""
         return min(1024, self.total_metadata_blocks // 4)
 
     @property
