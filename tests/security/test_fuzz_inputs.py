@@ -523,3 +523,80 @@ def test_rule_layer_tar_numbers_from_pax_headers_are_bounded(pax: dict[str, str]
     from thinpool.containers.oci_tar import iter_tar_entries
     with pytest.raises(ImageError, match=words):
         list(iter_tar_entries(io.BytesIO(_tar(pax)), "layer"))
+
+
+# ====================================================================================== image JSON, generated
+OCI_VALUES = [None, True, 0, -1, 1 << 63, 1 << 64, 1.5, float("nan"), "", "x", "sha256:" + "0" * 64, "sha256:zz",
+              "md5:abc", "../../etc/passwd", "sha256:../../x", [], {}, [1], {"a": 1}, "x" * 5000, "\udcff"]
+
+
+def _oci_layout(root: Path, rnd: Any) -> None:
+    """A one-layer OCI layout with one of its three JSON documents randomly edited by ``rnd``."""
+    import hashlib
+    import io
+    import tarfile
+
+    def blob(data: bytes) -> tuple[str, int]:
+        digest = hashlib.sha256(data).hexdigest()
+        (root / "blobs" / "sha256" / digest).write_bytes(data)
+        return "sha256:" + digest, len(data)
+
+    def edit(obj: Any) -> None:
+        if isinstance(obj, dict) and obj:
+            key = rnd.choice(sorted(obj))
+            if rnd.random() < 0.5 or not isinstance(obj[key], (dict, list)):
+                obj[key] = rnd.choice(OCI_VALUES)
+            else:
+                edit(obj[key])
+        elif isinstance(obj, list) and obj:
+            i = rnd.randrange(len(obj))
+            if rnd.random() < 0.5 or not isinstance(obj[i], (dict, list)):
+                obj[i] = rnd.choice(OCI_VALUES)
+            else:
+                edit(obj[i])
+
+    (root / "blobs" / "sha256").mkdir(parents=True)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        info = tarfile.TarInfo("etc/hello")
+        info.size = 5
+        t.addfile(info, io.BytesIO(b"hello"))
+    ld, ls = blob(buf.getvalue())
+    which = rnd.choice(["index", "manifest", "config"])
+    config: dict[str, Any] = {"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": [ld]}}
+    if which == "config":
+        edit(config)
+    cd, cs = blob(json.dumps(config).encode())
+    manifest: dict[str, Any] = {
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": cs},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": ld, "size": ls}]}
+    if which == "manifest":
+        edit(manifest)
+        edit(manifest)
+    md, ms = blob(json.dumps(manifest).encode())
+    index: dict[str, Any] = {"schemaVersion": 2, "manifests": [
+        {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md, "size": ms,
+         "annotations": {"org.opencontainers.image.ref.name": "t:1"}}]}
+    if which == "index":
+        edit(index)
+        edit(index)
+    (root / "index.json").write_text(json.dumps(index))
+    (root / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+
+
+@FUZZ
+@given(st.randoms(use_true_random=False))
+def test_rule_edited_oci_documents_open_or_fail_as_image_errors(rnd: Any) -> None:
+    """Index, manifest and config with wrong types, huge or negative sizes, bad or escaping digests,
+    5,000-character strings: opening and verifying the image gives an ImageError of bounded length (a
+    descriptor size or media type of 5,000 characters was quoted whole) or succeeds."""
+    import tempfile
+    from thinpool.containers.oci import open_image
+    with tempfile.TemporaryDirectory() as tmp:
+        _oci_layout(Path(tmp), rnd)
+        try:
+            with open_image(tmp) as image:
+                image.verify()
+        except ImageError as exc:
+            assert len(str(exc)) < 1000, str(exc)[:300]

@@ -361,7 +361,7 @@ def _descriptor(d: Any, what: str) -> dict[str, Any]:
     check_digest(d.get("digest"), f"{what}: digest")
     size = d.get("size")
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise ImageError(f"{what}: descriptor size {size!r} is not a non-negative integer")
+        raise ImageError(f"{what}: descriptor size {size!r:.80} is not a non-negative integer")
     if not isinstance(d.get("mediaType", ""), str):
         raise ImageError(f"{what}: mediaType is not a string")
     return d
@@ -398,7 +398,8 @@ def _open_oci(source: _Source, ref: str | None) -> Image:
     if ref is not None:
         picked = [d for d, n in zip(descs, names) if n and _ref_matches(n, ref)]
         if not picked:
-            raise ImageError(f"{where}: no image tagged {ref!r} (tags: {', '.join(n for n in names if n) or 'none'})")
+            tags = ", ".join(n for n in names if n)[:500]
+            raise ImageError(f"{where}: no image tagged {ref!r} (tags: {tags or 'none'})")
     else:
         picked = descs
     if len(picked) != 1:
@@ -429,7 +430,7 @@ def _open_oci(source: _Source, ref: str | None) -> Image:
             desc = match[0]
             continue
         if mt and mt not in MANIFEST_TYPES:
-            raise ImageError(f"{source.path}: manifest blob {name}: media type {mt!r} is not an image manifest")
+            raise ImageError(f"{source.path}: manifest blob {name}: media type {mt!r:.80} is not an image manifest")
         return _oci_manifest(source, tag, name, doc)
     raise AssertionError("unreachable")
 
@@ -474,7 +475,7 @@ def _open_docker(source: _Source, ref: str | None) -> Image:
         picked = [(e, [t for t in tags if _ref_matches(t, ref)]) for e, tags in entries]
         picked = [(e, t) for e, t in picked if t]
         if not picked:
-            raise ImageError(f"{where}: no image tagged {ref!r} (tags: {', '.join(all_tags) or 'none'})")
+            raise ImageError(f"{where}: no image tagged {ref!r} (tags: {', '.join(all_tags)[:500] or 'none'})")
     else:
         picked = entries
     if len(picked) != 1:
