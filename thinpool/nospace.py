@@ -45,11 +45,16 @@ def check_timeout(value: Any) -> float:
     for ever); InvalidArgument naming the value otherwise."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidArgument(f"no_space_timeout must be a number of seconds, got {value!r}")
-    v = float(value)
+    try:
+        v = float(value)
+    except OverflowError:  # an int past the float range
+        v = math.inf
     if not math.isfinite(v) or v < 0 or v > MAX_NO_SPACE_TIMEOUT:
+        shown = repr(value) if not isinstance(value, int) or value.bit_length() <= 128 else \
+            f"a {value.bit_length()}-bit integer"
         raise InvalidArgument(f"no_space_timeout must be between 0 (wait for ever) and {MAX_NO_SPACE_TIMEOUT:g} "
-                              f"seconds, got {value!r}")
-    return v
+                              f"seconds, got {shown}")
+    return v + 0.0  # -0.0 (a JSON or CLI "-0") is stored and shown as 0.0
 
 
 class NoSpaceQueue:

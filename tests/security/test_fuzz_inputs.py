@@ -600,3 +600,14 @@ def test_rule_edited_oci_documents_open_or_fail_as_image_errors(rnd: Any) -> Non
                 image.verify()
         except ImageError as exc:
             assert len(str(exc)) < 1000, str(exc)[:300]
+
+
+def test_kernel_rule_no_space_timeout_is_checked_before_any_float_conversion_can_fail(pool: Path) -> None:
+    """An integer past the float range raised OverflowError (not InvalidArgument); "-0" was stored and
+    shown as -0.0.  The kernel's no_space_timeout is an unsigned number of seconds."""
+    with pytest.raises(InvalidArgument, match="got a 1329-bit integer"):
+        Pool.create(pool.parent / "other", data_size="16MiB", no_space_timeout=10 ** 400)
+    assert not (pool.parent / "other").exists()
+    with Pool.open(pool) as p:
+        reply = json.loads(handle_request(p, op_table(), b'{"op": "set", "args": {"no_space_timeout": -0.0}}'))
+        assert reply["ok"] and json.dumps(reply["result"]["no_space_timeout"]) == "0.0", reply
