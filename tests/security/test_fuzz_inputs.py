@@ -611,3 +611,20 @@ def test_kernel_rule_no_space_timeout_is_checked_before_any_float_conversion_can
     with Pool.open(pool) as p:
         reply = json.loads(handle_request(p, op_table(), b'{"op": "set", "args": {"no_space_timeout": -0.0}}'))
         assert reply["ok"] and json.dumps(reply["result"]["no_space_timeout"]) == "0.0", reply
+
+
+@pytest.mark.parametrize("name, text, words", [
+    ("t.iolog", "fio version 3 iolog\n1 f add\n2 f write 1234567890123456789 1\n", "at most 18 digits"),
+    ("t.blk", "  7,0    1        1     0.000000000 20447  Q  WS 99999999999999999 + 8 [fio]\n", r"SECTOR below 2\^54"),
+    ("t.csv", "time,op,offset_sectors,length\n1,W,999999999999999999,4096\n", r"below 2\^62 bytes"),
+    ("t.msr", "128166372003061629,hm,0,Write,1234567890123456789,512,1\n", "at most 18 digits"),
+], ids=["fio", "blkparse", "csv", "msr"])
+def test_rule_a_trace_number_too_large_says_the_bound(tmp_path: Path, name: str, text: str, words: str) -> None:
+    """A 19-digit offset or a sector past 2^54 was 'must be unsigned decimal numbers' -- which it was:
+    the message now says the bound it broke, with file and line."""
+    path = tmp_path / name
+    path.write_text(text)
+    fmt = {"t.iolog": None, "t.blk": "blkparse", "t.csv": None, "t.msr": "msr"}[name]
+    with pytest.raises(TraceError, match=words) as exc:
+        list(open_trace(path, fmt).chunks())
+    assert f"{path}: line " in str(exc.value)

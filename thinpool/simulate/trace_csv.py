@@ -47,7 +47,7 @@ class Msr(Parser):
         length, bad_l = T.parse_uint(buf, f.start[fi + 5], f.end[fi + 5])
         bad.add_lines(lines[bad_t], "Timestamp must be an unsigned decimal number (100 ns ticks)")
         bad.add_lines(lines[op == 255], "Type must be Read or Write")
-        bad.add_lines(lines[bad_o | bad_l], "Offset and Size must be unsigned decimal numbers")
+        bad.add_lines(lines[bad_o | bad_l], "Offset and Size must be unsigned decimal numbers of at most 18 digits")
         ok = ~(bad_t | bad_o | bad_l | (op == 255))
         lines, fi = lines[ok], fi[ok]
         volume = self.names.intern(buf, f.start[fi + 1], f.end[fi + 2])
@@ -122,7 +122,8 @@ class Csv(Parser):
         bad.add_lines(lines[bad_t], "time must be a decimal number ([-]digits[.digits])")
         bad.add_lines(lines[op == 255], "op must be R, W, D, F (or read, write, discard, trim, flush, "
                       "sync, 0, 1)")
-        bad.add_lines(lines[bad_o | bad_l | big], "offset and length must be unsigned decimal numbers")
+        bad.add_lines(lines[bad_o | bad_l | big], "offset and length must be unsigned decimal numbers of at most 18 "
+                      "digits, below 2^62 bytes")
         ok = ~(bad_t | bad_o | bad_l | big | (op == 255))
         lines, fi = lines[ok], fi[ok]
         op = op[ok]

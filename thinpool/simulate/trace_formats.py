@@ -146,7 +146,7 @@ class FioIolog(Parser):
         offset, bad_o = T.parse_uint(buf, f.start[name_i + 2], f.end[name_i + 2])
         length, bad_l = T.parse_uint(buf, f.start[name_i + 3], f.end[name_i + 3])
         bad_n = bad_o | bad_l
-        bad.add_lines(io[bad_n], "offset and length must be unsigned decimal numbers")
+        bad.add_lines(io[bad_n], "offset and length must be unsigned decimal numbers of at most 18 digits")
         wrong |= bad_n
         # file lines: [TIME] FILE add|open|close
         fname_i = f.first[fl] + (1 if v3 else 0)
@@ -281,7 +281,8 @@ class Blkparse(Parser):
         nsect[ri], bad_c = T.parse_uint(buf, f.start[fi[ri] + 9], f.end[fi[ri] + 9])
         bad_r = np.zeros(len(lines), dtype=bool)
         bad_r[ri] = bad_s | bad_c | (sector[ri] > (1 << 54)) | (nsect[ri] >= (1 << 32))
-        bad.add_lines(lines[bad_r], "SECTOR + COUNT must be unsigned decimal numbers")
+        bad.add_lines(lines[bad_r], "SECTOR + COUNT must be unsigned decimal numbers (SECTOR below 2^54, COUNT "
+                      "below 2^32)")
         ok = ~(bad_t | bad_k | bad_r)
         data = ok & (nsect > 0) & (is_r | is_w | is_d)
         flush = ok & pre
