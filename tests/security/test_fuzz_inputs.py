@@ -628,3 +628,16 @@ def test_rule_a_trace_number_too_large_says_the_bound(tmp_path: Path, name: str,
     with pytest.raises(TraceError, match=words) as exc:
         list(open_trace(path, fmt).chunks())
     assert f"{path}: line " in str(exc.value)
+
+
+@pytest.mark.parametrize("every", ["1e-300s", "1e-9s", "0.001s"])
+def test_rule_a_time_schedule_is_bounded_per_window(tmp_path: Path, every: str) -> None:
+    """`--snapshot-every 1e-6s` over a trace spanning 10^6 s looped over 10^12 marks (and at 1e-300 s
+    the float sum never moved: for ever); now the marks are counted, at most a million per window."""
+    trace = tmp_path / "t.csv"
+    trace.write_text("time,op,offset,length\n0,W,0,4096\n1,W,65536,4096\n1000000,W,0,4096\n")
+    for option in ("--snapshot-every", "--sample-every"):
+        result = cli("replay", str(trace), "--metadata-only", option, every, "--json", "-")
+        assert_clean_refusal(result, "more than 1,000,000", "give a longer interval")
+    ok = cli("replay", str(trace), "--metadata-only", "--snapshot-every", "250000s", "--keep", "1", "--json", "-")
+    assert ok.exit_code == 0 and json.loads(ok.output)["snapshots_taken"] == 4, ok.output[-500:]

@@ -22,6 +22,9 @@ from ..thin import apply_io
 from .results import COUNTERS, SERIES_COLUMNS, ReplayResult, Result, write_amplification
 from .schedule import Every, Target
 
+#: most snapshots or samples a time schedule may put in one window of records (see Replayer._time_marks)
+MAX_MARKS = 1_000_000
+
 OP_READ, OP_WRITE, OP_DISCARD, OP_FLUSH = 0, 1, 2, 3
 #: I/Os between samples when no sampling interval is given: the interval starts here (or coarser for a
 #: long trace, from its size) and doubles (every other sample dropped) whenever the series reaches
@@ -229,17 +232,27 @@ class Replayer:
     _marks: dict
 
     def _time_marks(self, time, every: float, key) -> list[int]:
-        """Positions (before record p) where trace time reaches the next multiples of ``every``."""
+        """Positions (before record p) where trace time reaches the next multiples of ``every``.
+
+        The multiples are counted, not summed (a sum stops growing once the interval is below its
+        precision: 1e-9 s on a trace 10^10 s long looped for ever), and at most :data:`MAX_MARKS` of
+        them fall in one window of records: an interval of a microsecond on a trace that spans 10^6 s
+        would otherwise make 10^12 snapshots or samples (InvalidArgument naming the interval)."""
         if not hasattr(self, "_marks"):
             self._marks = {}
-        nxt = self._marks.get(key, every)
-        out = []
+        k = self._marks.get(key, 1)  # the index of the next multiple of ``every`` not reached yet
         last = float(time[-1])
-        while nxt <= last:
-            out.append(int(np.searchsorted(time, nxt, side="left")))
-            nxt += every
-        self._marks[key] = nxt
-        return out
+        ratio = last / every
+        if ratio < k:
+            return []
+        if not ratio < k + MAX_MARKS:
+            what, marks = ("snapshot_every", "snapshots") if key[0] == "snap" else ("sample_every", "samples")
+            raise InvalidArgument(f"{what} of {every:g} s: more than {MAX_MARKS:,} {marks} between trace times "
+                                  f"{(k - 1) * every:g} and {last:g} s; give a longer interval")
+        hi = int(ratio)
+        marks = np.arange(k, hi + 1, dtype=np.float64) * every
+        self._marks[key] = hi + 1
+        return np.searchsorted(time, marks, side="left").tolist()
 
     def _account(self, cum, pos, base_io, time, n, final=None) -> None:
         """Bring the record counters to position ``pos`` of the window."""
