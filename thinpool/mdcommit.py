@@ -65,6 +65,13 @@ class MetadataCommit(MetadataSpace):
     #: names in order, each name's part, the parts), or None (none written since the load)
     _dir_last: tuple[dict[str, array], tuple[str, ...], dict[str, int], list[str]] | None = None
     _dir_next: tuple[tuple[str, ...], dict[str, int], list[str]]  # (the commit under way's)
+    # what these methods use of the store (set by MetadataStore.__init__; see mdstore.py for each)
+    fd: int
+    read_only: bool
+    failed: str | None
+    _queued: list[tuple[int, Any]]
+    _chunks: list[tuple[Any, memoryview, Any]]
+    _sb_written: dict[int, bytes | bytearray]
 
     def _write_pages(self, pages: list[Any], blocks: list[int]) -> list[int]:
         """Queue 4 KiB pages for blocks (written by :meth:`_write_runs`); return their CRCs."""
@@ -257,12 +264,14 @@ class MetadataCommit(MetadataSpace):
             header = dict(header)
             if "held" in self.header:
                 header["held"] = self.header["held"]
+            committed: bytearray | None
             if self._tail is None:
-                committed: bytearray | None = self._protected(self.state)
+                committed = self._protected(self.state)
                 used = self.nr_blocks - _zeros(committed)
                 top = committed.rfind(_USED | _PROTECTED)  # = top_used(self.state): held-only blocks are 2
             else:
                 committed = None  # rebuilt from the new locations if it is ever needed
+                assert tail_first is not None, "a commit is a tail commit from its start or not at all"
                 used = int(self.header["metadata_used_blocks"]) + (self._tail - tail_first) - \
                     self._tail_released
                 top = self._tail - 1  # every block a tail commit takes lies above the old top

@@ -9,7 +9,7 @@ uses too.
 
 from __future__ import annotations
 
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 
@@ -19,6 +19,13 @@ from .kernel_context import locked_method as _locked
 from .schema import DevFlag
 from .spacemap_pages import zeroed
 from .status import PoolStatus, Usage
+
+if TYPE_CHECKING:
+    from .blockmap import BlockMap
+    from .dataspace import DataSpaceMap
+    from .mdstore import MetadataStore
+    from .nospace import NoSpaceQueue
+    from .schema import Mode
 
 
 def _walks() -> Any:
@@ -34,6 +41,20 @@ class Accounting:
     _by_name: dict[str, int]
     _header: dict[str, Any]
     _st: np.ndarray
+    # ... and what they use of the rest of Pool (pool.py and its other mixins)
+    _store: MetadataStore
+    _space: DataSpaceMap
+    _nodes_map: BlockMap
+    _nospace: NoSpaceQueue
+    if TYPE_CHECKING:  # Pool's, declared here for the type checker only (nothing is defined at run time)
+        @property
+        def block_size(self) -> int: ...
+        @property
+        def mode(self) -> Mode: ...
+        @property
+        def time(self) -> int: ...
+        def _check_open(self) -> None: ...
+        def _slot(self, name: str) -> int: ...
 
     def _roots(self) -> np.ndarray:
         used = (self._devs["flags"] & DevFlag.IN_USE) != 0

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import numpy as np
 
@@ -27,6 +27,10 @@ from .schema import DEV_FIELDS, DevFlag, dev_dtype
 from .units import parse_size
 
 if TYPE_CHECKING:
+    from .blockmap import BlockMap
+    from .dataspace import DataSpaceMap
+    from .kernel_context import KernelContext
+    from .pool import Pool
     from .thin import Activation, Thin
 
 
@@ -48,6 +52,29 @@ class DeviceOps:
     _by_name: dict[str, int]
     _by_dev_id: dict[int, str]
     _gen_floor: int
+    # ... and what they use of the rest of Pool (pool.py and its other mixins)
+    DATA: ClassVar[str]
+    METADATA: ClassVar[str]
+    LOCK: ClassVar[str]
+    path: str
+    _header: dict[str, Any]
+    _st: np.ndarray
+    _space: DataSpaceMap
+    _nodes_map: BlockMap
+    _engine: KernelContext
+    if TYPE_CHECKING:  # Pool's, declared here for the type checker only (nothing is defined at run time)
+        @property
+        def block_size(self) -> int: ...
+        @property
+        def data_path(self) -> str: ...
+        @property
+        def time(self) -> int: ...
+        @property
+        def transaction_id(self) -> int: ...
+        def _check_open(self) -> None: ...
+        def _check_writable(self) -> None: ...
+        def _refresh_engine(self) -> None: ...
+        def _message_done(self) -> None: ...
 
     # ------------------------------------------------------------------ lookups
     def _slot(self, name: str) -> int:
@@ -248,7 +275,7 @@ class DeviceOps:
     # ------------------------------------------------------------------ handles
     def _handle(self, name: str) -> "Thin":
         from .thin import Thin
-        return Thin(self, name)
+        return Thin(cast("Pool", self), name)
 
     def thin(self, name: str) -> "Thin":
         """The thin volume called ``name`` (NotFound if none): a handle bound to the device (its id

@@ -9,7 +9,7 @@ read into the pool's state array.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
@@ -29,6 +29,9 @@ class Features:
     _st: np.ndarray
     _catalog_dirty: bool
     _nospace: NoSpaceQueue
+    if TYPE_CHECKING:  # Pool's, declared here for the type checker only (nothing is defined at run time)
+        def _check_writable(self) -> None: ...
+        def commit(self) -> None: ...
 
     @property
     def features(self) -> dict[str, Any]:

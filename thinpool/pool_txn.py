@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, cast
 
 import numpy as np
 
@@ -28,7 +28,15 @@ from .mdpages import BLOCK, PagedArray
 from .schema import DevFlag, Mode
 
 if TYPE_CHECKING:
+    from _typeshed import FileDescriptorLike
+
+    from .blockmap import BlockMap
     from .check import CheckReport
+    from .datadev import DataDevice, NullDataDevice
+    from .dataspace import DataSpaceMap
+    from .kernel_context import KernelContext
+    from .mdstore import MetadataStore
+    from .pool import Pool
     from .poolspace import TrimResult
 
 
@@ -38,7 +46,7 @@ class NoFlushFileIO(FileIO):
     (the page cache holds every write), not against a crash of the host."""
 
     @staticmethod
-    def fdatasync(fd: int) -> None:
+    def fdatasync(fd: FileDescriptorLike) -> None:
         """No flush (see the class)."""
 
 
@@ -47,7 +55,7 @@ class NoFlushDataIO(DataIO):
     punches as usual."""
 
     @staticmethod
-    def fdatasync(fd: int) -> None:
+    def fdatasync(fd: FileDescriptorLike) -> None:
         """No flush (see :class:`NoFlushFileIO`)."""
 
 
@@ -89,6 +97,29 @@ class Transactions:
     _inner_disk: NodeDisk       # ... and of the inner nodes
     _disk_next: tuple[NodeDisk, NodeDisk]  # what the commit being written stores of both
     _batch_depth: int = 0
+    # what these methods use of the rest of Pool (pool.py; set by Pool.__init__ and Pool._install)
+    path: str
+    read_only: bool
+    on_low_water: Callable[[Pool], None] | None
+    _closed: bool
+    _store: MetadataStore
+    _space: DataSpaceMap
+    _nodes_map: BlockMap
+    _engine: KernelContext
+    _data: DataDevice | NullDataDevice
+    _devs_i: np.ndarray
+    if TYPE_CHECKING:  # Pool's, declared here for the type checker only (nothing is defined at run time)
+        @property
+        def mode(self) -> Mode: ...
+        @property
+        def time(self) -> int: ...
+        @property
+        def transaction_id(self) -> int: ...
+        def _set_mode(self, value: Mode | str) -> None: ...
+        def _check_open(self) -> None: ...
+        def _check_writable(self) -> None: ...
+        def _load(self) -> None: ...
+        def check(self) -> CheckReport: ...
     #: the last hints (:meth:`_hints`) and the table they were counted from: (per slot whether it is in
     #: use, its device id; the hints); None: count them from the whole table (after a load)
     _hints_of: tuple[np.ndarray, np.ndarray, dict[str, int]] | None = None
@@ -501,7 +532,7 @@ class Transactions:
                 item(K.ST_NR_ALLOCATABLE) + len(self._space.pending) + 1 <= self._header["low_water_mark"]:
             self._lwm_fired = True
             if self.on_low_water is not None:
-                self.on_low_water(self)
+                self.on_low_water(cast("Pool", self))
         if item(K.ST_LEAVES_LIVE) + item(K.ST_INNERS_LIVE) < self._md_check_below:
             return  # far from the metadata limit: skip the estimate
         bm = self._nodes_map

@@ -187,39 +187,46 @@ def _entry(ti: tarfile.TarInfo, what: str) -> Entry | None:
             raise ImageError(f"{where}: {field} {getattr(ti, field)} out of range (0 to 2^32-1)")
     if not (isinstance(ti.mtime, (int, float)) and abs(ti.mtime) < 1 << 40):
         raise ImageError(f"{where}: modification time {ti.mtime!r} out of range")
-    base = {"member": ti.name, "mode": ti.mode & 0o7777, "uid": ti.uid, "gid": ti.gid,
-            "mtime": float(ti.mtime), "xattrs": _xattrs(ti, where)}
+    xattrs = _xattrs(ti, where)
+
+    def entry(kind: str, entry_path: str, *, size: int = 0, linkname: str = "",
+              devmajor: int = 0, devminor: int = 0) -> Entry:
+        """The entry of this member (its owner, mode, time and xattrs) as ``kind`` at ``entry_path``."""
+        return Entry(kind, entry_path, ti.name, mode=ti.mode & 0o7777, uid=ti.uid, gid=ti.gid,
+                     mtime=float(ti.mtime), size=size, linkname=linkname, devmajor=devmajor,
+                     devminor=devminor, xattrs=xattrs)
+
     head, _, leaf = path.rpartition("/")
     if leaf.startswith(WHITEOUT_PREFIX):
         if leaf == OPAQUE:
-            return Entry(OPAQUE_DIR, head, **base)
+            return entry(OPAQUE_DIR, head)
         if leaf.startswith(".wh..wh."):
             return None                  # other reserved names (aufs metadata): ignored, as Docker does
         name = leaf[len(WHITEOUT_PREFIX):]
         if name in ("", ".", ".."):
             raise ImageError(f"{where}: whiteout of {name!r} refused")
-        return Entry(WHITEOUT, f"{head}/{name}" if head else name, **base)
+        return entry(WHITEOUT, f"{head}/{name}" if head else name)
     if ti.isreg():
-        return Entry(FILE, path, size=ti.size, **base)
+        return entry(FILE, path, size=ti.size)
     if ti.isdir():
-        return Entry(DIR, path, **base)
+        return entry(DIR, path)
     if ti.issym():
         if not ti.linkname or len(ti.linkname) > MAX_PATH or "\0" in ti.linkname:
             raise ImageError(f"{where}: bad symlink target")
         if path == "":
             raise ImageError(f"{where}: the root cannot be a symlink")
-        return Entry(SYMLINK, path, linkname=ti.linkname, **base)
+        return entry(SYMLINK, path, linkname=ti.linkname)
     if ti.islnk():
         if ti.linkname.startswith("/"):
             raise ImageError(f"{where}: hard link to absolute {ti.linkname[:200]!r} refused")
         target = normalize_member(ti.linkname, f"{where}: hard link target")
         if target == "" or path == "":
             raise ImageError(f"{where}: hard link to or as the root refused")
-        return Entry(HARDLINK, path, linkname=target, **base)
+        return entry(HARDLINK, path, linkname=target)
     if ti.ischr() or ti.isblk():
-        return Entry(CHAR if ti.ischr() else BLOCK, path, devmajor=ti.devmajor, devminor=ti.devminor, **base)
+        return entry(CHAR if ti.ischr() else BLOCK, path, devmajor=ti.devmajor, devminor=ti.devminor)
     if ti.isfifo():
-        return Entry(FIFO, path, **base)
+        return entry(FIFO, path)
     raise ImageError(f"{where}: unsupported tar member type {ti.type!r}")
 
 
