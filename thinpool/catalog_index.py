@@ -290,7 +290,7 @@ class NameIndex:
         joined and decoded once and checked as a whole (:func:`_bulk_names`), what ``ls`` of 100,000
         volumes needs."""
         want = [p for p in self.pages if p not in self._cache]
-        raw = {}
+        raw: Mapping[int, bytes] = {}
         if want:
             if self._read is None:
                 raise MetadataCorrupt(f"catalog: name index page {want[0]} is not loaded", structure=INDEX)
@@ -306,9 +306,9 @@ class NameIndex:
             blobs.append(blob)
             slots += s
         out = _bulk_names(blobs, len(slots))
-        for n in sorted(self.odd, key=_order):
-            out.append(n)
-            slots.append(self.odd[n])
+        for odd_name in sorted(self.odd, key=_order):
+            out.append(odd_name)
+            slots.append(self.odd[odd_name])
         return out, slots
 
     def updates(self) -> PageUpdates:
@@ -335,7 +335,9 @@ class NameIndex:
         rows.sort()
         i = 0
         while i < len(rows):
-            names, slots, size = [], [], _PAGE_HEAD.size - 1
+            names: list[bytes] = []
+            slots: list[int] = []
+            size = _PAGE_HEAD.size - 1
             while i < len(rows) and (not names or size + _entry_bytes(rows[i][0]) <= BULK_FILL):
                 names.append(rows[i][0])
                 slots.append(rows[i][1])

@@ -83,7 +83,7 @@ class DataDevice:
         self.read_only = read_only
         self.owner = owner or None
         self.pool_path = pool_path or os.path.dirname(path)
-        self.mm = None
+        self.mm: mmap.mmap | None = None
         self.fd = pooldir.open_pool_file(path, os.O_RDONLY if read_only else os.O_RDWR,
                                          allow_foreign=allow_foreign, what="data file")
         try:

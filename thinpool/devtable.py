@@ -348,8 +348,8 @@ class DeviceTable:
         object per volume: what ``ls`` of 100,000 volumes needs."""
         self._check_open()
         names, slots = self._stored.index.columns()
-        for n, e in self._pending.items():
-            names.append(n)
+        for pending_name, e in self._pending.items():
+            names.append(pending_name)
             slots.append(int(e["slot"]))
         used = self._in_use()  # (every page read)
         q = memoryview(self._devs).cast("q")

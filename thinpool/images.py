@@ -314,6 +314,7 @@ def import_image(pool: Pool, name: str, source: str | os.PathLike[str], size: in
         chunk = _chunk_bytes(bs)
         total = 0
         if regular:
+            assert img_size is not None, "a regular file's size is known (its st_size)"
             extents = _data_extents(fd, img_size, bs)
             with progress(f"import {name}", sum(e - s for s, e in extents)) as advance:
                 pos = 0
@@ -337,14 +338,14 @@ def import_image(pool: Pool, name: str, source: str | os.PathLike[str], size: in
             f = sys.stdin.buffer if image == "-" else os.fdopen(os.dup(fd), "rb")
             with progress(f"import {name}", img_size or 0) as advance:
                 while True:
-                    data = _read_full(f, chunk)
-                    if not data:
+                    got = _read_full(f, chunk)
+                    if not got:
                         break
-                    if total + len(data) > thin.size:
+                    if total + len(got) > thin.size:
                         raise InvalidArgument(f"input is larger than volume {name!r} ({thin.size} bytes)")
-                    imp.feed(total, np.frombuffer(data, np.uint8))
-                    total += len(data)
-                    advance(len(data))
+                    imp.feed(total, np.frombuffer(got, np.uint8))
+                    total += len(got)
+                    advance(len(got))
             if f is not sys.stdin.buffer:
                 f.close()
     finally:

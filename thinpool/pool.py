@@ -78,6 +78,8 @@ class Pool(Transactions, DeviceOps, Features, Accounting):
     """
 
     DATA = pooldir.DATA
+    _new_files: ownership.NewPoolFiles  # the files create() made (pool_ir.pool_from_metadata undoes them on failure)
+    _autoextending: bool                # poolspace's autoextend is running (set only while it runs)
     METADATA = pooldir.METADATA
     LOCK = pooldir.LOCK
 
@@ -231,7 +233,7 @@ class Pool(Transactions, DeviceOps, Features, Accounting):
         if not explicit_data and not metadata_only:
             pooldir.set_file_mode(data_path, fmode)  # exactly, whatever the umask
         store = MetadataStore.format(os.path.join(path, cls.METADATA), md_blocks, fmode)
-        header = dict(block_size=bs, nr_data_blocks=nr_blocks, time=0, transaction_id=0,
+        header: dict[str, Any] = dict(block_size=bs, nr_data_blocks=nr_blocks, time=0, transaction_id=0,
                       low_water_mark=low_water_mark, error_if_no_space=bool(error_if_no_space),
                       zero_new_blocks=bool(zero_new_blocks), punch_freed_blocks=bool(punch_freed_blocks),
                       needs_check=False, cursor=0,

@@ -343,7 +343,7 @@ def check_mode(mode: int | str | None) -> int | None:
     return mode
 
 
-def make_dir(path: str, mode: int | None = None, *, allow_foreign: bool | None = None) -> int:
+def make_dir(path: str, mode: int | str | None = None, *, allow_foreign: bool | None = None) -> int:
     """Create a new pool's directory ``path`` (its parents as needed) with exactly ``mode``
     (default :data:`DIR_MODE`, whatever the umask), or accept an existing empty directory (it must be
     ours unless ``allow_foreign``; its mode is changed only when ``mode`` is given).  Returns the mode

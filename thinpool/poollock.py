@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import _thread
 import ctypes
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -73,7 +73,7 @@ _acquire = _thread.RLock.acquire
 _release = _thread.RLock.release
 
 
-class PoolLock(_thread.RLock):
+class PoolLock(_thread.RLock):  # type: ignore[misc]  # (final in typeshed; CPython allows subclassing it)
     """A re-entrant lock (``threading.RLock``'s interface, ``Condition``-compatible) that also excludes
     the registered compiled readers while held (see the module docstring).
 
@@ -82,6 +82,9 @@ class PoolLock(_thread.RLock):
     int64 array, bumped at every outermost acquisition while readers are registered; ``readers`` how
     many are registered.
     """
+
+    if TYPE_CHECKING:  # the C RLock's, which Condition uses too; typeshed does not declare it
+        def _is_owned(self) -> bool: ...
 
     def __init__(self) -> None:
         super().__init__()
@@ -109,7 +112,7 @@ class PoolLock(_thread.RLock):
             self._exclude()
         return True
 
-    def __enter__(self) -> bool:
+    def __enter__(self) -> bool:  # type: ignore[override]  # (typeshed: an alias of acquire(); takes no arguments)
         _acquire(self)
         d = self._depth
         self._depth = d + 1
@@ -142,11 +145,11 @@ class PoolLock(_thread.RLock):
         if self._wr:
             self._wr = False
             _unlock(self._rw_addr)
-        return super()._release_save(), depth
+        return super()._release_save(), depth  # type: ignore[misc]  # (the C RLock's; not in typeshed)
 
     def _acquire_restore(self, state: Any) -> None:
         inner, depth = state
-        super()._acquire_restore(inner)
+        super()._acquire_restore(inner)  # type: ignore[misc]  # (the C RLock's; not in typeshed)
         self._depth = depth
         if self.readers:
             self._exclude()

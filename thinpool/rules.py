@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import operator
 import re
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Container, Iterable, Mapping, Protocol, cast, runtime_checkable
 
 from .errors import AlreadyExists, InvalidArgument, MetadataCorrupt, NoSpace, ReadOnly
 from .schema import DEV_FIELDS, DISCARD_WORDS, DevFlag, Mode, transaction_field
@@ -58,7 +58,7 @@ def name_problem(name: Any) -> str | None:
     return None
 
 
-def check_new_name(pool_path: str, name: Any, by_name: dict[str, Any]) -> None:
+def check_new_name(pool_path: str, name: Any, by_name: Container[str]) -> None:
     """A new volume name: InvalidArgument naming the rule it breaks (see :func:`name_problem`),
     AlreadyExists if it is in use."""
     problem = name_problem(name)
@@ -172,7 +172,15 @@ def new_catalog_entry(catalog: dict[str, Any], dev_id: int, slot: int) -> dict[s
     return {"dev_id": dev_id, "slot": slot, "gen": gen}
 
 
-def pick_dev_id(pool_path: str, dev_id: Any, by_dev_id: Mapping[int, str], next_dev_id: int) -> int:
+class DevIdsInUse(Protocol):
+    """What :func:`pick_dev_id` asks of the ids in use: ``id in ids``, and ``ids[id]`` (the name) for the error."""
+
+    def __contains__(self, dev_id: object) -> bool: ...
+
+    def __getitem__(self, dev_id: int) -> str: ...
+
+
+def pick_dev_id(pool_path: str, dev_id: Any, by_dev_id: DevIdsInUse, next_dev_id: int) -> int:
     """``dev_id`` if given and free (24 bits, as dm-thin), else the first free id from ``next_dev_id``."""
     if dev_id is not None:
         try:
@@ -262,7 +270,7 @@ def free_slot(flags: Iterable[int]) -> int | None:
     mask = int(DevFlag.IN_USE)
     if hasattr(flags, "dtype"):
         import numpy as np
-        free = np.flatnonzero((flags & mask) == 0)
+        free = np.flatnonzero((cast("np.ndarray", flags) & mask) == 0)  # (has a dtype: an array)
         return int(free[0]) if len(free) else None
     for slot, f in enumerate(flags):
         if not int(f) & mask:

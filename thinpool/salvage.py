@@ -156,7 +156,7 @@ def _salvage_state(r: _Reader, generation: int, header: dict[str, Any]) -> _Salv
         bad = [loc >> 32 for loc, p in zip(dir_locs, pages) if p is None]
         raise MetadataCorrupt(f"{r.path}: directory of generation {generation}: bad checksum in metadata "
                               f"block {bad[0]}", structure="directory", block=bad[0])
-    raw = b"".join(p.tobytes() for p in pages)[: header["directory_bytes"]]
+    raw = b"".join(p.tobytes() for p in pages if p is not None)[: header["directory_bytes"]]  # (all are)
     try:
         directory = json.loads(raw)
     except ValueError:

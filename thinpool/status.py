@@ -55,7 +55,8 @@ class PoolStatus:
 
         ``error_if_no_space`` is the policy in force: true also while a queue's ``no_space_timeout``
         has run out (the kernel prints ``pool->pf.error_if_no_space``, which its timeout sets)."""
-        mode = {Mode.WRITE: "rw", Mode.OUT_OF_DATA_SPACE: "out_of_data_space"}.get(self.mode, "ro")
+        shown: dict[str, str] = {Mode.WRITE: "rw", Mode.OUT_OF_DATA_SPACE: "out_of_data_space"}
+        mode = shown.get(self.mode, "ro")
         if self.mode == Mode.FAIL:
             return "Fail"
         held = str(self.held_root) if self.held_root is not None else "-"

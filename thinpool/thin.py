@@ -81,6 +81,7 @@ class Thin:
             key = ctx.keys.get(name) if isinstance(name, str) else None
             if key is None:
                 pool.thin(name)  # raises NotFound (or InvalidArgument if closed)
+            assert key is not None, f"pool.thin({name!r}) found a volume the engine has no key for"
             self._key: int = key
         self._name = name
 

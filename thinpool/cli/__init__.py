@@ -122,6 +122,7 @@ class SectionedGroup(click.Group):
             if cmd.name in self.commands:
                 raise RuntimeError(f"thinpool CLI: command {cmd.name!r} is registered twice")
             self.add_command(cmd)
+            assert cmd.name is not None, "click's add_command refuses a command without a name"
             names.append(cmd.name)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:

@@ -71,7 +71,9 @@ class ModeType(click.ParamType):
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
         from thinpool.pooldir import check_mode
         try:
-            return check_mode(value if isinstance(value, int) else str(value))
+            mode = check_mode(value if isinstance(value, int) else str(value))
+            assert mode is not None, "check_mode returns None only for None"
+            return mode
         except ThinpoolError as exc:
             self.fail(str(exc), param, ctx)
 

@@ -505,7 +505,9 @@ def _metadata(pool: Any, metadata_snap: bool) -> Any:
 def op_dump(pool: Any, metadata_snap: bool = False) -> str:
     """thin_dump's XML for the pool (or its held metadata snapshot), as text."""
     from thinpool.interop.xml import dump_xml
-    return dump_xml(_metadata(pool, metadata_snap))
+    text = dump_xml(_metadata(pool, metadata_snap))
+    assert text is not None, "dump_xml returns the text when given no file"
+    return text
 
 
 register_op("dump", op_dump, write=False, render=lambda text: text)

@@ -186,7 +186,7 @@ class _Source:
                     raise ImageError(f"{path}: more than {MAX_ARCHIVE_MEMBERS} members")
                 name = "/".join(p for p in ti.name.split("/") if p not in ("", "."))
                 self._members[name] = ti
-            self._tar.members = []   # we keep our own index
+            self._tar.members = []  # type: ignore[attr-defined]  # we keep our own index (not in typeshed)
         except ImageError as e:
             self.close()
             raise ImageError(f"{path}: {e}" if not str(e).startswith(path) else str(e)) from None

@@ -116,7 +116,7 @@ class BoundedTarInfo(tarfile.TarInfo):
             if tarfile_.pax_headers and (len(tarfile_.pax_headers) > 1024 or sum(
                     len(k) + len(v) for k, v in tarfile_.pax_headers.items()) > MAX_TAR_HEADER_BYTES):
                 raise ImageError(f"global PAX headers past {MAX_TAR_HEADER_BYTES} bytes or 1024 keys")
-        return super()._proc_member(tarfile_)
+        return super()._proc_member(tarfile_)  # type: ignore[misc]  # (TarInfo._proc_member: private, not in typeshed)
 
 
 def _xattrs(ti: tarfile.TarInfo, what: str) -> dict[str, bytes]:
@@ -163,7 +163,8 @@ def iter_tar_entries(stream: BinaryIO, what: str, max_entries: int = MAX_ENTRIES
                 raise ImageError(f"{what}: unreadable tar after {count} members: {e}") from None
             if ti is None:
                 return
-            tar.members.clear()          # stream mode keeps every TarInfo otherwise
+            # stream mode keeps every TarInfo otherwise (TarFile.members: not in typeshed)
+            tar.members.clear()  # type: ignore[attr-defined]
             count += 1
             if count > max_entries:
                 raise ImageError(f"{what}: more than {max_entries} members")
