@@ -641,3 +641,23 @@ def test_rule_a_time_schedule_is_bounded_per_window(tmp_path: Path, every: str) 
         assert_clean_refusal(result, "more than 1,000,000", "give a longer interval")
     ok = cli("replay", str(trace), "--metadata-only", "--snapshot-every", "250000s", "--keep", "1", "--json", "-")
     assert ok.exit_code == 0 and json.loads(ok.output)["snapshots_taken"] == 4, ok.output[-500:]
+
+
+def test_rule_a_trailing_newline_never_passes_a_name_or_digest_pattern(pool: Path, trace: Path) -> None:
+    """Patterns written ``^...$`` let ``"name\\n"`` through (``$`` matches before a final newline):
+    a container name, a snapshotter namespace, an image digest, a scenario volume name.  ``\\Z`` now."""
+    from thinpool.containers import runtime
+    from thinpool.containers.oci import check_digest
+    from thinpool.containers.snapshotter import Snapshotter
+    with pytest.raises(InvalidArgument):
+        runtime._check_name("web\n")
+    with pytest.raises(ImageError, match="not a sha256/sha512 digest"):
+        check_digest("sha256:" + "0" * 64 + "\n", "layer")
+    with Pool.open(pool) as p:
+        with pytest.raises(InvalidArgument, match="namespace"):
+            Snapshotter(p, "ns\n")
+        Snapshotter(p, "ns")
+    with pytest.raises(InvalidArgument, match=r"\[\[volume\]\] #1 name: not a usable volume name"):
+        parse_scenario(SCENARIO.replace('name = "db"', 'name = "db\\n"').replace("TRACE", str(trace)), "sc.toml")
+    check_digest("sha256:" + "0" * 64, "layer")
+    runtime._check_name("web")

@@ -59,7 +59,7 @@ FILESYSTEMS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 #: largest base device accepted (mkfs of a larger one would run for hours)
 MAX_BASE_SIZE = 64 << 40
-_HEX = re.compile(r"^(sha256:)?([0-9a-f]{4,64})$")
+_HEX = re.compile(r"^(sha256:)?([0-9a-f]{4,64})\Z")
 _MAX_TAG = 256
 
 

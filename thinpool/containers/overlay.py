@@ -53,7 +53,7 @@ MOUNT_DATA_LIMIT = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 409
 #: overlayfs' own limit on lower layers (fs/overlayfs: OVL_MAX_STACK)
 MAX_LOWER_LAYERS = 500
 #: container names: what Docker accepts (``[a-zA-Z0-9][a-zA-Z0-9_.-]``), bounded
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
 _LINK_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 
 

@@ -35,7 +35,7 @@ from .image_store import (CONTAINER_RECORDS, RECORDS, ROOTFS, load_records, open
                           snapshotter)
 
 #: Docker's container name rule
-_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
+_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}\Z")
 #: most arguments / bytes of a command given to :func:`exec_in_container`
 MAX_ARGS, MAX_ARG_BYTES = 4096, 1 << 20
 

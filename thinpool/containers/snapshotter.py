@@ -72,8 +72,8 @@ MAX_LABEL_BYTES = 4096  # containerd: len(key) + len(value) per label
 MAX_KEY_BYTES = 4096
 #: all labels of one snapshot together (keys + values, UTF-8 bytes), for the same reason
 MAX_LABELS_TOTAL = 64 << 10
-_NAMESPACE_RE = re.compile(r"^[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*$")  # containerd's namespace rule
-_VOLUME_RE = re.compile(r"^snap/([^/]+)/([0-9]+)$")
+_NAMESPACE_RE = re.compile(r"^[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*\Z")  # containerd's namespace rule
+_VOLUME_RE = re.compile(r"^snap/([^/]+)/([0-9]+)\Z")
 
 
 def _shown(value: Any) -> str:

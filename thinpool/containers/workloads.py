@@ -56,7 +56,7 @@ DELETED_FILE = "etc/motd"
 #: bytes of one database row's payload (about 8 rows per 4 KiB page)
 ROW_PAYLOAD = 450
 #: a user workload's name: what a container name may hold
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 MAX_COMMAND = 64 << 10
 
 

@@ -56,7 +56,7 @@ VOLUME_KEYS: dict[str, tuple[str, Any]] = {
     "snapshot_every": ("every", None),
     "keep": ("int", None),
 }
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}\Z")
 
 
 @dataclass
