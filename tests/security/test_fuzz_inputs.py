@@ -661,3 +661,15 @@ def test_rule_a_trailing_newline_never_passes_a_name_or_digest_pattern(pool: Pat
         parse_scenario(SCENARIO.replace('name = "db"', 'name = "db\\n"').replace("TRACE", str(trace)), "sc.toml")
     check_digest("sha256:" + "0" * 64, "layer")
     runtime._check_name("web")
+
+
+@pytest.mark.parametrize("text, words", [("\u0663\u0663\u0663\u0663", "is not a port number"),
+                                         ("1_0", "is not a port number"), (HUGE, "5000 characters")])
+def test_rule_serve_tcp_port_is_ascii_decimal(text: str, words: str) -> None:
+    """`serve --tcp ٣٣٣٣` listened on port 3333 (int() reads Arabic-Indic digits); a 5,000-digit value
+    was quoted twice in full."""
+    from thinpool.cli.serve_cmds import parse_tcp
+    with pytest.raises(InvalidArgument, match=words) as exc:
+        parse_tcp(text)
+    assert len(str(exc.value)) < 200
+    assert parse_tcp("[::1]:10809") == ("::1", 10809)

@@ -23,6 +23,8 @@ SECTION = "Serving (NBD block devices)"
 def parse_tcp(value: str) -> tuple[str | None, int]:
     """``PORT``, ``HOST:PORT`` or ``[IPv6]:PORT`` -> (host or None for 127.0.0.1, port)."""
     from thinpool.errors import InvalidArgument
+    if len(value) > 300:  # a host name has at most 253 characters
+        raise InvalidArgument(f"--tcp {value[:40]!r}...: {len(value)} characters is not [HOST:]PORT")
     text = value.strip()
     host: str | None = None
     port_text = text
@@ -36,10 +38,9 @@ def parse_tcp(value: str) -> tuple[str | None, int]:
         if ":" in host:
             raise InvalidArgument(f"--tcp {value!r}: put IPv6 addresses in brackets, e.g. [::1]:10809")
         host = host or None
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise InvalidArgument(f"--tcp {value!r}: {port_text!r} is not a port number") from None
+    if not (port_text.isascii() and port_text.isdigit()):  # int() also took '٣٣٣٣' (port 3333) and '1_0'
+        raise InvalidArgument(f"--tcp {value!r}: {port_text!r} is not a port number")
+    port = int(port_text)
     if not 0 <= port <= 65535:
         raise InvalidArgument(f"--tcp {value!r}: port {port} is out of range")
     return host, port
