@@ -673,3 +673,9 @@ def test_rule_serve_tcp_port_is_ascii_decimal(text: str, words: str) -> None:
         parse_tcp(text)
     assert len(str(exc.value)) < 200
     assert parse_tcp("[::1]:10809") == ("::1", 10809)
+
+
+@pytest.mark.parametrize("text", ["\u0663", "1_0"])
+def test_rule_wait_seconds_are_ascii(pool: Path, text: str) -> None:
+    """`--wait ٣` waited 3 s and `--wait 1_0` 10 s (float() reads both): a usage error now."""
+    assert_clean_refusal(cli("--wait", text, "status", str(pool)), "is not a number of seconds")

@@ -193,6 +193,8 @@ class WaitType(click.ParamType):
             seconds = float(value)
         else:
             text = str(value).strip().lower()
+            if not text.isascii() or "_" in text:  # float() also reads '٣' (3 s) and '1_0'
+                self.fail(f"{str(value)[:40]!r} is not a number of seconds (or 'forever')", param, ctx)
             try:
                 seconds = math.inf if text in ("inf", "forever", "") else float(text)
             except ValueError:
