@@ -103,6 +103,26 @@ def unix_socket_accepts(path: str) -> bool:
         s.close()
 
 
+@contextlib.contextmanager
+def address_space_headroom(extra: int) -> Iterator[None]:
+    """Cap this process's address space (RLIMIT_AS) at what it maps now plus ``extra`` bytes, so a
+    runaway allocation fails fast with MemoryError/ENOMEM; restored after.  Relative to the current
+    size, not absolute: late in a full test run the process already maps several GiB (numba, threads'
+    stacks, other tests' leftovers), and an absolute cap would refuse even a small mapping."""
+    import resource
+    with open("/proc/self/status") as f:
+        vm_kib = next(int(line.split()[1]) for line in f if line.startswith("VmSize:"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = vm_kib * 1024 + extra
+    if hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
 def soak_scaled(env: str, normal: int, soak: int) -> int:
     """An iteration count: ``$env`` when set, else ``soak`` under THINPOOL_SOAK=1, else ``normal``."""
     return int(os.environ.get(env, soak if SOAK else normal))

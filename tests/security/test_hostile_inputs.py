@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from tests.support import IN_CI
+from tests.support import IN_CI, address_space_headroom
 from thinpool import Pool
 from thinpool.cli import main
 from thinpool.cli.registry import op_table
@@ -421,18 +421,13 @@ def _doubling_xml(levels: int, mapped_blocks: int | None = None) -> str:
 def test_xml_def_doubling_refused_before_materialising(tmp_path: Path, levels: int, mapped: int | None) -> None:
     """A 3 KB thin_dump XML whose nested defs describe 2^39 (or 2^64) rows is refused by counting,
     naming the def spliced twice, before any row is materialised (before: a 4 TiB allocation)."""
-    import resource
 
     from thinpool.interop.xml import load_xml
     text = _doubling_xml(levels, mapped)
     assert len(text) < 5000
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    resource.setrlimit(resource.RLIMIT_AS, (4 << 30, hard))  # a runaway allocation fails fast here
-    try:
+    with address_space_headroom(4 << 30):  # a runaway allocation fails fast here
         with pytest.raises(InvalidArgument, match=r"<def name='d0'> is spliced into it more than once"):
             load_xml(text)
-    finally:
-        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
     (tmp_path / "bomb.xml").write_text(text)
     res = invoke("restore", str(tmp_path / "pool"), "-i", str(tmp_path / "bomb.xml"), code=1)
     assert "spliced into it more than once" in res.stderr and "Traceback" not in res.stderr
@@ -585,8 +580,7 @@ def _superblock_fields() -> list[tuple[str, int, int]]:
 def test_superblock_fields_at_extremes(tmp_path: Path, exported_metadata: bytes) -> None:
     """Every numeric superblock field set to 2^63, 2^64-1 (2^31, 2^32-1 for 32-bit ones) and 0, checksum
     resealed: read_binary_metadata either reads it or raises a thinpool error -- never MemoryError or
-    another exception, under a 3 GiB address-space cap (before: data nr_blocks 2^63 asked for 4 PiB)."""
-    import resource
+    another exception, with 3 GiB of address space left (before: data nr_blocks 2^63 asked for 4 PiB)."""
 
     from thinpool.errors import ThinpoolError
     from thinpool.interop.binary_read import read_binary_metadata
@@ -595,9 +589,7 @@ def test_superblock_fields_at_extremes(tmp_path: Path, exported_metadata: bytes)
     assert len(fields) == 22
     path = tmp_path / "m.bin"
     outcomes = {"read": 0, "refused": 0}
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    resource.setrlimit(resource.RLIMIT_AS, (3 << 30, hard))
-    try:
+    with address_space_headroom(3 << 30):
         for name, off, width in fields:
             for value in ((1 << 63, (1 << 64) - 1, 0) if width == 8 else (1 << 31, (1 << 32) - 1, 0)):
                 buf = bytearray(exported_metadata)
@@ -610,8 +602,6 @@ def test_superblock_fields_at_extremes(tmp_path: Path, exported_metadata: bytes)
                 except ThinpoolError as exc:
                     assert str(exc), name
                     outcomes["refused"] += 1
-    finally:
-        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
     assert sum(outcomes.values()) == 66 and outcomes["refused"] >= 40, outcomes
 
 
