@@ -67,8 +67,20 @@ DEV_FIELDS = ("dev_id", "root", "mapped", "transaction", "creation_time", "snap_
 DEV_RECORD = struct.Struct("<" + "q" * len(DEV_FIELDS))
 DEV_COLUMNS = len(DEV_FIELDS)
 
-#: column of each field in the int64 view of the device table (``devs_i[slot, DevCol.ROOT]``)
-DevCol = enum.IntEnum("DevCol", [(f.upper(), i) for i, f in enumerate(DEV_FIELDS)])
+class DevCol(enum.IntEnum):
+    """The column of each field in the int64 view of the device table (``devs_i[slot, DevCol.ROOT]``):
+    :data:`DEV_FIELDS` in order (tests/engine/test_schema.py checks that they agree)."""
+
+    DEV_ID = 0
+    ROOT = 1
+    MAPPED = 2
+    TRANSACTION = 3
+    CREATION_TIME = 4
+    SNAP_TIME = 5
+    SIZE = 6
+    FLAGS = 7
+
+
 DEV_ID = int(DevCol.DEV_ID)
 DEV_ROOT = int(DevCol.ROOT)
 DEV_MAPPED = int(DevCol.MAPPED)

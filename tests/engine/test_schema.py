@@ -29,6 +29,7 @@ def _engine(pool):
 def test_struct_dtype_and_columns_describe_one_record():
     dt = dev_dtype()
     assert dt.names == DEV_FIELDS
+    assert tuple(c.name.lower() for c in DevCol) == DEV_FIELDS  # one column per field, in order
     assert dt.itemsize == DEV_RECORD.size == 8 * len(DEV_FIELDS) == 8 * schema.DEV_COLUMNS
     values = tuple(range(11, 11 + len(DEV_FIELDS)))
     raw = DEV_RECORD.pack(*values)

@@ -217,8 +217,8 @@ def set_cmd(pool: str, discard: str | None, error_if_no_space: bool | None, no_s
       thinpool set /tmp/pool --ignore-discard
       thinpool set /tmp/pool --queue-if-no-space --no-space-timeout 0
     """
-    kwargs = {k: v for k, v in (("discard", discard), ("error_if_no_space", error_if_no_space),
-                                ("no_space_timeout", no_space_timeout)) if v is not None}
+    kwargs: dict[str, Any] = {k: v for k, v in (("discard", discard), ("error_if_no_space", error_if_no_space),
+                                                ("no_space_timeout", no_space_timeout)) if v is not None}
     if not kwargs:
         raise click.UsageError("give at least one feature to change")
     from thinpool.control import client

@@ -176,6 +176,7 @@ def owned_blocks(vblocks: np.ndarray, dblocks: np.ndarray,
     n = len(vblocks)
     if parent_vblocks is None or len(parent_vblocks) == 0 or n == 0:
         return int(n)
+    assert parent_dblocks is not None, "a parent's mappings are two lists (virtual, data blocks) or none"
     idx = np.searchsorted(parent_vblocks, vblocks)
     inside = idx < len(parent_vblocks)
     idx_c = np.where(inside, idx, 0)
@@ -254,7 +255,7 @@ class Snapshotter:
         self.base_size = parse_size(base_size, "base size")
         self.autocommit = bool(autocommit)
         self.records_key = RECORDS_PREFIX + namespace
-        self._lock: threading.RLock = pool.locked() if hasattr(pool, "locked") else threading.RLock()
+        self._lock: ContextManager[Any] = pool.locked() if hasattr(pool, "locked") else threading.RLock()
 
     def __repr__(self) -> str:
         return f"<Snapshotter {self.pool.path} namespace={self.namespace!r}>"
@@ -558,6 +559,8 @@ class Snapshotter:
             volume = self._volume_of(key, rec)
             vb, db, _ = self.pool.thin(volume).mappings()
             parent = rec.get("parent", "")
+            pvb: np.ndarray | None
+            pdb: np.ndarray | None
             if parent:
                 pvol = self.pool.thin(self._volume_of(parent, recs["snapshots"][parent]))
                 pvb, pdb, _ = pvol.mappings()

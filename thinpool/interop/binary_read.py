@@ -15,7 +15,7 @@ from thinpool.errors import InvalidArgument, MetadataCorrupt
 from thinpool.interop.binary import _DETAILS, RawSuperblock, _read_superblock
 from thinpool.interop.btree import BlockSource, corrupt, walk_forest
 from thinpool.interop.ir import TIME_MASK, Device, Metadata, Superblock
-from thinpool.interop.sm_disk import read_data_space_map, read_metadata_space_map
+from thinpool.interop.sm_disk import SpaceMapRoot, read_data_space_map, read_metadata_space_map
 
 __all__ = ["read_binary_metadata", "read_data_refcounts", "read_metadata_refcounts", "check_binary_metadata"]
 
@@ -113,6 +113,7 @@ def read_binary_metadata(path: str | os.PathLike[str], *, metadata_snap: bool = 
     :class:`~thinpool.errors.InvalidArgument` if none is held.
     """
     with _opened(path) as (src, sb):
+        data_root, meta_root = _roots(sb)
         if metadata_snap and not sb.held_root:
             raise InvalidArgument(f"{os.fspath(path)}: no metadata snapshot is held")
         if check_counts:
@@ -123,25 +124,25 @@ def read_binary_metadata(path: str | os.PathLike[str], *, metadata_snap: bool = 
                                       + "; ".join(fatal[:3]) + (f" (and {len(fatal) - 3} more)" if len(fatal) > 3
                                                                  else ""), structure="space map")
             i = 1 if metadata_snap else 0
-            return _to_ir(views[i], walked[i].devices, sb.data_sm.nr_blocks)
-        read_data_space_map(src, sb.data_sm)
-        read_metadata_space_map(src, sb.metadata_sm)
+            return _to_ir(views[i], walked[i].devices, data_root.nr_blocks)
+        read_data_space_map(src, data_root)
+        read_metadata_space_map(src, meta_root)
         view = sb
         if metadata_snap:
             view = _read_superblock(src, sb.held_root, "metadata snapshot superblock copy")
-        return _to_ir(view, _read_view(src, view, sb.data_sm.nr_blocks).devices, sb.data_sm.nr_blocks)
+        return _to_ir(view, _read_view(src, view, data_root.nr_blocks).devices, data_root.nr_blocks)
 
 
 def read_data_refcounts(path: str | os.PathLike[str]) -> np.ndarray:
     """Every data block's reference count as recorded in the data space map (uint32 array)."""
     with _opened(path) as (src, sb):
-        return read_data_space_map(src, sb.data_sm).ref_counts(src)
+        return read_data_space_map(src, _roots(sb)[0]).ref_counts(src)
 
 
 def read_metadata_refcounts(path: str | os.PathLike[str]) -> np.ndarray:
     """Every metadata block's reference count as recorded in the metadata space map (uint32 array)."""
     with _opened(path) as (src, sb):
-        return read_metadata_space_map(src, sb.metadata_sm).ref_counts(src)
+        return read_metadata_space_map(src, _roots(sb)[1]).ref_counts(src)
 
 
 def _compare_counts(what: str, recorded: np.ndarray, refs: np.ndarray, limit: int = 10) -> list[str]:
@@ -156,11 +157,18 @@ def _compare_counts(what: str, recorded: np.ndarray, refs: np.ndarray, limit: in
     return problems
 
 
+def _roots(sb: RawSuperblock) -> tuple[SpaceMapRoot, SpaceMapRoot]:
+    """The data and metadata space map roots of a superblock :func:`_opened` verified."""
+    assert sb.data_sm is not None and sb.metadata_sm is not None, "_opened refuses a superblock without them"
+    return sb.data_sm, sb.metadata_sm
+
+
 def _count_problems(src: BlockSource, sb: RawSuperblock) -> tuple[list[str], list[RawSuperblock], list[_ViewRefs]]:
     """Read both space maps and every view (live, held) and compare the counts with the references:
     (problems, views, their walked trees)."""
-    data_sm = read_data_space_map(src, sb.data_sm)
-    meta_sm = read_metadata_space_map(src, sb.metadata_sm)
+    data_root, meta_root = _roots(sb)
+    data_sm = read_data_space_map(src, data_root)
+    meta_sm = read_metadata_space_map(src, meta_root)
     meta_refs = [np.array([0]), data_sm.metadata_refs, meta_sm.metadata_refs]
     views = [sb]
     if sb.held_root:
@@ -169,7 +177,7 @@ def _count_problems(src: BlockSource, sb: RawSuperblock) -> tuple[list[str], lis
     data_refs = []
     walked = []
     for view in views:
-        w = _read_view(src, view, sb.data_sm.nr_blocks)
+        w = _read_view(src, view, data_root.nr_blocks)
         walked.append(w)
         meta_refs.append(w.metadata_refs)
         data_refs.append(w.data_refs)
