@@ -116,7 +116,8 @@ def configure() -> str | None:
     os.environ["NUMBA_CACHE_DIR"] = fallback
     config = sys.modules.get("numba.core.config")
     if config is not None:  # numba already imported: its config has read the environment
-        config.CACHE_DIR = fallback
+        # (mypy: numba.config's settings are set at run time, not annotated)
+        config.CACHE_DIR = fallback  # type: ignore[attr-defined]
     why = f"NUMBA_CACHE_DIR={user_dir} is not writable" if user_dir else \
         f"neither the package's __pycache__ nor {_user_cache_dir()} is writable"
     sys.stderr.write(f"thinpool: warning: {why}; compiled kernels are cached in {fallback}\n")
@@ -236,7 +237,8 @@ def serialize_compiles(namespace: dict[str, Any]) -> int:
         if machine_dir is None:
             continue
         path = os.path.join(machine_dir, f"{module.rsplit('.', 1)[-1]}.{obj.py_func.__name__}.lock")
-        obj.compile = _locked_compile(obj.compile, path, global_compiler_lock)
+        # (mypy: the dispatcher's compile is wrapped on purpose)
+        obj.compile = _locked_compile(obj.compile, path, global_compiler_lock)  # type: ignore[method-assign]
         wrapped += 1
     return wrapped
 

@@ -67,8 +67,10 @@ def check(namespace: dict[str, Any], built_with: Callable[[], int]) -> bool:
     module = namespace["__name__"]
     for obj in list(namespace.values()):
         if isinstance(obj, Dispatcher) and obj.py_func.__module__ == module:
-            obj._cache.flush()  # the cache's index for this kernel: every saved overload forgotten
-    built_with.recompile()  # compiled (and saved) from today's sources: the next process agrees
+            # the cache's index for this kernel: every saved overload forgotten (mypy: numba's private _cache)
+            obj._cache.flush()  # type: ignore[attr-defined]
+    # compiled (and saved) from today's sources: the next process agrees (mypy: a Dispatcher, typed as the function)
+    built_with.recompile()  # type: ignore[attr-defined]
     flushed.append(module)
     return True
 

@@ -82,7 +82,8 @@ def needs_new_block(v, path_shared, snap_time):
 
 # --------------------------------------------------------------------------- cache hints
 
-if _numba_config.DISABLE_JIT:
+# (mypy: numba.config's settings are set at run time, not annotated)
+if _numba_config.DISABLE_JIT:  # type: ignore[attr-defined]
     def prefetch(arr, i):
         """Without the JIT (the reference runs): nothing to hint."""
 else:

@@ -84,8 +84,9 @@ def _build(out_dir: str, md: Metadata, names: dict[int, str], attrs: dict[int, t
         with pool.batch():  # the records commit once, with the rest
             for ns, recs in records.items():
                 pool.put_records(ns, recs)
-        kept = {key: hdr[key] for key in ("low_water_mark", "error_if_no_space", "zero_new_blocks", "discard",
-                                          "no_space_timeout", "punch_freed_blocks", "uuid", "created")
+        kept: dict[str, Any] = {key: hdr[key] for key in ("low_water_mark", "error_if_no_space", "zero_new_blocks",
+                                                          "discard", "no_space_timeout", "punch_freed_blocks",
+                                                          "uuid", "created")
                 if key in hdr and (keep_uuid or key != "uuid")}
         kept["data_file"] = data_file
         pool._restore_header(kept, next_dev_id=max([d.dev_id for d in md.devices], default=0) + 1)

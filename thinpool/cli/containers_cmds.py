@@ -403,6 +403,7 @@ def _deprecated_alias(old: str, new: click.Command) -> click.Command:
     def callback(**kwargs: Any) -> Any:
         click.echo(f"thinpool: note: 'thinpool {old}' is deprecated and will be removed; "
                    f"use 'thinpool snapshotter {new.name}'", err=True)
+        assert new.callback is not None, f"'thinpool snapshotter {new.name}' has a callback"
         return new.callback(**kwargs)
     return click.Command(old, params=list(new.params), callback=callback, hidden=True, help=new.help,
                          epilog=new.epilog, short_help=f"deprecated: thinpool snapshotter {new.name}")

@@ -72,7 +72,9 @@ def cost_order(scenario: Scenario, pts: list[dict[str, Any]]) -> list[int]:
         for v in s.volumes:
             e = Every.parse(v["snapshot_every"], "snapshot_every")
             if e is not None:
-                rate += 1.0 / (e.ios if e.ios is not None else e.seconds)
+                period = e.ios if e.ios is not None else e.seconds
+                assert period is not None, "an Every is a number of I/Os or of seconds"
+                rate += 1.0 / period
         keep = sum(v["keep"] or 0 for v in s.volumes)
         return (-blocks, -rate, -keep)
     return sorted(range(len(pts)), key=key)
