@@ -238,6 +238,7 @@ class NullDataDevice:
     fd = -1
     path = ""
     read_only = False
+    io: DataIO = DataIO()  # as DataDevice's (a scratch pool swaps it); never called: there is no file
 
     def __init__(self, block_size: int, nr_blocks: int, *, read_only: bool = False) -> None:
         self.block_size = block_size

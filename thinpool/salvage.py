@@ -344,10 +344,10 @@ def salvage(pool_path: str, report: RepairReport) -> tuple[Metadata, dict[int, s
     attrs: dict[int, tuple[int, bool, Any]] = {}
     seen: set[int] = set()
     used_names: set[str] = set()
-    for slot, (name, dev_id) in sorted(names_by_slot.items()):
+    for slot, (lost_name, dev_id) in sorted(names_by_slot.items()):
         page = slot // per_page
         if page < len(lost_dev_pages) and lost_dev_pages[page]:
-            report.devices_dropped.append({"name": name, "dev_id": dev_id,
+            report.devices_dropped.append({"name": lost_name, "dev_id": dev_id,
                                            "reason": f"its device-table page {page} is unreadable"})
     for slot in range(len(devs)):
         if slot // per_page < len(lost_dev_pages) and lost_dev_pages[slot // per_page]:

@@ -61,7 +61,7 @@ class Replayer:
         self.c["block_size"] = pool.block_size
         self.series: dict[str, list] = {k: [] for k in SERIES_COLUMNS}
         self.start_io = dict(pool.io_counters())
-        self.start_time = None
+        self.start_time: float | None = None
         self.last_time = 0.0
         self.mode = pool.mode
         self.failed_bytes = 0
@@ -219,12 +219,14 @@ class Replayer:
                 for c in range(first, t.ios + len(idx) + 1, s.ios):
                     ev.append((int(idx[c - t.ios - 1]) + 1, 1, "snap", k))
             else:
+                assert s.seconds is not None, "an Every is a number of I/Os or of seconds"
                 ev.extend((p, 1, "snap", k) for p in self._time_marks(time, s.seconds, ("snap", k)))
         s = self.sample_every
         if s.ios is not None:
             first = (base_io // s.ios + 1) * s.ios
             ev.extend((c - base_io, 2, "sample", 0) for c in range(first, base_io + n + 1, s.ios))
         else:
+            assert s.seconds is not None, "an Every is a number of I/Os or of seconds"
             ev.extend((p, 2, "sample", 0) for p in self._time_marks(time, s.seconds, ("sample", 0)))
         ev.sort()
         return ev
@@ -246,8 +248,8 @@ class Replayer:
         if ratio < k:
             return []
         if not ratio < k + MAX_MARKS:
-            what, marks = ("snapshot_every", "snapshots") if key[0] == "snap" else ("sample_every", "samples")
-            raise InvalidArgument(f"{what} of {every:g} s: more than {MAX_MARKS:,} {marks} between trace times "
+            what, plural = ("snapshot_every", "snapshots") if key[0] == "snap" else ("sample_every", "samples")
+            raise InvalidArgument(f"{what} of {every:g} s: more than {MAX_MARKS:,} {plural} between trace times "
                                   f"{(k - 1) * every:g} and {last:g} s; give a longer interval")
         hi = int(ratio)
         marks = np.arange(k, hi + 1, dtype=np.float64) * every
