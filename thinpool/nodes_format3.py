@@ -67,7 +67,8 @@ def lost_leaves(lost: np.ndarray, count: int) -> np.ndarray:
     unreadable: a lost own page loses its leaf, a lost stream page its whole group."""
     ng = len(lost) // SPAN
     lost = lost[: ng * SPAN].reshape(ng, SPAN)
-    return (lost[:, :GROUP] | lost[:, GROUP:].any(axis=1)[:, None]).reshape(-1)[:count]
+    # (mypy: numpy's stubs type any(axis=1) as possibly a scalar)
+    return (lost[:, :GROUP] | lost[:, GROUP:].any(axis=1)[:, None]).reshape(-1)[:count]  # type: ignore[index]
 
 
 __all__ = ["GROUP", "GROUPS_ARRAY", "SPAN", "groups_from_disk", "lost_leaves"]

@@ -344,7 +344,9 @@ def _layout(plan: _Plan, n_meta_bitmaps: int, nr_blocks: int) -> _Layout:
                  1 if plan.held else 0):
         starts.append(pos)
         pos += size
-    return _Layout(nr_blocks, 1, 2, n_meta_bitmaps, *starts, meta_rc=pos)
+    data_index, data_bitmaps, data_rc, details, top, maps, held_copy = starts
+    return _Layout(nr_blocks, 1, 2, n_meta_bitmaps, data_index, data_bitmaps, data_rc, details, top, maps, held_copy,
+                   meta_rc=pos)
 
 
 def _metadata_counts(plan: _Plan, lay: _Layout) -> np.ndarray:

@@ -124,6 +124,7 @@ def format_delta(md: Metadata, left: int, right: int, verbose: bool = False) -> 
                 lines.append(f'      <range begin="{b}" left_data_begin="{l_}" right_data_begin="{r_}" length="{n}"/>\n')
             else:
                 lines.append(f'      <range begin="{b}" data_begin="{r_ if k == _RIGHT else l_}" length="{n}"/>\n')
+        assert prev is not None, "kind is not empty: its first range set prev"
         lines.append(f"    </{_KINDS[prev]}>\n")
     lines.append("  </diff>\n</superblock>\n")
     return "".join(lines)
