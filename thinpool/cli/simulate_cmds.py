@@ -5,10 +5,15 @@ op in the registry: no existing pool is touched."""
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import click
 
 from .common import IntRange, SIZE, abspath, stderr_is_tty
+
+if TYPE_CHECKING:
+    from thinpool.simulate.results import Result
+    from thinpool.simulate.sweeps import SweepResult
 
 SECTION = "Simulation"
 
@@ -160,6 +165,7 @@ def simulate_cmd(scenario: str, sweeps: tuple[str, ...], workers: int, dask_addr
     _check_outputs(as_json, html_out, plot, series)
     s = load_scenario(abspath(scenario))
     title = f"simulation of {os.path.basename(scenario)}"
+    result: Result | SweepResult
     if sweeps:
         if pool_dir:
             raise click.UsageError("--pool cannot be used with --sweep (every run has its own pool)")

@@ -238,6 +238,7 @@ class _Reader:
     # -- events (the slow path: everything but well-formed mapping elements) ---------------------
     def _start(self, name: str, alist: list[str], row: int, in_group: bool) -> bool:
         """Handle a start tag; return whether the new innermost element is a device or def."""
+        assert self.p is not None, "only the parser calls it (parse() made self.p)"
         line = self.p.CurrentLineNumber
         attrs = dict(zip(alist[0::2], alist[1::2]))
         parent = self.stack[-1][0] if self.stack else None
@@ -317,6 +318,7 @@ class _Reader:
         if self.text is not None:
             p.Parse(self.text, True)
         else:
+            assert self.path is not None, "parse() is given a path or the text"
             with open(self.path, "rb") as f:
                 p.ParseFile(f)
 

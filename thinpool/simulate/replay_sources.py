@@ -95,7 +95,7 @@ def windows(sources: list[Source]) -> Iterator[tuple[np.ndarray, ...]]:
     done = [False] * len(sources)
     while True:
         for k, s in enumerate(sources):
-            while not done[k] and (pending[k] is None or len(pending[k][0]) == 0):
+            while not done[k] and ((cur := pending[k]) is None or len(cur[0]) == 0):
                 try:
                     ch = next(iters[k])
                 except StopIteration:
@@ -110,9 +110,10 @@ def windows(sources: list[Source]) -> Iterator[tuple[np.ndarray, ...]]:
                     tgt = s.volume_map[vol] if len(vol) else vol
                 keep = tgt >= 0
                 n = len(tgt)
-                parts = (np.asarray(ch.time, np.float64) + s.time_offset, np.asarray(ch.op, np.uint8),
-                         np.asarray(ch.offset, np.int64), np.asarray(ch.length, np.int64), tgt,
-                         np.asarray(ch.line, np.int64), np.full(n, s.index, np.int64))
+                parts: tuple[np.ndarray, ...] = (
+                    np.asarray(ch.time, np.float64) + s.time_offset, np.asarray(ch.op, np.uint8),
+                    np.asarray(ch.offset, np.int64), np.asarray(ch.length, np.int64), tgt,
+                    np.asarray(ch.line, np.int64), np.full(n, s.index, np.int64))
                 if not keep.all():
                     parts = tuple(p[keep] for p in parts)
                 pending[k] = parts
