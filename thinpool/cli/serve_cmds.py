@@ -133,6 +133,7 @@ def serve_cmd(pool: str, socket_path: str | None, tcp: str | None, tcp_allow: tu
                f"  nbd socket:     {served.nbd.unix_path}"]
         if served.nbd.tcp_address is not None:
             out.append(f"  tcp:            {served.nbd.tcp_address[0]}:{served.nbd.tcp_address[1]}")
+        assert served.control is not None, "served with the op table: it has a control socket"
         out.append(f"  control socket: {served.control.path}")
         if served.recorder is not None:
             out.append(f"  recording to:   {served.recorder.path} (fio iolog v3)")

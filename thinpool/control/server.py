@@ -41,16 +41,23 @@ Precheck = Callable[[str, dict[str, Any]], None]
 
 
 class ControlOp(Protocol):
-    """What the server needs of an op in its table."""
+    """What the server needs of an op in its table (it only reads them: a frozen record will do)."""
 
-    #: the op's name (the CLI verb)
-    name: str
-    #: ``func(pool, **args) -> JSON-able result``
-    func: Callable[..., Any]
-    #: true if the op modifies the pool (it is committed before the reply)
-    write: bool
-    #: true if the op streams data through the client's files (refused over the socket)
-    local_only: bool
+    @property
+    def name(self) -> str:
+        """The op's name (the CLI verb)."""
+
+    @property
+    def func(self) -> Callable[..., Any]:
+        """``func(pool, **args) -> JSON-able result``."""
+
+    @property
+    def write(self) -> bool:
+        """True if the op modifies the pool (it is committed before the reply)."""
+
+    @property
+    def local_only(self) -> bool:
+        """True if the op streams data through the client's files (refused over the socket)."""
 
 
 def handle_request(pool: Any, ops: Mapping[str, ControlOp], line: bytes,

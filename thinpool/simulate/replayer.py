@@ -351,6 +351,7 @@ class Replayer:
         self.failed_bytes += out.refused_bytes
         if out.failed_writes:
             f = out.failed_at
+            assert f is not None, "apply_io gives the positions of the writes that failed"
             self._failed(tgt[f], off[f], ln[f], np.full(len(f), now), new=False)
 
     def _check_mode(self) -> None:
