@@ -92,7 +92,7 @@ def check_digest(value: Any, what: str) -> str:
 class _Hashing(io.RawIOBase):
     """Reads through ``raw``, hashing and counting every byte; :meth:`verify` checks the result."""
 
-    def __init__(self, raw: IO[bytes], algorithm: str, what: str, limit: int | None = None) -> None:
+    def __init__(self, raw: IO[bytes] | gzip.GzipFile, algorithm: str, what: str, limit: int | None = None) -> None:
         super().__init__()
         self._raw, self._what, self._limit = raw, what, limit
         self.hash = hashlib.new(algorithm)
@@ -129,7 +129,7 @@ class _Hashing(io.RawIOBase):
         return f"{self.hash.name}:{self.hash.hexdigest()}"
 
 
-def _decompressed(raw: IO[bytes], magic: bytes, what: str) -> IO[bytes]:
+def _decompressed(raw: IO[bytes], magic: bytes, what: str) -> IO[bytes] | gzip.GzipFile:
     if magic.startswith(_GZIP_MAGIC):
         return gzip.GzipFile(fileobj=raw, mode="rb")    # multi-member; EOFError when truncated
     if magic.startswith(_ZSTD_MAGIC):

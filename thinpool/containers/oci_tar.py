@@ -87,7 +87,7 @@ class Entry:
     devmajor: int = 0
     devminor: int = 0
     xattrs: dict[str, bytes] = field(default_factory=dict)
-    reader: IO[bytes] | None = None
+    reader: io.RawIOBase | None = None
 
     @property
     def privileged(self) -> bool:

@@ -219,7 +219,8 @@ def open_stream(path: str) -> BinaryIO:
         raise
     for prefix, opener in _COMPRESSED:
         if magic.startswith(prefix):
-            return opener(f, "rb")  # type: ignore[no-any-return]
+            # (mypy: gzip/bz2/lzma file objects are binary streams; typeshed does not call them BinaryIO)
+            return opener(f, "rb")  # type: ignore[return-value]
     return f
 
 
