@@ -21,10 +21,13 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import FailedPrecondition
 from .realfs import Attached, problems
+
+if TYPE_CHECKING:
+    from ..nbd.server import NBDServer
 
 
 def _give_up() -> bool:
@@ -104,6 +107,8 @@ class PoolMounts:
     (the pool stays open; a final :meth:`~thinpool.pool.Pool.commit` is left to the caller) and removes
     the temporary directory.  ``record``: a file for a fio iolog v3 of every request."""
 
+    server: NBDServer | None = None  # (None until serving, and after close)
+
     def __init__(self, pool: Any, *, record: str | None = None) -> None:
         from ..nbd.server import NBDServer
 
@@ -181,7 +186,7 @@ class PoolMounts:
         for a in reversed(list(self.attached)):
             a.close()
         self.attached.clear()
-        if getattr(self, "server", None) is not None:
+        if self.server is not None:
             self.server.shutdown()      # closes the (recording) provider; the pool stays open
             self.server = None
         if self.recorder is not None:
