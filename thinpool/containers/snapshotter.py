@@ -58,6 +58,7 @@ import numpy as np
 from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from ..units import parse_size
 from .filters import KINDS, parse_filter
+from .snapshot_rules import check_key, check_labels, check_namespace
 
 if TYPE_CHECKING:
     from ..pool import Pool
@@ -66,20 +67,7 @@ if TYPE_CHECKING:
 VOLUME_PREFIX = "snap/"
 RECORDS_PREFIX = "snapshots/"
 DEFAULT_BASE_SIZE = 10 << 30  # Docker's dm.basesize default
-MAX_LABEL_BYTES = 4096  # containerd: len(key) + len(value) per label
-#: the longest snapshot key (or committed name), in UTF-8 bytes: keys live in the pool's records,
-#: inside its fixed-size metadata, so three 4 MiB keys ran a 16 MiB metadata out of space
-MAX_KEY_BYTES = 4096
-#: all labels of one snapshot together (keys + values, UTF-8 bytes), for the same reason
-MAX_LABELS_TOTAL = 64 << 10
-_NAMESPACE_RE = re.compile(r"^[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*\Z")  # containerd's namespace rule
 _VOLUME_RE = re.compile(r"^snap/([^/]+)/([0-9]+)\Z")
-
-
-def _shown(value: Any) -> str:
-    """``value`` quoted for a message, cut to 80 characters (a key may be megabytes long)."""
-    text = repr(value)
-    return text if len(text) <= 80 else f"{text[:80]}... ({len(text)} characters)"
 
 
 def _now() -> str:
@@ -247,9 +235,7 @@ class Snapshotter:
 
     def __init__(self, pool: Pool, namespace: str = "default", *, base_size: int | str = DEFAULT_BASE_SIZE,
                  autocommit: bool = True) -> None:
-        if not isinstance(namespace, str) or len(namespace) > 76 or not _NAMESPACE_RE.match(namespace):
-            raise InvalidArgument(f"invalid snapshotter namespace {namespace!r}: letters, digits and single "
-                                  f"'.', '_' or '-' between them, at most 76 characters")
+        check_namespace(namespace)
         self.pool = pool
         self.namespace = namespace
         self.base_size = parse_size(base_size, "base size")
@@ -304,49 +290,11 @@ class Snapshotter:
         return recs
 
     def _get(self, recs: dict[str, Any], key: str) -> dict[str, Any]:
-        self._check_key(key, "key")
+        check_key(key, "key")
         try:
             return recs["snapshots"][key]
         except KeyError:
             raise NotFound(f"snapshot {key!r} does not exist (namespace {self.namespace!r})") from None
-
-    @staticmethod
-    def _check_key(key: Any, what: str) -> None:
-        if not isinstance(key, str) or not key:
-            raise InvalidArgument(f"snapshot {what} must be a non-empty string, got {_shown(key)}")
-        try:
-            size = len(key.encode())
-        except UnicodeEncodeError:
-            raise InvalidArgument(f"snapshot {what} {_shown(key)} is not valid UTF-8") from None
-        if size > MAX_KEY_BYTES:
-            raise InvalidArgument(f"snapshot {what} {_shown(key)} is {size} bytes long (at most {MAX_KEY_BYTES})")
-        if any(ord(c) < 0x20 or ord(c) == 0x7f for c in key):
-            raise InvalidArgument(f"snapshot {what} {_shown(key)} contains control characters")
-
-    @staticmethod
-    def _check_labels(labels: Any, key: str) -> dict[str, str]:
-        if labels is None:
-            return {}
-        if not isinstance(labels, dict):
-            raise InvalidArgument(f"snapshot {key!r}: labels must be a mapping of strings, got "
-                                  f"{type(labels).__name__}")
-        total = 0
-        for k, v in labels.items():
-            if not isinstance(k, str) or not k or not isinstance(v, str):
-                raise InvalidArgument(f"snapshot {_shown(key)}: label {_shown(k)}={_shown(v)} must map a non-empty "
-                                      f"string to a string")
-            try:
-                size = len(k.encode()) + len(v.encode())
-            except UnicodeEncodeError:
-                raise InvalidArgument(f"snapshot {_shown(key)}: label {_shown(k)} is not valid UTF-8") from None
-            if size > MAX_LABEL_BYTES:
-                raise InvalidArgument(f"snapshot {_shown(key)}: label {_shown(k)} is longer than {MAX_LABEL_BYTES} "
-                                      f"bytes (key + value)")
-            total += size
-        if total > MAX_LABELS_TOTAL:
-            raise InvalidArgument(f"snapshot {_shown(key)}: its {len(labels)} labels take {total} bytes (at most "
-                                  f"{MAX_LABELS_TOTAL} in all)")
-        return dict(labels)
 
     def _info(self, key: str, rec: dict[str, Any]) -> Info:
         return Info(kind=rec["kind"], name=key, parent=rec.get("parent", ""), labels=dict(rec.get("labels", {})),
@@ -418,7 +366,7 @@ class Snapshotter:
         labels.  Any other path is InvalidArgument; a missing snapshot is NotFound.
         """
         name = getattr(info, "name", None)
-        new_labels = self._check_labels(getattr(info, "labels", None) or {}, str(name))
+        new_labels = check_labels(getattr(info, "labels", None) or {}, str(name))
         paths = list(fieldpaths or [])
         with self._lock, self._transaction():
             recs = self._load()
@@ -438,7 +386,7 @@ class Snapshotter:
                 else:
                     raise InvalidArgument(f"cannot update {path!r} field on snapshot {name!r}: only labels "
                                           f"(\"labels\" or \"labels.<key>\") can be updated")
-            rec["labels"] = self._check_labels(labels, name)  # merged labels.<k> paths: the total again
+            rec["labels"] = check_labels(labels, name)  # merged labels.<k> paths: the total again
             rec["updated"] = _now()
             self._store(recs, [])
             return self._info(name, rec)
@@ -458,9 +406,9 @@ class Snapshotter:
         return self._create("view", key, parent, labels)
 
     def _create(self, kind: str, key: str, parent: str | None, labels: dict[str, str] | None) -> Mount:
-        self._check_key(key, "key")
+        check_key(key, "key")
         parent = parent or ""
-        labels = self._check_labels(labels, key)
+        labels = check_labels(labels, key)
         with self._lock, self._transaction():
             recs = self._load()
             if key in recs["snapshots"]:
@@ -495,9 +443,9 @@ class Snapshotter:
         AlreadyExists if ``name`` exists; NotFound if ``key`` does not; FailedPrecondition if ``key`` is not
         active or its parent is not committed.
         """
-        self._check_key(name, "name")
-        self._check_key(key, "key")
-        labels = self._check_labels(labels, name)
+        check_key(name, "name")
+        check_key(key, "key")
+        labels = check_labels(labels, name)
         with self._lock, self._transaction():
             recs = self._load()
             snaps = recs["snapshots"]
