@@ -23,6 +23,13 @@ import errno
 from typing import Any
 
 
+def shown(value: Any, limit: int = 80) -> str:
+    """``value`` quoted for an error message (its ``repr``), cut to ``limit`` characters: a value from
+    outside (a size string, a snapshot key) may be megabytes long."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 class ThinpoolError(Exception):
     """Base class of every error raised by thinpool."""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import re
 
-from .errors import InvalidArgument
+from .errors import InvalidArgument, shown
 
 _UNITS = {
     "": 1, "b": 1,
@@ -41,30 +41,25 @@ def parse_size(value: int | str, what: str = "size") -> int:
         raise InvalidArgument(f"{what}: expected an int or a size string, got {type(value).__name__}")
     m = _SIZE_RE.match(value)
     if not m:
-        raise InvalidArgument(f"{what}: malformed size {_shown(value)} (examples: 4096, 64K, 64KiB, 10G)")
+        raise InvalidArgument(f"{what}: malformed size {shown(value, 60)} (examples: 4096, 64K, 64KiB, 10G)")
     number, unit = m.groups()
     mult = _UNITS.get(unit.lower())
     if mult is None:
-        raise InvalidArgument(f"{what}: unknown unit {_shown(unit)} in {_shown(value)} (use K, M, G, T, P or KiB, MiB, ...)")
+        raise InvalidArgument(f"{what}: unknown unit {shown(unit, 60)} in {shown(value, 60)} (use K, M, G, T, P or KiB, MiB, ...)")
     whole, _, fraction = number.partition(".")
     if len(whole.lstrip("0")) > MAX_SIZE_DIGITS:
-        raise InvalidArgument(f"{what}: {_shown(value)} is too large (a size has at most {MAX_SIZE_DIGITS} digits)")
+        raise InvalidArgument(f"{what}: {shown(value, 60)} is too large (a size has at most {MAX_SIZE_DIGITS} digits)")
     fraction = fraction.rstrip("0")
     if len(fraction) > MAX_FRACTION_DIGITS:
-        raise InvalidArgument(f"{what}: {_shown(value)} is not a whole number of bytes")
+        raise InvalidArgument(f"{what}: {shown(value, 60)} is not a whole number of bytes")
     number = f"{whole.lstrip('0') or '0'}.{fraction}" if fraction else whole.lstrip("0") or "0"
     if "." in number:
         from fractions import Fraction  # only here: importing it costs every CLI start ~4 ms
         result = Fraction(number) * mult  # exact: no rounding through float
         if result.denominator != 1:
-            raise InvalidArgument(f"{what}: {_shown(value)} is not a whole number of bytes")
+            raise InvalidArgument(f"{what}: {shown(value, 60)} is not a whole number of bytes")
         return int(result)
     return int(number) * mult
-
-
-def _shown(value: str) -> str:
-    """``value`` quoted for an error message, cut to 60 characters (a size string may be megabytes long)."""
-    return repr(value) if len(value) <= 60 else repr(value[:60]) + f"... ({len(value)} characters)"
 
 
 @functools.lru_cache(maxsize=4096)  # listings repeat a handful of sizes thousands of times

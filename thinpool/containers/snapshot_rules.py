@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, shown
 
 #: containerd: len(key) + len(value) of one label, in UTF-8 bytes
 MAX_LABEL_BYTES = 4096
@@ -24,12 +24,6 @@ MAX_LABELS_TOTAL = 64 << 10
 #: the longest namespace (containerd's)
 MAX_NAMESPACE_CHARS = 76
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*\Z")  # containerd's namespace rule
-
-
-def shown(value: Any) -> str:
-    """``value`` quoted for a message, cut to 80 characters (a key may be megabytes long)."""
-    text = repr(value)
-    return text if len(text) <= 80 else f"{text[:80]}... ({len(text)} characters)"
 
 
 def check_namespace(namespace: Any) -> None:
