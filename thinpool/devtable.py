@@ -411,7 +411,9 @@ class DeviceTable:
                                  used_data_blocks=int(hdr["used_data_blocks"]),
                                  total_data_blocks=int(hdr["nr_data_blocks"]),
                                  used_metadata_blocks=self.store.used_blocks(),
-                                 total_metadata_blocks=self.store.nr_blocks, nr_thins=self._nr_thins())
+                                 total_metadata_blocks=self.store.nr_blocks, nr_thins=self._nr_thins(),
+                                 metadata_reserve_blocks=max(rules.metadata_reserve(self.store.nr_blocks),
+                                                             self.store.commit_floor()))
 
     # ------------------------------------------------------------------ the one change: a snapshot
     def snapshot(self, origin: str, name: str, *, dev_id: int | None = None,

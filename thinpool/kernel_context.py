@@ -205,6 +205,10 @@ class KernelContext:
         fills: a queued write then proceeds; under ``error_if_no_space`` this write still fails)."""
         self.pool._set_mode(Mode.OUT_OF_DATA_SPACE)
         self.pool._autoextend(data_full=True)
+        # dm-thin's alloc_data_block runs check_low_water_mark before it finds no block: the kernel
+        # allocates block by block, so the allocation that fails saw a free count of 0 -- at or below
+        # any mark (the default mark 0 included): the low water event fires if it has not yet
+        self.pool._check_low_water(0)
 
     def wait_for_space(self, check: Callable[[], None], abort: Callable[[], bool] | None = None) -> bool:
         """A write found no data block (the pool is out of data space): under ``queue_if_no_space``

@@ -88,7 +88,7 @@ class Pool(Transactions, DeviceOps, Features, Accounting):
                  on_low_water: Callable[["Pool"], None] | None = None, _scrub: bool = True,
                  wait: float | None = None, allow_foreign: bool | None = None, discard: str | None = None,
                  error_if_no_space: bool | None = None, no_space_timeout: float | None = None,
-                 flush: bool = True) -> None:
+                 flush: bool = True, on_metadata_low_water: Callable[["Pool"], None] | None = None) -> None:
         """Open an existing pool (prefer :meth:`open`).  ``_scrub=False`` (used by :meth:`create`)
         never punches free blocks holding data at open (it only marks them stale): a new pool may sit
         on a data file whose blocks an import is about to map.  ``wait`` / ``allow_foreign`` and the features:
@@ -100,6 +100,7 @@ class Pool(Transactions, DeviceOps, Features, Accounting):
         self.path = os.path.abspath(os.fspath(path))
         self.read_only = read_only
         self.on_low_water = on_low_water
+        self.on_metadata_low_water = on_metadata_low_water
         self._lock_fd = -1
         self._closed = True
         self._mode = Mode.WRITE
@@ -154,10 +155,13 @@ class Pool(Transactions, DeviceOps, Features, Accounting):
                data_file: str | os.PathLike | None = None, max_thins: int = DEFAULT_MAX_THINS,
                on_low_water: Callable[["Pool"], None] | None = None, force: bool = False,
                take_over_data: bool = False, mode: int | str | None = None,
-               allow_foreign: bool | None = None, metadata_only: bool = False, flush: bool = True) -> "Pool":
+               allow_foreign: bool | None = None, metadata_only: bool = False, flush: bool = True,
+               on_metadata_low_water: Callable[["Pool"], None] | None = None) -> "Pool":
         """Create a pool: a sparse data file of ``data_size`` bytes cut into ``block_size`` blocks.
 
         ``low_water_mark`` is in data blocks (the callback fires once when free blocks fall to it);
+        ``on_metadata_low_water`` is called when free metadata blocks fall to dm-thin's metadata low
+        water mark, min(1024, metadata blocks / 4) (again after they were above it);
         ``metadata_size`` defaults to thin_metadata_size's formula (see :func:`default_metadata_blocks`).
         The pool features (dm-thin's, stored with the pool as LVM stores them; defaults are the
         kernel's): ``error_if_no_space`` fails a write that finds no data space at once, else it
@@ -218,6 +222,7 @@ class Pool(Transactions, DeviceOps, Features, Accounting):
             made.undo()
             raise
         pool._new_files = made  # pool_from_metadata undoes the creation if filling it fails
+        pool.on_metadata_low_water = on_metadata_low_water
         return pool
 
     @classmethod
@@ -264,7 +269,8 @@ class Pool(Transactions, DeviceOps, Features, Accounting):
     def open(cls, path: str | os.PathLike, *, read_only: bool = False,
              on_low_water: Callable[["Pool"], None] | None = None, wait: float | None = None,
              allow_foreign: bool | None = None, discard: str | None = None, error_if_no_space: bool | None = None,
-             no_space_timeout: float | None = None, flush: bool = True) -> "Pool":
+             no_space_timeout: float | None = None, flush: bool = True,
+             on_metadata_low_water: Callable[["Pool"], None] | None = None) -> "Pool":
         """Open an existing pool.  Raises PoolLocked if another process holds it (after waiting up
         to ``wait`` seconds for it; ``math.inf`` waits for ever), MetadataCorrupt if no committed
         state verifies, NotFound/InvalidArgument if ``path`` is not a pool, InvalidArgument if a pool
@@ -285,7 +291,7 @@ class Pool(Transactions, DeviceOps, Features, Accounting):
         (docs/design.md, "Differences from the kernel")."""
         return cls(os.fspath(path), read_only=read_only, on_low_water=on_low_water, wait=wait,
                    allow_foreign=allow_foreign, discard=discard, error_if_no_space=error_if_no_space,
-                   no_space_timeout=no_space_timeout, flush=flush)
+                   no_space_timeout=no_space_timeout, flush=flush, on_metadata_low_water=on_metadata_low_water)
 
     def _release_lock(self) -> None:
         pooldir.unlock(self._lock_fd)
@@ -305,6 +311,7 @@ class Pool(Transactions, DeviceOps, Features, Accounting):
         self._install(arrays, self._store.header, nodes, counts)
         self._unpunched = np.zeros(0, np.int64)  # released blocks whose hole punch failed (still pending)
         self._lwm_fired = False
+        self._md_low = None  # (the kernel's metadata threshold starts unset with its space map)
         self._set_md_check()
         self._nospace.configure(error_if_no_space=bool(self._header.get("error_if_no_space", True)),
                                 timeout=float(self._header.get("no_space_timeout", DEFAULT_NO_SPACE_TIMEOUT)))

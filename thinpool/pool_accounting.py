@@ -55,6 +55,7 @@ class Accounting:
         def time(self) -> int: ...
         def _check_open(self) -> None: ...
         def _slot(self, name: str) -> int: ...
+        def _md_reserve(self) -> int: ...
 
     def _roots(self) -> np.ndarray:
         used = (self._devs["flags"] & DevFlag.IN_USE) != 0
@@ -113,7 +114,8 @@ class Accounting:
             used_data_blocks=self._space.used(), total_data_blocks=self._space.nr_blocks,
             used_metadata_blocks=min(self._store.nr_blocks, self._store.used_blocks() + self._dirty_page_estimate()),
             total_metadata_blocks=self._store.nr_blocks, nr_thins=len(self._by_name),
-            error_if_no_space=self._nospace.errors_now(), queued_writes=self._nospace.waiting)
+            error_if_no_space=self._nospace.errors_now(), queued_writes=self._nospace.waiting,
+            metadata_reserve_blocks=self._md_reserve())
 
     def _dirty_page_estimate(self) -> int:
         bm = self._nodes_map

@@ -101,6 +101,8 @@ class Transactions:
     path: str
     read_only: bool
     on_low_water: Callable[[Pool], None] | None
+    on_metadata_low_water: Callable[[Pool], None] | None
+    _md_low: bool | None  # free metadata was at or below its low water mark at the last check (None: no check yet)
     _closed: bool
     _store: MetadataStore
     _space: DataSpaceMap
@@ -387,6 +389,7 @@ class Transactions:
             # next commit, which the allocating write makes itself (see thin.Thin._submit)
             self._set_mode(Mode.WRITE)
         self._set_md_check()
+        self._check_metadata_low_water()
         if "autoextend_threshold" in self._header:  # (not set: off, poolspace.autoextend_settings)
             self._autoextend()  # LVM's thin_pool_autoextend policy, when set
         self._check_for_metadata_space()
@@ -400,6 +403,18 @@ class Transactions:
         """Free metadata blocks beyond the reserve, less what a commit with nothing dirty needs
         (dm-thin's free metadata count, which hides the reserve)."""
         return self._store.free_blocks() - self._md_reserve() - self._store.estimate_commit_blocks({})
+
+    def _check_metadata_low_water(self) -> None:
+        """dm-thin's metadata threshold (``check_threshold`` in dm-space-map-metadata.c, registered by
+        ``pool_ctr`` with ``calc_metadata_threshold``): after the metadata blocks a commit allocated,
+        free metadata blocks (all of them: the reserve counts as free here) at or below
+        min(1024, metadata blocks / 4) raise the event -- edge-triggered: once when the count falls
+        to the mark, and again only after an allocation saw it above the mark (grown metadata, a
+        delete), not on resume as the data mark."""
+        low = self._store.free_blocks() <= min(1024, self._store.nr_blocks // 4)
+        was, self._md_low = self._md_low, low
+        if low and not was and self.on_metadata_low_water is not None:
+            self.on_metadata_low_water(cast("Pool", self))
 
     def _check_for_metadata_space(self) -> None:
         """After a commit (dm-thin's check_for_metadata_space): no room beyond the reserve -> the
@@ -523,16 +538,22 @@ class Transactions:
         reserve = self._md_reserve()
         self._md_check_below = (self._store.nr_blocks - 16 - reserve) // 2 - fixed - 64
 
+    def _check_low_water(self, free: int) -> None:
+        """dm-thin's check_low_water_mark(pool, free): an allocation that saw ``free`` data blocks at or
+        below the low water mark raises the event once (again only after the kernel's resume: here a
+        reopen, an abort or a data resize)."""
+        if not self._lwm_fired and free <= self._header["low_water_mark"]:
+            self._lwm_fired = True
+            if self.on_low_water is not None:
+                self.on_low_water(cast("Pool", self))
+
     def _after_alloc(self) -> None:
         item = self._st.item  # Python ints: this runs after every allocating write
         # dm-thin's check_low_water_mark runs in alloc_data_block *before* each allocation, on the
         # free count then (blocks allocatable in this transaction, ours plus those pending release):
         # the write's last allocation saw one more free block than there is now
-        if not self._lwm_fired and \
-                item(K.ST_NR_ALLOCATABLE) + len(self._space.pending) + 1 <= self._header["low_water_mark"]:
-            self._lwm_fired = True
-            if self.on_low_water is not None:
-                self.on_low_water(cast("Pool", self))
+        if not self._lwm_fired:
+            self._check_low_water(item(K.ST_NR_ALLOCATABLE) + len(self._space.pending) + 1)
         if item(K.ST_LEAVES_LIVE) + item(K.ST_INNERS_LIVE) < self._md_check_below:
             return  # far from the metadata limit: skip the estimate
         bm = self._nodes_map

@@ -321,7 +321,8 @@ def inherited_origin(catalog: Mapping[str, Any], origin_name: str) -> dict[str, 
 
 def pool_status(header: Mapping[str, Any], *, time: int, held: Mapping[str, Any] | None, mode: str,
                 used_data_blocks: int, total_data_blocks: int, used_metadata_blocks: int, total_metadata_blocks: int,
-                nr_thins: int, error_if_no_space: bool | None = None, queued_writes: int = 0) -> PoolStatus:
+                nr_thins: int, error_if_no_space: bool | None = None, queued_writes: int = 0,
+                metadata_reserve_blocks: int = 0) -> PoolStatus:
     """The status report from the superblock's fields and what only the caller knows (the live pool
     time, counts, the mode, and the no-space policy in force if a queue's timeout changed it)."""
     from .status import PoolStatus  # (a dataclass: about 2 ms of import that `snapshot` and `ls` never need)
@@ -335,7 +336,8 @@ def pool_status(header: Mapping[str, Any], *, time: int, held: Mapping[str, Any]
         else bool(error_if_no_space),
         zero_new_blocks=bool(header.get("zero_new_blocks", True)), nr_thins=nr_thins,
         discard=str(header.get("discard", "passdown")),
-        no_space_timeout=float(header.get("no_space_timeout", 60.0)), queued_writes=queued_writes)
+        no_space_timeout=float(header.get("no_space_timeout", 60.0)), queued_writes=queued_writes,
+        metadata_reserve_blocks=metadata_reserve_blocks)
 
 
 #: the discard settings (LVM's names for dm-thin's pool features, docs/dm-thin.md §6)

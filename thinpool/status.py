@@ -33,6 +33,16 @@ class PoolStatus:
     no_space_timeout: float = 60.0
     #: writes waiting for data space right now (``queue_if_no_space``)
     queued_writes: int = 0
+    #: metadata blocks kept back for the commit that enters out-of-metadata-space mode (dm-thin's
+    #: ``metadata_reserve``); the status line counts them as used, ``used_metadata_blocks`` does not
+    metadata_reserve_blocks: int = 0
+
+    @property
+    def reported_used_metadata_blocks(self) -> int:
+        """Used metadata as dm-thin's status line reports it: total less the free count, which
+        ``dm_pool_get_free_metadata_block_count`` gives *less the reserve* -- so the reserve counts as
+        used (``min(total, used + reserve)``; a fresh kernel pool shows about a tenth used)."""
+        return min(self.total_metadata_blocks, self.used_metadata_blocks + self.metadata_reserve_blocks)
 
     @property
     def free_data_blocks(self) -> int:
@@ -60,16 +70,18 @@ class PoolStatus:
         if self.mode == Mode.FAIL:
             return "Fail"
         held = str(self.held_root) if self.held_root is not None else "-"
-        return (f"{self.transaction_id} {self.used_metadata_blocks}/{self.total_metadata_blocks} "
+        return (f"{self.transaction_id} {self.reported_used_metadata_blocks}/{self.total_metadata_blocks} "
                 f"{self.used_data_blocks}/{self.total_data_blocks} {held} {mode} {self.discard_word} "
                 f"{'error_if_no_space' if self.error_if_no_space else 'queue_if_no_space'} "
                 f"{'needs_check' if self.needs_check else '-'} {self.metadata_low_water_mark} ")
 
     def as_dict(self) -> dict[str, Any]:
-        """Every field plus the derived ``free_data_blocks`` and ``metadata_low_water_mark`` (JSON-ready)."""
+        """Every field plus the derived ``free_data_blocks``, ``metadata_low_water_mark`` and
+        ``reported_used_metadata_blocks`` (JSON-ready)."""
         d = asdict(self)
         d["free_data_blocks"] = self.free_data_blocks
         d["metadata_low_water_mark"] = self.metadata_low_water_mark
+        d["reported_used_metadata_blocks"] = self.reported_used_metadata_blocks
         return d
 
 
@@ -95,9 +107,19 @@ class Usage:
         """Bytes of the mapped blocks no other volume shares (what deleting the volume would free)."""
         return self.exclusive_blocks * self.block_size
 
+    def dmsetup_line(self) -> str:
+        """The thin target's status line exactly as dm-thin's ``thin_status`` formats it:
+        ``<nr mapped sectors> <highest mapped sector>``, in 512-byte sectors -- the mapped blocks times
+        the block size, and the *last* sector of the highest mapped block, ``(highest + 1) x block
+        size - 1``; ``-`` for the highest when nothing is mapped (no trailing space)."""
+        spb = self.block_size // 512
+        highest = "-" if self.highest_mapped_block is None else str((self.highest_mapped_block + 1) * spb - 1)
+        return f"{self.mapped_blocks * spb} {highest}"
+
     def as_dict(self) -> dict[str, Any]:
-        """Every field plus ``mapped_bytes``, ``exclusive_bytes`` and ``shared_bytes`` (JSON-ready)."""
+        """Every field plus ``mapped_bytes``, ``exclusive_bytes``, ``shared_bytes`` and the thin status
+        line ``dmsetup_line`` (JSON-ready)."""
         d = asdict(self)
         d.update(mapped_bytes=self.mapped_bytes, exclusive_bytes=self.exclusive_bytes,
-                 shared_bytes=self.shared_blocks * self.block_size)
+                 shared_bytes=self.shared_blocks * self.block_size, dmsetup_line=self.dmsetup_line())
         return d
