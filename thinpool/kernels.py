@@ -165,7 +165,8 @@ def write_span(nodes, space, st, dev, fd, tmp, off, remaining, buf, src, bs, ofd
     :data:`ORIGIN_ERROR` (blocks before the failed one are complete, the failed block is not mapped).
     ``ofd`` >= 0: the device's external origin, ``osize`` bytes long -- a partial write to an unmapped
     block first copies the block from the origin (dm-thin's ``schedule_external_copy``: the part
-    inside the origin, zeroes past its end) and writes the whole block; a block wholly past the
+    inside the origin, zeroes past its end -- under skip_block_zeroing a reused block keeps its old
+    bytes there, as ``schedule_copy`` zeroes the tail only when zeroing) and writes the block; a block wholly past the
     origin's end is provisioned as without an origin.  ``fd`` -1 (a metadata-only pool):
     the mappings change exactly as with a data file, but no byte is read or written (``buf`` unused).
     Counts first writes and copy-on-write breaks in ``st`` (``ST_PROVISIONED``, ``ST_COW_BREAKS`` and
@@ -197,10 +198,15 @@ def write_span(nodes, space, st, dev, fd, tmp, off, remaining, buf, src, bs, ofd
                 if pread_all(ofd, tmp, 0, n, vb * bs) != OK:
                     unallocate_data_block(space, st, d)
                     return ORIGIN_ERROR
-                if n < bs:
-                    fill_bytes(tmp, n, bs - n, 0)
-                copy_bytes(tmp, inblk, buf, src, seg)
-                ok = pwrite_all(fd, tmp, 0, bs, d * bs)
+                if n < bs and stale and st[ST_ZERO_NEW] == 0:
+                    # skip_block_zeroing: only the origin's part is copied (schedule_copy zeroes the
+                    # tail only when zeroing new blocks); the rest of a reused block keeps its bytes
+                    ok = pwrite_all(fd, tmp, 0, n, d * bs) and pwrite_all(fd, buf, src, seg, d * bs + inblk)
+                else:
+                    if n < bs:
+                        fill_bytes(tmp, n, bs - n, 0)
+                    copy_bytes(tmp, inblk, buf, src, seg)
+                    ok = pwrite_all(fd, tmp, 0, bs, d * bs)
             elif v != UNMAPPED and seg != bs:
                 # break sharing: old block + this write merged in memory, one block-sized write
                 old = mapping_block(v)

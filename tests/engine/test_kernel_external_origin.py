@@ -119,6 +119,27 @@ def test_kernel_rule_partial_write_copies_the_block_from_the_origin(env: dict[st
         assert p.check().ok
 
 
+@pytest.mark.parametrize("zero_new_blocks", [True, False])
+def test_kernel_rule_tail_past_the_origin_is_zeroed_only_when_zeroing_new_blocks(env: dict[str, Any],
+                                                                                zero_new_blocks: bool) -> None:
+    """schedule_copy: a partial write to the block straddling the origin's end copies the origin's
+    part, and zeroes the rest only ``if (len < pool->sectors_per_block && pool->pf.zero_new_blocks)``:
+    under skip_block_zeroing the rest of a reused block keeps its old bytes."""
+    data = env["data"]
+    with Pool.create(env["pool"], data_size=2 * BS, block_size=BS, zero_new_blocks=zero_new_blocks) as p:
+        g = p.create_thin("g", 2 * BS)
+        g.write(0, b"\xee" * (2 * BS))  # both data blocks hold old bytes
+        p.delete("g")
+        p.commit()
+        p.commit()  # (freed blocks are allocatable after the next commit)
+        v = p.create_thin("v", VOL, external_origin=env["origin"])
+        v.write(3 * BS + 7, b"Z")  # the block straddling the origin's end (its first 1000 bytes)
+        got = _data_block(p, "v", 3)
+        assert got[:7] == data[3 * BS:3 * BS + 7] and got[7:8] == b"Z" and got[8:1000] == data[3 * BS + 8:]
+        assert got[1000:] == (bytes(BS - 1000) if zero_new_blocks else b"\xee" * (BS - 1000))
+        assert v.read(3 * BS, BS) == got
+
+
 def test_kernel_rule_the_external_origin_is_never_written(env: dict[str, Any]) -> None:
     before = os.stat(env["origin"])
     with Pool.create(env["pool"], data_size=16 * MiB, block_size=BS) as p:
