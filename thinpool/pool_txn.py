@@ -572,11 +572,16 @@ class Transactions:
     # ------------------------------------------------------------------ metadata snapshot
     @_locked
     def reserve_metadata_snap(self) -> None:
-        """Commit and hold a read-only view of the metadata (dm-thin's ``reserve_metadata_snap``)."""
+        """Commit and hold a read-only view of the metadata (dm-thin's ``reserve_metadata_snap``).
+
+        Only one is held at a time: with one held this raises AlreadyExists (the kernel's EBUSY) --
+        after committing, as the kernel does (``process_reserve_metadata_snap_mesg`` commits, then
+        ``__reserve_metadata_snap`` commits again before it finds the held root)."""
         self._check_writable()
-        if self._store.header.get("held"):
-            raise AlreadyExists(f"pool {self.path}: a metadata snapshot is already held")
         self.commit()
+        if self._store.header.get("held"):
+            raise AlreadyExists(f"pool {self.path}: a metadata snapshot is already held: release it before "
+                                f"taking another")
         self._store.hold()
         self._catalog_dirty = True
         self.commit()

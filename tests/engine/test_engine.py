@@ -378,6 +378,21 @@ def test_held_metadata_snapshot_is_a_consistent_view(pool):
     assert pool.status().held_root is None
 
 
+def test_kernel_rule_reserve_metadata_snap_commits_even_when_one_is_held(pool):
+    # process_reserve_metadata_snap_mesg: "(void) commit(pool);" then dm_pool_reserve_metadata_snap,
+    # whose __reserve_metadata_snap commits again before it finds held_root set and returns -EBUSY:
+    # the message fails, and what was written before it is committed (an abort keeps it)
+    v = pool.create_thin("v", "1GiB")
+    pool.reserve_metadata_snap()
+    held = pool.status().held_root
+    v.write(0, b"kept")
+    with pytest.raises(AlreadyExists, match="already held"):
+        pool.reserve_metadata_snap()
+    pool.abort()
+    assert pool.thin("v").read(0, 4) == b"kept" and pool.status().held_root == held
+    pool.release_metadata_snap()
+
+
 def test_from_metadata_roundtrip(pool, tmp_path):
     a = pool.create_thin("a", "1GiB")
     a.write_many(np.arange(0, 600, 3) * BS, np.full((200, 10), 3, np.uint8))
