@@ -352,8 +352,9 @@ class MetadataStore(MetadataCommit):
             if not 0 <= p < len(locs):
                 raise MetadataCorrupt(f"{self.path}: {name}: page {p} is beyond the array's {len(locs)} pages",
                                       structure=name)
-        data = self._gather([locs[p] for p in want], name)
-        return {p: data[i * BLOCK:(i + 1) * BLOCK] for i, p in enumerate(want)}
+        data = self._gather([locs[p] for p in want], name)  # a bytearray, or a memory map when large
+        with memoryview(data) as view:  # one copy per page into bytes, whichever buffer it is
+            return {p: view[i * BLOCK:(i + 1) * BLOCK].tobytes() for i, p in enumerate(want)}
 
     def npages(self, name: str) -> int:
         """Pages of array ``name`` in the current state."""

@@ -245,7 +245,7 @@ class _CheckedRaw(io.RawIOBase):
     def seekable(self) -> bool:
         return True
 
-    def write(self, b: Any) -> int:  # type: ignore[override]
+    def write(self, b: Any) -> int:
         view = memoryview(b).cast("B")
         write_all(os.pwrite, self._fd, view, self._pos, self._path)
         self._pos += len(view)

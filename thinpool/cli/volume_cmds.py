@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from typing import Any, Callable, TypeVar
 
 import click
 
@@ -12,12 +13,13 @@ from .ops import render_volume_columns, render_volumes, volume_columns_json
 from .registry import OPS, run_op
 
 SECTION = "Volume commands"
+_Command = TypeVar("_Command", bound=Callable[..., Any])
 
 _served_note = ("Runs in this process only: on a pool that is being served, use the volume's NBD export "
                 "(e.g. nbdcopy) instead.")
 
 
-def _dev_id_option(f):  # type: ignore[no-untyped-def]
+def _dev_id_option(f: _Command) -> _Command:
     return click.option("--dev-id", type=IntRange(0, (1 << 24) - 1), default=None,
                         help="dm-thin device id (default: the next free one).")(f)
 

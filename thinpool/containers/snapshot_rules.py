@@ -34,9 +34,10 @@ def check_namespace(namespace: Any) -> None:
                               f"'.', '_' or '-' between them, at most {MAX_NAMESPACE_CHARS} characters")
 
 
-def check_key(key: Any, what: str) -> None:
-    """Raise :class:`InvalidArgument` unless ``key`` (a snapshot's ``what``: key, name, parent) is a
-    non-empty string of at most :data:`MAX_KEY_BYTES` UTF-8 bytes without control characters."""
+def check_key(key: Any, what: str) -> str:
+    """``key`` (a snapshot's ``what``: key, name, parent) as the string it must be, or
+    :class:`InvalidArgument`: a non-empty string of at most :data:`MAX_KEY_BYTES` UTF-8 bytes without
+    control characters."""
     if not isinstance(key, str) or not key:
         raise InvalidArgument(f"snapshot {what} must be a non-empty string, got {shown(key)}")
     try:
@@ -47,6 +48,7 @@ def check_key(key: Any, what: str) -> None:
         raise InvalidArgument(f"snapshot {what} {shown(key)} is {size} bytes long (at most {MAX_KEY_BYTES})")
     if any(ord(c) < 0x20 or ord(c) == 0x7f for c in key):
         raise InvalidArgument(f"snapshot {what} {shown(key)} contains control characters")
+    return key
 
 
 def check_labels(labels: Any, key: str) -> dict[str, str]:

@@ -365,11 +365,12 @@ class Snapshotter:
         ``k`` from ``info.labels`` (or deletes it when ``info.labels`` lacks ``k``); none given replaces all
         labels.  Any other path is InvalidArgument; a missing snapshot is NotFound.
         """
-        name = getattr(info, "name", None)
-        new_labels = check_labels(getattr(info, "labels", None) or {}, str(name))
+        given = getattr(info, "name", None)  # an outside value: checked (labels first, then the key)
+        new_labels = check_labels(getattr(info, "labels", None) or {}, str(given))
         paths = list(fieldpaths or [])
         with self._lock, self._transaction():
             recs = self._load()
+            name = check_key(given, "key")
             rec = self._get(recs, name)
             labels = dict(rec.get("labels", {}))
             if not paths:

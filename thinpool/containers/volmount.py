@@ -27,6 +27,7 @@ from ..errors import FailedPrecondition
 from .realfs import Attached, problems
 
 if TYPE_CHECKING:
+    from ..nbd.backend import Payload
     from ..nbd.server import NBDServer
 
 
@@ -69,7 +70,7 @@ class _WatchedExport:
     def pread(self, offset: int, length: int) -> bytes:
         return self._run(f"read {length} bytes at {offset}", self._inner.pread, offset, length)
 
-    def pwrite(self, offset: int, data: bytes) -> None:
+    def pwrite(self, offset: int, data: Payload) -> None:
         self._run(f"write of {len(data)} bytes at {offset}", self._inner.pwrite, offset, data)
 
     def flush(self) -> None:

@@ -26,6 +26,9 @@ from thinpool.nbd.wire import STATE_HOLE, STATE_ZERO
 UNMAPPED = STATE_HOLE | STATE_ZERO
 #: flags of a mapped (allocated) extent
 MAPPED = 0
+#: what a WRITE's data arrives as: ``bytes``, or for a long payload (over 128 KiB) a memoryview of the
+#: buffer the session received it into (never copied once more)
+Payload = bytes | memoryview
 
 
 @runtime_checkable
@@ -55,7 +58,7 @@ class Export(Protocol):
         """Return ``length`` bytes at ``offset``; unmapped ranges read as zeroes."""
         ...
 
-    def pwrite(self, offset: int, data: bytes) -> None:
+    def pwrite(self, offset: int, data: Payload) -> None:
         """Write ``data`` at ``offset``, allocating blocks as needed (may raise NoSpace)."""
         ...
 
@@ -203,7 +206,7 @@ class MemoryExport:
         check_range(self, offset, length)
         return bytes(self._store.data[offset : offset + length])
 
-    def pwrite(self, offset: int, data: bytes) -> None:
+    def pwrite(self, offset: int, data: Payload) -> None:
         """Write ``data``, mapping every block it touches; NoSpace leaves the volume unchanged."""
         self._check_writable()
         check_range(self, offset, len(data))

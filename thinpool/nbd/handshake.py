@@ -38,7 +38,7 @@ class Handshake:
     export_read_only: bool
     in_handshake: bool
     _send: Callable[..., None]
-    _recv: Callable[..., bytes | bytearray]
+    _recv: Callable[..., bytes]
 
     def _reply(self, option: int, reply_type: int, payload: bytes = b"") -> None:
         self._send(P.encode_option_reply(option, reply_type, payload))

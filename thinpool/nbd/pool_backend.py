@@ -56,7 +56,7 @@ from thinpool.errors import FailedPrecondition, NotFound, ReadOnly
 from thinpool.poollock import read_binding
 from thinpool.rules import NO_METADATA_CHANGE
 from thinpool.nbd.wire import MAX_STRING
-from thinpool.nbd.backend import MAPPED, UNMAPPED, check_range, split_by_blocks
+from thinpool.nbd.backend import MAPPED, UNMAPPED, Payload, check_range, split_by_blocks
 
 log = logging.getLogger("thinpool.nbd")
 _fstat = os.fstat
@@ -178,7 +178,7 @@ class PoolExport:
         self._just_read = (offset, length)
         return data
 
-    def pwrite(self, offset: int, data: bytes) -> None:
+    def pwrite(self, offset: int, data: Payload) -> None:
         """Write ``data`` at ``offset``: provisions / copies-on-write as needed; NoSpace changes nothing."""
         self._just_read = None
         if self.read_only:

@@ -32,10 +32,13 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from thinpool.hostio import write_all
 from thinpool.safe_output import guard_output
+
+if TYPE_CHECKING:
+    from thinpool.nbd.backend import Payload
 
 log = logging.getLogger("thinpool.nbd")
 
@@ -158,7 +161,7 @@ class RecordingExport:
         self._rec(self._name, "read", offset, length)
         return self._inner.pread(offset, length)
 
-    def pwrite(self, offset: int, data: bytes) -> None:
+    def pwrite(self, offset: int, data: Payload) -> None:
         self._rec(self._name, "write", offset, len(data))
         self._inner.pwrite(offset, data)
 

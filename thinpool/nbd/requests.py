@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Callable
 
 from thinpool.errors import DiscardNotSupported, InvalidArgument, NoSpace, ReadOnly, ThinpoolError, WaitCancelled
 from thinpool.nbd import protocol as P
-from thinpool.nbd.backend import Export
+from thinpool.nbd.backend import Export, Payload
 from thinpool.nbd.handshake import BASE_ALLOCATION_ID
 
 if TYPE_CHECKING:
@@ -106,7 +106,7 @@ class RequestHandling:
             return P.ENOTSUP, "fast zero with NO_HOLE is no faster than a write"
         return None
 
-    def _serve(self, req: P.Request, payload: bytes) -> None:
+    def _serve(self, req: P.Request, payload: Payload) -> None:
         problem = self._check(req)
         if problem is not None:
             self._reply_error(req, *problem)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from thinpool.nbd import protocol as P
-from thinpool.nbd.backend import Export, ExportProvider
+from thinpool.nbd.backend import Export, ExportProvider, Payload
 from thinpool.nbd.handshake import Handshake
 from thinpool.nbd.limits import PayloadBudget
 from thinpool.nbd.protocol import Disconnect
@@ -124,7 +124,7 @@ class Session(Handshake, RequestHandling):
         self._rview = memoryview(self._rbuf)
         self._rpos = 0
         self._rend = 0
-        self._out: list[bytes] = []
+        self._out: list[bytes | memoryview] = []  # replies queued (a part sent in part: a view of the rest)
         self._outlen = 0
         self._spin = SPIN_NS > 0
         self._spin_backoff = 0  # monotonic ns before which this session does not busy-poll
@@ -308,11 +308,13 @@ class Session(Handshake, RequestHandling):
         readable = self._wait_readable(True, [])  # False: stopping (the caller's wait handles that)
         return now() - start < 2 * SPIN_NS, readable
 
-    def _recv(self, n: int, idle: bool = False) -> bytes | bytearray:
-        """Receive exactly ``n`` bytes; Disconnect on EOF or shutdown.  Long messages (WRITE payloads
-        over 128 KiB) come back as a bytearray of their own."""
+    def _recv(self, n: int, idle: bool = False) -> bytes:
+        """Receive exactly ``n`` bytes; Disconnect on EOF or shutdown.  Through the session's ring up to
+        128 KiB (handshake messages, option data, short WRITE payloads); a longer message through
+        :meth:`_recv_large` (the transmission loop calls that itself for a long WRITE payload, whose
+        view it keeps instead of a copy)."""
         if n > _LARGE:
-            return self._recv_large(n)
+            return bytes(self._recv_large(n))
         if self._rend - self._rpos < n:
             self._fill(n, idle)
         p = self._rpos
@@ -504,13 +506,14 @@ class Session(Handshake, RequestHandling):
                     if self._outlen >= _SEND_CHUNK:
                         self._flush_out()
                     continue
-                payload = b""
+                payload: Payload = b""
             elif type_ == _CMD_WRITE:
                 if wskip:
                     wskip -= 1
                 if length > _MAX_PAYLOAD:
                     raise Disconnect(f"WRITE of {length} bytes exceeds {_MAX_PAYLOAD}")
-                payload = self._recv(length) if length else b""
+                # a long payload: a view of the buffer it was received into
+                payload = (self._recv_large(length) if length > _LARGE else self._recv(length)) if length else b""
                 if (writable and 0 < length and not flags & ~_FUA and offset + length <= size
                         and not stopping.is_set()):
                     try:

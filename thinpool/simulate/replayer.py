@@ -57,6 +57,7 @@ class Replayer:
         # dm-thin's ignore_discard: the thin devices do not support discards, so none reaches the pool
         self.ignore_discards = getattr(pool, "discard_mode", "passdown") == "ignore"
         self.paths = list(paths) or ["<trace>"]
+        # the counters of COUNTERS (counts; write_amplification, a ratio, only in what _derived returns)
         self.c = dict.fromkeys(COUNTERS, 0)
         self.c["block_size"] = pool.block_size
         self.series: dict[str, list] = {k: [] for k in SERIES_COLUMNS}
@@ -360,6 +361,7 @@ class Replayer:
             self.mode = self.pool.mode
 
     def _derived(self) -> dict[str, Any]:
+        """The counters as they stand now (a dict of its own), the pool's figures brought up to date."""
         c = self.c
         st = self.pool.status()
         io = self.pool.io_counters()
@@ -371,8 +373,9 @@ class Replayer:
             c[k] = io[k] - self.start_io[k]
         payload = c["bytes_written"] - self.failed_bytes - self.pending_bytes
         c["data_bytes_written"] = payload + c["cow_bytes_copied"] + c["zeroed_bytes"]
-        c["write_amplification"] = write_amplification(c["data_bytes_written"], c["bytes_written"])
-        return c
+        out: dict[str, Any] = dict(c)  # (in COUNTERS' order)
+        out["write_amplification"] = write_amplification(c["data_bytes_written"], c["bytes_written"])
+        return out
 
     def _sample(self) -> None:
         c = self._derived()
@@ -406,7 +409,7 @@ class Replayer:
         self._check_mode()
         if not self.series["io"] or self.series["io"][-1] != self.c["ios"]:
             self._sample()
-        c = dict(self._derived())
+        c = self._derived()
         c["bad_records"] = bad_records
         if volumes is None:
             volumes = [t.thin.name for t in self.targets] + [n for t in self.targets for n in t.taken]
