@@ -274,6 +274,20 @@ class Transactions:
             if outer and not self._closed:
                 self.commit()
 
+    def commit_if_changed(self) -> bool:
+        """dm-thin's periodic commit (``do_waker`` wakes the worker every ``COMMIT_PERIOD``, one
+        second, and ``process_deferred_bios`` commits if ``dm_pool_changed_this_transaction``): commit
+        if anything changed since the last commit; returns whether it did.  Does nothing -- returns
+        False -- on a closed or read-only pool, in a mode that allows no commit (out-of-metadata-space,
+        read-only, fail) and inside a :meth:`batch`, which commits once at its end.  A served pool
+        (``thinpool serve``) calls it every second."""
+        with self._engine.lock:
+            if self._closed or self.read_only or self._batch_depth or \
+                    self.mode not in (Mode.WRITE, Mode.OUT_OF_DATA_SPACE) or not self._changed(release=False):
+                return False
+            self.commit()
+            return True
+
     # ------------------------------------------------------------------ transactions
     def _paged(self) -> dict[str, Any]:
         bm, sp = self._nodes_map, self._space

@@ -859,7 +859,8 @@ def test_nbd_flush_is_never_acknowledged_when_the_commit_fails(tmp_path):
     pool.close()
     err = open(tmp_path / "serve.err", "w")
     proc = subprocess.Popen(["/usr/bin/strace", "-f", "-qq", "-o", "/dev/null", "-e",
-                             "inject=fdatasync:error=EIO:when=1", sys.executable, "-m", "thinpool", "serve", path],
+                             "inject=fdatasync:error=EIO:when=1", sys.executable, "-m", "thinpool", "serve", path,
+                             "--commit-period", "0"],  # (only the FLUSH commits: its fdatasync is the first)
                             stdout=subprocess.DEVNULL, stderr=err)
     try:
         sock = os.path.join(path, "nbd.sock")

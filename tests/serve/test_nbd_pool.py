@@ -593,7 +593,7 @@ def test_nbd_spec_rule_multi_conn_flush_on_one_connection_commits_every_connecti
     -- it survives a crash (SIGKILL: no shutdown commit) of the serving process.  A write no flush
     covered is not (dm-thin: an uncommitted mapping is lost), so the FLUSH is what made the difference."""
     make_pool(env, {"vol": 4 * MiB})
-    srv = env.serve()
+    srv = env.serve("--commit-period", "0")  # (no periodic commit: only the FLUSH may commit here)
     a, b, c = Raw(srv.sock, "vol"), Raw(srv.sock, "vol", structured=False), Raw(srv.sock, "vol")
     try:
         assert all(x.flags & P.FLAG_CAN_MULTI_CONN for x in (a, b, c))
@@ -611,6 +611,34 @@ def test_nbd_spec_rule_multi_conn_flush_on_one_connection_commits_every_connecti
         assert p.check().ok
         assert p.thin("vol").read(BS, 4096) == b"W" * 4096
         assert p.thin("vol").read(3 * BS, 4096) == bytes(4096)
+
+
+def test_kernel_rule_served_pool_commits_changes_every_second_without_a_flush(env: Env) -> None:
+    """dm-thin's worker commits every COMMIT_PERIOD (HZ: one second) when the pool changed
+    (do_waker, process_deferred_bios: dm_pool_changed_this_transaction && need_commit_due_to_time),
+    so a write no FLUSH covered is durable about a second later: it survives a SIGKILL of the server."""
+    make_pool(env, {"vol": 4 * MiB})
+    meta = os.path.join(env.pool, "metadata")
+    srv = env.serve()  # the default period: 1 s, the kernel's
+    with open(meta, "rb") as f:
+        before = f.read()
+    a = Raw(srv.sock, "vol")
+    try:
+        assert a.cmd(P.CMD_WRITE, 3 * BS, data=b"P" * 4096)[0] == 0  # a new mapping, never flushed
+        deadline = time.monotonic() + 60
+        while True:  # the periodic commit writes the metadata file (no FLUSH was sent)
+            with open(meta, "rb") as f:
+                if f.read() != before:
+                    break
+            assert time.monotonic() < deadline, "no periodic commit in 60 s"
+            time.sleep(0.1)
+    finally:
+        a.close()
+    srv.proc.send_signal(signal.SIGKILL)
+    srv.proc.wait(60)
+    with Pool.open(env.pool) as p:
+        assert p.check().ok
+        assert p.thin("vol").read(3 * BS, 4096) == b"P" * 4096
 
 
 def test_nbd_two_connections_served_concurrently_by_fio(env: Env) -> None:

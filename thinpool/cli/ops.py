@@ -61,7 +61,7 @@ def op_status(pool: LightPool) -> dict[str, Any]:
     data_total = st.total_data_blocks * bs
     data_used = st.used_data_blocks * bs
     meta_total = st.total_metadata_blocks * 4096
-    meta_used = st.used_metadata_blocks * 4096
+    meta_used = st.reported_used_metadata_blocks * 4096  # the status line's, reserve included (docker reads it)
     host_free = _host_free_bytes(data_file)
     data_avail = data_total - data_used
     meta_avail = meta_total - meta_used

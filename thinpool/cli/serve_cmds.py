@@ -73,14 +73,19 @@ def parse_tcp(value: str) -> tuple[str | None, int]:
                    "name per export, times in microseconds), for `thinpool replay` or `fio --read_iolog`. "
                    "Buffered (8,192 requests): written out when full, on every FLUSH/FUA and when serving "
                    "stops.")
+@click.option("--commit-period", type=float, default=1.0, show_default=True, metavar="SECONDS",
+              help="Commit the pool this often when anything changed, as dm-thin commits every second: "
+                   "a client's writes are durable within about this long even without a FLUSH (0: only "
+                   "FLUSH/FUA, pool commands and stopping commit).")
 @click.option("-v", "--verbose", count=True, help="Log connections (-v) and requests (-vv) on stderr.")
 def serve_cmd(pool: str, socket_path: str | None, tcp: str | None, tcp_allow: tuple[str, ...], read_only: bool,
               handshake_timeout: float, idle_timeout: float, max_clients: int, record: str | None,
-              verbose: int) -> None:
+              commit_period: float, verbose: int) -> None:
     """Serve the pool's thin volumes as NBD block devices until SIGTERM/SIGINT.
 
     Every volume is an export named after it (volumes created while serving appear as new exports).
-    FLUSH and FUA commit the pool, as dm-thin commits on flush; TRIM and zeroing unmap whole blocks;
+    FLUSH and FUA commit the pool, as dm-thin commits on flush, and so does a commit every second
+    when anything changed (dm-thin's COMMIT_PERIOD; --commit-period); TRIM and zeroing unmap whole blocks;
     BLOCK_STATUS reports unmapped blocks as holes.  While served, the other pool commands (snapshot,
     create-thin, delete, ls, status, commit, the snapshotter verbs...) are sent to this process over
     <POOL>/control.sock; deleting a volume a client has open is refused.  SIGTERM/SIGINT commit, close
@@ -120,7 +125,8 @@ def serve_cmd(pool: str, socket_path: str | None, tcp: str | None, tcp_allow: tu
     from .registry import op_table
     served = Served(abspath(pool), op_table(), socket_path=abspath(socket_path) if socket_path else None,
                     tcp=tcp_addr, read_only=read_only, nbd_options=nbd_options,
-                    record=abspath(record) if record is not None and record != "-" else record)
+                    record=abspath(record) if record is not None and record != "-" else record,
+                    commit_period=commit_period)
 
     def on_signal(signum: int, frame: Any) -> None:
         served.stop()

@@ -23,6 +23,10 @@ from thinpool.control.server import CONTROL_TIMEOUT, ControlOp, ControlServer
 NBD_SOCKET = "nbd.sock"
 #: control ops that delete volumes: refused for volumes that are active, e.g. open over NBD (dm-thin's EBUSY)
 DELETING_OPS = ("delete", "remove-snapshot")
+#: seconds between periodic commits: dm-thin's ``COMMIT_PERIOD`` (HZ: one second)
+COMMIT_PERIOD = 1.0
+#: the longest period accepted (a day; 0 turns periodic commits off)
+MAX_COMMIT_PERIOD = 86400.0
 
 log = logging.getLogger("thinpool.serve")
 
@@ -39,7 +43,8 @@ class Served:
     def __init__(self, pool_path: str, ops: Mapping[str, ControlOp] | None = None, *,
                  socket_path: str | None = None, tcp: tuple[str | None, int] | None = None,
                  read_only: bool = False, nbd_options: dict[str, Any] | None = None,
-                 control_timeout: float = CONTROL_TIMEOUT, record: str | None = None) -> None:
+                 control_timeout: float = CONTROL_TIMEOUT, record: str | None = None,
+                 commit_period: float = COMMIT_PERIOD) -> None:
         """Open the pool at ``pool_path`` (read-only if it cannot be opened writable and ``read_only``
         is set), bind the sockets and start the control server; :meth:`serve_forever` or :meth:`start`
         then serves NBD.  ``socket_path``: the NBD unix socket (default ``<pool>/nbd.sock``); ``tcp``:
@@ -48,7 +53,10 @@ class Served:
         ``idle_timeout``, ``message_timeout``, ``payload_budget``, ``tcp_exports``);
         ``control_timeout`` bounds how long a control client may take to send its request; ``record``: a
         file to log every NBD request of every export into, as a fio iolog v3 (:mod:`thinpool.nbd.record`;
-        closed by :meth:`stop`)."""
+        closed by :meth:`stop`); ``commit_period``: commit the pool this many seconds apart when anything
+        changed, as dm-thin's worker does every ``COMMIT_PERIOD`` (1 s, the default) -- so a client's
+        writes are durable within about a second even without a FLUSH; 0: only FLUSH/FUA, pool
+        messages and :meth:`stop` commit."""
         from thinpool.control.protocol import control_socket_path
         from thinpool.errors import ReadOnly
         from thinpool.nbd.pool_backend import PoolProvider
@@ -56,6 +64,12 @@ class Served:
         from thinpool.pool import Pool
         from thinpool.unixsock import claim_unix_path
 
+        if isinstance(commit_period, bool) or not isinstance(commit_period, (int, float)) or \
+                not 0 <= commit_period <= MAX_COMMIT_PERIOD:
+            from thinpool.errors import InvalidArgument, shown
+            raise InvalidArgument(f"commit period must be a number of seconds from 0 to {MAX_COMMIT_PERIOD:g}, "
+                                  f"got {shown(commit_period)}")
+        self.commit_period = float(commit_period)
         self.pool_path = os.path.abspath(pool_path)
         if record is not None:
             from thinpool.nbd.record import check_record_path
@@ -99,8 +113,23 @@ class Served:
             raise
         self._stop_lock = threading.RLock()
         self._stopped = False
+        self._stop_commits = threading.Event()
+        self._committer: threading.Thread | None = None
         if self.control is not None:
             self.control.start()
+        if self.commit_period > 0 and not self.pool.read_only:
+            self._committer = threading.Thread(target=self._commit_periodically, name="thinpool-commit", daemon=True)
+            self._committer.start()
+
+    def _commit_periodically(self) -> None:
+        """Every :attr:`commit_period` seconds, commit the pool if anything changed (dm-thin's
+        ``do_waker`` / ``do_worker``); a failed commit is logged (the pool's mode says what it means:
+        a commit that failed to flush fails the pool, as the kernel's metadata_operation_failed does)."""
+        while not self._stop_commits.wait(self.commit_period):
+            try:
+                self.pool.commit_if_changed()
+            except Exception:
+                log.exception("periodic commit failed")
 
     def _refuse_busy_delete(self, op_name: str, args: dict[str, Any]) -> None:
         """Busy (EBUSY) if the op would delete a volume that is active -- an NBD client has it open
@@ -145,6 +174,11 @@ class Served:
             if self._stopped:
                 return
             self._stopped = True
+        self._stop_commits.set()
+        if self._committer is not None:
+            # (a commit under way finishes first; one that starts later finds the pool closed: both hold
+            # the pool's lock, so a bounded wait suffices -- this may run in a signal handler)
+            self._committer.join(timeout=5.0)
         if self.control is not None:
             self.control.stop()
         self.nbd.shutdown()
@@ -188,4 +222,4 @@ def warm_up(pool: Any) -> None:
         t.mapped_ranges(0, min(t.size, pool.block_size))
 
 
-__all__ = ["NBD_SOCKET", "DELETING_OPS", "Served", "volumes_deleted_by", "warm_up"]
+__all__ = ["NBD_SOCKET", "DELETING_OPS", "COMMIT_PERIOD", "Served", "volumes_deleted_by", "warm_up"]
