@@ -18,6 +18,9 @@ from .hostio import last_errno
 from .io_checks import ORIGIN_ERROR, as_offsets
 
 if TYPE_CHECKING:
+    from types import ModuleType
+
+    from .kernel_context import KernelContext
     from .thin import Thin
 
 
@@ -36,7 +39,7 @@ class BatchOutcome(NamedTuple):
     failed_at: np.ndarray | None = None
 
 
-def _kr():
+def _kr() -> ModuleType:
     from . import kernels_replay
     return kernels_replay
 
@@ -149,7 +152,8 @@ def apply_io(thins: Sequence[Thin], vol: np.ndarray, ops: np.ndarray, offsets: n
                                          skip, out, failed_at, ofds, osizes, on_space, st_used)
                 ctx.devs_dirty.update(slots.tolist())
                 _enter_out_of_data_space(ctx, out)  # if a write failed for want of space before this cut
-                on_cut(end, _outcome(out, st_used, failed_at))  # type: ignore[misc]
+                assert on_cut is not None  # (checked first: cuts come with on_cut)
+                on_cut(end, _outcome(out, st_used, failed_at))
                 slots = np.array([t._slot() for t in thins], np.int64)  # a snapshot may have moved the table
                 if any_change and end < n:
                     ctx.check_io_writable()
@@ -169,7 +173,7 @@ def _outcome(out: np.ndarray, st_used: int, failed_at: np.ndarray) -> BatchOutco
                         failed_at[:int(out[0])])
 
 
-def _enter_out_of_data_space(ctx, out: np.ndarray) -> None:
+def _enter_out_of_data_space(ctx: KernelContext, out: np.ndarray) -> None:
     """Writes failed for want of space since the mode last reflected it: the pool enters dm-thin's
     out-of-data-space mode (allocation failed)."""
     if out[0] > out[5]:
@@ -178,8 +182,13 @@ def _enter_out_of_data_space(ctx, out: np.ndarray) -> None:
             ctx.out_of_data_space()
 
 
-def _apply_range(ctx, thins, kr, slots, fd, pattern, vol, ops, offsets, lengths, start, end, skip, out, failed_at,
-                 ofds, osizes, on_space, st_used) -> int:
+def _apply_range(ctx: KernelContext, thins: Sequence[Thin], kr: ModuleType, slots: np.ndarray, fd: int,
+                 pattern: np.ndarray, vol: np.ndarray, ops: np.ndarray, offsets: np.ndarray, lengths: np.ndarray,
+                 start: int, end: int, skip: bool, out: np.ndarray, failed_at: np.ndarray, ofds: np.ndarray,
+                 osizes: np.ndarray, on_space: Callable[[int, BatchOutcome], None] | None, st_used: int) -> int:
+    """Run I/Os ``start`` up to ``end`` of the batch through the kernel, handling each stop it makes
+    (a metadata check, no data space, a write refused, the data file failing, an origin failing) and
+    calling ``on_space`` where the pool leaves out-of-data-space mode; returns ``end``."""
     st = ctx.st
     pool = thins[0].pool
     skip_at, committed_at = -1, -1
@@ -188,6 +197,7 @@ def _apply_range(ctx, thins, kr, slots, fd, pattern, vol, ops, offsets, lengths,
         if 0 <= resume_at <= start:
             resume_at = -1
             ctx.devs_dirty.update(slots.tolist())
+            assert on_space is not None  # (resume_at is set only when there is one)
             on_space(start, _outcome(out, st_used, failed_at))
         if start >= end:
             return end

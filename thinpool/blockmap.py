@@ -96,7 +96,7 @@ class BlockMap:
             self._grow_leaves(_round_up(max(len(self.leaf_rc), leaves, _GROW_MIN), _GROW_MIN))
 
     @staticmethod
-    def _extend(arr: np.ndarray, extra: int, fill=0) -> np.ndarray:
+    def _extend(arr: np.ndarray, extra: int, fill: int = 0) -> np.ndarray:
         out = np.empty((len(arr) + extra,) + arr.shape[1:], arr.dtype)
         out[: len(arr)] = arr
         out[len(arr):] = fill

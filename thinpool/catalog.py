@@ -181,10 +181,11 @@ class StoredCatalog:
         i = self.slots.get(slot)[1]
         if not i:
             return None
-        if i > len(self.origins) or self.origins[i - 1] is None:
+        rec = self.origins[i - 1] if i <= len(self.origins) else None
+        if rec is None:
             raise MetadataCorrupt(f"catalog: slot {slot} names external origin {i}, which is not recorded",
                                   structure=SLOTS)
-        return dict(self.origins[i - 1])  # type: ignore[arg-type]
+        return dict(rec)
 
     def has_origins(self) -> bool:
         return any(o is not None for o in self.origins)

@@ -40,6 +40,8 @@ from .schema import (DEV_CREATION_TIME, DEV_FIELDS, DEV_FLAGS, DEV_ID, DEV_MAPPE
                      DEV_SNAP_TIME, DEV_TRANSACTION, U64_MASK, DevFlag, Mode)
 
 if TYPE_CHECKING:
+    from types import TracebackType
+
     from .status import PoolStatus
 
 DEVS_PER_PAGE = BLOCK // DEV_RECORD.size
@@ -579,7 +581,8 @@ class DeviceTable:
     def __enter__(self) -> "DeviceTable":
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         """Close: commit if the block succeeded; if it raised, drop everything since the last
         commit (the same policy as :class:`~thinpool.pool.Pool`)."""
         self.close(commit=exc_type is None)

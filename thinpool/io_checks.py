@@ -13,7 +13,7 @@ from .errors import InvalidArgument
 ORIGIN_ERROR = -102
 
 
-def io_integer(name: str, what: str, value) -> int:
+def io_integer(name: str, what: str, value: object) -> int:
     """An I/O offset or length as a Python int (InvalidArgument naming the volume otherwise)."""
     if type(value) is int:
         return value
@@ -22,7 +22,7 @@ def io_integer(name: str, what: str, value) -> int:
     return int(value)
 
 
-def as_offsets(values, what: str) -> np.ndarray:
+def as_offsets(values: object, what: str) -> np.ndarray:
     """Offsets or lengths (an integer or a sequence / array of them) as a contiguous int64 array
     (InvalidArgument naming ``what`` for non-integers or values past int64)."""
     arr = np.asarray(values)

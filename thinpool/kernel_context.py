@@ -14,7 +14,7 @@ its volume through a rename and never confuses it with a later volume that reuse
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar, cast
 
 import numpy as np
 
@@ -37,7 +37,7 @@ def locked_method(fn: _F) -> _F:
     def wrapper(self, *args, **kwargs):
         with self._engine.lock:
             return fn(self, *args, **kwargs)
-    return wrapper  # type: ignore[return-value]
+    return cast(_F, wrapper)  # (functools.wraps keeps fn's signature; mypy cannot see that)
 
 
 def volume_key(dev_id: int, gen: int) -> int:

@@ -166,10 +166,10 @@ class StoredCounts:
         """(counts, live pages), as :func:`decode_counts` gives them; MetadataCorrupt as it raises."""
         out = zeroed(self.cap, np.uint32)
         pages = self.sm_pages
-        # (mypy: numpy's stubs pick searchsorted's scalar overload for the lambda's untyped argument)
-        live = decode_counts(out, self.nr_blocks, self.sm_idx, lambda ps: [pages[i] for i in
-                             np.searchsorted(self.sm_idx, ps).tolist()],  # type: ignore[attr-defined]
-                             self.over_idx, lambda ps: self.over_rows)
+
+        def sm_read(ps: np.ndarray) -> list[Any]:
+            return [pages[i] for i in np.searchsorted(self.sm_idx, ps).tolist()]
+        live = decode_counts(out, self.nr_blocks, self.sm_idx, sm_read, self.over_idx, lambda ps: self.over_rows)
         return out, live
 
 

@@ -4,12 +4,16 @@ thin_metadata_size equivalents (``ls -o`` is thin_ls, ``check`` is thinpool's ow
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
 from .common import IntRange, SIZE, abspath, emit, json_option, pool_argument
 from . import ops as _ops  # noqa: F401  (registers the interop ops)
 from .registry import OPS, run_op
+
+if TYPE_CHECKING:
+    from thinpool.pool import Pool
 
 SECTION = "dm-thin interoperability"
 
@@ -31,26 +35,26 @@ def _check_new_pool_path(pool: str) -> None:
         raise AlreadyExists(f"cannot create pool {abspath(pool)}: path exists and is not an empty directory")
 
 
-def _finish_new_pool(p: object, data_size: int | None) -> None:
+def _finish_new_pool(p: Pool, data_size: int | None) -> None:
     """Grow a freshly restored pool's data device to ``data_size`` if asked, then close it (committing);
     if any of that fails, everything the restore created is removed."""
     from thinpool.errors import InvalidArgument
     try:
         if data_size is not None:
-            current = p.nr_data_blocks * p.block_size  # type: ignore[attr-defined]
+            current = p.nr_data_blocks * p.block_size
             if data_size < current:
                 raise InvalidArgument(f"--data-size {data_size} is smaller than the metadata's data device "
                                       f"({current} bytes)")
             # a new pool: its metadata is sized for the final data size (a resize alone refuses to
             # outgrow the metadata unless autoextend is on)
             from thinpool.poolspace import metadata_blocks_needed
-            need = metadata_blocks_needed(p, data_size // p.block_size)  # type: ignore[arg-type, attr-defined]
-            have = p.store.nr_blocks  # type: ignore[attr-defined]
-            p.resize(data_size, need * 4096 if need > have else None)  # type: ignore[attr-defined]
-        p.close()  # type: ignore[attr-defined]  # its commit can fail too (a full or failing host disk)
+            need = metadata_blocks_needed(p, data_size // p.block_size)
+            have = p.store.nr_blocks
+            p.resize(data_size, need * 4096 if need > have else None)
+        p.close()  # its commit can fail too (a full or failing host disk)
     except BaseException:
-        p.close(commit=False)  # type: ignore[attr-defined]
-        p._new_files.undo()  # type: ignore[attr-defined]  # a failed restore leaves nothing behind
+        p.close(commit=False)
+        p._new_files.undo()  # a failed restore leaves nothing behind
         raise
 
 

@@ -110,9 +110,9 @@ class BoundedTarInfo(tarfile.TarInfo):
             run = getattr(tarfile_, "_thinpool_ext_run", 0) + 1
             if run > MAX_EXTENDED_RUN:
                 raise ImageError(f"more than {MAX_EXTENDED_RUN} extended tar headers in a row")
-            tarfile_._thinpool_ext_run = run          # type: ignore[attr-defined]
+            setattr(tarfile_, "_thinpool_ext_run", run)  # (our own counter on the TarFile, read above)
         else:
-            tarfile_._thinpool_ext_run = 0            # type: ignore[attr-defined]
+            setattr(tarfile_, "_thinpool_ext_run", 0)
             if tarfile_.pax_headers and (len(tarfile_.pax_headers) > 1024 or sum(
                     len(k) + len(v) for k, v in tarfile_.pax_headers.items()) > MAX_TAR_HEADER_BYTES):
                 raise ImageError(f"global PAX headers past {MAX_TAR_HEADER_BYTES} bytes or 1024 keys")

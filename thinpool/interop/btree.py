@@ -105,7 +105,8 @@ class BlockSource:
         self.nr_blocks = size // BLOCK_SIZE
         if self.nr_blocks == 0:
             raise corrupt("superblock", 0, f"metadata file is too small ({size} bytes)")
-        self._map = np.memmap(self.path, dtype=np.uint8, mode="r", shape=(self.nr_blocks, BLOCK_SIZE))
+        self._map: np.memmap | None = np.memmap(self.path, dtype=np.uint8, mode="r",
+                                                shape=(self.nr_blocks, BLOCK_SIZE))  # None once closed
         self.limit = self.nr_blocks if limit is None else min(limit, self.nr_blocks)
         self.verified = np.zeros(self.nr_blocks, dtype=bool)
         self.expanded = np.zeros(self.nr_blocks, dtype=bool)
@@ -113,7 +114,7 @@ class BlockSource:
     def close(self) -> None:
         """Release the memory map."""
         mm = getattr(self._map, "_mmap", None)
-        self._map = None  # type: ignore[assignment]
+        self._map = None
         if mm is not None:
             mm.close()
 
@@ -133,6 +134,7 @@ class BlockSource:
             raise corrupt(name_of(i), int(given[i]) & 0xFFFFFFFFFFFFFFFF,  # as stored: unsigned 64-bit
                           f"{what or 'block'} lies beyond the end of the metadata ({self.limit} blocks)")
         blocks = given.astype(np.int64)
+        assert self._map is not None, f"{self.path}: read after close"
         data = np.array(self._map[blocks])
         stored_nr = data.view(np.uint64)[:, 1]
         bad = np.flatnonzero(stored_nr != blocks.astype(np.uint64))

@@ -2,7 +2,7 @@
 
 :class:`Handshake` is the part of a session that runs before the transmission phase: the greeting, the
 client flags, and the options (EXPORT_NAME, ABORT, LIST, INFO/GO, STRUCTURED_REPLY, LIST/SET_META_CONTEXT).
-It is a mixin: the session provides the socket I/O (``_send``, ``_recv``) and the state it sets
+It is a mixin: the session provides the socket I/O (``_send``, ``_recv``, ``_gone``) and the state it sets
 (``structured``, ``contexts_export``, ``export``, ...).
 """
 
@@ -39,6 +39,7 @@ class Handshake:
     in_handshake: bool
     _send: Callable[..., None]
     _recv: Callable[..., bytes]
+    _gone: Callable[[], bool]
 
     def _reply(self, option: int, reply_type: int, payload: bytes = b"") -> None:
         self._send(P.encode_option_reply(option, reply_type, payload))
@@ -108,7 +109,7 @@ class Handshake:
     def _enter(self, export: Export, name: str) -> None:
         self.export = export
         try:  # a write the export holds (a pool queueing for data space) is given up when we are gone
-            export.cancel_check = self._gone  # type: ignore[attr-defined]
+            setattr(export, "cancel_check", self._gone)  # (an optional attribute: see Export)
         except AttributeError:
             pass
         self.in_handshake = False

@@ -69,7 +69,9 @@ def replay(pool: Pool, volume: str | Thin, trace: Any, *, format: str | None = N
              block_size=pool.block_size, snapshot_every=target.snapshot_every.as_text() if target.snapshot_every else None,
              keep=keep, metadata_only=bool(getattr(pool, "metadata_only", False)))
     p.update(params or {})
-    return r.finish(ReplayResult, p, bad_records=int(getattr(tr, "bad_records", 0) or 0))  # type: ignore[return-value]
+    result = r.finish(ReplayResult, p, bad_records=int(getattr(tr, "bad_records", 0) or 0))
+    assert isinstance(result, ReplayResult)  # (finish builds the class it is given)
+    return result
 
 
 

@@ -102,7 +102,9 @@ class Csv(Parser):
             raise TraceError(f"{path}: line 1: the CSV header must name the columns time, op, offset, "
                              f"length[, volume] (missing: {', '.join(missing)}; found: {', '.join(names)})",
                              path=path, line=1)
-        self.t0: tuple[int, int] | None = None   # type: ignore[assignment]
+        # the first record's time as (whole, nanoseconds) in the time column's unit (the base's
+        # integer t0 is not used: a CSV time stamp is a decimal number)
+        self.first_time: tuple[int, int] | None = None
 
     def parse(self, buf: np.ndarray, size: int, first_line: int) -> tuple[Records, Bad]:
         f = T.split_delimited(buf, size)
@@ -129,11 +131,12 @@ class Csv(Parser):
         op = op[ok]
         flush = op == OP_FLUSH
         whole, frac = whole[ok], frac[ok]
-        if len(whole) and self.t0 is None:
-            self.t0 = (int(whole[0]), int(frac[0]))
-        if self.t0 is not None:
-            seconds = ((whole - self.t0[0]).astype(np.float64)
-                       + (frac - self.t0[1]).astype(np.float64) * 1e-9) * self.unit["time"]
+        if len(whole) and self.first_time is None:
+            self.first_time = (int(whole[0]), int(frac[0]))
+        if self.first_time is not None:
+            t0_whole, t0_frac = self.first_time
+            seconds = ((whole - t0_whole).astype(np.float64)
+                       + (frac - t0_frac).astype(np.float64) * 1e-9) * self.unit["time"]
         else:
             seconds = np.empty(0, np.float64)
         if "volume" in c:
