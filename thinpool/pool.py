@@ -228,7 +228,7 @@ class Pool(Transactions, DeviceOps, Features, Accounting):
     @classmethod
     def _create_files(cls, path: str, data_path: str, bs: int, nr_blocks: int, md_blocks: int,
                       made: "ownership.NewPoolFiles", low_water_mark: int, error_if_no_space: bool,
-                      zero_new_blocks: bool, explicit_data: bool, on_low_water, *,
+                      zero_new_blocks: bool, explicit_data: bool, on_low_water: Callable[["Pool"], None] | None, *,
                       mode: int | str | None = None, allow_foreign: bool | None = None,
                       metadata_only: bool = False, features: dict[str, Any] | None = None,
                       punch_freed_blocks: bool = False, flush: bool = True) -> "Pool":

@@ -252,7 +252,8 @@ def _choose(r: _Reader, report: RepairReport) -> _Salvage:
                           f"({'; '.join(errors)})", structure="directory")
 
 
-def _walk(s: _Salvage, root: int, size_blocks: int, nr_data: int, report: RepairReport, label: str):
+def _walk(s: _Salvage, root: int, size_blocks: int, nr_data: int, report: RepairReport, label: str
+          ) -> tuple[np.ndarray, np.ndarray]:
     """Mappings of one device (vblocks, values), tolerating lost/invalid nodes."""
     inners = s.arrays["inners"].view(np.int32).reshape(-1, K.INNER_ENTRIES)
     leaves = s.arrays["leaves"].view(np.uint64).reshape(-1, K.LEAF_ENTRIES)

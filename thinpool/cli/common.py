@@ -6,7 +6,7 @@ import json
 import os
 import sys
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import click
 
@@ -88,6 +88,9 @@ mode_option = click.option("--mode", type=MODE, default=None,
 #: ``POOL`` argument: a pool directory (existence is checked by the library, with its own error).
 pool_argument = click.argument("pool", metavar="POOL", type=click.Path(file_okay=False, path_type=str))
 
+#: a click command's function, as an option decorator made here takes and returns it
+CommandFn = TypeVar("CommandFn", bound=Callable[..., Any])
+
 #: ``--json`` flag for reporting commands.
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object/array on stdout.")
 
@@ -144,4 +147,4 @@ def human_size(nbytes: int) -> str:
 
 
 __all__ = ["SIZE", "SizeType", "MODE", "ModeType", "mode_option", "pool_argument", "json_option", "abspath", "emit", "progress",
-           "stderr_is_tty", "human_size"]
+           "stderr_is_tty", "human_size", "CommandFn"]

@@ -3,16 +3,16 @@ check, trim."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import click
 
-from .common import IntRange, SIZE, abspath, emit, json_option, mode_option, pool_argument
+from .common import CommandFn, IntRange, SIZE, abspath, emit, json_option, mode_option, pool_argument
 from .ops import render_features, render_status_human
 from .registry import OPS, register_op, run_op
 
 
-def _discard_options(default: str | None):
+def _discard_options(default: str | None) -> Callable[[CommandFn], CommandFn]:
     """``--discard-passdown`` / ``--no-discard-passdown`` / ``--ignore-discard`` (dm-thin's pool features,
     one value ``discard``)."""
     def deco(f):
@@ -28,7 +28,8 @@ def _discard_options(default: str | None):
     return deco
 
 
-def _no_space_options(default_error: bool | None, default_timeout: float | None):
+def _no_space_options(default_error: bool | None, default_timeout: float | None
+                      ) -> Callable[[CommandFn], CommandFn]:
     def deco(f):
         f = click.option("--no-space-timeout", type=click.FloatRange(0, 86400), default=default_timeout,
                          show_default=default_timeout is not None, metavar="SECONDS",

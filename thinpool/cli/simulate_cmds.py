@@ -13,6 +13,7 @@ from .common import IntRange, SIZE, abspath, stderr_is_tty
 
 if TYPE_CHECKING:
     from thinpool.simulate.results import Result
+    from thinpool.simulate.schedule import Every
     from thinpool.simulate.sweeps import SweepResult
 
 SECTION = "Simulation"
@@ -28,8 +29,8 @@ def _check_outputs(*paths: str | None) -> None:
             guard_output(abspath(path))
 
 
-def _outputs(result, as_json: str | None, html_out: str | None, plot: str | None, series: str | None,
-             title: str) -> None:
+def _outputs(result: Result | SweepResult, as_json: str | None, html_out: str | None, plot: str | None,
+             series: str | None, title: str) -> None:
     if as_json:
         if as_json == "-":
             click.echo(result.to_json())
@@ -47,7 +48,7 @@ def _outputs(result, as_json: str | None, html_out: str | None, plot: str | None
         report.html_report(result, abspath(html_out), title)
 
 
-def _summary(result) -> None:
+def _summary(result: Result | SweepResult) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -70,7 +71,7 @@ def _summary(result) -> None:
     console.print(t)
 
 
-def _every(value: str | None, what: str):
+def _every(value: str | None, what: str) -> Every | None:
     if value is None:
         return None
     from thinpool.simulate.schedule import Every

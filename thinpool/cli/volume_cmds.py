@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, TypeVar
 
 import click
 
-from .common import IntRange, SIZE, abspath, emit, json_option, pool_argument
+from .common import CommandFn, IntRange, SIZE, abspath, emit, json_option, pool_argument
 from . import stream_ops  # noqa: F401  (registers write, read, import, export)
 from .ops import render_volume_columns, render_volumes, volume_columns_json
 from .registry import OPS, run_op
 
 SECTION = "Volume commands"
-_Command = TypeVar("_Command", bound=Callable[..., Any])
 
 _served_note = ("Runs in this process only: on a pool that is being served, use the volume's NBD export "
                 "(e.g. nbdcopy) instead.")
 
 
-def _dev_id_option(f: _Command) -> _Command:
+def _dev_id_option(f: CommandFn) -> CommandFn:
     return click.option("--dev-id", type=IntRange(0, (1 << 24) - 1), default=None,
                         help="dm-thin device id (default: the next free one).")(f)
 

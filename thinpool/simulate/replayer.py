@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 import time as _time
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 
@@ -21,6 +21,10 @@ from ..errors import InvalidArgument
 from ..thin import apply_io
 from .results import COUNTERS, SERIES_COLUMNS, ReplayResult, Result, write_amplification
 from .schedule import Every, Target
+
+if TYPE_CHECKING:
+    from ..batch_io import BatchOutcome
+    from ..pool import Pool
 
 #: most snapshots or samples a time schedule may put in one window of records (see Replayer._time_marks)
 MAX_MARKS = 1_000_000
@@ -37,7 +41,7 @@ MAX_AUTO_SAMPLES = 512
 class Replayer:
     """Replays merged record windows into a pool (see the module docstring); :meth:`finish` -> Result."""
 
-    def __init__(self, pool, targets: list[Target], *, sample_every: Every | None = None,
+    def __init__(self, pool: Pool, targets: list[Target], *, sample_every: Every | None = None,
                  commit_on_flush: bool = True, on_no_space: str = "skip", pattern: np.ndarray | None = None,
                  progress: bool | None = None, paths: Sequence[str] = (), expected_records: int = 0) -> None:
         if not targets:
@@ -80,7 +84,7 @@ class Replayer:
         self._bar = _Progress(progress)
         self._orig_lwm = pool.on_low_water
 
-        def on_low_water(p) -> None:
+        def on_low_water(p: Pool) -> None:
             self.c["low_water_events"] += 1
             if self._orig_lwm is not None:
                 self._orig_lwm(p)
@@ -114,11 +118,12 @@ class Replayer:
         widx = None if every else np.flatnonzero(keep)  # batch position -> window position
         seen = [0, 0, 0]  # failed writes, refused writes and their bytes already accounted
 
-        def progress(so_far, now: float) -> None:
+        def progress(so_far: BatchOutcome, now: float) -> None:
             self.peak = max(peak0, so_far.peak_data_blocks_used)
             self.c["eio_events"] += so_far.refused_writes - seen[1]
             self.failed_bytes += so_far.refused_bytes - seen[2]
             seen[1], seen[2] = so_far.refused_writes, so_far.refused_bytes
+            assert so_far.failed_at is not None  # (apply_io's outcomes carry it)
             new = so_far.failed_at[seen[0]:so_far.failed_writes]
             seen[0] = so_far.failed_writes
             if len(new):
@@ -126,7 +131,7 @@ class Replayer:
                 self._failed(tgt[pos], offset[pos], length[pos], time[pos])
             self._expire(now)
 
-        def on_cut(pf: int, so_far) -> None:
+        def on_cut(pf: int, so_far: BatchOutcome) -> None:
             for pos, kind, arg in at[pf]:
                 every = self.sample_every.ios
                 if kind == "sample" and self.auto_sample and every and (base_io + pos) % every:
@@ -143,7 +148,7 @@ class Replayer:
                 self._retry(now)
                 self._check_mode()
 
-        def on_space(pf: int, so_far) -> None:
+        def on_space(pf: int, so_far: BatchOutcome) -> None:
             now = float(time[pf - 1] if widx is None else time[widx[pf - 1]])
             progress(so_far, now)
             self._retry(now)
@@ -205,7 +210,8 @@ class Replayer:
             offset[over] = o
         return offset, length
 
-    def _events(self, time, op, tgt, base_io) -> list[tuple[int, int, str, int]]:
+    def _events(self, time: np.ndarray, op: np.ndarray, tgt: np.ndarray, base_io: int
+                ) -> list[tuple[int, int, str, int]]:
         n = len(op)
         ev: list[tuple[int, int, str, int]] = []
         if self.commit_on_flush:
@@ -234,7 +240,7 @@ class Replayer:
 
     _marks: dict
 
-    def _time_marks(self, time, every: float, key) -> list[int]:
+    def _time_marks(self, time: np.ndarray, every: float, key: tuple[str, int]) -> list[int]:
         """Positions (before record p) where trace time reaches the next multiples of ``every``.
 
         The multiples are counted, not summed (a sum stops growing once the interval is below its
@@ -257,13 +263,15 @@ class Replayer:
         self._marks[key] = hi + 1
         return np.searchsorted(time, marks, side="left").tolist()
 
-    def _account(self, cum, pos, base_io, time, n, final=None) -> None:
+    def _account(self, cum: _Cumulative | None, pos: int, base_io: int, time: np.ndarray, n: int,
+                 final: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         """Bring the record counters to position ``pos`` of the window."""
         c = self.c
         if final is not None:
             op, length = final
             if cum is None:
                 cum = _Cumulative(op, length)
+        assert cum is not None, "a cut comes with its window's counts (only the last call makes them)"
         r, w, d, f, br, bw = cum.at(pos)
         c["ios"] = base_io + pos
         c["reads"], c["writes"], c["discards"], c["flushes"] = (self._base[0] + r, self._base[1] + w,

@@ -11,13 +11,16 @@ import base64
 import html
 import io
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import InvalidArgument
 from ..safe_output import check_path, write_output
 from .results import COUNTERS, Result, summary_rows
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def _plt():
@@ -34,7 +37,7 @@ def _mib(blocks: Any, bs: int) -> np.ndarray:
     return np.asarray(blocks, np.float64) * bs / (1 << 20)
 
 
-def result_figure(result: Result, title: str = ""):
+def result_figure(result: Result, title: str = "") -> Figure:
     """A 2x2 matplotlib figure of one run."""
     plt = _plt()
     s = result.series
@@ -99,7 +102,7 @@ def _label(params: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in params.items())
 
 
-def sweep_figure(runs: list[tuple[dict[str, Any], Result]], title: str = ""):
+def sweep_figure(runs: list[tuple[dict[str, Any], Result]], title: str = "") -> Figure:
     """The sweep's configurations side by side, one panel per metric (space in MiB)."""
     plt = _plt()
     fig, ax = plt.subplots(2, 3, figsize=(13, 7.5))
@@ -126,14 +129,14 @@ def sweep_figure(runs: list[tuple[dict[str, Any], Result]], title: str = ""):
     return fig
 
 
-def _png(fig) -> bytes:
+def _png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
     _plt().close(fig)
     return buf.getvalue()
 
 
-def save_png(fig, path: str | os.PathLike) -> None:
+def save_png(fig: Figure, path: str | os.PathLike) -> None:
     """Write a figure as PNG (never onto a pool's file: :mod:`thinpool.safe_output`)."""
     check_path(path, "PNG output")
     write_output(path, _png(fig), what="PNG output")
@@ -174,6 +177,6 @@ def html_report(result: Result | Any, path: str | os.PathLike, title: str = "thi
     write_output(path, "\n".join(parts), what="HTML output")
 
 
-def _img(fig, alt: str) -> str:
+def _img(fig: Figure, alt: str) -> str:
     data = base64.b64encode(_png(fig)).decode()
     return f"<p><img alt='{html.escape(alt)}' src='data:image/png;base64,{data}'></p>"
