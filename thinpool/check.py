@@ -75,6 +75,10 @@ def _data_counts(rep: CheckReport, pool: Any, roots: np.ndarray) -> tuple[np.nda
     if bad:
         rep.errors.append(f"{bad} tree entries point outside the node store or beyond the data device "
                           f"({nr} blocks)")
+    pinned = pool.held_data_blocks()  # the held metadata snapshot keeps one reference on each
+    pinned = pinned[pinned < nr]
+    exp_data[pinned] += 1
+    touched[np.unique(pinned >> K.RC_PAGE_BITS)] = 1
     pages = np.union1d(np.flatnonzero(touched), sp.live_pages())
     if len(pages) * 4 >= len(touched):  # most pages: one contiguous pass
         _compare(rep.errors, "data block", exp_data, sp.data_rc[:nr])

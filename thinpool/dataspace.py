@@ -194,6 +194,21 @@ class DataSpaceMap:
         self.data_rc[ublocks] += counts.astype(np.uint32)
         self.rc_dirty[np.unique(ublocks >> K.RC_PAGE_BITS)] = 1
 
+    def drop_refs(self, blocks: np.ndarray) -> int:
+        """One reference less for each distinct entry of ``blocks`` (the undo of :meth:`add_refs` of
+        a set); a block reaching 0 is freed in this transaction, as a kernel's ``dec_data`` frees it
+        (``FREED`` and ``STALE``: it keeps its bytes; allocatable after the commits).  Returns how
+        many were freed."""
+        ublocks = np.unique(np.asarray(blocks, np.int64))
+        if len(ublocks) == 0:
+            return 0
+        self.data_rc[ublocks] -= np.uint32(1)
+        self.rc_dirty[np.unique(ublocks >> K.RC_PAGE_BITS)] = 1
+        zero = ublocks[self.data_rc[ublocks] == 0]
+        self.freed_txn[zero] = np.uint8(K.BLOCK_FREED | K.BLOCK_STALE)
+        self.st[K.ST_NR_FREE] += len(zero)
+        return len(zero)
+
     def used(self) -> int:
         return self.nr_blocks - int(self.st[K.ST_NR_FREE])
 

@@ -590,22 +590,55 @@ class Transactions:
 
         Only one is held at a time: with one held this raises AlreadyExists (the kernel's EBUSY) --
         after committing, as the kernel does (``process_reserve_metadata_snap_mesg`` commits, then
-        ``__reserve_metadata_snap`` commits again before it finds the held root)."""
+        ``__reserve_metadata_snap`` commits again before it finds the held root).
+
+        Every data block the snapshot maps stays in use until it is released, whatever the volumes do
+        meanwhile (delete, discard, copy-on-write): the kernel's held root references the mapping
+        trees, so their leaves keep their data blocks' counts; here each such block gains one
+        reference (:meth:`held_data_blocks`), dropped by :meth:`release_metadata_snap`.  So a backup
+        reading the data blocks the held view maps (``thin_delta -m``, ``thin_dump -m``) never reads a
+        block reused by another volume."""
         self._check_writable()
         self.commit()
         if self._store.header.get("held"):
             raise AlreadyExists(f"pool {self.path}: a metadata snapshot is already held: release it before "
                                 f"taking another")
         self._store.hold()
+        self._store.header["held"]["pinned_data"] = True  # (holds taken before pins existed have none)
+        self._space.add_refs(self._mapped_blocks(self._nodes_map.nodes, self._devs))  # == the held state's
         self._catalog_dirty = True
         self.commit()
 
     @_locked
     def release_metadata_snap(self) -> None:
-        """Release the held metadata snapshot (dm-thin's ``release_metadata_snap``)."""
+        """Release the held metadata snapshot (dm-thin's ``release_metadata_snap``): the data blocks only
+        it mapped are freed (allocatable after the commits, as any freed block)."""
         self._check_writable()
         if not self._store.header.get("held"):
             raise InvalidArgument(f"pool {self.path}: no metadata snapshot is held")
+        self._space.drop_refs(self.held_data_blocks())
         self._store.release_hold()
         self._catalog_dirty = True
         self.commit()
+
+    def held_data_blocks(self) -> np.ndarray:
+        """The data blocks the held metadata snapshot maps, each once, that it keeps in use (one
+        reference each, taken by :meth:`reserve_metadata_snap`); empty when none is held."""
+        held = self._store.header.get("held")
+        if not held or not held.get("pinned_data"):
+            return np.zeros(0, np.int64)
+        from .blockmap import BlockMap
+        from .nodestore import inners_from_disk, leaves_from_disk  # any layout
+        arrays = {k: np.frombuffer(v, np.uint8) for k, v in self._store.load_held().items()}
+        bm = BlockMap.from_arrays(np.zeros(K.ST_SIZE, np.int64), leaves_from_disk(arrays), inners_from_disk(arrays),
+                                  arrays["leaf_rc"].view(np.uint32), arrays["inner_rc"].view(np.uint32))
+        return self._mapped_blocks(bm.nodes, arrays["devs"].view(K.dev_dtype()))
+
+    def _mapped_blocks(self, nodes: Any, devs: np.ndarray) -> np.ndarray:
+        """The data blocks any device of ``devs`` maps in the trees ``nodes``, each once, in order."""
+        from . import walks
+        from .spacemap_pages import zeroed
+        roots = devs["root"][(devs["flags"] & DevFlag.IN_USE) != 0].astype(np.int64)
+        counts = zeroed(self._space.nr_blocks, np.uint8)
+        walks.logical_counts_into(nodes, roots, counts)
+        return np.flatnonzero(counts).astype(np.int64)

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from tests.support import require_tool, soak_examples
 from thinpool import Pool
+from thinpool.errors import NoSpace
 from thinpool.interop.binary import write_binary_metadata
 from thinpool.interop.binary_read import read_binary_metadata
 from thinpool.interop.thin_delta import format_delta
@@ -249,5 +250,53 @@ def test_kernel_rule_held_metadata_snapshot_is_a_copy_of_the_superblock_at_reser
         pool = Pool.open(tmp_path / "p")
         assert (pool.to_metadata(held=True).superblock.time, pool.to_metadata(held=True).superblock.transaction) \
             == at_reserve
+    finally:
+        pool.close()
+
+
+def test_kernel_rule_held_metadata_snapshot_keeps_its_data_blocks_in_use(tmp_path):
+    """__reserve_metadata_snap increments the mapping tree's root (dm_tm_inc): the held trees keep
+    referencing their leaves, and the leaves their data blocks, so a volume deleted, discarded or
+    overwritten by copy-on-write after the reservation frees none of the blocks the held view maps
+    until release_metadata_snap (__release_metadata_snap: dm_btree_del of the held trees).  A backup
+    reading the blocks thin_delta -m / thin_dump -m name never reads another volume's data."""
+    require_tool("thin_check", "thin_dump")
+    pool = Pool.create(tmp_path / "p", data_size=8 * BS, error_if_no_space=True)
+    try:
+        v = pool.create_thin("v", 16 * BS)
+        v.write(0, b"v" * (4 * BS))
+        w = pool.create_thin("w", 16 * BS)
+        w.write(0, b"w" * BS)
+        pool.reserve_metadata_snap()
+        held = pool.to_metadata(held=True)
+        held_blocks = {int(b) for d in held.devices for b in d.dblocks}
+        assert held_blocks == set(pool.held_data_blocks().tolist()) and len(held_blocks) == 5
+        pool.delete("v")                       # frees v's 4 blocks -- not while they are held
+        w.discard(0, BS)                       # w's block too
+        pool.commit()
+        pool.commit()
+        assert pool.status().used_data_blocks == 5 and pool.check().ok
+        x = pool.create_thin("x", 16 * BS)
+        with pytest.raises(NoSpace):
+            x.write(0, b"x" * (4 * BS))        # only 3 blocks are free
+        x.write(0, b"x" * (3 * BS))
+        live = {int(b) for t in pool.thins() for b in t.mappings()[1]}
+        assert not live & held_blocks          # no held block was handed out again
+        meta = tmp_path / "meta.bin"
+        write_binary_metadata(pool.to_metadata(), meta, held=held)
+        run("thin_check", str(meta))
+        with open(pool.data_path, "rb") as f:  # the bytes the held view maps are the held bytes
+            for dev, fill in zip(held.devices, (b"v", b"w")):
+                for b in dev.dblocks:
+                    f.seek(int(b) * BS)
+                    assert f.read(BS) == fill * BS
+        pool.close()
+        pool = Pool.open(tmp_path / "p")       # the pins are committed with the hold
+        assert pool.check().ok and pool.status().used_data_blocks == 8
+        pool.release_metadata_snap()           # held-only blocks are freed now
+        assert pool.status().used_data_blocks == 3 and pool.check().ok
+        pool.commit()
+        pool.thin("x").write(3 * BS, b"y" * (5 * BS))  # and allocatable after the commits
+        assert pool.status().used_data_blocks == 8 and pool.check().ok
     finally:
         pool.close()
