@@ -300,3 +300,38 @@ def test_kernel_rule_held_metadata_snapshot_keeps_its_data_blocks_in_use(tmp_pat
         assert pool.status().used_data_blocks == 8 and pool.check().ok
     finally:
         pool.close()
+
+
+def test_kernel_rule_snapshot_of_a_snapshot_times_as_the_tools_read_them(tmp_path):
+    """__create_snap: pmd->time++, then the snapshot's creation_time and snapshotted_time and the
+    origin's snapshotted_time are the new time (__open_device(create) / __set_snapshot_details);
+    create_thin stamps both with the current time and does not move it; a mapping is inserted with
+    the time of its write (__insert: pack_block_time(data_block, pmd->time)).  thin_ls and thin_dump
+    read the same from the exported metadata."""
+    require_tool("thin_check", "thin_dump", "thin_ls")
+    pool = Pool.create(tmp_path / "p", data_size=64 * BS)
+    try:
+        a = pool.create_thin("a", 16 * BS)            # dev 1: time 0
+        a.write(0, b"a")                               # mapping time 0
+        pool.snapshot("a", "s1")                       # dev 2: time 1
+        pool.thin("s1").write(BS, b"s")                # mapping time 1 in s1
+        pool.snapshot("s1", "s2")                      # dev 3: time 2 (a snapshot of a snapshot)
+        b = pool.create_thin("b", 16 * BS)             # dev 4: time 2, not moved
+        a.write(2 * BS, b"a")                          # mapping time 2 in a
+        assert pool.time == 2
+        times = {t.name: (t.creation_time, t.snap_time) for t in pool.thins()}
+        assert times == {"a": (0, 1), "s1": (1, 2), "s2": (2, 2), "b": (2, 2)}
+        meta = tmp_path / "meta.bin"
+        md = pool.to_metadata()
+        write_binary_metadata(md, meta)
+        run("thin_check", str(meta))
+        rows = run("thin_ls", "--no-headers", "-o", "DEV,CREATE_TIME,SNAP_TIME", str(meta)).split("\n")
+        assert [r.split() for r in rows if r] == [["1", "0", "1"], ["2", "1", "2"], ["3", "2", "2"], ["4", "2", "2"]]
+        dump = run("thin_dump", str(meta))
+        assert '<superblock uuid="" time="2" ' in dump
+        assert '<single_mapping origin_block="2" data_block="' in dump
+        by_dev = {d.dev_id: dict(zip(d.vblocks.tolist(), d.times.tolist())) for d in md.devices}
+        assert by_dev == {1: {0: 0, 2: 2}, 2: {0: 0, 1: 1}, 3: {0: 0, 1: 1}, 4: {}}
+        assert b.mapped_blocks == 0
+    finally:
+        pool.close()
