@@ -28,6 +28,7 @@ class Features:
     _header: dict[str, Any]
     _st: np.ndarray
     _catalog_dirty: bool
+    _lwm_fired: bool
     _nospace: NoSpaceQueue
     if TYPE_CHECKING:  # Pool's, declared here for the type checker only (nothing is defined at run time)
         def _check_writable(self) -> None: ...
@@ -63,6 +64,7 @@ class Features:
         if "discard" in features:
             rules.check_discard_change(self.path, self.discard_mode, features["discard"])
         self._activate_features(features)
+        self._lwm_fired = False  # a table reload and resume: dm-thin's pool_resume re-arms the low water event
         return self.features
 
     def _activate_features(self, features: dict[str, Any]) -> None:

@@ -441,7 +441,9 @@ class Transactions:
     def _metadata_operation_failed(self, reason: str) -> None:
         """dm-thin's metadata_operation_failed(): abort the transaction, set needs_check (written
         to the superblock: it survives a reopen) and go read-only."""
+        fired = self._lwm_fired
         self._load()
+        self._lwm_fired = fired  # (an abort is no resume: the low water event stays fired)
         self._header["needs_check"] = True
         try:
             self._store.commit({}, self._header_now(), hints=self._hints())  # the superblock only (and its directory)
@@ -459,9 +461,12 @@ class Transactions:
 
     @_locked
     def abort(self) -> None:
-        """Drop everything since the last commit (dm-thin's transaction abort)."""
+        """Drop everything since the last commit (dm-thin's transaction abort).  The low water event
+        stays fired (only a resume re-arms it: a reopen, a resize, :meth:`set_features`)."""
         self._check_open()
+        fired = self._lwm_fired
         self._load()
+        self._lwm_fired = fired
         if self._data.nr_blocks != self._space.nr_blocks:  # a resize since the last commit is undone too
             self._data.resize(self._space.nr_blocks)
         if not self.read_only:
@@ -555,7 +560,7 @@ class Transactions:
     def _check_low_water(self, free: int) -> None:
         """dm-thin's check_low_water_mark(pool, free): an allocation that saw ``free`` data blocks at or
         below the low water mark raises the event once (again only after the kernel's resume: here a
-        reopen, an abort or a data resize)."""
+        reopen, a data or metadata resize, set_features; not an abort)."""
         if not self._lwm_fired and free <= self._header["low_water_mark"]:
             self._lwm_fired = True
             if self.on_low_water is not None:

@@ -167,11 +167,10 @@ def resize_metadata(pool: "Pool", metadata_size: int | str) -> None:
     if pool.header.get("needs_check"):
         raise ReadOnly(f"pool {pool.path} needs check: its metadata cannot be resized until repaired")
     blocks = _check_md_size(pool, parse_size(metadata_size, "metadata size"))
-    if blocks == pool.store.nr_blocks:
-        _after_metadata_growth(pool)
-        return
-    _grow_store(pool, blocks)
+    if blocks != pool.store.nr_blocks:
+        _grow_store(pool, blocks)
     _after_metadata_growth(pool)
+    pool._lwm_fired = False  # a reload and resume for the kernel: pool_resume re-arms the low water event
 
 
 def resize(pool: "Pool", data_size: int | str | None = None, metadata_size: int | str | None = None) -> None:

@@ -86,6 +86,27 @@ def test_kernel_rule_low_water_event_fires_when_a_write_finds_no_data_block(tmp_
     p.close()
 
 
+def test_kernel_rule_low_water_event_is_rearmed_by_a_resume_not_by_an_abort(tmp_path) -> None:
+    # pool->low_water_triggered is cleared only in pool_resume (every table reload's resume: a data or
+    # metadata resize, new features); metadata_operation_failed's abort leaves it set
+    p = Pool.create(tmp_path / "p", data_size=16 * BS, low_water_mark=14)
+    fired: list[int] = []
+    p.on_low_water = lambda pool: fired.append(1)
+    v = p.create_thin("v", "1GiB")
+    v.write(0, b"a" * (3 * BS))  # free before the third allocation: 14
+    assert fired == [1]
+    p.abort()  # (the three blocks are dropped: 16 free again)
+    v.write(0, b"a" * (3 * BS))
+    assert fired == [1]  # not re-armed by the abort
+    p.resize_metadata(p.store.nr_blocks * 4096)  # a reload + resume of the same size
+    v.write(3 * BS, b"b")
+    assert fired == [1, 1]
+    p.set_features(discard="passdown")  # a reload with the same features: resumed all the same
+    v.write(4 * BS, b"c")
+    assert fired == [1, 1, 1]
+    p.close()
+
+
 # --------------------------------------------------------------------------- metadata low water mark
 def _fill_metadata_until(p: Pool, v, first: int, events: list[int]) -> int:
     """Write 2048 scattered blocks and commit, batch after batch from ``first``, until ``events``
