@@ -97,7 +97,7 @@ def run(full: bool, scratch: Scratch | None = None) -> tuple[list[Row], dict[str
     wall: dict[str, list[float]] = {s: [] for s in sides}
     cpu: dict[str, list[float]] = {s: [] for s in sides}
     own = scratch is None
-    sc = Scratch() if own else scratch
+    sc = Scratch() if scratch is None else scratch
     try:
         for r in range(repeats):
             log(f"coldstart: repeat {r + 1}/{repeats}")
@@ -118,21 +118,21 @@ def run(full: bool, scratch: Scratch | None = None) -> tuple[list[Row], dict[str
     finally:
         if own:
             sc.close()
-    w = {s: med(v) for s, v in wall.items()}
-    c = {s: med(v) for s, v in cpu.items()}
+    mw = {s: med(v) for s, v in wall.items()}  # medians
+    mc = {s: med(v) for s, v in cpu.items()}
     rows = [
         ratio_row("C1", "first `thinpool demo` of a fresh install on a fresh machine (empty kernel cache; the "
                   "install's compile step first, its seconds beside), seconds", f"<= {FIRST_TARGET:g}",
-                  w["fresh_machine"], wall_s=w["fresh_machine"], cpu_s=c["fresh_machine"],
-                  install_s=w["install_step"], install_cpu_s=c["install_step"]),
+                  mw["fresh_machine"], wall_s=mw["fresh_machine"], cpu_s=mc["fresh_machine"],
+                  install_s=mw["install_step"], install_cpu_s=mc["install_step"]),
         Row("C1r", "first `thinpool demo` with nothing compiled before it (source tree on PYTHONPATH, "
             "THINPOOL_NO_PRECOMPILE=1, or an install by another numba): every kernel compiled at first use, seconds",
-            {"wall_s": w["no_install_step"], "cpu_s": c["no_install_step"]}, w["no_install_step"]),
+            {"wall_s": mw["no_install_step"], "cpu_s": mc["no_install_step"]}, mw["no_install_step"]),
         ratio_row("C2", "first `thinpool demo` of a fresh install (new checkout, no byte code) on a machine "
-                  "that already ran these sources, seconds", f"<= {FIRST_TARGET:g}", w["fresh_checkout"],
-                  wall_s=w["fresh_checkout"], cpu_s=c["fresh_checkout"]),
+                  "that already ran these sources, seconds", f"<= {FIRST_TARGET:g}", mw["fresh_checkout"],
+                  wall_s=mw["fresh_checkout"], cpu_s=mc["fresh_checkout"]),
         ratio_row("C3", "warm `thinpool demo` (the same checkout again), seconds", f"<= {WARM_TARGET:g}",
-                  w["warm"], wall_s=w["warm"], cpu_s=c["warm"]),
+                  mw["warm"], wall_s=mw["warm"], cpu_s=mc["warm"]),
     ]
     return rows, {"repeats": repeats, "wall_s": wall, "cpu_s": cpu}
 

@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Hashable, Mapping, TypeVar
 
 import numpy as np
 
@@ -51,9 +51,9 @@ class Row:
     def judge(self) -> "Row":
         if self.ratio is None or not self.target:
             return self
-        op, val = self.target.split()
-        val = float(val)
-        ok = self.ratio >= val if op == ">=" else self.ratio <= val
+        op, text = self.target.split()
+        bound = float(text)
+        ok = self.ratio >= bound if op == ">=" else self.ratio <= bound
         self.status = "pass" if ok else "short"
         return self
 
@@ -88,8 +88,10 @@ def fmt(v: Any) -> str:
     return str(v)
 
 
-def ratio_row(key: str, title: str, target: str, ratio: float, note: str = "", **values) -> Row:
-    return Row(key, title, values, float(ratio), target, note=note).judge()
+def ratio_row(key: str, title: str, target: str, ratio: float, note: str = "", *,
+              values: Mapping[str, Any] | None = None, **named: Any) -> Row:
+    """A judged row: the measured ``values`` (names made at run time) then the ``named`` ones."""
+    return Row(key, title, {**(values or {}), **named}, float(ratio), target, note=note).judge()
 
 
 # ----------------------------------------------------------------------------- timing
@@ -129,13 +131,17 @@ def cow_sampler(pool: Any, origin: str, offs: Any, bufs: Any, batch: bool) -> Ca
     return run
 
 
-def interleave(sides: dict[str, Callable[[int], float]], repeats: int) -> dict[str, list[float]]:
+_Side = TypeVar("_Side", bound=Hashable)
+
+
+def interleave(sides: Mapping[_Side, Callable[[int], float]], repeats: int) -> dict[_Side, list[float]]:
     """Run each side ``repeats`` times, alternating sides and rotating their order each round.
 
     A side is called with the repeat index and returns the seconds it measured (so it can time
-    only the interesting part and do its set-up and tear-down untimed)."""
+    only the interesting part and do its set-up and tear-down untimed).  Sides are named by any
+    key (a string, a size ...); the results come back under the same keys."""
     names = list(sides)
-    out: dict[str, list[float]] = {n: [] for n in names}
+    out: dict[_Side, list[float]] = {n: [] for n in names}
     for r in range(repeats):
         k = r % len(names)
         for n in names[k:] + names[:k]:

@@ -30,6 +30,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from typing import Any
 
 import numpy as np
 
@@ -68,7 +69,7 @@ def first_write_offsets(vol_size: int, n: int, seed: int = 1) -> tuple[np.ndarra
     return offs, rand_bytes(rng, n, IO)
 
 
-def bench_first_writes(sc: Scratch, n: int, vol_size: int, repeats: int, key: str = "engine.1") -> list[Row]:
+def bench_first_writes(sc: Scratch, n: int, vol_size: int, repeats: int, key: str = "engine.1") -> tuple[list[Row], dict[str, Any]]:
     from thinpool import Pool
     offs, bufs = first_write_offsets(vol_size, n)
     offs_l = offs.tolist()
@@ -117,14 +118,16 @@ def bench_first_writes(sc: Scratch, n: int, vol_size: int, repeats: int, key: st
     return [
         # info: the anchors are fio (perf/anchors.py F1) and, per call, P1 there
         ratio_row(f"{key}a", "random 4 KiB first writes: Thin.write_many vs os.pwrite sparse file (info)", "",
-                  tr / tb, note="judged against fio in F1", thin_iops=n / tb, raw_iops=n / tr, **common),
+                  tr / tb, note="judged against fio in F1",
+                  values={"thin_iops": n / tb, "raw_iops": n / tr, **common}),
         ratio_row(f"{key}b", "random 4 KiB first writes: per-call Thin.write vs os.pwrite sparse file (info)", "",
-                  tr / tc, note="judged in P1 (CPU time)", thin_iops=n / tc, raw_iops=n / tr, us_per_write=tc / n * 1e6, **common),
+                  tr / tc, note="judged in P1 (CPU time)",
+                  values={"thin_iops": n / tc, "raw_iops": n / tr, "us_per_write": tc / n * 1e6, **common}),
     ], res
 
 
 # ----------------------------------------------------------------------------- 2. snapshot creation
-def bench_snapshot(sc: Scratch, big: int, small: int, repeats: int, key: str = "engine.2") -> list[Row]:
+def bench_snapshot(sc: Scratch, big: int, small: int, repeats: int, key: str = "engine.2") -> tuple[list[Row], dict[str, Any]]:
     from thinpool import Pool
     nr = big + small + 65536
     md = synthetic_metadata(nr, [big, small], vspan_factor=1.5, seed=2)
@@ -192,7 +195,7 @@ def build_chain(sc: Scratch, nblocks: int, depth: int, churn: float = 0.01, seed
     return path, p
 
 
-def bench_read_depth(sc: Scratch, nblocks: int, n: int, repeats: int, key: str = "engine.3") -> list[Row]:
+def bench_read_depth(sc: Scratch, nblocks: int, n: int, repeats: int, key: str = "engine.3") -> tuple[list[Row], dict[str, Any]]:
     path, p = build_chain(sc, nblocks, 100)
     rng = np.random.default_rng(4)
     offs = rng.integers(0, nblocks * BS // IO, n).astype(np.int64) * IO
@@ -214,7 +217,7 @@ def bench_read_depth(sc: Scratch, nblocks: int, n: int, repeats: int, key: str =
 
 
 # ----------------------------------------------------------------------------- 4. commit cost
-def bench_commit(sc: Scratch, big: int, small: int, repeats: int, key: str = "engine.4") -> list[Row]:
+def bench_commit(sc: Scratch, big: int, small: int, repeats: int, key: str = "engine.4") -> tuple[list[Row], dict[str, Any]]:
     from thinpool import Pool
     nr = big + 65536 * 2
     pools = {}
@@ -266,14 +269,14 @@ def alloc_state(nr_blocks: int, used_frac: float = 0.3, freed_frac: float = 0.05
     return data_rc, freed, np.zeros(cap >> K.RC_PAGE_BITS, np.uint8), st
 
 
-def bench_alloc(count: int, repeats: int, key: str = "engine.5") -> list[Row]:
+def bench_alloc(count: int, repeats: int, key: str = "engine.5") -> tuple[list[Row], dict[str, Any]]:
     from thinpool import kernels_map as K
 
     from tests.engine.reference import ReferenceAllocator
     state = alloc_state(int(count * 1.6))
     out = np.empty(count, np.int64)
     K.allocate_many(tuple(a.copy() for a in state[:3]), state[3].copy(), 10, out)  # JIT warm
-    seqs = {}
+    seqs: dict[str, Any] = {}
 
     def jit(_r):
         a = [x.copy() for x in state]
@@ -296,7 +299,7 @@ def bench_alloc(count: int, repeats: int, key: str = "engine.5") -> list[Row]:
 
 
 # ----------------------------------------------------------------------------- 6. CoW break
-def bench_cow(sc: Scratch, nblocks: int, repeats: int, key: str = "engine.6") -> list[Row]:
+def bench_cow(sc: Scratch, nblocks: int, repeats: int, key: str = "engine.6") -> tuple[list[Row], dict[str, Any]]:
     from thinpool import Pool
     rng = np.random.default_rng(8)
     path = sc.path("cow")
@@ -353,7 +356,7 @@ def bench_cow(sc: Scratch, nblocks: int, repeats: int, key: str = "engine.6") ->
 
 
 # ----------------------------------------------------------------------------- 8. external origin
-def bench_origin_reads(sc: Scratch, nblocks: int, n: int, repeats: int, key: str = "engine.8") -> list[Row]:
+def bench_origin_reads(sc: Scratch, nblocks: int, n: int, repeats: int, key: str = "engine.8") -> tuple[list[Row], dict[str, Any]]:
     """Random 4 KiB reads of a volume on an external origin (every block unprovisioned: each read is a
     pread of the origin file from compiled code) vs the same reads of a plain thin whose blocks are all
     provisioned (copied from the data file's memory map).  Info: the price of the origin path."""
@@ -410,7 +413,7 @@ def _stale_pool(sc: Scratch, name: str, nblocks: int, stale: bool):
     return path, p
 
 
-def bench_reuse(sc: Scratch, nblocks: int, repeats: int, key: str = "engine.reuse") -> list[Row]:
+def bench_reuse(sc: Scratch, nblocks: int, repeats: int, key: str = "engine.reuse") -> tuple[list[Row], dict[str, Any]]:
     """First 4 KiB writes at random offsets: every block reused (may hold old bytes: written whole,
     zeroes around the data) vs never used (a hole: the 4 KiB alone)."""
     rng = np.random.default_rng(21)
@@ -434,7 +437,7 @@ def bench_reuse(sc: Scratch, nblocks: int, repeats: int, key: str = "engine.reus
                 tr / tf, "", "info", note="ratio = reused time / fresh time")], res
 
 
-def bench_trim(sc: Scratch, nblocks: int, repeats: int, key: str = "engine.trim") -> list[Row]:
+def bench_trim(sc: Scratch, nblocks: int, repeats: int, key: str = "engine.trim") -> tuple[list[Row], dict[str, Any]]:
     """Pool.trim of ``nblocks`` free blocks holding bytes: in one-block runs (every other block, two
     volumes written in turn, one deleted) vs one run (one volume deleted); and a trim with nothing to
     punch (the SEEK_DATA walk alone)."""
@@ -459,6 +462,8 @@ def bench_trim(sc: Scratch, nblocks: int, repeats: int, key: str = "engine.trim"
         p.commit()
         return path, p
 
+    empty: list[float] = []
+
     def side(fragmented: bool):
         def run(r):
             path, p = build(r, fragmented)
@@ -472,7 +477,6 @@ def bench_trim(sc: Scratch, nblocks: int, repeats: int, key: str = "engine.trim"
             return t
         return run
 
-    empty: list[float] = []
     res = interleave({"fragmented": side(True), "contiguous": side(False)}, repeats)
     tf, tc = med(res["fragmented"]), med(res["contiguous"])
     return [Row(key, f"Pool.trim of {nblocks:,} free blocks holding bytes: one-block runs vs one run (info)",
@@ -526,7 +530,7 @@ def _run_startup(env: dict[str, str]) -> dict:
     return res
 
 
-def bench_startup(key: str = "engine.7") -> list[Row]:
+def bench_startup(key: str = "engine.7") -> tuple[list[Row], dict[str, Any]]:
     """import + first call in fresh processes: an empty numba cache, then the same cache again."""
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, NUMBA_CACHE_DIR=cache, NUMBA_DEBUG_CACHE="1")
@@ -548,11 +552,11 @@ def bench_startup(key: str = "engine.7") -> list[Row]:
 
 
 # ----------------------------------------------------------------------------- 8. batched messages
-def bench_batch(sc: Scratch, count: int, key: str = "engine.9") -> list[Row]:
+def bench_batch(sc: Scratch, count: int, key: str = "engine.9") -> tuple[list[Row], dict[str, Any]]:
     """``count`` snapshots of one volume: each its own pool message, committing as dm-thin's do, vs
     all inside one ``Pool.batch()`` (one commit at its end).  Info: the cost of the kernel's rule."""
     from thinpool import Pool
-    times = {}
+    times: dict[str, float] = {}
     for label in ("batched", "one_by_one"):
         path = sc.path(f"batch-{label}")
         p = Pool.create(path, data_size="1GiB", max_thins=count + 16)

@@ -95,7 +95,7 @@ def sides(scratch: Scratch, image: Image) -> dict[str, Callable[[int], float]]:
         scratch.remove(d)
         return t
 
-    out = {"thin": thin, "overlay": overlay, "umoci": umoci}
+    out: dict[str, Callable[[int], float]] = {"thin": thin, "overlay": overlay, "umoci": umoci}
     if not image.overlay:
         del out["overlay"]
     return out

@@ -89,7 +89,7 @@ def s1_s2(sc: Scratch, full: bool) -> tuple[list[Row], dict]:
         iops = {f"{k}_iops": n / t for k, t in m.items()}
         # the Python-loop rows are info: the anchors are fio (F1/F2) and, per call, P1/P2 (perf/anchors.py)
         rows.append(ratio_row(f"{key}a", f"{label}: random 4 KiB, thin write_many vs raw sparse file (Python loop; "
-                              "info)", "", m["raw"] / m["batch"], note="judged against fio in F1/F2", **iops))
+                              "info)", "", m["raw"] / m["batch"], note="judged against fio in F1/F2", values=iops))
         rows.append(ratio_row(f"{key}b", f"{label}: random 4 KiB, thin per-call write vs raw sparse file (info)",
                               "", m["raw"] / m["call"], note="judged in P1/P2 (CPU time)",
                               us_per_call=m["call"] / n * 1e6))
@@ -161,7 +161,7 @@ def s3(sc: Scratch, full: bool) -> tuple[list[Row], dict]:
                 missing_row("S3a", "CoW after snapshot: qcow2 peer", "qemu-io")], res
     return [
         ratio_row("S3a", "CoW after snapshot: thin write_many vs qcow2 internal snapshot", ">= 1.0",
-                  m["internal"] / m["batch"], blocks=nblocks, **iops),
+                  m["internal"] / m["batch"], values={"blocks": nblocks, **iops}),
         ratio_row("S3b", "CoW after snapshot: thin write_many vs qcow2 external overlay", ">= 1.0",
                   m["overlay"] / m["batch"]),
         ratio_row("S3c", "CoW after snapshot: thin per-call write vs qcow2 internal snapshot", ">= 1.0",
@@ -214,9 +214,9 @@ def s4(sc: Scratch, full: bool) -> tuple[list[Row], dict]:
     m = {k: med(v) for k, v in res.items()}
     rows = [ratio_row("S4", "random 4 KiB reads: thin depth 100 vs depth 1 (read_many)", ">= 0.9",
                       m["thin1"] / m["thin100"],
-                      **{f"thin_d{d}_iops": n / m[f"thin{d}"] for d in depths})]
+                      values={f"thin_d{d}_iops": n / m[f"thin{d}"] for d in depths})]
     rows.append(ratio_row("S4+", "random 4 KiB reads: thin depth 100 vs depth 1 (per-call read)", ">= 0.9",
-                          m["call1"] / m["call100"], **{f"call_d{d}_iops": n / m[f"call{d}"] for d in depths}))
+                          m["call1"] / m["call100"], values={f"call_d{d}_iops": n / m[f"call{d}"] for d in depths}))
     if have_q:
         for d in depths:
             rows.append(ratio_row(f"S4.{d}", f"random 4 KiB reads at depth {d}: thin (per-call read) vs qcow2 chain",

@@ -233,19 +233,20 @@ def rows_from(d: dict[str, Any]) -> list[Row]:
     for i, (rw, qd) in enumerate(WORKLOADS):
         key = f"{rw}-qd{qd}"
         values = _side_values(d, key, SIDES)
-        t = values.get("thinpool_iops")
         title = f"fio nbd 4 KiB {rw} iodepth {qd}: thinpool serve / qemu-nbd+qcow2"
         if "qemu-nbd_iops" not in values:
             rows.append(Row(f"I7{'abcd'[i]}", title, values, None, ">= 1.0", "missing", note=missing_msg("qemu-nbd")))
         else:
-            rows.append(Row(f"I7{'abcd'[i]}", title, values, t / values["qemu-nbd_iops"], ">= 1.0").judge())
+            rows.append(Row(f"I7{'abcd'[i]}", title, values, values["thinpool_iops"] / values["qemu-nbd_iops"],
+                            ">= 1.0").judge())
         ktitle = f"fio nbd 4 KiB {rw} iodepth {qd}: thinpool serve / nbdkit file"
         kvalues = {k: v for k, v in values.items() if not k.startswith("qemu")}
         if "nbdkit_iops" not in values:
             vs_nbdkit.append(Row(f"I7{'efgh'[i]}", ktitle, kvalues, None, ">= 1.0", "missing",
                                  note=missing_msg("nbdkit")))
         else:
-            vs_nbdkit.append(Row(f"I7{'efgh'[i]}", ktitle, kvalues, t / values["nbdkit_iops"], ">= 1.0").judge())
+            vs_nbdkit.append(Row(f"I7{'efgh'[i]}", ktitle, kvalues, values["thinpool_iops"] / values["nbdkit_iops"],
+                                 ">= 1.0").judge())
     rows += vs_nbdkit
     for i, (rw, qd) in enumerate(MULTI):
         key = f"{rw}-qd{qd}-x{MULTI_JOBS}"

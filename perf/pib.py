@@ -123,6 +123,7 @@ def _cli_status(path: str) -> dict[str, Any]:
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "thinpool", "status", path], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
+    assert proc.stdout is not None and proc.stderr is not None  # (both piped)
     out, err = proc.stdout.read(), proc.stderr.read()  # small outputs: no deadlock
     _, code, ru = os.wait4(proc.pid, 0)
     proc.returncode = code

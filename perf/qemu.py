@@ -16,8 +16,16 @@ def available() -> bool:
     return bool(find_tool("qemu-img") and find_tool("qemu-io"))
 
 
+def _tool(name: str) -> str:
+    """The path of ``name`` (callers check :func:`available` first)."""
+    path = find_tool(name)
+    if path is None:
+        raise FileNotFoundError(f"{name} not found (install qemu-utils)")
+    return path
+
+
 def create(path: str, size: int, *, backing: str | None = None, prealloc: str | None = None) -> None:
-    cmd = [find_tool("qemu-img"), "create", "-q", "-f", "qcow2", "-o", QCOW_OPTS]
+    cmd = [_tool("qemu-img"), "create", "-q", "-f", "qcow2", "-o", QCOW_OPTS]
     if prealloc:
         cmd[-1] += f",preallocation={prealloc}"
     if backing:
@@ -28,7 +36,7 @@ def create(path: str, size: int, *, backing: str | None = None, prealloc: str | 
 
 def snapshot_create(path: str, name: str) -> float:
     t0 = time.perf_counter()
-    subprocess.run([find_tool("qemu-img"), "snapshot", "-c", name, path], check=True)
+    subprocess.run([_tool("qemu-img"), "snapshot", "-c", name, path], check=True)
     return time.perf_counter() - t0
 
 
@@ -36,7 +44,7 @@ def run_script(path: str, lines: Iterable[str], cache: str = "writeback") -> flo
     """Feed qemu-io a script (one command per line) on stdin; returns wall seconds of the process."""
     script = "".join(line + "\n" for line in lines).encode()
     t0 = time.perf_counter()
-    r = subprocess.run([find_tool("qemu-io"), "-f", "qcow2", "-t", cache, path], input=script,
+    r = subprocess.run([_tool("qemu-io"), "-f", "qcow2", "-t", cache, path], input=script,
                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     dt = time.perf_counter() - t0
     if r.returncode != 0:

@@ -81,9 +81,12 @@ def breakdown(fill: int = 3_000_000, n: int = 1_000_000, flush: bool = False) ->
     from thinpool.pool import Pool as P
     from thinpool.simulate import replay
     acc: dict[str, float] = {}
-    real = {"commit": P.commit, "release_inner": kernels_map.release_inner, "snapshot": P.snapshot,
-            "delete": P.delete, "apply_batch": kernels_replay.apply_batch, "usage": P.usage,
-            "grow_leaves": B._grow_leaves, "grow_inners": B._grow_inners}
+    # (owner, attribute, the key its CPU time is counted under): each wrapped by timed_call for a run
+    probes: list[tuple[Any, str, str]] = [
+        (P, "commit", "commit"), (P, "snapshot", "snapshot"), (P, "delete", "delete"),
+        (kernels_map, "release_inner", "release"), (kernels_replay, "apply_batch", "kernel"), (P, "usage", "usage"),
+        (B, "_grow_leaves", "grow"), (B, "_grow_inners", "grow")]
+    real = [getattr(owner, name) for owner, name, _ in probes]
 
     def timed_call(key, fn):
         def call(*a, **k):
@@ -106,22 +109,14 @@ def breakdown(fill: int = 3_000_000, n: int = 1_000_000, flush: bool = False) ->
                 tr = random_writes(n, 64 * GiB, seed=3)
                 acc.clear()
                 try:
-                    P.commit, P.snapshot, P.delete = (timed_call("commit", real["commit"]),
-                                                      timed_call("snapshot", real["snapshot"]),
-                                                      timed_call("delete", real["delete"]))
-                    kernels_map.release_inner = timed_call("release", real["release_inner"])
-                    kernels_replay.apply_batch = timed_call("kernel", real["apply_batch"])
-                    P.usage = timed_call("usage", real["usage"])
-                    B._grow_leaves = timed_call("grow", real["grow_leaves"])
-                    B._grow_inners = timed_call("grow", real["grow_inners"])
+                    for (owner, name, key), fn in zip(probes, real):
+                        setattr(owner, name, timed_call(key, fn))
                     c0 = time.process_time()
                     replay(pool, "v", tr, snapshot_every=10_000 if snaps else None, keep=4 if snaps else None)
                     total = time.process_time() - c0
                 finally:
-                    P.commit, P.snapshot, P.delete = real["commit"], real["snapshot"], real["delete"]
-                    kernels_map.release_inner = real["release_inner"]
-                    kernels_replay.apply_batch = real["apply_batch"]
-                    P.usage, B._grow_leaves, B._grow_inners = real["usage"], real["grow_leaves"], real["grow_inners"]
+                    for (owner, name, _key), fn in zip(probes, real):
+                        setattr(owner, name, fn)
             sc.remove(path)
             per = n / 10_000
             if not snaps:
@@ -210,13 +205,13 @@ def sweep_time(sc: Scratch, scen: str, workers: int) -> float:
             per_worker.extend(_cpu_of(pid) for pid in list(self._processes or {}))
             super().shutdown(wait, cancel_futures=cancel_futures)
     real = sweeps.ProcessPoolExecutor
-    sweeps.ProcessPoolExecutor = Probe
+    setattr(sweeps, "ProcessPoolExecutor", Probe)  # (sweep() makes its pool through this name)
     try:
         c0 = time.process_time()
         t = timed(lambda: sweep(scen, sw, workers=workers))
         parent = time.process_time() - c0
     finally:
-        sweeps.ProcessPoolExecutor = real
+        setattr(sweeps, "ProcessPoolExecutor", real)
     R4_CPU.setdefault(f"w{workers}", []).append(parent + max(per_worker, default=0.0))
     R4_CPU.setdefault(f"w{workers}_parent", []).append(parent)
     R4_CPU.setdefault(f"w{workers}_workers", []).append(sum(per_worker))
@@ -274,8 +269,8 @@ def run(full: bool = False, only: set[str] | None = None) -> tuple[list[Row], di
             trace = sc.path("sweep.iolog")
             write_iolog(trace, "/dev/vol", k, 64 * GiB)
             scen = sc.path("s.toml")
-            with open(scen, "w") as f:
-                f.write(SCENARIO.format(trace=trace))
+            with open(scen, "w") as text:
+                text.write(SCENARIO.format(trace=trace))
             t = interleave({"w1": lambda _r: sweep_time(sc, scen, 1), "w2": lambda _r: sweep_time(sc, scen, 2)},
                            max(2, reps - 1))
             w1, w2 = med(t["w1"]), med(t["w2"])
@@ -300,7 +295,7 @@ def table_md(rows: list[Row]) -> str:
                          f"{k} {v:.2f}" if isinstance(v, float) and abs(v) >= 1 else
                          f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.values.items())
         status = status_cell(r)
-        ratio = f"{r.ratio:.2f}" if r.ratio >= 1 else f"{r.ratio:.3g}"
+        ratio = "-" if r.ratio is None else f"{r.ratio:.2f}" if r.ratio >= 1 else f"{r.ratio:.3g}"
         out.append(f"| {r.key} | {r.title} | {vals} | {ratio} | {r.target} | {status} |")
     return "\n".join(out)
 

@@ -87,7 +87,7 @@ def s5_s6(sc: Scratch, full: bool) -> tuple[list[Row], dict]:
     mds = {n: med(out["delete_snap"][n]) for n in sizes}
     out.update(lib_snapshot=ms, commit=mc, delete_volume=md_, delete_snapshot=mds)
     rows.append(ratio_row("S5a", "snapshot creation (library): 1M vs 1K mapped blocks", "<= 2", ms[sizes[-1]] / ms[sizes[0]],
-                          **{f"us_{n}": ms[n] * 1e6 for n in sizes}))
+                          values={f"us_{n}": ms[n] * 1e6 for n in sizes}))
     # CLI snapshot
     if cli_available():
         cli = {}
@@ -102,7 +102,7 @@ def s5_s6(sc: Scratch, full: bool) -> tuple[list[Row], dict]:
         mcli = {n: med(cli[n]) for n in sizes}
         out["cli_snapshot"] = mcli
         rows.append(ratio_row("S5b", "snapshot creation (CLI process): 1M vs 1K mapped blocks", "<= 2",
-                              mcli[sizes[-1]] / mcli[sizes[0]], **{f"ms_{n}": mcli[n] * 1e3 for n in sizes}))
+                              mcli[sizes[-1]] / mcli[sizes[0]], values={f"ms_{n}": mcli[n] * 1e3 for n in sizes}))
     else:
         rows.append(Row("S5b", "snapshot creation (CLI)", {}, None, "", "missing", note="thinpool.cli not importable yet"))
     if qemu.available():
@@ -133,9 +133,9 @@ def s5_s6(sc: Scratch, full: bool) -> tuple[list[Row], dict]:
     else:
         rows.append(missing_row("S5c", "qemu-img snapshot -c", "qemu-img"))
     rows.append(ratio_row("S6a", "commit() after one 4 KiB write: 1M vs 1K mappings", "<= 3", mc[sizes[-1]] / mc[sizes[0]],
-                          **{f"ms_{n}": mc[n] * 1e3 for n in sizes}))
+                          values={f"ms_{n}": mc[n] * 1e3 for n in sizes}))
     rows.append(ratio_row("S6b", "delete a snapshot (all blocks shared): 1M vs 1K mapped", "<= 2",
-                          mds[sizes[-1]] / mds[sizes[0]], **{f"us_{n}": mds[n] * 1e6 for n in sizes}))
+                          mds[sizes[-1]] / mds[sizes[0]], values={f"us_{n}": mds[n] * 1e6 for n in sizes}))
     rows.append(Row("S6c", "delete a volume (all blocks exclusive, freed): cost vs mapped blocks",
                     {**{f"ms_{n}": md_[n] * 1e3 for n in sizes},
                      "ns_per_block_1M": md_[sizes[-1]] / sizes[-1] * 1e9},

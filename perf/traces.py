@@ -237,9 +237,10 @@ def record_overhead(sc: Scratch, full: bool) -> tuple[list[Row], dict[str, Any]]
                              "added_us": ovh[f"recording_{op}_us"] - ovh[f"plain_{op}_us"]},
                             ovh[f"plain_{op}_us"] / ovh[f"recording_{op}_us"], "", "info"))
             log(rows[-1].line())
+        def fio_iops(s: Server, rw: str) -> Callable[[int], float]:
+            return lambda _r: iops(fio(s.uri, rw, 16, size, runtime, cwd=sc.dir), rw)
         for i, rw in enumerate(("randwrite", "randread")):
-            got = interleave({k: (lambda _r, s=s, rw=rw: iops(fio(s.uri, rw, 16, size, runtime, cwd=sc.dir), rw))
-                              for k, s in servers.items()}, reps)
+            got = interleave({k: fio_iops(s, rw) for k, s in servers.items()}, reps)
             m = {k: med(v) for k, v in got.items()}
             detail[rw] = got
             rows.append(Row(f"T5{'ab'[i]}", title.format(rw=rw[4:] + "s"),
@@ -277,7 +278,10 @@ def run(full: bool = False, sc: Scratch | None = None) -> tuple[list[Row], dict[
                 if got != n:
                     raise RuntimeError(f"{name} read {got} records of {fmt}, expected {n}")
             cpu: dict[str, list[float]] = {k: [] for k in sides}
-            times = interleave({k: (lambda _r, k=k, fn=fn: _timed(fn, cpu[k])) for k, fn in sides.items()}, reps)
+
+            def timed_side(k: str, fn: Callable[[], int]) -> Callable[[int], float]:
+                return lambda _r: _timed(fn, cpu[k])
+            times = interleave({k: timed_side(k, fn) for k, fn in sides.items()}, reps)
             m = {k: med(v) for k, v in times.items()}
             c = {k: med(v) for k, v in cpu.items()}
             values: dict[str, Any] = {f"{k}_records_per_s": n / t for k, t in m.items()}

@@ -1,6 +1,8 @@
 """The package type-checks: ``mypy thinpool`` finds nothing, with the settings of ``[tool.mypy]`` in
 pyproject.toml (Python 3.11, the checks listed there; third-party packages without type information
-named per module).
+named per module).  So does ``mypy perf`` (the benchmarks, and the test helpers they import), with
+the same settings except that a function there may be annotated in part: a separate test, so a
+benchmark's finding never hides the package's verdict.
 
 mypy is a test extra (``pip install -e '.[test]'``, which tests/run.sh runs): without it the test
 skips, and fails under ``CI=true``.  mypy's incremental cache is the repository's ``.mypy_cache``
@@ -36,4 +38,11 @@ def test_mypy_finds_nothing_in_the_package():
     status, errors, output = _mypy("thinpool")
     assert not errors, f"mypy thinpool: {len(errors)} finding(s):\n" + "\n".join(errors)
     assert status == 0, f"mypy thinpool exited with status {status}:\n{output}"
+    assert "Success: no issues found" in output, output
+
+
+def test_mypy_finds_nothing_in_perf():
+    status, errors, output = _mypy("perf")
+    assert not errors, f"mypy perf: {len(errors)} finding(s):\n" + "\n".join(errors)
+    assert status == 0, f"mypy perf exited with status {status}:\n{output}"
     assert "Success: no issues found" in output, output

@@ -225,7 +225,7 @@ class ReferenceAllocator:
 
     def allocate_many(self, count: int) -> list[int]:
         """Allocate up to ``count`` blocks; returns them (fewer when space runs out)."""
-        out = []
+        out: list[int] = []
         append = out.append
         for _ in range(count):
             b = self.alloc()
