@@ -61,3 +61,26 @@ def test_commit_period_is_a_bounded_number_of_seconds(tmp_path, bad) -> None:
     with pytest.raises(InvalidArgument, match="commit period"):
         Served(path, socket_path=str(tmp_path / "nbd.sock"), commit_period=bad)
     Served(path, socket_path=str(tmp_path / "nbd.sock"), commit_period=0).stop()  # 0: off
+
+
+def test_kernel_rule_periodic_commit_requeues_writes_waiting_for_space(tmp_path) -> None:
+    # commit() ends with check_for_data_space(): blocks a discard freed -> write mode and
+    # requeue_bios; the periodic commit is such a commit, so a queued write completes without a FLUSH
+    import threading
+    path = str(tmp_path / "p")
+    with Pool.create(path, data_size=4 * BS) as p:  # queue_if_no_space, the default
+        p.create_thin("v", 16 * BS).write(0, b"a" * (4 * BS))
+    served = Served(path, socket_path=str(tmp_path / "nbd.sock"), commit_period=0.05)
+    try:
+        pool = served.pool
+        v = pool.thin("v")
+        done: list[object] = []
+        writer = threading.Thread(target=lambda: done.append(v.write(8 * BS, b"queued")))
+        writer.start()
+        _wait_for(lambda: pool.status().queued_writes == 1, "the write did not queue")
+        assert pool.mode == "out-of-data-space"
+        v.discard(0, BS)  # frees a block; no commit is asked for
+        writer.join(60)
+        assert done and pool.mode == "write" and v.read(8 * BS, 6) == b"queued"
+    finally:
+        served.stop()
