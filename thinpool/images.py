@@ -171,8 +171,7 @@ def read_volume(pool: Pool, name: str, output: str | os.PathLike[str] = "-", off
             n = min(chunk, length - done)
             view = buf[:n]
             thin.read_into(offset + done, view)
-            # (mypy: numpy's stubs give ndarray __buffer__ only for Python 3.12+)
-            _write_all(f, memoryview(view))  # type: ignore[arg-type]
+            _write_all(f, view.data)
             done += n
         f.flush()
     return {"name": name, "offset": offset, "bytes_read": length}
@@ -461,8 +460,7 @@ def export_image(pool: Pool, name: str, output: str | os.PathLike[str] = "-", *,
                     n = min(chunk, size - done)
                     view = buf[:n]
                     thin.read_into(done, view)
-                    # (mypy: numpy's stubs give ndarray __buffer__ only for Python 3.12+)
-                    _write_all(f, memoryview(view))  # type: ignore[arg-type]
+                    _write_all(f, view.data)
                     done += n
                     advance(n)
             f.flush()

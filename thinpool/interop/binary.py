@@ -477,8 +477,7 @@ def _write_image(path: str, img: np.ndarray, nr_blocks: int, pools: Iterable[Any
             if size < nr_blocks * BLOCK_SIZE:
                 raise InvalidArgument(f"{path}: device has {size} bytes, metadata needs {nr_blocks} blocks")
             f.seek(0)
-        # (mypy: numpy's stubs give ndarray __buffer__ only for Python 3.12+)
-        f.write(memoryview(img).cast("B"))  # type: ignore[arg-type]
+        f.write(img.data.cast("B"))  # (ndarray.data: the memoryview memoryview(img) makes)
         if out.regular:  # atomic_output flushes it and names the file if that fails
             f.truncate(nr_blocks * BLOCK_SIZE)
         else:

@@ -73,8 +73,7 @@ def block_checksums(blocks: np.ndarray, xor: int | np.ndarray) -> np.ndarray:
     """dm-thin checksums of each row of ``blocks`` (an ``(n, 4096)`` uint8 array)."""
     blocks = np.ascontiguousarray(blocks)
     n = blocks.shape[0]
-    # (mypy: numpy's stubs give ndarray __buffer__ only for Python 3.12+)
-    flat = memoryview(blocks.reshape(-1))  # type: ignore[arg-type]
+    flat = blocks.reshape(-1).data
     crc = crc32c.crc32c
     raw = np.fromiter((crc(flat[o + 4 : o + BLOCK_SIZE]) for o in range(0, n * BLOCK_SIZE, BLOCK_SIZE)), np.uint32, n)
     return raw ^ np.uint32(0xFFFFFFFF) ^ np.asarray(xor, dtype=np.uint32)

@@ -159,8 +159,7 @@ class CompiledReads:
             s._rpos = int(st[fr.S_RPOS])
             s._rend = int(st[fr.S_REND])
             if st[fr.S_OSENT] < st[fr.S_OLEN]:
-                # (mypy: numpy's stubs give ndarray __buffer__ only for Python 3.12+)
-                s.sock.sendall(memoryview(self.out)[int(st[fr.S_OSENT]):int(st[fr.S_OLEN])])  # type: ignore[arg-type]
+                s.sock.sendall(self.out.data[int(st[fr.S_OSENT]):int(st[fr.S_OLEN])])
                 st[fr.S_OSENT] = st[fr.S_OLEN] = 0
             if code == fr.FR_STALE:
                 self.binding = None

@@ -327,8 +327,7 @@ class Session(Handshake, RequestHandling):
         :class:`PayloadBudget` first: a client that announces 32 MiB and stalls pins what it sent."""
         import numpy as np
         out = np.empty(n, np.uint8)
-        # (mypy: numpy's stubs give ndarray __buffer__ only for Python 3.12+)
-        view = memoryview(out)  # type: ignore[arg-type]
+        view = out.data
         got = min(n, self._rend - self._rpos)
         view[:got] = self._rview[self._rpos:self._rpos + got]
         self._rpos += got
