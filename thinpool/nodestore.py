@@ -427,7 +427,7 @@ def _populate(nodes: np.ndarray) -> None:
     """Before reading 800 MB of pages into a reserved map: its memory mapped in by one system call
     (``MADV_POPULATE_WRITE``) instead of a page fault per 4 KiB (800 MB of leaves took 0.4 s of system
     time so, against 0.6-2.5 s of faults); nothing where the host cannot."""
-    base = nodes.base
+    base: object = nodes.base  # (numpy's stubs say an ndarray; any buffer's exporter can be the base)
     while base is not None and not isinstance(base, mmap.mmap):
         base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
     if isinstance(base, mmap.mmap) and sys.platform.startswith("linux"):
