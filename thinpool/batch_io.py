@@ -6,7 +6,6 @@ and accounting match :class:`~thinpool.thin.Thin`'s own writes, reads and discar
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Callable, NamedTuple, Sequence
 
 import numpy as np
@@ -237,10 +236,10 @@ def _apply_range(ctx: KernelContext, thins: Sequence[Thin], kr: ModuleType, slot
             raise NoSpace(f"pool {ctx.path}: no free data space for volume {thins[int(vol[start])].name!r} "
                           f"({need} blocks needed, {int(st[L.ST_NR_ALLOCATABLE])} free)")
         if code == L.IO_ERROR:
-            err = last_errno()
+            err, why = ctx.data.failure(last_errno())
             exc = DataDeviceError(f"pool {ctx.path}: I/O {start} of the batch (volume "
                                   f"{thins[int(vol[start])].name!r}, offset {int(offsets[start])}) failed on "
-                                  f"the data file {ctx.data.path} ({os.strerror(err)})", err, ctx.data.path)
+                                  f"the data file {ctx.data.path} ({why})", err, ctx.data.path)
             raise exc
         if code == ORIGIN_ERROR:
             thins[int(vol[start])]._origin_failed(int(offsets[start]))

@@ -1,6 +1,10 @@
 """The data device: a sparse file where data block n lives at byte n x block size.
 
-The file is memory-mapped so the JIT kernels copy data with no system call per block.  Blocks are
+The kernels move its bytes with pread(2)/pwrite(2) (one call per run of blocks), so a data file
+truncated or failing under an open pool is an error code -- HostIOError naming the file -- and not
+SIGBUS, which a mapped page past the file's new end raises.  The file is also mapped read-only
+(``mm``) for one path only: ``Thin.read`` of a single mapped block slices it after checking the
+file's length (docs/design.md, "Files changed under an open pool").  Blocks are
 hole-punched (``fallocate(PUNCH_HOLE)``) by ``thinpool trim``, by a discard's passdown and, with the
 pool setting ``punch_freed_blocks``, whenever they are freed -- always only once no durable commit
 maps them (:mod:`thinpool.poolspace`).  Otherwise a freed block keeps its bytes, as on a dm-thin data
@@ -13,12 +17,13 @@ import ctypes
 import errno
 import mmap
 import os
+import stat
 
 import numpy as np
 
 from . import pooldir
 from .errors import FailedPrecondition, HostIOError
-from .hostio import DataIO, load_libc, sync_or_fail
+from .hostio import DataIO, load_libc, sync_or_fail, write_all
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -63,8 +68,9 @@ def short_file_error(path: str, size: int, block_size: int, nr_blocks: int, past
 
 
 class DataDevice:
-    """A sparse data file of ``nr_blocks`` blocks of ``block_size`` bytes, mapped into memory
-    (``mm``: the mmap.mmap, None while unmapped; ``array``: a uint8 view of it for the kernels)."""
+    """A sparse data file of ``nr_blocks`` blocks of ``block_size`` bytes, open as ``fd`` (read and
+    written with pread/pwrite) and mapped read-only as ``mm`` (the mmap.mmap, None while unmapped)
+    for the per-call read's fast path."""
 
     def __init__(self, path: str, block_size: int, nr_blocks: int, *, read_only: bool = False,
                  owner: str | None = None, pool_path: str | None = None,
@@ -126,16 +132,9 @@ class DataDevice:
 
     def _map(self) -> None:
         length = self.nr_blocks * self.block_size
-        if length == 0:
-            self.mm = None
-            self.array = np.zeros(0, np.uint8)
-            return
-        prot = mmap.PROT_READ if self.read_only else mmap.PROT_READ | mmap.PROT_WRITE
-        self.mm = mmap.mmap(self.fd, length, mmap.MAP_SHARED, prot)
-        self.array = np.frombuffer(self.mm, np.uint8)
+        self.mm = mmap.mmap(self.fd, length, mmap.MAP_SHARED, mmap.PROT_READ) if length else None
 
     def _unmap(self) -> None:
-        self.array = np.zeros(0, np.uint8)
         if self.mm is not None:
             try:
                 self.mm.close()
@@ -170,7 +169,7 @@ class DataDevice:
         """Hole-punch the given data blocks; returns the number of runs punched.
 
         Every run is tried; if any punch fails (other than "not supported", where the blocks are
-        zeroed through the map instead) :class:`~thinpool.errors.HostIOError` is raised afterwards
+        written with zeroes instead) :class:`~thinpool.errors.HostIOError` is raised afterwards
         with ``blocks`` = the data blocks that were *not* punched (they still hold their old bytes)."""
         bs = self.block_size
         todo = runs(blocks)
@@ -182,8 +181,11 @@ class DataDevice:
             except OSError as exc:
                 err = exc.errno or errno.EIO
                 if err in (errno.EOPNOTSUPP, errno.ENOSYS):
-                    self.array[first * bs:(first + count) * bs] = 0
-                    continue
+                    try:
+                        self._write_zeroes(first * bs, count * bs)
+                        continue
+                    except OSError as exc2:
+                        err = exc2.errno or errno.EIO
                 first_err = first_err or err
                 failed.append(np.arange(first, first + count, dtype=np.int64))
         if failed:
@@ -191,6 +193,30 @@ class DataDevice:
             raise HostIOError(f"punching {len(bad)} data blocks of {self.path} failed ({os.strerror(first_err)}; "
                               f"first block {int(bad[0])})", first_err, self.path, blocks=bad)
         return len(todo)
+
+    def _write_zeroes(self, start: int, length: int) -> None:
+        """Write zeroes over ``[start, start+length)`` (a filesystem that cannot punch holes)."""
+        zero = bytes(min(length, 1 << 20))
+        end = start + length
+        while start < end:
+            n = min(len(zero), end - start)
+            write_all(os.pwrite, self.fd, zero[:n], start, self.path)
+            start += n
+
+    def failure(self, err: int) -> tuple[int, str]:
+        """(errno, why) for a failed read or write of the data file that left C ``errno`` ``err``: a file
+        now shorter than the pool -- truncated under it by another program, where a short read leaves
+        ``errno`` as it was -- is EIO saying so with its length; else ``err`` and its text."""
+        try:
+            st = os.fstat(self.fd)
+            size = st.st_size if stat.S_ISREG(st.st_mode) else -1
+        except OSError:
+            size = -1
+        expected = self.nr_blocks * self.block_size
+        if 0 <= size < expected:
+            return errno.EIO, (f"the file is {size} bytes, shorter than the pool's {expected}: truncated under "
+                               f"the open pool by another program")
+        return err, os.strerror(err)
 
     def allocated_blocks(self) -> np.ndarray:
         """Blocks that hold data on the host filesystem (found with SEEK_DATA / SEEK_HOLE)."""
@@ -230,7 +256,7 @@ class NullDataDevice:
     """The data device of a metadata-only pool: no file and no bytes.
 
     The pool keeps the same block map and data space map and runs the same kernels; they see
-    ``fd == -1`` and an empty ``array`` and skip every data transfer (writes store nothing, mapped
+    ``fd == -1`` and skip every data transfer (writes store nothing, mapped
     blocks read as zeroes).  Nothing here is proportional to the pool's size, so a pool far larger
     than the host's disks can be simulated (docs/simulate.md, "Metadata-only mode").
     """
@@ -244,7 +270,6 @@ class NullDataDevice:
         self.block_size = block_size
         self.nr_blocks = nr_blocks
         self.read_only = read_only
-        self.array = np.zeros(0, np.uint8)
         self.scratch = np.empty(block_size, np.uint8)  # the kernel table's scratch row (never touched with fd -1)
 
     def resize(self, nr_blocks: int) -> None:
@@ -260,8 +285,12 @@ class NullDataDevice:
     def allocated_blocks(self) -> np.ndarray:
         return np.zeros(0, np.int64)
 
+    def failure(self, err: int) -> tuple[int, str]:
+        """As :meth:`DataDevice.failure` (never called: no I/O of a file that does not exist fails)."""
+        return err, os.strerror(err)
+
     def check_stamp(self) -> None:
         """No file: nothing another pool could own."""
 
     def close(self) -> None:
-        self.array = np.zeros(0, np.uint8)
+        """Nothing to close."""

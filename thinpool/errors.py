@@ -144,7 +144,8 @@ class MetadataCorrupt(ThinpoolError):
 
 class HostIOError(ThinpoolError, _ErrnoError):
     """The host filesystem refused a write, flush or hole punch of a pool file (ENOSPC, EIO, a short
-    write that could not be completed), or a read of the data file failed (``Thin.pread``).
+    write that could not be completed), or a read of the data file failed (``Thin.read``, ``read_many``,
+    ``pread``: an I/O error, or a file that ends too early because another program truncated it).
     ``errno`` is the system's error number, ``filename`` the file;
     ``blocks`` (a hole punch) the data blocks that were not punched."""
 

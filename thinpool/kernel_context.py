@@ -62,7 +62,7 @@ class KernelContext:
 
     __slots__ = ("pool", "lock", "keys", "slots", "names", "gone", "is_open", "devs_i", "devs_dirty", "st", "nodes_map", "space", "data",
                  "one_io", "fast_write", "path", "active", "origins", "nospace", "_tab", "_tab_arrays", "_tab_st",
-                 "_tab_epoch", "locate_fn", "write_one_fn")
+                 "_tab_epoch", "locate_fn", "locate_read_fn", "write_one_fn")
 
     def __init__(self, pool: "Pool") -> None:
         self.pool = pool
@@ -90,12 +90,14 @@ class KernelContext:
         self._tab_epoch = -1
         self.locate_fn: Any = None  # kernels.locate compiled for this context's arrays (see bind_locate)
         self.write_one_fn: Any = None  # the same for kernels.write_one
+        self.locate_read_fn: Any = None  # the same for kernels.locate_read
 
     def refresh(self, *, devs_i: np.ndarray, devs_dirty: set[int], st: np.ndarray, nodes_map: Any,
                 space: Any) -> None:
         """Take the pool's current arrays (after a reload or a device-table growth)."""
         self.devs_i, self.devs_dirty, self.st, self.nodes_map, self.space = devs_i, devs_dirty, st, nodes_map, space
-        self.locate_fn = self.write_one_fn = None  # the device table's type may differ (read-only): bind again
+        # the device table's type may differ (read-only): bind again
+        self.locate_fn = self.locate_read_fn = self.write_one_fn = None
 
     def bind_locate(self) -> Callable[..., int]:
         """:func:`kernels.locate` compiled for exactly the argument types the per-call fast paths of
@@ -110,6 +112,16 @@ class KernelContext:
         tab, devs, i64 = typeof(self.table()), typeof(self.devs_i), types.int64
         self.locate_fn = kernels.locate.compile((tab, devs, i64, i64, i64, types.boolean))
         return self.locate_fn
+
+    def bind_locate_read(self) -> Callable[..., int]:
+        """:func:`kernels.locate_read` bound as :meth:`bind_locate` binds ``locate`` (the data file's
+        descriptor an int64 too)."""
+        from numba import typeof, types
+
+        from . import kernels
+        tab, devs, i64 = typeof(self.table()), typeof(self.devs_i), types.int64
+        self.locate_read_fn = kernels.locate_read.compile((tab, devs, i64, i64, i64, i64))
+        return self.locate_read_fn
 
     def bind_write_one(self) -> Callable[..., tuple[int, int]]:
         """:func:`kernels.write_one` bound as :meth:`bind_locate` binds ``locate``, for a read-only

@@ -3,8 +3,10 @@ points over the kernel table -- pure functions over numpy arrays.
 
 Nothing here knows about files, names or transactions on disk.  The caller (``pool.py`` /
 ``thin.py``) passes the block map (``nodes``), the data space map (``space``), the state vector
-``st``, a device record and the data device's file descriptor or mmap'd array; the block-map and
-allocation kernels these use are :mod:`thinpool.kernels_map` (the tuples are described there).
+``st``, a device record and the data device's file descriptor (data moves with pread/pwrite: the
+data file is never memory-mapped, so a file truncated under the pool is an error code, never
+SIGBUS); the block-map and allocation kernels these use are :mod:`thinpool.kernels_map` (the tuples
+are described there).
 Cached kernels here call kernels of that module: see :mod:`thinpool.kernels_cache`.
 """
 
@@ -31,6 +33,8 @@ from .schema import (DEV_FLAGS, DEV_MAPPED, DEV_ROOT, DEV_SIZE, DEV_SNAP_TIME, F
 # go to the data file with one system call per block segment instead of faulting mmap pages in.
 c_pwrite = types.ExternalFunction("pwrite", types.intp(types.int32, types.voidptr, types.uintp, types.int64))
 c_pread = types.ExternalFunction("pread", types.intp(types.int32, types.voidptr, types.uintp, types.int64))
+c_lseek = types.ExternalFunction("lseek", types.int64(types.int32, types.int64, types.int32))
+_SEEK_END = 2
 
 #: write_one's answer for an I/O it leaves to the caller's general path (out of range, read-only)
 NOT_HANDLED = -100
@@ -258,29 +262,47 @@ def read_hole(out, dst, seg, off, ofd, osize):
 
 
 @njit(cache=True, inline="always")
-def read_span(nodes, root, data, bs, off, remaining, out, dst, ofd, osize):
-    """Copy ``remaining`` bytes at virtual byte ``off`` into ``out[dst:]``: holes read as zeroes, or
-    from the external origin ``ofd`` (see :func:`read_hole`; -1: none); an empty ``data`` -- a
-    metadata-only pool -- reads zeroes everywhere.  OK or :data:`ORIGIN_ERROR`."""
-    nodata = data.shape[0] == 0
+def read_span(nodes, root, fd, bs, off, remaining, out, dst, ofd, osize):
+    """Copy ``remaining`` bytes at virtual byte ``off`` into ``out[dst:]`` with pread(2) from the data
+    file ``fd`` (never through a memory map: a media error or a file truncated under the pool is an
+    error code, not SIGBUS); mapped blocks that follow each other in the data file are read with one
+    call.  Holes read as zeroes, or from the external origin ``ofd`` (see :func:`read_hole`; -1: none);
+    ``fd`` -1 -- a metadata-only pool -- reads zeroes everywhere.  Returns (code, file offset): OK, or
+    IO_ERROR / :data:`END_OF_FILE` with the data file's byte offset of the read that failed, or
+    :data:`ORIGIN_ERROR` with the origin's (``out`` is then partly filled)."""
+    run_pos = 0  # a pending run of mapped bytes: data-file offset, destination, length
+    run_dst = 0
+    run_len = 0
     while remaining > 0:
         vb = off // bs
         inblk = off - vb * bs
         seg = min(remaining, bs - inblk)
         v, _ = lookup(nodes, root, vb)
-        if nodata:
+        if fd < 0:
             fill_bytes(out, dst, seg, 0)
         elif v == UNMAPPED:
             if ofd < 0:
                 fill_bytes(out, dst, seg, 0)
             elif read_hole(out, dst, seg, off, ofd, osize) != OK:
-                return ORIGIN_ERROR
+                return ORIGIN_ERROR, off
         else:
-            copy_bytes(out, dst, data, mapping_block(v) * bs + inblk, seg)
+            pos = mapping_block(v) * bs + inblk
+            if run_len and pos == run_pos + run_len and dst == run_dst + run_len:
+                run_len += seg
+            else:
+                if run_len:
+                    code = pread_all(fd, out, run_dst, run_len, run_pos)
+                    if code != OK:
+                        return code, run_pos
+                run_pos, run_dst, run_len = pos, dst, seg
         off += seg
         dst += seg
         remaining -= seg
-    return OK
+    if run_len:
+        code = pread_all(fd, out, run_dst, run_len, run_pos)
+        if code != OK:
+            return code, run_pos
+    return OK, 0
 
 
 @njit(cache=True, inline="always")
@@ -301,49 +323,27 @@ def pread_all(fd, out, dst, n, off):
 
 @njit(cache=True)
 def read_one_pread(tab, devs, slot, fd, out, offset, ofd, osize):
-    """:func:`read_one` that copies mapped data from the data file ``fd`` with pread(2) instead of
-    through the memory map, so a media error or a truncated file is an error code, never SIGBUS.
-    Returns (code, file_offset): OK, or IO_ERROR / :data:`END_OF_FILE` with the data-file byte offset
-    of the segment that failed, or :data:`ORIGIN_ERROR` with the origin's byte offset (``out`` is then
-    partly filled).  Unmapped blocks read from the external origin ``ofd`` (-1: none)."""
+    """One read of ``len(out)`` bytes at ``offset`` of the device in row ``slot`` of ``devs`` (node
+    arrays from ``tab``), mapped data copied from the data file ``fd`` with pread(2) (see
+    :func:`read_span`: a media error or a truncated file is an error code, never SIGBUS).  Returns
+    (code, file_offset): OK, or IO_ERROR / :data:`END_OF_FILE` with the data-file byte offset of the
+    read that failed, or :data:`ORIGIN_ERROR` with the origin's byte offset (``out`` is then partly
+    filled).  Unmapped blocks read from the external origin ``ofd`` (-1: none)."""
     nodes = _table_nodes(tab)
     st = _table_st(tab)
-    bs = st[ST_BLOCK_SIZE]
-    root = devs[slot, DEV_ROOT]
-    off = offset
-    dst = 0
-    remaining = out.shape[0]
-    while remaining > 0:
-        vb = off // bs
-        inblk = off - vb * bs
-        seg = min(remaining, bs - inblk)
-        v, _ = lookup(nodes, root, vb)
-        if fd < 0:  # fd -1: a metadata-only pool reads zeroes
-            fill_bytes(out, dst, seg, 0)
-        elif v == UNMAPPED:
-            if ofd < 0:
-                fill_bytes(out, dst, seg, 0)
-            elif read_hole(out, dst, seg, off, ofd, osize) != OK:
-                return ORIGIN_ERROR, off
-        else:
-            pos = mapping_block(v) * bs + inblk
-            code = pread_all(fd, out, dst, seg, pos)
-            if code != OK:
-                return code, pos
-        off += seg
-        dst += seg
-        remaining -= seg
-    return OK, 0
+    return read_span(nodes, devs[slot, DEV_ROOT], fd, st[ST_BLOCK_SIZE], offset, out.shape[0], out, 0, ofd, osize)
 
 
 @njit(cache=True)
-def read_batch(nodes, root, data, bs, offsets, lengths, out, out_starts, ofd, osize):
-    """Read a batch: mapped blocks are copied from the data device, holes read as zeroes or from the
-    external origin ``ofd`` (-1: none).  Returns (code, index of the read that failed)."""
+def read_batch(nodes, root, fd, bs, offsets, lengths, out, out_starts, ofd, osize):
+    """Read a batch with pread(2) from the data file ``fd`` (see :func:`read_span`): holes read as
+    zeroes or from the external origin ``ofd`` (-1: none).  Returns (code, index of the read that
+    failed, its file offset as :func:`read_span` gives it)."""
     for i in range(offsets.shape[0]):
-        if read_span(nodes, root, data, bs, offsets[i], lengths[i], out, out_starts[i], ofd, osize) != OK:
-            return ORIGIN_ERROR, i
-    return OK, offsets.shape[0]
+        code, pos = read_span(nodes, root, fd, bs, offsets[i], lengths[i], out, out_starts[i], ofd, osize)
+        if code != OK:
+            return code, i, pos
+    return OK, offsets.shape[0], 0
 
 
 @njit(cache=True)
@@ -506,16 +506,6 @@ def write_one(tab, devs, slot, buf, fd, offset, ofd, osize):
 
 
 @njit(cache=True)
-def read_one(tab, devs, slot, data, out, offset, ofd, osize):
-    """:func:`read_batch` for one read of ``len(out)`` bytes at ``offset`` of the device in row
-    ``slot`` of ``devs`` (node arrays from ``tab``; ``ofd``/``osize`` its external origin, -1: none).
-    Returns OK or :data:`ORIGIN_ERROR`."""
-    nodes = _table_nodes(tab)
-    st = _table_st(tab)
-    return read_span(nodes, devs[slot, DEV_ROOT], data, st[ST_BLOCK_SIZE], offset, out.shape[0], out, 0, ofd, osize)
-
-
-@njit(cache=True)
 def locate(tab, devs, slot, offset, n, write):
     """Where ``n`` (> 0) bytes at ``offset`` of the device in row ``slot`` of ``devs`` are in the data
     file, when they lie inside the device and inside one virtual block: its byte offset if the block is
@@ -538,6 +528,19 @@ def locate(tab, devs, slot, offset, n, write):
     elif v == UNMAPPED:
         return HOLE
     return mapping_block(v) * bs + inblk
+
+
+@njit(cache=True)
+def locate_read(tab, devs, slot, offset, n, fd):
+    """:func:`locate` for a read whose bytes the caller then takes from the data file's memory map:
+    the same answers, except that a mapped range the data file ``fd`` no longer holds (the file is
+    shorter than its end: truncated under the pool by another program) is :data:`END_OF_FILE`
+    instead of its offset -- the caller then reads with pread(2), which reports the error, where
+    the map would raise SIGBUS.  One lseek(2) per mapped read."""
+    pos = locate(tab, devs, slot, offset, n, False)
+    if pos >= 0 and c_lseek(fd, 0, _SEEK_END) < pos + n:
+        return END_OF_FILE
+    return pos
 
 
 kernels_cache.check(globals(), _built_with)

@@ -23,6 +23,7 @@ from .blockmap import extents_of_flags
 from .errors import DataDeviceError, DiscardNotSupported, HostIOError, InvalidArgument, NoSpace, ReadOnly, ReadOnlyIO
 from .hostio import last_errno, libc
 from .io_checks import ORIGIN_ERROR, as_offsets, check_span, io_integer, out_buffer
+from .poollock import plain_acquire, plain_release
 from .schema import (DEV_CREATION_TIME, DEV_FLAGS, DEV_MAPPED, DEV_ROOT, DEV_SIZE, DEV_SNAP_TIME,
                      DEV_TRANSACTION, FLAG_READ_ONLY, U64_MASK, unpack_mapping)
 
@@ -382,10 +383,10 @@ class Thin:
                                        f"; queued writes waited the pool's no_space_timeout "
                                        f"({ctx.nospace.timeout:g} s) and now fail until it gets space"))
                     if code == L.IO_ERROR:
-                        err = last_errno()
+                        err, why = ctx.data.failure(last_errno())
                         exc = DataDeviceError(f"pool {ctx.path}: writing volume {self.name!r} at offset "
                                               f"{int(offsets[start])} to the data file {ctx.data.path} failed "
-                                              f"({os.strerror(err)}; the block is not mapped)", err, ctx.data.path)
+                                              f"({why}; the block is not mapped)", err, ctx.data.path)
                         raise exc
                     if code == ORIGIN_ERROR:
                         self._origin_failed(int(offsets[start]))
@@ -454,49 +455,45 @@ class Thin:
 
     # ------------------------------------------------------------------ reads
     def read(self, offset: int, length: int) -> bytes:
-        """Read ``length`` bytes at ``offset`` (unmapped blocks read as zeroes)."""
+        """Read ``length`` bytes at ``offset`` (unmapped blocks read as zeroes).  A media error (EIO)
+        or a data file truncated under the pool by another program raises
+        :class:`~thinpool.errors.HostIOError` naming the data file (errno EIO for a file that ends too
+        early), never wrong bytes: mapped data is read with pread(2), except a read inside one mapped
+        block, which is sliced from the data file's memory map once an lseek(2) has found the file
+        long enough (a truncation in the instant between the two still raises SIGBUS: docs/design.md,
+        "Files changed under an open pool"; :meth:`pread` has no such instant)."""
         ctx = self._ctx
         if type(offset) is int and type(length) is int and 0 <= offset < _FAST_LIMIT and 0 <= length < _FAST_LIMIT:
-            # fast paths (open pool): the kernel checks the range and finds the block; one mapped
-            # block is sliced from the data file's memory map, one unmapped block reads as zeroes
-            # (without an external origin), anything else is one read_one call or the general path
-            with ctx.lock:
+            # fast paths (open pool): the kernel checks the range, finds the block and checks that the
+            # data file still holds it; one mapped block is sliced from the data file's memory map,
+            # one unmapped block reads as zeroes (without an external origin), anything else -- a
+            # file too short included -- is one read_one_pread call or the general path
+            lock = ctx.lock
+            plain_acquire(lock)  # reads only, and only with no compiled reader registered (poollock)
+            try:
                 slot = ctx.slots.get(self._key)
-                if slot is not None and ctx.is_open:
-                    k = _KERNELS or _k()
+                if slot is not None and ctx.is_open and not lock.readers:
                     data = ctx.data
                     if data.fd >= 0 and not ctx.origins.by_key:
-                        pos = (ctx.locate_fn or ctx.bind_locate())(ctx.table(), ctx.devs_i, slot, offset, length,
-                                                                    False)
+                        pos = (ctx.locate_read_fn or ctx.bind_locate_read())(ctx.table(), ctx.devs_i, slot, offset,
+                                                                              length, data.fd)
                         if pos >= 0:
                             return data.mm[pos:pos + length]
                         if pos == _HOLE:
                             return bytes(length)
-                    devs = ctx.devs_i
-                    if offset + length <= int(devs[slot, DEV_SIZE]):
-                        out = np.empty(length, np.uint8)
-                        ofd, osize = ctx.origin(self._key) if ctx.origins.by_key else _NO_ORIGIN
-                        if k.read_one(ctx.table(), devs, slot, data.array, out, offset, ofd, osize):
-                            self._origin_failed(offset)
-                        return out.tobytes()
-        offset = io_integer(self.name, "offset", offset)
-        length = io_integer(self.name, "length", length)
-        with ctx.lock:
-            ctx.check_open()
-            check_span(self.name, self.size, offset, length)  # before allocating the output
-            out = np.empty(length, np.uint8)
-            slot = self._slot()
-            ofd, osize = ctx.origin(self._key)
-            if (_KERNELS or _k()).read_one(ctx.table(), ctx.devs_i, slot, ctx.data.array, out, offset, ofd, osize):
-                self._origin_failed(offset)
-        return out.tobytes()
+            finally:
+                plain_release(lock)
+        return self._pread(offset, length)
 
     def pread(self, offset: int, length: int) -> bytes:
-        """Read like :meth:`read`, but copy mapped data from the data file with pread(2) instead of
-        through its memory map: a media error (EIO) or a data file truncated under the pool raises
-        :class:`~thinpool.errors.HostIOError` (errno EIO for a file that ends too early) naming the
-        data file, where the map would raise SIGBUS and kill the process.  One system call per
-        mapped block segment; the NBD server reads this way."""
+        """Read like :meth:`read`, but copy every byte of mapped data from the data file with pread(2),
+        never through its memory map: a media error (EIO) or a data file truncated under the pool
+        raises :class:`~thinpool.errors.HostIOError` naming the data file, whenever it happens.  One
+        system call per run of mapped blocks that follow each other in the data file; the NBD server
+        reads this way."""
+        return self._pread(offset, length)
+
+    def _pread(self, offset: int, length: int) -> bytes:
         ctx = self._ctx
         with ctx.lock:
             slot = ctx.slots.get(self._key)
@@ -513,18 +510,20 @@ class Thin:
             ofd, osize = ctx.origin(self._key) if ctx.origins.by_key else _NO_ORIGIN
             code, pos = (_KERNELS or _k()).read_one_pread(ctx.table(), ctx.devs_i, slot, ctx.data.fd, out, offset,
                                                           ofd, osize)
-            if code == ORIGIN_ERROR:
-                self._origin_failed(int(pos))
             if code != L.OK:
-                path = ctx.data.path
-                if code == L.IO_ERROR:
-                    err = last_errno()
-                    why = os.strerror(err)
-                else:
-                    err, why = errno.EIO, "the file ends there (truncated)"
-                raise HostIOError(f"pool {ctx.path}: reading volume {self.name!r} at offset {offset}: the data "
-                                  f"file {path} could not be read at byte {int(pos)} ({why})", err, path)
+                self._read_failed(code, int(pos), offset)
         return out.tobytes()
+
+    def _read_failed(self, code: int, pos: int, offset: int) -> None:
+        """Raise for a read kernel's failure ``code`` at file offset ``pos`` (a read of this volume at
+        ``offset``): the external origin's error, or HostIOError naming the data file."""
+        if code == ORIGIN_ERROR:
+            self._origin_failed(pos)
+        ctx = self._ctx
+        path = ctx.data.path
+        err, why = ctx.data.failure(last_errno() if code == L.IO_ERROR else errno.EIO)
+        raise HostIOError(f"pool {ctx.path}: reading volume {self.name!r} at offset {offset}: the data "
+                          f"file {path} could not be read at byte {pos} ({why})", err, path)
 
     def read_into(self, offset: int, out: np.ndarray) -> None:
         """Read ``len(out)`` bytes at ``offset`` into a uint8 array."""
@@ -564,10 +563,10 @@ class Thin:
             self._check_range(offsets, lengths)
             root = int(ctx.devs_i[self._slot(), DEV_ROOT])
             ofd, osize = ctx.origin(self._key)
-            code, i = _k().read_batch(ctx.nodes_map.nodes, root, ctx.data.array, ctx.block_size, offsets, lengths, out,
-                                      starts, ofd, osize)
+            code, i, pos = _k().read_batch(ctx.nodes_map.nodes, root, ctx.data.fd, ctx.block_size, offsets, lengths,
+                                           out, starts, ofd, osize)
             if code != L.OK:
-                self._origin_failed(int(offsets[i]))
+                self._read_failed(int(code), int(pos), int(offsets[i]))
 
     # ------------------------------------------------------------------ mappings
     def mapped_ranges(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
