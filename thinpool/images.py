@@ -8,8 +8,9 @@
 
 Paths are strings (or path-likes); ``"-"`` means standard input / output.  Outputs are written through
 :func:`thinpool.safe_output.atomic_output` (never a file of an open pool; a regular file is replaced
-atomically).  The caller commits the pool (these functions change it but do not commit).  numpy is
-imported only when data moves.
+atomically).  The caller commits the pool (these functions change it but do not commit), except after
+:func:`import_image`, which is a transaction of its own: committed when the image was imported and
+verified, dropped whole by any failure.  numpy is imported only when data moves.
 """
 
 from __future__ import annotations
@@ -249,22 +250,72 @@ class _Importer:
                 self.blocks_written += 1
 
 
+def _import_checks(expect_size: Any, sha256: Any, allow_empty: Any) -> tuple[int | None, str | None]:
+    """Type-check and bound :func:`import_image`'s verification arguments: (expect_size, sha256 in
+    lower case); InvalidArgument naming the bad one."""
+    if expect_size is not None and (type(expect_size) is not int or not 0 <= expect_size < 1 << 63):
+        raise InvalidArgument(f"expected image size must be a whole number of bytes, 0 .. 2**63-1 "
+                              f"(got {str(expect_size)[:40]!r})")
+    if sha256 is not None:
+        if not isinstance(sha256, str) or len(sha256) != 64 or any(c not in "0123456789abcdefABCDEF" for c in sha256):
+            raise InvalidArgument(f"sha256 must be 64 hexadecimal digits (got {str(sha256)[:80]!r})")
+        sha256 = sha256.lower()
+    if type(allow_empty) is not bool:
+        raise InvalidArgument(f"allow_empty must be True or False (got {str(allow_empty)[:40]!r})")
+    if expect_size == 0 and not allow_empty:
+        raise InvalidArgument("an expected size of 0 bytes imports an empty image: say so with --allow-empty")
+    return expect_size, sha256
+
+
+def _check_length(got: int, expect_size: int | None, allow_empty: bool, where: str, ended: bool = True) -> None:
+    """The whole input is ``got`` bytes (``ended``: else at least): InvalidArgument if it is empty and
+    that was not allowed, or if it is not ``expect_size``."""
+    if expect_size is not None and not ended and got > expect_size:
+        raise InvalidArgument(f"image {where} is longer than the {expect_size} bytes expected (--expect-size)")
+    if expect_size is not None and ended and got != expect_size:
+        raise InvalidArgument(f"image {where} is {got} bytes, not the {expect_size} expected (--expect-size)" +
+                              (": the stream ended early; did its producer fail or get cut short?"
+                               if got < expect_size else ""))
+    if ended and got == 0 and not allow_empty:
+        raise InvalidArgument(f"image {where} is empty (0 bytes): when it comes from a pipe, its producer "
+                              f"probably failed; pass --allow-empty to import an empty image")
+
+
 def import_image(pool: Pool, name: str, source: str | os.PathLike[str], size: int | None = None, *,
+                 expect_size: int | None = None, sha256: str | None = None, allow_empty: bool = False,
                  progress: Progress = no_progress) -> dict[str, Any]:
     """Import the raw image file ``source`` (``-``: stdin) into volume ``name``, sparse-aware: only
     non-zero blocks are written; holes are skipped with SEEK_DATA/SEEK_HOLE.  Creates the volume (size:
-    the image's, rounded up to 512 bytes, or ``size``) if it does not exist; in an existing volume,
-    blocks that are zero in the image are unmapped, so afterwards the volume reads exactly as the image.
-    InvalidArgument if the image is larger than the volume, ``size`` differs from an existing volume's,
-    or a new volume's size is unknown.  Returns ``{"name", "created", "size", "bytes",
-    "blocks_written", "blocks_unmapped", "mapped_blocks"}``."""
+    the image's, rounded up to 512 bytes, or ``size``; from a pipe, ``expect_size`` rounded up, else the
+    stream is first copied to a temporary file to learn its size) if it does not exist; in an existing
+    volume, blocks that are zero in the image are unmapped, so afterwards the volume reads exactly as the
+    image.
+
+    Verification: an empty image is refused unless ``allow_empty`` (a pipe whose producer failed
+    ends at once); ``expect_size`` -- the image's exact length in bytes -- refuses a stream that ends
+    early (a producer that died midway) or goes on longer; ``sha256`` (64 hex digits) is compared with
+    the digest of every byte of the image, holes included.
+
+    All or nothing: the import is one transaction (:meth:`~thinpool.pool.Pool.batch`; uncommitted
+    changes made before it are committed first, as a batch does).  It commits when everything was read,
+    written and verified; on any failure -- a bad argument, an image larger than the volume, a read
+    error, a short stream or a digest mismatch found at its end, no space, KeyboardInterrupt -- it aborts
+    and raises: a volume it created is gone, and an existing volume keeps its committed mappings *and*
+    bytes, because for the import's duration it is held as a snapshot, so that every block the import
+    writes goes to a new data block (copy-on-write) instead of overwriting one in place.  So an import
+    into an existing volume needs free space for every block it writes, even where the volume already
+    maps a block; the replaced blocks are freed by its commit.
+
+    InvalidArgument for any bad input (the checks above, the image larger than the volume, ``size``
+    different from an existing volume's, a new volume's size unknown).  Returns ``{"name", "created",
+    "size", "bytes", "blocks_written", "blocks_unmapped", "mapped_blocks", "sha256"}`` (``sha256``: the
+    image's digest, verified, or None when none was asked)."""
     import stat
     import sys
 
-    import numpy as np
-
     image = check_path(source, "image")
-    bs = pool.block_size
+    expect_size, digest = _import_checks(expect_size, sha256, allow_empty)
+    where = "stdin" if image == "-" else image
     if image == "-":
         fd, close, img_size, regular = -1, False, None, False
         try:  # stdin redirected from a regular file: its size is known
@@ -283,77 +334,139 @@ def import_image(pool: Pool, name: str, source: str | os.PathLike[str], size: in
         st = os.fstat(fd)
         regular = stat.S_ISREG(st.st_mode)
         img_size = st.st_size if regular else _seekable_size(fd)  # a pipe (/dev/stdin): unknown
-    if not regular and img_size is None and size is None and name not in pool:
-        # a new volume from a pipe: spool the stream to a temporary file to learn its size
-        spool_fd = _spool(sys.stdin.buffer if image == "-" else None, fd)
-        if close:
-            os.close(fd)
-        fd, close, regular = spool_fd, True, True
-        img_size = os.fstat(fd).st_size
     try:
-        created = False
-        if name in pool:
-            thin = pool.thin(name)
-            if size is not None and size != thin.size:
-                raise InvalidArgument(f"volume {name!r} exists with size {thin.size}; --size {size} does not match")
-            if thin.external_origin is not None:
-                raise InvalidArgument(f"volume {name!r} sits on the external origin "
-                                      f"{thin.external_origin['path']}: importing an image would leave the "
-                                      f"origin's bytes where the image has holes; import into a new volume")
-        else:
-            vsize = size if size is not None else (-(-img_size // 512) * 512 if img_size else None)
-            if not vsize:
-                raise InvalidArgument(f"cannot create volume {name!r} from {'stdin' if image == '-' else image}: "
-                                      f"its size is unknown or zero (pass --size)")
-            thin = pool.create_thin(name, vsize)
-            created = True
-        if img_size is not None and img_size > thin.size:
-            raise InvalidArgument(f"image {image} is {img_size} bytes, larger than volume {name!r} "
-                                  f"({thin.size} bytes)")
-        imp = _Importer(thin, bs)
-        chunk = _chunk_bytes(bs)
-        total = 0
-        if regular:
-            assert img_size is not None, "a regular file's size is known (its st_size)"
-            extents = _data_extents(fd, img_size, bs)
-            with progress(f"import {name}", sum(e - s for s, e in extents)) as advance:
-                pos = 0
-                for start, end in extents:
-                    if start > pos and not created:
-                        _unmap_hole(thin, imp, pos, start, bs)
-                    off = start
-                    while off < end:
-                        n = min(chunk, end - off)
-                        data = np.frombuffer(os.pread(fd, n, off), np.uint8)
-                        if len(data) != n:
-                            raise InvalidArgument(f"image {image} shrank while being imported")
-                        imp.feed(off, data)
-                        off += n
-                        advance(n)
-                    pos = end
-                if pos < img_size and not created:
-                    _unmap_hole(thin, imp, pos, img_size, bs)
-            total = img_size
-        else:
-            f = sys.stdin.buffer if image == "-" else os.fdopen(os.dup(fd), "rb")
-            with progress(f"import {name}", img_size or 0) as advance:
-                while True:
-                    got = _read_full(f, chunk)
-                    if not got:
-                        break
-                    if total + len(got) > thin.size:
-                        raise InvalidArgument(f"input is larger than volume {name!r} ({thin.size} bytes)")
-                    imp.feed(total, np.frombuffer(got, np.uint8))
-                    total += len(got)
-                    advance(len(got))
-            if f is not sys.stdin.buffer:
-                f.close()
+        if not regular and img_size is None and size is None and expect_size is None and name not in pool:
+            # a new volume from a pipe: spool the stream to a temporary file to learn its size
+            spool_fd = _spool(sys.stdin.buffer if image == "-" else None, fd, where)
+            if close:
+                os.close(fd)
+            fd, close, regular = spool_fd, True, True
+            img_size = os.fstat(fd).st_size
+        if img_size is not None:  # known before anything is written
+            _check_length(img_size, expect_size, allow_empty, where)
+        with pool.batch():  # one transaction: committed at its end, dropped by any exception
+            r = _import(pool, name, image, where, fd, regular, img_size, size, expect_size, digest, allow_empty,
+                        progress)
     finally:
         if close:
             os.close(fd)
+    return r
+
+
+def _import(pool: Pool, name: str, image: str, where: str, fd: int, regular: bool, img_size: int | None,
+            size: int | None, expect_size: int | None, digest: str | None, allow_empty: bool,
+            progress: Progress) -> dict[str, Any]:
+    """:func:`import_image`'s work inside its transaction."""
+    import hashlib
+    import sys
+    import uuid
+
+    import numpy as np
+
+    bs = pool.block_size
+    created = False
+    known = img_size if img_size is not None else expect_size  # the image's length, if known now
+    held = None  # the snapshot holding an existing volume's blocks while it is imported into
+    if name in pool:
+        thin = pool.thin(name)
+        if size is not None and size != thin.size:
+            raise InvalidArgument(f"volume {name!r} exists with size {thin.size}; --size {size} does not match")
+        if thin.external_origin is not None:
+            raise InvalidArgument(f"volume {name!r} sits on the external origin "
+                                  f"{thin.external_origin['path']}: importing an image would leave the "
+                                  f"origin's bytes where the image has holes; import into a new volume")
+        vsize = thin.size
+    else:
+        thin = None
+        vsize = size if size is not None else (-(-known // 512) * 512 if known else 0)
+        if not vsize:
+            raise InvalidArgument(f"cannot create volume {name!r} from {where}: its size is unknown or zero "
+                                  f"(pass --size)")
+    if known is not None and known > vsize:
+        raise InvalidArgument(f"image {where} is {known} bytes, larger than volume {name!r} ({vsize} bytes)")
+    if thin is None:
+        thin = pool.create_thin(name, vsize)
+        created = True
+    else:
+        held = f".import-{uuid.uuid4().hex}"
+        pool.snapshot(name, held)  # every block of the volume shared: the import's writes go to new blocks
+    h = hashlib.sha256() if digest is not None else None
+    imp = _Importer(thin, bs)
+    chunk = _chunk_bytes(bs)
+    total = 0
+    if regular:
+        assert img_size is not None, "a regular file's size is known (its st_size)"
+        extents = _data_extents(fd, img_size, bs)
+        with progress(f"import {name}", sum(e - s for s, e in extents)) as advance:
+            pos = 0
+            for start, end in extents:
+                if start > pos:
+                    _hash_zeroes(h, start - pos)
+                    if not created:
+                        _unmap_hole(thin, imp, pos, start, bs)
+                off = start
+                while off < end:
+                    n = min(chunk, end - off)
+                    data = np.frombuffer(_pread_input(fd, n, off, where), np.uint8)
+                    if len(data) != n:
+                        raise InvalidArgument(f"image {where} shrank while being imported")
+                    if h is not None:
+                        h.update(data.data)
+                    imp.feed(off, data)
+                    off += n
+                    advance(n)
+                pos = end
+            if pos < img_size:
+                _hash_zeroes(h, img_size - pos)
+                if not created:
+                    _unmap_hole(thin, imp, pos, img_size, bs)
+        total = img_size
+    else:
+        f = sys.stdin.buffer if image == "-" else os.fdopen(os.dup(fd), "rb")
+        try:
+            with progress(f"import {name}", img_size or expect_size or 0) as advance:
+                while True:
+                    got = _read_full(f, chunk, where)
+                    if not got:
+                        break
+                    _check_length(total + len(got), expect_size, allow_empty, where, ended=False)
+                    if total + len(got) > thin.size:
+                        raise InvalidArgument(f"input is larger than volume {name!r} ({thin.size} bytes)")
+                    if h is not None:
+                        h.update(got)
+                    imp.feed(total, np.frombuffer(got, np.uint8))
+                    total += len(got)
+                    advance(len(got))
+        finally:
+            if f is not sys.stdin.buffer:
+                f.close()
+        _check_length(total, expect_size, allow_empty, where)
+    if h is not None and h.hexdigest() != digest:
+        raise InvalidArgument(f"image {where}: its sha256 is {h.hexdigest()}, not the {digest} expected "
+                              f"(--sha256); nothing was imported")
+    if held is not None:
+        pool.delete(held)
     return {"name": name, "created": created, "size": thin.size, "bytes": total,
             "blocks_written": imp.blocks_written, "blocks_unmapped": imp.blocks_unmapped,
-            "mapped_blocks": thin.mapped_blocks}
+            "mapped_blocks": thin.mapped_blocks, "sha256": None if h is None else h.hexdigest()}
+
+
+def _hash_zeroes(h: Any, n: int) -> None:
+    """Feed ``n`` zero bytes (a hole of the image) to hash ``h`` (None: no digest asked)."""
+    if h is None:
+        return
+    zero = bytes(min(n, CHUNK))
+    while n > 0:
+        k = min(n, len(zero))
+        h.update(zero[:k] if k < len(zero) else zero)
+        n -= k
+
+
+def _pread_input(fd: int, n: int, off: int, where: str) -> bytes:
+    try:
+        return os.pread(fd, n, off)
+    except OSError as exc:
+        raise InvalidArgument(f"reading image {where} at byte {off} failed: {exc.strerror}") from None
 
 
 def _seekable_size(fd: int) -> int | None:
@@ -364,13 +477,16 @@ def _seekable_size(fd: int) -> int | None:
         return None
 
 
-def _spool(f: Any, fd: int) -> int:
+def _spool(f: Any, fd: int, where: str) -> int:
     """Copy a stream (file object ``f``, else ``fd``) to an unlinked temporary file; its fd, at 0."""
     import tempfile
     tmp = tempfile.TemporaryFile()
     try:
         while True:
-            data = f.read(CHUNK) if f is not None else os.read(fd, CHUNK)
+            try:
+                data = f.read(CHUNK) if f is not None else os.read(fd, CHUNK)
+            except OSError as exc:
+                raise InvalidArgument(f"reading image {where} failed: {exc.strerror}") from None
             if not data:
                 break
             tmp.write(data)
@@ -380,11 +496,15 @@ def _spool(f: Any, fd: int) -> int:
         tmp.close()
 
 
-def _read_full(f: Any, n: int) -> bytes:
+def _read_full(f: Any, n: int, where: str) -> bytes:
     parts = []
     got = 0
     while got < n:
-        b = f.read(n - got)
+        try:
+            b = f.read(n - got)
+        except OSError as exc:
+            raise InvalidArgument(f"reading image {where} failed after {got} bytes of this chunk: "
+                                  f"{exc.strerror}") from None
         if not b:
             break
         parts.append(b)

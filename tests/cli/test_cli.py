@@ -255,7 +255,7 @@ def test_import_into_existing_volume_unmaps_zero_blocks(pool: str, tmp_path: Pat
     big = tmp_path / "big"
     big.write_bytes(b"d" * (2 * 1024 * KB))
     assert "larger than volume" in error_of(invoke("import", pool, "small", str(big), code=1))
-    assert "size is unknown or zero" in error_of(invoke("import", pool, "new", "-", input=b"", code=1))
+    assert "is empty (0 bytes)" in error_of(invoke("import", pool, "new", "-", input=b"", code=1))
     invoke("import", pool, "new", "-", input=b"abc")  # stdin without --size: spooled to learn the size
     with Pool.open(pool, read_only=True) as p:
         assert p.thin("new").size == 512 and p.thin("new").read(0, 4) == b"abc\0"

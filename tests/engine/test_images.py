@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -76,8 +77,10 @@ def test_bad_images_change_nothing(pool: Pool, tmp_path: Path) -> None:
         import_image(pool, "small", str(big), size=4096)
     empty = tmp_path / "empty.img"
     empty.write_bytes(b"")
-    with pytest.raises(InvalidArgument, match="size is unknown or zero"):
+    with pytest.raises(InvalidArgument, match="is empty"):
         import_image(pool, "new", str(empty))
+    with pytest.raises(InvalidArgument, match="size is unknown or zero"):
+        import_image(pool, "new", str(empty), allow_empty=True)
     with pytest.raises(InvalidArgument, match="cannot read image"):
         import_image(pool, "new", str(tmp_path / "missing.img"))
     with pytest.raises(InvalidArgument, match="image must be a path"):
@@ -86,6 +89,48 @@ def test_bad_images_change_nothing(pool: Pool, tmp_path: Path) -> None:
         export_image(pool, "nope", str(tmp_path / "o.img"))
     assert [t.name for t in pool.thins()] == ["small"] and pool.thin("small").mapped_blocks == 0
     assert not (tmp_path / "o.img").exists()
+
+
+def test_import_verification_arguments_are_checked_before_anything(pool: Pool, tmp_path: Path) -> None:
+    """expect_size, sha256 and allow_empty are type-checked and bounded; a regular file whose length is
+    not the expected one is refused before a volume is created; the digest counts holes as zeroes."""
+    img = tmp_path / "in.img"
+    sparse_image(img, 3 * BS, {BS + 1: b"xyz"})
+    digest = hashlib.sha256(img.read_bytes()).hexdigest()
+    for kwargs, needle in (({"expect_size": -1}, "whole number of bytes"), ({"expect_size": 1.5}, "whole number"),
+                           ({"expect_size": True}, "whole number"), ({"expect_size": 1 << 63}, "whole number"),
+                           ({"sha256": "ab"}, "64 hexadecimal"), ({"sha256": "g" * 64}, "64 hexadecimal"),
+                           ({"sha256": 5}, "64 hexadecimal"), ({"allow_empty": 1}, "True or False"),
+                           ({"expect_size": 0}, "--allow-empty"),
+                           ({"expect_size": 3 * BS - 1}, f"is {3 * BS} bytes, not the {3 * BS - 1} expected"),
+                           ({"sha256": "0" * 64}, f"its sha256 is {digest}")):
+        with pytest.raises(InvalidArgument, match=needle):
+            import_image(pool, "new", str(img), **kwargs)  # type: ignore[arg-type]
+    assert list(pool.thins()) == [] and pool.status().used_data_blocks == 0
+    r = import_image(pool, "new", str(img), expect_size=3 * BS, sha256=digest.upper())
+    assert r["sha256"] == digest and r["mapped_blocks"] == 1 and r["created"]
+
+
+def test_import_into_existing_volume_failing_keeps_its_blocks_and_bytes(pool: Pool, tmp_path: Path) -> None:
+    """A failed import into an existing volume (digest mismatch found after every block was written)
+    leaves its mappings -- the same data blocks -- and its bytes as committed, though the import wrote
+    over every one of its blocks: the volume is held as a snapshot meanwhile, so the writes went to new
+    blocks, dropped with the transaction.  A successful one frees the replaced blocks and leaves no
+    helper volume."""
+    v = pool.create_thin("v", 4 * BS)
+    v.write(0, bytes(range(256)) * (4 * BS // 256))
+    pool.commit()
+    maps, data = v.mappings()[:2], v.read(0, 4 * BS)
+    img = tmp_path / "in.img"
+    img.write_bytes(b"\x05" * (4 * BS))
+    with pytest.raises(InvalidArgument, match="sha256"):
+        import_image(pool, "v", str(img), sha256="1" * 64)
+    assert [m.tolist() for m in pool.thin("v").mappings()[:2]] == [m.tolist() for m in maps]
+    assert pool.thin("v").read(0, 4 * BS) == data and [t.name for t in pool.thins()] == ["v"]
+    assert pool.status().used_data_blocks == 4
+    r = import_image(pool, "v", str(img), sha256=hashlib.sha256(img.read_bytes()).hexdigest())
+    assert r["blocks_written"] == 4 and pool.thin("v").read(0, 4 * BS) == img.read_bytes()
+    assert [t.name for t in pool.thins()] == ["v"] and pool.status().used_data_blocks == 4
 
 
 def test_write_and_read_byte_ranges(pool: Pool, tmp_path: Path) -> None:

@@ -23,18 +23,21 @@ def op_read(pool: Any, name: str, output: str = "-", offset: int = 0, length: in
     return images.read_volume(pool, name, output, offset, length)
 
 
-def op_import(pool: Any, name: str, image: str, size: int | None = None) -> dict[str, Any]:
+def op_import(pool: Any, name: str, image: str, size: int | None = None, expect_size: int | None = None,
+              sha256: str | None = None, allow_empty: bool = False) -> dict[str, Any]:
     """Import raw image file ``image`` (``-``: stdin) into volume ``name``, sparse-aware, creating it
-    if needed (:func:`thinpool.images.import_image`), with a progress bar on a terminal."""
+    if needed, verified (``expect_size``, ``sha256``, ``allow_empty``) and all or nothing
+    (:func:`thinpool.images.import_image`), with a progress bar on a terminal."""
     from .common import progress
-    return images.import_image(pool, name, image, size, progress=progress)
+    return images.import_image(pool, name, image, size, expect_size=expect_size, sha256=sha256,
+                               allow_empty=allow_empty, progress=progress)
 
 
 def render_import(r: dict[str, Any]) -> str:
-    """``NAME: imported N bytes, B blocks written[, U unmapped] (M mapped)``."""
+    """``NAME: imported N bytes, B blocks written[, U unmapped] (M mapped)[, sha256 verified]``."""
     return (f"{r['name']}: imported {r['bytes']} bytes, {r['blocks_written']} blocks written"
             + (f", {r['blocks_unmapped']} unmapped" if r["blocks_unmapped"] else "")
-            + f" ({r['mapped_blocks']} mapped)")
+            + f" ({r['mapped_blocks']} mapped)" + (", sha256 verified" if r.get("sha256") else ""))
 
 
 def op_export(pool: Any, name: str, output: str = "-") -> dict[str, Any]:

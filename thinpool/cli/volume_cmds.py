@@ -244,14 +244,30 @@ def discard_cmd(pool: str, name: str, offset: int, length: int | None, as_json: 
          OPS["discard"].render)
 
 
+def _hex_digest(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--sha256: 64 hexadecimal digits (a usage error otherwise)."""
+    if value is not None and (len(value) != 64 or any(c not in "0123456789abcdefABCDEF" for c in value)):
+        raise click.BadParameter(f"must be 64 hexadecimal digits (got {value[:80]!r})")
+    return value
+
+
 @click.command("import")
 @pool_argument
 @click.argument("name")
 @click.argument("image", type=click.Path(dir_okay=False, allow_dash=True))
 @click.option("--size", type=SIZE, default=None,
               help="Size of the volume to create (default: the image's, rounded up to 512 bytes).")
+@click.option("--expect-size", type=SIZE, default=None,
+              help="The image's exact length: a stream that ends before it (or goes on past it) is refused "
+                   "and nothing is imported.  From a pipe it also sizes a new volume without spooling.")
+@click.option("--sha256", "sha256", metavar="HEX", default=None, callback=_hex_digest,
+              help="The image's SHA-256 (64 hex digits), holes counted as zeroes: verified before the import "
+                   "is committed; a mismatch imports nothing.")
+@click.option("--allow-empty", is_flag=True, help="Import an empty image (refused by default: an empty pipe "
+                                                   "usually means its producer failed).")
 @json_option
-def import_cmd(pool: str, name: str, image: str, size: int | None, as_json: bool) -> None:
+def import_cmd(pool: str, name: str, image: str, size: int | None, expect_size: int | None, sha256: str | None,
+               allow_empty: bool, as_json: bool) -> None:
     """Import a raw image into volume NAME (sparse).
 
     IMAGE is a raw disk image file, or - for stdin.
@@ -259,15 +275,25 @@ def import_cmd(pool: str, name: str, image: str, size: int | None, as_json: bool
     Only blocks holding non-zero bytes are written: holes and zero blocks allocate nothing.  NAME is
     created if it does not exist; in an existing volume, blocks that are zero in the image are unmapped,
     so its first len(IMAGE) bytes then read exactly like the image.  From a pipe (- or /dev/stdin)
-    without --size, a new volume's size is learnt by first copying the stream to a temporary file
-    ($TMPDIR).  Shows a progress bar when stderr is a terminal.
+    without --size or --expect-size, a new volume's size is learnt by first copying the stream to a
+    temporary file ($TMPDIR).  Shows a progress bar when stderr is a terminal.
+
+    All or nothing: the import commits only once the whole image was read, written and verified.  On
+    any failure -- an empty input (without --allow-empty), a stream shorter or longer than
+    --expect-size, a --sha256 mismatch, a read error, no space, Ctrl-C -- it exits 1 and the pool is
+    as before: a new volume is not created, and an existing volume keeps its data, because while it is
+    imported into, every block written goes to a new data block (so that needs free space for every
+    block the image writes; the replaced blocks are freed by the commit).  A pipe's end looks the same
+    whether its producer finished or died: give --expect-size or --sha256 to tell them apart.
 
     \b
     Examples:
       thinpool import /tmp/pool vm disk.raw
       nbdcopy -- [ qemu-nbd -f qcow2 disk.qcow2 ] - | thinpool import /tmp/pool vm - --size 20G
+      curl -fsS https://example.org/vm.raw | thinpool import /tmp/pool vm - --expect-size 2G --sha256 5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03
     """
-    args = {"name": name, "image": "-" if image == "-" else abspath(image), "size": size}
+    args = {"name": name, "image": "-" if image == "-" else abspath(image), "size": size,
+            "expect_size": expect_size, "sha256": sha256, "allow_empty": allow_empty}
     emit(run_op(pool, "import", args), as_json, OPS["import"].render)
 
 
