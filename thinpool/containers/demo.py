@@ -116,9 +116,9 @@ def run_demo(path: str | os.PathLike | None = None, block_size: int | str = "64K
 
 #: what the helper of :func:`compile_helper` compiles, in its order (the demo itself starts with
 #: ``write_one``); the helper starts only when the first two are missing from the kernel cache
-HELPER_KERNELS = ("kernels.write_batch", "kernels.locate", "walks.logical_counts_into", "walks.usage_of_roots",
-                  "walks.count_mappings", "walks.collect_mappings", "kernels_pages.node_updates",
-                  "kernels_map.pack_space_pages")
+HELPER_KERNELS = ("kernels.write_batch", "kernels.locate", "kernels.locate_read", "walks.logical_counts_into",
+                  "walks.usage_of_roots", "walks.count_mappings", "walks.collect_mappings",
+                  "kernels_pages.node_updates", "kernels_map.pack_space_pages")
 
 
 def uncached(kernels: tuple[str, ...]) -> list[str]:
@@ -185,7 +185,8 @@ def _helper_work() -> None:
         with Pool.create(os.path.join(tmp, "pool"), data_size="64MiB") as pool:
             vol = pool.create_thin("v", "1MiB")
             vol.write_many(np.array([0, 65536], np.int64), file_content(0, 2 * 4096).reshape(2, 4096))
-            vol.read(0, 4096)
+            vol.write(4096, bytes(16))  # an overwrite in place: kernels.locate
+            vol.read(0, 4096)  # a one-block read: kernels.locate_read
             pool.snapshot("v", "s")
             pool.usage("s")
             pool.thin("s").mappings()
