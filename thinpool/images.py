@@ -304,7 +304,9 @@ def import_image(pool: Pool, name: str, source: str | os.PathLike[str], size: in
     bytes, because for the import's duration it is held as a snapshot, so that every block the import
     writes goes to a new data block (copy-on-write) instead of overwriting one in place.  So an import
     into an existing volume needs free space for every block it writes, even where the volume already
-    maps a block; the replaced blocks are freed by its commit.
+    maps a block; the replaced blocks are freed by its commit.  The helper snapshot is deleted in the
+    same transaction, but the volume keeps its snapshot time (dm-thin's time rule), so a block the image
+    did not cover is copied once at its next write, as after any deleted snapshot in dm-thin.
 
     InvalidArgument for any bad input (the checks above, the image larger than the volume, ``size``
     different from an existing volume's, a new volume's size unknown).  Returns ``{"name", "created",
