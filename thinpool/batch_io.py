@@ -101,7 +101,7 @@ def apply_io(thins: Sequence[Thin], vol: np.ndarray, ops: np.ndarray, offsets: n
         raise InvalidArgument(f"apply_io: volume index out of range (0..{len(thins) - 1})")
     ctx = thins[0]._ctx
     with ctx.lock:
-        ctx.check_open()
+        ctx.check_readable()  # (fail mode: every I/O fails, dm-thin's thin_bio_map)
         slots = np.array([t._slot() for t in thins], np.int64)
         sizes = ctx.devs_i[slots, L.DEV_SIZE]
         if n and (int(offsets.min()) < 0 or int(lengths.min()) < 0):

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar, cast
 import numpy as np
 
 from . import schema as K
+from .errors import HostIOError
 from .origin import Origins
 from .poollock import PoolLock
 from .schema import Mode
@@ -60,7 +61,7 @@ class KernelContext:
     :class:`~thinpool.nospace.NoSpaceQueue` (writes waiting for data space).
     """
 
-    __slots__ = ("pool", "lock", "keys", "slots", "names", "gone", "is_open", "devs_i", "devs_dirty", "st", "nodes_map", "space", "data",
+    __slots__ = ("pool", "lock", "keys", "slots", "names", "gone", "is_open", "readable", "devs_i", "devs_dirty", "st", "nodes_map", "space", "data",
                  "one_io", "fast_write", "path", "active", "origins", "nospace", "_tab", "_tab_arrays", "_tab_st",
                  "_tab_epoch", "locate_fn", "locate_read_fn", "write_one_fn")
 
@@ -70,6 +71,7 @@ class KernelContext:
         self.keys: dict[str, int] = {}
         self.slots: dict[int, int] = {}
         self.is_open = False
+        self.readable = False  # open and not in fail mode: reads may be served
         self.names: dict[int, str] = {}
         self.gone: dict[int, str] = {}  # volume key -> its name when it was deleted (for handles' errors)
         self.active: dict[int, dict[str, int]] = {}  # volume key -> holder -> count (open_count)
@@ -197,6 +199,14 @@ class KernelContext:
     def check_open(self) -> None:
         """InvalidArgument if the pool is closed."""
         self.pool._check_open()
+
+    def check_readable(self) -> None:
+        """Before a read: InvalidArgument if closed, HostIOError (EIO) in fail mode -- dm-thin's
+        ``thin_bio_map`` errors every bio, reads included, once the pool is in ``PM_FAIL``."""
+        self.pool._check_open()
+        if self.pool.mode == Mode.FAIL:
+            raise HostIOError(f"pool {self.path} has failed ({getattr(self.pool, 'read_only_reason', '')}): "
+                              f"every I/O fails, reads included, until it is reopened")
 
     def check_writable(self) -> None:
         """InvalidArgument if closed, ReadOnly if the pool cannot be written (saying why)."""

@@ -413,6 +413,7 @@ class Pool(Transactions, DeviceOps, Features, Accounting):
         old = self._mode
         self._mode = Mode(value)
         self._engine.fast_write = self._mode is Mode.WRITE and not self.read_only and not self._closed
+        self._engine.readable = self._mode is not Mode.FAIL and not self._closed
         self._nospace.mode_changed(old, self._mode)
 
     @property
@@ -556,7 +557,7 @@ class Pool(Transactions, DeviceOps, Features, Accounting):
                 self.commit_passdown()
         finally:
             self._closed = True
-            self._engine.is_open = self._engine.fast_write = False
+            self._engine.is_open = self._engine.fast_write = self._engine.readable = False
             self._data.close()
             self._engine.origins.close()
             self._store.close()

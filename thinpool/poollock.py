@@ -264,7 +264,7 @@ def read_binding(thin: Any) -> ReadBinding | None:
         raise RuntimeError("read_binding needs the pool's lock held")
     key = thin._key
     slot = ctx.slots.get(key)
-    if slot is None or not ctx.is_open or key in ctx.origins.by_key:
+    if slot is None or not ctx.readable or key in ctx.origins.by_key:
         return None
     table = ctx.table()
     data = ctx.data

@@ -472,7 +472,7 @@ class Thin:
             plain_acquire(lock)  # reads only, and only with no compiled reader registered (poollock)
             try:
                 slot = ctx.slots.get(self._key)
-                if slot is not None and ctx.is_open and not lock.readers:
+                if slot is not None and ctx.readable and not lock.readers:
                     data = ctx.data
                     if data.fd >= 0 and not ctx.origins.by_key:
                         pos = (ctx.locate_read_fn or ctx.bind_locate_read())(ctx.table(), ctx.devs_i, slot, offset,
@@ -497,13 +497,13 @@ class Thin:
         ctx = self._ctx
         with ctx.lock:
             slot = ctx.slots.get(self._key)
-            if (type(offset) is int and type(length) is int and slot is not None and ctx.is_open
+            if (type(offset) is int and type(length) is int and slot is not None and ctx.readable
                     and 0 <= offset and 0 <= length and offset + length <= int(ctx.devs_i[slot, DEV_SIZE])):
                 pass  # fast path (open pool, in range): no checks beyond these
             else:
                 offset = io_integer(self.name, "offset", offset)
                 length = io_integer(self.name, "length", length)
-                ctx.check_open()
+                ctx.check_readable()
                 check_span(self.name, self.size, offset, length)  # before allocating the output
                 slot = self._slot()
             out = np.empty(length, np.uint8)
@@ -559,7 +559,7 @@ class Thin:
     def _read(self, offsets: np.ndarray, lengths: np.ndarray, out: np.ndarray, starts: np.ndarray) -> None:
         ctx = self._ctx
         with ctx.lock:
-            ctx.check_open()
+            ctx.check_readable()
             self._check_range(offsets, lengths)
             root = int(ctx.devs_i[self._slot(), DEV_ROOT])
             ofd, osize = ctx.origin(self._key)

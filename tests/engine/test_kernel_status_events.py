@@ -10,7 +10,7 @@ import pytest
 
 from thinpool import Pool
 from thinpool.devtable import DeviceTable
-from thinpool.errors import NoSpace
+from thinpool.errors import HostIOError, NoSpace, ReadOnly
 
 BS = 64 * 1024
 
@@ -143,3 +143,41 @@ def test_kernel_rule_metadata_low_water_is_edge_triggered_on_free_metadata(tmp_p
         assert p.status().metadata_low_water_mark == 128 and p.store.free_blocks() > 128 and len(events) == 1
         _fill_metadata_until(p, v, i, events)  # ... so falling to it again raises a second event
         assert len(events) == 2 and events[1] <= 128
+
+
+# --------------------------------------------------------------------------- fail mode
+def test_kernel_rule_fail_mode_errors_every_io_reads_included(tmp_path) -> None:
+    # thin_bio_map: "if (get_pool_mode(tc->pool) == PM_FAIL) { bio_io_error(bio); ... }" -- every bio,
+    # reads too; pool_status prints "Fail".  thinpool fails when a flush of the host files fails.
+    import errno
+
+    from thinpool.datadev import DataDevice
+    from thinpool.hostio import DataIO
+
+    class BadSync(DataIO):
+        @staticmethod
+        def fdatasync(fd: int) -> None:
+            raise OSError(errno.EIO, "injected")
+
+    p = Pool.create(tmp_path / "p", data_size=16 * BS)
+    v = p.create_thin("v", 4 * BS)
+    v.write(0, b"committed")
+    p.commit()
+    v.write(BS, b"x")
+    DataDevice.io = BadSync()
+    try:
+        with pytest.raises(HostIOError):
+            p.commit()
+    finally:
+        DataDevice.io = DataIO()
+    assert p.mode == "fail" and p.status().dmsetup_line() == "Fail"
+    for read in (lambda: v.read(0, 9), lambda: v.pread(0, 9), lambda: v.read_many([0], 9),
+                 lambda: v.read(0, 3 * BS)):
+        with pytest.raises(HostIOError, match="reads included") as ei:
+            read()
+        assert ei.value.errno == errno.EIO
+    with pytest.raises(ReadOnly):
+        v.write(0, b"y")
+    p.close(commit=False)
+    with Pool.open(tmp_path / "p") as p:  # reopening finds the last durable commit
+        assert p.mode == "write" and p.thin("v").read(0, 9) == b"committed"
