@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from .common import IntRange, SIZE, abspath, stderr_is_tty
+from .common import CommandFn, IntRange, SIZE, abspath, stderr_is_tty
 
 if TYPE_CHECKING:
     from thinpool.simulate.results import Result
@@ -78,7 +78,7 @@ def _every(value: str | None, what: str) -> Every | None:
     return Every.parse(value, what)
 
 
-def _report_options(f):
+def _report_options(f: CommandFn) -> CommandFn:
     """The report outputs both commands take: --json, --html and --plot (see :func:`_outputs`)."""
     f = click.option("--plot", metavar="OUT.png", default=None, help="Write the plots as one PNG.")(f)
     f = click.option("--html", "html_out", metavar="OUT", default=None, help="Write a self-contained HTML report.")(f)

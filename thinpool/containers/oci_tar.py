@@ -241,7 +241,7 @@ class _MemberReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def read(self, size: int = -1) -> bytes:
+    def read(self, size: int | None = -1) -> bytes:  # (None: all, as io's readers take it)
         if self._raw is None:
             return b""
         try:
