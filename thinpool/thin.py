@@ -25,7 +25,7 @@ from .hostio import last_errno, libc
 from .io_checks import ORIGIN_ERROR, as_offsets, check_span, io_integer, out_buffer
 from .poollock import plain_acquire, plain_release
 from .schema import (DEV_CREATION_TIME, DEV_FLAGS, DEV_MAPPED, DEV_ROOT, DEV_SIZE, DEV_SNAP_TIME,
-                     DEV_TRANSACTION, FLAG_READ_ONLY, U64_MASK, unpack_mapping)
+                     DEV_TRANSACTION, FLAG_READ_ONLY, U64_MASK, Mode, unpack_mapping)
 
 if TYPE_CHECKING:
     from .pool import Pool
@@ -198,6 +198,15 @@ class Thin:
         with self._ctx.lock:
             self._slot()
             return self.pool.usage(self.name)
+
+    def status_line(self) -> str:
+        """The thin target's status line as dm-thin's ``thin_status`` prints it: ``Fail`` when the
+        pool is in fail mode, else ``<nr mapped sectors> <highest mapped sector>``
+        (:meth:`Usage.dmsetup_line <thinpool.status.Usage.dmsetup_line>`)."""
+        with self._ctx.lock:
+            if self.pool.mode == Mode.FAIL:
+                return "Fail"
+            return self.usage().dmsetup_line()
 
     # ------------------------------------------------------------------ validation
     def _check_range(self, offsets: np.ndarray, lengths: np.ndarray) -> None:

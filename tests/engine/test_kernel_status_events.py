@@ -52,7 +52,7 @@ def test_kernel_rule_thin_status_line_mapped_and_highest_sector(tmp_path, block_
         v.write(0, b"x")
         assert v.usage().dmsetup_line() == f"{spb} {spb - 1}"  # block 0 ends at sector spb - 1
         v.write(5 * block_size + 7, b"y")
-        assert v.usage().dmsetup_line() == f"{2 * spb} {6 * spb - 1}"
+        assert v.usage().dmsetup_line() == v.status_line() == f"{2 * spb} {6 * spb - 1}"
         s = p.snapshot("v", "s")
         v.discard(5 * block_size, block_size)  # the origin's highest goes; the snapshot keeps it
         assert v.usage().dmsetup_line() == f"{spb} {spb - 1}"
@@ -171,6 +171,7 @@ def test_kernel_rule_fail_mode_errors_every_io_reads_included(tmp_path) -> None:
     finally:
         DataDevice.io = DataIO()
     assert p.mode == "fail" and p.status().dmsetup_line() == "Fail"
+    assert v.status_line() == "Fail"  # thin_status: "if (get_pool_mode(tc->pool) == PM_FAIL) DMEMIT("Fail")"
     for read in (lambda: v.read(0, 9), lambda: v.pread(0, 9), lambda: v.read_many([0], 9),
                  lambda: v.read(0, 3 * BS)):
         with pytest.raises(HostIOError, match="reads included") as ei:
