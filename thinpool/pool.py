@@ -159,7 +159,9 @@ class Pool(Transactions, DeviceOps, Features, Accounting):
                on_metadata_low_water: Callable[["Pool"], None] | None = None) -> "Pool":
         """Create a pool: a sparse data file of ``data_size`` bytes cut into ``block_size`` blocks.
 
-        ``low_water_mark`` is in data blocks (the callback fires once when free blocks fall to it);
+        ``low_water_mark`` is in data blocks (``on_low_water`` fires once when an allocation sees free
+        blocks at or below it, or a write finds none; again after a resume: a reopen, a resize,
+        ``set_features``);
         ``on_metadata_low_water`` is called when free metadata blocks fall to dm-thin's metadata low
         water mark, min(1024, metadata blocks / 4) (again after they were above it);
         ``metadata_size`` defaults to thin_metadata_size's formula (see :func:`default_metadata_blocks`).
