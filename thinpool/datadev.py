@@ -150,9 +150,10 @@ class DataDevice:
             self.mm = None
 
     def resize(self, nr_blocks: int) -> None:
-        """Grow the file (sparse) to ``nr_blocks`` blocks and remap it."""
-        self._unmap()
+        """Grow the file (sparse) to ``nr_blocks`` blocks and remap it (a failed ``ftruncate`` leaves the
+        file, its map and ``nr_blocks`` as they were)."""
         os.ftruncate(self.fd, nr_blocks * self.block_size)
+        self._unmap()
         self.nr_blocks = nr_blocks
         self._map()
 
@@ -202,6 +203,23 @@ class DataDevice:
             n = min(len(zero), end - start)
             write_all(os.pwrite, self.fd, zero[:n], start, self.path)
             start += n
+
+    def check_length(self) -> None:
+        """The data file is still as long as the pool (one ``fstat``; a commit asks): HostIOError (EIO)
+        naming it if another program truncated it under the open pool -- the mapped blocks past its new
+        end are gone, and a later write past that end would re-extend the file with a hole, so that the
+        others read as zeroes."""
+        try:
+            st = os.fstat(self.fd)
+        except OSError as exc:
+            raise HostIOError(f"cannot check the length of the data file {self.path}: {exc.strerror}",
+                              exc.errno or errno.EIO, self.path) from None
+        expected = self.nr_blocks * self.block_size
+        if stat.S_ISREG(st.st_mode) and st.st_size < expected:
+            raise HostIOError(f"the data file {self.path} was truncated under the open pool to {st.st_size} bytes "
+                              f"(the pool's {self.nr_blocks} blocks take {expected}): the blocks past its end "
+                              f"are lost; stop whatever truncates it, then reopen the pool (thinpool repair "
+                              f"drops the mappings of the lost blocks)", errno.EIO, self.path)
 
     def failure(self, err: int) -> tuple[int, str]:
         """(errno, why) for a failed read or write of the data file that left C ``errno`` ``err``: a file
@@ -284,6 +302,9 @@ class NullDataDevice:
 
     def allocated_blocks(self) -> np.ndarray:
         return np.zeros(0, np.int64)
+
+    def check_length(self) -> None:
+        """No file: nothing to check."""
 
     def failure(self, err: int) -> tuple[int, str]:
         """As :meth:`DataDevice.failure` (never called: no I/O of a file that does not exist fails)."""

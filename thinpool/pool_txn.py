@@ -335,6 +335,13 @@ class Transactions:
                               f"durable commit was committed ({getattr(self, 'read_only_reason', '')})")
         if self.read_only:
             return
+        try:  # the data file as long as the pool: another program's truncation took mapped blocks
+            self._data.check_length()
+        except HostIOError as exc:
+            self._set_mode(Mode.FAIL)
+            self.read_only_reason = str(exc)
+            raise HostIOError(f"pool {self.path}: commit refused, nothing of it is durable (the pool has failed: "
+                              f"reopen it): {exc}", exc.errno or errno.EIO, exc.filename) from None
         if self.mode in (Mode.READ_ONLY, Mode.OUT_OF_METADATA_SPACE):
             # no metadata change is possible in these modes (dm-thin's commit() refuses); the writes
             # they serve (provisioned, unshared blocks) reach the data file, and a FLUSH flushes it

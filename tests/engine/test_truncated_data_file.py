@@ -59,6 +59,10 @@ outcome("snapshot read", lambda: s.read(5 * BS + 7, 9))
 outcome("export", lambda: images.export_image(p, "v", image))
 outcome("copy-on-write break", lambda: s.write(6 * BS + 10, b"new"))
 outcome("unmapped read", lambda: v.read(40 * BS, 16))
+outcome("first write", lambda: v.write(41 * BS, b"x"))  # a new block, pwrite past the new end: re-extends
+outcome("commit", p.commit)
+out["mode"] = p.mode.value
+outcome("read after the commit", lambda: v.read(5 * BS + 7, 9))
 print(json.dumps(out), flush=True)
 p.close(commit=False)
 """
@@ -96,6 +100,17 @@ def test_kernel_rule_data_device_shrunk_under_the_pool_fails_reads_with_eio_neve
         _failed_naming_the_data_file(res, name)
     _failed_naming_the_data_file(res, "copy-on-write break", "DataDeviceError")
     assert res["unmapped read"] == {"bytes": "00" * 8}, res
+    _committing_fails_the_pool(res)
+
+
+def _committing_fails_the_pool(res: dict[str, Any]) -> None:
+    """A first write (a new block, past the cut) re-extends the file up to it -- no error, pwrite past
+    the end -- but the next commit finds the file shorter than the pool and refuses, naming the
+    truncation; the pool is in fail mode, where every I/O fails (dm-thin's PM_FAIL), reads included."""
+    assert res["first write"] == {"bytes": "done"}, res
+    _failed_naming_the_data_file(res, "commit")
+    assert res["mode"] == "fail", res
+    assert res["read after the commit"].get("errno") == errno.EIO, res  # block 5 too: the pool has failed
 
 
 def test_data_file_cut_inside_the_pool_fails_only_reads_past_its_new_end(tmp_path: Any) -> None:
@@ -108,3 +123,4 @@ def test_data_file_cut_inside_the_pool_fails_only_reads_past_its_new_end(tmp_pat
     for name in ("read a whole block", "read across blocks", "read_many", "read_into", "export"):
         _failed_naming_the_data_file(res, name)
     _failed_naming_the_data_file(res, "copy-on-write break", "DataDeviceError")
+    _committing_fails_the_pool(res)
