@@ -18,6 +18,9 @@ import errno
 import mmap
 import os
 import stat
+import sys
+import threading
+from typing import Any
 
 import numpy as np
 
@@ -65,6 +68,69 @@ def short_file_error(path: str, size: int, block_size: int, nr_blocks: int, past
     else:
         msg += ": no mapped block lies past its end; a read-write open re-extends it"
     return FailedPrecondition(msg)
+
+
+#: whether a commit may start the data file's flush on the helper thread (:class:`BackgroundFlush`);
+#: False: every flush runs in the committing thread
+BACKGROUND_FLUSH = True
+#: flushes an open data file makes itself before it uses the helper: the helper's first use costs
+#: about 10 ms of CPU (loading its kernels, starting the thread), more than a command that commits
+#: once or twice (the CLI's) could gain
+HELPER_AFTER = 2
+
+
+class BackgroundFlush:
+    """The process's helper thread that runs a data file's ``fdatasync`` while the committing thread
+    makes the commit's metadata pages (:mod:`thinpool.kernels_flush`: it never takes the GIL, so it
+    starts the flush at once, whatever Python code runs meanwhile).  One request at a time: a second
+    pool committing meanwhile flushes its file itself.  Made on first use in each process (a forked
+    child makes its own); a daemon thread, idle between requests.  Used only where numba is loaded
+    (its JIT enabled) and the file's flush is the real ``os.fdatasync`` (:class:`~thinpool.hostio.DataIO`)."""
+
+    def __init__(self) -> None:
+        self._pid = -1
+        self._ctl: Any = None
+        self._kf: Any = None
+        self._guard = threading.Lock()
+
+    def _ready(self) -> bool:
+        """Whether this process's helper runs (started now if not yet, or after a fork)."""
+        if self._pid == os.getpid():
+            return self._ctl is not None
+        with self._guard:
+            if self._pid != os.getpid():
+                self._ctl = None
+                try:
+                    from numba import config
+                    if config.DISABLE_JIT:  # (the kernels would run as Python, holding the GIL)
+                        raise ImportError("numba's JIT is disabled")
+                    from . import kernels_flush as kf
+                    ctl = np.zeros(kf.CTL_WORDS, np.int64)
+                    base = ctl.ctypes.data
+                    lock_bytes = 8 * kf.LOCK_WORDS
+                    if _libc.pthread_mutex_init(ctypes.c_void_p(base), None) == 0 and \
+                            _libc.pthread_cond_init(ctypes.c_void_p(base + lock_bytes), None) == 0:
+                        threading.Thread(target=kf.flush_loop, args=(ctl,), name="thinpool-data-flush",
+                                         daemon=True).start()
+                        self._ctl, self._kf = ctl, kf
+                except Exception:  # (no helper: every flush runs in the committing thread)
+                    self._ctl = None
+                self._pid = os.getpid()
+        return self._ctl is not None
+
+    def start(self, fd: int) -> bool:
+        """Ask the helper to flush ``fd``; False when it cannot now (none in this process, or busy with
+        another pool's flush): the caller flushes itself."""
+        return self._ready() and self._kf.flush_start(self._ctl, fd) == 0
+
+    def finish(self) -> int:
+        """The end of the request :meth:`start` made, without waiting: 0 when the flush succeeded, its
+        errno when it failed, a negative value when it has not returned or not begun (the caller
+        flushes: :func:`thinpool.kernels_flush.flush_finish`)."""
+        return int(self._kf.flush_finish(self._ctl))
+
+
+_background = BackgroundFlush()
 
 
 class DataDevice:
@@ -160,11 +226,56 @@ class DataDevice:
     #: the flush and hole-punch calls (class-level so a test can swap them for every device)
     io: DataIO = DataIO()
 
+    #: a flush :meth:`start_sync` handed to the helper thread, not yet ended by :meth:`sync`
+    _flush_started = False
+    #: the helper's descriptor of the file (another open of it: see :meth:`start_sync`), -1 until needed
+    _flush_fd = -1
+    #: calls of :meth:`start_sync` so far (see :data:`HELPER_AFTER`)
+    _sync_starts = 0
+
+    def start_sync(self) -> bool:
+        """Start flushing every write so far on the helper thread (:class:`BackgroundFlush`), for
+        :meth:`sync` to end; False (nothing started) when no helper can (numba not loaded or its JIT
+        disabled, a substituted flush in ``io``, a flush already started, a read-only file) and for
+        this open file's first :data:`HELPER_AFTER` calls.  The caller must call
+        :meth:`sync` before anything that relies on those writes being durable.  The helper flushes
+        through its own open of the file (``/proc/self/fd``: the same file, whatever its path names
+        now), so a write-back error is reported to each descriptor's flush: one the helper saw is
+        still reported to this descriptor's own flush (Linux reports an error once per open file)."""
+        self._sync_starts += 1
+        if self._sync_starts <= HELPER_AFTER or self.read_only or self._flush_started or not BACKGROUND_FLUSH \
+                or self.fd < 0 or self.io.fdatasync is not os.fdatasync or "numba" not in sys.modules:
+            return False  # (a substituted flush -- a test's fault injection, a scratch pool's none -- runs here)
+        if self._flush_fd < 0:
+            try:
+                self._flush_fd = os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                return False
+        self._flush_started = _background.start(self._flush_fd)
+        return self._flush_started
+
     def sync(self) -> None:
-        """Make every write so far durable (dm-thin flushes the data device before committing).
-        A failed flush raises :class:`~thinpool.errors.HostIOError` (the writes may be lost)."""
-        if not self.read_only:
-            sync_or_fail(self.io.fdatasync, self.fd, self.path)
+        """Make every write so far durable (dm-thin flushes the data device before committing).  Ends
+        the flush :meth:`start_sync` started: done when the helper's flush has returned, else (not
+        begun, or not yet returned) this descriptor's own flush, which waits for the write-back under
+        way.  A failed flush raises :class:`~thinpool.errors.HostIOError` (the writes may be lost)."""
+        if self.read_only:
+            return
+        if self._flush_started:
+            self._flush_started = False
+            err = _background.finish()
+            if err == 0:
+                return
+            if err > 0:
+                raise HostIOError(f"flushing {self.path} failed: {os.strerror(err)}; what was written since "
+                                  f"the last flush may be lost", err, self.path)
+        sync_or_fail(self.io.fdatasync, self.fd, self.path)
+
+    def end_sync(self) -> None:
+        """End the flush :meth:`start_sync` started, if one is under way (as :meth:`sync`, which
+        raises if it failed); nothing otherwise."""
+        if self._flush_started:
+            self.sync()
 
     def punch(self, blocks: np.ndarray) -> int:
         """Hole-punch the given data blocks; returns the number of runs punched.
@@ -264,6 +375,12 @@ class DataDevice:
             ownership.check_owner(self.path, self.owner, self.pool_path, fd=self.fd)
 
     def close(self) -> None:
+        if self._flush_started:  # (a request left: over, its result unread -- a commit ends its own)
+            self._flush_started = False
+            _background.finish()
+        if self._flush_fd >= 0:
+            os.close(self._flush_fd)
+            self._flush_fd = -1
         self._unmap()
         if self.fd >= 0:
             os.close(self.fd)
@@ -292,6 +409,13 @@ class NullDataDevice:
 
     def resize(self, nr_blocks: int) -> None:
         self.nr_blocks = nr_blocks
+
+    def start_sync(self) -> bool:
+        """Nothing to flush: nothing started."""
+        return False
+
+    def end_sync(self) -> None:
+        """Nothing started."""
 
     def sync(self) -> None:
         """Nothing to flush."""

@@ -31,7 +31,7 @@ from . import jit_cache
 
 #: the files whose contents every cached kernel may have been compiled from
 SOURCES = ("schema.py", "kernels_cache.py", "kernels_map.py", "kernels.py", "walks.py", "kernels_replay.py",
-           "kernels_pages.py", "kernels_nbd.py")
+           "kernels_pages.py", "kernels_nbd.py", "kernels_flush.py")
 
 _digest: int | None = None
 #: the kernel modules whose cached code :func:`check` dropped in this process (for tests and debugging)

@@ -359,20 +359,29 @@ class Transactions:
             self.read_only_reason = str(exc)
             raise HostIOError(f"pool {self.path}: commit refused, nothing of it is durable (the pool has failed: "
                               f"reopen it): {exc}", exc.errno or errno.EIO, exc.filename) from None
-        freed = self._space.freed_blocks()
-        record = np.union1d(freed, self._unpunched) if len(self._unpunched) else freed
-        arrays = self._paged()
-        if len(record) or len(self._space.pending):
-            arrays["pending"] = PagedArray(pad_pages(record.astype(np.uint64).tobytes()),
-                                           np.arange(max(1, _round_up(len(record) * 8, BLOCK) // BLOCK)))
-        self._header["pending_blocks"] = len(record)  # always: a stale count would resurrect an old list
-        self._header.update(time=self.time, cursor=int(self._st[K.ST_CURSOR]), nr_data_blocks=self._space.nr_blocks,
-                           used_data_blocks=self._space.used())  # for readers that skip the space map
+        # the data file's flush starts now on the helper thread (datadev.BackgroundFlush) and runs while
+        # the pages and the superblock are made; the store ends it (``before_write``) before it writes
+        # the first of them: data durable before any metadata write, then pages, then the superblock
+        self._data.start_sync()
         try:
-            # the data file is flushed inside the store's commit, once every page and the superblock
-            # are made and before the first is written: the three flushes then follow each other with
-            # only their writes between them (the floor's order: data, pages, superblock)
-            self._store.commit(arrays, self._header, hints=self._hints(), before_write=self._sync_data)
+            try:
+                freed = self._space.freed_blocks()
+                record = np.union1d(freed, self._unpunched) if len(self._unpunched) else freed
+                arrays = self._paged()
+                if len(record) or len(self._space.pending):
+                    arrays["pending"] = PagedArray(pad_pages(record.astype(np.uint64).tobytes()),
+                                                   np.arange(max(1, _round_up(len(record) * 8, BLOCK) // BLOCK)))
+                self._header["pending_blocks"] = len(record)  # always: a stale count would resurrect an old list
+                self._header.update(time=self.time, cursor=int(self._st[K.ST_CURSOR]),
+                                    nr_data_blocks=self._space.nr_blocks,
+                                    used_data_blocks=self._space.used())  # for readers that skip the space map
+                # the data file's flush ends inside the store's commit, once every page and the superblock
+                # are made and before the first is written: the three flushes' ends then follow each other
+                # with only their writes between them (the floor's order: data, pages, superblock)
+                self._store.commit(arrays, self._header, hints=self._hints(), before_write=self._sync_data)
+            except BaseException:
+                self._end_data_flush()  # (a commit that failed before the store ended the flush)
+                raise
         except MetadataSpaceExhausted as exc:
             # the reserve did not cover this commit (one batch of writes larger than it): a metadata
             # operation really failed -- dm-thin's metadata_operation_failed()
@@ -465,6 +474,15 @@ class Transactions:
         except HostIOError:
             self._store.failed = self._store.failed or "the data file's flush failed"
             raise
+
+    def _end_data_flush(self) -> None:
+        """End the data file's flush a commit started, if the commit failed before the store ended it:
+        a failed flush fails the store (Linux reports a lost write once), and the commit's own error
+        goes on."""
+        try:
+            self._data.end_sync()
+        except HostIOError:
+            self._store.failed = self._store.failed or "the data file's flush failed"
 
     @_locked
     def abort(self) -> None:

@@ -118,7 +118,8 @@ def run_demo(path: str | os.PathLike | None = None, block_size: int | str = "64K
 #: ``write_one``); the helper starts only when the first two are missing from the kernel cache
 HELPER_KERNELS = ("kernels.write_batch", "kernels.locate", "kernels.locate_read", "walks.logical_counts_into",
                   "walks.usage_of_roots", "walks.count_mappings", "walks.collect_mappings",
-                  "kernels_pages.node_updates", "kernels_map.pack_space_pages")
+                  "kernels_pages.node_updates", "kernels_map.pack_space_pages", "kernels_flush.flush_loop",
+                  "kernels_flush.flush_start", "kernels_flush.flush_finish")
 
 
 def uncached(kernels: tuple[str, ...]) -> list[str]:
@@ -190,6 +191,8 @@ def _helper_work() -> None:
             pool.snapshot("v", "s")
             pool.usage("s")
             pool.thin("s").mappings()
+            vol.write_many(np.array([4096], np.int64), file_content(1, 4096).reshape(1, 4096))
+            pool.commit()  # (a pool's third commit: its data flush on the helper thread, kernels_flush)
 
 
 def _by_name(rows: list) -> list[dict[str, Any]]:
