@@ -77,6 +77,10 @@ BACKGROUND_FLUSH = True
 #: about 10 ms of CPU (loading its kernels, starting the thread), more than a command that commits
 #: once or twice (the CLI's) could gain
 HELPER_AFTER = 2
+#: how long :meth:`DataDevice.sync` waits for a flush the helper began before it flushes itself: its
+#: own flush would wait for the same write-back and then flush the device's cache once more (about
+#: 60 us); a helper that waits for a CPU (a loaded machine) costs at most this
+WAIT_FOR_HELPER_NS = 200_000
 
 
 class BackgroundFlush:
@@ -123,11 +127,11 @@ class BackgroundFlush:
         another pool's flush): the caller flushes itself."""
         return self._ready() and self._kf.flush_start(self._ctl, fd) == 0
 
-    def finish(self) -> int:
-        """The end of the request :meth:`start` made, without waiting: 0 when the flush succeeded, its
-        errno when it failed, a negative value when it has not returned or not begun (the caller
-        flushes: :func:`thinpool.kernels_flush.flush_finish`)."""
-        return int(self._kf.flush_finish(self._ctl))
+    def finish(self, wait_ns: int = 0) -> int:
+        """The end of the request :meth:`start` made: 0 when the flush succeeded, its errno when it
+        failed, a negative value when it has not returned (after waiting at most ``wait_ns`` for a
+        flush the helper began) or not begun: the caller flushes (:func:`thinpool.kernels_flush.flush_finish`)."""
+        return int(self._kf.flush_finish(self._ctl, wait_ns))
 
 
 _background = BackgroundFlush()
@@ -256,14 +260,14 @@ class DataDevice:
 
     def sync(self) -> None:
         """Make every write so far durable (dm-thin flushes the data device before committing).  Ends
-        the flush :meth:`start_sync` started: done when the helper's flush has returned, else (not
-        begun, or not yet returned) this descriptor's own flush, which waits for the write-back under
-        way.  A failed flush raises :class:`~thinpool.errors.HostIOError` (the writes may be lost)."""
+        the flush :meth:`start_sync` started: done when the helper's flush has returned (waiting at
+        most :data:`WAIT_FOR_HELPER_NS` for one it began), else (not begun, or not yet returned) this
+        descriptor's own flush, which waits for the write-back under way.  A failed flush raises :class:`~thinpool.errors.HostIOError` (the writes may be lost)."""
         if self.read_only:
             return
         if self._flush_started:
             self._flush_started = False
-            err = _background.finish()
+            err = _background.finish(WAIT_FOR_HELPER_NS)
             if err == 0:
                 return
             if err > 0:

@@ -37,6 +37,8 @@ c_mutex_lock = types.ExternalFunction("pthread_mutex_lock", types.int32(types.vo
 c_mutex_unlock = types.ExternalFunction("pthread_mutex_unlock", types.int32(types.voidptr))
 c_cond_wait = types.ExternalFunction("pthread_cond_wait", types.int32(types.voidptr, types.voidptr))
 c_cond_broadcast = types.ExternalFunction("pthread_cond_broadcast", types.int32(types.voidptr))
+c_cond_timedwait = types.ExternalFunction("pthread_cond_timedwait",
+                                          types.int32(types.voidptr, types.voidptr, types.voidptr))
 c_fdatasync = types.ExternalFunction("fdatasync", types.int32(types.int32))
 c_errno_location = types.ExternalFunction("__errno_location", types.CPointer(types.int32)())
 c_clock_gettime = types.ExternalFunction("clock_gettime", types.int32(types.int32, types.voidptr))
@@ -57,6 +59,8 @@ BUSY = -2
 
 _SOURCES_DIGEST = kernels_cache.sources_digest()
 _CLOCK_MONOTONIC = 1
+_CLOCK_REALTIME = 0
+_ETIMEDOUT = 110
 
 
 @intrinsic
@@ -148,13 +152,22 @@ def flush_start(ctl, fd):
 
 
 @njit(cache=True, nogil=True)
-def flush_finish(ctl):
-    """The end of the request :func:`flush_start` made, without waiting: its ``fdatasync``'s result
-    (0 or the errno) when the helper is done with it; :data:`NOT_STARTED` when the helper had not
-    taken it up (or nothing was requested: taken back); :data:`IN_FLIGHT` when its ``fdatasync``
-    has not returned (abandoned: the helper drops its result).  Either way the request is over."""
+def flush_finish(ctl, wait_ns):
+    """The end of the request :func:`flush_start` made: its ``fdatasync``'s result (0 or the errno)
+    when the helper is done with it; :data:`NOT_STARTED` when the helper had not taken it up (or
+    nothing was requested: taken back); :data:`IN_FLIGHT` when its ``fdatasync`` has not returned
+    within ``wait_ns`` nanoseconds (abandoned: the helper drops its result).  Either way the
+    request is over.  Waits only for a flush the helper began, and at most ``wait_ns``."""
     mu = ctl.ctypes.data
     c_mutex_lock(mu)
+    if wait_ns > 0 and _get(ctl, C_STATE) == RUNNING:
+        ts = np.zeros(2, np.int64)  # (a struct timespec: the deadline on the realtime clock)
+        c_clock_gettime(_CLOCK_REALTIME, ts.ctypes.data)
+        end = ts[0] * 1_000_000_000 + ts[1] + wait_ns
+        ts[0], ts[1] = end // 1_000_000_000, end % 1_000_000_000
+        while _get(ctl, C_STATE) == RUNNING:
+            if c_cond_timedwait(mu + 8 * LOCK_WORDS, mu, ts.ctypes.data) == _ETIMEDOUT:
+                break
     st = _get(ctl, C_STATE)
     r = _get(ctl, C_RESULT)
     if st == RUNNING:

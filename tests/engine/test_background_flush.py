@@ -48,16 +48,18 @@ def _wait_state(ctl: np.ndarray, states: tuple[int, ...]) -> None:
 
 
 def test_request_not_taken_up_is_taken_back_and_one_in_flight_is_abandoned():
-    """Without a helper: a request nobody took up is taken back (the caller flushes itself); a second
-    request while one is pending is refused (busy); a flush under way is abandoned (its result
-    dropped by the helper when it returns), never waited for."""
+    """Without a helper: a request nobody took up is taken back at once (the caller flushes itself); a
+    second request while one is pending is refused (busy); a flush under way is waited for at most
+    the time given, then abandoned (its result dropped by the helper when it returns)."""
     ctl = _ctl()
     assert kf.flush_start(ctl, 0) == 0 and ctl[kf.C_STATE] == kf.REQUESTED
     assert kf.flush_start(ctl, 0) == kf.BUSY
-    assert kf.flush_finish(ctl) == kf.NOT_STARTED and ctl[kf.C_STATE] == kf.IDLE
-    assert kf.flush_finish(ctl) == kf.NOT_STARTED  # (nothing requested: nothing to end)
+    assert kf.flush_finish(ctl, 10**9) == kf.NOT_STARTED and ctl[kf.C_STATE] == kf.IDLE  # (never waits)
+    assert kf.flush_finish(ctl, 0) == kf.NOT_STARTED  # (nothing requested: nothing to end)
     ctl[kf.C_STATE] = kf.RUNNING  # as the helper marks a request it took up
-    assert kf.flush_finish(ctl) == kf.IN_FLIGHT and ctl[kf.C_ABANDONED] == 1
+    t0 = time.monotonic()
+    assert kf.flush_finish(ctl, 50_000_000) == kf.IN_FLIGHT and ctl[kf.C_ABANDONED] == 1
+    assert time.monotonic() - t0 >= 0.045  # (it waited for the flush under way, and no longer)
     assert kf.flush_start(ctl, 0) == kf.BUSY  # (until the helper returns from that flush)
 
 
@@ -76,12 +78,12 @@ def test_helper_flushes_and_reports_the_errno_of_a_failed_flush(tmp_path):
             os.pwrite(fd, b"x" * 4096, 0)
             assert kf.flush_start(ctl, target) == 0
             _wait_state(ctl, (kf.DONE,))
-            assert kf.flush_finish(ctl) == want and ctl[kf.C_STATE] == kf.IDLE
+            assert kf.flush_finish(ctl, 0) == want and ctl[kf.C_STATE] == kf.IDLE
             assert ctl[kf.C_T_END] >= ctl[kf.C_T_START] > 0
         ctl[kf.C_T_END] = 0
         assert kf.flush_start(ctl, fd) == 0
         _wait_state(ctl, (kf.RUNNING, kf.DONE))
-        got = kf.flush_finish(ctl)  # (abandoned if still running, else its result)
+        got = kf.flush_finish(ctl, 0)  # (abandoned if still running, else its result)
         assert got in (0, kf.IN_FLIGHT)
         _wait_state(ctl, (kf.IDLE,))
         assert ctl[kf.C_ABANDONED] == 0 and ctl[kf.C_T_END] > 0
