@@ -8,12 +8,13 @@ The helper thread enters :func:`flush_loop` once and stays in compiled code unti
 waits on a condition variable, runs each requested ``fdatasync`` and reports its errno.  Because it
 never needs the GIL, it starts the flush as soon as the request reaches it, whatever Python code the
 requesting thread runs meanwhile.  The requesting thread calls :func:`flush_start`, then
-:func:`flush_finish`, which never waits for the helper: a request the helper has not taken up by then
-is taken back (:data:`NOT_STARTED`), one whose ``fdatasync`` has not returned is abandoned
-(:data:`IN_FLIGHT`), and the caller flushes the file itself -- on its own descriptor (the helper's is
-another open of the file, so each call reports a write-back error to its own caller: Linux reports
-one once per open file) -- which waits for the write-back under way and nothing else.  So a helper
-that waits for a CPU (a loaded machine) never makes a commit wait longer than its own flush would.
+:func:`flush_finish`, which waits only a bounded time, and only for a flush the helper began: a
+request the helper has not taken up by then is taken back at once (:data:`NOT_STARTED`), one whose
+``fdatasync`` has not returned within the bound is abandoned (:data:`IN_FLIGHT`), and the caller
+flushes the file itself -- on its own descriptor (the helper's is another open of the file, so each
+call reports a write-back error to its own caller: Linux reports one once per open file) -- which
+waits for the write-back under way and nothing else.  So a helper that waits for a CPU (a loaded
+machine) makes a commit wait at most that bound longer than its own flush would.
 
 ``ctl`` is one int64 array: a ``pthread_mutex_t`` and a ``pthread_cond_t`` (:data:`LOCK_WORDS` words
 each, initialised by the caller), then the request's state, descriptor, result, the stop flag,
