@@ -106,7 +106,9 @@ class BackgroundFlush:
                 self._ctl = None
                 try:
                     from numba import config
-                    if config.DISABLE_JIT:  # (the kernels would run as Python, holding the GIL)
+                    # (without the JIT the kernels would run as Python, holding the GIL; mypy:
+                    # numba's config settings are set at run time, not annotated)
+                    if config.DISABLE_JIT:  # type: ignore[attr-defined]
                         raise ImportError("numba's JIT is disabled")
                     from . import kernels_flush as kf
                     ctl = np.zeros(kf.CTL_WORDS, np.int64)

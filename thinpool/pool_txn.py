@@ -19,7 +19,7 @@ from . import catalog as cat_format
 from . import rules
 from . import schema as K
 from .devtable import DEVS_PER_PAGE, pad_pages
-from .errors import AlreadyExists, HostIOError, InvalidArgument, MetadataSpaceExhausted, ReadOnly
+from .errors import HostIOError, InvalidArgument, MetadataSpaceExhausted, ReadOnly
 from .hostio import DataIO
 from .kernel_context import locked_method as _locked
 from .mdstore import FileIO
@@ -65,13 +65,6 @@ def _poolspace() -> Any:
     asks for it every time, so the module is kept rather than imported again)."""
     from . import poolspace
     return poolspace
-
-
-#: dirty device slots up to which :meth:`Transactions._hints` updates the kept hints from them (more:
-#: counted from the whole table, which costs about as much)
-_MANY_DEVS = 4096
-#: changed slots up to which they are looked at one by one (fewer steps than numpy's for a few)
-_FEW_DEVS = 16
 
 
 def _round_up(n: int, m: int) -> int:
@@ -131,78 +124,22 @@ class Transactions:
                                "directory_bytes", "pages", "held", "recovered_from", "hints"))
 
     def _hints(self) -> dict[str, int]:
-        """What a commit records of the devices for a light open (:meth:`thinpool.mdstore.MetadataStore.hint`):
-        ``dev_id_max``, the largest device id in use (0: none), ``nr_thins``, the devices in use, and
-        ``free_slot``, the first device-table slot not in use (the number of slots when all are), which
-        let :class:`~thinpool.devtable.DeviceTable` pick a snapshot's id and slot and report the status
-        without reading the whole table.
-
-        Kept up to date from the slots changed since the last call (every slot changed is marked dirty:
-        the commit writes its page), so a commit of a 100,000-volume pool does not scan its table (that
-        scan was 0.26-0.44 ms of CPU, 15-20 % of a small commit's): counted once from the whole table
-        after a load (``Pool._install`` drops what was kept), and again only when the device with the
-        largest id leaves its slot, or more slots changed than :data:`_MANY_DEVS`."""
+        """What a commit records of the devices for a light open (:mod:`thinpool.device_hints`:
+        ``dev_id_max``, ``nr_thins``, ``free_slot``), kept up to date from the slots changed since the
+        last call (every slot changed is marked dirty: the commit writes its page), so a commit of a
+        100,000-volume pool does not scan its table; counted from the whole table after a load
+        (``Pool._install`` drops what was kept), when the device with the largest id leaves its slot,
+        or when more slots changed than :data:`thinpool.device_hints.MANY_DEVS`."""
+        from . import device_hints
         devs = self._devs
-        dirty = self._devs_dirty
         kept = self._hints_of
-        if kept is not None and len(dirty) <= _MANY_DEVS and len(devs) >= len(kept[0]):
-            hints = self._hints_from_dirty(kept, devs, dirty)
-            if hints is not None:
-                return dict(hints)
-        used = (devs["flags"] & int(DevFlag.IN_USE)) != 0
-        all_ids = devs["dev_id"].astype(np.int64)
-        ids = all_ids[used]
-        free = np.flatnonzero(~used)
-        hints = {"dev_id_max": int(ids.max()) if len(ids) else 0, "nr_thins": len(ids),
-                 "free_slot": int(free[0]) if len(free) else len(devs)}
-        self._hints_of = (used, all_ids, hints)
-        return dict(hints)
-
-    def _hints_from_dirty(self, kept: tuple[np.ndarray, np.ndarray, dict[str, int]], devs: np.ndarray,
-                          dirty: set[int]) -> dict[str, int] | None:
-        """The hints of :meth:`_hints` from the kept ones and the ``dirty`` slots (the kept per-slot
-        in-use flags and ids updated in place); None when they must be counted from the whole table."""
-        used0, ids0, hints = kept
-        if len(devs) > len(used0):  # the table grew: its new slots are all dirty (Pool._new_slot)
-            grow = len(devs) - len(used0)
-            used0 = np.concatenate([used0, np.zeros(grow, bool)])
-            ids0 = np.concatenate([ids0, np.zeros(grow, np.int64)])
-        if dirty and len(dirty) <= _FEW_DEVS:  # (a few slots: Python steps cost less than numpy's)
-            item, in_use, top = self._devs_i.item, int(DevFlag.IN_USE), hints["dev_id_max"]
-            seen = [(slot, item(slot, K.DEV_FLAGS) & in_use != 0, item(slot, K.DEV_ID), bool(used0[slot]),
-                     int(ids0[slot])) for slot in dirty]
-            if any(ou and (not nu or ni != oi) and oi >= top for _s, nu, ni, ou, oi in seen):
-                return None  # the largest id may be gone: counted again
-            dev_id_max, nr_thins, free_slot = top, hints["nr_thins"], hints["free_slot"]
-            for slot, nu, ni, ou, oi in seen:
-                used0[slot], ids0[slot] = nu, ni
-                if nu and (not ou or ni != oi):
-                    dev_id_max = max(dev_id_max, ni)
-                nr_thins += nu - ou
-                if not nu:
-                    free_slot = min(free_slot, slot)
-        elif dirty:
-            d = np.fromiter(dirty, np.int64, len(dirty))
-            new_used = (devs["flags"][d] & int(DevFlag.IN_USE)) != 0
-            new_ids = devs["dev_id"][d].astype(np.int64)
-            old_used, old_ids = used0[d], ids0[d]
-            left = old_used & (~new_used | (new_ids != old_ids))  # a device left the slot
-            if left.any() and int(old_ids[left].max()) >= hints["dev_id_max"]:
-                return None  # the largest id may be gone: counted again
-            used0[d], ids0[d] = new_used, new_ids
-            came = new_ids[new_used & (~old_used | (new_ids != old_ids))]
-            dev_id_max = max(hints["dev_id_max"], int(came.max()) if len(came) else 0)
-            nr_thins = hints["nr_thins"] + int(new_used.sum()) - int(old_used.sum())
-            freed = d[~new_used]
-            free_slot = min(hints["free_slot"], int(freed.min()) if len(freed) else len(used0))
-        else:
-            dev_id_max, nr_thins, free_slot = hints["dev_id_max"], hints["nr_thins"], hints["free_slot"]
-        if free_slot < len(used0) and used0[free_slot]:  # the first free slot was taken: the next one
-            rest = np.flatnonzero(~used0[free_slot:])
-            free_slot = free_slot + int(rest[0]) if len(rest) else len(used0)
-        hints = {"dev_id_max": dev_id_max if nr_thins else 0, "nr_thins": nr_thins, "free_slot": free_slot}
-        self._hints_of = (used0, ids0, hints)
-        return hints
+        if kept is not None:
+            updated = device_hints.update(kept, devs, self._devs_i, self._devs_dirty)
+            if updated is not None:
+                self._hints_of = updated
+                return dict(updated[2])
+        self._hints_of = device_hints.count(devs)
+        return dict(self._hints_of[2])
 
     def commit_passdown(self) -> None:
         """If the last commit freed blocks a discard passed down, commit once more: they are released and
@@ -315,6 +252,17 @@ class Transactions:
         return arrays
 
     @_locked
+    def _check_file_length(self, check: Callable[[], None]) -> None:
+        """Run ``check`` (a file's length check: HostIOError when another program truncated it); on a
+        short file the pool goes to ``fail`` mode and the commit is refused, nothing of it durable."""
+        try:
+            check()
+        except HostIOError as exc:
+            self._set_mode(Mode.FAIL)
+            self.read_only_reason = str(exc)
+            raise HostIOError(f"pool {self.path}: commit refused, nothing of it is durable (the pool has failed: "
+                              f"reopen it): {exc}", exc.errno or errno.EIO, exc.filename) from None
+
     def commit(self) -> None:
         """Make everything done so far durable, atomically (data is flushed before metadata).
 
@@ -335,13 +283,8 @@ class Transactions:
                               f"durable commit was committed ({getattr(self, 'read_only_reason', '')})")
         if self.read_only:
             return
-        try:  # the data file as long as the pool: another program's truncation took mapped blocks
-            self._data.check_length()
-        except HostIOError as exc:
-            self._set_mode(Mode.FAIL)
-            self.read_only_reason = str(exc)
-            raise HostIOError(f"pool {self.path}: commit refused, nothing of it is durable (the pool has failed: "
-                              f"reopen it): {exc}", exc.errno or errno.EIO, exc.filename) from None
+        # the data file as long as the pool: another program's truncation took mapped blocks
+        self._check_file_length(self._data.check_length)
         if self.mode in (Mode.READ_ONLY, Mode.OUT_OF_METADATA_SPACE):
             # no metadata change is possible in these modes (dm-thin's commit() refuses); the writes
             # they serve (provisioned, unshared blocks) reach the data file, and a FLUSH flushes it
@@ -352,13 +295,8 @@ class Transactions:
             # FLUSH of such a pool still reaches the data device, as the kernel remaps it there
             self._sync_data()
             return
-        try:  # the metadata file as long as the store knows it, before a row mapped from it is read
-            self._store.check_length()
-        except HostIOError as exc:
-            self._set_mode(Mode.FAIL)
-            self.read_only_reason = str(exc)
-            raise HostIOError(f"pool {self.path}: commit refused, nothing of it is durable (the pool has failed: "
-                              f"reopen it): {exc}", exc.errno or errno.EIO, exc.filename) from None
+        # the metadata file as long as the store knows it, before a row mapped from it is read
+        self._check_file_length(self._store.check_length)
         # the data file's flush starts now on the helper thread (datadev.BackgroundFlush) and runs while
         # the pages and the superblock are made; the store ends it (``before_write``) before it writes
         # the first of them: data durable before any metadata write, then pages, then the superblock
@@ -628,47 +566,18 @@ class Transactions:
         reference (:meth:`held_data_blocks`), dropped by :meth:`release_metadata_snap`.  So a backup
         reading the data blocks the held view maps (``thin_delta -m``, ``thin_dump -m``) never reads a
         block reused by another volume."""
-        self._check_writable()
-        self.commit()
-        if self._store.header.get("held"):
-            raise AlreadyExists(f"pool {self.path}: a metadata snapshot is already held: release it before "
-                                f"taking another")
-        self._store.hold()
-        self._store.header["held"]["pinned_data"] = True  # (holds taken before pins existed have none)
-        self._space.add_refs(self._mapped_blocks(self._nodes_map.nodes, self._devs))  # == the held state's
-        self._catalog_dirty = True
-        self.commit()
+        from . import metadata_snap
+        metadata_snap.reserve(cast("Pool", self))
 
     @_locked
     def release_metadata_snap(self) -> None:
         """Release the held metadata snapshot (dm-thin's ``release_metadata_snap``): the data blocks only
         it mapped are freed (allocatable after the commits, as any freed block)."""
-        self._check_writable()
-        if not self._store.header.get("held"):
-            raise InvalidArgument(f"pool {self.path}: no metadata snapshot is held")
-        self._space.drop_refs(self.held_data_blocks())
-        self._store.release_hold()
-        self._catalog_dirty = True
-        self.commit()
+        from . import metadata_snap
+        metadata_snap.release(cast("Pool", self))
 
     def held_data_blocks(self) -> np.ndarray:
         """The data blocks the held metadata snapshot maps, each once, that it keeps in use (one
         reference each, taken by :meth:`reserve_metadata_snap`); empty when none is held."""
-        held = self._store.header.get("held")
-        if not held or not held.get("pinned_data"):
-            return np.zeros(0, np.int64)
-        from .blockmap import BlockMap
-        from .nodestore import inners_from_disk, leaves_from_disk  # any layout
-        arrays = {k: np.frombuffer(v, np.uint8) for k, v in self._store.load_held().items()}
-        bm = BlockMap.from_arrays(np.zeros(K.ST_SIZE, np.int64), leaves_from_disk(arrays), inners_from_disk(arrays),
-                                  arrays["leaf_rc"].view(np.uint32), arrays["inner_rc"].view(np.uint32))
-        return self._mapped_blocks(bm.nodes, arrays["devs"].view(K.dev_dtype()))
-
-    def _mapped_blocks(self, nodes: Any, devs: np.ndarray) -> np.ndarray:
-        """The data blocks any device of ``devs`` maps in the trees ``nodes``, each once, in order."""
-        from . import walks
-        from .spacemap_pages import zeroed
-        roots = devs["root"][(devs["flags"] & DevFlag.IN_USE) != 0].astype(np.int64)
-        counts = zeroed(self._space.nr_blocks, np.uint8)
-        walks.logical_counts_into(nodes, roots, counts)
-        return np.flatnonzero(counts).astype(np.int64)
+        from . import metadata_snap
+        return metadata_snap.held_data_blocks(cast("Pool", self))

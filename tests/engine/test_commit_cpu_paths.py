@@ -33,15 +33,15 @@ def test_kernel_rule_every_commit_records_the_device_hints_of_the_table_it_commi
     is reused by another device id, across a table that grows past a page, and after a reopen or an
     abort (the hints kept by the pool are counted again from the table it loads).  Most commits update
     the kept hints from the changed slots instead of scanning (the point of keeping them)."""
-    from thinpool import pool_txn
+    from thinpool import device_hints
     kept = []
-    update = pool_txn.Transactions._hints_from_dirty
+    update = device_hints.update
 
-    def counting(self, *args):
-        out = update(self, *args)
+    def counting(*args):
+        out = update(*args)
         kept.append(out is not None)
         return out
-    monkeypatch.setattr(pool_txn.Transactions, "_hints_from_dirty", counting)
+    monkeypatch.setattr(device_hints, "update", counting)
     rng = random.Random(7)
     path = tmp_path / "p"
     p = Pool.create(path, data_size=64 * BS, block_size=BS)
