@@ -321,36 +321,39 @@ class DataDevice:
             write_all(os.pwrite, self.fd, zero[:n], start, self.path)
             start += n
 
+    def _short_length(self) -> int | None:
+        """The data file's length if it is a regular file shorter than the pool (truncated under it by
+        another program), else None (one ``fstat``; its OSError propagates)."""
+        st = os.fstat(self.fd)
+        return st.st_size if stat.S_ISREG(st.st_mode) and st.st_size < self.nr_blocks * self.block_size else None
+
     def check_length(self) -> None:
         """The data file is still as long as the pool (one ``fstat``; a commit asks): HostIOError (EIO)
         naming it if another program truncated it under the open pool -- the mapped blocks past its new
         end are gone, and a later write past that end would re-extend the file with a hole, so that the
         others read as zeroes."""
         try:
-            st = os.fstat(self.fd)
+            size = self._short_length()
         except OSError as exc:
             raise HostIOError(f"cannot check the length of the data file {self.path}: {exc.strerror}",
                               exc.errno or errno.EIO, self.path) from None
-        expected = self.nr_blocks * self.block_size
-        if stat.S_ISREG(st.st_mode) and st.st_size < expected:
-            raise HostIOError(f"the data file {self.path} was truncated under the open pool to {st.st_size} bytes "
-                              f"(the pool's {self.nr_blocks} blocks take {expected}): the blocks past its end "
-                              f"are lost; stop whatever truncates it, then reopen the pool (thinpool repair "
-                              f"drops the mappings of the lost blocks)", errno.EIO, self.path)
+        if size is not None:
+            raise HostIOError(f"the data file {self.path} was truncated under the open pool to {size} bytes "
+                              f"(the pool's {self.nr_blocks} blocks take {self.nr_blocks * self.block_size}): "
+                              f"the blocks past its end are lost; stop whatever truncates it, then reopen the "
+                              f"pool (thinpool repair drops the mappings of the lost blocks)", errno.EIO, self.path)
 
     def failure(self, err: int) -> tuple[int, str]:
         """(errno, why) for a failed read or write of the data file that left C ``errno`` ``err``: a file
         now shorter than the pool -- truncated under it by another program, where a short read leaves
         ``errno`` as it was -- is EIO saying so with its length; else ``err`` and its text."""
         try:
-            st = os.fstat(self.fd)
-            size = st.st_size if stat.S_ISREG(st.st_mode) else -1
+            size = self._short_length()
         except OSError:
-            size = -1
-        expected = self.nr_blocks * self.block_size
-        if 0 <= size < expected:
-            return errno.EIO, (f"the file is {size} bytes, shorter than the pool's {expected}: truncated under "
-                               f"the open pool by another program")
+            size = None
+        if size is not None:
+            return errno.EIO, (f"the file is {size} bytes, shorter than the pool's {self.nr_blocks * self.block_size}: "
+                               f"truncated under the open pool by another program")
         return err, os.strerror(err)
 
     def allocated_blocks(self) -> np.ndarray:
