@@ -6,6 +6,7 @@ R1 metadata-only replay of random 4 KiB writes (``thinpool.simulate.replay`` of 
    1,048,576 records, default sampling) into a 64 GiB volume: I/Os per CPU second of the process (the
    machine is shared: wall time is shown beside it) vs the 5,000,000/s target;
 R2 the same with a snapshot every 10,000 I/Os keeping the last 4 (so a delete each time too): ratio to R1
+R2s (info) R2's ratio and cost per snapshot interval when the random writes span 1, 4, 16 or 64 GiB
    on CPU time (>= 0.5; the wall-time ratio is shown beside it); both pools get 2 GiB of metadata (a sparse
    file) and are scratch pools (``flush=False``, as ``thinpool replay`` makes in a temporary directory:
    the same commits, not flushed);
@@ -218,9 +219,30 @@ def sweep_time(sc: Scratch, scen: str, workers: int) -> float:
     return t
 
 
+def r2_by_span(sc: Scratch, n: int, reps: int, detail: dict[str, Any]) -> Row:
+    """R2s: what R2 costs as a function of the span its random writes cover (an info row).  A snapshot
+    shares every leaf of the volume; the writes of the next interval shadow the leaves they reach (at
+    most the span's leaves, 512 mappings each) and the delete of the oldest kept snapshot releases as
+    many, so the cost per interval grows with the span until every leaf is reached every interval;
+    what is left at a small span is the two messages and their commits.  ``n`` writes per replay,
+    plain and with a snapshot every 10,000 (keep 4), interleaved, CPU medians."""
+    values: dict[str, Any] = {}
+    for gib in (1, 4, 16, 64):
+        tr = random_writes(n, gib * GiB)
+        plain, snap = f"span{gib}_plain", f"span{gib}_snap"
+        interleave({plain: lambda _r: replay_md(sc, tr, None, plain),
+                    snap: lambda _r: replay_md(sc, tr, 10_000, snap)}, reps)
+        cp, cs = med(CPU[plain]), med(CPU[snap])
+        values[f"ratio_{gib}GiB"] = cp / cs
+        values[f"ms_per_interval_{gib}GiB"] = (cs - cp) / (n // 10_000) * 1e3
+    detail["R2s_cpu_seconds"] = {k: v for k, v in CPU.items() if k.startswith("span")}
+    return Row("R2s", "R2 by the span of the random writes (1, 4, 16, 64 GiB): ratio to the same replay without "
+               "snapshots, and the extra CPU per snapshot interval (snapshot, delete, shadowing, commits)", values)
+
+
 def run(full: bool = False, only: set[str] | None = None) -> tuple[list[Row], dict[str, Any]]:
     n = 8_000_000 if full else 4_000_000
-    only = only or {"R1", "R2", "R3", "R4"}
+    only = only or {"R1", "R2", "R2s", "R3", "R4"}
     reps = 5 if full else 3
     sc = Scratch()
     rows: list[Row] = []
@@ -241,6 +263,9 @@ def run(full: bool = False, only: set[str] | None = None) -> tuple[list[Row], di
             detail["R1_R2_seconds"] = t
             detail["R1_R2_cpu_seconds"] = CPU
             log(rows[-2].line())
+            log(rows[-1].line())
+        if "R2s" in only:
+            rows.append(r2_by_span(sc, 2_000_000 if full else 1_000_000, max(2, reps - 1), detail))
             log(rows[-1].line())
         if "R3" in only and shutil.which("fio"):
             m = 400_000 if full else 200_000
@@ -304,7 +329,7 @@ def table_md(rows: list[Row]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = perf_parser("simulate", __doc__, "bigger traces, 5 repeats", "replay")
     ap.add_argument("--from-json", nargs="+", help="measure nothing: take the rows of earlier --json runs")
-    ap.add_argument("--only", help="comma-separated rows to measure (R1,R2,R3,R4)")
+    ap.add_argument("--only", help="comma-separated rows to measure (R1,R2,R2s,R3,R4)")
     ap.add_argument("--breakdown", action="store_true", help="measure nothing else: R2's cost per snapshot taken "
                     "apart (commits, delete, writes with shadowing) on a volume filled by 3M writes")
     ap.add_argument("--breakdown-flush", action="store_true", help="the breakdown with flushed commits (an "
