@@ -129,9 +129,10 @@ class DataSpaceMap:
         return idx[idx < n] if len(idx) and idx[-1] >= n else idx
 
     def _touch(self, blocks: np.ndarray) -> None:
-        """Blocks whose state byte is set outside a kernel: their pages are live."""
+        """Blocks whose state byte is set outside a kernel: their pages are live (a page named more than
+        once is set more than once: no sort to make them distinct, which cost more than the stores)."""
         if len(blocks):
-            self.rc_live[np.unique(np.asarray(blocks, np.int64) >> K.RC_PAGE_BITS)] = 1
+            self.rc_live[np.asarray(blocks, np.int64) >> K.RC_PAGE_BITS] = 1
 
     def committed(self) -> None:
         """After a durable commit: the pages changed in it stay live, none is dirty."""
@@ -236,8 +237,7 @@ class DataSpaceMap:
             if len(parts) == 1:
                 return parts[0]
             return np.concatenate(parts) if parts else np.zeros(0, np.int64)
-        rows, cols = ((f.reshape(-1, RC_PER_PAGE)[pages] & state) == K.BLOCK_FREED).nonzero()
-        return pages[rows] * RC_PER_PAGE + cols
+        return _freed_in_pages(f, pages)
 
     def set_pending(self, blocks: np.ndarray) -> None:
         """Blocks freed by the commit just made: reserved until the next commit is durable."""
@@ -386,6 +386,16 @@ class DataSpaceMap:
             self.rc_live = np.concatenate([self.rc_live, np.zeros(extra, np.uint8)])
         self.st[K.ST_NR_BLOCKS] = nr_blocks
         self.recount()
+
+
+def _freed_in_pages(f: np.ndarray, pages: np.ndarray) -> np.ndarray:
+    """The blocks of count pages ``pages`` (sorted) whose state byte in ``f`` says freed in this
+    transaction, in order: the pages' bytes gathered and masked in place, then one flat scan (a
+    two-dimensional ``nonzero`` of the same bytes took four times as long)."""
+    g = f.reshape(-1, RC_PER_PAGE)[pages]
+    g &= np.uint8(K.BLOCK_STATE)
+    hits = np.flatnonzero(g == np.uint8(K.BLOCK_FREED))
+    return pages[hits >> K.RC_PAGE_BITS] * RC_PER_PAGE + (hits & (RC_PER_PAGE - 1))
 
 
 def _grown(a: np.ndarray, n: int, live: np.ndarray) -> np.ndarray:

@@ -24,7 +24,7 @@ from typing import Any, Callable
 from .errors import HostIOError, MetadataSpaceExhausted, ReadOnly
 from .hostio import sync_or_fail, write_all
 from .mdpages import _SB_HEADER, BLOCK, FORMAT_VERSION, MAGIC, PM_ENTRIES, SUPERBLOCKS, _crc32c, sorted_minus, sorted_unique
-from .mdspace import _NP_MIN, _PROTECTED, _USED, HINTS, MetadataSpace, _zeros
+from .mdspace import _NP_MIN, HINTS, MetadataSpace
 
 #: the superblock's JSON encoder (what ``json.dumps(header, separators=(",", ":"))`` gives, made once)
 _SB_JSON = json.JSONEncoder(separators=(",", ":"))
@@ -184,6 +184,8 @@ class MetadataCommit(MetadataSpace):
         tail_first = self._tail
         # what the commit changes in the block-state map, to put back if it fails: (block, old state)
         self._undo = [] if self._tail is None else None
+        known = self._free_known  # (the free blocks of the map as it is now, if counted: _commit_state)
+        free_before = known[1] if known is not None and known[0] is self._state else None
         self._free_known = None
         try:
             if self._tail is None:
@@ -266,9 +268,8 @@ class MetadataCommit(MetadataSpace):
                 header["held"] = self.header["held"]
             committed: bytearray | None
             if self._tail is None:
-                committed = self._protected(self.state)
-                used = self.nr_blocks - _zeros(committed)
-                top = committed.rfind(_USED | _PROTECTED)  # = top_used(self.state): held-only blocks are 2
+                # the map once this commit is durable (held-only blocks are 2: top = top_used(self.state))
+                committed, used, top = self._commit_state(free_before)
             else:
                 committed = None  # rebuilt from the new locations if it is ever needed
                 assert tail_first is not None, "a commit is a tail commit from its start or not at all"

@@ -17,7 +17,7 @@ from array import array
 from typing import Any, Iterable
 
 from .errors import MetadataSpaceExhausted
-from .mdpages import _HI, PM_ENTRIES, SUPERBLOCKS
+from .mdpages import _HI, PM_ENTRIES, SUPERBLOCKS, sorted_unique
 
 _USED = 1       # state bit: reachable from the current (uncommitted) state
 _PROTECTED = 2  # state bit: reachable from the last commit or from the held metadata snapshot
@@ -128,6 +128,41 @@ class MetadataSpace:
         out = state.translate(_PROTECT_USED)  # (a new bytearray)
         _mark(out, self.held_blocks, _PROTECTED)
         return out
+
+    def _commit_state(self, free_before: int | None) -> tuple[bytearray, int, int]:
+        """The block-state map a commit makes (:meth:`_protected` of the current one), its used blocks
+        and its highest block that the new state uses, for the superblock.
+
+        ``free_before``: the free blocks of the map when the commit began, if known (the last commit
+        counted them and nothing changed the map since).  Then, with no metadata snapshot held and
+        numpy loaded, only the blocks the commit changed -- those in its undo list -- are rewritten,
+        in place, and the count follows from theirs: the work is the commit's, not the metadata
+        file's (a translate and a count of a 512 KiB map took 0.2 ms a commit).  This relies on what
+        every committed map is without a held snapshot: each byte 0 or ``_USED | _PROTECTED``; in a
+        commit an allocated block is ``_USED`` (was 0) and a released one ``_PROTECTED`` (was both).
+        The rewrite is in the undo list too: a commit that fails puts the map back as it was."""
+        np = sys.modules.get("numpy")
+        undo = self._undo
+        if np is None or free_before is None or self.held_blocks or undo is None or self._state is None:
+            committed = self._protected(self.state)
+            return committed, self.nr_blocks - _zeros(committed), committed.rfind(_USED | _PROTECTED)
+        state = self._state
+        parts = [b.astype(np.int64, copy=False) for b, _v in undo if hasattr(b, "dtype")]
+        few = [b for b, _v in undo if not hasattr(b, "dtype")]
+        if few:
+            parts.append(np.array(few, np.int64))
+        blocks = sorted_unique(np, np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+        view = np.frombuffer(state, np.uint8)
+        try:
+            was = view[blocks]
+            allocated = int(np.count_nonzero(was == _USED))
+            released = int(np.count_nonzero(was == _PROTECTED))
+            undo.append((blocks, was))
+            view[blocks] = (was & _USED) * (_USED | _PROTECTED)
+        finally:
+            del view  # the bytearray must not stay exported (resize() extends it)
+        used = self.nr_blocks - free_before + allocated - released
+        return state, used, state.rfind(_USED | _PROTECTED)
 
     def blocks_in_use(self) -> list[int]:
         """Metadata blocks reachable from the current state (superblocks included)."""

@@ -113,3 +113,51 @@ def test_failed_commit_of_many_pages_puts_every_block_state_back(tmp_path, monke
         want = v.read(0, 4096)
     with Pool.open(str(tmp_path / "p")) as pool:
         assert pool.thin("v").read(0, 4096) == want and pool.thin("s") is not None
+
+
+def test_commit_state_from_the_changed_blocks_is_the_full_scans(tmp_path, monkeypatch):
+    """A commit makes the next block-state map from the blocks it changed (in place) and counts its used
+    blocks from theirs, instead of translating and counting the whole map: after every commit -- with
+    snapshots, deletes, a held metadata snapshot (the full scan) and its release -- the map, the used
+    count and the top block it records are those made afresh from the committed page locations."""
+    rng = np.random.default_rng(7)
+    seen = {"changed": 0, "full": 0}
+    real = mdspace.MetadataSpace._commit_state
+
+    def commit_state(self, free_before):
+        seen["changed" if free_before is not None and not self.held_blocks else "full"] += 1
+        return real(self, free_before)
+    monkeypatch.setattr(mdspace.MetadataSpace, "_commit_state", commit_state)
+
+    def check(pool) -> None:
+        st = pool._store
+        kept = st._state
+        st._state = None
+        fresh = bytes(st.state)  # built from the committed locations (and the held blocks)
+        st._state = kept
+        assert bytes(kept) == fresh
+        assert st.header["metadata_used_blocks"] == st.nr_blocks - fresh.count(0)
+        assert st.hint("metadata_top") == fresh.rfind(mdspace._USED | mdspace._PROTECTED)
+        assert st.free_blocks() == fresh.count(0)
+
+    with Pool.create(str(tmp_path / "p"), data_size=16384 * MiB, metadata_only=True, flush=False) as pool:
+        v = pool.create_thin("v", 8192 * MiB)
+        _write(v, rng.permutation(8192 * MiB // BS)[:50_000], 1)
+        pool.commit()
+        check(pool)
+        for i in range(6):
+            pool.snapshot("v", f"s{i}")
+            check(pool)
+            _write(v, rng.permutation(8192 * MiB // BS)[:2000], 2)
+            pool.commit()
+            check(pool)
+            if i == 2:
+                pool.reserve_metadata_snap()
+                check(pool)
+            if i == 4:
+                pool.release_metadata_snap()
+                check(pool)
+            if i >= 2:
+                pool.delete(f"s{i - 2}")
+                check(pool)
+    assert seen["changed"] >= 8 and seen["full"] >= 3
