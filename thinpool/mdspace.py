@@ -147,7 +147,7 @@ class MetadataSpace:
             committed = self._protected(self.state)
             return committed, self.nr_blocks - _zeros(committed), committed.rfind(_USED | _PROTECTED)
         state = self._state
-        parts = [b.astype(np.int64, copy=False) for b, _v in undo if hasattr(b, "dtype")]
+        parts = [np.asarray(b, np.int64) for b, _v in undo if hasattr(b, "dtype")]
         few = [b for b, _v in undo if not hasattr(b, "dtype")]
         if few:
             parts.append(np.array(few, np.int64))
