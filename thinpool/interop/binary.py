@@ -21,7 +21,11 @@ docs/dm-thin.md §12-§15 and accepted by ``thin_check``/``thin_dump`` 0.9.0.  A
 Writing plans every btree first (:func:`~thinpool.interop.btree.plan_forest`), so the number of
 blocks is known before any block number is assigned; then the metadata space map, which has to
 count its own blocks, is built from the finished layout, and every node is packed with numpy
-and checksummed per block.  Reference counts are exact: a metadata block's count is the number
+and checksummed per block.  Memory stays bounded whatever the number of mappings: the trees are
+planned and the mapping leaves packed, checksummed and written a window of mappings at a time (the
+blocks before them -- space maps, device trees -- and after them -- internal nodes, the held copy,
+the metadata ref-count tree -- in one piece each), the data blocks counted a window at a time into
+one count per data block.  Reference counts are exact: a metadata block's count is the number
 of references to it (a node shared by two parents, or a root shared by two devices, has count 2),
 a data block's count the number of leaf entries mapping it across all distinct leaves (dm-thin's
 rule: a snapshot's unchanged leaves add nothing).
@@ -39,7 +43,7 @@ from __future__ import annotations
 import os
 import stat
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -60,7 +64,7 @@ from thinpool.interop.btree import (
     plan_forest,
     seal_blocks,
 )
-from thinpool.interop.sharing import SharedForest, build_shared_forest, pack_shared_forest
+from thinpool.interop.sharing import WINDOW, SharedForest, TreeEntries, run_rows, build_forest, pack_inner, pack_leaves
 from thinpool.interop.ir import MAX_DEV_ID, TIME_MASK, Device, Metadata, Superblock
 from thinpool.interop.sm_disk import (
     MAX_METADATA_BITMAPS,
@@ -68,6 +72,7 @@ from thinpool.interop.sm_disk import (
     SpaceMapContent,
     SpaceMapRoot,
     build_space_map,
+    space_map_from_counts,
     nr_bitmaps,
 )
 
@@ -184,17 +189,12 @@ class _Trees:
             self.limits.append(data_limit)
         return t
 
-    def flatten(self) -> None:
-        """Concatenate and check every tree's mappings: ``counts``, ``vblocks``, ``dblocks``, ``values``."""
-        devs = [d for _, d in self.owners]
-        self.counts = np.array([len(d.vblocks) for d in devs], np.int64)
-        empty64 = np.zeros(0, np.uint64)
-        self.vblocks = np.concatenate([d.vblocks for d in devs] or [empty64])
-        self.dblocks = np.concatenate([d.dblocks for d in devs] or [empty64])
-        times = np.concatenate([d.times for d in devs] or [np.zeros(0, np.uint32)])
-        _check_mappings(self.owners, self.counts, self.vblocks, self.dblocks, times,
-                        np.repeat(np.array(self.limits, np.uint64), self.counts))
-        self.values = (self.dblocks << np.uint64(24)) | times.astype(np.uint64)
+    def check(self) -> TreeEntries:
+        """Check every tree's mappings (a window of entries at a time) and return them as entries."""
+        entries = TreeEntries([d.vblocks for _, d in self.owners], [d.dblocks for _, d in self.owners],
+                              [d.times for _, d in self.owners])
+        _check_mappings(self.owners, entries, np.array(self.limits, np.uint64))
+        return entries
 
 
 def _check_range(label: str, name: str, value: int, limit: int) -> None:
@@ -237,23 +237,33 @@ def _prepare(md: Metadata, label: str, trees: _Trees, data_limit: int | None = N
     return _View(sb, devices, dev_ids, details.view(np.uint32).reshape(-1, 6), tree)
 
 
-def _check_mappings(owners: list[tuple[str, Device]], counts: np.ndarray, vblocks: np.ndarray,
-                    dblocks: np.ndarray, times: np.ndarray, limits: np.ndarray) -> None:
-    def fail(entry: int, problem: str) -> None:
-        label, dev = owners[int(np.searchsorted(np.cumsum(counts), entry, side="right"))]
-        raise InvalidArgument(f"{label}: device {dev.dev_id}: {problem}")
-
-    starts = np.zeros(vblocks.size, bool)
-    starts[(np.cumsum(counts) - counts)[counts > 0]] = True
-    bad = np.flatnonzero((vblocks[1:] <= vblocks[:-1]) & ~starts[1:])
-    if bad.size:
-        fail(int(bad[0]) + 1, f"vblocks not strictly increasing at vblock {int(vblocks[bad[0] + 1])}")
-    bad = np.flatnonzero(dblocks >= limits)
-    if bad.size:
-        fail(int(bad[0]), f"data block {int(dblocks[bad[0]])} beyond the data device ({int(limits[bad[0]])} blocks)")
-    bad = np.flatnonzero(times > TIME_MASK)
-    if bad.size:
-        fail(int(bad[0]), f"mapping time {int(times[bad[0]])} does not fit in 24 bits")
+def _check_mappings(owners: list[tuple[str, Device]], entries: TreeEntries, limits: np.ndarray) -> None:
+    """Keys strictly increasing within each tree, data blocks below the tree's limit, times in 24 bits;
+    the first fault in that order of checks (and then of entries) is the one reported."""
+    first: list[tuple[int, str] | None] = [None, None, None]  # (tree, problem) of each check's first fault
+    prev_key, prev_tree = np.uint64(0), -1
+    for lo in range(0, entries.total, WINDOW):
+        keys, _, dblocks, tree = entries.span(lo, min(entries.total, lo + WINDOW), with_tree=True)
+        disorder = np.empty(keys.size, bool)
+        disorder[0] = tree[0] == prev_tree and keys[0] <= prev_key
+        disorder[1:] = (keys[1:] <= keys[:-1]) & (tree[1:] == tree[:-1])
+        if first[0] is None and disorder.any():
+            i = int(np.argmax(disorder))
+            first[0] = (int(tree[i]), f"vblocks not strictly increasing at vblock {int(keys[i])}")
+        beyond = dblocks >= limits[tree]
+        if first[1] is None and beyond.any():
+            i = int(np.argmax(beyond))
+            first[1] = (int(tree[i]), f"data block {int(dblocks[i])} beyond the data device "
+                                      f"({int(limits[tree[i]])} blocks)")
+        prev_key, prev_tree = keys[-1], int(tree[-1])
+    for t, (_, dev) in enumerate(owners):  # times: the trees' own arrays, no window needed
+        late = dev.times > TIME_MASK
+        if first[2] is None and late.any():
+            first[2] = (t, f"mapping time {int(dev.times[np.argmax(late)])} does not fit in 24 bits")
+    for fault in first:
+        if fault is not None:
+            label, dev = owners[fault[0]]
+            raise InvalidArgument(f"{label}: device {dev.dev_id}: {fault[1]}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,7 +276,7 @@ class _Plan:
 
     live: _View
     held: _View | None
-    trees: _Trees
+    entries: TreeEntries
     map_forest: SharedForest
     share_details: bool
     share_top: bool
@@ -308,27 +318,48 @@ def _plan(md: Metadata, held: Metadata | None) -> _Plan:
         hv = _prepare(held, "held metadata snapshot", trees, live.sb.nr_data_blocks)
         if hv.sb.data_block_size != live.sb.data_block_size:
             raise InvalidArgument("held metadata snapshot: data_block_size differs from the live metadata's")
-    trees.flatten()
-    forest = build_shared_forest(trees.vblocks, trees.values, trees.counts)
+    entries = trees.check()
+    forest = build_forest(entries)
     share_details = share_top = False
     if hv is not None:
         same_ids = np.array_equal(hv.dev_ids, live.dev_ids)
         share_details = same_ids and np.array_equal(hv.details, live.details)
         share_top = same_ids and np.array_equal(forest.roots[hv.tree], forest.roots[live.tree])
-    # a data block counts one per entry of every distinct leaf (dm-thin's rule)
-    all_dblocks = (trees.values[forest.leaf_entries()] >> np.uint64(24)).astype(np.int64)
-    if live.sb.nr_data_blocks <= 8 * all_dblocks.size + (1 << 22):
-        counts = np.bincount(all_dblocks, minlength=live.sb.nr_data_blocks)
-        ublocks = np.flatnonzero(counts)
-        ucounts = counts[ublocks]
-    else:
-        ublocks, ucounts = np.unique(all_dblocks, return_counts=True)
-    data_sm = build_space_map(ublocks, ucounts, live.sb.nr_data_blocks)
+    data_sm = _data_space_map(forest, entries, live.sb.nr_data_blocks)
     n_live, n_held = len(live.devices), len(hv.devices) if hv is not None else 0
     top = plan_forest([n_live] + ([n_held] if hv is not None and not share_top else []), 8)
     details = plan_forest([n_live] + ([n_held] if hv is not None and not share_details else []), 24)
-    return _Plan(live, hv, trees, forest, share_details, share_top, data_sm, top, details,
+    return _Plan(live, hv, entries, forest, share_details, share_top, data_sm, top, details,
                  plan_forest([data_sm.bitmaps.shape[0]], 16), plan_forest([data_sm.rc_blocks.size], 4))
+
+
+def _data_space_map(forest: SharedForest, entries: TreeEntries, nr_data_blocks: int) -> SpaceMapContent:
+    """The data space map: a data block counts one per entry of every distinct leaf (dm-thin's rule).
+    Counted a window of leaves at a time into one count per data block (4 bytes each) when the data
+    device is not much larger than the mappings, else as sorted (block, count) pairs."""
+    n_entries = int(forest.leaf_count.sum())
+    dense = nr_data_blocks <= 4 * n_entries + (1 << 22)
+    counts = np.zeros(nr_data_blocks if dense else 0, np.uint32 if n_entries < 1 << 32 else np.uint64)
+    pairs: list[tuple[np.ndarray, np.ndarray]] = []
+    for a, b, lo, hi in forest.leaf_windows():
+        dblocks = entries.span(lo, hi)[2][run_rows(forest.leaf_start[a:b] - lo, forest.leaf_count[a:b])]
+        ublocks, ucounts = np.unique(dblocks, return_counts=True)
+        if dense:
+            counts[ublocks] += ucounts.astype(counts.dtype)
+        else:
+            pairs.append((ublocks, ucounts))
+    if dense:
+        return space_map_from_counts(counts, nr_data_blocks)
+    ublocks = np.concatenate([p[0] for p in pairs] or [np.zeros(0, np.uint64)])
+    ucounts = np.concatenate([p[1] for p in pairs] or [np.zeros(0, np.int64)])
+    if len(pairs) > 1:
+        order = np.argsort(ublocks, kind="stable")
+        ublocks, ucounts = ublocks[order], ucounts[order]
+        new = np.ones(ublocks.size, bool)
+        new[1:] = ublocks[1:] != ublocks[:-1]
+        ucounts = np.add.reduceat(ucounts, np.flatnonzero(new)) if ublocks.size else ucounts
+        ublocks = ublocks[new]
+    return build_space_map(ublocks.astype(np.int64), ucounts, nr_data_blocks)
 
 
 def default_metadata_blocks(nr_data_blocks: int, nr_thins: int) -> int:
@@ -406,10 +437,9 @@ def _pack_space_map_bitmaps(img: np.ndarray, xor: np.ndarray, first: int, sm: Sp
     return rows
 
 
-def _pack_trees(img: np.ndarray, plan: _Plan, lay: _Layout) -> tuple[list[int], list[int]]:
-    """Pack the details, top-level and mapping trees; returns (details roots, top roots) per view."""
+def _pack_dev_trees(img: np.ndarray, plan: _Plan, lay: _Layout) -> tuple[list[int], list[int]]:
+    """Pack the details and top-level trees; returns (details roots, top roots) per view."""
     live, hv = plan.live, plan.held
-    pack_shared_forest(img, plan.map_forest, lay.maps, plan.trees.vblocks, plan.trees.values)
     dev_keys, top_values, detail_values = [live.dev_ids], [lay.maps + plan.roots(live)], [live.details]
     if hv is not None and not plan.share_top:
         dev_keys.append(hv.dev_ids)
@@ -423,23 +453,30 @@ def _pack_trees(img: np.ndarray, plan: _Plan, lay: _Layout) -> tuple[list[int], 
     return details_roots, top_roots
 
 
-def _build_image(plan: _Plan, lay: _Layout, meta_counts: np.ndarray) -> np.ndarray:
-    img = np.zeros((lay.used, BLOCK_SIZE), np.uint8)
-    xor = np.full(lay.used, BTREE_CSUM_XOR, np.uint32)
+def _sealed(blocks: np.ndarray, xor: np.ndarray | int = BTREE_CSUM_XOR) -> np.ndarray:
+    seal_blocks(blocks, np.broadcast_to(np.asarray(xor, np.uint32), (blocks.shape[0],)))
+    return blocks
+
+
+def _image_parts(plan: _Plan, lay: _Layout, meta_counts: np.ndarray) -> Iterator[np.ndarray]:
+    """The metadata blocks ``0 .. lay.used - 1`` in order, sealed, a part at a time: the space maps and
+    device trees, the mapping leaves a window at a time, then the internal mapping nodes, the held
+    superblock copy and the metadata ref-count tree."""
+    head = np.zeros((lay.maps, BLOCK_SIZE), np.uint8)
+    xor = np.full(lay.maps, BTREE_CSUM_XOR, np.uint32)
     meta_sm = build_space_map(np.arange(lay.used), meta_counts, lay.nr_blocks)
     meta_rc = plan_forest([meta_sm.rc_blocks.size], 4)
-    pack_forest(img, meta_rc, lay.meta_rc, meta_sm.rc_blocks, meta_sm.rc_counts[:, None])
-    meta_rows = _pack_space_map_bitmaps(img, xor, lay.meta_bitmaps, meta_sm)
-    img.view(np.uint64)[lay.meta_index, 1] = lay.meta_index
-    img[lay.meta_index, 16 : 16 + 16 * len(meta_rows)] = meta_sm.index_entries(meta_rows).view(np.uint8).reshape(-1)
+    meta_rows = _pack_space_map_bitmaps(head, xor, lay.meta_bitmaps, meta_sm)
+    head.view(np.uint64)[lay.meta_index, 1] = lay.meta_index
+    head[lay.meta_index, 16 : 16 + 16 * len(meta_rows)] = meta_sm.index_entries(meta_rows).view(np.uint8).reshape(-1)
     xor[lay.meta_index] = INDEX_CSUM_XOR
 
     data_sm = plan.data_sm
-    data_rows = _pack_space_map_bitmaps(img, xor, lay.data_bitmaps, data_sm)
-    pack_forest(img, plan.index_forest, lay.data_index, np.arange(len(data_rows), dtype=np.uint64),
+    data_rows = _pack_space_map_bitmaps(head, xor, lay.data_bitmaps, data_sm)
+    pack_forest(head, plan.index_forest, lay.data_index, np.arange(len(data_rows), dtype=np.uint64),
                 data_sm.index_entries(data_rows))
-    pack_forest(img, plan.data_rc_forest, lay.data_rc, data_sm.rc_blocks, data_sm.rc_counts[:, None])
-    details_roots, top_roots = _pack_trees(img, plan, lay)
+    pack_forest(head, plan.data_rc_forest, lay.data_rc, data_sm.rc_blocks, data_sm.rc_counts[:, None])
+    details_roots, top_roots = _pack_dev_trees(head, plan, lay)
 
     sb = plan.live.sb
     raw = RawSuperblock(
@@ -453,22 +490,35 @@ def _build_image(plan: _Plan, lay: _Layout, meta_counts: np.ndarray) -> np.ndarr
         data_mapping_root=top_roots[0], device_details_root=details_roots[0],
         data_block_size=sb.data_block_size, metadata_block_size=METADATA_BLOCK_SECTORS,
         metadata_nr_blocks=lay.nr_blocks)
-    img[0] = np.frombuffer(raw.pack(0), np.uint8)
+    head[0] = np.frombuffer(raw.pack(0), np.uint8)
     xor[0] = SUPERBLOCK_CSUM_XOR
+    yield _sealed(head, xor)
+    del head
+
+    forest = plan.map_forest
+    for a, b, lo, hi in forest.leaf_windows():
+        keys, values, _, _ = plan.entries.span(lo, hi)
+        yield _sealed(pack_leaves(forest, a, b, lay.maps, keys, values, lo))
+
+    tail0 = lay.maps + forest.n_leaves
+    tail = np.zeros((lay.used - tail0, BLOCK_SIZE), np.uint8)
+    xor = np.full(tail.shape[0], BTREE_CSUM_XOR, np.uint32)
+    tail[: lay.maps + forest.nr_nodes - tail0] = pack_inner(forest, lay.maps)
+    pack_forest(tail, meta_rc, lay.meta_rc, meta_sm.rc_blocks, meta_sm.rc_counts[:, None], image_first=tail0)
     if plan.held is not None:
         hsb = plan.held.sb
         copy = replace(raw, flags=hsb.flags, uuid=hsb.uuid.encode(), time=hsb.time, trans_id=hsb.transaction,
                        held_root=0, data_sm=None, metadata_sm=None, data_mapping_root=top_roots[-1],
                        device_details_root=details_roots[-1])
-        img[lay.held_copy] = np.frombuffer(copy.pack(lay.held_copy), np.uint8)
-        xor[lay.held_copy] = SUPERBLOCK_CSUM_XOR
-    seal_blocks(img, xor)
-    return img
+        tail[lay.held_copy - tail0] = np.frombuffer(copy.pack(lay.held_copy), np.uint8)
+        xor[lay.held_copy - tail0] = SUPERBLOCK_CSUM_XOR
+    yield _sealed(tail, xor)
 
 
-def _write_image(path: str, img: np.ndarray, nr_blocks: int, pools: Iterable[Any] = ()) -> None:
-    """Write the image through :func:`thinpool.safe_output.atomic_output` (never onto a pool's file; a
-    regular file is replaced atomically, a block device written in place)."""
+def _write_image(path: str, parts: Iterable[np.ndarray], nr_blocks: int, pools: Iterable[Any] = ()) -> None:
+    """Write the blocks ``parts`` yields, in order from block 0, through
+    :func:`thinpool.safe_output.atomic_output` (never onto a pool's file; a regular file is replaced
+    atomically, a block device written in place)."""
     with atomic_output(path, pools=pools, what="metadata output") as out:
         f = out.file
         is_device = not out.regular and stat.S_ISBLK(os.fstat(out.fd).st_mode)
@@ -477,7 +527,8 @@ def _write_image(path: str, img: np.ndarray, nr_blocks: int, pools: Iterable[Any
             if size < nr_blocks * BLOCK_SIZE:
                 raise InvalidArgument(f"{path}: device has {size} bytes, metadata needs {nr_blocks} blocks")
             f.seek(0)
-        f.write(img.data.cast("B"))  # (ndarray.data: the memoryview memoryview(img) makes)
+        for part in parts:
+            f.write(part.data.cast("B"))  # (ndarray.data: the memoryview memoryview(part) makes)
         if out.regular:  # atomic_output flushes it and names the file if that fails
             f.truncate(nr_blocks * BLOCK_SIZE)
         else:
@@ -510,6 +561,5 @@ def write_binary_metadata(md: Metadata, path: str | os.PathLike[str], *, nr_meta
     guard_output(path, pools=pools, what="metadata output")
     plan = _plan(md, held)
     lay, meta_counts = _choose_layout(plan, nr_metadata_blocks)
-    img = _build_image(plan, lay, meta_counts)
-    _write_image(path, img, lay.nr_blocks, pools)
+    _write_image(path, _image_parts(plan, lay, meta_counts), lay.nr_blocks, pools)
     return lay.used

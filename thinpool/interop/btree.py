@@ -215,8 +215,10 @@ def plan_forest(counts: np.ndarray | list[int], value_size: int) -> Forest:
     return Forest(value_size, levels, roots)
 
 
-def pack_forest(image: np.ndarray, forest: Forest, first_block: int, keys: np.ndarray, values: np.ndarray) -> None:
-    """Write ``forest``'s nodes into rows ``first_block..`` of ``image`` (``(n, 4096)`` uint8).
+def pack_forest(image: np.ndarray, forest: Forest, first_block: int, keys: np.ndarray, values: np.ndarray,
+                image_first: int = 0) -> None:
+    """Write ``forest``'s nodes, blocks ``first_block..``, into rows ``first_block - image_first..`` of
+    ``image`` (``(n, 4096)`` uint8 holding the blocks from ``image_first`` on).
 
     ``keys`` (uint64) and ``values`` hold the leaf entries of all trees, tree after tree, each
     tree's keys strictly increasing.  ``values`` is a uint64 vector for value size 8, else an
@@ -231,9 +233,10 @@ def pack_forest(image: np.ndarray, forest: Forest, first_block: int, keys: np.nd
         vsize = forest.value_size if leaf else 8
         cap = max_entries(vsize)
         n_nodes = len(level.item_start)
-        rows = first_block + level.first + np.arange(n_nodes)
+        blocks = first_block + level.first + np.arange(n_nodes)
+        rows = blocks - image_first
         u32[rows, 1] = LEAF_NODE if leaf else INTERNAL_NODE
-        u64[rows, 1] = rows
+        u64[rows, 1] = blocks
         u32[rows, 4] = level.item_count
         u32[rows, 5] = cap
         u32[rows, 6] = vsize

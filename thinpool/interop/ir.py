@@ -100,6 +100,31 @@ def _mix_inplace(x: np.ndarray) -> None:
     x ^= t
 
 
+def row_hashes(pos: np.ndarray, columns: list[np.ndarray]) -> np.ndarray:
+    """Each row's hash for :func:`identical_runs`: splitmix64 over its position in its run (``pos``,
+    uint64, overwritten and returned) and its value in each column, in order; a run's hash is the sum
+    (modulo 2^64) of its rows' hashes, so runs may be hashed a part at a time."""
+    h = pos
+    h *= _GOLDEN
+    for col in columns:
+        h ^= col.astype(np.uint64, copy=False)
+        _mix_inplace(h)
+    return h
+
+
+def first_of_equal_hashes(counts: np.ndarray, run_hash: np.ndarray) -> np.ndarray:
+    """For each run, the lowest-numbered run of the same length and hash (itself if none): the
+    candidate representative :func:`identical_runs` then confirms by comparing the rows."""
+    n = len(counts)
+    order = np.lexsort((np.arange(n), run_hash, counts))
+    new_group = np.ones(n, bool)
+    new_group[1:] = (run_hash[order][1:] != run_hash[order][:-1]) | (counts[order][1:] != counts[order][:-1])
+    group_first = order[np.flatnonzero(new_group)]  # the lowest run index of each (length, hash) group
+    rep = np.empty(n, np.int64)
+    rep[order] = group_first[np.cumsum(new_group) - 1]
+    return rep
+
+
 def identical_runs(starts: np.ndarray, counts: np.ndarray, columns: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Which runs of rows are identical: ``(rep, unique)``.
 
@@ -127,23 +152,14 @@ def identical_runs(starts: np.ndarray, counts: np.ndarray, columns: list[np.ndar
     else:
         rows = np.repeat(starts, counts) + pos.astype(np.int64)
         gathered = [np.asarray(col)[rows] for col in columns]
-    h = pos
-    h *= _GOLDEN
-    for col in gathered:
-        h ^= col.astype(np.uint64, copy=False)
-        _mix_inplace(h)
+    h = row_hashes(pos, gathered)
     del gathered
     run_hash = np.zeros(n, np.uint64)
     nonempty = counts > 0
     if total:
         run_hash[nonempty] = np.add.reduceat(h, first[nonempty])
     del h, pos
-    order = np.lexsort((np.arange(n), run_hash, counts))
-    new_group = np.ones(n, bool)
-    new_group[1:] = (run_hash[order][1:] != run_hash[order][:-1]) | (counts[order][1:] != counts[order][:-1])
-    group_first = order[np.flatnonzero(new_group)]  # the lowest run index of each (length, hash) group
-    rep = np.empty(n, np.int64)
-    rep[order] = group_first[np.cumsum(new_group) - 1]
+    rep = first_of_equal_hashes(counts, run_hash)
     check = np.flatnonzero(rep != np.arange(n))
     if check.size and total:
         ccount = counts[check]

@@ -26,19 +26,25 @@ nodes, whatever produced the mappings:
 Reference counts follow: a node counts one per distinct parent node that points at it (plus, for a
 root, one per top-level entry: the caller's), a data block one per entry in distinct leaves
 (dm-thin's rule).  Everything is vectorised over chunks, groups and nodes; the only per-mapping
-passes are numpy's.
+passes are numpy's, and they read the mappings a window at a time (:data:`WINDOW` mappings, from the
+trees' own arrays through :class:`TreeEntries`, never concatenated): what is kept for all the trees is
+per leaf and per node, so a forest of 100 million mappings is planned in a few hundred megabytes.  The
+result does not depend on the window: a tree's cuts depend on its own mappings, a leaf's hash is a sum
+over its entries, and the leaves are compared pairwise.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from thinpool.interop.btree import INTERNAL_MAX_ENTRIES, LEAF_NODE, INTERNAL_NODE, NODE_HEADER_SIZE, max_entries
-from thinpool.interop.ir import identical_runs
+from thinpool.interop.ir import TIME_MASK, first_of_equal_hashes, identical_runs, row_hashes
 
-__all__ = ["SharedForest", "build_shared_forest", "pack_shared_forest", "MIN_ENTRIES", "CHUNK_BITS"]
+__all__ = ["SharedForest", "TreeEntries", "run_rows", "build_shared_forest", "build_forest", "pack_leaves", "pack_inner",
+           "MIN_ENTRIES", "CHUNK_BITS", "WINDOW"]
 
 #: a mapping leaf's capacity (value size 8)
 LEAF_MAX = max_entries(8)
@@ -46,6 +52,73 @@ LEAF_MAX = max_entries(8)
 MIN_ENTRIES = LEAF_MAX // 3
 #: chunks of 2^9 = 512 virtual blocks, the pool's own leaf size, are the unit of sharing
 CHUNK_BITS = 9
+#: mappings read at once by the windowed passes (each costs some tens of bytes a mapping of its window)
+WINDOW = 1 << 21
+
+
+class TreeEntries:
+    """The mappings of several trees as one sequence of *entries*, tree after tree, without copying
+    them into one array: ``keys[t]`` (virtual blocks, uint64), ``dblocks[t]`` (uint64) and ``times[t]``
+    (uint32) are tree ``t``'s, keys strictly increasing; entry ``base[t] + i`` is tree ``t``'s ``i``-th
+    mapping, and its value is ``(dblock << 24) | time``."""
+
+    def __init__(self, keys: list[np.ndarray], dblocks: list[np.ndarray], times: list[np.ndarray]) -> None:
+        self.keys, self.dblocks, self.times = keys, dblocks, times
+        self.counts = np.array([len(k) for k in keys], np.int64)
+        self.base = np.concatenate(([0], np.cumsum(self.counts))).astype(np.int64)
+
+    @classmethod
+    def from_flat(cls, keys: np.ndarray, values: np.ndarray, tree_counts: np.ndarray) -> TreeEntries:
+        """Entries from concatenated keys and values (``(dblock << 24) | time``), ``tree_counts[t]`` each."""
+        bounds = np.concatenate(([0], np.cumsum(np.asarray(tree_counts, np.int64))))
+        ks = [np.asarray(keys, np.uint64)[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        vs = [np.asarray(values, np.uint64)[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        return cls(ks, [v >> np.uint64(24) for v in vs], [(v & np.uint64(TIME_MASK)).astype(np.uint32) for v in vs])
+
+    @property
+    def total(self) -> int:
+        return int(self.base[-1])
+
+    def span(self, lo: int, hi: int, with_tree: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Entries ``lo .. hi - 1``: (keys, values, dblocks, tree of each entry -- empty unless ``with_tree``);
+        views of the trees' arrays when they lie in one tree (values are always computed)."""
+        t = int(np.searchsorted(self.base, lo, side="right")) - 1
+        parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, int, int]] = []
+        while lo < hi:
+            a, b = lo - int(self.base[t]), min(hi, int(self.base[t + 1])) - int(self.base[t])
+            if b > a:
+                parts.append((self.keys[t][a:b], self.dblocks[t][a:b], self.times[t][a:b], t, b - a))
+                lo += b - a
+            t += 1
+        if len(parts) == 1:
+            k, d, tm = parts[0][:3]
+        else:
+            empty64 = np.zeros(0, np.uint64)
+            k = np.concatenate([p[0] for p in parts] or [empty64])
+            d = np.concatenate([p[1] for p in parts] or [empty64])
+            tm = np.concatenate([p[2] for p in parts] or [np.zeros(0, np.uint32)])
+        tree = (np.repeat(np.array([p[3] for p in parts], np.int64), [p[4] for p in parts]) if with_tree
+                else np.zeros(0, np.int64))
+        return k, (d << np.uint64(24)) | tm.astype(np.uint64), d, tree
+
+    def gather(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(keys, values) of the entries ``rows`` (any order)."""
+        rows = np.asarray(rows, np.int64)
+        keys = np.empty(rows.size, np.uint64)
+        values = np.empty(rows.size, np.uint64)
+        tree = np.searchsorted(self.base, rows, side="right") - 1
+        order = np.argsort(tree, kind="stable")
+        ts = tree[order]
+        cuts = np.flatnonzero(np.diff(ts)) + 1
+        for a, b in zip(np.concatenate(([0], cuts)), np.concatenate((cuts, [rows.size]))):
+            if a == b:
+                continue
+            t = int(ts[a])
+            idx = order[a:b]
+            local = rows[idx] - self.base[t]
+            keys[idx] = self.keys[t][local]
+            values[idx] = (self.dblocks[t][local] << np.uint64(24)) | self.times[t][local].astype(np.uint64)
+        return keys, values
 
 
 @dataclass
@@ -53,15 +126,16 @@ class SharedForest:
     """Nodes of mapping trees that share identical subtrees.
 
     Node ``g`` is written to block ``first_block + g``: leaves are ``0 .. n_leaves - 1`` (entries
-    ``leaf_start[g] ..`` of the keys/values the forest was built from), internal nodes follow, level
-    by level bottom-up (``levels`` lists each level's node range); internal node ``n_leaves + i``
-    points at ``children[inner_start[i] : inner_start[i] + inner_count[i]]``.  ``roots[t]`` is tree
-    ``t``'s root, ``refs[g]`` the number of references to ``g`` from internal nodes (each distinct
-    parent once).
+    ``leaf_start[g] ..`` of the :class:`TreeEntries` the forest was built from; ``leaf_key[g]`` is the
+    first key, 0 for the empty leaf), internal nodes follow, level by level bottom-up (``levels`` lists
+    each level's node range); internal node ``n_leaves + i`` points at
+    ``children[inner_start[i] : inner_start[i] + inner_count[i]]``.  ``roots[t]`` is tree ``t``'s root,
+    ``refs[g]`` the number of references to ``g`` from internal nodes (each distinct parent once).
     """
 
     leaf_start: np.ndarray
     leaf_count: np.ndarray
+    leaf_key: np.ndarray
     inner_start: np.ndarray
     inner_count: np.ndarray
     children: np.ndarray
@@ -77,12 +151,25 @@ class SharedForest:
     def nr_nodes(self) -> int:
         return len(self.leaf_start) + len(self.inner_start)
 
-    def leaf_entries(self) -> np.ndarray:
-        """Indices (into the keys/values the forest was built from) of every entry of every leaf."""
-        return _run_rows(self.leaf_start, self.leaf_count)
+    def leaf_windows(self, window: int | None = None) -> Iterator[tuple[int, int, int, int]]:
+        """Leaves ``a .. b - 1`` at a time, whose entries lie in ``lo .. hi - 1`` (at most ``window``
+        entries, default :data:`WINDOW`, or one leaf): ``(a, b, lo, hi)``, in order."""
+        return _windows(self.leaf_start, self.leaf_count, window or WINDOW)
 
 
-def _run_rows(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+def _windows(start: np.ndarray, count: np.ndarray, window: int) -> Iterator[tuple[int, int, int, int]]:
+    """Consecutive ranges of runs (``start`` ascending, runs not overlapping; an empty run anywhere)
+    spanning at most ``window`` rows each, or one run: ``(a, b, lo, hi)``."""
+    end = np.maximum.accumulate(np.asarray(start, np.int64) + count) if len(start) else np.zeros(0, np.int64)
+    beg = end - count
+    a, n = 0, len(start)
+    while a < n:
+        b = max(a + 1, int(np.searchsorted(end, int(beg[a]) + window, side="right")))
+        yield a, b, int(beg[a]), int(end[b - 1])
+        a = b
+
+
+def run_rows(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
     counts = np.asarray(counts, np.int64)
     pos = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
     return np.repeat(np.asarray(starts, np.int64), counts) + pos
@@ -99,23 +186,29 @@ def _even_split(n: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray, np.nda
     return k, lo, ((j + 1) * nn) // kk - lo
 
 
-def _chunk_cuts(keys: np.ndarray, tree_counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The leaf groups of every tree: (group's first entry, group's entry count, group's tree).
+def _chunks(entries: TreeEntries, lo: int, hi: int, window: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The 512-block chunks of entries ``lo .. hi - 1`` (whole trees), read ``window`` entries at a time:
+    (chunk's first entry, chunk index, tree), a new chunk where the chunk index or the tree changes."""
+    firsts, idxs, trees = [], [], []
+    prev_chunk, prev_tree = np.uint64(0), -1
+    for wlo in range(lo, hi, window):
+        keys, _, _, tree = entries.span(wlo, min(hi, wlo + window), with_tree=True)
+        chunk = keys >> np.uint64(CHUNK_BITS)
+        new = np.empty(chunk.size, bool)
+        new[0] = chunk[0] != prev_chunk or tree[0] != prev_tree
+        new[1:] = (chunk[1:] != chunk[:-1]) | (tree[1:] != tree[:-1])
+        at = np.flatnonzero(new)
+        firsts.append(wlo + at)
+        idxs.append(chunk[at])
+        trees.append(tree[at])
+        prev_chunk, prev_tree = chunk[-1], int(tree[-1])
+    return np.concatenate(firsts), np.concatenate(idxs), np.concatenate(trees)
 
-    Entries are the trees' keys, tree after tree, each tree's keys strictly increasing.
-    """
-    n_trees = len(tree_counts)
-    total = keys.size
-    if total == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
-    tree_of = np.repeat(np.arange(n_trees), tree_counts)
-    chunk = keys >> np.uint64(CHUNK_BITS)
-    new_chunk = np.ones(total, bool)
-    new_chunk[1:] = (chunk[1:] != chunk[:-1]) | (tree_of[1:] != tree_of[:-1])
-    c_first = np.flatnonzero(new_chunk)
-    c_count = np.diff(np.append(c_first, total))
-    c_tree = tree_of[c_first]
-    c_idx = chunk[c_first]
+
+def _cuts(c_first: np.ndarray, c_count: np.ndarray, c_tree: np.ndarray, c_idx: np.ndarray,
+          n_trees: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The leaf groups of trees ``0 .. n_trees - 1`` from their chunks (first entry, entry count, tree,
+    chunk index; sorted by tree, then index): (group's first entry, entry count, tree)."""
     nc = c_first.size
     last_of_tree = np.ones(nc, bool)
     last_of_tree[:-1] = c_tree[1:] != c_tree[:-1]
@@ -149,6 +242,55 @@ def _chunk_cuts(keys: np.ndarray, tree_counts: np.ndarray) -> tuple[np.ndarray, 
     return c_first[g_first], g_count, g_tree
 
 
+def _leaves(entries: TreeEntries, window: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every tree's leaves, tree after tree: (first entry, entry count, tree).  Trees are taken a batch
+    at a time (whole trees of at most ``window`` entries between them, or one tree), and the cuts of a
+    tree depend on that tree alone, so the batches change nothing."""
+    base, n = entries.base, len(entries.counts)
+    parts = []
+    t = 0
+    while t < n:
+        t1 = min(n, max(t + 1, int(np.searchsorted(base, base[t] + window, side="right")) - 1))
+        lo, hi = int(base[t]), int(base[t1])
+        if hi > lo:
+            c_first, c_idx, c_tree = _chunks(entries, lo, hi, window)
+            c_count = np.diff(np.append(c_first, hi))
+            g_start, g_count, g_tree = _cuts(c_first, c_count, c_tree - t, c_idx, t1 - t)
+            # each group split into near-equal leaves: the split depends on the group's keys only, so a
+            # copy-on-write that changes values keeps it
+            k, off, length = _even_split(g_count, LEAF_MAX)
+            parts.append((np.repeat(g_start, k) + off, length, np.repeat(g_tree + t, k)))
+        t = t1
+    cat = (lambda i: np.concatenate([p[i] for p in parts]) if parts else np.zeros(0, np.int64))
+    return cat(0), cat(1), cat(2)
+
+
+def _identical_leaves(entries: TreeEntries, start: np.ndarray, count: np.ndarray, window: int) -> np.ndarray:
+    """:func:`~thinpool.interop.ir.identical_runs`'s ``rep`` for the leaves (runs of entries that tile the
+    trees in order), keys and values compared, hashed and checked ``window`` entries at a time."""
+    n = len(start)
+    run_hash = np.zeros(n, np.uint64)
+    for a, b, lo, hi in _windows(start, count, window):
+        keys, values, _, _ = entries.span(lo, hi)
+        first = start[a:b] - lo
+        pos = np.arange(hi - lo, dtype=np.uint64)
+        pos -= np.repeat(first.astype(np.uint64), count[a:b])
+        run_hash[a:b] = np.add.reduceat(row_hashes(pos, [keys, values]), first)
+    rep = first_of_equal_hashes(count, run_hash)
+    check = np.flatnonzero(rep != np.arange(n))
+    for a, b, lo, _ in _windows(np.cumsum(count[check]) - count[check], count[check], window):
+        c = check[a:b]
+        cc = count[c]
+        cpos = np.arange(int(cc.sum()), dtype=np.int64) - np.repeat(np.cumsum(cc) - cc, cc)
+        mk, mv = entries.gather(np.repeat(start[c], cc) + cpos)
+        tk, tv = entries.gather(np.repeat(start[rep[c]], cc) + cpos)
+        differs = (mk != tk) | (mv != tv)
+        if differs.any():  # a collision: those leaves stay their own
+            bad = np.unique(np.repeat(np.arange(c.size), cc)[differs])
+            rep[c[bad]] = c[bad]
+    return rep
+
+
 def _bit_length(x: np.ndarray) -> np.ndarray:
     """Bit length of each element of a uint64 array (0 for 0)."""
     x = x.copy()
@@ -176,31 +318,40 @@ def _first_chunk_at_or_after(c_tree: np.ndarray, c_idx: np.ndarray, q_tree: np.n
 
 
 def build_shared_forest(keys: np.ndarray, values: np.ndarray, tree_counts: np.ndarray) -> SharedForest:
-    """Plan the mapping trees of ``len(tree_counts)`` devices with identical subtrees shared.
+    """:func:`build_forest` of trees given as concatenated ``keys`` and ``values``
+    (``(data block << 24) | time``), ``tree_counts[t]`` each."""
+    return build_forest(TreeEntries.from_flat(keys, values, tree_counts))
 
-    ``keys`` (virtual blocks) and ``values`` (``(data block << 24) | time``) hold the trees' entries,
-    tree after tree (``tree_counts[t]`` each), keys strictly increasing within a tree.  An empty tree
-    is an empty root leaf (all empty trees share one).
+
+def build_forest(entries: TreeEntries, window: int | None = None) -> SharedForest:
+    """Plan the mapping trees of ``entries`` with identical subtrees shared.
+
+    The mappings are read ``window`` entries (default :data:`WINDOW`) at a time: memory is a few dozen bytes a mapping of a
+    window plus some per leaf and per 512-block chunk of the largest tree, never per mapping of them all.
+    An empty tree is an empty root leaf (all empty trees share one).
     """
-    tree_counts = np.asarray(tree_counts, np.int64)
+    window = window or WINDOW
+    tree_counts = entries.counts
     n_trees = len(tree_counts)
-    # 1. leaf groups, each split into near-equal leaves (the split depends on the group's keys only,
-    #    so a copy-on-write that changes values keeps it), identical leaves once
-    g_start, g_count, g_tree = _chunk_cuts(keys, tree_counts)
-    k, lo, length = _even_split(g_count, LEAF_MAX)
-    l_start = np.repeat(g_start, k) + lo
-    l_rep, l_unique = identical_runs(l_start, length, [keys, values])
+    # 1. leaf groups, each split into near-equal leaves, identical leaves once
+    l_start, length, l_tree = _leaves(entries, window)
+    l_rep = _identical_leaves(entries, l_start, length, window)
+    l_unique = np.flatnonzero(l_rep == np.arange(l_rep.size))
     u_of = np.full(l_start.size, -1, np.int64)
     u_of[l_unique] = np.arange(l_unique.size)
     leaf_start, leaf_count = l_start[l_unique], length[l_unique]
+    leaf_key = np.zeros(leaf_start.size, np.uint64)
+    for a, b, w_lo, w_hi in _windows(leaf_start, leaf_count, window):
+        leaf_key[a:b] = entries.span(w_lo, w_hi)[0][leaf_start[a:b] - w_lo]
     empty = tree_counts == 0
     if empty.any():  # one empty leaf for the empty trees
         leaf_start = np.append(leaf_start, 0)
         leaf_count = np.append(leaf_count, 0)
+        leaf_key = np.append(leaf_key, np.uint64(0))
     n_leaves = leaf_start.size
     # each tree's sequence of leaves
     cur = u_of[l_rep]
-    ncur = np.bincount(np.repeat(g_tree, k), minlength=n_trees).astype(np.int64)
+    ncur = np.bincount(l_tree, minlength=n_trees).astype(np.int64)
     roots = np.full(n_trees, -1, np.int64)
     roots[empty] = n_leaves - 1
     # 2. internal levels: each tree's nodes split evenly, identical nodes once
@@ -217,7 +368,7 @@ def build_shared_forest(keys: np.ndarray, values: np.ndarray, tree_counts: np.nd
         keep = ncur > 1
         if not keep.any():
             break
-        sel = _run_rows(cur_first[keep], ncur[keep])
+        sel = run_rows(cur_first[keep], ncur[keep])
         cur, ncur, tree_ids = cur[sel], ncur[keep], tree_ids[keep]
         k, lo, length = _even_split(ncur, INTERNAL_MAX_ENTRIES)
         n_start = np.repeat(np.cumsum(ncur) - ncur, k) + lo
@@ -225,7 +376,7 @@ def build_shared_forest(keys: np.ndarray, values: np.ndarray, tree_counts: np.nd
         u_of = np.full(n_start.size, -1, np.int64)
         u_of[unique] = np.arange(unique.size)
         node_ids = next_id + u_of[rep]
-        kids = cur[_run_rows(n_start[unique], length[unique])]
+        kids = cur[run_rows(n_start[unique], length[unique])]
         inner_start.append(child_base + np.cumsum(length[unique]) - length[unique])
         inner_count.append(length[unique])
         children.append(kids)
@@ -236,47 +387,56 @@ def build_shared_forest(keys: np.ndarray, values: np.ndarray, tree_counts: np.nd
     all_children = np.concatenate(children) if children else np.zeros(0, np.int64)
     refs = np.bincount(all_children, minlength=next_id).astype(np.int64)
     cat = (lambda parts: np.concatenate(parts) if parts else np.zeros(0, np.int64))
-    return SharedForest(leaf_start.astype(np.int64), leaf_count.astype(np.int64), cat(inner_start),
+    return SharedForest(leaf_start.astype(np.int64), leaf_count.astype(np.int64), leaf_key, cat(inner_start),
                         cat(inner_count), all_children, levels, roots, refs)
 
 
-def pack_shared_forest(image: np.ndarray, forest: SharedForest, first_block: int, keys: np.ndarray,
-                       values: np.ndarray) -> None:
-    """Write ``forest``'s nodes into rows ``first_block ..`` of ``image`` (``(n, 4096)`` uint8), leaves
-    from ``keys``/``values`` (uint64), as :func:`~thinpool.interop.btree.pack_forest` lays out a node.
-    Checksums are not computed here."""
+def pack_leaves(forest: SharedForest, a: int, b: int, first_block: int, keys: np.ndarray,
+                values: np.ndarray, lo: int) -> np.ndarray:
+    """Leaves ``a .. b - 1`` of ``forest`` as blocks (``(b - a, 4096)`` uint8, checksums not computed),
+    their entries taken from ``keys``/``values`` (entries ``lo ..``, as :meth:`SharedForest.leaf_windows`
+    gives them); leaf ``g`` is block ``first_block + g``, laid out as
+    :func:`~thinpool.interop.btree.pack_forest` lays out a node."""
+    image = np.zeros((b - a, 4096), np.uint8)
+    u32 = image.view(np.uint32)
+    u64 = image.view(np.uint64)
+    cnt = forest.leaf_count[a:b]
+    _headers(u32, u64, np.arange(b - a), first_block + np.arange(a, b), cnt, LEAF_NODE, LEAF_MAX)
+    pos = np.arange(int(cnt.sum())) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+    item = np.repeat(forest.leaf_start[a:b] - lo, cnt) + pos
+    r = np.repeat(np.arange(b - a), cnt)
+    u64[r, 4 + pos] = keys[item]
+    u64[r, 4 + LEAF_MAX + pos] = values[item]
+    return image
+
+
+def pack_inner(forest: SharedForest, first_block: int) -> np.ndarray:
+    """The internal nodes of ``forest`` as blocks (``(nr_nodes - n_leaves, 4096)`` uint8, checksums not
+    computed): node ``g`` is block ``first_block + g``."""
+    nl = forest.n_leaves
+    image = np.zeros((forest.nr_nodes - nl, 4096), np.uint8)
     u32 = image.view(np.uint32)
     u64 = image.view(np.uint64)
     first_key = np.zeros(forest.nr_nodes, np.uint64)
-    # leaves
-    nl = forest.n_leaves
-    rows = first_block + np.arange(nl)
-    _headers(u32, u64, rows, forest.leaf_count, LEAF_NODE, LEAF_MAX)
-    cnt = forest.leaf_count
-    pos = np.arange(int(cnt.sum())) - np.repeat(np.cumsum(cnt) - cnt, cnt)
-    item = np.repeat(forest.leaf_start, cnt) + pos
-    r = np.repeat(rows, cnt)
-    u64[r, 4 + pos] = keys[item]
-    u64[r, 4 + LEAF_MAX + pos] = values[item]
-    nonempty = cnt > 0
-    first_key[:nl][nonempty] = keys[forest.leaf_start[nonempty]]
-    # internal nodes, level by level so that every child's first key is known
+    first_key[:nl] = forest.leaf_key
+    # level by level, so that every child's first key is known
     for lo, hi in forest.levels:
         i = np.arange(lo, hi) - nl
-        rows = first_block + np.arange(lo, hi)
         cnt = forest.inner_count[i]
-        _headers(u32, u64, rows, cnt, INTERNAL_NODE, INTERNAL_MAX_ENTRIES)
+        _headers(u32, u64, i, first_block + np.arange(lo, hi), cnt, INTERNAL_NODE, INTERNAL_MAX_ENTRIES)
         pos = np.arange(int(cnt.sum())) - np.repeat(np.cumsum(cnt) - cnt, cnt)
         kids = forest.children[np.repeat(forest.inner_start[i], cnt) + pos]
-        r = np.repeat(rows, cnt)
+        r = np.repeat(i, cnt)
         u64[r, 4 + pos] = first_key[kids]
         u64[r, 4 + INTERNAL_MAX_ENTRIES + pos] = (first_block + kids).astype(np.uint64)
         first_key[lo:hi] = first_key[forest.children[forest.inner_start[i]]]
+    return image
 
 
-def _headers(u32: np.ndarray, u64: np.ndarray, rows: np.ndarray, count: np.ndarray, flags: int, cap: int) -> None:
+def _headers(u32: np.ndarray, u64: np.ndarray, rows: np.ndarray, blocks: np.ndarray, count: np.ndarray, flags: int,
+             cap: int) -> None:
     u32[rows, 1] = flags
-    u64[rows, 1] = rows
+    u64[rows, 1] = blocks
     u32[rows, 4] = count
     u32[rows, 5] = cap
     u32[rows, 6] = 8

@@ -128,6 +128,40 @@ def build_space_map(blocks: np.ndarray, counts: np.ndarray, nr_blocks: int) -> S
     )
 
 
+def space_map_from_counts(counts: np.ndarray, nr_blocks: int, bitmaps_at_once: int = 256) -> SpaceMapContent:
+    """:func:`build_space_map` from one count per block (``counts``, length ``nr_blocks``, unsigned),
+    encoded ``bitmaps_at_once`` bitmaps at a time: no per-block temporary beyond that window."""
+    n_bm = nr_bitmaps(nr_blocks)
+    flat = np.zeros((n_bm, BITMAP_BYTES), np.uint8)
+    nr_free = np.zeros(n_bm, np.uint32)
+    hint = np.zeros(n_bm, np.uint32)
+    rc_blocks, rc_counts = [], []
+    allocated = 0
+    step = bitmaps_at_once * ENTRIES_PER_BITMAP
+    for lo in range(0, nr_blocks, step):
+        part = counts[lo : min(nr_blocks, lo + step)]
+        b0 = lo // ENTRIES_PER_BITMAP
+        nb = nr_bitmaps(part.size)
+        c = np.zeros(nb * ENTRIES_PER_BITMAP, np.uint8)
+        c[: part.size] = np.minimum(part, 3)
+        codes = _ENCODE[c].reshape(-1, 4)
+        flat[b0 : b0 + nb] = (codes[:, 0] | (codes[:, 1] << 2) | (codes[:, 2] << 4) | (codes[:, 3] << 6)
+                              ).reshape(nb, BITMAP_BYTES)
+        used = c.reshape(nb, ENTRIES_PER_BITMAP) != 0
+        n_used = used.sum(axis=1)
+        nr_free[b0 : b0 + nb] = ENTRIES_PER_BITMAP - n_used
+        full = n_used == ENTRIES_PER_BITMAP
+        hint[b0 : b0 + nb] = np.where(full, ENTRIES_PER_BITMAP, np.argmin(used, axis=1))
+        allocated += int(n_used.sum())
+        over = np.flatnonzero(part >= 3)
+        rc_blocks.append((lo + over).astype(np.uint64))
+        rc_counts.append(np.minimum(part[over], 0xFFFFFFFF).astype(np.uint32))
+    return SpaceMapContent(
+        nr_blocks=nr_blocks, nr_allocated=allocated, bitmaps=flat, nr_free=nr_free, none_free_before=hint,
+        rc_blocks=np.concatenate(rc_blocks or [np.zeros(0, np.uint64)]),
+        rc_counts=np.concatenate(rc_counts or [np.zeros(0, np.uint32)]))
+
+
 def _first_free(blocks: np.ndarray, which: np.ndarray, allocated: np.ndarray) -> np.ndarray:
     """Per bitmap, the first entry that is free: the none_free_before hint."""
     hint = np.zeros(len(allocated), np.uint32)
