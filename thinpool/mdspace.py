@@ -41,8 +41,11 @@ def _mark_locs(state: bytearray, locs: Any, bits: int) -> None:
     if np is None or not isinstance(locs, array) or len(locs) < 4096:
         _mark(state, (loc >> 32 for loc in locs), bits)
         return
-    blocks = np.frombuffer(memoryview(locs).cast("B"), np.uint64) >> np.uint64(32)
-    blocks = blocks[(blocks > 0) & (blocks < len(state))]
+    # most entries of a big pool's sparse arrays are 0 (absent pages): only the others are shifted and
+    # filtered (shifting and masking all 2^24 of them made three temporaries of 128 MiB: 0.25-0.6 s)
+    high = np.frombuffer(memoryview(locs).cast("B"), np.uint32)[_HI::2]  # (the block: the high half)
+    blocks = high[high.nonzero()[0]].astype(np.int64)  # (flatnonzero would copy the strided view)
+    blocks = blocks[blocks < len(state)]
     view = np.frombuffer(state, np.uint8)
     view[blocks] |= np.uint8(bits)
     del view  # the bytearray must not stay exported (resize() extends it)

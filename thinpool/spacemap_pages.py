@@ -399,7 +399,7 @@ def _disk_rows_compiled(pack: Any, rc: np.ndarray, dirty_sm: np.ndarray, sm_have
             over_parts.append((over_pages[:m], over.view(np.uint8), np.arange(m)))
         sm_dead.append(sm[~live & sm_have[i:i + _COMPILED_CHUNK]])
         if m < len(pages):  # count pages without an overflow count now (the kernel keeps their order)
-            gone = pages if m == 0 else pages[~np.isin(pages, over_pages[:m], assume_unique=True)]
+            gone = pages if m == 0 else _without(pages, over_pages[:m])
             over_dead.append(gone[stored_at(over_locs, gone)])
 
     def rows(parts: list[Part], npages: int, dead: list[np.ndarray]) -> RowPages:
@@ -411,6 +411,14 @@ def _disk_rows_compiled(pack: Any, rc: np.ndarray, dirty_sm: np.ndarray, sm_have
             at = np.arange(len(pages))
         return RowPages(npages, pages, base, at, dead=np.concatenate(dead) if dead else nothing)
     return {"data_sm": rows(sm_parts, nsm, sm_dead), "data_rc_over": rows(over_parts, nrc, over_dead)}
+
+
+def _without(pages: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    """The entries of ``pages`` (sorted, distinct) not in ``kept`` (some of them, in the same order):
+    ``np.isin``'s answer found by a binary search of each kept page (isin sorts both again)."""
+    out = np.ones(len(pages), bool)
+    out[np.searchsorted(pages, kept)] = False
+    return pages[out]
 
 
 def _pack_bitmap(counts: np.ndarray) -> np.ndarray:
