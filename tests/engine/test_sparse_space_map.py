@@ -159,3 +159,17 @@ def test_kernel_rule_a_damaged_space_map_page_falls_back_to_the_previous_commit_
         assert "data_sm: bad checksum" in (pool.recovered_from or "")
         assert pool.space.used() == 1 and _maps(pool.thin("a")) == {0: 0}
         assert pool.space.live_page_count() == 1 and pool.check().ok
+
+
+def test_page_flags_scanned_a_word_at_a_time_are_the_flags_set(monkeypatch):
+    """The map's page flags (dirty, live) are scanned eight at a time on a big map: the pages found are
+    exactly numpy's ``flatnonzero`` of the flags, for any length (a tail past the last whole word) and
+    any density (a dense map falls back to one scan of the bytes)."""
+    from thinpool import dataspace
+    monkeypatch.setattr(dataspace, "_WORDS_FROM", 0)
+    rng = np.random.default_rng(3)
+    for n in (0, 1, 7, 8, 9, 2051, 1 << 16):
+        for p in (0.0, 0.001, 0.1, 0.5, 1.0):
+            flags = (rng.random(n) < p).astype(np.uint8) * rng.integers(1, 256, n).astype(np.uint8)
+            got = dataspace.flagged(flags)
+            assert got.dtype == np.int64 and np.array_equal(got, np.flatnonzero(flags)), (n, p)
