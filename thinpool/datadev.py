@@ -3,8 +3,10 @@
 The kernels move its bytes with pread(2)/pwrite(2) (one call per run of blocks), so a data file
 truncated or failing under an open pool is an error code -- HostIOError naming the file -- and not
 SIGBUS, which a mapped page past the file's new end raises.  The file is also mapped read-only
-(``mm``) for one path only: ``Thin.read`` of a single mapped block slices it after checking the
-file's length (docs/design.md, "Files changed under an open pool").  Blocks are
+(``mm``) for one path only: ``Thin.read`` of a single mapped block slices it, the map watched by
+:mod:`thinpool.faultguard` (a page lost to a truncation is a counted fault, the read then redone
+with pread) or, where that cannot be, after checking the file's length (docs/design.md, "Files
+changed under an open pool").  Blocks are
 hole-punched (``fallocate(PUNCH_HOLE)``) by ``thinpool trim``, by a discard's passdown and, with the
 pool setting ``punch_freed_blocks``, whenever they are freed -- always only once no durable commit
 maps them (:mod:`thinpool.poolspace`).  Otherwise a freed block keeps its bytes, as on a dm-thin data
@@ -24,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from . import pooldir
+from . import faultguard, pooldir
 from .errors import FailedPrecondition, HostIOError
 from .hostio import DataIO, load_libc, sync_or_fail, write_all
 
@@ -202,11 +204,49 @@ class DataDevice:
         finally:
             os.close(fd)
 
+    #: the :func:`thinpool.faultguard.guard` slot watching :attr:`mm` (-1: not watched), and its fault
+    #: count when mapped: a page of ``mm`` past the end of a file truncated under the pool reads as
+    #: zeroes, counted, instead of raising SIGBUS (:meth:`remap_if_faulted` maps the file again)
+    guard = -1
+    guard_hits = 0
+    #: the descriptor ``kernels.locate_read`` checks the file's length on before ``Thin.read`` slices
+    #: :attr:`mm` (an lseek(2)): -1 -- no check -- while the map is guarded, since a fault is then counted
+    lseek_fd = -1
+
     def _map(self) -> None:
         length = self.nr_blocks * self.block_size
-        self.mm = mmap.mmap(self.fd, length, mmap.MAP_SHARED, mmap.PROT_READ) if length else None
+        try:
+            self.mm = mmap.mmap(self.fd, length, mmap.MAP_SHARED, mmap.PROT_READ) if length else None
+        except ValueError:  # a file now shorter than the pool (truncated under it): see _map_past_end
+            self.mm = self._map_past_end(length)
+        self.guard = -1 if self.mm is None else faultguard.guard(self.mm, faultguard.address_of(self.mm), length)
+        self.guard_hits = faultguard.hits(self.guard)
+        self.lseek_fd = -1 if self.guard >= 0 else self.fd
+
+    def _map_past_end(self, length: int) -> mmap.mmap:
+        """A map of the file's first ``length`` bytes when the file is shorter (the ``mmap`` module
+        refuses that): an anonymous reservation with the file mapped over it privately (reads see the
+        file's pages; the pages past its end fault, counted by the guard).  HostIOError if the host
+        cannot map it."""
+        from .mdpages import MAP_SPARSE, map_private
+        mm = mmap.mmap(-1, length, flags=MAP_SPARSE)
+        if not map_private(faultguard.address_of(mm), length, self.fd, 0):
+            mm.close()
+            raise HostIOError(f"cannot map the data file {self.path} again after a page of it faulted "
+                              f"(the file was truncated under the open pool)", errno.EIO, self.path)
+        return mm
+
+    def remap_if_faulted(self) -> None:
+        """Map the file again if a page of :attr:`mm` faulted since it was mapped (the page now reads as
+        zeroes; the new map shows the file as it is)."""
+        if self.guard >= 0 and faultguard.hits(self.guard) != self.guard_hits:
+            self._unmap()
+            self._map()
 
     def _unmap(self) -> None:
+        faultguard.unguard(self.guard)
+        self.guard = -1
+        self.lseek_fd = self.fd
         if self.mm is not None:
             try:
                 self.mm.close()

@@ -13,11 +13,13 @@ its volume through a rename and never confuses it with a later volume that reuse
 
 from __future__ import annotations
 
+import errno
 import functools
 from typing import TYPE_CHECKING, Any, Callable, TypeVar, cast
 
 import numpy as np
 
+from . import faultguard
 from . import schema as K
 from .errors import HostIOError
 from .origin import Origins
@@ -63,7 +65,7 @@ class KernelContext:
 
     __slots__ = ("pool", "lock", "keys", "slots", "names", "gone", "is_open", "readable", "devs_i", "devs_dirty", "st", "nodes_map", "space", "data",
                  "one_io", "fast_write", "path", "active", "origins", "nospace", "_tab", "_tab_arrays", "_tab_st",
-                 "_tab_epoch", "locate_fn", "locate_read_fn", "write_one_fn")
+                 "_tab_epoch", "locate_fn", "locate_read_fn", "write_one_fn", "faults_seen")
 
     def __init__(self, pool: "Pool") -> None:
         self.pool = pool
@@ -93,6 +95,39 @@ class KernelContext:
         self.locate_fn: Any = None  # kernels.locate compiled for this context's arrays (see bind_locate)
         self.write_one_fn: Any = None  # the same for kernels.write_one
         self.locate_read_fn: Any = None  # the same for kernels.locate_read
+        #: faultguard.FAULTS[0] when this pool last looked (see fault_check)
+        self.faults_seen = int(faultguard.FAULTS[0])
+
+    def fault_check(self) -> None:
+        """After a kernel call or a slice of the data file's map, when ``faultguard.FAULTS[0]`` is no
+        longer :attr:`faults_seen` (a guarded map faulted meanwhile, in this pool or another: what the
+        call read may hold zeroes or holes in place of a lost page -- the caller throws it away): map the
+        data file again if its map faulted, and if the pool's metadata rows did (pages of the metadata
+        file truncated under the open pool) put the pool in ``fail`` mode and raise
+        :class:`~thinpool.errors.HostIOError` (EIO) naming the file."""
+        now = int(faultguard.FAULTS[0])
+        if now == self.faults_seen:
+            return
+        self.faults_seen = now
+        remap = getattr(self.data, "remap_if_faulted", None)
+        if remap is not None:
+            remap()
+        pool = self.pool
+        if not any(faultguard.hits(getattr(pool, d).guard) for d in ("_leaf_disk", "_inner_disk") if hasattr(pool, d)):
+            return
+        # rows of the nodes mapped from the metadata file faulted (their pages, lost to a truncation
+        # under the open pool, now read as holes): what the call computed from them is never returned
+        # or committed -- the pool fails, the store's commits end
+        store = pool._store
+        why = (f"the metadata file {store.path} lost pages under the open pool (truncated by another program): "
+               f"rows of the block map read from it are gone; stop whatever truncates it, then reopen the pool "
+               f"(thinpool check; thinpool repair if pages are gone)")
+        if not store.failed:
+            store.failed = why
+        if pool.mode != Mode.FAIL:
+            pool._set_mode(Mode.FAIL)
+            pool.read_only_reason = why
+        raise HostIOError(f"pool {pool.path}: {why}", errno.EIO, store.path)
 
     def refresh(self, *, devs_i: np.ndarray, devs_dirty: set[int], st: np.ndarray, nodes_map: Any,
                 space: Any) -> None:

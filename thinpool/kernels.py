@@ -536,9 +536,10 @@ def locate_read(tab, devs, slot, offset, n, fd):
     the same answers, except that a mapped range the data file ``fd`` no longer holds (the file is
     shorter than its end: truncated under the pool by another program) is :data:`END_OF_FILE`
     instead of its offset -- the caller then reads with pread(2), which reports the error, where
-    the map would raise SIGBUS.  One lseek(2) per mapped read."""
+    the map would raise SIGBUS.  One lseek(2) per mapped read; none when ``fd`` is -1 (the caller's
+    map is watched by :mod:`thinpool.faultguard`, which counts such a fault instead)."""
     pos = locate(tab, devs, slot, offset, n, False)
-    if pos >= 0 and c_lseek(fd, 0, _SEEK_END) < pos + n:
+    if pos >= 0 and fd >= 0 and c_lseek(fd, 0, _SEEK_END) < pos + n:
         return END_OF_FILE
     return pos
 

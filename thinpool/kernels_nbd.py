@@ -269,6 +269,9 @@ def serve_reads(sock, rbuf, state, out, tab, devs, slot, fd, size, structured, r
                 c_rwunlock(rwp)
                 return _fail(sock, out, state, FR_STALE)
             code, _where = read_one_pread(tab, devs, slot, fd, out[o + rhdr:o + need], offset, -1, 0)
+            if gen[0] != bound_gen:  # a row of the block map faulted in that lookup (thinpool.faultguard)
+                c_rwunlock(rwp)
+                return _fail(sock, out, state, FR_STALE)
             c_rwunlock(rwp)
             if code != OK:
                 return _fail(sock, out, state, FR_OTHER)

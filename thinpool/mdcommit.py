@@ -142,7 +142,7 @@ class MetadataCommit(MetadataSpace):
         that truncates it under the open pool (the pool's lock keeps only thinpool's own programs off)
         takes pages the committed state may use; a commit would then write a superblock referring to
         them, and a big pool's rows mapped from them (:meth:`thinpool.mdstore.MetadataStore.map_into`)
-        kill the process with SIGBUS at their next touch.  A shorter file ends this store's commits
+        fault at their next touch (counted by :mod:`thinpool.faultguard`: the pool fails).  A shorter file ends this store's commits
         (``failed``, as a failed flush does: only a reopen, which verifies every page it reaches, may
         commit again) and raises :class:`~thinpool.errors.HostIOError` (EIO) naming it."""
         if self.failed:

@@ -41,7 +41,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from . import nodepacks, nodes_format3
+from . import faultguard, nodepacks, nodes_format3
 from .errors import MetadataCorrupt
 from .mdpages import BLOCK, MAP_SPARSE, PageUpdates, sorted_minus, sorted_unique
 from .nodepacks import _CHUNK, _HEAD, _REC, DENSE, DENSE_ARRAY, INNERS, LEAVES, MARK, PACK_ARRAY, Kind, ranges
@@ -138,6 +138,9 @@ class NodeDisk:
         #: per slot, whether its row is still a private map of its committed page (:func:`open_nodes`),
         #: or None when no row is
         self.mapped: np.ndarray | None = None
+        #: the :func:`thinpool.faultguard.guard` slot watching the nodes' rows mapped from the file (a
+        #: truncated file's page is then a fault counted there, its rows holes, not SIGBUS); -1: none
+        self.guard = -1
 
     @classmethod
     def empty(cls, kind: Kind, convert: str | None = None) -> "NodeDisk":
@@ -208,7 +211,7 @@ class NodeDisk:
             dead_own = dirty[(old == MARK) & (new != MARK)]
             changed = dirty[~(((old == MARK) & (new == MARK)) | ((old == -1) & (new == -1)))]
         packed, dead_packs, after, packed_rows = self._repack(nodes, stored, changed)
-        after.mapped = self.mapped
+        after.mapped, after.guard = self.mapped, self.guard
         out: dict[str, Any] = {
             kind.dense_array: _Pages(n, nodes, own, {}, dead_own),
             kind.pack_array: _Pages(after.npages, None, (), packed, dead_packs, packed_rows),
@@ -373,6 +376,7 @@ def open_nodes(kind: Kind, store: Any, arrays: Mapping[str, np.ndarray],
     count = len(arrays.get(f"{kind.name}_rc", ())) // 4
     npages = store.npages(kind.dense_array)
     mapped: list[np.ndarray] = []
+    guards: list[int] = []
 
     def fill(nodes: np.ndarray, dense: np.ndarray) -> None:
         if len(dense) and dense.max() >= npages:
@@ -380,11 +384,18 @@ def open_nodes(kind: Kind, store: Any, arrays: Mapping[str, np.ndarray],
         if not len(dense):
             return
         rows = dense.tolist()
-        if nodes.nbytes >= POPULATE_MIN and MAP_NODES and store.map_into(kind.dense_array, rows, nodes, rows):
-            flags = np.zeros(len(nodes), bool)
-            flags[dense] = True
-            mapped.append(flags)
-            return
+        if nodes.nbytes >= POPULATE_MIN and MAP_NODES:
+            # a page of the file lost under the open pool reads as a page of holes, counted by the
+            # guard (the owner fails: KernelContext.fault_check), instead of raising SIGBUS
+            owner = _map_of(nodes)
+            guard = -1 if owner is None else faultguard.guard(owner, faultguard.address_of(owner), len(owner), -1)
+            if store.map_into(kind.dense_array, rows, nodes, rows):
+                flags = np.zeros(len(nodes), bool)
+                flags[dense] = True
+                mapped.append(flags)
+                guards.append(guard)
+                return
+            faultguard.unguard(guard)
         _populate(nodes)
         store.gather_into(kind.dense_array, rows, nodes, rows)
 
@@ -392,6 +403,7 @@ def open_nodes(kind: Kind, store: Any, arrays: Mapping[str, np.ndarray],
     nodes, disk = _packs_from_disk(kind, arrays[kind.pack_array], count, fill, lambda n: _reserved(kind, n),
                                    None if free_rows else rc[:count] != 0)
     disk.mapped = mapped[0] if mapped else None
+    disk.guard = guards[0] if guards else -1
     return nodes, disk
 
 
@@ -427,14 +439,20 @@ def _populate(nodes: np.ndarray) -> None:
     """Before reading 800 MB of pages into a reserved map: its memory mapped in by one system call
     (``MADV_POPULATE_WRITE``) instead of a page fault per 4 KiB (800 MB of leaves took 0.4 s of system
     time so, against 0.6-2.5 s of faults); nothing where the host cannot."""
-    base: object = nodes.base  # (numpy's stubs say an ndarray; any buffer's exporter can be the base)
-    while base is not None and not isinstance(base, mmap.mmap):
-        base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
-    if isinstance(base, mmap.mmap) and sys.platform.startswith("linux"):
+    base = _map_of(nodes)
+    if base is not None and sys.platform.startswith("linux"):
         try:
             base.madvise(_MADV_POPULATE_WRITE)
         except (OSError, ValueError):
             pass
+
+
+def _map_of(nodes: np.ndarray) -> mmap.mmap | None:
+    """The anonymous map ``nodes`` views (:func:`_reserved`), or None."""
+    base: object = nodes.base  # (numpy's stubs say an ndarray; any buffer's exporter can be the base)
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
+    return base if isinstance(base, mmap.mmap) else None
 
 
 def _privatize(nodes: np.ndarray, slots: np.ndarray, mapped: np.ndarray) -> None:

@@ -26,7 +26,7 @@ import numpy as np
 
 from . import schema as K
 from . import catalog as cat_format
-from . import ownership, pooldir, rules, safe_output
+from . import faultguard, ownership, pooldir, rules, safe_output
 from .blockmap import BlockMap
 from .datadev import DataDevice, NullDataDevice
 from .errors import AlreadyExists, InvalidArgument, MetadataCorrupt, ThinpoolWarning
@@ -311,6 +311,9 @@ class Pool(Transactions, DeviceOps, Features, Accounting):
             arrays, nodes = {k: np.frombuffer(v, np.uint8) for k, v in self._store.load().items()}, (None, None)
             counts = load_counts(self._store, arrays, self._store.header["nr_data_blocks"])
         self._install(arrays, self._store.header, nodes, counts)
+        gen = self._engine.lock.gen.ctypes.data  # a lost row of the mapped nodes moves the NBD loop's generation
+        for disk in (self._leaf_disk, self._inner_disk):
+            faultguard.set_bump(disk.guard, gen)
         self._unpunched = np.zeros(0, np.int64)  # released blocks whose hole punch failed (still pending)
         self._lwm_fired = False
         self._md_low = None  # (the kernel's metadata threshold starts unset with its space map)
@@ -561,6 +564,9 @@ class Pool(Transactions, DeviceOps, Features, Accounting):
             self._closed = True
             self._engine.is_open = self._engine.fast_write = self._engine.readable = False
             self._data.close()
+            for disk in (getattr(self, "_leaf_disk", None), getattr(self, "_inner_disk", None)):
+                if disk is not None:  # (its guard bumps the lock's generation)
+                    faultguard.unguard(disk.guard)
             self._engine.origins.close()
             self._store.close()
             self._release_lock()

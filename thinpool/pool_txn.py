@@ -251,6 +251,12 @@ class Transactions:
             arrays.update(stored.updates(len(self._devs), rules.catalog_dumps, self._header))
         return arrays
 
+    def _before_write(self) -> None:
+        """The store's last step before it writes a commit's pages: no row it copied faulted (a mapped
+        row read while the pages were made: :meth:`_metadata_rows_faulted`), then the data flush."""
+        self._engine.fault_check()
+        self._sync_data()
+
     @_locked
     def _check_file_length(self, check: Callable[[], None]) -> None:
         """Run ``check`` (a file's length check: HostIOError when another program truncated it); on a
@@ -278,6 +284,7 @@ class Transactions:
         reports a commit as done.
         """
         self._check_open()
+        self._engine.fault_check()  # rows mapped from a truncated metadata file faulted: fail, never commit them
         if self.mode == Mode.FAIL:
             raise HostIOError(f"pool {self.path} has failed and must be reopened; nothing since its last "
                               f"durable commit was committed ({getattr(self, 'read_only_reason', '')})")
@@ -316,7 +323,7 @@ class Transactions:
                 # the data file's flush ends inside the store's commit, once every page and the superblock
                 # are made and before the first is written: the three flushes' ends then follow each other
                 # with only their writes between them (the floor's order: data, pages, superblock)
-                self._store.commit(arrays, self._header, hints=self._hints(), before_write=self._sync_data)
+                self._store.commit(arrays, self._header, hints=self._hints(), before_write=self._before_write)
             except BaseException:
                 self._end_data_flush()  # (a commit that failed before the store ended the flush)
                 raise

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from . import schema as K
+from .errors import HostIOError
 
 #: bytes reserved for a ``pthread_rwlock_t`` (56 on x86-64 glibc; 64 covers every glibc ABI)
 RWLOCK_BYTES = 64
@@ -264,6 +265,10 @@ def read_binding(thin: Any) -> ReadBinding | None:
         raise RuntimeError("read_binding needs the pool's lock held")
     key = thin._key
     slot = ctx.slots.get(key)
+    try:
+        ctx.fault_check()  # the pool's mapped metadata rows faulted: it fails (the Python path answers EIO)
+    except HostIOError:
+        return None
     if slot is None or not ctx.readable or key in ctx.origins.by_key:
         return None
     table = ctx.table()

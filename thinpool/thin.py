@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
+from . import faultguard as _fg
 from . import rules
 from . import schema as L
 from .activation import Activation  # re-exported: callers import it from here
@@ -266,7 +267,7 @@ class Thin:
                         ofd, osize = _NO_ORIGIN
                         if fd >= 0:
                             pos = (ctx.locate_fn or ctx.bind_locate())(tab, ctx.devs_i, slot, offset, n, True)
-                            if pos >= 0:
+                            if pos >= 0:  # (a lost row of mapped metadata reads as holes: never a place)
                                 try:
                                     if os.pwrite(fd, data, pos) == n:
                                         return n
@@ -275,6 +276,8 @@ class Thin:
                     code, need = (ctx.write_one_fn or ctx.bind_write_one())(tab, ctx.devs_i, slot,
                                                                               np.frombuffer(data, _U8), fd, offset,
                                                                               ofd, osize)
+                    if _fg.FAULTS[0] != ctx.faults_seen:
+                        ctx.fault_check()
                     if code == 0:  # OK
                         if need:  # a rewrite of provisioned, unshared blocks changes no record
                             ctx.devs_dirty.add(slot)
@@ -303,6 +306,8 @@ class Thin:
                 ofd, osize = ctx.origin(self._key) if ctx.origins.by_key else _NO_ORIGIN
                 code, need = (_KERNELS or _k()).write_one(ctx.table(), ctx.devs_i, slot, buf, ctx.data.fd, offset,
                                                           ofd, osize)
+                if _fg.FAULTS[0] != ctx.faults_seen:
+                    ctx.fault_check()
                 if code == 0:  # OK
                     if need:  # a rewrite of provisioned, unshared blocks changes no record
                         ctx.devs_dirty.add(slot)
@@ -366,6 +371,8 @@ class Thin:
                     code, start, need = _k().write_batch(ctx.nodes_map.nodes, space.arrays, st, ctx.devs_i[slot],
                                                          ctx.data.fd, ctx.data.scratch, offsets, lengths, buf, starts,
                                                          start, ofd, osize)
+                    if _fg.FAULTS[0] != ctx.faults_seen:
+                        ctx.fault_check()
                     needed = max(needed, need)
                     if code == L.OK:
                         break
@@ -450,6 +457,8 @@ class Thin:
                 if code == L.OK:
                     break
                 ctx.nodes_map.ensure(3, 1)
+            if _fg.FAULTS[0] != ctx.faults_seen:
+                ctx.fault_check()
             unmapped = before - int(ctx.devs_i[slot, DEV_MAPPED])
             if unmapped:
                 ctx.devs_dirty.add(slot)
@@ -485,11 +494,16 @@ class Thin:
                     data = ctx.data
                     if data.fd >= 0 and not ctx.origins.by_key:
                         pos = (ctx.locate_read_fn or ctx.bind_locate_read())(ctx.table(), ctx.devs_i, slot, offset,
-                                                                              length, data.fd)
+                                                                              length, data.lseek_fd)
                         if pos >= 0:
-                            return data.mm[pos:pos + length]
-                        if pos == _HOLE:
-                            return bytes(length)
+                            got = data.mm[pos:pos + length]
+                            if _fg.FAULTS[0] == ctx.faults_seen:
+                                return got
+                            ctx.fault_check()  # a page faulted (zeroes in got): redone with pread below
+                        elif pos == _HOLE:
+                            if _fg.FAULTS[0] == ctx.faults_seen:
+                                return bytes(length)
+                            ctx.fault_check()
             finally:
                 plain_release(lock)
         return self._pread(offset, length)
@@ -519,6 +533,8 @@ class Thin:
             ofd, osize = ctx.origin(self._key) if ctx.origins.by_key else _NO_ORIGIN
             code, pos = (_KERNELS or _k()).read_one_pread(ctx.table(), ctx.devs_i, slot, ctx.data.fd, out, offset,
                                                           ofd, osize)
+            if _fg.FAULTS[0] != ctx.faults_seen:
+                ctx.fault_check()  # the pool's mapped metadata rows faulted: raises
             if code != L.OK:
                 self._read_failed(code, int(pos), offset)
         return out.tobytes()
@@ -574,6 +590,8 @@ class Thin:
             ofd, osize = ctx.origin(self._key)
             code, i, pos = _k().read_batch(ctx.nodes_map.nodes, root, ctx.data.fd, ctx.block_size, offsets, lengths,
                                            out, starts, ofd, osize)
+            if _fg.FAULTS[0] != ctx.faults_seen:
+                ctx.fault_check()
             if code != L.OK:
                 self._read_failed(int(code), int(pos), int(offsets[i]))
 
@@ -593,6 +611,7 @@ class Thin:
             first, last = off // bs, (end - 1) // bs
             flags = np.empty(last - first + 1, np.uint8)
             _walks().mapped_flags(ctx.nodes_map.nodes, int(ctx.devs_i[self._slot(), DEV_ROOT]), first, flags)
+            ctx.fault_check()
         return extents_of_flags(flags, first * bs, bs, off, end)
 
     def mappings(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -604,6 +623,7 @@ class Thin:
             vb = np.empty(n, np.int64)
             vals = np.empty(n, np.uint64)
             _walks().collect_mappings(ctx.nodes_map.nodes, root, vb, vals)
+            ctx.fault_check()
         blocks, times = unpack_mapping(vals)
         return vb, blocks.astype(np.int64), times.astype(np.int64)
 

@@ -284,9 +284,9 @@ def main(wait: float | None, allow_foreign: bool) -> None:
     --allow-foreign is given.
     """
     if not faulthandler.is_enabled():
-        # a fatal signal names where it struck on stderr (a metadata file truncated under a big open
-        # pool raises SIGBUS at the next touch of a row mapped from it: docs/design.md, "Commits and
-        # crash semantics")
+        # a fatal signal names where it struck on stderr (a SIGBUS on a pool's own maps is counted by
+        # thinpool.faultguard, whose handler, installed later, sends every other fault on to this one:
+        # docs/design.md, "Files changed under an open pool")
         try:
             faulthandler.enable()
         except (AttributeError, OSError, ValueError, RuntimeError):  # a stderr without a file descriptor
