@@ -54,8 +54,10 @@ def state_to_metadata(pool: "Pool", nodes: tuple, devs: np.ndarray, nr_data_bloc
         arrays = by_root.get(root)
         if arrays is None:  # devices sharing a root (a snapshot and its unchanged origin) share the arrays
             vb, vals = _device_mappings(nodes, root)
-            blocks, times = unpack_mapping(vals)
-            arrays = by_root[root] = (vb.astype(np.uint64), blocks, times.astype(np.uint32))
+            blocks = unpack_mapping(vals)[0]
+            vals &= np.uint64(K.TIME_MASK)  # the times, in place: at 100 million mappings every copy is 800 MB
+            arrays = by_root[root] = (vb.view(np.uint64), blocks, vals.astype(np.uint32))
+            del vb, vals
         devices.append(Device(dev_id=int(d["dev_id"]), mapped_blocks=len(arrays[0]),
                               transaction=int(d["transaction"]) & U64_MASK,
                               creation_time=int(d["creation_time"]), snap_time=int(d["snap_time"]),
