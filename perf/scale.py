@@ -529,7 +529,7 @@ ls 12.9x / 14.3 CPU, snapshot 3.95x / 6.14 CPU, open 7.3 s.
 **Export (S10g, S10h).** `export-metadata` builds and writes the kernel-format trees a window of
 mappings at a time (`interop/sharing.py`, `interop/binary.py`): the distinct trees' arrays are read 2
 million mappings at a time and never concatenated, what is kept for all of them is per leaf, per node
-and one 4-byte count per data block, and the leaf blocks are packed, checksummed and written window by
+and one byte of count per data block (a count past 254 kept exactly beside it), and the leaf blocks are packed, checksummed and written window by
 window, so the export of this pool peaks at {v('S10g', 'export_peak_rss_MiB')} MiB of RSS (target 4
 GiB; the exporter that held every mapping at once passed 8.7 GB here and was stopped) and writes the
 same bytes as that exporter (tests/interop/test_export_stream.py). Most of that memory is what the

@@ -101,7 +101,22 @@ def _dense_origins() -> tuple[Metadata, Metadata | None]:
     return Metadata(Superblock(1, 1, 128, nr), devices), None
 
 
+def _hot_data_blocks() -> tuple[Metadata, Metadata | None]:
+    """300 devices with distinct leaves mapping the same data blocks: counts of 250-259 and 300 (past
+    the 255 a byte holds), beside blocks each device maps alone."""
+    nr = 5000
+    devices = []
+    for i in range(300):
+        vb = np.arange(110, dtype=np.uint64) + np.uint64(1000 * i)
+        db = np.arange(110, dtype=np.uint64)
+        alone = np.arange(10) + 250 > i  # block 100 + k: the devices i < 250 + k
+        db[100:][~alone] = np.uint64(1000 + 10 * i) + np.flatnonzero(~alone).astype(np.uint64)
+        devices.append(Device(i, 110, 0, 0, 0, vb, db, np.full(110, i % 5, np.uint32)))
+    return Metadata(Superblock(3, 4, 128, nr), devices), None
+
+
 CASES: dict[str, Case] = {
+    "hot-data-blocks": _hot_data_blocks,
     **{f"random-{s}": (lambda s=s: (random_metadata(s, 6, 3 * 16320 + 7, True), None)) for s in (1, 2, 3)},
     **{f"family-{s}": (lambda s=s: (derived_family(s, 12, 50_000), None)) for s in (0, 1, 2)},
     "many-volumes": _many_volumes,
@@ -114,6 +129,7 @@ CASES: dict[str, Case] = {
 
 #: sha256 of the file the exporter that held every mapping at once wrote for each case
 GOLDEN: dict[str, str] = {
+    "hot-data-blocks": "8689c312c6b9969a7dfe00610877fcac/628",
     "random-1": "adb3fbeffcf12ebf92d514aa006e5090/512",
     "random-2": "a535e092d02512f28e125908fea3d790/512",
     "random-3": "1a9b2be5207c14f7470b94d13394b95c/512",

@@ -25,7 +25,7 @@ and checksummed per block.  Memory stays bounded whatever the number of mappings
 planned and the mapping leaves packed, checksummed and written a window of mappings at a time (the
 blocks before them -- space maps, device trees -- and after them -- internal nodes, the held copy,
 the metadata ref-count tree -- in one piece each), the data blocks counted a window at a time into
-one count per data block.  Reference counts are exact: a metadata block's count is the number
+one byte of count per data block (counts past 254 exactly, in a list beside it).  Reference counts are exact: a metadata block's count is the number
 of references to it (a node shared by two parents, or a root shared by two devices, has count 2),
 a data block's count the number of leaf entries mapping it across all distinct leaves (dm-thin's
 rule: a snapshot's unchanged leaves add nothing).
@@ -335,31 +335,48 @@ def _plan(md: Metadata, held: Metadata | None) -> _Plan:
 
 def _data_space_map(forest: SharedForest, entries: TreeEntries, nr_data_blocks: int) -> SpaceMapContent:
     """The data space map: a data block counts one per entry of every distinct leaf (dm-thin's rule).
-    Counted a window of leaves at a time into one count per data block (4 bytes each) when the data
-    device is not much larger than the mappings, else as sorted (block, count) pairs."""
+    Counted a window of leaves at a time: into one byte per data block when the data device is not much
+    larger than the mappings (a count reaching 255 goes on exactly in a list of (block, count) pairs),
+    else into (block, count) pairs alone."""
     n_entries = int(forest.leaf_count.sum())
-    dense = nr_data_blocks <= 4 * n_entries + (1 << 22)
-    counts = np.zeros(nr_data_blocks if dense else 0, np.uint32 if n_entries < 1 << 32 else np.uint64)
-    pairs: list[tuple[np.ndarray, np.ndarray]] = []
+    dense = nr_data_blocks <= 16 * n_entries + (1 << 24)
+    counts = np.zeros(nr_data_blocks if dense else 0, np.uint8)
+    pairs: list[tuple[np.ndarray, np.ndarray]] = []  # exact counts: every block (sparse) or those past 254
     for a, b, lo, hi in forest.leaf_windows():
         dblocks = entries.span(lo, hi)[2][run_rows(forest.leaf_start[a:b] - lo, forest.leaf_count[a:b])]
         ublocks, ucounts = np.unique(dblocks, return_counts=True)
-        if dense:
-            counts[ublocks] += ucounts.astype(counts.dtype)
-        else:
+        if not dense:
             pairs.append((ublocks, ucounts))
-    if dense:
-        return space_map_from_counts(counts, nr_data_blocks)
+            continue
+        had = counts[ublocks].astype(np.int64)
+        full = had == _SATURATED  # already in the pairs: add this window's count there
+        total = had + ucounts
+        spill = ~full & (total >= _SATURATED)  # reaching 255 now: its whole count goes to the pairs
+        pairs.append((ublocks[full | spill], np.where(full, ucounts, total)[full | spill]))
+        counts[ublocks] = np.minimum(total, _SATURATED)
+    ublocks, ucounts = _merge_pairs(pairs)
+    if not dense:
+        return build_space_map(ublocks.astype(np.int64), ucounts, nr_data_blocks)
+    sm = space_map_from_counts(counts, nr_data_blocks)
+    sm.rc_counts[np.searchsorted(sm.rc_blocks, ublocks)] = np.minimum(ucounts, 0xFFFFFFFF)
+    return sm
+
+
+_SATURATED = 255
+
+
+def _merge_pairs(pairs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """(blocks, counts) pairs of several windows as one sorted list, a block's counts summed."""
     ublocks = np.concatenate([p[0] for p in pairs] or [np.zeros(0, np.uint64)])
-    ucounts = np.concatenate([p[1] for p in pairs] or [np.zeros(0, np.int64)])
-    if len(pairs) > 1:
+    ucounts = np.concatenate([p[1] for p in pairs] or [np.zeros(0, np.int64)]).astype(np.int64)
+    if len(pairs) > 1 and ublocks.size:
         order = np.argsort(ublocks, kind="stable")
         ublocks, ucounts = ublocks[order], ucounts[order]
         new = np.ones(ublocks.size, bool)
         new[1:] = ublocks[1:] != ublocks[:-1]
-        ucounts = np.add.reduceat(ucounts, np.flatnonzero(new)) if ublocks.size else ucounts
+        ucounts = np.add.reduceat(ucounts, np.flatnonzero(new))
         ublocks = ublocks[new]
-    return build_space_map(ublocks.astype(np.int64), ucounts, nr_data_blocks)
+    return ublocks, ucounts
 
 
 def default_metadata_blocks(nr_data_blocks: int, nr_thins: int) -> int:

@@ -130,7 +130,9 @@ def build_space_map(blocks: np.ndarray, counts: np.ndarray, nr_blocks: int) -> S
 
 def space_map_from_counts(counts: np.ndarray, nr_blocks: int, bitmaps_at_once: int = 256) -> SpaceMapContent:
     """:func:`build_space_map` from one count per block (``counts``, length ``nr_blocks``, unsigned),
-    encoded ``bitmaps_at_once`` bitmaps at a time: no per-block temporary beyond that window."""
+    encoded ``bitmaps_at_once`` bitmaps at a time: no per-block temporary beyond that window.  A count
+    the caller's dtype saturates (255 in a uint8 array) is stored as that value in ``rc_counts``: the
+    caller puts the exact count there."""
     n_bm = nr_bitmaps(nr_blocks)
     flat = np.zeros((n_bm, BITMAP_BYTES), np.uint8)
     nr_free = np.zeros(n_bm, np.uint32)
@@ -155,7 +157,7 @@ def space_map_from_counts(counts: np.ndarray, nr_blocks: int, bitmaps_at_once: i
         allocated += int(n_used.sum())
         over = np.flatnonzero(part >= 3)
         rc_blocks.append((lo + over).astype(np.uint64))
-        rc_counts.append(np.minimum(part[over], 0xFFFFFFFF).astype(np.uint32))
+        rc_counts.append(np.minimum(part[over].astype(np.uint64), 0xFFFFFFFF).astype(np.uint32))
     return SpaceMapContent(
         nr_blocks=nr_blocks, nr_allocated=allocated, bitmaps=flat, nr_free=nr_free, none_free_before=hint,
         rc_blocks=np.concatenate(rc_blocks or [np.zeros(0, np.uint64)]),
