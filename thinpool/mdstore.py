@@ -152,8 +152,8 @@ class MetadataStore(MetadataCommit):
             return out
         if max(blocks) >= self.nr_blocks:
             b = next(b for b in blocks if b >= self.nr_blocks)
-            raise MetadataCorrupt(f"{structure}: page at metadata block {b} lies beyond the end of the "
-                                  f"metadata file ({self.nr_blocks} blocks; truncated?)", structure=structure, block=b)
+            raise MetadataCorrupt(f"{self.path}: {structure}: page at metadata block {b} lies beyond the end of "
+                                  f"the metadata file ({self.nr_blocks} blocks; truncated?)", structure=structure, block=b)
         view = memoryview(out)
         fd, i = self.fd, 0
         while i < n:
@@ -172,7 +172,8 @@ class MetadataStore(MetadataCommit):
         crc = _crc32c
         for row, b in enumerate(blocks):
             if b and crc(view[row * BLOCK:(row + 1) * BLOCK]) != crcs[row]:
-                raise MetadataCorrupt(f"{structure}: bad checksum in metadata block {b}", structure=structure, block=b)
+                raise MetadataCorrupt(f"{self.path}: {structure}: bad checksum in metadata block {b}",
+                                      structure=structure, block=b)
         return out
 
     def _page_locs(self, name: str, pages: Sequence[int]) -> tuple[list[int], list[int]]:
@@ -186,16 +187,16 @@ class MetadataStore(MetadataCommit):
         blocks, crcs = halves[_HI::2].tolist(), halves[_LO::2].tolist()
         if n and max(blocks) >= self.nr_blocks:
             b = next(b for b in blocks if b >= self.nr_blocks)
-            raise MetadataCorrupt(f"{name}: page at metadata block {b} lies beyond the end of the "
+            raise MetadataCorrupt(f"{self.path}: {name}: page at metadata block {b} lies beyond the end of the "
                                   f"metadata file ({self.nr_blocks} blocks; truncated?)", structure=name, block=b)
         return blocks, crcs
 
-    @staticmethod
-    def _verify_rows(name: str, view: memoryview, blocks: list[int], crcs: list[int], rows: list[int]) -> None:
+    def _verify_rows(self, name: str, view: memoryview, blocks: list[int], crcs: list[int], rows: list[int]) -> None:
         crc = _crc32c
         for b, c, r in zip(blocks, crcs, rows):
             if b and crc(view[r * BLOCK:(r + 1) * BLOCK]) != c:
-                raise MetadataCorrupt(f"{name}: bad checksum in metadata block {b}", structure=name, block=b)
+                raise MetadataCorrupt(f"{self.path}: {name}: bad checksum in metadata block {b}", structure=name,
+                                      block=b)
 
     def gather_into(self, name: str, pages: Sequence[int], out: Any, rows: Sequence[int]) -> None:
         """Read and verify the committed pages ``pages`` of array ``name`` straight into the 4 KiB rows

@@ -105,8 +105,13 @@ def repair(pool_path: str | os.PathLike, out_path: str | os.PathLike | None = No
     """
     pool_path = os.path.abspath(os.fspath(pool_path))
     if not os.path.isdir(pool_path):
+        if os.path.lexists(pool_path):
+            raise NotFound(f"{pool_path} is not a thin pool (not a directory)")
         raise NotFound(f"pool {pool_path} does not exist")
     pooldir.check_owner(pool_path, os.stat(pool_path), what="pool directory")
+    if not os.path.lexists(os.path.join(pool_path, "metadata")):
+        # (before the lock: taking it would leave a lock file in a directory that is no pool)
+        raise NotFound(f"{pool_path} is not a thin pool (no metadata file)")
     if out_path is not None:
         out_path = os.path.abspath(os.fspath(out_path))
         if os.path.exists(out_path) and (not os.path.isdir(out_path) or os.listdir(out_path)):

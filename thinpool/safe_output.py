@@ -224,6 +224,45 @@ def _host_error(exc: OSError, action: str, path: str) -> HostIOError:
     return HostIOError(f"{action} failed: {os.strerror(err)}", err, path)
 
 
+class _DeviceRaw(io.RawIOBase):
+    """The raw file under an output that is a FIFO, character or block device (written in place, with
+    write(2) at its position): every failure a HostIOError naming ``path`` (``/dev/full``: ENOSPC)."""
+
+    def __init__(self, fd: int, path: str, what: str, seekable: bool) -> None:
+        super().__init__()
+        self._fd, self._path, self._what, self._seekable = fd, path, what, seekable
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return self._seekable
+
+    def _failed(self, exc: OSError, doing: str) -> HostIOError:
+        err = exc.errno or errno.EIO
+        return HostIOError(f"{doing} {self._what} {self._path} failed: {os.strerror(err)}", err, self._path)
+
+    def write(self, b: Any) -> int:
+        try:
+            return os.write(self._fd, b)
+        except OSError as exc:
+            raise self._failed(exc, "writing") from None
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        try:
+            return os.lseek(self._fd, offset, whence)
+        except OSError as exc:
+            raise self._failed(exc, "seeking in") from None
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._fd)
+        super().close()
+
+
 class _CheckedRaw(io.RawIOBase):
     """The raw file under a regular output's buffered writer: every write goes through
     :func:`thinpool.hostio.write_all` at the current position (a short count is continued; a layer that
@@ -315,7 +354,13 @@ def atomic_output(path: Any, *, pools: Iterable[Any] = (), what: str = "output",
     except OSError as exc:
         raise InvalidArgument(f"{what} {path}: {exc.strerror}") from None
     if st is not None and not stat.S_ISREG(st.st_mode):
-        with open(target, "r+b" if stat.S_ISBLK(st.st_mode) else "wb") as f:
+        block = stat.S_ISBLK(st.st_mode)
+        try:
+            dfd = os.open(target, os.O_RDWR if block else os.O_WRONLY | os.O_TRUNC)
+        except OSError as exc:
+            raise HostIOError(f"{what} {target}: cannot open it for writing: {os.strerror(exc.errno or errno.EIO)}",
+                              exc.errno or errno.EIO, target) from None
+        with io.BufferedWriter(_DeviceRaw(dfd, target, what, block), buffer_size=1 << 20) as f:
             yield Output(target, f, False)
             f.flush()
         return

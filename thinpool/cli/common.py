@@ -86,7 +86,15 @@ mode_option = click.option("--mode", type=MODE, default=None,
                                 "bits without execute (0750 -> files 0640).")
 
 #: ``POOL`` argument: a pool directory (existence is checked by the library, with its own error).
-pool_argument = click.argument("pool", metavar="POOL", type=click.Path(file_okay=False, path_type=str))
+def _non_empty(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """A path argument's callback: an empty string is not a path (it is not the current directory)."""
+    if value == "":
+        raise click.BadParameter("must not be empty (an empty string names no file or directory)")
+    return value
+
+
+pool_argument = click.argument("pool", metavar="POOL", type=click.Path(file_okay=False, path_type=str),
+                               callback=_non_empty)
 
 #: a click command's function, as an option decorator made here takes and returns it
 CommandFn = TypeVar("CommandFn", bound=Callable[..., Any])
@@ -96,7 +104,10 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print one JS
 
 
 def abspath(path: str) -> str:
-    """An absolute path (ops sent to a serving process must not depend on the client's cwd)."""
+    """An absolute path (ops sent to a serving process must not depend on the client's cwd); a usage
+    error for an empty string, which names no file (``os.path.abspath`` would make it the cwd)."""
+    if path == "":
+        raise click.UsageError("a path argument is empty: an empty string names no file or directory")
     return os.path.abspath(os.path.expanduser(path))
 
 
