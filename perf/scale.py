@@ -534,14 +534,16 @@ window, so the export of this pool peaks at {v('S10g', 'export_peak_rss_MiB')} M
 GiB; the exporter that held every mapping at once passed 8.7 GB here and was stopped) and writes the
 same bytes as that exporter (tests/interop/test_export_stream.py). Most of that memory is what the
 pool hands the exporter: the open ({v('S10b', 'rss_MiB')} MiB) and the IR of `Pool.to_metadata` (20
-bytes a distinct mapping, 2 GB here, plus the metadata pages its walk maps: 2,991 MiB after it, measured by stages on 2026-12-07); the
-exporter's windows, leaves and data counts add about 500 MB. thin_check of the exported file took
+bytes a distinct mapping, 2 GB here, plus the metadata pages its walk maps: 2,995 MiB after it and a
+peak of 3,254 MiB while it is built, measured by stages on 2026-12-07); the exporter's windows, leaves
+and one-byte data counts add about 300 MB on top. thin_check of the exported file took
 {v('S10g', 'thin_check_s')} s ({v('S10g', 'thin_check_cpu_s')} s of CPU). thin_dump 0.9 knows nothing of
 shared subtrees: it walks every device's tree, 100,000 x 25 million mappings on this pool, and is
 stopped at its time limit (five times the export), so S10g's ratio is an upper bound. S10h, thin_dump
 of the origins alone (each distinct mapping once, a much smaller job than the whole dump) shows what
-the export costs against a walk of the mappings it writes. S10g and S10h at scale 1 take about 5.5
-minutes of a `--full` run (three exports, thin_check, the capped dump, the four origins' dumps).
+the export costs against a walk of the mappings it writes. S10g and S10h at scale 1 take 5.5-9
+minutes of a `--full` run (three exports, thin_check, the capped dump, the four origins' dumps; the
+longer at load 5-7).
 """
 
 
