@@ -100,3 +100,14 @@ def test_damaged_metadata_errors_name_the_metadata_file(pool: Path, damage: str)
         err = invoke(cmd[0], pool, *cmd[1:], code=1)
         assert str(md) in err, (cmd, err)
     assert tree(pool) == before
+
+
+@pytest.mark.parametrize("blob", [b"", b"\0" * 100, b"\0" * 8192, bytes(range(256)) * 32])
+def test_import_metadata_of_a_file_that_is_not_metadata_names_the_file(tmp_path: Path, blob: bytes) -> None:
+    """``thinpool import-metadata FILE POOL`` of an empty, short, zeroed or random file: the error names
+    FILE (it used to name only "superblock" and a block), and no pool is left behind."""
+    src = tmp_path / "meta.bin"
+    src.write_bytes(blob)
+    err = invoke("import-metadata", src, tmp_path / "new", code=1)
+    assert f"{src}: superblock: " in err, err
+    assert not (tmp_path / "new").exists() or os.listdir(tmp_path / "new") == []

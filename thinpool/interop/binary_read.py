@@ -91,6 +91,19 @@ def _to_ir(view: RawSuperblock, devices: list[Device], nr_data_blocks: int) -> M
 
 def read_binary_metadata(path: str | os.PathLike[str], *, metadata_snap: bool = False,
                          check_counts: bool = True) -> Metadata:
+    """:func:`_read_binary_metadata`, whose every :class:`~thinpool.errors.MetadataCorrupt` names the
+    file (``path: structure: problem (block N)``)."""
+    try:
+        return _read_binary_metadata(path, metadata_snap=metadata_snap, check_counts=check_counts)
+    except MetadataCorrupt as exc:
+        where = os.fspath(path)
+        if str(exc).startswith(f"{where}:"):
+            raise
+        raise MetadataCorrupt(f"{where}: {exc}", structure=exc.structure, block=exc.block) from None
+
+
+def _read_binary_metadata(path: str | os.PathLike[str], *, metadata_snap: bool = False,
+                          check_counts: bool = True) -> Metadata:
     """Read real dm-thin metadata (the kernel's, ``thin_restore``'s or ours) into the IR.
 
     Verifies what ``thin_check`` verifies, and more: every block read (checksum, stored block
