@@ -267,6 +267,22 @@ def _import_checks(expect_size: Any, sha256: Any, allow_empty: Any) -> tuple[int
     return expect_size, sha256
 
 
+def _not_a_pool_file(pool: Any, st: os.stat_result, where: str) -> None:
+    """InvalidArgument if the image (``st``: its fstat) is one of ``pool``'s own files -- its data file
+    (wherever it lives) or a file of its directory: the import writes that pool, so the image would
+    change while it is read (as an external origin never may: :mod:`thinpool.origin`)."""
+    from .safe_output import POOL_FILE_NAMES
+    data = getattr(getattr(pool, "data", None), "path", None)
+    for f in [os.path.join(pool.path, n) for n in POOL_FILE_NAMES] + ([data] if isinstance(data, str) else []):
+        try:
+            pst = os.stat(f)
+        except OSError:
+            continue
+        if (pst.st_dev, pst.st_ino) == (st.st_dev, st.st_ino):
+            raise InvalidArgument(f"image {where} is {f}, a file of pool {pool.path} itself: the import writes "
+                                  f"that pool, so the image would change while it is read")
+
+
 def _check_length(got: int, expect_size: int | None, allow_empty: bool, where: str, ended: bool = True) -> None:
     """The whole input is ``got`` bytes (``ended``: else at least): InvalidArgument if it is empty and
     that was not allowed, or if it is not ``expect_size``."""
@@ -323,6 +339,7 @@ def import_image(pool: Pool, name: str, source: str | os.PathLike[str], size: in
         try:  # stdin redirected from a regular file: its size is known
             sfd = sys.stdin.buffer.fileno()
             st = os.fstat(sfd)
+            _not_a_pool_file(pool, st, where)
             if stat.S_ISREG(st.st_mode):
                 img_size = st.st_size - os.lseek(sfd, 0, os.SEEK_CUR)
         except (OSError, ValueError, AttributeError):
@@ -334,6 +351,11 @@ def import_image(pool: Pool, name: str, source: str | os.PathLike[str], size: in
             raise InvalidArgument(f"cannot read image {image}: {exc.strerror}") from None
         close = True
         st = os.fstat(fd)
+        try:
+            _not_a_pool_file(pool, st, where)
+        except BaseException:
+            os.close(fd)
+            raise
         regular = stat.S_ISREG(st.st_mode)
         img_size = st.st_size if regular else _seekable_size(fd)  # a pipe (/dev/stdin): unknown
     try:

@@ -208,6 +208,10 @@ class Pool(Transactions, DeviceOps, Features, Accounting):
             raise InvalidArgument(f"metadata size {md_blocks * BLOCK} bytes exceeds dm-thin's 15.87GiB limit")
         if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
             raise AlreadyExists(f"cannot create pool {path}: path exists and is not an empty directory")
+        parent = os.path.dirname(os.path.realpath(path))
+        if all(os.path.lexists(os.path.join(parent, n)) for n in (cls.METADATA, "lock")):
+            raise InvalidArgument(f"cannot create pool {path}: it would lie in the directory of pool {parent}, "
+                                  f"which holds only that pool's files")
         if metadata_only and data_file:
             raise InvalidArgument("a metadata-only pool has no data file: data_file cannot be given")
         pooldir.check_mode(mode)

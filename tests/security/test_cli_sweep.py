@@ -111,3 +111,37 @@ def test_import_metadata_of_a_file_that_is_not_metadata_names_the_file(tmp_path:
     err = invoke("import-metadata", src, tmp_path / "new", code=1)
     assert f"{src}: superblock: " in err, err
     assert not (tmp_path / "new").exists() or os.listdir(tmp_path / "new") == []
+
+
+def test_a_pool_is_never_created_inside_another_pools_directory(pool: Path, tmp_path: Path) -> None:
+    """``create``, ``restore`` and ``import-metadata`` of a new pool whose directory would lie in an
+    existing pool's directory are refused naming it (``create POOL/inner`` used to succeed, putting a
+    directory among the pool's own files); the pool is unchanged."""
+    before = tree(pool)
+    err = invoke("create", pool / "inner", "--data-size", "16M", code=1)
+    assert f"would lie in the directory of pool {pool}" in err, err
+    xml = tmp_path / "dump.xml"
+    invoke("dump", pool, "-o", xml, code=0)
+    err = invoke("restore", pool / "inner", "-i", xml, code=1)
+    assert f"would lie in the directory of pool {pool}" in err, err
+    assert tree(pool) == before
+
+
+@pytest.mark.parametrize("name", ["data", "metadata"])
+def test_import_of_the_pools_own_file_is_refused(pool: Path, name: str) -> None:
+    """``thinpool import POOL NEW POOL/data`` (or its metadata) would read a file the import itself
+    writes: refused naming it, the pool unchanged (it used to import a changing image)."""
+    before = tree(pool)
+    err = invoke("import", pool, "copy", pool / name, code=1)
+    assert f"a file of pool {pool} itself" in err, err
+    assert tree(pool) == before
+
+
+def test_snapshot_labels_with_control_characters_print_escaped(pool: Path) -> None:
+    """A containerd label may hold any characters (containerd bounds only their length), but the text
+    output shows a newline in one escaped, so it cannot pass for another label on a line of its own."""
+    invoke("snapshotter", "prepare", pool, "k1", code=0)
+    r = CliRunner().invoke(main, ["snapshotter", "update", str(pool), "k1", "--label", "a\nb=c"],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.stderr
+    assert "a\\nb=c" in r.stdout and len(r.stdout.strip().splitlines()) == 1, r.stdout

@@ -109,8 +109,14 @@ def op_snapshot_usage(pool: Any, namespace: str, key: str) -> dict[str, Any]:
     return {"namespace": namespace, "key": key, "volume": s.volume_name(key), **s.usage(key).as_dict()}
 
 
+def _shown(text: str) -> str:
+    """``text`` as is when printable, else with its control characters escaped (a label holding a
+    newline must not print as a second line that looks like another label)."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
 def _render_one(r: dict[str, Any]) -> str:
-    labels = ", ".join(f"{k}={v}" for k, v in sorted(r["labels"].items())) or "-"
+    labels = ", ".join(f"{_shown(k)}={_shown(v)}" for k, v in sorted(r["labels"].items())) or "-"
     return (f"{r['kind']:<9} {r['name']}  parent={r['parent'] or '-'}  volume={r['volume']} "
             f"(dev {r['dev_id']}, {'ro' if r['read_only'] else 'rw'})  labels: {labels}")
 
