@@ -4,10 +4,12 @@ directory and the superblock written to the metadata file, durable in order (a p
 layout).
 
 A commit writes only to blocks the last committed state does not use (:mod:`thinpool.mdspace`
-picks them), makes every page, its checksum and the new superblock before anything is written, then
-(after the caller's data flush) writes the pages -- one ``pwrite`` per run of consecutive blocks --
-flushes, writes the superblock to the slot the last commit did not use and flushes again.  A failure
-at any step leaves the committed state as it was (:meth:`MetadataCommit.commit`).
+picks them), makes every page and its checksum before anything is written, then (after the caller's
+data flush) writes the pages -- one ``pwrite`` per run of consecutive blocks --, starts their
+write-back, makes the superblock meanwhile, flushes, writes the superblock to the slot the last commit
+did not use, starts its write-back, lets the caller do its bookkeeping meanwhile and flushes again
+(:data:`START_WRITEBACK`).  A failure at any step before the superblock's write leaves the committed
+state as it was (:meth:`MetadataCommit.commit`); a failed flush after it ends the store's commits.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from array import array
 from typing import Any, Callable
 
 from .errors import HostIOError, MetadataSpaceExhausted, ReadOnly
-from .hostio import sync_or_fail, write_all
+from .hostio import start_writeback, sync_or_fail, write_all
 from .mdpages import _SB_HEADER, BLOCK, FORMAT_VERSION, MAGIC, PM_ENTRIES, SUPERBLOCKS, _crc32c, sorted_minus, sorted_unique
 from .mdspace import _NP_MIN, HINTS, MetadataSpace
 
@@ -32,6 +34,11 @@ _SB_JSON = json.JSONEncoder(separators=(",", ":"))
 
 #: array names as JSON strings (the directory's keys), made once per name
 _JSON_KEYS: dict[str, str] = {}
+#: whether a commit starts the write-back of its pages and of its superblock right after their
+#: ``pwrite`` (``sync_file_range``), so that their I/O runs while it makes the superblock and while
+#: the pool does its bookkeeping; False: the ``fdatasync`` after that work starts it (see
+#: :meth:`MetadataCommit.commit`)
+START_WRITEBACK = True
 #: pages joined into one ``pwrite`` at most (4 MiB)
 _RUN_PAGES = 1024
 #: a queued (block, page)'s block
@@ -159,7 +166,8 @@ class MetadataCommit(MetadataSpace):
             raise HostIOError(f"{self.path}: {self.failed}", errno.EIO, self.path)
 
     def commit(self, arrays: dict[str, Any], header: dict[str, Any], *, tail: bool = False,
-               hints: dict[str, int] | None = None, before_write: Callable[[], None] | None = None) -> None:
+               hints: dict[str, int] | None = None, before_write: Callable[[], None] | None = None,
+               while_flushing: Callable[[], None] | None = None) -> None:
         """Write the dirty pages of ``arrays`` (:class:`PagedArray` or :class:`PageUpdates`; arrays not
         named keep their committed pages) and a new superblock carrying ``header``; atomic.
 
@@ -167,9 +175,12 @@ class MetadataCommit(MetadataSpace):
         pages once and goes: it skips building the block-state map of the whole file.  ``hints``: values
         the caller knows of the state it commits (e.g. ``dev_id_max``), stored with it and read back by
         :meth:`hint`; the store adds its own ``metadata_top``.  ``before_write``: called once the pages
-        and the superblock are made, before the first of them is written (the pool flushes its data
+        are made, before the first of them is written (the pool flushes its data
         file there: data durable before any metadata write); if it raises, nothing is written and the
-        store is as before the call."""
+        store is as before the call.  ``while_flushing``: called once the superblock is written and its
+        write-back started (:data:`START_WRITEBACK`), before its ``fdatasync``: the caller's bookkeeping
+        of a commit that can no longer fail but by that flush, whose I/O runs meanwhile; :meth:`commit`
+        returns only after the flush returned (a failed one raises, and only a reopen may commit again)."""
         if self.read_only:
             raise ReadOnly(f"{self.path}: metadata is read-only")
         if self.failed:
@@ -261,8 +272,8 @@ class MetadataCommit(MetadataSpace):
             blocks = self._allocate(ndir)
             crcs = self._write_pages(dir_pages, blocks)
             dir_locs = [b << 32 | c for b, c in zip(blocks, crcs)]
-            # the superblock is made before anything is written: from here on the commit is system
-            # calls only (the flushes sleep; the work between them would run with cold caches)
+            # every page is made before anything is written; the superblock's bytes are made while the
+            # pages' write-back runs (below)
             header = dict(header)
             if "held" in self.header:
                 header["held"] = self.header["held"]
@@ -279,13 +290,15 @@ class MetadataCommit(MetadataSpace):
             header.update(directory=dir_locs, directory_bytes=len(directory), pages=pages_count,
                           metadata_used_blocks=used)
             header[HINTS] = {**(hints or {}), "generation": self.generation + 1, "metadata_top": top}
-            raw = self._superblock_bytes(self.generation + 1, header)
             runs = self._queued_runs()
             if before_write is not None:
                 before_write()  # (the data file's flush: nothing of the commit is written before it)
             self._write_runs(runs)
+            if START_WRITEBACK and self.io.fdatasync is os.fdatasync:  # (a substituted flush: the tests' model)
+                start_writeback(self.fd, 0, 0)  # (the file's dirty pages: the runs just written)
+            raw = self._superblock_bytes(self.generation + 1, header)  # (while their I/O runs)
             self.sync()
-            self._write_superblock(self.generation + 1, raw)
+            self._write_superblock(self.generation + 1, raw, while_flushing)
         except BaseException:
             self._queued, self._chunks = [], []
             self._hint = 0
@@ -383,8 +396,10 @@ class MetadataCommit(MetadataSpace):
         struct.pack_into("<I", raw, 0, _crc32c(memoryview(raw)[4:]))
         return raw
 
-    def _write_superblock(self, generation: int, raw: bytearray) -> None:
-        """Write the superblock ``raw`` of ``generation`` to its slot and flush."""
+    def _write_superblock(self, generation: int, raw: bytearray,
+                          while_flushing: Callable[[], None] | None = None) -> None:
+        """Write the superblock ``raw`` of ``generation`` to its slot and flush (``while_flushing``: see
+        :meth:`commit`)."""
         slot = generation % SUPERBLOCKS
         where = slot * BLOCK
         # what the slot holds now: the superblock this store wrote there last, else read (this store is
@@ -403,7 +418,15 @@ class MetadataCommit(MetadataSpace):
             except HostIOError as exc:
                 self.failed = f"a superblock write failed and could not be undone: {exc}"
             raise
-        self.sync()
+        if while_flushing is None:
+            self.sync()
+            return
+        if START_WRITEBACK and self.io.fdatasync is os.fdatasync:  # (a substituted flush: the tests' model)
+            start_writeback(self.fd, where, BLOCK)  # (its I/O runs while the caller's work does)
+        try:
+            while_flushing()
+        finally:
+            self.sync()
 
     def sync(self) -> None:
         """Flush the metadata file; HostIOError if the flush fails.

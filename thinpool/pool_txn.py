@@ -305,8 +305,8 @@ class Transactions:
         # the metadata file as long as the store knows it, before a row mapped from it is read
         self._check_file_length(self._store.check_length)
         # the data file's flush starts now on the helper thread (datadev.BackgroundFlush) and runs while
-        # the pages and the superblock are made; the store ends it (``before_write``) before it writes
-        # the first of them: data durable before any metadata write, then pages, then the superblock
+        # the pages are made; the store ends it (``before_write``) before it writes the first of them:
+        # data durable before any metadata write, then pages, then the superblock
         self._data.start_sync()
         try:
             try:
@@ -320,10 +320,12 @@ class Transactions:
                 self._header.update(time=self.time, cursor=int(self._st[K.ST_CURSOR]),
                                     nr_data_blocks=self._space.nr_blocks,
                                     used_data_blocks=self._space.used())  # for readers that skip the space map
-                # the data file's flush ends inside the store's commit, once every page and the superblock
-                # are made and before the first is written: the three flushes' ends then follow each other
-                # with only their writes between them (the floor's order: data, pages, superblock)
-                self._store.commit(arrays, self._header, hints=self._hints(), before_write=self._before_write)
+                # the data file's flush ends inside the store's commit, once every page is made and before
+                # the first is written (the floor's order: data, pages, superblock); the superblock is made
+                # while the pages' write-back runs, and the commit's bookkeeping runs while the
+                # superblock's does (mdcommit.START_WRITEBACK)
+                self._store.commit(arrays, self._header, hints=self._hints(), before_write=self._before_write,
+                                   while_flushing=self._committed_in_memory)
             except BaseException:
                 self._end_data_flush()  # (a commit that failed before the store ended the flush)
                 raise
@@ -344,18 +346,6 @@ class Transactions:
                               (" (the pool has failed: reopen it; the last durable commit is kept)" if flushed
                                else " (the changes are kept; a later commit retries)") + f": {exc}",
                               exc.errno or errno.EIO, exc.filename) from None
-        self._leaf_disk, self._inner_disk = self._disk_next
-        bm = self._nodes_map
-        bm.leaf_dirty[:] = 0
-        bm.inner_dirty[:] = 0
-        bm.leaf_rc_dirty[:] = 0
-        bm.inner_rc_dirty[:] = 0
-        self._space.committed()  # the pages changed stay live (scans visit those only)
-        self._devs_dirty.clear()
-        if self._catalog_dirty or self._catalog_convert:
-            self._stored_catalog.committed()
-        self._catalog_touched.clear()
-        self._catalog_dirty = self._catalog_convert = False
         # blocks freed by the previous commit: no superblock maps them any more (punched if passed down)
         _poolspace().release_pending(self, freed)
         if self.mode == Mode.OUT_OF_DATA_SPACE and self._st[K.ST_NR_FREE] > 0:
@@ -368,6 +358,25 @@ class Transactions:
         if "autoextend_threshold" in self._header:  # (not set: off, poolspace.autoextend_settings)
             self._autoextend()  # LVM's thin_pool_autoextend policy, when set
         self._check_for_metadata_space()
+
+    def _committed_in_memory(self) -> None:
+        """A commit's bookkeeping: what it wrote is the stored state, nothing is dirty.  The store calls
+        it once the superblock is written and its write-back started, before its ``fdatasync``: the
+        commit can then fail only by that flush, which puts the pool in ``fail`` mode (nothing
+        commits again before a reopen).  What others may see -- freed blocks released or punched,
+        mode changes, low water events -- waits for :meth:`commit`'s end, after the flush."""
+        self._leaf_disk, self._inner_disk = self._disk_next
+        bm = self._nodes_map
+        bm.leaf_dirty[:] = 0
+        bm.inner_dirty[:] = 0
+        bm.leaf_rc_dirty[:] = 0
+        bm.inner_rc_dirty[:] = 0
+        self._space.committed()  # the pages changed stay live (scans visit those only)
+        self._devs_dirty.clear()
+        if self._catalog_dirty or self._catalog_convert:
+            self._stored_catalog.committed()
+        self._catalog_touched.clear()
+        self._catalog_dirty = self._catalog_convert = False
 
     def _md_reserve(self) -> int:
         """The metadata blocks kept back for the commit that enters out-of-metadata-space mode: dm-thin's
