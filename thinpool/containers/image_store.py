@@ -141,9 +141,7 @@ def opened_pool(pool: Any, write: bool) -> Iterator[Any]:
     except BaseException:
         p.close(commit=False)
         raise
-    import gc
-    gc.collect()   # a first JIT compile can leave a cycle holding a view of the mmap'd data file
-    p.close(commit=write)
+    p.close(commit=write)  # (a cycle holding a view of the data file's map: DataDevice._unmap collects)
 
 
 def snapshotter(pool: Any, base_size: int | None = None) -> Any:
