@@ -4,10 +4,15 @@
 - ``scratch`` / ``module_scratch``: a fresh directory on ``/dev/shm`` when writable, removed afterwards.
 - Reliability reports (``tests.support.REPORTS``) are written to ``.reliability/`` once, at session end.
 - Tests under ``tests/crash/`` are marked ``slow`` (deselect them with ``-m "not slow"``).
+- Under pytest-xdist (``tests/run.sh`` runs ``-n 2 --dist loadgroup``) every module's tests form one
+  group: they run in one worker, in file order, as in a serial run (module-scoped fixtures are built
+  once, a module's counters and order-dependent tests see all of its tests); workers hand their
+  reliability reports to the controller, which writes them.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Iterator
 
@@ -40,16 +45,34 @@ def module_scratch(request: pytest.FixtureRequest) -> Iterator[str]:
         yield d
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's hook reads the xdist_group marks
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Every test of the fault suites (tests/crash/) is ``slow``."""
+    """Every test of the fault suites (tests/crash/) is ``slow``; in a pytest-xdist worker, every
+    test is in the group of its module (``--dist loadgroup`` keeps a group in one worker)."""
+    in_worker = hasattr(config, "workerinput")
     for item in items:
         if str(item.path).startswith(_SLOW_DIRS):
             item.add_marker(pytest.mark.slow)
+        if in_worker:
+            item.add_marker(pytest.mark.xdist_group(os.path.relpath(item.path, _HERE)))
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Write the reliability reports counted during the session."""
+    """Write the reliability reports counted during the session (a pytest-xdist worker hands its
+    reports to the controller instead, which writes them all)."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["thinpool_reports"] = json.dumps(REPORTS.collected(), default=str)
+        return
     session.config.stash[_WRITTEN] = REPORTS.write()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    """(pytest-xdist, in the controller) A worker finished: take over the reports it counted."""
+    reports = getattr(node, "workeroutput", {}).get("thinpool_reports")
+    if reports:
+        REPORTS.merge(json.loads(reports))
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:

@@ -34,4 +34,7 @@ python3 -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -
 if [ $# -eq 0 ]; then
   NUMBA_DISABLE_JIT=1 python3 -m pytest -q -p no:cacheprovider tests/engine/test_kernel_reference.py
 fi
-exec python3 -m pytest -q -p no:cacheprovider "$@"
+# The suite on two worker processes (pytest-xdist; CI has 2 cores): a module's tests stay together in
+# one worker, in file order (tests/conftest.py groups them), modules handed out in collection order (not
+# largest first: a few long modules then ran last); `-n 0` as an argument runs it in one process.
+exec python3 -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup --no-loadscope-reorder "$@"

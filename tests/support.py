@@ -219,6 +219,17 @@ class Reports:
         """Set report ``name`` to ``data`` as is (for a test that measures a whole run itself)."""
         self._records[name] = dict(data)
 
+    def merge(self, reports: dict[str, dict[str, Any]]) -> None:
+        """Take over reports another process collected (a pytest-xdist worker's :meth:`collected`).
+        A module's tests run in one worker (tests/conftest.py groups them), so a report comes whole
+        from one process; one that two processes counted into cannot be added up from its summaries
+        and is an error."""
+        for name, data in reports.items():
+            if name in self._records or self._counters.get(name):
+                raise RuntimeError(f"reliability report {name!r} was counted in two test processes: "
+                                   "its tests must run in one (tests/conftest.py's xdist groups)")
+            self._records[name] = data
+
     def collected(self) -> dict[str, dict[str, Any]]:
         """Every non-empty report of this session, by name."""
         out: dict[str, dict[str, Any]] = {}
