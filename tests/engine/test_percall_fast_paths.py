@@ -78,6 +78,6 @@ def test_metadata_only_pool_per_call_stores_nothing(scratch: str) -> None:
 
 
 def test_thin_hole_code_is_the_kernels() -> None:
-    from thinpool import kernels, thin
-    assert thin._HOLE == kernels.HOLE and thin._HOLE not in (kernels.NOT_HANDLED, kernels.END_OF_FILE,
-                                                            kernels.ORIGIN_ERROR)
+    from thinpool import kernels, thin_reads
+    assert thin_reads._HOLE == kernels.HOLE and thin_reads._HOLE not in (kernels.NOT_HANDLED, kernels.END_OF_FILE,
+                                                                        kernels.ORIGIN_ERROR)
