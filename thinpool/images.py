@@ -271,9 +271,8 @@ def _not_a_pool_file(pool: Any, st: os.stat_result, where: str) -> None:
     """InvalidArgument if the image (``st``: its fstat) is one of ``pool``'s own files -- its data file
     (wherever it lives) or a file of its directory: the import writes that pool, so the image would
     change while it is read (as an external origin never may: :mod:`thinpool.origin`)."""
-    from .safe_output import POOL_FILE_NAMES
-    data = getattr(getattr(pool, "data", None), "path", None)
-    for f in [os.path.join(pool.path, n) for n in POOL_FILE_NAMES] + ([data] if isinstance(data, str) else []):
+    from .safe_output import pool_files
+    for f in pool_files(pool)[1]:
         try:
             pst = os.stat(f)
         except OSError:

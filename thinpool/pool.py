@@ -209,7 +209,7 @@ class Pool(Transactions, DeviceOps, Features, Accounting):
         if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
             raise AlreadyExists(f"cannot create pool {path}: path exists and is not an empty directory")
         parent = os.path.dirname(os.path.realpath(path))
-        if all(os.path.lexists(os.path.join(parent, n)) for n in (cls.METADATA, "lock")):
+        if safe_output.is_pool_dir(parent):
             raise InvalidArgument(f"cannot create pool {path}: it would lie in the directory of pool {parent}, "
                                   f"which holds only that pool's files")
         if metadata_only and data_file:

@@ -92,7 +92,7 @@ def _peek_data_file(pool_dir: str) -> str | None:
     return None
 
 
-def _pool_files(pool: Any) -> tuple[str, list[str]]:
+def pool_files(pool: Any) -> tuple[str, list[str]]:
     """(pool directory, its files) for a pool object or a pool directory path."""
     if isinstance(pool, (str, os.PathLike)):
         pool_dir = os.path.abspath(os.fspath(pool))
@@ -109,10 +109,11 @@ def _pool_files(pool: Any) -> tuple[str, list[str]]:
 def _known_pools(pools: Iterable[Any]) -> list[tuple[str, list[str]]]:
     with _registry_lock:
         live = [p for p in _open_pools if not getattr(p, "_closed", False)]
-    return [_pool_files(p) for p in list(pools) + live]
+    return [pool_files(p) for p in list(pools) + live]
 
 
-def _is_pool_dir(directory: str) -> bool:
+def is_pool_dir(directory: str) -> bool:
+    """Whether ``directory`` holds a pool (its metadata file and lock)."""
     return all(os.path.lexists(os.path.join(directory, n)) for n in ("metadata", "lock"))
 
 
@@ -145,7 +146,7 @@ def guard_output(path: Any, *, pools: Iterable[Any] = (), what: str = "output") 
                 continue
             ids[(pst.st_dev, pst.st_ino)] = (real, pool_dir)
     parent = os.path.dirname(target)
-    if _is_pool_dir(parent):
+    if is_pool_dir(parent):
         raise InvalidArgument(f"{what} {path} lies in the directory of pool {parent}: refusing to write into a pool")
     if st is None:
         return target
