@@ -1,10 +1,8 @@
-"""Moving volume data between a pool and files: raw images (sparse-aware) and byte ranges.
+"""Raw disk images into and out of volumes, sparse-aware.
 
-* :func:`import_image` / :func:`export_image` -- a raw disk image into / out of a volume, sparse-aware:
-  holes of the input are skipped (SEEK_DATA/SEEK_HOLE), zero blocks are never written, and a regular
-  output file is written sparse;
-* :func:`write_volume` / :func:`read_volume` -- the bytes of a file into / out of a byte range of a
-  volume, every byte (zeros included), in chunks of about :data:`CHUNK` bytes.
+:func:`import_image` / :func:`export_image` -- a raw disk image into / out of a volume: holes of the
+input are skipped (SEEK_DATA/SEEK_HOLE), zero blocks are never written, and a regular output file is
+written sparse.  Byte ranges of a volume, every byte, are :mod:`thinpool.volume_bytes`.
 
 Paths are strings (or path-likes); ``"-"`` means standard input / output.  Outputs are written through
 :func:`thinpool.safe_output.atomic_output` (never a file of an open pool; a regular file is replaced
@@ -21,10 +19,10 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator
 
 from thinpool.errors import InvalidArgument
 from thinpool.safe_output import atomic_output, check_path
+from thinpool.volume_bytes import CHUNK, chunk_bytes, write_all
 
 if TYPE_CHECKING:
     from thinpool.pool import Pool
-    from thinpool.thin import Thin
 
 #: ``progress(description, total_bytes)``: a context manager yielding ``advance(nbytes)`` (the CLI's
 #: progress bar); the default shows nothing
@@ -35,148 +33,6 @@ Progress = Callable[[str, int], ContextManager[Callable[[int], None]]]
 def no_progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
     """The default :data:`Progress`: reports nothing."""
     yield lambda n: None
-
-
-def byte_range(thin: Thin, offset: int, length: int | None, what: str) -> tuple[int, int]:
-    """(offset, length) of ``thin`` for an operation ``what`` (``"read"``, ``"discard"``): ``length``
-    None means up to the end; InvalidArgument naming the volume if the range is not inside it."""
-    if offset < 0 or offset > thin.size:
-        raise InvalidArgument(f"volume {thin.name!r}: {what} offset {offset} is outside the volume "
-                              f"({thin.size} bytes)")
-    if length is None:
-        length = thin.size - offset
-    if length < 0 or offset + length > thin.size:
-        raise InvalidArgument(f"volume {thin.name!r}: {what} of {length} bytes at offset {offset} goes past "
-                              f"the end of the volume ({thin.size} bytes)")
-    return offset, length
-
-
-#: bytes moved per step (rounded to whole blocks)
-CHUNK = 8 << 20
-
-
-def _chunk_bytes(block_size: int) -> int:
-    return max(block_size, CHUNK // block_size * block_size)
-
-
-def _open_input(path: str) -> tuple[Any, bool]:
-    """(binary file object, close_it) for ``path`` or ``-`` (stdin)."""
-    import sys
-    if path == "-":
-        return sys.stdin.buffer, False
-    return open(path, "rb"), True
-
-
-def _write_all(f: Any, data: memoryview) -> None:
-    """Write all of ``data`` (a buffered write to a pipe whose reader went away can return short)."""
-    data = data.cast("B")
-    while len(data):
-        n = f.write(data)
-        if n is None or n <= 0:
-            raise BrokenPipeError(32, "short write")
-        data = data[n:]
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    """pwrite all of ``data`` at ``offset`` (a short count is retried, never ignored)."""
-    data = data.cast("B")
-    while len(data):
-        n = os.pwrite(fd, data, offset)
-        if n <= 0:
-            raise OSError(f"pwrite returned {n}")
-        data, offset = data[n:], offset + n
-
-
-def _checked_input(f: Any, name: str, room: int, length: int | None) -> Any:
-    """Make sure the input fits in ``room`` bytes before anything is written: a regular file is
-    measured; a pipe is spooled (in memory up to 64 MiB, then a temporary file) up to room + 1 bytes."""
-    import stat
-    import tempfile
-    want = room + 1 if length is None else length
-    try:
-        st = os.fstat(f.fileno())
-        regular = stat.S_ISREG(st.st_mode)
-    except (OSError, ValueError, AttributeError):
-        regular = False
-    if regular:
-        avail = st.st_size - f.tell()
-        if min(avail, want) > room:
-            raise InvalidArgument(f"volume {name!r}: the input ({avail} bytes) goes past the end of the volume: "
-                                  f"only {room} bytes from the offset to the end")
-        return f
-    spool = tempfile.SpooledTemporaryFile(max_size=64 << 20)
-    copied = 0
-    while copied < want:
-        data = f.read(min(8 << 20, want - copied))
-        if not data:
-            break
-        spool.write(data)
-        copied += len(data)
-    if copied > room:
-        spool.close()
-        raise InvalidArgument(f"volume {name!r}: the input goes past the end of the volume (only {room} bytes "
-                              f"from the offset to the end)")
-    spool.seek(0)
-    return spool
-
-
-def write_volume(pool: Pool, name: str, source: str | os.PathLike[str] = "-", offset: int = 0,
-                 length: int | None = None) -> dict[str, Any]:
-    """Write the bytes of file ``source`` (``-``: stdin) into volume ``name`` at ``offset`` (at most
-    ``length`` bytes).  Every byte is written, zeros included (:func:`import_image` for sparse images).
-    All or nothing: InvalidArgument before anything is written if the input goes past the volume's end
-    (a pipe is spooled first to learn its size).  Returns ``{"name", "offset", "bytes_written"}``."""
-    path = check_path(source, "input")
-    thin = pool.thin(name)
-    if offset < 0 or offset > thin.size:
-        raise InvalidArgument(f"volume {name!r}: write offset {offset} is outside the volume ({thin.size} bytes)")
-    if length is not None and length > thin.size - offset:
-        raise InvalidArgument(f"volume {name!r}: {length} bytes at offset {offset} go past the end of the volume "
-                              f"({thin.size} bytes)")
-    stream, close = _open_input(path)
-    total = 0
-    f = stream
-    try:
-        f = _checked_input(stream, name, thin.size - offset, length)  # all or nothing: size known first
-        chunk = _chunk_bytes(pool.block_size)
-        while length is None or total < length:
-            want = chunk if length is None else min(chunk, length - total)
-            data = f.read(want)
-            if not data:
-                break
-            thin.write(offset + total, data)
-            total += len(data)
-    finally:
-        if f is not stream:
-            f.close()
-        if close:
-            stream.close()
-    return {"name": name, "offset": offset, "bytes_written": total}
-
-
-
-def read_volume(pool: Pool, name: str, output: str | os.PathLike[str] = "-", offset: int = 0,
-                length: int | None = None) -> dict[str, Any]:
-    """Copy ``length`` bytes (default: to the end) of volume ``name`` from ``offset`` to file ``output``
-    (``-``: stdout), every byte.  Returns ``{"name", "offset", "bytes_read"}``."""
-    import numpy as np
-    output = check_path(output, "output")
-    thin = pool.thin(name)
-    offset, length = byte_range(thin, offset, length, "read")
-    with atomic_output(output, pools=[pool]) as out:
-        f = out.file
-        chunk = _chunk_bytes(pool.block_size)
-        buf = np.empty(min(chunk, length), np.uint8)
-        done = 0
-        while done < length:
-            n = min(chunk, length - done)
-            view = buf[:n]
-            thin.read_into(offset + done, view)
-            _write_all(f, view.data)
-            done += n
-        f.flush()
-    return {"name": name, "offset": offset, "bytes_read": length}
-
 
 
 def _data_extents(fd: int, size: int, bs: int) -> list[tuple[int, int]]:
@@ -415,7 +271,7 @@ def _import(pool: Pool, name: str, image: str, where: str, fd: int, regular: boo
         pool.snapshot(name, held)  # every block of the volume shared: the import's writes go to new blocks
     h = hashlib.sha256() if digest is not None else None
     imp = _Importer(thin, bs)
-    chunk = _chunk_bytes(bs)
+    chunk = chunk_bytes(bs)
     total = 0
     if regular:
         assert img_size is not None, "a regular file's size is known (its st_size)"
@@ -551,7 +407,6 @@ def _unmap_hole(thin: Any, imp: _Importer, start: int, end: int, bs: int) -> Non
             thin.write(lo, np.zeros(hi - lo, np.uint8))
 
 
-
 def export_image(pool: Pool, name: str, output: str | os.PathLike[str] = "-", *,
                  progress: Progress = no_progress) -> dict[str, Any]:
     """Export volume ``name`` as a raw image to ``output`` (``-``: stdout).  A regular output file is
@@ -577,7 +432,7 @@ def export_image(pool: Pool, name: str, output: str | os.PathLike[str] = "-", *,
                 vb = np.union1d(vb, np.arange(-(-min(size, origin["size"]) // bs), dtype=np.int64))
             full = vb[(vb + 1) * bs <= size]
             partial = vb[(vb + 1) * bs > size]
-            batch = max(1, _chunk_bytes(bs) // bs)
+            batch = max(1, chunk_bytes(bs) // bs)
             with progress(f"export {name}", len(vb) * bs) as advance:
                 for i in range(0, len(full), batch):
                     blocks = full[i:i + batch]
@@ -595,7 +450,7 @@ def export_image(pool: Pool, name: str, output: str | os.PathLike[str] = "-", *,
                     advance(bs)
         else:
             f = out.file
-            chunk = _chunk_bytes(bs)
+            chunk = chunk_bytes(bs)
             buf = np.empty(min(chunk, size), np.uint8)
             with progress(f"export {name}", size) as advance:
                 done = 0
@@ -603,7 +458,7 @@ def export_image(pool: Pool, name: str, output: str | os.PathLike[str] = "-", *,
                     n = min(chunk, size - done)
                     view = buf[:n]
                     thin.read_into(done, view)
-                    _write_all(f, view.data)
+                    write_all(f, view.data)
                     done += n
                     advance(n)
             f.flush()
@@ -611,6 +466,4 @@ def export_image(pool: Pool, name: str, output: str | os.PathLike[str] = "-", *,
     return {"name": name, "output": output, "size": size, "sparse": regular, "blocks_written": written}
 
 
-
-__all__ = ["CHUNK", "Progress", "no_progress", "byte_range", "write_volume", "read_volume", "import_image",
-           "export_image"]
+__all__ = ["Progress", "no_progress", "import_image", "export_image"]

@@ -12,7 +12,8 @@ import pytest
 
 from thinpool import Pool
 from thinpool.errors import InvalidArgument, NotFound
-from thinpool.images import byte_range, export_image, import_image, read_volume, write_volume
+from thinpool.images import export_image, import_image
+from thinpool.volume_bytes import byte_range, read_volume, write_volume
 
 BS = 64 * 1024
 MiB = 1 << 20

@@ -155,15 +155,17 @@ def test_handle_request_commits_write_ops_only(tmp_path: Path) -> None:
 
 
 def test_serving_stack_does_not_import_the_cli() -> None:
-    """control/, nbd/served.py and images.py are library code: importing them loads no thinpool.cli
-    module (and images and the control client no numpy)."""
-    code = ("import sys, thinpool.control.server, thinpool.control.client, thinpool.nbd.served, thinpool.images;"
+    """control/, nbd/served.py, images.py and volume_bytes.py are library code: importing them loads no thinpool.cli
+    module (and images, volume_bytes and the control client no numpy)."""
+    code = ("import sys, thinpool.control.server, thinpool.control.client, thinpool.nbd.served, thinpool.images, "
+            "thinpool.volume_bytes;"
             "print(sorted(m for m in sys.modules if m.startswith('thinpool.cli')));"
             "import thinpool.control.client, thinpool.images;")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": os.getcwd()}).stdout
     assert out.strip() == "[]"
-    code = ("import sys, thinpool.control.client, thinpool.images, thinpool.cli.registry, thinpool.cli.stream_ops;"
+    code = ("import sys, thinpool.control.client, thinpool.images, thinpool.volume_bytes, thinpool.cli.registry, "
+            "thinpool.cli.stream_ops;"
             "print('numpy' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

@@ -486,7 +486,7 @@ register_op("usage", op_usage, write=False, render=render_usage)
 def op_discard(pool: Any, name: str, offset: int = 0, length: int | None = None) -> dict[str, Any]:
     """Unmap the whole blocks inside [offset, offset+length) (default: the whole volume)."""
     thin = pool.thin(name)
-    from thinpool.images import byte_range
+    from thinpool.volume_bytes import byte_range
     offset, length = byte_range(thin, offset, length, "discard")
     n = thin.discard(offset, length) if length else 0
     return {"name": name, "offset": offset, "length": length, "blocks_unmapped": n}

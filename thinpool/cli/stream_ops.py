@@ -1,26 +1,26 @@
 """Streaming ops (``write``, ``read``, ``import``, ``export``): they move volume data between files and
-a pool (:mod:`thinpool.images`), so they run only in-process (never through a serving process's
+a pool (:mod:`thinpool.volume_bytes`, :mod:`thinpool.images`), so they run only in-process (never through a serving process's
 control socket: ``local_only``).  Here: their registration, the CLI's progress bar and the renderers."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from thinpool import images
+from thinpool import images, volume_bytes
 
 from .registry import register_op
 
 
 def op_write(pool: Any, name: str, input: str = "-", offset: int = 0, length: int | None = None) -> dict[str, Any]:
     """Write the bytes of file ``input`` (``-``: stdin) into volume ``name`` at ``offset`` (at most
-    ``length`` bytes; :func:`thinpool.images.write_volume`)."""
-    return images.write_volume(pool, name, input, offset, length)
+    ``length`` bytes; :func:`thinpool.volume_bytes.write_volume`)."""
+    return volume_bytes.write_volume(pool, name, input, offset, length)
 
 
 def op_read(pool: Any, name: str, output: str = "-", offset: int = 0, length: int | None = None) -> dict[str, Any]:
     """Copy ``length`` bytes (default: to the end) of volume ``name`` from ``offset`` to file ``output``
-    (``-``: stdout; :func:`thinpool.images.read_volume`)."""
-    return images.read_volume(pool, name, output, offset, length)
+    (``-``: stdout; :func:`thinpool.volume_bytes.read_volume`)."""
+    return volume_bytes.read_volume(pool, name, output, offset, length)
 
 
 def op_import(pool: Any, name: str, image: str, size: int | None = None, expect_size: int | None = None,
