@@ -124,6 +124,22 @@ def emit(result: Any, as_json: bool, render: Callable[[Any], str] | None = None)
         click.echo(text, nl=not text.endswith("\n"))
 
 
+def echo_utf8(data: bytes) -> None:
+    """``click.echo(data.decode())`` of UTF-8 text, written as bytes to stdout's buffer when that is
+    the same: stdout encodes UTF-8 and the text holds no escape character (click strips ANSI escape
+    sequences from text it writes to anything but a terminal, and not from bytes)."""
+    import codecs
+    encoding = getattr(sys.stdout, "encoding", None) or ""
+    try:
+        utf8 = codecs.lookup(encoding).name == "utf-8"
+    except LookupError:
+        utf8 = False
+    if utf8 and b"\x1b" not in data:
+        click.echo(data)
+    else:
+        click.echo(data.decode("utf-8"))
+
+
 def stderr_is_tty() -> bool:
     """True when stderr is a terminal (progress bars are shown only then)."""
     try:

@@ -420,8 +420,15 @@ def render_volumes(rows: list[dict[str, Any]], headers: bool = True) -> str:
     return render_volume_columns(columns, headers)
 
 
-def render_volume_columns(columns: dict[str, list[Any]], headers: bool = True) -> str:
-    """:func:`render_volumes` of the rows these columns hold (see :func:`volume_rows`)."""
+def render_volume_columns(columns: dict[str, list[Any]], headers: bool = True, compiled: bool = True) -> str:
+    """:func:`render_volumes` of the rows these columns hold (see :func:`volume_rows`): written by the
+    compiled formatter (:func:`thinpool.cli.tables.volume_table`) when it can, else (or with
+    ``compiled=False``) in Python, the same text."""
+    if compiled:
+        from .tables import volume_table
+        data = volume_table(columns, headers)
+        if data is not None:
+            return data.decode()
     from thinpool.units import format_size
     usage = "exclusive_bytes" in columns
     header = ["NAME", "DEV", "SIZE", "MAPPED"] + (["EXCLUSIVE", "SHARED"] if usage else []) + \

@@ -6,10 +6,11 @@ import inspect
 
 import click
 
-from .common import CommandFn, IntRange, SIZE, abspath, emit, json_option, pool_argument
+from .common import CommandFn, IntRange, SIZE, abspath, echo_utf8, emit, json_option, pool_argument
 from . import stream_ops  # noqa: F401  (registers write, read, import, export)
 from .ops import render_volume_columns, render_volumes, volume_columns_json
 from .registry import OPS, run_op
+from .tables import volume_table
 
 SECTION = "Volume commands"
 
@@ -141,7 +142,13 @@ def ls_cmd(pool: str, fields: str | None, no_headers: bool, metadata_snap: bool,
     if fields is None and not metadata_snap:
         if not usage:  # columns: no object per volume (100,000 volumes list in a fraction of a second)
             cols = run_op(pool, "ls", {"columns": True})["columns"]
-            text = volume_columns_json(cols) if as_json else render_volume_columns(cols, headers=not no_headers)
+            if not as_json:
+                data = volume_table(cols, headers=not no_headers)  # (compiled; None: the Python renderer)
+                if data is not None:
+                    if data:
+                        echo_utf8(data)
+                    return
+            text = volume_columns_json(cols) if as_json else render_volume_columns(cols, not no_headers, False)
             if text or as_json:
                 click.echo(text)
             return

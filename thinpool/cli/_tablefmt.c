@@ -1,0 +1,716 @@
+/* thinpool.cli._tablefmt: the CLI's text tables (`thinpool ls`) written in C.
+ *
+ * table(header, columns, left, headers) -> bytes
+ *     The UTF-8 bytes of what thinpool.cli.ops._columns_table writes for the same cells: the columns
+ *     right-justified (the first `left` left-justified) to the widest cell's length in code points
+ *     (Python's len()), separated by two spaces, lines joined by "\n" (none at the end), the header
+ *     line right-stripped, and every line right-stripped (str.rstrip: Unicode whitespace) when the
+ *     last column holds strings.  A column is one of
+ *       - a list of str;
+ *       - a list of int, or a 1-D buffer of 8-byte integers (format q, Q, l, L, n or N, any stride,
+ *         e.g. a strided memoryview of a device table): printed as %d prints them;
+ *       - ("map", values, keys, cells): values (a list of int or such a buffer) each printed as the
+ *         str in `cells` at the index of its value in `keys` (a list of distinct ints);
+ *       - ("suffix", cells, flags, suffix): a list of str, each followed by the str `suffix` where
+ *         the matching item of `flags` (a list of int/bool, or a bytes-like object) is true.
+ *     Integers must lie in [-2**63, 2**64); every column must have the same length.  Wrong types,
+ *     lengths or values raise TypeError, ValueError, OverflowError or KeyError; a str that UTF-8
+ *     cannot encode (a lone surrogate) raises UnicodeEncodeError.
+ *
+ * distinct(values) -> list[int]
+ *     The distinct values of a list of int or 8-byte integer buffer, in order of first appearance.
+ *
+ * Loaded without numpy or numba (the CLI's light commands import neither); optional: the CLI falls
+ * back to its Python renderer when this module was not built.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef __int128 i128;
+
+/* ------------------------------------------------------------------ integer sources */
+
+enum { SRC_LIST, SRC_BUF_S, SRC_BUF_U };
+
+typedef struct {
+    int kind;
+    PyObject *list;      /* borrowed (SRC_LIST) */
+    Py_buffer view;      /* SRC_BUF_* (released by ints_release) */
+    int has_view;
+    Py_ssize_t n;
+} IntSource;
+
+static int
+ints_open(PyObject *obj, IntSource *s, const char *what)
+{
+    memset(s, 0, sizeof(*s));
+    if (PyList_Check(obj)) {
+        s->kind = SRC_LIST;
+        s->list = obj;
+        s->n = PyList_GET_SIZE(obj);
+        return 0;
+    }
+    if (!PyObject_CheckBuffer(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s: expected a list of int or a buffer of 8-byte integers, not %.80s",
+                     what, Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    if (PyObject_GetBuffer(obj, &s->view, PyBUF_STRIDES | PyBUF_FORMAT) < 0)
+        return -1;
+    s->has_view = 1;
+    const char *f = s->view.format ? s->view.format : "B";
+    if (*f == '@' || *f == '=' || *f == '<' || *f == '!' || *f == '>') {
+        if (*f == '>' || *f == '!') {
+            PyErr_Format(PyExc_TypeError, "%s: big-endian buffers are not supported", what);
+            return -1;
+        }
+        f++;
+    }
+    if (s->view.ndim != 1 || s->view.itemsize != 8 || f[0] == 0 || f[1] != 0 || !strchr("qQlLnN", f[0])) {
+        PyErr_Format(PyExc_TypeError, "%s: expected a 1-D buffer of 8-byte integers (format q or Q), got format "
+                     "%.20s, item size %zd, %d dimension(s)", what, s->view.format ? s->view.format : "B",
+                     s->view.itemsize, s->view.ndim);
+        return -1;
+    }
+    s->kind = strchr("QLN", f[0]) ? SRC_BUF_U : SRC_BUF_S;
+    s->n = s->view.shape[0];
+    return 0;
+}
+
+static void
+ints_release(IntSource *s)
+{
+    if (s->has_view)
+        PyBuffer_Release(&s->view);
+    s->has_view = 0;
+}
+
+/* value i of s into *out; -1 with an exception set on a bad item */
+static int
+ints_get(IntSource *s, Py_ssize_t i, i128 *out, const char *what)
+{
+    if (s->kind == SRC_LIST) {
+        if (i >= PyList_GET_SIZE(s->list)) {
+            PyErr_Format(PyExc_RuntimeError, "%s: a list changed while it was read", what);
+            return -1;
+        }
+        PyObject *v = PyList_GET_ITEM(s->list, i);
+        if (!PyLong_Check(v)) {
+            PyErr_Format(PyExc_TypeError, "%s: item %zd is %.80s, not int", what, i, Py_TYPE(v)->tp_name);
+            return -1;
+        }
+        int overflow = 0;
+        long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+        if (x == -1 && PyErr_Occurred())
+            return -1;
+        if (overflow == 0) {
+            *out = (i128)x;
+            return 0;
+        }
+        if (overflow > 0) {
+            unsigned long long u = PyLong_AsUnsignedLongLong(v);
+            if (!(u == (unsigned long long)-1 && PyErr_Occurred())) {
+                *out = (i128)u;
+                return 0;
+            }
+            PyErr_Clear();
+        }
+        PyErr_Format(PyExc_OverflowError, "%s: item %zd is out of range (integers must lie in [-2**63, 2**64))",
+                     what, i);
+        return -1;
+    }
+    const char *p = (const char *)s->view.buf + i * (s->view.strides ? s->view.strides[0] : 8);
+    if (s->kind == SRC_BUF_S) {
+        int64_t x;
+        memcpy(&x, p, 8);
+        *out = (i128)x;
+    } else {
+        uint64_t u;
+        memcpy(&u, p, 8);
+        *out = (i128)u;
+    }
+    return 0;
+}
+
+/* decimal text of v into the end of a buffer ending at `end`; returns its start (every value lies in
+ * [-2**63, 2**64), so its magnitude fits 64 bits and the digits come from 64-bit arithmetic) */
+static char *
+int_text(i128 v, char *end)
+{
+    char *p = end;
+    int neg = v < 0;
+    uint64_t u = neg ? (uint64_t)(-v) : (uint64_t)v;
+    do {
+        *--p = (char)('0' + (int)(u % 10));
+        u /= 10;
+    } while (u);
+    if (neg)
+        *--p = '-';
+    return p;
+}
+
+static Py_ssize_t
+int_len(i128 v)
+{
+    int neg = v < 0;
+    uint64_t u = neg ? (uint64_t)(-v) : (uint64_t)v;
+    Py_ssize_t k = 1;
+    while (u >= 10000) {
+        u /= 10000;
+        k += 4;
+    }
+    k += (u >= 10) + (u >= 100) + (u >= 1000);
+    return k + neg;
+}
+
+/* ------------------------------------------------------------------ strings */
+
+typedef struct {
+    const char *utf8;
+    Py_ssize_t nbytes;
+    Py_ssize_t nchars;
+} Text;
+
+static int
+text_of(PyObject *s, Text *t, const char *what, Py_ssize_t i)
+{
+    if (!PyUnicode_Check(s)) {
+        PyErr_Format(PyExc_TypeError, "%s: item %zd is %.80s, not str", what, i, Py_TYPE(s)->tp_name);
+        return -1;
+    }
+    t->utf8 = PyUnicode_AsUTF8AndSize(s, &t->nbytes);  /* cached in the str: valid while it lives */
+    if (t->utf8 == NULL)
+        return -1;
+    t->nchars = PyUnicode_GET_LENGTH(s);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ int -> index map (open addressing) */
+
+typedef struct {
+    i128 *keys;
+    Py_ssize_t *idx;   /* -1: empty */
+    size_t mask;
+} IntMap;
+
+static uint64_t
+mix(i128 v)
+{
+    uint64_t x = (uint64_t)v ^ (uint64_t)(v >> 64) * 0x9E3779B97F4A7C15ULL;
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdULL;
+    x ^= x >> 33;
+    return x;
+}
+
+static int
+map_init(IntMap *m, Py_ssize_t n)
+{
+    size_t cap = 16;
+    while (cap < (size_t)n * 2 + 2)
+        cap <<= 1;
+    m->keys = PyMem_Malloc(cap * sizeof(i128));
+    m->idx = PyMem_Malloc(cap * sizeof(Py_ssize_t));
+    if (!m->keys || !m->idx) {
+        PyMem_Free(m->keys);
+        PyMem_Free(m->idx);
+        m->keys = NULL;
+        m->idx = NULL;
+        PyErr_NoMemory();
+        return -1;
+    }
+    memset(m->idx, 0xff, cap * sizeof(Py_ssize_t));
+    m->mask = cap - 1;
+    return 0;
+}
+
+static void
+map_free(IntMap *m)
+{
+    PyMem_Free(m->keys);
+    PyMem_Free(m->idx);
+    m->keys = NULL;
+    m->idx = NULL;
+}
+
+/* the slot of key v (found or the empty one where it goes) */
+static size_t
+map_slot(const IntMap *m, i128 v)
+{
+    size_t h = (size_t)mix(v) & m->mask;
+    while (m->idx[h] != -1 && m->keys[h] != v)
+        h = (h + 1) & m->mask;
+    return h;
+}
+
+/* ------------------------------------------------------------------ columns */
+
+enum { COL_STR, COL_INT, COL_MAP, COL_SUFFIX };
+
+typedef struct {
+    int kind;
+    PyObject *list;        /* COL_STR, COL_SUFFIX: the cells (borrowed) */
+    IntSource ints;        /* COL_INT, COL_MAP: the values */
+    Text *cells;           /* COL_MAP: the distinct cells */
+    Py_ssize_t ncells;
+    Py_ssize_t *at;        /* COL_MAP: each row's cell */
+    IntSource flags;       /* COL_SUFFIX: list or bytes-like (has_view -> bytes) */
+    int flags_bytes;
+    Py_buffer flag_view;
+    Text suffix;
+    Py_ssize_t width;      /* in code points */
+    Py_ssize_t extra;      /* sum over rows of (utf-8 bytes - code points) */
+} Column;
+
+static void
+column_free(Column *c)
+{
+    ints_release(&c->ints);
+    if (c->flags_bytes)
+        PyBuffer_Release(&c->flag_view);
+    c->flags_bytes = 0;
+    PyMem_Free(c->cells);
+    PyMem_Free(c->at);
+    c->cells = NULL;
+    c->at = NULL;
+}
+
+static int
+flag_at(Column *c, Py_ssize_t i, int *out)
+{
+    if (c->flags_bytes) {
+        *out = ((const unsigned char *)c->flag_view.buf)[i] != 0;
+        return 0;
+    }
+    int r = PyObject_IsTrue(PyList_GET_ITEM(c->flags.list, i));
+    if (r < 0)
+        return -1;
+    *out = r;
+    return 0;
+}
+
+/* set up column `spec`, measuring its width and extra bytes; its length into *n_out */
+static int
+column_open(PyObject *spec, Column *c, Py_ssize_t *n_out, char *what)
+{
+    memset(c, 0, sizeof(*c));
+    if (PyTuple_Check(spec)) {
+        Py_ssize_t k = PyTuple_GET_SIZE(spec);
+        PyObject *tag = k ? PyTuple_GET_ITEM(spec, 0) : NULL;
+        if (k == 4 && tag && PyUnicode_Check(tag) && PyUnicode_CompareWithASCIIString(tag, "map") == 0) {
+            PyObject *keys = PyTuple_GET_ITEM(spec, 2), *cells = PyTuple_GET_ITEM(spec, 3);
+            if (!PyList_Check(keys) || !PyList_Check(cells)) {
+                PyErr_Format(PyExc_TypeError, "%s: a map column's keys and cells must be lists", what);
+                return -1;
+            }
+            if (PyList_GET_SIZE(keys) != PyList_GET_SIZE(cells)) {
+                PyErr_Format(PyExc_ValueError, "%s: a map column has %zd keys and %zd cells", what,
+                             PyList_GET_SIZE(keys), PyList_GET_SIZE(cells));
+                return -1;
+            }
+            c->kind = COL_MAP;
+            if (ints_open(PyTuple_GET_ITEM(spec, 1), &c->ints, what) < 0)
+                return -1;
+            Py_ssize_t nk = PyList_GET_SIZE(keys), n = c->ints.n;
+            c->ncells = nk;
+            c->cells = PyMem_Malloc((nk ? nk : 1) * sizeof(Text));
+            c->at = PyMem_Malloc((n ? n : 1) * sizeof(Py_ssize_t));
+            if (!c->cells || !c->at) {
+                PyErr_NoMemory();
+                return -1;
+            }
+            IntSource ks;
+            IntMap m = {NULL, NULL, 0};
+            if (ints_open(keys, &ks, what) < 0 || map_init(&m, nk) < 0)
+                return -1;
+            int rc = -1;
+            for (Py_ssize_t i = 0; i < nk; i++) {
+                i128 v;
+                if (ints_get(&ks, i, &v, what) < 0 || text_of(PyList_GET_ITEM(cells, i), &c->cells[i], what, i) < 0)
+                    goto done;
+                size_t h = map_slot(&m, v);
+                if (m.idx[h] != -1) {
+                    PyErr_Format(PyExc_ValueError, "%s: a map column's keys repeat a value (key %zd)", what, i);
+                    goto done;
+                }
+                m.keys[h] = v;
+                m.idx[h] = i;
+            }
+            for (Py_ssize_t i = 0; i < n; i++) {
+                i128 v;
+                if (ints_get(&c->ints, i, &v, what) < 0)
+                    goto done;
+                size_t h = map_slot(&m, v);
+                if (m.idx[h] == -1) {
+                    PyErr_Format(PyExc_KeyError, "%s: value of row %zd is not among the map column's keys", what, i);
+                    goto done;
+                }
+                Text *t = &c->cells[m.idx[h]];
+                c->at[i] = m.idx[h];
+                if (t->nchars > c->width)
+                    c->width = t->nchars;
+                c->extra += t->nbytes - t->nchars;
+            }
+            rc = 0;
+        done:
+            map_free(&m);
+            *n_out = n;
+            return rc;
+        }
+        if (k == 4 && tag && PyUnicode_Check(tag) && PyUnicode_CompareWithASCIIString(tag, "suffix") == 0) {
+            PyObject *cells = PyTuple_GET_ITEM(spec, 1), *flags = PyTuple_GET_ITEM(spec, 2);
+            if (!PyList_Check(cells)) {
+                PyErr_Format(PyExc_TypeError, "%s: a suffix column's cells must be a list of str", what);
+                return -1;
+            }
+            if (text_of(PyTuple_GET_ITEM(spec, 3), &c->suffix, what, 3) < 0)
+                return -1;
+            c->kind = COL_SUFFIX;
+            c->list = cells;
+            Py_ssize_t n = PyList_GET_SIZE(cells), nf;
+            if (PyList_Check(flags)) {
+                c->flags.kind = SRC_LIST;
+                c->flags.list = flags;
+                nf = PyList_GET_SIZE(flags);
+            } else {
+                if (PyObject_GetBuffer(flags, &c->flag_view, PyBUF_SIMPLE) < 0)
+                    return -1;
+                c->flags_bytes = 1;
+                nf = c->flag_view.len;
+            }
+            if (nf != n) {
+                PyErr_Format(PyExc_ValueError, "%s: a suffix column has %zd cells and %zd flags", what, n, nf);
+                return -1;
+            }
+            for (Py_ssize_t i = 0; i < n; i++) {
+                Text t;
+                int f;
+                if (text_of(PyList_GET_ITEM(cells, i), &t, what, i) < 0 || flag_at(c, i, &f) < 0)
+                    return -1;
+                Py_ssize_t w = t.nchars + (f ? c->suffix.nchars : 0);
+                if (w > c->width)
+                    c->width = w;
+                c->extra += (t.nbytes - t.nchars) + (f ? c->suffix.nbytes - c->suffix.nchars : 0);
+            }
+            *n_out = n;
+            return 0;
+        }
+        PyErr_Format(PyExc_TypeError, "%s: a tuple column must be (\"map\", values, keys, cells) or "
+                     "(\"suffix\", cells, flags, suffix)", what);
+        return -1;
+    }
+    if (PyList_Check(spec) && PyList_GET_SIZE(spec) > 0 && PyUnicode_Check(PyList_GET_ITEM(spec, 0))) {
+        c->kind = COL_STR;
+        c->list = spec;
+        Py_ssize_t n = PyList_GET_SIZE(spec);
+        for (Py_ssize_t i = 0; i < n; i++) {
+            Text t;
+            if (text_of(PyList_GET_ITEM(spec, i), &t, what, i) < 0)
+                return -1;
+            if (t.nchars > c->width)
+                c->width = t.nchars;
+            c->extra += t.nbytes - t.nchars;
+        }
+        *n_out = n;
+        return 0;
+    }
+    c->kind = COL_INT;
+    if (ints_open(spec, &c->ints, what) < 0)
+        return -1;
+    for (Py_ssize_t i = 0; i < c->ints.n; i++) {
+        i128 v;
+        if (ints_get(&c->ints, i, &v, what) < 0)
+            return -1;
+        Py_ssize_t w = int_len(v);
+        if (w > c->width)
+            c->width = w;
+    }
+    *n_out = c->ints.n;
+    return 0;
+}
+
+/* ------------------------------------------------------------------ writing */
+
+static char *
+put_spaces(char *p, Py_ssize_t k)
+{
+    if (k > 0) {
+        memset(p, ' ', (size_t)k);
+        p += k;
+    }
+    return p;
+}
+
+static char *
+put_text(char *p, const char *s, Py_ssize_t nbytes, Py_ssize_t pad, int left)
+{
+    if (!left)
+        p = put_spaces(p, pad);
+    memcpy(p, s, (size_t)nbytes);
+    p += nbytes;
+    if (left)
+        p = put_spaces(p, pad);
+    return p;
+}
+
+/* strip trailing Unicode whitespace (str.rstrip()) of the UTF-8 text [start, end) */
+static char *
+rstrip_utf8(char *start, char *end)
+{
+    while (end > start) {
+        char *q = end - 1;
+        while (q > start && (((unsigned char)*q) & 0xC0) == 0x80)
+            q--;
+        unsigned char b0 = (unsigned char)*q;
+        Py_UCS4 cp;
+        Py_ssize_t len = end - q;
+        if (b0 < 0x80)
+            cp = b0;
+        else if (len == 2)
+            cp = ((Py_UCS4)(b0 & 0x1F) << 6) | (q[1] & 0x3F);
+        else if (len == 3)
+            cp = ((Py_UCS4)(b0 & 0x0F) << 12) | ((Py_UCS4)(q[1] & 0x3F) << 6) | (q[2] & 0x3F);
+        else if (len == 4)
+            cp = ((Py_UCS4)(b0 & 0x07) << 18) | ((Py_UCS4)(q[1] & 0x3F) << 12) | ((Py_UCS4)(q[2] & 0x3F) << 6)
+                 | (q[3] & 0x3F);
+        else
+            break;
+        if (!Py_UNICODE_ISSPACE(cp))
+            break;
+        end = q;
+    }
+    return end;
+}
+
+static PyObject *
+tablefmt_table(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *header, *columns;
+    Py_ssize_t left;
+    int headers;
+    if (!PyArg_ParseTuple(args, "OOnp:table", &header, &columns, &left, &headers))
+        return NULL;
+    if (!PyList_Check(header) && !PyTuple_Check(header)) {
+        PyErr_SetString(PyExc_TypeError, "table: header must be a list or tuple of str");
+        return NULL;
+    }
+    if (!PyList_Check(columns) && !PyTuple_Check(columns)) {
+        PyErr_SetString(PyExc_TypeError, "table: columns must be a list or tuple");
+        return NULL;
+    }
+    Py_ssize_t ncols = PySequence_Fast_GET_SIZE(columns);
+    if (PySequence_Fast_GET_SIZE(header) != ncols) {
+        PyErr_Format(PyExc_ValueError, "table: %zd header cells for %zd columns", PySequence_Fast_GET_SIZE(header),
+                     ncols);
+        return NULL;
+    }
+    if (ncols == 0)
+        return PyBytes_FromStringAndSize("", 0);
+    Py_ssize_t n = -1, opened = 0;
+    Column *cols = PyMem_Calloc((size_t)ncols, sizeof(Column));
+    Text *heads = PyMem_Calloc((size_t)ncols, sizeof(Text));
+    PyObject *out = NULL;
+    if (!cols || !heads) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    for (Py_ssize_t j = 0; j < ncols; j++) {
+        char what[48];
+        PyOS_snprintf(what, sizeof what, "table: column %zd", j);
+        Py_ssize_t nj = 0;
+        opened = j + 1;
+        if (column_open(PySequence_Fast_GET_ITEM(columns, j), &cols[j], &nj, what) < 0)
+            goto fail;
+        if (n >= 0 && nj != n) {
+            PyErr_Format(PyExc_ValueError, "table: column %zd has %zd rows, column 0 has %zd", j, nj, n);
+            goto fail;
+        }
+        n = nj;
+        if (text_of(PySequence_Fast_GET_ITEM(header, j), &heads[j], "table: header", j) < 0)
+            goto fail;
+        if (headers && heads[j].nchars > cols[j].width)
+            cols[j].width = heads[j].nchars;
+    }
+    if (n == 0 && !headers) {
+        out = PyBytes_FromStringAndSize("", 0);
+        goto fail;  /* (cleanup) */
+    }
+    /* the last column holds strings: every line right-stripped (an empty list counts as strings) */
+    int strip = cols[ncols - 1].kind != COL_INT || cols[ncols - 1].ints.n == 0;
+    size_t line = 2 * (size_t)(ncols - 1) + 1, total = 0;
+    for (Py_ssize_t j = 0; j < ncols; j++) {
+        line += (size_t)cols[j].width;
+        total += (size_t)cols[j].extra;
+    }
+    if (headers)
+        for (Py_ssize_t j = 0; j < ncols; j++)
+            total += (size_t)(heads[j].nbytes - heads[j].nchars);
+    total += line * (size_t)(n + (headers ? 1 : 0));
+    out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
+    if (!out)
+        goto fail;
+    char *base = PyBytes_AS_STRING(out), *p = base;
+    if (headers) {
+        char *ls = p;
+        for (Py_ssize_t j = 0; j < ncols; j++) {
+            if (j)
+                p = put_spaces(p, 2);
+            p = put_text(p, heads[j].utf8, heads[j].nbytes, cols[j].width - heads[j].nchars, j < left);
+        }
+        p = rstrip_utf8(ls, p);
+        if (n)
+            *p++ = '\n';
+    }
+    char num[48];
+    for (Py_ssize_t i = 0; i < n; i++) {
+        char *ls = p;
+        for (Py_ssize_t j = 0; j < ncols; j++) {
+            Column *c = &cols[j];
+            int lj = j < left;
+            if (j)
+                p = put_spaces(p, 2);
+            if (c->kind == COL_INT) {
+                i128 v;
+                if (ints_get(&c->ints, i, &v, "table") < 0)
+                    goto fail;
+                char *s = int_text(v, num + sizeof num);
+                Py_ssize_t k = (num + sizeof num) - s;
+                if (k > c->width) {
+                    PyErr_SetString(PyExc_RuntimeError, "table: a column changed while it was written");
+                    goto fail;
+                }
+                p = put_text(p, s, k, c->width - k, lj);
+            } else if (c->kind == COL_MAP) {
+                Text *t = &c->cells[c->at[i]];
+                p = put_text(p, t->utf8, t->nbytes, c->width - t->nchars, lj);
+            } else {
+                Text t;
+                /* (the list may not have changed: nothing ran Python code since it was measured, except
+                 * a flag's __bool__ for a list of flags, checked again here) */
+                if (i >= PyList_GET_SIZE(c->list)) {
+                    PyErr_SetString(PyExc_RuntimeError, "table: a column changed while it was written");
+                    goto fail;
+                }
+                if (text_of(PyList_GET_ITEM(c->list, i), &t, "table", i) < 0)
+                    goto fail;
+                if (c->kind == COL_SUFFIX) {
+                    int f;
+                    if (flag_at(c, i, &f) < 0)
+                        goto fail;
+                    Py_ssize_t w = t.nchars + (f ? c->suffix.nchars : 0);
+                    if (w > c->width) {
+                        PyErr_SetString(PyExc_RuntimeError, "table: a column changed while it was written");
+                        goto fail;
+                    }
+                    if (!lj)
+                        p = put_spaces(p, c->width - w);
+                    memcpy(p, t.utf8, (size_t)t.nbytes);
+                    p += t.nbytes;
+                    if (f) {
+                        memcpy(p, c->suffix.utf8, (size_t)c->suffix.nbytes);
+                        p += c->suffix.nbytes;
+                    }
+                    if (lj)
+                        p = put_spaces(p, c->width - w);
+                } else {
+                    if (t.nchars > c->width) {
+                        PyErr_SetString(PyExc_RuntimeError, "table: a column changed while it was written");
+                        goto fail;
+                    }
+                    p = put_text(p, t.utf8, t.nbytes, c->width - t.nchars, lj);
+                }
+            }
+        }
+        if (strip)
+            p = rstrip_utf8(ls, p);
+        if (i + 1 < n)
+            *p++ = '\n';
+    }
+    if ((size_t)(p - base) > total) {  /* cannot happen: the sizes were measured above */
+        PyErr_SetString(PyExc_SystemError, "table: output overran its measured size");
+        goto fail;
+    }
+    for (Py_ssize_t j = 0; j < opened; j++)
+        column_free(&cols[j]);
+    PyMem_Free(cols);
+    PyMem_Free(heads);
+    if (_PyBytes_Resize(&out, p - base) < 0)
+        return NULL;
+    return out;
+fail:
+    if (cols)
+        for (Py_ssize_t j = 0; j < opened; j++)
+            column_free(&cols[j]);
+    PyMem_Free(cols);
+    PyMem_Free(heads);
+    if (PyErr_Occurred()) {
+        Py_XDECREF(out);
+        return NULL;
+    }
+    return out;
+}
+
+static PyObject *
+tablefmt_distinct(PyObject *self, PyObject *values)
+{
+    (void)self;
+    IntSource s;
+    IntMap m = {NULL, NULL, 0};
+    if (ints_open(values, &s, "distinct") < 0) {
+        ints_release(&s);
+        return NULL;
+    }
+    if (map_init(&m, s.n) < 0) {
+        ints_release(&s);
+        return NULL;
+    }
+    PyObject *out = PyList_New(0);
+    if (!out)
+        goto fail;
+    for (Py_ssize_t i = 0; i < s.n; i++) {
+        i128 v;
+        if (ints_get(&s, i, &v, "distinct") < 0)
+            goto fail;
+        size_t h = map_slot(&m, v);
+        if (m.idx[h] != -1)
+            continue;
+        m.keys[h] = v;
+        m.idx[h] = i;
+        PyObject *x = v < 0 ? PyLong_FromLongLong((long long)v) : PyLong_FromUnsignedLongLong((unsigned long long)v);
+        if (!x || PyList_Append(out, x) < 0) {
+            Py_XDECREF(x);
+            goto fail;
+        }
+        Py_DECREF(x);
+    }
+    map_free(&m);
+    ints_release(&s);
+    return out;
+fail:
+    Py_XDECREF(out);
+    map_free(&m);
+    ints_release(&s);
+    return NULL;
+}
+
+static PyMethodDef methods[] = {
+    {"table", tablefmt_table, METH_VARARGS,
+     "table(header, columns, left, headers) -> bytes: the UTF-8 text table of the columns (see the module)."},
+    {"distinct", tablefmt_distinct, METH_O,
+     "distinct(values) -> list[int]: the distinct values of a list of int or 8-byte integer buffer, in order."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_tablefmt",
+    "thinpool's CLI tables written in C (thinpool.cli.tables uses it when it was built).", -1, methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC
+PyInit__tablefmt(void)
+{
+    return PyModule_Create(&module);
+}
