@@ -298,7 +298,14 @@ class MetadataCommit(MetadataSpace):
                 start_writeback(self.fd, 0, 0)  # (the file's dirty pages: the runs just written)
             raw = self._superblock_bytes(self.generation + 1, header)  # (while their I/O runs)
             self.sync()
-            self._write_superblock(self.generation + 1, raw, while_flushing)
+            floor_next: list[tuple[Any, int, int] | None] = []
+            window = None
+            if while_flushing is not None:
+                def window() -> None:
+                    # (the bookkeeping of what the commit wrote, made while the superblock's I/O runs)
+                    floor_next.append(self._next_floor(new_pm, changed, dir_locs))
+                    while_flushing()
+            self._write_superblock(self.generation + 1, raw, window)
         except BaseException:
             self._queued, self._chunks = [], []
             self._hint = 0
@@ -307,12 +314,7 @@ class MetadataCommit(MetadataSpace):
             self._tail, self._undo = None, None
             raise
         self._tail, self._undo, self._hint = None, None, 0
-        floor = self._floor
-        if floor is not None and floor[0] is self.pm_locs:  # (commit_floor: only the changed arrays again)
-            old_pm = self.pm_locs
-            stored = floor[2] + sum(bool(any(new_pm[name])) - bool(any(old_pm.get(name, ())))
-                                    for name, _locs, _dirty in changed)
-            self._floor = (new_pm, 2 * stored + max(1, len(dir_locs)), stored)
+        self._floor = floor_next[0] if floor_next else self._next_floor(new_pm, changed, dir_locs)
         self.generation += 1
         self.header = header
         self.locs, self.pm_locs, self.dir_locs = new_locs, new_pm, dir_locs
@@ -320,6 +322,21 @@ class MetadataCommit(MetadataSpace):
         self._state = committed
         if committed is not None:
             self._free_known = (committed, self.nr_blocks - used)
+
+    def _next_floor(self, new_pm: dict[str, array], changed: list[tuple[str, array, list[int]]],
+                    dir_locs: list[int]) -> tuple[Any, int, int] | None:
+        """What :attr:`_floor` becomes once a commit of ``new_pm`` (its page maps), ``changed`` (the
+        arrays it changed) and ``dir_locs`` (its directory) is the store's: the count carried over,
+        only the changed arrays counted again (:meth:`~thinpool.mdspace.MetadataSpace.commit_floor`),
+        when the committed state's count is kept; else the kept one, which names another state (counted
+        afresh when asked).  Changes nothing: :meth:`commit` installs it after the last flush."""
+        floor = self._floor
+        if floor is None or floor[0] is not self.pm_locs:
+            return floor
+        old_pm = self.pm_locs
+        stored = floor[2] + sum(bool(any(new_pm[name])) - bool(any(old_pm.get(name, ())))
+                                for name, _locs, _dirty in changed)
+        return (new_pm, 2 * stored + max(1, len(dir_locs)), stored)
 
     def _place(self, few: list[tuple[array, list[int], Any]]) -> None:
         """The part of :meth:`commit` for the arrays with a few dirty pages: the live pages of all of

@@ -86,6 +86,7 @@ class Transactions:
     _unpunched: np.ndarray
     _lwm_fired: bool
     _md_check_below: int
+    _md_fixed: int  # _md_fixed_pages() as a commit's bookkeeping counted it (see commit)
     _leaf_disk: NodeDisk        # what the last commit stored of the leaves (set by Pool._install)
     _inner_disk: NodeDisk       # ... and of the inner nodes
     _disk_next: tuple[NodeDisk, NodeDisk]  # what the commit being written stores of both
@@ -347,13 +348,16 @@ class Transactions:
                                else " (the changes are kept; a later commit retries)") + f": {exc}",
                               exc.errno or errno.EIO, exc.filename) from None
         # blocks freed by the previous commit: no superblock maps them any more (punched if passed down)
+        released = len(self._space.pending) or len(freed)
         _poolspace().release_pending(self, freed)
         if self.mode == Mode.OUT_OF_DATA_SPACE and self._st[K.ST_NR_FREE] > 0:
             # dm-thin's check_for_data_space after every commit: free blocks -> write mode at once.
             # Blocks this commit freed are free (the kernel's count) though released only by the
             # next commit, which the allocating write makes itself (see thin.Thin._submit)
             self._set_mode(Mode.WRITE)
-        self._set_md_check()
+        # (the pages counted by the bookkeeping, while the superblock's I/O ran: counted again if
+        # blocks were released, whose failed punch marks pages live)
+        self._set_md_check(None if released else self._md_fixed)
         self._check_metadata_low_water()
         if "autoextend_threshold" in self._header:  # (not set: off, poolspace.autoextend_settings)
             self._autoextend()  # LVM's thin_pool_autoextend policy, when set
@@ -377,6 +381,7 @@ class Transactions:
             self._stored_catalog.committed()
         self._catalog_touched.clear()
         self._catalog_dirty = self._catalog_convert = False
+        self._md_fixed = self._md_fixed_pages()  # (for _set_md_check once the flush returned)
 
     def _md_reserve(self) -> int:
         """The metadata blocks kept back for the commit that enters out-of-metadata-space mode: dm-thin's
@@ -527,12 +532,18 @@ class Transactions:
         (``data_full``: the data device counts as 100 % used)."""
         _poolspace().autoextend(self, data_full=data_full)
 
-    def _set_md_check(self) -> None:
-        """Live node count below which a commit surely fits in the metadata file (see _after_alloc);
-        refreshed at every load and commit (the other pages only grow between them)."""
+    def _md_fixed_pages(self) -> int:
+        """A bound of the metadata pages besides the nodes' (reference counts, space map, device table)."""
         bm = self._nodes_map
-        fixed = (len(bm.leaf_rc) + len(bm.inner_rc)) // 1024 + self._space.disk_pages_bound() + \
+        return (len(bm.leaf_rc) + len(bm.inner_rc)) // 1024 + self._space.disk_pages_bound() + \
             len(self._devs) // DEVS_PER_PAGE + 8
+
+    def _set_md_check(self, fixed: int | None = None) -> None:
+        """Live node count below which a commit surely fits in the metadata file (see _after_alloc);
+        refreshed at every load and commit (the other pages only grow between them).  ``fixed``:
+        :meth:`_md_fixed_pages` if counted already for the pool as it is (a commit's bookkeeping)."""
+        if fixed is None:
+            fixed = self._md_fixed_pages()
         reserve = self._md_reserve()
         self._md_check_below = (self._store.nr_blocks - 16 - reserve) // 2 - fixed - 64
 

@@ -1,7 +1,7 @@
 """The shortcuts a small commit takes to cost less CPU give what the long way gives (docs/performance.md,
 CF1): the hints kept from the last commit while no device slot changed its device, the superblock's
 JSON through a C encoder made once, the directory's parts and ``commit_floor`` carried over from the
-commit before.
+commit before, the metadata check's page bound counted before the last flush.
 """
 
 from __future__ import annotations
@@ -137,9 +137,10 @@ def _floor_counted(store) -> int:
 def test_commit_floor_and_directory_carried_over_are_those_counted_afresh(tmp_path) -> None:
     """Commits of random writes, trims, snapshots and deletes, a failed commit and reopens between
     them: after each, the store's ``commit_floor`` (carried over from commit to commit, counting only
-    the arrays a commit changed) equals the count over every page map, and the directory a reopen
-    reads (written with the parts of unchanged arrays kept from the commit before) is the page maps
-    the store holds."""
+    the arrays a commit changed) equals the count over every page map, the pool's metadata check
+    threshold (its page bound counted while the superblock's write-back ran) equals one counted
+    after the commit, and the directory a reopen reads (written with the parts of unchanged arrays
+    kept from the commit before) is the page maps the store holds."""
     from thinpool import mdstore
     from thinpool.errors import HostIOError
 
@@ -180,6 +181,9 @@ def test_commit_floor_and_directory_carried_over_are_those_counted_afresh(tmp_pa
         p.commit()
         store = p._store
         assert store.commit_floor() == _floor_counted(store), step
+        kept = p._md_check_below  # (its page bound counted by the bookkeeping, before the last flush)
+        p._set_md_check()
+        assert p._md_check_below == kept, step
         again = mdstore.MetadataStore(store.path, read_only=True)
         try:
             again.load(only=())
