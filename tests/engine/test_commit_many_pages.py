@@ -161,3 +161,59 @@ def test_commit_state_from_the_changed_blocks_is_the_full_scans(tmp_path, monkey
                 pool.delete(f"s{i - 2}")
                 check(pool)
     assert seen["changed"] >= 8 and seen["full"] >= 3
+
+
+def _small_commits(path: str, monkeypatch) -> list[tuple[bytes, int, int | None]]:
+    """One-write commits (a few blocks allocated and released each), discards, a snapshot and its
+    delete, and failed commits (the map put back); after each commit the block-state map, the used
+    count and the top block it records -- each also checked against the map made afresh."""
+    rng = np.random.default_rng(8)
+    out = []
+    with Pool.create(path, data_size=256 * MiB, block_size=BS) as pool:
+        v = pool.create_thin("v", 256 * MiB)
+        st = pool._store
+        for i in range(60):
+            if i % 15 == 7:
+                pool.snapshot("v", f"s{i}")
+            elif i % 15 == 11:
+                pool.delete(f"s{i - 4}")
+            elif i % 10 == 5:
+                v.discard(int(rng.integers(0, 256 * MiB // BS)) * BS, BS)
+            v.write(int(rng.integers(0, 256 * MiB // BS)) * BS, bytes([i % 250 + 1]) * 4096)
+            if i % 9 == 4:
+                before = bytes(st.state)
+                monkeypatch.setattr(mdstore.MetadataStore, "io", _FailAfter(0))  # (its pages: one run)
+                with pytest.raises(HostIOError):
+                    pool.commit()
+                monkeypatch.setattr(mdstore.MetadataStore, "io", mdstore.FileIO())
+                assert bytes(st.state) == before, i
+            pool.commit()
+            kept = st._state
+            st._state = None
+            fresh = bytes(st.state)  # built from the committed locations
+            st._state = kept
+            assert bytes(kept) == fresh, i
+            assert st.header["metadata_used_blocks"] == st.nr_blocks - fresh.count(0), i
+            assert st.hint("metadata_top") == fresh.rfind(mdspace._USED | mdspace._PROTECTED), i
+            out.append((fresh, st.header["metadata_used_blocks"], st.hint("metadata_top")))
+    return out
+
+
+def test_commit_state_of_a_small_commit_block_by_block_is_the_array_at_a_time_one(tmp_path, monkeypatch):
+    """A small commit (at most ``_FEW_CHANGED`` block states changed) makes the next block-state map
+    block by block in Python: after every commit of a run of small ones -- writes, discards, a snapshot
+    and its delete, failed commits between them, each failed one putting the map back -- the map, the
+    used count and the top block are those the array-at-a-time path gives and those made afresh."""
+    seen = {"few": 0}
+    real = mdspace.MetadataSpace._commit_state
+
+    def commit_state(self, free_before):
+        if free_before is not None and self._undo is not None and len(self._undo) <= mdspace._FEW_CHANGED:
+            seen["few"] += 1
+        return real(self, free_before)
+    monkeypatch.setattr(mdspace.MetadataSpace, "_commit_state", commit_state)
+    fast = _small_commits(str(tmp_path / "a"), monkeypatch)
+    assert seen["few"] >= 50
+    monkeypatch.setattr(mdspace, "_FEW_CHANGED", -1)
+    slow = _small_commits(str(tmp_path / "b"), monkeypatch)
+    assert fast == slow
