@@ -17,10 +17,18 @@ from __future__ import annotations
 import bisect
 import operator
 import struct
+from types import ModuleType
 from typing import Any, Callable, Iterable, Mapping
 
 from .errors import MetadataCorrupt
 from .mdpages import BLOCK, PageUpdates
+
+_lscols: ModuleType | None
+try:  # C loops over the pages for ``ls`` (thinpool/_lscols.c; optional: :meth:`NameIndex.columns` otherwise)
+    from . import _lscols as _built
+    _lscols = _built
+except ImportError:
+    _lscols = None
 
 #: the arrays of a format-2 catalog: the name index, the slot records, the JSON part
 INDEX, SLOTS, EXTRA = "names", "vol_slots", "catalog"
@@ -310,6 +318,24 @@ class NameIndex:
             out.append(odd_name)
             slots.append(self.odd[odd_name])
         return out, slots
+
+    def name_rows(self, nrows: int) -> tuple[bytes, memoryview, memoryview] | None:
+        """Every name by slot, when the slots are exactly 0..``nrows`` - 1 and every name is on the
+        committed pages (none odd, none read or changed since the open): ``(blob, starts, lengths)``,
+        slot s's name is the UTF-8 ``blob[starts[s]:starts[s] + lengths[s]]`` (int64 memoryviews), the
+        pages checked as :meth:`columns` checks them (MetadataCorrupt) -- one C call over the pages,
+        no str per name (``thinpool/_lscols.c``).  None otherwise, or without the C extension."""
+        if _lscols is None or self.odd or self._cache or self.dirty or self._read is None:
+            return None
+        raw = self._read(INDEX, self.pages) if self.pages else {}
+        try:
+            got = _lscols.name_rows([raw[p] for p in self.pages], self.pages, nrows)
+        except ValueError as e:
+            raise MetadataCorrupt(str(e), structure=INDEX) from None
+        if got is None:
+            return None
+        blob, starts, lengths = got
+        return blob, memoryview(starts).cast("q"), memoryview(lengths).cast("q")
 
     def updates(self) -> PageUpdates:
         """The changed pages of ``names`` for a commit."""

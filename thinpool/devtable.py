@@ -21,11 +21,9 @@ written, punched or reused here.  The record format is defined here and used by
 from __future__ import annotations
 
 import contextlib
-import operator
 import os
 import struct
-from itertools import compress, repeat
-from operator import itemgetter
+from itertools import compress
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, NamedTuple
 
 from . import catalog as cat_format
@@ -33,6 +31,7 @@ from . import pooldir, rules, safe_output
 from .errors import AlreadyExists, FullOpenRequired, InvalidArgument, NotFound, ReadOnly  # noqa: F401 (API)
 from .errors import MetadataSpaceExhausted
 from .mdpages import BLOCK, PagedArray, PageUpdates
+from .devtable_columns import VolumeColumns
 from .mdstore import MetadataStore
 from .rules import MAX_DEV_ID, new_catalog_entry, pick_dev_id  # noqa: F401 (the pool's id rules)
 from .rules import MAX_NAME_BYTES, check_new_name, name_problem  # noqa: F401 (re-exported: the name rules)
@@ -51,14 +50,8 @@ _READ_ONLY = int(DevFlag.READ_ONLY)
 # enum's & makes an enum member: 512 of them cost every command importing this module about 10 ms)
 _IN_USE = int(DevFlag.IN_USE)
 _IN_USE_BYTE = bytes(1 if b & _IN_USE else 0 for b in range(256))
-_READ_ONLY_BYTE = bytes(1 if b & _READ_ONLY else 0 for b in range(256))
 RC_PER_PAGE = BLOCK // 4
 _STORE_KEYS = ("directory", "directory_bytes", "pages", "held", "recovered_from", "hints")
-
-
-def _u64s(transactions: list[int]) -> list[int]:
-    """Transaction ids as stored (int64) -> as dm-thin has them (unsigned 64-bit)."""
-    return [t & U64_MASK for t in transactions] if transactions and min(transactions) < 0 else transactions
 
 
 def pad_pages(raw: bytes) -> bytes:
@@ -119,7 +112,7 @@ class _Names:
         return isinstance(name, str) and self._table._find(name) is not None
 
 
-class DeviceTable:
+class DeviceTable(VolumeColumns):
     """A pool opened for its device table only (see the module docstring); a context manager.
 
     ``read_only=True`` takes the pool's shared lock, else the exclusive one, exactly like
@@ -341,69 +334,6 @@ class DeviceTable:
         return [VolumeRecord(name, r[DEV_ID], r[DEV_SIZE], r[DEV_MAPPED], r[DEV_TRANSACTION] & u64, r[DEV_CREATION_TIME],
                              r[DEV_SNAP_TIME], r[DEV_FLAGS] & ro != 0, self._origin_of(name, slot))
                 for r, name, slot in rows]
-
-    def volume_columns(self) -> dict[str, list[Any]]:
-        """Every volume in device-id order as columns (what :meth:`thins` gives, one list per field:
-        ``name``, ``dev_id``, ``size``, ``read_only``, ``mapped_blocks``, ``transaction``,
-        ``creation_time``, ``snap_time``, and ``external_origin`` -- records or None -- when a volume
-        has one).  Each column is built by C loops over the device table and the name index, no
-        object per volume: what ``ls`` of 100,000 volumes needs."""
-        self._check_open()
-        names, slots = self._stored.index.columns()
-        for pending_name, e in self._pending.items():
-            names.append(pending_name)
-            slots.append(int(e["slot"]))
-        used = self._in_use()  # (every page read)
-        q = memoryview(self._devs).cast("q")
-        width = len(DEV_FIELDS)
-        n = len(names)
-        if used[:n].count(1) == n and 1 not in used[n:]:
-            # the common layout: the volumes fill the first n slots and their device ids rise with the
-            # slot (no deletes since): the columns are slices of the table, no sort, no reordering
-            dev_ids = q[DEV_ID:n * width:width].tolist()
-            by_slot: list[Any] = [None] * n
-            try:
-                list(map(operator.setitem, repeat(by_slot, n), slots, names))  # (no slot wrapper call)
-            except IndexError:
-                by_slot = [None]
-            if dev_ids == sorted(dev_ids) and None not in by_slot:
-                return self._columns_of(q, width, by_slot, slice(0, n * width), dev_ids)
-
-        def field(f: str) -> list[int]:
-            return q[DEV_FIELDS.index(f)::width].tolist()
-        dev_ids = field("dev_id")
-        order = sorted(range(len(slots)), key=list(map(dev_ids.__getitem__, slots)).__getitem__)
-        by_dev = [slots[i] for i in order] if len(order) < 2 else list(itemgetter(*order)(slots))
-
-        def pick(col: list[Any], at: list[int]) -> list[Any]:
-            return [col[i] for i in at] if len(at) < 2 else list(itemgetter(*at)(col))
-        flags = pick(field("flags"), by_dev)
-        out: dict[str, list[Any]] = {
-            "name": pick(names, order), "dev_id": pick(dev_ids, by_dev), "size": pick(field("size"), by_dev),
-            "read_only": list(map(bool, map(_READ_ONLY.__and__, flags))),
-            "mapped_blocks": pick(field("mapped"), by_dev), "transaction": _u64s(pick(field("transaction"), by_dev)),
-            "creation_time": pick(field("creation_time"), by_dev), "snap_time": pick(field("snap_time"), by_dev)}
-        if self.may_have_external_origins():
-            out["external_origin"] = [self._origin_of(n, s) for n, s in zip(out["name"], by_dev)]
-        return out
-
-    def _columns_of(self, q: memoryview, width: int, names: list[str], rows: slice,
-                    dev_ids: list[int]) -> dict[str, list[Any]]:
-        """:meth:`volume_columns` of the device records in ``rows`` (a slice of the table, in slot
-        order, which is device-id order) named ``names``."""
-        n = len(names)
-
-        def field(i: int) -> list[int]:
-            return q[rows.start + i:rows.stop:width].tolist()
-        ro = bytes(self._devs[_FLAGS_AT:rows.stop * 8:DEV_RECORD.size]).translate(_READ_ONLY_BYTE)
-        out: dict[str, list[Any]] = {
-            "name": names, "dev_id": dev_ids, "size": field(DEV_SIZE),
-            "read_only": list(map(bool, ro)) if 1 in ro else [False] * n,
-            "mapped_blocks": field(DEV_MAPPED), "transaction": _u64s(field(DEV_TRANSACTION)),
-            "creation_time": field(DEV_CREATION_TIME), "snap_time": field(DEV_SNAP_TIME)}
-        if self.may_have_external_origins():
-            out["external_origin"] = [self._origin_of(name, slot) for slot, name in enumerate(names)]
-        return out
 
     def status(self) -> PoolStatus:
         """The pool's status, as :meth:`thinpool.pool.Pool.status` reports it just after opening."""

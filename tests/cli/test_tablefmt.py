@@ -170,14 +170,22 @@ def test_cli_ls_prints_the_python_renderers_table(tmp_path):
             pool.snapshot("base", name)
         pool.snapshot("base", "ro", read_only=True, dev_id=2)
         pool.create_thin("ext", "1MiB", external_origin=str(golden))
+    with Pool.create(tmp_path / "q", data_size=64 * BS, metadata_only=True) as pool:  # volumes in their slots
+        pool.create_thin("base", "3GiB")
+        for i, name in enumerate(["ünï ✓", "日本語", "e\u0301", "x" * 300, "\u3000wide\u3000", "ro"]):
+            pool.snapshot("base", name, read_only=name == "ro")
     from thinpool.devtable import DeviceTable
-    with DeviceTable.open(tmp_path / "p") as table:
-        cols = ops.op_ls(table, columns=True)["columns"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
-    for flags in ([], ["--no-headers"]):
-        want = ops.render_volume_columns(cols, headers=not flags, compiled=False) + "\n"
-        out = subprocess.run([sys.executable, "-m", "thinpool", "ls", str(tmp_path / "p"), *flags],
-                             capture_output=True, check=True, env=env).stdout
-        assert out == want.encode("utf-8")
-        assert CliRunner().invoke(main, ["ls", str(tmp_path / "p"), *flags]).output == want
-        assert ("EXTERNAL_ORIGIN" in want) != bool(flags) and "ro (ro)" in want
+    for path in (tmp_path / "p", tmp_path / "q"):
+        with DeviceTable.open(path) as table:
+            cols = ops.op_ls(table, columns=True)["columns"]
+            from thinpool import devtable_columns
+            fast = isinstance(table.volume_columns(buffers=True)["name"], tuple)
+            assert fast == (path.name == "q" and devtable_columns._lscols is not None)
+        for flags in ([], ["--no-headers"]):
+            want = ops.render_volume_columns(cols, headers=not flags, compiled=False) + "\n"
+            out = subprocess.run([sys.executable, "-m", "thinpool", "ls", str(path), *flags],
+                                 capture_output=True, check=True, env=env).stdout
+            assert out == want.encode("utf-8")
+            assert CliRunner().invoke(main, ["ls", str(path), *flags]).output == want
+            assert ("EXTERNAL_ORIGIN" in want) == (not flags and path.name == "p") and "ro (ro)" in want

@@ -1,17 +1,20 @@
 /* thinpool.cli._tablefmt: the CLI's text tables (`thinpool ls`) written in C.
  *
- * table(header, columns, left, headers) -> bytes
- *     The UTF-8 bytes of what thinpool.cli.ops._columns_table writes for the same cells: the columns
+ * table(header, columns, left, headers, as_text=False) -> bytes (str with as_text)
+ *     The UTF-8 bytes (with as_text: the str, made in place when it is ASCII) of what thinpool.cli.ops._columns_table writes for the same cells: the columns
  *     right-justified (the first `left` left-justified) to the widest cell's length in code points
  *     (Python's len()), separated by two spaces, lines joined by "\n" (none at the end), the header
  *     line right-stripped, and every line right-stripped (str.rstrip: Unicode whitespace) when the
  *     last column holds strings.  A column is one of
  *       - a list of str;
+ *       - ("utf8", blob, starts, lengths): cell i is the UTF-8 text blob[starts[i]:starts[i] + lengths[i]]
+ *         (blob a bytes-like object, starts and lengths lists of int or 8-byte integer buffers; the
+ *         text must be valid UTF-8 and lie inside the blob);
  *       - a list of int, or a 1-D buffer of 8-byte integers (format q, Q, l, L, n or N, any stride,
  *         e.g. a strided memoryview of a device table): printed as %d prints them;
  *       - ("map", values, keys, cells): values (a list of int or such a buffer) each printed as the
  *         str in `cells` at the index of its value in `keys` (a list of distinct ints);
- *       - ("suffix", cells, flags, suffix): a list of str, each followed by the str `suffix` where
+ *       - ("suffix", cells, flags, suffix): cells (a list of str or a "utf8" tuple), each followed by the str `suffix` where
  *         the matching item of `flags` (a list of int/bool, or a bytes-like object) is true.
  *     Integers must lie in [-2**63, 2**64); every column must have the same length.  Wrong types,
  *     lengths or values raise TypeError, ValueError, OverflowError or KeyError; a str that UTF-8
@@ -27,6 +30,8 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "../_utf8.h"
 
 typedef __int128 i128;
 
@@ -187,6 +192,92 @@ text_of(PyObject *s, Text *t, const char *what, Py_ssize_t i)
     return 0;
 }
 
+/* a column of text cells: a list of str, or ("utf8", blob, starts, lengths) */
+typedef struct {
+    PyObject *list;      /* borrowed; NULL for a blob */
+    Py_buffer blob;
+    int has_blob;
+    IntSource starts, lens;
+    Py_ssize_t n;
+} TextSource;
+
+static void
+texts_release(TextSource *t)
+{
+    if (t->has_blob)
+        PyBuffer_Release(&t->blob);
+    t->has_blob = 0;
+    ints_release(&t->starts);
+    ints_release(&t->lens);
+}
+
+static int
+is_tagged(PyObject *spec, const char *tag)
+{
+    if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) != 4)
+        return 0;
+    PyObject *t = PyTuple_GET_ITEM(spec, 0);
+    return PyUnicode_Check(t) && PyUnicode_CompareWithASCIIString(t, tag) == 0;
+}
+
+static int
+texts_open(PyObject *obj, TextSource *t, const char *what)
+{
+    memset(t, 0, sizeof(*t));
+    if (PyList_Check(obj)) {
+        t->list = obj;
+        t->n = PyList_GET_SIZE(obj);
+        return 0;
+    }
+    if (!is_tagged(obj, "utf8")) {
+        PyErr_Format(PyExc_TypeError, "%s: text cells must be a list of str or (\"utf8\", blob, starts, lengths)",
+                     what);
+        return -1;
+    }
+    if (PyObject_GetBuffer(PyTuple_GET_ITEM(obj, 1), &t->blob, PyBUF_SIMPLE) < 0)
+        return -1;
+    t->has_blob = 1;
+    if (ints_open(PyTuple_GET_ITEM(obj, 2), &t->starts, what) < 0 || ints_open(PyTuple_GET_ITEM(obj, 3), &t->lens, what) < 0)
+        return -1;
+    if (t->starts.n != t->lens.n) {
+        PyErr_Format(PyExc_ValueError, "%s: %zd starts and %zd lengths", what, t->starts.n, t->lens.n);
+        return -1;
+    }
+    t->n = t->starts.n;
+    return 0;
+}
+
+static int
+texts_get(TextSource *t, Py_ssize_t i, Text *out, const char *what)
+{
+    if (t->list) {
+        if (i >= PyList_GET_SIZE(t->list)) {
+            PyErr_Format(PyExc_RuntimeError, "%s: a list changed while it was read", what);
+            return -1;
+        }
+        return text_of(PyList_GET_ITEM(t->list, i), out, what, i);
+    }
+    i128 a, k;
+    if (ints_get(&t->starts, i, &a, what) < 0 || ints_get(&t->lens, i, &k, what) < 0)
+        return -1;
+    if (a < 0 || k < 0 || a + k > (i128)t->blob.len) {
+        PyErr_Format(PyExc_ValueError, "%s: cell %zd lies outside its blob", what, i);
+        return -1;
+    }
+    const unsigned char *s = (const unsigned char *)t->blob.buf + (Py_ssize_t)a;
+    Py_ssize_t nb = (Py_ssize_t)k, nc = 0;
+    if (!valid_utf8(s, nb)) {
+        PyErr_Format(PyExc_ValueError, "%s: cell %zd is not UTF-8", what, i);
+        return -1;
+    }
+    for (Py_ssize_t j = 0; j < nb; j++)
+        nc += (s[j] & 0xC0) != 0x80;
+    out->utf8 = (const char *)s;
+    out->nbytes = nb;
+    out->nchars = nc;
+    return 0;
+}
+
 /* ------------------------------------------------------------------ int -> index map (open addressing) */
 
 typedef struct {
@@ -251,7 +342,7 @@ enum { COL_STR, COL_INT, COL_MAP, COL_SUFFIX };
 
 typedef struct {
     int kind;
-    PyObject *list;        /* COL_STR, COL_SUFFIX: the cells (borrowed) */
+    TextSource texts;      /* COL_STR, COL_SUFFIX: the cells */
     IntSource ints;        /* COL_INT, COL_MAP: the values */
     Text *cells;           /* COL_MAP: the distinct cells */
     Py_ssize_t ncells;
@@ -260,6 +351,8 @@ typedef struct {
     int flags_bytes;
     Py_buffer flag_view;
     Text suffix;
+    Text *texts_at;        /* COL_STR, COL_SUFFIX: each row's cell, measured once */
+    unsigned char *flag;   /* COL_SUFFIX: each row's flag */
     Py_ssize_t width;      /* in code points */
     Py_ssize_t extra;      /* sum over rows of (utf-8 bytes - code points) */
 } Column;
@@ -268,13 +361,18 @@ static void
 column_free(Column *c)
 {
     ints_release(&c->ints);
+    texts_release(&c->texts);
     if (c->flags_bytes)
         PyBuffer_Release(&c->flag_view);
     c->flags_bytes = 0;
     PyMem_Free(c->cells);
     PyMem_Free(c->at);
+    PyMem_Free(c->texts_at);
+    PyMem_Free(c->flag);
     c->cells = NULL;
     c->at = NULL;
+    c->texts_at = NULL;
+    c->flag = NULL;
 }
 
 static int
@@ -283,6 +381,10 @@ flag_at(Column *c, Py_ssize_t i, int *out)
     if (c->flags_bytes) {
         *out = ((const unsigned char *)c->flag_view.buf)[i] != 0;
         return 0;
+    }
+    if (i >= PyList_GET_SIZE(c->flags.list)) {
+        PyErr_SetString(PyExc_RuntimeError, "table: a list of flags changed while it was read");
+        return -1;
     }
     int r = PyObject_IsTrue(PyList_GET_ITEM(c->flags.list, i));
     if (r < 0)
@@ -361,15 +463,12 @@ column_open(PyObject *spec, Column *c, Py_ssize_t *n_out, char *what)
         }
         if (k == 4 && tag && PyUnicode_Check(tag) && PyUnicode_CompareWithASCIIString(tag, "suffix") == 0) {
             PyObject *cells = PyTuple_GET_ITEM(spec, 1), *flags = PyTuple_GET_ITEM(spec, 2);
-            if (!PyList_Check(cells)) {
-                PyErr_Format(PyExc_TypeError, "%s: a suffix column's cells must be a list of str", what);
+            c->kind = COL_SUFFIX;
+            if (texts_open(cells, &c->texts, what) < 0)
                 return -1;
-            }
             if (text_of(PyTuple_GET_ITEM(spec, 3), &c->suffix, what, 3) < 0)
                 return -1;
-            c->kind = COL_SUFFIX;
-            c->list = cells;
-            Py_ssize_t n = PyList_GET_SIZE(cells), nf;
+            Py_ssize_t n = c->texts.n, nf;
             if (PyList_Check(flags)) {
                 c->flags.kind = SRC_LIST;
                 c->flags.list = flags;
@@ -384,11 +483,26 @@ column_open(PyObject *spec, Column *c, Py_ssize_t *n_out, char *what)
                 PyErr_Format(PyExc_ValueError, "%s: a suffix column has %zd cells and %zd flags", what, n, nf);
                 return -1;
             }
+            c->texts_at = PyMem_Malloc((n ? n : 1) * sizeof(Text));
+            c->flag = PyMem_Malloc(n ? n : 1);
+            if (!c->texts_at || !c->flag) {
+                PyErr_NoMemory();
+                return -1;
+            }
+            /* the flags first: a flag's __bool__ may run Python code, which must not run once the
+             * cells' UTF-8 pointers are taken */
+            for (Py_ssize_t i = 0; i < n; i++) {
+                int f;
+                if (flag_at(c, i, &f) < 0)
+                    return -1;
+                c->flag[i] = (unsigned char)f;
+            }
             for (Py_ssize_t i = 0; i < n; i++) {
                 Text t;
-                int f;
-                if (text_of(PyList_GET_ITEM(cells, i), &t, what, i) < 0 || flag_at(c, i, &f) < 0)
+                int f = c->flag[i];
+                if (texts_get(&c->texts, i, &t, what) < 0)
                     return -1;
+                c->texts_at[i] = t;
                 Py_ssize_t w = t.nchars + (f ? c->suffix.nchars : 0);
                 if (w > c->width)
                     c->width = w;
@@ -397,18 +511,28 @@ column_open(PyObject *spec, Column *c, Py_ssize_t *n_out, char *what)
             *n_out = n;
             return 0;
         }
-        PyErr_Format(PyExc_TypeError, "%s: a tuple column must be (\"map\", values, keys, cells) or "
-                     "(\"suffix\", cells, flags, suffix)", what);
-        return -1;
+        if (!is_tagged(spec, "utf8")) {
+            PyErr_Format(PyExc_TypeError, "%s: a tuple column must be (\"map\", values, keys, cells), "
+                         "(\"suffix\", cells, flags, suffix) or (\"utf8\", blob, starts, lengths)", what);
+            return -1;
+        }
     }
-    if (PyList_Check(spec) && PyList_GET_SIZE(spec) > 0 && PyUnicode_Check(PyList_GET_ITEM(spec, 0))) {
+    if (PyTuple_Check(spec) ||
+        (PyList_Check(spec) && PyList_GET_SIZE(spec) > 0 && PyUnicode_Check(PyList_GET_ITEM(spec, 0)))) {
         c->kind = COL_STR;
-        c->list = spec;
-        Py_ssize_t n = PyList_GET_SIZE(spec);
+        if (texts_open(spec, &c->texts, what) < 0)
+            return -1;
+        Py_ssize_t n = c->texts.n;
+        c->texts_at = PyMem_Malloc((n ? n : 1) * sizeof(Text));
+        if (!c->texts_at) {
+            PyErr_NoMemory();
+            return -1;
+        }
         for (Py_ssize_t i = 0; i < n; i++) {
             Text t;
-            if (text_of(PyList_GET_ITEM(spec, i), &t, what, i) < 0)
+            if (texts_get(&c->texts, i, &t, what) < 0)
                 return -1;
+            c->texts_at[i] = t;
             if (t.nchars > c->width)
                 c->width = t.nchars;
             c->extra += t.nbytes - t.nchars;
@@ -419,13 +543,19 @@ column_open(PyObject *spec, Column *c, Py_ssize_t *n_out, char *what)
     c->kind = COL_INT;
     if (ints_open(spec, &c->ints, what) < 0)
         return -1;
+    i128 lo = 0, hi = 0;  /* the longest text is the smallest's or the largest's (as ops._columns_table has it) */
     for (Py_ssize_t i = 0; i < c->ints.n; i++) {
         i128 v;
         if (ints_get(&c->ints, i, &v, what) < 0)
             return -1;
-        Py_ssize_t w = int_len(v);
-        if (w > c->width)
-            c->width = w;
+        if (i == 0 || v < lo)
+            lo = v;
+        if (i == 0 || v > hi)
+            hi = v;
+    }
+    if (c->ints.n) {
+        Py_ssize_t a = int_len(lo), b = int_len(hi);
+        c->width = a > b ? a : b;
     }
     *n_out = c->ints.n;
     return 0;
@@ -490,8 +620,8 @@ tablefmt_table(PyObject *self, PyObject *args)
     (void)self;
     PyObject *header, *columns;
     Py_ssize_t left;
-    int headers;
-    if (!PyArg_ParseTuple(args, "OOnp:table", &header, &columns, &left, &headers))
+    int headers, as_text = 0;
+    if (!PyArg_ParseTuple(args, "OOnp|p:table", &header, &columns, &left, &headers, &as_text))
         return NULL;
     if (!PyList_Check(header) && !PyTuple_Check(header)) {
         PyErr_SetString(PyExc_TypeError, "table: header must be a list or tuple of str");
@@ -508,7 +638,7 @@ tablefmt_table(PyObject *self, PyObject *args)
         return NULL;
     }
     if (ncols == 0)
-        return PyBytes_FromStringAndSize("", 0);
+        return as_text ? PyUnicode_FromStringAndSize("", 0) : PyBytes_FromStringAndSize("", 0);
     Py_ssize_t n = -1, opened = 0;
     Column *cols = PyMem_Calloc((size_t)ncols, sizeof(Column));
     Text *heads = PyMem_Calloc((size_t)ncols, sizeof(Text));
@@ -535,7 +665,7 @@ tablefmt_table(PyObject *self, PyObject *args)
             cols[j].width = heads[j].nchars;
     }
     if (n == 0 && !headers) {
-        out = PyBytes_FromStringAndSize("", 0);
+        out = as_text ? PyUnicode_FromStringAndSize("", 0) : PyBytes_FromStringAndSize("", 0);
         goto fail;  /* (cleanup) */
     }
     /* the last column holds strings: every line right-stripped (an empty list counts as strings) */
@@ -548,11 +678,13 @@ tablefmt_table(PyObject *self, PyObject *args)
     if (headers)
         for (Py_ssize_t j = 0; j < ncols; j++)
             total += (size_t)(heads[j].nbytes - heads[j].nchars);
+    /* no cell has a byte past ASCII: a str is written in place (no bytes to decode) */
+    int ascii_text = as_text && total == 0;
     total += line * (size_t)(n + (headers ? 1 : 0));
-    out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
+    out = ascii_text ? PyUnicode_New((Py_ssize_t)total, 127) : PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
     if (!out)
         goto fail;
-    char *base = PyBytes_AS_STRING(out), *p = base;
+    char *base = ascii_text ? (char *)PyUnicode_1BYTE_DATA(out) : PyBytes_AS_STRING(out), *p = base;
     if (headers) {
         char *ls = p;
         for (Py_ssize_t j = 0; j < ncols; j++) {
@@ -587,19 +719,9 @@ tablefmt_table(PyObject *self, PyObject *args)
                 Text *t = &c->cells[c->at[i]];
                 p = put_text(p, t->utf8, t->nbytes, c->width - t->nchars, lj);
             } else {
-                Text t;
-                /* (the list may not have changed: nothing ran Python code since it was measured, except
-                 * a flag's __bool__ for a list of flags, checked again here) */
-                if (i >= PyList_GET_SIZE(c->list)) {
-                    PyErr_SetString(PyExc_RuntimeError, "table: a column changed while it was written");
-                    goto fail;
-                }
-                if (text_of(PyList_GET_ITEM(c->list, i), &t, "table", i) < 0)
-                    goto fail;
+                Text t = c->texts_at[i];
                 if (c->kind == COL_SUFFIX) {
-                    int f;
-                    if (flag_at(c, i, &f) < 0)
-                        goto fail;
+                    int f = c->flag[i];
                     Py_ssize_t w = t.nchars + (f ? c->suffix.nchars : 0);
                     if (w > c->width) {
                         PyErr_SetString(PyExc_RuntimeError, "table: a column changed while it was written");
@@ -637,8 +759,19 @@ tablefmt_table(PyObject *self, PyObject *args)
         column_free(&cols[j]);
     PyMem_Free(cols);
     PyMem_Free(heads);
+    if (ascii_text) {
+        *p = 0;
+        if (PyUnicode_Resize(&out, p - base) < 0)
+            return NULL;
+        return out;
+    }
     if (_PyBytes_Resize(&out, p - base) < 0)
         return NULL;
+    if (as_text) {
+        PyObject *text = PyUnicode_DecodeUTF8(PyBytes_AS_STRING(out), PyBytes_GET_SIZE(out), "strict");
+        Py_DECREF(out);
+        return text;
+    }
     return out;
 fail:
     if (cols)
@@ -698,7 +831,7 @@ fail:
 
 static PyMethodDef methods[] = {
     {"table", tablefmt_table, METH_VARARGS,
-     "table(header, columns, left, headers) -> bytes: the UTF-8 text table of the columns (see the module)."},
+     "table(header, columns, left, headers, as_text=False) -> bytes or str: the text table of the columns."},
     {"distinct", tablefmt_distinct, METH_O,
      "distinct(values) -> list[int]: the distinct values of a list of int or 8-byte integer buffer, in order."},
     {NULL, NULL, 0, NULL},

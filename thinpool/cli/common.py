@@ -124,20 +124,30 @@ def emit(result: Any, as_json: bool, render: Callable[[Any], str] | None = None)
         click.echo(text, nl=not text.endswith("\n"))
 
 
-def echo_utf8(data: bytes) -> None:
-    """``click.echo(data.decode())`` of UTF-8 text, written as bytes to stdout's buffer when that is
-    the same: stdout encodes UTF-8 and the text holds no escape character (click strips ANSI escape
-    sequences from text it writes to anything but a terminal, and not from bytes)."""
+def echo_text(text: str) -> None:
+    """``click.echo(text)``, its UTF-8 bytes written to stdout's buffer when that is the same: stdout
+    encodes UTF-8, and the text holds no escape character (click strips ANSI escape sequences from
+    text it writes to anything but a terminal, not from bytes) and no lone surrogate (a large table
+    goes out without the text layer's encoding step and its line scan)."""
     import codecs
     encoding = getattr(sys.stdout, "encoding", None) or ""
     try:
         utf8 = codecs.lookup(encoding).name == "utf-8"
     except LookupError:
         utf8 = False
-    if utf8 and b"\x1b" not in data:
-        click.echo(data)
-    else:
-        click.echo(data.decode("utf-8"))
+    if utf8 and "\x1b" not in text:
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError:
+            pass
+        else:  # (what click.echo does with bytes, without joining the newline to a copy of them)
+            sys.stdout.flush()
+            out = click.get_binary_stream("stdout")
+            out.write(data)
+            out.write(b"\n")
+            out.flush()
+            return
+    click.echo(text)
 
 
 def stderr_is_tty() -> bool:

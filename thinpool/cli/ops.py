@@ -354,18 +354,23 @@ def volume_columns_json(columns: dict[str, list[Any]]) -> str:
 
 def op_ls(pool: Any, fields: list[str] | None = None, headers: bool = True,
           metadata_snap: bool = False, as_json: bool = False, usage: bool = False,
-          columns: bool = False) -> dict[str, Any]:
+          columns: bool = False, table: bool = False) -> dict[str, Any]:
     """List volumes.
 
     Without ``fields``: thinpool's view (``volumes``: name, dev id, size, mapped blocks and bytes,
     times -- all from the device table; with ``usage`` also exclusive/shared blocks and bytes and the
     highest mapped block, which walk every volume's mappings).  ``columns`` (without ``usage``): the
     same as ``columns``, one list per key (:func:`volume_rows` turns them into the rows), built
-    without an object per volume.  With ``fields`` (thin_ls field names) or ``metadata_snap``:
+    without an object per volume; ``table`` (without ``usage``): the table :func:`render_volume_columns`
+    writes of them (``headers`` or not) as ``text``.  With ``fields`` (thin_ls field names) or ``metadata_snap``:
     exactly thin_ls's output for the pool's (or its held snapshot's) metadata as ``text``, plus
     ``rows`` when ``as_json``.
     """
     if fields is None and not metadata_snap:
+        if table and not usage:
+            from .tables import pool_table
+            text = pool_table(pool, headers)  # (compiled; None: written in Python)
+            return {"text": render_volume_columns(_volume_columns(pool), headers, False) if text is None else text}
         if columns and not usage:
             return {"columns": _volume_columns(pool)}
         return {"volumes": _volume_rows(pool, usage)}

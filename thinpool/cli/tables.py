@@ -45,8 +45,24 @@ def volume_table(columns: Mapping[str, Any], headers: bool = True, block_size: i
     as UTF-8 bytes, or None when the Python renderer must write it (see the module docstring).
 
     The integer columns may be lists or buffers of 8-byte integers (a device table's fields as they
-    are stored); ``read_only`` a list or a bytes-like object of 0/1.  With ``block_size``, MAPPED is
-    ``mapped_blocks`` x ``block_size`` (a columns without ``mapped_bytes``)."""
+    are stored); ``read_only`` a list or a bytes-like object of 0/1; ``name`` a list of str or
+    ``("utf8", blob, starts, lengths)`` (:meth:`thinpool.devtable.DeviceTable.volume_columns` with
+    ``buffers``).  With ``block_size``, MAPPED is ``mapped_blocks`` x ``block_size`` (columns without
+    ``mapped_bytes``)."""
+    out = _volume_table(columns, headers, block_size, False)
+    assert out is None or isinstance(out, bytes)
+    return out
+
+
+def volume_table_text(columns: Mapping[str, Any], headers: bool = True, block_size: int | None = None) -> str | None:
+    """:func:`volume_table` as a str (made in place when the table is ASCII: no bytes decoded)."""
+    out = _volume_table(columns, headers, block_size, True)
+    assert out is None or isinstance(out, str)
+    return out
+
+
+def _volume_table(columns: Mapping[str, Any], headers: bool, block_size: int | None,
+                  as_text: bool) -> bytes | str | None:
     if _tablefmt is None:
         return None
     from thinpool.units import format_size
@@ -70,9 +86,27 @@ def volume_table(columns: Mapping[str, Any], headers: bool = True, block_size: i
         header.append("EXTERNAL_ORIGIN")
         cols.append(["-" if o is None else o for o in origins])
     try:
-        return _tablefmt.table(header, cols, 1, headers)
+        out: bytes | str = _tablefmt.table(header, cols, 1, headers, as_text)
+        return out
     except (UnicodeEncodeError, OverflowError):
         return None
 
 
-__all__ = ["compiled", "volume_table"]
+def pool_table(pool: Any, headers: bool = True) -> str | None:
+    """The volume table of an open pool or device table (``thinpool ls``) as a str, its fields handed
+    to the compiled formatter as the device table stores them (no list per field); None when the
+    Python renderer must write it (see the module docstring)."""
+    if _tablefmt is None or not hasattr(pool, "volume_columns"):
+        return None
+    cols = pool.volume_columns(buffers=True)
+    try:
+        if "external_origin" in cols:
+            cols["external_origin"] = [o["path"] if o is not None else None for o in cols["external_origin"]]
+        return volume_table_text(cols, headers, block_size=pool.block_size)
+    finally:  # (views of the device table: released before anything may change it)
+        for col in cols.values():
+            if isinstance(col, memoryview):
+                col.release()
+
+
+__all__ = ["compiled", "pool_table", "volume_table", "volume_table_text"]

@@ -6,11 +6,10 @@ import inspect
 
 import click
 
-from .common import CommandFn, IntRange, SIZE, abspath, echo_utf8, emit, json_option, pool_argument
+from .common import CommandFn, IntRange, SIZE, abspath, echo_text, emit, json_option, pool_argument
 from . import stream_ops  # noqa: F401  (registers write, read, import, export)
-from .ops import render_volume_columns, render_volumes, volume_columns_json
+from .ops import render_volumes, volume_columns_json
 from .registry import OPS, run_op
-from .tables import volume_table
 
 SECTION = "Volume commands"
 
@@ -141,16 +140,12 @@ def ls_cmd(pool: str, fields: str | None, no_headers: bool, metadata_snap: bool,
     """
     if fields is None and not metadata_snap:
         if not usage:  # columns: no object per volume (100,000 volumes list in a fraction of a second)
-            cols = run_op(pool, "ls", {"columns": True})["columns"]
-            if not as_json:
-                data = volume_table(cols, headers=not no_headers)  # (compiled; None: the Python renderer)
-                if data is not None:
-                    if data:
-                        echo_utf8(data)
-                    return
-            text = volume_columns_json(cols) if as_json else render_volume_columns(cols, not no_headers, False)
-            if text or as_json:
-                click.echo(text)
+            if not as_json:  # (the table made where the pool is open: see thinpool.cli.tables)
+                text = run_op(pool, "ls", {"table": True, "headers": not no_headers})["text"]
+                if text:
+                    echo_text(text)
+                return
+            click.echo(volume_columns_json(run_op(pool, "ls", {"columns": True})["columns"]))
             return
         result = run_op(pool, "ls", {"usage": True})
         if as_json:
