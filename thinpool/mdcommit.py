@@ -166,7 +166,8 @@ class MetadataCommit(MetadataSpace):
             raise HostIOError(f"{self.path}: {self.failed}", errno.EIO, self.path)
 
     def commit(self, arrays: dict[str, Any], header: dict[str, Any], *, tail: bool = False,
-               hints: dict[str, int] | None = None, before_write: Callable[[], None] | None = None,
+               hints: dict[str, int] | Callable[[], dict[str, int]] | None = None,
+               before_write: Callable[[], None] | None = None,
                while_flushing: Callable[[], None] | None = None) -> None:
         """Write the dirty pages of ``arrays`` (:class:`PagedArray` or :class:`PageUpdates`; arrays not
         named keep their committed pages) and a new superblock carrying ``header``; atomic.
@@ -174,7 +175,9 @@ class MetadataCommit(MetadataSpace):
         ``tail=True`` allows a *tail commit* (see :meth:`_tail_start`) for a caller that commits a few
         pages once and goes: it skips building the block-state map of the whole file.  ``hints``: values
         the caller knows of the state it commits (e.g. ``dev_id_max``), stored with it and read back by
-        :meth:`hint`; the store adds its own ``metadata_top``.  ``before_write``: called once the pages
+        :meth:`hint`, or a function returning them (called once the pages are written, while their
+        write-back runs: the superblock's part of a commit is made then); the store adds its own
+        ``metadata_top``.  ``before_write``: called once the pages
         are made, before the first of them is written (the pool flushes its data
         file there: data durable before any metadata write); if it raises, nothing is written and the
         store is as before the call.  ``while_flushing``: called once the superblock is written and its
@@ -201,14 +204,12 @@ class MetadataCommit(MetadataSpace):
         try:
             if self._tail is None:
                 self._reserve_run(self._blocks_wanted(arrays))
-            pages_count = {k: int(v) for k, v in self.header.get("pages", {}).items()}
             np = sys.modules.get("numpy")
             changed: list[tuple[str, array, list[int]]] = []  # arrays whose locations change
             released: list[int] = []  # the locations of the few-page arrays' pages this commit replaces
             few: list[tuple[array, list[int], Any]] = []  # (locations, live dirty pages, array): placed below
             for name, pa in arrays.items():
                 npages = pa.npages
-                pages_count[name] = npages
                 old = new_locs.get(name)
                 asked = pa.dirty
                 if old is not None and len(old) == npages:
@@ -272,9 +273,16 @@ class MetadataCommit(MetadataSpace):
             blocks = self._allocate(ndir)
             crcs = self._write_pages(dir_pages, blocks)
             dir_locs = [b << 32 | c for b, c in zip(blocks, crcs)]
-            # every page is made before anything is written; the superblock's bytes are made while the
-            # pages' write-back runs (below)
-            header = dict(header)
+            # every page is made before anything is written; what only the superblock needs -- the
+            # block-state map once the commit is durable, the header, the superblock's bytes -- is
+            # made while the pages' write-back runs (below)
+            runs = self._queued_runs()
+            if before_write is not None:
+                before_write()  # (the data file's flush: nothing of the commit is written before it)
+            self._write_runs(runs)
+            if START_WRITEBACK and self.io.fdatasync is os.fdatasync:  # (a substituted flush: the tests' model)
+                start_writeback(self.fd, 0, 0)  # (the file's dirty pages: the runs just written)
+            header = dict(header)  # (the rest of this block runs while their I/O does)
             if "held" in self.header:
                 header["held"] = self.header["held"]
             committed: bytearray | None
@@ -287,16 +295,14 @@ class MetadataCommit(MetadataSpace):
                 used = int(self.header["metadata_used_blocks"]) + (self._tail - tail_first) - \
                     self._tail_released
                 top = self._tail - 1  # every block a tail commit takes lies above the old top
+            pages_count = {k: int(v) for k, v in self.header.get("pages", {}).items()}
+            for name, pa in arrays.items():
+                pages_count[name] = pa.npages
             header.update(directory=dir_locs, directory_bytes=len(directory), pages=pages_count,
                           metadata_used_blocks=used)
-            header[HINTS] = {**(hints or {}), "generation": self.generation + 1, "metadata_top": top}
-            runs = self._queued_runs()
-            if before_write is not None:
-                before_write()  # (the data file's flush: nothing of the commit is written before it)
-            self._write_runs(runs)
-            if START_WRITEBACK and self.io.fdatasync is os.fdatasync:  # (a substituted flush: the tests' model)
-                start_writeback(self.fd, 0, 0)  # (the file's dirty pages: the runs just written)
-            raw = self._superblock_bytes(self.generation + 1, header)  # (while their I/O runs)
+            known_hints = hints() if callable(hints) else hints
+            header[HINTS] = {**(known_hints or {}), "generation": self.generation + 1, "metadata_top": top}
+            raw = self._superblock_bytes(self.generation + 1, header)
             self.sync()
             floor_next: list[tuple[Any, int, int] | None] = []
             window = None

@@ -325,7 +325,7 @@ class Transactions:
                 # the first is written (the floor's order: data, pages, superblock); the superblock is made
                 # while the pages' write-back runs, and the commit's bookkeeping runs while the
                 # superblock's does (mdcommit.START_WRITEBACK)
-                self._store.commit(arrays, self._header, hints=self._hints(), before_write=self._before_write,
+                self._store.commit(arrays, self._header, hints=self._hints, before_write=self._before_write,
                                    while_flushing=self._committed_in_memory)
             except BaseException:
                 self._end_data_flush()  # (a commit that failed before the store ended the flush)

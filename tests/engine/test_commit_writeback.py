@@ -156,3 +156,59 @@ def test_failed_superblock_flush_after_the_bookkeeping_fails_the_commit_and_the_
         assert v.read(0, 4096) == b"a" * 4096
         assert v.read(65536, 4096) in (b"b" * 4096, bytes(4096))
         assert pool.check().ok
+
+
+class _Logged(mdstore.FileIO):
+    """The store's write path, logging its calls (pwrite of pages or superblock, fdatasync)."""
+
+    log: list[str] = []
+
+    @staticmethod
+    def pwrite(fd: int, data, offset: int) -> int:
+        _Logged.log.append("superblock" if offset < SUPERBLOCKS * BLOCK else "pages")
+        return os.pwrite(fd, data, offset)
+
+    @staticmethod
+    def fdatasync(fd: int) -> None:
+        _Logged.log.append("flush")
+        os.fdatasync(fd)
+
+
+def test_kernel_rule_superblock_made_after_the_pages_are_written_and_before_their_flush(tmp_path, monkeypatch):
+    """What only the superblock needs -- the block-state map once the commit is durable and the
+    device hints it records -- is made after the pages' write and before their flush (while their
+    write-back runs), not before the first write; the order of the writes and flushes stays the
+    kernel's (pages, flush, superblock, flush), and the superblock records the hints and the block
+    counts a reopen reads back."""
+    from thinpool import mdspace
+    path = str(tmp_path / "p")
+    with Pool.create(path, data_size="64MiB") as pool:
+        v = pool.create_thin("v", "8MiB")
+        pool.commit()
+        monkeypatch.setattr(_Logged, "log", [])
+        pool._store.io = _Logged()
+        real_state = mdspace.MetadataSpace._commit_state
+
+        def commit_state(self, free_before):
+            _Logged.log.append("block states")
+            return real_state(self, free_before)
+        monkeypatch.setattr(mdspace.MetadataSpace, "_commit_state", commit_state)
+        real_hints = pool._hints
+
+        def hints() -> dict[str, int]:
+            _Logged.log.append("hints")
+            return real_hints()
+        pool._hints = hints  # type: ignore[method-assign]
+        for i in range(3):
+            v.write(i * 65536, bytes([i + 1]) * 4096)
+            _Logged.log.clear()
+            pool.commit()
+            assert _Logged.log == ["pages", "block states", "hints", "flush", "superblock", "flush"], _Logged.log
+        store = pool._store
+        top, used, nr_thins = store.hint("metadata_top"), store.used_blocks(), store.hint("nr_thins")
+        pool._store.io = mdstore.FileIO()
+    with Pool.open(path) as pool:
+        st = pool._store
+        assert (st.hint("metadata_top"), st.header["metadata_used_blocks"], st.hint("nr_thins")) == (top, used, 1)
+        assert nr_thins == 1
+        assert pool.thin("v").read(2 * 65536, 4096) == bytes([3]) * 4096
