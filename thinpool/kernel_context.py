@@ -64,8 +64,8 @@ class KernelContext:
     """
 
     __slots__ = ("pool", "lock", "keys", "slots", "names", "gone", "is_open", "readable", "devs_i", "devs_dirty", "st", "nodes_map", "space", "data",
-                 "one_io", "fast_write", "path", "active", "origins", "nospace", "_tab", "_tab_arrays", "_tab_st",
-                 "_tab_epoch", "locate_fn", "locate_read_fn", "write_one_fn", "faults_seen")
+                 "one_io", "fast_write", "path", "active", "origins", "nospace", "tab", "_tab_arrays", "_tab_st",
+                 "tab_epoch", "locate_read_fn", "write_bytes_fn", "faults_seen")
 
     def __init__(self, pool: "Pool") -> None:
         self.pool = pool
@@ -88,12 +88,14 @@ class KernelContext:
         self.space: Any = None
         self.data: Any = None
         self.nospace: Any = None
-        self._tab: Any = None
+        #: the kernel table :meth:`table` built last, and ``st[ST_EPOCH]`` then: the per-call entries
+        #: (``kernels.write_bytes``, ``locate_read``) take both and answer ``STALE_TABLE`` when the
+        #: epoch moved since (cheaper than calling :meth:`table` before each call)
+        self.tab: Any = None
+        self.tab_epoch = -1
         self._tab_arrays: tuple = ()
         self._tab_st: Any = None
-        self._tab_epoch = -1
-        self.locate_fn: Any = None  # kernels.locate compiled for this context's arrays (see bind_locate)
-        self.write_one_fn: Any = None  # the same for kernels.write_one
+        self.write_bytes_fn: Any = None  # kernels.write_bytes compiled for this context's arrays (bind_write_bytes)
         self.locate_read_fn: Any = None  # the same for kernels.locate_read
         #: faultguard.FAULTS[0] when this pool last looked (see fault_check)
         self.faults_seen = int(faultguard.FAULTS[0])
@@ -133,54 +135,46 @@ class KernelContext:
                 space: Any) -> None:
         """Take the pool's current arrays (after a reload or a device-table growth)."""
         self.devs_i, self.devs_dirty, self.st, self.nodes_map, self.space = devs_i, devs_dirty, st, nodes_map, space
-        # the device table's type may differ (read-only): bind again
-        self.locate_fn = self.locate_read_fn = self.write_one_fn = None
+        # the device table's type may differ (read-only): bind again (binding builds the table again:
+        # a table of the arrays before never reaches the bound entries)
+        self.locate_read_fn = self.write_bytes_fn = None
+        self.tab_epoch = -1
 
-    def bind_locate(self) -> Callable[..., int]:
-        """:func:`kernels.locate` compiled for exactly the argument types the per-call fast paths of
-        :mod:`thinpool.thin` pass -- this context's kernel table and device table, int64 scalars, a
-        bool -- as its compiled entry point, which skips the dispatcher's type resolution (about half
-        the cost of calling a kernel).  Only those fast paths call it, with exactly those types (offsets
-        and lengths bounded below 2**62); :meth:`refresh` unbinds it.  Each kernel is bound when first
-        needed, so a process that only reads never compiles ``write_one``."""
+    def bind_write_bytes(self) -> Callable[..., int]:
+        """:func:`kernels.write_bytes` compiled for exactly the argument types the per-call write of
+        ``bytes`` in :mod:`thinpool.thin` passes -- this context's kernel table (:attr:`tab`, with
+        :attr:`tab_epoch`) and device table, int64 scalars, a ``bytes`` object -- as its compiled entry
+        point, which skips the dispatcher's type resolution (about half the cost of calling a kernel).
+        Only that fast path calls it, with exactly those types (offsets bounded below 2**62);
+        :meth:`refresh` unbinds it, and binding builds the table afresh.  Each kernel is bound when
+        first needed, so a process that only reads never compiles it."""
         from numba import typeof, types
 
         from . import kernels
         tab, devs, i64 = typeof(self.table()), typeof(self.devs_i), types.int64
-        self.locate_fn = kernels.locate.compile((tab, devs, i64, i64, i64, types.boolean))
-        return self.locate_fn
+        self.write_bytes_fn = kernels.write_bytes.compile((tab, i64, devs, i64, typeof(b""), i64, i64, i64, i64))
+        return self.write_bytes_fn
 
     def bind_locate_read(self) -> Callable[..., int]:
-        """:func:`kernels.locate_read` bound as :meth:`bind_locate` binds ``locate`` (the data file's
-        descriptor an int64 too)."""
+        """:func:`kernels.locate_read` bound as :meth:`bind_write_bytes` binds ``write_bytes``, for
+        the per-call read's fast path (offsets, lengths and the data file's descriptor as int64)."""
         from numba import typeof, types
 
         from . import kernels
         tab, devs, i64 = typeof(self.table()), typeof(self.devs_i), types.int64
-        self.locate_read_fn = kernels.locate_read.compile((tab, devs, i64, i64, i64, i64))
+        self.locate_read_fn = kernels.locate_read.compile((tab, i64, devs, i64, i64, i64, i64))
         return self.locate_read_fn
-
-    def bind_write_one(self) -> Callable[..., tuple[int, int]]:
-        """:func:`kernels.write_one` bound as :meth:`bind_locate` binds ``locate``, for a read-only
-        uint8 buffer (a ``bytes``' view) and int64 scalars."""
-        from numba import typeof, types
-
-        from . import kernels
-        tab, devs, i64 = typeof(self.table()), typeof(self.devs_i), types.int64
-        self.write_one_fn = kernels.write_one.compile((tab, devs, i64, typeof(np.frombuffer(b"", np.uint8)), i64,
-                                                       i64, i64, i64))
-        return self.write_one_fn
 
     def table(self) -> np.ndarray:
         """(address, length) rows of the arrays :func:`kernels.write_one` / ``read_one`` use, rebuilt
         whenever one of them was reallocated (``st[ST_EPOCH]``) or the state was reloaded (a new ``st``)."""
         st = self.st
-        if self._tab_st is not st or self._tab_epoch != st.item(K.ST_EPOCH):  # item(): a Python int, fast
+        if self._tab_st is not st or self.tab_epoch != st.item(K.ST_EPOCH):  # item(): a Python int, fast
             nodes, space, scratch = self.nodes_map.nodes, self.space.arrays, self.data.scratch
-            self._tab = K.kernel_table(nodes, space, st, scratch)  # one row per array, by schema.KRow name
+            self.tab = K.kernel_table(nodes, space, st, scratch)  # one row per array, by schema.KRow name
             self._tab_arrays = nodes + space + (st, scratch)  # keeps every address in the table valid
-            self._tab_st, self._tab_epoch = st, int(st[K.ST_EPOCH])
-        return self._tab
+            self._tab_st, self.tab_epoch = st, int(st[K.ST_EPOCH])
+        return self.tab
 
     def slot(self, key: int, name: str) -> int:
         """The device-table slot of volume ``key``; NotFound naming ``name`` if it was deleted."""

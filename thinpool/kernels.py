@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 from numba import carray, njit, types
 from numba.core import cgutils
+from numba.core.imputils import impl_ret_borrowed
 from numba.extending import intrinsic
 
 from . import kernels_cache
@@ -27,7 +28,7 @@ from .schema import (DEV_FLAGS, DEV_MAPPED, DEV_ROOT, DEV_SIZE, DEV_SNAP_TIME, F
                      KROW_LEAF_FREE, KROW_LEAF_RC, KROW_LEAF_RC_DIRTY, KROW_LEAVES, KROW_RC_DIRTY, KROW_SCRATCH,
                      KROW_ST, LEAF_BITS, LEAF_ENTRIES, NEED_NODES, NO_SPACE, NONE, OK, ST_BLOCK_SIZE, ST_INNER_FREE,
                      ST_COW_BREAKS, ST_COW_PARTIAL, ST_LEAF_FREE, ST_NR_ALLOCATABLE, ST_PROVISIONED,
-                     ST_PROVISIONED_PARTIAL, ST_SIZE, ST_TIME, ST_ZERO_NEW, ST_DISCARD_PASSDOWN)
+                     ST_PROVISIONED_PARTIAL, ST_SIZE, ST_TIME, ST_ZERO_NEW, ST_DISCARD_PASSDOWN, ST_EPOCH)
 
 # libc's pwrite/pread, resolved by symbol name at link time (so cache=True still works): data writes
 # go to the data file with one system call per block segment instead of faulting mmap pages in.
@@ -44,6 +45,10 @@ END_OF_FILE = -101
 ORIGIN_ERROR = -102
 #: locate's answer for a read inside one unmapped block (it reads as zeroes without an external origin)
 HOLE = -103
+#: the per-call entries' answer (:func:`write_bytes`, :func:`locate_read`) when the kernel table they
+#: were handed is out of date -- an array was reallocated since it was built (``st[ST_EPOCH]`` moved):
+#: nothing done, the caller's general path builds the table again
+STALE_TABLE = -104
 
 _SOURCES_DIGEST = kernels_cache.sources_digest()
 
@@ -505,6 +510,39 @@ def write_one(tab, devs, slot, buf, fd, offset, ofd, osize):
                       osize), need
 
 
+#: the array type of a ``bytes`` object's bytes (``np.frombuffer(b"", np.uint8)``), which
+#: :func:`write_bytes` hands to :func:`write_one`
+_READ_ONLY_BYTES = types.Array(types.uint8, 1, "C", readonly=True)
+
+
+@intrinsic
+def _bytes_array(typingctx, data):
+    """A ``bytes`` object (numba's ``Bytes``) as the read-only uint8 array of its bytes, without a
+    copy: both types have the same native layout (numba's array model), so the value is the same."""
+    if not isinstance(data, types.Bytes) or data.dtype != types.uint8 or data.ndim != 1 or data.layout != "C":
+        return None
+    sig = _READ_ONLY_BYTES(data)
+
+    def codegen(context, builder, signature, args):
+        return impl_ret_borrowed(context, builder, signature.return_type, args[0])
+    return sig, codegen
+
+
+@njit(cache=True)
+def write_bytes(tab, epoch, devs, slot, data, fd, offset, ofd, osize):
+    """:func:`write_one` of a ``bytes`` object passed as it is, for the per-call ``Thin.write``: no
+    array is made of the bytes in Python (``np.frombuffer``: 0.3 us a call), and the code that runs is
+    :func:`write_one`'s for read-only uint8 arrays (the same as for a read-only array's bytes: one
+    compiled write path for both).  ``epoch``: ``st[ST_EPOCH]`` when ``tab`` was built -- if it
+    moved since (an array was reallocated), nothing is done and the answer is :data:`STALE_TABLE`.
+    Returns the data blocks the write allocated (>= 0: it is done) or write_one's negative code
+    (NEED_NODES, NO_SPACE, IO_ERROR, ORIGIN_ERROR, NOT_HANDLED: the caller's general path acts)."""
+    if _table_st(tab)[ST_EPOCH] != epoch:
+        return STALE_TABLE
+    code, need = write_one(tab, devs, slot, _bytes_array(data), fd, offset, ofd, osize)
+    return need if code == OK else code
+
+
 @njit(cache=True)
 def locate(tab, devs, slot, offset, n, write):
     """Where ``n`` (> 0) bytes at ``offset`` of the device in row ``slot`` of ``devs`` are in the data
@@ -531,13 +569,16 @@ def locate(tab, devs, slot, offset, n, write):
 
 
 @njit(cache=True)
-def locate_read(tab, devs, slot, offset, n, fd):
+def locate_read(tab, epoch, devs, slot, offset, n, fd):
     """:func:`locate` for a read whose bytes the caller then takes from the data file's memory map:
     the same answers, except that a mapped range the data file ``fd`` no longer holds (the file is
     shorter than its end: truncated under the pool by another program) is :data:`END_OF_FILE`
     instead of its offset -- the caller then reads with pread(2), which reports the error, where
     the map would raise SIGBUS.  One lseek(2) per mapped read; none when ``fd`` is -1 (the caller's
-    map is watched by :mod:`thinpool.faultguard`, which counts such a fault instead)."""
+    map is watched by :mod:`thinpool.faultguard`, which counts such a fault instead).  ``epoch``: as
+    :func:`write_bytes`' (:data:`STALE_TABLE` when ``tab`` is out of date)."""
+    if _table_st(tab)[ST_EPOCH] != epoch:
+        return STALE_TABLE
     pos = locate(tab, devs, slot, offset, n, False)
     if pos >= 0 and fd >= 0 and c_lseek(fd, 0, _SEEK_END) < pos + n:
         return END_OF_FILE

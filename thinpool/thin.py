@@ -8,7 +8,6 @@ public methods); it is bound to its volume's device id and creation generation, 
 
 from __future__ import annotations
 
-import os
 import types
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -23,6 +22,7 @@ from .batch_io import BatchOutcome, apply_io  # re-exported: callers import them
 from .errors import DataDeviceError, DiscardNotSupported, InvalidArgument, NoSpace, ReadOnly, ReadOnlyIO
 from .hostio import last_errno, libc
 from .io_checks import ORIGIN_ERROR, as_offsets, check_span, io_integer
+from .poollock import plain_acquire, plain_release
 from .schema import (DEV_CREATION_TIME, DEV_FLAGS, DEV_MAPPED, DEV_SIZE, DEV_SNAP_TIME, DEV_TRANSACTION,
                      FLAG_READ_ONLY, U64_MASK, Mode)
 from .thin_reads import _FAST_LIMIT, _NO_ORIGIN, ThinReads
@@ -228,41 +228,40 @@ class Thin(ThinReads):
         (:class:`~thinpool.errors.WaitCancelled`, nothing written)."""
         ctx = self._ctx
         if type(data) is bytes and type(offset) is int and 0 <= offset < _FAST_LIMIT:
-            # fast paths for bytes (writable pool), all under one hold of the lock: the kernels'
-            # compiled entries for exactly these argument types, without the dispatcher's type
-            # resolution.  An overwrite in place of one provisioned, unshared block: the kernel finds
-            # its place in the data file (checking the range, the block and the volume's read-only
-            # flag) and Python writes the bytes as they are.  Else one write_one call, which also
-            # checks the range and the read-only flag.  Anything unusual (out of range, read-only
-            # volume, no space, node growth, an I/O error) is redone or reported by the general path.
-            with ctx.lock:
+            # fast path for bytes (writable pool): one call of kernels.write_bytes' compiled entry for
+            # exactly these argument types (no dispatcher type resolution), the bytes passed as they
+            # are (no np.frombuffer), with the kernel table last built (the kernel answers STALE_TABLE
+            # if an array was reallocated since).  The kernel checks the range and the read-only flag,
+            # writes a provisioned, unshared block in place and provisions or breaks sharing as
+            # write_batch does.  Anything unusual (out of range, read-only volume, no space, node
+            # growth, an I/O error, a stale table) is redone or reported by the general path below.
+            # The pool lock is taken as the C lock it is while no compiled reader is registered
+            # (poollock.plain_acquire), else held as ``with lock`` holds it (PoolLock.hold_plain: the
+            # readers excluded, the generation moved).
+            lock = ctx.lock
+            plain_acquire(lock)
+            excluding = lock.readers
+            if excluding:
+                lock.hold_plain()
+            try:
                 slot = ctx.slots.get(self._key)
                 if slot is not None and ctx.fast_write:
-                    fd = ctx.data.fd
-                    n = len(data)
-                    tab = ctx.table()
-                    if ctx.origins.by_key:
-                        ofd, osize = ctx.origin(self._key)
-                    else:
-                        ofd, osize = _NO_ORIGIN
-                        if fd >= 0:
-                            pos = (ctx.locate_fn or ctx.bind_locate())(tab, ctx.devs_i, slot, offset, n, True)
-                            if pos >= 0:  # (a lost row of mapped metadata reads as holes: never a place)
-                                try:
-                                    if os.pwrite(fd, data, pos) == n:
-                                        return n
-                                except OSError:
-                                    pass  # write_one writes it again and reports the error
-                    code, need = (ctx.write_one_fn or ctx.bind_write_one())(tab, ctx.devs_i, slot,
-                                                                              np.frombuffer(data, _U8), fd, offset,
-                                                                              ofd, osize)
+                    ofd, osize = ctx.origin(self._key) if ctx.origins.by_key else _NO_ORIGIN
+                    # (the callee first: binding builds the table that ctx.tab then names)
+                    need = (ctx.write_bytes_fn or ctx.bind_write_bytes())(ctx.tab, ctx.tab_epoch, ctx.devs_i, slot,
+                                                                          data, ctx.data.fd, offset, ofd, osize)
                     if _fg.FAULTS[0] != ctx.faults_seen:
                         ctx.fault_check()
-                    if code == 0:  # OK
-                        if need:  # a rewrite of provisioned, unshared blocks changes no record
+                    if need >= 0:  # done; a rewrite of provisioned, unshared blocks changes no record
+                        if need:
                             ctx.devs_dirty.add(slot)
                             ctx.after_alloc()
-                        return n
+                        return len(data)
+            finally:
+                if excluding:
+                    lock.release()
+                else:
+                    plain_release(lock)
         if type(data) is bytes:
             buf = np.frombuffer(data, _U8)
         elif type(data) is np.ndarray and data.dtype is _U8 and data.ndim == 1 and data.flags.c_contiguous:

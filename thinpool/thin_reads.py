@@ -89,7 +89,8 @@ class ThinReads:
             # fast paths (open pool): the kernel checks the range, finds the block and checks that the
             # data file still holds it; one mapped block is sliced from the data file's memory map,
             # one unmapped block reads as zeroes (without an external origin), anything else -- a
-            # file too short included -- is one read_one_pread call or the general path
+            # file too short, a kernel table out of date included -- is one read_one_pread call or the
+            # general path
             lock = ctx.lock
             plain_acquire(lock)  # reads only, and only with no compiled reader registered (poollock)
             try:
@@ -97,8 +98,8 @@ class ThinReads:
                 if slot is not None and ctx.readable and not lock.readers:
                     data = ctx.data
                     if data.fd >= 0 and not ctx.origins.by_key:
-                        pos = (ctx.locate_read_fn or ctx.bind_locate_read())(ctx.table(), ctx.devs_i, slot, offset,
-                                                                              length, data.lseek_fd)
+                        pos = (ctx.locate_read_fn or ctx.bind_locate_read())(ctx.tab, ctx.tab_epoch, ctx.devs_i,
+                                                                              slot, offset, length, data.lseek_fd)
                         if pos >= 0:
                             got = data.mm[pos:pos + length]
                             if _fg.FAULTS[0] == ctx.faults_seen:
