@@ -6,20 +6,23 @@ from __future__ import annotations
 
 from typing import Any
 
-from thinpool import images, volume_bytes
-
 from .registry import register_op
+
+# (thinpool.images and thinpool.volume_bytes are imported by the ops that use them: the commands that
+# register these ops -- ls and snapshot among them -- never need them, about 3 ms of their start)
 
 
 def op_write(pool: Any, name: str, input: str = "-", offset: int = 0, length: int | None = None) -> dict[str, Any]:
     """Write the bytes of file ``input`` (``-``: stdin) into volume ``name`` at ``offset`` (at most
     ``length`` bytes; :func:`thinpool.volume_bytes.write_volume`)."""
+    from thinpool import volume_bytes
     return volume_bytes.write_volume(pool, name, input, offset, length)
 
 
 def op_read(pool: Any, name: str, output: str = "-", offset: int = 0, length: int | None = None) -> dict[str, Any]:
     """Copy ``length`` bytes (default: to the end) of volume ``name`` from ``offset`` to file ``output``
     (``-``: stdout; :func:`thinpool.volume_bytes.read_volume`)."""
+    from thinpool import volume_bytes
     return volume_bytes.read_volume(pool, name, output, offset, length)
 
 
@@ -28,6 +31,8 @@ def op_import(pool: Any, name: str, image: str, size: int | None = None, expect_
     """Import raw image file ``image`` (``-``: stdin) into volume ``name``, sparse-aware, creating it
     if needed, verified (``expect_size``, ``sha256``, ``allow_empty``) and all or nothing
     (:func:`thinpool.images.import_image`), with a progress bar on a terminal."""
+    from thinpool import images
+
     from .common import progress
     return images.import_image(pool, name, image, size, expect_size=expect_size, sha256=sha256,
                                allow_empty=allow_empty, progress=progress)
@@ -43,6 +48,8 @@ def render_import(r: dict[str, Any]) -> str:
 def op_export(pool: Any, name: str, output: str = "-") -> dict[str, Any]:
     """Export volume ``name`` as a raw image to ``output`` (``-``: stdout), sparse into a regular file
     (:func:`thinpool.images.export_image`), with a progress bar on a terminal."""
+    from thinpool import images
+
     from .common import progress
     return images.export_image(pool, name, output, progress=progress)
 
