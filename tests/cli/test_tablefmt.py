@@ -153,6 +153,39 @@ def test_bad_input_to_the_compiled_formatter_raises_a_python_error():
     assert fmt.table(["NAME", "DEV"], [[], []], 1, False) == b""
 
 
+def test_write_text_writes_every_byte_of_the_str_or_raises(tmp_path):
+    """`ls` writes its table straight from the str to stdout's descriptor: all of it (a pipe takes
+    64 KiB at a time), non-ASCII text as UTF-8; a closed pipe is BrokenPipeError, a bad descriptor
+    OSError, a lone surrogate UnicodeEncodeError, never a crash."""
+    fmt = _compiled()
+    import threading
+    text = ("ünï ✓ " + "x" * 97 + "\n") * 20000  # about 2 MB, more than a pipe holds
+    r, w = os.pipe()
+    got = []
+    reader = threading.Thread(target=lambda: got.append(b"".join(iter(lambda: os.read(r, 1 << 20), b""))))
+    reader.start()
+    fmt.write_text(w, text)
+    os.close(w)
+    reader.join()
+    os.close(r)
+    assert got == [text.encode("utf-8")]
+    r, w = os.pipe()
+    os.close(r)
+    with pytest.raises(BrokenPipeError):
+        fmt.write_text(w, "x")
+    os.close(w)
+    with pytest.raises(OSError):
+        fmt.write_text(w, "x")  # closed
+    f = tmp_path / "f"
+    with open(f, "wb") as out:
+        with pytest.raises(UnicodeEncodeError):
+            fmt.write_text(out.fileno(), "a\udc80")
+        with pytest.raises(TypeError):
+            fmt.write_text(out.fileno(), b"bytes")
+        fmt.write_text(out.fileno(), "")
+    assert f.read_bytes() == b""
+
+
 def test_cli_ls_prints_the_python_renderers_table(tmp_path):
     """`thinpool ls` (the compiled table written as bytes to stdout) prints what the Python renderer
     prints, with and without headers, with read-only volumes, odd names and an external origin; the

@@ -20,6 +20,10 @@
  *     lengths or values raise TypeError, ValueError, OverflowError or KeyError; a str that UTF-8
  *     cannot encode (a lone surrogate) raises UnicodeEncodeError.
  *
+ * write_text(fd, text)
+ *     The UTF-8 of str `text` written to file descriptor fd, all of it (an ASCII str's own bytes, no
+ *     encoded copy of a table of megabytes); OSError (BrokenPipeError for EPIPE) when a write fails.
+ *
  * distinct(values) -> list[int]
  *     The distinct values of a list of int or 8-byte integer buffer, in order of first appearance.
  *
@@ -29,7 +33,9 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <errno.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "../_utf8.h"
 
@@ -852,9 +858,44 @@ fail:
     return NULL;
 }
 
+/* write_text(fd, text): the UTF-8 of str `text` written to file descriptor fd, all of it (an ASCII
+ * str's own bytes: no encoded copy); OSError (BrokenPipeError for EPIPE) when a write fails */
+static PyObject *
+tablefmt_write_text(PyObject *self, PyObject *args)
+{
+    (void)self;
+    int fd;
+    PyObject *text;
+    if (!PyArg_ParseTuple(args, "iU:write_text", &fd, &text))
+        return NULL;
+    Py_ssize_t n;
+    const char *p = PyUnicode_AsUTF8AndSize(text, &n);
+    if (p == NULL)
+        return NULL;
+    while (n > 0) {
+        Py_ssize_t chunk = n > (1 << 30) ? (1 << 30) : n, done;
+        Py_BEGIN_ALLOW_THREADS
+        done = write(fd, p, (size_t)chunk);
+        Py_END_ALLOW_THREADS
+        if (done < 0) {
+            if (errno == EINTR) {
+                if (PyErr_CheckSignals() < 0)
+                    return NULL;
+                continue;
+            }
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+        p += done;
+        n -= done;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"table", tablefmt_table, METH_VARARGS,
      "table(header, columns, left, headers, as_text=False) -> bytes or str: the text table of the columns."},
+    {"write_text", tablefmt_write_text, METH_VARARGS,
+     "write_text(fd, text): the UTF-8 of str text written to file descriptor fd, all of it (no encoded copy)."},
     {"distinct", tablefmt_distinct, METH_O,
      "distinct(values) -> list[int]: the distinct values of a list of int or 8-byte integer buffer, in order."},
     {NULL, NULL, 0, NULL},

@@ -127,8 +127,10 @@ def emit(result: Any, as_json: bool, render: Callable[[Any], str] | None = None)
 def echo_text(text: str) -> None:
     """``click.echo(text)``, its UTF-8 bytes written to stdout's buffer when that is the same: stdout
     encodes UTF-8, and the text holds no escape character (click strips ANSI escape sequences from
-    text it writes to anything but a terminal, not from bytes) and no lone surrogate (a large table
-    goes out without the text layer's encoding step and its line scan)."""
+    text it writes to anything but a terminal, not from bytes) and no lone surrogate: a large table
+    goes out without the text layer's encoding step and its line scan, and with the compiled
+    formatter built (:func:`thinpool.cli.tables.write_text`), straight from the str to stdout's file
+    descriptor, no encoded copy of it."""
     import codecs
     encoding = getattr(sys.stdout, "encoding", None) or ""
     try:
@@ -136,12 +138,21 @@ def echo_text(text: str) -> None:
     except LookupError:
         utf8 = False
     if utf8 and "\x1b" not in text:
+        from .tables import write_text
         try:
+            fd = sys.stdout.fileno()
+        except (AttributeError, OSError, ValueError):  # (not a file: click's test runner, a StringIO)
+            fd = -1
+        try:
+            sys.stdout.flush()
+            if fd >= 0 and write_text(fd, text + "\n" if len(text) < 65536 else text):
+                if len(text) >= 65536:
+                    write_text(fd, "\n")
+                return
             data = text.encode("utf-8")
-        except UnicodeEncodeError:
+        except UnicodeEncodeError:  # (a lone surrogate: click's text stream reports it as it would)
             pass
         else:  # (what click.echo does with bytes, without joining the newline to a copy of them)
-            sys.stdout.flush()
             out = click.get_binary_stream("stdout")
             out.write(data)
             out.write(b"\n")

@@ -109,4 +109,14 @@ def pool_table(pool: Any, headers: bool = True) -> str | None:
                 col.release()
 
 
-__all__ = ["compiled", "pool_table", "volume_table", "volume_table_text"]
+def write_text(fd: int, text: str) -> bool:
+    """Write the UTF-8 of ``text`` to file descriptor ``fd``, all of it, straight from the str (no
+    encoded copy; OSError -- BrokenPipeError for EPIPE -- if a write fails, UnicodeEncodeError for a
+    lone surrogate); False, writing nothing, when the compiled formatter is not built."""
+    if _tablefmt is None:
+        return False
+    _tablefmt.write_text(fd, text)
+    return True
+
+
+__all__ = ["compiled", "pool_table", "volume_table", "volume_table_text", "write_text"]
