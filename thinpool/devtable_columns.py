@@ -42,7 +42,7 @@ class VolumeColumns:
     """:meth:`volume_columns` of :class:`~thinpool.devtable.DeviceTable` (see the module docstring)."""
 
     # the device table's state these methods use (set by DeviceTable)
-    _devs: bytearray
+    _devs: Any  # (an anonymous map, or an empty bytearray)
     _pending: dict[str, dict[str, Any]]
     _format2: bool
     if TYPE_CHECKING:  # DeviceTable's, declared here for the type checker only

@@ -178,3 +178,29 @@ def test_buffer_columns_list_what_the_list_columns_list(tmp_path):
             for col in bufs.values():
                 if isinstance(col, memoryview):
                     col.release()
+
+
+def test_device_table_grows_a_page_of_slots_past_its_last_one(tmp_path):
+    """The light table's records live in an anonymous map (no 6 MB of zeroing at every open); a
+    snapshot past its last slot adds a page of slots (a larger map, the records copied), and the pool
+    and the table then list every volume, ls's columns included."""
+    from thinpool.devtable import DEVS_PER_PAGE
+    with Pool.create(tmp_path / "p", data_size=64 * BS, metadata_only=True) as pool:
+        pool.create_thin("base", "1GiB")
+    with DeviceTable.open(tmp_path / "p", read_only=False) as table:
+        slots = len(table._devs) // 64
+        assert slots % DEVS_PER_PAGE == 0
+        with table.batch():
+            for i in range(slots + 3):
+                table.snapshot("base", f"s{i:04d}")
+        assert len(table._devs) // 64 == slots + DEVS_PER_PAGE
+    names = ["base"] + [f"s{i:04d}" for i in range(slots + 3)]
+    with Pool.open(tmp_path / "p") as pool:
+        assert sorted(t.name for t in pool.thins()) == names
+    with DeviceTable.open(tmp_path / "p") as table:
+        assert sorted(table.volume_columns()["name"]) == names
+        cols = table.volume_columns(buffers=True)
+        assert len(cols["dev_id"]) == len(names) and list(cols["dev_id"]) == sorted(cols["dev_id"])
+        for col in cols.values():
+            if isinstance(col, memoryview):
+                col.release()
