@@ -319,23 +319,25 @@ class NameIndex:
             slots.append(self.odd[odd_name])
         return out, slots
 
-    def name_rows(self, nrows: int) -> tuple[bytes, memoryview, memoryview] | None:
+    def name_rows(self, nrows: int, gather: Callable[[str, list[int]], Any] | None = None) -> bytes | None:
         """Every name by slot, when the slots are exactly 0..``nrows`` - 1 and every name is on the
-        committed pages (none odd, none read or changed since the open): ``(blob, starts, lengths)``,
-        slot s's name is the UTF-8 ``blob[starts[s]:starts[s] + lengths[s]]`` (int64 memoryviews), the
-        pages checked as :meth:`columns` checks them (MetadataCorrupt) -- one C call over the pages,
-        no str per name (``thinpool/_lscols.c``).  None otherwise, or without the C extension."""
+        committed pages (none odd, none read or changed since the open): the UTF-8 names of slots 0,
+        1, ... separated by NUL, the pages checked as :meth:`columns` checks them (MetadataCorrupt) --
+        one C call over the pages, no str per name (``thinpool/_lscols.c``).  None otherwise, or
+        without the C extension.  ``gather(array, pages)``, if given, reads the pages into one buffer
+        of whole pages in that order (the store's ``gather_into``: no copy per page)."""
         if _lscols is None or self.odd or self._cache or self.dirty or self._read is None:
             return None
-        raw = self._read(INDEX, self.pages) if self.pages else {}
+        if gather is not None:
+            pages: Any = gather(INDEX, self.pages) if self.pages else b""
+        else:
+            raw = self._read(INDEX, self.pages) if self.pages else {}
+            pages = [raw[p] for p in self.pages]
         try:
-            got = _lscols.name_rows([raw[p] for p in self.pages], self.pages, nrows)
+            got = _lscols.name_rows(pages, self.pages, nrows)
         except ValueError as e:
             raise MetadataCorrupt(str(e), structure=INDEX) from None
-        if got is None:
-            return None
-        blob, starts, lengths = got
-        return blob, memoryview(starts).cast("q"), memoryview(lengths).cast("q")
+        return got
 
     def updates(self) -> PageUpdates:
         """The changed pages of ``names`` for a commit."""

@@ -15,11 +15,13 @@ from operator import itemgetter
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from .mdpages import BLOCK
 from .schema import (DEV_CREATION_TIME, DEV_FIELDS, DEV_ID, DEV_MAPPED, DEV_RECORD, DEV_SIZE, DEV_SNAP_TIME,
                      DEV_TRANSACTION, U64_MASK, DevFlag)
 
 if TYPE_CHECKING:
     from . import catalog as cat_format
+    from .mdstore import MetadataStore
 
 _lscols: ModuleType | None
 try:  # C loops for ``ls`` (optional: built by the install when a C compiler is there)
@@ -45,6 +47,7 @@ class VolumeColumns:
     _devs: Any  # (an anonymous map, or an empty bytearray)
     _pending: dict[str, dict[str, Any]]
     _format2: bool
+    store: MetadataStore
     if TYPE_CHECKING:  # DeviceTable's, declared here for the type checker only
         @property
         def _stored(self) -> cat_format.StoredCatalog: ...
@@ -62,8 +65,8 @@ class VolumeColumns:
         fill the first slots in device-id order, the integer columns are memoryviews of the table's
         int64 fields (``transaction`` as stored: signed; release them before changing the table,
         which cannot grow while they are held), ``read_only`` is bytes of 0/1, and ``name`` is
-        ``("utf8", blob, starts, lengths)`` when the C loops are built, for a reader in C
-        (:mod:`thinpool.cli.tables`)."""
+        ``("nul", blob, n)`` (the names by slot, NUL-separated) when the C loops are built, for a
+        reader in C (:mod:`thinpool.cli.tables`)."""
         self._check_open()
         if buffers and not self._pending:
             fast = self._buffer_columns()
@@ -109,18 +112,24 @@ class VolumeColumns:
 
     def _buffer_columns(self) -> dict[str, Any] | None:
         """:meth:`volume_columns` with ``buffers`` in one C pass over the name index (``name`` as
-        ``("utf8", blob, starts, lengths)``, see :meth:`thinpool.catalog_index.NameIndex.name_rows`),
+        ``("nul", blob, n)``, see :meth:`thinpool.catalog_index.NameIndex.name_rows`),
         when the volumes fill the first slots in device-id order; None otherwise."""
         used = self._in_use()  # (every page read)
         n = used.count(1)
         if used[:n].count(1) != n or not self._format2 or _lscols is None:
             return None
-        rows = self._stored.index.name_rows(n)
+        rows = self._stored.index.name_rows(n, self._gather_pages)
         q = memoryview(self._devs)[:n * DEV_RECORD.size].cast("q")
         if rows is None or not _lscols.ascending(q[DEV_ID::len(DEV_FIELDS)]):
             return None
-        return self._columns_of(q, len(DEV_FIELDS), ("utf8", *rows), slice(0, len(q)), q[DEV_ID::len(DEV_FIELDS)],
+        return self._columns_of(q, len(DEV_FIELDS), ("nul", rows, n), slice(0, len(q)), q[DEV_ID::len(DEV_FIELDS)],
                                 True)
+
+    def _gather_pages(self, array: str, pages: list[int]) -> bytearray:
+        """The committed pages ``pages`` of ``array``, read and verified into one buffer in that order."""
+        out = bytearray(len(pages) * BLOCK)
+        self.store.gather_into(array, pages, out, range(len(pages)))
+        return out
 
     def _columns_of(self, q: memoryview, width: int, names: Any, rows: slice,
                     dev_ids: Any, buffers: bool = False) -> dict[str, Any]:

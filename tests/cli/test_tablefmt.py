@@ -79,6 +79,10 @@ def test_compiled_volume_table_is_the_python_renderers_byte_for_byte(cols, heade
                     **{k: _q(cols[k]) for k in ("dev_id", "size", "mapped_blocks", "creation_time", "snap_time")})
         del bufs["mapped_bytes"]
         assert tables.volume_table(bufs, headers, block_size=BS) == got
+        if not any("\0" in n for n in cols["name"]):  # the names as ls's C loops give them
+            nul = dict(bufs, name=("nul", "\0".join(cols["name"]).encode(), len(cols["name"])))
+            assert tables.volume_table(nul, headers, block_size=BS) == got
+            assert tables.volume_table_text(nul, headers, block_size=BS) == want
     assert ops.render_volume_columns(cols, headers) == want
 
 
@@ -135,6 +139,16 @@ def test_bad_input_to_the_compiled_formatter_raises_a_python_error():
         (([1], [[1]], 0, True), TypeError),                      # header not str
         (("AB", [[1]], 0, True), TypeError),
         ((["A"], [["x\udc80"]], 0, True), UnicodeEncodeError),
+        ((["A"], [("nul", b"a\0b", 3)], 0, True), ValueError),   # fewer cells than n
+        ((["A"], [("nul", b"a\0b\0c", 2)], 0, True), ValueError),
+        ((["A"], [("nul", b"a", 0)], 0, True), ValueError),
+        ((["A"], [("nul", b"a", -1)], 0, True), ValueError),
+        ((["A"], [("nul", b"a\xff", 1)], 0, True), ValueError),   # not UTF-8
+        ((["A"], [("nul", b"\xed\xa0\x80", 1)], 0, True), ValueError),  # an encoded surrogate
+        ((["A"], [("nul", "text", 1)], 0, True), TypeError),
+        ((["A"], [("nul", b"a", "1")], 0, True), TypeError),
+        ((["A", "B"], [("nul", b"a\0b", 2), [1]], 0, True), ValueError),
+        ((["A"], [("suffix", ("nul", b"a\0b", 2), b"\x01", " (ro)")], 0, True), ValueError),
     ]
     for args, exc in cases:
         with pytest.raises(exc):
@@ -151,6 +165,10 @@ def test_bad_input_to_the_compiled_formatter_raises_a_python_error():
     assert fmt.table([], [], 0, True) == b""
     assert fmt.table(["NAME", "DEV"], [[], []], 1, True) == b"NAME  DEV"
     assert fmt.table(["NAME", "DEV"], [[], []], 1, False) == b""
+    assert fmt.table(["N", "X"], [("nul", "é\0\0b".encode(), 3), [1, 22, 3]], 1, True, True) == \
+        "N   X\né   1\n   22\nb   3"
+    assert fmt.table(["N"], [("suffix", ("nul", b"a\0bb", 2), b"\x00\x01", "*")], 1, False) == b"a\nbb*"
+    assert fmt.table(["N"], [("nul", b"", 0)], 1, True) == b"N"
 
 
 def test_write_text_writes_every_byte_of_the_str_or_raises(tmp_path):

@@ -7,14 +7,13 @@
  *     line right-stripped, and every line right-stripped (str.rstrip: Unicode whitespace) when the
  *     last column holds strings.  A column is one of
  *       - a list of str;
- *       - ("utf8", blob, starts, lengths): cell i is the UTF-8 text blob[starts[i]:starts[i] + lengths[i]]
- *         (blob a bytes-like object, starts and lengths lists of int or 8-byte integer buffers; the
- *         text must be valid UTF-8 and lie inside the blob);
+ *       - ("nul", blob, n): the n cells are the UTF-8 texts of the bytes-like blob separated by NUL
+ *         (thinpool._lscols.name_rows' names by slot), valid UTF-8, exactly n of them;
  *       - a list of int, or a 1-D buffer of 8-byte integers (format q, Q, l, L, n or N, any stride,
  *         e.g. a strided memoryview of a device table): printed as %d prints them;
  *       - ("map", values, keys, cells): values (a list of int or such a buffer) each printed as the
  *         str in `cells` at the index of its value in `keys` (a list of distinct ints);
- *       - ("suffix", cells, flags, suffix): cells (a list of str or a "utf8" tuple), each followed by the str `suffix` where
+ *       - ("suffix", cells, flags, suffix): cells (a list of str or a "nul" tuple), each followed by the str `suffix` where
  *         the matching item of `flags` (a list of int/bool, or a bytes-like object) is true.
  *     Integers must lie in [-2**63, 2**64); every column must have the same length.  Wrong types,
  *     lengths or values raise TypeError, ValueError, OverflowError or KeyError; a str that UTF-8
@@ -210,12 +209,13 @@ text_of(PyObject *s, Text *t, const char *what, Py_ssize_t i)
     return 0;
 }
 
-/* a column of text cells: a list of str, or ("utf8", blob, starts, lengths) */
+/* a column of text cells: a list of str, or ("nul", blob, n), read in row order */
 typedef struct {
     PyObject *list;      /* borrowed; NULL for a blob */
     Py_buffer blob;
     int has_blob;
-    IntSource starts, lens;
+    Py_ssize_t pos;      /* the blob's next cell starts here ... */
+    Py_ssize_t next;     /* ... and is this row's */
     Py_ssize_t n;
 } TextSource;
 
@@ -225,14 +225,12 @@ texts_release(TextSource *t)
     if (t->has_blob)
         PyBuffer_Release(&t->blob);
     t->has_blob = 0;
-    ints_release(&t->starts);
-    ints_release(&t->lens);
 }
 
 static int
-is_tagged(PyObject *spec, const char *tag)
+is_tagged3(PyObject *spec, const char *tag)
 {
-    if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) != 4)
+    if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) != 3)
         return 0;
     PyObject *t = PyTuple_GET_ITEM(spec, 0);
     return PyUnicode_Check(t) && PyUnicode_CompareWithASCIIString(t, tag) == 0;
@@ -247,21 +245,20 @@ texts_open(PyObject *obj, TextSource *t, const char *what)
         t->n = PyList_GET_SIZE(obj);
         return 0;
     }
-    if (!is_tagged(obj, "utf8")) {
-        PyErr_Format(PyExc_TypeError, "%s: text cells must be a list of str or (\"utf8\", blob, starts, lengths)",
-                     what);
+    if (!is_tagged3(obj, "nul")) {
+        PyErr_Format(PyExc_TypeError, "%s: text cells must be a list of str or (\"nul\", blob, n)", what);
         return -1;
     }
+    t->n = PyLong_AsSsize_t(PyTuple_GET_ITEM(obj, 2));
+    if (t->n == -1 && PyErr_Occurred())
+        return -1;
     if (PyObject_GetBuffer(PyTuple_GET_ITEM(obj, 1), &t->blob, PyBUF_SIMPLE) < 0)
         return -1;
     t->has_blob = 1;
-    if (ints_open(PyTuple_GET_ITEM(obj, 2), &t->starts, what) < 0 || ints_open(PyTuple_GET_ITEM(obj, 3), &t->lens, what) < 0)
-        return -1;
-    if (t->starts.n != t->lens.n) {
-        PyErr_Format(PyExc_ValueError, "%s: %zd starts and %zd lengths", what, t->starts.n, t->lens.n);
+    if (t->n < 0 || (t->n == 0 && t->blob.len != 0)) {
+        PyErr_Format(PyExc_ValueError, "%s: a blob of %zd bytes does not hold %zd cells", what, t->blob.len, t->n);
         return -1;
     }
-    t->n = t->starts.n;
     return 0;
 }
 
@@ -275,15 +272,22 @@ texts_get(TextSource *t, Py_ssize_t i, Text *out, const char *what)
         }
         return text_of(PyList_GET_ITEM(t->list, i), out, what, i);
     }
-    i128 a, k;
-    if (ints_get(&t->starts, i, &a, what) < 0 || ints_get(&t->lens, i, &k, what) < 0)
-        return -1;
-    if (a < 0 || k < 0 || a + k > (i128)t->blob.len) {
-        PyErr_Format(PyExc_ValueError, "%s: cell %zd lies outside its blob", what, i);
+    if (i == 0)
+        t->pos = t->next = 0;
+    if (i != t->next || i >= t->n) {
+        PyErr_Format(PyExc_SystemError, "%s: a blob's cells are read in order", what);
         return -1;
     }
-    const unsigned char *s = (const unsigned char *)t->blob.buf + (Py_ssize_t)a;
-    Py_ssize_t nb = (Py_ssize_t)k, nc = 0, j = 0;
+    const unsigned char *base = (const unsigned char *)t->blob.buf, *s = base + t->pos;
+    Py_ssize_t left = t->blob.len - t->pos;
+    const unsigned char *z = left > 0 ? memchr(s, 0, (size_t)left) : NULL;
+    Py_ssize_t nb = z ? z - s : left, nc = 0, j = 0;
+    if ((i + 1 < t->n) != (z != NULL)) {
+        PyErr_Format(PyExc_ValueError, "%s: the blob does not hold %zd cells separated by NUL", what, t->n);
+        return -1;
+    }
+    t->pos += nb + 1;
+    t->next = i + 1;
     uint64_t high = 0;  /* ASCII (the usual name) checked eight bytes a step */
     for (; j + 8 <= nb; j += 8) {
         uint64_t w;
@@ -375,12 +379,12 @@ typedef struct {
     IntSource ints;        /* COL_INT, COL_MAP: the values */
     Text *cells;           /* COL_MAP: the distinct cells */
     Py_ssize_t ncells;
-    Py_ssize_t *at;        /* COL_MAP: each row's cell */
+    unsigned char *at8;    /* COL_MAP: each row's cell, with at most 256 cells ... */
+    uint32_t *at32;        /* ... or more */
     IntSource flags;       /* COL_SUFFIX: list or bytes-like (has_view -> bytes) */
     int flags_bytes;
     Py_buffer flag_view;
     Text suffix;
-    Text *texts_at;        /* COL_STR, COL_SUFFIX: each row's cell, measured once */
     unsigned char *flag;   /* COL_SUFFIX: each row's flag */
     Py_ssize_t width;      /* in code points */
     Py_ssize_t extra;      /* sum over rows of (utf-8 bytes - code points) */
@@ -395,12 +399,12 @@ column_free(Column *c)
         PyBuffer_Release(&c->flag_view);
     c->flags_bytes = 0;
     PyMem_Free(c->cells);
-    PyMem_Free(c->at);
-    PyMem_Free(c->texts_at);
+    PyMem_Free(c->at8);
+    PyMem_Free(c->at32);
     PyMem_Free(c->flag);
     c->cells = NULL;
-    c->at = NULL;
-    c->texts_at = NULL;
+    c->at8 = NULL;
+    c->at32 = NULL;
     c->flag = NULL;
 }
 
@@ -447,8 +451,15 @@ column_open(PyObject *spec, Column *c, Py_ssize_t *n_out, char *what)
             Py_ssize_t nk = PyList_GET_SIZE(keys), n = c->ints.n;
             c->ncells = nk;
             c->cells = PyMem_Malloc((nk ? nk : 1) * sizeof(Text));
-            c->at = PyMem_Malloc((n ? n : 1) * sizeof(Py_ssize_t));
-            if (!c->cells || !c->at) {
+            if (nk > (Py_ssize_t)UINT32_MAX) {
+                PyErr_Format(PyExc_ValueError, "%s: a map column has too many keys", what);
+                return -1;
+            }
+            if (nk <= 256)
+                c->at8 = PyMem_Malloc(n ? n : 1);
+            else
+                c->at32 = PyMem_Malloc((n ? n : 1) * sizeof(uint32_t));
+            if (!c->cells || (!c->at8 && !c->at32)) {
                 PyErr_NoMemory();
                 return -1;
             }
@@ -479,7 +490,10 @@ column_open(PyObject *spec, Column *c, Py_ssize_t *n_out, char *what)
                     goto done;
                 }
                 Text *t = &c->cells[m.idx[h]];
-                c->at[i] = m.idx[h];
+                if (c->at8)
+                    c->at8[i] = (unsigned char)m.idx[h];
+                else
+                    c->at32[i] = (uint32_t)m.idx[h];
                 if (t->nchars > c->width)
                     c->width = t->nchars;
                 c->extra += t->nbytes - t->nchars;
@@ -512,9 +526,8 @@ column_open(PyObject *spec, Column *c, Py_ssize_t *n_out, char *what)
                 PyErr_Format(PyExc_ValueError, "%s: a suffix column has %zd cells and %zd flags", what, n, nf);
                 return -1;
             }
-            c->texts_at = PyMem_Malloc((n ? n : 1) * sizeof(Text));
             c->flag = PyMem_Malloc(n ? n : 1);
-            if (!c->texts_at || !c->flag) {
+            if (!c->flag) {
                 PyErr_NoMemory();
                 return -1;
             }
@@ -531,7 +544,6 @@ column_open(PyObject *spec, Column *c, Py_ssize_t *n_out, char *what)
                 int f = c->flag[i];
                 if (texts_get(&c->texts, i, &t, what) < 0)
                     return -1;
-                c->texts_at[i] = t;
                 Py_ssize_t w = t.nchars + (f ? c->suffix.nchars : 0);
                 if (w > c->width)
                     c->width = w;
@@ -540,9 +552,9 @@ column_open(PyObject *spec, Column *c, Py_ssize_t *n_out, char *what)
             *n_out = n;
             return 0;
         }
-        if (!is_tagged(spec, "utf8")) {
+        if (!is_tagged3(spec, "nul")) {
             PyErr_Format(PyExc_TypeError, "%s: a tuple column must be (\"map\", values, keys, cells), "
-                         "(\"suffix\", cells, flags, suffix) or (\"utf8\", blob, starts, lengths)", what);
+                         "(\"suffix\", cells, flags, suffix) or (\"nul\", blob, n)", what);
             return -1;
         }
     }
@@ -552,16 +564,10 @@ column_open(PyObject *spec, Column *c, Py_ssize_t *n_out, char *what)
         if (texts_open(spec, &c->texts, what) < 0)
             return -1;
         Py_ssize_t n = c->texts.n;
-        c->texts_at = PyMem_Malloc((n ? n : 1) * sizeof(Text));
-        if (!c->texts_at) {
-            PyErr_NoMemory();
-            return -1;
-        }
         for (Py_ssize_t i = 0; i < n; i++) {
             Text t;
             if (texts_get(&c->texts, i, &t, what) < 0)
                 return -1;
-            c->texts_at[i] = t;
             if (t.nchars > c->width)
                 c->width = t.nchars;
             c->extra += t.nbytes - t.nchars;
@@ -745,10 +751,14 @@ tablefmt_table(PyObject *self, PyObject *args)
                 }
                 p = put_text(p, s, k, c->width - k, lj);
             } else if (c->kind == COL_MAP) {
-                Text *t = &c->cells[c->at[i]];
+                Text *t = &c->cells[c->at8 ? (Py_ssize_t)c->at8[i] : (Py_ssize_t)c->at32[i]];
                 p = put_text(p, t->utf8, t->nbytes, c->width - t->nchars, lj);
             } else {
-                Text t = c->texts_at[i];
+                Text t;
+                /* (measured again: no Python code has run since -- the flags were read first -- so a
+                 * list's str are those measured; a blob's cells are read in order) */
+                if (texts_get(&c->texts, i, &t, "table") < 0)
+                    goto fail;
                 if (c->kind == COL_SUFFIX) {
                     int f = c->flag[i];
                     Py_ssize_t w = t.nchars + (f ? c->suffix.nchars : 0);

@@ -46,7 +46,7 @@ def volume_table(columns: Mapping[str, Any], headers: bool = True, block_size: i
 
     The integer columns may be lists or buffers of 8-byte integers (a device table's fields as they
     are stored); ``read_only`` a list or a bytes-like object of 0/1; ``name`` a list of str or
-    ``("utf8", blob, starts, lengths)`` (:meth:`thinpool.devtable.DeviceTable.volume_columns` with
+    ``("nul", blob, n)`` (:meth:`thinpool.devtable.DeviceTable.volume_columns` with
     ``buffers``).  With ``block_size``, MAPPED is ``mapped_blocks`` x ``block_size`` (columns without
     ``mapped_bytes``)."""
     out = _volume_table(columns, headers, block_size, False)
