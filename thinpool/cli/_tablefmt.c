@@ -98,7 +98,7 @@ ints_release(IntSource *s)
 }
 
 /* value i of s into *out; -1 with an exception set on a bad item */
-static int
+static inline __attribute__((always_inline)) int
 ints_get(IntSource *s, Py_ssize_t i, i128 *out, const char *what)
 {
     if (s->kind == SRC_LIST) {
@@ -598,23 +598,36 @@ column_open(PyObject *spec, Column *c, Py_ssize_t *n_out, char *what)
 
 /* ------------------------------------------------------------------ writing */
 
-static char *
+static inline __attribute__((always_inline)) char *
 put_spaces(char *p, Py_ssize_t k)
 {
-    if (k > 0) {
+    if (k > 16) {
         memset(p, ' ', (size_t)k);
-        p += k;
+        return p + k;
     }
+    while (k-- > 0)  /* (a cell's padding is a few bytes: no call) */
+        *p++ = ' ';
     return p;
 }
 
-static char *
+static inline __attribute__((always_inline)) char *
+put_bytes(char *p, const char *s, Py_ssize_t n)
+{
+    if (n > 16) {
+        memcpy(p, s, (size_t)n);
+        return p + n;
+    }
+    while (n-- > 0)  /* (a cell is a few bytes: no call) */
+        *p++ = *s++;
+    return p;
+}
+
+static inline __attribute__((always_inline)) char *
 put_text(char *p, const char *s, Py_ssize_t nbytes, Py_ssize_t pad, int left)
 {
     if (!left)
         p = put_spaces(p, pad);
-    memcpy(p, s, (size_t)nbytes);
-    p += nbytes;
+    p = put_bytes(p, s, nbytes);
     if (left)
         p = put_spaces(p, pad);
     return p;
@@ -768,12 +781,9 @@ tablefmt_table(PyObject *self, PyObject *args)
                     }
                     if (!lj)
                         p = put_spaces(p, c->width - w);
-                    memcpy(p, t.utf8, (size_t)t.nbytes);
-                    p += t.nbytes;
-                    if (f) {
-                        memcpy(p, c->suffix.utf8, (size_t)c->suffix.nbytes);
-                        p += c->suffix.nbytes;
-                    }
+                    p = put_bytes(p, t.utf8, t.nbytes);
+                    if (f)
+                        p = put_bytes(p, c->suffix.utf8, c->suffix.nbytes);
                     if (lj)
                         p = put_spaces(p, c->width - w);
                 } else {
