@@ -520,8 +520,9 @@ built the device table's flag tables with enum
 operations (512 enum members, about 10 ms) and imported orjson (about 3 ms with zoneinfo; now imported
 when a catalog is written or a large one read).
 
-`ls` reads every index page and the whole device table and prints 100,000 lines (5.8 MB) from columns (a
-list per field built by C loops, one `%` template per line). Profiled in one process at load 4-5 (CPU
+Before the C extensions described at the end of this paragraph, `ls` read every index page and the whole
+device table and printed 100,000 lines (5.8 MB) from columns (a list per field built by C loops, one `%`
+template per line). Profiled in one process at load 4-5 (CPU
 time): the interpreter's start about 40 ms (what `python -c pass` costs), imports about 50 ms, the store's
 open and page maps 13 ms, the name index 25 ms (675 pages read, their names joined and decoded at once,
 their order checked across pages; the order check now compares with `operator.lt`, about 2 ms where
@@ -530,7 +531,7 @@ its first slots in device-id order, as here; a sort and reordering otherwise), t
 widths, taken from the distinct cells for SIZE and MAPPED, and the formatting of those two, about 20 ms;
 the 600,000 cells' `%` conversion about 50 ms: about 80 ns a cell, what one `%` over the whole table
 also takes). The 100,000 lines' own work is thus about three `python -c pass` by itself, and S10d
-stays about {v('S10d', 'cpu_ratio')}x of CPU. The
+stayed about {v('S10d', 'cpu_ratio')}x of CPU. The
 per-cell work has no cheaper form in the interpreter: an int's decimal text costs about 50 ns
 whichever way it is made (a `%` template per row, one `%` over a whole column, `repr` of the list,
 `map(str)`), 300,000 ints alone about 15 ms; a column-wise layout (each column formatted with one `%`,
@@ -539,24 +540,35 @@ row template (69 against 72 ms for the table, one run at load 5); numpy would fo
 a few ms but costs its import (48-66 ms here), and `status`/`ls`/`snapshot` are kept free of it. With
 the interpreter (36 ms), click and the command modules (about 25 ms) and the open (about 10 ms), 3x
 (108 ms) leaves under 40 ms for reading 100,000 names and formatting 600,000 cells: it needs the rows
-made by compiled code that the CLI can load without numba or numpy (a small C helper). That helper is now `thinpool/cli/_tablefmt.c` (`thinpool.cli._tablefmt`, built by `pip install`,
-optional: without it the table is written in Python as before; docs/dependencies.md): it takes the
-columns (lists, or buffers of the device table's 8-byte fields), the distinct SIZE and MAPPED cells
-(formatted once each by `units.format_size`) and the names, and returns the table's UTF-8 bytes, which
-`ls` writes to stdout's buffer (as text through click when stdout is not UTF-8 or the text holds an
-escape character, which click strips from text written to a pipe). The table takes about 13 ms from
-lists (one process, load 2): 1.6 ms the names, about 2 ms each integer column, 2.6 ms each SIZE/MAPPED
-column with its distinct values. The bytes are those of the Python renderer (tests/cli/test_tablefmt.py
-compares them over random tables: wide, combining and whitespace characters, read-only, external
-origins, sizes and integers to 2^64). Since then (05:30 UTC, load 1.9-2.0) ls is 169 ms against 83 ms
-for status and 37 ms for `python -c pass` (4.55x, CPU 4.58): what is left above status is reading the
-names (about 20 ms: 675 index pages, their names decoded into 100,000 str and their order checked) and
-the columns (about 30 ms more: the device table's fields turned into lists, `tolist` alone 15 ms), work
-that also wants to be done in C over the pages as they are read, not done. The CLI rows are now measured
-with the package byte-compiled (perf/scale.py runs `compileall` on the package the command imports,
-as `pip install` does): run from a source tree with `PYTHONDONTWRITEBYTECODE=1`, as here, every command
-compiled its modules from source at start (cProfile: 9 `compile` calls, 23 ms in `ls`), which an
-installed package never does.
+made by compiled code that the CLI can load without numba or numpy (a small C helper). That is
+now done, with two optional C extensions built by `pip install` (docs/dependencies.md; without them
+the same work is done in Python, as before). `thinpool/_lscols.c` reads the name index: the 675 pages,
+gathered into one buffer, checked as `catalog_index.py` checks them (counts, 1-1,024 bytes of valid
+UTF-8, strictly rising across pages: the same MetadataCorrupt messages, tests/engine/test_lscols.py
+compares both over random and damaged pages) and laid out by slot as one NUL-separated blob, no str
+per name (about 2.5 ms). The device table hands its int64 fields to the formatter as strided views
+(`DeviceTable.volume_columns(buffers=True)`), no list per field, and keeps its records in an anonymous
+map instead of a zeroed bytearray, so `status` and `snapshot` no longer fault in 6.4 MB they never read
+(about 5 ms of each). `thinpool/cli/_tablefmt.c` writes the table (about 6 ms): the SIZE and MAPPED
+cells formatted once per distinct value by `units.format_size`, the rest in C; the text is the Python
+renderer's byte for byte (tests/cli/test_tablefmt.py: random tables with wide, combining and whitespace
+characters, read-only volumes, external origins, integers to 2^64, headers on and off), made by the
+`ls` op where the pool is open (so a served pool answers with the same text) and written straight
+from the str to stdout's descriptor (through click's text stream when stdout is not a UTF-8 file or
+the text holds an escape character, which click strips from text written to a pipe). What is left of
+`ls` above `status` (a fresh process, load 2.5: about 25 ms) is mostly memory touched for the first
+time: the 6.4 MB device table read whole, 2.7 MB of index pages, the 5.8 MB table -- about 0.9 ms a MB
+of page faults on this machine, which gives no transparent huge pages to a process -- then the CRC-32C
+of 2,238 pages and the formatting. The CLI rows are measured with the package byte-compiled (perf/scale.py runs
+`compileall` on the package the command imports, as `pip install` does, and records whether the
+table formatter is built): run from a source tree with `PYTHONDONTWRITEBYTECODE=1`, as here, every
+command compiled its modules from source at start (cProfile: 9 `compile` calls, 23 ms in `ls`),
+which an installed package never does. Steps, `--only S10c,S10d,S10e` (status / ls / snapshot, wall
+ratio, CPU ratio in brackets): the Python table from source (04:57 UTC, load 1.1) 1.95 / 5.16 / 2.12;
+byte-compiled, the C table from Python lists (05:30 UTC, load 1.9-2.0) 2.23 / 4.55 (4.58) / 2.48; with
+the names, views and the anonymous map (05:58 UTC, load 1.9-2.2, two runs) 2.08 / 2.70 (2.72) / 2.33
+and 2.21 / 2.96 (2.96) / 2.80: `ls` 105-109 ms against 81 ms for `status` and 37-39 ms for `python -c
+pass`, inside 3x but not by much while the machine is shared.
 The wall ratios move with the load: a loaded machine stretches the 60-190 ms of `python -c pass` more
 than the longer commands, so the CPU ratios are the steadier figures. Runs this session (`--full`,
 status / ls / snapshot, CPU ratio and wall ratio): before the `ls` and C-library changes (load 6.1)
