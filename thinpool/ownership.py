@@ -26,7 +26,7 @@ import json
 import os
 import shutil
 import stat
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument
 
@@ -34,8 +34,7 @@ XATTR = "user.thinpool.owner"
 _NO_XATTR = {errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
 
 
-@dataclass(frozen=True)
-class Stamp:
+class Stamp(NamedTuple):
     """An owner stamp: the owning pool's uuid and (informational) directory at stamping time."""
 
     uuid: str
@@ -111,7 +110,7 @@ def write_raw(data_path: str, raw: bytes | None, fd: int | None = None) -> None:
             pass
         return
     st = os.fstat(fd) if fd is not None else os.stat(data_path)
-    rec = dict(_parse(raw).__dict__, dev=st.st_dev, ino=st.st_ino)
+    rec = dict(_parse(raw)._asdict(), dev=st.st_dev, ino=st.st_ino)
     tmp = f"{rec_path}.{os.getpid()}.tmp"
     # readable by whoever can read the data file, no more; never through a symlink
     fd_rec = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, st.st_mode & 0o666)
@@ -231,19 +230,27 @@ def check_new_data_file(data_path: str, *, force: bool = False, take_over: bool 
                             f"would punch its contents; use --force (force=True) to use it anyway")
 
 
-@dataclass
 class NewPoolFiles:
     """What creating a pool made, so a failed creation (create, restore, import-metadata, repair -o)
     removes exactly that: the pool directory's contents (it was empty or absent), the data file if
-    it did not exist, else its former size and owner stamp."""
+    it did not exist, else its former size and owner stamp.  (A plain class, not a dataclass: every
+    command that opens a pool imports this module, and a dataclass costs about half a millisecond to
+    make.)"""
 
-    pool_dir: str
-    made_dir: bool
-    data_path: str
-    data_existed: bool
-    data_size: int = 0
-    stamp_before: bytes | None = None
-    stamped: bool = False
+    def __init__(self, pool_dir: str, made_dir: bool, data_path: str, data_existed: bool, data_size: int = 0,
+                 stamp_before: bytes | None = None, stamped: bool = False) -> None:
+        self.pool_dir = pool_dir
+        self.made_dir = made_dir
+        self.data_path = data_path
+        self.data_existed = data_existed
+        self.data_size = data_size
+        self.stamp_before = stamp_before
+        self.stamped = stamped
+
+    def __repr__(self) -> str:
+        return (f"NewPoolFiles(pool_dir={self.pool_dir!r}, made_dir={self.made_dir!r}, data_path={self.data_path!r}, "
+                f"data_existed={self.data_existed!r}, data_size={self.data_size!r}, "
+                f"stamp_before={self.stamp_before!r}, stamped={self.stamped!r})")
 
     @classmethod
     def before(cls, pool_dir: str, data_path: str) -> "NewPoolFiles":

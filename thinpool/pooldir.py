@@ -23,7 +23,7 @@ import math
 import os
 import stat
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .errors import InvalidArgument, NotFound, PermissionDenied, PoolLocked
 
@@ -36,8 +36,7 @@ DIR_MODE = 0o700
 FILE_MODE = 0o600
 
 
-@dataclass
-class OpenDefaults:
+class OpenDefaults(NamedTuple):
     """Process-wide defaults for opening pools when a call does not say (the CLI sets them from
     ``thinpool --wait`` / ``--allow-foreign``; a library caller normally passes the arguments)."""
 
@@ -52,13 +51,13 @@ _defaults = OpenDefaults()
 
 def set_defaults(*, wait: float = 0.0, allow_foreign: bool = False) -> None:
     """Set the process-wide :class:`OpenDefaults` (used where ``wait`` / ``allow_foreign`` is None)."""
-    _defaults.wait = check_wait(wait)
-    _defaults.allow_foreign = bool(allow_foreign)
+    global _defaults
+    _defaults = OpenDefaults(check_wait(wait), bool(allow_foreign))
 
 
 def defaults() -> OpenDefaults:
-    """The current process-wide defaults (a copy)."""
-    return OpenDefaults(_defaults.wait, _defaults.allow_foreign)
+    """The current process-wide defaults."""
+    return _defaults
 
 
 def check_wait(wait: float | int | None) -> float:

@@ -30,8 +30,7 @@ import sys
 import tempfile
 import threading
 import weakref
-from dataclasses import dataclass
-from typing import IO, Any, Iterable, Iterator
+from typing import IO, Any, Iterable, Iterator, NamedTuple
 
 from .errors import HostIOError, InvalidArgument
 from .hostio import write_all
@@ -190,8 +189,7 @@ def _refuse_claimed_file(target: str, path: str, what: str) -> None:
         os.close(fd)  # closing drops the probe's lock
 
 
-@dataclass
-class Output:
+class Output(NamedTuple):
     """An output being written: ``file`` (binary), its ``fd``, and whether it is a regular file
     (written to a temporary file, renamed over ``path`` on success).  Write to a regular output through
     ``file`` or :meth:`pwrite_all`/:meth:`truncate`: every failure is a
