@@ -567,8 +567,12 @@ which an installed package never does. Steps, `--only S10c,S10d,S10e` (status / 
 ratio, CPU ratio in brackets): the Python table from source (04:57 UTC, load 1.1) 1.95 / 5.16 / 2.12;
 byte-compiled, the C table from Python lists (05:30 UTC, load 1.9-2.0) 2.23 / 4.55 (4.58) / 2.48; with
 the names, views and the anonymous map (05:58 UTC, load 1.9-2.2, two runs) 2.08 / 2.70 (2.72) / 2.33
-and 2.21 / 2.96 (2.96) / 2.80: `ls` 105-109 ms against 81 ms for `status` and 37-39 ms for `python -c
-pass`, inside 3x but not by much while the machine is shared.
+and 2.21 / 2.96 (2.96) / 2.80 (`ls` 105-109 ms against 81 ms for `status` and 37-39 ms for `python -c
+pass`); with no dataclass made at start either (the op table's `OpSpec`, `pooldir.OpenDefaults`,
+`ownership.Stamp` and `safe_output.Output` are NamedTuples, `ownership.NewPoolFiles` a plain class:
+five dataclasses and their module cost every light command about 4 ms) and the table's cells copied
+inline (06:04-06:05 UTC, load 1.7-1.9, two runs) 2.13 / 2.79 (2.80) / 2.29 and 1.91 / 2.41 (2.68) /
+2.11: `ls` 95-109 ms against 73-86 ms for `status` and 34-45 ms for `python -c pass`.
 The wall ratios move with the load: a loaded machine stretches the 60-190 ms of `python -c pass` more
 than the longer commands, so the CPU ratios are the steadier figures. Runs this session (`--full`,
 status / ls / snapshot, CPU ratio and wall ratio): before the `ls` and C-library changes (load 6.1)
