@@ -533,13 +533,21 @@ def write_bytes(tab, epoch, devs, slot, data, fd, offset, ofd, osize):
     """:func:`write_one` of a ``bytes`` object passed as it is, for the per-call ``Thin.write``: no
     array is made of the bytes in Python (``np.frombuffer``: 0.3 us a call), and the code that runs is
     :func:`write_one`'s for read-only uint8 arrays (the same as for a read-only array's bytes: one
-    compiled write path for both).  ``epoch``: ``st[ST_EPOCH]`` when ``tab`` was built -- if it
+    compiled write path for both), after :func:`locate` found no block to write in place.  ``epoch``: ``st[ST_EPOCH]`` when ``tab`` was built -- if it
     moved since (an array was reallocated), nothing is done and the answer is :data:`STALE_TABLE`.
     Returns the data blocks the write allocated (>= 0: it is done) or write_one's negative code
     (NEED_NODES, NO_SPACE, IO_ERROR, ORIGIN_ERROR, NOT_HANDLED: the caller's general path acts)."""
     if _table_st(tab)[ST_EPOCH] != epoch:
         return STALE_TABLE
-    code, need = write_one(tab, devs, slot, _bytes_array(data), fd, offset, ofd, osize)
+    buf = _bytes_array(data)
+    n = len(buf)
+    # an overwrite of one provisioned, unshared block first (the common case): one lookup and the
+    # write in place -- what write_one does for it, without its block count and second lookup; a
+    # failed write is written again by write_one, which reports it
+    pos = locate(tab, devs, slot, offset, n, True)
+    if pos >= 0 and (fd < 0 or pwrite_all(fd, buf, 0, n, pos)):
+        return 0
+    code, need = write_one(tab, devs, slot, buf, fd, offset, ofd, osize)
     return need if code == OK else code
 
 
