@@ -240,3 +240,28 @@ def test_cli_ls_prints_the_python_renderers_table(tmp_path):
             assert out == want.encode("utf-8")
             assert CliRunner().invoke(main, ["ls", str(path), *flags]).output == want
             assert ("EXTERNAL_ORIGIN" in want) == (not flags and path.name == "p") and "ro (ro)" in want
+
+
+def test_a_served_pool_answers_ls_with_the_same_table(tmp_path):
+    """`thinpool ls` asks the ls op for its table (``table``): a serving process (its full Pool, through
+    the control socket's request handler and the CLI's op table) answers with the text the light
+    path prints -- as JSON-able text, whatever made it."""
+    import json
+
+    from thinpool import Pool
+    from thinpool.cli.registry import op_table, run_op
+    from thinpool.control.server import handle_request
+    with Pool.create(tmp_path / "p", data_size=64 * BS, metadata_only=True) as pool:
+        pool.create_thin("base", "3GiB")
+        for name in ("ünï ✓", "日本語", "ro"):
+            pool.snapshot("base", name, read_only=name == "ro")
+    for headers in (True, False):
+        local = run_op(str(tmp_path / "p"), "ls", {"table": True, "headers": headers})["text"]
+        pool = Pool.open(tmp_path / "p", read_only=True)
+        try:
+            line = json.dumps({"op": "ls", "args": {"table": True, "headers": headers}}).encode()
+            reply = json.loads(handle_request(pool, op_table(), line))
+        finally:
+            pool.close(commit=False)
+        assert reply["ok"] and reply["result"]["text"] == local
+        assert local.startswith("NAME") == headers and "ro (ro)" in local
