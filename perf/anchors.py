@@ -535,7 +535,7 @@ side by side, min of 9 x 20,000 calls): `Thin.write` of bytes 2.76 us -> 2.06 us
 0.97 us; `Thin.read` 1.80 us -> 0.96 us against `os.pread` 0.72 us.  The pieces: numba's dispatcher resolves the type of every argument on each call
 (0.35-0.45 us for the 8 arguments of `write_one`, more than the kernel's own work besides the system call) --
 the bytes paths now call the compiled entry points bound once to their exact argument types
-(`KernelContext.bind_locate/bind_write_one`, 0.2 us); `np.frombuffer` of the bytes (0.35 us) -- an overwrite of one
+(`KernelContext.bind_locate/bind_write_one`, 0.2 us; since 2026-12-07 one entry, `bind_write_bytes`: see "Where the microseconds of one call go"); `np.frombuffer` of the bytes (0.35 us) -- an overwrite of one
 provisioned, unshared block is now located by a small kernel (`kernels.locate`) and written by `os.pwrite`
 from the bytes as given; for reads, a numpy scalar index for the size check (0.2-0.3 us) and `np.empty` +
 `tobytes` (0.3 us) -- the kernel checks the range and a one-block read is one slice of the data file's map
@@ -550,6 +550,43 @@ most (2.4 us -> 1.5-1.6 us of CPU per call at random offsets), overwrites 4.2 us
 nothing measurable (the kernel and the filesystem's allocation dominate).  The rows S1b/S2b/engine.1b
 (per call vs the Python loop in wall time) are info rows now: on this shared machine their wall-clock
 ratio moved by 2x between runs (S2b 0.44 once); P1/P2 judge the same comparison on CPU time.
+
+**Where the microseconds of one call go** (2026-12-07, after `Thin.write` of `bytes` became one compiled
+call).  One random 4 KiB overwrite as P2 makes them (5,000 blocks of a 16 GiB volume; CPU medians of 11 x
+5,000 calls in one process, load 1.7-1.9): `Thin.write` 3.21 us = the kernel `write_bytes` 2.37 us -- of
+which the `pwrite` of the 4 KiB at the same data-file offsets costs 1.83 alone (`os.pwrite`), the block-map
+lookup 0.30 alone (its leaves' cache misses: `kernels.locate`) and the call of a compiled entry point with
+these 9 arguments 0.24 (numba unboxing them; 0.06 with none) -- plus about 0.6 us of Python (the method
+call and its type checks, the lock, the volume's slot, the pool mode and external-origin checks, the fault
+counter, the result); with the kernel stubbed out `Thin.write` costs 1.08 us.  The peer, the `os.pwrite`
+loop at the volume offsets of a sparse file, 2.31 us (its file is sparser than the pool's data file, so
+each `pwrite` costs it more than at the data-file offsets).  A first write: `Thin.write` 8.4 us against the
+loop's 6.4 (medians of 5 runs on fresh pools; fastest 6.75 against 5.27): the kernel alone 6.7, of which
+its own work (lookup, allocation, the leaf, counters: measured without a data file) 0.6, the rest the
+`pwrite` into a hole the host filesystem allocates, as the loop's.  What changed: (1) every per-call write
+of `bytes` -- an overwrite in place and a first write alike -- is one call of `kernels.write_bytes` bound
+to its exact argument types (`KernelContext.bind_write_bytes`), where an overwrite was `kernels.locate` +
+`os.pwrite` and a first write `locate` (in vain) + `np.frombuffer` (0.3 us) + `write_one`: the bytes reach
+the kernel as they are (numba's `Bytes`; an intrinsic hands them to `write_one` as the read-only uint8
+array they already are in memory -- the same compiled `write_one` as for a read-only array, so a cold
+start compiles no second one, 2.9 s of CPU), and the kernel looks for a block to write in place first
+(`locate` + `pwrite_all`: one lookup; 2.46 -> 2.34 us for the kernel alone against going straight to
+`write_one`); (2) the pool lock is taken as the C lock it is (`poollock.plain_acquire`: 0.1 us against
+0.43-0.53 for `with lock`) while no compiled NBD reader is registered -- with one registered the write
+holds it as `with lock` would (`PoolLock.hold_plain`: the readers excluded, the generation moved); (3) the
+kernel table is handed over as last built, with the `st[ST_EPOCH]` it was built at (`KernelContext.tab`,
+`tab_epoch`; `refresh` unbinds the entries and binding builds it): the kernel answers `STALE_TABLE` when
+an array was reallocated since, and the general path builds it again -- where `KernelContext.table()`
+per call cost 0.11-0.2 us; the per-call read's `locate_read` takes it the same way.  Nothing checked before
+is skipped: types, range, read-only volume, pool mode, external origins, the fault counter, no space and
+node growth (the general path; `tests/engine/test_percall_fast_paths.py` compares the bytes path with the
+array and batch paths over random operations, errors and state after a reopen included).  In-process A/B
+of the code before and after (CPU medians of 9, load 1.6-3.7): first writes 8.14-8.42 -> 6.83 us (7.09-7.28
+before the locate-first step), overwrites 3.99-4.11 -> 3.41 us (3.67-3.70 before it); `--only P` alternated
+with the code before (before the locate-first step; load 2.0-2.5, four runs each): P1 0.74-0.81 against
+0.61-0.67, P2 0.71-0.81 against 0.57-0.64, P4 0.72-0.92 against 0.72-0.75.  What is left is the Python
+around the kernel and the lookup's cache misses; an overwrite now holds the GIL during its `pwrite` (as
+first writes always did), where `os.pwrite` released it.
 
 **Where the time of a commit goes.**  What a one-write commit writes (`tests/engine/test_commit_pages.py`
 checks it): a first write into a new leaf changes five arrays, one page each -- the leaf's pack page (the
