@@ -9,13 +9,18 @@ cd "$(dirname "$0")/.."
 tools="thin_check:thin-provisioning-tools thin_dump:thin-provisioning-tools qemu-img:qemu-utils
 qemu-io:qemu-utils qemu-nbd:qemu-utils nbdinfo:libnbd-bin nbdcopy:libnbd-bin nbdfuse:nbdfuse
 fio:fio fusermount3:fuse3 mkfs.ext4:e2fsprogs nbdkit:nbdkit strace:strace unshare:util-linux
-blkparse:blktrace losetup:mount blkdiscard:util-linux umoci:umoci skopeo:skopeo podman:podman"
+blkparse:blktrace losetup:mount blkdiscard:util-linux umoci:umoci skopeo:skopeo podman:podman gcc:gcc"
 # a real Debian rootfs image (tests/containers/test_real_image.py) only with THINPOOL_REAL_IMAGES=1
 if [ "${THINPOOL_REAL_IMAGES:-}" = 1 ]; then tools="$tools mmdebstrap:mmdebstrap"; fi
 missing=()
 for pair in $tools; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair##*:}")
 done
+# the C extensions (setup.py) are optional at install, but the tests need them under CI=true: a C
+# compiler (gcc above) and the interpreter's headers
+if ! python3 -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; then
+  missing+=(python3-dev)
+fi
 if [ ${#missing[@]} -gt 0 ]; then
   pkgs=$(printf '%s\n' "${missing[@]}" | sort -u | tr '\n' ' ')
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
