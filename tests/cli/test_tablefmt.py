@@ -204,6 +204,42 @@ def test_write_text_writes_every_byte_of_the_str_or_raises(tmp_path):
     assert f.read_bytes() == b""
 
 
+def test_table_to_a_file_descriptor_is_the_table_and_a_newline(tmp_path):
+    """`ls` streams its table to stdout's descriptor (fd): the bytes of the table and the newline
+    click.echo adds, through a buffer far smaller than the table; nothing for an empty table without
+    headers; nothing, and NotImplemented, when a cell holds an escape character (click strips ANSI
+    sequences from text written to a pipe, so the text path writes those); bad input writes nothing."""
+    fmt = _compiled()
+    n = 40000
+    cols = [[f"näme{i}" for i in range(n)], list(range(n)), ("map", [i % 3 for i in range(n)], [0, 1, 2], ["a", "bb", "ccc"])]
+    want = fmt.table(["NAME", "N", "M"], cols, 1, True) + b"\n"
+    assert len(want) > 3 << 18  # (more than the buffer: written in several pieces)
+    f = tmp_path / "out"
+    with open(f, "wb") as out:
+        assert fmt.table(["NAME", "N", "M"], cols, 1, True, False, out.fileno()) is None
+    assert f.read_bytes() == want
+    cases = [((["A"], [[]], 0, False), None, b""), ((["A", "B"], [[], []], 0, True), None, b"A  B\n"),
+             ((["A"], [["x", "\x1b[31mred"]], 0, True), NotImplemented, b""),
+             ((["A\x1b"], [[1]], 0, True), NotImplemented, b""),
+             ((["A"], [["x", "y\udc80"]], 0, True), UnicodeEncodeError, b""),
+             ((["A"], [[1, 1 << 64]], 0, True), OverflowError, b"")]
+    for args, result, data in cases:
+        with open(f, "wb") as out:
+            if isinstance(result, type):
+                with pytest.raises(result):
+                    fmt.table(*args, False, out.fileno())
+            else:
+                assert fmt.table(*args, False, out.fileno()) is result
+        assert f.read_bytes() == data, args
+    with pytest.raises(ValueError):
+        fmt.table(["A"], [[1]], 0, True, False, -5)
+    r, w = os.pipe()
+    os.close(r)
+    with pytest.raises(BrokenPipeError):
+        fmt.table(["A"], [[1]], 0, True, False, w)
+    os.close(w)
+
+
 def test_cli_ls_prints_the_python_renderers_table(tmp_path):
     """`thinpool ls` (the compiled table written as bytes to stdout) prints what the Python renderer
     prints, with and without headers, with read-only volumes, odd names and an external origin; the

@@ -1,6 +1,6 @@
 /* thinpool.cli._tablefmt: the CLI's text tables (`thinpool ls`) written in C.
  *
- * table(header, columns, left, headers, as_text=False) -> bytes (str with as_text)
+ * table(header, columns, left, headers, as_text=False, fd=-1) -> bytes (str with as_text; None with fd)
  *     The UTF-8 bytes (with as_text: the str, made in place when it is ASCII) of what thinpool.cli.ops._columns_table writes for the same cells: the columns
  *     right-justified (the first `left` left-justified) to the widest cell's length in code points
  *     (Python's len()), separated by two spaces, lines joined by "\n" (none at the end), the header
@@ -15,6 +15,10 @@
  *         str in `cells` at the index of its value in `keys` (a list of distinct ints);
  *       - ("suffix", cells, flags, suffix): cells (a list of str or a "nul" tuple), each followed by the str `suffix` where
  *         the matching item of `flags` (a list of int/bool, or a bytes-like object) is true.
+ *     With fd >= 0 the table and a final newline are written to that file descriptor instead, a
+ *     quarter of a megabyte at a time (no copy of the whole table in memory), after every cell was
+ *     checked: a bad cell writes nothing; NotImplemented, nothing written, when a cell holds an escape
+ *     character (click strips ANSI escape sequences from text it writes to a pipe: its text path then).
  *     Integers must lie in [-2**63, 2**64); every column must have the same length.  Wrong types,
  *     lengths or values raise TypeError, ValueError, OverflowError or KeyError; a str that UTF-8
  *     cannot encode (a lone surrogate) raises UnicodeEncodeError.
@@ -388,6 +392,8 @@ typedef struct {
     unsigned char *flag;   /* COL_SUFFIX: each row's flag */
     Py_ssize_t width;      /* in code points */
     Py_ssize_t extra;      /* sum over rows of (utf-8 bytes - code points) */
+    Py_ssize_t max_extra;  /* the most of a row's */
+    int has_esc;           /* a cell holds an escape character (0x1b) */
 } Column;
 
 static void
@@ -472,6 +478,8 @@ column_open(PyObject *spec, Column *c, Py_ssize_t *n_out, char *what)
                 i128 v;
                 if (ints_get(&ks, i, &v, what) < 0 || text_of(PyList_GET_ITEM(cells, i), &c->cells[i], what, i) < 0)
                     goto done;
+                if (memchr(c->cells[i].utf8, 0x1b, (size_t)c->cells[i].nbytes))
+                    c->has_esc = 1;
                 size_t h = map_slot(&m, v);
                 if (m.idx[h] != -1) {
                     PyErr_Format(PyExc_ValueError, "%s: a map column's keys repeat a value (key %zd)", what, i);
@@ -497,6 +505,8 @@ column_open(PyObject *spec, Column *c, Py_ssize_t *n_out, char *what)
                 if (t->nchars > c->width)
                     c->width = t->nchars;
                 c->extra += t->nbytes - t->nchars;
+                if (t->nbytes - t->nchars > c->max_extra)
+                    c->max_extra = t->nbytes - t->nchars;
             }
             rc = 0;
         done:
@@ -511,6 +521,8 @@ column_open(PyObject *spec, Column *c, Py_ssize_t *n_out, char *what)
                 return -1;
             if (text_of(PyTuple_GET_ITEM(spec, 3), &c->suffix, what, 3) < 0)
                 return -1;
+            if (memchr(c->suffix.utf8, 0x1b, (size_t)c->suffix.nbytes))
+                c->has_esc = 1;
             Py_ssize_t n = c->texts.n, nf;
             if (PyList_Check(flags)) {
                 c->flags.kind = SRC_LIST;
@@ -547,7 +559,12 @@ column_open(PyObject *spec, Column *c, Py_ssize_t *n_out, char *what)
                 Py_ssize_t w = t.nchars + (f ? c->suffix.nchars : 0);
                 if (w > c->width)
                     c->width = w;
-                c->extra += (t.nbytes - t.nchars) + (f ? c->suffix.nbytes - c->suffix.nchars : 0);
+                if (memchr(t.utf8, 0x1b, (size_t)t.nbytes))
+                    c->has_esc = 1;
+                Py_ssize_t e = (t.nbytes - t.nchars) + (f ? c->suffix.nbytes - c->suffix.nchars : 0);
+                c->extra += e;
+                if (e > c->max_extra)
+                    c->max_extra = e;
             }
             *n_out = n;
             return 0;
@@ -571,6 +588,10 @@ column_open(PyObject *spec, Column *c, Py_ssize_t *n_out, char *what)
             if (t.nchars > c->width)
                 c->width = t.nchars;
             c->extra += t.nbytes - t.nchars;
+            if (t.nbytes - t.nchars > c->max_extra)
+                c->max_extra = t.nbytes - t.nchars;
+            if (memchr(t.utf8, 0x1b, (size_t)t.nbytes))
+                c->has_esc = 1;
         }
         *n_out = n;
         return 0;
@@ -662,15 +683,43 @@ rstrip_utf8(char *start, char *end)
     return end;
 }
 
+/* write all of [s, s + n) to fd; -1 with OSError set (BrokenPipeError for EPIPE) */
+static int
+write_all_fd(int fd, const char *s, Py_ssize_t n)
+{
+    while (n > 0) {
+        Py_ssize_t chunk = n > (1 << 30) ? (1 << 30) : n, done;
+        Py_BEGIN_ALLOW_THREADS
+        done = write(fd, s, (size_t)chunk);
+        Py_END_ALLOW_THREADS
+        if (done < 0) {
+            if (errno == EINTR) {
+                if (PyErr_CheckSignals() < 0)
+                    return -1;
+                continue;
+            }
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+        s += done;
+        n -= done;
+    }
+    return 0;
+}
+
 static PyObject *
 tablefmt_table(PyObject *self, PyObject *args)
 {
     (void)self;
     PyObject *header, *columns;
     Py_ssize_t left;
-    int headers, as_text = 0;
-    if (!PyArg_ParseTuple(args, "OOnp|p:table", &header, &columns, &left, &headers, &as_text))
+    int headers, as_text = 0, fd = -1;
+    if (!PyArg_ParseTuple(args, "OOnp|pi:table", &header, &columns, &left, &headers, &as_text, &fd))
         return NULL;
+    if (fd < -1) {
+        PyErr_SetString(PyExc_ValueError, "table: fd must be a file descriptor (or -1)");
+        return NULL;
+    }
     if (!PyList_Check(header) && !PyTuple_Check(header)) {
         PyErr_SetString(PyExc_TypeError, "table: header must be a list or tuple of str");
         return NULL;
@@ -685,8 +734,11 @@ tablefmt_table(PyObject *self, PyObject *args)
                      ncols);
         return NULL;
     }
-    if (ncols == 0)
+    if (ncols == 0) {
+        if (fd >= 0)
+            Py_RETURN_NONE;
         return as_text ? PyUnicode_FromStringAndSize("", 0) : PyBytes_FromStringAndSize("", 0);
+    }
     Py_ssize_t n = -1, opened = 0;
     Column *cols = PyMem_Calloc((size_t)ncols, sizeof(Column));
     Text *heads = PyMem_Calloc((size_t)ncols, sizeof(Text));
@@ -713,8 +765,22 @@ tablefmt_table(PyObject *self, PyObject *args)
             cols[j].width = heads[j].nchars;
     }
     if (n == 0 && !headers) {
-        out = as_text ? PyUnicode_FromStringAndSize("", 0) : PyBytes_FromStringAndSize("", 0);
+        if (fd >= 0) {
+            out = Py_None;
+            Py_INCREF(out);
+        } else
+            out = as_text ? PyUnicode_FromStringAndSize("", 0) : PyBytes_FromStringAndSize("", 0);
         goto fail;  /* (cleanup) */
+    }
+    if (fd >= 0) {  /* click strips ANSI escape sequences from text written to a pipe: the caller's */
+        int esc = 0;
+        for (Py_ssize_t j = 0; j < ncols; j++)
+            esc |= cols[j].has_esc || (headers && memchr(heads[j].utf8, 0x1b, (size_t)heads[j].nbytes));
+        if (esc) {
+            out = Py_NotImplemented;
+            Py_INCREF(out);
+            goto fail;  /* (cleanup; nothing written) */
+        }
     }
     /* the last column holds strings: every line right-stripped (an empty list counts as strings) */
     int strip = cols[ncols - 1].kind != COL_INT || cols[ncols - 1].ints.n == 0;
@@ -727,9 +793,17 @@ tablefmt_table(PyObject *self, PyObject *args)
         for (Py_ssize_t j = 0; j < ncols; j++)
             total += (size_t)(heads[j].nbytes - heads[j].nchars);
     /* no cell has a byte past ASCII: a str is written in place (no bytes to decode) */
-    int ascii_text = as_text && total == 0;
+    int ascii_text = as_text && total == 0 && fd < 0;
+    /* to a file descriptor: through a buffer of whole lines, flushed when the longest line might not fit */
+    size_t maxline = line + 1, cap = 0;
+    for (Py_ssize_t j = 0; j < ncols; j++)
+        maxline += (size_t)cols[j].max_extra + (size_t)(heads[j].nbytes - heads[j].nchars);
     total += line * (size_t)(n + (headers ? 1 : 0));
-    out = ascii_text ? PyUnicode_New((Py_ssize_t)total, 127) : PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
+    if (fd >= 0) {
+        cap = maxline * 2 > (1 << 18) ? maxline * 2 : (1 << 18);
+        out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)cap);
+    } else
+        out = ascii_text ? PyUnicode_New((Py_ssize_t)total, 127) : PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
     if (!out)
         goto fail;
     char *base = ascii_text ? (char *)PyUnicode_1BYTE_DATA(out) : PyBytes_AS_STRING(out), *p = base;
@@ -746,6 +820,11 @@ tablefmt_table(PyObject *self, PyObject *args)
     }
     char num[48];
     for (Py_ssize_t i = 0; i < n; i++) {
+        if (fd >= 0 && cap - (size_t)(p - base) < maxline) {
+            if (write_all_fd(fd, base, p - base) < 0)
+                goto fail;
+            p = base;
+        }
         char *ls = p;
         for (Py_ssize_t j = 0; j < ncols; j++) {
             Column *c = &cols[j];
@@ -800,9 +879,22 @@ tablefmt_table(PyObject *self, PyObject *args)
         if (i + 1 < n)
             *p++ = '\n';
     }
-    if ((size_t)(p - base) > total) {  /* cannot happen: the sizes were measured above */
+    if ((size_t)(p - base) > (fd >= 0 ? cap : total)) {  /* cannot happen: the sizes were measured above */
         PyErr_SetString(PyExc_SystemError, "table: output overran its measured size");
         goto fail;
+    }
+    if (fd >= 0) {  /* the last line and its newline (as click.echo ends text) */
+        *p++ = '\n';
+        if (write_all_fd(fd, base, p - base) < 0)
+            goto fail;
+        Py_DECREF(out);
+        out = Py_None;
+        Py_INCREF(out);
+        for (Py_ssize_t j = 0; j < opened; j++)
+            column_free(&cols[j]);
+        PyMem_Free(cols);
+        PyMem_Free(heads);
+        return out;
     }
     for (Py_ssize_t j = 0; j < opened; j++)
         column_free(&cols[j]);
@@ -913,7 +1005,7 @@ tablefmt_write_text(PyObject *self, PyObject *args)
 
 static PyMethodDef methods[] = {
     {"table", tablefmt_table, METH_VARARGS,
-     "table(header, columns, left, headers, as_text=False) -> bytes or str: the text table of the columns."},
+     "table(header, columns, left, headers, as_text=False, fd=-1) -> bytes, str or None: the text table."},
     {"write_text", tablefmt_write_text, METH_VARARGS,
      "write_text(fd, text): the UTF-8 of str text written to file descriptor fd, all of it (no encoded copy)."},
     {"distinct", tablefmt_distinct, METH_O,

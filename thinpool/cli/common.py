@@ -124,6 +124,35 @@ def emit(result: Any, as_json: bool, render: Callable[[Any], str] | None = None)
         click.echo(text, nl=not text.endswith("\n"))
 
 
+def _stdout_fd() -> int:
+    """stdout's file descriptor when text written there is written as its UTF-8 bytes (a UTF-8 file:
+    not click's test runner or a StringIO), else -1."""
+    import codecs
+    try:
+        utf8 = codecs.lookup(getattr(sys.stdout, "encoding", None) or "").name == "utf-8"
+        return sys.stdout.fileno() if utf8 else -1
+    except (AttributeError, LookupError, OSError, ValueError):
+        return -1
+
+
+def stream_table(pool: str, headers: bool) -> bool:
+    """``thinpool ls``'s table of a pool that is not being served, written by the compiled formatter
+    straight to stdout's file descriptor as it is made (no copy of the whole table in memory): what
+    ``echo_text`` of the ls op's text would write.  False, with nothing written, when that cannot be
+    (a served pool, a pool that needs a full open, the formatter not built, stdout not a UTF-8 file,
+    or a table the Python renderer must write: the caller then asks the op)."""
+    from .tables import compiled, pool_table
+    fd = _stdout_fd()
+    if fd < 0 or not compiled():
+        return False
+    from .registry import run_local
+
+    def write(table: Any) -> bool:
+        sys.stdout.flush()
+        return pool_table(table, headers, fd) is not None
+    return bool(run_local(pool, write))
+
+
 def echo_text(text: str) -> None:
     """``click.echo(text)``, its UTF-8 bytes written to stdout's buffer when that is the same: stdout
     encodes UTF-8, and the text holds no escape character (click strips ANSI escape sequences from

@@ -133,6 +133,27 @@ def run_op(pool_path: str, name: str, kwargs: dict[str, Any] | None = None, writ
     return result
 
 
+def run_local(pool_path: str, func: Callable[[Any], Any]) -> Any:
+    """``func(table)`` on the pool's device table (:class:`thinpool.devtable.DeviceTable`), opened
+    read-only in this process, when the pool is not being served and opens light; None, with
+    ``func`` not called, otherwise (the caller then runs its op through :func:`run_op`).  For a
+    reporting command that writes straight to this process's own files (``thinpool ls``'s table to
+    stdout), which an op cannot do: its result crosses the control socket of a served pool as JSON."""
+    sock = client.connect(pool_path)
+    if sock is not None:
+        sock.close()
+        return None
+    from thinpool.devtable import DeviceTable, FullOpenRequired
+    try:
+        table = DeviceTable.open(pool_path, read_only=True)
+    except FullOpenRequired:
+        return None
+    try:
+        return func(table)
+    finally:
+        table.close(commit=False)
+
+
 def _close(pool: Any) -> None:
     # A first-time JIT compile can leave a reference cycle holding a view of the mmap'd data file:
     # closing the map then collects cycles and retries (DataDevice._unmap), only when it must -- a
@@ -140,4 +161,4 @@ def _close(pool: Any) -> None:
     pool.close(commit=False)
 
 
-__all__ = ["OPS", "OP_MODULES", "OpSpec", "register_op", "op_table", "get_op", "run_op"]
+__all__ = ["OPS", "OP_MODULES", "OpSpec", "register_op", "op_table", "get_op", "run_op", "run_local"]

@@ -62,7 +62,9 @@ def volume_table_text(columns: Mapping[str, Any], headers: bool = True, block_si
 
 
 def _volume_table(columns: Mapping[str, Any], headers: bool, block_size: int | None,
-                  as_text: bool) -> bytes | str | None:
+                  as_text: bool, fd: int = -1) -> bytes | str | None:
+    """The table (bytes, str with ``as_text``; with ``fd`` >= 0 written there, and "" returned), or
+    None when the Python renderer must write it (nothing written then)."""
     if _tablefmt is None:
         return None
     from thinpool.units import format_size
@@ -86,23 +88,29 @@ def _volume_table(columns: Mapping[str, Any], headers: bool, block_size: int | N
         header.append("EXTERNAL_ORIGIN")
         cols.append(["-" if o is None else o for o in origins])
     try:
-        out: bytes | str = _tablefmt.table(header, cols, 1, headers, as_text)
-        return out
-    except (UnicodeEncodeError, OverflowError):
+        out: bytes | str | None = _tablefmt.table(header, cols, 1, headers, as_text, fd)
+    except (UnicodeEncodeError, OverflowError):  # (raised before anything is written)
         return None
+    if out is NotImplemented:  # (to fd: a cell holds an escape character; nothing written)
+        return None
+    return "" if out is None else out
 
 
-def pool_table(pool: Any, headers: bool = True) -> str | None:
+def pool_table(pool: Any, headers: bool = True, fd: int = -1) -> str | None:
     """The volume table of an open pool or device table (``thinpool ls``) as a str, its fields handed
     to the compiled formatter as the device table stores them (no list per field); None when the
-    Python renderer must write it (see the module docstring)."""
+    Python renderer must write it (see the module docstring).  With ``fd`` >= 0 the table and a final
+    newline (what ``click.echo`` of the str writes) go to that file descriptor a quarter of a megabyte
+    at a time, with no copy of the whole table in memory, and "" is returned (None: nothing written)."""
     if _tablefmt is None or not hasattr(pool, "volume_columns"):
         return None
     cols = pool.volume_columns(buffers=True)
     try:
         if "external_origin" in cols:
             cols["external_origin"] = [o["path"] if o is not None else None for o in cols["external_origin"]]
-        return volume_table_text(cols, headers, block_size=pool.block_size)
+        out = _volume_table(cols, headers, pool.block_size, True, fd)
+        assert out is None or isinstance(out, str)
+        return out
     finally:  # (views of the device table: released before anything may change it)
         for col in cols.values():
             if isinstance(col, memoryview):

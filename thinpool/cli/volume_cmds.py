@@ -6,7 +6,7 @@ import inspect
 
 import click
 
-from .common import CommandFn, IntRange, SIZE, abspath, echo_text, emit, json_option, pool_argument
+from .common import CommandFn, IntRange, SIZE, abspath, echo_text, emit, json_option, pool_argument, stream_table
 from . import stream_ops  # noqa: F401  (registers write, read, import, export)
 from .ops import render_volumes, volume_columns_json
 from .registry import OPS, run_op
@@ -141,6 +141,8 @@ def ls_cmd(pool: str, fields: str | None, no_headers: bool, metadata_snap: bool,
     if fields is None and not metadata_snap:
         if not usage:  # columns: no object per volume (100,000 volumes list in a fraction of a second)
             if not as_json:  # (the table made where the pool is open: see thinpool.cli.tables)
+                if stream_table(pool, not no_headers):
+                    return
                 text = run_op(pool, "ls", {"table": True, "headers": not no_headers})["text"]
                 if text:
                     echo_text(text)
