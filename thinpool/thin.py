@@ -241,9 +241,9 @@ class Thin(ThinReads):
             lock = ctx.lock
             plain_acquire(lock)
             excluding = lock.readers
-            if excluding:
-                lock.hold_plain()
             try:
+                if excluding:
+                    lock.hold_plain()  # (if it fails, release() below undoes what it did)
                 slot = ctx.slots.get(self._key)
                 if slot is not None and ctx.fast_write:
                     ofd, osize = ctx.origin(self._key) if ctx.origins.by_key else _NO_ORIGIN

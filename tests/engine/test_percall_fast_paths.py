@@ -270,3 +270,44 @@ def test_per_call_bytes_write_with_a_compiled_reader_registered_moves_the_genera
         assert v.read(0, 4096) == b"c" * 4096 and v.read(2 * BS, 4096) == b"c" * 4096
         assert lock.acquire(blocking=False)  # released
         lock.release()
+
+
+def test_per_call_bytes_write_releases_the_lock_when_excluding_readers_fails(scratch: str, monkeypatch) -> None:
+    """If taking the write side against a registered reader fails (pthread_rwlock_wrlock's error), the
+    write raises and leaves the pool lock as it found it: not held, depth 0 -- no thread is locked out."""
+    import threading
+
+    from thinpool import poollock
+    with Pool.create(f"{scratch}/p", data_size="8MiB", block_size=BS) as p:
+        v = p.create_thin("v", "1MiB")
+        v.write(0, b"a" * 4096)
+        lock = p._engine.lock
+        registered, done = threading.Event(), threading.Event()
+
+        def reader() -> None:
+            with lock:
+                lock.add_reader()
+            registered.set()
+            done.wait(30)
+            with lock:
+                lock.drop_reader()
+
+        t = threading.Thread(target=reader)
+        t.start()
+        try:
+            assert registered.wait(30)
+            monkeypatch.setattr(poollock, "_wrlock", lambda addr: 35)  # EDEADLK
+            with pytest.raises(OSError, match="pthread_rwlock_wrlock failed"):
+                v.write(0, b"b" * 4096)
+            monkeypatch.undo()
+            assert lock._depth == 0 and not lock._wr
+            got: list[bool] = []
+            other = threading.Thread(target=lambda: got.append(lock.acquire(timeout=10)) or lock.release())
+            other.start()
+            other.join(30)
+            assert got == [True]  # another thread takes the lock: this one does not hold it
+        finally:
+            monkeypatch.undo()
+            done.set()
+            t.join(30)
+        assert lock.readers == 0 and v.read(0, 4096) == b"a" * 4096
