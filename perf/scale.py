@@ -557,9 +557,9 @@ characters, read-only volumes, external origins, integers to 2^64, headers on an
 from the str to stdout's descriptor (through click's text stream when stdout is not a UTF-8 file or
 the text holds an escape character, which click strips from text written to a pipe). What is left of
 `ls` above `status` (a fresh process, load 2.5: about 25 ms) is mostly memory touched for the first
-time: the 6.4 MB device table read whole, 2.7 MB of index pages, the 5.8 MB table -- about 0.9 ms a MB
-of page faults on this machine, which gives no transparent huge pages to a process -- then the CRC-32C
-of 2,238 pages and the formatting. The CLI rows are measured with the package byte-compiled (perf/scale.py runs
+time: the 6.4 MB device table read whole and 2.7 MB of index pages (the 5.8 MB table too until it was
+streamed, below) -- about 0.9 ms a MB of page faults on this machine, which gives no transparent huge
+pages to a process -- then the CRC-32C of 2,238 pages and the formatting. The CLI rows are measured with the package byte-compiled (perf/scale.py runs
 `compileall` on the package the command imports, as `pip install` does, and records whether the
 table formatter is built): run from a source tree with `PYTHONDONTWRITEBYTECODE=1`, as here, every
 command compiled its modules from source at start (cProfile: 9 `compile` calls, 23 ms in `ls`),
@@ -572,7 +572,14 @@ pass`); with no dataclass made at start either (the op table's `OpSpec`, `pooldi
 `ownership.Stamp` and `safe_output.Output` are NamedTuples, `ownership.NewPoolFiles` a plain class:
 five dataclasses and their module cost every light command about 4 ms) and the table's cells copied
 inline (06:04-06:05 UTC, load 1.7-1.9, two runs) 2.13 / 2.79 (2.80) / 2.29 and 1.91 / 2.41 (2.68) /
-2.11: `ls` 95-109 ms against 73-86 ms for `status` and 34-45 ms for `python -c pass`.
+2.11 (`ls` 95-109 ms against 73-86 ms for `status` and 34-45 ms for `python -c pass`); with the table
+streamed (06:10 UTC, load 1.1, two runs; on a pool that is not served the CLI opens the device table
+itself, `registry.run_local`, and the formatter writes the table to stdout's descriptor through a
+quarter-megabyte buffer, so the 5.8 MB text is never in memory; a served pool still answers the `ls`
+op with the text) 2.25 / 2.86 (2.70) / 2.29 and 2.13 / 2.76 (2.77) / 2.22: `ls` 98-104 ms against
+76-82 ms for `status` and 36 ms for `python -c pass`, about 22 ms above `status`. In this session's
+runs the S10d ratio moved between 2.41 and 2.96 with the other sessions' load; its margin under 3x
+is thin, and what remains is reading 9 MB of pages into fresh memory (faults) and their checksums.
 The wall ratios move with the load: a loaded machine stretches the 60-190 ms of `python -c pass` more
 than the longer commands, so the CPU ratios are the steadier figures. Runs this session (`--full`,
 status / ls / snapshot, CPU ratio and wall ratio): before the `ls` and C-library changes (load 6.1)
