@@ -430,10 +430,10 @@ def render_volume_columns(columns: dict[str, list[Any]], headers: bool = True, c
     compiled formatter (:func:`thinpool.cli.tables.volume_table`) when it can, else (or with
     ``compiled=False``) in Python, the same text."""
     if compiled:
-        from .tables import volume_table
-        data = volume_table(columns, headers)
-        if data is not None:
-            return data.decode()
+        from .tables import volume_table_text
+        text = volume_table_text(columns, headers)
+        if text is not None:
+            return text
     from thinpool.units import format_size
     usage = "exclusive_bytes" in columns
     header = ["NAME", "DEV", "SIZE", "MAPPED"] + (["EXCLUSIVE", "SHARED"] if usage else []) + \

@@ -18,6 +18,10 @@ Routing (:func:`run_op`)
   ``ls``, ``snapshot``) open only the pool's device table (:class:`thinpool.devtable.DeviceTable`), so
   the command never imports numpy or reads the block map.
 
+A command that writes a large report straight to its own stdout (``thinpool ls``'s table) may first
+try :func:`run_local`: it runs a function on the light device table in this process when the pool is
+not served, and otherwise leaves the caller to :func:`run_op`.
+
 Streaming ops (``write``, ``read``, ``import``, ``export``) are registered with ``local_only=True``: they run
 only on a pool that is not being served; on a served pool they fail with FailedPrecondition telling the
 user to go through the volume's NBD export instead (e.g. ``nbdcopy``).
