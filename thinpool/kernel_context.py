@@ -60,7 +60,10 @@ class KernelContext:
     mode; ``path`` the pool's directory; ``active`` volume key -> {holder: count} of the volumes that are
     active (dm-thin's ``open_count``: see :meth:`hold`); ``origins`` the volumes' external origins
     (:class:`~thinpool.origin.Origins`: volume key -> open origin file); ``nospace`` the pool's
-    :class:`~thinpool.nospace.NoSpaceQueue` (writes waiting for data space).
+    :class:`~thinpool.nospace.NoSpaceQueue` (writes waiting for data space); ``tab``, ``tab_epoch`` the
+    kernel table :meth:`table` built last and ``st[ST_EPOCH]`` then (the bound per-call entries take
+    both and answer ``STALE_TABLE`` when it is out of date); ``write_bytes_fn``, ``locate_read_fn`` those
+    entries once bound (:meth:`bind_write_bytes`, :meth:`bind_locate_read`; None after :meth:`refresh`).
     """
 
     __slots__ = ("pool", "lock", "keys", "slots", "names", "gone", "is_open", "readable", "devs_i", "devs_dirty", "st", "nodes_map", "space", "data",
