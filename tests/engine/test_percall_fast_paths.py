@@ -13,6 +13,10 @@ a hole as zeroes) keep dm-thin's rules, and give what the general paths give:
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
+from typing import Any, Iterator
+
 import numpy as np
 import pytest
 
@@ -224,13 +228,37 @@ def test_per_call_bytes_write_after_the_node_store_grew(scratch: str) -> None:
                                            kernels.HOLE) and kernels.STALE_TABLE < 0
 
 
+
+@contextmanager
+def _registered_reader(lock: Any) -> Iterator[None]:
+    """A compiled reader registered on ``lock`` (as an NBD connection's loop registers one) by another
+    thread, for the duration of the block; dropped at its end."""
+    registered, done = threading.Event(), threading.Event()
+
+    def reader() -> None:
+        with lock:
+            lock.add_reader()
+        registered.set()
+        done.wait(30)
+        with lock:
+            lock.drop_reader()
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        assert registered.wait(30)
+        yield
+    finally:
+        done.set()
+        t.join(30)
+
+
 def test_per_call_bytes_write_with_a_compiled_reader_registered_moves_the_generation(scratch: str) -> None:
     """Thin.write takes the pool lock the plain (C) way; with a compiled reader of another thread
     registered it holds it as ``with lock`` does: the generation moves (the reader binds again before
     its next read, never reading a half-changed map) and the write side is released after.  With no
     reader registered nothing moves."""
     import ctypes
-    import threading
 
     from thinpool import poollock
     with Pool.create(f"{scratch}/p", data_size="8MiB", block_size=BS) as p:
@@ -241,20 +269,7 @@ def test_per_call_bytes_write_with_a_compiled_reader_registered_moves_the_genera
         v.write(0, b"b" * 4096)
         v.write(BS, b"b" * 4096)
         assert int(lock.gen[0]) == g
-        registered, done = threading.Event(), threading.Event()
-
-        def reader() -> None:
-            with lock:
-                lock.add_reader()
-            registered.set()
-            done.wait(30)
-            with lock:
-                lock.drop_reader()
-
-        t = threading.Thread(target=reader)
-        t.start()
-        try:
-            assert registered.wait(30)
+        with _registered_reader(lock):
             g = int(lock.gen[0])
             assert v.write(0, b"c" * 4096) == 4096  # an overwrite in place
             assert int(lock.gen[0]) == g + 1
@@ -264,9 +279,6 @@ def test_per_call_bytes_write_with_a_compiled_reader_registered_moves_the_genera
             rd.argtypes = [ctypes.c_void_p]
             assert rd(lock.rw_address) == 0  # the write side is free again
             poollock._lib.pthread_rwlock_unlock(lock.rw_address)
-        finally:
-            done.set()
-            t.join(30)
         assert v.read(0, 4096) == b"c" * 4096 and v.read(2 * BS, 4096) == b"c" * 4096
         assert lock.acquire(blocking=False)  # released
         lock.release()
@@ -275,39 +287,23 @@ def test_per_call_bytes_write_with_a_compiled_reader_registered_moves_the_genera
 def test_per_call_bytes_write_releases_the_lock_when_excluding_readers_fails(scratch: str, monkeypatch) -> None:
     """If taking the write side against a registered reader fails (pthread_rwlock_wrlock's error), the
     write raises and leaves the pool lock as it found it: not held, depth 0 -- no thread is locked out."""
-    import threading
 
     from thinpool import poollock
     with Pool.create(f"{scratch}/p", data_size="8MiB", block_size=BS) as p:
         v = p.create_thin("v", "1MiB")
         v.write(0, b"a" * 4096)
         lock = p._engine.lock
-        registered, done = threading.Event(), threading.Event()
-
-        def reader() -> None:
-            with lock:
-                lock.add_reader()
-            registered.set()
-            done.wait(30)
-            with lock:
-                lock.drop_reader()
-
-        t = threading.Thread(target=reader)
-        t.start()
-        try:
-            assert registered.wait(30)
-            monkeypatch.setattr(poollock, "_wrlock", lambda addr: 35)  # EDEADLK
-            with pytest.raises(OSError, match="pthread_rwlock_wrlock failed"):
-                v.write(0, b"b" * 4096)
-            monkeypatch.undo()
+        with _registered_reader(lock):
+            try:
+                monkeypatch.setattr(poollock, "_wrlock", lambda addr: 35)  # EDEADLK
+                with pytest.raises(OSError, match="pthread_rwlock_wrlock failed"):
+                    v.write(0, b"b" * 4096)
+            finally:
+                monkeypatch.undo()
             assert lock._depth == 0 and not lock._wr
             got: list[bool] = []
             other = threading.Thread(target=lambda: got.append(lock.acquire(timeout=10)) or lock.release())
             other.start()
             other.join(30)
             assert got == [True]  # another thread takes the lock: this one does not hold it
-        finally:
-            monkeypatch.undo()
-            done.set()
-            t.join(30)
         assert lock.readers == 0 and v.read(0, 4096) == b"a" * 4096
