@@ -27,6 +27,7 @@ from __future__ import annotations
 import errno
 import faulthandler
 import importlib
+import io
 import math
 import os
 import sys
@@ -74,6 +75,54 @@ def error_line(exc: BaseException) -> str:
     else:
         text = str(exc) or type(exc).__name__
     return " ".join(text.split())
+
+
+class _ClosedStream(io.RawIOBase):
+    """A standard stream whose file descriptor was closed when thinpool started: reading or writing it
+    fails with EBADF naming it (as coreutils report ``write error: Bad file descriptor``), so a command
+    whose output cannot be written ends with an error instead of losing it silently."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__()
+        self.what = what
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        raise OSError(errno.EBADF, f"{self.what} is closed")
+
+    def write(self, data: Any) -> int:
+        raise OSError(errno.EBADF, f"{self.what} is closed")
+
+
+def guard_standard_fds() -> None:
+    """Give file descriptors 0-2 that were closed when the process started (``thinpool ls >&-``) to
+    /dev/null, before any pool file is opened: otherwise the first files opened take them -- a pool's
+    lock and metadata files became descriptors 1 and 2 -- and whatever is written to standard output
+    or error (a fatal signal's report, a C library's message) would land in a pool file.  Python left
+    ``sys.stdin`` / ``sys.stdout`` None for a closed descriptor; they become streams that fail with
+    EBADF ("standard input is closed", "standard output is closed"), so a command reading or printing
+    through them reports that as its error.  ``sys.stderr`` stays None: nothing can be reported there
+    (the exit status still is)."""
+    for fd, what in ((0, "standard input"), (1, "standard output"), (2, "standard error")):
+        try:
+            os.fstat(fd)
+            continue
+        except OSError as exc:
+            if exc.errno != errno.EBADF:
+                continue
+        null = os.open(os.devnull, os.O_RDWR)  # the lowest free descriptor: ``fd`` (the lower ones are open)
+        if null != fd:
+            os.dup2(null, fd)
+            os.close(null)
+        if fd == 0 and sys.stdin is None:
+            sys.stdin = io.TextIOWrapper(_ClosedStream(what), encoding="utf-8")
+        elif fd == 1 and sys.stdout is None:
+            sys.stdout = io.TextIOWrapper(_ClosedStream(what), encoding="utf-8", write_through=True)
 
 
 def _silence_stdout() -> None:
@@ -162,6 +211,7 @@ class SectionedGroup(click.Group):
         return super().parse_args(ctx, hoist_global_options(args))
 
     def invoke(self, ctx: click.Context) -> Any:
+        guard_standard_fds()  # before any command opens a pool file
         shown, warnings.showwarning = warnings.showwarning, _show_warning
         try:
             result = super().invoke(ctx)
