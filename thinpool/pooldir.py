@@ -122,6 +122,29 @@ def _foreign_dir(path: str) -> bool:
         return True
 
 
+def occupy_closed_standard_fds() -> list[int]:
+    """Give each of the descriptors 0, 1 and 2 that is closed to /dev/null; the ones that were.  A
+    process started without one (``>&-``), or whose caller closed it, would otherwise hand that number
+    to the next file opened -- a pool file, or the duplicate Python's ``mmap`` keeps of the data file --
+    and whatever is then written to standard output or error (a fatal signal's report, a C library's
+    message, a stray ``print``) would land in the pool."""
+    closed = []
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+            continue
+        except OSError as exc:
+            if exc.errno != errno.EBADF:
+                continue
+        null = os.open(os.devnull, os.O_RDWR)  # the lowest free descriptor: ``fd`` (the lower ones are open)
+        if null != fd:
+            os.dup2(null, fd)
+            os.close(null)
+        os.set_inheritable(fd, True)
+        closed.append(fd)
+    return closed
+
+
 def open_pool_file(path: str, flags: int, mode: int = FILE_MODE, *, allow_foreign: bool | None = None,
                    what: str = "pool file") -> int:
     """Open one file of a pool safely and return its fd.
@@ -130,8 +153,11 @@ def open_pool_file(path: str, flags: int, mode: int = FILE_MODE, *, allow_foreig
     the file is a regular file (InvalidArgument otherwise: a symbolic link, FIFO, directory...)
     owned by the caller (PermissionDenied otherwise, unless ``allow_foreign``; a file with several
     hard links in a directory another user owns is refused even then).  EACCES/EPERM become
-    PermissionDenied naming the file; FileNotFoundError passes through unchanged."""
+    PermissionDenied naming the file; FileNotFoundError passes through unchanged.  Closed standard
+    descriptors are given to /dev/null first (:func:`occupy_closed_standard_fds`), so the fd is
+    never 0, 1 or 2."""
     path = os.fspath(path)
+    occupy_closed_standard_fds()
     try:
         fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode)
     except OSError as exc:

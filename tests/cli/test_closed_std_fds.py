@@ -78,3 +78,28 @@ def test_closed_stdin_is_refused_and_the_volume_unchanged(scratch: str) -> None:
     assert r.stderr == "thinpool: error: standard input is closed\n"
     with Pool.open(pool, read_only=True) as p:
         assert p.thin("v").read(0, 8192) == b"a" * 4096 + bytes(4096)
+
+
+def test_library_pool_files_skip_closed_standard_descriptors(scratch: str) -> None:
+    """A library caller that closed stdout and stderr (no CLI guard): Pool.create and Pool.open still
+    put no pool file on descriptor 1 or 2, nor the duplicate of the data file that Python's mmap keeps
+    (pooldir.open_pool_file gives closed standard descriptors to /dev/null first)."""
+    pool, report = f"{scratch}/lib", f"{scratch}/fds.txt"
+    code = ("import os\n"
+            "from thinpool import Pool\n"
+            f"out = os.open({report!r}, os.O_WRONLY | os.O_CREAT, 0o600)\n"
+            "os.close(1); os.close(2)\n"
+            "def low():\n"
+            "    return [os.readlink(f'/proc/self/fd/{fd}') for fd in (1, 2) if os.path.exists(f'/proc/self/fd/{fd}')]\n"
+            f"with Pool.create({pool!r}, data_size='16MiB', block_size='64KiB') as p:\n"
+            "    p.create_thin('v', '1MiB').write(0, b'x' * 4096)\n"
+            "    seen = low()\n"
+            f"with Pool.open({pool!r}) as p:\n"
+            "    seen += low()\n"
+            "os.write(out, repr(seen).encode())\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, env=ENV, timeout=120)
+    assert r.returncode == 0
+    seen = open(report).read()
+    assert seen.startswith("[") and pool not in seen, seen
+    with Pool.open(pool, read_only=True) as p:
+        assert p.check().ok and p.thin("v").read(0, 4096) == b"x" * 4096

@@ -101,28 +101,18 @@ class _ClosedStream(io.RawIOBase):
 
 def guard_standard_fds() -> None:
     """Give file descriptors 0-2 that were closed when the process started (``thinpool ls >&-``) to
-    /dev/null, before any pool file is opened: otherwise the first files opened take them -- a pool's
-    lock and metadata files became descriptors 1 and 2 -- and whatever is written to standard output
-    or error (a fatal signal's report, a C library's message) would land in a pool file.  Python left
-    ``sys.stdin`` / ``sys.stdout`` None for a closed descriptor; they become streams that fail with
-    EBADF ("standard input is closed", "standard output is closed"), so a command reading or printing
-    through them reports that as its error.  ``sys.stderr`` stays None: nothing can be reported there
-    (the exit status still is)."""
-    for fd, what in ((0, "standard input"), (1, "standard output"), (2, "standard error")):
-        try:
-            os.fstat(fd)
-            continue
-        except OSError as exc:
-            if exc.errno != errno.EBADF:
-                continue
-        null = os.open(os.devnull, os.O_RDWR)  # the lowest free descriptor: ``fd`` (the lower ones are open)
-        if null != fd:
-            os.dup2(null, fd)
-            os.close(null)
-        if fd == 0 and sys.stdin is None:
-            sys.stdin = io.TextIOWrapper(_ClosedStream(what), encoding="utf-8")
-        elif fd == 1 and sys.stdout is None:
-            sys.stdout = io.TextIOWrapper(_ClosedStream(what), encoding="utf-8", write_through=True)
+    /dev/null before any command runs (:func:`thinpool.pooldir.occupy_closed_standard_fds`: else a
+    pool's lock and metadata files took descriptors 1 and 2).  Python left ``sys.stdin`` /
+    ``sys.stdout`` None for a closed descriptor; they become streams that fail with EBADF ("standard
+    input is closed", "standard output is closed"), so a command reading or printing through them
+    reports that as its error instead of losing its output.  ``sys.stderr`` stays None: nothing can
+    be reported there (the exit status still is)."""
+    from thinpool.pooldir import occupy_closed_standard_fds
+    closed = occupy_closed_standard_fds()
+    if 0 in closed and sys.stdin is None:
+        sys.stdin = io.TextIOWrapper(_ClosedStream("standard input"), encoding="utf-8")
+    if 1 in closed and sys.stdout is None:
+        sys.stdout = io.TextIOWrapper(_ClosedStream("standard output"), encoding="utf-8", write_through=True)
 
 
 def _silence_stdout() -> None:
