@@ -23,12 +23,14 @@ from typing import Any, Callable, Iterable, Mapping
 from .errors import MetadataCorrupt
 from .mdpages import BLOCK, PageUpdates
 
-_lscols: ModuleType | None
-try:  # C loops over the pages for ``ls`` (thinpool/_lscols.c; optional: :meth:`NameIndex.columns` otherwise)
+#: the C loops ``ls`` reads its columns with (``thinpool/_lscols.c``, built by the install when a C
+#: compiler is there), or None: :meth:`NameIndex.columns` and the device table's lists otherwise
+lscols: ModuleType | None
+try:
     from . import _lscols as _built
-    _lscols = _built
+    lscols = _built
 except ImportError:
-    _lscols = None
+    lscols = None
 
 #: the arrays of a format-2 catalog: the name index, the slot records, the JSON part
 INDEX, SLOTS, EXTRA = "names", "vol_slots", "catalog"
@@ -326,7 +328,7 @@ class NameIndex:
         one C call over the pages, no str per name (``thinpool/_lscols.c``).  None otherwise, or
         without the C extension.  ``gather(array, pages)``, if given, reads the pages into one buffer
         of whole pages in that order (the store's ``gather_into``: no copy per page)."""
-        if _lscols is None or self.odd or self._cache or self.dirty or self._read is None:
+        if lscols is None or self.odd or self._cache or self.dirty or self._read is None:
             return None
         if gather is not None:
             pages: Any = gather(INDEX, self.pages) if self.pages else b""
@@ -334,7 +336,7 @@ class NameIndex:
             raw = self._read(INDEX, self.pages) if self.pages else {}
             pages = [raw[p] for p in self.pages]
         try:
-            got = _lscols.name_rows(pages, self.pages, nrows)
+            got = lscols.name_rows(pages, self.pages, nrows)
         except ValueError as e:
             raise MetadataCorrupt(str(e), structure=INDEX) from None
         return got

@@ -12,9 +12,9 @@ from __future__ import annotations
 import operator
 from itertools import repeat
 from operator import itemgetter
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from .catalog_index import lscols as _lscols
 from .mdpages import BLOCK
 from .schema import (DEV_CREATION_TIME, DEV_FIELDS, DEV_ID, DEV_MAPPED, DEV_RECORD, DEV_SIZE, DEV_SNAP_TIME,
                      DEV_TRANSACTION, U64_MASK, DevFlag)
@@ -23,12 +23,6 @@ if TYPE_CHECKING:
     from . import catalog as cat_format
     from .mdstore import MetadataStore
 
-_lscols: ModuleType | None
-try:  # C loops for ``ls`` (optional: built by the install when a C compiler is there)
-    from . import _lscols as _built
-    _lscols = _built
-except ImportError:
-    _lscols = None
 
 _FLAGS_AT = DEV_FIELDS.index("flags") * 8  # the low byte of a record's flags (every field is "<q")
 _READ_ONLY = int(DevFlag.READ_ONLY)
@@ -120,10 +114,10 @@ class VolumeColumns:
             return None
         rows = self._stored.index.name_rows(n, self._gather_pages)
         q = memoryview(self._devs)[:n * DEV_RECORD.size].cast("q")
-        if rows is None or not _lscols.ascending(q[DEV_ID::len(DEV_FIELDS)]):
+        dev_ids = q[DEV_ID::len(DEV_FIELDS)]
+        if rows is None or not _lscols.ascending(dev_ids):
             return None
-        return self._columns_of(q, len(DEV_FIELDS), ("nul", rows, n), slice(0, len(q)), q[DEV_ID::len(DEV_FIELDS)],
-                                True)
+        return self._columns_of(q, len(DEV_FIELDS), ("nul", rows, n), slice(0, len(q)), dev_ids, True)
 
     def _gather_pages(self, array: str, pages: list[int]) -> bytearray:
         """The committed pages ``pages`` of ``array``, read and verified into one buffer in that order."""
