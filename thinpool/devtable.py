@@ -31,7 +31,7 @@ from . import catalog as cat_format
 from . import pooldir, rules, safe_output
 from .errors import AlreadyExists, FullOpenRequired, InvalidArgument, NotFound, ReadOnly  # noqa: F401 (API)
 from .errors import MetadataSpaceExhausted
-from .mdpages import BLOCK, PagedArray, PageUpdates
+from .mdpages import BLOCK, STORE_KEYS, PagedArray, PageUpdates
 from .devtable_columns import VolumeColumns
 from .mdstore import MetadataStore
 from .rules import MAX_DEV_ID, new_catalog_entry, pick_dev_id  # noqa: F401 (the pool's id rules)
@@ -52,7 +52,6 @@ _READ_ONLY = int(DevFlag.READ_ONLY)
 _IN_USE = int(DevFlag.IN_USE)
 _IN_USE_BYTE = bytes(1 if b & _IN_USE else 0 for b in range(256))
 RC_PER_PAGE = BLOCK // 4
-_STORE_KEYS = ("directory", "directory_bytes", "pages", "held", "recovered_from", "hints")
 
 
 def _zeroed(size: int) -> Any:
@@ -171,7 +170,7 @@ class DeviceTable(VolumeColumns):
         if "used_data_blocks" not in hdr or "pending_blocks" not in hdr:
             raise FullOpenRequired(f"pool {self.path}: metadata predates the device table's fields")
         self.recovered_from = hdr.get("recovered_from")
-        self.header = {k: v for k, v in hdr.items() if k not in _STORE_KEYS}
+        self.header = {k: v for k, v in hdr.items() if k not in STORE_KEYS}
         # the device table's pages are read when first needed (see _need): ``snapshot`` reads two of a
         # 100,000-volume table's 1,563 and ``status`` none (the hints count the devices)
         self._devs = _zeroed(self.store.npages("devs") * BLOCK)

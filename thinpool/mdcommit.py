@@ -4,12 +4,17 @@ directory and the superblock written to the metadata file, durable in order (a p
 layout).
 
 A commit writes only to blocks the last committed state does not use (:mod:`thinpool.mdspace`
-picks them), makes every page and its checksum before anything is written, then (after the caller's
-data flush) writes the pages -- one ``pwrite`` per run of consecutive blocks --, starts their
-write-back, makes the superblock meanwhile, flushes, writes the superblock to the slot the last commit
-did not use, starts its write-back, lets the caller do its bookkeeping meanwhile and flushes again
-(:data:`START_WRITEBACK`).  A failure at any step before the superblock's write leaves the committed
-state as it was (:meth:`MetadataCommit.commit`); a failed flush after it ends the store's commits.
+picks them), makes every page and its checksum before anything is written, then writes the pages --
+one ``pwrite`` per run of consecutive blocks -- and makes the superblock.  A commit of at most
+:data:`ONE_FLUSH_PAGES` pages (a *one-flush commit*: every small commit) lists them in its superblock;
+after the caller's data flush has returned it writes the superblock to the slot the last commit did
+not use, starts the write-back of pages and superblock, lets the caller do its bookkeeping meanwhile
+and flushes once.  A load uses such a superblock only if every listed page verifies
+(:meth:`thinpool.mdstore.MetadataStore.load`), so power lost in that flush leaves the previous commit.
+A larger commit starts its pages' write-back, makes the superblock meanwhile and flushes before it
+writes the superblock, then goes on the same way (:data:`START_WRITEBACK`).  A failure at any step
+before the superblock's write leaves the committed state as it was (:meth:`MetadataCommit.commit`); a
+failed flush after it ends the store's commits.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from typing import Any, Callable
 
 from .errors import HostIOError, MetadataSpaceExhausted, ReadOnly
 from .hostio import start_writeback, sync_or_fail, write_all
-from .mdpages import _SB_HEADER, BLOCK, FORMAT_VERSION, MAGIC, PM_ENTRIES, SUPERBLOCKS, _crc32c, sorted_minus, sorted_unique
+from .mdpages import (_SB_HEADER, BLOCK, COMMIT_PAGES, FORMAT_VERSION, MAGIC, PM_ENTRIES, SUPERBLOCKS, _crc32c, _ints,
+                      sorted_minus, sorted_unique)
 from .mdspace import _NP_MIN, HINTS, MetadataSpace
 
 #: the superblock's JSON encoder (what ``json.dumps(header, separators=(",", ":"))`` gives, made once)
@@ -39,6 +45,12 @@ _JSON_KEYS: dict[str, str] = {}
 #: the pool does its bookkeeping; False: the ``fdatasync`` after that work starts it (see
 #: :meth:`MetadataCommit.commit`)
 START_WRITEBACK = True
+#: a commit that writes at most this many pages (array pages, page maps, directory) is a *one-flush
+#: commit*: its superblock lists them (:data:`~thinpool.mdpages.COMMIT_PAGES`), the pages and the
+#: superblock are written and then flushed together, and a load uses that superblock only if every
+#: listed page verifies.  A larger commit flushes its pages before it writes the superblock.  (64
+#: entries take about 1.3 KiB of the superblock's 4 KiB.)
+ONE_FLUSH_PAGES = 64
 #: pages joined into one ``pwrite`` at most (4 MiB)
 _RUN_PAGES = 1024
 #: a queued (block, page)'s block
@@ -79,12 +91,26 @@ class MetadataCommit(MetadataSpace):
     _queued: list[tuple[int, Any]]
     _chunks: list[tuple[Any, memoryview, Any]]
     _sb_written: dict[int, bytes | bytearray]
+    #: the pages the commit under way has queued, as ``block << 32 | crc``, while they are at most
+    #: :data:`ONE_FLUSH_PAGES`; None past that (or outside a commit)
+    _listed: list[int] | None = None
+
+    def _list_pages(self, blocks: list[int], crcs: list[int]) -> None:
+        """Note queued pages for the superblock's list (:data:`ONE_FLUSH_PAGES`)."""
+        listed = self._listed
+        if listed is not None:
+            if len(listed) + len(crcs) <= ONE_FLUSH_PAGES:
+                listed.extend([b << 32 | c for b, c in zip(blocks, crcs)])
+            else:
+                self._listed = None
 
     def _write_pages(self, pages: list[Any], blocks: list[int]) -> list[int]:
         """Queue 4 KiB pages for blocks (written by :meth:`_write_runs`); return their CRCs."""
         crc = _crc32c
         self._queued.extend(zip(blocks, pages))
-        return [crc(p) for p in pages]
+        crcs = [crc(p) for p in pages]
+        self._list_pages(blocks, crcs)
+        return crcs
 
     def _queue_rows(self, np: Any, base: Any, rows: Any, blocks: list[int]) -> list[int]:
         """Queue pages given as rows ``rows`` of ``base`` (a C-contiguous 2-D uint8 array of 4 KiB rows)
@@ -95,6 +121,7 @@ class MetadataCommit(MetadataSpace):
         crc = _crc32c
         crcs = [crc(mv[r * BLOCK:(r + 1) * BLOCK]) for r in rows.tolist()]
         self._chunks.append((np.asarray(blocks, np.int64), mv, np.asarray(rows, np.int64)))
+        self._list_pages(_ints(blocks), crcs)
         return crcs
 
     def _chunk_runs(self, out: list[tuple[Any, int]]) -> None:
@@ -168,6 +195,7 @@ class MetadataCommit(MetadataSpace):
     def commit(self, arrays: dict[str, Any], header: dict[str, Any], *, tail: bool = False,
                hints: dict[str, int] | Callable[[], dict[str, int]] | None = None,
                before_write: Callable[[], None] | None = None,
+               before_superblock: Callable[[], None] | None = None,
                while_flushing: Callable[[], None] | None = None) -> None:
         """Write the dirty pages of ``arrays`` (:class:`PagedArray` or :class:`PageUpdates`; arrays not
         named keep their committed pages) and a new superblock carrying ``header``; atomic.
@@ -178,9 +206,13 @@ class MetadataCommit(MetadataSpace):
         :meth:`hint`, or a function returning them (called once the pages are written, while their
         write-back runs: the superblock's part of a commit is made then); the store adds its own
         ``metadata_top``.  ``before_write``: called once the pages
-        are made, before the first of them is written (the pool flushes its data
-        file there: data durable before any metadata write); if it raises, nothing is written and the
-        store is as before the call.  ``while_flushing``: called once the superblock is written and its
+        are made, before the first of them is written; if it raises, nothing is written and the store is
+        as before the call.  ``before_superblock``: called once the pages are written (and,
+        in a commit of more than :data:`ONE_FLUSH_PAGES` pages, flushed), before the superblock is
+        written (the pool ends its data file's flush there: the data durable before the superblock that
+        maps it; that flush runs while the pages are made and written); if it raises, the superblock is
+        not written and the store is as before the call (the pages written are in blocks no superblock
+        refers to).  ``while_flushing``: called once the superblock is written and its
         write-back started (:data:`START_WRITEBACK`), before its ``fdatasync``: the caller's bookkeeping
         of a commit that can no longer fail but by that flush, whose I/O runs meanwhile; :meth:`commit`
         returns only after the flush returned (a failed one raises, and only a reopen may commit again)."""
@@ -195,6 +227,7 @@ class MetadataCommit(MetadataSpace):
         new_locs = dict(self.locs)
         new_pm = dict(self.pm_locs)
         self._tail, self._tail_released = (self._tail_start(arrays) if tail else None), 0
+        self._listed = []  # (the pages it writes, while few enough for a one-flush commit)
         tail_first = self._tail
         # what the commit changes in the block-state map, to put back if it fails: (block, old state)
         self._undo = [] if self._tail is None else None
@@ -277,12 +310,15 @@ class MetadataCommit(MetadataSpace):
             # block-state map once the commit is durable, the header, the superblock's bytes -- is
             # made while the pages' write-back runs (below)
             runs = self._queued_runs()
+            listed: list[int] | None = self._listed  # (None: too many pages for one flush)
+            self._listed = None
             if before_write is not None:
-                before_write()  # (the data file's flush: nothing of the commit is written before it)
+                before_write()  # (nothing of the commit is written before it)
             self._write_runs(runs)
-            if START_WRITEBACK and self.io.fdatasync is os.fdatasync:  # (a substituted flush: the tests' model)
-                start_writeback(self.fd, 0, 0)  # (the file's dirty pages: the runs just written)
+            if listed is None and START_WRITEBACK and self.io.fdatasync is os.fdatasync:  # (a substituted
+                start_writeback(self.fd, 0, 0)  # flush: the tests' model) (the file's dirty pages: the runs)
             header = dict(header)  # (the rest of this block runs while their I/O does)
+            header.pop(COMMIT_PAGES, None)  # (only the store writes it, for this commit's pages)
             if "held" in self.header:
                 header["held"] = self.header["held"]
             committed: bytearray | None
@@ -302,8 +338,19 @@ class MetadataCommit(MetadataSpace):
                           metadata_used_blocks=used)
             known_hints = hints() if callable(hints) else hints
             header[HINTS] = {**(known_hints or {}), "generation": self.generation + 1, "metadata_top": top}
-            raw = self._superblock_bytes(self.generation + 1, header)
-            self.sync()
+            raw = None
+            if listed is not None:  # a one-flush commit: the superblock lists the pages it reaches
+                header[COMMIT_PAGES] = listed
+                try:
+                    raw = self._superblock_bytes(self.generation + 1, header)
+                except MetadataSpaceExhausted:  # (no room for the list beside the rest: flushed first)
+                    del header[COMMIT_PAGES]
+                    listed = None
+            if raw is None:
+                raw = self._superblock_bytes(self.generation + 1, header)
+                self.sync()  # the pages durable before the superblock that reaches them is written
+            if before_superblock is not None:
+                before_superblock()  # (the data file's flush: no superblock refers to data not durable)
             floor_next: list[tuple[Any, int, int] | None] = []
             window = None
             if while_flushing is not None:
@@ -311,9 +358,9 @@ class MetadataCommit(MetadataSpace):
                     # (the bookkeeping of what the commit wrote, made while the superblock's I/O runs)
                     floor_next.append(self._next_floor(new_pm, changed, dir_locs))
                     while_flushing()
-            self._write_superblock(self.generation + 1, raw, window)
+            self._write_superblock(self.generation + 1, raw, window, with_pages=listed is not None)
         except BaseException:
-            self._queued, self._chunks = [], []
+            self._queued, self._chunks, self._listed = [], [], None
             self._hint = 0
             if self._undo is not None and self._state is not None:
                 self._undo_changes(self._undo)
@@ -420,9 +467,10 @@ class MetadataCommit(MetadataSpace):
         return raw
 
     def _write_superblock(self, generation: int, raw: bytearray,
-                          while_flushing: Callable[[], None] | None = None) -> None:
+                          while_flushing: Callable[[], None] | None = None, *, with_pages: bool = False) -> None:
         """Write the superblock ``raw`` of ``generation`` to its slot and flush (``while_flushing``: see
-        :meth:`commit`)."""
+        :meth:`commit`); ``with_pages``: the commit's pages are not flushed yet (a one-flush commit),
+        so the write-back started covers the whole file, not the slot alone."""
         slot = generation % SUPERBLOCKS
         where = slot * BLOCK
         # what the slot holds now: the superblock this store wrote there last, else read (this store is
@@ -445,7 +493,8 @@ class MetadataCommit(MetadataSpace):
             self.sync()
             return
         if START_WRITEBACK and self.io.fdatasync is os.fdatasync:  # (a substituted flush: the tests' model)
-            start_writeback(self.fd, where, BLOCK)  # (its I/O runs while the caller's work does)
+            # (its I/O runs while the caller's work does)
+            start_writeback(self.fd, 0 if with_pages else where, 0 if with_pages else BLOCK)
         try:
             while_flushing()
         finally:

@@ -50,10 +50,20 @@ MAGIC = b"TPOOLMD1"
 #: the superblock's format version: 2 since the data space map is stored as a two-bit bitmap plus
 #: overflow counts (:mod:`thinpool.dataspace`), 3 since the leaves are stored in groups without their
 #: holes, 4 since sparse leaves are records packed across pages, 5 since inner nodes are too
-#: (:mod:`thinpool.nodestore`); the store's own layout is the same in 1 to 5, so all are read (the
-#: pool tells the layouts apart by their arrays' names)
-FORMAT_VERSION = 5
-READABLE_VERSIONS = (1, 2, 3, 4, 5)
+#: (:mod:`thinpool.nodestore`), 6 since a superblock may list the pages its commit wrote
+#: (:data:`COMMIT_PAGES`: such a superblock is used only if every one of them verifies); the store's
+#: own layout is otherwise the same in 1 to 6, so all are read (the pool tells the layouts apart by
+#: their arrays' names).  A reader of 5 or older refuses a version 6 superblock: it would not check
+#: the listed pages.
+FORMAT_VERSION = 6
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)
+#: the superblock field listing every page a *one-flush commit* wrote (``block << 32 | CRC-32C``):
+#: such a commit writes its pages and its superblock and then flushes once, so after a crash the
+#: superblock may be durable while a page it reaches is not; the listed pages tell (see
+#: :meth:`thinpool.mdstore.MetadataStore.load`)
+COMMIT_PAGES = "commit_pages"
+#: superblock fields that belong to the store, not to the pool's header
+STORE_KEYS = ("directory", "directory_bytes", "pages", "held", "recovered_from", "hints", COMMIT_PAGES)
 PM_ENTRIES = BLOCK // 8
 _SB_HEADER = struct.Struct("<I8sIQI")  # crc, magic, version, generation, json length
 SUPERBLOCKS = 2

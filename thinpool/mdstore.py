@@ -19,9 +19,12 @@ counts, the device table, a small JSON catalog).  This module stores them in a f
 
 A commit writes only the dirty pages, the page-map pages that point at them and the directory --
 always to blocks that the last committed state does not use -- then syncs, then writes the other
-superblock slot and syncs again.  A crash at any instant leaves the previous superblock and
-everything it reaches intact, so :meth:`MetadataStore.load` yields exactly the last commit (or the
-newest older one that still verifies).  Every block read is checked; a mismatch raises
+superblock slot and syncs again.  A commit of at most 64 pages (:data:`thinpool.mdcommit.ONE_FLUSH_PAGES`)
+lists them in its superblock (``block << 32 | crc`` each) and writes pages and superblock before one
+sync: a superblock whose listed pages do not all verify is a commit that did not complete, and is
+not used.  A crash at any instant leaves the previous superblock and everything it reaches intact,
+so :meth:`MetadataStore.load` yields exactly the last commit (or the newest older one that still
+verifies).  Every block read is checked; a mismatch raises
 :class:`~thinpool.errors.MetadataCorrupt` naming the structure and block.
 
 The store and its parts are plain Python (``array``, ``bytearray``, ``memoryview``; no numpy) so that a command which
@@ -43,8 +46,8 @@ from typing import Any, Iterable, Sequence
 from . import pooldir
 from .errors import HostIOError, MetadataCorrupt, MetadataSpaceExhausted, ReadOnly
 from .mdcommit import FileIO, MetadataCommit
-from .mdpages import (_HI, _LO, _SB_HEADER, BLOCK, MAGIC, READABLE_VERSIONS, SUPERBLOCKS, Buffer, _crc32c, _zeroed,
-                      checksum, map_private)
+from .mdpages import (_HI, _LO, _SB_HEADER, BLOCK, COMMIT_PAGES, MAGIC, READABLE_VERSIONS, SUPERBLOCKS, Buffer,
+                      _crc32c, _zeroed, checksum, map_private)
 from .mdspace import _PROTECTED, _USED, _mark
 
 #: the committed header's fields a held metadata snapshot keeps (its superblock copy)
@@ -302,6 +305,7 @@ class MetadataStore(MetadataCommit):
         for generation, _slot, header in candidates:
             try:
                 arrays = self._load_state(header, names, skipped)
+                self._check_commit_pages(generation, header)  # (and the pages not read yet)
             except MetadataCorrupt as exc:
                 first_error = first_error or exc
                 continue
@@ -314,6 +318,42 @@ class MetadataStore(MetadataCommit):
             return arrays
         assert first_error is not None
         raise first_error
+
+    def _check_commit_pages(self, generation: int, header: dict[str, Any]) -> None:
+        """The pages a one-flush commit lists in its superblock (:data:`~thinpool.mdpages.COMMIT_PAGES`)
+        all verify, else :class:`MetadataCorrupt` naming the structure the page belongs to (the state
+        of ``header`` just loaded): the superblock reached the disk in that commit's one flush but a
+        page it reaches did not (power lost in the flush), so the commit never completed -- or that
+        page was damaged since.  Either way the superblock is not used.  (Most of them were verified
+        by the load already; a caller that reads only a few arrays, such as the device table's light
+        commands, or reads the others later, relies on this check.)"""
+        listed = header.get(COMMIT_PAGES)
+        if listed is None:
+            return
+        if not isinstance(listed, list) or not all(type(x) is int and 0 <= x < 1 << 64 for x in listed):
+            raise MetadataCorrupt(f"{self.path}: commit pages of generation {generation}: the superblock's list of "
+                                  f"the pages its commit wrote is malformed", structure="commit pages", block=None)
+        for loc in listed:
+            block = loc >> 32
+            raw = os.pread(self.fd, BLOCK, block * BLOCK) if SUPERBLOCKS <= block < self.nr_blocks else b""
+            if len(raw) != BLOCK or checksum(raw) != loc & 0xFFFFFFFF:
+                structure = self._structure_of(loc)
+                what = "bad checksum in" if raw else "a page lies beyond the end of the metadata file at"
+                raise MetadataCorrupt(f"{self.path}: {structure}: {what} metadata block {block} (a page the commit "
+                                      f"of generation {generation} wrote: that commit did not complete, or the page "
+                                      f"was damaged since)", structure=structure, block=block)
+
+    def _structure_of(self, loc: int) -> str:
+        """The structure of the state just loaded that has a page at ``loc`` (``block << 32 | crc``)."""
+        if loc in self.dir_locs:
+            return "directory"
+        for name, pml in self.pm_locs.items():
+            if loc in pml:
+                return f"page map of {name}"
+        for name, locs in self.locs.items():
+            if loc in locs:
+                return name
+        return "commit pages"
 
     def _newer_damaged_superblock(self, generation: int) -> MetadataCorrupt | None:
         """A superblock slot with our magic and a *newer* (unverified) generation whose checksum fails:

@@ -32,7 +32,7 @@ from .datadev import DataDevice, NullDataDevice
 from .errors import AlreadyExists, InvalidArgument, MetadataCorrupt, ThinpoolWarning
 from .kernel_context import KernelContext, volume_key
 from .kernel_context import locked_method as _locked
-from .mdpages import BLOCK, PagedArray
+from .mdpages import BLOCK, STORE_KEYS, PagedArray
 from .mdstore import MetadataStore
 from .nospace import DEFAULT_NO_SPACE_TIMEOUT, NoSpaceQueue
 from .pool_accounting import Accounting
@@ -330,7 +330,7 @@ class Pool(Transactions, DeviceOps, Features, Accounting):
                  nodes: tuple[Any, Any] = (None, None), counts: tuple[Any, Any] = (None, None)) -> None:
         self.recovered_from = header.get("recovered_from")
         self._header = {k: v for k, v in header.items()
-                       if k not in ("directory", "directory_bytes", "pages", "held", "recovered_from", "hints")}
+                       if k not in STORE_KEYS}
         st = np.zeros(K.ST_SIZE, np.int64)
         st[K.ST_BLOCK_SIZE] = header["block_size"]
         st[K.ST_TIME] = header["time"]

@@ -24,7 +24,7 @@ from .hostio import DataIO
 from .kernel_context import locked_method as _locked
 from .mdstore import FileIO
 from .nodestore import NodeDisk
-from .mdpages import BLOCK, PagedArray
+from .mdpages import BLOCK, STORE_KEYS, PagedArray
 from .schema import DevFlag, Mode
 
 if TYPE_CHECKING:
@@ -121,8 +121,7 @@ class Transactions:
     _hints_of: tuple[np.ndarray, np.ndarray, dict[str, int]] | None = None
 
     #: superblock fields a commit rewrites itself (never a reason to commit)
-    _STORE_FIELDS = frozenset(("pending_blocks", "catalog_bytes", "metadata_used_blocks", "directory",
-                               "directory_bytes", "pages", "held", "recovered_from", "hints"))
+    _STORE_FIELDS = frozenset(("pending_blocks", "catalog_bytes", "metadata_used_blocks") + STORE_KEYS)
 
     def _hints(self) -> dict[str, int]:
         """What a commit records of the devices for a light open (:mod:`thinpool.device_hints`:
@@ -254,9 +253,8 @@ class Transactions:
 
     def _before_write(self) -> None:
         """The store's last step before it writes a commit's pages: no row it copied faulted (a mapped
-        row read while the pages were made: :meth:`_metadata_rows_faulted`), then the data flush."""
+        row read while the pages were made: :meth:`_metadata_rows_faulted`)."""
         self._engine.fault_check()
-        self._sync_data()
 
     @_locked
     def _check_file_length(self, check: Callable[[], None]) -> None:
@@ -306,8 +304,8 @@ class Transactions:
         # the metadata file as long as the store knows it, before a row mapped from it is read
         self._check_file_length(self._store.check_length)
         # the data file's flush starts now on the helper thread (datadev.BackgroundFlush) and runs while
-        # the pages are made; the store ends it (``before_write``) before it writes the first of them:
-        # data durable before any metadata write, then pages, then the superblock
+        # the pages are made, written and flushed; the store ends it (``before_superblock``) before it
+        # writes the superblock: data and pages durable, then the superblock that refers to them
         self._data.start_sync()
         try:
             try:
@@ -321,12 +319,12 @@ class Transactions:
                 self._header.update(time=self.time, cursor=int(self._st[K.ST_CURSOR]),
                                     nr_data_blocks=self._space.nr_blocks,
                                     used_data_blocks=self._space.used())  # for readers that skip the space map
-                # the data file's flush ends inside the store's commit, once every page is made and before
-                # the first is written (the floor's order: data, pages, superblock); the superblock is made
-                # while the pages' write-back runs, and the commit's bookkeeping runs while the
-                # superblock's does (mdcommit.START_WRITEBACK)
+                # the data file's flush ends inside the store's commit, once the pages are durable and
+                # before the superblock is written; the superblock is made while the pages' write-back
+                # runs, and the commit's bookkeeping runs while the superblock's does
+                # (mdcommit.START_WRITEBACK)
                 self._store.commit(arrays, self._header, hints=self._hints, before_write=self._before_write,
-                                   while_flushing=self._committed_in_memory)
+                                   before_superblock=self._sync_data, while_flushing=self._committed_in_memory)
             except BaseException:
                 self._end_data_flush()  # (a commit that failed before the store ended the flush)
                 raise

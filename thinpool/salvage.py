@@ -23,7 +23,7 @@ from . import nodestore, pooldir
 from .errors import MetadataCorrupt, NotFound
 from .interop.ir import Device, Metadata, Superblock, SECTOR, TIME_MASK
 from .origin import valid_record
-from .mdpages import _SB_HEADER, BLOCK, MAGIC, PM_ENTRIES, SUPERBLOCKS, checksum
+from .mdpages import _SB_HEADER, BLOCK, COMMIT_PAGES, MAGIC, PM_ENTRIES, SUPERBLOCKS, checksum
 
 
 _REQUIRED = ("block_size", "nr_data_blocks", "directory", "directory_bytes", "pages", "catalog_bytes")
@@ -223,6 +223,23 @@ def _salvage_catalog1(s: _Salvage, hdr: dict[str, Any], report: "RepairReport",
     return False
 
 
+def _commit_pages_verify(r: _Reader, gen: int, header: dict[str, Any], report: RepairReport) -> bool:
+    """Whether every page a one-flush commit lists in its superblock (``commit_pages``) verifies;
+    a problem is reported for one that does not (True for a superblock without the list)."""
+    listed = header.get(COMMIT_PAGES)
+    if listed is None:
+        return True
+    if not isinstance(listed, list) or not all(type(x) is int and 0 <= x < 1 << 64 for x in listed):
+        report.problems.append(f"generation {gen}: its list of the pages its commit wrote is malformed")
+        return False
+    bad = [loc >> 32 for loc in listed if r.page(loc) is None]
+    if bad:
+        report.problems.append(f"generation {gen}: the page its commit wrote to metadata block {bad[0]} does not "
+                               f"verify (the commit did not complete, or the page was damaged since)"
+                               f"{f'; {len(bad) - 1} more' if len(bad) > 1 else ''}")
+    return not bad
+
+
 def _choose(r: _Reader, report: RepairReport) -> _Salvage:
     found = []
     bad_gens = []
@@ -242,7 +259,10 @@ def _choose(r: _Reader, report: RepairReport) -> _Salvage:
         raise MetadataCorrupt(f"{r.path}: cannot repair: neither superblock (metadata blocks 0 and 1) is "
                               f"readable", structure="superblock", block=0)
     errors = []
-    for gen, slot, header in sorted(found, key=lambda x: x[0], reverse=True):
+    # a one-flush commit whose listed pages do not all verify did not complete (or was damaged since):
+    # the commits that verify are tried first, newest first, and it last
+    incomplete = {gen for gen, _slot, header in found if not _commit_pages_verify(r, gen, header, report)}
+    for gen, slot, header in sorted(found, key=lambda x: (x[0] not in incomplete, x[0]), reverse=True):
         try:
             return _salvage_state(r, gen, header)
         except (MetadataCorrupt, ValueError, TypeError, KeyError, AttributeError) as exc:

@@ -185,18 +185,26 @@ def _cases() -> list[tuple[str, int]]:
     return out
 
 
-def test_store_seam_fault_at_every_write_and_sync_of_a_commit(tmp_path, monkeypatch):
+@pytest.mark.parametrize("one_flush", [True, False], ids=["one-flush", "two-flush"])
+def test_store_seam_fault_at_every_write_and_sync_of_a_commit(tmp_path, monkeypatch, one_flush):
     """Every pwrite/fdatasync of a commit x every fault: a clean failure with the previous commit
-    intact, or a complete success; never a commit that reports success and reopens to the old state."""
+    intact, or a complete success; never a commit that reports success and reopens to the old state.
+    The scenario's commit is small: a one-flush commit; and again with the store flushing the pages
+    before the superblock, as it does for a commit of more pages than a superblock lists."""
     # a commit's pages go to one run of free blocks (MetadataSpace._reserve_run), one pwrite of up to
     # mdcommit._RUN_PAGES pages: two a pwrite here, so that faults also come after some of the pages
     monkeypatch.setattr("thinpool.mdcommit._RUN_PAGES", 2)
+    if not one_flush:
+        monkeypatch.setattr("thinpool.mdcommit.ONE_FLUSH_PAGES", 0)
     cases = _cases()
-    # the scenario's commit writes its pages in several pwrites, syncs, writes the superblock and
-    # syncs again
+    # the scenario's commit writes its pages in several pwrites, (syncs,) writes the superblock and
+    # syncs
     kinds = [k for k, _ in sorted({("write" if m in HostFaultIO.WRITE_MODES else "sync", n) for m, n in cases},
                                    key=lambda kn: kn[1])]
-    assert kinds[-3:] == ["sync", "write", "sync"] and kinds[:-3].count("write") >= 3, kinds
+    if one_flush:
+        assert kinds[-2:] == ["write", "sync"] and kinds.count("sync") == 1 and kinds.count("write") >= 4, kinds
+    else:
+        assert kinds[-3:] == ["sync", "write", "sync"] and kinds[:-3].count("write") >= 3, kinds
     outcomes: Counter = Counter()
     for i, (mode, at) in enumerate(cases):
         path = str(tmp_path / f"p{i}")

@@ -172,11 +172,13 @@ pool.close()
 """
 
 
-def test_kernel_rule_data_durable_before_any_metadata_write_whichever_thread_flushes(tmp_path):
-    """strace -f of a process making 24 one-write commits: before the first metadata write of every
+def test_kernel_rule_data_durable_before_the_superblock_whichever_thread_flushes(tmp_path):
+    """strace -f of a process making 24 one-write commits: before the superblock write of every
     commit, a flush of the data file has *returned* since that file's last write -- the helper
     thread's (another open of the file) or the committing thread's own (dm-thin flushes the data
-    device before it commits the metadata that maps the new blocks)."""
+    device before it commits the metadata that maps the new blocks; the pages a commit writes to
+    blocks no superblock refers to may go before, as dm-bufio's write-back may).  Every commit writes
+    its pages, then its superblock, then flushes the metadata file (once, or after the pages too)."""
     require_tool("strace")
     path = str(tmp_path / "p")
     with Pool.create(path, data_size="64MiB") as pool:
@@ -189,7 +191,7 @@ def test_kernel_rule_data_durable_before_any_metadata_write_whichever_thread_flu
                         sys.executable, str(script), path], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr
     pending: dict[str, str] = {}  # pid -> the path of its unfinished fdatasync
-    events: list[tuple[str, str]] = []  # ("flushed" | "write", path), in the order they completed / began
+    events: list[tuple[str, str, int]] = []  # ("flushed" | "write", path, offset), in the order they completed / began
     for line in log.read_text().splitlines():
         m = re.match(r"(\d+)\s+(.*)", line)
         if not m:
@@ -198,7 +200,7 @@ def test_kernel_rule_data_durable_before_any_metadata_write_whichever_thread_flu
         call = re.match(r"(fdatasync|pwrite64)\(\d+<([^>]*)>", rest)
         if rest.startswith("<... fdatasync resumed>"):
             if rest.rstrip().endswith("= 0"):
-                events.append(("flushed", pending.pop(pid)))
+                events.append(("flushed", pending.pop(pid), -1))
             continue
         if call is None:
             continue
@@ -207,28 +209,32 @@ def test_kernel_rule_data_durable_before_any_metadata_write_whichever_thread_flu
             if rest.endswith("<unfinished ...>"):
                 pending[pid] = target
             elif rest.rstrip().endswith("= 0"):
-                events.append(("flushed", target))
+                events.append(("flushed", target, -1))
         else:
-            events.append(("write", target))
+            offset = re.search(r", (\d+)(?:\)| <unfinished)", rest)  # (its last argument)
+            assert offset, rest
+            events.append(("write", target, int(offset.group(1))))
     data = os.path.realpath(os.path.join(path, "data"))
     meta = os.path.realpath(os.path.join(path, "metadata"))
     commits = 0
-    data_flushed = False  # since the last commit ended (its superblock's flush)
+    data_flushed = False  # since the data file's last write
     phase = 0  # 0 between commits, 1 pages written, 2 pages flushed, 3 superblock written
     data_writes = 0
-    for kind, target in events:
+    for kind, target, offset in events:
         if kind == "flushed" and target == data:
             data_flushed = True
         elif kind == "write" and target == data:
             data_writes += 1
             data_flushed = False  # (a write after the flush: the next commit needs another)
-        elif kind == "write" and target == meta:
+        elif kind == "write" and target == meta and offset >= 2 * 4096:  # a page
+            assert phase in (0, 1), f"commit {commits}: a page written after the superblock, before its flush"
             if phase == 0:
                 commits += 1
-                assert data_flushed, f"commit {commits}: a metadata write before the data file's flush returned"
                 phase = 1
-            elif phase == 2:
-                phase = 3
+        elif kind == "write" and target == meta:  # a superblock slot
+            assert phase in (1, 2), f"commit {commits}: a superblock written without pages before it"
+            assert data_flushed, f"commit {commits}: the superblock written before the data file's flush returned"
+            phase = 3
         elif kind == "flushed" and target == meta:
             if phase == 1:
                 phase = 2

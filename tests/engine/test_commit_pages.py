@@ -1,5 +1,6 @@
 """What one small commit writes and in which order (dm-thin-metadata.c's commit: every dirty block
-written, a flush, then the superblock; data flushed before the metadata that maps it).
+written, then the superblock; data flushed before the superblock that maps it; a small commit's pages
+and superblock made durable by one flush, the superblock listing the pages).
 
 A recording layer under the metadata store (``MetadataStore.io``) and the data file (``DataDevice.io``)
 logs every ``pwrite`` and ``fdatasync`` of a commit.  The page sets are the ones a commit of that
@@ -15,7 +16,7 @@ import pytest
 
 from thinpool import Pool, mdstore
 from thinpool.hostio import DataIO
-from thinpool.mdpages import BLOCK, SUPERBLOCKS
+from thinpool.mdpages import BLOCK, COMMIT_PAGES, SUPERBLOCKS, checksum
 
 BS = 64 * 1024
 
@@ -84,15 +85,20 @@ def _pages(log: list[tuple[str, str, int, int]]) -> list[int]:
             for b in range(first, first + n)]
 
 
-def _check_order(log: list[tuple[str, str, int, int]]) -> None:
-    """data flush; page writes; metadata flush; one superblock write; metadata flush -- 3 flushes."""
+def _check_order(log: list[tuple[str, str, int, int]], store) -> None:
+    """page writes; the data flush; one superblock write; one metadata flush -- 2 flushes (a one-flush
+    commit: the data is durable before the superblock is written, and the superblock lists every page
+    the commit wrote, block and CRC-32C, so that a load can tell whether they all reached the disk)."""
     calls = [(f, call) for f, call, _first, _n in log]
-    assert calls[0] == ("data", "fdatasync"), log
-    assert calls.count(("data", "fdatasync")) == 1 and calls.count(("md", "fdatasync")) == 2, log
+    assert calls.count(("data", "fdatasync")) == 1 and calls.count(("md", "fdatasync")) == 1, log
     sb = [i for i, (f, call, first, _n) in enumerate(log) if f == "md" and call == "pwrite" and first < SUPERBLOCKS]
     assert len(sb) == 1 and log[sb[0]][3] == 1, log
-    assert calls[sb[0] - 1] == ("md", "fdatasync") and calls[sb[0] + 1:] == [("md", "fdatasync")], log
-    assert all(call == "pwrite" for f, call, *_ in log[1:sb[0] - 1]), log
+    assert calls[sb[0] - 1] == ("data", "fdatasync") and calls[sb[0] + 1:] == [("md", "fdatasync")], log
+    assert all(f == "md" and call == "pwrite" for f, call, *_ in log[:sb[0] - 1]), log
+    listed = store.header[COMMIT_PAGES]
+    assert sorted(loc >> 32 for loc in listed) == sorted(_pages(log)), (listed, log)
+    for loc in listed:
+        assert checksum(os.pread(store.fd, BLOCK, (loc >> 32) * BLOCK)) == loc & 0xFFFFFFFF
 
 
 def test_kernel_rule_commit_writes_dirty_blocks_flushes_then_superblock_new_leaf(pool_rec):
@@ -102,7 +108,7 @@ def test_kernel_rule_commit_writes_dirty_blocks_flushes_then_superblock_new_leaf
     p, v, rec, arrays = pool_rec
     v.write(600 * BS, b"d" * 4096)
     p.commit()
-    _check_order(rec.log)
+    _check_order(rec.log, p._store)
     assert arrays == [{"leaf_packs", "inner_packs", "leaf_rc", "data_sm", "devs"}]
     pages = _pages(rec.log)
     assert len(pages) == 11 == len(set(pages)), rec.log
@@ -129,7 +135,7 @@ def test_kernel_rule_unchanged_pages_are_not_rewritten_same_leaf(pool_rec):
     p, v, rec, arrays = pool_rec
     v.write(BS, b"b" * 4096)
     p.commit()
-    _check_order(rec.log)
+    _check_order(rec.log, p._store)
     assert arrays == [{"leaf_packs", "data_sm", "devs"}]
     assert len(_pages(rec.log)) == 7, rec.log
 

@@ -1,12 +1,14 @@
 """The metadata writes' write-back started early, and what a commit does while it runs.
 
-A commit starts the write-back of its pages right after their ``pwrite`` and makes the superblock
-while that I/O runs, then flushes; it starts the superblock's write-back right after its ``pwrite``
-and does its bookkeeping (``Pool._committed_in_memory``) while that I/O runs, then flushes
-(``sync_file_range(SYNC_FILE_RANGE_WRITE)``: it never reports a write-back error, the ``fdatasync``
-after it does).  The kernel's order is unchanged (dm-thin-metadata.c's commit: the dirty blocks, a
-flush, the superblock, flushed before the commit is reported done): strace checks it on every commit
-of a real process, and a flush that fails after the bookkeeping still fails the pool.
+A commit of more pages than a superblock lists (``mdcommit.ONE_FLUSH_PAGES``) starts the write-back
+of its pages right after their ``pwrite`` and makes the superblock while that I/O runs, then
+flushes; a smaller one (a one-flush commit) makes the superblock, listing the pages, right after
+them.  Either starts the superblock's write-back (with its pages', in a one-flush commit) right after
+its ``pwrite`` and does its bookkeeping (``Pool._committed_in_memory``) while that I/O runs, then
+flushes (``sync_file_range(SYNC_FILE_RANGE_WRITE)``: it never reports a write-back error, the
+``fdatasync`` after it does).  The kernel's rules hold (dm-thin-metadata.c's commit: the dirty
+blocks, then the superblock, flushed before the commit is reported done): strace checks them on
+every commit of a real process, and a flush that fails after the bookkeeping still fails the pool.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import pytest
 from tests.support import require_tool
 from thinpool import Pool, mdstore
 from thinpool.errors import HostIOError
-from thinpool.mdpages import BLOCK, SUPERBLOCKS
+from thinpool import mdcommit
+from thinpool.mdpages import BLOCK, COMMIT_PAGES, SUPERBLOCKS
 
 _COMMITS = """
 import os, sys
@@ -40,9 +43,11 @@ pool.close()
 
 def test_kernel_rule_pages_then_superblock_durable_before_commit_returns(tmp_path):
     """strace -f of a process making 24 one-write commits, on the metadata file: every commit's
-    superblock write follows a flush that returned after its pages' writes; both writes' write-back
-    is started (sync_file_range) before that write's flush; and commit() returns only after a flush
-    that returned after the superblock's write (dm-thin: the superblock written last, with FUA)."""
+    superblock write follows its pages' writes, and no page is written after it before the flush;
+    every write's write-back is started (sync_file_range) before the flush after it; commit()
+    returns only after a flush that returned after the superblock's write (dm-thin: the superblock
+    written last, with FUA); and each of these small commits flushes the metadata file once (a
+    one-flush commit: its superblock lists its pages, see test_commit_pages)."""
     require_tool("strace")
     path = str(tmp_path / "p")
     with Pool.create(path, data_size="64MiB") as pool:
@@ -60,7 +65,7 @@ def test_kernel_rule_pages_then_superblock_durable_before_commit_returns(tmp_pat
     pending: dict[str, str] = {}  # pid -> the path of its unfinished fdatasync
     pages_written = sb_written = False  # since the last flush of the metadata file returned
     started = True  # the write-back of the last write started since it
-    markers = 0
+    markers = flushes = 0
     for line in log.read_text().splitlines():
         m = re.match(r"(\d+)\s+(.*)", line)
         if not m:
@@ -81,20 +86,22 @@ def test_kernel_rule_pages_then_superblock_durable_before_commit_returns(tmp_pat
         if name == "pwrite64":
             offset = int(re.search(r", (\d+)(?:\)| <unfinished)", args).group(1))  # (its last argument)
             if offset < SUPERBLOCKS * BLOCK:
-                assert not pages_written, f"commit {markers + 1}: the superblock written before the pages' flush"
+                assert pages_written, f"commit {markers + 1}: the superblock written before its pages"
                 sb_written = True
             else:
+                assert not sb_written, f"commit {markers + 1}: a page written after the superblock"
                 pages_written = True
             started = False
         elif name == "sync_file_range":
             started = True
         else:
             assert started, f"commit {markers + 1}: a flush without the write-back started first"
+            flushes += 1
             if rest.endswith("<unfinished ...>"):
                 pending[pid] = meta
             elif rest.rstrip().endswith("= 0"):
                 pages_written = sb_written = False
-    assert markers == 24
+    assert markers == 24 and flushes == 24, (markers, flushes)
 
 
 class _FailingSuperblockFlush(mdstore.FileIO):
@@ -176,10 +183,11 @@ class _Logged(mdstore.FileIO):
 
 def test_kernel_rule_superblock_made_after_the_pages_are_written_and_before_their_flush(tmp_path, monkeypatch):
     """What only the superblock needs -- the block-state map once the commit is durable and the
-    device hints it records -- is made after the pages' write and before their flush (while their
-    write-back runs), not before the first write; the order of the writes and flushes stays the
-    kernel's (pages, flush, superblock, flush), and the superblock records the hints and the block
-    counts a reopen reads back."""
+    device hints it records -- is made after the pages' write and before the flush (while their
+    write-back runs), not before the first write; the writes and flushes go pages, superblock, flush
+    for a small commit (its superblock lists the pages) and pages, flush, superblock, flush for one of
+    more pages than a superblock lists; the superblock records the hints and the block counts a
+    reopen reads back."""
     from thinpool import mdspace
     path = str(tmp_path / "p")
     with Pool.create(path, data_size="64MiB") as pool:
@@ -203,7 +211,15 @@ def test_kernel_rule_superblock_made_after_the_pages_are_written_and_before_thei
             v.write(i * 65536, bytes([i + 1]) * 4096)
             _Logged.log.clear()
             pool.commit()
-            assert _Logged.log == ["pages", "block states", "hints", "flush", "superblock", "flush"], _Logged.log
+            assert _Logged.log == ["pages", "block states", "hints", "superblock", "flush"], _Logged.log
+            assert COMMIT_PAGES in pool._store.header
+        # a commit of more pages than a superblock lists (here: 3): its pages flushed before the superblock
+        monkeypatch.setattr(mdcommit, "ONE_FLUSH_PAGES", 3)
+        v.write(3 * 65536, bytes([4]) * 4096)
+        _Logged.log.clear()
+        pool.commit()
+        assert _Logged.log == ["pages", "block states", "hints", "flush", "superblock", "flush"], _Logged.log
+        assert COMMIT_PAGES not in pool._store.header
         store = pool._store
         top, used, nr_thins = store.hint("metadata_top"), store.used_blocks(), store.hint("nr_thins")
         pool._store.io = mdstore.FileIO()
