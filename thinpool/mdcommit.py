@@ -88,6 +88,7 @@ class MetadataCommit(MetadataSpace):
     fd: int
     read_only: bool
     failed: str | None
+    _rejected_slots: list[int]
     _queued: list[tuple[int, Any]]
     _chunks: list[tuple[Any, memoryview, Any]]
     _sb_written: dict[int, bytes | bytearray]
@@ -314,6 +315,8 @@ class MetadataCommit(MetadataSpace):
             self._listed = None
             if before_write is not None:
                 before_write()  # (nothing of the commit is written before it)
+            if self._rejected_slots:
+                self._clear_rejected()
             self._write_runs(runs)
             if listed is None and START_WRITEBACK and self.io.fdatasync is os.fdatasync:  # (a substituted
                 start_writeback(self.fd, 0, 0)  # flush: the tests' model) (the file's dirty pages: the runs)
@@ -465,6 +468,20 @@ class MetadataCommit(MetadataSpace):
         raw[_SB_HEADER.size:_SB_HEADER.size + len(body)] = body
         struct.pack_into("<I", raw, 0, _crc32c(memoryview(raw)[4:]))
         return raw
+
+    def _clear_rejected(self) -> None:
+        """Zero the superblock slots the load did not use (newer than the state loaded: a commit that
+        did not complete, or damaged), durably, before this commit writes a page.  Such a superblock
+        stays in its slot until a commit writes that slot, and this commit may write the very pages it
+        lists to the very blocks (the same change redone from the same state): power lost before its
+        own superblock would then leave the old one with every page verifying, a state that was never
+        committed.  Only the first commit after such a load pays this write and flush."""
+        for slot in self._rejected_slots:
+            zeros = bytes(BLOCK)
+            write_all(self.io.pwrite, self.fd, zeros, slot * BLOCK, self.path)
+            self._sb_written[slot] = zeros
+        self.sync()
+        self._rejected_slots = []
 
     def _write_superblock(self, generation: int, raw: bytearray,
                           while_flushing: Callable[[], None] | None = None, *, with_pages: bool = False) -> None:

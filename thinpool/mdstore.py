@@ -83,6 +83,9 @@ class MetadataStore(MetadataCommit):
         self._chunks: list[tuple[Any, memoryview, Any]] = []  # (blocks, rows' buffer, rows): see _queue_rows
         self._undo: list[tuple[int, int]] | None = None  # the block states it changed (see commit)
         self._sb_written: dict[int, bytes | bytearray] = {}  # per slot: the superblock written there last
+        #: slots of superblocks newer than the one loaded that :meth:`load` did not use (cleared by the
+        #: next commit before it writes a page: see MetadataCommit._clear_rejected)
+        self._rejected_slots: list[int] = []
         #: why this store must be reopened before it commits again (a flush failed), or None
         self.failed: str | None = None
 
@@ -302,13 +305,16 @@ class MetadataStore(MetadataCommit):
                                   f"(not a thinpool metadata file, truncated, or both corrupt)",
                                   structure="superblock", block=0)
         first_error: MetadataCorrupt | None = None
-        for generation, _slot, header in candidates:
+        rejected: list[int] = []
+        for generation, slot, header in candidates:
             try:
                 arrays = self._load_state(header, names, skipped)
                 self._check_commit_pages(generation, header)  # (and the pages not read yet)
             except MetadataCorrupt as exc:
                 first_error = first_error or exc
+                rejected.append(slot)
                 continue
+            self._rejected_slots = rejected
             self.generation = generation
             self.header = header
             if first_error is None:

@@ -172,3 +172,43 @@ def test_the_commit_pages_error_names_structure_and_block(tmp_path):
             opener(path)
         assert err.value.block == block and f"bad checksum in metadata block {block}" in str(err.value)
         assert err.value.structure and str(err.value).split(": ")[1] == err.value.structure, str(err.value)
+
+
+class StopAtSuperblock(mdstore.FileIO):
+    """The store's write path; when ``armed``, power is lost instead of the next superblock write
+    (every write before it persists)."""
+
+    armed = False
+
+    @staticmethod
+    def pwrite(fd: int, data, offset: int) -> int:
+        if StopAtSuperblock.armed and offset < SUPERBLOCKS * BLOCK:
+            raise PowerLoss()
+        return os.pwrite(fd, data, offset)
+
+
+def test_a_rejected_superblock_never_comes_back(tmp_path, monkeypatch):
+    """A commit lost a page in its flush; the reopened pool (the previous commit) redoes the same
+    change, whose commit writes the same pages to the same blocks -- and loses power before its
+    superblock.  The first commit's superblock, still in its slot, now finds every page it lists:
+    it must not be used (the pool clears a slot it rejected before it writes any page again), so
+    the pool reopens at the previous commit, whose bytes are all there."""
+    monkeypatch.setattr(mdcommit, "_RUN_PAGES", 1)
+    path = str(tmp_path / "p")
+    written = _crash_in_commit(path, 1, monkeypatch)  # (its first page lost)
+    assert written[0] >= SUPERBLOCKS * BLOCK
+    with Pool.open(path) as pool:
+        assert pool.thin("v").read(5 * BS, 4096) == bytes(4096) and pool.recovered_from
+        pool._store.io = StopAtSuperblock()
+        pool.thin("v").write(5 * BS, C)  # the same block, other bytes
+        monkeypatch.setattr(StopAtSuperblock, "armed", True)
+        with pytest.raises(PowerLoss):
+            pool.commit()
+        monkeypatch.setattr(StopAtSuperblock, "armed", False)
+        pool._store.io = mdstore.FileIO()
+        pool.close(commit=False)
+    with Pool.open(path) as pool:
+        v = pool.thin("v")
+        assert v.mappings()[0].tolist() == [0], "a superblock the pool had rejected was used"
+        assert v.read(0, 4096) == A and v.read(5 * BS, 4096) == bytes(4096)
+        assert pool.check().ok
