@@ -68,9 +68,9 @@ FR_SEND = 6
 
 #: ``state`` columns: receive buffer start / end of unread bytes, reply bytes sent / queued, whether
 #: to busy-poll at the next wait, monotonic ns before which not to, READs served, receives, blocking waits,
-#: WRITEs served, waits for the rest of a WRITE payload
+#: WRITEs served, waits for the rest of a WRITE payload, busy-polls ended by a yield that ran another task
 S_RPOS, S_REND, S_OSENT, S_OLEN, S_SPIN, S_BACKOFF, S_SERVED, S_RECVS, S_WAITS = 0, 1, 2, 3, 4, 5, 6, 7, 8
-S_WRITTEN, S_PAYLOAD_WAITS = 9, 10
+S_WRITTEN, S_PAYLOAD_WAITS, S_CONTENDED = 9, 10, 11
 STATE_SIZE = 12
 #: how long the loop waits for the rest of a WRITE payload before handing the request to Python (whose
 #: receive path applies the message deadline)
@@ -168,10 +168,78 @@ def _write_in_place(rbuf, p, length, offset, tab, devs, slot, fd, min_data):
     return True
 
 
+@njit(cache=True)
+def _wait_request(sock, rbuf, state, cap, stop, idle_ms, spin_ns, contended_ns, backoff_ns, transmitting,
+                  pollfds, ts):
+    """Receive the next request(s) into the empty ``rbuf``; the bytes received (> 0), 0 (end of file, or a
+    receive error: Python's receive path reports it) or minus an ``FR_*`` code (FR_STOP, FR_IDLE).
+
+    First, while the session may (``state[S_SPIN]``, ``transmitting[0] == 1``, not backing off), a
+    busy-poll of up to ``spin_ns``: non-blocking receives with a ``sched_yield`` between them.  A yield
+    that took longer than ``contended_ns`` ran another task on this CPU -- the request may well have
+    arrived meanwhile, but it waited for that task's time slice, where a blocking receive would have
+    been woken at once -- so it ends the spinning for ``backoff_ns``.  Then one blocking ``recv``: the
+    socket's receive timeout (``SO_RCVTIMEO``, :data:`thinpool.nbd.readloop.RECV_WAIT_MS`) bounds it,
+    after which the wait goes on in ``poll`` with the server's wake-up descriptor (``pollfds``) and the
+    idle timeout ``idle_ms`` (-1: none).  ``stop[0]`` (set when the server stops) is checked after
+    every receive: a stopping server answers what arrives in Python (ESHUTDOWN)."""
+    start = _now(ts)
+    got = -1
+    if spin_ns > 0 and state[S_SPIN] != 0 and transmitting[0] == 1 and start >= state[S_BACKOFF]:
+        end = start + spin_ns
+        while True:
+            got = c_recv(sock, rbuf.ctypes.data, cap, _MSG_DONTWAIT)
+            if got >= 0:
+                break
+            t = _now(ts)
+            if t >= end:
+                break
+            c_sched_yield()
+            t2 = _now(ts)
+            if t2 - t > contended_ns:
+                state[S_BACKOFF] = t2 + backoff_ns
+                state[S_CONTENDED] += 1
+                got = c_recv(sock, rbuf.ctypes.data, cap, _MSG_DONTWAIT)
+                break
+    if got < 0:
+        state[S_WAITS] += 1
+        while True:
+            got = c_recv(sock, rbuf.ctypes.data, cap, 0)
+            if got >= 0:
+                break
+            # the receive timeout (or a signal, or an error): wait in poll, where the server's wake-up
+            # descriptor and the idle timeout count
+            t = _now(ts)
+            wait_ms = idle_ms
+            if idle_ms >= 0:
+                left = idle_ms - (t - start) // 1_000_000
+                if left <= 0:
+                    return -FR_IDLE
+                wait_ms = left
+            pollfds[1] = _POLLIN
+            pollfds[3] = _POLLIN
+            r = c_poll(pollfds.ctypes.data, 2, wait_ms)
+            if (pollfds[3] >> 16) != 0 or stop[0] != 0:
+                return -FR_STOP
+            if r > 0 and (pollfds[1] >> 16) != 0:
+                got = c_recv(sock, rbuf.ctypes.data, cap, _MSG_DONTWAIT)
+                if got < 0:
+                    got = 0  # an error: Python's receive reports it
+                break
+    state[S_SPIN] = 1 if _now(ts) - start < 2 * spin_ns else 0
+    if stop[0] != 0:
+        if got > 0:
+            state[S_REND] = got  # received: Python answers it (ESHUTDOWN)
+            state[S_RECVS] += 1
+        return -FR_STOP
+    return got
+
+
+
 @njit(cache=True, nogil=True)
 def serve_reads(sock, rbuf, state, out, tab, devs, slot, fd, size, structured, read_flags, max_len,
                 rw, gen, bound_gen, idle_ms, spin_ns, contended_ns, backoff_ns, transmitting, pollfds, ts,
-                wmax, min_data):
+                wmax, min_data, stop):
     """Serve READs and in-place WRITEs from ``rbuf``/the socket until one of the ``FR_*`` conditions
     (module docstring).
 
@@ -183,7 +251,9 @@ def serve_reads(sock, rbuf, state, out, tab, devs, slot, fd, size, structured, r
     the poll timeout between requests (-1: none); ``spin_ns`` the busy-poll window (0: none), used only
     while ``transmitting[0] == 1`` (the session's rule, :meth:`thinpool.nbd.session.Session._spin_wait`);
     ``wmax`` the longest WRITE served (0: none -- a read-only export, a pool not in write mode, no data
-    file; at most half of ``rbuf``), ``min_data`` the data file's expected size in bytes.
+    file; at most half of ``rbuf``), ``min_data`` the data file's expected size in bytes; ``stop`` one
+    int64, non-zero once the server is stopping.  The socket is blocking, with a receive timeout
+    (:func:`_wait_request`).
     """
     cap = rbuf.shape[0]
     ocap = out.shape[0]
@@ -297,41 +367,18 @@ def serve_reads(sock, rbuf, state, out, tab, devs, slot, fd, size, structured, r
             return FR_SEND
         have = rend - rpos
         if have == 0:
+            # between requests: one receive that waits -- no poll before it (a request at iodepth 1
+            # costs a recv, its pread and a send); see _wait_request
             state[S_RPOS] = 0
             state[S_REND] = 0
-            rend = 0
-            readable = False
-            start = _now(ts)
-            if spin_ns > 0 and state[S_SPIN] != 0 and transmitting[0] == 1 and start >= state[S_BACKOFF]:
-                end = start + spin_ns
-                last = start
-                while True:
-                    pollfds[1] = _POLLIN
-                    pollfds[3] = _POLLIN
-                    if c_poll(pollfds.ctypes.data, 2, 0) != 0:
-                        readable = True
-                        break
-                    t = _now(ts)
-                    if t >= end:
-                        break
-                    if t - last > contended_ns:
-                        state[S_BACKOFF] = t + backoff_ns
-                        break
-                    c_sched_yield()
-                    last = t
-            if not readable:
-                state[S_WAITS] += 1
-                pollfds[1] = _POLLIN
-                pollfds[3] = _POLLIN
-                r = c_poll(pollfds.ctypes.data, 2, idle_ms)
-                if r == 0:
-                    return FR_IDLE
-                if r < 0:
-                    return FR_NEED
-            state[S_SPIN] = 1 if _now(ts) - start < 2 * spin_ns else 0
-            if (pollfds[3] >> 16) != 0:
-                return FR_STOP
-        elif rpos + _HDR > cap or rend == cap:
+            got = _wait_request(sock, rbuf, state, cap, stop, idle_ms, spin_ns, contended_ns, backoff_ns,
+                                transmitting, pollfds, ts)
+            if got <= 0:
+                return FR_NEED if got == 0 else -got
+            state[S_REND] = got
+            state[S_RECVS] += 1
+            continue
+        if rpos + _HDR > cap or rend == cap:
             rend = _to_front(rbuf, rpos, have, state)
         got = c_recv(sock, rbuf[rend:].ctypes.data, cap - rend, _MSG_DONTWAIT)
         if got <= 0:
@@ -344,4 +391,4 @@ kernels_cache.check(globals(), _built_with)
 
 __all__ = ["serve_reads", "FR_OTHER", "FR_NEED", "FR_STALE", "FR_STOP", "FR_IDLE", "FR_SEND", "STATE_SIZE",
            "S_RPOS", "S_REND", "S_OSENT", "S_OLEN", "S_SPIN", "S_BACKOFF", "S_SERVED",
-           "S_RECVS", "S_WAITS", "S_WRITTEN", "S_PAYLOAD_WAITS", "PAYLOAD_WAIT_MS"]
+           "S_RECVS", "S_WAITS", "S_WRITTEN", "S_PAYLOAD_WAITS", "S_CONTENDED", "PAYLOAD_WAIT_MS"]

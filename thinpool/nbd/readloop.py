@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import select
+import socket
+import struct
 from typing import Any
 
 import numpy as np
@@ -27,6 +29,11 @@ OUT_CAP = 2 * (MAX_READ + 28)
 ENABLED = os.environ.get("THINPOOL_NBD_COMPILED_READS", "1") != "0"
 #: ``THINPOOL_NBD_COMPILED_WRITES=0`` leaves every WRITE to the Python path (for A/B measurements)
 WRITES = os.environ.get("THINPOOL_NBD_COMPILED_WRITES", "1") != "0"
+#: the compiled loop waits for the next request in one blocking ``recv`` of at most this long (the
+#: socket's ``SO_RCVTIMEO``), then in ``poll`` with the server's wake-up descriptor: a stopping server
+#: ends a session idle in the loop within this time (the Python path receives only what ``poll`` said
+#: is there, so the timeout never ends one of its receives)
+RECV_WAIT_MS = 50
 
 
 _ENTRIES: dict[tuple, Any] = {}
@@ -48,12 +55,12 @@ def _entry(args: tuple) -> Any:
 def _loop_args(sock: int, rbuf: np.ndarray, state: np.ndarray, out: np.ndarray, b: Any, size: int,
                structured: bool, read_flags: int, max_len: int, idle_ms: int, spin_ns: int, contended_ns: int,
                backoff_ns: int, transmitting: np.ndarray, pollfds: np.ndarray, ts: np.ndarray,
-               wmax: int) -> tuple:
+               wmax: int, stop: np.ndarray) -> tuple:
     """``serve_reads``' arguments for binding ``b`` (one place: :meth:`CompiledReads.run` and
     :func:`precompile` must give it the same types)."""
     return (int(sock), rbuf, state, out, b.table, b.devs, b.slot, b.fd, min(size, b.size), bool(structured),
             int(read_flags), int(max_len), b.lock.rw, b.lock.gen, b.gen, int(idle_ms), int(spin_ns),
-            int(contended_ns), int(backoff_ns), transmitting, pollfds, ts, int(wmax), int(b.data_bytes))
+            int(contended_ns), int(backoff_ns), transmitting, pollfds, ts, int(wmax), int(b.data_bytes), stop)
 
 
 def precompile(pool: Any) -> bool:
@@ -76,7 +83,7 @@ def precompile(pool: Any) -> bool:
     pollfds = np.array([-1, select.POLLIN, -1, select.POLLIN], np.int32)
     _entry(_loop_args(-1, np.frombuffer(bytearray(16), np.uint8), np.zeros(kernels_nbd.STATE_SIZE, np.int64),
                       np.empty(16, np.uint8), b, 0, True, 0, 0, -1, 0, 0, 0, np.zeros(1, np.int64), pollfds,
-                      np.zeros(2, np.int64), 0))
+                      np.zeros(2, np.int64), 0, np.zeros(1, np.int64)))
     return True
 
 
@@ -97,6 +104,12 @@ class CompiledReads:
         self.pollfds = np.array([session.sock.fileno(), select.POLLIN, session.ctx.wake_fd, select.POLLIN],
                                 np.int32)
         self.ts = np.zeros(2, np.int64)
+        self.stop = session.ctx.stop_flag
+        # the loop's blocking receive between requests ends after RECV_WAIT_MS (or the idle timeout)
+        idle = session.ctx.idle_timeout
+        wait_us = RECV_WAIT_MS * 1000 if idle is None else max(1000, min(RECV_WAIT_MS * 1000, int(idle * 1e6)))
+        session.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                                struct.pack("@ll", wait_us // 1_000_000, wait_us % 1_000_000))
         self.binding: Any = None
         self.registered = False
         self.binds = 0  # bindings taken (the first, and one after every FR_STALE)
@@ -151,7 +164,7 @@ class CompiledReads:
             wmax = MAX_WRITE if writable and WRITES and b.writable else 0
             args = _loop_args(int(self.pollfds[0]), self.rbuf, st, self.out, b, size, structured, read_flags,
                               max_len, idle_ms, spin_ns, contended_ns, backoff_ns, transmitting, self.pollfds,
-                              self.ts, wmax)
+                              self.ts, wmax, self.stop)
             fn = self._fn
             if fn is None:
                 fn = self._fn = _entry(args)
@@ -178,5 +191,15 @@ class CompiledReads:
         """WRITEs the compiled loop has served on this connection."""
         return int(self.state[self.fr.S_WRITTEN])
 
+    @property
+    def waits(self) -> int:
+        """Blocking waits for the next request (the others were caught by busy-polling)."""
+        return int(self.state[self.fr.S_WAITS])
 
-__all__ = ["CompiledReads", "precompile", "MAX_READ", "MAX_WRITE", "ENABLED", "WRITES"]
+    @property
+    def contended(self) -> int:
+        """Busy-polls ended because a ``sched_yield`` ran another task on this CPU (each starts a back-off)."""
+        return int(self.state[self.fr.S_CONTENDED])
+
+
+__all__ = ["CompiledReads", "precompile", "MAX_READ", "MAX_WRITE", "ENABLED", "WRITES", "RECV_WAIT_MS"]

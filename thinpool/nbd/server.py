@@ -312,6 +312,7 @@ class NBDServer:
             return
         log.info("nbd: shutting down")
         self._stopping.set()
+        self._ctx.stop_flag[0] = 1
         try:
             os.write(self._wake_w, b"x")
         except OSError:

@@ -53,6 +53,8 @@ class SessionContext:
     message_timeout: float | None = 30.0
     #: WRITE payloads received and not yet served, over all sessions (None: no limit)
     budget: PayloadBudget | None = None
+    #: one int64, set non-zero with ``stopping`` (the compiled loop reads it after every receive)
+    stop_flag: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))
 
 
 _RECV_CHUNK = 256 * 1024
@@ -65,7 +67,7 @@ _BUDGET_CHUNK = 1 << 20
 #: busy-poll window before a session blocks for its next request (see Session._spin_wait); 0 disables
 SPIN_NS = int(os.environ.get("THINPOOL_NBD_SPIN_NS", 100_000))
 _SPINNER = threading.Lock()
-#: a busy-poll round (poll + sched_yield) longer than this gave the CPU (or the GIL) to someone else
+#: a busy-poll's sched_yield longer than this gave the CPU (or the GIL) to someone else
 CONTENDED_NS = 30_000
 #: after such a round a session blocks without busy-polling for this long
 SPIN_BACKOFF_NS = 100_000_000
@@ -281,9 +283,10 @@ class Session(Handshake, RequestHandling):
         about the window (an idle or slow client costs no CPU); one session spins at a time, and only
         while it is the only connection in the transmission phase (with two, the spinner's GIL
         hand-overs would delay the other connection's requests); each round yields the CPU, so a
-        client sharing it runs at once -- and a round that took longer than CONTENDED_NS (another task
-        wanted this CPU, or another thread the GIL) ends the spinning for SPIN_BACKOFF_NS: on a busy
-        machine spinning only burns the CPU time the server needs for serving.
+        client sharing it runs at once -- and a yield that took longer than CONTENDED_NS (another task
+        wanted this CPU, or another thread the GIL) ends the spinning for SPIN_BACKOFF_NS, also when the
+        request arrived meanwhile (it waited for that task's time slice, where a blocked session is woken
+        at once): on a busy machine spinning only burns the CPU time the server needs for serving.
         """
         now = time.monotonic_ns
         start = now()
@@ -291,18 +294,18 @@ class Session(Handshake, RequestHandling):
             try:
                 poll0 = self._busy_poll.poll
                 end = start + SPIN_NS
-                last = start
                 while True:
                     if poll0(0):
                         return True, True
                     t = now()
                     if t >= end:
                         break
-                    if t - last > CONTENDED_NS:
-                        self._spin_backoff = t + SPIN_BACKOFF_NS
-                        break
                     os.sched_yield()
-                    last = t
+                    # (timed around the yield alone: a request that arrived while another task ran
+                    # waited for that task's time slice -- the wait below would have been woken at once)
+                    if now() - t > CONTENDED_NS:
+                        self._spin_backoff = now() + SPIN_BACKOFF_NS
+                        break
             finally:
                 _SPINNER.release()
         readable = self._wait_readable(True, [])  # False: stopping (the caller's wait handles that)
