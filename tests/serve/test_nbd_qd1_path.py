@@ -5,7 +5,8 @@ at iodepth 1 costs in system calls, and when busy-polling gives way to a blockin
   ``send`` -- no ``poll`` before the receive (strace of a served pool, busy-polling off);
 * a busy-poll whose ``sched_yield`` ran another task on the CPU stops busy-polling (for the back-off),
   also when the request arrived during that yield: it had waited for the other task's time slice,
-  where a session blocked in ``recv`` is woken at once.
+  where a session blocked in ``recv`` is woken at once -- in the compiled loop and in the Python path's
+  busy-poll (Session._spin_wait).
 
 (A session idle in the loop's blocking receive still ends at the server's stop and at its idle timeout:
 tests/serve/test_nbd_compiled_reads.py and test_serve_hostile.py check both.)
@@ -20,6 +21,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from typing import Iterator
 
@@ -179,3 +181,40 @@ def test_nbd_rule_a_busy_poll_that_yields_to_another_task_stops_busy_polling(mon
     # over CONTENDED_NS without a request -- happened to end the busy-polling sooner or later.)
     assert loop.contended == 1
     assert loop.waits >= READS - 5, (loop.waits, loop.contended)
+
+
+def test_nbd_rule_the_python_paths_busy_poll_backs_off_after_a_yield_that_ran_another_task(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Python path's busy-poll (Session._spin_wait: exports without the compiled loop) follows the same
+    rule.  Its ``sched_yield`` is replaced by one that lets "another task" run for 1 ms, during which the
+    client's request arrives: the wait returns readable and the session backs off.  The code before
+    found the request at its next poll and kept busy-polling (no back-off)."""
+    from thinpool.nbd.session import Session, SessionContext
+    a, b = socket.socketpair()
+    wake_r, wake_w = os.pipe()
+    yields: list[int] = []
+    transmitting = int(session_mod._transmitting[0])
+
+    def other_task_runs() -> None:
+        yields.append(1)
+        if len(yields) == 1:
+            b.sendall(b"\0" * 28)  # the request arrives while the other task has the CPU
+        time.sleep(0.001)
+    try:
+        ctx = SessionContext(provider=None, read_only=False, stopping=threading.Event(),  # type: ignore[arg-type]
+                             wake_fd=wake_r, grace=1.0)
+        s = Session(a, ctx, "test")
+        monkeypatch.setattr(session_mod, "SPIN_NS", 10**9)
+        monkeypatch.setattr(session_mod.os, "sched_yield", other_task_runs)
+        session_mod._transmitting[0] = 1  # the only connection transmitting
+        assert s._spin_backoff == 0
+        _spin_next, readable = s._spin_wait(True)
+        assert readable
+        assert yields == [1]
+        assert s._spin_backoff > time.monotonic_ns()  # backing off now
+    finally:
+        session_mod._transmitting[0] = transmitting
+        a.close()
+        b.close()
+        os.close(wake_r)
+        os.close(wake_w)
