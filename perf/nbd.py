@@ -342,10 +342,10 @@ done.  Before this build, at load 0.5-4.6 (the run just before it, 2026-12-06): 
 / off, 4,408 / 8,369 IOPS for reads at iodepth 1, 4,352 / 6,229 for writes; off was ahead at iodepth 16
 too (+9 %, +11 %), and with two connections (reads QD16: +18 %, QD1: +79 %).  So a session now polls
 only while it is the only connection in the transmission phase, and stops for 100 ms after a
-`sched_yield` took over 30 us (it gave the CPU to another task or the GIL to another thread) -- also
-when the request arrived during that yield (until 2026-12-07 only a round that found no request
+`sched_yield` took over 30 us (it gave the CPU to another task or the GIL to another thread) without a
+request arriving, or took longer than the whole 100 us window (until 2026-12-07 only the first
 counted, and at iodepth 1 the request nearly always arrived while the other task ran its time slice:
-a session sharing its CPU with a busy process kept polling, and each request waited for that slice);
+a session sharing its CPU with a busy process kept polling, and those requests waited for that slice);
 on an idle machine it polls as before.  Between requests the compiled loop waits in one blocking
 `recv` (no `poll` before it): a READ at iodepth 1 costs the session a `recv`, a `pread` and a `send`.  Multi-conn is safe to advertise: every connection serves the one
 pool under its lock (compiled reads under its reader-writer side's read side, in-place writes under

@@ -176,9 +176,12 @@ def _wait_request(sock, rbuf, state, cap, stop, idle_ms, spin_ns, contended_ns, 
 
     First, while the session may (``state[S_SPIN]``, ``transmitting[0] == 1``, not backing off), a
     busy-poll of up to ``spin_ns``: non-blocking receives with a ``sched_yield`` between them.  A yield
-    that took longer than ``contended_ns`` ran another task on this CPU -- the request may well have
-    arrived meanwhile, but it waited for that task's time slice, where a blocking receive would have
-    been woken at once -- so it ends the spinning for ``backoff_ns``.  Then one blocking ``recv``: the
+    that took longer than ``contended_ns`` ran another task on this CPU: the busy-poll ends there, and
+    it stops for ``backoff_ns`` if no request came meanwhile, or if the yield took longer than the whole
+    window ``spin_ns`` -- a request that arrived then waited for another task's time slice (a
+    millisecond and more), where a blocking receive would have been woken at once.  (A shorter yield
+    that brought the request is the client itself running on this CPU: that is what the busy-poll is
+    for, with fio's 16 completions and resubmissions at iodepth 16 taking 30-60 us.)  Then one blocking ``recv``: the
     socket's receive timeout (``SO_RCVTIMEO``, :data:`thinpool.nbd.readloop.RECV_WAIT_MS`) bounds it,
     after which the wait goes on in ``poll`` with the server's wake-up descriptor (``pollfds``) and the
     idle timeout ``idle_ms`` (-1: none).  ``stop[0]`` (set when the server stops) is checked after
@@ -197,9 +200,10 @@ def _wait_request(sock, rbuf, state, cap, stop, idle_ms, spin_ns, contended_ns, 
             c_sched_yield()
             t2 = _now(ts)
             if t2 - t > contended_ns:
-                state[S_BACKOFF] = t2 + backoff_ns
-                state[S_CONTENDED] += 1
                 got = c_recv(sock, rbuf.ctypes.data, cap, _MSG_DONTWAIT)
+                if got < 0 or t2 - t > spin_ns:
+                    state[S_BACKOFF] = t2 + backoff_ns
+                    state[S_CONTENDED] += 1
                 break
     if got < 0:
         state[S_WAITS] += 1

@@ -284,9 +284,10 @@ class Session(Handshake, RequestHandling):
         while it is the only connection in the transmission phase (with two, the spinner's GIL
         hand-overs would delay the other connection's requests); each round yields the CPU, so a
         client sharing it runs at once -- and a yield that took longer than CONTENDED_NS (another task
-        wanted this CPU, or another thread the GIL) ends the spinning for SPIN_BACKOFF_NS, also when the
-        request arrived meanwhile (it waited for that task's time slice, where a blocked session is woken
-        at once): on a busy machine spinning only burns the CPU time the server needs for serving.
+        wanted this CPU, or another thread the GIL) ends the spinning for SPIN_BACKOFF_NS when no request
+        came meanwhile, or when it took longer than the whole window (the request then waited for that
+        task's time slice, where a blocked session is woken at once): on a busy machine spinning only
+        burns the CPU time the server needs for serving.
         """
         now = time.monotonic_ns
         start = now()
@@ -301,10 +302,16 @@ class Session(Handshake, RequestHandling):
                     if t >= end:
                         break
                     os.sched_yield()
-                    # (timed around the yield alone: a request that arrived while another task ran
-                    # waited for that task's time slice -- the wait below would have been woken at once)
-                    if now() - t > CONTENDED_NS:
-                        self._spin_backoff = now() + SPIN_BACKOFF_NS
+                    took = now() - t
+                    if took > CONTENDED_NS:
+                        # another task (or thread) ran: back off if no request came meanwhile, or if it
+                        # held the CPU longer than the whole window -- the request then waited for that
+                        # task's time slice, where the wait below would have been woken at once
+                        readable = bool(poll0(0))
+                        if not readable or took > SPIN_NS:
+                            self._spin_backoff = now() + SPIN_BACKOFF_NS
+                        if readable:
+                            return True, True
                         break
             finally:
                 _SPINNER.release()
