@@ -212,3 +212,47 @@ def test_a_rejected_superblock_never_comes_back(tmp_path, monkeypatch):
         assert v.mappings()[0].tolist() == [0], "a superblock the pool had rejected was used"
         assert v.read(0, 4096) == A and v.read(5 * BS, 4096) == bytes(4096)
         assert pool.check().ok
+
+
+def test_a_list_too_long_for_the_superblock_falls_back_to_two_flushes(tmp_path, monkeypatch):
+    """A commit whose list of pages does not fit beside the rest of its superblock's header (here:
+    the superblock's encoder refuses any header with a list, as it refuses a header over 4 KiB) is
+    made durable the two-flush way -- pages, flush, superblock, flush -- with no list, and reopens to
+    its state."""
+    from thinpool.errors import MetadataSpaceExhausted
+    real = mdcommit.MetadataCommit._superblock_bytes
+
+    def no_room_for_a_list(self, generation, header):
+        if COMMIT_PAGES in header:
+            raise MetadataSpaceExhausted("superblock header too large")
+        return real(self, generation, header)
+
+    path = str(tmp_path / "p")
+    with Pool.create(path, data_size="64MiB", block_size=BS) as pool:
+        v = pool.create_thin("v", "1GiB")
+        v.write(0, A)
+        pool.commit()
+        calls: list[str] = []
+
+        class Logged(mdstore.FileIO):
+            @staticmethod
+            def pwrite(fd: int, data, offset: int) -> int:
+                calls.append("superblock" if offset < SUPERBLOCKS * BLOCK else "pages")
+                return os.pwrite(fd, data, offset)
+
+            @staticmethod
+            def fdatasync(fd: int) -> None:
+                calls.append("flush")
+                os.fdatasync(fd)
+
+        pool._store.io = Logged()
+        monkeypatch.setattr(mdcommit.MetadataCommit, "_superblock_bytes", no_room_for_a_list)
+        v.write(5 * BS, B)
+        pool.commit()
+        monkeypatch.setattr(mdcommit.MetadataCommit, "_superblock_bytes", real)
+        pool._store.io = mdstore.FileIO()
+        assert calls == ["pages", "flush", "superblock", "flush"], calls
+        assert COMMIT_PAGES not in pool._store.header
+    with Pool.open(path) as pool:
+        assert (pool.thin("v").read(0, 4096), pool.thin("v").read(5 * BS, 4096)) == (A, B)
+        assert pool.check().ok and not pool.check().warnings
