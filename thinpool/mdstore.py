@@ -465,9 +465,16 @@ class MetadataStore(MetadataCommit):
         _mark(self.state, self.held_blocks, _PROTECTED)
 
     def release_hold(self) -> None:
+        """Drop the held metadata snapshot from the state the next commit writes.  Its blocks stay
+        protected until that commit is durable: the last committed superblock still names them (a
+        load of it reads and verifies the held state), so the commit that drops the hold must not
+        write into them -- power lost before its superblock would leave that superblock with a held
+        state no longer there.  That commit's map (:meth:`_commit_state`, which sees no held blocks
+        and no counted free blocks) frees them."""
         self.header.pop("held", None)
+        self._state = self.state  # (built now, the held blocks protected; and no tail commit then)
         self.held_blocks = []
-        self._state = self._protected(self.state)
+        self._free_known = None
 
 
 #: re-exported: the class was defined here once, and code may still import it from here
