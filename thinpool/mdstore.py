@@ -296,7 +296,8 @@ class MetadataStore(MetadataCommit):
 
         With ``only``, just those arrays are read (every page map is still read, so the store knows
         which blocks are in use and can commit); the others' pages can be read later with
-        :meth:`read_pages`.  A damaged page of an array that is not read is not noticed."""
+        :meth:`read_pages`.  A damaged page of an array that is not read is not noticed.  When no
+        state verifies, :class:`MetadataCorrupt` and the store's state is as before the call."""
         names = None if only is None else set(only)
         skipped = set(skip)  # arrays the caller reads itself (:meth:`gather_into`), e.g. the leaves
         candidates = self.superblocks()
@@ -306,6 +307,8 @@ class MetadataStore(MetadataCommit):
                                   structure="superblock", block=0)
         first_error: MetadataCorrupt | None = None
         rejected: list[int] = []
+        # (a candidate whose listed pages do not verify was installed by _load_state: put back if none is used)
+        before = self.pm_locs, self.locs, self.dir_locs, self.held_blocks, self._state
         for generation, slot, header in candidates:
             try:
                 arrays = self._load_state(header, names, skipped)
@@ -323,6 +326,7 @@ class MetadataStore(MetadataCommit):
                 self.header["recovered_from"] = str(first_error)
             return arrays
         assert first_error is not None
+        self.pm_locs, self.locs, self.dir_locs, self.held_blocks, self._state = before
         raise first_error
 
     def _check_commit_pages(self, generation: int, header: dict[str, Any]) -> None:

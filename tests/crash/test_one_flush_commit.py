@@ -256,3 +256,30 @@ def test_a_list_too_long_for_the_superblock_falls_back_to_two_flushes(tmp_path, 
     with Pool.open(path) as pool:
         assert (pool.thin("v").read(0, 4096), pool.thin("v").read(5 * BS, 4096)) == (A, B)
         assert pool.check().ok and not pool.check().warnings
+
+
+def test_a_load_that_finds_no_usable_superblock_changes_nothing(tmp_path):
+    """Both superblocks list a page that no longer verifies (the newest one's leaf page, the older
+    one's space-map page, which the open's first pass does not read): the abort's reload fails, and the
+    store keeps the locations of the state it had -- not those of a superblock the load tried and did
+    not use, which the next commit would build on."""
+    from thinpool.spacemap_pages import DISK_ARRAYS
+    path = str(tmp_path / "p")
+    with Pool.create(path, data_size="64MiB", block_size=BS) as pool:
+        v = pool.create_thin("v", "1GiB")
+        v.write(0, A)
+        pool.commit()
+        store = pool._store
+        older = [loc for loc in store.header[COMMIT_PAGES] if store._structure_of(loc) in DISK_ARRAYS]
+        v.write(5 * BS, B)
+        pool.commit()
+        assert older and not set(older) & {loc for a in store.locs.values() for loc in a}
+        for loc in (older[0], store.header[COMMIT_PAGES][0]):
+            os.pwrite(store.fd, b"\xff" * BLOCK, (loc >> 32) * BLOCK)
+        before = (store.pm_locs, store.locs, store.dir_locs, store.held_blocks, store._state, store.generation)
+        v.write(7 * BS, C)
+        with pytest.raises(MetadataCorrupt):
+            pool.abort()
+        after = (store.pm_locs, store.locs, store.dir_locs, store.held_blocks, store._state, store.generation)
+        assert all(a is b for a, b in zip(after[:5], before[:5])) and after[5] == before[5]
+        pool.close(commit=False)
