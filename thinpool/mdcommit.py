@@ -506,16 +506,36 @@ class MetadataCommit(MetadataSpace):
             except HostIOError as exc:
                 self.failed = f"a superblock write failed and could not be undone: {exc}"
             raise
-        if while_flushing is None:
-            self.sync()
-            return
-        if START_WRITEBACK and self.io.fdatasync is os.fdatasync:  # (a substituted flush: the tests' model)
-            # (its I/O runs while the caller's work does)
-            start_writeback(self.fd, 0 if with_pages else where, 0 if with_pages else BLOCK)
         try:
-            while_flushing()
-        finally:
-            self.sync()
+            if while_flushing is None:
+                self.sync()
+                return
+            if START_WRITEBACK and self.io.fdatasync is os.fdatasync:  # (a substituted flush: the tests' model)
+                # (its I/O runs while the caller's work does)
+                start_writeback(self.fd, 0 if with_pages else where, 0 if with_pages else BLOCK)
+            try:
+                while_flushing()
+            finally:
+                self.sync()
+        except HostIOError:
+            if with_pages and self.failed:
+                self._unwrite_superblock(slot, old)
+            raise
+
+    def _unwrite_superblock(self, slot: int, old: bytes | bytearray) -> None:
+        """A one-flush commit's flush failed: put its superblock's slot back as it was and flush that,
+        best effort (the store has failed either way).  Linux keeps the writes a failed flush did not
+        make durable readable in its cache, clean, until they are evicted: a reopen before a reboot
+        would find this superblock and every page it lists verifying, and commit on top of pages the
+        disk may never have had -- after a reboot, the commits since would be lost with them.  Put
+        back, the slot holds the previous superblock in the cache and, once this new write's flush
+        returns, on the disk: the reopen is at the previous commit, whose pages were flushed."""
+        try:
+            write_all(self.io.pwrite, self.fd, old, slot * BLOCK, self.path)
+            self._sb_written[slot] = old
+            sync_or_fail(self.io.fdatasync, self.fd, self.path)
+        except HostIOError:
+            pass  # (the slot may still hold it: a reopen verifies every page it reaches, in the cache)
 
     def sync(self) -> None:
         """Flush the metadata file; HostIOError if the flush fails.
@@ -523,7 +543,8 @@ class MetadataCommit(MetadataSpace):
         Linux reports a writeback error to one fsync and then forgets it: a retried flush may succeed
         without the lost pages ever reaching the disk.  So a failed flush ends this store's commits
         (``failed``; :meth:`commit` raises): reopening reads whichever superblock is durable -- the
-        previous commit or, if the failed flush of a superblock wrote it anyway, the new one.  A failed
+        previous commit or, if the failed flush of a superblock wrote it anyway, the new one (a
+        one-flush commit's slot is put back first: :meth:`_unwrite_superblock`).  A failed
         *write* (before any flush of that commit failed) leaves the store usable: nothing refers to the
         blocks it wrote, and a retry writes them again."""
         try:

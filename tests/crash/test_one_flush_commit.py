@@ -10,6 +10,7 @@ lost it is the new commit; a commit of more pages than a superblock lists keeps 
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 
@@ -17,7 +18,7 @@ import pytest
 
 from thinpool import Pool, mdcommit, mdstore
 from thinpool.devtable import DeviceTable
-from thinpool.errors import MetadataCorrupt
+from thinpool.errors import HostIOError, MetadataCorrupt
 from thinpool.repair import repair
 from thinpool.mdpages import BLOCK, COMMIT_PAGES, SUPERBLOCKS
 
@@ -283,3 +284,76 @@ def test_a_load_that_finds_no_usable_superblock_changes_nothing(tmp_path):
         after = (store.pm_locs, store.locs, store.dir_locs, store.held_blocks, store._state, store.generation)
         assert all(a is b for a, b in zip(after[:5], before[:5])) and after[5] == before[5]
         pool.close(commit=False)
+
+
+class CacheKeeps(mdstore.FileIO):
+    """The metadata file's write path with a flush that fails as Linux's does: ``fail_next`` makes the
+    next ``fdatasync`` raise EIO once; the writes it did not make durable stay in the host's page
+    cache -- every read until a reboot sees them -- but not on the disk.  ``lost``: offset -> the bytes
+    on the disk, for each such 4 KiB block not written again since (:func:`reboot` puts them back)."""
+
+    fail_next = False
+    unsynced: dict[int, bytes] = {}
+    lost: dict[int, bytes] = {}
+
+    @staticmethod
+    def pwrite(fd: int, data, offset: int) -> int:
+        cls = CacheKeeps
+        n = len(memoryview(data).cast("B"))
+        for off in range(offset, offset + n, BLOCK):
+            if off not in cls.unsynced:
+                cls.unsynced[off] = cls.lost.pop(off, None) or os.pread(fd, BLOCK, off)
+        return os.pwrite(fd, data, offset)
+
+    @staticmethod
+    def fdatasync(fd: int) -> None:
+        cls = CacheKeeps
+        if cls.fail_next:
+            cls.fail_next = False
+            cls.lost.update(cls.unsynced)
+            cls.unsynced = {}
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        cls.unsynced = {}
+        os.fdatasync(fd)
+
+
+def reboot(md_path: str) -> None:
+    """The host restarts: what a failed flush left only in its cache is gone."""
+    fd = os.open(md_path, os.O_WRONLY)
+    try:
+        for off, old in CacheKeeps.lost.items():
+            os.pwrite(fd, old, off)
+    finally:
+        os.close(fd)
+    CacheKeeps.lost = {}
+
+
+def test_a_failed_flush_then_a_reopen_before_a_reboot(tmp_path, monkeypatch):
+    """A one-flush commit's flush fails (EIO): its superblock and pages may be in the host's cache only,
+    where Linux keeps them readable.  The pool is reopened (what a failed flush asks for) before the
+    host restarts, and commits again, successfully.  After a reboot that commit must be there: it must
+    not be built on the failed commit's pages, which the disk may never have had."""
+    monkeypatch.setattr(mdstore.MetadataStore, "io", CacheKeeps())
+    monkeypatch.setattr(CacheKeeps, "unsynced", {})
+    monkeypatch.setattr(CacheKeeps, "lost", {})
+    path = str(tmp_path / "p")
+    with Pool.create(path, data_size="64MiB", block_size=BS) as pool:
+        v = pool.create_thin("v", "1GiB")
+        v.write(0, A)
+        pool.commit()
+        CacheKeeps.fail_next = True
+        with pytest.raises(HostIOError):
+            pool.create_thin("w", "1GiB")  # (a pool message: its own commit, whose flush fails)
+        pool.close(commit=False)
+    with Pool.open(path) as pool:  # the same boot
+        pool.thin("v").write(7 * BS, C)
+        pool.commit()
+        names = sorted(t.name for t in pool.thins())
+    assert CacheKeeps.lost, "the failed flush lost nothing"
+    reboot(os.path.join(path, "metadata"))
+    with Pool.open(path) as pool:
+        assert not pool.recovered_from, pool.recovered_from
+        assert sorted(t.name for t in pool.thins()) == names
+        v = pool.thin("v")
+        assert (v.read(0, 4096), v.read(7 * BS, 4096)) == (A, C)
+        assert pool.check().ok
