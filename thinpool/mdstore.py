@@ -311,6 +311,10 @@ class MetadataStore(MetadataCommit):
         before = self.pm_locs, self.locs, self.dir_locs, self.held_blocks, self._state
         for generation, slot, header in candidates:
             try:
+                problem = header_problem(header)
+                if problem:
+                    raise MetadataCorrupt(f"{self.path}: superblock in metadata block {slot} (generation {generation}): "
+                                          f"{problem}", structure="superblock", block=slot)
                 arrays = self._load_state(header, names, skipped)
                 self._check_commit_pages(generation, header)  # (and the pages not read yet)
             except MetadataCorrupt as exc:
@@ -479,6 +483,61 @@ class MetadataStore(MetadataCommit):
         self._state = self.state  # (built now, the held blocks protected; and no tail commit then)
         self.held_blocks = []
         self._free_known = None
+
+
+_U64 = 1 << 64
+#: the superblock's integer fields besides the required ones (each optional; None allowed)
+_INT_FIELDS = ("transaction_id", "low_water_mark", "cursor", "used_data_blocks", "pending_blocks", "next_dev_id",
+               "next_gen", "catalog_bytes", "metadata_used_blocks")
+
+
+def _is_u64(x: Any) -> bool:
+    return type(x) is int and 0 <= x < _U64
+
+
+def _state_problem(h: dict[str, Any], what: str) -> str | None:
+    """What is wrong with the fields of ``h`` that locate a state (directory, its length, page counts)."""
+    directory, length, pages = h.get("directory"), h.get("directory_bytes"), h.get("pages")
+    if not isinstance(directory, list) or not all(_is_u64(x) for x in directory):
+        return f"{what}'s directory is not a list of page locations"
+    if not isinstance(length, int) or not _is_u64(length) or length > len(directory) * BLOCK:
+        return f"{what}'s directory length is not a byte count within its {len(directory)} pages"
+    if not isinstance(pages, dict) or not all(isinstance(k, str) and _is_u64(v) and v < 1 << 40
+                                              for k, v in pages.items()):
+        return f"{what}'s page counts are not a table of array names and counts"
+    return None
+
+
+def header_problem(header: Any) -> str | None:
+    """What is wrong with the types and ranges of a superblock's header (one whose checksum verified,
+    so its bytes are as written -- by thinpool, or crafted), or None.  Checked before anything of it
+    is used, so that a malformed header is a damaged superblock (:class:`MetadataCorrupt`, the other
+    superblock used if it verifies) and never an exception from deep inside the load."""
+    if not isinstance(header, dict):
+        return "its header is not a JSON object"
+    for k in ("block_size", "nr_data_blocks", "time"):
+        if not _is_u64(header.get(k)):
+            return f"its {k} is not an integer from 0 to 2^64-1"
+    if header["block_size"] == 0:
+        return "its block_size is 0"
+    for k in _INT_FIELDS:
+        if header.get(k) is not None and not _is_u64(header[k]):
+            return f"its {k} is not an integer from 0 to 2^64-1"
+    t = header.get("no_space_timeout")
+    if t is not None and not (type(t) in (int, float) and 0 <= t < float("inf")):
+        return "its no_space_timeout is not a number of seconds"
+    if header.get("data_file") is not None and not isinstance(header["data_file"], str):
+        return "its data_file is not a path"
+    if header.get("hints") is not None and not isinstance(header["hints"], dict):
+        return "its hints are not a JSON object"
+    problem = _state_problem(header, "the state")
+    if problem:
+        return problem
+    held = header.get("held")
+    if held is not None and (not isinstance(held, dict) or _state_problem(held, "the held metadata snapshot")):
+        return _state_problem(held, "the held metadata snapshot") if isinstance(held, dict) else \
+            "its held metadata snapshot is not a JSON object"
+    return None
 
 
 #: re-exported: the class was defined here once, and code may still import it from here
