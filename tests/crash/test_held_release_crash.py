@@ -13,28 +13,12 @@ import os
 
 import pytest
 
+from tests.crash.power import PowerLoss, StopAtSuperblock
 from thinpool import Pool, mdstore
 from thinpool.mdpages import BLOCK, SUPERBLOCKS
 from thinpool.mdspace import _USED
 
 BS = 64 * 1024
-
-
-class PowerLoss(BaseException):
-    """Raised out of the store's I/O layer: the machine lost power here."""
-
-
-class StopAtSuperblock(mdstore.FileIO):
-    """The store's write path; when ``armed``, power is lost instead of the next superblock write
-    (every write before it persists)."""
-
-    armed = False
-
-    @staticmethod
-    def pwrite(fd: int, data, offset: int) -> int:
-        if StopAtSuperblock.armed and offset < SUPERBLOCKS * BLOCK:
-            raise PowerLoss()
-        return os.pwrite(fd, data, offset)
 
 
 def _held_pool(path: str, n: int) -> Pool:

@@ -16,6 +16,7 @@ import shutil
 
 import pytest
 
+from tests.crash.power import PowerLoss, StopAtSuperblock
 from thinpool import Pool, mdcommit, mdstore
 from thinpool.devtable import DeviceTable
 from thinpool.errors import HostIOError, MetadataCorrupt
@@ -24,10 +25,6 @@ from thinpool.mdpages import BLOCK, COMMIT_PAGES, SUPERBLOCKS
 
 BS = 64 * 1024
 A, B, C = b"a" * 4096, b"b" * 4096, b"c" * 4096
-
-
-class PowerLoss(BaseException):
-    """Raised out of the store's I/O layer: the machine lost power here."""
 
 
 class LoseOneWrite(mdstore.FileIO):
@@ -173,19 +170,6 @@ def test_the_commit_pages_error_names_structure_and_block(tmp_path):
             opener(path)
         assert err.value.block == block and f"bad checksum in metadata block {block}" in str(err.value)
         assert err.value.structure and str(err.value).split(": ")[1] == err.value.structure, str(err.value)
-
-
-class StopAtSuperblock(mdstore.FileIO):
-    """The store's write path; when ``armed``, power is lost instead of the next superblock write
-    (every write before it persists)."""
-
-    armed = False
-
-    @staticmethod
-    def pwrite(fd: int, data, offset: int) -> int:
-        if StopAtSuperblock.armed and offset < SUPERBLOCKS * BLOCK:
-            raise PowerLoss()
-        return os.pwrite(fd, data, offset)
 
 
 def test_a_rejected_superblock_never_comes_back(tmp_path, monkeypatch):
