@@ -9,13 +9,10 @@ longer there (the reopened pool's check, or its open, failed with a bad checksum
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from tests.crash.power import PowerLoss, StopAtSuperblock
 from thinpool import Pool, mdstore
-from thinpool.mdpages import BLOCK, SUPERBLOCKS
 from thinpool.mdspace import _USED
 
 BS = 64 * 1024
