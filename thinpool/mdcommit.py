@@ -122,7 +122,8 @@ class MetadataCommit(MetadataSpace):
         crc = _crc32c
         crcs = [crc(mv[r * BLOCK:(r + 1) * BLOCK]) for r in rows.tolist()]
         self._chunks.append((np.asarray(blocks, np.int64), mv, np.asarray(rows, np.int64)))
-        self._list_pages(_ints(blocks), crcs)
+        if self._listed is not None:  # (a large commit's blocks are not listed: no list of ints made)
+            self._list_pages(_ints(blocks), crcs)
         return crcs
 
     def _chunk_runs(self, out: list[tuple[Any, int]]) -> None:

@@ -62,6 +62,11 @@ READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)
 #: superblock may be durable while a page it reaches is not; the listed pages tell (see
 #: :meth:`thinpool.mdstore.MetadataStore.load`)
 COMMIT_PAGES = "commit_pages"
+def commit_pages_valid(listed: Any) -> bool:
+    """Whether a superblock's :data:`COMMIT_PAGES` value has its form: a list of 64-bit locations."""
+    return isinstance(listed, list) and all(type(x) is int and 0 <= x < 1 << 64 for x in listed)
+
+
 #: superblock fields that belong to the store, not to the pool's header
 STORE_KEYS = ("directory", "directory_bytes", "pages", "held", "recovered_from", "hints", COMMIT_PAGES)
 PM_ENTRIES = BLOCK // 8

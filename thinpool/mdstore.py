@@ -47,7 +47,7 @@ from . import pooldir
 from .errors import HostIOError, MetadataCorrupt, MetadataSpaceExhausted, ReadOnly
 from .mdcommit import FileIO, MetadataCommit
 from .mdpages import (_HI, _LO, _SB_HEADER, BLOCK, COMMIT_PAGES, MAGIC, READABLE_VERSIONS, SUPERBLOCKS, Buffer,
-                      _crc32c, _zeroed, checksum, map_private)
+                      _crc32c, _zeroed, checksum, commit_pages_valid, map_private)
 from .mdspace import _PROTECTED, _USED, _mark
 
 #: the committed header's fields a held metadata snapshot keeps (its superblock copy)
@@ -344,7 +344,7 @@ class MetadataStore(MetadataCommit):
         listed = header.get(COMMIT_PAGES)
         if listed is None:
             return
-        if not isinstance(listed, list) or not all(type(x) is int and 0 <= x < 1 << 64 for x in listed):
+        if not commit_pages_valid(listed):
             raise MetadataCorrupt(f"{self.path}: commit pages of generation {generation}: the superblock's list of "
                                   f"the pages its commit wrote is malformed", structure="commit pages", block=None)
         for loc in listed:
@@ -534,10 +534,11 @@ def header_problem(header: Any) -> str | None:
     if problem:
         return problem
     held = header.get("held")
-    if held is not None and (not isinstance(held, dict) or _state_problem(held, "the held metadata snapshot")):
-        return _state_problem(held, "the held metadata snapshot") if isinstance(held, dict) else \
-            "its held metadata snapshot is not a JSON object"
-    return None
+    if held is None:
+        return None
+    if not isinstance(held, dict):
+        return "its held metadata snapshot is not a JSON object"
+    return _state_problem(held, "the held metadata snapshot")
 
 
 #: re-exported: the class was defined here once, and code may still import it from here

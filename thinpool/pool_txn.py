@@ -251,11 +251,6 @@ class Transactions:
             arrays.update(stored.updates(len(self._devs), rules.catalog_dumps, self._header))
         return arrays
 
-    def _before_write(self) -> None:
-        """The store's last step before it writes a commit's pages: no row it copied faulted (a mapped
-        row read while the pages were made: :meth:`_metadata_rows_faulted`)."""
-        self._engine.fault_check()
-
     @_locked
     def _check_file_length(self, check: Callable[[], None]) -> None:
         """Run ``check`` (a file's length check: HostIOError when another program truncated it); on a
@@ -319,11 +314,12 @@ class Transactions:
                 self._header.update(time=self.time, cursor=int(self._st[K.ST_CURSOR]),
                                     nr_data_blocks=self._space.nr_blocks,
                                     used_data_blocks=self._space.used())  # for readers that skip the space map
-                # the data file's flush ends inside the store's commit, once the pages are durable and
-                # before the superblock is written; the superblock is made while the pages' write-back
-                # runs, and the commit's bookkeeping runs while the superblock's does
+                # before the first page is written, no metadata row read while the pages were made
+                # faulted (fault_check); the data file's flush ends inside the store's commit, once the
+                # pages are written and before the superblock is; the superblock is made while the
+                # pages' write-back runs, and the commit's bookkeeping runs while the superblock's does
                 # (mdcommit.START_WRITEBACK)
-                self._store.commit(arrays, self._header, hints=self._hints, before_write=self._before_write,
+                self._store.commit(arrays, self._header, hints=self._hints, before_write=self._engine.fault_check,
                                    before_superblock=self._sync_data, while_flushing=self._committed_in_memory)
             except BaseException:
                 self._end_data_flush()  # (a commit that failed before the store ended the flush)

@@ -23,7 +23,7 @@ from . import nodestore, pooldir
 from .errors import MetadataCorrupt, NotFound
 from .interop.ir import Device, Metadata, Superblock, SECTOR, TIME_MASK
 from .origin import valid_record
-from .mdpages import _SB_HEADER, BLOCK, COMMIT_PAGES, MAGIC, PM_ENTRIES, SUPERBLOCKS, checksum
+from .mdpages import _SB_HEADER, BLOCK, COMMIT_PAGES, MAGIC, PM_ENTRIES, SUPERBLOCKS, checksum, commit_pages_valid
 
 
 _REQUIRED = ("block_size", "nr_data_blocks", "directory", "directory_bytes", "pages", "catalog_bytes")
@@ -229,7 +229,7 @@ def _commit_pages_verify(r: _Reader, gen: int, header: dict[str, Any], report: R
     listed = header.get(COMMIT_PAGES)
     if listed is None:
         return True
-    if not isinstance(listed, list) or not all(type(x) is int and 0 <= x < 1 << 64 for x in listed):
+    if not commit_pages_valid(listed):
         report.problems.append(f"generation {gen}: its list of the pages its commit wrote is malformed")
         return False
     bad = [loc >> 32 for loc in listed if r.page(loc) is None]
